@@ -1,0 +1,34 @@
+"""csl_kernels: fast, exact CSL pseudo-label selection (Confidence Separable Learning, ICCV 2025).
+
+Every op has a float64-capable pure-PyTorch reference and fused backends (Triton, C++ CPU, CUDA) selected with
+``backend="auto" | "reference" | "triton" | "cpu" | "cuda"``. The math is specified in ``docs/selection.md``.
+"""
+
+from ._backends import BACKENDS, is_available, unavailable_reason
+from ._checks import IGNORE_INDEX
+from .metrics import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
+from .pcos_weights import PCOSResult, PCOSStats, pcos_weights
+from .residual_features import residual_features
+from .threshold_weights import selection_scores, threshold_weights
+from .trusted_mask import trusted_mask
+from .weighted_cross_entropy import weighted_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "IGNORE_INDEX",
+    "PCOSResult",
+    "PCOSStats",
+    "is_available",
+    "metrics_from_counts",
+    "pcos_weights",
+    "pseudo_label_counts",
+    "pseudo_label_metrics",
+    "residual_features",
+    "selection_scores",
+    "threshold_weights",
+    "trusted_mask",
+    "unavailable_reason",
+    "weighted_cross_entropy",
+]

@@ -1,0 +1,67 @@
+"""Pseudo-label quality metrics of the paper's supplementary Tab. 9 (spec Sec. 6)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import IGNORE_INDEX
+
+COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
+
+
+def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int
+                        ) -> torch.Tensor:
+    """Per-class counts ``4 x num_classes`` (int64), rows in the order of ``COUNT_KEYS``.
+
+    Over valid pixels (``target != 255``) predicted as class k: predicted, selected (reliable), correct
+    (prediction == target) and selected-and-correct. Counts add up over batches.
+    """
+    if label.shape != reliable.shape or label.shape != target.shape:
+        raise ValueError(f"label, reliable and target must share one shape, got {tuple(label.shape)}, "
+                         f"{tuple(reliable.shape)}, {tuple(target.shape)}")
+    if reliable.dtype != torch.bool:
+        raise TypeError(f"reliable must be a bool tensor, got {reliable.dtype}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    valid = (target != IGNORE_INDEX) & (label >= 0) & (label < num_classes)
+    lab = label[valid].long()
+    sel = reliable[valid]
+    cor = (label == target)[valid]
+    rows = [
+        torch.bincount(lab, minlength=num_classes),
+        torch.bincount(lab[sel], minlength=num_classes),
+        torch.bincount(lab[cor], minlength=num_classes),
+        torch.bincount(lab[sel & cor], minlength=num_classes),
+    ]
+    return torch.stack([r[:num_classes] for r in rows])
+
+
+def metrics_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rates from accumulated :func:`pseudo_label_counts`; per class (NaN where undefined) and ``overall_*``."""
+    predicted, selected, correct, selected_correct = counts.double()
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
+
+    out = {
+        "sampling_rate": ratio(selected, predicted),
+        "accuracy": ratio(selected_correct, selected),
+        "recall": ratio(selected_correct, correct),
+        "overall_sampling_rate": ratio(selected.sum(), predicted.sum()),
+        "overall_accuracy": ratio(selected_correct.sum(), selected.sum()),
+        "overall_recall": ratio(selected_correct.sum(), correct.sum()),
+    }
+    out.update({key: row.long() for key, row in zip(COUNT_KEYS, counts)})
+    return out
+
+
+def pseudo_label_metrics(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int
+                         ) -> dict[str, torch.Tensor]:
+    """Sampling rate (selected / predicted), accuracy (correct among selected) and recall
+    (selected-and-correct / all correct), per class and overall.
+
+    Args:
+        label: ``B x H x W`` int pseudo-labels; reliable: ``B x H x W`` bool selection; target: ``B x H x W``
+            ground truth with 255 = ignored; num_classes: C.
+    """
+    return metrics_from_counts(pseudo_label_counts(label, reliable, target, num_classes))

@@ -1,0 +1,184 @@
+"""PCOS: per-group closed-form SVD separation of (confidence, dispersion) and Gaussian soft weights (spec Sec. 2)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._backends import register, resolve
+from ._checks import check_choice, check_logits, check_positive, valid_mask
+from .residual_features import CONFIDENCE_MODES, EPS, features_with_validity
+
+GROUP_MODES = ("image", "class")
+RANK_ONE_RTOL = 1e-12
+
+
+class PCOSStats(NamedTuple):
+    """Per-group statistics (float64 / int64). Leading dims ``G`` are ``(B,)`` or ``(B, C)`` for class groups."""
+
+    mu: torch.Tensor  # G x 2 clusters x 2 features (f0, v)
+    var: torch.Tensor  # G x 2 x 2, unbiased
+    count: torch.Tensor  # G x 2, int64
+    eigenvalues: torch.Tensor  # G x 2, lambda_1 >= lambda_2 >= 0 of the uncentred Gram matrix
+    chosen: torch.Tensor  # G, int64: index of the reliable cluster
+    n_nonfinite: torch.Tensor  # B, int64: pixels whose logits hold NaN or +-inf
+
+
+class PCOSResult(NamedTuple):
+    weight: torch.Tensor  # B x H x W float32 in [0, 1]
+    label: torch.Tensor  # B x H x W int64 pseudo-label
+    reliable: torch.Tensor  # B x H x W bool: weight == 1 and valid
+    stats: Optional[PCOSStats] = None
+
+
+def closed_form_eigen(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of symmetric 2 x 2 matrices ``[[a, b], [b, c]]`` (batched, float64).
+
+    Returns ``(lambda_1, lambda_2, u_1, u_2)`` with ``lambda_1 >= lambda_2 >= 0`` (negative rounding clamped)
+    and orthonormal ``u_1``, ``u_2`` of shape ``... x 2``.
+    """
+    half_trace = 0.5 * (a + c)
+    radius = torch.sqrt((0.5 * (a - c)) ** 2 + b * b)
+    lam1 = half_trace + radius
+    # lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1.
+    det = a * c - b * b
+    lam2 = torch.where(lam1 > 0, (det / lam1.clamp_min(torch.finfo(lam1.dtype).tiny)).clamp_min(0.0), 0.0)
+    lam1 = lam1.clamp_min(0.0)
+    cand_a = torch.stack((b, lam1 - a), dim=-1)
+    cand_b = torch.stack((lam1 - c, b), dim=-1)
+    norm_a = cand_a.norm(dim=-1, keepdim=True)
+    norm_b = cand_b.norm(dim=-1, keepdim=True)
+    use_a = norm_a >= norm_b
+    best = torch.where(use_a, cand_a, cand_b)
+    best_norm = torch.where(use_a, norm_a, norm_b)
+    u1 = best / best_norm.clamp_min(torch.finfo(best.dtype).tiny)
+    x_axis = torch.tensor([1.0, 0.0], dtype=a.dtype, device=a.device).expand_as(u1)
+    y_axis = torch.tensor([0.0, 1.0], dtype=a.dtype, device=a.device).expand_as(u1)
+    axis = torch.where((a >= c).unsqueeze(-1), x_axis, y_axis)
+    u1 = torch.where(((b == 0) | (best_norm.squeeze(-1) == 0)).unsqueeze(-1), axis, u1)
+    u2 = torch.stack((-u1[..., 1], u1[..., 0]), dim=-1)
+    return lam1, lam2, u1, u2
+
+
+def choose_cluster(mu0: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Reliable cluster: the non-empty cluster with the higher mean confidence (ties and no pixels: 0).
+
+    ``mu0`` is ``G x 2`` (mean f0 per cluster), ``count`` is ``G x 2``. An empty cluster is never chosen
+    (its mean is 0 by definition, which would beat the negative means of ``confidence="log"``).
+    """
+    return ((count[:, 1] > 0) & ((count[:, 0] == 0) | (mu0[:, 1] > mu0[:, 0]))).long()
+
+
+@register("pcos_weights", "reference")
+def pcos_weights_reference(
+    logits: torch.Tensor, valid: Optional[torch.Tensor], alpha: float, log_confidence: bool, class_groups: bool
+) -> tuple[torch.Tensor, ...]:
+    """Reference PCOS, batched over groups (no Python loop over images), sums in float64.
+
+    Returns ``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)`` with group
+    statistics flattened to ``G = B`` (image groups) or ``G = B * C`` (class groups).
+    """
+    bsz, ncls = logits.shape[:2]
+    f0, v, label, keep = features_with_validity(logits, valid, log_confidence)
+    n_nonfinite = (~torch.isfinite(logits).all(dim=1)).sum(dim=(1, 2))
+    n_groups = bsz * ncls if class_groups else bsz
+    image = torch.arange(bsz, device=logits.device).view(bsz, 1, 1).expand_as(label)
+    group = (image * ncls + label if class_groups else image).reshape(-1)
+    keep_f = keep.reshape(-1)
+    x = f0.reshape(-1).double() * keep_f
+    y = v.reshape(-1).double() * keep_f
+    fdt = torch.float64
+
+    def group_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=fdt, device=values.device).index_add_(0, index, values)
+
+    gram_a = group_sum(x * x, group, n_groups)
+    gram_b = group_sum(x * y, group, n_groups)
+    gram_c = group_sum(y * y, group, n_groups)
+    lam1, lam2, u1, u2 = closed_form_eigen(gram_a, gram_b, gram_c)
+    s1, s2 = lam1.sqrt(), lam2.sqrt()
+    rank_one = s2 <= RANK_ONE_RTOL * s1
+    proj0 = (u1[group, 0] * x + u1[group, 1] * y).abs()
+    proj1 = (u2[group, 0] * x + u2[group, 1] * y).abs()
+    # |V[n, 1]| > |V[n, 0]|  <=>  |u_2 . phi| * s_1 > |u_1 . phi| * s_2  (no division by a zero s_2).
+    cluster = ((proj1 * s1[group] > proj0 * s2[group]) & ~rank_one[group]).long()
+
+    slot = group * 2 + cluster
+    n_slots = n_groups * 2
+    count = torch.zeros(n_slots, dtype=torch.long, device=x.device).index_add_(0, slot, keep_f.long())
+    denom = count.clamp_min(1).to(fdt)
+    mu_x = group_sum(x, slot, n_slots) / denom
+    mu_y = group_sum(y, slot, n_slots) / denom
+    dx = (x - mu_x[slot]) * keep_f
+    dy = (y - mu_y[slot]) * keep_f
+    unbiased = (count - 1).clamp_min(1).to(fdt)
+    var_x = torch.where(count > 1, group_sum(dx * dx, slot, n_slots) / unbiased, 0.0)
+    var_y = torch.where(count > 1, group_sum(dy * dy, slot, n_slots) / unbiased, 0.0)
+
+    mu = torch.stack((mu_x, mu_y), dim=-1).view(n_groups, 2, 2)
+    var = torch.stack((var_x, var_y), dim=-1).view(n_groups, 2, 2)
+    count = count.view(n_groups, 2)
+    chosen = choose_cluster(mu[..., 0], count)
+    rows = torch.arange(n_groups, device=x.device)
+    mu_star = mu[rows, chosen][group]
+    var_star = var[rows, chosen][group]
+    z0 = (x - mu_star[:, 0]) / torch.sqrt(var_star[:, 0] + EPS)
+    z1 = (y - mu_star[:, 1]) / torch.sqrt(var_star[:, 1] + EPS)
+    weight = torch.exp(-(z0 * z0 + z1 * z1) / alpha)
+    preserve = (x > mu_star[:, 0]) | (y > mu_star[:, 1])
+    weight = torch.where(preserve, 1.0, weight)
+    weight = torch.where(keep_f, weight, 0.0).to(torch.float32).view_as(label)
+    reliable = (weight == 1) & keep
+    eigenvalues = torch.stack((lam1, lam2), dim=-1)
+    return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+
+
+def pcos_weights(
+    logits: torch.Tensor,
+    ignore: Optional[torch.Tensor] = None,
+    *,
+    alpha: float = 8.0,
+    confidence: str = "prob",
+    groups: str = "image",
+    backend: str = "auto",
+    return_stats: bool = False,
+) -> PCOSResult:
+    """CSL soft weights for every pixel.
+
+    Args:
+        logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
+        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        alpha: Gaussian width, ``w = exp(-(z_0^2 + z_1^2) / alpha)`` (8 = the authors' training setting).
+        confidence: ``"prob"`` or ``"log"`` for the first feature.
+        groups: ``"image"`` (one separation per image) or ``"class"`` (per image and pseudo-class).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
+        return_stats: also return the per-group :class:`PCOSStats`.
+
+    Returns:
+        :class:`PCOSResult` with ``weight`` (``B x H x W`` float32), ``label`` (int64), ``reliable`` (bool)
+        and ``stats`` (None unless ``return_stats``).
+    """
+    bsz, ncls = check_logits(logits)[:2]
+    check_positive(alpha, "alpha")
+    check_choice(confidence, "confidence", CONFIDENCE_MODES)
+    check_choice(groups, "groups", GROUP_MODES)
+    valid = valid_mask(ignore, logits)
+    _, impl = resolve("pcos_weights", backend, logits.device)
+    weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite = impl(
+        logits, valid, float(alpha), confidence == "log", groups == "class"
+    )
+    stats = None
+    if return_stats:
+        lead = (bsz, ncls) if groups == "class" else (bsz,)
+        stats = PCOSStats(
+            mu=mu.reshape(*lead, 2, 2),
+            var=var.reshape(*lead, 2, 2),
+            count=count.reshape(*lead, 2),
+            eigenvalues=eigenvalues.reshape(*lead, 2),
+            chosen=chosen.reshape(lead),
+            n_nonfinite=n_nonfinite,
+        )
+    return PCOSResult(weight, label, reliable, stats)

@@ -1,0 +1,87 @@
+"""Per-pixel CSL features: max confidence and residual dispersion (spec Sec. 1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._backends import register, resolve
+from ._checks import check_choice, check_logits, valid_mask
+
+EPS = 1e-8
+CONFIDENCE_MODES = ("prob", "log")
+
+
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The reference works in float64 for float64 input and in float32 otherwise (as the spec prescribes)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@register("residual_features", "reference")
+def residual_features_reference(
+    logits: torch.Tensor, valid: Optional[torch.Tensor], log_confidence: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference features. Returns ``(f0, v, label)``; invalid pixels (ignored or non-finite) give ``(0, 0, 0)``.
+
+    ``f0``/``v`` are float64 for float64 logits and float32 otherwise; ``label`` is int64.
+    """
+    f0, v, label, _ = features_with_validity(logits, valid, log_confidence)
+    return f0, v, label
+
+
+def features_with_validity(
+    logits: torch.Tensor, valid: Optional[torch.Tensor], log_confidence: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`residual_features_reference` but also returns the final validity mask (valid and finite)."""
+    c = logits.shape[1]
+    z = logits.to(compute_dtype(logits))
+    finite = torch.isfinite(z).all(dim=1)
+    keep = finite if valid is None else finite & valid
+    z = torch.where(finite.unsqueeze(1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    label = z.argmax(dim=1)  # first maximal index on ties
+    is_max = torch.arange(c, device=z.device).view(1, c, 1, 1) == label.unsqueeze(1)
+    z_max = z.gather(1, label.unsqueeze(1))
+    # exp(z_k - z_max) of the non-max classes; their sum R gives r = R / (1 + R) without cancellation.
+    e_res = torch.exp(z - z_max).masked_fill(is_max, 0.0)
+    big_r = e_res.sum(dim=1)
+    r = big_r / (1.0 + big_r)
+    p_res = e_res / (1.0 + big_r).unsqueeze(1)
+    m = r / (c - 1)
+    dev = (p_res - m.unsqueeze(1)).masked_fill(is_max, 0.0)
+    var = (dev * dev).sum(dim=1) / (c - 1)
+    g = (c - 1) ** 2 / (2.0 * (r + EPS))
+    v = -g * var
+    f0 = -torch.log1p(big_r) if log_confidence else 1.0 / (1.0 + big_r)
+    zero = torch.zeros((), dtype=f0.dtype, device=f0.device)
+    f0 = torch.where(keep, f0, zero)
+    v = torch.where(keep, v, zero)
+    label = torch.where(keep, label, torch.zeros((), dtype=label.dtype, device=label.device))
+    return f0, v, label, keep
+
+
+def residual_features(
+    logits: torch.Tensor,
+    ignore: Optional[torch.Tensor] = None,
+    *,
+    confidence: str = "prob",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max confidence, residual dispersion and pseudo-label of every pixel.
+
+    Args:
+        logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
+        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        confidence: ``"prob"`` (``f0 = pmax``) or ``"log"`` (``f0 = log pmax``).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(f0, v, label)``: ``B x H x W`` float32 (float64 for float64 logits on the reference), ``B x H x W``
+        residual dispersion ``v <= 0``, and ``B x H x W`` int64 pseudo-labels. Ignored and non-finite pixels
+        get ``(0, 0, 0)``.
+    """
+    check_logits(logits)
+    check_choice(confidence, "confidence", CONFIDENCE_MODES)
+    valid = valid_mask(ignore, logits)
+    _, impl = resolve("residual_features", backend, logits.device)
+    return impl(logits, valid, confidence == "log")

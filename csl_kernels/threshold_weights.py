@@ -1,0 +1,64 @@
+"""Baselines for the ablations: the fixed confidence threshold and alternative per-pixel scores (spec Sec. 3)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_choice, check_logits, valid_mask
+from .pcos_weights import PCOSResult
+from .residual_features import compute_dtype, features_with_validity, residual_features
+
+SCORES = ("confidence", "entropy", "residual_entropy", "margin", "dispersion")
+
+
+def threshold_weights(
+    logits: torch.Tensor, ignore: Optional[torch.Tensor] = None, *, tau: float = 0.95, backend: str = "auto"
+) -> PCOSResult:
+    """FixMatch / UniMatch selection: ``w = [pmax >= tau] & valid``.
+
+    Args:
+        logits: ``B x C x H x W``; ignore: optional ``B x H x W`` (see :func:`residual_features`).
+        tau: confidence threshold in (0, 1].
+
+    Returns:
+        :class:`PCOSResult` with float32 0/1 ``weight``, int64 ``label``, bool ``reliable`` and no stats.
+    """
+    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    f0, _, label = residual_features(logits, ignore, confidence="prob", backend=backend)
+    reliable = f0 >= tau  # invalid pixels have f0 = 0 < tau
+    return PCOSResult(reliable.to(torch.float32), label, reliable, None)
+
+
+def selection_scores(logits: torch.Tensor, ignore: Optional[torch.Tensor] = None, *, score: str = "entropy"
+                     ) -> torch.Tensor:
+    """Per-pixel reliability scores for the ablation of the paper's supplementary Tab. 13 (reference only).
+
+    ``"confidence"`` = pmax, ``"entropy"`` = H(p), ``"residual_entropy"`` = -sum_{k != k'} p_k log p_k,
+    ``"margin"`` = pmax - second largest p, ``"dispersion"`` = v of :func:`residual_features`.
+    Higher means more reliable for confidence / margin / dispersion, lower for the entropies.
+
+    Returns a ``B x H x W`` tensor (float32, float64 for float64 logits); invalid pixels get NaN.
+    """
+    check_logits(logits)
+    check_choice(score, "score", SCORES)
+    valid = valid_mask(ignore, logits)
+    f0, v, label, keep = features_with_validity(logits, valid, False)
+    z = logits.to(compute_dtype(logits))
+    z = torch.where(keep.unsqueeze(1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    p = torch.softmax(z, dim=1)
+    plogp = torch.special.xlogy(p, p)
+    if score == "confidence":
+        out = f0
+    elif score == "dispersion":
+        out = v
+    elif score == "entropy":
+        out = -plogp.sum(dim=1)
+    elif score == "residual_entropy":
+        out = -(plogp.sum(dim=1) - plogp.gather(1, label.unsqueeze(1)).squeeze(1))
+    else:
+        top2 = p.topk(2, dim=1).values
+        out = top2[:, 0] - top2[:, 1]
+    return torch.where(keep, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))

@@ -1,0 +1,82 @@
+"""Trusted Mask Perturbation: hide reliable pixels under a random block grid (spec Sec. 4)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._backends import register, resolve
+
+
+def grid_size(height: int, width: int, block: int) -> tuple[int, int]:
+    """``(round(H / block), round(W / block))``, half rounded up, at least one cell each way."""
+    return max(1, int(height / block + 0.5)), max(1, int(width / block + 0.5))
+
+
+def draw_cells(batch: int, height: int, width: int, *, block: int, rate: float,
+               generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The random ``B x gh x gw`` bool block grid; each cell is covered with probability ``rate``."""
+    gh, gw = grid_size(height, width, block)
+    draw_device = generator.device if generator is not None else device
+    cells = torch.rand(batch, gh, gw, generator=generator, device=draw_device) < rate
+    return cells.to(device, non_blocking=True)
+
+
+def upsample_cells(cells: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Nearest upsampling: pixel (y, x) lies in cell (floor(y * gh / H), floor(x * gw / W))."""
+    gh, gw = cells.shape[-2:]
+    rows = torch.arange(height, device=cells.device) * gh // height
+    cols = torch.arange(width, device=cells.device) * gw // width
+    return cells[:, rows][:, :, cols]
+
+
+@register("trusted_mask", "reference")
+def trusted_mask_reference(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a drawn block grid: ``cover = up(cells) & reliable``; ``images[cover] = fill`` on every channel."""
+    cover = upsample_cells(cells, images.shape[-2], images.shape[-1]) & reliable
+    masked = images.masked_fill(cover.unsqueeze(1), fill)
+    return masked, cover
+
+
+def trusted_mask(
+    images: torch.Tensor,
+    reliable: torch.Tensor,
+    *,
+    block: int = 32,
+    rate: float = 0.7,
+    generator: Optional[torch.Generator] = None,
+    fill: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trusted Mask Perturbation.
+
+    Args:
+        images: ``B x K x H x W`` floating (normalised images; any number of channels K).
+        reliable: ``B x H x W`` bool, the pixels that may be hidden (``PCOSResult.reliable``).
+        block: cell size in pixels; the grid has ``round(H / block) x round(W / block)`` cells.
+        rate: probability that a cell is covered, in [0, 1].
+        generator: optional ``torch.Generator`` for a reproducible grid (the grid is drawn on its device).
+        fill: value written into hidden pixels (0 = the dataset mean after normalisation).
+
+    Returns:
+        ``(masked_images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask that was applied.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a floating B x K x H x W tensor, got {got}")
+    bsz, _, height, width = images.shape
+    if not isinstance(reliable, torch.Tensor) or reliable.dtype != torch.bool:
+        raise TypeError("reliable must be a bool tensor of shape B x H x W")
+    if tuple(reliable.shape) != (bsz, height, width):
+        raise ValueError(f"reliable must have shape B x H x W = {(bsz, height, width)}, got {tuple(reliable.shape)}")
+    if reliable.device != images.device:
+        raise ValueError(f"reliable is on {reliable.device} but images are on {images.device}")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    cells = draw_cells(bsz, height, width, block=block, rate=rate, generator=generator, device=images.device)
+    _, impl = resolve("trusted_mask", backend, images.device)
+    return impl(images, cells, reliable, float(fill))

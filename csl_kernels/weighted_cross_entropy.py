@@ -1,0 +1,60 @@
+"""Weighted pseudo-label cross-entropy normalised by the number of valid pixels (spec Sec. 5)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._backends import register, resolve
+from ._checks import check_label, check_logits, check_weight, valid_mask
+from .residual_features import compute_dtype
+
+
+@register("weighted_cross_entropy", "reference")
+def weighted_cross_entropy_reference(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd (float64 for float64 logits, else float32).
+
+    Pixels that are invalid or have weight 0 contribute exactly 0 (and a zero gradient), even when their
+    logits are non-finite or their label is out of range.
+    """
+    dt = compute_dtype(logits)
+    z = logits.to(dt)
+    w = weight.to(dt)
+    used = w != 0 if valid is None else valid & (w != 0)
+    z = torch.where(used.unsqueeze(1), z, torch.zeros((), dtype=dt, device=z.device))
+    y = torch.where(used, label.long(), 0)
+    ce = torch.logsumexp(z, dim=1) - z.gather(1, y.unsqueeze(1)).squeeze(1)
+    total = torch.where(used, w * ce, torch.zeros((), dtype=dt, device=z.device)).sum()
+    n_valid = label.numel() if valid is None else valid.sum()
+    return total / torch.as_tensor(n_valid, device=z.device).clamp_min(1).to(dt)
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    weight: torch.Tensor,
+    ignore: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Weighted pseudo-label cross-entropy, differentiable w.r.t. ``logits``.
+
+    Args:
+        logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64.
+        label: ``B x H x W`` integer pseudo-labels in ``[0, C)`` wherever the pixel is valid and weighted.
+        weight: ``B x H x W`` floating per-pixel weights (treated as constants by the fused backends).
+        ignore: optional ``B x H x W`` integer (255 = ignored) or bool (True = valid).
+
+    Returns:
+        0-dim float32 loss (float64 for float64 logits on the reference) ``sum_n w_n CE_n / N_valid``;
+        0 when no pixel is valid.
+    """
+    check_logits(logits)
+    check_label(label, logits)
+    check_weight(weight, logits)
+    valid = valid_mask(ignore, logits)
+    _, impl = resolve("weighted_cross_entropy", backend, logits.device)
+    return impl(logits, label, weight, valid)
