@@ -6,6 +6,7 @@ Every op has a float64-capable pure-PyTorch reference and fused backends (Triton
 
 from ._backends import BACKENDS, is_available, unavailable_reason
 from ._checks import IGNORE_INDEX
+from .confusion_matrix import confusion_matrix, iou_from_confusion
 from .metrics import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
 from .pcos_weights import PCOSResult, PCOSStats, pcos_weights
 from .residual_features import residual_features
@@ -20,6 +21,8 @@ __all__ = [
     "IGNORE_INDEX",
     "PCOSResult",
     "PCOSStats",
+    "confusion_matrix",
+    "iou_from_confusion",
     "is_available",
     "metrics_from_counts",
     "pcos_weights",

@@ -1,0 +1,57 @@
+"""Confusion-matrix accumulation for mIoU."""
+
+from __future__ import annotations
+
+import torch
+
+from ._backends import register, resolve
+from ._checks import IGNORE_INDEX
+
+
+@register("confusion_matrix", "reference")
+def confusion_matrix_reference(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+                               ) -> torch.Tensor:
+    """``num_classes x num_classes`` int64 counts, rows = target, columns = prediction.
+
+    Pixels whose target is ``ignore_index`` are skipped; so are pixels whose target or prediction lies outside
+    ``[0, num_classes)``.
+    """
+    t = target.reshape(-1).long()
+    p = pred.reshape(-1).long()
+    keep = (t != ignore_index) & (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
+    flat = t[keep] * num_classes + p[keep]
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *,
+                     ignore_index: int = IGNORE_INDEX, backend: str = "auto") -> torch.Tensor:
+    """Confusion matrix of integer predictions against targets.
+
+    Args:
+        pred: ``B x H x W`` (any shape) integer predictions.
+        target: same shape, integer ground truth; ``ignore_index`` marks pixels to skip.
+        num_classes: C (up to at least 1000).
+
+    Returns:
+        ``C x C`` int64 counts, rows = target class, columns = predicted class.
+    """
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    if pred.device != target.device:
+        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    _, impl = resolve("confusion_matrix", backend, pred.device)
+    return impl(pred, target, num_classes, ignore_index)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU (float64; NaN for classes absent from both target and prediction)."""
+    conf = confusion.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
