@@ -1,0 +1,174 @@
+"""Datasets for semi-supervised segmentation: UniMatch-format split files, weak / strong / mild views, embedded
+synthetic scenes.
+
+``build_datasets(data_cfg)`` reads the ``data`` section of the config (see ``docs`` / the contract) and returns a
+:class:`DatasetBundle` ``(labeled, unlabeled, val)`` of torch Datasets.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from csl_kernels import IGNORE_INDEX
+
+from .colors import palette
+from .datasets import (
+    COCO,
+    DATASET_KINDS,
+    Cityscapes,
+    FolderDataset,
+    LabeledDataset,
+    ListSource,
+    PascalVOC,
+    UnlabeledDataset,
+    ValDataset,
+    check_label_values,
+    read_split,
+)
+from .synthetic import MAX_CLASSES, SyntheticSource, generate_scenes, write_synthetic_folder
+
+__all__ = [
+    "COCO",
+    "DATASET_KINDS",
+    "Cityscapes",
+    "DatasetBundle",
+    "FolderDataset",
+    "LabeledDataset",
+    "ListSource",
+    "PascalVOC",
+    "SyntheticSource",
+    "UnlabeledDataset",
+    "ValDataset",
+    "build_datasets",
+    "check_label_values",
+    "default_eval_mode",
+    "generate_scenes",
+    "palette",
+    "read_split",
+    "seed_worker",
+    "write_synthetic_folder",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SYNTHETIC_DEFAULTS = {"num_labeled": 16, "num_unlabeled": 160, "num_val": 24, "size": 128, "seed": 0}
+
+
+class DatasetBundle(NamedTuple):
+    labeled: Dataset
+    unlabeled: Dataset | None
+    val: Dataset | None
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed ``random`` and ``numpy`` from the worker's torch seed (which the
+    DataLoader derives from its generator), so augmentation is reproducible for a given loader seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def default_eval_mode(dataset: str) -> str:
+    """UniMatch's protocol: sliding window on full Cityscapes images, the original size elsewhere."""
+    return "sliding_window" if dataset == "cityscapes" else "original"
+
+
+def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | None]:
+    split_dir = data_cfg.get("split_dir")
+    labeled = data_cfg.get("labeled_list")
+    unlabeled = data_cfg.get("unlabeled_list")
+    if labeled is None:
+        if split_dir is None:
+            raise ValueError(f"data.split_dir (a folder with labeled.txt / unlabeled.txt) or data.labeled_list is "
+                             f"required for dataset {kind!r}")
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(f"data.split_dir not found: {os.path.abspath(split_dir)}")
+        labeled = os.path.join(split_dir, "labeled.txt")
+    if unlabeled is None and split_dir is not None:
+        unlabeled = os.path.join(split_dir, "unlabeled.txt")
+        if not os.path.isfile(unlabeled):
+            raise FileNotFoundError(f"unlabelled split file not found: {os.path.abspath(unlabeled)} "
+                                    f"(set data.unlabeled_list to use another file)")
+    return labeled, unlabeled
+
+
+def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_index: int) -> ListSource:
+    val_list = data_cfg.get("val_list")
+    if val_list is not None:
+        return kind_cls(root, val_list, num_classes, ignore_index)
+    split_dir = data_cfg.get("split_dir")
+    if split_dir is not None:
+        # UniMatch keeps the val list next to the partition folders: splits/<dataset>/val.txt.
+        for candidate in (os.path.join(split_dir, "val.txt"), os.path.join(os.path.dirname(os.path.normpath(
+                split_dir)), "val.txt")):
+            if os.path.isfile(candidate):
+                return kind_cls(root, candidate, num_classes, ignore_index)
+    list_path, items = kind_cls.default_val_items(root)
+    return kind_cls(root, list_path, num_classes, ignore_index, items=items)
+
+
+def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
+    """Build ``(labeled, unlabeled, val)`` from the config's ``data`` section.
+
+    ``dataset``: ``synthetic`` (default; generated in memory) | ``pascal`` | ``cityscapes`` | ``coco`` | ``folder``.
+    File datasets read ``labeled_list`` / ``unlabeled_list`` (default ``<split_dir>/{labeled,unlabeled}.txt``) and
+    ``val_list`` (default ``<split_dir>/val.txt``, ``<split_dir>/../val.txt``, then the dataset's standard val
+    images). ``unlabeled`` is None only when neither ``split_dir`` nor ``unlabeled_list`` is set; ``val`` is None
+    when ``need_val`` is False.
+    """
+    if not isinstance(data_cfg, dict):
+        raise TypeError(f"data_cfg must be a dict (the config's data section), got {type(data_cfg).__name__}")
+    kind = data_cfg.get("dataset", "synthetic")
+    crop_size = int(data_cfg.get("crop_size", 96))
+    ignore_index = int(data_cfg.get("ignore_index", IGNORE_INDEX))
+    mean = tuple(data_cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(data_cfg.get("std") or IMAGENET_STD)
+    scale_range = tuple(data_cfg.get("scale_range") or (0.5, 2.0))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"data.mean and data.std must be 3 values (std > 0), got {mean} and {std}")
+    views = {"crop_size": crop_size, "mean": mean, "std": std, "ignore_index": ignore_index,
+             "scale_range": scale_range}
+
+    if kind == "synthetic":
+        syn = {**SYNTHETIC_DEFAULTS, **(data_cfg.get("synthetic") or {})}
+        num_classes = int(data_cfg.get("num_classes", 5))
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise ValueError(f"synthetic data has 2 to {MAX_CLASSES} classes, got data.num_classes={num_classes}")
+        common = {"size": int(syn["size"]), "seed": int(syn["seed"]), "num_classes": num_classes}
+        labeled = LabeledDataset(SyntheticSource(int(syn["num_labeled"]), split="labeled", **common), **views)
+        unlabeled = UnlabeledDataset(SyntheticSource(int(syn["num_unlabeled"]), split="unlabeled", **common),
+                                     **views)
+        val = None
+        if need_val:
+            val = ValDataset(SyntheticSource(int(syn["num_val"]), split="val", **common), mean=mean, std=std,
+                             ignore_index=ignore_index)
+        return DatasetBundle(labeled, unlabeled, val)
+
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"data.dataset must be one of {['synthetic', *DATASET_KINDS]}, got {kind!r}")
+    kind_cls = DATASET_KINDS[kind]
+    root = data_cfg.get("root")
+    if not root:
+        raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root not found (or not a folder): {os.path.abspath(root)}")
+    num_classes = data_cfg.get("num_classes", kind_cls.num_classes_default)
+    if num_classes is None:
+        raise ValueError(f"data.num_classes is required for dataset {kind!r}")
+    num_classes = int(num_classes)
+    labeled_list, unlabeled_list = _resolve_lists(data_cfg, kind, root)
+    labeled = LabeledDataset(kind_cls(root, labeled_list, num_classes, ignore_index), **views)
+    unlabeled = None
+    if unlabeled_list is not None:
+        unlabeled = UnlabeledDataset(kind_cls(root, unlabeled_list, num_classes, ignore_index), **views)
+    val = None
+    if need_val:
+        val = ValDataset(_val_source(data_cfg, kind_cls, root, num_classes, ignore_index), mean=mean, std=std,
+                         ignore_index=ignore_index)
+    return DatasetBundle(labeled, unlabeled, val)

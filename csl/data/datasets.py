@@ -1,0 +1,314 @@
+"""File-based datasets (Pascal VOC, Cityscapes, COCO, generic folder) and the three training / evaluation views.
+
+A *source* gives raw items: ``load(i) -> (image H x W x 3 uint8, mask H x W int | None)``, ``name(i)``,
+``validate()``. :class:`ListSource` reads UniMatch-format split files; :class:`csl.data.synthetic.SyntheticSource`
+holds generated scenes. The views wrap a source:
+
+- :class:`LabeledDataset` -> ``{"image": 3xSxS float32, "mask": SxS int64}`` (weak augmentation);
+- :class:`UnlabeledDataset` -> ``{"image_w", "image_s", "image_m", "ignore", "mask"}`` (three views of one weak
+  geometric transform);
+- :class:`ValDataset` -> ``{"image": 3xHxW, "mask": HxW, "name": str}`` (full image, no augmentation).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import ColorAugment, WeakAugment, image_to_tensor, labels_to_tensor, normalize
+
+SplitItems = list[tuple[str, str | None]]
+
+
+def read_split(path: str) -> SplitItems:
+    """Read a UniMatch-format split file: one ``img_path [mask_path]`` per line, paths relative to the dataset root.
+
+    Blank lines and lines starting with ``#`` are skipped. Returns ``[(img_path, mask_path or None), ...]``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file not found: {os.path.abspath(path)}")
+    items: SplitItems = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]', got {len(parts)} fields: "
+                                 f"{line!r}")
+            items.append((parts[0], parts[1] if len(parts) == 2 else None))
+    if not items:
+        raise ValueError(f"split file {path} lists no images")
+    return items
+
+
+def check_label_values(mask: np.ndarray, num_classes: int, ignore_index: int, path: str, hint: str = "") -> None:
+    """Raise ValueError naming ``path`` when ``mask`` holds a value outside ``[0, num_classes)`` other than
+    ``ignore_index``."""
+    bad = ((mask < 0) | (mask >= num_classes)) & (mask != ignore_index)
+    if bad.any():
+        values = np.unique(mask[bad])
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise ValueError(f"mask {path} has label values outside [0, {num_classes}) other than the ignore index "
+                         f"{ignore_index}: {shown}" + (f" ({hint})" if hint else ""))
+
+
+def load_image(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def load_mask(path: str) -> np.ndarray:
+    """Class-index mask: a palette ('P') or grayscale PNG whose pixel values are the class ids."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise ValueError(f"mask {path} has mode {img.mode!r}; expected a single-channel class-index PNG "
+                             f"(palette or grayscale), not a colour rendering")
+        return np.array(img)
+
+
+class ListSource:
+    """Items of a UniMatch-format list under ``root``; masks are checked when loaded."""
+
+    mask_hint = ""
+
+    def __init__(self, root: str, list_path: str, num_classes: int, ignore_index: int,
+                 items: SplitItems | None = None, hint: str | None = None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset root not found (or not a folder): {os.path.abspath(root)}")
+        self.root, self.list_path = root, list_path
+        self.items = read_split(list_path) if items is None else items
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.hint = self.mask_hint if hint is None else hint
+        self.has_masks = all(m is not None for _, m in self.items)
+        self.description = f"{list_path} ({len(self.items)} items)"
+        first = self.items[0][0]
+        if not os.path.isfile(os.path.join(root, first)):
+            raise FileNotFoundError(f"image file not found: {os.path.join(root, first)} (first entry of "
+                                    f"{list_path}; are data.root and the split file from the same dataset?)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _where(self, index: int) -> str:
+        return f"item {index} of {self.list_path}"
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.root, self.items[index][0])
+
+    def mask_path(self, index: int) -> str | None:
+        m = self.items[index][1]
+        return None if m is None else os.path.join(self.root, m)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        img_path, mask_path = self.image_path(index), self.mask_path(index)
+        try:
+            image = load_image(img_path)
+            mask = None if mask_path is None else load_mask(mask_path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} ({self._where(index)})") from None
+        if mask is not None:
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
+                                 f"{image.shape[1]}x{image.shape[0]} (W x H)")
+            check_label_values(mask, self.num_classes, self.ignore_index, mask_path, self.hint)
+        return image, mask
+
+    def name(self, index: int) -> str:
+        return os.path.splitext(self.items[index][0])[0]
+
+    def validate(self, progress: bool = True) -> dict:
+        """Scan every item: files exist, image and mask sizes agree, label values are valid.
+
+        Returns ``{"num_items", "class_pixels", "errors"}``; raises ValueError listing the problems (up to 20)
+        when any item is bad.
+        """
+        from tqdm import tqdm
+
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        errors: list[str] = []
+        for i in tqdm(range(len(self)), desc=f"validating {self.list_path}", disable=not progress):
+            img_path, mask_path = self.image_path(i), self.mask_path(i)
+            try:
+                if not os.path.isfile(img_path):
+                    raise FileNotFoundError(f"image file not found: {img_path}")
+                if mask_path is None:
+                    continue
+                mask = load_mask(mask_path)
+                with Image.open(img_path) as img:
+                    if img.size != (mask.shape[1], mask.shape[0]):
+                        raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                                         f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)")
+                check_label_values(mask, self.num_classes, self.ignore_index, mask_path, self.hint)
+                valid = mask[mask != self.ignore_index].astype(np.int64)
+                counts += np.bincount(valid.reshape(-1), minlength=self.num_classes)[: self.num_classes]
+            except (OSError, ValueError) as e:
+                errors.append(f"{self._where(i)}: {e}")
+        if errors:
+            more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+            raise ValueError(f"{len(errors)} bad item(s) in {self.list_path}:\n" + "\n".join(errors[:20]) + more)
+        return {"num_items": len(self), "class_pixels": counts.tolist(), "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset kinds: class count, the hint printed with a bad label value, and the standard val list when none is given.
+
+
+class PascalVOC(ListSource):
+    """Pascal VOC 2012 (+ SBD-augmented masks in SegmentationClass, as UniMatch): 21 classes, 255 = boundary."""
+
+    num_classes_default = 21
+    mask_hint = "VOC masks are palette PNGs of class indices 0-20 with 255 on boundaries"
+
+    @staticmethod
+    def default_val_items(root: str) -> tuple[str, SplitItems]:
+        path = os.path.join(root, "ImageSets", "Segmentation", "val.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no val list given and the VOC val list {path} does not exist; set data.val_list")
+        with open(path) as f:
+            ids = [line.strip() for line in f if line.strip()]
+        return path, [(f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png") for i in ids]
+
+
+class Cityscapes(ListSource):
+    """Cityscapes fine annotations as train ids (``*_gtFine_labelTrainIds.png``): 19 classes, 255 = ignore."""
+
+    num_classes_default = 19
+    mask_hint = ("Cityscapes masks must be *_gtFine_labelTrainIds.png (0-18, 255); create them from the labelIds "
+                 "with cityscapesscripts' createTrainIdLabelImgs")
+
+    @staticmethod
+    def default_val_items(root: str) -> tuple[str, SplitItems]:
+        folder = os.path.join(root, "leftImg8bit", "val")
+        files = sorted(glob.glob(os.path.join(folder, "*", "*_leftImg8bit.png")))
+        if not files:
+            raise FileNotFoundError(f"no val list given and no images found under {folder}; set data.val_list")
+        items = []
+        for f in files:
+            rel = os.path.relpath(f, root)
+            city, base = rel.split(os.sep)[-2], os.path.basename(rel)[: -len("_leftImg8bit.png")]
+            items.append((rel, os.path.join("gtFine", "val", city, f"{base}_gtFine_labelTrainIds.png")))
+        return folder, items
+
+
+class COCO(ListSource):
+    """COCO as UniMatch uses it: ``train2017|val2017/*.jpg`` with class-index masks ``masks/<split>/*.png``
+    (81 classes: background + 80 things)."""
+
+    num_classes_default = 81
+    mask_hint = "COCO masks are PNGs of class indices 0-80 (0 = background), 255 = ignore"
+
+    @staticmethod
+    def default_val_items(root: str) -> tuple[str, SplitItems]:
+        folder = os.path.join(root, "val2017")
+        files = sorted(glob.glob(os.path.join(folder, "*.jpg")))
+        if not files:
+            raise FileNotFoundError(f"no val list given and no images found under {folder}; set data.val_list")
+        items = [(os.path.join("val2017", os.path.basename(f)),
+                  os.path.join("masks", "val2017", os.path.splitext(os.path.basename(f))[0] + ".png")) for f in files]
+        return folder, items
+
+
+class FolderDataset(ListSource):
+    """Any folder of images and class-index PNG masks described by UniMatch-format lists."""
+
+    num_classes_default = None
+    mask_hint = ""
+
+    @staticmethod
+    def default_val_items(root: str) -> tuple[str, SplitItems]:
+        raise FileNotFoundError(f"dataset 'folder' has no standard val list; set data.val_list (or put val.txt "
+                                f"next to labeled.txt in data.split_dir); root was {root}")
+
+
+DATASET_KINDS: dict[str, type[ListSource]] = {
+    "pascal": PascalVOC,
+    "cityscapes": Cityscapes,
+    "coco": COCO,
+    "folder": FolderDataset,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views.
+
+
+class _View(Dataset):
+    def __init__(self, source, *, mean: Sequence[float], std: Sequence[float], ignore_index: int):
+        self.source, self.mean, self.std, self.ignore_index = source, tuple(mean), tuple(std), ignore_index
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def validate(self, progress: bool = True) -> dict:
+        """Scan the whole list for missing files and bad label values (see :meth:`ListSource.validate`)."""
+        return self.source.validate(progress=progress)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source.description})"
+
+
+class LabeledDataset(_View):
+    """Weakly augmented labelled crops: ``{"image": 3 x S x S float32, "mask": S x S int64}``."""
+
+    def __init__(self, source, *, crop_size: int, mean, std, ignore_index: int,
+                 scale_range: Sequence[float] = (0.5, 2.0)):
+        super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
+        if not source.has_masks:
+            raise ValueError(f"the labelled list {source.description} has lines without a mask path")
+        self.weak = WeakAugment(crop_size, ignore_index, scale_range)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.source.load(index)
+        img, labels = self.weak(image_to_tensor(image), labels_to_tensor(mask))
+        return {"image": normalize(img, self.mean, self.std), "mask": labels[0]}
+
+
+class UnlabeledDataset(_View):
+    """Three views of one weak geometric transform: weak, strong (UniMatch colour aug) and mild (TMP's masking
+    view), the padding map ``ignore`` (ignore_index where padded, else 0) and the ground truth ``mask`` (all
+    ignore_index when the list has no mask; for pseudo-label metrics only)."""
+
+    def __init__(self, source, *, crop_size: int, mean, std, ignore_index: int,
+                 scale_range: Sequence[float] = (0.5, 2.0)):
+        super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
+        self.weak = WeakAugment(crop_size, ignore_index, scale_range)
+        self.strong, self.mild = ColorAugment.strong(), ColorAugment.mild()
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.source.load(index)
+        h, w = image.shape[:2]
+        gt = np.full((h, w), self.ignore_index, dtype=np.int64) if mask is None else mask
+        img, labels = self.weak(image_to_tensor(image), labels_to_tensor(gt, np.zeros((h, w), dtype=np.int64)))
+        return {
+            "image_w": normalize(img, self.mean, self.std),
+            "image_s": normalize(self.strong(img), self.mean, self.std),
+            "image_m": normalize(self.mild(img), self.mean, self.std),
+            "ignore": labels[1],
+            "mask": labels[0],
+        }
+
+
+class ValDataset(_View):
+    """Full images at their original size: ``{"image": 3 x H x W, "mask": H x W int64, "name": str}``."""
+
+    def __init__(self, source, *, mean, std, ignore_index: int):
+        super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
+        if not source.has_masks:
+            raise ValueError(f"the val list {source.description} has lines without a mask path")
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.source.load(index)
+        return {"image": normalize(image_to_tensor(image), self.mean, self.std),
+                "mask": torch.from_numpy(mask.astype(np.int64)), "name": self.source.name(index)}

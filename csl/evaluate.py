@@ -1,0 +1,233 @@
+"""mIoU evaluation (original size / centre crop / sliding window), distributed without duplicated samples, and
+colour prediction PNGs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
+
+EVAL_MODES = ("original", "center_crop", "sliding_window")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class DistributedEvalSampler(Sampler[int]):
+    """Rank r gets indices ``r, r + W, r + 2W, ...``: disjoint shares that cover the dataset exactly once (no padding
+    with repeated samples, unlike ``DistributedSampler``), so the all-reduced confusion matrix counts each image
+    once. Shares differ in length by at most one."""
+
+    def __init__(self, dataset: Dataset | int, num_replicas: int | None = None, rank: int | None = None):
+        n = dataset if isinstance(dataset, int) else len(dataset)
+        world_rank, world_size = _world()
+        self.num_replicas = world_size if num_replicas is None else int(num_replicas)
+        self.rank = world_rank if rank is None else int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={self.rank}, num_replicas={self.num_replicas}")
+        self.indices = list(range(self.rank, n, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:  # same interface as DistributedSampler; the order never changes
+        pass
+
+
+def make_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False
+                     ) -> DataLoader:
+    """A validation DataLoader; under torch.distributed it uses :class:`DistributedEvalSampler`. Batch size > 1
+    needs images of one size (e.g. Cityscapes)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=DistributedEvalSampler(dataset),
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+def sliding_window_scores(model: nn.Module, image: torch.Tensor, crop_size: int, stride_ratio: float = 2 / 3
+                          ) -> torch.Tensor:
+    """Sum of softmax probabilities over ``crop_size`` windows with stride ``int(crop_size * stride_ratio)``.
+
+    The last row / column of windows is flush with the border; an image smaller than the window is padded
+    (bottom / right, with 0 = the mean after normalisation) and the padding is cut from the result.
+    Returns float32 ``B x C x H x W``.
+    """
+    b, _, h, w = image.shape
+    ph, pw = max(crop_size - h, 0), max(crop_size - w, 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+    hp, wp = image.shape[-2:]
+    stride = max(int(crop_size * stride_ratio), 1)
+
+    def starts(length: int) -> list[int]:
+        s = list(range(0, length - crop_size + 1, stride))
+        return s if s[-1] == length - crop_size else s + [length - crop_size]
+
+    total = None
+    for y in starts(hp):
+        for x in starts(wp):
+            prob = model(image[:, :, y:y + crop_size, x:x + crop_size]).float().softmax(dim=1)
+            if total is None:
+                total = prob.new_zeros(b, prob.shape[1], hp, wp)
+            total[:, :, y:y + crop_size, x:x + crop_size] += prob
+    return total[:, :, :h, :w]
+
+
+def center_crop(tensor: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Central ``crop_size`` x ``crop_size`` window of the last two dims (the whole dim when it is smaller)."""
+    h, w = tensor.shape[-2:]
+    top, left = max((h - crop_size) // 2, 0), max((w - crop_size) // 2, 0)
+    return tensor[..., top:top + crop_size, left:left + crop_size]
+
+
+def predict_scores(model: nn.Module, image: torch.Tensor, *, mode: str = "original", crop_size: int | None = None,
+                   stride_ratio: float = 2 / 3) -> torch.Tensor:
+    """Class scores ``B x C x H' x W'`` for a normalised ``B x 3 x H x W`` batch (``H' x W'`` = the centre crop in
+    ``center_crop`` mode, else ``H x W``). Call under ``torch.no_grad()`` with the model in eval mode."""
+    if mode == "original":
+        return model(image)
+    if mode == "center_crop":
+        return model(center_crop(image, crop_size))
+    if mode == "sliding_window":
+        return sliding_window_scores(model, image, crop_size, stride_ratio)
+    raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+
+
+def _check_mode(mode: str, crop_size, stride_ratio: float) -> None:
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    if mode != "original" and (not isinstance(crop_size, int) or crop_size < 1):
+        raise ValueError(f"mode {mode!r} needs crop_size, a positive int; got {crop_size!r}")
+    if not 0 < stride_ratio <= 1:
+        raise ValueError(f"stride_ratio must be in (0, 1], got {stride_ratio!r}")
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "original", crop_size: int | None = None,
+             stride_ratio: float = 2 / 3, device=None, amp_dtype: torch.dtype | None = None,
+             ignore_index: int = IGNORE_INDEX, progress: bool = True) -> dict:
+    """mIoU of ``model`` over ``loader`` (batches ``{"image": B x 3 x H x W, "mask": B x H x W, ...}`` or
+    ``(image, mask, ...)`` tuples).
+
+    Modes: ``original`` (full image), ``center_crop`` (central ``crop_size`` window of image and mask),
+    ``sliding_window`` (``crop_size`` windows, stride ``crop_size * stride_ratio``, softmax averaged).
+    Under torch.distributed the loader must use :class:`DistributedEvalSampler` (see :func:`make_eval_loader`);
+    the confusion matrix is all-reduced, so every rank returns the global result.
+
+    Returns ``{"miou": float, "iou": list[float] (NaN for a class absent from targets and predictions),
+    "confusion": int64 C x C tensor (rows = target), "pixel_acc": float}``; ``miou`` is the mean over the classes
+    whose IoU is defined.
+    """
+    from tqdm import tqdm
+
+    _check_mode(mode, crop_size, stride_ratio)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    rank, world_size = _world()
+    if world_size > 1 and not isinstance(getattr(loader, "sampler", None), DistributedEvalSampler):
+        raise ValueError("distributed evaluation needs a loader with DistributedEvalSampler (csl.evaluate."
+                         "make_eval_loader); otherwise samples are counted several times")
+    device = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=f"eval ({mode})", disable=not progress or rank != 0, leave=False):
+                image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
+                image = image.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                if mode == "center_crop":
+                    mask = center_crop(mask, crop_size)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                                    enabled=amp_dtype is not None):
+                    scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
+                if scores.shape[1] != num_classes:
+                    raise ValueError(f"the model outputs {scores.shape[1]} classes but num_classes={num_classes}")
+                confusion += confusion_matrix(scores.argmax(dim=1), mask.long(), num_classes,
+                                              ignore_index=ignore_index)
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(confusion)
+    confusion = confusion.cpu()
+    iou = iou_from_confusion(confusion)
+    defined = iou[~torch.isnan(iou)]
+    total = int(confusion.sum())
+    return {
+        "miou": float(defined.mean()) if defined.numel() else float("nan"),
+        "iou": iou.tolist(),
+        "confusion": confusion,
+        "pixel_acc": float(confusion.diag().sum()) / total if total else float("nan"),
+    }
+
+
+def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_classes: int,
+                   mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                   mode: str = "original", crop_size: int | None = None, device=None, stride_ratio: float = 2 / 3,
+                   amp_dtype: torch.dtype | None = None, dataset: str | None = None, progress: bool = True
+                   ) -> list[str]:
+    """Predict each image file and write ``<out_dir>/<stem>.png``: a palette PNG whose pixel values are the class
+    ids and whose colours are :func:`csl.data.palette` (RGB for more than 256 classes). Returns the written
+    paths."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .data.colors import palette
+    from .data.datasets import load_image
+    from .data.transforms import image_to_tensor, normalize
+
+    _check_mode(mode, crop_size, stride_ratio)
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"image file not found: {p}")
+    device = _device_of(model, device)
+    os.makedirs(out_dir, exist_ok=True)
+    colours = palette(num_classes, dataset)
+    was_training = model.training
+    model.eval()
+    written, used = [], set()
+    try:
+        for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
+            image = normalize(image_to_tensor(load_image(path)), mean, std)[None].to(device)
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                                                 enabled=amp_dtype is not None):
+                scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
+            pred = scores.argmax(dim=1)[0].cpu().numpy()
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if stem in used:
+                stem = f"{stem}_{i}"
+            used.add(stem)
+            out = os.path.join(out_dir, stem + ".png")
+            if num_classes <= 256:
+                img = Image.frombytes("P", (pred.shape[1], pred.shape[0]), pred.astype(np.uint8).tobytes())
+                img.putpalette(np.pad(colours, ((0, 256 - num_classes), (0, 0))).reshape(-1).tolist())
+            else:
+                img = Image.fromarray(colours[pred])
+            img.save(out)
+            written.append(out)
+    finally:
+        model.train(was_training)
+    return written
+
+
+__all__ = ["EVAL_MODES", "DistributedEvalSampler", "center_crop", "evaluate", "make_eval_loader", "predict_images",
+           "predict_scores", "sliding_window_scores"]

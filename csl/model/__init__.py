@@ -1,0 +1,41 @@
+"""DeepLabV3+ for semi-supervised segmentation: ``build_model(model_cfg, num_classes)``, ``convert_sync_bn``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .backbone import BACKBONES, ResNetBackbone, dilate_layer, load_backbone_weights
+from .deeplabv3plus import ASPP, DeepLabV3Plus
+
+__all__ = ["ASPP", "BACKBONES", "DeepLabV3Plus", "ResNetBackbone", "build_model", "convert_sync_bn",
+           "dilate_layer", "load_backbone_weights"]
+
+
+def build_model(model_cfg: dict, num_classes: int) -> DeepLabV3Plus:
+    """DeepLabV3+ from the config's ``model`` section: ``backbone`` (resnet18 | resnet34 | resnet50 | resnet101),
+    ``output_stride`` (16 or 8; 32 = no dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]), ``pretrained``
+    (local path to ImageNet weights, or None for random init). The load report is kept in
+    ``model.pretrained_report``."""
+    if not isinstance(model_cfg, dict):
+        raise TypeError(f"model_cfg must be a dict (the config's model section), got {type(model_cfg).__name__}")
+    model = DeepLabV3Plus(
+        num_classes,
+        backbone=model_cfg.get("backbone", "resnet50"),
+        output_stride=int(model_cfg.get("output_stride", 16)),
+        dilations=model_cfg.get("dilations") or (6, 12, 18),
+    )
+    if model_cfg.get("pretrained"):
+        model.pretrained_report = load_backbone_weights(model.backbone, model_cfg["pretrained"])
+    return model
+
+
+def convert_sync_bn(model: nn.Module, world_size: int | None = None) -> nn.Module:
+    """Convert BatchNorm to SyncBatchNorm when training on more than one process; otherwise return ``model``
+    unchanged. ``world_size`` defaults to the initialised process group's size (1 without one)."""
+    if world_size is None:
+        import torch.distributed as dist
+
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size <= 1:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
