@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch

@@ -64,7 +64,7 @@ def load_image(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
 
 
 def load_mask(path: str) -> np.ndarray:

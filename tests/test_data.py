@@ -1,0 +1,337 @@
+"""csl.data: UniMatch-format lists, file layouts, label checks, weak / strong views, synthetic scenes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from csl.data import (
+    SyntheticSource,
+    UnlabeledDataset,
+    build_datasets,
+    generate_scenes,
+    palette,
+    read_split,
+    seed_worker,
+    write_synthetic_folder,
+)
+from csl.data.datasets import LabeledDataset, ListSource
+from csl.data.transforms import WeakAugment, image_to_tensor, labels_to_tensor
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _denorm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------- split files
+
+
+def test_read_split_formats_and_errors(tmp_path):
+    path = tmp_path / "labeled.txt"
+    path.write_text("JPEGImages/a.jpg SegmentationClass/a.png\n\n# comment\nJPEGImages/b.jpg\n")
+    assert read_split(str(path)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png"), ("JPEGImages/b.jpg", None)]
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.jpg a.png\na.jpg a.png extra\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:2"):
+        read_split(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no images"):
+        read_split(str(empty))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_split(str(tmp_path / "missing.txt"))
+
+
+# ----------------------------------------------------------------------------------------------- file layouts
+
+
+@pytest.mark.parametrize("layout", ["pascal", "cityscapes", "coco", "folder"])
+def test_file_datasets_in_unimatch_format(tmp_path, layout):
+    info = write_synthetic_folder(str(tmp_path / layout), layout=layout, num_labeled=2, num_unlabeled=3, num_val=2,
+                                  size=40, seed=3)
+    for line in open(info["labeled_list"]):
+        img_rel, mask_rel = line.split()
+        assert not os.path.isabs(img_rel) and os.path.isfile(os.path.join(info["root"], img_rel))
+        assert os.path.isfile(os.path.join(info["root"], mask_rel))
+    cfg = {"dataset": layout, "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5,
+           "crop_size": 32, "ignore_index": 255}
+    bundle = build_datasets(cfg)
+    assert (len(bundle.labeled), len(bundle.unlabeled), len(bundle.val)) == (2, 3, 2)
+
+    item = bundle.labeled[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
+    assert set(item["mask"].unique().tolist()) <= set(range(5)) | {255}
+
+    u = bundle.unlabeled[1]
+    for key in ("image_w", "image_s", "image_m"):
+        assert u[key].shape == (3, 32, 32) and u[key].dtype == torch.float32
+    assert u["ignore"].shape == (32, 32) and set(u["ignore"].unique().tolist()) <= {0, 255}
+
+    # Val: full image at the original size, the exact mask that was written.
+    images, masks = generate_scenes(2, size=40, seed=3, split="val")
+    v = bundle.val[1]
+    assert v["image"].shape == (3, 40, 40) and v["mask"].shape == (40, 40)
+    assert torch.equal(v["mask"], torch.from_numpy(masks[1].astype(np.int64)))
+    tol = 0.08 if layout in ("pascal", "coco") else 1e-6  # JPEG images
+    assert (_denorm(v["image"]) - image_to_tensor(images[1])).abs().mean() < tol
+    assert isinstance(v["name"], str) and v["name"]
+
+
+@pytest.mark.parametrize("layout", ["pascal", "cityscapes", "coco"])
+def test_standard_val_list_from_layout(tmp_path, layout):
+    info = write_synthetic_folder(str(tmp_path / layout), layout=layout, num_labeled=1, num_unlabeled=1, num_val=3,
+                                  size=24)
+    os.remove(info["val_list"])
+    bundle = build_datasets({"dataset": layout, "root": info["root"], "split_dir": info["split_dir"],
+                             "num_classes": 5, "crop_size": 16})
+    _, masks = generate_scenes(3, size=24, split="val")
+    got = sorted(bundle.val[i]["mask"].numpy().tobytes() for i in range(len(bundle.val)))
+    assert got == sorted(m.astype(np.int64).tobytes() for m in masks)
+
+
+def test_folder_without_val_list_is_a_clear_error(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=1, num_unlabeled=1, num_val=1,
+                                  size=24)
+    os.remove(info["val_list"])
+    cfg = {"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5}
+    with pytest.raises(FileNotFoundError, match="val_list"):
+        build_datasets(cfg)
+    assert build_datasets(cfg, need_val=False).val is None
+
+
+def test_unlabeled_list_without_masks(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=1, num_unlabeled=2, num_val=1,
+                                  size=24, unlabeled_masks=False)
+    assert read_split(info["unlabeled_list"])[0][1] is None
+    bundle = build_datasets({"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"],
+                             "num_classes": 5, "crop_size": 16})
+    assert (bundle.unlabeled[0]["mask"] == 255).all()
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_label_value_error_names_the_file(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=3, num_unlabeled=1, num_val=1,
+                                  size=24)
+    img_rel, mask_rel = read_split(info["labeled_list"])[1]
+    bad_path = os.path.join(info["root"], mask_rel)
+    mask = np.array(Image.open(bad_path))
+    mask[0, :3] = 255  # ignore is fine
+    Image.fromarray(mask).save(bad_path)
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    src.load(1)
+    mask[5, 5] = 7
+    Image.fromarray(mask).save(bad_path)
+    with pytest.raises(ValueError, match=rf"{mask_rel}.*outside \[0, 5\).*: 7"):
+        src.load(1)
+    ds = LabeledDataset(src, crop_size=16, mean=MEAN, std=STD, ignore_index=255)
+    with pytest.raises(ValueError, match=mask_rel):
+        ds[1]
+    with pytest.raises(ValueError, match=rf"(?s)1 bad item.*{mask_rel}"):
+        ds.validate(progress=False)
+    # A colour rendering instead of class indices is refused with the file name.
+    Image.fromarray(np.stack([mask] * 3, -1)).save(bad_path)
+    with pytest.raises(ValueError, match=rf"{mask_rel}.*mode 'RGB'"):
+        src.load(1)
+
+
+def test_validate_counts_classes(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=3, num_unlabeled=1, num_val=1,
+                                  size=24, seed=5)
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    report = src.validate(progress=False)
+    _, masks = generate_scenes(3, size=24, seed=5, split="labeled")
+    assert report["num_items"] == 3 and report["errors"] == []
+    assert report["class_pixels"] == np.bincount(masks.reshape(-1), minlength=5).tolist()
+
+
+def test_missing_files_and_roots_are_named(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=3, num_unlabeled=1, num_val=1,
+                                  size=24)
+    missing_root = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_datasets({"dataset": "folder", "root": missing_root, "split_dir": info["split_dir"], "num_classes": 5})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ListSource(missing_root, info["labeled_list"], 5, 255)
+    with pytest.raises(ValueError, match="data.root"):
+        build_datasets({"dataset": "pascal", "split_dir": info["split_dir"]})
+    with pytest.raises(ValueError, match="split_dir"):
+        build_datasets({"dataset": "folder", "root": info["root"], "num_classes": 5})
+    with pytest.raises(ValueError, match="data.dataset"):
+        build_datasets({"dataset": "imagenet", "root": info["root"]})
+
+    img_rel, mask_rel = read_split(info["labeled_list"])[2]
+    os.remove(os.path.join(info["root"], mask_rel))
+    src = ListSource(info["root"], info["labeled_list"], 5, 255)
+    with pytest.raises(FileNotFoundError, match=rf"{mask_rel}.*item 2 of"):
+        src.load(2)
+    with pytest.raises(ValueError, match=mask_rel):
+        src.validate(progress=False)
+    os.remove(os.path.join(info["root"], img_rel))
+    with pytest.raises(FileNotFoundError, match=img_rel):
+        src.load(2)
+
+    first_img = read_split(info["labeled_list"])[0][0]
+    os.remove(os.path.join(info["root"], first_img))
+    with pytest.raises(FileNotFoundError, match=first_img):
+        ListSource(info["root"], info["labeled_list"], 5, 255)
+
+    os.remove(info["unlabeled_list"])
+    with pytest.raises(FileNotFoundError, match="unlabeled.txt"):
+        build_datasets({"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5})
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+
+def test_weak_aug_crop_size_and_pad_values():
+    aug = WeakAugment(40, label_fill=255, scale_range=(1.0, 1.0), flip_p=0.0)
+    image = torch.full((3, 20, 30), 0.6)
+    labels = labels_to_tensor(np.full((20, 30), 3), np.zeros((20, 30)))
+    img, lab = aug(image, labels)
+    assert img.shape == (3, 40, 40) and lab.shape == (2, 40, 40)
+    assert torch.all(img[:, :20, :30] == 0.6) and torch.all(lab[0, :20, :30] == 3) and torch.all(lab[1, :20, :30] == 0)
+    assert torch.all(img[:, 20:] == 0) and torch.all(img[:, :, 30:] == 0)
+    assert torch.all(lab[:, 20:] == 255) and torch.all(lab[:, :, 30:] == 255)
+
+    random.seed(0)
+    aug = WeakAugment(48, label_fill=255)
+    for h, w in ((17, 90), (64, 64), (200, 31)):
+        img, lab = aug(torch.rand(3, h, w), labels_to_tensor(np.zeros((h, w))))
+        assert img.shape == (3, 48, 48) and lab.shape == (1, 48, 48)
+
+
+def _block_pattern(h: int, w: int, block: int, num_classes: int):
+    yy, xx = np.mgrid[0:h, 0:w]
+    label = ((yy // block) * 3 + (xx // block) * 2) % num_classes
+    colours = np.linspace(0.1, 0.9, num_classes)
+    image = np.stack([colours[label], 1 - colours[label], colours[(label + 1) % num_classes]])
+    return torch.from_numpy(image).float(), label, colours
+
+
+def test_weak_aug_keeps_image_and_mask_aligned():
+    """Scale, crop and flip move image and mask together: in the interior of every block the image still shows
+    the colour of the block's label."""
+    image, label, colours = _block_pattern(60, 84, 12, 5)
+    expected = torch.tensor(np.stack([colours, 1 - colours, np.roll(colours, -1)]), dtype=torch.float32)
+    aug = WeakAugment(48, label_fill=255, scale_range=(0.5, 2.0))
+    random.seed(1)
+    for _ in range(20):
+        img, lab = aug(image, labels_to_tensor(label))
+        lab = lab[0]
+        valid = lab != 255
+        # interior: the 5x5 neighbourhood has one label
+        padded = torch.nn.functional.pad(lab[None, None].float(), (2, 2, 2, 2), value=-1)
+        window = padded.unfold(2, 5, 1).unfold(3, 5, 1)[0, 0]
+        interior = valid & (window.amax((-1, -2)) == window.amin((-1, -2)))
+        assert interior.sum() > 50
+        want = expected[:, lab[interior]]
+        assert (img[:, interior] - want).abs().max() < 0.02
+        assert torch.all(img[:, ~valid] == 0)  # padding (this source has no ignore pixels)
+    # the flip happens: the same crop with and without it are mirror images
+    aug_no = WeakAugment(48, 255, (1.0, 1.0), flip_p=0.0)
+    aug_yes = WeakAugment(48, 255, (1.0, 1.0), flip_p=1.0)
+    random.seed(7)
+    a_img, a_lab = aug_no(image, labels_to_tensor(label))
+    random.seed(7)
+    b_img, b_lab = aug_yes(image, labels_to_tensor(label))
+    assert torch.equal(a_img.flip(-1), b_img) and torch.equal(a_lab.flip(-1), b_lab)
+
+
+def test_unlabeled_views_share_geometry():
+    src = SyntheticSource(4, size=40, seed=2, split="unlabeled")
+    ds = UnlabeledDataset(src, crop_size=48, mean=MEAN, std=STD, ignore_index=255)
+    random.seed(0)
+    torch.manual_seed(0)
+    differs = 0
+    for i in range(4):
+        out = ds[i]
+        differs += int(not torch.equal(out["image_w"], out["image_s"]))
+        assert torch.equal(out["ignore"] == 255, out["mask"] == 255)  # synthetic GT has no ignore pixels
+    assert differs > 0  # the strong view is photometrically different
+    ds.strong = ds.mild = lambda x: x  # without the colour ops the three views are the same pixels
+    for i in range(4):
+        random.seed(i)
+        out = ds[i]
+        assert torch.equal(out["image_w"], out["image_s"]) and torch.equal(out["image_w"], out["image_m"])
+        raw = _denorm(out["image_w"])
+        assert torch.all(raw[:, out["ignore"] == 255].abs() < 1e-6)  # padded pixels are black in every view
+        # the GT mask follows the same geometry as the image
+        random.seed(i)
+        img, lab = ds.weak(image_to_tensor(src.load(i)[0]), labels_to_tensor(src.load(i)[1]))
+        assert torch.equal(lab[0], out["mask"]) and torch.allclose(img, raw, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_scenes_are_deterministic_and_varied():
+    a_img, a_mask = generate_scenes(3, size=48, seed=11)
+    b_img, b_mask = generate_scenes(3, size=48, seed=11)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask)
+    p_img, p_mask = generate_scenes(2, size=48, seed=11)
+    assert np.array_equal(p_img, a_img[:2]) and np.array_equal(p_mask, a_mask[:2])  # scene i depends on (seed, i)
+    c_img, _ = generate_scenes(3, size=48, seed=12)
+    assert not np.array_equal(a_img, c_img)
+    v_img, _ = generate_scenes(3, size=48, seed=11, split="val")
+    assert not np.array_equal(a_img, v_img)
+    assert a_img.dtype == np.uint8 and a_mask.max() < 5
+
+    _, masks = generate_scenes(20, size=64, seed=0, num_classes=5)
+    assert set(np.unique(masks).tolist()) == set(range(5))
+    _, masks3 = generate_scenes(5, size=32, seed=0, num_classes=3)
+    assert masks3.max() <= 2
+    with pytest.raises(ValueError, match="num_classes"):
+        generate_scenes(1, num_classes=9)
+
+
+def test_synthetic_colour_alone_does_not_give_the_class():
+    """A nearest-mean colour classifier over the object classes stays near chance (1/4)."""
+    images, masks = generate_scenes(40, size=64, seed=4)
+    obj = masks > 0
+    rgb, cls = images[obj].astype(np.float64), masks[obj]
+    half = len(rgb) // 2
+    means = np.stack([rgb[:half][cls[:half] == k].mean(0) for k in range(1, 5)])
+    pred = 1 + np.argmin(((rgb[half:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert (pred == cls[half:]).mean() < 0.45
+
+
+def test_build_synthetic_bundle_and_worker_seeding():
+    cfg = {"dataset": "synthetic", "num_classes": 5, "crop_size": 32,
+           "synthetic": {"num_labeled": 4, "num_unlabeled": 6, "num_val": 2, "size": 40, "seed": 1}}
+    bundle = build_datasets(cfg)
+    assert (len(bundle.labeled), len(bundle.unlabeled), len(bundle.val)) == (4, 6, 2)
+    assert bundle.val[0]["image"].shape == (3, 40, 40)
+
+    def first_batches(parent_seed: int) -> list[torch.Tensor]:
+        random.seed(parent_seed)  # must not leak into the workers: seed_worker reseeds them
+        np.random.seed(parent_seed)
+        g = torch.Generator()
+        g.manual_seed(123)
+        loader = DataLoader(bundle.unlabeled, batch_size=3, shuffle=True, num_workers=2, generator=g,
+                            worker_init_fn=seed_worker)
+        return [torch.cat([b["image_w"], b["image_s"], b["image_m"]]) for b in loader]
+
+    a, b = first_batches(0), first_batches(99)
+    assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="num_classes"):
+        build_datasets({**cfg, "num_classes": 12})
+
+
+def test_palette():
+    p = palette(21)
+    assert p.shape == (21, 3) and p.dtype == np.uint8
+    assert p[0].tolist() == [0, 0, 0] and p[1].tolist() == [128, 0, 0] and p[15].tolist() == [192, 128, 128]
+    assert palette(19, "cityscapes")[0].tolist() == [128, 64, 128]
+    assert len({tuple(c) for c in palette(256)}) == 256
