@@ -1,0 +1,132 @@
+"""csl.model: DeepLabV3+ shapes for OS 16 / 8, dilation patching, need_fp, param groups, local weights, SyncBN."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+from csl.model import DeepLabV3Plus, ResNetBackbone, build_model, convert_sync_bn
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_output_shapes(backbone, output_stride):
+    torch.manual_seed(0)
+    model = build_model({"backbone": backbone, "output_stride": output_stride, "dilations": [6, 12, 18]}, 7).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        c1, c4 = model.backbone(x)
+        out = model(x)
+    assert out.shape == (1, 7, 64, 48) and torch.isfinite(out).all()
+    assert c1.shape[-2:] == (16, 12)
+    assert c4.shape[-2:] == (64 // output_stride, 48 // output_stride)
+    assert c1.shape[1] == model.backbone.low_channels and c4.shape[1] == model.backbone.high_channels
+    # odd input sizes come back at the input resolution too
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 37, 53)).shape == (1, 7, 37, 53)
+
+
+@pytest.mark.parametrize("output_stride,flags", [(16, [False, False, True]), (8, [False, True, True])])
+def test_dilation_patch_matches_torchvision(output_stride, flags):
+    """Patched ResNet-50 has the strides / dilations / paddings of torchvision's replace_stride_with_dilation."""
+    ours = ResNetBackbone("resnet50", output_stride)
+    ref = models.resnet50(weights=None, replace_stride_with_dilation=flags)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        a = [m for m in getattr(ours, name).modules() if isinstance(m, nn.Conv2d)]
+        b = [m for m in getattr(ref, name).modules() if isinstance(m, nn.Conv2d)]
+        assert len(a) == len(b)
+        for ma, mb in zip(a, b, strict=True):
+            assert (ma.stride, ma.dilation, ma.padding) == (mb.stride, mb.dilation, mb.padding), name
+
+
+def test_resnet18_basic_block_dilation():
+    bb = ResNetBackbone("resnet18", 8)
+    convs = [m for m in bb.layer4.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [m.dilation[0] for m in convs] == [2, 2, 4, 4]  # first block keeps the previous stage's dilation
+    assert all(m.stride == (1, 1) for m in bb.layer3.modules() if isinstance(m, nn.Conv2d))
+    with pytest.raises(ValueError, match="output_stride"):
+        ResNetBackbone("resnet18", 4)
+    with pytest.raises(ValueError, match="backbone"):
+        ResNetBackbone("vgg16", 16)
+
+
+def test_need_fp():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(4, backbone="resnet18", output_stride=16)
+    x = torch.randn(2, 3, 48, 48)
+    model.train()
+    logits, logits_fp = model(x, need_fp=True)
+    assert logits.shape == logits_fp.shape == (2, 4, 48, 48)
+    assert not torch.allclose(logits, logits_fp)
+    (logits.mean() + logits_fp.mean()).backward()
+    assert model.classifier.weight.grad is not None and model.backbone.conv1.weight.grad is not None
+    # In eval mode BatchNorm uses running stats, so the clean half equals a plain forward pass.
+    model.eval()
+    with torch.no_grad():
+        clean, perturbed = model(x, need_fp=True)
+        assert torch.allclose(clean, model(x), atol=1e-5)
+        assert not torch.allclose(clean, perturbed)  # the perturbation stays on (UniMatch's Dropout2d(0.5))
+
+
+def test_param_groups():
+    model = DeepLabV3Plus(3, backbone="resnet18")
+    groups = model.param_groups(0.01, head_lr_mult=10.0)
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
+    backbone_ids = {id(p) for p in groups[0]["params"]}
+    head_ids = {id(p) for p in groups[1]["params"]}
+    assert backbone_ids == {id(p) for p in model.backbone.parameters()}
+    assert not backbone_ids & head_ids
+    assert backbone_ids | head_ids == {id(p) for p in model.parameters()}
+    assert id(model.classifier.weight) in head_ids
+    torch.optim.SGD(groups, lr=0.01, momentum=0.9)  # accepted by an optimizer as is
+
+
+def test_pretrained_weights_from_local_file(tmp_path, caplog):
+    torch.manual_seed(1)
+    ref = models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    model = build_model({"backbone": "resnet18", "pretrained": str(path)}, 5)
+    assert torch.equal(model.backbone.conv1.weight, ref.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
+    assert model.pretrained_report["missing"] == [] and model.pretrained_report["unexpected"] == []
+    assert model.pretrained_report["loaded"] == len(ref.state_dict()) - 2  # all but fc.weight / fc.bias
+
+    # A checkpoint wrapper with a DDP prefix, one extra and one missing key: loaded, and the keys reported.
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items() if k != "layer1.0.conv1.weight"}
+    sd["module.extra.weight"] = torch.zeros(3)
+    torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
+    with caplog.at_level(logging.WARNING, logger="csl"):
+        model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "wrapped.pth")}, 5)
+    assert model.pretrained_report["missing"] == ["layer1.0.conv1.weight"]
+    assert model.pretrained_report["unexpected"] == ["extra.weight"]
+    assert "layer1.0.conv1.weight" in caplog.text and "extra.weight" in caplog.text
+    assert torch.equal(model.backbone.layer2[0].conv1.weight, ref.layer2[0].conv1.weight)
+
+    with pytest.raises(FileNotFoundError, match="no_such_weights.pth"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "no_such_weights.pth")}, 5)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        build_model({"backbone": "resnet50", "pretrained": str(path)}, 5)
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no parameter"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "other.pth")}, 5)
+
+
+def test_convert_sync_bn_only_for_several_processes():
+    model = DeepLabV3Plus(3, backbone="resnet18")
+    assert convert_sync_bn(model) is model
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    converted = convert_sync_bn(model, world_size=2)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="dilations"):
+        build_model({"backbone": "resnet18", "dilations": [6, 12]}, 3)
+    with pytest.raises(TypeError, match="model_cfg"):
+        build_model(None, 3)
