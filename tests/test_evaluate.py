@@ -1,0 +1,220 @@
+"""csl.evaluate: mIoU through csl_kernels.confusion_matrix, eval modes, distributed sampler / all-reduce, PNGs."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from csl.evaluate import (
+    DistributedEvalSampler,
+    evaluate,
+    make_eval_loader,
+    predict_images,
+    sliding_window_scores,
+)
+
+
+class EncodedLabels(Dataset):
+    """Images whose channel 0 holds the class id (and channel 1 a second map); masks given explicitly."""
+
+    def __init__(self, images: list[torch.Tensor], masks: list[torch.Tensor]):
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "mask": self.masks[i], "name": f"item{i}"}
+
+
+class ReadChannel(nn.Module):
+    """Predicts the class id stored in channel ``channel`` of the input (one-hot logits)."""
+
+    def __init__(self, num_classes: int, channel: int = 0):
+        super().__init__()
+        self.num_classes, self.channel = num_classes, channel
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x[:, self.channel].round().long().clamp(0, self.num_classes - 1)
+        return F.one_hot(ids, self.num_classes).permute(0, 3, 1, 2).float() * 10 + self.dummy
+
+
+def _perfect_data(num_classes: int, sizes, seed: int = 0) -> EncodedLabels:
+    g = torch.Generator().manual_seed(seed)
+    images, masks = [], []
+    for h, w in sizes:
+        mask = torch.randint(0, num_classes, (h, w), generator=g)
+        image = torch.zeros(3, h, w)
+        image[0] = mask.float()
+        mask[torch.rand(h, w, generator=g) < 0.1] = 255  # ignored pixels: whatever is predicted there is skipped
+        images.append(image)
+        masks.append(mask)
+    return EncodedLabels(images, masks)
+
+
+@pytest.mark.parametrize("mode", ["original", "center_crop", "sliding_window"])
+def test_perfect_predictor_scores_one(mode):
+    data = _perfect_data(6, [(40, 52), (40, 52), (33, 47)])
+    result = evaluate(ReadChannel(6), DataLoader(data, batch_size=1), 6, mode=mode, crop_size=24, progress=False)
+    assert result["miou"] == 1.0 and result["pixel_acc"] == 1.0
+    assert result["iou"] == [1.0] * 6
+    conf = result["confusion"]
+    assert conf.dtype == torch.int64 and conf.shape == (6, 6)
+    assert torch.equal(conf, torch.diag(conf.diag()))
+    valid = sum(int((m != 255).sum()) for m in data.masks) if mode != "center_crop" else None
+    if valid is not None:
+        assert int(conf.sum()) == valid
+
+
+def test_known_confusion_for_a_hand_made_predictor():
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    pred = torch.tensor([[0, 1, 1], [2, 2, 0]])
+    image = torch.zeros(3, 2, 3)
+    image[0] = pred.float()
+    result = evaluate(ReadChannel(3), DataLoader(EncodedLabels([image], [target])), 3, progress=False)
+    assert result["confusion"].tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert result["iou"] == pytest.approx([1 / 2, 1 / 3, 1 / 2])
+    assert result["miou"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+    assert result["pixel_acc"] == pytest.approx(3 / 5)
+
+    # A class absent from targets and predictions has an undefined IoU and does not count in the mean.
+    result4 = evaluate(ReadChannel(4), DataLoader(EncodedLabels([image], [target])), 4, progress=False)
+    assert np.isnan(result4["iou"][3]) and result4["miou"] == pytest.approx(result["miou"])
+
+
+@pytest.mark.parametrize("num_classes,size,crop,ratio", [(4, (50, 70), 32, 2 / 3), (3, (20, 24), 32, 2 / 3),
+                                                          (7, (45, 33), 16, 0.5), (2, (32, 64), 32, 1.0)])
+def test_sliding_window_equals_original_for_a_per_pixel_model(num_classes, size, crop, ratio):
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, num_classes, 1)
+    image = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        full = model(image).argmax(1)
+        scores = sliding_window_scores(model, image, crop, ratio)
+    assert scores.shape == (2, num_classes, *size)
+    assert torch.equal(scores.argmax(1), full)
+    mask = full.clone()
+    mask[:, 0, :] = 255
+    data = EncodedLabels(list(image), list(mask))
+    a = evaluate(model, DataLoader(data, batch_size=2), num_classes, progress=False)
+    b = evaluate(model, DataLoader(data, batch_size=2), num_classes, mode="sliding_window", crop_size=crop,
+                 stride_ratio=ratio, progress=False)
+    assert torch.equal(a["confusion"], b["confusion"]) and a["miou"] == 1.0
+
+
+def test_sliding_window_covers_every_pixel():
+    """Every pixel is covered by at least one window (the probability sums are >= 1 everywhere)."""
+    model = nn.Conv2d(3, 3, 1)
+    for size in ((97, 131), (10, 100), (64, 64)):
+        with torch.no_grad():
+            scores = sliding_window_scores(model, torch.randn(1, 3, *size), 32)
+        assert (scores.sum(1) > 0.999).all()
+
+
+def test_evaluate_amp_modes_and_errors():
+    data = _perfect_data(5, [(24, 24)] * 2)
+    model = ReadChannel(5)
+    model.train()
+    result = evaluate(model, DataLoader(data), 5, amp_dtype=torch.bfloat16, progress=False)
+    assert result["miou"] == 1.0
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="mode"):
+        evaluate(model, DataLoader(data), 5, mode="tiles")
+    with pytest.raises(ValueError, match="crop_size"):
+        evaluate(model, DataLoader(data), 5, mode="sliding_window")
+    with pytest.raises(ValueError, match="outputs 5 classes"):
+        evaluate(model, DataLoader(data), 4, progress=False)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_distributed_eval_sampler_covers_each_sample_once(world_size):
+    for n in range(0, 14):
+        shares = [list(DistributedEvalSampler(n, num_replicas=world_size, rank=r)) for r in range(world_size)]
+        flat = [i for s in shares for i in s]
+        assert sorted(flat) == list(range(n))  # every sample exactly once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        assert [len(DistributedEvalSampler(n, world_size, r)) for r in range(world_size)] == list(map(len, shares))
+    with pytest.raises(ValueError, match="rank"):
+        DistributedEvalSampler(5, num_replicas=2, rank=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = nn.Conv2d(3, 4, 1)
+        data = _dist_data()
+        loader = make_eval_loader(data)
+        assert isinstance(loader.sampler, DistributedEvalSampler)
+        result = evaluate(model, loader, 4, progress=False)
+        out = {"confusion": result["confusion"], "seen": list(loader.sampler)}
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+        with pytest.raises(ValueError, match="DistributedEvalSampler"):
+            evaluate(model, DataLoader(data), 4, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dist_data() -> EncodedLabels:
+    g = torch.Generator().manual_seed(5)
+    images = [torch.randn(3, 9, 11, generator=g) for _ in range(5)]  # 5 samples over 2 ranks: uneven
+    masks = [torch.randint(0, 4, (9, 11), generator=g) for _ in range(5)]
+    return EncodedLabels(images, masks)
+
+
+def test_distributed_evaluate_all_reduces_without_duplicates(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)
+    single = evaluate(model, DataLoader(_dist_data()), 4, progress=False)
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    assert sorted(outs[0]["seen"] + outs[1]["seen"]) == list(range(5))
+    for out in outs:
+        assert torch.equal(out["confusion"], single["confusion"])
+
+
+def test_predict_images_writes_palette_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(20, 30), (17, 9)]):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 21, 1)
+    out = predict_images(model, paths, str(tmp_path / "pred"), num_classes=21, crop_size=16, mode="sliding_window",
+                         progress=False)
+    assert [os.path.basename(p) for p in out] == ["img0.png", "img1.png"]
+    from csl.data import palette
+    from csl.data.datasets import load_image
+    from csl.data.transforms import image_to_tensor, normalize
+
+    for src, dst in zip(paths, out, strict=True):
+        img = Image.open(dst)
+        assert img.mode == "P"
+        expected = model(normalize(image_to_tensor(load_image(src)), (0.485, 0.456, 0.406),
+                                   (0.229, 0.224, 0.225))[None]).argmax(1)[0].numpy()
+        assert np.array_equal(np.array(img), expected)
+        rgb = np.array(img.convert("RGB"))
+        assert np.array_equal(rgb, palette(21)[expected])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        predict_images(model, [str(tmp_path / "missing.png")], str(tmp_path / "pred"), num_classes=21)
