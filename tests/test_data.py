@@ -22,7 +22,7 @@ from csl.data import (
     write_synthetic_folder,
 )
 from csl.data.datasets import LabeledDataset, ListSource
-from csl.data.transforms import WeakAugment, image_to_tensor, labels_to_tensor
+from csl.data.transforms import WeakAugment, image_to_tensor, image_to_uint8, labels_to_tensor, to_float
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -269,8 +269,8 @@ def test_unlabeled_views_share_geometry():
         assert torch.all(raw[:, out["ignore"] == 255].abs() < 1e-6)  # padded pixels are black in every view
         # the GT mask follows the same geometry as the image
         random.seed(i)
-        img, lab = ds.weak(image_to_tensor(src.load(i)[0]), labels_to_tensor(src.load(i)[1]))
-        assert torch.equal(lab[0], out["mask"]) and torch.allclose(img, raw, atol=1e-5)
+        img, lab = ds.weak(image_to_uint8(src.load(i)[0]), labels_to_tensor(src.load(i)[1]))
+        assert torch.equal(lab[0], out["mask"]) and torch.allclose(to_float(img), raw, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -335,3 +335,27 @@ def test_palette():
     assert p[0].tolist() == [0, 0, 0] and p[1].tolist() == [128, 0, 0] and p[15].tolist() == [192, 128, 128]
     assert palette(19, "cityscapes")[0].tolist() == [128, 64, 128]
     assert len({tuple(c) for c in palette(256)}) == 256
+
+
+def test_weak_aug_equals_resize_then_pad_then_crop():
+    """The crop-restricted label gathering equals resizing the whole map (nearest-exact), padding and cropping."""
+    from csl.data.transforms import random_scaled_size, resize_image
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 37, 53), dtype=np.uint8))
+    labels = labels_to_tensor(rng.integers(0, 5, (37, 53), dtype=np.uint8), np.zeros((37, 53), dtype=np.uint8))
+    aug = WeakAugment(48, 255, (0.5, 2.0), flip_p=0.0)
+    for seed in range(12):
+        random.seed(seed)
+        img, lab = aug(image, labels)
+        random.seed(seed)
+        oh, ow = random_scaled_size(37, 53, (0.5, 2.0))
+        ref_img = resize_image(image, (oh, ow))
+        ref_lab = torch.nn.functional.interpolate(labels[None].float(), size=(oh, ow), mode="nearest-exact")[0]
+        ph, pw = max(48 - oh, 0), max(48 - ow, 0)
+        ref_img = torch.nn.functional.pad(ref_img, (0, pw, 0, ph), value=0)
+        ref_lab = torch.nn.functional.pad(ref_lab, (0, pw, 0, ph), value=255).long()
+        x, y = random.randint(0, ow + pw - 48), random.randint(0, oh + ph - 48)
+        assert torch.equal(img, ref_img[:, y:y + 48, x:x + 48])
+        assert torch.equal(lab, ref_lab[:, y:y + 48, x:x + 48])
+        assert lab.dtype == torch.int64 and img.dtype == torch.uint8

@@ -21,7 +21,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import ColorAugment, WeakAugment, image_to_tensor, labels_to_tensor, normalize
+from .transforms import (
+    ColorAugment,
+    WeakAugment,
+    image_to_tensor,
+    image_to_uint8,
+    labels_to_tensor,
+    normalize,
+    to_float,
+)
 
 SplitItems = list[tuple[str, str | None]]
 
@@ -271,8 +279,8 @@ class LabeledDataset(_View):
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self.source.load(index)
-        img, labels = self.weak(image_to_tensor(image), labels_to_tensor(mask))
-        return {"image": normalize(img, self.mean, self.std), "mask": labels[0]}
+        img, labels = self.weak(image_to_uint8(image), labels_to_tensor(mask))
+        return {"image": normalize(to_float(img), self.mean, self.std), "mask": labels[0]}
 
 
 class UnlabeledDataset(_View):
@@ -290,7 +298,8 @@ class UnlabeledDataset(_View):
         image, mask = self.source.load(index)
         h, w = image.shape[:2]
         gt = np.full((h, w), self.ignore_index, dtype=np.int64) if mask is None else mask
-        img, labels = self.weak(image_to_tensor(image), labels_to_tensor(gt, np.zeros((h, w), dtype=np.int64)))
+        img, labels = self.weak(image_to_uint8(image), labels_to_tensor(gt, np.zeros((h, w), dtype=gt.dtype)))
+        img = to_float(img)
         return {
             "image_w": normalize(img, self.mean, self.std),
             "image_s": normalize(self.strong(img), self.mean, self.std),

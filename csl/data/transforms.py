@@ -21,67 +21,64 @@ from torchvision.transforms import functional as TF
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 array -> float32 ``3 x H x W`` tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return to_float(image_to_uint8(image))
+
+
+def image_to_uint8(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 array -> uint8 ``3 x H x W`` view with channels-last strides (no copy): the layout in
+    which torch resizes uint8 images fastest."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 image -> contiguous float32 in [0, 1] (float input is returned contiguous, unchanged)."""
+    if image.dtype == torch.uint8:
+        return image.float().div_(255.0).contiguous()
+    return image.contiguous()
 
 
 def labels_to_tensor(*maps: np.ndarray) -> torch.Tensor:
-    """Stack ``H x W`` integer maps into an int64 ``K x H x W`` tensor."""
-    return torch.stack([torch.from_numpy(np.asarray(m).astype(np.int64, copy=False)) for m in maps])
+    """Stack ``H x W`` integer maps into a ``K x H x W`` tensor (uint8 when they fit, else int64)."""
+    arr = np.stack([np.asarray(m) for m in maps])
+    if arr.dtype not in (np.uint8, np.int16, np.int32, np.int64):
+        arr = arr.astype(np.int64)
+    return torch.from_numpy(arr)
 
 
-def resize(image: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear (antialiased when shrinking) image, nearest label maps; both use half-pixel centres, so they stay
-    aligned."""
-    h, w = size
-    img = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-    lab = F.interpolate(labels[None].float(), size=(h, w), mode="nearest-exact")[0].long()
-    return img.clamp_(0.0, 1.0), lab
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (antialiased when shrinking, half-pixel centres) of a uint8 or float ``3 x H x W`` image."""
+    if image.dtype == torch.uint8:
+        x = image[None].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return out.clamp_(0.0, 1.0)
 
 
-def random_scale(image: torch.Tensor, labels: torch.Tensor, ratio_range: Sequence[float] = (0.5, 2.0)
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale so the long side is a uniform random integer in ``[L * lo, L * hi]`` (aspect ratio kept)."""
-    h, w = image.shape[-2:]
-    long_side = max(h, w)
-    new_long = random.randint(int(long_side * ratio_range[0]), int(long_side * ratio_range[1]))
+def nearest_index(out_len: int, in_len: int) -> torch.Tensor:
+    """Source index of each output position for nearest resizing with half-pixel centres (PIL's NEAREST,
+    torch's ``nearest-exact``): the same geometry as :func:`resize_image`, so masks stay aligned."""
+    idx = ((torch.arange(out_len, dtype=torch.float64) + 0.5) * (in_len / out_len)).floor().long()
+    return idx.clamp_(0, in_len - 1)
+
+
+def random_scaled_size(h: int, w: int, ratio_range: Sequence[float] = (0.5, 2.0)) -> tuple[int, int]:
+    """UniMatch's rescale: the long side becomes a uniform random integer in ``[L * lo, L * hi]``, aspect kept."""
+    long_side = random.randint(int(max(h, w) * ratio_range[0]), int(max(h, w) * ratio_range[1]))
     if h > w:
-        oh, ow = new_long, int(w * new_long / h + 0.5)
+        oh, ow = long_side, int(w * long_side / h + 0.5)
     else:
-        ow, oh = new_long, int(h * new_long / w + 0.5)
-    return resize(image, labels, (max(oh, 1), max(ow, 1)))
-
-
-def pad_to(image: torch.Tensor, labels: torch.Tensor, size: int, label_fill: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad right / bottom to at least ``size x size``: image with 0 (black, before normalisation), labels with
-    ``label_fill``."""
-    h, w = image.shape[-2:]
-    ph, pw = max(size - h, 0), max(size - w, 0)
-    if ph == 0 and pw == 0:
-        return image, labels
-    image = F.pad(image, (0, pw, 0, ph), value=0.0)
-    labels = F.pad(labels, (0, pw, 0, ph), value=label_fill)
-    return image, labels
-
-
-def random_crop(image: torch.Tensor, labels: torch.Tensor, size: int, label_fill: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    image, labels = pad_to(image, labels, size, label_fill)
-    h, w = image.shape[-2:]
-    x = random.randint(0, w - size)
-    y = random.randint(0, h - size)
-    return image[:, y:y + size, x:x + size], labels[:, y:y + size, x:x + size]
-
-
-def random_hflip(image: torch.Tensor, labels: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    if random.random() < p:
-        return image.flip(-1), labels.flip(-1)
-    return image, labels
+        ow, oh = long_side, int(h * long_side / w + 0.5)
+    return max(oh, 1), max(ow, 1)
 
 
 class WeakAugment:
-    """Random scale (long side x [0.5, 2.0]) -> random crop ``size`` (pad: image 0, labels ``label_fill``) ->
-    horizontal flip (p = 0.5)."""
+    """Random scale (long side x [0.5, 2.0]) -> random ``size`` crop (padding right / bottom: image 0, labels
+    ``label_fill``) -> horizontal flip (p = 0.5).
+
+    ``image``: ``3 x H x W`` uint8 (fast path) or float; ``labels``: ``K x H x W`` integer maps. Returns the image in
+    its input dtype and int64 labels. Label maps are resized by nearest-index gathering restricted to the crop
+    window, which equals resizing the whole map and cropping, without materialising the resized map.
+    """
 
     def __init__(self, size: int, label_fill: int, scale_range: Sequence[float] = (0.5, 2.0), flip_p: float = 0.5):
         if not isinstance(size, int) or size < 1:
@@ -92,9 +89,28 @@ class WeakAugment:
         self.size, self.label_fill, self.scale_range, self.flip_p = size, label_fill, (lo, hi), flip_p
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = random_scale(image, labels, self.scale_range)
-        image, labels = random_crop(image, labels, self.size, self.label_fill)
-        image, labels = random_hflip(image, labels, self.flip_p)
+        size, fill = self.size, self.label_fill
+        h, w = image.shape[-2:]
+        if labels.shape[-2:] != (h, w):
+            raise ValueError(f"labels are {tuple(labels.shape[-2:])} but the image is {(h, w)} (H x W)")
+        oh, ow = random_scaled_size(h, w, self.scale_range)
+        image = resize_image(image, (oh, ow))
+        ph, pw = max(size - oh, 0), max(size - ow, 0)
+        x = random.randint(0, ow + pw - size)
+        y = random.randint(0, oh + ph - size)
+        if ph or pw:
+            image = F.pad(image, (0, pw, 0, ph), value=0)
+        image = image[:, y:y + size, x:x + size]
+
+        if labels.dtype == torch.uint8 and not 0 <= fill <= 255:
+            labels = labels.long()
+        labels = F.pad(labels, (0, 1, 0, 1), value=fill)  # index h / w = the padding value
+        rows = torch.cat([nearest_index(oh, h), torch.full((ph,), h, dtype=torch.long)])[y:y + size]
+        cols = torch.cat([nearest_index(ow, w), torch.full((pw,), w, dtype=torch.long)])[x:x + size]
+        labels = labels[:, rows][:, :, cols].long()
+
+        if random.random() < self.flip_p:
+            image, labels = image.flip(-1), labels.flip(-1)
         return image.contiguous(), labels.contiguous()
 
 
