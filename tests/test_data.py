@@ -359,3 +359,20 @@ def test_weak_aug_equals_resize_then_pad_then_crop():
         assert torch.equal(img, ref_img[:, y:y + 48, x:x + 48])
         assert torch.equal(lab, ref_lab[:, y:y + 48, x:x + 48])
         assert lab.dtype == torch.int64 and img.dtype == torch.uint8
+
+
+def test_scan_folder_and_write_split_roundtrip(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    from csl.data import scan_folder, write_split
+
+    items = scan_folder(info["root"])
+    assert len(items) == 4 and all(m == f"masks/{os.path.basename(i)}" for i, m in items)
+    write_split(str(tmp_path / "lists" / "all.txt"), items)
+    assert read_split(str(tmp_path / "lists" / "all.txt")) == items
+    src = ListSource(info["root"], str(tmp_path / "lists" / "all.txt"), 5, 255)
+    assert src.validate(progress=False)["num_items"] == 4
+    assert all(m is None for _, m in scan_folder(info["root"], masks=None))
+    os.remove(os.path.join(info["root"], items[0][1]))
+    with pytest.raises(FileNotFoundError, match=items[0][1]):
+        scan_folder(info["root"])

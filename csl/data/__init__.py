@@ -30,6 +30,8 @@ from .datasets import (
     ValDataset,
     check_label_values,
     read_split,
+    scan_folder,
+    write_split,
 )
 from .synthetic import MAX_CLASSES, SyntheticSource, generate_scenes, write_synthetic_folder
 
@@ -51,7 +53,9 @@ __all__ = [
     "generate_scenes",
     "palette",
     "read_split",
+    "scan_folder",
     "seed_worker",
+    "write_split",
     "write_synthetic_folder",
 ]
 

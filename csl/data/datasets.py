@@ -57,6 +57,44 @@ def read_split(path: str) -> SplitItems:
     return items
 
 
+def write_split(path: str, items: SplitItems) -> None:
+    """Write ``items`` as a UniMatch-format split file (``img_path [mask_path]`` per line)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for img, mask in items:
+            if any(c.isspace() for c in img + (mask or "")):
+                raise ValueError(f"paths in split files cannot contain whitespace: {img!r} {mask!r}")
+            f.write(f"{img} {mask}\n" if mask is not None else f"{img}\n")
+
+
+def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
+                extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")) -> SplitItems:
+    """Pair ``<root>/<images>/**/<stem>.<ext>`` with ``<root>/<masks>/**/<stem>.png`` (same sub-path) for the
+    generic folder dataset. With ``masks=None`` (unlabelled data) every item has no mask. An image without a mask
+    is an error naming it."""
+    img_dir = os.path.join(root, images)
+    if not os.path.isdir(img_dir):
+        raise FileNotFoundError(f"image folder not found: {os.path.abspath(img_dir)}")
+    items: SplitItems = []
+    for dirpath, _, files in sorted(os.walk(img_dir)):
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in extensions:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if masks is None:
+                items.append((rel, None))
+                continue
+            sub = os.path.relpath(os.path.join(dirpath, os.path.splitext(name)[0] + ".png"), img_dir)
+            mask_rel = os.path.join(masks, sub)
+            if not os.path.isfile(os.path.join(root, mask_rel)):
+                raise FileNotFoundError(f"no mask for image {os.path.join(root, rel)}: expected "
+                                        f"{os.path.join(root, mask_rel)}")
+            items.append((rel, mask_rel))
+    if not items:
+        raise ValueError(f"no images with extensions {tuple(extensions)} under {img_dir}")
+    return items
+
+
 def check_label_values(mask: np.ndarray, num_classes: int, ignore_index: int, path: str, hint: str = "") -> None:
     """Raise ValueError naming ``path`` when ``mask`` holds a value outside ``[0, num_classes)`` other than
     ``ignore_index``."""
