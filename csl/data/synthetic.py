@@ -14,11 +14,11 @@ Each scene is a textured, shaded background with clutter (thin lines and small b
  5    cross       noise
 ====  ==========  ====================
 
-Colours are drawn from one distribution for every class (colour alone tells nothing), an object wears its class's
-preferred texture only half of the time (texture is a weak cue), sizes, aspect ratios and rotations vary, and the
-whole image gets a random brightness / contrast change and pixel noise. Telling a disk from a ring or a rectangle
-from a cross under occlusion needs context beyond a few pixels, which is what a few labelled images teach poorly
-and unlabelled images help with.
+Colours are drawn from one distribution for every class (colour alone tells nothing); an object wears its
+class's preferred texture three times out of four (a strong but imperfect local cue); sizes, aspect ratios and
+rotations vary; the whole image gets a random brightness / contrast change and pixel noise. Telling a disk from a
+ring or a rectangle from a cross when the texture misleads, or under occlusion, needs context beyond a few pixels,
+which a few labelled images teach poorly and unlabelled images help with.
 
 Scene ``i`` of split ``s`` depends only on ``(seed, s, i)``, so lists of different lengths share their prefixes.
 """
@@ -36,6 +36,8 @@ TEXTURES = ("flat", "stripes", "checker", "dots", "noise")
 CLASS_NAMES = ("background",) + SHAPES
 MAX_CLASSES = len(CLASS_NAMES)
 SPLIT_CODES = {"labeled": 0, "unlabeled": 1, "val": 2}
+# How often an object wears its class's texture (else a random one): a strong but imperfect local cue.
+PREFERRED_TEXTURE_P = 0.75
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -70,7 +72,7 @@ def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray
 
 
 def _shape_mask(rng: np.random.Generator, shape: str, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
-    r = rng.uniform(0.10, 0.22) * size
+    r = rng.uniform(0.12, 0.24) * size
     cy, cx = rng.uniform(0.1 * size, 0.9 * size, 2)
     theta = rng.uniform(0, 2 * np.pi)
     dy, dx = yy - cy, xx - cx
@@ -114,10 +116,10 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_classes: int =
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c1 * (1 - t[..., None]) + c2 * t[..., None]
     img += 0.12 * _smooth_noise(rng, size, 4)[..., None] * rng.uniform(0.5, 1.0, 3).astype(np.float32)
-    if rng.random() < 0.5:
-        img += rng.uniform(0.03, 0.12) * _texture(rng, str(rng.choice(TEXTURES[1:])), yy, xx)[..., None]
+    if rng.random() < 0.3:
+        img += rng.uniform(0.02, 0.08) * _texture(rng, str(rng.choice(TEXTURES[1:])), yy, xx)[..., None]
     # Clutter labelled background: thin lines and small blobs.
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(0, 4))):
         phi, off = rng.uniform(0, np.pi), rng.uniform(0, size)
         dist = np.abs(np.cos(phi) * (xx - size / 2) + np.sin(phi) * (yy - size / 2) - (off - size / 2))
         img[dist <= rng.uniform(0.5, 1.8)] = rng.uniform(0, 1, 3)
@@ -131,9 +133,9 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_classes: int =
         region = _shape_mask(rng, SHAPES[cls - 1], yy, xx, size)
         if not region.any():
             continue
-        kind = TEXTURES[cls - 1] if rng.random() < 0.5 else str(rng.choice(TEXTURES))
+        kind = TEXTURES[cls - 1] if rng.random() < PREFERRED_TEXTURE_P else str(rng.choice(TEXTURES))
         colour = rng.uniform(0.05, 0.95, 3).astype(np.float32)
-        pattern = rng.uniform(0.1, 0.3) * _texture(rng, kind, yy, xx)
+        pattern = rng.uniform(0.15, 0.35) * _texture(rng, kind, yy, xx)
         g = rng.uniform(-1, 1, 2)
         shade = 0.1 * (g[0] * (xx - xx[region].mean()) + g[1] * (yy - yy[region].mean())) / size
         obj = colour + (pattern + shade)[..., None]
