@@ -1,0 +1,204 @@
+"""Builds (on first use) and loads the C++/CUDA extension of ``csrc/`` that defines the ``torch.ops.csl`` ops.
+
+The build uses ``torch.utils.cpp_extension.load`` with ninja and is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (or
+``~/.cache/torch_extensions/<python>_<torch>/<name>``); the name carries a hash of every file in ``csrc/`` and of the
+build configuration, so a changed source (or header) means a fresh build. The CUDA part is compiled whenever torch is a
+CUDA build and ``nvcc`` is found (``CUDA_HOME``), also without a GPU: for ``TORCH_CUDA_ARCH_LIST`` if set, else for
+the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs, ``CSL_BUILD_VERBOSE=1`` shows the
+compiler output, ``CSL_EXT_CUDA=0`` builds the CPU part only. The ``nvidia/*/include`` folders of pip-installed
+NVIDIA wheels are added to the include path.
+
+A build happens at most once per process; a failure is remembered, written to ``build.log`` in the build folder and
+reported by :func:`unavailable_reason` (with the compiler's last lines), so ``backend="auto"`` falls back to the
+reference while a backend asked for by name raises.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._ext_sources import csrc_dir, extension_sources, source_hash
+
+log = logging.getLogger("csl_kernels")
+
+DEFAULT_CUDA_ARCH = "9.0"
+_TAIL_LINES = 15
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What was loaded: ``with_cuda`` tells whether the CUDA kernels are in the library."""
+
+    library: str
+    with_cuda: bool
+    cuda_arch_list: str | None
+    built: bool  # False when a cached or ahead-of-time build was loaded
+
+
+class ExtensionBuildError(RuntimeError):
+    pass
+
+
+_lock = threading.Lock()
+_info: BuildInfo | None = None
+_error: str | None = None
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit: ``$CUDA_HOME`` / ``$CUDA_PATH``, torch's guess, or /usr/local/cuda; it must hold nvcc and
+    the runtime headers (torch's guess from a ``nvcc`` wrapper script in /usr/local/bin can be /usr/local)."""
+    from torch.utils import cpp_extension
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
+
+
+def cuda_build_plan() -> tuple[bool, str | None, str]:
+    """``(with_cuda, arch_list, why)``: whether the CUDA part is built, for which archs, and a one-line reason."""
+    if os.environ.get("CSL_EXT_CUDA", "1") == "0":
+        return False, None, "CSL_EXT_CUDA=0"
+    if torch.version.cuda is None:
+        return False, None, "torch is not a CUDA build"
+    if _cuda_home() is None:
+        return False, None, "nvcc not found (set CUDA_HOME)"
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not arch:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            arch = ";".join(f"{major}.{minor}" for major, minor in caps)
+        else:
+            arch = DEFAULT_CUDA_ARCH
+    return True, arch, f"nvcc in {_cuda_home()}"
+
+
+def _nvidia_wheel_includes() -> list[str]:
+    paths = []
+    for entry in sys.path:
+        paths.extend(sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include"))))
+    return [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
+
+
+def _build_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    cuda = torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}_cu{cuda}"
+    return Path.home() / ".cache" / "torch_extensions" / tag
+
+
+def _aot_library(src_hash: str | None, with_cuda: bool) -> str | None:
+    """The ahead-of-time build from ``CSL_BUILD_EXT=1 pip install``, if it matches the current sources."""
+    here = Path(__file__).resolve().parent
+    meta = here / "_C_build.json"
+    libs = sorted(here.glob("_C*.so"))
+    if not libs or not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    if src_hash is not None and info.get("source_hash") != src_hash:
+        return None  # sources changed since (editable checkout): build on the fly instead
+    if with_cuda and not info.get("with_cuda"):
+        return None
+    return str(libs[0])
+
+
+def _tail(text: str, lines: int = _TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _build() -> BuildInfo:
+    root = csrc_dir()
+    if root is None or not root.is_dir():
+        raise ExtensionBuildError(f"the extension sources (csrc/) were not found (looked for {root})")
+    with_cuda, arch, why = cuda_build_plan()
+    src_hash = source_hash(root)
+    if os.environ.get("CSL_EXT_SOURCE_DIR") is None:
+        aot = _aot_library(src_hash, with_cuda)
+        if aot is not None:
+            torch.ops.load_library(aot)
+            meta = json.loads((Path(aot).parent / "_C_build.json").read_text())
+            return BuildInfo(aot, bool(meta.get("with_cuda")), meta.get("cuda_arch_list"), built=False)
+    config = json.dumps([src_hash, with_cuda, arch, torch.__version__, sys.version_info[:2]])
+    name = "csl_ext_" + hashlib.sha256(config.encode()).hexdigest()[:12]
+    build_dir = _build_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
+    what = f"CPU + CUDA for arch {arch}" if with_cuda else f"CPU only ({why})"
+    cached = library.is_file()
+    print(f"csl_kernels: {'loading' if cached else 'building'} the C++ extension ({what}) in {build_dir}",
+          file=sys.stderr, flush=True)
+    verbose = os.environ.get("CSL_BUILD_VERBOSE") == "1"
+    includes = [str(root)] + (_nvidia_wheel_includes() if with_cuda else [])
+    from torch.utils import cpp_extension
+
+    old_arch, old_home = os.environ.get("TORCH_CUDA_ARCH_LIST"), cpp_extension.CUDA_HOME
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        cpp_extension.CUDA_HOME = _cuda_home()
+    log_path = build_dir / "build.log"
+    try:
+        path = cpp_extension.load(
+            name=name,
+            sources=extension_sources(root, with_cuda),
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
+            extra_include_paths=includes,
+            build_directory=str(build_dir),
+            verbose=verbose,
+            with_cuda=with_cuda,
+            is_python_module=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - turned into a build error with the log path
+        log_path.write_text(f"{type(exc).__name__}: {exc}\n")
+        raise ExtensionBuildError(
+            f"building the csl C++ extension ({what}) failed; full log: {log_path}\nlast lines:\n{_tail(str(exc))}"
+        ) from exc
+    finally:
+        if with_cuda:
+            cpp_extension.CUDA_HOME = old_home
+            if old_arch is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    return BuildInfo(str(path or library), with_cuda, arch if with_cuda else None, built=not cached)
+
+
+def load() -> BuildInfo:
+    """Build (once per process) and load the extension; raises :class:`ExtensionBuildError` with the reason."""
+    global _info, _error
+    with _lock:
+        if _info is not None:
+            return _info
+        if _error is not None:
+            raise ExtensionBuildError(_error)
+        try:
+            _info = _build()
+        except Exception as exc:  # noqa: BLE001 - remembered so a failed build is not retried in this process
+            _error = str(exc)
+            log.warning("csl_kernels: %s", _error)
+            raise ExtensionBuildError(_error) from exc
+        return _info
+
+
+def unavailable_reason() -> str | None:
+    """None when the extension is loaded (building it if needed), else why it cannot be."""
+    try:
+        load()
+    except ExtensionBuildError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,42 @@
+"""Where the C++/CUDA sources of the extension live and which files it compiles.
+
+Standard library only: ``setup.py`` loads this file by path (without importing torch or the package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+SOURCE_DIR_ENV = "CSL_EXT_SOURCE_DIR"
+_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+
+
+def csrc_dir() -> Path | None:
+    """The ``csrc`` folder: ``$CSL_EXT_SOURCE_DIR``, else the copy shipped in the package, else the repository's."""
+    override = os.environ.get(SOURCE_DIR_ENV)
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "csl_math.h").is_file():
+            return candidate
+    return None
+
+
+def extension_sources(root: Path, with_cuda: bool) -> list[str]:
+    """Op schemas (``root/*.cpp``), CPU kernels (``root/cpu/*.cpp``) and, with CUDA, ``root/cuda/*.cu``."""
+    files = sorted(root.glob("*.cpp")) + sorted(root.glob("cpu/*.cpp"))
+    if with_cuda:
+        files += sorted(root.glob("cuda/*.cu"))
+    return [str(f) for f in files]
+
+
+def source_hash(root: Path) -> str:
+    """Hash of every source and header under ``root`` (a change in any of them means a rebuild)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

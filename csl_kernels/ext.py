@@ -1,0 +1,158 @@
+"""The ``"cpu"`` and ``"cuda"`` backends: the ``torch.ops.csl`` ops of the C++/CUDA extension in ``csrc/``.
+
+Importing this module registers the implementations and the availability checks; the extension itself is built and
+loaded (see :mod:`csl_kernels._ext`) the first time a check runs. Fake (meta) kernels and the autograd formula of the
+weighted cross-entropy are registered in Python once the library is loaded, so the ops work under
+``torch.compile`` and pass ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import _ext
+from ._backends import register, register_availability
+
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _feature_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd of the C++ ops (once, after the library is loaded)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+
+        @torch.library.register_fake("csl::residual_features")
+        def _(logits, valid, log_confidence):
+            b, _, h, w = logits.shape
+            dt = _feature_dtype(logits)
+            return (logits.new_empty((b, h, w), dtype=dt), logits.new_empty((b, h, w), dtype=dt),
+                    logits.new_empty((b, h, w), dtype=torch.long))
+
+        @torch.library.register_fake("csl::pcos_weights")
+        def _(logits, valid, alpha, log_confidence, class_groups):
+            b, c, h, w = logits.shape
+            g = b * c if class_groups else b
+            f64, i64 = torch.float64, torch.long
+            return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
+                    logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
+                    logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
+                    logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
+                    logits.new_empty((b,), dtype=i64))
+
+        @torch.library.register_fake("csl::trusted_mask")
+        def _(images, cells, reliable, fill):
+            b, _, h, w = images.shape
+            return torch.empty_like(images), reliable.new_empty((b, h, w))
+
+        @torch.library.register_fake("csl::weighted_cross_entropy")
+        def _(logits, label, weight, valid):
+            b, _, h, w = logits.shape
+            dt = _feature_dtype(logits)
+            return logits.new_empty((), dtype=dt), logits.new_empty((b, h, w), dtype=dt)
+
+        @torch.library.register_fake("csl::weighted_cross_entropy_backward")
+        def _(grad_loss, logits, label, weight, valid, lse):
+            return torch.empty_like(logits)
+
+        @torch.library.register_fake("csl::confusion_matrix")
+        def _(pred, target, num_classes, ignore_index):
+            return pred.new_empty((num_classes, num_classes), dtype=torch.long)
+
+        def setup_context(ctx, inputs, output):
+            logits, label, weight, valid = inputs
+            ctx.save_for_backward(logits, label, weight, valid, output[1])
+
+        def backward(ctx, grad_loss, grad_lse):
+            # lse is an auxiliary output for this backward pass; gradients flowing into it are not propagated.
+            logits, label, weight, valid, lse = ctx.saved_tensors
+            grad = None
+            if ctx.needs_input_grad[0] and grad_loss is not None:
+                grad = torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse)
+            return grad, None, None, None
+
+        torch.library.register_autograd("csl::weighted_cross_entropy", backward, setup_context=setup_context)
+        _registered = True
+
+
+def load() -> _ext.BuildInfo:
+    """Build/load the extension and register its Python parts; raises ``ExtensionBuildError`` on failure."""
+    info = _ext.load()
+    _register_python_parts()
+    return info
+
+
+def _check_cpu(device: torch.device) -> str | None:
+    try:
+        load()
+    except _ext.ExtensionBuildError as exc:
+        return str(exc)
+    return None
+
+
+def _check_cuda(device: torch.device) -> str | None:
+    reason = _check_cpu(device)
+    if reason is not None:
+        return reason
+    info = _ext.load()
+    if not info.with_cuda:
+        return f"the C++ extension was built without its CUDA part ({_ext.cuda_build_plan()[2]})"
+    return None
+
+
+register_availability("cpu", _check_cpu)
+register_availability("cuda", _check_cuda)
+
+
+@register("residual_features", "cpu")
+@register("residual_features", "cuda")
+def residual_features_ext(
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(f0, v, label)``; float32 features (float64 for float64 logits), int64 labels; invalid pixels give 0."""
+    f0, v, label = torch.ops.csl.residual_features(logits, valid, log_confidence)
+    return f0, v, label
+
+
+@register("pcos_weights", "cpu")
+@register("pcos_weights", "cuda")
+def pcos_weights_ext(
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+) -> tuple[torch.Tensor, ...]:
+    """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
+    return tuple(torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence), bool(class_groups)))
+
+
+@register("trusted_mask", "cpu")
+@register("trusted_mask", "cuda")
+def trusted_mask_ext(
+    images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masked images, cover)`` with ``cover = up(cells) & reliable``."""
+    masked, cover = torch.ops.csl.trusted_mask(images, cells, reliable, float(fill))
+    return masked, cover
+
+
+@register("weighted_cross_entropy", "cpu")
+@register("weighted_cross_entropy", "cuda")
+def weighted_cross_entropy_ext(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits``."""
+    return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
+
+
+@register("confusion_matrix", "cpu")
+@register("confusion_matrix", "cuda")
+def confusion_matrix_ext(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+                         ) -> torch.Tensor:
+    """``num_classes x num_classes`` int64 counts (rows = target)."""
+    return torch.ops.csl.confusion_matrix(pred, target, int(num_classes), int(ignore_index))

@@ -1,0 +1,41 @@
+// Checks and per-pixel math of the weighted cross-entropy, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "csl_common.h"
+
+namespace csl {
+
+inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& label, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& valid, bool cuda, const char* op) {
+  check_logits(logits, op);
+  check_device(logits, "logits", cuda, op);
+  check_pixel_map(label, "label", logits, op);
+  TORCH_CHECK(at::isIntegralType(label.scalar_type(), /*includeBool=*/false), op,
+              ": label must be an integer tensor, got ", label.scalar_type());
+  check_pixel_map(weight, "weight", logits, op);
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": weight must be a floating tensor, got ",
+              weight.scalar_type());
+  check_valid(valid, logits, op);
+}
+
+// log-sum-exp of one pixel's C logits at z[0], z[stride], ... (max-shifted, in acc_t).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t pixel_logsumexp(const scalar_t* z, int64_t stride, int64_t num_classes) {
+  acc_t z_max = static_cast<acc_t>(z[0]);
+  for (int64_t k = 1; k < num_classes; ++k) {
+    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+    z_max = zk > z_max ? zk : z_max;
+  }
+  acc_t sum = 0;
+  for (int64_t k = 0; k < num_classes; ++k) {
+    sum += std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+  }
+  return z_max + std::log(sum);
+}
+
+}  // namespace csl

@@ -1,0 +1,169 @@
+// Per-pixel and per-group math shared by the CPU and CUDA kernels (docs/selection.md is the contract).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace csl {
+
+constexpr double kEps = 1e-8;
+constexpr double kRankOneRtol = 1e-12;
+constexpr double kTiny = 2.2250738585072014e-308;  // smallest normal double (torch.finfo(float64).tiny)
+
+// Statistics accumulated per group and chunk (phase A of PCOS): valid count and the raw sums of the features.
+constexpr int kGramStats = 6;  // n, sum x, sum y, sum xx, sum xy, sum yy
+// Statistics accumulated per group, cluster and chunk (phase B): count and sums of the shifted features.
+constexpr int kClusterStats = 5;  // n, sum dx, sum dy, sum dx^2, sum dy^2 (d = feature - group mean)
+constexpr int kGroupParams = 9;  // shift x, shift y, u1 (2), u2 (2), s1, s2, rank_one
+constexpr int kWeightParams = 4;  // mu x, mu y, sd x, sd y of the reliable cluster
+
+template <typename acc_t>
+struct PixelFeatures {
+  acc_t f0;
+  acc_t v;
+  int64_t label;
+  bool finite;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool is_finite(acc_t x) {
+  return x - x == acc_t(0);  // false for NaN and +-inf (no fast-math in these builds)
+}
+
+// f0 (pmax or log pmax), residual dispersion v and pseudo-label of one pixel whose C logits lie at
+// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, int64_t stride, int64_t num_classes,
+                                                           bool log_confidence) {
+  acc_t z_max = static_cast<acc_t>(z[0]);
+  int64_t label = 0;
+  bool finite = is_finite(z_max);
+  for (int64_t k = 1; k < num_classes; ++k) {
+    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+    finite = finite && is_finite(zk);
+    if (zk > z_max) {  // strict: ties keep the lowest index
+      z_max = zk;
+      label = k;
+    }
+  }
+  if (!finite) {
+    return {acc_t(0), acc_t(0), 0, false};
+  }
+  // R = sum of exp(z_k - z_max) over the non-max classes; r = R / (1 + R) never cancels (1 - pmax would).
+  acc_t big_r = 0;
+  for (int64_t k = 0; k < num_classes; ++k) {
+    if (k != label) {
+      big_r += std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+    }
+  }
+  const acc_t inv = acc_t(1) / (acc_t(1) + big_r);
+  const acc_t r = big_r * inv;
+  const acc_t others = static_cast<acc_t>(num_classes - 1);
+  const acc_t m = r / others;
+  // Second pass: population variance of the residual probabilities around their mean.
+  acc_t sum_sq = 0;
+  for (int64_t k = 0; k < num_classes; ++k) {
+    if (k != label) {
+      const acc_t d = std::exp(static_cast<acc_t>(z[k * stride]) - z_max) * inv - m;
+      sum_sq += d * d;
+    }
+  }
+  const acc_t var = sum_sq / others;
+  const acc_t g = others * others / (acc_t(2) * (r + static_cast<acc_t>(kEps)));
+  const acc_t f0 = log_confidence ? -std::log1p(big_r) : inv;
+  return {f0, -g * var, label, true};
+}
+
+// Closed-form eigen-decomposition of the Gram matrix [[a, b], [b, c]] (mirrors closed_form_eigen of the reference)
+// and the per-group parameters of the cluster assignment. out: kGroupParams values; eigen: lambda_1, lambda_2.
+C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* out, double* eigen) {
+  const double n = sums[0];
+  const double a = sums[3], b = sums[4], c = sums[5];
+  const double half_trace = 0.5 * (a + c);
+  const double half_diff = 0.5 * (a - c);
+  const double radius = std::sqrt(half_diff * half_diff + b * b);
+  double lam1 = half_trace + radius;
+  // lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1.
+  const double det = a * c - b * b;
+  double lam2 = 0.0;
+  if (lam1 > 0.0) {
+    lam2 = det / (lam1 > kTiny ? lam1 : kTiny);
+    lam2 = lam2 > 0.0 ? lam2 : 0.0;
+  }
+  lam1 = lam1 > 0.0 ? lam1 : 0.0;
+  const double ax = b, ay = lam1 - a;
+  const double bx = lam1 - c, by = b;
+  const double norm_a = std::sqrt(ax * ax + ay * ay);
+  const double norm_b = std::sqrt(bx * bx + by * by);
+  const bool use_a = norm_a >= norm_b;
+  const double best_norm = use_a ? norm_a : norm_b;
+  const double scale = best_norm > kTiny ? best_norm : kTiny;
+  double u1x = (use_a ? ax : bx) / scale;
+  double u1y = (use_a ? ay : by) / scale;
+  if (b == 0.0 || best_norm == 0.0) {
+    u1x = a >= c ? 1.0 : 0.0;
+    u1y = a >= c ? 0.0 : 1.0;
+  }
+  const double s1 = std::sqrt(lam1), s2 = std::sqrt(lam2);
+  out[0] = n > 0 ? sums[1] / n : 0.0;  // shift: the group mean, so cluster sums are of small deviations
+  out[1] = n > 0 ? sums[2] / n : 0.0;
+  out[2] = u1x;
+  out[3] = u1y;
+  out[4] = -u1y;
+  out[5] = u1x;
+  out[6] = s1;
+  out[7] = s2;
+  out[8] = s2 <= kRankOneRtol * s1 ? 1.0 : 0.0;
+  eigen[0] = lam1;
+  eigen[1] = lam2;
+}
+
+// Cluster of a feature vector: argmax_i |V[n, i]| with V[n, i] = (u_i . phi) / s_i, written without dividing by s.
+C10_HOST_DEVICE inline int assign_cluster(const double* params, double x, double y) {
+  if (params[8] != 0.0) {
+    return 0;
+  }
+  const double proj0 = std::fabs(params[2] * x + params[3] * y);
+  const double proj1 = std::fabs(params[4] * x + params[5] * y);
+  return proj1 * params[6] > proj0 * params[7] ? 1 : 0;
+}
+
+// Per-cluster count / mean / unbiased variance from the shifted sums, the reliable cluster and the weight parameters.
+// mu, var: 2 clusters x 2 features; count: 2; weight: kWeightParams.
+C10_HOST_DEVICE inline void cluster_stats(const double* sums, const double* params, double* mu, double* var,
+                                          int64_t* count, int64_t* chosen, double* weight) {
+  for (int cl = 0; cl < 2; ++cl) {
+    const double* s = sums + cl * kClusterStats;
+    const double n = s[0];
+    count[cl] = static_cast<int64_t>(n);
+    for (int f = 0; f < 2; ++f) {
+      const double sum_d = s[1 + f], sum_dd = s[3 + f];
+      mu[cl * 2 + f] = n > 0 ? params[f] + sum_d / n : 0.0;
+      // sum (d - mean d)^2 = sum d^2 - (sum d)^2 / n; d is already centred near the cluster, so this keeps its digits.
+      double m2 = n > 0 ? sum_dd - sum_d * (sum_d / n) : 0.0;
+      m2 = m2 > 0.0 ? m2 : 0.0;
+      var[cl * 2 + f] = n > 1 ? m2 / (n - 1) : 0.0;
+    }
+  }
+  // The reliable cluster has the higher mean confidence; an empty cluster is never chosen (ties: 0).
+  const int64_t c = (count[1] > 0 && (count[0] == 0 || mu[2] > mu[0])) ? 1 : 0;
+  *chosen = c;
+  weight[0] = mu[c * 2];
+  weight[1] = mu[c * 2 + 1];
+  weight[2] = std::sqrt(var[c * 2] + kEps);
+  weight[3] = std::sqrt(var[c * 2 + 1] + kEps);
+}
+
+// Gaussian soft weight with the preservation rule (spec Sec. 2 step 6).
+C10_HOST_DEVICE inline float pixel_weight(const double* wp, double x, double y, double alpha) {
+  if (x > wp[0] || y > wp[1]) {
+    return 1.0f;
+  }
+  const double z0 = (x - wp[0]) / wp[2];
+  const double z1 = (y - wp[1]) / wp[3];
+  return static_cast<float>(std::exp(-(z0 * z0 + z1 * z1) / alpha));
+}
+
+}  // namespace csl

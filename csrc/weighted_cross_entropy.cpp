@@ -1,0 +1,11 @@
+// Schema of csl::weighted_cross_entropy (kernels: cpu/ and cuda/weighted_cross_entropy_kernel.*).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(csl, m) {
+  // -> (loss 0-dim, lse B x H x W): the log-sum-exp of every used pixel is kept for the backward pass.
+  m.def("weighted_cross_entropy(Tensor logits, Tensor label, Tensor weight, Tensor? valid) -> (Tensor, Tensor)");
+  // grad_logits = grad_loss * w * (softmax - onehot) / N_valid on used pixels, exactly 0 elsewhere.
+  m.def(
+      "weighted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor label, Tensor weight, Tensor? valid, "
+      "Tensor lse) -> Tensor");
+}
