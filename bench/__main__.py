@@ -1,0 +1,81 @@
+"""Run every benchmark on one device, write ``bench/results/<date>-<device>.json`` and print markdown tables.
+
+    python -m bench                      # GPU suite on CUDA when available, else the CPU suite
+    python -m bench --device cpu         # CPU suite (cpu321, cpu161; fp32 and bf16)
+    python -m bench --smoke --out x.json # one tiny shape, short timing (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import (
+    bench_pcos_weights,
+    bench_residual_features,
+    bench_train_step,
+    bench_trusted_mask,
+    bench_weighted_cross_entropy,
+)
+from .common import (
+    add_common_args,
+    copy_bandwidth_gbps,
+    default_output_path,
+    environment,
+    evaluate_goals,
+    goals_table,
+    markdown_table,
+    run_op,
+    settings_dict,
+    settings_from_args,
+    train_table,
+    write_json,
+)
+
+SPECS = (bench_residual_features.SPEC, bench_pcos_weights.SPEC, bench_trusted_mask.SPEC,
+         bench_weighted_cross_entropy.SPEC)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--ops", nargs="+", choices=[s.name for s in SPECS], default=None)
+    parser.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per selection")
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    copy = copy_bandwidth_gbps(settings.device)
+    settings.copy_gbps = copy["gbps"]
+    env = environment(settings.device)
+    print(f"# csl benchmarks on {env['device_name']} ({settings.suite} suite), copy bandwidth "
+          f"{copy['gbps']:.1f} GB/s")
+    records = []
+    for spec in SPECS:
+        if args.ops is None or spec.name in args.ops:
+            records += run_op(spec, settings)
+    train = [] if args.skip_train else bench_train_step.run(settings.device, settings.suite, args.steps)
+    goals = evaluate_goals(records, train, settings.device)
+    payload = {
+        "environment": env,
+        "settings": settings_dict(settings),
+        "copy_bandwidth": copy,
+        "records": records,
+        "train_step": train,
+        "goals": goals,
+        "goals_note": ("the goals are set for an H100; on another device the same ratios are reported for "
+                       "information" if "H100" not in env["device_name"] else "measured on an H100"),
+    }
+    path = write_json(payload, args.out or default_output_path(settings.device))
+    print()
+    print(markdown_table(records))
+    if train:
+        print()
+        print(train_table(train))
+    print()
+    print(goals_table(goals))
+    print(f"\nwrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

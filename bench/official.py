@@ -1,0 +1,90 @@
+"""What a user would write instead of csl_kernels: the official-style CSL selection and the UniMatch-style loss.
+
+The authors' training code is not available offline, so this follows Algorithm 1 of the CSL paper in the style of
+UniMatch-family trainers: batched softmax features, then a Python loop over the images of the batch with boolean
+indexing of the valid pixels and ``torch.linalg.svd`` of the 2 x N feature matrix, the cluster statistics with
+``Tensor.mean`` / ``Tensor.var`` and the Gaussian weights with the preservation rule. It computes the same math as
+``csl_kernels.pcos_weights`` (``docs/selection.md`` Sec. 1-2, ``confidence="prob"``, ``groups="image"``) so the
+outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from csl_kernels import IGNORE_INDEX
+
+EPS = 1e-8
+RANK_ONE_RTOL = 1e-12
+
+
+def official_features(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched ``(pmax, residual dispersion, pseudo-label)`` from a float32 softmax, the eager way."""
+    ncls = logits.shape[1]
+    prob = torch.softmax(logits.float(), dim=1)
+    conf, label = prob.max(dim=1)
+    index = label.unsqueeze(1)
+    residual = prob.scatter(1, index, 0.0)
+    mass = residual.sum(dim=1)
+    mean = mass / (ncls - 1)
+    var = ((residual - mean.unsqueeze(1)) ** 2).scatter(1, index, 0.0).sum(dim=1) / (ncls - 1)
+    penalty = (ncls - 1) ** 2 / (2.0 * (mass + EPS))
+    return conf, -penalty * var, label
+
+
+def official_pcos(logits: torch.Tensor, ignore: torch.Tensor | None = None, alpha: float = 8.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image PCOS with ``torch.linalg.svd``. Returns ``(weight, label, reliable)`` like the public API."""
+    conf, disp, label = official_features(logits)
+    valid = torch.ones_like(conf, dtype=torch.bool) if ignore is None else ignore != IGNORE_INDEX
+    weight = torch.zeros_like(conf)
+    for b in range(logits.shape[0]):
+        keep = valid[b]
+        feats = torch.stack((conf[b][keep], disp[b][keep]))  # 2 x N
+        if feats.shape[1] == 0:
+            continue
+        _, sing, vh = torch.linalg.svd(feats, full_matrices=False)
+        if sing[1] <= RANK_ONE_RTOL * sing[0]:
+            cluster = torch.zeros(feats.shape[1], dtype=torch.long, device=feats.device)
+        else:
+            cluster = vh.abs().argmax(dim=0)
+        mus, vars_, counts = [], [], []
+        for c in (0, 1):
+            members = feats[:, cluster == c]
+            counts.append(members.shape[1])
+            mus.append(members.mean(dim=1) if members.shape[1] > 0 else feats.new_zeros(2))
+            vars_.append(members.var(dim=1) if members.shape[1] > 1 else feats.new_zeros(2))
+        chosen = 1 if counts[1] > 0 and (counts[0] == 0 or mus[1][0] > mus[0][0]) else 0
+        mu, var = mus[chosen], vars_[chosen]
+        z = (feats - mu.unsqueeze(1)) / torch.sqrt(var + EPS).unsqueeze(1)
+        w = torch.exp(-(z * z).sum(dim=0) / alpha)
+        w[(feats[0] > mu[0]) | (feats[1] > mu[1])] = 1.0
+        weight[b][keep] = w
+    reliable = (weight == 1) & valid
+    return weight, label, reliable
+
+
+def official_trusted_mask(images: torch.Tensor, reliable: torch.Tensor, *, block: int = 32, rate: float = 0.7,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TMP the eager way: a random cell grid, ``F.interpolate(mode="nearest")``, and a multiplication."""
+    bsz, _, height, width = images.shape
+    gh, gw = max(1, int(height / block + 0.5)), max(1, int(width / block + 0.5))
+    draw_device = generator.device if generator is not None else images.device
+    cells = (torch.rand(bsz, gh, gw, generator=generator, device=draw_device) < rate).to(images.device)
+    grid = F.interpolate(cells.unsqueeze(1).float(), size=(height, width), mode="nearest").squeeze(1)
+    cover = (grid > 0) & reliable
+    return images * (~cover).unsqueeze(1).to(images.dtype), cover
+
+
+def unimatch_weighted_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+                                    ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """UniMatch's unlabeled loss: ``CrossEntropyLoss(reduction='none') * w``, summed, over the valid-pixel count.
+
+    Low-precision logits are upcast to float32 first, as ``torch.autocast`` does for ``cross_entropy``.
+    """
+    loss = F.cross_entropy(logits.float(), label, reduction="none")
+    if ignore is None:
+        return (loss * weight).sum() / label.numel()
+    valid = ignore != IGNORE_INDEX
+    return (loss * weight * valid).sum() / valid.sum().item()
