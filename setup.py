@@ -1,9 +1,73 @@
 """csl: CSL (Confidence Separable Learning) pseudo-label selection kernels and trainer.
 
 ``pip install .`` installs the pure-Python package; the C++/CUDA extension is built on first use.
+``CSL_BUILD_EXT=1 pip install --no-build-isolation .`` also builds it ahead of time (as ``csl_kernels._C``, from the
+same source list as the on-the-fly build; ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 when no GPU is visible).
 """
 
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _ext_sources_module():
+    """csl_kernels/_ext_sources.py, loaded by path: no torch and no package import."""
+    spec = importlib.util.spec_from_file_location("_csl_ext_sources", ROOT / "csl_kernels" / "_ext_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (csl_kernels/csrc) so an installed package can build the extension."""
+
+    def run(self):
+        super().run()
+        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "csl_kernels" / "csrc", dirs_exist_ok=True)
+
+
+cmdclass = {"build_py": BuildPyWithSources}
+ext_modules = []
+if os.environ.get("CSL_BUILD_EXT") == "1":
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/include/cuda_runtime.h"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # torch may guess /usr/local from an nvcc wrapper script
+    import torch
+    from torch.utils import cpp_extension
+
+    sources_module = _ext_sources_module()
+    with_cuda = (os.environ.get("CSL_EXT_CUDA", "1") != "0" and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None)
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    csrc = ROOT / "csrc"
+    sources = [os.path.relpath(s, ROOT) for s in sources_module.extension_sources(csrc, with_cuda)]
+    extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext_modules.append(extension(
+        "csl_kernels._C",
+        sources,
+        include_dirs=[str(csrc)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    ))
+
+    class BuildExtWithMeta(cpp_extension.BuildExtension):
+        """Records which sources and parts were built, so the loader can tell a stale build from a current one."""
+
+        def run(self):
+            super().run()
+            meta = {"source_hash": sources_module.source_hash(csrc), "with_cuda": with_cuda,
+                    "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None}
+            target = ROOT / "csl_kernels" if self.inplace else Path(self.build_lib) / "csl_kernels"
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "_C_build.json").write_text(json.dumps(meta))
+
+    cmdclass["build_ext"] = BuildExtWithMeta
 
 setup(
     name="csl",
@@ -13,6 +77,8 @@ setup(
     packages=find_packages(include=["csl_kernels", "csl_kernels.*", "csl", "csl.*", "bench", "bench.*"]),
     package_data={"csl_kernels": ["csrc/**/*"], "csl": ["configs/*.yaml"]},
     include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "torchvision",

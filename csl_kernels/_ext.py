@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -28,8 +27,6 @@ from pathlib import Path
 import torch
 
 from ._ext_sources import csrc_dir, extension_sources, source_hash
-
-log = logging.getLogger("csl_kernels")
 
 DEFAULT_CUDA_ARCH = "9.0"
 _TAIL_LINES = 15
@@ -189,8 +186,8 @@ def load() -> BuildInfo:
         try:
             _info = _build()
         except Exception as exc:  # noqa: BLE001 - remembered so a failed build is not retried in this process
+            # Not logged here: backend="auto" logs the reason once when it falls back, a named backend raises it.
             _error = str(exc)
-            log.warning("csl_kernels: %s", _error)
             raise ExtensionBuildError(_error) from exc
         return _info
 

@@ -1,0 +1,228 @@
+// CUDA kernels of csl::weighted_cross_entropy. Forward: one thread per pixel (log-sum-exp over the classes, kept for
+// the backward pass), per-block float64 partial sums reduced in a fixed order by a second one-block launch; no
+// B x C x H x W intermediate. Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "../csl_ce.h"
+#include "cuda_utils.cuh"
+
+namespace csl {
+namespace {
+
+constexpr int kPixelsPerThread = 4;
+constexpr int kChunk = kThreads * kPixelsPerThread;
+
+template <typename scalar_t, typename acc_t>
+__global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
+                                           const acc_t* __restrict__ weight, const bool* __restrict__ valid,
+                                           acc_t* __restrict__ lse, double* __restrict__ partial, int64_t total,
+                                           int64_t hw, int64_t width, int64_t num_classes, int64_t sb, int64_t sc,
+                                           int64_t sh, int64_t sw) {
+  __shared__ double scratch[2 * kWarps];
+  double sums[2] = {0.0, 0.0};  // sum of w * CE, number of valid pixels
+  const int64_t base = blockIdx.x * int64_t(kChunk);
+#pragma unroll
+  for (int j = 0; j < kPixelsPerThread; ++j) {
+    const int64_t i = base + j * kThreads + threadIdx.x;
+    if (i >= total) {
+      break;
+    }
+    const bool is_valid = valid == nullptr || valid[i];
+    sums[1] += is_valid ? 1.0 : 0.0;
+    const acc_t w = weight[i];
+    if (!is_valid || w == acc_t(0)) {
+      lse[i] = acc_t(0);
+      continue;  // contributes exactly 0, whatever its logits and label
+    }
+    const int64_t y = label[i];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < num_classes && "csl::weighted_cross_entropy: label out of range");
+    const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
+    const scalar_t* zp = z + b * sb + row * sh + col * sw;
+    const acc_t l = pixel_logsumexp<scalar_t, acc_t>(zp, sc, num_classes);
+    lse[i] = l;
+    sums[0] += static_cast<double>(w * (l - static_cast<acc_t>(zp[y * sc])));
+  }
+  block_reduce_sum<2>(sums, scratch);
+  if (threadIdx.x == 0) {
+    partial[2 * blockIdx.x] = sums[0];
+    partial[2 * blockIdx.x + 1] = sums[1];
+  }
+}
+
+template <typename acc_t>
+__global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, int64_t num_blocks,
+                                          acc_t* __restrict__ loss, double* __restrict__ n_valid) {
+  __shared__ double scratch[2 * kWarps];
+  double sums[2] = {0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < num_blocks; k += kThreads) {  // fixed assignment and order
+    sums[0] += partial[2 * k];
+    sums[1] += partial[2 * k + 1];
+  }
+  block_reduce_sum<2>(sums, scratch);
+  if (threadIdx.x == 0) {
+    *loss = static_cast<acc_t>(sums[0] / (sums[1] > 1.0 ? sums[1] : 1.0));
+    if (n_valid != nullptr) {
+      *n_valid = sums[1];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
+                                            const acc_t* __restrict__ weight, const bool* __restrict__ valid,
+                                            const acc_t* __restrict__ lse, const double* __restrict__ scale,
+                                            scalar_t* __restrict__ grad, int64_t total, int64_t hw, int64_t width,
+                                            int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
+                                            int64_t gb, int64_t gc, int64_t gh, int64_t gw) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
+    const scalar_t* zp = z + b * sb + row * sh + col * sw;
+    scalar_t* gp = grad + b * gb + row * gh + col * gw;
+    const acc_t w = weight[i];
+    if (w == acc_t(0) || (valid != nullptr && !valid[i])) {
+      for (int64_t k = 0; k < num_classes; ++k) {
+        gp[k * gc] = scalar_t(0);
+      }
+      continue;
+    }
+    const int64_t y = label[i];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < num_classes && "csl::weighted_cross_entropy: label out of range");
+    const acc_t s = static_cast<acc_t>(*scale) * w, l = lse[i];
+    for (int64_t k = 0; k < num_classes; ++k) {
+      const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
+      gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
+    }
+  }
+}
+
+// Per-block counts of valid pixels (laid out like the forward partial sums, with a zero loss sum).
+__global__ void count_valid_kernel(const bool* __restrict__ valid, int64_t total, double* __restrict__ partial) {
+  __shared__ double scratch[2 * kWarps];
+  double sums[2] = {0.0, 0.0};
+  const int64_t base = blockIdx.x * int64_t(kChunk);
+  for (int j = 0; j < kPixelsPerThread; ++j) {
+    const int64_t i = base + j * kThreads + threadIdx.x;
+    sums[1] += (i < total && (valid == nullptr || valid[i])) ? 1.0 : 0.0;
+  }
+  block_reduce_sum<2>(sums, scratch);
+  if (threadIdx.x == 0) {
+    partial[2 * blockIdx.x] = 0.0;
+    partial[2 * blockIdx.x + 1] = sums[1];
+  }
+}
+
+// grad_loss / max(N_valid, 1), computed on the device (no synchronisation).
+__global__ void weighted_ce_scale_kernel(const double* __restrict__ grad_loss, const double* __restrict__ n_valid,
+                                         double* __restrict__ scale) {
+  *scale = *grad_loss / (*n_valid > 1.0 ? *n_valid : 1.0);
+}
+
+struct SideInputs {
+  at::Tensor label, weight, valid;
+};
+
+SideInputs side_inputs(const at::Tensor& label, const at::Tensor& weight, const c10::optional<at::Tensor>& valid,
+                       at::ScalarType acc_dtype) {
+  // The B x H x W side inputs are C times smaller than the logits: contiguous copies are cheap.
+  return {label.to(at::kLong).contiguous(), weight.to(acc_dtype).contiguous(),
+          valid.has_value() ? valid->contiguous() : at::Tensor()};
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_forward(const at::Tensor& logits, const SideInputs& side, at::Tensor& lse, at::Tensor& partial,
+                    int64_t num_blocks, cudaStream_t stream) {
+  const int64_t hw = logits.size(2) * logits.size(3);
+  weighted_ce_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+      logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
+      side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, lse.data_ptr<acc_t>(),
+      partial.data_ptr<double>(), lse.numel(), hw, logits.size(3), logits.size(1), logits.stride(0),
+      logits.stride(1), logits.stride(2), logits.stride(3));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor& logits, const at::Tensor& label,
+                                                               const at::Tensor& weight,
+                                                               const c10::optional<at::Tensor>& valid) {
+  constexpr const char* op = "csl::weighted_cross_entropy";
+  check_ce_inputs(logits, label, weight, valid, true, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t batch = logits.size(0), height = logits.size(2), width = logits.size(3);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(acc_dtype));
+  at::Tensor loss = at::empty({}, logits.options().dtype(acc_dtype));
+  const int64_t total = lse.numel();
+  const int64_t num_blocks = std::max<int64_t>(1, ceil_div(total, kChunk));
+  TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
+  at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
+  const SideInputs side = side_inputs(label, weight, valid, acc_dtype);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // An empty input still runs one block: it writes zero partial sums, so the loss is 0.
+    launch_forward<scalar_t, acc_t>(logits, side, lse, partial, num_blocks, stream);
+    weighted_ce_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), num_blocks,
+                                                                 loss.data_ptr<acc_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                const at::Tensor& label, const at::Tensor& weight,
+                                                const c10::optional<at::Tensor>& valid, const at::Tensor& lse) {
+  constexpr const char* op = "csl::weighted_cross_entropy_backward";
+  check_ce_inputs(logits, label, weight, valid, true, op);
+  check_pixel_map(lse, "lse", logits, op);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == logits.device(), op,
+              ": grad_loss must hold one value on ", logits.device(), ", got shape ", grad_loss.sizes(), " on ",
+              grad_loss.device());
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty_like(logits);
+  const int64_t total = lse.numel();
+  if (grad.numel() == 0) {
+    return grad;
+  }
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const SideInputs side = side_inputs(label, weight, valid, acc_dtype);
+  const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
+  const at::Tensor grad_loss_d = grad_loss.to(at::kDouble).contiguous();
+  const int64_t num_blocks = ceil_div(total, kChunk);
+  at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
+  at::Tensor scratch = at::empty({3}, logits.options().dtype(at::kDouble));  // (zero sum), N_valid, scale
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t hw = logits.size(2) * logits.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    count_valid_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+        side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, total, partial.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    weighted_ce_finish_kernel<double><<<1, kThreads, 0, stream>>>(
+        partial.const_data_ptr<double>(), num_blocks, scratch.data_ptr<double>(), scratch.data_ptr<double>() + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    weighted_ce_scale_kernel<<<1, 1, 0, stream>>>(grad_loss_d.const_data_ptr<double>(),
+                                                  scratch.const_data_ptr<double>() + 1, scratch.data_ptr<double>() + 2);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
+        side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, lse_c.const_data_ptr<acc_t>(),
+        scratch.const_data_ptr<double>() + 2, grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
+        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), grad.stride(0), grad.stride(1),
+        grad.stride(2), grad.stride(3));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(csl, CUDA, m) {
+  m.impl("weighted_cross_entropy", &weighted_cross_entropy_cuda);
+  m.impl("weighted_cross_entropy_backward", &weighted_cross_entropy_backward_cuda);
+}
+
+}  // namespace csl

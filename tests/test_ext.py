@@ -1,0 +1,253 @@
+"""The C++/CUDA extension (csrc/): build, op registration (opcheck), gradients, confusion matrix, build failures.
+
+The per-op tests (tests/test_<op>.py) compare the "cpu" and "cuda" backends with the float64 reference; this file
+checks what is specific to the extension.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import csl_kernels
+from csl_kernels import _backends, _ext
+from csl_kernels.confusion_matrix import confusion_matrix_reference
+from csl_kernels.pcos_weights import pcos_weights_reference
+from csl_kernels.residual_features import residual_features_reference
+
+OPS = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy",
+       "weighted_cross_entropy_backward", "confusion_matrix")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The loaded extension (built on first use; skipped — or failed when CSL_REQUIRE_BACKENDS names cpu — if it
+    cannot be built)."""
+    from conftest import require_backend
+
+    require_backend("pcos_weights", "cpu")
+    import csl_kernels.ext as module
+
+    module.load()
+    return module
+
+
+def _logits(b=2, c=5, h=6, w=7, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, h, w, generator=g) * 3).to(dtype)
+
+
+def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
+    info = _ext.load()
+    assert _ext.load() is info  # built and loaded once per process
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CPU"), op
+    with_cuda, arch, why = _ext.cuda_build_plan()
+    assert info.with_cuda == with_cuda, why
+    if with_cuda:  # nvcc and a CUDA build of torch: the CUDA kernels must be in the library, GPU or not
+        assert info.cuda_arch_list == arch
+        for op in OPS:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CUDA"), op
+
+
+def test_opcheck_every_op(ext):
+    z = _logits()
+    valid = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    label = torch.randint(0, 5, (2, 6, 7))
+    weight = torch.rand(2, 6, 7)
+    ops = torch.ops.csl
+    torch.library.opcheck(ops.residual_features.default, (z, valid, False))
+    torch.library.opcheck(ops.residual_features.default, (z.contiguous(memory_format=torch.channels_last), None, True))
+    torch.library.opcheck(ops.pcos_weights.default, (z, valid, 8.0, False, False))
+    torch.library.opcheck(ops.pcos_weights.default, (z.to(torch.bfloat16), None, 8.0, True, True))
+    images = torch.randn(2, 3, 6, 7)
+    cells = torch.rand(2, 2, 3) < 0.5
+    torch.library.opcheck(ops.trusted_mask.default, (images, cells, valid, 0.0))
+    torch.library.opcheck(ops.weighted_cross_entropy.default, (z.clone().requires_grad_(), label, weight, valid))
+    torch.library.opcheck(ops.weighted_cross_entropy.default, (z.double().requires_grad_(), label, weight, None))
+    lse = ops.weighted_cross_entropy(z, label, weight, valid)[1]
+    torch.library.opcheck(ops.weighted_cross_entropy_backward.default,
+                          (torch.tensor(1.0), z, label, weight, valid, lse))
+    torch.library.opcheck(ops.confusion_matrix.default, (label, label.flip(0), 5, 255))
+
+
+def test_weighted_cross_entropy_float64_gradcheck(ext):
+    z = _logits(1, 4, 3, 5, torch.float64).requires_grad_()
+    label = torch.randint(0, 4, (1, 3, 5), generator=torch.Generator().manual_seed(2))
+    weight = torch.rand(1, 3, 5, dtype=torch.float64)
+    weight[0, 0, :2] = 0
+    valid = torch.ones(1, 3, 5, dtype=torch.bool)
+    valid[0, 2, 1:3] = False
+
+    def loss(logits):
+        return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
+
+    assert torch.autograd.gradcheck(loss, (z,))
+
+
+def test_weighted_cross_entropy_unused_pixels_are_exact_zeros(ext):
+    z = _logits(1, 3, 2, 3)
+    z[0, :, 0, 0] = float("nan")  # ignored pixel
+    z[0, 1, 0, 1] = float("inf")  # weight-0 pixel
+    label = torch.randint(0, 3, (1, 2, 3))
+    label[0, 0, 0] = 255
+    weight = torch.rand(1, 2, 3) + 0.1
+    weight[0, 0, 1] = 0
+    valid = torch.ones(1, 2, 3, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    z.requires_grad_()
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, valid, backend="cpu")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(z.grad[0, :, 0, :2], torch.zeros(3, 2))
+    assert torch.isfinite(z.grad).all()
+    ref = csl_kernels.weighted_cross_entropy(z.detach(), label, weight, valid, backend="reference")
+    torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 21, 1000])
+def test_confusion_matrix_matches_reference(ext, num_classes):
+    g = torch.Generator().manual_seed(num_classes)
+    shape = (3, 37, 53)
+    pred = torch.randint(-1, num_classes + 1, shape, generator=g)  # includes out-of-range predictions
+    target = torch.randint(0, num_classes, shape, generator=g)
+    target[torch.rand(shape, generator=g) < 0.2] = 255
+    expected = confusion_matrix_reference(pred, target, num_classes, 255)
+    got = csl_kernels.confusion_matrix(pred, target, num_classes, backend="cpu")
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    # Narrow integer dtypes and non-contiguous views.
+    got = csl_kernels.confusion_matrix(pred.int().transpose(1, 2), target.transpose(1, 2), num_classes, backend="cpu")
+    assert torch.equal(got, expected)
+
+
+def test_confusion_matrix_edge_cases(ext):
+    empty = torch.empty(0, 5, dtype=torch.long)
+    got = csl_kernels.confusion_matrix(empty, empty, 7, backend="cpu")
+    assert torch.equal(got, torch.zeros(7, 7, dtype=torch.long))
+    target = torch.full((2, 3), 255, dtype=torch.uint8)
+    pred = torch.zeros(2, 3, dtype=torch.long)
+    assert csl_kernels.confusion_matrix(pred, target, 4, backend="cpu").sum() == 0  # all ignored
+    got = csl_kernels.confusion_matrix(pred, torch.ones(2, 3, dtype=torch.long), 4, ignore_index=1, backend="cpu")
+    assert got.sum() == 0  # a custom ignore index
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.csl.confusion_matrix(pred, target[:1], 4, 255)
+
+
+def test_pcos_is_reproducible_across_thread_counts(ext):
+    z = _logits(2, 21, 45, 61, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.csl.pcos_weights(z, None, 8.0, False, True)
+        torch.set_num_threads(max(2, before))
+        many = torch.ops.csl.pcos_weights(z, None, 8.0, False, True)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pcos_cluster_variance_keeps_its_digits(ext):
+    # A confident cluster: pmax ~ 0.95 with variance ~ 1e-4, where E[x^2] - mu^2 in float32 would lose most digits.
+    g = torch.Generator().manual_seed(4)
+    b, c, h, w = 1, 21, 64, 64
+    z = torch.randn(b, c, h, w, generator=g) * 0.05
+    z[:, 0] += 6.0 + 0.2 * torch.randn(b, h, w, generator=g)
+    ref = pcos_weights_reference(z, None, 8.0, False, False)
+    got = torch.ops.csl.pcos_weights(z, None, 8.0, False, False)
+    assert torch.equal(got[5], ref[5])  # counts
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-6, atol=1e-9)  # means
+    assert ref[4][0, :, 0].min() < 1e-3
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-4, atol=1e-12)  # variances
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_residual_features_non_finite_and_layouts(ext):
+    z = _logits(2, 5, 6, 7, seed=5)
+    z[0, 2, 1, 1] = float("nan")
+    z[1, 0, 3, 4] = -float("inf")
+    ref = residual_features_reference(z, None, False)
+    for layout in (z, z.contiguous(memory_format=torch.channels_last), torch.cat([z, z], 3)[..., ::2]):
+        f0, v, label = torch.ops.csl.residual_features(layout, None, False)
+        torch.testing.assert_close(f0, ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, ref[1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(label, ref[2])
+        assert f0[0, 1, 1] == 0 and v[1, 3, 4] == 0
+
+
+def test_clear_errors_from_the_cpp_checks(ext):
+    ops = torch.ops.csl
+    with pytest.raises(RuntimeError, match="at least 2 classes"):
+        ops.residual_features(torch.randn(1, 1, 2, 2), None, False)
+    with pytest.raises(RuntimeError, match="valid must have shape"):
+        ops.pcos_weights(torch.randn(1, 3, 2, 2), torch.ones(1, 2, 3, dtype=torch.bool), 8.0, False, False)
+    with pytest.raises(RuntimeError, match="label 7 of a used pixel"):
+        ops.weighted_cross_entropy(torch.randn(1, 3, 1, 1), torch.full((1, 1, 1), 7), torch.ones(1, 1, 1), None)
+
+
+@pytest.fixture
+def broken_build(tmp_path, monkeypatch):
+    """A fresh loader state whose sources fail to compile (restored after the test)."""
+    src = tmp_path / "csrc"
+    (src / "cpu").mkdir(parents=True)
+    (src / "csl_math.h").write_text("#pragma once\n")
+    (src / "broken.cpp").write_text('#error "csl forced build failure"\n')
+    monkeypatch.setenv("CSL_EXT_SOURCE_DIR", str(src))
+    monkeypatch.setenv("CSL_EXT_CUDA", "0")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(_ext, "_info", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    import csl_kernels.ext  # noqa: F401 - registers the cpu backend
+
+    return tmp_path
+
+
+def test_failed_build_falls_back_for_auto_and_raises_for_cpu(broken_build, caplog):
+    z = _logits(1, 4, 3, 3)
+    with caplog.at_level(logging.INFO, logger="csl_kernels"):
+        f0, _, _ = csl_kernels.residual_features(z, backend="auto")
+        csl_kernels.residual_features(z, backend="auto")
+    torch.testing.assert_close(f0, residual_features_reference(z, None, False)[0])
+    fallbacks = [r.getMessage() for r in caplog.records if "skipped cpu" in r.getMessage()]
+    assert len(fallbacks) == 1, fallbacks  # said once
+    assert "uses 'reference'" in fallbacks[0] and "csl forced build failure" in fallbacks[0]  # compiler's last lines
+    with pytest.raises(RuntimeError, match="build.log") as err:
+        csl_kernels.residual_features(z, backend="cpu")
+    log_path = str(err.value).split("full log: ")[1].split()[0].rstrip(";")
+    assert "csl forced build failure" in open(log_path).read()
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
+    if not _ext.load().with_cuda:
+        pytest.skip("extension built without CUDA")
+    z = _logits(2, 21, 33, 47, seed=6)
+    valid = torch.rand(2, 33, 47) > 0.2
+    for class_groups in (False, True):
+        cpu = torch.ops.csl.pcos_weights(z, valid, 8.0, False, class_groups)
+        run1 = torch.ops.csl.pcos_weights(z.cuda(), valid.cuda(), 8.0, False, class_groups)
+        run2 = torch.ops.csl.pcos_weights(z.cuda(), valid.cuda(), 8.0, False, class_groups)
+        for a, b, c in zip(cpu, run1, run2, strict=True):
+            assert torch.equal(b, c)  # bitwise reproducible
+            if a.is_floating_point():
+                torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(b.cpu(), a)
+    label = torch.randint(0, 21, (2, 33, 47))
+    weight = torch.rand(2, 33, 47)
+    zc = z.cuda().requires_grad_()
+    zz = z.clone().requires_grad_()
+    loss_c = torch.ops.csl.weighted_cross_entropy(zc, label.cuda(), weight.cuda(), valid.cuda())[0]
+    loss = torch.ops.csl.weighted_cross_entropy(zz, label, weight, valid)[0]
+    loss_c.backward()
+    loss.backward()
+    torch.testing.assert_close(loss_c.cpu(), loss)
+    torch.testing.assert_close(zc.grad.cpu(), zz.grad)
+    target = label.clone()
+    target[~valid] = 255
+    for num_classes in (21, 1000):
+        assert torch.equal(torch.ops.csl.confusion_matrix(label.cuda(), target.cuda(), num_classes, 255).cpu(),
+                           confusion_matrix_reference(label, target, num_classes, 255))
