@@ -1,0 +1,117 @@
+"""CI smoke test of the benchmarks: the whole suite on one tiny CPU shape (no timing assertions), the JSON layout,
+and the official-style selection against the reference backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import csl_kernels
+from bench.__main__ import main as bench_main
+from bench.common import PROVIDERS
+from bench.official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+
+OPS = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy")
+
+
+def separated_logits(batch: int = 3, classes: int = 7, size: int = 40, seed: int = 0) -> torch.Tensor:
+    """Two well-separated populations per image: confident pixels (margin ~9) and ambiguous ones (margin ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, size, size, generator=g) * 0.5
+    label = torch.randint(0, classes, (batch, 1, size, size), generator=g)
+    margin = torch.where(torch.rand(batch, 1, size, size, generator=g) < 0.6, 9.0, 1.0)
+    margin = margin + 0.5 * torch.rand(batch, 1, size, size, generator=g)
+    return logits.scatter_add_(1, label, margin)
+
+
+@pytest.mark.parametrize("with_ignore", [False, True])
+def test_official_matches_reference(with_ignore):
+    logits = separated_logits()
+    ignore = None
+    if with_ignore:
+        ignore = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.int64)
+        ignore[:, :, 30:] = csl_kernels.IGNORE_INDEX
+        ignore[2] = csl_kernels.IGNORE_INDEX  # one image with no valid pixel at all
+    weight, label, reliable = official_pcos(logits, ignore, alpha=8.0)
+    ref = csl_kernels.pcos_weights(logits, ignore, alpha=8.0, backend="reference")
+    valid = torch.ones_like(ref.reliable) if ignore is None else ignore != csl_kernels.IGNORE_INDEX
+    # The input is not degenerate: soft weights strictly between 0 and 1 and preserved ones both occur.
+    soft = (ref.weight > 0.01) & (ref.weight < 0.99)
+    assert soft.sum() > 50 and ref.reliable.sum() > 50
+    torch.testing.assert_close(weight, ref.weight, atol=2e-5, rtol=0)
+    assert torch.equal(label[valid], ref.label[valid])
+    assert torch.equal(reliable, ref.reliable)
+    if with_ignore:
+        assert weight[~valid].abs().max() == 0
+
+
+def test_official_mask_and_loss_match_reference():
+    logits = separated_logits(batch=2, classes=5, size=37)
+    images = torch.randn(2, 3, 37, 37)
+    reliable = torch.softmax(logits, 1).amax(1) > 0.9
+    masked, cover = official_trusted_mask(images, reliable, block=8, rate=0.5,
+                                          generator=torch.Generator().manual_seed(3))
+    ref_masked, ref_cover = csl_kernels.trusted_mask(images, reliable, block=8, rate=0.5,
+                                                     generator=torch.Generator().manual_seed(3), backend="reference")
+    assert cover.any() and not cover.all()
+    assert torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+
+    label = logits.argmax(1)
+    weight = torch.rand(2, 37, 37, generator=torch.Generator().manual_seed(4))
+    ignore = torch.zeros(2, 37, 37, dtype=torch.int64)
+    ignore[1, :10] = csl_kernels.IGNORE_INDEX
+    weight = torch.where(ignore != csl_kernels.IGNORE_INDEX, weight, 0.0)
+    loss = unimatch_weighted_cross_entropy(logits, label, weight, ignore)
+    ref = csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_bench_smoke_suite_json(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    payload = bench_main(["--smoke", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["records"] == json.loads(json.dumps(payload["records"], default=str))
+    env = data["environment"]
+    for key in ("device_name", "torch", "triton", "cuda_runtime", "git_commit", "cpu_count", "date"):
+        assert key in env
+    assert env["device"] == "cpu" and env["cpu_count"] >= 1
+    assert data["copy_bandwidth"]["gbps"] > 0
+
+    records = data["records"]
+    # Every op lists every provider exactly once (unavailable ones with their reason), none failed.
+    assert sorted((r["op"], r["provider"]) for r in records) == sorted((o, p) for o in OPS for p in PROVIDERS)
+    for r in records:
+        assert r["status"] in ("ok", "unavailable"), (r["op"], r["provider"], r.get("reason"))
+        assert r["shape"] == "smoke" and r["dims"] == {"B": 2, "C": 5, "H": 17, "W": 19}
+        if r["status"] == "unavailable":
+            assert isinstance(r["reason"], str) and r["reason"]
+            continue
+        t = r["time_ms"]
+        assert t["q20"] <= t["median"] <= t["q80"] and t["reps"] >= 1
+        assert r["gbps"] > 0 and r["floor_bytes"] > 0 and "pct_copy_bw" in r and "x_official" in r
+        assert "vs_eager" in r
+    by = {(r["op"], r["provider"]): r for r in records}
+    for op in OPS:
+        assert by[(op, "official")]["status"] == "ok" and by[(op, "eager")]["status"] == "ok"
+        assert by[(op, "compile")]["status"] == "unavailable"  # skipped in smoke mode, with the reason
+    assert by[("pcos_weights", "cuda")]["reason"]  # no CUDA here: listed, not dropped
+    # The official selection agrees with the reference on the smoke input, and so does every fused backend.
+    for r in records:
+        if r["op"] == "pcos_weights" and r["status"] == "ok":
+            assert r["vs_eager"]["max_abs_weight"] < 1e-3, r["provider"]
+            assert r["vs_eager"]["label_mismatch"] == 0, r["provider"]
+
+    train = data["train_step"]
+    assert {r["selection"] for r in train} >= {"official", "eager", "cpu"}
+    for r in train:
+        assert r["status"] in ("ok", "unavailable"), (r["selection"], r.get("reason"))
+        if r["status"] == "ok":
+            assert r["step_ms"]["median"] > 0 and 0 <= r["csl_share_pct"] <= 100
+            assert set(r["csl_parts_ms"]) == {"select", "mask", "loss"}
+    assert {r["selection"]: r["status"] for r in train}["official"] == "ok"
+    for g in data["goals"]:
+        assert set(g) >= {"goal", "where", "measured", "target", "met"}
+    printed = capsys.readouterr().out
+    assert "| pcos_weights | smoke | fp32 | official |" in printed and "| goal |" in printed
