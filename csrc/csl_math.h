@@ -27,14 +27,32 @@ struct PixelFeatures {
   bool finite;
 };
 
+// a * b rounded on its own: never fused into a following subtraction (FMA contraction would keep the exact product,
+// so p_k - m would no longer cancel to exactly 0 when the residual is a single class or spread evenly).
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // host builds use -ffp-contract=off
+#endif
+}
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline bool is_finite(acc_t x) {
   return x - x == acc_t(0);  // false for NaN and +-inf (no fast-math in these builds)
 }
 
 // f0 (pmax or log pmax), residual dispersion v and pseudo-label of one pixel whose C logits lie at
-// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false).
-template <typename scalar_t, typename acc_t>
+// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false). With kCache > 0 (CPU) the exponentials of
+// the first pass are kept for the second when C <= kCache (bitwise the same result, half the exp calls).
+template <typename scalar_t, typename acc_t, int kCache = 0>
 C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, int64_t stride, int64_t num_classes,
                                                            bool log_confidence) {
   acc_t z_max = static_cast<acc_t>(z[0]);
@@ -52,21 +70,26 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, in
     return {acc_t(0), acc_t(0), 0, false};
   }
   // R = sum of exp(z_k - z_max) over the non-max classes; r = R / (1 + R) never cancels (1 - pmax would).
+  acc_t cache[kCache > 0 ? kCache : 1];
+  const bool cached = kCache > 0 && num_classes <= kCache;
   acc_t big_r = 0;
   for (int64_t k = 0; k < num_classes; ++k) {
-    if (k != label) {
-      big_r += std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+    const acc_t e = k != label ? std::exp(static_cast<acc_t>(z[k * stride]) - z_max) : acc_t(0);
+    big_r += e;
+    if (cached) {
+      cache[k] = e;
     }
   }
   const acc_t inv = acc_t(1) / (acc_t(1) + big_r);
-  const acc_t r = big_r * inv;
+  const acc_t r = mul_rn(big_r, inv);
   const acc_t others = static_cast<acc_t>(num_classes - 1);
   const acc_t m = r / others;
   // Second pass: population variance of the residual probabilities around their mean.
   acc_t sum_sq = 0;
   for (int64_t k = 0; k < num_classes; ++k) {
     if (k != label) {
-      const acc_t d = std::exp(static_cast<acc_t>(z[k * stride]) - z_max) * inv - m;
+      const acc_t e = cached ? cache[k] : std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+      const acc_t d = mul_rn(e, inv) - m;
       sum_sq += d * d;
     }
   }

@@ -11,13 +11,16 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../csl_common.h"
 #include "../csl_math.h"
+#include "row_features.h"
 
 namespace csl {
 namespace {
+
 
 using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor>;
@@ -88,11 +91,27 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         const int64_t b = ci / chunks_per_image;
         const int64_t p0 = (ci % chunks_per_image) * chunk, p1 = std::min(hw, p0 + chunk);
         int64_t nonfinite = 0;
+        thread_local std::vector<acc_t> seg_f0, seg_v;
+        thread_local std::vector<int64_t> seg_label;
+        thread_local std::vector<uint8_t> seg_finite;
+        int64_t seg_begin = p0, seg_end = p0;  // the current run of pixels of one row
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t i = b * hw + p;
-          const int64_t yy = p / width, xx = p % width;
-          auto feat = pixel_features<scalar_t, acc_t>(z + b * sb + yy * sh + xx * sw, sc, num_classes,
-                                                      log_confidence);
+          if (p >= seg_end) {
+            const int64_t yy = p / width, xx = p % width;
+            seg_begin = p;
+            seg_end = std::min(p1, (yy + 1) * width);
+            const int64_t n = seg_end - seg_begin;
+            seg_f0.resize(n);
+            seg_v.resize(n);
+            seg_label.resize(n);
+            seg_finite.resize(n);
+            cpu::row_features<scalar_t, acc_t>(z + b * sb + yy * sh + xx * sw, sc, sw, n, num_classes,
+                                                   log_confidence, seg_f0.data(), seg_v.data(), seg_label.data(),
+                                                   seg_finite.data());
+          }
+          const int64_t j = p - seg_begin;
+          const PixelFeatures<acc_t> feat{seg_f0[j], seg_v[j], seg_label[j], seg_finite[j] != 0};
           nonfinite += feat.finite ? 0 : 1;
           const bool k = feat.finite && (valid_ptr == nullptr || valid_ptr[i]);
           keep[i] = k;

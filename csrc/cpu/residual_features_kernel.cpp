@@ -5,11 +5,16 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "../csl_common.h"
 #include "../csl_math.h"
+#include "row_features.h"
 
 namespace csl {
 namespace {
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::Tensor& logits,
                                                                      const c10::optional<at::Tensor>& valid,
@@ -42,13 +47,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::T
       for (int64_t row = row_begin; row < row_end; ++row) {
         const int64_t b = row / height, y = row % height;
         const scalar_t* z_row = z + b * sb + y * sh;
+        thread_local std::vector<uint8_t> finite;
+        finite.resize(width);
+        const int64_t i0 = row * width;
+        cpu::row_features<scalar_t, acc_t>(z_row, sc, sw, width, num_classes, log_confidence, f0_ptr + i0,
+                                               v_ptr + i0, label_ptr + i0, finite.data());
         for (int64_t x = 0; x < width; ++x) {
-          const int64_t i = row * width + x;
-          auto feat = pixel_features<scalar_t, acc_t>(z_row + x * sw, sc, num_classes, log_confidence);
-          const bool keep = feat.finite && (valid_ptr == nullptr || valid_ptr[i]);
-          f0_ptr[i] = keep ? feat.f0 : acc_t(0);
-          v_ptr[i] = keep ? feat.v : acc_t(0);
-          label_ptr[i] = keep ? feat.label : 0;
+          if (!finite[x] || (valid_ptr != nullptr && !valid_ptr[i0 + x])) {
+            f0_ptr[i0 + x] = acc_t(0);
+            v_ptr[i0 + x] = acc_t(0);
+            label_ptr[i0 + x] = 0;
+          }
         }
       }
     });
