@@ -3,12 +3,15 @@
     python -m bench                      # GPU suite on CUDA when available, else the CPU suite
     python -m bench --device cpu         # CPU suite (cpu321, cpu161; fp32 and bf16)
     python -m bench --smoke --out x.json # one tiny shape, short timing (CI)
+    python -m bench --merge a.json b.json --out all.json  # combine runs made in pieces on one device
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import (
     bench_pcos_weights,
@@ -42,7 +45,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--ops", nargs="+", choices=[s.name for s in SPECS], default=None)
     parser.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per selection")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine the JSON of runs made in pieces (same device) instead of running")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     settings = settings_from_args(args)
     copy = copy_bandwidth_gbps(settings.device)
     settings.copy_gbps = copy["gbps"]
@@ -73,6 +80,30 @@ def main(argv=None) -> dict:
         print(train_table(train))
     print()
     print(goals_table(goals))
+    print(f"\nwrote {path}")
+    return payload
+
+
+def merge(paths: list[Path], out: Path | None) -> dict:
+    """One JSON (and tables) from several runs on the same device, e.g. ops run one per command."""
+    import torch
+
+    parts = [json.loads(p.read_text()) for p in paths]
+    names = {p["environment"]["device_name"] for p in parts}
+    if len(names) != 1:
+        raise SystemExit(f"--merge: the runs come from different devices: {sorted(names)}")
+    device = torch.device(parts[0]["environment"]["device"])
+    records = [r for p in parts for r in p["records"]]
+    train = [r for p in parts for r in p.get("train_step", [])]
+    payload = dict(parts[0], records=records, train_step=train, goals=evaluate_goals(records, train, device),
+                   merged_from=[str(p) for p in paths])
+    path = write_json(payload, out or default_output_path(device))
+    print(markdown_table(records))
+    if train:
+        print()
+        print(train_table(train))
+    print()
+    print(goals_table(payload["goals"]))
     print(f"\nwrote {path}")
     return payload
 

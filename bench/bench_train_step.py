@@ -206,55 +206,72 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
     names = ("official", "eager") + tuple(b for b in FUSED if (b == "cpu") == (device.type == "cpu"))
     if suite == "smoke" and device.type == "cpu":
         names += ("triton",)
+    ready: dict[str, Selection] = {}
+    by_name: dict[str, dict] = {}
     for name in names:
         record = {"op": "train_step", "config": cfg.name, "selection": name, "steps": steps, "warmup": warmup}
+        by_name[name] = record
+        records.append(record)
         sel = selection_or_reason(name, device)
         if name == "triton" and device.type == "cpu" and not isinstance(sel, str):
             sel = "the triton interpreter is not a performance path; the train step runs triton on CUDA only"
         if isinstance(sel, str):
             record.update(status="unavailable", reason=sel)
-            records.append(record)
             log(f"train_step {name:8s} unavailable: {sel}")
             continue
-        timer = RegionTimer(device)
-        generator = torch.Generator(device=device).manual_seed(0)
-        step_ms, csl_ms, parts = [], [], {}
-        try:
-            for _ in range(warmup):
-                train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+        ready[name] = sel
+    timer = RegionTimer(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    step_ms: dict[str, list[float]] = {name: [] for name in ready}
+    csl_ms: dict[str, list[float]] = {name: [] for name in ready}
+    parts: dict[str, dict[str, list[float]]] = {name: {} for name in ready}
+    peak: dict[str, int] = {}
+
+    def one_step(name: str, timed: bool) -> None:
+        sel = ready[name]
+        if not timed:
+            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
             synchronize(device)
             timer.totals_ms()
-            if device.type == "cuda":
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(steps):
-                if device.type == "cuda":
-                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    begin.record()
-                    train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
-                    end.record()
-                    torch.cuda.synchronize(device)
-                    step_ms.append(begin.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
-                    step_ms.append((time.perf_counter() - t0) * 1e3)
-                totals = timer.totals_ms()
-                csl_ms.append(sum(totals.values()))
-                for key, value in totals.items():
-                    parts.setdefault(key, []).append(value)
-        except Exception as exc:  # noqa: BLE001 - reported, never dropped
-            record.update(status="error", reason=error_reason(exc))
-            records.append(record)
-            log(f"train_step {name:8s} error: {record['reason']}")
-            continue
-        record.update(status="ok", step_ms=_quantiles(step_ms), csl_ms=_quantiles(csl_ms),
-                      csl_parts_ms={k: _quantiles(v)["median"] for k, v in parts.items()})
+            return
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats(device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+            end.record()
+            torch.cuda.synchronize(device)
+            step_ms[name].append(begin.elapsed_time(end))
+            peak[name] = max(peak.get(name, 0), int(torch.cuda.max_memory_allocated(device)))
+        else:
+            t0 = time.perf_counter()
+            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+            step_ms[name].append((time.perf_counter() - t0) * 1e3)
+        totals = timer.totals_ms()
+        csl_ms[name].append(sum(totals.values()))
+        for key, value in totals.items():
+            parts[name].setdefault(key, []).append(value)
+
+    # Warm-up of every selection, then the timed steps interleaved (one step of each selection per round), so a
+    # change of load on a shared machine hits them all alike.
+    for phase, count in (("warmup", warmup), ("timed", steps)):
+        for _ in range(count):
+            for name in list(ready):
+                try:
+                    one_step(name, timed=phase == "timed")
+                except Exception as exc:  # noqa: BLE001 - reported, never dropped
+                    by_name[name].update(status="error", reason=error_reason(exc))
+                    log(f"train_step {name:8s} error: {by_name[name]['reason']}")
+                    del ready[name]
+    for name in ready:
+        record = by_name[name]
+        record.update(status="ok", step_ms=_quantiles(step_ms[name]), csl_ms=_quantiles(csl_ms[name]),
+                      csl_parts_ms={k: _quantiles(v)["median"] for k, v in parts[name].items()})
         record["csl_share_pct"] = 100.0 * record["csl_ms"]["median"] / record["step_ms"]["median"]
-        record["peak_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        record["peak_bytes"] = peak.get(name)
         if device.type != "cuda":
             record["note"] = "peak memory measured on CUDA only"
-        records.append(record)
         log(f"train_step {name:8s} step {record['step_ms']['median']:9.1f} ms, CSL-specific "
             f"{record['csl_ms']['median']:8.2f} ms ({record['csl_share_pct']:.2f}%)")
     official = next((r for r in records if r["selection"] == "official" and r["status"] == "ok"), None)

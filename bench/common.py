@@ -255,40 +255,63 @@ def _quantiles(times_ms: list[float]) -> dict:
             "reps": len(times_ms)}
 
 
-def bench_fn(fn: Callable, buffers: list[tuple], settings: Settings) -> dict:
-    """Median and 20/80 quantiles (ms) of ``fn(*buffers[i % len])``; CUDA events on GPU, perf_counter on CPU.
-
-    A short estimate sets the number of warm-up calls and repetitions from the time budget (the way
-    ``triton.testing.do_bench`` does); the input buffers rotate so the cache does not flatter.
-    """
-    device = settings.device
-    synchronize(device)
+def plan_reps(fn: Callable, buffers: list[tuple], settings: Settings) -> tuple[int, int]:
+    """``(n_warmup, n_rep)`` from one timed call and the time budget, the way ``triton.testing.do_bench`` does."""
+    synchronize(settings.device)
     start = time.perf_counter()
     fn(*buffers[0])
-    synchronize(device)
+    synchronize(settings.device)
     estimate = max(time.perf_counter() - start, 1e-6)
     n_warmup = min(50, int(settings.warmup_s / estimate)) if settings.warmup_s > 0 else 0
     n_rep = max(settings.min_reps, min(settings.max_reps, int(settings.rep_s / estimate)))
-    for i in range(n_warmup):
-        fn(*buffers[i % len(buffers)])
-    synchronize(device)
-    times = []
+    return n_warmup, n_rep
+
+
+def time_calls(fn: Callable, buffers: list[tuple], count: int, device: torch.device, offset: int = 0) -> list[float]:
+    """Milliseconds of ``count`` calls ``fn(*buffers[i % len])``: CUDA events on GPU, perf_counter on CPU.
+
+    The input buffers rotate so the cache does not flatter."""
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rep)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
         for i, (begin, end) in enumerate(events):
-            args = buffers[i % len(buffers)]
+            args = buffers[(offset + i) % len(buffers)]
             begin.record()
             fn(*args)
             end.record()
         torch.cuda.synchronize(device)
-        times = [b.elapsed_time(e) for b, e in events]
-    else:
-        for i in range(n_rep):
-            args = buffers[i % len(buffers)]
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times)
+        return [b.elapsed_time(e) for b, e in events]
+    times = []
+    for i in range(count):
+        args = buffers[(offset + i) % len(buffers)]
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_fn(fn: Callable, buffers: list[tuple], settings: Settings) -> dict:
+    """Median and 20/80 quantiles (ms) of one function after warm-up."""
+    n_warmup, n_rep = plan_reps(fn, buffers, settings)
+    time_calls(fn, buffers, n_warmup, settings.device)
+    return _quantiles(time_calls(fn, buffers, n_rep, settings.device))
+
+
+def bench_interleaved(fns: dict[str, Callable], buffers: list[tuple], settings: Settings, rounds: int = 5
+                      ) -> dict[str, dict]:
+    """Time several providers side by side: after each one's warm-up, ``rounds`` rounds in which every provider
+    runs its share of repetitions, so a change of load on a shared machine hits them all alike."""
+    plans = {}
+    for name, fn in fns.items():
+        n_warmup, n_rep = plan_reps(fn, buffers, settings)
+        time_calls(fn, buffers, n_warmup, settings.device)
+        plans[name] = n_rep
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            share = plans[name] // rounds + (1 if r < plans[name] % rounds else 0)
+            if share:
+                times[name] += time_calls(fn, buffers, share, settings.device, offset=len(times[name]))
+    return {name: _quantiles(t) for name, t in times.items()}
 
 
 def peak_memory(fn: Callable, args: tuple, device: torch.device) -> dict:
@@ -388,14 +411,17 @@ def run_op(spec: OpSpec, settings: Settings, log: Callable[[str], None] = print)
                 except Exception as exc:  # noqa: BLE001 - recorded below as the eager provider's error
                     eager_out = None
                     log(f"  eager failed: {error_reason(exc)}")
+            ready: dict[str, Callable] = {}
+            by_name: dict[str, dict] = {}
             for name in PROVIDERS:
                 record = dict(base, provider=name)
+                by_name[name] = record
+                records.append(record)
                 impl = providers.get(name, "not implemented for this op")
                 if name not in settings.providers:
                     impl = "not selected (--providers)"
                 if isinstance(impl, str):
                     record.update(status="unavailable", reason=impl)
-                    records.append(record)
                     log(f"{spec.name:24s} {shape.name:8s} {dtype_name:4s} {name:8s} unavailable: {impl}")
                     continue
                 try:
@@ -407,23 +433,31 @@ def run_op(spec: OpSpec, settings: Settings, log: Callable[[str], None] = print)
                     if eager_out is not None:
                         record["vs_eager"] = spec.compare(out, eager_out, inputs)
                     del out
-                    record["time_ms"] = bench_fn(impl, buffers, settings)
                     record["memory"] = peak_memory(impl, inputs, settings.device)
-                    record["status"] = "ok"
+                    ready[name] = impl
                 except Exception as exc:  # noqa: BLE001 - a failing provider is reported, never dropped
                     record.update(status="error", reason=error_reason(exc))
-                    records.append(record)
                     log(f"{spec.name:24s} {shape.name:8s} {dtype_name:4s} {name:8s} error: {record['reason']}")
-                    continue
-                median = record["time_ms"]["median"]
+            try:
+                timings = bench_interleaved(ready, buffers, settings)
+            except Exception as exc:  # noqa: BLE001 - find the provider that fails when timed alone
+                timings = {}
+                for name, impl in ready.items():
+                    try:
+                        timings[name] = bench_fn(impl, buffers, settings)
+                    except Exception as exc_one:  # noqa: BLE001
+                        by_name[name].update(status="error", reason=error_reason(exc_one))
+                log(f"  interleaved timing failed ({error_reason(exc)}); timed one by one")
+            for name, timing in timings.items():
+                record = by_name[name]
+                median = timing["median"]
                 achieved = floor / (median * 1e-3) / 1e9
-                record["gbps"] = achieved
+                record.update(status="ok", time_ms=timing, gbps=achieved)
                 if settings.copy_gbps:
                     record["pct_copy_bw"] = 100.0 * achieved / settings.copy_gbps
                     record["x_floor"] = settings.copy_gbps / achieved
-                records.append(record)
                 log(f"{spec.name:24s} {shape.name:8s} {dtype_name:4s} {name:8s} {median:10.3f} ms "
-                    f"[{record['time_ms']['q20']:.3f}, {record['time_ms']['q80']:.3f}]")
+                    f"[{timing['q20']:.3f}, {timing['q80']:.3f}]")
             del inputs, buffers, providers, eager_out
             gc.collect()
             if settings.is_cuda:
