@@ -31,6 +31,7 @@ from .common import (
     run_op,
     settings_dict,
     settings_from_args,
+    summary_table,
     train_table,
     write_json,
 )
@@ -75,6 +76,8 @@ def main(argv=None) -> dict:
     path = write_json(payload, args.out or default_output_path(settings.device))
     print()
     print(markdown_table(records))
+    print()
+    print(summary_table(records))
     if train:
         print()
         print(train_table(train))
@@ -99,6 +102,8 @@ def merge(paths: list[Path], out: Path | None) -> dict:
                    merged_from=[str(p) for p in paths])
     path = write_json(payload, out or default_output_path(device))
     print(markdown_table(records))
+    print()
+    print(summary_table(records))
     if train:
         print()
         print(train_table(train))

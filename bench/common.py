@@ -560,6 +560,23 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(records: list[dict]) -> str:
+    """One row per (op, shape, dtype): every provider's median ms side by side (n/a = unavailable, see the JSON)."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        groups.setdefault((r["op"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    head = "| op | shape | dtype | " + " | ".join(f"{p} ms" for p in PROVIDERS) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (op, shape, dtype), group in groups.items():
+        cells = []
+        for p in PROVIDERS:
+            r = group.get(p, {})
+            cells.append(f"{r['time_ms']['median']:.3g}" if r.get("status") == "ok" else
+                         ("error" if r.get("status") == "error" else "n/a"))
+        lines.append(f"| {op} | {shape} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_table(train_records: list[dict]) -> str:
     head = ("| config | selection | step ms [q20, q80] | CSL-specific ms | CSL share % | peak MiB | x official "
             "| note |")
