@@ -53,7 +53,8 @@ if os.environ.get("CSL_BUILD_EXT") == "1":
         "csl_kernels._C",
         sources,
         include_dirs=[str(csrc)],
-        extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"], "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
     ))
 
     class BuildExtWithMeta(cpp_extension.BuildExtension):
