@@ -89,6 +89,6 @@ setup(
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "ninja"], "dev": ["pytest", "ninja", "ruff"]},
+    extras_require={"test": ["pytest", "ninja"], "dev": ["pytest", "ninja", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["csl=csl.cli:main"]},
 )

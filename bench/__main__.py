@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     add_common_args(parser)
     parser.add_argument("--ops", nargs="+", choices=[s.name for s in SPECS], default=None)
     parser.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmark")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per selection")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSON of runs made in pieces (same device) instead of running")
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
           f"{copy['gbps']:.1f} GB/s")
     records = []
     for spec in SPECS:
-        if args.ops is None or spec.name in args.ops:
+        if not args.train_only and (args.ops is None or spec.name in args.ops):
             records += run_op(spec, settings)
     train = [] if args.skip_train else bench_train_step.run(settings.device, settings.suite, args.steps)
     goals = evaluate_goals(records, train, settings.device)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 IGNORE_INDEX = 255
@@ -23,7 +21,7 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, 
     return b, c, h, w
 
 
-def valid_mask(ignore: Optional[torch.Tensor], logits: torch.Tensor, name: str = "ignore") -> Optional[torch.Tensor]:
+def valid_mask(ignore: torch.Tensor | None, logits: torch.Tensor, name: str = "ignore") -> torch.Tensor | None:
     """Turn ``ignore`` into a B x H x W bool tensor that is True where a pixel is valid (or None: all valid).
 
     Integer ``ignore``: valid where ``ignore != 255``. Bool ``ignore``: valid where True.

@@ -51,7 +51,7 @@ def metrics_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
         "overall_accuracy": ratio(selected_correct.sum(), selected.sum()),
         "overall_recall": ratio(selected_correct.sum(), correct.sum()),
     }
-    out.update({key: row.long() for key, row in zip(COUNT_KEYS, counts)})
+    out.update({key: row.long() for key, row in zip(COUNT_KEYS, counts, strict=True)})
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -29,7 +29,7 @@ class PCOSResult(NamedTuple):
     weight: torch.Tensor  # B x H x W float32 in [0, 1]
     label: torch.Tensor  # B x H x W int64 pseudo-label
     reliable: torch.Tensor  # B x H x W bool: weight == 1 and valid
-    stats: Optional[PCOSStats] = None
+    stats: PCOSStats | None = None
 
 
 def closed_form_eigen(
@@ -74,7 +74,7 @@ def choose_cluster(mu0: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 @register("pcos_weights", "reference")
 def pcos_weights_reference(
-    logits: torch.Tensor, valid: Optional[torch.Tensor], alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
 ) -> tuple[torch.Tensor, ...]:
     """Reference PCOS, batched over groups (no Python loop over images), sums in float64.
 
@@ -138,7 +138,7 @@ def pcos_weights_reference(
 
 def pcos_weights(
     logits: torch.Tensor,
-    ignore: Optional[torch.Tensor] = None,
+    ignore: torch.Tensor | None = None,
     *,
     alpha: float = 8.0,
     confidence: str = "prob",

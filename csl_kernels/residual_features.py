@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._backends import register, resolve
@@ -20,7 +18,7 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 @register("residual_features", "reference")
 def residual_features_reference(
-    logits: torch.Tensor, valid: Optional[torch.Tensor], log_confidence: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference features. Returns ``(f0, v, label)``; invalid pixels (ignored or non-finite) give ``(0, 0, 0)``.
 
@@ -31,7 +29,7 @@ def residual_features_reference(
 
 
 def features_with_validity(
-    logits: torch.Tensor, valid: Optional[torch.Tensor], log_confidence: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like :func:`residual_features_reference` but also returns the final validity mask (valid and finite)."""
     c = logits.shape[1]
@@ -62,7 +60,7 @@ def features_with_validity(
 
 def residual_features(
     logits: torch.Tensor,
-    ignore: Optional[torch.Tensor] = None,
+    ignore: torch.Tensor | None = None,
     *,
     confidence: str = "prob",
     backend: str = "auto",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._checks import check_choice, check_logits, valid_mask
@@ -14,7 +12,7 @@ SCORES = ("confidence", "entropy", "residual_entropy", "margin", "dispersion")
 
 
 def threshold_weights(
-    logits: torch.Tensor, ignore: Optional[torch.Tensor] = None, *, tau: float = 0.95, backend: str = "auto"
+    logits: torch.Tensor, ignore: torch.Tensor | None = None, *, tau: float = 0.95, backend: str = "auto"
 ) -> PCOSResult:
     """FixMatch / UniMatch selection: ``w = [pmax >= tau] & valid``.
 
@@ -32,7 +30,7 @@ def threshold_weights(
     return PCOSResult(reliable.to(torch.float32), label, reliable, None)
 
 
-def selection_scores(logits: torch.Tensor, ignore: Optional[torch.Tensor] = None, *, score: str = "entropy"
+def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *, score: str = "entropy"
                      ) -> torch.Tensor:
     """Per-pixel reliability scores for the ablation of the paper's supplementary Tab. 13 (reference only).
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._backends import register, resolve
@@ -15,7 +13,7 @@ def grid_size(height: int, width: int, block: int) -> tuple[int, int]:
 
 
 def draw_cells(batch: int, height: int, width: int, *, block: int, rate: float,
-               generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+               generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """The random ``B x gh x gw`` bool block grid; each cell is covered with probability ``rate``."""
     gh, gw = grid_size(height, width, block)
     draw_device = generator.device if generator is not None else device
@@ -46,7 +44,7 @@ def trusted_mask(
     *,
     block: int = 32,
     rate: float = 0.7,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     fill: float = 0.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._backends import register, resolve
@@ -13,7 +11,7 @@ from .residual_features import compute_dtype
 
 @register("weighted_cross_entropy", "reference")
 def weighted_cross_entropy_reference(
-    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: Optional[torch.Tensor]
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd (float64 for float64 logits, else float32).
 
@@ -36,7 +34,7 @@ def weighted_cross_entropy(
     logits: torch.Tensor,
     label: torch.Tensor,
     weight: torch.Tensor,
-    ignore: Optional[torch.Tensor] = None,
+    ignore: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:

@@ -115,3 +115,7 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
         assert set(g) >= {"goal", "where", "measured", "target", "met"}
     printed = capsys.readouterr().out
     assert "| pcos_weights | smoke | fp32 | official |" in printed and "| goal |" in printed
+
+    merged = bench_main(["--merge", str(out), "--out", str(tmp_path / "merged.json")])
+    assert len(merged["records"]) == len(records) and len(merged["train_step"]) == len(train)
+    assert json.loads((tmp_path / "merged.json").read_text())["merged_from"] == [str(out)]
