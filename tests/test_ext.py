@@ -7,6 +7,7 @@ checks what is specific to the extension.
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -46,6 +47,8 @@ def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CPU"), op
     with_cuda, arch, why = _ext.cuda_build_plan()
     assert info.with_cuda == with_cuda, why
+    if os.environ.get("CSL_REQUIRE_CUDA_BUILD") == "1":  # CI: the .cu files must compile and link for sm_90
+        assert info.with_cuda, f"the CUDA part was not built: {why}"
     if with_cuda:  # nvcc and a CUDA build of torch: the CUDA kernels must be in the library, GPU or not
         assert info.cuda_arch_list == arch
         for op in OPS:
