@@ -50,9 +50,9 @@ C10_HOST_DEVICE inline bool is_finite(acc_t x) {
 }
 
 // f0 (pmax or log pmax), residual dispersion v and pseudo-label of one pixel whose C logits lie at
-// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false). With kCache > 0 (CPU) the exponentials of
-// the first pass are kept for the second when C <= kCache (bitwise the same result, half the exp calls).
-template <typename scalar_t, typename acc_t, int kCache = 0>
+// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false). (The CPU kernels compute the same per
+// pixel on tiles of pixels: cpu/tile_kernels.h.)
+template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, int64_t stride, int64_t num_classes,
                                                            bool log_confidence) {
   acc_t z_max = static_cast<acc_t>(z[0]);
@@ -70,15 +70,9 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, in
     return {acc_t(0), acc_t(0), 0, false};
   }
   // R = sum of exp(z_k - z_max) over the non-max classes; r = R / (1 + R) never cancels (1 - pmax would).
-  acc_t cache[kCache > 0 ? kCache : 1];
-  const bool cached = kCache > 0 && num_classes <= kCache;
   acc_t big_r = 0;
   for (int64_t k = 0; k < num_classes; ++k) {
-    const acc_t e = k != label ? std::exp(static_cast<acc_t>(z[k * stride]) - z_max) : acc_t(0);
-    big_r += e;
-    if (cached) {
-      cache[k] = e;
-    }
+    big_r += k != label ? std::exp(static_cast<acc_t>(z[k * stride]) - z_max) : acc_t(0);
   }
   const acc_t inv = acc_t(1) / (acc_t(1) + big_r);
   const acc_t r = mul_rn(big_r, inv);
@@ -88,7 +82,7 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, in
   acc_t sum_sq = 0;
   for (int64_t k = 0; k < num_classes; ++k) {
     if (k != label) {
-      const acc_t e = cached ? cache[k] : std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+      const acc_t e = std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
       const acc_t d = mul_rn(e, inv) - m;
       sum_sq += d * d;
     }

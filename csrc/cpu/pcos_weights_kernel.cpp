@@ -3,7 +3,8 @@
 // Three parallel passes over fixed chunks of pixels (chunks depend only on the shapes, so the result does not depend
 // on the number of threads): A) features, pseudo-labels and per-chunk Gram sums; B) cluster assignment and per-chunk
 // cluster sums of the features shifted by the group mean; C) weights. Between the passes the per-chunk partial sums
-// (float64) are reduced in chunk order per group.
+// (float64) are reduced in chunk order per group. Within a chunk, the sums of an image group are kept in interleaved
+// lanes (pcos_lanes.h), those of a class group pixel by pixel; either order is fixed by the pixel indices alone.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,16 +12,18 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <type_traits>
+#include <limits>
+#include <memory>
 #include <vector>
 
 #include "../csl_common.h"
 #include "../csl_math.h"
 #include "row_features.h"
+#include "tile_kernels.h"
+#include "vec_math.h"
 
 namespace csl {
 namespace {
-
 
 using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor>;
@@ -58,7 +61,6 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   const bool* valid_ptr = valid.has_value() ? valid_c.data_ptr<bool>() : nullptr;
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
 
-  std::vector<uint8_t> keep(batch * hw);
   std::vector<double> gram_partial(num_chunks * groups_per_image * kGramStats, 0.0);
   std::vector<double> cluster_partial(num_chunks * groups_per_image * 2 * kClusterStats, 0.0);
   std::vector<int64_t> nonfinite_partial(num_chunks, 0);
@@ -83,53 +85,47 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pcos_weights_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    std::vector<acc_t> fx(batch * hw), fy(batch * hw);
-
+    // Features of every pixel for passes B and C (written by pass A); fx is NaN where a pixel is not used.
+    std::unique_ptr<acc_t[]> fx_buffer(new acc_t[batch * hw]), fy_buffer(new acc_t[batch * hw]);
+    acc_t* fx = fx_buffer.get();
+    acc_t* fy = fy_buffer.get();
     // A) features and Gram sums.
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) uint8_t finite[cpu::kTile];
       for (int64_t ci = begin; ci < end; ++ci) {
         const int64_t b = ci / chunks_per_image;
-        const int64_t p0 = (ci % chunks_per_image) * chunk, p1 = std::min(hw, p0 + chunk);
+        const int64_t i0 = b * hw + (ci % chunks_per_image) * chunk, i1 = std::min((b + 1) * hw, i0 + chunk);
         int64_t nonfinite = 0;
-        thread_local std::vector<acc_t> seg_f0, seg_v;
-        thread_local std::vector<int64_t> seg_label;
-        thread_local std::vector<uint8_t> seg_finite;
-        int64_t seg_begin = p0, seg_end = p0;  // the current run of pixels of one row
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t i = b * hw + p;
-          if (p >= seg_end) {
-            const int64_t yy = p / width, xx = p % width;
-            seg_begin = p;
-            seg_end = std::min(p1, (yy + 1) * width);
-            const int64_t n = seg_end - seg_begin;
-            seg_f0.resize(n);
-            seg_v.resize(n);
-            seg_label.resize(n);
-            seg_finite.resize(n);
-            cpu::row_features<scalar_t, acc_t>(z + b * sb + yy * sh + xx * sw, sc, sw, n, num_classes,
-                                                   log_confidence, seg_f0.data(), seg_v.data(), seg_label.data(),
-                                                   seg_finite.data());
+        cpu::for_each_tile(i0, i1, height, width, [&](int64_t bb, int64_t yy, int64_t x0, int64_t len, int64_t t0) {
+          cpu::row_features<scalar_t, acc_t>(z + bb * sb + yy * sh + x0 * sw, sc, sw, len, num_classes,
+                                             log_confidence, fx + t0, fy + t0, label_ptr + t0, finite);
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t i = t0 + j;
+            nonfinite += finite[j] ? 0 : 1;
+            const bool k = finite[j] && (valid_ptr == nullptr || valid_ptr[i]);
+            fx[i] = k ? fx[i] : std::numeric_limits<acc_t>::quiet_NaN();
+            fy[i] = k ? fy[i] : acc_t(0);
+            label_ptr[i] = k ? label_ptr[i] : 0;
           }
-          const int64_t j = p - seg_begin;
-          const PixelFeatures<acc_t> feat{seg_f0[j], seg_v[j], seg_label[j], seg_finite[j] != 0};
-          nonfinite += feat.finite ? 0 : 1;
-          const bool k = feat.finite && (valid_ptr == nullptr || valid_ptr[i]);
-          keep[i] = k;
-          fx[i] = k ? feat.f0 : acc_t(0);
-          fy[i] = k ? feat.v : acc_t(0);
-          label_ptr[i] = k ? feat.label : 0;
-          if (k) {
-            double* s = gram_partial.data() + (ci * groups_per_image + (class_groups ? feat.label : 0)) * kGramStats;
-            const double x = static_cast<double>(feat.f0), y = static_cast<double>(feat.v);
-            s[0] += 1.0;
-            s[1] += x;
-            s[2] += y;
-            s[3] += x * x;
-            s[4] += x * y;
-            s[5] += y * y;
-          }
-        }
+        });
         nonfinite_partial[ci] = nonfinite;
+        double* gram = gram_partial.data() + ci * groups_per_image * kGramStats;
+        if (class_groups) {
+          for (int64_t i = i0; i < i1; ++i) {
+            if (fx[i] == fx[i]) {
+              const double x = static_cast<double>(fx[i]), y = static_cast<double>(fy[i]);
+              double* s = gram + label_ptr[i] * kGramStats;
+              s[0] += 1.0;
+              s[1] += x;
+              s[2] += y;
+              s[3] += x * x;
+              s[4] += x * y;
+              s[5] += y * y;
+            }
+          }
+        } else {
+          cpu::gram_sums(fx + i0, fy + i0, i1 - i0, gram);
+        }
       }
     });
     double* eigen_ptr = eigenvalues.data_ptr<double>();
@@ -140,22 +136,25 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         group_params_from_gram(sums, params.data() + g * kGroupParams, eigen_ptr + g * 2);
       }
     });
-
     // B) cluster assignment and shifted cluster sums.
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ci = begin; ci < end; ++ci) {
         const int64_t b = ci / chunks_per_image;
-        const int64_t p0 = (ci % chunks_per_image) * chunk, p1 = std::min(hw, p0 + chunk);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t i = b * hw + p;
-          if (!keep[i]) {
-            continue;
+        const int64_t i0 = b * hw + (ci % chunks_per_image) * chunk, i1 = std::min((b + 1) * hw, i0 + chunk);
+        double* sums = cluster_partial.data() + ci * groups_per_image * 2 * kClusterStats;
+        if (!class_groups) {
+          cpu::cluster_sums(fx + i0, fy + i0, i1 - i0, params.data() + b * kGroupParams, sums);
+          continue;
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          if (fx[i] != fx[i]) {
+            continue;  // not used
           }
-          const int64_t cls = class_groups ? label_ptr[i] : 0;
+          const int64_t cls = label_ptr[i];
           const double* gp = params.data() + (b * groups_per_image + cls) * kGroupParams;
           const double x = static_cast<double>(fx[i]), y = static_cast<double>(fy[i]);
           const int cl = assign_cluster(gp, x, y);
-          double* s = cluster_partial.data() + ((ci * groups_per_image + cls) * 2 + cl) * kClusterStats;
+          double* s = sums + (cls * 2 + cl) * kClusterStats;
           const double dx = x - gp[0], dy = y - gp[1];
           s[0] += 1.0;
           s[1] += dx;
@@ -177,20 +176,16 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
                       chosen_ptr + g, weight_params.data() + g * kWeightParams);
       }
     });
-
-    // C) weights.
+    // C) weights, image by image.
     float* weight_ptr = weight.data_ptr<float>();
     bool* reliable_ptr = reliable.data_ptr<bool>();
     at::parallel_for(0, batch * hw, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float w = 0.0f;
-        if (keep[i]) {
-          const int64_t g = (i / hw) * groups_per_image + (class_groups ? label_ptr[i] : 0);
-          w = pixel_weight(weight_params.data() + g * kWeightParams, static_cast<double>(fx[i]),
-                           static_cast<double>(fy[i]), alpha);
-        }
-        weight_ptr[i] = w;
-        reliable_ptr[i] = keep[i] && w == 1.0f;
+      for (int64_t i = begin; i < end;) {
+        const int64_t b = i / hw, n = std::min(end, (b + 1) * hw) - i;
+        const double* wp = weight_params.data() + b * groups_per_image * kWeightParams;
+        cpu::pcos_weights(fx + i, fy + i, class_groups ? label_ptr + i : nullptr, n, wp, alpha, weight_ptr + i,
+                          reliable_ptr + i);
+        i += n;
       }
     });
   });

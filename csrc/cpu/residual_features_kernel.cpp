@@ -5,8 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <type_traits>
-#include <vector>
+#include <cstdint>
 
 #include "../csl_common.h"
 #include "../csl_math.h"
@@ -14,7 +13,6 @@
 
 namespace csl {
 namespace {
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::Tensor& logits,
                                                                      const c10::optional<at::Tensor>& valid,
@@ -51,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::T
         finite.resize(width);
         const int64_t i0 = row * width;
         cpu::row_features<scalar_t, acc_t>(z_row, sc, sw, width, num_classes, log_confidence, f0_ptr + i0,
-                                               v_ptr + i0, label_ptr + i0, finite.data());
+                                           v_ptr + i0, label_ptr + i0, finite.data());
         for (int64_t x = 0; x < width; ++x) {
           if (!finite[x] || (valid_ptr != nullptr && !valid_ptr[i0 + x])) {
             f0_ptr[i0 + x] = acc_t(0);

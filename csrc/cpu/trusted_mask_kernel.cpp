@@ -5,10 +5,47 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
 #include "../csl_common.h"
 
 namespace csl {
 namespace {
+
+template <size_t kBytes>
+struct BitsOf;
+template <>
+struct BitsOf<2> {
+  using type = uint16_t;
+};
+template <>
+struct BitsOf<4> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<8> {
+  using type = uint64_t;
+};
+
+// dst[x] = cover[x] ? fill : src[x] for a contiguous row, as a bit select (no branch, vectorised; bf16 / half
+// included, whose conversions are not needed to copy them).
+template <typename scalar_t>
+void masked_row(const scalar_t* __restrict src, const uint8_t* __restrict cover, int64_t n, scalar_t fill,
+                scalar_t* __restrict dst) {
+  using bits_t = typename BitsOf<sizeof(scalar_t)>::type;
+  bits_t fill_bits;
+  std::memcpy(&fill_bits, &fill, sizeof(fill_bits));
+  for (int64_t x = 0; x < n; ++x) {
+    bits_t v;
+    std::memcpy(&v, src + x, sizeof(v));
+    const bits_t mask = bits_t(0) - static_cast<bits_t>(cover[x]);
+    v = static_cast<bits_t>((v & static_cast<bits_t>(~mask)) | (fill_bits & mask));
+    std::memcpy(dst + x, &v, sizeof(v));
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> trusted_mask_cpu(const at::Tensor& images, const at::Tensor& cells,
                                                     const at::Tensor& reliable, double fill) {
@@ -35,24 +72,46 @@ std::tuple<at::Tensor, at::Tensor> trusted_mask_cpu(const at::Tensor& images, co
   const bool* cells_ptr = cells_c.data_ptr<bool>();
   const bool* reliable_ptr = reliable_c.data_ptr<bool>();
   bool* cover_ptr = cover.data_ptr<bool>();
+  // Nearest upsampling: pixel column x lies in cell column floor(x * gw / W); cell column c spans the pixel columns
+  // [col_begin[c], col_begin[c + 1]) (empty when gw > W).
+  std::vector<int64_t> col_begin(gw + 1, width);
+  for (int64_t x = width - 1; x >= 0; --x) {
+    col_begin[x * gw / width] = x;
+  }
+  for (int64_t c = gw - 1; c >= 0; --c) {
+    col_begin[c] = std::min(col_begin[c], col_begin[c + 1]);
+  }
+  const int64_t is0 = images.stride(0), is1 = images.stride(1), is2 = images.stride(2), is3 = images.stride(3);
+  const int64_t os0 = masked.stride(0), os1 = masked.stride(1), os2 = masked.stride(2), os3 = masked.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "trusted_mask_cpu", [&] {
     const scalar_t* in = images.const_data_ptr<scalar_t>();
     scalar_t* out = masked.data_ptr<scalar_t>();
     const scalar_t fill_value = static_cast<scalar_t>(fill);
-    at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
+    // Rows of whole images per task: each row is a few hundred bytes of work.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * channels));
+    at::parallel_for(0, batch * height, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / height, y = row % height;
         const bool* cell_row = cells_ptr + (b * gh + y * gh / height) * gw;
+        const bool* reliable_row = reliable_ptr + row * width;
         bool* cover_row = cover_ptr + row * width;
-        for (int64_t x = 0; x < width; ++x) {
-          cover_row[x] = cell_row[x * gw / width] && reliable_ptr[row * width + x];
+        for (int64_t c = 0; c < gw; ++c) {
+          const int64_t x0 = col_begin[c], n = col_begin[c + 1] - x0;
+          if (cell_row[c]) {
+            std::memcpy(cover_row + x0, reliable_row + x0, n * sizeof(bool));
+          } else {
+            std::memset(cover_row + x0, 0, n * sizeof(bool));
+          }
         }
         for (int64_t k = 0; k < channels; ++k) {
-          const scalar_t* src = in + b * images.stride(0) + k * images.stride(1) + y * images.stride(2);
-          scalar_t* dst = out + b * masked.stride(0) + k * masked.stride(1) + y * masked.stride(2);
-          const int64_t s_in = images.stride(3), s_out = masked.stride(3);
-          for (int64_t x = 0; x < width; ++x) {
-            dst[x * s_out] = cover_row[x] ? fill_value : src[x * s_in];
+          const scalar_t* src = in + b * is0 + k * is1 + y * is2;
+          scalar_t* dst = out + b * os0 + k * os1 + y * os2;
+          if (is3 == 1 && os3 == 1) {
+            masked_row(src, reinterpret_cast<const uint8_t*>(cover_row), width, fill_value, dst);
+          } else {
+            for (int64_t x = 0; x < width; ++x) {
+              dst[x * os3] = cover_row[x] ? fill_value : src[x * is3];
+            }
           }
         }
       }

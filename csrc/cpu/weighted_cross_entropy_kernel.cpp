@@ -7,9 +7,13 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../csl_ce.h"
+#include "huge_pages.h"
+#include "tile_kernels.h"
+#include "vec_math.h"
 
 namespace csl {
 namespace {
@@ -53,23 +57,38 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<acc_t> tile;
+      tile.resize(num_classes * cpu::kTile);
+      alignas(64) acc_t tile_lse[cpu::kTile];
       for (int64_t ci = begin; ci < end; ++ci) {
         double sum = 0.0;
-        for (int64_t i = ci * kChunk; i < std::min(total, (ci + 1) * kChunk); ++i) {
-          const acc_t w = w_ptr[i];
-          if (w == acc_t(0) || (valid_ptr != nullptr && !valid_ptr[i])) {
-            lse_ptr[i] = acc_t(0);
-            continue;  // contributes exactly 0, whatever its logits and label
+        cpu::for_each_tile(ci * kChunk, std::min(total, (ci + 1) * kChunk), height, width,
+                           [&](int64_t b, int64_t yy, int64_t x0, int64_t len, int64_t i0) {
+          const scalar_t* zt = z + b * sb + yy * sh + x0 * sw;
+          const acc_t* src = tile.data();
+          int64_t src_sc = cpu::kTile;
+          if (cpu::in_place_rows<scalar_t, acc_t>(sw)) {
+            src = reinterpret_cast<const acc_t*>(zt);
+            src_sc = sc;
+          } else {
+            cpu::load_tile(zt, sc, sw, len, num_classes, tile.data());
           }
-          const int64_t y = label_ptr[i];
-          TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
-                      num_classes, ")");
-          const int64_t b = i / hw, p = i % hw;
-          const scalar_t* zp = z + b * sb + (p / width) * sh + (p % width) * sw;
-          const acc_t l = pixel_logsumexp<scalar_t, acc_t>(zp, sc, num_classes);
-          lse_ptr[i] = l;
-          sum += static_cast<double>(w * (l - static_cast<acc_t>(zp[y * sc])));
-        }
+          cpu::logsumexp_tile(src, src_sc, len, num_classes, tile_lse);
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t i = i0 + j;
+            const acc_t w = w_ptr[i];
+            if (w == acc_t(0) || (valid_ptr != nullptr && !valid_ptr[i])) {
+              lse_ptr[i] = acc_t(0);
+              continue;  // contributes exactly 0, whatever its logits and label
+            }
+            const int64_t y = label_ptr[i];
+            TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
+                        num_classes, ")");
+            const acc_t l = tile_lse[j];
+            lse_ptr[i] = l;
+            sum += static_cast<double>(w * (l - src[y * src_sc + j]));
+          }
+        });
         partial[ci] = sum;
       }
     });
@@ -104,6 +123,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   if (grad.numel() == 0) {
     return grad;
   }
+  cpu::advise_huge_pages(grad.data_ptr(), grad.storage().nbytes());
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
@@ -119,27 +139,42 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
     const acc_t* lse_ptr = lse_c.const_data_ptr<acc_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, total, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / hw, p = i % hw, yy = p / width, xx = p % width;
-        const scalar_t* zp = z + b * sb + yy * sh + xx * sw;
-        scalar_t* gp = g + b * gb + yy * gh + xx * gw;
-        const acc_t w = w_ptr[i];
-        if (w == acc_t(0) || (valid_ptr != nullptr && !valid_ptr[i])) {
-          for (int64_t k = 0; k < num_classes; ++k) {
-            gp[k * gc] = scalar_t(0);
+    const acc_t scale_acc = static_cast<acc_t>(scale);
+    // Any split of the pixels gives the same gradient (no reduction), so the grain only balances the work.
+    at::parallel_for(0, total, kChunk, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<acc_t> tile;
+      tile.resize(num_classes * cpu::kTile);
+      alignas(64) acc_t tile_lse[cpu::kTile], tile_scale[cpu::kTile];
+      alignas(64) int32_t tile_label[cpu::kTile], tile_used[cpu::kTile];
+      cpu::for_each_tile(begin, end, height, width, [&](int64_t b, int64_t yy, int64_t x0, int64_t len, int64_t i0) {
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t i = i0 + j;
+          const bool used = w_ptr[i] != acc_t(0) && (valid_ptr == nullptr || valid_ptr[i]);
+          tile_used[j] = used ? 1 : 0;
+          tile_label[j] = 0;
+          tile_lse[j] = acc_t(0);
+          tile_scale[j] = acc_t(0);
+          if (used) {
+            const int64_t y = label_ptr[i];
+            TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
+                        num_classes, ")");
+            tile_label[j] = static_cast<int32_t>(y);
+            tile_lse[j] = lse_ptr[i];
+            tile_scale[j] = scale_acc * w_ptr[i];
           }
-          continue;
         }
-        const int64_t y = label_ptr[i];
-        TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ", num_classes,
-                    ")");
-        const acc_t s = static_cast<acc_t>(scale) * w, l = lse_ptr[i];
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
-          gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
+        const scalar_t* zt = z + b * sb + yy * sh + x0 * sw;
+        scalar_t* gt = g + b * gb + yy * gh + x0 * gw;
+        if (cpu::in_place_rows<scalar_t, acc_t>(sw) && gw == 1) {
+          cpu::ce_grad_tile(reinterpret_cast<const acc_t*>(zt), sc, reinterpret_cast<acc_t*>(gt), gc, len,
+                            num_classes, tile_lse, tile_scale, tile_label, tile_used);
+        } else {
+          cpu::load_tile(zt, sc, sw, len, num_classes, tile.data());
+          cpu::ce_grad_tile(tile.data(), cpu::kTile, tile.data(), cpu::kTile, len, num_classes, tile_lse, tile_scale,
+                            tile_label, tile_used);
+          cpu::store_tile(tile.data(), len, num_classes, gt, gc, gw);
         }
-      }
+      });
     });
   });
   return grad;
