@@ -72,6 +72,16 @@ def test_large_c_last_bins_and_heavy_diagonal(fused_backend):
     assert got[1, 1] == ones.numel() and got.sum() == ones.numel()
 
 
+@pytest.mark.parametrize(("num_classes", "ignore_index"), [(1000, 255), (21, 5)])
+def test_ignore_index_inside_the_class_range(fused_backend, num_classes, ignore_index):
+    device = require_backend(OP, fused_backend)
+    pred, target = make_case(num_classes, (2, 30, 30), num_classes, torch.int64, ignore_index, device)
+    assert (target == ignore_index).float().mean() > 0.1
+    got = csl_kernels.confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, backend=fused_backend)
+    assert got[ignore_index].sum() == 0  # the ignored class never appears as a target
+    assert torch.equal(got.cpu(), confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index))
+
+
 def test_empty_and_all_ignored(fused_backend):
     device = require_backend(OP, fused_backend)
     empty = torch.zeros(2, 0, 5, dtype=torch.long, device=device)
