@@ -201,3 +201,15 @@ def test_triton_custom_op():
 def test_bad_input_errors(fused_backend, images, reliable, kwargs, error, match):
     with pytest.raises(error, match=match):
         csl_kernels.trusted_mask(images, reliable, backend=fused_backend, **kwargs)
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Huge images switch the kernel to int64 indices; forced here on a small input."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import trusted_mask as module
+
+    monkeypatch.setattr(module, "_wide", lambda *args: True)
+    images, reliable = make_images(8, (2, 3, 9, 7), torch.float32, "strided", device)
+    cells = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(1)).to(device) < 0.5
+    masked, cover = impl("triton", device)(images, cells, reliable, 0.25)
+    check_against_spec(images, reliable, cells, masked, cover, 0.25)

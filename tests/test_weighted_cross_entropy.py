@@ -346,3 +346,16 @@ def test_bad_input_errors(make, error, match):
     z, y, w = torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long), torch.ones(2, 4, 5)
     with pytest.raises(error, match=match):
         csl_kernels.weighted_cross_entropy(*make(z, y, w), backend="reference")
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Images of >= 2^31 elements switch the kernels to int64 offsets; forced here on a small input."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import weighted_cross_entropy as module
+
+    monkeypatch.setattr(module, "_wide", lambda *tensors: True)
+    for kind in ("channels_last", "transposed"):
+        z, label, weight, ign = make_case(9, batch=2, classes=150, height=3, width=5, dtype=torch.float32,
+                                          kind=kind, device=device)
+        loss, grad = run("triton", z, label, weight, ign)
+        assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)

@@ -28,7 +28,7 @@ def _trusted_mask_kernel(
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:  # y * gh (or H * W) does not fit in int32
+    if WIDE:  # H * W, y * gh, x * gw or an offset inside one image does not fit in int32
         p = p.to(tl.int64)
     pm = p < H * W
     y = p // W
@@ -45,6 +45,13 @@ def _trusted_mask_kernel(
     for k in range(0, K):
         v = tl.load(img_ptr + img_off + k * s_ik, mask=pm)
         tl.store(out_ptr + out_off + k * s_ok, tl.where(cover, fill, v), mask=pm)
+
+
+def _wide(images: torch.Tensor, masked: torch.Tensor, reliable: torch.Tensor, *products: int) -> bool:
+    """True when a pixel index, y * gh, x * gw or an offset inside one image may not fit in int32."""
+    spans = [sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True))
+             for t in (images, masked, reliable)]
+    return max(images.shape[2] * images.shape[3], *products, *spans) >= 2**31 - 2**16
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.
         images, masked, cells_c, rel, _bytes(cover), fill_t,
         channels, height, width, gh, gw,
         *images.stride(), *masked.stride(), *reliable.stride(),
-        BLOCK_P=BLOCK_P, WIDE=max(height * width, height * gh, width * gw) >= 2**31 - BLOCK_P, num_warps=4,
+        BLOCK_P=BLOCK_P, WIDE=_wide(images, masked, reliable, height * gh, width * gw), num_warps=4,
     )
     return masked, cover
 

@@ -78,12 +78,14 @@ def _bf16_bits(x):
 def _ce_forward_kernel(
     z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_loss_ptr, part_count_ptr,
     C, HW, W, s_b, s_c, s_h, s_w,
-    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr,
+    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:  # one image spans >= 2^31 elements: int64 offsets
+        p = p.to(tl.int64)
     pm = p < HW
     i = b * HW + p
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
@@ -94,6 +96,8 @@ def _ce_forward_kernel(
     z_y = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cols = cols.to(tl.int64)
         mask = used[:, None] & (cols < C)[None, :]
         z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -129,11 +133,13 @@ def _ce_backward_kernel(
     grad_loss_ptr, count_ptr, z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, g_ptr,
     C, HW, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
     HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr, ACC: tl.constexpr,
-    BF16_BITS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BF16_BITS: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:
+        p = p.to(tl.int64)
     pm = p < HW
     i = b * HW + p
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
@@ -144,6 +150,8 @@ def _ce_backward_kernel(
     g_base = _pixel_offsets(b, p, W, g_b, g_h, g_w, G_FLAT_HW)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cols = cols.to(tl.int64)
         cm = (cols < C)[None, :]
         z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=used[:, None] & cm, other=0).to(ACC)
         soft = tl.exp(z - lse[:, None])
@@ -169,6 +177,12 @@ def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     weight_c = weight.contiguous()
     valid_c = valid.contiguous().view(torch.uint8) if valid is not None else None
     return label_c, weight_c, valid_c
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """True when the offsets inside one image (classes x pixels) may not fit in int32."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) >= 2**31 - 2**16
+               for t in tensors)
 
 
 def _flat_hw(t: torch.Tensor) -> bool:
@@ -206,7 +220,7 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
         _ce_forward_kernel[(n_pblocks, bsz)](
             logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
             num_classes, hw, width, *logits.stride(),
-            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits),
+            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
         )
     _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -240,7 +254,7 @@ def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Te
         grad_loss, count, logits, label_c, weight_c, valid_c, lse.contiguous(), grad_out,
         num_classes, hw, width, *logits.stride(), *grad.stride(),
         HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
-        BF16_BITS=bf16,
+        BF16_BITS=bf16, WIDE=_wide(logits, grad),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
     )
     return grad
