@@ -155,3 +155,26 @@ def test_auto_on_cpu_never_picks_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # even when the interpreter could run it: it is far too slow
     name, _ = _backends.resolve("weighted_cross_entropy", "auto", CPU)
     assert name in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "auto"])
+def test_public_op_compiles_with_fullgraph(backend):
+    from conftest import require_backend
+
+    if backend != "auto":
+        require_backend("weighted_cross_entropy", backend)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 6, 7, generator=g, requires_grad=True)
+    label = torch.randint(0, 5, (2, 6, 7), generator=g)
+    weight = torch.rand(2, 6, 7, generator=g)
+
+    def loss_fn(z, label, weight):
+        return csl_kernels.weighted_cross_entropy(z, label, weight, backend=backend)
+
+    eager = loss_fn(z, label, weight)
+    (eager_grad,) = torch.autograd.grad(eager, z)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(z, label, weight)
+    (compiled_grad,) = torch.autograd.grad(compiled, z)
+    assert torch.equal(compiled.detach(), eager.detach())
+    assert torch.equal(compiled_grad, eager_grad)
