@@ -78,3 +78,17 @@ def test_nothing_selected_or_nothing_valid():
 def test_bad_input(label, reliable, target, num_classes, error):
     with pytest.raises(error):
         pseudo_label_counts(label, reliable, target, num_classes)
+
+
+def test_counts_match_boolean_indexing_and_honour_ignore_index():
+    g = torch.Generator().manual_seed(3)
+    label = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target[0, :3] = 254
+    reliable = torch.rand(2, 9, 11, generator=g) < 0.5
+    counts = pseudo_label_counts(label, reliable, target, 5, ignore_index=254)
+    valid = (target != 254) & (label < 5)
+    lab, sel, cor = label[valid], reliable[valid], (label == target)[valid]
+    expected = torch.stack([torch.bincount(x, minlength=5) for x in (lab, lab[sel], lab[cor], lab[sel & cor])])
+    assert torch.equal(counts, expected)
+    assert counts[0].sum() == valid.sum() < label.numel()
