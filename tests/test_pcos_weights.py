@@ -9,8 +9,8 @@ Where the math is well-conditioned the discrete outputs (label, count, chosen, r
 A group is well-conditioned when the SVD oracle on the float64 features has ``s2 / s1`` and every pixel's assignment
 margin well above what the feature rounding can move; a pixel's weight is compared unless the preservation test
 ``phi > mu`` is within feature rounding (then the weight may legitimately jump). Float32 features carry ~1e-7
-relative rounding, so float32 statistics are held to 5e-5 of their scale and weights to 5e-5 (measured: <= 4e-6);
-float64 runs are held to ~1e-11.
+relative rounding, so float32 statistics are held to 5e-5 of their scale (measured: <= 6e-6) and weights to their
+sensitivity to the feature errors (measured: <= 3.3e-5, on a cluster with sd = 1e-4); float64 runs to ~1e-11.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     assert torch.equal(out.stats.n_nonfinite.cpu(), ref.stats.n_nonfinite)
     f64 = torch.float64
     # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
-    tol, ratio_min, rel_min, w_tol = (1e-11, 1e-5, 1e-8, 1e-11) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 5e-5)
+    tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
     ign64 = None if ign is None else ign.cpu()
     f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), ign64, confidence=confidence,
                                                  backend="reference")
@@ -247,9 +247,15 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     compare = keep & ~border & checked[group]
     if keep.sum() >= 30:
         assert compare.sum() >= 0.5 * keep.sum(), "too few compared weights: the case checks little"
+    # A weight moves with the feature errors of the pixel and of mu*, amplified by |z| (1 + |z|) / sd: near-certain
+    # clusters have sd ~ sqrt(eps) = 1e-4, where one float32 ulp of f0 near 1 moves z by 6e-4.
+    sd_x, sd_y = (var_star[:, 0] + EPS).sqrt(), (var_star[:, 1] + EPS).sqrt()
+    z0, z1 = dx.abs() / sd_x, dy.abs() / sd_y
+    spread = z0 * (1 + z0) * (dx_err + mu_dx[star]) / sd_x + z1 * (1 + z1) * (dy_err + mu_dy[star]) / sd_y
+    w_tol = w_floor + 8 * w_open * spread / alpha
     weight = out.weight.cpu().reshape(-1).double()
-    err = (weight - expected["weight"].float().double()).abs()[compare]
-    assert (err <= w_tol).all(), err.max()
+    err = (weight - expected["weight"].float().double()).abs()
+    assert (err <= w_tol)[compare].all(), (err / w_tol)[compare].max()
     assert torch.equal(out.reliable.cpu().reshape(-1)[compare], (expected["weight"].float() == 1)[compare])
     # The reference itself against the oracle (same features: no ambiguity at this scale).
     ref_err = (ref.weight.reshape(-1).double() - oracle["weight"].float().double()).abs()[stable[group]]
@@ -285,7 +291,7 @@ def test_random_cases_match_float64_reference(fused_backend, seed):
 @pytest.mark.parametrize("groups", ["image", "class"])
 @pytest.mark.parametrize(
     ("shape", "kind"),
-    [(s, k) for s in [(1, 2, 1, 1), (2, 21, 1, 1), (1, 3, 7, 13), (2, 21, 7, 13), (1, 150, 7, 13)]
+    [(s, k) for s in [(1, 2, 1, 1), (2, 21, 1, 1), (1, 3, 7, 13), (2, 21, 7, 13), (1, 150, 7, 13), (1, 300, 3, 5)]
      for k in ("contiguous", "channels_last", "transposed", "class_slice")]
     + [((1, 5, 65, 129), "contiguous"), ((1, 21, 65, 129), "channels_last")],
 )

@@ -168,7 +168,7 @@ def test_random_cases_match_float64_reference(fused_backend, seed):
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 21, 1, 1), (1, 3, 7, 13), (2, 21, 7, 13), (1, 150, 7, 13),
-                                   (1, 5, 65, 129)])
+                                   (1, 300, 3, 5), (1, 5, 65, 129)])
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_odd_sizes_and_layouts(fused_backend, shape, kind):
     device = require_backend(OP, fused_backend)
