@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _AUTO_LOGGED: set[tuple[str, str]] = set()
+# Resolutions made in eager mode, reused while torch.compile traces (the checks import modules and take locks).
+_RESOLVED: dict[tuple[str, str, str], tuple[str, Callable]] = {}
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -57,6 +60,8 @@ def _load_backend_module(backend: str) -> str | None:
         return None
     if module in _IMPORT_ERRORS:
         return _IMPORT_ERRORS[module]
+    if module in sys.modules:
+        return None
     try:
         importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - the reason is reported to the user
@@ -93,7 +98,21 @@ def is_available(op: str, backend: str, device: torch.device | str) -> bool:
 
 
 def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    """Return ``(backend_name, impl)`` for ``op`` on ``device``."""
+    """Return ``(backend_name, impl)`` for ``op`` on ``device``.
+
+    While ``torch.compile`` traces, the resolution made for the same ``(op, backend, device type)`` in eager mode is
+    reused, so a compiled function calling the public ops has no graph break (call it once eagerly first, or name a
+    backend whose checks are traceable).
+    """
+    key = (op, backend, device.type)
+    if torch.compiler.is_compiling() and key in _RESOLVED:
+        return _RESOLVED[key]
+    result = _resolve(op, backend, device)
+    _RESOLVED[key] = result
+    return result
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     if backend != "auto":
         reason = unavailable_reason(op, backend, device)
         if reason is not None:

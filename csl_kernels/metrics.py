@@ -9,12 +9,13 @@ from ._checks import IGNORE_INDEX
 COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
 
 
-def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int
-                        ) -> torch.Tensor:
+def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-class counts ``4 x num_classes`` (int64), rows in the order of ``COUNT_KEYS``.
 
-    Over valid pixels (``target != 255``) predicted as class k: predicted, selected (reliable), correct
-    (prediction == target) and selected-and-correct. Counts add up over batches.
+    Over valid pixels (``target != ignore_index``) predicted as class k: predicted, selected (reliable), correct
+    (prediction == target) and selected-and-correct. Counts add up over batches. No boolean indexing, so it never
+    synchronises with the GPU.
     """
     if label.shape != reliable.shape or label.shape != target.shape:
         raise ValueError(f"label, reliable and target must share one shape, got {tuple(label.shape)}, "
@@ -23,17 +24,14 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
         raise TypeError(f"reliable must be a bool tensor, got {reliable.dtype}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    valid = (target != IGNORE_INDEX) & (label >= 0) & (label < num_classes)
-    lab = label[valid].long()
-    sel = reliable[valid]
-    cor = (label == target)[valid]
-    rows = [
-        torch.bincount(lab, minlength=num_classes),
-        torch.bincount(lab[sel], minlength=num_classes),
-        torch.bincount(lab[cor], minlength=num_classes),
-        torch.bincount(lab[sel & cor], minlength=num_classes),
-    ]
-    return torch.stack([r[:num_classes] for r in rows])
+    valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
+    selected = valid & reliable
+    correct = valid & (label == target)
+    rows = torch.stack([valid, selected, correct, selected & correct]).reshape(4, -1)
+    index = torch.where(rows, label.reshape(1, -1).long(), num_classes)  # bin num_classes collects the rest
+    counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return counts[:, :num_classes]
 
 
 def metrics_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:

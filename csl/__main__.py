@@ -1,0 +1,7 @@
+"""``python -m csl train | eval | predict | demo`` (same as the ``csl`` console script)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Checkpoints: atomic writes, ``weights_only`` loading, and capture / restore of every random stream.
+
+A checkpoint holds only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None), so it loads
+with ``torch.load(..., weights_only=True)``: loading never runs code from the file. :func:`atomic_save` writes to a
+temporary file in the target folder, fsyncs it and renames it over the target, so a crash while saving leaves the
+previous file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest.pt"
+BEST = "best.pt"
+FORMAT_VERSION = 1
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise TypeError when ``obj`` holds anything but tensors and plain containers / scalars (what
+    ``weights_only=True`` loads)."""
+    if isinstance(obj, (torch.Tensor, *_PLAIN)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} (keys must be str or int)")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors and plain Python values")
+
+
+def atomic_save(payload: dict, path: str) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    check_plain(payload)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load with ``weights_only=True``. Raises FileNotFoundError / ValueError with the path on failure."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict of a trainer checkpoint (``obj["model"]``) or of a bare state dict; a ``module.``
+    prefix (DDP) is removed."""
+    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no model state dict (expected a trainer checkpoint with a 'model' entry or "
+                         f"a state dict of tensors)")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random streams.
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """The state of python ``random``, ``numpy.random``, torch's CPU generator, every CUDA device's generator and the
+    named extra ``generators``, as plain values and tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of :func:`capture_rng`. A missing named generator in ``state`` is an error (the run would diverge)."""
+    random.setstate(_as_tuple(state["python"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if torch.cuda.is_available():
+        for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    for name, g in (generators or {}).items():
+        if name not in state["generators"]:
+            raise KeyError(f"checkpoint has no state for the random generator {name!r}")
+        g.set_state(state["generators"][name].cpu())
+
+
+def _as_tuple(obj):
+    if isinstance(obj, list):
+        return tuple(_as_tuple(x) for x in obj)
+    if isinstance(obj, tuple):
+        return tuple(_as_tuple(x) for x in obj)
+    return obj
+
+
+__all__ = ["BEST", "FORMAT_VERSION", "LATEST", "atomic_save", "capture_rng", "check_plain", "load_checkpoint",
+           "model_state", "restore_rng"]

@@ -1,0 +1,224 @@
+"""Command line: ``csl train | eval | predict | demo`` (also ``python -m csl ...``).
+
+    csl train --config voc_321 data.root=/data/VOC2012 data.split_dir=splits/pascal/1464 [key=value ...]
+    torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
+    csl eval --checkpoint runs/voc/best.pt [--config cfg.yaml] [key=value ...]
+    csl predict --checkpoint runs/voc/best.pt --images img1.jpg dir/ 'glob/*.png' --out preds/
+    csl demo [--out runs/demo] [--iters N]
+
+``--config`` takes a YAML path or the name of a bundled config (demo, voc_321, voc_513, cityscapes_801, coco);
+``eval`` / ``predict`` default to the config stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+
+from .config import ConfigError, build_config, load_config
+
+log = logging.getLogger("csl")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,demo}")
+
+    t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)")
+    t.add_argument("--config", required=True, help="YAML file or bundled config name")
+    t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (<output_dir>/latest.pt if present)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+
+    pr = sub.add_parser("predict", help="write colour PNG predictions for images")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
+    pr.add_argument("--images", required=True, nargs="+", help="image files, folders or glob patterns")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("overrides", nargs="*", metavar="key=value")
+
+    d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes)")
+    d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
+    d.add_argument("--iters", type=int, help="semi-supervised iterations per method (default: the demo config's)")
+    d.add_argument("--methods", default="supervised,threshold,csl",
+                   help="comma-separated subset of supervised,threshold,csl,csl_class")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
+    return p
+
+
+def _config_for_checkpoint(args, ckpt: dict) -> dict:
+    if args.config:
+        return load_config(args.config, args.overrides)
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{args.checkpoint} stores no config; pass --config")
+    return build_config(stored, args.overrides)
+
+
+def _model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
+    from .checkpoint import model_state
+    from .model import build_model
+
+    state = model_state(ckpt, path)
+    num_classes = ckpt.get("num_classes") or state["classifier.weight"].shape[0]
+    model_cfg = dict(cfg["model"], pretrained=None)  # the checkpoint holds every weight
+    model = build_model(model_cfg, int(num_classes))
+    model.load_state_dict(state)
+    return model.to(device).eval(), int(num_classes)
+
+
+def val_dataset(cfg: dict):
+    """The validation set alone (no labeled / unlabeled split files needed)."""
+    from .data import (
+        DATASET_KINDS,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        SYNTHETIC_DEFAULTS,
+        SyntheticSource,
+        ValDataset,
+        _val_source,
+    )
+
+    d = cfg["data"]
+    mean, std = tuple(d["mean"] or IMAGENET_MEAN), tuple(d["std"] or IMAGENET_STD)
+    if d["dataset"] == "synthetic":
+        syn = {**SYNTHETIC_DEFAULTS, **d["synthetic"]}
+        source = SyntheticSource(int(syn["num_val"]), size=int(syn["size"]), seed=int(syn["seed"]), split="val",
+                                 num_classes=int(d["num_classes"] or 5))
+        return ValDataset(source, mean=mean, std=std, ignore_index=d["ignore_index"])
+    kind_cls = DATASET_KINDS[d["dataset"]]
+    if not d["root"] or not os.path.isdir(d["root"]):
+        raise FileNotFoundError(f"data.root not found (or not set): {d['root']!r}")
+    num_classes = d["num_classes"] or kind_cls.num_classes_default
+    if num_classes is None:
+        raise ConfigError(f"data.num_classes is required for dataset {d['dataset']!r}")
+    data_cfg = {k: v for k, v in d.items() if v is not None}
+    source = _val_source(data_cfg, kind_cls, d["root"], int(num_classes), d["ignore_index"])
+    return ValDataset(source, mean=mean, std=std, ignore_index=d["ignore_index"])
+
+
+def cmd_train(args) -> int:
+    from .distributed import cleanup_distributed
+    from .train import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    try:
+        summary = train(cfg)
+    finally:
+        cleanup_distributed()
+    if summary.get("best_miou") is not None:
+        print(f"best mIoU {100 * summary['best_miou']:.2f}  ({cfg['output_dir']})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .checkpoint import load_checkpoint
+    from .data import default_eval_mode
+    from .distributed import cleanup_distributed, init_distributed
+    from .evaluate import evaluate, make_eval_loader
+    from .logging_utils import setup_logging
+    from .train import resolve_amp
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = _config_for_checkpoint(args, ckpt)
+    env = init_distributed(cfg["device"])
+    setup_logging(None, env.is_main)
+    try:
+        model, num_classes = _model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
+        loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
+                                  num_workers=min(cfg["data"]["num_workers"], 2))
+        mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
+        result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
+                          cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
+                          amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
+                          ignore_index=cfg["data"]["ignore_index"], progress=env.is_main)
+    finally:
+        cleanup_distributed()
+    if env.is_main:
+        print(f"mIoU {100 * result['miou']:.2f}  pixel accuracy {100 * result['pixel_acc']:.2f}  ({mode}, "
+              f"{len(loader.dataset)} images)")
+        for k, iou in enumerate(result["iou"]):
+            print(f"  class {k:3d}: IoU " + ("  n/a" if iou != iou else f"{100 * iou:5.2f}"))
+        print(json.dumps({"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": [
+            None if v != v else v for v in result["iou"]], "mode": mode}))
+    return 0
+
+
+def expand_images(items: list[str]) -> list[str]:
+    """Files as given, folders expanded to their images (sorted, recursive), glob patterns expanded."""
+    paths: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(item) for f in fs
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {item}")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise FileNotFoundError(f"no such image, folder or pattern: {item}")
+            paths.extend(found)
+    return paths
+
+
+def cmd_predict(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import IMAGENET_MEAN, IMAGENET_STD, default_eval_mode
+    from .distributed import pick_device
+    from .evaluate import predict_images
+    from .train import resolve_amp
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = _config_for_checkpoint(args, ckpt)
+    device = pick_device(cfg["device"])
+    paths = expand_images(args.images)
+    model, num_classes = _model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
+    d = cfg["data"]
+    written = predict_images(model, paths, args.out, num_classes=num_classes, mean=tuple(d["mean"] or IMAGENET_MEAN),
+                             std=tuple(d["std"] or IMAGENET_STD), mode=cfg["eval"]["mode"] or
+                             default_eval_mode(d["dataset"]), crop_size=cfg["eval"]["crop_size"] or d["crop_size"],
+                             device=device, stride_ratio=cfg["eval"]["stride_ratio"],
+                             amp_dtype=resolve_amp(cfg["eval"]["amp"], device),
+                             dataset=d["dataset"] if d["dataset"] != "synthetic" else None)
+    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_demo(args.out, methods=methods, iters=args.iters, overrides=args.overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"csl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"csl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["expand_images", "main", "val_dataset"]

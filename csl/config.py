@@ -1,0 +1,377 @@
+"""Run configuration: YAML files layered over :data:`DEFAULTS`, ``key=value`` dotted overrides, validation.
+
+``load_config(path_or_name, overrides)`` reads a YAML file (or a bundled config by name, e.g. ``voc_321``), merges
+it over the defaults, applies overrides such as ``train.lr=0.01`` or ``model.dilations=[12,24,36]`` (values are
+parsed as YAML, so ``null``, ``true``, lists and numbers work), and validates every key and type. Unknown keys and
+wrong types raise :class:`ConfigError` naming the key (with a suggestion for a misspelt one).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+# Every key a config may hold, with its default. A None default means "optional" (any value of the types listed in
+# _OPTIONAL_TYPES is accepted); dict-valued entries are sections whose keys are validated recursively.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda
+    "output_dir": "runs/default",
+    "data": {
+        "dataset": "synthetic",  # synthetic | pascal | cityscapes | coco | folder
+        "root": None,
+        "split_dir": None,
+        "labeled_list": None,
+        "unlabeled_list": None,
+        "val_list": None,
+        "num_classes": None,  # default: the dataset's (5 for synthetic)
+        "crop_size": 321,
+        "ignore_index": 255,
+        "mean": None,  # default: ImageNet
+        "std": None,
+        "scale_range": [0.5, 2.0],
+        "num_workers": 2,
+        "synthetic": {"num_labeled": 16, "num_unlabeled": 160, "num_val": 24, "size": 128, "seed": 0},
+    },
+    "model": {
+        "backbone": "resnet101",
+        "output_stride": 16,
+        "dilations": [6, 12, 18],
+        "pretrained": None,  # local path to torchvision ImageNet weights; None = random init
+    },
+    "train": {
+        "mode": "semi",  # semi | supervised
+        "epochs": 80,
+        "iters": None,  # total iterations; overrides epochs
+        "iters_per_epoch": None,  # default: len(unlabeled) // global batch (supervised: len(labeled) // ...)
+        "batch_size": 2,  # per process, for each of the labeled, unlabeled and mix batches
+        "lr": 0.001,
+        "head_lr_mult": 10.0,
+        "momentum": 0.9,
+        "weight_decay": 1.0e-4,
+        "poly_power": 0.9,
+        "criterion": "ce",  # ce | ohem
+        "ohem_thresh": 0.7,
+        "ohem_min_kept": 200000,
+        "lambda_s": 0.25,
+        "lambda_m": 0.25,
+        "lambda_fp": 0.5,
+        "cutmix_p": 0.5,
+        "amp": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+        "init_from": None,  # checkpoint whose model weights start the run (fresh optimizer and schedule)
+        "resume": None,  # checkpoint path, or "auto" = <output_dir>/latest.pt when it exists
+        "log_every": 20,
+        "ckpt_every": 0,  # iterations between checkpoints (0: at epoch ends only)
+        "progress": True,
+    },
+    "selection": {
+        "mode": "csl",  # csl | threshold | csl_class
+        "alpha": 8.0,
+        "confidence": "prob",  # prob | log
+        "tau": 0.95,
+        "backend": "auto",
+    },
+    "tmp": {
+        "enabled": True,
+        "block": 32,
+        "rate": 0.7,
+        "fraction": 0.5,  # probability that an unlabeled sample gets the masking view (else a 2nd strong view)
+    },
+    "eval": {
+        "mode": None,  # original | center_crop | sliding_window; default: sliding_window for cityscapes
+        "crop_size": None,  # default: data.crop_size
+        "stride_ratio": 2 / 3,
+        "every_epochs": 1,
+        "batch_size": 1,
+        "amp": "auto",
+    },
+}
+
+# Allowed types of keys whose default is None.
+_OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "data.root": (str,),
+    "data.split_dir": (str,),
+    "data.labeled_list": (str,),
+    "data.unlabeled_list": (str,),
+    "data.val_list": (str,),
+    "data.num_classes": (int,),
+    "data.mean": (list,),
+    "data.std": (list,),
+    "model.pretrained": (str,),
+    "train.iters": (int,),
+    "train.iters_per_epoch": (int,),
+    "train.init_from": (str,),
+    "train.resume": (str,),
+    "eval.mode": (str,),
+    "eval.crop_size": (int,),
+}
+
+CHOICES: dict[str, tuple] = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.dataset": ("synthetic", "pascal", "cityscapes", "coco", "folder"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.output_stride": (8, 16, 32),
+    "train.mode": ("semi", "supervised"),
+    "train.criterion": ("ce", "ohem"),
+    "train.amp": ("auto", "bf16", "fp16", "fp32"),
+    "selection.mode": ("csl", "threshold", "csl_class"),
+    "selection.confidence": ("prob", "log"),
+    "selection.backend": ("auto", "reference", "triton", "cpu", "cuda"),
+    "eval.mode": ("original", "center_crop", "sliding_window"),
+    "eval.amp": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, value or override."""
+
+
+def _walk_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys.extend(_walk_keys(v, prefix + k + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _walk_keys(DEFAULTS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def resolve_config_path(path_or_name: str) -> str:
+    """A file path, or the name of a bundled config (``demo``, ``voc_321``, ...) in ``csl/configs``."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else path_or_name + ".yaml"
+    bundled = os.path.join(CONFIG_DIR, os.path.basename(name))
+    if os.path.dirname(path_or_name) in ("", ".") and os.path.isfile(bundled):
+        return bundled
+    available = sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    raise ConfigError(f"config file not found: {path_or_name!r} (bundled configs: {', '.join(available)})")
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML; unquoted numbers that YAML 1.1 reads as strings (``1e-4``) become floats."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
+        return float(value)
+    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=0.01)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key, parse_value(text.strip())
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """Set ``cfg[a][b][c] = value`` for ``key = "a.b.c"``; the key must exist in :data:`DEFAULTS`."""
+    parts = key.split(".")
+    node, schema = cfg, DEFAULTS
+    for i, part in enumerate(parts):
+        if not isinstance(schema, dict) or part not in schema:
+            raise _unknown_key(key)
+        if i == len(parts) - 1:
+            if isinstance(schema[part], dict) and not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; set one of its keys (e.g. {key}."
+                                  f"{next(iter(schema[part]))}=...)")
+            node[part] = _merge(node.get(part) if isinstance(schema[part], dict) else None, value, key)
+            return
+        schema = schema[part]
+        node = node.setdefault(part, {})
+
+
+def get_dotted(cfg: dict, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _merge(base: Any, update: Any, where: str) -> Any:
+    if isinstance(update, dict):
+        if base is not None and not isinstance(base, dict):
+            raise ConfigError(f"{where} must be a value, not a section")
+        out = copy.deepcopy(base) if isinstance(base, dict) else {}
+        for k, v in update.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"config keys must be strings, got {k!r} in {where or 'the top level'}")
+            out[k] = _merge(out.get(k), v, f"{where}.{k}" if where else k)
+        return out
+    return copy.deepcopy(update)
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    """Return ``value`` converted to the type of ``default`` (int -> float, list <-> tuple), or raise."""
+    if default is None:
+        if value is None:
+            return None
+        allowed = _OPTIONAL_TYPES.get(key, (str, int, float, bool, list))
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, tuple) and list in allowed:
+            value = list(value)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ConfigError(f"{key} must be {names} or null, got {value!r} ({type(value).__name__})")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
+        return int(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
+        return list(value)
+    return value
+
+
+def _validate_tree(cfg: dict, schema: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        key = prefix + k
+        if k not in schema:
+            raise _unknown_key(key)
+        default = schema[k]
+        if isinstance(default, dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be a section (mapping), got {v!r}")
+            out[k] = _validate_tree(v, default, key + ".")
+        else:
+            out[k] = _check_type(key, v, default)
+    for k, default in schema.items():
+        if k not in out:
+            out[k] = copy.deepcopy(default) if not isinstance(default, dict) else _validate_tree({}, default,
+                                                                                               prefix + k + ".")
+    return out
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: dict) -> dict:
+    """Check keys, types, choices and ranges; fill in defaults. Returns a new dict."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(cfg).__name__}")
+    cfg = _validate_tree(cfg, DEFAULTS)
+    for key, choices in CHOICES.items():
+        value = get_dotted(cfg, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+    d, t, s, m, e = cfg["data"], cfg["train"], cfg["selection"], cfg["tmp"], cfg["eval"]
+    _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
+    _require(d["num_classes"] is None or d["num_classes"] >= 2, f"data.num_classes must be >= 2, got "
+             f"{d['num_classes']}")
+    _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
+    _require(len(d["scale_range"]) == 2 and 0 < d["scale_range"][0] <= d["scale_range"][1],
+             f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {d['scale_range']}")
+    for key in ("mean", "std"):
+        if d[key] is not None:
+            _require(len(d[key]) == 3 and all(isinstance(x, (int, float)) for x in d[key]),
+                     f"data.{key} must be 3 numbers, got {d[key]}")
+    _require(len(cfg["model"]["dilations"]) == 3 and all(isinstance(x, int) and x > 0
+                                                         for x in cfg["model"]["dilations"]),
+             f"model.dilations must be three positive integers, got {cfg['model']['dilations']}")
+    _require(t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']}")
+    for key in ("iters", "iters_per_epoch"):
+        _require(t[key] is None or t[key] >= 1, f"train.{key} must be >= 1 or null, got {t[key]}")
+    _require(t["batch_size"] >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}")
+    for key in ("lr", "head_lr_mult", "poly_power"):
+        _require(t[key] > 0, f"train.{key} must be > 0, got {t[key]}")
+    for key in ("momentum", "weight_decay", "lambda_s", "lambda_m", "lambda_fp", "ohem_min_kept"):
+        _require(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")
+    for key in ("cutmix_p", "ohem_thresh"):
+        _require(0 <= t[key] <= 1, f"train.{key} must be in [0, 1], got {t[key]}")
+    _require(t["log_every"] >= 1, f"train.log_every must be >= 1, got {t['log_every']}")
+    _require(t["ckpt_every"] >= 0, f"train.ckpt_every must be >= 0, got {t['ckpt_every']}")
+    _require(s["alpha"] > 0, f"selection.alpha must be > 0, got {s['alpha']}")
+    _require(0 < s["tau"] <= 1, f"selection.tau must be in (0, 1], got {s['tau']}")
+    _require(m["block"] >= 1, f"tmp.block must be >= 1, got {m['block']}")
+    for key in ("rate", "fraction"):
+        _require(0 <= m[key] <= 1, f"tmp.{key} must be in [0, 1], got {m[key]}")
+    _require(0 < e["stride_ratio"] <= 1, f"eval.stride_ratio must be in (0, 1], got {e['stride_ratio']}")
+    _require(e["every_epochs"] >= 1, f"eval.every_epochs must be >= 1, got {e['every_epochs']}")
+    _require(e["batch_size"] >= 1, f"eval.batch_size must be >= 1, got {e['batch_size']}")
+    _require(e["crop_size"] is None or e["crop_size"] >= 8, f"eval.crop_size must be >= 8, got {e['crop_size']}")
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> dict:
+    """Merge ``raw`` over :data:`DEFAULTS`, apply ``overrides`` (``["a.b=1", ...]`` or ``{"a.b": 1}``), validate."""
+    cfg = _merge(DEFAULTS, raw or {}, "")
+    # Unknown keys in ``raw`` are reported by validate(); overrides are checked as they are set.
+    pairs = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in pairs:
+        set_dotted(cfg, key, value)
+    return validate(cfg)
+
+
+def load_config(path_or_name: str | None = None, overrides: list[str] | dict | None = None) -> dict:
+    """Load a YAML config (a path or a bundled name), apply ``key=value`` overrides, validate.
+
+    Relative data / checkpoint paths are kept as written (relative to the working directory).
+    """
+    raw = load_yaml(resolve_config_path(path_or_name)) if path_or_name else {}
+    try:
+        return build_config(raw, overrides)
+    except ConfigError as e:
+        where = f" (in {path_or_name})" if path_or_name else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def dump_config(cfg: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+__all__ = ["CONFIG_DIR", "DEFAULTS", "ConfigError", "build_config", "dump_config", "get_dotted", "load_config",
+           "parse_override", "parse_value", "resolve_config_path", "set_dotted", "validate"]

@@ -1,0 +1,114 @@
+"""Run outputs: a plain log file, JSON lines of metrics, TensorBoard scalars (when ``tensorboard`` is installed) and a
+tqdm progress bar, all on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+
+log = logging.getLogger("csl")
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so log lines do not break an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(output_dir: str | None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
+    """Configure the ``csl`` logger: console (through tqdm) and ``<output_dir>/train.log`` on rank 0; warnings only
+    on other ranks. Replaces handlers installed by an earlier call."""
+    logger = logging.getLogger("csl")
+    for h in list(logger.handlers):
+        if getattr(h, "_csl_handler", False):
+            logger.removeHandler(h)
+            h.close()
+    logger.setLevel(level if is_main else logging.WARNING)
+    logger.propagate = False
+    handlers: list[logging.Handler] = [_TqdmHandler(sys.stderr)]
+    if is_main and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    for h in handlers:
+        h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        h._csl_handler = True
+        logger.addHandler(h)
+    return logger
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """``<output_dir>/metrics.jsonl`` (one JSON object per record; NaN written as null) and, when the
+    ``tensorboard`` package is installed, scalars under ``<output_dir>/tb``. Does nothing when not ``enabled``."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.debug("tensorboard is not installed: no TensorBoard scalars")
+            else:
+                self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def write(self, record: dict, step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(_json_safe(record)) + "\n")
+        self._file.flush()
+        if self._tb is not None and step is not None:
+            kind = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iter", "epoch"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str, kind: str | None = None) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file (optionally only those of one ``kind``)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, leave=False,
+                file=sys.stderr)
+
+
+__all__ = ["MetricsWriter", "progress_bar", "read_metrics", "setup_logging"]

@@ -1,0 +1,612 @@
+"""The CSL trainer: the semi-supervised training step, the loop, evaluation and checkpoints.
+
+:func:`train_step` is one iteration of the paper's method on top of UniMatch; :class:`Trainer` wires data, model,
+optimizer, schedule, logging, evaluation, checkpoints and DDP around it. ``Trainer(cfg).train()`` is what
+``csl train`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import csl_kernels
+from csl_kernels import metrics_from_counts
+
+from .checkpoint import (
+    BEST,
+    FORMAT_VERSION,
+    LATEST,
+    atomic_save,
+    capture_rng,
+    load_checkpoint,
+    model_state,
+    restore_rng,
+)
+from .config import dump_config
+from .distributed import (
+    DistEnv,
+    ResumableDistributedSampler,
+    SeededDataset,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    prepare_model,
+    sample_seed,
+)
+from .logging_utils import MetricsWriter, progress_bar, setup_logging
+from .losses import build_labeled_criterion, unlabeled_loss
+from .selection import Selector, build_selector
+
+log = logging.getLogger("csl")
+
+LOSS_KEYS = ("loss", "loss_x", "loss_s", "loss_m", "loss_fp")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training step.
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The numbers one semi-supervised step needs (from the config's ``train`` and ``tmp`` sections)."""
+
+    lambda_s: float = 0.25
+    lambda_m: float = 0.25
+    lambda_fp: float = 0.5
+    cutmix_p: float = 0.5
+    tmp_enabled: bool = True
+    tmp_block: int = 32
+    tmp_rate: float = 0.7
+    tmp_fraction: float = 0.5
+    amp_dtype: torch.dtype | None = None
+    backend: str = "auto"
+    num_classes: int = 0  # > 0: also count pseudo-label quality against the unlabeled ground truth
+    ignore_index: int = 255
+
+    @classmethod
+    def from_config(cls, cfg: dict, amp_dtype: torch.dtype | None, num_classes: int = 0) -> StepConfig:
+        t, m = cfg["train"], cfg["tmp"]
+        return cls(lambda_s=t["lambda_s"], lambda_m=t["lambda_m"], lambda_fp=t["lambda_fp"], cutmix_p=t["cutmix_p"],
+                   tmp_enabled=m["enabled"], tmp_block=m["block"], tmp_rate=m["rate"], tmp_fraction=m["fraction"],
+                   amp_dtype=amp_dtype, backend=cfg["selection"]["backend"], num_classes=num_classes,
+                   ignore_index=cfg["data"]["ignore_index"])
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+
+
+def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """UniMatch's CutMix boxes as a ``B x H x W`` bool mask, drawn on the generator's device without host syncs.
+
+    With probability ``p`` a sample gets one box of area ``U(0.02, 0.4) * H * W`` and aspect ratio ``U(0.3, 1/0.3)``
+    at a uniform position inside the crop; otherwise no box.
+    """
+    dev = generator.device
+    u = torch.rand(5, batch, generator=generator, device=dev)
+    apply = u[0] < p
+    area = (0.02 + 0.38 * u[1]) * height * width
+    ratio = 0.3 + (1 / 0.3 - 0.3) * u[2]
+    box_w = (area / ratio).sqrt().floor().clamp(1, width)
+    box_h = (area * ratio).sqrt().floor().clamp(1, height)
+    x0 = (u[3] * (width - box_w + 1)).floor()
+    y0 = (u[4] * (height - box_h + 1)).floor()
+    cols = torch.arange(width, device=dev)
+    rows = torch.arange(height, device=dev)
+    in_x = (cols >= x0[:, None]) & (cols < (x0 + box_w)[:, None])
+    in_y = (rows >= y0[:, None]) & (rows < (y0 + box_h)[:, None])
+    return in_y[:, :, None] & in_x[:, None, :] & apply[:, None, None]
+
+
+def paste(box: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """``inside`` where ``box`` (``B x H x W``) holds, else ``outside``; images (``B x 3 x H x W``) or maps."""
+    if inside.dim() == box.dim() + 1:
+        box = box.unsqueeze(1)
+    return torch.where(box, inside, outside)
+
+
+def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int = 255) -> torch.Tensor:
+    """:func:`csl_kernels.pseudo_label_counts` (``4 x C``: predicted, selected, correct, selected-and-correct over
+    pixels whose target is not ignored) without boolean indexing, so it never synchronises with the GPU."""
+    valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
+    selected = valid & reliable
+    correct = valid & (label == target)
+    rows = torch.stack([valid, selected, correct, selected & correct]).reshape(4, -1)
+    index = torch.where(rows, label.reshape(1, -1).expand(4, -1), num_classes)  # bin C collects the rest
+    counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return counts[:, :num_classes]
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, batch_x: dict, batch_u: dict,
+               batch_mix: dict, *, selector: Selector, criterion: nn.Module, cfg: StepConfig,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One CSL iteration (UniMatch + CSL selection + Trusted Mask Perturbation); returns detached scalars.
+
+    ``batch_x``: labeled ``image``, ``mask``; ``batch_u`` / ``batch_mix``: unlabeled ``image_w`` (weak),
+    ``image_s`` (strong), ``image_m`` (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth, metrics only).
+    ``generator`` (on the model's device) draws the CutMix boxes, the masking-view choice and the TMP block grid.
+    """
+    amp = autocast(batch_x["image"].device, cfg.amp_dtype)
+    x, y = batch_x["image"], batch_x["mask"]
+    u_w, u_s, u_m, ignore_u = batch_u["image_w"], batch_u["image_s"], batch_u["image_m"], batch_u["ignore"]
+    n_x, (n_u, _, h, w) = x.shape[0], u_w.shape
+
+    # 1. Pseudo-labels and weights of the CutMix source batch (the model in eval mode, no gradient).
+    with torch.no_grad():
+        model.eval()
+        with amp:
+            pred_mix = model(batch_mix["image_w"])
+        model.train()
+    sel_mix = selector(pred_mix, batch_mix["ignore"])
+
+    # 2. Labeled + weak unlabeled views together, with the feature-perturbed decoder pass; select from pred_w.
+    with amp:
+        preds, preds_fp = model(torch.cat((x, u_w)), need_fp=True)
+    pred_x, pred_w = preds.split([n_x, n_u])
+    pred_fp = preds_fp[n_x:]
+    sel = selector(pred_w.detach(), ignore_u)
+
+    # 3. Strong view, CutMix-ed with the mix batch: images, pseudo-labels, weights and padding inside the box.
+    box = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator)
+    img_s = paste(box, batch_mix["image_s"], u_s)
+    label_s, weight_s = paste(box, sel_mix.label, sel.label), paste(box, sel_mix.weight, sel.weight)
+    ignore_s = paste(box, batch_mix["ignore"], ignore_u)
+
+    # 4. Masking view (TMP): a random share of the samples gets the mild view with reliable pixels hidden under the
+    #    block grid; the others get a second strong view with its own CutMix box.
+    fraction = cfg.tmp_fraction if cfg.tmp_enabled else 0.0
+    use_tmp = torch.rand(n_u, generator=generator, device=generator.device) < fraction
+    box2 = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator) & ~use_tmp[:, None, None]
+    img_m = paste(box2, batch_mix["image_s"], u_s)
+    if cfg.tmp_enabled:
+        masked, _ = csl_kernels.trusted_mask(u_m, sel.reliable, block=cfg.tmp_block, rate=cfg.tmp_rate,
+                                             generator=generator, backend=cfg.backend)
+        img_m = torch.where(use_tmp[:, None, None, None], masked, img_m)
+    label_m, weight_m = paste(box2, sel_mix.label, sel.label), paste(box2, sel_mix.weight, sel.weight)
+    ignore_m = paste(box2, batch_mix["ignore"], ignore_u)
+
+    with amp:
+        pred_s, pred_m = model(torch.cat((img_s, img_m))).chunk(2)
+
+    # 5. Loss = (L_x + lambda_s L_s + lambda_m L_m + lambda_fp L_fp) / 2; unlabeled terms are the CSL-weighted CE
+    #    normalised by the valid (non-padded) pixels.
+    loss_x = criterion(pred_x, y)
+    loss_s = unlabeled_loss(pred_s, label_s, weight_s, ignore_s, cfg.backend)
+    loss_m = unlabeled_loss(pred_m, label_m, weight_m, ignore_m, cfg.backend)
+    loss_fp = unlabeled_loss(pred_fp, sel.label, sel.weight, ignore_u, cfg.backend)
+    loss = (loss_x + cfg.lambda_s * loss_s + cfg.lambda_m * loss_m + cfg.lambda_fp * loss_fp) / 2
+
+    # 6. SGD step (gradient scaling only for fp16) and the poly schedule.
+    optimizer_step(loss, optimizer, scheduler, scaler)
+
+    valid = ignore_u != cfg.ignore_index
+    out = {"loss": loss, "loss_x": loss_x, "loss_s": loss_s, "loss_m": loss_m, "loss_fp": loss_fp,
+           "weight_sum": (sel.weight * valid).sum(dtype=torch.float64), "valid": valid.sum(dtype=torch.float64)}
+    if cfg.num_classes:
+        out["pl_counts"] = pseudo_label_counts(sel.label, sel.reliable, batch_u["mask"], cfg.num_classes,
+                                               cfg.ignore_index)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, batch_x: dict, *,
+                    criterion: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The supervised-only baseline: CE (or OHEM) on the labeled batch."""
+    with autocast(batch_x["image"].device, amp_dtype):
+        pred_x = model(batch_x["image"])
+    loss_x = criterion(pred_x, batch_x["mask"])
+    optimizer_step(loss_x, optimizer, scheduler, scaler)
+    return {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks of the loop.
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {['auto', *AMP_DTYPES]}, got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+def build_optimizer(model: nn.Module, train_cfg: dict) -> torch.optim.SGD:
+    """SGD with momentum and weight decay; the decoder at ``lr * head_lr_mult``."""
+    groups = model.param_groups(train_cfg["lr"], train_cfg["head_lr_mult"])
+    return torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"],
+                           weight_decay=train_cfg["weight_decay"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: float = 0.9):
+    """Poly decay ``lr_i = lr_0 * (1 - i / total) ** power`` for every group (stepped once per iteration)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(1.0 - i / total_iters, 0.0) ** power)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_train_loader(dataset, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,
+                      device: torch.device, seed: int) -> DataLoader:
+    from .data import seed_worker
+
+    # Its own generator: creating an iterator never draws from torch's global generator (that would shift dropout
+    # and make a resumed run diverge).
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=True, persistent_workers=num_workers > 0,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Accumulator:
+    """Sums of step outputs kept as device tensors (read once per log interval / epoch, never per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            v = v.double() if v.is_floating_point() else v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count = int(state["count"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer.
+
+
+class Trainer:
+    """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
+
+    def __init__(self, cfg: dict, env: DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg["device"])
+        self.device = self.env.device
+        t = cfg["train"]
+        self.semi = t["mode"] == "semi"
+        self.output_dir = cfg["output_dir"]
+        setup_logging(self.output_dir, self.env.is_main)
+        if self.env.is_main:
+            dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        seed_everything(cfg["seed"])  # same model initialisation on every rank
+        self._build_data()
+        self._build_model()
+        seed_everything(sample_seed(cfg["seed"], self.env.rank, 3))  # dropout etc.: a stream per rank
+        self.generator = torch.Generator(device=self.device).manual_seed(sample_seed(cfg["seed"], self.env.rank, 5))
+
+        self.iteration = 0
+        self.best_miou: float | None = None
+        self.last_eval: dict | None = None
+        self.window = Accumulator()
+        self.epoch_acc = Accumulator()
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main)
+        self._maybe_resume()
+        self._log_setup()
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _build_data(self) -> None:
+        from .data import build_datasets, default_eval_mode
+
+        cfg, env = self.cfg, self.env
+        data_cfg = {k: v for k, v in cfg["data"].items() if v is not None}
+        bundle = build_datasets(data_cfg)
+        if self.semi and bundle.unlabeled is None:
+            raise ValueError("train.mode=semi needs unlabeled data: set data.split_dir (with unlabeled.txt) or "
+                             "data.unlabeled_list, or use train.mode=supervised")
+        self.labeled, self.unlabeled, self.val = bundle.labeled, bundle.unlabeled if self.semi else None, bundle.val
+        self.num_classes = int(self.labeled.source.num_classes)
+        self.has_unlabeled_gt = bool(self.semi and getattr(self.unlabeled.source, "has_masks", False))
+        self.eval_mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
+        self.eval_crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
+
+        t = cfg["train"]
+        self.batch_size = t["batch_size"]
+        global_batch = self.batch_size * env.world_size
+        base = len(self.unlabeled) if self.semi else len(self.labeled)
+        self.iters_per_epoch = t["iters_per_epoch"] or max(base // global_batch, 1)
+        self.total_iters = t["iters"] or t["epochs"] * self.iters_per_epoch
+        self.num_epochs = math.ceil(self.total_iters / self.iters_per_epoch)
+
+        per_rank = self.iters_per_epoch * self.batch_size
+        workers = cfg["data"]["num_workers"]
+        seed = cfg["seed"]
+        self.samplers = [ResumableDistributedSampler(len(self.labeled), per_rank, seed=seed, stream=0, rank=env.rank,
+                                                     world_size=env.world_size)]
+        self.loaders = [make_train_loader(self.labeled, self.samplers[0], self.batch_size, workers, self.device,
+                                          seed)]
+        if self.semi:
+            for stream in (1, 2):  # the unlabeled batch and the CutMix source batch
+                sampler = ResumableDistributedSampler(len(self.unlabeled), per_rank, seed=seed, stream=stream,
+                                                      rank=env.rank, world_size=env.world_size)
+                self.samplers.append(sampler)
+                self.loaders.append(make_train_loader(self.unlabeled, sampler, self.batch_size, workers, self.device,
+                                                      seed + stream))
+        self.val_loader = None
+        if self.val is not None:
+            from .evaluate import make_eval_loader
+
+            self.val_loader = make_eval_loader(self.val, batch_size=cfg["eval"]["batch_size"],
+                                               num_workers=min(workers, 2), pin_memory=self.device.type == "cuda")
+
+    def _build_model(self) -> None:
+        from .model import build_model
+
+        cfg = self.cfg
+        model = build_model(cfg["model"], self.num_classes)
+        if cfg["train"]["init_from"]:
+            path = cfg["train"]["init_from"]
+            model.load_state_dict(model_state(load_checkpoint(path), path))
+            log.info("model initialised from %s", path)
+        self.model, self.bare_model = prepare_model(model, self.env)
+        self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
+        self.eval_amp = resolve_amp(cfg["eval"]["amp"], self.device)
+        self.optimizer = build_optimizer(self.bare_model, cfg["train"])
+        self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg["train"]["poly_power"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = build_labeled_criterion(cfg["train"], cfg["data"]["ignore_index"])
+        self.selector = build_selector(cfg["selection"])
+        self.step_cfg = StepConfig.from_config(cfg, self.amp_dtype,
+                                               self.num_classes if self.has_unlabeled_gt else 0)
+
+    def _log_setup(self) -> None:
+        env, t = self.env, self.cfg["train"]
+        g = self.batch_size * env.world_size
+        batches = f"{g} labeled + {g} unlabeled + {g} mix" if self.semi else f"{g} labeled"
+        groups = ", ".join(f"{pg.get('name', i)} {pg['initial_lr']:.3g}" for i, pg in
+                           enumerate(self.optimizer.param_groups))
+        log.info("world size %d on %s (%s); global batch %s (%d per process); lr %s (poly %.1f); amp %s",
+                 env.world_size, self.device, env.backend or "single process", batches, self.batch_size, groups,
+                 t["poly_power"], {None: "fp32"}.get(self.amp_dtype, str(self.amp_dtype).replace("torch.", "")))
+        selection = (f"selection {self.selector.mode}, TMP {'on' if self.cfg['tmp']['enabled'] else 'off'}"
+                     if self.semi else "supervised only")
+        log.info("%s; %d classes; %d iterations (%d epochs x %d); eval %s every %d epoch(s); output %s",
+                 selection, self.num_classes, self.total_iters, self.num_epochs, self.iters_per_epoch,
+                 self.eval_mode, self.cfg["eval"]["every_epochs"], self.output_dir)
+        if self.iteration:
+            log.info("resumed at iteration %d (epoch %d)", self.iteration, self.iteration // self.iters_per_epoch)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's view; :meth:`save` gathers every rank's random state into ``rng``."""
+        return {
+            "format": FORMAT_VERSION,
+            "model": {k: v.detach().cpu() for k, v in self.bare_model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "iters_per_epoch": self.iters_per_epoch,
+            "total_iters": self.total_iters,
+            "world_size": self.env.world_size,
+            "batch_size": self.batch_size,
+            "num_classes": self.num_classes,
+            "best_miou": self.best_miou,
+            "last_eval": self.last_eval,
+            "window": self.window.state_dict(),
+            "epoch_acc": self.epoch_acc.state_dict(),
+            "config": self.cfg,
+        }
+
+    def save(self, names: tuple[str, ...] = (LATEST,)) -> None:
+        rng = all_gather_objects(capture_rng({"step": self.generator}))  # every rank takes part
+        if self.env.is_main:
+            payload = self.state_dict()
+            payload["rng"] = rng
+            for name in names:
+                atomic_save(payload, os.path.join(self.output_dir, name))
+        barrier()
+
+    def _resume_path(self) -> str | None:
+        resume = self.cfg["train"]["resume"]
+        if not resume:
+            return None
+        if resume == "auto":
+            path = os.path.join(self.output_dir, LATEST)
+            return path if os.path.isfile(path) else None
+        return resume
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters),
+                          ("world_size", self.env.world_size), ("batch_size", self.batch_size)):
+            if ckpt.get(key) != mine:
+                log.warning("resuming %s: %s was %s, now %s; the run will not continue exactly", path, key,
+                            ckpt.get(key), mine)
+        self.bare_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.best_miou, self.last_eval = ckpt.get("best_miou"), ckpt.get("last_eval")
+        self.window.load_state_dict(ckpt["window"], self.device)
+        self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.env.world_size:
+            restore_rng(rng[self.env.rank], {"step": self.generator})
+        else:
+            log.warning("checkpoint has random states of %d rank(s), this run has %d: random streams not restored",
+                        len(rng), self.env.world_size)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Train to ``total_iters`` (or stop after iteration ``stop_at``, as if interrupted). Returns a summary."""
+        end = self.total_iters if stop_at is None else min(stop_at, self.total_iters)
+        bar = progress_bar(self.total_iters, self.iteration, enabled=self.env.is_main and self.cfg["train"]["progress"])
+        start_time = time.perf_counter()
+        self.window_start = time.perf_counter()
+        try:
+            while self.iteration < end:
+                self.train_epoch(end, bar)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start_time
+        summary = {"iterations": self.iteration, "best_miou": self.best_miou, "last_eval": self.last_eval,
+                   "seconds": elapsed}
+        if self.iteration >= self.total_iters:
+            log.info("done: %d iterations in %.1f s; best mIoU %s", self.iteration, elapsed,
+                     "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f}")
+        return summary
+
+    def _batches(self, epoch: int, start_iter: int):
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch, start_iter * self.batch_size)
+        return zip(*self.loaders, strict=False)
+
+    def train_epoch(self, end: int, bar) -> None:
+        ipe = self.iters_per_epoch
+        epoch, pos = divmod(self.iteration, ipe)
+        self.model.train()
+        for batches in self._batches(epoch, pos):
+            values = self._step([to_device(b, self.device) for b in batches])
+            self.window.add(values)
+            self.epoch_acc.add({k: v for k, v in values.items() if k in ("weight_sum", "valid", "pl_counts")})
+            self.iteration += 1
+            bar.update(1)
+            if self.iteration % self.cfg["train"]["log_every"] == 0 or self.iteration == self.total_iters:
+                self._log_window(bar)
+            epoch_done = self.iteration % ipe == 0 or self.iteration == self.total_iters
+            if epoch_done:
+                self._end_epoch(epoch)
+            elif self.cfg["train"]["ckpt_every"] and self.iteration % self.cfg["train"]["ckpt_every"] == 0:
+                self.save()
+            if self.iteration >= end or epoch_done:
+                return
+
+    def _step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        if not self.semi:
+            return supervised_step(self.model, self.optimizer, self.scheduler, self.scaler, batches[0],
+                                   criterion=self.criterion, amp_dtype=self.amp_dtype)
+        return train_step(self.model, self.optimizer, self.scheduler, self.scaler, *batches, selector=self.selector,
+                          criterion=self.criterion, cfg=self.step_cfg, generator=self.generator)
+
+    def _log_window(self, bar) -> None:
+        if not self.window.count:
+            return
+        n = self.window.count
+        keys = [k for k in LOSS_KEYS if k in self.window.sums]
+        values = torch.stack([self.window.sums[k] for k in keys]).cpu().tolist()  # the only sync per interval
+        record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({k: v / n for k, v in zip(keys, values, strict=True)})
+        if "valid" in self.window.sums:
+            w, v = torch.stack([self.window.sums["weight_sum"], self.window.sums["valid"]]).cpu().tolist()
+            record["mask_ratio"] = w / v if v else float("nan")
+        record["sec_per_iter"] = (time.perf_counter() - self.window_start) / n
+        self.window.reset()
+        self.window_start = time.perf_counter()
+        self.metrics.write(record, step=self.iteration)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        extra = f", mask {record['mask_ratio']:.3f}" if "mask_ratio" in record else ""
+        log.info("iter %d/%d  loss %.4f  (x %.4f%s)  lr %.2e%s", self.iteration, self.total_iters, record["loss"],
+                 record["loss_x"], "".join(f", {k[5:]} {record[k]:.4f}" for k in ("loss_s", "loss_m", "loss_fp")
+                                           if k in record), record["lr"], extra)
+
+    def pseudo_label_metrics(self) -> dict:
+        """Mask ratio (mean weight over valid unlabeled pixels) and, with unlabeled ground truth, the overall
+        sampling rate / accuracy / recall of the reliable pixels, summed over ranks for the epoch so far."""
+        sums = self.epoch_acc.sums
+        if "valid" not in sums:
+            return {}
+        ratio = all_reduce_sum(torch.stack([sums["weight_sum"], sums["valid"]]).clone()).cpu().tolist()
+        out = {"mask_ratio": ratio[0] / ratio[1] if ratio[1] else float("nan")}
+        if "pl_counts" in sums:
+            m = metrics_from_counts(all_reduce_sum(sums["pl_counts"].clone()).cpu())
+            out.update({"sampling_rate": float(m["overall_sampling_rate"]), "accuracy": float(m["overall_accuracy"]),
+                        "recall": float(m["overall_recall"])})
+        return out
+
+    def _end_epoch(self, epoch: int) -> None:
+        pl = self.pseudo_label_metrics()
+        self.epoch_acc.reset()
+        if pl:
+            self.metrics.write({"kind": "pseudo_labels", "iter": self.iteration, "epoch": epoch, **pl},
+                               step=self.iteration)
+            log.info("epoch %d pseudo-labels: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in pl.items()))
+        last = self.iteration >= self.total_iters
+        names = [LATEST]
+        if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
+            result = self.evaluate()
+            self.last_eval = {"iter": self.iteration, "epoch": epoch, "miou": result["miou"], "iou": result["iou"],
+                              "pseudo_labels": pl}
+            self.metrics.write({"kind": "eval", "iter": self.iteration, "epoch": epoch, "mode": self.eval_mode,
+                                "miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"]},
+                               step=self.iteration)
+            improved = self.best_miou is None or result["miou"] > self.best_miou
+            if improved:
+                self.best_miou = result["miou"]
+                names.append(BEST)
+            log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
+                     " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
+        self.save(tuple(names))
+
+    def evaluate(self) -> dict:
+        from .evaluate import evaluate
+
+        return evaluate(self.bare_model, self.val_loader, self.num_classes, mode=self.eval_mode,
+                        crop_size=self.eval_crop, stride_ratio=self.cfg["eval"]["stride_ratio"], device=self.device,
+                        amp_dtype=self.eval_amp, ignore_index=self.cfg["data"]["ignore_index"],
+                        progress=self.env.is_main and self.cfg["train"]["progress"])
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def train(cfg: dict, stop_at: int | None = None) -> dict:
+    """Run a training from a validated config; returns :meth:`Trainer.train`'s summary."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train(stop_at=stop_at)
+    finally:
+        trainer.close()
+
+
+__all__ = ["StepConfig", "Trainer", "build_optimizer", "build_scheduler", "cutmix_boxes", "pseudo_label_counts",
+           "resolve_amp", "supervised_step", "train", "train_step"]

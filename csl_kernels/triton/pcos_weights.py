@@ -1,0 +1,389 @@
+"""Triton kernels of PCOS (docs/selection.md Sec. 2), batched over images or (image, class) groups.
+
+Five launches on the current stream, no host synchronisation, no float atomics, shapes that depend only on the input
+shapes (CUDA-graph capturable):
+
+A) features (one pass over the logits) + per-chunk partial Gram sums and non-finite counts,
+B) per group: Gram sums reduced over chunks in a fixed order, closed-form 2 x 2 eigen-decomposition,
+C) cluster assignment + per-chunk (count, mean, M2) records of each (group, cluster),
+D) per group: records merged with Chan's formula in a fixed order, means, unbiased variances, reliable cluster,
+E) Gaussian weights with the preservation rule.
+
+A chunk is a fixed run of pixels of one image owned by one program, which walks it tile by tile and folds each
+tile's partial statistics into its own slots (so the order is fixed); group tiles without a pixel of the tile are
+skipped. All statistics are float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import register
+from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
+from .residual_features import NUM_WARPS, _pixel_features, feature_blocks, feature_dtype
+
+GRAM_STATS = 3  # sum xx, xy, yy
+CLUSTER_STATS = 5  # count, mean x, mean y, M2 x, M2 y
+GROUP_PARAMS = 8  # u1 x, u1 y, s1, s2, rank one (+ padding)
+WEIGHT_PARAMS = 4  # mu x, mu y, sd x, sd y of the reliable cluster
+MIN_CHUNK = 1024  # pixels per chunk at least
+PARTIAL_BUDGET = 64 << 20  # bytes of per-chunk records at most (chunks grow beyond MIN_CHUNK to stay below)
+MAX_BLOCK_G = 16  # groups per tile of the one-hot partial sums (class groups)
+MAX_BLOCK_K = 128  # chunks per step of the per-group reductions
+GROUP_TILE = 1024  # groups x chunks per step of the per-group reductions
+BLOCK_W = 1024  # pixels per program of the weight kernel
+
+
+@triton.jit
+def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr, gram_ptr, bad_ptr,
+                          HW, C, sb, sc, sp, GPI, NCH, TILES,
+                          HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                          USE_LIBDEVICE: tl.constexpr):
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    z_base = z_ptr + b * sb
+    gcols = tl.arange(0, BLOCK_G)
+    n_bad = tl.zeros([BLOCK_P], tl.int32)
+    for t in range(0, TILES):
+        p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        f0, v, label, finite = _pixel_features(z_base, p * sp, pmask, C, sc, LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C,
+                                               USE_LIBDEVICE)
+        out = b * HW + p
+        keep = finite & pmask
+        if HAS_VALID:
+            keep = keep & (tl.load(valid_ptr + out, mask=pmask, other=0) != 0)
+        x = tl.where(keep, f0, 0.0)
+        y = tl.where(keep, v, 0.0)
+        label = tl.where(keep, label, 0)
+        tl.store(fx_ptr + out, x, mask=pmask)
+        tl.store(fy_ptr + out, y, mask=pmask)
+        tl.store(keep_ptr + out, keep.to(tl.uint8), mask=pmask)
+        tl.store(label_ptr + out, label.to(tl.int64), mask=pmask)
+        n_bad += (pmask & ~finite).to(tl.int32)
+        xd = x.to(tl.float64)
+        yd = y.to(tl.float64)
+        if CLASS_GROUPS:
+            gid = label
+        else:
+            gid = tl.zeros([BLOCK_P], tl.int32)
+        for g0 in range(0, GPI, BLOCK_G):
+            groups = g0 + gcols
+            hit = keep[:, None] & (gid[:, None] == groups[None, :])
+            if tl.sum(hit.to(tl.int32)) > 0:
+                sxx = tl.sum(tl.where(hit, (xd * xd)[:, None], 0.0), axis=0)
+                sxy = tl.sum(tl.where(hit, (xd * yd)[:, None], 0.0), axis=0)
+                syy = tl.sum(tl.where(hit, (yd * yd)[:, None], 0.0), axis=0)
+                gmask = groups < GPI
+                slot = gram_ptr + ((b * GPI + groups) * 3) * NCH + chunk
+                tl.debug_barrier()  # this program's previous stores to its slots are visible to every thread
+                tl.store(slot, tl.load(slot, mask=gmask, other=0.0) + sxx, mask=gmask)
+                tl.store(slot + NCH, tl.load(slot + NCH, mask=gmask, other=0.0) + sxy, mask=gmask)
+                tl.store(slot + 2 * NCH, tl.load(slot + 2 * NCH, mask=gmask, other=0.0) + syy, mask=gmask)
+    tl.store(bad_ptr + b * NCH + chunk, tl.sum(n_bad, axis=0))
+
+
+@triton.jit
+def _pcos_group_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinite_ptr, G, GPI, NCH,
+                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+    g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
+    gm = g < G
+    ks = tl.arange(0, BLOCK_K)
+    acc_a = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    acc_b = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    acc_c = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    base = gram_ptr + (g * 3 * NCH)[:, None]
+    for k0 in range(0, NCH, BLOCK_K):
+        k = (k0 + ks)[None, :]
+        km = gm[:, None] & (k < NCH)
+        acc_a += tl.load(base + k, mask=km, other=0.0)
+        acc_b += tl.load(base + NCH + k, mask=km, other=0.0)
+        acc_c += tl.load(base + 2 * NCH + k, mask=km, other=0.0)
+    a = tl.sum(acc_a, axis=1)
+    b = tl.sum(acc_b, axis=1)
+    c = tl.sum(acc_c, axis=1)
+    # Closed-form eigen-decomposition of [[a, b], [b, c]] (mirrors closed_form_eigen of the reference).
+    half_trace = 0.5 * (a + c)
+    half_diff = 0.5 * (a - c)
+    lam1 = half_trace + tl.sqrt(half_diff * half_diff + b * b)
+    # lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1.
+    det = a * c - b * b
+    lam2 = tl.where(lam1 > 0, tl.maximum(det / tl.maximum(lam1, 2.2250738585072014e-308), 0.0), 0.0)
+    lam1 = tl.maximum(lam1, 0.0)
+    ax = b
+    ay = lam1 - a
+    bx = lam1 - c
+    by = b
+    norm_a = tl.sqrt(ax * ax + ay * ay)
+    norm_b = tl.sqrt(bx * bx + by * by)
+    use_a = norm_a >= norm_b
+    best_norm = tl.where(use_a, norm_a, norm_b)
+    scale = tl.maximum(best_norm, 2.2250738585072014e-308)
+    u1x = tl.where(use_a, ax, bx) / scale
+    u1y = tl.where(use_a, ay, by) / scale
+    axis_aligned = (b == 0) | (best_norm == 0)
+    u1x = tl.where(axis_aligned, tl.where(a >= c, 1.0, 0.0), u1x)
+    u1y = tl.where(axis_aligned, tl.where(a >= c, 0.0, 1.0), u1y)
+    s1 = tl.sqrt(lam1)
+    s2 = tl.sqrt(lam2)
+    out = params_ptr + g * 8
+    tl.store(out, u1x, mask=gm)
+    tl.store(out + 1, u1y, mask=gm)
+    tl.store(out + 2, s1, mask=gm)
+    tl.store(out + 3, s2, mask=gm)
+    tl.store(out + 4, tl.where(s2 <= 1e-12 * s1, 1.0, 0.0), mask=gm)
+    tl.store(eigen_ptr + g * 2, lam1, mask=gm)
+    tl.store(eigen_ptr + g * 2 + 1, lam2, mask=gm)
+    # The first group of every image also reduces the image's non-finite counts.
+    first = gm & (g % GPI == 0)
+    img = g // GPI
+    acc_n = tl.zeros([BLOCK_GRP, BLOCK_K], tl.int64)
+    for k0 in range(0, NCH, BLOCK_K):
+        k = (k0 + ks)[None, :]
+        acc_n += tl.load(bad_ptr + (img * NCH)[:, None] + k, mask=first[:, None] & (k < NCH), other=0).to(tl.int64)
+    tl.store(nonfinite_ptr + img, tl.sum(acc_n, axis=1), mask=first)
+
+
+@triton.jit
+def _pcos_cluster_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, params_ptr, part_ptr, HW, GPI, NCH, TILES,
+                         CLASS_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    gcols = tl.arange(0, BLOCK_G)
+    for t in range(0, TILES):
+        p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        i = b * HW + p
+        keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
+        x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
+        y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
+        if CLASS_GROUPS:
+            gid = tl.load(label_ptr + i, mask=keep, other=0).to(tl.int32)
+        else:
+            gid = tl.zeros([BLOCK_P], tl.int32)
+        gp = params_ptr + (b * GPI + gid) * 8
+        u1x = tl.load(gp, mask=keep, other=1.0)
+        u1y = tl.load(gp + 1, mask=keep, other=0.0)
+        s1 = tl.load(gp + 2, mask=keep, other=0.0)
+        s2 = tl.load(gp + 3, mask=keep, other=0.0)
+        rank_one = tl.load(gp + 4, mask=keep, other=1.0) != 0
+        # |V[n, 1]| > |V[n, 0]|  <=>  |u_2 . phi| * s_1 > |u_1 . phi| * s_2, u_2 = (-u1y, u1x): no division by s_2.
+        proj0 = tl.abs(u1x * x + u1y * y)
+        proj1 = tl.abs(-u1y * x + u1x * y)
+        cluster = ((proj1 * s1 > proj0 * s2) & ~rank_one).to(tl.int32)
+        for g0 in range(0, GPI, BLOCK_G):
+            groups = g0 + gcols
+            in_group = keep[:, None] & (gid[:, None] == groups[None, :])
+            if tl.sum(in_group.to(tl.int32)) > 0:
+                gmask = groups < GPI
+                for cl in tl.static_range(2):
+                    hit = in_group & (cluster[:, None] == cl)
+                    n = tl.sum(hit.to(tl.float64), axis=0)
+                    inv_n = 1.0 / tl.maximum(n, 1.0)
+                    mx = tl.sum(tl.where(hit, x[:, None], 0.0), axis=0) * inv_n
+                    my = tl.sum(tl.where(hit, y[:, None], 0.0), axis=0) * inv_n
+                    dx = tl.where(hit, x[:, None] - mx[None, :], 0.0)
+                    dy = tl.where(hit, y[:, None] - my[None, :], 0.0)
+                    qx = tl.sum(dx * dx, axis=0)
+                    qy = tl.sum(dy * dy, axis=0)
+                    slot = part_ptr + (((b * GPI + groups) * 2 + cl) * 5) * NCH + chunk
+                    tl.debug_barrier()  # this program's previous stores to its slots are visible to every thread
+                    n0 = tl.load(slot, mask=gmask, other=0.0)
+                    mx0 = tl.load(slot + NCH, mask=gmask, other=0.0)
+                    my0 = tl.load(slot + 2 * NCH, mask=gmask, other=0.0)
+                    qx0 = tl.load(slot + 3 * NCH, mask=gmask, other=0.0)
+                    qy0 = tl.load(slot + 4 * NCH, mask=gmask, other=0.0)
+                    n, mx, my, qx, qy = chan_merge(n0, mx0, my0, qx0, qy0, n, mx, my, qx, qy)
+                    tl.store(slot, n, mask=gmask)
+                    tl.store(slot + NCH, mx, mask=gmask)
+                    tl.store(slot + 2 * NCH, my, mask=gmask)
+                    tl.store(slot + 3 * NCH, qx, mask=gmask)
+                    tl.store(slot + 4 * NCH, qy, mask=gmask)
+
+
+@triton.jit
+def _merge_chunks(base, gm, NCH, BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Chan-merge, per group, the NCH records (count, mean x, mean y, M2 x, M2 y) at ``base`` (a BLOCK_GRP column
+    of pointers, stat-major records) in a fixed order."""
+    ks = tl.arange(0, BLOCK_K)
+    n = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    mx = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    my = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    qx = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    qy = tl.zeros([BLOCK_GRP, BLOCK_K], tl.float64)
+    for k0 in range(0, NCH, BLOCK_K):
+        k = (k0 + ks)[None, :]
+        km = gm[:, None] & (k < NCH)
+        n, mx, my, qx, qy = chan_merge(
+            n, mx, my, qx, qy,
+            tl.load(base + k, mask=km, other=0.0), tl.load(base + NCH + k, mask=km, other=0.0),
+            tl.load(base + 2 * NCH + k, mask=km, other=0.0), tl.load(base + 3 * NCH + k, mask=km, other=0.0),
+            tl.load(base + 4 * NCH + k, mask=km, other=0.0),
+        )
+    return tl.reduce((n, mx, my, qx, qy), 1, chan_merge)
+
+
+@triton.jit
+def _pcos_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, wparams_ptr, G, NCH,
+                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+    g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
+    gm = g < G
+    base = part_ptr + (g * 10 * NCH)[:, None]
+    n0, mx0, my0, qx0, qy0 = _merge_chunks(base, gm, NCH, BLOCK_GRP, BLOCK_K)
+    n1, mx1, my1, qx1, qy1 = _merge_chunks(base + 5 * NCH, gm, NCH, BLOCK_GRP, BLOCK_K)
+    mx0 = tl.where(n0 > 0, mx0, 0.0)
+    my0 = tl.where(n0 > 0, my0, 0.0)
+    mx1 = tl.where(n1 > 0, mx1, 0.0)
+    my1 = tl.where(n1 > 0, my1, 0.0)
+    vx0 = tl.where(n0 > 1, tl.maximum(qx0, 0.0) / tl.maximum(n0 - 1.0, 1.0), 0.0)
+    vy0 = tl.where(n0 > 1, tl.maximum(qy0, 0.0) / tl.maximum(n0 - 1.0, 1.0), 0.0)
+    vx1 = tl.where(n1 > 1, tl.maximum(qx1, 0.0) / tl.maximum(n1 - 1.0, 1.0), 0.0)
+    vy1 = tl.where(n1 > 1, tl.maximum(qy1, 0.0) / tl.maximum(n1 - 1.0, 1.0), 0.0)
+    tl.store(mu_ptr + g * 4, mx0, mask=gm)
+    tl.store(mu_ptr + g * 4 + 1, my0, mask=gm)
+    tl.store(mu_ptr + g * 4 + 2, mx1, mask=gm)
+    tl.store(mu_ptr + g * 4 + 3, my1, mask=gm)
+    tl.store(var_ptr + g * 4, vx0, mask=gm)
+    tl.store(var_ptr + g * 4 + 1, vy0, mask=gm)
+    tl.store(var_ptr + g * 4 + 2, vx1, mask=gm)
+    tl.store(var_ptr + g * 4 + 3, vy1, mask=gm)
+    tl.store(count_ptr + g * 2, n0.to(tl.int64), mask=gm)
+    tl.store(count_ptr + g * 2 + 1, n1.to(tl.int64), mask=gm)
+    # The reliable cluster has the higher mean confidence; an empty cluster is never chosen (ties: 0).
+    pick = (n1 > 0) & ((n0 == 0) | (mx1 > mx0))
+    tl.store(chosen_ptr + g, pick.to(tl.int64), mask=gm)
+    out = wparams_ptr + g * 4
+    tl.store(out, tl.where(pick, mx1, mx0), mask=gm)
+    tl.store(out + 1, tl.where(pick, my1, my0), mask=gm)
+    tl.store(out + 2, tl.sqrt(tl.where(pick, vx1, vx0) + 1e-8), mask=gm)
+    tl.store(out + 3, tl.sqrt(tl.where(pick, vy1, vy0) + 1e-8), mask=gm)
+
+
+@triton.jit
+def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight_ptr, reliable_ptr, HW, GPI,
+                        alpha: tl.float64, CLASS_GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pmask = p < HW
+    i = b * HW + p
+    keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
+    x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    if CLASS_GROUPS:
+        gid = tl.load(label_ptr + i, mask=keep, other=0)
+    else:
+        gid = tl.zeros([BLOCK], tl.int64)
+    wp = wparams_ptr + (b * GPI + gid) * 4
+    mux = tl.load(wp, mask=keep, other=0.0)
+    muy = tl.load(wp + 1, mask=keep, other=0.0)
+    sdx = tl.load(wp + 2, mask=keep, other=1.0)
+    sdy = tl.load(wp + 3, mask=keep, other=1.0)
+    z0 = (x - mux) / sdx
+    z1 = (y - muy) / sdy
+    w = tl.exp(-(z0 * z0 + z1 * z1) / alpha)
+    w = tl.where((x > mux) | (y > muy), 1.0, w)
+    w = tl.where(keep, w, 0.0).to(tl.float32)
+    tl.store(weight_ptr + i, w, mask=pmask)
+    tl.store(reliable_ptr + i, (keep & (w == 1.0)).to(tl.uint8), mask=pmask)
+
+
+def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int:
+    """Pixel tiles per chunk: at least MIN_CHUNK pixels, more when the per-chunk records would exceed the budget."""
+    record_bytes = (GRAM_STATS + 2 * CLUSTER_STATS) * 8 * groups_per_image
+    max_chunks = max(1, PARTIAL_BUDGET // record_bytes)
+    min_chunk = max(MIN_CHUNK, triton.cdiv(max(1, batch * hw), max_chunks))
+    return triton.cdiv(min(min_chunk, max(hw, 1)), block_p)
+
+
+def pcos_weights_launch(
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+) -> tuple[torch.Tensor, ...]:
+    bsz, ncls, h, w = logits.shape
+    hw = h * w
+    gpi = ncls if class_groups else 1
+    n_groups = bsz * gpi
+    dev = logits.device
+    f64 = torch.float64
+    weight = torch.empty((bsz, h, w), dtype=torch.float32, device=dev)
+    label = torch.empty((bsz, h, w), dtype=torch.long, device=dev)
+    reliable = torch.empty((bsz, h, w), dtype=torch.bool, device=dev)
+    mu = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
+    var = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
+    count = torch.zeros((n_groups, 2), dtype=torch.long, device=dev)
+    eigenvalues = torch.zeros((n_groups, 2), dtype=f64, device=dev)
+    chosen = torch.zeros((n_groups,), dtype=torch.long, device=dev)
+    n_nonfinite = torch.zeros((bsz,), dtype=torch.long, device=dev)
+    if bsz == 0 or hw == 0:
+        return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+    z, sb, sc, sp = pixel_strides(logits)
+    valid_u8, has_valid = valid_bytes(valid, logits)
+    dt = feature_dtype(logits)
+    acc = tl.float64 if dt == torch.float64 else tl.float32
+    block_p, block_c = feature_blocks(ncls)
+    block_g = min(next_pow2(gpi), MAX_BLOCK_G)
+    tiles = chunk_tiles(bsz, hw, gpi, block_p)
+    nch = triton.cdiv(hw, tiles * block_p)
+    fx = torch.empty((bsz * hw,), dtype=dt, device=dev)
+    fy = torch.empty_like(fx)
+    keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
+    # Programs fold tile after tile into their own slots: the slots start from zero.
+    gram = torch.zeros((n_groups * GRAM_STATS * nch,), dtype=f64, device=dev)
+    part = torch.zeros((n_groups * 2 * CLUSTER_STATS * nch,), dtype=f64, device=dev)
+    bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
+    params = torch.empty((n_groups * GROUP_PARAMS,), dtype=f64, device=dev)
+    wparams = torch.empty((n_groups * WEIGHT_PARAMS,), dtype=f64, device=dev)
+    block_k = min(next_pow2(nch), MAX_BLOCK_K)
+    block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
+    group_grid = (triton.cdiv(n_groups, block_grp),)
+    chunk_grid = (nch, bsz)
+    with device_guard(logits):
+        _pcos_features_kernel[chunk_grid](
+            z, valid_u8, fx, fy, keep, label, gram, bad, hw, ncls, sb, sc, sp, gpi, nch, tiles,
+            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups), ACC=acc,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=NUM_WARPS,
+        )
+        _pcos_group_kernel[group_grid](gram, bad, params, eigenvalues, n_nonfinite, n_groups, gpi, nch,
+                                       BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+        _pcos_cluster_kernel[chunk_grid](
+            fx, fy, keep, label, params, part, hw, gpi, nch, tiles,
+            CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=NUM_WARPS,
+        )
+        _pcos_stats_kernel[group_grid](part, mu, var, count, chosen, wparams, n_groups, nch, BLOCK_GRP=block_grp,
+                                       BLOCK_K=block_k, num_warps=4)
+        _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
+            fx, fy, keep, label, wparams, weight, reliable.view(torch.uint8), hw, gpi, float(alpha),
+            CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
+        )
+    return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+
+
+@torch.library.custom_op("csl_triton::pcos_weights", mutates_args=())
+def pcos_weights_op(
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    return pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups)
+
+
+@pcos_weights_op.register_fake
+def _(logits, valid, alpha, log_confidence, class_groups):
+    b, c, h, w = logits.shape
+    g = b * c if class_groups else b
+    f64, i64 = torch.float64, torch.long
+    return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
+            logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
+            logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
+            logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
+            logits.new_empty((b,), dtype=i64))
+
+
+@register("pcos_weights", "triton")
+def pcos_weights_triton(
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+) -> tuple[torch.Tensor, ...]:
+    """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
+    return tuple(torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                    bool(class_groups)))

@@ -1,0 +1,99 @@
+"""Triton trusted mask (spec Sec. 4): one pass over the images applies the upsampled block grid AND the reliable mask.
+
+The random cell draw stays in PyTorch (:func:`csl_kernels.trusted_mask.draw_cells`, with the user's generator); this
+kernel reads the ``B x gh x gw`` cells and the ``B x H x W`` reliable mask, writes ``cover`` once and every channel of
+the masked images once. Reference: :func:`csl_kernels.trusted_mask.trusted_mask_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import register
+
+BLOCK_P = 256  # pixels per program (one row of an image may span several programs)
+
+
+@triton.jit
+def _trusted_mask_kernel(
+    img_ptr, out_ptr, cells_ptr, reliable_ptr, cover_ptr, fill_ptr,
+    K, H, W, GH, GW,
+    s_ib, s_ik, s_ih, s_iw,
+    s_ob, s_ok, s_oh, s_ow,
+    s_rb, s_rh, s_rw,
+    BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:  # H * W, y * gh, x * gw or an offset inside one image does not fit in int32
+        p = p.to(tl.int64)
+    pm = p < H * W
+    y = p // W
+    x = p % W
+    # Nearest upsampling: pixel (y, x) lies in cell (floor(y * gh / H), floor(x * gw / W)).
+    cell = b * GH * GW + (y * GH // H) * GW + (x * GW // W)
+    in_cell = tl.load(cells_ptr + cell, mask=pm, other=0) != 0
+    rel = tl.load(reliable_ptr + b * s_rb + y * s_rh + x * s_rw, mask=pm, other=0) != 0
+    cover = in_cell & rel
+    tl.store(cover_ptr + b * H * W + p, cover.to(tl.uint8), mask=pm)
+    fill = tl.load(fill_ptr)
+    img_off = b * s_ib + y * s_ih + x * s_iw
+    out_off = b * s_ob + y * s_oh + x * s_ow
+    for k in range(0, K):
+        v = tl.load(img_ptr + img_off + k * s_ik, mask=pm)
+        tl.store(out_ptr + out_off + k * s_ok, tl.where(cover, fill, v), mask=pm)
+
+
+def _wide(images: torch.Tensor, masked: torch.Tensor, reliable: torch.Tensor, *products: int) -> bool:
+    """True when a pixel index, y * gh, x * gw or an offset inside one image may not fit in int32."""
+    spans = [sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True))
+             for t in (images, masked, reliable)]
+    return max(images.shape[2] * images.shape[3], *products, *spans) >= 2**31 - 2**16
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """bool tensors go to the kernel as uint8 (same storage)."""
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+@register("trusted_mask", "triton")
+def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masked images, cover)`` with ``cover = up(cells) & reliable`` and ``masked = fill`` where covered."""
+    return torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill))
+
+
+@torch.library.custom_op("csl_triton::trusted_mask", mutates_args=())
+def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, channels, height, width = images.shape
+    if cells.dim() != 3 or cells.shape[0] != bsz or cells.dtype != torch.bool:
+        raise ValueError(f"cells must be a bool B x gh x gw tensor with B = {bsz}, got {cells.dtype} "
+                         f"{tuple(cells.shape)}")
+    masked = torch.empty_like(images)
+    cover = torch.empty((bsz, height, width), dtype=torch.bool, device=images.device)
+    if bsz == 0 or height * width == 0:
+        return masked, cover
+    gh, gw = cells.shape[1:]
+    cells_c = _bytes(cells.contiguous())
+    # The fill value rounded to the image dtype exactly as masked_fill rounds it (a Python float would reach the
+    # kernel as float32, which is wrong for float64 images).
+    fill_t = torch.full((1,), fill, dtype=images.dtype, device=images.device)
+    rel = _bytes(reliable)
+    grid = (triton.cdiv(height * width, BLOCK_P), bsz)
+    _trusted_mask_kernel[grid](
+        images, masked, cells_c, rel, _bytes(cover), fill_t,
+        channels, height, width, gh, gw,
+        *images.stride(), *masked.stride(), *reliable.stride(),
+        BLOCK_P=BLOCK_P, WIDE=_wide(images, masked, reliable, height * gh, width * gw), num_warps=4,
+    )
+    return masked, cover
+
+
+@_trusted_mask_op.register_fake
+def _(images, cells, reliable, fill):
+    bsz, _, height, width = images.shape
+    return torch.empty_like(images), images.new_empty((bsz, height, width), dtype=torch.bool)

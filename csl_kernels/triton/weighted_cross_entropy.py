@@ -1,0 +1,291 @@
+"""Triton weighted pseudo-label cross-entropy (spec Sec. 5): ``sum_n w_n CE(z_n, y_n) / N_valid``, fused fwd/bwd.
+
+Forward: one read of the logits. Each program takes ``BLOCK_P`` pixels of one image and walks the classes in
+``BLOCK_C`` tiles with an online log-sum-exp (running max and rescaled sum), so no ``B x C x H x W`` intermediate
+exists and C is unbounded. It writes the per-pixel log-sum-exp (``B x H x W``, for the backward pass), one partial
+loss sum and one valid-pixel count per program; a one-program kernel adds the partials in a fixed order (float64
+accumulator), so the loss is bitwise reproducible without float atomics.
+
+Backward: ``grad = grad_loss * w * (exp(z - lse) - onehot(y)) / N_valid``, recomputed from the saved log-sum-exp in
+one read of the logits and one write of the gradient. Computing the gradient during the forward pass instead would
+need a ``B x C x H x W`` buffer written in the forward and read + rewritten in the backward to apply ``grad_loss``
+(two more full passes); the buffer would be alive exactly as long as the saved logits are here, so recomputation
+costs no more memory and moves strictly fewer bytes, and the forward stays a pure read when no gradient is needed.
+
+Pixels that are invalid or have weight 0 are never loaded: they contribute exactly 0 and get exactly 0 gradient,
+whatever their logits or labels. A used pixel whose label lies outside ``[0, C)`` makes the loss (and its gradient
+row) NaN; checking it on the host would cost a device synchronisation on every call.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import register
+
+MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
+TILE_ELEMENTS = 4096  # BLOCK_P * BLOCK_C per program
+REDUCE_BLOCK = 1024
+
+
+def _blocks(num_classes: int) -> tuple[int, int, int]:
+    block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
+    block_p = max(32, min(1024, TILE_ELEMENTS // block_c))
+    num_warps = 8 if block_p * block_c >= 8192 else 4
+    return block_p, block_c, num_warps
+
+
+@triton.jit
+def _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW: tl.constexpr):
+    if FLAT_HW:  # s_h == W * s_w (contiguous NCHW and channels_last): no division
+        return b * s_b + p * s_w
+    return b * s_b + (p // W) * s_h + (p % W) * s_w
+
+
+@triton.jit
+def _finite_or_zero(m):
+    # The online log-sum-exp shifts by a finite value: a tile (or a row so far) of -inf logits must not give
+    # -inf - -inf = NaN, and a +inf logit must give lse = +inf as torch.logsumexp does.
+    return tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
+
+
+@triton.jit
+def _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID: tl.constexpr, ACC: tl.constexpr):
+    """(used, valid, weight, label, bad label) of the pixels ``i`` (flat B x H x W indices)."""
+    w = tl.load(weight_ptr + i, mask=pm, other=0).to(ACC)
+    if HAS_VALID:
+        valid = pm & (tl.load(valid_ptr + i, mask=pm, other=0) != 0)
+    else:
+        valid = pm
+    used = valid & (w != 0)
+    y = tl.where(used, tl.load(label_ptr + i, mask=used, other=0).to(tl.int64), -1)  # -1: matches no class
+    bad = used & ((y < 0) | (y >= C))
+    return used, valid, w, y, bad
+
+
+@triton.jit
+def _bf16_bits(x):
+    # float32 -> bfloat16 bit pattern, rounded to nearest even as torch rounds (NaN stays NaN). The Triton
+    # interpreter's own float32 -> bfloat16 cast truncates, so the rounding is spelled out (a few integer ops).
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.int16)
+
+
+@triton.jit
+def _ce_forward_kernel(
+    z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_loss_ptr, part_count_ptr,
+    C, HW, W, s_b, s_c, s_h, s_w,
+    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:  # one image spans >= 2^31 elements: int64 offsets
+        p = p.to(tl.int64)
+    pm = p < HW
+    i = b * HW + p
+    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
+    base = _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW)
+
+    m = tl.full((BLOCK_P,), float("-inf"), ACC)
+    s = tl.zeros((BLOCK_P,), ACC)
+    z_y = tl.zeros((BLOCK_P,), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cols = cols.to(tl.int64)
+        mask = used[:, None] & (cols < C)[None, :]
+        z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=mask, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        shift = _finite_or_zero(m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        m = m_new
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    lse = _finite_or_zero(m) + tl.log(tl.where(used, s, 1.0))  # unused rows hold s = 0
+    ce = tl.where(bad, float("nan"), w * (lse - z_y))
+    tl.store(lse_ptr + i, tl.where(used, lse, 0.0), mask=pm)
+
+    part = pid_p + b * tl.num_programs(0)
+    tl.store(part_loss_ptr + part, tl.sum(tl.where(used, ce, 0.0), axis=0))
+    tl.store(part_count_ptr + part, tl.sum(valid.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _ce_reduce_kernel(part_loss_ptr, part_count_ptr, loss_ptr, count_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), tl.float64)
+    cnt = tl.zeros((BLOCK,), tl.int64)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(part_loss_ptr + offs, mask=offs < n, other=0).to(tl.float64)
+        cnt += tl.load(part_count_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+    total = tl.sum(acc, axis=0)
+    count = tl.sum(cnt, axis=0)
+    tl.store(loss_ptr, (total / tl.maximum(count, 1).to(tl.float64)).to(loss_ptr.dtype.element_ty))
+    tl.store(count_ptr, count)
+
+
+@triton.jit
+def _ce_backward_kernel(
+    grad_loss_ptr, count_ptr, z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, g_ptr,
+    C, HW, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
+    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr, ACC: tl.constexpr,
+    BF16_BITS: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:
+        p = p.to(tl.int64)
+    pm = p < HW
+    i = b * HW + p
+    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
+    scale = tl.load(grad_loss_ptr).to(ACC) / tl.maximum(tl.load(count_ptr), 1).to(ACC)
+    coef = tl.where(bad, float("nan"), scale * w)
+    lse = tl.load(lse_ptr + i, mask=used, other=0).to(ACC)
+    base = _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW)
+    g_base = _pixel_offsets(b, p, W, g_b, g_h, g_w, G_FLAT_HW)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cols = cols.to(tl.int64)
+        cm = (cols < C)[None, :]
+        z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=used[:, None] & cm, other=0).to(ACC)
+        soft = tl.exp(z - lse[:, None])
+        grad = coef[:, None] * tl.where(cols[None, :] == y[:, None], soft - 1.0, soft)
+        grad = tl.where(used[:, None], grad, 0.0)
+        if BF16_BITS:  # g_ptr is an int16 view of a bfloat16 gradient
+            grad = _bf16_bits(grad.to(tl.float32))
+        tl.store(g_ptr + g_base[:, None] + cols[None, :] * g_c, grad.to(g_ptr.dtype.element_ty),
+                 mask=pm[:, None] & cm)
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(logits: torch.Tensor):
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
+
+
+def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
+    # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap.
+    label_c = label.contiguous()
+    weight_c = weight.contiguous()
+    valid_c = valid.contiguous().view(torch.uint8) if valid is not None else None
+    return label_c, weight_c, valid_c
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """True when the offsets inside one image (classes x pixels) may not fit in int32."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) >= 2**31 - 2**16
+               for t in tensors)
+
+
+def _flat_hw(t: torch.Tensor) -> bool:
+    return t.shape[3] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _check(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> None:
+    bsz, _, height, width = logits.shape
+    for name, t in (("label", label), ("weight", weight), ("valid", valid)):
+        if t is not None and tuple(t.shape) != (bsz, height, width):
+            raise ValueError(f"{name} must have shape B x H x W = {(bsz, height, width)}, got {tuple(t.shape)}")
+    if valid is not None and valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+
+
+@torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
+def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss 0-dim, lse B x H x W, valid-pixel count 0-dim int64)."""
+    _check(logits, label, weight, valid)
+    bsz, num_classes, height, width = logits.shape
+    acc = _acc_dtype(logits)
+    dev = logits.device
+    lse = torch.empty((bsz, height, width), dtype=acc, device=dev)
+    loss = torch.empty((), dtype=acc, device=dev)
+    count = torch.empty((), dtype=torch.int64, device=dev)
+    hw = height * width
+    block_p, block_c, num_warps = _blocks(num_classes)
+    n_pblocks = triton.cdiv(hw, block_p)
+    n_parts = n_pblocks * bsz
+    part_loss = torch.empty(max(n_parts, 1), dtype=acc, device=dev)
+    part_count = torch.empty(max(n_parts, 1), dtype=torch.int32, device=dev)
+    label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
+    if n_parts > 0:
+        _ce_forward_kernel[(n_pblocks, bsz)](
+            logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
+            num_classes, hw, width, *logits.stride(),
+            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+    return loss, lse, count
+
+
+@_wce_forward.register_fake
+def _(logits, label, weight, valid):
+    bsz, _, height, width = logits.shape
+    acc = _acc_dtype(logits)
+    return (logits.new_empty((), dtype=acc), logits.new_empty((bsz, height, width), dtype=acc),
+            logits.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
+def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
+                  weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
+    """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere."""
+    _check(logits, label, weight, valid)
+    bsz, num_classes, height, width = logits.shape
+    grad = torch.empty_like(logits)
+    hw = height * width
+    if grad.numel() == 0:
+        return grad
+    block_p, block_c, num_warps = _blocks(num_classes)
+    label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
+    grad_loss = grad_loss.reshape(()).to(_acc_dtype(logits))  # may arrive expanded (strides 0) from autograd
+    bf16 = grad.dtype == torch.bfloat16
+    grad_out = grad.view(torch.int16) if bf16 else grad
+    _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
+        grad_loss, count, logits, label_c, weight_c, valid_c, lse.contiguous(), grad_out,
+        num_classes, hw, width, *logits.stride(), *grad.stride(),
+        HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
+        BF16_BITS=bf16, WIDE=_wide(logits, grad),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return grad
+
+
+@_wce_backward.register_fake
+def _(grad_loss, count, logits, label, weight, valid, lse):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, label, weight, valid = inputs
+    _, lse, count = output
+    ctx.save_for_backward(logits, label, weight, valid, lse, count)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_count):
+    # lse and count are auxiliary outputs for the backward pass; gradients flowing into them are not propagated.
+    logits, label, weight, valid, lse, count = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        grad = _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
+    return grad, None, None, None
+
+
+_wce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("weighted_cross_entropy", "triton")
+def weighted_cross_entropy_triton(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
+    return _wce_forward(logits, label, weight, valid)[0]

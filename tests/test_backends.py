@@ -1,0 +1,180 @@
+"""The backend registry of csl_kernels._backends: auto choice and its log line, fallbacks, errors with reasons.
+
+Most tests run on an isolated registry (fresh tables via monkeypatch) with a made-up op, so they do not depend on
+which real backends this machine can build; the last ones check the real ops and the Triton availability rule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import csl_kernels
+from csl_kernels import _backends
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # only a device object: nothing runs on it
+
+
+def impl_named(name):
+    def fn(*args):
+        return name
+
+    return fn
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Empty registry tables; backend modules are not imported. Returns the implementations table."""
+    impls: dict = {}
+    monkeypatch.setattr(_backends, "_IMPLS", impls)
+    monkeypatch.setattr(_backends, "_AVAILABILITY", {})
+    monkeypatch.setattr(_backends, "_BACKEND_MODULES", {})
+    monkeypatch.setattr(_backends, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    for backend in _backends.BACKENDS:
+        _backends.register("toy_op", backend)(impl_named(backend))
+    return impls
+
+
+def auto_records(caplog, op):
+    return [r for r in caplog.records if r.name == "csl_kernels" and f"csl_kernels.{op} " in r.getMessage()]
+
+
+def test_register_and_resolve_by_name(registry):
+    for backend in ("reference", "cpu"):
+        name, fn = _backends.resolve("toy_op", backend, CPU)
+        assert name == backend and fn() == backend
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        _backends.register("toy_op", "bogus")
+
+
+def test_auto_logs_its_choice_once(registry, caplog):
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    assert _backends.resolve("toy_op", "auto", CPU)[0] == "cpu"
+    assert _backends.resolve("toy_op", "auto", CPU)[0] == "cpu"
+    records = auto_records(caplog, "toy_op")
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO and "'cpu'" in records[0].getMessage()
+    # A new device type is a new choice, logged once as well; on CUDA devices Triton comes first.
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "triton"
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "triton"
+    assert len(auto_records(caplog, "toy_op")) == 2
+
+
+def test_auto_falls_back_with_a_warning_that_gives_the_reason(registry, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    _backends.register_availability("cpu", lambda device: "the compiler exploded")
+    name, fn = _backends.resolve("toy_op", "auto", CPU)
+    assert name == "reference" and fn() == "reference"
+    (record,) = auto_records(caplog, "toy_op")
+    assert record.levelno == logging.WARNING
+    assert "skipped cpu: the compiler exploded" in record.getMessage()
+    # On CUDA devices: triton missing for this op -> cuda, and the warning names the skipped triton.
+    del registry["toy_op"]["triton"]
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
+    record = auto_records(caplog, "toy_op")[-1]
+    assert record.levelno == logging.WARNING and "skipped triton: the triton backend does not implement toy_op" in (
+        record.getMessage())
+
+
+def test_named_unavailable_backend_raises_with_the_reason(registry):
+    _backends.register_availability("cpu", lambda device: "the compiler exploded")
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: the compiler exploded"):
+        _backends.resolve("toy_op", "cpu", CPU)
+    assert not _backends.is_available("toy_op", "cpu", "cpu")
+    assert _backends.is_available("toy_op", "reference", "cpu")
+    with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
+        _backends.resolve("toy_op", "cuda", CPU)
+    with pytest.raises(RuntimeError, match="the cpu backend needs CPU tensors"):
+        _backends.resolve("toy_op", "cpu", CUDA)
+    del registry["toy_op"]["cuda"]
+    with pytest.raises(RuntimeError, match="does not implement toy_op"):
+        _backends.resolve("toy_op", "cuda", CUDA)
+
+
+def test_failed_backend_import_is_the_reason(registry, monkeypatch):
+    monkeypatch.setattr(_backends, "_BACKEND_MODULES", {"cpu": "csl_kernels.no_such_module"})
+    reason = _backends.unavailable_reason("toy_op", "cpu", CPU)
+    assert reason is not None and "importing csl_kernels.no_such_module failed: ModuleNotFoundError" in reason
+    with pytest.raises(RuntimeError, match="no_such_module"):
+        _backends.resolve("toy_op", "cpu", CPU)
+    assert _backends.resolve("toy_op", "auto", CPU)[0] == "reference"
+
+
+def test_no_backend_at_all_raises(registry):
+    registry["toy_op"] = {}
+    with pytest.raises(RuntimeError, match="no backend available"):
+        _backends.resolve("toy_op", "auto", CPU)
+
+
+def test_unknown_backend_name_raises():
+    z = torch.randn(1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="unknown backend 'fastest'"):
+        csl_kernels.residual_features(z, backend="fastest")
+    assert csl_kernels.unavailable_reason("residual_features", "fastest", CPU).startswith("unknown backend")
+    assert not csl_kernels.is_available("residual_features", "fastest", "cpu")
+
+
+def test_real_op_auto_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    pred = torch.zeros(2, 3, dtype=torch.long)
+    first = csl_kernels.confusion_matrix(pred, pred, 2)
+    second = csl_kernels.confusion_matrix(pred, pred, 2)
+    assert torch.equal(first, second) and first[0, 0] == 6
+    records = auto_records(caplog, "confusion_matrix")
+    assert len(records) == 1 and "backend='auto' uses" in records[0].getMessage()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    # Import the triton package (if it imports at all) before touching the environment: Triton reads
+    # TRITON_INTERPRET when a kernel is defined, and later tests must get the kernels this process was started for.
+    import_error = _backends._load_backend_module("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = _backends.unavailable_reason("weighted_cross_entropy", "triton", CPU)
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        csl_kernels.confusion_matrix(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 2,
+                                     backend="triton")
+    if import_error is not None:
+        pytest.skip(import_error)
+    # The triton package's own availability check reads the environment at call time, too.
+    import csl_kernels.triton as triton_pkg
+
+    assert "TRITON_INTERPRET=1" in triton_pkg._check(CPU)
+    assert triton_pkg._check(CUDA) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_pkg._check(CPU) is None
+    assert _backends.unavailable_reason("weighted_cross_entropy", "triton", CPU) is None
+
+
+def test_auto_on_cpu_never_picks_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even when the interpreter could run it: it is far too slow
+    name, _ = _backends.resolve("weighted_cross_entropy", "auto", CPU)
+    assert name in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "auto"])
+def test_public_op_compiles_with_fullgraph(backend):
+    from conftest import require_backend
+
+    if backend != "auto":
+        require_backend("weighted_cross_entropy", backend)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 6, 7, generator=g, requires_grad=True)
+    label = torch.randint(0, 5, (2, 6, 7), generator=g)
+    weight = torch.rand(2, 6, 7, generator=g)
+
+    def loss_fn(z, label, weight):
+        return csl_kernels.weighted_cross_entropy(z, label, weight, backend=backend)
+
+    eager = loss_fn(z, label, weight)
+    (eager_grad,) = torch.autograd.grad(eager, z)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(z, label, weight)
+    (compiled_grad,) = torch.autograd.grad(compiled, z)
+    assert torch.equal(compiled.detach(), eager.detach())
+    assert torch.equal(compiled_grad, eager_grad)

@@ -1,0 +1,109 @@
+"""csl.checkpoint: atomic writes (a crash while saving keeps the previous file), weights_only loading, RNG capture."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from csl import checkpoint as ck
+
+
+def _payload(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "iteration": int(value), "name": "x", "nested": [1, (2.5, None)]}
+
+
+def test_atomic_save_roundtrip(tmp_path):
+    path = str(tmp_path / "sub" / "latest.pt")
+    ck.atomic_save(_payload(1.0), path)
+    obj = ck.load_checkpoint(path)
+    assert obj["iteration"] == 1 and torch.equal(obj["model"]["w"], torch.ones(3))
+    assert obj["nested"] == [1, (2.5, None)]
+    assert os.listdir(tmp_path / "sub") == ["latest.pt"]  # no temporary file left behind
+
+
+def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "latest.pt")
+    ck.atomic_save(_payload(1.0), path)
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")  # some bytes reach the disk, then the process "dies"
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_save(_payload(2.0), path)
+    monkeypatch.setattr(torch, "save", real_save)
+    obj = ck.load_checkpoint(path)
+    assert obj["iteration"] == 1 and torch.equal(obj["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["latest.pt"]
+
+    # A crash after the data was written but before the rename also leaves the old file.
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_save(_payload(3.0), path)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["iteration"] == 1
+    assert os.listdir(tmp_path) == ["latest.pt"]
+
+
+class _Custom:
+    pass
+
+
+def test_only_plain_data_is_saved(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is a _Custom"):
+        ck.atomic_save({"extra": _Custom()}, str(tmp_path / "x.pt"))
+    with pytest.raises(TypeError, match="keys must be str or int"):
+        ck.atomic_save({"d": {(1, 2): 3}}, str(tmp_path / "x.pt"))
+    assert not os.listdir(tmp_path)
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"extra": _Custom()}, path)  # written without the plain-data check
+    with pytest.raises(ValueError, match="weights_only=True"):
+        ck.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        ck.load_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save([1, 2], str(tmp_path / "list.pt"))
+    with pytest.raises(ValueError, match="expected a dict"):
+        ck.load_checkpoint(str(tmp_path / "list.pt"))
+
+
+def test_rng_capture_restore_every_stream(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    state = ck.capture_rng({"step": gen})
+    path = str(tmp_path / "rng.pt")
+    ck.atomic_save({"rng": state}, path)
+
+    def draw():
+        return (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3),
+                torch.rand(2, generator=gen))
+
+    first = draw()
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    gen.manual_seed(99)
+    ck.restore_rng(ck.load_checkpoint(path)["rng"], {"step": gen})
+    second = draw()
+    assert first[:3] == second[:3]
+    assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
+    with pytest.raises(KeyError, match="no state for the random generator 'other'"):
+        ck.restore_rng(state, {"other": torch.Generator()})
+
+
+def test_model_state_accepts_trainer_and_bare_checkpoints():
+    sd = {"module.a": torch.zeros(1), "module.b": torch.ones(2)}
+    assert set(ck.model_state({"model": sd})) == {"a", "b"}
+    assert set(ck.model_state({"a": torch.zeros(1)})) == {"a"}
+    with pytest.raises(ValueError, match="no model state dict"):
+        ck.model_state({"model": {"a": 1}})

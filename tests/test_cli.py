@@ -1,0 +1,115 @@
+"""The command line: ``csl train`` on the demo config, ``eval`` and ``predict`` from its checkpoint, ``demo``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from csl.cli import expand_images, main
+from csl.logging_utils import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4", "data.synthetic.num_unlabeled=8",
+        "data.synthetic.num_val=2", "data.synthetic.size=48", "train.batch_size=2", "train.progress=false",
+        "tmp.block=16", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--config", "demo", *TINY, "train.iters=3", "train.iters_per_epoch=3",
+                 f"output_dir={out}"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_run_outputs(trained):
+    for name in ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "train.log"):
+        assert (trained / name).is_file(), name
+    records = read_metrics(str(trained / "metrics.jsonl"))
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    pl = [r for r in records if r["kind"] == "pseudo_labels"]
+    assert len(pl) == 1 and 0 <= pl[0]["mask_ratio"] <= 1 and 0 <= pl[0]["accuracy"] <= 1
+    assert len([r for r in records if r["kind"] == "eval"]) == 1
+    log = (trained / "train.log").read_text()
+    assert "global batch 2 labeled + 2 unlabeled + 2 mix" in log and "lr backbone 0.01, head 0.1" in log
+    ckpt = torch.load(trained / "latest.pt", weights_only=True)
+    assert ckpt["iteration"] == 3 and ckpt["config"]["model"]["backbone"] == "resnet18"
+
+
+def test_resume_flag_continues(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    code = main(["train", "--config", "demo", *TINY, "train.iters=4", "train.iters_per_epoch=3", f"output_dir={run}",
+                 "--resume", str(run / "latest.pt")])
+    assert code == 0
+    iters = [r["iter"] for r in read_metrics(str(run / "metrics.jsonl"), "train")]
+    assert iters == [1, 2, 3, 4]
+
+
+def test_eval_matches_training_eval(trained, capsys):
+    code = main(["eval", "--checkpoint", str(trained / "best.pt")])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    train_eval = read_metrics(str(trained / "metrics.jsonl"), "eval")[-1]
+    assert result["miou"] == pytest.approx(train_eval["miou"], abs=1e-12)
+    assert "mIoU" in out and "class   0" in out
+
+
+def test_predict_writes_palette_pngs(trained, tmp_path):
+    from csl.data import generate_scenes
+
+    images, _ = generate_scenes(2, size=40, seed=5, split="val", num_classes=4)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(img_dir / f"im{i}.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--images", str(img_dir), "--out",
+                 str(out)]) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["im0.png", "im1.png"]
+    with Image.open(out / "im0.png") as p:
+        assert p.mode == "P" and p.size == (40, 40)
+        assert np.array(p).max() < 6
+    assert expand_images([str(img_dir / "*.png")]) == [str(img_dir / "im0.png"), str(img_dir / "im1.png")]
+    with pytest.raises(FileNotFoundError, match="no such image"):
+        expand_images([str(tmp_path / "nothing*.jpg")])
+
+
+def test_demo_prints_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", *TINY, "train.iters_per_epoch=2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("supervised only", "threshold 0.95 (UniMatch)", "CSL (PCOS + TMP)"):
+        assert label in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["results"]) == {"supervised", "threshold", "csl"}
+    for method, r in summary["results"].items():
+        assert r["miou"] is not None and 0 <= r["miou"] <= 1, method
+        assert r["iters"] == 2
+    assert summary["results"]["supervised"]["pl_accuracy"] is None
+    assert summary["results"]["csl"]["pl_recall"] is not None
+    assert (tmp_path / "summary.md").read_text().count("\n| ") == 4
+
+
+def test_bad_override_exits_with_message(capsys):
+    assert main(["train", "--config", "demo", "train.lrr=0.1"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "/nonexistent/ckpt.pt"]) == 2
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "csl", "train", "--config", "no_such_config"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr and "demo" in proc.stderr

@@ -1,0 +1,116 @@
+"""csl.config: YAML loading, dotted overrides with type parsing, validation errors, bundled configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from csl.config import DEFAULTS, ConfigError, build_config, load_config, parse_override, parse_value
+
+BUNDLED = ("demo", "voc_321", "voc_513", "cityscapes_801", "coco")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_configs_load(name):
+    cfg = load_config(name)
+    assert set(cfg) == set(DEFAULTS)
+    assert cfg["train"]["lambda_s"] == 0.25 and cfg["train"]["lambda_m"] == 0.25 and cfg["train"]["lambda_fp"] == 0.5
+    assert cfg["train"]["momentum"] == 0.9 and cfg["train"]["weight_decay"] == 1e-4
+    assert cfg["selection"]["mode"] == "csl"
+
+
+def test_bundled_config_specifics():
+    assert load_config("voc_321")["data"]["crop_size"] == 321
+    assert load_config("voc_513")["data"]["crop_size"] == 513
+    city = load_config("cityscapes_801")
+    assert city["data"]["crop_size"] == 801 and city["train"]["criterion"] == "ohem"
+    assert city["train"]["ohem_thresh"] == 0.7 and city["train"]["ohem_min_kept"] == 200000
+    assert city["eval"]["mode"] == "sliding_window"
+    assert load_config("coco")["data"]["num_classes"] == 81
+    demo = load_config("demo")
+    assert demo["model"]["backbone"] == "resnet18" and demo["model"]["pretrained"] is None
+    assert demo["data"]["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0.01", 0.01), ("1e-4", 1e-4), ("3", 3), ("true", True), ("null", None), ("[12, 24, 36]", [12, 24, 36]),
+    ("resnet50", "resnet50"), ("'5'", "5"), ("nan", "nan"), ("-2E3", -2000.0),
+])
+def test_parse_value(text, expected):
+    assert parse_value(text) == expected
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = build_config({}, ["train.lr=1e-3", "train.epochs=5", "model.dilations=[12,24,36]", "tmp.enabled=false",
+                            "model.pretrained=null", "data.synthetic.num_labeled=8", "seed=7", "train.lambda_m=1"])
+    assert cfg["train"]["lr"] == 1e-3 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["epochs"] == 5
+    assert cfg["model"]["dilations"] == [12, 24, 36]
+    assert cfg["tmp"]["enabled"] is False
+    assert cfg["data"]["synthetic"]["num_labeled"] == 8 and cfg["data"]["synthetic"]["num_val"] == 24
+    assert cfg["seed"] == 7
+    assert cfg["train"]["lambda_m"] == 1.0 and isinstance(cfg["train"]["lambda_m"], float)
+    assert build_config({}, {"train.batch_size": 4})["train"]["batch_size"] == 4
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  lr: 0.02\n  epochs: 3\nselection:\n  mode: threshold\n")
+    cfg = load_config(str(path), ["train.epochs=4"])
+    assert cfg["train"]["lr"] == 0.02 and cfg["train"]["epochs"] == 4
+    assert cfg["selection"]["mode"] == "threshold"
+    assert cfg["train"]["head_lr_mult"] == 10.0  # defaults fill the rest
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.1", "did you mean 'train.lr'"),
+    ("nosuch.key=1", "unknown config key 'nosuch.key'"),
+    ("train.lr", "key=value"),
+    ("=3", "empty key"),
+    ("train.epochs=abc", "train.epochs must be an integer"),
+    ("train.epochs=2.5", "train.epochs must be an integer"),
+    ("train.lr=fast", "train.lr must be a number"),
+    ("tmp.enabled=3", "tmp.enabled must be true or false"),
+    ("selection.mode=magic", "selection.mode must be one of"),
+    ("train.criterion=focal", "train.criterion must be one of"),
+    ("tmp.rate=1.5", "tmp.rate must be in [0, 1]"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("model.dilations=[1,2]", "model.dilations must be three positive integers"),
+    ("model.output_stride=4", "model.output_stride must be one of"),
+    ("train=1", "train is a section"),
+    ("data.num_classes=true", "data.num_classes must be int or null"),
+    ("train.lr=[0.1", "cannot parse value"),
+])
+def test_override_errors(override, message):
+    with pytest.raises(ConfigError, match=_escape(message)):
+        build_config({}, [override])
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(str(listy))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'; did you mean 'train.epochs'.*unknown"):
+        load_config(str(unknown))
+    section = tmp_path / "section.yaml"
+    section.write_text("model: resnet50\n")
+    with pytest.raises(ConfigError, match="model must be a section"):
+        load_config(str(section))
+
+
+def test_parse_override_splits_on_first_equals():
+    assert parse_override("data.root=/a=b") == ("data.root", "/a=b")

@@ -1,0 +1,124 @@
+"""confusion_matrix: every fused backend against the reference (exact int64 counts) and hand-computed matrices."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import require_backend
+
+import csl_kernels
+from csl_kernels.confusion_matrix import confusion_matrix_reference, iou_from_confusion
+
+OP = "confusion_matrix"
+
+
+def make_case(seed: int, shape, num_classes: int, dtype: torch.dtype, ignore_index: int, device):
+    """Targets with ignored pixels; predictions mostly right, some wrong, some outside [0, C)."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, shape, generator=g)
+    pred = torch.where(torch.rand(shape, generator=g) < 0.6, target, torch.randint(0, num_classes, shape, generator=g))
+    target = torch.where(torch.rand(shape, generator=g) < 0.15, torch.full_like(target, ignore_index), target)
+    lo = 0 if dtype == torch.uint8 else -2
+    hi = min(num_classes + 2, torch.iinfo(dtype).max)
+    stray = torch.rand(shape, generator=g) < 0.05
+    pred = torch.where(stray, torch.randint(lo, hi + 1, shape, generator=g), pred)
+    target = torch.where(torch.rand(shape, generator=g) < 0.03, torch.randint(lo, hi + 1, shape, generator=g), target)
+    return pred.to(dtype).to(device), target.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_cases_match_reference(fused_backend, seed):
+    device = require_backend(OP, fused_backend)
+    rng = random.Random(seed)
+    num_classes = rng.choice((1, 2, 19, 21, 32, 33, 150, 1000))
+    dtype = rng.choice((torch.int64, torch.int32, torch.int16) + ((torch.uint8,) if num_classes < 250 else ()))
+    ignore_index = 255 if dtype == torch.uint8 else rng.choice((255, -1))
+    shape = rng.choice(((rng.randint(1, 3), rng.randint(1, 40), rng.randint(1, 40)), (rng.randint(1, 5000),)))
+    pred, target = make_case(seed, shape, num_classes, dtype, ignore_index, device)
+    if rng.random() < 0.3:  # non-contiguous views
+        pred, target = pred.transpose(0, -1), target.transpose(0, -1)
+    got = csl_kernels.confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, backend=fused_backend)
+    expected = confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index)
+    assert got.dtype == torch.int64 and got.shape == (num_classes, num_classes)
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_hand_computed(fused_backend):
+    device = require_backend(OP, fused_backend)
+    target = torch.tensor([[[0, 0, 1], [2, 255, 1]], [[2, 2, 0], [1, 3, 255]]], device=device)
+    pred = torch.tensor([[[0, 1, 1], [2, 0, 1]], [[0, 2, 0], [1, 1, -1]]], device=device)
+    # Kept (target, pred): (0,0) (0,1) (1,1) (2,2) (1,1) | (2,0) (2,2) (0,0) (1,1); target 3 is out of range.
+    expected = torch.tensor([[2, 1, 0], [0, 3, 0], [1, 0, 2]])
+    got = csl_kernels.confusion_matrix(pred, target, 3, backend=fused_backend)
+    assert torch.equal(got.cpu(), expected)
+    iou = iou_from_confusion(got.cpu())
+    torch.testing.assert_close(iou, torch.tensor([2 / 4, 3 / 4, 2 / 3], dtype=torch.float64))
+
+
+def test_large_c_last_bins_and_heavy_diagonal(fused_backend):
+    device = require_backend(OP, fused_backend)
+    n = 9000
+    target = torch.full((n,), 999)
+    pred = torch.full((n,), 999)
+    pred[:10] = 998
+    target[-3:] = 0
+    got = csl_kernels.confusion_matrix(pred.to(device), target.to(device), 1000, backend=fused_backend).cpu()
+    assert got[999, 999] == n - 13 and got[999, 998] == 10 and got[0, 999] == 3 and got.sum() == n
+    # Small C (per-program histograms): every pixel on one bin.
+    ones = torch.ones(3, 70, 70, dtype=torch.int64, device=device)
+    got = csl_kernels.confusion_matrix(ones, ones, 21, backend=fused_backend).cpu()
+    assert got[1, 1] == ones.numel() and got.sum() == ones.numel()
+
+
+@pytest.mark.parametrize(("num_classes", "ignore_index"), [(1000, 255), (21, 5)])
+def test_ignore_index_inside_the_class_range(fused_backend, num_classes, ignore_index):
+    device = require_backend(OP, fused_backend)
+    pred, target = make_case(num_classes, (2, 30, 30), num_classes, torch.int64, ignore_index, device)
+    assert (target == ignore_index).float().mean() > 0.1
+    got = csl_kernels.confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, backend=fused_backend)
+    assert got[ignore_index].sum() == 0  # the ignored class never appears as a target
+    assert torch.equal(got.cpu(), confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index))
+
+
+def test_empty_and_all_ignored(fused_backend):
+    device = require_backend(OP, fused_backend)
+    empty = torch.zeros(2, 0, 5, dtype=torch.long, device=device)
+    assert torch.equal(csl_kernels.confusion_matrix(empty, empty, 4, backend=fused_backend).cpu(),
+                       torch.zeros(4, 4, dtype=torch.long))
+    target = torch.full((2, 3, 3), 255, device=device)
+    assert not csl_kernels.confusion_matrix(target.clone(), target, 4, backend=fused_backend).any()
+
+
+def test_counts_add_over_batches_and_repeat_exactly(fused_backend):
+    device = require_backend(OP, fused_backend)
+    pred, target = make_case(3, (4, 17, 23), 21, torch.int64, 255, device)
+    whole = csl_kernels.confusion_matrix(pred, target, 21, backend=fused_backend)
+    parts = sum(csl_kernels.confusion_matrix(pred[i:i + 1], target[i:i + 1], 21, backend=fused_backend)
+                for i in range(4))
+    assert torch.equal(whole, parts)
+    assert torch.equal(whole, csl_kernels.confusion_matrix(pred, target, 21, backend=fused_backend))
+
+
+def test_triton_custom_op():
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton.confusion_matrix import confusion_matrix_triton
+
+    pred, target = make_case(1, (2, 5, 6), 5, torch.int64, 255, device)
+    torch.library.opcheck(torch.ops.csl_triton.confusion_matrix, (pred, target, 5, 255))
+    compiled = torch.compile(lambda p: confusion_matrix_triton(p, target, 5, 255), fullgraph=True,
+                             backend="aot_eager")
+    assert torch.equal(compiled(pred), confusion_matrix_triton(pred, target, 5, 255))
+
+
+@pytest.mark.parametrize(("pred", "target", "num_classes", "error", "match"), [
+    (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 3, TypeError, "pred"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool), 3, TypeError, "target"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 3, ValueError, "same shape"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), 0, ValueError, "num_classes"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), 2.0, ValueError, "num_classes"),
+])
+def test_bad_input_errors(pred, target, num_classes, error, match):
+    with pytest.raises(error, match=match):
+        csl_kernels.confusion_matrix(pred, target, num_classes, backend="reference")

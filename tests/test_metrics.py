@@ -1,0 +1,94 @@
+"""Pseudo-label quality metrics (spec Sec. 6) on hand-made inputs with hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from csl_kernels import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
+from csl_kernels.metrics import COUNT_KEYS
+
+# One image, 2 x 4 pixels, C = 4 (class 3 is never predicted).
+LABEL = torch.tensor([[[0, 1, 1, 2], [2, 0, 1, 4]]])  # 4 is out of range for C = 4: skipped
+RELIABLE = torch.tensor([[[True, True, False, True], [False, True, True, True]]])
+TARGET = torch.tensor([[[0, 2, 1, 2], [255, 0, 1, 0]]])  # 255: skipped
+# Kept pixels (label, selected, correct): (0,T,T) (1,T,F) (1,F,T) (2,T,T) (0,T,T) (1,T,T)
+EXPECTED_COUNTS = torch.tensor([
+    [2, 3, 1, 0],  # predicted
+    [2, 2, 1, 0],  # selected
+    [2, 2, 1, 0],  # correct
+    [2, 1, 1, 0],  # selected and correct
+])
+
+
+def test_counts_by_hand():
+    counts = pseudo_label_counts(LABEL, RELIABLE, TARGET, 4)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, EXPECTED_COUNTS)
+
+
+def test_rates_by_hand():
+    m = pseudo_label_metrics(LABEL, RELIABLE, TARGET, 4)
+    nan = math.nan
+    expected = {
+        "sampling_rate": [1.0, 2 / 3, 1.0, nan],
+        "accuracy": [1.0, 1 / 2, 1.0, nan],
+        "recall": [1.0, 1 / 2, 1.0, nan],
+    }
+    for key, values in expected.items():
+        torch.testing.assert_close(m[key], torch.tensor(values, dtype=torch.float64), equal_nan=True)
+    assert m["overall_sampling_rate"].item() == pytest.approx(5 / 6)
+    assert m["overall_accuracy"].item() == pytest.approx(4 / 5)
+    assert m["overall_recall"].item() == pytest.approx(4 / 5)
+    for key, row in zip(COUNT_KEYS, EXPECTED_COUNTS, strict=True):
+        assert torch.equal(m[key], row)
+
+
+def test_counts_add_over_batches():
+    label2 = torch.tensor([[[3, 3], [0, 1]]])
+    reliable2 = torch.tensor([[[True, False], [False, True]]])
+    target2 = torch.tensor([[[3, 0], [0, 255]]])
+    # Second batch, kept pixels: (3,T,T) (3,F,F) (0,F,T)
+    c2 = pseudo_label_counts(label2, reliable2, target2, 4)
+    assert torch.equal(c2, torch.tensor([[1, 0, 0, 2], [0, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 1]]))
+    total = pseudo_label_counts(LABEL, RELIABLE, TARGET, 4) + c2
+    m = metrics_from_counts(total)
+    torch.testing.assert_close(m["sampling_rate"], torch.tensor([2 / 3, 2 / 3, 1.0, 1 / 2], dtype=torch.float64))
+    torch.testing.assert_close(m["recall"], torch.tensor([2 / 3, 1 / 2, 1.0, 1.0], dtype=torch.float64))
+    assert m["overall_accuracy"].item() == pytest.approx(5 / 6)
+
+
+def test_nothing_selected_or_nothing_valid():
+    label = torch.zeros(1, 2, 2, dtype=torch.long)
+    m = pseudo_label_metrics(label, torch.zeros(1, 2, 2, dtype=torch.bool), label.clone(), 2)
+    assert m["sampling_rate"][0].item() == 0.0 and m["recall"][0].item() == 0.0
+    assert math.isnan(m["accuracy"][0].item()) and math.isnan(m["overall_accuracy"].item())
+    m = pseudo_label_metrics(label, torch.ones(1, 2, 2, dtype=torch.bool), torch.full_like(label, 255), 2)
+    assert all(math.isnan(m[k].item()) for k in ("overall_sampling_rate", "overall_accuracy", "overall_recall"))
+
+
+@pytest.mark.parametrize(("label", "reliable", "target", "num_classes", "error"), [
+    (LABEL[:, :1], RELIABLE, TARGET, 4, ValueError),
+    (LABEL, RELIABLE, TARGET[..., :2], 4, ValueError),
+    (LABEL, RELIABLE.long(), TARGET, 4, TypeError),
+    (LABEL, RELIABLE, TARGET, 0, ValueError),
+])
+def test_bad_input(label, reliable, target, num_classes, error):
+    with pytest.raises(error):
+        pseudo_label_counts(label, reliable, target, num_classes)
+
+
+def test_counts_match_boolean_indexing_and_honour_ignore_index():
+    g = torch.Generator().manual_seed(3)
+    label = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target[0, :3] = 254
+    reliable = torch.rand(2, 9, 11, generator=g) < 0.5
+    counts = pseudo_label_counts(label, reliable, target, 5, ignore_index=254)
+    valid = (target != 254) & (label < 5)
+    lab, sel, cor = label[valid], reliable[valid], (label == target)[valid]
+    expected = torch.stack([torch.bincount(x, minlength=5) for x in (lab, lab[sel], lab[cor], lab[sel & cor])])
+    assert torch.equal(counts, expected)
+    assert counts[0].sum() == valid.sum() < label.numel()

@@ -1,0 +1,511 @@
+"""pcos_weights: every fused backend against the float64 reference, and the closed form against an SVD oracle.
+
+Seeded random cases over sizes, C, dtypes, layouts, ignore masks, non-finite logits, alpha, confidence and groups;
+adversarial cases (odd sizes and layouts, multi-chunk images, all-ignored and all-non-finite images, one class,
+rank-one features, empty clusters); the closed-form assignment against ``torch.linalg.svd`` of the 2 x N feature
+matrix; the low-precision rule; determinism; the custom op; bad input.
+
+Where the math is well-conditioned the discrete outputs (label, count, chosen, reliable, n_nonfinite) must be equal.
+A group is well-conditioned when the SVD oracle on the float64 features has ``s2 / s1`` and every pixel's assignment
+margin well above what the feature rounding can move; a pixel's weight is compared unless the preservation test
+``phi > mu`` is within feature rounding (then the weight may legitimately jump). Float32 features carry ~1e-7
+relative rounding, so float32 statistics are held to 5e-5 of their scale (measured: <= 6e-6) and weights to their
+sensitivity to the feature errors (measured: <= 3.3e-5, on a cluster with sd = 1e-4); float64 runs to ~1e-11.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import require_backend
+from test_residual_features import (
+    LAYOUTS,
+    feature_tolerance,
+    layout,
+    make_logits,
+    residual_mass64,
+    torch_low_precision,
+)
+
+import csl_kernels
+from csl_kernels._checks import valid_mask
+
+OP = "pcos_weights"
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:index_reduce:UserWarning")]
+EPS = 1e-8
+
+
+def svd_assignment(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: torch.Tensor,
+                   n_groups: int) -> dict[str, torch.Tensor]:
+    """Clusters the way the authors' code finds them: a loop over groups, boolean indexing and ``torch.linalg.svd``
+    of the 2 x N feature matrix, ``argmax_i |V[n, i]|`` (ties 0; everything 0 when ``s2 <= 1e-12 s1``), float64.
+    Also returns per group the singular values ``s`` and left singular vectors ``u`` (G x 2 x 2, column i = u_i)."""
+    x, y = x.reshape(-1).double().cpu(), y.reshape(-1).double().cpu()
+    keep, group = keep.reshape(-1).cpu(), group.reshape(-1).cpu()
+    out = dict(cluster=torch.zeros_like(group), s=torch.zeros(n_groups, 2, dtype=torch.float64),
+               u=torch.eye(2, dtype=torch.float64).repeat(n_groups, 1, 1))
+    for g in range(n_groups):
+        sel = keep & (group == g)
+        if not sel.any():
+            continue
+        u, s, vh = torch.linalg.svd(torch.stack((x[sel], y[sel])), full_matrices=False)
+        out["s"][g, : s.numel()] = s
+        out["u"][g, :, : s.numel()] = u
+        if s.numel() == 2 and s[1] > 1e-12 * s[0]:
+            out["cluster"][sel] = (vh[1].abs() > vh[0].abs()).long()
+    return out
+
+
+def cluster_stats(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, cluster: torch.Tensor,
+                  n_groups: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Spec steps 4-6 for a given assignment, float64: counts, means, unbiased variances, reliable cluster, weights."""
+    x, y = x.reshape(-1).double().cpu(), y.reshape(-1).double().cpu()
+    keep, group, cluster = keep.reshape(-1).cpu(), group.reshape(-1).cpu(), cluster.reshape(-1).cpu()
+    f64 = torch.float64
+    slot = group * 2 + cluster
+    count = torch.zeros(2 * n_groups, dtype=torch.long).index_add_(0, slot, keep.long())
+    n = count.to(f64).clamp_min(1)
+    sums = torch.zeros(2 * n_groups, 2, dtype=f64).index_add_(0, slot, torch.stack((x, y), dim=1) * keep[:, None])
+    mu = sums / n[:, None]
+    dev = (torch.stack((x, y), dim=1) - mu[slot]) * keep[:, None]
+    m2 = torch.zeros(2 * n_groups, 2, dtype=f64).index_add_(0, slot, dev * dev)
+    var = torch.where((count > 1)[:, None], m2 / (n - 1).clamp_min(1)[:, None], 0.0)
+    mu, var, count = mu.view(n_groups, 2, 2), var.view(n_groups, 2, 2), count.view(n_groups, 2)
+    chosen = ((count[:, 1] > 0) & ((count[:, 0] == 0) | (mu[:, 1, 0] > mu[:, 0, 0]))).long()
+    rows = torch.arange(n_groups)
+    m, v = mu[rows, chosen][group], var[rows, chosen][group]
+    z0, z1 = (x - m[:, 0]) / torch.sqrt(v[:, 0] + EPS), (y - m[:, 1]) / torch.sqrt(v[:, 1] + EPS)
+    weight = torch.where((x > m[:, 0]) | (y > m[:, 1]), 1.0, torch.exp(-(z0 * z0 + z1 * z1) / alpha))
+    return dict(count=count, mu=mu, var=var, chosen=chosen, weight=torch.where(keep, weight, 0.0))
+
+
+def svd_pcos(x, y, keep, group, n_groups: int, alpha: float) -> dict[str, torch.Tensor]:
+    """The SVD oracle: :func:`svd_assignment` then :func:`cluster_stats`."""
+    assignment = svd_assignment(x, y, keep, group, n_groups)
+    return {**assignment, **cluster_stats(x, y, keep, group, assignment["cluster"], n_groups, alpha)}
+
+
+def reference64(z, ign, **kwargs):
+    ign = None if ign is None else ign.cpu()
+    return csl_kernels.pcos_weights(z.detach().cpu().double(), ign, backend="reference", return_stats=True, **kwargs)
+
+
+def keep_mask(z: torch.Tensor, ign) -> torch.Tensor:
+    z = z.detach().cpu()
+    finite = torch.isfinite(z).all(dim=1)
+    valid = valid_mask(None if ign is None else ign.cpu(), z)
+    return finite if valid is None else finite & valid
+
+
+def pixel_groups(label: torch.Tensor, num_classes: int, groups: str) -> torch.Tensor:
+    b = label.shape[0]
+    image = torch.arange(b).view(b, 1, 1).expand_as(label)
+    return image * num_classes + label if groups == "class" else image
+
+
+def check_invariants(out, z: torch.Tensor, ign, groups: str) -> None:
+    """Dtypes, shapes and the rules that hold whatever the numbers: never NaN, w in [0, 1], 0 off the valid pixels,
+    reliable = (w == 1) & valid, and the per-group statistics of empty groups are 0."""
+    b, c, h, w = z.shape
+    lead = (b, c) if groups == "class" else (b,)
+    assert out.weight.dtype == torch.float32 and out.weight.shape == (b, h, w)
+    assert out.label.dtype == torch.long and out.label.shape == (b, h, w)
+    assert out.reliable.dtype == torch.bool and out.reliable.shape == (b, h, w)
+    st = out.stats
+    for name, shape, dtype in (("mu", (*lead, 2, 2), torch.float64), ("var", (*lead, 2, 2), torch.float64),
+                               ("count", (*lead, 2), torch.long), ("eigenvalues", (*lead, 2), torch.float64),
+                               ("chosen", lead, torch.long), ("n_nonfinite", (b,), torch.long)):
+        t = getattr(st, name)
+        assert t.dtype == dtype and t.shape == shape, (name, t.dtype, t.shape)
+        assert t.device == z.device
+    weight = out.weight.cpu()
+    keep = keep_mask(z, ign)
+    assert not torch.isnan(weight).any()
+    assert ((weight >= 0) & (weight <= 1)).all()
+    assert torch.equal(weight[~keep], torch.zeros_like(weight[~keep]))
+    assert torch.equal(out.reliable.cpu(), (weight == 1) & keep)
+    assert torch.equal(out.label.cpu()[~keep], torch.zeros_like(out.label.cpu()[~keep]))
+    count = st.count.cpu().reshape(-1, 2)
+    assert count.sum() == keep.sum()
+    assert ((st.var.cpu() >= 0).all() and (st.eigenvalues.cpu() >= 0).all()
+            and (st.eigenvalues.cpu()[..., 0] >= st.eigenvalues.cpu()[..., 1]).all())
+    empty = count == 0
+    assert torch.equal(st.mu.cpu().reshape(-1, 2, 2)[empty], torch.zeros(int(empty.sum()), 2, dtype=torch.float64))
+    assert (st.chosen.cpu().reshape(-1)[count[:, 1] == 0] == 0).all()  # an empty cluster is never chosen
+
+
+MAX_AMBIGUOUS = 4  # ambiguous pixels per group resolved by trying every assignment of them
+
+
+def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidence: str, groups: str) -> None:
+    """``out`` (a fused backend) and ``ref`` (the float64 reference on the same logits) against each other and
+    against the SVD oracle run on the float64 reference features.
+
+    A backend computes its features with the rounding of its dtype (bounded per pixel by ``feature_tolerance``), so
+    a pixel whose cluster can flip within those bounds is *ambiguous*: for a group with a few ambiguous pixels the
+    oracle tries every assignment of them and keeps the one that matches the backend's counts and means; the
+    backend's statistics and weights must then match that assignment's. Groups with ``s2 / s1`` too small for the
+    eigenvectors to be stable, or with many ambiguous pixels, are not compared (their eigenvalues still are).
+    """
+    check_invariants(out, z, ign, groups)
+    check_invariants(ref, z.detach().cpu().double(), None if ign is None else ign.cpu(), groups)
+    b, c = z.shape[:2]
+    n_groups = b * c if groups == "class" else b
+    assert torch.equal(out.label.cpu(), ref.label)
+    assert torch.equal(out.stats.n_nonfinite.cpu(), ref.stats.n_nonfinite)
+    f64 = torch.float64
+    # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
+    tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
+    ign64 = None if ign is None else ign.cpu()
+    f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), ign64, confidence=confidence,
+                                                 backend="reference")
+    keep = keep_mask(z, ign).reshape(-1)
+    group = pixel_groups(label, c, groups).reshape(-1)
+    x, y = f0.reshape(-1), v.reshape(-1)
+    dx_err, dy_err = feature_tolerance(x, y, residual_mass64(z).reshape(-1), z.dtype)
+    assignment = svd_assignment(x, y, keep, group, n_groups)
+    oracle = cluster_stats(x, y, keep, group, assignment["cluster"], n_groups, alpha)
+    st, rs = out.stats, ref.stats
+    rcount = rs.count.reshape(-1, 2)
+    s1, s2 = assignment["s"][:, 0], assignment["s"][:, 1]
+    scale_x = torch.zeros(n_groups, dtype=f64).index_reduce_(0, group, torch.where(keep, x.abs(), 0.0), "amax")
+    scale_y = torch.zeros(n_groups, dtype=f64).index_reduce_(0, group, torch.where(keep, y.abs(), 0.0), "amax")
+    n_pixels = oracle["count"].sum(dim=1)
+    # One pixel, or v = 0 everywhere (C = 2: exactly rank one): every implementation puts it all in cluster 0.
+    trivial = (n_pixels <= 1) | (scale_y == 0)
+    stable = trivial | (s2 > ratio_min * s1)
+    # The reference (same float64 features) agrees with the oracle wherever the eigenvectors are stable.
+    assert torch.equal(rcount[stable], oracle["count"][stable])
+    # Ambiguous pixels: the margin |u2.phi| s1 - |u1.phi| s2 is within what the feature errors can move, or the
+    # relative margin between |V[n, 1]| and |V[n, 0]| is within what eigenvector rounding can move.
+    u, s = assignment["u"][group], assignment["s"][group]
+    p0, p1 = (u[:, 0, 0] * x + u[:, 1, 0] * y).abs(), (u[:, 0, 1] * x + u[:, 1, 1] * y).abs()
+    slack = (s[:, 0] * (u[:, 0, 1].abs() * dx_err + u[:, 1, 1].abs() * dy_err)
+             + s[:, 1] * (u[:, 0, 0].abs() * dx_err + u[:, 1, 0].abs() * dy_err))
+    margin = p1 * s[:, 0] - p0 * s[:, 1]
+    rel = margin.abs() / torch.maximum(p1 * s[:, 0], p0 * s[:, 1]).clamp_min(1e-300)
+    ambiguous = keep & ~trivial[group] & ((margin.abs() <= 4 * slack) | (rel <= rel_min))
+    cluster = assignment["cluster"].clone()
+    checked = stable.clone()
+    mu_out = st.mu.cpu().reshape(-1, 2, 2)
+    for g in torch.nonzero(stable & (torch.zeros(n_groups, dtype=torch.long).index_add_(0, group, ambiguous.long())
+                                     > 0)).flatten().tolist():
+        idx = torch.nonzero(ambiguous & (group == g)).flatten()
+        if idx.numel() > MAX_AMBIGUOUS:
+            checked[g] = False
+            continue
+        best, best_err = None, float("inf")
+        for bits in range(2 ** idx.numel()):
+            trial = cluster.clone()
+            trial[idx] = torch.tensor([(bits >> i) & 1 for i in range(idx.numel())])
+            sel = group == g
+            stats = cluster_stats(x[sel], y[sel], keep[sel], torch.zeros_like(group[sel]), trial[sel], 1, alpha)
+            if torch.equal(stats["count"][0], st.count.cpu().reshape(-1, 2)[g]):
+                err = (stats["mu"][0] - mu_out[g]).abs().sum().item()
+                if err < best_err:
+                    best, best_err = trial, err
+        if best is None:
+            checked[g] = False
+        else:
+            cluster = best
+    if keep.sum() >= 30:  # tiny images are often ill-conditioned; larger ones must mostly be checked
+        assert checked[group][keep].float().mean() >= 0.5, "too few checked pixels: the case checks little"
+    expected = cluster_stats(x, y, keep, group, cluster, n_groups, alpha)
+    # Eigenvalues: always comparable (they are smooth in the features).
+    lam, rlam = st.eigenvalues.cpu().reshape(-1, 2), rs.eigenvalues.reshape(-1, 2)
+    assert ((lam - rlam).abs() <= tol * rlam[:, :1] + 1e-300).all(), (lam - rlam).abs().max()
+    # Checked groups: equal counts and chosen cluster, close means and variances.
+    assert torch.equal(st.count.cpu().reshape(-1, 2)[checked], expected["count"][checked])
+    mu, emu = mu_out[checked], expected["mu"][checked]
+    var, evar = st.var.cpu().reshape(-1, 2, 2)[checked], expected["var"][checked]
+    scale = torch.stack((scale_x, scale_y), dim=-1)[checked].unsqueeze(1)  # G x 1 x 2
+    assert ((mu - emu).abs() <= tol * scale).all(), ((mu - emu).abs() / scale.clamp_min(1e-300)).max()
+    # A variance moves by ~2 sd * (feature error) + (feature error)^2 when the features are rounded.
+    var_tol = tol * (evar + scale * evar.sqrt() + 1e-4 * scale * scale) + 1e-300
+    assert ((var - evar).abs() <= var_tol).all(), ((var - evar).abs() / var_tol).max()
+    gap = (emu[:, 1, 0] - emu[:, 0, 0]).abs() > 10 * tol * scale[:, 0, 0]
+    assert torch.equal(st.chosen.cpu().reshape(-1)[checked][gap], expected["chosen"][checked][gap])
+    # Weights of the checked groups, except where the preservation test phi > mu is within rounding: mu* moves by
+    # at most the mean feature error of its cluster. (v = 0 everywhere in a group is exact: no border there.)
+    rows = torch.arange(n_groups)
+    chosen = expected["chosen"]
+    mu_star = expected["mu"][rows, chosen][group]
+    var_star = expected["var"][rows, chosen][group]
+    dx, dy = x - mu_star[:, 0], y - mu_star[:, 1]
+    w_open = torch.exp(-(dx * dx / (var_star[:, 0] + EPS) + dy * dy / (var_star[:, 1] + EPS)) / alpha)
+    slot = group * 2 + cluster
+    n_slot = torch.zeros(2 * n_groups, dtype=f64).index_add_(0, slot, keep.double()).clamp_min(1)
+    mu_dx = torch.zeros(2 * n_groups, dtype=f64).index_add_(0, slot, dx_err * keep) / n_slot
+    mu_dy = torch.zeros(2 * n_groups, dtype=f64).index_add_(0, slot, dy_err * keep) / n_slot
+    star = group * 2 + chosen[group]
+    border = ((dx.abs() <= 2 * (dx_err + mu_dx[star]))
+              | ((dy.abs() <= 2 * (dy_err + mu_dy[star])) & (scale_y[group] > 0)))
+    border &= keep & (w_open < 1 - 1e-6)
+    compare = keep & ~border & checked[group]
+    if keep.sum() >= 30:
+        assert compare.sum() >= 0.5 * keep.sum(), "too few compared weights: the case checks little"
+    # A weight moves with the feature errors of the pixel and of mu*, amplified by |z| (1 + |z|) / sd: near-certain
+    # clusters have sd ~ sqrt(eps) = 1e-4, where one float32 ulp of f0 near 1 moves z by 6e-4.
+    sd_x, sd_y = (var_star[:, 0] + EPS).sqrt(), (var_star[:, 1] + EPS).sqrt()
+    z0, z1 = dx.abs() / sd_x, dy.abs() / sd_y
+    spread = z0 * (1 + z0) * (dx_err + mu_dx[star]) / sd_x + z1 * (1 + z1) * (dy_err + mu_dy[star]) / sd_y
+    w_tol = w_floor + 8 * w_open * spread / alpha
+    weight = out.weight.cpu().reshape(-1).double()
+    err = (weight - expected["weight"].float().double()).abs()
+    assert (err <= w_tol)[compare].all(), (err / w_tol)[compare].max()
+    assert torch.equal(out.reliable.cpu().reshape(-1)[compare], (expected["weight"].float() == 1)[compare])
+    # The reference itself against the oracle (same features: no ambiguity at this scale).
+    ref_err = (ref.weight.reshape(-1).double() - oracle["weight"].float().double()).abs()[stable[group]]
+    assert (ref_err <= 1e-6).all(), ref_err.max()
+
+
+RANDOM_SEEDS = range(110)
+
+
+def random_case(seed: int, device):
+    rng = random.Random(seed)
+    classes = rng.choice((2, 3, 8, 21, 21, 40, 150))
+    side = 5 if classes == 150 else 12
+    dtype = rng.choice((torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    scale = rng.choice((0.3, 1.0, 3.0, 10.0))
+    case = dict(batch=rng.randint(1, 3), classes=classes, height=rng.randint(1, side), width=rng.randint(1, side),
+                dtype=dtype, scale=min(scale, 3.0) if dtype == torch.float16 else scale,
+                ignore=rng.choice(("none", "bool", "int64", "uint8")), p_ignore=rng.choice((0.0, 0.2, 0.7)),
+                p_nonfinite=rng.choice((0.0, 0.0, 0.1)), kind=rng.choice(LAYOUTS), device=device)
+    options = dict(alpha=rng.choice((1.0, 3.7, 8.0, 64.0)), confidence=rng.choice(("prob", "log")),
+                   groups=rng.choice(("image", "image", "class")))
+    return make_logits(seed, **case), options
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+def test_random_cases_match_float64_reference(fused_backend, seed):
+    device = require_backend(OP, fused_backend)
+    (z, ign), options = random_case(seed, device)
+    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+@pytest.mark.parametrize(
+    ("shape", "kind"),
+    [(s, k) for s in [(1, 2, 1, 1), (2, 21, 1, 1), (1, 3, 7, 13), (2, 21, 7, 13), (1, 150, 7, 13), (1, 300, 3, 5)]
+     for k in ("contiguous", "channels_last", "transposed", "class_slice")]
+    + [((1, 5, 65, 129), "contiguous"), ((1, 21, 65, 129), "channels_last")],
+)
+def test_odd_sizes_and_layouts(fused_backend, shape, kind, groups):
+    """Includes multi-chunk images (65 x 129 = 9 chunks of partial sums merged per group)."""
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, ign = make_logits(sum(shape), batch=b, classes=c, height=h, width=w, ignore="int64", kind=kind, device=device)
+    options = dict(alpha=8.0, confidence="prob" if h % 2 else "log", groups=groups)
+    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_all_ignored_and_all_non_finite_images(fused_backend, groups):
+    device = require_backend(OP, fused_backend)
+    z, _ = make_logits(7, batch=3, classes=6, height=5, width=4, device=device)
+    valid = torch.ones(3, 5, 4, dtype=torch.bool, device=device)
+    valid[1] = False  # image 1: every pixel ignored
+    z[2, 3] = float("nan")  # image 2: every pixel non-finite
+    z[2, 0, 0, 0] = float("inf")
+    out = csl_kernels.pcos_weights(z, valid, groups=groups, backend=fused_backend, return_stats=True)
+    ref = reference64(z, valid, groups=groups)
+    options = dict(alpha=8.0, confidence="prob", groups=groups)
+    assert_pcos_match(out, ref, z, valid, **options)
+    assert out.stats.n_nonfinite.cpu().tolist() == [0, 0, 20]
+    for t in (out.weight, out.reliable.float(), out.label.float()):
+        assert not t[1:].cpu().any()
+    st = out.stats
+    for t in (st.mu, st.var, st.count, st.eigenvalues, st.chosen):
+        assert not t[1:].cpu().any()
+    assert out.reliable[0].any()
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+@pytest.mark.parametrize("confidence", ["prob", "log"])
+def test_one_class_images(fused_backend, groups, confidence):
+    """Every pixel has the same pseudo-label: with class groups all other groups are empty."""
+    device = require_backend(OP, fused_backend)
+    z, ign = make_logits(8, batch=2, classes=21, height=6, width=7, scale=1.0, ignore="bool", device=device)
+    g = torch.Generator().manual_seed(8)
+    z[:, 4] = z.amax(dim=1) + 0.5 + 3 * torch.rand(2, 6, 7, generator=g).to(device)  # class 4 wins every pixel
+    options = dict(alpha=8.0, confidence=confidence, groups=groups)
+    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+    keep = keep_mask(z, ign)
+    assert (out.label.cpu()[keep] == 4).all()
+    if groups == "class":
+        count = out.stats.count.cpu()
+        assert torch.equal(count.sum(dim=-1)[:, 4], keep.sum(dim=(1, 2)))
+        assert count.sum() == count[:, 4].sum()
+
+
+@pytest.mark.parametrize("classes", [2, 21, 150])
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_non_finite_logits_never_poison_the_image(fused_backend, classes, groups):
+    """NaN / +inf / -inf pixels are invalid and counted (ignored ones too); the rest of the result is bitwise the
+    same as with those pixels ignored."""
+    device = require_backend(OP, fused_backend)
+    z, ign = make_logits(classes, batch=2, classes=classes, height=4, width=6, ignore="bool", p_ignore=0.2,
+                         p_nonfinite=0.25, device=device)
+    z[0, :, 0, 0] = float("-inf")
+    z[0, 0, 0, 1] = float("nan")
+    z[1, classes - 1, 3, 5] = float("inf")
+    bad = ~torch.isfinite(z).all(dim=1)
+    options = dict(alpha=8.0, confidence="prob", groups=groups)
+    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+    assert torch.equal(out.stats.n_nonfinite.cpu(), bad.sum(dim=(1, 2)).cpu())
+    assert not out.weight[bad].any()
+    clean = torch.where(bad.unsqueeze(1), torch.zeros((), dtype=z.dtype, device=device), z)
+    out_clean = csl_kernels.pcos_weights(clean, ign & ~bad, backend=fused_backend, return_stats=True, **options)
+    for a, b in zip((*out[:3], *out.stats[:5]), (*out_clean[:3], *out_clean.stats[:5]), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("confidence", ["prob", "log"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_one_features(fused_backend, confidence, dtype):
+    """Identical pixels, and C = 2 (v = 0 everywhere): every pixel in cluster 0, cluster 1 empty and never chosen
+    (even with log confidence, where its zero mean would beat the negative mean of cluster 0)."""
+    device = require_backend(OP, fused_backend)
+    z = torch.tensor([0.3, 2.0, -1.0, 0.7], dtype=dtype).view(1, 4, 1, 1).expand(2, 4, 5, 6).to(device)
+    valid = torch.ones(2, 5, 6, dtype=torch.bool, device=device)
+    valid[1, :2] = False
+    for groups in ("image", "class"):
+        out = csl_kernels.pcos_weights(z, valid, confidence=confidence, groups=groups, backend=fused_backend,
+                                       return_stats=True)
+        check_invariants(out, z, valid, groups)
+        count = out.stats.count.cpu().reshape(-1, 2)
+        assert count[:, 1].sum() == 0 and count[:, 0].sum() == 30 + 18
+        assert torch.equal(out.reliable.cpu(), valid.cpu())  # phi == mu: z = 0, w = 1
+        assert (out.stats.chosen == 0).all()
+    z2, ign = make_logits(3, batch=2, classes=2, height=5, width=7, dtype=dtype, ignore="int64", device=device)
+    out = csl_kernels.pcos_weights(z2, ign, confidence=confidence, backend=fused_backend, return_stats=True)
+    ref = reference64(z2, ign, confidence=confidence)
+    assert_pcos_match(out, ref, z2, ign, alpha=8.0, confidence=confidence, groups="image")
+    st = out.stats
+    assert (st.eigenvalues[:, 1] == 0).all() and (st.count[:, 1] == 0).all() and (st.chosen == 0).all()
+    assert (st.mu[:, 1] == 0).all()
+    if confidence == "log":
+        assert (st.mu[:, 0, 0] < 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_closed_form_assignment_equals_svd(backend, groups):
+    """On well-conditioned inputs the closed-form 2 x 2 eigen-decomposition assigns every pixel exactly as the SVD
+    of the 2 x N feature matrix does (supplementary C.1): same clusters, hence equal counts and means."""
+    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(2, 5, 9, 10, generator=g, dtype=torch.float64) * 2.0
+    z[:, 1] += 1.5  # a dominant class: a confident and an uncertain population
+    z = z.to(device)
+    f0, v, label = csl_kernels.residual_features(z.cpu(), backend="reference")
+    keep = torch.ones_like(label, dtype=torch.bool)
+    n_groups = 10 if groups == "class" else 2
+    oracle = svd_pcos(f0, v, keep, pixel_groups(label, 5, groups), n_groups, 8.0)
+    populated = oracle["count"].sum(dim=1) > 1
+    assert populated.sum() >= 2
+    ratio = oracle["s"][:, 1] / oracle["s"][:, 0].clamp_min(1e-300)
+    assert (ratio[populated] > 1e-3).all()
+    assert (oracle["count"][populated] > 0).all(dim=1).any()  # both clusters occur
+    out = csl_kernels.pcos_weights(z, groups=groups, backend=backend, return_stats=True)
+    st = out.stats
+    assert torch.equal(st.count.cpu().reshape(-1, 2), oracle["count"])
+    torch.testing.assert_close(st.mu.cpu().reshape(-1, 2, 2), oracle["mu"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(st.var.cpu().reshape(-1, 2, 2), oracle["var"], rtol=1e-9, atol=1e-14)
+    assert torch.equal(st.chosen.cpu().reshape(-1), oracle["chosen"])
+    torch.testing.assert_close(out.weight.cpu().double().reshape(-1), oracle["weight"].float().double(),
+                               rtol=0, atol=1e-6)
+    s = torch.linalg.svdvals(torch.stack((f0.reshape(2, -1), v.reshape(2, -1)), dim=1))  # image groups only
+    if groups == "image":
+        torch.testing.assert_close(st.eigenvalues.cpu(), s * s, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(3))
+def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
+    """Mean weight error (vs the float64 reference) <= 2x that of PCOS on PyTorch's own features in that dtype."""
+    device = require_backend(OP, fused_backend)
+    classes = (2, 21, 150)[seed]
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(2, classes, 6, 7, generator=g) * 2).to(dtype).to(device)
+    out = csl_kernels.pcos_weights(z, backend=fused_backend)
+    ref = reference64(z, None)
+    f0, v = torch_low_precision(z, "prob")
+    label = ref.label
+    oracle = svd_pcos(f0.double(), v.double(), torch.ones_like(label, dtype=torch.bool),
+                      pixel_groups(label, classes, "image"), 2, 8.0)
+    err = (out.weight.cpu().double() - ref.weight.double()).abs().mean().item()
+    torch_err = (oracle["weight"] - ref.weight.double().reshape(-1)).abs().mean().item()
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((2, 21, 33, 65), "image"), ((2, 21, 17, 65), "class"),
+                                               ((1, 150, 9, 11), "class")])
+def test_bitwise_deterministic(fused_backend, shape, groups):
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, ign = make_logits(5, batch=b, classes=c, height=h, width=w, ignore="bool", p_nonfinite=0.02, device=device)
+    first = csl_kernels.pcos_weights(z, ign, groups=groups, backend=fused_backend, return_stats=True)
+    second = csl_kernels.pcos_weights(z, ign, groups=groups, backend=fused_backend, return_stats=True)
+    for a, b_ in zip((*first[:3], *first.stats), (*second[:3], *second.stats), strict=True):
+        assert torch.equal(a, b_)
+
+
+def test_stats_optional_and_empty_input(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z, _ = make_logits(2, batch=2, classes=3, height=4, width=4, device=device)
+    assert csl_kernels.pcos_weights(z, backend=fused_backend).stats is None
+    out = csl_kernels.pcos_weights(torch.randn(2, 3, 0, 4, device=device), groups="class", backend=fused_backend,
+                                   return_stats=True)
+    assert out.weight.shape == (2, 0, 4) and out.stats.mu.shape == (2, 3, 2, 2)
+    assert not out.stats.count.any() and not out.stats.n_nonfinite.any()
+
+
+def test_triton_custom_op_registration_and_compile():
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton.pcos_weights import pcos_weights_triton
+
+    z, ign = make_logits(6, batch=2, classes=5, height=3, width=4, ignore="bool", device=device)
+    op = torch.ops.csl_triton.pcos_weights.default
+    torch.library.opcheck(op, (z, ign, 8.0, False, False))
+    torch.library.opcheck(op, (z.to(torch.bfloat16), None, 3.7, True, True))
+    torch.library.opcheck(op, (layout(z.double(), "channels_last"), ign, 64.0, False, True))
+
+    def weights(x):
+        weight, *_, count, _, chosen, _ = pcos_weights_triton(x, ign, 8.0, False, True)
+        return weight * 2, count, chosen
+
+    compiled = torch.compile(weights, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(z), weights(z), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda z: (z, None, {"alpha": 0.0}), ValueError, "alpha"),
+        (lambda z: (z, None, {"alpha": -8.0}), ValueError, "alpha"),
+        (lambda z: (z, None, {"alpha": float("nan")}), ValueError, "alpha"),
+        (lambda z: (z, None, {"alpha": "8"}), ValueError, "alpha"),
+        (lambda z: (z, None, {"confidence": "logit"}), ValueError, "confidence"),
+        (lambda z: (z, None, {"groups": "pixel"}), ValueError, "groups"),
+        (lambda z: (z[0], None, {}), ValueError, "logits"),
+        (lambda z: (z.int(), None, {}), TypeError, "logits"),
+        (lambda z: (z[:, :1], None, {}), ValueError, "at least 2 classes"),
+        (lambda z: (z, torch.zeros(2, 5, 4, dtype=torch.long), {}), ValueError, "ignore"),
+        (lambda z: (z, torch.zeros(2, 4, 5, dtype=torch.float32), {}), TypeError, "ignore"),
+        (lambda z: (z, None, {"backend": "tpu"}), RuntimeError, "backend"),
+    ],
+)
+def test_bad_input_errors(make, error, match):
+    z, ign, kwargs = make(torch.randn(2, 3, 4, 5))
+    with pytest.raises(error, match=match):
+        csl_kernels.pcos_weights(z, ign, **kwargs)

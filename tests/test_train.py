@@ -1,0 +1,332 @@
+"""csl.train: the training step for every selection mode, losses, CutMix boxes, exact resume, 2-process DDP on gloo.
+
+CPU only and tiny: ResNet-18, 40-pixel crops, batch 2, a handful of synthetic scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import csl_kernels
+from csl.config import build_config
+from csl.distributed import ResumableDistributedSampler, SeededDataset
+from csl.logging_utils import read_metrics
+from csl.losses import CrossEntropy, OhemCrossEntropy
+from csl.train import Trainer, cutmix_boxes, pseudo_label_counts, to_device, train_step
+
+TINY = {
+    "device": "cpu",
+    "data.crop_size": 40,
+    "data.num_workers": 0,
+    "data.num_classes": 4,
+    "data.synthetic": {"num_labeled": 4, "num_unlabeled": 8, "num_val": 2, "size": 48, "seed": 0},
+    "model.backbone": "resnet18",
+    "train.batch_size": 2,
+    "train.lr": 0.01,
+    "train.log_every": 1,
+    "train.progress": False,
+    "tmp.block": 16,
+    "selection.backend": "reference",
+}
+
+
+def tiny_config(tmp_path, **overrides) -> dict:
+    return build_config({}, {**TINY, "output_dir": str(tmp_path), **overrides})
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["csl", "threshold", "csl_class"])
+def test_one_step_per_selection_mode(tmp_path, mode):
+    trainer = Trainer(tiny_config(tmp_path, **{"selection.mode": mode, "train.iters": 1}))
+    batches = [to_device(b, trainer.device) for b in next(iter(trainer._batches(0, 0)))]
+    assert batches[0]["image"].shape == (2, 3, 40, 40) and batches[1]["image_m"].shape == (2, 3, 40, 40)
+    before = _params(trainer.bare_model)
+    out = train_step(trainer.model, trainer.optimizer, trainer.scheduler, trainer.scaler, *batches,
+                     selector=trainer.selector, criterion=trainer.criterion, cfg=trainer.step_cfg,
+                     generator=trainer.generator)
+    for key in ("loss", "loss_x", "loss_s", "loss_m", "loss_fp"):
+        assert key in out and out[key].dim() == 0 and torch.isfinite(out[key]), key
+        assert out[key] >= 0
+    assert out["loss_x"] > 0
+    expected = (out["loss_x"] + 0.25 * out["loss_s"] + 0.25 * out["loss_m"] + 0.5 * out["loss_fp"]) / 2
+    torch.testing.assert_close(out["loss"], expected)
+    assert 0 <= float(out["weight_sum"]) <= float(out["valid"])
+    assert out["pl_counts"].shape == (4, 4) and int(out["pl_counts"][0].sum()) > 0
+    after = _params(trainer.bare_model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("classifier.") for k in changed)
+    # The poly schedule stepped once: lr = base * (1 - 1 / total) ** 0.9 with total = 1 -> 0.
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0
+    trainer.close()
+
+
+def test_unlabeled_losses_use_selection_weights(tmp_path):
+    """With every weight forced to 0 the three unlabeled losses vanish; the labeled loss does not."""
+
+    class ZeroSelector:
+        mode = "zero"
+
+        def __call__(self, logits, ignore):
+            res = csl_kernels.pcos_weights(logits.detach(), ignore, backend="reference")
+            return res._replace(weight=torch.zeros_like(res.weight))
+
+    trainer = Trainer(tiny_config(tmp_path, **{"train.iters": 1}))
+    batches = [to_device(b, trainer.device) for b in next(iter(trainer._batches(0, 0)))]
+    out = train_step(trainer.model, trainer.optimizer, trainer.scheduler, trainer.scaler, *batches,
+                     selector=ZeroSelector(), criterion=trainer.criterion, cfg=trainer.step_cfg,
+                     generator=trainer.generator)
+    assert float(out["loss_s"]) == 0 and float(out["loss_m"]) == 0 and float(out["loss_fp"]) == 0
+    assert float(out["loss_x"]) > 0
+    trainer.close()
+
+
+def test_supervised_mode_trains(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.mode": "supervised", "train.iters": 2, "train.iters_per_epoch": 2})
+    trainer = Trainer(cfg)
+    before = _params(trainer.bare_model)
+    summary = trainer.train()
+    trainer.close()
+    assert summary["iterations"] == 2
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in train_records] == [1, 2] and all("loss_s" not in r for r in train_records)
+    assert [r["kind"] for r in records].count("eval") == 1
+    assert not all(torch.equal(before[k], v) for k, v in _params(trainer.bare_model).items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume.
+
+
+def _losses(path: str) -> list[tuple]:
+    keys = ("iter", "loss", "loss_x", "loss_s", "loss_m", "loss_fp", "mask_ratio", "lr")
+    return [tuple(r[k] for k in keys) for r in read_metrics(path, "train")]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 iterations in one go == 3 iterations, a fresh process-like restart from the checkpoint, 3 more. The restart
+    is mid-epoch (4 iterations per epoch), so sampler position, RNG streams, optimizer momentum, schedule and BN
+    statistics must all come back."""
+    over = {"train.iters": 6, "train.iters_per_epoch": 4, "train.ckpt_every": 3}
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full = Trainer(tiny_config(full_dir, **over))
+    full.train()
+    full.close()
+
+    first = Trainer(tiny_config(split_dir, **over))
+    first.train(stop_at=3)
+    first.close()
+    assert first.iteration == 3
+    ckpt = torch.load(split_dir / "latest.pt", weights_only=True)  # plain data and tensors only
+    assert ckpt["iteration"] == 3
+    # Disturb every global random stream, as a new process would have them.
+    torch.manual_seed(12345)
+    import random
+
+    import numpy as np
+
+    random.seed(1)
+    np.random.seed(2)
+    second = Trainer(tiny_config(split_dir, **over, **{"train.resume": "auto"}))
+    assert second.iteration == 3
+    second.train()
+    second.close()
+
+    a, b = _losses(str(full_dir / "metrics.jsonl")), _losses(str(split_dir / "metrics.jsonl"))
+    assert [r[0] for r in a] == list(range(1, 7)) and [r[0] for r in b] == list(range(1, 7))
+    assert a == b  # bitwise-equal loss values, mask ratios and learning rates
+    wa, wb = full.bare_model.state_dict(), second.bare_model.state_dict()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    evals_a = read_metrics(str(full_dir / "metrics.jsonl"), "eval")
+    evals_b = read_metrics(str(split_dir / "metrics.jsonl"), "eval")
+    assert [e["miou"] for e in evals_a] == [e["miou"] for e in evals_b] and len(evals_a) == 2
+    assert (full_dir / "best.pt").is_file() and (split_dir / "best.pt").is_file()
+
+
+def test_samples_do_not_depend_on_workers_or_start():
+    """SeededDataset + ResumableDistributedSampler: the same items whether loaded by 0 or 2 workers, and starting
+    at position k gives the tail of the full epoch."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Noisy(Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            import random
+
+            import numpy as np
+
+            return torch.tensor([i, random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+    def load(workers: int, start: int = 0) -> torch.Tensor:
+        sampler = ResumableDistributedSampler(5, 8, seed=3, stream=1)
+        sampler.set_epoch(2, start)
+        loader = DataLoader(SeededDataset(Noisy()), batch_size=2, sampler=sampler, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0))
+        return torch.cat(list(loader))
+
+    base = load(0)
+    assert base.shape == (8, 4)
+    assert sorted(base[:5, 0].tolist()) == [0, 1, 2, 3, 4]  # the first 5 are one permutation
+    assert torch.equal(base, load(2))
+    assert torch.equal(base[4:], load(0, start=4))
+    state = torch.get_rng_state()
+    load(0)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's stream is untouched (main-process loading)
+
+
+def test_sampler_shards_ranks():
+    samplers = [ResumableDistributedSampler(10, 4, seed=0, stream=0, rank=r, world_size=2) for r in range(2)]
+    items = [list(s) for s in samplers]
+    idx = [[i for i, _ in it] for it in items]
+    order = samplers[0].global_order(0)
+    assert idx[0] == order[0::2] and idx[1] == order[1::2]
+    seeds = [s for it in items for _, s in it]
+    assert len(set(seeds)) == len(seeds)
+    with pytest.raises(ValueError, match="start must be"):
+        samplers[0].set_epoch(0, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces of the step.
+
+
+def test_cutmix_boxes():
+    g = torch.Generator().manual_seed(0)
+    boxes = cutmix_boxes(64, 40, 30, 1.0, g)
+    assert boxes.shape == (64, 40, 30) and boxes.dtype == torch.bool
+    area = boxes.sum(dim=(1, 2)).double() / (40 * 30)
+    assert (area > 0).all() and (area <= 0.45).all()
+    for b in boxes[:8]:  # each box is one axis-aligned rectangle
+        rows, cols = b.any(1).nonzero().squeeze(1), b.any(0).nonzero().squeeze(1)
+        assert b[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert int(b.sum()) == len(rows) * len(cols)
+    assert not cutmix_boxes(8, 16, 16, 0.0, g).any()
+    some = cutmix_boxes(400, 8, 8, 0.5, g).flatten(1).any(1).double().mean()
+    assert 0.4 < float(some) < 0.6
+
+
+def test_pseudo_label_counts_match_kernels():
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 5, (3, 7, 9), generator=g)
+    target = torch.randint(0, 5, (3, 7, 9), generator=g)
+    target[0, :2] = 255
+    reliable = torch.rand(3, 7, 9, generator=g) > 0.4
+    expected = csl_kernels.pseudo_label_counts(label, reliable, target, 5)
+    assert torch.equal(pseudo_label_counts(label, reliable, target, 5), expected)
+
+
+def _ohem_reference(pred, target, thresh, min_kept, ignore_index=255):
+    """UniMatch's ProbOhemCrossEntropy2d, with its data-dependent branches."""
+    b, c, h, w = pred.shape
+    target = target.reshape(-1).clone()
+    valid = target != ignore_index
+    target = target * valid.long()
+    num_valid = int(valid.sum())
+    prob = F.softmax(pred, dim=1).transpose(0, 1).reshape(c, -1)
+    if min_kept <= num_valid and num_valid > 0:
+        prob = prob.masked_fill(~valid, 1)
+        mask_prob = prob[target, torch.arange(len(target))]
+        threshold = thresh
+        if min_kept > 0:
+            index = mask_prob.argsort()
+            threshold_index = index[min(len(index), min_kept) - 1]
+            if mask_prob[threshold_index] > thresh:
+                threshold = mask_prob[threshold_index]
+            kept = mask_prob.le(threshold)
+            target = target * kept.long()
+            valid = valid & kept
+    target = target.masked_fill(~valid, ignore_index).view(b, h, w)
+    return F.cross_entropy(pred, target, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("min_kept", [0, 10, 150, 10_000])
+def test_ohem_matches_reference(min_kept):
+    g = torch.Generator().manual_seed(min_kept)
+    pred = torch.randn(2, 5, 8, 9, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, 5, (2, 8, 9), generator=g)
+    target[1, :3] = 255
+    got = OhemCrossEntropy(0.7, min_kept)(pred, target)
+    torch.testing.assert_close(got.double(), _ohem_reference(pred.float(), target, 0.7, min_kept).double(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_losses_with_everything_ignored_are_zero():
+    pred = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.full((1, 4, 4), 255)
+    for crit in (CrossEntropy(), OhemCrossEntropy(0.7, 5)):
+        loss = crit(pred, target)
+        assert float(loss.detach()) == 0.0
+        loss.backward()
+        assert torch.isfinite(pred.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes, gloo.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from csl.distributed import cleanup_distributed
+
+    cfg = build_config({}, {**TINY, "output_dir": out_dir, "train.iters": 2, "train.iters_per_epoch": 2})
+    trainer = Trainer(cfg)
+    assert trainer.env.world_size == world_size and trainer.env.backend == "gloo"
+    first_batch = next(iter(trainer._batches(0, 0)))[1]["image_w"]
+    summary = trainer.train()
+    grads = torch.cat([p.grad.flatten() for p in trainer.bare_model.parameters() if p.grad is not None])
+    params = torch.cat([p.detach().flatten() for p in trainer.bare_model.parameters()])
+    gathered = [torch.empty_like(grads) for _ in range(world_size)]
+    dist.all_gather(gathered, grads)
+    gathered_p = [torch.empty_like(params) for _ in range(world_size)]
+    dist.all_gather(gathered_p, params)
+    batches = [torch.empty_like(first_batch) for _ in range(world_size)]
+    dist.all_gather(batches, first_batch.contiguous())
+    result = {
+        "grads_equal": all(torch.equal(gathered[0], g) for g in gathered),
+        "grads_nonzero": bool(grads.abs().sum() > 0),
+        "params_equal": all(torch.equal(gathered_p[0], p) for p in gathered_p),
+        "batches_differ": not torch.equal(batches[0], batches[1]),
+        "miou": summary["best_miou"],
+        "iterations": summary["iterations"],
+    }
+    trainer.close()
+    cleanup_distributed()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["grads_equal"] and r["grads_nonzero"] and r["params_equal"], r
+        assert r["batches_differ"] and r["iterations"] == 2
+    assert results[0]["miou"] == results[1]["miou"] and math.isfinite(results[0]["miou"])
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per rank

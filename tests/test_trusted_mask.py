@@ -1,0 +1,215 @@
+"""trusted_mask: every fused backend against the reference (bitwise) and against the spec (Sec. 4) directly.
+
+cover == upsampled cells AND reliable; masked == fill where covered on every channel; images untouched elsewhere
+(bitwise); the grid size rule; generator reproducibility; bad input.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import require_backend
+
+import csl_kernels
+from csl_kernels import _backends
+from csl_kernels.trusted_mask import draw_cells, grid_size, upsample_cells
+
+OP = "trusted_mask"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a floating tensor (so NaN == NaN and -0.0 != 0.0)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if kind == "strided":  # a stride-2 view into a larger buffer
+        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        view = big[..., ::2, 1::2]
+        view.copy_(t)
+        return view
+    raise ValueError(kind)
+
+
+def impl(backend: str, device: torch.device):
+    return _backends.resolve(OP, backend, device)[1]
+
+
+def make_images(seed: int, shape, dtype, kind: str, device, p_reliable: float = 0.6, nan: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    b, k, h, w = shape
+    images = torch.randn(b, k, h, w, generator=g).to(dtype)
+    if nan:
+        images[torch.rand(b, k, h, w, generator=g) < 0.05] = float("nan")
+    reliable = torch.rand(b, h, w, generator=g) < p_reliable
+    return layout(images.to(device), kind), layout(reliable.to(device), kind)
+
+
+def check_against_spec(images, reliable, cells, masked, cover, fill):
+    """The contract of spec Sec. 4, checked without the reference implementation."""
+    b, k, h, w = images.shape
+    gh, gw = cells.shape[1:]
+    rows = [y * gh // h for y in range(h)]
+    cols = [x * gw // w for x in range(w)]
+    up = cells.cpu()[:, rows][:, :, cols]
+    assert cover.dtype == torch.bool and cover.shape == (b, h, w)
+    assert torch.equal(cover.cpu(), up & reliable.cpu())
+    assert masked.dtype == images.dtype and masked.shape == images.shape
+    hidden = cover.unsqueeze(1).expand_as(images)
+    expected_fill = torch.tensor(fill, dtype=torch.float64).to(images.dtype)
+    assert torch.equal(bits(masked[hidden]), bits(expected_fill.expand(int(hidden.sum())).to(masked.device)))
+    assert torch.equal(bits(masked[~hidden]), bits(images[~hidden]))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_cases_match_reference_and_spec(fused_backend, seed):
+    device = require_backend(OP, fused_backend)
+    rng = random.Random(seed)
+    shape = (rng.randint(1, 2), rng.choice((1, 3, 4)), rng.randint(1, 20), rng.randint(1, 20))
+    dtype = rng.choice((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    kind = rng.choice(("contiguous", "channels_last", "strided"))
+    block, rate = rng.choice((1, 3, 4, 8, 32)), rng.choice((0.0, 0.3, 0.7, 1.0))
+    fill = rng.choice((0.0, -1.5, 0.1))
+    images, reliable = make_images(seed, shape, dtype, kind, device)
+    before = images.clone()
+    out = {}
+    for backend in ("reference", fused_backend):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        out[backend] = csl_kernels.trusted_mask(images, reliable, block=block, rate=rate, generator=gen, fill=fill,
+                                                backend=backend)
+    (m_ref, c_ref), (masked, cover) = out["reference"], out[fused_backend]
+    assert torch.equal(cover, c_ref) and torch.equal(bits(masked), bits(m_ref))
+    cells = draw_cells(shape[0], shape[2], shape[3], block=block, rate=rate,
+                       generator=torch.Generator().manual_seed(1000 + seed), device=device)
+    check_against_spec(images, reliable, cells, masked, cover, fill)
+    assert torch.equal(bits(images), bits(before))  # the input is not modified
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (7, 13), (65, 129)])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_odd_sizes_and_layouts(fused_backend, hw, kind):
+    device = require_backend(OP, fused_backend)
+    h, w = hw
+    images, reliable = make_images(h * w, (2, 3, h, w), torch.float32, kind, device)
+    g = torch.Generator().manual_seed(4)
+    cells = torch.rand(2, h // 4 + 1, w // 5 + 1, generator=g).to(device) < 0.5
+    masked, cover = impl(fused_backend, device)(images, cells, reliable, 0.0)
+    check_against_spec(images, reliable, cells, masked, cover, 0.0)
+
+
+def test_hand_made_grid(fused_backend):
+    """H = W = 4, block 2: a 2 x 2 grid; cover and masked images written out by hand."""
+    device = require_backend(OP, fused_backend)
+    images = torch.arange(1, 33, dtype=torch.float32).view(1, 2, 4, 4).to(device)
+    cells = torch.tensor([[[True, False], [False, True]]], device=device)
+    reliable = torch.tensor([[[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1]]], dtype=torch.bool, device=device)
+    masked, cover = impl(fused_backend, device)(images, cells, reliable, -7.0)
+    expected_cover = torch.tensor([[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]], dtype=torch.bool)
+    assert torch.equal(cover.cpu(), expected_cover)
+    expected = torch.arange(1, 33, dtype=torch.float32).view(1, 2, 4, 4)
+    expected[:, :, expected_cover[0]] = -7.0
+    assert torch.equal(masked.cpu(), expected)
+
+
+def test_uneven_grid_upsampling(fused_backend):
+    """H = 5 over gh = 2: rows 0-2 in cell 0 (y * 2 // 5 = 0, 0, 0), rows 3-4 in cell 1; W = 3 over gw = 3."""
+    device = require_backend(OP, fused_backend)
+    cells = torch.tensor([[[True, False, True], [False, True, False]]], device=device)
+    reliable = torch.ones(1, 5, 3, dtype=torch.bool, device=device)
+    _, cover = impl(fused_backend, device)(torch.zeros(1, 1, 5, 3, device=device), cells, reliable, 1.0)
+    expected = torch.tensor([[1, 0, 1]] * 3 + [[0, 1, 0]] * 2, dtype=torch.bool)
+    assert torch.equal(cover[0].cpu(), expected)
+    assert torch.equal(upsample_cells(cells.cpu(), 5, 3)[0], expected)
+
+
+@pytest.mark.parametrize(("height", "width", "block", "expected"), [
+    (321, 321, 32, (10, 10)),  # 10.03
+    (513, 513, 32, (16, 16)),  # 16.03
+    (48, 16, 32, (2, 1)),  # 1.5 rounds up, 0.5 rounds up
+    (47, 80, 32, (1, 3)),  # 1.47 rounds down, 2.5 rounds up
+    (15, 15, 32, (1, 1)),  # 0.47 -> at least one cell
+    (1, 1, 32, (1, 1)),
+    (7, 13, 1, (7, 13)),
+])
+def test_grid_size_rule(height, width, block, expected):
+    assert grid_size(height, width, block) == expected
+    cells = draw_cells(2, height, width, block=block, rate=0.5, generator=torch.Generator().manual_seed(0),
+                       device=torch.device("cpu"))
+    assert cells.shape == (2, *expected) and cells.dtype == torch.bool
+
+
+def test_rate_zero_and_one(fused_backend):
+    device = require_backend(OP, fused_backend)
+    images, reliable = make_images(3, (2, 3, 9, 10), torch.float32, "contiguous", device)
+    masked, cover = csl_kernels.trusted_mask(images, reliable, block=2, rate=0.0, backend=fused_backend)
+    assert not cover.any() and torch.equal(bits(masked), bits(images))
+    masked, cover = csl_kernels.trusted_mask(images, reliable, block=2, rate=1.0, backend=fused_backend)
+    assert torch.equal(cover, reliable)
+    assert (masked[cover.unsqueeze(1).expand_as(masked)] == 0).all()
+
+
+def test_generator_reproducibility(fused_backend):
+    device = require_backend(OP, fused_backend)
+    images, reliable = make_images(5, (2, 3, 32, 32), torch.float32, "contiguous", device, p_reliable=1.0)
+
+    def run(gen):
+        return csl_kernels.trusted_mask(images, reliable, block=4, rate=0.5, generator=gen, backend=fused_backend)
+
+    a = run(torch.Generator().manual_seed(7))
+    b = run(torch.Generator().manual_seed(7))
+    assert torch.equal(a[1], b[1]) and torch.equal(bits(a[0]), bits(b[0]))
+    gen = torch.Generator().manual_seed(7)
+    first, second = run(gen)[1], run(gen)[1]  # the generator advances
+    assert torch.equal(first, a[1]) and not torch.equal(first, second)
+    assert not torch.equal(run(torch.Generator().manual_seed(8))[1], a[1])
+    # The covered fraction of an all-reliable image follows the rate (64 cells per image).
+    cover = run(torch.Generator().manual_seed(9))[1]
+    assert 0.3 < cover.float().mean().item() < 0.7
+
+
+def test_triton_custom_op():
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton.trusted_mask import trusted_mask_triton
+
+    images, reliable = make_images(6, (2, 3, 5, 6), torch.float32, "contiguous", device, nan=False)  # NaN != NaN
+    cells = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(0)).to(device) < 0.5
+    torch.library.opcheck(torch.ops.csl_triton.trusted_mask, (images, cells, reliable, 0.5))
+    compiled = torch.compile(lambda x: trusted_mask_triton(x, cells, reliable, 0.5), fullgraph=True,
+                             backend="aot_eager")
+    m_c, c_c = compiled(images)
+    m_e, c_e = trusted_mask_triton(images, cells, reliable, 0.5)
+    assert torch.equal(c_c, c_e) and torch.equal(bits(m_c), bits(m_e))
+
+
+@pytest.mark.parametrize(("images", "reliable", "kwargs", "error", "match"), [
+    (torch.zeros(2, 3, 4, dtype=torch.float32), torch.ones(2, 3, 4, dtype=torch.bool), {}, ValueError, "images"),
+    (torch.zeros(2, 3, 4, 4, dtype=torch.int64), torch.ones(2, 4, 4, dtype=torch.bool), {}, ValueError, "images"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.uint8), {}, TypeError, "reliable"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 5, dtype=torch.bool), {}, ValueError, "reliable"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), {}, ValueError, "reliable"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 0}, ValueError, "block"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 2.5}, ValueError, "block"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": 1.5}, ValueError, "rate"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": -0.1}, ValueError, "rate"),
+])
+def test_bad_input_errors(fused_backend, images, reliable, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        csl_kernels.trusted_mask(images, reliable, backend=fused_backend, **kwargs)
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Huge images switch the kernel to int64 indices; forced here on a small input."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import trusted_mask as module
+
+    monkeypatch.setattr(module, "_wide", lambda *args: True)
+    images, reliable = make_images(8, (2, 3, 9, 7), torch.float32, "strided", device)
+    cells = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(1)).to(device) < 0.5
+    masked, cover = impl("triton", device)(images, cells, reliable, 0.25)
+    check_against_spec(images, reliable, cells, masked, cover, 0.25)

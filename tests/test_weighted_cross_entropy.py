@@ -1,0 +1,361 @@
+"""weighted_cross_entropy: every fused backend against the float64 reference (loss and gradient).
+
+Random seeded cases over sizes, C in {2, 21, 150}, dtypes, layouts, ignore masks and zero weights; adversarial cases
+(odd sizes, non-contiguous, all ignored, non-finite logits and bad labels on unused pixels, huge logits, one class);
+float64 gradcheck; the low-precision rule (error <= 2x PyTorch's own F.cross_entropy in that dtype); determinism.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_backend
+
+import csl_kernels
+from csl_kernels._checks import valid_mask
+from csl_kernels.weighted_cross_entropy import weighted_cross_entropy_reference
+
+OP = "weighted_cross_entropy"
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` in another memory layout (4-dim: N C H W; 3-dim: N H W)."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if kind == "transposed":  # H and W strides swapped: rows are not contiguous
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if kind == "strided":  # a stride-2 view into a larger buffer
+        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        view = big[..., ::2, 1::2]
+        view.copy_(t)
+        return view
+    raise ValueError(kind)
+
+
+def make_case(seed: int, *, batch: int, classes: int, height: int, width: int, dtype: torch.dtype,
+              ignore: str = "bool", p_ignore: float = 0.2, p_zero: float = 0.2, scale: float = 3.0,
+              label_dtype: torch.dtype = torch.int64, poison: bool = True, kind: str = "contiguous",
+              device: torch.device | str = "cpu"):
+    """``(logits, label, weight, ignore)``; unused pixels (ignored or weight 0) get poisoned logits and labels."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, classes, height, width, generator=g, dtype=torch.float64) * scale
+    z = z + torch.randn(batch, classes, 1, 1, generator=g, dtype=torch.float64) * scale  # class offsets
+    label = torch.randint(0, classes, (batch, height, width), generator=g)
+    weight = torch.rand(batch, height, width, generator=g) * 2
+    weight[torch.rand(batch, height, width, generator=g) < p_zero] = 0
+    valid = torch.rand(batch, height, width, generator=g) >= p_ignore
+    unused = ~valid | (weight == 0)
+    if poison:
+        bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64)
+        pick = torch.randint(0, 3, z.shape, generator=g)
+        z = torch.where(unused.unsqueeze(1) & (torch.rand(z.shape, generator=g) < 0.5), bad[pick], z)
+        bad_label = 255 if label_dtype == torch.uint8 else (-1 if seed % 2 else classes)
+        label = torch.where(unused & ~valid, torch.full_like(label, bad_label), label)
+    if ignore == "none":
+        ign = None
+        z = torch.where(~valid.unsqueeze(1), z.nan_to_num(0.0, 0.0, 0.0), z)  # every pixel is valid then
+        label = label.clamp(0, classes - 1)
+    elif ignore == "bool":
+        ign = valid
+    else:
+        ign = torch.where(valid, label.clamp(0, classes - 1), 255).to(torch.uint8 if ignore == "uint8" else torch.int64)
+    z = layout(z.to(dtype).to(device), kind)
+    label = layout(label.to(label_dtype).to(device), kind)
+    weight = layout(weight.to(device), kind)
+    ign = None if ign is None else layout(ign.to(device), kind)
+    return z, label, weight, ign
+
+
+def reference64(z, label, weight, ign, grad_scale: float = 1.0):
+    """float64 reference loss and gradient on the (upcast) same logits."""
+    z64 = z.detach().double().requires_grad_()
+    loss = weighted_cross_entropy_reference(z64, label, weight, valid_mask(ign, z64))
+    (loss * grad_scale).backward()
+    return loss.detach(), z64.grad
+
+
+def run(backend, z, label, weight, ign, grad_scale: float = 1.0):
+    z = z.detach().clone().requires_grad_()
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, ign, backend=backend)
+    (loss * grad_scale).backward()
+    return loss.detach(), z.grad
+
+
+def unused_mask(z, weight, ign) -> torch.Tensor:
+    valid = valid_mask(ign, z)
+    used = weight != 0 if valid is None else valid & (weight != 0)
+    return (~used).unsqueeze(1).expand_as(z)
+
+
+def assert_matches(loss, grad, ref_loss, ref_grad, z, weight, ign):
+    if z.dtype == torch.float64:
+        rtol, atol = 1e-12, 1e-14
+    else:
+        rtol, atol = 1e-5, 1e-6
+    assert loss.dtype == (torch.float64 if z.dtype == torch.float64 else torch.float32)
+    assert loss.shape == ()
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=rtol, atol=atol)
+    assert grad.dtype == z.dtype and grad.shape == z.shape
+    # softmax(z) = exp(z - lse) carries an absolute error of a few ulp(|lse|), times the pixel's w / N_valid.
+    unused = unused_mask(z, weight, ign)
+    eps = torch.finfo(torch.float64 if z.dtype == torch.float64 else torch.float32).eps
+    z_max = float(z.detach()[~unused].abs().max()) if (~unused).any() else 0.0
+    n_valid = max(int(valid_mask(ign, z).sum()) if ign is not None else weight.numel(), 1)
+    coef = float(weight.abs().max()) / n_valid if weight.numel() else 0.0
+    atol_grad = 16 * eps * max(1.0, z_max) * coef
+    torch.testing.assert_close(grad.double().cpu(), ref_grad.cpu(), rtol=0, atol=atol_grad)
+    # Unused pixels: exactly zero gradient (not merely small), whatever their logits.
+    assert torch.equal(grad[unused], torch.zeros_like(grad[unused]))
+
+
+RANDOM_SEEDS = range(150)
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+def test_random_cases_match_float64_reference(fused_backend, seed):
+    device = require_backend(OP, fused_backend)
+    rng = random.Random(seed)
+    classes = rng.choice((2, 21, 21, 150))
+    side = 6 if classes == 150 else 16
+    case = dict(batch=rng.randint(1, 2), classes=classes, height=rng.randint(1, side), width=rng.randint(1, side),
+                dtype=rng.choice((torch.float32, torch.float32, torch.float64)),
+                ignore=rng.choice(("none", "bool", "int64", "uint8")), p_ignore=rng.choice((0.0, 0.2, 0.6)),
+                p_zero=rng.choice((0.0, 0.3)), scale=rng.choice((0.5, 3.0, 10.0)),
+                label_dtype=rng.choice((torch.int64, torch.int32, torch.uint8)),
+                kind=rng.choice(("contiguous", "channels_last", "transposed", "strided")), device=device)
+    z, label, weight, ign = make_case(seed, **case)
+    loss, grad = run(fused_backend, z, label, weight, ign)
+    ref_loss, ref_grad = reference64(z, label, weight, ign)
+    assert_matches(loss, grad, ref_loss, ref_grad, z, weight, ign)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 21, 1, 1), (1, 2, 7, 13), (2, 21, 7, 13), (1, 150, 7, 13),
+                                   (1, 21, 65, 129), (1, 3, 65, 129)])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_odd_sizes_and_layouts(fused_backend, shape, kind):
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, label, weight, ign = make_case(sum(shape), batch=b, classes=c, height=h, width=w, dtype=torch.float32,
+                                      kind=kind, device=device)
+    loss, grad = run(fused_backend, z, label, weight, ign)
+    assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_ignored_or_zero_weight_gives_exact_zeros(fused_backend, dtype):
+    device = require_backend(OP, fused_backend)
+    z = torch.full((2, 5, 4, 3), float("nan"), dtype=dtype, device=device)
+    label = torch.full((2, 4, 3), 255, device=device)
+    weight = torch.rand(2, 4, 3, device=device)
+    for ign in (torch.full((2, 4, 3), 255, device=device), torch.zeros(2, 4, 3, dtype=torch.bool, device=device)):
+        loss, grad = run(fused_backend, z, label, weight, ign)
+        assert loss.item() == 0.0 and not torch.signbit(loss)
+        assert torch.equal(grad, torch.zeros_like(grad))
+    # Every pixel valid but every weight 0: still exactly 0 (N_valid > 0 now).
+    loss, grad = run(fused_backend, z, label, torch.zeros_like(weight), None)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_empty_input(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z = torch.randn(2, 4, 0, 5, device=device)
+    label = torch.zeros(2, 0, 5, dtype=torch.long, device=device)
+    loss, grad = run(fused_backend, z, label, torch.ones(2, 0, 5, device=device), None)
+    assert loss.item() == 0.0 and grad.shape == z.shape
+
+
+@pytest.mark.parametrize("classes", [2, 21, 150])
+def test_non_finite_logits_and_bad_labels_on_unused_pixels(fused_backend, classes):
+    device = require_backend(OP, fused_backend)
+    z, label, weight, ign = make_case(classes, batch=2, classes=classes, height=5, width=7, dtype=torch.float32,
+                                      p_ignore=0.4, p_zero=0.3, device=device)
+    unused = unused_mask(z, weight, ign)
+    assert not torch.isfinite(z[unused]).all()  # the case really is poisoned
+    loss, grad = run(fused_backend, z, label, weight, ign)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # Same loss as with the poison replaced by harmless values.
+    clean = torch.where(unused, torch.zeros_like(z), z)
+    ref_loss, ref_grad = reference64(clean, label.clamp(0, classes - 1), weight, ign)
+    assert_matches(loss, grad, ref_loss, ref_grad, z, weight, ign)
+
+
+def test_used_pixel_with_out_of_range_label(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z = torch.randn(1, 3, 2, 2, device=device)
+    label = torch.tensor([[[0, 1], [2, 3]]], device=device)  # 3 is outside [0, 3) on a used pixel
+    weight = torch.ones(1, 2, 2, device=device)
+    if fused_backend == "cuda":
+        pytest.skip("the CUDA kernel stops with a device-side assert, which would poison this process's context")
+    if fused_backend == "triton":  # no host synchronisation: the loss says it with a NaN
+        loss, grad = run(fused_backend, z, label, weight, None)
+        assert torch.isnan(loss)
+        assert torch.isnan(grad[0, :, 1, 1]).all() and torch.isfinite(grad[0, :, :1]).all()
+    else:
+        with pytest.raises(RuntimeError, match="outside"):
+            run(fused_backend, z, label, weight, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_huge_logits_and_minus_inf_classes(fused_backend, dtype):
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(1, 150, 3, 5, generator=g, dtype=torch.float64) * 1.0e4).clamp(-6.0e4, 6.0e4)
+    z[:, :64] = float("-inf")  # a whole first class tile of -inf (the online log-sum-exp must not make NaN)
+    z[:, 100, 0, 0] = float("-inf")  # and one -inf among finite logits
+    label = torch.randint(64, 150, (1, 3, 5), generator=g)
+    label[0, 0, 0] = 101
+    z = z.to(dtype).to(device)
+    label, weight = label.to(device), torch.ones(1, 3, 5, device=device)
+    loss, grad = run(fused_backend, z, label, weight, None)
+    ref_loss, ref_grad = reference64(z, label, weight, None)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad.cpu(), rtol=0, atol=float(ref_grad.abs().max()) * 1e-2)
+    assert torch.equal(grad[:, :64], torch.zeros_like(grad[:, :64]))
+
+
+def test_one_class_everywhere(fused_backend):
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 21, 6, 5, generator=g)
+    z[:, 7] += 8.0  # one class dominates every pixel: small per-pixel CE
+    label = torch.full((2, 6, 5), 7)
+    z, label, weight = z.to(device), label.to(device), torch.rand(2, 6, 5, generator=g).to(device)
+    loss, grad = run(fused_backend, z, label, weight, None)
+    ref_loss, ref_grad = reference64(z, label, weight, None)
+    assert 0 < loss.item() < 0.05
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=1e-4, atol=0)
+    assert_matches(loss, grad, ref_loss, ref_grad, z, weight, None)
+
+
+def test_grad_output_scaling(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z, label, weight, ign = make_case(11, batch=2, classes=21, height=6, width=5, dtype=torch.float32, device=device)
+    loss, grad = run(fused_backend, z, label, weight, ign, grad_scale=-3.5)
+    assert_matches(loss, grad, *reference64(z, label, weight, ign, grad_scale=-3.5), z, weight, ign)
+
+
+def test_weights_are_constants(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z, label, weight, ign = make_case(12, batch=1, classes=5, height=4, width=4, dtype=torch.float32, device=device)
+    z = z.detach().clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    csl_kernels.weighted_cross_entropy(z, label, weight, ign, backend=fused_backend).backward()
+    assert z.grad is not None and weight.grad is None
+
+
+def test_reference_float64_gradcheck():
+    z, label, weight, ign = make_case(1, batch=2, classes=4, height=3, width=3, dtype=torch.float64, poison=False)
+    valid = valid_mask(ign, z)
+    z = z.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: weighted_cross_entropy_reference(x, label, weight, valid), (z,))
+
+
+def test_float64_gradcheck(fused_backend):
+    device = require_backend(OP, fused_backend)
+    z, label, weight, ign = make_case(2, batch=1, classes=4, height=2, width=3, dtype=torch.float64, poison=False,
+                                      p_ignore=0.3, p_zero=0.2, device=device)
+    z = z.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: csl_kernels.weighted_cross_entropy(x, label, weight, ign, backend=fused_backend), (z,))
+
+
+def torch_low_precision(z, label, weight, ign):
+    """PyTorch's own computation in the logits' dtype: F.cross_entropy, weighting and the sum all in that dtype."""
+    valid = valid_mask(ign, z)
+    used = valid & (weight != 0)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    ce = F.cross_entropy(torch.where(used.unsqueeze(1), z, zero), torch.where(used, label.long(), 0),
+                         reduction="none")
+    return torch.where(used, weight.to(z.dtype) * ce, zero).sum() / valid.sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(6))
+def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
+    device = require_backend(OP, fused_backend)
+    classes = (2, 21, 150)[seed % 3]
+    h, w = (5, 6) if classes == 150 else (9, 11)
+    z, label, weight, ign = make_case(seed, batch=2, classes=classes, height=h, width=w, dtype=dtype,
+                                      ignore="int64", scale=4.0, poison=False,
+                                      kind="channels_last" if seed % 2 else "contiguous", device=device)
+    ref_loss, ref_grad = reference64(z, label, weight, ign)
+    loss, grad = run(fused_backend, z, label, weight, ign)
+    zt = z.detach().clone().requires_grad_()
+    torch_loss = torch_low_precision(zt, label, weight, ign)
+    torch_loss.backward()
+    loss_err = abs(loss.double().cpu() - ref_loss.cpu()).item()
+    torch_loss_err = abs(torch_loss.detach().double().cpu() - ref_loss.cpu()).item()
+    grad_err = (grad.double() - ref_grad).abs().max().item()
+    torch_grad_err = (zt.grad.double() - ref_grad).abs().max().item()
+    assert loss_err <= 2 * torch_loss_err, (loss_err, torch_loss_err)
+    assert grad_err <= 2 * torch_grad_err, (grad_err, torch_grad_err)
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("shape", [(2, 21, 33, 65), (1, 150, 9, 11)])
+def test_bitwise_deterministic(fused_backend, shape):
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, label, weight, ign = make_case(7, batch=b, classes=c, height=h, width=w, dtype=torch.float32, device=device)
+    loss1, grad1 = run(fused_backend, z, label, weight, ign)
+    loss2, grad2 = run(fused_backend, z, label, weight, ign)
+    assert torch.equal(loss1, loss2) and torch.equal(grad1, grad2)
+
+
+def test_triton_custom_op_registration_and_compile():
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton.weighted_cross_entropy import weighted_cross_entropy_triton
+
+    z, label, weight, ign = make_case(4, batch=2, classes=5, height=3, width=4, dtype=torch.float32, poison=False,
+                                      device=device)
+    valid = valid_mask(ign, z)
+    z = z.detach().requires_grad_()
+    for v in (valid, None):
+        torch.library.opcheck(torch.ops.csl_triton.weighted_cross_entropy, (z, label, weight, v))
+    compiled = torch.compile(lambda x: weighted_cross_entropy_triton(x, label, weight, valid) * 2, fullgraph=True,
+                             backend="aot_eager")
+    loss_c = compiled(z)
+    loss_c.backward()
+    grad_c, z.grad = z.grad, None
+    loss_e = weighted_cross_entropy_triton(z, label, weight, valid) * 2
+    loss_e.backward()
+    assert torch.equal(loss_c, loss_e) and torch.equal(grad_c, z.grad)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda z, y, w: (z[0], y, w, None), ValueError, "logits"),
+        (lambda z, y, w: (z.long(), y, w, None), TypeError, "logits"),
+        (lambda z, y, w: (z[:, :1], y, w, None), ValueError, "at least 2 classes"),
+        (lambda z, y, w: (z, y[:, :2], w, None), ValueError, "label"),
+        (lambda z, y, w: (z, y.float(), w, None), TypeError, "label"),
+        (lambda z, y, w: (z, y, w.long(), None), TypeError, "weight"),
+        (lambda z, y, w: (z, y, w[0], None), ValueError, "weight"),
+        (lambda z, y, w: (z, y, w, y[:1]), ValueError, "ignore"),
+        (lambda z, y, w: (z, y, w, w), TypeError, "ignore"),
+    ],
+)
+def test_bad_input_errors(make, error, match):
+    z, y, w = torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long), torch.ones(2, 4, 5)
+    with pytest.raises(error, match=match):
+        csl_kernels.weighted_cross_entropy(*make(z, y, w), backend="reference")
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Images of >= 2^31 elements switch the kernels to int64 offsets; forced here on a small input."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import weighted_cross_entropy as module
+
+    monkeypatch.setattr(module, "_wide", lambda *tensors: True)
+    for kind in ("channels_last", "transposed"):
+        z, label, weight, ign = make_case(9, batch=2, classes=150, height=3, width=5, dtype=torch.float32,
+                                          kind=kind, device=device)
+        loss, grad = run("triton", z, label, weight, ign)
+        assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
