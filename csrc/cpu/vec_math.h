@@ -8,6 +8,8 @@
 // thread split.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -181,6 +183,21 @@ inline void load_tile(const scalar_t* __restrict z, int64_t sc, int64_t sw, int6
   }
 }
 
+// static_cast<scalar_t>(x); float -> bfloat16 written as bit operations (the round-to-nearest-even and the NaN of
+// c10::BFloat16(float), bitwise, but without its branch, so that the store loop vectorises).
+template <typename scalar_t, typename acc_t>
+CSL_INLINE scalar_t to_scalar(acc_t x) {
+  return static_cast<scalar_t>(x);
+}
+template <>
+CSL_INLINE c10::BFloat16 to_scalar<c10::BFloat16, float>(float x) {
+  const uint32_t u = bits_from_float(x);
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+  const uint32_t nan_bits = 0x7fc0u;
+  const uint32_t mask = 0u - static_cast<uint32_t>(x != x);
+  return c10::BFloat16(static_cast<uint16_t>((nan_bits & mask) | (rounded & ~mask)), c10::BFloat16::from_bits());
+}
+
 // Writes the first n pixels of a tile back to a row segment (the inverse of load_tile).
 template <typename scalar_t, typename acc_t>
 inline void store_tile(const acc_t* __restrict t, int64_t n, int64_t num_classes, scalar_t* __restrict out,
@@ -190,14 +207,14 @@ inline void store_tile(const acc_t* __restrict t, int64_t n, int64_t num_classes
       const acc_t* tk = t + k * kTile;
       scalar_t* ok = out + k * sc;
       for (int64_t j = 0; j < n; ++j) {
-        ok[j] = static_cast<scalar_t>(tk[j]);
+        ok[j] = to_scalar<scalar_t>(tk[j]);
       }
     }
   } else {
     for (int64_t j = 0; j < n; ++j) {
       scalar_t* oj = out + j * sw;
       for (int64_t k = 0; k < num_classes; ++k) {
-        oj[k * sc] = static_cast<scalar_t>(t[k * kTile + j]);
+        oj[k * sc] = to_scalar<scalar_t>(t[k * kTile + j]);
       }
     }
   }

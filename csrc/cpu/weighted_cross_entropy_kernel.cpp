@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
           const scalar_t* zt = z + b * sb + yy * sh + x0 * sw;
           const acc_t* src = tile.data();
           int64_t src_sc = cpu::kTile;
-          if (cpu::in_place_rows<scalar_t, acc_t>(sw)) {
+          if (cpu::in_place_rows<scalar_t, acc_t>(sw)) {  // scalar_t is acc_t: the logits are read in place
             src = reinterpret_cast<const acc_t*>(zt);
             src_sc = sc;
           } else {
@@ -165,7 +165,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
         }
         const scalar_t* zt = z + b * sb + yy * sh + x0 * sw;
         scalar_t* gt = g + b * gb + yy * gh + x0 * gw;
-        if (cpu::in_place_rows<scalar_t, acc_t>(sw) && gw == 1) {
+        if (cpu::in_place_rows<scalar_t, acc_t>(sw) && gw == 1) {  // straight from the logits into the gradient
           cpu::ce_grad_tile(reinterpret_cast<const acc_t*>(zt), sc, reinterpret_cast<acc_t*>(gt), gc, len,
                             num_classes, tile_lse, tile_scale, tile_label, tile_used);
         } else {
