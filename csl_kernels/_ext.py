@@ -8,6 +8,10 @@ the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs, `
 compiler output, ``CSL_EXT_CUDA=0`` builds the CPU part only. The ``nvidia/*/include`` folders of pip-installed
 NVIDIA wheels are added to the include path.
 
+The CPU kernels hold their vectorised loops in three copies (x86-64 baseline, AVX2, AVX-512, see
+``csrc/cpu/tile_kernels.cpp``) and use the widest one the CPU supports; all give bitwise the same results, so the
+build needs no ``-march`` flag. ``CSL_CPU_ISA=baseline|avx2`` (read once per process) caps the choice, for tests.
+
 A build happens at most once per process; a failure is remembered, written to ``build.log`` in the build folder and
 reported by :func:`unavailable_reason` (with the compiler's last lines), so ``backend="auto"`` falls back to the
 reference while a backend asked for by name raises.
