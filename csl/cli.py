@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
-    d.add_argument("--iters", type=int, help="semi-supervised iterations per method (default: the demo config's)")
+    d.add_argument("--iters", type=int, help="iterations per method after the warm-up (default: the demo config's)")
+    d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 400)")
+    d.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default 0.01)")
     d.add_argument("--methods", default="supervised,threshold,csl",
                    help="comma-separated subset of supervised,threshold,csl,csl_class")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
@@ -201,10 +203,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_WARMUP, DEFAULT_WARMUP_LR, run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_demo(args.out, methods=methods, iters=args.iters, overrides=args.overrides)
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    warmup_lr = DEFAULT_WARMUP_LR if args.warmup_lr is None else args.warmup_lr
+    run_demo(args.out, methods=methods, iters=args.iters, warmup=warmup, warmup_lr=warmup_lr,
+             overrides=args.overrides)
     return 0
 
 

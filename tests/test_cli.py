@@ -39,7 +39,7 @@ def test_train_writes_run_outputs(trained):
     assert len(pl) == 1 and 0 <= pl[0]["mask_ratio"] <= 1 and 0 <= pl[0]["accuracy"] <= 1
     assert len([r for r in records if r["kind"] == "eval"]) == 1
     log = (trained / "train.log").read_text()
-    assert "global batch 2 labeled + 2 unlabeled + 2 mix" in log and "lr backbone 0.01, head 0.1" in log
+    assert "global batch 2 labeled + 2 unlabeled + 2 mix" in log and "lr backbone 0.005, head 0.05" in log
     ckpt = torch.load(trained / "latest.pt", weights_only=True)
     assert ckpt["iteration"] == 3 and ckpt["config"]["model"]["backbone"] == "resnet18"
 
@@ -88,12 +88,15 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
 
 
 def test_demo_prints_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--iters", "2", *TINY, "train.iters_per_epoch=2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
+                 "train.iters_per_epoch=2"]) == 0
     out = capsys.readouterr().out
     for label in ("supervised only", "threshold 0.95 (UniMatch)", "CSL (PCOS + TMP)"):
         assert label in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["results"]) == {"supervised", "threshold", "csl"}
+    assert summary["warmup"]["iters"] == 2 and (tmp_path / "warmup" / "latest.pt").is_file()
+    assert "shared supervised warm-up of 2 iterations" in out
     for method, r in summary["results"].items():
         assert r["miou"] is not None and 0 <= r["miou"] <= 1, method
         assert r["iters"] == 2

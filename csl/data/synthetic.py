@@ -1,6 +1,6 @@
 """Embedded default data: procedurally generated segmentation scenes (no download, deterministic from a seed).
 
-Each scene is a textured, shaded background with clutter (thin lines and small blobs, labelled background) and
+Each scene is a shaded background of muted colours with clutter (thin lines and small blobs, labelled background) and
 2-5 overlapping objects painted in order (later objects occlude earlier ones). Object class = shape:
 
 ====  ==========  ====================
@@ -109,8 +109,8 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_classes: int =
         raise ValueError(f"synthetic scene size must be >= 16, got {size}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    # Background: two-colour gradient, smooth blotches, sometimes a faint texture.
-    c1, c2 = rng.uniform(0.1, 0.9, (2, 3)).astype(np.float32)
+    # Background: gradient between two muted (greyish) colours, smooth blotches, sometimes a faint texture.
+    c1, c2 = (rng.uniform(0.3, 0.7, (2, 1)) + rng.uniform(-0.06, 0.06, (2, 3))).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
     t = np.cos(ang) * xx + np.sin(ang) * yy
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
