@@ -256,3 +256,45 @@ def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
     for num_classes in (21, 1000):
         assert torch.equal(torch.ops.csl.confusion_matrix(label.cuda(), target.cuda(), num_classes, 255).cpu(),
                            confusion_matrix_reference(label, target, num_classes, 255))
+
+
+_ISA_SCRIPT = """
+import sys, torch
+import csl_kernels as ck
+g = torch.Generator().manual_seed(7)
+z = torch.randn(2, 21, 19, 23, generator=g) * 4
+z[0, :, 0, :5] = float("nan")
+ignore = torch.rand(2, 19, 23, generator=g) < 0.2
+label = torch.randint(0, 21, (2, 19, 23), generator=g)
+weight = torch.rand(2, 19, 23, generator=g)
+out = {"features": ck.residual_features(z, ~ignore, backend="cpu"),
+       "pcos": tuple(ck.pcos_weights(z, ~ignore, backend="cpu")[:3]),
+       "pcos_bf16": tuple(ck.pcos_weights(z.bfloat16().contiguous(memory_format=torch.channels_last), None,
+                                          groups="class", backend="cpu")[:3])}
+zz = z.nan_to_num().requires_grad_()
+loss = ck.weighted_cross_entropy(zz, label, weight, ~ignore, backend="cpu")
+loss.backward()
+out["ce"] = (loss.detach(), zz.grad)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
+    """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 and picked at run time: same bits."""
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("default", "baseline", "avx2"):
+        env = dict(os.environ)
+        if isa != "default":
+            env["CSL_CPU_ISA"] = isa
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True, capture_output=True,
+                       timeout=600)
+        results[isa] = torch.load(path, weights_only=True)
+    for isa in ("baseline", "avx2"):
+        for key, tensors in results["default"].items():
+            for ref, got in zip(tensors, results[isa][key], strict=True):
+                same_nan = not ref.is_floating_point() or torch.equal(ref.isnan(), got.isnan())
+                assert same_nan and torch.equal(ref.nan_to_num(), got.nan_to_num()), (isa, key)
