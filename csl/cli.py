@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
     d.add_argument("--iters", type=int, help="iterations per method after the warm-up (default: the demo config's)")
-    d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 400)")
+    d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 300)")
     d.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default 0.01)")
     d.add_argument("--methods", default="supervised,threshold,csl",
                    help="comma-separated subset of supervised,threshold,csl,csl_class")

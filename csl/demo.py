@@ -25,7 +25,7 @@ import time
 from .config import build_config, load_config
 from .logging_utils import read_metrics
 
-DEFAULT_WARMUP = 400
+DEFAULT_WARMUP = 300
 DEFAULT_WARMUP_LR = 0.01  # from random initialisation; the methods then continue at the config's train.lr
 # Config overrides that turn the demo config into each compared method.
 METHODS: dict[str, dict] = {
