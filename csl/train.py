@@ -117,20 +117,6 @@ def paste(box: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> tor
     return torch.where(box, inside, outside)
 
 
-def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: torch.Tensor, num_classes: int,
-                        ignore_index: int = 255) -> torch.Tensor:
-    """:func:`csl_kernels.pseudo_label_counts` (``4 x C``: predicted, selected, correct, selected-and-correct over
-    pixels whose target is not ignored) without boolean indexing, so it never synchronises with the GPU."""
-    valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
-    selected = valid & reliable
-    correct = valid & (label == target)
-    rows = torch.stack([valid, selected, correct, selected & correct]).reshape(4, -1)
-    index = torch.where(rows, label.reshape(1, -1).expand(4, -1), num_classes)  # bin C collects the rest
-    counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device)
-    counts.scatter_add_(1, index, torch.ones_like(index))
-    return counts[:, :num_classes]
-
-
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -205,7 +191,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     out = {"loss": loss, "loss_x": loss_x, "loss_s": loss_s, "loss_m": loss_m, "loss_fp": loss_fp,
            "weight_sum": (sel.weight * valid).sum(dtype=torch.float64), "valid": valid.sum(dtype=torch.float64)}
     if cfg.num_classes:
-        out["pl_counts"] = pseudo_label_counts(sel.label, sel.reliable, batch_u["mask"], cfg.num_classes,
+        out["pl_counts"] = csl_kernels.pseudo_label_counts(sel.label, sel.reliable, batch_u["mask"], cfg.num_classes,
                                                cfg.ignore_index)
     return {k: v.detach() for k, v in out.items()}
 
@@ -608,5 +594,5 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         trainer.close()
 
 
-__all__ = ["StepConfig", "Trainer", "build_optimizer", "build_scheduler", "cutmix_boxes", "pseudo_label_counts",
+__all__ = ["StepConfig", "Trainer", "build_optimizer", "build_scheduler", "cutmix_boxes",
            "resolve_amp", "supervised_step", "train", "train_step"]

@@ -19,7 +19,7 @@ from csl.config import build_config
 from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
-from csl.train import Trainer, cutmix_boxes, pseudo_label_counts, to_device, train_step
+from csl.train import Trainer, cutmix_boxes, to_device, train_step
 
 TINY = {
     "device": "cpu",
@@ -216,16 +216,6 @@ def test_cutmix_boxes():
     assert not cutmix_boxes(8, 16, 16, 0.0, g).any()
     some = cutmix_boxes(400, 8, 8, 0.5, g).flatten(1).any(1).double().mean()
     assert 0.4 < float(some) < 0.6
-
-
-def test_pseudo_label_counts_match_kernels():
-    g = torch.Generator().manual_seed(1)
-    label = torch.randint(0, 5, (3, 7, 9), generator=g)
-    target = torch.randint(0, 5, (3, 7, 9), generator=g)
-    target[0, :2] = 255
-    reliable = torch.rand(3, 7, 9, generator=g) > 0.4
-    expected = csl_kernels.pseudo_label_counts(label, reliable, target, 5)
-    assert torch.equal(pseudo_label_counts(label, reliable, target, 5), expected)
 
 
 def _ohem_reference(pred, target, thresh, min_kept, ignore_index=255):
