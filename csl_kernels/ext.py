@@ -14,6 +14,7 @@ import torch
 
 from . import _ext
 from ._backends import register, register_availability
+from .pcos_weights import pcos_outputs_like
 
 _registered = False
 _register_lock = threading.Lock()
@@ -39,14 +40,7 @@ def _register_python_parts() -> None:
 
         @torch.library.register_fake("csl::pcos_weights")
         def _(logits, valid, alpha, log_confidence, class_groups):
-            b, c, h, w = logits.shape
-            g = b * c if class_groups else b
-            f64, i64 = torch.float64, torch.long
-            return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
-                    logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
-                    logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
-                    logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
-                    logits.new_empty((b,), dtype=i64))
+            return pcos_outputs_like(logits, class_groups)
 
         @torch.library.register_fake("csl::trusted_mask")
         def _(images, cells, reliable, fill):

@@ -32,6 +32,19 @@ class PCOSResult(NamedTuple):
     stats: PCOSStats | None = None
 
 
+def pcos_outputs_like(logits: torch.Tensor, class_groups: bool) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the fused impls' outputs (their fake kernels): weight, label, reliable, mu, var,
+    count, eigenvalues, chosen, n_nonfinite, with G = B or B * C groups."""
+    b, c, h, w = logits.shape
+    g = b * c if class_groups else b
+    f64, i64 = torch.float64, torch.long
+    return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
+            logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
+            logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
+            logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
+            logits.new_empty((b,), dtype=i64))
+
+
 def closed_form_eigen(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

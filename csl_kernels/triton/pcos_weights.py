@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ..pcos_weights import pcos_outputs_like
 from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
 from .residual_features import NUM_WARPS, _pixel_features, feature_blocks, feature_dtype
 
@@ -370,14 +371,7 @@ def pcos_weights_op(
 
 @pcos_weights_op.register_fake
 def _(logits, valid, alpha, log_confidence, class_groups):
-    b, c, h, w = logits.shape
-    g = b * c if class_groups else b
-    f64, i64 = torch.float64, torch.long
-    return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
-            logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
-            logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
-            logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
-            logits.new_empty((b,), dtype=i64))
+    return pcos_outputs_like(logits, class_groups)
 
 
 @register("pcos_weights", "triton")
