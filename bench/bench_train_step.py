@@ -1,20 +1,20 @@
-"""One CSL training step (UniMatch-style, DeepLabV3+) with the official selection vs csl_kernels.
+"""The trainer's CSL training step (``csl.train.train_step``) with the official selection vs csl_kernels.
 
     python -m bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
 
 GPU: DeepLabV3+ ResNet-101, crop 321, 8 labeled + 8 unlabeled + 8 mix images, bf16 autocast, 21 classes.
 CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, crop 33, 1 + 1 + 1, 5 classes.
 
-The step (built here from ``csl.model.build_model``, with the selection pluggable so the official one can be swapped
-in): the mix batch is predicted without gradients and selected; the labeled and weak unlabeled images go through the
-model with the feature-perturbed decoder pass; the weak prediction is selected (weights, pseudo-labels, reliable
-mask); Trusted Mask Perturbation hides reliable pixels of the mild view; the CutMix-ed strong view and the masked view
-go through the model; the supervised CE plus the three weighted pseudo-label losses are back-propagated and SGD steps.
+The step is the one ``csl train`` runs (mix batch predicted without gradients and selected; labeled + weak unlabeled
+images with the feature-perturbed decoder pass; selection; CutMix-ed strong view; TMP on the mild view; supervised
+CE plus the three weighted pseudo-label losses; SGD and the poly schedule). Only its CSL parts change between the
+compared selections: ``official`` swaps in bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
+the others are ``csl.selection.Selector`` + ``csl.train.KernelOps`` on one backend.
 
-The CSL-specific work (selection + masking + weighted loss forward and its backward down to the logits) is timed
-inside the step with CUDA events (perf_counter on CPU): the gradient of the unlabeled losses w.r.t. the logits is
-taken with ``torch.autograd.grad`` (timed) and then pushed through the network with ``torch.autograd.backward``
-(not timed), which is the same computation as one ``loss.backward()``.
+The CSL-specific work (selection + masking + the weighted losses, forward and backward) is timed inside the step
+with CUDA events (perf_counter on CPU): the forward through ``train_step``'s ``region`` hook, the backward of each
+weighted loss between two identity autograd nodes placed around it (on the loss and on the logits), whose backward
+calls mark where the loss's own backward begins and ends within ``loss.backward()``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-import csl_kernels
+from csl.losses import CrossEntropy
 from csl.model import build_model
-from csl_kernels import IGNORE_INDEX, unavailable_reason
+from csl.selection import Selector
+from csl.train import KernelOps, build_scheduler, train_step
+from csl.train import StepConfig as TrainStepConfig
+from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
 from .common import FUSED, _quantiles, error_reason, synchronize
 from .official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
@@ -61,59 +63,78 @@ CONFIGS = {
 }
 
 
+class OfficialSelector:
+    """``official_pcos`` behind the trainer's selector interface."""
+
+    mode = "official"
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None) -> PCOSResult:
+        return PCOSResult(*official_pcos(logits.detach(), ignore))
+
+
+class OfficialOps:
+    """Eager TMP and UniMatch's weighted loss behind the trainer's ``KernelOps`` interface."""
+
+    def mask(self, images, reliable, *, block, rate, generator):
+        return official_trusted_mask(images, reliable, block=block, rate=rate, generator=generator)[0]
+
+    def loss(self, logits, label, weight, ignore):
+        return unimatch_weighted_cross_entropy(logits, label, weight, ignore)
+
+
 @dataclass
 class Selection:
     """The pluggable CSL parts of the step."""
 
     name: str
-    select: Callable  # (logits, ignore) -> (weight, label, reliable)
-    mask: Callable  # (images, reliable, generator) -> masked images
-    loss: Callable  # (logits, label, weight, ignore) -> scalar
+    selector: Callable  # (logits, ignore) -> PCOSResult
+    ops: object  # .mask(images, reliable, block=, rate=, generator=) and .loss(logits, label, weight, ignore)
 
 
 def official_selection() -> Selection:
-    return Selection(
-        "official",
-        select=lambda logits, ignore: official_pcos(logits, ignore),
-        mask=lambda images, reliable, gen: official_trusted_mask(images, reliable, generator=gen)[0],
-        loss=unimatch_weighted_cross_entropy,
-    )
+    return Selection("official", OfficialSelector(), OfficialOps())
 
 
 def kernel_selection(backend: str) -> Selection:
-    def select(logits, ignore):
-        result = csl_kernels.pcos_weights(logits, ignore, backend=backend)
-        return result.weight, result.label, result.reliable
-
-    return Selection(
-        "eager" if backend == "reference" else backend,
-        select=select,
-        mask=lambda images, reliable, gen: csl_kernels.trusted_mask(images, reliable, generator=gen,
-                                                                    backend=backend)[0],
-        loss=lambda logits, label, weight, ignore: csl_kernels.weighted_cross_entropy(logits, label, weight, ignore,
-                                                                                      backend=backend),
-    )
+    return Selection("eager" if backend == "reference" else backend, Selector(mode="csl", backend=backend),
+                     KernelOps(backend))
 
 
 class RegionTimer:
-    """Sums the time of named regions within a step: CUDA events (no host sync inside the step) or perf_counter."""
+    """Sums the time of named regions within a step: CUDA events (no host sync inside the step) or perf_counter.
+
+    ``timer(name)`` is a context manager (forward regions); ``open(key)`` / ``close(key, name)`` bracket a region
+    whose two ends are seen at different places (the backward of a loss).
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.spans: list[tuple[str, object, object]] = []
+        self._open: dict[int, object] = {}
+
+    def _now(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if self.device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            yield
-            end.record()
-        else:
-            begin = time.perf_counter()
-            yield
-            end = time.perf_counter()
-        self.spans.append((name, begin, end))
+        begin = self._now()
+        yield
+        self.spans.append((name, begin, self._now()))
+
+    def open(self, key: int) -> None:
+        self._open[key] = self._now()
+
+    def close(self, key: int, name: str) -> None:
+        self.spans.append((name, self._open.pop(key), self._now()))
+
+    def reset(self) -> None:
+        self.spans.clear()
+        self._open.clear()
 
     def totals_ms(self) -> dict[str, float]:
         """Call after the step was synchronised."""
@@ -122,10 +143,47 @@ class RegionTimer:
             ms = begin.elapsed_time(end) if self.device.type == "cuda" else (end - begin) * 1e3
             totals[name] = totals.get(name, 0.0) + ms
         self.spans.clear()
+        if self._open:
+            raise RuntimeError(f"{len(self._open)} backward region(s) never closed")
         return totals
 
 
-def make_batch(cfg: StepConfig, device: torch.device, seed: int = 0) -> dict:
+class _BackwardMark(torch.autograd.Function):
+    """Identity whose backward calls ``hook`` (an autograd node placed only to observe the backward order)."""
+
+    @staticmethod
+    def forward(ctx, x, hook):
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hook()
+        return grad, None
+
+
+class TimedOps:
+    """Wraps ``ops`` so that the backward of each weighted loss is timed as region ``name``: the mark on the loss
+    runs first in the backward pass (it opens the region), the mark on the logits right after the loss's own
+    backward nodes (it closes it)."""
+
+    def __init__(self, ops, timer: RegionTimer, name: str = "loss_backward"):
+        self.ops, self.timer, self.name = ops, timer, name
+        self._count = 0
+
+    def mask(self, *args, **kwargs):
+        return self.ops.mask(*args, **kwargs)
+
+    def loss(self, logits, label, weight, ignore):
+        self._count += 1
+        key = self._count
+        logits = _BackwardMark.apply(logits, lambda: self.timer.close(key, self.name))
+        loss = self.ops.loss(logits, label, weight, ignore)
+        return _BackwardMark.apply(loss, lambda: self.timer.open(key))
+
+
+def make_batches(cfg: StepConfig, device: torch.device, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Labeled, unlabeled and mix batches in the trainer's format (random images, padded unlabeled borders)."""
     g = torch.Generator().manual_seed(seed)
     b, s = cfg.batch, cfg.crop
 
@@ -136,50 +194,13 @@ def make_batch(cfg: StepConfig, device: torch.device, seed: int = 0) -> dict:
     ignore[:, :, s - s // 8:] = IGNORE_INDEX  # padded border of the crop
     mask_x = torch.randint(0, cfg.classes, (b, s, s), generator=g)
     mask_x[:, s - s // 10:, :] = IGNORE_INDEX
-    box = torch.zeros(b, s, s, dtype=torch.bool)
-    box[:, s // 4: s // 4 + s // 2, s // 3: s // 3 + s // 2] = True  # CutMix box
-    return {"x": images(), "y": mask_x.to(device), "u_w": images(), "u_s": images(), "u_m": images(),
-            "ignore_u": ignore.to(device), "mix_w": images(), "mix_s": images(),
-            "ignore_mix": ignore.flip(2).to(device),
-            "box": box.to(device)}
+    no_gt = torch.full((b, s, s), IGNORE_INDEX, dtype=torch.int64, device=device)
 
+    def unlabeled(pad):
+        return {"image_w": images(), "image_s": images(), "image_m": images(), "ignore": pad.to(device),
+                "mask": no_gt}
 
-def train_step(model, optimizer, batch: dict, sel: Selection, timer: RegionTimer, amp_dtype, generator) -> None:
-    device = batch["x"].device
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    nb = batch["x"].shape[0]
-    with torch.no_grad():
-        model.eval()
-        with autocast:
-            pred_mix = model(batch["mix_w"])
-        model.train()
-    with timer("select"):
-        w_mix, l_mix, _ = sel.select(pred_mix, batch["ignore_mix"])
-    with autocast:
-        preds, preds_fp = model(torch.cat((batch["x"], batch["u_w"])), need_fp=True)
-    pred_x, pred_u_w = preds[:nb], preds[nb:]
-    pred_fp = preds_fp[nb:]
-    with timer("select"):
-        w_u, l_u, reliable_u = sel.select(pred_u_w.detach(), batch["ignore_u"])
-    with timer("mask"):
-        masked = sel.mask(batch["u_m"], reliable_u, generator)
-    box = batch["box"]
-    mixed = torch.where(box.unsqueeze(1), batch["mix_s"], batch["u_s"])
-    with autocast:
-        pred_s, pred_m = model(torch.cat((mixed, masked))).chunk(2)
-    label_s = torch.where(box, l_mix, l_u)
-    weight_s = torch.where(box, w_mix, w_u)
-    ignore_s = torch.where(box, batch["ignore_mix"], batch["ignore_u"])
-    loss_x = F.cross_entropy(pred_x.float(), batch["y"], ignore_index=IGNORE_INDEX)
-    with timer("loss"):
-        loss_u = (0.5 * sel.loss(pred_s, label_s, weight_s, ignore_s)
-                  + 0.25 * sel.loss(pred_fp, l_u, w_u, batch["ignore_u"])
-                  + 0.25 * sel.loss(pred_m, l_u, w_u, batch["ignore_u"]))
-        grads_u = torch.autograd.grad(loss_u / 2, (pred_s, pred_fp, pred_m))
-    (grad_x,) = torch.autograd.grad(loss_x / 2, pred_x)
-    torch.autograd.backward((pred_x, pred_s, pred_fp, pred_m), (grad_x, *grads_u))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    return {"image": images(), "mask": mask_x.to(device)}, unlabeled(ignore), unlabeled(ignore.flip(2))
 
 
 def selection_or_reason(name: str, device: torch.device):
@@ -201,7 +222,10 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
     model = build_model({"backbone": cfg.backbone, "output_stride": 16, "dilations": [6, 12, 18]}, cfg.classes)
     model = model.to(device)
     optimizer = torch.optim.SGD(model.param_groups(1e-3, 10.0), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    batch = make_batch(cfg, device)
+    scheduler = build_scheduler(optimizer, 10**9)  # the poly schedule, kept near lr_0
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp_dtype == torch.float16)
+    criterion = CrossEntropy(IGNORE_INDEX)
+    batches = make_batches(cfg, device)
     records = []
     names = ("official", "eager") + tuple(b for b in FUSED if (b == "cpu") == (device.type == "cpu"))
     if suite == "smoke" and device.type == "cpu":
@@ -227,10 +251,15 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
     parts: dict[str, dict[str, list[float]]] = {name: {} for name in ready}
     peak: dict[str, int] = {}
 
+    def step(sel: Selection) -> None:
+        train_step(model, optimizer, scheduler, scaler, *batches, selector=sel.selector, criterion=criterion,
+                   cfg=TrainStepConfig(amp_dtype=cfg.amp_dtype), generator=generator,
+                   ops=TimedOps(sel.ops, timer), region=timer)
+
     def one_step(name: str, timed: bool) -> None:
         sel = ready[name]
         if not timed:
-            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+            step(sel)
             synchronize(device)
             timer.totals_ms()
             return
@@ -239,14 +268,14 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
             torch.cuda.reset_peak_memory_stats(device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+            step(sel)
             end.record()
             torch.cuda.synchronize(device)
             step_ms[name].append(begin.elapsed_time(end))
             peak[name] = max(peak.get(name, 0), int(torch.cuda.max_memory_allocated(device)))
         else:
             t0 = time.perf_counter()
-            train_step(model, optimizer, batch, sel, timer, cfg.amp_dtype, generator)
+            step(sel)
             step_ms[name].append((time.perf_counter() - t0) * 1e3)
         totals = timer.totals_ms()
         csl_ms[name].append(sum(totals.values()))
@@ -261,6 +290,7 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
                 try:
                     one_step(name, timed=phase == "timed")
                 except Exception as exc:  # noqa: BLE001 - reported, never dropped
+                    timer.reset()
                     by_name[name].update(status="error", reason=error_reason(exc))
                     log(f"train_step {name:8s} error: {by_name[name]['reason']}")
                     del ready[name]

@@ -7,11 +7,13 @@ optimizer, schedule, logging, evaluation, checkpoints and DDP around it. ``Train
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +86,28 @@ class StepConfig:
                    ignore_index=cfg["data"]["ignore_index"])
 
 
+class KernelOps:
+    """The CSL operations of a step besides the selection: Trusted Mask Perturbation and the weighted pseudo-label
+    loss, from :mod:`csl_kernels` on ``backend``. :func:`train_step` takes any object with these two methods (the
+    benchmarks swap in the official implementations, or wrap these to time them)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def mask(self, images: torch.Tensor, reliable: torch.Tensor, *, block: int, rate: float,
+             generator: torch.Generator) -> torch.Tensor:
+        return csl_kernels.trusted_mask(images, reliable, block=block, rate=rate, generator=generator,
+                                        backend=self.backend)[0]
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, ignore: torch.Tensor
+             ) -> torch.Tensor:
+        return unlabeled_loss(logits, label, weight, ignore, self.backend)
+
+
+def _no_region(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
@@ -127,13 +151,17 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedul
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, batch_x: dict, batch_u: dict,
                batch_mix: dict, *, selector: Selector, criterion: nn.Module, cfg: StepConfig,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, ops: KernelOps | None = None,
+               region: Callable[[str], contextlib.AbstractContextManager] = _no_region) -> dict[str, torch.Tensor]:
     """One CSL iteration (UniMatch + CSL selection + Trusted Mask Perturbation); returns detached scalars.
 
     ``batch_x``: labeled ``image``, ``mask``; ``batch_u`` / ``batch_mix``: unlabeled ``image_w`` (weak),
     ``image_s`` (strong), ``image_m`` (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth, metrics only).
     ``generator`` (on the model's device) draws the CutMix boxes, the masking-view choice and the TMP block grid.
+    ``ops``: TMP and the weighted loss (default ``KernelOps(cfg.backend)``); ``region(name)`` wraps the CSL-specific
+    work ("select", "mask", "loss") so a benchmark can time it.
     """
+    ops = ops or KernelOps(cfg.backend)
     amp = autocast(batch_x["image"].device, cfg.amp_dtype)
     x, y = batch_x["image"], batch_x["mask"]
     u_w, u_s, u_m, ignore_u = batch_u["image_w"], batch_u["image_s"], batch_u["image_m"], batch_u["ignore"]
@@ -145,14 +173,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
         with amp:
             pred_mix = model(batch_mix["image_w"])
         model.train()
-    sel_mix = selector(pred_mix, batch_mix["ignore"])
+    with region("select"):
+        sel_mix = selector(pred_mix, batch_mix["ignore"])
 
     # 2. Labeled + weak unlabeled views together, with the feature-perturbed decoder pass; select from pred_w.
     with amp:
         preds, preds_fp = model(torch.cat((x, u_w)), need_fp=True)
     pred_x, pred_w = preds.split([n_x, n_u])
     pred_fp = preds_fp[n_x:]
-    sel = selector(pred_w.detach(), ignore_u)
+    with region("select"):
+        sel = selector(pred_w.detach(), ignore_u)
 
     # 3. Strong view, CutMix-ed with the mix batch: images, pseudo-labels, weights and padding inside the box.
     box = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator)
@@ -167,8 +197,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     box2 = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator) & ~use_tmp[:, None, None]
     img_m = paste(box2, batch_mix["image_s"], u_s)
     if cfg.tmp_enabled:
-        masked, _ = csl_kernels.trusted_mask(u_m, sel.reliable, block=cfg.tmp_block, rate=cfg.tmp_rate,
-                                             generator=generator, backend=cfg.backend)
+        with region("mask"):
+            masked = ops.mask(u_m, sel.reliable, block=cfg.tmp_block, rate=cfg.tmp_rate, generator=generator)
         img_m = torch.where(use_tmp[:, None, None, None], masked, img_m)
     label_m, weight_m = paste(box2, sel_mix.label, sel.label), paste(box2, sel_mix.weight, sel.weight)
     ignore_m = paste(box2, batch_mix["ignore"], ignore_u)
@@ -179,9 +209,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     # 5. Loss = (L_x + lambda_s L_s + lambda_m L_m + lambda_fp L_fp) / 2; unlabeled terms are the CSL-weighted CE
     #    normalised by the valid (non-padded) pixels.
     loss_x = criterion(pred_x, y)
-    loss_s = unlabeled_loss(pred_s, label_s, weight_s, ignore_s, cfg.backend)
-    loss_m = unlabeled_loss(pred_m, label_m, weight_m, ignore_m, cfg.backend)
-    loss_fp = unlabeled_loss(pred_fp, sel.label, sel.weight, ignore_u, cfg.backend)
+    with region("loss"):
+        loss_s = ops.loss(pred_s, label_s, weight_s, ignore_s)
+        loss_m = ops.loss(pred_m, label_m, weight_m, ignore_m)
+        loss_fp = ops.loss(pred_fp, sel.label, sel.weight, ignore_u)
     loss = (loss_x + cfg.lambda_s * loss_s + cfg.lambda_m * loss_m + cfg.lambda_fp * loss_fp) / 2
 
     # 6. SGD step (gradient scaling only for fp16) and the poly schedule.
@@ -594,5 +625,5 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         trainer.close()
 
 
-__all__ = ["StepConfig", "Trainer", "build_optimizer", "build_scheduler", "cutmix_boxes",
+__all__ = ["KernelOps", "StepConfig", "Trainer", "build_optimizer", "build_scheduler", "cutmix_boxes",
            "resolve_amp", "supervised_step", "train", "train_step"]

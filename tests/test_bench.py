@@ -109,7 +109,7 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
         assert r["status"] in ("ok", "unavailable"), (r["selection"], r.get("reason"))
         if r["status"] == "ok":
             assert r["step_ms"]["median"] > 0 and 0 <= r["csl_share_pct"] <= 100
-            assert set(r["csl_parts_ms"]) == {"select", "mask", "loss"}
+            assert set(r["csl_parts_ms"]) == {"select", "mask", "loss", "loss_backward"}
     assert {r["selection"]: r["status"] for r in train}["official"] == "ok"
     for g in data["goals"]:
         assert set(g) >= {"goal", "where", "measured", "target", "met"}
@@ -119,3 +119,58 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
     merged = bench_main(["--merge", str(out), "--out", str(tmp_path / "merged.json")])
     assert len(merged["records"]) == len(records) and len(merged["train_step"]) == len(train)
     assert json.loads((tmp_path / "merged.json").read_text())["merged_from"] == [str(out)]
+
+
+def test_train_step_loss_backward_region_brackets_only_the_loss():
+    """The benchmark's backward region of each weighted loss opens right before the loss's own backward and closes
+    right after it, with no network backward in between (recorded order, not timing)."""
+    from bench import bench_train_step as bts
+    from csl.losses import CrossEntropy
+    from csl.train import KernelOps, build_scheduler, train_step
+    from csl.train import StepConfig as TrainStepConfig
+
+    events: list[str] = []
+
+    class RecordingTimer(bts.RegionTimer):
+        def open(self, key):
+            events.append(f"open{key}")
+            super().open(key)
+
+        def close(self, key, name):
+            events.append(f"close{key}")
+            super().close(key, name)
+
+    class LoggedLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.view_as(loss)
+
+        @staticmethod
+        def backward(ctx, grad):
+            events.append("loss")
+            return grad
+
+    class RecordingOps(KernelOps):
+        def loss(self, logits, label, weight, ignore):
+            return LoggedLoss.apply(super().loss(logits, label, weight, ignore))
+
+    device = torch.device("cpu")
+    cfg = bts.CONFIGS["smoke"]
+    torch.manual_seed(0)
+    model = bts.build_model({"backbone": "resnet18", "output_stride": 16, "dilations": [6, 12, 18]}, cfg.classes)
+    for p in model.parameters():
+        p.register_hook(lambda g: events.append("param"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    timer = RecordingTimer(device)
+    train_step(model, optimizer, build_scheduler(optimizer, 10), torch.amp.GradScaler("cpu", enabled=False),
+               *bts.make_batches(cfg, device), selector=bts.Selector(backend="reference"), criterion=CrossEntropy(),
+               cfg=TrainStepConfig(backend="reference"), generator=torch.Generator().manual_seed(0),
+               ops=bts.TimedOps(RecordingOps("reference"), timer), region=timer)
+    parts = timer.totals_ms()
+    assert set(parts) == {"select", "mask", "loss", "loss_backward"} and all(v >= 0 for v in parts.values())
+    marks = [e for e in events if e != "param"]
+    assert sorted(marks) == sorted(["open1", "open2", "open3", "close1", "close2", "close3", "loss", "loss", "loss"])
+    for key in (1, 2, 3):
+        begin, end = events.index(f"open{key}"), events.index(f"close{key}")
+        assert end - begin == 2 and events[begin + 1] == "loss", events[begin:end + 1]
+    assert "param" in events
