@@ -2,12 +2,15 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 namespace csl {
 
@@ -40,6 +43,64 @@ inline void check_device(const at::Tensor& t, const char* name, bool cuda, const
   TORCH_CHECK(t.is_cuda() == cuda, op, ": the ", (cuda ? "CUDA" : "CPU"), " kernel needs ", name, " on ",
               (cuda ? "a CUDA device" : "the CPU"), ", got ", t.device());
 }
+
+// The checks of csl::trusted_mask, the same for both launchers (``cuda`` = which device the kernel needs).
+inline void check_trusted_mask_args(const at::Tensor& images, const at::Tensor& cells, const at::Tensor& reliable,
+                                    bool cuda) {
+  constexpr const char* op = "csl::trusted_mask";
+  TORCH_CHECK(images.dim() == 4 && at::isFloatingType(images.scalar_type()), op,
+              ": images must be a floating B x K x H x W tensor, got ", images.scalar_type(), " of shape ",
+              images.sizes());
+  check_device(images, "images", cuda, op);
+  check_pixel_map(reliable, "reliable", images, op);
+  TORCH_CHECK(reliable.scalar_type() == at::kBool, op, ": reliable must be bool, got ", reliable.scalar_type());
+  TORCH_CHECK(cells.dim() == 3 && cells.size(0) == images.size(0) && cells.size(1) >= 1 && cells.size(2) >= 1, op,
+              ": cells must have shape B x gh x gw with B = ", images.size(0), " and gh, gw >= 1, got ", cells.sizes());
+  TORCH_CHECK(cells.scalar_type() == at::kBool, op, ": cells must be bool, got ", cells.scalar_type());
+  TORCH_CHECK(cells.device() == images.device(), op, ": cells is on ", cells.device(), " but images are on ",
+              images.device());
+}
+
+// The checks of csl::confusion_matrix, the same for both launchers.
+inline void check_confusion_matrix_args(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes,
+                                        bool cuda) {
+  constexpr const char* op = "csl::confusion_matrix";
+  TORCH_CHECK(at::isIntegralType(pred.scalar_type(), /*includeBool=*/false), op,
+              ": pred must be an integer tensor, got ", pred.scalar_type());
+  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
+              ": target must be an integer tensor, got ", target.scalar_type());
+  TORCH_CHECK(pred.sizes() == target.sizes(), op, ": pred and target must have the same shape, got ", pred.sizes(),
+              " and ", target.sizes());
+  check_device(pred, "pred", cuda, op);
+  TORCH_CHECK(target.device() == pred.device(), op, ": target is on ", target.device(), " but pred is on ",
+              pred.device());
+  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be positive, got ", num_classes);
+}
+
+// csl::pcos_weights outputs: weight, label, reliable (B x H x W), mu, var (G x 2 x 2), count (G x 2),
+// eigenvalues (G x 2), chosen (G), n_nonfinite (B); the statistics zero-filled (they stay zero for empty groups).
+using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor>;
+
+struct PcosOutputTensors {
+  at::Tensor weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite;
+
+  PcosOutputTensors(const at::Tensor& logits, int64_t num_groups) {
+    const int64_t batch = logits.size(0), height = logits.size(2), width = logits.size(3);
+    const auto options = logits.options();
+    weight = at::empty({batch, height, width}, options.dtype(at::kFloat));
+    label = at::empty({batch, height, width}, options.dtype(at::kLong));
+    reliable = at::empty({batch, height, width}, options.dtype(at::kBool));
+    mu = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
+    var = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
+    count = at::zeros({num_groups, 2}, options.dtype(at::kLong));
+    eigenvalues = at::zeros({num_groups, 2}, options.dtype(at::kDouble));
+    chosen = at::zeros({num_groups}, options.dtype(at::kLong));
+    n_nonfinite = at::zeros({batch}, options.dtype(at::kLong));
+  }
+
+  PcosOutputs tuple() const { return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite}; }
+};
 
 // Pixels per reduction chunk. Chunks never straddle images and depend only on the shapes (never on the number of
 // threads), so every partial sum is reduced in the same order on every run. ``slots_per_chunk`` partial records of

@@ -25,9 +25,6 @@
 namespace csl {
 namespace {
 
-using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor, at::Tensor>;
-
 PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& valid, double alpha,
                              bool log_confidence, bool class_groups) {
   constexpr const char* op = "csl::pcos_weights";
@@ -40,18 +37,9 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   const int64_t hw = height * width;
   const int64_t groups_per_image = class_groups ? num_classes : 1;
   const int64_t num_groups = batch * groups_per_image;
-  const auto options = logits.options();
-  at::Tensor weight = at::empty({batch, height, width}, options.dtype(at::kFloat));
-  at::Tensor label = at::empty({batch, height, width}, options.dtype(at::kLong));
-  at::Tensor reliable = at::empty({batch, height, width}, options.dtype(at::kBool));
-  at::Tensor mu = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-  at::Tensor var = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-  at::Tensor count = at::zeros({num_groups, 2}, options.dtype(at::kLong));
-  at::Tensor eigenvalues = at::zeros({num_groups, 2}, options.dtype(at::kDouble));
-  at::Tensor chosen = at::zeros({num_groups}, options.dtype(at::kLong));
-  at::Tensor n_nonfinite = at::zeros({batch}, options.dtype(at::kLong));
+  PcosOutputTensors outputs(logits, num_groups);
   if (batch == 0 || hw == 0) {
-    return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite};
+    return outputs.tuple();
   }
   constexpr int64_t kRecordBytes = 2 * kClusterStats * sizeof(double);
   const int64_t chunk = chunk_pixels(batch, hw, groups_per_image, kRecordBytes, 4096);
@@ -66,7 +54,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   std::vector<int64_t> nonfinite_partial(num_chunks, 0);
   std::vector<double> params(num_groups * kGroupParams);
   std::vector<double> weight_params(num_groups * kWeightParams);
-  int64_t* label_ptr = label.data_ptr<int64_t>();
+  int64_t* label_ptr = outputs.label.data_ptr<int64_t>();
 
   // Sum the per-chunk records of every group in chunk order (fixed, thread-independent).
   auto reduce_chunks = [&](const std::vector<double>& partial, int64_t record, int64_t g, double* out) {
@@ -128,7 +116,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         }
       }
     });
-    double* eigen_ptr = eigenvalues.data_ptr<double>();
+    double* eigen_ptr = outputs.eigenvalues.data_ptr<double>();
     at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
       double sums[kGramStats];
       for (int64_t g = begin; g < end; ++g) {
@@ -164,10 +152,10 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         }
       }
     });
-    double* mu_ptr = mu.data_ptr<double>();
-    double* var_ptr = var.data_ptr<double>();
-    int64_t* count_ptr = count.data_ptr<int64_t>();
-    int64_t* chosen_ptr = chosen.data_ptr<int64_t>();
+    double* mu_ptr = outputs.mu.data_ptr<double>();
+    double* var_ptr = outputs.var.data_ptr<double>();
+    int64_t* count_ptr = outputs.count.data_ptr<int64_t>();
+    int64_t* chosen_ptr = outputs.chosen.data_ptr<int64_t>();
     at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
       double sums[2 * kClusterStats];
       for (int64_t g = begin; g < end; ++g) {
@@ -177,8 +165,8 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
       }
     });
     // C) weights, image by image.
-    float* weight_ptr = weight.data_ptr<float>();
-    bool* reliable_ptr = reliable.data_ptr<bool>();
+    float* weight_ptr = outputs.weight.data_ptr<float>();
+    bool* reliable_ptr = outputs.reliable.data_ptr<bool>();
     at::parallel_for(0, batch * hw, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end;) {
         const int64_t b = i / hw, n = std::min(end, (b + 1) * hw) - i;
@@ -189,11 +177,11 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
       }
     });
   });
-  int64_t* nonfinite_ptr = n_nonfinite.data_ptr<int64_t>();
+  int64_t* nonfinite_ptr = outputs.n_nonfinite.data_ptr<int64_t>();
   for (int64_t ci = 0; ci < num_chunks; ++ci) {
     nonfinite_ptr[ci / chunks_per_image] += nonfinite_partial[ci];
   }
-  return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite};
+  return outputs.tuple();
 }
 
 }  // namespace

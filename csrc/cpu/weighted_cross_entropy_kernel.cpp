@@ -130,7 +130,8 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
   const bool* valid_ptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
-  const double scale = grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count_valid(valid_c, total), 1));
+  const double scale =
+      grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count_valid(valid_c, total), 1));
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
   const int64_t gb = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gw = grad.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cpu", [&] {

@@ -46,17 +46,7 @@ __global__ void confusion_matrix_kernel(const int64_t* __restrict__ pred, const 
 
 at::Tensor confusion_matrix_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes,
                                  int64_t ignore_index) {
-  constexpr const char* op = "csl::confusion_matrix";
-  TORCH_CHECK(at::isIntegralType(pred.scalar_type(), /*includeBool=*/false), op,
-              ": pred must be an integer tensor, got ", pred.scalar_type());
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false), op,
-              ": target must be an integer tensor, got ", target.scalar_type());
-  TORCH_CHECK(pred.sizes() == target.sizes(), op, ": pred and target must have the same shape, got ", pred.sizes(),
-              " and ", target.sizes());
-  check_device(pred, "pred", true, op);
-  TORCH_CHECK(target.device() == pred.device(), op, ": target is on ", target.device(), " but pred is on ",
-              pred.device());
-  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be positive, got ", num_classes);
+  check_confusion_matrix_args(pred, target, num_classes, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(pred.device());
   at::Tensor confusion = at::zeros({num_classes, num_classes}, pred.options().dtype(at::kLong));
   const int64_t n = pred.numel();

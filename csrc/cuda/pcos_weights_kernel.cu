@@ -247,9 +247,6 @@ __global__ void pcos_weight_kernel(const acc_t* __restrict__ fx, const acc_t* __
   }
 }
 
-using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor, at::Tensor>;
-
 PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& valid, double alpha,
                               bool log_confidence, bool class_groups) {
   constexpr const char* op = "csl::pcos_weights";
@@ -265,17 +262,9 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
   const int64_t num_groups = batch * groups_per_image;
   TORCH_CHECK(num_classes < (int64_t(1) << 31), op, ": too many classes (", num_classes, ")");
   const auto options = logits.options();
-  at::Tensor weight = at::empty({batch, height, width}, options.dtype(at::kFloat));
-  at::Tensor label = at::empty({batch, height, width}, options.dtype(at::kLong));
-  at::Tensor reliable = at::empty({batch, height, width}, options.dtype(at::kBool));
-  at::Tensor mu = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-  at::Tensor var = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-  at::Tensor count = at::zeros({num_groups, 2}, options.dtype(at::kLong));
-  at::Tensor eigenvalues = at::zeros({num_groups, 2}, options.dtype(at::kDouble));
-  at::Tensor chosen = at::zeros({num_groups}, options.dtype(at::kLong));
-  at::Tensor n_nonfinite = at::zeros({batch}, options.dtype(at::kLong));
+  PcosOutputTensors outputs(logits, num_groups);
   if (batch == 0 || hw == 0) {
-    return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite};
+    return outputs.tuple();
   }
   constexpr int64_t kRecordBytes = 2 * kClusterStats * sizeof(double);
   const int64_t chunk = chunk_pixels(batch, hw, groups_per_image, kRecordBytes, kTile);
@@ -291,8 +280,9 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
   at::Tensor fy = at::empty({batch * hw}, options.dtype(feature_dtype));
   at::Tensor keep = at::empty({batch * hw}, options.dtype(at::kByte));
   // Class groups accumulate tile after tile into their slots: they start from zero.
-  at::Tensor gram_partial = class_groups ? at::zeros({num_chunks * groups_per_image * kGramStats}, options.dtype(at::kDouble))
-                                         : at::empty({num_chunks * kGramStats}, options.dtype(at::kDouble));
+  at::Tensor gram_partial =
+      class_groups ? at::zeros({num_chunks * groups_per_image * kGramStats}, options.dtype(at::kDouble))
+                   : at::empty({num_chunks * kGramStats}, options.dtype(at::kDouble));
   at::Tensor cluster_partial =
       class_groups ? at::zeros({num_chunks * groups_per_image * 2 * kClusterStats}, options.dtype(at::kDouble))
                    : at::empty({num_chunks * 2 * kClusterStats}, options.dtype(at::kDouble));
@@ -305,31 +295,32 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
     using acc_t = at::opmath_type<scalar_t>;
     pcos_features_kernel<scalar_t, acc_t><<<chunk_grid, kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), valid_ptr, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
-        keep.data_ptr<uint8_t>(), label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
-        reinterpret_cast<unsigned long long*>(n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
+        keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
+        reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, class_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_group_params_kernel<<<group_blocks, kThreads, 0, stream>>>(
-        gram_partial.const_data_ptr<double>(), params.data_ptr<double>(), eigenvalues.data_ptr<double>(), layout,
-        num_groups);
+        gram_partial.const_data_ptr<double>(), params.data_ptr<double>(), outputs.eigenvalues.data_ptr<double>(),
+        layout, num_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_cluster_kernel<acc_t><<<chunk_grid, kThreads, 0, stream>>>(
         fx.const_data_ptr<acc_t>(), fy.const_data_ptr<acc_t>(), keep.const_data_ptr<uint8_t>(),
-        label.const_data_ptr<int64_t>(), params.const_data_ptr<double>(), cluster_partial.data_ptr<double>(), layout,
-        class_groups);
+        outputs.label.const_data_ptr<int64_t>(), params.const_data_ptr<double>(), cluster_partial.data_ptr<double>(),
+        layout, class_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_cluster_stats_kernel<<<group_blocks, kThreads, 0, stream>>>(
-        cluster_partial.const_data_ptr<double>(), params.const_data_ptr<double>(), mu.data_ptr<double>(),
-        var.data_ptr<double>(), count.data_ptr<int64_t>(), chosen.data_ptr<int64_t>(),
+        cluster_partial.const_data_ptr<double>(), params.const_data_ptr<double>(), outputs.mu.data_ptr<double>(),
+        outputs.var.data_ptr<double>(), outputs.count.data_ptr<int64_t>(), outputs.chosen.data_ptr<int64_t>(),
         weight_params.data_ptr<double>(), layout, num_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_weight_kernel<acc_t><<<grid_for(batch * hw), kThreads, 0, stream>>>(
         fx.const_data_ptr<acc_t>(), fy.const_data_ptr<acc_t>(), keep.const_data_ptr<uint8_t>(),
-        label.const_data_ptr<int64_t>(), weight_params.const_data_ptr<double>(), weight.data_ptr<float>(),
-        reliable.data_ptr<bool>(), batch * hw, hw, groups_per_image, class_groups, alpha);
+        outputs.label.const_data_ptr<int64_t>(), weight_params.const_data_ptr<double>(),
+        outputs.weight.data_ptr<float>(), outputs.reliable.data_ptr<bool>(), batch * hw, hw, groups_per_image,
+        class_groups, alpha);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite};
+  return outputs.tuple();
 }
 
 }  // namespace

@@ -36,18 +36,7 @@ __global__ void trusted_mask_kernel(const scalar_t* __restrict__ in, scalar_t* _
 
 std::tuple<at::Tensor, at::Tensor> trusted_mask_cuda(const at::Tensor& images, const at::Tensor& cells,
                                                      const at::Tensor& reliable, double fill) {
-  constexpr const char* op = "csl::trusted_mask";
-  TORCH_CHECK(images.dim() == 4 && at::isFloatingType(images.scalar_type()), op,
-              ": images must be a floating B x K x H x W tensor, got ", images.scalar_type(), " of shape ",
-              images.sizes());
-  check_device(images, "images", true, op);
-  check_pixel_map(reliable, "reliable", images, op);
-  TORCH_CHECK(reliable.scalar_type() == at::kBool, op, ": reliable must be bool, got ", reliable.scalar_type());
-  TORCH_CHECK(cells.dim() == 3 && cells.size(0) == images.size(0) && cells.size(1) >= 1 && cells.size(2) >= 1, op,
-              ": cells must have shape B x gh x gw with B = ", images.size(0), " and gh, gw >= 1, got ", cells.sizes());
-  TORCH_CHECK(cells.scalar_type() == at::kBool, op, ": cells must be bool, got ", cells.scalar_type());
-  TORCH_CHECK(cells.device() == images.device(), op, ": cells is on ", cells.device(), " but images are on ",
-              images.device());
+  check_trusted_mask_args(images, cells, reliable, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
   at::Tensor masked = at::empty_like(images);
