@@ -18,8 +18,12 @@ from .._backends import register
 from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, valid_bytes
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
-TILE_ELEMENTS = 4096  # pixels x classes per tile (about 32 values per thread at 4 warps)
-NUM_WARPS = 4
+# Pixels x classes per tile and warps per program: 4 values per thread. Chosen on the sm_90 resource usage that
+# `python -m csl_kernels.triton.compile_check` reports (no GPU was at hand to time them): 4096 values at 4 warps
+# needed 255 registers and spilled ~1 KB per thread; at 1024 / 8 warps the feature kernels take 64-120 registers
+# without spills (tests/test_triton_compile.py keeps it so).
+TILE_ELEMENTS = 1024
+NUM_WARPS = 8
 
 
 def feature_blocks(num_classes: int) -> tuple[int, int]:

@@ -1,0 +1,291 @@
+"""Compile every Triton kernel for a GPU on a machine without one: ``python -m csl_kernels.triton.compile_check``.
+
+The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels on CPU) executes the kernels' Python and never lowers
+them, so a kernel that is right there can still fail to compile for a GPU (an op the backend does not lower, a type
+the interpreter accepts, a block that needs too much shared memory). This check closes that gap:
+
+1. *capture* (a subprocess under the interpreter): representative calls of every op — float32 / bfloat16 / float16 /
+   float64 logits, C = 2, 21, 150, with and without a validity mask, image and class groups, non-contiguous and
+   channels_last inputs — with every kernel launch recorded: argument types, constexpr values, ``num_warps``;
+2. *compile* (a subprocess without the interpreter, so ``USE_LIBDEVICE`` and every other GPU-only path is on): each
+   distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
+   with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
+   too. Registers, local memory (spills) and shared memory come from the cubin (``cuobjdump -res-usage``).
+
+Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+# Launch options of ``kernel[grid](...)`` that are not kernel arguments.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# Constexpr flags that only huge inputs switch on: compiled in both states whatever the captured calls gave.
+BOTH_STATES = ("WIDE",)
+TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
+                   "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Capture (runs under TRITON_INTERPRET=1).
+
+
+def _encode(value):
+    import torch
+    import triton.language as tl
+
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def representative_calls() -> None:
+    """Calls of every public op that reach every kernel and every constexpr branch the inputs can select."""
+    import torch
+
+    import csl_kernels as ck
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for classes in (2, 21, 150):
+            logits = (3 * torch.randn(2, classes, 7, 9, generator=g)).to(dtype)
+            ignore = torch.zeros(2, 7, 9, dtype=torch.int64)
+            ignore[1, :, 6:] = ck.IGNORE_INDEX
+            for ign in (None, ignore):
+                ck.residual_features(logits, ign, backend="triton")
+                ck.residual_features(logits, ign, confidence="log", backend="triton")
+                for groups in ("image", "class"):
+                    ck.pcos_weights(logits, ign, groups=groups, backend="triton")
+                ck.threshold_weights(logits, ign, backend="triton")
+                sel = ck.pcos_weights(logits, ign, backend="reference")
+                leaf = logits.clone().requires_grad_(True)
+                ck.weighted_cross_entropy(leaf, sel.label, sel.weight, ign, backend="triton").backward()
+            odd = logits.to(memory_format=torch.channels_last)
+            ck.residual_features(odd, None, backend="triton")
+            strided = logits[:, :, ::2, 1:].clone().requires_grad_(True)  # rows not evenly spaced in memory
+            sel = ck.pcos_weights(strided.detach(), None, backend="reference")
+            ck.pcos_weights(strided.detach(), None, backend="triton")
+            ck.weighted_cross_entropy(strided, sel.label, sel.weight, None, backend="triton").backward()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        images = torch.rand(2, 3, 20, 24, generator=g).to(dtype)
+        reliable = torch.rand(2, 20, 24, generator=g) < 0.5
+        ck.trusted_mask(images, reliable, block=8, generator=torch.Generator().manual_seed(1), backend="triton")
+        ck.trusted_mask(images.to(memory_format=torch.channels_last), reliable, block=8,
+                        generator=torch.Generator().manual_seed(1), backend="triton")
+    for classes in (3, 21, 150):  # C * C below and above the histogram bins
+        pred = torch.randint(0, classes, (2, 9, 11), generator=g)
+        target = torch.randint(0, classes, (2, 9, 11), generator=g)
+        ck.confusion_matrix(pred, target, classes, backend="triton")
+
+
+def capture() -> list[dict]:
+    """Run :func:`representative_calls` and return the distinct launches (module, kernel, args, options)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[str, dict] = {}
+    original = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        names = [p.name for p in kernel_params(fn)]
+        values = dict(zip(names, args, strict=False))  # the constexprs usually come as keywords
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        values.update(kwargs)
+        record = {"module": fn.__module__, "kernel": fn.__name__,
+                  "args": {k: _encode(v) for k, v in values.items()}, "options": options}
+        launches.setdefault(json.dumps(record, sort_keys=True), record)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs, **options)
+
+    InterpretedFunction.run = recording_run
+    try:
+        representative_calls()
+    finally:
+        InterpretedFunction.run = original
+    return list(launches.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Compile (runs without the interpreter).
+
+
+def kernel_params(kernel) -> list[inspect.Parameter]:
+    """The parameters of a ``@triton.jit`` kernel, compiled or interpreted (``TRITON_INTERPRET=1``)."""
+    return list(inspect.signature(getattr(kernel, "fn", kernel)).parameters.values())
+
+
+def is_constexpr(param: inspect.Parameter) -> bool:
+    annotation = param.annotation
+    return annotation is not inspect.Parameter.empty and "constexpr" in str(annotation)
+
+
+def _signature(kernel, args: dict) -> tuple[dict, dict]:
+    import triton.language as tl
+
+    signature, constexprs = {}, {}
+    for param in kernel_params(kernel):
+        name = param.name
+        if name not in args:
+            if param.default is not inspect.Parameter.empty:
+                args = {**args, name: _encode(param.default)}
+            else:
+                raise KeyError(f"{getattr(kernel, '__name__', kernel)}: argument {name!r} was not recorded")
+        value = args[name]
+        if isinstance(value, dict) and "tl_dtype" in value:
+            value = tl.dtype(value["tl_dtype"])
+        if name == "USE_LIBDEVICE":
+            value = True  # what a GPU run passes (the interpreter has no libdevice)
+        if is_constexpr(param):
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, dict) and "tensor" in value:
+            signature[name] = "*" + TORCH_TO_TRITON[value["tensor"]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        else:
+            raise TypeError(f"cannot type argument {name!r} = {value!r}")
+    return signature, constexprs
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers, local memory (spills / stack) and static shared memory of the cubin's kernel (cuobjdump)."""
+    from triton.backends.nvidia import __file__ as nvidia_init
+
+    tool = os.path.join(os.path.dirname(nvidia_init), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in found.items()}
+
+
+def _variants(record: dict):
+    yield record
+    for flag in BOTH_STATES:
+        value = record["args"].get(flag)
+        if isinstance(value, bool):
+            yield {**record, "args": {**record["args"], flag: not value}}
+
+
+def compile_all(records: list[dict], arch: int) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    results, seen = [], set()
+    for base in records:
+        for record in _variants(base):
+            key = json.dumps(record, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            jit_fn = getattr(importlib.import_module(record["module"]), record["kernel"])
+            result = {"kernel": record["kernel"], "module": record["module"], "options": record["options"]}
+            t0 = time.perf_counter()
+            try:
+                signature, constexprs = _signature(jit_fn, record["args"])
+                result["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
+                result["constexprs"] = {k: str(v) for k, v in constexprs.items()}
+                compiled = triton.compile(ASTSource(jit_fn, signature, constexprs), target=target,
+                                          options=dict(record["options"]))
+                result.update(status="ok", shared_bytes=int(compiled.metadata.shared),
+                              **_resource_usage(compiled.asm["cubin"]))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported with its kernel and constexprs
+                message = str(exc).strip().splitlines()
+                result.update(status="error", error=f"{type(exc).__name__}: {' | '.join(message[-6:])}")
+            result["compile_s"] = round(time.perf_counter() - t0, 3)
+            results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _run_phase(phase: str, arch: int, payload_path: str, interpret: bool) -> None:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "csl_kernels.triton.compile_check", "--phase", phase, "--arch", str(arch),
+           "--payload", payload_path]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {phase} phase failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def check(arch: int = 90) -> list[dict]:
+    """Capture the launches under the interpreter and compile each for ``cuda:<arch>``; returns one record per
+    compiled kernel variant (``status`` ok / error, registers, local and shared memory, compile seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        launches, compiled = os.path.join(tmp, "launches.json"), os.path.join(tmp, "compiled.json")
+        _run_phase("capture", arch, launches, interpret=True)
+        os.replace(launches, compiled + ".in")
+        _run_phase("compile", arch, compiled, interpret=False)
+        with open(compiled) as f:
+            return json.load(f)
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| kernel | constexprs | warps | regs | local B | shared B | compile s | status |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        consts = ", ".join(f"{k}={v}" for k, v in r.get("constexprs", {}).items())
+        lines.append(f"| {r['kernel']} | {consts} | {r['options'].get('num_warps', '')} | {r.get('reg', '')} | "
+                     f"{r.get('local', '')} | {r.get('shared_bytes', '')} | {r['compile_s']} | "
+                     f"{r['status'] if r['status'] == 'ok' else r['error']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csl_kernels.triton.compile_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90 = H100 / H200)")
+    parser.add_argument("--out", help="write the per-kernel records as JSON")
+    parser.add_argument("--phase", choices=("capture", "compile"), help=argparse.SUPPRESS)
+    parser.add_argument("--payload", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.phase == "capture":
+        with open(args.payload, "w") as f:
+            json.dump(capture(), f)
+        return 0
+    if args.phase == "compile":
+        with open(args.payload + ".in") as f:
+            records = json.load(f)
+        with open(args.payload, "w") as f:
+            json.dump(compile_all(records, args.arch), f)
+        return 0
+    results = check(args.arch)
+    print(format_table(results))
+    failed = [r for r in results if r["status"] != "ok"]
+    print(f"\n{len(results) - len(failed)} of {len(results)} kernel variants compiled for cuda:{args.arch}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"arch": args.arch, "kernels": results}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

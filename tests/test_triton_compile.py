@@ -1,0 +1,81 @@
+"""Every Triton kernel compiles for the H100 (sm_90) — checked on a machine without a GPU.
+
+The other tests run the kernels under the interpreter, which never lowers them; here each launch of a set of
+representative calls is compiled by Triton's own compiler down to a cubin (csl_kernels/triton/compile_check.py), and
+the cubins' resource usage is held to what the block sizes were chosen for: no register spills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from csl_kernels.triton import compile_check
+
+# Bytes of per-thread stack a kernel may use: a few bytes are a call frame, more means registers spilled to memory.
+MAX_STACK_BYTES = 16
+KERNELS = {"_residual_features_kernel", "_pcos_features_kernel", "_pcos_group_kernel", "_pcos_cluster_kernel",
+           "_pcos_stats_kernel", "_pcos_weight_kernel", "_trusted_mask_kernel", "_ce_forward_kernel",
+           "_ce_reduce_kernel", "_ce_backward_kernel", "_confusion_kernel"}
+
+
+def _nvidia_backend_available() -> bool:
+    return importlib.util.find_spec("triton.backends.nvidia") is not None
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    if not _nvidia_backend_available():
+        pytest.skip("triton has no NVIDIA backend here")
+    return compile_check.check(arch=90)
+
+
+def test_every_kernel_compiles_for_sm90(compiled):
+    failed = [f"{r['kernel']} {r.get('constexprs')}: {r['error']}" for r in compiled if r["status"] != "ok"]
+    assert not failed, "\n".join(failed)
+    assert {r["kernel"] for r in compiled} == KERNELS
+    # Every dtype of the logits reached the feature and loss kernels, with and without the int64-offset variant.
+    for kernel in ("_residual_features_kernel", "_pcos_features_kernel", "_ce_forward_kernel", "_ce_backward_kernel"):
+        dtypes = {r["signature"]["z_ptr"] for r in compiled if r["kernel"] == kernel}  # the logits
+        assert dtypes == {"*fp32", "*bf16", "*fp16", "*fp64"}, (kernel, dtypes)
+    assert {r["constexprs"]["WIDE"] for r in compiled if r["kernel"] == "_ce_forward_kernel"} == {"False", "True"}
+    # Each record says what it compiled to.
+    for r in compiled:
+        assert r["reg"] > 0 and r["shared_bytes"] >= 0 and r["compile_s"] >= 0
+
+
+def test_kernels_do_not_spill(compiled):
+    spilling = [f"{r['kernel']} {r['signature']} {r['constexprs']} warps={r['options'].get('num_warps')}: "
+                f"{r['reg']} registers, {r['stack']} B stack" for r in compiled
+                if r["status"] == "ok" and r.get("stack", 0) > MAX_STACK_BYTES]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_cli_writes_json(tmp_path, capsys, monkeypatch, compiled):
+    """The module's command line prints the table and writes the records (the phases are not re-run here)."""
+    monkeypatch.setattr(compile_check, "check", lambda arch=90: compiled)
+    out = tmp_path / "kernels.json"
+    assert compile_check.main(["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| _pcos_features_kernel |" in printed and f"{len(compiled)} of {len(compiled)} kernel variants" in printed
+    data = json.loads(out.read_text())
+    assert data["arch"] == 90 and len(data["kernels"]) == len(compiled)
+
+
+def test_signature_types():
+    """Argument typing of the compile phase: pointers by dtype, ints by range, constexprs by the kernel's params."""
+    from csl_kernels.triton.trusted_mask import _trusted_mask_kernel
+
+    params = compile_check.kernel_params(_trusted_mask_kernel)
+    names = [p.name for p in params]
+    flags = {p.name: compile_check.is_constexpr(p) for p in params}
+    assert flags["WIDE"] and flags["BLOCK_P"] and not flags[names[0]]
+    args = {name: (True if name == "WIDE" else 256) if flags[name] else 3 for name in names}
+    args[names[0]] = {"tensor": "bfloat16"}
+    args[names[1]] = 2**40
+    signature, constexprs = compile_check._signature(_trusted_mask_kernel, args)
+    assert signature[names[0]] == "*bf16" and signature[names[1]] == "i64" and signature[names[2]] == "i32"
+    assert constexprs == {name: args[name] for name in names if flags[name]}
+    assert all(signature[name] == "constexpr" for name in names if flags[name])
