@@ -55,6 +55,23 @@ def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CUDA"), op
 
 
+def test_cuda_kernels_do_not_spill(ext):
+    """The sm_90 cubins in the built library (CI builds them without a GPU): every kernel is there, none spills
+    registers to memory (a few bytes of stack would be a call frame)."""
+    info = _ext.load()
+    if not info.with_cuda:
+        pytest.skip("the extension was built without its CUDA part")
+    from csl_kernels.triton.compile_check import resource_usage
+
+    usage = resource_usage(info.library)
+    names = " ".join(usage)
+    for kernel in ("residual_features_kernel", "pcos_features_kernel", "pcos_cluster_kernel", "pcos_weight_kernel",
+                   "trusted_mask_kernel", "weighted_cross_entropy", "confusion"):
+        assert kernel in names, (kernel, sorted(usage))
+    spilling = {name: u for name, u in usage.items() if u.get("stack", 0) > 16 or u.get("local", 0) > 0}
+    assert not spilling, spilling
+
+
 def test_opcheck_every_op(ext):
     z = _logits()
     valid = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(1)) > 0.3

@@ -167,17 +167,34 @@ def _signature(kernel, args: dict) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """Registers, local memory (spills / stack) and static shared memory of the cubin's kernel (cuobjdump)."""
+def cuobjdump_path() -> str:
+    """The ``cuobjdump`` that ships with Triton's NVIDIA backend (no CUDA toolkit needed)."""
     from triton.backends.nvidia import __file__ as nvidia_init
 
-    tool = os.path.join(os.path.dirname(nvidia_init), "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(nvidia_init), "bin", "cuobjdump")
+
+
+def resource_usage(path: str) -> dict[str, dict[str, int]]:
+    """Per kernel of a cubin or of a library's embedded fatbin: registers, stack (spills), shared and local memory
+    in bytes, from ``cuobjdump -res-usage``."""
+    out = subprocess.run([cuobjdump_path(), "-res-usage", path], capture_output=True, text=True, check=False)
+    usage, function = {}, None
+    for line in out.stdout.splitlines():
+        named = re.match(r"\s*Function (\S+):", line)
+        if named:
+            function = named.group(1)
+        elif function is not None and "REG:" in line:
+            usage[function] = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            function = None
+    return usage
+
+
+def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
-    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return {k.lower(): int(v) for k, v in found.items()}
+        (usage,) = resource_usage(f.name).values()  # a Triton cubin holds one kernel
+    return usage
 
 
 def _variants(record: dict):
