@@ -42,7 +42,9 @@ def weighted_cross_entropy(
 
     Args:
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64.
-        label: ``B x H x W`` integer pseudo-labels in ``[0, C)`` wherever the pixel is valid and weighted.
+        label: ``B x H x W`` integer pseudo-labels in ``[0, C)`` wherever the pixel is valid and weighted. A label
+            out of range there is an error: ``reference`` and ``cpu`` raise, ``cuda`` fails a device assert (as
+            ``F.cross_entropy`` does), ``triton`` returns a NaN loss and gradient (it never synchronises to check).
         weight: ``B x H x W`` floating per-pixel weights (treated as constants by the fused backends).
         ignore: optional ``B x H x W`` integer (255 = ignored) or bool (True = valid).
 
