@@ -42,6 +42,31 @@ def require_backend(op: str, backend: str) -> torch.device:
     return device
 
 
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` (B x C x H x W, or B x H x W) in another memory layout: ``contiguous``,
+    ``channels_last``, ``transposed``, ``strided``, ``class_slice``, ``batch_slice``."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if kind == "transposed":  # H and W strides swapped: rows are not evenly spaced
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if kind == "strided":  # a stride-2 view into a larger buffer
+        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        view = big[..., ::2, 1::2]
+        view.copy_(t)
+        return view
+    if kind == "class_slice" and t.dim() == 4:  # every other class of a larger tensor
+        big = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
+        big[:, 1::2] = t
+        return big[:, 1::2]
+    if kind == "batch_slice" or kind == "class_slice":  # every other image of a larger tensor
+        big = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
+        big[::2] = t
+        return big[::2]
+    raise ValueError(kind)
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def fused_backend(request) -> str:
     """Parametrises a test over the fused backends; the test calls ``require_backend(op, backend)``."""

@@ -19,11 +19,10 @@ import random
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import layout, require_backend
 from test_residual_features import (
     LAYOUTS,
     feature_tolerance,
-    layout,
     make_logits,
     residual_mass64,
     torch_low_precision,

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import layout, require_backend
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -40,30 +40,6 @@ def feature_tolerance(f0: torch.Tensor, v: torch.Tensor, r: torch.Tensor, dtype:
                 1e-11 * (v.abs() + (v.abs() * r).sqrt()) + 1e-29 * r + 1e-300)
     return (5e-7 * f0.abs() + 1e-5 * r + 1e-37,
             5e-5 * (v.abs() + (v.abs() * r).sqrt()) + 1e-12 * r + 1e-37)
-
-
-def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values as ``t`` (B x C x H x W, or B x H x W) in another memory layout."""
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-    if kind == "transposed":  # H and W strides swapped: rows are not evenly spaced
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if kind == "strided":  # a stride-2 view into a larger buffer
-        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        view = big[..., ::2, 1::2]
-        view.copy_(t)
-        return view
-    if kind == "class_slice" and t.dim() == 4:  # every other class of a larger tensor
-        big = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
-        big[:, 1::2] = t
-        return big[:, 1::2]
-    if kind == "batch_slice" or kind == "class_slice":  # every other image of a larger tensor
-        big = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
-        big[::2] = t
-        return big[::2]
-    raise ValueError(kind)
 
 
 def make_logits(seed: int, *, batch: int, classes: int, height: int, width: int, dtype: torch.dtype = torch.float32,

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import layout, require_backend
 
 import csl_kernels
 from csl_kernels import _backends
@@ -22,19 +22,6 @@ OP = "trusted_mask"
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The bit patterns of a floating tensor (so NaN == NaN and -0.0 != 0.0)."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-    if kind == "strided":  # a stride-2 view into a larger buffer
-        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        view = big[..., ::2, 1::2]
-        view.copy_(t)
-        return view
-    raise ValueError(kind)
 
 
 def impl(backend: str, device: torch.device):

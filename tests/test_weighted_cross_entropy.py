@@ -12,29 +12,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_backend
+from conftest import layout, require_backend
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
 from csl_kernels.weighted_cross_entropy import weighted_cross_entropy_reference
 
 OP = "weighted_cross_entropy"
-
-
-def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values as ``t`` in another memory layout (4-dim: N C H W; 3-dim: N H W)."""
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-    if kind == "transposed":  # H and W strides swapped: rows are not contiguous
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if kind == "strided":  # a stride-2 view into a larger buffer
-        big = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        view = big[..., ::2, 1::2]
-        view.copy_(t)
-        return view
-    raise ValueError(kind)
 
 
 def make_case(seed: int, *, batch: int, classes: int, height: int, width: int, dtype: torch.dtype,
