@@ -149,6 +149,20 @@ def _pcos_group_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinite_ptr, 
 
 
 @triton.jit
+def _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS: tl.constexpr):
+    """What kernel A stored for pixels ``i``: ``(keep, x, y, group)`` with float64 features (0 where not kept) and
+    the group within the image (the pseudo-label for class groups, else 0)."""
+    keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
+    x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    if CLASS_GROUPS:
+        gid = tl.load(label_ptr + i, mask=keep, other=0).to(tl.int32)
+    else:
+        gid = tl.zeros_like(i).to(tl.int32)
+    return keep, x, y, gid
+
+
+@triton.jit
 def _pcos_cluster_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, params_ptr, part_ptr, HW, GPI, NCH, TILES,
                          CLASS_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
     chunk = tl.program_id(0)
@@ -157,14 +171,7 @@ def _pcos_cluster_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, params_ptr, part_p
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
-        i = b * HW + p
-        keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
-        x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
-        y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
-        if CLASS_GROUPS:
-            gid = tl.load(label_ptr + i, mask=keep, other=0).to(tl.int32)
-        else:
-            gid = tl.zeros([BLOCK_P], tl.int32)
+        keep, x, y, gid = _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, b * HW + p, pmask, CLASS_GROUPS)
         gp = params_ptr + (b * GPI + gid) * 8
         u1x = tl.load(gp, mask=keep, other=1.0)
         u1y = tl.load(gp + 1, mask=keep, other=0.0)
@@ -270,13 +277,7 @@ def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pmask = p < HW
     i = b * HW + p
-    keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
-    x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
-    y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
-    if CLASS_GROUPS:
-        gid = tl.load(label_ptr + i, mask=keep, other=0)
-    else:
-        gid = tl.zeros([BLOCK], tl.int64)
+    keep, x, y, gid = _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS)
     wp = wparams_ptr + (b * GPI + gid) * 4
     mux = tl.load(wp, mask=keep, other=0.0)
     muy = tl.load(wp + 1, mask=keep, other=0.0)
