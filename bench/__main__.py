@@ -33,6 +33,7 @@ from .common import (
     settings_from_args,
     summary_table,
     train_table,
+    triton_tuning,
     write_json,
 )
 
@@ -71,6 +72,7 @@ def main(argv=None) -> dict:
         "records": records,
         "train_step": train,
         "goals": goals,
+        "triton_tuning": triton_tuning(),
         "goals_note": ("the goals are set for an H100; on another device the same ratios are reported for "
                        "information" if "H100" not in env["device_name"] else "measured on an H100"),
     }

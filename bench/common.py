@@ -240,6 +240,17 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def triton_tuning() -> dict:
+    """How the Triton kernels were launched in this process: autotune mode, cache file and every configuration
+    chosen (with each candidate's time where this process timed them; csl_kernels/triton/tuning.py)."""
+    try:
+        from csl_kernels.triton import tuning
+    except ImportError as exc:
+        return {"error": str(exc)}
+    return {"autotune": os.environ.get(tuning.ENV_MODE, "1"), "cache": str(tuning.cache_path()),
+            "chosen": tuning.chosen()}
+
+
 # ------------------------------------------------------------------------------------------------------ timing
 
 
@@ -631,7 +642,7 @@ def run_single_op(spec: OpSpec, argv: list[str] | None = None) -> dict:
     records = run_op(spec, settings)
     payload = {"environment": environment(settings.device), "settings": settings_dict(settings),
                "copy_bandwidth_gbps": settings.copy_gbps, "records": records,
-               "goals": evaluate_goals(records, [], settings.device)}
+               "goals": evaluate_goals(records, [], settings.device), "triton_tuning": triton_tuning()}
     print()
     print(markdown_table(records))
     if args.out is not None:

@@ -15,6 +15,10 @@ from csl_kernels import unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
 
+# On a GPU every new shape would otherwise be timed under each launch-configuration candidate (and written to the
+# user's cache); the suite tests the defaults and every candidate explicitly (tests/test_triton_tuning.py).
+os.environ.setdefault("CSL_TRITON_AUTOTUNE", "0")
+
 
 def backend_device(backend: str) -> torch.device:
     if backend == "cuda":

@@ -4,6 +4,7 @@ and the official-style selection against the reference backend."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,6 +79,9 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
         assert key in env
     assert env["device"] == "cpu" and env["cpu_count"] >= 1
     assert data["copy_bandwidth"]["gbps"] > 0
+    # How the Triton kernels were launched: the autotune mode the suite set; nothing is timed on CPU tensors.
+    assert data["triton_tuning"]["autotune"] == os.environ["CSL_TRITON_AUTOTUNE"]
+    assert data["triton_tuning"]["chosen"] == {} and data["triton_tuning"]["cache"].endswith(".json")
 
     records = data["records"]
     # Every op lists every provider exactly once (unavailable ones with their reason), none failed.

@@ -46,6 +46,27 @@ def test_every_kernel_compiles_for_sm90(compiled):
         assert r["reg"] > 0 and r["shared_bytes"] >= 0 and r["compile_s"] >= 0
 
 
+def test_every_tuning_candidate_is_compiled(compiled):
+    """The launch configurations the tuner may pick (csl_kernels/triton/tuning.py) are compiled too, so the spill
+    check below covers them: (pixels x 32-class tile, warps) of each candidate at C = 21."""
+    from csl_kernels.triton import tuning
+
+    def reached(kernel: str, block_c: str | None = "32") -> set[tuple[int, int]]:
+        records = [r for r in compiled if r["kernel"] == kernel]
+        if block_c is not None:
+            records = [r for r in records if r["constexprs"]["BLOCK_C"] == block_c]
+        return {(int(r["constexprs"]["BLOCK_P"]) * int(block_c or 1), r["options"]["num_warps"]) for r in records}
+
+    def expected(name: str) -> set[tuple[int, int]]:
+        return {(c.tile, c.num_warps) for c in tuning.TUNABLES[name].candidates}
+
+    assert expected("residual_features") <= reached("_residual_features_kernel")
+    assert expected("pcos_weights") <= reached("_pcos_features_kernel")
+    assert expected("weighted_cross_entropy_forward") <= reached("_ce_forward_kernel")
+    assert expected("weighted_cross_entropy_backward") <= reached("_ce_backward_kernel")
+    assert expected("trusted_mask") <= reached("_trusted_mask_kernel", block_c=None)
+
+
 def test_kernels_do_not_spill(compiled):
     spilling = [f"{r['kernel']} {r['signature']} {r['constexprs']} warps={r['options'].get('num_warps')}: "
                 f"{r['reg']} registers, {r['stack']} B stack" for r in compiled

@@ -6,7 +6,8 @@ the interpreter accepts, a block that needs too much shared memory). This check 
 
 1. *capture* (a subprocess under the interpreter): representative calls of every op — float32 / bfloat16 / float16 /
    float64 logits, C = 2, 21, 150, with and without a validity mask, image and class groups, non-contiguous and
-   channels_last inputs — with every kernel launch recorded: argument types, constexpr values, ``num_warps``;
+   channels_last inputs — with every kernel launch recorded: argument types, constexpr values, ``num_warps``; then
+   the tuned kernels again under every candidate launch configuration (block sizes, warps) they may be tuned to;
 2. *compile* (a subprocess without the interpreter, so ``USE_LIBDEVICE`` and every other GPU-only path is on): each
    distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
    with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
@@ -92,8 +93,32 @@ def representative_calls() -> None:
         ck.confusion_matrix(pred, target, classes, backend="triton")
 
 
+def candidate_calls() -> None:
+    """Calls that reach every tuned kernel with the heaviest constexpr choices (validity mask, float32, bfloat16 and
+    float16 logits, C = 2, 21, 150); :func:`capture` runs them once per launch-configuration candidate."""
+    import torch
+
+    import csl_kernels as ck
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # float64 is never tuned
+        for classes in (2, 21, 150):
+            logits = (3 * torch.randn(2, classes, 5, 7, generator=g)).to(dtype)
+            ignore = torch.zeros(2, 5, 7, dtype=torch.int64)
+            ignore[1, :, 6:] = ck.IGNORE_INDEX
+            ck.residual_features(logits, ignore, backend="triton")
+            for groups in ("image", "class"):
+                sel = ck.pcos_weights(logits, ignore, groups=groups, backend="triton")
+            leaf = logits.clone().requires_grad_(True)
+            ck.weighted_cross_entropy(leaf, sel.label, sel.weight, ignore, backend="triton").backward()
+        images = torch.rand(2, 3, 6, 8, generator=g).to(dtype)
+        reliable = torch.rand(2, 6, 8, generator=g) < 0.5
+        ck.trusted_mask(images, reliable, block=2, generator=torch.Generator().manual_seed(1), backend="triton")
+
+
 def capture() -> list[dict]:
-    """Run :func:`representative_calls` and return the distinct launches (module, kernel, args, options)."""
+    """Run :func:`representative_calls` (default launch configurations) and :func:`candidate_calls` once per tuning
+    candidate (csl_kernels/triton/tuning.py); return the distinct launches (module, kernel, args, options)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches: dict[str, dict] = {}
@@ -110,9 +135,14 @@ def capture() -> list[dict]:
         launches.setdefault(json.dumps(record, sort_keys=True), record)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs, **options)
 
+    from . import tuning
+
     InterpretedFunction.run = recording_run
     try:
         representative_calls()
+        for index in range(1, max(len(t.candidates) for t in tuning.TUNABLES.values())):
+            with tuning.forced(index):
+                candidate_calls()
     finally:
         InterpretedFunction.run = original
     return list(launches.values())

@@ -23,7 +23,8 @@ import triton.language as tl
 from .._backends import register
 from ..pcos_weights import pcos_outputs_like
 from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
-from .residual_features import NUM_WARPS, _pixel_features, feature_blocks, feature_dtype
+from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks, feature_dtype, layout_key
+from .tuning import Config, Tunable, tuned
 
 GRAM_STATS = 3  # sum xx, xy, yy
 CLUSTER_STATS = 5  # count, mean x, mean y, M2 x, M2 y
@@ -35,6 +36,9 @@ MAX_BLOCK_G = 16  # groups per tile of the one-hot partial sums (class groups)
 MAX_BLOCK_K = 128  # chunks per step of the per-group reductions
 GROUP_TILE = 1024  # groups x chunks per step of the per-group reductions
 BLOCK_W = 1024  # pixels per program of the weight kernel
+# Tile and warps of the two pixel passes (features + Gram sums, cluster records). Chunks do not depend on the choice
+# (chunk_pixels), so neither do the per-chunk records nor the order they are merged in.
+TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
 
 
 @triton.jit
@@ -292,12 +296,19 @@ def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight
     tl.store(reliable_ptr + i, (keep & (w == 1.0)).to(tl.uint8), mask=pmask)
 
 
-def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int:
-    """Pixel tiles per chunk: at least MIN_CHUNK pixels, more when the per-chunk records would exceed the budget."""
+def chunk_pixels(batch: int, hw: int, groups_per_image: int) -> int:
+    """Pixels per chunk: a multiple of MIN_CHUNK, more than MIN_CHUNK when the per-chunk records would exceed the
+    budget. It does not depend on the launch configuration (every tile of pixels divides MIN_CHUNK)."""
     record_bytes = (GRAM_STATS + 2 * CLUSTER_STATS) * 8 * groups_per_image
     max_chunks = max(1, PARTIAL_BUDGET // record_bytes)
-    min_chunk = max(MIN_CHUNK, triton.cdiv(max(1, batch * hw), max_chunks))
-    return triton.cdiv(min(min_chunk, max(hw, 1)), block_p)
+    return triton.cdiv(max(MIN_CHUNK, triton.cdiv(max(1, batch * hw), max_chunks)), MIN_CHUNK) * MIN_CHUNK
+
+
+def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int:
+    """Tiles of ``block_p`` pixels per chunk (an image smaller than a chunk is one chunk of just enough tiles)."""
+    if MIN_CHUNK % block_p:
+        raise ValueError(f"a tile of {block_p} pixels does not divide a chunk of {MIN_CHUNK}")
+    return triton.cdiv(min(chunk_pixels(batch, hw, groups_per_image), max(hw, 1)), block_p)
 
 
 def pcos_weights_launch(
@@ -324,41 +335,47 @@ def pcos_weights_launch(
     valid_u8, has_valid = valid_bytes(valid, logits)
     dt = feature_dtype(logits)
     acc = tl.float64 if dt == torch.float64 else tl.float32
-    block_p, block_c = feature_blocks(ncls)
-    block_g = min(next_pow2(gpi), MAX_BLOCK_G)
-    tiles = chunk_tiles(bsz, hw, gpi, block_p)
-    nch = triton.cdiv(hw, tiles * block_p)
     fx = torch.empty((bsz * hw,), dtype=dt, device=dev)
     fy = torch.empty_like(fx)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
-    # Programs fold tile after tile into their own slots: the slots start from zero.
-    gram = torch.zeros((n_groups * GRAM_STATS * nch,), dtype=f64, device=dev)
-    part = torch.zeros((n_groups * 2 * CLUSTER_STATS * nch,), dtype=f64, device=dev)
-    bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
     params = torch.empty((n_groups * GROUP_PARAMS,), dtype=f64, device=dev)
     wparams = torch.empty((n_groups * WEIGHT_PARAMS,), dtype=f64, device=dev)
-    block_k = min(next_pow2(nch), MAX_BLOCK_K)
-    block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
-    group_grid = (triton.cdiv(n_groups, block_grp),)
-    chunk_grid = (nch, bsz)
-    with device_guard(logits):
-        _pcos_features_kernel[chunk_grid](
-            z, valid_u8, fx, fy, keep, label, gram, bad, hw, ncls, sb, sc, sp, gpi, nch, tiles,
-            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups), ACC=acc,
-            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=NUM_WARPS,
-        )
-        _pcos_group_kernel[group_grid](gram, bad, params, eigenvalues, n_nonfinite, n_groups, gpi, nch,
-                                       BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
-        _pcos_cluster_kernel[chunk_grid](
-            fx, fy, keep, label, params, part, hw, gpi, nch, tiles,
-            CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=NUM_WARPS,
-        )
-        _pcos_stats_kernel[group_grid](part, mu, var, count, chosen, wparams, n_groups, nch, BLOCK_GRP=block_grp,
-                                       BLOCK_K=block_k, num_warps=4)
-        _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
-            fx, fy, keep, label, wparams, weight, reliable.view(torch.uint8), hw, gpi, float(alpha),
-            CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
-        )
+    block_g = min(next_pow2(gpi), MAX_BLOCK_G)
+
+    def launch(config: Config) -> None:
+        block_p, block_c = feature_blocks(ncls, config)
+        block_p = min(block_p, MIN_CHUNK)
+        tiles = chunk_tiles(bsz, hw, gpi, block_p)
+        nch = triton.cdiv(hw, tiles * block_p)
+        # Programs fold tile after tile into their own slots: the slots start from zero.
+        gram = torch.zeros((n_groups * GRAM_STATS * nch,), dtype=f64, device=dev)
+        part = torch.zeros((n_groups * 2 * CLUSTER_STATS * nch,), dtype=f64, device=dev)
+        bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
+        block_k = min(next_pow2(nch), MAX_BLOCK_K)
+        block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
+        group_grid = (triton.cdiv(n_groups, block_grp),)
+        chunk_grid = (nch, bsz)
+        with device_guard(logits):
+            _pcos_features_kernel[chunk_grid](
+                z, valid_u8, fx, fy, keep, label, gram, bad, hw, ncls, sb, sc, sp, gpi, nch, tiles,
+                HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups), ACC=acc,
+                BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
+                num_warps=config.num_warps,
+            )
+            _pcos_group_kernel[group_grid](gram, bad, params, eigenvalues, n_nonfinite, n_groups, gpi, nch,
+                                           BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+            _pcos_cluster_kernel[chunk_grid](
+                fx, fy, keep, label, params, part, hw, gpi, nch, tiles,
+                CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
+            )
+            _pcos_stats_kernel[group_grid](part, mu, var, count, chosen, wparams, n_groups, nch,
+                                           BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+            _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
+                fx, fy, keep, label, wparams, weight, reliable.view(torch.uint8), hw, gpi, float(alpha),
+                CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
+            )
+
+    tuned(TUNABLE, layout_key(logits, sp, ",class_groups" if class_groups else ""), logits, launch)
     return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
 
 

@@ -16,20 +16,30 @@ from triton.language.extra import libdevice
 
 from .._backends import register
 from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, valid_bytes
+from .tuning import Config, Tunable, pixel_bucket, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
-# Pixels x classes per tile and warps per program: 4 values per thread. Chosen on the sm_90 resource usage that
-# `python -m csl_kernels.triton.compile_check` reports (no GPU was at hand to time them): 4096 values at 4 warps
-# needed 255 registers and spilled ~1 KB per thread; at 1024 / 8 warps the feature kernels take 64-120 registers
-# without spills (tests/test_triton_compile.py keeps it so).
-TILE_ELEMENTS = 1024
-NUM_WARPS = 8
+# Pixels x classes per program tile and warps per program. The default keeps 4 values per thread: chosen on the sm_90
+# resource usage that `python -m csl_kernels.triton.compile_check` reports (no GPU was at hand to time it): 4096
+# values at 4 warps needed 255 registers and spilled ~1 KB per thread, 1024 at 8 warps takes 64-120 registers. The
+# other candidates (2-8 values per thread, none spills: tests/test_triton_compile.py; 16 warps and 2048 at 4 warps
+# did) are timed on the user's GPU (csl_kernels/triton/tuning.py); the PCOS pixel passes tune the same way.
+DEFAULT_CONFIG = Config(tile=1024, num_warps=8)
+CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(2048, 8), Config(512, 8))
+TUNABLE = Tunable("residual_features", DEFAULT_CONFIG, CANDIDATES)
 
 
-def feature_blocks(num_classes: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_C)`` for ``num_classes`` classes."""
+def feature_blocks(num_classes: int, config: Config = DEFAULT_CONFIG) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)`` for ``num_classes`` classes and a tile of ``config.tile`` elements."""
     block_c = min(next_pow2(num_classes), MAX_BLOCK_C)
-    return TILE_ELEMENTS // block_c, block_c
+    return max(1, config.tile // block_c), block_c
+
+
+def layout_key(logits: torch.Tensor, pixel_stride: int, extra: str = "") -> str:
+    """The tuning key of a call on ``logits`` whose pixels lie ``pixel_stride`` elements apart."""
+    bsz, ncls, h, w = logits.shape
+    layout = "nchw" if pixel_stride == 1 else "nhwc" if pixel_stride == ncls else "strided"
+    return f"{str(logits.dtype).removeprefix('torch.')},C={ncls},{layout},px<={pixel_bucket(bsz * h * w)}{extra}"
 
 
 @triton.jit
@@ -151,15 +161,18 @@ def residual_features_launch(
         return f0, v, label
     z, sb, sc, sp = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
-    block_p, block_c = feature_blocks(ncls)
-    grid = (triton.cdiv(hw, block_p), bsz)
-    with device_guard(logits):
-        _residual_features_kernel[grid](
-            z, valid_u8, f0, v, label, hw, ncls, sb, sc, sp,
-            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
-            ACC=tl.float64 if dt == torch.float64 else tl.float32,
-            BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=NUM_WARPS,
-        )
+
+    def launch(config: Config) -> None:
+        block_p, block_c = feature_blocks(ncls, config)
+        with device_guard(logits):
+            _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
+                z, valid_u8, f0, v, label, hw, ncls, sb, sc, sp,
+                HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
+                ACC=tl.float64 if dt == torch.float64 else tl.float32,
+                BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
+            )
+
+    tuned(TUNABLE, layout_key(logits, sp), logits, launch)
     return f0, v, label
 
 

@@ -12,8 +12,14 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ._common import device_guard
+from .tuning import Config, Tunable, pixel_bucket, tuned
 
-BLOCK_P = 256  # pixels per program (one row of an image may span several programs)
+# Pixels per program (one row of an image may span several programs) and warps; the candidates are timed on the
+# user's GPU (csl_kernels/triton/tuning.py), the outputs do not depend on the choice.
+DEFAULT_CONFIG = Config(tile=256, num_warps=4)
+CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(1024, 8), Config(2048, 8))
+TUNABLE = Tunable("trusted_mask", DEFAULT_CONFIG, CANDIDATES)
 
 
 @triton.jit
@@ -83,13 +89,21 @@ def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.
     # kernel as float32, which is wrong for float64 images).
     fill_t = torch.full((1,), fill, dtype=images.dtype, device=images.device)
     rel = _bytes(reliable)
-    grid = (triton.cdiv(height * width, BLOCK_P), bsz)
-    _trusted_mask_kernel[grid](
-        images, masked, cells_c, rel, _bytes(cover), fill_t,
-        channels, height, width, gh, gw,
-        *images.stride(), *masked.stride(), *reliable.stride(),
-        BLOCK_P=BLOCK_P, WIDE=_wide(images, masked, reliable, height * gh, width * gw), num_warps=4,
-    )
+    wide = _wide(images, masked, reliable, height * gh, width * gw)
+
+    def launch(config: Config) -> None:
+        _trusted_mask_kernel[(triton.cdiv(height * width, config.tile), bsz)](
+            images, masked, cells_c, rel, _bytes(cover), fill_t,
+            channels, height, width, gh, gw,
+            *images.stride(), *masked.stride(), *reliable.stride(),
+            BLOCK_P=config.tile, WIDE=wide, num_warps=config.num_warps,
+        )
+
+    layout = "nchw" if images.is_contiguous() else "nhwc" if images.is_contiguous(memory_format=torch.channels_last) \
+        else "strided"
+    key = f"{str(images.dtype).removeprefix('torch.')},K={channels},{layout},px<={pixel_bucket(bsz * height * width)}"
+    with device_guard(images):
+        tuned(TUNABLE, key, images, launch)
     return masked, cover
 
 

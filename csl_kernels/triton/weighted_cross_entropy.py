@@ -24,19 +24,32 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ._common import device_guard
+from .tuning import Config, Tunable, pixel_bucket, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
-# BLOCK_P * BLOCK_C per program, at NUM_WARPS: 8 values per thread, 60-130 registers and no spills on sm_90
-# (4096 at 4 warps spilled; see csl_kernels/triton/residual_features.py).
-TILE_ELEMENTS = 2048
-NUM_WARPS = 8
+MAX_BLOCK_P = 1024
+# BLOCK_P * BLOCK_C per program and warps per program. Default: 8 values per thread, 60-130 registers and no spills on
+# sm_90 (4096 at 4 warps spilled; see csl_kernels/triton/residual_features.py). The others (4-16 values per thread,
+# none spills: tests/test_triton_compile.py; 16 warps did) are timed on the user's GPU, forward and backward separately
+# (csl_kernels/triton/tuning.py).
+DEFAULT_CONFIG = Config(tile=2048, num_warps=8)
+CANDIDATES = (DEFAULT_CONFIG, Config(1024, 4), Config(2048, 4), Config(4096, 8), Config(1024, 8))
+FORWARD = Tunable("weighted_cross_entropy_forward", DEFAULT_CONFIG, CANDIDATES)
+BACKWARD = Tunable("weighted_cross_entropy_backward", DEFAULT_CONFIG, CANDIDATES)
 REDUCE_BLOCK = 1024
 
 
-def _blocks(num_classes: int) -> tuple[int, int, int]:
+def _blocks(num_classes: int, config: Config) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
-    block_p = max(32, min(1024, TILE_ELEMENTS // block_c))
-    return block_p, block_c, NUM_WARPS
+    block_p = max(32, min(MAX_BLOCK_P, config.tile // block_c))
+    return block_p, block_c
+
+
+def _key(logits: torch.Tensor) -> str:
+    bsz, ncls, h, w = logits.shape
+    layout = "nchw" if _flat_hw(logits) and logits.stride(3) == 1 else "nhwc" if logits.stride(1) == 1 else "strided"
+    return f"{str(logits.dtype).removeprefix('torch.')},C={ncls},{layout},px<={pixel_bucket(bsz * h * w)}"
 
 
 @triton.jit
@@ -212,20 +225,28 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     loss = torch.empty((), dtype=acc, device=dev)
     count = torch.empty((), dtype=torch.int64, device=dev)
     hw = height * width
-    block_p, block_c, num_warps = _blocks(num_classes)
-    n_pblocks = triton.cdiv(hw, block_p)
-    n_parts = n_pblocks * bsz
-    part_loss = torch.empty(max(n_parts, 1), dtype=acc, device=dev)
-    part_count = torch.empty(max(n_parts, 1), dtype=torch.int32, device=dev)
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
-    if n_parts > 0:
-        _ce_forward_kernel[(n_pblocks, bsz)](
-            logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
-            num_classes, hw, width, *logits.stride(),
-            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
-        )
-    _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+
+    def launch(config: Config) -> None:
+        block_p, block_c = _blocks(num_classes, config)
+        n_pblocks = triton.cdiv(hw, block_p)
+        n_parts = n_pblocks * bsz
+        part_loss = torch.empty(max(n_parts, 1), dtype=acc, device=dev)
+        part_count = torch.empty(max(n_parts, 1), dtype=torch.int32, device=dev)
+        if n_parts > 0:
+            _ce_forward_kernel[(n_pblocks, bsz)](
+                logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
+                num_classes, hw, width, *logits.stride(),
+                HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
+                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
+            )
+        _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+
+    with device_guard(logits):
+        if hw * bsz > 0:
+            tuned(FORWARD, _key(logits), logits, launch)
+        else:
+            launch(DEFAULT_CONFIG)
     return loss, lse, count
 
 
@@ -247,18 +268,24 @@ def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Te
     hw = height * width
     if grad.numel() == 0:
         return grad
-    block_p, block_c, num_warps = _blocks(num_classes)
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
     grad_loss = grad_loss.reshape(()).to(_acc_dtype(logits))  # may arrive expanded (strides 0) from autograd
     bf16 = grad.dtype == torch.bfloat16
     grad_out = grad.view(torch.int16) if bf16 else grad
-    _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
-        grad_loss, count, logits, label_c, weight_c, valid_c, lse.contiguous(), grad_out,
-        num_classes, hw, width, *logits.stride(), *grad.stride(),
-        HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
-        BF16_BITS=bf16, WIDE=_wide(logits, grad),
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
-    )
+    lse_c = lse.contiguous()
+
+    def launch(config: Config) -> None:
+        block_p, block_c = _blocks(num_classes, config)
+        _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
+            grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
+            num_classes, hw, width, *logits.stride(), *grad.stride(),
+            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
+            BF16_BITS=bf16, WIDE=_wide(logits, grad),
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
+        )
+
+    with device_guard(logits):
+        tuned(BACKWARD, _key(logits), logits, launch)
     return grad
 
 

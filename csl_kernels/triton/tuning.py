@@ -1,0 +1,315 @@
+"""Launch configurations of the Triton kernels: tuned per GPU on first use and remembered on disk.
+
+Each tunable launcher declares a :class:`Tunable`: a few candidate :class:`Config` s (pixels x classes per program
+tile, ``num_warps``) and a default. On a CUDA device, the first call with a new key (op, dtype, classes, layout,
+pixel-count bucket) runs every candidate once (compilation), times each on the call's own inputs with
+``triton.testing.do_bench`` (median, L2 flushed between runs), keeps the fastest and writes it to a JSON cache with
+one section per GPU model and Triton version, so later processes on that machine skip the timing. The choice is
+logged once at INFO on the ``csl_kernels`` logger.
+
+Environment:
+
+- ``CSL_TRITON_AUTOTUNE``: ``1`` (default) tunes as above; ``0`` always launches the defaults.
+- ``CSL_TUNING_CACHE``: the cache file (default ``$XDG_CACHE_HOME/csl/triton-tuning.json``, else
+  ``~/.cache/csl/triton-tuning.json``). It is rewritten atomically; a corrupt or unreadable file is reported and
+  replaced, an unwritable one only costs re-tuning in the next process.
+
+Numerics: the feature, trusted-mask and cross-entropy gradient kernels compute every pixel independently, so every
+candidate gives bitwise the same outputs. Reductions are not reordered across chunks either (a PCOS chunk is a fixed
+number of pixels whatever the tile), but inside a chunk / program the order of the float64 PCOS sums and of the
+cross-entropy partial losses follows the tile, so the loss and the PCOS statistics may differ in the last bits
+between candidates (tests/test_triton_tuning.py bounds it). Set ``CSL_TRITON_AUTOTUNE=0`` for results that are
+bitwise the same on every machine.
+
+Float64 inputs always get the default. No timing happens while a CUDA graph is being captured (the cached choice or
+the default is launched), on CPU tensors (the interpreter's timings mean nothing) or for a candidate that fails to
+compile (it is skipped and logged). Every candidate is compiled for sm_90 by
+``python -m csl_kernels.triton.compile_check`` and held to no register spills by tests/test_triton_compile.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import triton
+import triton.testing
+
+log = logging.getLogger("csl_kernels")
+
+ENV_MODE = "CSL_TRITON_AUTOTUNE"
+ENV_CACHE = "CSL_TUNING_CACHE"
+CACHE_FORMAT = 1
+# do_bench's budgets per candidate (milliseconds): a few runs of a kernel of 0.1-5 ms.
+WARMUP_MS = 5
+REP_MS = 20
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Config:
+    """``tile``: elements of one program's tile (pixels x class tile, or pixels); ``num_warps`` per program."""
+
+    tile: int
+    num_warps: int
+
+    @property
+    def name(self) -> str:
+        return f"tile={self.tile},warps={self.num_warps}"
+
+    def as_dict(self) -> dict:
+        return {"tile": self.tile, "num_warps": self.num_warps}
+
+
+class Tunable:
+    """The candidate launch configurations of one launcher; :meth:`pick` chooses one for a call."""
+
+    def __init__(self, name: str, default: Config, candidates: Sequence[Config],
+                 default_only: tuple[torch.dtype, ...] = (torch.float64,)):
+        if default not in candidates:
+            raise ValueError(f"{name}: the default {default.name} is not among the candidates")
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"{name}: repeated candidates")
+        self.name = name
+        self.default = default
+        self.candidates = tuple(candidates)
+        # Inputs of these dtypes always get the default (float64 is the accuracy path; its wider registers make the
+        # larger tiles spill).
+        self.default_only = default_only
+        TUNABLES[name] = self
+
+    def pick(self, key: str, inputs: torch.Tensor, launch: Callable[[Config], object]) -> Config:
+        """The configuration to launch for ``key`` (a call on ``inputs``); may time ``launch(config)`` for each
+        candidate."""
+        if inputs.dtype in self.default_only:
+            return self.default
+        device = inputs.device
+        forced = _FORCED.get(self.name)
+        if forced is not None:
+            return forced
+        if not autotune_enabled() or not tunes_on(device):
+            return self.default
+        section = device_section(device)
+        with _LOCK:
+            cached = _cached(self, section, key)
+            if cached is not None:
+                return cached
+            best, times = self._tune(section, key, launch)
+            _remember(self, section, key, best, times)
+            return best
+
+    def _tune(self, section: str, key: str, launch: Callable[[Config], object]) -> tuple[Config, dict[str, float]]:
+        times: dict[Config, float] = {}
+        errors: dict[Config, str] = {}
+        for config in self.candidates:
+            try:
+                launch(config)  # compiles
+                times[config] = float(timer(lambda c=config: launch(c), config))
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is skipped and reported
+                errors[config] = f"{type(exc).__name__}: {exc}"
+                log.warning("csl_kernels: %s candidate %s failed on %s and is skipped: %s", self.name, config.name,
+                            section, errors[config])
+        if not times:
+            raise RuntimeError(f"{self.name}: no launch configuration ran on {section} for {key}: "
+                               + "; ".join(f"{c.name}: {e}" for c, e in errors.items()))
+        best = min(times, key=times.get)
+        default_ms = times.get(self.default)
+        log.info("csl_kernels: tuned %s for %s on %s: %s (%.4f ms; default %s %s)", self.name, key, section,
+                 best.name, times[best], self.default.name,
+                 "failed" if default_ms is None else f"{default_ms:.4f} ms")
+        return best, {c.name: round(t, 6) for c, t in times.items()}
+
+
+TUNABLES: dict[str, Tunable] = {}
+_FORCED: dict[str, Config] = {}
+_LOCK = threading.RLock()
+# Per cache file: {section: {"<tunable>|<key>": Config}} as read from disk plus this process's choices.
+_MEMORY: dict[str, dict[str, dict[str, Config]]] = {}
+# Per cache file: {(section, "<tunable>|<key>"): {config name: milliseconds}} of the timings this process made.
+_TIMES: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
+_WARNED: set[str] = set()
+
+
+def autotune_enabled() -> bool:
+    value = os.environ.get(ENV_MODE, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_MODE} must be 0 (always the default launch configurations) or 1 (tune on CUDA "
+                         f"devices and cache the choice), got {value!r}")
+    return value == "1"
+
+
+def tunes_on(device: torch.device) -> bool:
+    """Whether calls on ``device`` are timed: CUDA devices, except while a CUDA graph is being captured."""
+    if device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def timer(fn: Callable[[], object], config: Config) -> float:
+    """Milliseconds of one ``fn()`` (median of ``do_bench``); ``config`` names what is being timed."""
+    del config
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def device_section(device: torch.device) -> str:
+    """The cache section of ``device``: GPU model, compute capability and Triton version."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}), triton {triton.__version__}"
+    return f"{device.type}, triton {triton.__version__}"
+
+
+def cache_path() -> Path:
+    explicit = os.environ.get(ENV_CACHE)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "csl" / "triton-tuning.json"
+
+
+def pixel_bucket(pixels: int) -> int:
+    """Calls whose pixel counts round to the same power of two share a tuned configuration."""
+    return triton.next_power_of_2(max(1, int(pixels)))
+
+
+def tuned(tunable: Tunable, key: str, inputs: torch.Tensor, launch: Callable[[Config], T]) -> T:
+    """``launch(config)`` with the configuration :meth:`Tunable.pick` chooses for a call on ``inputs``."""
+    return launch(tunable.pick(key, inputs, launch))
+
+
+@contextlib.contextmanager
+def forced(configs: dict[str, Config] | int) -> Iterator[None]:
+    """Launch fixed configurations inside the block: ``{tunable name: config}``, or an index ``i`` meaning every
+    tunable's ``candidates[i % len(candidates)]`` (how the tests and the compile check reach every candidate)."""
+    if isinstance(configs, int):
+        configs = {name: t.candidates[configs % len(t.candidates)] for name, t in TUNABLES.items()}
+    for name, config in configs.items():
+        if name not in TUNABLES:
+            raise KeyError(f"unknown tunable {name!r}; known: {sorted(TUNABLES)}")
+        if config not in TUNABLES[name].candidates:
+            raise ValueError(f"{config.name} is not a candidate of {name}")
+    saved = dict(_FORCED)
+    _FORCED.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def chosen() -> dict[str, dict[str, dict]]:
+    """The choices this process used or made: ``{section: {"<tunable>|<key>": {"tile", "num_warps"[, "times_ms"]}}}``
+    (``times_ms``: every candidate's time, for the choices timed in this process)."""
+    with _LOCK:
+        path = str(cache_path())
+        sections = _MEMORY.get(path, {})
+        times = _TIMES.get(path, {})
+        out: dict[str, dict[str, dict]] = {}
+        for section, entries in sections.items():
+            for key, config in entries.items():
+                if isinstance(config, Config):
+                    record = config.as_dict()
+                    if (section, key) in times:
+                        record["times_ms"] = times[(section, key)]
+                    out.setdefault(section, {})[key] = record
+        return out
+
+
+def forget() -> None:
+    """Drop what this process remembers (the file stays); the next call reads the cache file again."""
+    with _LOCK:
+        _MEMORY.clear()
+        _TIMES.clear()
+        _WARNED.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("csl_kernels: %s", message)
+
+
+def _read_file(path: Path) -> dict:
+    """The file's sections as plain JSON (``{}`` when missing; reported and ignored when unreadable)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        _warn_once(f"cannot read the tuning cache {path} ({exc}); tuning again")
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data["sections"], dict):
+            raise ValueError(f"expected {{'format': {CACHE_FORMAT}, 'sections': {{...}}}}")
+        return data["sections"]
+    except (ValueError, KeyError, TypeError) as exc:
+        _warn_once(f"the tuning cache {path} is not valid ({exc}); it will be replaced")
+        return {}
+
+
+def _decode(tunable: Tunable, entry: object) -> Config | None:
+    """The stored configuration if it is still one of the candidates (candidate lists change between versions)."""
+    try:
+        config = Config(int(entry["tile"]), int(entry["num_warps"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+    return config if config in tunable.candidates else None
+
+
+def _cached(tunable: Tunable, section: str, key: str) -> Config | None:
+    path = cache_path()
+    sections = _MEMORY.get(str(path))
+    if sections is None:
+        sections = _MEMORY[str(path)] = {}
+        for name, entries in _read_file(path).items():
+            if isinstance(entries, dict):
+                sections[name] = dict(entries)
+    entry = sections.get(section, {}).get(f"{tunable.name}|{key}")
+    if entry is None or isinstance(entry, Config):
+        return entry
+    config = _decode(tunable, entry)
+    if config is None:
+        del sections[section][f"{tunable.name}|{key}"]
+    else:
+        sections[section][f"{tunable.name}|{key}"] = config
+    return config
+
+
+def _remember(tunable: Tunable, section: str, key: str, config: Config, times: dict[str, float]) -> None:
+    path = cache_path()
+    _MEMORY.setdefault(str(path), {}).setdefault(section, {})[f"{tunable.name}|{key}"] = config
+    _TIMES.setdefault(str(path), {})[(section, f"{tunable.name}|{key}")] = times
+    # Merge with what other processes may have written since this one read the file, then replace it atomically.
+    sections = _read_file(path)
+    sections.setdefault(section, {})
+    if not isinstance(sections[section], dict):
+        sections[section] = {}
+    sections[section][f"{tunable.name}|{key}"] = {**config.as_dict(), "times_ms": times}
+    payload = json.dumps({"format": CACHE_FORMAT, "sections": sections}, indent=1, sort_keys=True) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        _warn_once(f"cannot write the tuning cache {path} ({exc}); choices are kept for this process only")

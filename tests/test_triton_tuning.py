@@ -1,0 +1,281 @@
+"""Launch-configuration tuning of the Triton kernels (csl_kernels/triton/tuning.py).
+
+Every candidate of every tunable launcher gives the default's outputs (bitwise for the per-pixel kernels, to the last
+bits for the reductions); the tuner times each candidate once, keeps the fastest, writes it to the cache file and
+reads it back in a fresh process state without timing again; bad cache files, failing candidates, an unwritable
+cache, ``CSL_TRITON_AUTOTUNE=0`` and float64 inputs are handled as documented. On CPU the timer is replaced by a
+table (the interpreter's timings mean nothing); the CUDA test times for real.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import require_backend
+
+import csl_kernels as ck
+
+OP = "residual_features"
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """The tuning module with autotuning on, a private cache file and nothing remembered."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import tuning
+
+    monkeypatch.setenv(tuning.ENV_MODE, "1")
+    monkeypatch.setenv(tuning.ENV_CACHE, str(tmp_path / "cache" / "tuning.json"))
+    tuning.forget()
+    yield tuning, device
+    tuning.forget()
+
+
+class FakeTimer:
+    """Stands in for do_bench: runs the candidate (so it must work) and returns a fixed time per configuration."""
+
+    def __init__(self, times: dict):
+        self.times = times
+        self.calls: list = []
+
+    def __call__(self, fn, config):
+        fn()
+        self.calls.append(config)
+        return self.times.get(config, 10.0)
+
+
+def features_call(device, dtype=torch.float32, classes=21, shape=(2, 13, 21)):
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(shape[0], classes, *shape[1:], generator=g)).to(dtype).to(device)
+    ignore = torch.zeros(shape, dtype=torch.long)
+    ignore[1, :, shape[2] - 4:] = ck.IGNORE_INDEX
+    return logits, ignore.to(device)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def run_all_ops(logits, ignore, class_groups: bool):
+    """Outputs of every tuned launcher on one input: ``(exact, close)`` dicts of tensors."""
+    f0, v, label = ck.residual_features(logits, ignore, backend="triton")
+    sel = ck.pcos_weights(logits, ignore, backend="triton", return_stats=True)
+    sel_cls = ck.pcos_weights(logits, ignore, groups="class", backend="triton", return_stats=True) if class_groups \
+        else sel
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss = ck.weighted_cross_entropy(leaf, sel.label, sel.weight, ignore, backend="triton")
+    loss.backward()
+    images = torch.rand(logits.shape[0], 3, *logits.shape[2:], generator=torch.Generator().manual_seed(5))
+    masked, cover = ck.trusted_mask(images.to(logits.device), sel.reliable, block=8,
+                                    generator=torch.Generator().manual_seed(1), backend="triton")
+    exact = {"f0": f0, "v": v, "label": label, "pcos label": sel.label, "pcos class label": sel_cls.label,
+             "pcos count": sel.stats.count, "pcos chosen": sel.stats.chosen, "ce grad": leaf.grad, "masked": masked,
+             "cover": cover}
+    close = {"pcos weight": sel.weight, "pcos mu": sel.stats.mu, "pcos var": sel.stats.var,
+             "pcos eigenvalues": sel.stats.eigenvalues, "pcos class weight": sel_cls.weight, "ce loss": loss}
+    return exact, close
+
+
+@pytest.mark.parametrize(("dtype", "classes"), [(torch.float32, 2), (torch.float32, 21), (torch.float32, 150),
+                                               (torch.bfloat16, 21)])
+def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes, dtype):
+    """Per-pixel outputs bitwise equal for every candidate; reductions (float64 PCOS sums, the loss) to the last
+    bits. The default is held to the float64 reference by the per-op tests. PCOS chunks are shrunk to 128 pixels (a
+    multiple of every candidate's tile, as MIN_CHUNK is) so that the interpreter sees three chunks per image; class
+    groups only up to C = 21 (C = 150 adds class tiles, which the feature and loss kernels cover, at 7x the cost)."""
+    module, device = tuning
+    from csl_kernels.triton import pcos_weights
+
+    monkeypatch.setattr(pcos_weights, "MIN_CHUNK", 128)
+    logits, ignore = features_call(device, dtype, classes)
+    class_groups = classes <= 21
+    with module.forced(0):
+        exact0, close0 = run_all_ops(logits, ignore, class_groups)
+    assert exact0["cover"].any() and exact0["ce grad"].abs().sum() > 0
+    count = max(len(t.candidates) for t in module.TUNABLES.values())
+    for index in range(1, count):
+        with module.forced(index):
+            exact, close = run_all_ops(logits, ignore, class_groups)
+        for name, ref in exact0.items():
+            assert torch.equal(bits(exact[name]), bits(ref)), (index, name)
+        for name, ref in close0.items():
+            torch.testing.assert_close(close[name], ref, rtol=1e-6, atol=1e-7, msg=lambda m, i=index, n=name:
+                                       f"candidate {i}, {n}: {m}")
+
+
+def test_tunables_are_registered_with_spill_free_defaults_first(tuning):
+    module, _ = tuning
+    assert set(module.TUNABLES) == {"residual_features", "pcos_weights", "trusted_mask",
+                                    "weighted_cross_entropy_forward", "weighted_cross_entropy_backward"}
+    for t in module.TUNABLES.values():
+        assert t.candidates[0] == t.default and len(t.candidates) >= 4
+
+
+def test_tuning_picks_the_fastest_and_caches_it(tuning, monkeypatch, caplog):
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    fastest = tunable.candidates[3]
+    timer = FakeTimer({fastest: 1.0, tunable.default: 2.0})
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", timer)
+    logits, ignore = features_call(device)
+    with module.forced(0):
+        expected = ck.residual_features(logits, ignore, backend="triton")
+    with caplog.at_level(logging.INFO, logger="csl_kernels"):
+        got = ck.residual_features(logits, ignore, backend="triton")
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(bits(a), bits(b))
+    assert timer.calls == list(tunable.candidates)
+    assert "tuned residual_features" in caplog.text and fastest.name in caplog.text
+    key = f"float32,C=21,nchw,px<={triton_next_pow2(2 * 13 * 21)}"
+    section = module.device_section(device)
+    times = {c.name: timer.times.get(c, 10.0) for c in tunable.candidates}
+    entry = {**fastest.as_dict(), "times_ms": times}
+    assert module.chosen() == {section: {f"residual_features|{key}": entry}}
+    data = json.loads(module.cache_path().read_text())
+    assert data == {"format": module.CACHE_FORMAT, "sections": {section: {f"residual_features|{key}": entry}}}
+    # The same key again: no timing. A fresh process state reads the file instead of timing.
+    ck.residual_features(logits, ignore, backend="triton")
+    module.forget()
+    monkeypatch.setattr(module, "timer", FakeTimer({}))
+    picked = tunable.pick(key, logits, lambda c: pytest.fail("launched while reading the cache"))
+    assert picked == fastest and module.timer.calls == []
+    assert module.chosen() == {section: {f"residual_features|{key}": fastest.as_dict()}}  # not timed here
+    # Another dtype is another key: timed again, and both entries end up in the file.
+    ck.residual_features(logits.to(torch.bfloat16), ignore, backend="triton")
+    assert module.timer.calls == list(tunable.candidates)
+    assert len(json.loads(module.cache_path().read_text())["sections"][section]) == 2
+
+
+def triton_next_pow2(n: int) -> int:
+    import triton
+
+    return triton.next_power_of_2(n)
+
+
+def test_autotune_off_and_float64_and_cpu_use_the_default(tuning, monkeypatch):
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    monkeypatch.setattr(module, "timer", FakeTimer({}))
+    logits, _ = features_call(device)
+
+    def launch(config):
+        raise AssertionError("the tuner must not time anything here")
+
+    # Without the tunes_on patch a CPU tensor is never timed.
+    assert tunable.pick("k", logits.cpu(), launch) == tunable.default
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    assert tunable.pick("k", logits.double(), launch) == tunable.default
+    monkeypatch.setenv(module.ENV_MODE, "0")
+    assert tunable.pick("k", logits, launch) == tunable.default
+    assert module.timer.calls == [] and not module.cache_path().exists()
+    monkeypatch.setenv(module.ENV_MODE, "yes")
+    with pytest.raises(ValueError, match="CSL_TRITON_AUTOTUNE must be 0 .* or 1"):
+        tunable.pick("k", logits, launch)
+
+
+def test_corrupt_or_stale_cache_is_reported_and_replaced(tuning, monkeypatch, caplog):
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    logits, _ = features_call(device)
+    path = module.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[1]: 1.0}))
+    with caplog.at_level(logging.WARNING, logger="csl_kernels"):
+        assert tunable.pick("k", logits, lambda c: None) == tunable.candidates[1]
+    assert "is not valid" in caplog.text
+    stored = json.loads(path.read_text())["sections"][module.device_section(device)]
+    assert list(stored) == ["residual_features|k"]
+    assert {k: stored["residual_features|k"][k] for k in ("tile", "num_warps")} == tunable.candidates[1].as_dict()
+    # A stored configuration that is no longer a candidate (another version's list) is timed again; entries of other
+    # devices are kept.
+    stale = {"format": module.CACHE_FORMAT, "sections": {
+        module.device_section(device): {"residual_features|k": {"tile": 3, "num_warps": 1}},
+        "Other GPU (sm_80), triton 0": {"residual_features|k": {"tile": 1024, "num_warps": 8}}}}
+    path.write_text(json.dumps(stale))
+    module.forget()
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[2]: 1.0}))
+    assert tunable.pick("k", logits, lambda c: None) == tunable.candidates[2]
+    assert module.timer.calls == list(tunable.candidates)
+    sections = json.loads(path.read_text())["sections"]
+    assert sections["Other GPU (sm_80), triton 0"] == stale["sections"]["Other GPU (sm_80), triton 0"]
+    assert sections[module.device_section(device)]["residual_features|k"]["tile"] == tunable.candidates[2].tile
+
+
+def test_failing_candidates_are_skipped_and_all_failing_raises(tuning, monkeypatch, caplog):
+    module, device = tuning
+    monkeypatch.setattr(module, "TUNABLES", dict(module.TUNABLES))
+    candidates = (module.Config(256, 4), module.Config(512, 4), module.Config(1024, 8))
+    tunable = module.Tunable("test_only", candidates[0], candidates)
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({candidates[0]: 3.0, candidates[1]: 1.0, candidates[2]: 2.0}))
+    x = torch.zeros(4, device=device)
+
+    def launch(config):
+        if config == candidates[1]:
+            raise RuntimeError("out of resources: shared memory")
+
+    with caplog.at_level(logging.WARNING, logger="csl_kernels"):
+        assert tunable.pick("k", x, launch) == candidates[2]
+    assert "test_only candidate tile=512,warps=4 failed" in caplog.text and "out of resources" in caplog.text
+
+    def broken(config):
+        raise RuntimeError(f"cannot compile {config.name}")
+
+    with pytest.raises(RuntimeError, match="no launch configuration ran .*cannot compile tile=1024,warps=8"):
+        tunable.pick("other key", x, broken)
+    with pytest.raises(ValueError, match="default"):
+        module.Tunable("bad", module.Config(1, 1), candidates)
+    with pytest.raises(ValueError, match="not a candidate"), module.forced({"test_only": module.Config(1, 1)}):
+        pass
+    with pytest.raises(KeyError, match="unknown tunable"), module.forced({"nope": candidates[0]}):
+        pass
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(tuning, monkeypatch, tmp_path, caplog):
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(module.ENV_CACHE, str(blocker / "tuning.json"))  # its parent is a file
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[4]: 1.0}))
+    logits, _ = features_call(device)
+    with caplog.at_level(logging.WARNING, logger="csl_kernels"):
+        assert tunable.pick("k", logits, lambda c: None) == tunable.candidates[4]
+    assert "cannot write the tuning cache" in caplog.text
+    monkeypatch.setattr(module, "timer", FakeTimer({}))
+    assert tunable.pick("k", logits, lambda c: None) == tunable.candidates[4] and module.timer.calls == []
+
+
+def test_cache_location_follows_the_environment(tuning, monkeypatch, tmp_path):
+    module, _ = tuning
+    monkeypatch.delenv(module.ENV_CACHE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert module.cache_path() == tmp_path / "xdg" / "csl" / "triton-tuning.json"
+
+
+@pytest.mark.gpu
+def test_tuning_on_cuda_times_every_candidate_and_caches(tuning, monkeypatch, caplog):
+    """On a GPU: real do_bench timings, the choice written to the cache, the outputs those of the default."""
+    module, device = tuning
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA device")
+    logits, ignore = features_call(device, classes=21, shape=(4, 129, 131))
+    with module.forced(0):
+        expected = ck.residual_features(logits, ignore, backend="triton")
+    with caplog.at_level(logging.INFO, logger="csl_kernels"):
+        got = ck.residual_features(logits, ignore, backend="triton")
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert "tuned residual_features" in caplog.text
+    entries = json.loads(module.cache_path().read_text())["sections"][module.device_section(device)]
+    (entry,) = entries.values()
+    assert module.Config(entry["tile"], entry["num_warps"]) in module.TUNABLES[OP].candidates
+    assert set(entry["times_ms"]) == {c.name for c in module.TUNABLES[OP].candidates}
+    assert all(t > 0 for t in entry["times_ms"].values())
