@@ -35,7 +35,7 @@ def tuning(monkeypatch, tmp_path):
 
 
 class FakeTimer:
-    """Stands in for do_bench: runs the candidate (so it must work) and returns a fixed time per configuration."""
+    """Stands in for the CUDA-event timer: runs the candidate (so it must work), returns a fixed time per config."""
 
     def __init__(self, times: dict):
         self.times = times
@@ -104,6 +104,30 @@ def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes,
         for name, ref in close0.items():
             torch.testing.assert_close(close[name], ref, rtol=1e-6, atol=1e-7, msg=lambda m, i=index, n=name:
                                        f"candidate {i}, {n}: {m}")
+
+
+def test_tuned_launches_give_the_default_outputs(tuning, monkeypatch):
+    """Through the tuning path (every candidate launched, some several times, into the same output buffers) every
+    op returns what the default launch returns: nothing accumulates across launches."""
+    module, device = tuning
+    from csl_kernels.triton import pcos_weights
+
+    monkeypatch.setattr(pcos_weights, "MIN_CHUNK", 128)
+    logits, ignore = features_call(device, classes=5)
+    with module.forced(0):
+        exact0, close0 = run_all_ops(logits, ignore, class_groups=True)
+    # The slowest-but-one candidate wins, so the final launch is not the last one timed.
+    timer = FakeTimer({t.candidates[-2]: 0.5 for t in module.TUNABLES.values()})
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", timer)
+    exact, close = run_all_ops(logits, ignore, class_groups=True)
+    assert {key.split("|")[0] for key in module.chosen()[module.device_section(device)]} == set(module.TUNABLES)
+    assert len(timer.calls) == sum(len(t.candidates) for t in module.TUNABLES.values()) + len(
+        module.TUNABLES["pcos_weights"].candidates)  # image and class groups are two keys
+    for name, ref in exact0.items():
+        assert torch.equal(bits(exact[name]), bits(ref)), name
+    for name, ref in close0.items():
+        torch.testing.assert_close(close[name], ref, rtol=1e-6, atol=1e-7)
 
 
 def test_tunables_are_registered_with_spill_free_defaults_first(tuning):
@@ -262,7 +286,7 @@ def test_cache_location_follows_the_environment(tuning, monkeypatch, tmp_path):
 
 @pytest.mark.gpu
 def test_tuning_on_cuda_times_every_candidate_and_caches(tuning, monkeypatch, caplog):
-    """On a GPU: real do_bench timings, the choice written to the cache, the outputs those of the default."""
+    """On a GPU: real CUDA-event timings, the choice written to the cache, the outputs those of the default."""
     module, device = tuning
     if device.type != "cuda":
         pytest.skip("needs a CUDA device")

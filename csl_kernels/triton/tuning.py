@@ -2,8 +2,8 @@
 
 Each tunable launcher declares a :class:`Tunable`: a few candidate :class:`Config` s (pixels x classes per program
 tile, ``num_warps``) and a default. On a CUDA device, the first call with a new key (op, dtype, classes, layout,
-pixel-count bucket) runs every candidate once (compilation), times each on the call's own inputs with
-``triton.testing.do_bench`` (median, L2 flushed between runs), keeps the fastest and writes it to a JSON cache with
+pixel-count bucket) runs every candidate once (compilation), times each on the call's own inputs with CUDA events
+(median of 3-50 runs, :func:`timer`), keeps the fastest and writes it to a JSON cache with
 one section per GPU model and Triton version, so later processes on that machine skip the timing. The choice is
 logged once at INFO on the ``csl_kernels`` logger.
 
@@ -42,14 +42,13 @@ from typing import TypeVar
 
 import torch
 import triton
-import triton.testing
 
 log = logging.getLogger("csl_kernels")
 
 ENV_MODE = "CSL_TRITON_AUTOTUNE"
 ENV_CACHE = "CSL_TUNING_CACHE"
 CACHE_FORMAT = 1
-# do_bench's budgets per candidate (milliseconds): a few runs of a kernel of 0.1-5 ms.
+# Time budgets per candidate (milliseconds): a few runs of a kernel of 0.1-5 ms.
 WARMUP_MS = 5
 REP_MS = 20
 
@@ -156,9 +155,29 @@ def tunes_on(device: torch.device) -> bool:
 
 
 def timer(fn: Callable[[], object], config: Config) -> float:
-    """Milliseconds of one ``fn()`` (median of ``do_bench``); ``config`` names what is being timed."""
+    """Milliseconds of one ``fn()`` on the current CUDA stream: the median of enough runs to fill ``REP_MS`` (3 to
+    50), after runs that fill ``WARMUP_MS``. CUDA events only: unlike ``triton.testing.do_bench`` this allocates no
+    256 MB L2-flush buffer, which a training process near its memory limit may not have (the inputs tuned for are
+    larger than the L2 anyway)."""
     del config
-    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    stream = torch.cuda.current_stream()
+    first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first[0].record(stream)
+    fn()
+    first[1].record(stream)
+    first[1].synchronize()
+    estimate = max(first[0].elapsed_time(first[1]), 1e-3)
+    for _ in range(min(50, int(WARMUP_MS / estimate))):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(max(3, min(50, int(REP_MS / estimate))))]
+    for begin, end in events:
+        begin.record(stream)
+        fn()
+        end.record(stream)
+    events[-1][1].synchronize()
+    times = sorted(begin.elapsed_time(end) for begin, end in events)
+    return times[len(times) // 2]
 
 
 def device_section(device: torch.device) -> str:
