@@ -23,7 +23,7 @@ import triton.language as tl
 from .._backends import register
 from ..pcos_weights import pcos_outputs_like
 from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
-from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks, feature_dtype, layout_key
+from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks, feature_dtype
 from .tuning import Config, Tunable, tuned
 
 GRAM_STATS = 3  # sum xx, xy, yy
@@ -375,7 +375,7 @@ def pcos_weights_launch(
                 CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
             )
 
-    tuned(TUNABLE, layout_key(logits, sp, ",class_groups" if class_groups else ""), logits, launch)
+    tuned(TUNABLE, logits, launch, ",class_groups" if class_groups else "")
     return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
 
 

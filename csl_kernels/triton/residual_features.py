@@ -16,7 +16,7 @@ from triton.language.extra import libdevice
 
 from .._backends import register
 from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, valid_bytes
-from .tuning import Config, Tunable, pixel_bucket, tuned
+from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
 # Pixels x classes per program tile and warps per program. The default keeps 4 values per thread: chosen on the sm_90
@@ -33,13 +33,6 @@ def feature_blocks(num_classes: int, config: Config = DEFAULT_CONFIG) -> tuple[i
     """``(BLOCK_P, BLOCK_C)`` for ``num_classes`` classes and a tile of ``config.tile`` elements."""
     block_c = min(next_pow2(num_classes), MAX_BLOCK_C)
     return max(1, config.tile // block_c), block_c
-
-
-def layout_key(logits: torch.Tensor, pixel_stride: int, extra: str = "") -> str:
-    """The tuning key of a call on ``logits`` whose pixels lie ``pixel_stride`` elements apart."""
-    bsz, ncls, h, w = logits.shape
-    layout = "nchw" if pixel_stride == 1 else "nhwc" if pixel_stride == ncls else "strided"
-    return f"{str(logits.dtype).removeprefix('torch.')},C={ncls},{layout},px<={pixel_bucket(bsz * h * w)}{extra}"
 
 
 @triton.jit
@@ -172,7 +165,7 @@ def residual_features_launch(
                 BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
             )
 
-    tuned(TUNABLE, layout_key(logits, sp), logits, launch)
+    tuned(TUNABLE, logits, launch)
     return f0, v, label
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._backends import register
 from ._common import device_guard
-from .tuning import Config, Tunable, pixel_bucket, tuned
+from .tuning import Config, Tunable, tuned
 
 # Pixels per program (one row of an image may span several programs) and warps; the candidates are timed on the
 # user's GPU (csl_kernels/triton/tuning.py), the outputs do not depend on the choice.
@@ -99,11 +99,8 @@ def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.
             BLOCK_P=config.tile, WIDE=wide, num_warps=config.num_warps,
         )
 
-    layout = "nchw" if images.is_contiguous() else "nhwc" if images.is_contiguous(memory_format=torch.channels_last) \
-        else "strided"
-    key = f"{str(images.dtype).removeprefix('torch.')},K={channels},{layout},px<={pixel_bucket(bsz * height * width)}"
     with device_guard(images):
-        tuned(TUNABLE, key, images, launch)
+        tuned(TUNABLE, images, launch)
     return masked, cover
 
 

@@ -201,9 +201,22 @@ def pixel_bucket(pixels: int) -> int:
     return triton.next_power_of_2(max(1, int(pixels)))
 
 
-def tuned(tunable: Tunable, key: str, inputs: torch.Tensor, launch: Callable[[Config], T]) -> T:
-    """``launch(config)`` with the configuration :meth:`Tunable.pick` chooses for a call on ``inputs``."""
-    return launch(tunable.pick(key, inputs, launch))
+def call_key(t: torch.Tensor, extra: str = "") -> str:
+    """The tuning key of a call on the B x C x H x W tensor ``t``: dtype, C, memory layout, pixel-count bucket."""
+    bsz, channels, h, w = t.shape
+    if t.is_contiguous():
+        layout = "nchw"
+    elif t.is_contiguous(memory_format=torch.channels_last):
+        layout = "nhwc"
+    else:
+        layout = "strided"
+    return f"{str(t.dtype).removeprefix('torch.')},C={channels},{layout},px<={pixel_bucket(bsz * h * w)}{extra}"
+
+
+def tuned(tunable: Tunable, inputs: torch.Tensor, launch: Callable[[Config], T], extra: str = "") -> T:
+    """``launch(config)`` with the configuration :meth:`Tunable.pick` chooses for a call on ``inputs`` (B x C x H x W;
+    ``extra`` distinguishes calls of other kinds on the same inputs)."""
+    return launch(tunable.pick(call_key(inputs, extra), inputs, launch))
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._backends import register
 from ._common import device_guard
-from .tuning import Config, Tunable, pixel_bucket, tuned
+from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
 MAX_BLOCK_P = 1024
@@ -44,12 +44,6 @@ def _blocks(num_classes: int, config: Config) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
     block_p = max(32, min(MAX_BLOCK_P, config.tile // block_c))
     return block_p, block_c
-
-
-def _key(logits: torch.Tensor) -> str:
-    bsz, ncls, h, w = logits.shape
-    layout = "nchw" if _flat_hw(logits) and logits.stride(3) == 1 else "nhwc" if logits.stride(1) == 1 else "strided"
-    return f"{str(logits.dtype).removeprefix('torch.')},C={ncls},{layout},px<={pixel_bucket(bsz * h * w)}"
 
 
 @triton.jit
@@ -244,7 +238,7 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
 
     with device_guard(logits):
         if hw * bsz > 0:
-            tuned(FORWARD, _key(logits), logits, launch)
+            tuned(FORWARD, logits, launch)
         else:
             launch(DEFAULT_CONFIG)
     return loss, lse, count
@@ -285,7 +279,7 @@ def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Te
         )
 
     with device_guard(logits):
-        tuned(BACKWARD, _key(logits), logits, launch)
+        tuned(BACKWARD, logits, launch)
     return grad
 
 
