@@ -154,6 +154,7 @@ def test_tuning_picks_the_fastest_and_caches_it(tuning, monkeypatch, caplog):
         assert torch.equal(bits(a), bits(b))
     assert timer.calls == list(tunable.candidates)
     assert "tuned residual_features" in caplog.text and fastest.name in caplog.text
+    assert "tuning residual_features for float32,C=21,nchw" in caplog.text and str(module.cache_path()) in caplog.text
     key = f"float32,C=21,nchw,px<={triton_next_pow2(2 * 13 * 21)}"
     section = module.device_section(device)
     times = {c.name: timer.times.get(c, 10.0) for c in tunable.candidates}

@@ -108,6 +108,8 @@ class Tunable:
             return best
 
     def _tune(self, section: str, key: str, launch: Callable[[Config], object]) -> tuple[Config, dict[str, float]]:
+        log.info("csl_kernels: tuning %s for %s on %s: %d candidates, once per GPU model (cached in %s)", self.name,
+                 key, section, len(self.candidates), cache_path())
         times: dict[Config, float] = {}
         errors: dict[Config, str] = {}
         for config in self.candidates:
