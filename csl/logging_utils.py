@@ -25,16 +25,13 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+# The trainer's own logger and the kernels' (backend choices, fallbacks, launch-configuration tuning).
+LOGGERS = ("csl", "csl_kernels")
+
+
 def setup_logging(output_dir: str | None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
-    """Configure the ``csl`` logger: console (through tqdm) and ``<output_dir>/train.log`` on rank 0; warnings only
-    on other ranks. Replaces handlers installed by an earlier call."""
-    logger = logging.getLogger("csl")
-    for h in list(logger.handlers):
-        if getattr(h, "_csl_handler", False):
-            logger.removeHandler(h)
-            h.close()
-    logger.setLevel(level if is_main else logging.WARNING)
-    logger.propagate = False
+    """Configure the ``csl`` and ``csl_kernels`` loggers: console (through tqdm) and ``<output_dir>/train.log`` on
+    rank 0; warnings only on other ranks. Replaces handlers installed by an earlier call; returns the ``csl`` one."""
     handlers: list[logging.Handler] = [_TqdmHandler(sys.stderr)]
     if is_main and output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -42,8 +39,20 @@ def setup_logging(output_dir: str | None, is_main: bool = True, level: int = log
     for h in handlers:
         h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         h._csl_handler = True
-        logger.addHandler(h)
-    return logger
+    closed: set[int] = set()
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if getattr(h, "_csl_handler", False):
+                logger.removeHandler(h)
+                if id(h) not in closed:
+                    closed.add(id(h))
+                    h.close()
+        logger.setLevel(level if is_main else logging.WARNING)
+        logger.propagate = False
+        for h in handlers:
+            logger.addHandler(h)
+    return logging.getLogger("csl")
 
 
 def _json_safe(value):

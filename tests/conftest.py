@@ -6,6 +6,7 @@ A backend that cannot run here is skipped with its reason, unless it is named in
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -69,6 +70,23 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
         big[::2] = t
         return big[::2]
     raise ValueError(kind)
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """The trainer gives the ``csl`` / ``csl_kernels`` loggers their own handlers and stops propagation; undo that
+    after each test, so that ``caplog`` (a root handler) sees their records in the tests that follow."""
+    saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in ("csl", "csl_kernels")}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            if h not in handlers:
+                h.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from csl.cli import expand_images, main
 from csl.logging_utils import read_metrics
+from csl_kernels import _backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4", "data.synthetic.num_unlabeled=8",
@@ -24,6 +25,7 @@ TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
+    _backends._AUTO_LOGGED.clear()  # the backend choices are logged once per process
     code = main(["train", "--config", "demo", *TINY, "train.iters=3", "train.iters_per_epoch=3",
                  f"output_dir={out}"])
     assert code == 0
@@ -40,6 +42,8 @@ def test_train_writes_run_outputs(trained):
     assert len([r for r in records if r["kind"] == "eval"]) == 1
     log = (trained / "train.log").read_text()
     assert "global batch 2 labeled + 2 unlabeled + 2 mix" in log and "lr backbone 0.005, head 0.05" in log
+    # The kernels' own log lines (backend choices; tuning on a GPU) go to the run's log too.
+    assert "csl_kernels.pcos_weights on cpu: backend='auto' uses" in log
     ckpt = torch.load(trained / "latest.pt", weights_only=True)
     assert ckpt["iteration"] == 3 and ckpt["config"]["model"]["backbone"] == "resnet18"
 
