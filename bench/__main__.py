@@ -31,6 +31,7 @@ from .common import (
     run_op,
     settings_dict,
     settings_from_args,
+    show_kernel_log,
     summary_table,
     train_table,
     triton_tuning,
@@ -53,6 +54,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    show_kernel_log()
     settings = settings_from_args(args)
     copy = copy_bandwidth_gbps(settings.device)
     settings.copy_gbps = copy["gbps"]

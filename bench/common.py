@@ -7,11 +7,13 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -238,6 +240,18 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
+
+
+def show_kernel_log() -> None:
+    """Print the kernels' log lines (backend choices, fallbacks, launch-configuration tuning) while benchmarks run."""
+    logger = logging.getLogger("csl_kernels")
+    if not any(getattr(h, "_bench_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  [%(name)s] %(message)s"))
+        handler._bench_handler = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def triton_tuning() -> dict:
@@ -637,6 +651,7 @@ def run_single_op(spec: OpSpec, argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=f"python -m bench.bench_{spec.name}", description=spec.description)
     add_common_args(parser)
     args = parser.parse_args(argv)
+    show_kernel_log()
     settings = settings_from_args(args)
     settings.copy_gbps = copy_bandwidth_gbps(settings.device)["gbps"]
     records = run_op(spec, settings)
