@@ -103,7 +103,9 @@ class Tunable:
             cached = _cached(self, section, key)
             if cached is not None:
                 return cached
-            best, times = self._tune(section, key, launch)
+            # The timer records events on the current stream: make it the inputs' device's.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                best, times = self._tune(section, key, launch)
             _remember(self, section, key, best, times)
             return best
 
