@@ -304,3 +304,37 @@ def test_tuning_on_cuda_times_every_candidate_and_caches(tuning, monkeypatch, ca
     assert module.Config(entry["tile"], entry["num_warps"]) in module.TUNABLES[OP].candidates
     assert set(entry["times_ms"]) == {c.name for c in module.TUNABLES[OP].candidates}
     assert all(t > 0 for t in entry["times_ms"].values())
+
+
+def test_pretune_tunes_every_op_and_prints_the_choices(tuning, monkeypatch):
+    """``pretune`` (behind ``python -m csl_kernels.triton.pretune``) reaches every tunable once per shape."""
+    from csl_kernels.triton import pretune
+
+    module, device = tuning
+    times = {t.candidates[1]: 1.0 for t in module.TUNABLES.values()}
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer(times))
+    pretune.pretune((2, 5, 9, 11), torch.bfloat16, device)
+    choices = module.chosen()[module.device_section(device)]
+    assert sorted(k.split("|")[0] for k in choices) == sorted(module.TUNABLES)
+    for key, entry in choices.items():
+        name = key.split("|")[0]
+        assert module.Config(entry["tile"], entry["num_warps"]) == module.TUNABLES[name].candidates[1]
+    table = pretune.format_choices(module.chosen())
+    assert table.count("\n") == 1 + len(module.TUNABLES)
+    assert "| residual_features | bfloat16,C=5,nchw,px<=256 | tile=512,warps=4 | 10.0000 | 1.0000 | 10.00x |" in table
+
+
+def test_pretune_command_line_errors(tuning, capsys, monkeypatch):
+    module, _ = tuning
+    from csl_kernels.triton.pretune import main
+
+    with pytest.raises(SystemExit):
+        main(["--shape", "8,21,321"])
+    assert "four positive integers" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--shape", "8,21,321,321"]) == 2
+        assert "CUDA device" in capsys.readouterr().err
+    monkeypatch.setenv(module.ENV_MODE, "0")
+    assert main(["--shape", "8,21,321,321", "--device", "cuda"]) == 2
+    assert "CSL_TRITON_AUTOTUNE=0 launches the defaults; nothing to tune" in capsys.readouterr().err

@@ -349,3 +349,4 @@ def _remember(tunable: Tunable, section: str, key: str, config: Config, times: d
             raise
     except OSError as exc:
         _warn_once(f"cannot write the tuning cache {path} ({exc}); choices are kept for this process only")
+
