@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import tempfile
 from typing import Any
 
@@ -53,10 +54,15 @@ def atomic_save(payload: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
+        free = shutil.disk_usage(folder).free / 2**20
+        raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({free:.0f} MiB free on its "
+                      f"file system; the previous file, if any, is unchanged)") from exc
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

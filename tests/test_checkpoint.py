@@ -54,6 +54,24 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["latest.pt"]
 
 
+def test_failed_save_says_where_and_how_much_space_is_left(tmp_path, monkeypatch):
+    """A full disk shows up in torch.save as a RuntimeError about zip positions; the error names the file and the
+    free space, and the previous checkpoint stays."""
+    path = str(tmp_path / "latest.pt")
+    ck.atomic_save(_payload(1.0), path)
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35348800 vs 35348696")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*latest\.pt: RuntimeError: .*unexpected pos.* MiB "
+                                      r"free on its file system; the previous file, if any, is unchanged"):
+        ck.atomic_save(_payload(2.0), path)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["iteration"] == 1 and os.listdir(tmp_path) == ["latest.pt"]
+
+
 class _Custom:
     pass
 
