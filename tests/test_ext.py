@@ -61,14 +61,14 @@ def test_cuda_kernels_do_not_spill(ext):
     info = _ext.load()
     if not info.with_cuda:
         pytest.skip("the extension was built without its CUDA part")
-    from csl_kernels.triton.compile_check import resource_usage
+    from csl_kernels.triton.compile_check import resource_usage, spills
 
     usage = resource_usage(info.library)
     names = " ".join(usage)
     for kernel in ("residual_features_kernel", "pcos_features_kernel", "pcos_cluster_kernel", "pcos_weight_kernel",
                    "trusted_mask_kernel", "weighted_cross_entropy", "confusion"):
         assert kernel in names, (kernel, sorted(usage))
-    spilling = {name: u for name, u in usage.items() if u.get("stack", 0) > 16 or u.get("local", 0) > 0}
+    spilling = {name: u for name, u in usage.items() if spills(u)}
     assert not spilling, spilling
 
 

@@ -219,6 +219,15 @@ def resource_usage(path: str) -> dict[str, dict[str, int]]:
     return usage
 
 
+# Bytes of per-thread stack a kernel may use: a few bytes are a call frame, more means registers spilled to memory.
+MAX_STACK_BYTES = 16
+
+
+def spills(usage: dict[str, int]) -> bool:
+    """Whether a kernel's resource usage (:func:`resource_usage`) shows registers spilled to local memory."""
+    return usage.get("stack", 0) > MAX_STACK_BYTES or usage.get("local", 0) > 0
+
+
 def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
