@@ -136,7 +136,9 @@ class Tunable:
 TUNABLES: dict[str, Tunable] = {}
 _FORCED: dict[str, Config] = {}
 _LOCK = threading.RLock()
-# Per cache file: {section: {"<tunable>|<key>": Config}} as read from disk plus this process's choices.
+# Per cache file: its sections as read from disk (plain JSON, decoded on first use).
+_FILE: dict[str, dict] = {}
+# Per cache file: {section: {"<tunable>|<key>": Config}}, the choices this process used or made.
 _MEMORY: dict[str, dict[str, dict[str, Config]]] = {}
 # Per cache file: {(section, "<tunable>|<key>"): {config name: milliseconds}} of the timings this process made.
 _TIMES: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
@@ -253,17 +255,17 @@ def chosen() -> dict[str, dict[str, dict]]:
         out: dict[str, dict[str, dict]] = {}
         for section, entries in sections.items():
             for key, config in entries.items():
-                if isinstance(config, Config):
-                    record = config.as_dict()
-                    if (section, key) in times:
-                        record["times_ms"] = times[(section, key)]
-                    out.setdefault(section, {})[key] = record
+                record = config.as_dict()
+                if (section, key) in times:
+                    record["times_ms"] = times[(section, key)]
+                out.setdefault(section, {})[key] = record
         return out
 
 
 def forget() -> None:
     """Drop what this process remembers (the file stays); the next call reads the cache file again."""
     with _LOCK:
+        _FILE.clear()
         _MEMORY.clear()
         _TIMES.clear()
         _WARNED.clear()
@@ -307,21 +309,17 @@ def _decode(tunable: Tunable, entry: object) -> Config | None:
 
 
 def _cached(tunable: Tunable, section: str, key: str) -> Config | None:
-    path = cache_path()
-    sections = _MEMORY.get(str(path))
-    if sections is None:
-        sections = _MEMORY[str(path)] = {}
-        for name, entries in _read_file(path).items():
-            if isinstance(entries, dict):
-                sections[name] = dict(entries)
-    entry = sections.get(section, {}).get(f"{tunable.name}|{key}")
-    if entry is None or isinstance(entry, Config):
-        return entry
-    config = _decode(tunable, entry)
-    if config is None:
-        del sections[section][f"{tunable.name}|{key}"]
-    else:
-        sections[section][f"{tunable.name}|{key}"] = config
+    path = str(cache_path())
+    name = f"{tunable.name}|{key}"
+    config = _MEMORY.get(path, {}).get(section, {}).get(name)
+    if config is not None:
+        return config
+    if path not in _FILE:
+        _FILE[path] = _read_file(Path(path))
+    entries = _FILE[path].get(section)
+    config = _decode(tunable, entries.get(name)) if isinstance(entries, dict) else None
+    if config is not None:
+        _MEMORY.setdefault(path, {}).setdefault(section, {})[name] = config
     return config
 
 
