@@ -29,7 +29,7 @@ CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(2048, 8), 
 TUNABLE = Tunable("residual_features", DEFAULT_CONFIG, CANDIDATES)
 
 
-def feature_blocks(num_classes: int, config: Config = DEFAULT_CONFIG) -> tuple[int, int]:
+def feature_blocks(num_classes: int, config: Config) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_C)`` for ``num_classes`` classes and a tile of ``config.tile`` elements."""
     block_c = min(next_pow2(num_classes), MAX_BLOCK_C)
     return max(1, config.tile // block_c), block_c
