@@ -88,6 +88,7 @@ setup(
         "pyyaml",
         "tqdm",
         "pillow",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "ninja"], "dev": ["pytest", "ninja", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["csl=csl.cli:main"]},

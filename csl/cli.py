@@ -5,6 +5,7 @@
     csl eval --checkpoint runs/voc/best.pt [--config cfg.yaml] [key=value ...]
     csl predict --checkpoint runs/voc/best.pt --images img1.jpg dir/ 'glob/*.png' --out preds/
     csl demo [--out runs/demo] [--iters N]
+    csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out splits/camvid
 
 ``--config`` takes a YAML path or the name of a bundled config (demo, voc_321, voc_513, cityscapes_801, coco);
 ``eval`` / ``predict`` default to the config stored in the checkpoint.
@@ -26,7 +27,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split}")
 
     t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)")
     t.add_argument("--config", required=True, help="YAML file or bundled config name")
@@ -45,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 
-    d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes)")
+    d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes) "
+                                    "or, with --config, on another dataset")
+    d.add_argument("--config", default="demo", help="base config (default demo; camvid = the CamVid experiment)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
     d.add_argument("--iters", type=int, help="iterations per method after the warm-up (default: the demo config's)")
     d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 300)")
@@ -53,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="supervised,threshold,csl",
                    help="comma-separated subset of supervised,threshold,csl,csl_class")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
+
+    s = sub.add_parser("split", help="write UniMatch-style semi-supervised split folders from a list")
+    s.add_argument("--list", required=True, help="list of 'img mask' lines (e.g. a dataset's train.txt)")
+    s.add_argument("--fractions", nargs="+", required=True, help="labeled fractions, e.g. 1/8 1/4")
+    s.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
+    s.add_argument("--out", required=True, help="folder that receives <a_b>/labeled.txt and unlabeled.txt")
     return p
 
 
@@ -79,32 +88,9 @@ def _model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
 
 def val_dataset(cfg: dict):
     """The validation set alone (no labeled / unlabeled split files needed)."""
-    from .data import (
-        DATASET_KINDS,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        SYNTHETIC_DEFAULTS,
-        SyntheticSource,
-        ValDataset,
-        _val_source,
-    )
+    from .data import build_val_dataset
 
-    d = cfg["data"]
-    mean, std = tuple(d["mean"] or IMAGENET_MEAN), tuple(d["std"] or IMAGENET_STD)
-    if d["dataset"] == "synthetic":
-        syn = {**SYNTHETIC_DEFAULTS, **d["synthetic"]}
-        source = SyntheticSource(int(syn["num_val"]), size=int(syn["size"]), seed=int(syn["seed"]), split="val",
-                                 num_classes=int(d["num_classes"] or 5))
-        return ValDataset(source, mean=mean, std=std, ignore_index=d["ignore_index"])
-    kind_cls = DATASET_KINDS[d["dataset"]]
-    if not d["root"] or not os.path.isdir(d["root"]):
-        raise FileNotFoundError(f"data.root not found (or not set): {d['root']!r}")
-    num_classes = d["num_classes"] or kind_cls.num_classes_default
-    if num_classes is None:
-        raise ConfigError(f"data.num_classes is required for dataset {d['dataset']!r}")
-    data_cfg = {k: v for k, v in d.items() if v is not None}
-    source = _val_source(data_cfg, kind_cls, d["root"], int(num_classes), d["ignore_index"])
-    return ValDataset(source, mean=mean, std=std, ignore_index=d["ignore_index"])
+    return build_val_dataset({k: v for k, v in cfg["data"].items() if v is not None})
 
 
 def cmd_train(args) -> int:
@@ -209,13 +195,26 @@ def cmd_demo(args) -> int:
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     warmup_lr = DEFAULT_WARMUP_LR if args.warmup_lr is None else args.warmup_lr
     run_demo(args.out, methods=methods, iters=args.iters, warmup=warmup, warmup_lr=warmup_lr,
-             overrides=args.overrides)
+             overrides=args.overrides, config=args.config)
+    return 0
+
+
+def cmd_split(args) -> int:
+    from .data.splits import write_splits
+
+    try:
+        written = write_splits(args.list, args.out, args.fractions, args.seed)
+    except ValueError as e:
+        print(f"csl split: error: {e}", file=sys.stderr)
+        return 2
+    for name, info in written.items():
+        print(f"{name}: {info['labeled']} labeled, {info['unlabeled']} unlabeled -> {info['dir']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

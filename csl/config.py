@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "output_dir": "runs/default",
     "data": {
-        "dataset": "synthetic",  # synthetic | pascal | cityscapes | coco | folder
+        "dataset": "synthetic",  # synthetic | camvid | pascal | cityscapes | coco | folder
         "root": None,
         "split_dir": None,
         "labeled_list": None,
@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
         "num_classes": None,  # default: the dataset's (5 for synthetic)
         "crop_size": 321,
         "ignore_index": 255,
+        "ignore_labels": None,  # stored label values that mean "unlabelled"; default: the dataset's (camvid: [11])
+        "reduce_zero_label": False,  # the files' 0 is "unlabelled": 0 -> ignored, k -> k - 1
+        "image_scale": 1.0,  # scale every image and mask at load (e.g. 0.5: half resolution, also for evaluation)
         "mean": None,  # default: ImageNet
         "std": None,
         "scale_range": [0.5, 2.0],
@@ -102,6 +105,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "data.unlabeled_list": (str,),
     "data.val_list": (str,),
     "data.num_classes": (int,),
+    "data.ignore_labels": (list,),
     "data.mean": (list,),
     "data.std": (list,),
     "model.pretrained": (str,),
@@ -115,8 +119,8 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 
 CHOICES: dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
-    "data.dataset": ("synthetic", "pascal", "cityscapes", "coco", "folder"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "data.dataset": ("synthetic", "camvid", "pascal", "cityscapes", "coco", "folder"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"),
     "model.output_stride": (8, 16, 32),
     "train.mode": ("semi", "supervised"),
     "train.criterion": ("ce", "ohem"),
@@ -297,6 +301,10 @@ def validate(cfg: dict) -> dict:
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or d["num_classes"] >= 2, f"data.num_classes must be >= 2, got "
              f"{d['num_classes']}")
+    _require(0 < d["image_scale"] <= 4, f"data.image_scale must be in (0, 4], got {d['image_scale']}")
+    if d["ignore_labels"] is not None:
+        _require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d["ignore_labels"]),
+                 f"data.ignore_labels must be a list of label values >= 0, got {d['ignore_labels']}")
     _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
     _require(len(d["scale_range"]) == 2 and 0 < d["scale_range"][0] <= d["scale_range"][1],
              f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {d['scale_range']}")

@@ -54,11 +54,14 @@ def warmup_config(base: dict, out_dir: str, iters: int, lr: float = DEFAULT_WARM
 
 def method_config(base: dict, method: str, out_dir: str, iters: int | None = None, init_from: str | None = None
                   ) -> dict:
+    """``base`` turned into ``method``; ``iters`` replaces ``train.iters`` (epochs stay ``train.iters_per_epoch``
+    long when that is shorter, so the pseudo-label metrics and evaluations keep their rhythm)."""
     if method not in METHODS:
         raise ValueError(f"unknown demo method {method!r}; choose from {sorted(METHODS)}")
     overrides = {**METHODS[method], "output_dir": os.path.join(out_dir, method), "train.init_from": init_from}
     if iters is not None:
-        overrides["train.iters"] = overrides["train.iters_per_epoch"] = int(iters)
+        overrides["train.iters"] = int(iters)
+        overrides["train.iters_per_epoch"] = min(int(iters), base["train"]["iters_per_epoch"] or int(iters))
     return build_config(base, overrides)
 
 
@@ -69,6 +72,7 @@ def _result(cfg: dict, seconds: float) -> dict:
     last_pl = pls[-1] if pls else {}
     return {
         "miou": evals[-1]["miou"] if evals else None,
+        "best_miou": max(e["miou"] for e in evals) if evals else None,
         "iou": evals[-1]["iou"] if evals else None,
         "pl_mask_ratio": last_pl.get("mask_ratio"),
         "pl_accuracy": last_pl.get("accuracy"),
@@ -95,9 +99,12 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | None = None, iters: int | None = None,
-             warmup: int = DEFAULT_WARMUP, warmup_lr: float = DEFAULT_WARMUP_LR, overrides: list[str] | None = None
-             ) -> dict[str, dict]:
-    """Warm up, train each method, print and write the comparison table. Returns the per-method results."""
+             warmup: int = DEFAULT_WARMUP, warmup_lr: float = DEFAULT_WARMUP_LR, overrides: list[str] | None = None,
+             config: str = "demo") -> dict[str, dict]:
+    """Warm up, train each method, print and write the comparison table. Returns the per-method results.
+
+    ``config``: the base config (bundled name or YAML path; ``demo`` = the synthetic demo, ``camvid`` = the CamVid
+    experiment), ``overrides`` applied to it."""
     from .train import train
 
     methods = methods or ["supervised", "threshold", "csl"]
@@ -106,7 +113,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
             raise ValueError(f"unknown demo method {m!r}; choose from {sorted(METHODS)}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 iterations, got {warmup}")
-    base = load_config("demo", overrides)
+    base = load_config(config, overrides)
     start = time.perf_counter()
     init_from, warm = None, None
     if warmup:
@@ -127,10 +134,14 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     d = base["data"]
     after = (f"after a shared supervised warm-up of {warmup} iterations at lr {warmup_lr:g} (mIoU "
              f"{_fmt(warm['miou'])}, {warm['seconds']:.0f} s), " if warm else "")
-    note = (f"DeepLabV3+ {base['model']['backbone']} (random init), crop {d['crop_size']}, batch "
-            f"{base['train']['batch_size']}; synthetic scenes ({d['num_classes']} classes): "
-            f"{d['synthetic']['num_labeled']} labeled / {d['synthetic']['num_unlabeled']} unlabeled / "
-            f"{d['synthetic']['num_val']} val; seed {base['seed']}.\n"
+    init = f"from {base['model']['pretrained']}" if base["model"]["pretrained"] else "random init"
+    if d["dataset"] == "synthetic":
+        data = (f"synthetic scenes ({d['num_classes']} classes): {d['synthetic']['num_labeled']} labeled / "
+                f"{d['synthetic']['num_unlabeled']} unlabeled / {d['synthetic']['num_val']} val")
+    else:
+        data = f"{d['dataset']} {d['split_dir'] or d['labeled_list']}, image scale {d['image_scale']:g}"
+    note = (f"DeepLabV3+ {base['model']['backbone']} ({init}), crop {d['crop_size']}, batch "
+            f"{base['train']['batch_size']}; {data}; seed {base['seed']}.\n"
             f"Each method: {after}{base['train']['iters'] if iters is None else iters} iterations at lr "
             f"{base['train']['lr']:g}. Pseudo-label "
             f"accuracy / recall: reliable pixels of the last epoch vs the unlabeled ground truth. Total {total:.0f} s.")
@@ -140,7 +151,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"results": results, "warmup": warm, "total_seconds": total, "config": base}, f, indent=1)
+        json.dump({"results": results, "warmup": warm, "total_seconds": total, "config": base,
+                   "warmup_lr": warmup_lr, "warmup_iters": warmup}, f, indent=1)
     return results
 
 

@@ -21,6 +21,7 @@ from .colors import palette
 from .datasets import (
     COCO,
     DATASET_KINDS,
+    CamVid,
     Cityscapes,
     FolderDataset,
     LabeledDataset,
@@ -29,6 +30,7 @@ from .datasets import (
     UnlabeledDataset,
     ValDataset,
     check_label_values,
+    map_labels,
     read_split,
     scan_folder,
     write_split,
@@ -37,6 +39,7 @@ from .synthetic import MAX_CLASSES, SyntheticSource, generate_scenes, write_synt
 
 __all__ = [
     "COCO",
+    "CamVid",
     "DATASET_KINDS",
     "Cityscapes",
     "DatasetBundle",
@@ -48,9 +51,12 @@ __all__ = [
     "UnlabeledDataset",
     "ValDataset",
     "build_datasets",
+    "build_val_dataset",
+    "class_names",
     "check_label_values",
     "default_eval_mode",
     "generate_scenes",
+    "map_labels",
     "palette",
     "read_split",
     "scan_folder",
@@ -102,19 +108,84 @@ def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | Non
     return labeled, unlabeled
 
 
+def _source_options(data_cfg: dict) -> dict:
+    """The label-convention and scale options every file source of the config takes."""
+    ignore_labels = data_cfg.get("ignore_labels")
+    return {"ignore_labels": None if ignore_labels is None else tuple(int(v) for v in ignore_labels),
+            "reduce_zero_label": bool(data_cfg.get("reduce_zero_label", False)),
+            "scale": float(data_cfg.get("image_scale", 1.0))}
+
+
 def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_index: int) -> ListSource:
+    opts = _source_options(data_cfg)
     val_list = data_cfg.get("val_list")
     if val_list is not None:
-        return kind_cls(root, val_list, num_classes, ignore_index)
+        return kind_cls(root, val_list, num_classes, ignore_index, **opts)
     split_dir = data_cfg.get("split_dir")
     if split_dir is not None:
         # UniMatch keeps the val list next to the partition folders: splits/<dataset>/val.txt.
         for candidate in (os.path.join(split_dir, "val.txt"), os.path.join(os.path.dirname(os.path.normpath(
                 split_dir)), "val.txt")):
             if os.path.isfile(candidate):
-                return kind_cls(root, candidate, num_classes, ignore_index)
+                return kind_cls(root, candidate, num_classes, ignore_index, **opts)
     list_path, items = kind_cls.default_val_items(root)
-    return kind_cls(root, list_path, num_classes, ignore_index, items=items)
+    return kind_cls(root, list_path, num_classes, ignore_index, items=items, **opts)
+
+
+def _file_kind(data_cfg: dict) -> tuple[type[ListSource], str, int]:
+    """The dataset class, root folder and class count of a file dataset, checked."""
+    kind = data_cfg.get("dataset", "synthetic")
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"data.dataset must be one of {['synthetic', *DATASET_KINDS]}, got {kind!r}")
+    kind_cls = DATASET_KINDS[kind]
+    root = data_cfg.get("root")
+    if not root:
+        raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.root not found (or not a folder): {os.path.abspath(root)}")
+    num_classes = data_cfg.get("num_classes") or kind_cls.num_classes_default
+    if num_classes is None:
+        raise ValueError(f"data.num_classes is required for dataset {kind!r}")
+    return kind_cls, root, int(num_classes)
+
+
+def _norm(data_cfg: dict) -> tuple[tuple, tuple]:
+    mean = tuple(data_cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(data_cfg.get("std") or IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"data.mean and data.std must be 3 values (std > 0), got {mean} and {std}")
+    return mean, std
+
+
+def _synthetic(data_cfg: dict) -> tuple[dict, dict]:
+    syn = {**SYNTHETIC_DEFAULTS, **(data_cfg.get("synthetic") or {})}
+    num_classes = int(data_cfg.get("num_classes") or 5)
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"synthetic data has 2 to {MAX_CLASSES} classes, got data.num_classes={num_classes}")
+    return syn, {"size": int(syn["size"]), "seed": int(syn["seed"]), "num_classes": num_classes}
+
+
+def build_val_dataset(data_cfg: dict) -> ValDataset:
+    """The validation set of the config's ``data`` section alone (no labeled / unlabeled split files needed):
+    ``val_list``, else ``<split_dir>/val.txt`` or ``<split_dir>/../val.txt``, else the dataset's standard val list."""
+    mean, std = _norm(data_cfg)
+    ignore_index = int(data_cfg.get("ignore_index", IGNORE_INDEX))
+    if data_cfg.get("dataset", "synthetic") == "synthetic":
+        syn, common = _synthetic(data_cfg)
+        return ValDataset(SyntheticSource(int(syn["num_val"]), split="val", **common), mean=mean, std=std,
+                          ignore_index=ignore_index)
+    kind_cls, root, num_classes = _file_kind(data_cfg)
+    return ValDataset(_val_source(data_cfg, kind_cls, root, num_classes, ignore_index), mean=mean, std=std,
+                      ignore_index=ignore_index)
+
+
+def class_names(data_cfg: dict, num_classes: int) -> list[str]:
+    """The dataset's class names when it has them (CamVid), else ``class 0``, ``class 1``, ..."""
+    kind_cls = DATASET_KINDS.get(data_cfg.get("dataset", "synthetic"))
+    names = getattr(kind_cls, "class_names", None)
+    if names and len(names) == num_classes:
+        return list(names)
+    return [f"class {k}" for k in range(num_classes)]
 
 
 def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
@@ -131,48 +202,23 @@ def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
     kind = data_cfg.get("dataset", "synthetic")
     crop_size = int(data_cfg.get("crop_size", 96))
     ignore_index = int(data_cfg.get("ignore_index", IGNORE_INDEX))
-    mean = tuple(data_cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(data_cfg.get("std") or IMAGENET_STD)
+    mean, std = _norm(data_cfg)
     scale_range = tuple(data_cfg.get("scale_range") or (0.5, 2.0))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"data.mean and data.std must be 3 values (std > 0), got {mean} and {std}")
     views = {"crop_size": crop_size, "mean": mean, "std": std, "ignore_index": ignore_index,
              "scale_range": scale_range}
 
     if kind == "synthetic":
-        syn = {**SYNTHETIC_DEFAULTS, **(data_cfg.get("synthetic") or {})}
-        num_classes = int(data_cfg.get("num_classes", 5))
-        if not 2 <= num_classes <= MAX_CLASSES:
-            raise ValueError(f"synthetic data has 2 to {MAX_CLASSES} classes, got data.num_classes={num_classes}")
-        common = {"size": int(syn["size"]), "seed": int(syn["seed"]), "num_classes": num_classes}
+        syn, common = _synthetic(data_cfg)
         labeled = LabeledDataset(SyntheticSource(int(syn["num_labeled"]), split="labeled", **common), **views)
         unlabeled = UnlabeledDataset(SyntheticSource(int(syn["num_unlabeled"]), split="unlabeled", **common),
                                      **views)
-        val = None
-        if need_val:
-            val = ValDataset(SyntheticSource(int(syn["num_val"]), split="val", **common), mean=mean, std=std,
-                             ignore_index=ignore_index)
-        return DatasetBundle(labeled, unlabeled, val)
+        return DatasetBundle(labeled, unlabeled, build_val_dataset(data_cfg) if need_val else None)
 
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"data.dataset must be one of {['synthetic', *DATASET_KINDS]}, got {kind!r}")
-    kind_cls = DATASET_KINDS[kind]
-    root = data_cfg.get("root")
-    if not root:
-        raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.root not found (or not a folder): {os.path.abspath(root)}")
-    num_classes = data_cfg.get("num_classes", kind_cls.num_classes_default)
-    if num_classes is None:
-        raise ValueError(f"data.num_classes is required for dataset {kind!r}")
-    num_classes = int(num_classes)
+    kind_cls, root, num_classes = _file_kind(data_cfg)
+    opts = _source_options(data_cfg)
     labeled_list, unlabeled_list = _resolve_lists(data_cfg, kind, root)
-    labeled = LabeledDataset(kind_cls(root, labeled_list, num_classes, ignore_index), **views)
+    labeled = LabeledDataset(kind_cls(root, labeled_list, num_classes, ignore_index, **opts), **views)
     unlabeled = None
     if unlabeled_list is not None:
-        unlabeled = UnlabeledDataset(kind_cls(root, unlabeled_list, num_classes, ignore_index), **views)
-    val = None
-    if need_val:
-        val = ValDataset(_val_source(data_cfg, kind_cls, root, num_classes, ignore_index), mean=mean, std=std,
-                         ignore_index=ignore_index)
-    return DatasetBundle(labeled, unlabeled, val)
+        unlabeled = UnlabeledDataset(kind_cls(root, unlabeled_list, num_classes, ignore_index, **opts), **views)
+    return DatasetBundle(labeled, unlabeled, build_val_dataset(data_cfg) if need_val else None)

@@ -11,6 +11,14 @@ CITYSCAPES_PALETTE = np.array([
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ], dtype=np.uint8)
 
+# CamVid's 11 classes in the colours of the SegNet tutorial's CamVid release (sky, building, pole, road, sidewalk,
+# tree, sign, fence, car, pedestrian, bicyclist).
+CAMVID_PALETTE = np.array([
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0), (192, 128, 128),
+    (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+], dtype=np.uint8)
+DATASET_PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE}
+
 
 def voc_palette(n: int = 256) -> np.ndarray:
     """The Pascal VOC colour map: ``n x 3`` uint8, class k's colour from the bits of k spread over R, G, B."""
@@ -27,12 +35,13 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 def palette(num_classes: int, dataset: str | None = None) -> np.ndarray:
-    """``num_classes x 3`` uint8 colours: the Cityscapes colours for ``dataset="cityscapes"`` (19 classes), else
-    the VOC palette (up to 256 classes; beyond that, deterministic pseudo-random colours)."""
+    """``num_classes x 3`` uint8 colours: the dataset's own colours for ``dataset="cityscapes"`` (19 classes) or
+    ``"camvid"`` (11), else the VOC palette (up to 256 classes; beyond that, deterministic pseudo-random colours)."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if dataset == "cityscapes" and num_classes <= len(CITYSCAPES_PALETTE):
-        return CITYSCAPES_PALETTE[:num_classes].copy()
+    own = DATASET_PALETTES.get(dataset)
+    if own is not None and num_classes <= len(own):
+        return own[:num_classes].copy()
     if num_classes <= 256:
         return voc_palette(256)[:num_classes]
     extra = np.random.default_rng(0).integers(0, 256, size=(num_classes - 256, 3), dtype=np.uint8)

@@ -124,18 +124,59 @@ def load_mask(path: str) -> np.ndarray:
         return np.array(img)
 
 
+def map_labels(mask: np.ndarray, ignore_index: int, ignore_labels: Sequence[int] = (),
+               reduce_zero_label: bool = False) -> np.ndarray:
+    """A stored mask in the trainer's convention (class ids ``0..C-1``, ``ignore_index`` elsewhere).
+
+    ``reduce_zero_label``: the file's 0 is "unlabelled" (ADE20K style): 0 -> ignore, k -> k - 1 (the file's
+    ``ignore_index`` stays ignored). ``ignore_labels``: stored values that mean "unlabelled" (CamVid's void 11),
+    mapped to ``ignore_index``; they are values of the file, before the zero-label reduction.
+    """
+    if not reduce_zero_label and not len(ignore_labels):
+        return mask
+    out = mask.astype(np.int64)
+    void = np.isin(out, np.asarray(list(ignore_labels), dtype=np.int64)) | (out == ignore_index)
+    if reduce_zero_label:
+        void |= out == 0
+        out = out - 1
+    out[void] = ignore_index
+    return out
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, scale: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale an image (bilinear, antialiased) and its mask (nearest) by ``scale``; 1.0 returns them unchanged."""
+    if scale == 1.0:
+        return image, mask
+    h, w = image.shape[:2]
+    size = (max(round(w * scale), 1), max(round(h * scale), 1))
+    image = np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+    if mask is not None:
+        mask = np.array(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(mask.dtype)
+    return image, mask
+
+
 class ListSource:
-    """Items of a UniMatch-format list under ``root``; masks are checked when loaded."""
+    """Items of a UniMatch-format list under ``root``; masks are mapped to the trainer's label convention
+    (:func:`map_labels`) and checked when loaded; images and masks are scaled by ``scale`` (e.g. 0.5 for a CPU
+    experiment at half resolution)."""
 
     mask_hint = ""
+    # Label values of this dataset's files that mean "unlabelled" besides ``ignore_index`` (data.ignore_labels).
+    void_labels: tuple[int, ...] = ()
+    class_names: tuple[str, ...] | None = None
 
     def __init__(self, root: str, list_path: str, num_classes: int, ignore_index: int,
-                 items: SplitItems | None = None, hint: str | None = None):
+                 items: SplitItems | None = None, hint: str | None = None, *,
+                 ignore_labels: Sequence[int] | None = None, reduce_zero_label: bool = False, scale: float = 1.0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset root not found (or not a folder): {os.path.abspath(root)}")
+        if not 0 < scale <= 4:
+            raise ValueError(f"scale must be in (0, 4], got {scale}")
         self.root, self.list_path = root, list_path
         self.items = read_split(list_path) if items is None else items
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.ignore_labels = tuple(self.void_labels if ignore_labels is None else (int(v) for v in ignore_labels))
+        self.reduce_zero_label, self.scale = bool(reduce_zero_label), float(scale)
         self.hint = self.mask_hint if hint is None else hint
         self.has_masks = all(m is not None for _, m in self.items)
         self.description = f"{list_path} ({len(self.items)} items)"
@@ -168,8 +209,20 @@ class ListSource:
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
                                  f"{image.shape[1]}x{image.shape[0]} (W x H)")
-            check_label_values(mask, self.num_classes, self.ignore_index, mask_path, self.hint)
-        return image, mask
+            mask = self.prepare_mask(mask, mask_path)
+        return resize_pair(image, mask, self.scale)
+
+    def prepare_mask(self, mask: np.ndarray, path: str) -> np.ndarray:
+        """The stored mask in the trainer's convention (:func:`map_labels`), with its values checked: a value that
+        is neither a class nor ignored is an error naming ``path`` and the value."""
+        mask = map_labels(mask, self.ignore_index, self.ignore_labels, self.reduce_zero_label)
+        hint = self.hint
+        if self.ignore_labels or self.reduce_zero_label:
+            rules = ([f"values {list(self.ignore_labels)} ignored"] if self.ignore_labels else []) + (
+                ["0 ignored and 1.. shifted down by one (reduce_zero_label)"] if self.reduce_zero_label else [])
+            hint = "; ".join([*rules, *([hint] if hint else [])])
+        check_label_values(mask, self.num_classes, self.ignore_index, path, hint)
+        return mask
 
     def name(self, index: int) -> str:
         return os.path.splitext(self.items[index][0])[0]
@@ -196,7 +249,7 @@ class ListSource:
                     if img.size != (mask.shape[1], mask.shape[0]):
                         raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
                                          f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)")
-                check_label_values(mask, self.num_classes, self.ignore_index, mask_path, self.hint)
+                mask = self.prepare_mask(mask, mask_path)
                 valid = mask[mask != self.ignore_index].astype(np.int64)
                 counts += np.bincount(valid.reshape(-1), minlength=self.num_classes)[: self.num_classes]
             except (OSError, ValueError) as e:
@@ -278,7 +331,27 @@ class FolderDataset(ListSource):
                                 f"next to labeled.txt in data.split_dir); root was {root}")
 
 
+class CamVid(ListSource):
+    """CamVid in the 11-class SegNet version (``train/``, ``trainannot/``, ``val/``, ``valannot/``, lists
+    ``train.txt`` / ``val.txt`` of ``img mask`` lines): 480 x 360 frames, class ids 0-10, **void = 11**, ignored."""
+
+    num_classes_default = 11
+    void_labels = (11,)
+    class_names = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian",
+                   "bicyclist")
+    mask_hint = "CamVid (SegNet) masks hold class ids 0-10 and 11 = void"
+
+    @staticmethod
+    def default_val_items(root: str) -> tuple[str, SplitItems]:
+        path = os.path.join(root, "val.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no val list given and the CamVid val list {path} does not exist; set "
+                                    f"data.val_list")
+        return path, read_split(path)
+
+
 DATASET_KINDS: dict[str, type[ListSource]] = {
+    "camvid": CamVid,
     "pascal": PascalVOC,
     "cityscapes": Cityscapes,
     "coco": COCO,

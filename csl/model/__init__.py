@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbone import BACKBONES, ResNetBackbone, dilate_layer, load_backbone_weights
+from .backbone import (
+    BACKBONES,
+    IMAGENET_WEIGHTS,
+    MobileNetV2Backbone,
+    ResNetBackbone,
+    build_backbone,
+    dilate_layer,
+    load_backbone_weights,
+    verify_file_hash,
+)
 from .deeplabv3plus import ASPP, DeepLabV3Plus
 
-__all__ = ["ASPP", "BACKBONES", "DeepLabV3Plus", "ResNetBackbone", "build_model", "convert_sync_bn",
-           "dilate_layer", "load_backbone_weights"]
+__all__ = ["ASPP", "BACKBONES", "IMAGENET_WEIGHTS", "DeepLabV3Plus", "MobileNetV2Backbone", "ResNetBackbone",
+           "build_backbone", "build_model", "convert_sync_bn", "dilate_layer", "load_backbone_weights",
+           "verify_file_hash"]
 
 
 def build_model(model_cfg: dict, num_classes: int) -> DeepLabV3Plus:
-    """DeepLabV3+ from the config's ``model`` section: ``backbone`` (resnet18 | resnet34 | resnet50 | resnet101),
-    ``output_stride`` (16 or 8; 32 = no dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]), ``pretrained``
-    (local path to ImageNet weights, or None for random init). The load report is kept in
-    ``model.pretrained_report``."""
+    """DeepLabV3+ from the config's ``model`` section: ``backbone`` (resnet18 | resnet34 | resnet50 | resnet101 |
+    mobilenet_v2), ``output_stride`` (16 or 8; 32 = no dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]),
+    ``pretrained`` (a local torchvision ImageNet state dict, ``imagenet`` for torchvision's download, or None for
+    random init). The load report is kept in ``model.pretrained_report``."""
     if not isinstance(model_cfg, dict):
         raise TypeError(f"model_cfg must be a dict (the config's model section), got {type(model_cfg).__name__}")
     model = DeepLabV3Plus(

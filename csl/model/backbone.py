@@ -1,9 +1,12 @@
-"""torchvision ResNet backbones with output stride 32 / 16 / 8 and local ImageNet weights."""
+"""DeepLabV3+ backbones (torchvision ResNet-18/34/50/101 and MobileNetV2) with output stride 32 / 16 / 8, and
+their ImageNet weights from a local file or torchvision's weights API."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 
 import torch
 from torch import nn
@@ -12,11 +15,20 @@ from torchvision import models
 log = logging.getLogger("csl")
 
 # name -> (constructor, layer1 channels, layer4 channels)
-BACKBONES = {
+RESNETS = {
     "resnet18": (models.resnet18, 64, 512),
     "resnet34": (models.resnet34, 64, 512),
     "resnet50": (models.resnet50, 256, 2048),
     "resnet101": (models.resnet101, 256, 2048),
+}
+BACKBONES = (*RESNETS, "mobilenet_v2")
+# torchvision's ImageNet weights of each backbone (``pretrained: imagenet``).
+IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
+    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
 }
 # output stride -> (layer3 dilation, layer4 dilation); a dilated layer's first block keeps the previous dilation.
 _DILATIONS = {32: (1, 1), 16: (1, 2), 8: (2, 4)}
@@ -46,11 +58,11 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str = "resnet50", output_stride: int = 16):
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        if name not in RESNETS:
+            raise ValueError(f"backbone must be one of {sorted(RESNETS)}, got {name!r}")
         if output_stride not in _DILATIONS:
             raise ValueError(f"output_stride must be one of {sorted(_DILATIONS)}, got {output_stride!r}")
-        ctor, self.low_channels, self.high_channels = BACKBONES[name]
+        ctor, self.low_channels, self.high_channels = RESNETS[name]
         net = ctor(weights=None)
         self.name, self.output_stride = name, output_stride
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -66,6 +78,58 @@ class ResNetBackbone(nn.Module):
         c1 = self.layer1(x)
         c4 = self.layer4(self.layer3(self.layer2(c1)))
         return c1, c4
+
+    # ImageNet state-dict keys that are not part of the backbone (the classifier).
+    head_prefixes = ("fc.",)
+
+
+def _dilate_blocks(blocks, first_dilation: int, dilation: int) -> None:
+    """MobileNetV2 counterpart of :func:`dilate_layer`: the stride-2 block strides 1 and keeps the previous
+    dilation, the later blocks get ``dilation``; every 3x3 (depthwise) conv gets ``dilation = padding = d``."""
+    for i, block in enumerate(blocks):
+        d = first_dilation if i == 0 else dilation
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                m.stride, m.dilation, m.padding = (1, 1), (d, d), (d, d)
+
+
+class MobileNetV2Backbone(nn.Module):
+    """torchvision's MobileNetV2 ``features[0:18]`` (the last 1x1 conv to 1280 channels and the classifier are
+    dropped), as the common DeepLabV3+-MobileNet variants use it: low-level features after ``features[3]`` (24
+    channels, stride 4), high-level features after ``features[17]`` (320 channels, stride ``output_stride``; the
+    stride-16 and stride-32 stages dilated for 8 and 16). ``forward(x) -> (c1, c4)``; parameter names match
+    torchvision's (``features.N.*``), so the ImageNet state dict loads directly."""
+
+    low_channels, high_channels = 24, 320
+    head_prefixes = ("classifier.", "features.18.")
+    # output stride -> (dilation of features[7:14] (stride 16), dilation of features[14:18] (stride 32))
+    _STAGE_DILATIONS = {32: (1, 1), 16: (1, 2), 8: (2, 4)}
+
+    def __init__(self, output_stride: int = 16):
+        super().__init__()
+        if output_stride not in self._STAGE_DILATIONS:
+            raise ValueError(f"output_stride must be one of {sorted(self._STAGE_DILATIONS)}, got {output_stride!r}")
+        self.name, self.output_stride = "mobilenet_v2", output_stride
+        self.features = models.mobilenet_v2(weights=None).features[:18]
+        d16, d32 = self._STAGE_DILATIONS[output_stride]
+        if d16 > 1:
+            _dilate_blocks(self.features[7:14], 1, d16)
+        if d32 > 1:
+            _dilate_blocks(self.features[14:18], d16, d32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c1 = self.features[:4](x)
+        return c1, self.features[4:](c1)
+
+
+def build_backbone(name: str, output_stride: int = 16) -> nn.Module:
+    """A backbone by name (see :data:`BACKBONES`); ``.low_channels`` / ``.high_channels`` give its two outputs'
+    channels."""
+    if name == "mobilenet_v2":
+        return MobileNetV2Backbone(output_stride)
+    if name not in RESNETS:
+        raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {name!r}")
+    return ResNetBackbone(name, output_stride)
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -83,21 +147,64 @@ def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_backbone_weights(backbone: ResNetBackbone, path: str) -> dict:
-    """Load ImageNet weights (a torchvision ResNet state dict saved with ``torch.save``) from a local file.
+# torchvision names its weight files <arch>-<first hex digits of the file's sha256>.pth
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
 
-    Never downloads. The classifier (``fc.*``) is dropped silently; any other missing or unexpected key is reported
-    (logged and returned). Raises FileNotFoundError when the file is missing, ValueError on shape mismatches or
-    when no key matches (wrong architecture).
 
-    Returns ``{"path", "loaded", "missing", "unexpected"}``.
+def verify_file_hash(path: str) -> str | None:
+    """When ``path`` has a torchvision-style name (``mobilenet_v2-b0353104.pth``), check that the file's sha256
+    starts with the hex digits in the name; raise ValueError on a mismatch (a truncated or different file).
+    Returns the prefix checked, or None for other names."""
+    match = _HASH_IN_NAME.search(os.path.basename(path))
+    if match is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ValueError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with {match.group(1)} as its "
+                         f"file name says (a partial download or another file under this name); fetch it again")
+    return match.group(1)
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights of backbone ``name`` through its weights API (downloaded once into the torch
+    hub cache). Where the download server cannot be reached, the error names the file and the folder to put it in."""
+    from torchvision.models import get_weight
+
+    weights = get_weight(IMAGENET_WEIGHTS[name])
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:  # URLError, HTTPError, socket errors: the message says what to do instead
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(f"model.pretrained=imagenet: could not get torchvision's {IMAGENET_WEIGHTS[name]} "
+                           f"({type(e).__name__}: {e}); download {weights.url} by hand into {folder}/ (or anywhere, "
+                           f"and set model.pretrained to that file)") from e
+
+
+def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
+    """Load ImageNet weights into ``backbone``: ``path`` is a local torchvision state dict saved with
+    ``torch.save`` (a torchvision-style file name's sha256 prefix is verified) or ``"imagenet"`` (torchvision's
+    weights API, see :func:`imagenet_state_dict`).
+
+    The classifier keys (``backbone.head_prefixes``) are dropped; every backbone key must be in the file with its
+    shape (FileNotFoundError for a missing file; ValueError on shape mismatches, missing keys, or a file of another
+    architecture). Unexpected extra keys are logged and ignored.
+
+    Returns ``{"path", "loaded", "missing", "unexpected", "sha256_prefix"}``.
     """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights not found: {path!r} (model.pretrained must be a local file; "
-                                f"weights are never downloaded — save torchvision's {backbone.name} ImageNet "
-                                f"state dict there with torch.save)")
-    sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    prefix = None
+    if path == "imagenet":
+        sd = imagenet_state_dict(backbone.name)
+    else:
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"pretrained weights not found: {path!r} (model.pretrained is a local file, or 'imagenet' to use "
+                f"torchvision's download: {IMAGENET_WEIGHTS.get(backbone.name, '?')})")
+        prefix = verify_file_hash(path)
+        sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    sd = {k: v for k, v in sd.items() if not k.startswith(tuple(backbone.head_prefixes))}
     own = backbone.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
                   if k in own and own[k].shape != v.shape]
@@ -107,14 +214,16 @@ def load_backbone_weights(backbone: ResNetBackbone, path: str) -> dict:
     matched = [k for k in sd if k in own]
     if not matched:
         raise ValueError(f"{path} has no parameter of backbone {backbone.name} (keys look like "
-                         f"{list(sd)[:3]}); is it a torchvision ResNet state dict?")
+                         f"{list(sd)[:3]}); is it torchvision's {backbone.name} state dict?")
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the {len(own)} tensors of backbone {backbone.name} "
+                         f"(e.g. {missing[:5]}); is it torchvision's {backbone.name} ImageNet state dict?")
     result = backbone.load_state_dict(sd, strict=False)
-    report = {"path": path, "loaded": len(matched), "missing": list(result.missing_keys),
-              "unexpected": list(result.unexpected_keys)}
-    log.info("loaded %d tensors of %s from %s", len(matched), backbone.name, path)
-    if report["missing"]:
-        log.warning("pretrained %s: %d backbone keys missing (left at random init): %s", path,
-                    len(report["missing"]), report["missing"][:10])
+    report = {"path": path, "loaded": len(matched), "missing": [], "unexpected": list(result.unexpected_keys),
+              "sha256_prefix": prefix}
+    log.info("loaded %d tensors of %s from %s%s", len(matched), backbone.name, path,
+             f" (sha256 {prefix}... verified)" if prefix else "")
     if report["unexpected"]:
         log.warning("pretrained %s: %d unexpected keys ignored: %s", path, len(report["unexpected"]),
                     report["unexpected"][:10])

@@ -1,5 +1,6 @@
-"""DeepLabV3+ as UniMatch builds it: ResNet backbone, ASPP on layer4, 48-channel reduction of layer1, 2x3x3 fuse,
-1x1 classifier; ``need_fp`` runs the decoder a second time on channel-dropped features (feature perturbation)."""
+"""DeepLabV3+ as UniMatch builds it: ResNet (or MobileNetV2) backbone, ASPP on its last features, 48-channel reduction
+of its stride-4 features, 2x3x3 fuse, 1x1 classifier; ``need_fp`` runs the decoder a second time on channel-dropped
+features (feature perturbation)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import ResNetBackbone
+from .backbone import build_backbone
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -43,7 +44,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ on a torchvision ResNet.
+    """DeepLabV3+ on a torchvision ResNet or MobileNetV2.
 
     ``model(x)`` -> logits ``B x C x H x W`` at the input resolution;
     ``model(x, need_fp=True)`` -> ``(logits, logits_fp)``, ``logits_fp`` being a second decoder pass on the same
@@ -59,7 +60,7 @@ class DeepLabV3Plus(nn.Module):
         if len(dilations) != 3 or min(dilations) < 1:
             raise ValueError(f"dilations must be three positive ints (e.g. [6, 12, 18]), got {dilations}")
         self.num_classes = num_classes
-        self.backbone = ResNetBackbone(backbone, output_stride)
+        self.backbone = build_backbone(backbone, output_stride)
         self.head = ASPP(self.backbone.high_channels, aspp_channels, dilations)
         self.reduce = _conv_bn_relu(self.backbone.low_channels, reduce_channels)
         self.fuse = nn.Sequential(_conv_bn_relu(aspp_channels + reduce_channels, 256, 3),

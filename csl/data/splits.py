@@ -1,0 +1,67 @@
+"""Semi-supervised splits: a labeled fraction of a list and the rest unlabeled, as UniMatch-style split folders.
+
+``write_splits("data/camvid/train.txt", "splits/camvid", ["1/8", "1/4"], seed=0)`` writes
+``splits/camvid/1_8/{labeled,unlabeled}.txt`` and ``splits/camvid/1_4/...``. One seeded permutation of the list serves
+every fraction, so the splits are nested (the 1/8 labeled images are among the 1/4 ones) and the same seed always
+gives the same files. Unlabeled lines keep their mask paths: training never reads them, the pseudo-label metrics
+and ``csl analyze`` do.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+
+import numpy as np
+
+from .datasets import SplitItems, read_split, write_split
+
+
+def parse_fraction(text: str) -> Fraction:
+    """``"1/8"``, ``"0.125"`` or ``"1_8"`` -> ``Fraction(1, 8)``; must lie in (0, 1)."""
+    try:
+        value = Fraction(str(text).strip().replace("_", "/"))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"a split fraction looks like 1/8 or 0.125, got {text!r}") from None
+    if not 0 < value < 1:
+        raise ValueError(f"a split fraction must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
+def fraction_name(value: Fraction) -> str:
+    """The folder name of a fraction: ``1/8`` -> ``1_8`` (UniMatch's naming)."""
+    return f"{value.numerator}_{value.denominator}"
+
+
+def split_items(items: SplitItems, fraction: Fraction | str, seed: int = 0) -> tuple[SplitItems, SplitItems]:
+    """``(labeled, unlabeled)``: ``round(len(items) * fraction)`` items (at least 1, at most all but one) chosen by a
+    permutation seeded with ``seed``, in list order; the rest unlabeled, in list order."""
+    fraction = parse_fraction(fraction) if not isinstance(fraction, Fraction) else fraction
+    if len(items) < 2:
+        raise ValueError(f"a split needs at least 2 items, got {len(items)}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    count = min(max(round(len(items) * fraction), 1), len(items) - 1)
+    chosen = set(order[:count].tolist())
+    labeled = [it for i, it in enumerate(items) if i in chosen]
+    unlabeled = [it for i, it in enumerate(items) if i not in chosen]
+    return labeled, unlabeled
+
+
+def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0) -> dict[str, dict]:
+    """Write ``<out_dir>/<a_b>/labeled.txt`` and ``unlabeled.txt`` for each fraction of the list at ``list_path``.
+    Returns ``{folder: {"labeled": n, "unlabeled": n, "dir": path}}``."""
+    items = read_split(list_path)
+    if not all(mask is not None for _, mask in items):
+        raise ValueError(f"{list_path}: every line needs a mask path to make a labeled split")
+    written = {}
+    for text in fractions:
+        value = parse_fraction(text)
+        labeled, unlabeled = split_items(items, value, seed)
+        folder = os.path.join(out_dir, fraction_name(value))
+        write_split(os.path.join(folder, "labeled.txt"), labeled)
+        write_split(os.path.join(folder, "unlabeled.txt"), unlabeled)
+        written[fraction_name(value)] = {"labeled": len(labeled), "unlabeled": len(unlabeled), "dir": folder}
+    return written
+
+
+__all__ = ["fraction_name", "parse_fraction", "split_items", "write_splits"]
