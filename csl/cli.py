@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
     csl eval --checkpoint runs/voc/best.pt [--config cfg.yaml] [key=value ...]
     csl predict --checkpoint runs/voc/best.pt --images img1.jpg dir/ 'glob/*.png' --out preds/
+    csl analyze --checkpoint runs/camvid/csl/latest.pt [--split unlabeled|val] [--out DIR]
     csl demo [--out runs/demo] [--iters N]
     csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out splits/camvid
 
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 
+    a = sub.add_parser("analyze", help="pseudo-label selection quality of a checkpoint on images with masks "
+                                       "(threshold sweep, CSL, entropy, margin; JSON + pictures)")
+    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
+    a.add_argument("--out", help="output folder (default: <checkpoint folder>/analysis)")
+    a.add_argument("--split", default="unlabeled", choices=("unlabeled", "val"),
+                   help="images to analyse: the split's unlabeled part (default) or the validation set")
+    a.add_argument("--max-images", type=int, help="analyse only the first N images")
+    a.add_argument("--panels", type=int, default=4, help="images shown in panels.png (default 4)")
+    a.add_argument("overrides", nargs="*", metavar="key=value")
+
     d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes) "
                                     "or, with --config, on another dataset")
     d.add_argument("--config", default="demo", help="base config (default demo; camvid = the CamVid experiment)")
@@ -74,12 +86,20 @@ def _config_for_checkpoint(args, ckpt: dict) -> dict:
     return build_config(stored, args.overrides)
 
 
-def _model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
+def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
+    """The checkpoint's model in eval mode on ``device`` and its class count. A config whose ``data.num_classes``
+    differs from the checkpoint's is an error (its ground truth would be scored against the wrong classes)."""
     from .checkpoint import model_state
     from .model import build_model
 
     state = model_state(ckpt, path)
+    if "classifier.weight" not in state:
+        raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
     num_classes = ckpt.get("num_classes") or state["classifier.weight"].shape[0]
+    wanted = cfg["data"]["num_classes"]
+    if wanted is not None and int(wanted) != int(num_classes):
+        raise ConfigError(f"{path} predicts {num_classes} classes but data.num_classes is {wanted}; evaluate it on "
+                          f"data with {num_classes} classes (or leave data.num_classes unset)")
     model_cfg = dict(cfg["model"], pretrained=None)  # the checkpoint holds every weight
     model = build_model(model_cfg, int(num_classes))
     model.load_state_dict(state)
@@ -125,7 +145,7 @@ def cmd_eval(args) -> int:
     env = init_distributed(cfg["device"])
     setup_logging(None, env.is_main)
     try:
-        model, num_classes = _model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
+        model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
         loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
                                   num_workers=min(cfg["data"]["num_workers"], 2))
         mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
@@ -176,7 +196,7 @@ def cmd_predict(args) -> int:
     cfg = _config_for_checkpoint(args, ckpt)
     device = pick_device(cfg["device"])
     paths = expand_images(args.images)
-    model, num_classes = _model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
+    model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
     d = cfg["data"]
     written = predict_images(model, paths, args.out, num_classes=num_classes, mean=tuple(d["mean"] or IMAGENET_MEAN),
                              std=tuple(d["std"] or IMAGENET_STD), mode=cfg["eval"]["mode"] or
@@ -199,6 +219,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analyze import BASELINE_TAU, run_analysis
+    from .logging_utils import setup_logging
+
+    setup_logging(None, True)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
+    r = run_analysis(args.checkpoint, out, overrides=args.overrides, config=args.config, split=args.split,
+                     max_images=args.max_images, panels=args.panels)
+    base = next(x for x in r["threshold"] if abs(x["tau"] - BASELINE_TAU) < 1e-9) if any(
+        abs(x["tau"] - BASELINE_TAU) < 1e-9 for x in r["threshold"]) else None
+    print(f"{r['images']} images ({r['split']}), {r['valid_pixels']} valid pixels, model pixel accuracy "
+          f"{100 * r['model_accuracy']:.1f} %")
+    print(f"{'rule':<26} {'share':>7} {'accuracy':>9} {'recall':>7}")
+    rows = ([(f"threshold {BASELINE_TAU:g}", base)] if base else []) + [
+        ("CSL reliable (w = 1)", r["csl"]["hard"]), ("CSL weighted", r["csl"]["weighted"]),
+        ("CSL class reliable", r["csl_class"]["hard"]), ("CSL class weighted", r["csl_class"]["weighted"])] + [
+        (f"{name} at CSL's share", q) for name, q in r["at_csl_share"].items()]
+    for name, q in rows:
+        print(f"{name:<26} {100 * q['share']:6.1f}% {100 * q['accuracy']:8.1f}% {100 * q['recall']:6.1f}%")
+    print(f"wrote {os.path.join(out, 'analysis.json')} and {len(r['pictures'])} pictures")
+    return 0
+
+
 def cmd_split(args) -> int:
     from .data.splits import write_splits
 
@@ -214,7 +257,8 @@ def cmd_split(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split,
+                "analyze": cmd_analyze}
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError) as e:
@@ -225,4 +269,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["expand_images", "main", "val_dataset"]
+__all__ = ["expand_images", "main", "model_from_checkpoint", "val_dataset"]

@@ -151,7 +151,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"results": results, "warmup": warm, "total_seconds": total, "config": base,
+        json.dump({"results": results, "warmup": warm, "total_seconds": total, "config": base, "note": note,
                    "warmup_lr": warmup_lr, "warmup_iters": warmup}, f, indent=1)
     return results
 

@@ -96,16 +96,20 @@ def test_pretrained_weights_from_local_file(tmp_path, caplog):
     assert model.pretrained_report["missing"] == [] and model.pretrained_report["unexpected"] == []
     assert model.pretrained_report["loaded"] == len(ref.state_dict()) - 2  # all but fc.weight / fc.bias
 
-    # A checkpoint wrapper with a DDP prefix, one extra and one missing key: loaded, and the keys reported.
-    sd = {f"module.{k}": v for k, v in ref.state_dict().items() if k != "layer1.0.conv1.weight"}
+    # A checkpoint wrapper with a DDP prefix and one extra key: loaded, the extra key reported.
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items()}
     sd["module.extra.weight"] = torch.zeros(3)
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
     with caplog.at_level(logging.WARNING, logger="csl"):
         model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "wrapped.pth")}, 5)
-    assert model.pretrained_report["missing"] == ["layer1.0.conv1.weight"]
-    assert model.pretrained_report["unexpected"] == ["extra.weight"]
-    assert "layer1.0.conv1.weight" in caplog.text and "extra.weight" in caplog.text
+    assert model.pretrained_report["missing"] == [] and model.pretrained_report["unexpected"] == ["extra.weight"]
+    assert "extra.weight" in caplog.text
     assert torch.equal(model.backbone.layer2[0].conv1.weight, ref.layer2[0].conv1.weight)
+    # A backbone key missing from the file: an error naming it, nothing left at random init silently.
+    del sd["module.layer1.0.conv1.weight"]
+    torch.save({"state_dict": sd}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"lacks 1 of .*layer1\.0\.conv1\.weight"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "partial.pth")}, 5)
 
     with pytest.raises(FileNotFoundError, match="no_such_weights.pth"):
         build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "no_such_weights.pth")}, 5)

@@ -1,0 +1,244 @@
+"""Pictures of ``csl analyze`` and of the experiment reports (matplotlib, written as PNG without a display)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# csl analyze
+
+
+def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: str | None = None) -> str:
+    """Accuracy against recall of the selected pseudo-labels: the threshold sweep, the entropy and margin sweeps,
+    and the CSL points (hard and weighted, per image and per class)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    th = result["threshold"]
+    ax.plot([r["recall"] for r in th], [r["accuracy"] for r in th], "o-", color="tab:blue",
+            label="confidence threshold sweep")
+    for r in th:
+        ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7, color="tab:blue")
+    base = [r for r in th if abs(r["tau"] - tau) < 1e-9]
+    if base:
+        ax.plot(base[0]["recall"], base[0]["accuracy"], "s", ms=10, mfc="none", mec="tab:blue", mew=2,
+                label=f"threshold {tau:g} (UniMatch)")
+    styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:olive")}
+    for name, sweep in result["sweeps"].items():
+        marker, colour = styles.get(name, (".--", "black"))
+        ax.plot([r["recall"] for r in sweep], [r["accuracy"] for r in sweep], marker, color=colour, ms=4,
+                label=f"{name} (share sweep)")
+    points = [("csl", "hard", "*", "tab:red", "CSL per image: reliable (w = 1)"),
+              ("csl", "weighted", "P", "tab:red", "CSL per image: weighted"),
+              ("csl_class", "hard", "*", "tab:purple", "CSL per class: reliable"),
+              ("csl_class", "weighted", "P", "tab:purple", "CSL per class: weighted")]
+    for rule, kind, marker, colour, label in points:
+        r = result[rule][kind]
+        ax.plot(r["recall"], r["accuracy"], marker, ms=13 if marker == "*" else 10, color=colour, label=label,
+                mec="black", mew=0.5)
+    ax.set_xlabel("recall of the correct pseudo-labels")
+    ax.set_ylabel("accuracy of the selected pseudo-labels")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or f"selection on {result.get('images', '?')} images ({result.get('split', '')})", fontsize=9)
+    return _save(fig, out_dir, "accuracy_recall.png")
+
+
+def weight_surface(f0: np.ndarray, f1: np.ndarray, mu: np.ndarray, var: np.ndarray, alpha: float,
+                   eps: float = 1e-8) -> np.ndarray:
+    """The PCOS weight as a function of the two features (docs/selection.md Sec. 2, step 6): the Gaussian of the
+    reliable cluster, 1 where either feature exceeds the cluster mean."""
+    z0 = (f0 - mu[0]) / np.sqrt(var[0] + eps)
+    z1 = (f1 - mu[1]) / np.sqrt(var[1] + eps)
+    w = np.exp(-(z0 ** 2 + z1 ** 2) / alpha)
+    return np.where((f0 > mu[0]) | (f1 > mu[1]), 1.0, w)
+
+
+def pcos_clusters(f0: np.ndarray, f1: np.ndarray) -> np.ndarray:
+    """The PCOS assignment of each pixel (argmax of the absolute right singular vector of the 2 x N features)."""
+    phi = np.stack([f0, f1], axis=1).astype(np.float64)
+    lam, u = np.linalg.eigh(phi.T @ phi)
+    lam, u = lam[::-1], u[:, ::-1]
+    s = np.sqrt(np.maximum(lam, 0))
+    if s[1] <= 1e-12 * s[0]:
+        return np.zeros(len(f0), dtype=np.int64)
+    v = np.abs(phi @ u) / s
+    return np.argmax(v, axis=1)
+
+
+def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0.95, max_points: int = 6000,
+                       confidence: str = "prob") -> str:
+    """One image's pixels in the (confidence, residual dispersion) plane: left coloured by the PCOS cluster with
+    the Gaussian weight contours of the reliable cluster and the threshold line, right by whether the
+    pseudo-label is correct."""
+    plt = _pyplot()
+    f0, f1 = example["f0"].reshape(-1), example["dispersion"].reshape(-1)
+    correct = (example["pred"] == example["target"]).reshape(-1)
+    valid = (example["target"] != example.get("ignore_index", 255)).reshape(-1)
+    cluster = pcos_clusters(f0, f1)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(f0))[:max_points]
+    mu, var, chosen = example["mu"][example["chosen"]], example["var"][example["chosen"]], example["chosen"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    pad0, pad1 = 0.05 * (f0.max() - f0.min() + 1e-6), 0.05 * (f1.max() - f1.min() + 1e-6)
+    g0 = np.linspace(f0.min() - pad0, f0.max() + pad0, 300)
+    g1 = np.linspace(f1.min() - pad1, f1.max() + pad1, 300)
+    G0, G1 = np.meshgrid(g0, g1)
+    W = weight_surface(G0, G1, mu, var, alpha)
+    thr = np.log(tau) if confidence == "log" else tau
+    for ax in axes:
+        cs = ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9, 0.999], colors="black", linewidths=0.8)
+        ax.clabel(cs, fmt=lambda v: f"w={v:.2g}" if v < 0.99 else "w=1", fontsize=7)
+        ax.axvline(thr, color="tab:blue", ls="--", lw=1.2, label=f"threshold {tau:g}")
+        ax.plot(mu[0], mu[1], "kx", ms=10, mew=2, label="reliable cluster mean")
+        ax.set_xlabel("max confidence" + (" (log)" if confidence == "log" else ""))
+        ax.grid(alpha=0.2)
+    sel = idx[cluster[idx] == chosen]
+    oth = idx[cluster[idx] != chosen]
+    axes[0].scatter(f0[oth], f1[oth], s=3, c="tab:orange", alpha=0.5, label="other cluster")
+    axes[0].scatter(f0[sel], f1[sel], s=3, c="tab:green", alpha=0.5, label="reliable cluster")
+    axes[0].set_ylabel("residual dispersion v")
+    axes[0].set_title("PCOS clusters and Gaussian weight contours", fontsize=9)
+    ok, bad = idx[correct[idx] & valid[idx]], idx[~correct[idx] & valid[idx]]
+    axes[1].scatter(f0[ok], f1[ok], s=3, c="tab:gray", alpha=0.4, label="correct pseudo-label")
+    axes[1].scatter(f0[bad], f1[bad], s=4, c="tab:red", alpha=0.6, label="wrong pseudo-label")
+    axes[1].set_title("correct vs wrong pseudo-labels (ground truth)", fontsize=9)
+    for ax in axes:
+        ax.legend(fontsize=7, loc="lower left", markerscale=3)
+    fig.suptitle(f"{example['name']}: {len(f0)} pixels ({min(max_points, len(f0))} shown)", fontsize=9)
+    return _save(fig, out_dir, "feature_plane.png")
+
+
+def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    ok = (labels >= 0) & (labels < len(colours)) & (labels != ignore_index)
+    out[ok] = colours[labels[ok]]
+    return out
+
+
+def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: str | None, tau: float = 0.95
+                ) -> str:
+    """A row per image: image, ground truth, prediction, CSL weight, threshold mask, TMP cover."""
+    from .data.colors import palette
+
+    plt = _pyplot()
+    colours = palette(num_classes, dataset)
+    cols = ["image", "ground truth", "prediction", "CSL weight", f"threshold {tau:g}", "TMP cover"]
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.6 * len(cols), 2.1 * len(examples)),
+                             squeeze=False)
+    for row, ex in zip(axes, examples, strict=True):
+        pics = [ex["image"], colourize(ex["target"], colours), colourize(ex["pred"], colours), ex["weight"],
+                (ex["conf"] >= tau).astype(np.float32), ex["cover"].astype(np.float32)]
+        for ax, pic, col in zip(row, pics, cols, strict=True):
+            if pic.ndim == 2:
+                ax.imshow(pic, cmap="viridis", vmin=0, vmax=1)
+            else:
+                ax.imshow(pic)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row is axes[0]:
+                ax.set_title(col, fontsize=9)
+        row[0].set_ylabel(os.path.basename(ex["name"]), fontsize=7)
+    return _save(fig, out_dir, "panels.png")
+
+
+def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
+    """Per-class accuracy and recall of the threshold baseline and of CSL (hard and weighted)."""
+    plt = _pyplot()
+    names = result["class_names"]
+    base = [r for r in result["threshold"] if abs(r["tau"] - tau) < 1e-9]
+    rules = ([(f"threshold {tau:g}", base[0])] if base else []) + [("CSL reliable", result["csl"]["hard"]),
+                                                                   ("CSL weighted", result["csl"]["weighted"])]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(names) + 2), 6), sharex=True)
+    x = np.arange(len(names))
+    width = 0.8 / len(rules)
+    for ax, metric in zip(axes, ("accuracy", "recall"), strict=True):
+        for j, (label, r) in enumerate(rules):
+            vals = [np.nan if v is None else v for v in r["per_class"][metric]]
+            ax.bar(x + (j - (len(rules) - 1) / 2) * width, vals, width, label=label)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=len(rules))
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+    axes[0].set_title("per class: accuracy by pseudo-label class, recall by true class", fontsize=9)
+    return _save(fig, out_dir, "per_class.png")
+
+
+def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: float, tau: float = 0.95,
+                  dataset: str | None = None) -> list[str]:
+    """Every picture of ``csl analyze``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plot_accuracy_recall(result, out_dir, tau), plot_per_class(result, out_dir, tau)]
+    if examples:
+        paths.append(plot_feature_plane(examples[0], out_dir, alpha, tau, confidence=result.get("confidence",
+                                                                                                   "prob")))
+        paths.append(plot_panels(examples, out_dir, result["num_classes"], dataset, tau))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experiment reports
+
+
+def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
+    """Per-epoch mask ratio / accuracy / recall of the reliable pseudo-labels of each method (``pseudo_labels``
+    records of metrics.jsonl)."""
+    plt = _pyplot()
+    keys = [("mask_ratio", "mask ratio (mean weight)"), ("accuracy", "accuracy of reliable pseudo-labels"),
+            ("recall", "recall of correct pseudo-labels")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for method, records in curves.items():
+        its = [r["iter"] for r in records]
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            vals = [r.get(key) for r in records]
+            if any(v is not None for v in vals):
+                ax.plot(its, [np.nan if v is None else v for v in vals], "o-", ms=3, label=method)
+    for ax, (_, title) in zip(axes, keys, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
+def plot_miou_curves(curves: dict[str, list[dict]], out_path: str) -> str:
+    """Validation mIoU per evaluation of each method (``eval`` records of metrics.jsonl)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method, records in curves.items():
+        ax.plot([r["iter"] for r in records], [100 * r["miou"] for r in records], "o-", ms=3, label=method)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
+__all__ = ["colourize", "pcos_clusters", "plot_accuracy_recall", "plot_analysis", "plot_feature_plane",
+           "plot_miou_curves", "plot_panels", "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]

@@ -1,0 +1,217 @@
+"""The report of a method comparison (``csl demo --config ...``) and its ``csl analyze`` folders, as Markdown + PNG.
+
+    python -m csl.report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report
+
+Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.jsonl`` and, optionally,
+``analysis/<method>/analysis.json`` (from ``csl analyze``). With several folders (seeds) the tables give each seed and
+the mean with the spread (max - min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from .demo import LABELS
+from .logging_utils import read_metrics
+
+BASELINE_TAU = 0.95
+
+
+def _pct(v, digits: int = 1) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.{digits}f}"
+
+
+def load_run(folder: str) -> dict:
+    """summary.json, the metrics of each method and the analyses of one run folder."""
+    path = os.path.join(folder, "summary.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; is {folder} a `csl demo` output folder?")
+    with open(path) as f:
+        summary = json.load(f)
+    methods = list(summary["results"])
+    metrics = {}
+    for m in ["warmup", *methods]:
+        p = os.path.join(folder, m, "metrics.jsonl")
+        if os.path.isfile(p):
+            metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
+    analyses = {}
+    for m in ["warmup", *methods]:
+        p = os.path.join(folder, "analysis", m, "analysis.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                analyses[m] = json.load(f)
+    return {"folder": folder, "summary": summary, "methods": methods, "metrics": metrics, "analyses": analyses}
+
+
+def _baseline(analysis: dict) -> dict | None:
+    return next((r for r in analysis["threshold"] if abs(r["tau"] - BASELINE_TAU) < 1e-9), None)
+
+
+def _mean_spread(values: list) -> str:
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return _pct(vals[0])
+    return f"{100 * np.mean(vals):.1f} ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+
+
+def results_table(runs: list[dict]) -> str:
+    """mIoU of each method per seed (and mean), with the selection quality of its final model when analysed."""
+    seeds = [r["summary"]["config"]["seed"] for r in runs]
+    head = "| method | " + " | ".join(f"mIoU seed {s} (%)" for s in seeds)
+    head += " | mean ± half-range (%) |" if len(runs) > 1 else " |"
+    head += " best mIoU (%) | time (s) |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in runs[0]["methods"]]
+    for key, label in rows:
+        if key == "warmup":
+            vals = [r["summary"]["warmup"]["miou"] if r["summary"].get("warmup") else None for r in runs]
+            best = vals
+            secs = [r["summary"]["warmup"]["seconds"] if r["summary"].get("warmup") else None for r in runs]
+        else:
+            vals = [r["summary"]["results"].get(key, {}).get("miou") for r in runs]
+            best = [r["summary"]["results"].get(key, {}).get("best_miou") for r in runs]
+            secs = [r["summary"]["results"].get(key, {}).get("seconds") for r in runs]
+        cells = [_pct(v) for v in vals]
+        if len(runs) > 1:
+            cells.append(_mean_spread(vals))
+        cells.append(" / ".join(_pct(v) for v in best))
+        cells.append(" / ".join("-" if s is None else f"{s:.0f}" for s in secs))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(run: dict) -> str:
+    """Final val IoU per class of each method of one run."""
+    evals = {m: run["metrics"].get(m, {}).get("eval") for m in ["warmup", *run["methods"]]}
+    evals = {m: e[-1] for m, e in evals.items() if e}
+    if not evals:
+        return "(no evaluation records)"
+    first = next(iter(evals.values()))
+    names = (run["analyses"].get("warmup") or next(iter(run["analyses"].values()), {})).get("class_names") or [
+        f"class {k}" for k in range(len(first["iou"]))]
+    lines = ["| class | " + " | ".join(LABELS.get(m, m) for m in evals) + " |",
+             "| --- |" + " ---: |" * len(evals)]
+    for k, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(_pct(e["iou"][k]) for e in evals.values()) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{_pct(e['miou'])}**" for e in evals.values()) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(analysis: dict) -> str:
+    """Share / accuracy / recall of every rule on one analysed model."""
+    lines = ["| rule | share (%) | accuracy (%) | recall (%) |", "| --- | ---: | ---: | ---: |"]
+
+    def row(name, q, bold=False):
+        cells = [_pct(q["share"]), _pct(q["accuracy"]), _pct(q["recall"])]
+        if bold:
+            name, cells = f"**{name}**", [f"**{c}**" for c in cells]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    for r in analysis["threshold"]:
+        row(f"confidence >= {r['tau']:g}", r, bold=abs(r["tau"] - BASELINE_TAU) < 1e-9)
+    row("CSL per image, reliable (w = 1)", analysis["csl"]["hard"], bold=True)
+    row("CSL per image, weighted", analysis["csl"]["weighted"], bold=True)
+    row("CSL per class, reliable", analysis["csl_class"]["hard"])
+    row("CSL per class, weighted", analysis["csl_class"]["weighted"])
+    for name, q in analysis["at_csl_share"].items():
+        row(f"{name}, best pixels at CSL's weighted share", q)
+    row("all pixels", analysis["all_pixels"])
+    return "\n".join(lines)
+
+
+def selection_summary_table(runs: list[dict]) -> str:
+    """Threshold 0.95 vs CSL on every analysed model of every run, one line each."""
+    lines = ["| seed | model | pixel acc. (%) | thr 0.95 share / acc. / recall (%) | CSL reliable share / acc. / "
+             "recall (%) | CSL weighted share / acc. / recall (%) | confidence at CSL's share: acc. / recall (%) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        seed = run["summary"]["config"]["seed"]
+        for m, a in run["analyses"].items():
+            b = _baseline(a)
+
+            def three(q):
+                return f"{_pct(q['share'])} / {_pct(q['accuracy'])} / {_pct(q['recall'])}"
+
+            conf = a["at_csl_share"].get("confidence")
+            lines.append(f"| {seed} | {LABELS.get(m, m)} | {_pct(a['model_accuracy'])} | "
+                         f"{three(b) if b else '-'} | {three(a['csl']['hard'])} | {three(a['csl']['weighted'])} | "
+                         f"{_pct(conf['accuracy']) + ' / ' + _pct(conf['recall']) if conf else '-'} |")
+    return "\n".join(lines)
+
+
+def training_pl_table(run: dict) -> str:
+    """Pseudo-label quality per epoch during training (reliable pixels vs the unlabeled ground truth)."""
+    lines = ["| method | iteration | mask ratio (%) | accuracy (%) | recall (%) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for m in run["methods"]:
+        for r in run["metrics"].get(m, {}).get("pseudo_labels", []):
+            lines.append(f"| {LABELS.get(m, m)} | {r['iter']} | {_pct(r.get('mask_ratio'))} | "
+                         f"{_pct(r.get('accuracy'))} | {_pct(r.get('recall'))} |")
+    return "\n".join(lines)
+
+
+def write_report(folders: list[str], out_dir: str) -> str:
+    """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
+    from .plots import plot_miou_curves, plot_pseudo_label_curves
+
+    runs = [load_run(f) for f in folders]
+    os.makedirs(out_dir, exist_ok=True)
+    parts = ["# Method comparison\n", "Run folders: " + ", ".join(f"`{r['folder']}`" for r in runs) + "\n"]
+    for r in runs:
+        note = r["summary"].get("note")
+        if note:
+            parts.append(f"Seed {r['summary']['config']['seed']}: {note}\n")
+    parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
+              ""]
+    if any(r["analyses"] for r in runs):
+        parts += ["## Selection quality on the unlabeled images (`csl analyze`)\n", selection_summary_table(runs), ""]
+    for r in runs:
+        seed = r["summary"]["config"]["seed"]
+        tag = f"seed{seed}"
+        parts += [f"## Seed {seed}\n", "### Per-class IoU (val, final models)\n", per_class_table(r), ""]
+        pl = {LABELS.get(m, m): r["metrics"][m]["pseudo_labels"] for m in r["methods"]
+              if r["metrics"].get(m, {}).get("pseudo_labels")}
+        if pl:
+            name = f"pseudo_labels_{tag}.png"
+            plot_pseudo_label_curves(pl, os.path.join(out_dir, name))
+            parts += ["### Pseudo-labels during training\n", f"![pseudo-label quality per epoch]({name})\n",
+                      training_pl_table(r), ""]
+        ev = {LABELS.get(m, m): r["metrics"][m]["eval"] for m in r["methods"] if r["metrics"].get(m, {}).get("eval")}
+        if ev:
+            name = f"miou_{tag}.png"
+            plot_miou_curves(ev, os.path.join(out_dir, name))
+            parts += [f"![val mIoU per evaluation]({name})\n"]
+        for m, a in r["analyses"].items():
+            parts += [f"### Selection on the {a['images']} {a['split']} images, model: {LABELS.get(m, m)}\n",
+                      f"Model pixel accuracy {_pct(a['model_accuracy'])} %, {a['valid_pixels']} valid pixels, "
+                      f"alpha {a['alpha']:g}. Pictures: `{os.path.join(r['folder'], 'analysis', m)}/`.\n",
+                      selection_table(a), ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m csl.report", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run folders of `csl demo --config ...` (one per seed)")
+    p.add_argument("--out", required=True, help="folder for report.md and its pictures")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.runs, args.out)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"csl.report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
