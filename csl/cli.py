@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=int, help="iterations per method after the warm-up (default: the demo config's)")
     d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 300)")
     d.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default 0.01)")
+    d.add_argument("--fresh", action="store_true",
+                   help="start every run anew (default: reuse runs finished in --out under the same config and "
+                        "continue stopped ones)")
     d.add_argument("--methods", default="supervised,threshold,csl",
                    help="comma-separated subset of supervised,threshold,csl,csl_class")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
@@ -215,7 +218,7 @@ def cmd_demo(args) -> int:
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     warmup_lr = DEFAULT_WARMUP_LR if args.warmup_lr is None else args.warmup_lr
     run_demo(args.out, methods=methods, iters=args.iters, warmup=warmup, warmup_lr=warmup_lr,
-             overrides=args.overrides, config=args.config)
+             overrides=args.overrides, config=args.config, fresh=args.fresh)
     return 0
 
 

@@ -39,11 +39,70 @@ LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatc
 
 
 def _fresh(cfg: dict) -> dict:
-    for name in ("metrics.jsonl", "latest.pt", "best.pt"):  # a new run, not appended to / resumed from an old one
+    for name in ("metrics.jsonl", "latest.pt", "best.pt", "done.json"):  # a new run, not appended to / resumed
         path = os.path.join(cfg["output_dir"], name)
         if os.path.exists(path):
             os.remove(path)
     return cfg
+
+
+def _same_run(cfg: dict) -> bool:
+    """Whether ``cfg``'s run folder was written by this very configuration (``train.resume`` aside)."""
+    import yaml
+
+    path = os.path.join(cfg["output_dir"], "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        stored = yaml.safe_load(f)
+    if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+        return False
+    mine = {**cfg, "train": {**cfg["train"], "resume": None}}
+    return {**stored, "train": {**stored["train"], "resume": None}} == mine
+
+
+def _logged_seconds(cfg: dict, until: int) -> float:
+    """Training time of iterations ``<= until`` from the run's ``train`` records (evaluations not included)."""
+    path = os.path.join(cfg["output_dir"], "metrics.jsonl")
+    total, prev = 0.0, 0
+    for r in read_metrics(path, "train") if os.path.isfile(path) else []:
+        if r["iter"] <= until:
+            total += r.get("sec_per_iter", 0.0) * (r["iter"] - prev)
+            prev = r["iter"]
+    return total
+
+
+def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
+    """Train ``cfg``'s run and return its seconds; nothing done is lost when a comparison is stopped and started
+    again: a run folder finished under the same config is reused as it is, one with a ``latest.pt`` from the same
+    config continues from it (the trainer resumes exactly), anything else starts afresh."""
+    import torch
+
+    from .checkpoint import LATEST
+
+    out = cfg["output_dir"]
+    done, latest = os.path.join(out, "done.json"), os.path.join(out, LATEST)
+    before = 0.0
+    if fresh:
+        _fresh(cfg)
+    if _same_run(cfg) and os.path.isfile(done):
+        with open(done) as f:
+            seconds = json.load(f)["seconds"]
+        print(f"   already done ({seconds:.0f} s): {out}", flush=True)
+        return seconds
+    if _same_run(cfg) and os.path.isfile(latest):
+        iteration = int(torch.load(latest, map_location="cpu", weights_only=True)["iteration"])
+        before = _logged_seconds(cfg, iteration)
+        print(f"   continuing from {latest} (iteration {iteration}, {before:.0f} s of training logged)", flush=True)
+        cfg = build_config(cfg, {"train.resume": latest})
+    else:
+        _fresh(cfg)
+    t0 = time.perf_counter()
+    train_fn(cfg)
+    seconds = before + time.perf_counter() - t0
+    with open(done, "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return seconds
 
 
 def warmup_config(base: dict, out_dir: str, iters: int, lr: float = DEFAULT_WARMUP_LR) -> dict:
@@ -100,11 +159,12 @@ def format_table(results: dict[str, dict]) -> str:
 
 def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | None = None, iters: int | None = None,
              warmup: int = DEFAULT_WARMUP, warmup_lr: float = DEFAULT_WARMUP_LR, overrides: list[str] | None = None,
-             config: str = "demo") -> dict[str, dict]:
+             config: str = "demo", fresh: bool = False) -> dict[str, dict]:
     """Warm up, train each method, print and write the comparison table. Returns the per-method results.
 
     ``config``: the base config (bundled name or YAML path; ``demo`` = the synthetic demo, ``camvid`` = the CamVid
-    experiment), ``overrides`` applied to it."""
+    experiment), ``overrides`` applied to it. Runs finished (or stopped) earlier in ``out_dir`` under the same
+    configuration are reused (or continued), see :func:`run_stage`; ``fresh=True`` starts every run anew."""
     from .train import train
 
     methods = methods or ["supervised", "threshold", "csl"]
@@ -117,19 +177,15 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     start = time.perf_counter()
     init_from, warm = None, None
     if warmup:
-        cfg = _fresh(warmup_config(base, out_dir, warmup, warmup_lr))
+        cfg = warmup_config(base, out_dir, warmup, warmup_lr)
         print(f"\n== supervised warm-up: {warmup} iterations -> {cfg['output_dir']}", flush=True)
-        t0 = time.perf_counter()
-        train(cfg)
-        warm = _result(cfg, time.perf_counter() - t0)
+        warm = _result(cfg, run_stage(cfg, train, fresh))
         init_from = os.path.join(cfg["output_dir"], "latest.pt")
     results: dict[str, dict] = {}
     for method in methods:
-        cfg = _fresh(method_config(base, method, out_dir, iters, init_from))
+        cfg = method_config(base, method, out_dir, iters, init_from)
         print(f"\n== {LABELS[method]}: {cfg['train']['iters']} iterations -> {cfg['output_dir']}", flush=True)
-        t0 = time.perf_counter()
-        train(cfg)
-        results[method] = _result(cfg, time.perf_counter() - t0)
+        results[method] = _result(cfg, run_stage(cfg, train, fresh))
     total = time.perf_counter() - start
     d = base["data"]
     after = (f"after a shared supervised warm-up of {warmup} iterations at lr {warmup_lr:g} (mIoU "

@@ -120,6 +120,53 @@ def test_pretrained_weights_from_local_file(tmp_path, caplog):
         build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "other.pth")}, 5)
 
 
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+def test_mobilenet_v2_backbone_strides_and_torchvision_keys(tmp_path, output_stride):
+    torch.manual_seed(0)
+    model = build_model({"backbone": "mobilenet_v2", "output_stride": output_stride}, 3).eval()
+    c1, c4 = model.backbone(torch.randn(1, 3, 64, 96))
+    assert c1.shape == (1, 24, 16, 24) and c4.shape == (1, 320, 64 // output_stride, 96 // output_stride)
+    assert model(torch.randn(2, 3, 50, 70)).shape == (2, 3, 50, 70)
+    # torchvision's state dict loads unchanged (its last conv and classifier dropped); dilation keeps the weights.
+    ref = models.mobilenet_v2(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "mnv2.pth")
+    model = build_model({"backbone": "mobilenet_v2", "output_stride": output_stride,
+                         "pretrained": str(tmp_path / "mnv2.pth")}, 3)
+    assert model.pretrained_report["loaded"] == len(model.backbone.state_dict())
+    assert model.pretrained_report["unexpected"] == []
+    assert torch.equal(model.backbone.features[17].conv[1][0].weight, ref.features[17].conv[1][0].weight)
+    if output_stride == 32:  # undilated: exactly torchvision's features[:18]
+        ref.eval()
+        model.eval()
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(model.backbone(x)[1], ref.features[:18](x))
+
+
+def test_pretrained_file_hash_and_imagenet_download_errors(tmp_path, monkeypatch):
+    from csl.model import backbone as bb
+
+    ref = models.mobilenet_v2(weights=None)
+    path = tmp_path / "mobilenet_v2-00000000.pth"  # a torchvision-style name whose hash prefix cannot match
+    torch.save(ref.state_dict(), path)
+    with pytest.raises(ValueError, match="does not start with 00000000"):
+        build_model({"backbone": "mobilenet_v2", "pretrained": str(path)}, 3)
+    digest = bb.hashlib.sha256(path.read_bytes()).hexdigest()
+    good = tmp_path / f"mobilenet_v2-{digest[:8]}.pth"
+    path.rename(good)
+    assert build_model({"backbone": "mobilenet_v2", "pretrained": str(good)}, 3).pretrained_report[
+        "sha256_prefix"] == digest[:8]
+
+    # pretrained=imagenet goes through torchvision's weights API; unreachable, the error names the file to fetch.
+    def offline(self, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match=r"mobilenet_v2-b0353104\.pth.*by hand"):
+        build_model({"backbone": "mobilenet_v2", "pretrained": "imagenet"}, 3)
+    monkeypatch.setattr(models.WeightsEnum, "get_state_dict", lambda self, *a, **k: ref.state_dict())
+    assert build_model({"backbone": "mobilenet_v2", "pretrained": "imagenet"}, 3).pretrained_report["loaded"] > 0
+
+
 def test_convert_sync_bn_only_for_several_processes():
     model = DeepLabV3Plus(3, backbone="resnet18")
     assert convert_sync_bn(model) is model
