@@ -76,7 +76,7 @@ setup(
     description="Fast, exact CSL pseudo-label selection kernels and a semi-supervised segmentation trainer",
     python_requires=">=3.10",
     packages=find_packages(include=["csl_kernels", "csl_kernels.*", "csl", "csl.*", "bench", "bench.*"]),
-    package_data={"csl_kernels": ["csrc/**/*"], "csl": ["configs/*.yaml"]},
+    package_data={"csl_kernels": ["csrc/**/*"], "csl": ["configs/*.yaml", "splits/*", "splits/*/*", "splits/*/*/*"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

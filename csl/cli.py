@@ -1,12 +1,12 @@
 """Command line: ``csl train | eval | predict | demo`` (also ``python -m csl ...``).
 
-    csl train --config voc_321 data.root=/data/VOC2012 data.split_dir=splits/pascal/1464 [key=value ...]
+    csl train --config voc_321 data.root=/data/VOC2012 data.split=1464 [key=value ...]
     torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
     csl eval --checkpoint runs/voc/best.pt [--config cfg.yaml] [key=value ...]
     csl predict --checkpoint runs/voc/best.pt --images img1.jpg dir/ 'glob/*.png' --out preds/
     csl analyze --checkpoint runs/camvid/csl/latest.pt [--split unlabeled|val] [--out DIR]
     csl demo [--out runs/demo] [--iters N]
-    csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out splits/camvid
+    csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out my_splits/camvid
 
 ``--config`` takes a YAML path or the name of a bundled config (demo, voc_321, voc_513, cityscapes_801, coco);
 ``eval`` / ``predict`` default to the config stored in the checkpoint.
@@ -85,7 +85,8 @@ def _config_for_checkpoint(args, ckpt: dict) -> dict:
         return load_config(args.config, args.overrides)
     stored = ckpt.get("config")
     if not isinstance(stored, dict):
-        raise ConfigError(f"{args.checkpoint} stores no config; pass --config")
+        raise ConfigError(f"{args.checkpoint} stores no config (a UniMatch / CSL checkpoint?); pass --config, e.g. "
+                          f"--config voc_321 for their Pascal model")
     return build_config(stored, args.overrides)
 
 
@@ -93,9 +94,15 @@ def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
     """The checkpoint's model in eval mode on ``device`` and its class count. A config whose ``data.num_classes``
     differs from the checkpoint's is an error (its ground truth would be scored against the wrong classes)."""
     from .checkpoint import model_state
-    from .model import build_model
+    from .model import build_model, from_unimatch_state_dict, is_unimatch_state_dict
 
     state = model_state(ckpt, path)
+    if is_unimatch_state_dict(state):
+        if cfg["model"]["stem"] != "deep" and str(cfg["model"]["backbone"]).startswith("resnet"):
+            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its ResNet has the deep stem; pass "
+                              f"model.stem=deep (the voc / cityscapes / coco configs set it)")
+        state = from_unimatch_state_dict(state)
+        log.info("%s: UniMatch / CSL module names mapped to this package's", path)
     if "classifier.weight" not in state:
         raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
     num_classes = ckpt.get("num_classes") or state["classifier.weight"].shape[0]

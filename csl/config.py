@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "dataset": "synthetic",  # synthetic | camvid | pascal | cityscapes | coco | folder
         "root": None,
+        "split": None,  # a split shipped in csl/splits/<dataset>/ (e.g. 1464, 1_8); or split_dir for any folder
         "split_dir": None,
         "labeled_list": None,
         "unlabeled_list": None,
@@ -45,9 +46,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {
         "backbone": "resnet101",
+        "stem": "torchvision",  # ResNets: torchvision (7x7 conv) | deep (UniMatch's / CSL's three 3x3 convs)
         "output_stride": 16,
         "dilations": [6, 12, 18],
-        "pretrained": None,  # local path to torchvision ImageNet weights; None = random init
+        "pretrained": None,  # local ImageNet state dict of the backbone, "imagenet" (torchvision's), None = random
     },
     "train": {
         "mode": "semi",  # semi | supervised
@@ -100,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
 # Allowed types of keys whose default is None.
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "data.root": (str,),
+    "data.split": (str, int),
     "data.split_dir": (str,),
     "data.labeled_list": (str,),
     "data.unlabeled_list": (str,),
@@ -121,6 +124,7 @@ CHOICES: dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.dataset": ("synthetic", "camvid", "pascal", "cityscapes", "coco", "folder"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"),
+    "model.stem": ("torchvision", "deep"),
     "model.output_stride": (8, 16, 32),
     "train.mode": ("semi", "supervised"),
     "train.criterion": ("ce", "ohem"),
@@ -133,6 +137,8 @@ CHOICES: dict[str, tuple] = {
 }
 
 
+# Keys whose override values stay as typed (split names such as 1_8, which YAML 1.1 reads as the integer 18).
+RAW_STRING_KEYS = ("data.split",)
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -186,6 +192,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
+    if key in RAW_STRING_KEYS:  # YAML would read 1_8 as the integer 18
+        return key, text.strip()
     return key, parse_value(text.strip())
 
 
@@ -315,6 +323,8 @@ def validate(cfg: dict) -> dict:
     _require(len(cfg["model"]["dilations"]) == 3 and all(isinstance(x, int) and x > 0
                                                          for x in cfg["model"]["dilations"]),
              f"model.dilations must be three positive integers, got {cfg['model']['dilations']}")
+    _require(cfg["model"]["stem"] == "torchvision" or cfg["model"]["backbone"] in ("resnet50", "resnet101"),
+             f"model.stem=deep (UniMatch's ResNet) exists for resnet50 / resnet101, not {cfg['model']['backbone']}")
     _require(t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']}")
     for key in ("iters", "iters_per_epoch"):
         _require(t[key] is None or t[key] >= 1, f"train.{key} must be >= 1 or null, got {t[key]}")

@@ -21,7 +21,7 @@ PY=.venv/bin/python
 DATA=("data.root=$SHARED/data/camvid" "model.pretrained=$SHARED/weights/mobilenet_v2-b0353104.pth")
 start=$(date +%s)
 # The committed splits are what this writes (deterministic from the seed).
-$PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --seed 0 --out splits/camvid
+$PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --seed 0 --out csl/splits/camvid
 $PY -m csl demo --config camvid --out "$OUT" --warmup "$WARMUP" --warmup-lr 0.002 --iters "$ITERS" \
     --methods supervised,threshold,csl "seed=$SEED" "${DATA[@]}"
 for run in warmup supervised threshold csl; do

@@ -134,8 +134,9 @@ def test_committed_camvid_splits_are_what_the_writer_writes(tmp_path):
     written = write_splits(os.path.join(CAMVID, "train.txt"), str(tmp_path), ["1/8", "1/4"], seed=0)
     for name in ("1_8", "1_4"):
         for part in ("labeled.txt", "unlabeled.txt"):
-            with open(os.path.join(ROOT, "splits", "camvid", name, part)) as a, open(tmp_path / name / part) as b:
-                assert a.read() == b.read(), f"splits/camvid/{name}/{part} differs from csl split's output"
+            shipped = os.path.join(ROOT, "csl", "splits", "camvid", name, part)
+            with open(shipped) as a, open(tmp_path / name / part) as b:
+                assert a.read() == b.read(), f"csl/splits/camvid/{name}/{part} differs from csl split's output"
     assert written["1_8"]["labeled"] == 46 and written["1_4"]["labeled"] == 92
 
 
@@ -150,7 +151,7 @@ def test_two_iterations_on_camvid_with_imagenet_mobilenet(tmp_path):
 
     out = tmp_path / "run"
     code = main(["train", "--config", "camvid", f"data.root={CAMVID}", f"model.pretrained={WEIGHTS}",
-                 f"data.split_dir={os.path.join(ROOT, 'splits', 'camvid', '1_8')}", "data.image_scale=0.25",
+                 "data.split=1_8", "data.image_scale=0.25",
                  "data.crop_size=64", "train.batch_size=2", "train.iters=2", "train.iters_per_epoch=2",
                  "train.progress=false", "tmp.block=16", f"data.val_list={VAL4}", f"output_dir={out}"])
     assert code == 0

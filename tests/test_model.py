@@ -181,3 +181,69 @@ def test_bad_config():
         build_model({"backbone": "resnet18", "dilations": [6, 12]}, 3)
     with pytest.raises(TypeError, match="model_cfg"):
         build_model(None, 3)
+
+
+# UniMatch's / CSL's key layout, written out by hand from their model code (deep-stem ResNet, DeepLabV3+ head names).
+def _unimatch_stem_keys() -> dict[str, tuple]:
+    keys = {"conv1.0.weight": (64, 3, 3, 3), "conv1.3.weight": (64, 64, 3, 3), "conv1.6.weight": (128, 64, 3, 3),
+            "layer1.0.conv1.weight": (64, 128, 1, 1), "layer1.0.downsample.0.weight": (256, 128, 1, 1)}
+    for prefix, ch in (("conv1.1", 64), ("conv1.4", 64), ("bn1", 128)):
+        keys.update({f"{prefix}.{n}": (ch,) for n in ("weight", "bias", "running_mean", "running_var")})
+        keys[f"{prefix}.num_batches_tracked"] = ()
+    return keys
+
+
+def _unimatch_backbone_state(name: str = "resnet50") -> dict[str, torch.Tensor]:
+    ref = getattr(models, name)(weights=None).state_dict()
+    stem = _unimatch_stem_keys()
+    sd = {k: v for k, v in ref.items() if not k.startswith(("conv1.", "bn1.", "fc.")) and k not in stem}
+    gen = torch.Generator().manual_seed(0)
+    for k, shape in stem.items():
+        sd[k] = torch.randint(0, 5, shape, generator=gen) if k.endswith("num_batches_tracked") else torch.randn(
+            shape, generator=gen)
+    return sd
+
+
+def test_deep_stem_loads_unimatch_imagenet_weights_unchanged(tmp_path):
+    sd = _unimatch_backbone_state("resnet50")
+    sd.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    torch.save(sd, tmp_path / "resnet50.pth")  # UniMatch's pretrained/resnet50.pth layout
+    with pytest.raises(ValueError, match="shape mismatch"):  # torchvision's 7x7 stem: refused, not half-loaded
+        build_model({"backbone": "resnet50", "pretrained": str(tmp_path / "resnet50.pth")}, 3)
+    model = build_model({"backbone": "resnet50", "stem": "deep", "pretrained": str(tmp_path / "resnet50.pth")}, 3)
+    assert model.pretrained_report["loaded"] == len(model.backbone.state_dict())
+    assert torch.equal(model.backbone.conv1[6].weight, sd["conv1.6.weight"])
+    assert model.eval()(torch.randn(1, 3, 33, 33)).shape == (1, 3, 33, 33)
+    with pytest.raises(ValueError, match="deep stem"):
+        build_model({"backbone": "resnet18", "stem": "deep"}, 3)
+
+
+def test_unimatch_checkpoint_evaluates_under_our_names(tmp_path):
+    from csl.cli import model_from_checkpoint
+    from csl.config import load_config
+
+    sd = {f"backbone.{k}": v for k, v in _unimatch_backbone_state("resnet50").items()}
+    shapes = {"head.b0.0.weight": (256, 2048, 1, 1), "head.b4.gap.1.weight": (256, 2048, 1, 1),
+              "head.project.0.weight": (256, 1280, 1, 1), "reduce.0.weight": (48, 256, 1, 1),
+              "fuse.0.weight": (256, 304, 3, 3), "fuse.3.weight": (256, 256, 3, 3),
+              "classifier.weight": (21, 256, 1, 1), "classifier.bias": (21,)}
+    shapes.update({f"head.b{i}.0.weight": (256, 2048, 3, 3) for i in (1, 2, 3)})
+    bns = [f"head.b{i}.1" for i in range(4)] + ["head.b4.gap.2", "head.project.1", "fuse.1", "fuse.4"]
+    for prefix in bns + ["reduce.1"]:
+        ch = 48 if prefix == "reduce.1" else 256
+        shapes.update({f"{prefix}.{n}": (ch,) for n in ("weight", "bias", "running_mean", "running_var")})
+    gen = torch.Generator().manual_seed(1)
+    sd.update({k: torch.randn(s, generator=gen) for k, s in shapes.items()})
+    sd.update({f"{p}.num_batches_tracked": torch.tensor(7) for p in bns + ["reduce.1"]})
+    ckpt = {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3, "previous_best": 70.0}
+    cfg = load_config("voc_321", ["model.backbone=resnet50", "model.pretrained=null", "device=cpu"])
+    model, num_classes = model_from_checkpoint(cfg, ckpt, "unimatch.pth", torch.device("cpu"))
+    assert num_classes == 21
+    assert torch.equal(model.fuse[1][0].weight, sd["fuse.3.weight"])
+    assert torch.equal(model.head.branches[4].conv[1].running_var, sd["head.b4.gap.2.running_var"])
+    assert model(torch.randn(1, 3, 33, 33)).shape == (1, 21, 33, 33)
+    from csl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.stem=deep"):
+        model_from_checkpoint(load_config("voc_321", ["model.backbone=resnet50", "model.stem=torchvision",
+                                                      "model.pretrained=null"]), ckpt, "unimatch.pth", "cpu")

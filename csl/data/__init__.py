@@ -27,6 +27,7 @@ from .datasets import (
     LabeledDataset,
     ListSource,
     PascalVOC,
+    SplitItems,
     UnlabeledDataset,
     ValDataset,
     check_label_values,
@@ -50,13 +51,16 @@ __all__ = [
     "SyntheticSource",
     "UnlabeledDataset",
     "ValDataset",
+    "SPLITS_DIR",
     "build_datasets",
+    "coco_unlabeled_items",
     "build_val_dataset",
     "class_names",
     "check_label_values",
     "default_eval_mode",
     "generate_scenes",
     "map_labels",
+    "named_split_dir",
     "palette",
     "read_split",
     "scan_folder",
@@ -89,23 +93,73 @@ def default_eval_mode(dataset: str) -> str:
     return "sliding_window" if dataset == "cityscapes" else "original"
 
 
-def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | None]:
+SPLITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "splits")
+
+
+def named_split_dir(dataset: str, split) -> str:
+    """The folder of a split shipped with the package (``csl/splits/<dataset>/<split>``, see its README)."""
+    split = str(split).replace("/", "_")  # 1/8 names the folder 1_8
+    folder = os.path.join(SPLITS_DIR, dataset, split)
+    if not os.path.isfile(os.path.join(folder, "labeled.txt")):
+        base = os.path.join(SPLITS_DIR, dataset)
+        have = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(
+            base) else []
+        raise FileNotFoundError(f"no split {split!r} for dataset {dataset!r} in {SPLITS_DIR}" + (
+            f"; shipped: {', '.join(have)}" if have else "; none is shipped for it: set data.split_dir"))
+    return folder
+
+
+def coco_unlabeled_items(root: str, labeled: SplitItems) -> SplitItems:
+    """The unlabeled part of a UniMatch COCO split: every ``train2017/*.jpg`` under ``root`` not in the labeled list
+    (with its ``masks/<id>.png`` when that file exists, for the pseudo-label metrics), in name order."""
+    folder = os.path.join(root, "train2017")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"COCO images not found: {folder} (the unlabeled part of a COCO split is derived "
+                                f"from it)")
+    taken = {img for img, _ in labeled}
+    masks = set(os.listdir(os.path.join(root, "masks"))) if os.path.isdir(os.path.join(root, "masks")) else set()
+    items: SplitItems = []
+    for name in sorted(os.listdir(folder)):
+        rel = f"train2017/{name}"
+        if not name.endswith(".jpg") or rel in taken:
+            continue
+        mask = os.path.splitext(name)[0] + ".png"
+        items.append((rel, f"masks/{mask}" if mask in masks else None))
+    if not items:
+        raise ValueError(f"no unlabeled COCO image left under {folder} (all {len(taken)} are labeled)")
+    return items
+
+
+def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | None, SplitItems | None]:
+    """``(labeled list, unlabeled list or None, unlabeled items or None)``; the items when they are derived."""
     split_dir = data_cfg.get("split_dir")
+    if data_cfg.get("split") is not None:
+        if split_dir is not None:
+            raise ValueError("set data.split (a shipped split) or data.split_dir (a folder), not both")
+        split_dir = named_split_dir(kind, data_cfg["split"])
     labeled = data_cfg.get("labeled_list")
     unlabeled = data_cfg.get("unlabeled_list")
     if labeled is None:
         if split_dir is None:
-            raise ValueError(f"data.split_dir (a folder with labeled.txt / unlabeled.txt) or data.labeled_list is "
-                             f"required for dataset {kind!r}")
+            raise ValueError(f"data.split (e.g. {_example_split(kind)}), data.split_dir (a folder with labeled.txt / "
+                             f"unlabeled.txt) or data.labeled_list is required for dataset {kind!r}")
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"data.split_dir not found: {os.path.abspath(split_dir)}")
         labeled = os.path.join(split_dir, "labeled.txt")
     if unlabeled is None and split_dir is not None:
         unlabeled = os.path.join(split_dir, "unlabeled.txt")
         if not os.path.isfile(unlabeled):
+            if kind == "coco":
+                return labeled, None, coco_unlabeled_items(root, read_split(labeled))
             raise FileNotFoundError(f"unlabelled split file not found: {os.path.abspath(unlabeled)} "
                                     f"(set data.unlabeled_list to use another file)")
-    return labeled, unlabeled
+    return labeled, unlabeled, None
+
+
+def _example_split(kind: str) -> str:
+    base = os.path.join(SPLITS_DIR, kind)
+    have = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    return next((d for d in have if os.path.isdir(os.path.join(base, d))), "1_8")
 
 
 def _source_options(data_cfg: dict) -> dict:
@@ -122,6 +176,8 @@ def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_in
     if val_list is not None:
         return kind_cls(root, val_list, num_classes, ignore_index, **opts)
     split_dir = data_cfg.get("split_dir")
+    if split_dir is None and data_cfg.get("split") is not None:
+        split_dir = os.path.join(SPLITS_DIR, data_cfg.get("dataset", ""), str(data_cfg["split"]))
     if split_dir is not None:
         # UniMatch keeps the val list next to the partition folders: splits/<dataset>/val.txt.
         for candidate in (os.path.join(split_dir, "val.txt"), os.path.join(os.path.dirname(os.path.normpath(
@@ -216,9 +272,12 @@ def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
 
     kind_cls, root, num_classes = _file_kind(data_cfg)
     opts = _source_options(data_cfg)
-    labeled_list, unlabeled_list = _resolve_lists(data_cfg, kind, root)
+    labeled_list, unlabeled_list, unlabeled_items = _resolve_lists(data_cfg, kind, root)
     labeled = LabeledDataset(kind_cls(root, labeled_list, num_classes, ignore_index, **opts), **views)
     unlabeled = None
-    if unlabeled_list is not None:
+    if unlabeled_items is not None:
+        unlabeled = UnlabeledDataset(kind_cls(root, f"{labeled_list} (unlabeled: the rest of train2017)", num_classes,
+                                              ignore_index, items=unlabeled_items, **opts), **views)
+    elif unlabeled_list is not None:
         unlabeled = UnlabeledDataset(kind_cls(root, unlabeled_list, num_classes, ignore_index, **opts), **views)
     return DatasetBundle(labeled, unlabeled, build_val_dataset(data_cfg) if need_val else None)

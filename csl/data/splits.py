@@ -1,7 +1,7 @@
 """Semi-supervised splits: a labeled fraction of a list and the rest unlabeled, as UniMatch-style split folders.
 
-``write_splits("data/camvid/train.txt", "splits/camvid", ["1/8", "1/4"], seed=0)`` writes
-``splits/camvid/1_8/{labeled,unlabeled}.txt`` and ``splits/camvid/1_4/...``. One seeded permutation of the list serves
+``write_splits("data/camvid/train.txt", "csl/splits/camvid", ["1/8", "1/4"], seed=0)`` writes
+``csl/splits/camvid/1_8/{labeled,unlabeled}.txt`` and ``.../1_4/...``. One seeded permutation of the list serves
 every fraction, so the splits are nested (the 1/8 labeled images are among the 1/4 ones) and the same seed always
 gives the same files. Unlabeled lines keep their mask paths: training never reads them, the pseudo-label metrics
 and ``csl analyze`` do.

@@ -10,22 +10,26 @@ from .backbone import (
     MobileNetV2Backbone,
     ResNetBackbone,
     build_backbone,
+    deep_stem,
     dilate_layer,
+    from_unimatch_state_dict,
+    is_unimatch_state_dict,
     load_backbone_weights,
     verify_file_hash,
 )
 from .deeplabv3plus import ASPP, DeepLabV3Plus
 
 __all__ = ["ASPP", "BACKBONES", "IMAGENET_WEIGHTS", "DeepLabV3Plus", "MobileNetV2Backbone", "ResNetBackbone",
-           "build_backbone", "build_model", "convert_sync_bn", "dilate_layer", "load_backbone_weights",
-           "verify_file_hash"]
+           "build_backbone", "build_model", "convert_sync_bn", "deep_stem", "dilate_layer",
+           "from_unimatch_state_dict", "is_unimatch_state_dict", "load_backbone_weights", "verify_file_hash"]
 
 
 def build_model(model_cfg: dict, num_classes: int) -> DeepLabV3Plus:
     """DeepLabV3+ from the config's ``model`` section: ``backbone`` (resnet18 | resnet34 | resnet50 | resnet101 |
-    mobilenet_v2), ``output_stride`` (16 or 8; 32 = no dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]),
-    ``pretrained`` (a local torchvision ImageNet state dict, ``imagenet`` for torchvision's download, or None for
-    random init). The load report is kept in ``model.pretrained_report``."""
+    mobilenet_v2), ``stem`` (ResNets: ``torchvision`` or UniMatch's ``deep``), ``output_stride`` (16 or 8; 32 = no
+    dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]), ``pretrained`` (a local ImageNet state dict of the
+    backbone, ``imagenet`` for torchvision's download, or None for random init). The load report is kept in
+    ``model.pretrained_report``."""
     if not isinstance(model_cfg, dict):
         raise TypeError(f"model_cfg must be a dict (the config's model section), got {type(model_cfg).__name__}")
     model = DeepLabV3Plus(
@@ -33,6 +37,7 @@ def build_model(model_cfg: dict, num_classes: int) -> DeepLabV3Plus:
         backbone=model_cfg.get("backbone", "resnet50"),
         output_stride=int(model_cfg.get("output_stride", 16)),
         dilations=model_cfg.get("dilations") or (6, 12, 18),
+        stem=model_cfg.get("stem", "torchvision"),
     )
     if model_cfg.get("pretrained"):
         model.pretrained_report = load_backbone_weights(model.backbone, model_cfg["pretrained"])

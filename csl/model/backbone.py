@@ -51,20 +51,46 @@ def dilate_layer(layer: nn.Sequential, first_dilation: int, dilation: int) -> No
                     m.dilation, m.padding = (d, d), (d, d)
 
 
+STEMS = ("torchvision", "deep")
+
+
+def deep_stem() -> nn.Sequential:
+    """The deep stem of UniMatch's / CSL's ResNets (ResNet-C of "Bag of Tricks"): three 3x3 convs, 3 -> 64 (stride 2)
+    -> 64 -> 128, with BN + ReLU between them; indices 0, 1, 3, 4, 6 hold parameters, as in their weight files."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 128, 3, padding=1, bias=False),
+    )
+
+
 class ResNetBackbone(nn.Module):
     """The stem and the four stages of a torchvision ResNet (no pooling / fc). ``forward(x) -> (c1, c4)``: layer1
     features (stride 4) and layer4 features (stride ``output_stride``). Parameter names match torchvision's, so an
-    ImageNet state dict loads directly."""
+    ImageNet state dict loads directly.
 
-    def __init__(self, name: str = "resnet50", output_stride: int = 16):
+    ``stem="deep"``: UniMatch's / CSL's variant (ResNet-50/101 only): ``conv1`` is :func:`deep_stem`, ``bn1`` has 128
+    channels and ``layer1`` starts from 128 inputs, so their ImageNet files (``pretrained/resnet101.pth``) load
+    unchanged."""
+
+    def __init__(self, name: str = "resnet50", output_stride: int = 16, stem: str = "torchvision"):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {sorted(RESNETS)}, got {name!r}")
         if output_stride not in _DILATIONS:
             raise ValueError(f"output_stride must be one of {sorted(_DILATIONS)}, got {output_stride!r}")
+        if stem not in STEMS:
+            raise ValueError(f"model.stem must be one of {list(STEMS)}, got {stem!r}")
         ctor, self.low_channels, self.high_channels = RESNETS[name]
         net = ctor(weights=None)
-        self.name, self.output_stride = name, output_stride
+        self.name, self.output_stride, self.stem = name, output_stride, stem
+        if stem == "deep":
+            if self.low_channels != 256:
+                raise ValueError(f"the deep stem exists for resnet50 / resnet101 (UniMatch's backbones), not {name}")
+            net.conv1, net.bn1 = deep_stem(), nn.BatchNorm2d(128)
+            first = net.layer1[0]
+            first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
+            first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         d3, d4 = _DILATIONS[output_stride]
@@ -122,14 +148,16 @@ class MobileNetV2Backbone(nn.Module):
         return c1, self.features[4:](c1)
 
 
-def build_backbone(name: str, output_stride: int = 16) -> nn.Module:
+def build_backbone(name: str, output_stride: int = 16, stem: str = "torchvision") -> nn.Module:
     """A backbone by name (see :data:`BACKBONES`); ``.low_channels`` / ``.high_channels`` give its two outputs'
-    channels."""
+    channels. ``stem`` applies to ResNets (``torchvision`` or ``deep``)."""
     if name == "mobilenet_v2":
+        if stem != "torchvision":
+            raise ValueError(f"model.stem={stem!r} applies to ResNets; mobilenet_v2 has torchvision's stem only")
         return MobileNetV2Backbone(output_stride)
     if name not in RESNETS:
         raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {name!r}")
-    return ResNetBackbone(name, output_stride)
+    return ResNetBackbone(name, output_stride, stem)
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -228,3 +256,35 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
         log.warning("pretrained %s: %d unexpected keys ignored: %s", path, len(report["unexpected"]),
                     report["unexpected"][:10])
     return report
+
+
+# UniMatch's / CSL's DeepLabV3+ module names -> ours (the backbone, reduce, head.project and classifier agree).
+_UNIMATCH_RENAMES = [
+    (re.compile(r"^head\.b([0-3])\.([01])\."), r"head.branches.\1.\2."),
+    (re.compile(r"^head\.b4\.gap\.1\."), "head.branches.4.conv.0."),
+    (re.compile(r"^head\.b4\.gap\.2\."), "head.branches.4.conv.1."),
+    (re.compile(r"^fuse\.0\."), "fuse.0.0."),
+    (re.compile(r"^fuse\.1\."), "fuse.0.1."),
+    (re.compile(r"^fuse\.3\."), "fuse.1.0."),
+    (re.compile(r"^fuse\.4\."), "fuse.1.1."),
+]
+
+
+def is_unimatch_state_dict(sd: dict) -> bool:
+    """A DeepLabV3+ state dict in UniMatch's / CSL's module names (``head.b0``, ``fuse.3``, ...)."""
+    return "head.b0.0.weight" in sd and "classifier.weight" in sd
+
+
+def from_unimatch_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UniMatch's / the official CSL code's DeepLabV3+ weights (``checkpoint["model"]``, ``module.`` removed) under
+    this package's module names. Their ResNet backbone is the deep-stem one: build the model with
+    ``model.stem: deep``."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in _UNIMATCH_RENAMES:
+            new = pattern.sub(repl, key)
+            if new != key:
+                key = new
+                break
+        out[key] = value
+    return out

@@ -52,7 +52,8 @@ class DeepLabV3Plus(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
-                 dilations: Sequence[int] = (6, 12, 18), aspp_channels: int = 256, reduce_channels: int = 48):
+                 dilations: Sequence[int] = (6, 12, 18), aspp_channels: int = 256, reduce_channels: int = 48,
+                 stem: str = "torchvision"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -60,7 +61,7 @@ class DeepLabV3Plus(nn.Module):
         if len(dilations) != 3 or min(dilations) < 1:
             raise ValueError(f"dilations must be three positive ints (e.g. [6, 12, 18]), got {dilations}")
         self.num_classes = num_classes
-        self.backbone = build_backbone(backbone, output_stride)
+        self.backbone = build_backbone(backbone, output_stride, stem)
         self.head = ASPP(self.backbone.high_channels, aspp_channels, dilations)
         self.reduce = _conv_bn_relu(self.backbone.low_channels, reduce_channels)
         self.fuse = nn.Sequential(_conv_bn_relu(aspp_channels + reduce_channels, 256, 3),
