@@ -102,3 +102,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """With ``CSL_TEST_PROGRESS`` set to a file, append one line per failed or skipped test phase as it happens
+    (``FAILED <nodeid> <first line>``), so a run killed by a time limit still tells which tests failed
+    (scripts/gpu_check.sh). Under pytest-xdist this runs in the controller, which receives every worker's reports."""
+    path = os.environ.get("CSL_TEST_PROGRESS")
+    if not path or report.passed or (report.skipped and report.when != "setup"):
+        return
+    kind = "SKIPPED" if report.skipped else ("ERROR" if report.when != "call" else "FAILED")
+    message = str(getattr(report, "longreprtext", "") or "").strip().splitlines()
+    first = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
+    with open(path, "a") as f:
+        f.write(f"{kind} {report.nodeid} {first[:300]}\n")
