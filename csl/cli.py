@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
+    e.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                   help="first re-estimate the BatchNorm statistics on N clean training images (the split's "
+                        "unlabeled list; default 0 = keep the checkpoint's)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
     pr = sub.add_parser("predict", help="write colour PNG predictions for images")
@@ -156,6 +159,12 @@ def cmd_eval(args) -> int:
     setup_logging(None, env.is_main)
     try:
         model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
+        if args.bn_recalibrate:
+            from .bn import CleanImages, recalibrate_batchnorm
+
+            used = recalibrate_batchnorm(model, CleanImages(cfg), env.device, args.bn_recalibrate,
+                                         progress=env.is_main)
+            log.info("BatchNorm statistics re-estimated on %d clean training images", used)
         loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
                                   num_workers=min(cfg["data"]["num_workers"], 2))
         mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])

@@ -109,13 +109,13 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
         cs = ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9, 0.999], colors="black", linewidths=0.8)
         ax.clabel(cs, fmt=lambda v: f"w={v:.2g}" if v < 0.99 else "w=1", fontsize=7)
         ax.axvline(thr, color="tab:blue", ls="--", lw=1.2, label=f"threshold {tau:g}")
-        ax.plot(mu[0], mu[1], "kx", ms=10, mew=2, label="reliable cluster mean")
+        ax.plot(mu[0], mu[1], "kx", ms=6, mew=2, label="reliable cluster mean")
         ax.set_xlabel("max confidence" + (" (log)" if confidence == "log" else ""))
         ax.grid(alpha=0.2)
     sel = idx[cluster[idx] == chosen]
     oth = idx[cluster[idx] != chosen]
     axes[0].scatter(f0[oth], f1[oth], s=3, c="tab:orange", alpha=0.5, label="other cluster")
-    axes[0].scatter(f0[sel], f1[sel], s=3, c="tab:green", alpha=0.5, label="reliable cluster")
+    axes[0].scatter(f0[sel], f1[sel], s=3, c="tab:green", alpha=0.5, label="reliable cluster (c*)")
     axes[0].set_ylabel("residual dispersion v")
     axes[0].set_title("PCOS clusters and Gaussian weight contours", fontsize=9)
     ok, bad = idx[correct[idx] & valid[idx]], idx[~correct[idx] & valid[idx]]
@@ -123,7 +123,7 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     axes[1].scatter(f0[bad], f1[bad], s=4, c="tab:red", alpha=0.6, label="wrong pseudo-label")
     axes[1].set_title("correct vs wrong pseudo-labels (ground truth)", fontsize=9)
     for ax in axes:
-        ax.legend(fontsize=7, loc="lower left", markerscale=3)
+        ax.legend(fontsize=7, loc="lower left", markerscale=1.5)
     fig.suptitle(f"{example['name']}: {len(f0)} pixels ({min(max_points, len(f0))} shown)", fontsize=9)
     return _save(fig, out_dir, "feature_plane.png")
 
@@ -145,7 +145,7 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
     cols = ["image", "ground truth", "prediction", "CSL weight", f"threshold {tau:g}", "TMP cover"]
     fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.6 * len(cols), 2.1 * len(examples)),
                              squeeze=False)
-    for row, ex in zip(axes, examples, strict=True):
+    for r, (row, ex) in enumerate(zip(axes, examples, strict=True)):
         pics = [ex["image"], colourize(ex["target"], colours), colourize(ex["pred"], colours), ex["weight"],
                 (ex["conf"] >= tau).astype(np.float32), ex["cover"].astype(np.float32)]
         for ax, pic, col in zip(row, pics, cols, strict=True):
@@ -155,7 +155,7 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
                 ax.imshow(pic)
             ax.set_xticks([])
             ax.set_yticks([])
-            if row is axes[0]:
+            if r == 0:
                 ax.set_title(col, fontsize=9)
         row[0].set_ylabel(os.path.basename(ex["name"]), fontsize=7)
     return _save(fig, out_dir, "panels.png")
