@@ -16,10 +16,11 @@ import sys
 
 import numpy as np
 
-from .demo import LABELS
+from .demo import LABELS as METHOD_LABELS
 from .logging_utils import read_metrics
 
 BASELINE_TAU = 0.95
+LABELS = {"warmup": "warm-up", **METHOD_LABELS}
 
 
 def _pct(v, digits: int = 1) -> str:
