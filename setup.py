@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _ext_sources_module():
-    """csl_kernels/_ext_sources.py, loaded by path: no torch and no package import."""
-    spec = importlib.util.spec_from_file_location("_csl_ext_sources", ROOT / "csl_kernels" / "_ext_sources.py")
+    """csl_kernels/cpp/sources.py, loaded by path: no torch and no package import."""
+    spec = importlib.util.spec_from_file_location("_csl_ext_sources", ROOT / "csl_kernels" / "cpp" / "sources.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import csl_kernels
-from csl_kernels import _backends, _ext
+from csl_kernels import _backends
 from csl_kernels.confusion_matrix import confusion_matrix_reference
+from csl_kernels.cpp import build
 from csl_kernels.pcos_weights import pcos_weights_reference
 from csl_kernels.residual_features import residual_features_reference
 
@@ -29,7 +30,7 @@ def ext():
     from conftest import require_backend
 
     require_backend("pcos_weights", "cpu")
-    import csl_kernels.ext as module
+    import csl_kernels.cpp as module
 
     module.load()
     return module
@@ -41,11 +42,11 @@ def _logits(b=2, c=5, h=6, w=7, dtype=torch.float32, seed=0):
 
 
 def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
-    info = _ext.load()
-    assert _ext.load() is info  # built and loaded once per process
+    info = build.load()
+    assert build.load() is info  # built and loaded once per process
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CPU"), op
-    with_cuda, arch, why = _ext.cuda_build_plan()
+    with_cuda, arch, why = build.cuda_build_plan()
     assert info.with_cuda == with_cuda, why
     if os.environ.get("CSL_REQUIRE_CUDA_BUILD") == "1":  # CI: the .cu files must compile and link for sm_90
         assert info.with_cuda, f"the CUDA part was not built: {why}"
@@ -58,7 +59,7 @@ def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
 def test_cuda_kernels_do_not_spill(ext):
     """The sm_90 cubins in the built library (CI builds them without a GPU): every kernel is there, none spills
     registers to memory (a few bytes of stack would be a call frame)."""
-    info = _ext.load()
+    info = build.load()
     if not info.with_cuda:
         pytest.skip("the extension was built without its CUDA part")
     from csl_kernels.triton.compile_check import resource_usage, spills
@@ -219,10 +220,10 @@ def broken_build(tmp_path, monkeypatch):
     monkeypatch.setenv("CSL_EXT_SOURCE_DIR", str(src))
     monkeypatch.setenv("CSL_EXT_CUDA", "0")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(_ext, "_info", None)
-    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(build, "_info", None)
+    monkeypatch.setattr(build, "_error", None)
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
-    import csl_kernels.ext  # noqa: F401 - registers the cpu backend
+    import csl_kernels.cpp  # noqa: F401 - registers the cpu backend
 
     return tmp_path
 
@@ -244,7 +245,7 @@ def test_failed_build_falls_back_for_auto_and_raises_for_cpu(broken_build, caplo
 
 @pytest.mark.gpu
 def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
-    if not _ext.load().with_cuda:
+    if not build.load().with_cuda:
         pytest.skip("extension built without CUDA")
     z = _logits(2, 21, 33, 47, seed=6)
     valid = torch.rand(2, 33, 47) > 0.2

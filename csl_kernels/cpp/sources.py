@@ -18,8 +18,8 @@ def csrc_dir() -> Path | None:
     override = os.environ.get(SOURCE_DIR_ENV)
     if override:
         return Path(override)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # csl_kernels/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "csl_math.h").is_file():
             return candidate
     return None

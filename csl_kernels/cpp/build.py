@@ -13,8 +13,8 @@ The CPU kernels hold their vectorised loops in three copies (x86-64 baseline, AV
 build needs no ``-march`` flag. ``CSL_CPU_ISA=baseline|avx2`` (read once per process) caps the choice, for tests.
 
 A build happens at most once per process; a failure is remembered, written to ``build.log`` in the build folder and
-reported by :func:`unavailable_reason` (with the compiler's last lines), so ``backend="auto"`` falls back to the
-reference while a backend asked for by name raises.
+raised by :func:`load` as :class:`ExtensionBuildError` (with the compiler's last lines): the backends' availability
+check reports it, so ``backend="auto"`` falls back to the reference while a backend asked for by name raises.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ._ext_sources import csrc_dir, extension_sources, source_hash
+from .sources import csrc_dir, extension_sources, source_hash
 
 DEFAULT_CUDA_ARCH = "9.0"
 # -fopenmp: at::parallel_for is inlined into the extension and runs serially without it; -ffp-contract=off: the math
@@ -110,7 +110,7 @@ def _build_root() -> Path:
 
 def _aot_library(src_hash: str | None, with_cuda: bool) -> str | None:
     """The ahead-of-time build from ``CSL_BUILD_EXT=1 pip install``, if it matches the current sources."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # csl_kernels/, where setup.py puts csl_kernels._C
     meta = here / "_C_build.json"
     libs = sorted(here.glob("_C*.so"))
     if not libs or not meta.is_file():
@@ -202,11 +202,3 @@ def load() -> BuildInfo:
             raise ExtensionBuildError(_error) from exc
         return _info
 
-
-def unavailable_reason() -> str | None:
-    """None when the extension is loaded (building it if needed), else why it cannot be."""
-    try:
-        load()
-    except ExtensionBuildError as exc:
-        return str(exc)
-    return None

@@ -1,8 +1,7 @@
-"""The ``"cpu"`` and ``"cuda"`` backends: the ``torch.ops.csl`` ops of the C++/CUDA extension in ``csrc/``.
+"""The ``torch.ops.csl`` ops of the extension as the ``"cpu"`` and ``"cuda"`` implementations of every op.
 
-Importing this module registers the implementations and the availability checks; the extension itself is built and
-loaded (see :mod:`csl_kernels._ext`) the first time a check runs. Fake (meta) kernels and the autograd formula of the
-weighted cross-entropy are registered in Python once the library is loaded, so the ops work under
+Fake (meta) kernels and the autograd formula of the weighted cross-entropy are registered in Python once the library
+is loaded (:func:`register_python_parts`, called by :func:`csl_kernels.cpp.load`), so the ops work under
 ``torch.compile`` and pass ``torch.library.opcheck``.
 """
 
@@ -12,9 +11,8 @@ import threading
 
 import torch
 
-from . import _ext
-from ._backends import register, register_availability
-from .pcos_weights import pcos_outputs_like
+from .._backends import register
+from ..pcos_weights import pcos_outputs_like
 
 _registered = False
 _register_lock = threading.Lock()
@@ -24,7 +22,7 @@ def _feature_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _register_python_parts() -> None:
+def register_python_parts() -> None:
     """Fake kernels and autograd of the C++ ops (once, after the library is loaded)."""
     global _registered
     with _register_lock:
@@ -77,38 +75,9 @@ def _register_python_parts() -> None:
         _registered = True
 
 
-def load() -> _ext.BuildInfo:
-    """Build/load the extension and register its Python parts; raises ``ExtensionBuildError`` on failure."""
-    info = _ext.load()
-    _register_python_parts()
-    return info
-
-
-def _check_cpu(device: torch.device) -> str | None:
-    try:
-        load()
-    except _ext.ExtensionBuildError as exc:
-        return str(exc)
-    return None
-
-
-def _check_cuda(device: torch.device) -> str | None:
-    reason = _check_cpu(device)
-    if reason is not None:
-        return reason
-    info = _ext.load()
-    if not info.with_cuda:
-        return f"the C++ extension was built without its CUDA part ({_ext.cuda_build_plan()[2]})"
-    return None
-
-
-register_availability("cpu", _check_cpu)
-register_availability("cuda", _check_cuda)
-
-
 @register("residual_features", "cpu")
 @register("residual_features", "cuda")
-def residual_features_ext(
+def residual_features_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(f0, v, label)``; float32 features (float64 for float64 logits), int64 labels; invalid pixels give 0."""
@@ -118,7 +87,7 @@ def residual_features_ext(
 
 @register("pcos_weights", "cpu")
 @register("pcos_weights", "cuda")
-def pcos_weights_ext(
+def pcos_weights_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
 ) -> tuple[torch.Tensor, ...]:
     """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
@@ -127,7 +96,7 @@ def pcos_weights_ext(
 
 @register("trusted_mask", "cpu")
 @register("trusted_mask", "cuda")
-def trusted_mask_ext(
+def trusted_mask_cpp(
     images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(masked images, cover)`` with ``cover = up(cells) & reliable``."""
@@ -137,7 +106,7 @@ def trusted_mask_ext(
 
 @register("weighted_cross_entropy", "cpu")
 @register("weighted_cross_entropy", "cuda")
-def weighted_cross_entropy_ext(
+def weighted_cross_entropy_cpp(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits``."""
@@ -146,7 +115,7 @@ def weighted_cross_entropy_ext(
 
 @register("confusion_matrix", "cpu")
 @register("confusion_matrix", "cuda")
-def confusion_matrix_ext(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+def confusion_matrix_cpp(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                          ) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts (rows = target)."""
     return torch.ops.csl.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
