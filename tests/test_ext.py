@@ -6,6 +6,7 @@ checks what is specific to the extension.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -208,6 +209,20 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.pcos_weights(torch.randn(1, 3, 2, 2), torch.ones(1, 2, 3, dtype=torch.bool), 8.0, False, False)
     with pytest.raises(RuntimeError, match="label 7 of a used pixel"):
         ops.weighted_cross_entropy(torch.randn(1, 3, 1, 1), torch.full((1, 1, 1), 7), torch.ones(1, 1, 1), None)
+
+
+def test_ahead_of_time_build_must_match_sources_and_flags(tmp_path):
+    from csl_kernels.cpp import sources
+
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    meta = {"source_hash": "abc", "flags_hash": sources.flags_hash(), "with_cuda": False}
+    (tmp_path / "_C_build.json").write_text(json.dumps(meta))
+    assert build._aot_library("abc", False, tmp_path) is not None
+    assert build._aot_library("abd", False, tmp_path) is None  # sources changed
+    assert build._aot_library("abc", True, tmp_path) is None  # CUDA part wanted, not built
+    for flags in ("0" * 64, None):  # other flags, or a build that did not record them
+        (tmp_path / "_C_build.json").write_text(json.dumps({**meta, "flags_hash": flags}))
+        assert build._aot_library("abc", False, tmp_path) is None
 
 
 @pytest.fixture
