@@ -1,4 +1,5 @@
-"""Input validation shared by every op: clear errors naming the argument and what was expected."""
+"""The input contract shared by every op: validation with clear errors naming the argument and what was expected,
+and the one rule for the dtype an op computes in."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import torch
 
 IGNORE_INDEX = 255
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every backend computes in (and returns floating results in) for input ``t``: float64 stays float64,
+    everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, int, int]:

@@ -8,6 +8,11 @@ from ._backends import register, resolve
 from ._checks import IGNORE_INDEX
 
 
+def confusion_matrix_outputs_like(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """An empty ``num_classes x num_classes`` int64 matrix (the fused backends' fake kernels)."""
+    return pred.new_empty((num_classes, num_classes), dtype=torch.int64)
+
+
 @register("confusion_matrix", "reference")
 def confusion_matrix_reference(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                                ) -> torch.Tensor:

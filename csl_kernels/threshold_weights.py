@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_logits, valid_mask
+from ._checks import check_choice, check_logits, compute_dtype, valid_mask
 from .pcos_weights import PCOSResult
-from .residual_features import compute_dtype, features_with_validity, residual_features
+from .residual_features import features_with_validity, residual_features
 
 SCORES = ("confidence", "entropy", "residual_entropy", "margin", "dispersion")
 

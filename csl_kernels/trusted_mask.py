@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._backends import register, resolve
+
+
+class TrustedMask(NamedTuple):
+    """What every backend of ``trusted_mask`` returns."""
+
+    images: torch.Tensor  # B x K x H x W, the input's dtype: the images with ``fill`` in every covered pixel
+    cover: torch.Tensor  # B x H x W bool: up(cells) & reliable, the pixels that were hidden
+
+
+def trusted_mask_outputs_like(images: torch.Tensor) -> TrustedMask:
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
+    bsz, _, height, width = images.shape
+    return TrustedMask(torch.empty_like(images), images.new_empty((bsz, height, width), dtype=torch.bool))
 
 
 def grid_size(height: int, width: int, block: int) -> tuple[int, int]:
@@ -31,11 +46,11 @@ def upsample_cells(cells: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 @register("trusted_mask", "reference")
 def trusted_mask_reference(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           ) -> TrustedMask:
     """Apply a drawn block grid: ``cover = up(cells) & reliable``; ``images[cover] = fill`` on every channel."""
     cover = upsample_cells(cells, images.shape[-2], images.shape[-1]) & reliable
     masked = images.masked_fill(cover.unsqueeze(1), fill)
-    return masked, cover
+    return TrustedMask(masked, cover)
 
 
 def trusted_mask(
@@ -47,7 +62,7 @@ def trusted_mask(
     generator: torch.Generator | None = None,
     fill: float = 0.0,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> TrustedMask:
     """Trusted Mask Perturbation.
 
     Args:
@@ -59,7 +74,8 @@ def trusted_mask(
         fill: value written into hidden pixels (0 = the dataset mean after normalisation).
 
     Returns:
-        ``(masked_images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask that was applied.
+        :class:`TrustedMask` ``(images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask
+        that was applied.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

@@ -12,14 +12,14 @@ import threading
 import torch
 
 from .._backends import register
-from ..pcos_weights import pcos_outputs_like
+from ..confusion_matrix import confusion_matrix_outputs_like
+from ..pcos_weights import PCOSOutputs, pcos_outputs_like
+from ..residual_features import ResidualFeatures, residual_features_outputs_like
+from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
+from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 
 _registered = False
 _register_lock = threading.Lock()
-
-
-def _feature_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def register_python_parts() -> None:
@@ -31,25 +31,19 @@ def register_python_parts() -> None:
 
         @torch.library.register_fake("csl::residual_features")
         def _(logits, valid, log_confidence):
-            b, _, h, w = logits.shape
-            dt = _feature_dtype(logits)
-            return (logits.new_empty((b, h, w), dtype=dt), logits.new_empty((b, h, w), dtype=dt),
-                    logits.new_empty((b, h, w), dtype=torch.long))
+            return tuple(residual_features_outputs_like(logits))
 
         @torch.library.register_fake("csl::pcos_weights")
         def _(logits, valid, alpha, log_confidence, class_groups):
-            return pcos_outputs_like(logits, class_groups)
+            return tuple(pcos_outputs_like(logits, class_groups))
 
         @torch.library.register_fake("csl::trusted_mask")
         def _(images, cells, reliable, fill):
-            b, _, h, w = images.shape
-            return torch.empty_like(images), reliable.new_empty((b, h, w))
+            return tuple(trusted_mask_outputs_like(images))
 
         @torch.library.register_fake("csl::weighted_cross_entropy")
         def _(logits, label, weight, valid):
-            b, _, h, w = logits.shape
-            dt = _feature_dtype(logits)
-            return logits.new_empty((), dtype=dt), logits.new_empty((b, h, w), dtype=dt)
+            return tuple(weighted_cross_entropy_outputs_like(logits))
 
         @torch.library.register_fake("csl::weighted_cross_entropy_backward")
         def _(grad_loss, logits, label, weight, valid, lse):
@@ -57,7 +51,7 @@ def register_python_parts() -> None:
 
         @torch.library.register_fake("csl::confusion_matrix")
         def _(pred, target, num_classes, ignore_index):
-            return pred.new_empty((num_classes, num_classes), dtype=torch.long)
+            return confusion_matrix_outputs_like(pred, num_classes)
 
         def setup_context(ctx, inputs, output):
             logits, label, weight, valid = inputs
@@ -77,31 +71,24 @@ def register_python_parts() -> None:
 
 @register("residual_features", "cpu")
 @register("residual_features", "cuda")
-def residual_features_cpp(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(f0, v, label)``; float32 features (float64 for float64 logits), int64 labels; invalid pixels give 0."""
-    f0, v, label = torch.ops.csl.residual_features(logits, valid, log_confidence)
-    return f0, v, label
+def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                          ) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence))
 
 
 @register("pcos_weights", "cpu")
 @register("pcos_weights", "cuda")
 def pcos_weights_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
-    """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
-    return tuple(torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence), bool(class_groups)))
+) -> PCOSOutputs:
+    return PCOSOutputs(*torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                   bool(class_groups)))
 
 
 @register("trusted_mask", "cpu")
 @register("trusted_mask", "cuda")
-def trusted_mask_cpp(
-    images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked images, cover)`` with ``cover = up(cells) & reliable``."""
-    masked, cover = torch.ops.csl.trusted_mask(images, cells, reliable, float(fill))
-    return masked, cover
+def trusted_mask_cpp(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float) -> TrustedMask:
+    return TrustedMask(*torch.ops.csl.trusted_mask(images, cells, reliable, float(fill)))
 
 
 @register("weighted_cross_entropy", "cpu")
@@ -109,7 +96,7 @@ def trusted_mask_cpp(
 def weighted_cross_entropy_cpp(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits``."""
+    """The 0-dim loss, differentiable w.r.t. ``logits``."""
     return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
 
 
@@ -117,5 +104,4 @@ def weighted_cross_entropy_cpp(
 @register("confusion_matrix", "cuda")
 def confusion_matrix_cpp(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                          ) -> torch.Tensor:
-    """``num_classes x num_classes`` int64 counts (rows = target)."""
     return torch.ops.csl.confusion_matrix(pred, target, int(num_classes), int(ignore_index))

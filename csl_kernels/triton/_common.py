@@ -15,6 +15,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 USE_LIBDEVICE = not INTERPRET
 
 
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of a compute dtype (:func:`csl_kernels._checks.compute_dtype`)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ..confusion_matrix import confusion_matrix_outputs_like
 
 BLOCK = 1024
 ITERS = 8  # chunks of BLOCK pixels per program on the histogram path
@@ -67,7 +68,7 @@ def _confusion_matrix_op(pred: torch.Tensor, target: torch.Tensor, num_classes: 
 
 @_confusion_matrix_op.register_fake
 def _(pred, target, num_classes, ignore_index):
-    return pred.new_empty((num_classes, num_classes), dtype=torch.int64)
+    return confusion_matrix_outputs_like(pred, num_classes)
 
 
 @register("confusion_matrix", "triton")

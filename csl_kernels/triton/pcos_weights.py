@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from ..pcos_weights import pcos_outputs_like
-from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
-from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks, feature_dtype
+from .._checks import compute_dtype
+from ..pcos_weights import PCOSOutputs, pcos_outputs_like
+from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, tl_dtype, valid_bytes
+from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
 from .tuning import Config, Tunable, tuned
 
 GRAM_STATS = 3  # sum xx, xy, yy
@@ -313,28 +314,23 @@ def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int
 
 def pcos_weights_launch(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
+) -> PCOSOutputs:
     bsz, ncls, h, w = logits.shape
     hw = h * w
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi
     dev = logits.device
     f64 = torch.float64
-    weight = torch.empty((bsz, h, w), dtype=torch.float32, device=dev)
-    label = torch.empty((bsz, h, w), dtype=torch.long, device=dev)
-    reliable = torch.empty((bsz, h, w), dtype=torch.bool, device=dev)
-    mu = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
-    var = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
-    count = torch.zeros((n_groups, 2), dtype=torch.long, device=dev)
-    eigenvalues = torch.zeros((n_groups, 2), dtype=f64, device=dev)
-    chosen = torch.zeros((n_groups,), dtype=torch.long, device=dev)
-    n_nonfinite = torch.zeros((bsz,), dtype=torch.long, device=dev)
+    out = pcos_outputs_like(logits, class_groups)
+    for stat in out[3:]:
+        stat.zero_()  # the statistics of an empty input are zeros
+    weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite = out
     if bsz == 0 or hw == 0:
-        return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+        return out
     z, sb, sc, sp = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
-    dt = feature_dtype(logits)
-    acc = tl.float64 if dt == torch.float64 else tl.float32
+    dt = compute_dtype(logits)
+    acc = tl_dtype(dt)
     fx = torch.empty((bsz * hw,), dtype=dt, device=dev)
     fy = torch.empty_like(fx)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
@@ -376,7 +372,7 @@ def pcos_weights_launch(
             )
 
     tuned(TUNABLE, logits, launch, ",class_groups" if class_groups else "")
-    return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+    return out
 
 
 @torch.library.custom_op("csl_triton::pcos_weights", mutates_args=())
@@ -384,18 +380,17 @@ def pcos_weights_op(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    return pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups)
+    return tuple(pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups))
 
 
 @pcos_weights_op.register_fake
 def _(logits, valid, alpha, log_confidence, class_groups):
-    return pcos_outputs_like(logits, class_groups)
+    return tuple(pcos_outputs_like(logits, class_groups))
 
 
 @register("pcos_weights", "triton")
 def pcos_weights_triton(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
-    """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
-    return tuple(torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                    bool(class_groups)))
+) -> PCOSOutputs:
+    return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                          bool(class_groups)))

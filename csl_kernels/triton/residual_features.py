@@ -15,7 +15,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._backends import register
-from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, valid_bytes
+from .._checks import compute_dtype
+from ..residual_features import ResidualFeatures, residual_features_outputs_like
+from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, tl_dtype, valid_bytes
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
@@ -137,21 +139,13 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, C,
     tl.store(label_ptr + out, tl.where(keep, label, 0).to(tl.int64), mask=pmask)
 
 
-def feature_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def residual_features_launch(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                             ) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
-    dt = feature_dtype(logits)
-    f0 = torch.empty((bsz, h, w), dtype=dt, device=logits.device)
-    v = torch.empty_like(f0)
-    label = torch.empty((bsz, h, w), dtype=torch.long, device=logits.device)
+    f0, v, label = residual_features_outputs_like(logits)
     hw = h * w
     if bsz == 0 or hw == 0:
-        return f0, v, label
+        return ResidualFeatures(f0, v, label)
     z, sb, sc, sp = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
 
@@ -161,33 +155,27 @@ def residual_features_launch(
             _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
                 z, valid_u8, f0, v, label, hw, ncls, sb, sc, sp,
                 HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
-                ACC=tl.float64 if dt == torch.float64 else tl.float32,
+                ACC=tl_dtype(compute_dtype(logits)),
                 BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
             )
 
     tuned(TUNABLE, logits, launch)
-    return f0, v, label
+    return ResidualFeatures(f0, v, label)
 
 
 @torch.library.custom_op("csl_triton::residual_features", mutates_args=())
 def residual_features_op(
     logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return residual_features_launch(logits, valid, log_confidence)
+    return tuple(residual_features_launch(logits, valid, log_confidence))
 
 
 @residual_features_op.register_fake
 def _(logits, valid, log_confidence):
-    b, _, h, w = logits.shape
-    dt = feature_dtype(logits)
-    return (logits.new_empty((b, h, w), dtype=dt), logits.new_empty((b, h, w), dtype=dt),
-            logits.new_empty((b, h, w), dtype=torch.long))
+    return tuple(residual_features_outputs_like(logits))
 
 
 @register("residual_features", "triton")
-def residual_features_triton(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(f0, v, label)``: float32 features (float64 for float64 logits), int64 labels; invalid pixels give 0."""
-    f0, v, label = torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence))
-    return f0, v, label
+def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                             ) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence)))

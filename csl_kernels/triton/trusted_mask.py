@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
 from ._common import device_guard
 from .tuning import Config, Tunable, tuned
 
@@ -67,9 +68,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 @register("trusted_mask", "triton")
 def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked images, cover)`` with ``cover = up(cells) & reliable`` and ``masked = fill`` where covered."""
-    return torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill))
+                        ) -> TrustedMask:
+    return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))
 
 
 @torch.library.custom_op("csl_triton::trusted_mask", mutates_args=())
@@ -79,8 +79,7 @@ def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.
     if cells.dim() != 3 or cells.shape[0] != bsz or cells.dtype != torch.bool:
         raise ValueError(f"cells must be a bool B x gh x gw tensor with B = {bsz}, got {cells.dtype} "
                          f"{tuple(cells.shape)}")
-    masked = torch.empty_like(images)
-    cover = torch.empty((bsz, height, width), dtype=torch.bool, device=images.device)
+    masked, cover = trusted_mask_outputs_like(images)
     if bsz == 0 or height * width == 0:
         return masked, cover
     gh, gw = cells.shape[1:]
@@ -106,5 +105,4 @@ def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.
 
 @_trusted_mask_op.register_fake
 def _(images, cells, reliable, fill):
-    bsz, _, height, width = images.shape
-    return torch.empty_like(images), images.new_empty((bsz, height, width), dtype=torch.bool)
+    return tuple(trusted_mask_outputs_like(images))

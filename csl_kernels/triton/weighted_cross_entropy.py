@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from ._common import device_guard
+from .._checks import compute_dtype
+from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
+from ._common import device_guard, tl_dtype
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
@@ -172,14 +174,6 @@ def _ce_backward_kernel(
                  mask=pm[:, None] & cm)
 
 
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(logits: torch.Tensor):
-    return tl.float64 if logits.dtype == torch.float64 else tl.float32
-
-
 def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
     # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap.
     label_c = label.contiguous()
@@ -213,10 +207,9 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     """-> (loss 0-dim, lse B x H x W, valid-pixel count 0-dim int64)."""
     _check(logits, label, weight, valid)
     bsz, num_classes, height, width = logits.shape
-    acc = _acc_dtype(logits)
+    acc = compute_dtype(logits)
     dev = logits.device
-    lse = torch.empty((bsz, height, width), dtype=acc, device=dev)
-    loss = torch.empty((), dtype=acc, device=dev)
+    loss, lse = weighted_cross_entropy_outputs_like(logits)
     count = torch.empty((), dtype=torch.int64, device=dev)
     hw = height * width
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
@@ -231,7 +224,7 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
             _ce_forward_kernel[(n_pblocks, bsz)](
                 logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
                 num_classes, hw, width, *logits.stride(),
-                HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
+                HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=tl_dtype(acc), WIDE=_wide(logits),
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
             )
         _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -246,10 +239,7 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
 
 @_wce_forward.register_fake
 def _(logits, label, weight, valid):
-    bsz, _, height, width = logits.shape
-    acc = _acc_dtype(logits)
-    return (logits.new_empty((), dtype=acc), logits.new_empty((bsz, height, width), dtype=acc),
-            logits.new_empty((), dtype=torch.int64))
+    return (*weighted_cross_entropy_outputs_like(logits), logits.new_empty((), dtype=torch.int64))
 
 
 @torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
@@ -263,7 +253,8 @@ def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Te
     if grad.numel() == 0:
         return grad
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
-    grad_loss = grad_loss.reshape(()).to(_acc_dtype(logits))  # may arrive expanded (strides 0) from autograd
+    acc = compute_dtype(logits)
+    grad_loss = grad_loss.reshape(()).to(acc)  # may arrive expanded (strides 0) from autograd
     bf16 = grad.dtype == torch.bfloat16
     grad_out = grad.view(torch.int16) if bf16 else grad
     lse_c = lse.contiguous()
@@ -273,7 +264,7 @@ def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Te
         _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
             grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
             num_classes, hw, width, *logits.stride(), *grad.stride(),
-            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
+            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=tl_dtype(acc),
             BF16_BITS=bf16, WIDE=_wide(logits, grad),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
         )
