@@ -165,6 +165,7 @@ def pcos_weights(
     logits: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     alpha: float = 8.0,
     confidence: str = "prob",
     groups: str = "image",
@@ -175,7 +176,8 @@ def pcos_weights(
 
     Args:
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
-        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
         alpha: Gaussian width, ``w = exp(-(z_0^2 + z_1^2) / alpha)`` (8 = the authors' training setting).
         confidence: ``"prob"`` or ``"log"`` for the first feature.
         groups: ``"image"`` (one separation per image) or ``"class"`` (per image and pseudo-class).
@@ -190,9 +192,9 @@ def pcos_weights(
     check_positive(alpha, "alpha")
     check_choice(confidence, "confidence", CONFIDENCE_MODES)
     check_choice(groups, "groups", GROUP_MODES)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("pcos_weights", backend, logits.device)
-    out = impl(logits, valid, float(alpha), confidence == "log", groups == "class")
+    out = impl(logits, mask, float(alpha), confidence == "log", groups == "class")
     stats = None
     if return_stats:
         lead = (bsz, ncls) if groups == "class" else (bsz,)

@@ -72,6 +72,7 @@ def residual_features(
     logits: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     confidence: str = "prob",
     backend: str = "auto",
 ) -> ResidualFeatures:
@@ -79,7 +80,8 @@ def residual_features(
 
     Args:
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
-        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
         confidence: ``"prob"`` (``f0 = pmax``) or ``"log"`` (``f0 = log pmax``).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
 
@@ -90,6 +92,6 @@ def residual_features(
     """
     check_logits(logits)
     check_choice(confidence, "confidence", CONFIDENCE_MODES)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
-    return impl(logits, valid, confidence == "log")
+    return impl(logits, mask, confidence == "log")

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from ._backends import register, resolve
+from ._checks import check_bool_map, check_fraction, check_images, check_positive_int
 
 
 class TrustedMask(NamedTuple):
@@ -77,20 +78,10 @@ def trusted_mask(
         :class:`TrustedMask` ``(images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask
         that was applied.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a floating B x K x H x W tensor, got {got}")
-    bsz, _, height, width = images.shape
-    if not isinstance(reliable, torch.Tensor) or reliable.dtype != torch.bool:
-        raise TypeError("reliable must be a bool tensor of shape B x H x W")
-    if tuple(reliable.shape) != (bsz, height, width):
-        raise ValueError(f"reliable must have shape B x H x W = {(bsz, height, width)}, got {tuple(reliable.shape)}")
-    if reliable.device != images.device:
-        raise ValueError(f"reliable is on {reliable.device} but images are on {images.device}")
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
-    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0):
-        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    bsz, _, height, width = check_images(images)
+    check_bool_map(reliable, images, "reliable", "images")
+    check_positive_int(block, "block")
+    check_fraction(rate, "rate")
     cells = draw_cells(bsz, height, width, block=block, rate=rate, generator=generator, device=images.device)
     _, impl = resolve("trusted_mask", backend, images.device)
     return impl(images, cells, reliable, float(fill))

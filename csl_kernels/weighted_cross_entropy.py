@@ -52,6 +52,7 @@ def weighted_cross_entropy(
     weight: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Weighted pseudo-label cross-entropy, differentiable w.r.t. ``logits``.
@@ -62,7 +63,8 @@ def weighted_cross_entropy(
             out of range there is an error: ``reference`` and ``cpu`` raise, ``cuda`` fails a device assert (as
             ``F.cross_entropy`` does), ``triton`` returns a NaN loss and gradient (it never synchronises to check).
         weight: ``B x H x W`` floating per-pixel weights (treated as constants by the fused backends).
-        ignore: optional ``B x H x W`` integer (255 = ignored) or bool (True = valid).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 
     Returns:
         0-dim float32 loss (float64 for float64 logits) ``sum_n w_n CE_n / N_valid``;
@@ -71,6 +73,6 @@ def weighted_cross_entropy(
     check_logits(logits)
     check_label(label, logits)
     check_weight(weight, logits)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("weighted_cross_entropy", backend, logits.device)
-    return impl(logits, label, weight, valid)
+    return impl(logits, label, weight, mask)

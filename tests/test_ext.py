@@ -120,12 +120,12 @@ def test_weighted_cross_entropy_unused_pixels_are_exact_zeros(ext):
     valid = torch.ones(1, 2, 3, dtype=torch.bool)
     valid[0, 0, 0] = False
     z.requires_grad_()
-    loss = csl_kernels.weighted_cross_entropy(z, label, weight, valid, backend="cpu")
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, valid=valid, backend="cpu")
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.equal(z.grad[0, :, 0, :2], torch.zeros(3, 2))
     assert torch.isfinite(z.grad).all()
-    ref = csl_kernels.weighted_cross_entropy(z.detach(), label, weight, valid, backend="reference")
+    ref = csl_kernels.weighted_cross_entropy(z.detach(), label, weight, valid=valid, backend="reference")
     torch.testing.assert_close(loss, ref)
 
 
@@ -300,12 +300,12 @@ z[0, :, 0, :5] = float("nan")
 ignore = torch.rand(2, 19, 23, generator=g) < 0.2
 label = torch.randint(0, 21, (2, 19, 23), generator=g)
 weight = torch.rand(2, 19, 23, generator=g)
-out = {"features": ck.residual_features(z, ~ignore, backend="cpu"),
-       "pcos": tuple(ck.pcos_weights(z, ~ignore, backend="cpu")[:3]),
+out = {"features": ck.residual_features(z, valid=~ignore, backend="cpu"),
+       "pcos": tuple(ck.pcos_weights(z, valid=~ignore, backend="cpu")[:3]),
        "pcos_bf16": tuple(ck.pcos_weights(z.bfloat16().contiguous(memory_format=torch.channels_last), None,
                                           groups="class", backend="cpu")[:3])}
 zz = z.nan_to_num().requires_grad_()
-loss = ck.weighted_cross_entropy(zz, label, weight, ~ignore, backend="cpu")
+loss = ck.weighted_cross_entropy(zz, label, weight, valid=~ignore, backend="cpu")
 loss.backward()
 out["ce"] = (loss.detach(), zz.grad)
 torch.save(out, sys.argv[1])

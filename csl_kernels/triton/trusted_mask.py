@@ -76,9 +76,6 @@ def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: tor
 def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, channels, height, width = images.shape
-    if cells.dim() != 3 or cells.shape[0] != bsz or cells.dtype != torch.bool:
-        raise ValueError(f"cells must be a bool B x gh x gw tensor with B = {bsz}, got {cells.dtype} "
-                         f"{tuple(cells.shape)}")
     masked, cover = trusted_mask_outputs_like(images)
     if bsz == 0 or height * width == 0:
         return masked, cover

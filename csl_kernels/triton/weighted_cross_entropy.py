@@ -192,20 +192,10 @@ def _flat_hw(t: torch.Tensor) -> bool:
     return t.shape[3] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
-def _check(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> None:
-    bsz, _, height, width = logits.shape
-    for name, t in (("label", label), ("weight", weight), ("valid", valid)):
-        if t is not None and tuple(t.shape) != (bsz, height, width):
-            raise ValueError(f"{name} must have shape B x H x W = {(bsz, height, width)}, got {tuple(t.shape)}")
-    if valid is not None and valid.dtype != torch.bool:
-        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
-
-
 @torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
 def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss 0-dim, lse B x H x W, valid-pixel count 0-dim int64)."""
-    _check(logits, label, weight, valid)
     bsz, num_classes, height, width = logits.shape
     acc = compute_dtype(logits)
     dev = logits.device
@@ -246,7 +236,6 @@ def _(logits, label, weight, valid):
 def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
                   weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
     """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere."""
-    _check(logits, label, weight, valid)
     bsz, num_classes, height, width = logits.shape
     grad = torch.empty_like(logits)
     hw = height * width
