@@ -372,3 +372,13 @@ def test_valid_keyword_and_the_deprecated_bool_ignore(op):
         call(z, valid=ignore)
     with pytest.raises(ValueError, match="valid must have shape"):
         call(z, valid=valid[:, :2])
+
+
+def test_one_pixel_wide_slice(fused_backend):
+    """A W = 1 slice of a wider tensor (its W stride is not its H stride): the pixels lie along the H stride."""
+    device = require_backend(OP, fused_backend)
+    z = (torch.randn(2, 5, 4, 6, generator=torch.Generator().manual_seed(13)) * 3).to(device)[..., 2:3]
+    got = csl_kernels.residual_features(z, backend=fused_backend)
+    ref = csl_kernels.residual_features(z, backend="reference")
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -337,9 +337,26 @@ def test_triton_int64_offsets_path(monkeypatch):
     device = require_backend(OP, "triton")
     from csl_kernels.triton import weighted_cross_entropy as module
 
-    monkeypatch.setattr(module, "_wide", lambda *tensors: True)
+    monkeypatch.setattr(module, "wide", lambda *tensors, **kwargs: True)
     for kind in ("channels_last", "transposed"):
         z, label, weight, ign = make_case(9, batch=2, classes=150, height=3, width=5, dtype=torch.float32,
                                           kind=kind, device=device)
         loss, grad = run("triton", z, label, weight, ign)
         assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
+
+
+def test_one_pixel_wide_slice(fused_backend):
+    """A W = 1 slice of a wider tensor (its W stride is not its H stride): the pixels lie along the H stride."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(12)
+    base = (torch.randn(2, 5, 4, 6, generator=g) * 3).to(device).requires_grad_()
+    label = torch.randint(0, 5, (2, 4, 1), generator=g).to(device)
+    weight = torch.rand(2, 4, 1, generator=g).to(device)
+    results = []
+    for backend in (fused_backend, "reference"):
+        loss = csl_kernels.weighted_cross_entropy(base[..., 2:3], label, weight, backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, base)))
+    (loss, grad), (ref, ref_grad) = results
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert grad[..., :2].abs().sum() == 0 and grad[..., 2].abs().sum() > 0

@@ -17,7 +17,7 @@ from triton.language.extra import libdevice
 from .._backends import register
 from .._checks import compute_dtype
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
-from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, tl_dtype, valid_bytes
+from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
@@ -121,15 +121,16 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
 
 
 @triton.jit
-def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, C, sb, sc, sp,
+def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W, C, sb, sc, sh, sw,
                               HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                              FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                              USE_LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
-    f0, v, label, finite = _pixel_features(z_ptr + b * sb, p * sp, pmask, C, sc, LOG_CONFIDENCE, ACC, BLOCK_P,
-                                           BLOCK_C, USE_LIBDEVICE)
+    f0, v, label, finite = _pixel_features(z_ptr + b * sb, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
+                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE)
     out = b * HW + p
     keep = finite
     if HAS_VALID:
@@ -142,25 +143,25 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, C,
 def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
                              ) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
-    f0, v, label = residual_features_outputs_like(logits)
+    out = residual_features_outputs_like(logits)
     hw = h * w
     if bsz == 0 or hw == 0:
-        return ResidualFeatures(f0, v, label)
-    z, sb, sc, sp = pixel_strides(logits)
+        return out
+    sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
+    acc = tl_dtype(compute_dtype(logits))
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
-        with device_guard(logits):
-            _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
-                z, valid_u8, f0, v, label, hw, ncls, sb, sc, sp,
-                HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
-                ACC=tl_dtype(compute_dtype(logits)),
-                BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
-            )
+        _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
+            logits, valid_u8, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
+            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
+            BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
+        )
 
-    tuned(TUNABLE, logits, launch)
-    return ResidualFeatures(f0, v, label)
+    with device_guard(logits):
+        tuned(TUNABLE, logits, launch)
+    return out
 
 
 @torch.library.custom_op("csl_triton::residual_features", mutates_args=())
