@@ -21,11 +21,11 @@ from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixe
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
-# Pixels x classes per program tile and warps per program. The default keeps 4 values per thread: chosen on the sm_90
-# resource usage that `python -m csl_kernels.triton.compile_check` reports (no GPU was at hand to time it): 4096
-# values at 4 warps needed 255 registers and spilled ~1 KB per thread, 1024 at 8 warps takes 64-120 registers. The
-# other candidates (2-8 values per thread, none spills: tests/test_triton_compile.py; 16 warps and 2048 at 4 warps
-# did) are timed on the user's GPU (csl_kernels/triton/tuning.py); the PCOS pixel passes tune the same way.
+# Pixels x classes per program tile and warps per program. The default keeps 4 values per thread, which on sm_90 takes
+# 64-120 registers and does not spill (`python -m csl_kernels.triton.compile_check` reports the resource usage; 4096
+# values at 4 warps would take 255 registers and spill ~1 KB per thread). The other candidates (2-8 values per thread,
+# none spills: tests/test_triton_compile.py; 16 warps or 2048 values at 4 warps would) are timed on the user's GPU
+# (csl_kernels/triton/tuning.py); the PCOS pixel passes tune the same way.
 DEFAULT_CONFIG = Config(tile=1024, num_warps=8)
 CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(2048, 8), Config(512, 8))
 TUNABLE = Tunable("residual_features", DEFAULT_CONFIG, CANDIDATES)
