@@ -333,9 +333,8 @@ def pcos_weights_launch(
     dev = logits.device
     f64 = torch.float64
     out = pcos_outputs_like(logits, class_groups)
-    for stat in out[3:]:
+    for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
         stat.zero_()  # the statistics of an empty input are zeros
-    weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite = out
     if bsz == 0 or hw == 0:
         return out
     sb, sh, sw, flat = pixel_strides(logits)
@@ -363,21 +362,21 @@ def pcos_weights_launch(
         group_grid = (triton.cdiv(n_groups, block_grp),)
         chunk_grid = (nch, bsz)
         _pcos_features_kernel[chunk_grid](
-            logits, valid_u8, fx, fy, keep, label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
+            logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
             tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups),
             ACC=acc, FLAT_HW=flat, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
             num_warps=config.num_warps,
         )
-        _pcos_group_params_kernel[group_grid](gram, bad, params, eigenvalues, n_nonfinite, n_groups, gpi, nch,
-                                              BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+        _pcos_group_params_kernel[group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
+                                              nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
         _pcos_cluster_kernel[chunk_grid](
-            fx, fy, keep, label, params, part, hw, gpi, nch, tiles,
+            fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles,
             CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
         )
-        _pcos_cluster_stats_kernel[group_grid](part, mu, var, count, chosen, wparams, n_groups, nch,
+        _pcos_cluster_stats_kernel[group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups, nch,
                                                BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
         _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
-            fx, fy, keep, label, wparams, weight, reliable.view(torch.uint8), hw, gpi, float(alpha),
+            fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
             CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
         )
 
