@@ -300,7 +300,7 @@ z[0, :, 0, :5] = float("nan")
 ignore = torch.rand(2, 19, 23, generator=g) < 0.2
 label = torch.randint(0, 21, (2, 19, 23), generator=g)
 weight = torch.rand(2, 19, 23, generator=g)
-out = {"features": ck.residual_features(z, valid=~ignore, backend="cpu"),
+out = {"features": tuple(ck.residual_features(z, valid=~ignore, backend="cpu")),
        "pcos": tuple(ck.pcos_weights(z, valid=~ignore, backend="cpu")[:3]),
        "pcos_bf16": tuple(ck.pcos_weights(z.bfloat16().contiguous(memory_format=torch.channels_last), None,
                                           groups="class", backend="cpu")[:3])}

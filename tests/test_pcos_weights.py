@@ -89,7 +89,8 @@ def svd_pcos(x, y, keep, group, n_groups: int, alpha: float) -> dict[str, torch.
 
 def reference64(z, ign, **kwargs):
     ign = None if ign is None else ign.cpu()
-    return csl_kernels.pcos_weights(z.detach().cpu().double(), ign, backend="reference", return_stats=True, **kwargs)
+    return csl_kernels.pcos_weights(z.detach().cpu().double(), **masks(ign), backend="reference", return_stats=True,
+                                    **kwargs)
 
 
 def keep_mask(z: torch.Tensor, ign) -> torch.Tensor:
@@ -159,7 +160,7 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
     tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
     ign64 = None if ign is None else ign.cpu()
-    f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), ign64, confidence=confidence,
+    f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign64), confidence=confidence,
                                                  backend="reference")
     keep = keep_mask(z, ign).reshape(-1)
     group = pixel_groups(label, c, groups).reshape(-1)

@@ -75,7 +75,8 @@ def make_logits(seed: int, *, batch: int, classes: int, height: int, width: int,
 def reference64(z: torch.Tensor, ign, confidence: str = "prob"):
     """The float64 reference on the (upcast) same logits, on the CPU."""
     ign = None if ign is None else ign.cpu()
-    return csl_kernels.residual_features(z.detach().cpu().double(), ign, confidence=confidence, backend="reference")
+    return csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign), confidence=confidence,
+                                         backend="reference")
 
 
 def residual_mass64(z: torch.Tensor) -> torch.Tensor:
