@@ -2,7 +2,7 @@
 
 ``pip install .`` installs the pure-Python package; the C++/CUDA extension is built on first use.
 ``CSL_BUILD_EXT=1 pip install --no-build-isolation .`` also builds it ahead of time (as ``csl_kernels._C``, from the
-same source list as the on-the-fly build; ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 when no GPU is visible).
+same source list and flags as the on-the-fly build; ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 when no GPU is visible).
 """
 
 import importlib.util
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _ext_sources_module():
-    """csl_kernels/_ext_sources.py, loaded by path: no torch and no package import."""
-    spec = importlib.util.spec_from_file_location("_csl_ext_sources", ROOT / "csl_kernels" / "_ext_sources.py")
+    """csl_kernels/cpp/sources.py, loaded by path: no torch and no package import."""
+    spec = importlib.util.spec_from_file_location("_csl_ext_sources", ROOT / "csl_kernels" / "cpp" / "sources.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,16 +53,18 @@ if os.environ.get("CSL_BUILD_EXT") == "1":
         "csl_kernels._C",
         sources,
         include_dirs=[str(csrc)],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"], "nvcc": ["-O3"]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": sources_module.CXX_FLAGS, "nvcc": sources_module.NVCC_FLAGS},
+        extra_link_args=sources_module.LD_FLAGS,
     ))
 
     class BuildExtWithMeta(cpp_extension.BuildExtension):
-        """Records which sources and parts were built, so the loader can tell a stale build from a current one."""
+        """Records the sources, flags and parts that were built, so the loader can tell a stale build from a current
+        one."""
 
         def run(self):
             super().run()
-            meta = {"source_hash": sources_module.source_hash(csrc), "with_cuda": with_cuda,
+            meta = {"source_hash": sources_module.source_hash(csrc), "flags_hash": sources_module.flags_hash(),
+                    "with_cuda": with_cuda,
                     "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None}
             target = ROOT / "csl_kernels" if self.inplace else Path(self.build_lib) / "csl_kernels"
             target.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ from ._checks import IGNORE_INDEX
 from .confusion_matrix import confusion_matrix, iou_from_confusion
 from .metrics import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
 from .pcos_weights import PCOSResult, PCOSStats, pcos_weights
-from .residual_features import residual_features
+from .residual_features import ResidualFeatures, residual_features
 from .threshold_weights import selection_scores, threshold_weights
-from .trusted_mask import trusted_mask
+from .trusted_mask import TrustedMask, trusted_mask
 from .weighted_cross_entropy import weighted_cross_entropy
 
 __version__ = "0.1.0"
@@ -21,6 +21,8 @@ __all__ = [
     "IGNORE_INDEX",
     "PCOSResult",
     "PCOSStats",
+    "ResidualFeatures",
+    "TrustedMask",
     "confusion_matrix",
     "iou_from_confusion",
     "is_available",

@@ -4,7 +4,7 @@ Each op has implementations registered per backend name:
 
 - ``"reference"``: pure PyTorch, batched, float64-capable (always available).
 - ``"triton"``: fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-- ``"cpu"`` / ``"cuda"``: the C++/CUDA extension in ``csrc/``, built on the fly.
+- ``"cpu"`` / ``"cuda"``: the C++/CUDA extension in ``csrc/`` (:mod:`csl_kernels.cpp`), built on the fly.
 
 ``backend="auto"`` picks the fastest available backend for the tensors' device, logs its choice once per
 (op, device type) and says why a faster backend was skipped. A backend asked for by name raises
@@ -27,7 +27,7 @@ BACKENDS = ("reference", "triton", "cpu", "cuda")
 # Fastest first, per device type.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 # Modules whose import registers the implementations of a backend.
-_BACKEND_MODULES = {"triton": "csl_kernels.triton", "cpu": "csl_kernels.ext", "cuda": "csl_kernels.ext"}
+_BACKEND_MODULES = {"triton": "csl_kernels.triton", "cpu": "csl_kernels.cpp", "cuda": "csl_kernels.cpp"}
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}

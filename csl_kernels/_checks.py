@@ -1,11 +1,24 @@
-"""Input validation shared by every op: clear errors naming the argument and what was expected."""
+"""The input contract shared by every op, checked once at its public entry (the backends below trust it): validation
+with clear errors naming the argument and what was expected, and the one rule for the dtype an op computes in."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 IGNORE_INDEX = 255
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every backend computes in (and returns floating results in) for input ``t``: float64 stays float64,
+    everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _shape(t: object) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, int, int]:
@@ -21,55 +34,116 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, 
     return b, c, h, w
 
 
-def valid_mask(ignore: torch.Tensor | None, logits: torch.Tensor, name: str = "ignore") -> torch.Tensor | None:
-    """Turn ``ignore`` into a B x H x W bool tensor that is True where a pixel is valid (or None: all valid).
+def check_images(images: torch.Tensor, name: str = "images") -> tuple[int, int, int, int]:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating B x K x H x W tensor, got {_shape(images)}")
+    b, k, h, w = images.shape
+    return b, k, h, w
 
-    Integer ``ignore``: valid where ``ignore != 255``. Bool ``ignore``: valid where True.
+
+def check_pixel_map(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str = "logits") -> None:
+    """``t`` is a ``B x H x W`` tensor on the device of ``ref`` (``B x C x H x W`` logits or ``B x K x H x W``
+    images)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape B x H x W, got {type(t).__name__}")
+    expected = (ref.shape[0], ref.shape[2], ref.shape[3])
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} are on {ref.device}")
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+    """The ``B x H x W`` bool mask that is True where a pixel is valid (None: every pixel is), from at most one of
+
+    - ``ignore``: an integer map, the pixel is ignored where ``ignore == 255`` (as segmentation datasets code it);
+    - ``valid``: a bool mask, True = valid.
+
+    A bool ``ignore`` is still read as ``valid`` (True = valid), with a DeprecationWarning.
     """
+    if ignore is not None and valid is not None:
+        raise ValueError("pass ignore= (an integer map, 255 = ignored) or valid= (a bool mask, True = valid), not both")
+    if valid is not None:
+        check_pixel_map(valid, logits, "valid")
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor (True = valid), got {valid.dtype}; pass an integer map "
+                            f"with 255 = ignored as ignore=")
+        return valid
     if ignore is None:
         return None
-    if not isinstance(ignore, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape B x H x W or None, got {type(ignore).__name__}")
-    expected = (logits.shape[0], logits.shape[2], logits.shape[3])
-    if tuple(ignore.shape) != expected:
-        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(ignore.shape)}")
-    if ignore.device != logits.device:
-        raise ValueError(f"{name} is on {ignore.device} but logits are on {logits.device}")
+    check_pixel_map(ignore, logits, "ignore")
     if ignore.dtype == torch.bool:
+        warnings.warn("a bool ignore= mask (True = valid) is deprecated: pass it as valid= (ignore= is for integer "
+                      "maps with 255 = ignored)", DeprecationWarning, stacklevel=3)
         return ignore
-    if ignore.dtype.is_floating_point or ignore.dtype.is_complex:
-        raise TypeError(f"{name} must be an integer tensor (255 = ignored) or a bool tensor (True = valid), "
-                        f"got {ignore.dtype}")
+    if not _is_integer(ignore):
+        raise TypeError(f"ignore must be an integer tensor (255 = ignored), got {ignore.dtype}; pass a bool mask "
+                        f"(True = valid) as valid=")
     return ignore != IGNORE_INDEX
 
 
 def check_label(label: torch.Tensor, logits: torch.Tensor, name: str = "label") -> None:
-    if not isinstance(label, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(label).__name__}")
-    expected = (logits.shape[0], logits.shape[2], logits.shape[3])
-    if tuple(label.shape) != expected:
-        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(label.shape)}")
-    if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+    check_pixel_map(label, logits, name)
+    if not _is_integer(label):
         raise TypeError(f"{name} must be an integer tensor, got {label.dtype}")
-    if label.device != logits.device:
-        raise ValueError(f"{name} is on {label.device} but logits are on {logits.device}")
 
 
 def check_weight(weight: torch.Tensor, logits: torch.Tensor, name: str = "weight") -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
-    expected = (logits.shape[0], logits.shape[2], logits.shape[3])
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(weight.shape)}")
+    check_pixel_map(weight, logits, name)
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor, got {weight.dtype}")
-    if weight.device != logits.device:
-        raise ValueError(f"{name} is on {weight.device} but logits are on {logits.device}")
+
+
+def check_bool(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+def check_bool_map(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str = "logits") -> None:
+    """``t`` is a bool ``B x H x W`` tensor on the device of ``ref``."""
+    check_bool(t, name)
+    check_pixel_map(t, ref, name, ref_name)
+
+
+def check_integer_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or not _is_integer(t):
+        raise TypeError(f"{name} must be an integer tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    """The tensors (named by the keywords) share one shape and one device."""
+    names = list(tensors)
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    shapes = [tuple(t.shape) for t in tensors.values()]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"{listed} must have the same shape, got {', '.join(map(str, shapes))}")
+    devices = [t.device for t in tensors.values()]
+    if any(d != devices[0] for d in devices):
+        raise ValueError(f"{listed} must be on the same device, got {', '.join(map(str, devices))}")
 
 
 def check_positive(value: float, name: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_fraction(value: float, name: str, *, zero_allowed: bool = True) -> None:
+    """``value`` lies in ``[0, 1]`` (``(0, 1]`` without ``zero_allowed``)."""
+    low_ok = isinstance(value, (int, float)) and (value >= 0 if zero_allowed else value > 0)
+    if not (low_ok and value <= 1):
+        raise ValueError(f"{name} must be in {'[' if zero_allowed else '('}0, 1], got {value!r}")
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:

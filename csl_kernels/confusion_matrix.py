@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from ._backends import register, resolve
-from ._checks import IGNORE_INDEX
+from ._checks import IGNORE_INDEX, check_integer_tensor, check_positive_int, check_same_shape
+
+
+def confusion_matrix_outputs_like(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """An empty ``num_classes x num_classes`` int64 matrix (the fused backends' fake kernels)."""
+    return pred.new_empty((num_classes, num_classes), dtype=torch.int64)
 
 
 @register("confusion_matrix", "reference")
@@ -35,16 +40,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     Returns:
         ``C x C`` int64 counts, rows = target class, columns = predicted class.
     """
-    for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    if pred.device != target.device:
-        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_integer_tensor(pred, "pred")
+    check_integer_tensor(target, "target")
+    check_same_shape(pred=pred, target=target)
+    check_positive_int(num_classes, "num_classes")
     _, impl = resolve("confusion_matrix", backend, pred.device)
     return impl(pred, target, num_classes, ignore_index)
 

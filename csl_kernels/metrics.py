@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import IGNORE_INDEX
+from ._checks import IGNORE_INDEX, check_bool, check_positive_int, check_same_shape
 
 COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
 
@@ -17,13 +17,9 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     (prediction == target) and selected-and-correct. Counts add up over batches. No boolean indexing, so it never
     synchronises with the GPU.
     """
-    if label.shape != reliable.shape or label.shape != target.shape:
-        raise ValueError(f"label, reliable and target must share one shape, got {tuple(label.shape)}, "
-                         f"{tuple(reliable.shape)}, {tuple(target.shape)}")
-    if reliable.dtype != torch.bool:
-        raise TypeError(f"reliable must be a bool tensor, got {reliable.dtype}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_same_shape(label=label, reliable=reliable, target=target)
+    check_bool(reliable, "reliable")
+    check_positive_int(num_classes, "num_classes")
     valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
     selected = valid & reliable
     correct = valid & (label == target)

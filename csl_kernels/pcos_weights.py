@@ -32,17 +32,33 @@ class PCOSResult(NamedTuple):
     stats: PCOSStats | None = None
 
 
-def pcos_outputs_like(logits: torch.Tensor, class_groups: bool) -> tuple[torch.Tensor, ...]:
-    """Empty tensors shaped like the fused impls' outputs (their fake kernels): weight, label, reliable, mu, var,
-    count, eigenvalues, chosen, n_nonfinite, with G = B or B * C groups."""
+class PCOSOutputs(NamedTuple):
+    """What every backend of ``pcos_weights`` returns, in this order (also the outputs of the ``csl::pcos_weights``
+    and ``csl_triton::pcos_weights`` ops). Group statistics are flattened to ``G = B`` groups (image groups) or
+    ``G = B * C`` (class groups, group ``b * C + label``); :func:`pcos_weights` reshapes them into :class:`PCOSStats`.
+    """
+
+    weight: torch.Tensor  # B x H x W float32
+    label: torch.Tensor  # B x H x W int64
+    reliable: torch.Tensor  # B x H x W bool
+    mu: torch.Tensor  # G x 2 x 2 float64
+    var: torch.Tensor  # G x 2 x 2 float64
+    count: torch.Tensor  # G x 2 int64
+    eigenvalues: torch.Tensor  # G x 2 float64
+    chosen: torch.Tensor  # G int64
+    n_nonfinite: torch.Tensor  # B int64
+
+
+def pcos_outputs_like(logits: torch.Tensor, class_groups: bool) -> PCOSOutputs:
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
     b, c, h, w = logits.shape
     g = b * c if class_groups else b
     f64, i64 = torch.float64, torch.long
-    return (logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
-            logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
-            logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
-            logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
-            logits.new_empty((b,), dtype=i64))
+    return PCOSOutputs(logits.new_empty((b, h, w), dtype=torch.float32), logits.new_empty((b, h, w), dtype=i64),
+                       logits.new_empty((b, h, w), dtype=torch.bool), logits.new_empty((g, 2, 2), dtype=f64),
+                       logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
+                       logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
+                       logits.new_empty((b,), dtype=i64))
 
 
 def closed_form_eigen(
@@ -88,12 +104,8 @@ def choose_cluster(mu0: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 @register("pcos_weights", "reference")
 def pcos_weights_reference(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
-    """Reference PCOS, batched over groups (no Python loop over images), sums in float64.
-
-    Returns ``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)`` with group
-    statistics flattened to ``G = B`` (image groups) or ``G = B * C`` (class groups).
-    """
+) -> PCOSOutputs:
+    """Reference PCOS, batched over groups (no Python loop over images), sums in float64."""
     bsz, ncls = logits.shape[:2]
     f0, v, label, keep = features_with_validity(logits, valid, log_confidence)
     n_nonfinite = (~torch.isfinite(logits).all(dim=1)).sum(dim=(1, 2))
@@ -146,13 +158,14 @@ def pcos_weights_reference(
     weight = torch.where(keep_f, weight, 0.0).to(torch.float32).view_as(label)
     reliable = (weight == 1) & keep
     eigenvalues = torch.stack((lam1, lam2), dim=-1)
-    return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+    return PCOSOutputs(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)
 
 
 def pcos_weights(
     logits: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     alpha: float = 8.0,
     confidence: str = "prob",
     groups: str = "image",
@@ -163,7 +176,8 @@ def pcos_weights(
 
     Args:
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
-        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
         alpha: Gaussian width, ``w = exp(-(z_0^2 + z_1^2) / alpha)`` (8 = the authors' training setting).
         confidence: ``"prob"`` or ``"log"`` for the first feature.
         groups: ``"image"`` (one separation per image) or ``"class"`` (per image and pseudo-class).
@@ -178,20 +192,18 @@ def pcos_weights(
     check_positive(alpha, "alpha")
     check_choice(confidence, "confidence", CONFIDENCE_MODES)
     check_choice(groups, "groups", GROUP_MODES)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("pcos_weights", backend, logits.device)
-    weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite = impl(
-        logits, valid, float(alpha), confidence == "log", groups == "class"
-    )
+    out = impl(logits, mask, float(alpha), confidence == "log", groups == "class")
     stats = None
     if return_stats:
         lead = (bsz, ncls) if groups == "class" else (bsz,)
         stats = PCOSStats(
-            mu=mu.reshape(*lead, 2, 2),
-            var=var.reshape(*lead, 2, 2),
-            count=count.reshape(*lead, 2),
-            eigenvalues=eigenvalues.reshape(*lead, 2),
-            chosen=chosen.reshape(lead),
-            n_nonfinite=n_nonfinite,
+            mu=out.mu.reshape(*lead, 2, 2),
+            var=out.var.reshape(*lead, 2, 2),
+            count=out.count.reshape(*lead, 2),
+            eigenvalues=out.eigenvalues.reshape(*lead, 2),
+            chosen=out.chosen.reshape(lead),
+            n_nonfinite=out.n_nonfinite,
         )
-    return PCOSResult(weight, label, reliable, stats)
+    return PCOSResult(out.weight, out.label, out.reliable, stats)

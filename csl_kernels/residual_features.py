@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._backends import register, resolve
-from ._checks import check_choice, check_logits, valid_mask
+from ._checks import check_choice, check_logits, compute_dtype, valid_mask
 
 EPS = 1e-8
 CONFIDENCE_MODES = ("prob", "log")
 
 
-def compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """The reference works in float64 for float64 input and in float32 otherwise (as the spec prescribes)."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+class ResidualFeatures(NamedTuple):
+    """What every backend of ``residual_features`` returns; ignored and non-finite pixels give ``(0, 0, 0)``."""
+
+    f0: torch.Tensor  # B x H x W compute_dtype(logits): max confidence pmax (or log pmax)
+    v: torch.Tensor  # B x H x W compute_dtype(logits): residual dispersion v <= 0
+    label: torch.Tensor  # B x H x W int64: pseudo-label (first maximal class)
+
+
+def residual_features_outputs_like(logits: torch.Tensor) -> ResidualFeatures:
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
+    b, _, h, w = logits.shape
+    dt = compute_dtype(logits)
+    return ResidualFeatures(logits.new_empty((b, h, w), dtype=dt), logits.new_empty((b, h, w), dtype=dt),
+                            logits.new_empty((b, h, w), dtype=torch.long))
 
 
 @register("residual_features", "reference")
 def residual_features_reference(
     logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference features. Returns ``(f0, v, label)``; invalid pixels (ignored or non-finite) give ``(0, 0, 0)``.
-
-    ``f0``/``v`` are float64 for float64 logits and float32 otherwise; ``label`` is int64.
-    """
+) -> ResidualFeatures:
+    """Reference features (spec Sec. 1), computed in ``compute_dtype(logits)``."""
     f0, v, label, _ = features_with_validity(logits, valid, log_confidence)
-    return f0, v, label
+    return ResidualFeatures(f0, v, label)
 
 
 def features_with_validity(
@@ -62,24 +72,26 @@ def residual_features(
     logits: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     confidence: str = "prob",
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> ResidualFeatures:
     """Max confidence, residual dispersion and pseudo-label of every pixel.
 
     Args:
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
-        ignore: optional ``B x H x W``; integer (valid where ``!= 255``) or bool (valid where True).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
         confidence: ``"prob"`` (``f0 = pmax``) or ``"log"`` (``f0 = log pmax``).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        ``(f0, v, label)``: ``B x H x W`` float32 (float64 for float64 logits on the reference), ``B x H x W``
-        residual dispersion ``v <= 0``, and ``B x H x W`` int64 pseudo-labels. Ignored and non-finite pixels
-        get ``(0, 0, 0)``.
+        :class:`ResidualFeatures` ``(f0, v, label)``: ``B x H x W`` float32 (float64 for float64 logits) max
+        confidence, ``B x H x W`` residual dispersion ``v <= 0`` and ``B x H x W`` int64 pseudo-labels. Ignored and
+        non-finite pixels get ``(0, 0, 0)``.
     """
     check_logits(logits)
     check_choice(confidence, "confidence", CONFIDENCE_MODES)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
-    return impl(logits, valid, confidence == "log")
+    return impl(logits, mask, confidence == "log")

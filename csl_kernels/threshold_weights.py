@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_logits, valid_mask
+from ._backends import resolve
+from ._checks import check_choice, check_fraction, check_logits, compute_dtype, valid_mask
 from .pcos_weights import PCOSResult
-from .residual_features import compute_dtype, features_with_validity, residual_features
+from .residual_features import features_with_validity
 
 SCORES = ("confidence", "entropy", "residual_entropy", "margin", "dispersion")
 
 
 def threshold_weights(
-    logits: torch.Tensor, ignore: torch.Tensor | None = None, *, tau: float = 0.95, backend: str = "auto"
+    logits: torch.Tensor, ignore: torch.Tensor | None = None, *, valid: torch.Tensor | None = None,
+    tau: float = 0.95, backend: str = "auto"
 ) -> PCOSResult:
     """FixMatch / UniMatch selection: ``w = [pmax >= tau] & valid``.
 
     Args:
-        logits: ``B x C x H x W``; ignore: optional ``B x H x W`` (see :func:`residual_features`).
+        logits: ``B x C x H x W``; ignore / valid: optional ``B x H x W`` (see :func:`residual_features`).
         tau: confidence threshold in (0, 1].
 
     Returns:
         :class:`PCOSResult` with float32 0/1 ``weight``, int64 ``label``, bool ``reliable`` and no stats.
     """
-    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    f0, _, label = residual_features(logits, ignore, confidence="prob", backend=backend)
+    check_logits(logits)
+    check_fraction(tau, "tau", zero_allowed=False)
+    mask = valid_mask(logits, ignore, valid)
+    _, impl = resolve("residual_features", backend, logits.device)
+    f0, _, label = impl(logits, mask, False)
     reliable = f0 >= tau  # invalid pixels have f0 = 0 < tau
     return PCOSResult(reliable.to(torch.float32), label, reliable, None)
 
 
-def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *, score: str = "entropy"
-                     ) -> torch.Tensor:
+def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *,
+                     valid: torch.Tensor | None = None, score: str = "entropy") -> torch.Tensor:
     """Per-pixel reliability scores for the ablation of the paper's supplementary Tab. 13 (reference only).
 
     ``"confidence"`` = pmax, ``"entropy"`` = H(p), ``"residual_entropy"`` = -sum_{k != k'} p_k log p_k,
@@ -42,8 +46,8 @@ def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *
     """
     check_logits(logits)
     check_choice(score, "score", SCORES)
-    valid = valid_mask(ignore, logits)
-    f0, v, label, keep = features_with_validity(logits, valid, False)
+    mask = valid_mask(logits, ignore, valid)
+    f0, v, label, keep = features_with_validity(logits, mask, False)
     z = logits.to(compute_dtype(logits))
     z = torch.where(keep.unsqueeze(1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     p = torch.softmax(z, dim=1)

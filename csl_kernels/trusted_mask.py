@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._backends import register, resolve
+from ._checks import check_bool_map, check_fraction, check_images, check_positive_int
+
+
+class TrustedMask(NamedTuple):
+    """What every backend of ``trusted_mask`` returns."""
+
+    images: torch.Tensor  # B x K x H x W, the input's dtype: the images with ``fill`` in every covered pixel
+    cover: torch.Tensor  # B x H x W bool: up(cells) & reliable, the pixels that were hidden
+
+
+def trusted_mask_outputs_like(images: torch.Tensor) -> TrustedMask:
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
+    bsz, _, height, width = images.shape
+    return TrustedMask(torch.empty_like(images), images.new_empty((bsz, height, width), dtype=torch.bool))
 
 
 def grid_size(height: int, width: int, block: int) -> tuple[int, int]:
@@ -31,11 +47,11 @@ def upsample_cells(cells: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 @register("trusted_mask", "reference")
 def trusted_mask_reference(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           ) -> TrustedMask:
     """Apply a drawn block grid: ``cover = up(cells) & reliable``; ``images[cover] = fill`` on every channel."""
     cover = upsample_cells(cells, images.shape[-2], images.shape[-1]) & reliable
     masked = images.masked_fill(cover.unsqueeze(1), fill)
-    return masked, cover
+    return TrustedMask(masked, cover)
 
 
 def trusted_mask(
@@ -47,7 +63,7 @@ def trusted_mask(
     generator: torch.Generator | None = None,
     fill: float = 0.0,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> TrustedMask:
     """Trusted Mask Perturbation.
 
     Args:
@@ -59,22 +75,13 @@ def trusted_mask(
         fill: value written into hidden pixels (0 = the dataset mean after normalisation).
 
     Returns:
-        ``(masked_images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask that was applied.
+        :class:`TrustedMask` ``(images, cover)``: a new ``B x K x H x W`` tensor and the ``B x H x W`` bool mask
+        that was applied.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a floating B x K x H x W tensor, got {got}")
-    bsz, _, height, width = images.shape
-    if not isinstance(reliable, torch.Tensor) or reliable.dtype != torch.bool:
-        raise TypeError("reliable must be a bool tensor of shape B x H x W")
-    if tuple(reliable.shape) != (bsz, height, width):
-        raise ValueError(f"reliable must have shape B x H x W = {(bsz, height, width)}, got {tuple(reliable.shape)}")
-    if reliable.device != images.device:
-        raise ValueError(f"reliable is on {reliable.device} but images are on {images.device}")
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
-    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0):
-        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    bsz, _, height, width = check_images(images)
+    check_bool_map(reliable, images, "reliable", "images")
+    check_positive_int(block, "block")
+    check_fraction(rate, "rate")
     cells = draw_cells(bsz, height, width, block=block, rate=rate, generator=generator, device=images.device)
     _, impl = resolve("trusted_mask", backend, images.device)
     return impl(images, cells, reliable, float(fill))

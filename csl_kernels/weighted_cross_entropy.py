@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._backends import register, resolve
-from ._checks import check_label, check_logits, check_weight, valid_mask
-from .residual_features import compute_dtype
+from ._checks import check_label, check_logits, check_weight, compute_dtype, valid_mask
+
+
+class CrossEntropyOutputs(NamedTuple):
+    """The forward outputs of the fused ops (``csl::weighted_cross_entropy``; ``csl_triton::weighted_cross_entropy``
+    adds the valid-pixel count). The backends return only ``loss``; ``lse`` is kept for the backward pass."""
+
+    loss: torch.Tensor  # 0-dim compute_dtype(logits)
+    lse: torch.Tensor  # B x H x W compute_dtype(logits): log-sum-exp of the logits of every used pixel (0 elsewhere)
+
+
+def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOutputs:
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
+    bsz, _, height, width = logits.shape
+    dt = compute_dtype(logits)
+    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width), dtype=dt))
 
 
 @register("weighted_cross_entropy", "reference")
 def weighted_cross_entropy_reference(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd (float64 for float64 logits, else float32).
+    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd, in ``compute_dtype(logits)``.
 
     Pixels that are invalid or have weight 0 contribute exactly 0 (and a zero gradient), even when their
     logits are non-finite or their label is out of range.
@@ -36,6 +52,7 @@ def weighted_cross_entropy(
     weight: torch.Tensor,
     ignore: torch.Tensor | None = None,
     *,
+    valid: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Weighted pseudo-label cross-entropy, differentiable w.r.t. ``logits``.
@@ -46,15 +63,16 @@ def weighted_cross_entropy(
             out of range there is an error: ``reference`` and ``cpu`` raise, ``cuda`` fails a device assert (as
             ``F.cross_entropy`` does), ``triton`` returns a NaN loss and gradient (it never synchronises to check).
         weight: ``B x H x W`` floating per-pixel weights (treated as constants by the fused backends).
-        ignore: optional ``B x H x W`` integer (255 = ignored) or bool (True = valid).
+        ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
+        valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 
     Returns:
-        0-dim float32 loss (float64 for float64 logits on the reference) ``sum_n w_n CE_n / N_valid``;
+        0-dim float32 loss (float64 for float64 logits) ``sum_n w_n CE_n / N_valid``;
         0 when no pixel is valid.
     """
     check_logits(logits)
     check_label(label, logits)
     check_weight(weight, logits)
-    valid = valid_mask(ignore, logits)
+    mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("weighted_cross_entropy", backend, logits.device)
-    return impl(logits, label, weight, valid)
+    return impl(logits, label, weight, mask)

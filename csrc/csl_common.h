@@ -77,8 +77,8 @@ inline void check_confusion_matrix_args(const at::Tensor& pred, const at::Tensor
   TORCH_CHECK(num_classes >= 1, op, ": num_classes must be positive, got ", num_classes);
 }
 
-// csl::pcos_weights outputs: weight, label, reliable (B x H x W), mu, var (G x 2 x 2), count (G x 2),
-// eigenvalues (G x 2), chosen (G), n_nonfinite (B); the statistics zero-filled (they stay zero for empty groups).
+// csl::pcos_weights outputs, in the order, shapes and dtypes of PCOSOutputs (csl_kernels/pcos_weights.py); the
+// statistics zero-filled (they stay zero for empty groups).
 using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor>;
 

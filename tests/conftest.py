@@ -47,6 +47,14 @@ def require_backend(op: str, backend: str) -> torch.device:
     return device
 
 
+def masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The keyword an op takes ``mask`` as: ``valid=`` for a bool mask (True = valid), else ``ignore=`` (an integer
+    map with 255 = ignored, or None)."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return {"valid": mask}
+    return {"ignore": mask}
+
+
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     """The same values as ``t`` (B x C x H x W, or B x H x W) in another memory layout: ``contiguous``,
     ``channels_last``, ``transposed``, ``strided``, ``class_slice``, ``batch_slice``."""

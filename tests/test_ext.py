@@ -6,6 +6,7 @@ checks what is specific to the extension.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 import csl_kernels
-from csl_kernels import _backends, _ext
+from csl_kernels import _backends
 from csl_kernels.confusion_matrix import confusion_matrix_reference
+from csl_kernels.cpp import build
 from csl_kernels.pcos_weights import pcos_weights_reference
 from csl_kernels.residual_features import residual_features_reference
 
@@ -29,7 +31,7 @@ def ext():
     from conftest import require_backend
 
     require_backend("pcos_weights", "cpu")
-    import csl_kernels.ext as module
+    import csl_kernels.cpp as module
 
     module.load()
     return module
@@ -41,11 +43,11 @@ def _logits(b=2, c=5, h=6, w=7, dtype=torch.float32, seed=0):
 
 
 def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
-    info = _ext.load()
-    assert _ext.load() is info  # built and loaded once per process
+    info = build.load()
+    assert build.load() is info  # built and loaded once per process
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CPU"), op
-    with_cuda, arch, why = _ext.cuda_build_plan()
+    with_cuda, arch, why = build.cuda_build_plan()
     assert info.with_cuda == with_cuda, why
     if os.environ.get("CSL_REQUIRE_CUDA_BUILD") == "1":  # CI: the .cu files must compile and link for sm_90
         assert info.with_cuda, f"the CUDA part was not built: {why}"
@@ -58,7 +60,7 @@ def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
 def test_cuda_kernels_do_not_spill(ext):
     """The sm_90 cubins in the built library (CI builds them without a GPU): every kernel is there, none spills
     registers to memory (a few bytes of stack would be a call frame)."""
-    info = _ext.load()
+    info = build.load()
     if not info.with_cuda:
         pytest.skip("the extension was built without its CUDA part")
     from csl_kernels.triton.compile_check import resource_usage, spills
@@ -118,12 +120,12 @@ def test_weighted_cross_entropy_unused_pixels_are_exact_zeros(ext):
     valid = torch.ones(1, 2, 3, dtype=torch.bool)
     valid[0, 0, 0] = False
     z.requires_grad_()
-    loss = csl_kernels.weighted_cross_entropy(z, label, weight, valid, backend="cpu")
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, valid=valid, backend="cpu")
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.equal(z.grad[0, :, 0, :2], torch.zeros(3, 2))
     assert torch.isfinite(z.grad).all()
-    ref = csl_kernels.weighted_cross_entropy(z.detach(), label, weight, valid, backend="reference")
+    ref = csl_kernels.weighted_cross_entropy(z.detach(), label, weight, valid=valid, backend="reference")
     torch.testing.assert_close(loss, ref)
 
 
@@ -209,6 +211,20 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.weighted_cross_entropy(torch.randn(1, 3, 1, 1), torch.full((1, 1, 1), 7), torch.ones(1, 1, 1), None)
 
 
+def test_ahead_of_time_build_must_match_sources_and_flags(tmp_path):
+    from csl_kernels.cpp import sources
+
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    meta = {"source_hash": "abc", "flags_hash": sources.flags_hash(), "with_cuda": False}
+    (tmp_path / "_C_build.json").write_text(json.dumps(meta))
+    assert build._aot_library("abc", False, tmp_path) is not None
+    assert build._aot_library("abd", False, tmp_path) is None  # sources changed
+    assert build._aot_library("abc", True, tmp_path) is None  # CUDA part wanted, not built
+    for flags in ("0" * 64, None):  # other flags, or a build that did not record them
+        (tmp_path / "_C_build.json").write_text(json.dumps({**meta, "flags_hash": flags}))
+        assert build._aot_library("abc", False, tmp_path) is None
+
+
 @pytest.fixture
 def broken_build(tmp_path, monkeypatch):
     """A fresh loader state whose sources fail to compile (restored after the test)."""
@@ -219,10 +235,10 @@ def broken_build(tmp_path, monkeypatch):
     monkeypatch.setenv("CSL_EXT_SOURCE_DIR", str(src))
     monkeypatch.setenv("CSL_EXT_CUDA", "0")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    monkeypatch.setattr(_ext, "_info", None)
-    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(build, "_info", None)
+    monkeypatch.setattr(build, "_error", None)
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
-    import csl_kernels.ext  # noqa: F401 - registers the cpu backend
+    import csl_kernels.cpp  # noqa: F401 - registers the cpu backend
 
     return tmp_path
 
@@ -244,7 +260,7 @@ def test_failed_build_falls_back_for_auto_and_raises_for_cpu(broken_build, caplo
 
 @pytest.mark.gpu
 def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
-    if not _ext.load().with_cuda:
+    if not build.load().with_cuda:
         pytest.skip("extension built without CUDA")
     z = _logits(2, 21, 33, 47, seed=6)
     valid = torch.rand(2, 33, 47) > 0.2
@@ -284,12 +300,12 @@ z[0, :, 0, :5] = float("nan")
 ignore = torch.rand(2, 19, 23, generator=g) < 0.2
 label = torch.randint(0, 21, (2, 19, 23), generator=g)
 weight = torch.rand(2, 19, 23, generator=g)
-out = {"features": ck.residual_features(z, ~ignore, backend="cpu"),
-       "pcos": tuple(ck.pcos_weights(z, ~ignore, backend="cpu")[:3]),
+out = {"features": tuple(ck.residual_features(z, valid=~ignore, backend="cpu")),
+       "pcos": tuple(ck.pcos_weights(z, valid=~ignore, backend="cpu")[:3]),
        "pcos_bf16": tuple(ck.pcos_weights(z.bfloat16().contiguous(memory_format=torch.channels_last), None,
                                           groups="class", backend="cpu")[:3])}
 zz = z.nan_to_num().requires_grad_()
-loss = ck.weighted_cross_entropy(zz, label, weight, ~ignore, backend="cpu")
+loss = ck.weighted_cross_entropy(zz, label, weight, valid=~ignore, backend="cpu")
 loss.backward()
 out["ce"] = (loss.detach(), zz.grad)
 torch.save(out, sys.argv[1])

@@ -19,7 +19,7 @@ import random
 
 import pytest
 import torch
-from conftest import layout, require_backend
+from conftest import layout, masks, require_backend
 from test_residual_features import (
     LAYOUTS,
     feature_tolerance,
@@ -89,13 +89,14 @@ def svd_pcos(x, y, keep, group, n_groups: int, alpha: float) -> dict[str, torch.
 
 def reference64(z, ign, **kwargs):
     ign = None if ign is None else ign.cpu()
-    return csl_kernels.pcos_weights(z.detach().cpu().double(), ign, backend="reference", return_stats=True, **kwargs)
+    return csl_kernels.pcos_weights(z.detach().cpu().double(), **masks(ign), backend="reference", return_stats=True,
+                                    **kwargs)
 
 
 def keep_mask(z: torch.Tensor, ign) -> torch.Tensor:
     z = z.detach().cpu()
     finite = torch.isfinite(z).all(dim=1)
-    valid = valid_mask(None if ign is None else ign.cpu(), z)
+    valid = valid_mask(z, **masks(None if ign is None else ign.cpu()))
     return finite if valid is None else finite & valid
 
 
@@ -159,7 +160,7 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
     tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
     ign64 = None if ign is None else ign.cpu()
-    f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), ign64, confidence=confidence,
+    f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign64), confidence=confidence,
                                                  backend="reference")
     keep = keep_mask(z, ign).reshape(-1)
     group = pixel_groups(label, c, groups).reshape(-1)
@@ -283,7 +284,7 @@ def random_case(seed: int, device):
 def test_random_cases_match_float64_reference(fused_backend, seed):
     device = require_backend(OP, fused_backend)
     (z, ign), options = random_case(seed, device)
-    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
     assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
 
 
@@ -300,7 +301,7 @@ def test_odd_sizes_and_layouts(fused_backend, shape, kind, groups):
     b, c, h, w = shape
     z, ign = make_logits(sum(shape), batch=b, classes=c, height=h, width=w, ignore="int64", kind=kind, device=device)
     options = dict(alpha=8.0, confidence="prob" if h % 2 else "log", groups=groups)
-    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
     assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
 
 
@@ -312,7 +313,7 @@ def test_all_ignored_and_all_non_finite_images(fused_backend, groups):
     valid[1] = False  # image 1: every pixel ignored
     z[2, 3] = float("nan")  # image 2: every pixel non-finite
     z[2, 0, 0, 0] = float("inf")
-    out = csl_kernels.pcos_weights(z, valid, groups=groups, backend=fused_backend, return_stats=True)
+    out = csl_kernels.pcos_weights(z, valid=valid, groups=groups, backend=fused_backend, return_stats=True)
     ref = reference64(z, valid, groups=groups)
     options = dict(alpha=8.0, confidence="prob", groups=groups)
     assert_pcos_match(out, ref, z, valid, **options)
@@ -334,7 +335,7 @@ def test_one_class_images(fused_backend, groups, confidence):
     g = torch.Generator().manual_seed(8)
     z[:, 4] = z.amax(dim=1) + 0.5 + 3 * torch.rand(2, 6, 7, generator=g).to(device)  # class 4 wins every pixel
     options = dict(alpha=8.0, confidence=confidence, groups=groups)
-    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
     assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
     keep = keep_mask(z, ign)
     assert (out.label.cpu()[keep] == 4).all()
@@ -357,12 +358,12 @@ def test_non_finite_logits_never_poison_the_image(fused_backend, classes, groups
     z[1, classes - 1, 3, 5] = float("inf")
     bad = ~torch.isfinite(z).all(dim=1)
     options = dict(alpha=8.0, confidence="prob", groups=groups)
-    out = csl_kernels.pcos_weights(z, ign, backend=fused_backend, return_stats=True, **options)
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
     assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
     assert torch.equal(out.stats.n_nonfinite.cpu(), bad.sum(dim=(1, 2)).cpu())
     assert not out.weight[bad].any()
     clean = torch.where(bad.unsqueeze(1), torch.zeros((), dtype=z.dtype, device=device), z)
-    out_clean = csl_kernels.pcos_weights(clean, ign & ~bad, backend=fused_backend, return_stats=True, **options)
+    out_clean = csl_kernels.pcos_weights(clean, valid=ign & ~bad, backend=fused_backend, return_stats=True, **options)
     for a, b in zip((*out[:3], *out.stats[:5]), (*out_clean[:3], *out_clean.stats[:5]), strict=True):
         assert torch.equal(a, b)
 
@@ -377,7 +378,7 @@ def test_rank_one_features(fused_backend, confidence, dtype):
     valid = torch.ones(2, 5, 6, dtype=torch.bool, device=device)
     valid[1, :2] = False
     for groups in ("image", "class"):
-        out = csl_kernels.pcos_weights(z, valid, confidence=confidence, groups=groups, backend=fused_backend,
+        out = csl_kernels.pcos_weights(z, valid=valid, confidence=confidence, groups=groups, backend=fused_backend,
                                        return_stats=True)
         check_invariants(out, z, valid, groups)
         count = out.stats.count.cpu().reshape(-1, 2)
@@ -385,7 +386,7 @@ def test_rank_one_features(fused_backend, confidence, dtype):
         assert torch.equal(out.reliable.cpu(), valid.cpu())  # phi == mu: z = 0, w = 1
         assert (out.stats.chosen == 0).all()
     z2, ign = make_logits(3, batch=2, classes=2, height=5, width=7, dtype=dtype, ignore="int64", device=device)
-    out = csl_kernels.pcos_weights(z2, ign, confidence=confidence, backend=fused_backend, return_stats=True)
+    out = csl_kernels.pcos_weights(z2, **masks(ign), confidence=confidence, backend=fused_backend, return_stats=True)
     ref = reference64(z2, ign, confidence=confidence)
     assert_pcos_match(out, ref, z2, ign, alpha=8.0, confidence=confidence, groups="image")
     st = out.stats
@@ -452,8 +453,8 @@ def test_bitwise_deterministic(fused_backend, shape, groups):
     device = require_backend(OP, fused_backend)
     b, c, h, w = shape
     z, ign = make_logits(5, batch=b, classes=c, height=h, width=w, ignore="bool", p_nonfinite=0.02, device=device)
-    first = csl_kernels.pcos_weights(z, ign, groups=groups, backend=fused_backend, return_stats=True)
-    second = csl_kernels.pcos_weights(z, ign, groups=groups, backend=fused_backend, return_stats=True)
+    first = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend=fused_backend, return_stats=True)
+    second = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend=fused_backend, return_stats=True)
     for a, b_ in zip((*first[:3], *first.stats), (*second[:3], *second.stats), strict=True):
         assert torch.equal(a, b_)
 
@@ -507,4 +508,4 @@ def test_triton_custom_op_registration_and_compile():
 def test_bad_input_errors(make, error, match):
     z, ign, kwargs = make(torch.randn(2, 3, 4, 5))
     with pytest.raises(error, match=match):
-        csl_kernels.pcos_weights(z, ign, **kwargs)
+        csl_kernels.pcos_weights(z, **masks(ign), **kwargs)

@@ -11,10 +11,11 @@ labels must be equal.
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
-from conftest import layout, require_backend
+from conftest import layout, masks, require_backend
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -74,7 +75,8 @@ def make_logits(seed: int, *, batch: int, classes: int, height: int, width: int,
 def reference64(z: torch.Tensor, ign, confidence: str = "prob"):
     """The float64 reference on the (upcast) same logits, on the CPU."""
     ign = None if ign is None else ign.cpu()
-    return csl_kernels.residual_features(z.detach().cpu().double(), ign, confidence=confidence, backend="reference")
+    return csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign), confidence=confidence,
+                                         backend="reference")
 
 
 def residual_mass64(z: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ def assert_invalid_zero(out, keep: torch.Tensor) -> None:
 
 def keep_mask(z: torch.Tensor, ign) -> torch.Tensor:
     finite = torch.isfinite(z.detach().cpu()).all(dim=1)
-    valid = valid_mask(None if ign is None else ign.cpu(), z.detach().cpu())
+    valid = valid_mask(z.detach().cpu(), **masks(None if ign is None else ign.cpu()))
     return finite if valid is None else finite & valid
 
 
@@ -137,7 +139,7 @@ def test_random_cases_match_float64_reference(fused_backend, seed):
         case["scale"] = min(case["scale"], 3.0)  # keep |z| well inside the float16 range
     z, ign = make_logits(seed, **case)
     confidence = rng.choice(("prob", "log"))
-    out = csl_kernels.residual_features(z, ign, confidence=confidence, backend=fused_backend)
+    out = csl_kernels.residual_features(z, **masks(ign), confidence=confidence, backend=fused_backend)
     ref = reference64(z, ign, confidence)
     assert_features_match(out, ref, z)
     assert_invalid_zero(out, keep_mask(z, ign))
@@ -152,7 +154,7 @@ def test_odd_sizes_and_layouts(fused_backend, shape, kind):
     z, ign = make_logits(sum(shape), batch=b, classes=c, height=h, width=w, ignore="int64", kind=kind,
                          device=device)
     for confidence in ("prob", "log"):
-        out = csl_kernels.residual_features(z, ign, confidence=confidence, backend=fused_backend)
+        out = csl_kernels.residual_features(z, **masks(ign), confidence=confidence, backend=fused_backend)
         assert_features_match(out, reference64(z, ign, confidence), z)
 
 
@@ -167,12 +169,12 @@ def test_non_finite_and_ignored_pixels_give_zeros(fused_backend, classes, dtype)
     z[1, classes - 1, 0, 2] = float("inf")  # +inf in the last class tile only
     keep = keep_mask(z, ign)
     assert (~torch.isfinite(z.cpu()).all(dim=1)).sum() >= 3 and keep.any()
-    out = csl_kernels.residual_features(z, ign, backend=fused_backend)
+    out = csl_kernels.residual_features(z, **masks(ign), backend=fused_backend)
     assert_invalid_zero(out, keep)
     assert_features_match(out, reference64(z, ign), z)
     # A poisoned pixel never changes its neighbours: same result as with the poison replaced by zeros.
     clean = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
-    out_clean = csl_kernels.residual_features(clean, ign, backend=fused_backend)
+    out_clean = csl_kernels.residual_features(clean, **masks(ign), backend=fused_backend)
     for a, b in zip(out, out_clean, strict=True):
         assert torch.equal(a.cpu()[keep], b.cpu()[keep])
 
@@ -181,7 +183,7 @@ def test_all_ignored_and_empty(fused_backend):
     device = require_backend(OP, fused_backend)
     z, _ = make_logits(1, batch=2, classes=4, height=3, width=5, device=device)
     for ign in (torch.full((2, 3, 5), 255, device=device), torch.zeros(2, 3, 5, dtype=torch.bool, device=device)):
-        assert_invalid_zero(csl_kernels.residual_features(z, ign, backend=fused_backend),
+        assert_invalid_zero(csl_kernels.residual_features(z, **masks(ign), backend=fused_backend),
                             torch.zeros(2, 3, 5, dtype=torch.bool))
     f0, v, label = csl_kernels.residual_features(torch.randn(2, 4, 0, 3, device=device), backend=fused_backend)
     assert f0.shape == v.shape == label.shape == (2, 0, 3)
@@ -276,8 +278,8 @@ def test_bitwise_deterministic(fused_backend, shape):
     device = require_backend(OP, fused_backend)
     b, c, h, w = shape
     z, ign = make_logits(3, batch=b, classes=c, height=h, width=w, ignore="bool", p_nonfinite=0.05, device=device)
-    first = csl_kernels.residual_features(z, ign, confidence="log", backend=fused_backend)
-    second = csl_kernels.residual_features(z, ign, confidence="log", backend=fused_backend)
+    first = csl_kernels.residual_features(z, **masks(ign), confidence="log", backend=fused_backend)
+    second = csl_kernels.residual_features(z, **masks(ign), confidence="log", backend=fused_backend)
     for a, b_ in zip(first, second, strict=True):
         assert torch.equal(a, b_)
 
@@ -285,7 +287,7 @@ def test_bitwise_deterministic(fused_backend, shape):
 def test_reference_matches_direct_float64_formulas():
     """The reference itself against the spec's formulas written out naively in float64 (moderate logits)."""
     z, ign = make_logits(4, batch=2, classes=7, height=4, width=5, dtype=torch.float64, scale=1.0, ignore="bool")
-    f0, v, label = csl_kernels.residual_features(z, ign, backend="reference")
+    f0, v, label = csl_kernels.residual_features(z, **masks(ign), backend="reference")
     p = torch.softmax(z, dim=1)
     pmax, lab = p.max(dim=1)
     others = p.masked_fill(torch.arange(7).view(1, 7, 1, 1) == lab.unsqueeze(1), float("nan"))
@@ -332,4 +334,52 @@ def test_triton_custom_op_registration_and_compile():
 def test_bad_input_errors(make, error, match):
     z, ign, kwargs = make(torch.randn(2, 3, 4, 5))
     with pytest.raises(error, match=match):
-        csl_kernels.residual_features(z, ign, **kwargs)
+        csl_kernels.residual_features(z, **masks(ign), **kwargs)
+
+
+MASKED_OPS = {
+    "residual_features": lambda z, **kw: csl_kernels.residual_features(z, **kw, backend="reference"),
+    "pcos_weights": lambda z, **kw: csl_kernels.pcos_weights(z, **kw, backend="reference"),
+    "threshold_weights": lambda z, **kw: csl_kernels.threshold_weights(z, **kw, tau=0.5, backend="reference"),
+    "selection_scores": lambda z, **kw: csl_kernels.selection_scores(z, **kw, score="margin"),
+    "weighted_cross_entropy": lambda z, **kw: csl_kernels.weighted_cross_entropy(
+        z, z.argmax(1), torch.ones(z.shape[0], *z.shape[2:]), **kw, backend="reference"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(MASKED_OPS))
+def test_valid_keyword_and_the_deprecated_bool_ignore(op):
+    """A bool mask goes in as valid= (True = valid), an integer map as ignore= (255 = ignored); a bool ignore= still
+    means valid, with a DeprecationWarning; both at once is an error."""
+    call = MASKED_OPS[op]
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 4, 3, 5, generator=g) * 3
+    valid = torch.rand(2, 3, 5, generator=g) > 0.3
+    ignore = torch.where(valid, 1, 255)
+    expected = call(z, ignore=ignore)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = call(z, valid=valid)
+    with pytest.warns(DeprecationWarning, match="valid="):
+        old = call(z, ignore=valid)
+    for a, b, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got, old)), strict=True):
+        if a is not None:
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+    assert not torch.equal(call(z, valid=valid)[0] if op != "weighted_cross_entropy" else call(z, valid=valid),
+                           call(z, valid=None)[0] if op != "weighted_cross_entropy" else call(z, valid=None))
+    with pytest.raises(ValueError, match="not both"):
+        call(z, ignore=ignore, valid=valid)
+    with pytest.raises(TypeError, match="valid must be a bool tensor"):
+        call(z, valid=ignore)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        call(z, valid=valid[:, :2])
+
+
+def test_one_pixel_wide_slice(fused_backend):
+    """A W = 1 slice of a wider tensor (its W stride is not its H stride): the pixels lie along the H stride."""
+    device = require_backend(OP, fused_backend)
+    z = (torch.randn(2, 5, 4, 6, generator=torch.Generator().manual_seed(13)) * 3).to(device)[..., 2:3]
+    got = csl_kernels.residual_features(z, backend=fused_backend)
+    ref = csl_kernels.residual_features(z, backend="reference")
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)

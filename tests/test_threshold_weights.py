@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, require_backend
+from conftest import FUSED_BACKENDS, masks, require_backend
 from test_residual_features import make_logits
 
 import csl_kernels
@@ -28,7 +28,7 @@ def softmax64(z: torch.Tensor, ign):
     """``(p, keep)``: float64 probabilities (of zeroed logits where a pixel is invalid) and the validity mask."""
     z = z.detach().cpu().double()
     finite = torch.isfinite(z).all(dim=1)
-    valid = valid_mask(None if ign is None else ign.cpu(), z)
+    valid = valid_mask(z, **masks(None if ign is None else ign.cpu()))
     keep = finite if valid is None else finite & valid
     return torch.softmax(torch.where(keep.unsqueeze(1), z, 0.0), dim=1), keep
 
@@ -43,7 +43,7 @@ def test_threshold_matches_float64_softmax(backend, seed):
                          scale=rng.choice((1.0, 3.0)), ignore=rng.choice(("none", "bool", "int64")),
                          p_nonfinite=rng.choice((0.0, 0.15)), device=device)
     tau = rng.choice((0.3, 0.5, 0.9, 0.95))
-    out = csl_kernels.threshold_weights(z, ign, tau=tau, backend=backend)
+    out = csl_kernels.threshold_weights(z, **masks(ign), tau=tau, backend=backend)
     assert out.stats is None
     assert out.weight.dtype == torch.float32 and out.reliable.dtype == torch.bool and out.label.dtype == torch.long
     assert out.weight.shape == out.label.shape == out.reliable.shape == (z.shape[0], *z.shape[2:])
@@ -72,7 +72,7 @@ def test_threshold_edges(backend):
     out = csl_kernels.threshold_weights(z, tau=0.25, backend=backend)
     assert out.reliable.cpu().tolist() == [[[True, True, True, True]]]  # column 3: 4 equal classes, pmax = 0.25
     ign = torch.tensor([[[255, 0, 255, 1]]], device=device)
-    out = csl_kernels.threshold_weights(z, ign, tau=0.25, backend=backend)
+    out = csl_kernels.threshold_weights(z, **masks(ign), tau=0.25, backend=backend)
     assert out.weight.cpu().tolist() == [[[0.0, 1.0, 0.0, 1.0]]]
 
 
@@ -105,14 +105,14 @@ def test_selection_scores_match_float64_formulas(dtype, classes):
     expected, keep = scores64(z, ign)
     rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 2e-6)
     for score, want in expected.items():
-        got = csl_kernels.selection_scores(z, ign, score=score)
+        got = csl_kernels.selection_scores(z, **masks(ign), score=score)
         assert got.dtype == dtype and got.shape == keep.shape
         assert torch.isnan(got[~keep]).all() and torch.isfinite(got[keep]).all()
         torch.testing.assert_close(got[keep].double(), want[keep], rtol=rtol, atol=atol, msg=score)
-    f0, v, _ = csl_kernels.residual_features(z, ign, backend="reference")
-    dispersion = csl_kernels.selection_scores(z, ign, score="dispersion")
+    f0, v, _ = csl_kernels.residual_features(z, **masks(ign), backend="reference")
+    dispersion = csl_kernels.selection_scores(z, **masks(ign), score="dispersion")
     assert torch.equal(dispersion[keep], v[keep])
-    assert torch.equal(csl_kernels.selection_scores(z, ign, score="confidence")[keep], f0[keep])
+    assert torch.equal(csl_kernels.selection_scores(z, **masks(ign), score="confidence")[keep], f0[keep])
     if classes == 2:  # one residual class: H_res = -p2 log p2, margin = 2 pmax - 1
         p2 = 1 - expected["confidence"][keep]
         torch.testing.assert_close(expected["residual_entropy"][keep], -p2 * torch.log(p2))

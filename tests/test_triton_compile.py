@@ -14,8 +14,8 @@ import pytest
 
 from csl_kernels.triton import compile_check
 
-KERNELS = {"_residual_features_kernel", "_pcos_features_kernel", "_pcos_group_kernel", "_pcos_cluster_kernel",
-           "_pcos_stats_kernel", "_pcos_weight_kernel", "_trusted_mask_kernel", "_ce_forward_kernel",
+KERNELS = {"_residual_features_kernel", "_pcos_features_kernel", "_pcos_group_params_kernel", "_pcos_cluster_kernel",
+           "_pcos_cluster_stats_kernel", "_pcos_weight_kernel", "_trusted_mask_kernel", "_ce_forward_kernel",
            "_ce_reduce_kernel", "_ce_backward_kernel", "_confusion_kernel"}
 
 

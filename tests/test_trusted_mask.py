@@ -195,7 +195,7 @@ def test_triton_int64_offsets_path(monkeypatch):
     device = require_backend(OP, "triton")
     from csl_kernels.triton import trusted_mask as module
 
-    monkeypatch.setattr(module, "_wide", lambda *args: True)
+    monkeypatch.setattr(module, "wide", lambda *args, **kwargs: True)
     images, reliable = make_images(8, (2, 3, 9, 7), torch.float32, "strided", device)
     cells = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(1)).to(device) < 0.5
     masked, cover = impl("triton", device)(images, cells, reliable, 0.25)

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import layout, require_backend
+from conftest import layout, masks, require_backend
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -58,20 +58,20 @@ def make_case(seed: int, *, batch: int, classes: int, height: int, width: int, d
 def reference64(z, label, weight, ign, grad_scale: float = 1.0):
     """float64 reference loss and gradient on the (upcast) same logits."""
     z64 = z.detach().double().requires_grad_()
-    loss = weighted_cross_entropy_reference(z64, label, weight, valid_mask(ign, z64))
+    loss = weighted_cross_entropy_reference(z64, label, weight, valid_mask(z64, **masks(ign)))
     (loss * grad_scale).backward()
     return loss.detach(), z64.grad
 
 
 def run(backend, z, label, weight, ign, grad_scale: float = 1.0):
     z = z.detach().clone().requires_grad_()
-    loss = csl_kernels.weighted_cross_entropy(z, label, weight, ign, backend=backend)
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, **masks(ign), backend=backend)
     (loss * grad_scale).backward()
     return loss.detach(), z.grad
 
 
 def unused_mask(z, weight, ign) -> torch.Tensor:
-    valid = valid_mask(ign, z)
+    valid = valid_mask(z, **masks(ign))
     used = weight != 0 if valid is None else valid & (weight != 0)
     return (~used).unsqueeze(1).expand_as(z)
 
@@ -89,7 +89,7 @@ def assert_matches(loss, grad, ref_loss, ref_grad, z, weight, ign):
     unused = unused_mask(z, weight, ign)
     eps = torch.finfo(torch.float64 if z.dtype == torch.float64 else torch.float32).eps
     z_max = float(z.detach()[~unused].abs().max()) if (~unused).any() else 0.0
-    n_valid = max(int(valid_mask(ign, z).sum()) if ign is not None else weight.numel(), 1)
+    n_valid = max(int(valid_mask(z, **masks(ign)).sum()) if ign is not None else weight.numel(), 1)
     coef = float(weight.abs().max()) / n_valid if weight.numel() else 0.0
     atol_grad = 16 * eps * max(1.0, z_max) * coef
     torch.testing.assert_close(grad.double().cpu(), ref_grad.cpu(), rtol=0, atol=atol_grad)
@@ -229,13 +229,13 @@ def test_weights_are_constants(fused_backend):
     z, label, weight, ign = make_case(12, batch=1, classes=5, height=4, width=4, dtype=torch.float32, device=device)
     z = z.detach().clone().requires_grad_()
     weight = weight.clone().requires_grad_()
-    csl_kernels.weighted_cross_entropy(z, label, weight, ign, backend=fused_backend).backward()
+    csl_kernels.weighted_cross_entropy(z, label, weight, **masks(ign), backend=fused_backend).backward()
     assert z.grad is not None and weight.grad is None
 
 
 def test_reference_float64_gradcheck():
     z, label, weight, ign = make_case(1, batch=2, classes=4, height=3, width=3, dtype=torch.float64, poison=False)
-    valid = valid_mask(ign, z)
+    valid = valid_mask(z, **masks(ign))
     z = z.detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda x: weighted_cross_entropy_reference(x, label, weight, valid), (z,))
 
@@ -246,12 +246,12 @@ def test_float64_gradcheck(fused_backend):
                                       p_ignore=0.3, p_zero=0.2, device=device)
     z = z.detach().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x: csl_kernels.weighted_cross_entropy(x, label, weight, ign, backend=fused_backend), (z,))
+        lambda x: csl_kernels.weighted_cross_entropy(x, label, weight, **masks(ign), backend=fused_backend), (z,))
 
 
 def torch_low_precision(z, label, weight, ign):
     """PyTorch's own computation in the logits' dtype: F.cross_entropy, weighting and the sum all in that dtype."""
-    valid = valid_mask(ign, z)
+    valid = valid_mask(z, **masks(ign))
     used = valid & (weight != 0)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     ce = F.cross_entropy(torch.where(used.unsqueeze(1), z, zero), torch.where(used, label.long(), 0),
@@ -298,7 +298,7 @@ def test_triton_custom_op_registration_and_compile():
 
     z, label, weight, ign = make_case(4, batch=2, classes=5, height=3, width=4, dtype=torch.float32, poison=False,
                                       device=device)
-    valid = valid_mask(ign, z)
+    valid = valid_mask(z, **masks(ign))
     z = z.detach().requires_grad_()
     for v in (valid, None):
         torch.library.opcheck(torch.ops.csl_triton.weighted_cross_entropy, (z, label, weight, v))
@@ -337,9 +337,26 @@ def test_triton_int64_offsets_path(monkeypatch):
     device = require_backend(OP, "triton")
     from csl_kernels.triton import weighted_cross_entropy as module
 
-    monkeypatch.setattr(module, "_wide", lambda *tensors: True)
+    monkeypatch.setattr(module, "wide", lambda *tensors, **kwargs: True)
     for kind in ("channels_last", "transposed"):
         z, label, weight, ign = make_case(9, batch=2, classes=150, height=3, width=5, dtype=torch.float32,
                                           kind=kind, device=device)
         loss, grad = run("triton", z, label, weight, ign)
         assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
+
+
+def test_one_pixel_wide_slice(fused_backend):
+    """A W = 1 slice of a wider tensor (its W stride is not its H stride): the pixels lie along the H stride."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(12)
+    base = (torch.randn(2, 5, 4, 6, generator=g) * 3).to(device).requires_grad_()
+    label = torch.randint(0, 5, (2, 4, 1), generator=g).to(device)
+    weight = torch.rand(2, 4, 1, generator=g).to(device)
+    results = []
+    for backend in (fused_backend, "reference"):
+        loss = csl_kernels.weighted_cross_entropy(base[..., 2:3], label, weight, backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, base)))
+    (loss, grad), (ref, ref_grad) = results
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert grad[..., :2].abs().sum() == 0 and grad[..., 2].abs().sum() > 0

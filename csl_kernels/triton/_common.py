@@ -1,4 +1,12 @@
-"""Helpers shared by the Triton kernels: input layout, launch guards and Chan's merge of (count, mean, M2) records."""
+"""Helpers shared by the Triton kernels: input layout (pixel strides, int64 offsets), launch guards and Chan's merge
+of (count, mean, M2) records.
+
+Every op has the same shape: its ``@triton.jit`` kernels, a ``<op>_launch`` function that allocates the outputs
+(``<op>_outputs_like`` of the public module), picks the launch configuration (tuning.py) and launches under
+:func:`device_guard`, a ``torch.library.custom_op`` ``csl_triton::<op>`` that calls it, the op's fake kernel and the
+``"triton"`` implementation registered with :mod:`csl_kernels._backends`. Inputs are trusted: the public entry of the
+op checked them.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +23,45 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 USE_LIBDEVICE = not INTERPRET
 
 
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of a compute dtype (:func:`csl_kernels._checks.compute_dtype`)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def pixel_strides(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """``(logits, sb, sc, sp)`` such that pixel ``p = y * W + x`` of image ``b``, class ``k`` lies at
-    ``b * sb + k * sc + p * sp``.
+# Offsets at or above this may not fit in int32 (with headroom for the in-kernel additions).
+INT32_LIMIT = 2**31 - 2**16
 
-    Contiguous NCHW (``sp = 1``), channels_last (``sp = C``) and any view whose rows are evenly spaced (slices over
-    batch or classes) are used as they are; any other layout is made contiguous first.
+
+def pixel_strides(t: torch.Tensor) -> tuple[int, int, int, bool]:
+    """How every kernel finds the pixels of a ``B x ... x H x W`` tensor: ``(sb, sh, sw, flat)`` such that pixel
+    ``p = y * W + x`` of image ``b`` lies at ``b * sb + y * sh + x * sw`` (plus ``k * stride(1)`` for class or channel
+    ``k``), and, when ``flat`` (evenly spaced rows: contiguous NCHW, channels_last, slices over batch or classes), at
+    ``b * sb + p * sw``. Any layout is read in place; :func:`pixel_offsets` computes the offsets in the kernels.
     """
-    _, _, h, w = logits.shape
-    sb, sc, sh, sw = logits.stride()
+    h, w = t.shape[-2], t.shape[-1]
+    sb, sh, sw = t.stride(0), t.stride(-2), t.stride(-1)
     if w == 1:
-        return logits, sb, sc, sh
-    if h == 1 or sh == w * sw:
-        return logits, sb, sc, sw
-    logits = logits.contiguous()
-    sb, sc, _, sw = logits.stride()
-    return logits, sb, sc, sw
+        sw = sh  # p = y
+    return sb, sh, sw, h == 1 or sh == w * sw
+
+
+@triton.jit
+def pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
+    """Offsets of pixels ``p = y * W + x`` inside one image (strides and ``FLAT`` from :func:`pixel_strides`)."""
+    if FLAT:  # no division
+        return p * sw
+    return (p // W) * sh + (p % W) * sw
+
+
+def wide(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
+    """True when an offset inside one image of any of ``tensors`` (its span over every dim but the batch) or one of
+    the ``extra`` products may not fit in int32: the kernel then computes its offsets in int64 (constexpr ``WIDE``)."""
+    spans = [sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) for t in tensors]
+    return max(0, *spans, *extra) >= INT32_LIMIT
 
 
 def valid_bytes(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -78,6 +78,7 @@ def representative_calls() -> None:
             odd = logits.to(memory_format=torch.channels_last)
             ck.residual_features(odd, None, backend="triton")
             strided = logits[:, :, ::2, 1:].clone().requires_grad_(True)  # rows not evenly spaced in memory
+            ck.residual_features(strided.detach(), None, backend="triton")
             sel = ck.pcos_weights(strided.detach(), None, backend="reference")
             ck.pcos_weights(strided.detach(), None, backend="triton")
             ck.weighted_cross_entropy(strided, sel.label, sel.weight, None, backend="triton").backward()

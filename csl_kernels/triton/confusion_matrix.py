@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from ..confusion_matrix import confusion_matrix_outputs_like
+from ._common import device_guard
 
 BLOCK = 1024
 ITERS = 8  # chunks of BLOCK pixels per program on the histogram path
@@ -44,12 +46,8 @@ def _confusion_kernel(
         tl.atomic_add(out_ptr + bins, hist.to(tl.int64), mask=(bins < C * C) & (hist > 0), sem="relaxed")
 
 
-@torch.library.custom_op("csl_triton::confusion_matrix", mutates_args=())
-def _confusion_matrix_op(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
-                         ) -> torch.Tensor:
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+def confusion_matrix_launch(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+                            ) -> torch.Tensor:
     out = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=pred.device)
     n = pred.numel()
     if n == 0:
@@ -58,16 +56,23 @@ def _confusion_matrix_op(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     target_c = target.reshape(-1)
     hist = num_classes * num_classes <= HIST_BINS
     iters = ITERS if hist else 1
-    _confusion_kernel[(triton.cdiv(n, BLOCK * iters),)](
-        pred_c, target_c, out, n, num_classes, ignore_index,
-        BLOCK=BLOCK, ITERS=iters, HIST=hist, NBINS=HIST_BINS, num_warps=4,
-    )
+    with device_guard(pred):
+        _confusion_kernel[(triton.cdiv(n, BLOCK * iters),)](
+            pred_c, target_c, out, n, num_classes, ignore_index,
+            BLOCK=BLOCK, ITERS=iters, HIST=hist, NBINS=HIST_BINS, num_warps=4,
+        )
     return out
+
+
+@torch.library.custom_op("csl_triton::confusion_matrix", mutates_args=())
+def _confusion_matrix_op(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+                         ) -> torch.Tensor:
+    return confusion_matrix_launch(pred, target, num_classes, ignore_index)
 
 
 @_confusion_matrix_op.register_fake
 def _(pred, target, num_classes, ignore_index):
-    return pred.new_empty((num_classes, num_classes), dtype=torch.int64)
+    return confusion_matrix_outputs_like(pred, num_classes)
 
 
 @register("confusion_matrix", "triton")

@@ -1,13 +1,15 @@
 """Triton kernels of PCOS (docs/selection.md Sec. 2), batched over images or (image, class) groups.
 
-Five launches on the current stream, no host synchronisation, no float atomics, shapes that depend only on the input
-shapes (CUDA-graph capturable):
+The five stages of PCOS, named as in the CPU and CUDA kernels, one launch each on the current stream: no host
+synchronisation, no float atomics, shapes that depend only on the input shapes (CUDA-graph capturable):
 
-A) features (one pass over the logits) + per-chunk partial Gram sums and non-finite counts,
-B) per group: Gram sums reduced over chunks in a fixed order, closed-form 2 x 2 eigen-decomposition,
-C) cluster assignment + per-chunk (count, mean, M2) records of each (group, cluster),
-D) per group: records merged with Chan's formula in a fixed order, means, unbiased variances, reliable cluster,
-E) Gaussian weights with the preservation rule.
+A) features (one pass over the logits) + per-chunk partial Gram sums and non-finite counts (``_pcos_features_kernel``),
+B) group parameters: per group, Gram sums reduced over chunks in a fixed order, closed-form 2 x 2
+   eigen-decomposition (``_pcos_group_params_kernel``),
+C) cluster assignment + per-chunk (count, mean, M2) records of each (group, cluster) (``_pcos_cluster_kernel``),
+D) cluster statistics: per group, records merged with Chan's formula in a fixed order, means, unbiased variances,
+   reliable cluster (``_pcos_cluster_stats_kernel``),
+E) Gaussian weights with the preservation rule (``_pcos_weight_kernel``).
 
 A chunk is a fixed run of pixels of one image owned by one program, which walks it tile by tile and folds each
 tile's partial statistics into its own slots (so the order is fixed); group tiles without a pixel of the tile are
@@ -21,9 +23,19 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from ..pcos_weights import pcos_outputs_like
-from ._common import USE_LIBDEVICE, chan_merge, device_guard, next_pow2, pixel_strides, valid_bytes
-from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks, feature_dtype
+from .._checks import compute_dtype
+from ..pcos_weights import PCOSOutputs, pcos_outputs_like
+from ._common import (
+    USE_LIBDEVICE,
+    chan_merge,
+    device_guard,
+    next_pow2,
+    pixel_offsets,
+    pixel_strides,
+    tl_dtype,
+    valid_bytes,
+)
+from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
 from .tuning import Config, Tunable, tuned
 
 GRAM_STATS = 3  # sum xx, xy, yy
@@ -43,10 +55,10 @@ TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
 
 @triton.jit
 def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr, gram_ptr, bad_ptr,
-                          HW, C, sb, sc, sp, GPI, NCH, TILES,
+                          HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
                           HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-                          USE_LIBDEVICE: tl.constexpr):
+                          ACC: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     z_base = z_ptr + b * sb
@@ -55,8 +67,8 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
-        f0, v, label, finite = _pixel_features(z_base, p * sp, pmask, C, sc, LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C,
-                                               USE_LIBDEVICE)
+        f0, v, label, finite = _pixel_features(z_base, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
+                                               LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE)
         out = b * HW + p
         keep = finite & pmask
         if HAS_VALID:
@@ -92,7 +104,7 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
 
 
 @triton.jit
-def _pcos_group_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinite_ptr, G, GPI, NCH,
+def _pcos_group_params_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinite_ptr, G, GPI, NCH,
                        BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
     gm = g < G
@@ -239,7 +251,7 @@ def _merge_chunks(base, gm, NCH, BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _pcos_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, wparams_ptr, G, NCH,
+def _pcos_cluster_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, wparams_ptr, G, NCH,
                        BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
     gm = g < G
@@ -313,28 +325,22 @@ def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int
 
 def pcos_weights_launch(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
+) -> PCOSOutputs:
     bsz, ncls, h, w = logits.shape
     hw = h * w
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi
     dev = logits.device
     f64 = torch.float64
-    weight = torch.empty((bsz, h, w), dtype=torch.float32, device=dev)
-    label = torch.empty((bsz, h, w), dtype=torch.long, device=dev)
-    reliable = torch.empty((bsz, h, w), dtype=torch.bool, device=dev)
-    mu = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
-    var = torch.zeros((n_groups, 2, 2), dtype=f64, device=dev)
-    count = torch.zeros((n_groups, 2), dtype=torch.long, device=dev)
-    eigenvalues = torch.zeros((n_groups, 2), dtype=f64, device=dev)
-    chosen = torch.zeros((n_groups,), dtype=torch.long, device=dev)
-    n_nonfinite = torch.zeros((bsz,), dtype=torch.long, device=dev)
+    out = pcos_outputs_like(logits, class_groups)
+    for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
+        stat.zero_()  # the statistics of an empty input are zeros
     if bsz == 0 or hw == 0:
-        return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
-    z, sb, sc, sp = pixel_strides(logits)
+        return out
+    sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
-    dt = feature_dtype(logits)
-    acc = tl.float64 if dt == torch.float64 else tl.float32
+    dt = compute_dtype(logits)
+    acc = tl_dtype(dt)
     fx = torch.empty((bsz * hw,), dtype=dt, device=dev)
     fy = torch.empty_like(fx)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
@@ -355,28 +361,28 @@ def pcos_weights_launch(
         block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
         group_grid = (triton.cdiv(n_groups, block_grp),)
         chunk_grid = (nch, bsz)
-        with device_guard(logits):
-            _pcos_features_kernel[chunk_grid](
-                z, valid_u8, fx, fy, keep, label, gram, bad, hw, ncls, sb, sc, sp, gpi, nch, tiles,
-                HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups), ACC=acc,
-                BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
-                num_warps=config.num_warps,
-            )
-            _pcos_group_kernel[group_grid](gram, bad, params, eigenvalues, n_nonfinite, n_groups, gpi, nch,
-                                           BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
-            _pcos_cluster_kernel[chunk_grid](
-                fx, fy, keep, label, params, part, hw, gpi, nch, tiles,
-                CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
-            )
-            _pcos_stats_kernel[group_grid](part, mu, var, count, chosen, wparams, n_groups, nch,
-                                           BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
-            _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
-                fx, fy, keep, label, wparams, weight, reliable.view(torch.uint8), hw, gpi, float(alpha),
-                CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
-            )
+        _pcos_features_kernel[chunk_grid](
+            logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
+            tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups),
+            ACC=acc, FLAT_HW=flat, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
+            num_warps=config.num_warps,
+        )
+        _pcos_group_params_kernel[group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
+                                              nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+        _pcos_cluster_kernel[chunk_grid](
+            fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles,
+            CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
+        )
+        _pcos_cluster_stats_kernel[group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups, nch,
+                                               BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+        _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
+            fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
+            CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
+        )
 
-    tuned(TUNABLE, logits, launch, ",class_groups" if class_groups else "")
-    return weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite
+    with device_guard(logits):
+        tuned(TUNABLE, logits, launch, ",class_groups" if class_groups else "")
+    return out
 
 
 @torch.library.custom_op("csl_triton::pcos_weights", mutates_args=())
@@ -384,18 +390,17 @@ def pcos_weights_op(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    return pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups)
+    return tuple(pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups))
 
 
 @pcos_weights_op.register_fake
 def _(logits, valid, alpha, log_confidence, class_groups):
-    return pcos_outputs_like(logits, class_groups)
+    return tuple(pcos_outputs_like(logits, class_groups))
 
 
 @register("pcos_weights", "triton")
 def pcos_weights_triton(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
-) -> tuple[torch.Tensor, ...]:
-    """``(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)``, G = B or B * C groups."""
-    return tuple(torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                    bool(class_groups)))
+) -> PCOSOutputs:
+    return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                          bool(class_groups)))

@@ -15,15 +15,17 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._backends import register
-from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_strides, valid_bytes
+from .._checks import compute_dtype
+from ..residual_features import ResidualFeatures, residual_features_outputs_like
+from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
-# Pixels x classes per program tile and warps per program. The default keeps 4 values per thread: chosen on the sm_90
-# resource usage that `python -m csl_kernels.triton.compile_check` reports (no GPU was at hand to time it): 4096
-# values at 4 warps needed 255 registers and spilled ~1 KB per thread, 1024 at 8 warps takes 64-120 registers. The
-# other candidates (2-8 values per thread, none spills: tests/test_triton_compile.py; 16 warps and 2048 at 4 warps
-# did) are timed on the user's GPU (csl_kernels/triton/tuning.py); the PCOS pixel passes tune the same way.
+# Pixels x classes per program tile and warps per program. The default keeps 4 values per thread, which on sm_90 takes
+# 64-120 registers and does not spill (`python -m csl_kernels.triton.compile_check` reports the resource usage; 4096
+# values at 4 warps would take 255 registers and spill ~1 KB per thread). The other candidates (2-8 values per thread,
+# none spills: tests/test_triton_compile.py; 16 warps or 2048 values at 4 warps would) are timed on the user's GPU
+# (csl_kernels/triton/tuning.py); the PCOS pixel passes tune the same way.
 DEFAULT_CONFIG = Config(tile=1024, num_warps=8)
 CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(2048, 8), Config(512, 8))
 TUNABLE = Tunable("residual_features", DEFAULT_CONFIG, CANDIDATES)
@@ -119,15 +121,16 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
 
 
 @triton.jit
-def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, C, sb, sc, sp,
+def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W, C, sb, sc, sh, sw,
                               HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                              FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                              USE_LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
-    f0, v, label, finite = _pixel_features(z_ptr + b * sb, p * sp, pmask, C, sc, LOG_CONFIDENCE, ACC, BLOCK_P,
-                                           BLOCK_C, USE_LIBDEVICE)
+    f0, v, label, finite = _pixel_features(z_ptr + b * sb, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
+                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE)
     out = b * HW + p
     keep = finite
     if HAS_VALID:
@@ -137,57 +140,43 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, C,
     tl.store(label_ptr + out, tl.where(keep, label, 0).to(tl.int64), mask=pmask)
 
 
-def feature_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def residual_features_launch(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                             ) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
-    dt = feature_dtype(logits)
-    f0 = torch.empty((bsz, h, w), dtype=dt, device=logits.device)
-    v = torch.empty_like(f0)
-    label = torch.empty((bsz, h, w), dtype=torch.long, device=logits.device)
+    out = residual_features_outputs_like(logits)
     hw = h * w
     if bsz == 0 or hw == 0:
-        return f0, v, label
-    z, sb, sc, sp = pixel_strides(logits)
+        return out
+    sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
+    acc = tl_dtype(compute_dtype(logits))
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
-        with device_guard(logits):
-            _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
-                z, valid_u8, f0, v, label, hw, ncls, sb, sc, sp,
-                HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
-                ACC=tl.float64 if dt == torch.float64 else tl.float32,
-                BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
-            )
+        _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
+            logits, valid_u8, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
+            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
+            BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
+        )
 
-    tuned(TUNABLE, logits, launch)
-    return f0, v, label
+    with device_guard(logits):
+        tuned(TUNABLE, logits, launch)
+    return out
 
 
 @torch.library.custom_op("csl_triton::residual_features", mutates_args=())
 def residual_features_op(
     logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return residual_features_launch(logits, valid, log_confidence)
+    return tuple(residual_features_launch(logits, valid, log_confidence))
 
 
 @residual_features_op.register_fake
 def _(logits, valid, log_confidence):
-    b, _, h, w = logits.shape
-    dt = feature_dtype(logits)
-    return (logits.new_empty((b, h, w), dtype=dt), logits.new_empty((b, h, w), dtype=dt),
-            logits.new_empty((b, h, w), dtype=torch.long))
+    return tuple(residual_features_outputs_like(logits))
 
 
 @register("residual_features", "triton")
-def residual_features_triton(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(f0, v, label)``: float32 features (float64 for float64 logits), int64 labels; invalid pixels give 0."""
-    f0, v, label = torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence))
-    return f0, v, label
+def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                             ) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence)))

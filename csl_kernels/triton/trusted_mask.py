@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from ._common import device_guard
+from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
+from ._common import device_guard, pixel_strides, wide
 from .tuning import Config, Tunable, tuned
 
 # Pixels per program (one row of an image may span several programs) and warps; the candidates are timed on the
@@ -53,58 +54,54 @@ def _trusted_mask_kernel(
         tl.store(out_ptr + out_off + k * s_ok, tl.where(cover, fill, v), mask=pm)
 
 
-def _wide(images: torch.Tensor, masked: torch.Tensor, reliable: torch.Tensor, *products: int) -> bool:
-    """True when a pixel index, y * gh, x * gw or an offset inside one image may not fit in int32."""
-    spans = [sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True))
-             for t in (images, masked, reliable)]
-    return max(images.shape[2] * images.shape[3], *products, *spans) >= 2**31 - 2**16
-
-
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """bool tensors go to the kernel as uint8 (same storage)."""
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-@register("trusted_mask", "triton")
-def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked images, cover)`` with ``cover = up(cells) & reliable`` and ``masked = fill`` where covered."""
-    return torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill))
-
-
-@torch.library.custom_op("csl_triton::trusted_mask", mutates_args=())
-def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def trusted_mask_launch(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                        ) -> TrustedMask:
     bsz, channels, height, width = images.shape
-    if cells.dim() != 3 or cells.shape[0] != bsz or cells.dtype != torch.bool:
-        raise ValueError(f"cells must be a bool B x gh x gw tensor with B = {bsz}, got {cells.dtype} "
-                         f"{tuple(cells.shape)}")
-    masked = torch.empty_like(images)
-    cover = torch.empty((bsz, height, width), dtype=torch.bool, device=images.device)
+    masked, cover = trusted_mask_outputs_like(images)
     if bsz == 0 or height * width == 0:
-        return masked, cover
+        return TrustedMask(masked, cover)
     gh, gw = cells.shape[1:]
     cells_c = _bytes(cells.contiguous())
     # The fill value rounded to the image dtype exactly as masked_fill rounds it (a Python float would reach the
     # kernel as float32, which is wrong for float64 images).
     fill_t = torch.full((1,), fill, dtype=images.dtype, device=images.device)
     rel = _bytes(reliable)
-    wide = _wide(images, masked, reliable, height * gh, width * gw)
+    use_int64 = wide(images, masked, reliable, extra=(height * width, height * gh, width * gw))
+    # Every pixel's (y, x) is needed for its cell, so the three maps are read through their row and column strides.
+    i_sb, i_sh, i_sw, _ = pixel_strides(images)
+    o_sb, o_sh, o_sw, _ = pixel_strides(masked)
+    r_sb, r_sh, r_sw, _ = pixel_strides(reliable)
 
     def launch(config: Config) -> None:
         _trusted_mask_kernel[(triton.cdiv(height * width, config.tile), bsz)](
             images, masked, cells_c, rel, _bytes(cover), fill_t,
             channels, height, width, gh, gw,
-            *images.stride(), *masked.stride(), *reliable.stride(),
-            BLOCK_P=config.tile, WIDE=wide, num_warps=config.num_warps,
+            i_sb, images.stride(1), i_sh, i_sw, o_sb, masked.stride(1), o_sh, o_sw, r_sb, r_sh, r_sw,
+            BLOCK_P=config.tile, WIDE=use_int64, num_warps=config.num_warps,
         )
 
     with device_guard(images):
         tuned(TUNABLE, images, launch)
-    return masked, cover
+    return TrustedMask(masked, cover)
+
+
+@torch.library.custom_op("csl_triton::trusted_mask", mutates_args=())
+def _trusted_mask_op(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(trusted_mask_launch(images, cells, reliable, fill))
 
 
 @_trusted_mask_op.register_fake
 def _(images, cells, reliable, fill):
-    bsz, _, height, width = images.shape
-    return torch.empty_like(images), images.new_empty((bsz, height, width), dtype=torch.bool)
+    return tuple(trusted_mask_outputs_like(images))
+
+
+@register("trusted_mask", "triton")
+def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
+                        ) -> TrustedMask:
+    return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))

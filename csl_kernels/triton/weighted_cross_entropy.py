@@ -24,15 +24,17 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from ._common import device_guard
+from .._checks import compute_dtype
+from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
+from ._common import device_guard, pixel_offsets, pixel_strides, tl_dtype, wide
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
 MAX_BLOCK_P = 1024
 # BLOCK_P * BLOCK_C per program and warps per program. Default: 8 values per thread, 60-130 registers and no spills on
-# sm_90 (4096 at 4 warps spilled; see csl_kernels/triton/residual_features.py). The others (4-16 values per thread,
-# none spills: tests/test_triton_compile.py; 16 warps did) are timed on the user's GPU, forward and backward separately
-# (csl_kernels/triton/tuning.py).
+# sm_90 (4096 at 4 warps would spill; see csl_kernels/triton/residual_features.py). The others (4-16 values per
+# thread, none spills: tests/test_triton_compile.py; 16 warps would) are timed on the user's GPU, forward and backward
+# separately (csl_kernels/triton/tuning.py).
 DEFAULT_CONFIG = Config(tile=2048, num_warps=8)
 CANDIDATES = (DEFAULT_CONFIG, Config(1024, 4), Config(2048, 4), Config(4096, 8), Config(1024, 8))
 FORWARD = Tunable("weighted_cross_entropy_forward", DEFAULT_CONFIG, CANDIDATES)
@@ -44,13 +46,6 @@ def _blocks(num_classes: int, config: Config) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
     block_p = max(32, min(MAX_BLOCK_P, config.tile // block_c))
     return block_p, block_c
-
-
-@triton.jit
-def _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW: tl.constexpr):
-    if FLAT_HW:  # s_h == W * s_w (contiguous NCHW and channels_last): no division
-        return b * s_b + p * s_w
-    return b * s_b + (p // W) * s_h + (p % W) * s_w
 
 
 @triton.jit
@@ -98,7 +93,7 @@ def _ce_forward_kernel(
     pm = p < HW
     i = b * HW + p
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
-    base = _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW)
+    base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
 
     m = tl.full((BLOCK_P,), float("-inf"), ACC)
     s = tl.zeros((BLOCK_P,), ACC)
@@ -155,8 +150,8 @@ def _ce_backward_kernel(
     scale = tl.load(grad_loss_ptr).to(ACC) / tl.maximum(tl.load(count_ptr), 1).to(ACC)
     coef = tl.where(bad, float("nan"), scale * w)
     lse = tl.load(lse_ptr + i, mask=used, other=0).to(ACC)
-    base = _pixel_offsets(b, p, W, s_b, s_h, s_w, FLAT_HW)
-    g_base = _pixel_offsets(b, p, W, g_b, g_h, g_w, G_FLAT_HW)
+    base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
+    g_base = b * g_b + pixel_offsets(p, W, g_h, g_w, G_FLAT_HW)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         if WIDE:
@@ -172,14 +167,6 @@ def _ce_backward_kernel(
                  mask=pm[:, None] & cm)
 
 
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(logits: torch.Tensor):
-    return tl.float64 if logits.dtype == torch.float64 else tl.float32
-
-
 def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
     # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap.
     label_c = label.contiguous()
@@ -188,38 +175,18 @@ def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     return label_c, weight_c, valid_c
 
 
-def _wide(*tensors: torch.Tensor) -> bool:
-    """True when the offsets inside one image (classes x pixels) may not fit in int32."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) >= 2**31 - 2**16
-               for t in tensors)
-
-
-def _flat_hw(t: torch.Tensor) -> bool:
-    return t.shape[3] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
-
-
-def _check(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> None:
-    bsz, _, height, width = logits.shape
-    for name, t in (("label", label), ("weight", weight), ("valid", valid)):
-        if t is not None and tuple(t.shape) != (bsz, height, width):
-            raise ValueError(f"{name} must have shape B x H x W = {(bsz, height, width)}, got {tuple(t.shape)}")
-    if valid is not None and valid.dtype != torch.bool:
-        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
-
-
-@torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
-def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss 0-dim, lse B x H x W, valid-pixel count 0-dim int64)."""
-    _check(logits, label, weight, valid)
+def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+                                  valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass: ``(loss, lse, count)``, :class:`~csl_kernels.weighted_cross_entropy.CrossEntropyOutputs`
+    and the valid-pixel count (0-dim int64) that the backward pass divides by."""
     bsz, num_classes, height, width = logits.shape
-    acc = _acc_dtype(logits)
+    acc = compute_dtype(logits)
     dev = logits.device
-    lse = torch.empty((bsz, height, width), dtype=acc, device=dev)
-    loss = torch.empty((), dtype=acc, device=dev)
+    loss, lse = weighted_cross_entropy_outputs_like(logits)
     count = torch.empty((), dtype=torch.int64, device=dev)
     hw = height * width
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
+    sb, sh, sw, flat = pixel_strides(logits)
 
     def launch(config: Config) -> None:
         block_p, block_c = _blocks(num_classes, config)
@@ -230,8 +197,8 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
         if n_parts > 0:
             _ce_forward_kernel[(n_pblocks, bsz)](
                 logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
-                num_classes, hw, width, *logits.stride(),
-                HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), ACC=_tl_acc(logits), WIDE=_wide(logits),
+                num_classes, hw, width, sb, logits.stride(1), sh, sw,
+                HAS_VALID=valid is not None, FLAT_HW=flat, ACC=tl_dtype(acc), WIDE=wide(logits),
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
             )
         _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -244,43 +211,54 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
     return loss, lse, count
 
 
+@torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
+def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return weighted_cross_entropy_launch(logits, label, weight, valid)
+
+
 @_wce_forward.register_fake
 def _(logits, label, weight, valid):
-    bsz, _, height, width = logits.shape
-    acc = _acc_dtype(logits)
-    return (logits.new_empty((), dtype=acc), logits.new_empty((bsz, height, width), dtype=acc),
-            logits.new_empty((), dtype=torch.int64))
+    return (*weighted_cross_entropy_outputs_like(logits), logits.new_empty((), dtype=torch.int64))
 
 
-@torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
-def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
-                  weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
+def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor,
+                                           label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
+                                           lse: torch.Tensor) -> torch.Tensor:
     """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere."""
-    _check(logits, label, weight, valid)
     bsz, num_classes, height, width = logits.shape
     grad = torch.empty_like(logits)
     hw = height * width
     if grad.numel() == 0:
         return grad
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
-    grad_loss = grad_loss.reshape(()).to(_acc_dtype(logits))  # may arrive expanded (strides 0) from autograd
+    acc = compute_dtype(logits)
+    grad_loss = grad_loss.reshape(()).to(acc)  # may arrive expanded (strides 0) from autograd
     bf16 = grad.dtype == torch.bfloat16
     grad_out = grad.view(torch.int16) if bf16 else grad
     lse_c = lse.contiguous()
+    sb, sh, sw, flat = pixel_strides(logits)
+    g_sb, g_sh, g_sw, g_flat = pixel_strides(grad)
 
     def launch(config: Config) -> None:
         block_p, block_c = _blocks(num_classes, config)
         _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
             grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
-            num_classes, hw, width, *logits.stride(), *grad.stride(),
-            HAS_VALID=valid is not None, FLAT_HW=_flat_hw(logits), G_FLAT_HW=_flat_hw(grad), ACC=_tl_acc(logits),
-            BF16_BITS=bf16, WIDE=_wide(logits, grad),
+            num_classes, hw, width, sb, logits.stride(1), sh, sw, g_sb, grad.stride(1), g_sh, g_sw,
+            HAS_VALID=valid is not None, FLAT_HW=flat, G_FLAT_HW=g_flat, ACC=tl_dtype(acc),
+            BF16_BITS=bf16, WIDE=wide(logits, grad),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
         )
 
     with device_guard(logits):
         tuned(BACKWARD, logits, launch)
     return grad
+
+
+@torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
+def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
+                  weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
+    return weighted_cross_entropy_backward_launch(grad_loss, count, logits, label, weight, valid, lse)
 
 
 @_wce_backward.register_fake

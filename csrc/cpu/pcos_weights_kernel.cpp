@@ -1,10 +1,12 @@
 // CPU kernel of csl::pcos_weights.
 //
-// Three parallel passes over fixed chunks of pixels (chunks depend only on the shapes, so the result does not depend
-// on the number of threads): A) features, pseudo-labels and per-chunk Gram sums; B) cluster assignment and per-chunk
-// cluster sums of the features shifted by the group mean; C) weights. Between the passes the per-chunk partial sums
-// (float64) are reduced in chunk order per group. Within a chunk, the sums of an image group are kept in interleaved
-// lanes (pcos_lanes.h), those of a class group pixel by pixel; either order is fixed by the pixel indices alone.
+// The five stages of PCOS, named as in the CUDA and Triton kernels: A) features, pseudo-labels and per-chunk Gram
+// sums; B) group parameters: per group, the Gram sums reduced in chunk order and their eigen-decomposition;
+// C) cluster assignment and per-chunk cluster sums of the features shifted by the group mean; D) cluster statistics:
+// per group, the cluster sums reduced in chunk order; E) weights. A, C and E are parallel passes over fixed chunks of
+// pixels (chunks depend only on the shapes, so the result does not depend on the number of threads), B and D parallel
+// loops over groups. Within a chunk, the sums of an image group are kept in interleaved lanes (pcos_lanes.h), those of
+// a class group pixel by pixel; either order is fixed by the pixel indices alone.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -73,7 +75,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pcos_weights_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
-    // Features of every pixel for passes B and C (written by pass A); fx is NaN where a pixel is not used.
+    // Features of every pixel for stages C and E (written by stage A); fx is NaN where a pixel is not used.
     std::unique_ptr<acc_t[]> fx_buffer(new acc_t[batch * hw]), fy_buffer(new acc_t[batch * hw]);
     acc_t* fx = fx_buffer.get();
     acc_t* fy = fy_buffer.get();
@@ -116,6 +118,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         }
       }
     });
+    // B) group parameters.
     double* eigen_ptr = outputs.eigenvalues.data_ptr<double>();
     at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
       double sums[kGramStats];
@@ -124,7 +127,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         group_params_from_gram(sums, params.data() + g * kGroupParams, eigen_ptr + g * 2);
       }
     });
-    // B) cluster assignment and shifted cluster sums.
+    // C) cluster assignment and shifted cluster sums.
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ci = begin; ci < end; ++ci) {
         const int64_t b = ci / chunks_per_image;
@@ -152,6 +155,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         }
       }
     });
+    // D) cluster statistics.
     double* mu_ptr = outputs.mu.data_ptr<double>();
     double* var_ptr = outputs.var.data_ptr<double>();
     int64_t* count_ptr = outputs.count.data_ptr<int64_t>();
@@ -164,7 +168,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
                       chosen_ptr + g, weight_params.data() + g * kWeightParams);
       }
     });
-    // C) weights, image by image.
+    // E) weights, image by image.
     float* weight_ptr = outputs.weight.data_ptr<float>();
     bool* reliable_ptr = outputs.reliable.data_ptr<bool>();
     at::parallel_for(0, batch * hw, 4096, [&](int64_t begin, int64_t end) {

@@ -1,8 +1,10 @@
 // CUDA kernels of csl::pcos_weights.
 //
-// Five launches on the current stream, no host synchronisation and no float atomics:
-//   A) features + per-chunk Gram sums   B) per-group eigen-decomposition (chunk partials reduced in chunk order)
-//   C) cluster assignment + per-chunk shifted cluster sums   D) per-group cluster statistics   E) weights.
+// The five stages of PCOS (named as in the CPU and Triton kernels), one launch each on the current stream, no host
+// synchronisation and no float atomics: A) features + per-chunk Gram sums (pcos_features_kernel); B) group
+// parameters: per-group eigen-decomposition, chunk partials reduced in chunk order (pcos_group_params_kernel);
+// C) cluster assignment + per-chunk shifted cluster sums (pcos_cluster_kernel); D) cluster statistics per group
+// (pcos_cluster_stats_kernel); E) weights (pcos_weight_kernel).
 // A chunk is a fixed run of pixels of one image handled by one block. Image groups reduce a chunk with a fixed-order
 // block reduction; class groups (up to C groups per chunk) are reduced by one thread per class that scans the chunk's
 // tile of pixels in shared memory in pixel order. Both orders are fixed, so results are bitwise reproducible.

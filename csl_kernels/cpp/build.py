@@ -13,8 +13,8 @@ The CPU kernels hold their vectorised loops in three copies (x86-64 baseline, AV
 build needs no ``-march`` flag. ``CSL_CPU_ISA=baseline|avx2`` (read once per process) caps the choice, for tests.
 
 A build happens at most once per process; a failure is remembered, written to ``build.log`` in the build folder and
-reported by :func:`unavailable_reason` (with the compiler's last lines), so ``backend="auto"`` falls back to the
-reference while a backend asked for by name raises.
+raised by :func:`load` as :class:`ExtensionBuildError` (with the compiler's last lines): the backends' availability
+check reports it, so ``backend="auto"`` falls back to the reference while a backend asked for by name raises.
 """
 
 from __future__ import annotations
@@ -30,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ._ext_sources import csrc_dir, extension_sources, source_hash
+from .sources import CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, csrc_dir, extension_sources, flags_hash, source_hash
 
 DEFAULT_CUDA_ARCH = "9.0"
-# -fopenmp: at::parallel_for is inlined into the extension and runs serially without it; -ffp-contract=off: the math
-# of csl_math.h stays unfused, as in the reference (an even residual gives exactly v = 0).
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
-LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3"]
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # csl_kernels/, where setup.py puts csl_kernels._C
 _TAIL_LINES = 15
 
 
@@ -108,9 +104,9 @@ def _build_root() -> Path:
     return Path.home() / ".cache" / "torch_extensions" / tag
 
 
-def _aot_library(src_hash: str | None, with_cuda: bool) -> str | None:
-    """The ahead-of-time build from ``CSL_BUILD_EXT=1 pip install``, if it matches the current sources."""
-    here = Path(__file__).resolve().parent
+def _aot_library(src_hash: str | None, with_cuda: bool, here: Path = PACKAGE_DIR) -> str | None:
+    """The ahead-of-time build from ``CSL_BUILD_EXT=1 pip install`` (``csl_kernels._C`` and its ``_C_build.json``
+    in ``here``), if it matches the current sources and flags."""
     meta = here / "_C_build.json"
     libs = sorted(here.glob("_C*.so"))
     if not libs or not meta.is_file():
@@ -118,6 +114,8 @@ def _aot_library(src_hash: str | None, with_cuda: bool) -> str | None:
     info = json.loads(meta.read_text())
     if src_hash is not None and info.get("source_hash") != src_hash:
         return None  # sources changed since (editable checkout): build on the fly instead
+    if info.get("flags_hash") != flags_hash():
+        return None  # built with other compile flags
     if with_cuda and not info.get("with_cuda"):
         return None
     return str(libs[0])
@@ -202,11 +200,3 @@ def load() -> BuildInfo:
             raise ExtensionBuildError(_error) from exc
         return _info
 
-
-def unavailable_reason() -> str | None:
-    """None when the extension is loaded (building it if needed), else why it cannot be."""
-    try:
-        load()
-    except ExtensionBuildError as exc:
-        return str(exc)
-    return None

@@ -1,16 +1,23 @@
-"""Where the C++/CUDA sources of the extension live and which files it compiles.
+"""Where the C++/CUDA sources of the extension live, which files it compiles and with which flags.
 
-Standard library only: ``setup.py`` loads this file by path (without importing torch or the package).
+Standard library only: ``setup.py`` loads this file by path (without importing torch or the package), so the
+ahead-of-time build and the on-the-fly build (:mod:`csl_kernels.cpp.build`) compile the same files with the same flags.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 SOURCE_DIR_ENV = "CSL_EXT_SOURCE_DIR"
 _SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+# -fopenmp: at::parallel_for is inlined into the extension and runs serially without it; -ffp-contract=off: the math
+# of csl_math.h stays unfused, as in the reference (an even residual gives exactly v = 0).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3"]
 
 
 def csrc_dir() -> Path | None:
@@ -18,8 +25,8 @@ def csrc_dir() -> Path | None:
     override = os.environ.get(SOURCE_DIR_ENV)
     if override:
         return Path(override)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # csl_kernels/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "csl_math.h").is_file():
             return candidate
     return None
@@ -40,3 +47,8 @@ def source_hash(root: Path) -> str:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def flags_hash() -> str:
+    """Hash of the compile and link flags (a build made with other flags is stale)."""
+    return hashlib.sha256(json.dumps([CXX_FLAGS, LD_FLAGS, NVCC_FLAGS]).encode()).hexdigest()

@@ -1,0 +1,45 @@
+"""The ``"cpu"`` and ``"cuda"`` backends: the ``torch.ops.csl`` ops of the C++/CUDA extension in ``csrc/``.
+
+- :mod:`.sources`: where ``csrc/`` is, which files and flags the extension compiles (standard library only: setup.py
+  loads it by path);
+- :mod:`.build`: builds (on first use) and loads the library;
+- :mod:`.ops`: one implementation per op, the fake kernels and the autograd formula of the ``torch.ops.csl`` ops.
+
+Importing this package registers the implementations and the availability checks with
+:mod:`csl_kernels._backends`; the extension itself is built and loaded the first time a check runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import register_availability
+from . import build, ops
+
+
+def load() -> build.BuildInfo:
+    """Build/load the extension and register its Python parts; raises ``ExtensionBuildError`` on failure."""
+    info = build.load()
+    ops.register_python_parts()
+    return info
+
+
+def _check_cpu(device: torch.device) -> str | None:
+    try:
+        load()
+    except build.ExtensionBuildError as exc:
+        return str(exc)
+    return None
+
+
+def _check_cuda(device: torch.device) -> str | None:
+    reason = _check_cpu(device)
+    if reason is not None:
+        return reason
+    if not build.load().with_cuda:
+        return f"the C++ extension was built without its CUDA part ({build.cuda_build_plan()[2]})"
+    return None
+
+
+register_availability("cpu", _check_cpu)
+register_availability("cuda", _check_cuda)

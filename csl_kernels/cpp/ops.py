@@ -1,0 +1,107 @@
+"""The ``torch.ops.csl`` ops of the extension as the ``"cpu"`` and ``"cuda"`` implementations of every op.
+
+Fake (meta) kernels and the autograd formula of the weighted cross-entropy are registered in Python once the library
+is loaded (:func:`register_python_parts`, called by :func:`csl_kernels.cpp.load`), so the ops work under
+``torch.compile`` and pass ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .._backends import register
+from ..confusion_matrix import confusion_matrix_outputs_like
+from ..pcos_weights import PCOSOutputs, pcos_outputs_like
+from ..residual_features import ResidualFeatures, residual_features_outputs_like
+from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
+from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
+
+_registered = False
+_register_lock = threading.Lock()
+
+
+def register_python_parts() -> None:
+    """Fake kernels and autograd of the C++ ops (once, after the library is loaded)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+
+        @torch.library.register_fake("csl::residual_features")
+        def _(logits, valid, log_confidence):
+            return tuple(residual_features_outputs_like(logits))
+
+        @torch.library.register_fake("csl::pcos_weights")
+        def _(logits, valid, alpha, log_confidence, class_groups):
+            return tuple(pcos_outputs_like(logits, class_groups))
+
+        @torch.library.register_fake("csl::trusted_mask")
+        def _(images, cells, reliable, fill):
+            return tuple(trusted_mask_outputs_like(images))
+
+        @torch.library.register_fake("csl::weighted_cross_entropy")
+        def _(logits, label, weight, valid):
+            return tuple(weighted_cross_entropy_outputs_like(logits))
+
+        @torch.library.register_fake("csl::weighted_cross_entropy_backward")
+        def _(grad_loss, logits, label, weight, valid, lse):
+            return torch.empty_like(logits)
+
+        @torch.library.register_fake("csl::confusion_matrix")
+        def _(pred, target, num_classes, ignore_index):
+            return confusion_matrix_outputs_like(pred, num_classes)
+
+        def setup_context(ctx, inputs, output):
+            logits, label, weight, valid = inputs
+            ctx.save_for_backward(logits, label, weight, valid, output[1])
+
+        def backward(ctx, grad_loss, grad_lse):
+            # lse is an auxiliary output for this backward pass; gradients flowing into it are not propagated.
+            logits, label, weight, valid, lse = ctx.saved_tensors
+            grad = None
+            if ctx.needs_input_grad[0] and grad_loss is not None:
+                grad = torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse)
+            return grad, None, None, None
+
+        torch.library.register_autograd("csl::weighted_cross_entropy", backward, setup_context=setup_context)
+        _registered = True
+
+
+@register("residual_features", "cpu")
+@register("residual_features", "cuda")
+def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+                          ) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence))
+
+
+@register("pcos_weights", "cpu")
+@register("pcos_weights", "cuda")
+def pcos_weights_cpp(
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+) -> PCOSOutputs:
+    return PCOSOutputs(*torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                   bool(class_groups)))
+
+
+@register("trusted_mask", "cpu")
+@register("trusted_mask", "cuda")
+def trusted_mask_cpp(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float) -> TrustedMask:
+    return TrustedMask(*torch.ops.csl.trusted_mask(images, cells, reliable, float(fill)))
+
+
+@register("weighted_cross_entropy", "cpu")
+@register("weighted_cross_entropy", "cuda")
+def weighted_cross_entropy_cpp(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """The 0-dim loss, differentiable w.r.t. ``logits``."""
+    return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
+
+
+@register("confusion_matrix", "cpu")
+@register("confusion_matrix", "cuda")
+def confusion_matrix_cpp(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+                         ) -> torch.Tensor:
+    return torch.ops.csl.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
