@@ -1,4 +1,4 @@
-"""The trainer's CSL training step (``csl.train.train_step``) with the official selection vs csl_kernels.
+"""The trainer's CSL training step (``csl.step.train_step``) with the official selection vs csl_kernels.
 
     python -m bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
 
@@ -9,7 +9,7 @@ The step is the one ``csl train`` runs (mix batch predicted without gradients an
 images with the feature-perturbed decoder pass; selection; CutMix-ed strong view; TMP on the mild view; supervised
 CE plus the three weighted pseudo-label losses; SGD and the poly schedule). Only its CSL parts change between the
 compared selections: ``official`` swaps in bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
-the others are ``csl.selection.Selector`` + ``csl.train.KernelOps`` on one backend.
+the others are ``csl.selection.Selector`` + ``csl.step.KernelOps`` on one backend.
 
 The CSL-specific work (selection + masking + the weighted losses, forward and backward) is timed inside the step
 with CUDA events (perf_counter on CPU): the forward through ``train_step``'s ``region`` hook, the backward of each
@@ -32,8 +32,9 @@ import torch
 from csl.losses import CrossEntropy
 from csl.model import build_model
 from csl.selection import Selector
-from csl.train import KernelOps, build_scheduler, train_step
-from csl.train import StepConfig as TrainStepConfig
+from csl.step import KernelOps, train_step
+from csl.step import StepConfig as TrainStepConfig
+from csl.trainer import build_scheduler
 from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
 from .common import FUSED, _quantiles, error_reason, synchronize

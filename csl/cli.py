@@ -115,7 +115,7 @@ def val_dataset(cfg: dict):
 
 def cmd_train(args) -> int:
     from .distributed import cleanup_distributed
-    from .train import train
+    from .trainer import train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -138,7 +138,7 @@ def cmd_eval(args) -> int:
     from .distributed import cleanup_distributed, init_distributed
     from .evaluate import evaluate, make_eval_loader
     from .logging_utils import setup_logging
-    from .train import resolve_amp
+    from .step import resolve_amp
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config_for_checkpoint(args, ckpt)
@@ -190,7 +190,7 @@ def cmd_predict(args) -> int:
     from .data import IMAGENET_MEAN, IMAGENET_STD, default_eval_mode
     from .distributed import pick_device
     from .evaluate import predict_images
-    from .train import resolve_amp
+    from .step import resolve_amp
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config_for_checkpoint(args, ckpt)

@@ -105,7 +105,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
 
     ``config``: the base config (bundled name or YAML path; ``demo`` = the synthetic demo, ``camvid`` = the CamVid
     experiment), ``overrides`` applied to it."""
-    from .train import train
+    from .trainer import train
 
     methods = methods or ["supervised", "threshold", "csl"]
     for m in methods:

@@ -130,8 +130,9 @@ def test_train_step_loss_backward_region_brackets_only_the_loss():
     right after it, with no network backward in between (recorded order, not timing)."""
     from bench import bench_train_step as bts
     from csl.losses import CrossEntropy
-    from csl.train import KernelOps, build_scheduler, train_step
-    from csl.train import StepConfig as TrainStepConfig
+    from csl.step import KernelOps, train_step
+    from csl.step import StepConfig as TrainStepConfig
+    from csl.trainer import build_scheduler
 
     events: list[str] = []
 

@@ -1,4 +1,4 @@
-"""csl.train: the training step for every selection mode, losses, CutMix boxes, exact resume, 2-process DDP on gloo.
+"""csl.step and csl.trainer: the step for every selection mode, losses, CutMix boxes, exact resume, 2-process DDP.
 
 CPU only and tiny: ResNet-18, 40-pixel crops, batch 2, a handful of synthetic scenes.
 """
@@ -20,7 +20,8 @@ from csl.config import build_config
 from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
-from csl.train import Trainer, cutmix_boxes, to_device, train_step
+from csl.step import cutmix_boxes, train_step
+from csl.trainer import Trainer, to_device
 
 TINY = {
     "device": "cpu",
