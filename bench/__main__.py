@@ -20,23 +20,19 @@ from . import (
     bench_trusted_mask,
     bench_weighted_cross_entropy,
 )
-from .common import (
-    add_common_args,
-    copy_bandwidth_gbps,
+from .environment import environment, show_kernel_log, triton_tuning
+from .report import (
     default_output_path,
-    environment,
     evaluate_goals,
     goals_table,
     markdown_table,
-    run_op,
-    settings_dict,
-    settings_from_args,
-    show_kernel_log,
     summary_table,
     train_table,
-    triton_tuning,
     write_json,
 )
+from .runner import run_op
+from .settings import add_common_args, settings_dict, settings_from_args
+from .timing import copy_bandwidth_gbps
 
 SPECS = (bench_residual_features.SPEC, bench_pcos_weights.SPEC, bench_trusted_mask.SPEC,
          bench_weighted_cross_entropy.SPEC)

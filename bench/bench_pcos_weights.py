@@ -13,8 +13,10 @@ import csl_kernels
 from csl_kernels import IGNORE_INDEX
 from csl_kernels._backends import resolve
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_ignore, make_logits
+from .inputs import make_ignore, make_logits
 from .official import official_pcos
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 ALPHA = 8.0
 
@@ -65,7 +67,7 @@ SPEC = OpSpec("pcos_weights", make_inputs, floor_bytes, providers, compare,
 
 
 def main(argv=None) -> dict:
-    from .common import run_single_op
+    from .runner import run_single_op
 
     return run_single_op(SPEC, argv)
 

@@ -37,8 +37,10 @@ from csl.step import StepConfig as TrainStepConfig
 from csl.trainer import build_scheduler
 from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
-from .common import FUSED, _quantiles, error_reason, synchronize
 from .official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+from .runner import error_reason
+from .settings import FUSED
+from .timing import quantiles, synchronize
 
 CSL_OPS = ("pcos_weights", "trusted_mask", "weighted_cross_entropy")
 
@@ -297,8 +299,8 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
                     del ready[name]
     for name in ready:
         record = by_name[name]
-        record.update(status="ok", step_ms=_quantiles(step_ms[name]), csl_ms=_quantiles(csl_ms[name]),
-                      csl_parts_ms={k: _quantiles(v)["median"] for k, v in parts[name].items()})
+        record.update(status="ok", step_ms=quantiles(step_ms[name]), csl_ms=quantiles(csl_ms[name]),
+                      csl_parts_ms={k: quantiles(v)["median"] for k, v in parts[name].items()})
         record["csl_share_pct"] = 100.0 * record["csl_ms"]["median"] / record["step_ms"]["median"]
         record["peak_bytes"] = peak.get(name)
         if device.type != "cuda":
@@ -313,7 +315,7 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
 
 
 def main(argv=None) -> list[dict]:
-    from .common import train_table
+    from .report import train_table
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)

@@ -16,8 +16,10 @@ import csl_kernels
 from csl_kernels._backends import resolve
 from csl_kernels.trusted_mask import draw_cells
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_logits
+from .inputs import make_logits
 from .official import official_trusted_mask
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 BLOCK, RATE, SEED = 32, 0.7, 0
 
@@ -85,7 +87,7 @@ SPEC = OpSpec("trusted_mask", make_inputs, floor_bytes, providers, compare,
 
 
 def main(argv=None) -> dict:
-    from .common import run_single_op
+    from .runner import run_single_op
 
     return run_single_op(SPEC, argv)
 

@@ -17,8 +17,10 @@ import csl_kernels
 from csl_kernels import IGNORE_INDEX
 from csl_kernels._backends import resolve
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_ignore, make_logits
+from .inputs import make_ignore, make_logits
 from .official import unimatch_weighted_cross_entropy
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -79,7 +81,7 @@ SPEC = OpSpec("weighted_cross_entropy", make_inputs, floor_bytes, providers, com
 
 
 def main(argv=None) -> dict:
-    from .common import run_single_op
+    from .runner import run_single_op
 
     return run_single_op(SPEC, argv)
 

@@ -11,8 +11,8 @@ import torch
 
 import csl_kernels
 from bench.__main__ import main as bench_main
-from bench.common import PROVIDERS
 from bench.official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+from bench.settings import PROVIDERS
 
 OPS = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy")
 
