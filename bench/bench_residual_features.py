@@ -11,7 +11,7 @@ import torch
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
-from csl_kernels._backends import resolve
+from csl_kernels.residual_features import residual_features_reference as reference
 
 from .inputs import make_ignore, make_logits
 from .official import official_features
@@ -30,8 +30,6 @@ def floor_bytes(shape: Shape, dtype: torch.dtype) -> int:
 
 
 def providers(settings: Settings, shape: Shape) -> dict:
-    reference = resolve("residual_features", "reference", settings.device)[1]
-
     def batched_reference(logits, ignore):
         return reference(logits, ignore != IGNORE_INDEX, False)
 

@@ -13,8 +13,8 @@ import sys
 import torch
 
 import csl_kernels
-from csl_kernels._backends import resolve
 from csl_kernels.trusted_mask import draw_cells
+from csl_kernels.trusted_mask import trusted_mask_reference as reference
 
 from .inputs import make_logits
 from .official import official_trusted_mask
@@ -43,7 +43,6 @@ def _generator(device: torch.device) -> torch.Generator:
 
 def providers(settings: Settings, shape: Shape) -> dict:
     device = settings.device
-    reference = resolve("trusted_mask", "reference", device)[1]
     compiled_apply = None
 
     def public(backend: str):

@@ -15,7 +15,7 @@ import torch
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
-from csl_kernels._backends import resolve
+from csl_kernels.weighted_cross_entropy import weighted_cross_entropy_reference as reference
 
 from .inputs import make_ignore, make_logits
 from .official import unimatch_weighted_cross_entropy
@@ -47,8 +47,6 @@ def _fwd_bwd(loss_fn):
 
 
 def providers(settings: Settings, shape: Shape) -> dict:
-    reference = resolve("weighted_cross_entropy", "reference", settings.device)[1]
-
     def public(backend: str):
         return _fwd_bwd(lambda logits, label, weight, ignore: csl_kernels.weighted_cross_entropy(
             logits, label, weight, ignore, backend=backend))
