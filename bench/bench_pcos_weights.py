@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
@@ -64,11 +62,5 @@ SPEC = OpSpec("pcos_weights", make_inputs, floor_bytes, providers, compare,
               description="PCOS selection weights, all providers on the same inputs")
 
 
-def main(argv=None) -> dict:
-    from .runner import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

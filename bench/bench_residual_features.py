@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
@@ -63,11 +61,5 @@ SPEC = OpSpec("residual_features", make_inputs, floor_bytes, providers, compare,
               description="per-pixel confidence / residual dispersion / pseudo-label, all providers")
 
 
-def main(argv=None) -> dict:
-    from .runner import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

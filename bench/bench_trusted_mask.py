@@ -8,8 +8,6 @@ provider draws its block grid from a generator seeded the same way, so their cov
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
@@ -85,11 +83,5 @@ SPEC = OpSpec("trusted_mask", make_inputs, floor_bytes, providers, compare,
               description="Trusted Mask Perturbation, all providers on the same inputs and grid")
 
 
-def main(argv=None) -> dict:
-    from .runner import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

@@ -9,8 +9,6 @@ number of valid pixels (low-precision logits upcast to float32 as autocast does)
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
@@ -78,11 +76,5 @@ SPEC = OpSpec("weighted_cross_entropy", make_inputs, floor_bytes, providers, com
               description="weighted pseudo-label CE forward + backward, all providers on the same inputs")
 
 
-def main(argv=None) -> dict:
-    from .runner import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

@@ -39,6 +39,25 @@ class OpSpec:
     compare: Callable[[tuple, tuple, tuple], dict]
     description: str = ""
 
+    def main(self, argv: list[str] | None = None) -> dict:
+        """Entry point of the op's script (``if __name__ == "__main__": SPEC.main()``): run the op alone, print the
+        table, write the JSON when ``--out`` is given."""
+        parser = argparse.ArgumentParser(prog=f"python -m bench.bench_{self.name}", description=self.description)
+        add_common_args(parser)
+        args = parser.parse_args(argv)
+        show_kernel_log()
+        settings = settings_from_args(args)
+        settings.copy_gbps = copy_bandwidth_gbps(settings.device)["gbps"]
+        records = run_op(self, settings)
+        payload = {"environment": environment(settings.device), "settings": settings_dict(settings),
+                   "copy_bandwidth_gbps": settings.copy_gbps, "records": records,
+                   "goals": evaluate_goals(records, [], settings.device), "triton_tuning": triton_tuning()}
+        print()
+        print(markdown_table(records))
+        if args.out is not None:
+            print(f"\nwrote {write_json(payload, args.out)}")
+        return payload
+
 
 def fused_provider(op: str, backend: str, settings: Settings, shape: Shape, call: Callable[[str], ProviderFn]
                    ) -> ProviderFn | str:
@@ -154,24 +173,4 @@ def add_speedups(records: list[dict]) -> None:
                     r[f"x_{base}"] = other["time_ms"]["median"] / r["time_ms"]["median"]
 
 
-def run_single_op(spec: OpSpec, argv: list[str] | None = None) -> dict:
-    """Entry point of a per-op script: run the op alone, print the table, write the JSON when ``--out`` is given."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.bench_{spec.name}", description=spec.description)
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    show_kernel_log()
-    settings = settings_from_args(args)
-    settings.copy_gbps = copy_bandwidth_gbps(settings.device)["gbps"]
-    records = run_op(spec, settings)
-    payload = {"environment": environment(settings.device), "settings": settings_dict(settings),
-               "copy_bandwidth_gbps": settings.copy_gbps, "records": records,
-               "goals": evaluate_goals(records, [], settings.device), "triton_tuning": triton_tuning()}
-    print()
-    print(markdown_table(records))
-    if args.out is not None:
-        print(f"\nwrote {write_json(payload, args.out)}")
-    return payload
-
-
-__all__ = ["OpSpec", "ProviderFn", "add_speedups", "compile_provider", "error_reason", "fused_provider", "run_op",
-           "run_single_op"]
+__all__ = ["OpSpec", "ProviderFn", "add_speedups", "compile_provider", "error_reason", "fused_provider", "run_op"]
