@@ -42,7 +42,7 @@ class OpSpec:
     def main(self, argv: list[str] | None = None) -> dict:
         """Entry point of the op's script (``if __name__ == "__main__": SPEC.main()``): run the op alone, print the
         table, write the JSON when ``--out`` is given."""
-        parser = argparse.ArgumentParser(prog=f"python -m bench.bench_{self.name}", description=self.description)
+        parser = argparse.ArgumentParser(prog=f"python -m csl_bench.bench_{self.name}", description=self.description)
         add_common_args(parser)
         args = parser.parse_args(argv)
         show_kernel_log()

@@ -1,6 +1,6 @@
 """Per-pixel CSL features (max confidence, residual dispersion, pseudo-label): every provider on the same inputs.
 
-    python -m bench.bench_residual_features [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
+    python -m csl_bench.bench_residual_features [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
 """
 
 from __future__ import annotations

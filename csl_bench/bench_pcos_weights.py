@@ -1,6 +1,6 @@
 """PCOS weights: the official per-image SVD loop vs the batched reference, torch.compile and the fused backends.
 
-    python -m bench.bench_pcos_weights [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
+    python -m csl_bench.bench_pcos_weights [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
 """
 
 from __future__ import annotations

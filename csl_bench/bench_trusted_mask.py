@@ -1,6 +1,6 @@
 """Trusted Mask Perturbation: the eager interpolate-and-multiply version vs the reference and fused backends.
 
-    python -m bench.bench_trusted_mask [--device cpu|cuda] [--shapes voc321 ...] [--smoke]
+    python -m csl_bench.bench_trusted_mask [--device cpu|cuda] [--shapes voc321 ...] [--smoke]
 
 The images are ``B x 3 x H x W`` float32 (the masked view); ``--dtypes`` only changes the name of the row. Every
 provider draws its block grid from a generator seeded the same way, so their covers can be compared.

@@ -1,6 +1,6 @@
 """Weighted pseudo-label cross-entropy, forward + backward: UniMatch's eager loss vs the reference and fused ones.
 
-    python -m bench.bench_weighted_cross_entropy [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16]
+    python -m csl_bench.bench_weighted_cross_entropy [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16]
 
 ``official`` is what UniMatch-family trainers run: ``F.cross_entropy(reduction='none') * w``, summed, divided by the
 number of valid pixels (low-precision logits upcast to float32 as autocast does). The goal "fused >= 2x eager with

@@ -1,6 +1,6 @@
 """The trainer's CSL training step (``csl.step.train_step``) with the official selection vs csl_kernels.
 
-    python -m bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
+    python -m csl_bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
 
 GPU: DeepLabV3+ ResNet-101, crop 321, 8 labeled + 8 unlabeled + 8 mix images, bf16 autocast, 21 classes.
 CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, crop 33, 1 + 1 + 1, 5 classes.
@@ -8,7 +8,7 @@ CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, cro
 The step is the one ``csl train`` runs (mix batch predicted without gradients and selected; labeled + weak unlabeled
 images with the feature-perturbed decoder pass; selection; CutMix-ed strong view; TMP on the mild view; supervised
 CE plus the three weighted pseudo-label losses; SGD and the poly schedule). Only its CSL parts change between the
-compared selections: ``official`` swaps in bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
+compared selections: ``official`` swaps in csl_bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
 the others are ``csl.selection.Selector`` + ``csl.step.KernelOps`` on one backend.
 
 The CSL-specific work (selection + masking + the weighted losses, forward and backward) is timed inside the step
@@ -317,7 +317,7 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
 def main(argv=None) -> list[dict]:
     from .report import train_table
 
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_train_step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=None)

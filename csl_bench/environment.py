@@ -53,7 +53,7 @@ def device_slug(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    dirty = _git("status", "--porcelain", "--", "csl_kernels", "csrc", "bench", "csl")
+    dirty = _git("status", "--porcelain", "--", "csl_kernels", "csrc", "csl_bench", "csl")
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(device),
