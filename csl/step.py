@@ -16,7 +16,6 @@ from torch import nn
 
 import csl_kernels
 
-from .losses import unlabeled_loss
 from .selection import Selector
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -58,12 +57,16 @@ class KernelOps:
 
     def mask(self, images: torch.Tensor, reliable: torch.Tensor, *, block: int, rate: float,
              generator: torch.Generator) -> torch.Tensor:
+        """Trusted Mask Perturbation: ``images`` with the reliable pixels under a random block grid hidden, fused by
+        :func:`csl_kernels.trusted_mask`."""
         return csl_kernels.trusted_mask(images, reliable, block=block, rate=rate, generator=generator,
                                         backend=self.backend)[0]
 
     def loss(self, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, ignore: torch.Tensor
              ) -> torch.Tensor:
-        return unlabeled_loss(logits, label, weight, ignore, self.backend)
+        """The weighted pseudo-label CE of spec Sec. 5: ``sum_n w_n CE(z_n, y_n) / N_valid`` (``N_valid`` = pixels
+        with ``ignore != 255``), fused by :func:`csl_kernels.weighted_cross_entropy`."""
+        return csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend=self.backend)
 
 
 def _no_region(name: str) -> contextlib.AbstractContextManager:
