@@ -152,7 +152,8 @@ def cmd_eval(args) -> int:
         result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
                           cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
                           amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
-                          ignore_index=cfg["data"]["ignore_index"], progress=env.is_main)
+                          ignore_index=cfg["data"]["ignore_index"], backend=cfg["kernels"]["backend"],
+                          progress=env.is_main)
     finally:
         cleanup_distributed()
     if env.is_main:

@@ -23,7 +23,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The numbers one semi-supervised step needs (from the config's ``train`` and ``tmp`` sections)."""
+    """The numbers one semi-supervised step needs (from the config's ``train``, ``tmp`` and ``kernels`` sections)."""
 
     lambda_s: float = 0.25
     lambda_m: float = 0.25
@@ -43,7 +43,7 @@ class StepConfig:
         t, m = cfg["train"], cfg["tmp"]
         return cls(lambda_s=t["lambda_s"], lambda_m=t["lambda_m"], lambda_fp=t["lambda_fp"], cutmix_p=t["cutmix_p"],
                    tmp_enabled=m["enabled"], tmp_block=m["block"], tmp_rate=m["rate"], tmp_fraction=m["fraction"],
-                   amp_dtype=amp_dtype, backend=cfg["selection"]["backend"], num_classes=num_classes,
+                   amp_dtype=amp_dtype, backend=cfg["kernels"]["backend"], num_classes=num_classes,
                    ignore_index=cfg["data"]["ignore_index"])
 
 

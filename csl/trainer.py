@@ -209,7 +209,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg["train"]["poly_power"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = build_labeled_criterion(cfg["train"], cfg["data"]["ignore_index"])
-        self.selector = build_selector(cfg["selection"])
+        self.selector = build_selector(cfg["selection"], cfg["kernels"]["backend"])
         self.step_cfg = StepConfig.from_config(cfg, self.amp_dtype,
                                                self.num_classes if self.has_unlabeled_gt else 0)
 
@@ -415,6 +415,7 @@ class Trainer:
         return evaluate(self.bare_model, self.val_loader, self.num_classes, mode=self.eval_mode,
                         crop_size=self.eval_crop, stride_ratio=self.cfg["eval"]["stride_ratio"], device=self.device,
                         amp_dtype=self.eval_amp, ignore_index=self.cfg["data"]["ignore_index"],
+                        backend=self.cfg["kernels"]["backend"],
                         progress=self.env.is_main and self.cfg["train"]["progress"])
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ TINY = {
     "train.log_every": 1,
     "train.progress": False,
     "tmp.block": 16,
-    "selection.backend": "reference",
+    "kernels.backend": "reference",
 }
 
 
@@ -101,7 +101,7 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
     outs, seen = {}, {}
     for amp in ("fp32", "bf16"):
         trainer = Trainer(tiny_config(tmp_path / amp, **{"train.iters": 1, "train.amp": amp,
-                                                           "selection.backend": backend}))
+                                                           "kernels.backend": backend}))
         selector = trainer.selector
 
         def recording(logits, ignore, _amp=amp, _selector=selector):
