@@ -77,7 +77,7 @@ setup(
     version="0.1.0",
     description="Fast, exact CSL pseudo-label selection kernels and a semi-supervised segmentation trainer",
     python_requires=">=3.10",
-    packages=find_packages(include=["csl_kernels", "csl_kernels.*", "csl", "csl.*", "bench", "bench.*"]),
+    packages=find_packages(include=["csl_kernels", "csl_kernels.*", "csl", "csl.*", "csl_bench", "csl_bench.*"]),
     package_data={"csl_kernels": ["csrc/**/*"], "csl": ["configs/*.yaml", "splits/*", "splits/*/*", "splits/*/*/*"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -128,7 +128,7 @@ def val_dataset(cfg: dict):
 
 def cmd_train(args) -> int:
     from .distributed import cleanup_distributed
-    from .train import train
+    from .trainer import train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -151,7 +151,7 @@ def cmd_eval(args) -> int:
     from .distributed import cleanup_distributed, init_distributed
     from .evaluate import evaluate, make_eval_loader
     from .logging_utils import setup_logging
-    from .train import resolve_amp
+    from .step import resolve_amp
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config_for_checkpoint(args, ckpt)
@@ -171,7 +171,8 @@ def cmd_eval(args) -> int:
         result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
                           cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
                           amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
-                          ignore_index=cfg["data"]["ignore_index"], progress=env.is_main)
+                          ignore_index=cfg["data"]["ignore_index"], backend=cfg["kernels"]["backend"],
+                          progress=env.is_main)
     finally:
         cleanup_distributed()
     if env.is_main:
@@ -209,7 +210,7 @@ def cmd_predict(args) -> int:
     from .data import IMAGENET_MEAN, IMAGENET_STD, default_eval_mode
     from .distributed import pick_device
     from .evaluate import predict_images
-    from .train import resolve_amp
+    from .step import resolve_amp
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config_for_checkpoint(args, ckpt)

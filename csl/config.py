@@ -12,6 +12,7 @@ import copy
 import difflib
 import os
 import re
+import warnings
 from typing import Any
 
 import yaml
@@ -81,7 +82,9 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 8.0,
         "confidence": "prob",  # prob | log
         "tau": 0.95,
-        "backend": "auto",
+    },
+    "kernels": {
+        "backend": "auto",  # auto | reference | triton | cpu | cuda: selection, TMP, the losses and evaluation
     },
     "tmp": {
         "enabled": True,
@@ -131,7 +134,7 @@ CHOICES: dict[str, tuple] = {
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "selection.mode": ("csl", "threshold", "csl_class"),
     "selection.confidence": ("prob", "log"),
-    "selection.backend": ("auto", "reference", "triton", "cpu", "cuda"),
+    "kernels.backend": ("auto", "reference", "triton", "cpu", "cuda"),
     "eval.mode": ("original", "center_crop", "sliding_window"),
     "eval.amp": ("auto", "bf16", "fp16", "fp32"),
 }
@@ -139,6 +142,11 @@ CHOICES: dict[str, tuple] = {
 
 # Keys whose override values stay as typed (split names such as 1_8, which YAML 1.1 reads as the integer 18).
 RAW_STRING_KEYS = ("data.split",)
+# Keys that moved: a config (or override) holding the old key still loads, with a FutureWarning.
+RENAMED: dict[str, str] = {
+    "selection.backend": "kernels.backend",  # it drives TMP, the losses and evaluation too, not only the selection
+}
+
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -159,6 +167,38 @@ def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, _walk_keys(DEFAULTS), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _renamed(old: str) -> str:
+    new = RENAMED[old]
+    warnings.warn(f"config key {old!r} is deprecated; it is read as {new!r}", FutureWarning, stacklevel=4)
+    return new
+
+
+def _migrate(tree: dict) -> dict:
+    """``tree`` (a raw or merged config) with every old key of :data:`RENAMED` moved to its new key."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = copy.deepcopy(tree)
+    for old in RENAMED:
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        new = _renamed(old)
+        *new_parents, new_leaf = new.split(".")
+        target = tree
+        for part in new_parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        if new_leaf in target and target[new_leaf] != value:
+            raise ConfigError(f"{old} (deprecated) is {value!r} but {new} is {target[new_leaf]!r}; set {new} only")
+        target[new_leaf] = value
+    return tree
 
 
 def resolve_config_path(path_or_name: str) -> str:
@@ -198,7 +238,10 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
-    """Set ``cfg[a][b][c] = value`` for ``key = "a.b.c"``; the key must exist in :data:`DEFAULTS`."""
+    """Set ``cfg[a][b][c] = value`` for ``key = "a.b.c"``; the key must exist in :data:`DEFAULTS` (an old key of
+    :data:`RENAMED` sets its new key, with a FutureWarning)."""
+    if key in RENAMED:
+        key = _renamed(key)
     parts = key.split(".")
     node, schema = cfg, DEFAULTS
     for i, part in enumerate(parts):
@@ -300,7 +343,7 @@ def validate(cfg: dict) -> dict:
     """Check keys, types, choices and ranges; fill in defaults. Returns a new dict."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(cfg).__name__}")
-    cfg = _validate_tree(cfg, DEFAULTS)
+    cfg = _validate_tree(_migrate(cfg), DEFAULTS)
     for key, choices in CHOICES.items():
         value = get_dotted(cfg, key)
         if value is not None and value not in choices:
@@ -364,7 +407,7 @@ def load_yaml(path: str) -> dict:
 
 def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> dict:
     """Merge ``raw`` over :data:`DEFAULTS`, apply ``overrides`` (``["a.b=1", ...]`` or ``{"a.b": 1}``), validate."""
-    cfg = _merge(DEFAULTS, raw or {}, "")
+    cfg = _merge(DEFAULTS, _migrate(raw or {}), "")
     # Unknown keys in ``raw`` are reported by validate(); overrides are checked as they are set.
     pairs = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for key, value in pairs:
@@ -391,5 +434,5 @@ def dump_config(cfg: dict, path: str) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-__all__ = ["CONFIG_DIR", "DEFAULTS", "ConfigError", "build_config", "dump_config", "get_dotted", "load_config",
-           "parse_override", "parse_value", "resolve_config_path", "set_dotted", "validate"]
+__all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "dump_config", "get_dotted",
+           "load_config", "parse_override", "parse_value", "resolve_config_path", "set_dotted", "validate"]

@@ -165,7 +165,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     ``config``: the base config (bundled name or YAML path; ``demo`` = the synthetic demo, ``camvid`` = the CamVid
     experiment), ``overrides`` applied to it. Runs finished (or stopped) earlier in ``out_dir`` under the same
     configuration are reused (or continued), see :func:`run_stage`; ``fresh=True`` starts every run anew."""
-    from .train import train
+    from .trainer import train
 
     methods = methods or ["supervised", "threshold", "csl"]
     for m in methods:

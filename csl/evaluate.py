@@ -123,14 +123,15 @@ def _device_of(model: nn.Module, device) -> torch.device:
 
 def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "original", crop_size: int | None = None,
              stride_ratio: float = 2 / 3, device=None, amp_dtype: torch.dtype | None = None,
-             ignore_index: int = IGNORE_INDEX, progress: bool = True) -> dict:
+             ignore_index: int = IGNORE_INDEX, backend: str = "auto", progress: bool = True) -> dict:
     """mIoU of ``model`` over ``loader`` (batches ``{"image": B x 3 x H x W, "mask": B x H x W, ...}`` or
     ``(image, mask, ...)`` tuples).
 
     Modes: ``original`` (full image), ``center_crop`` (central ``crop_size`` window of image and mask),
     ``sliding_window`` (``crop_size`` windows, stride ``crop_size * stride_ratio``, softmax averaged).
     Under torch.distributed the loader must use :class:`DistributedEvalSampler` (see :func:`make_eval_loader`);
-    the confusion matrix is all-reduced, so every rank returns the global result.
+    the confusion matrix is all-reduced, so every rank returns the global result. ``backend``: the
+    :func:`csl_kernels.confusion_matrix` backend (the config's ``kernels.backend``).
 
     Returns ``{"miou": float, "iou": list[float] (NaN for a class absent from targets and predictions),
     "confusion": int64 C x C tensor (rows = target), "pixel_acc": float}``; ``miou`` is the mean over the classes
@@ -163,7 +164,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
                 if scores.shape[1] != num_classes:
                     raise ValueError(f"the model outputs {scores.shape[1]} classes but num_classes={num_classes}")
                 confusion += confusion_matrix(scores.argmax(dim=1), mask.long(), num_classes,
-                                              ignore_index=ignore_index)
+                                              ignore_index=ignore_index, backend=backend)
     finally:
         model.train(was_training)
     if world_size > 1:

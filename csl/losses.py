@@ -1,4 +1,5 @@
-"""Training losses: labeled cross-entropy (plain or OHEM) and the weighted pseudo-label loss of the unlabeled views.
+"""Losses of the labeled batch: cross-entropy, plain or OHEM. (The weighted pseudo-label loss of the unlabeled views
+is :func:`csl_kernels.weighted_cross_entropy`, called by :class:`csl.step.KernelOps`.)
 
 All are free of host synchronisation (no ``.item()``, no data-dependent shapes), so a training step never waits for
 the GPU.
@@ -10,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import csl_kernels
 from csl_kernels import IGNORE_INDEX
 
 
@@ -75,11 +75,4 @@ def build_labeled_criterion(train_cfg: dict, ignore_index: int = IGNORE_INDEX) -
     raise ValueError(f"train.criterion must be 'ce' or 'ohem', got {name!r}")
 
 
-def unlabeled_loss(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, ignore: torch.Tensor,
-                   backend: str = "auto") -> torch.Tensor:
-    """The weighted pseudo-label CE of spec Sec. 5: ``sum_n w_n CE(z_n, y_n) / N_valid`` (``N_valid`` = pixels
-    with ``ignore != 255``), fused by :func:`csl_kernels.weighted_cross_entropy`."""
-    return csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend=backend)
-
-
-__all__ = ["CrossEntropy", "OhemCrossEntropy", "build_labeled_criterion", "unlabeled_loss"]
+__all__ = ["CrossEntropy", "OhemCrossEntropy", "build_labeled_criterion"]

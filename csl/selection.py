@@ -42,11 +42,12 @@ class Selector:
                                         groups=groups, backend=self.backend)
 
 
-def build_selector(selection_cfg: dict) -> Selector:
-    """From the config's ``selection`` section (``mode``, ``alpha``, ``confidence``, ``tau``, ``backend``)."""
+def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
+    """From the config's ``selection`` section (``mode``, ``alpha``, ``confidence``, ``tau``) and the kernels'
+    ``backend`` (the config's ``kernels.backend``)."""
     return Selector(mode=selection_cfg.get("mode", "csl"), alpha=float(selection_cfg.get("alpha", 8.0)),
                     confidence=selection_cfg.get("confidence", "prob"), tau=float(selection_cfg.get("tau", 0.95)),
-                    backend=selection_cfg.get("backend", "auto"))
+                    backend=backend)
 
 
 __all__ = ["SELECTION_MODES", "Selector", "build_selector"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import csl_kernels
-from bench.__main__ import main as bench_main
-from bench.common import PROVIDERS
-from bench.official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+from csl_bench.__main__ import main as bench_main
+from csl_bench.official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+from csl_bench.settings import PROVIDERS
 
 OPS = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy")
 
@@ -128,10 +128,11 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
 def test_train_step_loss_backward_region_brackets_only_the_loss():
     """The benchmark's backward region of each weighted loss opens right before the loss's own backward and closes
     right after it, with no network backward in between (recorded order, not timing)."""
-    from bench import bench_train_step as bts
     from csl.losses import CrossEntropy
-    from csl.train import KernelOps, build_scheduler, train_step
-    from csl.train import StepConfig as TrainStepConfig
+    from csl.step import KernelOps, train_step
+    from csl.step import StepConfig as TrainStepConfig
+    from csl.trainer import build_scheduler
+    from csl_bench import bench_train_step as bts
 
     events: list[str] = []
 

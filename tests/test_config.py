@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csl.config import DEFAULTS, ConfigError, build_config, load_config, parse_override, parse_value
+from csl.config import DEFAULTS, ConfigError, build_config, load_config, parse_override, parse_value, validate
 
 BUNDLED = ("demo", "voc_321", "voc_513", "cityscapes_801", "coco")
 
@@ -114,3 +114,27 @@ def test_file_errors(tmp_path):
 
 def test_parse_override_splits_on_first_equals():
     assert parse_override("data.root=/a=b") == ("data.root", "/a=b")
+
+
+def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
+    """``kernels.backend`` drives every kernel; the old ``selection.backend`` still loads (file, override, stored
+    checkpoint config) with a FutureWarning, as ``kernels.backend``."""
+    assert build_config({})["kernels"]["backend"] == "auto" and "backend" not in build_config({})["selection"]
+    assert build_config({}, ["kernels.backend=reference"])["kernels"]["backend"] == "reference"
+    with pytest.raises(ConfigError, match="kernels.backend must be one of"):
+        build_config({}, ["kernels.backend=bogus"])
+    path = tmp_path / "old.yaml"
+    path.write_text("selection:\n  mode: threshold\n  backend: cpu\n")
+    with pytest.warns(FutureWarning, match="selection.backend"):
+        cfg = load_config(str(path))
+    assert cfg["kernels"]["backend"] == "cpu" and cfg["selection"] == build_config({}, ["selection.mode=threshold"])[
+        "selection"]
+    with pytest.warns(FutureWarning, match="selection.backend"):
+        assert build_config({}, ["selection.backend=triton"])["kernels"]["backend"] == "triton"
+    stored = build_config({})
+    stored["selection"]["backend"] = "reference"
+    del stored["kernels"]
+    with pytest.warns(FutureWarning):
+        assert validate(stored)["kernels"]["backend"] == "reference"
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="set kernels.backend only"):
+        build_config({"selection": {"backend": "cpu"}, "kernels": {"backend": "triton"}})

@@ -91,6 +91,15 @@ def test_known_confusion_for_a_hand_made_predictor():
     assert np.isnan(result4["iou"][3]) and result4["miou"] == pytest.approx(result["miou"])
 
 
+def test_evaluate_counts_with_the_kernels_backend():
+    """``backend=`` (the config's ``kernels.backend``) reaches csl_kernels.confusion_matrix."""
+    data = _perfect_data(4, [(20, 24)])
+    result = evaluate(ReadChannel(4), DataLoader(data), 4, backend="reference", progress=False)
+    assert torch.equal(result["confusion"], evaluate(ReadChannel(4), DataLoader(data), 4, progress=False)["confusion"])
+    with pytest.raises((ValueError, RuntimeError), match="bogus"):
+        evaluate(ReadChannel(4), DataLoader(data), 4, backend="bogus", progress=False)
+
+
 @pytest.mark.parametrize("num_classes,size,crop,ratio", [(4, (50, 70), 32, 2 / 3), (3, (20, 24), 32, 2 / 3),
                                                           (7, (45, 33), 16, 0.5), (2, (32, 64), 32, 1.0)])
 def test_sliding_window_equals_original_for_a_per_pixel_model(num_classes, size, crop, ratio):

@@ -1,4 +1,4 @@
-"""csl.train: the training step for every selection mode, losses, CutMix boxes, exact resume, 2-process DDP on gloo.
+"""csl.step and csl.trainer: the step for every selection mode, losses, CutMix boxes, exact resume, 2-process DDP.
 
 CPU only and tiny: ResNet-18, 40-pixel crops, batch 2, a handful of synthetic scenes.
 """
@@ -20,7 +20,8 @@ from csl.config import build_config
 from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
-from csl.train import Trainer, cutmix_boxes, to_device, train_step
+from csl.step import cutmix_boxes, train_step
+from csl.trainer import Trainer, to_device
 
 TINY = {
     "device": "cpu",
@@ -34,7 +35,7 @@ TINY = {
     "train.log_every": 1,
     "train.progress": False,
     "tmp.block": 16,
-    "selection.backend": "reference",
+    "kernels.backend": "reference",
 }
 
 
@@ -100,7 +101,7 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
     outs, seen = {}, {}
     for amp in ("fp32", "bf16"):
         trainer = Trainer(tiny_config(tmp_path / amp, **{"train.iters": 1, "train.amp": amp,
-                                                           "selection.backend": backend}))
+                                                           "kernels.backend": backend}))
         selector = trainer.selector
 
         def recording(logits, ignore, _amp=amp, _selector=selector):

@@ -1,20 +1,20 @@
 """Per-pixel CSL features (max confidence, residual dispersion, pseudo-label): every provider on the same inputs.
 
-    python -m bench.bench_residual_features [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
+    python -m csl_bench.bench_residual_features [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
-from csl_kernels._backends import resolve
+from csl_kernels.residual_features import residual_features_reference as reference
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_ignore, make_logits
+from .inputs import make_ignore, make_logits
 from .official import official_features
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -28,8 +28,6 @@ def floor_bytes(shape: Shape, dtype: torch.dtype) -> int:
 
 
 def providers(settings: Settings, shape: Shape) -> dict:
-    reference = resolve("residual_features", "reference", settings.device)[1]
-
     def batched_reference(logits, ignore):
         return reference(logits, ignore != IGNORE_INDEX, False)
 
@@ -63,11 +61,5 @@ SPEC = OpSpec("residual_features", make_inputs, floor_bytes, providers, compare,
               description="per-pixel confidence / residual dispersion / pseudo-label, all providers")
 
 
-def main(argv=None) -> dict:
-    from .common import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

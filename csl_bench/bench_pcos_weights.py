@@ -1,20 +1,20 @@
 """PCOS weights: the official per-image SVD loop vs the batched reference, torch.compile and the fused backends.
 
-    python -m bench.bench_pcos_weights [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
+    python -m csl_bench.bench_pcos_weights [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16] [--smoke]
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
-from csl_kernels._backends import resolve
+from csl_kernels.pcos_weights import pcos_weights_reference as reference
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_ignore, make_logits
+from .inputs import make_ignore, make_logits
 from .official import official_pcos
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 ALPHA = 8.0
 
@@ -30,8 +30,6 @@ def floor_bytes(shape: Shape, dtype: torch.dtype) -> int:
 
 
 def providers(settings: Settings, shape: Shape) -> dict:
-    reference = resolve("pcos_weights", "reference", settings.device)[1]
-
     def batched_reference(logits, ignore):
         return reference(logits, ignore != IGNORE_INDEX, ALPHA, False, False)[:3]
 
@@ -64,11 +62,5 @@ SPEC = OpSpec("pcos_weights", make_inputs, floor_bytes, providers, compare,
               description="PCOS selection weights, all providers on the same inputs")
 
 
-def main(argv=None) -> dict:
-    from .common import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

@@ -1,9 +1,9 @@
-"""Run every benchmark on one device, write ``bench/results/<date>-<device>.json`` and print markdown tables.
+"""Run every benchmark on one device, write ``csl_bench/results/<date>-<device>.json`` and print markdown tables.
 
-    python -m bench                      # GPU suite on CUDA when available, else the CPU suite
-    python -m bench --device cpu         # CPU suite (cpu321, cpu161; fp32 and bf16)
-    python -m bench --smoke --out x.json # one tiny shape, short timing (CI)
-    python -m bench --merge a.json b.json --out all.json  # combine runs made in pieces on one device
+    python -m csl_bench                      # GPU suite on CUDA when available, else the CPU suite
+    python -m csl_bench --device cpu         # CPU suite (cpu321, cpu161; fp32 and bf16)
+    python -m csl_bench --smoke --out x.json # one tiny shape, short timing (CI)
+    python -m csl_bench --merge a.json b.json --out all.json  # combine runs made in pieces on one device
 """
 
 from __future__ import annotations
@@ -20,30 +20,26 @@ from . import (
     bench_trusted_mask,
     bench_weighted_cross_entropy,
 )
-from .common import (
-    add_common_args,
-    copy_bandwidth_gbps,
+from .environment import environment, show_kernel_log, triton_tuning
+from .report import (
     default_output_path,
-    environment,
     evaluate_goals,
     goals_table,
     markdown_table,
-    run_op,
-    settings_dict,
-    settings_from_args,
-    show_kernel_log,
     summary_table,
     train_table,
-    triton_tuning,
     write_json,
 )
+from .runner import run_op
+from .settings import add_common_args, settings_dict, settings_from_args
+from .timing import copy_bandwidth_gbps
 
 SPECS = (bench_residual_features.SPEC, bench_pcos_weights.SPEC, bench_trusted_mask.SPEC,
          bench_weighted_cross_entropy.SPEC)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csl_bench", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--ops", nargs="+", choices=[s.name for s in SPECS], default=None)
     parser.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")

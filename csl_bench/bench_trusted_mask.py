@@ -1,6 +1,6 @@
 """Trusted Mask Perturbation: the eager interpolate-and-multiply version vs the reference and fused backends.
 
-    python -m bench.bench_trusted_mask [--device cpu|cuda] [--shapes voc321 ...] [--smoke]
+    python -m csl_bench.bench_trusted_mask [--device cpu|cuda] [--shapes voc321 ...] [--smoke]
 
 The images are ``B x 3 x H x W`` float32 (the masked view); ``--dtypes`` only changes the name of the row. Every
 provider draws its block grid from a generator seeded the same way, so their covers can be compared.
@@ -8,16 +8,16 @@ provider draws its block grid from a generator seeded the same way, so their cov
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
-from csl_kernels._backends import resolve
 from csl_kernels.trusted_mask import draw_cells
+from csl_kernels.trusted_mask import trusted_mask_reference as reference
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_logits
+from .inputs import make_logits
 from .official import official_trusted_mask
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 BLOCK, RATE, SEED = 32, 0.7, 0
 
@@ -41,7 +41,6 @@ def _generator(device: torch.device) -> torch.Generator:
 
 def providers(settings: Settings, shape: Shape) -> dict:
     device = settings.device
-    reference = resolve("trusted_mask", "reference", device)[1]
     compiled_apply = None
 
     def public(backend: str):
@@ -84,11 +83,5 @@ SPEC = OpSpec("trusted_mask", make_inputs, floor_bytes, providers, compare,
               description="Trusted Mask Perturbation, all providers on the same inputs and grid")
 
 
-def main(argv=None) -> dict:
-    from .common import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

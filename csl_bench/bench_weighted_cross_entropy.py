@@ -1,6 +1,6 @@
 """Weighted pseudo-label cross-entropy, forward + backward: UniMatch's eager loss vs the reference and fused ones.
 
-    python -m bench.bench_weighted_cross_entropy [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16]
+    python -m csl_bench.bench_weighted_cross_entropy [--device cpu|cuda] [--shapes voc321 ...] [--dtypes fp32 bf16]
 
 ``official`` is what UniMatch-family trainers run: ``F.cross_entropy(reduction='none') * w``, summed, divided by the
 number of valid pixels (low-precision logits upcast to float32 as autocast does). The goal "fused >= 2x eager with
@@ -9,16 +9,16 @@ number of valid pixels (low-precision logits upcast to float32 as autocast does)
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
-from csl_kernels._backends import resolve
+from csl_kernels.weighted_cross_entropy import weighted_cross_entropy_reference as reference
 
-from .common import FUSED, OpSpec, Settings, Shape, compile_provider, fused_provider, make_ignore, make_logits
+from .inputs import make_ignore, make_logits
 from .official import unimatch_weighted_cross_entropy
+from .runner import OpSpec, compile_provider, fused_provider
+from .settings import FUSED, Settings, Shape
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -45,8 +45,6 @@ def _fwd_bwd(loss_fn):
 
 
 def providers(settings: Settings, shape: Shape) -> dict:
-    reference = resolve("weighted_cross_entropy", "reference", settings.device)[1]
-
     def public(backend: str):
         return _fwd_bwd(lambda logits, label, weight, ignore: csl_kernels.weighted_cross_entropy(
             logits, label, weight, ignore, backend=backend))
@@ -78,11 +76,5 @@ SPEC = OpSpec("weighted_cross_entropy", make_inputs, floor_bytes, providers, com
               description="weighted pseudo-label CE forward + backward, all providers on the same inputs")
 
 
-def main(argv=None) -> dict:
-    from .common import run_single_op
-
-    return run_single_op(SPEC, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    SPEC.main()

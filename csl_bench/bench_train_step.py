@@ -1,6 +1,6 @@
-"""The trainer's CSL training step (``csl.train.train_step``) with the official selection vs csl_kernels.
+"""The trainer's CSL training step (``csl.step.train_step``) with the official selection vs csl_kernels.
 
-    python -m bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
+    python -m csl_bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
 
 GPU: DeepLabV3+ ResNet-101, crop 321, 8 labeled + 8 unlabeled + 8 mix images, bf16 autocast, 21 classes.
 CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, crop 33, 1 + 1 + 1, 5 classes.
@@ -8,8 +8,8 @@ CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, cro
 The step is the one ``csl train`` runs (mix batch predicted without gradients and selected; labeled + weak unlabeled
 images with the feature-perturbed decoder pass; selection; CutMix-ed strong view; TMP on the mild view; supervised
 CE plus the three weighted pseudo-label losses; SGD and the poly schedule). Only its CSL parts change between the
-compared selections: ``official`` swaps in bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
-the others are ``csl.selection.Selector`` + ``csl.train.KernelOps`` on one backend.
+compared selections: ``official`` swaps in csl_bench/official.py (per-image SVD loop, eager TMP, UniMatch's loss),
+the others are ``csl.selection.Selector`` + ``csl.step.KernelOps`` on one backend.
 
 The CSL-specific work (selection + masking + the weighted losses, forward and backward) is timed inside the step
 with CUDA events (perf_counter on CPU): the forward through ``train_step``'s ``region`` hook, the backward of each
@@ -32,12 +32,15 @@ import torch
 from csl.losses import CrossEntropy
 from csl.model import build_model
 from csl.selection import Selector
-from csl.train import KernelOps, build_scheduler, train_step
-from csl.train import StepConfig as TrainStepConfig
+from csl.step import KernelOps, train_step
+from csl.step import StepConfig as TrainStepConfig
+from csl.trainer import build_scheduler
 from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
-from .common import FUSED, _quantiles, error_reason, synchronize
 from .official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
+from .runner import error_reason
+from .settings import FUSED
+from .timing import quantiles, synchronize
 
 CSL_OPS = ("pcos_weights", "trusted_mask", "weighted_cross_entropy")
 
@@ -296,8 +299,8 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
                     del ready[name]
     for name in ready:
         record = by_name[name]
-        record.update(status="ok", step_ms=_quantiles(step_ms[name]), csl_ms=_quantiles(csl_ms[name]),
-                      csl_parts_ms={k: _quantiles(v)["median"] for k, v in parts[name].items()})
+        record.update(status="ok", step_ms=quantiles(step_ms[name]), csl_ms=quantiles(csl_ms[name]),
+                      csl_parts_ms={k: quantiles(v)["median"] for k, v in parts[name].items()})
         record["csl_share_pct"] = 100.0 * record["csl_ms"]["median"] / record["step_ms"]["median"]
         record["peak_bytes"] = peak.get(name)
         if device.type != "cuda":
@@ -312,9 +315,9 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
 
 
 def main(argv=None) -> list[dict]:
-    from .common import train_table
+    from .report import train_table
 
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_train_step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=None)
