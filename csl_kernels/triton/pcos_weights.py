@@ -34,6 +34,7 @@ from ._common import (
     pixel_strides,
     tl_dtype,
     valid_bytes,
+    wide,
 )
 from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
 from .tuning import Config, Tunable, tuned
@@ -337,6 +338,8 @@ def pcos_weights_launch(
         stat.zero_()  # the statistics of an empty input are zeros
     if bsz == 0 or hw == 0:
         return out
+    if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
+        logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
     dt = compute_dtype(logits)

@@ -17,7 +17,7 @@ from triton.language.extra import libdevice
 from .._backends import register
 from .._checks import compute_dtype
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
-from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes
+from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes, wide
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
@@ -147,6 +147,8 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
     hw = h * w
     if bsz == 0 or hw == 0:
         return out
+    if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
+        logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
     acc = tl_dtype(compute_dtype(logits))
