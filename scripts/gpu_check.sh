@@ -42,6 +42,7 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$OUT/torch_extensions}
 export CSL_TRITON_AUTOTUNE=0
+[ $DRY = 1 ] && export CSL_EXT_CUDA=${CSL_EXT_CUDA:-0}  # no GPU: the extension's CPU part only
 START=$(date +%s)
 declare -A STATUS SECONDS_USED
 

@@ -113,13 +113,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    """With ``CSL_TEST_PROGRESS`` set to a file, append one line per failed or skipped test phase as it happens
-    (``FAILED <nodeid> <first line>``), so a run killed by a time limit still tells which tests failed
-    (scripts/gpu_check.sh). Under pytest-xdist this runs in the controller, which receives every worker's reports."""
+    """With ``CSL_TEST_PROGRESS`` set to a file, append one line per failed test phase as it happens
+    (``FAILED <nodeid> <E line>``, ``ERROR`` for setup / teardown), so a run killed by a time limit still tells which
+    tests failed (scripts/gpu_check.sh). Under pytest-xdist this runs in the controller, which receives every
+    worker's reports."""
     path = os.environ.get("CSL_TEST_PROGRESS")
-    if not path or report.passed or (report.skipped and report.when != "setup"):
+    if not path or not report.failed:
         return
-    kind = "SKIPPED" if report.skipped else ("ERROR" if report.when != "call" else "FAILED")
+    kind = "FAILED" if report.when == "call" else "ERROR"
     message = str(getattr(report, "longreprtext", "") or "").strip().splitlines()
     first = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
     with open(path, "a") as f:

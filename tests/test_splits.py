@@ -52,3 +52,21 @@ def test_coco_unlabeled_part_is_the_rest_of_train2017(tmp_path):
     assert bundle.unlabeled[1]["image_w"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="not both"):
         build_datasets({"dataset": "coco", "root": str(root), "split_dir": str(split), "split": "1_512"})
+
+
+def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import conftest
+
+    path = tmp_path / "progress.txt"
+    monkeypatch.setenv("CSL_TEST_PROGRESS", str(path))
+    text = "def test_x():\n>       assert 1 == 2\nE       assert 1 == 2\n\ntests/test_x.py:3: AssertionError"
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::test_x",
+                                                      longreprtext=text))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, when="call", nodeid="tests/test_x.py::ok",
+                                                      longreprtext=""))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="setup", nodeid="tests/test_x.py::fx",
+                                                      longreprtext="E   RuntimeError: boom"))
+    assert path.read_text().splitlines() == ["FAILED tests/test_x.py::test_x E       assert 1 == 2",
+                                             "ERROR tests/test_x.py::fx E   RuntimeError: boom"]
