@@ -101,11 +101,12 @@ fi
 stage bench 150 "$PY" -m csl_bench "${BENCH[@]}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 
 # 5. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, two selection backends
-if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKENDS=(cpu); else DEVICE=cuda; AMP=bf16; BACKENDS=(triton cuda); fi
+if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKENDS=(cpu); LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKENDS=(triton cuda); LIMIT=120; fi
 : > "$OUT/train.log"
 for backend in "${BACKENDS[@]}"; do
-  stage "train_$backend" 120 "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
+  stage "train_$backend" $LIMIT "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
     train.iters=6 train.iters_per_epoch=6 train.log_every=2 train.progress=false "kernels.backend=$backend" \
+    data.synthetic.num_val=8 \
     output_dir="$OUT/train_$backend" >> "$OUT/train.log" 2>&1
 done
 
