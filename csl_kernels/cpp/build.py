@@ -2,11 +2,12 @@
 
 The build uses ``torch.utils.cpp_extension.load`` with ninja and is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (or
 ``~/.cache/torch_extensions/<python>_<torch>/<name>``); the name carries a hash of every file in ``csrc/`` and of the
-build configuration, so a changed source (or header) means a fresh build. The CUDA part is compiled whenever torch is a
-CUDA build and ``nvcc`` is found (``CUDA_HOME``), also without a GPU: for ``TORCH_CUDA_ARCH_LIST`` if set, else for
-the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs, ``CSL_BUILD_VERBOSE=1`` shows the
-compiler output, ``CSL_EXT_CUDA=0`` builds the CPU part only. The ``nvidia/*/include`` folders of pip-installed
-NVIDIA wheels are added to the include path.
+build configuration, so a changed source (or header) means a fresh build. The CUDA part is compiled when torch is a
+CUDA build, ``nvcc`` is found (``CUDA_HOME``) and a GPU is visible — ``CSL_EXT_CUDA=1`` compiles it without a GPU
+(CI does, to prove the ``.cu`` files compile and link), ``CSL_EXT_CUDA=0`` never — for ``TORCH_CUDA_ARCH_LIST`` if
+set, else for the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs, ``CSL_BUILD_VERBOSE=1``
+shows the compiler output. The ``nvidia/*/include`` folders of pip-installed NVIDIA wheels are added to the include
+path.
 
 The CPU kernels hold their vectorised loops in three copies (x86-64 baseline, AVX2, AVX-512, see
 ``csrc/cpu/tile_kernels.cpp``) and use the widest one the CPU supports; all give bitwise the same results, so the
@@ -72,8 +73,11 @@ def _cuda_home() -> str | None:
 
 def cuda_build_plan() -> tuple[bool, str | None, str]:
     """``(with_cuda, arch_list, why)``: whether the CUDA part is built, for which archs, and a one-line reason."""
-    if os.environ.get("CSL_EXT_CUDA", "1") == "0":
+    wanted = os.environ.get("CSL_EXT_CUDA", "")
+    if wanted == "0":
         return False, None, "CSL_EXT_CUDA=0"
+    if wanted != "1" and not torch.cuda.is_available():
+        return False, None, "no GPU visible (CSL_EXT_CUDA=1 builds the CUDA part anyway)"
     if torch.version.cuda is None:
         return False, None, "torch is not a CUDA build"
     if _cuda_home() is None:
