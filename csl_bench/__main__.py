@@ -76,6 +76,13 @@ def main(argv=None) -> dict:
     }
     path = write_json(payload, args.out or default_output_path(settings.device))
     print()
+    print_tables(payload, path)
+    return payload
+
+
+def print_tables(payload: dict, path: Path) -> None:
+    """The markdown tables of a benchmark payload and where its JSON was written."""
+    records, train = payload["records"], payload["train_step"]
     print(markdown_table(records))
     print()
     print(summary_table(records))
@@ -83,9 +90,8 @@ def main(argv=None) -> dict:
         print()
         print(train_table(train))
     print()
-    print(goals_table(goals))
+    print(goals_table(payload["goals"]))
     print(f"\nwrote {path}")
-    return payload
 
 
 def merge(paths: list[Path], out: Path | None) -> dict:
@@ -102,15 +108,7 @@ def merge(paths: list[Path], out: Path | None) -> dict:
     payload = dict(parts[0], records=records, train_step=train, goals=evaluate_goals(records, train, device),
                    merged_from=[str(p) for p in paths])
     path = write_json(payload, out or default_output_path(device))
-    print(markdown_table(records))
-    print()
-    print(summary_table(records))
-    if train:
-        print()
-        print(train_table(train))
-    print()
-    print(goals_table(payload["goals"]))
-    print(f"\nwrote {path}")
+    print_tables(payload, path)
     return payload
 
 
