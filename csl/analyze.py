@@ -264,9 +264,15 @@ def summarize(arrays: dict[str, np.ndarray], num_classes: int, *, taus=DEFAULT_T
     return out
 
 
+def baseline_row(result: dict, tau: float = BASELINE_TAU) -> dict | None:
+    """The threshold-sweep entry of ``tau`` (0.95 = UniMatch) of an analysis result, or None when not swept."""
+    return next((r for r in result["threshold"] if abs(r["tau"] - tau) < 1e-9), None)
+
+
 def _denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
     img = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-__all__ = ["DEFAULT_SHARES", "DEFAULT_TAUS", "analysis_dataset", "run_analysis", "selection_quality", "summarize"]
+__all__ = ["BASELINE_TAU", "DEFAULT_SHARES", "DEFAULT_TAUS", "analysis_dataset", "baseline_row", "run_analysis",
+           "selection_quality", "summarize"]

@@ -240,15 +240,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import BASELINE_TAU, run_analysis
+    from .analyze import BASELINE_TAU, baseline_row, run_analysis
     from .logging_utils import setup_logging
 
     setup_logging(None, True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
     r = run_analysis(args.checkpoint, out, overrides=args.overrides, config=args.config, split=args.split,
                      max_images=args.max_images, panels=args.panels)
-    base = next(x for x in r["threshold"] if abs(x["tau"] - BASELINE_TAU) < 1e-9) if any(
-        abs(x["tau"] - BASELINE_TAU) < 1e-9 for x in r["threshold"]) else None
+    base = baseline_row(r)
     print(f"{r['images']} images ({r['split']}), {r['valid_pixels']} valid pixels, model pixel accuracy "
           f"{100 * r['model_accuracy']:.1f} %")
     print(f"{'rule':<26} {'share':>7} {'accuracy':>9} {'recall':>7}")

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from .analyze import baseline_row
+
 
 def _pyplot():
     import matplotlib
@@ -38,9 +40,9 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     for r in th:
         ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=7, color="tab:blue")
-    base = [r for r in th if abs(r["tau"] - tau) < 1e-9]
+    base = baseline_row(result, tau)
     if base:
-        ax.plot(base[0]["recall"], base[0]["accuracy"], "s", ms=10, mfc="none", mec="tab:blue", mew=2,
+        ax.plot(base["recall"], base["accuracy"], "s", ms=10, mfc="none", mec="tab:blue", mew=2,
                 label=f"threshold {tau:g} (UniMatch)")
     styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:olive")}
     for name, sweep in result["sweeps"].items():
@@ -165,8 +167,8 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
     """Per-class accuracy and recall of the threshold baseline and of CSL (hard and weighted)."""
     plt = _pyplot()
     names = result["class_names"]
-    base = [r for r in result["threshold"] if abs(r["tau"] - tau) < 1e-9]
-    rules = ([(f"threshold {tau:g}", base[0])] if base else []) + [("CSL reliable", result["csl"]["hard"]),
+    base = baseline_row(result, tau)
+    rules = ([(f"threshold {tau:g}", base)] if base else []) + [("CSL reliable", result["csl"]["hard"]),
                                                                    ("CSL weighted", result["csl"]["weighted"])]
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(names) + 2), 6), sharex=True)
     x = np.arange(len(names))

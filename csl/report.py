@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 
+from .analyze import BASELINE_TAU, baseline_row
 from .demo import LABELS as METHOD_LABELS
 from .logging_utils import read_metrics
 
-BASELINE_TAU = 0.95
 LABELS = {"warmup": "warm-up", **METHOD_LABELS}
 
 
@@ -47,10 +47,6 @@ def load_run(folder: str) -> dict:
             with open(p) as f:
                 analyses[m] = json.load(f)
     return {"folder": folder, "summary": summary, "methods": methods, "metrics": metrics, "analyses": analyses}
-
-
-def _baseline(analysis: dict) -> dict | None:
-    return next((r for r in analysis["threshold"] if abs(r["tau"] - BASELINE_TAU) < 1e-9), None)
 
 
 def _mean_spread(values: list) -> str:
@@ -135,7 +131,7 @@ def selection_summary_table(runs: list[dict]) -> str:
     for run in runs:
         seed = run["summary"]["config"]["seed"]
         for m, a in run["analyses"].items():
-            b = _baseline(a)
+            b = baseline_row(a)
 
             def three(q):
                 return f"{_pct(q['share'])} / {_pct(q['accuracy'])} / {_pct(q['recall'])}"
