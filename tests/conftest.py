@@ -125,3 +125,19 @@ def pytest_runtest_logreport(report):
     first = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
     with open(path, "a") as f:
         f.write(f"{kind} {report.nodeid} {first[:300]}\n")
+    with open(path + ".details", "a") as f:  # the whole failure text, also lost when a killed run prints no summary
+        f.write(f"==== {kind} {report.nodeid} ({report.when})\n" + "\n".join(message[-120:]) + "\n\n")
+
+
+def pytest_unconfigure(config):
+    """With ``CSL_TEST_PROGRESS`` set, a process that has not exited 60 s after pytest finished (a thread or a child
+    process holding interpreter shutdown) writes every thread's stack to ``<progress>.hang-<worker>`` and exits, so
+    the run ends and tells what held it."""
+    path = os.environ.get("CSL_TEST_PROGRESS")
+    if not path:
+        return
+    import faulthandler
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    stream = open(f"{path}.hang-{worker}", "w")  # noqa: SIM115 - must outlive this function for the watchdog
+    faulthandler.dump_traceback_later(float(os.environ.get("CSL_TEST_EXIT_GRACE", "60")), exit=True, file=stream)

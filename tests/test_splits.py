@@ -70,3 +70,25 @@ def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
                                                       longreprtext="E   RuntimeError: boom"))
     assert path.read_text().splitlines() == ["FAILED tests/test_x.py::test_x E       assert 1 == 2",
                                              "ERROR tests/test_x.py::fx E   RuntimeError: boom"]
+    details = (tmp_path / "progress.txt.details").read_text()
+    assert "==== FAILED tests/test_x.py::test_x (call)" in details and "tests/test_x.py:3: AssertionError" in details
+
+
+def test_a_process_held_after_the_run_dumps_its_stacks_and_exits(tmp_path):
+    """The exit watchdog: a non-daemon thread that never ends would hold the interpreter forever; with
+    CSL_TEST_PROGRESS set the process writes its stacks and exits after the grace time."""
+    import subprocess
+    import sys
+
+    script = ("import sys, threading, time; sys.path.insert(0, 'tests'); import conftest; "
+              "conftest.pytest_unconfigure(None); "
+              "threading.Thread(target=lambda: time.sleep(600), name='stuck').start()")
+    path = tmp_path / "progress.txt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "CSL_TEST_PROGRESS": str(path), "CSL_TEST_EXIT_GRACE": "1",
+           "PYTEST_XDIST_WORKER": "gw7"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          timeout=60, capture_output=True, text=True)
+    assert proc.returncode != 0
+    dump = (tmp_path / "progress.txt.hang-gw7").read_text()
+    assert dump.startswith("Timeout (0:00:01)!") and "in _shutdown" in dump and "in <lambda>" in dump, dump
