@@ -107,14 +107,23 @@ def prepare_model(model: nn.Module, env: DistEnv) -> tuple[nn.Module, nn.Module]
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif env.distributed:
         log.info("CPU training under torch.distributed: SyncBatchNorm needs GPU tensors, BatchNorm stays "
-                 "per-process (rank 0's running statistics are broadcast)")
+                 "per-process (rank 0's running statistics are copied to every rank before each evaluation)")
     model = model.to(env.device)
     if not env.distributed:
         return model, model
+    # No buffer broadcast at each forward: a step runs the model several times before its backward, and a broadcast
+    # rewrites the BatchNorm statistics that an earlier forward saved for the backward (as in UniMatch).
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        broadcast_buffers=not sync_bn, find_unused_parameters=False)
+        broadcast_buffers=False, find_unused_parameters=False)
     return ddp, model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

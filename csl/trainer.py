@@ -37,6 +37,7 @@ from .distributed import (
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    broadcast_buffers,
     init_distributed,
     prepare_model,
     sample_seed,
@@ -412,6 +413,7 @@ class Trainer:
     def evaluate(self) -> dict:
         from .evaluate import evaluate
 
+        broadcast_buffers(self.bare_model)  # every rank evaluates and saves rank 0's statistics
         return evaluate(self.bare_model, self.val_loader, self.num_classes, mode=self.eval_mode,
                         crop_size=self.eval_crop, stride_ratio=self.cfg["eval"]["stride_ratio"], device=self.device,
                         amp_dtype=self.eval_amp, ignore_index=self.cfg["data"]["ignore_index"],

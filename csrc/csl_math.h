@@ -102,8 +102,14 @@ C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* o
   const double half_diff = 0.5 * (a - c);
   const double radius = std::sqrt(half_diff * half_diff + b * b);
   double lam1 = half_trace + radius;
-  // lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1.
+  // lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1. The products
+  // stay unfused on the device too (nvcc fuses by default, the host build has -ffp-contract=off): a one-pixel group's
+  // det is then exactly 0 (rank one), where a fused multiply-add would leave the rounding of b^2 to pick its cluster.
+#ifdef __CUDA_ARCH__
+  const double det = __dsub_rn(__dmul_rn(a, c), __dmul_rn(b, b));
+#else
   const double det = a * c - b * b;
+#endif
   double lam2 = 0.0;
   if (lam1 > 0.0) {
     lam2 = det / (lam1 > kTiny ? lam1 : kTiny);

@@ -4,6 +4,8 @@
 # Stages, each under its own time limit, each writing into DIR as it goes (a killed run still leaves its files):
 #   env.txt       GPU, driver, Python, torch, triton, nvcc
 #   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16), with its time
+#   cpp_exceptions.txt  whether a TORCH_CHECK failure in a minimal extension reaches Python here (on the H200 of
+#                 2026-11-30 it crashed the process: torch 2.11 + GCC 13.3; tests of C++ error paths crash there)
 #   pytest.log    the whole suite with CSL_REQUIRE_BACKENDS=triton,cuda, per-test time limit, -rfE summary;
 #   progress.txt  one line per failed / erroring test as it happens (whole texts in progress.txt.details, the stacks
 #                 of a test process that does not exit in progress.txt.hang-<worker>); junit.xml at the end
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --cpu-dry-run) DRY=1; shift ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -68,6 +70,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, record exit 
   git -C "$ROOT" rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 
+# 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
+timeout 240 "$PY" scripts/cpp_exception_probe.py > "$OUT/cpp_exceptions.txt" 2>&1 &
+PROBE_PID=$!
 # 2. The extension build (first use)
 if [ $DRY = 1 ]; then BUILD_DEV=cpu; else BUILD_DEV=cuda; fi
 stage build 300 "$PY" -c "
@@ -83,16 +88,19 @@ raise SystemExit(0 if reason is None else 1)
 : > "$OUT/progress.txt"
 if [ $DRY = 1 ]; then
   REQUIRE=cpu,triton; export TRITON_INTERPRET=1; TESTS=(tests/test_pcos_weights.py tests/test_metrics.py); WORKERS=()
+  [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"  # the script's own test: a short list
 else
   REQUIRE=triton,cuda; TESTS=(tests); WORKERS=(-n "${GPU_CHECK_WORKERS:-14}")
 fi
 "$PY" -c "import xdist" 2>/dev/null || WORKERS=()
 TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120)
-export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt"
+# One CPU thread per test process: 14 workers with a thread per core each would oversubscribe the cores 14-fold and
+# push the CPU-bound tests (small trainings) past the per-test limit.
+export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1
 stage tests 250 "$PY" -m pytest -q -rfE -p no:cacheprovider "${WORKERS[@]}" "${TIMEOUT_ARGS[@]}" \
   --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
-unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET
+unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS
 
 # 4. Benchmark: voc321, bf16 + fp32, pcos_weights and the weighted CE, every provider
 if [ $DRY = 1 ]; then
@@ -110,11 +118,12 @@ if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKENDS=(cpu); LIMIT=300; else DEVI
 for backend in "${BACKENDS[@]}"; do
   stage "train_$backend" $LIMIT "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
     train.iters=6 train.iters_per_epoch=6 train.log_every=2 train.progress=false "kernels.backend=$backend" \
-    data.synthetic.num_val=8 \
+    data.synthetic.num_val=8 ${GPU_CHECK_TRAIN_OVERRIDES:-} \
     output_dir="$WORK/train_$backend" >> "$OUT/train.log" 2>&1
 done
 
 # 6. Summary
+wait $PROBE_PID
 {
   echo "# GPU check ($GPU), $(date -u +%Y-%m-%dT%H:%MZ)$([ $DRY = 1 ] && echo ', CPU dry run')"
   echo
@@ -132,11 +141,13 @@ done
   echo '```'
   echo "Failed or erroring tests as they happened (progress.txt):"
   echo '```'
-  grep -v '^SKIPPED' "$OUT/progress.txt" | head -50
+  grep -E '^(FAILED|ERROR)' "$OUT/progress.txt" | head -50
   echo '```'
+  echo "Outcomes: $(cut -d' ' -f1 "$OUT/progress.txt" | sort | uniq -c | tr '\n' ' ')"
   for hang in "$OUT"/progress.txt.hang-*; do
     [ -s "$hang" ] && { echo "A test process did not exit (stacks in $(basename "$hang")):"; echo '```'; head -40 "$hang"; echo '```'; }
   done
+  echo "C++ exceptions from an extension on this machine (scripts/cpp_exception_probe.py): $(tail -n 1 "$OUT/cpp_exceptions.txt")"
   echo "## Build"
   echo '```'
   tail -n 2 "$OUT/build.log"

@@ -113,31 +113,51 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    """With ``CSL_TEST_PROGRESS`` set to a file, append one line per failed test phase as it happens
-    (``FAILED <nodeid> <E line>``, ``ERROR`` for setup / teardown), so a run killed by a time limit still tells which
-    tests failed (scripts/gpu_check.sh). Under pytest-xdist this runs in the controller, which receives every
-    worker's reports."""
+    """With ``CSL_TEST_PROGRESS`` set to a file, append one line per test outcome as it happens (``PASSED <nodeid>
+    <seconds>s``, ``SKIPPED <nodeid> <reason>``, ``FAILED <nodeid> <E line>``, ``ERROR`` for a failed setup / teardown
+    or a crashed worker) and each failure's whole text to ``<file>.details``, so a run killed by a time limit still
+    tells what ran and what failed (scripts/gpu_check.sh). Under pytest-xdist the controller, which receives every
+    worker's reports, writes the file."""
     path = os.environ.get("CSL_TEST_PROGRESS")
-    if not path or not report.failed:
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    kind = "FAILED" if report.when == "call" else "ERROR"
-    message = str(getattr(report, "longreprtext", "") or "").strip().splitlines()
-    first = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
+    if report.failed:
+        kind = "FAILED" if report.when == "call" else "ERROR"
+        message = str(getattr(report, "longreprtext", "") or "").strip().splitlines()
+        detail = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
+        with open(path + ".details", "a") as f:  # the whole text, which a killed run never prints
+            f.write(f"==== {kind} {report.nodeid} ({report.when})\n" + "\n".join(message[-120:]) + "\n\n")
+    elif report.skipped and report.when in ("setup", "call"):
+        kind, longrepr = "SKIPPED", getattr(report, "longrepr", None)
+        detail = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr or "")
+    elif report.passed and report.when == "call":
+        kind, detail = "PASSED", f"{getattr(report, 'duration', 0.0):.2f}s"
+    else:
+        return
     with open(path, "a") as f:
-        f.write(f"{kind} {report.nodeid} {first[:300]}\n")
-    with open(path + ".details", "a") as f:  # the whole failure text, also lost when a killed run prints no summary
-        f.write(f"==== {kind} {report.nodeid} ({report.when})\n" + "\n".join(message[-120:]) + "\n\n")
+        f.write(f"{kind} {report.nodeid} {detail[:300]}\n")
 
 
 def pytest_unconfigure(config):
-    """With ``CSL_TEST_PROGRESS`` set, a process that has not exited 60 s after pytest finished (a thread or a child
-    process holding interpreter shutdown) writes every thread's stack to ``<progress>.hang-<worker>`` and exits, so
-    the run ends and tells what held it."""
+    """With ``CSL_TEST_PROGRESS`` set, a process that has not exited 60 s after its main thread finished (a thread or
+    a child process holding interpreter shutdown) writes every thread's stack to ``<progress>.hang-<worker>`` and
+    exits, so the run ends and tells what held it. (An xdist worker's main thread ends when the controller lets it
+    go, after its own tests, so a worker is never cut short while it waits.)"""
     path = os.environ.get("CSL_TEST_PROGRESS")
     if not path:
         return
     import faulthandler
+    import threading
 
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    stream = open(f"{path}.hang-{worker}", "w")  # noqa: SIM115 - must outlive this function for the watchdog
-    faulthandler.dump_traceback_later(float(os.environ.get("CSL_TEST_EXIT_GRACE", "60")), exit=True, file=stream)
+    grace = float(os.environ.get("CSL_TEST_EXIT_GRACE", "60"))
+
+    def arm() -> None:
+        stream = open(f"{path}.hang-{worker}", "w")  # noqa: SIM115 - must stay open for the watchdog
+        faulthandler.dump_traceback_later(grace, exit=True, file=stream)
+
+    register = getattr(threading, "_register_atexit", None)  # runs when the main thread ends, before joining others
+    if register is None:
+        arm()
+    else:
+        register(arm)

@@ -64,12 +64,23 @@ def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
     text = "def test_x():\n>       assert 1 == 2\nE       assert 1 == 2\n\ntests/test_x.py:3: AssertionError"
     conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::test_x",
                                                       longreprtext=text))
-    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, when="call", nodeid="tests/test_x.py::ok",
-                                                      longreprtext=""))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=True, skipped=False, when="call",
+                                                      nodeid="tests/test_x.py::ok", longreprtext="", duration=1.5))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=True, skipped=False, when="setup",
+                                                      nodeid="tests/test_x.py::ok", longreprtext="", duration=0.1))
     conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="setup", nodeid="tests/test_x.py::fx",
                                                       longreprtext="E   RuntimeError: boom"))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=False, skipped=True, when="setup",
+                                                      nodeid="tests/test_x.py::gpu", longreprtext="",
+                                                      longrepr=("x.py", 3, "Skipped: needs a CUDA device")))
     assert path.read_text().splitlines() == ["FAILED tests/test_x.py::test_x E       assert 1 == 2",
-                                             "ERROR tests/test_x.py::fx E   RuntimeError: boom"]
+                                             "PASSED tests/test_x.py::ok 1.50s",
+                                             "ERROR tests/test_x.py::fx E   RuntimeError: boom",
+                                             "SKIPPED tests/test_x.py::gpu Skipped: needs a CUDA device"]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker writes nothing: its controller does
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::w",
+                                                      longreprtext="E x"))
+    assert len(path.read_text().splitlines()) == 4
     details = (tmp_path / "progress.txt.details").read_text()
     assert "==== FAILED tests/test_x.py::test_x (call)" in details and "tests/test_x.py:3: AssertionError" in details
 
@@ -81,7 +92,7 @@ def test_a_process_held_after_the_run_dumps_its_stacks_and_exits(tmp_path):
     import sys
 
     script = ("import sys, threading, time; sys.path.insert(0, 'tests'); import conftest; "
-              "conftest.pytest_unconfigure(None); "
+              "conftest.pytest_unconfigure(None); time.sleep(2); "  # armed only when the main thread ends
               "threading.Thread(target=lambda: time.sleep(600), name='stuck').start()")
     path = tmp_path / "progress.txt"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

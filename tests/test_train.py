@@ -97,11 +97,11 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
     """The GPU default (bf16 autocast) run on the CPU: the selection and the weighted loss get bf16 logits from
     every backend, and the step's losses stay within bf16 rounding of the same step in fp32."""
     for op in ("pcos_weights", "weighted_cross_entropy", "trusted_mask"):
-        require_backend(op, backend)
+        device = require_backend(op, backend)  # triton: CUDA where a GPU is present, else the interpreter
     outs, seen = {}, {}
     for amp in ("fp32", "bf16"):
         trainer = Trainer(tiny_config(tmp_path / amp, **{"train.iters": 1, "train.amp": amp,
-                                                           "kernels.backend": backend}))
+                                                           "kernels.backend": backend, "device": device.type}))
         selector = trainer.selector
 
         def recording(logits, ignore, _amp=amp, _selector=selector):

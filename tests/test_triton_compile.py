@@ -27,6 +27,9 @@ def _nvidia_backend_available() -> bool:
 def compiled() -> list[dict]:
     if not _nvidia_backend_available():
         pytest.skip("triton has no NVIDIA backend here")
+    problem = compile_check.interpreter_problem()
+    if problem:  # e.g. Triton 3.6 with NumPy 2.4 (a GPU machine runs the real kernels instead; CI has Triton 3.8)
+        pytest.skip(f"the capture phase needs Triton's interpreter: {problem}")
     return compile_check.check(arch=90)
 
 

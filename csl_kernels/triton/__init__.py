@@ -6,6 +6,7 @@ is read by Triton when a kernel is defined, so it must be set before this packag
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -22,11 +23,37 @@ except ImportError as exc:  # pragma: no cover - triton ships with Linux torch w
 OP_MODULES = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy", "confusion_matrix")
 
 
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, or None: a one-line kernel with a loop over a runtime
+    bound (as every kernel here has: ``range(0, C, BLOCK_C)``) is run once. Some Triton versions' interpreters turn
+    such a bound into an int with ``int(array)`` on a 1-element array, which newer NumPy versions refuse ("only
+    0-dimensional arrays can be converted to Python scalars"); Triton 3.8's interpreter does not."""
+    import numpy as np
+    import triton.language as tl
+
+    @triton.jit
+    def _loop(out_ptr, n):
+        acc = 0
+        for i in range(0, n, 1):
+            acc += i
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the kernels cannot run either
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with NumPy "
+                f"{np.__version__} ({type(exc).__name__}: {str(exc).strip()[:200]}); use another Triton or NumPy "
+                "version (Triton 3.8 works) to run the triton backend on CPU tensors")
+    return None if int(out) == 3 else f"Triton {triton.__version__}'s interpreter computed a loop wrongly"
+
+
 def _check(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
+        return _interpreter_problem()
     return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
 
 

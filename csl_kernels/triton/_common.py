@@ -21,6 +21,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # libdevice calls do not exist under the interpreter; kernels take this as a constexpr to pick a portable fallback.
 USE_LIBDEVICE = not INTERPRET
+# Launch option for kernels whose products must stay unfused (the interpreter never fuses and takes no such option).
+NO_FP_FUSION = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:

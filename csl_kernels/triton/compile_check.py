@@ -30,7 +30,7 @@ import tempfile
 import time
 
 # Launch options of ``kernel[grid](...)`` that are not kernel arguments.
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 # Constexpr flags that only huge inputs switch on: compiled in both states whatever the captured calls gave.
 BOTH_STATES = ("WIDE",)
 TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
@@ -293,9 +293,23 @@ def _run_phase(phase: str, arch: int, payload_path: str, interpret: bool) -> Non
         raise RuntimeError(f"the {phase} phase failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here (so the capture phase cannot run), or None."""
+    code = "from csl_kernels.triton import _interpreter_problem as p; print(p() or '', end='')"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return f"the interpreter check failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    return proc.stdout or None
+
+
 def check(arch: int = 90) -> list[dict]:
     """Capture the launches under the interpreter and compile each for ``cuda:<arch>``; returns one record per
     compiled kernel variant (``status`` ok / error, registers, local and shared memory, compile seconds)."""
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(f"compile_check captures the launches under Triton's interpreter, which cannot run here: "
+                           f"{problem}")
     with tempfile.TemporaryDirectory() as tmp:
         launches, compiled = os.path.join(tmp, "launches.json"), os.path.join(tmp, "compiled.json")
         _run_phase("capture", arch, launches, interpret=True)

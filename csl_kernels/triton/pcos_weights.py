@@ -26,6 +26,7 @@ from .._backends import register
 from .._checks import compute_dtype
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
+    NO_FP_FUSION,
     USE_LIBDEVICE,
     chan_merge,
     device_guard,
@@ -370,8 +371,10 @@ def pcos_weights_launch(
             ACC=acc, FLAT_HW=flat, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
             num_warps=config.num_warps,
         )
+        # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
+        # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
         _pcos_group_params_kernel[group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
-                                              nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+                                              nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4, **NO_FP_FUSION)
         _pcos_cluster_kernel[chunk_grid](
             fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles,
             CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,

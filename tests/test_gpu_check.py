@@ -1,0 +1,31 @@
+"""scripts/gpu_check.sh runs end to end on a machine without a GPU (``--cpu-dry-run``) and leaves its evidence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
+    out = tmp_path / "check"
+    env = {**os.environ, "GPU_CHECK_TESTS": "tests/test_metrics.py",
+           "GPU_CHECK_TRAIN_OVERRIDES": "data.crop_size=40 model.backbone=resnet18 data.synthetic.num_labeled=4 "
+                                        "data.synthetic.num_unlabeled=8 data.synthetic.size=48 train.batch_size=2 "
+                                        "data.num_workers=0"}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    for stage in ("build", "tests", "bench", "train_cpu"):
+        assert f"| {stage} | 0 |" in summary, summary
+    outcomes = (out / "progress.txt").read_text().splitlines()
+    assert outcomes and all(line.startswith(("PASSED", "SKIPPED")) for line in outcomes)
+    assert any(line.startswith("PASSED tests/test_metrics.py::") for line in outcomes)
+    assert (out / "junit.xml").is_file() and (out / "bench.json").is_file()
+    assert (out / "cpp_exceptions.txt").read_text().strip().endswith(")") and "cpp-exceptions: ok" in summary
+    assert "done: 6 iterations" in (out / "train.log").read_text()
+    # Evidence only: the build folder and the training runs stay outside, no empty hang files are left.
+    assert not list(out.rglob("*.so")) and not list(out.rglob("*.pt")) and not list(out.glob("progress.txt.hang-*"))
