@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import csl_kernels
+from csl_kernels import IGNORE_INDEX
 
 log = logging.getLogger("csl")
 
@@ -183,7 +184,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
         raise ValueError(f"no image to analyse (max_images={max_images})")
     mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
     crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
-    sel_cfg, ignore_index = cfg["selection"], cfg["data"]["ignore_index"]
+    sel_cfg, ignore_index = cfg["selection"], IGNORE_INDEX  # the datasets map the files' ignore value to it
     alpha, confidence, backend = float(sel_cfg["alpha"]), sel_cfg["confidence"], cfg["kernels"]["backend"]
     shown = set(_pick(n_images, panels))
     pixels, examples = _Pixels(), []

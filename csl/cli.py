@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)")
     t.add_argument("--config", required=True, help="YAML file or bundled config name")
     t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (<output_dir>/latest.pt if present)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in output_dir (without it, or --resume, such a folder is refused)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
@@ -133,6 +135,8 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)
     try:
         summary = train(cfg)
@@ -145,6 +149,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import json
+
+    from csl_kernels import IGNORE_INDEX
 
     from .checkpoint import load_checkpoint
     from .data import default_eval_mode
@@ -171,7 +177,7 @@ def cmd_eval(args) -> int:
         result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
                           cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
                           amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
-                          ignore_index=cfg["data"]["ignore_index"], backend=cfg["kernels"]["backend"],
+                          ignore_index=IGNORE_INDEX, backend=cfg["kernels"]["backend"],
                           progress=env.is_main)
     finally:
         cleanup_distributed()
@@ -278,11 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split,
                 "analyze": cmd_analyze}
+    from .run_folder import RunFolderError
+    from .trainer import NonFiniteTrainingError
+
+    debug = os.environ.get("CSL_DEBUG") == "1"  # a traceback instead of the one-line message
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RunFolderError) as e:  # what the user's input caused
+        if debug:
+            raise
         print(f"csl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
+        if debug:
+            raise
+        print(f"csl {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"csl {args.command}: interrupted", file=sys.stderr)
         return 130

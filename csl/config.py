@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 import warnings
@@ -35,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "val_list": None,
         "num_classes": None,  # default: the dataset's (5 for synthetic)
         "crop_size": 321,
-        "ignore_index": 255,
+        "ignore_index": 255,  # the value of ignored pixels in the label files (mapped to 255, csl's own, at load)
         "ignore_labels": None,  # stored label values that mean "unlabelled"; default: the dataset's (camvid: [11])
         "reduce_zero_label": False,  # the files' 0 is "unlabelled": 0 -> ignored, k -> k - 1
         "image_scale": 1.0,  # scale every image and mask at load (e.g. 0.5: half resolution, also for evaluation)
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "init_from": None,  # checkpoint whose model weights start the run (fresh optimizer and schedule)
         "resume": None,  # checkpoint path, or "auto" = <output_dir>/latest.pt when it exists
+        "overwrite": False,  # replace a run already in output_dir (else such a folder is refused; see run_folder.py)
         "log_every": 20,
         "ckpt_every": 0,  # iterations between checkpoints (0: at epoch ends only)
         "progress": True,
@@ -339,6 +341,17 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_finite(tree, prefix: str = "") -> None:
+    """No NaN / inf anywhere in a config (``train.lr=.inf`` would train a NaN model)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and isinstance(key, str) else f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f"{name} must be a finite number, got {value}")
+        else:
+            _require_finite(value, name)
+
+
 def validate(cfg: dict) -> dict:
     """Check keys, types, choices and ranges; fill in defaults. Returns a new dict."""
     if not isinstance(cfg, dict):
@@ -348,10 +361,11 @@ def validate(cfg: dict) -> dict:
         value = get_dotted(cfg, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+    _require_finite(cfg)
     d, t, s, m, e = cfg["data"], cfg["train"], cfg["selection"], cfg["tmp"], cfg["eval"]
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
-    _require(d["num_classes"] is None or d["num_classes"] >= 2, f"data.num_classes must be >= 2, got "
-             f"{d['num_classes']}")
+    _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
+             f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")
     _require(0 < d["image_scale"] <= 4, f"data.image_scale must be in (0, 4], got {d['image_scale']}")
     if d["ignore_labels"] is not None:
         _require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d["ignore_labels"]),

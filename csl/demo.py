@@ -96,7 +96,7 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
         print(f"   continuing from {latest} (iteration {iteration}, {before:.0f} s of training logged)", flush=True)
         cfg = build_config(cfg, {"train.resume": latest})
     else:
-        _fresh(cfg)
+        cfg = build_config(cfg, {"train.overwrite": True})  # this stage starts afresh in its own folder
     t0 = time.perf_counter()
     train_fn(cfg)
     seconds = before + time.perf_counter() - t0

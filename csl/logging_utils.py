@@ -106,6 +106,24 @@ class MetricsWriter:
             self._tb = None
 
 
+def prune_metrics(path: str, iteration: int) -> int:
+    """Drop the records of iterations after ``iteration`` from ``metrics.jsonl`` (what a killed run logged after its
+    last checkpoint, which the resumed run logs again); returns how many were dropped. The file is replaced
+    atomically."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("iter", 0) <= iteration]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 def read_metrics(path: str, kind: str | None = None) -> list[dict]:
     """Records of a ``metrics.jsonl`` file (optionally only those of one ``kind``)."""
     with open(path) as f:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import csl_kernels
+from csl_kernels import IGNORE_INDEX
 
 from .selection import Selector
 
@@ -36,15 +37,14 @@ class StepConfig:
     amp_dtype: torch.dtype | None = None
     backend: str = "auto"
     num_classes: int = 0  # > 0: also count pseudo-label quality against the unlabeled ground truth
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX  # the datasets map every file convention to it
 
     @classmethod
     def from_config(cls, cfg: dict, amp_dtype: torch.dtype | None, num_classes: int = 0) -> StepConfig:
         t, m = cfg["train"], cfg["tmp"]
         return cls(lambda_s=t["lambda_s"], lambda_m=t["lambda_m"], lambda_fp=t["lambda_fp"], cutmix_p=t["cutmix_p"],
                    tmp_enabled=m["enabled"], tmp_block=m["block"], tmp_rate=m["rate"], tmp_fraction=m["fraction"],
-                   amp_dtype=amp_dtype, backend=cfg["kernels"]["backend"], num_classes=num_classes,
-                   ignore_index=cfg["data"]["ignore_index"])
+                   amp_dtype=amp_dtype, backend=cfg["kernels"]["backend"], num_classes=num_classes)
 
 
 class KernelOps:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from csl_kernels import metrics_from_counts
+from csl_kernels import IGNORE_INDEX, metrics_from_counts
 
 from .checkpoint import (
     BEST,
@@ -42,8 +42,9 @@ from .distributed import (
     prepare_model,
     sample_seed,
 )
-from .logging_utils import MetricsWriter, progress_bar, setup_logging
+from .logging_utils import MetricsWriter, progress_bar, prune_metrics, setup_logging
 from .losses import build_labeled_criterion
+from .run_folder import claim_run_folder
 from .selection import build_selector
 from .step import StepConfig, resolve_amp, supervised_step, train_step
 
@@ -117,6 +118,14 @@ class Accumulator:
 # The trainer.
 
 
+# Keys a resume takes from the checkpoint (its optimizer, scheduler and scaler state), not from the config.
+RESUMED_FROM_CHECKPOINT = ("lr", "head_lr_mult", "momentum", "weight_decay", "poly_power")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the weights became NaN / inf; nothing of that state was saved."""
+
+
 class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
@@ -127,6 +136,19 @@ class Trainer:
         t = cfg["train"]
         self.semi = t["mode"] == "semi"
         self.output_dir = cfg["output_dir"]
+        self.run_lock = None
+        if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
+            self.run_lock = claim_run_folder(self.output_dir, resuming=self._resume_path() is not None,
+                                             resume_auto=t["resume"] == "auto", overwrite=t["overwrite"])
+        barrier()
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
+
+    def _set_up(self, cfg: dict) -> None:
         setup_logging(self.output_dir, self.env.is_main)
         if self.env.is_main:
             dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
@@ -144,8 +166,8 @@ class Trainer:
         self.last_eval: dict | None = None
         self.window = Accumulator()
         self.epoch_acc = Accumulator()
+        self._maybe_resume()  # before the metrics file is opened: a resume drops the records logged after it
         self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main)
-        self._maybe_resume()
         self._log_setup()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -209,7 +231,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.bare_model, cfg["train"])
         self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg["train"]["poly_power"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.criterion = build_labeled_criterion(cfg["train"], cfg["data"]["ignore_index"])
+        self.criterion = build_labeled_criterion(cfg["train"], IGNORE_INDEX)  # the datasets map the files' value
         self.selector = build_selector(cfg["selection"], cfg["kernels"]["backend"])
         self.step_cfg = StepConfig.from_config(cfg, self.amp_dtype,
                                                self.num_classes if self.has_unlabeled_gt else 0)
@@ -277,6 +299,11 @@ class Trainer:
         if path is None:
             return
         ckpt = load_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path} is not a training checkpoint of csl train (no {', '.join(missing)}), so there is "
+                             f"no run to resume; to start a new run from its weights use train.init_from={path}")
+        self._warn_resume_overrides(path, ckpt.get("config") or {})
         for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters),
                           ("world_size", self.env.world_size), ("batch_size", self.batch_size)):
             if ckpt.get(key) != mine:
@@ -290,12 +317,42 @@ class Trainer:
         self.best_miou, self.last_eval = ckpt.get("best_miou"), ckpt.get("last_eval")
         self.window.load_state_dict(ckpt["window"], self.device)
         self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
+        self._restore_best(path, ckpt)
+        if self.env.is_main:
+            prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration)
         rng = ckpt.get("rng") or []
         if len(rng) == self.env.world_size:
             restore_rng(rng[self.env.rank], {"step": self.generator})
         else:
             log.warning("checkpoint has random states of %d rank(s), this run has %d: random streams not restored",
                         len(rng), self.env.world_size)
+
+    def _warn_resume_overrides(self, path: str, saved: dict) -> None:
+        """A resume continues the checkpoint's optimizer, schedule and scaler: say so for the keys set otherwise."""
+        now, then = self.cfg["train"], saved.get("train", {})
+        for key in RESUMED_FROM_CHECKPOINT:
+            if key in then and then[key] != now[key]:
+                log.warning("resuming %s: train.%s is %s here but %s in the checkpoint; a resume continues the "
+                            "checkpoint's optimizer and schedule, so %s is what the run uses", path, key, now[key],
+                            then[key], then[key])
+
+    def _restore_best(self, path: str, ckpt: dict) -> None:
+        """``best.pt`` missing while the checkpoint records a best mIoU (a run killed between the two writes by an
+        older version): rewrite it when the resumed state is that best one, else say that it is lost."""
+        best = os.path.join(self.output_dir, BEST)
+        if self.best_miou is None or os.path.isfile(best) or not self.env.is_main:
+            return
+        last = self.last_eval or {}
+        if last.get("iter") == self.iteration and last.get("miou") == self.best_miou:
+            payload = self.state_dict()
+            payload["rng"] = ckpt.get("rng") or []
+            atomic_save(payload, best)
+            log.warning("%s was missing; rewritten from %s, whose state is the best one (mIoU %.2f)", best, path,
+                        100 * self.best_miou)
+        else:
+            log.warning("%s is missing and %s is not the best state (mIoU %.2f, from iteration %s): that model is "
+                        "lost; best.pt will be written at the next improvement", best, path, 100 * self.best_miou,
+                        last.get("iter"))
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -358,6 +415,12 @@ class Trainer:
         values = torch.stack([self.window.sums[k] for k in keys]).cpu().tolist()  # the only sync per interval
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"]}
+        if not all(math.isfinite(v) for v in values):
+            bad = [k for k, v in zip(keys, values, strict=True) if not math.isfinite(v)]
+            raise NonFiniteTrainingError(
+                f"the training loss ({', '.join(bad)}) became NaN / inf within iterations "
+                f"{self.iteration - n + 1}-{self.iteration}; stopped without saving this state ({self._last_good()}). "
+                f"Lower train.lr, use train.amp=fp32, or check the input data")
         record.update({k: v / n for k, v in zip(keys, values, strict=True)})
         if "valid" in self.window.sums:
             w, v = torch.stack([self.window.sums["weight_sum"], self.window.sums["valid"]]).cpu().tolist()
@@ -393,6 +456,7 @@ class Trainer:
             self.metrics.write({"kind": "pseudo_labels", "iter": self.iteration, "epoch": epoch, **pl},
                                step=self.iteration)
             log.info("epoch %d pseudo-labels: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in pl.items()))
+        self._check_weights_finite()
         last = self.iteration >= self.total_iters
         names = [LATEST]
         if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
@@ -405,10 +469,24 @@ class Trainer:
             improved = self.best_miou is None or result["miou"] > self.best_miou
             if improved:
                 self.best_miou = result["miou"]
-                names.append(BEST)
+                names.insert(0, BEST)  # before latest.pt, which records best_miou: a kill between them loses nothing
             log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
                      " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
         self.save(tuple(names))
+
+    def _last_good(self) -> str:
+        latest = os.path.join(self.output_dir, LATEST)
+        if not os.path.isfile(latest):
+            return "no checkpoint was written yet"
+        return f"{latest} holds the last finite state"
+
+    def _check_weights_finite(self) -> None:
+        """One synchronisation per epoch: weights that became NaN / inf are never saved or evaluated."""
+        params = [p.detach() for p in self.bare_model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise NonFiniteTrainingError(
+                f"model weights became NaN / inf by iteration {self.iteration}; stopped without saving them "
+                f"({self._last_good()}). Lower train.lr, use train.amp=fp32, or check the input data")
 
     def evaluate(self) -> dict:
         from .evaluate import evaluate
@@ -416,12 +494,14 @@ class Trainer:
         broadcast_buffers(self.bare_model)  # every rank evaluates and saves rank 0's statistics
         return evaluate(self.bare_model, self.val_loader, self.num_classes, mode=self.eval_mode,
                         crop_size=self.eval_crop, stride_ratio=self.cfg["eval"]["stride_ratio"], device=self.device,
-                        amp_dtype=self.eval_amp, ignore_index=self.cfg["data"]["ignore_index"],
+                        amp_dtype=self.eval_amp, ignore_index=IGNORE_INDEX,
                         backend=self.cfg["kernels"]["backend"],
                         progress=self.env.is_main and self.cfg["train"]["progress"])
 
     def close(self) -> None:
         self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def train(cfg: dict, stop_at: int | None = None) -> dict:

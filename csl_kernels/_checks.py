@@ -84,6 +84,9 @@ def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: 
     if not _is_integer(ignore):
         raise TypeError(f"ignore must be an integer tensor (255 = ignored), got {ignore.dtype}; pass a bool mask "
                         f"(True = valid) as valid=")
+    if ignore.dtype == torch.int8:  # 255 does not fit: the comparison would wrap it to -1
+        raise TypeError("ignore is int8, which cannot hold the ignore value 255; use uint8 / int16 / int32 / int64 "
+                        "(255 = ignored), or pass a bool mask (True = valid) as valid=")
     return ignore != IGNORE_INDEX
 
 
@@ -149,3 +152,29 @@ def check_fraction(value: float, name: str, *, zero_allowed: bool = True) -> Non
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+NOT_DIFFERENTIABLE = {
+    "residual_features": "the CSL features are constants of the loss",
+    "pcos_weights": "the CSL weights and pseudo-labels are constants of the loss",
+    "trusted_mask": "the masked view is an input, not a function to differentiate",
+    "weighted_cross_entropy_backward": "the weighted cross-entropy has no second derivative (double backward)",
+}
+
+
+def register_not_differentiable(op, name: str) -> None:
+    """Register an autograd formula for a fused op (``op``: a custom op or a qualified name) whose backward raises
+    a clear error, as the reference cannot and a silent None / zero gradient must not."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"csl_kernels.{name} is not differentiable: {NOT_DIFFERENTIABLE[name]}; call it on "
+                           f"detached inputs (x.detach()) or under torch.no_grad() (backend 'reference' computes "
+                           f"plain PyTorch gradients where a formula exists)")
+
+    if isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+    else:
+        op.register_autograd(backward, setup_context=setup_context)

@@ -23,7 +23,9 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& label, c
   check_valid(valid, logits, op);
 }
 
-// log-sum-exp of one pixel's C logits at z[0], z[stride], ... (max-shifted, in acc_t).
+// log-sum-exp of one pixel's C logits at z[0], z[stride], ... (max-shifted, in acc_t). A logit equal to the max
+// contributes exactly 1, so an infinite max gives +inf (or -inf when every logit is -inf), as torch.logsumexp does,
+// instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline acc_t pixel_logsumexp(const scalar_t* z, int64_t stride, int64_t num_classes) {
   acc_t z_max = static_cast<acc_t>(z[0]);
@@ -33,7 +35,8 @@ C10_HOST_DEVICE inline acc_t pixel_logsumexp(const scalar_t* z, int64_t stride, 
   }
   acc_t sum = 0;
   for (int64_t k = 0; k < num_classes; ++k) {
-    sum += std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+    sum += zk == z_max ? acc_t(1) : std::exp(zk - z_max);
   }
   return z_max + std::log(sum);
 }

@@ -185,3 +185,40 @@ def test_public_op_compiles_with_fullgraph(backend):
     (compiled_grad,) = torch.autograd.grad(compiled, z)
     assert torch.equal(compiled.detach(), eager.detach())
     assert torch.equal(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("op", ["pcos_weights", "residual_features", "trusted_mask", "double_backward"])
+def test_fused_backends_never_return_a_silent_gradient(fused_backend, op):
+    """Inputs that require grad: the fused backends raise a clear error at backward (never a None / zero gradient);
+    the reference differentiates through plain PyTorch."""
+    from conftest import require_backend
+
+    device = require_backend("pcos_weights", fused_backend)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 3, 5, 6, generator=g).to(device).requires_grad_()
+    if op == "pcos_weights":
+        out = csl_kernels.pcos_weights(z, backend=fused_backend).weight.sum()
+    elif op == "residual_features":
+        out = csl_kernels.residual_features(z, backend=fused_backend)[0].sum()
+    elif op == "trusted_mask":
+        reliable = torch.ones(1, 5, 6, dtype=torch.bool, device=device)
+        out = csl_kernels.trusted_mask(z, reliable, block=2, backend=fused_backend).images.sum()
+    else:
+        label = torch.randint(0, 3, (1, 5, 6), generator=g).to(device)
+        loss = csl_kernels.weighted_cross_entropy(z, label, torch.ones(1, 5, 6, device=device), backend=fused_backend)
+        (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+        out = grad.square().sum()
+    name = "weighted_cross_entropy_backward" if op == "double_backward" else op
+    with pytest.raises(RuntimeError, match=f"csl_kernels.{name} is not differentiable"):
+        out.backward()
+    assert z.grad is None
+
+
+def test_an_int8_ignore_map_cannot_hold_255():
+    from csl_kernels._checks import valid_mask
+
+    z = torch.zeros(1, 3, 2, 2)
+    ignore = torch.tensor([[[-1, 0], [0, 0]]], dtype=torch.int8)  # -1 wraps to 255 in a uint8 comparison
+    with pytest.raises(TypeError, match="int8, which cannot hold the ignore value 255"):
+        valid_mask(z, ignore)
+    assert valid_mask(z, ignore.to(torch.int16)).all()  # -1 is a valid pixel's value, not the ignore value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 
@@ -376,3 +377,64 @@ def test_scan_folder_and_write_split_roundtrip(tmp_path):
     os.remove(os.path.join(info["root"], items[0][1]))
     with pytest.raises(FileNotFoundError, match=items[0][1]):
         scan_folder(info["root"])
+
+
+def test_another_ignore_value_in_the_files_is_ignored_end_to_end(tmp_path):
+    """data.ignore_index names the files' value; every mask, padding and loss inside csl sees 255 (the kernels')."""
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=2,
+                                  size=40, seed=4)
+    originals = {}
+    for mask_path in glob.glob(os.path.join(info["root"], "masks", "*.png")):
+        mask = np.array(Image.open(mask_path))
+        originals[mask_path] = mask
+        rewritten = mask.copy()
+        rewritten[:6, :6] = 254  # an unlabelled corner, in the files' convention
+        Image.fromarray(rewritten, mode=Image.open(mask_path).mode).save(mask_path)
+    cfg = {"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5,
+           "crop_size": 48, "ignore_index": 254}
+    bundle = build_datasets(cfg)
+    _, masks = generate_scenes(2, size=40, seed=4, split="val")
+    for i in range(2):
+        expected = torch.from_numpy(masks[i].astype(np.int64))
+        expected[:6, :6] = 255
+        assert torch.equal(bundle.val[i]["mask"], expected)  # the files' 254 is 255 inside csl
+    item = bundle.labeled[0]  # crop 48 > 40: padded with 255, never with the files' 254
+    assert set(item["mask"].unique().tolist()) <= set(range(5)) | {255} and (item["mask"] == 255).any()
+    assert set(bundle.unlabeled[0]["ignore"].unique().tolist()) <= {0, 255}
+    # A file value 255 is now neither a class nor ignored: an error naming the file and the value.
+    path = sorted(originals)[0]
+    bad = originals[path].copy()
+    bad[0, 0] = 255
+    Image.fromarray(bad).save(path)
+    bundle = build_datasets(cfg)
+    with pytest.raises(ValueError, match=r"masks/.*\.png has label values outside \[0, 5\) that are not ignored "
+                                         r"\(data.ignore_index 254\): 255"):
+        for ds in (bundle.labeled, bundle.unlabeled, bundle.val):
+            for i in range(len(ds)):
+                ds[i]
+
+
+def test_16_bit_images_are_scaled_and_truncated_files_named(tmp_path):
+    from csl.data.datasets import load_image, load_mask
+
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)  # 0 .. 65504
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    image = load_image(str(path))
+    assert image.shape == (32, 64, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], np.rint(ramp / 65535 * 255).astype(np.uint8))  # not clipped at 255
+    assert (image == 255).mean() < 0.01
+    good = tmp_path / "rgb.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.png"):
+        load_image(str(cut))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 5, (64, 64), dtype=np.uint8)).save(mask)
+    cut_mask = tmp_path / "cut_mask.png"
+    cut_mask.write_bytes(mask.read_bytes()[: len(mask.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=r"cannot read mask .*cut_mask\.png"):
+        load_mask(str(cut_mask))

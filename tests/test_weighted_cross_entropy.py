@@ -360,3 +360,33 @@ def test_one_pixel_wide_slice(fused_backend):
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
     assert grad[..., :2].abs().sum() == 0 and grad[..., 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["plus_inf_other_class", "plus_inf_label_class", "all_minus_inf", "nan"])
+def test_non_finite_logits_agree_with_the_reference(fused_backend, case):
+    """+inf in a non-label logit gives an infinite loss on every backend, not NaN on one and inf on another; the
+    other pixels' gradients are unchanged."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 4, 3, 5, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 4, (1, 3, 5), generator=g)
+    weight = torch.ones(1, 3, 5, dtype=torch.float64)
+    other = (label[0, 1, 2] + 1) % 4
+    if case == "plus_inf_other_class":
+        z[0, other, 1, 2] = float("inf")
+    elif case == "plus_inf_label_class":
+        z[0, label[0, 1, 2], 1, 2] = float("inf")
+    elif case == "all_minus_inf":
+        z[0, :, 1, 2] = float("-inf")
+    else:
+        z[0, other, 1, 2] = float("nan")
+    ref_loss, ref_grad = run("reference", z, label, weight, None)
+    # lse - z_label: +inf elsewhere -> inf (F.cross_entropy says NaN there), +inf at the label -> NaN, all -inf -> NaN
+    assert {"plus_inf_other_class": torch.isposinf, "plus_inf_label_class": torch.isnan, "all_minus_inf": torch.isnan,
+            "nan": torch.isnan}[case](ref_loss)
+    loss, grad = run(fused_backend, z.float().to(device), label.to(device), weight.float().to(device), None)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, equal_nan=True)
+    finite_pixels = torch.ones(3, 5, dtype=torch.bool)
+    finite_pixels[1, 2] = False
+    torch.testing.assert_close(grad.double().cpu()[0][:, finite_pixels], ref_grad[0][:, finite_pixels],
+                               equal_nan=True, rtol=1e-5, atol=1e-7)

@@ -30,7 +30,6 @@ from .datasets import (
     SplitItems,
     UnlabeledDataset,
     ValDataset,
-    check_label_values,
     map_labels,
     read_split,
     scan_folder,
@@ -56,7 +55,6 @@ __all__ = [
     "coco_unlabeled_items",
     "build_val_dataset",
     "class_names",
-    "check_label_values",
     "default_eval_mode",
     "generate_scenes",
     "map_labels",
@@ -229,10 +227,10 @@ def build_val_dataset(data_cfg: dict) -> ValDataset:
     if data_cfg.get("dataset", "synthetic") == "synthetic":
         syn, common = _synthetic(data_cfg)
         return ValDataset(SyntheticSource(int(syn["num_val"]), split="val", **common), mean=mean, std=std,
-                          ignore_index=ignore_index)
+                          ignore_index=IGNORE_INDEX)
     kind_cls, root, num_classes = _file_kind(data_cfg)
     return ValDataset(_val_source(data_cfg, kind_cls, root, num_classes, ignore_index), mean=mean, std=std,
-                      ignore_index=ignore_index)
+                      ignore_index=IGNORE_INDEX)
 
 
 def class_names(data_cfg: dict, num_classes: int) -> list[str]:
@@ -260,7 +258,8 @@ def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
     ignore_index = int(data_cfg.get("ignore_index", IGNORE_INDEX))
     mean, std = _norm(data_cfg)
     scale_range = tuple(data_cfg.get("scale_range") or (0.5, 2.0))
-    views = {"crop_size": crop_size, "mean": mean, "std": std, "ignore_index": ignore_index,
+    # The sources map the files' ignore value to IGNORE_INDEX; the views pad with it.
+    views = {"crop_size": crop_size, "mean": mean, "std": std, "ignore_index": IGNORE_INDEX,
              "scale_range": scale_range}
 
     if kind == "synthetic":

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from csl_kernels import IGNORE_INDEX
+
 from .transforms import (
     ColorAugment,
     WeakAugment,
@@ -95,51 +97,66 @@ def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
     return items
 
 
-def check_label_values(mask: np.ndarray, num_classes: int, ignore_index: int, path: str, hint: str = "") -> None:
-    """Raise ValueError naming ``path`` when ``mask`` holds a value outside ``[0, num_classes)`` other than
-    ``ignore_index``."""
-    bad = ((mask < 0) | (mask >= num_classes)) & (mask != ignore_index)
-    if bad.any():
-        values = np.unique(mask[bad])
-        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-        raise ValueError(f"mask {path} has label values outside [0, {num_classes}) other than the ignore index "
-                         f"{ignore_index}: {shown}" + (f" ({hint})" if hint else ""))
-
-
 def load_image(path: str) -> np.ndarray:
+    """H x W x 3 uint8. 16-bit and 32-bit grayscale images are scaled to 8 bits by their type's range (PIL's own
+    conversion would clip them at 255); a truncated or unreadable file is an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                data = np.asarray(img).astype(np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and data.max() <= 65535) else \
+                    max(float(data.max()), 1.0)
+                gray = np.clip(np.rint(data / top * 255.0), 0, 255).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            return np.array(img.convert("RGB"))
+    except OSError as e:  # PIL: "image file is truncated", "cannot identify image file", ...
+        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def load_mask(path: str) -> np.ndarray:
     """Class-index mask: a palette ('P') or grayscale PNG whose pixel values are the class ids."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-            raise ValueError(f"mask {path} has mode {img.mode!r}; expected a single-channel class-index PNG "
-                             f"(palette or grayscale), not a colour rendering")
-        return np.array(img)
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+                raise ValueError(f"mask {path} has mode {img.mode!r}; expected a single-channel class-index PNG "
+                                 f"(palette or grayscale), not a colour rendering")
+            return np.array(img)
+    except OSError as e:  # truncated or not an image
+        raise ValueError(f"cannot read mask {path}: {e}") from None
 
 
 def map_labels(mask: np.ndarray, ignore_index: int, ignore_labels: Sequence[int] = (),
-               reduce_zero_label: bool = False) -> np.ndarray:
-    """A stored mask in the trainer's convention (class ids ``0..C-1``, ``ignore_index`` elsewhere).
+               reduce_zero_label: bool = False, num_classes: int | None = None) -> np.ndarray:
+    """A stored mask in the trainer's convention: class ids ``0..C-1``, :data:`IGNORE_INDEX` (255) elsewhere, the
+    one ignore value of the kernels, the losses and the metrics.
 
-    ``reduce_zero_label``: the file's 0 is "unlabelled" (ADE20K style): 0 -> ignore, k -> k - 1 (the file's
-    ``ignore_index`` stays ignored). ``ignore_labels``: stored values that mean "unlabelled" (CamVid's void 11),
-    mapped to ``ignore_index``; they are values of the file, before the zero-label reduction.
+    ``ignore_index``: the value that means "ignored" in the files (``data.ignore_index``: any integer, e.g. -1 in a
+    16-bit mask), mapped to 255. ``reduce_zero_label``: the file's 0 is "unlabelled" (ADE20K style): 0 -> ignore,
+    k -> k - 1. ``ignore_labels``: stored values that mean "unlabelled" (CamVid's void 11), mapped to 255; they are
+    values of the file, before the zero-label reduction. With ``num_classes``, a value that is neither a class nor
+    ignored raises ValueError (a file value 255 is such a value when the files' ignore value is another one).
     """
-    if not reduce_zero_label and not len(ignore_labels):
+    if not reduce_zero_label and not len(ignore_labels) and ignore_index == IGNORE_INDEX and num_classes is None:
         return mask
-    out = mask.astype(np.int64)
-    void = np.isin(out, np.asarray(list(ignore_labels), dtype=np.int64)) | (out == ignore_index)
+    raw = mask.astype(np.int64)
+    void = np.isin(raw, np.asarray(list(ignore_labels), dtype=np.int64)) | (raw == ignore_index)
+    out = raw
     if reduce_zero_label:
-        void |= out == 0
-        out = out - 1
-    out[void] = ignore_index
+        void |= raw == 0
+        out = raw - 1
+    if num_classes is not None:
+        bad = ~void & ((out < 0) | (out >= num_classes))
+        if bad.any():
+            values = np.unique(raw[bad])
+            shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+            raise ValueError(f"label values outside [0, {num_classes}) that are not ignored "
+                             f"(data.ignore_index {ignore_index}): {shown}")
+    out = out.copy() if out is mask else out
+    out[void] = IGNORE_INDEX
     return out
 
 
@@ -174,7 +191,8 @@ class ListSource:
             raise ValueError(f"scale must be in (0, 4], got {scale}")
         self.root, self.list_path = root, list_path
         self.items = read_split(list_path) if items is None else items
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        # ignore_index: the value of the files; every mask this source returns has IGNORE_INDEX there instead.
+        self.num_classes, self.file_ignore_index, self.ignore_index = num_classes, ignore_index, IGNORE_INDEX
         self.ignore_labels = tuple(self.void_labels if ignore_labels is None else (int(v) for v in ignore_labels))
         self.reduce_zero_label, self.scale = bool(reduce_zero_label), float(scale)
         self.hint = self.mask_hint if hint is None else hint
@@ -215,14 +233,16 @@ class ListSource:
     def prepare_mask(self, mask: np.ndarray, path: str) -> np.ndarray:
         """The stored mask in the trainer's convention (:func:`map_labels`), with its values checked: a value that
         is neither a class nor ignored is an error naming ``path`` and the value."""
-        mask = map_labels(mask, self.ignore_index, self.ignore_labels, self.reduce_zero_label)
         hint = self.hint
         if self.ignore_labels or self.reduce_zero_label:
             rules = ([f"values {list(self.ignore_labels)} ignored"] if self.ignore_labels else []) + (
                 ["0 ignored and 1.. shifted down by one (reduce_zero_label)"] if self.reduce_zero_label else [])
             hint = "; ".join([*rules, *([hint] if hint else [])])
-        check_label_values(mask, self.num_classes, self.ignore_index, path, hint)
-        return mask
+        try:
+            return map_labels(mask, self.file_ignore_index, self.ignore_labels, self.reduce_zero_label,
+                              self.num_classes)
+        except ValueError as e:
+            raise ValueError(f"mask {path} has {e}" + (f" ({hint})" if hint else "")) from None
 
     def name(self, index: int) -> str:
         return os.path.splitext(self.items[index][0])[0]

@@ -12,6 +12,7 @@ import threading
 import torch
 
 from .._backends import register
+from .._checks import NOT_DIFFERENTIABLE, register_not_differentiable
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
@@ -66,6 +67,8 @@ def register_python_parts() -> None:
             return grad, None, None, None
 
         torch.library.register_autograd("csl::weighted_cross_entropy", backward, setup_context=setup_context)
+        for name in NOT_DIFFERENTIABLE:
+            register_not_differentiable(f"csl::{name}", name)
         _registered = True
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from .._checks import compute_dtype
+from .._checks import compute_dtype, register_not_differentiable
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
     NO_FP_FUSION,
@@ -410,3 +410,6 @@ def pcos_weights_triton(
 ) -> PCOSOutputs:
     return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
                                                           bool(class_groups)))
+
+
+register_not_differentiable(pcos_weights_op, "pcos_weights")

@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._backends import register
-from .._checks import compute_dtype
+from .._checks import compute_dtype, register_not_differentiable
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
 from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes, wide
 from .tuning import Config, Tunable, tuned
@@ -182,3 +182,6 @@ def _(logits, valid, log_confidence):
 def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
                              ) -> ResidualFeatures:
     return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence)))
+
+
+register_not_differentiable(residual_features_op, "residual_features")

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from .._checks import register_not_differentiable
 from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
 from ._common import device_guard, pixel_strides, wide
 from .tuning import Config, Tunable, tuned
@@ -105,3 +106,6 @@ def _(images, cells, reliable, fill):
 def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
                         ) -> TrustedMask:
     return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))
+
+
+register_not_differentiable(_trusted_mask_op, "trusted_mask")

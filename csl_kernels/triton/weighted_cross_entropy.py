@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from .._checks import compute_dtype
+from .._checks import compute_dtype, register_not_differentiable
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import device_guard, pixel_offsets, pixel_strides, tl_dtype, wide
 from .tuning import Config, Tunable, tuned
@@ -290,3 +290,6 @@ def weighted_cross_entropy_triton(
 ) -> torch.Tensor:
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
     return _wce_forward(logits, label, weight, valid)[0]
+
+
+register_not_differentiable(_wce_backward, "weighted_cross_entropy_backward")

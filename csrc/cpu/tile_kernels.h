@@ -119,7 +119,7 @@ CSL_INLINE void logsumexp_body(const acc_t* __restrict z, int64_t zsc, int64_t n
     const acc_t* zk = z + k * zsc;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      sum[j] += exp_lanes(zk[j] - z_max[j]);
+      sum[j] += select_lanes(zk[j] == z_max[j], acc_t(1), exp_lanes(zk[j] - z_max[j]));  // inf max: see csl_ce.h
     }
   }
 #pragma omp simd

@@ -1,0 +1,137 @@
+"""One run per folder: a training run refuses a folder that holds another run, and locks the folder it writes.
+
+A run folder holds :data:`RUN_FILES` (and :data:`SIDE_FILES`). ``csl train`` into a folder that holds them
+continues that run with ``--resume`` (``train.resume``), replaces it with ``--overwrite`` (``train.overwrite=true``:
+those files are deleted first), and otherwise stops before writing anything. While a run trains, ``.csl.lock``
+names its process, host and start time; a second trainer on the same folder stops with that name. A lock left by a
+process that no longer runs (on this host) is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("csl")
+
+# What makes a folder hold a run (a checkpoint, a non-empty metrics log, the demo's done mark); a start that failed
+# before training leaves only config.yaml and train.log, which the next start replaces.
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "done.json")
+SIDE_FILES = ("config.yaml", "train.log")
+LOCK_NAME = ".csl.lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder holds another run, or another process trains into it."""
+
+
+def existing_run_files(folder: str) -> list[str]:
+    found = []
+    for name in RUN_FILES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and not (name == "metrics.jsonl" and os.path.getsize(path) == 0):
+            found.append(name)
+    return found
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """``.csl.lock`` in a run folder, held from :func:`claim_run_folder` until :meth:`release` (or exit)."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    raise RunFolderError(
+                        f"{os.path.dirname(self.path)} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('started')}): two trainers must not write one run "
+                        f"folder. Choose another output_dir, or remove {self.path} if that process is gone.") from None
+                log.warning("taking over %s, left by process %s on %s that no longer runs", self.path,
+                            (holder or {}).get("pid"), (holder or {}).get("host"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            atexit.register(self.release)
+            return
+        raise RunFolderError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrite: bool) -> RunLock:
+    """Lock ``folder`` for a run and make sure it starts from what the user asked for (see the module's doc).
+
+    ``resuming``: a checkpoint will be loaded; ``resume_auto``: ``train.resume=auto`` was given (with no checkpoint
+    in the folder, the files of a run that never reached one are replaced); ``overwrite``: replace any run there.
+    """
+    os.makedirs(folder, exist_ok=True)
+    lock = RunLock(folder)
+    lock.acquire()
+    found = existing_run_files(folder)
+    if found and not resuming:
+        if not (overwrite or resume_auto):
+            lock.release()
+            raise RunFolderError(
+                f"{folder} already holds a run ({', '.join(found)}); continue it with --resume auto "
+                f"(train.resume=auto), replace it with --overwrite (train.overwrite=true), or choose another "
+                f"output_dir")
+        why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
+        log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
+        for name in found + [f for f in SIDE_FILES + ("metrics.jsonl",) if os.path.exists(os.path.join(folder, f))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    elif not resuming:
+        for name in SIDE_FILES + ("metrics.jsonl",):  # what a start that failed before training left
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    _remove_orphans(folder)
+    return lock
+
+
+def _remove_orphans(folder: str) -> None:
+    """Temporary checkpoint files a killed writer left behind (``.latest.pt.*.tmp``)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                log.info("removed %s, left by an interrupted checkpoint write", name)

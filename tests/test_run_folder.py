@@ -1,0 +1,120 @@
+"""Nothing lost, nothing silent in a run folder: refused reuse, the lock, best.pt across kills, NaN runs, resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_train import TINY
+
+from csl import checkpoint as checkpoint_mod
+from csl.cli import main
+from csl.config import ConfigError, build_config
+from csl.logging_utils import read_metrics
+from csl.run_folder import LOCK_NAME, RunFolderError
+from csl.trainer import NonFiniteTrainingError, Trainer, train
+
+SUPERVISED = {**TINY, "train.mode": "supervised", "train.iters": 4, "train.iters_per_epoch": 2}
+
+
+def config(out, **overrides) -> dict:
+    return build_config({}, {**SUPERVISED, "output_dir": str(out), **overrides})
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    train(config(tmp_path))
+    before = (tmp_path / "best.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="already holds a run .*--resume auto.*--overwrite"):
+        Trainer(config(tmp_path, **{"model.backbone": "resnet34"}))
+    assert (tmp_path / "best.pt").read_bytes() == before  # nothing was touched
+    assert not (tmp_path / LOCK_NAME).exists()
+    summary = train(config(tmp_path, **{"train.overwrite": True, "train.iters": 2}))
+    assert summary["iterations"] == 2
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2]  # not appended
+    # The CLI says it in one line, exit 2.
+    rc = main(["train", "--config", "demo", f"output_dir={tmp_path}", "device=cpu"])
+    assert rc == 2
+
+
+def test_two_trainers_on_one_folder(tmp_path):
+    first = Trainer(config(tmp_path))
+    try:
+        with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"):
+            Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    finally:
+        first.close()
+    assert not (tmp_path / LOCK_NAME).exists()
+    # A lock left by a process that no longer runs is taken over.
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+                                                  "started": "earlier"}))
+    Trainer(config(tmp_path, **{"train.overwrite": True})).close()
+
+
+def test_best_is_written_before_latest(tmp_path, monkeypatch):
+    """A kill after the first checkpoint write of an improving epoch leaves best.pt, not only latest.pt."""
+    trainer = Trainer(config(tmp_path))
+    written = []
+    real = checkpoint_mod.atomic_save
+
+    def dying_save(payload, path):
+        real(payload, path)
+        written.append(os.path.basename(path))
+        raise KeyboardInterrupt  # killed right after the first file
+
+    monkeypatch.setattr("csl.trainer.atomic_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    assert written == ["best.pt"]
+
+
+def test_resume_rewrites_a_missing_best_when_the_latest_is_best(tmp_path):
+    train(config(tmp_path), stop_at=2)
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["best_miou"] is not None and ckpt["last_eval"]["iter"] == 2
+    os.remove(tmp_path / "best.pt")  # as an older version could leave it after a kill
+    Trainer(config(tmp_path, **{"train.resume": "auto"})).close()
+    assert (tmp_path / "best.pt").is_file()
+    assert "best.pt was missing; rewritten from" in (tmp_path / "train.log").read_text()
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(best["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+
+def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(tmp_path):
+    train(config(tmp_path), stop_at=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at iteration 3 had logged
+        f.write(json.dumps({"kind": "train", "iter": 3, "loss": 1.0}) + "\n")
+    (tmp_path / ".latest.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    train(config(tmp_path, **{"train.resume": "auto"}))
+    iters = [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")]
+    assert iters == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_non_finite_values_are_refused_and_a_diverging_run_saves_nothing(tmp_path):
+    for key in ("train.lr", "train.weight_decay", "selection.alpha"):
+        with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+            config(tmp_path, **{key: float("inf")})
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        config(tmp_path, **{"train.lr": float("nan")})
+    # A huge learning rate: the loss becomes NaN, the run stops, no NaN model is saved as best.
+    with pytest.raises(NonFiniteTrainingError, match="NaN / inf"):
+        train(config(tmp_path, **{"train.lr": 1e30, "train.log_every": 1}))
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "latest.pt").exists()
+    rc = main(["train", "--config", "demo", "device=cpu", "train.lr=1e30", "train.log_every=1", "train.iters=2",
+               "train.progress=false", "data.synthetic.num_val=2", f"output_dir={tmp_path / 'cli'}"])
+    assert rc == 1
+
+
+def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
+    trainer = Trainer(config(tmp_path / "a"))
+    bare = tmp_path / "weights.pt"
+    torch.save(trainer.bare_model.state_dict(), bare)
+    trainer.close()
+    with pytest.raises(ValueError, match="not a training checkpoint.*train.init_from="):
+        Trainer(config(tmp_path / "b", **{"train.resume": str(bare)}))
+    train(config(tmp_path / "c"), stop_at=2)
+    Trainer(config(tmp_path / "c", **{"train.resume": "auto", "train.lr": 0.5})).close()
+    assert "train.lr is 0.5 here but 0.01 in the checkpoint" in (tmp_path / "c" / "train.log").read_text()
