@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "ignore_index": 255,  # the value of ignored pixels in the label files (mapped to 255, csl's own, at load)
         "ignore_labels": None,  # stored label values that mean "unlabelled"; default: the dataset's (camvid: [11])
         "reduce_zero_label": False,  # the files' 0 is "unlabelled": 0 -> ignored, k -> k - 1
+        "check_val_labels": True,  # read every validation mask before training (cached) to find bad values early
         "image_scale": 1.0,  # scale every image and mask at load (e.g. 0.5: half resolution, also for evaluation)
         "mean": None,  # default: ImageNet
         "std": None,

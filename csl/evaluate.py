@@ -48,12 +48,23 @@ class DistributedEvalSampler(Sampler[int]):
         pass
 
 
+def collate_by_size(samples: list[dict]) -> list[dict]:
+    """A validation batch as sub-batches of one image size each (in order): ``eval.batch_size > 1`` works on a
+    validation set whose images differ in size (Pascal VOC), and each image is evaluated exactly as alone."""
+    from torch.utils.data import default_collate
+
+    groups: dict[tuple, list[dict]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample["image"].shape), []).append(sample)
+    return [default_collate(group) for group in groups.values()]
+
+
 def make_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False
                      ) -> DataLoader:
-    """A validation DataLoader; under torch.distributed it uses :class:`DistributedEvalSampler`. Batch size > 1
-    needs images of one size (e.g. Cityscapes)."""
+    """A validation DataLoader; under torch.distributed it uses :class:`DistributedEvalSampler`. Each batch is a
+    list of same-size sub-batches (:func:`collate_by_size`)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=DistributedEvalSampler(dataset),
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_by_size)
 
 
 def sliding_window_scores(model: nn.Module, image: torch.Tensor, crop_size: int, stride_ratio: float = 2 / 3
@@ -124,8 +135,8 @@ def _device_of(model: nn.Module, device) -> torch.device:
 def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "original", crop_size: int | None = None,
              stride_ratio: float = 2 / 3, device=None, amp_dtype: torch.dtype | None = None,
              ignore_index: int = IGNORE_INDEX, backend: str = "auto", progress: bool = True) -> dict:
-    """mIoU of ``model`` over ``loader`` (batches ``{"image": B x 3 x H x W, "mask": B x H x W, ...}`` or
-    ``(image, mask, ...)`` tuples).
+    """mIoU of ``model`` over ``loader`` (batches ``{"image": B x 3 x H x W, "mask": B x H x W, ...}``,
+    ``(image, mask, ...)`` tuples, or lists of such batches as :func:`make_eval_loader` gives).
 
     Modes: ``original`` (full image), ``center_crop`` (central ``crop_size`` window of image and mask),
     ``sliding_window`` (``crop_size`` windows, stride ``crop_size * stride_ratio``, softmax averaged).
@@ -152,7 +163,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc=f"eval ({mode})", disable=not progress or rank != 0, leave=False):
+            batches = (sub for item in loader for sub in (item if isinstance(item, list) else [item]))
+            for batch in tqdm(batches, desc=f"eval ({mode})", disable=not progress or rank != 0, leave=False,
+                              total=len(loader) if hasattr(loader, "__len__") else None):
                 image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
                 image = image.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)

@@ -210,6 +210,13 @@ class Trainer:
                 self.loaders.append(make_train_loader(self.unlabeled, sampler, self.batch_size, workers, self.device,
                                                       seed + stream))
         self.val_loader = None
+        source = getattr(self.val, "source", None)
+        if source is not None and hasattr(source, "check_cached") and cfg["data"]["check_val_labels"]:
+            # Every validation mask read once now (cached), so a bad label value stops the run before training,
+            # not at the first evaluation after an epoch of work.
+            if env.is_main and source.check_cached(progress=cfg["train"]["progress"]):
+                log.info("validation labels checked: %s", source.description)
+            barrier()
         if self.val is not None:
             from .evaluate import make_eval_loader
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -33,8 +32,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _AUTO_LOGGED: set[tuple[str, str]] = set()
-# Resolutions made in eager mode, reused while torch.compile traces (the checks import modules and take locks).
-_RESOLVED: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+# Backend modules whose import finished (their implementations are all registered).
+_IMPORTED: set[str] = set()
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -60,13 +59,14 @@ def _load_backend_module(backend: str) -> str | None:
         return None
     if module in _IMPORT_ERRORS:
         return _IMPORT_ERRORS[module]
-    if module in sys.modules:
+    if module in _IMPORTED:  # not sys.modules: a module another thread is still importing is listed there
         return None
     try:
-        importlib.import_module(module)
+        importlib.import_module(module)  # waits while another thread imports it
     except Exception as exc:  # noqa: BLE001 - the reason is reported to the user
         _IMPORT_ERRORS[module] = f"importing {module} failed: {type(exc).__name__}: {exc}"
         return _IMPORT_ERRORS[module]
+    _IMPORTED.add(module)
     return None
 
 
@@ -100,16 +100,19 @@ def is_available(op: str, backend: str, device: torch.device | str) -> bool:
 def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     """Return ``(backend_name, impl)`` for ``op`` on ``device``.
 
-    While ``torch.compile`` traces, the resolution made for the same ``(op, backend, device type)`` in eager mode is
-    reused, so a compiled function calling the public ops has no graph break (call it once eagerly first, or name a
-    backend whose checks are traceable).
+    While ``torch.compile`` traces, the choice is made eagerly at trace time and becomes a constant of the graph
+    (its checks import modules and take locks, which Dynamo cannot trace): a compiled function calling the public
+    ops compiles with ``fullgraph=True`` also as the first call in a fresh process.
     """
-    key = (op, backend, device.type)
-    if torch.compiler.is_compiling() and key in _RESOLVED:
-        return _RESOLVED[key]
-    result = _resolve(op, backend, device)
-    _RESOLVED[key] = result
-    return result
+    if torch.compiler.is_compiling():
+        name = _backend_for_compile(op, backend, device.type)
+        return name, _IMPLS[op][name]
+    return _resolve(op, backend, device)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
+    return _resolve(op, backend, torch.device(device_type))[0]
 
 
 def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:

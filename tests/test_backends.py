@@ -7,6 +7,7 @@ which real backends this machine can build; the last ones check the real ops and
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -222,3 +223,50 @@ def test_an_int8_ignore_map_cannot_hold_255():
     with pytest.raises(TypeError, match="int8, which cannot hold the ignore value 255"):
         valid_mask(z, ignore)
     assert valid_mask(z, ignore.to(torch.int16)).all()  # -1 is a valid pixel's value, not the ignore value
+
+
+_FRESH_PROCESS = """
+import sys, threading, torch, csl_kernels
+if sys.argv[1] == "compile":
+    z = torch.randn(2, 5, 6, 7, requires_grad=True)
+    label, w = torch.randint(0, 5, (2, 6, 7)), torch.rand(2, 6, 7)
+    f = torch.compile(lambda z, l, w: csl_kernels.weighted_cross_entropy(z, l, w, backend=sys.argv[2]),
+                      fullgraph=True, backend="aot_eager")
+    loss = f(z, label, w)
+    torch.testing.assert_close(loss, csl_kernels.weighted_cross_entropy(z, label, w, backend="reference"))
+    g = torch.compile(lambda z: csl_kernels.pcos_weights(z, backend=sys.argv[2]).weight, fullgraph=True,
+                      backend="aot_eager")
+    print(tuple(g(z.detach()).shape))
+else:
+    z = torch.randn(2, 5, 6, 7)
+    errors = []
+    def first_call():
+        try:
+            csl_kernels.pcos_weights(z, backend=sys.argv[2])
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(errors or "ok")
+"""
+
+
+@pytest.mark.parametrize("case", ["compile", "threads"])
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_first_use_is_safe_under_compile_and_threads(case, backend):
+    """In a fresh process: torch.compile(fullgraph=True) of the ops as their first use, and 8 threads making the
+    first call at once, work (no Dynamo error from the backend's import, no 'does not implement')."""
+    import subprocess
+    import sys
+
+    from conftest import require_backend
+
+    if backend == "cpu":
+        require_backend("pcos_weights", "cpu")  # built here, so the child only loads it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, case, backend], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == ("(2, 6, 7)" if case == "compile" else "ok"), proc.stdout

@@ -227,3 +227,28 @@ def test_predict_images_writes_palette_pngs(tmp_path):
         assert np.array_equal(rgb, palette(21)[expected])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         predict_images(model, [str(tmp_path / "missing.png")], str(tmp_path / "pred"), num_classes=21)
+
+
+def test_eval_batches_of_differently_sized_images_match_one_by_one():
+    """eval.batch_size > 1 on a validation set whose image sizes differ: same-size sub-batches, same result."""
+    from torch.utils.data import Dataset
+
+    from csl.evaluate import evaluate, make_eval_loader
+
+    class Mixed(Dataset):
+        sizes = [(20, 24), (20, 24), (17, 31), (20, 24), (17, 31)]
+
+        def __len__(self):
+            return len(self.sizes)
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            h, w = self.sizes[i]
+            return {"image": torch.randn(3, h, w, generator=g), "mask": torch.randint(0, 3, (h, w), generator=g),
+                    "name": f"img{i}"}
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3))
+    one = evaluate(model, make_eval_loader(Mixed(), batch_size=1), 3, progress=False, backend="reference")
+    four = evaluate(model, make_eval_loader(Mixed(), batch_size=4), 3, progress=False, backend="reference")
+    assert torch.equal(one["confusion"], four["confusion"]) and one["confusion"].sum() == 3 * 480 + 2 * 527

@@ -331,3 +331,20 @@ def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
             for ref, got in zip(tensors, results[isa][key], strict=True):
                 same_nan = not ref.is_floating_point() or torch.equal(ref.isnan(), got.isnan())
                 assert same_nan and torch.equal(ref.nan_to_num(), got.nan_to_num()), (isa, key)
+
+
+def test_two_checkouts_get_their_own_build_folders(tmp_path):
+    """Same sources, different folders: different build folders (a shared one would be rebuilt at every switch);
+    the same folder keeps its name."""
+    import shutil
+
+    from csl_kernels.cpp import sources
+
+    here = sources.csrc_dir()
+    other = tmp_path / "checkout2" / "csrc"
+    shutil.copytree(here, other)
+    h = sources.source_hash(here)
+    assert sources.source_hash(other) == h  # identical sources
+    assert build.build_name(here, h, False, None) == build.build_name(here, h, False, None)
+    assert build.build_name(other, h, False, None) != build.build_name(here, h, False, None)
+    assert build.build_name(here, h, True, "9.0") != build.build_name(here, h, False, None)

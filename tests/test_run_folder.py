@@ -118,3 +118,27 @@ def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
     train(config(tmp_path / "c"), stop_at=2)
     Trainer(config(tmp_path / "c", **{"train.resume": "auto", "train.lr": 0.5})).close()
     assert "train.lr is 0.5 here but 0.01 in the checkpoint" in (tmp_path / "c" / "train.log").read_text()
+
+
+def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from csl.data.synthetic import write_synthetic_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=2,
+                                  size=48)
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 5}
+    trainer = Trainer(config(tmp_path / "run1", **data))  # checked: fine, and remembered
+    trainer.close()
+    stamps = list((tmp_path / "cache" / "csl" / "validated").iterdir())
+    assert len(stamps) == 1
+    val_mask = os.path.join(info["root"], open(info["val_list"]).readline().split()[1])
+    mask = np.array(Image.open(val_mask))
+    mask[0, 0] = 9  # not one of the 5 classes
+    Image.fromarray(mask).save(val_mask)
+    with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\) in .*val.txt.*label values outside \[0, 5\).*: 9"):
+        Trainer(config(tmp_path / "run2", **data))
+    assert not (tmp_path / "run2" / "latest.pt").exists()

@@ -99,6 +99,16 @@ def _nvidia_wheel_includes() -> list[str]:
     return [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
 
 
+def build_name(root: Path, src_hash: str, with_cuda: bool, arch: str | None) -> str:
+    """The build folder's name: a hash of everything the build depends on. The source folder's path is part of it:
+    torch's builder writes absolute source paths into build.ninja, so two checkouts sharing one folder would
+    rebuild each other's build at every switch."""
+    flags = [CXX_FLAGS, LD_FLAGS, NVCC_FLAGS]
+    config = json.dumps([src_hash, with_cuda, arch, flags, torch.__version__, sys.version_info[:2],
+                         str(Path(root).resolve())])
+    return "csl_ext_" + hashlib.sha256(config.encode()).hexdigest()[:12]
+
+
 def _build_root() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
@@ -141,9 +151,7 @@ def _build() -> BuildInfo:
             torch.ops.load_library(aot)
             meta = json.loads((Path(aot).parent / "_C_build.json").read_text())
             return BuildInfo(aot, bool(meta.get("with_cuda")), meta.get("cuda_arch_list"), built=False)
-    flags = [CXX_FLAGS, LD_FLAGS, NVCC_FLAGS]
-    config = json.dumps([src_hash, with_cuda, arch, flags, torch.__version__, sys.version_info[:2]])
-    name = "csl_ext_" + hashlib.sha256(config.encode()).hexdigest()[:12]
+    name = build_name(root, src_hash, with_cuda, arch)
     build_dir = _build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / f"{name}.so"
