@@ -91,6 +91,7 @@ setup(
         "tqdm",
         "pillow",
         "matplotlib",
+        "ninja",  # torch's on-the-fly build of the C++/CUDA extension (first use of the cpu / cuda backends)
     ],
     extras_require={"test": ["pytest", "ninja"], "dev": ["pytest", "ninja", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["csl=csl.cli:main"]},

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, build_config, load_config
+from .config import CONFIG_DIR, ConfigError, build_config, load_config
 
 log = logging.getLogger("csl")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split}")
 
-    t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)")
+    bundled = ", ".join(sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
+    keys_help = (f"bundled configs: {bundled} (csl/configs/). Every key, its default and meaning: the README's "
+                 f"configuration table and csl/config.py (DEFAULTS); override any with key=value.")
+    t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
     t.add_argument("--config", required=True, help="YAML file or bundled config name")
     t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (<output_dir>/latest.pt if present)")
     t.add_argument("--overwrite", action="store_true",
@@ -218,10 +221,15 @@ def cmd_predict(args) -> int:
     from .evaluate import predict_images
     from .step import resolve_amp
 
+    # --images takes every word after it: key=value words that are no file are the overrides that followed
+    images = [w for w in args.images if "=" not in w or os.path.exists(w)]
+    args.overrides = [w for w in args.images if w not in images] + list(args.overrides)
+    if not images:
+        raise ValueError("--images got no image, folder or pattern")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = _config_for_checkpoint(args, ckpt)
     device = pick_device(cfg["device"])
-    paths = expand_images(args.images)
+    paths = expand_images(images)
     model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
     d = cfg["data"]
     written = predict_images(model, paths, args.out, num_classes=num_classes, mean=tuple(d["mean"] or IMAGENET_MEAN),

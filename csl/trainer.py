@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -130,6 +131,10 @@ class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
     def __init__(self, cfg: dict, env: DistEnv | None = None):
+        cfg = copy.deepcopy(cfg)
+        for key in ("root", "split_dir", "labeled_list", "unlabeled_list", "val_list"):  # stored resolved: the
+            if cfg["data"].get(key):  # checkpoint's config then works from any directory (csl eval / predict)
+                cfg["data"][key] = os.path.abspath(cfg["data"][key])
         self.cfg = cfg
         self.env = env or init_distributed(cfg["device"])
         self.device = self.env.device
@@ -254,9 +259,12 @@ class Trainer:
                  t["poly_power"], {None: "fp32"}.get(self.amp_dtype, str(self.amp_dtype).replace("torch.", "")))
         selection = (f"selection {self.selector.mode}, TMP {'on' if self.cfg['tmp']['enabled'] else 'off'}"
                      if self.semi else "supervised only")
-        log.info("%s; %d classes; %d iterations (%d epochs x %d); eval %s every %d epoch(s); output %s",
-                 selection, self.num_classes, self.total_iters, self.num_epochs, self.iters_per_epoch,
-                 self.eval_mode, self.cfg["eval"]["every_epochs"], self.output_dir)
+        full, rest = divmod(self.total_iters, self.iters_per_epoch)
+        epochs = (f"{full} epoch(s) of {self.iters_per_epoch}" if full else "") + (
+            f"{' + ' if full else ''}{rest} of an epoch of {self.iters_per_epoch}" if rest else "")
+        log.info("%s; %d classes; %d iterations (%s); eval %s every %d epoch(s); output %s",
+                 selection, self.num_classes, self.total_iters, epochs, self.eval_mode,
+                 self.cfg["eval"]["every_epochs"], self.output_dir)
         if self.iteration:
             log.info("resumed at iteration %d (epoch %d)", self.iteration, self.iteration // self.iters_per_epoch)
 

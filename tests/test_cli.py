@@ -89,6 +89,26 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
     assert expand_images([str(img_dir / "*.png")]) == [str(img_dir / "im0.png"), str(img_dir / "im1.png")]
     with pytest.raises(FileNotFoundError, match="no such image"):
         expand_images([str(tmp_path / "nothing*.jpg")])
+    # An override written after --images is an override, not an image path.
+    out2 = tmp_path / "pred2"
+    assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--out", str(out2), "--images",
+                 str(img_dir / "im0.png"), "eval.mode=center_crop", "eval.crop_size=32"]) == 0
+    with Image.open(out2 / "im0.png") as p:
+        assert p.size == (32, 32)  # the centre crop: the overrides were applied
+
+
+def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
+    from csl.data.synthetic import write_synthetic_folder
+
+    write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
+                           size=40)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "demo", *TINY, "train.iters=1", "train.iters_per_epoch=1", "data.dataset=folder",
+                 "data.root=data", "data.split_dir=data/splits", "data.num_classes=5", "output_dir=run"]) == 0
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere: the checkpoint's paths still lead to the data
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    assert ckpt["config"]["data"]["root"] == str(tmp_path / "data")
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "latest.pt")]) == 0
 
 
 def test_demo_prints_table(tmp_path, capsys):
@@ -120,3 +140,10 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "config file not found" in proc.stderr and "demo" in proc.stderr
+
+
+def test_train_help_lists_the_bundled_configs(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "bundled configs: camvid, cityscapes_801, coco, demo, voc_321, voc_513" in out and "DEFAULTS" in out
