@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._backends import register, resolve
+from . import _measured
+from ._backends import register
 from ._checks import check_choice, check_logits, check_positive, valid_mask
 from .residual_features import CONFIDENCE_MODES, EPS, features_with_validity
 
@@ -193,8 +194,9 @@ def pcos_weights(
     check_choice(confidence, "confidence", CONFIDENCE_MODES)
     check_choice(groups, "groups", GROUP_MODES)
     mask = valid_mask(logits, ignore, valid)
-    _, impl = resolve("pcos_weights", backend, logits.device)
-    out = impl(logits, mask, float(alpha), confidence == "log", groups == "class")
+    args = (logits, mask, float(alpha), confidence == "log", groups == "class")
+    _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args))
+    out = impl(*args)
     stats = None
     if return_stats:
         lead = (bsz, ncls) if groups == "class" else (bsz,)

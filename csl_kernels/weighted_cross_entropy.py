@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._backends import register, resolve
+from . import _measured
+from ._backends import register
 from ._checks import check_label, check_logits, check_weight, compute_dtype, valid_mask
 
 
@@ -74,5 +75,9 @@ def weighted_cross_entropy(
     check_label(label, logits)
     check_weight(weight, logits)
     mask = valid_mask(logits, ignore, valid)
-    _, impl = resolve("weighted_cross_entropy", backend, logits.device)
+    def forward_backward(fn):  # what a training step runs: the loss and its gradient
+        leaf = logits.detach().requires_grad_(True)
+        fn(leaf, label, weight, mask).backward()
+
+    _, impl = _measured.resolve("weighted_cross_entropy", backend, logits.device, logits, forward_backward)
     return impl(logits, label, weight, mask)

@@ -6,6 +6,7 @@ which real backends this machine can build; the last ones check the real ops and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -59,9 +60,9 @@ def test_auto_logs_its_choice_once(registry, caplog):
     records = auto_records(caplog, "toy_op")
     assert len(records) == 1
     assert records[0].levelno == logging.INFO and "'cpu'" in records[0].getMessage()
-    # A new device type is a new choice, logged once as well; on CUDA devices Triton comes first.
-    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "triton"
-    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "triton"
+    # A new device type is a new choice, logged once as well; on CUDA devices the extension comes first.
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
     assert len(auto_records(caplog, "toy_op")) == 2
 
 
@@ -73,11 +74,11 @@ def test_auto_falls_back_with_a_warning_that_gives_the_reason(registry, caplog, 
     (record,) = auto_records(caplog, "toy_op")
     assert record.levelno == logging.WARNING
     assert "skipped cpu: the compiler exploded" in record.getMessage()
-    # On CUDA devices: triton missing for this op -> cuda, and the warning names the skipped triton.
-    del registry["toy_op"]["triton"]
-    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
+    # On CUDA devices: cuda missing for this op -> triton, and the warning names the skipped cuda.
+    del registry["toy_op"]["cuda"]
+    assert _backends.resolve("toy_op", "auto", CUDA)[0] == "triton"
     record = auto_records(caplog, "toy_op")[-1]
-    assert record.levelno == logging.WARNING and "skipped triton: the triton backend does not implement toy_op" in (
+    assert record.levelno == logging.WARNING and "skipped cuda: the cuda backend does not implement toy_op" in (
         record.getMessage())
 
 
@@ -270,3 +271,45 @@ def test_first_use_is_safe_under_compile_and_threads(case, backend):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == ("(2, 6, 7)" if case == "compile" else "ok"), proc.stdout
+
+
+def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, caplog, monkeypatch, tmp_path):
+    """pcos_weights / weighted_cross_entropy with backend='auto' on CUDA: both fused backends are timed on the call's
+    inputs, the faster is used and cached (per GPU model and shape class), the log gives both timings; no timing
+    inside a CUDA-graph capture, and a named backend is never timed."""
+    from csl_kernels import _measured
+
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
+    monkeypatch.setattr(_measured, "_choices", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    speed = {"cuda": 0.5, "triton": 0.2}
+    timed = []
+
+    def timer(run, device):
+        name = run()
+        timed.append(name)
+        return speed[name]
+
+    z = torch.zeros(2, 21, 8, 8)
+    name, fn = _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)
+    assert name == "triton" and fn() == "triton" and sorted(timed) == ["cuda", "triton"]
+    (record,) = [r for r in caplog.records if "measured" in r.getMessage()]
+    assert "uses 'triton', measured triton 0.200 ms, cuda 0.500 ms" in record.getMessage()
+    assert json.loads((tmp_path / "auto.json").read_text()) == {"toy_op | Fake GPU | float32 C21 px2^7": "triton"}
+    # Same shape class: cached, not timed again (also in a new process, from the file).
+    monkeypatch.setattr(_measured, "_choices", None)
+    assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 21, 7, 9), lambda impl: impl(), timer=timer)[0] \
+        == "triton" and len(timed) == 2
+    # Another shape class: timed afresh; inside a capture: the static order, nothing timed.
+    speed.update(cuda=0.1)
+    assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 81, 8, 8), lambda impl: impl(), timer=timer)[0] \
+        == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(1, 3, 8, 8), lambda impl: impl(), timer=timer)[0] \
+        == "cuda" and len(timed) == 4
+    # A named backend, or a CPU device: never timed.
+    assert _measured.resolve("toy_op", "triton", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert _measured.resolve("toy_op", "auto", CPU, z, lambda impl: impl(), timer=timer)[0] == "cpu"
+    assert len(timed) == 4

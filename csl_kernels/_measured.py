@@ -1,0 +1,115 @@
+"""``backend="auto"`` on a CUDA device for the ops whose fastest backend depends on the shape (``pcos_weights``,
+``weighted_cross_entropy``): each backend that can run is timed once per GPU model, op and shape class on the call's
+own inputs, and the faster one is used from then on.
+
+Measured on an H200 (``docs/results/gpu-check/2026-11-30-h200``): at B16 C21 321 x 321 bf16 the extension's
+``pcos_weights`` takes 0.29 ms and Triton's 0.70 ms, the weighted CE forward + backward 0.33 and 1.09 ms; at C = 81
+(coco513) Triton's PCOS is the faster one. A fixed order would pick the slower one for one of them.
+
+The choice is logged once (INFO, with both timings) and kept in ``$XDG_CACHE_HOME/csl/auto-backend.json``
+(``CSL_AUTO_CACHE`` elsewhere), beside the Triton launch tuning. No timing happens while a CUDA graph is captured or
+``torch.compile`` traces: a cached choice is used, else the static order of ``_backends.AUTO_ORDER``.
+A backend named with ``backend=`` (or ``kernels.backend`` in the trainer) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import _backends
+
+log = logging.getLogger("csl_kernels")
+
+CANDIDATES = ("cuda", "triton")
+ENV_CACHE = "CSL_AUTO_CACHE"
+_lock = threading.Lock()
+_choices: dict[str, str] | None = None
+
+
+def cache_path() -> Path:
+    explicit = os.environ.get(ENV_CACHE)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "csl" / "auto-backend.json"
+
+
+def _load() -> dict[str, str]:
+    global _choices
+    if _choices is None:
+        try:
+            _choices = {k: v for k, v in json.loads(cache_path().read_text()).items() if v in CANDIDATES}
+        except (OSError, ValueError, AttributeError):
+            _choices = {}
+    return _choices
+
+
+def _store(key: str, name: str) -> None:
+    choices = _load()
+    choices[key] = name
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: measured again in the next process
+        log.debug("could not write %s: %s", path, exc)
+
+
+def shape_class(t: torch.Tensor) -> str:
+    """Calls whose dtype and class count agree and whose pixel counts round to the same power of two share a choice."""
+    pixels = t.numel() // max(t.shape[1], 1)
+    return f"{str(t.dtype).removeprefix('torch.')} C{t.shape[1]} px2^{max(pixels - 1, 1).bit_length()}"
+
+
+def time_ms(run: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of ``run()`` on ``device``'s current stream (2 warm-up calls, then up to 25 timed ones
+    or about 30 ms)."""
+    for _ in range(2):
+        run()
+    times = []
+    with torch.cuda.device(device):
+        while len(times) < 25 and sum(times) < 30.0:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tensor,
+            run: Callable[[Callable], object], timer: Callable[[Callable[[], object], torch.device], float] = time_ms
+            ) -> tuple[str, Callable]:
+    """:func:`csl_kernels._backends.resolve`, but for ``backend="auto"`` on CUDA the measured faster of
+    :data:`CANDIDATES` (``run(impl)`` calls ``impl`` on the op's inputs; the results of the timing calls are
+    dropped)."""
+    if backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling():
+        return _backends.resolve(op, backend, device)
+    available = [b for b in CANDIDATES if _backends.unavailable_reason(op, b, device) is None]
+    if len(available) < 2:
+        return _backends.resolve(op, backend, device)
+    key = f"{op} | {torch.cuda.get_device_name(device)} | {shape_class(key_tensor)}"
+    with _lock:
+        name = _load().get(key)
+        if name is None:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the static order
+                return _backends.resolve(op, backend, device)
+            timings = {b: timer(lambda impl=_backends._IMPLS[op][b]: run(impl), device) for b in available}
+            name = min(timings, key=timings.get)
+            log.info("csl_kernels.%s on %s: backend='auto' uses %r, measured %s (cached in %s)", op, key.split(" | ")[1]
+                     + f" ({shape_class(key_tensor)})", name,
+                     ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1])),
+                     cache_path())
+            _store(key, name)
+    return name, _backends._IMPLS[op][name]
