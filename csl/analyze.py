@@ -94,7 +94,7 @@ def _cut_at_share(score: np.ndarray, share: float, higher_is_better: bool) -> np
 class _Pixels:
     """Valid pixels of every analysed image, concatenated."""
 
-    KEYS = ("conf", "dispersion", "entropy", "margin", "w_csl", "w_class", "pred", "target")
+    KEYS = ("conf", "dispersion", "entropy", "margin", "w_csl", "w_class", "w_released", "pred", "target")
 
     def __init__(self):
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in self.KEYS}
@@ -113,10 +113,14 @@ def _image_outputs(logits: torch.Tensor, alpha: float, confidence: str, backend:
                                    backend=backend, return_stats=True)
     sel_class = csl_kernels.pcos_weights(logits, None, alpha=alpha, confidence=confidence, groups="class",
                                          backend=backend)
+    # The authors' released rule (its own log confidence; docs/selection.md Sec. 2b), image groups.
+    sel_released = csl_kernels.pcos_weights(logits, None, alpha=alpha, groups="image", rule="released",
+                                            backend=backend)
     f0, dispersion, _ = csl_kernels.residual_features(logits, None, confidence=confidence, backend=backend)
     return {
         "sel": sel,
         "w_class": sel_class.weight,
+        "w_released": sel_released.weight,
         "f0": f0,
         "conf": csl_kernels.selection_scores(logits, None, score="confidence"),
         "dispersion": dispersion,
@@ -185,7 +189,8 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
     crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
     sel_cfg, ignore_index = cfg["selection"], IGNORE_INDEX  # the datasets map the files' ignore value to it
-    alpha, confidence, backend = float(sel_cfg["alpha"]), sel_cfg["confidence"], cfg["kernels"]["backend"]
+    alpha, backend = float(sel_cfg["alpha"]), cfg["kernels"]["backend"]
+    confidence = sel_cfg["confidence"] or "prob"  # the paper's rule is analysed with the config's confidence
     shown = set(_pick(n_images, panels))
     pixels, examples = _Pixels(), []
     generator = torch.Generator().manual_seed(0)
@@ -206,6 +211,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
             flat = {k: out[k][0].cpu().reshape(-1).numpy() for k in ("conf", "dispersion", "entropy", "margin")}
             pixels.add(**{k: v[valid] for k, v in flat.items()}, w_csl=sel.weight[0].cpu().reshape(-1).numpy()[valid],
                        w_class=out["w_class"][0].cpu().reshape(-1).numpy()[valid],
+                       w_released=out["w_released"][0].cpu().reshape(-1).numpy()[valid],
                        pred=pred[valid].astype(np.int16), target=tgt[valid].astype(np.int16))
             if i in shown:
                 stats = sel.stats
@@ -256,12 +262,17 @@ def summarize(arrays: dict[str, np.ndarray], num_classes: int, *, taus=DEFAULT_T
         "threshold": [{"tau": float(t), **quality(arrays["conf"] >= t)} for t in taus],
         "csl": {"hard": quality(w_csl >= 1.0), "weighted": quality(w_csl)},
         "csl_class": {"hard": quality(w_class >= 1.0), "weighted": quality(w_class)},
+        "csl_released": {"hard": quality(arrays["w_released"] >= 1.0), "weighted": quality(arrays["w_released"])},
         "all_pixels": quality(np.ones_like(w_csl)),
         "sweeps": {name: [{"share": float(s), **quality(_cut_at_share(score, s, hib))} for s in shares]
                    for name, (score, hib) in scores.items() if name != "confidence"},
         "at_csl_share": {name: {"share_target": csl_share, **quality(_cut_at_share(score, csl_share, hib))}
                          for name, (score, hib) in scores.items()} if len(w_csl) else {},
     }
+    if "w_released" in arrays and len(w_csl):  # the confidence ranking at the released rule's weighted share
+        share = float(arrays["w_released"].mean())
+        out["confidence_at_released_share"] = {"share_target": share,
+                                               **quality(_cut_at_share(arrays["conf"], share, True))}
     return out
 
 

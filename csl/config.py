@@ -83,7 +83,8 @@ DEFAULTS: dict[str, Any] = {
     "selection": {
         "mode": "csl",  # csl | threshold | csl_class
         "alpha": 8.0,
-        "confidence": "prob",  # prob | log
+        "confidence": None,  # prob | log; default: the rule's (paper: prob, released: log)
+        "rule": "paper",  # paper (Algorithm 1) | released (the authors' released code); docs/selection.md Sec. 2b
         "tau": 0.95,
     },
     "kernels": {
@@ -94,6 +95,9 @@ DEFAULTS: dict[str, Any] = {
         "block": 32,
         "rate": 0.7,
         "fraction": 0.5,  # probability that an unlabeled sample gets the masking view (else a 2nd strong view)
+        # The other samples of the masking batch: a 2nd strong view CutMix-ed with its own box (UniMatch's second
+        # stream, the default) or, as the authors' released code does, a strong view without CutMix.
+        "other_view": "strong_cutmix",
     },
     "eval": {
         "mode": None,  # original | center_crop | sliding_window; default: sliding_window for cityscapes
@@ -124,6 +128,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "train.resume": (str,),
     "eval.mode": (str,),
     "eval.crop_size": (int,),
+    "selection.confidence": (str,),
 }
 
 CHOICES: dict[str, tuple] = {
@@ -137,6 +142,8 @@ CHOICES: dict[str, tuple] = {
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "selection.mode": ("csl", "threshold", "csl_class"),
     "selection.confidence": ("prob", "log"),
+    "selection.rule": ("paper", "released"),
+    "tmp.other_view": ("strong_cutmix", "strong"),
     "kernels.backend": ("auto", "reference", "triton", "cpu", "cuda"),
     "eval.mode": ("original", "center_crop", "sliding_window"),
     "eval.amp": ("auto", "bf16", "fp16", "fp32"),

@@ -52,8 +52,12 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     points = [("csl", "hard", "*", "tab:red", "CSL per image: reliable (w = 1)"),
               ("csl", "weighted", "P", "tab:red", "CSL per image: weighted"),
               ("csl_class", "hard", "*", "tab:purple", "CSL per class: reliable"),
-              ("csl_class", "weighted", "P", "tab:purple", "CSL per class: weighted")]
+              ("csl_class", "weighted", "P", "tab:purple", "CSL per class: weighted"),
+              ("csl_released", "hard", "*", "tab:green", "CSL, released code's rule: reliable"),
+              ("csl_released", "weighted", "P", "tab:green", "CSL, released code's rule: weighted")]
     for rule, kind, marker, colour, label in points:
+        if rule not in result:  # analyses written before the released rule was analysed
+            continue
         r = result[rule][kind]
         ax.plot(r["recall"], r["accuracy"], marker, ms=13 if marker == "*" else 10, color=colour, label=label,
                 mec="black", mew=0.5)

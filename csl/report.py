@@ -117,6 +117,11 @@ def selection_table(analysis: dict) -> str:
     row("CSL per image, weighted", analysis["csl"]["weighted"], bold=True)
     row("CSL per class, reliable", analysis["csl_class"]["hard"])
     row("CSL per class, weighted", analysis["csl_class"]["weighted"])
+    if "csl_released" in analysis:
+        row("CSL, released code's rule, reliable", analysis["csl_released"]["hard"])
+        row("CSL, released code's rule, weighted", analysis["csl_released"]["weighted"])
+        row("confidence, best pixels at the released rule's weighted share",
+            analysis["confidence_at_released_share"])
     for name, q in analysis["at_csl_share"].items():
         row(f"{name}, best pixels at CSL's weighted share", q)
     row("all pixels", analysis["all_pixels"])

@@ -24,8 +24,9 @@ SELECTION_MODES = ("csl", "threshold", "csl_class")
 class Selector:
     mode: str = "csl"
     alpha: float = 8.0
-    confidence: str = "prob"
+    confidence: str | None = None  # None: the rule's own (paper: prob, released: log)
     tau: float = 0.95
+    rule: str = "paper"  # paper | released (csl_kernels.pcos_weights)
     backend: str = "auto"
 
     def __post_init__(self):
@@ -39,15 +40,15 @@ class Selector:
             return csl_kernels.threshold_weights(logits, ignore, tau=self.tau, backend=self.backend)
         groups = "class" if self.mode == "csl_class" else "image"
         return csl_kernels.pcos_weights(logits, ignore, alpha=self.alpha, confidence=self.confidence,
-                                        groups=groups, backend=self.backend)
+                                        groups=groups, rule=self.rule, backend=self.backend)
 
 
 def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
-    """From the config's ``selection`` section (``mode``, ``alpha``, ``confidence``, ``tau``) and the kernels'
-    ``backend`` (the config's ``kernels.backend``)."""
+    """From the config's ``selection`` section (``mode``, ``alpha``, ``confidence``, ``tau``, ``rule``) and the
+    kernels' ``backend`` (the config's ``kernels.backend``)."""
     return Selector(mode=selection_cfg.get("mode", "csl"), alpha=float(selection_cfg.get("alpha", 8.0)),
-                    confidence=selection_cfg.get("confidence", "prob"), tau=float(selection_cfg.get("tau", 0.95)),
-                    backend=backend)
+                    confidence=selection_cfg.get("confidence"), tau=float(selection_cfg.get("tau", 0.95)),
+                    rule=selection_cfg.get("rule", "paper"), backend=backend)
 
 
 __all__ = ["SELECTION_MODES", "Selector", "build_selector"]

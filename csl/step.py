@@ -34,6 +34,7 @@ class StepConfig:
     tmp_block: int = 32
     tmp_rate: float = 0.7
     tmp_fraction: float = 0.5
+    tmp_other_view: str = "strong_cutmix"  # the samples without TMP: strong view CutMix-ed (or "strong": not)
     amp_dtype: torch.dtype | None = None
     backend: str = "auto"
     num_classes: int = 0  # > 0: also count pseudo-label quality against the unlabeled ground truth
@@ -44,6 +45,7 @@ class StepConfig:
         t, m = cfg["train"], cfg["tmp"]
         return cls(lambda_s=t["lambda_s"], lambda_m=t["lambda_m"], lambda_fp=t["lambda_fp"], cutmix_p=t["cutmix_p"],
                    tmp_enabled=m["enabled"], tmp_block=m["block"], tmp_rate=m["rate"], tmp_fraction=m["fraction"],
+                   tmp_other_view=m["other_view"],
                    amp_dtype=amp_dtype, backend=cfg["kernels"]["backend"], num_classes=num_classes)
 
 
@@ -165,10 +167,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     ignore_s = paste(box, batch_mix["ignore"], ignore_u)
 
     # 4. Masking view (TMP): a random share of the samples gets the mild view with reliable pixels hidden under the
-    #    block grid; the others get a second strong view with its own CutMix box.
+    #    block grid; the others get a second strong view with its own CutMix box (tmp.other_view=strong_cutmix) or,
+    #    as the authors' released code does, the strong view without CutMix and the weak view's own labels (strong).
     fraction = cfg.tmp_fraction if cfg.tmp_enabled else 0.0
     use_tmp = torch.rand(n_u, generator=generator, device=generator.device) < fraction
     box2 = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator) & ~use_tmp[:, None, None]
+    if cfg.tmp_other_view == "strong":
+        box2 = torch.zeros_like(box2)
     img_m = paste(box2, batch_mix["image_s"], u_s)
     if cfg.tmp_enabled:
         with region("mask"):

@@ -9,7 +9,7 @@ import torch
 from . import _measured
 from ._backends import register
 from ._checks import check_choice, check_logits, check_positive, valid_mask
-from .residual_features import CONFIDENCE_MODES, EPS, features_with_validity
+from .residual_features import EPS, features_with_validity, rule_confidence
 
 GROUP_MODES = ("image", "class")
 RANK_ONE_RTOL = 1e-12
@@ -104,11 +104,13 @@ def choose_cluster(mu0: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 @register("pcos_weights", "reference")
 def pcos_weights_reference(
-    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
+    released: bool = False,
 ) -> PCOSOutputs:
-    """Reference PCOS, batched over groups (no Python loop over images), sums in float64."""
+    """Reference PCOS, batched over groups (no Python loop over images), sums in float64; ``released``: the
+    authors' released rule (spec Sec. 2b)."""
     bsz, ncls = logits.shape[:2]
-    f0, v, label, keep = features_with_validity(logits, valid, log_confidence)
+    f0, v, label, keep = features_with_validity(logits, valid, log_confidence, released)
     n_nonfinite = (~torch.isfinite(logits).all(dim=1)).sum(dim=(1, 2))
     n_groups = bsz * ncls if class_groups else bsz
     image = torch.arange(bsz, device=logits.device).view(bsz, 1, 1).expand_as(label)
@@ -154,7 +156,9 @@ def pcos_weights_reference(
     z0 = (x - mu_star[:, 0]) / torch.sqrt(var_star[:, 0] + EPS)
     z1 = (y - mu_star[:, 1]) / torch.sqrt(var_star[:, 1] + EPS)
     weight = torch.exp(-(z0 * z0 + z1 * z1) / alpha)
-    preserve = (x > mu_star[:, 0]) | (y > mu_star[:, 1])
+    # Kept at weight 1: above the reliable cluster's mean confidence, or on the more reliable side of its mean
+    # dispersion (paper: above it; released code: below it).
+    preserve = (x > mu_star[:, 0]) | ((y < mu_star[:, 1]) if released else (y > mu_star[:, 1]))
     weight = torch.where(preserve, 1.0, weight)
     weight = torch.where(keep_f, weight, 0.0).to(torch.float32).view_as(label)
     reliable = (weight == 1) & keep
@@ -168,8 +172,9 @@ def pcos_weights(
     *,
     valid: torch.Tensor | None = None,
     alpha: float = 8.0,
-    confidence: str = "prob",
+    confidence: str | None = None,
     groups: str = "image",
+    rule: str = "paper",
     backend: str = "auto",
     return_stats: bool = False,
 ) -> PCOSResult:
@@ -180,8 +185,12 @@ def pcos_weights(
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
         alpha: Gaussian width, ``w = exp(-(z_0^2 + z_1^2) / alpha)`` (8 = the authors' training setting).
-        confidence: ``"prob"`` or ``"log"`` for the first feature.
+        confidence: ``"prob"`` or ``"log"`` for the first feature; default: the rule's (``"prob"`` for ``"paper"``,
+            ``"log"`` for ``"released"``).
         groups: ``"image"`` (one separation per image) or ``"class"`` (per image and pseudo-class).
+        rule: ``"paper"`` (Algorithm 1: pixels above the reliable cluster's mean dispersion keep weight 1) or
+            ``"released"`` (the authors' released code: residual variance over all C slots, pixels *below* the mean
+            dispersion keep weight 1); docs/selection.md Sec. 2b.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
         return_stats: also return the per-group :class:`PCOSStats`.
 
@@ -191,10 +200,10 @@ def pcos_weights(
     """
     bsz, ncls = check_logits(logits)[:2]
     check_positive(alpha, "alpha")
-    check_choice(confidence, "confidence", CONFIDENCE_MODES)
+    confidence = rule_confidence(rule, confidence)
     check_choice(groups, "groups", GROUP_MODES)
     mask = valid_mask(logits, ignore, valid)
-    args = (logits, mask, float(alpha), confidence == "log", groups == "class")
+    args = (logits, mask, float(alpha), confidence == "log", groups == "class", rule == "released")
     _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args))
     out = impl(*args)
     stats = None

@@ -11,6 +11,9 @@ from ._checks import check_choice, check_logits, compute_dtype, valid_mask
 
 EPS = 1e-8
 CONFIDENCE_MODES = ("prob", "log")
+# "paper": Algorithm 1 (spec Sec. 1-2); "released": the authors' released code (spec Sec. 2b): log confidence, the
+# residual variance over all C slots with the max slot at 0, and pixels below the cluster's mean dispersion kept.
+RULES = ("paper", "released")
 
 
 class ResidualFeatures(NamedTuple):
@@ -31,15 +34,15 @@ def residual_features_outputs_like(logits: torch.Tensor) -> ResidualFeatures:
 
 @register("residual_features", "reference")
 def residual_features_reference(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool, released: bool = False
 ) -> ResidualFeatures:
-    """Reference features (spec Sec. 1), computed in ``compute_dtype(logits)``."""
-    f0, v, label, _ = features_with_validity(logits, valid, log_confidence)
+    """Reference features (spec Sec. 1; ``released``: Sec. 2b), computed in ``compute_dtype(logits)``."""
+    f0, v, label, _ = features_with_validity(logits, valid, log_confidence, released)
     return ResidualFeatures(f0, v, label)
 
 
 def features_with_validity(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool, released: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like :func:`residual_features_reference` but also returns the final validity mask (valid and finite)."""
     c = logits.shape[1]
@@ -58,6 +61,8 @@ def features_with_validity(
     m = r / (c - 1)
     dev = (p_res - m.unsqueeze(1)).masked_fill(is_max, 0.0)
     var = (dev * dev).sum(dim=1) / (c - 1)
+    if released:  # the max slot counted as a 0 among the C - 1 others: + (0 - m)^2 / (C - 1)
+        var = var + m * m / (c - 1)
     g = (c - 1) ** 2 / (2.0 * (r + EPS))
     v = -g * var
     f0 = -torch.log1p(big_r) if log_confidence else 1.0 / (1.0 + big_r)
@@ -73,7 +78,8 @@ def residual_features(
     ignore: torch.Tensor | None = None,
     *,
     valid: torch.Tensor | None = None,
-    confidence: str = "prob",
+    confidence: str | None = None,
+    rule: str = "paper",
     backend: str = "auto",
 ) -> ResidualFeatures:
     """Max confidence, residual dispersion and pseudo-label of every pixel.
@@ -82,7 +88,10 @@ def residual_features(
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64, any strides, ``C >= 2``.
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
-        confidence: ``"prob"`` (``f0 = pmax``) or ``"log"`` (``f0 = log pmax``).
+        confidence: ``"prob"`` (``f0 = pmax``) or ``"log"`` (``f0 = log pmax``); default: the rule's (``"prob"``
+            for ``"paper"``, ``"log"`` for ``"released"``).
+        rule: ``"paper"`` (Algorithm 1) or ``"released"`` (the authors' released code: the residual variance also
+            counts the max slot as a 0; docs/selection.md Sec. 2b).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
@@ -91,7 +100,16 @@ def residual_features(
         non-finite pixels get ``(0, 0, 0)``.
     """
     check_logits(logits)
-    check_choice(confidence, "confidence", CONFIDENCE_MODES)
+    confidence = rule_confidence(rule, confidence)
     mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
-    return impl(logits, mask, confidence == "log")
+    return impl(logits, mask, confidence == "log", rule == "released")
+
+
+def rule_confidence(rule: str, confidence: str | None) -> str:
+    """Check ``rule`` and ``confidence``; the confidence feature to use (``None``: the rule's own)."""
+    check_choice(rule, "rule", RULES)
+    if confidence is None:
+        return "log" if rule == "released" else "prob"
+    check_choice(confidence, "confidence", CONFIDENCE_MODES)
+    return confidence

@@ -54,7 +54,7 @@ C10_HOST_DEVICE inline bool is_finite(acc_t x) {
 // pixel on tiles of pixels: cpu/tile_kernels.h.)
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, int64_t stride, int64_t num_classes,
-                                                           bool log_confidence) {
+                                                           bool log_confidence, bool released) {
   acc_t z_max = static_cast<acc_t>(z[0]);
   int64_t label = 0;
   bool finite = is_finite(z_max);
@@ -85,6 +85,8 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, in
       const acc_t e = std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
       const acc_t d = mul_rn(e, inv) - m;
       sum_sq += d * d;
+    } else if (released) {  // the released rule counts the max slot as a 0: + (0 - m)^2
+      sum_sq += m * m;
     }
   }
   const acc_t var = sum_sq / others;
@@ -156,7 +158,7 @@ C10_HOST_DEVICE inline int assign_cluster(const double* params, double x, double
 // Per-cluster count / mean / unbiased variance from the shifted sums, the reliable cluster and the weight parameters.
 // mu, var: 2 clusters x 2 features; count: 2; weight: kWeightParams.
 C10_HOST_DEVICE inline void cluster_stats(const double* sums, const double* params, double* mu, double* var,
-                                          int64_t* count, int64_t* chosen, double* weight) {
+                                          int64_t* count, int64_t* chosen, double* weight, bool released) {
   for (int cl = 0; cl < 2; ++cl) {
     const double* s = sums + cl * kClusterStats;
     const double n = s[0];
@@ -176,12 +178,14 @@ C10_HOST_DEVICE inline void cluster_stats(const double* sums, const double* para
   weight[0] = mu[c * 2];
   weight[1] = mu[c * 2 + 1];
   weight[2] = std::sqrt(var[c * 2] + kEps);
-  weight[3] = std::sqrt(var[c * 2 + 1] + kEps);
+  // The sign of the dispersion's scale carries the rule: > 0 keeps pixels above the mean dispersion at weight 1
+  // (paper), < 0 those below it (released code); z_1^2 does not depend on it.
+  weight[3] = released ? -std::sqrt(var[c * 2 + 1] + kEps) : std::sqrt(var[c * 2 + 1] + kEps);
 }
 
-// Gaussian soft weight with the preservation rule (spec Sec. 2 step 6).
+// Gaussian soft weight with the preservation rule (spec Sec. 2 step 6; the side of the dispersion: wp[3]'s sign).
 C10_HOST_DEVICE inline float pixel_weight(const double* wp, double x, double y, double alpha) {
-  if (x > wp[0] || y > wp[1]) {
+  if (x > wp[0] || (wp[3] > 0 ? y > wp[1] : y < wp[1])) {
     return 1.0f;
   }
   const double z0 = (x - wp[0]) / wp[2];

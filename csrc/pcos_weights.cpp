@@ -4,7 +4,8 @@
 TORCH_LIBRARY_FRAGMENT(csl, m) {
   // G = B (image groups) or B * C (class groups, group index b * C + label).
   m.def(
-      "pcos_weights(Tensor logits, Tensor? valid, float alpha, bool log_confidence, bool class_groups) -> "
+      "pcos_weights(Tensor logits, Tensor? valid, float alpha, bool log_confidence, bool class_groups, "
+      "bool released=False) -> "
       "(Tensor weight, Tensor label, Tensor reliable, Tensor mu, Tensor var, Tensor count, Tensor eigenvalues, "
       "Tensor chosen, Tensor n_nonfinite)");
 }

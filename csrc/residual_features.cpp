@@ -3,5 +3,7 @@
 
 TORCH_LIBRARY_FRAGMENT(csl, m) {
   // -> (f0, v, label): B x H x W float32 (float64 for float64 logits), float32/64, int64.
-  m.def("residual_features(Tensor logits, Tensor? valid, bool log_confidence) -> (Tensor, Tensor, Tensor)");
+  // released: the released code's residual variance (docs/selection.md Sec. 2b).
+  m.def("residual_features(Tensor logits, Tensor? valid, bool log_confidence, bool released=False) -> "
+        "(Tensor, Tensor, Tensor)");
 }

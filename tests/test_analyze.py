@@ -39,7 +39,7 @@ def test_summarize_sweeps_and_matched_share():
     pred = np.where(rng.uniform(size=n) < conf, target, (target + 1) % 3)  # confident pixels are more often right
     arrays = {"conf": conf, "dispersion": -rng.uniform(size=n), "entropy": 1 - conf, "margin": conf - 0.3,
               "w_csl": np.where(conf > 0.6, 1.0, conf), "w_class": (conf > 0.7).astype(np.float32),
-              "pred": pred, "target": target}
+              "w_released": np.where(conf > 0.5, 1.0, 0.0), "pred": pred, "target": target}
     r = summarize(arrays, 3, taus=(0.5, 0.9), shares=(0.5,))
     assert [t["tau"] for t in r["threshold"]] == [0.5, 0.9]
     assert r["threshold"][1]["share"] < r["threshold"][0]["share"]
@@ -50,6 +50,8 @@ def test_summarize_sweeps_and_matched_share():
         assert r["at_csl_share"][name]["accuracy"] == pytest.approx(r["at_csl_share"]["confidence"]["accuracy"])
     assert r["at_csl_share"]["confidence"]["share"] == pytest.approx(r["csl"]["weighted"]["share"], abs=0.01)
     assert r["csl"]["hard"]["share"] == pytest.approx((conf > 0.6).mean())
+    assert r["csl_released"]["hard"]["share"] == pytest.approx((conf > 0.5).mean())
+    assert r["confidence_at_released_share"]["share"] == pytest.approx((conf > 0.5).mean(), abs=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,9 @@ def svd_assignment(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: 
 
 
 def cluster_stats(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: torch.Tensor, cluster: torch.Tensor,
-                  n_groups: int, alpha: float) -> dict[str, torch.Tensor]:
-    """Spec steps 4-6 for a given assignment, float64: counts, means, unbiased variances, reliable cluster, weights."""
+                  n_groups: int, alpha: float, rule: str = "paper") -> dict[str, torch.Tensor]:
+    """Spec steps 4-6 for a given assignment, float64: counts, means, unbiased variances, reliable cluster, weights
+    (``rule="released"``: pixels below the mean dispersion keep weight 1, spec Sec. 2b)."""
     x, y = x.reshape(-1).double().cpu(), y.reshape(-1).double().cpu()
     keep, group, cluster = keep.reshape(-1).cpu(), group.reshape(-1).cpu(), cluster.reshape(-1).cpu()
     f64 = torch.float64
@@ -77,7 +78,8 @@ def cluster_stats(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: t
     rows = torch.arange(n_groups)
     m, v = mu[rows, chosen][group], var[rows, chosen][group]
     z0, z1 = (x - m[:, 0]) / torch.sqrt(v[:, 0] + EPS), (y - m[:, 1]) / torch.sqrt(v[:, 1] + EPS)
-    weight = torch.where((x > m[:, 0]) | (y > m[:, 1]), 1.0, torch.exp(-(z0 * z0 + z1 * z1) / alpha))
+    side = (y < m[:, 1]) if rule == "released" else (y > m[:, 1])
+    weight = torch.where((x > m[:, 0]) | side, 1.0, torch.exp(-(z0 * z0 + z1 * z1) / alpha))
     return dict(count=count, mu=mu, var=var, chosen=chosen, weight=torch.where(keep, weight, 0.0))
 
 
@@ -140,7 +142,8 @@ def check_invariants(out, z: torch.Tensor, ign, groups: str) -> None:
 MAX_AMBIGUOUS = 4  # ambiguous pixels per group resolved by trying every assignment of them
 
 
-def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidence: str, groups: str) -> None:
+def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidence: str | None, groups: str,
+                      rule: str = "paper") -> None:
     """``out`` (a fused backend) and ``ref`` (the float64 reference on the same logits) against each other and
     against the SVD oracle run on the float64 reference features.
 
@@ -161,13 +164,13 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
     ign64 = None if ign is None else ign.cpu()
     f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign64), confidence=confidence,
-                                                 backend="reference")
+                                                 rule=rule, backend="reference")
     keep = keep_mask(z, ign).reshape(-1)
     group = pixel_groups(label, c, groups).reshape(-1)
     x, y = f0.reshape(-1), v.reshape(-1)
     dx_err, dy_err = feature_tolerance(x, y, residual_mass64(z).reshape(-1), z.dtype)
     assignment = svd_assignment(x, y, keep, group, n_groups)
-    oracle = cluster_stats(x, y, keep, group, assignment["cluster"], n_groups, alpha)
+    oracle = cluster_stats(x, y, keep, group, assignment["cluster"], n_groups, alpha, rule)
     st, rs = out.stats, ref.stats
     rcount = rs.count.reshape(-1, 2)
     s1, s2 = assignment["s"][:, 0], assignment["s"][:, 1]
@@ -202,7 +205,8 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
             trial = cluster.clone()
             trial[idx] = torch.tensor([(bits >> i) & 1 for i in range(idx.numel())])
             sel = group == g
-            stats = cluster_stats(x[sel], y[sel], keep[sel], torch.zeros_like(group[sel]), trial[sel], 1, alpha)
+            stats = cluster_stats(x[sel], y[sel], keep[sel], torch.zeros_like(group[sel]), trial[sel], 1, alpha,
+                                  rule)
             if torch.equal(stats["count"][0], st.count.cpu().reshape(-1, 2)[g]):
                 err = (stats["mu"][0] - mu_out[g]).abs().sum().item()
                 if err < best_err:
@@ -213,7 +217,7 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
             cluster = best
     if keep.sum() >= 30:  # tiny images are often ill-conditioned; larger ones must mostly be checked
         assert checked[group][keep].float().mean() >= 0.5, "too few checked pixels: the case checks little"
-    expected = cluster_stats(x, y, keep, group, cluster, n_groups, alpha)
+    expected = cluster_stats(x, y, keep, group, cluster, n_groups, alpha, rule)
     # Eigenvalues: always comparable (they are smooth in the features).
     lam, rlam = st.eigenvalues.cpu().reshape(-1, 2), rs.eigenvalues.reshape(-1, 2)
     assert ((lam - rlam).abs() <= tol * rlam[:, :1] + 1e-300).all(), (lam - rlam).abs().max()
@@ -509,3 +513,107 @@ def test_bad_input_errors(make, error, match):
     z, ign, kwargs = make(torch.randn(2, 3, 4, 5))
     with pytest.raises(error, match=match):
         csl_kernels.pcos_weights(z, **masks(ign), **kwargs)
+
+
+# ------------------------------------------------------------------------------------- the released code's rule
+
+
+def released_reference(z: torch.Tensor, valid: torch.Tensor | None, alpha: float = 8.0) -> dict:
+    """The authors' released formulas written out per image in float64 (independent of csl_kernels' reference):
+    log confidence, variance over all C slots with the max slot 0, SVD assignment, weight 1 where z0 > 0 or z1 > 0
+    with z1 = (mu1 - f1) / sd1. Image groups only."""
+    z = z.double()
+    b, c = z.shape[:2]
+    p = z.softmax(dim=1)
+    pmax, label = p.max(dim=1)
+    q = p.scatter(1, label.unsqueeze(1), 0.0)  # the max slot set to 0
+    r = q.sum(dim=1)
+    m = r / (c - 1)
+    var = ((q - m.unsqueeze(1)) ** 2).sum(dim=1) / (c - 1)  # over all C slots, the max slot's (0 - m)^2 included
+    f0 = torch.log(pmax)
+    f1 = -((c - 1) ** 2) / (2 * (r + 1e-8)) * var
+    weights = torch.zeros(b, *z.shape[2:], dtype=torch.float64)
+    for i in range(b):
+        keep = torch.isfinite(z[i]).all(dim=0) if valid is None else valid[i] & torch.isfinite(z[i]).all(dim=0)
+        x, y = f0[i][keep], f1[i][keep]
+        if x.numel() == 0:
+            continue
+        phi = torch.stack((x, y))  # 2 x N
+        _, s, vh = torch.linalg.svd(phi, full_matrices=False)
+        cluster = vh.abs().argmax(dim=0) if s[1] > 1e-12 * s[0] else torch.zeros_like(x, dtype=torch.long)
+        stats = []
+        for cl in (0, 1):
+            sel = cluster == cl
+            n = int(sel.sum())
+            mu = (x[sel].mean(), y[sel].mean()) if n else (torch.tensor(0.0), torch.tensor(0.0))
+            sd = (x[sel].var(), y[sel].var()) if n > 1 else (torch.tensor(0.0), torch.tensor(0.0))
+            stats.append((n, mu, sd))
+        pick = 1 if stats[1][0] > 0 and (stats[0][0] == 0 or stats[1][1][0] > stats[0][1][0]) else 0
+        _, (mu0, mu1), (v0, v1) = stats[pick]
+        z0 = (x - mu0) / torch.sqrt(v0 + 1e-8)
+        z1 = (mu1 - y) / torch.sqrt(v1 + 1e-8)
+        w = torch.exp(-(z0**2) / alpha) * torch.exp(-(z1**2) / alpha)
+        w = torch.where((z0 > 0) | (z1 > 0), 1.0, w)
+        weights[i][keep] = w
+    return {"weight": weights, "label": label, "f0": f0, "f1": f1}
+
+
+def test_released_reference_matches_the_written_out_formulas():
+    g = torch.Generator().manual_seed(21)
+    for c in (2, 5, 21):
+        z = torch.randn(2, c, 9, 11, generator=g, dtype=torch.float64) * 3
+        valid = torch.rand(2, 9, 11, generator=g) > 0.2
+        ours = csl_kernels.pcos_weights(z, valid=valid, rule="released", backend="reference")
+        theirs = released_reference(z, valid)
+        f = csl_kernels.residual_features(z, valid=valid, rule="released", backend="reference")
+        torch.testing.assert_close(f.f0[valid], theirs["f0"][valid])
+        torch.testing.assert_close(f.v[valid], theirs["f1"][valid], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours.weight.double(), theirs["weight"], rtol=1e-6, atol=1e-6)
+        # The released rule really differs from the paper's: another side of the dispersion keeps weight 1.
+        paper = csl_kernels.pcos_weights(z, valid=valid, backend="reference")
+        assert not torch.equal(paper.weight, ours.weight)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+@pytest.mark.parametrize(
+    ("shape", "kind", "ignore", "confidence"),
+    [((2, 21, 13, 17), "contiguous", "int64", None), ((1, 2, 7, 9), "channels_last", "bool", None),
+     ((1, 150, 5, 7), "transposed", None, None), ((2, 5, 1, 1), "class_slice", "int64", None),
+     # a multi-chunk image; with log confidence the oracle finds too many ambiguous pixels there (so for the paper's
+     # rule too) and could check little
+     ((1, 21, 65, 129), "channels_last", "int64", "prob")],
+)
+def test_released_rule_every_backend(fused_backend, shape, kind, ignore, confidence, groups):
+    """rule="released" on every backend against the float64 reference: odd sizes, layouts, C = 2 and 150, image and
+    class groups, multi-chunk images."""
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, ign = make_logits(sum(shape) + 7, batch=b, classes=c, height=h, width=w, ignore=ignore, kind=kind,
+                         device=device)
+    options = dict(alpha=8.0, confidence=confidence, groups=groups, rule="released")
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+
+
+@pytest.mark.parametrize("case", ["all_ignored", "one_class", "nan_inf"])
+def test_released_rule_adversarial(fused_backend, case):
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 7, 9, 10, generator=g) * 4
+    valid = torch.ones(2, 9, 10, dtype=torch.bool)
+    if case == "all_ignored":
+        valid[0] = False
+    elif case == "one_class":
+        z[:, 3] += 50.0  # every pixel predicts class 3, almost surely
+    else:
+        z[0, 2, 1, 1] = float("nan")
+        z[1, :, 4, 4] = float("inf")
+    z, valid = z.to(device), valid.to(device)
+    out = csl_kernels.pcos_weights(z, valid=valid, rule="released", backend=fused_backend, return_stats=True)
+    ref = csl_kernels.pcos_weights(z.double().cpu(), valid=valid.cpu(), rule="released", backend="reference",
+                                   return_stats=True)
+    assert torch.isfinite(out.weight).all() and torch.equal(out.label.cpu(), ref.label)
+    torch.testing.assert_close(out.weight.cpu(), ref.weight, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.stats.n_nonfinite.cpu(), ref.stats.n_nonfinite)
+    if case == "all_ignored":
+        assert (out.weight[0] == 0).all()

@@ -350,3 +350,37 @@ def test_ddp_two_processes_gloo(tmp_path):
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per rank
+
+
+def test_released_rule_and_the_uncutmixed_other_view(tmp_path, monkeypatch):
+    """selection.rule=released reaches pcos_weights (log confidence by default); tmp.other_view=strong gives the
+    samples without TMP their strong view without a second CutMix box (the released code's masking batch)."""
+    import csl.step as step_mod
+
+    trainer = Trainer(tiny_config(tmp_path, **{"selection.rule": "released", "tmp.other_view": "strong",
+                                               "train.iters": 1}))
+    assert trainer.selector.rule == "released" and trainer.step_cfg.tmp_other_view == "strong"
+    calls, boxes = [], []
+    real_pcos, real_paste = csl_kernels.pcos_weights, step_mod.paste
+
+    def spy_pcos(*args, **kwargs):
+        calls.append((kwargs.get("rule"), kwargs.get("confidence")))
+        return real_pcos(*args, **kwargs)
+
+    def spy_paste(box, *args):
+        boxes.append(box.clone())
+        return real_paste(box, *args)
+
+    monkeypatch.setattr(csl_kernels, "pcos_weights", spy_pcos)
+    monkeypatch.setattr(step_mod, "paste", spy_paste)
+    batches = [to_device(b, trainer.device) for b in next(iter(trainer._batches(0, 0)))]
+    out = train_step(trainer.model, trainer.optimizer, trainer.scheduler, trainer.scaler, *batches,
+                     selector=trainer.selector, criterion=trainer.criterion, cfg=trainer.step_cfg,
+                     generator=trainer.generator)
+    assert calls and all(rule == "released" and confidence is None for rule, confidence in calls)
+    assert all(torch.isfinite(out[k]) for k in ("loss", "loss_s", "loss_m"))
+    # pastes: image_s, label_s, weight_s, ignore_s with the first box; then image_m, label_m, weight_m, ignore_m
+    assert len(boxes) == 8 and not any(b.any() for b in boxes[4:])
+    trainer.close()
+    with pytest.raises(Exception, match="tmp.other_view must be one of"):
+        tiny_config(tmp_path / "x", **{"tmp.other_view": "weak"})

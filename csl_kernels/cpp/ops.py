@@ -31,11 +31,11 @@ def register_python_parts() -> None:
             return
 
         @torch.library.register_fake("csl::residual_features")
-        def _(logits, valid, log_confidence):
+        def _(logits, valid, log_confidence, released=False):
             return tuple(residual_features_outputs_like(logits))
 
         @torch.library.register_fake("csl::pcos_weights")
-        def _(logits, valid, alpha, log_confidence, class_groups):
+        def _(logits, valid, alpha, log_confidence, class_groups, released=False):
             return tuple(pcos_outputs_like(logits, class_groups))
 
         @torch.library.register_fake("csl::trusted_mask")
@@ -74,18 +74,19 @@ def register_python_parts() -> None:
 
 @register("residual_features", "cpu")
 @register("residual_features", "cuda")
-def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-                          ) -> ResidualFeatures:
-    return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence))
+def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
+                          released: bool = False) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence, released))
 
 
 @register("pcos_weights", "cpu")
 @register("pcos_weights", "cuda")
 def pcos_weights_cpp(
-    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
+    released: bool = False,
 ) -> PCOSOutputs:
     return PCOSOutputs(*torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                   bool(class_groups)))
+                                                   bool(class_groups), bool(released)))
 
 
 @register("trusted_mask", "cpu")

@@ -60,7 +60,7 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
                           HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
                           HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
                           ACC: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                          BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr):
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     z_base = z_ptr + b * sb
@@ -70,7 +70,7 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
         f0, v, label, finite = _pixel_features(z_base, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
-                                               LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE)
+                                               LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED)
         out = b * HW + p
         keep = finite & pmask
         if HAS_VALID:
@@ -254,7 +254,7 @@ def _merge_chunks(base, gm, NCH, BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr)
 
 @triton.jit
 def _pcos_cluster_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, wparams_ptr, G, NCH,
-                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr, RELEASED: tl.constexpr):
     g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
     gm = g < G
     base = part_ptr + (g * 10 * NCH)[:, None]
@@ -285,7 +285,12 @@ def _pcos_cluster_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr,
     tl.store(out, tl.where(pick, mx1, mx0), mask=gm)
     tl.store(out + 1, tl.where(pick, my1, my0), mask=gm)
     tl.store(out + 2, tl.sqrt(tl.where(pick, vx1, vx0) + 1e-8), mask=gm)
-    tl.store(out + 3, tl.sqrt(tl.where(pick, vy1, vy0) + 1e-8), mask=gm)
+    # The sign of the dispersion's scale carries the rule (z_1^2 does not depend on it): > 0 keeps pixels above the
+    # mean dispersion at weight 1 (paper), < 0 those below it (released code).
+    sd_y = tl.sqrt(tl.where(pick, vy1, vy0) + 1e-8)
+    if RELEASED:
+        sd_y = -sd_y
+    tl.store(out + 3, sd_y, mask=gm)
 
 
 @triton.jit
@@ -304,7 +309,7 @@ def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight
     z0 = (x - mux) / sdx
     z1 = (y - muy) / sdy
     w = tl.exp(-(z0 * z0 + z1 * z1) / alpha)
-    w = tl.where((x > mux) | (y > muy), 1.0, w)
+    w = tl.where((x > mux) | ((sdy > 0) & (y > muy)) | ((sdy < 0) & (y < muy)), 1.0, w)
     w = tl.where(keep, w, 0.0).to(tl.float32)
     tl.store(weight_ptr + i, w, mask=pmask)
     tl.store(reliable_ptr + i, (keep & (w == 1.0)).to(tl.uint8), mask=pmask)
@@ -326,7 +331,8 @@ def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int
 
 
 def pcos_weights_launch(
-    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
+    released: bool = False,
 ) -> PCOSOutputs:
     bsz, ncls, h, w = logits.shape
     hw = h * w
@@ -369,7 +375,7 @@ def pcos_weights_launch(
             logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
             tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups),
             ACC=acc, FLAT_HW=flat, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
-            num_warps=config.num_warps,
+            RELEASED=bool(released), num_warps=config.num_warps,
         )
         # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
@@ -380,7 +386,8 @@ def pcos_weights_launch(
             CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
         )
         _pcos_cluster_stats_kernel[group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups, nch,
-                                               BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4)
+                                               BLOCK_GRP=block_grp, BLOCK_K=block_k, RELEASED=bool(released),
+                                               num_warps=4)
         _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
             fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
             CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
@@ -393,23 +400,25 @@ def pcos_weights_launch(
 
 @torch.library.custom_op("csl_triton::pcos_weights", mutates_args=())
 def pcos_weights_op(
-    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
+    released: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    return tuple(pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups))
+    return tuple(pcos_weights_launch(logits, valid, alpha, log_confidence, class_groups, released))
 
 
 @pcos_weights_op.register_fake
-def _(logits, valid, alpha, log_confidence, class_groups):
+def _(logits, valid, alpha, log_confidence, class_groups, released=False):
     return tuple(pcos_outputs_like(logits, class_groups))
 
 
 @register("pcos_weights", "triton")
 def pcos_weights_triton(
-    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
+    released: bool = False,
 ) -> PCOSOutputs:
     return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                          bool(class_groups)))
+                                                          bool(class_groups), bool(released)))
 
 
 register_not_differentiable(pcos_weights_op, "pcos_weights")

@@ -50,7 +50,8 @@ def _log1p(x, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                    RELEASED: tl.constexpr):
     """Features of BLOCK_P pixels whose class-0 logits lie at ``z_ptr + offs_p`` (class stride ``sc``).
 
     Returns ``(f0, v, label, finite)``; values of non-finite pixels are meaningless (the caller zeroes them).
@@ -111,6 +112,9 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
     r = big_r * inv
     others = (C - 1).to(ACC)
     var = m2 * inv * inv / others
+    if RELEASED:  # the released rule counts the max slot as a 0 among the others: + (0 - m)^2 / (C - 1)
+        m = r / others
+        var = var + m * m / others
     g = others * others / (2.0 * (r + 1e-8))
     v = -g * var
     if LOG_CONFIDENCE:
@@ -124,13 +128,13 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
 def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W, C, sb, sc, sh, sw,
                               HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
                               FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                              USE_LIBDEVICE: tl.constexpr):
+                              USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
     f0, v, label, finite = _pixel_features(z_ptr + b * sb, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
-                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE)
+                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED)
     out = b * HW + p
     keep = finite
     if HAS_VALID:
@@ -140,8 +144,8 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W,
     tl.store(label_ptr + out, tl.where(keep, label, 0).to(tl.int64), mask=pmask)
 
 
-def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-                             ) -> ResidualFeatures:
+def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
+                             released: bool = False) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
     out = residual_features_outputs_like(logits)
     hw = h * w
@@ -158,7 +162,8 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
         _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
             logits, valid_u8, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
             HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
-            BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, num_warps=config.num_warps,
+            BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
+            num_warps=config.num_warps,
         )
 
     with device_guard(logits):
@@ -168,20 +173,21 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
 
 @torch.library.custom_op("csl_triton::residual_features", mutates_args=())
 def residual_features_op(
-    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
+    logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool, released: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(residual_features_launch(logits, valid, log_confidence))
+    return tuple(residual_features_launch(logits, valid, log_confidence, released))
 
 
 @residual_features_op.register_fake
-def _(logits, valid, log_confidence):
+def _(logits, valid, log_confidence, released=False):
     return tuple(residual_features_outputs_like(logits))
 
 
 @register("residual_features", "triton")
-def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool
-                             ) -> ResidualFeatures:
-    return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence)))
+def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
+                             released: bool = False) -> ResidualFeatures:
+    return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence),
+                                                                    bool(released)))
 
 
 register_not_differentiable(residual_features_op, "residual_features")

@@ -109,7 +109,10 @@ CSL_INLINE void weights_body(const feat_t* __restrict fx, const feat_t* __restri
     const double z0 = (x - mu_x) / sd_x;
     const double z1 = (y - mu_y) / sd_y;
     const float gauss = exp_to_float_lanes(-(z0 * z0 + z1 * z1) / alpha);
-    const bool preserve = static_cast<int>(x > mu_x) | static_cast<int>(y > mu_y);  // the preservation rule
+    // The preservation rule; sd_y's sign picks the side of the mean dispersion (> 0: above, paper; < 0: below)
+    const bool above = static_cast<int>(y > mu_y) & static_cast<int>(sd_y > 0.0);
+    const bool below = static_cast<int>(y < mu_y) & static_cast<int>(sd_y < 0.0);
+    const bool preserve = static_cast<int>(x > mu_x) | static_cast<int>(above) | static_cast<int>(below);
     const float w = select_lanes(x == x, select_lanes(preserve, 1.0f, gauss), 0.0f);
     weight[i] = w;
     reliable[i] = w == 1.0f;

@@ -28,7 +28,7 @@ namespace csl {
 namespace {
 
 PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& valid, double alpha,
-                             bool log_confidence, bool class_groups) {
+                             bool log_confidence, bool class_groups, bool released) {
   constexpr const char* op = "csl::pcos_weights";
   check_logits(logits, op);
   check_device(logits, "logits", false, op);
@@ -88,7 +88,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
         int64_t nonfinite = 0;
         cpu::for_each_tile(i0, i1, height, width, [&](int64_t bb, int64_t yy, int64_t x0, int64_t len, int64_t t0) {
           cpu::row_features<scalar_t, acc_t>(z + bb * sb + yy * sh + x0 * sw, sc, sw, len, num_classes,
-                                             log_confidence, fx + t0, fy + t0, label_ptr + t0, finite);
+                                             log_confidence, released, fx + t0, fy + t0, label_ptr + t0, finite);
           for (int64_t j = 0; j < len; ++j) {
             const int64_t i = t0 + j;
             nonfinite += finite[j] ? 0 : 1;
@@ -165,7 +165,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
       for (int64_t g = begin; g < end; ++g) {
         reduce_chunks(cluster_partial, 2 * kClusterStats, g, sums);
         cluster_stats(sums, params.data() + g * kGroupParams, mu_ptr + g * 4, var_ptr + g * 4, count_ptr + g * 2,
-                      chosen_ptr + g, weight_params.data() + g * kWeightParams);
+                      chosen_ptr + g, weight_params.data() + g * kWeightParams, released);
       }
     });
     // E) weights, image by image.

@@ -16,7 +16,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::Tensor& logits,
                                                                      const c10::optional<at::Tensor>& valid,
-                                                                     bool log_confidence) {
+                                                                     bool log_confidence, bool released) {
   constexpr const char* op = "csl::residual_features";
   check_logits(logits, op);
   check_device(logits, "logits", false, op);
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::T
         thread_local std::vector<uint8_t> finite;
         finite.resize(width);
         const int64_t i0 = row * width;
-        cpu::row_features<scalar_t, acc_t>(z_row, sc, sw, width, num_classes, log_confidence, f0_ptr + i0,
+        cpu::row_features<scalar_t, acc_t>(z_row, sc, sw, width, num_classes, log_confidence, released, f0_ptr + i0,
                                            v_ptr + i0, label_ptr + i0, finite.data());
         for (int64_t x = 0; x < width; ++x) {
           if (!finite[x] || (valid_ptr != nullptr && !valid_ptr[i0 + x])) {

@@ -15,8 +15,8 @@ namespace {
 
 #define CSL_FLOAT_TILE_KERNELS(NAME, ATTR)                                                                          \
   ATTR void features_##NAME(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence,       \
-                            float* e, float* f0, float* v, int32_t* label, int32_t* finite) {                       \
-    features_body<float>(z, zsc, n, num_classes, log_confidence, e, f0, v, label, finite);                       \
+                            bool released, float* e, float* f0, float* v, int32_t* label, int32_t* finite) {        \
+    features_body<float>(z, zsc, n, num_classes, log_confidence, released, e, f0, v, label, finite);             \
   }                                                                                                                 \
   ATTR void logsumexp_##NAME(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse) {           \
     logsumexp_body<float>(z, zsc, n, num_classes, lse);                                                           \

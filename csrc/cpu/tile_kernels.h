@@ -26,7 +26,7 @@ namespace cpu {
 // kTile). Pixels with a non-finite logit get f0 = v = 0, label 0, finite 0.
 template <typename acc_t>
 CSL_INLINE void features_body(const acc_t* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence,
-                              acc_t* e, acc_t* __restrict f0, acc_t* __restrict v, int32_t* __restrict label,
+                              bool released, acc_t* e, acc_t* __restrict f0, acc_t* __restrict v, int32_t* __restrict label,
                               int32_t* __restrict finite) {
   alignas(64) acc_t z_max[kTile], big_r[kTile], inv[kTile], r[kTile], m[kTile], sum_sq[kTile];
   const acc_t others = static_cast<acc_t>(num_classes - 1);
@@ -68,13 +68,15 @@ CSL_INLINE void features_body(const acc_t* z, int64_t zsc, int64_t n, int64_t nu
     r[j] = mul_rn(big_r[j], inv[j]);
     m[j] = r[j] / others;
   }
-  // Second pass: population variance of the residual probabilities around their mean (the label's class adds 0).
+  // Second pass: population variance of the residual probabilities around their mean (the label's class adds 0;
+  // under the released rule it counts as a 0 probability: + (0 - m)^2).
+  const acc_t max_slot = released ? acc_t(-1) : acc_t(0);
   for (int64_t k = 0; k < num_classes; ++k) {
     const acc_t* ek = e + k * kTile;
     const int32_t kk = static_cast<int32_t>(k);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = select_lanes(label[j] != kk, mul_rn(ek[j], inv[j]) - m[j], acc_t(0));
+      const acc_t d = select_lanes(label[j] != kk, mul_rn(ek[j], inv[j]) - m[j], max_slot * m[j]);
       sum_sq[j] += d * d;
     }
   }
@@ -149,8 +151,8 @@ CSL_INLINE void ce_grad_body(const acc_t* z, int64_t zsc, acc_t* g, int64_t gsc,
 
 struct FloatTileKernels {
   const char* isa;  // "avx512", "avx2" or "baseline"
-  void (*features)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence, float* e,
-                   float* f0, float* v, int32_t* label, int32_t* finite);
+  void (*features)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence, bool released,
+                   float* e, float* f0, float* v, int32_t* label, int32_t* finite);
   void (*logsumexp)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse);
   void (*ce_grad)(const float* z, int64_t zsc, float* g, int64_t gsc, int64_t n, int64_t num_classes,
                   const float* lse, const float* scale, const int32_t* label, const int32_t* used);
@@ -164,13 +166,13 @@ struct FloatTileKernels {
 const FloatTileKernels& float_tile_kernels();
 
 // float goes through the dispatch table, double (the float64 path) runs the bodies as they are.
-inline void features_tile(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence, float* e,
-                          float* f0, float* v, int32_t* label, int32_t* finite) {
-  float_tile_kernels().features(z, zsc, n, num_classes, log_confidence, e, f0, v, label, finite);
+inline void features_tile(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence,
+                          bool released, float* e, float* f0, float* v, int32_t* label, int32_t* finite) {
+  float_tile_kernels().features(z, zsc, n, num_classes, log_confidence, released, e, f0, v, label, finite);
 }
 inline void features_tile(const double* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence,
-                          double* e, double* f0, double* v, int32_t* label, int32_t* finite) {
-  features_body<double>(z, zsc, n, num_classes, log_confidence, e, f0, v, label, finite);
+                          bool released, double* e, double* f0, double* v, int32_t* label, int32_t* finite) {
+  features_body<double>(z, zsc, n, num_classes, log_confidence, released, e, f0, v, label, finite);
 }
 inline void logsumexp_tile(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse) {
   float_tile_kernels().logsumexp(z, zsc, n, num_classes, lse);

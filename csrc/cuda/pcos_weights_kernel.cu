@@ -35,7 +35,7 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool*
                                      int64_t* __restrict__ label, double* __restrict__ gram_partial,
                                      unsigned long long* __restrict__ n_nonfinite, ChunkLayout layout,
                                      int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
-                                     bool log_confidence, bool class_groups) {
+                                     bool log_confidence, bool released, bool class_groups) {
   __shared__ acc_t tile_x[kTile];
   __shared__ acc_t tile_y[kTile];
   __shared__ int32_t tile_label[kTile];
@@ -54,7 +54,7 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool*
       if (p < p_end) {
         const int64_t i = b * layout.hw + p, y = p / layout.width, x = p - y * layout.width;
         const auto feat = pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes,
-                                                          log_confidence);
+                                                          log_confidence, released);
         const bool kp = feat.finite && (valid == nullptr || valid[i]);
         const acc_t xv = kp ? feat.f0 : acc_t(0), yv = kp ? feat.v : acc_t(0);
         fx[i] = xv;
@@ -218,7 +218,7 @@ __global__ void pcos_cluster_stats_kernel(const double* __restrict__ cluster_par
                                           const double* __restrict__ params, double* __restrict__ mu,
                                           double* __restrict__ var, int64_t* __restrict__ count,
                                           int64_t* __restrict__ chosen, double* __restrict__ weight_params,
-                                          ChunkLayout layout, int64_t num_groups) {
+                                          ChunkLayout layout, int64_t num_groups, bool released) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= num_groups) {
     return;
@@ -233,7 +233,7 @@ __global__ void pcos_cluster_stats_kernel(const double* __restrict__ cluster_par
     }
   }
   cluster_stats(sums, params + g * kGroupParams, mu + g * 4, var + g * 4, count + g * 2, chosen + g,
-                weight_params + g * kWeightParams);
+                weight_params + g * kWeightParams, released);
 }
 
 template <typename acc_t>
@@ -256,7 +256,7 @@ __global__ void pcos_weight_kernel(const acc_t* __restrict__ fx, const acc_t* __
 }
 
 PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& valid, double alpha,
-                              bool log_confidence, bool class_groups) {
+                              bool log_confidence, bool class_groups, bool released) {
   constexpr const char* op = "csl::pcos_weights";
   check_logits(logits, op);
   check_device(logits, "logits", true, op);
@@ -305,7 +305,8 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
         logits.const_data_ptr<scalar_t>(), valid_ptr, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
         keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
         reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
-        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, class_groups);
+        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, released,
+        class_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_group_params_kernel<<<group_blocks, kThreads, 0, stream>>>(
         gram_partial.const_data_ptr<double>(), params.data_ptr<double>(), outputs.eigenvalues.data_ptr<double>(),
@@ -319,7 +320,7 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
     pcos_cluster_stats_kernel<<<group_blocks, kThreads, 0, stream>>>(
         cluster_partial.const_data_ptr<double>(), params.const_data_ptr<double>(), outputs.mu.data_ptr<double>(),
         outputs.var.data_ptr<double>(), outputs.count.data_ptr<int64_t>(), outputs.chosen.data_ptr<int64_t>(),
-        weight_params.data_ptr<double>(), layout, num_groups);
+        weight_params.data_ptr<double>(), layout, num_groups, released);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pcos_weight_kernel<acc_t><<<grid_for(batch * hw), kThreads, 0, stream>>>(
         fx.const_data_ptr<acc_t>(), fy.const_data_ptr<acc_t>(), keep.const_data_ptr<uint8_t>(),

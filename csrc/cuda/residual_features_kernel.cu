@@ -16,11 +16,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void residual_features_kernel(const scalar_t* __restrict__ z, const bool* __restrict__ valid,
                                          acc_t* __restrict__ f0, acc_t* __restrict__ v, int64_t* __restrict__ label,
                                          int64_t total, int64_t hw, int64_t width, int64_t num_classes, int64_t sb,
-                                         int64_t sc, int64_t sh, int64_t sw, bool log_confidence) {
+                                         int64_t sc, int64_t sh, int64_t sw, bool log_confidence, bool released) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / hw, p = i - b * hw, y = p / width, x = p - y * width;
     const auto feat =
-        pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes, log_confidence);
+        pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes, log_confidence, released);
     const bool keep = feat.finite && (valid == nullptr || valid[i]);
     f0[i] = keep ? feat.f0 : acc_t(0);
     v[i] = keep ? feat.v : acc_t(0);
@@ -30,7 +30,7 @@ __global__ void residual_features_kernel(const scalar_t* __restrict__ z, const b
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cuda(const at::Tensor& logits,
                                                                       const c10::optional<at::Tensor>& valid,
-                                                                      bool log_confidence) {
+                                                                      bool log_confidence, bool released) {
   constexpr const char* op = "csl::residual_features";
   check_logits(logits, op);
   check_device(logits, "logits", true, op);
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cuda(const at::
     residual_features_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), valid_ptr, f0.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
         label.data_ptr<int64_t>(), total, height * width, width, num_classes, logits.stride(0), logits.stride(1),
-        logits.stride(2), logits.stride(3), log_confidence);
+        logits.stride(2), logits.stride(3), log_confidence, released);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {f0, v, label};
