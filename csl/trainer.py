@@ -123,6 +123,18 @@ class Accumulator:
 RESUMED_FROM_CHECKPOINT = ("lr", "head_lr_mult", "momentum", "weight_decay", "poly_power")
 
 
+DATA_PATH_KEYS = ("root", "split_dir", "labeled_list", "unlabeled_list", "val_list")
+
+
+def resolve_data_paths(cfg: dict) -> dict:
+    """A copy of ``cfg`` with its data paths absolute (what a run stores in its config.yaml and checkpoints)."""
+    cfg = copy.deepcopy(cfg)
+    for key in DATA_PATH_KEYS:
+        if cfg["data"].get(key):
+            cfg["data"][key] = os.path.abspath(cfg["data"][key])
+    return cfg
+
+
 class NonFiniteTrainingError(RuntimeError):
     """The loss or the weights became NaN / inf; nothing of that state was saved."""
 
@@ -131,10 +143,7 @@ class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
     def __init__(self, cfg: dict, env: DistEnv | None = None):
-        cfg = copy.deepcopy(cfg)
-        for key in ("root", "split_dir", "labeled_list", "unlabeled_list", "val_list"):  # stored resolved: the
-            if cfg["data"].get(key):  # checkpoint's config then works from any directory (csl eval / predict)
-                cfg["data"][key] = os.path.abspath(cfg["data"][key])
+        cfg = resolve_data_paths(cfg)  # stored resolved: the checkpoint's config then works from any directory
         self.cfg = cfg
         self.env = env or init_distributed(cfg["device"])
         self.device = self.env.device

@@ -127,6 +127,19 @@ def test_demo_prints_table(tmp_path, capsys):
     assert summary["results"]["supervised"]["pl_accuracy"] is None
     assert summary["results"]["csl"]["pl_recall"] is not None
     assert (tmp_path / "summary.md").read_text().count("\n| ") == 4
+    # Finished stages keep the model, not the optimizer state; a best.pt of the last iteration is the same file.
+    for stage in ("warmup", "supervised", "threshold", "csl"):
+        latest = tmp_path / stage / "latest.pt"
+        ckpt = torch.load(latest, weights_only=True)
+        assert "model" in ckpt and "optimizer" not in ckpt and "rng" not in ckpt, stage
+        best = tmp_path / stage / "best.pt"
+        if torch.load(best, weights_only=True)["iteration"] == ckpt["iteration"]:
+            assert os.path.samefile(best, latest)
+    assert main(["eval", "--checkpoint", str(tmp_path / "csl" / "best.pt")]) == 0  # still a usable checkpoint
+    # A second call reuses every finished stage.
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
+                 "train.iters_per_epoch=2"]) == 0
+    assert capsys.readouterr().out.count("already done") == 4
 
 
 def test_bad_override_exits_with_message(capsys):

@@ -71,6 +71,8 @@ def representative_calls() -> None:
                 ck.residual_features(logits, ign, confidence="log", backend="triton")
                 for groups in ("image", "class"):
                     ck.pcos_weights(logits, ign, groups=groups, backend="triton")
+                ck.pcos_weights(logits, ign, rule="released", backend="triton")
+                ck.residual_features(logits, ign, rule="released", backend="triton")
                 ck.threshold_weights(logits, ign, backend="triton")
                 sel = ck.pcos_weights(logits, ign, backend="reference")
                 leaf = logits.clone().requires_grad_(True)
