@@ -228,8 +228,15 @@ class Trainer:
         if source is not None and hasattr(source, "check_cached") and cfg["data"]["check_val_labels"]:
             # Every validation mask read once now (cached), so a bad label value stops the run before training,
             # not at the first evaluation after an epoch of work.
-            if env.is_main and source.check_cached(progress=cfg["train"]["progress"]):
-                log.info("validation labels checked: %s", source.description)
+            if env.is_main:
+                ran, counts = source.check_cached(progress=cfg["train"]["progress"])
+                if ran:
+                    log.info("validation labels checked: %s", source.description)
+                present = [k for k, n in enumerate(counts) if n > 0]
+                if present and present[-1] + 1 < self.num_classes:
+                    log.warning("data.num_classes is %d but the validation masks hold classes 0..%d only: the "
+                                "model gets %d class(es) no label ever shows; set data.num_classes to the "
+                                "dataset's count", self.num_classes, present[-1], self.num_classes - present[-1] - 1)
             barrier()
         if self.val is not None:
             from .evaluate import make_eval_loader

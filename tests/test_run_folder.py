@@ -135,6 +135,10 @@ def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypat
     trainer.close()
     stamps = list((tmp_path / "cache" / "csl" / "validated").iterdir())
     assert len(stamps) == 1
+    # Too many classes for these masks (a config's num_classes left over): said in the log.
+    Trainer(config(tmp_path / "run0", **{**data, "data.num_classes": 8})).close()
+    assert "data.num_classes is 8 but the validation masks hold classes 0..4 only" in (
+        tmp_path / "run0" / "train.log").read_text()
     val_mask = os.path.join(info["root"], open(info["val_list"]).readline().split()[1])
     mask = np.array(Image.open(val_mask))
     mask[0, 0] = 9  # not one of the 5 classes

@@ -247,9 +247,10 @@ class ListSource:
     def name(self, index: int) -> str:
         return os.path.splitext(self.items[index][0])[0]
 
-    def check_cached(self, progress: bool = True) -> bool:
+    def check_cached(self, progress: bool = True) -> tuple[bool, list[int]]:
         """:meth:`validate`, skipped when the same files (paths, sizes, modification times) were found valid under
-        the same label settings before (a stamp in ``$XDG_CACHE_HOME/csl/validated/``). Returns whether it ran."""
+        the same label settings before (a stamp in ``$XDG_CACHE_HOME/csl/validated/``). Returns whether it ran and
+        the pixel count of each class."""
         import hashlib
         import json
 
@@ -262,16 +263,19 @@ class ListSource:
                     digest.update(f"{os.path.abspath(path)}:{st and st.st_size}:{st and st.st_mtime_ns}\n".encode())
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         stamp = os.path.join(base, "csl", "validated", digest.hexdigest()[:32])
-        if os.path.isfile(stamp):
-            return False
-        self.validate(progress=progress)  # raises ValueError listing the bad items
+        try:
+            with open(stamp) as f:
+                return False, json.load(f)["class_pixels"]
+        except (OSError, ValueError, KeyError):
+            pass
+        counts = self.validate(progress=progress)["class_pixels"]  # raises ValueError listing the bad items
         try:
             os.makedirs(os.path.dirname(stamp), exist_ok=True)
             with open(stamp, "w") as f:
-                f.write(self.description + "\n")
+                json.dump({"list": self.description, "class_pixels": counts}, f)
         except OSError:
             pass  # no cache: checked again next time
-        return True
+        return True, counts
 
     def validate(self, progress: bool = True) -> dict:
         """Scan every item: files exist, image and mask sizes agree, label values are valid.
@@ -415,32 +419,6 @@ class _View(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
-
-    def check_cached(self, progress: bool = True) -> bool:
-        """:meth:`validate`, skipped when the same files (paths, sizes, modification times) were found valid under
-        the same label settings before (a stamp in ``$XDG_CACHE_HOME/csl/validated/``). Returns whether it ran."""
-        import hashlib
-        import json
-
-        digest = hashlib.sha256(json.dumps([type(self).__name__, self.num_classes, self.file_ignore_index,
-                                            list(self.ignore_labels), self.reduce_zero_label, self.scale]).encode())
-        for i in range(len(self)):
-            for path in (self.image_path(i), self.mask_path(i)):
-                if path is not None:
-                    st = os.stat(path) if os.path.exists(path) else None
-                    digest.update(f"{os.path.abspath(path)}:{st and st.st_size}:{st and st.st_mtime_ns}\n".encode())
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        stamp = os.path.join(base, "csl", "validated", digest.hexdigest()[:32])
-        if os.path.isfile(stamp):
-            return False
-        self.validate(progress=progress)  # raises ValueError listing the bad items
-        try:
-            os.makedirs(os.path.dirname(stamp), exist_ok=True)
-            with open(stamp, "w") as f:
-                f.write(self.description + "\n")
-        except OSError:
-            pass  # no cache: checked again next time
-        return True
 
     def validate(self, progress: bool = True) -> dict:
         """Scan the whole list for missing files and bad label values (see :meth:`ListSource.validate`)."""
