@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     out = tmp_path / "check"
-    env = {**os.environ, "GPU_CHECK_TESTS": "tests/test_metrics.py",
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TESTS": "tests/test_metrics.py",
            "GPU_CHECK_TRAIN_OVERRIDES": "data.crop_size=40 model.backbone=resnet18 data.synthetic.num_labeled=4 "
                                         "data.synthetic.num_unlabeled=8 data.synthetic.size=48 train.batch_size=2 "
                                         "data.num_workers=0"}
