@@ -14,6 +14,7 @@ A backend named with ``backend=`` (or ``kernels.backend`` in the trainer) is use
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,11 @@ def _store(key: str, name: str) -> None:
         log.debug("could not write %s: %s", path, exc)
 
 
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def shape_class(t: torch.Tensor) -> str:
     """Calls whose dtype and class count agree and whose pixel counts round to the same power of two share a choice."""
     pixels = t.numel() // max(t.shape[1], 1)
@@ -99,7 +105,7 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
     available = [b for b in CANDIDATES if _backends.unavailable_reason(op, b, device) is None]
     if len(available) < 2:
         return _backends.resolve(op, backend, device)
-    key = f"{op} | {torch.cuda.get_device_name(device)} | {shape_class(key_tensor)}"
+    key = f"{op} | {_device_name(device.index)} | {shape_class(key_tensor)}"
     with _lock:
         name = _load().get(key)
         if name is None:

@@ -282,7 +282,7 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     caplog.set_level(logging.INFO, logger="csl_kernels")
     monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
     monkeypatch.setattr(_measured, "_choices", None)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     speed = {"cuda": 0.5, "triton": 0.2}
     timed = []
