@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import _backends
+from ._paths import cache_dir
 
 log = logging.getLogger("csl_kernels")
 
@@ -38,8 +39,7 @@ def cache_path() -> Path:
     explicit = os.environ.get(ENV_CACHE)
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "csl" / "auto-backend.json"
+    return cache_dir() / "auto-backend.json"
 
 
 def _load() -> dict[str, str]:

@@ -261,8 +261,9 @@ class ListSource:
                 if path is not None:
                     st = os.stat(path) if os.path.exists(path) else None
                     digest.update(f"{os.path.abspath(path)}:{st and st.st_size}:{st and st.st_mtime_ns}\n".encode())
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        stamp = os.path.join(base, "csl", "validated", digest.hexdigest()[:32])
+        from csl_kernels._paths import cache_dir
+
+        stamp = str(cache_dir() / "validated" / digest.hexdigest()[:32])
         try:
             with open(stamp) as f:
                 return False, json.load(f)["class_pixels"]

@@ -43,6 +43,8 @@ from typing import TypeVar
 import torch
 import triton
 
+from .._paths import cache_dir
+
 log = logging.getLogger("csl_kernels")
 
 ENV_MODE = "CSL_TRITON_AUTOTUNE"
@@ -198,8 +200,7 @@ def cache_path() -> Path:
     explicit = os.environ.get(ENV_CACHE)
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "csl" / "triton-tuning.json"
+    return cache_dir() / "triton-tuning.json"
 
 
 def pixel_bucket(pixels: int) -> int:
