@@ -38,14 +38,6 @@ LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatc
           "csl_class": "CSL class-wise (PCOS + TMP)"}
 
 
-def _fresh(cfg: dict) -> dict:
-    for name in ("metrics.jsonl", "latest.pt", "best.pt", "done.json"):  # a new run, not appended to / resumed
-        path = os.path.join(cfg["output_dir"], name)
-        if os.path.exists(path):
-            os.remove(path)
-    return cfg
-
-
 def _same_run(cfg: dict) -> bool:
     """Whether ``cfg``'s run folder was written by this very configuration (``train.resume`` and
     ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them)."""
@@ -90,20 +82,19 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
     out = cfg["output_dir"]
     done, latest = os.path.join(out, "done.json"), os.path.join(out, LATEST)
     before = 0.0
-    if fresh:
-        _fresh(cfg)
-    if _same_run(cfg) and os.path.isfile(done):
+    same = not fresh and _same_run(cfg)
+    if same and os.path.isfile(done):
         with open(done) as f:
             seconds = json.load(f)["seconds"]
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
         return seconds
-    if _same_run(cfg) and os.path.isfile(latest):
+    if same and os.path.isfile(latest):
         iteration = int(torch.load(latest, map_location="cpu", weights_only=True)["iteration"])
         before = _logged_seconds(cfg, iteration)
         print(f"   continuing from {latest} (iteration {iteration}, {before:.0f} s of training logged)", flush=True)
         cfg = build_config(cfg, {"train.resume": latest})
     else:
-        cfg = build_config(cfg, {"train.overwrite": True})  # this stage starts afresh in its own folder
+        cfg = build_config(cfg, {"train.overwrite": True})  # afresh: the trainer replaces what the folder holds
     t0 = time.perf_counter()
     train_fn(cfg)
     seconds = before + time.perf_counter() - t0

@@ -108,20 +108,16 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
     lock = RunLock(folder)
     lock.acquire()
     found = existing_run_files(folder)
-    if found and not resuming:
-        if not (overwrite or resume_auto):
-            lock.release()
-            raise RunFolderError(
-                f"{folder} already holds a run ({', '.join(found)}); continue it with --resume auto "
-                f"(train.resume=auto), replace it with --overwrite (train.overwrite=true), or choose another "
-                f"output_dir")
-        why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
-        log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
-        for name in found + [f for f in SIDE_FILES + ("metrics.jsonl",) if os.path.exists(os.path.join(folder, f))]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-    elif not resuming:
-        for name in SIDE_FILES + ("metrics.jsonl",):  # what a start that failed before training left
+    if found and not resuming and not (overwrite or resume_auto):
+        lock.release()
+        raise RunFolderError(
+            f"{folder} already holds a run ({', '.join(found)}); continue it with --resume auto "
+            f"(train.resume=auto), replace it with --overwrite (train.overwrite=true), or choose another output_dir")
+    if not resuming:  # a new run: the replaced run's files, or what a start that failed before training left
+        if found:
+            why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
+            log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
+        for name in RUN_FILES + SIDE_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
     _remove_orphans(folder)

@@ -140,6 +140,11 @@ def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
                  "train.iters_per_epoch=2"]) == 0
     assert capsys.readouterr().out.count("already done") == 4
+    # --fresh trains every stage again in the same folders (the trainer replaces the finished runs).
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", "--fresh", *TINY,
+                 "train.iters_per_epoch=2"]) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert len(read_metrics(str(tmp_path / "csl" / "metrics.jsonl"), "train")) == 2  # one run's records, not two
 
 
 def test_bad_override_exits_with_message(capsys):
