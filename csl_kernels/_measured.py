@@ -33,6 +33,9 @@ CANDIDATES = ("cuda", "triton")
 ENV_CACHE = "CSL_AUTO_CACHE"
 _lock = threading.Lock()
 _choices: dict[str, str] | None = None
+# {(op, device, dtype, shape): backend} of the calls resolved since the choices were loaded: a repeated call's
+# lookup (its cache key is a string built from the GPU name and the shape class).
+_by_shape: dict[tuple, str] = {}
 
 
 def cache_path() -> Path:
@@ -45,6 +48,7 @@ def cache_path() -> Path:
 def _load() -> dict[str, str]:
     global _choices
     if _choices is None:
+        _by_shape.clear()
         try:
             _choices = {k: v for k, v in json.loads(cache_path().read_text()).items() if v in CANDIDATES}
         except (OSError, ValueError, AttributeError):
@@ -102,6 +106,11 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
     dropped)."""
     if backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling():
         return _backends.resolve(op, backend, device)
+    fast_key = (op, device, key_tensor.dtype, key_tensor.shape)
+    if _choices is not None:
+        name = _by_shape.get(fast_key)
+        if name is not None:
+            return name, _backends._IMPLS[op][name]
     available = [b for b in CANDIDATES if _backends.unavailable_reason(op, b, device) is None]
     if len(available) < 2:
         return _backends.resolve(op, backend, device)
@@ -118,4 +127,7 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
                      ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1])),
                      cache_path())
             _store(key, name)
+        if len(_by_shape) >= 4096:
+            _by_shape.clear()
+        _by_shape[fast_key] = name
     return name, _backends._IMPLS[op][name]

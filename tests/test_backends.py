@@ -313,3 +313,51 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     assert _measured.resolve("toy_op", "triton", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
     assert _measured.resolve("toy_op", "auto", CPU, z, lambda impl: impl(), timer=timer)[0] == "cpu"
     assert len(timed) == 4
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operator namespaces a block dispatches (aten for allocations, csl / csl_triton for the fused ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.namespaces = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["pcos_weights", "weighted_cross_entropy"])
+def test_an_eager_triton_call_launches_without_the_custom_op(op):
+    """Eager calls go straight to the launchers (csl_bench/bench_host_overhead.py: the custom-op layers cost more host
+    time than the kernels take), also the CE's forward + backward; they give the op's results bitwise. A PCOS call
+    autograd must record goes through the op (whose formula raises on backward)."""
+    from conftest import require_backend
+
+    device = require_backend(op, "triton")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 5, 6, generator=g).to(device)
+    label = torch.randint(0, 4, (2, 5, 6), generator=g).to(device)
+    weight = torch.rand(2, 5, 6, generator=g).to(device)
+    if op == "pcos_weights":
+        with _RecordOps() as eager:
+            out = csl_kernels.pcos_weights(z, backend="triton", return_stats=True)
+        assert "csl_triton" not in eager.namespaces and "aten" in eager.namespaces
+        expected = torch.ops.csl_triton.pcos_weights(z, None, 8.0, False, False, False)
+        got = (out.weight, out.label, out.reliable, *out.stats)
+        for name, a, b in zip(range(9), got, expected, strict=True):
+            assert torch.equal(a, b), name
+        with _RecordOps() as recorded:
+            csl_kernels.pcos_weights(z.clone().requires_grad_(True), backend="triton")
+        assert "csl_triton" in recorded.namespaces
+        return
+    leaf = z.clone().requires_grad_(True)
+    with _RecordOps() as eager:
+        loss = csl_kernels.weighted_cross_entropy(leaf, label, weight, backend="triton")
+        (grad,) = torch.autograd.grad(loss, leaf)
+    assert "csl_triton" not in eager.namespaces
+    leaf_op = z.clone().requires_grad_(True)
+    loss_op = torch.ops.csl_triton.weighted_cross_entropy(leaf_op, label, weight, None)[0]
+    (grad_op,) = torch.autograd.grad(loss_op, leaf_op)
+    assert torch.equal(loss.detach(), loss_op.detach())
+    assert torch.equal(grad, grad_op) and grad.abs().sum() > 0

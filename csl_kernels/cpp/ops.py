@@ -13,6 +13,7 @@ import torch
 
 from .._backends import register
 from .._checks import NOT_DIFFERENTIABLE, register_not_differentiable
+from .._eager import below_autograd, fused_cross_entropy, goes_through_op
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
@@ -76,7 +77,10 @@ def register_python_parts() -> None:
 @register("residual_features", "cuda")
 def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                           released: bool = False) -> ResidualFeatures:
-    return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence, released))
+    if goes_through_op(logits):
+        return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence, released))
+    with below_autograd():
+        return ResidualFeatures(*torch.ops.csl.residual_features.default(logits, valid, log_confidence, released))
 
 
 @register("pcos_weights", "cpu")
@@ -85,14 +89,20 @@ def pcos_weights_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False,
 ) -> PCOSOutputs:
-    return PCOSOutputs(*torch.ops.csl.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                   bool(class_groups), bool(released)))
+    args = (logits, valid, float(alpha), bool(log_confidence), bool(class_groups), bool(released))
+    if goes_through_op(logits):
+        return PCOSOutputs(*torch.ops.csl.pcos_weights(*args))
+    with below_autograd():
+        return PCOSOutputs(*torch.ops.csl.pcos_weights.default(*args))
 
 
 @register("trusted_mask", "cpu")
 @register("trusted_mask", "cuda")
 def trusted_mask_cpp(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float) -> TrustedMask:
-    return TrustedMask(*torch.ops.csl.trusted_mask(images, cells, reliable, float(fill)))
+    if goes_through_op(images):
+        return TrustedMask(*torch.ops.csl.trusted_mask(images, cells, reliable, float(fill)))
+    with below_autograd():
+        return TrustedMask(*torch.ops.csl.trusted_mask.default(images, cells, reliable, float(fill)))
 
 
 @register("weighted_cross_entropy", "cpu")
@@ -101,11 +111,24 @@ def weighted_cross_entropy_cpp(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """The 0-dim loss, differentiable w.r.t. ``logits``."""
-    return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
+    return fused_cross_entropy(logits, label, weight, valid, _cross_entropy_forward, _cross_entropy_backward,
+                               torch.ops.csl.weighted_cross_entropy_backward)
+
+
+def _cross_entropy_forward(logits, label, weight, valid):
+    with below_autograd():
+        return torch.ops.csl.weighted_cross_entropy.default(logits, label, weight, valid)
+
+
+def _cross_entropy_backward(grad_loss, logits, label, weight, valid, lse):
+    with below_autograd():
+        return torch.ops.csl.weighted_cross_entropy_backward.default(grad_loss, logits, label, weight, valid, lse)
 
 
 @register("confusion_matrix", "cpu")
 @register("confusion_matrix", "cuda")
 def confusion_matrix_cpp(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                          ) -> torch.Tensor:
-    return torch.ops.csl.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
+    return torch.ops.csl.confusion_matrix.default(pred, target, int(num_classes), int(ignore_index))

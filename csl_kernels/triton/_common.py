@@ -30,8 +30,15 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions whose calls
+# unwrap their arguments (~3 us each), and a launcher makes several per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 # Offsets at or above this may not fit in int32 (with headroom for the in-kernel additions).

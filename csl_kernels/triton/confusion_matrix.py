@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._backends import register
 from ..confusion_matrix import confusion_matrix_outputs_like
-from ._common import device_guard
+from ._common import cdiv, device_guard
 
 BLOCK = 1024
 ITERS = 8  # chunks of BLOCK pixels per program on the histogram path
@@ -57,7 +57,7 @@ def confusion_matrix_launch(pred: torch.Tensor, target: torch.Tensor, num_classe
     hist = num_classes * num_classes <= HIST_BINS
     iters = ITERS if hist else 1
     with device_guard(pred):
-        _confusion_kernel[(triton.cdiv(n, BLOCK * iters),)](
+        _confusion_kernel[(cdiv(n, BLOCK * iters),)](
             pred_c, target_c, out, n, num_classes, ignore_index,
             BLOCK=BLOCK, ITERS=iters, HIST=hist, NBINS=HIST_BINS, num_warps=4,
         )
@@ -79,4 +79,6 @@ def _(pred, target, num_classes, ignore_index):
 def confusion_matrix_triton(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                             ) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts (rows = target); pixels with an out-of-range class are skipped."""
-    return torch.ops.csl_triton.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
+    if torch.compiler.is_compiling():
+        return torch.ops.csl_triton.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
+    return confusion_matrix_launch(pred, target, int(num_classes), int(ignore_index))

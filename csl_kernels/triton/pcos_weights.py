@@ -24,10 +24,12 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
+from .._eager import goes_through_op
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
     NO_FP_FUSION,
     USE_LIBDEVICE,
+    cdiv,
     chan_merge,
     device_guard,
     next_pow2,
@@ -50,6 +52,8 @@ MAX_BLOCK_G = 16  # groups per tile of the one-hot partial sums (class groups)
 MAX_BLOCK_K = 128  # chunks per step of the per-group reductions
 GROUP_TILE = 1024  # groups x chunks per step of the per-group reductions
 BLOCK_W = 1024  # pixels per program of the weight kernel
+CLUSTER_BLOCK = 1024  # pixels per tile of the image-group cluster pass at most
+CLUSTER_WARPS = 8  # its warps: 4 pixels per thread at the largest tile
 # Tile and warps of the two pixel passes (features + Gram sums, cluster records). Chunks do not depend on the choice
 # (chunk_pixels), so neither do the per-chunk records nor the order they are merged in.
 TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
@@ -66,6 +70,10 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
     z_base = z_ptr + b * sb
     gcols = tl.arange(0, BLOCK_G)
     n_bad = tl.zeros([BLOCK_P], tl.int32)
+    # Image groups: every lane sums its pixels' Gram products over the tiles; one reduction and store per chunk.
+    lane_xx = tl.zeros([BLOCK_P], tl.float64)
+    lane_xy = tl.zeros([BLOCK_P], tl.float64)
+    lane_yy = tl.zeros([BLOCK_P], tl.float64)
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
@@ -83,25 +91,31 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
         tl.store(keep_ptr + out, keep.to(tl.uint8), mask=pmask)
         tl.store(label_ptr + out, label.to(tl.int64), mask=pmask)
         n_bad += (pmask & ~finite).to(tl.int32)
-        xd = x.to(tl.float64)
+        xd = x.to(tl.float64)  # 0 where not kept
         yd = y.to(tl.float64)
         if CLASS_GROUPS:
-            gid = label
+            for g0 in range(0, GPI, BLOCK_G):
+                groups = g0 + gcols
+                hit = keep[:, None] & (label[:, None] == groups[None, :])
+                if tl.sum(hit.to(tl.int32)) > 0:
+                    sxx = tl.sum(tl.where(hit, (xd * xd)[:, None], 0.0), axis=0)
+                    sxy = tl.sum(tl.where(hit, (xd * yd)[:, None], 0.0), axis=0)
+                    syy = tl.sum(tl.where(hit, (yd * yd)[:, None], 0.0), axis=0)
+                    gmask = groups < GPI
+                    slot = gram_ptr + ((b * GPI + groups) * 3) * NCH + chunk
+                    tl.debug_barrier()  # this program's previous stores to its slots are visible to every thread
+                    tl.store(slot, tl.load(slot, mask=gmask, other=0.0) + sxx, mask=gmask)
+                    tl.store(slot + NCH, tl.load(slot + NCH, mask=gmask, other=0.0) + sxy, mask=gmask)
+                    tl.store(slot + 2 * NCH, tl.load(slot + 2 * NCH, mask=gmask, other=0.0) + syy, mask=gmask)
         else:
-            gid = tl.zeros([BLOCK_P], tl.int32)
-        for g0 in range(0, GPI, BLOCK_G):
-            groups = g0 + gcols
-            hit = keep[:, None] & (gid[:, None] == groups[None, :])
-            if tl.sum(hit.to(tl.int32)) > 0:
-                sxx = tl.sum(tl.where(hit, (xd * xd)[:, None], 0.0), axis=0)
-                sxy = tl.sum(tl.where(hit, (xd * yd)[:, None], 0.0), axis=0)
-                syy = tl.sum(tl.where(hit, (yd * yd)[:, None], 0.0), axis=0)
-                gmask = groups < GPI
-                slot = gram_ptr + ((b * GPI + groups) * 3) * NCH + chunk
-                tl.debug_barrier()  # this program's previous stores to its slots are visible to every thread
-                tl.store(slot, tl.load(slot, mask=gmask, other=0.0) + sxx, mask=gmask)
-                tl.store(slot + NCH, tl.load(slot + NCH, mask=gmask, other=0.0) + sxy, mask=gmask)
-                tl.store(slot + 2 * NCH, tl.load(slot + 2 * NCH, mask=gmask, other=0.0) + syy, mask=gmask)
+            lane_xx += xd * xd
+            lane_xy += xd * yd
+            lane_yy += yd * yd
+    if not CLASS_GROUPS:
+        slot = gram_ptr + (b * 3) * NCH + chunk
+        tl.store(slot, tl.sum(lane_xx, axis=0))
+        tl.store(slot + NCH, tl.sum(lane_xy, axis=0))
+        tl.store(slot + 2 * NCH, tl.sum(lane_yy, axis=0))
     tl.store(bad_ptr + b * NCH + chunk, tl.sum(n_bad, axis=0))
 
 
@@ -315,35 +329,42 @@ def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight
     tl.store(reliable_ptr + i, (keep & (w == 1.0)).to(tl.uint8), mask=pmask)
 
 
+def cluster_block(chunk_len: int) -> int:
+    """Pixels per tile of the image-group cluster pass: the largest power of two that divides a chunk of
+    ``chunk_len`` pixels, at most CLUSTER_BLOCK."""
+    return min(chunk_len & -chunk_len, CLUSTER_BLOCK)
+
+
 def chunk_pixels(batch: int, hw: int, groups_per_image: int) -> int:
     """Pixels per chunk: a multiple of MIN_CHUNK, more than MIN_CHUNK when the per-chunk records would exceed the
     budget. It does not depend on the launch configuration (every tile of pixels divides MIN_CHUNK)."""
     record_bytes = (GRAM_STATS + 2 * CLUSTER_STATS) * 8 * groups_per_image
     max_chunks = max(1, PARTIAL_BUDGET // record_bytes)
-    return triton.cdiv(max(MIN_CHUNK, triton.cdiv(max(1, batch * hw), max_chunks)), MIN_CHUNK) * MIN_CHUNK
+    return cdiv(max(MIN_CHUNK, cdiv(max(1, batch * hw), max_chunks)), MIN_CHUNK) * MIN_CHUNK
 
 
 def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int:
     """Tiles of ``block_p`` pixels per chunk (an image smaller than a chunk is one chunk of just enough tiles)."""
     if MIN_CHUNK % block_p:
         raise ValueError(f"a tile of {block_p} pixels does not divide a chunk of {MIN_CHUNK}")
-    return triton.cdiv(min(chunk_pixels(batch, hw, groups_per_image), max(hw, 1)), block_p)
+    return cdiv(min(chunk_pixels(batch, hw, groups_per_image), max(hw, 1)), block_p)
 
 
 def pcos_weights_launch(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
-    released: bool = False,
+    released: bool = False, packed: bool = False,
 ) -> PCOSOutputs:
+    """The PCOS passes on ``logits``; ``packed``: statistics as views of shared buffers (eager calls only)."""
     bsz, ncls, h, w = logits.shape
     hw = h * w
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi
     dev = logits.device
     f64 = torch.float64
-    out = pcos_outputs_like(logits, class_groups)
-    for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
-        stat.zero_()  # the statistics of an empty input are zeros
-    if bsz == 0 or hw == 0:
+    out = pcos_outputs_like(logits, class_groups, packed)
+    if bsz == 0 or hw == 0:  # the kernels write every statistic of every group; an empty input's are zeros
+        for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
+            stat.zero_()
         return out
     if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
         logits = logits.contiguous()
@@ -351,25 +372,25 @@ def pcos_weights_launch(
     valid_u8, has_valid = valid_bytes(valid, logits)
     dt = compute_dtype(logits)
     acc = tl_dtype(dt)
-    fx = torch.empty((bsz * hw,), dtype=dt, device=dev)
-    fy = torch.empty_like(fx)
+    fx, fy = torch.empty((2, bsz * hw), dtype=dt, device=dev)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
-    params = torch.empty((n_groups * GROUP_PARAMS,), dtype=f64, device=dev)
-    wparams = torch.empty((n_groups * WEIGHT_PARAMS,), dtype=f64, device=dev)
     block_g = min(next_pow2(gpi), MAX_BLOCK_G)
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
         block_p = min(block_p, MIN_CHUNK)
         tiles = chunk_tiles(bsz, hw, gpi, block_p)
-        nch = triton.cdiv(hw, tiles * block_p)
-        # Programs fold tile after tile into their own slots: the slots start from zero.
-        gram = torch.zeros((n_groups * GRAM_STATS * nch,), dtype=f64, device=dev)
-        part = torch.zeros((n_groups * 2 * CLUSTER_STATS * nch,), dtype=f64, device=dev)
+        nch = cdiv(hw, tiles * block_p)
+        # One float64 scratch buffer (one allocation, one fill): the per-chunk Gram and cluster records, which
+        # programs fold tile after tile into (so they start from zero), and the per-group parameters; each part
+        # starts on a 128-byte boundary, as a buffer of its own would.
+        sizes = [cdiv(n, 16) * 16 for n in (n_groups * GRAM_STATS * nch, n_groups * 2 * CLUSTER_STATS * nch,
+                                            n_groups * GROUP_PARAMS, n_groups * WEIGHT_PARAMS)]
+        gram, part, params, wparams = torch.zeros((sum(sizes),), dtype=f64, device=dev).split(sizes)
         bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
         block_k = min(next_pow2(nch), MAX_BLOCK_K)
         block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
-        group_grid = (triton.cdiv(n_groups, block_grp),)
+        group_grid = (cdiv(n_groups, block_grp),)
         chunk_grid = (nch, bsz)
         _pcos_features_kernel[chunk_grid](
             logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
@@ -381,14 +402,19 @@ def pcos_weights_launch(
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
         _pcos_group_params_kernel[group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
                                               nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4, **NO_FP_FUSION)
+        # The cluster pass reads three values per pixel, not C: image groups take the largest tile that divides the
+        # chunk (up to CLUSTER_BLOCK pixels), so a chunk is one or a few tiles and few merges. Class groups keep the
+        # feature pass's tile: their one-hot tiles are BLOCK_G groups wide.
+        cluster_p = block_p if class_groups else cluster_block(tiles * block_p)
         _pcos_cluster_kernel[chunk_grid](
-            fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles,
-            CLASS_GROUPS=bool(class_groups), BLOCK_P=block_p, BLOCK_G=block_g, num_warps=config.num_warps,
+            fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles * block_p // cluster_p,
+            CLASS_GROUPS=bool(class_groups), BLOCK_P=cluster_p, BLOCK_G=block_g,
+            num_warps=config.num_warps if class_groups else CLUSTER_WARPS,
         )
         _pcos_cluster_stats_kernel[group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups, nch,
                                                BLOCK_GRP=block_grp, BLOCK_K=block_k, RELEASED=bool(released),
                                                num_warps=4)
-        _pcos_weight_kernel[(triton.cdiv(hw, BLOCK_W), bsz)](
+        _pcos_weight_kernel[(cdiv(hw, BLOCK_W), bsz)](
             fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
             CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
         )
@@ -417,8 +443,11 @@ def pcos_weights_triton(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False,
 ) -> PCOSOutputs:
-    return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                          bool(class_groups), bool(released)))
+    if goes_through_op(logits):
+        return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
+                                                              bool(class_groups), bool(released)))
+    return pcos_weights_launch(logits, valid, float(alpha), bool(log_confidence), bool(class_groups), bool(released),
+                               packed=True)
 
 
 register_not_differentiable(pcos_weights_op, "pcos_weights")

@@ -16,8 +16,19 @@ from triton.language.extra import libdevice
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
+from .._eager import goes_through_op
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
-from ._common import USE_LIBDEVICE, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, valid_bytes, wide
+from ._common import (
+    USE_LIBDEVICE,
+    cdiv,
+    device_guard,
+    next_pow2,
+    pixel_offsets,
+    pixel_strides,
+    tl_dtype,
+    valid_bytes,
+    wide,
+)
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
@@ -159,7 +170,7 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
-        _residual_features_kernel[(triton.cdiv(hw, block_p), bsz)](
+        _residual_features_kernel[(cdiv(hw, block_p), bsz)](
             logits, valid_u8, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
             HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
             BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
@@ -186,8 +197,10 @@ def _(logits, valid, log_confidence, released=False):
 @register("residual_features", "triton")
 def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                              released: bool = False) -> ResidualFeatures:
-    return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence),
-                                                                    bool(released)))
+    if goes_through_op(logits):
+        return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence),
+                                                                        bool(released)))
+    return residual_features_launch(logits, valid, bool(log_confidence), bool(released))
 
 
 register_not_differentiable(residual_features_op, "residual_features")

@@ -13,8 +13,9 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import register_not_differentiable
+from .._eager import goes_through_op
 from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
-from ._common import device_guard, pixel_strides, wide
+from ._common import cdiv, device_guard, pixel_strides, wide
 from .tuning import Config, Tunable, tuned
 
 # Pixels per program (one row of an image may span several programs) and warps; the candidates are timed on the
@@ -79,7 +80,7 @@ def trusted_mask_launch(images: torch.Tensor, cells: torch.Tensor, reliable: tor
     r_sb, r_sh, r_sw, _ = pixel_strides(reliable)
 
     def launch(config: Config) -> None:
-        _trusted_mask_kernel[(triton.cdiv(height * width, config.tile), bsz)](
+        _trusted_mask_kernel[(cdiv(height * width, config.tile), bsz)](
             images, masked, cells_c, rel, _bytes(cover), fill_t,
             channels, height, width, gh, gw,
             i_sb, images.stride(1), i_sh, i_sw, o_sb, masked.stride(1), o_sh, o_sw, r_sb, r_sh, r_sw,
@@ -105,7 +106,9 @@ def _(images, cells, reliable, fill):
 @register("trusted_mask", "triton")
 def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
                         ) -> TrustedMask:
-    return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))
+    if goes_through_op(images):
+        return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))
+    return trusted_mask_launch(images, cells, reliable, float(fill))
 
 
 register_not_differentiable(_trusted_mask_op, "trusted_mask")

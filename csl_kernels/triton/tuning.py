@@ -44,6 +44,7 @@ import torch
 import triton
 
 from .._paths import cache_dir
+from ._common import next_pow2
 
 log = logging.getLogger("csl_kernels")
 
@@ -145,6 +146,9 @@ _MEMORY: dict[str, dict[str, dict[str, Config]]] = {}
 # Per cache file: {(section, "<tunable>|<key>"): {config name: milliseconds}} of the timings this process made.
 _TIMES: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
 _WARNED: set[str] = set()
+# {(tunable, shape, strides, dtype, device, extra): Config} of the tuned calls this process made (tuned()).
+_PICKED: dict[tuple, Config] = {}
+MAX_PICKED = 4096
 
 
 def autotune_enabled() -> bool:
@@ -205,7 +209,7 @@ def cache_path() -> Path:
 
 def pixel_bucket(pixels: int) -> int:
     """Calls whose pixel counts round to the same power of two share a tuned configuration."""
-    return triton.next_power_of_2(max(1, int(pixels)))
+    return next_pow2(max(1, int(pixels)))
 
 
 def call_key(t: torch.Tensor, extra: str = "") -> str:
@@ -222,8 +226,27 @@ def call_key(t: torch.Tensor, extra: str = "") -> str:
 
 def tuned(tunable: Tunable, inputs: torch.Tensor, launch: Callable[[Config], T], extra: str = "") -> T:
     """``launch(config)`` with the configuration :meth:`Tunable.pick` chooses for a call on ``inputs`` (B x C x H x W;
-    ``extra`` distinguishes calls of other kinds on the same inputs)."""
-    return launch(tunable.pick(call_key(inputs, extra), inputs, launch))
+    ``extra`` distinguishes calls of other kinds on the same inputs).
+
+    A call repeats the previous calls' shapes: the choice is remembered per (shape, strides, dtype, device), so a
+    repeated call looks up one dict entry instead of building its cache key."""
+    if inputs.dtype in tunable.default_only:
+        return launch(tunable.default)
+    forced_config = _FORCED.get(tunable.name)
+    if forced_config is not None:
+        return launch(forced_config)
+    if not autotune_enabled():
+        return launch(tunable.default)
+    fast_key = (tunable.name, inputs.shape, inputs.stride(), inputs.dtype, inputs.device, extra)
+    config = _PICKED.get(fast_key)
+    if config is None:
+        config = tunable.pick(call_key(inputs, extra), inputs, launch)
+        # Inside a CUDA-graph capture the choice may be the untuned default: not remembered.
+        if inputs.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_PICKED) >= MAX_PICKED:
+                _PICKED.clear()
+            _PICKED[fast_key] = config
+    return launch(config)
 
 
 @contextlib.contextmanager
@@ -270,6 +293,7 @@ def forget() -> None:
         _MEMORY.clear()
         _TIMES.clear()
         _WARNED.clear()
+        _PICKED.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------- cache

@@ -25,8 +25,9 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
+from .._eager import fused_cross_entropy
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
-from ._common import device_guard, pixel_offsets, pixel_strides, tl_dtype, wide
+from ._common import cdiv, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, wide
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
@@ -43,7 +44,7 @@ REDUCE_BLOCK = 1024
 
 
 def _blocks(num_classes: int, config: Config) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
+    block_c = min(next_pow2(num_classes), MAX_BLOCK_C)
     block_p = max(32, min(MAX_BLOCK_P, config.tile // block_c))
     return block_p, block_c
 
@@ -190,7 +191,7 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
 
     def launch(config: Config) -> None:
         block_p, block_c = _blocks(num_classes, config)
-        n_pblocks = triton.cdiv(hw, block_p)
+        n_pblocks = cdiv(hw, block_p)
         n_parts = n_pblocks * bsz
         part_loss = torch.empty(max(n_parts, 1), dtype=acc, device=dev)
         part_count = torch.empty(max(n_parts, 1), dtype=torch.int32, device=dev)
@@ -242,7 +243,7 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch
 
     def launch(config: Config) -> None:
         block_p, block_c = _blocks(num_classes, config)
-        _ce_backward_kernel[(triton.cdiv(hw, block_p), bsz)](
+        _ce_backward_kernel[(cdiv(hw, block_p), bsz)](
             grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
             num_classes, hw, width, sb, logits.stride(1), sh, sw, g_sb, grad.stride(1), g_sh, g_sw,
             HAS_VALID=valid is not None, FLAT_HW=flat, G_FLAT_HW=g_flat, ACC=tl_dtype(acc),
@@ -289,7 +290,18 @@ def weighted_cross_entropy_triton(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
-    return _wce_forward(logits, label, weight, valid)[0]
+    if torch.compiler.is_compiling():
+        return _wce_forward(logits, label, weight, valid)[0]
+    return fused_cross_entropy(logits, label, weight, valid, weighted_cross_entropy_launch, _backward_launch,
+                               _backward_op)
+
+
+def _backward_launch(grad_loss, logits, label, weight, valid, lse, count):
+    return weighted_cross_entropy_backward_launch(grad_loss, count, logits, label, weight, valid, lse)
+
+
+def _backward_op(grad_loss, logits, label, weight, valid, lse, count):
+    return _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
 
 
 register_not_differentiable(_wce_backward, "weighted_cross_entropy_backward")

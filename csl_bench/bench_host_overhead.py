@@ -1,0 +1,193 @@
+"""Host-side cost of one call: the Python and dispatcher layers from the public call to the last kernel launch.
+
+    python -m csl_bench.bench_host_overhead [--calls 2000] [--out results/x.json]
+
+On a GPU the host issues the launches while the GPU runs them; a call whose host side takes longer than its kernels
+leaves the GPU waiting. This times the host side alone, without a GPU:
+
+- ``triton``: CPU tensors under ``TRITON_INTERPRET=1`` with every Triton launch replaced by a no-op that counts it.
+  What is timed is what this package owns: input checks, the backend choice, the custom-op / autograd layers, the
+  tuning lookup, allocations and the launch arguments. Triton's own launcher (argument binding, specialization key,
+  driver call) is not in it: that needs a GPU.
+- ``cpu``: the C++ extension on a tiny input (B2 C3 4x5: its kernels take well under a microsecond), i.e. the
+  Python layers, the dispatcher and the allocations of the extension's ops.
+- baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
+  host side is the floor any loss called from PyTorch pays), and a ``torch.library.custom_op`` that does nothing.
+
+Each row: microseconds per call, the minimum and the median of ``--repeats`` rounds of ``--calls`` calls (the
+minimum is the figure: the rest is other load), and the kernel launches per call (triton). The calls are what a
+training step makes: ``pcos_weights(logits, ignore)`` with an integer ignore map, and the weighted CE's forward +
+``backward()`` on logits that require grad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = (2, 3, 4, 5)
+WORKERS = ("triton", "cpu", "baseline")
+
+
+def _rounds(fn, calls: int, repeats: int) -> list[float]:
+    for _ in range(max(50, calls // 10)):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - start) / calls * 1e6)
+    return out
+
+
+def _row(op: str, provider: str, times: list[float], launches: float | None = None) -> dict:
+    times = sorted(times)
+    return {"op": op, "provider": provider, "us_min": round(times[0], 2), "us_median": round(times[len(times) // 2], 2),
+            "launches_per_call": launches}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    b, c, h, w = SHAPE
+    logits = torch.randn(SHAPE, generator=g)
+    ignore = torch.zeros((b, h, w), dtype=torch.uint8)
+    ignore[0, 0, 0] = 255
+    label = torch.randint(0, c, (b, h, w), generator=g)
+    weight = torch.rand((b, h, w), generator=g)
+    return logits, ignore, label, weight
+
+
+def _op_rows(provider: str, calls: int, repeats: int, count=None) -> list[dict]:
+    import csl_kernels
+
+    logits, ignore, label, weight = _inputs()
+    leaf = logits.clone().requires_grad_(True)
+
+    def pcos():
+        csl_kernels.pcos_weights(logits, ignore, backend=provider)
+
+    def ce():
+        csl_kernels.weighted_cross_entropy(leaf, label, weight, ignore, backend=provider).backward()
+
+    def ce_forward():
+        csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend=provider)
+
+    rows = []
+    for op, fn in (("pcos_weights", pcos), ("weighted_cross_entropy fwd+bwd", ce),
+                   ("weighted_cross_entropy fwd (no grad)", ce_forward)):
+        before = count() if count else 0
+        times = _rounds(fn, calls, repeats)
+        launches = (count() - before) / (calls * repeats + max(50, calls // 10)) if count else None
+        rows.append(_row(op, provider, times, launches))
+    return rows
+
+
+def _worker_triton(calls: int, repeats: int) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton worker runs under TRITON_INTERPRET=1 (the main process sets it)")
+    import csl_kernels.triton as triton_backend
+
+    problem = triton_backend._interpreter_problem()  # runs a real kernel once, before launches are stubbed
+    if problem is not None:
+        raise RuntimeError(problem)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = [0]
+
+    def no_launch(self, grid):
+        def launch(*args, **kwargs):
+            launched[0] += 1
+        return launch
+
+    InterpretedFunction.__getitem__ = no_launch
+    return _op_rows("triton", calls, repeats, lambda: launched[0])
+
+
+def _worker_cpu(calls: int, repeats: int) -> list[dict]:
+    return _op_rows("cpu", calls, repeats)
+
+
+def _worker_baseline(calls: int, repeats: int) -> list[dict]:
+    import torch.nn.functional as F
+
+    logits, ignore, label, weight = _inputs()
+    leaf = logits.clone().requires_grad_(True)
+
+    def cross_entropy():
+        F.cross_entropy(leaf, label).backward()
+
+    def cross_entropy_forward():
+        F.cross_entropy(logits, label)
+
+    @torch.library.custom_op("csl_bench::nothing", mutates_args=())
+    def nothing(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(())
+
+    @nothing.register_fake
+    def _(x):
+        return x.new_empty(())
+
+    return [_row("F.cross_entropy fwd+bwd", "torch", _rounds(cross_entropy, calls, repeats)),
+            _row("F.cross_entropy fwd (no grad)", "torch", _rounds(cross_entropy_forward, calls, repeats)),
+            _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats))]
+
+
+def run_worker(name: str, calls: int, repeats: int) -> list[dict]:
+    torch.set_num_threads(1)  # a host-side measurement: no intra-op threads
+    return {"triton": _worker_triton, "cpu": _worker_cpu, "baseline": _worker_baseline}[name](calls, repeats)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| op | provider | us / call (min) | median | launches / call |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        launches = "" if r.get("launches_per_call") is None else f"{r['launches_per_call']:.0f}"
+        lines.append(f"| {r['op']} | {r['provider']} | {r['us_min']:.1f} | {r['us_median']:.1f} | {launches} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_host_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per round")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per row")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: print only)")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.calls, args.repeats)))
+        return {}
+    from .environment import environment
+
+    rows = []
+    for name in WORKERS:  # one process each: TRITON_INTERPRET is read at import, and the launch stub stays inside
+        env = dict(os.environ, TRITON_INTERPRET="1" if name == "triton" else os.environ.get("TRITON_INTERPRET", "0"))
+        done = subprocess.run([sys.executable, "-m", "csl_bench.bench_host_overhead", "--worker", name, "--calls",
+                               str(args.calls), "--repeats", str(args.repeats)], env=env, capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            rows.append({"op": "-", "provider": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+            print(f"{name}: failed: {done.stderr.strip()[-2000:]}", file=sys.stderr)
+            continue
+        rows.extend(json.loads(done.stdout.strip().splitlines()[-1]))
+    ok = [r for r in rows if "error" not in r]
+    print(f"# host-side cost per call, input B{SHAPE[0]} C{SHAPE[1]} {SHAPE[2]}x{SHAPE[3]}, one thread\n")
+    print(table(ok))
+    payload = {"benchmark": "host_overhead", "shape": list(SHAPE), "calls": args.calls, "repeats": args.repeats,
+               "environment": environment(torch.device("cpu")), "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    result = main()
+    raise SystemExit(1 if any("error" in r for r in result.get("rows", [])) else 0)

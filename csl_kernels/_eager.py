@@ -1,0 +1,64 @@
+"""Eager calls of the fused backends: the launchers are called directly, without the custom-op layers.
+
+Every fused op is also a custom op (``csl::<op>`` of the extension, ``csl_triton::<op>``): that is what
+``torch.compile`` traces, what ``torch.library.opcheck`` tests and what autograd records where it must. An eager
+call needs none of their layers (the dispatcher's Python autograd kernel, the re-dispatch below autograd, the wrapper
+that keeps Dynamo out), which took more host time per call than the kernels take on a GPU at training sizes
+(``python -m csl_bench.bench_host_overhead``). So a fused backend's implementation is::
+
+    if goes_through_op(inputs): the custom op        # compile traces, autograd must record the call
+    else: the launcher                                # everything else
+
+and the weighted cross-entropy, whose gradient is wanted, is an :class:`torch.autograd.Function` around the
+forward and backward launchers (:func:`fused_cross_entropy`), which uses the backward op only where a gradient of
+the gradient would be recorded (the op raises the clear "not differentiable" error when it is used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# Where the extension's ops are called below autograd: their autograd kernels (Python) are skipped, the C++ kernel
+# runs. The same guard torch.library's own autograd layer uses to reach the kernel.
+below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def goes_through_op(*tensors: torch.Tensor | None) -> bool:
+    """True where a call must use the custom op: while ``torch.compile`` traces, or when autograd records the call
+    (grad mode on and an input requires grad: the op's autograd formula then raises a clear error on backward)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """``forward(logits, label, weight, valid) -> (loss, *saved)`` and
+    ``backward(grad_loss, logits, label, weight, valid, *saved) -> grad_logits`` of one backend, called directly;
+    ``backward_op`` (same arguments as ``backward``) where the gradient itself is recorded (``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx, logits, label, weight, valid, forward, backward, backward_op):
+        loss, *saved = forward(logits, label, weight, valid)
+        ctx.backward, ctx.backward_op = backward, backward_op
+        ctx.save_for_backward(logits, label, weight, valid, *saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, label, weight, valid, *saved = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # Grad mode is on inside backward only under create_graph=True: the op records its (raising) formula.
+            run = ctx.backward_op if torch.is_grad_enabled() else ctx.backward
+            grad = run(grad_loss, logits, label, weight, valid, *saved)
+        return grad, None, None, None, None, None, None
+
+
+def fused_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
+                        forward: Callable, backward: Callable, backward_op: Callable) -> torch.Tensor:
+    """The 0-dim weighted cross-entropy of an eager call, differentiable w.r.t. ``logits``."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _FusedCrossEntropy.apply(logits, label, weight, valid, forward, backward, backward_op)
+    return forward(logits, label, weight, valid)[0]
