@@ -66,8 +66,8 @@ def pcos_outputs_like(logits: torch.Tensor, class_groups: bool, packed: bool = F
                            logits.new_empty((g, 2, 2), dtype=f64), logits.new_empty((g, 2), dtype=i64),
                            logits.new_empty((g, 2), dtype=f64), logits.new_empty((g,), dtype=i64),
                            logits.new_empty((b,), dtype=i64))
-    mu, var, eigenvalues = logits.new_empty((10 * g,), dtype=f64).split((4 * g, 4 * g, 2 * g))
-    count, chosen, n_nonfinite = logits.new_empty((3 * g + b,), dtype=i64).split((2 * g, g, b))
+    mu, var, eigenvalues = logits.new_empty((10 * g,), dtype=f64).split_with_sizes((4 * g, 4 * g, 2 * g))
+    count, chosen, n_nonfinite = logits.new_empty((3 * g + b,), dtype=i64).split_with_sizes((2 * g, g, b))
     return PCOSOutputs(weight, label, reliable, mu.view(g, 2, 2), var.view(g, 2, 2), count.view(g, 2),
                        eigenvalues.view(g, 2), chosen, n_nonfinite)
 

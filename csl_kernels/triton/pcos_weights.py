@@ -372,7 +372,7 @@ def pcos_weights_launch(
     valid_u8, has_valid = valid_bytes(valid, logits)
     dt = compute_dtype(logits)
     acc = tl_dtype(dt)
-    fx, fy = torch.empty((2, bsz * hw), dtype=dt, device=dev)
+    fx, fy = torch.empty((2, bsz * hw), dtype=dt, device=dev).unbind(0)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
     block_g = min(next_pow2(gpi), MAX_BLOCK_G)
 
@@ -386,7 +386,7 @@ def pcos_weights_launch(
         # starts on a 128-byte boundary, as a buffer of its own would.
         sizes = [cdiv(n, 16) * 16 for n in (n_groups * GRAM_STATS * nch, n_groups * 2 * CLUSTER_STATS * nch,
                                             n_groups * GROUP_PARAMS, n_groups * WEIGHT_PARAMS)]
-        gram, part, params, wparams = torch.zeros((sum(sizes),), dtype=f64, device=dev).split(sizes)
+        gram, part, params, wparams = torch.zeros((sum(sizes),), dtype=f64, device=dev).split_with_sizes(sizes)
         bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
         block_k = min(next_pow2(nch), MAX_BLOCK_K)
         block_grp = min(next_pow2(n_groups), GROUP_TILE // block_k)
