@@ -1,6 +1,6 @@
 """Host-side cost of one call: the Python and dispatcher layers from the public call to the last kernel launch.
 
-    python -m csl_bench.bench_host_overhead [--calls 2000] [--out results/x.json]
+    python -m csl_bench.bench_host_overhead [--calls 2000] [--workers triton cpu baseline gpu] [--out x.json]
 
 On a GPU the host issues the launches while the GPU runs them; a call whose host side takes longer than its kernels
 leaves the GPU waiting. This times the host side alone, without a GPU:
@@ -11,6 +11,9 @@ leaves the GPU waiting. This times the host side alone, without a GPU:
   driver call) is not in it: that needs a GPU.
 - ``cpu``: the C++ extension on a tiny input (B2 C3 4x5: its kernels take well under a microsecond), i.e. the
   Python layers, the dispatcher and the allocations of the extension's ops.
+- ``on cuda`` (where a GPU is visible): real launches of ``triton`` and ``cuda`` on the same tiny input on the GPU,
+  timed up to a synchronisation per round; the kernels are so small that the GPU keeps up, so this is the whole host
+  side, Triton's launcher and the CUDA caching allocator included.
 - baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
   host side is the floor any loss called from PyTorch pays), and a ``torch.library.custom_op`` that does nothing.
 
@@ -33,17 +36,21 @@ from pathlib import Path
 import torch
 
 SHAPE = (2, 3, 4, 5)
-WORKERS = ("triton", "cpu", "baseline")
+WORKERS = ("triton", "cpu", "baseline", "gpu")
 
 
-def _rounds(fn, calls: int, repeats: int) -> list[float]:
+def _rounds(fn, calls: int, repeats: int, sync=None) -> list[float]:
     for _ in range(max(50, calls // 10)):
         fn()
+    if sync:
+        sync()
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        if sync:
+            sync()
         out.append((time.perf_counter() - start) / calls * 1e6)
     return out
 
@@ -54,7 +61,7 @@ def _row(op: str, provider: str, times: list[float], launches: float | None = No
             "launches_per_call": launches}
 
 
-def _inputs():
+def _inputs(device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
     b, c, h, w = SHAPE
     logits = torch.randn(SHAPE, generator=g)
@@ -62,13 +69,14 @@ def _inputs():
     ignore[0, 0, 0] = 255
     label = torch.randint(0, c, (b, h, w), generator=g)
     weight = torch.rand((b, h, w), generator=g)
-    return logits, ignore, label, weight
+    return tuple(t.to(device) for t in (logits, ignore, label, weight))
 
 
-def _op_rows(provider: str, calls: int, repeats: int, count=None) -> list[dict]:
+def _op_rows(provider: str, calls: int, repeats: int, count=None, device: str = "cpu") -> list[dict]:
     import csl_kernels
 
-    logits, ignore, label, weight = _inputs()
+    logits, ignore, label, weight = _inputs(device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
     leaf = logits.clone().requires_grad_(True)
 
     def pcos():
@@ -84,9 +92,9 @@ def _op_rows(provider: str, calls: int, repeats: int, count=None) -> list[dict]:
     for op, fn in (("pcos_weights", pcos), ("weighted_cross_entropy fwd+bwd", ce),
                    ("weighted_cross_entropy fwd (no grad)", ce_forward)):
         before = count() if count else 0
-        times = _rounds(fn, calls, repeats)
+        times = _rounds(fn, calls, repeats, sync)
         launches = (count() - before) / (calls * repeats + max(50, calls // 10)) if count else None
-        rows.append(_row(op, provider, times, launches))
+        rows.append(_row(op, provider if device == "cpu" else f"{provider} on cuda", times, launches))
     return rows
 
 
@@ -140,9 +148,33 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
             _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats))]
 
 
+def _worker_gpu(calls: int, repeats: int) -> list[dict]:
+    """Real launches on a CUDA device: with kernels this small the GPU keeps up, so a call's wall time is its host
+    time, Triton's launcher and the caching allocator included."""
+    import torch.nn.functional as F
+
+    import csl_kernels
+
+    if not torch.cuda.is_available():
+        return [{"op": "-", "provider": "on cuda", "unavailable": "no CUDA device"}]
+    rows = []
+    for provider in ("triton", "cuda"):
+        reason = csl_kernels.unavailable_reason("pcos_weights", provider, torch.device("cuda"))
+        if reason is not None:
+            rows.append({"op": "-", "provider": f"{provider} on cuda", "unavailable": reason})
+            continue
+        rows.extend(_op_rows(provider, calls, repeats, device="cuda"))
+    logits, ignore, label, weight = _inputs("cuda")
+    leaf = logits.clone().requires_grad_(True)
+    rows.append(_row("F.cross_entropy fwd+bwd", "torch on cuda",
+                     _rounds(lambda: F.cross_entropy(leaf, label).backward(), calls, repeats, torch.cuda.synchronize)))
+    return rows
+
+
 def run_worker(name: str, calls: int, repeats: int) -> list[dict]:
     torch.set_num_threads(1)  # a host-side measurement: no intra-op threads
-    return {"triton": _worker_triton, "cpu": _worker_cpu, "baseline": _worker_baseline}[name](calls, repeats)
+    workers = {"triton": _worker_triton, "cpu": _worker_cpu, "baseline": _worker_baseline, "gpu": _worker_gpu}
+    return workers[name](calls, repeats)
 
 
 def table(rows: list[dict]) -> str:
@@ -158,6 +190,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=2000, help="calls per round")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per row")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: print only)")
+    parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
+                        help="which rows: triton (interpreter, launches stubbed), cpu, baseline, gpu (real launches)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -166,8 +200,8 @@ def main(argv=None) -> dict:
     from .environment import environment
 
     rows = []
-    for name in WORKERS:  # one process each: TRITON_INTERPRET is read at import, and the launch stub stays inside
-        env = dict(os.environ, TRITON_INTERPRET="1" if name == "triton" else os.environ.get("TRITON_INTERPRET", "0"))
+    for name in args.workers:  # one process each: TRITON_INTERPRET is read at import, and the launch stub stays inside
+        env = dict(os.environ, TRITON_INTERPRET="1" if name == "triton" else "0")
         done = subprocess.run([sys.executable, "-m", "csl_bench.bench_host_overhead", "--worker", name, "--calls",
                                str(args.calls), "--repeats", str(args.repeats)], env=env, capture_output=True,
                               text=True, cwd=Path(__file__).resolve().parent.parent)
@@ -176,9 +210,12 @@ def main(argv=None) -> dict:
             print(f"{name}: failed: {done.stderr.strip()[-2000:]}", file=sys.stderr)
             continue
         rows.extend(json.loads(done.stdout.strip().splitlines()[-1]))
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and "unavailable" not in r]
     print(f"# host-side cost per call, input B{SHAPE[0]} C{SHAPE[1]} {SHAPE[2]}x{SHAPE[3]}, one thread\n")
     print(table(ok))
+    for r in rows:
+        if "unavailable" in r:
+            print(f"\n{r['provider']}: not measured ({r['unavailable']})")
     payload = {"benchmark": "host_overhead", "shape": list(SHAPE), "calls": args.calls, "repeats": args.repeats,
                "environment": environment(torch.device("cpu")), "rows": rows}
     if args.out:

@@ -10,6 +10,7 @@
 #   progress.txt  one line per failed / erroring test as it happens (whole texts in progress.txt.details, the stacks
 #                 of a test process that does not exit in progress.txt.hang-<worker>); junit.xml at the end
 #   bench.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the weighted CE, every provider
+#   host.log / host.json     host-side microseconds per call of the fused ops on the GPU (tiny input, real launches)
 #   train.log     csl train on the demo config for 6 iterations with bf16 autocast, selection backends triton and cuda
 #   summary.md    what passed, what failed, the times
 # Sized for under 8 minutes on one H100 / H200 from a cold start: tests run 14-way in parallel (pytest-xdist), Triton
@@ -112,6 +113,11 @@ fi
 # Triton's launch tuning on, as users run it (the suite turns it off)
 CSL_TRITON_AUTOTUNE=1 stage bench 120 "$PY" -m csl_bench "${BENCH[@]}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 
+# 4b. Host-side cost per call (csl_bench/bench_host_overhead.py): real launches on a tiny input on the GPU
+if [ $DRY = 1 ]; then HOST=(cpu baseline gpu); else HOST=(gpu baseline); fi
+stage host 90 "$PY" -m csl_bench.bench_host_overhead --calls 1000 --repeats 5 --workers "${HOST[@]}" \
+  --out "$OUT/host.json" > "$OUT/host.log" 2>&1
+
 # 5. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, two selection backends
 if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKENDS=(cpu); LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKENDS=(triton cuda); LIMIT=120; fi
 : > "$OUT/train.log"
@@ -129,7 +135,7 @@ wait $PROBE_PID
   echo
   echo "| stage | exit | seconds |"
   echo "| --- | ---: | ---: |"
-  for name in build tests bench "${BACKENDS[@]/#/train_}"; do
+  for name in build tests bench host "${BACKENDS[@]/#/train_}"; do
     echo "| $name | ${STATUS[$name]:-not run} | ${SECONDS_USED[$name]:--} |"
   done
   echo
@@ -155,6 +161,10 @@ wait $PROBE_PID
   echo "## Benchmark (bench.log)"
   echo '```'
   grep -E '^\|' "$OUT/bench.log" | head -40
+  echo '```'
+  echo "## Host-side cost per call (host.log)"
+  echo '```'
+  grep -E '^\||not measured' "$OUT/host.log" | head -20
   echo '```'
   echo "## Training steps (train.log)"
   echo '```'

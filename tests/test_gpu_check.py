@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,12 +21,15 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    for stage in ("build", "tests", "bench", "train_cpu"):
+    for stage in ("build", "tests", "bench", "host", "train_cpu"):
         assert f"| {stage} | 0 |" in summary, summary
     outcomes = (out / "progress.txt").read_text().splitlines()
     assert outcomes and all(line.startswith(("PASSED", "SKIPPED")) for line in outcomes)
     assert any(line.startswith("PASSED tests/test_metrics.py::") for line in outcomes)
     assert (out / "junit.xml").is_file() and (out / "bench.json").is_file()
+    host = json.loads((out / "host.json").read_text())["rows"]
+    assert any(r["op"] == "pcos_weights" and r["provider"] == "cpu" and r["us_min"] > 0 for r in host)
+    assert "| pcos_weights | cpu |" in summary and "on cuda: not measured (no CUDA device)" in summary
     assert (out / "cpp_exceptions.txt").read_text().strip().endswith(")") and "cpp-exceptions: ok" in summary
     assert "done: 6 iterations" in (out / "train.log").read_text()
     # Evidence only: the build folder and the training runs stay outside, no empty hang files are left.
