@@ -84,6 +84,8 @@ def representative_calls() -> None:
             sel = ck.pcos_weights(strided.detach(), None, backend="reference")
             ck.pcos_weights(strided.detach(), None, backend="triton")
             ck.weighted_cross_entropy(strided, sel.label, sel.weight, None, backend="triton").backward()
+    for dtype in (torch.float32, torch.float64):  # an image of a whole chunk: the cluster pass's widest tile
+        ck.pcos_weights(torch.randn(1, 3, 32, 40, generator=g).to(dtype), None, backend="triton")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         images = torch.rand(2, 3, 20, 24, generator=g).to(dtype)
         reliable = torch.rand(2, 20, 24, generator=g) < 0.5
