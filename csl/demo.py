@@ -221,7 +221,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
         data = (f"synthetic scenes ({d['num_classes']} classes): {d['synthetic']['num_labeled']} labeled / "
                 f"{d['synthetic']['num_unlabeled']} unlabeled / {d['synthetic']['num_val']} val")
     else:
-        data = f"{d['dataset']} {d['split_dir'] or d['labeled_list']}, image scale {d['image_scale']:g}"
+        split = d["split_dir"] or (f"split {d['split']}" if d.get("split") else d["labeled_list"])
+        data = f"{d['dataset']} {split}, image scale {d['image_scale']:g}"
     note = (f"DeepLabV3+ {base['model']['backbone']} ({init}), crop {d['crop_size']}, batch "
             f"{base['train']['batch_size']}; {data}; seed {base['seed']}.\n"
             f"Each method: {after}{base['train']['iters'] if iters is None else iters} iterations at lr "
