@@ -39,8 +39,12 @@ SHAPE = (2, 3, 4, 5)
 WORKERS = ("triton", "cpu", "baseline", "gpu")
 
 
+def _warmup_calls(calls: int) -> int:
+    return max(50, calls // 10)
+
+
 def _rounds(fn, calls: int, repeats: int, sync=None) -> list[float]:
-    for _ in range(max(50, calls // 10)):
+    for _ in range(_warmup_calls(calls)):
         fn()
     if sync:
         sync()
@@ -93,7 +97,7 @@ def _op_rows(provider: str, calls: int, repeats: int, count=None, device: str = 
                    ("weighted_cross_entropy fwd (no grad)", ce_forward)):
         before = count() if count else 0
         times = _rounds(fn, calls, repeats, sync)
-        launches = (count() - before) / (calls * repeats + max(50, calls // 10)) if count else None
+        launches = (count() - before) / (calls * repeats + _warmup_calls(calls)) if count else None
         rows.append(_row(op, provider if device == "cpu" else f"{provider} on cuda", times, launches))
     return rows
 

@@ -6,8 +6,7 @@ call needs none of their layers (the dispatcher's Python autograd kernel, the re
 that keeps Dynamo out), which took more host time per call than the kernels take on a GPU at training sizes
 (``python -m csl_bench.bench_host_overhead``). So a fused backend's implementation is::
 
-    if goes_through_op(inputs): the custom op        # compile traces, autograd must record the call
-    else: the launcher                                # everything else
+    op_or_launch(op, launcher, *args)   # the op while compile traces or autograd must record, else the launcher
 
 and the weighted cross-entropy, whose gradient is wanted, is an :class:`torch.autograd.Function` around the
 forward and backward launchers (:func:`fused_cross_entropy`), which uses the backward op only where a gradient of
@@ -25,12 +24,23 @@ import torch
 below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
-def goes_through_op(*tensors: torch.Tensor | None) -> bool:
-    """True where a call must use the custom op: while ``torch.compile`` traces, or when autograd records the call
-    (grad mode on and an input requires grad: the op's autograd formula then raises a clear error on backward)."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def goes_through_op(t: torch.Tensor) -> bool:
+    """True where a call on ``t`` must use the custom op: while ``torch.compile`` traces, or when autograd records
+    the call (grad mode on and ``t`` requires grad: the op's autograd formula then raises a clear error on
+    backward)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and t.requires_grad)
+
+
+def op_or_launch(op: Callable, launch: Callable, *args):
+    """``op(*args)`` where the call must go through the custom op (:func:`goes_through_op` on the first argument,
+    the op's main tensor), else ``launch(*args)``."""
+    return op(*args) if goes_through_op(args[0]) else launch(*args)
+
+
+def below_autograd_call(op, *args):
+    """The extension's op ``op`` (a ``torch.ops.csl`` packet) run by its C++ kernel, its autograd kernel skipped."""
+    with below_autograd():
+        return op.default(*args)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 
 from .._backends import register
 from .._checks import NOT_DIFFERENTIABLE, register_not_differentiable
-from .._eager import below_autograd, fused_cross_entropy, goes_through_op
+from .._eager import below_autograd_call, fused_cross_entropy, op_or_launch
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
@@ -73,14 +73,16 @@ def register_python_parts() -> None:
         _registered = True
 
 
+def _call(op, *args):
+    """An op of the extension: through the op where it must be (:func:`op_or_launch`), else its C++ kernel directly."""
+    return op_or_launch(op, lambda *a: below_autograd_call(op, *a), *args)
+
+
 @register("residual_features", "cpu")
 @register("residual_features", "cuda")
 def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                           released: bool = False) -> ResidualFeatures:
-    if goes_through_op(logits):
-        return ResidualFeatures(*torch.ops.csl.residual_features(logits, valid, log_confidence, released))
-    with below_autograd():
-        return ResidualFeatures(*torch.ops.csl.residual_features.default(logits, valid, log_confidence, released))
+    return ResidualFeatures(*_call(torch.ops.csl.residual_features, logits, valid, log_confidence, released))
 
 
 @register("pcos_weights", "cpu")
@@ -89,20 +91,14 @@ def pcos_weights_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False,
 ) -> PCOSOutputs:
-    args = (logits, valid, float(alpha), bool(log_confidence), bool(class_groups), bool(released))
-    if goes_through_op(logits):
-        return PCOSOutputs(*torch.ops.csl.pcos_weights(*args))
-    with below_autograd():
-        return PCOSOutputs(*torch.ops.csl.pcos_weights.default(*args))
+    return PCOSOutputs(*_call(torch.ops.csl.pcos_weights, logits, valid, float(alpha), bool(log_confidence),
+                              bool(class_groups), bool(released)))
 
 
 @register("trusted_mask", "cpu")
 @register("trusted_mask", "cuda")
 def trusted_mask_cpp(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float) -> TrustedMask:
-    if goes_through_op(images):
-        return TrustedMask(*torch.ops.csl.trusted_mask(images, cells, reliable, float(fill)))
-    with below_autograd():
-        return TrustedMask(*torch.ops.csl.trusted_mask.default(images, cells, reliable, float(fill)))
+    return TrustedMask(*_call(torch.ops.csl.trusted_mask, images, cells, reliable, float(fill)))
 
 
 @register("weighted_cross_entropy", "cpu")
@@ -118,13 +114,12 @@ def weighted_cross_entropy_cpp(
 
 
 def _cross_entropy_forward(logits, label, weight, valid):
-    with below_autograd():
-        return torch.ops.csl.weighted_cross_entropy.default(logits, label, weight, valid)
+    return below_autograd_call(torch.ops.csl.weighted_cross_entropy, logits, label, weight, valid)
 
 
 def _cross_entropy_backward(grad_loss, logits, label, weight, valid, lse):
-    with below_autograd():
-        return torch.ops.csl.weighted_cross_entropy_backward.default(grad_loss, logits, label, weight, valid, lse)
+    return below_autograd_call(torch.ops.csl.weighted_cross_entropy_backward, grad_loss, logits, label, weight, valid,
+                               lse)
 
 
 @register("confusion_matrix", "cpu")

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
-from .._eager import goes_through_op
+from .._eager import op_or_launch
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
     NO_FP_FUSION,
@@ -443,11 +443,12 @@ def pcos_weights_triton(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False,
 ) -> PCOSOutputs:
-    if goes_through_op(logits):
-        return PCOSOutputs(*torch.ops.csl_triton.pcos_weights(logits, valid, float(alpha), bool(log_confidence),
-                                                              bool(class_groups), bool(released)))
-    return pcos_weights_launch(logits, valid, float(alpha), bool(log_confidence), bool(class_groups), bool(released),
-                               packed=True)
+    return PCOSOutputs(*op_or_launch(torch.ops.csl_triton.pcos_weights, _launch_packed, logits, valid, float(alpha),
+                                     bool(log_confidence), bool(class_groups), bool(released)))
+
+
+def _launch_packed(*args) -> PCOSOutputs:  # an eager call's statistics may share storage (not an op's outputs)
+    return pcos_weights_launch(*args, packed=True)
 
 
 register_not_differentiable(pcos_weights_op, "pcos_weights")

@@ -16,7 +16,7 @@ from triton.language.extra import libdevice
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
-from .._eager import goes_through_op
+from .._eager import op_or_launch
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
 from ._common import (
     USE_LIBDEVICE,
@@ -197,10 +197,8 @@ def _(logits, valid, log_confidence, released=False):
 @register("residual_features", "triton")
 def residual_features_triton(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                              released: bool = False) -> ResidualFeatures:
-    if goes_through_op(logits):
-        return ResidualFeatures(*torch.ops.csl_triton.residual_features(logits, valid, bool(log_confidence),
-                                                                        bool(released)))
-    return residual_features_launch(logits, valid, bool(log_confidence), bool(released))
+    return ResidualFeatures(*op_or_launch(torch.ops.csl_triton.residual_features, residual_features_launch, logits,
+                                          valid, bool(log_confidence), bool(released)))
 
 
 register_not_differentiable(residual_features_op, "residual_features")

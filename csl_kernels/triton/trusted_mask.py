@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import register_not_differentiable
-from .._eager import goes_through_op
+from .._eager import op_or_launch
 from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
 from ._common import cdiv, device_guard, pixel_strides, wide
 from .tuning import Config, Tunable, tuned
@@ -106,9 +106,8 @@ def _(images, cells, reliable, fill):
 @register("trusted_mask", "triton")
 def trusted_mask_triton(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
                         ) -> TrustedMask:
-    if goes_through_op(images):
-        return TrustedMask(*torch.ops.csl_triton.trusted_mask(images, cells, reliable, float(fill)))
-    return trusted_mask_launch(images, cells, reliable, float(fill))
+    return TrustedMask(*op_or_launch(torch.ops.csl_triton.trusted_mask, trusted_mask_launch, images, cells, reliable,
+                                     float(fill)))
 
 
 register_not_differentiable(_trusted_mask_op, "trusted_mask")

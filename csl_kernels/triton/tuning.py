@@ -90,16 +90,24 @@ class Tunable:
         self.default_only = default_only
         TUNABLES[name] = self
 
-    def pick(self, key: str, inputs: torch.Tensor, launch: Callable[[Config], object]) -> Config:
-        """The configuration to launch for ``key`` (a call on ``inputs``); may time ``launch(config)`` for each
-        candidate."""
+    def untimed(self, inputs: torch.Tensor) -> Config | None:
+        """The configuration of a call that neither the cache nor a timing decides (inputs of a default-only dtype,
+        a forced configuration, autotuning off), else None."""
         if inputs.dtype in self.default_only:
             return self.default
-        device = inputs.device
         forced = _FORCED.get(self.name)
         if forced is not None:
             return forced
-        if not autotune_enabled() or not tunes_on(device):
+        return None if autotune_enabled() else self.default
+
+    def pick(self, key: str, inputs: torch.Tensor, launch: Callable[[Config], object]) -> Config:
+        """The configuration to launch for ``key`` (a call on ``inputs``); may time ``launch(config)`` for each
+        candidate."""
+        fixed = self.untimed(inputs)
+        if fixed is not None:
+            return fixed
+        device = inputs.device
+        if not tunes_on(device):
             return self.default
         section = device_section(device)
         with _LOCK:
@@ -230,13 +238,9 @@ def tuned(tunable: Tunable, inputs: torch.Tensor, launch: Callable[[Config], T],
 
     A call repeats the previous calls' shapes: the choice is remembered per (shape, strides, dtype, device), so a
     repeated call looks up one dict entry instead of building its cache key."""
-    if inputs.dtype in tunable.default_only:
-        return launch(tunable.default)
-    forced_config = _FORCED.get(tunable.name)
-    if forced_config is not None:
-        return launch(forced_config)
-    if not autotune_enabled():
-        return launch(tunable.default)
+    fixed = tunable.untimed(inputs)
+    if fixed is not None:  # not remembered: forcing and autotuning change between calls
+        return launch(fixed)
     fast_key = (tunable.name, inputs.shape, inputs.stride(), inputs.dtype, inputs.device, extra)
     config = _PICKED.get(fast_key)
     if config is None:
