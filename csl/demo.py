@@ -168,6 +168,16 @@ def _result(cfg: dict, seconds: float) -> dict:
     }
 
 
+def describe_data(d: dict) -> str:
+    """The data of a run for the summary: the synthetic scenes' sizes, or the dataset with its split (the split folder,
+    the bundled split's name, or the labeled list) and image scale."""
+    if d["dataset"] == "synthetic":
+        return (f"synthetic scenes ({d['num_classes']} classes): {d['synthetic']['num_labeled']} labeled / "
+                f"{d['synthetic']['num_unlabeled']} unlabeled / {d['synthetic']['num_val']} val")
+    split = d["split_dir"] or (f"split {d['split']}" if d.get("split") else d["labeled_list"])
+    return f"{d['dataset']} {split}, image scale {d['image_scale']:g}"
+
+
 def _fmt(value, pct: bool = True) -> str:
     if value is None:
         return "-"
@@ -217,14 +227,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     after = (f"after a shared supervised warm-up of {warmup} iterations at lr {warmup_lr:g} (mIoU "
              f"{_fmt(warm['miou'])}, {warm['seconds']:.0f} s), " if warm else "")
     init = f"from {base['model']['pretrained']}" if base["model"]["pretrained"] else "random init"
-    if d["dataset"] == "synthetic":
-        data = (f"synthetic scenes ({d['num_classes']} classes): {d['synthetic']['num_labeled']} labeled / "
-                f"{d['synthetic']['num_unlabeled']} unlabeled / {d['synthetic']['num_val']} val")
-    else:
-        split = d["split_dir"] or (f"split {d['split']}" if d.get("split") else d["labeled_list"])
-        data = f"{d['dataset']} {split}, image scale {d['image_scale']:g}"
     note = (f"DeepLabV3+ {base['model']['backbone']} ({init}), crop {d['crop_size']}, batch "
-            f"{base['train']['batch_size']}; {data}; seed {base['seed']}.\n"
+            f"{base['train']['batch_size']}; {describe_data(d)}; seed {base['seed']}.\n"
             f"Each method: {after}{base['train']['iters'] if iters is None else iters} iterations at lr "
             f"{base['train']['lr']:g}. Pseudo-label "
             f"accuracy / recall: reliable pixels of the last epoch vs the unlabeled ground truth. Total {total:.0f} s.")

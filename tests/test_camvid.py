@@ -170,3 +170,14 @@ def test_shared_mobilenet_weights_load_whole_and_verified():
     report = model.pretrained_report
     assert report["sha256_prefix"] == "b0353104" and report["missing"] == [] and report["unexpected"] == []
     assert report["loaded"] == len(model.backbone.state_dict())
+
+
+def test_demo_summary_names_the_bundled_split():
+    """The camvid config names its split as data.split (no split folder): the summary line says which one (it said
+    "camvid None" before)."""
+    from csl.demo import describe_data
+
+    d = load_config("camvid")["data"]
+    assert d["split_dir"] is None and d["split"] == "1_8"
+    assert describe_data(d) == "camvid split 1_8, image scale 0.5"
+    assert describe_data({**d, "split_dir": "/data/splits/1_4"}).startswith("camvid /data/splits/1_4,")
