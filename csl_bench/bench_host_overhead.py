@@ -14,6 +14,9 @@ leaves the GPU waiting. This times the host side alone, without a GPU:
 - ``on cuda`` (where a GPU is visible): real launches of ``triton`` and ``cuda`` on the same tiny input on the GPU,
   timed up to a synchronisation per round; the kernels are so small that the GPU keeps up, so this is the whole host
   side, Triton's launcher and the CUDA caching allocator included.
+- ``empty triton kernel`` (on cuda): one launch of a kernel that does nothing, with as many arguments as PCOS's
+  feature kernel: Triton's own launcher (binding, specialization key, driver call), what each of a call's launches
+  costs beyond this package's Python.
 - baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
   host side is the floor any loss called from PyTorch pays), and a ``torch.library.custom_op`` that does nothing.
 
@@ -152,6 +155,28 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
             _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats))]
 
 
+def empty_launch_row(device: str, calls: int, repeats: int) -> dict:
+    """Microseconds of one launch of a kernel that does nothing, with 8 tensor, 10 integer and 2 constexpr
+    arguments (PCOS's feature kernel has 8, 10 and 11)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def empty_kernel(p0, p1, p2, p3, p4, p5, p6, p7, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9,
+                     FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    tensors = [torch.zeros(16, device=device) for _ in range(8)]
+    ints = [103041, 321, 21, 2163861, 103041, 321, 1, 1, 101, 32]
+
+    def launch():
+        empty_kernel[(4, 2)](*tensors, *ints, FLAG=True, BLOCK=32)
+
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    provider = "triton on cuda" if device == "cuda" else "triton (interpreter)"
+    return _row("empty triton kernel (8 tensors, 10 ints)", provider, _rounds(launch, calls, repeats, sync), 1)
+
+
 def _worker_gpu(calls: int, repeats: int) -> list[dict]:
     """Real launches on a CUDA device: with kernels this small the GPU keeps up, so a call's wall time is its host
     time, Triton's launcher and the caching allocator included."""
@@ -168,6 +193,8 @@ def _worker_gpu(calls: int, repeats: int) -> list[dict]:
             rows.append({"op": "-", "provider": f"{provider} on cuda", "unavailable": reason})
             continue
         rows.extend(_op_rows(provider, calls, repeats, device="cuda"))
+    if csl_kernels.unavailable_reason("pcos_weights", "triton", torch.device("cuda")) is None:
+        rows.append(empty_launch_row("cuda", calls, repeats))
     logits, ignore, label, weight = _inputs("cuda")
     leaf = logits.clone().requires_grad_(True)
     rows.append(_row("F.cross_entropy fwd+bwd", "torch on cuda",

@@ -201,3 +201,17 @@ def test_bench_host_overhead_table_and_json(tmp_path, capsys):
     assert rows[("weighted_cross_entropy fwd+bwd", "triton")]["launches_per_call"] == 3
     assert rows[("F.cross_entropy fwd+bwd", "torch")]["us_min"] > 0
     assert "| pcos_weights | triton |" in capsys.readouterr().out
+
+
+def test_bench_host_overhead_empty_launch_row():
+    """The row that times Triton's own launcher (measured on a GPU by gpu_check.sh) launches its kernel: here under
+    the interpreter, where the empty kernel runs."""
+    from csl_bench.bench_host_overhead import empty_launch_row
+    from csl_kernels.triton import compile_check
+
+    problem = compile_check.interpreter_problem()
+    if problem:
+        pytest.skip(f"needs Triton's interpreter: {problem}")
+    row = empty_launch_row("cpu", calls=5, repeats=2)
+    assert row["provider"] == "triton (interpreter)" and row["launches_per_call"] == 1
+    assert 0 < row["us_min"] <= row["us_median"]
