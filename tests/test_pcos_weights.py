@@ -463,6 +463,34 @@ def test_bitwise_deterministic(fused_backend, shape, groups):
         assert torch.equal(a, b_)
 
 
+def test_triton_group_tiles(monkeypatch):
+    """The per-group reductions run one group per program until there are enough programs, within the tile that
+    compiles without spills; packing more groups into a program gives the same results (bitwise under the
+    interpreter, whose reductions follow the same order whatever the tile)."""
+    from csl_kernels.triton import pcos_weights as tp
+
+    for n_groups in (1, 16, 256, 336, 2400, 10**6):
+        for block_k in (1, 2, 128):
+            tile = tp.group_tile(n_groups, block_k)
+            assert 1 <= tile * block_k <= max(block_k, tp.GROUP_TILE)
+            assert tile == 1 or n_groups > tp.MIN_GROUP_PROGRAMS
+    device = require_backend(OP, "triton")
+    z, ign = make_logits(7, batch=6, classes=5, height=40, width=60, ignore="bool", p_nonfinite=0.01, device=device)
+    for groups in ("image", "class"):
+        one = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend="triton", return_stats=True)
+        with monkeypatch.context() as m:
+            m.setattr(tp, "MIN_GROUP_PROGRAMS", 1)  # every group of the call in one program's tile
+            packed = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend="triton", return_stats=True)
+        if device.type == "cpu":
+            for a, b in zip((*one[:3], *one.stats), (*packed[:3], *packed.stats), strict=True):
+                assert torch.equal(a, b)
+        else:  # a GPU may reduce a group in another order in another tile layout: the last bits may differ
+            assert torch.equal(one.label, packed.label)
+            torch.testing.assert_close(one.weight, packed.weight, rtol=0, atol=1e-6)
+            torch.testing.assert_close(one.stats.mu, packed.stats.mu, rtol=1e-12, atol=1e-15)
+            assert torch.equal(one.stats.count, packed.stats.count)
+
+
 def test_stats_optional_and_empty_input(fused_backend):
     device = require_backend(OP, fused_backend)
     z, _ = make_logits(2, batch=2, classes=3, height=4, width=4, device=device)

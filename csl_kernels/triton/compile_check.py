@@ -11,7 +11,8 @@ the interpreter accepts, a block that needs too much shared memory). This check 
 2. *compile* (a subprocess without the interpreter, so ``USE_LIBDEVICE`` and every other GPU-only path is on): each
    distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
    with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
-   too. Registers, local memory (spills) and shared memory come from the cubin (``cuobjdump -res-usage``).
+   too, and the per-group reductions at the tiles only large inputs reach (:func:`large_tiles`). Registers, local
+   memory (spills) and shared memory come from the cubin (``cuobjdump -res-usage``).
 
 Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile.
 """
@@ -243,12 +244,24 @@ def _resource_usage(cubin: bytes) -> dict:
     return usage
 
 
+def large_tiles() -> tuple[tuple[int, int], ...]:
+    """(BLOCK_GRP, BLOCK_K) tiles of PCOS's per-group reductions that only large inputs reach (many chunks per image,
+    many groups), compiled whatever the captured calls gave: one group by the most chunks, the largest tile both
+    ways."""
+    from .pcos_weights import GROUP_TILE, MAX_BLOCK_K
+
+    return (1, MAX_BLOCK_K), (GROUP_TILE // MAX_BLOCK_K, MAX_BLOCK_K), (GROUP_TILE, 1)
+
+
 def _variants(record: dict):
     yield record
     for flag in BOTH_STATES:
         value = record["args"].get(flag)
         if isinstance(value, bool):
             yield {**record, "args": {**record["args"], flag: not value}}
+    if {"BLOCK_GRP", "BLOCK_K"} <= record["args"].keys():
+        for groups, chunks in large_tiles():
+            yield {**record, "args": {**record["args"], "BLOCK_GRP": groups, "BLOCK_K": chunks}}
 
 
 def compile_all(records: list[dict], arch: int) -> list[dict]:
