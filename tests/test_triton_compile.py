@@ -42,6 +42,11 @@ def test_every_kernel_compiles_for_sm90(compiled):
         dtypes = {r["signature"]["z_ptr"] for r in compiled if r["kernel"] == kernel}  # the logits
         assert dtypes == {"*fp32", "*bf16", "*fp16", "*fp64"}, (kernel, dtypes)
     assert {r["constexprs"]["WIDE"] for r in compiled if r["kernel"] == "_ce_forward_kernel"} == {"False", "True"}
+    # PCOS's per-group reductions at the tiles only large inputs reach (many chunks, many groups).
+    for kernel in ("_pcos_group_params_kernel", "_pcos_cluster_stats_kernel"):
+        tiles = {(int(r["constexprs"]["BLOCK_GRP"]), int(r["constexprs"]["BLOCK_K"])) for r in compiled
+                 if r["kernel"] == kernel}
+        assert set(compile_check.large_tiles()) <= tiles, (kernel, tiles)
     # Each record says what it compiled to.
     for r in compiled:
         assert r["reg"] > 0 and r["shared_bytes"] >= 0 and r["compile_s"] >= 0
