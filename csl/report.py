@@ -3,8 +3,8 @@
     python -m csl.report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report
 
 Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.jsonl`` and, optionally,
-``analysis/<method>/analysis.json`` (from ``csl analyze``). With several folders (seeds) the tables give each seed and
-the mean with the spread (max - min).
+``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). With several folders
+(seeds) the tables give each seed and the mean with the spread (max - min).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .analyze import BASELINE_TAU, baseline_row
 from .demo import LABELS as METHOD_LABELS
 from .logging_utils import read_metrics
 
-LABELS = {"warmup": "warm-up", **METHOD_LABELS}
+# Run names beyond the demo's methods: the CSL stage with the released code's rule (docs/results/camvid.md).
+LABELS = {"warmup": "warm-up", **METHOD_LABELS, "csl_released": "CSL, released code's rule"}
 
 
 def _pct(v, digits: int = 1) -> str:
@@ -41,7 +42,10 @@ def load_run(folder: str) -> dict:
         if os.path.isfile(p):
             metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
     analyses = {}
-    for m in ["warmup", *methods]:
+    # The demo's runs first, then any other analysed run of the folder (e.g. a CSL stage trained beside the demo).
+    analysis_dir = os.path.join(folder, "analysis")
+    analysed = sorted(os.listdir(analysis_dir)) if os.path.isdir(analysis_dir) else []
+    for m in ["warmup", *methods, *(m for m in analysed if m not in ("warmup", *methods))]:
         p = os.path.join(folder, "analysis", m, "analysis.json")
         if os.path.isfile(p):
             with open(p) as f:

@@ -1,0 +1,90 @@
+"""`python -m csl.report` on the committed CamVid records (docs/results/camvid/seed0, seed1): the run folders are
+rebuilt from them as `csl demo` and `csl analyze` lay them out, and the report must give the numbers
+docs/results/camvid.md states."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from csl import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
+
+
+def run_folder(tmp_path, seed: int) -> str:
+    """A `csl demo` output folder made of the committed records of ``seed``."""
+    src = os.path.join(RECORDS, f"seed{seed}")
+    folder = tmp_path / f"seed{seed}"
+    folder.mkdir()
+    shutil.copy(os.path.join(src, "summary.json"), folder / "summary.json")
+    for name in os.listdir(src):
+        kind, _, rest = name.partition("_")
+        run, ext = os.path.splitext(rest)
+        if kind == "metrics" and ext == ".jsonl":
+            (folder / run).mkdir(exist_ok=True)
+            shutil.copy(os.path.join(src, name), folder / run / "metrics.jsonl")
+        elif kind == "analysis" and ext == ".json":
+            (folder / "analysis" / run).mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(src, name), folder / "analysis" / run / "analysis.json")
+    return str(folder)
+
+
+def table_row(text: str, label: str) -> list[str]:
+    """The cells after ``label`` of the first table row that starts with it."""
+    for line in text.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [c.strip() for c in line.strip("|").split("|")][1:]
+    raise AssertionError(f"no row {label!r} in:\n{text}")
+
+
+def test_report_of_two_seeds_gives_the_documented_numbers(tmp_path, capsys):
+    folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
+    out = tmp_path / "report"
+    assert report.main([*folders, "--out", str(out)]) == 0
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    # Final mIoU per seed and the mean of the two, as in docs/results/camvid.md ("A second seed").
+    assert table_row(text, "warm-up (start of every method)")[:2] == ["49.2", "50.1"]
+    supervised = table_row(text, report.LABELS["supervised"])
+    threshold = table_row(text, report.LABELS["threshold"])
+    csl = table_row(text, report.LABELS["csl"])
+    assert supervised[:2] == ["50.6", "54.8"] and supervised[2].startswith("52.7")
+    assert threshold[:2] == ["47.4", "51.5"] and threshold[2].startswith("49.4")
+    assert csl[:2] == ["46.3", "50.3"] and csl[2].startswith("48.3")
+    # One summary line per analysed model and seed; CSL's weighted share on seed 0's warm-up model is 77.9 %.
+    summary_lines = [line for line in text.splitlines() if re.match(r"\| [01] \| ", line)]
+    assert len(summary_lines) == 4 + 5  # seed 0: four analysed models, seed 1: five (also the released rule's run)
+    assert any(line.startswith("| 1 | CSL, released code's rule |") for line in summary_lines)
+    warmup0 = next(line for line in summary_lines if line.startswith("| 0 | warm-up |"))
+    assert "| 77.9 / 95.3 / 84.4 |" in warmup0
+    # Pictures per seed, referenced by the Markdown.
+    for seed in (0, 1):
+        for name in (f"miou_seed{seed}.png", f"pseudo_labels_seed{seed}.png"):
+            assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
+
+
+def test_report_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    assert "is " + str(tmp_path) + " a `csl demo` output folder?" in capsys.readouterr().err
+
+
+def test_per_class_table_uses_the_analysis_class_names(tmp_path):
+    run = report.load_run(run_folder(tmp_path, 1))
+    table = report.per_class_table(run)
+    assert table.splitlines()[2].startswith("| sky |")
+    assert table_row(table, "**mIoU**")[0] == "**50.1**"  # the warm-up column comes first
+    with open(os.path.join(RECORDS, "seed1", "analysis_warmup.json")) as f:
+        assert len(table.splitlines()) == 2 + len(json.load(f)["class_names"]) + 1
+
+
+@pytest.mark.parametrize("seeds", [(0,), (1,)])
+def test_one_seed_has_no_mean_column(tmp_path, seeds):
+    runs = [report.load_run(run_folder(tmp_path, s)) for s in seeds]
+    head = report.results_table(runs).splitlines()[0]
+    assert "mean" not in head and f"mIoU seed {seeds[0]} (%)" in head
