@@ -4,7 +4,7 @@
 
 Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.jsonl`` and, optionally,
 ``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). With several folders
-(seeds) the tables give each seed and the mean with the spread (max - min).
+(seeds) the tables give each seed and the mean ± half the range (max - min) / 2.
 """
 
 from __future__ import annotations
