@@ -233,18 +233,32 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
 
 def plot_miou_curves(curves: dict[str, list[dict]], out_path: str) -> str:
     """Validation mIoU per evaluation of each method (``eval`` records of metrics.jsonl)."""
+    return plot_miou_panels({"": curves}, out_path)
+
+
+def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) -> str:
+    """:func:`plot_miou_curves` side by side, one panel per title (e.g. one per schedule), on one mIoU scale; a
+    method has the same colour in every panel."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for method, records in curves.items():
-        ax.plot([r["iter"] for r in records], [100 * r["miou"] for r in records], "o-", ms=3, label=method)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("val mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), sharey=True, squeeze=False)
+    colours: dict[str, str] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+        for method, records in curves.items():
+            colour = colours.setdefault(method, cycle[len(colours) % len(cycle)])
+            ax.plot([r["iter"] for r in records], [100 * r["miou"] for r in records], "o-", ms=3, color=colour,
+                    label=method)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("val mIoU (%)")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out_path
 
 
 __all__ = ["colourize", "pcos_clusters", "plot_accuracy_recall", "plot_analysis", "plot_feature_plane",
-           "plot_miou_curves", "plot_panels", "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]
+           "plot_miou_curves", "plot_miou_panels", "plot_panels", "plot_per_class", "plot_pseudo_label_curves",
+           "weight_surface"]

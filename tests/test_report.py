@@ -88,3 +88,15 @@ def test_one_seed_has_no_mean_column(tmp_path, seeds):
     runs = [report.load_run(run_folder(tmp_path, s)) for s in seeds]
     head = report.results_table(runs).splitlines()[0]
     assert "mean" not in head and f"mIoU seed {seeds[0]} (%)" in head
+
+
+def test_miou_panels_one_per_schedule(tmp_path):
+    """The mIoU curves of two run folders side by side (how camvid.md compares schedules)."""
+    from csl.plots import plot_miou_panels
+
+    panels = {}
+    for seed in (0, 1):
+        run = report.load_run(run_folder(tmp_path, seed))
+        panels[f"seed {seed}"] = {report.LABELS[m]: run["metrics"][m]["eval"] for m in run["methods"]}
+    out = plot_miou_panels(panels, str(tmp_path / "pictures" / "miou.png"))
+    assert os.path.getsize(out) > 10_000
