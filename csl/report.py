@@ -45,8 +45,8 @@ def load_run(folder: str) -> dict:
     # The demo's runs first, then any other analysed run of the folder (e.g. a CSL stage trained beside the demo).
     analysis_dir = os.path.join(folder, "analysis")
     analysed = sorted(os.listdir(analysis_dir)) if os.path.isdir(analysis_dir) else []
-    for m in ["warmup", *methods, *(m for m in analysed if m not in ("warmup", *methods))]:
-        p = os.path.join(folder, "analysis", m, "analysis.json")
+    for m in ["warmup", *methods, *(name for name in analysed if name not in ("warmup", *methods))]:
+        p = os.path.join(analysis_dir, m, "analysis.json")
         if os.path.isfile(p):
             with open(p) as f:
                 analyses[m] = json.load(f)
