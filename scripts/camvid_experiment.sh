@@ -5,11 +5,13 @@
 # on each final model; the report (tables + pictures) in $OUT/report.
 #   bash scripts/camvid_experiment.sh            # seed 0 -> runs/camvid/seed0
 #   SEED=1 bash scripts/camvid_experiment.sh     # another seed -> runs/camvid/seed1
+#   SPLIT=1_4 bash scripts/camvid_experiment.sh  # 1/4 labeled -> runs/camvid/1_4_seed0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 SEED=${SEED:-0}
-OUT=${OUT:-runs/camvid/seed$SEED}
+SPLIT=${SPLIT:-1_8}
+if [ "$SPLIT" = 1_8 ]; then OUT=${OUT:-runs/camvid/seed$SEED}; else OUT=${OUT:-runs/camvid/${SPLIT}_seed$SEED}; fi
 WARMUP=${WARMUP:-800}
 ITERS=${ITERS:-600}
 if [ ! -d "$SHARED/data/camvid" ] || [ ! -f "$SHARED/weights/mobilenet_v2-b0353104.pth" ]; then
@@ -23,7 +25,7 @@ start=$(date +%s)
 # The committed splits are what this writes (deterministic from the seed).
 $PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --seed 0 --out csl/splits/camvid
 $PY -m csl demo --config camvid --out "$OUT" --warmup "$WARMUP" --warmup-lr 0.002 --iters "$ITERS" \
-    --methods supervised,threshold,csl "seed=$SEED" "${DATA[@]}"
+    --methods supervised,threshold,csl "seed=$SEED" "data.split=$SPLIT" "${DATA[@]}"
 for run in warmup supervised threshold csl; do
   $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" "${DATA[@]}"
 done
