@@ -35,6 +35,9 @@ _IMPORT_ERRORS: dict[str, str] = {}
 _AUTO_LOGGED: set[tuple[str, str]] = set()
 # Backend modules whose import finished (their implementations are all registered).
 _IMPORTED: set[str] = set()
+# {(op, backend, device, TRITON_INTERPRET for triton on cpu): impl} of the named backends found available: a backend
+# that could run keeps running (its module stays imported, the device stays), so a repeated call is one lookup.
+_NAMED: dict[tuple, Callable] = {}
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -118,10 +121,15 @@ def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
 
 def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     if backend != "auto":
-        reason = unavailable_reason(op, backend, device)
-        if reason is not None:
-            raise RuntimeError(f"csl_kernels.{op}: backend {backend!r} is unavailable: {reason}")
-        return backend, _IMPLS[op][backend]
+        key = (op, backend, device,
+               os.environ.get("TRITON_INTERPRET") if backend == "triton" and device.type == "cpu" else None)
+        impl = _NAMED.get(key)
+        if impl is None:
+            reason = unavailable_reason(op, backend, device)
+            if reason is not None:
+                raise RuntimeError(f"csl_kernels.{op}: backend {backend!r} is unavailable: {reason}")
+            impl = _NAMED[key] = _IMPLS[op][backend]
+        return backend, impl
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         reason = unavailable_reason(op, candidate, device)

@@ -35,6 +35,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(_backends, "_AVAILABILITY", {})
     monkeypatch.setattr(_backends, "_BACKEND_MODULES", {})
     monkeypatch.setattr(_backends, "_IMPORT_ERRORS", {})
+    monkeypatch.setattr(_backends, "_NAMED", {})
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
     for backend in _backends.BACKENDS:
         _backends.register("toy_op", backend)(impl_named(backend))

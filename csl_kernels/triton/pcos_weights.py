@@ -18,6 +18,9 @@ skipped. All statistics are float64.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -359,6 +362,61 @@ def chunk_tiles(batch: int, hw: int, groups_per_image: int, block_p: int) -> int
     return cdiv(min(chunk_pixels(batch, hw, groups_per_image), max(hw, 1)), block_p)
 
 
+class LaunchPlan(NamedTuple):
+    """The block sizes, grids and buffer sizes of one PCOS call: a function of the shape and launch configuration
+    alone (:func:`launch_plan`), computed once per shape instead of on every call."""
+
+    block_p: int  # pixels per tile of the feature pass
+    block_c: int  # classes per tile of the feature pass
+    block_g: int  # groups per one-hot tile (class groups)
+    tiles: int  # feature tiles per chunk
+    chunks: int  # chunks per image
+    chunk_grid: tuple[int, int]  # (chunks, images): the feature and cluster passes
+    block_k: int  # chunk records per step of the per-group reductions
+    block_grp: int  # groups per program of the per-group reductions
+    group_grid: tuple[int]
+    cluster_p: int  # pixels per tile of the cluster pass
+    cluster_tiles: int  # its tiles per chunk
+    cluster_warps: int
+    weight_grid: tuple[int, int]
+    scratch: int  # float64 elements of the scratch buffer
+    scratch_parts: tuple[int, int, int, int]  # Gram records, cluster records, group parameters, weight parameters
+
+
+def launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Config) -> LaunchPlan:
+    """The plan of a call on ``bsz x ncls x (hw pixels)`` logits with ``config``, remembered per shape. The module's
+    limits are part of the key: a plan is never reused after one of them changed."""
+    limits = (MIN_CHUNK, PARTIAL_BUDGET, MIN_GROUP_PROGRAMS, GROUP_TILE, MAX_BLOCK_K, MAX_BLOCK_G, CLUSTER_BLOCK,
+              CLUSTER_WARPS, BLOCK_W)
+    return _launch_plan(bsz, ncls, hw, class_groups, config, limits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Config, limits: tuple) -> LaunchPlan:
+    gpi = ncls if class_groups else 1
+    n_groups = bsz * gpi
+    block_p, block_c = feature_blocks(ncls, config)
+    block_p = min(block_p, MIN_CHUNK)
+    tiles = chunk_tiles(bsz, hw, gpi, block_p)
+    nch = cdiv(hw, tiles * block_p)
+    block_k = min(next_pow2(nch), MAX_BLOCK_K)
+    block_grp = group_tile(n_groups, block_k)
+    # The cluster pass reads three values per pixel, not C: image groups take the largest tile that divides the
+    # chunk (up to CLUSTER_BLOCK pixels), so a chunk is one or a few tiles and few merges. Class groups keep the
+    # feature pass's tile: their one-hot tiles are BLOCK_G groups wide.
+    cluster_p = block_p if class_groups else cluster_block(tiles * block_p)
+    # Each part of the scratch buffer starts on a 128-byte boundary, as a buffer of its own would.
+    parts = tuple(cdiv(n, 16) * 16 for n in (n_groups * GRAM_STATS * nch, n_groups * 2 * CLUSTER_STATS * nch,
+                                             n_groups * GROUP_PARAMS, n_groups * WEIGHT_PARAMS))
+    return LaunchPlan(
+        block_p=block_p, block_c=block_c, block_g=min(next_pow2(gpi), MAX_BLOCK_G), tiles=tiles, chunks=nch,
+        chunk_grid=(nch, bsz), block_k=block_k, block_grp=block_grp, group_grid=(cdiv(n_groups, block_grp),),
+        cluster_p=cluster_p, cluster_tiles=tiles * block_p // cluster_p,
+        cluster_warps=config.num_warps if class_groups else CLUSTER_WARPS, weight_grid=(cdiv(hw, BLOCK_W), bsz),
+        scratch=sum(parts), scratch_parts=parts,
+    )
+
+
 def pcos_weights_launch(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False, packed: bool = False,
@@ -369,7 +427,6 @@ def pcos_weights_launch(
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi
     dev = logits.device
-    f64 = torch.float64
     out = pcos_outputs_like(logits, class_groups, packed)
     if bsz == 0 or hw == 0:  # the kernels write every statistic of every group; an empty input's are zeros
         for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
@@ -380,50 +437,37 @@ def pcos_weights_launch(
     sb, sh, sw, flat = pixel_strides(logits)
     valid_u8, has_valid = valid_bytes(valid, logits)
     dt = compute_dtype(logits)
-    acc = tl_dtype(dt)
     fx, fy = torch.empty((2, bsz * hw), dtype=dt, device=dev).unbind(0)
     keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
-    block_g = min(next_pow2(gpi), MAX_BLOCK_G)
 
     def launch(config: Config) -> None:
-        block_p, block_c = feature_blocks(ncls, config)
-        block_p = min(block_p, MIN_CHUNK)
-        tiles = chunk_tiles(bsz, hw, gpi, block_p)
-        nch = cdiv(hw, tiles * block_p)
+        plan = launch_plan(bsz, ncls, hw, class_groups, config)
         # One float64 scratch buffer (one allocation, one fill): the per-chunk Gram and cluster records, which
-        # programs fold tile after tile into (so they start from zero), and the per-group parameters; each part
-        # starts on a 128-byte boundary, as a buffer of its own would.
-        sizes = [cdiv(n, 16) * 16 for n in (n_groups * GRAM_STATS * nch, n_groups * 2 * CLUSTER_STATS * nch,
-                                            n_groups * GROUP_PARAMS, n_groups * WEIGHT_PARAMS)]
-        gram, part, params, wparams = torch.zeros((sum(sizes),), dtype=f64, device=dev).split_with_sizes(sizes)
-        bad = torch.empty((bsz * nch,), dtype=torch.int32, device=dev)
-        block_k = min(next_pow2(nch), MAX_BLOCK_K)
-        block_grp = group_tile(n_groups, block_k)
-        group_grid = (cdiv(n_groups, block_grp),)
-        chunk_grid = (nch, bsz)
-        _pcos_features_kernel[chunk_grid](
-            logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi, nch,
-            tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), CLASS_GROUPS=bool(class_groups),
-            ACC=acc, FLAT_HW=flat, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=block_g, USE_LIBDEVICE=USE_LIBDEVICE,
-            RELEASED=bool(released), num_warps=config.num_warps,
+        # programs fold tile after tile into (so they start from zero), and the per-group parameters.
+        gram, part, params, wparams = torch.zeros((plan.scratch,), dtype=torch.float64, device=dev).split_with_sizes(
+            plan.scratch_parts)
+        bad = torch.empty((plan.chunk_grid[0] * bsz,), dtype=torch.int32, device=dev)
+        _pcos_features_kernel[plan.chunk_grid](
+            logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi,
+            plan.chunks, plan.tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
+            CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
+            BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
+            num_warps=config.num_warps,
         )
         # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
-        _pcos_group_params_kernel[group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
-                                              nch, BLOCK_GRP=block_grp, BLOCK_K=block_k, num_warps=4, **NO_FP_FUSION)
-        # The cluster pass reads three values per pixel, not C: image groups take the largest tile that divides the
-        # chunk (up to CLUSTER_BLOCK pixels), so a chunk is one or a few tiles and few merges. Class groups keep the
-        # feature pass's tile: their one-hot tiles are BLOCK_G groups wide.
-        cluster_p = block_p if class_groups else cluster_block(tiles * block_p)
-        _pcos_cluster_kernel[chunk_grid](
-            fx, fy, keep, out.label, params, part, hw, gpi, nch, tiles * block_p // cluster_p,
-            CLASS_GROUPS=bool(class_groups), BLOCK_P=cluster_p, BLOCK_G=block_g,
-            num_warps=config.num_warps if class_groups else CLUSTER_WARPS,
+        _pcos_group_params_kernel[plan.group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
+                                                   plan.chunks, BLOCK_GRP=plan.block_grp, BLOCK_K=plan.block_k,
+                                                   num_warps=4, **NO_FP_FUSION)
+        _pcos_cluster_kernel[plan.chunk_grid](
+            fx, fy, keep, out.label, params, part, hw, gpi, plan.chunks, plan.cluster_tiles,
+            CLASS_GROUPS=bool(class_groups), BLOCK_P=plan.cluster_p, BLOCK_G=plan.block_g,
+            num_warps=plan.cluster_warps,
         )
-        _pcos_cluster_stats_kernel[group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups, nch,
-                                               BLOCK_GRP=block_grp, BLOCK_K=block_k, RELEASED=bool(released),
-                                               num_warps=4)
-        _pcos_weight_kernel[(cdiv(hw, BLOCK_W), bsz)](
+        _pcos_cluster_stats_kernel[plan.group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups,
+                                                    plan.chunks, BLOCK_GRP=plan.block_grp, BLOCK_K=plan.block_k,
+                                                    RELEASED=bool(released), num_warps=4)
+        _pcos_weight_kernel[plan.weight_grid](
             fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
             CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
         )
