@@ -19,6 +19,7 @@ skipped. All statistics are float64.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,6 @@ from ._common import (
     pixel_offsets,
     pixel_strides,
     tl_dtype,
-    valid_bytes,
     wide,
 )
 from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
@@ -64,8 +64,8 @@ TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
 
 
 @triton.jit
-def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr, gram_ptr, bad_ptr,
-                          HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
+def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_ptr, bad_ptr,
+                          NPIX, HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
                           HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
                           ACC: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr):
@@ -90,8 +90,8 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
         x = tl.where(keep, f0, 0.0)
         y = tl.where(keep, v, 0.0)
         label = tl.where(keep, label, 0)
-        tl.store(fx_ptr + out, x, mask=pmask)
-        tl.store(fy_ptr + out, y, mask=pmask)
+        tl.store(feat_ptr + out, x, mask=pmask)
+        tl.store(feat_ptr + NPIX + out, y, mask=pmask)
         tl.store(keep_ptr + out, keep.to(tl.uint8), mask=pmask)
         tl.store(label_ptr + out, label.to(tl.int64), mask=pmask)
         n_bad += (pmask & ~finite).to(tl.int32)
@@ -124,8 +124,10 @@ def _pcos_features_kernel(z_ptr, valid_ptr, fx_ptr, fy_ptr, keep_ptr, label_ptr,
 
 
 @triton.jit
-def _pcos_group_params_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinite_ptr, G, GPI, NCH,
-                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+def _pcos_group_params_kernel(scratch_ptr, bad_ptr, eigen_ptr, nonfinite_ptr, PARAMS, G, GPI, NCH,
+                              BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr):
+    gram_ptr = scratch_ptr  # the Gram records start the scratch buffer
+    params_ptr = scratch_ptr + PARAMS
     g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
     gm = g < G
     ks = tl.arange(0, BLOCK_K)
@@ -185,12 +187,12 @@ def _pcos_group_params_kernel(gram_ptr, bad_ptr, params_ptr, eigen_ptr, nonfinit
 
 
 @triton.jit
-def _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS: tl.constexpr):
+def _load_features(feat_ptr, NPIX, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS: tl.constexpr):
     """What kernel A stored for pixels ``i``: ``(keep, x, y, group)`` with float64 features (0 where not kept) and
     the group within the image (the pseudo-label for class groups, else 0)."""
     keep = (tl.load(keep_ptr + i, mask=pmask, other=0) != 0) & pmask
-    x = tl.load(fx_ptr + i, mask=keep, other=0.0).to(tl.float64)
-    y = tl.load(fy_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    x = tl.load(feat_ptr + i, mask=keep, other=0.0).to(tl.float64)
+    y = tl.load(feat_ptr + NPIX + i, mask=keep, other=0.0).to(tl.float64)
     if CLASS_GROUPS:
         gid = tl.load(label_ptr + i, mask=keep, other=0).to(tl.int32)
     else:
@@ -199,15 +201,17 @@ def _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS: 
 
 
 @triton.jit
-def _pcos_cluster_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, params_ptr, part_ptr, HW, GPI, NCH, TILES,
+def _pcos_cluster_kernel(feat_ptr, keep_ptr, label_ptr, scratch_ptr, NPIX, PART, PARAMS, HW, GPI, NCH, TILES,
                          CLASS_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
+    part_ptr = scratch_ptr + PART
+    params_ptr = scratch_ptr + PARAMS
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     gcols = tl.arange(0, BLOCK_G)
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < HW
-        keep, x, y, gid = _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, b * HW + p, pmask, CLASS_GROUPS)
+        keep, x, y, gid = _load_features(feat_ptr, NPIX, keep_ptr, label_ptr, b * HW + p, pmask, CLASS_GROUPS)
         gp = params_ptr + (b * GPI + gid) * 8
         u1x = tl.load(gp, mask=keep, other=1.0)
         u1y = tl.load(gp + 1, mask=keep, other=0.0)
@@ -271,8 +275,10 @@ def _merge_chunks(base, gm, NCH, BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _pcos_cluster_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, wparams_ptr, G, NCH,
-                       BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr, RELEASED: tl.constexpr):
+def _pcos_cluster_stats_kernel(scratch_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr, PART, WPARAMS, G, NCH,
+                               BLOCK_GRP: tl.constexpr, BLOCK_K: tl.constexpr, RELEASED: tl.constexpr):
+    part_ptr = scratch_ptr + PART
+    wparams_ptr = scratch_ptr + WPARAMS
     g = tl.program_id(0) * BLOCK_GRP + tl.arange(0, BLOCK_GRP).to(tl.int64)
     gm = g < G
     base = part_ptr + (g * 10 * NCH)[:, None]
@@ -312,13 +318,14 @@ def _pcos_cluster_stats_kernel(part_ptr, mu_ptr, var_ptr, count_ptr, chosen_ptr,
 
 
 @triton.jit
-def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight_ptr, reliable_ptr, HW, GPI,
+def _pcos_weight_kernel(feat_ptr, keep_ptr, label_ptr, scratch_ptr, weight_ptr, reliable_ptr, NPIX, WPARAMS, HW, GPI,
                         alpha: tl.float64, CLASS_GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    wparams_ptr = scratch_ptr + WPARAMS
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pmask = p < HW
     i = b * HW + p
-    keep, x, y, gid = _load_features(fx_ptr, fy_ptr, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS)
+    keep, x, y, gid = _load_features(feat_ptr, NPIX, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS)
     wp = wparams_ptr + (b * GPI + gid) * 4
     mux = tl.load(wp, mask=keep, other=0.0)
     muy = tl.load(wp + 1, mask=keep, other=0.0)
@@ -330,7 +337,7 @@ def _pcos_weight_kernel(fx_ptr, fy_ptr, keep_ptr, label_ptr, wparams_ptr, weight
     w = tl.where((x > mux) | ((sdy > 0) & (y > muy)) | ((sdy < 0) & (y < muy)), 1.0, w)
     w = tl.where(keep, w, 0.0).to(tl.float32)
     tl.store(weight_ptr + i, w, mask=pmask)
-    tl.store(reliable_ptr + i, (keep & (w == 1.0)).to(tl.uint8), mask=pmask)
+    tl.store(reliable_ptr + i, keep & (w == 1.0), mask=pmask)
 
 
 def cluster_block(chunk_len: int) -> int:
@@ -380,7 +387,7 @@ class LaunchPlan(NamedTuple):
     cluster_warps: int
     weight_grid: tuple[int, int]
     scratch: int  # float64 elements of the scratch buffer
-    scratch_parts: tuple[int, int, int, int]  # Gram records, cluster records, group parameters, weight parameters
+    offsets: tuple[int, int, int, int]  # where its parts start: Gram records, cluster records, group and weight params
 
 
 def launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Config) -> LaunchPlan:
@@ -413,7 +420,7 @@ def _launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Confi
         chunk_grid=(nch, bsz), block_k=block_k, block_grp=block_grp, group_grid=(cdiv(n_groups, block_grp),),
         cluster_p=cluster_p, cluster_tiles=tiles * block_p // cluster_p,
         cluster_warps=config.num_warps if class_groups else CLUSTER_WARPS, weight_grid=(cdiv(hw, BLOCK_W), bsz),
-        scratch=sum(parts), scratch_parts=parts,
+        scratch=sum(parts), offsets=tuple(itertools.accumulate(parts[:-1], initial=0)),
     )
 
 
@@ -435,40 +442,42 @@ def pcos_weights_launch(
     if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
         logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
-    valid_u8, has_valid = valid_bytes(valid, logits)
+    valid_c = valid.contiguous() if valid is not None else logits  # logits: a pointer the kernel never reads
     dt = compute_dtype(logits)
-    fx, fy = torch.empty((2, bsz * hw), dtype=dt, device=dev).unbind(0)
-    keep = torch.empty((bsz * hw,), dtype=torch.uint8, device=dev)
+    npix = bsz * hw
+    feat = torch.empty((2 * npix,), dtype=dt, device=dev)  # confidence, then dispersion, of every pixel
+    keep = torch.empty((npix,), dtype=torch.uint8, device=dev)
 
     def launch(config: Config) -> None:
         plan = launch_plan(bsz, ncls, hw, class_groups, config)
-        # One float64 scratch buffer (one allocation, one fill): the per-chunk Gram and cluster records, which
-        # programs fold tile after tile into (so they start from zero), and the per-group parameters.
-        gram, part, params, wparams = torch.zeros((plan.scratch,), dtype=torch.float64, device=dev).split_with_sizes(
-            plan.scratch_parts)
+        # One float64 scratch buffer (one allocation, one fill; the kernels find their parts at plan.offsets): the
+        # per-chunk Gram and cluster records, which programs fold tile after tile into (so they start from zero),
+        # and the per-group parameters.
+        scratch = torch.zeros((plan.scratch,), dtype=torch.float64, device=dev)
+        _, part, params, wparams = plan.offsets
         bad = torch.empty((plan.chunk_grid[0] * bsz,), dtype=torch.int32, device=dev)
         _pcos_features_kernel[plan.chunk_grid](
-            logits, valid_u8, fx, fy, keep, out.label, gram, bad, hw, w, ncls, sb, logits.stride(1), sh, sw, gpi,
-            plan.chunks, plan.tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
+            logits, valid_c, feat, keep, out.label, scratch, bad, npix, hw, w, ncls, sb, logits.stride(1), sh, sw,
+            gpi, plan.chunks, plan.tiles, HAS_VALID=valid is not None, LOG_CONFIDENCE=bool(log_confidence),
             CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
             num_warps=config.num_warps,
         )
         # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
-        _pcos_group_params_kernel[plan.group_grid](gram, bad, params, out.eigenvalues, out.n_nonfinite, n_groups, gpi,
-                                                   plan.chunks, BLOCK_GRP=plan.block_grp, BLOCK_K=plan.block_k,
+        _pcos_group_params_kernel[plan.group_grid](scratch, bad, out.eigenvalues, out.n_nonfinite, params, n_groups,
+                                                   gpi, plan.chunks, BLOCK_GRP=plan.block_grp, BLOCK_K=plan.block_k,
                                                    num_warps=4, **NO_FP_FUSION)
         _pcos_cluster_kernel[plan.chunk_grid](
-            fx, fy, keep, out.label, params, part, hw, gpi, plan.chunks, plan.cluster_tiles,
+            feat, keep, out.label, scratch, npix, part, params, hw, gpi, plan.chunks, plan.cluster_tiles,
             CLASS_GROUPS=bool(class_groups), BLOCK_P=plan.cluster_p, BLOCK_G=plan.block_g,
             num_warps=plan.cluster_warps,
         )
-        _pcos_cluster_stats_kernel[plan.group_grid](part, out.mu, out.var, out.count, out.chosen, wparams, n_groups,
-                                                    plan.chunks, BLOCK_GRP=plan.block_grp, BLOCK_K=plan.block_k,
-                                                    RELEASED=bool(released), num_warps=4)
+        _pcos_cluster_stats_kernel[plan.group_grid](scratch, out.mu, out.var, out.count, out.chosen, part, wparams,
+                                                    n_groups, plan.chunks, BLOCK_GRP=plan.block_grp,
+                                                    BLOCK_K=plan.block_k, RELEASED=bool(released), num_warps=4)
         _pcos_weight_kernel[plan.weight_grid](
-            fx, fy, keep, out.label, wparams, out.weight, out.reliable.view(torch.uint8), hw, gpi, float(alpha),
+            feat, keep, out.label, scratch, out.weight, out.reliable, npix, wparams, hw, gpi, float(alpha),
             CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
         )
 

@@ -172,7 +172,7 @@ def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap.
     label_c = label.contiguous()
     weight_c = weight.contiguous()
-    valid_c = valid.contiguous().view(torch.uint8) if valid is not None else None
+    valid_c = valid.contiguous() if valid is not None else None
     return label_c, weight_c, valid_c
 
 
