@@ -390,3 +390,20 @@ def test_non_finite_logits_agree_with_the_reference(fused_backend, case):
     finite_pixels[1, 2] = False
     torch.testing.assert_close(grad.double().cpu()[0][:, finite_pixels], ref_grad[0][:, finite_pixels],
                                equal_nan=True, rtol=1e-5, atol=1e-7)
+
+
+def test_wide_decides_from_the_span_within_an_image():
+    """``wide`` (int64 offsets in every Triton kernel) on meta tensors: shapes and strides without storage."""
+    pytest.importorskip("triton")
+    from csl_kernels.triton._common import INT32_LIMIT, wide
+
+    def strided(shape, stride):
+        return torch.empty_strided(shape, stride, device="meta")
+
+    assert not wide(torch.empty((4, 21, 512, 512), device="meta"))  # 5.5 M elements per image
+    assert wide(torch.empty((1, 150, 4096, 4096), device="meta"))  # contiguous, 2.5 G elements in one image
+    assert not wide(torch.empty((2**16, 2, 64, 256), device="meta"))  # 2^31 in all, 32 K per image: B is not spanned
+    assert not wide(strided((2, 3, 4, 5), (INT32_LIMIT * 4, 1, 15, 3)))  # huge batch stride only
+    assert wide(strided((2, 3, 4, 5), (1, INT32_LIMIT, 15, 3)))  # class stride past int32: non-contiguous path
+    assert wide(strided((2, 3, 4, 5), (0, 0, 0, 1)), extra=(INT32_LIMIT,))
+    assert not wide(strided((2, 3, 4, 5), (0, 0, 0, 1)), extra=(INT32_LIMIT - 1,))

@@ -69,8 +69,12 @@ def pixel_offsets(p, W, sh, sw, FLAT: tl.constexpr):
 def wide(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
     """True when an offset inside one image of any of ``tensors`` (its span over every dim but the batch) or one of
     the ``extra`` products may not fit in int32: the kernel then computes its offsets in int64 (constexpr ``WIDE``)."""
-    spans = [sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) for t in tensors]
-    return max(0, *spans, *extra) >= INT32_LIMIT
+    for t in tensors:
+        if t.is_contiguous() and t.numel() < INT32_LIMIT:  # spans fewer elements than the tensor has
+            continue
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) >= INT32_LIMIT:
+            return True
+    return any(n >= INT32_LIMIT for n in extra)
 
 
 def valid_bytes(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
