@@ -18,7 +18,9 @@ leaves the GPU waiting. This times the host side alone, without a GPU:
   feature kernel: Triton's own launcher (binding, specialization key, driver call), what each of a call's launches
   costs beyond this package's Python.
 - baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
-  host side is the floor any loss called from PyTorch pays), and a ``torch.library.custom_op`` that does nothing.
+  host side is the floor any loss called from PyTorch pays), a ``torch.library.custom_op`` that does nothing, and
+  the forward + ``backward()`` of a ``torch.autograd.Function`` that does nothing (what a loss defined in Python
+  pays before its own code: the autograd engine's start, the node, the gradient accumulated into the leaf).
 
 Each row: microseconds per call, the minimum and the median of ``--repeats`` rounds of ``--calls`` calls (the
 minimum is the figure: the rest is other load), and the kernel launches per call (triton). The calls are what a
@@ -142,6 +144,16 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
     def cross_entropy_forward():
         F.cross_entropy(logits, label)
 
+    class Nothing(torch.autograd.Function):  # saves its input, returns it as the gradient: no kernel at all
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.new_empty(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return ctx.saved_tensors[0]
+
     @torch.library.custom_op("csl_bench::nothing", mutates_args=())
     def nothing(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(())
@@ -152,7 +164,9 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
 
     return [_row("F.cross_entropy fwd+bwd", "torch", _rounds(cross_entropy, calls, repeats)),
             _row("F.cross_entropy fwd (no grad)", "torch", _rounds(cross_entropy_forward, calls, repeats)),
-            _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats))]
+            _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats)),
+            _row("empty autograd.Function fwd+bwd", "torch", _rounds(lambda: Nothing.apply(leaf).backward(), calls,
+                                                                     repeats))]
 
 
 def empty_launch_row(device: str, calls: int, repeats: int) -> dict:
