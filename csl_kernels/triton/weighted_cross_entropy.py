@@ -81,8 +81,8 @@ def _bf16_bits(x):
 
 @triton.jit
 def _ce_forward_kernel(
-    z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_loss_ptr, part_count_ptr,
-    C, HW, W, s_b, s_c, s_h, s_w,
+    z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_ptr,
+    NPARTS, C, HW, W, s_b, s_c, s_h, s_w,
     HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -115,18 +115,19 @@ def _ce_forward_kernel(
     tl.store(lse_ptr + i, tl.where(used, lse, 0.0), mask=pm)
 
     part = pid_p + b * tl.num_programs(0)
-    tl.store(part_loss_ptr + part, tl.sum(tl.where(used, ce, 0.0), axis=0))
-    tl.store(part_count_ptr + part, tl.sum(valid.to(tl.int32), axis=0))
+    tl.store(part_ptr + part, tl.sum(tl.where(used, ce, 0.0), axis=0))
+    tl.store(part_ptr + NPARTS + part, tl.sum(valid.to(tl.int32), axis=0).to(ACC))  # <= BLOCK_P: exact
 
 
 @triton.jit
-def _ce_reduce_kernel(part_loss_ptr, part_count_ptr, loss_ptr, count_ptr, n, BLOCK: tl.constexpr):
+def _ce_reduce_kernel(part_ptr, loss_ptr, count_ptr, n, BLOCK: tl.constexpr):
+    # part_ptr: n per-program loss sums, then their n valid-pixel counts
     acc = tl.zeros((BLOCK,), tl.float64)
     cnt = tl.zeros((BLOCK,), tl.int64)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(part_loss_ptr + offs, mask=offs < n, other=0).to(tl.float64)
-        cnt += tl.load(part_count_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+        acc += tl.load(part_ptr + offs, mask=offs < n, other=0).to(tl.float64)
+        cnt += tl.load(part_ptr + n + offs, mask=offs < n, other=0).to(tl.int64)
     total = tl.sum(acc, axis=0)
     count = tl.sum(cnt, axis=0)
     tl.store(loss_ptr, (total / tl.maximum(count, 1).to(tl.float64)).to(loss_ptr.dtype.element_ty))
@@ -193,16 +194,15 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
         block_p, block_c = _blocks(num_classes, config)
         n_pblocks = cdiv(hw, block_p)
         n_parts = n_pblocks * bsz
-        part_loss = torch.empty(max(n_parts, 1), dtype=acc, device=dev)
-        part_count = torch.empty(max(n_parts, 1), dtype=torch.int32, device=dev)
+        parts = torch.empty(max(2 * n_parts, 1), dtype=acc, device=dev)  # loss sums, then valid-pixel counts
         if n_parts > 0:
             _ce_forward_kernel[(n_pblocks, bsz)](
-                logits, label_c, weight_c, valid_c, lse, part_loss, part_count,
-                num_classes, hw, width, sb, logits.stride(1), sh, sw,
+                logits, label_c, weight_c, valid_c, lse, parts,
+                n_parts, num_classes, hw, width, sb, logits.stride(1), sh, sw,
                 HAS_VALID=valid is not None, FLAT_HW=flat, ACC=tl_dtype(acc), WIDE=wide(logits),
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
             )
-        _ce_reduce_kernel[(1,)](part_loss, part_count, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+        _ce_reduce_kernel[(1,)](parts, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
 
     with device_guard(logits):
         if hw * bsz > 0:
@@ -234,7 +234,8 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch
         return grad
     label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
     acc = compute_dtype(logits)
-    grad_loss = grad_loss.reshape(()).to(acc)  # may arrive expanded (strides 0) from autograd
+    if grad_loss.dim() != 0 or grad_loss.dtype != acc:  # autograd gives a 0-dim tensor of the loss's dtype
+        grad_loss = grad_loss.reshape(()).to(acc)
     bf16 = grad.dtype == torch.bfloat16
     grad_out = grad.view(torch.int16) if bf16 else grad
     lse_c = lse.contiguous()
