@@ -478,8 +478,12 @@ def test_triton_group_tiles(monkeypatch):
     z, ign = make_logits(7, batch=6, classes=5, height=40, width=60, ignore="bool", p_nonfinite=0.01, device=device)
     for groups in ("image", "class"):
         one = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend="triton", return_stats=True)
+        plan_args = (6, 5, 40 * 60, groups == "class", tp.DEFAULT_CONFIG)
+        assert tp.launch_plan(*plan_args).block_grp == 1
         with monkeypatch.context() as m:
             m.setattr(tp, "MIN_GROUP_PROGRAMS", 1)  # every group of the call in one program's tile
+            # The remembered plan of this shape is not reused: the limits it was computed with are part of its key.
+            assert tp.launch_plan(*plan_args).block_grp == tp.next_pow2(6 * (5 if groups == "class" else 1))
             packed = csl_kernels.pcos_weights(z, **masks(ign), groups=groups, backend="triton", return_stats=True)
         if device.type == "cpu":
             for a, b in zip((*one[:3], *one.stats), (*packed[:3], *packed.stats), strict=True):
