@@ -238,6 +238,7 @@ def broken_build(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "_info", None)
     monkeypatch.setattr(build, "_error", None)
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    monkeypatch.setattr(_backends, "_NAMED", {})  # availability found earlier in this process
     import csl_kernels.cpp  # noqa: F401 - registers the cpu backend
 
     return tmp_path
