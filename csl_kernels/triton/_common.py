@@ -77,11 +77,12 @@ def wide(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
     return any(n >= INT32_LIMIT for n in extra)
 
 
-def valid_bytes(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The validity mask as contiguous uint8 (or a dummy pointer when there is none) and whether there is one."""
+def valid_pointer(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(pointer, HAS_VALID)`` of a validity mask: the contiguous bool mask, which the kernels read in place (as
+    ``*i1``), or the logits as a pointer the kernel never reads when there is none."""
     if valid is None:
         return logits, False
-    return valid.contiguous().view(torch.uint8), True
+    return valid.contiguous(), True
 
 
 def device_guard(t: torch.Tensor):

@@ -40,6 +40,7 @@ from ._common import (
     pixel_offsets,
     pixel_strides,
     tl_dtype,
+    valid_pointer,
     wide,
 )
 from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
@@ -442,7 +443,7 @@ def pcos_weights_launch(
     if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
         logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
-    valid_c = valid.contiguous() if valid is not None else logits  # logits: a pointer the kernel never reads
+    valid_c, has_valid = valid_pointer(valid, logits)
     dt = compute_dtype(logits)
     npix = bsz * hw
     feat = torch.empty((2 * npix,), dtype=dt, device=dev)  # confidence, then dispersion, of every pixel
@@ -458,7 +459,7 @@ def pcos_weights_launch(
         bad = torch.empty((plan.chunk_grid[0] * bsz,), dtype=torch.int32, device=dev)
         _pcos_features_kernel[plan.chunk_grid](
             logits, valid_c, feat, keep, out.label, scratch, bad, npix, hw, w, ncls, sb, logits.stride(1), sh, sw,
-            gpi, plan.chunks, plan.tiles, HAS_VALID=valid is not None, LOG_CONFIDENCE=bool(log_confidence),
+            gpi, plan.chunks, plan.tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
             CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
             num_warps=config.num_warps,

@@ -26,7 +26,7 @@ from ._common import (
     pixel_offsets,
     pixel_strides,
     tl_dtype,
-    valid_bytes,
+    valid_pointer,
     wide,
 )
 from .tuning import Config, Tunable, tuned
@@ -165,13 +165,13 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
     if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
         logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
-    valid_u8, has_valid = valid_bytes(valid, logits)
+    valid_c, has_valid = valid_pointer(valid, logits)
     acc = tl_dtype(compute_dtype(logits))
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
         _residual_features_kernel[(cdiv(hw, block_p), bsz)](
-            logits, valid_u8, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
+            logits, valid_c, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
             HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
             BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
             num_warps=config.num_warps,
