@@ -33,9 +33,12 @@ METHODS: dict[str, dict] = {
     "threshold": {"train.mode": "semi", "selection.mode": "threshold", "tmp.enabled": False},
     "csl": {"train.mode": "semi", "selection.mode": "csl", "tmp.enabled": True},
     "csl_class": {"train.mode": "semi", "selection.mode": "csl_class", "tmp.enabled": True},
+    "csl_no_tmp": {"train.mode": "semi", "selection.mode": "csl", "tmp.enabled": False},
+    "confidence_share": {"train.mode": "semi", "selection.mode": "confidence_share", "tmp.enabled": False},
 }
 LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)",
-          "csl_class": "CSL class-wise (PCOS + TMP)"}
+          "csl_class": "CSL class-wise (PCOS + TMP)", "csl_no_tmp": "CSL without TMP (PCOS)",
+          "confidence_share": "CSL's share by confidence"}
 
 
 def _same_run(cfg: dict) -> bool:

@@ -2,7 +2,10 @@
 
 - ``csl`` (default): PCOS per image (spec Sec. 2) — soft Gaussian weights, reliable = weight 1;
 - ``csl_class``: PCOS per (image, pseudo-class) group (supplementary Tab. 8);
-- ``threshold``: the FixMatch / UniMatch fixed confidence threshold (``tau`` = 0.95).
+- ``threshold``: the FixMatch / UniMatch fixed confidence threshold (``tau`` = 0.95);
+- ``confidence_share``: a control for CSL's choice of *which* pixels: per image, as many pixels as CSL's total
+  weight there (its share), taken by confidence instead — the most confident valid pixels, at weight 1. Against
+  ``csl`` (with TMP off) it differs only in which pixels carry the weight, not in how much weight there is.
 
 A selector maps detached logits ``B x C x H x W`` and the padding map ``B x H x W`` (255 = padded) to a
 :class:`csl_kernels.PCOSResult` ``(weight, label, reliable)``.
@@ -15,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 import csl_kernels
-from csl_kernels import PCOSResult
+from csl_kernels import IGNORE_INDEX, PCOSResult
 
-SELECTION_MODES = ("csl", "threshold", "csl_class")
+SELECTION_MODES = ("csl", "threshold", "csl_class", "confidence_share")
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,29 @@ class Selector:
         if self.mode == "threshold":
             return csl_kernels.threshold_weights(logits, ignore, tau=self.tau, backend=self.backend)
         groups = "class" if self.mode == "csl_class" else "image"
-        return csl_kernels.pcos_weights(logits, ignore, alpha=self.alpha, confidence=self.confidence,
-                                        groups=groups, rule=self.rule, backend=self.backend)
+        csl = csl_kernels.pcos_weights(logits, ignore, alpha=self.alpha, confidence=self.confidence,
+                                       groups=groups, rule=self.rule, backend=self.backend)
+        if self.mode == "confidence_share":
+            return most_confident_at_share(logits, ignore, csl)
+        return csl
+
+
+def most_confident_at_share(logits: torch.Tensor, ignore: torch.Tensor | None, csl: PCOSResult) -> PCOSResult:
+    """Per image, the ``round(sum of csl.weight)`` valid pixels of highest softmax confidence at weight 1 (ties:
+    the earlier pixel in row-major order), CSL's pseudo-labels; ``reliable`` = selected. Pixels with a non-finite
+    confidence are never selected. No host synchronisation."""
+    bsz = logits.shape[0]
+    confidence = torch.softmax(logits.float(), dim=1).amax(dim=1).flatten(1)  # B x HW
+    eligible = confidence.isfinite()
+    if ignore is not None:
+        eligible &= (ignore != IGNORE_INDEX).flatten(1)
+    score = torch.where(eligible, confidence, -1.0)  # below every real confidence
+    order = score.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, pixel]: its place in the order
+    count = csl.weight.reshape(bsz, -1).sum(dim=1, dtype=torch.float64).round().long()
+    selected = ((rank < count[:, None]) & eligible).view_as(csl.label)
+    return PCOSResult(selected.to(csl.weight.dtype), csl.label, selected)
 
 
 def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
@@ -51,4 +75,4 @@ def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
                     rule=selection_cfg.get("rule", "paper"), backend=backend)
 
 
-__all__ = ["SELECTION_MODES", "Selector", "build_selector"]
+__all__ = ["SELECTION_MODES", "Selector", "build_selector", "most_confident_at_share"]

@@ -47,7 +47,7 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["csl", "threshold", "csl_class"])
+@pytest.mark.parametrize("mode", ["csl", "threshold", "csl_class", "confidence_share"])
 def test_one_step_per_selection_mode(tmp_path, mode):
     trainer = Trainer(tiny_config(tmp_path, **{"selection.mode": mode, "train.iters": 1}))
     batches = [to_device(b, trainer.device) for b in next(iter(trainer._batches(0, 0)))]

@@ -1,0 +1,91 @@
+"""csl.selection: the selection modes of the trainer, and ``confidence_share`` (CSL's share taken by confidence)
+against a per-pixel float64 reference written out here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import require_backend
+
+import csl_kernels
+from csl.config import CHOICES
+from csl.selection import SELECTION_MODES, Selector, most_confident_at_share
+from csl_kernels import IGNORE_INDEX, PCOSResult
+
+
+def reference_share(logits: torch.Tensor, ignore: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """Per image: rank the valid pixels with a finite float64 confidence, highest first (ties: lower index first),
+    keep the first round(sum of weight)."""
+    bsz = logits.shape[0]
+    conf = torch.softmax(logits.double(), dim=1).amax(dim=1).reshape(bsz, -1)
+    selected = torch.zeros_like(conf, dtype=torch.bool)
+    for b in range(bsz):
+        count = round(float(weight[b].double().sum()))
+        eligible = [i for i in range(conf.shape[1]) if torch.isfinite(conf[b, i])
+                    and (ignore is None or int(ignore.reshape(bsz, -1)[b, i]) != IGNORE_INDEX)]
+        for i in sorted(eligible, key=lambda i: (-float(conf[b, i]), i))[:count]:
+            selected[b, i] = True
+    return selected.view(weight.shape)
+
+
+def _pcos_like(weight: torch.Tensor, logits: torch.Tensor) -> PCOSResult:
+    return PCOSResult(weight, logits.argmax(dim=1), weight == 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 1), (3, 150, 4, 3)])
+def test_confidence_share_matches_reference(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(shape, generator=g) * 3
+    bsz, _, h, w = shape
+    ignore = torch.where(torch.rand((bsz, h, w), generator=g) < 0.2, IGNORE_INDEX, 0).to(torch.uint8)
+    weight = torch.rand((bsz, h, w), generator=g) * (ignore != IGNORE_INDEX)
+    out = most_confident_at_share(logits, ignore, _pcos_like(weight, logits))
+    expected = reference_share(logits, ignore, weight)
+    assert torch.equal(out.reliable, expected)
+    assert torch.equal(out.weight, expected.float()) and out.weight.dtype == weight.dtype
+    assert torch.equal(out.label, logits.argmax(dim=1))
+    counts = expected.reshape(bsz, -1).sum(1)
+    assert counts.tolist() == [round(float(weight[b].double().sum())) for b in range(bsz)]
+
+
+def test_confidence_share_adversarial():
+    """Ties broken by position, non-finite and ignored pixels never selected, an all-ignored image selects
+    nothing, a share above the eligible pixels selects all of them, non-contiguous logits."""
+    logits = torch.zeros(3, 4, 2, 3)
+    logits[0, 1] = 5.0  # every pixel of image 0 has the same confidence: the first ones are kept
+    logits[1, :, 0, 0] = float("nan")
+    logits[1, 2, 0, 1] = float("inf")
+    logits[1, 0, 1] = torch.tensor([9.0, 8.0, 7.0])
+    ignore = torch.zeros(3, 2, 3, dtype=torch.uint8)
+    ignore[1, 1, 0] = IGNORE_INDEX  # image 1's most confident pixel
+    ignore[2] = IGNORE_INDEX
+    weight = torch.tensor([[[0.5, 0.5, 0.5], [0.5, 0.0, 0.0]],  # 2 pixels
+                           [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],  # 6, more than image 1's 3 eligible pixels
+                           [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    strided = logits.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    out = most_confident_at_share(strided, ignore, _pcos_like(weight, logits))
+    assert torch.equal(out.reliable, reference_share(logits, ignore, weight))
+    assert out.reliable[0].flatten().tolist() == [True, True, False, False, False, False]
+    assert out.reliable[1].flatten().tolist() == [False, False, True, False, True, True]
+    assert not out.reliable[2].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_selector_confidence_share_takes_csl_share(backend):
+    require_backend("pcos_weights", backend)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 9, 11, generator=g) * 4
+    ignore = torch.where(torch.rand((2, 9, 11), generator=g) < 0.1, IGNORE_INDEX, 0).to(torch.uint8)
+    csl = Selector(mode="csl", backend=backend)(logits, ignore)
+    share = Selector(mode="confidence_share", backend=backend)(logits, ignore)
+    assert torch.equal(share.reliable, reference_share(logits, ignore, csl.weight))
+    assert torch.equal(share.label, csl.label)
+    assert share.reliable.any() and not share.reliable.all()
+    expected = csl_kernels.pcos_weights(logits, ignore, backend=backend).weight
+    assert torch.equal(csl.weight, expected)
+
+
+def test_config_offers_every_selection_mode():
+    assert set(CHOICES["selection.mode"]) == set(SELECTION_MODES)
+    with pytest.raises(ValueError, match="selection mode must be one of"):
+        Selector(mode="top_k")
