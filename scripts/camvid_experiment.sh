@@ -6,6 +6,7 @@
 #   bash scripts/camvid_experiment.sh            # seed 0 -> runs/camvid/seed0
 #   SEED=1 bash scripts/camvid_experiment.sh     # another seed -> runs/camvid/seed1
 #   SPLIT=1_4 bash scripts/camvid_experiment.sh  # 1/4 labeled -> runs/camvid/1_4_seed0
+#   METHODS=supervised,threshold,csl,csl_no_tmp,confidence_share bash scripts/camvid_experiment.sh  # with the controls
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -14,6 +15,7 @@ SPLIT=${SPLIT:-1_8}
 if [ "$SPLIT" = 1_8 ]; then OUT=${OUT:-runs/camvid/seed$SEED}; else OUT=${OUT:-runs/camvid/${SPLIT}_seed$SEED}; fi
 WARMUP=${WARMUP:-800}
 ITERS=${ITERS:-600}
+METHODS=${METHODS:-supervised,threshold,csl}
 if [ ! -d "$SHARED/data/camvid" ] || [ ! -f "$SHARED/weights/mobilenet_v2-b0353104.pth" ]; then
   echo "camvid_experiment: needs $SHARED/data/camvid and $SHARED/weights/mobilenet_v2-b0353104.pth" >&2
   exit 2
@@ -25,8 +27,8 @@ start=$(date +%s)
 # The committed splits are what this writes (deterministic from the seed).
 $PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --seed 0 --out csl/splits/camvid
 $PY -m csl demo --config camvid --out "$OUT" --warmup "$WARMUP" --warmup-lr 0.002 --iters "$ITERS" \
-    --methods supervised,threshold,csl "seed=$SEED" "data.split=$SPLIT" "${DATA[@]}"
-for run in warmup supervised threshold csl; do
+    --methods "$METHODS" "seed=$SEED" "data.split=$SPLIT" "${DATA[@]}"
+for run in warmup ${METHODS//,/ }; do
   $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" "${DATA[@]}"
 done
 $PY -m csl.report "$OUT" --out "$OUT/report"
