@@ -17,6 +17,8 @@ leaves the GPU waiting. This times the host side alone, without a GPU:
 - ``empty triton kernel`` (on cuda): one launch of a kernel that does nothing, with as many arguments as PCOS's
   feature kernel: Triton's own launcher (binding, specialization key, driver call), what each of a call's launches
   costs beyond this package's Python.
+- the Triton weighted CE's forward and backward launchers alone (triton worker): with the baselines, where the
+  host time of a forward + backward call goes (launchers, the autograd.Function, checks and backend choice).
 - baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
   host side is the floor any loss called from PyTorch pays), a ``torch.library.custom_op`` that does nothing, and
   the forward + ``backward()`` of a ``torch.autograd.Function`` that does nothing (what a loss defined in Python
@@ -125,7 +127,30 @@ def _worker_triton(calls: int, repeats: int) -> list[dict]:
         return launch
 
     InterpretedFunction.__getitem__ = no_launch
-    return _op_rows("triton", calls, repeats, lambda: launched[0])
+    return _op_rows("triton", calls, repeats, lambda: launched[0]) + _launcher_rows(calls, repeats,
+                                                                                    lambda: launched[0])
+
+
+def _launcher_rows(calls: int, repeats: int, count) -> list[dict]:
+    """The Triton weighted CE's forward and backward launchers called directly (no checks, backend choice or
+    autograd): with the empty autograd.Function baseline, where a forward + backward call's host time goes."""
+    from csl_kernels._checks import valid_mask
+    from csl_kernels.triton import weighted_cross_entropy as wce
+
+    logits, ignore, label, weight = _inputs()
+    valid = valid_mask(logits, ignore)
+    _, lse, n_valid = wce.weighted_cross_entropy_launch(logits, label, weight, valid)
+    grad_loss = torch.ones(())
+    rows = []
+    for op, fn in (("weighted_cross_entropy forward launcher alone",
+                    lambda: wce.weighted_cross_entropy_launch(logits, label, weight, valid)),
+                   ("weighted_cross_entropy backward launcher alone",
+                    lambda: wce.weighted_cross_entropy_backward_launch(grad_loss, n_valid, logits, label, weight,
+                                                                       valid, lse))):
+        before = count()
+        times = _rounds(fn, calls, repeats)
+        rows.append(_row(op, "triton", times, (count() - before) / (calls * repeats + _warmup_calls(calls))))
+    return rows
 
 
 def _worker_cpu(calls: int, repeats: int) -> list[dict]:

@@ -199,6 +199,8 @@ def test_bench_host_overhead_table_and_json(tmp_path, capsys):
             assert rows[(op, provider)]["us_min"] > 0, (op, provider)
     assert rows[("pcos_weights", "triton")]["launches_per_call"] == 5
     assert rows[("weighted_cross_entropy fwd+bwd", "triton")]["launches_per_call"] == 3
+    assert rows[("weighted_cross_entropy forward launcher alone", "triton")]["launches_per_call"] == 2
+    assert rows[("weighted_cross_entropy backward launcher alone", "triton")]["launches_per_call"] == 1
     assert rows[("F.cross_entropy fwd+bwd", "torch")]["us_min"] > 0
     assert rows[("empty autograd.Function fwd+bwd", "torch")]["us_min"] > 0
     assert "| pcos_weights | triton |" in capsys.readouterr().out
