@@ -18,9 +18,12 @@ from dataclasses import dataclass
 import torch
 
 import csl_kernels
-from csl_kernels import IGNORE_INDEX, PCOSResult
+from csl_kernels import PCOSResult
+from csl_kernels._checks import valid_mask
 
-SELECTION_MODES = ("csl", "threshold", "csl_class", "confidence_share")
+from .config import CHOICES
+
+SELECTION_MODES = CHOICES["selection.mode"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ def most_confident_at_share(logits: torch.Tensor, ignore: torch.Tensor | None, c
     bsz = logits.shape[0]
     confidence = torch.softmax(logits.float(), dim=1).amax(dim=1).flatten(1)  # B x HW
     eligible = confidence.isfinite()
-    if ignore is not None:
-        eligible &= (ignore != IGNORE_INDEX).flatten(1)
+    valid = valid_mask(logits, ignore)
+    if valid is not None:
+        eligible &= valid.flatten(1)
     score = torch.where(eligible, confidence, -1.0)  # below every real confidence
     order = score.argsort(dim=1, descending=True, stable=True)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)

@@ -8,7 +8,6 @@ import torch
 from conftest import require_backend
 
 import csl_kernels
-from csl.config import CHOICES
 from csl.selection import SELECTION_MODES, Selector, most_confident_at_share
 from csl_kernels import IGNORE_INDEX, PCOSResult
 
@@ -85,7 +84,10 @@ def test_selector_confidence_share_takes_csl_share(backend):
     assert torch.equal(csl.weight, expected)
 
 
-def test_config_offers_every_selection_mode():
-    assert set(CHOICES["selection.mode"]) == set(SELECTION_MODES)
+def test_every_configurable_selection_mode_selects():
+    logits = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    for mode in SELECTION_MODES:
+        selection = Selector(mode=mode, backend="reference")(logits, None)
+        assert selection.weight.shape == selection.label.shape == (1, 4, 5), mode
     with pytest.raises(ValueError, match="selection mode must be one of"):
         Selector(mode="top_k")
