@@ -259,6 +259,30 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
     return out_path
 
 
+def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
+    """Final val mIoU of each method (``finals[method][seed]``, 0-1), one line per seed across the methods: the
+    levels move with the seed, the paired differences between methods are the lines' shape."""
+    plt = _pyplot()
+    methods = list(finals)
+    seeds = list(dict.fromkeys(seed for per_seed in finals.values() for seed in per_seed))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(methods), 3.8))
+    for seed in seeds:
+        ys = [100 * finals[m][seed] if seed in finals[m] else np.nan for m in methods]
+        ax.plot(range(len(methods)), ys, "o-", ms=5, label=f"seed {seed}")
+    # The mean only over every seed: a method run on fewer seeds would be compared on other levels.
+    means = [100 * np.mean([finals[m][seed] for seed in seeds]) if len(finals[m]) == len(seeds) else np.nan
+             for m in methods]
+    ax.plot(range(len(methods)), means, "_", ms=28, mew=2.5, color="black", label="mean of the seeds")
+    ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_ylabel("final val mIoU (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
 __all__ = ["colourize", "pcos_clusters", "plot_accuracy_recall", "plot_analysis", "plot_feature_plane",
-           "plot_miou_curves", "plot_miou_panels", "plot_panels", "plot_per_class", "plot_pseudo_label_curves",
-           "weight_surface"]
+           "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels", "plot_panels", "plot_per_class",
+           "plot_pseudo_label_curves", "weight_surface"]

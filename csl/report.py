@@ -3,8 +3,11 @@
     python -m csl.report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report
 
 Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.jsonl`` and, optionally,
-``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). With several folders
-(seeds) the tables give each seed and the mean ± half the range (max - min) / 2.
+``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). A run trained into the same
+folder beside the demo's methods (e.g. ``csl train ... output_dir=<folder>/csl_no_tmp``) is reported with them, its
+final mIoU read from its last evaluation. With several folders (seeds) the tables give each seed and the mean ± half
+the range (max - min) / 2, and the differences to the threshold baseline seed by seed; ``miou_by_seed.png`` draws
+every seed's final mIoU per method.
 """
 
 from __future__ import annotations
@@ -36,11 +39,20 @@ def load_run(folder: str) -> dict:
     with open(path) as f:
         summary = json.load(f)
     methods = list(summary["results"])
+    results = dict(summary["results"])
+    # Runs trained beside the demo's (folders with a metrics.jsonl), after the demo's methods.
+    beside = sorted(name for name in os.listdir(folder) if name not in ("warmup", *methods)
+                    and os.path.isfile(os.path.join(folder, name, "metrics.jsonl")))
     metrics = {}
-    for m in ["warmup", *methods]:
+    for m in ["warmup", *methods, *beside]:
         p = os.path.join(folder, m, "metrics.jsonl")
         if os.path.isfile(p):
             metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
+    for m in beside:
+        evals = metrics[m]["eval"]
+        if evals:
+            results[m] = {"miou": evals[-1]["miou"], "best_miou": max(e["miou"] for e in evals), "seconds": None}
+            methods.append(m)
     analyses = {}
     # The demo's runs first, then any other analysed run of the folder (e.g. a CSL stage trained beside the demo).
     analysis_dir = os.path.join(folder, "analysis")
@@ -50,35 +62,67 @@ def load_run(folder: str) -> dict:
         if os.path.isfile(p):
             with open(p) as f:
                 analyses[m] = json.load(f)
-    return {"folder": folder, "summary": summary, "methods": methods, "metrics": metrics, "analyses": analyses}
+    return {"folder": folder, "summary": summary, "methods": methods, "results": results, "metrics": metrics,
+            "analyses": analyses}
 
 
-def _mean_spread(values: list) -> str:
+def _mean_spread(values: list, signed: bool = False) -> str:
+    """Mean ± half the range, in percent (points), of the values that exist; says over how many when some do not."""
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "-"
-    if len(vals) == 1:
-        return _pct(vals[0])
-    return f"{100 * np.mean(vals):.1f} ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+    sign = "+" if signed else ""
+    text = f"{100 * np.mean(vals):{sign}.1f}"
+    if len(vals) > 1:
+        text += f" ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+    return text if len(vals) == len(values) else f"{text} ({len(vals)} of {len(values)} seeds)"
+
+
+def all_methods(runs: list[dict]) -> list[str]:
+    """The methods of every run, in the order they first appear."""
+    return list(dict.fromkeys(m for r in runs for m in r["methods"]))
+
+
+def _seed(run: dict):
+    return run["summary"]["config"]["seed"]
+
+
+def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
+    """Each method's final mIoU minus ``reference``'s, seed by seed (the runs of one seed share the warm-up, the
+    labeled batches and the schedule, so the difference is the paired comparison), with the mean ± half-range."""
+    head = "| method | " + " | ".join(f"seed {_seed(r)} (points)" for r in runs)
+    head += " | mean ± half-range (points) |" if len(runs) > 1 else " |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for m in all_methods(runs):
+        if m == reference:
+            continue
+        gaps = []
+        for r in runs:
+            a, b = r["results"].get(m, {}).get("miou"), r["results"].get(reference, {}).get("miou")
+            gaps.append(None if a is None or b is None else a - b)
+        cells = ["-" if g is None else f"{100 * g:+.1f}" for g in gaps]
+        if len(runs) > 1:
+            cells.append(_mean_spread(gaps, signed=True))
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def results_table(runs: list[dict]) -> str:
     """mIoU of each method per seed (and mean), with the selection quality of its final model when analysed."""
-    seeds = [r["summary"]["config"]["seed"] for r in runs]
-    head = "| method | " + " | ".join(f"mIoU seed {s} (%)" for s in seeds)
+    head = "| method | " + " | ".join(f"mIoU seed {_seed(r)} (%)" for r in runs)
     head += " | mean ± half-range (%) |" if len(runs) > 1 else " |"
     head += " best mIoU (%) | time (s) |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in runs[0]["methods"]]
+    rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in all_methods(runs)]
     for key, label in rows:
         if key == "warmup":
             vals = [r["summary"]["warmup"]["miou"] if r["summary"].get("warmup") else None for r in runs]
             best = vals
             secs = [r["summary"]["warmup"]["seconds"] if r["summary"].get("warmup") else None for r in runs]
         else:
-            vals = [r["summary"]["results"].get(key, {}).get("miou") for r in runs]
-            best = [r["summary"]["results"].get(key, {}).get("best_miou") for r in runs]
-            secs = [r["summary"]["results"].get(key, {}).get("seconds") for r in runs]
+            vals = [r["results"].get(key, {}).get("miou") for r in runs]
+            best = [r["results"].get(key, {}).get("best_miou") for r in runs]
+            secs = [r["results"].get(key, {}).get("seconds") for r in runs]
         cells = [_pct(v) for v in vals]
         if len(runs) > 1:
             cells.append(_mean_spread(vals))
@@ -165,7 +209,7 @@ def training_pl_table(run: dict) -> str:
 
 def write_report(folders: list[str], out_dir: str) -> str:
     """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
-    from .plots import plot_miou_curves, plot_pseudo_label_curves
+    from .plots import plot_miou_by_seed, plot_miou_curves, plot_pseudo_label_curves
 
     runs = [load_run(f) for f in folders]
     os.makedirs(out_dir, exist_ok=True)
@@ -176,6 +220,14 @@ def write_report(folders: list[str], out_dir: str) -> str:
             parts.append(f"Seed {r['summary']['config']['seed']}: {note}\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
+    if any("threshold" in r["results"] for r in runs):
+        parts += ["### Difference to the threshold 0.95, seed by seed (final mIoU)\n", gaps_table(runs), ""]
+    if len(runs) > 1:
+        finals = {"warm-up": {_seed(r): r["summary"]["warmup"]["miou"] for r in runs if r["summary"].get("warmup")}}
+        for m in all_methods(runs):
+            finals[LABELS.get(m, m)] = {_seed(r): r["results"][m]["miou"] for r in runs if m in r["results"]}
+        plot_miou_by_seed(finals, os.path.join(out_dir, "miou_by_seed.png"))
+        parts += ["![final val mIoU of each method, one line per seed](miou_by_seed.png)\n"]
     if any(r["analyses"] for r in runs):
         parts += ["## Selection quality on the unlabeled images (`csl analyze`)\n", selection_summary_table(runs), ""]
     for r in runs:

@@ -57,6 +57,14 @@ def test_report_of_two_seeds_gives_the_documented_numbers(tmp_path, capsys):
     assert supervised[:2] == ["50.6", "54.8"] and supervised[2].startswith("52.7")
     assert threshold[:2] == ["47.4", "51.5"] and threshold[2].startswith("49.4")
     assert csl[:2] == ["46.3", "50.3"] and csl[2].startswith("48.3")
+    # Runs trained beside the demo's methods (their folders hold only metrics.jsonl) come after them.
+    assert table_row(text, report.LABELS["csl_no_tmp"])[:3] == ["46.9", "50.9", "48.9 ± 2.0"]
+    assert table_row(text, report.LABELS["confidence_share"])[:2] == ["47.0", "51.2"]
+    # The paired differences to the threshold, as camvid.md states them (CSL 1.1 / 1.2 points under it).
+    gaps = text[text.index("### Difference to the threshold"):]
+    assert table_row(gaps, report.LABELS["csl"]) == ["-1.1", "-1.2", "-1.1 ± 0.0"]
+    assert table_row(gaps, report.LABELS["supervised"])[:2] == ["+3.2", "+3.3"]
+    assert (out / "miou_by_seed.png").stat().st_size > 10_000 and "](miou_by_seed.png)" in text
     # One summary line per analysed model and seed; CSL's weighted share on seed 0's warm-up model is 77.9 %.
     summary_lines = [line for line in text.splitlines() if re.match(r"\| [01] \| ", line)]
     assert len(summary_lines) == 4 + 5  # seed 0: four analysed models, seed 1: five (also the released rule's run)
@@ -67,6 +75,13 @@ def test_report_of_two_seeds_gives_the_documented_numbers(tmp_path, capsys):
     for seed in (0, 1):
         for name in (f"miou_seed{seed}.png", f"pseudo_labels_seed{seed}.png"):
             assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
+
+
+def test_mean_says_over_how_many_seeds():
+    assert report._mean_spread([0.5, 0.4, 0.6]) == "50.0 ± 10.0"
+    assert report._mean_spread([0.5, None, 0.6]) == "55.0 ± 5.0 (2 of 3 seeds)"
+    assert report._mean_spread([-0.011, None], signed=True) == "-1.1 (1 of 2 seeds)"
+    assert report._mean_spread([None, None]) == "-"
 
 
 def test_report_names_a_folder_that_is_not_a_run(tmp_path, capsys):
