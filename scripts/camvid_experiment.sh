@@ -7,6 +7,7 @@
 #   SEED=1 bash scripts/camvid_experiment.sh     # another seed -> runs/camvid/seed1
 #   SPLIT=1_4 bash scripts/camvid_experiment.sh  # 1/4 labeled -> runs/camvid/1_4_seed0
 #   METHODS=supervised,threshold,csl,csl_no_tmp,confidence_share bash scripts/camvid_experiment.sh  # with the controls
+# Started again, it reuses what is done: finished stages, a stopped one from its latest.pt, up-to-date analyses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -29,6 +30,11 @@ $PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --se
 $PY -m csl demo --config camvid --out "$OUT" --warmup "$WARMUP" --warmup-lr 0.002 --iters "$ITERS" \
     --methods "$METHODS" "seed=$SEED" "data.split=$SPLIT" "${DATA[@]}"
 for run in warmup ${METHODS//,/ }; do
+  # An analysis newer than its checkpoint is kept (a second call, e.g. with more METHODS, analyses the new runs).
+  if [ "$OUT/analysis/$run/analysis.json" -nt "$OUT/$run/latest.pt" ]; then
+    echo "camvid_experiment: $OUT/analysis/$run is up to date"
+    continue
+  fi
   $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" "${DATA[@]}"
 done
 $PY -m csl.report "$OUT" --out "$OUT/report"
