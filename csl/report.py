@@ -48,9 +48,13 @@ def load_run(folder: str) -> dict:
         p = os.path.join(folder, m, "metrics.jsonl")
         if os.path.isfile(p):
             metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
+    unfinished = {}  # beside runs whose last evaluation is before their last iteration: not in the tables
     for m in beside:
         evals = metrics[m]["eval"]
-        if evals:
+        total = _configured_iters(os.path.join(folder, m, "config.yaml"))
+        if evals and total is not None and evals[-1]["iter"] < total:
+            unfinished[m] = (evals[-1]["iter"], total)
+        elif evals:
             results[m] = {"miou": evals[-1]["miou"], "best_miou": max(e["miou"] for e in evals), "seconds": None}
             methods.append(m)
     analyses = {}
@@ -63,7 +67,17 @@ def load_run(folder: str) -> dict:
             with open(p) as f:
                 analyses[m] = json.load(f)
     return {"folder": folder, "summary": summary, "methods": methods, "results": results, "metrics": metrics,
-            "analyses": analyses}
+            "analyses": analyses, "unfinished": unfinished}
+
+
+def _configured_iters(config_path: str) -> int | None:
+    """``train.iters`` of a run's stored config.yaml (None without one)."""
+    if not os.path.isfile(config_path):
+        return None
+    import yaml
+
+    with open(config_path) as f:
+        return int(yaml.safe_load(f)["train"]["iters"])
 
 
 def _mean_spread(values: list, signed: bool = False) -> str:
@@ -218,6 +232,9 @@ def write_report(folders: list[str], out_dir: str) -> str:
         note = r["summary"].get("note")
         if note:
             parts.append(f"Seed {r['summary']['config']['seed']}: {note}\n")
+        for m, (last, total) in r["unfinished"].items():
+            parts.append(f"Seed {_seed(r)}: `{m}` stopped after its evaluation at iteration {last} of {total}; it is "
+                         "not in the tables.\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
     if any("threshold" in r["results"] for r in runs):

@@ -77,6 +77,20 @@ def test_report_of_two_seeds_gives_the_documented_numbers(tmp_path, capsys):
             assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
 
 
+def test_a_run_beside_the_demo_that_stopped_is_named_not_tabled(tmp_path):
+    folder = run_folder(tmp_path, 0)
+    with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
+        f.write("train:\n  iters: 1200\n")  # its records end with the evaluation at iteration 600
+    run = report.load_run(folder)
+    assert run["unfinished"] == {"csl_no_tmp": (600, 1200)} and "csl_no_tmp" not in run["results"]
+    assert "confidence_share" in run["results"]  # no config.yaml: taken as finished
+    out = tmp_path / "report"
+    report.write_report([folder], str(out))
+    text = (out / "report.md").read_text()
+    assert "`csl_no_tmp` stopped after its evaluation at iteration 600 of 1200" in text
+    assert f"| {report.LABELS['csl_no_tmp']} |" not in text
+
+
 def test_mean_says_over_how_many_seeds():
     assert report._mean_spread([0.5, 0.4, 0.6]) == "50.0 ± 10.0"
     assert report._mean_spread([0.5, None, 0.6]) == "55.0 ± 5.0 (2 of 3 seeds)"
