@@ -18,11 +18,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out_dir: str, name: str) -> str:
-    path = os.path.join(out_dir, name)
+def _save_figure(fig, path: str) -> str:
+    """Write ``fig`` as a PNG at ``path`` (its folder created), close it, return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    return _save_figure(fig, os.path.join(out_dir, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,10 +230,7 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out_path
+    return _save_figure(fig, out_path)
 
 
 def plot_miou_curves(curves: dict[str, list[dict]], out_path: str) -> str:
@@ -253,10 +255,7 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("val mIoU (%)")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out_path
+    return _save_figure(fig, out_path)
 
 
 def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
@@ -277,10 +276,7 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     ax.set_ylabel("final val mIoU (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out_path
+    return _save_figure(fig, out_path)
 
 
 __all__ = ["colourize", "pcos_clusters", "plot_accuracy_recall", "plot_analysis", "plot_feature_plane",

@@ -196,7 +196,7 @@ def selection_summary_table(runs: list[dict]) -> str:
              "recall (%) | CSL weighted share / acc. / recall (%) | confidence at CSL's share: acc. / recall (%) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
-        seed = run["summary"]["config"]["seed"]
+        seed = _seed(run)
         for m, a in run["analyses"].items():
             b = baseline_row(a)
 
@@ -231,7 +231,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
     for r in runs:
         note = r["summary"].get("note")
         if note:
-            parts.append(f"Seed {r['summary']['config']['seed']}: {note}\n")
+            parts.append(f"Seed {_seed(r)}: {note}\n")
         for m, (last, total) in r["unfinished"].items():
             parts.append(f"Seed {_seed(r)}: `{m}` stopped after its evaluation at iteration {last} of {total}; it is "
                          "not in the tables.\n")
@@ -248,7 +248,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
     if any(r["analyses"] for r in runs):
         parts += ["## Selection quality on the unlabeled images (`csl analyze`)\n", selection_summary_table(runs), ""]
     for r in runs:
-        seed = r["summary"]["config"]["seed"]
+        seed = _seed(r)
         tag = f"seed{seed}"
         parts += [f"## Seed {seed}\n", "### Per-class IoU (val, final models)\n", per_class_table(r), ""]
         pl = {LABELS.get(m, m): r["metrics"][m]["pseudo_labels"] for m in r["methods"]
