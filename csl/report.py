@@ -101,6 +101,12 @@ def _seed(run: dict):
     return run["summary"]["config"]["seed"]
 
 
+def _warmup(run: dict, key: str):
+    """``key`` ("miou", "seconds") of the run's warm-up in summary.json; None for a run without one."""
+    warmup = run["summary"].get("warmup")
+    return warmup[key] if warmup else None
+
+
 def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
     """Each method's final mIoU minus ``reference``'s, seed by seed (the runs of one seed share the warm-up, the
     labeled batches and the schedule, so the difference is the paired comparison), with the mean ± half-range."""
@@ -130,9 +136,8 @@ def results_table(runs: list[dict]) -> str:
     rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in all_methods(runs)]
     for key, label in rows:
         if key == "warmup":
-            vals = [r["summary"]["warmup"]["miou"] if r["summary"].get("warmup") else None for r in runs]
-            best = vals
-            secs = [r["summary"]["warmup"]["seconds"] if r["summary"].get("warmup") else None for r in runs]
+            vals = best = [_warmup(r, "miou") for r in runs]
+            secs = [_warmup(r, "seconds") for r in runs]
         else:
             vals = [r["results"].get(key, {}).get("miou") for r in runs]
             best = [r["results"].get(key, {}).get("best_miou") for r in runs]
@@ -240,7 +245,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
     if any("threshold" in r["results"] for r in runs):
         parts += ["### Difference to the threshold 0.95, seed by seed (final mIoU)\n", gaps_table(runs), ""]
     if len(runs) > 1:
-        finals = {"warm-up": {_seed(r): r["summary"]["warmup"]["miou"] for r in runs if r["summary"].get("warmup")}}
+        finals = {"warm-up": {_seed(r): _warmup(r, "miou") for r in runs if _warmup(r, "miou") is not None}}
         for m in all_methods(runs):
             finals[LABELS.get(m, m)] = {_seed(r): r["results"][m]["miou"] for r in runs if m in r["results"]}
         plot_miou_by_seed(finals, os.path.join(out_dir, "miou_by_seed.png"))

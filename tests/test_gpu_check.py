@@ -34,3 +34,11 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     assert "done: 6 iterations" in (out / "train.log").read_text()
     # Evidence only: the build folder and the training runs stay outside, no empty hang files are left.
     assert not list(out.rglob("*.so")) and not list(out.rglob("*.pt")) and not list(out.glob("progress.txt.hang-*"))
+
+
+def test_cpp_exception_probe_past_its_limit_says_not_known():
+    # Starting the child's Python alone takes longer than 0.2 s: the time-out path, without a build.
+    proc = subprocess.run([sys.executable, "scripts/cpp_exception_probe.py", "--limit", "0.2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "cpp-exceptions: not known (the probe ran past its 0.2 s limit)"
