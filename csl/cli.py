@@ -1,4 +1,4 @@
-"""Command line: ``csl train | eval | predict | demo`` (also ``python -m csl ...``).
+"""Command line: ``csl train | eval | predict | analyze | demo | split`` (also ``python -m csl ...``).
 
     csl train --config voc_321 data.root=/data/VOC2012 data.split=1464 [key=value ...]
     torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
@@ -8,7 +8,7 @@
     csl demo [--out runs/demo] [--iters N]
     csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out my_splits/camvid
 
-``--config`` takes a YAML path or the name of a bundled config (demo, voc_321, voc_513, cityscapes_801, coco);
+``--config`` takes a YAML path or the name of a bundled config (``csl/configs/``, listed by ``csl train --help``);
 ``eval`` / ``predict`` default to the config stored in the checkpoint.
 """
 
@@ -21,6 +21,7 @@ import os
 import sys
 
 from .config import CONFIG_DIR, ConfigError, build_config, load_config
+from .demo import METHODS
 
 log = logging.getLogger("csl")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="start every run anew (default: reuse runs finished in --out under the same config and "
                         "continue stopped ones)")
     d.add_argument("--methods", default="supervised,threshold,csl",
-                   help="comma-separated subset of supervised,threshold,csl,csl_class")
+                   help=f"comma-separated subset of {','.join(METHODS)} (default supervised,threshold,csl)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
     s = sub.add_parser("split", help="write UniMatch-style semi-supervised split folders from a list")

@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
     },
     "selection": {
-        "mode": "csl",  # csl | threshold | csl_class
+        "mode": "csl",  # one of CHOICES["selection.mode"] below
         "alpha": 8.0,
         "confidence": None,  # prob | log; default: the rule's (paper: prob, released: log)
         "rule": "paper",  # paper (Algorithm 1) | released (the authors' released code); docs/selection.md Sec. 2b

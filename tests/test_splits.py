@@ -35,6 +35,17 @@ def _image(path, size=(20, 16)):
     Image.fromarray(np.zeros((size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
+def test_named_split_written_with_a_slash_finds_the_shipped_val_list(tmp_path):
+    # data.split=1/8 names csl/splits/pascal/1_8 for training and its val.txt beside it for evaluation.
+    folder = named_split_dir("pascal", "1_8")
+    val_list = os.path.join(SPLITS_DIR, "pascal", "val.txt")
+    for path in (os.path.join(folder, "labeled.txt"), os.path.join(folder, "unlabeled.txt"), val_list):
+        _image(str(tmp_path / read_split(path)[0][0]))
+    bundle = build_datasets({"dataset": "pascal", "root": str(tmp_path), "split": "1/8", "crop_size": 16})
+    assert os.path.samefile(bundle.val.source.list_path, val_list)
+    assert len(bundle.val.source.items) == 1449
+
+
 def test_coco_unlabeled_part_is_the_rest_of_train2017(tmp_path):
     root = tmp_path / "coco"
     for name in ("a", "b", "c"):

@@ -94,9 +94,14 @@ def default_eval_mode(dataset: str) -> str:
 SPLITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "splits")
 
 
+def split_folder_name(split) -> str:
+    """The folder name of a split: ``1/8`` is stored as ``1_8``."""
+    return str(split).replace("/", "_")
+
+
 def named_split_dir(dataset: str, split) -> str:
     """The folder of a split shipped with the package (``csl/splits/<dataset>/<split>``, see its README)."""
-    split = str(split).replace("/", "_")  # 1/8 names the folder 1_8
+    split = split_folder_name(split)
     folder = os.path.join(SPLITS_DIR, dataset, split)
     if not os.path.isfile(os.path.join(folder, "labeled.txt")):
         base = os.path.join(SPLITS_DIR, dataset)
@@ -175,7 +180,7 @@ def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_in
         return kind_cls(root, val_list, num_classes, ignore_index, **opts)
     split_dir = data_cfg.get("split_dir")
     if split_dir is None and data_cfg.get("split") is not None:
-        split_dir = os.path.join(SPLITS_DIR, data_cfg.get("dataset", ""), str(data_cfg["split"]))
+        split_dir = os.path.join(SPLITS_DIR, data_cfg.get("dataset", ""), split_folder_name(data_cfg["split"]))
     if split_dir is not None:
         # UniMatch keeps the val list next to the partition folders: splits/<dataset>/val.txt.
         for candidate in (os.path.join(split_dir, "val.txt"), os.path.join(os.path.dirname(os.path.normpath(
