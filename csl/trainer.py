@@ -321,8 +321,13 @@ class Trainer:
         if not resume:
             return None
         if resume == "auto":
-            path = os.path.join(self.output_dir, LATEST)
-            return path if os.path.isfile(path) else None
+            # latest.pt, else best.pt: an improving epoch writes the same state to best.pt first, so a kill between
+            # the two writes leaves only best.pt, the state latest.pt would have held.
+            for name in (LATEST, BEST):
+                path = os.path.join(self.output_dir, name)
+                if os.path.isfile(path):
+                    return path
+            return None
         return resume
 
     def _maybe_resume(self) -> None:
@@ -330,6 +335,9 @@ class Trainer:
         if path is None:
             return
         ckpt = load_checkpoint(path)
+        if os.path.basename(path) == BEST and self.cfg["train"]["resume"] == "auto":
+            log.warning("train.resume=auto: %s has no %s (the run was stopped between the two checkpoint writes, or "
+                        "it was removed); resuming from %s", self.output_dir, LATEST, BEST)
         missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in ckpt]
         if missing:
             raise ValueError(f"{path} is not a training checkpoint of csl train (no {', '.join(missing)}), so there is "

@@ -68,6 +68,12 @@ def test_best_is_written_before_latest(tmp_path, monkeypatch):
         trainer.train()
     trainer.close()
     assert written == ["best.pt"]
+    # --resume auto continues from best.pt (the state latest.pt would have held), it does not replace the run.
+    monkeypatch.setattr("csl.trainer.atomic_save", real)
+    summary = train(config(tmp_path, **{"train.resume": "auto"}))
+    assert summary["iterations"] == 4
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]
+    assert "has no latest.pt" in (tmp_path / "train.log").read_text()
 
 
 def test_resume_rewrites_a_missing_best_when_the_latest_is_best(tmp_path):
