@@ -51,16 +51,17 @@ def _env_int(name: str, default: int) -> int:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: ``cuda:<LOCAL_RANK>`` when a GPU is visible, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto``: ``cuda:<LOCAL_RANK>`` when a GPU is visible, else CPU; ``cuda`` without a GPU is an error (ValueError:
+    the user's setting)."""
     if preference not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible")
+        raise ValueError("device=cuda was asked for but no CUDA device is visible (device=auto uses the CPU then)")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible")
+        raise ValueError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible")
     return torch.device("cuda", local_rank)
 
 

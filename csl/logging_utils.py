@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+from csl_kernels._backends import log_choices_again
+
 log = logging.getLogger("csl")
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -31,7 +33,8 @@ LOGGERS = ("csl", "csl_kernels")
 
 def setup_logging(output_dir: str | None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
     """Configure the ``csl`` and ``csl_kernels`` loggers: console (through tqdm) and ``<output_dir>/train.log`` on
-    rank 0; warnings only on other ranks. Replaces handlers installed by an earlier call; returns the ``csl`` one."""
+    rank 0; warnings only on other ranks. Replaces handlers installed by an earlier call, and has the kernels log
+    their backend choices again, so that each run's log names them; returns the ``csl`` one."""
     handlers: list[logging.Handler] = [_TqdmHandler(sys.stderr)]
     if is_main and output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -52,6 +55,7 @@ def setup_logging(output_dir: str | None, is_main: bool = True, level: int = log
         logger.propagate = False
         for h in handlers:
             logger.addHandler(h)
+    log_choices_again()
     return logging.getLogger("csl")
 
 

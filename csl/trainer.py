@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from csl_kernels import IGNORE_INDEX, metrics_from_counts
+from csl_kernels import IGNORE_INDEX, metrics_from_counts, unavailable_reason
 
 from .checkpoint import (
     BEST,
@@ -30,7 +30,7 @@ from .checkpoint import (
     model_state,
     restore_rng,
 )
-from .config import dump_config
+from .config import ConfigError, dump_config
 from .distributed import (
     DistEnv,
     ResumableDistributedSampler,
@@ -139,6 +139,22 @@ class NonFiniteTrainingError(RuntimeError):
     """The loss or the weights became NaN / inf; nothing of that state was saved."""
 
 
+# The kernels a training run calls with kernels.backend (selection, TMP, the unlabeled loss, evaluation).
+TRAINING_OPS = ("pcos_weights", "residual_features", "trusted_mask", "weighted_cross_entropy", "confusion_matrix")
+
+
+def check_kernels_backend(backend: str, device: torch.device) -> None:
+    """A backend named in ``kernels.backend`` must run every kernel of the run on ``device``: a ConfigError with the
+    reason at the start, not a failure at the first step (``auto`` chooses per op and says so in the log)."""
+    if backend == "auto":
+        return
+    for op in TRAINING_OPS:
+        reason = unavailable_reason(op, backend, device)
+        if reason is not None:
+            raise ConfigError(f"kernels.backend={backend} cannot run on {device}: {reason} (kernels.backend=auto "
+                              f"chooses a backend that can)")
+
+
 class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
@@ -147,6 +163,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or init_distributed(cfg["device"])
         self.device = self.env.device
+        check_kernels_backend(cfg["kernels"]["backend"], self.device)  # before the run folder is touched
         t = cfg["train"]
         self.semi = t["mode"] == "semi"
         self.output_dir = cfg["output_dir"]

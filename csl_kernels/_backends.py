@@ -97,6 +97,15 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     return None
 
 
+def log_choices_again() -> None:
+    """Log each ``backend="auto"`` choice again at its next call (a new log file starts: every run's ``train.log``
+    names the backends it used, also when one process trains several runs, as ``csl demo`` does)."""
+    _AUTO_LOGGED.clear()
+    from . import _measured  # imports this module: imported here, not at the top
+
+    _measured.log_choices_again()
+
+
 def is_available(op: str, backend: str, device: torch.device | str) -> bool:
     return unavailable_reason(op, backend, torch.device(device)) is None
 

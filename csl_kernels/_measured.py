@@ -6,9 +6,10 @@ Measured on an H200 (``docs/results/gpu-check/2026-11-30-h200``): at B16 C21 321
 ``pcos_weights`` takes 0.29 ms and Triton's 0.70 ms, the weighted CE forward + backward 0.33 and 1.09 ms; at C = 81
 (coco513) Triton's PCOS is the faster one. A fixed order would pick the slower one for one of them.
 
-The choice is logged once (INFO, with both timings) and kept in ``$XDG_CACHE_HOME/csl/auto-backend.json``
-(``CSL_AUTO_CACHE`` elsewhere), beside the Triton launch tuning. No timing happens while a CUDA graph is captured or
-``torch.compile`` traces: a cached choice is used, else the static order of ``_backends.AUTO_ORDER``.
+The choice is logged (INFO: with both timings when measured; a cached one at its first use in a process and in each
+run's log) and kept in ``$XDG_CACHE_HOME/csl/auto-backend.json`` (``CSL_AUTO_CACHE`` elsewhere), beside the Triton
+launch tuning. No timing happens while a CUDA graph is captured or ``torch.compile`` traces: a cached choice is used,
+else the static order of ``_backends.AUTO_ORDER``.
 A backend named with ``backend=`` (or ``kernels.backend`` in the trainer) is used as it is.
 """
 
@@ -36,6 +37,15 @@ _choices: dict[str, str] | None = None
 # {(op, device, dtype, shape): backend} of the calls resolved since the choices were loaded: a repeated call's
 # lookup (its cache key is a string built from the GPU name and the shape class).
 _by_shape: dict[tuple, str] = {}
+# Cache keys whose choice this process has logged (a choice read from the cache file is logged at its first use).
+_logged: set[str] = set()
+
+
+def log_choices_again() -> None:
+    """See :func:`csl_kernels._backends.log_choices_again`."""
+    with _lock:
+        _logged.clear()
+        _by_shape.clear()  # the next call of each shape goes past the fast lookup, to the log
 
 
 def cache_path() -> Path:
@@ -127,6 +137,10 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
                      ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1])),
                      cache_path())
             _store(key, name)
+        elif key not in _logged:
+            log.info("csl_kernels.%s on %s: backend='auto' uses %r (measured earlier, cached in %s)", op,
+                     key.split(" | ")[1] + f" ({shape_class(key_tensor)})", name, cache_path())
+        _logged.add(key)
         if len(_by_shape) >= 4096:
             _by_shape.clear()
         _by_shape[fast_key] = name

@@ -283,6 +283,7 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     caplog.set_level(logging.INFO, logger="csl_kernels")
     monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
     monkeypatch.setattr(_measured, "_choices", None)
+    monkeypatch.setattr(_measured, "_logged", set())
     monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     speed = {"cuda": 0.5, "triton": 0.2}
@@ -303,6 +304,15 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     monkeypatch.setattr(_measured, "_choices", None)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 21, 7, 9), lambda impl: impl(), timer=timer)[0] \
         == "triton" and len(timed) == 2
+    # A new run's log (csl.logging_utils.setup_logging) names the cached choice at its next use, without timing.
+    caplog.clear()
+    _backends.log_choices_again()
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert len(timed) == 2 and [r.getMessage() for r in caplog.records] == [
+        "csl_kernels.toy_op on Fake GPU (float32 C21 px2^7): backend='auto' uses 'triton' (measured earlier, cached in "
+        f"{tmp_path / 'auto.json'})"]
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert len(caplog.records) == 1  # once
     # Another shape class: timed afresh; inside a capture: the static order, nothing timed.
     speed.update(cuda=0.1)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 81, 8, 8), lambda impl: impl(), timer=timer)[0] \

@@ -14,7 +14,6 @@ from PIL import Image
 
 from csl.cli import expand_images, main
 from csl.logging_utils import read_metrics
-from csl_kernels import _backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4", "data.synthetic.num_unlabeled=8",
@@ -25,7 +24,6 @@ TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    _backends._AUTO_LOGGED.clear()  # the backend choices are logged once per process
     code = main(["train", "--config", "demo", *TINY, "train.iters=3", "train.iters_per_epoch=3",
                  f"output_dir={out}"])
     assert code == 0
@@ -58,6 +56,8 @@ def test_resume_flag_continues(trained, tmp_path):
     assert code == 0
     iters = [r["iter"] for r in read_metrics(str(run / "metrics.jsonl"), "train")]
     assert iters == [1, 2, 3, 4]
+    # Each run of the process names its backends in its log (the resume appends to the copied train.log).
+    assert (run / "train.log").read_text().count("csl_kernels.pcos_weights on cpu: backend='auto' uses") == 2
 
 
 def test_eval_matches_training_eval(trained, capsys):

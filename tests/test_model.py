@@ -161,7 +161,7 @@ def test_pretrained_file_hash_and_imagenet_download_errors(tmp_path, monkeypatch
         raise OSError("network unreachable")
 
     monkeypatch.setattr(models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(RuntimeError, match=r"mobilenet_v2-b0353104\.pth.*by hand"):
+    with pytest.raises(OSError, match=r"mobilenet_v2-b0353104\.pth.*by hand"):
         build_model({"backbone": "mobilenet_v2", "pretrained": "imagenet"}, 3)
     monkeypatch.setattr(models.WeightsEnum, "get_state_dict", lambda self, *a, **k: ref.state_dict())
     assert build_model({"backbone": "mobilenet_v2", "pretrained": "imagenet"}, 3).pretrained_report["loaded"] > 0
@@ -208,8 +208,14 @@ def test_deep_stem_loads_unimatch_imagenet_weights_unchanged(tmp_path):
     sd = _unimatch_backbone_state("resnet50")
     sd.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
     torch.save(sd, tmp_path / "resnet50.pth")  # UniMatch's pretrained/resnet50.pth layout
-    with pytest.raises(ValueError, match="shape mismatch"):  # torchvision's 7x7 stem: refused, not half-loaded
+    # torchvision's 7x7 stem: refused, not half-loaded, and the error names the stem setting that fits.
+    with pytest.raises(ValueError, match="shape mismatch.*model has model.stem=torchvision, the file fits "
+                                         "model.stem=deep"):
         build_model({"backbone": "resnet50", "pretrained": str(tmp_path / "resnet50.pth")}, 3)
+    torch.save(models.resnet50().state_dict(), tmp_path / "torchvision_resnet50.pth")
+    with pytest.raises(ValueError, match="model has model.stem=deep, the file fits model.stem=torchvision"):
+        build_model({"backbone": "resnet50", "stem": "deep", "pretrained": str(tmp_path / "torchvision_resnet50.pth")},
+                    3)
     model = build_model({"backbone": "resnet50", "stem": "deep", "pretrained": str(tmp_path / "resnet50.pth")}, 3)
     assert model.pretrained_report["loaded"] == len(model.backbone.state_dict())
     assert torch.equal(model.backbone.conv1[6].weight, sd["conv1.6.weight"])

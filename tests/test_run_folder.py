@@ -152,3 +152,17 @@ def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\) in .*val.txt.*label values outside \[0, 5\).*: 9"):
         Trainer(config(tmp_path / "run2", **data))
     assert not (tmp_path / "run2" / "latest.pt").exists()
+
+
+def test_a_backend_or_device_that_cannot_run_stops_before_the_folder_is_touched(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"kernels.backend=cuda cannot run on cpu: the cuda backend needs CUDA "
+                                          r"tensors.*kernels.backend=auto"):
+        Trainer(config(out, **{"kernels.backend": "cuda", "device": "cpu"}))
+    assert not out.exists()
+    assert main(["train", "--config", "demo", "device=cpu", "kernels.backend=cuda", f"output_dir={out}"]) == 2
+    assert "csl train: error: kernels.backend=cuda cannot run on cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--config", "demo", "device=cuda", f"output_dir={out}"]) == 2
+        assert "error: device=cuda was asked for but no CUDA device is visible" in capsys.readouterr().err
+    assert not out.exists()

@@ -206,7 +206,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=True)
     except Exception as e:  # URLError, HTTPError, socket errors: the message says what to do instead
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise RuntimeError(f"model.pretrained=imagenet: could not get torchvision's {IMAGENET_WEIGHTS[name]} "
+        raise OSError(f"model.pretrained=imagenet: could not get torchvision's {IMAGENET_WEIGHTS[name]} "
                            f"({type(e).__name__}: {e}); download {weights.url} by hand into {folder}/ (or anywhere, "
                            f"and set model.pretrained to that file)") from e
 
@@ -234,11 +234,18 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
         sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(backbone.head_prefixes))}
     own = backbone.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-                  if k in own and own[k].shape != v.shape]
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatched:
+        stem = getattr(backbone, "stem", None)  # ResNets: torchvision's 7x7 conv or UniMatch's deep stem
+        hint = ""
+        if stem is not None and any(k.startswith(("conv1.", "bn1.")) for k in mismatched):
+            other = "torchvision" if stem == "deep" else "deep"
+            hint = (f"; the stems differ: the model has model.stem={stem}, the file fits model.stem={other} ("
+                    + ("torchvision's ImageNet weights" if other == "torchvision" else
+                       "UniMatch's / CSL's ResNet weights") + ")")
         raise ValueError(f"{path} does not fit backbone {backbone.name} ({len(mismatched)} shape mismatches): "
-                         + "; ".join(mismatched[:5]))
+                         + "; ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                                     for k in mismatched[:5]) + hint)
     matched = [k for k in sd if k in own]
     if not matched:
         raise ValueError(f"{path} has no parameter of backbone {backbone.name} (keys look like "
