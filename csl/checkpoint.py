@@ -9,6 +9,7 @@ previous file intact.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger("csl")
 
 LATEST = "latest.pt"
 BEST = "best.pt"
@@ -94,6 +97,38 @@ def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The model weights of a csl, UniMatch or CSL checkpoint under this package's module names, and the number of
+    classes it predicts; a ConfigError when they cannot be a model of ``model_cfg`` (no DeepLabV3+ classifier, or
+    UniMatch's deep-stem ResNet for a torchvision-stem model)."""
+    from .config import ConfigError
+    from .model import from_unimatch_state_dict, is_unimatch_state_dict
+
+    state = model_state(ckpt, path)
+    if is_unimatch_state_dict(state):
+        if model_cfg["stem"] != "deep" and str(model_cfg["backbone"]).startswith("resnet"):
+            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its ResNet has the deep stem; pass "
+                              f"model.stem=deep (the voc / cityscapes / coco configs set it)")
+        state = from_unimatch_state_dict(state)
+        log.info("%s: UniMatch / CSL module names mapped to this package's", path)
+    if "classifier.weight" not in state:
+        raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
+    return state, int(ckpt.get("num_classes") or state["classifier.weight"].shape[0])
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``model.load_state_dict(state)``; a ConfigError naming the first differences when the model is built
+    otherwise (another backbone, stem, output stride or head)."""
+    from .config import ConfigError
+
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ConfigError(f"{path} does not fit the model of this config (model.backbone / stem / output_stride / "
+                          f"dilations): {' '.join(lines)[:600]}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------

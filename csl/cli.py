@@ -103,27 +103,18 @@ def _config_for_checkpoint(args, ckpt: dict) -> dict:
 def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
     """The checkpoint's model in eval mode on ``device`` and its class count. A config whose ``data.num_classes``
     differs from the checkpoint's is an error (its ground truth would be scored against the wrong classes)."""
-    from .checkpoint import model_state
-    from .model import build_model, from_unimatch_state_dict, is_unimatch_state_dict
+    from .checkpoint import checkpoint_weights, load_weights
+    from .model import build_model
 
-    state = model_state(ckpt, path)
-    if is_unimatch_state_dict(state):
-        if cfg["model"]["stem"] != "deep" and str(cfg["model"]["backbone"]).startswith("resnet"):
-            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its ResNet has the deep stem; pass "
-                              f"model.stem=deep (the voc / cityscapes / coco configs set it)")
-        state = from_unimatch_state_dict(state)
-        log.info("%s: UniMatch / CSL module names mapped to this package's", path)
-    if "classifier.weight" not in state:
-        raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
-    num_classes = ckpt.get("num_classes") or state["classifier.weight"].shape[0]
+    state, num_classes = checkpoint_weights(cfg["model"], ckpt, path)
     wanted = cfg["data"]["num_classes"]
-    if wanted is not None and int(wanted) != int(num_classes):
+    if wanted is not None and int(wanted) != num_classes:
         raise ConfigError(f"{path} predicts {num_classes} classes but data.num_classes is {wanted}; evaluate it on "
                           f"data with {num_classes} classes (or leave data.num_classes unset)")
     model_cfg = dict(cfg["model"], pretrained=None)  # the checkpoint holds every weight
-    model = build_model(model_cfg, int(num_classes))
-    model.load_state_dict(state)
-    return model.to(device).eval(), int(num_classes)
+    model = build_model(model_cfg, num_classes)
+    load_weights(model, state, path)
+    return model.to(device).eval(), num_classes
 
 
 def val_dataset(cfg: dict):

@@ -26,8 +26,9 @@ from .checkpoint import (
     LATEST,
     atomic_save,
     capture_rng,
+    checkpoint_weights,
     load_checkpoint,
-    model_state,
+    load_weights,
     restore_rng,
 )
 from .config import ConfigError, dump_config
@@ -268,7 +269,11 @@ class Trainer:
         model = build_model(cfg["model"], self.num_classes)
         if cfg["train"]["init_from"]:
             path = cfg["train"]["init_from"]
-            model.load_state_dict(model_state(load_checkpoint(path), path))
+            state, num_classes = checkpoint_weights(cfg["model"], load_checkpoint(path), path)
+            if num_classes != self.num_classes:
+                raise ConfigError(f"train.init_from={path} predicts {num_classes} classes but the data has "
+                                  f"{self.num_classes}")
+            load_weights(model, state, path)
             log.info("model initialised from %s", path)
         self.model, self.bare_model = prepare_model(model, self.env)
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)

@@ -121,6 +121,18 @@ def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
     trainer.close()
     with pytest.raises(ValueError, match="not a training checkpoint.*train.init_from="):
         Trainer(config(tmp_path / "b", **{"train.resume": str(bare)}))
+    # train.init_from takes it; weights of another class count or model are refused with the reason.
+    Trainer(config(tmp_path / "d", **{"train.init_from": str(bare)})).close()
+    assert f"model initialised from {bare}" in (tmp_path / "d" / "train.log").read_text()
+    from csl.model import build_model
+
+    cfg = config(tmp_path / "e")
+    for name, model_cfg, classes, message in (
+            ("classes.pt", cfg["model"], 7, "predicts 7 classes but the data has 4"),
+            ("r34.pt", dict(cfg["model"], backbone="resnet34"), 4, "does not fit the model of this config")):
+        torch.save(build_model(dict(model_cfg, pretrained=None), classes).state_dict(), tmp_path / name)
+        with pytest.raises(ConfigError, match=message):
+            Trainer(config(tmp_path / "e", **{"train.init_from": str(tmp_path / name), "train.overwrite": True}))
     train(config(tmp_path / "c"), stop_at=2)
     Trainer(config(tmp_path / "c", **{"train.resume": "auto", "train.lr": 0.5})).close()
     assert "train.lr is 0.5 here but 0.01 in the checkpoint" in (tmp_path / "c" / "train.log").read_text()
