@@ -32,8 +32,7 @@ import torch
 from csl.losses import CrossEntropy
 from csl.model import build_model
 from csl.selection import Selector
-from csl.step import KernelOps, train_step
-from csl.step import StepConfig as TrainStepConfig
+from csl.step import KernelOps, StepConfig, train_step
 from csl.trainer import build_scheduler
 from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
@@ -46,7 +45,7 @@ CSL_OPS = ("pcos_weights", "trusted_mask", "weighted_cross_entropy")
 
 
 @dataclass(frozen=True)
-class StepConfig:
+class BenchShape:
     backbone: str
     crop: int
     batch: int
@@ -60,9 +59,9 @@ class StepConfig:
 
 
 CONFIGS = {
-    "gpu": StepConfig("resnet101", 321, 8, 21, torch.bfloat16),
-    "cpu": StepConfig("resnet18", 129, 2, 21, None),
-    "smoke": StepConfig("resnet18", 33, 1, 5, None),
+    "gpu": BenchShape("resnet101", 321, 8, 21, torch.bfloat16),
+    "cpu": BenchShape("resnet18", 129, 2, 21, None),
+    "smoke": BenchShape("resnet18", 33, 1, 5, None),
 }
 
 
@@ -185,7 +184,7 @@ class TimedOps:
         return _BackwardMark.apply(loss, lambda: self.timer.open(key))
 
 
-def make_batches(cfg: StepConfig, device: torch.device, seed: int = 0) -> tuple[dict, dict, dict]:
+def make_batches(cfg: BenchShape, device: torch.device, seed: int = 0) -> tuple[dict, dict, dict]:
     """Labeled, unlabeled and mix batches in the trainer's format (random images, padded unlabeled borders)."""
     g = torch.Generator().manual_seed(seed)
     b, s = cfg.batch, cfg.crop
@@ -256,7 +255,7 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
 
     def step(sel: Selection) -> None:
         train_step(model, optimizer, scheduler, scaler, *batches, selector=sel.selector, criterion=criterion,
-                   cfg=TrainStepConfig(amp_dtype=cfg.amp_dtype), generator=generator,
+                   cfg=StepConfig(amp_dtype=cfg.amp_dtype), generator=generator,
                    ops=TimedOps(sel.ops, timer), region=timer)
 
     def one_step(name: str, timed: bool) -> None:

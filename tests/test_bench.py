@@ -129,8 +129,7 @@ def test_train_step_loss_backward_region_brackets_only_the_loss():
     """The benchmark's backward region of each weighted loss opens right before the loss's own backward and closes
     right after it, with no network backward in between (recorded order, not timing)."""
     from csl.losses import CrossEntropy
-    from csl.step import KernelOps, train_step
-    from csl.step import StepConfig as TrainStepConfig
+    from csl.step import KernelOps, StepConfig, train_step
     from csl.trainer import build_scheduler
     from csl_bench import bench_train_step as bts
 
@@ -169,7 +168,7 @@ def test_train_step_loss_backward_region_brackets_only_the_loss():
     timer = RecordingTimer(device)
     train_step(model, optimizer, build_scheduler(optimizer, 10), torch.amp.GradScaler("cpu", enabled=False),
                *bts.make_batches(cfg, device), selector=bts.Selector(backend="reference"), criterion=CrossEntropy(),
-               cfg=TrainStepConfig(backend="reference"), generator=torch.Generator().manual_seed(0),
+               cfg=StepConfig(backend="reference"), generator=torch.Generator().manual_seed(0),
                ops=bts.TimedOps(RecordingOps("reference"), timer), region=timer)
     parts = timer.totals_ms()
     assert set(parts) == {"select", "mask", "loss", "loss_backward"} and all(v >= 0 for v in parts.values())
