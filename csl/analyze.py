@@ -170,7 +170,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from .config import build_config, load_config
     from .data import class_names, default_eval_mode
     from .distributed import pick_device
-    from .evaluate import center_crop, predict_scores
+    from .evaluate import center_crop, predict_logits
 
     start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
@@ -199,7 +199,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
             item = dataset[i]
             image = item["image"].unsqueeze(0).to(device)
             target = item["mask"]
-            logits = predict_scores(model, image, mode=mode, crop_size=crop,
+            logits = predict_logits(model, image, mode=mode, crop_size=crop,
                                     stride_ratio=cfg["eval"]["stride_ratio"]).float()
             if mode == "center_crop":
                 target, image = center_crop(target, crop), center_crop(image, crop)

@@ -116,6 +116,14 @@ def predict_scores(model: nn.Module, image: torch.Tensor, *, mode: str = "origin
     raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
 
 
+def predict_logits(model: nn.Module, image: torch.Tensor, *, mode: str = "original", crop_size: int | None = None,
+                   stride_ratio: float = 2 / 3) -> torch.Tensor:
+    """:func:`predict_scores` as logits, for the selection rules that take a softmax of them: the model's logits, and
+    in ``sliding_window`` mode the log of the windows' summed probabilities (its softmax is their average)."""
+    scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
+    return scores.clamp_min(torch.finfo(scores.dtype).tiny).log() if mode == "sliding_window" else scores
+
+
 def _check_mode(mode: str, crop_size, stride_ratio: float) -> None:
     if mode not in EVAL_MODES:
         raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
@@ -244,4 +252,4 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
 
 
 __all__ = ["EVAL_MODES", "DistributedEvalSampler", "center_crop", "evaluate", "make_eval_loader", "predict_images",
-           "predict_scores", "sliding_window_scores"]
+           "predict_logits", "predict_scores", "sliding_window_scores"]

@@ -18,6 +18,7 @@ from csl.evaluate import (
     evaluate,
     make_eval_loader,
     predict_images,
+    predict_logits,
     sliding_window_scores,
 )
 
@@ -111,6 +112,10 @@ def test_sliding_window_equals_original_for_a_per_pixel_model(num_classes, size,
         scores = sliding_window_scores(model, image, crop, ratio)
     assert scores.shape == (2, num_classes, *size)
     assert torch.equal(scores.argmax(1), full)
+    # As logits (csl analyze selects from them): their softmax is the model's own, however many windows overlap.
+    with torch.no_grad():
+        logits = predict_logits(model, image, mode="sliding_window", crop_size=crop, stride_ratio=ratio)
+        torch.testing.assert_close(logits.softmax(1), model(image).softmax(1), atol=1e-6, rtol=1e-5)
     mask = full.clone()
     mask[:, 0, :] = 255
     data = EncodedLabels(list(image), list(mask))
