@@ -88,21 +88,32 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
-def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """UniMatch's CutMix boxes as a ``B x H x W`` bool mask, drawn on the generator's device without host syncs.
+# Candidate (ratio, position) draws per box: UniMatch redraws until the box fits in the crop; the first fitting one of
+# these is that draw (a box none of them fits, rare, is clamped to the crop).
+CUTMIX_CANDIDATES = 16
 
-    With probability ``p`` a sample gets one box of area ``U(0.02, 0.4) * H * W`` and aspect ratio ``U(0.3, 1/0.3)``
-    at a uniform position inside the crop; otherwise no box.
+
+def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """UniMatch's CutMix boxes (``obtain_cutmix_box``) as a ``B x H x W`` bool mask, drawn on the generator's device
+    without host syncs.
+
+    With probability ``p`` a sample gets one box of area ``U(0.02, 0.4) * H * W``; its aspect ratio ``U(0.3, 1/0.3)``
+    and top-left corner (uniform over the crop) are drawn again until the box fits inside the crop, as UniMatch does.
     """
-    dev = generator.device
-    u = torch.rand(5, batch, generator=generator, device=dev)
+    dev, k = generator.device, CUTMIX_CANDIDATES
+    u = torch.rand(2 + 3 * k, batch, generator=generator, device=dev)
     apply = u[0] < p
     area = (0.02 + 0.38 * u[1]) * height * width
-    ratio = 0.3 + (1 / 0.3 - 0.3) * u[2]
-    box_w = (area / ratio).sqrt().floor().clamp(1, width)
-    box_h = (area * ratio).sqrt().floor().clamp(1, height)
-    x0 = (u[3] * (width - box_w + 1)).floor()
-    y0 = (u[4] * (height - box_h + 1)).floor()
+    ratio = 0.3 + (1 / 0.3 - 0.3) * u[2:2 + k]  # k x B
+    box_w = (area / ratio).sqrt().floor()
+    box_h = (area * ratio).sqrt().floor()
+    x0 = (u[2 + k:2 + 2 * k] * width).floor()
+    y0 = (u[2 + 2 * k:] * height).floor()
+    fits = (x0 + box_w <= width) & (y0 + box_h <= height)
+    first = fits.to(torch.uint8).argmax(0, keepdim=True)  # the first fitting candidate (0 when none fits)
+    box_w, box_h, x0, y0 = (t.gather(0, first)[0] for t in (box_w, box_h, x0, y0))
+    box_w, box_h = box_w.clamp(1, width), box_h.clamp(1, height)
+    x0, y0 = torch.minimum(x0, width - box_w), torch.minimum(y0, height - box_h)
     cols = torch.arange(width, device=dev)
     rows = torch.arange(height, device=dev)
     in_x = (cols >= x0[:, None]) & (cols < (x0 + box_w)[:, None])
@@ -132,7 +143,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     """One CSL iteration (UniMatch + CSL selection + Trusted Mask Perturbation); returns detached scalars.
 
     ``batch_x``: labeled ``image``, ``mask``; ``batch_u`` / ``batch_mix``: unlabeled ``image_w`` (weak),
-    ``image_s`` (strong), ``image_m`` (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth, metrics only).
+    ``image_s`` and ``image_s2`` (the strong views of the two streams, colour-augmented independently), ``image_m``
+    (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth, metrics only).
     ``generator`` (on the model's device) draws the CutMix boxes, the masking-view choice and the TMP block grid.
     ``ops``: TMP and the weighted loss (default ``KernelOps(cfg.backend)``); ``region(name)`` wraps the CSL-specific
     work ("select", "mask", "loss") so a benchmark can time it.
@@ -167,14 +179,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     ignore_s = paste(box, batch_mix["ignore"], ignore_u)
 
     # 4. Masking view (TMP): a random share of the samples gets the mild view with reliable pixels hidden under the
-    #    block grid; the others get a second strong view with its own CutMix box (tmp.other_view=strong_cutmix) or,
+    #    block grid; the others get the second strong view with its own CutMix box (tmp.other_view=strong_cutmix) or,
     #    as the authors' released code does, the strong view without CutMix and the weak view's own labels (strong).
     fraction = cfg.tmp_fraction if cfg.tmp_enabled else 0.0
     use_tmp = torch.rand(n_u, generator=generator, device=generator.device) < fraction
     box2 = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator) & ~use_tmp[:, None, None]
     if cfg.tmp_other_view == "strong":
         box2 = torch.zeros_like(box2)
-    img_m = paste(box2, batch_mix["image_s"], u_s)
+    img_m = paste(box2, batch_mix["image_s2"], batch_u["image_s2"])
     if cfg.tmp_enabled:
         with region("mask"):
             masked = ops.mask(u_m, sel.reliable, block=cfg.tmp_block, rate=cfg.tmp_rate, generator=generator)

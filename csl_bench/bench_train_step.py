@@ -199,8 +199,8 @@ def make_batches(cfg: BenchShape, device: torch.device, seed: int = 0) -> tuple[
     no_gt = torch.full((b, s, s), IGNORE_INDEX, dtype=torch.int64, device=device)
 
     def unlabeled(pad):
-        return {"image_w": images(), "image_s": images(), "image_m": images(), "ignore": pad.to(device),
-                "mask": no_gt}
+        return {"image_w": images(), "image_s": images(), "image_s2": images(), "image_m": images(),
+                "ignore": pad.to(device), "mask": no_gt}
 
     return {"image": images(), "mask": mask_x.to(device)}, unlabeled(ignore), unlabeled(ignore.flip(2))
 

@@ -74,7 +74,7 @@ def test_file_datasets_in_unimatch_format(tmp_path, layout):
     assert set(item["mask"].unique().tolist()) <= set(range(5)) | {255}
 
     u = bundle.unlabeled[1]
-    for key in ("image_w", "image_s", "image_m"):
+    for key in ("image_w", "image_s", "image_s2", "image_m"):
         assert u[key].shape == (3, 32, 32) and u[key].dtype == torch.float32
     assert u["ignore"].shape == (32, 32) and set(u["ignore"].unique().tolist()) <= {0, 255}
 
@@ -255,17 +255,19 @@ def test_unlabeled_views_share_geometry():
     ds = UnlabeledDataset(src, crop_size=48, mean=MEAN, std=STD, ignore_index=255)
     random.seed(0)
     torch.manual_seed(0)
-    differs = 0
+    differs = streams_differ = 0
     for i in range(4):
         out = ds[i]
         differs += int(not torch.equal(out["image_w"], out["image_s"]))
+        streams_differ += int(not torch.equal(out["image_s"], out["image_s2"]))
         assert torch.equal(out["ignore"] == 255, out["mask"] == 255)  # synthetic GT has no ignore pixels
     assert differs > 0  # the strong view is photometrically different
-    ds.strong = ds.mild = lambda x: x  # without the colour ops the three views are the same pixels
+    assert streams_differ > 0  # the two strong streams draw their colour augmentations independently
+    ds.strong = ds.mild = lambda x: x  # without the colour ops the four views are the same pixels
     for i in range(4):
         random.seed(i)
         out = ds[i]
-        assert torch.equal(out["image_w"], out["image_s"]) and torch.equal(out["image_w"], out["image_m"])
+        assert all(torch.equal(out["image_w"], out[key]) for key in ("image_s", "image_s2", "image_m"))
         raw = _denorm(out["image_w"])
         assert torch.all(raw[:, out["ignore"] == 255].abs() < 1e-6)  # padded pixels are black in every view
         # the GT mask follows the same geometry as the image
@@ -322,7 +324,7 @@ def test_build_synthetic_bundle_and_worker_seeding():
         g.manual_seed(123)
         loader = DataLoader(bundle.unlabeled, batch_size=3, shuffle=True, num_workers=2, generator=g,
                             worker_init_fn=seed_worker)
-        return [torch.cat([b["image_w"], b["image_s"], b["image_m"]]) for b in loader]
+        return [torch.cat([b["image_w"], b["image_s"], b["image_s2"], b["image_m"]]) for b in loader]
 
     a, b = first_batches(0), first_batches(99)
     assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

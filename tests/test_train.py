@@ -10,6 +10,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,6 +247,32 @@ def test_cutmix_boxes():
     assert not cutmix_boxes(8, 16, 16, 0.0, g).any()
     some = cutmix_boxes(400, 8, 8, 0.5, g).flatten(1).any(1).double().mean()
     assert 0.4 < float(some) < 0.6
+
+
+def _unimatch_cutmix_box(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """UniMatch's obtain_cutmix_box (p = 1): the box's height and width."""
+    area = rng.uniform(0.02, 0.4) * size * size
+    while True:
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = rng.integers(0, size), rng.integers(0, size)
+        if x + w <= size and y + h <= size:
+            return h, w
+
+
+def test_cutmix_boxes_follow_unimatchs_distribution():
+    # UniMatch redraws the aspect ratio and position until the box fits: large boxes come out nearly square and
+    # keep their area. Compared over 4000 boxes each: the mean area, the mean |log aspect| and the large-box share.
+    size, n = 64, 4000
+    rng = np.random.default_rng(0)
+    ref = np.array([_unimatch_cutmix_box(rng, size) for _ in range(n)], dtype=np.float64)
+    boxes = cutmix_boxes(n, size, size, 1.0, torch.Generator().manual_seed(0))
+    h = boxes.any(2).sum(1).double().numpy()
+    w = boxes.any(1).sum(1).double().numpy()
+    for ours, theirs, tol in ((h * w / size**2, ref[:, 0] * ref[:, 1] / size**2, 0.01),
+                              (np.abs(np.log(h / w)), np.abs(np.log(ref[:, 0] / ref[:, 1])), 0.03),
+                              (h * w / size**2 > 0.3, ref[:, 0] * ref[:, 1] / size**2 > 0.3, 0.03)):
+        assert abs(ours.mean() - theirs.mean()) < tol, (ours.mean(), theirs.mean())
 
 
 def _ohem_reference(pred, target, thresh, min_kept, ignore_index=255):

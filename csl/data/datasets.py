@@ -5,8 +5,8 @@ A *source* gives raw items: ``load(i) -> (image H x W x 3 uint8, mask H x W int 
 holds generated scenes. The views wrap a source:
 
 - :class:`LabeledDataset` -> ``{"image": 3xSxS float32, "mask": SxS int64}`` (weak augmentation);
-- :class:`UnlabeledDataset` -> ``{"image_w", "image_s", "image_m", "ignore", "mask"}`` (three views of one weak
-  geometric transform);
+- :class:`UnlabeledDataset` -> ``{"image_w", "image_s", "image_s2", "image_m", "ignore", "mask"}`` (four views of
+  one weak geometric transform);
 - :class:`ValDataset` -> ``{"image": 3xHxW, "mask": HxW, "name": str}`` (full image, no augmentation).
 """
 
@@ -446,9 +446,10 @@ class LabeledDataset(_View):
 
 
 class UnlabeledDataset(_View):
-    """Three views of one weak geometric transform: weak, strong (UniMatch colour aug) and mild (TMP's masking
-    view), the padding map ``ignore`` (ignore_index where padded, else 0) and the ground truth ``mask`` (all
-    ignore_index when the list has no mask; for pseudo-label metrics only)."""
+    """Four views of one weak geometric transform: weak, two strong ones with independent colour augmentations
+    (UniMatch's two strong streams ``img_s1`` / ``img_s2``) and mild (TMP's masking view), the padding map ``ignore``
+    (ignore_index where padded, else 0) and the ground truth ``mask`` (all ignore_index when the list has no mask;
+    for pseudo-label metrics only)."""
 
     def __init__(self, source, *, crop_size: int, mean, std, ignore_index: int,
                  scale_range: Sequence[float] = (0.5, 2.0)):
@@ -466,6 +467,7 @@ class UnlabeledDataset(_View):
             "image_w": normalize(img, self.mean, self.std),
             "image_s": normalize(self.strong(img), self.mean, self.std),
             "image_m": normalize(self.mild(img), self.mean, self.std),
+            "image_s2": normalize(self.strong(img), self.mean, self.std),
             "ignore": labels[1],
             "mask": labels[0],
         }
