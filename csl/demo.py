@@ -74,10 +74,11 @@ def _logged_seconds(cfg: dict, until: int) -> float:
     return total
 
 
-def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
-    """Train ``cfg``'s run and return its seconds; nothing done is lost when a comparison is stopped and started
-    again: a run folder finished under the same config is reused as it is, one with a ``latest.pt`` from the same
-    config continues from it (the trainer resumes exactly), anything else starts afresh."""
+def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
+    """Train ``cfg``'s run; return its seconds and whether a finished run was reused. Nothing done is lost when a
+    comparison is stopped and started again: a run folder finished under the same config is reused as it is, one
+    with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly), anything else starts
+    afresh."""
     import torch
 
     from .checkpoint import LATEST
@@ -90,7 +91,7 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
         with open(done) as f:
             seconds = json.load(f)["seconds"]
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
-        return seconds
+        return seconds, True
     if same and os.path.isfile(latest):
         iteration = int(torch.load(latest, map_location="cpu", weights_only=True)["iteration"])
         before = _logged_seconds(cfg, iteration)
@@ -104,7 +105,7 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> float:
     slim_checkpoints(out)
     with open(done, "w") as f:
         json.dump({"seconds": seconds}, f)
-    return seconds
+    return seconds, False
 
 
 # What a finished stage's checkpoints keep: the model and what describes it (no optimizer state, random streams or
@@ -218,13 +219,17 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     if warmup:
         cfg = warmup_config(base, out_dir, warmup, warmup_lr)
         print(f"\n== supervised warm-up: {warmup} iterations -> {cfg['output_dir']}", flush=True)
-        warm = _result(cfg, run_stage(cfg, train, fresh))
+        seconds, reused = run_stage(cfg, train, fresh)
+        warm = _result(cfg, seconds)
         init_from = os.path.join(cfg["output_dir"], "latest.pt")
+        # The methods' configs name the warm-up checkpoint by its path only: runs left from before a warm-up that
+        # was trained now (e.g. with another --warmup) started from another model, so they are trained again.
+        fresh = fresh or not reused
     results: dict[str, dict] = {}
     for method in methods:
         cfg = method_config(base, method, out_dir, iters, init_from)
         print(f"\n== {LABELS[method]}: {cfg['train']['iters']} iterations -> {cfg['output_dir']}", flush=True)
-        results[method] = _result(cfg, run_stage(cfg, train, fresh))
+        results[method] = _result(cfg, run_stage(cfg, train, fresh)[0])
     total = time.perf_counter() - start
     d = base["data"]
     after = (f"after a shared supervised warm-up of {warmup} iterations at lr {warmup_lr:g} (mIoU "

@@ -140,6 +140,11 @@ def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
                  "train.iters_per_epoch=2"]) == 0
     assert capsys.readouterr().out.count("already done") == 4
+    # Another warm-up is trained again, and so is every method that had started from the old one.
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "3", *TINY,
+                 "train.iters_per_epoch=2"]) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["warmup"]["iters"] == 3
     # --fresh trains every stage again in the same folders (the trainer replaces the finished runs).
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", "--fresh", *TINY,
                  "train.iters_per_epoch=2"]) == 0
