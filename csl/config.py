@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "cutmix_p": 0.5,
         "amp": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "init_from": None,  # checkpoint whose model weights start the run (fresh optimizer and schedule)
-        "resume": None,  # checkpoint path, or "auto" = <output_dir>/latest.pt when it exists
+        "resume": None,  # checkpoint path, or "auto" = <output_dir>/latest.pt, else best.pt, when one exists
         "overwrite": False,  # replace a run already in output_dir (else such a folder is refused; see run_folder.py)
         "log_every": 20,
         "ckpt_every": 0,  # iterations between checkpoints (0: at epoch ends only)

@@ -71,13 +71,19 @@ def load_run(folder: str) -> dict:
 
 
 def _configured_iters(config_path: str) -> int | None:
-    """``train.iters`` of a run's stored config.yaml (None without one)."""
+    """The last iteration of a run from its stored config.yaml: ``train.iters``, else ``train.epochs`` x
+    ``train.iters_per_epoch`` (None without a config, or when the epoch length came from the data set's size)."""
     if not os.path.isfile(config_path):
         return None
     import yaml
 
     with open(config_path) as f:
-        return int(yaml.safe_load(f)["train"]["iters"])
+        train = yaml.safe_load(f)["train"]
+    if train.get("iters"):
+        return int(train["iters"])
+    if train.get("epochs") and train.get("iters_per_epoch"):
+        return int(train["epochs"]) * int(train["iters_per_epoch"])
+    return None
 
 
 def _mean_spread(values: list, signed: bool = False) -> str:
@@ -231,6 +237,12 @@ def write_report(folders: list[str], out_dir: str) -> str:
     from .plots import plot_miou_by_seed, plot_miou_curves, plot_pseudo_label_curves
 
     runs = [load_run(f) for f in folders]
+    seeds = [_seed(r) for r in runs]
+    for seed in sorted(set(seeds)):
+        if seeds.count(seed) > 1:  # the tables, pictures and differences are per seed
+            same = [r["folder"] for r in runs if _seed(r) == seed]
+            raise ValueError(f"{', '.join(same)} have the same seed {seed}; the report takes one folder per seed "
+                             f"(report other comparisons, e.g. another split, separately)")
     os.makedirs(out_dir, exist_ok=True)
     parts = ["# Method comparison\n", "Run folders: " + ", ".join(f"`{r['folder']}`" for r in runs) + "\n"]
     for r in runs:

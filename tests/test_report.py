@@ -84,11 +84,26 @@ def test_a_run_beside_the_demo_that_stopped_is_named_not_tabled(tmp_path):
     run = report.load_run(folder)
     assert run["unfinished"] == {"csl_no_tmp": (600, 1200)} and "csl_no_tmp" not in run["results"]
     assert "confidence_share" in run["results"]  # no config.yaml: taken as finished
+    # A run sized in epochs (train.iters null, as the VOC / Cityscapes / COCO configs): epochs x their length.
+    with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
+        f.write("train:\n  iters: null\n  epochs: 12\n  iters_per_epoch: 100\n")
+    assert report.load_run(folder)["unfinished"] == {"csl_no_tmp": (600, 1200)}
+    with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
+        f.write("train:\n  iters: 1200\n")
     out = tmp_path / "report"
     report.write_report([folder], str(out))
     text = (out / "report.md").read_text()
     assert "`csl_no_tmp` stopped after its evaluation at iteration 600 of 1200" in text
     assert f"| {report.LABELS['csl_no_tmp']} |" not in text
+
+
+def test_two_folders_of_one_seed_are_refused(tmp_path, capsys):
+    first = run_folder(tmp_path, 0)
+    second = str(tmp_path / "1_4_seed0")
+    shutil.copytree(first, second)
+    assert report.main([first, second, "--out", str(tmp_path / "report")]) == 2
+    assert "have the same seed 0; the report takes one folder per seed" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
 
 
 def test_mean_says_over_how_many_seeds():
