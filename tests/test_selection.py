@@ -85,9 +85,12 @@ def test_selector_confidence_share_takes_csl_share(backend):
 
 
 def test_every_configurable_selection_mode_selects():
-    logits = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 6  # some pixels above 0.95
     for mode in SELECTION_MODES:
         selection = Selector(mode=mode, backend="reference")(logits, None)
         assert selection.weight.shape == selection.label.shape == (1, 4, 5), mode
+        assert torch.equal(selection.label, logits.argmax(1)), mode
+        assert 0 < selection.weight.sum() and bool(((selection.weight >= 0) & (selection.weight <= 1)).all()), mode
+        assert selection.reliable.any() and not selection.reliable.all(), mode
     with pytest.raises(ValueError, match="selection mode must be one of"):
         Selector(mode="top_k")
