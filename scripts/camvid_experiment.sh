@@ -9,6 +9,10 @@
 #   METHODS=supervised,threshold,csl,csl_no_tmp,confidence_share bash scripts/camvid_experiment.sh  # with the controls
 # Started again, it reuses what is done: finished stages, a stopped one from its latest.pt, up-to-date analyses.
 set -euo pipefail
+# SHARED / OUT given relative are taken from the caller's folder; the defaults are relative to the checkout.
+abs() { case "$1" in /*) echo "$1" ;; *) echo "$(pwd)/$1" ;; esac; }
+[ -n "${SHARED:-}" ] && SHARED=$(abs "$SHARED")
+[ -n "${OUT:-}" ] && OUT=$(abs "$OUT")
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 SEED=${SEED:-0}
@@ -25,8 +29,9 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 DATA=("data.root=$SHARED/data/camvid" "model.pretrained=$SHARED/weights/mobilenet_v2-b0353104.pth")
 start=$(date +%s)
-# The committed splits are what this writes (deterministic from the seed).
-$PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 --seed 0 --out csl/splits/camvid
+# The committed splits are what this writes (deterministic from the seed), and SPLIT's own if it is another.
+$PY -m csl split --list "$SHARED/data/camvid/train.txt" --fractions 1/8 1/4 "${SPLIT/_//}" --seed 0 \
+    --out csl/splits/camvid
 $PY -m csl demo --config camvid --out "$OUT" --warmup "$WARMUP" --warmup-lr 0.002 --iters "$ITERS" \
     --methods "$METHODS" "seed=$SEED" "data.split=$SPLIT" "${DATA[@]}"
 for run in warmup ${METHODS//,/ }; do
