@@ -207,8 +207,8 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # URLError, HTTPError, socket errors: the message says what to do instead
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise OSError(f"model.pretrained=imagenet: could not get torchvision's {IMAGENET_WEIGHTS[name]} "
-                           f"({type(e).__name__}: {e}); download {weights.url} by hand into {folder}/ (or anywhere, "
-                           f"and set model.pretrained to that file)") from e
+                      f"({type(e).__name__}: {e}); download {weights.url} by hand into {folder}/ (or anywhere, "
+                      f"and set model.pretrained to that file)") from e
 
 
 def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
