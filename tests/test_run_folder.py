@@ -73,7 +73,8 @@ def test_best_is_written_before_latest(tmp_path, monkeypatch):
     summary = train(config(tmp_path, **{"train.resume": "auto"}))
     assert summary["iterations"] == 4
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]
-    assert "has no latest.pt" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert "has no latest.pt" in log and "resumed at iteration 2" in log  # continued, not started over
 
 
 def test_resume_rewrites_a_missing_best_when_the_latest_is_best(tmp_path):
