@@ -99,10 +99,12 @@ def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     return sd
 
 
-def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str) -> tuple[dict[str, torch.Tensor], int]:
+def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int | None = None,
+                       classes_from: str = "data.num_classes") -> tuple[dict[str, torch.Tensor], int]:
     """The model weights of a csl, UniMatch or CSL checkpoint under this package's module names, and the number of
     classes it predicts; a ConfigError when they cannot be a model of ``model_cfg`` (no DeepLabV3+ classifier, or
-    UniMatch's deep-stem ResNet for a torchvision-stem model)."""
+    UniMatch's deep-stem ResNet for a torchvision-stem model) or predict another class count than ``num_classes``
+    (when given; ``classes_from`` names where that count comes from)."""
     from .config import ConfigError
     from .model import from_unimatch_state_dict, is_unimatch_state_dict
 
@@ -115,7 +117,11 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str) -> tuple[dict[str
         log.info("%s: UniMatch / CSL module names mapped to this package's", path)
     if "classifier.weight" not in state:
         raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
-    return state, int(ckpt.get("num_classes") or state["classifier.weight"].shape[0])
+    predicted = int(ckpt.get("num_classes") or state["classifier.weight"].shape[0])
+    if num_classes is not None and int(num_classes) != predicted:
+        raise ConfigError(f"{path} predicts {predicted} classes but {classes_from} is {num_classes}: its classifier "
+                          f"does not fit; use data with {predicted} classes")
+    return state, predicted
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

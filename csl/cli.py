@@ -106,11 +106,7 @@ def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
     from .checkpoint import checkpoint_weights, load_weights
     from .model import build_model
 
-    state, num_classes = checkpoint_weights(cfg["model"], ckpt, path)
-    wanted = cfg["data"]["num_classes"]
-    if wanted is not None and int(wanted) != num_classes:
-        raise ConfigError(f"{path} predicts {num_classes} classes but data.num_classes is {wanted}; evaluate it on "
-                          f"data with {num_classes} classes (or leave data.num_classes unset)")
+    state, num_classes = checkpoint_weights(cfg["model"], ckpt, path, num_classes=cfg["data"]["num_classes"])
     model_cfg = dict(cfg["model"], pretrained=None)  # the checkpoint holds every weight
     model = build_model(model_cfg, num_classes)
     load_weights(model, state, path)

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from csl_kernels._backends import log_choices_again
+from csl_kernels import log_backend_choices_again
 
 log = logging.getLogger("csl")
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -55,7 +55,7 @@ def setup_logging(output_dir: str | None, is_main: bool = True, level: int = log
         logger.propagate = False
         for h in handlers:
             logger.addHandler(h)
-    log_choices_again()
+    log_backend_choices_again()
     return logging.getLogger("csl")
 
 

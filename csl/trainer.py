@@ -269,10 +269,8 @@ class Trainer:
         model = build_model(cfg["model"], self.num_classes)
         if cfg["train"]["init_from"]:
             path = cfg["train"]["init_from"]
-            state, num_classes = checkpoint_weights(cfg["model"], load_checkpoint(path), path)
-            if num_classes != self.num_classes:
-                raise ConfigError(f"train.init_from={path} predicts {num_classes} classes but the data has "
-                                  f"{self.num_classes}")
+            state, _ = checkpoint_weights(cfg["model"], load_checkpoint(path), path, num_classes=self.num_classes,
+                                          classes_from="the training data's class count")
             load_weights(model, state, path)
             log.info("model initialised from %s", path)
         self.model, self.bare_model = prepare_model(model, self.env)

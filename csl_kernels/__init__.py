@@ -5,6 +5,7 @@ Every op has a float64-capable pure-PyTorch reference and fused backends (Triton
 """
 
 from ._backends import BACKENDS, is_available, unavailable_reason
+from ._backends import log_choices_again as log_backend_choices_again
 from ._checks import IGNORE_INDEX
 from .confusion_matrix import confusion_matrix, iou_from_confusion
 from .metrics import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
@@ -26,6 +27,7 @@ __all__ = [
     "confusion_matrix",
     "iou_from_confusion",
     "is_available",
+    "log_backend_choices_again",
     "metrics_from_counts",
     "pcos_weights",
     "pseudo_label_counts",

@@ -306,7 +306,7 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
         == "triton" and len(timed) == 2
     # A new run's log (csl.logging_utils.setup_logging) names the cached choice at its next use, without timing.
     caplog.clear()
-    _backends.log_choices_again()
+    csl_kernels.log_backend_choices_again()  # the public name of _backends.log_choices_again
     assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
     assert len(timed) == 2 and [r.getMessage() for r in caplog.records] == [
         "csl_kernels.toy_op on Fake GPU (float32 C21 px2^7): backend='auto' uses 'triton' (measured earlier, cached in "

@@ -129,7 +129,7 @@ def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
 
     cfg = config(tmp_path / "e")
     for name, model_cfg, classes, message in (
-            ("classes.pt", cfg["model"], 7, "predicts 7 classes but the data has 4"),
+            ("classes.pt", cfg["model"], 7, "predicts 7 classes but the training data's class count is 4"),
             ("r34.pt", dict(cfg["model"], backbone="resnet34"), 4, "does not fit the model of this config")):
         torch.save(build_model(dict(model_cfg, pretrained=None), classes).state_dict(), tmp_path / name)
         with pytest.raises(ConfigError, match=message):
