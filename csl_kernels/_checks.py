@@ -132,6 +132,13 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"{listed} must be on the same device, got {', '.join(map(str, devices))}")
 
 
+def check_int(value: int, name: str) -> None:
+    """A plain int (a bool or a float is refused: a float ``ignore_index`` would be truncated by some backends and
+    compared exactly by others)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
 def check_positive(value: float, name: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._backends import register, resolve
-from ._checks import IGNORE_INDEX, check_integer_tensor, check_positive_int, check_same_shape
+from ._checks import IGNORE_INDEX, check_int, check_integer_tensor, check_positive_int, check_same_shape
 
 
 def confusion_matrix_outputs_like(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -44,12 +44,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     check_integer_tensor(target, "target")
     check_same_shape(pred=pred, target=target)
     check_positive_int(num_classes, "num_classes")
+    check_int(ignore_index, "ignore_index")
     _, impl = resolve("confusion_matrix", backend, pred.device)
     return impl(pred, target, num_classes, ignore_index)
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
-    """Per-class IoU (float64; NaN for classes absent from both target and prediction)."""
+    """Per-class IoU (float64; NaN for classes absent from both target and prediction) of a ``C x C`` confusion
+    matrix (rows = target, columns = prediction, as :func:`confusion_matrix` returns)."""
+    if not isinstance(confusion, torch.Tensor):
+        raise TypeError(f"confusion must be a torch.Tensor, got {type(confusion).__name__}")
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion must be a square C x C matrix, got shape {tuple(confusion.shape)}")
     conf = confusion.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp

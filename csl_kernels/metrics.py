@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import IGNORE_INDEX, check_bool, check_positive_int, check_same_shape
+from ._checks import IGNORE_INDEX, check_bool, check_int, check_integer_tensor, check_positive_int, check_same_shape
 
 COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
 
@@ -17,9 +17,12 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     (prediction == target) and selected-and-correct. Counts add up over batches. No boolean indexing, so it never
     synchronises with the GPU.
     """
-    check_same_shape(label=label, reliable=reliable, target=target)
+    check_integer_tensor(label, "label")
     check_bool(reliable, "reliable")
+    check_integer_tensor(target, "target")
+    check_same_shape(label=label, reliable=reliable, target=target)
     check_positive_int(num_classes, "num_classes")
+    check_int(ignore_index, "ignore_index")
     valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
     selected = valid & reliable
     correct = valid & (label == target)

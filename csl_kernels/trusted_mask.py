@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -34,7 +36,18 @@ def draw_cells(batch: int, height: int, width: int, *, block: int, rate: float,
     gh, gw = grid_size(height, width, block)
     draw_device = generator.device if generator is not None else device
     cells = torch.rand(batch, gh, gw, generator=generator, device=draw_device) < rate
-    return cells.to(device, non_blocking=True)
+    # Asynchronous only towards a GPU (stream-ordered); a GPU -> CPU copy is read at once by the CPU backends.
+    return cells.to(device, non_blocking=device.type == "cuda")
+
+
+def check_fill(fill: float, dtype: torch.dtype) -> None:
+    """``fill`` is a finite real number that ``dtype`` can hold (every backend writes it as that dtype: a value out
+    of range would be inf in some and an error in others)."""
+    if not isinstance(fill, numbers.Real) or isinstance(fill, bool) or not math.isfinite(fill):
+        raise ValueError(f"fill must be a finite number, got {fill!r}")
+    if abs(fill) > torch.finfo(dtype).max:
+        raise ValueError(f"fill={fill!r} does not fit the images' dtype {dtype} (largest finite value "
+                         f"{torch.finfo(dtype).max:g})")
 
 
 def upsample_cells(cells: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -82,6 +95,7 @@ def trusted_mask(
     check_bool_map(reliable, images, "reliable", "images")
     check_positive_int(block, "block")
     check_fraction(rate, "rate")
+    check_fill(fill, images.dtype)
     cells = draw_cells(bsz, height, width, block=block, rate=rate, generator=generator, device=images.device)
     _, impl = resolve("trusted_mask", backend, images.device)
     return impl(images, cells, reliable, float(fill))

@@ -75,9 +75,10 @@ def weighted_cross_entropy(
     check_label(label, logits)
     check_weight(weight, logits)
     mask = valid_mask(logits, ignore, valid)
-    def forward_backward(fn):  # what a training step runs: the loss and its gradient
-        leaf = logits.detach().requires_grad_(True)
-        fn(leaf, label, weight, mask).backward()
+    def forward_backward(fn):  # what a training step runs: the loss and its gradient, also from a no-grad call
+        with torch.inference_mode(False), torch.enable_grad():
+            z, y, w, m = (t.clone() if t is not None and t.is_inference() else t for t in (logits, label, weight, mask))
+            fn(z.detach().requires_grad_(True), y, w, m).backward()
 
     _, impl = _measured.resolve("weighted_cross_entropy", backend, logits.device, logits, forward_backward)
     return impl(logits, label, weight, mask)

@@ -122,3 +122,19 @@ def test_triton_custom_op():
 def test_bad_input_errors(pred, target, num_classes, error, match):
     with pytest.raises(error, match=match):
         csl_kernels.confusion_matrix(pred, target, num_classes, backend="reference")
+
+
+@pytest.mark.parametrize("ignore_index", [1.5, None, True])
+def test_ignore_index_must_be_an_int(fused_backend, ignore_index):
+    """A float ignore_index was compared exactly by the reference and truncated by the fused backends (1.5 dropped
+    class 1 there); None failed with int()'s error in the fused ones."""
+    pred = torch.tensor([0, 1, 2, 2])
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        csl_kernels.confusion_matrix(pred, pred.clone(), 3, ignore_index=ignore_index, backend=fused_backend)
+
+
+@pytest.mark.parametrize(("confusion", "error"), [(torch.zeros(3, 4), ValueError), (torch.zeros(3), ValueError),
+                                                  ([[1, 0], [0, 1]], TypeError)])
+def test_iou_from_confusion_needs_a_square_matrix(confusion, error):
+    with pytest.raises(error, match="confusion must be"):
+        csl_kernels.iou_from_confusion(confusion)

@@ -74,10 +74,15 @@ def test_nothing_selected_or_nothing_valid():
     (LABEL, RELIABLE, TARGET[..., :2], 4, ValueError),
     (LABEL, RELIABLE.long(), TARGET, 4, TypeError),
     (LABEL, RELIABLE, TARGET, 0, ValueError),
+    (LABEL.float() + 0.7, RELIABLE, TARGET, 4, TypeError),  # was binned as its integer part, never "correct"
+    (LABEL, RELIABLE, TARGET.float(), 4, TypeError),
+    (None, RELIABLE, TARGET, 4, TypeError),
 ])
 def test_bad_input(label, reliable, target, num_classes, error):
     with pytest.raises(error):
         pseudo_label_counts(label, reliable, target, num_classes)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pseudo_label_counts(LABEL, RELIABLE, TARGET, 4, ignore_index=254.5)
 
 
 def test_counts_match_boolean_indexing_and_honour_ignore_index():

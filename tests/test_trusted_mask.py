@@ -184,6 +184,11 @@ def test_triton_custom_op():
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 2.5}, ValueError, "block"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": 1.5}, ValueError, "rate"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": -0.1}, ValueError, "rate"),
+    # out of float16's range: inf in the fused backends, an overflow error in the reference
+    (torch.zeros(2, 3, 4, 4, dtype=torch.float16), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": 1e5}, ValueError,
+     "fill=100000.0 does not fit"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": float("nan")}, ValueError, "fill"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": "0"}, ValueError, "fill"),
 ])
 def test_bad_input_errors(fused_backend, images, reliable, kwargs, error, match):
     with pytest.raises(error, match=match):

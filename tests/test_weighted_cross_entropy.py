@@ -407,3 +407,33 @@ def test_wide_decides_from_the_span_within_an_image():
     assert wide(strided((2, 3, 4, 5), (1, INT32_LIMIT, 15, 3)))  # class stride past int32: non-contiguous path
     assert wide(strided((2, 3, 4, 5), (0, 0, 0, 1)), extra=(INT32_LIMIT,))
     assert not wide(strided((2, 3, 4, 5), (0, 0, 0, 1)), extra=(INT32_LIMIT - 1,))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_auto_timing_runs_forward_and_backward_from_a_no_grad_call(monkeypatch, mode):
+    """backend='auto' on CUDA times each fused backend on the call's inputs, forward + backward; a call made under
+    ``torch.no_grad()`` / ``torch.inference_mode()`` (an evaluation) must still time it and return the loss."""
+    from csl_kernels import _measured
+
+    seen = []
+
+    def timed_impl(z, y, w, m):  # stands for a fused backend: records whether the timing run had a gradient
+        loss = weighted_cross_entropy_reference(z, y, w, m)
+        seen.append(loss.requires_grad)
+        return loss
+
+    def resolve(op, backend, device, key_tensor, run, timer=None):  # the measured path, as on a GPU
+        run(timed_impl)
+        return "reference", weighted_cross_entropy_reference
+
+    monkeypatch.setattr(_measured, "resolve", resolve)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7, generator=g)
+    label = torch.randint(0, 5, (2, 6, 7), generator=g)
+    weight = torch.rand(2, 6, 7, generator=g)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        args = [t.clone() for t in (logits, label, weight)]  # inference tensors under inference_mode
+        loss = csl_kernels.weighted_cross_entropy(*args)
+    assert seen == [True]
+    assert torch.equal(loss, weighted_cross_entropy_reference(logits, label, weight, None))
