@@ -87,6 +87,16 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return obj
 
 
+def checkpoint_iteration(path: str) -> int:
+    """The training iteration a trainer checkpoint holds (-1 when it has none), read without loading its tensors
+    into memory."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(e).__name__}: {e}") from e
+    return int(obj.get("iteration", -1)) if isinstance(obj, dict) else -1
+
+
 def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The model state dict of a trainer checkpoint (``obj["model"]``) or of a bare state dict; a ``module.``
     prefix (DDP) is removed."""

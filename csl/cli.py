@@ -18,7 +18,9 @@ import argparse
 import glob
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .config import CONFIG_DIR, ConfigError, build_config, load_config
 from .demo import METHODS
@@ -277,8 +279,36 @@ def cmd_split(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop or preemption) during ``csl train`` / ``csl demo``: handled as Ctrl-C,
+    so the run folder's lock is released and a stop during an evaluation saves the epoch (see the trainer)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error``; a DataLoader worker's error carries the worker's traceback, cut to its last line."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = None
+    if args.command in ("train", "demo") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split,
                 "analyze": cmd_analyze}
     from .run_folder import RunFolderError
@@ -290,13 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RunFolderError) as e:  # what the user's input caused
         if debug:
             raise
-        print(f"csl {args.command}: error: {e}", file=sys.stderr)
+        print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
         if debug:
             raise
-        print(f"csl {args.command}: error: {e}", file=sys.stderr)
+        print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"csl {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"csl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ from .checkpoint import (
     LATEST,
     atomic_save,
     capture_rng,
+    checkpoint_iteration,
     checkpoint_weights,
     load_checkpoint,
     load_weights,
@@ -194,6 +195,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(sample_seed(cfg["seed"], self.env.rank, 5))
 
         self.iteration = 0
+        self.pending_eval: dict | None = None  # an evaluation a stopped run left undone (see _evaluate_and_save)
         self.best_miou: float | None = None
         self.last_eval: dict | None = None
         self.window = Accumulator()
@@ -341,13 +343,13 @@ class Trainer:
         if not resume:
             return None
         if resume == "auto":
-            # latest.pt, else best.pt: an improving epoch writes the same state to best.pt first, so a kill between
-            # the two writes leaves only best.pt, the state latest.pt would have held.
-            for name in (LATEST, BEST):
-                path = os.path.join(self.output_dir, name)
-                if os.path.isfile(path):
-                    return path
-            return None
+            # The newer of latest.pt and best.pt (latest.pt on a tie): an improving epoch writes its state to best.pt
+            # first, so a kill between the two writes leaves best.pt one epoch ahead of latest.pt (or alone).
+            found = [os.path.join(self.output_dir, name) for name in (LATEST, BEST)]
+            found = [path for path in found if os.path.isfile(path)]
+            if len(found) == 2 and checkpoint_iteration(found[1]) > checkpoint_iteration(found[0]):
+                return found[1]
+            return found[0] if found else None
         return resume
 
     def _maybe_resume(self) -> None:
@@ -356,8 +358,9 @@ class Trainer:
             return
         ckpt = load_checkpoint(path)
         if os.path.basename(path) == BEST and self.cfg["train"]["resume"] == "auto":
-            log.warning("train.resume=auto: %s has no %s (the run was stopped between the two checkpoint writes, or "
-                        "it was removed); resuming from %s", self.output_dir, LATEST, BEST)
+            log.warning("train.resume=auto: %s has no %s of the same or a later iteration (the run was stopped "
+                        "between the two checkpoint writes, or it was removed); resuming from %s", self.output_dir,
+                        LATEST, BEST)
         missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in ckpt]
         if missing:
             raise ValueError(f"{path} is not a training checkpoint of csl train (no {', '.join(missing)}), so there is "
@@ -374,6 +377,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.best_miou, self.last_eval = ckpt.get("best_miou"), ckpt.get("last_eval")
+        self.pending_eval = ckpt.get("pending_eval")
         self.window.load_state_dict(ckpt["window"], self.device)
         self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
         self._restore_best(path, ckpt)
@@ -421,6 +425,10 @@ class Trainer:
         bar = progress_bar(self.total_iters, self.iteration, enabled=self.env.is_main and self.cfg["train"]["progress"])
         start_time = time.perf_counter()
         self.window_start = time.perf_counter()
+        if self.pending_eval is not None:
+            log.info("resumed before the evaluation at iteration %d: evaluating first", self.iteration)
+            pending, self.pending_eval = self.pending_eval, None
+            self._evaluate_and_save(pending["epoch"], pending["pseudo_labels"])
         try:
             while self.iteration < end:
                 self.train_epoch(end, bar)
@@ -517,21 +525,50 @@ class Trainer:
             log.info("epoch %d pseudo-labels: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in pl.items()))
         self._check_weights_finite()
         last = self.iteration >= self.total_iters
-        names = [LATEST]
         if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
+            self._evaluate_and_save(epoch, pl)
+        else:
+            self.save()
+
+    def _evaluate_and_save(self, epoch: int, pl: dict) -> None:
+        """The epoch's evaluation, then ``best.pt`` (when it improved) and ``latest.pt``. A failure or a stop during
+        the evaluation (out of memory, Ctrl-C, SIGTERM) first saves the epoch's training to ``latest.pt`` with the
+        evaluation marked pending, which a resume runs before it trains on."""
+        names = [LATEST]
+        try:
             result = self.evaluate()
-            self.last_eval = {"iter": self.iteration, "epoch": epoch, "miou": result["miou"], "iou": result["iou"],
-                              "pseudo_labels": pl}
-            self.metrics.write({"kind": "eval", "iter": self.iteration, "epoch": epoch, "mode": self.eval_mode,
-                                "miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"]},
-                               step=self.iteration)
-            improved = self.best_miou is None or result["miou"] > self.best_miou
-            if improved:
-                self.best_miou = result["miou"]
-                names.insert(0, BEST)  # before latest.pt, which records best_miou: a kill between them loses nothing
-            log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
-                     " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
+        except BaseException:
+            self._save_pending_eval(epoch, pl)
+            raise
+        self.last_eval = {"iter": self.iteration, "epoch": epoch, "miou": result["miou"], "iou": result["iou"],
+                          "pseudo_labels": pl}
+        self.metrics.write({"kind": "eval", "iter": self.iteration, "epoch": epoch, "mode": self.eval_mode,
+                            "miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"]},
+                           step=self.iteration)
+        improved = self.best_miou is None or result["miou"] > self.best_miou
+        if improved:
+            self.best_miou = result["miou"]
+            names.insert(0, BEST)  # before latest.pt, which records best_miou: a kill between them loses nothing
+        log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
+                 " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
         self.save(tuple(names))
+
+    def _save_pending_eval(self, epoch: int, pl: dict) -> None:
+        if self.env.world_size > 1:  # the other ranks may not reach the collective of a save
+            log.warning("the evaluation at iteration %d did not finish; with %d processes the epoch is not saved",
+                        self.iteration, self.env.world_size)
+            return
+        try:
+            payload = self.state_dict()
+            payload["rng"] = [capture_rng({"step": self.generator})]
+            payload["pending_eval"] = {"epoch": epoch, "pseudo_labels": pl}
+            atomic_save(payload, os.path.join(self.output_dir, LATEST))
+        except Exception as e:  # noqa: BLE001 - the evaluation's own error is the one raised
+            log.error("the evaluation at iteration %d did not finish, and saving the epoch failed too: %s",
+                      self.iteration, e)
+            return
+        log.warning("the evaluation at iteration %d did not finish; the epoch's training is saved in %s, and "
+                    "--resume auto evaluates it first", self.iteration, LATEST)
 
     def _last_good(self) -> str:
         latest = os.path.join(self.output_dir, LATEST)

@@ -161,3 +161,20 @@ def pytest_unconfigure(config):
         arm()
     else:
         register(arm)
+
+
+def spy_constexpr(monkeypatch, module, kernel: str, name: str) -> list:
+    """Record the constexpr ``name`` of every launch of ``module.<kernel>`` (a Triton kernel launched as
+    ``kernel[grid](...)``); the launches still run."""
+    seen = []
+    jit = getattr(module, kernel)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs[name])
+                return jit[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel, Spy())
+    return seen

@@ -170,3 +170,40 @@ def test_train_help_lists_the_bundled_configs(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "bundled configs: camvid, cityscapes_801, coco, demo, voc_321, voc_513" in out and "DEFAULTS" in out
+
+
+def test_sigterm_during_training_saves_the_epoch_and_releases_the_folder(tmp_path, monkeypatch, capsys):
+    """``kill`` / a scheduler's stop while a run evaluates: exit 143 with a one-line message, the epoch saved with
+    its evaluation pending, the run folder's lock released; ``--resume auto`` finishes the run."""
+    import signal
+
+    from csl.trainer import Trainer
+
+    real = Trainer.evaluate
+
+    def terminated(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread at once
+        raise AssertionError("SIGTERM was not turned into a stop")
+
+    monkeypatch.setattr(Trainer, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["train", "--config", "demo", *TINY, "train.iters=4", "train.iters_per_epoch=2", f"output_dir={tmp_path}"]
+    assert main(args) == 143
+    assert "csl train: stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for the caller
+    assert not (tmp_path / ".csl.lock").exists()
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["pending_eval"]["epoch"] == 0
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    assert main([*args, "--resume", "auto"]) == 0
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2, 4]
+
+
+def test_a_data_loader_workers_error_is_one_line():
+    """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
+    from csl.cli import _one_line
+
+    error = FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most "
+                              "recent call last):\n  File \"x.py\", line 1\n"
+                              "FileNotFoundError: mask file not found: a.png")
+    assert _one_line(error) == "FileNotFoundError: mask file not found: a.png"
+    assert _one_line(ValueError("plain")) == "plain"

@@ -19,7 +19,7 @@ import random
 
 import pytest
 import torch
-from conftest import layout, masks, require_backend
+from conftest import layout, masks, require_backend, spy_constexpr
 from test_residual_features import (
     LAYOUTS,
     feature_tolerance,
@@ -307,6 +307,23 @@ def test_odd_sizes_and_layouts(fused_backend, shape, kind, groups):
     options = dict(alpha=8.0, confidence="prob" if h % 2 else "log", groups=groups)
     out = csl_kernels.pcos_weights(z, **masks(ign), backend=fused_backend, return_stats=True, **options)
     assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_triton_int64_offsets_path(monkeypatch, groups):
+    """Images of >= 2^31 elements switch the feature pass to int64 offsets (it read int32 offsets before, which wrap
+    there); forced here on small inputs of every layout."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import pcos_weights as module
+
+    monkeypatch.setattr(module, "wide", lambda *tensors, **kwargs: True)
+    launched = spy_constexpr(monkeypatch, module, "_pcos_features_kernel", "WIDE")
+    for kind in ("contiguous", "channels_last", "transposed", "class_slice"):
+        z, ign = make_logits(5, batch=2, classes=21, height=7, width=13, ignore="int64", kind=kind, device=device)
+        options = dict(alpha=8.0, confidence="prob", groups=groups)
+        out = csl_kernels.pcos_weights(z, **masks(ign), backend="triton", return_stats=True, **options)
+        assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+    assert launched == [True] * 4
 
 
 @pytest.mark.parametrize("groups", ["image", "class"])

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import layout, masks, require_backend
+from conftest import layout, masks, require_backend, spy_constexpr
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -156,6 +156,20 @@ def test_odd_sizes_and_layouts(fused_backend, shape, kind):
     for confidence in ("prob", "log"):
         out = csl_kernels.residual_features(z, **masks(ign), confidence=confidence, backend=fused_backend)
         assert_features_match(out, reference64(z, ign, confidence), z)
+
+
+def test_triton_int64_offsets_path(monkeypatch):
+    """Images of >= 2^31 elements switch the kernel to int64 offsets; forced here on small inputs of every layout."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import residual_features as module
+
+    monkeypatch.setattr(module, "wide", lambda *tensors, **kwargs: True)
+    launched = spy_constexpr(monkeypatch, module, "_residual_features_kernel", "WIDE")
+    for kind in LAYOUTS:
+        z, ign = make_logits(3, batch=2, classes=150, height=5, width=7, ignore="int64", kind=kind, device=device)
+        out = csl_kernels.residual_features(z, **masks(ign), backend="triton")
+        assert_features_match(out, reference64(z, ign), z)
+    assert launched == [True] * len(LAYOUTS)
 
 
 @pytest.mark.parametrize("classes", [2, 21, 150])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -75,6 +76,43 @@ def test_best_is_written_before_latest(tmp_path, monkeypatch):
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]
     log = (tmp_path / "train.log").read_text()
     assert "has no latest.pt" in log and "resumed at iteration 2" in log  # continued, not started over
+
+
+def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM / out of memory while evaluating: the epoch's training is saved with its evaluation pending,
+    and --resume auto evaluates it before training on (nothing trained again, no evaluation skipped)."""
+    real = Trainer.evaluate
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", stopped)
+    trainer = Trainer(config(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["iteration"] == 2 and ckpt["pending_eval"]["epoch"] == 0 and not (tmp_path / "best.pt").exists()
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    summary = train(config(tmp_path, **{"train.resume": "auto"}))
+    assert summary["iterations"] == 4
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2, 4]
+    assert "resumed before the evaluation at iteration 2: evaluating first" in (tmp_path / "train.log").read_text()
+    assert "pending_eval" not in torch.load(tmp_path / "latest.pt", weights_only=True)
+
+
+def test_resume_auto_takes_the_newer_of_latest_and_best(tmp_path):
+    """An improving epoch after the first killed between its two writes leaves best.pt one epoch ahead of latest.pt:
+    --resume auto continues from best.pt (latest.pt's older state would also reset the best mIoU)."""
+    train(config(tmp_path / "a"))  # the same run to its end: its last state is what best.pt holds after the kill
+    train(config(tmp_path / "b"), stop_at=2)
+    shutil.copy(tmp_path / "a" / "latest.pt", tmp_path / "b" / "best.pt")
+    trainer = Trainer(config(tmp_path / "b", **{"train.resume": "auto"}))
+    trainer.close()
+    assert trainer.iteration == 4
+    assert trainer.best_miou == torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["best_miou"]
+    assert "has no latest.pt of the same or a later iteration" in (tmp_path / "b" / "train.log").read_text()
 
 
 def test_resume_rewrites_a_missing_best_when_the_latest_is_best(tmp_path):

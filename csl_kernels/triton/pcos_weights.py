@@ -69,7 +69,8 @@ def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_
                           NPIX, HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
                           HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
                           ACC: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr):
+                          BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr,
+                          WIDE: tl.constexpr):
     chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     z_base = z_ptr + b * sb
@@ -81,9 +82,11 @@ def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_
     lane_yy = tl.zeros([BLOCK_P], tl.float64)
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        if WIDE:  # one image spans >= 2^31 elements: int64 offsets
+            p = p.to(tl.int64)
         pmask = p < HW
         f0, v, label, finite = _pixel_features(z_base, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
-                                               LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED)
+                                               LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED, WIDE)
         out = b * HW + p
         keep = finite & pmask
         if HAS_VALID:
@@ -440,9 +443,8 @@ def pcos_weights_launch(
         for stat in (out.mu, out.var, out.count, out.eigenvalues, out.chosen, out.n_nonfinite):
             stat.zero_()
         return out
-    if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
-        logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
+    use_int64 = wide(logits)  # an image spans >= 2^31 elements (any layout, read in place)
     valid_c, has_valid = valid_pointer(valid, logits)
     dt = compute_dtype(logits)
     npix = bsz * hw
@@ -462,7 +464,7 @@ def pcos_weights_launch(
             gpi, plan.chunks, plan.tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
             CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
-            num_warps=config.num_warps,
+            WIDE=use_int64, num_warps=config.num_warps,
         )
         # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.

@@ -62,8 +62,9 @@ def _log1p(x, USE_LIBDEVICE: tl.constexpr):
 @triton.jit
 def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                    RELEASED: tl.constexpr):
-    """Features of BLOCK_P pixels whose class-0 logits lie at ``z_ptr + offs_p`` (class stride ``sc``).
+                    RELEASED: tl.constexpr, WIDE: tl.constexpr):
+    """Features of BLOCK_P pixels whose class-0 logits lie at ``z_ptr + offs_p`` (class stride ``sc``; ``WIDE``:
+    int64 class offsets, with ``offs_p`` int64, for images that span 2^31 elements or more).
 
     Returns ``(f0, v, label, finite)``; values of non-finite pixels are meaningless (the caller zeroes them).
     """
@@ -78,6 +79,8 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
     for c0 in range(0, C, BLOCK_C):
         k = c0 + cols
         kmask = k < C
+        if WIDE:
+            k = k.to(tl.int64)
         z = tl.load(z_ptr + offs_p[:, None] + k[None, :] * sc, mask=pmask[:, None] & kmask[None, :], other=0.0)
         z = z.to(ACC)
         ok = (z - z) == 0  # false for NaN and +-inf
@@ -139,13 +142,15 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
 def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W, C, sb, sc, sh, sw,
                               HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
                               FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                              USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr):
+                              USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:  # one image spans >= 2^31 elements: int64 offsets
+        p = p.to(tl.int64)
     pmask = p < HW
     f0, v, label, finite = _pixel_features(z_ptr + b * sb, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
-                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED)
+                                           LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED, WIDE)
     out = b * HW + p
     keep = finite
     if HAS_VALID:
@@ -162,9 +167,8 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
     hw = h * w
     if bsz == 0 or hw == 0:
         return out
-    if wide(logits):  # these kernels index within an image in int32: read a compact copy of a view that spans more
-        logits = logits.contiguous()
     sb, sh, sw, flat = pixel_strides(logits)
+    use_int64 = wide(logits)  # an image spans >= 2^31 elements (any layout, read in place)
     valid_c, has_valid = valid_pointer(valid, logits)
     acc = tl_dtype(compute_dtype(logits))
 
@@ -174,7 +178,7 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
             logits, valid_c, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
             HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
             BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
-            num_warps=config.num_warps,
+            WIDE=use_int64, num_warps=config.num_warps,
         )
 
     with device_guard(logits):
