@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "cutmix_p": 0.5,
         "amp": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "init_from": None,  # checkpoint whose model weights start the run (fresh optimizer and schedule)
-        "resume": None,  # checkpoint path, or "auto" = <output_dir>/latest.pt, else best.pt, when one exists
+        "resume": None,  # checkpoint path, or "auto" = the newer of <output_dir>/latest.pt and best.pt, when one exists
         "overwrite": False,  # replace a run already in output_dir (else such a folder is refused; see run_folder.py)
         "log_every": 20,
         "ckpt_every": 0,  # iterations between checkpoints (0: at epoch ends only)
@@ -371,6 +371,11 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
     _require_finite(cfg)
     d, t, s, m, e = cfg["data"], cfg["train"], cfg["selection"], cfg["tmp"], cfg["eval"]
+    if d["dataset"] == "synthetic":  # paths set with the default dataset: the user's data would be ignored
+        given = [f"data.{key}" for key in ("root", "split", "split_dir", "labeled_list", "unlabeled_list", "val_list")
+                 if d[key] is not None]
+        _require(not given, f"{', '.join(given)} set but data.dataset is synthetic (the default), which reads no "
+                            f"files; set data.dataset (camvid, pascal, cityscapes, coco or folder)")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")
@@ -402,6 +407,8 @@ def validate(cfg: dict) -> dict:
         _require(0 <= t[key] <= 1, f"train.{key} must be in [0, 1], got {t[key]}")
     _require(t["log_every"] >= 1, f"train.log_every must be >= 1, got {t['log_every']}")
     _require(t["ckpt_every"] >= 0, f"train.ckpt_every must be >= 0, got {t['ckpt_every']}")
+    _require(not (t["resume"] and t["overwrite"]), f"train.resume={t['resume']} and train.overwrite=true exclude "
+             f"each other (--resume continues the run, --overwrite deletes it first): pass one")
     _require(s["alpha"] > 0, f"selection.alpha must be > 0, got {s['alpha']}")
     _require(0 < s["tau"] <= 1, f"selection.tau must be in (0, 1], got {s['tau']}")
     _require(m["block"] >= 1, f"tmp.block must be >= 1, got {m['block']}")

@@ -118,7 +118,9 @@ def prune_metrics(path: str, iteration: int) -> int:
         return 0
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("iter", 0) <= iteration]
+    records = _parsed(path, lines)
+    keep = [line if line.endswith("\n") else line + "\n" for line, record in zip(lines, records, strict=True)
+            if record is not None and record.get("iter", 0) <= iteration]
     if len(keep) == len(lines):
         return 0
     tmp = path + ".tmp"
@@ -128,11 +130,29 @@ def prune_metrics(path: str, iteration: int) -> int:
     return len(lines) - len(keep)
 
 
+def _parsed(path: str, lines: list[str]) -> list[dict | None]:
+    """Each line's record; None, with a warning, for a line that is not one (a torn last line of a killed run or
+    a full disk)."""
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            logging.getLogger("csl").warning("%s: line %d is not a JSON record (a write cut short?); skipped: %.60r",
+                                             path, number, line)
+            record = None
+        records.append(record)
+    return records
+
+
 def read_metrics(path: str, kind: str | None = None) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file (optionally only those of one ``kind``)."""
+    """Records of a ``metrics.jsonl`` file (optionally only those of one ``kind``); a line that is not a record is
+    skipped with a warning."""
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if kind is None or r.get("kind") == kind]
+        lines = [line for line in f if line.strip()]
+    return [r for r in _parsed(path, lines) if r is not None and (kind is None or r.get("kind") == kind)]
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):

@@ -168,6 +168,11 @@ class Trainer:
         check_kernels_backend(cfg["kernels"]["backend"], self.device)  # before the run folder is touched
         t = cfg["train"]
         self.semi = t["mode"] == "semi"
+        if not self.semi and t["batch_size"] < 2 and not (self.env.world_size > 1 and self.device.type == "cuda"):
+            # Semi-supervised steps forward the labeled and unlabeled batches together; SyncBatchNorm (several GPUs)
+            # normalises over every process's images.
+            raise ConfigError("train.mode=supervised with train.batch_size=1: the BatchNorm of the ASPP image-pooling "
+                              "branch needs >= 2 images per forward pass; use train.batch_size >= 2")
         self.output_dir = cfg["output_dir"]
         self.run_lock = None
         if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
@@ -268,8 +273,16 @@ class Trainer:
         from .model import build_model
 
         cfg = self.cfg
-        model = build_model(cfg["model"], self.num_classes)
-        if cfg["train"]["init_from"]:
+        self.resume_from = self._resume_path()
+        model_cfg = cfg["model"]
+        if self.resume_from is not None:  # the checkpoint holds every weight: the start weights are not needed
+            skipped = [f"{key}={value}" for key, value in (("model.pretrained", model_cfg["pretrained"]),
+                                                           ("train.init_from", cfg["train"]["init_from"])) if value]
+            if skipped:
+                log.info("resuming from %s: %s not loaded", self.resume_from, " and ".join(skipped))
+            model_cfg = dict(model_cfg, pretrained=None)
+        model = build_model(model_cfg, self.num_classes)
+        if cfg["train"]["init_from"] and self.resume_from is None:
             path = cfg["train"]["init_from"]
             state, _ = checkpoint_weights(cfg["model"], load_checkpoint(path), path, num_classes=self.num_classes,
                                           classes_from="the training data's class count")
@@ -353,7 +366,7 @@ class Trainer:
         return resume
 
     def _maybe_resume(self) -> None:
-        path = self._resume_path()
+        path = self.resume_from
         if path is None:
             return
         ckpt = load_checkpoint(path)

@@ -138,3 +138,34 @@ def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
         assert validate(stored)["kernels"]["backend"] == "reference"
     with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="set kernels.backend only"):
         build_config({"selection": {"backend": "cpu"}, "kernels": {"backend": "triton"}})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # paths with the default dataset: the synthetic scenes would be trained on, the user's files never read
+    (["data.root=/data/VOC2012", "data.split=1464"], "data.root, data.split set but data.dataset is synthetic"),
+    (["data.val_list=/data/val.txt"], "data.val_list set but data.dataset is synthetic"),
+    (["train.resume=auto", "train.overwrite=true"], "train.resume=auto and train.overwrite=true exclude each other"),
+])
+def test_contradictory_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, overrides)
+
+
+def test_an_unquoted_split_name_in_yaml_is_explained(tmp_path):
+    """YAML 1.1 reads split: 1_8 as the integer 18; the missing split's error says how to write it."""
+    from csl.data import named_split_dir
+
+    (tmp_path / "c.yaml").write_text("data:\n  dataset: camvid\n  split: 1_8\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert cfg["data"]["split"] == 18
+    with pytest.raises(FileNotFoundError, match='write split: "1_8"'):
+        named_split_dir("camvid", cfg["data"]["split"])
+
+
+def test_a_supervised_batch_of_one_is_refused(tmp_path):
+    from csl.trainer import Trainer
+
+    cfg = build_config({}, ["device=cpu", "train.mode=supervised", "train.batch_size=1", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="needs >= 2 images per forward pass"):
+        Trainer(cfg)
+    assert not any(tmp_path.iterdir())  # refused before the run folder was written

@@ -131,10 +131,12 @@ def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(
     train(config(tmp_path), stop_at=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at iteration 3 had logged
         f.write(json.dumps({"kind": "train", "iter": 3, "loss": 1.0}) + "\n")
+        f.write('{"kind": "tra')  # its last line torn by the kill (or a full disk)
     (tmp_path / ".latest.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     train(config(tmp_path, **{"train.resume": "auto"}))
     iters = [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")]
     assert iters == [1, 2, 3, 4]
+    assert "metrics.jsonl: line 5 is not a JSON record" in (tmp_path / "train.log").read_text()
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -217,3 +219,15 @@ def test_a_backend_or_device_that_cannot_run_stops_before_the_folder_is_touched(
         assert main(["train", "--config", "demo", "device=cuda", f"output_dir={out}"]) == 2
         assert "error: device=cuda was asked for but no CUDA device is visible" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_resume_does_not_need_the_start_weights(tmp_path):
+    """model.pretrained / train.init_from are replaced by the checkpoint's weights: a resume after they were moved
+    (or offline, for model.pretrained=imagenet) does not read them."""
+    train(config(tmp_path), stop_at=2)
+    gone = {"model.pretrained": str(tmp_path / "gone" / "resnet18.pth"),
+            "train.init_from": str(tmp_path / "gone" / "init.pt")}
+    summary = train(config(tmp_path, **{"train.resume": "auto", **gone}))
+    assert summary["iterations"] == 4
+    assert (f"model.pretrained={gone['model.pretrained']} and train.init_from={gone['train.init_from']} not loaded"
+            in (tmp_path / "train.log").read_text())

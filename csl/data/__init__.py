@@ -107,8 +107,11 @@ def named_split_dir(dataset: str, split) -> str:
         base = os.path.join(SPLITS_DIR, dataset)
         have = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(
             base) else []
+        unquoted = [name for name in have if name.replace("_", "") == split and name != split]
+        hint = (f" (YAML reads an unquoted {unquoted[0]} as the number {split}: write split: \"{unquoted[0]}\")"
+                if unquoted else "")
         raise FileNotFoundError(f"no split {split!r} for dataset {dataset!r} in {SPLITS_DIR}" + (
-            f"; shipped: {', '.join(have)}" if have else "; none is shipped for it: set data.split_dir"))
+            f"; shipped: {', '.join(have)}" if have else "; none is shipped for it: set data.split_dir") + hint)
     return folder
 
 
