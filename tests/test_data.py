@@ -440,3 +440,27 @@ def test_16_bit_images_are_scaled_and_truncated_files_named(tmp_path):
     cut_mask.write_bytes(mask.read_bytes()[: len(mask.read_bytes()) // 2])
     with pytest.raises(ValueError, match=r"cannot read mask .*cut_mask\.png"):
         load_mask(str(cut_mask))
+
+
+def test_an_unusable_unlabeled_mask_is_no_ground_truth_not_an_error(tmp_path, caplog):
+    """UniMatch never reads the unlabeled images' masks; here they only score the pseudo-labels. A missing or broken
+    one makes its image one without ground truth (one warning per list), where a labeled mask stays an error."""
+    import logging
+
+    info = write_synthetic_folder(str(tmp_path / "d"), layout="folder", num_labeled=2, num_unlabeled=3, num_val=2,
+                                  size=40, seed=3)
+    bundle = build_datasets({"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"],
+                             "num_classes": 5, "crop_size": 32})
+    unlabeled = [line.split()[1] for line in open(info["unlabeled_list"])]
+    os.remove(os.path.join(info["root"], unlabeled[0]))
+    with open(os.path.join(info["root"], unlabeled[1]), "wb") as f:
+        f.write(b"not a png")
+    caplog.set_level(logging.WARNING, logger="csl")
+    for index in (0, 1, 0):
+        assert bundle.unlabeled[index]["mask"].eq(255).all()
+    assert bundle.unlabeled[2]["mask"].ne(255).any()  # its ground truth is still read
+    warnings = [r.getMessage() for r in caplog.records if "without ground truth" in r.getMessage()]
+    assert len(warnings) == 1 and "mask file not found" in warnings[0]
+    os.remove(os.path.join(info["root"], open(info["labeled_list"]).readline().split()[1]))
+    with pytest.raises(FileNotFoundError, match="mask file not found"):
+        bundle.labeled[0]

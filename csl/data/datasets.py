@@ -13,6 +13,7 @@ holds generated scenes. The views wrap a source:
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Sequence
 
@@ -32,6 +33,10 @@ from .transforms import (
     normalize,
     to_float,
 )
+
+log = logging.getLogger("csl")
+# Lists whose optional masks (the unlabeled ground truth) were found unusable, warned about in this process.
+_WARNED_OPTIONAL: set[str] = set()
 
 SplitItems = list[tuple[str, str | None]]
 
@@ -216,19 +221,37 @@ class ListSource:
         m = self.items[index][1]
         return None if m is None else os.path.join(self.root, m)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def load(self, index: int, optional_mask: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image and its mask in the trainer's convention. ``optional_mask``: a mask that is missing or cannot
+        be used is None, with one warning per list and process (the unlabeled images' ground truth, which training
+        never needs: it only scores the pseudo-labels); else it is an error naming the file and the list item."""
         img_path, mask_path = self.image_path(index), self.mask_path(index)
         try:
             image = load_image(img_path)
-            mask = None if mask_path is None else load_mask(mask_path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} ({self._where(index)})") from None
-        if mask is not None:
-            if mask.shape != image.shape[:2]:
-                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
-                                 f"{image.shape[1]}x{image.shape[0]} (W x H)")
-            mask = self.prepare_mask(mask, mask_path)
+        mask = None
+        if mask_path is not None:
+            try:
+                mask = self._checked_mask(mask_path, image, index)
+            except (FileNotFoundError, ValueError) as e:
+                if not optional_mask:
+                    raise
+                if self.list_path not in _WARNED_OPTIONAL:
+                    _WARNED_OPTIONAL.add(self.list_path)
+                    log.warning("%s; its image is trained on without ground truth, which only the pseudo-label "
+                                "metrics use (said once for %s)", e, self.list_path)
         return resize_pair(image, mask, self.scale)
+
+    def _checked_mask(self, mask_path: str, image: np.ndarray, index: int) -> np.ndarray:
+        try:
+            mask = load_mask(mask_path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} ({self._where(index)})") from None
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                             f"{self.image_path(index)} is {image.shape[1]}x{image.shape[0]} (W x H)")
+        return self.prepare_mask(mask, mask_path)
 
     def prepare_mask(self, mask: np.ndarray, path: str) -> np.ndarray:
         """The stored mask in the trainer's convention (:func:`map_labels`), with its values checked: a value that
@@ -353,8 +376,8 @@ class Cityscapes(ListSource):
 
 
 class COCO(ListSource):
-    """COCO as UniMatch uses it: ``train2017|val2017/*.jpg`` with class-index masks ``masks/<split>/*.png``
-    (81 classes: background + 80 things)."""
+    """COCO as UniMatch uses it: ``train2017|val2017/*.jpg`` with class-index masks ``masks/<image id>.png`` in one
+    folder for both (81 classes: background + 80 things)."""
 
     num_classes_default = 81
     mask_hint = "COCO masks are PNGs of class indices 0-80 (0 = background), 255 = ignore"
@@ -366,7 +389,7 @@ class COCO(ListSource):
         if not files:
             raise FileNotFoundError(f"no val list given and no images found under {folder}; set data.val_list")
         items = [(os.path.join("val2017", os.path.basename(f)),
-                  os.path.join("masks", "val2017", os.path.splitext(os.path.basename(f))[0] + ".png")) for f in files]
+                  os.path.join("masks", os.path.splitext(os.path.basename(f))[0] + ".png")) for f in files]
         return folder, items
 
 
@@ -458,7 +481,7 @@ class UnlabeledDataset(_View):
         self.strong, self.mild = ColorAugment.strong(), ColorAugment.mild()
 
     def __getitem__(self, index: int) -> dict:
-        image, mask = self.source.load(index)
+        image, mask = self.source.load(index, optional_mask=True)
         h, w = image.shape[:2]
         gt = np.full((h, w), self.ignore_index, dtype=np.int64) if mask is None else mask
         img, labels = self.weak(image_to_uint8(image), labels_to_tensor(gt, np.zeros((h, w), dtype=gt.dtype)))

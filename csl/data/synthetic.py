@@ -174,7 +174,7 @@ class SyntheticSource:
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, index: int, optional_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
         return self.images[index], self.masks[index]
 
     def name(self, index: int) -> str:
@@ -201,7 +201,7 @@ def _layout_paths(layout: str, split: str, index: int) -> tuple[str, str]:
     if layout == "coco":
         part = "val2017" if split == "val" else "train2017"
         base = f"{SPLIT_CODES[split]:02d}{index:010d}"
-        return f"{part}/{base}.jpg", f"masks/{part}/{base}.png"
+        return f"{part}/{base}.jpg", f"masks/{base}.png"  # UniMatch's layout: one mask folder for both parts
     if layout == "folder":
         return f"images/{stem}.png", f"masks/{stem}.png"
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -214,7 +214,7 @@ def write_synthetic_folder(root: str, *, layout: str = "folder", num_labeled: in
 
     Layouts: ``pascal`` (JPEGImages/*.jpg + SegmentationClass/*.png palette PNGs + ImageSets/Segmentation/val.txt),
     ``cityscapes`` (leftImg8bit/{train,val}/<city>/*_leftImg8bit.png + gtFine/.../*_gtFine_labelTrainIds.png),
-    ``coco`` (train2017|val2017/*.jpg + masks/...png), ``folder`` (images/*.png + masks/*.png).
+    ``coco`` (train2017|val2017/*.jpg + masks/*.png), ``folder`` (images/*.png + masks/*.png).
     Split files go to ``<root>/splits/{labeled,unlabeled}.txt`` and ``<root>/splits/val.txt`` (lines
     ``img_path mask_path`` relative to ``root``; unlabeled lines without a mask when ``unlabeled_masks=False``).
 
