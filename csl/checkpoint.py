@@ -92,8 +92,8 @@ def checkpoint_iteration(path: str) -> int:
     into memory."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(e).__name__}: {e}") from e
+    except Exception:  # noqa: BLE001 - e.g. a file in torch's legacy (non-zip) format, which mmap cannot read
+        obj = load_checkpoint(path)
     return int(obj.get("iteration", -1)) if isinstance(obj, dict) else -1
 
 

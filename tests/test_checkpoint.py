@@ -125,3 +125,15 @@ def test_model_state_accepts_trainer_and_bare_checkpoints():
     assert set(ck.model_state({"a": torch.zeros(1)})) == {"a"}
     with pytest.raises(ValueError, match="no model state dict"):
         ck.model_state({"model": {"a": 1}})
+
+
+def test_checkpoint_iteration_reads_zip_and_legacy_files(tmp_path):
+    from csl.checkpoint import checkpoint_iteration
+
+    torch.save({"iteration": 7, "model": {"w": torch.zeros(3)}}, tmp_path / "zip.pt")
+    torch.save({"iteration": 9}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "weights.pt")
+    assert [checkpoint_iteration(str(tmp_path / n)) for n in ("zip.pt", "legacy.pt", "weights.pt")] == [7, 9, -1]
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        checkpoint_iteration(str(tmp_path / "junk.pt"))
