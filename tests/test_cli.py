@@ -136,10 +136,14 @@ def test_demo_prints_table(tmp_path, capsys):
         if torch.load(best, weights_only=True)["iteration"] == ckpt["iteration"]:
             assert os.path.samefile(best, latest)
     assert main(["eval", "--checkpoint", str(tmp_path / "csl" / "best.pt")]) == 0  # still a usable checkpoint
-    # A second call reuses every finished stage.
+    # A second call reuses every finished stage; its note still gives their training time.
+    first = summary["training_seconds"]
+    assert first == pytest.approx(summary["warmup"]["seconds"] + sum(r["seconds"] for r in summary["results"].values()))
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
                  "train.iters_per_epoch=2"]) == 0
     assert capsys.readouterr().out.count("already done") == 4
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again["training_seconds"] == pytest.approx(first) and f"Training {first:.0f} s in all" in again["note"]
     # Another warm-up is trained again, and so is every method that had started from the old one.
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "3", *TINY,
                  "train.iters_per_epoch=2"]) == 0
