@@ -79,12 +79,11 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     comparison is stopped and started again: a run folder finished under the same config is reused as it is, one
     with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly), anything else starts
     afresh."""
-    import torch
-
-    from .checkpoint import LATEST
+    from .checkpoint import BEST, LATEST, checkpoint_iteration
 
     out = cfg["output_dir"]
     done, latest = os.path.join(out, "done.json"), os.path.join(out, LATEST)
+    saved = [path for path in (latest, os.path.join(out, BEST)) if os.path.isfile(path)]
     before = 0.0
     same = not fresh and _same_run(cfg)
     if same and os.path.isfile(done):
@@ -92,11 +91,11 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
             seconds = json.load(f)["seconds"]
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
         return seconds, True
-    if same and os.path.isfile(latest):
-        iteration = int(torch.load(latest, map_location="cpu", weights_only=True)["iteration"])
+    if same and saved:  # the trainer's resume=auto: the newer of latest.pt and best.pt
+        iteration = max(checkpoint_iteration(path) for path in saved)
         before = _logged_seconds(cfg, iteration)
-        print(f"   continuing from {latest} (iteration {iteration}, {before:.0f} s of training logged)", flush=True)
-        cfg = build_config(cfg, {"train.resume": latest})
+        print(f"   continuing from iteration {iteration} in {out} ({before:.0f} s of training logged)", flush=True)
+        cfg = build_config(cfg, {"train.resume": "auto"})
     else:
         cfg = build_config(cfg, {"train.overwrite": True})  # afresh: the trainer replaces what the folder holds
     t0 = time.perf_counter()

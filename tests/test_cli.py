@@ -211,3 +211,21 @@ def test_a_data_loader_workers_error_is_one_line():
                               "FileNotFoundError: mask file not found: a.png")
     assert _one_line(error) == "FileNotFoundError: mask file not found: a.png"
     assert _one_line(ValueError("plain")) == "plain"
+
+
+def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):
+    """``csl demo`` started again continues a stage that was stopped (from the newer of its latest.pt / best.pt),
+    logging each iteration once."""
+    from csl.config import build_config, load_config
+    from csl.demo import method_config, run_stage
+    from csl.trainer import train
+
+    base = load_config("demo", [*TINY, "train.iters_per_epoch=2"])
+    cfg = method_config(base, "supervised", str(tmp_path), iters=4)
+    train(build_config(cfg, {"train.overwrite": True}), stop_at=2)  # a comparison stopped after iteration 2
+    seconds, reused = run_stage(cfg, train)
+    assert not reused and seconds > 0
+    assert "continuing from iteration 2 in" in capsys.readouterr().out
+    records = read_metrics(str(tmp_path / "supervised" / "metrics.jsonl"), "train")
+    assert [r["iter"] for r in records] == [1, 2, 3, 4]
+    assert run_stage(cfg, train)[1]  # finished now: reused as it is
