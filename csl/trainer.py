@@ -174,9 +174,10 @@ class Trainer:
             raise ConfigError("train.mode=supervised with train.batch_size=1: the BatchNorm of the ASPP image-pooling "
                               "branch needs >= 2 images per forward pass; use train.batch_size >= 2")
         self.output_dir = cfg["output_dir"]
+        self.resume_from = self._resume_path()  # read once: resume=auto compares the two checkpoints' iterations
         self.run_lock = None
         if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
-            self.run_lock = claim_run_folder(self.output_dir, resuming=self._resume_path() is not None,
+            self.run_lock = claim_run_folder(self.output_dir, resuming=self.resume_from is not None,
                                              resume_auto=t["resume"] == "auto", overwrite=t["overwrite"])
         barrier()
         try:
@@ -273,7 +274,6 @@ class Trainer:
         from .model import build_model
 
         cfg = self.cfg
-        self.resume_from = self._resume_path()
         model_cfg = cfg["model"]
         if self.resume_from is not None:  # the checkpoint holds every weight: the start weights are not needed
             skipped = [f"{key}={value}" for key, value in (("model.pretrained", model_cfg["pretrained"]),
