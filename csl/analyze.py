@@ -44,67 +44,172 @@ BASELINE_TAU = 0.95
 # Selection quality of pixel arrays.
 
 
+def _bincount(values: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+    return np.bincount(values, weights=weights, minlength=num_classes)[:num_classes].astype(np.float64)
+
+
+def _counts(weight: np.ndarray, correct: np.ndarray, pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict:
+    """The sums :func:`_quality` needs, which add up over images: overall and per class."""
+    w = weight.astype(np.float64)
+    wc = w * correct
+    return {"total": float(len(w)), "selected": float(w.sum()), "selected_correct": float(wc.sum()),
+            "all_correct": float(correct.sum()), "by_pred": _bincount(pred, num_classes),
+            "sel_pred": _bincount(pred, num_classes, w), "selc_pred": _bincount(pred, num_classes, wc),
+            "selc_true": _bincount(target, num_classes, wc),
+            "corr_true": _bincount(target, num_classes, correct.astype(np.float64))}
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        into[k] = into[k] + v if k in into else v
+
+
+def _ratio(num, den) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
+
+
+def _quality(c: dict) -> dict:
+    return {
+        "share": _none_if_nan(_ratio(c["selected"], c["total"])),
+        "accuracy": _none_if_nan(_ratio(c["selected_correct"], c["selected"])),
+        "recall": _none_if_nan(_ratio(c["selected_correct"], c["all_correct"])),
+        "per_class": {
+            "share": _nan_to_none(_ratio(c["sel_pred"], c["by_pred"])),
+            "accuracy": _nan_to_none(_ratio(c["selc_pred"], c["sel_pred"])),
+            "recall": _nan_to_none(_ratio(c["selc_true"], c["corr_true"])),
+        },
+    }
+
+
 def selection_quality(weight: np.ndarray, correct: np.ndarray, pred: np.ndarray, target: np.ndarray,
                       num_classes: int) -> dict:
     """Share, accuracy and recall of a selection over valid pixels (1-D arrays of one length).
 
     ``weight``: 0/1 for a hard selection or the soft weight in [0, 1]; ``correct``: pseudo-label == ground truth;
     ``pred`` / ``target``: pseudo-label and true class. Per class: ``share`` and ``accuracy`` grouped by pseudo-label
-    class, ``recall`` by true class (NaN where a class has no pixel)."""
-    w = weight.astype(np.float64)
-    wc = w * correct
-    total, selected, selected_correct, all_correct = len(w), w.sum(), wc.sum(), float(correct.sum())
+    class, ``recall`` by true class. A ratio without pixels (nothing selected, a class absent) is None, so
+    ``analysis.json`` stays strict JSON."""
+    return _quality(_counts(weight, correct, pred, target, num_classes))
 
-    def ratio(num, den):
-        num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-        return np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
 
-    by_pred = np.bincount(pred, minlength=num_classes)[:num_classes]
-    sel_pred = np.bincount(pred, weights=w, minlength=num_classes)[:num_classes]
-    selc_pred = np.bincount(pred, weights=wc, minlength=num_classes)[:num_classes]
-    selc_true = np.bincount(target, weights=wc, minlength=num_classes)[:num_classes]
-    corr_true = np.bincount(target, weights=correct.astype(np.float64), minlength=num_classes)[:num_classes]
-    return {
-        "share": float(ratio(selected, total)),
-        "accuracy": float(ratio(selected_correct, selected)),
-        "recall": float(ratio(selected_correct, all_correct)),
-        "per_class": {
-            "share": _nan_to_none(ratio(sel_pred, by_pred)),
-            "accuracy": _nan_to_none(ratio(selc_pred, sel_pred)),
-            "recall": _nan_to_none(ratio(selc_true, corr_true)),
-        },
-    }
+def _none_if_nan(value) -> float | None:
+    value = float(value)
+    return None if value != value else value
 
 
 def _nan_to_none(values: np.ndarray) -> list:
     return [None if v != v else float(v) for v in np.asarray(values).tolist()]
 
 
-def _cut_at_share(score: np.ndarray, share: float, higher_is_better: bool) -> np.ndarray:
-    """Boolean selection of the best ``share`` of the pixels by ``score`` (ties at the cut all selected)."""
+def _cut_at_share(score: np.ndarray, share: float, higher_is_better: bool, seed: int = 0) -> np.ndarray:
+    """Boolean selection of exactly ``round(share * n)`` pixels, the best by ``score``. Pixels tied at the cut (a
+    saturated confidence of exactly 1.0 covers large areas) are drawn at random with a fixed seed, so every rule
+    compared at a share selects the same quantity."""
+    n = len(score)
+    k = min(n, max(0, int(round(share * n))))
+    chosen = np.zeros(n, dtype=bool)
+    if k == 0:
+        return chosen
     s = score if higher_is_better else -score
-    cut = np.quantile(s, 1.0 - share) if share < 1 else -np.inf
-    return s >= cut
+    cut = np.partition(s, n - k)[n - k]  # the k-th largest value
+    above = s > cut
+    chosen |= above
+    tied = np.flatnonzero(s == cut)
+    need = k - int(above.sum())
+    chosen[np.random.default_rng(seed).choice(tied, size=need, replace=False)] = True
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-image predictions and the rules applied to them.
 
+# Pixels kept for the rules that rank all pixels together (cuts at a share): beyond this many, a uniform random
+# sample of this size is kept (the thresholds and the CSL rules are always counted on every pixel).
+DEFAULT_MAX_RANKED_PIXELS = 20_000_000
 
-class _Pixels:
-    """Valid pixels of every analysed image, concatenated."""
 
-    KEYS = ("conf", "dispersion", "entropy", "margin", "w_csl", "w_class", "w_released", "pred", "target")
+class _Tally:
+    """What the analysis needs of every valid pixel, added image by image.
 
-    def __init__(self):
-        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in self.KEYS}
+    The rules that decide pixel by pixel (threshold sweep, the three CSL rules, all pixels) are counted exactly as
+    they come. The rules cut at a share of all pixels (entropy and margin sweeps, every score at CSL's share) rank
+    the pixels of every image together: their scores are kept, for at most ``max_ranked`` pixels — beyond that a
+    uniform Bernoulli sample whose rate halves whenever it would grow past the limit (about 16 B per kept pixel; a
+    Pascal VOC unlabeled set has ~1.7 billion valid pixels)."""
 
-    def add(self, **arrays: np.ndarray) -> None:
-        for k in self.KEYS:
-            self.parts[k].append(arrays[k])
+    RANKED = ("conf", "entropy", "margin", "pred", "target")
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate(v) for k, v in self.parts.items()}
+    def __init__(self, num_classes: int, taus, max_ranked: int = DEFAULT_MAX_RANKED_PIXELS, seed: int = 0):
+        if max_ranked < 1:
+            raise ValueError(f"max_ranked must be >= 1, got {max_ranked}")
+        self.num_classes, self.taus, self.max_ranked = num_classes, tuple(taus), int(max_ranked)
+        self.counts: dict[str, dict] = {}
+        self.pixels = 0
+        self.w_csl_sum = self.w_released_sum = 0.0
+        self.rate = 1.0
+        self.kept: dict[str, list[np.ndarray]] = {k: [] for k in self.RANKED}
+        self.n_kept = 0
+        self.rng = np.random.default_rng(seed)
+
+    def _count(self, name: str, weight: np.ndarray, correct, pred, target) -> None:
+        _add_counts(self.counts.setdefault(name, {}), _counts(weight, correct, pred, target, self.num_classes))
+
+    def add(self, *, conf, entropy, margin, w_csl, w_class, w_released, pred, target, **_unused) -> None:
+        """One image's valid pixels (1-D arrays of one length)."""
+        pred, target = pred.astype(np.int64), target.astype(np.int64)
+        correct = pred == target
+        for t in self.taus:
+            self._count(f"tau={t!r}", conf >= t, correct, pred, target)
+        for name, w in (("csl", w_csl), ("csl_class", w_class), ("csl_released", w_released)):
+            self._count(f"{name}/hard", w >= 1.0, correct, pred, target)
+            self._count(f"{name}/weighted", w, correct, pred, target)
+        self._count("all", np.ones(len(pred), dtype=bool), correct, pred, target)
+        self.pixels += len(pred)
+        self.w_csl_sum += float(np.sum(w_csl, dtype=np.float64))
+        self.w_released_sum += float(np.sum(w_released, dtype=np.float64))
+        keep = slice(None) if self.rate >= 1 else self.rng.random(len(pred)) < self.rate
+        for k, v in (("conf", conf), ("entropy", entropy), ("margin", margin), ("pred", pred), ("target", target)):
+            v = v[keep]
+            self.kept[k].append(v.astype(np.int16) if k in ("pred", "target") else v.astype(np.float32))
+        self.n_kept += len(self.kept["pred"][-1])
+        while self.n_kept > self.max_ranked:  # halve the rate: every kept pixel stays with probability 1/2
+            self.rate /= 2
+            for i in range(len(self.kept["pred"])):
+                half = self.rng.random(len(self.kept["pred"][i])) < 0.5
+                for k in self.RANKED:
+                    self.kept[k][i] = self.kept[k][i][half]
+            self.n_kept = sum(len(a) for a in self.kept["pred"])
+
+    def result(self, shares=DEFAULT_SHARES) -> dict:
+        q = {name: _quality(c) for name, c in self.counts.items()}
+        ranked = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.kept.items()}
+        pred, target = ranked["pred"].astype(np.int64), ranked["target"].astype(np.int64)
+        correct = pred == target
+
+        def cut_quality(score, share, hib):
+            return selection_quality(_cut_at_share(score, share, hib), correct, pred, target, self.num_classes)
+
+        scores = {"confidence": (ranked["conf"], True), "entropy": (ranked["entropy"], False),
+                  "margin": (ranked["margin"], True)}
+        out = {
+            "threshold": [{"tau": float(t), **q[f"tau={t!r}"]} for t in self.taus],
+            **{name: {"hard": q[f"{name}/hard"], "weighted": q[f"{name}/weighted"]}
+               for name in ("csl", "csl_class", "csl_released")},
+            "all_pixels": q["all"],
+            "ranked_pixels": {"kept": int(len(pred)), "of": int(self.pixels), "rate": self.rate},
+        }
+        if len(pred) == 0:
+            return {**out, "sweeps": {}, "at_csl_share": {}}
+        csl_share, released_share = self.w_csl_sum / self.pixels, self.w_released_sum / self.pixels
+        out["sweeps"] = {name: [{"share": float(s), **cut_quality(score, s, hib)} for s in shares]
+                         for name, (score, hib) in scores.items() if name != "confidence"}
+        out["at_csl_share"] = {name: {"share_target": csl_share, **cut_quality(score, csl_share, hib)}
+                               for name, (score, hib) in scores.items()}
+        # the confidence ranking at the released rule's weighted share
+        out["confidence_at_released_share"] = {"share_target": released_share,
+                                               **cut_quality(ranked["conf"], released_share, True)}
+        return out
 
 
 def _image_outputs(logits: torch.Tensor, alpha: float, confidence: str, backend: str) -> dict[str, torch.Tensor]:
@@ -148,7 +253,7 @@ def analysis_dataset(cfg: dict, split: str = "unlabeled"):
         raise ValueError(f"the unlabeled list {source.description} has no mask paths, so the pseudo-labels cannot be "
                          f"checked; pass --split val, or a list whose lines carry masks")
     return ValDataset(source, mean=bundle.unlabeled.mean, std=bundle.unlabeled.std,
-                      ignore_index=bundle.unlabeled.ignore_index)
+                      ignore_index=bundle.unlabeled.ignore_index, optional_masks=True)
 
 
 def _pick(n_items: int, count: int) -> list[int]:
@@ -158,11 +263,43 @@ def _pick(n_items: int, count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_items - 1, min(count, n_items))})
 
 
+PICTURES = ("accuracy_recall.png", "feature_plane.png", "per_class.png", "panels.png")
+
+
+def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse a folder that holds an analysis unless ``overwrite`` (then its pictures go first, so that none of the
+    old analysis is left beside the new JSON)."""
+    existing = os.path.join(out_dir, "analysis.json")
+    if os.path.exists(existing):
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds an analysis ({existing}); pass --overwrite to replace it, or "
+                             f"--out another folder")
+        for name in ("analysis.json", *PICTURES):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def default_out_dir(checkpoint: str, split: str = "unlabeled") -> str:
+    """``<demo folder>/analysis/<run>`` for a run of a ``csl demo`` folder (where ``csl.report`` reads it), else
+    ``<checkpoint folder>/analysis``; ``_val`` appended for ``split="val"``."""
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    suffix = "" if split == "unlabeled" else f"_{split}"
+    parent = os.path.dirname(run_dir)
+    if os.path.isfile(os.path.join(parent, "summary.json")):
+        return os.path.join(parent, "analysis", os.path.basename(run_dir) + suffix)
+    return os.path.join(run_dir, "analysis" + suffix)
+
+
 def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None = None, config: str | None = None,
                  split: str = "unlabeled", max_images: int | None = None, taus=DEFAULT_TAUS,
-                 shares=DEFAULT_SHARES, panels: int = 4, progress: bool = True) -> dict:
+                 shares=DEFAULT_SHARES, panels: int = 4, progress: bool = True,
+                 max_ranked_pixels: int = DEFAULT_MAX_RANKED_PIXELS, overwrite: bool = False) -> dict:
     """Analyse ``checkpoint`` on the images of ``split`` and write ``analysis.json`` and the pictures into
-    ``out_dir``. Returns the JSON content."""
+    ``out_dir`` (refused when it holds an analysis, unless ``overwrite``). Returns the JSON content.
+
+    Unlabeled images whose mask is missing or unusable are skipped (one warning; listed in ``skipped_images``), as
+    training treats them; a validation mask must be there."""
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint
@@ -173,6 +310,8 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from .evaluate import center_crop, predict_logits
 
     start = time.perf_counter()
+    if not overwrite and os.path.exists(os.path.join(out_dir, "analysis.json")):
+        prepare_out_dir(out_dir, overwrite)  # refused before hours of prediction
     ckpt = load_checkpoint(checkpoint)
     if config:
         cfg = load_config(config, overrides)
@@ -192,11 +331,14 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     alpha, backend = float(sel_cfg["alpha"]), cfg["kernels"]["backend"]
     confidence = sel_cfg["confidence"] or "prob"  # the paper's rule is analysed with the config's confidence
     shown = set(_pick(n_images, panels))
-    pixels, examples = _Pixels(), []
+    tally, examples, skipped = _Tally(num_classes, taus, max_ranked_pixels), [], []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in tqdm(range(n_images), desc="analyze", disable=not progress):
             item = dataset[i]
+            if item["mask"] is None:
+                skipped.append(item["name"])
+                continue
             image = item["image"].unsqueeze(0).to(device)
             target = item["mask"]
             logits = predict_logits(model, image, mode=mode, crop_size=crop,
@@ -206,13 +348,13 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
             out = _image_outputs(logits, alpha, confidence, backend)
             sel = out["sel"]
             valid = (target != ignore_index).reshape(-1).numpy()
-            pred = sel.label[0].cpu().reshape(-1).numpy()
-            tgt = target.reshape(-1).numpy()
-            flat = {k: out[k][0].cpu().reshape(-1).numpy() for k in ("conf", "dispersion", "entropy", "margin")}
-            pixels.add(**{k: v[valid] for k, v in flat.items()}, w_csl=sel.weight[0].cpu().reshape(-1).numpy()[valid],
-                       w_class=out["w_class"][0].cpu().reshape(-1).numpy()[valid],
-                       w_released=out["w_released"][0].cpu().reshape(-1).numpy()[valid],
-                       pred=pred[valid].astype(np.int16), target=tgt[valid].astype(np.int16))
+
+            def flat(t: torch.Tensor, valid=valid) -> np.ndarray:
+                return t[0].cpu().reshape(-1).numpy()[valid]
+
+            tally.add(conf=flat(out["conf"]), entropy=flat(out["entropy"]), margin=flat(out["margin"]),
+                      w_csl=flat(sel.weight), w_class=flat(out["w_class"]), w_released=flat(out["w_released"]),
+                      pred=flat(sel.label), target=target.reshape(-1).numpy()[valid])
             if i in shown:
                 stats = sel.stats
                 _, cover = csl_kernels.trusted_mask(image.cpu(), sel.reliable.cpu(), block=cfg["tmp"]["block"],
@@ -225,55 +367,41 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
                     "cover": cover[0].numpy(), "mu": stats.mu[0].cpu().numpy(), "var": stats.var[0].cpu().numpy(),
                     "chosen": int(stats.chosen[0]), "ignore_index": ignore_index,
                 })
-    arrays = pixels.arrays()
-    result = summarize(arrays, num_classes, taus=taus, shares=shares)
+    if tally.pixels == 0:
+        analysed = n_images - len(skipped)
+        raise ValueError(f"no valid (non-ignored) pixel in the {analysed} analysed image(s) of the {split} images"
+                         + (f" ({len(skipped)} skipped without a usable mask)" if skipped else "")
+                         + ": nothing to score the pseudo-labels against")
+    if tally.rate < 1:
+        log.info("csl analyze: the share cuts rank a uniform sample of %d of the %d valid pixels (rate %.3g, "
+                 "--max-ranked-pixels); the thresholds and the CSL rules count every pixel", tally.n_kept,
+                 tally.pixels, tally.rate)
+    result = tally.result(shares)
     names = class_names(cfg["data"], num_classes)
     result.update({
-        "checkpoint": os.path.abspath(checkpoint), "split": split, "images": n_images,
-        "valid_pixels": int(len(arrays["pred"])), "eval_mode": mode, "alpha": alpha, "confidence": confidence,
-        "num_classes": num_classes, "class_names": names, "seconds": time.perf_counter() - start,
-        "model_accuracy": float((arrays["pred"] == arrays["target"]).mean()) if len(arrays["pred"]) else None,
+        "checkpoint": os.path.abspath(checkpoint), "split": split, "images": n_images - len(skipped),
+        "skipped_images": skipped, "valid_pixels": int(tally.pixels), "eval_mode": mode, "alpha": alpha,
+        "confidence": confidence, "rule": sel_cfg["rule"], "num_classes": num_classes, "class_names": names,
+        "seconds": time.perf_counter() - start, "model_accuracy": result["all_pixels"]["accuracy"],
     })
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    prepare_out_dir(out_dir, overwrite)
     from .plots import plot_analysis
 
     result["pictures"] = plot_analysis(result, examples, out_dir, alpha=alpha, tau=BASELINE_TAU,
                                        dataset=cfg["data"]["dataset"])
-    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(out_dir, "analysis.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)
     return result
 
 
-def summarize(arrays: dict[str, np.ndarray], num_classes: int, *, taus=DEFAULT_TAUS, shares=DEFAULT_SHARES) -> dict:
-    """Every rule's :func:`selection_quality` from the concatenated valid pixels."""
-    pred, target = arrays["pred"].astype(np.int64), arrays["target"].astype(np.int64)
-    correct = pred == target
-
-    def quality(weight):
-        return selection_quality(weight, correct, pred, target, num_classes)
-
-    w_csl, w_class = arrays["w_csl"], arrays["w_class"]
-    csl_share = float(w_csl.mean()) if len(w_csl) else float("nan")
-    scores = {"confidence": (arrays["conf"], True), "entropy": (arrays["entropy"], False),
-              "margin": (arrays["margin"], True)}
-    out = {
-        "threshold": [{"tau": float(t), **quality(arrays["conf"] >= t)} for t in taus],
-        "csl": {"hard": quality(w_csl >= 1.0), "weighted": quality(w_csl)},
-        "csl_class": {"hard": quality(w_class >= 1.0), "weighted": quality(w_class)},
-        "csl_released": {"hard": quality(arrays["w_released"] >= 1.0), "weighted": quality(arrays["w_released"])},
-        "all_pixels": quality(np.ones_like(w_csl)),
-        "sweeps": {name: [{"share": float(s), **quality(_cut_at_share(score, s, hib))} for s in shares]
-                   for name, (score, hib) in scores.items() if name != "confidence"},
-        "at_csl_share": {name: {"share_target": csl_share, **quality(_cut_at_share(score, csl_share, hib))}
-                         for name, (score, hib) in scores.items()} if len(w_csl) else {},
-    }
-    if "w_released" in arrays and len(w_csl):  # the confidence ranking at the released rule's weighted share
-        share = float(arrays["w_released"].mean())
-        out["confidence_at_released_share"] = {"share_target": share,
-                                               **quality(_cut_at_share(arrays["conf"], share, True))}
-    return out
+def summarize(arrays: dict[str, np.ndarray], num_classes: int, *, taus=DEFAULT_TAUS, shares=DEFAULT_SHARES,
+              max_ranked: int = DEFAULT_MAX_RANKED_PIXELS) -> dict:
+    """Every rule's quality (:func:`selection_quality`) from the valid pixels of all images at once."""
+    tally = _Tally(num_classes, taus, max_ranked)
+    tally.add(**arrays)
+    return tally.result(shares)
 
 
 def baseline_row(result: dict, tau: float = BASELINE_TAU) -> dict | None:
@@ -287,4 +415,4 @@ def _denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
 
 
 __all__ = ["BASELINE_TAU", "DEFAULT_SHARES", "DEFAULT_TAUS", "analysis_dataset", "baseline_row", "run_analysis",
-           "selection_quality", "summarize"]
+           "default_out_dir", "selection_quality", "summarize"]

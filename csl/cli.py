@@ -63,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                                        "(threshold sweep, CSL, entropy, margin; JSON + pictures)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
-    a.add_argument("--out", help="output folder (default: <checkpoint folder>/analysis)")
+    a.add_argument("--out", help="output folder (default: <demo folder>/analysis/<run> for a run of a csl demo "
+                                 "folder, where the report reads it, else <checkpoint folder>/analysis; _val "
+                                 "appended for --split val)")
+    a.add_argument("--overwrite", action="store_true", help="replace an analysis already in the output folder")
+    a.add_argument("--max-ranked-pixels", type=int, default=None,
+                   help="pixels kept for the cuts at a share (entropy, margin, confidence at CSL's share; default "
+                        "20 million, beyond that a uniform sample); thresholds and CSL count every pixel")
     a.add_argument("--split", default="unlabeled", choices=("unlabeled", "val"),
                    help="images to analyse: the split's unlabeled part (default) or the validation set")
     a.add_argument("--max-images", type=int, help="analyse only the first N images")
@@ -89,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fractions", nargs="+", required=True, help="labeled fractions, e.g. 1/8 1/4")
     s.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
     s.add_argument("--out", required=True, help="folder that receives <a_b>/labeled.txt and unlabeled.txt")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace split files that exist with other content (else that is an error)")
     return p
 
 
@@ -245,23 +253,33 @@ def cmd_demo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import BASELINE_TAU, baseline_row, run_analysis
+    from .analyze import BASELINE_TAU, DEFAULT_MAX_RANKED_PIXELS, baseline_row, default_out_dir, run_analysis
     from .logging_utils import setup_logging
 
     setup_logging(None, True)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
+    out = args.out or default_out_dir(args.checkpoint, args.split)
     r = run_analysis(args.checkpoint, out, overrides=args.overrides, config=args.config, split=args.split,
-                     max_images=args.max_images, panels=args.panels)
+                     max_images=args.max_images, panels=args.panels, overwrite=args.overwrite,
+                     max_ranked_pixels=args.max_ranked_pixels or DEFAULT_MAX_RANKED_PIXELS)
+
+    def pct(value, width):
+        return f"{'-':>{width}} " if value is None else f"{100 * value:{width - 1}.1f}%"
+
+    skipped = f", {len(r['skipped_images'])} skipped (no usable mask)" if r["skipped_images"] else ""
+    print(f"{r['images']} images ({r['split']}){skipped}, {r['valid_pixels']} valid pixels, model pixel accuracy "
+          f"{pct(r['model_accuracy'], 6).strip()}")
     base = baseline_row(r)
-    print(f"{r['images']} images ({r['split']}), {r['valid_pixels']} valid pixels, model pixel accuracy "
-          f"{100 * r['model_accuracy']:.1f} %")
-    print(f"{'rule':<26} {'share':>7} {'accuracy':>9} {'recall':>7}")
-    rows = ([(f"threshold {BASELINE_TAU:g}", base)] if base else []) + [
-        ("CSL reliable (w = 1)", r["csl"]["hard"]), ("CSL weighted", r["csl"]["weighted"]),
-        ("CSL class reliable", r["csl_class"]["hard"]), ("CSL class weighted", r["csl_class"]["weighted"])] + [
-        (f"{name} at CSL's share", q) for name, q in r["at_csl_share"].items()]
+    trained = r["rule"]  # the rule the checkpoint's config trains with comes first
+    rules = [("csl", "paper rule"), ("csl_released", "released rule")]
+    rules.sort(key=lambda kv: kv[0] != ("csl_released" if trained == "released" else "csl"))
+    rows = ([(f"threshold {BASELINE_TAU:g}", base)] if base else [])
+    for key, label in rules:
+        rows += [(f"CSL {label}, w = 1", r[key]["hard"]), (f"CSL {label}, weighted", r[key]["weighted"])]
+    rows += [("CSL per class, w = 1", r["csl_class"]["hard"]), ("CSL per class, weighted", r["csl_class"]["weighted"])]
+    rows += [(f"{name} at CSL's share", q) for name, q in r["at_csl_share"].items()]
+    print(f"{'rule':<30} {'share':>7} {'accuracy':>9} {'recall':>7}")
     for name, q in rows:
-        print(f"{name:<26} {100 * q['share']:6.1f}% {100 * q['accuracy']:8.1f}% {100 * q['recall']:6.1f}%")
+        print(f"{name:<30} {pct(q['share'], 7)} {pct(q['accuracy'], 9)} {pct(q['recall'], 7)}")
     print(f"wrote {os.path.join(out, 'analysis.json')} and {len(r['pictures'])} pictures")
     return 0
 
@@ -270,7 +288,7 @@ def cmd_split(args) -> int:
     from .data.splits import write_splits
 
     try:
-        written = write_splits(args.list, args.out, args.fractions, args.seed)
+        written = write_splits(args.list, args.out, args.fractions, args.seed, overwrite=args.overwrite)
     except ValueError as e:
         print(f"csl split: error: {e}", file=sys.stderr)
         return 2

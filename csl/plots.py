@@ -34,25 +34,31 @@ def _save(fig, out_dir: str, name: str) -> str:
 # csl analyze
 
 
+def _num(value: float | None) -> float:
+    """A ratio of ``analysis.json`` for plotting: None (no pixel to take it over) is a gap."""
+    return float("nan") if value is None else value
+
+
 def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: str | None = None) -> str:
     """Accuracy against recall of the selected pseudo-labels: the threshold sweep, the entropy and margin sweeps,
     and the CSL points (hard and weighted, per image and per class)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     th = result["threshold"]
-    ax.plot([r["recall"] for r in th], [r["accuracy"] for r in th], "o-", color="tab:blue",
+    ax.plot([_num(r["recall"]) for r in th], [_num(r["accuracy"]) for r in th], "o-", color="tab:blue",
             label="confidence threshold sweep")
     for r in th:
-        ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7, color="tab:blue")
+        if r["accuracy"] is not None:  # None: nothing selected at this tau
+            ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color="tab:blue")
     base = baseline_row(result, tau)
     if base:
-        ax.plot(base["recall"], base["accuracy"], "s", ms=10, mfc="none", mec="tab:blue", mew=2,
+        ax.plot(_num(base["recall"]), _num(base["accuracy"]), "s", ms=10, mfc="none", mec="tab:blue", mew=2,
                 label=f"threshold {tau:g} (UniMatch)")
     styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:olive")}
     for name, sweep in result["sweeps"].items():
         marker, colour = styles.get(name, (".--", "black"))
-        ax.plot([r["recall"] for r in sweep], [r["accuracy"] for r in sweep], marker, color=colour, ms=4,
+        ax.plot([_num(r["recall"]) for r in sweep], [_num(r["accuracy"]) for r in sweep], marker, color=colour, ms=4,
                 label=f"{name} (share sweep)")
     points = [("csl", "hard", "*", "tab:red", "CSL per image: reliable (w = 1)"),
               ("csl", "weighted", "P", "tab:red", "CSL per image: weighted"),
@@ -64,8 +70,8 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
         if rule not in result:  # analyses written before the released rule was analysed
             continue
         r = result[rule][kind]
-        ax.plot(r["recall"], r["accuracy"], marker, ms=13 if marker == "*" else 10, color=colour, label=label,
-                mec="black", mew=0.5)
+        ax.plot(_num(r["recall"]), _num(r["accuracy"]), marker, ms=13 if marker == "*" else 10, color=colour,
+                label=label, mec="black", mew=0.5)
     ax.set_xlabel("recall of the correct pseudo-labels")
     ax.set_ylabel("accuracy of the selected pseudo-labels")
     ax.grid(alpha=0.3)

@@ -48,11 +48,16 @@ def load_run(folder: str) -> dict:
         p = os.path.join(folder, m, "metrics.jsonl")
         if os.path.isfile(p):
             metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
-    unfinished = {}  # beside runs whose last evaluation is before their last iteration: not in the tables
+    unfinished = {}  # beside runs not known to have reached their last iteration: not in the tables
     for m in beside:
         evals = metrics[m]["eval"]
-        total = _configured_iters(os.path.join(folder, m, "config.yaml"))
-        if evals and total is not None and evals[-1]["iter"] < total:
+        total = evals[-1].get("total_iters") if evals else None
+        config = os.path.join(folder, m, "config.yaml")
+        known = total is not None or not os.path.isfile(config)  # without either: a record taken as finished
+        if total is None and os.path.isfile(config):  # records written before evaluations carried the total
+            total = _configured_iters(config)
+            known = total is not None  # an epoch-based config whose epoch length came from the data: unknown
+        if evals and (not known or (total is not None and evals[-1]["iter"] < total)):
             unfinished[m] = (evals[-1]["iter"], total)
         elif evals:
             results[m] = {"miou": evals[-1]["miou"], "best_miou": max(e["miou"] for e in evals), "seconds": None}
@@ -250,8 +255,10 @@ def write_report(folders: list[str], out_dir: str) -> str:
         if note:
             parts.append(f"Seed {_seed(r)}: {note}\n")
         for m, (last, total) in r["unfinished"].items():
-            parts.append(f"Seed {_seed(r)}: `{m}` stopped after its evaluation at iteration {last} of {total}; it is "
-                         "not in the tables.\n")
+            of = f"of {total}" if total is not None else "(its total is unknown: an epoch-based run recorded before " \
+                                                         "evaluations carried it)"
+            parts.append(f"Seed {_seed(r)}: `{m}` stopped after its evaluation at iteration {last} {of}; it is not in "
+                         "the tables.\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
     if any("threshold" in r["results"] for r in runs):
@@ -263,7 +270,9 @@ def write_report(folders: list[str], out_dir: str) -> str:
         plot_miou_by_seed(finals, os.path.join(out_dir, "miou_by_seed.png"))
         parts += ["![final val mIoU of each method, one line per seed](miou_by_seed.png)\n"]
     if any(r["analyses"] for r in runs):
-        parts += ["## Selection quality on the unlabeled images (`csl analyze`)\n", selection_summary_table(runs), ""]
+        splits = sorted({a.get("split", "unlabeled") for r in runs for a in r["analyses"].values()})
+        which = " and ".join("validation" if s == "val" else s for s in splits)
+        parts += [f"## Selection quality on the {which} images (`csl analyze`)\n", selection_summary_table(runs), ""]
     for r in runs:
         seed = _seed(r)
         tag = f"seed{seed}"

@@ -555,7 +555,8 @@ class Trainer:
             raise
         self.last_eval = {"iter": self.iteration, "epoch": epoch, "miou": result["miou"], "iou": result["iou"],
                           "pseudo_labels": pl}
-        self.metrics.write({"kind": "eval", "iter": self.iteration, "epoch": epoch, "mode": self.eval_mode,
+        self.metrics.write({"kind": "eval", "iter": self.iteration, "total_iters": self.total_iters, "epoch": epoch,
+                            "mode": self.eval_mode,
                             "miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"]},
                            step=self.iteration)
         improved = self.best_miou is None or result["miou"] > self.best_miou

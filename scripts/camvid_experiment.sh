@@ -40,7 +40,7 @@ for run in warmup ${METHODS//,/ }; do
     echo "camvid_experiment: $OUT/analysis/$run is up to date"
     continue
   fi
-  $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" "${DATA[@]}"
+  $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" --overwrite "${DATA[@]}"
 done
 $PY -m csl.report "$OUT" --out "$OUT/report"
 echo "camvid_experiment: done in $(( $(date +%s) - start )) s -> $OUT"

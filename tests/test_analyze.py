@@ -67,7 +67,7 @@ def test_analyze_command_writes_json_and_pictures(checkpoint, tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--max-images", "3",
                  "--panels", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "threshold 0.95" in printed and "CSL reliable" in printed
+    assert "threshold 0.95" in printed and "CSL paper rule, w = 1" in printed
     with open(out / "analysis.json") as f:
         r = json.load(f)
     assert r["images"] == 3 and r["split"] == "unlabeled" and r["valid_pixels"] == 3 * 48 * 48
@@ -93,3 +93,114 @@ def test_analyze_command_writes_json_and_pictures(checkpoint, tmp_path, capsys):
 def test_eval_refuses_a_class_count_mismatch(checkpoint, capsys):
     assert main(["eval", "--checkpoint", str(checkpoint), "data.num_classes=5"]) == 2
     assert "predicts 4 classes but data.num_classes is 5" in capsys.readouterr().err
+
+
+def test_cut_at_share_selects_exactly_the_share_when_scores_tie():
+    from csl.analyze import _cut_at_share
+
+    score = np.concatenate([np.ones(600, dtype=np.float32), np.linspace(0.1, 0.9, 400, dtype=np.float32)])
+    chosen = _cut_at_share(score, 0.5, True)  # 60 % of the pixels are tied at 1.0 (a saturated confidence)
+    assert chosen.sum() == 500 and chosen[600:].sum() == 0
+    assert _cut_at_share(score, 0.7, True).sum() == 700 and _cut_at_share(score, 0.7, True)[:600].all()
+    assert _cut_at_share(-score, 0.25, False).sum() == 250  # lower is better: the same pixels
+    assert _cut_at_share(score, 0.0, True).sum() == 0 and _cut_at_share(score, 1.0, True).all()
+
+
+def _random_pixels(n, seed):
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.3, 1, n).astype(np.float32)
+    target = rng.integers(0, 3, n)
+    pred = np.where(rng.uniform(size=n) < conf, target, (target + 1) % 3)
+    return {"conf": conf, "entropy": 1 - conf, "margin": conf - 0.3, "w_csl": np.where(conf > 0.6, 1.0, conf),
+            "w_class": (conf > 0.7).astype(np.float32), "w_released": np.where(conf > 0.5, 1.0, 0.0),
+            "pred": pred, "target": target}
+
+
+def _flat(value) -> list:
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in _flat(value[k])]
+    if isinstance(value, list):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def test_tally_counts_images_exactly_and_samples_the_ranked_pixels_within_the_limit():
+    from csl.analyze import _Tally
+
+    images = [_random_pixels(n, 10 + seed) for seed, n in enumerate((3000, 5000, 4000))]  # not the tally's seed
+    whole = {k: np.concatenate([im[k] for im in images]) for k in images[0]}
+    exact = summarize(whole, 3, taus=(0.5, 0.9), shares=(0.5,))
+    tally = _Tally(3, (0.5, 0.9), max_ranked=2500)
+    for im in images:
+        tally.add(**im)
+    r = tally.result((0.5,))
+    assert r["ranked_pixels"]["of"] == 12000 and r["ranked_pixels"]["kept"] <= 2500
+    assert r["ranked_pixels"]["rate"] == 0.125  # halved until 12000 * rate fits
+    for rule in ("csl", "csl_class", "csl_released", "threshold", "all_pixels"):  # pixel by pixel: exact
+        assert _flat(r[rule]) == pytest.approx(_flat(exact[rule]), rel=1e-12)
+    assert r["at_csl_share"]["confidence"]["share_target"] == pytest.approx(exact["csl"]["weighted"]["share"])
+    # the sample's cut: the same share, accuracy within sampling error of all pixels'
+    assert r["at_csl_share"]["confidence"]["share"] == pytest.approx(r["at_csl_share"]["confidence"]["share_target"],
+                                                                     abs=1e-3)
+    assert r["at_csl_share"]["confidence"]["accuracy"] == pytest.approx(exact["at_csl_share"]["confidence"]["accuracy"],
+                                                                        abs=0.03)
+    assert exact["ranked_pixels"] == {"kept": 12000, "of": 12000, "rate": 1.0}
+
+
+def test_nothing_selected_is_none_in_strict_json():
+    arrays = _random_pixels(500, 0)
+    r = summarize(arrays, 3, taus=(0.5, 2.0), shares=(0.5,))  # tau 2: nothing selected
+    assert r["threshold"][1]["share"] == 0 and r["threshold"][1]["accuracy"] is None
+    json.dumps(r, allow_nan=False)
+
+
+def _folder_dataset(root, masks):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, mask in enumerate(masks):
+        os.makedirs(root / "images", exist_ok=True)
+        os.makedirs(root / "masks", exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        if mask is not None:
+            Image.fromarray(np.full((48, 48), mask, dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+        lines.append(f"images/{i}.png masks/{i}.png\n")
+    for name in ("labeled", "unlabeled", "val"):
+        (root / f"{name}.txt").write_text("".join(lines))
+    return ["data.dataset=folder", f"data.root={root}", f"data.split_dir={root}", f"data.val_list={root}/val.txt"]
+
+
+def test_analyze_refuses_to_overwrite_and_writes_beside_a_demo_run(checkpoint, tmp_path, capsys):
+    import shutil
+
+    demo = tmp_path / "demo"
+    (demo / "csl").mkdir(parents=True)
+    (demo / "summary.json").write_text("{}")
+    shutil.copy(checkpoint, demo / "csl" / "latest.pt")
+    args = ["analyze", "--checkpoint", str(demo / "csl" / "latest.pt"), "--max-images", "1", "--panels", "1"]
+    assert main(args) == 0
+    out = demo / "analysis" / "csl"  # where csl.report reads a demo folder's analyses
+    assert (out / "analysis.json").is_file() and (out / "panels.png").is_file()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds an analysis" in capsys.readouterr().err
+    assert main([*args[:-2], "--panels", "0", "--overwrite"]) == 0
+    assert not (out / "panels.png").exists()  # the old analysis's pictures went with it
+    printed = capsys.readouterr().out
+    assert "CSL paper rule, w = 1" in printed and "CSL released rule, weighted" in printed
+
+
+def test_analyze_skips_missing_masks_and_refuses_when_nothing_is_valid(checkpoint, tmp_path, capsys):
+    data = _folder_dataset(tmp_path / "d1", [1, 2, None, 3])  # image 2 has no mask file
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a1"), "--panels", "0",
+                 *data]) == 0
+    with open(tmp_path / "a1" / "analysis.json") as f:
+        r = json.load(f)
+    assert r["images"] == 3 and r["skipped_images"] == ["images/2"] and r["valid_pixels"] == 3 * 48 * 48
+    assert "1 skipped (no usable mask)" in capsys.readouterr().out
+    data = _folder_dataset(tmp_path / "d2", [255, 255])
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a2"), "--panels", "0",
+                 *data]) == 2
+    assert "no valid (non-ignored) pixel in the 2 analysed image(s)" in capsys.readouterr().err
+    assert not (tmp_path / "a2").exists()

@@ -129,6 +129,29 @@ def test_split_writer_is_deterministic_nested_and_checked(tmp_path):
         write_splits(str(tmp_path / "nomask.txt"), str(tmp_path / "x"), ["1/2"])
 
 
+def test_split_writer_refuses_what_would_leak_or_replace_a_split(tmp_path):
+    items = [(f"img/{i}.jpg", f"ann/{i}.png") for i in range(8)]
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{a} {b}\n" for a, b in items + [items[2]]))
+    with pytest.raises(ValueError, match=r"img/2.jpg is listed twice \(items 3 and 9\)"):
+        write_splits(str(listing), str(tmp_path / "dup"), ["1/4"])
+    assert not (tmp_path / "dup").exists()
+    listing.write_text("".join(f"{a} {b}\n" for a, b in items))
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):  # a bad later fraction: nothing written
+        write_splits(str(listing), str(tmp_path / "partial"), ["1/4", "1"])
+    assert not (tmp_path / "partial").exists()
+    out = str(tmp_path / "splits")
+    write_splits(str(listing), out, ["1/4"], seed=0)
+    before = (tmp_path / "splits" / "1_4" / "labeled.txt").read_text()
+    write_splits(str(listing), out, ["1/4"], seed=0)  # the same split again: nothing changes, no error
+    with pytest.raises(ValueError, match="exists with another split"):
+        write_splits(str(listing), out, ["1/4"], seed=1)
+    assert (tmp_path / "splits" / "1_4" / "labeled.txt").read_text() == before
+    write_splits(str(listing), out, ["1/4"], seed=1, overwrite=True)
+    assert (tmp_path / "splits" / "1_4" / "labeled.txt").read_text() != before
+    assert sorted(os.listdir(tmp_path / "splits" / "1_4")) == ["labeled.txt", "unlabeled.txt"]  # no temp files
+
+
 @needs_camvid
 def test_committed_camvid_splits_are_what_the_writer_writes(tmp_path):
     written = write_splits(os.path.join(CAMVID, "train.txt"), str(tmp_path), ["1/8", "1/4"], seed=0)

@@ -88,6 +88,22 @@ def test_a_run_beside_the_demo_that_stopped_is_named_not_tabled(tmp_path):
     with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
         f.write("train:\n  iters: null\n  epochs: 12\n  iters_per_epoch: 100\n")
     assert report.load_run(folder)["unfinished"] == {"csl_no_tmp": (600, 1200)}
+    # Epochs whose length came from the data set (iters_per_epoch null): the total is unknown, so not finished.
+    with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
+        f.write("train:\n  iters: null\n  epochs: 80\n  iters_per_epoch: null\n")
+    assert report.load_run(folder)["unfinished"] == {"csl_no_tmp": (600, None)}
+    # The total that evaluations record now decides over the config.
+    metrics = os.path.join(folder, "csl_no_tmp", "metrics.jsonl")
+    with open(metrics) as f:
+        lines = f.read().splitlines()
+    last = max(i for i, line in enumerate(lines) if '"kind": "eval"' in line)
+    record = json.loads(lines[last])
+    record["total_iters"] = record["iter"]
+    with open(metrics, "w") as f:
+        f.write("\n".join([*lines[:last], json.dumps(record), *lines[last + 1:]]) + "\n")
+    assert report.load_run(folder)["unfinished"] == {} and "csl_no_tmp" in report.load_run(folder)["results"]
+    with open(metrics, "w") as f:
+        f.write("\n".join(lines) + "\n")
     with open(os.path.join(folder, "csl_no_tmp", "config.yaml"), "w") as f:
         f.write("train:\n  iters: 1200\n")
     out = tmp_path / "report"

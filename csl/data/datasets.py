@@ -64,14 +64,20 @@ def read_split(path: str) -> SplitItems:
     return items
 
 
+def split_text(items: SplitItems) -> str:
+    """``items`` in the UniMatch split-file format (``img_path [mask_path]`` per line)."""
+    for img, mask in items:
+        if any(c.isspace() for c in img + (mask or "")):
+            raise ValueError(f"paths in split files cannot contain whitespace: {img!r} {mask!r}")
+    return "".join(f"{img} {mask}\n" if mask is not None else f"{img}\n" for img, mask in items)
+
+
 def write_split(path: str, items: SplitItems) -> None:
-    """Write ``items`` as a UniMatch-format split file (``img_path [mask_path]`` per line)."""
+    """Write ``items`` as a UniMatch-format split file."""
+    text = split_text(items)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        for img, mask in items:
-            if any(c.isspace() for c in img + (mask or "")):
-                raise ValueError(f"paths in split files cannot contain whitespace: {img!r} {mask!r}")
-            f.write(f"{img} {mask}\n" if mask is not None else f"{img}\n")
+        f.write(text)
 
 
 def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
@@ -497,14 +503,19 @@ class UnlabeledDataset(_View):
 
 
 class ValDataset(_View):
-    """Full images at their original size: ``{"image": 3 x H x W, "mask": H x W int64, "name": str}``."""
+    """Full images at their original size: ``{"image": 3 x H x W, "mask": H x W int64, "name": str}``.
 
-    def __init__(self, source, *, mean, std, ignore_index: int):
+    ``optional_masks``: a mask that is missing or unusable gives ``"mask": None`` (one warning per list) instead of
+    an error (``csl analyze`` on the unlabeled images, whose masks training never needs)."""
+
+    def __init__(self, source, *, mean, std, ignore_index: int, optional_masks: bool = False):
         super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
         if not source.has_masks:
             raise ValueError(f"the val list {source.description} has lines without a mask path")
+        self.optional_masks = optional_masks
 
     def __getitem__(self, index: int) -> dict:
-        image, mask = self.source.load(index)
+        image, mask = self.source.load(index, optional_mask=self.optional_masks)
         return {"image": normalize(image_to_tensor(image), self.mean, self.std),
-                "mask": torch.from_numpy(mask.astype(np.int64)), "name": self.source.name(index)}
+                "mask": None if mask is None else torch.from_numpy(mask.astype(np.int64)),
+                "name": self.source.name(index)}

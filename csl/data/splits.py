@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .datasets import SplitItems, read_split, write_split
+from .datasets import SplitItems, read_split, split_text
 
 
 def parse_fraction(text: str) -> Fraction:
@@ -47,20 +47,45 @@ def split_items(items: SplitItems, fraction: Fraction | str, seed: int = 0) -> t
     return labeled, unlabeled
 
 
-def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0) -> dict[str, dict]:
+def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0, overwrite: bool = False) -> dict[str, dict]:
     """Write ``<out_dir>/<a_b>/labeled.txt`` and ``unlabeled.txt`` for each fraction of the list at ``list_path``.
-    Returns ``{folder: {"labeled": n, "unlabeled": n, "dir": path}}``."""
+    Returns ``{folder: {"labeled": n, "unlabeled": n, "dir": path}}``.
+
+    Nothing is written unless every fraction is valid and the list names each image once (an image listed twice
+    could land in both parts). A split file that exists with other content (another seed or list) is an error
+    unless ``overwrite``: a run trained on it would otherwise be analysed on other images. Each file is replaced
+    atomically."""
     items = read_split(list_path)
     if not all(mask is not None for _, mask in items):
         raise ValueError(f"{list_path}: every line needs a mask path to make a labeled split")
+    first: dict[str, int] = {}
+    for i, (img, _) in enumerate(items):
+        if img in first:
+            raise ValueError(f"{list_path}: image {img} is listed twice (items {first[img] + 1} and {i + 1}); a "
+                             f"split of this list could put it in both the labeled and the unlabeled part")
+        first[img] = i
+    values = [parse_fraction(text) for text in fractions]
+    files: dict[str, str] = {}
     written = {}
-    for text in fractions:
-        value = parse_fraction(text)
+    for value in values:
         labeled, unlabeled = split_items(items, value, seed)
         folder = os.path.join(out_dir, fraction_name(value))
-        write_split(os.path.join(folder, "labeled.txt"), labeled)
-        write_split(os.path.join(folder, "unlabeled.txt"), unlabeled)
+        files[os.path.join(folder, "labeled.txt")] = split_text(labeled)
+        files[os.path.join(folder, "unlabeled.txt")] = split_text(unlabeled)
         written[fraction_name(value)] = {"labeled": len(labeled), "unlabeled": len(unlabeled), "dir": folder}
+    if not overwrite:
+        for path, text in files.items():
+            if os.path.isfile(path):
+                with open(path) as f:
+                    if f.read() != text:
+                        raise ValueError(f"{path} exists with another split (another seed or list); pass "
+                                         f"--overwrite to replace it, or choose another --out")
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     return written
 
 
