@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -44,8 +45,12 @@ if os.environ.get("CSL_BUILD_EXT") == "1":
     sources_module = _ext_sources_module()
     with_cuda = (os.environ.get("CSL_EXT_CUDA", "1") != "0" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None)
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():  # what torch's builder compiles for: the visible GPUs
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
+        else:  # Hopper, and PTX that newer GPUs compile at load; the loader rebuilds for GPUs this does not cover
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
     csrc = ROOT / "csrc"
     sources = [os.path.relpath(s, ROOT) for s in sources_module.extension_sources(csrc, with_cuda)]
     extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
@@ -65,7 +70,8 @@ if os.environ.get("CSL_BUILD_EXT") == "1":
             super().run()
             meta = {"source_hash": sources_module.source_hash(csrc), "flags_hash": sources_module.flags_hash(),
                     "with_cuda": with_cuda,
-                    "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None}
+                    "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+                    "torch_version": torch.__version__, "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX")}
             target = ROOT / "csl_kernels" if self.inplace else Path(self.build_lib) / "csl_kernels"
             target.mkdir(parents=True, exist_ok=True)
             (target / "_C_build.json").write_text(json.dumps(meta))

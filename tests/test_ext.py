@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ def test_build_has_every_kernel_and_cuda_when_nvcc_is_present(ext):
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csl::{op}", "CPU"), op
     with_cuda, arch, why = build.cuda_build_plan()
-    assert info.with_cuda == with_cuda, why
+    assert info.with_cuda == with_cuda, info.cuda_error or why
     if os.environ.get("CSL_REQUIRE_CUDA_BUILD") == "1":  # CI: the .cu files must compile and link for sm_90
-        assert info.with_cuda, f"the CUDA part was not built: {why}"
+        assert info.with_cuda, f"the CUDA part was not built: {info.cuda_error or why}"
     if with_cuda:  # nvcc and a CUDA build of torch: the CUDA kernels must be in the library, GPU or not
         assert info.cuda_arch_list == arch
         for op in OPS:
@@ -211,18 +212,34 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.weighted_cross_entropy(torch.randn(1, 3, 1, 1), torch.full((1, 1, 1), 7), torch.ones(1, 1, 1), None)
 
 
-def test_ahead_of_time_build_must_match_sources_and_flags(tmp_path):
+def test_ahead_of_time_build_must_match_sources_flags_torch_python_and_gpus(tmp_path, monkeypatch):
+    import sysconfig
+
     from csl_kernels.cpp import sources
 
-    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
-    meta = {"source_hash": "abc", "flags_hash": sources.flags_hash(), "with_cuda": False}
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    (tmp_path / f"_C{suffix}").write_bytes(b"")
+    (tmp_path / "_C.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")  # another Python's build beside it
+    meta = {"source_hash": "abc", "flags_hash": sources.flags_hash(), "with_cuda": False,
+            "torch_version": torch.__version__, "ext_suffix": suffix}
     (tmp_path / "_C_build.json").write_text(json.dumps(meta))
-    assert build._aot_library("abc", False, tmp_path) is not None
+    assert build._aot_library("abc", False, tmp_path) == str(tmp_path / f"_C{suffix}")
     assert build._aot_library("abd", False, tmp_path) is None  # sources changed
     assert build._aot_library("abc", True, tmp_path) is None  # CUDA part wanted, not built
-    for flags in ("0" * 64, None):  # other flags, or a build that did not record them
-        (tmp_path / "_C_build.json").write_text(json.dumps({**meta, "flags_hash": flags}))
-        assert build._aot_library("abc", False, tmp_path) is None
+    for key, value in (("flags_hash", "0" * 64), ("flags_hash", None), ("torch_version", "2.0.0"),
+                       ("torch_version", None), ("ext_suffix", ".cpython-399-x86_64-linux-gnu.so"),
+                       ("ext_suffix", None)):
+        (tmp_path / "_C_build.json").write_text(json.dumps({**meta, key: value}))
+        assert build._aot_library("abc", False, tmp_path) is None, (key, value)
+    # a CUDA build for sm_90 only: not for a visible A100 (sm_80); with PTX it runs on a newer GPU (sm_100)
+    (tmp_path / "_C_build.json").write_text(json.dumps({**meta, "with_cuda": True, "cuda_arch_list": "9.0"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for cap, arch, ok in (((9, 0), "9.0", True), ((8, 0), "9.0", False), ((10, 0), "9.0", False),
+                          ((10, 0), "9.0+PTX", True), ((8, 6), "8.0;9.0", True), ((8, 0), "8.6", False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0, cap=cap: cap)
+        (tmp_path / "_C_build.json").write_text(json.dumps({**meta, "with_cuda": True, "cuda_arch_list": arch}))
+        assert (build._aot_library("abc", True, tmp_path) is not None) is ok, (cap, arch)
 
 
 @pytest.fixture
@@ -257,6 +274,66 @@ def test_failed_build_falls_back_for_auto_and_raises_for_cpu(broken_build, caplo
         csl_kernels.residual_features(z, backend="cpu")
     log_path = str(err.value).split("full log: ")[1].split()[0].rstrip(";")
     assert "csl forced build failure" in open(log_path).read()
+
+
+def test_failed_cuda_part_keeps_the_cpu_kernels(broken_build, monkeypatch):
+    """A broken CUDA toolkit (the .cu part fails to compile): the CPU part is built alone and works; the cuda
+    backend is unavailable with the compiler's reason."""
+    from csl_kernels.cpp import _check_cuda
+
+    src = broken_build / "csrc"
+    (src / "broken.cpp").unlink()
+    (src / "fine.cpp").write_text("int csl_test_fine() { return 1; }\n")
+    calls = []
+
+    def fake_build_in_cache(root, src_hash, with_cuda, arch, why):
+        calls.append(with_cuda)
+        if with_cuda:
+            raise build.ExtensionBuildError("building the csl C++ extension (CPU + CUDA) failed; nvcc: unsupported "
+                                            "GNU version")
+        return build.BuildInfo("cpu.so", False, None, built=True)
+
+    monkeypatch.setattr(build, "cuda_build_plan", lambda: (True, "9.0", "nvcc in /fake"))
+    monkeypatch.setattr(build, "_build_in_cache", fake_build_in_cache)
+    monkeypatch.setattr(csl_kernels.cpp.ops, "register_python_parts", lambda: None)
+    info = build.load()
+    assert calls == [True, False] and not info.with_cuda and "unsupported GNU version" in info.cuda_error
+    assert "unsupported GNU version" in _check_cuda(torch.device("cuda"))
+
+
+def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(broken_build, monkeypatch):
+    """A build with its stamp is loaded without the builder (which needs a writable lock file); a build that fails
+    where no log can be written still reports the compiler's message."""
+    root = build.csrc_dir()
+    src_hash = build.source_hash(root)
+    name = build.build_name(root, src_hash, False, None)
+    cache = broken_build / "build" / name
+    cache.mkdir(parents=True)
+    (cache / f"{name}.so").write_bytes(b"")
+    (cache / f"{name}.ok").write_text("built\n")
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    info = build._build_in_cache(root, src_hash, False, None, "test")
+    assert loaded == [str(cache / f"{name}.so")] and not info.built
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension: csl forced build failure")
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    (cache / f"{name}.ok").unlink()
+    real_write = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "build.log":
+            raise OSError(30, "Read-only file system")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(build.ExtensionBuildError, match="csl forced build failure") as err:
+        build._build_in_cache(root, src_hash, False, None, "test")
+    assert "no log written" in str(err.value) and "TORCH_EXTENSIONS_DIR" in str(err.value)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,11 @@ from . import build, ops
 def load() -> build.BuildInfo:
     """Build/load the extension and register its Python parts; raises ``ExtensionBuildError`` on failure."""
     info = build.load()
-    ops.register_python_parts()
+    try:
+        ops.register_python_parts()
+    except Exception as exc:  # noqa: BLE001 - a library without the expected ops: unavailable, with the reason
+        raise build.ExtensionBuildError(f"the csl C++ extension {info.library} loaded but its ops could not be "
+                                        f"registered: {exc}") from exc
     return info
 
 
@@ -36,7 +40,10 @@ def _check_cuda(device: torch.device) -> str | None:
     reason = _check_cpu(device)
     if reason is not None:
         return reason
-    if not build.load().with_cuda:
+    info = build.load()
+    if not info.with_cuda:
+        if info.cuda_error:
+            return f"the CUDA part of the C++ extension failed to build: {info.cuda_error}"
         return f"the C++ extension was built without its CUDA part ({build.cuda_build_plan()[2]})"
     return None
 

@@ -15,7 +15,12 @@ build needs no ``-march`` flag. ``CSL_CPU_ISA=baseline|avx2`` (read once per pro
 
 A build happens at most once per process; a failure is remembered, written to ``build.log`` in the build folder and
 raised by :func:`load` as :class:`ExtensionBuildError` (with the compiler's last lines): the backends' availability
-check reports it, so ``backend="auto"`` falls back to the reference while a backend asked for by name raises.
+check reports it, so ``backend="auto"`` falls back to the reference while a backend asked for by name raises. When
+the CUDA part fails to build (a toolkit that does not fit the host compiler or torch), the CPU part is built alone:
+the ``cpu`` backend works and ``cuda`` is unavailable with the compiler's message. A completed build leaves a stamp
+beside the library, and a stamped library is loaded directly (the builder needs a writable lock file even for a
+cached build: a read-only cache still loads). An ahead-of-time build (``CSL_BUILD_EXT=1 pip install``) is used only
+when it matches the sources, flags, torch, Python and the visible GPUs' architectures.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import json
 import os
 import sys
+import sysconfig
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ class BuildInfo:
     with_cuda: bool
     cuda_arch_list: str | None
     built: bool  # False when a cached or ahead-of-time build was loaded
+    cuda_error: str | None = None  # why the CUDA part is missing when its build failed (the CPU part was built alone)
 
 
 class ExtensionBuildError(RuntimeError):
@@ -115,24 +122,58 @@ def _build_root() -> Path:
         return Path(root)
     cuda = torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}_cu{cuda}"
-    return Path.home() / ".cache" / "torch_extensions" / tag
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")  # as torch's own builder
+    return Path(cache) / "torch_extensions" / tag
+
+
+def arch_covers(arch_list: str | None, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``TORCH_CUDA_ARCH_LIST`` ``arch_list`` (e.g. ``"8.0;9.0+PTX"``) runs on a GPU of
+    ``capability``: a cubin of the same major version and a minor version up to the GPU's, or PTX of a version up
+    to the GPU's (compiled by the driver at load)."""
+    major, minor = capability
+    for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        try:
+            e_major, e_minor = (int(x) for x in entry.removesuffix("+PTX").split(".")[:2])
+        except ValueError:
+            continue
+        if (e_major == major and e_minor <= minor) or (ptx and (e_major, e_minor) <= (major, minor)):
+            return True
+    return False
 
 
 def _aot_library(src_hash: str | None, with_cuda: bool, here: Path = PACKAGE_DIR) -> str | None:
     """The ahead-of-time build from ``CSL_BUILD_EXT=1 pip install`` (``csl_kernels._C`` and its ``_C_build.json``
-    in ``here``), if it matches the current sources and flags."""
+    in ``here``), if it matches the current sources, flags, torch, Python and the visible GPUs; else None (the
+    extension is then built on the fly)."""
     meta = here / "_C_build.json"
-    libs = sorted(here.glob("_C*.so"))
-    if not libs or not meta.is_file():
+    if not meta.is_file():
         return None
-    info = json.loads(meta.read_text())
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    suffix = info.get("ext_suffix")
+    library = here / f"_C{suffix}" if suffix else None
+    if library is None or suffix != sysconfig.get_config_var("EXT_SUFFIX") or not library.is_file():
+        return None  # built for another Python (or recorded before the suffix was)
+    if info.get("torch_version") != torch.__version__:
+        return None  # another torch: its C++ ABI and op registry may differ
     if src_hash is not None and info.get("source_hash") != src_hash:
         return None  # sources changed since (editable checkout): build on the fly instead
     if info.get("flags_hash") != flags_hash():
         return None  # built with other compile flags
-    if with_cuda and not info.get("with_cuda"):
-        return None
-    return str(libs[0])
+    if with_cuda:
+        if not info.get("with_cuda"):
+            return None
+        if torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            if not all(arch_covers(info.get("cuda_arch_list"), cap) for cap in caps):
+                return None  # no kernel image for a visible GPU
+    return str(library)
 
 
 def _tail(text: str, lines: int = _TAIL_LINES) -> str:
@@ -148,14 +189,48 @@ def _build() -> BuildInfo:
     if os.environ.get("CSL_EXT_SOURCE_DIR") is None:
         aot = _aot_library(src_hash, with_cuda)
         if aot is not None:
-            torch.ops.load_library(aot)
-            meta = json.loads((Path(aot).parent / "_C_build.json").read_text())
-            return BuildInfo(aot, bool(meta.get("with_cuda")), meta.get("cuda_arch_list"), built=False)
+            try:
+                torch.ops.load_library(aot)
+            except Exception as exc:  # noqa: BLE001 - a broken install: build on the fly instead
+                print(f"csl_kernels: the installed extension {aot} does not load ({exc}); building it instead",
+                      file=sys.stderr, flush=True)
+            else:
+                meta = json.loads((Path(aot).parent / "_C_build.json").read_text())
+                return BuildInfo(aot, bool(meta.get("with_cuda")), meta.get("cuda_arch_list"), built=False)
+    if with_cuda:
+        try:
+            return _build_in_cache(root, src_hash, True, arch, why)
+        except ExtensionBuildError as exc:  # a broken toolkit must not take the CPU kernels with it
+            print(f"csl_kernels: {exc}\ncsl_kernels: building the CPU part alone", file=sys.stderr, flush=True)
+            info = _build_in_cache(root, src_hash, False, None, "its CUDA part failed to build")
+            return BuildInfo(info.library, False, None, info.built, cuda_error=str(exc))
+    if os.environ.get("CSL_EXT_CUDA") == "1":
+        print(f"csl_kernels: CSL_EXT_CUDA=1 but the CUDA part is not built: {why}", file=sys.stderr, flush=True)
+    return _build_in_cache(root, src_hash, False, None, why)
+
+
+def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None, why: str) -> BuildInfo:
+    """Build (or load the cached build of) the library in the extensions cache. A build that completed leaves a
+    ``<name>.ok`` stamp: with it the library is loaded directly (no ninja run, no lock file: a read-only cache
+    works)."""
     name = build_name(root, src_hash, with_cuda, arch)
     build_dir = _build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / f"{name}.so"
+    stamp = build_dir / f"{name}.ok"
     what = f"CPU + CUDA for arch {arch}" if with_cuda else f"CPU only ({why})"
+    if library.is_file() and stamp.is_file():
+        print(f"csl_kernels: loading the C++ extension ({what}) from {build_dir}", file=sys.stderr, flush=True)
+        try:
+            torch.ops.load_library(str(library))
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: rebuilt below
+            print(f"csl_kernels: {library} does not load ({exc}); rebuilding", file=sys.stderr, flush=True)
+        else:
+            return BuildInfo(str(library), with_cuda, arch if with_cuda else None, built=False)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExtensionBuildError(f"cannot create the build folder of the csl C++ extension ({exc}); set "
+                                  f"TORCH_EXTENSIONS_DIR to a writable folder") from exc
     cached = library.is_file()
     print(f"csl_kernels: {'loading' if cached else 'building'} the C++ extension ({what}) in {build_dir}",
           file=sys.stderr, flush=True)
@@ -182,9 +257,13 @@ def _build() -> BuildInfo:
             is_python_module=False,
         )
     except Exception as exc:  # noqa: BLE001 - turned into a build error with the log path
-        log_path.write_text(f"{type(exc).__name__}: {exc}\n")
+        try:
+            log_path.write_text(f"{type(exc).__name__}: {exc}\n")
+            where = f"full log: {log_path}"
+        except OSError as log_exc:  # the folder is not writable: the compiler's message still comes through
+            where = f"no log written ({log_exc}; set TORCH_EXTENSIONS_DIR to a writable folder)"
         raise ExtensionBuildError(
-            f"building the csl C++ extension ({what}) failed; full log: {log_path}\nlast lines:\n{_tail(str(exc))}"
+            f"building the csl C++ extension ({what}) failed; {where}\nlast lines:\n{_tail(str(exc))}"
         ) from exc
     finally:
         if with_cuda:
@@ -193,6 +272,10 @@ def _build() -> BuildInfo:
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    try:
+        stamp.write_text("built\n")
+    except OSError:  # a read-only cache: loaded through the builder next time too
+        pass
     return BuildInfo(str(path or library), with_cuda, arch if with_cuda else None, built=not cached)
 
 
