@@ -152,9 +152,12 @@ def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = 255) 
     return out
 
 
-def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: str | None, tau: float = 0.95
-                ) -> str:
-    """A row per image: image, ground truth, prediction, CSL weight, threshold mask, TMP cover."""
+def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: str | None, tau: float = 0.95,
+                class_names: list[str] | None = None) -> str:
+    """A row per image: image, ground truth, prediction, CSL weight, threshold mask, TMP cover; below, the colour
+    of each class that appears in the masks or predictions shown, and the scale of the weight / mask columns."""
+    from matplotlib.patches import Patch
+
     from .data.colors import palette
 
     plt = _pyplot()
@@ -175,6 +178,15 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
             if r == 0:
                 ax.set_title(col, fontsize=9)
         row[0].set_ylabel(os.path.basename(ex["name"]), fontsize=7)
+    shown = sorted({int(c) for ex in examples for m in (ex["target"], ex["pred"]) for c in np.unique(m)
+                    if 0 <= c < num_classes})
+    names = class_names or [str(c) for c in range(num_classes)]
+    handles = [Patch(facecolor=colours[c] / 255.0, edgecolor="black", linewidth=0.3, label=names[c]) for c in shown]
+    handles.append(Patch(facecolor="black", edgecolor="black", linewidth=0.3, label="ignored (void / padding)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
+               title="classes (ground truth, prediction); weight and masks: yellow = 1 / selected / hidden, "
+                     "dark = 0", title_fontsize=7)
+    fig.subplots_adjust(bottom=0.05 + 0.12 / len(examples) * (1 + len(handles) // 8))
     return _save(fig, out_dir, "panels.png")
 
 
@@ -210,7 +222,7 @@ def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: fl
     if examples:
         paths.append(plot_feature_plane(examples[0], out_dir, alpha, tau, confidence=result.get("confidence",
                                                                                                    "prob")))
-        paths.append(plot_panels(examples, out_dir, result["num_classes"], dataset, tau))
+        paths.append(plot_panels(examples, out_dir, result["num_classes"], dataset, tau, result.get("class_names")))
     return paths
 
 
