@@ -222,7 +222,7 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed every CUDA device too
             try:
                 return self.dataset[index]
             finally:

@@ -89,8 +89,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 # Candidate (ratio, position) draws per box: UniMatch redraws until the box fits in the crop; the first fitting one of
-# these is that draw (a box none of them fits, rare, is clamped to the crop).
-CUTMIX_CANDIDATES = 16
+# these is that draw. A box none of them fits is clamped to the crop: with 16 candidates 7 % of the boxes (23 % of
+# those above 0.3 of the crop) were, with 64 0.14 % (0.5 %).
+CUTMIX_CANDIDATES = 64
 
 
 def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -273,6 +273,11 @@ def test_cutmix_boxes_follow_unimatchs_distribution():
                               (np.abs(np.log(h / w)), np.abs(np.log(ref[:, 0] / ref[:, 1])), 0.03),
                               (h * w / size**2 > 0.3, ref[:, 0] * ref[:, 1] / size**2 > 0.3, 0.03)):
         assert abs(ours.mean() - theirs.mean()) < tol, (ours.mean(), theirs.mean())
+    # A box that fits nowhere is clamped into a strip as high or as wide as the crop: UniMatch never draws one that
+    # spans the crop unless it fits, which is rare.
+    spans = (h == size) | (w == size)
+    ref_spans = (ref[:, 0] == size) | (ref[:, 1] == size)
+    assert spans.mean() < ref_spans.mean() + 0.005, (spans.mean(), ref_spans.mean())
 
 
 def _ohem_reference(pred, target, thresh, min_kept, ignore_index=255):
