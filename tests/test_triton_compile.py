@@ -2,7 +2,8 @@
 
 The other tests run the kernels under the interpreter, which never lowers them; here each launch of a set of
 representative calls is compiled by Triton's own compiler down to a cubin (csl_kernels/triton/compile_check.py), and
-the cubins' resource usage is held to what the block sizes were chosen for: no register spills.
+the cubins' resource usage is held to what the block sizes were chosen for: no more than a few bytes of
+registers spilled (ptxas's own count).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def test_every_tuning_candidate_is_compiled(compiled):
     assert expected("trusted_mask") <= reached("_trusted_mask_kernel", block_c=None)
 
 
-def test_kernels_do_not_spill(compiled):
+def test_kernels_spill_at_most_a_few_bytes(compiled):
     spilling = [f"{r['kernel']} {r['signature']} {r['constexprs']} warps={r['options'].get('num_warps')}: "
-                f"{r['reg']} registers, {r['stack']} B stack, {r.get('local', 0)} B local" for r in compiled
+                f"{r['reg']} registers, {r['stack']} B stack, {r.get('spill_stores', '?')} B spill stores, "
+                f"{r.get('local', 0)} B local" for r in compiled
                 if r["status"] == "ok" and compile_check.spills(r)]
     assert not spilling, "\n".join(spilling)
 
@@ -106,3 +108,49 @@ def test_signature_types():
     assert signature[names[0]] == "*bf16" and signature[names[1]] == "i64" and signature[names[2]] == "i32"
     assert constexprs == {name: args[name] for name in names if flags[name]}
     assert all(signature[name] == "constexpr" for name in names if flags[name])
+
+
+_SPILL_SCRIPT = """
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from csl_kernels.triton import compile_check
+
+@triton.jit
+def heavy(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    acc = x * x
+    for i in range(8):
+        acc = acc * x + tl.sum(acc * x, 0)
+    tl.store(y_ptr + offs, acc + x)
+
+out = {}
+for maxnreg in (0, 32):  # 2048 values on one warp: ~160 registers a thread, or spilled when capped at 32
+    options = {"num_warps": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+    k = triton.compile(ASTSource(heavy, {"x_ptr": "*fp32", "y_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 2048}),
+                       target=GPUTarget("cuda", 90, 32), options=options)
+    out[maxnreg] = {**compile_check._resource_usage(k.asm["cubin"]), **compile_check.ptxas_spills(k.asm["ptx"])}
+print(json.dumps(out))
+"""
+
+
+def test_ptxas_counts_spills_that_the_stack_size_cannot_tell(tmp_path):
+    """The spill check reads ptxas's own count: a kernel capped at 32 registers spills, the same kernel uncapped
+    does not."""
+    import os
+    import subprocess
+    import sys
+
+    if not _nvidia_backend_available():
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    script = tmp_path / "spill.py"  # @triton.jit needs its source in a file
+    script.write_text(_SPILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert usage["0"]["spill_stores"] == 0 and not compile_check.spills(usage["0"])
+    assert usage["32"]["spill_stores"] > compile_check.MAX_SPILL_BYTES and usage["32"]["reg"] <= 32
+    assert compile_check.spills(usage["32"])

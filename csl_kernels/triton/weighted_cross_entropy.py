@@ -34,8 +34,8 @@ MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-su
 MAX_BLOCK_P = 1024
 # BLOCK_P * BLOCK_C per program and warps per program. Default: 8 values per thread, 60-130 registers and no spills on
 # sm_90 (4096 at 4 warps would spill; see csl_kernels/triton/residual_features.py). The others (4-16 values per
-# thread, none spills: tests/test_triton_compile.py; 16 warps would) are timed on the user's GPU, forward and backward
-# separately (csl_kernels/triton/tuning.py).
+# thread; the backward at 1024 / 8 warps spills 4 B, the rest nothing: tests/test_triton_compile.py; 16 warps would
+# spill more) are timed on the user's GPU, forward and backward separately (csl_kernels/triton/tuning.py).
 DEFAULT_CONFIG = Config(tile=2048, num_warps=8)
 CANDIDATES = (DEFAULT_CONFIG, Config(1024, 4), Config(2048, 4), Config(4096, 8), Config(1024, 8))
 FORWARD = Tunable("weighted_cross_entropy_forward", DEFAULT_CONFIG, CANDIDATES)
