@@ -115,10 +115,14 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
                                generator=trainer.generator)
         trainer.close()
     assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # The masked view's input is not a rounding of the fp32 one: TMP hides the *reliable* pixels, and bf16 logits flip
+    # a few of them at the cluster boundary, so other pixels are hidden (measured: loss_m 3.8 % apart on one draw of
+    # the tiny config, the other losses < 1 %).
+    tolerance = {"loss_m": 0.06}
     for key in ("loss", "loss_x", "loss_s", "loss_m", "loss_fp"):
         a, b = float(outs["fp32"][key]), float(outs["bf16"][key])
         assert math.isfinite(b), key
-        assert abs(a - b) <= 0.02 * abs(a) + 1e-3, (key, a, b)  # measured: < 1 %
+        assert abs(a - b) <= tolerance.get(key, 0.02) * abs(a) + 1e-3, (key, a, b)
 
 
 def test_supervised_mode_trains(tmp_path):
