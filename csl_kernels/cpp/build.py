@@ -78,6 +78,11 @@ def _cuda_home() -> str | None:
     return None
 
 
+def visible_capabilities() -> list[tuple[int, int]]:
+    """The distinct compute capabilities of the visible GPUs, sorted."""
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
 def cuda_build_plan() -> tuple[bool, str | None, str]:
     """``(with_cuda, arch_list, why)``: whether the CUDA part is built, for which archs, and a one-line reason."""
     wanted = os.environ.get("CSL_EXT_CUDA", "")
@@ -92,8 +97,7 @@ def cuda_build_plan() -> tuple[bool, str | None, str]:
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch:
         if torch.cuda.is_available():
-            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-            arch = ";".join(f"{major}.{minor}" for major, minor in caps)
+            arch = ";".join(f"{major}.{minor}" for major, minor in visible_capabilities())
         else:
             arch = DEFAULT_CUDA_ARCH
     return True, arch, f"nvcc in {_cuda_home()}"
@@ -170,8 +174,7 @@ def _aot_library(src_hash: str | None, with_cuda: bool, here: Path = PACKAGE_DIR
         if not info.get("with_cuda"):
             return None
         if torch.cuda.is_available():
-            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            if not all(arch_covers(info.get("cuda_arch_list"), cap) for cap in caps):
+            if not all(arch_covers(info.get("cuda_arch_list"), cap) for cap in visible_capabilities()):
                 return None  # no kernel image for a visible GPU
     return str(library)
 
