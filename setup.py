@@ -2,7 +2,8 @@
 
 ``pip install .`` installs the pure-Python package; the C++/CUDA extension is built on first use.
 ``CSL_BUILD_EXT=1 pip install --no-build-isolation .`` also builds it ahead of time (as ``csl_kernels._C``, from the
-same source list and flags as the on-the-fly build; ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 when no GPU is visible).
+same source list and flags as the on-the-fly build; ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0+PTX when no GPU is
+visible).
 """
 
 import importlib.util

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                  f"configuration table and csl/config.py (DEFAULTS); override any with key=value.")
     t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
     t.add_argument("--config", required=True, help="YAML file or bundled config name")
-    t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest.pt of output_dir, else its best.pt; "
-                                    "neither: a new run)")
+    t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (the newer of output_dir's latest.pt and "
+                                    "best.pt, latest.pt on a tie; neither: a new run)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in output_dir (without it, or --resume, such a folder is refused)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")

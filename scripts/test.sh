@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: set up .venv, then run the whole suite on CPU.
-# Triton kernels run under the interpreter; the C++ extension is built (with its CUDA part for sm_90 when nvcc is
-# present) on first use. Extra arguments go to pytest.
+# Triton kernels run under the interpreter; the C++ extension is built on first use (its CUDA part where a GPU is
+# visible, or for sm_90 without one under CSL_EXT_CUDA=1, which .ci/run sets). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -1,13 +1,13 @@
 """Builds (on first use) and loads the C++/CUDA extension of ``csrc/`` that defines the ``torch.ops.csl`` ops.
 
 The build uses ``torch.utils.cpp_extension.load`` with ninja and is cached in ``$TORCH_EXTENSIONS_DIR/<name>`` (or
-``~/.cache/torch_extensions/<python>_<torch>/<name>``); the name carries a hash of every file in ``csrc/`` and of the
-build configuration, so a changed source (or header) means a fresh build. The CUDA part is compiled when torch is a
-CUDA build, ``nvcc`` is found (``CUDA_HOME``) and a GPU is visible — ``CSL_EXT_CUDA=1`` compiles it without a GPU
-(CI does, to prove the ``.cu`` files compile and link), ``CSL_EXT_CUDA=0`` never — for ``TORCH_CUDA_ARCH_LIST`` if
-set, else for the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs, ``CSL_BUILD_VERBOSE=1``
-shows the compiler output. The ``nvidia/*/include`` folders of pip-installed NVIDIA wheels are added to the include
-path.
+``<$XDG_CACHE_HOME or ~/.cache>/torch_extensions/py<ver>_torch<ver>_cu<ver>/<name>``); the name carries a hash of every
+file in ``csrc/`` and of the build configuration, so a changed source (or header) means a fresh build. The CUDA part is
+compiled when torch is a CUDA build, ``nvcc`` is found (``CUDA_HOME``) and a GPU is visible — ``CSL_EXT_CUDA=1``
+compiles it without a GPU (CI does, to prove the ``.cu`` files compile and link), ``CSL_EXT_CUDA=0`` never — for
+``TORCH_CUDA_ARCH_LIST`` if set, else for the visible GPUs, else for sm_90. ``MAX_JOBS`` sets the parallel compile jobs,
+``CSL_BUILD_VERBOSE=1`` shows the compiler output. The ``nvidia/*/include`` folders of pip-installed NVIDIA wheels are
+added to the include path.
 
 The CPU kernels hold their vectorised loops in three copies (x86-64 baseline, AVX2, AVX-512, see
 ``csrc/cpu/tile_kernels.cpp``) and use the widest one the CPU supports; all give bitwise the same results, so the

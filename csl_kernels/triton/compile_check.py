@@ -12,7 +12,8 @@ the interpreter accepts, a block that needs too much shared memory). This check 
    distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
    with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
    too, and the per-group reductions at the tiles only large inputs reach (:func:`large_tiles`). Registers, local
-   memory (spills) and shared memory come from the cubin (``cuobjdump -res-usage``).
+   memory and shared memory come from the cubin (``cuobjdump -res-usage``), spill stores from ``ptxas -v``
+   (:func:`ptxas_spills`; at most :data:`MAX_SPILL_BYTES` pass).
 
 Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile.
 """

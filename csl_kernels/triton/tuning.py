@@ -24,7 +24,8 @@ bitwise the same on every machine.
 Float64 inputs always get the default. No timing happens while a CUDA graph is being captured (the cached choice or
 the default is launched), on CPU tensors (the interpreter's timings mean nothing) or for a candidate that fails to
 compile (it is skipped and logged). Every candidate is compiled for sm_90 by
-``python -m csl_kernels.triton.compile_check`` and held to no register spills by tests/test_triton_compile.py.
+``python -m csl_kernels.triton.compile_check`` and held to at most ``MAX_SPILL_BYTES`` (16 B) of spill stores per
+thread by tests/test_triton_compile.py.
 """
 
 from __future__ import annotations
