@@ -310,6 +310,8 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from .evaluate import center_crop, predict_logits
 
     start = time.perf_counter()
+    if max_ranked_pixels < 1:
+        raise ValueError(f"max_ranked_pixels (--max-ranked-pixels) must be >= 1, got {max_ranked_pixels}")
     if not overwrite and os.path.exists(os.path.join(out_dir, "analysis.json")):
         prepare_out_dir(out_dir, overwrite)  # refused before hours of prediction
     ckpt = load_checkpoint(checkpoint)

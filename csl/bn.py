@@ -60,7 +60,7 @@ class CleanImages:
     def __getitem__(self, index: int) -> dict:
         from .data.transforms import image_to_tensor, normalize
 
-        image = self.source.load(index)[0]
+        image = self.source.load(index, optional_mask=True)[0]  # the mask is not used: it may be missing
         return {"image": normalize(image_to_tensor(image), self.mean, self.std)}
 
 

@@ -236,7 +236,8 @@ def cmd_predict(args) -> int:
                              default_eval_mode(d["dataset"]), crop_size=cfg["eval"]["crop_size"] or d["crop_size"],
                              device=device, stride_ratio=cfg["eval"]["stride_ratio"],
                              amp_dtype=resolve_amp(cfg["eval"]["amp"], device),
-                             dataset=d["dataset"] if d["dataset"] != "synthetic" else None)
+                             dataset=d["dataset"] if d["dataset"] != "synthetic" else None,
+                             image_scale=d["image_scale"])
     print(f"wrote {len(written)} prediction(s) to {args.out}")
     return 0
 
@@ -260,7 +261,8 @@ def cmd_analyze(args) -> int:
     out = args.out or default_out_dir(args.checkpoint, args.split)
     r = run_analysis(args.checkpoint, out, overrides=args.overrides, config=args.config, split=args.split,
                      max_images=args.max_images, panels=args.panels, overwrite=args.overwrite,
-                     max_ranked_pixels=args.max_ranked_pixels or DEFAULT_MAX_RANKED_PIXELS)
+                     max_ranked_pixels=DEFAULT_MAX_RANKED_PIXELS if args.max_ranked_pixels is None
+                     else args.max_ranked_pixels)
 
     def pct(value, width):
         return f"{'-':>{width}} " if value is None else f"{100 * value:{width - 1}.1f}%"

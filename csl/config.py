@@ -14,6 +14,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -384,7 +385,9 @@ def validate(cfg: dict) -> dict:
         _require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d["ignore_labels"]),
                  f"data.ignore_labels must be a list of label values >= 0, got {d['ignore_labels']}")
     _require(d["num_workers"] >= 0, f"data.num_workers must be >= 0, got {d['num_workers']}")
-    _require(len(d["scale_range"]) == 2 and 0 < d["scale_range"][0] <= d["scale_range"][1],
+    _require(len(d["scale_range"]) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                for x in d["scale_range"])
+             and 0 < d["scale_range"][0] <= d["scale_range"][1],
              f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {d['scale_range']}")
     for key in ("mean", "std"):
         if d[key] is not None:
@@ -421,10 +424,26 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: plain YAML keeps the last, so a second
+    ``train:`` section would silently drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {e}") from None
     if raw is None:

@@ -86,9 +86,8 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     saved = [path for path in (latest, os.path.join(out, BEST)) if os.path.isfile(path)]
     before = 0.0
     same = not fresh and _same_run(cfg)
-    if same and os.path.isfile(done):
-        with open(done) as f:
-            seconds = json.load(f)["seconds"]
+    seconds = _done_seconds(done) if same else None
+    if seconds is not None:
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
         return seconds, True
     if same and saved:  # the trainer's resume=auto: the newer of latest.pt and best.pt
@@ -102,9 +101,24 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     train_fn(cfg)
     seconds = before + time.perf_counter() - t0
     slim_checkpoints(out)
-    with open(done, "w") as f:
+    tmp = f"{done}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump({"seconds": seconds}, f)
+    os.replace(tmp, done)  # a whole mark or none
     return seconds, False
+
+
+def _done_seconds(path: str) -> float | None:
+    """The training seconds a stage's ``done.json`` records; None when there is no readable mark (the stage is then
+    continued from its checkpoints or run again)."""
+    try:
+        with open(path) as f:
+            return float(json.load(f)["seconds"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"   {path} is unreadable ({e}): the stage is not taken as done", flush=True)
+        return None
 
 
 # What a finished stage's checkpoints keep: the model and what describes it (no optimizer state, random streams or

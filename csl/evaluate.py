@@ -205,16 +205,19 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
 def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_classes: int,
                    mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                    mode: str = "original", crop_size: int | None = None, device=None, stride_ratio: float = 2 / 3,
-                   amp_dtype: torch.dtype | None = None, dataset: str | None = None, progress: bool = True
-                   ) -> list[str]:
+                   amp_dtype: torch.dtype | None = None, dataset: str | None = None, progress: bool = True,
+                   image_scale: float = 1.0) -> list[str]:
     """Predict each image file and write ``<out_dir>/<stem>.png``: a palette PNG whose pixel values are the class
     ids and whose colours are :func:`csl.data.palette` (RGB for more than 256 classes). Returns the written
-    paths."""
+    paths.
+
+    ``image_scale`` is the run's ``data.image_scale``: the model sees each image at the scale it was trained and
+    evaluated at, and its class scores are resized back, so every PNG has the size of its image."""
     from PIL import Image
     from tqdm import tqdm
 
     from .data.colors import palette
-    from .data.datasets import load_image
+    from .data.datasets import load_image, resize_pair
     from .data.transforms import image_to_tensor, normalize
 
     _check_mode(mode, crop_size, stride_ratio)
@@ -229,10 +232,14 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     written, used = [], set()
     try:
         for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
-            image = normalize(image_to_tensor(load_image(path)), mean, std)[None].to(device)
+            original = load_image(path)
+            scaled, _ = resize_pair(original, None, image_scale)
+            image = normalize(image_to_tensor(scaled), mean, std)[None].to(device)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
                                                  enabled=amp_dtype is not None):
                 scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
+            if scaled.shape[:2] != original.shape[:2]:
+                scores = F.interpolate(scores.float(), size=original.shape[:2], mode="bilinear", align_corners=False)
             pred = scores.argmax(dim=1)[0].cpu().numpy()
             stem = os.path.splitext(os.path.basename(path))[0]
             if stem in used:

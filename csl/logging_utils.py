@@ -11,6 +11,8 @@ import sys
 
 from csl_kernels import log_backend_choices_again
 
+from .run_folder import TENSORBOARD_DIR
+
 log = logging.getLogger("csl")
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -71,9 +73,12 @@ def _json_safe(value):
 
 class MetricsWriter:
     """``<output_dir>/metrics.jsonl`` (one JSON object per record; NaN written as null) and, when the
-    ``tensorboard`` package is installed, scalars under ``<output_dir>/tb``. Does nothing when not ``enabled``."""
+    ``tensorboard`` package is installed, scalars under ``<output_dir>/tb``. Does nothing when not ``enabled``.
 
-    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True):
+    ``resumed_at``: the iteration a resumed run continues from; TensorBoard hides the scalars a killed run logged
+    after it (as :func:`prune_metrics` drops its records), so the continued run's are not shown twice."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = None
@@ -88,7 +93,8 @@ class MetricsWriter:
             except ImportError:
                 log.debug("tensorboard is not installed: no TensorBoard scalars")
             else:
-                self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+                purge = resumed_at + 1 if resumed_at else None
+                self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, record: dict, step: int | None = None) -> None:
         if not self.enabled:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 
@@ -23,6 +24,7 @@ log = logging.getLogger("csl")
 # before training leaves only config.yaml and train.log, which the next start replaces.
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "done.json")
 SIDE_FILES = ("config.yaml", "train.log")
+TENSORBOARD_DIR = "tb"  # scalars of a run (csl.logging_utils.MetricsWriter), replaced with it
 LOCK_NAME = ".csl.lock"
 
 
@@ -98,11 +100,14 @@ class RunLock:
                 os.remove(self.path)
 
 
-def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrite: bool) -> RunLock:
+def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrite: bool,
+                     resume_path: str | None = None) -> RunLock:
     """Lock ``folder`` for a run and make sure it starts from what the user asked for (see the module's doc).
 
-    ``resuming``: a checkpoint will be loaded; ``resume_auto``: ``train.resume=auto`` was given (with no checkpoint
-    in the folder, the files of a run that never reached one are replaced); ``overwrite``: replace any run there.
+    ``resuming``: a checkpoint will be loaded (``resume_path``, when known); ``resume_auto``: ``train.resume=auto``
+    was given (with no checkpoint in the folder, the files of a run that never reached one are replaced);
+    ``overwrite``: replace any run there. A checkpoint of another folder resumes only into a folder without a run:
+    the resumed run would overwrite that run's checkpoints and cut its metrics.
     """
     os.makedirs(folder, exist_ok=True)
     lock = RunLock(folder)
@@ -113,15 +118,28 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
         raise RunFolderError(
             f"{folder} already holds a run ({', '.join(found)}); continue it with --resume auto "
             f"(train.resume=auto), replace it with --overwrite (train.overwrite=true), or choose another output_dir")
+    if found and resuming and resume_path is not None and not _same_folder(os.path.dirname(resume_path), folder):
+        lock.release()
+        raise RunFolderError(
+            f"{folder} already holds a run ({', '.join(found)}), and the checkpoint to resume, {resume_path}, is "
+            f"another folder's; resume it into its own folder (output_dir={os.path.dirname(resume_path) or '.'}) "
+            f"or into an empty output_dir")
     if not resuming:  # a new run: the replaced run's files, or what a start that failed before training left
         if found:
             why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
             log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
+        elif resume_auto:
+            log.info("train.resume=auto: no checkpoint in %s, starting a new run", folder)
         for name in RUN_FILES + SIDE_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
+        shutil.rmtree(os.path.join(folder, TENSORBOARD_DIR), ignore_errors=True)
     _remove_orphans(folder)
     return lock
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a or ".") == os.path.realpath(b or ".")
 
 
 def _remove_orphans(folder: str) -> None:

@@ -157,6 +157,25 @@ def check_kernels_backend(backend: str, device: torch.device) -> None:
                               f"chooses a backend that can)")
 
 
+def stored_config(cfg: dict) -> dict:
+    """What a run writes to its ``config.yaml``: the run's configuration, without how this start of it was asked
+    for (``train.resume``, ``train.overwrite``). Started again from that file, a run is not silently replaced; the
+    checkpoints keep the whole configuration."""
+    return {**cfg, "train": {**cfg["train"], "resume": None, "overwrite": False}}
+
+
+def check_start_files(cfg: dict, resume_from: str | None) -> None:
+    """The files a start reads besides the data: a missing one is an error now, not after the data is built."""
+    files = [("--resume / train.resume", resume_from)]
+    if resume_from is None:  # a resume takes every weight from its checkpoint
+        files.append(("train.init_from", cfg["train"]["init_from"]))
+        if cfg["model"]["pretrained"] != "imagenet":
+            files.append(("model.pretrained", cfg["model"]["pretrained"]))
+    for key, path in files:
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: file not found: {path}")
+
+
 class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
@@ -175,10 +194,12 @@ class Trainer:
                               "branch needs >= 2 images per forward pass; use train.batch_size >= 2")
         self.output_dir = cfg["output_dir"]
         self.resume_from = self._resume_path()  # read once: resume=auto compares the two checkpoints' iterations
+        check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
         self.run_lock = None
         if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
             self.run_lock = claim_run_folder(self.output_dir, resuming=self.resume_from is not None,
-                                             resume_auto=t["resume"] == "auto", overwrite=t["overwrite"])
+                                             resume_auto=t["resume"] == "auto", overwrite=t["overwrite"],
+                                             resume_path=self.resume_from)
         barrier()
         try:
             self._set_up(cfg)
@@ -190,7 +211,7 @@ class Trainer:
     def _set_up(self, cfg: dict) -> None:
         setup_logging(self.output_dir, self.env.is_main)
         if self.env.is_main:
-            dump_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+            dump_config(stored_config(cfg), os.path.join(self.output_dir, "config.yaml"))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -207,7 +228,8 @@ class Trainer:
         self.window = Accumulator()
         self.epoch_acc = Accumulator()
         self._maybe_resume()  # before the metrics file is opened: a resume drops the records logged after it
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main,
+                                     resumed_at=self.iteration if self.resume_from is not None else None)
         self._log_setup()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -476,6 +498,7 @@ class Trainer:
             if epoch_done:
                 self._end_epoch(epoch)
             elif self.cfg["train"]["ckpt_every"] and self.iteration % self.cfg["train"]["ckpt_every"] == 0:
+                self._check_weights_finite()
                 self.save()
             if self.iteration >= end or epoch_done:
                 return
@@ -591,7 +614,7 @@ class Trainer:
         return f"{latest} holds the last finite state"
 
     def _check_weights_finite(self) -> None:
-        """One synchronisation per epoch: weights that became NaN / inf are never saved or evaluated."""
+        """One synchronisation per save: weights that became NaN / inf are never saved or evaluated."""
         params = [p.detach() for p in self.bare_model.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise NonFiniteTrainingError(

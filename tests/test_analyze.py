@@ -171,6 +171,15 @@ def _folder_dataset(root, masks):
     return ["data.dataset=folder", f"data.root={root}", f"data.split_dir={root}", f"data.val_list={root}/val.txt"]
 
 
+def test_max_ranked_pixels_below_one_is_an_error_not_the_default(tmp_path, capsys):
+    from csl.analyze import run_analysis
+
+    with pytest.raises(ValueError, match=r"max_ranked_pixels \(--max-ranked-pixels\) must be >= 1, got 0"):
+        run_analysis(str(tmp_path / "never-read.pt"), str(tmp_path / "out"), max_ranked_pixels=0)
+    assert main(["analyze", "--checkpoint", str(tmp_path / "never-read.pt"), "--max-ranked-pixels", "0"]) == 2
+    assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_analyze_refuses_to_overwrite_and_writes_beside_a_demo_run(checkpoint, tmp_path, capsys):
     import shutil
 

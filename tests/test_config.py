@@ -110,6 +110,15 @@ def test_file_errors(tmp_path):
     section.write_text("model: resnet50\n")
     with pytest.raises(ConfigError, match="model must be a section"):
         load_config(str(section))
+    # A second section of the same name would silently drop every key of the first.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  iters: 5\n  lr: 0.01\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.002\n")
+    with pytest.raises(ConfigError, match="found the key 'train' twice"):
+        load_config(str(twice))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match="found the key 'lr' twice"):
+        load_config(str(nested))
 
 
 def test_parse_override_splits_on_first_equals():
@@ -145,6 +154,7 @@ def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
     (["data.root=/data/VOC2012", "data.split=1464"], "data.root, data.split set but data.dataset is synthetic"),
     (["data.val_list=/data/val.txt"], "data.val_list set but data.dataset is synthetic"),
     (["train.resume=auto", "train.overwrite=true"], "train.resume=auto and train.overwrite=true exclude each other"),
+    (["data.scale_range=[a,b]"], "data.scale_range must be"),
 ])
 def test_contradictory_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -257,3 +257,30 @@ def test_eval_batches_of_differently_sized_images_match_one_by_one():
     one = evaluate(model, make_eval_loader(Mixed(), batch_size=1), 3, progress=False, backend="reference")
     four = evaluate(model, make_eval_loader(Mixed(), batch_size=4), 3, progress=False, backend="reference")
     assert torch.equal(one["confusion"], four["confusion"]) and one["confusion"].sum() == 3 * 480 + 2 * 527
+
+
+def test_predict_sees_images_at_the_runs_image_scale_and_writes_them_full_size(tmp_path):
+    """data.image_scale 0.5 trains and evaluates on half-size frames: predict feeds the model half-size images and
+    resizes the scores back, so the PNG has the image's size and the class boundaries stay where they are."""
+    from csl.evaluate import predict_images
+
+    class LeftRight(nn.Module):  # class 1 in the right half of the picture, class 0 in the left half
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(tuple(x.shape[-2:]))
+            right = (torch.arange(x.shape[-1]) >= x.shape[-1] // 2).float().expand(x.shape[0], 1, *x.shape[-2:])
+            return torch.cat([1 - right, right], dim=1) * 10
+
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(image)
+    model = LeftRight()
+    written = predict_images(model, [str(image)], str(tmp_path / "out"), num_classes=2, image_scale=0.5,
+                             progress=False)
+    assert model.seen == [(15, 20)]
+    with Image.open(written[0]) as p:
+        pred = np.array(p)
+    assert pred.shape == (30, 40)
+    assert (pred[:, :19] == 0).all() and (pred[:, 21:] == 1).all()

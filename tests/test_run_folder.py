@@ -231,3 +231,55 @@ def test_a_resume_does_not_need_the_start_weights(tmp_path):
     assert summary["iterations"] == 4
     assert (f"model.pretrained={gone['model.pretrained']} and train.init_from={gone['train.init_from']} not loaded"
             in (tmp_path / "train.log").read_text())
+
+
+def test_a_runs_stored_config_started_again_does_not_replace_the_run(tmp_path):
+    """config.yaml holds the run, not how one start was asked for: reused, it is refused like any other start."""
+    from csl.config import load_config
+
+    train(config(tmp_path, **{"train.overwrite": True}))
+    before = (tmp_path / "latest.pt").read_bytes()
+    stored = load_config(str(tmp_path / "config.yaml"))
+    assert stored["train"]["overwrite"] is False and stored["train"]["resume"] is None
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        Trainer(stored)
+    assert (tmp_path / "latest.pt").read_bytes() == before
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["config"]["train"]["overwrite"] is True
+
+
+def test_a_checkpoint_of_another_folder_resumes_only_into_a_folder_without_a_run(tmp_path):
+    train(config(tmp_path / "a"), stop_at=2)
+    train(config(tmp_path / "b"))
+    before = (tmp_path / "b" / "latest.pt").read_bytes()
+    other = str(tmp_path / "a" / "latest.pt")
+    with pytest.raises(RunFolderError, match="b already holds a run .* is another folder's; resume it into its own"):
+        Trainer(config(tmp_path / "b", **{"train.resume": other}))
+    assert (tmp_path / "b" / "latest.pt").read_bytes() == before
+    assert train(config(tmp_path / "c", **{"train.resume": other}))["iterations"] == 4  # an empty folder: a fork
+    assert train(config(tmp_path / "a", **{"train.resume": other}))["iterations"] == 4  # its own folder
+
+
+def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path):
+    gone = str(tmp_path / "gone.pt")
+    for key in ("train.resume", "train.init_from", "model.pretrained"):
+        out = tmp_path / key
+        with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}"):
+            Trainer(config(out, **{key: gone}))
+        assert not out.exists()
+
+
+def test_a_periodic_checkpoint_never_holds_non_finite_weights(tmp_path):
+    """train.ckpt_every saves between the loss checks of train.log_every: the weights are checked first."""
+    with pytest.raises(NonFiniteTrainingError, match="weights became NaN / inf"):
+        train(config(tmp_path, **{"train.lr": 1e30, "train.ckpt_every": 1, "train.log_every": 100,
+                                  "train.iters_per_epoch": 4}))
+    if (tmp_path / "latest.pt").exists():
+        state = torch.load(tmp_path / "latest.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_new_run_replaces_the_old_runs_tensorboard_scalars(tmp_path):
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.old").write_text("old")
+    train(config(tmp_path, **{"train.iters": 2}))
+    assert not (tmp_path / "tb" / "events.out.tfevents.old").exists()
