@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # One command that checks a GPU machine end to end and leaves the evidence in one folder:
 #   bash scripts/gpu_check.sh [--out DIR] [--cpu-dry-run]
-# Stages, each under its own time limit, each writing into DIR as it goes (a killed run still leaves its files):
+# Stages, in this order (the evidence a short GPU loan exists for first), each under its own time limit and all
+# under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare), each writing into DIR as
+# it goes; summary.md is rewritten after every stage, so a run killed from outside still leaves one:
 #   env.txt       GPU, driver, Python, torch, triton, nvcc
 #   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16), with its time
 #   cpp_exceptions.txt  whether a TORCH_CHECK failure in a minimal extension reaches Python here (on the H200 of
-#                 2026-11-30 it crashed the process: torch 2.11 + GCC 13.3; tests of C++ error paths crash there)
-#   pytest.log    the whole suite with CSL_REQUIRE_BACKENDS=triton,cuda, per-test time limit, -rfE summary;
-#   progress.txt  one line per failed / erroring test as it happens (whole texts in progress.txt.details, the stacks
-#                 of a test process that does not exit in progress.txt.hang-<worker>); junit.xml at the end
-#   bench.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the weighted CE, every provider
+#                 2026-11-30 it crashed the process: torch 2.11 + GCC 13.3); where it crashes, the three tests of
+#                 C++ error paths are deselected (each crash costs a worker restart) and the summary says so
+#   bench-pcos.log / bench-ce.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the
+#                 weighted CE, every provider, Triton launch tuning on (one command per op, merged)
+#   auto.log / auto.json     backend='auto' choices with the timings they were made on (voc321, coco513)
 #   host.log / host.json     host-side microseconds per call of the fused ops on the GPU (tiny input, real launches)
-#   train.log     csl train on the demo config for 6 iterations with bf16 autocast, selection backends triton and cuda
+#   pytest.log    the suite with CSL_REQUIRE_BACKENDS=triton,cuda (GPU tests first), the rest of the budget, a time
+#                 limit per test (thread method: a test stuck in C code is stopped too), -rfE summary;
+#   progress.txt  one line per test outcome as it happens (whole texts in progress.txt.details, the stacks of a test
+#                 process that does not exit in progress.txt.hang-<worker>); junit.xml when pytest ends
+#   train.log     csl train on the demo config for 6 iterations, bf16 autocast, kernels.backend=auto (when >= 60 s
+#                 of the budget are left; tests/test_gpu.py runs the named backends)
 #   summary.md    what passed, what failed, the times
-# Sized for under 8 minutes on one H100 / H200 from a cold start: tests run 14-way in parallel (pytest-xdist), Triton
-# autotuning off in the tests (CSL_TRITON_AUTOTUNE=0, as always in the suite), the benchmark on one shape class.
 # Works with the packages a GPU machine has (torch >= 2.11, triton >= 3.6, Python 3.12) and the project on PYTHONPATH
 # only (no pip install, no network). --cpu-dry-run runs every stage that can run without a GPU (tests of the CPU
 # backends, the benchmark's smoke suite, the CPU training steps) so the script itself is tested on CPU machines.
@@ -27,17 +32,29 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --cpu-dry-run) DRY=1; shift ;;
-    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+START=$(date +%s)
+if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET_S:-3000}; else BUDGET=${GPU_CHECK_BUDGET_S:-540}; fi
+DEADLINE=$((START + BUDGET))
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible to $PY (use --cpu-dry-run on a machine without a GPU)" >&2
+export PYTHONUNBUFFERED=1  # progress lines reach the logs as they happen, also from a stage that is killed
+# One Python start for the device check and the environment (a cold start of torch takes seconds).
+ENV_TEXT=$("$PY" -c "
+import sys, torch, triton
+cuda = torch.cuda.is_available()
+print(torch.cuda.get_device_name(0).replace(' ', '-') if cuda else 'cpu')
+print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)
+print('triton', triton.__version__)
+" 2>&1)
+GPU=$(head -n 1 <<< "$ENV_TEXT")
+if [ $DRY = 0 ] && [ "$GPU" = cpu ]; then
+  echo "gpu_check: no CUDA device visible to $PY (use --cpu-dry-run on a machine without a GPU): $ENV_TEXT" >&2
   exit 2
 fi
-GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 OUT=${OUT:-gpu-check/$(date +%Y-%m-%d)-$GPU}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -50,32 +67,104 @@ export CSL_TRITON_AUTOTUNE=0
 # No GPU: the extension's CPU part only, also where the caller asks for the CUDA part (CI proves that build
 # elsewhere; compiling it here again took the build stage past its limit on a loaded 2-core machine).
 [ $DRY = 1 ] && export CSL_EXT_CUDA=0
-START=$(date +%s)
+ulimit -c 0  # a crashing test process leaves no core file
 declare -A STATUS SECONDS_USED
+STAGES=()
+STAGE_PID=""
+NOTES=()
 
-stage() {  # stage NAME LIMIT_S COMMAND...: run under a time limit, record exit status and seconds
+stage() {  # stage NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what the budget leaves), record status and time
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - $(date +%s) - 10))
+  STAGES+=("$name")
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    STATUS[$name]="skipped (budget)"; SECONDS_USED[$name]=0
+    echo "== $name: skipped, ${left}s of the budget left"
+    write_summary
+    return
+  fi
   local t0; t0=$(date +%s)
   echo "== $name (limit ${limit}s)"
-  timeout -k 10 "$limit" "$@"
+  timeout -k 10 "$limit" "$@" &  # in the background: a signal to this script is handled at once (see the trap)
+  STAGE_PID=$!
+  wait "$STAGE_PID"
   local rc=$?
+  STAGE_PID=""
   STATUS[$name]=$rc
   SECONDS_USED[$name]=$(( $(date +%s) - t0 ))
   echo "== $name: exit $rc in ${SECONDS_USED[$name]}s"
+  write_summary
 }
+
+section() {  # section TITLE FILE PATTERN [LINES]: the matching lines of FILE in a code block, when FILE exists
+  [ -f "$2" ] || return 0
+  echo "## $1"
+  echo '```'
+  grep -E "$3" "$2" | head -n "${4:-40}"
+  echo '```'
+}
+
+write_summary() {
+  {
+    echo "# GPU check ($GPU), $(date -u +%Y-%m-%dT%H:%MZ)$([ $DRY = 1 ] && echo ', CPU dry run')"
+    echo
+    echo "| stage | exit | seconds |"
+    echo "| --- | ---: | ---: |"
+    for name in "${STAGES[@]}"; do
+      echo "| $name | ${STATUS[$name]:-running} | ${SECONDS_USED[$name]:--} |"
+    done
+    echo
+    echo "Total $(( $(date +%s) - START )) s of a ${BUDGET} s budget. Exit 124 / 137 = the stage hit its time limit."
+    for note in "${NOTES[@]}"; do echo; echo "$note"; done
+    [ -f "$OUT/cpp_exceptions.txt" ] && { echo; echo "C++ exceptions from an extension on this machine" \
+      "(scripts/cpp_exception_probe.py): $(tail -n 1 "$OUT/cpp_exceptions.txt")"; }
+    if [ -f "$OUT/progress.txt" ]; then
+      echo
+      echo "## Tests"
+      echo '```'
+      [ -f "$OUT/pytest.log" ] && tail -n 3 "$OUT/pytest.log"
+      echo '```'
+      echo "Failed or erroring tests as they happened (progress.txt):"
+      echo '```'
+      grep -E '^(FAILED|ERROR)' "$OUT/progress.txt" | head -50
+      echo '```'
+      echo "Outcomes: $(cut -d' ' -f1 "$OUT/progress.txt" | sort | uniq -c | tr '\n' ' ')"
+      for hang in "$OUT"/progress.txt.hang-*; do
+        [ -s "$hang" ] && { echo "A test process did not exit (stacks in $(basename "$hang")):"; echo '```'
+                            head -40 "$hang"; echo '```'; }
+      done
+    fi
+    section "Build" "$OUT/build.log" . 2
+    section "Benchmark (bench-pcos.log, bench-ce.log)" "$OUT/bench.log" '^\|' 60
+    section "backend='auto' (auto.log)" "$OUT/auto.log" "backend='auto'|->" 30
+    section "Host-side cost per call (host.log)" "$OUT/host.log" '^\||not measured' 20
+    section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12
+  } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
+}
+
+on_signal() {  # stopped from outside: stop the stage, keep the summary
+  [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null
+  NOTES+=("Stopped by a signal during the stage marked running.")
+  write_summary
+  rm -rf "$WORK"
+  exit 143
+}
+trap on_signal TERM INT
 
 # 1. Environment
 {
   date -u
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__)" 2>&1
+  tail -n +2 <<< "$ENV_TEXT"
   (command -v nvcc >/dev/null && nvcc --version) || echo "nvcc: not on PATH"
   git -C "$ROOT" rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
+write_summary
 
 # 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
 # (in the background: its build overlaps the extension's; on a loaded 2-core machine it has taken over 240 s)
-"$PY" scripts/cpp_exception_probe.py --limit 420 > "$OUT/cpp_exceptions.txt" 2>&1 &
+"$PY" scripts/cpp_exception_probe.py --limit $((BUDGET < 420 ? BUDGET : 420)) > "$OUT/cpp_exceptions.txt" 2>&1 &
 PROBE_PID=$!
 if [ $DRY = 1 ]; then BUILD_DEV=cpu; else BUILD_DEV=cuda; fi
 stage build 300 "$PY" -c "
@@ -87,92 +176,86 @@ print('extension', 'ready' if reason is None else 'unavailable: ' + reason, f'in
 raise SystemExit(0 if reason is None else 1)
 " > "$OUT/build.log" 2>&1
 
-# 3. The test suite: parallel, a time limit per test, failures written as they happen
-: > "$OUT/progress.txt"
+# 3. Benchmark: voc321, bf16 + fp32, pcos_weights and the weighted CE, every provider; one command per op (a stage
+# killed at its limit loses one op), Triton's launch tuning on, as users run it (the suite turns it off)
 if [ $DRY = 1 ]; then
-  REQUIRE=cpu,triton; export TRITON_INTERPRET=1; TESTS=(tests/test_pcos_weights.py tests/test_metrics.py); WORKERS=()
-  [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"  # the script's own test: a short list
+  BENCH=(--device cpu --smoke --skip-train)
 else
-  REQUIRE=triton,cuda; TESTS=(tests); WORKERS=(-n "${GPU_CHECK_WORKERS:-14}")
+  BENCH=(--device cuda --shapes voc321 --dtypes bf16 fp32 --skip-train --rep-s 0.3)
 fi
-"$PY" -c "import xdist" 2>/dev/null || WORKERS=()
-TIMEOUT_ARGS=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120)
-# One CPU thread per test process: 14 workers with a thread per core each would oversubscribe the cores 14-fold and
-# push the CPU-bound tests (small trainings) past the per-test limit.
-export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1
-stage tests 250 "$PY" -m pytest -q -rfE -p no:cacheprovider "${WORKERS[@]}" "${TIMEOUT_ARGS[@]}" \
-  --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
-unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS
+: > "$OUT/bench.log"
+MERGE=()
+for op in pcos_weights weighted_cross_entropy; do
+  short=${op/weighted_cross_entropy/ce}; short=${short/pcos_weights/pcos}
+  CSL_TRITON_AUTOTUNE=1 stage "bench_$short" 150 "$PY" -m csl_bench "${BENCH[@]}" --ops "$op" \
+    --out "$OUT/bench-$short.json" > "$OUT/bench-$short.log" 2>&1
+  cat "$OUT/bench-$short.log" >> "$OUT/bench.log"
+  [ -f "$OUT/bench-$short.json" ] && MERGE+=("$OUT/bench-$short.json")
+done
+[ ${#MERGE[@]} -gt 0 ] && "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" > /dev/null 2>&1
+write_summary
 
-# 4. Benchmark: voc321, bf16 + fp32, pcos_weights and the weighted CE, every provider
-if [ $DRY = 1 ]; then
-  BENCH=(--device cpu --smoke --ops pcos_weights weighted_cross_entropy --skip-train)
-else
-  BENCH=(--device cuda --shapes voc321 --dtypes bf16 fp32 --ops pcos_weights weighted_cross_entropy --skip-train
-         --rep-s 0.3)
-fi
-# Triton's launch tuning on, as users run it (the suite turns it off)
-CSL_TRITON_AUTOTUNE=1 stage bench 120 "$PY" -m csl_bench "${BENCH[@]}" --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+# 4. What backend='auto' chooses on the benchmark shapes, with the timings it chose on
+CSL_TRITON_AUTOTUNE=1 CSL_AUTO_CACHE="$WORK/auto-backend.json" stage auto 90 "$PY" -m csl_bench.bench_auto_choice \
+  --out "$OUT/auto.json" > "$OUT/auto.log" 2>&1
 
-# 4b. Host-side cost per call (csl_bench/bench_host_overhead.py): real launches on a tiny input on the GPU
+# 5. Host-side cost per call (csl_bench/bench_host_overhead.py): real launches on a tiny input on the GPU; the
+# probe's compiler must not share the cores with it (it has finished in the cases seen; at most 60 s more here)
+for _ in $(seq 60); do kill -0 "$PROBE_PID" 2>/dev/null || break; sleep 1; done
 if [ $DRY = 1 ]; then HOST=(cpu baseline gpu); else HOST=(gpu baseline); fi
 stage host 90 "$PY" -m csl_bench.bench_host_overhead --calls 1000 --repeats 5 --workers "${HOST[@]}" \
   --out "$OUT/host.json" > "$OUT/host.log" 2>&1
 
-# 5. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, two selection backends
-if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKENDS=(cpu); LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKENDS=(triton cuda); LIMIT=120; fi
-: > "$OUT/train.log"
-for backend in "${BACKENDS[@]}"; do
-  stage "train_$backend" $LIMIT "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
-    train.iters=6 train.iters_per_epoch=6 train.log_every=2 train.progress=false "kernels.backend=$backend" \
-    data.synthetic.num_val=8 ${GPU_CHECK_TRAIN_OVERRIDES:-} \
-    output_dir="$WORK/train_$backend" >> "$OUT/train.log" 2>&1
-done
+# 6. The test suite: parallel, GPU tests first, a time limit per test, outcomes written as they happen
+: > "$OUT/progress.txt"
+DESELECT=()
+if [ $DRY = 1 ]; then
+  REQUIRE=cpu,triton; export TRITON_INTERPRET=1; TESTS=(tests/test_pcos_weights.py tests/test_metrics.py); WORKERS=()
+  [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"  # the script's own test: a short list
+else
+  REQUIRE=triton,cuda; WORKERS=(-n "${GPU_CHECK_WORKERS:-14}")
+  # GPU tests first: a suite cut at the budget loses the CPU-only tests, which CI runs anyway.
+  FIRST=(test_gpu test_pcos_weights test_weighted_cross_entropy test_backends test_triton_tuning test_trusted_mask
+         test_residual_features test_threshold_weights test_confusion_matrix test_ext test_train)
+  TESTS=("${FIRST[@]/#/tests/}"); TESTS=("${TESTS[@]/%/.py}")
+  for f in tests/test_*.py; do
+    case " ${TESTS[*]} " in *" $f "*) ;; *) TESTS+=("$f") ;; esac
+  done
+  # Not on a GPU machine: the dry run of this script (it is CI's; run here it would start a second check) and the
+  # sm_90 compile check, which runs the kernels under Triton's interpreter first (CI runs it).
+  DESELECT=(--deselect tests/test_gpu_check.py::test_cpu_dry_run_leaves_summary_and_evidence
+            --ignore tests/test_triton_compile.py)
+  if grep -q "cpp-exceptions: CRASH" "$OUT/cpp_exceptions.txt" 2>/dev/null; then
+    DESELECT+=(--deselect tests/test_ext.py::test_confusion_matrix_edge_cases
+               --deselect tests/test_ext.py::test_clear_errors_from_the_cpp_checks
+               --deselect "tests/test_weighted_cross_entropy.py::test_used_pixel_with_out_of_range_label[cpu]")
+    NOTES+=("Deselected: the three tests of C++ error paths (a TORCH_CHECK failure crashes the process on this machine).")
+  fi
+fi
+"$PY" -c "import xdist" 2>/dev/null || WORKERS=()
+TIMEOUT_ARGS=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120 --timeout-method thread)
+# One CPU thread per test process: 14 workers with a thread per core each would oversubscribe the cores 14-fold and
+# push the CPU-bound tests (small trainings) past the per-test limit.
+export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1
+# The tests get what the budget leaves after a minute for the training steps.
+TEST_LIMIT=$((DEADLINE - $(date +%s) - 70))
+stage tests "$TEST_LIMIT" "$PY" -m pytest -q -rfE -p no:cacheprovider "${WORKERS[@]}" "${TIMEOUT_ARGS[@]}" \
+  "${DESELECT[@]}" --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
+unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS
 
-# 6. Summary
-wait $PROBE_PID
-{
-  echo "# GPU check ($GPU), $(date -u +%Y-%m-%dT%H:%MZ)$([ $DRY = 1 ] && echo ', CPU dry run')"
-  echo
-  echo "| stage | exit | seconds |"
-  echo "| --- | ---: | ---: |"
-  for name in build tests bench host "${BACKENDS[@]/#/train_}"; do
-    echo "| $name | ${STATUS[$name]:-not run} | ${SECONDS_USED[$name]:--} |"
-  done
-  echo
-  echo "Total $(( $(date +%s) - START )) s. Exit 124 / 137 = the stage hit its time limit."
-  echo
-  echo "## Tests"
-  echo '```'
-  tail -n 3 "$OUT/pytest.log"
-  echo '```'
-  echo "Failed or erroring tests as they happened (progress.txt):"
-  echo '```'
-  grep -E '^(FAILED|ERROR)' "$OUT/progress.txt" | head -50
-  echo '```'
-  echo "Outcomes: $(cut -d' ' -f1 "$OUT/progress.txt" | sort | uniq -c | tr '\n' ' ')"
-  for hang in "$OUT"/progress.txt.hang-*; do
-    [ -s "$hang" ] && { echo "A test process did not exit (stacks in $(basename "$hang")):"; echo '```'; head -40 "$hang"; echo '```'; }
-  done
-  echo "C++ exceptions from an extension on this machine (scripts/cpp_exception_probe.py): $(tail -n 1 "$OUT/cpp_exceptions.txt")"
-  echo "## Build"
-  echo '```'
-  tail -n 2 "$OUT/build.log"
-  echo '```'
-  echo "## Benchmark (bench.log)"
-  echo '```'
-  grep -E '^\|' "$OUT/bench.log" | head -40
-  echo '```'
-  echo "## Host-side cost per call (host.log)"
-  echo '```'
-  grep -E '^\||not measured' "$OUT/host.log" | head -20
-  echo '```'
-  echo "## Training steps (train.log)"
-  echo '```'
-  grep -E 'iter [0-9]+/|done:|error' "$OUT/train.log" | tail -12
-  echo '```'
-} > "$OUT/summary.md"
+# 7. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, kernels.backend=auto
+if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKEND=cpu; LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKEND=auto; LIMIT=60; fi
+: > "$OUT/train.log"
+stage "train_$BACKEND" $LIMIT "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
+  train.iters=6 train.iters_per_epoch=6 train.log_every=2 train.progress=false "kernels.backend=$BACKEND" \
+  data.synthetic.num_val=8 ${GPU_CHECK_TRAIN_OVERRIDES:-} \
+  output_dir="$WORK/train_$BACKEND" >> "$OUT/train.log" 2>&1
+
+# 8. Summary
+for _ in $(seq 30); do kill -0 "$PROBE_PID" 2>/dev/null || break; sleep 1; done
+kill "$PROBE_PID" 2>/dev/null
+write_summary
 find "$OUT" -name 'progress.txt.hang-*' -empty -delete
 rm -rf "$WORK"
 cat "$OUT/summary.md"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import spawn_and_join
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -194,12 +195,10 @@ def _dist_data() -> EncodedLabels:
 
 
 def test_distributed_evaluate_all_reduces_without_duplicates(tmp_path):
-    import torch.multiprocessing as mp
-
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 1)
     single = evaluate(model, DataLoader(_dist_data()), 4, progress=False)
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_and_join(_dist_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
     outs = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert sorted(outs[0]["seen"] + outs[1]["seen"]) == list(range(5))
     for out in outs:
@@ -262,8 +261,6 @@ def test_eval_batches_of_differently_sized_images_match_one_by_one():
 def test_predict_sees_images_at_the_runs_image_scale_and_writes_them_full_size(tmp_path):
     """data.image_scale 0.5 trains and evaluates on half-size frames: predict feeds the model half-size images and
     resizes the scores back, so the PNG has the image's size and the class boundaries stay where they are."""
-    from csl.evaluate import predict_images
-
     class LeftRight(nn.Module):  # class 1 in the right half of the picture, class 0 in the left half
         def __init__(self):
             super().__init__()

@@ -21,12 +21,16 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    for stage in ("build", "tests", "bench", "host", "train_cpu"):
+    for stage in ("build", "bench_pcos", "bench_ce", "auto", "host", "tests", "train_cpu"):
         assert f"| {stage} | 0 |" in summary, summary
     outcomes = (out / "progress.txt").read_text().splitlines()
     assert outcomes and all(line.startswith(("PASSED", "SKIPPED")) for line in outcomes)
     assert any(line.startswith("PASSED tests/test_metrics.py::") for line in outcomes)
     assert (out / "junit.xml").is_file() and (out / "bench.json").is_file()
+    ops = {r["op"] for r in json.loads((out / "bench.json").read_text())["records"]}
+    assert ops == {"pcos_weights", "weighted_cross_entropy"}, ops  # the two runs merged
+    auto = json.loads((out / "auto.json").read_text())["choices"]
+    assert {(c["op"], c["backend"]) for c in auto} == {("pcos_weights", "cpu"), ("weighted_cross_entropy", "cpu")}
     host = json.loads((out / "host.json").read_text())["rows"]
     assert any(r["op"] == "pcos_weights" and r["provider"] == "cpu" and r["us_min"] > 0 for r in host)
     assert "| pcos_weights | cpu |" in summary and "on cuda: not measured (no CUDA device)" in summary

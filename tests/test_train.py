@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_backend
+from conftest import require_backend, spawn_and_join
 
 import csl_kernels
 from csl.config import build_config
@@ -375,9 +375,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_and_join(_ddp_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["grads_equal"] and r["grads_nonzero"] and r["params_equal"], r

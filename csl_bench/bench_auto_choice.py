@@ -1,0 +1,94 @@
+"""What ``backend="auto"`` chooses, and on what timings: the first call of each shape class on a GPU model times the
+extension and Triton on its own inputs (csl_kernels/_measured.py) and logs both; this makes those first calls.
+
+    python -m csl_bench.bench_auto_choice [--device cuda] [--shapes voc321 coco513] [--dtypes bf16 fp32] [--out x.json]
+
+Each (shape, dtype) gets one ``pcos_weights(logits, ignore)`` call and one weighted cross-entropy forward +
+``backward()``, both with ``backend="auto"``. The choices are measured afresh: the cache is a file of this run
+(``CSL_AUTO_CACHE``, set here unless the caller set it), not the user's. Prints the kernels' log lines (each choice
+with its timings) and a table; ``--out`` writes the choices and the log lines as JSON. On a CPU device nothing is
+timed (``auto`` takes the fixed order there) and the table shows what it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .inputs import make_ignore, make_logits
+from .settings import DTYPES, SHAPES
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.lines.append(line)
+        print(f"  [csl_kernels] {line}", flush=True)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_auto_choice", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="shape names of csl_bench/settings.py (default: voc321 coco513 on cuda, smoke on cpu)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    known = {s.name: s for suite in SHAPES.values() for s in suite}
+    names = args.shapes or (["voc321", "coco513"] if device.type == "cuda" else ["smoke"])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; known: {sorted(known)}")
+    os.environ.setdefault("CSL_AUTO_CACHE", os.path.join(tempfile.mkdtemp(prefix="csl-auto-"), "auto-backend.json"))
+
+    import csl_kernels as ck
+    from csl_kernels import _measured
+
+    lines = _Lines()
+    logger = logging.getLogger("csl_kernels")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    rows = []
+    for name in names:
+        shape = known[name]
+        for dt in args.dtypes:
+            logits = make_logits(shape, DTYPES[dt], device)
+            ignore = make_ignore(shape, device)
+            for op in ("pcos_weights", "weighted_cross_entropy"):
+                start = time.perf_counter()
+                if op == "pcos_weights":
+                    sel = ck.pcos_weights(logits, ignore, backend="auto")
+                else:
+                    leaf = logits.detach().clone().requires_grad_(True)
+                    ck.weighted_cross_entropy(leaf, sel.label, sel.weight, ignore, backend="auto").backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                # The choice just made, from the lookup a repeated call makes (no timing: it is cached).
+                chosen = _measured.resolve(op, "auto", device, logits, lambda impl: None)[0]
+                rows.append({"op": op, "shape": name, "dtype": dt, "backend": chosen,
+                             "first_call_s": round(time.perf_counter() - start, 3)})
+                print(f"{op:24s} {name:8s} {dt:5s} -> {chosen} (first call {rows[-1]['first_call_s']:.2f} s)",
+                      flush=True)
+    payload = {"device": str(device), "cache": os.environ["CSL_AUTO_CACHE"], "choices": rows, "log": lines.lines}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
