@@ -87,6 +87,10 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     before = 0.0
     same = not fresh and _same_run(cfg)
     seconds = _done_seconds(done) if same else None
+    if seconds is None and same and any(_slimmed(path) for path in saved):
+        # Training finished (only a finished stage's checkpoints are slimmed) but the mark was lost: write it again.
+        seconds = _logged_seconds(cfg, max(checkpoint_iteration(path) for path in saved))
+        _write_done(done, seconds)
     if seconds is not None:
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
         return seconds, True
@@ -101,16 +105,30 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     train_fn(cfg)
     seconds = before + time.perf_counter() - t0
     slim_checkpoints(out)
-    tmp = f"{done}.{os.getpid()}.tmp"
+    _write_done(done, seconds)
+    return seconds, False
+
+
+def _write_done(path: str, seconds: float) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"seconds": seconds}, f)
-    os.replace(tmp, done)  # a whole mark or none
-    return seconds, False
+    os.replace(tmp, path)  # a whole mark or none
+
+
+def _slimmed(path: str) -> bool:
+    """Whether the checkpoint at ``path`` was slimmed by :func:`slim_checkpoints` (no optimizer state left)."""
+    import torch
+
+    try:
+        return "optimizer" not in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: not a finished stage's checkpoint
+        return False
 
 
 def _done_seconds(path: str) -> float | None:
     """The training seconds a stage's ``done.json`` records; None when there is no readable mark (the stage is then
-    continued from its checkpoints or run again)."""
+    taken as done when its checkpoints are slimmed, else continued from them or run again)."""
     try:
         with open(path) as f:
             return float(json.load(f)["seconds"])

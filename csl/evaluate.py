@@ -238,8 +238,10 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
                                                  enabled=amp_dtype is not None):
                 scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
-            if scaled.shape[:2] != original.shape[:2]:
-                scores = F.interpolate(scores.float(), size=original.shape[:2], mode="bilinear", align_corners=False)
+            if scaled.shape[:2] != original.shape[:2]:  # back to the image's scale (a centre crop: its own size)
+                size = original.shape[:2] if tuple(scores.shape[-2:]) == scaled.shape[:2] else \
+                    tuple(max(round(n / image_scale), 1) for n in scores.shape[-2:])
+                scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
             pred = scores.argmax(dim=1)[0].cpu().numpy()
             stem = os.path.splitext(os.path.basename(path))[0]
             if stem in used:

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         # Its own process group, so that a time-out also stops the compilers the build started.
         child = subprocess.Popen([sys.executable, "-c", CHILD, SOURCE, build_dir], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def stop(signum, frame):  # stopped from outside: the child's group (build, compilers) goes too
+            os.killpg(child.pid, signal.SIGKILL)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
         try:
             stdout, stderr = child.communicate(timeout=limit)
         except subprocess.TimeoutExpired:

@@ -43,16 +43,23 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1  # progress lines reach the logs as they happen, also from a stage that is killed
 # One Python start for the device check and the environment (a cold start of torch takes seconds).
+ENV_ERR=$(mktemp)
 ENV_TEXT=$("$PY" -c "
-import sys, torch, triton
+import re, sys, torch, triton
 cuda = torch.cuda.is_available()
-print(torch.cuda.get_device_name(0).replace(' ', '-') if cuda else 'cpu')
+print('GPU=' + (re.sub(r'[^A-Za-z0-9._-]+', '-', torch.cuda.get_device_name(0)) if cuda else 'cpu'))
 print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print('triton', triton.__version__)
-" 2>&1)
-GPU=$(head -n 1 <<< "$ENV_TEXT")
+" 2>"$ENV_ERR")
+ENV_RC=$?
+GPU=$(sed -n 's/^GPU=//p' <<< "$ENV_TEXT")
+if [ $ENV_RC != 0 ] || [ -z "$GPU" ]; then
+  echo "gpu_check: $PY cannot import torch / triton (exit $ENV_RC): $(tail -n 5 "$ENV_ERR")" >&2
+  exit 2
+fi
 if [ $DRY = 0 ] && [ "$GPU" = cpu ]; then
-  echo "gpu_check: no CUDA device visible to $PY (use --cpu-dry-run on a machine without a GPU): $ENV_TEXT" >&2
+  echo "gpu_check: no CUDA device visible to $PY (use --cpu-dry-run on a machine without a GPU)" \
+    "$(tail -n 3 "$ENV_ERR")" >&2
   exit 2
 fi
 OUT=${OUT:-gpu-check/$(date +%Y-%m-%d)-$GPU}
@@ -97,11 +104,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what the budg
   write_summary
 }
 
-section() {  # section TITLE FILE PATTERN [LINES]: the matching lines of FILE in a code block, when FILE exists
+section() {  # section TITLE FILE PATTERN LINES [head|tail]: matching lines of FILE in a code block, if FILE exists
   [ -f "$2" ] || return 0
   echo "## $1"
   echo '```'
-  grep -E "$3" "$2" | head -n "${4:-40}"
+  grep -E "$3" "$2" | "${5:-head}" -n "$4"
   echo '```'
 }
 
@@ -135,16 +142,17 @@ write_summary() {
                             head -40 "$hang"; echo '```'; }
       done
     fi
-    section "Build" "$OUT/build.log" . 2
+    section "Build" "$OUT/build.log" . 2 tail
     section "Benchmark (bench-pcos.log, bench-ce.log)" "$OUT/bench.log" '^\|' 60
     section "backend='auto' (auto.log)" "$OUT/auto.log" "backend='auto'|->" 30
     section "Host-side cost per call (host.log)" "$OUT/host.log" '^\||not measured' 20
-    section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12
+    section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12 tail
   } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
 }
 
 on_signal() {  # stopped from outside: stop the stage, keep the summary
   [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null
+  [ -n "${PROBE_PID:-}" ] && kill -TERM "$PROBE_PID" 2>/dev/null
   NOTES+=("Stopped by a signal during the stage marked running.")
   write_summary
   rm -rf "$WORK"
@@ -156,10 +164,12 @@ trap on_signal TERM INT
 {
   date -u
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  tail -n +2 <<< "$ENV_TEXT"
+  grep -v '^GPU=' <<< "$ENV_TEXT"
+  cat "$ENV_ERR"
   (command -v nvcc >/dev/null && nvcc --version) || echo "nvcc: not on PATH"
   git -C "$ROOT" rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
+rm -f "$ENV_ERR"
 write_summary
 
 # 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
@@ -218,13 +228,12 @@ else
   FIRST=(test_gpu test_pcos_weights test_weighted_cross_entropy test_backends test_triton_tuning test_trusted_mask
          test_residual_features test_threshold_weights test_confusion_matrix test_ext test_train)
   TESTS=("${FIRST[@]/#/tests/}"); TESTS=("${TESTS[@]/%/.py}")
+  # Not on a GPU machine: the sm_90 compile check, which runs the kernels under Triton's interpreter first (CI runs
+  # it), and the dry run of this script (CI's; run here it would start a second check).
   for f in tests/test_*.py; do
-    case " ${TESTS[*]} " in *" $f "*) ;; *) TESTS+=("$f") ;; esac
+    case " ${TESTS[*]} tests/test_triton_compile.py " in *" $f "*) ;; *) TESTS+=("$f") ;; esac
   done
-  # Not on a GPU machine: the dry run of this script (it is CI's; run here it would start a second check) and the
-  # sm_90 compile check, which runs the kernels under Triton's interpreter first (CI runs it).
-  DESELECT=(--deselect tests/test_gpu_check.py::test_cpu_dry_run_leaves_summary_and_evidence
-            --ignore tests/test_triton_compile.py)
+  DESELECT=(--deselect tests/test_gpu_check.py::test_cpu_dry_run_leaves_summary_and_evidence)
   if grep -q "cpp-exceptions: CRASH" "$OUT/cpp_exceptions.txt" 2>/dev/null; then
     DESELECT+=(--deselect tests/test_ext.py::test_confusion_matrix_edge_cases
                --deselect tests/test_ext.py::test_clear_errors_from_the_cpp_checks

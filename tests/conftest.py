@@ -180,21 +180,24 @@ def spy_constexpr(monkeypatch, module, kernel: str, name: str) -> list:
     return seen
 
 
-def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 150.0) -> None:
+def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> None:
     """``torch.multiprocessing.spawn`` (the spawn start method: no fork after CUDA initialisation) with a time limit:
     processes still running after ``timeout_s`` (a rank waiting for a peer that died, gloo's own limit is 30
-    minutes) are terminated and the test fails, instead of holding the test process past its exit."""
+    minutes) are terminated and the test fails, instead of holding the test process past its exit. The default is
+    under the 120 s per-test limit of scripts/gpu_check.sh, whose time-out ends the worker process outright."""
     import time
 
     import torch.multiprocessing as mp
 
     context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):  # raises when a process failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            for process in context.processes:
-                process.join(10)
-            pytest.fail(f"the {nprocs} spawned processes did not finish within {timeout_s:g} s")
+    try:
+        while not context.join(timeout=1.0):  # raises when a process failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {nprocs} spawned processes did not finish within {timeout_s:g} s")
+    finally:  # also when the test is stopped (its own time limit, Ctrl-C): no process outlives it
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in context.processes:
+            process.join(10)

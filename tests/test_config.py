@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from csl.config import DEFAULTS, ConfigError, build_config, load_config, parse_override, parse_value, validate
+from csl.config import (
+    DEFAULTS,
+    ConfigError,
+    build_config,
+    load_config,
+    load_yaml,
+    parse_override,
+    parse_value,
+    validate,
+)
 
 BUNDLED = ("demo", "voc_321", "voc_513", "cityscapes_801", "coco")
 
@@ -119,6 +128,11 @@ def test_file_errors(tmp_path):
     nested.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="found the key 'lr' twice"):
         load_config(str(nested))
+    # A merge key is not a duplicate, and the keys written beside it override the merged ones.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &base\n  lr: 0.01\n  iters: 7\ntrain:\n  <<: *base\n  lr: 0.02\n")
+    raw = load_yaml(str(merged))
+    assert raw["train"] == {"lr": 0.02, "iters": 7}
 
 
 def test_parse_override_splits_on_first_equals():

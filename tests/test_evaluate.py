@@ -281,3 +281,9 @@ def test_predict_sees_images_at_the_runs_image_scale_and_writes_them_full_size(t
         pred = np.array(p)
     assert pred.shape == (30, 40)
     assert (pred[:, :19] == 0).all() and (pred[:, 21:] == 1).all()
+    # A centre crop of the scaled image comes back at its own size times 1 / image_scale.
+    written = predict_images(model, [str(image)], str(tmp_path / "crop"), num_classes=2, image_scale=0.5,
+                             mode="center_crop", crop_size=10, progress=False)
+    assert model.seen[-1] == (10, 10)
+    with Image.open(written[0]) as p:
+        assert p.size == (20, 20)
