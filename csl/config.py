@@ -434,11 +434,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):  # the base constructor reports an unhashable key
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
                                                         f"found the key {key!r} twice", key_node.start_mark)
-            if isinstance(key, Hashable):
-                seen.add(key)
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

@@ -46,7 +46,7 @@ def _same_run(cfg: dict) -> bool:
     ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them)."""
     import yaml
 
-    from .trainer import resolve_data_paths
+    from .trainer import resolve_data_paths, stored_config
 
     path = os.path.join(cfg["output_dir"], "config.yaml")
     if not os.path.isfile(path):
@@ -55,12 +55,7 @@ def _same_run(cfg: dict) -> bool:
         stored = yaml.safe_load(f)
     if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict) or "data" not in stored:
         return False
-
-    def comparable(c: dict) -> dict:
-        c = resolve_data_paths(c)
-        return {**c, "train": {**c["train"], "resume": None, "overwrite": False}}
-
-    return comparable(stored) == comparable(cfg)
+    return stored_config(resolve_data_paths(stored)) == stored_config(resolve_data_paths(cfg))
 
 
 def _logged_seconds(cfg: dict, until: int) -> float:
