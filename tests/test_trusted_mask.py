@@ -141,6 +141,17 @@ def test_rate_zero_and_one(fused_backend):
     assert (masked[cover.unsqueeze(1).expand_as(masked)] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_no_reliable_pixel_hides_nothing(fused_backend, kind):
+    """An all-False reliable map (every pixel ignored or uncertain) hides nothing whatever the cells: the images come
+    back bitwise, NaNs included."""
+    device = require_backend(OP, fused_backend)
+    images, reliable = make_images(4, (2, 3, 9, 10), torch.float16, kind, device)
+    reliable = torch.zeros_like(reliable)
+    masked, cover = csl_kernels.trusted_mask(images, reliable, block=2, rate=1.0, backend=fused_backend)
+    assert not cover.any() and torch.equal(bits(masked), bits(images))
+
+
 def test_generator_reproducibility(fused_backend):
     device = require_backend(OP, fused_backend)
     images, reliable = make_images(5, (2, 3, 32, 32), torch.float32, "contiguous", device, p_reliable=1.0)
@@ -184,15 +195,48 @@ def test_triton_custom_op():
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 2.5}, ValueError, "block"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": 1.5}, ValueError, "rate"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": -0.1}, ValueError, "rate"),
-    # out of float16's range: inf in the fused backends, an overflow error in the reference
+    # out of float16's range (unchecked, it would be inf in the fused backends and an overflow error in the reference)
     (torch.zeros(2, 3, 4, 4, dtype=torch.float16), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": 1e5}, ValueError,
      "fill=100000.0 does not fit"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": float("nan")}, ValueError, "fill"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": "0"}, ValueError, "fill"),
 ])
-def test_bad_input_errors(fused_backend, images, reliable, kwargs, error, match):
+@pytest.mark.parametrize("backend", ["auto", *_backends.BACKENDS])
+def test_bad_input_errors(backend, images, reliable, kwargs, error, match):
+    """The checks run at the public entry, before a backend is chosen: every backend name, available here or not,
+    gets the same clear error."""
     with pytest.raises(error, match=match):
-        csl_kernels.trusted_mask(images, reliable, backend=fused_backend, **kwargs)
+        csl_kernels.trusted_mask(images, reliable, backend=backend, **kwargs)
+
+
+_HUGE_CHANNEL_STRIDE = """
+import sys, torch, csl_kernels
+backend, device = sys.argv[1], torch.device(sys.argv[2])
+stride_c = 2**30 + 16  # channel 2 starts past 2^31 elements: (K - 1) * stride(1) does not fit in int32
+base = torch.empty(2 * stride_c + 64, dtype=torch.float16, device=device)  # 4 GiB, of which a few pages are touched
+images = base.as_strided((1, 3, 4, 5), (3 * stride_c, stride_c, 5, 1))
+g = torch.Generator().manual_seed(0)
+for k in range(3):
+    base[k * stride_c: k * stride_c + 20] = torch.rand(20, generator=g).half().to(device)
+reliable = (torch.rand(1, 4, 5, generator=g) < 0.6).to(device)
+run = lambda b, x: csl_kernels.trusted_mask(x, reliable, block=2, generator=torch.Generator().manual_seed(1), backend=b)
+out, ref = run(backend, images), run("reference", images.contiguous())
+assert out.cover.any() and not out.cover.all()
+assert torch.equal(out.cover, ref.cover) and torch.equal(out.images, ref.images), (out.images, ref.images)
+print("ok")
+"""
+
+
+def test_channel_offsets_past_int32(fused_backend):
+    """An image whose channels lie 2^30 elements apart (a view of a 4 GiB buffer, almost all of it never touched):
+    the channel offsets need int64. In a subprocess: an int32 offset would read before the buffer and crash."""
+    import subprocess
+    import sys
+
+    device = require_backend(OP, fused_backend)
+    proc = subprocess.run([sys.executable, "-c", _HUGE_CHANNEL_STRIDE, fused_backend, str(device)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_triton_int64_offsets_path(monkeypatch):

@@ -72,6 +72,8 @@ def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_
                           BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr,
                           WIDE: tl.constexpr):
     chunk = tl.program_id(0)
+    if WIDE:  # one image spans >= 2^31 elements: int64 pixel indices and offsets (from the chunk start on)
+        chunk = chunk.to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     z_base = z_ptr + b * sb
     gcols = tl.arange(0, BLOCK_G)
@@ -82,8 +84,6 @@ def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_
     lane_yy = tl.zeros([BLOCK_P], tl.float64)
     for t in range(0, TILES):
         p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
-        if WIDE:  # one image spans >= 2^31 elements: int64 offsets
-            p = p.to(tl.int64)
         pmask = p < HW
         f0, v, label, finite = _pixel_features(z_base, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
                                                LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED, WIDE)
@@ -209,13 +209,19 @@ def _pcos_cluster_kernel(feat_ptr, keep_ptr, label_ptr, scratch_ptr, NPIX, PART,
                          CLASS_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
     part_ptr = scratch_ptr + PART
     params_ptr = scratch_ptr + PARAMS
-    chunk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    # The chunk's first pixel and how many of its pixels exist, as int64 scalars once (an image may hold 2^31 pixels
+    # or more); inside the chunk, tile offsets and lanes are int32 (int64 lanes made the widest tile spill on sm_90).
+    chunk = tl.program_id(0)
+    first = chunk.to(tl.int64) * (TILES * BLOCK_P)
+    row = b * HW + first
+    in_chunk = tl.minimum(HW - first, TILES * BLOCK_P).to(tl.int32)
     gcols = tl.arange(0, BLOCK_G)
+    lanes = tl.arange(0, BLOCK_P)
     for t in range(0, TILES):
-        p = (chunk * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < HW
-        keep, x, y, gid = _load_features(feat_ptr, NPIX, keep_ptr, label_ptr, b * HW + p, pmask, CLASS_GROUPS)
+        offs = t * BLOCK_P + lanes
+        keep, x, y, gid = _load_features(feat_ptr + row, NPIX, keep_ptr + row, label_ptr + row, offs, offs < in_chunk,
+                                         CLASS_GROUPS)
         gp = params_ptr + (b * GPI + gid) * 8
         u1x = tl.load(gp, mask=keep, other=1.0)
         u1y = tl.load(gp + 1, mask=keep, other=0.0)
@@ -323,10 +329,13 @@ def _pcos_cluster_stats_kernel(scratch_ptr, mu_ptr, var_ptr, count_ptr, chosen_p
 
 @triton.jit
 def _pcos_weight_kernel(feat_ptr, keep_ptr, label_ptr, scratch_ptr, weight_ptr, reliable_ptr, NPIX, WPARAMS, HW, GPI,
-                        alpha: tl.float64, CLASS_GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+                        alpha: tl.float64, CLASS_GROUPS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     wparams_ptr = scratch_ptr + WPARAMS
     b = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    if WIDE:  # an image of 2^31 pixels or more: int64 pixel indices
+        pid = pid.to(tl.int64)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
     pmask = p < HW
     i = b * HW + p
     keep, x, y, gid = _load_features(feat_ptr, NPIX, keep_ptr, label_ptr, i, pmask, CLASS_GROUPS)
@@ -444,7 +453,9 @@ def pcos_weights_launch(
             stat.zero_()
         return out
     sb, sh, sw, flat = pixel_strides(logits)
-    use_int64 = wide(logits)  # an image spans >= 2^31 elements (any layout, read in place)
+    # An image spans >= 2^31 elements (any layout, read in place); with C >= 2 this covers every image of 2^30
+    # pixels or more, so the B x H x W maps' indices (b * HW + p) also fit.
+    use_int64 = wide(logits)
     valid_c, has_valid = valid_pointer(valid, logits)
     dt = compute_dtype(logits)
     npix = bsz * hw
@@ -481,7 +492,7 @@ def pcos_weights_launch(
                                                     BLOCK_K=plan.block_k, RELEASED=bool(released), num_warps=4)
         _pcos_weight_kernel[plan.weight_grid](
             feat, keep, out.label, scratch, out.weight, out.reliable, npix, wparams, hw, gpi, float(alpha),
-            CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, num_warps=4,
+            CLASS_GROUPS=bool(class_groups), BLOCK=BLOCK_W, WIDE=use_int64, num_warps=4,
         )
 
     with device_guard(logits):

@@ -144,10 +144,10 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W,
                               FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                               USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
+    if WIDE:  # one image spans >= 2^31 elements: int64 offsets (from the block start on)
+        pid = pid.to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:  # one image spans >= 2^31 elements: int64 offsets
-        p = p.to(tl.int64)
     pmask = p < HW
     f0, v, label, finite = _pixel_features(z_ptr + b * sb, pixel_offsets(p, W, sh, sw, FLAT_HW), pmask, C, sc,
                                            LOG_CONFIDENCE, ACC, BLOCK_P, BLOCK_C, USE_LIBDEVICE, RELEASED, WIDE)

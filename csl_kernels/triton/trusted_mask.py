@@ -28,18 +28,18 @@ TUNABLE = Tunable("trusted_mask", DEFAULT_CONFIG, CANDIDATES)
 @triton.jit
 def _trusted_mask_kernel(
     img_ptr, out_ptr, cells_ptr, reliable_ptr, cover_ptr, fill_ptr,
-    K, H, W, GH, GW,
+    K, H, W, HW, GH, GW,
     s_ib, s_ik, s_ih, s_iw,
     s_ob, s_ok, s_oh, s_ow,
     s_rb, s_rh, s_rw,
     BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    if WIDE:  # H * W, y * gh, x * gw or an offset inside one image does not fit in int32
+        pid_p = pid_p.to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:  # H * W, y * gh, x * gw or an offset inside one image does not fit in int32
-        p = p.to(tl.int64)
-    pm = p < H * W
+    pm = p < HW  # H * W from the host: the product of two int32 arguments would wrap
     y = p // W
     x = p % W
     # Nearest upsampling: pixel (y, x) lies in cell (floor(y * gh / H), floor(x * gw / W)).
@@ -47,13 +47,16 @@ def _trusted_mask_kernel(
     in_cell = tl.load(cells_ptr + cell, mask=pm, other=0) != 0
     rel = tl.load(reliable_ptr + b * s_rb + y * s_rh + x * s_rw, mask=pm, other=0) != 0
     cover = in_cell & rel
-    tl.store(cover_ptr + b * H * W + p, cover.to(tl.uint8), mask=pm)
+    tl.store(cover_ptr + b * HW + p, cover.to(tl.uint8), mask=pm)
     fill = tl.load(fill_ptr)
     img_off = b * s_ib + y * s_ih + x * s_iw
     out_off = b * s_ob + y * s_oh + x * s_ow
     for k in range(0, K):
-        v = tl.load(img_ptr + img_off + k * s_ik, mask=pm)
-        tl.store(out_ptr + out_off + k * s_ok, tl.where(cover, fill, v), mask=pm)
+        channel = k
+        if WIDE:  # (K - 1) * stride(1) may not fit in int32
+            channel = tl.cast(k, tl.int64)  # the interpreter iterates with Python ints
+        v = tl.load(img_ptr + img_off + channel * s_ik, mask=pm)
+        tl.store(out_ptr + out_off + channel * s_ok, tl.where(cover, fill, v), mask=pm)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ def trusted_mask_launch(images: torch.Tensor, cells: torch.Tensor, reliable: tor
     def launch(config: Config) -> None:
         _trusted_mask_kernel[(cdiv(height * width, config.tile), bsz)](
             images, masked, cells_c, rel, _bytes(cover), fill_t,
-            channels, height, width, gh, gw,
+            channels, height, width, height * width, gh, gw,
             i_sb, images.stride(1), i_sh, i_sw, o_sb, masked.stride(1), o_sh, o_sw, r_sb, r_sh, r_sw,
             BLOCK_P=config.tile, WIDE=use_int64, num_warps=config.num_warps,
         )

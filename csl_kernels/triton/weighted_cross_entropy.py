@@ -87,10 +87,10 @@ def _ce_forward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    if WIDE:  # one image spans >= 2^31 elements: int64 offsets (from the block start on)
+        pid_p = pid_p.to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:  # one image spans >= 2^31 elements: int64 offsets
-        p = p.to(tl.int64)
     pm = p < HW
     i = b * HW + p
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
@@ -142,10 +142,10 @@ def _ce_backward_kernel(
     BF16_BITS: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    if WIDE:
+        pid_p = pid_p.to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:
-        p = p.to(tl.int64)
     pm = p < HW
     i = b * HW + p
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
