@@ -1,6 +1,6 @@
 """``backend="auto"`` on a CUDA device for the ops whose fastest backend depends on the shape (``pcos_weights``,
-``weighted_cross_entropy``): each backend that can run is timed once per GPU model, op and shape class on the call's
-own inputs, and the faster one is used from then on.
+``weighted_cross_entropy``): each backend that can run is timed once per GPU model, op and shape class (and, for
+``pcos_weights``, group mode) on the call's own inputs, and the faster one is used from then on.
 
 Measured on an H200 (``docs/results/gpu-check/2026-11-30-h200``): at B16 C21 321 x 321 bf16 the extension's
 ``pcos_weights`` takes 0.29 ms and Triton's 0.70 ms, the weighted CE forward + backward 0.33 and 1.09 ms; at C = 81
@@ -109,14 +109,15 @@ def time_ms(run: Callable[[], object], device: torch.device) -> float:
 
 
 def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tensor,
-            run: Callable[[Callable], object], timer: Callable[[Callable[[], object], torch.device], float] = time_ms
-            ) -> tuple[str, Callable]:
+            run: Callable[[Callable], object], timer: Callable[[Callable[[], object], torch.device], float] = time_ms,
+            variant: str = "") -> tuple[str, Callable]:
     """:func:`csl_kernels._backends.resolve`, but for ``backend="auto"`` on CUDA the measured faster of
     :data:`CANDIDATES` (``run(impl)`` calls ``impl`` on the op's inputs; the results of the timing calls are
-    dropped)."""
+    dropped). ``variant`` names options that change the op's cost (e.g. PCOS's class groups): calls that differ in
+    it are timed and cached apart."""
     if backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling():
         return _backends.resolve(op, backend, device)
-    fast_key = (op, device, key_tensor.dtype, key_tensor.shape)
+    fast_key = (op, device, key_tensor.dtype, key_tensor.shape, variant)
     if _choices is not None:
         name = _by_shape.get(fast_key)
         if name is not None:
@@ -124,7 +125,8 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
     available = [b for b in CANDIDATES if _backends.unavailable_reason(op, b, device) is None]
     if len(available) < 2:
         return _backends.resolve(op, backend, device)
-    key = f"{op} | {_device_name(device.index)} | {shape_class(key_tensor)}"
+    calls = shape_class(key_tensor) + (f" {variant}" if variant else "")
+    key = f"{op} | {_device_name(device.index)} | {calls}"
     with _lock:
         name = _load().get(key)
         if name is None:
@@ -133,13 +135,13 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
             timings = {b: timer(lambda impl=_backends._IMPLS[op][b]: run(impl), device) for b in available}
             name = min(timings, key=timings.get)
             log.info("csl_kernels.%s on %s: backend='auto' uses %r, measured %s (cached in %s)", op, key.split(" | ")[1]
-                     + f" ({shape_class(key_tensor)})", name,
+                     + f" ({calls})", name,
                      ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1])),
                      cache_path())
             _store(key, name)
         elif key not in _logged:
             log.info("csl_kernels.%s on %s: backend='auto' uses %r (measured earlier, cached in %s)", op,
-                     key.split(" | ")[1] + f" ({shape_class(key_tensor)})", name, cache_path())
+                     key.split(" | ")[1] + f" ({calls})", name, cache_path())
         _logged.add(key)
         if len(_by_shape) >= 4096:
             _by_shape.clear()

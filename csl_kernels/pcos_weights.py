@@ -214,7 +214,8 @@ def pcos_weights(
     check_choice(groups, "groups", GROUP_MODES)
     mask = valid_mask(logits, ignore, valid)
     args = (logits, mask, float(alpha), confidence == "log", groups == "class", rule == "released")
-    _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args))
+    _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args),
+                                variant="class-groups" if groups == "class" else "")
     out = impl(*args)
     stats = None
     if return_stats:

@@ -317,13 +317,19 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     speed.update(cuda=0.1)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 81, 8, 8), lambda impl: impl(), timer=timer)[0] \
         == "cuda"
+    # The first shape class with another variant (an option that changes the cost): timed and cached apart.
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer, variant="class-groups")[0] \
+        == "cuda" and len(timed) == 6
+    assert json.loads((tmp_path / "auto.json").read_text())["toy_op | Fake GPU | float32 C21 px2^7 class-groups"] \
+        == "cuda"
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(1, 3, 8, 8), lambda impl: impl(), timer=timer)[0] \
-        == "cuda" and len(timed) == 4
+        == "cuda" and len(timed) == 6
     # A named backend, or a CPU device: never timed.
     assert _measured.resolve("toy_op", "triton", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
     assert _measured.resolve("toy_op", "auto", CPU, z, lambda impl: impl(), timer=timer)[0] == "cpu"
-    assert len(timed) == 4
+    assert len(timed) == 6
 
 
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -175,6 +175,29 @@ def test_tuning_picks_the_fastest_and_caches_it(tuning, monkeypatch, caplog):
     assert len(json.loads(module.cache_path().read_text())["sections"][section]) == 2
 
 
+def test_capture_uses_the_cached_choice_and_never_times(tuning, monkeypatch):
+    """Inside a CUDA-graph capture (no timing there) a key tuned before gets its cached choice, an unknown key the
+    default; neither is timed."""
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    fastest = tunable.candidates[2]
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({fastest: 1.0}))
+    logits, _ = features_call(device)
+    assert tunable.pick("tuned key", logits, lambda c: None) == fastest
+    module.forget()  # a fresh process: the choice is in the file only
+    monkeypatch.setattr(module, "tunes_on", lambda d: False)  # capturing
+    monkeypatch.setattr(module, "caches_on", lambda d: True)  # on a CUDA device
+    monkeypatch.setattr(module, "timer", FakeTimer({}))
+
+    def launch(config):
+        raise AssertionError("nothing is timed inside a capture")
+
+    assert tunable.pick("tuned key", logits, launch) == fastest
+    assert tunable.pick("another key", logits, launch) == tunable.default
+    assert module.timer.calls == []
+
+
 def triton_next_pow2(n: int) -> int:
     import triton
 

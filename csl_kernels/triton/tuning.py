@@ -108,13 +108,16 @@ class Tunable:
         if fixed is not None:
             return fixed
         device = inputs.device
-        if not tunes_on(device):
+        timing = tunes_on(device)
+        if not (timing or caches_on(device)):
             return self.default
         section = device_section(device)
         with _LOCK:
             cached = _cached(self, section, key)
             if cached is not None:
                 return cached
+            if not timing:  # inside a CUDA-graph capture: the cached choice, else the default; never a timing
+                return self.default
             # The timer records events on the current stream: make it the inputs' device's.
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 best, times = self._tune(section, key, launch)
@@ -166,6 +169,11 @@ def autotune_enabled() -> bool:
         raise ValueError(f"{ENV_MODE} must be 0 (always the default launch configurations) or 1 (tune on CUDA "
                          f"devices and cache the choice), got {value!r}")
     return value == "1"
+
+
+def caches_on(device: torch.device) -> bool:
+    """Whether calls on ``device`` use the tuning cache: CUDA devices (CPU tensors always get the default)."""
+    return device.type == "cuda"
 
 
 def tunes_on(device: torch.device) -> bool:
