@@ -15,6 +15,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../csl_common.h"
 #include "../csl_math.h"
 #include "cuda_utils.cuh"
@@ -35,12 +37,12 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool*
                                      int64_t* __restrict__ label, double* __restrict__ gram_partial,
                                      unsigned long long* __restrict__ n_nonfinite, ChunkLayout layout,
                                      int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
-                                     bool log_confidence, bool released, bool class_groups) {
+                                     bool log_confidence, bool released, bool class_groups, int64_t first_image) {
   __shared__ acc_t tile_x[kTile];
   __shared__ acc_t tile_y[kTile];
   __shared__ int32_t tile_label[kTile];
   __shared__ double scratch[(kGramStats + 1) * kWarps];
-  const int64_t b = blockIdx.y, k = blockIdx.x;
+  const int64_t b = first_image + blockIdx.y, k = blockIdx.x;
   const int64_t chunk_id = b * layout.chunks_per_image + k;
   const int64_t p_begin = k * layout.chunk;
   const int64_t p_end = p_begin + layout.chunk < layout.hw ? p_begin + layout.chunk : layout.hw;
@@ -115,19 +117,20 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool*
 
 __global__ void pcos_group_params_kernel(const double* __restrict__ gram_partial, double* __restrict__ params,
                                          double* __restrict__ eigen, ChunkLayout layout, int64_t num_groups) {
-  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (g >= num_groups) {
-    return;
-  }
-  const int64_t b = g / layout.groups_per_image, cls = g - b * layout.groups_per_image;
-  double sums[kGramStats] = {0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < layout.chunks_per_image; ++k) {
-    const double* src = gram_partial + ((b * layout.chunks_per_image + k) * layout.groups_per_image + cls) * kGramStats;
-    for (int q = 0; q < kGramStats; ++q) {
-      sums[q] += src[q];
+  // Grid-stride: grid_for caps the blocks, so one thread may take several groups.
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < num_groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = g / layout.groups_per_image, cls = g - b * layout.groups_per_image;
+    double sums[kGramStats] = {0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < layout.chunks_per_image; ++k) {
+      const double* src =
+          gram_partial + ((b * layout.chunks_per_image + k) * layout.groups_per_image + cls) * kGramStats;
+      for (int q = 0; q < kGramStats; ++q) {
+        sums[q] += src[q];
+      }
     }
+    group_params_from_gram(sums, params + g * kGroupParams, eigen + g * 2);
   }
-  group_params_from_gram(sums, params + g * kGroupParams, eigen + g * 2);
 }
 
 // Adds one sample to cluster ``cl`` of ``s`` (2 x kClusterStats sums). Both clusters are visited with constant
@@ -150,13 +153,13 @@ template <typename acc_t>
 __global__ void pcos_cluster_kernel(const acc_t* __restrict__ fx, const acc_t* __restrict__ fy,
                                     const uint8_t* __restrict__ keep, const int64_t* __restrict__ label,
                                     const double* __restrict__ params, double* __restrict__ cluster_partial,
-                                    ChunkLayout layout, bool class_groups) {
+                                    ChunkLayout layout, bool class_groups, int64_t first_image) {
   __shared__ acc_t tile_x[kTile];
   __shared__ acc_t tile_y[kTile];
   __shared__ int32_t tile_label[kTile];
   __shared__ int8_t tile_cluster[kTile];
   __shared__ double scratch[2 * kClusterStats * kWarps];
-  const int64_t b = blockIdx.y, k = blockIdx.x;
+  const int64_t b = first_image + blockIdx.y, k = blockIdx.x;
   const int64_t chunk_id = b * layout.chunks_per_image + k;
   const int64_t p_begin = k * layout.chunk;
   const int64_t p_end = p_begin + layout.chunk < layout.hw ? p_begin + layout.chunk : layout.hw;
@@ -219,21 +222,21 @@ __global__ void pcos_cluster_stats_kernel(const double* __restrict__ cluster_par
                                           double* __restrict__ var, int64_t* __restrict__ count,
                                           int64_t* __restrict__ chosen, double* __restrict__ weight_params,
                                           ChunkLayout layout, int64_t num_groups, bool released) {
-  const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (g >= num_groups) {
-    return;
-  }
-  const int64_t b = g / layout.groups_per_image, cls = g - b * layout.groups_per_image;
-  double sums[2 * kClusterStats] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < layout.chunks_per_image; ++k) {
-    const double* src =
-        cluster_partial + ((b * layout.chunks_per_image + k) * layout.groups_per_image + cls) * 2 * kClusterStats;
-    for (int q = 0; q < 2 * kClusterStats; ++q) {
-      sums[q] += src[q];
+  // Grid-stride: grid_for caps the blocks, so one thread may take several groups.
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < num_groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = g / layout.groups_per_image, cls = g - b * layout.groups_per_image;
+    double sums[2 * kClusterStats] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < layout.chunks_per_image; ++k) {
+      const double* src =
+          cluster_partial + ((b * layout.chunks_per_image + k) * layout.groups_per_image + cls) * 2 * kClusterStats;
+      for (int q = 0; q < 2 * kClusterStats; ++q) {
+        sums[q] += src[q];
+      }
     }
+    cluster_stats(sums, params + g * kGroupParams, mu + g * 4, var + g * 4, count + g * 2, chosen + g,
+                  weight_params + g * kWeightParams, released);
   }
-  cluster_stats(sums, params + g * kGroupParams, mu + g * 4, var + g * 4, count + g * 2, chosen + g,
-                weight_params + g * kWeightParams, released);
 }
 
 template <typename acc_t>
@@ -277,8 +280,7 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
   constexpr int64_t kRecordBytes = 2 * kClusterStats * sizeof(double);
   const int64_t chunk = chunk_pixels(batch, hw, groups_per_image, kRecordBytes, kTile);
   const int64_t chunks_per_image = ceil_div(hw, chunk);
-  TORCH_CHECK(chunks_per_image < (int64_t(1) << 31) && batch < 65536, op, ": input too large (B = ", batch,
-              ", H x W = ", hw, ")");
+  TORCH_CHECK(chunks_per_image < (int64_t(1) << 31), op, ": input too large (H x W = ", hw, ")");
   const ChunkLayout layout{hw, width, chunk, chunks_per_image, groups_per_image};
   const int64_t num_chunks = batch * chunks_per_image;
   const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();  // B x H x W: cheap
@@ -297,26 +299,35 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
   at::Tensor params = at::empty({num_groups * kGroupParams}, options.dtype(at::kDouble));
   at::Tensor weight_params = at::empty({num_groups * kWeightParams}, options.dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 chunk_grid(static_cast<unsigned int>(chunks_per_image), static_cast<unsigned int>(batch));
+  // The chunk passes take the images as grid y, at most kMaxGridY per launch.
+  constexpr int64_t kMaxGridY = 65535;
   const unsigned int group_blocks = grid_for(num_groups);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pcos_weights_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    pcos_features_kernel<scalar_t, acc_t><<<chunk_grid, kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), valid_ptr, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
-        keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
-        reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
-        logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, released,
-        class_groups);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t first = 0; first < batch; first += kMaxGridY) {
+      const dim3 chunk_grid(static_cast<unsigned int>(chunks_per_image),
+                            static_cast<unsigned int>(std::min(kMaxGridY, batch - first)));
+      pcos_features_kernel<scalar_t, acc_t><<<chunk_grid, kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), valid_ptr, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
+          keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
+          reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
+          logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, released,
+          class_groups, first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     pcos_group_params_kernel<<<group_blocks, kThreads, 0, stream>>>(
         gram_partial.const_data_ptr<double>(), params.data_ptr<double>(), outputs.eigenvalues.data_ptr<double>(),
         layout, num_groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    pcos_cluster_kernel<acc_t><<<chunk_grid, kThreads, 0, stream>>>(
-        fx.const_data_ptr<acc_t>(), fy.const_data_ptr<acc_t>(), keep.const_data_ptr<uint8_t>(),
-        outputs.label.const_data_ptr<int64_t>(), params.const_data_ptr<double>(), cluster_partial.data_ptr<double>(),
-        layout, class_groups);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t first = 0; first < batch; first += kMaxGridY) {
+      const dim3 chunk_grid(static_cast<unsigned int>(chunks_per_image),
+                            static_cast<unsigned int>(std::min(kMaxGridY, batch - first)));
+      pcos_cluster_kernel<acc_t><<<chunk_grid, kThreads, 0, stream>>>(
+          fx.const_data_ptr<acc_t>(), fy.const_data_ptr<acc_t>(), keep.const_data_ptr<uint8_t>(),
+          outputs.label.const_data_ptr<int64_t>(), params.const_data_ptr<double>(),
+          cluster_partial.data_ptr<double>(), layout, class_groups, first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     pcos_cluster_stats_kernel<<<group_blocks, kThreads, 0, stream>>>(
         cluster_partial.const_data_ptr<double>(), params.const_data_ptr<double>(), outputs.mu.data_ptr<double>(),
         outputs.var.data_ptr<double>(), outputs.count.data_ptr<int64_t>(), outputs.chosen.data_ptr<int64_t>(),

@@ -8,6 +8,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../csl_ce.h"
 #include "cuda_utils.cuh"
 
@@ -41,6 +43,11 @@ __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const
     }
     const int64_t y = label[i];
     CUDA_KERNEL_ASSERT(y >= 0 && y < num_classes && "csl::weighted_cross_entropy: label out of range");
+    if (y < 0 || y >= num_classes) {  // reached only where device asserts are compiled out: NaN, never a stray read
+      lse[i] = std::numeric_limits<acc_t>::quiet_NaN();
+      sums[0] += std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
     const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
     const scalar_t* zp = z + b * sb + row * sh + col * sw;
     const acc_t l = pixel_logsumexp<scalar_t, acc_t>(zp, sc, num_classes);
@@ -92,6 +99,12 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
     }
     const int64_t y = label[i];
     CUDA_KERNEL_ASSERT(y >= 0 && y < num_classes && "csl::weighted_cross_entropy: label out of range");
+    if (y < 0 || y >= num_classes) {  // reached only where device asserts are compiled out
+      for (int64_t k = 0; k < num_classes; ++k) {
+        gp[k * gc] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      }
+      continue;
+    }
     const acc_t s = static_cast<acc_t>(*scale) * w, l = lse[i];
     for (int64_t k = 0; k < num_classes; ++k) {
       const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
