@@ -211,10 +211,10 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
                 err = (stats["mu"][0] - mu_out[g]).abs().sum().item()
                 if err < best_err:
                     best, best_err = trial, err
-        if best is None:
-            checked[g] = False
-        else:
-            cluster = best
+        # No assignment of the ambiguous pixels gives the backend's counts: its clustering is wrong.
+        assert best is not None, (f"group {g}: counts {st.count.cpu().reshape(-1, 2)[g].tolist()} match no "
+                                  f"assignment of its {idx.numel()} ambiguous pixels")
+        cluster = best
     if keep.sum() >= 30:  # tiny images are often ill-conditioned; larger ones must mostly be checked
         assert checked[group][keep].float().mean() >= 0.5, "too few checked pixels: the case checks little"
     expected = cluster_stats(x, y, keep, group, cluster, n_groups, alpha, rule)
@@ -450,22 +450,29 @@ def test_closed_form_assignment_equals_svd(backend, groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(6))
 def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
-    """Mean weight error (vs the float64 reference) <= 2x that of PCOS on PyTorch's own features in that dtype."""
+    """Weight error (vs the float64 reference) <= 2x that of PCOS on PyTorch's own features in that dtype, both the
+    mean over the pixels and the largest one; image and class groups, with and without ignored pixels. (C = 150 with
+    class groups is left out: 42 pixels in 150 groups are one-pixel groups, weight 1 in every dtype.)"""
     device = require_backend(OP, fused_backend)
-    classes = (2, 21, 150)[seed]
+    classes, groups, p_ignore = ((2, "image", 0.0), (21, "class", 0.0), (150, "image", 0.0), (21, "image", 0.3),
+                                 (2, "class", 0.3), (21, "class", 0.3))[seed]
     g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(2, classes, 6, 7, generator=g) * 2).to(dtype).to(device)
-    out = csl_kernels.pcos_weights(z, backend=fused_backend)
-    ref = reference64(z, None)
+    z = (torch.randn(2, classes, 6, 7, generator=g) * 2).to(dtype)
+    valid = torch.rand(2, 6, 7, generator=g) >= p_ignore
+    out = csl_kernels.pcos_weights(z.to(device), valid=valid.to(device), groups=groups, backend=fused_backend)
+    ref = reference64(z, valid, groups=groups)
     f0, v = torch_low_precision(z, "prob")
     label = ref.label
-    oracle = svd_pcos(f0.double(), v.double(), torch.ones_like(label, dtype=torch.bool),
-                      pixel_groups(label, classes, "image"), 2, 8.0)
-    err = (out.weight.cpu().double() - ref.weight.double()).abs().mean().item()
-    torch_err = (oracle["weight"] - ref.weight.double().reshape(-1)).abs().mean().item()
-    assert err <= 2 * torch_err, (err, torch_err)
+    n_groups = 2 * classes if groups == "class" else 2
+    oracle = svd_pcos(f0.double().reshape(-1), v.double().reshape(-1), valid.reshape(-1),
+                      pixel_groups(label, classes, groups).reshape(-1), n_groups, 8.0)
+    err = (out.weight.cpu().double() - ref.weight.double()).abs().reshape(-1)
+    torch_err = (oracle["weight"] - ref.weight.double().reshape(-1)).abs()
+    assert torch_err.max() > 0  # the yardstick measures something
+    assert err.mean() <= 2 * torch_err.mean(), (err.mean(), torch_err.mean())
+    assert err.max() <= 2 * torch_err.max(), (err.max(), torch_err.max())
 
 
 @pytest.mark.parametrize(("shape", "groups"), [((2, 21, 33, 65), "image"), ((2, 21, 17, 65), "class"),
@@ -652,8 +659,8 @@ def test_released_rule_adversarial(fused_backend, case):
     valid = torch.ones(2, 9, 10, dtype=torch.bool)
     if case == "all_ignored":
         valid[0] = False
-    elif case == "one_class":
-        z[:, 3] += 50.0  # every pixel predicts class 3, almost surely
+    elif case == "one_class":  # every pixel predicts class 3, with confidences that vary
+        z[:, 3] = z.max(dim=1).values + 0.5 + 2.0 * torch.rand(2, 9, 10, generator=g)
     else:
         z[0, 2, 1, 1] = float("nan")
         z[1, :, 4, 4] = float("inf")
@@ -666,3 +673,6 @@ def test_released_rule_adversarial(fused_backend, case):
     assert torch.equal(out.stats.n_nonfinite.cpu(), ref.stats.n_nonfinite)
     if case == "all_ignored":
         assert (out.weight[0] == 0).all()
+    if case == "one_class":  # one label, and weights that are not all 1: the case checks the Gaussian part too
+        assert (out.label.cpu() == 3).all()
+        assert ((out.weight.cpu() > 0) & (out.weight.cpu() < 0.99)).sum() >= 10  # 17 of 180 in the reference

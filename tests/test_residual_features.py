@@ -158,6 +158,35 @@ def test_odd_sizes_and_layouts(fused_backend, shape, kind):
         assert_features_match(out, reference64(z, ign, confidence), z)
 
 
+@pytest.mark.parametrize(("shape", "kind", "dtype"), [
+    ((2, 2, 5, 7), "contiguous", torch.float32), ((1, 21, 7, 13), "channels_last", torch.float32),
+    ((2, 21, 6, 9), "class_slice", torch.float64), ((1, 150, 5, 7), "transposed", torch.float32),
+    ((2, 40, 4, 6), "batch_slice", torch.bfloat16), ((1, 3, 9, 1), "strided", torch.float16)])
+@pytest.mark.parametrize("confidence", [None, "prob"])
+def test_released_rule_matches_float64_reference(fused_backend, shape, kind, dtype, confidence):
+    """rule="released" (spec Sec. 2b: log confidence by default, the residual variance over C slots) on every fused
+    backend against the float64 reference: C = 2 to 150, layouts, dtypes, ignored and non-finite pixels, and one
+    image with every pixel ignored."""
+    device = require_backend(OP, fused_backend)
+    b, c, h, w = shape
+    z, ign = make_logits(sum(shape) + 1, batch=b, classes=c, height=h, width=w, dtype=dtype, ignore="bool",
+                         p_ignore=0.2, p_nonfinite=0.1, kind=kind, device=device)
+    if b > 1:
+        ign = ign.clone()
+        ign[-1] = False  # the last image: every pixel ignored
+    options = {} if confidence is None else {"confidence": confidence}
+    out = csl_kernels.residual_features(z, **masks(ign), rule="released", backend=fused_backend, **options)
+    ref = csl_kernels.residual_features(z.cpu().double(), **masks(ign.cpu()), rule="released", backend="reference",
+                                        **options)
+    keep = keep_mask(z, ign)
+    assert keep.any()
+    assert_invalid_zero(out, keep)
+    assert_features_match(out, ref, z)
+    # The rule is really applied: its dispersion differs from the paper rule's on the kept pixels.
+    paper = csl_kernels.residual_features(z, **masks(ign), backend=fused_backend, **options)
+    assert not torch.equal(paper.v.cpu()[keep], out.v.cpu()[keep])
+
+
 def test_triton_int64_offsets_path(monkeypatch):
     """Images of >= 2^31 elements switch the kernel to int64 offsets; forced here on small inputs of every layout."""
     device = require_backend(OP, "triton")

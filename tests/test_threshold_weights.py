@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 from conftest import FUSED_BACKENDS, masks, require_backend
-from test_residual_features import make_logits
+from test_residual_features import LAYOUTS, make_logits
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -34,14 +34,27 @@ def softmax64(z: torch.Tensor, ign):
 
 
 @pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(20))
 def test_threshold_matches_float64_softmax(backend, seed):
+    """Random cases: C = 2 to 150, every dtype and layout, ignored and non-finite pixels; every fifth case has an image
+    with every pixel ignored, and the next one images that predict a single class."""
     device = device_for(backend)
     rng = random.Random(seed)
-    z, ign = make_logits(seed, batch=rng.randint(1, 2), classes=rng.choice((2, 5, 21)), height=rng.randint(1, 9),
-                         width=rng.randint(1, 9), dtype=rng.choice((torch.float32, torch.float64, torch.bfloat16)),
+    classes = rng.choice((2, 5, 21, 150))
+    side = 5 if classes == 150 else 9
+    z, ign = make_logits(seed, batch=rng.randint(1, 2), classes=classes, height=rng.randint(1, side),
+                         width=rng.randint(1, side),
+                         dtype=rng.choice((torch.float32, torch.float64, torch.bfloat16, torch.float16)),
                          scale=rng.choice((1.0, 3.0)), ignore=rng.choice(("none", "bool", "int64")),
-                         p_nonfinite=rng.choice((0.0, 0.15)), device=device)
+                         p_nonfinite=0.0 if seed % 5 == 1 else rng.choice((0.0, 0.15)), kind=rng.choice(LAYOUTS),
+                         device=device)
+    if seed % 5 == 0:  # image 0: every pixel ignored
+        ign = torch.ones_like(z[:, 0], dtype=torch.bool) if ign is None else ign.clone()
+        ign[0] = False if ign.dtype == torch.bool else csl_kernels.IGNORE_INDEX
+    elif seed % 5 == 1:  # one class everywhere, with confidences on both sides of most thresholds
+        z = z.clone()
+        z[:, 1] = z.max(dim=1).values + torch.rand(z[:, 1].shape, generator=torch.Generator().manual_seed(seed)).to(
+            z.device, z.dtype) * 4
     tau = rng.choice((0.3, 0.5, 0.9, 0.95))
     out = csl_kernels.threshold_weights(z, **masks(ign), tau=tau, backend=backend)
     assert out.stats is None
