@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
 
     import csl_kernels as ck
     from csl_kernels import _measured
+    from csl_kernels.pcos_weights import auto_variant
 
     lines = _Lines()
     logger = logging.getLogger("csl_kernels")
@@ -77,7 +78,8 @@ def main(argv=None) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 # The choice just made, from the lookup a repeated call makes (no timing: it is cached).
-                chosen = _measured.resolve(op, "auto", device, logits, lambda impl: None)[0]
+                variant = auto_variant("image") if op == "pcos_weights" else ""
+                chosen = _measured.resolve(op, "auto", device, logits, lambda impl: None, variant=variant)[0]
                 rows.append({"op": op, "shape": name, "dtype": dt, "backend": chosen,
                              "first_call_s": round(time.perf_counter() - start, 3)})
                 print(f"{op:24s} {name:8s} {dt:5s} -> {chosen} (first call {rows[-1]['first_call_s']:.2f} s)",

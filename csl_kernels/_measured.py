@@ -34,8 +34,8 @@ CANDIDATES = ("cuda", "triton")
 ENV_CACHE = "CSL_AUTO_CACHE"
 _lock = threading.Lock()
 _choices: dict[str, str] | None = None
-# {(op, device, dtype, shape): backend} of the calls resolved since the choices were loaded: a repeated call's
-# lookup (its cache key is a string built from the GPU name and the shape class).
+# {(op, device, dtype, shape, variant): backend} of the calls resolved since the choices were loaded: a repeated
+# call's lookup (its cache key is a string built from the GPU name, the shape class and the variant).
 _by_shape: dict[tuple, str] = {}
 # Cache keys whose choice this process has logged (a choice read from the cache file is logged at its first use).
 _logged: set[str] = set()
@@ -113,8 +113,9 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
             variant: str = "") -> tuple[str, Callable]:
     """:func:`csl_kernels._backends.resolve`, but for ``backend="auto"`` on CUDA the measured faster of
     :data:`CANDIDATES` (``run(impl)`` calls ``impl`` on the op's inputs; the results of the timing calls are
-    dropped). ``variant`` names options that change the op's cost (e.g. PCOS's class groups): calls that differ in
-    it are timed and cached apart."""
+    dropped). ``variant`` names options that change the op's cost (PCOS's image or class groups): calls that differ
+    in it are timed and cached apart. A backend that raises on the call is skipped (WARNING, with its error) and the
+    choice is then not cached."""
     if backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling():
         return _backends.resolve(op, backend, device)
     fast_key = (op, device, key_tensor.dtype, key_tensor.shape, variant)
@@ -132,13 +133,25 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
         if name is None:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the static order
                 return _backends.resolve(op, backend, device)
-            timings = {b: timer(lambda impl=_backends._IMPLS[op][b]: run(impl), device) for b in available}
+            timings, failed = {}, {}
+            for b in available:
+                try:
+                    timings[b] = timer(lambda impl=_backends._IMPLS[op][b]: run(impl), device)
+                except Exception as exc:  # noqa: BLE001 - a backend that cannot take this call is skipped, and said so
+                    failed[b] = f"{type(exc).__name__}: {exc}"
+            if not timings:
+                raise RuntimeError(f"csl_kernels.{op}: backend='auto' found no backend that runs this call: "
+                                   + "; ".join(f"{b}: {why}" for b, why in failed.items()))
             name = min(timings, key=timings.get)
-            log.info("csl_kernels.%s on %s: backend='auto' uses %r, measured %s (cached in %s)", op, key.split(" | ")[1]
-                     + f" ({calls})", name,
-                     ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1])),
-                     cache_path())
-            _store(key, name)
+            measured = ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1]))
+            where = key.split(" | ")[1] + f" ({calls})"
+            if failed:  # not cached: other calls of this shape class may run on every backend
+                log.warning("csl_kernels.%s on %s: backend='auto' uses %r, measured %s; skipped %s", op, where, name,
+                            measured, "; ".join(f"{b}: {why}" for b, why in failed.items()))
+            else:
+                log.info("csl_kernels.%s on %s: backend='auto' uses %r, measured %s (cached in %s)", op, where, name,
+                         measured, cache_path())
+                _store(key, name)
         elif key not in _logged:
             log.info("csl_kernels.%s on %s: backend='auto' uses %r (measured earlier, cached in %s)", op,
                      key.split(" | ")[1] + f" ({calls})", name, cache_path())

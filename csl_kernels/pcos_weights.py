@@ -176,6 +176,12 @@ def pcos_weights_reference(
     return PCOSOutputs(weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite)
 
 
+def auto_variant(groups: str) -> str:
+    """What ``backend="auto"`` on CUDA keys its measured choice with besides the shape class: image and class groups
+    cost differently, so they are timed and cached apart (csl_kernels/_measured.py)."""
+    return f"{groups}-groups"
+
+
 def pcos_weights(
     logits: torch.Tensor,
     ignore: torch.Tensor | None = None,
@@ -215,7 +221,7 @@ def pcos_weights(
     mask = valid_mask(logits, ignore, valid)
     args = (logits, mask, float(alpha), confidence == "log", groups == "class", rule == "released")
     _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args),
-                                variant="class-groups" if groups == "class" else "")
+                                variant=auto_variant(groups))
     out = impl(*args)
     stats = None
     if return_stats:

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import require_backend
 
 import csl_kernels
 from csl_kernels import _backends
@@ -330,6 +331,62 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     assert _measured.resolve("toy_op", "triton", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
     assert _measured.resolve("toy_op", "auto", CPU, z, lambda impl: impl(), timer=timer)[0] == "cpu"
     assert len(timed) == 6
+
+
+def test_auto_on_cuda_skips_a_backend_that_cannot_take_the_call(registry, caplog, monkeypatch, tmp_path):
+    """A fused backend that raises on the call (e.g. Triton's grid limit on a batch of 65536 images) is skipped with a
+    WARNING naming its error, the other is used, and the choice is not cached; when none runs, a clear error."""
+    from csl_kernels import _measured
+
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
+    monkeypatch.setattr(_measured, "_choices", None)
+    monkeypatch.setattr(_measured, "_logged", set())
+    monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def too_many_images():
+        raise ValueError("at most 65535 images per call")
+
+    registry["toy_op"]["triton"] = too_many_images
+    z = torch.zeros(2, 21, 8, 8)
+
+    def timer(run, device):
+        run()
+        return 1.0
+
+    name, fn = _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)
+    assert name == "cuda" and fn() == "cuda"
+    (record,) = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "uses 'cuda', measured cuda 1.000 ms; skipped triton: ValueError: at most 65535 images" in message
+    assert not (tmp_path / "auto.json").exists()
+    registry["toy_op"]["cuda"] = too_many_images
+    monkeypatch.setattr(_measured, "_by_shape", {})
+    with pytest.raises(RuntimeError, match="found no backend that runs this call: cuda: ValueError.*; triton: "):
+        _measured.resolve("toy_op", "auto", CUDA, torch.zeros(3, 21, 8, 8), lambda impl: impl(), timer=timer)
+
+
+@pytest.mark.parametrize("op", ["pcos_weights", "residual_features", "weighted_cross_entropy", "trusted_mask"])
+def test_triton_refuses_batches_past_the_grid_limit(op):
+    """Triton's kernels take one image per row of the launch grid (CUDA allows 65535): a larger batch gets a clear
+    error before any launch (the interpreter has no such limit, the check is the same there)."""
+    device = require_backend(op, "triton")
+    n = 65536
+    z = torch.zeros(n, 2, 1, 1, device=device)
+    calls = {
+        "pcos_weights": lambda: csl_kernels.pcos_weights(z, backend="triton"),
+        "residual_features": lambda: csl_kernels.residual_features(z, backend="triton"),
+        "weighted_cross_entropy": lambda: csl_kernels.weighted_cross_entropy(
+            z, torch.zeros(n, 1, 1, dtype=torch.long, device=device), torch.ones(n, 1, 1, device=device),
+            backend="triton"),
+        "trusted_mask": lambda: csl_kernels.trusted_mask(torch.zeros(n, 3, 1, 1, device=device),
+                                                         torch.ones(n, 1, 1, dtype=torch.bool, device=device),
+                                                         backend="triton"),
+    }
+    with pytest.raises(ValueError, match=f"csl_kernels.{op}: the triton backend takes at most 65535 images per call"):
+        calls[op]()
 
 
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -213,7 +213,11 @@ _HUGE_CHANNEL_STRIDE = """
 import sys, torch, csl_kernels
 backend, device = sys.argv[1], torch.device(sys.argv[2])
 stride_c = 2**30 + 16  # channel 2 starts past 2^31 elements: (K - 1) * stride(1) does not fit in int32
-base = torch.empty(2 * stride_c + 64, dtype=torch.float16, device=device)  # 4 GiB, of which a few pages are touched
+try:
+    base = torch.empty(2 * stride_c + 64, dtype=torch.float16, device=device)  # 4 GiB; a few pages are touched
+except (RuntimeError, MemoryError) as exc:  # a machine that reserves memory up front (no overcommit)
+    print("skip: cannot reserve 4 GiB:", exc)
+    sys.exit(0)
 images = base.as_strided((1, 3, 4, 5), (3 * stride_c, stride_c, 5, 1))
 g = torch.Generator().manual_seed(0)
 for k in range(3):
@@ -236,6 +240,8 @@ def test_channel_offsets_past_int32(fused_backend):
     device = require_backend(OP, fused_backend)
     proc = subprocess.run([sys.executable, "-c", _HUGE_CHANNEL_STRIDE, fused_backend, str(device)],
                           capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0 and proc.stdout.startswith("skip:"):
+        pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

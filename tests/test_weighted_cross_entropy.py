@@ -185,10 +185,12 @@ def test_used_pixel_with_out_of_range_label(fused_backend):
                 "backend='cuda')\n"
                 "loss.backward()\n"
                 "torch.cuda.synchronize()\n"
-                "print('no error')\n")
+                "print('finished', bool(loss.isnan()), bool(z.grad[0, :, 1, 1].isnan().all()))\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and "no error" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
-        assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
+        if proc.returncode == 0:  # a build with device asserts compiled out: NaN, as the Triton kernels give
+            assert "finished True True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+        else:
+            assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
         return
     if fused_backend == "triton":  # no host synchronisation: the loss says it with a NaN
         loss, grad = run(fused_backend, z, label, weight, None)

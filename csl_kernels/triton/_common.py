@@ -77,6 +77,18 @@ def wide(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
     return any(n >= INT32_LIMIT for n in extra)
 
 
+# CUDA's limit on the grid's y dimension, where every kernel here puts the images.
+MAX_GRID_Y = 65535
+
+
+def check_batch(bsz: int, op: str) -> None:
+    """Every kernel takes one image per program row (grid y): a batch above CUDA's limit is refused with the reason,
+    not left to a launch error."""
+    if bsz > MAX_GRID_Y:
+        raise ValueError(f"csl_kernels.{op}: the triton backend takes at most {MAX_GRID_Y} images per call (one per "
+                         f"program row of the launch grid), got {bsz}; split the batch or use backend='cuda'")
+
+
 def valid_pointer(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(pointer, HAS_VALID)`` of a validity mask: the contiguous bool mask, which the kernels read in place (as
     ``*i1``), or the logits as a pointer the kernel never reads when there is none."""

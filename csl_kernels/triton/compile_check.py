@@ -232,9 +232,10 @@ def resource_usage(path: str) -> dict[str, dict[str, int]]:
 # can be a call frame, more means registers spilled to memory. Triton kernels are judged by ptxas's spill count.
 MAX_STACK_BYTES = 16
 # Bytes of spill stores per thread a Triton kernel may have (ptxas's count): up to four 4-byte values. With Triton 3.8
-# (ptxas 12.9), 11 of the ~990 variants spill that much and no more: the class-group PCOS feature kernel at 8 warps
-# (4 B), its cluster kernel at 1024 pixels / 8 warps (16 B) and the CE backward kernel at tile 1024 / 8 warps (4 B),
-# where ptxas caps the registers at 64 / 128 for occupancy. More than this is a tile that does not fit its registers.
+# (ptxas 12.9) about 1 % of the ~990 variants spill that much and no more: the class-group PCOS feature kernel at 8
+# warps (4 B), its class-group cluster kernel at 8 warps (8-16 B) and the CE backward kernel at tile 1024 / 8 warps
+# (4 B), where ptxas caps the registers at 64 / 128 for occupancy. More than this is a tile that does not fit its
+# registers (the image-group cluster kernel at 1024 pixels spilled 36 B with int64 lanes; it keeps them int32).
 MAX_SPILL_BYTES = 16
 
 

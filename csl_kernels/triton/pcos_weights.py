@@ -35,6 +35,7 @@ from ._common import (
     USE_LIBDEVICE,
     cdiv,
     chan_merge,
+    check_batch,
     device_guard,
     next_pow2,
     pixel_offsets,
@@ -443,6 +444,7 @@ def pcos_weights_launch(
 ) -> PCOSOutputs:
     """The PCOS passes on ``logits``; ``packed``: statistics as views of shared buffers (eager calls only)."""
     bsz, ncls, h, w = logits.shape
+    check_batch(bsz, "pcos_weights")
     hw = h * w
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi
@@ -453,9 +455,9 @@ def pcos_weights_launch(
             stat.zero_()
         return out
     sb, sh, sw, flat = pixel_strides(logits)
-    # An image spans >= 2^31 elements (any layout, read in place); with C >= 2 this covers every image of 2^30
-    # pixels or more, so the B x H x W maps' indices (b * HW + p) also fit.
-    use_int64 = wide(logits)
+    # An image spans >= 2^31 elements (any layout, read in place), or holds that many pixels (broadcast logits span
+    # little): int64 pixel indices and offsets.
+    use_int64 = wide(logits, extra=(hw,))
     valid_c, has_valid = valid_pointer(valid, logits)
     dt = compute_dtype(logits)
     npix = bsz * hw

@@ -21,6 +21,7 @@ from ..residual_features import ResidualFeatures, residual_features_outputs_like
 from ._common import (
     USE_LIBDEVICE,
     cdiv,
+    check_batch,
     device_guard,
     next_pow2,
     pixel_offsets,
@@ -163,12 +164,13 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W,
 def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                              released: bool = False) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
+    check_batch(bsz, "residual_features")
     out = residual_features_outputs_like(logits)
     hw = h * w
     if bsz == 0 or hw == 0:
         return out
     sb, sh, sw, flat = pixel_strides(logits)
-    use_int64 = wide(logits)  # an image spans >= 2^31 elements (any layout, read in place)
+    use_int64 = wide(logits, extra=(hw,))  # an image spans or holds >= 2^31 elements (any layout, read in place)
     valid_c, has_valid = valid_pointer(valid, logits)
     acc = tl_dtype(compute_dtype(logits))
 

@@ -27,7 +27,7 @@ from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
 from .._eager import fused_cross_entropy
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
-from ._common import cdiv, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, wide
+from ._common import cdiv, check_batch, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, wide
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
@@ -182,6 +182,7 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
     """The forward pass: ``(loss, lse, count)``, :class:`~csl_kernels.weighted_cross_entropy.CrossEntropyOutputs`
     and the valid-pixel count (0-dim int64) that the backward pass divides by."""
     bsz, num_classes, height, width = logits.shape
+    check_batch(bsz, "weighted_cross_entropy")
     acc = compute_dtype(logits)
     dev = logits.device
     loss, lse = weighted_cross_entropy_outputs_like(logits)
@@ -199,7 +200,7 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
             _ce_forward_kernel[(n_pblocks, bsz)](
                 logits, label_c, weight_c, valid_c, lse, parts,
                 n_parts, num_classes, hw, width, sb, logits.stride(1), sh, sw,
-                HAS_VALID=valid is not None, FLAT_HW=flat, ACC=tl_dtype(acc), WIDE=wide(logits),
+                HAS_VALID=valid is not None, FLAT_HW=flat, ACC=tl_dtype(acc), WIDE=wide(logits, extra=(hw,)),
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
             )
         _ce_reduce_kernel[(1,)](parts, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -248,7 +249,7 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch
             grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
             num_classes, hw, width, sb, logits.stride(1), sh, sw, g_sb, grad.stride(1), g_sh, g_sw,
             HAS_VALID=valid is not None, FLAT_HW=flat, G_FLAT_HW=g_flat, ACC=tl_dtype(acc),
-            BF16_BITS=bf16, WIDE=wide(logits, grad),
+            BF16_BITS=bf16, WIDE=wide(logits, grad, extra=(hw,)),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
         )
 
