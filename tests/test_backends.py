@@ -275,10 +275,10 @@ def test_first_use_is_safe_under_compile_and_threads(case, backend):
     assert proc.stdout.strip().splitlines()[-1] == ("(2, 6, 7)" if case == "compile" else "ok"), proc.stdout
 
 
-def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, caplog, monkeypatch, tmp_path):
-    """pcos_weights / weighted_cross_entropy with backend='auto' on CUDA: both fused backends are timed on the call's
-    inputs, the faster is used and cached (per GPU model and shape class), the log gives both timings; no timing
-    inside a CUDA-graph capture, and a named backend is never timed."""
+@pytest.fixture
+def fake_gpu_auto(caplog, monkeypatch, tmp_path):
+    """csl_kernels._measured on a pretend GPU ("Fake GPU", not capturing) with a private choice cache, nothing
+    remembered and INFO logs captured."""
     from csl_kernels import _measured
 
     caplog.set_level(logging.INFO, logger="csl_kernels")
@@ -287,6 +287,15 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     monkeypatch.setattr(_measured, "_logged", set())
     monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return _measured
+
+
+def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, fake_gpu_auto, caplog, monkeypatch,
+                                                                   tmp_path):
+    """pcos_weights / weighted_cross_entropy with backend='auto' on CUDA: both fused backends are timed on the call's
+    inputs, the faster is used and cached (per GPU model and shape class), the log gives both timings; no timing
+    inside a CUDA-graph capture, and a named backend is never timed."""
+    _measured = fake_gpu_auto
     speed = {"cuda": 0.5, "triton": 0.2}
     timed = []
 
@@ -333,17 +342,10 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, c
     assert len(timed) == 6
 
 
-def test_auto_on_cuda_skips_a_backend_that_cannot_take_the_call(registry, caplog, monkeypatch, tmp_path):
+def test_auto_on_cuda_skips_a_backend_that_cannot_take_the_call(registry, fake_gpu_auto, caplog, monkeypatch, tmp_path):
     """A fused backend that raises on the call (e.g. Triton's grid limit on a batch of 65536 images) is skipped with a
     WARNING naming its error, the other is used, and the choice is not cached; when none runs, a clear error."""
-    from csl_kernels import _measured
-
-    caplog.set_level(logging.INFO, logger="csl_kernels")
-    monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
-    monkeypatch.setattr(_measured, "_choices", None)
-    monkeypatch.setattr(_measured, "_logged", set())
-    monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _measured = fake_gpu_auto
 
     def too_many_images():
         raise ValueError("at most 65535 images per call")
