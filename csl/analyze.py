@@ -303,8 +303,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint
-    from .cli import model_from_checkpoint
-    from .config import build_config, load_config
+    from .cli import config_for_checkpoint, model_from_checkpoint
     from .data import class_names, default_eval_mode
     from .distributed import pick_device
     from .evaluate import center_crop, predict_logits
@@ -315,12 +314,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     if not overwrite and os.path.exists(os.path.join(out_dir, "analysis.json")):
         prepare_out_dir(out_dir, overwrite)  # refused before hours of prediction
     ckpt = load_checkpoint(checkpoint)
-    if config:
-        cfg = load_config(config, overrides)
-    else:
-        if not isinstance(ckpt.get("config"), dict):
-            raise ValueError(f"{checkpoint} stores no config; pass --config")
-        cfg = build_config(ckpt["config"], overrides)
+    cfg = config_for_checkpoint(checkpoint, ckpt, config, overrides)
     device = pick_device(cfg["device"])
     model, num_classes = model_from_checkpoint(cfg, ckpt, checkpoint, device)
     dataset = analysis_dataset(cfg, split)

@@ -100,14 +100,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_for_checkpoint(args, ckpt: dict) -> dict:
-    if args.config:
-        return load_config(args.config, args.overrides)
+WHERE_IT_RAN = ("device=auto", "kernels.backend=auto")
+
+
+def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The config to evaluate / analyse / predict with ``ckpt``: ``config`` when given, else the one it stores."""
+    if config:
+        return load_config(config, overrides)
     stored = ckpt.get("config")
     if not isinstance(stored, dict):
-        raise ConfigError(f"{args.checkpoint} stores no config (a UniMatch / CSL checkpoint?); pass --config, e.g. "
+        raise ConfigError(f"{path} stores no config (a UniMatch / CSL checkpoint?); pass --config, e.g. "
                           f"--config voc_321 for their Pascal model")
-    return build_config(stored, args.overrides)
+    # Where the run trained (its device, its kernels' backend) is not part of the model: a GPU run's checkpoint is
+    # evaluated with this machine's choice (every backend computes the same), unless the overrides name one.
+    return build_config(stored, [*WHERE_IT_RAN, *(overrides or [])])
 
 
 def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
@@ -162,7 +168,7 @@ def cmd_eval(args) -> int:
     from .step import resolve_amp
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = _config_for_checkpoint(args, ckpt)
+    cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     env = init_distributed(cfg["device"])
     setup_logging(None, env.is_main)
     try:
@@ -226,7 +232,7 @@ def cmd_predict(args) -> int:
     if not images:
         raise ValueError("--images got no image, folder or pattern")
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = _config_for_checkpoint(args, ckpt)
+    cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     device = pick_device(cfg["device"])
     paths = expand_images(images)
     model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)

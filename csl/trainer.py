@@ -210,8 +210,6 @@ class Trainer:
 
     def _set_up(self, cfg: dict) -> None:
         setup_logging(self.output_dir, self.env.is_main)
-        if self.env.is_main:
-            dump_config(stored_config(cfg), os.path.join(self.output_dir, "config.yaml"))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -228,6 +226,8 @@ class Trainer:
         self.window = Accumulator()
         self.epoch_acc = Accumulator()
         self._maybe_resume()  # before the metrics file is opened: a resume drops the records logged after it
+        if self.env.is_main:  # once the start has succeeded, with what the run uses (a resume's checkpoint values)
+            dump_config(stored_config(self.cfg), os.path.join(self.output_dir, "config.yaml"))
         self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main,
                                      resumed_at=self.iteration if self.resume_from is not None else None)
         self._log_setup()
@@ -357,6 +357,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "batch_size": self.batch_size,
             "num_classes": self.num_classes,
+            "device_type": self.device.type,  # the "step" generator's kind (a CPU and a CUDA state differ)
             "best_miou": self.best_miou,
             "last_eval": self.last_eval,
             "window": self.window.state_dict(),
@@ -397,19 +398,34 @@ class Trainer:
                         "between the two checkpoint writes, or it was removed); resuming from %s", self.output_dir,
                         LATEST, BEST)
         missing = [k for k in ("model", "optimizer", "scheduler", "iteration") if k not in ckpt]
+        if missing and "model" in ckpt and "iteration" in ckpt and "config" in ckpt:
+            raise ValueError(f"{path} is the slimmed checkpoint of a finished csl demo stage (no optimizer state is "
+                             f"left), so it cannot be continued; to train on from its weights, start a new output_dir "
+                             f"with train.init_from={path}")
         if missing:
             raise ValueError(f"{path} is not a training checkpoint of csl train (no {', '.join(missing)}), so there is "
                              f"no run to resume; to start a new run from its weights use train.init_from={path}")
-        self._warn_resume_overrides(path, ckpt.get("config") or {})
+        if ckpt.get("num_classes") not in (None, self.num_classes):
+            raise ConfigError(f"{path} was trained with {ckpt['num_classes']} classes, this config's data has "
+                              f"{self.num_classes}: it cannot be resumed here (train.init_from cannot change the "
+                              f"class count either; start a new output_dir)")
+        self._adopt_resumed_settings(path, ckpt.get("config") or {})
         for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters),
                           ("world_size", self.env.world_size), ("batch_size", self.batch_size)):
             if ckpt.get(key) != mine:
                 log.warning("resuming %s: %s was %s, now %s; the run will not continue exactly", path, key,
                             ckpt.get(key), mine)
-        self.bare_model.load_state_dict(ckpt["model"])
+        load_weights(self.bare_model, ckpt["model"], path)
+        # The schedule again with the checkpoint's poly_power, before the optimizer's state: building a scheduler
+        # sets the learning rates, which the optimizer's load then replaces with the checkpoint's.
+        self.scheduler = build_scheduler(self.optimizer, self.total_iters, self.cfg["train"]["poly_power"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.scaler.is_enabled() and not ckpt["scaler"]:
+            log.warning("resuming %s: the checkpoint has no float16 loss-scaler state (it did not train in float16); "
+                        "the scaler starts afresh", path)
+        else:
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.best_miou, self.last_eval = ckpt.get("best_miou"), ckpt.get("last_eval")
         self.pending_eval = ckpt.get("pending_eval")
@@ -419,20 +435,26 @@ class Trainer:
         if self.env.is_main:
             prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration)
         rng = ckpt.get("rng") or []
-        if len(rng) == self.env.world_size:
-            restore_rng(rng[self.env.rank], {"step": self.generator})
-        else:
+        saved_type = ckpt.get("device_type", self.device.type)
+        if len(rng) != self.env.world_size:
             log.warning("checkpoint has random states of %d rank(s), this run has %d: random streams not restored",
                         len(rng), self.env.world_size)
+        elif saved_type != self.device.type:
+            log.warning("checkpoint trained on %s, this run is on %s: random streams not restored", saved_type,
+                        self.device.type)
+        else:
+            restore_rng(rng[self.env.rank], {"step": self.generator})
 
-    def _warn_resume_overrides(self, path: str, saved: dict) -> None:
-        """A resume continues the checkpoint's optimizer, schedule and scaler: say so for the keys set otherwise."""
+    def _adopt_resumed_settings(self, path: str, saved: dict) -> None:
+        """A resume continues the checkpoint's optimizer, schedule and scaler: the keys set otherwise here take the
+        checkpoint's values (said with a warning), so that the log, config.yaml and the schedule agree."""
         now, then = self.cfg["train"], saved.get("train", {})
         for key in RESUMED_FROM_CHECKPOINT:
             if key in then and then[key] != now[key]:
                 log.warning("resuming %s: train.%s is %s here but %s in the checkpoint; a resume continues the "
                             "checkpoint's optimizer and schedule, so %s is what the run uses", path, key, now[key],
                             then[key], then[key])
+                now[key] = then[key]
 
     def _restore_best(self, path: str, ckpt: dict) -> None:
         """``best.pt`` missing while the checkpoint records a best mIoU (a run killed between the two writes by an
@@ -571,10 +593,13 @@ class Trainer:
         the evaluation (out of memory, Ctrl-C, SIGTERM) first saves the epoch's training to ``latest.pt`` with the
         evaluation marked pending, which a resume runs before it trains on."""
         names = [LATEST]
+        # The random streams as the evaluation finds them (its loader draws a seed from torch's generator): a resumed
+        # pending evaluation starts from them and draws the same, so the run continues as if never stopped.
+        rng = capture_rng({"step": self.generator}) if self.env.world_size == 1 else None
         try:
             result = self.evaluate()
         except BaseException:
-            self._save_pending_eval(epoch, pl)
+            self._save_pending_eval(epoch, pl, rng)
             raise
         self.last_eval = {"iter": self.iteration, "epoch": epoch, "miou": result["miou"], "iou": result["iou"],
                           "pseudo_labels": pl}
@@ -590,14 +615,14 @@ class Trainer:
                  " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
         self.save(tuple(names))
 
-    def _save_pending_eval(self, epoch: int, pl: dict) -> None:
+    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict) -> None:
         if self.env.world_size > 1:  # the other ranks may not reach the collective of a save
             log.warning("the evaluation at iteration %d did not finish; with %d processes the epoch is not saved",
                         self.iteration, self.env.world_size)
             return
         try:
             payload = self.state_dict()
-            payload["rng"] = [capture_rng({"step": self.generator})]
+            payload["rng"] = [rng]
             payload["pending_eval"] = {"epoch": epoch, "pseudo_labels": pl}
             atomic_save(payload, os.path.join(self.output_dir, LATEST))
         except Exception as e:  # noqa: BLE001 - the evaluation's own error is the one raised

@@ -70,6 +70,19 @@ def test_eval_matches_training_eval(trained, capsys):
     assert "mIoU" in out and "class   0" in out
 
 
+def test_a_gpu_runs_checkpoint_is_evaluated_here(trained, tmp_path, capsys):
+    """The device and kernels' backend a run trained with are not part of its model: eval and analyze use this
+    machine's (here a checkpoint whose config names cuda for both, read on a CPU-only machine)."""
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "device": "cuda", "kernels": {**ckpt["config"]["kernels"], "backend": "cuda"}}
+    torch.save(ckpt, tmp_path / "gpu.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "gpu.pt")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["miou"] == pytest.approx(read_metrics(str(trained / "metrics.jsonl"), "eval")[-1]["miou"], abs=1e-12)
+    assert main(["analyze", "--checkpoint", str(tmp_path / "gpu.pt"), "--out", str(tmp_path / "analysis"),
+                 "--max-images", "2"]) == 0
+
+
 def test_predict_writes_palette_pngs(trained, tmp_path):
     from csl.data import generate_scenes
 

@@ -82,8 +82,11 @@ def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
     """Ctrl-C / SIGTERM / out of memory while evaluating: the epoch's training is saved with its evaluation pending,
     and --resume auto evaluates it before training on (nothing trained again, no evaluation skipped)."""
     real = Trainer.evaluate
+    before = {}
 
     def stopped(self):
+        before["torch"] = torch.get_rng_state()
+        torch.rand(3)  # as the validation loader's iterator draws its seed, before the stop
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "evaluate", stopped)
@@ -93,6 +96,7 @@ def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
     trainer.close()
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["iteration"] == 2 and ckpt["pending_eval"]["epoch"] == 0 and not (tmp_path / "best.pt").exists()
+    assert torch.equal(ckpt["rng"][0]["torch"], before["torch"])  # the resumed evaluation draws what this one drew
     monkeypatch.setattr(Trainer, "evaluate", real)
     summary = train(config(tmp_path, **{"train.resume": "auto"}))
     assert summary["iterations"] == 4
@@ -175,8 +179,44 @@ def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
         with pytest.raises(ConfigError, match=message):
             Trainer(config(tmp_path / "e", **{"train.init_from": str(tmp_path / name), "train.overwrite": True}))
     train(config(tmp_path / "c"), stop_at=2)
-    Trainer(config(tmp_path / "c", **{"train.resume": "auto", "train.lr": 0.5})).close()
-    assert "train.lr is 0.5 here but 0.01 in the checkpoint" in (tmp_path / "c" / "train.log").read_text()
+    resumed = Trainer(config(tmp_path / "c", **{"train.resume": "auto", "train.lr": 0.5, "train.poly_power": 2.0}))
+    log_text = (tmp_path / "c" / "train.log").read_text()
+    assert "train.lr is 0.5 here but 0.01 in the checkpoint" in log_text
+    assert "train.poly_power is 2.0 here but 0.9 in the checkpoint" in log_text
+    # What the warning says is what the run uses: the checkpoint's schedule, logged and stored as such.
+    total = resumed.total_iters
+    assert resumed.scheduler.lr_lambdas[0](3) == pytest.approx((1 - 3 / total) ** 0.9)
+    assert resumed.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.01)
+    assert "(poly 0.9)" in log_text.split("resuming")[-1]
+    resumed.close()
+    stored = (tmp_path / "c" / "config.yaml").read_text()
+    assert "lr: 0.01" in stored and "poly_power: 0.9" in stored
+
+
+def test_a_failed_resume_leaves_config_yaml_and_says_why(tmp_path):
+    train(config(tmp_path), stop_at=2)
+    before = (tmp_path / "config.yaml").read_text()
+    # Another class count: refused with the reason, and config.yaml still describes the run in the folder.
+    with pytest.raises(ConfigError, match="trained with 4 classes, this config's data has 6"):
+        Trainer(config(tmp_path, **{"train.resume": "auto", "data.num_classes": 6, "train.iters": 8}))
+    assert (tmp_path / "config.yaml").read_text() == before
+    # A checkpoint of another device type: its random streams are left as they are, with a warning.
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    ckpt["device_type"] = "cuda"
+    torch.save(ckpt, tmp_path / "latest.pt")
+    Trainer(config(tmp_path, **{"train.resume": "auto"})).close()
+    assert "checkpoint trained on cuda, this run is on cpu: random streams not restored" in (
+        tmp_path / "train.log").read_text()
+    # A float16 loss scaler resumed from a float32 run starts afresh (its saved state is empty).
+    Trainer(config(tmp_path, **{"train.resume": "auto", "train.amp": "fp16"})).close()
+    assert "no float16 loss-scaler state (it did not train in float16); the scaler starts afresh" in (
+        tmp_path / "train.log").read_text()
+    # A finished demo stage's slimmed checkpoint is named as such.
+    from csl.demo import slim_checkpoints
+
+    slim_checkpoints(str(tmp_path))
+    with pytest.raises(ValueError, match="slimmed checkpoint of a finished csl demo stage.*train.init_from="):
+        Trainer(config(tmp_path, **{"train.resume": "auto"}))
 
 
 def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypatch):
