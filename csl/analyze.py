@@ -33,6 +33,8 @@ import torch
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
 
+from .files import atomic_write_text
+
 log = logging.getLogger("csl")
 
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
@@ -385,10 +387,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
 
     result["pictures"] = plot_analysis(result, examples, out_dir, alpha=alpha, tau=BASELINE_TAU,
                                        dataset=cfg["data"]["dataset"])
-    path = os.path.join(out_dir, "analysis.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(os.path.join(out_dir, "analysis.json"), json.dumps(result, indent=1, allow_nan=False))
     return result
 
 

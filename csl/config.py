@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .files import atomic_write_text
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 # Every key a config may hold, with its default. A None default means "optional" (any value of the types listed in
@@ -377,6 +379,11 @@ def validate(cfg: dict) -> dict:
                  if d[key] is not None]
         _require(not given, f"{', '.join(given)} set but data.dataset is synthetic (the default), which reads no "
                             f"files; set data.dataset (camvid, pascal, cityscapes, coco or folder)")
+        # What applies to label files and loaded images only: set for synthetic data, it would change nothing.
+        unused = [f"data.{key}={d[key]}" for key in ("image_scale", "ignore_index", "ignore_labels",
+                                                     "reduce_zero_label") if d[key] != DEFAULTS["data"][key]]
+        _require(not unused, f"{', '.join(unused)} set but data.dataset is synthetic, whose generated scenes it does "
+                             f"not apply to (it applies to images and label files read from disk)")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")
@@ -480,9 +487,7 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
 
 
 def dump_config(cfg: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 __all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "dump_config", "get_dotted",

@@ -23,6 +23,7 @@ import os
 import time
 
 from .config import build_config, load_config
+from .files import atomic_write_text
 from .logging_utils import read_metrics
 
 DEFAULT_WARMUP = 300
@@ -105,10 +106,7 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
 
 
 def _write_done(path: str, seconds: float) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"seconds": seconds}, f)
-    os.replace(tmp, path)  # a whole mark or none
+    atomic_write_text(path, json.dumps({"seconds": seconds}))  # a whole mark or none
 
 
 def _slimmed(path: str) -> bool:
@@ -271,13 +269,10 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
             f"{training:.0f} s in all" + (f" ({total:.0f} s in this call)." if total < training - 1 else "."))
     table = format_table(results)
     print("\n" + table + "\n\n" + note, flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(table + "\n\n" + note + "\n")
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"results": results, "warmup": warm, "total_seconds": total, "training_seconds": training,
-                   "config": base, "note": note,
-                   "warmup_lr": warmup_lr, "warmup_iters": warmup}, f, indent=1)
+    atomic_write_text(os.path.join(out_dir, "summary.md"), table + "\n\n" + note + "\n")
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(
+        {"results": results, "warmup": warm, "total_seconds": total, "training_seconds": training, "config": base,
+         "note": note, "warmup_lr": warmup_lr, "warmup_iters": warmup}, indent=1))
     return results
 
 

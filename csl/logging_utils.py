@@ -11,6 +11,7 @@ import sys
 
 from csl_kernels import log_backend_choices_again
 
+from .files import atomic_write_text
 from .run_folder import TENSORBOARD_DIR
 
 log = logging.getLogger("csl")
@@ -129,10 +130,7 @@ def prune_metrics(path: str, iteration: int) -> int:
             if record is not None and record.get("iter", 0) <= iteration]
     if len(keep) == len(lines):
         return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))
     return len(lines) - len(keep)
 
 

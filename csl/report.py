@@ -21,6 +21,7 @@ import numpy as np
 
 from .analyze import BASELINE_TAU, baseline_row
 from .demo import LABELS as METHOD_LABELS
+from .files import atomic_write_text
 from .logging_utils import read_metrics
 
 # Run names beyond the demo's methods: the CSL stage with the released code's rule (docs/results/camvid.md).
@@ -295,8 +296,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
                       f"alpha {a['alpha']:g}. Pictures: `{os.path.join(r['folder'], 'analysis', m)}/`.\n",
                       selection_table(a), ""]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(parts) + "\n")
+    atomic_write_text(path, "\n".join(parts) + "\n")
     return path
 
 

@@ -54,6 +54,45 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["latest.pt"]
 
 
+def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """config.yaml, summaries, reports, analyses, split lists: a write that fails half-way (a kill, a full disk)
+    leaves the previous file and no temporary one."""
+    import io
+
+    from csl.files import atomic_write_text
+
+    path = tmp_path / "sub" / "summary.json"
+    atomic_write_text(str(path), '{"a": 1}')
+    assert path.read_text() == '{"a": 1}'
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # what open() gives, not a private temporary file's 0600
+
+    class Torn(io.StringIO):  # the file fills up after 3 characters
+        def __init__(self, name, mode):
+            super().__init__()
+            self.file = open(name, mode)  # noqa: SIM115 - closed in __exit__
+
+        def write(self, text):
+            self.file.write(text[:3])
+            raise OSError(28, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr("csl.files.open", Torn, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(str(path), '{"a": 2, "b": 3}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"a": 1}'
+    assert os.listdir(path.parent) == ["summary.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_failed_save_says_where_and_how_much_space_is_left(tmp_path, monkeypatch):
     """A full disk shows up in torch.save as a RuntimeError about zip positions; the error names the file and the
     free space, and the previous checkpoint stays."""

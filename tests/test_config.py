@@ -167,6 +167,10 @@ def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
     # paths with the default dataset: the synthetic scenes would be trained on, the user's files never read
     (["data.root=/data/VOC2012", "data.split=1464"], "data.root, data.split set but data.dataset is synthetic"),
     (["data.val_list=/data/val.txt"], "data.val_list set but data.dataset is synthetic"),
+    # what applies to files read from disk, set for generated scenes
+    (["data.image_scale=0.5", "data.reduce_zero_label=true"],
+     "data.image_scale=0.5, data.reduce_zero_label=True set but data.dataset is synthetic"),
+    (["data.ignore_labels=[11]"], r"data.ignore_labels=\[11\] set but data.dataset is synthetic"),
     (["train.resume=auto", "train.overwrite=true"], "train.resume=auto and train.overwrite=true exclude each other"),
     (["data.scale_range=[a,b]"], "data.scale_range must be"),
 ])

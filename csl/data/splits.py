@@ -14,6 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from ..files import atomic_write_text
 from .datasets import SplitItems, read_split, split_text
 
 
@@ -81,11 +82,7 @@ def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0, overwri
                         raise ValueError(f"{path} exists with another split (another seed or list); pass "
                                          f"--overwrite to replace it, or choose another --out")
     for path, text in files.items():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return written
 
 
