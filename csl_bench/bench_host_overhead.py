@@ -44,6 +44,7 @@ import torch
 
 SHAPE = (2, 3, 4, 5)
 WORKERS = ("triton", "cpu", "baseline", "gpu")
+WORKER_TIMEOUT_S = 900  # one row's process (a first extension build is included): a stuck one is reported
 
 
 def _warmup_calls(calls: int) -> int:
@@ -272,9 +273,14 @@ def main(argv=None) -> dict:
     rows = []
     for name in args.workers:  # one process each: TRITON_INTERPRET is read at import, and the launch stub stays inside
         env = dict(os.environ, TRITON_INTERPRET="1" if name == "triton" else "0")
-        done = subprocess.run([sys.executable, "-m", "csl_bench.bench_host_overhead", "--worker", name, "--calls",
-                               str(args.calls), "--repeats", str(args.repeats)], env=env, capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent.parent)
+        try:
+            done = subprocess.run([sys.executable, "-m", "csl_bench.bench_host_overhead", "--worker", name, "--calls",
+                                   str(args.calls), "--repeats", str(args.repeats)], env=env, capture_output=True,
+                                  text=True, cwd=Path(__file__).resolve().parent.parent, timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rows.append({"op": "-", "provider": name, "error": f"no result within {WORKER_TIMEOUT_S} s"})
+            print(f"{name}: no result within {WORKER_TIMEOUT_S} s", file=sys.stderr)
+            continue
         if done.returncode != 0:
             rows.append({"op": "-", "provider": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             print(f"{name}: failed: {done.stderr.strip()[-2000:]}", file=sys.stderr)
