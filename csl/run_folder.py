@@ -62,7 +62,7 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(json.dumps(me))
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and not self._stale(holder):
@@ -75,12 +75,30 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             atexit.register(self.release)
             return
         raise RunFolderError(f"could not take the lock {self.path}")
+
+    def _create(self, text: str) -> None:
+        """Create the lock file with ``text`` in one step (FileExistsError when it exists): written to a temporary
+        file, then hard-linked to the lock's name, so another trainer never reads a lock that exists but is still
+        empty (which it would take for a stale one). Where the file system has no hard links, an exclusive create
+        and a write."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def _holder(self) -> dict | None:
         try:
@@ -143,9 +161,10 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def _remove_orphans(folder: str) -> None:
-    """Temporary checkpoint files a killed writer left behind (``.latest.pt.*.tmp``)."""
+    """Temporary files a killed writer left behind (``.latest.pt.*.tmp``, ``.config.yaml.*.tmp``)."""
     for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES):
+        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.")
+                                                                  for f in RUN_FILES + SIDE_FILES):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
-                log.info("removed %s, left by an interrupted checkpoint write", name)
+                log.info("removed %s, left by an interrupted write", name)

@@ -53,6 +53,34 @@ def test_two_trainers_on_one_folder(tmp_path):
     Trainer(config(tmp_path, **{"train.overwrite": True})).close()
 
 
+def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
+    """The lock file is never seen empty (a second trainer would take an empty one for a stale lock and remove it):
+    it appears under its name already written, also where the file system has no hard links."""
+    from csl.run_folder import RunLock
+
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.append(json.loads(open(src).read()))  # what the lock will hold, complete before it has its name
+        return real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    assert seen and seen[0]["pid"] == os.getpid()
+    assert json.loads((tmp_path / LOCK_NAME).read_text()) == seen[0]
+    with pytest.raises(RunFolderError, match="in use by process"):
+        RunLock(str(tmp_path)).acquire()
+    lock.release()
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(PermissionError(1, "no hard links")))
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no temporary file left
+    lock.release()
+
+
 def test_best_is_written_before_latest(tmp_path, monkeypatch):
     """A kill after the first checkpoint write of an improving epoch leaves best.pt, not only latest.pt."""
     trainer = Trainer(config(tmp_path))
