@@ -537,11 +537,15 @@ class Trainer:
             return
         n = self.window.count
         keys = [k for k in LOSS_KEYS if k in self.window.sums]
-        values = torch.stack([self.window.sums[k] for k in keys]).cpu().tolist()  # the only sync per interval
+        stacked = torch.stack([self.window.sums[k] for k in keys])
+        # Which losses are non-finite on any rank: every rank stops at the same iteration (one rank stopping alone
+        # would leave the others waiting in the next step's collectives).
+        non_finite = all_reduce_sum((~torch.isfinite(stacked)).to(stacked.dtype)).cpu().tolist()
+        values = stacked.cpu().tolist()  # with the line above, the only syncs per interval
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"]}
-        if not all(math.isfinite(v) for v in values):
-            bad = [k for k, v in zip(keys, values, strict=True) if not math.isfinite(v)]
+        if any(non_finite):
+            bad = [k for k, flag in zip(keys, non_finite, strict=True) if flag]
             raise NonFiniteTrainingError(
                 f"the training loss ({', '.join(bad)}) became NaN / inf within iterations "
                 f"{self.iteration - n + 1}-{self.iteration}; stopped without saving this state ({self._last_good()}). "
