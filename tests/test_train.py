@@ -151,8 +151,9 @@ def _losses(path: str) -> list[tuple]:
 def test_resume_continues_exactly(tmp_path):
     """6 iterations in one go == 3 iterations, a fresh process-like restart from the checkpoint, 3 more. The restart
     is mid-epoch (4 iterations per epoch), so sampler position, RNG streams, optimizer momentum, schedule and BN
-    statistics must all come back."""
-    over = {"train.iters": 6, "train.iters_per_epoch": 4, "train.ckpt_every": 3}
+    statistics must all come back; so must the running sums of a log window (2 iterations: the restart is inside
+    one) and of the epoch's pseudo-label counts."""
+    over = {"train.iters": 6, "train.iters_per_epoch": 4, "train.ckpt_every": 3, "train.log_every": 2}
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full = Trainer(tiny_config(full_dir, **over))
     full.train()
@@ -178,8 +179,10 @@ def test_resume_continues_exactly(tmp_path):
     second.close()
 
     a, b = _losses(str(full_dir / "metrics.jsonl")), _losses(str(split_dir / "metrics.jsonl"))
-    assert [r[0] for r in a] == list(range(1, 7)) and [r[0] for r in b] == list(range(1, 7))
+    assert [r[0] for r in a] == [2, 4, 6] and [r[0] for r in b] == [2, 4, 6]
     assert a == b  # bitwise-equal loss values, mask ratios and learning rates
+    pl_a = read_metrics(str(full_dir / "metrics.jsonl"), "pseudo_labels")
+    assert pl_a and pl_a == read_metrics(str(split_dir / "metrics.jsonl"), "pseudo_labels")
     wa, wb = full.bare_model.state_dict(), second.bare_model.state_dict()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
