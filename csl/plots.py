@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from csl_kernels import IGNORE_INDEX
+
 from .analyze import baseline_row
 
 
@@ -110,7 +112,7 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     plt = _pyplot()
     f0, f1 = example["f0"].reshape(-1), example["dispersion"].reshape(-1)
     correct = (example["pred"] == example["target"]).reshape(-1)
-    valid = (example["target"] != example.get("ignore_index", 255)).reshape(-1)
+    valid = (example["target"] != example.get("ignore_index", IGNORE_INDEX)).reshape(-1)
     cluster = pcos_clusters(f0, f1)
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(f0))[:max_points]
@@ -145,7 +147,7 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     return _save(fig, out_dir, "feature_plane.png")
 
 
-def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     out = np.zeros((*labels.shape, 3), dtype=np.uint8)
     ok = (labels >= 0) & (labels < len(colours)) & (labels != ignore_index)
     out[ok] = colours[labels[ok]]
