@@ -1,11 +1,11 @@
 """What a user would write instead of csl_kernels: the official-style CSL selection and the UniMatch-style loss.
 
-The authors' training code is not available offline, so this follows Algorithm 1 of the CSL paper in the style of
-UniMatch-family trainers: batched softmax features, then a Python loop over the images of the batch with boolean
-indexing of the valid pixels and ``torch.linalg.svd`` of the 2 x N feature matrix, the cluster statistics with
-``Tensor.mean`` / ``Tensor.var`` and the Gaussian weights with the preservation rule. It computes the same math as
-``csl_kernels.pcos_weights`` (``docs/selection.md`` Sec. 1-2, ``confidence="prob"``, ``groups="image"``) so the
-outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite).
+This follows Algorithm 1 of the CSL paper (not the authors' released code, whose rule differs: ``docs/selection.md``
+Sec. 2b) in the style of UniMatch-family trainers: batched softmax features, then a Python loop over the images of the
+batch with boolean indexing of the valid pixels and ``torch.linalg.svd`` of the 2 x N feature matrix, the cluster
+statistics with ``Tensor.mean`` / ``Tensor.var`` and the Gaussian weights with the preservation rule. It computes the
+same math as ``csl_kernels.pcos_weights`` (``docs/selection.md`` Sec. 1-2, ``confidence="prob"``, ``groups="image"``) so
+the outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Measured on an H200 (``docs/results/gpu-check/2026-11-30-h200``): at B16 C21 321
 
 The choice is logged (INFO: with both timings when measured; a cached one at its first use in a process and in each
 run's log) and kept in ``$XDG_CACHE_HOME/csl/auto-backend.json`` (``CSL_AUTO_CACHE`` elsewhere), beside the Triton
-launch tuning. No timing happens while a CUDA graph is captured or ``torch.compile`` traces: a cached choice is used,
-else the static order of ``_backends.AUTO_ORDER``.
+launch tuning. No timing happens while a CUDA graph is captured (a cached choice is used, else the static order of
+``_backends.AUTO_ORDER``) or while ``torch.compile`` traces (the static order, not the cached choice: the cache is a
+file, which a trace does not read).
 A backend named with ``backend=`` (or ``kernels.backend`` in the trainer) is used as it is.
 """
 

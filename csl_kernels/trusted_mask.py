@@ -82,7 +82,7 @@ def trusted_mask(
     Args:
         images: ``B x K x H x W`` floating (normalised images; any number of channels K).
         reliable: ``B x H x W`` bool, the pixels that may be hidden (``PCOSResult.reliable``).
-        block: cell size in pixels; the grid has ``round(H / block) x round(W / block)`` cells.
+        block: cell size in pixels; the grid has ``max(1, floor(H / block + 1/2))`` x the same for W cells.
         rate: probability that a cell is covered, in [0, 1].
         generator: optional ``torch.Generator`` for a reproducible grid (the grid is drawn on its device).
         fill: value written into hidden pixels (0 = the dataset mean after normalisation).
