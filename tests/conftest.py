@@ -100,24 +100,29 @@ def _restore_loggers():
 
 @pytest.fixture(autouse=True)
 def _cuda_errors_stay_with_their_test():
+    yield
+    check_cuda_after_test()
+
+
+def check_cuda_after_test() -> None:
     """A CUDA error (an illegal address, a device assert) is reported by a later call, often in a later test, and
     leaves the process's CUDA context unusable. Synchronising after each test that used CUDA blames the test that
     caused it; under pytest-xdist the worker then ends (the controller reports this test as crashed and starts a new
     worker, so the tests after it are not failed by the lost context), with the error in CSL_TEST_PROGRESS's details
     file and on stderr."""
-    yield
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return
     try:
         torch.cuda.synchronize()
     except RuntimeError as exc:
         message = f"CUDA error left by this test: {exc}".strip()
-        if not os.environ.get("PYTEST_XDIST_WORKER"):
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if not worker:
             pytest.fail(message + " (the CUDA context is lost: the tests after this one in this process fail too)")
         progress = os.environ.get("CSL_TEST_PROGRESS")
         if progress:
             with open(progress + ".details", "a") as f:
-                f.write(f"==== CUDA error after a test in worker {os.environ['PYTEST_XDIST_WORKER']}\n{message}\n\n")
+                f.write(f"==== CUDA error after a test in worker {worker}\n{message}\n\n")
         print(message, file=sys.stderr, flush=True)
         os._exit(3)
 

@@ -1,0 +1,89 @@
+"""The suite's own harness (tests/conftest.py): outcomes written as they happen, the exit watchdog, CUDA errors
+blamed on the test that left them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import conftest
+
+    path = tmp_path / "progress.txt"
+    monkeypatch.setenv("CSL_TEST_PROGRESS", str(path))
+    text = "def test_x():\n>       assert 1 == 2\nE       assert 1 == 2\n\ntests/test_x.py:3: AssertionError"
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::test_x",
+                                                      longreprtext=text))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=True, skipped=False, when="call",
+                                                      nodeid="tests/test_x.py::ok", longreprtext="", duration=1.5))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=True, skipped=False, when="setup",
+                                                      nodeid="tests/test_x.py::ok", longreprtext="", duration=0.1))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="setup", nodeid="tests/test_x.py::fx",
+                                                      longreprtext="E   RuntimeError: boom"))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, passed=False, skipped=True, when="setup",
+                                                      nodeid="tests/test_x.py::gpu", longreprtext="",
+                                                      longrepr=("x.py", 3, "Skipped: needs a CUDA device")))
+    assert path.read_text().splitlines() == ["FAILED tests/test_x.py::test_x E       assert 1 == 2",
+                                             "PASSED tests/test_x.py::ok 1.50s",
+                                             "ERROR tests/test_x.py::fx E   RuntimeError: boom",
+                                             "SKIPPED tests/test_x.py::gpu Skipped: needs a CUDA device"]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker writes nothing: its controller does
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::w",
+                                                      longreprtext="E x"))
+    assert len(path.read_text().splitlines()) == 4
+    details = (tmp_path / "progress.txt.details").read_text()
+    assert "==== FAILED tests/test_x.py::test_x (call)" in details and "tests/test_x.py:3: AssertionError" in details
+
+
+def test_a_process_held_after_the_run_dumps_its_stacks_and_exits(tmp_path):
+    """The exit watchdog: a non-daemon thread that never ends would hold the interpreter forever; with
+    CSL_TEST_PROGRESS set the process writes its stacks and exits after the grace time."""
+    import subprocess
+    import sys
+
+    script = ("import sys, threading, time; sys.path.insert(0, 'tests'); import conftest; "
+              "conftest.pytest_unconfigure(None); time.sleep(2); "  # armed only when the main thread ends
+              "threading.Thread(target=lambda: time.sleep(600), name='stuck').start()")
+    path = tmp_path / "progress.txt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "CSL_TEST_PROGRESS": str(path), "CSL_TEST_EXIT_GRACE": "1",
+           "PYTEST_XDIST_WORKER": "gw7"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          timeout=60, capture_output=True, text=True)
+    assert proc.returncode != 0
+    dump = (tmp_path / "progress.txt.hang-gw7").read_text()
+    assert dump.startswith("Timeout (0:00:01)!") and "in _shutdown" in dump and "in <lambda>" in dump, dump
+
+
+def test_a_cuda_error_is_blamed_on_the_test_that_left_it(tmp_path, monkeypatch):
+    """After a test that used CUDA, a pending CUDA error fails that test (one process) or ends the xdist worker with
+    the error written down (the lost context would fail every later test of the worker)."""
+    import conftest
+
+    synced = []
+
+    def synchronize():
+        synced.append(True)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    conftest.check_cuda_after_test()  # CUDA never used by the test: nothing to check
+    assert not synced
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="CUDA error left by this test: .*illegal memory access"):
+        conftest.check_cuda_after_test()
+    exits = []
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    monkeypatch.setenv("CSL_TEST_PROGRESS", str(tmp_path / "progress.txt"))
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    conftest.check_cuda_after_test()
+    assert exits == [3]
+    assert "CUDA error after a test in worker gw3" in (tmp_path / "progress.txt.details").read_text()
