@@ -21,7 +21,7 @@ import csl_kernels
 from csl_kernels import PCOSResult
 from csl_kernels._checks import valid_mask
 
-from .config import CHOICES
+from .config import CHOICES, DEFAULTS
 
 SELECTION_MODES = CHOICES["selection.mode"]
 
@@ -71,6 +71,15 @@ def most_confident_at_share(logits: torch.Tensor, ignore: torch.Tensor | None, c
     return PCOSResult(selected.to(csl.weight.dtype), csl.label, selected)
 
 
+def unused_selection_settings(selection_cfg: dict) -> list[str]:
+    """The ``selection`` keys set away from their defaults that the mode does not read: ``alpha``, ``confidence``
+    and ``rule`` with ``mode=threshold``, ``tau`` with the PCOS modes."""
+    mode = selection_cfg.get("mode", "csl")
+    keys = ("alpha", "confidence", "rule") if mode == "threshold" else ("tau",)
+    return [f"selection.{key}={selection_cfg[key]}" for key in keys
+            if key in selection_cfg and selection_cfg[key] != DEFAULTS["selection"][key]]
+
+
 def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
     """From the config's ``selection`` section (``mode``, ``alpha``, ``confidence``, ``tau``, ``rule``) and the
     kernels' ``backend`` (the config's ``kernels.backend``)."""
@@ -79,4 +88,4 @@ def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
                     rule=selection_cfg.get("rule", "paper"), backend=backend)
 
 
-__all__ = ["SELECTION_MODES", "Selector", "build_selector", "most_confident_at_share"]
+__all__ = ["SELECTION_MODES", "Selector", "build_selector", "most_confident_at_share", "unused_selection_settings"]

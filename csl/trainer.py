@@ -48,7 +48,7 @@ from .distributed import (
 from .logging_utils import MetricsWriter, progress_bar, prune_metrics, setup_logging
 from .losses import build_labeled_criterion
 from .run_folder import claim_run_folder
-from .selection import build_selector
+from .selection import build_selector, unused_selection_settings
 from .step import StepConfig, resolve_amp, supervised_step, train_step
 
 log = logging.getLogger("csl")
@@ -332,6 +332,9 @@ class Trainer:
                  t["poly_power"], {None: "fp32"}.get(self.amp_dtype, str(self.amp_dtype).replace("torch.", "")))
         selection = (f"selection {self.selector.mode}, TMP {'on' if self.cfg['tmp']['enabled'] else 'off'}"
                      if self.semi else "supervised only")
+        unused = unused_selection_settings(self.cfg["selection"]) if self.semi else []
+        if unused:
+            log.warning("%s: not used by selection.mode=%s", ", ".join(unused), self.selector.mode)
         full, rest = divmod(self.total_iters, self.iters_per_epoch)
         epochs = (f"{full} epoch(s) of {self.iters_per_epoch}" if full else "") + (
             f"{' + ' if full else ''}{rest} of an epoch of {self.iters_per_epoch}" if rest else "")

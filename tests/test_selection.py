@@ -94,3 +94,18 @@ def test_every_configurable_selection_mode_selects():
         assert selection.reliable.any() and not selection.reliable.all(), mode
     with pytest.raises(ValueError, match="selection mode must be one of"):
         Selector(mode="top_k")
+
+
+def test_settings_the_selection_mode_does_not_read_are_named(tmp_path):
+    from test_train import tiny_config
+
+    from csl.selection import unused_selection_settings
+    from csl.trainer import Trainer
+
+    assert unused_selection_settings({"mode": "threshold", "alpha": 4.0, "rule": "paper", "tau": 0.9}) == [
+        "selection.alpha=4.0"]
+    assert unused_selection_settings({"mode": "csl", "alpha": 4.0, "rule": "released", "tau": 0.9}) == [
+        "selection.tau=0.9"]
+    assert unused_selection_settings({"mode": "csl_class", "alpha": 8.0, "tau": 0.95}) == []
+    Trainer(tiny_config(tmp_path, **{"selection.mode": "threshold", "selection.alpha": 4.0})).close()
+    assert "selection.alpha=4.0: not used by selection.mode=threshold" in (tmp_path / "train.log").read_text()
