@@ -112,7 +112,8 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
         raise ConfigError(f"{path} stores no config (a UniMatch / CSL checkpoint?); pass --config, e.g. "
                           f"--config voc_321 for their Pascal model")
     # Where the run trained (its device, its kernels' backend) is not part of the model: a GPU run's checkpoint is
-    # evaluated with this machine's choice (every backend computes the same), unless the overrides name one.
+    # evaluated with this machine's choice (the backends compute the same; another device type may differ in the
+    # last bits), unless the overrides name one.
     return build_config(stored, [*WHERE_IT_RAN, *(overrides or [])])
 
 

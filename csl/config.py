@@ -379,7 +379,7 @@ def validate(cfg: dict) -> dict:
                  if d[key] is not None]
         _require(not given, f"{', '.join(given)} set but data.dataset is synthetic (the default), which reads no "
                             f"files; set data.dataset (camvid, pascal, cityscapes, coco or folder)")
-        # What applies to label files and loaded images only: set for synthetic data, it would change nothing.
+        # What applies to label files and loaded images only: set for synthetic data, training would ignore it.
         unused = [f"data.{key}={d[key]}" for key in ("image_scale", "ignore_index", "ignore_labels",
                                                      "reduce_zero_label") if d[key] != DEFAULTS["data"][key]]
         _require(not unused, f"{', '.join(unused)} set but data.dataset is synthetic, whose generated scenes it does "

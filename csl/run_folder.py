@@ -16,12 +16,14 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 log = logging.getLogger("csl")
 
 # What makes a folder hold a run (a checkpoint, a non-empty metrics log, the demo's done mark); a start that failed
-# before training leaves only config.yaml and train.log, which the next start replaces.
+# before training leaves at most train.log and config.yaml (written once the set-up succeeded), which the next start
+# replaces.
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "done.json")
 SIDE_FILES = ("config.yaml", "train.log")
 TENSORBOARD_DIR = "tb"  # scalars of a run (csl.logging_utils.MetricsWriter), replaced with it
@@ -85,9 +87,12 @@ class RunLock:
         file, then hard-linked to the lock's name, so another trainer never reads a lock that exists but is still
         empty (which it would take for a stale one). Where the file system has no hard links, an exclusive create
         and a write."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        # A name of its own (two hosts sharing the folder may have the same process id); the lock's usual mode.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=os.path.basename(self.path) + ".",
+                                   suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         try:
             os.link(tmp, self.path)
         except FileExistsError:
@@ -161,10 +166,11 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def _remove_orphans(folder: str) -> None:
-    """Temporary files a killed writer left behind (``.latest.pt.*.tmp``, ``.config.yaml.*.tmp``)."""
+    """Temporary files a killed writer left behind (``.latest.pt.*.tmp``, ``.config.yaml.*.tmp``,
+    ``.csl.lock.*.tmp``)."""
+    prefixes = tuple(f".{f}." for f in RUN_FILES + SIDE_FILES) + (LOCK_NAME + ".",)
     for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.")
-                                                                  for f in RUN_FILES + SIDE_FILES):
+        if name.endswith(".tmp") and name.startswith(prefixes):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
                 log.info("removed %s, left by an interrupted write", name)

@@ -164,6 +164,19 @@ def stored_config(cfg: dict) -> dict:
     return {**cfg, "train": {**cfg["train"], "resume": None, "overwrite": False}}
 
 
+def saved_device_type(ckpt: dict) -> str | None:
+    """The device type a checkpoint's "step" generator state belongs to: its ``device_type``; for a checkpoint
+    written before that key, told by the state's size (16 bytes for CUDA's Philox seed and offset, ~5 KB for the CPU's
+    Mersenne Twister); None without one."""
+    if "device_type" in ckpt:
+        return ckpt["device_type"]
+    rng = ckpt.get("rng") or []
+    step = rng[0].get("generators", {}).get("step") if rng and isinstance(rng[0], dict) else None
+    if not isinstance(step, torch.Tensor):
+        return None
+    return "cuda" if step.numel() == 16 else "cpu"
+
+
 def check_start_files(cfg: dict, resume_from: str | None) -> None:
     """The files a start reads besides the data: a missing one is an error now, not after the data is built."""
     files = [("--resume / train.resume", resume_from)]
@@ -438,13 +451,15 @@ class Trainer:
         if self.env.is_main:
             prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration)
         rng = ckpt.get("rng") or []
-        saved_type = ckpt.get("device_type", self.device.type)
+        saved_type = saved_device_type(ckpt) or self.device.type
         if len(rng) != self.env.world_size:
             log.warning("checkpoint has random states of %d rank(s), this run has %d: random streams not restored",
                         len(rng), self.env.world_size)
         elif saved_type != self.device.type:
-            log.warning("checkpoint trained on %s, this run is on %s: random streams not restored", saved_type,
+            log.warning("checkpoint trained on %s, this run is on %s: the step's random generator (CutMix boxes, "
+                        "TMP grids) starts afresh; the other random streams are restored", saved_type,
                         self.device.type)
+            restore_rng(rng[self.env.rank])
         else:
             restore_rng(rng[self.env.rank], {"step": self.generator})
 
@@ -469,6 +484,7 @@ class Trainer:
         if last.get("iter") == self.iteration and last.get("miou") == self.best_miou:
             payload = self.state_dict()
             payload["rng"] = ckpt.get("rng") or []
+            payload["device_type"] = saved_device_type(ckpt) or self.device.type  # the kind of those states
             atomic_save(payload, best)
             log.warning("%s was missing; rewritten from %s, whose state is the best one (mIoU %.2f)", best, path,
                         100 * self.best_miou)
@@ -622,7 +638,7 @@ class Trainer:
                  " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
         self.save(tuple(names))
 
-    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict) -> None:
+    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None) -> None:
         if self.env.world_size > 1:  # the other ranks may not reach the collective of a save
             log.warning("the evaluation at iteration %d did not finish; with %d processes the epoch is not saved",
                         self.iteration, self.env.world_size)

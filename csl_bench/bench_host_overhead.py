@@ -263,6 +263,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: print only)")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="which rows: triton (interpreter, launches stubbed), cpu, baseline, gpu (real launches)")
+    parser.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S,
+                        help="seconds one row's process may take before it is reported as stuck and the next runs")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -276,10 +278,10 @@ def main(argv=None) -> dict:
         try:
             done = subprocess.run([sys.executable, "-m", "csl_bench.bench_host_overhead", "--worker", name, "--calls",
                                    str(args.calls), "--repeats", str(args.repeats)], env=env, capture_output=True,
-                                  text=True, cwd=Path(__file__).resolve().parent.parent, timeout=WORKER_TIMEOUT_S)
+                                  text=True, cwd=Path(__file__).resolve().parent.parent, timeout=args.worker_timeout)
         except subprocess.TimeoutExpired:
-            rows.append({"op": "-", "provider": name, "error": f"no result within {WORKER_TIMEOUT_S} s"})
-            print(f"{name}: no result within {WORKER_TIMEOUT_S} s", file=sys.stderr)
+            rows.append({"op": "-", "provider": name, "error": f"no result within {args.worker_timeout:g} s"})
+            print(f"{name}: no result within {args.worker_timeout:g} s", file=sys.stderr)
             continue
         if done.returncode != 0:
             rows.append({"op": "-", "provider": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})

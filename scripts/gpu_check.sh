@@ -191,13 +191,14 @@ reason = ck.unavailable_reason('pcos_weights', '$BUILD_DEV' if '$BUILD_DEV' == '
 print('extension', 'ready' if reason is None else 'unavailable: ' + reason, f'in {time.perf_counter() - t:.1f} s')
 raise SystemExit(0 if reason is None else 1)
 " > "$OUT/build.log" 2>&1
-for log in "$TORCH_EXTENSIONS_DIR"/*/build.log; do  # a failed build's whole error (the folder is deleted at the end)
-  [ -f "$log" ] && cp "$log" "$OUT/build-$(basename "$(dirname "$log")").log"
-done
 if [ "${STATUS[build]}" != 0 ]; then
-  # A build killed at its limit leaves torch's lock file, on which every later build would wait: removed. A failed
-  # CUDA part is not compiled again by every later process (benchmarks, each test worker): the CPU part is used.
-  rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
+  for log in "$TORCH_EXTENSIONS_DIR"/csl*/build.log; do  # the whole error (the work folder is deleted at the end)
+    [ -f "$log" ] && cp "$log" "$OUT/build-$(basename "$(dirname "$log")").log"
+  done
+  # A build killed at its limit leaves torch's lock file, on which every later build would wait: removed (in this
+  # script's own build folder only). A failed CUDA part is not compiled again by every later process (benchmarks,
+  # each test worker): the CPU part is used.
+  [ "$TORCH_EXTENSIONS_DIR" = "$WORK/torch_extensions" ] && rm -f "$TORCH_EXTENSIONS_DIR"/csl*/lock
   if grep -q "building the CPU part alone" "$OUT/build.log"; then
     export CSL_EXT_CUDA=0
     NOTES+=("The extension's CUDA part did not build (build.log): the later stages ran with CSL_EXT_CUDA=0, so the cuda backend's tests fail with that reason.")
@@ -231,7 +232,7 @@ CSL_TRITON_AUTOTUNE=1 CSL_AUTO_CACHE="$WORK/auto-backend.json" stage auto 90 "$P
 # probe's compiler must not share the cores with it (it has finished in the cases seen; at most 60 s more here)
 for _ in $(seq 60); do kill -0 "$PROBE_PID" 2>/dev/null || break; sleep 1; done
 if [ $DRY = 1 ]; then HOST=(cpu baseline gpu); else HOST=(gpu baseline); fi
-stage host 90 "$PY" -m csl_bench.bench_host_overhead --calls 1000 --repeats 5 --workers "${HOST[@]}" \
+stage host 90 "$PY" -m csl_bench.bench_host_overhead --calls 1000 --repeats 5 --workers "${HOST[@]}" --worker-timeout 40 \
   --out "$OUT/host.json" > "$OUT/host.log" 2>&1
 
 # 6. The test suite: parallel, GPU tests first, a time limit per test, outcomes written as they happen

@@ -15,6 +15,7 @@ def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
     import conftest
 
     path = tmp_path / "progress.txt"
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # as the controller: under xdist this runs in a worker
     monkeypatch.setenv("CSL_TEST_PROGRESS", str(path))
     text = "def test_x():\n>       assert 1 == 2\nE       assert 1 == 2\n\ntests/test_x.py:3: AssertionError"
     conftest.pytest_runtest_logreport(SimpleNamespace(failed=True, when="call", nodeid="tests/test_x.py::test_x",

@@ -228,12 +228,22 @@ def test_a_failed_resume_leaves_config_yaml_and_says_why(tmp_path):
     with pytest.raises(ConfigError, match="trained with 4 classes, this config's data has 6"):
         Trainer(config(tmp_path, **{"train.resume": "auto", "data.num_classes": 6, "train.iters": 8}))
     assert (tmp_path / "config.yaml").read_text() == before
-    # A checkpoint of another device type: its random streams are left as they are, with a warning.
+    # A checkpoint of another device type (named, or told by its generator state's size in a checkpoint written
+    # before the key): the step's generator starts afresh with a warning, the other streams are restored.
+    from csl.trainer import saved_device_type
+
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
-    ckpt["device_type"] = "cuda"
+    assert ckpt["device_type"] == "cpu" and saved_device_type({"rng": ckpt["rng"]}) == "cpu"
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: Philox seed and offset
+    assert saved_device_type({"rng": [{"generators": {"step": cuda_state}}]}) == "cuda"
+    assert saved_device_type({}) is None
+    del ckpt["device_type"]
+    ckpt["rng"][0]["generators"]["step"] = cuda_state
     torch.save(ckpt, tmp_path / "latest.pt")
-    Trainer(config(tmp_path, **{"train.resume": "auto"})).close()
-    assert "checkpoint trained on cuda, this run is on cpu: random streams not restored" in (
+    resumed = Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"][0]["torch"])
+    resumed.close()
+    assert "checkpoint trained on cuda, this run is on cpu: the step's random generator" in (
         tmp_path / "train.log").read_text()
     # A float16 loss scaler resumed from a float32 run starts afresh (its saved state is empty).
     Trainer(config(tmp_path, **{"train.resume": "auto", "train.amp": "fp16"})).close()
