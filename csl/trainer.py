@@ -559,8 +559,8 @@ class Trainer:
         stacked = torch.stack([self.window.sums[k] for k in keys])
         # Which losses are non-finite on any rank: every rank stops at the same iteration (one rank stopping alone
         # would leave the others waiting in the next step's collectives).
-        non_finite = all_reduce_sum((~torch.isfinite(stacked)).to(stacked.dtype)).cpu().tolist()
-        values = stacked.cpu().tolist()  # with the line above, the only syncs per interval
+        non_finite = all_reduce_sum((~torch.isfinite(stacked)).to(stacked.dtype))
+        values, non_finite = torch.stack([stacked, non_finite]).cpu().tolist()  # the only sync per interval
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if any(non_finite):
