@@ -8,16 +8,16 @@ previous file intact.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import atomic_open
 
 log = logging.getLogger("csl")
 
@@ -46,32 +46,17 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 
 
 def atomic_save(payload: dict, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """``torch.save`` to ``path`` whole or not at all (:func:`csl.files.atomic_open`: a private temporary file beside
+    it, fsync, rename). A failed write raises OSError naming the file and the free space on its file system."""
     check_plain(payload)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, binary=True, permissions=0o600, durable=True) as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
-            raise
+    except Exception as exc:  # KeyboardInterrupt, SystemExit: as they are
         # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
-        free = shutil.disk_usage(folder).free / 2**20
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
         raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({free:.0f} MiB free on its "
                       f"file system; the previous file, if any, is unchanged)") from exc
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:

@@ -1,25 +1,50 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all: a temporary file beside the target, then a rename over it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+from collections.abc import Iterator
+from typing import IO
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file beside it, then a rename): a kill or a full
-    disk leaves the previous file, never a torn one."""
+@contextlib.contextmanager
+def atomic_open(path: str, binary: bool = False, *, permissions: int = 0o666, durable: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; when the block ends without an exception, rename it over
+    ``path``. A kill, a full disk or an exception leaves the previous file (if any) and no temporary one.
+
+    ``permissions`` are the new file's before the umask (0o666: what ``open()`` gives; 0o600: private).
+    ``durable`` fsyncs the file before the rename and the folder after it, so the rename survives a power loss."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # the umask's permissions, as open()
+    # A name no other process or thread uses; the run folder's clean-up removes ".<name>.*.tmp" a kill left behind.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if durable:
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
 
-__all__ = ["atomic_write_text"]
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_open`), with the umask's permissions."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+__all__ = ["atomic_open", "atomic_write_text"]

@@ -23,6 +23,7 @@ def test_atomic_save_roundtrip(tmp_path):
     assert obj["iteration"] == 1 and torch.equal(obj["model"]["w"], torch.ones(3))
     assert obj["nested"] == [1, (2.5, None)]
     assert os.listdir(tmp_path / "sub") == ["latest.pt"]  # no temporary file left behind
+    assert os.stat(path).st_mode & 0o777 == 0o600 & ~_umask()  # checkpoints are private to their owner
 
 
 def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
@@ -57,8 +58,6 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
 def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """config.yaml, summaries, reports, analyses, split lists: a write that fails half-way (a kill, a full disk)
     leaves the previous file and no temporary one."""
-    import io
-
     from csl.files import atomic_write_text
 
     path = tmp_path / "sub" / "summary.json"
@@ -67,19 +66,24 @@ def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     mode = path.stat().st_mode & 0o777
     assert mode == 0o666 & ~_umask()  # what open() gives, not a private temporary file's 0600
 
-    class Torn(io.StringIO):  # the file fills up after 3 characters
-        def __init__(self, name, mode):
-            super().__init__()
-            self.file = open(name, mode)  # noqa: SIM115 - closed in __exit__
+    real_fdopen = os.fdopen
+
+    class Torn:  # the file fills up after 3 characters
+        def __init__(self, fd, mode):
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
 
         def write(self, text):
             self.file.write(text[:3])
+            self.file.flush()
             raise OSError(28, "No space left on device")
 
         def __exit__(self, *exc):
             self.file.close()
 
-    monkeypatch.setattr("csl.files.open", Torn, raising=False)
+    monkeypatch.setattr("csl.files.os.fdopen", Torn)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_text(str(path), '{"a": 2, "b": 3}')
     monkeypatch.undo()
