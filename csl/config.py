@@ -420,7 +420,7 @@ def validate(cfg: dict) -> dict:
     _require(not (t["resume"] and t["overwrite"]), f"train.resume={t['resume']} and train.overwrite=true exclude "
              f"each other (--resume continues the run, --overwrite deletes it first): pass one")
     _require(s["alpha"] > 0, f"selection.alpha must be > 0, got {s['alpha']}")
-    _require(0 < s["tau"] <= 1, f"selection.tau must be in (0, 1], got {s['tau']}")
+    _require(0 <= s["tau"] <= 1, f"selection.tau must be in [0, 1], got {s['tau']}")
     _require(m["block"] >= 1, f"tmp.block must be >= 1, got {m['block']}")
     for key in ("rate", "fraction"):
         _require(0 <= m[key] <= 1, f"tmp.{key} must be in [0, 1], got {m[key]}")

@@ -3,8 +3,6 @@ with clear errors naming the argument and what was expected, and the one rule fo
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 IGNORE_INDEX = 255
@@ -64,7 +62,7 @@ def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: 
     - ``ignore``: an integer map, the pixel is ignored where ``ignore == 255`` (as segmentation datasets code it);
     - ``valid``: a bool mask, True = valid.
 
-    A bool ``ignore`` is still read as ``valid`` (True = valid), with a DeprecationWarning.
+    A bool ``ignore`` raises TypeError: it reads as "True = ignored" to some callers and "True = valid" to others.
     """
     if ignore is not None and valid is not None:
         raise ValueError("pass ignore= (an integer map, 255 = ignored) or valid= (a bool mask, True = valid), not both")
@@ -78,9 +76,8 @@ def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: 
         return None
     check_pixel_map(ignore, logits, "ignore")
     if ignore.dtype == torch.bool:
-        warnings.warn("a bool ignore= mask (True = valid) is deprecated: pass it as valid= (ignore= is for integer "
-                      "maps with 255 = ignored)", DeprecationWarning, stacklevel=3)
-        return ignore
+        raise TypeError("ignore is a bool tensor, which is ambiguous: pass a bool mask with True = valid as valid= "
+                        "(e.g. valid=ignore_mask != 255), or the integer map itself as ignore= (255 = ignored)")
     if not _is_integer(ignore):
         raise TypeError(f"ignore must be an integer tensor (255 = ignored), got {ignore.dtype}; pass a bool mask "
                         f"(True = valid) as valid=")

@@ -20,17 +20,18 @@ def threshold_weights(
 
     Args:
         logits: ``B x C x H x W``; ignore / valid: optional ``B x H x W`` (see :func:`residual_features`).
-        tau: confidence threshold in (0, 1].
+        tau: confidence threshold in [0, 1]; 0 keeps every valid pixel with finite logits (UniMatch's Cityscapes
+            ``conf_thresh: 0``).
 
     Returns:
         :class:`PCOSResult` with float32 0/1 ``weight``, int64 ``label``, bool ``reliable`` and no stats.
     """
     check_logits(logits)
-    check_fraction(tau, "tau", zero_allowed=False)
+    check_fraction(tau, "tau")
     mask = valid_mask(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
     f0, _, label = impl(logits, mask, False)
-    reliable = f0 >= tau  # invalid pixels have f0 = 0 < tau
+    reliable = (f0 >= tau) & (f0 > 0)  # a valid pixel with finite logits has f0 = pmax >= 1 / C; the others 0
     return PCOSResult(reliable.to(torch.float32), label, reliable, None)
 
 

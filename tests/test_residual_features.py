@@ -391,9 +391,9 @@ MASKED_OPS = {
 
 
 @pytest.mark.parametrize("op", sorted(MASKED_OPS))
-def test_valid_keyword_and_the_deprecated_bool_ignore(op):
-    """A bool mask goes in as valid= (True = valid), an integer map as ignore= (255 = ignored); a bool ignore= still
-    means valid, with a DeprecationWarning; both at once is an error."""
+def test_valid_keyword_and_the_refused_bool_ignore(op):
+    """A bool mask goes in as valid= (True = valid), an integer map as ignore= (255 = ignored); a bool ignore= is
+    refused (True could mean either); both at once is an error."""
     call = MASKED_OPS[op]
     g = torch.Generator().manual_seed(11)
     z = torch.randn(2, 4, 3, 5, generator=g) * 3
@@ -403,11 +403,11 @@ def test_valid_keyword_and_the_deprecated_bool_ignore(op):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = call(z, valid=valid)
-    with pytest.warns(DeprecationWarning, match="valid="):
-        old = call(z, ignore=valid)
-    for a, b, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got, old)), strict=True):
+    with pytest.raises(TypeError, match=r"ignore is a bool tensor, which is ambiguous: .*valid=ignore_mask != 255"):
+        call(z, ignore=valid)
+    for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got)), strict=True):
         if a is not None:
-            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
     assert not torch.equal(call(z, valid=valid)[0] if op != "weighted_cross_entropy" else call(z, valid=valid),
                            call(z, valid=None)[0] if op != "weighted_cross_entropy" else call(z, valid=None))
     with pytest.raises(ValueError, match="not both"):

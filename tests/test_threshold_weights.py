@@ -55,7 +55,7 @@ def test_threshold_matches_float64_softmax(backend, seed):
         # layout stays)
         z[:, 1] = z.max(dim=1).values + torch.rand(z[:, 1].shape, generator=torch.Generator().manual_seed(seed)).to(
             z.device, z.dtype) * 4
-    tau = rng.choice((0.3, 0.5, 0.9, 0.95))
+    tau = rng.choice((0.0, 0.3, 0.5, 0.9, 0.95))
     out = csl_kernels.threshold_weights(z, **masks(ign), tau=tau, backend=backend)
     assert out.stats is None
     assert out.weight.dtype == torch.float32 and out.reliable.dtype == torch.bool and out.label.dtype == torch.long
@@ -87,9 +87,12 @@ def test_threshold_edges(backend):
     ign = torch.tensor([[[255, 0, 255, 1]]], device=device)
     out = csl_kernels.threshold_weights(z, **masks(ign), tau=0.25, backend=backend)
     assert out.weight.cpu().tolist() == [[[0.0, 1.0, 0.0, 1.0]]]
+    z[0, 3, 0, 3] = float("nan")
+    out = csl_kernels.threshold_weights(z, **masks(ign), tau=0.0, backend=backend)  # every valid, finite pixel
+    assert out.weight.cpu().tolist() == [[[0.0, 1.0, 0.0, 0.0]]]
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.1, 1.5, float("nan"), "0.9", None])
+@pytest.mark.parametrize("tau", [-0.1, 1.5, float("nan"), "0.9", None])
 def test_threshold_bad_tau(tau):
     with pytest.raises(ValueError, match="tau"):
         csl_kernels.threshold_weights(torch.randn(1, 3, 2, 2), tau=tau, backend="reference")
