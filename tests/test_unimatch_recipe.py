@@ -16,8 +16,8 @@ def _batch(seed: int, b: int = 2, c: int = 21, h: int = 24, w: int = 20):
     logits = torch.randn(b, c, h, w, generator=g) * 4
     ignore = torch.zeros(b, h, w, dtype=torch.long)
     ignore[:, -3:] = 255  # padding at the bottom, as UniMatch's loader pads a crop
-    box = torch.zeros(b, h, w, dtype=torch.long)
-    box[0, 4:15, 3:12] = 1  # UniMatch's cutmix_box: 1 inside the box, one sample without a box
+    box = torch.zeros(b, h, w)  # UniMatch's obtain_cutmix_box: float32, 1 inside the box
+    box[0, 4:15, 3:12] = 1  # one sample without a box
     return logits, ignore, box
 
 
@@ -48,12 +48,36 @@ def test_recipe_matches_the_trainer_step_pieces():
     torch.testing.assert_close(loss_recipe, loss_trainer, rtol=0, atol=0)
     assert 0 < weight_u_w_cutmixed1[ignore_mask_cutmixed1 != 255].mean() < 1  # soft weights, not a 0/1 mask
 
+    # UniMatch's own loss lines with the threshold mask replaced by the pasted weights, in float64
+    valid = ignore_mask_cutmixed1 != 255
+    unimatch_style = (F.cross_entropy(pred_u_s1.double(), mask_u_w_cutmixed1, reduction="none")
+                      * weight_u_w_cutmixed1.double() * valid).sum() / valid.sum()
+    torch.testing.assert_close(loss_recipe.double(), unimatch_style, rtol=1e-6, atol=1e-7)
+    loss_recipe.backward()
+    grad_recipe = pred_u_s1.grad.clone()
+    pred_u_s1.grad = None
+    unimatch_style.backward()
+    torch.testing.assert_close(grad_recipe, pred_u_s1.grad, rtol=1e-5, atol=1e-7)
+
     # section 4: the trusted mask hides reliable pixels only, and only where the grid covers
     img_u_m = torch.randn(2, 3, 24, 20)
     masked, cover = ck.trusted_mask(img_u_m, sel.reliable, block=8, rate=0.7,
                                     generator=torch.Generator().manual_seed(0))
     assert not (cover & ~sel.reliable).any() and cover.any()
     torch.testing.assert_close(masked, torch.where(cover[:, None], torch.zeros(()), img_u_m))
+
+    # section 4's second stream: masked samples take the masked view and no CutMix box, the others stay as they were
+    img_u_s2 = torch.randn(2, 3, 24, 20)
+    cutmix_box2 = torch.ones(2, 24, 20)
+    use_tmp = torch.tensor([True, False])
+    stream2 = torch.where(use_tmp[:, None, None, None], masked, img_u_s2)
+    box2 = (cutmix_box2 == 1) & ~use_tmp[:, None, None]
+    assert torch.equal(stream2[0], masked[0]) and torch.equal(stream2[1], img_u_s2[1])
+    assert not box2[0].any() and box2[1].all()
+    mask_u_w_cutmixed2 = mask_u_w.clone()
+    mask_u_w_cutmixed2[box2] = mask_u_w_mix[box2]
+    assert torch.equal(mask_u_w_cutmixed2, paste(box2, mask_u_w_mix, mask_u_w))
+    assert torch.equal(mask_u_w_cutmixed2[0], mask_u_w[0])  # the masked sample trains on its own pseudo-labels
 
 
 def test_with_the_threshold_the_recipe_is_unimatch_loss():
