@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "ignore_index": 255,  # the value of ignored pixels in the label files (mapped to 255, csl's own, at load)
         "ignore_labels": None,  # stored label values that mean "unlabelled"; default: the dataset's (camvid: [11])
         "reduce_zero_label": False,  # the files' 0 is "unlabelled": 0 -> ignored, k -> k - 1
-        "check_val_labels": True,  # read every validation mask before training (cached) to find bad values early
+        "check_labels": True,  # read every labeled-training and validation mask before training (cached)
         "image_scale": 1.0,  # scale every image and mask at load (e.g. 0.5: half resolution, also for evaluation)
         "mean": None,  # default: ImageNet
         "std": None,
@@ -158,6 +158,7 @@ RAW_STRING_KEYS = ("data.split",)
 # Keys that moved: a config (or override) holding the old key still loads, with a FutureWarning.
 RENAMED: dict[str, str] = {
     "selection.backend": "kernels.backend",  # it drives TMP, the losses and evaluation too, not only the selection
+    "data.check_val_labels": "data.check_labels",  # it checks the labeled training list too
 }
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

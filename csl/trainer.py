@@ -285,20 +285,8 @@ class Trainer:
                 self.loaders.append(make_train_loader(self.unlabeled, sampler, self.batch_size, workers, self.device,
                                                       seed + stream))
         self.val_loader = None
-        source = getattr(self.val, "source", None)
-        if source is not None and hasattr(source, "check_cached") and cfg["data"]["check_val_labels"]:
-            # Every validation mask read once now (cached), so a bad label value stops the run before training,
-            # not at the first evaluation after an epoch of work.
-            if env.is_main:
-                ran, counts = source.check_cached(progress=cfg["train"]["progress"])
-                if ran:
-                    log.info("validation labels checked: %s", source.description)
-                present = [k for k, n in enumerate(counts) if n > 0]
-                if present and present[-1] + 1 < self.num_classes:
-                    log.warning("data.num_classes is %d but the validation masks hold classes 0..%d only: the "
-                                "model gets %d class(es) no label ever shows; set data.num_classes to the "
-                                "dataset's count", self.num_classes, present[-1], self.num_classes - present[-1] - 1)
-            barrier()
+        if cfg["data"]["check_labels"]:
+            self._check_labels()
         if self.val is not None:
             from .evaluate import make_eval_loader
 
@@ -462,6 +450,27 @@ class Trainer:
             restore_rng(rng[self.env.rank])
         else:
             restore_rng(rng[self.env.rank], {"step": self.generator})
+
+    def _check_labels(self) -> None:
+        """Read every labeled-training and validation mask once now (cached by file stamps), so a bad label value
+        or a missing file stops the run before training, not when a loader worker first draws it or at the first
+        evaluation after an epoch of work."""
+        sources = [getattr(ds, "source", None) for ds in (self.labeled, self.val)]
+        sources = [s for s in sources if s is not None and hasattr(s, "check_cached")]
+        if self.env.is_main:
+            for source in sources:
+                ran, counts = source.check_cached(progress=self.cfg["train"]["progress"])
+                if ran:
+                    log.info("labels checked: %s", source.description)
+                if source is not getattr(self.val, "source", None):
+                    continue
+                present = [k for k, n in enumerate(counts) if n > 0]
+                if present and present[-1] + 1 < self.num_classes:
+                    log.warning("data.num_classes is %d but the validation masks hold classes 0..%d only: the "
+                                "model gets %d class(es) no label ever shows; set data.num_classes to the "
+                                "dataset's count", self.num_classes, present[-1], self.num_classes - present[-1] - 1)
+        if sources:
+            barrier()
 
     def _adopt_resumed_settings(self, path: str, saved: dict) -> None:
         """A resume continues the checkpoint's optimizer, schedule and scaler: the keys set otherwise here take the

@@ -40,10 +40,18 @@ def test_read_split_formats_and_errors(tmp_path):
     path.write_text("JPEGImages/a.jpg SegmentationClass/a.png\n\n# comment\nJPEGImages/b.jpg\n")
     assert read_split(str(path)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png"), ("JPEGImages/b.jpg", None)]
 
+    bom = tmp_path / "bom.txt"  # written by an editor that starts UTF-8 files with a byte-order mark
+    bom.write_text("# list\nJPEGImages/a.jpg SegmentationClass/a.png\n", encoding="utf-8-sig")
+    assert read_split(str(bom)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png")]
+
     bad = tmp_path / "bad.txt"
     bad.write_text("a.jpg a.png\na.jpg a.png extra\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:2"):
+    with pytest.raises(ValueError, match=r"bad\.txt:2: .*paths without whitespace"):
         read_split(str(bad))
+    spaced = tmp_path / "spaced.txt"  # an unlabeled line whose image path holds a space
+    spaced.write_text("images/a.jpg\nimages/my photo.jpg\n")
+    with pytest.raises(ValueError, match=r"spaced\.txt:2: .*whitespace.*a JPEG is no mask"):
+        read_split(str(spaced))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no images"):
@@ -464,3 +472,25 @@ def test_an_unusable_unlabeled_mask_is_no_ground_truth_not_an_error(tmp_path, ca
     os.remove(os.path.join(info["root"], open(info["labeled_list"]).readline().split()[1]))
     with pytest.raises(FileNotFoundError, match="mask file not found"):
         bundle.labeled[0]
+
+
+def test_mean_and_std_on_the_0_255_scale_are_refused(tmp_path):
+    """Images are scaled to [0, 1] before normalising: mmseg's 0-255 constants would make every input ~constant."""
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    data = {"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5}
+    with pytest.raises(ValueError, match=r"data.mean and data.std are for images scaled to \[0, 1\].*divide"):
+        build_datasets({**data, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]})
+    assert build_datasets({**data, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}).labeled is not None
+
+
+def test_a_missing_cityscapes_train_id_mask_says_how_to_make_it(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "c"), layout="cityscapes", num_labeled=2, num_unlabeled=1,
+                                  num_val=1, size=24)
+    os.remove(os.path.join(info["root"], read_split(info["labeled_list"])[1][1]))
+    src = build_datasets({"dataset": "cityscapes", "root": info["root"], "split_dir": info["split_dir"]}
+                         ).labeled.source
+    with pytest.raises(FileNotFoundError, match=r"labelTrainIds.*item 1 of.*createTrainIdLabelImgs"):
+        src.load(1)
+    with pytest.raises(ValueError, match=r"createTrainIdLabelImgs"):
+        src.validate(progress=False)

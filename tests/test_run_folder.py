@@ -257,7 +257,7 @@ def test_a_failed_resume_leaves_config_yaml_and_says_why(tmp_path):
         Trainer(config(tmp_path, **{"train.resume": "auto"}))
 
 
-def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypatch):
+def test_a_bad_labeled_or_validation_mask_stops_the_run_before_training(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
@@ -271,7 +271,7 @@ def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypat
     trainer = Trainer(config(tmp_path / "run1", **data))  # checked: fine, and remembered
     trainer.close()
     stamps = list((tmp_path / "cache" / "csl" / "validated").iterdir())
-    assert len(stamps) == 1
+    assert len(stamps) == 2  # the labeled list and the validation list
     # Too many classes for these masks (a config's num_classes left over): said in the log.
     Trainer(config(tmp_path / "run0", **{**data, "data.num_classes": 8})).close()
     assert "data.num_classes is 8 but the validation masks hold classes 0..4 only" in (
@@ -283,6 +283,14 @@ def test_a_bad_validation_mask_stops_the_run_before_training(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\) in .*val.txt.*label values outside \[0, 5\).*: 9"):
         Trainer(config(tmp_path / "run2", **data))
     assert not (tmp_path / "run2" / "latest.pt").exists()
+    with pytest.warns(FutureWarning, match="data.check_val_labels"):  # the old key turns the check off too
+        Trainer(config(tmp_path / "run3", **data, **{"data.check_val_labels": False})).close()
+    # A labeled mask is read before training too, not first in a loader worker.
+    Image.fromarray(np.zeros_like(mask)).save(val_mask)
+    labeled_mask = os.path.join(info["root"], open(info["labeled_list"]).readlines()[1].split()[1])
+    Image.fromarray(np.full_like(np.array(Image.open(labeled_mask)), 7)).save(labeled_mask)
+    with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\) in .*labeled.txt.*label values outside"):
+        Trainer(config(tmp_path / "run4", **data))
 
 
 def test_a_backend_or_device_that_cannot_run_stops_before_the_folder_is_touched(tmp_path, capsys):

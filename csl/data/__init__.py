@@ -216,6 +216,9 @@ def _norm(data_cfg: dict) -> tuple[tuple, tuple]:
     std = tuple(data_cfg.get("std") or IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"data.mean and data.std must be 3 values (std > 0), got {mean} and {std}")
+    if max(mean) > 1 or max(std) > 1:
+        raise ValueError(f"data.mean and data.std are for images scaled to [0, 1], got {mean} and {std}; divide "
+                         f"0-255 constants (e.g. mmseg's) by 255")
     return mean, std
 
 

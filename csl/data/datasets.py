@@ -39,25 +39,27 @@ log = logging.getLogger("csl")
 _WARNED_OPTIONAL: set[str] = set()
 
 SplitItems = list[tuple[str, str | None]]
+_LOSSY_IMAGE_SUFFIXES = (".jpg", ".jpeg")  # an image format no label map is stored in: a split path's second half
 
 
 def read_split(path: str) -> SplitItems:
     """Read a UniMatch-format split file: one ``img_path [mask_path]`` per line, paths relative to the dataset root.
 
-    Blank lines and lines starting with ``#`` are skipped. Returns ``[(img_path, mask_path or None), ...]``.
+    Blank lines and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is read past. Paths cannot hold
+    whitespace (UniMatch's format splits on it). Returns ``[(img_path, mask_path or None), ...]``.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file not found: {os.path.abspath(path)}")
     items: SplitItems = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.split()
-            if len(parts) > 2:
-                raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]', got {len(parts)} fields: "
-                                 f"{line!r}")
+            if len(parts) > 2 or (len(parts) == 2 and parts[1].lower().endswith(_LOSSY_IMAGE_SUFFIXES)):
+                raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]' (paths without whitespace), got "
+                                 f"{len(parts)} fields{' (a JPEG is no mask)' if len(parts) == 2 else ''}: {line!r}")
             items.append((parts[0], parts[1] if len(parts) == 2 else None))
     if not items:
         raise ValueError(f"split file {path} lists no images")
@@ -189,6 +191,7 @@ class ListSource:
     experiment at half resolution)."""
 
     mask_hint = ""
+    missing_mask_hint = ""  # appended to a missing mask file's error
     # Label values of this dataset's files that mean "unlabelled" besides ``ignore_index`` (data.ignore_labels).
     void_labels: tuple[int, ...] = ()
     class_names: tuple[str, ...] | None = None
@@ -253,7 +256,7 @@ class ListSource:
         try:
             mask = load_mask(mask_path)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e} ({self._where(index)})") from None
+            raise FileNotFoundError(f"{e} ({self._where(index)}){self.missing_mask_hint}") from None
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
                              f"{self.image_path(index)} is {image.shape[1]}x{image.shape[0]} (W x H)")
@@ -324,7 +327,10 @@ class ListSource:
                     raise FileNotFoundError(f"image file not found: {img_path}")
                 if mask_path is None:
                     continue
-                mask = load_mask(mask_path)
+                try:
+                    mask = load_mask(mask_path)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"{e}{self.missing_mask_hint}") from None
                 with Image.open(img_path) as img:
                     if img.size != (mask.shape[1], mask.shape[0]):
                         raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
@@ -366,6 +372,8 @@ class Cityscapes(ListSource):
     num_classes_default = 19
     mask_hint = ("Cityscapes masks must be *_gtFine_labelTrainIds.png (0-18, 255); create them from the labelIds "
                  "with cityscapesscripts' createTrainIdLabelImgs")
+    missing_mask_hint = ("; the *_gtFine_labelTrainIds.png files are not in the Cityscapes download: create them "
+                         "with cityscapesscripts' createTrainIdLabelImgs (CITYSCAPES_DATASET=<data.root>)")
 
     @staticmethod
     def default_val_items(root: str) -> tuple[str, SplitItems]:
