@@ -565,11 +565,13 @@ class Trainer:
             return
         n = self.window.count
         keys = [k for k in LOSS_KEYS if k in self.window.sums]
-        stacked = torch.stack([self.window.sums[k] for k in keys])
+        ratio_keys = ["weight_sum", "valid"] if "valid" in self.window.sums else []
+        stacked = torch.stack([self.window.sums[k] for k in keys + ratio_keys])  # float64 sums
         # Which losses are non-finite on any rank: every rank stops at the same iteration (one rank stopping alone
         # would leave the others waiting in the next step's collectives).
-        non_finite = all_reduce_sum((~torch.isfinite(stacked)).to(stacked.dtype))
-        values, non_finite = torch.stack([stacked, non_finite]).cpu().tolist()  # the only sync per interval
+        non_finite = all_reduce_sum((~torch.isfinite(stacked[: len(keys)])).to(stacked.dtype))
+        host = torch.cat([stacked, non_finite]).cpu().tolist()  # the only sync per interval
+        values, ratio, non_finite = host[: len(keys)], host[len(keys): -len(keys)], host[-len(keys):]
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if any(non_finite):
@@ -579,8 +581,8 @@ class Trainer:
                 f"{self.iteration - n + 1}-{self.iteration}; stopped without saving this state ({self._last_good()}). "
                 f"Lower train.lr, use train.amp=fp32, or check the input data")
         record.update({k: v / n for k, v in zip(keys, values, strict=True)})
-        if "valid" in self.window.sums:
-            w, v = torch.stack([self.window.sums["weight_sum"], self.window.sums["valid"]]).cpu().tolist()
+        if ratio:
+            w, v = ratio
             record["mask_ratio"] = w / v if v else float("nan")
         record["sec_per_iter"] = (time.perf_counter() - self.window_start) / n
         self.window.reset()

@@ -389,6 +389,49 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per rank
 
 
+def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 1's loss alone turns NaN at iteration 3; every rank must stop at the same log interval."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    from csl.distributed import cleanup_distributed
+    from csl.trainer import NonFiniteTrainingError
+
+    cfg = build_config({}, {**TINY, "output_dir": out_dir, "train.iters": 6, "train.iters_per_epoch": 6,
+                            "train.log_every": 2})
+    trainer = Trainer(cfg)
+    real_step = trainer._step
+
+    def diverging_step(batches):
+        out = real_step(batches)
+        if rank == 1 and trainer.iteration == 2:  # the third step (the counter moves after it)
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    trainer._step = diverging_step
+    result = {"error": None}
+    try:
+        trainer.train()
+    except NonFiniteTrainingError as e:
+        result["error"] = str(e)
+    result["iteration"] = trainer.iteration
+    trainer.close()
+    cleanup_distributed()
+    with open(os.path.join(out_dir, f"nan_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_ddp_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Without the flags summed over ranks, rank 0 would go on into the next step's gradient all-reduce and wait
+    there for rank 1, which had stopped (spawn_and_join fails the test after its time limit)."""
+    spawn_and_join(_ddp_nan_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"nan_rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["error"] is not None and "(loss) became NaN / inf within iterations 3-4" in r["error"], r
+        assert r["iteration"] == 4, r
+    assert not (tmp_path / "latest.pt").exists()  # no state after the divergence was saved
+
+
 def test_released_rule_and_the_uncutmixed_other_view(tmp_path, monkeypatch):
     """selection.rule=released reaches pcos_weights (log confidence by default); tmp.other_view=strong gives the
     samples without TMP their strong view without a second CutMix box (the released code's masking batch)."""
