@@ -63,7 +63,8 @@ def weighted_cross_entropy(
         label: ``B x H x W`` integer pseudo-labels in ``[0, C)`` wherever the pixel is valid and weighted. A label
             out of range there is an error: ``reference`` and ``cpu`` raise, ``cuda`` fails a device assert (as
             ``F.cross_entropy`` does), ``triton`` returns a NaN loss and gradient (it never synchronises to check).
-        weight: ``B x H x W`` floating per-pixel weights (treated as constants by the fused backends).
+        weight: ``B x H x W`` floating per-pixel weights, constants of the loss on every backend: a weight that
+            requires grad (under grad mode) is refused, since no backend would return its gradient the same way.
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 
@@ -74,7 +75,12 @@ def weighted_cross_entropy(
     check_logits(logits)
     check_label(label, logits)
     check_weight(weight, logits)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("weighted_cross_entropy: weight requires grad, but the loss treats the weights as "
+                           "constants (no backend returns their gradient): pass weight.detach(), or select from "
+                           "logits.detach() as pcos_weights(pred.detach(), ...) does")
     mask = valid_mask(logits, ignore, valid)
+
     def forward_backward(fn):  # what a training step runs: the loss and its gradient, also from a no-grad call
         with torch.inference_mode(False), torch.enable_grad():
             z, y, w, m = (t.clone() if t is not None and t.is_inference() else t for t in (logits, label, weight, mask))

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import layout, masks, require_backend
+from conftest import FUSED_BACKENDS, layout, masks, require_backend
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -241,13 +241,20 @@ def test_grad_output_scaling(fused_backend):
     assert_matches(loss, grad, *reference64(z, label, weight, ign, grad_scale=-3.5), z, weight, ign)
 
 
-def test_weights_are_constants(fused_backend):
-    device = require_backend(OP, fused_backend)
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_weights_are_constants(backend):
+    """A weight that requires grad is refused on every backend (the fused ones would drop its gradient, the
+    reference would return it: which one ran would decide); detached, the same weights train the logits."""
+    device = require_backend(OP, backend)
     z, label, weight, ign = make_case(12, batch=1, classes=5, height=4, width=4, dtype=torch.float32, device=device)
     z = z.detach().clone().requires_grad_()
     weight = weight.clone().requires_grad_()
-    csl_kernels.weighted_cross_entropy(z, label, weight, **masks(ign), backend=fused_backend).backward()
+    with pytest.raises(RuntimeError, match=r"weight requires grad.*weight\.detach\(\)"):
+        csl_kernels.weighted_cross_entropy(z, label, weight, **masks(ign), backend=backend)
+    csl_kernels.weighted_cross_entropy(z, label, weight.detach(), **masks(ign), backend=backend).backward()
     assert z.grad is not None and weight.grad is None
+    with torch.no_grad():  # evaluation: nothing to differentiate, nothing refused
+        csl_kernels.weighted_cross_entropy(z, label, weight, **masks(ign), backend=backend)
 
 
 def test_reference_float64_gradcheck():
