@@ -3,6 +3,8 @@ with clear errors naming the argument and what was expected, and the one rule fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = 255
@@ -22,6 +24,8 @@ def _shape(t: object) -> str:
 def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, int, int]:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape B x C x H x W, got {type(logits).__name__}")
+    if logits.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {logits.layout}; call .to_dense()")
     if logits.dim() != 4:
         raise ValueError(f"{name} must have shape B x C x H x W (4 dims), got shape {tuple(logits.shape)}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -33,8 +37,11 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, 
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> tuple[int, int, int, int]:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating B x K x H x W tensor, got {_shape(images)}")
+    if (not isinstance(images, torch.Tensor) or images.layout != torch.strided or images.dim() != 4
+            or images.dtype not in LOGIT_DTYPES):
+        what = f" {images.dtype} {images.layout}" if isinstance(images, torch.Tensor) else ""
+        raise ValueError(f"{name} must be a dense float16 / bfloat16 / float32 / float64 B x K x H x W tensor, got "
+                         f"{_shape(images)}{what}")
     b, k, h, w = images.shape
     return b, k, h, w
 
@@ -44,6 +51,8 @@ def check_pixel_map(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str
     images)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape B x H x W, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
     expected = (ref.shape[0], ref.shape[2], ref.shape[3])
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(t.shape)}")
@@ -136,21 +145,33 @@ def check_int(value: int, name: str) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
 
 
+def _described(value) -> str:
+    """``value`` for an error message, with its type where its repr hides it (``32`` of a numpy.int64, ``True``)."""
+    plain = type(value) in (int, float, str, type(None))
+    return repr(value) if plain else f"{value!r} ({type(value).__module__}.{type(value).__qualname__})"
+
+
+def _is_number(value) -> bool:
+    """A Python int or float (a bool is refused: ``alpha=True`` is a mistake, not 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    """A finite number > 0."""
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {_described(value)}")
 
 
 def check_positive_int(value: int, name: str) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be a positive int, got {_described(value)}")
 
 
 def check_fraction(value: float, name: str, *, zero_allowed: bool = True) -> None:
     """``value`` lies in ``[0, 1]`` (``(0, 1]`` without ``zero_allowed``)."""
-    low_ok = isinstance(value, (int, float)) and (value >= 0 if zero_allowed else value > 0)
+    low_ok = _is_number(value) and (value >= 0 if zero_allowed else value > 0)
     if not (low_ok and value <= 1):
-        raise ValueError(f"{name} must be in {'[' if zero_allowed else '('}0, 1], got {value!r}")
+        raise ValueError(f"{name} must be in {'[' if zero_allowed else '('}0, 1], got {_described(value)}")
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:

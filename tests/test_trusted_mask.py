@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import layout, require_backend
@@ -193,6 +194,12 @@ def test_triton_custom_op():
     (torch.zeros(2, 3, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), {}, ValueError, "reliable"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 0}, ValueError, "block"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": 2.5}, ValueError, "block"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": True}, ValueError, "block"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"block": np.int64(32)}, ValueError,
+     r"block must be a positive int, got .*numpy.int64"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": True}, ValueError, "rate"),
+    (torch.zeros(2, 3, 4, 4, dtype=torch.float8_e4m3fn), torch.ones(2, 4, 4, dtype=torch.bool), {}, ValueError,
+     "float8_e4m3fn"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": 1.5}, ValueError, "rate"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"rate": -0.1}, ValueError, "rate"),
     # out of float16's range (unchecked, it would be inf in the fused backends and an overflow error in the reference)
