@@ -242,6 +242,31 @@ def test_ahead_of_time_build_must_match_sources_flags_torch_python_and_gpus(tmp_
         assert (build._aot_library("abc", True, tmp_path) is not None) is ok, (cap, arch)
 
 
+@pytest.mark.parametrize(("arch", "cap", "ok"), [
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("9.0a+PTX", (10, 0), False),  # arch-specific: that GPU only
+    ("10.0f", (10, 3), True), ("10.0f", (12, 0), False), ("10.0f", (9, 0), False),  # family: same major, newer minor
+    ("8.0 9.0a", (8, 6), True), ("", (9, 0), False), ("sm90", (9, 0), False),
+])
+def test_arch_list_entries_with_suffixes(arch, cap, ok):
+    assert build.arch_covers(arch, cap) is ok
+
+
+def test_cuda_backend_unavailable_for_a_gpu_its_build_has_no_kernel_image_for(monkeypatch):
+    """A TORCH_CUDA_ARCH_LIST left over from another machine: the cuda backend says which GPU it cannot run on
+    instead of failing at its first launch with "no kernel image is available"."""
+    from csl_kernels.cpp import _check_cuda
+
+    monkeypatch.setattr(csl_kernels.cpp, "_check_cpu", lambda device: None)
+    monkeypatch.setattr(build, "load", lambda: build.BuildInfo("x.so", True, "8.0;8.6", built=False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    reason = _check_cuda(torch.device("cuda", 0))
+    assert reason is not None and "TORCH_CUDA_ARCH_LIST='8.0;8.6'" in reason and "NVIDIA H200 (sm_90)" in reason
+    monkeypatch.setattr(build, "load", lambda: build.BuildInfo("x.so", True, "8.0;9.0", built=False))
+    assert _check_cuda(torch.device("cuda", 0)) is None
+
+
 @pytest.fixture
 def broken_build(tmp_path, monkeypatch):
     """A fresh loader state whose sources fail to compile (restored after the test)."""

@@ -45,6 +45,12 @@ def _check_cuda(device: torch.device) -> str | None:
         if info.cuda_error:
             return f"the CUDA part of the C++ extension failed to build: {info.cuda_error}"
         return f"the C++ extension was built without its CUDA part ({build.cuda_build_plan()[2]})"
+    if info.cuda_arch_list and device.type == "cuda" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(device)
+        if not build.arch_covers(info.cuda_arch_list, capability):
+            return (f"the C++ extension's CUDA part was built for TORCH_CUDA_ARCH_LIST={info.cuda_arch_list!r}, "
+                    f"which has no kernel image for {torch.cuda.get_device_name(device)} (sm_{capability[0]}"
+                    f"{capability[1]}): unset TORCH_CUDA_ARCH_LIST or add {capability[0]}.{capability[1]}")
     return None
 
 

@@ -131,19 +131,26 @@ def _build_root() -> Path:
 
 
 def arch_covers(arch_list: str | None, capability: tuple[int, int]) -> bool:
-    """Whether code built for ``TORCH_CUDA_ARCH_LIST`` ``arch_list`` (e.g. ``"8.0;9.0+PTX"``) runs on a GPU of
-    ``capability``: a cubin of the same major version and a minor version up to the GPU's, or PTX of a version up
-    to the GPU's (compiled by the driver at load)."""
+    """Whether code built for ``TORCH_CUDA_ARCH_LIST`` ``arch_list`` (e.g. ``"8.0;9.0a;10.0f;9.0+PTX"``) runs on a
+    GPU of ``capability``: a cubin of the same major version and a minor version up to the GPU's (``X.Yf``: the same
+    family, likewise; ``X.Ya``: that exact GPU only), or PTX of a version up to the GPU's (compiled by the driver at
+    load)."""
     major, minor = capability
     for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
         entry = entry.strip()
         if not entry:
             continue
         ptx = entry.endswith("+PTX")
+        version = entry.removesuffix("+PTX")
+        specific = version[-1:] if version[-1:] in ("a", "f") else ""
         try:
-            e_major, e_minor = (int(x) for x in entry.removesuffix("+PTX").split(".")[:2])
+            e_major, e_minor = (int(x) for x in version.removesuffix(specific).split(".")[:2])
         except ValueError:
             continue
+        if specific == "a":
+            if (e_major, e_minor) == (major, minor):
+                return True
+            continue  # arch-specific code (and its PTX) runs on that GPU alone
         if (e_major == major and e_minor <= minor) or (ptx and (e_major, e_minor) <= (major, minor)):
             return True
     return False
