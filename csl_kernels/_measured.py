@@ -109,6 +109,13 @@ def time_ms(run: Callable[[], object], device: torch.device) -> float:
     return times[len(times) // 2]
 
 
+def _capturing_on(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (not the current device's: a capture on
+    another GPU must not be timed into)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tensor,
             run: Callable[[Callable], object], timer: Callable[[Callable[[], object], torch.device], float] = time_ms,
             variant: str = "") -> tuple[str, Callable]:
@@ -132,7 +139,7 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
     with _lock:
         name = _load().get(key)
         if name is None:
-            if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: the static order
+            if _capturing_on(device):  # no timing inside a capture: the static order
                 return _backends.resolve(op, backend, device)
             timings, failed = {}, {}
             for b in available:

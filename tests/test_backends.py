@@ -145,12 +145,22 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
                                      backend="triton")
     if import_error is not None:
         pytest.skip(import_error)
-    # The triton package's own availability check reads the environment at call time, too.
+    # The triton package's own availability check reads the environment at call time, and compares it with the
+    # value its kernels were defined under (Triton fixes it then).
     import csl_kernels.triton as triton_pkg
+    from csl_kernels.triton._common import INTERPRET
 
-    assert "TRITON_INTERPRET=1" in triton_pkg._check(CPU)
-    assert triton_pkg._check(CUDA) is None
+    if INTERPRET:  # CI: imported under the interpreter, the variable removed since
+        for device in (CPU, CUDA):
+            assert "TRITON_INTERPRET is unset now but was 1 when csl_kernels.triton was imported" in (
+                triton_pkg._check(device))
+    else:
+        assert "TRITON_INTERPRET=1" in triton_pkg._check(CPU)
+        assert triton_pkg._check(CUDA) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not INTERPRET:  # a GPU machine: compiled kernels, the variable set since
+        assert "TRITON_INTERPRET is 1 now but was unset" in triton_pkg._check(CPU)
+        return
     # None, or why this Triton's interpreter cannot run the kernels (Triton 3.6 with NumPy 2.4+ cannot run a loop
     # over a runtime bound); Triton 3.8, as CI has, runs them.
     problem = triton_pkg._interpreter_problem()
@@ -286,7 +296,7 @@ def fake_gpu_auto(caplog, monkeypatch, tmp_path):
     monkeypatch.setattr(_measured, "_choices", None)
     monkeypatch.setattr(_measured, "_logged", set())
     monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_measured, "_capturing_on", lambda device: False)
     return _measured
 
 
@@ -333,7 +343,7 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, f
     assert json.loads((tmp_path / "auto.json").read_text())["toy_op | Fake GPU | float32 C21 px2^7 class-groups"] \
         == "cuda"
     assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(_measured, "_capturing_on", lambda device: device == CUDA)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(1, 3, 8, 8), lambda impl: impl(), timer=timer)[0] \
         == "cuda" and len(timed) == 6
     # A named backend, or a CPU device: never timed.

@@ -50,6 +50,13 @@ def _interpreter_problem() -> str | None:
 
 
 def _check(device: torch.device) -> str | None:
+    from ._common import INTERPRET  # what the kernels were defined under
+
+    if (os.environ.get("TRITON_INTERPRET") == "1") != INTERPRET:
+        now = "1" if not INTERPRET else "unset"
+        return (f"TRITON_INTERPRET is {now} now but was {'1' if INTERPRET else 'unset'} when csl_kernels.triton was "
+                f"imported, and Triton fixes it when the kernels are defined: set it before the first import of "
+                f"csl_kernels' Triton kernels (or restart the process)")
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
