@@ -2,8 +2,9 @@
 
 The paper's Tab. 9 question, asked of any checkpoint and any images that have masks (by default the unlabeled part
 of the split, whose true masks training never reads). Every image is predicted at full size (the config's
-evaluation mode), and each selection rule is applied to the prediction exactly as in training — it sees the logits
-only, never the mask. Against the masks the analysis then reports, overall and per class:
+evaluation mode, BatchNorm in eval mode), and each selection rule is applied to the prediction as in training — it
+sees the logits only, never the mask (training selects from train-mode predictions of crops, so its shares are close
+to, not equal to, these). Against the masks the analysis then reports, overall and per class:
 
 - **share**: the selected share of the valid pixels (for soft weights: the mean weight);
 - **accuracy**: the share of correct pseudo-labels among the selected pixels (weighted by the soft weight);
@@ -12,7 +13,10 @@ only, never the mask. Against the masks the analysis then reports, overall and p
 Rules: the confidence threshold over a sweep of ``tau`` (0.95 = FixMatch / UniMatch), CSL per image and per
 (image, class) — hard (``reliable``, weight 1) and weighted (the Gaussian soft weight) — and entropy and margin
 scores swept over the same shares; each score is also cut at CSL's weighted share, so the rules compare at equal
-quantity. Per class: share and accuracy by pseudo-label class, recall by true class.
+quantity: over all images' pixels pooled (a cut that may give easy images more and hard ones less than CSL does) and,
+for the confidence, image by image at each image's CSL amount (``round(sum of its weights)`` pixels, as the trained
+control ``selection.mode=confidence_share``). Per class: share and accuracy by pseudo-label class, recall by true
+class.
 
 Output folder: ``analysis.json`` and the pictures ``accuracy_recall.png`` (the sweeps with the CSL points),
 ``feature_plane.png`` (the confidence / residual-dispersion plane of one image: the PCOS clusters, the Gaussian
@@ -167,6 +171,10 @@ class _Tally:
             self._count(f"{name}/hard", w >= 1.0, correct, pred, target)
             self._count(f"{name}/weighted", w, correct, pred, target)
         self._count("all", np.ones(len(pred), dtype=bool), correct, pred, target)
+        # The confidence ranking with this image's CSL amount (round(sum of its weights) pixels): CSL's quantity per
+        # image, the confidence's choice within the image, as the trained control selection.mode=confidence_share.
+        image_share = float(np.sum(w_csl, dtype=np.float64)) / max(len(pred), 1)
+        self._count("confidence_per_image_at_csl", _cut_at_share(conf, image_share, True), correct, pred, target)
         self.pixels += len(pred)
         self.w_csl_sum += float(np.sum(w_csl, dtype=np.float64))
         self.w_released_sum += float(np.sum(w_released, dtype=np.float64))
@@ -208,6 +216,7 @@ class _Tally:
                          for name, (score, hib) in scores.items() if name != "confidence"}
         out["at_csl_share"] = {name: {"share_target": csl_share, **cut_quality(score, csl_share, hib)}
                                for name, (score, hib) in scores.items()}
+        out["confidence_per_image_at_csl_share"] = q["confidence_per_image_at_csl"]
         # the confidence ranking at the released rule's weighted share
         out["confidence_at_released_share"] = {"share_target": released_share,
                                                **cut_quality(ranked["conf"], released_share, True)}

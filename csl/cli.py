@@ -286,6 +286,8 @@ def cmd_analyze(args) -> int:
         rows += [(f"CSL {label}, w = 1", r[key]["hard"]), (f"CSL {label}, weighted", r[key]["weighted"])]
     rows += [("CSL per class, w = 1", r["csl_class"]["hard"]), ("CSL per class, weighted", r["csl_class"]["weighted"])]
     rows += [(f"{name} at CSL's share", q) for name, q in r["at_csl_share"].items()]
+    if "confidence_per_image_at_csl_share" in r:
+        rows.append(("confidence, CSL's per image", r["confidence_per_image_at_csl_share"]))
     print(f"{'rule':<30} {'share':>7} {'accuracy':>9} {'recall':>7}")
     for name, q in rows:
         print(f"{name:<30} {pct(q['share'], 7)} {pct(q['accuracy'], 9)} {pct(q['recall'], 7)}")

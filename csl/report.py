@@ -202,7 +202,9 @@ def selection_table(analysis: dict) -> str:
         row("confidence, best pixels at the released rule's weighted share",
             analysis["confidence_at_released_share"])
     for name, q in analysis["at_csl_share"].items():
-        row(f"{name}, best pixels at CSL's weighted share", q)
+        row(f"{name}, best pixels at CSL's weighted share (all images pooled)", q)
+    if "confidence_per_image_at_csl_share" in analysis:
+        row("confidence, best pixels of each image at its CSL amount", analysis["confidence_per_image_at_csl_share"])
     row("all pixels", analysis["all_pixels"])
     return "\n".join(lines)
 
@@ -210,8 +212,9 @@ def selection_table(analysis: dict) -> str:
 def selection_summary_table(runs: list[dict]) -> str:
     """Threshold 0.95 vs CSL on every analysed model of every run, one line each."""
     lines = ["| seed | model | pixel acc. (%) | thr 0.95 share / acc. / recall (%) | CSL reliable share / acc. / "
-             "recall (%) | CSL weighted share / acc. / recall (%) | confidence at CSL's share: acc. / recall (%) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "recall (%) | CSL weighted share / acc. / recall (%) | confidence at CSL's share, pooled: acc. / recall "
+             "(%) | confidence at CSL's amount per image: acc. / recall (%) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         seed = _seed(run)
         for m, a in run["analyses"].items():
@@ -220,10 +223,14 @@ def selection_summary_table(runs: list[dict]) -> str:
             def three(q):
                 return f"{_pct(q['share'])} / {_pct(q['accuracy'])} / {_pct(q['recall'])}"
 
+            def two(q):
+                return f"{_pct(q['accuracy'])} / {_pct(q['recall'])}" if q else "-"
+
             conf = a["at_csl_share"].get("confidence")
+            per_image = a.get("confidence_per_image_at_csl_share")  # None in analyses written before it existed
             lines.append(f"| {seed} | {LABELS.get(m, m)} | {_pct(a['model_accuracy'])} | "
                          f"{three(b) if b else '-'} | {three(a['csl']['hard'])} | {three(a['csl']['weighted'])} | "
-                         f"{_pct(conf['accuracy']) + ' / ' + _pct(conf['recall']) if conf else '-'} |")
+                         f"{two(conf)} | {two(per_image)} |")
     return "\n".join(lines)
 
 

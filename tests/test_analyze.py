@@ -213,3 +213,27 @@ def test_analyze_skips_missing_masks_and_refuses_when_nothing_is_valid(checkpoin
                  *data]) == 2
     assert "no valid (non-ignored) pixel in the 2 analysed image(s)" in capsys.readouterr().err
     assert not (tmp_path / "a2").exists()
+
+
+def test_confidence_at_csl_amount_image_by_image_differs_from_the_pooled_cut():
+    """Pooled, the confidence cut may take an easy image's pixels for a hard image's quota; image by image it takes
+    round(sum of the image's CSL weights) pixels of each image, as the trained control does."""
+    from csl.analyze import _Tally
+
+    def image(conf, w, correct):
+        conf, target = np.array(conf, dtype=np.float32), np.zeros(len(conf), dtype=np.int64)
+        pred = np.where(np.array(correct), 0, 1)
+        return {"conf": conf, "dispersion": np.zeros_like(conf), "entropy": 1 - conf, "margin": conf,
+                "w_csl": np.array(w, dtype=np.float32), "w_class": np.array(w, dtype=np.float32),
+                "w_released": np.array(w, dtype=np.float32), "pred": pred, "target": target}
+
+    easy = image([0.99] * 4, [1, 1, 0, 0], [True] * 4)  # CSL's amount: 2 pixels
+    hard = image([0.95, 0.94, 0.93, 0.2], [1, 1, 1, 0], [True, False, False, False])  # 3 pixels
+    tally = _Tally(2, (0.95,))
+    tally.add(**easy)
+    tally.add(**hard)
+    r = tally.result((0.5,))
+    per_image, pooled = r["confidence_per_image_at_csl_share"], r["at_csl_share"]["confidence"]
+    assert per_image["share"] == pytest.approx(5 / 8) and pooled["share"] == pytest.approx(5 / 8)
+    assert per_image["accuracy"] == pytest.approx(3 / 5)  # easy: 2 right; hard: 0.95 right, 0.94 and 0.93 wrong
+    assert pooled["accuracy"] == pytest.approx(1.0)  # the four easy pixels and the hard image's best one
