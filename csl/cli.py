@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 
+from . import stop
 from .config import CONFIG_DIR, ConfigError, build_config, load_config
 from .demo import METHODS
 
@@ -308,15 +309,6 @@ def cmd_split(args) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a scheduler's stop or preemption) during ``csl train`` / ``csl demo``: handled as Ctrl-C,
-    so the run folder's lock is released and a stop during an evaluation saves the epoch (see the trainer)."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def _one_line(error: BaseException) -> str:
     """The message of ``error``; a DataLoader worker's error carries the worker's traceback, cut to its last line."""
     message = str(error)
@@ -327,14 +319,15 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous = None
+    previous = {}
     if args.command in ("train", "demo") and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        # Ctrl-C / SIGTERM during training: the iteration ends and latest.pt is saved before the stop (csl.stop).
+        previous = {s: signal.signal(s, stop.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _run(args) -> int:
@@ -356,7 +349,7 @@ def _run(args) -> int:
             raise
         print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except Terminated:
+    except stop.Terminated:
         print(f"csl {args.command}: stopped by SIGTERM", file=sys.stderr)
         return 143
     except KeyboardInterrupt:

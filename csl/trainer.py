@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from csl_kernels import IGNORE_INDEX, metrics_from_counts, unavailable_reason
 
+from . import stop
 from .checkpoint import (
     BEST,
     FORMAT_VERSION,
@@ -515,8 +516,11 @@ class Trainer:
             pending, self.pending_eval = self.pending_eval, None
             self._evaluate_and_save(pending["epoch"], pending["pseudo_labels"])
         try:
-            while self.iteration < end:
-                self.train_epoch(end, bar)
+            # A Ctrl-C / SIGTERM (with csl's handler installed) ends the current iteration, saves, then stops; with
+            # several processes it stops at once, as the ranks could not agree on the iteration without a collective.
+            with stop.deferred(enabled=self.env.world_size == 1):
+                while self.iteration < end:
+                    self.train_epoch(end, bar)
         finally:
             bar.close()
         elapsed = time.perf_counter() - start_time
@@ -536,7 +540,16 @@ class Trainer:
         ipe = self.iters_per_epoch
         epoch, pos = divmod(self.iteration, ipe)
         self.model.train()
-        for batches in self._batches(epoch, pos):
+        batch_iter = iter(self._batches(epoch, pos))
+        while True:
+            try:
+                batches = next(batch_iter)
+            except StopIteration:
+                return
+            except Exception:
+                if stop.requested():  # Ctrl-C reached the loader's workers too: stop as asked, with the state saved
+                    self._stop_as_requested(epoch_done=False, epoch=epoch)
+                raise
             values = self._step([to_device(b, self.device) for b in batches])
             self.window.add(values)
             self.epoch_acc.add({k: v for k, v in values.items() if k in ("weight_sum", "valid", "pl_counts")})
@@ -545,6 +558,8 @@ class Trainer:
             if self.iteration % self.cfg["train"]["log_every"] == 0 or self.iteration == self.total_iters:
                 self._log_window(bar)
             epoch_done = self.iteration % ipe == 0 or self.iteration == self.total_iters
+            if stop.requested():
+                self._stop_as_requested(epoch_done, epoch)
             if epoch_done:
                 self._end_epoch(epoch)
             elif self.cfg["train"]["ckpt_every"] and self.iteration % self.cfg["train"]["ckpt_every"] == 0:
@@ -608,7 +623,22 @@ class Trainer:
                         "recall": float(m["overall_recall"])})
         return out
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _stop_as_requested(self, epoch_done: bool, epoch: int) -> None:
+        """Save the state of this iteration boundary (an epoch's end: with its evaluation pending, which a resume
+        runs first), say how to continue, and raise the requested stop."""
+        if epoch_done:
+            self._end_epoch(epoch, evaluate=False)
+        else:
+            self._check_weights_finite()
+            self.save()
+        log.warning("stopped at iteration %d of %d as asked; %s holds it: continue with the same command and "
+                    "--resume auto (csl demo: the same command)", self.iteration, self.total_iters,
+                    os.path.join(self.output_dir, LATEST))
+        stop.raise_requested()
+
+    def _end_epoch(self, epoch: int, evaluate: bool = True) -> None:
+        """The epoch's pseudo-label record, then its evaluation (when due) and checkpoints. ``evaluate=False`` (a
+        stop): the evaluation is saved as pending instead."""
         pl = self.pseudo_label_metrics()
         self.epoch_acc.reset()
         if pl:
@@ -618,7 +648,10 @@ class Trainer:
         self._check_weights_finite()
         last = self.iteration >= self.total_iters
         if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
-            self._evaluate_and_save(epoch, pl)
+            if evaluate:
+                self._evaluate_and_save(epoch, pl)
+            else:
+                self._save_pending_eval(epoch, pl, self._eval_rng())
         else:
             self.save()
 
@@ -629,9 +662,10 @@ class Trainer:
         names = [LATEST]
         # The random streams as the evaluation finds them (its loader draws a seed from torch's generator): a resumed
         # pending evaluation starts from them and draws the same, so the run continues as if never stopped.
-        rng = capture_rng({"step": self.generator}) if self.env.world_size == 1 else None
+        rng = self._eval_rng()
         try:
-            result = self.evaluate()
+            with stop.immediate():  # a stop during the evaluation saves the epoch as pending (below)
+                result = self.evaluate()
         except BaseException:
             self._save_pending_eval(epoch, pl, rng)
             raise
@@ -648,6 +682,9 @@ class Trainer:
         log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
                  " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
         self.save(tuple(names))
+
+    def _eval_rng(self) -> dict | None:
+        return capture_rng({"step": self.generator}) if self.env.world_size == 1 else None
 
     def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None) -> None:
         if self.env.world_size > 1:  # the other ranks may not reach the collective of a save

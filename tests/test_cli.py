@@ -218,6 +218,43 @@ def test_sigterm_during_training_saves_the_epoch_and_releases_the_folder(tmp_pat
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2, 4]
 
 
+@pytest.mark.parametrize(("signal_at", "saved_at", "pending"), [(1, 2, None), (2, 3, 0)])
+def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capsys, signal_at, saved_at, pending):
+    """Ctrl-C while a step runs: the iteration ends, latest.pt holds it (at an epoch's end with the evaluation
+    pending), exit 130, and --resume auto trains on from there; a second Ctrl-C stops at once."""
+    import signal
+
+    from csl import stop
+    from csl.trainer import Trainer
+
+    real_step = Trainer._step
+
+    def interrupted_step(self, batches):
+        if self.iteration == signal_at:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler records it; the step goes on
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_step)
+    before = signal.getsignal(signal.SIGINT)
+    args = ["train", "--config", "demo", *TINY, "train.iters=6", "train.iters_per_epoch=3", f"output_dir={tmp_path}"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "stopping after this iteration with latest.pt saved" in err and "csl train: interrupted" in err
+    assert signal.getsignal(signal.SIGINT) is before and not stop.requested()
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["iteration"] == saved_at and (ckpt.get("pending_eval") or {}).get("epoch") == pending
+    assert f"stopped at iteration {saved_at} of 6 as asked" in (tmp_path / "train.log").read_text()
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    assert main([*args, "--resume", "auto"]) == 0
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [3, 6]
+
+    with stop.deferred(), pytest.raises(KeyboardInterrupt):  # the second signal raises where it lands
+        stop.handle_signal(signal.SIGINT, None)
+        assert stop.requested()
+        stop.handle_signal(signal.SIGINT, None)
+    stop.raise_requested.__globals__["_requested"] = None
+
+
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
     from csl.cli import _one_line

@@ -1,0 +1,71 @@
+"""A stop asked for by Ctrl-C or SIGTERM, honoured where the training state is whole.
+
+``csl train`` / ``csl demo`` install :func:`handle_signal` for SIGINT and SIGTERM. Inside :func:`deferred` (the
+trainer's step loop) the first signal only records the request: the trainer finishes the iteration, saves
+``latest.pt`` and then raises (:func:`raise_requested`), so at most one iteration is lost. Anywhere else (set-up, an
+evaluation, whose own stop path saves the epoch), and for a second signal, it raises at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop or preemption): handled as Ctrl-C, so the run folder's lock is released
+    and the training so far is saved."""
+
+
+_requested: int | None = None  # the signal that asked for the stop
+_deferring = False
+
+
+def _exception(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def handle_signal(signum: int, frame) -> None:
+    global _requested
+    if not _deferring or _requested is not None:
+        raise _exception(signum)
+    _requested = signum
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    print(f"\ncsl: {name}: stopping after this iteration with latest.pt saved (Ctrl-C again stops at once)",
+          file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def deferred(enabled: bool = True) -> Iterator[None]:
+    """While inside (and ``enabled``), a first signal waits for :func:`requested` to be checked."""
+    global _deferring
+    previous = _deferring
+    _deferring = enabled
+    try:
+        yield
+    finally:
+        _deferring = previous
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+    """Inside a :func:`deferred` block: a signal raises at once (e.g. during an evaluation)."""
+    with deferred(False):
+        yield
+
+
+def requested() -> bool:
+    return _requested is not None
+
+
+def raise_requested() -> None:
+    """Raise the stop that was asked for (KeyboardInterrupt, or :class:`Terminated` for SIGTERM) and forget it."""
+    global _requested
+    signum, _requested = _requested, None
+    if signum is not None:
+        raise _exception(signum)
+
+
+__all__ = ["Terminated", "deferred", "handle_signal", "immediate", "raise_requested", "requested"]
