@@ -28,7 +28,7 @@ struct PixelFeatures {
 };
 
 // a * b rounded on its own: never fused into a following subtraction (FMA contraction would keep the exact product,
-// so p_k - m would no longer cancel to exactly 0 when the residual is a single class or spread evenly).
+// so p_k - m would no longer round as the reference's does: e.g. exactly 0 for C = 2 and a single-class residual).
 C10_HOST_DEVICE inline float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);

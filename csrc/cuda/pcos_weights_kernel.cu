@@ -175,7 +175,7 @@ __global__ void pcos_cluster_kernel(const acc_t* __restrict__ fx, const acc_t* _
         const int64_t i = b * layout.hw + p;
         if (keep[i]) {
           lab = class_groups ? static_cast<int32_t>(label[i]) : 0;
-          const double* gp = image_params + lab * kGroupParams;
+          const double* gp = image_params + static_cast<int64_t>(lab) * kGroupParams;
           const double x = fx[i], y = fy[i];
           const int cl = assign_cluster(gp, x, y);
           if (class_groups) {

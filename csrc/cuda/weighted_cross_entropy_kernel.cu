@@ -205,6 +205,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   const at::Tensor grad_loss_d = grad_loss.to(at::kDouble).contiguous();
   const int64_t num_blocks = ceil_div(total, kChunk);
+  TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
   at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
   at::Tensor scratch = at::empty({3}, logits.options().dtype(at::kDouble));  // (zero sum), N_valid, scale
   const auto stream = c10::cuda::getCurrentCUDAStream();
