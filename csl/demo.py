@@ -188,8 +188,12 @@ def _result(cfg: dict, seconds: float) -> dict:
         "best_miou": max(e["miou"] for e in evals) if evals else None,
         "iou": evals[-1]["iou"] if evals else None,
         "pl_mask_ratio": last_pl.get("mask_ratio"),
+        "pl_sampling_rate": last_pl.get("sampling_rate"),
         "pl_accuracy": last_pl.get("accuracy"),
         "pl_recall": last_pl.get("recall"),
+        "pl_weighted_share": last_pl.get("weighted_share"),
+        "pl_weighted_accuracy": last_pl.get("weighted_accuracy"),
+        "pl_weighted_recall": last_pl.get("weighted_recall"),
         "iters": cfg["train"]["iters"],
         "seconds": seconds,
         "output_dir": cfg["output_dir"],
@@ -213,11 +217,21 @@ def _fmt(value, pct: bool = True) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    lines = ["| method | mIoU (%) | pseudo-label accuracy (%) | pseudo-label recall (%) | mask ratio (%) | time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    """mIoU and the last epoch's pseudo-labels against the unlabeled ground truth: the reliable pixels (w = 1) and
+    the soft weights the losses train on (the same for the threshold's 0/1 weights)."""
+    lines = ["| method | mIoU (%) | reliable pixels: share / accuracy / recall (%) | weighted: share / accuracy / "
+             "recall (%) | time (s) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+
+    def three(r: dict, *keys: str) -> str:
+        values = [r.get(k) for k in keys]
+        return "-" if all(v is None for v in values) else " / ".join(_fmt(v) for v in values)
+
     for method, r in results.items():
-        lines.append(f"| {LABELS.get(method, method)} | {_fmt(r['miou'])} | {_fmt(r['pl_accuracy'])} | "
-                     f"{_fmt(r['pl_recall'])} | {_fmt(r['pl_mask_ratio'])} | {_fmt(r['seconds'], pct=False)} |")
+        lines.append(f"| {LABELS.get(method, method)} | {_fmt(r['miou'])} | "
+                     f"{three(r, 'pl_sampling_rate', 'pl_accuracy', 'pl_recall')} | "
+                     f"{three(r, 'pl_weighted_share', 'pl_weighted_accuracy', 'pl_weighted_recall')} | "
+                     f"{_fmt(r['seconds'], pct=False)} |")
     return "\n".join(lines)
 
 

@@ -233,19 +233,22 @@ def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: fl
 
 
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
-    """Per-epoch mask ratio / accuracy / recall of the reliable pseudo-labels of each method (``pseudo_labels``
-    records of metrics.jsonl)."""
+    """Per-epoch mask ratio, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
+    metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded."""
     plt = _pyplot()
-    keys = [("mask_ratio", "mask ratio (mean weight)"), ("accuracy", "accuracy of reliable pseudo-labels"),
-            ("recall", "recall of correct pseudo-labels")]
+    panels = [("mask ratio (mean weight)", "mask_ratio", None),
+              ("accuracy (solid: reliable, w = 1; dashed: weighted)", "accuracy", "weighted_accuracy"),
+              ("recall of correct pseudo-labels (solid: reliable; dashed: weighted)", "recall", "weighted_recall")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for method, records in curves.items():
+    for i, (method, records) in enumerate(curves.items()):
         its = [r["iter"] for r in records]
-        for ax, (key, _) in zip(axes, keys, strict=True):
-            vals = [r.get(key) for r in records]
-            if any(v is not None for v in vals):
-                ax.plot(its, [np.nan if v is None else v for v in vals], "o-", ms=3, label=method)
-    for ax, (_, title) in zip(axes, keys, strict=True):
+        colour = f"C{i % 10}"
+        for ax, (_, key, weighted_key) in zip(axes, panels, strict=True):
+            for k, style, label in ((key, "o-", method), (weighted_key, "s--", None)):
+                vals = [r.get(k) for r in records] if k else []
+                if any(v is not None for v in vals):
+                    ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colour, label=label)
+    for ax, (title, _, _) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

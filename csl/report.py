@@ -235,13 +235,20 @@ def selection_summary_table(runs: list[dict]) -> str:
 
 
 def training_pl_table(run: dict) -> str:
-    """Pseudo-label quality per epoch during training (reliable pixels vs the unlabeled ground truth)."""
-    lines = ["| method | iteration | mask ratio (%) | accuracy (%) | recall (%) |",
+    """Pseudo-label quality per epoch during training against the unlabeled ground truth: the reliable pixels
+    (w = 1) and the soft weights (records written before the weighted ones existed show "-")."""
+    lines = ["| method | iteration | mask ratio (%) | reliable: share / accuracy / recall (%) | weighted: share / "
+             "accuracy / recall (%) |",
              "| --- | ---: | ---: | ---: | ---: |"]
+
+    def three(r, *keys):
+        return "-" if all(r.get(k) is None for k in keys) else " / ".join(_pct(r.get(k)) for k in keys)
+
     for m in run["methods"]:
         for r in run["metrics"].get(m, {}).get("pseudo_labels", []):
             lines.append(f"| {LABELS.get(m, m)} | {r['iter']} | {_pct(r.get('mask_ratio'))} | "
-                         f"{_pct(r.get('accuracy'))} | {_pct(r.get('recall'))} |")
+                         f"{three(r, 'sampling_rate', 'accuracy', 'recall')} | "
+                         f"{three(r, 'weighted_share', 'weighted_accuracy', 'weighted_recall')} |")
     return "\n".join(lines)
 
 

@@ -214,8 +214,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     out = {"loss": loss, "loss_x": loss_x, "loss_s": loss_s, "loss_m": loss_m, "loss_fp": loss_fp,
            "weight_sum": (sel.weight * valid).sum(dtype=torch.float64), "valid": valid.sum(dtype=torch.float64)}
     if cfg.num_classes:
-        out["pl_counts"] = csl_kernels.pseudo_label_counts(sel.label, sel.reliable, batch_u["mask"], cfg.num_classes,
-                                               cfg.ignore_index)
+        target = batch_u["mask"]
+        out["pl_counts"] = csl_kernels.pseudo_label_counts(sel.label, sel.reliable, target, cfg.num_classes,
+                                                           cfg.ignore_index)
+        # The soft weights against the ground truth (what the weighted losses train on): their sum and the sum on
+        # correct pseudo-labels, over the pixels the counts above cover.
+        scored = (target != cfg.ignore_index) & (sel.label >= 0) & (sel.label < cfg.num_classes)
+        w = torch.where(scored, sel.weight.double(), 0.0)
+        out["pl_weighted"] = torch.stack([w.sum(), torch.where(sel.label == target, w, 0.0).sum()])
     return {k: v.detach() for k, v in out.items()}
 
 

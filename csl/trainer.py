@@ -552,7 +552,8 @@ class Trainer:
                 raise
             values = self._step([to_device(b, self.device) for b in batches])
             self.window.add(values)
-            self.epoch_acc.add({k: v for k, v in values.items() if k in ("weight_sum", "valid", "pl_counts")})
+            self.epoch_acc.add({k: v for k, v in values.items()
+                                if k in ("weight_sum", "valid", "pl_counts", "pl_weighted")})
             self.iteration += 1
             bar.update(1)
             if self.iteration % self.cfg["train"]["log_every"] == 0 or self.iteration == self.total_iters:
@@ -610,17 +611,27 @@ class Trainer:
                                            if k in record), record["lr"], extra)
 
     def pseudo_label_metrics(self) -> dict:
-        """Mask ratio (mean weight over valid unlabeled pixels) and, with unlabeled ground truth, the overall
-        sampling rate / accuracy / recall of the reliable pixels, summed over ranks for the epoch so far."""
+        """The epoch's pseudo-labels so far, summed over ranks: ``mask_ratio`` (mean weight over the non-padded
+        unlabeled pixels) and, with unlabeled ground truth (over its labelled pixels), the reliable pixels' (w = 1)
+        ``sampling_rate`` / ``accuracy`` / ``recall`` and the soft weights' ``weighted_share`` / ``weighted_accuracy``
+        / ``weighted_recall`` (docs/selection.md Sec. 6; equal to the former for a 0/1 selection)."""
         sums = self.epoch_acc.sums
         if "valid" not in sums:
             return {}
         ratio = all_reduce_sum(torch.stack([sums["weight_sum"], sums["valid"]]).clone()).cpu().tolist()
         out = {"mask_ratio": ratio[0] / ratio[1] if ratio[1] else float("nan")}
         if "pl_counts" in sums:
-            m = metrics_from_counts(all_reduce_sum(sums["pl_counts"].clone()).cpu())
+            counts = all_reduce_sum(sums["pl_counts"].clone()).cpu()
+            m = metrics_from_counts(counts)
             out.update({"sampling_rate": float(m["overall_sampling_rate"]), "accuracy": float(m["overall_accuracy"]),
                         "recall": float(m["overall_recall"])})
+            if "pl_weighted" in sums:
+                w_sum, w_correct = all_reduce_sum(sums["pl_weighted"].clone()).cpu().tolist()
+                scored, correct = float(counts[0].sum()), float(counts[2].sum())
+                nan = float("nan")
+                out.update({"weighted_share": w_sum / scored if scored else nan,
+                            "weighted_accuracy": w_correct / w_sum if w_sum else nan,
+                            "weighted_recall": w_correct / correct if correct else nan})
         return out
 
     def _stop_as_requested(self, epoch_done: bool, epoch: int) -> None:

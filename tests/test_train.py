@@ -65,6 +65,22 @@ def test_one_step_per_selection_mode(tmp_path, mode):
     torch.testing.assert_close(out["loss"], expected)
     assert 0 <= float(out["weight_sum"]) <= float(out["valid"])
     assert out["pl_counts"].shape == (4, 4) and int(out["pl_counts"][0].sum()) > 0
+    # The soft weights against the ground truth: their sum over the scored pixels and on the correct ones; for a
+    # 0/1 selection exactly the reliable pixels' counts.
+    w_sum, w_correct = out["pl_weighted"].tolist()
+    selected, selected_correct = (int(out["pl_counts"][i].sum()) for i in (1, 3))
+    assert 0 <= w_correct <= w_sum <= int(out["pl_counts"][0].sum())
+    if mode in ("threshold", "confidence_share"):
+        assert (w_sum, w_correct) == (selected, selected_correct)
+    else:
+        assert w_sum >= selected  # reliable pixels have weight 1, the others add their soft weight
+    trainer.epoch_acc.add({k: out[k] for k in ("weight_sum", "valid", "pl_counts", "pl_weighted")})
+    pl = trainer.pseudo_label_metrics()
+    correct = int(out["pl_counts"][2].sum())
+    assert (pl["weighted_accuracy"] == pytest.approx(w_correct / w_sum)) if w_sum else math.isnan(
+        pl["weighted_accuracy"])  # nothing selected by the untrained model's threshold: undefined, not 0
+    assert (pl["weighted_recall"] == pytest.approx(w_correct / correct)) if correct else math.isnan(
+        pl["weighted_recall"])
     after = _params(trainer.bare_model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("classifier.") for k in changed)
