@@ -38,6 +38,7 @@ import csl_kernels
 from csl_kernels import IGNORE_INDEX
 
 from .files import atomic_write_text
+from .logging_utils import bar_disabled
 
 log = logging.getLogger("csl")
 
@@ -341,7 +342,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     tally, examples, skipped = _Tally(num_classes, taus, max_ranked_pixels), [], []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for i in tqdm(range(n_images), desc="analyze", disable=not progress):
+        for i in tqdm(range(n_images), desc="analyze", disable=bar_disabled(progress)):
             item = dataset[i]
             if item["mask"] is None:
                 skipped.append(item["name"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .logging_utils import bar_disabled
+
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images, device, num_images: int, progress: bool = True) -> int:
@@ -32,7 +34,7 @@ def recalibrate_batchnorm(model: nn.Module, images, device, num_images: int, pro
         m.momentum = None  # cumulative moving average: the plain mean over the batches seen
     model.train()
     try:
-        for i in tqdm(range(0, n, 2), desc="BatchNorm statistics", disable=not progress):
+        for i in tqdm(range(0, n, 2), desc="BatchNorm statistics", disable=bar_disabled(progress)):
             a, b = images[i]["image"], images[i + 1]["image"]
             h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
             model(torch.stack([a[:, :h, :w], b[:, :h, :w]]).to(device))

@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split,
                 "analyze": cmd_analyze}
+    import torch
+
     from .run_folder import RunFolderError
     from .trainer import NonFiniteTrainingError
 
@@ -344,6 +346,12 @@ def _run(args) -> int:
             raise
         print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:
+        if debug:
+            raise
+        print(f"csl {args.command}: error: out of memory: {_one_line(e).splitlines()[0]} (lower train.batch_size, "
+              f"data.crop_size or eval.batch_size; eval.mode=sliding_window for large images)", file=sys.stderr)
+        return 1
     except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
         if debug:
             raise

@@ -247,7 +247,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
     if key in RAW_STRING_KEYS:  # YAML would read 1_8 as the integer 18
-        return key, text.strip()
+        raw = text.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            raw = raw[1:-1]
+        return key, None if raw.lower() in ("", "null", "~", "none") else raw
     return key, parse_value(text.strip())
 
 

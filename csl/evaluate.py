@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
+from .logging_utils import bar_disabled
+
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 
 
@@ -172,7 +174,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     try:
         with torch.no_grad():
             batches = (sub for item in loader for sub in (item if isinstance(item, list) else [item]))
-            for batch in tqdm(batches, desc=f"eval ({mode})", disable=not progress or rank != 0, leave=False,
+            for batch in tqdm(batches, desc=f"eval ({mode})", disable=bar_disabled(progress and rank == 0), leave=False,
                               total=len(loader) if hasattr(loader, "__len__") else None):
                 image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
                 image = image.to(device, non_blocking=True)
@@ -231,7 +233,7 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     model.eval()
     written, used = [], set()
     try:
-        for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
+        for i, path in enumerate(tqdm(paths, desc="predict", disable=bar_disabled(progress))):
             original = load_image(path)
             scaled, _ = resize_pair(original, None, image_scale)
             image = normalize(image_to_tensor(scaled), mean, std)[None].to(device)

@@ -159,11 +159,17 @@ def read_metrics(path: str, kind: str | None = None) -> list[dict]:
     return [r for r in _parsed(path, lines) if r is not None and (kind is None or r.get("kind") == kind)]
 
 
+def bar_disabled(enabled: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar: off when not ``enabled``; else drawn only where stderr is a terminal
+    (tqdm's ``None``), so a log file under nohup or a scheduler gets the log lines, not thousands of bar frames."""
+    return None if enabled else True
+
+
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, leave=False,
-                file=sys.stderr)
+    return tqdm(total=total, initial=initial, disable=bar_disabled(enabled), desc=desc, dynamic_ncols=True,
+                leave=False, file=sys.stderr)
 
 
-__all__ = ["MetricsWriter", "progress_bar", "read_metrics", "setup_logging"]
+__all__ = ["MetricsWriter", "bar_disabled", "progress_bar", "read_metrics", "setup_logging"]

@@ -255,6 +255,19 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capsy
     stop.raise_requested.__globals__["_requested"] = None
 
 
+def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys):
+    import csl.cli as cli
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(cli, "cmd_eval", oom)
+    assert main(["eval", "--checkpoint", "x.pt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("csl eval: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB (lower ")
+    assert "train.batch_size" in err and "Traceback" not in err and "more details" not in err
+
+
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
     from csl.cli import _one_line

@@ -139,6 +139,17 @@ def test_parse_override_splits_on_first_equals():
     assert parse_override("data.root=/a=b") == ("data.root", "/a=b")
 
 
+def test_data_split_stays_a_string_and_can_be_unset(tmp_path):
+    """``1_8`` is the split's name, not YAML's integer 18; ``null`` unsets a config's split so that
+    ``data.split_dir`` can name a folder instead."""
+    assert parse_override("data.split=1_8") == ("data.split", "1_8")
+    assert parse_override('data.split="1_4"') == ("data.split", "1_4")
+    for unset in ("null", "~", "", "None"):
+        assert parse_override(f"data.split={unset}") == ("data.split", None)
+    cfg = load_config("camvid", ["data.split=null", f"data.split_dir={tmp_path}"])
+    assert cfg["data"]["split"] is None and cfg["data"]["split_dir"] == str(tmp_path)
+
+
 def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
     """``kernels.backend`` drives every kernel; the old ``selection.backend`` still loads (file, override, stored
     checkpoint config) with a FutureWarning, as ``kernels.backend``."""

@@ -141,7 +141,8 @@ def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | Non
     split_dir = data_cfg.get("split_dir")
     if data_cfg.get("split") is not None:
         if split_dir is not None:
-            raise ValueError("set data.split (a shipped split) or data.split_dir (a folder), not both")
+            raise ValueError("set data.split (a shipped split) or data.split_dir (a folder), not both (a config's "
+                             "data.split is unset with data.split=null)")
         split_dir = named_split_dir(kind, data_cfg["split"])
     labeled = data_cfg.get("labeled_list")
     unlabeled = data_cfg.get("unlabeled_list")

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from csl_kernels import IGNORE_INDEX
 
+from ..logging_utils import bar_disabled
 from .transforms import (
     ColorAugment,
     WeakAugment,
@@ -320,7 +321,7 @@ class ListSource:
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         errors: list[str] = []
-        for i in tqdm(range(len(self)), desc=f"validating {self.list_path}", disable=not progress):
+        for i in tqdm(range(len(self)), desc=f"validating {self.list_path}", disable=bar_disabled(progress)):
             img_path, mask_path = self.image_path(i), self.mask_path(i)
             try:
                 if not os.path.isfile(img_path):
