@@ -224,15 +224,16 @@ class _Tally:
         return out
 
 
-def _image_outputs(logits: torch.Tensor, alpha: float, confidence: str, backend: str) -> dict[str, torch.Tensor]:
+def _image_outputs(logits: torch.Tensor, alpha: float, confidence: str, backend: str,
+                   released_confidence: str | None = None) -> dict[str, torch.Tensor]:
     """Every rule's per-pixel output for ``1 x C x H x W`` logits (no mask involved, as in training)."""
     sel = csl_kernels.pcos_weights(logits, None, alpha=alpha, confidence=confidence, groups="image",
                                    backend=backend, return_stats=True)
     sel_class = csl_kernels.pcos_weights(logits, None, alpha=alpha, confidence=confidence, groups="class",
                                          backend=backend)
-    # The authors' released rule (its own log confidence; docs/selection.md Sec. 2b), image groups.
+    # The authors' released rule (docs/selection.md Sec. 2b; None: its own log confidence), image groups.
     sel_released = csl_kernels.pcos_weights(logits, None, alpha=alpha, groups="image", rule="released",
-                                            backend=backend)
+                                            confidence=released_confidence, backend=backend)
     f0, dispersion, _ = csl_kernels.residual_features(logits, None, confidence=confidence, backend=backend)
     return {
         "sel": sel,
@@ -337,7 +338,10 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
     sel_cfg, ignore_index = cfg["selection"], IGNORE_INDEX  # the datasets map the files' ignore value to it
     alpha, backend = float(sel_cfg["alpha"]), cfg["kernels"]["backend"]
-    confidence = sel_cfg["confidence"] or "prob"  # the paper's rule is analysed with the config's confidence
+    # The config's confidence applies to the rule the config trains; the other rule is analysed with its default.
+    trained_released = sel_cfg["rule"] == "released"
+    confidence = (None if trained_released else sel_cfg["confidence"]) or "prob"
+    released_confidence = sel_cfg["confidence"] if trained_released else None
     shown = set(_pick(n_images, panels))
     tally, examples, skipped = _Tally(num_classes, taus, max_ranked_pixels), [], []
     generator = torch.Generator().manual_seed(0)
@@ -353,7 +357,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
                                     stride_ratio=cfg["eval"]["stride_ratio"]).float()
             if mode == "center_crop":
                 target, image = center_crop(target, crop), center_crop(image, crop)
-            out = _image_outputs(logits, alpha, confidence, backend)
+            out = _image_outputs(logits, alpha, confidence, backend, released_confidence)
             sel = out["sel"]
             valid = (target != ignore_index).reshape(-1).numpy()
 
@@ -387,9 +391,11 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     result = tally.result(shares)
     names = class_names(cfg["data"], num_classes)
     result.update({
-        "checkpoint": os.path.abspath(checkpoint), "split": split, "images": n_images - len(skipped),
-        "skipped_images": skipped, "valid_pixels": int(tally.pixels), "eval_mode": mode, "alpha": alpha,
-        "confidence": confidence, "rule": sel_cfg["rule"], "num_classes": num_classes, "class_names": names,
+        "checkpoint": os.path.abspath(checkpoint), "checkpoint_iteration": ckpt.get("iteration"), "split": split,
+        "images": n_images - len(skipped), "skipped_images": skipped, "valid_pixels": int(tally.pixels),
+        "eval_mode": mode, "alpha": alpha, "confidence": confidence,
+        "released_confidence": released_confidence or "log", "rule": sel_cfg["rule"], "num_classes": num_classes,
+        "class_names": names,
         "seconds": time.perf_counter() - start, "model_accuracy": result["all_pixels"]["accuracy"],
     })
     prepare_out_dir(out_dir, overwrite)

@@ -58,7 +58,9 @@ def load_run(folder: str) -> dict:
         if total is None and os.path.isfile(config):  # records written before evaluations carried the total
             total = _configured_iters(config)
             known = total is not None  # an epoch-based config whose epoch length came from the data: unknown
-        if evals and (not known or (total is not None and evals[-1]["iter"] < total)):
+        if not evals:  # trained beside, never evaluated (stopped early): said, not silently left out
+            unfinished[m] = (None, total)
+        elif not known or (total is not None and evals[-1]["iter"] < total):
             unfinished[m] = (evals[-1]["iter"], total)
         elif evals:
             results[m] = {"miou": evals[-1]["miou"], "best_miou": max(e["miou"] for e in evals), "seconds": None}
@@ -116,7 +118,7 @@ def _seed(run: dict):
 def _warmup(run: dict, key: str):
     """``key`` ("miou", "seconds") of the run's warm-up in summary.json; None for a run without one."""
     warmup = run["summary"].get("warmup")
-    return warmup[key] if warmup else None
+    return warmup.get(key) if warmup else None
 
 
 def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
@@ -148,7 +150,8 @@ def results_table(runs: list[dict]) -> str:
     rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in all_methods(runs)]
     for key, label in rows:
         if key == "warmup":
-            vals = best = [_warmup(r, "miou") for r in runs]
+            vals = [_warmup(r, "miou") for r in runs]
+            best = [_warmup(r, "best_miou") for r in runs]
             secs = [_warmup(r, "seconds") for r in runs]
         else:
             vals = [r["results"].get(key, {}).get("miou") for r in runs]
@@ -272,8 +275,14 @@ def write_report(folders: list[str], out_dir: str) -> str:
         for m, (last, total) in r["unfinished"].items():
             of = f"of {total}" if total is not None else "(its total is unknown: an epoch-based run recorded before " \
                                                          "evaluations carried it)"
-            parts.append(f"Seed {_seed(r)}: `{m}` stopped after its evaluation at iteration {last} {of}; it is not in "
-                         "the tables.\n")
+            when = "before its first evaluation" if last is None else f"after its evaluation at iteration {last} {of}"
+            parts.append(f"Seed {_seed(r)}: `{m}` stopped {when}; it is not in the tables.\n")
+        for m, a in r["analyses"].items():  # an analysis of another checkpoint than the run's last evaluation
+            evals = r["metrics"].get(m, {}).get("eval")
+            at = a.get("checkpoint_iteration")
+            if evals and at is not None and at != evals[-1]["iter"]:
+                parts.append(f"Seed {_seed(r)}: the analysis of `{m}` is of `{os.path.basename(a['checkpoint'])}` "
+                             f"at iteration {at}, not of the final model (iteration {evals[-1]['iter']}).\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
     if any("threshold" in r["results"] for r in runs):

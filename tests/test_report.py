@@ -160,3 +160,36 @@ def test_miou_panels_one_per_schedule(tmp_path):
         panels[f"seed {seed}"] = {report.LABELS[m]: run["metrics"][m]["eval"] for m in run["methods"]}
     out = plot_miou_panels(panels, str(tmp_path / "pictures" / "miou.png"))
     assert os.path.getsize(out) > 10_000
+
+
+def test_unevaluated_beside_runs_and_analyses_of_other_checkpoints_are_named(tmp_path):
+    folder = run_folder(tmp_path, 0)
+    os.makedirs(os.path.join(folder, "csl_alpha64"))
+    with open(os.path.join(folder, "csl_alpha64", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"kind": "train", "iter": 20, "loss": 0.5}) + "\n")  # stopped before any evaluation
+    with open(os.path.join(folder, "csl_alpha64", "config.yaml"), "w") as f:
+        f.write("train:\n  iters: 600\n")
+    analysis = os.path.join(folder, "analysis", "csl", "analysis.json")
+    with open(analysis) as f:
+        a = json.load(f)
+    a.update(checkpoint="/runs/seed0/csl/best.pt", checkpoint_iteration=400)  # not the final model (600)
+    with open(analysis, "w") as f:
+        json.dump(a, f)
+    run = report.load_run(folder)
+    assert run["unfinished"]["csl_alpha64"] == (None, 600)
+    out = tmp_path / "report"
+    report.write_report([folder], str(out))
+    text = (out / "report.md").read_text()
+    assert "`csl_alpha64` stopped before its first evaluation; it is not in the tables" in text
+    assert "the analysis of `csl` is of `best.pt` at iteration 400, not of the final model (iteration 600)" in text
+
+
+def test_the_warmup_row_gives_its_best_evaluation(tmp_path):
+    folder = run_folder(tmp_path, 0)
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    summary["warmup"]["best_miou"] = 0.55  # a warm-up whose last evaluation was not its best
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    text = report.results_table([report.load_run(folder)])
+    assert table_row(text, "warm-up (start of every method)")[:2] == ["49.2", "55.0"]
