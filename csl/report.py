@@ -6,8 +6,8 @@ Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.j
 ``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). A run trained into the same
 folder beside the demo's methods (e.g. ``csl train ... output_dir=<folder>/csl_no_tmp``) is reported with them, its
 final mIoU read from its last evaluation. With several folders (seeds) the tables give each seed and the mean ± half
-the range (max - min) / 2, and the differences to the threshold baseline seed by seed; ``miou_by_seed.png`` draws
-every seed's final mIoU per method.
+the range (max - min) / 2 for two seeds, ± the sample standard deviation for three or more, and the differences to the
+threshold baseline seed by seed; ``miou_by_seed.png`` draws every seed's final mIoU per method.
 """
 
 from __future__ import annotations
@@ -94,15 +94,23 @@ def _configured_iters(config_path: str) -> int | None:
     return None
 
 
+def spread_name(n: int) -> str:
+    """What the ± of :func:`_mean_spread` is over ``n`` seeds: half the range for two (both values are then
+    mean ± it), the sample standard deviation for three or more."""
+    return "half-range" if n <= 2 else "sd"
+
+
 def _mean_spread(values: list, signed: bool = False) -> str:
-    """Mean ± half the range, in percent (points), of the values that exist; says over how many when some do not."""
+    """Mean ± :func:`spread_name`, in percent (points), of the values that exist; says over how many when some do
+    not."""
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "-"
     sign = "+" if signed else ""
     text = f"{100 * np.mean(vals):{sign}.1f}"
-    if len(vals) > 1:
-        text += f" ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+    if len(vals) > 1:  # the spread the header names for this many seeds
+        spread = (max(vals) - min(vals)) / 2 if spread_name(len(values)) == "half-range" else np.std(vals, ddof=1)
+        text += f" ± {100 * spread:.1f}"
     return text if len(vals) == len(values) else f"{text} ({len(vals)} of {len(values)} seeds)"
 
 
@@ -123,9 +131,9 @@ def _warmup(run: dict, key: str):
 
 def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
     """Each method's final mIoU minus ``reference``'s, seed by seed (the runs of one seed share the warm-up, the
-    labeled batches and the schedule, so the difference is the paired comparison), with the mean ± half-range."""
+    labeled batches and the schedule, so the difference is the paired comparison), with the mean ± spread."""
     head = "| method | " + " | ".join(f"seed {_seed(r)} (points)" for r in runs)
-    head += " | mean ± half-range (points) |" if len(runs) > 1 else " |"
+    head += f" | mean ± {spread_name(len(runs))} (points) |" if len(runs) > 1 else " |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for m in all_methods(runs):
         if m == reference:
@@ -144,7 +152,7 @@ def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
 def results_table(runs: list[dict]) -> str:
     """mIoU of each method per seed (and mean), with the selection quality of its final model when analysed."""
     head = "| method | " + " | ".join(f"mIoU seed {_seed(r)} (%)" for r in runs)
-    head += " | mean ± half-range (%) |" if len(runs) > 1 else " |"
+    head += f" | mean ± {spread_name(len(runs))} (%) |" if len(runs) > 1 else " |"
     head += " best mIoU (%) | time (s) |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     rows = [("warmup", "warm-up (start of every method)")] + [(m, LABELS.get(m, m)) for m in all_methods(runs)]

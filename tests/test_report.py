@@ -123,8 +123,10 @@ def test_two_folders_of_one_seed_are_refused(tmp_path, capsys):
 
 
 def test_mean_says_over_how_many_seeds():
-    assert report._mean_spread([0.5, 0.4, 0.6]) == "50.0 ± 10.0"
-    assert report._mean_spread([0.5, None, 0.6]) == "55.0 ± 5.0 (2 of 3 seeds)"
+    assert report._mean_spread([0.5, 0.4, 0.6]) == "50.0 ± 10.0"  # three seeds: the sample sd
+    assert report._mean_spread([0.5, 0.4, 0.7]) == "53.3 ± 15.3"
+    assert report._mean_spread([0.5, 0.6]) == "55.0 ± 5.0"  # two: half the range
+    assert report._mean_spread([0.5, None, 0.6]) == "55.0 ± 7.1 (2 of 3 seeds)"
     assert report._mean_spread([-0.011, None], signed=True) == "-1.1 (1 of 2 seeds)"
     assert report._mean_spread([None, None]) == "-"
 
