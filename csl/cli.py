@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
     pr.add_argument("--images", required=True, nargs="+", help="image files, folders or glob patterns")
-    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--out", required=True, help="output folder: one PNG per image, at the image's path relative to "
+                                                 "the folder all images share")
+    pr.add_argument("--overwrite", action="store_true", help="replace predictions that exist in --out")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 
     a = sub.add_parser("analyze", help="pseudo-label selection quality of a checkpoint on images with masks "
@@ -218,7 +220,7 @@ def expand_images(items: list[str]) -> list[str]:
             if not found:
                 raise FileNotFoundError(f"no such image, folder or pattern: {item}")
             paths.extend(found)
-    return paths
+    return list(dict.fromkeys(paths))  # a file named twice (a folder and a pattern) is predicted once
 
 
 def cmd_predict(args) -> int:
@@ -239,14 +241,19 @@ def cmd_predict(args) -> int:
     paths = expand_images(images)
     model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
     d = cfg["data"]
+    skipped: list = []
     written = predict_images(model, paths, args.out, num_classes=num_classes, mean=tuple(d["mean"] or IMAGENET_MEAN),
                              std=tuple(d["std"] or IMAGENET_STD), mode=cfg["eval"]["mode"] or
                              default_eval_mode(d["dataset"]), crop_size=cfg["eval"]["crop_size"] or d["crop_size"],
                              device=device, stride_ratio=cfg["eval"]["stride_ratio"],
                              amp_dtype=resolve_amp(cfg["eval"]["amp"], device),
                              dataset=d["dataset"] if d["dataset"] != "synthetic" else None,
-                             image_scale=d["image_scale"])
+                             image_scale=d["image_scale"], overwrite=args.overwrite, skipped=skipped)
     print(f"wrote {len(written)} prediction(s) to {args.out}")
+    if skipped:
+        print(f"csl predict: {len(skipped)} image(s) could not be read and were skipped, e.g. {skipped[0][0]}: "
+              f"{skipped[0][1]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -341,7 +348,7 @@ def _run(args) -> int:
     debug = os.environ.get("CSL_DEBUG") == "1"  # a traceback instead of the one-line message
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, RunFolderError) as e:  # what the user's input caused
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RunFolderError) as e:  # the user's input
         if debug:
             raise
         print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)

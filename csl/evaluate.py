@@ -3,6 +3,7 @@ colour prediction PNGs."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
 from .logging_utils import bar_disabled
+
+log = logging.getLogger("csl")
 
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 
@@ -204,14 +207,31 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     }
 
 
+def prediction_names(paths: Sequence[str]) -> list[str]:
+    """The PNG name of each image: its path relative to the deepest folder all images share, with ``.png`` (two
+    images that would get one name, ``a.jpg`` and ``a.png``, keep their extension: ``a_jpg.png``)."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    root = os.path.commonpath(folders) if folders else ""
+    stems = [os.path.splitext(os.path.relpath(os.path.abspath(p), root))[0] for p in paths]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [f"{stem}_{os.path.splitext(p)[1][1:].lower()}.png" if counts[stem] > 1 else f"{stem}.png"
+            for stem, p in zip(stems, paths, strict=True)]
+
+
 def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_classes: int,
                    mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                    mode: str = "original", crop_size: int | None = None, device=None, stride_ratio: float = 2 / 3,
                    amp_dtype: torch.dtype | None = None, dataset: str | None = None, progress: bool = True,
-                   image_scale: float = 1.0) -> list[str]:
-    """Predict each image file and write ``<out_dir>/<stem>.png``: a palette PNG whose pixel values are the class
-    ids and whose colours are :func:`csl.data.palette` (RGB for more than 256 classes). Returns the written
-    paths.
+                   image_scale: float = 1.0, overwrite: bool = False, skipped: list | None = None) -> list[str]:
+    """Predict each image file and write a palette PNG whose pixel values are the class ids and whose colours are
+    :func:`csl.data.palette` (RGB for more than 256 classes). Returns the written paths.
+
+    Each PNG's path under ``out_dir`` is its image's path relative to the folder all images share
+    (:func:`prediction_names`: ``seq1/0001.jpg`` and ``seq2/0001.jpg`` stay apart). A PNG that exists already is an
+    error before any work unless ``overwrite``; a PNG that would replace an input image always is. An image that
+    cannot be read is skipped with a warning and, when ``skipped`` is a list, appended to it as ``(path, reason)``.
 
     ``image_scale`` is the run's ``data.image_scale``: the model sees each image at the scale it was trained and
     evaluated at, and its class scores are resized back, so every PNG has the size of its image."""
@@ -226,15 +246,30 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"image file not found: {p}")
+    targets = [os.path.join(out_dir, name) for name in prediction_names(paths)]
+    inputs = {os.path.realpath(p) for p in paths}
+    replaced = [t for t in targets if os.path.realpath(t) in inputs]
+    if replaced:
+        raise ValueError(f"--out {out_dir} would write predictions over {len(replaced)} input image(s), e.g. "
+                         f"{replaced[0]}; choose another output folder")
+    existing = [t for t in targets if os.path.exists(t)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{len(existing)} of the {len(targets)} predictions exist already in {out_dir}, e.g. "
+                              f"{existing[0]}; pass --overwrite to replace them, or choose another --out")
     device = _device_of(model, device)
-    os.makedirs(out_dir, exist_ok=True)
     colours = palette(num_classes, dataset)
     was_training = model.training
     model.eval()
-    written, used = [], set()
+    written = []
     try:
-        for i, path in enumerate(tqdm(paths, desc="predict", disable=bar_disabled(progress))):
-            original = load_image(path)
+        for path, out in zip(tqdm(paths, desc="predict", disable=bar_disabled(progress)), targets, strict=True):
+            try:
+                original = load_image(path)
+            except (OSError, ValueError) as e:
+                log.warning("csl predict: skipped %s: %s", path, e)
+                if skipped is not None:
+                    skipped.append((path, str(e)))
+                continue
             scaled, _ = resize_pair(original, None, image_scale)
             image = normalize(image_to_tensor(scaled), mean, std)[None].to(device)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
@@ -245,11 +280,7 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
                     tuple(max(round(n / image_scale), 1) for n in scores.shape[-2:])
                 scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
             pred = scores.argmax(dim=1)[0].cpu().numpy()
-            stem = os.path.splitext(os.path.basename(path))[0]
-            if stem in used:
-                stem = f"{stem}_{i}"
-            used.add(stem)
-            out = os.path.join(out_dir, stem + ".png")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
             if num_classes <= 256:
                 img = Image.frombytes("P", (pred.shape[1], pred.shape[0]), pred.astype(np.uint8).tobytes())
                 img.putpalette(np.pad(colours, ((0, 256 - num_classes), (0, 0))).reshape(-1).tolist())

@@ -233,6 +233,39 @@ def test_predict_images_writes_palette_pngs(tmp_path):
         predict_images(model, [str(tmp_path / "missing.png")], str(tmp_path / "pred"), num_classes=21)
 
 
+def test_predictions_keep_the_folder_layout_and_never_replace_what_exists(tmp_path):
+    """seq1/0001.jpg and seq2/0001.jpg get seq1/0001.png and seq2/0001.png; existing predictions are refused before
+    any work unless overwrite, input images always; an unreadable image is skipped and reported."""
+    from csl.evaluate import prediction_names
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for rel in ("seq1/0001.jpg", "seq2/0001.jpg", "seq2/0001.png", "seq2/broken.png"):
+        p = tmp_path / "imgs" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel.startswith("seq2/broken"):
+            p.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    assert prediction_names(paths) == ["seq1/0001.png", "seq2/0001_jpg.png", "seq2/0001_png.png", "seq2/broken.png"]
+    assert prediction_names([str(tmp_path / "a.jpg")]) == ["a.png"]
+    model = nn.Conv2d(3, 5, 1)
+    out_dir = tmp_path / "pred"
+    skipped: list = []
+    written = predict_images(model, paths, str(out_dir), num_classes=5, progress=False, skipped=skipped)
+    assert [os.path.relpath(p, out_dir) for p in written] == ["seq1/0001.png", "seq2/0001_jpg.png",
+                                                              "seq2/0001_png.png"]
+    assert len(skipped) == 1 and skipped[0][0] == paths[3]
+    before = (out_dir / "seq1" / "0001.png").read_bytes()
+    with pytest.raises(FileExistsError, match=r"3 of the 4 predictions exist already .*--overwrite"):
+        predict_images(model, paths, str(out_dir), num_classes=5, progress=False)
+    assert (out_dir / "seq1" / "0001.png").read_bytes() == before
+    assert len(predict_images(model, paths[:3], str(out_dir), num_classes=5, progress=False, overwrite=True)) == 3
+    with pytest.raises(ValueError, match="over 1 input image"):  # --out = the input folder, overwrite or not
+        predict_images(model, [paths[2]], str(tmp_path / "imgs" / "seq2"), num_classes=5, overwrite=True)
+
+
 def test_eval_batches_of_differently_sized_images_match_one_by_one():
     """eval.batch_size > 1 on a validation set whose image sizes differ: same-size sub-batches, same result."""
     from torch.utils.data import Dataset
