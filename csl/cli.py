@@ -23,7 +23,7 @@ import sys
 import threading
 
 from . import stop
-from .config import CONFIG_DIR, ConfigError, build_config, load_config
+from .config import CONFIG_DIR, ConfigError, build_config, load_config, parse_override
 from .demo import METHODS
 
 log = logging.getLogger("csl")
@@ -117,7 +117,9 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
     # Where the run trained (its device, its kernels' backend) is not part of the model: a GPU run's checkpoint is
     # evaluated with this machine's choice (the backends compute the same; another device type may differ in the
     # last bits), unless the overrides name one.
-    return build_config(stored, [*WHERE_IT_RAN, *(overrides or [])])
+    given = {parse_override(o)[0] for o in overrides or []}
+    defaults = [o for o in WHERE_IT_RAN if parse_override(o)[0] not in given]
+    return build_config(stored, [*defaults, *(overrides or [])])
 
 
 def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
@@ -145,6 +147,10 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     overrides = list(args.overrides)
+    for flag, value, key in (("--resume", args.resume, "train.resume"), ("--overwrite", args.overwrite,
+                                                                           "train.overwrite")):
+        if value and any(parse_override(o)[0] == key for o in overrides):
+            raise ConfigError(f"{flag} and {key}= are both given; pass one")
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     if args.overwrite:

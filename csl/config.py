@@ -472,7 +472,12 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
     cfg = _merge(DEFAULTS, _migrate(raw or {}), "")
     # Unknown keys in ``raw`` are reported by validate(); overrides are checked as they are set.
     pairs = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    given: dict[str, Any] = {}
     for key, value in pairs:
+        if key in given and given[key] != value:  # the last one counts, as on most command lines: said
+            warnings.warn(f"{key} is given twice ({given[key]!r}, then {value!r}); the last one is used",
+                          UserWarning, stacklevel=2)
+        given[key] = value
         set_dotted(cfg, key, value)
     return validate(cfg)
 
@@ -483,11 +488,12 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
     Relative data / checkpoint paths are kept as written (relative to the working directory).
     """
     raw = load_yaml(resolve_config_path(path_or_name)) if path_or_name else {}
-    try:
-        return build_config(raw, overrides)
-    except ConfigError as e:
-        where = f" (in {path_or_name})" if path_or_name else ""
-        raise ConfigError(f"{e}{where}") from None
+    if path_or_name:
+        try:
+            build_config(raw)  # the file on its own: its errors are named as its
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {path_or_name})") from None
+    return build_config(raw, overrides)
 
 
 def dump_config(cfg: dict, path: str) -> None:

@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-from .config import build_config, load_config
+from .config import build_config, load_config, parse_override
 from .files import atomic_write_text
 from .logging_utils import read_metrics
 
@@ -36,6 +36,14 @@ METHODS: dict[str, dict] = {
     "csl_class": {"train.mode": "semi", "selection.mode": "csl_class", "tmp.enabled": True},
     "csl_no_tmp": {"train.mode": "semi", "selection.mode": "csl", "tmp.enabled": False},
     "confidence_share": {"train.mode": "semi", "selection.mode": "confidence_share", "tmp.enabled": False},
+}
+# Keys each stage sets over the user's overrides, and the demo's own way to choose them.
+DEMO_SETS = {
+    "output_dir": "use --out", "train.init_from": "the methods start from the demo's warm-up (--warmup)",
+    "train.mode": "choose the methods with --methods", "selection.mode": "choose the methods with --methods",
+    "tmp.enabled": "choose the methods with --methods (csl, csl_no_tmp)",
+    "train.resume": "the same command continues finished and stopped stages; --fresh starts over",
+    "train.overwrite": "the same command continues finished and stopped stages; --fresh starts over",
 }
 LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)",
           "csl_class": "CSL class-wise (PCOS + TMP)", "csl_no_tmp": "CSL without TMP (PCOS)",
@@ -251,6 +259,11 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
             raise ValueError(f"unknown demo method {m!r}; choose from {sorted(METHODS)}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 iterations, got {warmup}")
+    for item in overrides or []:
+        key = parse_override(item)[0]
+        if key in DEMO_SETS:
+            raise ValueError(f"csl demo sets {key} itself for each stage, so {item!r} would do nothing: "
+                             f"{DEMO_SETS[key]}")
     base = load_config(config, overrides)
     start = time.perf_counter()
     init_from, warm = None, None

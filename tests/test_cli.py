@@ -268,6 +268,11 @@ def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys):
     assert "train.batch_size" in err and "Traceback" not in err and "more details" not in err
 
 
+def test_a_flag_and_its_key_together_are_refused(tmp_path, capsys):
+    assert main(["train", "--config", "demo", "train.resume=null", "--resume", "auto", f"output_dir={tmp_path}"]) == 2
+    assert "--resume and train.resume= are both given; pass one" in capsys.readouterr().err
+
+
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
     from csl.cli import _one_line

@@ -208,3 +208,26 @@ def test_a_supervised_batch_of_one_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs >= 2 images per forward pass"):
         Trainer(cfg)
     assert not any(tmp_path.iterdir())  # refused before the run folder was written
+
+
+def test_a_key_given_twice_and_where_an_error_comes_from(tmp_path):
+    with pytest.warns(UserWarning, match=r"train.lr is given twice \(0.1, then 0.2\); the last one is used"):
+        assert build_config({}, ["train.lr=0.1", "train.lr=0.2"])["train"]["lr"] == 0.2
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError) as err:  # the command line's mistake is not blamed on the file
+        load_config(str(path), ["train.lr=abc"])
+    assert "mine.yaml" not in str(err.value) and "train.lr" in str(err.value)
+    path.write_text("train:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml"):
+        load_config(str(path), ["train.iters=5"])
+
+
+def test_demo_refuses_overrides_it_would_replace(tmp_path):
+    from csl.demo import run_demo
+
+    for item, hint in (("selection.mode=csl_class", "--methods"), ("output_dir=x", "--out"),
+                       ("train.resume=auto", "--fresh")):
+        with pytest.raises(ValueError, match=rf"csl demo sets {item.split('=')[0]} itself.*{hint}"):
+            run_demo(str(tmp_path), overrides=[item])
+
