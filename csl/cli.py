@@ -331,7 +331,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may also come after an option (`--config x a=1 --overwrite b=2`): argparse leaves those
+    # unparsed, and they join the overrides; anything else unrecognised is an error as usual.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     previous = {}
     if args.command in ("train", "demo") and threading.current_thread() is threading.main_thread():
         # Ctrl-C / SIGTERM during training: the iteration ends and latest.pt is saved before the stop (csl.stop).
