@@ -152,7 +152,8 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
             why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
             log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
         elif resume_auto:
-            log.info("train.resume=auto: no checkpoint in %s, starting a new run", folder)
+            # A warning: run from another working directory, a relative output_dir names another folder.
+            log.warning("train.resume=auto: no checkpoint in %s, starting a new run", os.path.abspath(folder))
         for name in RUN_FILES + SIDE_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
