@@ -31,21 +31,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer",
+                                epilog="python -m csl.report RUN... --out DIR writes the report of csl demo folders")
+    p.add_argument("--version", action="version", version=f"csl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split}")
+    add = sub.add_parser
+
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
+        """A subcommand whose --help starts with what it does (argparse shows ``help`` only in the list)."""
+        return add(name, help=help, description=help[0].upper() + help[1:] + ".", **kwargs)
 
     bundled = ", ".join(sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
     keys_help = (f"bundled configs: {bundled} (csl/configs/). Every key, its default and meaning: the README's "
                  f"configuration table and csl/config.py (DEFAULTS); override any with key=value.")
-    t = sub.add_parser("train", help="train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
+    t = command("train", "train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
     t.add_argument("--config", required=True, help="YAML file or bundled config name")
     t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (the newer of output_dir's latest.pt and "
                                     "best.pt, latest.pt on a tie; neither: a new run)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in output_dir (without it, or --resume, such a folder is refused)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the merged, validated config as YAML and exit (nothing is trained or written)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
+    e = command("eval", "evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
     e.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
@@ -53,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                         "unlabeled list; default 0 = keep the checkpoint's)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
-    pr = sub.add_parser("predict", help="write colour PNG predictions for images")
+    pr = command("predict", "write colour PNG predictions for images")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
     pr.add_argument("--images", required=True, nargs="+", help="image files, folders or glob patterns")
@@ -62,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace predictions that exist in --out")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 
-    a = sub.add_parser("analyze", help="pseudo-label selection quality of a checkpoint on images with masks "
+    a = command("analyze", "pseudo-label selection quality of a checkpoint on images with masks "
                                        "(threshold sweep, CSL, entropy, margin; JSON + pictures)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
@@ -79,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--panels", type=int, default=4, help="images shown in panels.png (default 4)")
     a.add_argument("overrides", nargs="*", metavar="key=value")
 
-    d = sub.add_parser("demo", help="supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes) "
+    d = command("demo", "supervised vs threshold vs CSL on the embedded synthetic data (CPU, minutes) "
                                     "or, with --config, on another dataset")
     d.add_argument("--config", default="demo", help="base config (default demo; camvid = the CamVid experiment)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
@@ -93,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(METHODS)} (default supervised,threshold,csl)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
 
-    s = sub.add_parser("split", help="write UniMatch-style semi-supervised split folders from a list")
+    s = command("split", "write UniMatch-style semi-supervised split folders from a list")
     s.add_argument("--list", required=True, help="list of 'img mask' lines (e.g. a dataset's train.txt)")
     s.add_argument("--fractions", nargs="+", required=True, help="labeled fractions, e.g. 1/8 1/4")
     s.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
@@ -156,6 +167,11 @@ def cmd_train(args) -> int:
     if args.overwrite:
         overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
     try:
         summary = train(cfg)
     finally:

@@ -273,6 +273,18 @@ def test_a_flag_and_its_key_together_are_refused(tmp_path, capsys):
     assert "--resume and train.resume= are both given; pass one" in capsys.readouterr().err
 
 
+def test_print_config_and_version(tmp_path, capsys):
+    import yaml
+
+    assert main(["train", "--config", "camvid", "seed=3", f"output_dir={tmp_path / 'never'}", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed"] == 3 and cfg["data"]["dataset"] == "camvid" and cfg["data"]["split"] == "1_8"
+    assert not (tmp_path / "never").exists()  # nothing trained or written
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("csl ")
+
+
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
     from csl.cli import _one_line
