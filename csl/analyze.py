@@ -85,6 +85,11 @@ def _quality(c: dict) -> dict:
             "share": _nan_to_none(_ratio(c["sel_pred"], c["by_pred"])),
             "accuracy": _nan_to_none(_ratio(c["selc_pred"], c["sel_pred"])),
             "recall": _nan_to_none(_ratio(c["selc_true"], c["corr_true"])),
+            # the denominators' sizes, so a ratio over a handful of pixels can be told from a measured one:
+            # pixels predicted as the class, the selected weight among them, correct pixels of the true class
+            "pixels_predicted": [float(v) for v in c["by_pred"]],
+            "selected_weight": [float(v) for v in c["sel_pred"]],
+            "correct_of_class": [float(v) for v in c["corr_true"]],
         },
     }
 

@@ -192,6 +192,14 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
     return _save(fig, out_dir, "panels.png")
 
 
+def _count(n: float) -> str:
+    """A pixel count in three significant figures: 950, 12.3k, 4.56M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
 def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
     """Per-class accuracy and recall of the threshold baseline and of CSL (hard and weighted)."""
     plt = _pyplot()
@@ -211,8 +219,12 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=len(rules))
     axes[1].set_xticks(x)
+    predicted = result["csl"]["weighted"]["per_class"].get("pixels_predicted")  # absent in older analyses
+    if predicted:  # how many pixels a class's accuracy stands on: a ratio of a handful is told apart
+        names = [f"{n} ({_count(c)})" for n, c in zip(names, predicted, strict=True)]
     axes[1].set_xticklabels(names, rotation=40, ha="right", fontsize=8)
-    axes[0].set_title("per class: accuracy by pseudo-label class, recall by true class", fontsize=9)
+    axes[0].set_title("per class: accuracy by pseudo-label class, recall by true class (pixels predicted as the "
+                      "class in brackets)", fontsize=9)
     return _save(fig, out_dir, "per_class.png")
 
 

@@ -26,6 +26,10 @@ def test_selection_quality_by_hand():
     assert q["per_class"]["share"] == pytest.approx([1.0, 0.5, 0.0])
     assert q["per_class"]["accuracy"][:2] == pytest.approx([0.5, 1.0]) and q["per_class"]["accuracy"][2] is None
     assert q["per_class"]["recall"][:2] == pytest.approx([1.0, 0.5]) and q["per_class"]["recall"][2] is None
+    # pred 0 0 1 1 2, weight 1 1 0 1 0, correct T F T T F, target 0 1 1 1 0
+    assert q["per_class"]["pixels_predicted"] == [2.0, 2.0, 1.0]
+    assert q["per_class"]["selected_weight"] == [2.0, 1.0, 0.0]
+    assert q["per_class"]["correct_of_class"] == [1.0, 2.0, 0.0]
     soft = selection_quality(np.array([0.5, 1, 0, 0, 0.0]), correct, pred, target, 3)
     assert soft["share"] == pytest.approx(1.5 / 5) and soft["accuracy"] == pytest.approx(0.5 / 1.5)
     assert soft["recall"] == pytest.approx(0.5 / 3)
