@@ -191,6 +191,11 @@ def test_missing_files_and_roots_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=img_rel):
         src.load(2)
 
+    absolute = tmp_path / "absolute.txt"  # SegNet's CamVid lists name /SegNet/CamVid/... files
+    absolute.write_text("/SegNet/CamVid/train/a.png /SegNet/CamVid/trainannot/a.png\n")
+    with pytest.raises(FileNotFoundError, match="lists absolute paths, which are used as they are"):
+        ListSource(info["root"], str(absolute), 5, 255)
+
     first_img = read_split(info["labeled_list"])[0][0]
     os.remove(os.path.join(info["root"], first_img))
     with pytest.raises(FileNotFoundError, match=first_img):

@@ -215,8 +215,12 @@ class ListSource:
         self.description = f"{list_path} ({len(self.items)} items)"
         first = self.items[0][0]
         if not os.path.isfile(os.path.join(root, first)):
+            why = "are data.root and the split file from the same dataset?"
+            if os.path.isabs(first):  # e.g. SegNet's CamVid lists: /SegNet/CamVid/train/x.png
+                why = (f"the split file lists absolute paths, which are used as they are, without data.root; write "
+                       f"them relative to data.root ({root})")
             raise FileNotFoundError(f"image file not found: {os.path.join(root, first)} (first entry of "
-                                    f"{list_path}; are data.root and the split file from the same dataset?)")
+                                    f"{list_path}; {why})")
 
     def __len__(self) -> int:
         return len(self.items)
