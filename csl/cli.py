@@ -21,9 +21,10 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from . import stop
-from .config import CONFIG_DIR, ConfigError, build_config, load_config, parse_override
+from .config import CONFIG_DIR, ConfigError, build_config, load_config, migrate_renamed, parse_override
 from .demo import METHODS
 
 log = logging.getLogger("csl")
@@ -128,6 +129,9 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
     # Where the run trained (its device, its kernels' backend) is not part of the model: a GPU run's checkpoint is
     # evaluated with this machine's choice (the backends compute the same; another device type may differ in the
     # last bits), unless the overrides name one.
+    with warnings.catch_warnings():  # a key renamed since the run was trained is the checkpoint's, not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        stored = migrate_renamed(stored)
     given = {parse_override(o)[0] for o in overrides or []}
     defaults = [o for o in WHERE_IT_RAN if parse_override(o)[0] not in given]
     return build_config(stored, [*defaults, *(overrides or [])])
@@ -242,7 +246,10 @@ def expand_images(items: list[str]) -> list[str]:
             if not found:
                 raise FileNotFoundError(f"no such image, folder or pattern: {item}")
             paths.extend(found)
-    return list(dict.fromkeys(paths))  # a file named twice (a folder and a pattern) is predicted once
+    unique: dict[str, str] = {}  # a file named twice (a folder and a pattern) is predicted once
+    for p in paths:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
 
 
 def cmd_predict(args) -> int:
@@ -260,7 +267,10 @@ def cmd_predict(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     device = pick_device(cfg["device"])
-    paths = expand_images(images)
+    out_real = os.path.realpath(args.out) + os.sep
+    paths = [p for p in expand_images(images) if not os.path.realpath(p).startswith(out_real)]  # earlier outputs
+    if not paths:
+        raise ValueError(f"--images names no image outside --out {args.out}")
     model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)
     d = cfg["data"]
     skipped: list = []
@@ -359,12 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if args.command in ("train", "demo") and threading.current_thread() is threading.main_thread():
         # Ctrl-C / SIGTERM during training: the iteration ends and latest.pt is saved before the stop (csl.stop).
-        previous = {s: signal.signal(s, stop.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A SIGINT a shell set to be ignored (a background job of a script) stays ignored.
+        signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        previous = {s: signal.signal(s, stop.handle_signal) for s in signals}
     try:
         return _run(args)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        stop.clear()
 
 
 def _run(args) -> int:
@@ -383,7 +396,7 @@ def _run(args) -> int:
             raise
         print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError as e:
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:  # torch < 2.5: only the latter
         if debug:
             raise
         print(f"csl {args.command}: error: out of memory: {_one_line(e).splitlines()[0]} (lower train.batch_size, "

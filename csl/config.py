@@ -189,7 +189,7 @@ def _renamed(old: str) -> str:
     return new
 
 
-def _migrate(tree: dict) -> dict:
+def migrate_renamed(tree: dict) -> dict:
     """``tree`` (a raw or merged config) with every old key of :data:`RENAMED` moved to its new key."""
     if not isinstance(tree, dict):
         return tree
@@ -371,7 +371,7 @@ def validate(cfg: dict) -> dict:
     """Check keys, types, choices and ranges; fill in defaults. Returns a new dict."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(cfg).__name__}")
-    cfg = _validate_tree(_migrate(cfg), DEFAULTS)
+    cfg = _validate_tree(migrate_renamed(cfg), DEFAULTS)
     for key, choices in CHOICES.items():
         value = get_dotted(cfg, key)
         if value is not None and value not in choices:
@@ -469,7 +469,7 @@ def load_yaml(path: str) -> dict:
 
 def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> dict:
     """Merge ``raw`` over :data:`DEFAULTS`, apply ``overrides`` (``["a.b=1", ...]`` or ``{"a.b": 1}``), validate."""
-    cfg = _merge(DEFAULTS, _migrate(raw or {}), "")
+    cfg = _merge(DEFAULTS, migrate_renamed(raw or {}), "")
     # Unknown keys in ``raw`` are reported by validate(); overrides are checked as they are set.
     pairs = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     given: dict[str, Any] = {}
@@ -488,12 +488,18 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
     Relative data / checkpoint paths are kept as written (relative to the working directory).
     """
     raw = load_yaml(resolve_config_path(path_or_name)) if path_or_name else {}
-    if path_or_name:
-        try:
-            build_config(raw)  # the file on its own: its errors are named as its
+    try:
+        return build_config(raw, overrides)
+    except ConfigError as merged:
+        if not path_or_name:
+            raise
+        try:  # the file on its own: an error it holds too is named as the file's
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # said once already, by the merged build
+                build_config(raw)
         except ConfigError as e:
             raise ConfigError(f"{e} (in {path_or_name})") from None
-    return build_config(raw, overrides)
+        raise merged from None
 
 
 def dump_config(cfg: dict, path: str) -> None:
@@ -501,4 +507,5 @@ def dump_config(cfg: dict, path: str) -> None:
 
 
 __all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "dump_config", "get_dotted",
-           "load_config", "parse_override", "parse_value", "resolve_config_path", "set_dotted", "validate"]
+           "load_config", "migrate_renamed", "parse_override", "parse_value", "resolve_config_path", "set_dotted",
+           "validate"]

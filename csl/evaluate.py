@@ -211,13 +211,23 @@ def prediction_names(paths: Sequence[str]) -> list[str]:
     """The PNG name of each image: its path relative to the deepest folder all images share, with ``.png`` (two
     images that would get one name, ``a.jpg`` and ``a.png``, keep their extension: ``a_jpg.png``)."""
     folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    root = os.path.commonpath(folders) if folders else ""
-    stems = [os.path.splitext(os.path.relpath(os.path.abspath(p), root))[0] for p in paths]
+    try:
+        root = os.path.commonpath(folders) if folders else ""
+        stems = [os.path.splitext(os.path.relpath(os.path.abspath(p), root))[0] for p in paths]
+    except ValueError:  # no common folder (Windows drives): the file names alone
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     counts: dict[str, int] = {}
     for stem in stems:
         counts[stem] = counts.get(stem, 0) + 1
-    return [f"{stem}_{os.path.splitext(p)[1][1:].lower()}.png" if counts[stem] > 1 else f"{stem}.png"
-            for stem, p in zip(stems, paths, strict=True)]
+    names = [f"{stem}_{os.path.splitext(p)[1][1:]}.png" if counts[stem] > 1 else f"{stem}.png"
+             for stem, p in zip(stems, paths, strict=True)]
+    seen: dict[str, int] = {}  # still the same name (a.jpg and a.JPG where names ignore case...): numbered
+    for i, name in enumerate(names):
+        key = os.path.normcase(name).lower()
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            names[i] = f"{os.path.splitext(name)[0]}_{seen[key]}.png"
+    return names
 
 
 def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_classes: int,

@@ -9,8 +9,8 @@ evaluation, whose own stop path saves the epoch), and for a second signal, it ra
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 from collections.abc import Iterator
 
 
@@ -30,30 +30,50 @@ def _exception(signum: int) -> KeyboardInterrupt:
 def handle_signal(signum: int, frame) -> None:
     global _requested
     if not _deferring or _requested is not None:
+        _requested = None  # raised now: nothing is left pending for a later run in this process
         raise _exception(signum)
     _requested = signum
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    print(f"\ncsl: {name}: stopping after this iteration with latest.pt saved (Ctrl-C again stops at once)",
-          file=sys.stderr, flush=True)
+    # os.write, not print: a handler that interrupts a write to stderr (a progress bar, a log line) must not write
+    # through the same buffered stream.
+    os.write(2, f"\ncsl: {name}: stopping after this iteration with latest.pt saved (Ctrl-C again stops at "
+                f"once)\n".encode())
 
 
 @contextlib.contextmanager
 def deferred(enabled: bool = True) -> Iterator[None]:
-    """While inside (and ``enabled``), a first signal waits for :func:`requested` to be checked."""
-    global _deferring
+    """While inside (and ``enabled``), a first signal waits for :func:`requested` to be checked. A request still
+    pending when the block ends normally is raised then; the outermost block starts with none pending."""
+    global _deferring, _requested
     previous = _deferring
+    if not previous:
+        _requested = None
     _deferring = enabled
     try:
         yield
+    except BaseException:
+        if not previous:
+            _requested = None  # the block ends in an exception: the request ends with it
+        raise
     finally:
         _deferring = previous
+    if not previous:
+        raise_requested()
 
 
 @contextlib.contextmanager
 def immediate() -> Iterator[None]:
-    """Inside a :func:`deferred` block: a signal raises at once (e.g. during an evaluation)."""
+    """Inside a :func:`deferred` block: a signal raises at once (e.g. during an evaluation), and a request already
+    pending is raised on entry."""
+    raise_requested()
     with deferred(False):
         yield
+
+
+def clear() -> None:
+    """Forget a pending request (the CLI, when it hands the signals back)."""
+    global _requested
+    _requested = None
 
 
 def requested() -> bool:
@@ -68,4 +88,4 @@ def raise_requested() -> None:
         raise _exception(signum)
 
 
-__all__ = ["Terminated", "deferred", "handle_signal", "immediate", "raise_requested", "requested"]
+__all__ = ["Terminated", "clear", "deferred", "handle_signal", "immediate", "raise_requested", "requested"]

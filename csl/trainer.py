@@ -239,6 +239,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self.window = Accumulator()
         self.epoch_acc = Accumulator()
+        self.weighted_partial = False
         self._maybe_resume()  # before the metrics file is opened: a resume drops the records logged after it
         if self.env.is_main:  # once the start has succeeded, with what the run uses (a resume's checkpoint values)
             dump_config(stored_config(self.cfg), os.path.join(self.output_dir, "config.yaml"))
@@ -436,6 +437,9 @@ class Trainer:
         self.pending_eval = ckpt.get("pending_eval")
         self.window.load_state_dict(ckpt["window"], self.device)
         self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
+        # A checkpoint from before the soft weights' sums were kept: this epoch's weighted metrics would cover only
+        # the iterations after the resume, so they are left out of its record.
+        self.weighted_partial = "pl_counts" in self.epoch_acc.sums and "pl_weighted" not in self.epoch_acc.sums
         self._restore_best(path, ckpt)
         if self.env.is_main:
             prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration)
@@ -625,7 +629,7 @@ class Trainer:
             m = metrics_from_counts(counts)
             out.update({"sampling_rate": float(m["overall_sampling_rate"]), "accuracy": float(m["overall_accuracy"]),
                         "recall": float(m["overall_recall"])})
-            if "pl_weighted" in sums:
+            if "pl_weighted" in sums and not self.weighted_partial:
                 w_sum, w_correct = all_reduce_sum(sums["pl_weighted"].clone()).cpu().tolist()
                 scored, correct = float(counts[0].sum()), float(counts[2].sum())
                 nan = float("nan")
@@ -637,21 +641,24 @@ class Trainer:
     def _stop_as_requested(self, epoch_done: bool, epoch: int) -> None:
         """Save the state of this iteration boundary (an epoch's end: with its evaluation pending, which a resume
         runs first), say how to continue, and raise the requested stop."""
+        saved = True
         if epoch_done:
-            self._end_epoch(epoch, evaluate=False)
+            saved = self._end_epoch(epoch, evaluate=False)
         else:
             self._check_weights_finite()
             self.save()
-        log.warning("stopped at iteration %d of %d as asked; %s holds it: continue with the same command and "
-                    "--resume auto (csl demo: the same command)", self.iteration, self.total_iters,
-                    os.path.join(self.output_dir, LATEST))
+        if saved:
+            log.warning("stopped at iteration %d of %d as asked; %s holds it: continue with the same command and "
+                        "--resume auto, without --overwrite (csl demo: the same command)", self.iteration,
+                        self.total_iters, os.path.join(self.output_dir, LATEST))
         stop.raise_requested()
 
-    def _end_epoch(self, epoch: int, evaluate: bool = True) -> None:
+    def _end_epoch(self, epoch: int, evaluate: bool = True) -> bool:
         """The epoch's pseudo-label record, then its evaluation (when due) and checkpoints. ``evaluate=False`` (a
-        stop): the evaluation is saved as pending instead."""
+        stop): the evaluation is saved as pending instead. Returns whether the epoch was saved."""
         pl = self.pseudo_label_metrics()
         self.epoch_acc.reset()
+        self.weighted_partial = False
         if pl:
             self.metrics.write({"kind": "pseudo_labels", "iter": self.iteration, "epoch": epoch, **pl},
                                step=self.iteration)
@@ -659,12 +666,12 @@ class Trainer:
         self._check_weights_finite()
         last = self.iteration >= self.total_iters
         if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
-            if evaluate:
-                self._evaluate_and_save(epoch, pl)
-            else:
-                self._save_pending_eval(epoch, pl, self._eval_rng())
+            if not evaluate:
+                return self._save_pending_eval(epoch, pl, self._eval_rng())
+            self._evaluate_and_save(epoch, pl)
         else:
             self.save()
+        return True
 
     def _evaluate_and_save(self, epoch: int, pl: dict) -> None:
         """The epoch's evaluation, then ``best.pt`` (when it improved) and ``latest.pt``. A failure or a stop during
@@ -697,11 +704,12 @@ class Trainer:
     def _eval_rng(self) -> dict | None:
         return capture_rng({"step": self.generator}) if self.env.world_size == 1 else None
 
-    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None) -> None:
+    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None) -> bool:
+        """``latest.pt`` with the epoch's evaluation marked pending; returns whether it was written."""
         if self.env.world_size > 1:  # the other ranks may not reach the collective of a save
             log.warning("the evaluation at iteration %d did not finish; with %d processes the epoch is not saved",
                         self.iteration, self.env.world_size)
-            return
+            return False
         try:
             payload = self.state_dict()
             payload["rng"] = [rng]
@@ -710,9 +718,10 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - the evaluation's own error is the one raised
             log.error("the evaluation at iteration %d did not finish, and saving the epoch failed too: %s",
                       self.iteration, e)
-            return
+            return False
         log.warning("the evaluation at iteration %d did not finish; the epoch's training is saved in %s, and "
                     "--resume auto evaluates it first", self.iteration, LATEST)
+        return True
 
     def _last_good(self) -> str:
         latest = os.path.join(self.output_dir, LATEST)

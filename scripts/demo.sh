@@ -21,4 +21,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # The demo runs on the CPU: build only the CPU part of the extension (the tests build the CUDA part too).
 export CSL_EXT_CUDA=${CSL_EXT_CUDA:-0}
-.venv/bin/python -m csl demo "${args[@]}"
+.venv/bin/python -m csl demo ${args[@]+"${args[@]}"}  # (an empty array is "unbound" to bash < 4.4 under set -u)

@@ -219,7 +219,7 @@ def test_sigterm_during_training_saves_the_epoch_and_releases_the_folder(tmp_pat
 
 
 @pytest.mark.parametrize(("signal_at", "saved_at", "pending"), [(1, 2, None), (2, 3, 0)])
-def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capsys, signal_at, saved_at, pending):
+def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd, signal_at, saved_at, pending):
     """Ctrl-C while a step runs: the iteration ends, latest.pt holds it (at an epoch's end with the evaluation
     pending), exit 130, and --resume auto trains on from there; a second Ctrl-C stops at once."""
     import signal
@@ -238,7 +238,7 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capsy
     before = signal.getsignal(signal.SIGINT)
     args = ["train", "--config", "demo", *TINY, "train.iters=6", "train.iters_per_epoch=3", f"output_dir={tmp_path}"]
     assert main(args) == 130
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "stopping after this iteration with latest.pt saved" in err and "csl train: interrupted" in err
     assert signal.getsignal(signal.SIGINT) is before and not stop.requested()
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
@@ -248,11 +248,18 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capsy
     assert main([*args, "--resume", "auto"]) == 0
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [3, 6]
 
-    with stop.deferred(), pytest.raises(KeyboardInterrupt):  # the second signal raises where it lands
+    with pytest.raises(KeyboardInterrupt), stop.deferred():  # the second signal raises where it lands
         stop.handle_signal(signal.SIGINT, None)
         assert stop.requested()
         stop.handle_signal(signal.SIGINT, None)
-    stop.raise_requested.__globals__["_requested"] = None
+    assert not stop.requested()  # nothing left pending for a later run in this process
+    with pytest.raises(stop.Terminated), stop.deferred():  # pending when the block ends: raised then
+        stop.handle_signal(signal.SIGTERM, None)
+    assert not stop.requested()
+    with pytest.raises(KeyboardInterrupt), stop.deferred():  # pending when an evaluation starts: raised there
+        stop.handle_signal(signal.SIGINT, None)
+        with stop.immediate():
+            raise AssertionError("the evaluation ran despite the pending stop")
 
 
 def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys):

@@ -250,6 +250,7 @@ def test_predictions_keep_the_folder_layout_and_never_replace_what_exists(tmp_pa
         paths.append(str(p))
     assert prediction_names(paths) == ["seq1/0001.png", "seq2/0001_jpg.png", "seq2/0001_png.png", "seq2/broken.png"]
     assert prediction_names([str(tmp_path / "a.jpg")]) == ["a.png"]
+    assert prediction_names(["d/x.JPG", "d/x.jpg"]) == ["x_JPG.png", "x_jpg_2.png"]  # one name where case is ignored
     model = nn.Conv2d(3, 5, 1)
     out_dir = tmp_path / "pred"
     skipped: list = []

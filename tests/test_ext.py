@@ -265,6 +265,10 @@ def test_cuda_backend_unavailable_for_a_gpu_its_build_has_no_kernel_image_for(mo
     assert reason is not None and "TORCH_CUDA_ARCH_LIST='8.0;8.6'" in reason and "NVIDIA H200 (sm_90)" in reason
     monkeypatch.setattr(build, "load", lambda: build.BuildInfo("x.so", True, "8.0;9.0", built=False))
     assert _check_cuda(torch.device("cuda", 0)) is None
+    # torch also takes arch names ("Hopper"), which only its own table resolves: not judged, not refused
+    monkeypatch.setattr(build, "load", lambda: build.BuildInfo("x.so", True, "Ampere;Hopper", built=False))
+    assert _check_cuda(torch.device("cuda", 0)) is None
+    assert build.arch_list_understood("8.0;9.0a;10.0f+PTX") and not build.arch_list_understood("Hopper")
 
 
 @pytest.fixture

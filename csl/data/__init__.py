@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from typing import NamedTuple
 
 import numpy as np
@@ -84,6 +85,9 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches every process of the terminal's group: the main process decides (csl.stop finishes the
+    # iteration and saves) and ends its workers; a worker that died of it first would take the batch with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_eval_mode(dataset: str) -> str:

@@ -45,7 +45,7 @@ def _check_cuda(device: torch.device) -> str | None:
         if info.cuda_error:
             return f"the CUDA part of the C++ extension failed to build: {info.cuda_error}"
         return f"the C++ extension was built without its CUDA part ({build.cuda_build_plan()[2]})"
-    if info.cuda_arch_list and device.type == "cuda" and torch.cuda.is_available():
+    if build.arch_list_understood(info.cuda_arch_list) and device.type == "cuda" and torch.cuda.is_available():
         capability = torch.cuda.get_device_capability(device)
         if not build.arch_covers(info.cuda_arch_list, capability):
             return (f"the C++ extension's CUDA part was built for TORCH_CUDA_ARCH_LIST={info.cuda_arch_list!r}, "

@@ -29,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -130,16 +131,25 @@ def _build_root() -> Path:
     return Path(cache) / "torch_extensions" / tag
 
 
+def _arch_entries(arch_list: str | None) -> list[str]:
+    return [e.strip() for e in (arch_list or "").replace(",", ";").replace(" ", ";").split(";") if e.strip()]
+
+
+def arch_list_understood(arch_list: str | None) -> bool:
+    """Whether every entry of ``arch_list`` is a version ``X.Y`` (``a`` / ``f`` / ``+PTX`` suffixes); torch also takes
+    names (``Hopper``), which :func:`arch_covers` cannot judge."""
+    entries = _arch_entries(arch_list)
+    pattern = re.compile(r"^\d+\.\d+[af]?(\+PTX)?$")
+    return bool(entries) and all(pattern.match(e) for e in entries)
+
+
 def arch_covers(arch_list: str | None, capability: tuple[int, int]) -> bool:
     """Whether code built for ``TORCH_CUDA_ARCH_LIST`` ``arch_list`` (e.g. ``"8.0;9.0a;10.0f;9.0+PTX"``) runs on a
     GPU of ``capability``: a cubin of the same major version and a minor version up to the GPU's (``X.Yf``: the same
     family, likewise; ``X.Ya``: that exact GPU only), or PTX of a version up to the GPU's (compiled by the driver at
     load)."""
     major, minor = capability
-    for entry in (arch_list or "").replace(",", ";").replace(" ", ";").split(";"):
-        entry = entry.strip()
-        if not entry:
-            continue
+    for entry in _arch_entries(arch_list):
         ptx = entry.endswith("+PTX")
         version = entry.removesuffix("+PTX")
         specific = version[-1:] if version[-1:] in ("a", "f") else ""
