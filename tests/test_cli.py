@@ -219,7 +219,8 @@ def test_sigterm_during_training_saves_the_epoch_and_releases_the_folder(tmp_pat
 
 
 @pytest.mark.parametrize(("signal_at", "saved_at", "pending"), [(1, 2, None), (2, 3, 0)])
-def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd, signal_at, saved_at, pending):
+def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd, request, signal_at, saved_at,
+                                                     pending):
     """Ctrl-C while a step runs: the iteration ends, latest.pt holds it (at an epoch's end with the evaluation
     pending), exit 130, and --resume auto trains on from there; a second Ctrl-C stops at once."""
     import signal
@@ -235,6 +236,10 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd
         return real_step(self, batches)
 
     monkeypatch.setattr(Trainer, "_step", interrupted_step)
+    # Ctrl-C as in a terminal: a background job of a non-interactive shell (CI under nohup ... &) starts with SIGINT
+    # ignored, which csl leaves ignored (tested below).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     before = signal.getsignal(signal.SIGINT)
     args = ["train", "--config", "demo", *TINY, "train.iters=6", "train.iters_per_epoch=3", f"output_dir={tmp_path}"]
     assert main(args) == 130
@@ -260,6 +265,27 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd
         stop.handle_signal(signal.SIGINT, None)
         with stop.immediate():
             raise AssertionError("the evaluation ran despite the pending stop")
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, request):
+    """A background job of a script, started with SIGINT ignored: csl train does not take Ctrl-C meant for the
+    script's foreground (and hands SIGTERM back as it found it)."""
+    import signal
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return 0
+
+    import csl.cli as cli
+
+    real, cli.cmd_train = cli.cmd_train, spy
+    request.addfinalizer(lambda: setattr(cli, "cmd_train", real))
+    assert main(["train", "--config", "demo", f"output_dir={tmp_path}"]) == 0
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys):
