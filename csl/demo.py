@@ -291,8 +291,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     note = (f"DeepLabV3+ {base['model']['backbone']} ({init}), crop {d['crop_size']}, batch "
             f"{base['train']['batch_size']}; {describe_data(d)}; seed {base['seed']}.\n"
             f"Each method: {after}{base['train']['iters'] if iters is None else iters} iterations at lr "
-            f"{base['train']['lr']:g}. Pseudo-label "
-            f"accuracy / recall: reliable pixels of the last epoch vs the unlabeled ground truth. Training "
+            f"{base['train']['lr']:g}. Pseudo-labels of the last epoch vs the unlabeled ground truth: the "
+            f"reliable pixels (w = 1) and the soft weights (mean weight as share). Training "
             f"{training:.0f} s in all" + (f" ({total:.0f} s in this call)." if total < training - 1 else "."))
     table = format_table(results)
     print("\n" + table + "\n\n" + note, flush=True)
