@@ -224,21 +224,23 @@ def _fmt(value, pct: bool = True) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.0f}"
 
 
+def percent_cells(record: dict, *keys: str) -> str:
+    """``record``'s values at ``keys`` as percentages joined by " / " (``-`` for a missing one); ``-`` when none
+    exists (records written before those keys were)."""
+    values = [record.get(k) for k in keys]
+    return "-" if all(v is None for v in values) else " / ".join(_fmt(v) for v in values)
+
+
 def format_table(results: dict[str, dict]) -> str:
     """mIoU and the last epoch's pseudo-labels against the unlabeled ground truth: the reliable pixels (w = 1) and
     the soft weights the losses train on (the same for the threshold's 0/1 weights)."""
     lines = ["| method | mIoU (%) | reliable pixels: share / accuracy / recall (%) | weighted: share / accuracy / "
              "recall (%) | time (s) |",
              "| --- | ---: | ---: | ---: | ---: |"]
-
-    def three(r: dict, *keys: str) -> str:
-        values = [r.get(k) for k in keys]
-        return "-" if all(v is None for v in values) else " / ".join(_fmt(v) for v in values)
-
     for method, r in results.items():
         lines.append(f"| {LABELS.get(method, method)} | {_fmt(r['miou'])} | "
-                     f"{three(r, 'pl_sampling_rate', 'pl_accuracy', 'pl_recall')} | "
-                     f"{three(r, 'pl_weighted_share', 'pl_weighted_accuracy', 'pl_weighted_recall')} | "
+                     f"{percent_cells(r, 'pl_sampling_rate', 'pl_accuracy', 'pl_recall')} | "
+                     f"{percent_cells(r, 'pl_weighted_share', 'pl_weighted_accuracy', 'pl_weighted_recall')} | "
                      f"{_fmt(r['seconds'], pct=False)} |")
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .analyze import BASELINE_TAU, baseline_row
 from .demo import LABELS as METHOD_LABELS
+from .demo import percent_cells
 from .files import atomic_write_text
 from .logging_utils import read_metrics
 
@@ -251,15 +252,11 @@ def training_pl_table(run: dict) -> str:
     lines = ["| method | iteration | mask ratio (%) | reliable: share / accuracy / recall (%) | weighted: share / "
              "accuracy / recall (%) |",
              "| --- | ---: | ---: | ---: | ---: |"]
-
-    def three(r, *keys):
-        return "-" if all(r.get(k) is None for k in keys) else " / ".join(_pct(r.get(k)) for k in keys)
-
     for m in run["methods"]:
         for r in run["metrics"].get(m, {}).get("pseudo_labels", []):
             lines.append(f"| {LABELS.get(m, m)} | {r['iter']} | {_pct(r.get('mask_ratio'))} | "
-                         f"{three(r, 'sampling_rate', 'accuracy', 'recall')} | "
-                         f"{three(r, 'weighted_share', 'weighted_accuracy', 'weighted_recall')} |")
+                         f"{percent_cells(r, 'sampling_rate', 'accuracy', 'recall')} | "
+                         f"{percent_cells(r, 'weighted_share', 'weighted_accuracy', 'weighted_recall')} |")
     return "\n".join(lines)
 
 
