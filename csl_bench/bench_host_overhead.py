@@ -22,10 +22,14 @@ leaves the GPU waiting. This times the host side alone, without a GPU:
 - baselines on the same input: ``F.cross_entropy`` forward + backward (what UniMatch's loss costs at least: its
   host side is the floor any loss called from PyTorch pays), a ``torch.library.custom_op`` that does nothing, and
   the forward + ``backward()`` of a ``torch.autograd.Function`` that does nothing (what a loss defined in Python
-  pays before its own code: the autograd engine's start, the node, the gradient accumulated into the leaf).
+  pays before its own code: the autograd engine's start, the node, the gradient accumulated into the leaf); each
+  op worker times it too, beside its calls, and reports the weighted CE's forward + backward less it, round by
+  round (what the op adds to a training step's ``backward()``, which starts the engine once for all the step's
+  losses).
 
 Each row: microseconds per call, the minimum and the median of ``--repeats`` rounds of ``--calls`` calls (the
-minimum is the figure: the rest is other load), and the kernel launches per call (triton). The calls are what a
+minimum is the figure: the rest is other load; a worker's rows take turns round by round), and the kernel launches
+of one call (triton). The calls are what a
 training step makes: ``pcos_weights(logits, ignore)`` with an integer ignore map, and the weighted CE's forward +
 ``backward()`` on logits that require grad.
 """
@@ -51,20 +55,52 @@ def _warmup_calls(calls: int) -> int:
     return max(50, calls // 10)
 
 
-def _rounds(fn, calls: int, repeats: int, sync=None) -> list[float]:
-    for _ in range(_warmup_calls(calls)):
-        fn()
+def _rounds(fns: dict, calls: int, repeats: int, sync=None) -> dict[str, list[float]]:
+    """Microseconds per call of each of ``fns`` (name -> function): ``repeats`` rounds of ``calls`` calls each, the
+    functions taking turns round by round, so that a slow spell of the machine hits every row alike rather than one
+    row's rounds."""
+    for fn in fns.values():
+        for _ in range(_warmup_calls(calls)):
+            fn()
     if sync:
         sync()
-    out = []
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync:
-            sync()
-        out.append((time.perf_counter() - start) / calls * 1e6)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if sync:
+                sync()
+            out[name].append((time.perf_counter() - start) / calls * 1e6)
     return out
+
+
+def _launches(fns: dict, count) -> dict[str, int]:
+    """Kernel launches of one call of each of ``fns`` (``count()``: launches so far)."""
+    out = {}
+    for name, fn in fns.items():
+        before = count()
+        fn()
+        out[name] = count() - before
+    return out
+
+
+class _EmptyFunction(torch.autograd.Function):
+    """Saves its input, returns it as the gradient: a loss written in Python with no kernel at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.saved_tensors[0]
+
+
+EMPTY_FUNCTION = "empty autograd.Function fwd+bwd"
+BEYOND_EMPTY = "weighted_cross_entropy fwd+bwd beyond an empty autograd.Function"
 
 
 def _row(op: str, provider: str, times: list[float], launches: float | None = None) -> dict:
@@ -100,14 +136,15 @@ def _op_rows(provider: str, calls: int, repeats: int, count=None, device: str = 
     def ce_forward():
         csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend=provider)
 
-    rows = []
-    for op, fn in (("pcos_weights", pcos), ("weighted_cross_entropy fwd+bwd", ce),
-                   ("weighted_cross_entropy fwd (no grad)", ce_forward)):
-        before = count() if count else 0
-        times = _rounds(fn, calls, repeats, sync)
-        launches = (count() - before) / (calls * repeats + _warmup_calls(calls)) if count else None
-        rows.append(_row(op, provider if device == "cpu" else f"{provider} on cuda", times, launches))
-    return rows
+    fns = {"pcos_weights": pcos, "weighted_cross_entropy fwd+bwd": ce,
+           "weighted_cross_entropy fwd (no grad)": ce_forward}
+    # The same process times an empty autograd.Function: what backward() costs any loss written in Python.
+    times = _rounds({**fns, EMPTY_FUNCTION: lambda: _EmptyFunction.apply(leaf).backward()}, calls, repeats, sync)
+    launches = _launches(fns, count) if count else {}  # after the warm-up: the steady state
+    name = provider if device == "cpu" else f"{provider} on cuda"
+    rows = [_row(op, name, times[op], launches.get(op)) for op in fns]
+    beyond = [a - b for a, b in zip(times["weighted_cross_entropy fwd+bwd"], times[EMPTY_FUNCTION], strict=True)]
+    return rows + [_row(BEYOND_EMPTY, name, beyond, launches.get("weighted_cross_entropy fwd+bwd"))]
 
 
 def _worker_triton(calls: int, repeats: int) -> list[dict]:
@@ -135,23 +172,19 @@ def _worker_triton(calls: int, repeats: int) -> list[dict]:
 def _launcher_rows(calls: int, repeats: int, count) -> list[dict]:
     """The Triton weighted CE's forward and backward launchers called directly (no checks, backend choice or
     autograd): with the empty autograd.Function baseline, where a forward + backward call's host time goes."""
-    from csl_kernels._checks import valid_mask
     from csl_kernels.triton import weighted_cross_entropy as wce
 
     logits, ignore, label, weight = _inputs()
-    valid = valid_mask(logits, ignore)
+    valid = ignore  # as the public call passes it: the ignore map itself, compared in the kernels
     _, lse, n_valid = wce.weighted_cross_entropy_launch(logits, label, weight, valid)
     grad_loss = torch.ones(())
-    rows = []
-    for op, fn in (("weighted_cross_entropy forward launcher alone",
-                    lambda: wce.weighted_cross_entropy_launch(logits, label, weight, valid)),
-                   ("weighted_cross_entropy backward launcher alone",
-                    lambda: wce.weighted_cross_entropy_backward_launch(grad_loss, n_valid, logits, label, weight,
-                                                                       valid, lse))):
-        before = count()
-        times = _rounds(fn, calls, repeats)
-        rows.append(_row(op, "triton", times, (count() - before) / (calls * repeats + _warmup_calls(calls))))
-    return rows
+    fns = {"weighted_cross_entropy forward launcher alone":
+           lambda: wce.weighted_cross_entropy_launch(logits, label, weight, valid),
+           "weighted_cross_entropy backward launcher alone":
+           lambda: wce.weighted_cross_entropy_backward_launch(grad_loss, logits, label, weight, valid, lse, n_valid)}
+    times = _rounds(fns, calls, repeats)
+    launches = _launches(fns, count)
+    return [_row(op, "triton", times[op], launches[op]) for op in fns]
 
 
 def _worker_cpu(calls: int, repeats: int) -> list[dict]:
@@ -170,16 +203,6 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
     def cross_entropy_forward():
         F.cross_entropy(logits, label)
 
-    class Nothing(torch.autograd.Function):  # saves its input, returns it as the gradient: no kernel at all
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x.new_empty(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            return ctx.saved_tensors[0]
-
     @torch.library.custom_op("csl_bench::nothing", mutates_args=())
     def nothing(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(())
@@ -188,11 +211,11 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
     def _(x):
         return x.new_empty(())
 
-    return [_row("F.cross_entropy fwd+bwd", "torch", _rounds(cross_entropy, calls, repeats)),
-            _row("F.cross_entropy fwd (no grad)", "torch", _rounds(cross_entropy_forward, calls, repeats)),
-            _row("empty custom_op call", "torch", _rounds(lambda: nothing(logits), calls, repeats)),
-            _row("empty autograd.Function fwd+bwd", "torch", _rounds(lambda: Nothing.apply(leaf).backward(), calls,
-                                                                     repeats))]
+    fns = {"F.cross_entropy fwd+bwd": cross_entropy, "F.cross_entropy fwd (no grad)": cross_entropy_forward,
+           "empty custom_op call": lambda: nothing(logits),
+           EMPTY_FUNCTION: lambda: _EmptyFunction.apply(leaf).backward()}
+    times = _rounds(fns, calls, repeats)
+    return [_row(op, "torch", times[op]) for op in fns]
 
 
 def empty_launch_row(device: str, calls: int, repeats: int) -> dict:
@@ -214,7 +237,8 @@ def empty_launch_row(device: str, calls: int, repeats: int) -> dict:
 
     sync = torch.cuda.synchronize if device == "cuda" else None
     provider = "triton on cuda" if device == "cuda" else "triton (interpreter)"
-    return _row("empty triton kernel (8 tensors, 10 ints)", provider, _rounds(launch, calls, repeats, sync), 1)
+    op = "empty triton kernel (8 tensors, 10 ints)"
+    return _row(op, provider, _rounds({op: launch}, calls, repeats, sync)[op], 1)
 
 
 def _worker_gpu(calls: int, repeats: int) -> list[dict]:
@@ -237,8 +261,9 @@ def _worker_gpu(calls: int, repeats: int) -> list[dict]:
         rows.append(empty_launch_row("cuda", calls, repeats))
     logits, ignore, label, weight = _inputs("cuda")
     leaf = logits.clone().requires_grad_(True)
-    rows.append(_row("F.cross_entropy fwd+bwd", "torch on cuda",
-                     _rounds(lambda: F.cross_entropy(leaf, label).backward(), calls, repeats, torch.cuda.synchronize)))
+    op = "F.cross_entropy fwd+bwd"
+    rows.append(_row(op, "torch on cuda", _rounds({op: lambda: F.cross_entropy(leaf, label).backward()}, calls,
+                                                  repeats, torch.cuda.synchronize)[op]))
     return rows
 
 

@@ -64,14 +64,15 @@ def _is_integer(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
-def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: torch.Tensor | None = None
-               ) -> torch.Tensor | None:
-    """The ``B x H x W`` bool mask that is True where a pixel is valid (None: every pixel is), from at most one of
+def pixel_validity(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+    """Which pixels are valid, checked, in the form a backend takes (the ``valid`` argument of every
+    implementation of an op that has ``ignore=`` / ``valid=``): None (every pixel is valid), the ``B x H x W`` bool
+    mask ``valid`` (True = valid) or the integer map ``ignore`` itself (255 = ignored), from at most one of them.
 
-    - ``ignore``: an integer map, the pixel is ignored where ``ignore == 255`` (as segmentation datasets code it);
-    - ``valid``: a bool mask, True = valid.
-
-    A bool ``ignore`` raises TypeError: it reads as "True = ignored" to some callers and "True = valid" to others.
+    The map is not compared here: the Triton kernels compare it in place, which saves a ``B x H x W`` pass, a launch
+    and an allocation per call; the other backends turn it into the mask with :func:`as_valid`. A bool ``ignore``
+    raises TypeError: it reads as "True = ignored" to some callers and "True = valid" to others.
     """
     if ignore is not None and valid is not None:
         raise ValueError("pass ignore= (an integer map, 255 = ignored) or valid= (a bool mask, True = valid), not both")
@@ -93,7 +94,23 @@ def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: 
     if ignore.dtype == torch.int8:  # 255 does not fit: the comparison would wrap it to -1
         raise TypeError("ignore is int8, which cannot hold the ignore value 255; use uint8 / int16 / int32 / int64 "
                         "(255 = ignored), or pass a bool mask (True = valid) as valid=")
-    return ignore != IGNORE_INDEX
+    return ignore
+
+
+def as_valid(pixels: torch.Tensor | None) -> torch.Tensor | None:
+    """The bool mask (True = valid) of what :func:`pixel_validity` returned: a mask or None as it is, an ignore map
+    compared with ``IGNORE_INDEX``."""
+    if pixels is None or pixels.dtype == torch.bool:
+        return pixels
+    return pixels != IGNORE_INDEX
+
+
+def valid_mask(logits: torch.Tensor, ignore: torch.Tensor | None = None, valid: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+    """The ``B x H x W`` bool mask that is True where a pixel is valid (None: every pixel is), from at most one of
+    ``ignore`` (an integer map, 255 = ignored, as segmentation datasets code it) and ``valid`` (a bool mask), checked
+    as :func:`pixel_validity` checks them."""
+    return as_valid(pixel_validity(logits, ignore, valid))
 
 
 def check_label(label: torch.Tensor, logits: torch.Tensor, name: str = "label") -> None:

@@ -8,9 +8,9 @@ that keeps Dynamo out), which took more host time per call than the kernels take
 
     op_or_launch(op, launcher, *args)   # the op while compile traces or autograd must record, else the launcher
 
-and the weighted cross-entropy, whose gradient is wanted, is an :class:`torch.autograd.Function` around the
-forward and backward launchers (:func:`fused_cross_entropy`), which uses the backward op only where a gradient of
-the gradient would be recorded (the op raises the clear "not differentiable" error when it is used).
+and the weighted cross-entropy, whose gradient is wanted, is a :class:`torch.autograd.Function` per backend around
+its forward and backward launchers (:func:`fused_cross_entropy_function`), which uses the backward op only where a
+gradient of the gradient would be recorded (the op raises the clear "not differentiable" error when it is used).
 """
 
 from __future__ import annotations
@@ -43,32 +43,36 @@ def below_autograd_call(op, *args):
         return op.default(*args)
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """``forward(logits, label, weight, valid) -> (loss, *saved)`` and
-    ``backward(grad_loss, logits, label, weight, valid, *saved) -> grad_logits`` of one backend, called directly;
-    ``backward_op`` (same arguments as ``backward``) where the gradient itself is recorded (``create_graph=True``)."""
+def fused_cross_entropy_function(backend: str, forward: Callable, backward: Callable,
+                                 backward_op: Callable) -> type[torch.autograd.Function]:
+    """The :class:`torch.autograd.Function` of one backend's fused cross-entropy, around its launchers:
+    ``forward(logits, label, weight, valid) -> (loss, *saved)``, ``backward(grad_loss, logits, label, weight, valid,
+    *saved) -> grad_logits``, and ``backward_op`` (same arguments as ``backward``) where the gradient itself is
+    recorded (``create_graph=True``). The launchers are the class's own: ``apply`` takes the four tensors only."""
 
-    @staticmethod
-    def forward(ctx, logits, label, weight, valid, forward, backward, backward_op):
-        loss, *saved = forward(logits, label, weight, valid)
-        ctx.backward, ctx.backward_op = backward, backward_op
-        ctx.save_for_backward(logits, label, weight, valid, *saved)
-        return loss
+    class FusedCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, label, weight, valid):
+            loss, *saved = forward(logits, label, weight, valid)
+            ctx.save_for_backward(logits, label, weight, valid, *saved)
+            return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, label, weight, valid, *saved = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
+        @staticmethod
+        def backward(ctx, grad_loss):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None
             # Grad mode is on inside backward only under create_graph=True: the op records its (raising) formula.
-            run = ctx.backward_op if torch.is_grad_enabled() else ctx.backward
-            grad = run(grad_loss, logits, label, weight, valid, *saved)
-        return grad, None, None, None, None, None, None
+            run = backward_op if torch.is_grad_enabled() else backward
+            return run(grad_loss, *ctx.saved_tensors), None, None, None
+
+    FusedCrossEntropy.__name__ = FusedCrossEntropy.__qualname__ = f"FusedCrossEntropy_{backend}"
+    return FusedCrossEntropy
 
 
-def fused_cross_entropy(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
-                        forward: Callable, backward: Callable, backward_op: Callable) -> torch.Tensor:
-    """The 0-dim weighted cross-entropy of an eager call, differentiable w.r.t. ``logits``."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _FusedCrossEntropy.apply(logits, label, weight, valid, forward, backward, backward_op)
+def fused_cross_entropy(function: type[torch.autograd.Function], forward: Callable, logits: torch.Tensor,
+                        label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The 0-dim weighted cross-entropy of an eager call, differentiable w.r.t. ``logits``: through ``function``
+    (:func:`fused_cross_entropy_function`) where autograd records, else ``forward``'s loss alone."""
+    if logits.requires_grad and torch.is_grad_enabled():
+        return function.apply(logits, label, weight, valid)
     return forward(logits, label, weight, valid)[0]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from ._backends import register, resolve
-from ._checks import check_choice, check_logits, compute_dtype, valid_mask
+from ._checks import as_valid, check_choice, check_logits, compute_dtype, pixel_validity
 
 EPS = 1e-8
 CONFIDENCE_MODES = ("prob", "log")
@@ -44,11 +44,12 @@ def residual_features_reference(
 def features_with_validity(
     logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool, released: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Like :func:`residual_features_reference` but also returns the final validity mask (valid and finite)."""
+    """Like :func:`residual_features_reference` but also returns the final validity mask (valid and finite);
+    ``valid`` in either form of :func:`~csl_kernels._checks.pixel_validity`."""
     c = logits.shape[1]
     z = logits.to(compute_dtype(logits))
     finite = torch.isfinite(z).all(dim=1)
-    keep = finite if valid is None else finite & valid
+    keep = finite if valid is None else finite & as_valid(valid)
     z = torch.where(finite.unsqueeze(1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     label = z.argmax(dim=1)  # first maximal index on ties
     is_max = torch.arange(c, device=z.device).view(1, c, 1, 1) == label.unsqueeze(1)
@@ -101,7 +102,7 @@ def residual_features(
     """
     check_logits(logits)
     confidence = rule_confidence(rule, confidence)
-    mask = valid_mask(logits, ignore, valid)
+    mask = pixel_validity(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
     return impl(logits, mask, confidence == "log", rule == "released")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._backends import resolve
-from ._checks import check_choice, check_fraction, check_logits, compute_dtype, valid_mask
+from ._checks import check_choice, check_fraction, check_logits, compute_dtype, pixel_validity, valid_mask
 from .pcos_weights import PCOSResult
 from .residual_features import features_with_validity
 
@@ -28,7 +28,7 @@ def threshold_weights(
     """
     check_logits(logits)
     check_fraction(tau, "tau")
-    mask = valid_mask(logits, ignore, valid)
+    mask = pixel_validity(logits, ignore, valid)
     _, impl = resolve("residual_features", backend, logits.device)
     f0, _, label = impl(logits, mask, False)
     reliable = (f0 >= tau) & (f0 > 0)  # a valid pixel with finite logits has f0 = pmax >= 1 / C; the others 0

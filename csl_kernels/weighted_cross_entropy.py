@@ -8,7 +8,7 @@ import torch
 
 from . import _measured
 from ._backends import register
-from ._checks import check_label, check_logits, check_weight, compute_dtype, valid_mask
+from ._checks import as_valid, check_label, check_logits, check_weight, compute_dtype, pixel_validity
 
 
 class CrossEntropyOutputs(NamedTuple):
@@ -20,7 +20,7 @@ class CrossEntropyOutputs(NamedTuple):
 
 
 def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOutputs:
-    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels and output buffers)."""
+    """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels)."""
     bsz, _, height, width = logits.shape
     dt = compute_dtype(logits)
     return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width), dtype=dt))
@@ -38,6 +38,7 @@ def weighted_cross_entropy_reference(
     dt = compute_dtype(logits)
     z = logits.to(dt)
     w = weight.to(dt)
+    valid = as_valid(valid)
     used = w != 0 if valid is None else valid & (w != 0)
     z = torch.where(used.unsqueeze(1), z, torch.zeros((), dtype=dt, device=z.device))
     y = torch.where(used, label.long(), 0)
@@ -69,6 +70,9 @@ def weighted_cross_entropy(
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 
+    ``label``, ``weight`` and the ``ignore`` / ``valid`` map are kept for the backward pass as they are: changing one
+    in place before ``backward()`` raises autograd's "modified by an inplace operation" error there.
+
     Returns:
         0-dim float32 loss (float64 for float64 logits) ``sum_n w_n CE_n / N_valid``;
         0 when no pixel is valid.
@@ -80,7 +84,7 @@ def weighted_cross_entropy(
         raise RuntimeError("weighted_cross_entropy: weight requires grad, but the loss treats the weights as "
                            "constants (no backend returns their gradient): pass weight.detach(), or select from "
                            "logits.detach() as pcos_weights(pred.detach(), ...) does")
-    mask = valid_mask(logits, ignore, valid)
+    mask = pixel_validity(logits, ignore, valid)
 
     def forward_backward(fn):  # what a training step runs: the loss and its gradient, also from a no-grad call
         with torch.inference_mode(False), torch.enable_grad():

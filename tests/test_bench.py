@@ -202,6 +202,12 @@ def test_bench_host_overhead_table_and_json(tmp_path, capsys):
     assert rows[("weighted_cross_entropy backward launcher alone", "triton")]["launches_per_call"] == 1
     assert rows[("F.cross_entropy fwd+bwd", "torch")]["us_min"] > 0
     assert rows[("empty autograd.Function fwd+bwd", "torch")]["us_min"] > 0
+    for provider in ("triton", "cpu"):  # the op's own share of a backward() that starts the engine anyway
+        beyond = rows[("weighted_cross_entropy fwd+bwd beyond an empty autograd.Function", provider)]
+        whole = rows[("weighted_cross_entropy fwd+bwd", provider)]
+        # min over rounds of (CE - empty) is below the CE's own round there, so below the CE's minimum
+        assert beyond["us_min"] < whole["us_min"]
+        assert beyond["launches_per_call"] == whole["launches_per_call"]
     assert "| pcos_weights | triton |" in capsys.readouterr().out
 
 

@@ -107,7 +107,7 @@ def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes,
 
 
 def test_tuned_launches_give_the_default_outputs(tuning, monkeypatch):
-    """Through the tuning path (every candidate launched, some several times, into the same output buffers) every
+    """Through the tuning path (every candidate launched, some several times, most into the same output buffers) every
     op returns what the default launch returns: nothing accumulates across launches."""
     module, device = tuning
     from csl_kernels.triton import pcos_weights

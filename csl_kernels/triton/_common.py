@@ -1,8 +1,8 @@
 """Helpers shared by the Triton kernels: input layout (pixel strides, int64 offsets), launch guards and Chan's merge
 of (count, mean, M2) records.
 
-Every op has the same shape: its ``@triton.jit`` kernels, a ``<op>_launch`` function that allocates the outputs
-(``<op>_outputs_like`` of the public module), picks the launch configuration (tuning.py) and launches under
+Every op has the same shape: its ``@triton.jit`` kernels, a ``<op>_launch`` function that allocates the outputs,
+picks the launch configuration (tuning.py) and launches under
 :func:`device_guard`, a ``torch.library.custom_op`` ``csl_triton::<op>`` that calls it, the op's fake kernel and the
 ``"triton"`` implementation registered with :mod:`csl_kernels._backends`. Inputs are trusted: the public entry of the
 op checked them.
@@ -16,6 +16,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .._checks import IGNORE_INDEX
 
 # Read once, like Triton itself does when the kernels are defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -89,17 +91,36 @@ def check_batch(bsz: int, op: str) -> None:
                          f"program row of the launch grid), got {bsz}; split the batch or use backend='cuda'")
 
 
-def valid_pointer(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(pointer, HAS_VALID)`` of a validity mask: the contiguous bool mask, which the kernels read in place (as
-    ``*i1``), or the logits as a pointer the kernel never reads when there is none."""
+def valid_pointer(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+    """``(pointer, HAS_VALID, IGNORE_MAP)`` of what :func:`csl_kernels._checks.pixel_validity` returned: the
+    contiguous bool mask (read in place as ``*i1``) or integer ignore map (compared in place, :func:`valid_at`), or
+    the logits as a pointer the kernel never reads when there is neither."""
     if valid is None:
-        return logits, False
-    return valid.contiguous(), True
+        return logits, False, False
+    return valid.contiguous(), True, valid.dtype != torch.bool
+
+
+IGNORED = tl.constexpr(IGNORE_INDEX)  # the ignore value, as the kernels see it
+
+
+@triton.jit
+def valid_at(valid_ptr, offsets, mask, IGNORE_MAP: tl.constexpr):
+    """Whether the pixels at ``offsets`` of a bool mask (True = valid) or, with ``IGNORE_MAP``, of an integer ignore
+    map (255 = ignored) are valid (``mask``: which offsets to read; False elsewhere)."""
+    if IGNORE_MAP:
+        return tl.load(valid_ptr + offsets, mask=mask, other=IGNORED) != IGNORED
+    return tl.load(valid_ptr + offsets, mask=mask, other=0) != 0
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def device_guard(t: torch.Tensor):
-    """Launch on the tensor's CUDA device (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Launch on the tensor's CUDA device (Triton launches on the current device): a guard that switches devices
+    where the tensor is on another one than the current, else a no-op."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
 
 
 @triton.jit

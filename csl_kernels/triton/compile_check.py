@@ -5,9 +5,11 @@ them, so a kernel that is right there can still fail to compile for a GPU (an op
 the interpreter accepts, a block that needs too much shared memory). This check closes that gap:
 
 1. *capture* (a subprocess under the interpreter): representative calls of every op — float32 / bfloat16 / float16 /
-   float64 logits, C = 2, 21, 150, with and without a validity mask, image and class groups, non-contiguous and
-   channels_last inputs — with every kernel launch recorded: argument types, constexpr values, ``num_warps``; then
-   the tuned kernels again under every candidate launch configuration (block sizes, warps) they may be tuned to;
+   float64 logits, C = 2, 21, 150, without validity, with a uint8 ignore map (compared in the kernels) and with a bool
+   mask, image and class groups, non-contiguous and channels_last inputs — with every kernel launch recorded:
+   argument types, constexpr values, ``num_warps``; then
+   the tuned kernels again (with an int64 ignore map, as UniMatch gives it) under every candidate launch
+   configuration (block sizes, warps) they may be tuned to;
 2. *compile* (a subprocess without the interpreter, so ``USE_LIBDEVICE`` and every other GPU-only path is on): each
    distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
    with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
@@ -66,7 +68,7 @@ def representative_calls() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for classes in (2, 21, 150):
             logits = (3 * torch.randn(2, classes, 7, 9, generator=g)).to(dtype)
-            ignore = torch.zeros(2, 7, 9, dtype=torch.int64)
+            ignore = torch.zeros(2, 7, 9, dtype=torch.uint8)  # the trainer's maps (candidate_calls: UniMatch's int64)
             ignore[1, :, 6:] = ck.IGNORE_INDEX
             for ign in (None, ignore):
                 ck.residual_features(logits, ign, backend="triton")
@@ -79,6 +81,11 @@ def representative_calls() -> None:
                 sel = ck.pcos_weights(logits, ign, backend="reference")
                 leaf = logits.clone().requires_grad_(True)
                 ck.weighted_cross_entropy(leaf, sel.label, sel.weight, ign, backend="triton").backward()
+            mask = ignore != ck.IGNORE_INDEX  # a bool mask instead of the ignore map (IGNORE_MAP=False)
+            ck.residual_features(logits, valid=mask, backend="triton")
+            sel = ck.pcos_weights(logits, valid=mask, backend="triton")
+            leaf = logits.clone().requires_grad_(True)
+            ck.weighted_cross_entropy(leaf, sel.label, sel.weight, valid=mask, backend="triton").backward()
             odd = logits.to(memory_format=torch.channels_last)
             ck.residual_features(odd, None, backend="triton")
             strided = logits[:, :, ::2, 1:].clone().requires_grad_(True)  # rows not evenly spaced in memory

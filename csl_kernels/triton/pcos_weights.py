@@ -41,6 +41,7 @@ from ._common import (
     pixel_offsets,
     pixel_strides,
     tl_dtype,
+    valid_at,
     valid_pointer,
     wide,
 )
@@ -68,7 +69,8 @@ TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
 @triton.jit
 def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_ptr, bad_ptr,
                           NPIX, HW, W, C, sb, sc, sh, sw, GPI, NCH, TILES,
-                          HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, CLASS_GROUPS: tl.constexpr,
+                          HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, LOG_CONFIDENCE: tl.constexpr,
+                          CLASS_GROUPS: tl.constexpr,
                           ACC: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_G: tl.constexpr, USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr,
                           WIDE: tl.constexpr):
@@ -91,7 +93,7 @@ def _pcos_features_kernel(z_ptr, valid_ptr, feat_ptr, keep_ptr, label_ptr, gram_
         out = b * HW + p
         keep = finite & pmask
         if HAS_VALID:
-            keep = keep & (tl.load(valid_ptr + out, mask=pmask, other=0) != 0)
+            keep = keep & valid_at(valid_ptr, out, pmask, IGNORE_MAP)
         x = tl.where(keep, f0, 0.0)
         y = tl.where(keep, v, 0.0)
         label = tl.where(keep, label, 0)
@@ -458,7 +460,7 @@ def pcos_weights_launch(
     # An image spans >= 2^31 elements (any layout, read in place), or holds that many pixels (broadcast logits span
     # little): int64 pixel indices and offsets.
     use_int64 = wide(logits, extra=(hw,))
-    valid_c, has_valid = valid_pointer(valid, logits)
+    valid_c, has_valid, ignore_map = valid_pointer(valid, logits)
     dt = compute_dtype(logits)
     npix = bsz * hw
     feat = torch.empty((2 * npix,), dtype=dt, device=dev)  # confidence, then dispersion, of every pixel
@@ -474,7 +476,8 @@ def pcos_weights_launch(
         bad = torch.empty((plan.chunk_grid[0] * bsz,), dtype=torch.int32, device=dev)
         _pcos_features_kernel[plan.chunk_grid](
             logits, valid_c, feat, keep, out.label, scratch, bad, npix, hw, w, ncls, sb, logits.stride(1), sh, sw,
-            gpi, plan.chunks, plan.tiles, HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence),
+            gpi, plan.chunks, plan.tiles, HAS_VALID=has_valid, IGNORE_MAP=ignore_map,
+            LOG_CONFIDENCE=bool(log_confidence),
             CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
             WIDE=use_int64, num_warps=config.num_warps,

@@ -27,6 +27,7 @@ from ._common import (
     pixel_offsets,
     pixel_strides,
     tl_dtype,
+    valid_at,
     valid_pointer,
     wide,
 )
@@ -141,7 +142,8 @@ def _pixel_features(z_ptr, offs_p, pmask, C, sc, LOG_CONFIDENCE: tl.constexpr, A
 
 @triton.jit
 def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W, C, sb, sc, sh, sw,
-                              HAS_VALID: tl.constexpr, LOG_CONFIDENCE: tl.constexpr, ACC: tl.constexpr,
+                              HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, LOG_CONFIDENCE: tl.constexpr,
+                              ACC: tl.constexpr,
                               FLAT_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                               USE_LIBDEVICE: tl.constexpr, RELEASED: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
@@ -155,7 +157,7 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W,
     out = b * HW + p
     keep = finite
     if HAS_VALID:
-        keep = keep & (tl.load(valid_ptr + out, mask=pmask, other=0) != 0)
+        keep = keep & valid_at(valid_ptr, out, pmask, IGNORE_MAP)
     tl.store(f0_ptr + out, tl.where(keep, f0, 0.0), mask=pmask)
     tl.store(v_ptr + out, tl.where(keep, v, 0.0), mask=pmask)
     tl.store(label_ptr + out, tl.where(keep, label, 0).to(tl.int64), mask=pmask)
@@ -171,14 +173,14 @@ def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, l
         return out
     sb, sh, sw, flat = pixel_strides(logits)
     use_int64 = wide(logits, extra=(hw,))  # an image spans or holds >= 2^31 elements (any layout, read in place)
-    valid_c, has_valid = valid_pointer(valid, logits)
+    valid_c, has_valid, ignore_map = valid_pointer(valid, logits)
     acc = tl_dtype(compute_dtype(logits))
 
     def launch(config: Config) -> None:
         block_p, block_c = feature_blocks(ncls, config)
         _residual_features_kernel[(cdiv(hw, block_p), bsz)](
             logits, valid_c, out.f0, out.v, out.label, hw, w, ncls, sb, logits.stride(1), sh, sw,
-            HAS_VALID=has_valid, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
+            HAS_VALID=has_valid, IGNORE_MAP=ignore_map, LOG_CONFIDENCE=bool(log_confidence), ACC=acc, FLAT_HW=flat,
             BLOCK_P=block_p, BLOCK_C=block_c, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
             WIDE=use_int64, num_warps=config.num_warps,
         )

@@ -19,15 +19,27 @@ row) NaN; checking it on the host would cost a device synchronisation on every c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
-from .._eager import fused_cross_entropy
+from .._eager import fused_cross_entropy, fused_cross_entropy_function
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
-from ._common import cdiv, check_batch, device_guard, next_pow2, pixel_offsets, pixel_strides, tl_dtype, wide
+from ._common import (
+    cdiv,
+    check_batch,
+    device_guard,
+    next_pow2,
+    pixel_offsets,
+    pixel_strides,
+    tl_dtype,
+    valid_at,
+    wide,
+)
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
@@ -57,13 +69,13 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID: tl.constexpr, ACC: tl.constexpr):
+def _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr,
+                 ACC: tl.constexpr):
     """(used, valid, weight, label, bad label) of the pixels ``i`` (flat B x H x W indices)."""
     w = tl.load(weight_ptr + i, mask=pm, other=0).to(ACC)
+    valid = pm
     if HAS_VALID:
-        valid = pm & (tl.load(valid_ptr + i, mask=pm, other=0) != 0)
-    else:
-        valid = pm
+        valid = valid & valid_at(valid_ptr, i, pm, IGNORE_MAP)
     used = valid & (w != 0)
     y = tl.where(used, tl.load(label_ptr + i, mask=used, other=0).to(tl.int64), -1)  # -1: matches no class
     bad = used & ((y < 0) | (y >= C))
@@ -83,7 +95,8 @@ def _bf16_bits(x):
 def _ce_forward_kernel(
     z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_ptr,
     NPARTS, C, HW, W, s_b, s_c, s_h, s_w,
-    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+    HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -93,7 +106,7 @@ def _ce_forward_kernel(
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = p < HW
     i = b * HW + p
-    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
+    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, IGNORE_MAP, ACC)
     base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
 
     m = tl.full((BLOCK_P,), float("-inf"), ACC)
@@ -138,7 +151,8 @@ def _ce_reduce_kernel(part_ptr, loss_ptr, count_ptr, n, BLOCK: tl.constexpr):
 def _ce_backward_kernel(
     grad_loss_ptr, count_ptr, z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, g_ptr,
     C, HW, W, s_b, s_c, s_h, s_w, g_b, g_c, g_h, g_w,
-    HAS_VALID: tl.constexpr, FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr, ACC: tl.constexpr,
+    HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr,
+    ACC: tl.constexpr,
     BF16_BITS: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -148,7 +162,7 @@ def _ce_backward_kernel(
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = p < HW
     i = b * HW + p
-    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, ACC)
+    used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, IGNORE_MAP, ACC)
     scale = tl.load(grad_loss_ptr).to(ACC) / tl.maximum(tl.load(count_ptr), 1).to(ACC)
     coef = tl.where(bad, float("nan"), scale * w)
     lse = tl.load(lse_ptr + i, mask=used, other=0).to(ACC)
@@ -169,12 +183,50 @@ def _ce_backward_kernel(
                  mask=pm[:, None] & cm)
 
 
-def _side_inputs(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
-    # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap.
-    label_c = label.contiguous()
-    weight_c = weight.contiguous()
-    valid_c = valid.contiguous() if valid is not None else None
-    return label_c, weight_c, valid_c
+class _Plan(NamedTuple):
+    """What a launch needs beyond the tensors, fixed by the call's shape, layout, dtype and configuration: built once
+    per such call (:func:`_plan`), so a repeated call's host side is a dict lookup, the allocations and the launch."""
+
+    grid: tuple[int, int]
+    n_parts: int  # forward programs: one partial loss sum and one valid-pixel count each
+    acc: torch.dtype
+    constexprs: dict  # the kernel's keyword arguments (constexprs and num_warps)
+    strides: tuple[int, ...]  # the logits' (s_b, s_c, s_h, s_w), then the gradient's (backward)
+
+
+_PLANS: dict[tuple, _Plan] = {}
+MAX_PLANS = 4096
+
+
+def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor | None,
+          grad: torch.Tensor | None = None) -> _Plan:
+    has_valid = valid is not None
+    ignore_map = has_valid and valid.dtype != torch.bool
+    key = (kind, config, logits.shape, logits.stride(), logits.dtype, has_valid, ignore_map,
+           None if grad is None else grad.stride())
+    plan = _PLANS.get(key)
+    if plan is None:
+        bsz, num_classes, height, width = logits.shape
+        hw = height * width
+        block_p, block_c = _blocks(num_classes, config)
+        sb, sh, sw, flat = pixel_strides(logits)
+        acc = compute_dtype(logits)
+        constexprs = dict(HAS_VALID=has_valid, IGNORE_MAP=ignore_map, FLAT_HW=flat, ACC=tl_dtype(acc),
+                          BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps)
+        strides = (sb, logits.stride(1), sh, sw)
+        if grad is None:
+            constexprs["WIDE"] = wide(logits, extra=(hw,))
+        else:
+            g_sb, g_sh, g_sw, g_flat = pixel_strides(grad)
+            strides += (g_sb, grad.stride(1), g_sh, g_sw)
+            constexprs.update(G_FLAT_HW=g_flat, BF16_BITS=grad.dtype == torch.bfloat16,
+                              WIDE=wide(logits, grad, extra=(hw,)))
+        grid = (cdiv(hw, block_p), bsz)
+        plan = _Plan(grid, grid[0] * bsz, acc, constexprs, strides)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
@@ -183,34 +235,25 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
     and the valid-pixel count (0-dim int64) that the backward pass divides by."""
     bsz, num_classes, height, width = logits.shape
     check_batch(bsz, "weighted_cross_entropy")
-    acc = compute_dtype(logits)
     dev = logits.device
-    loss, lse = weighted_cross_entropy_outputs_like(logits)
-    count = torch.empty((), dtype=torch.int64, device=dev)
+    label, weight = label.contiguous(), weight.contiguous()  # no-ops after the registered implementation's
+    valid = None if valid is None else valid.contiguous()
     hw = height * width
-    label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
-    sb, sh, sw, flat = pixel_strides(logits)
 
-    def launch(config: Config) -> None:
-        block_p, block_c = _blocks(num_classes, config)
-        n_pblocks = cdiv(hw, block_p)
-        n_parts = n_pblocks * bsz
-        parts = torch.empty(max(2 * n_parts, 1), dtype=acc, device=dev)  # loss sums, then valid-pixel counts
-        if n_parts > 0:
-            _ce_forward_kernel[(n_pblocks, bsz)](
-                logits, label_c, weight_c, valid_c, lse, parts,
-                n_parts, num_classes, hw, width, sb, logits.stride(1), sh, sw,
-                HAS_VALID=valid is not None, FLAT_HW=flat, ACC=tl_dtype(acc), WIDE=wide(logits, extra=(hw,)),
-                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
-            )
-        _ce_reduce_kernel[(1,)](parts, loss, count, n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+    def launch(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan = _plan("forward", config, logits, valid)
+        loss = torch.empty((), dtype=plan.acc, device=dev)
+        lse = torch.empty((bsz, height, width), dtype=plan.acc, device=dev)
+        count = torch.empty((), dtype=torch.int64, device=dev)
+        parts = torch.empty(max(2 * plan.n_parts, 1), dtype=plan.acc, device=dev)  # loss sums, then counts
+        if plan.n_parts > 0:
+            _ce_forward_kernel[plan.grid](logits, label, weight, valid, lse, parts, plan.n_parts, num_classes, hw,
+                                          width, *plan.strides, **plan.constexprs)
+        _ce_reduce_kernel[(1,)](parts, loss, count, plan.n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
+        return loss, lse, count
 
     with device_guard(logits):
-        if hw * bsz > 0:
-            tuned(FORWARD, logits, launch)
-        else:
-            launch(DEFAULT_CONFIG)
-    return loss, lse, count
+        return tuned(FORWARD, logits, launch) if hw * bsz > 0 else launch(DEFAULT_CONFIG)
 
 
 @torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
@@ -224,34 +267,25 @@ def _(logits, label, weight, valid):
     return (*weighted_cross_entropy_outputs_like(logits), logits.new_empty((), dtype=torch.int64))
 
 
-def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor,
-                                           label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
-                                           lse: torch.Tensor) -> torch.Tensor:
-    """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere."""
-    bsz, num_classes, height, width = logits.shape
+def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
+                                           weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor,
+                                           count: torch.Tensor) -> torch.Tensor:
+    """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere (the
+    forward inputs, then the forward's saved outputs: the arguments of the autograd.Function's backward)."""
+    _, num_classes, height, width = logits.shape
     grad = torch.empty_like(logits)
-    hw = height * width
     if grad.numel() == 0:
         return grad
-    label_c, weight_c, valid_c = _side_inputs(label, weight, valid)
-    acc = compute_dtype(logits)
-    if grad_loss.dim() != 0 or grad_loss.dtype != acc:  # autograd gives a 0-dim tensor of the loss's dtype
-        grad_loss = grad_loss.reshape(()).to(acc)
-    bf16 = grad.dtype == torch.bfloat16
-    grad_out = grad.view(torch.int16) if bf16 else grad
-    lse_c = lse.contiguous()
-    sb, sh, sw, flat = pixel_strides(logits)
-    g_sb, g_sh, g_sw, g_flat = pixel_strides(grad)
+    label, weight, lse = label.contiguous(), weight.contiguous(), lse.contiguous()
+    valid = None if valid is None else valid.contiguous()
+    if grad_loss.dim() != 0 or grad_loss.dtype != lse.dtype:  # autograd gives a 0-dim tensor of the loss's dtype
+        grad_loss = grad_loss.reshape(()).to(lse.dtype)
+    grad_out = grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad  # BF16_BITS: stored as int16 bits
 
     def launch(config: Config) -> None:
-        block_p, block_c = _blocks(num_classes, config)
-        _ce_backward_kernel[(cdiv(hw, block_p), bsz)](
-            grad_loss, count, logits, label_c, weight_c, valid_c, lse_c, grad_out,
-            num_classes, hw, width, sb, logits.stride(1), sh, sw, g_sb, grad.stride(1), g_sh, g_sw,
-            HAS_VALID=valid is not None, FLAT_HW=flat, G_FLAT_HW=g_flat, ACC=tl_dtype(acc),
-            BF16_BITS=bf16, WIDE=wide(logits, grad, extra=(hw,)),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps,
-        )
+        plan = _plan("backward", config, logits, valid, grad)
+        _ce_backward_kernel[plan.grid](grad_loss, count, logits, label, weight, valid, lse, grad_out, num_classes,
+                                       height * width, width, *plan.strides, **plan.constexprs)
 
     with device_guard(logits):
         tuned(BACKWARD, logits, launch)
@@ -261,7 +295,7 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, count: torch
 @torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
 def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
                   weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
-    return weighted_cross_entropy_backward_launch(grad_loss, count, logits, label, weight, valid, lse)
+    return weighted_cross_entropy_backward_launch(grad_loss, logits, label, weight, valid, lse, count)
 
 
 @_wce_backward.register_fake
@@ -294,16 +328,17 @@ def weighted_cross_entropy_triton(
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
     if torch.compiler.is_compiling():
         return _wce_forward(logits, label, weight, valid)[0]
-    return fused_cross_entropy(logits, label, weight, valid, weighted_cross_entropy_launch, _backward_launch,
-                               _backward_op)
-
-
-def _backward_launch(grad_loss, logits, label, weight, valid, lse, count):
-    return weighted_cross_entropy_backward_launch(grad_loss, count, logits, label, weight, valid, lse)
+    # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap, and
+    # made here once they are what the forward and the backward launchers read.
+    label, weight = label.contiguous(), weight.contiguous()
+    valid = None if valid is None else valid.contiguous()
+    return fused_cross_entropy(_FUNCTION, weighted_cross_entropy_launch, logits, label, weight, valid)
 
 
 def _backward_op(grad_loss, logits, label, weight, valid, lse, count):
     return _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
 
 
+_FUNCTION = fused_cross_entropy_function("triton", weighted_cross_entropy_launch,
+                                         weighted_cross_entropy_backward_launch, _backward_op)
 register_not_differentiable(_wce_backward, "weighted_cross_entropy_backward")
