@@ -536,6 +536,8 @@ def test_triton_custom_op_registration_and_compile():
     z, ign = make_logits(6, batch=2, classes=5, height=3, width=4, ignore="bool", device=device)
     op = torch.ops.csl_triton.pcos_weights.default
     torch.library.opcheck(op, (z, ign, 8.0, False, False))
+    ignore_map = torch.where(ign, 0, csl_kernels.IGNORE_INDEX).to(torch.uint8)  # the other form of validity
+    torch.library.opcheck(op, (z, ignore_map, 8.0, False, True))
     torch.library.opcheck(op, (z.to(torch.bfloat16), None, 3.7, True, True))
     torch.library.opcheck(op, (layout(z.double(), "channels_last"), ign, 64.0, False, True))
 

@@ -328,8 +328,9 @@ def test_triton_custom_op_registration_and_compile():
     z, label, weight, ign = make_case(4, batch=2, classes=5, height=3, width=4, dtype=torch.float32, poison=False,
                                       device=device)
     valid = valid_mask(z, **masks(ign))
+    ignore_map = torch.where(valid, 0, csl_kernels.IGNORE_INDEX).to(torch.int16)  # the other form of validity
     z = z.detach().requires_grad_()
-    for v in (valid, None):
+    for v in (valid, None, ignore_map):
         torch.library.opcheck(torch.ops.csl_triton.weighted_cross_entropy, (z, label, weight, v))
     compiled = torch.compile(lambda x: weighted_cross_entropy_triton(x, label, weight, valid) * 2, fullgraph=True,
                              backend="aot_eager")
