@@ -9,7 +9,7 @@ that keeps Dynamo out), which took more host time per call than the kernels take
     op_or_launch(op, launcher, *args)   # the op while compile traces or autograd must record, else the launcher
 
 and the weighted cross-entropy, whose gradient is wanted, is a :class:`torch.autograd.Function` per backend around
-its forward and backward launchers (:func:`fused_cross_entropy_function`), which uses the backward op only where a
+its forward and backward launchers (:func:`fused_cross_entropy`), which uses the backward op only where a
 gradient of the gradient would be recorded (the op raises the clear "not differentiable" error when it is used).
 """
 
@@ -43,12 +43,14 @@ def below_autograd_call(op, *args):
         return op.default(*args)
 
 
-def fused_cross_entropy_function(backend: str, forward: Callable, backward: Callable,
-                                 backward_op: Callable) -> type[torch.autograd.Function]:
-    """The :class:`torch.autograd.Function` of one backend's fused cross-entropy, around its launchers:
-    ``forward(logits, label, weight, valid) -> (loss, *saved)``, ``backward(grad_loss, logits, label, weight, valid,
-    *saved) -> grad_logits``, and ``backward_op`` (same arguments as ``backward``) where the gradient itself is
-    recorded (``create_graph=True``). The launchers are the class's own: ``apply`` takes the four tensors only."""
+def fused_cross_entropy(backend: str, forward: Callable, backward: Callable,
+                        backward_op: Callable) -> Callable[..., torch.Tensor]:
+    """The eager weighted cross-entropy of one backend, ``loss(logits, label, weight, valid)``: 0-dim, differentiable
+    w.r.t. ``logits`` through a :class:`torch.autograd.Function` of its own where autograd records, else the forward
+    launcher's loss alone. ``forward(logits, label, weight, valid) -> (loss, *saved)``, ``backward(grad_loss,
+    logits, label, weight, valid, *saved) -> grad_logits``, and ``backward_op`` (same arguments as ``backward``) where
+    the gradient itself is recorded (``create_graph=True``). The launchers are the Function's own: ``apply`` takes
+    the four tensors only."""
 
     class FusedCrossEntropy(torch.autograd.Function):
         @staticmethod
@@ -66,13 +68,11 @@ def fused_cross_entropy_function(backend: str, forward: Callable, backward: Call
             return run(grad_loss, *ctx.saved_tensors), None, None, None
 
     FusedCrossEntropy.__name__ = FusedCrossEntropy.__qualname__ = f"FusedCrossEntropy_{backend}"
-    return FusedCrossEntropy
 
+    def loss(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
+             ) -> torch.Tensor:
+        if logits.requires_grad and torch.is_grad_enabled():
+            return FusedCrossEntropy.apply(logits, label, weight, valid)
+        return forward(logits, label, weight, valid)[0]
 
-def fused_cross_entropy(function: type[torch.autograd.Function], forward: Callable, logits: torch.Tensor,
-                        label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The 0-dim weighted cross-entropy of an eager call, differentiable w.r.t. ``logits``: through ``function``
-    (:func:`fused_cross_entropy_function`) where autograd records, else ``forward``'s loss alone."""
-    if logits.requires_grad and torch.is_grad_enabled():
-        return function.apply(logits, label, weight, valid)
-    return forward(logits, label, weight, valid)[0]
+    return loss

@@ -13,7 +13,7 @@ import torch
 
 from .._backends import register
 from .._checks import NOT_DIFFERENTIABLE, as_valid, register_not_differentiable
-from .._eager import below_autograd_call, fused_cross_entropy, fused_cross_entropy_function, op_or_launch
+from .._eager import below_autograd_call, fused_cross_entropy, op_or_launch
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
@@ -111,7 +111,7 @@ def weighted_cross_entropy_cpp(
     valid = as_valid(valid)  # the extension reads a bool mask
     if torch.compiler.is_compiling():
         return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
-    return fused_cross_entropy(_CROSS_ENTROPY, _cross_entropy_forward, logits, label, weight, valid)
+    return _cross_entropy(logits, label, weight, valid)
 
 
 def _cross_entropy_forward(logits, label, weight, valid):
@@ -128,8 +128,7 @@ def _cross_entropy_backward_op(grad_loss, logits, label, weight, valid, lse):
 
 
 # The op is looked up at the call: the library loads (and may be built) at the backend's first use, after import.
-_CROSS_ENTROPY = fused_cross_entropy_function("cpp", _cross_entropy_forward, _cross_entropy_backward,
-                                              _cross_entropy_backward_op)
+_cross_entropy = fused_cross_entropy("cpp", _cross_entropy_forward, _cross_entropy_backward, _cross_entropy_backward_op)
 
 
 @register("confusion_matrix", "cpu")

@@ -91,13 +91,16 @@ def check_batch(bsz: int, op: str) -> None:
                          f"program row of the launch grid), got {bsz}; split the batch or use backend='cuda'")
 
 
+def validity_flags(valid: torch.Tensor | None) -> tuple[bool, bool]:
+    """The kernels' ``(HAS_VALID, IGNORE_MAP)`` for what :func:`csl_kernels._checks.pixel_validity` returned: a bool
+    mask is read in place as ``*i1``, an integer ignore map compared in place (:func:`valid_at`)."""
+    return valid is not None, valid is not None and valid.dtype != torch.bool
+
+
 def valid_pointer(valid: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
-    """``(pointer, HAS_VALID, IGNORE_MAP)`` of what :func:`csl_kernels._checks.pixel_validity` returned: the
-    contiguous bool mask (read in place as ``*i1``) or integer ignore map (compared in place, :func:`valid_at`), or
-    the logits as a pointer the kernel never reads when there is neither."""
-    if valid is None:
-        return logits, False, False
-    return valid.contiguous(), True, valid.dtype != torch.bool
+    """``(pointer, HAS_VALID, IGNORE_MAP)``: the contiguous mask or map and its :func:`validity_flags`, or the logits
+    as a pointer the kernel never reads when there is neither."""
+    return (logits if valid is None else valid.contiguous(), *validity_flags(valid))
 
 
 IGNORED = tl.constexpr(IGNORE_INDEX)  # the ignore value, as the kernels see it

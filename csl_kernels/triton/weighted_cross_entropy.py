@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
-from .._eager import fused_cross_entropy, fused_cross_entropy_function
+from .._eager import fused_cross_entropy
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
     cdiv,
@@ -38,6 +38,7 @@ from ._common import (
     pixel_strides,
     tl_dtype,
     valid_at,
+    validity_flags,
     wide,
 )
 from .tuning import Config, Tunable, tuned
@@ -189,7 +190,6 @@ class _Plan(NamedTuple):
 
     grid: tuple[int, int]
     n_parts: int  # forward programs: one partial loss sum and one valid-pixel count each
-    acc: torch.dtype
     constexprs: dict  # the kernel's keyword arguments (constexprs and num_warps)
     strides: tuple[int, ...]  # the logits' (s_b, s_c, s_h, s_w), then the gradient's (backward)
 
@@ -200,8 +200,7 @@ MAX_PLANS = 4096
 
 def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor | None,
           grad: torch.Tensor | None = None) -> _Plan:
-    has_valid = valid is not None
-    ignore_map = has_valid and valid.dtype != torch.bool
+    has_valid, ignore_map = validity_flags(valid)
     key = (kind, config, logits.shape, logits.stride(), logits.dtype, has_valid, ignore_map,
            None if grad is None else grad.stride())
     plan = _PLANS.get(key)
@@ -210,8 +209,7 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
         hw = height * width
         block_p, block_c = _blocks(num_classes, config)
         sb, sh, sw, flat = pixel_strides(logits)
-        acc = compute_dtype(logits)
-        constexprs = dict(HAS_VALID=has_valid, IGNORE_MAP=ignore_map, FLAT_HW=flat, ACC=tl_dtype(acc),
+        constexprs = dict(HAS_VALID=has_valid, IGNORE_MAP=ignore_map, FLAT_HW=flat, ACC=tl_dtype(compute_dtype(logits)),
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps)
         strides = (sb, logits.stride(1), sh, sw)
         if grad is None:
@@ -222,7 +220,7 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
             constexprs.update(G_FLAT_HW=g_flat, BF16_BITS=grad.dtype == torch.bfloat16,
                               WIDE=wide(logits, grad, extra=(hw,)))
         grid = (cdiv(hw, block_p), bsz)
-        plan = _Plan(grid, grid[0] * bsz, acc, constexprs, strides)
+        plan = _Plan(grid, grid[0] * bsz, constexprs, strides)
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -232,34 +230,41 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
 def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
                                   valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass: ``(loss, lse, count)``, :class:`~csl_kernels.weighted_cross_entropy.CrossEntropyOutputs`
-    and the valid-pixel count (0-dim int64) that the backward pass divides by."""
+    and the valid-pixel count (0-dim int64) that the backward pass divides by. ``label``, ``weight`` and ``valid``
+    are contiguous (:func:`_contiguous_maps`)."""
     bsz, num_classes, height, width = logits.shape
     check_batch(bsz, "weighted_cross_entropy")
     dev = logits.device
-    label, weight = label.contiguous(), weight.contiguous()  # no-ops after the registered implementation's
-    valid = None if valid is None else valid.contiguous()
+    loss, lse = weighted_cross_entropy_outputs_like(logits)
+    count = torch.empty((), dtype=torch.int64, device=dev)
     hw = height * width
 
-    def launch(config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def launch(config: Config) -> None:
         plan = _plan("forward", config, logits, valid)
-        loss = torch.empty((), dtype=plan.acc, device=dev)
-        lse = torch.empty((bsz, height, width), dtype=plan.acc, device=dev)
-        count = torch.empty((), dtype=torch.int64, device=dev)
-        parts = torch.empty(max(2 * plan.n_parts, 1), dtype=plan.acc, device=dev)  # loss sums, then counts
+        parts = torch.empty(max(2 * plan.n_parts, 1), dtype=lse.dtype, device=dev)  # loss sums, then counts
         if plan.n_parts > 0:
             _ce_forward_kernel[plan.grid](logits, label, weight, valid, lse, parts, plan.n_parts, num_classes, hw,
                                           width, *plan.strides, **plan.constexprs)
         _ce_reduce_kernel[(1,)](parts, loss, count, plan.n_parts, BLOCK=REDUCE_BLOCK, num_warps=4)
-        return loss, lse, count
 
     with device_guard(logits):
-        return tuned(FORWARD, logits, launch) if hw * bsz > 0 else launch(DEFAULT_CONFIG)
+        if hw * bsz > 0:
+            tuned(FORWARD, logits, launch)
+        else:
+            launch(DEFAULT_CONFIG)
+    return loss, lse, count
+
+
+def _contiguous_maps(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
+    """The B x H x W maps as the launchers read them: contiguous copies (no-ops when already so; the maps are C times
+    smaller than the logits), made once per call where a call enters (the registered implementation, the ops)."""
+    return label.contiguous(), weight.contiguous(), None if valid is None else valid.contiguous()
 
 
 @torch.library.custom_op("csl_triton::weighted_cross_entropy", mutates_args=())
 def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return weighted_cross_entropy_launch(logits, label, weight, valid)
+    return weighted_cross_entropy_launch(logits, *_contiguous_maps(label, weight, valid))
 
 
 @_wce_forward.register_fake
@@ -271,13 +276,12 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torc
                                            weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor,
                                            count: torch.Tensor) -> torch.Tensor:
     """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere (the
-    forward inputs, then the forward's saved outputs: the arguments of the autograd.Function's backward)."""
+    forward inputs, then the forward's saved outputs: the arguments of the autograd.Function's backward). The maps
+    and ``lse`` are contiguous, as the forward pass took and gave them."""
     _, num_classes, height, width = logits.shape
     grad = torch.empty_like(logits)
     if grad.numel() == 0:
         return grad
-    label, weight, lse = label.contiguous(), weight.contiguous(), lse.contiguous()
-    valid = None if valid is None else valid.contiguous()
     if grad_loss.dim() != 0 or grad_loss.dtype != lse.dtype:  # autograd gives a 0-dim tensor of the loss's dtype
         grad_loss = grad_loss.reshape(()).to(lse.dtype)
     grad_out = grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad  # BF16_BITS: stored as int16 bits
@@ -295,7 +299,8 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torc
 @torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
 def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
                   weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
-    return weighted_cross_entropy_backward_launch(grad_loss, logits, label, weight, valid, lse, count)
+    return weighted_cross_entropy_backward_launch(grad_loss, logits, *_contiguous_maps(label, weight, valid),
+                                                  lse.contiguous(), count)
 
 
 @_wce_backward.register_fake
@@ -328,17 +333,13 @@ def weighted_cross_entropy_triton(
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
     if torch.compiler.is_compiling():
         return _wce_forward(logits, label, weight, valid)[0]
-    # B x H x W maps are C times smaller than the logits: contiguous copies (no-ops when already so) are cheap, and
-    # made here once they are what the forward and the backward launchers read.
-    label, weight = label.contiguous(), weight.contiguous()
-    valid = None if valid is None else valid.contiguous()
-    return fused_cross_entropy(_FUNCTION, weighted_cross_entropy_launch, logits, label, weight, valid)
+    return _cross_entropy(logits, *_contiguous_maps(label, weight, valid))  # what the Function saves, contiguous
 
 
 def _backward_op(grad_loss, logits, label, weight, valid, lse, count):
     return _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
 
 
-_FUNCTION = fused_cross_entropy_function("triton", weighted_cross_entropy_launch,
-                                         weighted_cross_entropy_backward_launch, _backward_op)
+_cross_entropy = fused_cross_entropy("triton", weighted_cross_entropy_launch, weighted_cross_entropy_backward_launch,
+                                     _backward_op)
 register_not_differentiable(_wce_backward, "weighted_cross_entropy_backward")
