@@ -70,8 +70,9 @@ def pixel_validity(logits: torch.Tensor, ignore: torch.Tensor | None = None, val
     implementation of an op that has ``ignore=`` / ``valid=``): None (every pixel is valid), the ``B x H x W`` bool
     mask ``valid`` (True = valid) or the integer map ``ignore`` itself (255 = ignored), from at most one of them.
 
-    The map is not compared here: the Triton kernels compare it in place, which saves a ``B x H x W`` pass, a launch
-    and an allocation per call; the other backends turn it into the mask with :func:`as_valid`. A bool ``ignore``
+    The map is not compared here: the Triton kernels and those of the C++/CUDA extension compare it in place, which
+    saves a ``B x H x W`` pass, a launch and an allocation per call; the reference turns it into the mask with
+    :func:`as_valid`. A bool ``ignore``
     raises TypeError: it reads as "True = ignored" to some callers and "True = valid" to others.
     """
     if ignore is not None and valid is not None:

@@ -12,6 +12,8 @@
 #include <string>
 #include <tuple>
 
+#include "pixel_validity.h"
+
 namespace csl {
 
 inline void check_logits(const at::Tensor& logits, const char* op) {
@@ -31,11 +33,11 @@ inline void check_pixel_map(const at::Tensor& t, const char* name, const at::Ten
               ref.device());
 }
 
+// ``valid``: absent, a bool mask or an integer ignore map (pixel_validity.h), of the logits' pixels.
 inline void check_valid(const c10::optional<at::Tensor>& valid, const at::Tensor& logits, const char* op) {
   if (valid.has_value()) {
     check_pixel_map(*valid, "valid", logits, op);
-    TORCH_CHECK(valid->scalar_type() == at::kBool, op, ": valid must be a bool tensor (True = valid), got ",
-                valid->scalar_type());
+    validity_kind(*valid, op);
   }
 }
 

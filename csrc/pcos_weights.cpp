@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(csl, m) {
+  // valid (every op): None, a bool mask (True = valid) or an integer ignore map (255 = ignored), pixel_validity.h.
   // G = B (image groups) or B * C (class groups, group index b * C + label).
   m.def(
       "pcos_weights(Tensor logits, Tensor? valid, float alpha, bool log_confidence, bool class_groups, "

@@ -12,7 +12,7 @@ import threading
 import torch
 
 from .._backends import register
-from .._checks import NOT_DIFFERENTIABLE, as_valid, register_not_differentiable
+from .._checks import NOT_DIFFERENTIABLE, register_not_differentiable
 from .._eager import below_autograd_call, fused_cross_entropy, op_or_launch
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
@@ -82,8 +82,7 @@ def _call(op, *args):
 @register("residual_features", "cuda")
 def residual_features_cpp(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                           released: bool = False) -> ResidualFeatures:
-    return ResidualFeatures(*_call(torch.ops.csl.residual_features, logits, as_valid(valid), log_confidence,
-                                   released))
+    return ResidualFeatures(*_call(torch.ops.csl.residual_features, logits, valid, log_confidence, released))
 
 
 @register("pcos_weights", "cpu")
@@ -92,7 +91,7 @@ def pcos_weights_cpp(
     logits: torch.Tensor, valid: torch.Tensor | None, alpha: float, log_confidence: bool, class_groups: bool,
     released: bool = False,
 ) -> PCOSOutputs:
-    return PCOSOutputs(*_call(torch.ops.csl.pcos_weights, logits, as_valid(valid), float(alpha), bool(log_confidence),
+    return PCOSOutputs(*_call(torch.ops.csl.pcos_weights, logits, valid, float(alpha), bool(log_confidence),
                               bool(class_groups), bool(released)))
 
 
@@ -108,7 +107,6 @@ def weighted_cross_entropy_cpp(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """The 0-dim loss, differentiable w.r.t. ``logits``."""
-    valid = as_valid(valid)  # the extension reads a bool mask
     if torch.compiler.is_compiling():
         return torch.ops.csl.weighted_cross_entropy(logits, label, weight, valid)[0]
     return _cross_entropy(logits, label, weight, valid)

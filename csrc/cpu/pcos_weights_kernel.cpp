@@ -47,8 +47,8 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   const int64_t chunk = chunk_pixels(batch, hw, groups_per_image, kRecordBytes, 4096);
   const int64_t chunks_per_image = ceil_div(hw, chunk);
   const int64_t num_chunks = batch * chunks_per_image;
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid.has_value() ? valid_c.data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);
+  const PixelValidity is_valid = validity.view;
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
 
   std::vector<double> gram_partial(num_chunks * groups_per_image * kGramStats, 0.0);
@@ -92,7 +92,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
           for (int64_t j = 0; j < len; ++j) {
             const int64_t i = t0 + j;
             nonfinite += finite[j] ? 0 : 1;
-            const bool k = finite[j] && (valid_ptr == nullptr || valid_ptr[i]);
+            const bool k = finite[j] && is_valid(i);
             fx[i] = k ? fx[i] : std::numeric_limits<acc_t>::quiet_NaN();
             fy[i] = k ? fy[i] : acc_t(0);
             label_ptr[i] = k ? label_ptr[i] : 0;

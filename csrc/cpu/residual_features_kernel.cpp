@@ -31,9 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::T
   if (f0.numel() == 0) {
     return {f0, v, label};
   }
-  // The B x H x W mask is C times smaller than the logits: a contiguous copy is cheap. Logits keep their strides.
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid.has_value() ? valid_c.data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);  // logits keep their strides
+  const PixelValidity is_valid = validity.view;
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "residual_features_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -51,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cpu(const at::T
         cpu::row_features<scalar_t, acc_t>(z_row, sc, sw, width, num_classes, log_confidence, released, f0_ptr + i0,
                                            v_ptr + i0, label_ptr + i0, finite.data());
         for (int64_t x = 0; x < width; ++x) {
-          if (!finite[x] || (valid_ptr != nullptr && !valid_ptr[i0 + x])) {
+          if (!finite[x] || !is_valid(i0 + x)) {
             f0_ptr[i0 + x] = acc_t(0);
             v_ptr[i0 + x] = acc_t(0);
             label_ptr[i0 + x] = 0;

@@ -20,16 +20,33 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
-int64_t count_valid(const at::Tensor& valid_c, int64_t total) {
-  if (!valid_c.defined()) {
-    return total;
-  }
-  const bool* v = valid_c.const_data_ptr<bool>();
+// Pixels whose ``keep(value)`` holds, in one loop over the typed mask or map (one that the compiler vectorises).
+template <typename T, typename Keep>
+int64_t count_kept(const void* data, int64_t total, Keep keep) {
+  const T* v = static_cast<const T*>(data);
   int64_t n = 0;
   for (int64_t i = 0; i < total; ++i) {
-    n += v[i] ? 1 : 0;
+    n += keep(v[i]) ? 1 : 0;
   }
   return n;
+}
+
+int64_t count_valid(const PixelValidity& validity, int64_t total) {
+  const auto not_ignored = [](auto value) { return static_cast<int64_t>(value) != kIgnoreIndex; };
+  switch (validity.kind) {
+    case PixelValidity::kMask:
+      return count_kept<bool>(validity.data, total, [](bool value) { return value; });
+    case PixelValidity::kUInt8:
+      return count_kept<uint8_t>(validity.data, total, not_ignored);
+    case PixelValidity::kInt16:
+      return count_kept<int16_t>(validity.data, total, not_ignored);
+    case PixelValidity::kInt32:
+      return count_kept<int32_t>(validity.data, total, not_ignored);
+    case PixelValidity::kInt64:
+      return count_kept<int64_t>(validity.data, total, not_ignored);
+    default:
+      return total;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& label,
@@ -45,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
   // The B x H x W side inputs are C times smaller than the logits: contiguous copies are cheap.
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);
+  const PixelValidity is_valid = validity.view;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
   const int64_t num_chunks = ceil_div(total, kChunk);
   std::vector<double> partial(num_chunks, 0.0);
@@ -77,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
           for (int64_t j = 0; j < len; ++j) {
             const int64_t i = i0 + j;
             const acc_t w = w_ptr[i];
-            if (w == acc_t(0) || (valid_ptr != nullptr && !valid_ptr[i])) {
+            if (w == acc_t(0) || !is_valid(i)) {
               lse_ptr[i] = acc_t(0);
               continue;  // contributes exactly 0, whatever its logits and label
             }
@@ -97,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
   for (double s : partial) {
     loss_sum += s;
   }
-  const int64_t n_valid = count_valid(valid_c, total);
+  const int64_t n_valid = count_valid(is_valid, total);
   const double loss = loss_sum / static_cast<double>(std::max<int64_t>(n_valid, 1));
   at::Tensor loss_t = at::empty({}, logits.options().dtype(acc_dtype));
   if (acc_dtype == at::kDouble) {
@@ -127,11 +144,11 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);
+  const PixelValidity is_valid = validity.view;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
   const double scale =
-      grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count_valid(valid_c, total), 1));
+      grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count_valid(is_valid, total), 1));
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
   const int64_t gb = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gw = grad.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cpu", [&] {
@@ -150,7 +167,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
       cpu::for_each_tile(begin, end, height, width, [&](int64_t b, int64_t yy, int64_t x0, int64_t len, int64_t i0) {
         for (int64_t j = 0; j < len; ++j) {
           const int64_t i = i0 + j;
-          const bool used = w_ptr[i] != acc_t(0) && (valid_ptr == nullptr || valid_ptr[i]);
+          const bool used = w_ptr[i] != acc_t(0) && is_valid(i);
           tile_used[j] = used ? 1 : 0;
           tile_label[j] = 0;
           tile_lse[j] = acc_t(0);

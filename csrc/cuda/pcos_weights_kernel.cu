@@ -32,7 +32,7 @@ struct ChunkLayout {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool* __restrict__ valid,
+__global__ void pcos_features_kernel(const scalar_t* __restrict__ z, PixelValidity is_valid,
                                      acc_t* __restrict__ fx, acc_t* __restrict__ fy, uint8_t* __restrict__ keep,
                                      int64_t* __restrict__ label, double* __restrict__ gram_partial,
                                      unsigned long long* __restrict__ n_nonfinite, ChunkLayout layout,
@@ -57,7 +57,7 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, const bool*
         const int64_t i = b * layout.hw + p, y = p / layout.width, x = p - y * layout.width;
         const auto feat = pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes,
                                                           log_confidence, released);
-        const bool kp = feat.finite && (valid == nullptr || valid[i]);
+        const bool kp = feat.finite && is_valid(i);
         const acc_t xv = kp ? feat.f0 : acc_t(0), yv = kp ? feat.v : acc_t(0);
         fx[i] = xv;
         fy[i] = yv;
@@ -283,8 +283,7 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
   TORCH_CHECK(chunks_per_image < (int64_t(1) << 31), op, ": input too large (H x W = ", hw, ")");
   const ChunkLayout layout{hw, width, chunk, chunks_per_image, groups_per_image};
   const int64_t num_chunks = batch * chunks_per_image;
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();  // B x H x W: cheap
-  const bool* valid_ptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);
   const auto feature_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor fx = at::empty({batch * hw}, options.dtype(feature_dtype));
   at::Tensor fy = at::empty({batch * hw}, options.dtype(feature_dtype));
@@ -308,7 +307,7 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
       const dim3 chunk_grid(static_cast<unsigned int>(chunks_per_image),
                             static_cast<unsigned int>(std::min(kMaxGridY, batch - first)));
       pcos_features_kernel<scalar_t, acc_t><<<chunk_grid, kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), valid_ptr, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
+          logits.const_data_ptr<scalar_t>(), validity.view, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
           keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
           reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,
           logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), log_confidence, released,

@@ -13,7 +13,7 @@ namespace csl {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-__global__ void residual_features_kernel(const scalar_t* __restrict__ z, const bool* __restrict__ valid,
+__global__ void residual_features_kernel(const scalar_t* __restrict__ z, PixelValidity is_valid,
                                          acc_t* __restrict__ f0, acc_t* __restrict__ v, int64_t* __restrict__ label,
                                          int64_t total, int64_t hw, int64_t width, int64_t num_classes, int64_t sb,
                                          int64_t sc, int64_t sh, int64_t sw, bool log_confidence, bool released) {
@@ -21,7 +21,7 @@ __global__ void residual_features_kernel(const scalar_t* __restrict__ z, const b
     const int64_t b = i / hw, p = i - b * hw, y = p / width, x = p - y * width;
     const auto feat =
         pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes, log_confidence, released);
-    const bool keep = feat.finite && (valid == nullptr || valid[i]);
+    const bool keep = feat.finite && is_valid(i);
     f0[i] = keep ? feat.f0 : acc_t(0);
     v[i] = keep ? feat.v : acc_t(0);
     label[i] = keep ? feat.label : 0;
@@ -47,13 +47,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_features_cuda(const at::
   if (total == 0) {
     return {f0, v, label};
   }
-  const at::Tensor valid_c = valid.has_value() ? valid->contiguous() : at::Tensor();  // B x H x W: cheap
-  const bool* valid_ptr = valid_c.defined() ? valid_c.const_data_ptr<bool>() : nullptr;
+  const ValidityInput validity(valid, op);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "residual_features_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     residual_features_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), valid_ptr, f0.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
+        logits.const_data_ptr<scalar_t>(), validity.view, f0.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
         label.data_ptr<int64_t>(), total, height * width, width, num_classes, logits.stride(0), logits.stride(1),
         logits.stride(2), logits.stride(3), log_confidence, released);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

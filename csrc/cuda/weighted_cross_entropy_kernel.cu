@@ -21,7 +21,7 @@ constexpr int kChunk = kThreads * kPixelsPerThread;
 
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
-                                           const acc_t* __restrict__ weight, const bool* __restrict__ valid,
+                                           const acc_t* __restrict__ weight, PixelValidity is_valid,
                                            acc_t* __restrict__ lse, double* __restrict__ partial, int64_t total,
                                            int64_t hw, int64_t width, int64_t num_classes, int64_t sb, int64_t sc,
                                            int64_t sh, int64_t sw) {
@@ -34,10 +34,10 @@ __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const
     if (i >= total) {
       break;
     }
-    const bool is_valid = valid == nullptr || valid[i];
-    sums[1] += is_valid ? 1.0 : 0.0;
+    const bool used = is_valid(i);
+    sums[1] += used ? 1.0 : 0.0;
     const acc_t w = weight[i];
-    if (!is_valid || w == acc_t(0)) {
+    if (!used || w == acc_t(0)) {
       lse[i] = acc_t(0);
       continue;  // contributes exactly 0, whatever its logits and label
     }
@@ -81,7 +81,7 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
 
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
-                                            const acc_t* __restrict__ weight, const bool* __restrict__ valid,
+                                            const acc_t* __restrict__ weight, PixelValidity is_valid,
                                             const acc_t* __restrict__ lse, const double* __restrict__ scale,
                                             scalar_t* __restrict__ grad, int64_t total, int64_t hw, int64_t width,
                                             int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
@@ -91,7 +91,7 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
     const scalar_t* zp = z + b * sb + row * sh + col * sw;
     scalar_t* gp = grad + b * gb + row * gh + col * gw;
     const acc_t w = weight[i];
-    if (w == acc_t(0) || (valid != nullptr && !valid[i])) {
+    if (w == acc_t(0) || !is_valid(i)) {
       for (int64_t k = 0; k < num_classes; ++k) {
         gp[k * gc] = scalar_t(0);
       }
@@ -114,13 +114,13 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
 }
 
 // Per-block counts of valid pixels (laid out like the forward partial sums, with a zero loss sum).
-__global__ void count_valid_kernel(const bool* __restrict__ valid, int64_t total, double* __restrict__ partial) {
+__global__ void count_valid_kernel(PixelValidity is_valid, int64_t total, double* __restrict__ partial) {
   __shared__ double scratch[2 * kWarps];
   double sums[2] = {0.0, 0.0};
   const int64_t base = blockIdx.x * int64_t(kChunk);
   for (int j = 0; j < kPixelsPerThread; ++j) {
     const int64_t i = base + j * kThreads + threadIdx.x;
-    sums[1] += (i < total && (valid == nullptr || valid[i])) ? 1.0 : 0.0;
+    sums[1] += (i < total && is_valid(i)) ? 1.0 : 0.0;
   }
   block_reduce_sum<2>(sums, scratch);
   if (threadIdx.x == 0) {
@@ -136,14 +136,14 @@ __global__ void weighted_ce_scale_kernel(const double* __restrict__ grad_loss, c
 }
 
 struct SideInputs {
-  at::Tensor label, weight, valid;
+  at::Tensor label, weight;
+  ValidityInput validity;
 };
 
 SideInputs side_inputs(const at::Tensor& label, const at::Tensor& weight, const c10::optional<at::Tensor>& valid,
-                       at::ScalarType acc_dtype) {
+                       at::ScalarType acc_dtype, const char* op) {
   // The B x H x W side inputs are C times smaller than the logits: contiguous copies are cheap.
-  return {label.to(at::kLong).contiguous(), weight.to(acc_dtype).contiguous(),
-          valid.has_value() ? valid->contiguous() : at::Tensor()};
+  return {label.to(at::kLong).contiguous(), weight.to(acc_dtype).contiguous(), ValidityInput(valid, op)};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -152,7 +152,7 @@ void launch_forward(const at::Tensor& logits, const SideInputs& side, at::Tensor
   const int64_t hw = logits.size(2) * logits.size(3);
   weighted_ce_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-      side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, lse.data_ptr<acc_t>(),
+      side.validity.view, lse.data_ptr<acc_t>(),
       partial.data_ptr<double>(), lse.numel(), hw, logits.size(3), logits.size(1), logits.stride(0),
       logits.stride(1), logits.stride(2), logits.stride(3));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor&
   const int64_t num_blocks = std::max<int64_t>(1, ceil_div(total, kChunk));
   TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
   at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
-  const SideInputs side = side_inputs(label, weight, valid, acc_dtype);
+  const SideInputs side = side_inputs(label, weight, valid, acc_dtype, op);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -201,7 +201,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
     return grad;
   }
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const SideInputs side = side_inputs(label, weight, valid, acc_dtype);
+  const SideInputs side = side_inputs(label, weight, valid, acc_dtype, op);
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   const at::Tensor grad_loss_d = grad_loss.to(at::kDouble).contiguous();
   const int64_t num_blocks = ceil_div(total, kChunk);
@@ -213,7 +213,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     count_valid_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
-        side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, total, partial.data_ptr<double>());
+        side.validity.view, total, partial.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     weighted_ce_finish_kernel<double><<<1, kThreads, 0, stream>>>(
         partial.const_data_ptr<double>(), num_blocks, scratch.data_ptr<double>(), scratch.data_ptr<double>() + 1);
@@ -223,7 +223,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-        side.valid.defined() ? side.valid.const_data_ptr<bool>() : nullptr, lse_c.const_data_ptr<acc_t>(),
+        side.validity.view, lse_c.const_data_ptr<acc_t>(),
         scratch.const_data_ptr<double>() + 2, grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), grad.stride(0), grad.stride(1),
         grad.stride(2), grad.stride(3));
