@@ -1,7 +1,7 @@
 // Which pixels are valid, as the ``valid`` argument of csl::residual_features, csl::pcos_weights and
 // csl::weighted_cross_entropy(_backward) gives it: absent (every pixel), a bool mask (True = valid) or an integer
-// ignore map (kIgnoreIndex = ignored) of uint8 / int16 / int32 / int64, which the kernels compare in place (no
-// B x H x W comparison pass, launch or allocation before them).
+// ignore map (kIgnoreIndex = ignored) of any integer dtype but int8, which the kernels compare in place (no
+// B x H x W comparison pass, launch or allocation before them). An integer tensor is always a map, never a 0/1 mask.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +18,7 @@ constexpr int64_t kIgnoreIndex = 255;
 
 // What a kernel reads: pixel i (in B x H x W order) of a contiguous mask or map, compared where it is a map.
 struct PixelValidity {
-  enum Kind : int32_t { kAll, kMask, kUInt8, kInt16, kInt32, kInt64 };
+  enum Kind : int32_t { kAll, kMask, kUInt8, kInt16, kInt32, kInt64, kUInt16, kUInt32, kUInt64 };
   const void* data = nullptr;
   Kind kind = kAll;
 
@@ -34,6 +34,12 @@ struct PixelValidity {
         return static_cast<const int32_t*>(data)[i] != kIgnoreIndex;
       case kInt64:
         return static_cast<const int64_t*>(data)[i] != kIgnoreIndex;
+      case kUInt16:
+        return static_cast<const uint16_t*>(data)[i] != kIgnoreIndex;
+      case kUInt32:
+        return static_cast<const uint32_t*>(data)[i] != kIgnoreIndex;
+      case kUInt64:
+        return static_cast<const uint64_t*>(data)[i] != static_cast<uint64_t>(kIgnoreIndex);
       default:
         return true;
     }
@@ -53,13 +59,20 @@ inline PixelValidity::Kind validity_kind(const at::Tensor& valid, const char* op
       return PixelValidity::kInt32;
     case at::kLong:
       return PixelValidity::kInt64;
-    case at::kChar:
-      TORCH_CHECK(false, op, ": valid is an int8 ignore map, which cannot hold the ignore value ", kIgnoreIndex,
-                  "; use uint8 / int16 / int32 / int64, or a bool mask (True = valid)");
+    case at::kUInt16:
+      return PixelValidity::kUInt16;
+    case at::kUInt32:
+      return PixelValidity::kUInt32;
+    case at::kUInt64:
+      return PixelValidity::kUInt64;
     default:
-      TORCH_CHECK(false, op, ": valid must be a bool mask (True = valid) or an integer ignore map (", kIgnoreIndex,
-                  " = ignored) of uint8 / int16 / int32 / int64, got ", valid.scalar_type());
+      break;
   }
+  TORCH_CHECK_TYPE(valid.scalar_type() != at::kChar, op, ": valid is an int8 ignore map, which cannot hold the ",
+                   "ignore value ", kIgnoreIndex, "; use uint8 / int16 / int32 / int64, or a bool mask (True = valid)");
+  TORCH_CHECK_TYPE(false, op, ": valid must be a bool mask (True = valid) or an integer ignore map (", kIgnoreIndex,
+                   " = ignored), got ", valid.scalar_type());
+  return PixelValidity::kAll;  // not reached
 }
 
 // A checked ``valid`` argument made contiguous (the B x H x W map is C times smaller than the logits: a copy, where

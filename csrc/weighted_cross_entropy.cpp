@@ -2,7 +2,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(csl, m) {
-  // valid: None, a bool mask (True = valid) or an integer ignore map (255 = ignored), pixel_validity.h.
+  // valid: None, a bool mask (True = valid) or an integer ignore map (255 = ignored; an integer tensor is
+  // never read as a 0/1 mask), csrc/pixel_validity.h.
   // -> (loss 0-dim, lse B x H x W): the log-sum-exp of every used pixel is kept for the backward pass.
   m.def("weighted_cross_entropy(Tensor logits, Tensor label, Tensor weight, Tensor? valid) -> (Tensor, Tensor)");
   // grad_logits = grad_loss * w * (softmax - onehot) / N_valid on used pixels, exactly 0 elsewhere.

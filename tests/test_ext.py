@@ -95,6 +95,7 @@ def test_opcheck_every_op(ext):
                           (torch.tensor(1.0), z, label, weight, valid, lse))
     torch.library.opcheck(ops.confusion_matrix.default, (label, label.flip(0), 5, 255))
     ignore = torch.where(valid, label, 255).to(torch.uint8)  # an integer ignore map as valid: compared in the kernels
+    torch.library.opcheck(ops.residual_features.default, (z, ignore.short(), False))
     torch.library.opcheck(ops.pcos_weights.default, (z, ignore, 8.0, False, True))
     torch.library.opcheck(ops.weighted_cross_entropy.default, (z.clone().requires_grad_(), label, weight, ignore))
     torch.library.opcheck(ops.weighted_cross_entropy_backward.default,
@@ -216,11 +217,11 @@ def test_clear_errors_from_the_cpp_checks(ext):
     with pytest.raises(RuntimeError, match="label 7 of a used pixel"):
         ops.weighted_cross_entropy(torch.randn(1, 3, 1, 1), torch.full((1, 1, 1), 7), torch.ones(1, 1, 1), None)
     z = torch.randn(1, 3, 2, 2)
-    with pytest.raises(RuntimeError, match="int8 ignore map, which cannot hold the ignore value 255"):
+    with pytest.raises(TypeError, match="int8 ignore map, which cannot hold the ignore value 255"):
         ops.pcos_weights(z, torch.zeros(1, 2, 2, dtype=torch.int8), 8.0, False, False)
-    with pytest.raises(RuntimeError, match=r"bool mask \(True = valid\) or an integer ignore map .* got Float"):
+    with pytest.raises(TypeError, match=r"bool mask \(True = valid\) or an integer ignore map .* got Float"):
         ops.residual_features(z, torch.zeros(1, 2, 2), False)
-    with pytest.raises(RuntimeError, match="got Float"):
+    with pytest.raises(TypeError, match="got Float"):
         ops.weighted_cross_entropy(z, torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2),
                                    torch.zeros(1, 2, 2))
 
@@ -229,8 +230,10 @@ def test_clear_errors_from_the_cpp_checks(ext):
 def test_the_ops_read_an_ignore_map_as_its_mask(ext, device):
     """``valid`` given as the integer ignore map (255 = ignored) itself, of every dtype a map may have and not
     contiguous, gives bitwise what its bool mask gives: every op, forward and backward."""
-    if device == "cuda" and not (torch.cuda.is_available() and build.load().with_cuda):
-        pytest.skip("needs a GPU and the CUDA part of the extension")
+    if device == "cuda":
+        from conftest import require_backend
+
+        require_backend("pcos_weights", "cuda")  # skips, or fails where CSL_REQUIRE_BACKENDS names cuda
     g = torch.Generator().manual_seed(3)
     z = _logits(2, 5, 9, 11, seed=3).to(device)
     label = torch.randint(0, 5, (2, 9, 11), generator=g).to(device)
@@ -238,10 +241,10 @@ def test_the_ops_read_an_ignore_map_as_its_mask(ext, device):
     ignore = torch.randint(0, 5, (2, 9, 11), generator=g)
     ignore[torch.rand(2, 9, 11, generator=g) < 0.3] = 255
     ops = torch.ops.csl
-    for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64):
         ignore_map = ignore.to(dtype)
         if dtype != torch.uint8:  # only 255 is ignored, not values that narrowing to a byte turns into 255
-            ignore_map[0, 0, :2] = torch.tensor([511, -1], dtype=dtype)
+            ignore_map[0, 0, :2] = torch.tensor([511, 256 if dtype.is_signed is False else -1]).to(dtype)
         wide = torch.zeros(2, 9, 22, dtype=dtype)
         wide[..., ::2] = ignore_map
         ignore_map = wide.to(device)[..., ::2]  # strided

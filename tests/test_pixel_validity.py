@@ -1,7 +1,7 @@
 """The two forms of pixel validity every backend of ``residual_features``, ``pcos_weights`` and
 ``weighted_cross_entropy`` takes (``csl_kernels._checks.pixel_validity``): a bool mask (True = valid) or the integer
-ignore map itself (255 = ignored), which the Triton kernels compare in place. Both must give bitwise the same
-results on every backend, for every integer dtype a map may have and for maps that are not contiguous."""
+ignore map itself (255 = ignored), which the Triton and extension kernels compare in place. Both must give bitwise the
+same results on every backend, for every integer dtype a map may have and for maps that are not contiguous."""
 
 from __future__ import annotations
 

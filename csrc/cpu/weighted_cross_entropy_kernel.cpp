@@ -44,8 +44,15 @@ int64_t count_valid(const PixelValidity& validity, int64_t total) {
       return count_kept<int32_t>(validity.data, total, not_ignored);
     case PixelValidity::kInt64:
       return count_kept<int64_t>(validity.data, total, not_ignored);
-    default:
+    case PixelValidity::kAll:
       return total;
+    default: {  // the rarer map dtypes: one read through the view per pixel
+      int64_t n = 0;
+      for (int64_t i = 0; i < total; ++i) {
+        n += validity(i) ? 1 : 0;
+      }
+      return n;
+    }
   }
 }
 
