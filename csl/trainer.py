@@ -489,8 +489,8 @@ class Trainer:
                 now[key] = then[key]
 
     def _restore_best(self, path: str, ckpt: dict) -> None:
-        """``best.pt`` missing while the checkpoint records a best mIoU (a run killed between the two writes by an
-        older version): rewrite it when the resumed state is that best one, else say that it is lost."""
+        """``best.pt`` missing while the checkpoint records a best mIoU (deleted, or a checkpoint written before
+        its ``best.pt``): rewrite it when the resumed state is that best one, else say that it is lost."""
         best = os.path.join(self.output_dir, BEST)
         if self.best_miou is None or os.path.isfile(best) or not self.env.is_main:
             return

@@ -48,6 +48,15 @@ def require_backend(op: str, backend: str) -> torch.device:
     return device
 
 
+def skip_or_fail(backend: str, reason: str, *, interpreter_only: bool = False) -> None:
+    """Skip a check of ``backend`` that cannot run here, or fail it where ``backend`` is in ``CSL_REQUIRE_BACKENDS``.
+    ``interpreter_only``: the check needs Triton's interpreter, which a GPU machine does not need (it runs the real
+    kernels), so there it only skips."""
+    if backend in required_backends() and not (interpreter_only and torch.cuda.is_available()):
+        pytest.fail(f"required backend {backend!r}: {reason}")
+    pytest.skip(reason)
+
+
 def masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     """The keyword an op takes ``mask`` as: ``valid=`` for a bool mask (True = valid), else ``ignore=`` (an integer
     map with 255 = ignored, or None)."""

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import require_backend, skip_or_fail
 
 import csl_kernels
 from csl_kernels import _backends
@@ -144,7 +144,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         csl_kernels.confusion_matrix(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 2,
                                      backend="triton")
     if import_error is not None:
-        pytest.skip(import_error)
+        skip_or_fail("triton", import_error)
     # The triton package's own availability check reads the environment at call time, and compares it with the
     # value its kernels were defined under (Triton fixes it then).
     import csl_kernels.triton as triton_pkg

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import skip_or_fail
 
 import csl_kernels
 from csl_bench.__main__ import main as bench_main
@@ -188,7 +189,7 @@ def test_bench_host_overhead_table_and_json(tmp_path, capsys):
 
     problem = compile_check.interpreter_problem()
     if problem:  # e.g. Triton 3.6 with NumPy 2.4 on a GPU machine (CI has Triton 3.8)
-        pytest.skip(f"the triton rows need Triton's interpreter: {problem}")
+        skip_or_fail("triton", f"the triton rows need Triton's interpreter: {problem}", interpreter_only=True)
     out = tmp_path / "host.json"
     payload = host_main(["--calls", "20", "--repeats", "2", "--out", str(out)])
     rows = {(r["op"], r["provider"]): r for r in json.loads(out.read_text())["rows"]}
@@ -221,7 +222,7 @@ def test_bench_host_overhead_empty_launch_row():
         pytest.skip("needs TRITON_INTERPRET=1 in this process (the GPU row is measured by gpu_check.sh)")
     problem = compile_check.interpreter_problem()
     if problem:
-        pytest.skip(f"needs Triton's interpreter: {problem}")
+        skip_or_fail("triton", f"needs Triton's interpreter: {problem}", interpreter_only=True)
     row = empty_launch_row("cpu", calls=5, repeats=2)
     assert row["provider"] == "triton (interpreter)" and row["launches_per_call"] == 1
     assert 0 < row["us_min"] <= row["us_median"]

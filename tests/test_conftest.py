@@ -88,3 +88,20 @@ def test_a_cuda_error_is_blamed_on_the_test_that_left_it(tmp_path, monkeypatch):
     conftest.check_cuda_after_test()
     assert exits == [3]
     assert "CUDA error after a test in worker gw3" in (tmp_path / "progress.txt.details").read_text()
+
+
+@pytest.mark.parametrize("required, interpreter_only, cuda, outcome", [
+    ("cpu", False, False, "skip"),  # triton not required: a skip with the reason
+    ("cpu,triton", False, False, "fail"),
+    ("cpu,triton", False, True, "fail"),
+    ("cpu,triton", True, False, "fail"),  # the interpreter is the only way to run it here
+    ("cpu,triton", True, True, "skip"),  # a GPU machine runs the real kernels instead
+])
+def test_skip_or_fail_fails_where_the_backend_is_required(monkeypatch, required, interpreter_only, cuda, outcome):
+    import conftest
+
+    monkeypatch.setenv("CSL_REQUIRE_BACKENDS", required)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="no interpreter here"):
+        conftest.skip_or_fail("triton", "no interpreter here", interpreter_only=interpreter_only)

@@ -497,7 +497,7 @@ def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
 
 def test_two_checkouts_get_their_own_build_folders(tmp_path):
     """Same sources, different folders: different build folders (a shared one would be rebuilt at every switch);
-    the same folder keeps its name."""
+    the same folder keeps its name, however it is reached (a symlink, a path with ..)."""
     import shutil
 
     from csl_kernels.cpp import sources
@@ -507,6 +507,9 @@ def test_two_checkouts_get_their_own_build_folders(tmp_path):
     shutil.copytree(here, other)
     h = sources.source_hash(here)
     assert sources.source_hash(other) == h  # identical sources
-    assert build.build_name(here, h, False, None) == build.build_name(here, h, False, None)
+    link = tmp_path / "link_to_checkout2"
+    link.symlink_to(other.parent, target_is_directory=True)
+    for same in (link / "csrc", other / ".." / "csrc"):
+        assert build.build_name(same, h, False, None) == build.build_name(other, h, False, None), same
     assert build.build_name(other, h, False, None) != build.build_name(here, h, False, None)
     assert build.build_name(here, h, True, "9.0") != build.build_name(here, h, False, None)

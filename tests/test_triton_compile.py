@@ -12,6 +12,7 @@ import importlib.util
 import json
 
 import pytest
+from conftest import skip_or_fail
 
 from csl_kernels.triton import compile_check
 
@@ -27,10 +28,10 @@ def _nvidia_backend_available() -> bool:
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
     if not _nvidia_backend_available():
-        pytest.skip("triton has no NVIDIA backend here")
+        skip_or_fail("triton", "triton has no NVIDIA backend here")
     problem = compile_check.interpreter_problem()
     if problem:  # e.g. Triton 3.6 with NumPy 2.4 (a GPU machine runs the real kernels instead; CI has Triton 3.8)
-        pytest.skip(f"the capture phase needs Triton's interpreter: {problem}")
+        skip_or_fail("triton", f"the capture phase needs Triton's interpreter: {problem}", interpreter_only=True)
     return compile_check.check(arch=90)
 
 
