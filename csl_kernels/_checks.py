@@ -156,11 +156,16 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"{listed} must be on the same device, got {', '.join(map(str, devices))}")
 
 
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
 def check_int(value: int, name: str) -> None:
-    """A plain int (a bool or a float is refused: a float ``ignore_index`` would be truncated by some backends and
-    compared exactly by others)."""
+    """A plain int in the int64 range the kernels take (a bool or a float is refused: a float ``ignore_index`` would
+    be truncated by some backends and compared exactly by others)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{name} must fit in int64 [{INT64_RANGE[0]}, {INT64_RANGE[1]}], got {value}")
 
 
 def _described(value) -> str:

@@ -34,7 +34,13 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
 
 
 def metrics_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rates from accumulated :func:`pseudo_label_counts`; per class (NaN where undefined) and ``overall_*``."""
+    """Rates from accumulated :func:`pseudo_label_counts` (a ``4 x C`` tensor); per class (NaN where undefined) and
+    ``overall_*``."""
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"counts must be a torch.Tensor (pseudo_label_counts' 4 x C), got {type(counts).__name__}")
+    if counts.dim() != 2 or counts.shape[0] != len(COUNT_KEYS):
+        raise ValueError(f"counts must be {len(COUNT_KEYS)} x C ({', '.join(COUNT_KEYS)}), got shape "
+                         f"{tuple(counts.shape)}")
     predicted, selected, correct, selected_correct = counts.double()
 
     def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

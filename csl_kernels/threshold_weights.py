@@ -29,7 +29,10 @@ def threshold_weights(
     check_logits(logits)
     check_fraction(tau, "tau")
     mask = pixel_validity(logits, ignore, valid)
-    _, impl = resolve("residual_features", backend, logits.device)
+    try:
+        _, impl = resolve("residual_features", backend, logits.device)
+    except RuntimeError as err:
+        raise RuntimeError(f"csl_kernels.threshold_weights runs the residual_features kernels: {err}") from None
     f0, _, label = impl(logits, mask, False)
     reliable = (f0 >= tau) & (f0 > 0)  # a valid pixel with finite logits has f0 = pmax >= 1 / C; the others 0
     return PCOSResult(reliable.to(torch.float32), label, reliable, None)

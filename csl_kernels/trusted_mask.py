@@ -96,6 +96,8 @@ def trusted_mask(
     check_positive_int(block, "block")
     check_fraction(rate, "rate")
     check_fill(fill, images.dtype)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     cells = draw_cells(bsz, height, width, block=block, rate=rate, generator=generator, device=images.device)
     _, impl = resolve("trusted_mask", backend, images.device)
     return impl(images, cells, reliable, float(fill))

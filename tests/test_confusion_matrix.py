@@ -36,9 +36,14 @@ def test_random_cases_match_reference(fused_backend, seed):
     dtype = rng.choice((torch.int64, torch.int32, torch.int16) + ((torch.uint8,) if num_classes < 250 else ()))
     ignore_index = 255 if dtype == torch.uint8 else rng.choice((255, -1))
     shape = rng.choice(((rng.randint(1, 3), rng.randint(1, 40), rng.randint(1, 40)), (rng.randint(1, 5000),)))
+    kind = rng.choice(("contiguous", "contiguous", "transposed", "strided"))
+    if kind == "strided":
+        shape = (*shape[:-1], 2 * shape[-1])
     pred, target = make_case(seed, shape, num_classes, dtype, ignore_index, device)
-    if rng.random() < 0.3:  # non-contiguous views
+    if kind == "transposed":
         pred, target = pred.transpose(0, -1), target.transpose(0, -1)
+    elif kind == "strided":  # every other element, at different offsets: a 1-D view stays strided when flattened
+        pred, target = pred[..., ::2], target[..., 1::2]
     got = csl_kernels.confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, backend=fused_backend)
     expected = confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index)
     assert got.dtype == torch.int64 and got.shape == (num_classes, num_classes)
@@ -130,6 +135,25 @@ def test_ignore_index_must_be_an_int(fused_backend, ignore_index):
     class 1 there); None failed with int()'s error in the fused ones."""
     pred = torch.tensor([0, 1, 2, 2])
     with pytest.raises(TypeError, match="ignore_index must be an int"):
+        csl_kernels.confusion_matrix(pred, pred.clone(), 3, ignore_index=ignore_index, backend=fused_backend)
+
+
+@pytest.mark.parametrize("layout", ["step", "column", "offset"])
+def test_strided_one_dimensional_views(fused_backend, layout):
+    """Views whose flattening is still a strided view (no copy): each backend reads the view's elements."""
+    device = require_backend(OP, fused_backend)
+    pred, target = make_case(7, (2 * 999,), 5, torch.int64, 255, device)
+    pick = {"step": lambda t: t[::2], "column": lambda t: t.view(-1, 2)[:, 1], "offset": lambda t: t[3:-1]}[layout]
+    pred, target = pick(pred), pick(target)
+    assert not pred.reshape(-1).is_contiguous() or layout == "offset"
+    got = csl_kernels.confusion_matrix(pred, target, 5, backend=fused_backend)
+    assert torch.equal(got.cpu(), confusion_matrix_reference(pred.cpu(), target.cpu(), 5, 255))
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**64])
+def test_ignore_index_must_fit_in_int64(fused_backend, ignore_index):
+    pred = torch.tensor([0, 1, 2, 2])
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         csl_kernels.confusion_matrix(pred, pred.clone(), 3, ignore_index=ignore_index, backend=fused_backend)
 
 

@@ -97,3 +97,14 @@ def test_counts_match_boolean_indexing_and_honour_ignore_index():
     expected = torch.stack([torch.bincount(x, minlength=5) for x in (lab, lab[sel], lab[cor], lab[sel & cor])])
     assert torch.equal(counts, expected)
     assert counts[0].sum() == valid.sum() < label.numel()
+
+
+@pytest.mark.parametrize(("counts", "error"), [
+    (torch.ones(3, 5, dtype=torch.long), ValueError),  # a row missing
+    (torch.ones(4, dtype=torch.long), ValueError),  # one class's column alone
+    (torch.ones(4, 5, 2, dtype=torch.long), ValueError),
+    ([[1, 0], [1, 0], [1, 0], [1, 0]], TypeError),
+])
+def test_metrics_from_counts_needs_the_four_count_rows(counts, error):
+    with pytest.raises(error, match="counts must be"):
+        metrics_from_counts(counts)

@@ -163,3 +163,8 @@ def test_selection_scores_bad_input(kwargs, error, match):
     args = {"logits": torch.randn(1, 3, 4, 5), "ignore": None, "score": "entropy", **kwargs}
     with pytest.raises(error, match=match):
         csl_kernels.selection_scores(args["logits"], args["ignore"], score=args["score"])
+
+
+def test_unknown_backend_names_threshold_weights():
+    with pytest.raises(RuntimeError, match=r"threshold_weights runs the residual_features kernels: .*'bogus'"):
+        csl_kernels.threshold_weights(torch.randn(1, 3, 2, 2), backend="bogus")

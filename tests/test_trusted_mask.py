@@ -207,6 +207,8 @@ def test_triton_custom_op():
      "fill=100000.0 does not fit"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": float("nan")}, ValueError, "fill"),
     (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"fill": "0"}, ValueError, "fill"),
+    (torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool), {"generator": 0}, TypeError,
+     "generator must be a torch.Generator"),
 ])
 @pytest.mark.parametrize("backend", ["auto", *_backends.BACKENDS])
 def test_bad_input_errors(backend, images, reliable, kwargs, error, match):

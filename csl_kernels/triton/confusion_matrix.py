@@ -52,8 +52,8 @@ def confusion_matrix_launch(pred: torch.Tensor, target: torch.Tensor, num_classe
     n = pred.numel()
     if n == 0:
         return out
-    pred_c = pred.reshape(-1)
-    target_c = target.reshape(-1)
+    pred_c = pred.reshape(-1).contiguous()  # a strided 1-D view stays strided through reshape
+    target_c = target.reshape(-1).contiguous()
     hist = num_classes * num_classes <= HIST_BINS
     iters = ITERS if hist else 1
     with device_guard(pred):
