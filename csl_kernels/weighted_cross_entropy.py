@@ -63,8 +63,9 @@ def weighted_cross_entropy(
         logits: ``B x C x H x W`` float16 / bfloat16 / float32 / float64.
         label: ``B x H x W`` integer pseudo-labels in ``[0, C)`` wherever the pixel is valid and weighted. A label
             out of range there is an error (docs/selection.md Sec. 5): on CPU tensors ``reference`` and ``cpu``
-            raise; on CUDA tensors ``reference`` and ``cuda`` fail a device assert (as ``F.cross_entropy`` does),
-            ``triton`` returns a NaN loss and gradient (none of them synchronises to check).
+            raise; on CUDA tensors ``reference`` and ``cuda`` fail a device assert (as ``F.cross_entropy`` does,
+            without a synchronisation to check); ``triton`` returns a NaN loss and gradient, on CUDA tensors and on
+            CPU tensors under the interpreter alike.
         weight: ``B x H x W`` floating per-pixel weights, constants of the loss on every backend: a weight that
             requires grad (under grad mode) is refused, since no backend would return its gradient the same way.
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
