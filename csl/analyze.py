@@ -45,6 +45,7 @@ log = logging.getLogger("csl")
 DEFAULT_TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
 DEFAULT_SHARES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 BASELINE_TAU = 0.95
+ANALYSIS_OPS = ("pcos_weights", "residual_features", "trusted_mask")  # the kernels kernels.backend runs here
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,15 +326,21 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from .data import class_names, default_eval_mode
     from .distributed import pick_device
     from .evaluate import center_crop, predict_logits
+    from .run_folder import check_output_folder
+    from .trainer import check_kernels_backend
 
     start = time.perf_counter()
+    check_output_folder(out_dir)
     if max_ranked_pixels < 1:
         raise ValueError(f"max_ranked_pixels (--max-ranked-pixels) must be >= 1, got {max_ranked_pixels}")
+    if panels < 0:
+        raise ValueError(f"panels (--panels) must be >= 0, got {panels}")
     if not overwrite and os.path.exists(os.path.join(out_dir, "analysis.json")):
         prepare_out_dir(out_dir, overwrite)  # refused before hours of prediction
     ckpt = load_checkpoint(checkpoint)
     cfg = config_for_checkpoint(checkpoint, ckpt, config, overrides)
     device = pick_device(cfg["device"])
+    check_kernels_backend(cfg["kernels"]["backend"], device, ops=ANALYSIS_OPS)
     model, num_classes = model_from_checkpoint(cfg, ckpt, checkpoint, device)
     dataset = analysis_dataset(cfg, split)
     n_images = len(dataset) if max_images is None else min(len(dataset), int(max_images))
@@ -374,14 +381,14 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
                       pred=flat(sel.label), target=target.reshape(-1).numpy()[valid])
             if i in shown:
                 stats = sel.stats
-                _, cover = csl_kernels.trusted_mask(image.cpu(), sel.reliable.cpu(), block=cfg["tmp"]["block"],
+                _, cover = csl_kernels.trusted_mask(image, sel.reliable, block=cfg["tmp"]["block"],
                                                     rate=cfg["tmp"]["rate"], generator=generator, backend=backend)
                 examples.append({
                     "name": item["name"], "image": _denormalize(image[0].cpu(), dataset.mean, dataset.std),
                     "target": target.numpy(), "pred": sel.label[0].cpu().numpy(),
                     "weight": sel.weight[0].cpu().numpy(), "conf": out["conf"][0].cpu().numpy(),
                     "f0": out["f0"][0].cpu().numpy(), "dispersion": out["dispersion"][0].cpu().numpy(),
-                    "cover": cover[0].numpy(), "mu": stats.mu[0].cpu().numpy(), "var": stats.var[0].cpu().numpy(),
+                    "cover": cover[0].cpu().numpy(), "mu": stats.mu[0].cpu().numpy(), "var": stats.var[0].cpu().numpy(),
                     "chosen": int(stats.chosen[0]), "ignore_index": ignore_index,
                 })
     if tally.pixels == 0:

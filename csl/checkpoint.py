@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -60,12 +61,21 @@ def atomic_save(payload: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True``. Raises FileNotFoundError / ValueError with the path on failure."""
+    """Load with ``weights_only=True``. Raises FileNotFoundError / ValueError with the path on failure; a file that
+    is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {os.path.abspath(path)} is a folder; give the checkpoint file in it (latest.pt "
+                         f"or best.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): a copy or a save that did not finish?")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
+            raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint (cut short, corrupt, or another "
+                             f"kind of file; {os.path.getsize(path)} bytes): {type(e).__name__}: {e}") from e
         raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")

@@ -196,12 +196,14 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate, make_eval_loader
     from .logging_utils import setup_logging
     from .step import resolve_amp
+    from .trainer import check_kernels_backend
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     env = init_distributed(cfg["device"])
     setup_logging(None, env.is_main)
     try:
+        check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
         model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
         if args.bn_recalibrate:
             from .bn import CleanImages, recalibrate_batchnorm

@@ -261,6 +261,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
             raise ValueError(f"unknown demo method {m!r}; choose from {sorted(METHODS)}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 iterations, got {warmup}")
+    if iters is not None and iters < 1:  # said before the warm-up, not after it
+        raise ValueError(f"iters (--iters) must be >= 1, got {iters}")
     for item in overrides or []:
         key = parse_override(item)[0]
         if key in DEMO_SETS:

@@ -251,8 +251,10 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     from .data.colors import palette
     from .data.datasets import load_image, resize_pair
     from .data.transforms import image_to_tensor, normalize
+    from .run_folder import check_output_folder
 
     _check_mode(mode, crop_size, stride_ratio)
+    check_output_folder(out_dir)
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"image file not found: {p}")

@@ -34,6 +34,17 @@ class RunFolderError(RuntimeError):
     """The run folder holds another run, or another process trains into it."""
 
 
+def check_output_folder(path: str, flag: str = "--out") -> None:
+    """``path`` is a folder or can be made one: a ValueError naming ``flag`` when it, or the nearest of its parents
+    that exists, is a file (said before any work, not by the first write after it)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"is inside {probe}, which is a file"
+        raise ValueError(f"{flag} {path} {where}; give a folder")
+
+
 def existing_run_files(folder: str) -> list[str]:
     found = []
     for name in RUN_FILES:

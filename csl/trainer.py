@@ -146,12 +146,13 @@ class NonFiniteTrainingError(RuntimeError):
 TRAINING_OPS = ("pcos_weights", "residual_features", "trusted_mask", "weighted_cross_entropy", "confusion_matrix")
 
 
-def check_kernels_backend(backend: str, device: torch.device) -> None:
-    """A backend named in ``kernels.backend`` must run every kernel of the run on ``device``: a ConfigError with the
-    reason at the start, not a failure at the first step (``auto`` chooses per op and says so in the log)."""
+def check_kernels_backend(backend: str, device: torch.device, ops: tuple[str, ...] = TRAINING_OPS) -> None:
+    """A backend named in ``kernels.backend`` must run every kernel of the command (``ops``) on ``device``: a
+    ConfigError with the reason at the start, not a failure at the first step (``auto`` chooses per op and says so
+    in the log)."""
     if backend == "auto":
         return
-    for op in TRAINING_OPS:
+    for op in ops:
         reason = unavailable_reason(op, backend, device)
         if reason is not None:
             raise ConfigError(f"kernels.backend={backend} cannot run on {device}: {reason} (kernels.backend=auto "
@@ -457,11 +458,17 @@ class Trainer:
             restore_rng(rng[self.env.rank], {"step": self.generator})
 
     def _check_labels(self) -> None:
-        """Read every labeled-training and validation mask once now (cached by file stamps), so a bad label value
-        or a missing file stops the run before training, not when a loader worker first draws it or at the first
-        evaluation after an epoch of work."""
+        """Read every labeled-training and validation mask once now (cached by file stamps), and look for every
+        unlabeled image file, so a bad label value or a missing file stops the run before training, not when a
+        loader worker first draws it or at the first evaluation after an epoch of work."""
         sources = [getattr(ds, "source", None) for ds in (self.labeled, self.val)]
         sources = [s for s in sources if s is not None and hasattr(s, "check_cached")]
+        unlabeled = getattr(self.unlabeled, "source", None)
+        if self.env.is_main and hasattr(unlabeled, "missing_images"):  # their masks are optional; the images are not
+            missing = unlabeled.missing_images()
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} of the {len(unlabeled)} unlabeled image files not found, "
+                                        f"e.g. {', '.join(missing[:3])} (listed in {unlabeled.list_path})")
         if self.env.is_main:
             for source in sources:
                 ran, counts = source.check_cached(progress=self.cfg["train"]["progress"])

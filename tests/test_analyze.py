@@ -241,3 +241,30 @@ def test_confidence_at_csl_amount_image_by_image_differs_from_the_pooled_cut():
     assert per_image["share"] == pytest.approx(5 / 8) and pooled["share"] == pytest.approx(5 / 8)
     assert per_image["accuracy"] == pytest.approx(3 / 5)  # easy: 2 right; hard: 0.95 right, 0.94 and 0.93 wrong
     assert pooled["accuracy"] == pytest.approx(1.0)  # the four easy pixels and the hard image's best one
+
+
+def test_bad_out_and_panels_are_said_before_any_work(tmp_path, capsys):
+    """--out naming a file (or a path inside one) and a negative --panels stop at the start, naming the option; the
+    checkpoint (not there) is never read."""
+    from csl.analyze import run_analysis
+
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    never = str(tmp_path / "never-read.pt")
+    with pytest.raises(ValueError, match=r"--out .*afile.txt is a file; give a folder"):
+        run_analysis(never, str(afile))
+    with pytest.raises(ValueError, match=r"is inside .*afile.txt, which is a file"):
+        run_analysis(never, str(afile / "sub" / "deeper"))
+    with pytest.raises(ValueError, match=r"panels \(--panels\) must be >= 0, got -1"):
+        run_analysis(never, str(tmp_path / "out"), panels=-1)
+    assert main(["analyze", "--checkpoint", never, "--out", str(afile)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_a_backend_that_cannot_run_here_is_a_config_error(checkpoint, tmp_path, capsys, command):
+    """kernels.backend=cuda with the model on the CPU: one line naming the key, exit 2, no traceback."""
+    extra = ["--out", str(tmp_path / "a")] if command == "analyze" else []
+    assert main([command, "--checkpoint", str(checkpoint), *extra, "device=cpu", "kernels.backend=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "kernels.backend=cuda cannot run on cpu" in err and "Traceback" not in err

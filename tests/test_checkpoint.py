@@ -180,3 +180,26 @@ def test_checkpoint_iteration_reads_zip_and_legacy_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot load checkpoint"):
         checkpoint_iteration(str(tmp_path / "junk.pt"))
+
+
+def test_a_file_that_is_no_checkpoint_is_said_to_be_one(tmp_path):
+    """An empty file, a cut-short checkpoint, a text file and a folder: each named as what it is."""
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(64)}, "iteration": 3}, good)
+    assert ck.load_checkpoint(str(good))["iteration"] == 3
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    folder = tmp_path / "latest.pt"
+    folder.mkdir()
+    for path, match in ((cut, "not a readable PyTorch checkpoint .*cut short"),
+                        (text, "not a readable PyTorch checkpoint"),
+                        (empty, r"is empty \(0 bytes\)"),
+                        (folder, "is a folder; give the checkpoint file in it")):
+        with pytest.raises(ValueError, match=match):
+            ck.load_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        ck.load_checkpoint(str(tmp_path / "missing.pt"))

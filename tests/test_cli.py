@@ -127,6 +127,12 @@ def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "latest.pt")]) == 0
 
 
+def test_demo_refuses_zero_iterations_before_the_warm_up(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--iters", "0", *TINY]) == 2
+    assert "iters (--iters) must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "warmup").exists()
+
+
 def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
                  "train.iters_per_epoch=2"]) == 0

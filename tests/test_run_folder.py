@@ -293,6 +293,24 @@ def test_a_bad_labeled_or_validation_mask_stops_the_run_before_training(tmp_path
         Trainer(config(tmp_path / "run4", **data))
 
 
+def test_a_missing_unlabeled_image_stops_the_run_before_training(tmp_path, monkeypatch):
+    """The unlabeled images are looked for at the start (their masks are optional), not when a loader first draws
+    the missing one, maybe hours in."""
+    from csl.data.synthetic import write_synthetic_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=3, num_val=2,
+                                  size=48)
+    with open(os.path.join(info["split_dir"], "unlabeled.txt"), "a") as f:
+        f.write("images/not_there.png\n")
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 5, "train.mode": "semi"}
+    with pytest.raises(FileNotFoundError, match=r"1 of the 4 unlabeled image files not found, e.g. .*not_there.png "
+                                                r"\(listed in .*unlabeled.txt\)"):
+        Trainer(config(tmp_path / "run", **data))
+    assert not (tmp_path / "run" / "latest.pt").exists()
+
+
 def test_a_backend_or_device_that_cannot_run_stops_before_the_folder_is_touched(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"kernels.backend=cuda cannot run on cpu: the cuda backend needs CUDA "

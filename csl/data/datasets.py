@@ -284,6 +284,10 @@ class ListSource:
     def name(self, index: int) -> str:
         return os.path.splitext(self.items[index][0])[0]
 
+    def missing_images(self) -> list[str]:
+        """The listed image files that do not exist (one stat per item: no image is read)."""
+        return [p for p in map(self.image_path, range(len(self))) if not os.path.isfile(p)]
+
     def check_cached(self, progress: bool = True) -> tuple[bool, list[int]]:
         """:meth:`validate`, skipped when the same files (paths, sizes, modification times) were found valid under
         the same label settings before (a stamp in ``$XDG_CACHE_HOME/csl/validated/``). Returns whether it ran and
