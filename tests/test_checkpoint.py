@@ -178,7 +178,7 @@ def test_checkpoint_iteration_reads_zip_and_legacy_files(tmp_path):
     torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "weights.pt")
     assert [checkpoint_iteration(str(tmp_path / n)) for n in ("zip.pt", "legacy.pt", "weights.pt")] == [7, 9, -1]
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
+    with pytest.raises(ValueError, match="junk.pt is not a readable PyTorch checkpoint"):
         checkpoint_iteration(str(tmp_path / "junk.pt"))
 
 
