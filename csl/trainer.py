@@ -464,12 +464,11 @@ class Trainer:
         sources = [getattr(ds, "source", None) for ds in (self.labeled, self.val)]
         sources = [s for s in sources if s is not None and hasattr(s, "check_cached")]
         unlabeled = getattr(self.unlabeled, "source", None)
-        if self.env.is_main and hasattr(unlabeled, "missing_images"):  # their masks are optional; the images are not
-            missing = unlabeled.missing_images()
+        if self.env.is_main:
+            missing = unlabeled.missing_images() if hasattr(unlabeled, "missing_images") else []  # masks optional
             if missing:
                 raise FileNotFoundError(f"{len(missing)} of the {len(unlabeled)} unlabeled image files not found, "
                                         f"e.g. {', '.join(missing[:3])} (listed in {unlabeled.list_path})")
-        if self.env.is_main:
             for source in sources:
                 ran, counts = source.check_cached(progress=self.cfg["train"]["progress"])
                 if ran:

@@ -42,9 +42,7 @@ def require_backend(op: str, backend: str) -> torch.device:
     else:
         reason = unavailable_reason(op, backend, device)
     if reason is not None:
-        if backend in required_backends():
-            pytest.fail(f"required backend {backend!r} unavailable for {op}: {reason}")
-        pytest.skip(f"{backend} unavailable for {op}: {reason}")
+        skip_or_fail(backend, f"{backend} unavailable for {op}: {reason}")
     return device
 
 
