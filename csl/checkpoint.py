@@ -130,16 +130,25 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """``model.load_state_dict(state)``; a ConfigError naming the first differences when the model is built
-    otherwise (another backbone, stem, output stride or head)."""
+    """``model.load_state_dict(state)``; a ConfigError that counts and names the first differences when the model is
+    built otherwise (another backbone, stem, output stride or head)."""
     from .config import ConfigError
 
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+                for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or reshaped:
+        parts = []
+        for what, keys in (("of the model's weights missing from the checkpoint", missing),
+                           ("of the checkpoint's weights not in the model", unexpected),
+                           ("weights of another shape", reshaped)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})")
         raise ConfigError(f"{path} does not fit the model of this config (model.backbone / stem / output_stride / "
-                          f"dilations): {' '.join(lines)[:600]}") from e
+                          f"dilations, data.num_classes): {', '.join(parts)}")
+    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

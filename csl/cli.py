@@ -1,4 +1,4 @@
-"""Command line: ``csl train | eval | predict | analyze | demo | split`` (also ``python -m csl ...``).
+"""Command line: ``csl train | eval | predict | analyze | demo | split | report`` (also ``python -m csl ...``).
 
     csl train --config voc_321 data.root=/data/VOC2012 data.split=1464 [key=value ...]
     torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
@@ -7,6 +7,7 @@
     csl analyze --checkpoint runs/camvid/csl/latest.pt [--split unlabeled|val] [--out DIR]
     csl demo [--out runs/demo] [--iters N]
     csl split --list data/camvid/train.txt --fractions 1/8 1/4 --seed 0 --out my_splits/camvid
+    csl report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report
 
 ``--config`` takes a YAML path or the name of a bundled config (``csl/configs/``, listed by ``csl train --help``);
 ``eval`` / ``predict`` default to the config stored in the checkpoint.
@@ -15,9 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,10 +37,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer",
-                                epilog="python -m csl.report RUN... --out DIR writes the report of csl demo folders")
+    p = argparse.ArgumentParser(prog="csl", description="CSL semi-supervised semantic segmentation trainer")
     p.add_argument("--version", action="version", version=f"csl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split,report}")
     add = sub.add_parser
 
     def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
@@ -112,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder that receives <a_b>/labeled.txt and unlabeled.txt")
     s.add_argument("--overwrite", action="store_true",
                    help="replace split files that exist with other content (else that is an error)")
+
+    r = command("report", "write the Markdown + PNG report of csl demo run folders (one per seed) and their analyses")
+    r.add_argument("runs", nargs="+", help="run folders of `csl demo --config ...` (one per seed)")
+    r.add_argument("--out", required=True, help="folder for report.md and its pictures")
     return p
 
 
@@ -135,6 +141,21 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
     given = {parse_override(o)[0] for o in overrides or []}
     defaults = [o for o in WHERE_IT_RAN if parse_override(o)[0] not in given]
     return build_config(stored, [*defaults, *(overrides or [])])
+
+
+@contextlib.contextmanager
+def stored_data_root(path: str, config: str | None, overrides: list[str] | None):
+    """Within it, a ``data.root`` that is not found, when it is the one stored in the checkpoint ``path`` (no
+    ``--config``, no ``data.root=`` override), is said to be that and how to point it elsewhere."""
+    from .data import DataRootNotFound
+
+    try:
+        yield
+    except DataRootNotFound as e:
+        if config or any(parse_override(o)[0] == "data.root" for o in overrides or []):
+            raise
+        raise DataRootNotFound(f"{e}: the root stored in {path}'s config, where the run was trained; pass "
+                               f"data.root=DIR where the dataset is on this machine") from e
 
 
 def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
@@ -203,22 +224,23 @@ def cmd_eval(args) -> int:
     env = init_distributed(cfg["device"])
     setup_logging(None, env.is_main)
     try:
-        check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
-        model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
-        if args.bn_recalibrate:
-            from .bn import CleanImages, recalibrate_batchnorm
+        with stored_data_root(args.checkpoint, args.config, args.overrides):
+            check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
+            model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
+            if args.bn_recalibrate:
+                from .bn import CleanImages, recalibrate_batchnorm
 
-            used = recalibrate_batchnorm(model, CleanImages(cfg), env.device, args.bn_recalibrate,
-                                         progress=env.is_main)
-            log.info("BatchNorm statistics re-estimated on %d clean training images", used)
-        loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
-                                  num_workers=min(cfg["data"]["num_workers"], 2))
-        mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
-        result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
-                          cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
-                          amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
-                          ignore_index=IGNORE_INDEX, backend=cfg["kernels"]["backend"],
-                          progress=env.is_main)
+                used = recalibrate_batchnorm(model, CleanImages(cfg), env.device, args.bn_recalibrate,
+                                             progress=env.is_main)
+                log.info("BatchNorm statistics re-estimated on %d clean training images", used)
+            loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
+                                      num_workers=min(cfg["data"]["num_workers"], 2))
+            mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
+            result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
+                              cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
+                              amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
+                              ignore_index=IGNORE_INDEX, backend=cfg["kernels"]["backend"],
+                              progress=env.is_main)
     finally:
         cleanup_distributed()
     if env.is_main:
@@ -350,6 +372,17 @@ def cmd_split(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.runs, args.out)
+    except KeyError as e:  # a summary.json or metrics record without a field the report reads
+        raise ValueError(f"a run record lacks the field {e} (is every folder a finished `csl demo` output?)") from e
+    print(f"wrote {path}")
+    return 0
+
+
 def _one_line(error: BaseException) -> str:
     """The message of ``error``; a DataLoader worker's error carries the worker's traceback, cut to its last line."""
     message = str(error)
@@ -358,8 +391,21 @@ def _one_line(error: BaseException) -> str:
     return message
 
 
+def _negative_fractions(words: list[str]) -> list[str]:
+    """``csl split`` words like ``-1/8``: argparse reads them as unknown options, so they are refused here by what
+    they are (a fraction outside (0, 1)) instead of a puzzling "expected at least one argument"."""
+    if words[:1] != ["split"]:
+        return []
+    return [w for w in words if re.fullmatch(r"-\d+/\d+", w)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    negative = _negative_fractions(sys.argv[1:] if argv is None else list(argv))
+    if negative:
+        print(f"csl split: error: a split fraction must lie strictly between 0 and 1, got {negative[0]!r}",
+              file=sys.stderr)
+        return 2
     # key=value overrides may also come after an option (`--config x a=1 --overwrite b=2`): argparse leaves those
     # unparsed, and they join the overrides; anything else unrecognised is an error as usual.
     args, extra = parser.parse_known_args(argv)
@@ -384,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "split": cmd_split,
-                "analyze": cmd_analyze}
+                "analyze": cmd_analyze, "report": cmd_report}
     import torch
 
     from .run_folder import RunFolderError
@@ -393,7 +439,8 @@ def _run(args) -> int:
     debug = os.environ.get("CSL_DEBUG") == "1"  # a traceback instead of the one-line message
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RunFolderError) as e:  # the user's input
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
+            RunFolderError) as e:  # the user's input
         if debug:
             raise
         print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The report of a method comparison (``csl demo --config ...``) and its ``csl analyze`` folders, as Markdown + PNG.
 
-    python -m csl.report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report
+    csl report runs/camvid/seed0 [runs/camvid/seed1 ...] --out runs/camvid/report   (or python -m csl.report ...)
 
 Each run folder holds ``summary.json`` (from ``csl demo``), ``<method>/metrics.jsonl`` and, optionally,
 ``analysis/<run>/analysis.json`` (from ``csl analyze``; every analysed run is reported). A run trained into the same
@@ -12,7 +12,6 @@ threshold baseline seed by seed; ``miou_by_seed.png`` draws every seed's final m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -329,17 +328,10 @@ def write_report(folders: list[str], out_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m csl.report", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run folders of `csl demo --config ...` (one per seed)")
-    p.add_argument("--out", required=True, help="folder for report.md and its pictures")
-    args = p.parse_args(argv)
-    try:
-        path = write_report(args.runs, args.out)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"csl.report: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    """``python -m csl.report ...``: the same as ``csl report ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

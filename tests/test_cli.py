@@ -358,3 +358,63 @@ def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):
     assert reused and "unreadable" in capsys.readouterr().out
     assert json.loads((tmp_path / "supervised" / "done.json").read_text())["seconds"] == seconds_again > 0
 
+
+
+def test_a_moved_data_root_from_the_checkpoint_says_where_it_came_from(trained, tmp_path, capsys):
+    """A checkpoint read on another machine names a data.root that is not there: the message says the root is the
+    checkpoint's and how to point it elsewhere; a root the user gave is reported as given."""
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    moved = str(tmp_path / "gone" / "camvid")
+    ckpt["config"] = {**ckpt["config"], "data": {**ckpt["config"]["data"], "dataset": "camvid", "root": moved,
+                                                 "ignore_labels": None}}
+    torch.save(ckpt, tmp_path / "moved.pt")
+    for command in (["eval"], ["analyze", "--out", str(tmp_path / "analysis")]):
+        assert main([*command, "--checkpoint", str(tmp_path / "moved.pt")]) == 2
+        err = capsys.readouterr().err
+        assert f"data.root not found (or not a folder): {moved}: the root stored in {tmp_path / 'moved.pt'}'s config" \
+               in err and "pass data.root=DIR" in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "moved.pt"), f"data.root={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.root not found (or not a folder): {tmp_path / 'nope'}\n" in err and "stored in" not in err
+
+
+def test_a_checkpoint_of_another_model_is_summarised(trained, capsys):
+    """ResNet-18 weights read into a ResNet-34: the count and first names of what differs, not the whole state dict."""
+    import re
+
+    assert main(["eval", "--checkpoint", str(trained / "best.pt"), "model.backbone=resnet34"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"does not fit the model of this config \(.*\): \d+ of the model's weights missing from the "
+                     r"checkpoint \(e\.g\. backbone\.layer1\.2\.conv1\.weight; ", err), err
+    assert "not in the model" not in err and "another shape" not in err  # ResNet-34 only adds blocks
+    assert len(err.splitlines()) == 1 and len(err) < 500
+
+
+def test_negative_split_fractions_are_refused_as_fractions(tmp_path, capsys):
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"img/{i}.png mask/{i}.png\n" for i in range(8)))
+    for fractions in (["-1/8"], ["1/8", "-1/4"], ["-0.5"]):
+        assert main(["split", "--list", str(listing), "--fractions", *fractions, "--out", str(tmp_path / "s")]) == 2
+        assert "a split fraction must lie strictly between 0 and 1, got '-" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_path_through_a_file_is_the_users_input(monkeypatch, capsys):
+    """NotADirectoryError / IsADirectoryError come from a path the user gave: exit 2 like a missing file."""
+    import csl.cli as cli
+
+    for error in (NotADirectoryError("[Errno 20] Not a directory: 'a.txt/b'"), IsADirectoryError("[Errno 21] x")):
+        def raise_it(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_split", raise_it)
+        assert main(["split", "--list", "a.txt", "--fractions", "1/8", "--out", "a.txt/b"]) == 2
+        assert capsys.readouterr().err == f"csl split: error: {error}\n"
+
+
+def test_report_is_a_subcommand(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err.startswith("csl report: error: ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "report" in capsys.readouterr().out

@@ -43,6 +43,7 @@ __all__ = [
     "CamVid",
     "DATASET_KINDS",
     "Cityscapes",
+    "DataRootNotFound",
     "DatasetBundle",
     "FolderDataset",
     "LabeledDataset",
@@ -71,6 +72,10 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_DEFAULTS = {"num_labeled": 16, "num_unlabeled": 160, "num_val": 24, "size": 128, "seed": 0}
+
+
+class DataRootNotFound(FileNotFoundError):
+    """``data.root`` names no folder (the CLI adds where the value came from: a checkpoint's stored config)."""
 
 
 class DatasetBundle(NamedTuple):
@@ -209,7 +214,7 @@ def _file_kind(data_cfg: dict) -> tuple[type[ListSource], str, int]:
     if not root:
         raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.root not found (or not a folder): {os.path.abspath(root)}")
+        raise DataRootNotFound(f"data.root not found (or not a folder): {os.path.abspath(root)}")
     num_classes = data_cfg.get("num_classes") or kind_cls.num_classes_default
     if num_classes is None:
         raise ValueError(f"data.num_classes is required for dataset {kind!r}")
