@@ -180,8 +180,9 @@ def _is_number(value) -> bool:
 
 
 def check_positive(value: float, name: str) -> None:
-    """A finite number > 0."""
-    if not (_is_number(value) and math.isfinite(value) and value > 0):
+    """A finite number > 0 (compared, not ``math.isfinite``: a symbolic float under ``torch.compile(dynamic=True)``
+    traces through comparisons)."""
+    if not (_is_number(value) and 0 < value < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got {_described(value)}")
 
 

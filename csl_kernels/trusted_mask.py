@@ -34,16 +34,19 @@ def draw_cells(batch: int, height: int, width: int, *, block: int, rate: float,
                generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """The random ``B x gh x gw`` bool block grid; each cell is covered with probability ``rate``."""
     gh, gw = grid_size(height, width, block)
-    draw_device = generator.device if generator is not None else device
-    cells = torch.rand(batch, gh, gw, generator=generator, device=draw_device) < rate
+    if generator is None:  # no generator= at all: Dynamo traces torch.rand(..., generator=None) only for fixed shapes
+        cells = torch.rand(batch, gh, gw, device=device) < rate
+    else:
+        cells = torch.rand(batch, gh, gw, generator=generator, device=generator.device) < rate
     # Asynchronous only towards a GPU (stream-ordered); a GPU -> CPU copy is read at once by the CPU backends.
     return cells.to(device, non_blocking=device.type == "cuda")
 
 
 def check_fill(fill: float, dtype: torch.dtype) -> None:
     """``fill`` is a finite real number that ``dtype`` can hold (every backend writes it as that dtype: a value out
-    of range would be inf in some and an error in others)."""
-    if not isinstance(fill, numbers.Real) or isinstance(fill, bool) or not math.isfinite(fill):
+    of range would be inf in some and an error in others). Compared, not ``math.isfinite``: a symbolic float under
+    ``torch.compile(dynamic=True)`` traces through comparisons."""
+    if not isinstance(fill, numbers.Real) or isinstance(fill, bool) or not -math.inf < fill < math.inf:
         raise ValueError(f"fill must be a finite number, got {fill!r}")
     if abs(fill) > torch.finfo(dtype).max:
         raise ValueError(f"fill={fill!r} does not fit the images' dtype {dtype} (largest finite value "

@@ -201,6 +201,28 @@ def test_public_op_compiles_with_fullgraph(backend):
     assert torch.equal(compiled_grad, eager_grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_pcos_and_trusted_mask_compile_over_changing_batch_sizes(backend):
+    """torch.compile(fullgraph=True) while the batch size changes (a smaller last batch): with dynamic=True the float
+    arguments trace as symbols, and the mask draws its cells without a ``generator=None`` argument (which Dynamo
+    traces only for fixed shapes)."""
+    device = CPU if backend == "reference" else require_backend("pcos_weights", backend)
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    pcos = torch.compile(lambda z: csl_kernels.pcos_weights(z, alpha=2.0, backend=backend).weight, fullgraph=True,
+                         dynamic=True, backend="aot_eager")
+    mask = torch.compile(lambda x, r: csl_kernels.trusted_mask(x, r, block=2, fill=0.5, backend=backend),
+                         fullgraph=True, backend="aot_eager")
+    for batch in (2, 3, 5):
+        z = torch.randn(batch, 4, 6, 7, generator=g).to(device)
+        torch.testing.assert_close(pcos(z), csl_kernels.pcos_weights(z, alpha=2.0, backend=backend).weight)
+        images = torch.randn(batch, 3, 6, 7, generator=g).to(device)
+        reliable = (torch.rand(batch, 6, 7, generator=g) < 0.5).to(device)
+        out = mask(images, reliable)
+        assert not out.cover[~reliable].any()
+        assert torch.equal(out.images, torch.where(out.cover.unsqueeze(1), torch.full_like(images, 0.5), images))
+
+
 @pytest.mark.parametrize("op", ["pcos_weights", "residual_features", "trusted_mask", "double_backward"])
 def test_fused_backends_never_return_a_silent_gradient(fused_backend, op):
     """Inputs that require grad: the fused backends raise a clear error at backward (never a None / zero gradient);
