@@ -502,8 +502,9 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
         raise merged from None
 
 
-def dump_config(cfg: dict, path: str) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+def dump_config(cfg: dict, path: str, header: str = "") -> None:
+    """``cfg`` as YAML in ``path``, after ``header`` (comment lines)."""
+    atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
 
 
 __all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "dump_config", "get_dotted",

@@ -1,10 +1,13 @@
 """One run per folder: a training run refuses a folder that holds another run, and locks the folder it writes.
 
-A run folder holds :data:`RUN_FILES` (and :data:`SIDE_FILES`). ``csl train`` into a folder that holds them
-continues that run with ``--resume`` (``train.resume``), replaces it with ``--overwrite`` (``train.overwrite=true``:
-those files are deleted first), and otherwise stops before writing anything. While a run trains, ``.csl.lock``
-names its process, host and start time; a second trainer on the same folder stops with that name. A lock left by a
-process that no longer runs (on this host) is taken over with a warning.
+A run folder holds :data:`RUN_FILES` (and :data:`SIDE_FILES`). ``csl train`` into a folder that holds them continues
+that run with ``--resume`` (``train.resume``), replaces it with ``--overwrite`` (``train.overwrite=true``), and
+otherwise stops before writing anything. A replaced run's files are set aside in :data:`REPLACED_DIR` until the new
+start has built its data and model: a start that fails puts them back (also the next start, after a kill), one that
+succeeds deletes them. Only files this package writes are replaced: a ``config.yaml`` it did not write (a user's
+``--config`` file in ``output_dir``) is refused, and in ``tb/`` only TensorBoard event files are moved. While a run
+trains, ``.csl.lock`` names its process, host and start time; a second trainer on the same folder stops with that name.
+A lock left by a process that no longer runs (on this host) is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ log = logging.getLogger("csl")
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "done.json")
 SIDE_FILES = ("config.yaml", "train.log")
 TENSORBOARD_DIR = "tb"  # scalars of a run (csl.logging_utils.MetricsWriter), replaced with it
+TENSORBOARD_EVENTS = "events.out.tfevents."  # the prefix of the files SummaryWriter writes there
+REPLACED_DIR = ".csl-replaced"  # a replaced run's files while the new start sets up
+RUN_CONFIG_HEADER = "# csl train: the configuration of this run\n"  # the first line of the config.yaml a run writes
 LOCK_NAME = ".csl.lock"
 
 
@@ -65,11 +71,25 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """``.csl.lock`` in a run folder, held from :func:`claim_run_folder` until :meth:`release` (or exit)."""
+    """``.csl.lock`` in a run folder, held from :func:`claim_run_folder` until :meth:`release` (or exit); it knows
+    whether a replaced run waits in :data:`REPLACED_DIR` (:meth:`discard_replaced` / :meth:`restore_replaced`)."""
 
     def __init__(self, folder: str):
         self.path = os.path.join(folder, LOCK_NAME)
         self.held = False
+        self.replaced: str | None = None
+
+    def discard_replaced(self) -> None:
+        """The new start has succeeded: the replaced run's files go."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def restore_replaced(self) -> None:
+        """The new start failed: the replaced run's files come back."""
+        if self.replaced is not None:
+            _restore(os.path.dirname(self.replaced))
+            self.replaced = None
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -143,9 +163,14 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
     ``overwrite``: replace any run there. A checkpoint of another folder resumes only into a folder without a run:
     the resumed run would overwrite that run's checkpoints and cut its metrics.
     """
+    check_output_folder(folder, "output_dir")
     os.makedirs(folder, exist_ok=True)
     lock = RunLock(folder)
     lock.acquire()
+    if os.path.isdir(os.path.join(folder, REPLACED_DIR)):  # a replacing start was killed before it trained
+        log.warning("%s: putting back the run a replacing start set aside in %s (it stopped before training)",
+                    folder, REPLACED_DIR)
+        _restore(folder)
     found = existing_run_files(folder)
     if found and not resuming and not (overwrite or resume_auto):
         lock.release()
@@ -159,18 +184,53 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
             f"another folder's; resume it into its own folder (output_dir={os.path.dirname(resume_path) or '.'}) "
             f"or into an empty output_dir")
     if not resuming:  # a new run: the replaced run's files, or what a start that failed before training left
+        config = os.path.join(folder, "config.yaml")
+        if not found and os.path.isfile(config) and not _written_by_a_run(config):
+            lock.release()
+            raise RunFolderError(
+                f"{config} was not written by csl train (your --config file?): a run writes its merged config "
+                f"there; choose another output_dir")
         if found:
             why = "train.overwrite=true" if overwrite else "train.resume=auto found no checkpoint to continue"
-            log.warning("%s: replacing the run in %s (%s)", why, folder, ", ".join(found))
+            log.warning("%s: replacing the run in %s (%s; its files are deleted once this start has built its "
+                        "data and model)", why, folder, ", ".join(found))
         elif resume_auto:
             # A warning: run from another working directory, a relative output_dir names another folder.
             log.warning("train.resume=auto: no checkpoint in %s, starting a new run", os.path.abspath(folder))
-        for name in RUN_FILES + SIDE_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-        shutil.rmtree(os.path.join(folder, TENSORBOARD_DIR), ignore_errors=True)
+        lock.replaced = _set_aside(folder)
     _remove_orphans(folder)
     return lock
+
+
+def _written_by_a_run(config: str) -> bool:
+    with open(config, errors="replace") as f:
+        return f.readline() == RUN_CONFIG_HEADER
+
+
+def _set_aside(folder: str) -> str | None:
+    """Move the run's files (and tb/'s event files) into ``REPLACED_DIR``; its path, or None when there were none."""
+    names = [n for n in RUN_FILES + SIDE_FILES if os.path.lexists(os.path.join(folder, n))]
+    tb = os.path.join(folder, TENSORBOARD_DIR)
+    if os.path.isdir(tb):
+        names += [os.path.join(TENSORBOARD_DIR, n) for n in sorted(os.listdir(tb)) if n.startswith(TENSORBOARD_EVENTS)]
+    if not names:
+        return None
+    aside = os.path.join(folder, REPLACED_DIR)
+    os.makedirs(os.path.join(aside, TENSORBOARD_DIR), exist_ok=True)
+    for name in names:
+        os.replace(os.path.join(folder, name), os.path.join(aside, name))
+    return aside
+
+
+def _restore(folder: str) -> None:
+    """Move what ``REPLACED_DIR`` holds back into ``folder`` (over what a failed start wrote) and remove it."""
+    aside = os.path.join(folder, REPLACED_DIR)
+    for dirpath, _, files in os.walk(aside):
+        for name in files:
+            relative = os.path.relpath(os.path.join(dirpath, name), aside)
+            os.makedirs(os.path.dirname(os.path.join(folder, relative)), exist_ok=True)
+            os.replace(os.path.join(aside, relative), os.path.join(folder, relative))
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _same_folder(a: str, b: str) -> bool:

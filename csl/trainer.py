@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .logging_utils import MetricsWriter, progress_bar, prune_metrics, setup_logging
 from .losses import build_labeled_criterion
-from .run_folder import claim_run_folder
+from .run_folder import RUN_CONFIG_HEADER, claim_run_folder
 from .selection import build_selector, unused_selection_settings
 from .step import StepConfig, resolve_amp, supervised_step, train_step
 
@@ -220,8 +220,11 @@ class Trainer:
             self._set_up(cfg)
         except BaseException:
             if self.run_lock is not None:
+                self.run_lock.restore_replaced()  # a replaced run is only gone once this start has succeeded
                 self.run_lock.release()
             raise
+        if self.run_lock is not None:
+            self.run_lock.discard_replaced()
 
     def _set_up(self, cfg: dict) -> None:
         setup_logging(self.output_dir, self.env.is_main)
@@ -243,7 +246,8 @@ class Trainer:
         self.weighted_partial = False
         self._maybe_resume()  # before the metrics file is opened: a resume drops the records logged after it
         if self.env.is_main:  # once the start has succeeded, with what the run uses (a resume's checkpoint values)
-            dump_config(stored_config(self.cfg), os.path.join(self.output_dir, "config.yaml"))
+            dump_config(stored_config(self.cfg), os.path.join(self.output_dir, "config.yaml"),
+                        header=RUN_CONFIG_HEADER)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main,
                                      resumed_at=self.iteration if self.resume_from is not None else None)
         self._log_setup()

@@ -387,3 +387,57 @@ def test_a_new_run_replaces_the_old_runs_tensorboard_scalars(tmp_path):
     (tmp_path / "tb" / "events.out.tfevents.old").write_text("old")
     train(config(tmp_path, **{"train.iters": 2}))
     assert not (tmp_path / "tb" / "events.out.tfevents.old").exists()
+
+
+def _files(folder) -> dict:
+    """Every file's bytes; train.log's first lines (this process's earlier runs log the warnings a claim gives into
+    the run's log before the new start opens its own)."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files["train.log"] = files["train.log"][:files["train.log"].index(b"done: ")]
+    return files
+
+
+def test_a_replacing_start_that_fails_keeps_the_run(tmp_path):
+    """--overwrite with a set-up that fails (here the synthetic data refuses its size): the run in the folder is put
+    back as it was; a kill during the set-up leaves it aside, and the next start puts it back."""
+    from csl.run_folder import REPLACED_DIR, claim_run_folder
+
+    train(config(tmp_path))
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match="synthetic scene size"):
+        Trainer(config(tmp_path, **{"train.overwrite": True, "data.synthetic.size": 10}))
+    assert _files(tmp_path) == before
+    # A start killed after setting the run aside (the lock is left behind, its process gone).
+    lock = claim_run_folder(str(tmp_path), resuming=False, resume_auto=False, overwrite=True)
+    assert (tmp_path / REPLACED_DIR).is_dir() and not (tmp_path / "latest.pt").exists()
+    lock.held = False  # as after a kill: neither released nor restored, the lock names a process that is gone
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+                                                  "started": "earlier"}))
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        Trainer(config(tmp_path))
+    assert _files(tmp_path) == before and not (tmp_path / REPLACED_DIR).exists()
+    # A start that succeeds replaces the run and leaves nothing aside.
+    train(config(tmp_path, **{"train.overwrite": True, "train.iters": 2}))
+    assert not (tmp_path / REPLACED_DIR).exists()
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2]
+
+
+def test_files_the_package_did_not_write_are_kept(tmp_path):
+    """A config.yaml csl train did not write (the user's --config in output_dir) is refused, not replaced; a
+    user's file in tb/ stays beside the run's scalars; output_dir naming a file is said to be one."""
+    (tmp_path / "config.yaml").write_text("# my notes\ntrain: {lr: 0.01}\n")
+    with pytest.raises(RunFolderError, match="config.yaml was not written by csl train"):
+        Trainer(config(tmp_path))
+    assert (tmp_path / "config.yaml").read_text() == "# my notes\ntrain: {lr: 0.01}\n"
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "important.txt").write_text("mine")
+    train(config(tmp_path, **{"train.iters": 2}))
+    assert (tmp_path / "tb" / "important.txt").read_text() == "mine"
+    assert (tmp_path / "config.yaml").read_text().startswith("# csl train: the configuration of this run\n")
+    train(config(tmp_path, **{"train.iters": 2, "train.overwrite": True}))  # its own config.yaml is replaced
+    assert (tmp_path / "tb" / "important.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    for out, where in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "is inside")):
+        with pytest.raises(ValueError, match=f"output_dir {out} {where}"):
+            Trainer(config(out))
