@@ -388,6 +388,12 @@ def validate(cfg: dict) -> dict:
                                                      "reduce_zero_label") if d[key] != DEFAULTS["data"][key]]
         _require(not unused, f"{', '.join(unused)} set but data.dataset is synthetic, whose generated scenes it does "
                              f"not apply to (it applies to images and label files read from disk)")
+        syn = d["synthetic"]
+        least = {"num_labeled": 1, "num_unlabeled": 1 if t["mode"] == "semi" else 0, "num_val": 1, "size": 16,
+                 "seed": 0}
+        for key, low in least.items():
+            _require(syn[key] >= low, f"data.synthetic.{key} must be >= {low}"
+                     f"{' with train.mode=semi' if key == 'num_unlabeled' else ''}, got {syn[key]}")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")
@@ -415,8 +421,9 @@ def validate(cfg: dict) -> dict:
     _require(t["batch_size"] >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}")
     for key in ("lr", "head_lr_mult", "poly_power"):
         _require(t[key] > 0, f"train.{key} must be > 0, got {t[key]}")
-    for key in ("momentum", "weight_decay", "lambda_s", "lambda_m", "lambda_fp", "ohem_min_kept"):
+    for key in ("weight_decay", "lambda_s", "lambda_m", "lambda_fp", "ohem_min_kept"):
         _require(t[key] >= 0, f"train.{key} must be >= 0, got {t[key]}")
+    _require(0 <= t["momentum"] < 1, f"train.momentum must be in [0, 1) (SGD diverges from 1 on), got {t['momentum']}")
     for key in ("cutmix_p", "ohem_thresh"):
         _require(0 <= t[key] <= 1, f"train.{key} must be in [0, 1], got {t[key]}")
     _require(t["log_every"] >= 1, f"train.log_every must be >= 1, got {t['log_every']}")

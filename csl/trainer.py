@@ -703,12 +703,17 @@ class Trainer:
                             "mode": self.eval_mode,
                             "miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": result["iou"]},
                            step=self.iteration)
-        improved = self.best_miou is None or result["miou"] > self.best_miou
+        defined = result["miou"] == result["miou"]  # NaN when no validation pixel has a label
+        improved = defined and (self.best_miou is None or result["miou"] > self.best_miou)
         if improved:
             self.best_miou = result["miou"]
             names.insert(0, BEST)  # before latest.pt, which records best_miou: a kill between them loses nothing
-        log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"],
-                 " (best)" if improved else f" (best {100 * self.best_miou:.2f})")
+        if not defined:
+            log.warning("epoch %d eval (%s): no validation pixel has a label (every mask ignored?): mIoU undefined, "
+                        "best.pt not written", epoch, self.eval_mode)
+        else:
+            best = " (best)" if improved else f" (best {100 * self.best_miou:.2f})"
+            log.info("epoch %d eval (%s): mIoU %.2f%s", epoch, self.eval_mode, 100 * result["miou"], best)
         self.save(tuple(names))
 
     def _eval_rng(self) -> dict | None:

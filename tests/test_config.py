@@ -88,6 +88,12 @@ def test_yaml_file_and_overrides(tmp_path):
     ("train=1", "train is a section"),
     ("data.num_classes=true", "data.num_classes must be int or null"),
     ("train.lr=[0.1", "cannot parse value"),
+    ("train.momentum=1", "train.momentum must be in [0, 1) (SGD diverges from 1 on), got 1"),
+    ("data.synthetic.num_labeled=0", "data.synthetic.num_labeled must be >= 1, got 0"),
+    ("data.synthetic.num_unlabeled=0", "data.synthetic.num_unlabeled must be >= 1 with train.mode=semi, got 0"),
+    ("data.synthetic.num_val=0", "data.synthetic.num_val must be >= 1, got 0"),
+    ("data.synthetic.size=10", "data.synthetic.size must be >= 16, got 10"),
+    ("data.synthetic.seed=-1", "data.synthetic.seed must be >= 0, got -1"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError, match=_escape(message)):
@@ -231,3 +237,8 @@ def test_demo_refuses_overrides_it_would_replace(tmp_path):
         with pytest.raises(ValueError, match=rf"csl demo sets {item.split('=')[0]} itself.*{hint}"):
             run_demo(str(tmp_path), overrides=[item])
 
+
+
+def test_supervised_synthetic_runs_need_no_unlabeled_scenes():
+    cfg = build_config({}, ["train.mode=supervised", "data.synthetic.num_unlabeled=0", "train.momentum=0"])
+    assert cfg["data"]["synthetic"]["num_unlabeled"] == 0 and cfg["train"]["momentum"] == 0

@@ -398,14 +398,14 @@ def _files(folder) -> dict:
 
 
 def test_a_replacing_start_that_fails_keeps_the_run(tmp_path):
-    """--overwrite with a set-up that fails (here the synthetic data refuses its size): the run in the folder is put
+    """--overwrite with a set-up that fails (here the synthetic data refuses the class count): the run is put
     back as it was; a kill during the set-up leaves it aside, and the next start puts it back."""
     from csl.run_folder import REPLACED_DIR, claim_run_folder
 
     train(config(tmp_path))
     before = _files(tmp_path)
-    with pytest.raises(ValueError, match="synthetic scene size"):
-        Trainer(config(tmp_path, **{"train.overwrite": True, "data.synthetic.size": 10}))
+    with pytest.raises(ValueError, match="synthetic data has 2 to 6 classes"):
+        Trainer(config(tmp_path, **{"train.overwrite": True, "data.num_classes": 200}))
     assert _files(tmp_path) == before
     # A start killed after setting the run aside (the lock is left behind, its process gone).
     lock = claim_run_folder(str(tmp_path), resuming=False, resume_auto=False, overwrite=True)
@@ -441,3 +441,16 @@ def test_files_the_package_did_not_write_are_kept(tmp_path):
     for out, where in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "is inside")):
         with pytest.raises(ValueError, match=f"output_dir {out} {where}"):
             Trainer(config(out))
+
+
+def test_an_undefined_miou_is_never_the_best(tmp_path, monkeypatch):
+    """A validation set without a labelled pixel gives mIoU NaN: said at each evaluation, never recorded as best."""
+    real = Trainer.evaluate
+
+    def unlabelled(self):
+        return {**real(self), "miou": float("nan")}
+
+    monkeypatch.setattr(Trainer, "evaluate", unlabelled)
+    summary = train(config(tmp_path))
+    assert summary["best_miou"] is None and not (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
+    assert (tmp_path / "train.log").read_text().count("no validation pixel has a label") == 2
