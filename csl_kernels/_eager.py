@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 # Where the extension's ops are called below autograd: their autograd kernels (Python) are skipped, the C++ kernel
 # runs. The same guard torch.library's own autograd layer uses to reach the kernel.
@@ -31,9 +32,20 @@ def goes_through_op(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (torch.is_grad_enabled() and t.requires_grad)
 
 
+def refuse_dual(*tensors: torch.Tensor | None) -> None:
+    """A RuntimeError when one of ``tensors`` carries a forward-mode tangent (``torch.autograd.forward_ad``): the
+    fused kernels have no forward derivative, and the custom ops would drop the tangent without a word."""
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError("csl_kernels: the fused backends (cpu, triton, cuda) have no forward-mode derivative, and "
+                           "an input is a dual tensor of torch.autograd.forward_ad; use backend='reference', which "
+                           "differentiates through PyTorch")
+
+
 def op_or_launch(op: Callable, launch: Callable, *args):
     """``op(*args)`` where the call must go through the custom op (:func:`goes_through_op` on the first argument,
-    the op's main tensor), else ``launch(*args)``."""
+    the op's main tensor), else ``launch(*args)``; a dual first argument is refused (:func:`refuse_dual`)."""
+    refuse_dual(args[0])
     return op(*args) if goes_through_op(args[0]) else launch(*args)
 
 
@@ -71,6 +83,7 @@ def fused_cross_entropy(backend: str, forward: Callable, backward: Callable,
 
     def loss(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
              ) -> torch.Tensor:
+        refuse_dual(logits, weight)
         if logits.requires_grad and torch.is_grad_enabled():
             return FusedCrossEntropy.apply(logits, label, weight, valid)
         return forward(logits, label, weight, valid)[0]

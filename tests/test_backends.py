@@ -250,6 +250,40 @@ def test_fused_backends_never_return_a_silent_gradient(fused_backend, op):
     assert z.grad is None
 
 
+@pytest.mark.parametrize("op", ["pcos_weights", "residual_features", "trusted_mask", "weighted_cross_entropy"])
+def test_fused_backends_refuse_a_forward_mode_tangent(fused_backend, op):
+    """A dual tensor of torch.autograd.forward_ad: the fused backends raise (their ops would drop the tangent, a
+    silent zero derivative); the reference gives the tangent; a plain tensor inside the dual level still runs."""
+    import torch.autograd.forward_ad as fwad
+
+    device = require_backend("pcos_weights", fused_backend)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 3, 5, 6, generator=g).to(device)
+    label = torch.randint(0, 3, (1, 5, 6), generator=g).to(device)
+    weight = torch.rand(1, 5, 6, generator=g).to(device)
+    reliable = torch.ones(1, 5, 6, dtype=torch.bool, device=device)
+
+    def call(logits, backend):
+        if op == "pcos_weights":
+            return csl_kernels.pcos_weights(logits, backend=backend).weight
+        if op == "residual_features":
+            return csl_kernels.residual_features(logits, backend=backend)[0]
+        if op == "trusted_mask":
+            return csl_kernels.trusted_mask(logits, reliable, block=2, backend=backend).images
+        return csl_kernels.weighted_cross_entropy(logits, label, weight, backend=backend)
+
+    with fwad.dual_level():
+        dual = fwad.make_dual(z, torch.ones_like(z))
+        with pytest.raises(RuntimeError, match="no forward-mode derivative.*use backend='reference'"):
+            call(dual, fused_backend)
+        assert fwad.unpack_dual(call(dual.cpu(), "reference")).tangent is not None
+        assert fwad.unpack_dual(call(z, fused_backend)).tangent is None
+    if op == "weighted_cross_entropy":  # a dual weight too
+        with fwad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
+            call_weight = fwad.make_dual(weight, torch.ones_like(weight))
+            csl_kernels.weighted_cross_entropy(z, label, call_weight, backend=fused_backend)
+
+
 def test_an_int8_ignore_map_cannot_hold_255():
     from csl_kernels._checks import valid_mask
 
