@@ -142,6 +142,8 @@ def check_integer_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor) or not _is_integer(t):
         raise TypeError(f"{name} must be an integer tensor, got "
                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:

@@ -24,8 +24,10 @@ def confusion_matrix_reference(pred: torch.Tensor, target: torch.Tensor, num_cla
     t = target.reshape(-1).long()
     p = pred.reshape(-1).long()
     keep = (t != ignore_index) & (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
-    flat = t[keep] * num_classes + p[keep]
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    cells = num_classes * num_classes
+    flat = torch.where(keep, t * num_classes + p, cells)  # skipped pixels count in one extra cell, then dropped
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return counts[:cells].view(num_classes, num_classes)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *,

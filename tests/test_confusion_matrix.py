@@ -162,3 +162,19 @@ def test_ignore_index_must_fit_in_int64(fused_backend, ignore_index):
 def test_iou_from_confusion_needs_a_square_matrix(confusion, error):
     with pytest.raises(error, match="confusion must be"):
         csl_kernels.iou_from_confusion(confusion)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda", "auto"])
+def test_a_sparse_input_is_refused_by_name_on_every_backend(backend):
+    device = torch.device("cpu") if backend in ("reference", "auto") else require_backend("confusion_matrix", backend)
+    dense = torch.randint(0, 3, (2, 4)).to(device)
+    for pred, target, name in ((dense.to_sparse(), dense, "pred"), (dense, dense.to_sparse(), "target")):
+        with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+            csl_kernels.confusion_matrix(pred, target, 3, backend=backend)
+
+
+def test_the_reference_runs_on_meta_tensors():
+    """Shape propagation without data (as the other ops' references do): a C x C int64 matrix."""
+    pred = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    out = csl_kernels.confusion_matrix(pred, pred, 3, backend="reference")
+    assert out.shape == (3, 3) and out.dtype == torch.int64 and out.device.type == "meta"
