@@ -228,9 +228,9 @@ def resolve_config_path(path_or_name: str) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value as YAML; unquoted numbers that YAML 1.1 reads as strings (``1e-4``) become floats."""
+    """Parse an override value as a config file's YAML (``1e-4`` a float, also inside a list)."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
     if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
@@ -459,6 +459,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         f"found the key {key!r} twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 reads 1e-3 (an exponent without a dot) as a string; a config means the number, as an override does.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
 
 
 def load_yaml(path: str) -> dict:

@@ -242,3 +242,14 @@ def test_demo_refuses_overrides_it_would_replace(tmp_path):
 def test_supervised_synthetic_runs_need_no_unlabeled_scenes():
     cfg = build_config({}, ["train.mode=supervised", "data.synthetic.num_unlabeled=0", "train.momentum=0"])
     assert cfg["data"]["synthetic"]["num_unlabeled"] == 0 and cfg["train"]["momentum"] == 0
+
+
+def test_exponents_without_a_dot_are_numbers_in_files_and_lists(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string: a config file (and a list in an override) means the number."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("train: {lr: 1e-3, weight_decay: 1E-4}\ndata: {mean: [0.5, 0.5, 5e-1]}\nmodel: {backbone: '1e3'}\n")
+    raw = load_yaml(str(path))
+    assert raw["train"] == {"lr": 1e-3, "weight_decay": 1e-4} and raw["data"]["mean"] == [0.5, 0.5, 0.5]
+    assert raw["model"]["backbone"] == "1e3"  # quoted: a string
+    cfg = build_config({}, ["data.scale_range=[1,1e1]", "train.lr=2e-3"])
+    assert cfg["data"]["scale_range"] == [1, 10.0] and cfg["train"]["lr"] == 2e-3
