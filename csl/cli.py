@@ -201,7 +201,7 @@ def cmd_train(args) -> int:
         summary = train(cfg)
     finally:
         cleanup_distributed()
-    if summary.get("best_miou") is not None:
+    if summary.get("best_miou") is not None and int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
         print(f"best mIoU {100 * summary['best_miou']:.2f}  ({cfg['output_dir']})")
     return 0
 

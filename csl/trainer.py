@@ -33,7 +33,7 @@ from .checkpoint import (
     load_weights,
     restore_rng,
 )
-from .config import ConfigError, dump_config
+from .config import DEFAULTS, ConfigError, dump_config
 from .distributed import (
     DistEnv,
     ResumableDistributedSampler,
@@ -191,6 +191,17 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
             raise FileNotFoundError(f"{key}: file not found: {path}")
 
 
+def unused_eval_settings(eval_cfg: dict, mode: str) -> list[str]:
+    """``eval`` keys set to a value the evaluation ``mode`` ignores: the crop outside center_crop / sliding_window,
+    the stride outside sliding_window."""
+    unused = []
+    if eval_cfg["crop_size"] is not None and mode == "original":
+        unused.append(f"eval.crop_size={eval_cfg['crop_size']}")
+    if eval_cfg["stride_ratio"] != DEFAULTS["eval"]["stride_ratio"] and mode != "sliding_window":
+        unused.append(f"eval.stride_ratio={eval_cfg['stride_ratio']:g}")
+    return unused
+
+
 class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
@@ -343,6 +354,9 @@ class Trainer:
         unused = unused_selection_settings(self.cfg["selection"]) if self.semi else []
         if unused:
             log.warning("%s: not used by selection.mode=%s", ", ".join(unused), self.selector.mode)
+        unused_eval = unused_eval_settings(self.cfg["eval"], self.eval_mode)
+        if unused_eval:
+            log.warning("%s: not used by eval.mode=%s", ", ".join(unused_eval), self.eval_mode)
         full, rest = divmod(self.total_iters, self.iters_per_epoch)
         epochs = (f"{full} epoch(s) of {self.iters_per_epoch}" if full else "") + (
             f"{' + ' if full else ''}{rest} of an epoch of {self.iters_per_epoch}" if rest else "")

@@ -418,3 +418,22 @@ def test_report_is_a_subcommand(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "report" in capsys.readouterr().out
+
+
+def test_the_training_summary_is_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("csl.trainer.train", lambda cfg: {"best_miou": 0.25})
+    for rank, printed in (("1", ""), ("0", f"best mIoU 25.00  ({tmp_path})\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--config", "demo", f"output_dir={tmp_path}"]) == 0
+        assert capsys.readouterr().out == printed
+
+
+def test_eval_settings_the_eval_mode_ignores_are_named():
+    from csl.trainer import unused_eval_settings
+
+    defaults = {"crop_size": None, "stride_ratio": 2 / 3}
+    assert unused_eval_settings(defaults, "original") == []
+    assert unused_eval_settings({"crop_size": 16, "stride_ratio": 0.5}, "original") == [
+        "eval.crop_size=16", "eval.stride_ratio=0.5"]
+    assert unused_eval_settings({"crop_size": 16, "stride_ratio": 0.5}, "center_crop") == ["eval.stride_ratio=0.5"]
+    assert unused_eval_settings({"crop_size": 16, "stride_ratio": 0.5}, "sliding_window") == []
