@@ -25,11 +25,17 @@ from torch.autograd import forward_ad
 below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
+def under_torch_func() -> bool:
+    """A ``torch.func`` transform (vmap, grad, ...) is active: its wrapped tensors have no storage a launcher could
+    read, so calls go through the custom op (batched by PyTorch's fallback)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def goes_through_op(t: torch.Tensor) -> bool:
-    """True where a call on ``t`` must use the custom op: while ``torch.compile`` traces, or when autograd records
-    the call (grad mode on and ``t`` requires grad: the op's autograd formula then raises a clear error on
-    backward)."""
-    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and t.requires_grad)
+    """True where a call on ``t`` must use the custom op: while ``torch.compile`` traces, under a ``torch.func``
+    transform (``vmap`` batches through the op; the launchers read plain storage), or when autograd records the call
+    (grad mode on and ``t`` requires grad: the op's autograd formula then raises a clear error on backward)."""
+    return torch.compiler.is_compiling() or under_torch_func() or (torch.is_grad_enabled() and t.requires_grad)
 
 
 def refuse_dual(*tensors: torch.Tensor | None) -> None:
@@ -85,6 +91,10 @@ def fused_cross_entropy(backend: str, forward: Callable, backward: Callable,
              ) -> torch.Tensor:
         refuse_dual(logits, weight)
         if logits.requires_grad and torch.is_grad_enabled():
+            if under_torch_func():
+                raise RuntimeError("csl_kernels.weighted_cross_entropy: the fused backends (cpu, triton, cuda) have no "
+                                   "torch.func gradient (grad, vjp, jacrev); use torch.autograd, or "
+                                   "backend='reference'")
             return FusedCrossEntropy.apply(logits, label, weight, valid)
         return forward(logits, label, weight, valid)[0]
 

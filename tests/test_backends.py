@@ -284,6 +284,56 @@ def test_fused_backends_refuse_a_forward_mode_tangent(fused_backend, op):
             csl_kernels.weighted_cross_entropy(z, label, call_weight, backend=fused_backend)
 
 
+def test_fused_backends_under_torch_func(fused_backend):
+    """torch.func.vmap batches every fused op through its custom op (the reference's answer per sample);
+    torch.func.grad of the fused cross-entropy is refused by name (the plain autograd path is the supported one)."""
+    device = require_backend("weighted_cross_entropy", fused_backend)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 5, 6, generator=g).to(device)
+    label = torch.randint(0, 4, (2, 5, 6), generator=g).to(device)
+    weight = torch.rand(2, 5, 6, generator=g).to(device)
+    ops = {
+        "weighted_cross_entropy": lambda b, t, lab, w: csl_kernels.weighted_cross_entropy(t[None], lab[None], w[None],
+                                                                                          backend=b),
+        "pcos_weights": lambda b, t, lab, w: csl_kernels.pcos_weights(t[None], backend=b).weight[0],
+        "residual_features": lambda b, t, lab, w: csl_kernels.residual_features(t[None], backend=b)[0][0],
+        "confusion_matrix": lambda b, t, lab, w: csl_kernels.confusion_matrix(t.argmax(0), lab, 4, backend=b),
+    }
+    for name, op in ops.items():
+        batched = torch.func.vmap(lambda t, lab, w, op=op: op(fused_backend, t, lab, w))(z, label, weight)
+        expected = torch.stack([op("reference", z[i].cpu(), label[i].cpu(), weight[i].cpu()) for i in range(2)])
+        torch.testing.assert_close(batched.cpu().to(expected.dtype), expected, msg=name)
+    with pytest.raises(RuntimeError, match="no torch.func gradient.*use torch.autograd, or backend='reference'"):
+        torch.func.grad(lambda t: csl_kernels.weighted_cross_entropy(t, label, weight, backend=fused_backend))(z)
+
+
+def test_the_triton_interpreter_check_ignores_the_first_callers_context():
+    """The interpreter's one-time check runs outside the torch.func transform / fake mode of the call that first
+    asks: a first call under torch.func.grad does not disable the triton backend for the process."""
+    import subprocess
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        skip_or_fail("triton", "the interpreter check runs for CPU tensors under TRITON_INTERPRET=1 only",
+                     interpreter_only=True)
+    require_backend("weighted_cross_entropy", "triton")
+    child = ("import torch, csl_kernels\n"
+             "z, y, w = torch.randn(1, 3, 4, 5), torch.randint(0, 3, (1, 4, 5)), torch.rand(1, 4, 5)\n"
+             "try:\n"
+             "    torch.func.grad(lambda t: csl_kernels.weighted_cross_entropy(t, y, w, backend='triton'))(z)\n"
+             "except RuntimeError as e:\n"
+             "    print('refused:', e)\n"
+             "got = csl_kernels.residual_features(z, backend='triton')[0]\n"
+             "print('plain call matches:', torch.allclose(got, csl_kernels.residual_features(z, backend='reference')[0]"
+             ".float(), atol=1e-6))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: csl_kernels.weighted_cross_entropy: the fused backends" in proc.stdout, proc.stdout
+    assert "plain call matches: True" in proc.stdout, proc.stdout
+
+
 def test_an_int8_ignore_map_cannot_hold_255():
     from csl_kernels._checks import valid_mask
 

@@ -39,9 +39,12 @@ def _interpreter_problem() -> str | None:
             acc += i
         tl.store(out_ptr, acc)
 
-    out = torch.zeros(1, dtype=torch.int32)
     try:
-        _loop[(1,)](out, 3)
+        # Outside any torch.func transform or dispatch mode (fake tensors) of the first call that asks: the probe
+        # tests the interpreter, not the caller's context.
+        with torch._C._DisableFuncTorch(), torch.utils._python_dispatch._disable_current_modes():
+            out = torch.zeros(1, dtype=torch.int32)
+            _loop[(1,)](out, 3)
     except Exception as exc:  # noqa: BLE001 - any failure here means the kernels cannot run either
         return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with NumPy "
                 f"{np.__version__} ({type(exc).__name__}: {str(exc).strip()[:200]}); use another Triton or NumPy "

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
+from .._eager import under_torch_func
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ._common import cdiv, device_guard
 
@@ -79,6 +80,6 @@ def _(pred, target, num_classes, ignore_index):
 def confusion_matrix_triton(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
                             ) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts (rows = target); pixels with an out-of-range class are skipped."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or under_torch_func():  # traced, or batched by vmap
         return torch.ops.csl_triton.confusion_matrix(pred, target, int(num_classes), int(ignore_index))
     return confusion_matrix_launch(pred, target, int(num_classes), int(ignore_index))

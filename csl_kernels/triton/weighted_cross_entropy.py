@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_not_differentiable
-from .._eager import fused_cross_entropy
+from .._eager import fused_cross_entropy, under_torch_func
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
     cdiv,
@@ -331,7 +331,7 @@ def weighted_cross_entropy_triton(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (under_torch_func() and not logits.requires_grad):  # traced, or vmap
         return _wce_forward(logits, label, weight, valid)[0]
     return _cross_entropy(logits, *_contiguous_maps(label, weight, valid))  # what the Function saves, contiguous
 
