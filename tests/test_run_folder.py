@@ -309,6 +309,14 @@ def test_a_missing_unlabeled_image_stops_the_run_before_training(tmp_path, monke
                                                 r"\(listed in .*unlabeled.txt\)"):
         Trainer(config(tmp_path / "run", **data))
     assert not (tmp_path / "run" / "latest.pt").exists()
+    # A file name with a space: the line's two fields are that name, which the message says.
+    shutil.copy(os.path.join(info["root"], "images", os.listdir(os.path.join(info["root"], "images"))[0]),
+                os.path.join(info["root"], "images", "my pic.png"))
+    lines = tmp_path.joinpath(info["split_dir"], "unlabeled.txt")  # an absolute split_dir replaces tmp_path
+    lines.write_text(lines.read_text().replace("images/not_there.png\n", "images/my pic.png\n"))
+    with pytest.raises(FileNotFoundError, match=r"e.g. .*images/my \(the line names .*images/my pic.png, a file name "
+                                                r"with a space: split files separate fields by whitespace"):
+        Trainer(config(tmp_path / "run", **data))
 
 
 def test_a_backend_or_device_that_cannot_run_stops_before_the_folder_is_touched(tmp_path, capsys):

@@ -285,8 +285,18 @@ class ListSource:
         return os.path.splitext(self.items[index][0])[0]
 
     def missing_images(self) -> list[str]:
-        """The listed image files that do not exist (one stat per item: no image is read)."""
-        return [p for p in map(self.image_path, range(len(self))) if not os.path.isfile(p)]
+        """The listed image files that do not exist (one stat per item: no image is read), each with what its line
+        means when its two fields are one file name with a space (split files split on whitespace)."""
+        missing = []
+        for i in range(len(self)):
+            path = self.image_path(i)
+            if not os.path.isfile(path):
+                img, mask = self.items[i]
+                joined = None if mask is None else os.path.join(self.root, f"{img} {mask}")
+                missing.append(path if joined is None or not os.path.isfile(joined) else
+                               f"{path} (the line names {joined}, a file name with a space: split files separate "
+                               f"fields by whitespace; rename the file)")
+        return missing
 
     def check_cached(self, progress: bool = True) -> tuple[bool, list[int]]:
         """:meth:`validate`, skipped when the same files (paths, sizes, modification times) were found valid under
