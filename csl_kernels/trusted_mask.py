@@ -87,7 +87,9 @@ def trusted_mask(
         reliable: ``B x H x W`` bool, the pixels that may be hidden (``PCOSResult.reliable``).
         block: cell size in pixels; the grid has ``max(1, floor(H / block + 1/2))`` x the same for W cells.
         rate: probability that a cell is covered, in [0, 1].
-        generator: optional ``torch.Generator`` for a reproducible grid (the grid is drawn on its device).
+        generator: optional ``torch.Generator`` for a reproducible grid (the grid is drawn on its device). Inside
+            ``torch.compile(fullgraph=True)`` pass none: Dynamo cannot trace a generator argument of ``torch.rand``
+            (the grid then comes from the device's default generator, seeded by ``torch.manual_seed``).
         fill: value written into hidden pixels (0 = the dataset mean after normalisation).
 
     Returns:
