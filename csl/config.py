@@ -161,7 +161,6 @@ RENAMED: dict[str, str] = {
     "data.check_val_labels": "data.check_labels",  # it checks the labeled training list too
 }
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -233,8 +232,6 @@ def parse_value(text: str) -> Any:
         value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
-    if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
-        return float(value)
     return value
 
 
@@ -461,10 +458,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# YAML 1.1 reads 1e-3 (an exponent without a dot) as a string; a config means the number, as an override does.
+# YAML 1.1 reads 1e-3 and .5e3 (an exponent without a dot or a sign) as strings; a config means the number.
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                       list("-+0123456789"))
+                                       re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789."))
 
 
 def load_yaml(path: str) -> dict:

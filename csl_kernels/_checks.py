@@ -21,11 +21,15 @@ def _shape(t: object) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
+
+
 def check_logits(logits: torch.Tensor, name: str = "logits") -> tuple[int, int, int, int]:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape B x C x H x W, got {type(logits).__name__}")
-    if logits.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {logits.layout}; call .to_dense()")
+    check_dense(logits, name)
     if logits.dim() != 4:
         raise ValueError(f"{name} must have shape B x C x H x W (4 dims), got shape {tuple(logits.shape)}")
     if logits.dtype not in LOGIT_DTYPES:
@@ -51,8 +55,7 @@ def check_pixel_map(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str
     images)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape B x H x W, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
+    check_dense(t, name)
     expected = (ref.shape[0], ref.shape[2], ref.shape[3])
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(t.shape)}")
@@ -142,8 +145,7 @@ def check_integer_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor) or not _is_integer(t):
         raise TypeError(f"{name} must be an integer tensor, got "
                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
+    check_dense(t, name)
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ def test_bundled_config_specifics():
 
 @pytest.mark.parametrize("text, expected", [
     ("0.01", 0.01), ("1e-4", 1e-4), ("3", 3), ("true", True), ("null", None), ("[12, 24, 36]", [12, 24, 36]),
-    ("resnet50", "resnet50"), ("'5'", "5"), ("nan", "nan"), ("-2E3", -2000.0),
+    ("resnet50", "resnet50"), ("'5'", "5"), ("nan", "nan"), ("-2E3", -2000.0), ("-.5e-2", -0.005),
 ])
 def test_parse_value(text, expected):
     assert parse_value(text) == expected
