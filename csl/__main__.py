@@ -1,4 +1,4 @@
-"""``python -m csl train | eval | predict | demo | analyze | split`` (same as the ``csl`` console script)."""
+"""``python -m csl train | eval | predict | demo | analyze | split | report`` (same as the ``csl`` console script)."""
 
 import sys
 

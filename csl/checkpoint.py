@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import zipfile
 from typing import Any
@@ -60,6 +61,14 @@ def atomic_save(payload: dict, path: str) -> None:
                       f"file system; the previous file, if any, is unchanged)") from exc
 
 
+def _load_error(error: Exception) -> str:
+    """One line of a ``torch.load`` error: torch's weights-only refusal spans a paragraph of advice whose one
+    specific line names what the file holds (``WeightsUnpickler error: Unsupported global: ...``)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    specific = [line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")]
+    return f"{type(error).__name__}: {(specific or lines or [''])[0]}"
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Load with ``weights_only=True``. Raises FileNotFoundError / ValueError with the path on failure; a file that
     is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
@@ -75,8 +84,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
             raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint (cut short, corrupt, or another "
-                             f"kind of file; {os.path.getsize(path)} bytes): {type(e).__name__}: {e}") from e
-        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(e).__name__}: {e}") from e
+                             f"kind of file; {os.path.getsize(path)} bytes): {_load_error(e)}") from e
+        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(e)}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

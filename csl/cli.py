@@ -384,11 +384,12 @@ def cmd_report(args) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    """The message of ``error``; a DataLoader worker's error carries the worker's traceback, cut to its last line."""
-    message = str(error)
-    if "Original Traceback" in message:
-        message = message.strip().splitlines()[-1]
-    return message
+    """The message of ``error`` in one line: a DataLoader worker's error carries the worker's traceback, cut to its
+    last line; any other message's lines are joined."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:
+        return lines[-1]
+    return " ".join(lines)
 
 
 def _negative_fractions(words: list[str]) -> list[str]:
@@ -448,7 +449,8 @@ def _run(args) -> int:
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:  # torch < 2.5: only the latter
         if debug:
             raise
-        print(f"csl {args.command}: error: out of memory: {_one_line(e).splitlines()[0]} (lower train.batch_size, "
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch's advice on the allocator follows it
+        print(f"csl {args.command}: error: out of memory: {first_line} (lower train.batch_size, "
               f"data.crop_size or eval.batch_size; eval.mode=sliding_window for large images)", file=sys.stderr)
         return 1
     except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...

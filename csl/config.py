@@ -464,12 +464,21 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                        list("-+0123456789."))
 
 
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans four lines with a source excerpt)."""
+    mark = getattr(error, "problem_mark", None)
+    words = [w for w in (getattr(error, "context", None), getattr(error, "problem", None)) if w]
+    if not words or mark is None:
+        return " ".join(str(error).split())
+    return f"{'; '.join(words)} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def load_yaml(path: str) -> dict:
     try:
         with open(path) as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {e}") from None
+        raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -1,5 +1,7 @@
-"""What ``backend="auto"`` chooses, and on what timings: the first call of each shape class on a GPU model times the
-extension and Triton on its own inputs (csl_kernels/_measured.py) and logs both; this makes those first calls.
+"""What ``backend="auto"`` chooses per op and shape class on a device, and on what timings.
+
+On a GPU the first call of each shape class times the extension and Triton on its own inputs
+(csl_kernels/_measured.py) and logs both; this script makes those first calls.
 
     python -m csl_bench.bench_auto_choice [--device cuda] [--shapes voc321 coco513] [--dtypes bf16 fp32] [--out x.json]
 

@@ -333,6 +333,7 @@ def test_a_data_loader_workers_error_is_one_line():
                               "FileNotFoundError: mask file not found: a.png")
     assert _one_line(error) == "FileNotFoundError: mask file not found: a.png"
     assert _one_line(ValueError("plain")) == "plain"
+    assert _one_line(ValueError("first line\n\tsecond line\n")) == "first line second line"
 
 
 def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):

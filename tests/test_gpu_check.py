@@ -46,3 +46,11 @@ def test_cpp_exception_probe_past_its_limit_says_not_known():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "cpp-exceptions: not known (the probe ran past its 0.2 s limit)"
+
+
+def test_help_prints_the_header_comment_only():
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0].startswith("One command that checks a GPU machine end to end")
+    assert "--cpu-dry-run" in proc.stdout and not any(line.startswith(("set ", "cd ", "#")) for line in lines)
