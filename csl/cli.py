@@ -253,27 +253,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def expand_images(items: list[str]) -> list[str]:
-    """Files as given, folders expanded to their images (sorted, recursive), glob patterns expanded."""
+def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list[str], list[str]]:
+    """The image files ``items`` name: files as given; folders expanded to their images (sorted, recursive); glob
+    patterns expanded, a matched folder like a folder, matched files kept when they have an image extension.
+    Returns ``(paths, skipped)``: where the output folder ``skip_under`` lies inside a folder or a pattern's fixed
+    part that is searched, the files found inside it (earlier predictions) are skipped instead; a file named as
+    such is always kept."""
+    out = os.path.realpath(skip_under) if skip_under else None
     paths: list[str] = []
+    skipped: list[str] = []
+
+    def found_file(path: str, searched: str) -> None:
+        """``path`` found by searching the folder ``searched``."""
+        inside = lambda path, folder: path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)  # noqa: E731
+        if out and inside(out, os.path.realpath(searched)) and inside(os.path.realpath(path), out):
+            skipped.append(path)
+        else:
+            paths.append(path)
+
+    def walk(folder: str, searched: str) -> int:
+        images = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs
+                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        for path in images:
+            found_file(path, searched)
+        return len(images)
+
     for item in items:
         if os.path.isdir(item):
-            found = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(item) for f in fs
-                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-            if not found:
+            if not walk(item, item):
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {item}")
-            paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            found = sorted(glob.glob(item, recursive=True))
-            if not found:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
                 raise FileNotFoundError(f"no such image, folder or pattern: {item}")
-            paths.extend(found)
+            fixed = []  # the pattern's folder before its first wildcard: the folder it searches
+            for part in os.path.dirname(item).split(os.sep):
+                if any(c in part for c in "*?["):
+                    break
+                fixed.append(part)
+            searched = os.sep.join(fixed) or "."
+            count = 0
+            for match in matches:
+                if os.path.isdir(match):
+                    count += walk(match, searched)
+                elif os.path.splitext(match)[1].lower() in IMAGE_EXTENSIONS:
+                    found_file(match, searched)
+                    count += 1
+            if not count:
+                raise FileNotFoundError(f"the pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)}): "
+                                        f"{', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}")
     unique: dict[str, str] = {}  # a file named twice (a folder and a pattern) is predicted once
     for p in paths:
         unique.setdefault(os.path.realpath(p), p)
-    return list(unique.values())
+    return list(unique.values()), skipped
 
 
 def cmd_predict(args) -> int:
@@ -291,8 +325,10 @@ def cmd_predict(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     device = pick_device(cfg["device"])
-    out_real = os.path.realpath(args.out) + os.sep
-    paths = [p for p in expand_images(images) if not os.path.realpath(p).startswith(out_real)]  # earlier outputs
+    paths, earlier = expand_images(images, skip_under=args.out)
+    if earlier:
+        print(f"csl predict: {len(earlier)} image(s) inside --out {args.out} (earlier predictions) not predicted, "
+              f"e.g. {earlier[0]}", file=sys.stderr)
     if not paths:
         raise ValueError(f"--images names no image outside --out {args.out}")
     model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, device)

@@ -221,12 +221,20 @@ def prediction_names(paths: Sequence[str]) -> list[str]:
         counts[stem] = counts.get(stem, 0) + 1
     names = [f"{stem}_{os.path.splitext(p)[1][1:]}.png" if counts[stem] > 1 else f"{stem}.png"
              for stem, p in zip(stems, paths, strict=True)]
-    seen: dict[str, int] = {}  # still the same name (a.jpg and a.JPG where names ignore case...): numbered
+    # Still the same name where names ignore case (a.jpg and A.jpg): the later one numbered, with a number that no
+    # other image's name takes (a.png, A.png, a_2.png -> a.png, A_3.png, a_2.png).
+    key = lambda name: os.path.normcase(name).lower()  # noqa: E731
+    reserved = {key(name) for name in names}
+    taken: set[str] = set()
     for i, name in enumerate(names):
-        key = os.path.normcase(name).lower()
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:
-            names[i] = f"{os.path.splitext(name)[0]}_{seen[key]}.png"
+        number = 1
+        while key(names[i]) in taken:
+            number += 1
+            candidate = f"{os.path.splitext(name)[0]}_{number}.png"
+            if key(candidate) not in reserved:
+                names[i] = candidate
+        taken.add(key(names[i]))
+        reserved.add(key(names[i]))
     return names
 
 

@@ -102,7 +102,7 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
     with Image.open(out / "im0.png") as p:
         assert p.mode == "P" and p.size == (40, 40)
         assert np.array(p).max() < 6
-    assert expand_images([str(img_dir / "*.png")]) == [str(img_dir / "im0.png"), str(img_dir / "im1.png")]
+    assert expand_images([str(img_dir / "*.png")]) == ([str(img_dir / "im0.png"), str(img_dir / "im1.png")], [])
     with pytest.raises(FileNotFoundError, match="no such image"):
         expand_images([str(tmp_path / "nothing*.jpg")])
     # An override written after --images is an override, not an image path.
@@ -111,6 +111,26 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
                  str(img_dir / "im0.png"), "eval.mode=center_crop", "eval.crop_size=32"]) == 0
     with Image.open(out2 / "im0.png") as p:
         assert p.size == (32, 32)  # the centre crop: the overrides were applied
+
+
+def test_expanded_images_skip_earlier_predictions_only(tmp_path):
+    """Files inside the output folder are skipped (and returned as such) where a folder or pattern given holds it;
+    an output folder above the images skips nothing; a pattern's folders are expanded, its other files left out."""
+    photos = tmp_path / "data" / "photos"
+    (photos / "seq").mkdir(parents=True)
+    for name in ("a.jpg", "seq/b.png", "notes.txt"):
+        (photos / name).write_bytes(b"x")
+    (photos / "preds").mkdir()
+    (photos / "preds" / "a.png").write_bytes(b"x")
+    a, b, earlier, preds = str(photos / "a.jpg"), str(photos / "seq" / "b.png"), str(photos / "preds" / "a.png"), \
+        str(photos / "preds")
+    assert expand_images([str(photos)], skip_under=preds) == ([a, b], [earlier])
+    # --out above --images (csl predict --images data/photos --out data): every photo is predicted.
+    assert expand_images([str(photos)], skip_under=str(tmp_path / "data")) == ([a, earlier, b], [])
+    assert expand_images([str(photos / "*")], skip_under=preds) == ([a, b], [earlier])
+    assert expand_images([earlier], skip_under=preds) == ([earlier], [])  # named as a file: kept
+    with pytest.raises(FileNotFoundError, match=r"the pattern .*\*.txt matches no image"):
+        expand_images([str(photos / "*.txt")])
 
 
 def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):

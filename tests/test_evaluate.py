@@ -251,6 +251,8 @@ def test_predictions_keep_the_folder_layout_and_never_replace_what_exists(tmp_pa
     assert prediction_names(paths) == ["seq1/0001.png", "seq2/0001_jpg.png", "seq2/0001_png.png", "seq2/broken.png"]
     assert prediction_names([str(tmp_path / "a.jpg")]) == ["a.png"]
     assert prediction_names(["d/x.JPG", "d/x.jpg"]) == ["x_JPG.png", "x_jpg_2.png"]  # one name where case is ignored
+    # A numbered name never takes another image's name (a_2.png was given to a.png, then a_2.png's own was lost).
+    assert prediction_names(["d/A.png", "d/a.png", "d/a_2.png"]) == ["A.png", "a_3.png", "a_2.png"]
     model = nn.Conv2d(3, 5, 1)
     out_dir = tmp_path / "pred"
     skipped: list = []
