@@ -322,7 +322,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint
-    from .cli import config_for_checkpoint, model_from_checkpoint, stored_data_root
+    from .cli import config_for_checkpoint, model_from_checkpoint, stored_data_paths
     from .data import class_names, default_eval_mode
     from .distributed import pick_device
     from .evaluate import center_crop, predict_logits
@@ -342,7 +342,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     device = pick_device(cfg["device"])
     check_kernels_backend(cfg["kernels"]["backend"], device, ops=ANALYSIS_OPS)
     model, num_classes = model_from_checkpoint(cfg, ckpt, checkpoint, device)
-    with stored_data_root(checkpoint, config, overrides):
+    with stored_data_paths(checkpoint, config, overrides):
         dataset = analysis_dataset(cfg, split)
     n_images = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if n_images < 1:

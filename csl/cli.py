@@ -140,22 +140,45 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
         stored = migrate_renamed(stored)
     given = {parse_override(o)[0] for o in overrides or []}
     defaults = [o for o in WHERE_IT_RAN if parse_override(o)[0] not in given]
-    return build_config(stored, [*defaults, *(overrides or [])])
+    return build_config(stored, [*defaults, *(overrides or []), *_moved_with_the_root(stored, overrides)])
+
+
+def _moved_with_the_root(stored: dict, overrides: list[str] | None) -> list[str]:
+    """With ``data.root=NEW`` given for a checkpoint, its stored data paths (split folder, lists) that lay under the
+    stored root and are no longer there are read under NEW (said on stderr), as overrides; a path given is kept."""
+    given = dict(parse_override(o) for o in overrides or [])
+    old_root, new_root = (stored.get("data") or {}).get("root"), given.get("data.root")
+    if not old_root or not new_root:
+        return []
+    from .trainer import DATA_PATH_KEYS
+
+    moved = []
+    for key in DATA_PATH_KEYS:
+        path = stored["data"].get(key)
+        if key == "root" or f"data.{key}" in given or not isinstance(path, str) or os.path.exists(path):
+            continue
+        if os.path.commonpath([os.path.abspath(path), os.path.abspath(old_root)]) == os.path.abspath(old_root):
+            new = os.path.join(new_root, os.path.relpath(os.path.abspath(path), os.path.abspath(old_root)))
+            print(f"csl: the checkpoint's data.{key} {path} is not there; read under data.root: {new}",
+                  file=sys.stderr)
+            moved.append(f"data.{key}={new}")
+    return moved
 
 
 @contextlib.contextmanager
-def stored_data_root(path: str, config: str | None, overrides: list[str] | None):
-    """Within it, a ``data.root`` that is not found, when it is the one stored in the checkpoint ``path`` (no
-    ``--config``, no ``data.root=`` override), is said to be that and how to point it elsewhere."""
-    from .data import DataRootNotFound
+def stored_data_paths(path: str, config: str | None, overrides: list[str] | None):
+    """Within it, a data path (``data.root``, ``data.split_dir``) that is not found, when it is the one stored in the
+    checkpoint ``path`` (no ``--config``, no override of that key), is said to be that and how to point it
+    elsewhere."""
+    from .data import DataPathNotFound
 
     try:
         yield
-    except DataRootNotFound as e:
-        if config or any(parse_override(o)[0] == "data.root" for o in overrides or []):
+    except DataPathNotFound as e:
+        if config or any(parse_override(o)[0] == e.key for o in overrides or []):
             raise
-        raise DataRootNotFound(f"{e}: the root stored in {path}'s config, where the run was trained; pass "
-                               f"data.root=DIR where the dataset is on this machine") from e
+        raise DataPathNotFound(f"{e}: the path stored in {path}'s config, where the run was trained; pass "
+                               f"{e.key}=DIR where it is on this machine", e.key) from e
 
 
 def model_from_checkpoint(cfg: dict, ckpt: dict, path: str, device):
@@ -224,7 +247,7 @@ def cmd_eval(args) -> int:
     env = init_distributed(cfg["device"])
     setup_logging(None, env.is_main)
     try:
-        with stored_data_root(args.checkpoint, args.config, args.overrides):
+        with stored_data_paths(args.checkpoint, args.config, args.overrides):
             check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
             model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
             if args.bn_recalibrate:

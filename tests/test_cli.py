@@ -147,6 +147,32 @@ def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "latest.pt")]) == 0
 
 
+def test_a_moved_dataset_keeps_its_split_or_is_refused(tmp_path, capsys):
+    """The dataset moved after training: ``data.root=NEW`` reads the stored split folder under NEW (and says so);
+    a stored split folder that is gone is an error naming it, never the dataset's standard val list instead."""
+    from csl.data.synthetic import write_synthetic_folder
+
+    write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
+                           size=40)
+    assert main(["train", "--config", "demo", *TINY, "train.iters=1", "train.iters_per_epoch=1", "data.dataset=folder",
+                 f"data.root={tmp_path / 'data'}", f"data.split_dir={tmp_path / 'data' / 'splits'}",
+                 "data.num_classes=5", f"output_dir={tmp_path / 'run'}"]) == 0
+    checkpoint = str(tmp_path / "run" / "latest.pt")
+    capsys.readouterr()
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert main(["eval", "--checkpoint", checkpoint, f"data.root={tmp_path / 'moved'}"]) == 0
+    captured = capsys.readouterr()
+    assert (f"the checkpoint's data.split_dir {tmp_path / 'data' / 'splits'} is not there; read under data.root: "
+            f"{tmp_path / 'moved' / 'splits'}") in captured.err and "(original, 1 images)" in captured.out
+    (tmp_path / "moved" / "splits").rename(tmp_path / "splits_elsewhere")
+    (tmp_path / "moved").rename(tmp_path / "data")  # the root back in place, its split folder gone
+    assert main(["eval", "--checkpoint", checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.split_dir not found (or not a folder): {tmp_path / 'data' / 'splits'}: the path stored in "
+            f"{checkpoint}'s config") in err and "pass data.split_dir=DIR" in err
+    assert main(["eval", "--checkpoint", checkpoint, f"data.split_dir={tmp_path / 'splits_elsewhere'}"]) == 0
+
+
 def test_demo_refuses_zero_iterations_before_the_warm_up(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--iters", "0", *TINY]) == 2
     assert "iters (--iters) must be >= 1, got 0" in capsys.readouterr().err
@@ -392,7 +418,7 @@ def test_a_moved_data_root_from_the_checkpoint_says_where_it_came_from(trained, 
     for command in (["eval"], ["analyze", "--out", str(tmp_path / "analysis")]):
         assert main([*command, "--checkpoint", str(tmp_path / "moved.pt")]) == 2
         err = capsys.readouterr().err
-        assert f"data.root not found (or not a folder): {moved}: the root stored in {tmp_path / 'moved.pt'}'s config" \
+        assert f"data.root not found (or not a folder): {moved}: the path stored in {tmp_path / 'moved.pt'}'s config" \
                in err and "pass data.root=DIR" in err
     assert main(["eval", "--checkpoint", str(tmp_path / "moved.pt"), f"data.root={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err

@@ -43,6 +43,7 @@ __all__ = [
     "CamVid",
     "DATASET_KINDS",
     "Cityscapes",
+    "DataPathNotFound",
     "DataRootNotFound",
     "DatasetBundle",
     "FolderDataset",
@@ -74,8 +75,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_DEFAULTS = {"num_labeled": 16, "num_unlabeled": 160, "num_val": 24, "size": 128, "seed": 0}
 
 
-class DataRootNotFound(FileNotFoundError):
-    """``data.root`` names no folder (the CLI adds where the value came from: a checkpoint's stored config)."""
+class DataPathNotFound(FileNotFoundError):
+    """A data path of the config (``key``, e.g. ``data.split_dir``) names nothing (the CLI adds where the value came
+    from: a checkpoint's stored config)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+class DataRootNotFound(DataPathNotFound):
+    """``data.root`` names no folder."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "data.root")
 
 
 class DatasetBundle(NamedTuple):
@@ -192,6 +205,9 @@ def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_in
     if val_list is not None:
         return kind_cls(root, val_list, num_classes, ignore_index, **opts)
     split_dir = data_cfg.get("split_dir")
+    if split_dir is not None and not os.path.isdir(split_dir):  # never another val set in its place
+        raise DataPathNotFound(f"data.split_dir not found (or not a folder): {os.path.abspath(split_dir)}",
+                               "data.split_dir")
     if split_dir is None and data_cfg.get("split") is not None:
         split_dir = os.path.join(SPLITS_DIR, data_cfg.get("dataset", ""), split_folder_name(data_cfg["split"]))
     if split_dir is not None:
