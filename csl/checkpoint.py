@@ -62,11 +62,12 @@ def atomic_save(payload: dict, path: str) -> None:
 
 
 def _load_error(error: Exception) -> str:
-    """One line of a ``torch.load`` error: torch's weights-only refusal spans a paragraph of advice whose one
-    specific line names what the file holds (``WeightsUnpickler error: Unsupported global: ...``)."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    specific = [line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")]
-    return f"{type(error).__name__}: {(specific or lines or [''])[0]}"
+    """One line of a ``torch.load`` error: torch's weights-only refusal spans a paragraph of advice whose specific
+    part names what the file holds (``WeightsUnpickler error: Unsupported global: ...``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    _, marker, specific = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (specific if marker else text).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
@@ -83,8 +84,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
+            with open(path, "rb") as f:
+                start = f.read(24)
             raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint (cut short, corrupt, or another "
-                             f"kind of file; {os.path.getsize(path)} bytes): {_load_error(e)}") from e
+                             f"kind of file; {os.path.getsize(path)} bytes, starting {start!r})") from e
         raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(e)}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")

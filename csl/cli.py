@@ -266,6 +266,9 @@ def cmd_eval(args) -> int:
                               progress=env.is_main)
     finally:
         cleanup_distributed()
+    if result["pixel_acc"] != result["pixel_acc"]:  # NaN: no pixel to score
+        raise ValueError(f"the validation set ({len(loader.dataset)} images) has no labelled pixel (every mask pixel "
+                         f"ignored): mIoU is undefined; check the val list and data.ignore_index / data.ignore_labels")
     if env.is_main:
         print(f"mIoU {100 * result['miou']:.2f}  pixel accuracy {100 * result['pixel_acc']:.2f}  ({mode}, "
               f"{len(loader.dataset)} images)")

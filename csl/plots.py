@@ -147,8 +147,20 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     return _save(fig, out_dir, "feature_plane.png")
 
 
+def ignored_colour(colours: np.ndarray) -> np.ndarray:
+    """The colour of ignored pixels beside the class ``colours``: VOC's border colour (224, 224, 192), or the first
+    of white, mid grey, magenta no class uses (VOC's class 0 is black, so black would hide the ignored pixels)."""
+    used = {tuple(int(v) for v in c) for c in colours}
+    for candidate in ((224, 224, 192), (255, 255, 255), (128, 128, 128), (255, 0, 255)):
+        if candidate not in used:
+            return np.array(candidate, dtype=np.uint8)
+    return np.array((224, 224, 192), dtype=np.uint8)
+
+
 def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    """RGB of a label map: class k in ``colours[k]``, ignored and out-of-range pixels in :func:`ignored_colour`."""
+    out = np.empty((*labels.shape, 3), dtype=np.uint8)
+    out[...] = ignored_colour(colours)
     ok = (labels >= 0) & (labels < len(colours)) & (labels != ignore_index)
     out[ok] = colours[labels[ok]]
     return out
@@ -184,7 +196,8 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
                     if 0 <= c < num_classes})
     names = class_names or [str(c) for c in range(num_classes)]
     handles = [Patch(facecolor=colours[c] / 255.0, edgecolor="black", linewidth=0.3, label=names[c]) for c in shown]
-    handles.append(Patch(facecolor="black", edgecolor="black", linewidth=0.3, label="ignored (void / padding)"))
+    handles.append(Patch(facecolor=ignored_colour(colours) / 255.0, edgecolor="black", linewidth=0.3,
+                         label="ignored (void / padding)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
                title="classes (ground truth, prediction); weight and masks: yellow = 1 / selected / hidden, "
                      "dark = 0", title_fontsize=7)
@@ -314,6 +327,6 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     return _save_figure(fig, out_path)
 
 
-__all__ = ["colourize", "pcos_clusters", "plot_accuracy_recall", "plot_analysis", "plot_feature_plane",
-           "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels", "plot_panels", "plot_per_class",
-           "plot_pseudo_label_curves", "weight_surface"]
+__all__ = ["colourize", "ignored_colour", "pcos_clusters", "plot_accuracy_recall", "plot_analysis",
+           "plot_feature_plane", "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels", "plot_panels",
+           "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]

@@ -198,7 +198,7 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_one(tmp_path):
     folder = tmp_path / "latest.pt"
     folder.mkdir()
     for path, match in ((cut, "not a readable PyTorch checkpoint .*cut short"),
-                        (text, "not a readable PyTorch checkpoint"),
+                        (text, r"not a readable PyTorch checkpoint .*17 bytes, starting b'not a checkpoint\\n'\)$"),
                         (empty, r"is empty \(0 bytes\)"),
                         (folder, "is a folder; give the checkpoint file in it")):
         with pytest.raises(ValueError, match=match) as e:

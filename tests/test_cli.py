@@ -171,6 +171,11 @@ def test_a_moved_dataset_keeps_its_split_or_is_refused(tmp_path, capsys):
     assert (f"data.split_dir not found (or not a folder): {tmp_path / 'data' / 'splits'}: the path stored in "
             f"{checkpoint}'s config") in err and "pass data.split_dir=DIR" in err
     assert main(["eval", "--checkpoint", checkpoint, f"data.split_dir={tmp_path / 'splits_elsewhere'}"]) == 0
+    # A val set without a labelled pixel: an undefined mIoU is an error, not "mIoU nan" and a JSON line with NaN.
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "data" / "masks" / "val_00000.png")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", checkpoint, f"data.split_dir={tmp_path / 'splits_elsewhere'}"]) == 2
+    assert "the validation set (1 images) has no labelled pixel" in capsys.readouterr().err
 
 
 def test_demo_refuses_zero_iterations_before_the_warm_up(tmp_path, capsys):
