@@ -23,6 +23,7 @@ from .demo import LABELS as METHOD_LABELS
 from .demo import percent_cells
 from .files import atomic_write_text
 from .logging_utils import read_metrics
+from .run_folder import check_output_folder
 
 # Run names beyond the demo's methods: the CSL stage with the released code's rule (docs/results/camvid.md).
 LABELS = {"warmup": "warm-up", **METHOD_LABELS, "csl_released": "CSL, released code's rule"}
@@ -32,13 +33,26 @@ def _pct(v, digits: int = 1) -> str:
     return "-" if v is None or v != v else f"{100 * v:.{digits}f}"
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; a file cut short or of another kind is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON (cut short by a crash, or another file?): {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
 def load_run(folder: str) -> dict:
     """summary.json, the metrics of each method and the analyses of one run folder."""
     path = os.path.join(folder, "summary.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; is {folder} a `csl demo` output folder?")
-    with open(path) as f:
-        summary = json.load(f)
+    summary = _read_json(path)
+    if not isinstance(summary.get("results"), dict) or not isinstance(summary.get("config"), dict):
+        raise ValueError(f"{path} has no 'results' and 'config' objects; is {folder} a `csl demo` output folder?")
     methods = list(summary["results"])
     results = dict(summary["results"])
     # Runs trained beside the demo's (folders with a metrics.jsonl), after the demo's methods.
@@ -48,7 +62,8 @@ def load_run(folder: str) -> dict:
     for m in ["warmup", *methods, *beside]:
         p = os.path.join(folder, m, "metrics.jsonl")
         if os.path.isfile(p):
-            metrics[m] = {"eval": read_metrics(p, "eval"), "pseudo_labels": read_metrics(p, "pseudo_labels")}
+            records = read_metrics(p)  # read once: a torn line is warned about once
+            metrics[m] = {kind: [r for r in records if r.get("kind") == kind] for kind in ("eval", "pseudo_labels")}
     unfinished = {}  # beside runs not known to have reached their last iteration: not in the tables
     for m in beside:
         evals = metrics[m]["eval"]
@@ -72,8 +87,7 @@ def load_run(folder: str) -> dict:
     for m in ["warmup", *methods, *(name for name in analysed if name not in ("warmup", *methods))]:
         p = os.path.join(analysis_dir, m, "analysis.json")
         if os.path.isfile(p):
-            with open(p) as f:
-                analyses[m] = json.load(f)
+            analyses[m] = _read_json(p)
     return {"folder": folder, "summary": summary, "methods": methods, "results": results, "metrics": metrics,
             "analyses": analyses, "unfinished": unfinished}
 
@@ -174,10 +188,20 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def final_record(run: dict, method: str) -> dict | None:
+    """The final model's evaluation of ``method`` (``iter``, ``miou``, ``iou``): a demo method's from summary.json
+    (its metrics.jsonl may end before it, cut by a crash), any other run's last evaluation record."""
+    result = run["summary"]["results"].get(method)
+    if result is not None and result.get("iou") is not None and result.get("iters") is not None:
+        return {"iter": result["iters"], "miou": result["miou"], "iou": result["iou"]}
+    evals = run["metrics"].get(method, {}).get("eval")
+    return evals[-1] if evals else None
+
+
 def per_class_table(run: dict) -> str:
     """Final val IoU per class of each method of one run."""
-    evals = {m: run["metrics"].get(m, {}).get("eval") for m in ["warmup", *run["methods"]]}
-    evals = {m: e[-1] for m, e in evals.items() if e}
+    evals = {m: final_record(run, m) for m in ["warmup", *run["methods"]]}
+    evals = {m: e for m, e in evals.items() if e}
     if not evals:
         return "(no evaluation records)"
     first = next(iter(evals.values()))
@@ -263,6 +287,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
     """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
     from .plots import plot_miou_by_seed, plot_miou_curves, plot_pseudo_label_curves
 
+    check_output_folder(out_dir)
     runs = [load_run(f) for f in folders]
     seeds = [_seed(r) for r in runs]
     for seed in sorted(set(seeds)):
@@ -281,12 +306,17 @@ def write_report(folders: list[str], out_dir: str) -> str:
                                                          "evaluations carried it)"
             when = "before its first evaluation" if last is None else f"after its evaluation at iteration {last} {of}"
             parts.append(f"Seed {_seed(r)}: `{m}` stopped {when}; it is not in the tables.\n")
-        for m, a in r["analyses"].items():  # an analysis of another checkpoint than the run's last evaluation
-            evals = r["metrics"].get(m, {}).get("eval")
+        for m in r["methods"]:  # a demo method's records cut short (a crash while writing): the curves stop early
+            evals, final = r["metrics"].get(m, {}).get("eval"), final_record(r, m)
+            if evals and final and evals[-1]["iter"] < final["iter"]:
+                parts.append(f"Seed {_seed(r)}: `{m}/metrics.jsonl` ends at the evaluation of iteration "
+                             f"{evals[-1]['iter']}; the final model's (iteration {final['iter']}) is summary.json's.\n")
+        for m, a in r["analyses"].items():  # an analysis of another checkpoint than the run's final model
+            final = final_record(r, m)
             at = a.get("checkpoint_iteration")
-            if evals and at is not None and at != evals[-1]["iter"]:
+            if final and at is not None and at != final["iter"]:
                 parts.append(f"Seed {_seed(r)}: the analysis of `{m}` is of `{os.path.basename(a['checkpoint'])}` "
-                             f"at iteration {at}, not of the final model (iteration {evals[-1]['iter']}).\n")
+                             f"at iteration {at}, not of the final model (iteration {final['iter']}).\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
     if any("threshold" in r["results"] for r in runs):

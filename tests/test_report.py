@@ -195,3 +195,34 @@ def test_the_warmup_row_gives_its_best_evaluation(tmp_path):
         json.dump(summary, f)
     text = report.results_table([report.load_run(folder)])
     assert table_row(text, "warm-up (start of every method)")[:2] == ["49.2", "55.0"]
+
+
+def test_records_cut_by_a_crash_are_named_and_the_final_model_stays_the_summarys(tmp_path, capsys, caplog):
+    """A metrics.jsonl whose last evaluation was torn: the per-class table keeps the final model of summary.json, a
+    note says where the records end, the torn line is warned about once; unreadable JSON files are named."""
+    folder = run_folder(tmp_path, 0)
+    metrics = os.path.join(folder, "csl", "metrics.jsonl")
+    with open(metrics) as f:
+        text = f.read()
+    with open(metrics, "w") as f:
+        f.write(text[:-40])  # the final evaluation record cut mid-line
+    out = tmp_path / "report"
+    assert report.main([folder, "--out", str(out)]) == 0
+    assert caplog.text.count("is not a JSON record") == 1
+    md = (out / "report.md").read_text()
+    assert "`csl/metrics.jsonl` ends at the evaluation of iteration 500; the final model's (iteration 600)" in md
+    assert table_row(report.per_class_table(report.load_run(folder)), "**mIoU**")[3] == "**46.3**"  # csl, final
+    assert "not of the final model" not in md  # its analysis is of iteration 600, the final model
+    summary = os.path.join(folder, "summary.json")
+    with open(summary) as f:
+        text = f.read()
+    for content, message in ((text[:300], f"{summary} is not readable JSON"),
+                             ("[]", f"{summary} holds a JSON list, expected an object"),
+                             ('{"results": {}}', f"{summary} has no 'results' and 'config' objects")):
+        with open(summary, "w") as f:
+            f.write(content)
+        assert report.main([folder, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert report.main([folder, "--out", str(tmp_path / "a_file")]) == 2
+    assert "--out " + str(tmp_path / "a_file") + " is a file; give a folder" in capsys.readouterr().err
