@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", help="YAML file or bundled name (default: the config stored in the checkpoint)")
     pr.add_argument("--images", required=True, nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("--out", required=True, help="output folder: one PNG per image, at the image's path relative to "
-                                                 "the folder all images share")
+                                                 "the folder all images share (a photo with an EXIF orientation "
+                                                 "upright, as viewers show it)")
     pr.add_argument("--overwrite", action="store_true", help="replace predictions that exist in --out")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 

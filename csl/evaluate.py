@@ -252,7 +252,8 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     cannot be read is skipped with a warning and, when ``skipped`` is a list, appended to it as ``(path, reason)``.
 
     ``image_scale`` is the run's ``data.image_scale``: the model sees each image at the scale it was trained and
-    evaluated at, and its class scores are resized back, so every PNG has the size of its image."""
+    evaluated at, and its class scores are resized back, so every PNG has the size of its image. A photo with an
+    EXIF orientation is read upright, as viewers show it, and so is its PNG."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -284,7 +285,7 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     try:
         for path, out in zip(tqdm(paths, desc="predict", disable=bar_disabled(progress)), targets, strict=True):
             try:
-                original = load_image(path)
+                original = load_image(path, upright=True)
             except (OSError, ValueError) as e:
                 log.warning("csl predict: skipped %s: %s", path, e)
                 if skipped is not None:

@@ -233,6 +233,28 @@ def test_predict_images_writes_palette_pngs(tmp_path):
         predict_images(model, [str(tmp_path / "missing.png")], str(tmp_path / "pred"), num_classes=21)
 
 
+def test_a_photo_with_an_exif_orientation_is_predicted_upright(tmp_path):
+    """A phone photo stored 30 x 48 with orientation 6 (shown turned, 48 wide): its PNG is 48 wide, the prediction
+    of the upright photo; the datasets read the stored pixels, which their masks are drawn on."""
+    from csl.data.datasets import load_image
+    from csl.data.transforms import image_to_tensor, normalize
+
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 30, 3), dtype=np.uint8)  # H 48, W 30 as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    upright = load_image(str(tmp_path / "photo.png"), upright=True)
+    assert upright.shape == (30, 48, 3) and np.array_equal(upright, np.rot90(pixels, k=-1))
+    assert np.array_equal(load_image(str(tmp_path / "photo.png")), pixels)
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 5, 1)
+    out = predict_images(model, [str(tmp_path / "photo.png")], str(tmp_path / "pred"), num_classes=5, progress=False)
+    with Image.open(out[0]) as png:
+        assert png.size == (48, 30)
+        expected = model(normalize(image_to_tensor(upright), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None])
+        assert np.array_equal(np.array(png), expected.argmax(1)[0].numpy())
+
+
 def test_predictions_keep_the_folder_layout_and_never_replace_what_exists(tmp_path):
     """seq1/0001.jpg and seq2/0001.jpg get seq1/0001.png and seq2/0001.png; existing predictions are refused before
     any work unless overwrite, input images always; an unreadable image is skipped and reported."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from csl_kernels import IGNORE_INDEX
@@ -111,13 +111,16 @@ def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
     return items
 
 
-def load_image(path: str) -> np.ndarray:
+def load_image(path: str, upright: bool = False) -> np.ndarray:
     """H x W x 3 uint8. 16-bit and 32-bit grayscale images are scaled to 8 bits by their type's range (PIL's own
-    conversion would clip them at 255); a truncated or unreadable file is an error naming it."""
+    conversion would clip them at 255); a truncated or unreadable file is an error naming it. ``upright``: turned
+    as its EXIF orientation says (a phone photo as viewers show it; the datasets' masks are drawn on the stored
+    pixels, so training and evaluation read images as stored)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as stored:
+            img = ImageOps.exif_transpose(stored) if upright else stored
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 data = np.asarray(img).astype(np.float64)
                 top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and data.max() <= 65535) else \
