@@ -261,10 +261,10 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
     """Per-epoch mask ratio, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
     metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded."""
     plt = _pyplot()
-    panels = [("mask ratio (mean weight)", "mask_ratio", None),
-              ("accuracy (solid: reliable, w = 1; dashed: weighted)", "accuracy", "weighted_accuracy"),
-              ("recall of correct pseudo-labels (solid: reliable; dashed: weighted)", "recall", "weighted_recall")]
+    panels = [("mask ratio (mean weight)", "mask_ratio", None), ("accuracy", "accuracy", "weighted_accuracy"),
+              ("recall of the correct pseudo-labels", "recall", "weighted_recall")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9)
     for i, (method, records) in enumerate(curves.items()):
         its = [r["iter"] for r in records]
         colour = f"C{i % 10}"
