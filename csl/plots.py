@@ -226,7 +226,11 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
     for ax, metric in zip(axes, ("accuracy", "recall"), strict=True):
         for j, (label, r) in enumerate(rules):
             vals = [np.nan if v is None else v for v in r["per_class"][metric]]
-            ax.bar(x + (j - (len(rules) - 1) / 2) * width, vals, width, label=label)
+            offset = x + (j - (len(rules) - 1) / 2) * width
+            ax.bar(offset, vals, width, label=label)
+            for xi, v in zip(offset, vals, strict=True):  # undefined (no pixel) told apart from a bar of height 0
+                if v != v:
+                    ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)

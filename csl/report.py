@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -296,6 +297,10 @@ def write_report(folders: list[str], out_dir: str) -> str:
             raise ValueError(f"{', '.join(same)} have the same seed {seed}; the report takes one folder per seed "
                              f"(report other comparisons, e.g. another split, separately)")
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(out_dir, "report.md")):  # an earlier report: its pictures go with it
+        for name in os.listdir(out_dir):
+            if re.fullmatch(r"(miou_by_seed|miou_seed-?\d+|pseudo_labels_seed-?\d+)\.png", name):
+                os.remove(os.path.join(out_dir, name))
     parts = ["# Method comparison\n", "Run folders: " + ", ".join(f"`{r['folder']}`" for r in runs) + "\n"]
     for r in runs:
         note = r["summary"].get("note")
