@@ -280,6 +280,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _within(path: str, folder: str) -> bool:
+    """Whether the resolved ``path`` is the resolved ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list[str], list[str]]:
     """The image files ``items`` name: files as given; folders expanded to their images (sorted, recursive); glob
     patterns expanded, a matched folder like a folder, matched files kept when they have an image extension.
@@ -292,8 +297,7 @@ def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list
 
     def found_file(path: str, searched: str) -> None:
         """``path`` found by searching the folder ``searched``."""
-        inside = lambda path, folder: path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)  # noqa: E731
-        if out and inside(out, os.path.realpath(searched)) and inside(os.path.realpath(path), out):
+        if out and _within(out, os.path.realpath(searched)) and _within(os.path.realpath(path), out):
             skipped.append(path)
         else:
             paths.append(path)
