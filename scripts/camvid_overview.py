@@ -1,0 +1,101 @@
+"""The at-a-glance table and picture of docs/results/camvid.md, from the committed records of every CamVid run with
+the corrected recipe (each run's last evaluation in ``docs/results/camvid/<folder>/metrics_<method>.jsonl``).
+
+    .venv/bin/python scripts/camvid_overview.py   # prints the Markdown table, writes camvid/overview.png
+
+The picture draws each method's final mIoU minus the threshold baseline's final mIoU of the same split and seed (the
+paired difference: the seeds move the levels by several points, the differences much less), one marker per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from csl.demo import LABELS  # noqa: E402
+from csl.plots import _pyplot, _save_figure  # noqa: E402
+
+RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
+# (split, seed, folder under docs/results/camvid): the runs with the corrected recipe.
+RUNS = [("1/8", 0, "seed0_corrected"), ("1/8", 1, "seed1_corrected"), ("1/8", 2, "seed2_corrected"),
+        ("1/4", 0, "1_4_seed0_corrected"), ("1/4", 1, "1_4_seed1"), ("1/4", 2, "1_4_seed2")]
+METHODS = ["warmup", "supervised", "threshold", "csl", "csl_no_tmp", "confidence_share"]
+BASELINE = "threshold"
+
+
+def final_miou(path: str) -> float | None:
+    """The mIoU (%) of the last evaluation in a metrics.jsonl, None without one."""
+    last = None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "eval":
+                last = record
+    return None if last is None else 100 * last["miou"]
+
+
+def load() -> dict[tuple[str, int], dict[str, float]]:
+    finals = {}
+    for split, seed, folder in RUNS:
+        row = {}
+        for method in METHODS:
+            path = os.path.join(RECORDS, folder, f"metrics_{method}.jsonl")
+            if os.path.isfile(path) and (miou := final_miou(path)) is not None:
+                row[method] = miou
+        finals[(split, seed)] = row
+    return finals
+
+
+def label(method: str) -> str:
+    return "warm-up" if method == "warmup" else LABELS[method]
+
+
+def table(finals: dict[tuple[str, int], dict[str, float]]) -> str:
+    cells = lambda row, m: f"{row[m]:.1f}" if m in row else "-"  # noqa: E731
+    lines = ["| split, seed | " + " | ".join(label(m) for m in METHODS) + " | CSL minus threshold |",
+             "| --- |" + " ---: |" * (len(METHODS) + 1)]
+    for (split, seed), row in finals.items():
+        diff = f"{row['csl'] - row[BASELINE]:+.1f}"
+        lines.append(f"| {split}, seed {seed} | " + " | ".join(cells(row, m) for m in METHODS) + f" | {diff} |")
+    for split in dict.fromkeys(s for s, _ in finals):
+        rows = [row for (s, _), row in finals.items() if s == split]
+        means = []
+        for m in METHODS:
+            # A mean over fewer seeds than the others' would compare other levels: only over every seed.
+            values = [row[m] for row in rows if m in row]
+            means.append(f"{sum(values) / len(values):.1f}" if len(values) == len(rows) else "-")
+        diffs = [row["csl"] - row[BASELINE] for row in rows]
+        lines.append(f"| {split}, mean | " + " | ".join(means) + f" | {sum(diffs) / len(diffs):+.1f} |")
+    return "\n".join(lines)
+
+
+def picture(finals: dict[tuple[str, int], dict[str, float]], out_path: str) -> str:
+    plt = _pyplot()
+    methods = [m for m in METHODS if m not in ("warmup", BASELINE)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (split, seed), row in finals.items():
+        marker, shift = ("o", -0.12) if split == "1/8" else ("s", 0.12)
+        xs = [i + shift for i, m in enumerate(methods) if m in row]
+        ys = [row[m] - row[BASELINE] for m in methods if m in row]
+        ax.plot(xs, ys, marker, ms=6, color=colours[seed], alpha=0.85, label=f"{split} split, seed {seed}")
+    ax.axhline(0, color="black", lw=0.8, label=f"{label(BASELINE)} (0 by definition)")
+    ax.set_xticks(range(len(methods)), [label(m).replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_ylabel(f"final val mIoU minus {label(BASELINE).split(' (')[0]}\n(points, same split and seed)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    return _save_figure(fig, out_path)
+
+
+def main() -> None:
+    finals = load()
+    print(table(finals))
+    print(picture(finals, os.path.join(RECORDS, "overview.png")))
+
+
+if __name__ == "__main__":
+    main()
