@@ -158,7 +158,7 @@ def _moved_with_the_root(stored: dict, overrides: list[str] | None) -> list[str]
         path = stored["data"].get(key)
         if key == "root" or f"data.{key}" in given or not isinstance(path, str) or os.path.exists(path):
             continue
-        if os.path.commonpath([os.path.abspath(path), os.path.abspath(old_root)]) == os.path.abspath(old_root):
+        if _within(os.path.abspath(path), os.path.abspath(old_root)):
             new = os.path.join(new_root, os.path.relpath(os.path.abspath(path), os.path.abspath(old_root)))
             print(f"csl: the checkpoint's data.{key} {path} is not there; read under data.root: {new}",
                   file=sys.stderr)
@@ -281,7 +281,7 @@ def cmd_eval(args) -> int:
 
 
 def _within(path: str, folder: str) -> bool:
-    """Whether the resolved ``path`` is the resolved ``folder`` or lies under it."""
+    """Whether ``path`` is ``folder`` or lies under it (both absolute, resolved alike)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
@@ -295,19 +295,18 @@ def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list
     paths: list[str] = []
     skipped: list[str] = []
 
-    def found_file(path: str, searched: str) -> None:
-        """``path`` found by searching the folder ``searched``."""
-        if out and _within(out, os.path.realpath(searched)) and _within(os.path.realpath(path), out):
-            skipped.append(path)
-        else:
-            paths.append(path)
+    def is_image(path: str) -> bool:
+        return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+    def found(images: list[str], searched: str) -> int:
+        """``images`` found by searching the folder ``searched``: kept, or skipped inside an output folder in it."""
+        skip_out = out is not None and _within(out, os.path.realpath(searched))
+        for path in images:
+            (skipped if skip_out and _within(os.path.realpath(path), out) else paths).append(path)
+        return len(images)
 
     def walk(folder: str, searched: str) -> int:
-        images = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs
-                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        for path in images:
-            found_file(path, searched)
-        return len(images)
+        return found(sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs if is_image(f)), searched)
 
     for item in items:
         if os.path.isdir(item):
@@ -326,12 +325,11 @@ def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list
                 fixed.append(part)
             searched = os.sep.join(fixed) or "."
             count = 0
-            for match in matches:
+            for match in matches:  # in the matches' order
                 if os.path.isdir(match):
                     count += walk(match, searched)
-                elif os.path.splitext(match)[1].lower() in IMAGE_EXTENSIONS:
-                    found_file(match, searched)
-                    count += 1
+                elif is_image(match):
+                    count += found([match], searched)
             if not count:
                 raise FileNotFoundError(f"the pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)}): "
                                         f"{', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}")

@@ -162,7 +162,6 @@ RENAMED: dict[str, str] = {
 }
 
 
-
 class ConfigError(ValueError):
     """A bad config file, key, value or override."""
 

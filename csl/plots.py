@@ -159,8 +159,7 @@ def ignored_colour(colours: np.ndarray) -> np.ndarray:
 
 def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """RGB of a label map: class k in ``colours[k]``, ignored and out-of-range pixels in :func:`ignored_colour`."""
-    out = np.empty((*labels.shape, 3), dtype=np.uint8)
-    out[...] = ignored_colour(colours)
+    out = np.full((*labels.shape, 3), ignored_colour(colours), dtype=np.uint8)
     ok = (labels >= 0) & (labels < len(colours)) & (labels != ignore_index)
     out[ok] = colours[labels[ok]]
     return out
