@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 
 from . import stop
 from .config import CONFIG_DIR, ConfigError, build_config, load_config, migrate_renamed, parse_override
@@ -285,12 +286,23 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list[str], list[str]]:
+class ExpandedImages(NamedTuple):
+    """What ``--images`` named: ``paths`` to predict (each file once), ``skipped`` (earlier predictions found inside
+    the output folder) and ``repeats``: ``(path, kept)`` for each path that is another name of a file already listed
+    as ``kept`` (a link, or another spelling of its path), predicted once under the name ``kept``."""
+
+    paths: list[str]
+    skipped: list[str]
+    repeats: list[tuple[str, str]]
+
+
+def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedImages:
     """The image files ``items`` name: files as given; folders expanded to their images (sorted, recursive); glob
     patterns expanded, a matched folder like a folder, matched files kept when they have an image extension.
-    Returns ``(paths, skipped)``: where the output folder ``skip_under`` lies inside a folder or a pattern's fixed
-    part that is searched, the files found inside it (earlier predictions) are skipped instead; a file named as
-    such is always kept."""
+    Where the output folder ``skip_under`` lies inside a folder or a pattern's fixed part that is searched, the files
+    found inside it (earlier predictions) are skipped instead; a file named as such is always kept. A file found
+    twice is predicted once: under the same name silently (a folder and a pattern over it), under another name (a
+    link) returned in ``repeats``."""
     out = os.path.realpath(skip_under) if skip_under else None
     paths: list[str] = []
     skipped: list[str] = []
@@ -333,10 +345,13 @@ def expand_images(items: list[str], skip_under: str | None = None) -> tuple[list
             if not count:
                 raise FileNotFoundError(f"the pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)}): "
                                         f"{', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}")
-    unique: dict[str, str] = {}  # a file named twice (a folder and a pattern) is predicted once
+    unique: dict[str, str] = {}
+    repeats: list[tuple[str, str]] = []
     for p in paths:
-        unique.setdefault(os.path.realpath(p), p)
-    return list(unique.values()), skipped
+        kept = unique.setdefault(os.path.realpath(p), p)
+        if kept != p:
+            repeats.append((p, kept))
+    return ExpandedImages(list(unique.values()), skipped, repeats)
 
 
 def cmd_predict(args) -> int:
@@ -354,7 +369,10 @@ def cmd_predict(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     device = pick_device(cfg["device"])
-    paths, earlier = expand_images(images, skip_under=args.out)
+    paths, earlier, repeats = expand_images(images, skip_under=args.out)
+    if repeats:
+        print(f"csl predict: {len(repeats)} path(s) name an image already listed under another name (a link?) and "
+              f"are predicted once, e.g. {repeats[0][0]} as {repeats[0][1]}", file=sys.stderr)
     if earlier:
         print(f"csl predict: {len(earlier)} image(s) inside --out {args.out} (earlier predictions) not predicted, "
               f"e.g. {earlier[0]}", file=sys.stderr)
@@ -531,4 +549,4 @@ def _run(args) -> int:
         return 130
 
 
-__all__ = ["expand_images", "main", "model_from_checkpoint", "val_dataset"]
+__all__ = ["ExpandedImages", "expand_images", "main", "model_from_checkpoint", "val_dataset"]

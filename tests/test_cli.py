@@ -86,7 +86,7 @@ def test_a_gpu_runs_checkpoint_is_evaluated_here(trained, tmp_path, capsys):
                  "--max-images", "2"]) == 0
 
 
-def test_predict_writes_palette_pngs(trained, tmp_path):
+def test_predict_writes_palette_pngs(trained, tmp_path, capsys):
     from csl.data import generate_scenes
 
     images, _ = generate_scenes(2, size=40, seed=5, split="val", num_classes=4)
@@ -102,7 +102,7 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
     with Image.open(out / "im0.png") as p:
         assert p.mode == "P" and p.size == (40, 40)
         assert np.array(p).max() < 6
-    assert expand_images([str(img_dir / "*.png")]) == ([str(img_dir / "im0.png"), str(img_dir / "im1.png")], [])
+    assert expand_images([str(img_dir / "*.png")]) == ([str(img_dir / "im0.png"), str(img_dir / "im1.png")], [], [])
     with pytest.raises(FileNotFoundError, match="no such image"):
         expand_images([str(tmp_path / "nothing*.jpg")])
     # An override written after --images is an override, not an image path.
@@ -111,6 +111,13 @@ def test_predict_writes_palette_pngs(trained, tmp_path):
                  str(img_dir / "im0.png"), "eval.mode=center_crop", "eval.crop_size=32"]) == 0
     with Image.open(out2 / "im0.png") as p:
         assert p.size == (32, 32)  # the centre crop: the overrides were applied
+    # A link to an image in the same folder: one prediction, under the image's own name, and it is said.
+    os.symlink(img_dir / "im0.png", img_dir / "link.png")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--images", str(img_dir), "--out",
+                 str(tmp_path / "pred3")]) == 0
+    assert sorted(os.listdir(tmp_path / "pred3")) == ["im0.png", "im1.png"]
+    assert f"{img_dir / 'link.png'} as {img_dir / 'im0.png'}" in capsys.readouterr().err
 
 
 def test_expanded_images_skip_earlier_predictions_only(tmp_path):
@@ -124,13 +131,26 @@ def test_expanded_images_skip_earlier_predictions_only(tmp_path):
     (photos / "preds" / "a.png").write_bytes(b"x")
     a, b, earlier, preds = str(photos / "a.jpg"), str(photos / "seq" / "b.png"), str(photos / "preds" / "a.png"), \
         str(photos / "preds")
-    assert expand_images([str(photos)], skip_under=preds) == ([a, b], [earlier])
+    assert expand_images([str(photos)], skip_under=preds) == ([a, b], [earlier], [])
     # --out above --images (csl predict --images data/photos --out data): every photo is predicted.
-    assert expand_images([str(photos)], skip_under=str(tmp_path / "data")) == ([a, earlier, b], [])
-    assert expand_images([str(photos / "*")], skip_under=preds) == ([a, b], [earlier])
-    assert expand_images([earlier], skip_under=preds) == ([earlier], [])  # named as a file: kept
+    assert expand_images([str(photos)], skip_under=str(tmp_path / "data")) == ([a, earlier, b], [], [])
+    assert expand_images([str(photos / "*")], skip_under=preds) == ([a, b], [earlier], [])
+    assert expand_images([earlier], skip_under=preds) == ([earlier], [], [])  # named as a file: kept
     with pytest.raises(FileNotFoundError, match=r"the pattern .*\*.txt matches no image"):
         expand_images([str(photos / "*.txt")])
+
+
+def test_expanded_images_name_a_linked_file_once_and_say_so(tmp_path, capsys):
+    """A file reached under two names (a link beside it) is predicted once, under the first name, and the other name
+    is returned as a repeat; the same name found twice (a folder and a pattern over it) is no repeat."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "a.png")
+    os.symlink(photos / "a.png", photos / "b.png")
+    a, b = str(photos / "a.png"), str(photos / "b.png")
+    assert expand_images([str(photos)]) == ([a], [], [(b, a)])
+    assert expand_images([str(photos), str(photos / "a*")]) == ([a], [], [(b, a)])
+    assert expand_images([a, a]) == ([a], [], [])
 
 
 def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
 
@@ -427,6 +428,35 @@ def test_another_ignore_value_in_the_files_is_ignored_end_to_end(tmp_path):
         for ds in (bundle.labeled, bundle.unlabeled, bundle.val):
             for i in range(len(ds)):
                 ds[i]
+
+
+def test_nearly_black_12_bit_and_transparent_images_are_warned_once(tmp_path, monkeypatch, caplog):
+    from csl.data import datasets
+    from csl.data.datasets import load_image
+
+    monkeypatch.setattr(datasets, "_IMAGE_WARNINGS_SAID", set())
+    twelve = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 16).astype(np.uint16)  # 0 .. 4080
+    for name in ("raw0.png", "raw1.png"):
+        Image.fromarray(twelve).save(tmp_path / name)
+    full = tmp_path / "full16.png"
+    Image.fromarray(twelve * 16).save(full)  # 0 .. 65280: the 16-bit range used
+    rgba = np.full((8, 8, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    opaque, transparent = tmp_path / "opaque.png", tmp_path / "transparent.png"
+    Image.fromarray(rgba).save(opaque)
+    rgba[:4, :, 3] = 0
+    Image.fromarray(rgba).save(transparent)
+    with caplog.at_level(logging.WARNING, logger="csl"):
+        assert load_image(str(full)).max() > 250
+        assert load_image(str(opaque)).shape == (8, 8, 3)
+        assert not caplog.records
+        assert load_image(str(tmp_path / "raw0.png")).max() <= 16  # nearly black, as the warning says
+        load_image(str(tmp_path / "raw1.png"))
+        np.testing.assert_array_equal(load_image(str(transparent)), 200)  # stored colour kept
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "raw0.png is 16-bit but no pixel exceeds 4080 (12-bit data?)" in said[0]
+    assert "transparent.png has transparent pixels" in said[1]
 
 
 def test_16_bit_images_are_scaled_and_truncated_files_named(tmp_path):

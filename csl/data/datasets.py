@@ -38,6 +38,7 @@ from .transforms import (
 log = logging.getLogger("csl")
 # Lists whose optional masks (the unlabeled ground truth) were found unusable, warned about in this process.
 _WARNED_OPTIONAL: set[str] = set()
+_IMAGE_WARNINGS_SAID: set[str] = set()  # the kinds of load_image's warnings said in this process (each once)
 
 SplitItems = list[tuple[str, str | None]]
 _LOSSY_IMAGE_SUFFIXES = (".jpg", ".jpeg")  # an image format no label map is stored in: a split path's second half
@@ -111,11 +112,19 @@ def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
     return items
 
 
+def _warn_image_once(kind: str, message: str, *args) -> None:
+    if kind not in _IMAGE_WARNINGS_SAID:
+        _IMAGE_WARNINGS_SAID.add(kind)
+        log.warning(message + " (said once, for the first such image)", *args)
+
+
 def load_image(path: str, upright: bool = False) -> np.ndarray:
     """H x W x 3 uint8. 16-bit and 32-bit grayscale images are scaled to 8 bits by their type's range (PIL's own
-    conversion would clip them at 255); a truncated or unreadable file is an error naming it. ``upright``: turned
-    as its EXIF orientation says (a phone photo as viewers show it; the datasets' masks are drawn on the stored
-    pixels, so training and evaluation read images as stored)."""
+    conversion would clip them at 255); 16-bit data that stays within 12 bits (a sensor's raw range) comes out nearly
+    black and is warned about. An alpha channel is dropped (transparent pixels keep their stored colour; warned
+    about). A truncated or unreadable file is an error naming it. ``upright``: turned as its EXIF orientation says
+    (a phone photo as viewers show it; the datasets' masks are drawn on the stored pixels, so training and
+    evaluation read images as stored)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -123,10 +132,18 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
             img = ImageOps.exif_transpose(stored) if upright else stored
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 data = np.asarray(img).astype(np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and data.max() <= 65535) else \
-                    max(float(data.max()), 1.0)
+                largest = float(data.max()) if data.size else 0.0
+                top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and largest <= 65535) else \
+                    max(largest, 1.0)
+                if top == 65535.0 and 0 < largest <= 4095:
+                    _warn_image_once("12-bit", "image %s is 16-bit but no pixel exceeds %d (12-bit data?): scaled "
+                                     "by the 16-bit range to 8 bits it is nearly black; store such images as 8-bit, "
+                                     "scaled by their own range", path, int(largest))
                 gray = np.clip(np.rint(data / top * 255.0), 0, 255).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") and img.getchannel("A").getextrema()[0] < 255:
+                _warn_image_once("alpha", "image %s has transparent pixels: the alpha channel is dropped and they "
+                                 "are read with their stored colour", path)
             return np.array(img.convert("RGB"))
     except OSError as e:  # PIL: "image file is truncated", "cannot identify image file", ...
         raise ValueError(f"cannot read image {path}: {e}") from None
