@@ -74,8 +74,20 @@ def _load_backend_module(backend: str) -> str | None:
     return None
 
 
-def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run ``op`` on ``device``; otherwise a human-readable reason."""
+# Public ops whose backend runs another op's kernels: their availability is that op's.
+_RUNS_KERNELS_OF = {"threshold_weights": "residual_features"}
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device | str) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``; otherwise a human-readable reason. ``"auto"`` always runs
+    (it falls back to the reference, which runs on every device, and says so)."""
+    device = torch.device(device)
+    op = _RUNS_KERNELS_OF.get(op, op)
+    if op not in _IMPLS:
+        ops = sorted({*_IMPLS, *_RUNS_KERNELS_OF})
+        return f"{op!r} is no op with backends; those are {', '.join(ops)}"
+    if backend == "auto":
+        return None
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}"
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -107,7 +119,8 @@ def log_choices_again() -> None:
 
 
 def is_available(op: str, backend: str, device: torch.device | str) -> bool:
-    return unavailable_reason(op, backend, torch.device(device)) is None
+    """Whether ``backend`` can run ``op`` on ``device`` (:func:`unavailable_reason` says why not)."""
+    return unavailable_reason(op, backend, device) is None
 
 
 def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:

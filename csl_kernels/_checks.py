@@ -183,11 +183,20 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _not_a_number_hint(value) -> str:
+    """What to pass instead of a value that is no Python int or float (an empty string where it is one)."""
+    if _is_number(value):
+        return ""
+    if isinstance(value, torch.Tensor):
+        return ": a Python float is needed (float(t), which waits for the tensor's device)"
+    return ": a Python int or float is needed"
+
+
 def check_positive(value: float, name: str) -> None:
     """A finite number > 0 (compared, not ``math.isfinite``: a symbolic float under ``torch.compile(dynamic=True)``
     traces through comparisons)."""
     if not (_is_number(value) and 0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {_described(value)}")
+        raise ValueError(f"{name} must be a positive finite number, got {_described(value)}{_not_a_number_hint(value)}")
 
 
 def check_positive_int(value: int, name: str) -> None:
@@ -199,7 +208,8 @@ def check_fraction(value: float, name: str, *, zero_allowed: bool = True) -> Non
     """``value`` lies in ``[0, 1]`` (``(0, 1]`` without ``zero_allowed``)."""
     low_ok = _is_number(value) and (value >= 0 if zero_allowed else value > 0)
     if not (low_ok and value <= 1):
-        raise ValueError(f"{name} must be in {'[' if zero_allowed else '('}0, 1], got {_described(value)}")
+        raise ValueError(f"{name} must be in {'[' if zero_allowed else '('}0, 1], got {_described(value)}"
+                         f"{_not_a_number_hint(value)}")
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:

@@ -37,7 +37,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     Args:
         pred: ``B x H x W`` (any shape) integer predictions.
         target: same shape, integer ground truth; ``ignore_index`` marks pixels to skip.
-        num_classes: C (up to at least 1000).
+        num_classes: C (up to at least 1000). An ``ignore_index`` inside ``[0, C)`` takes that class out (its row
+            counts nothing): with more than 255 classes the default 255 is such a class id, so pass an
+            ``ignore_index`` outside ``[0, C)`` (e.g. -1) unless that is meant.
 
     Returns:
         ``C x C`` int64 counts, rows = target class, columns = predicted class.

@@ -15,7 +15,8 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
 
     Over valid pixels (``target != ignore_index``) predicted as class k: predicted, selected (reliable), correct
     (prediction == target) and selected-and-correct. Counts add up over batches. No boolean indexing, so it never
-    synchronises with the GPU.
+    synchronises with the GPU. An ``ignore_index`` inside ``[0, num_classes)`` takes that class out (as in
+    :func:`~csl_kernels.confusion_matrix`; with more than 255 classes the default 255 is one).
     """
     check_integer_tensor(label, "label")
     check_bool(reliable, "reliable")

@@ -28,7 +28,7 @@ class PCOSStats(NamedTuple):
 
 class PCOSResult(NamedTuple):
     weight: torch.Tensor  # B x H x W float32 in [0, 1]
-    label: torch.Tensor  # B x H x W int64 pseudo-label
+    label: torch.Tensor  # B x H x W int64 pseudo-label; 0 (a class id) at invalid pixels, whose weight is 0
     reliable: torch.Tensor  # B x H x W bool: weight == 1 and valid
     stats: PCOSStats | None = None
 
@@ -212,7 +212,9 @@ def pcos_weights(
 
     Returns:
         :class:`PCOSResult` with ``weight`` (``B x H x W`` float32), ``label`` (int64), ``reliable`` (bool)
-        and ``stats`` (None unless ``return_stats``).
+        and ``stats`` (None unless ``return_stats``). At an invalid pixel (ignored, or non-finite logits) ``label``
+        is 0, a class id, and ``weight`` 0: a loss that reads ``label`` without ``weight`` must pass the ignore map
+        too (``weighted_cross_entropy(..., ignore)`` does).
     """
     bsz, ncls = check_logits(logits)[:2]
     check_positive(alpha, "alpha")

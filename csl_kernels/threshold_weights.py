@@ -24,7 +24,8 @@ def threshold_weights(
             ``conf_thresh: 0``).
 
     Returns:
-        :class:`PCOSResult` with float32 0/1 ``weight``, int64 ``label``, bool ``reliable`` and no stats.
+        :class:`PCOSResult` with float32 0/1 ``weight``, int64 ``label``, bool ``reliable`` and no stats; at an
+        invalid pixel ``label`` is 0 (a class id) and ``weight`` 0, as :func:`pcos_weights` returns them.
     """
     check_logits(logits)
     check_fraction(tau, "tau")

@@ -42,7 +42,15 @@ def weighted_cross_entropy_reference(
     used = w != 0 if valid is None else valid & (w != 0)
     z = torch.where(used.unsqueeze(1), z, torch.zeros((), dtype=dt, device=z.device))
     y = torch.where(used, label.long(), 0)
-    ce = torch.logsumexp(z, dim=1) - z.gather(1, y.unsqueeze(1)).squeeze(1)
+    try:
+        picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    except RuntimeError as err:  # eager on the CPU: an index out of bounds, said as the cpu backend says it
+        if "out of bounds" not in str(err):
+            raise
+        bad = y[(y < 0) | (y >= z.shape[1])].flatten()
+        raise RuntimeError(f"weighted_cross_entropy: label {int(bad[0])} of a used pixel is outside "
+                           f"[0, {z.shape[1]})") from None
+    ce = torch.logsumexp(z, dim=1) - picked
     total = torch.where(used, w * ce, torch.zeros((), dtype=dt, device=z.device)).sum()
     n_valid = label.numel() if valid is None else valid.sum()
     return total / torch.as_tensor(n_valid, device=z.device).clamp_min(1).to(dt)

@@ -122,6 +122,22 @@ def test_unknown_backend_name_raises():
     assert not csl_kernels.is_available("residual_features", "fastest", "cpu")
 
 
+def test_availability_of_every_public_op_and_auto():
+    """``auto`` runs every op; an op built on another op's kernels is available where they are; a device may be
+    named by a string; a name that is no op with backends is said to be that."""
+    for op in ("pcos_weights", "residual_features", "threshold_weights", "trusted_mask", "weighted_cross_entropy",
+               "confusion_matrix"):
+        assert csl_kernels.is_available(op, "auto", "cpu"), op
+        assert csl_kernels.unavailable_reason(op, "reference", "cpu") is None, op
+    assert csl_kernels.unavailable_reason("threshold_weights", "cpu", "cpu") == \
+        csl_kernels.unavailable_reason("residual_features", "cpu", CPU)
+    assert csl_kernels.unavailable_reason("pcos_weights", "cuda", "cpu") == \
+        "the cuda backend needs CUDA tensors, got tensors on cpu"
+    reason = csl_kernels.unavailable_reason("selection_scores", "auto", "cpu")
+    assert reason is not None and reason.startswith("'selection_scores' is no op with backends; those are ")
+    assert "threshold_weights" in reason and "pcos_weights" in reason
+
+
 def test_real_op_auto_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
     caplog.set_level(logging.INFO, logger="csl_kernels")

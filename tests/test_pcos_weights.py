@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import layout, masks, require_backend, spy_constexpr
@@ -559,6 +560,9 @@ def test_triton_custom_op_registration_and_compile():
         (lambda z: (z, None, {"alpha": "8"}), ValueError, "alpha"),
         (lambda z: (z, None, {"alpha": True}), ValueError, r"alpha must be a positive finite number, got True"),
         (lambda z: (z, None, {"alpha": float("inf")}), ValueError, "alpha must be a positive finite number"),
+        (lambda z: (z, None, {"alpha": torch.tensor(8.0)}), ValueError,
+         r"alpha must be a positive finite number, got tensor\(8\.\) \(torch.Tensor\): a Python float is needed"),
+        (lambda z: (z, None, {"alpha": np.float32(8)}), ValueError, r"numpy.float32\): a Python int or float is"),
         (lambda z: (z.to_sparse(), None, {}), TypeError, "logits must be a dense"),
         (lambda z: (z, None, {"confidence": "logit"}), ValueError, "confidence"),
         (lambda z: (z, None, {"groups": "pixel"}), ValueError, "groups"),

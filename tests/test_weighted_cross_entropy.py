@@ -201,6 +201,16 @@ def test_used_pixel_with_out_of_range_label(fused_backend):
             run(fused_backend, z, label, weight, None)
 
 
+def test_reference_names_an_out_of_range_label_as_the_cpu_backend_does():
+    z = torch.randn(1, 3, 2, 2)
+    label = torch.tensor([[[0, 1], [2, 7]]])
+    with pytest.raises(RuntimeError, match=r"^weighted_cross_entropy: label 7 of a used pixel is outside \[0, 3\)$"):
+        csl_kernels.weighted_cross_entropy(z, label, torch.ones(1, 2, 2), backend="reference")
+    weight = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])  # the pixel unused: no error, and no contribution
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, backend="reference")
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_huge_logits_and_minus_inf_classes(fused_backend, dtype):
     device = require_backend(OP, fused_backend)
