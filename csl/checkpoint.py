@@ -116,6 +116,10 @@ def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
     return sd
 
 
+# Output stride and ASPP dilations of every UniMatch (and CSL) model: VOC, Cityscapes and COCO alike.
+UNIMATCH_GEOMETRY = (16, [6, 12, 18])
+
+
 def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int | None = None,
                        classes_from: str = "data.num_classes") -> tuple[dict[str, torch.Tensor], int]:
     """The model weights of a csl, UniMatch or CSL checkpoint under this package's module names, and the number of
@@ -132,6 +136,13 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
                               f"model.stem=deep (the voc / cityscapes / coco configs set it)")
         state = from_unimatch_state_dict(state)
         log.info("%s: UniMatch / CSL module names mapped to this package's", path)
+        built = (int(model_cfg.get("output_stride", 16)), [int(d) for d in model_cfg.get("dilations") or ()])
+        if built != UNIMATCH_GEOMETRY:
+            # The weights fit in shape at any stride and dilation, so only this says that the model computes otherwise.
+            log.warning("%s is a UniMatch / CSL checkpoint: those models are trained at output stride %d with ASPP "
+                        "dilations %s (every UniMatch config), but this config builds stride %d with dilations %s; "
+                        "the weights load, the predictions differ. To run them as trained, add "
+                        "model.output_stride=16 'model.dilations=[6,12,18]'", path, *UNIMATCH_GEOMETRY, *built)
     if "classifier.weight" not in state:
         raise ConfigError(f"{path} holds no DeepLabV3+ classifier (classifier.weight); is it a csl checkpoint?")
     predicted = int(ckpt.get("num_classes") or state["classifier.weight"].shape[0])
@@ -143,7 +154,7 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """``model.load_state_dict(state)``; a ConfigError that counts and names the first differences when the model is
-    built otherwise (another backbone, stem, output stride or head)."""
+    built otherwise (another backbone, stem or head; an output stride or dilations change no weight's shape)."""
     from .config import ConfigError
 
     expected = model.state_dict()
@@ -158,8 +169,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
                            ("weights of another shape", reshaped)):
             if keys:
                 parts.append(f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})")
-        raise ConfigError(f"{path} does not fit the model of this config (model.backbone / stem / output_stride / "
-                          f"dilations, data.num_classes): {', '.join(parts)}")
+        raise ConfigError(f"{path} does not fit the model of this config (model.backbone / stem, "
+                          f"data.num_classes): {', '.join(parts)}")
     model.load_state_dict(state)
 
 

@@ -224,7 +224,7 @@ def test_deep_stem_loads_unimatch_imagenet_weights_unchanged(tmp_path):
         build_model({"backbone": "resnet18", "stem": "deep"}, 3)
 
 
-def test_unimatch_checkpoint_evaluates_under_our_names(tmp_path):
+def test_unimatch_checkpoint_evaluates_under_our_names(tmp_path, caplog):
     from csl.cli import model_from_checkpoint
     from csl.config import load_config
 
@@ -253,3 +253,15 @@ def test_unimatch_checkpoint_evaluates_under_our_names(tmp_path):
     with pytest.raises(ConfigError, match="model.stem=deep"):
         model_from_checkpoint(load_config("voc_321", ["model.backbone=resnet50", "model.stem=torchvision",
                                                       "model.pretrained=null"]), ckpt, "unimatch.pth", "cpu")
+    # At stride 8 (cityscapes_801's model) the weights load as well; the load says they are a stride-16 model's.
+    with caplog.at_level(logging.WARNING, logger="csl"):
+        model_from_checkpoint(cfg, ckpt, "unimatch.pth", torch.device("cpu"))
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        stride8 = load_config("voc_321", ["model.backbone=resnet50", "model.pretrained=null", "device=cpu",
+                                          "model.output_stride=8", "model.dilations=[12,24,36]"])
+        model_from_checkpoint(stride8, ckpt, "unimatch.pth", torch.device("cpu"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "unimatch.pth is a UniMatch / CSL checkpoint: those models are trained at output stride 16 with ASPP "
+        "dilations [6, 12, 18] (every UniMatch config), but this config builds stride 8 with dilations [12, 24, 36]; "
+        "the weights load, the predictions differ. To run them as trained, add model.output_stride=16 "
+        "'model.dilations=[6,12,18]'"]

@@ -394,6 +394,8 @@ class PascalVOC(ListSource):
 
     num_classes_default = 21
     mask_hint = "VOC masks are palette PNGs of class indices 0-20 with 255 on boundaries"
+    missing_mask_hint = ("; UniMatch's VOC splits use the SBD-augmented masks (SegmentationClassAug) under the name "
+                         "SegmentationClass: put those files there, or link SegmentationClass to that folder")
 
     @staticmethod
     def default_val_items(root: str) -> tuple[str, SplitItems]:
