@@ -213,8 +213,8 @@ def pcos_weights(
     Returns:
         :class:`PCOSResult` with ``weight`` (``B x H x W`` float32), ``label`` (int64), ``reliable`` (bool)
         and ``stats`` (None unless ``return_stats``). At an invalid pixel (ignored, or non-finite logits) ``label``
-        is 0, a class id, and ``weight`` 0: a loss that reads ``label`` without ``weight`` must pass the ignore map
-        too (``weighted_cross_entropy(..., ignore)`` does).
+        is 0, a class id, and ``weight`` 0: a loss that reads ``label`` without ``weight`` must mask those pixels
+        itself (e.g. ``label.masked_fill(ignore == 255, 255)`` for ``F.cross_entropy(..., ignore_index=255)``).
     """
     bsz, ncls = check_logits(logits)[:2]
     check_positive(alpha, "alpha")
