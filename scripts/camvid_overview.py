@@ -9,7 +9,6 @@ paired difference: the seeds move the levels by several points, the differences 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from csl.demo import LABELS  # noqa: E402
+from csl.logging_utils import read_metrics  # noqa: E402
 from csl.plots import _pyplot, _save_figure  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
@@ -29,13 +29,8 @@ BASELINE = "threshold"
 
 def final_miou(path: str) -> float | None:
     """The mIoU (%) of the last evaluation in a metrics.jsonl, None without one."""
-    last = None
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "eval":
-                last = record
-    return None if last is None else 100 * last["miou"]
+    evals = read_metrics(path, "eval")
+    return 100 * evals[-1]["miou"] if evals else None
 
 
 def load() -> dict[tuple[str, int], dict[str, float]]:

@@ -434,7 +434,7 @@ def test_nearly_black_12_bit_and_transparent_images_are_warned_once(tmp_path, mo
     from csl.data import datasets
     from csl.data.datasets import load_image
 
-    monkeypatch.setattr(datasets, "_IMAGE_WARNINGS_SAID", set())
+    monkeypatch.setattr(datasets, "_SAID_ONCE", set())
     twelve = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 16).astype(np.uint16)  # 0 .. 4080
     for name in ("raw0.png", "raw1.png"):
         Image.fromarray(twelve).save(tmp_path / name)

@@ -36,9 +36,9 @@ from .transforms import (
 )
 
 log = logging.getLogger("csl")
-# Lists whose optional masks (the unlabeled ground truth) were found unusable, warned about in this process.
-_WARNED_OPTIONAL: set[str] = set()
-_IMAGE_WARNINGS_SAID: set[str] = set()  # the kinds of load_image's warnings said in this process (each once)
+# The warnings said once in this process, by key: a list whose optional masks (the unlabeled ground truth) were found
+# unusable, a kind of image that load_image reads with a loss.
+_SAID_ONCE: set = set()
 
 SplitItems = list[tuple[str, str | None]]
 _LOSSY_IMAGE_SUFFIXES = (".jpg", ".jpeg")  # an image format no label map is stored in: a split path's second half
@@ -112,10 +112,10 @@ def scan_folder(root: str, images: str = "images", masks: str | None = "masks",
     return items
 
 
-def _warn_image_once(kind: str, message: str, *args) -> None:
-    if kind not in _IMAGE_WARNINGS_SAID:
-        _IMAGE_WARNINGS_SAID.add(kind)
-        log.warning(message + " (said once, for the first such image)", *args)
+def _warn_once(key, message: str, *args) -> None:
+    if key not in _SAID_ONCE:
+        _SAID_ONCE.add(key)
+        log.warning(message, *args)
 
 
 def load_image(path: str, upright: bool = False) -> np.ndarray:
@@ -136,14 +136,14 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
                 top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and largest <= 65535) else \
                     max(largest, 1.0)
                 if top == 65535.0 and 0 < largest <= 4095:
-                    _warn_image_once("12-bit", "image %s is 16-bit but no pixel exceeds %d (12-bit data?): scaled "
-                                     "by the 16-bit range to 8 bits it is nearly black; store such images as 8-bit, "
-                                     "scaled by their own range", path, int(largest))
+                    _warn_once("12-bit", "image %s is 16-bit but no pixel exceeds %d (12-bit data?): scaled by the "
+                               "16-bit range to 8 bits it is nearly black; store such images as 8-bit, scaled by "
+                               "their own range (said once, for the first such image)", path, int(largest))
                 gray = np.clip(np.rint(data / top * 255.0), 0, 255).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") and img.getchannel("A").getextrema()[0] < 255:
-                _warn_image_once("alpha", "image %s has transparent pixels: the alpha channel is dropped and they "
-                                 "are read with their stored colour", path)
+                _warn_once("alpha", "image %s has transparent pixels: the alpha channel is dropped and they are "
+                           "read with their stored colour (said once, for the first such image)", path)
             return np.array(img.convert("RGB"))
     except OSError as e:  # PIL: "image file is truncated", "cannot identify image file", ...
         raise ValueError(f"cannot read image {path}: {e}") from None
@@ -271,10 +271,8 @@ class ListSource:
             except (FileNotFoundError, ValueError) as e:
                 if not optional_mask:
                     raise
-                if self.list_path not in _WARNED_OPTIONAL:
-                    _WARNED_OPTIONAL.add(self.list_path)
-                    log.warning("%s; its image is trained on without ground truth, which only the pseudo-label "
-                                "metrics use (said once for %s)", e, self.list_path)
+                _warn_once(("optional masks", self.list_path), "%s; its image is trained on without ground truth, "
+                           "which only the pseudo-label metrics use (said once for %s)", e, self.list_path)
         return resize_pair(image, mask, self.scale)
 
     def _checked_mask(self, mask_path: str, image: np.ndarray, index: int) -> np.ndarray:
