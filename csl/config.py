@@ -143,7 +143,7 @@ CHOICES: dict[str, tuple] = {
     "train.mode": ("semi", "supervised"),
     "train.criterion": ("ce", "ohem"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
-    "selection.mode": ("csl", "threshold", "csl_class", "confidence_share"),
+    "selection.mode": ("csl", "threshold", "csl_class", "confidence_share", "oracle"),
     "selection.confidence": ("prob", "log"),
     "selection.rule": ("paper", "released"),
     "tmp.other_view": ("strong_cutmix", "strong"),

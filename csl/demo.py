@@ -36,6 +36,7 @@ METHODS: dict[str, dict] = {
     "csl_class": {"train.mode": "semi", "selection.mode": "csl_class", "tmp.enabled": True},
     "csl_no_tmp": {"train.mode": "semi", "selection.mode": "csl", "tmp.enabled": False},
     "confidence_share": {"train.mode": "semi", "selection.mode": "confidence_share", "tmp.enabled": False},
+    "oracle": {"train.mode": "semi", "selection.mode": "oracle", "tmp.enabled": False},
 }
 # Keys each stage sets over the user's overrides, and the demo's own way to choose them.
 DEMO_SETS = {
@@ -47,7 +48,7 @@ DEMO_SETS = {
 }
 LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)",
           "csl_class": "CSL class-wise (PCOS + TMP)", "csl_no_tmp": "CSL without TMP (PCOS)",
-          "confidence_share": "CSL's share by confidence"}
+          "confidence_share": "CSL's share by confidence", "oracle": "true masks (oracle)"}
 
 
 def _same_run(cfg: dict) -> bool:

@@ -5,10 +5,14 @@
 - ``threshold``: the FixMatch / UniMatch fixed confidence threshold (``tau`` = 0.95);
 - ``confidence_share``: a control for CSL's choice of *which* pixels: per image, as many pixels as CSL's total
   weight there (its share), taken by confidence instead — the most confident valid pixels, at weight 1. Against
-  ``csl`` (with TMP off) it differs only in which pixels carry the weight, not in how much weight there is.
+  ``csl`` (with TMP off) it differs only in which pixels carry the weight, not in how much weight there is;
+- ``oracle``: a diagnostic, not semi-supervised learning: the unlabeled crops' true masks as pseudo-labels, weight 1
+  on every pixel with a class, 0 on void and padding. What the unlabeled losses of the recipe give with perfect
+  pseudo-labels, to tell a selection's errors from the rest of the recipe. Needs the unlabeled frames' masks.
 
-A selector maps detached logits ``B x C x H x W`` and the padding map ``B x H x W`` (255 = padded) to a
-:class:`csl_kernels.PCOSResult` ``(weight, label, reliable)``.
+A selector maps detached logits ``B x C x H x W``, the padding map ``B x H x W`` (255 = padded) and the crops' true
+masks ``truth`` (``B x H x W``, read by ``oracle`` only) to a :class:`csl_kernels.PCOSResult`
+``(weight, label, reliable)``.
 """
 
 from __future__ import annotations
@@ -40,8 +44,13 @@ class Selector:
             raise ValueError(f"selection mode must be one of {SELECTION_MODES}, got {self.mode!r}")
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None) -> PCOSResult:
+    def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None,
+                 truth: torch.Tensor | None = None) -> PCOSResult:
         logits = logits.detach()
+        if self.mode == "oracle":
+            if truth is None:
+                raise ValueError("selection mode 'oracle' takes the true masks as pseudo-labels: pass truth=")
+            return true_labels(truth, logits.shape[1])
         if self.mode == "threshold":
             return csl_kernels.threshold_weights(logits, ignore, tau=self.tau, backend=self.backend)
         groups = "class" if self.mode == "csl_class" else "image"
@@ -71,11 +80,19 @@ def most_confident_at_share(logits: torch.Tensor, ignore: torch.Tensor | None, c
     return PCOSResult(selected.to(csl.weight.dtype), csl.label, selected)
 
 
+def true_labels(truth: torch.Tensor, num_classes: int) -> PCOSResult:
+    """The ``oracle`` selection: label = the true class, weight 1 and reliable where ``truth`` holds a class in
+    ``[0, num_classes)``; label 0 at weight 0 elsewhere (void, padding: the datasets' ignore_index)."""
+    known = (truth >= 0) & (truth < num_classes)
+    return PCOSResult(known.float(), torch.where(known, truth, 0), known)
+
+
 def unused_selection_settings(selection_cfg: dict) -> list[str]:
     """The ``selection`` keys set away from their defaults that the mode does not read: ``alpha``, ``confidence``
-    and ``rule`` with ``mode=threshold``, ``tau`` with the PCOS modes."""
+    and ``rule`` with ``mode=threshold``, ``tau`` with the PCOS modes, all four with ``mode=oracle``."""
     mode = selection_cfg.get("mode", "csl")
-    keys = ("alpha", "confidence", "rule") if mode == "threshold" else ("tau",)
+    pcos_keys = ("alpha", "confidence", "rule")
+    keys = {"threshold": pcos_keys, "oracle": (*pcos_keys, "tau")}.get(mode, ("tau",))
     return [f"selection.{key}={selection_cfg[key]}" for key in keys
             if key in selection_cfg and selection_cfg[key] != DEFAULTS["selection"][key]]
 
@@ -88,4 +105,5 @@ def build_selector(selection_cfg: dict, backend: str = "auto") -> Selector:
                     rule=selection_cfg.get("rule", "paper"), backend=backend)
 
 
-__all__ = ["SELECTION_MODES", "Selector", "build_selector", "most_confident_at_share", "unused_selection_settings"]
+__all__ = ["SELECTION_MODES", "Selector", "build_selector", "most_confident_at_share", "true_labels",
+           "unused_selection_settings"]

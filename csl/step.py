@@ -145,7 +145,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
 
     ``batch_x``: labeled ``image``, ``mask``; ``batch_u`` / ``batch_mix``: unlabeled ``image_w`` (weak),
     ``image_s`` and ``image_s2`` (the strong views of the two streams, colour-augmented independently), ``image_m``
-    (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth, metrics only).
+    (mild), ``ignore`` (255 = padding) and ``mask`` (ground truth: pseudo-label metrics, and the pseudo-labels of the
+    diagnostic ``selection.mode=oracle`` only).
     ``generator`` (on the model's device) draws the CutMix boxes, the masking-view choice and the TMP block grid.
     ``ops``: TMP and the weighted loss (default ``KernelOps(cfg.backend)``); ``region(name)`` wraps the CSL-specific
     work ("select", "mask", "loss") so a benchmark can time it.
@@ -163,7 +164,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
             pred_mix = model(batch_mix["image_w"])
         model.train()
     with region("select"):
-        sel_mix = selector(pred_mix, batch_mix["ignore"])
+        sel_mix = selector(pred_mix, batch_mix["ignore"], truth=batch_mix["mask"])
 
     # 2. Labeled + weak unlabeled views together, with the feature-perturbed decoder pass; select from pred_w.
     with amp:
@@ -171,7 +172,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     pred_x, pred_w = preds.split([n_x, n_u])
     pred_fp = preds_fp[n_x:]
     with region("select"):
-        sel = selector(pred_w.detach(), ignore_u)
+        sel = selector(pred_w.detach(), ignore_u, truth=batch_u["mask"])
 
     # 3. Strong view, CutMix-ed with the mix batch: images, pseudo-labels, weights and padding inside the box.
     box = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator)

@@ -277,6 +277,10 @@ class Trainer:
         self.labeled, self.unlabeled, self.val = bundle.labeled, bundle.unlabeled if self.semi else None, bundle.val
         self.num_classes = int(self.labeled.source.num_classes)
         self.has_unlabeled_gt = bool(self.semi and getattr(self.unlabeled.source, "has_masks", False))
+        if self.semi and cfg["selection"]["mode"] == "oracle" and not self.has_unlabeled_gt:
+            raise ConfigError("selection.mode=oracle trains on the unlabeled frames' true masks, and the unlabeled "
+                              "list has frames without one: give every unlabeled frame its mask, or choose another "
+                              "selection.mode")
         self.eval_mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
         self.eval_crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
 

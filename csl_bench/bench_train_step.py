@@ -71,7 +71,8 @@ class OfficialSelector:
     mode = "official"
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None) -> PCOSResult:
+    def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None, truth: torch.Tensor | None = None
+                 ) -> PCOSResult:
         return PCOSResult(*official_pcos(logits.detach(), ignore))
 
 

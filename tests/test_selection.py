@@ -86,7 +86,7 @@ def test_selector_confidence_share_takes_csl_share(backend):
 
 def test_every_configurable_selection_mode_selects():
     logits = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 6  # some pixels above 0.95
-    for mode in SELECTION_MODES:
+    for mode in (m for m in SELECTION_MODES if m != "oracle"):  # the oracle reads no logits: below
         selection = Selector(mode=mode, backend="reference")(logits, None)
         assert selection.weight.shape == selection.label.shape == (1, 4, 5), mode
         assert torch.equal(selection.label, logits.argmax(1)), mode
@@ -94,6 +94,24 @@ def test_every_configurable_selection_mode_selects():
         assert selection.reliable.any() and not selection.reliable.all(), mode
     with pytest.raises(ValueError, match="selection mode must be one of"):
         Selector(mode="top_k")
+
+
+def test_oracle_takes_the_true_masks():
+    """``oracle``: label = the true class at weight 1 where the truth holds one; void, padding and values outside
+    [0, C) at weight 0 (label 0), whatever the logits say."""
+    logits = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(1))
+    truth = torch.tensor([[[0, 1, 2, 3, 255], [3, 3, 255, 0, 1], [2, 2, 2, 2, 2]],
+                          [[255] * 5, [255] * 5, [255] * 5]])
+    out = Selector(mode="oracle")(logits, None, truth=truth)
+    known = truth != 255
+    assert torch.equal(out.reliable, known) and torch.equal(out.weight, known.float())
+    assert torch.equal(out.label, torch.where(known, truth, 0))
+    assert out.weight.dtype == torch.float32 and out.label.dtype == truth.dtype
+    assert torch.equal(Selector(mode="oracle")(-logits, None, truth=truth).label, out.label)
+    four_classes = Selector(mode="oracle")(logits[:, :3], None, truth=truth)  # class 3 is out of range with C = 3
+    assert torch.equal(four_classes.reliable, known & (truth < 3))
+    with pytest.raises(ValueError, match="oracle.*true masks.*truth="):
+        Selector(mode="oracle")(logits, None)
 
 
 def test_settings_the_selection_mode_does_not_read_are_named(tmp_path):
@@ -107,5 +125,7 @@ def test_settings_the_selection_mode_does_not_read_are_named(tmp_path):
     assert unused_selection_settings({"mode": "csl", "alpha": 4.0, "rule": "released", "tau": 0.9}) == [
         "selection.tau=0.9"]
     assert unused_selection_settings({"mode": "csl_class", "alpha": 8.0, "tau": 0.95}) == []
+    assert unused_selection_settings({"mode": "oracle", "alpha": 4.0, "rule": "paper", "tau": 0.9}) == [
+        "selection.alpha=4.0", "selection.tau=0.9"]
     Trainer(tiny_config(tmp_path, **{"selection.mode": "threshold", "selection.alpha": 4.0})).close()
     assert "selection.alpha=4.0: not used by selection.mode=threshold" in (tmp_path / "train.log").read_text()

@@ -48,7 +48,7 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["csl", "threshold", "csl_class", "confidence_share"])
+@pytest.mark.parametrize("mode", ["csl", "threshold", "csl_class", "confidence_share", "oracle"])
 def test_one_step_per_selection_mode(tmp_path, mode):
     trainer = Trainer(tiny_config(tmp_path, **{"selection.mode": mode, "train.iters": 1}))
     batches = [to_device(b, trainer.device) for b in next(iter(trainer._batches(0, 0)))]
@@ -70,8 +70,10 @@ def test_one_step_per_selection_mode(tmp_path, mode):
     w_sum, w_correct = out["pl_weighted"].tolist()
     selected, selected_correct = (int(out["pl_counts"][i].sum()) for i in (1, 3))
     assert 0 <= w_correct <= w_sum <= int(out["pl_counts"][0].sum())
-    if mode in ("threshold", "confidence_share"):
+    if mode in ("threshold", "confidence_share", "oracle"):
         assert (w_sum, w_correct) == (selected, selected_correct)
+    if mode == "oracle":  # the true masks: every scored pixel selected, and correct
+        assert w_sum == w_correct == int(out["pl_counts"][0].sum()) > 0
     else:
         assert w_sum >= selected  # reliable pixels have weight 1, the others add their soft weight
     trainer.epoch_acc.add({k: out[k] for k in ("weight_sum", "valid", "pl_counts", "pl_weighted")})
@@ -89,13 +91,27 @@ def test_one_step_per_selection_mode(tmp_path, mode):
     trainer.close()
 
 
+def test_oracle_needs_every_unlabeled_mask(tmp_path):
+    from csl.config import ConfigError
+    from csl.data import write_synthetic_folder
+
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
+                                  size=48, unlabeled_masks=False)
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 5}
+    with pytest.raises(ConfigError, match="selection.mode=oracle.*true masks.*without one"):
+        Trainer(tiny_config(tmp_path / "run", **data, **{"selection.mode": "oracle"}))
+    Trainer(tiny_config(tmp_path / "supervised", **data, **{"selection.mode": "oracle",
+                                                            "train.mode": "supervised"})).close()
+
+
 def test_unlabeled_losses_use_selection_weights(tmp_path):
     """With every weight forced to 0 the three unlabeled losses vanish; the labeled loss does not."""
 
     class ZeroSelector:
         mode = "zero"
 
-        def __call__(self, logits, ignore):
+        def __call__(self, logits, ignore, truth=None):
             res = csl_kernels.pcos_weights(logits.detach(), ignore, backend="reference")
             return res._replace(weight=torch.zeros_like(res.weight))
 
@@ -121,7 +137,7 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
                                                            "kernels.backend": backend, "device": device.type}))
         selector = trainer.selector
 
-        def recording(logits, ignore, _amp=amp, _selector=selector):
+        def recording(logits, ignore, truth=None, _amp=amp, _selector=selector):
             seen[_amp] = logits.dtype
             return _selector(logits, ignore)
 
