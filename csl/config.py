@@ -478,8 +478,9 @@ def load_yaml(path: str) -> dict:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
-    if raw is None:
-        return {}
+    if raw is None:  # an empty file, or comments only: not a config of defaults, which would train ResNet-101
+        raise ConfigError(f"{path} holds no settings (empty, or comments only); give a config with at least "
+                          f"data.dataset, or --config demo / camvid / voc_321 / ... for a bundled one")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, got {type(raw).__name__}")
     return raw

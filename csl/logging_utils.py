@@ -3,6 +3,7 @@ tqdm progress bar, all on rank 0 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,18 +31,59 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _FileHandler(logging.FileHandler):
+    """``train.log``: a line it cannot write (a full disk) is said once on stderr, not as a traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_said", False):
+            self._said = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"csl: could not write {self.baseFilename}: {error}; the log goes on on the console "
+                             f"only\n")
+
+
 # The trainer's own logger and the kernels' (backend choices, fallbacks, launch-configuration tuning).
 LOGGERS = ("csl", "csl_kernels")
 
 
-def setup_logging(output_dir: str | None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
+class _Holder(logging.Handler):
+    """Keeps the records of :func:`held_records`; on the console too where nothing else would say them."""
+
+    def __init__(self, held: list[logging.LogRecord]):
+        super().__init__()
+        self.held = held
+        self.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
+        logger = logging.getLogger("csl")
+        if record.levelno >= logging.WARNING and not any(h is not self for h in logger.handlers):
+            sys.stderr.write(self.format(record) + "\n")  # what logging's last resort would print, with the time
+
+
+@contextlib.contextmanager
+def held_records(held: list[logging.LogRecord]):
+    """The ``csl`` records of the block also go to ``held``: what a run says before its log file exists (claiming
+    its folder), for :func:`setup_logging` to write into it."""
+    logger = logging.getLogger("csl")
+    holder = _Holder(held)
+    logger.addHandler(holder)
+    try:
+        yield
+    finally:
+        logger.removeHandler(holder)
+
+
+def setup_logging(output_dir: str | None, is_main: bool = True, level: int = logging.INFO,
+                  held: list[logging.LogRecord] = ()) -> logging.Logger:
     """Configure the ``csl`` and ``csl_kernels`` loggers: console (through tqdm) and ``<output_dir>/train.log`` on
     rank 0; warnings only on other ranks. Replaces handlers installed by an earlier call, and has the kernels log
-    their backend choices again, so that each run's log names them; returns the ``csl`` one."""
+    their backend choices again, so that each run's log names them; returns the ``csl`` one. ``held``: records said
+    before the log file existed (:func:`held_records`), written into it first (they were on the console already)."""
     handlers: list[logging.Handler] = [_TqdmHandler(sys.stderr)]
     if is_main and output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+        handlers.append(_FileHandler(os.path.join(output_dir, "train.log")))
     for h in handlers:
         h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         h._csl_handler = True
@@ -58,8 +100,22 @@ def setup_logging(output_dir: str | None, is_main: bool = True, level: int = log
         logger.propagate = False
         for h in handlers:
             logger.addHandler(h)
+    for record in held:
+        for h in handlers:
+            if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+                h.handle(record)
     log_backend_choices_again()
     return logging.getLogger("csl")
+
+
+def log_to_files(message: str, level: int = logging.ERROR) -> None:
+    """``message`` into the log files of the run set up last in this process (its ``train.log``), not the console:
+    how a command's final error, printed on stderr, also ends the run's log."""
+    logger = logging.getLogger("csl")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler) and getattr(handler, "_csl_handler", False):
+            handler.handle(record)
 
 
 def _json_safe(value):
@@ -100,8 +156,11 @@ class MetricsWriter:
     def write(self, record: dict, step: int | None = None) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(_json_safe(record)) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(_json_safe(record)) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the file named (a torn last line is dropped by the next start)
+            raise OSError(e.errno, f"could not write {self.path}: {e.strerror or e}") from None
         if self._tb is not None and step is not None:
             kind = record.get("kind", "train")
             for key, value in record.items():
@@ -123,7 +182,7 @@ def prune_metrics(path: str, iteration: int) -> int:
     atomically."""
     if not os.path.isfile(path):
         return 0
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a line with other bytes is not a record: dropped
         lines = [line for line in f if line.strip()]
     records = _parsed(path, lines)
     keep = [line if line.endswith("\n") else line + "\n" for line, record in zip(lines, records, strict=True)
@@ -153,8 +212,8 @@ def _parsed(path: str, lines: list[str]) -> list[dict | None]:
 
 def read_metrics(path: str, kind: str | None = None) -> list[dict]:
     """Records of a ``metrics.jsonl`` file (optionally only those of one ``kind``); a line that is not a record is
-    skipped with a warning."""
-    with open(path) as f:
+    skipped with a warning (bytes that are not UTF-8 included)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = [line for line in f if line.strip()]
     return [r for r in _parsed(path, lines) if r is not None and (kind is None or r.get("kind") == kind)]
 
@@ -172,4 +231,5 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
                 leave=False, file=sys.stderr)
 
 
-__all__ = ["MetricsWriter", "bar_disabled", "progress_bar", "read_metrics", "setup_logging"]
+__all__ = ["MetricsWriter", "bar_disabled", "held_records", "log_to_files", "progress_bar", "read_metrics",
+           "setup_logging"]

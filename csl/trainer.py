@@ -46,7 +46,7 @@ from .distributed import (
     prepare_model,
     sample_seed,
 )
-from .logging_utils import MetricsWriter, progress_bar, prune_metrics, setup_logging
+from .logging_utils import MetricsWriter, held_records, log_to_files, progress_bar, prune_metrics, setup_logging
 from .losses import build_labeled_criterion
 from .run_folder import RUN_CONFIG_HEADER, claim_run_folder
 from .selection import build_selector, unused_selection_settings
@@ -219,16 +219,18 @@ class Trainer:
             raise ConfigError("train.mode=supervised with train.batch_size=1: the BatchNorm of the ASPP image-pooling "
                               "branch needs >= 2 images per forward pass; use train.batch_size >= 2")
         self.output_dir = cfg["output_dir"]
-        self.resume_from = self._resume_path()  # read once: resume=auto compares the two checkpoints' iterations
-        check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
-        self.run_lock = None
-        if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
-            self.run_lock = claim_run_folder(self.output_dir, resuming=self.resume_from is not None,
-                                             resume_auto=t["resume"] == "auto", overwrite=t["overwrite"],
-                                             resume_path=self.resume_from)
+        held: list[logging.LogRecord] = []  # what is said before train.log exists, written into it once it does
+        with held_records(held):
+            self.resume_from = self._resume_path()  # read once: resume=auto compares the checkpoints' iterations
+            check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
+            self.run_lock = None
+            if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
+                self.run_lock = claim_run_folder(self.output_dir, resuming=self.resume_from is not None,
+                                                 resume_auto=t["resume"] == "auto", overwrite=t["overwrite"],
+                                                 resume_path=self.resume_from)
         barrier()
         try:
-            self._set_up(cfg)
+            self._set_up(cfg, held)
         except BaseException:
             if self.run_lock is not None:
                 self.run_lock.restore_replaced()  # a replaced run is only gone once this start has succeeded
@@ -237,8 +239,8 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.discard_replaced()
 
-    def _set_up(self, cfg: dict) -> None:
-        setup_logging(self.output_dir, self.env.is_main)
+    def _set_up(self, cfg: dict, held: list[logging.LogRecord] = ()) -> None:
+        setup_logging(self.output_dir, self.env.is_main, held=held)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -791,6 +793,10 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     trainer = Trainer(cfg)
     try:
         return trainer.train(stop_at=stop_at)
+    except Exception as e:  # the error ends the run's train.log too, not only the console (stops log their own)
+        message = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+        log_to_files(f"the run stopped on an error: {type(e).__name__}: {message}")
+        raise
     finally:
         trainer.close()
 

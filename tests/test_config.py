@@ -255,3 +255,13 @@ def test_exponents_without_a_dot_are_numbers_in_files_and_lists(tmp_path):
     assert raw["model"]["backbone"] == "1e3"  # quoted: a string
     cfg = build_config({}, ["data.scale_range=[1,1e1]", "train.lr=2e-3"])
     assert cfg["data"]["scale_range"] == [1, 10.0] and cfg["train"]["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    from csl.config import ConfigError
+
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path} holds no settings"):
+        load_config(str(path))

@@ -47,10 +47,14 @@ def test_two_trainers_on_one_folder(tmp_path):
     finally:
         first.close()
     assert not (tmp_path / LOCK_NAME).exists()
-    # A lock left by a process that no longer runs is taken over.
+    # A lock left by a process that no longer runs is taken over, and the run's log says so (it was said before
+    # the log file existed).
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
                                                   "started": "earlier"}))
     Trainer(config(tmp_path, **{"train.overwrite": True})).close()
+    log = (tmp_path / "train.log").read_text()
+    assert f"WARNING taking over {tmp_path / LOCK_NAME}, left by process {2**22 + 12345}" in log
+    assert log.index("taking over") < log.index("INFO")  # first, as it happened
 
 
 def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
@@ -164,11 +168,14 @@ def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at iteration 3 had logged
         f.write(json.dumps({"kind": "train", "iter": 3, "loss": 1.0}) + "\n")
         f.write('{"kind": "tra')  # its last line torn by the kill (or a full disk)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:  # and bytes that are not UTF-8 at all
+        f.write(b"\n\xff\xfe\x00garbage\n")
     (tmp_path / ".latest.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     train(config(tmp_path, **{"train.resume": "auto"}))
     iters = [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")]
     assert iters == [1, 2, 3, 4]
-    assert "metrics.jsonl: line 5 is not a JSON record" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert "metrics.jsonl: line 5 is not a JSON record" in log and "metrics.jsonl: line 6 is not a JSON record" in log
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -185,6 +192,9 @@ def test_non_finite_values_are_refused_and_a_diverging_run_saves_nothing(tmp_pat
     rc = main(["train", "--config", "demo", "device=cpu", "train.lr=1e30", "train.log_every=1", "train.iters=2",
                "train.progress=false", "data.synthetic.num_val=2", f"output_dir={tmp_path / 'cli'}"])
     assert rc == 1
+    # The error ends the run's log as well as the console.
+    last = (tmp_path / "cli" / "train.log").read_text().strip().splitlines()[-1]
+    assert "ERROR the run stopped on an error: NonFiniteTrainingError:" in last and "NaN / inf" in last
 
 
 def test_resume_from_a_bare_state_dict_and_changed_lr(tmp_path):
@@ -462,3 +472,20 @@ def test_an_undefined_miou_is_never_the_best(tmp_path, monkeypatch):
     summary = train(config(tmp_path))
     assert summary["best_miou"] is None and not (tmp_path / "best.pt").exists() and (tmp_path / "latest.pt").exists()
     assert (tmp_path / "train.log").read_text().count("no validation pixel has a label") == 2
+
+
+def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path):
+    from csl.logging_utils import MetricsWriter
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    writer._file.close()
+    writer._file = FullDisk()
+    with pytest.raises(OSError, match=f"could not write {tmp_path / 'metrics.jsonl'}: No space left on device"):
+        writer.write({"kind": "train", "iter": 1})
