@@ -96,6 +96,9 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
         # Training finished (only a finished stage's checkpoints are slimmed) but the mark was lost: write it again.
         seconds = _logged_seconds(cfg, max(checkpoint_iteration(path) for path in saved))
         _write_done(done, seconds)
+    if seconds is not None and (problem := _unusable(latest)) is not None:  # the next stages start from it
+        print(f"   {done} marks the stage done, but {problem}: it runs again", flush=True)
+        seconds, saved = None, []
     if seconds is not None:
         print(f"   already done ({seconds:.0f} s): {out}", flush=True)
         return seconds, True
@@ -116,6 +119,19 @@ def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
 
 def _write_done(path: str, seconds: float) -> None:
     atomic_write_text(path, json.dumps({"seconds": seconds}))  # a whole mark or none
+
+
+def _unusable(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be used (missing, unreadable), or None."""
+    from .checkpoint import checkpoint_iteration
+
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    try:
+        checkpoint_iteration(path)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _slimmed(path: str) -> bool:

@@ -414,8 +414,18 @@ class Trainer:
             # first, so a kill between the two writes leaves best.pt one epoch ahead of latest.pt (or alone).
             found = [os.path.join(self.output_dir, name) for name in (LATEST, BEST)]
             found = [path for path in found if os.path.isfile(path)]
-            if len(found) == 2 and checkpoint_iteration(found[1]) > checkpoint_iteration(found[0]):
-                return found[1]
+            if len(found) == 2:
+                try:
+                    latest = checkpoint_iteration(found[0])
+                except ValueError as e:  # a damaged latest.pt: say which other checkpoint there is
+                    try:
+                        other = (f"{found[1]} is readable (iteration {checkpoint_iteration(found[1])}): continue "
+                                 f"from it with --resume {found[1]} (train.resume={found[1]})")
+                    except ValueError:
+                        other = f"{found[1]} is not readable either"
+                    raise ValueError(f"{e}; {other}") from None
+                if checkpoint_iteration(found[1]) > latest:
+                    return found[1]
             return found[0] if found else None
         return resume
 

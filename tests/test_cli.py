@@ -429,6 +429,19 @@ def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):
     seconds_again, reused = run_stage(cfg, train)
     assert reused and "unreadable" in capsys.readouterr().out
     assert json.loads((tmp_path / "supervised" / "done.json").read_text())["seconds"] == seconds_again > 0
+    # A finished stage whose latest.pt (the next stages' start) is gone or damaged runs again, saying why.
+    for damage in ("remove", "truncate"):
+        latest = tmp_path / "supervised" / "latest.pt"
+        if damage == "remove":
+            latest.unlink()
+        else:
+            latest.write_bytes(b"PK cut short")
+        capsys.readouterr()
+        assert not run_stage(cfg, train)[1]
+        out = capsys.readouterr().out
+        assert "done.json marks the stage done, but" in out and "it runs again" in out
+        assert ("latest.pt is missing" if damage == "remove" else "not a readable PyTorch checkpoint") in out
+        assert run_stage(cfg, train)[1]
 
 
 

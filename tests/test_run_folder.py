@@ -163,6 +163,19 @@ def test_resume_rewrites_a_missing_best_when_the_latest_is_best(tmp_path):
     assert all(torch.equal(best["model"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
+def test_resume_auto_with_a_damaged_latest_names_the_readable_best(tmp_path):
+    train(config(tmp_path), stop_at=2)
+    with open(tmp_path / "latest.pt", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=r"latest.pt is not a readable PyTorch checkpoint.*best.pt is readable "
+                                         r"\(iteration 2\): continue from it with --resume .*best.pt"):
+        Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    with open(tmp_path / "best.pt", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="best.pt is not readable either"):
+        Trainer(config(tmp_path, **{"train.resume": "auto"}))
+
+
 def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(tmp_path):
     train(config(tmp_path), stop_at=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at iteration 3 had logged
@@ -489,3 +502,31 @@ def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path):
     writer._file = FullDisk()
     with pytest.raises(OSError, match=f"could not write {tmp_path / 'metrics.jsonl'}: No space left on device"):
         writer.write({"kind": "train", "iter": 1})
+
+
+def test_a_log_file_that_cannot_be_written_is_said_once(tmp_path, capsys):
+    import logging
+
+    from csl.logging_utils import setup_logging
+
+    logger = setup_logging(str(tmp_path))
+    handler = next(h for h in logger.handlers if isinstance(h, logging.FileHandler))
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    handler.stream.close()
+    handler.stream = FullDisk()
+    for i in range(3):
+        logger.info("line %d", i)
+    err = capsys.readouterr().err
+    assert err.count(f"could not write {tmp_path / 'train.log'}: [Errno 28] No space left on device") == 1
+    assert "Traceback" not in err and "--- Logging error ---" not in err
+    setup_logging(None)
