@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
+from .files import atomic_open
 from .logging_utils import bar_disabled
 
 log = logging.getLogger("csl")
@@ -307,7 +308,11 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
                 img.putpalette(np.pad(colours, ((0, 256 - num_classes), (0, 0))).reshape(-1).tolist())
             else:
                 img = Image.fromarray(colours[pred])
-            img.save(out)
+            try:  # whole or not at all: a full disk leaves no empty PNG that a rerun would take for done
+                with atomic_open(out, binary=True) as f:
+                    img.save(f, format="PNG")
+            except OSError as e:
+                raise OSError(e.errno, f"could not write {out}: {e.strerror or e}") from None
             written.append(out)
     finally:
         model.train(was_training)

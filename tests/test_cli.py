@@ -120,6 +120,24 @@ def test_predict_writes_palette_pngs(trained, tmp_path, capsys):
     assert f"{img_dir / 'link.png'} as {img_dir / 'im0.png'}" in capsys.readouterr().err
 
 
+
+def test_predict_on_a_full_disk_names_the_file_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(img_dir / "a.png")
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--images", str(img_dir), "--out",
+                 str(out)]) == 1
+    assert f"could not write {out / 'a.png'}: No space left on device" in capsys.readouterr().err
+    assert os.listdir(out) == []  # no empty or half PNG that a rerun would take for done, no temporary file
+
+
 def test_expanded_images_skip_earlier_predictions_only(tmp_path):
     """Files inside the output folder are skipped (and returned as such) where a folder or pattern given holds it;
     an output folder above the images skips nothing; a pattern's folders are expanded, its other files left out."""
