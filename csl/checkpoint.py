@@ -55,10 +55,24 @@ def atomic_save(payload: dict, path: str) -> None:
         with atomic_open(path, binary=True, permissions=0o600, durable=True) as f:
             torch.save(payload, f)
     except Exception as exc:  # KeyboardInterrupt, SystemExit: as they are
+        interrupt = _interrupt_behind(exc)
+        if interrupt is not None:  # a Ctrl-C inside torch.save surfaces as the zip writer's error on closing
+            raise interrupt from None
         # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
         raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({free:.0f} MiB free on its "
                       f"file system; the previous file, if any, is unchanged)") from exc
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (a signal) among the exceptions ``error`` was raised while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _load_error(error: Exception) -> str:

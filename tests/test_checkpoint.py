@@ -55,6 +55,37 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["latest.pt"]
 
 
+def test_a_ctrl_c_inside_torch_save_is_an_interrupt_not_a_disk_error(tmp_path, monkeypatch):
+    """A second Ctrl-C while torch.save writes: the signal's KeyboardInterrupt, raised in a write call of torch's zip
+    writer, surfaces as the writer's RuntimeError ("unexpected pos") on closing; it is the interrupt again."""
+    real_save = torch.save
+
+    class InterruptedFile:
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save_interrupted(obj, f, *args, **kwargs):
+        return real_save(obj, InterruptedFile(f), *args, **kwargs)
+
+    payload = {"model": {"w": torch.ones(4096)}, "iteration": 1}
+    with pytest.raises(RuntimeError):  # what torch itself raises (the mechanism this guards against)
+        with open(tmp_path / "raw.pt", "wb") as f:
+            save_interrupted(payload, f)
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_save(payload, str(tmp_path / "latest.pt"))
+    assert not (tmp_path / "latest.pt").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """config.yaml, summaries, reports, analyses, split lists: a write that fails half-way (a kill, a full disk)
     leaves the previous file and no temporary one."""
