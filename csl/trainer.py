@@ -289,6 +289,10 @@ class Trainer:
         t = cfg["train"]
         self.batch_size = t["batch_size"]
         global_batch = self.batch_size * env.world_size
+        for name, dataset in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            if dataset is not None and global_batch > len(dataset) and env.is_main:
+                log.warning("a batch of %d is larger than the %d %s image(s): every batch repeats images (lower "
+                            "train.batch_size)", global_batch, len(dataset), name)
         base = len(self.unlabeled) if self.semi else len(self.labeled)
         self.iters_per_epoch = t["iters_per_epoch"] or max(base // global_batch, 1)
         self.total_iters = t["iters"] or t["epochs"] * self.iters_per_epoch

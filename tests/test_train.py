@@ -105,6 +105,15 @@ def test_oracle_needs_every_unlabeled_mask(tmp_path):
                                                             "train.mode": "supervised"})).close()
 
 
+def test_a_batch_larger_than_the_labeled_set_is_said(tmp_path):
+    Trainer(tiny_config(tmp_path / "a", **{"train.batch_size": 6})).close()  # 4 labeled, 8 unlabeled images
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "a batch of 6 is larger than the 4 labeled image(s): every batch repeats images" in log
+    assert "unlabeled image(s)" not in log
+    Trainer(tiny_config(tmp_path / "b")).close()
+    assert "is larger than" not in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_unlabeled_losses_use_selection_weights(tmp_path):
     """With every weight forced to 0 the three unlabeled losses vanish; the labeled loss does not."""
 
