@@ -53,7 +53,8 @@ LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatc
 
 def _same_run(cfg: dict) -> bool:
     """Whether ``cfg``'s run folder was written by this very configuration (``train.resume`` and
-    ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them)."""
+    ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them, and the run folder and
+    ``train.init_from`` as the folders they name: an absolute and a relative ``--out`` are the same run)."""
     import yaml
 
     from .trainer import resolve_data_paths, stored_config
@@ -65,7 +66,14 @@ def _same_run(cfg: dict) -> bool:
         stored = yaml.safe_load(f)
     if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict) or "data" not in stored:
         return False
-    return stored_config(resolve_data_paths(stored)) == stored_config(resolve_data_paths(cfg))
+
+    def comparable(c: dict) -> dict:  # the run folder and the warm-up it starts from, however the path is spelled
+        c = stored_config(resolve_data_paths(c))
+        init = c["train"].get("init_from")
+        return {**c, "output_dir": os.path.realpath(c["output_dir"]),
+                "train": {**c["train"], "init_from": os.path.realpath(init) if init else init}}
+
+    return comparable(stored) == comparable(cfg)
 
 
 def _logged_seconds(cfg: dict, until: int) -> float:

@@ -425,7 +425,7 @@ def test_a_data_loader_workers_error_is_one_line():
     assert _one_line(ValueError("first line\n\tsecond line\n")) == "first line second line"
 
 
-def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):
+def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys, monkeypatch):
     """``csl demo`` started again continues a stage that was stopped (from the newer of its latest.pt / best.pt),
     logging each iteration once."""
     from csl.config import build_config, load_config
@@ -447,6 +447,10 @@ def test_a_stopped_demo_stage_continues_where_it_stopped(tmp_path, capsys):
     seconds_again, reused = run_stage(cfg, train)
     assert reused and "unreadable" in capsys.readouterr().out
     assert json.loads((tmp_path / "supervised" / "done.json").read_text())["seconds"] == seconds_again > 0
+    # The same folder spelled relative to the working directory is the same run: reused, not replaced.
+    monkeypatch.chdir(tmp_path)
+    relative = method_config(base, "supervised", ".", iters=4)
+    assert relative["output_dir"] != cfg["output_dir"] and run_stage(relative, train)[1]
     # A finished stage whose latest.pt (the next stages' start) is gone or damaged runs again, saying why.
     for damage in ("remove", "truncate"):
         latest = tmp_path / "supervised" / "latest.pt"
