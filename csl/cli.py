@@ -466,15 +466,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _one_line(error: BaseException) -> str:
-    """The message of ``error`` in one line: a DataLoader worker's error carries the worker's traceback, cut to its
-    last line; any other message's lines are joined."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if "Original Traceback (most recent call last):" in lines:
-        return lines[-1]
-    return " ".join(lines)
-
-
 def _negative_fractions(words: list[str]) -> list[str]:
     """``csl split`` words like ``-1/8``: argparse reads them as unknown options, so they are refused here by what
     they are (a fraction outside (0, 1)) instead of a puzzling "expected at least one argument"."""
@@ -517,6 +508,7 @@ def _run(args) -> int:
                 "analyze": cmd_analyze, "report": cmd_report}
     import torch
 
+    from .logging_utils import one_line
     from .run_folder import RunFolderError
     from .trainer import NonFiniteTrainingError
 
@@ -527,7 +519,7 @@ def _run(args) -> int:
             RunFolderError) as e:  # the user's input
         if debug:
             raise
-        print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"csl {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:  # torch < 2.5: only the latter
         if debug:
@@ -539,7 +531,7 @@ def _run(args) -> int:
     except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
         if debug:
             raise
-        print(f"csl {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"csl {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except stop.Terminated:
         print(f"csl {args.command}: stopped by SIGTERM", file=sys.stderr)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
-from .files import atomic_open
+from .files import atomic_open, write_error
 from .logging_utils import bar_disabled
 
 log = logging.getLogger("csl")
@@ -312,7 +312,7 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
                 with atomic_open(out, binary=True) as f:
                     img.save(f, format="PNG")
             except OSError as e:
-                raise OSError(e.errno, f"could not write {out}: {e.strerror or e}") from None
+                raise write_error(out, e) from None
             written.append(out)
     finally:
         model.train(was_training)

@@ -47,4 +47,9 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-__all__ = ["atomic_open", "atomic_write_text"]
+def write_error(path: str, error: OSError) -> OSError:
+    """A failed write of ``path`` (a full disk, ...) as an OSError whose message names the file."""
+    return OSError(error.errno, f"could not write {path}: {error.strerror or error}")
+
+
+__all__ = ["atomic_open", "atomic_write_text", "write_error"]

@@ -12,7 +12,7 @@ import sys
 
 from csl_kernels import log_backend_choices_again
 
-from .files import atomic_write_text
+from .files import atomic_write_text, write_error
 from .run_folder import TENSORBOARD_DIR
 
 log = logging.getLogger("csl")
@@ -118,6 +118,15 @@ def log_to_files(message: str, level: int = logging.ERROR) -> None:
             handler.handle(record)
 
 
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` in one line: a DataLoader worker's error carries the worker's traceback, cut to its
+    last line; any other message's lines are joined."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:
+        return lines[-1]
+    return " ".join(lines)
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -160,7 +169,7 @@ class MetricsWriter:
             self._file.write(json.dumps(_json_safe(record)) + "\n")
             self._file.flush()
         except OSError as e:  # a full disk: the file named (a torn last line is dropped by the next start)
-            raise OSError(e.errno, f"could not write {self.path}: {e.strerror or e}") from None
+            raise write_error(self.path, e) from None
         if self._tb is not None and step is not None:
             kind = record.get("kind", "train")
             for key, value in record.items():
@@ -231,5 +240,5 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
                 leave=False, file=sys.stderr)
 
 
-__all__ = ["MetricsWriter", "bar_disabled", "held_records", "log_to_files", "progress_bar", "read_metrics",
-           "setup_logging"]
+__all__ = ["MetricsWriter", "bar_disabled", "held_records", "log_to_files", "one_line", "progress_bar",
+           "read_metrics", "setup_logging"]

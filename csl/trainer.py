@@ -46,7 +46,15 @@ from .distributed import (
     prepare_model,
     sample_seed,
 )
-from .logging_utils import MetricsWriter, held_records, log_to_files, progress_bar, prune_metrics, setup_logging
+from .logging_utils import (
+    MetricsWriter,
+    held_records,
+    log_to_files,
+    one_line,
+    progress_bar,
+    prune_metrics,
+    setup_logging,
+)
 from .losses import build_labeled_criterion
 from .run_folder import RUN_CONFIG_HEADER, claim_run_folder
 from .selection import build_selector, unused_selection_settings
@@ -808,8 +816,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     try:
         return trainer.train(stop_at=stop_at)
     except Exception as e:  # the error ends the run's train.log too, not only the console (stops log their own)
-        message = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        log_to_files(f"the run stopped on an error: {type(e).__name__}: {message}")
+        log_to_files(f"the run stopped on an error: {type(e).__name__}: {one_line(e)}")
         raise
     finally:
         trainer.close()

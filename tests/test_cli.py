@@ -415,7 +415,7 @@ def test_print_config_and_version(tmp_path, capsys):
 
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
-    from csl.cli import _one_line
+    from csl.logging_utils import one_line as _one_line
 
     error = FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most "
                               "recent call last):\n  File \"x.py\", line 1\n"
