@@ -17,7 +17,8 @@ the interpreter accepts, a block that needs too much shared memory). This check 
    memory and shared memory come from the cubin (``cuobjdump -res-usage``), spill stores from ``ptxas -v``
    (:func:`ptxas_spills`; at most :data:`MAX_SPILL_BYTES` pass).
 
-Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile.
+Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile or spills more than
+:data:`MAX_SPILL_BYTES` (the variants are listed under the table).
 """
 
 from __future__ import annotations
@@ -397,6 +398,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def spilling(results: list[dict]) -> list[str]:
+    """One line per compiled variant whose registers spill beyond the allowance (:func:`spills`)."""
+    return [f"{r['kernel']} {r['signature']} {r['constexprs']} warps={r['options'].get('num_warps')}: "
+            f"{r['reg']} registers, {r['stack']} B stack, {r.get('spill_stores', '?')} B spill stores, "
+            f"{r.get('local', 0)} B local" for r in results if r["status"] == "ok" and spills(r)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m csl_kernels.triton.compile_check",
                                      description=__doc__.split("\n")[0])
@@ -419,10 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     failed = [r for r in results if r["status"] != "ok"]
     print(f"\n{len(results) - len(failed)} of {len(results)} kernel variants compiled for cuda:{args.arch}")
+    spilled = spilling(results)
+    print(f"{len(spilled)} of them spill more than {MAX_SPILL_BYTES} B of registers per thread"
+          + "".join(f"\n  {line}" for line in spilled))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"arch": args.arch, "kernels": results}, f, indent=1)
-    return 1 if failed else 0
+    return 1 if failed or spilled else 0
 
 
 if __name__ == "__main__":
