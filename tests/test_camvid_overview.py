@@ -1,4 +1,5 @@
-"""scripts/camvid_overview.py: the at-a-glance table of docs/results/camvid.md is what the committed records give."""
+"""scripts/camvid_overview.py and scripts/camvid_oracle.py: the tables of docs/results/camvid.md are what the committed
+records give."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _overview():
-    path = os.path.join(ROOT, "scripts", "camvid_overview.py")
-    spec = importlib.util.spec_from_file_location("camvid_overview", path)
+def _script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_the_documented_table_is_the_records_table(tmp_path):
-    overview = _overview()
+    overview = _script("camvid_overview")
     finals = overview.load()
     table = overview.table(finals)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
@@ -29,17 +30,9 @@ def test_the_documented_table_is_the_records_table(tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
-def _oracle():
-    path = os.path.join(ROOT, "scripts", "camvid_oracle.py")
-    spec = importlib.util.spec_from_file_location("camvid_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     """The table of "Perfect pseudo-labels" is scripts/camvid_oracle.py's output over the committed records."""
-    oracle = _oracle()
+    oracle = _script("camvid_oracle")
     runs = oracle.load()
     table = oracle.table(runs)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
