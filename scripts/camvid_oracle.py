@@ -15,9 +15,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from csl.demo import LABELS  # noqa: E402
 from csl.logging_utils import read_metrics  # noqa: E402
 from csl.plots import _pyplot, _save_figure  # noqa: E402
+from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 # (seed of the 1/8 split, folder under docs/results/camvid) of each oracle run.
@@ -26,10 +26,6 @@ METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.
 WARMUP_MIOU = {0: 49.25}
-
-
-def label(method: str) -> str:
-    return "warm-up" if method == "warmup" else LABELS[method]
 
 
 def recalibrated_miou(path: str) -> float | None:
@@ -70,7 +66,7 @@ def table(runs: dict[int, dict[str, dict]]) -> str:
             if base is not None and method not in ("warmup", "threshold") and len(run["miou"]) == len(base["miou"]):
                 diffs = ", ".join(f"{a - b:+.1f}" for a, b in zip(run["miou"], base["miou"], strict=True))
             recal = "-" if run["recalibrated"] is None else f"{run['recalibrated']:.2f}"
-            lines.append(f"| seed {seed} | {label(method)} | {curve} | {final} | {diffs} | {recal} |")
+            lines.append(f"| seed {seed} | {LABELS[method]} | {curve} | {final} | {diffs} | {recal} |")
     return "\n".join(lines)
 
 
@@ -85,7 +81,7 @@ def picture(runs: dict[int, dict[str, dict]], out_path: str) -> str:
             if method == "warmup":
                 ax.axhline(run["miou"][-1], color="grey", ls="--", lw=1, label="warm-up (start of each)")
                 continue
-            ax.plot(run["iters"], run["miou"], "o-", color=colours[method], label=label(method))
+            ax.plot(run["iters"], run["miou"], "o-", color=colours[method], label=LABELS[method])
             if run["recalibrated"] is not None:
                 ax.plot(run["iters"][-1] + 40, run["recalibrated"], "*", ms=12, color=colours[method])
         ax.set_title(f"CamVid 1/8, seed {seed}")

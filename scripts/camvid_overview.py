@@ -15,9 +15,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from csl.demo import LABELS  # noqa: E402
 from csl.logging_utils import read_metrics  # noqa: E402
 from csl.plots import _pyplot, _save_figure  # noqa: E402
+from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 # (split, seed, folder under docs/results/camvid): the runs with the corrected recipe.
@@ -45,13 +45,9 @@ def load() -> dict[tuple[str, int], dict[str, float]]:
     return finals
 
 
-def label(method: str) -> str:
-    return "warm-up" if method == "warmup" else LABELS[method]
-
-
 def table(finals: dict[tuple[str, int], dict[str, float]]) -> str:
     cells = lambda row, m: f"{row[m]:.1f}" if m in row else "-"  # noqa: E731
-    lines = ["| split, seed | " + " | ".join(label(m) for m in METHODS) + " | CSL minus threshold |",
+    lines = ["| split, seed | " + " | ".join(LABELS[m] for m in METHODS) + " | CSL minus threshold |",
              "| --- |" + " ---: |" * (len(METHODS) + 1)]
     for (split, seed), row in finals.items():
         diff = f"{row['csl'] - row[BASELINE]:+.1f}"
@@ -78,9 +74,9 @@ def picture(finals: dict[tuple[str, int], dict[str, float]], out_path: str) -> s
         xs = [i + shift for i, m in enumerate(methods) if m in row]
         ys = [row[m] - row[BASELINE] for m in methods if m in row]
         ax.plot(xs, ys, marker, ms=6, color=colours[seed], alpha=0.85, label=f"{split} split, seed {seed}")
-    ax.axhline(0, color="black", lw=0.8, label=f"{label(BASELINE)} (0 by definition)")
-    ax.set_xticks(range(len(methods)), [label(m).replace(" (", "\n(") for m in methods], fontsize=8)
-    ax.set_ylabel(f"final val mIoU minus {label(BASELINE).split(' (')[0]}\n(points, same split and seed)")
+    ax.axhline(0, color="black", lw=0.8, label=f"{LABELS[BASELINE]} (0 by definition)")
+    ax.set_xticks(range(len(methods)), [LABELS[m].replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_ylabel(f"final val mIoU minus {LABELS[BASELINE].split(' (')[0]}\n(points, same split and seed)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     return _save_figure(fig, out_path)

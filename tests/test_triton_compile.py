@@ -80,7 +80,7 @@ def test_kernels_spill_at_most_a_few_bytes(compiled):
     assert not spilling, "\n".join(spilling)
 
 
-def test_cli_fails_on_a_variant_that_spills(tmp_path, capsys, monkeypatch):
+def test_cli_fails_on_a_variant_that_spills(capsys, monkeypatch):
     """Every variant compiled, one beyond the spill allowance (as Triton 3.6's ptxas gives the float64 class-group
     feature kernel at 512 pixels, 8 warps: 24 B): the command line names it and exits 1, as the test above fails."""
     record = {"kernel": "_pcos_features_kernel", "signature": {"z_ptr": "*fp64"}, "constexprs": {"BLOCK_P": "512"},
