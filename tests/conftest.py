@@ -34,6 +34,17 @@ def required_backends() -> set[str]:
     return {b.strip() for b in os.environ.get("CSL_REQUIRE_BACKENDS", "").split(",") if b.strip()}
 
 
+def pytest_configure(config):
+    """``CSL_REQUIRE_BACKENDS`` is checked before any test runs: a misspelt name would require nothing, and ``cuda``
+    required where no CUDA device is visible would leave the ``gpu``-marked tests skipped, not failed."""
+    unknown = sorted(required_backends() - set(FUSED_BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"CSL_REQUIRE_BACKENDS names {unknown}, which are not backends; the fused backends "
+                                f"are {', '.join(FUSED_BACKENDS)}")
+    if "cuda" in required_backends() and not torch.cuda.is_available():
+        raise pytest.UsageError("CSL_REQUIRE_BACKENDS requires cuda, but torch sees no CUDA device here")
+
+
 def require_backend(op: str, backend: str) -> torch.device:
     """Return the device to test ``backend`` on, or skip (fail if required) when it cannot run ``op``."""
     device = backend_device(backend)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import skip_or_fail
+from conftest import required_backends, skip_or_fail
 
 import csl_kernels
 from csl_bench.__main__ import main as bench_main
@@ -102,6 +102,9 @@ def test_bench_smoke_suite_json(tmp_path, capsys):
         assert by[(op, "official")]["status"] == "ok" and by[(op, "eager")]["status"] == "ok"
         assert by[(op, "compile")]["status"] == "unavailable"  # skipped in smoke mode, with the reason
     assert by[("pcos_weights", "cuda")]["reason"]  # no CUDA here: listed, not dropped
+    for provider in sorted(required_backends() - {"cuda"}):  # a required backend was benchmarked, not listed away
+        for op in OPS:
+            assert by[(op, provider)]["status"] == "ok", (op, provider, by[(op, provider)].get("reason"))
     # The official selection agrees with the reference on the smoke input, and so does every fused backend.
     for r in records:
         if r["op"] == "pcos_weights" and r["status"] == "ok":

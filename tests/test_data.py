@@ -516,7 +516,14 @@ def test_mean_and_std_on_the_0_255_scale_are_refused(tmp_path):
     data = {"dataset": "folder", "root": info["root"], "split_dir": info["split_dir"], "num_classes": 5}
     with pytest.raises(ValueError, match=r"data.mean and data.std are for images scaled to \[0, 1\].*divide"):
         build_datasets({**data, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]})
-    assert build_datasets({**data, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}).labeled is not None
+    # Constants on the [0, 1] scale are taken and used: the same val image under the default normalisation and
+    # under mean 0.5 / std 0.25.
+    default, custom = build_datasets(data), build_datasets({**data, "mean": [0.5, 0.5, 0.5], "std": [0.25] * 3})
+    assert custom.labeled.mean == (0.5, 0.5, 0.5) and custom.labeled.std == (0.25, 0.25, 0.25)
+    m0, s0 = (torch.tensor(v).view(3, 1, 1) for v in (default.val.mean, default.val.std))
+    scaled = default.val[0]["image"] * s0 + m0  # the image on the [0, 1] scale
+    assert 0.05 < float(scaled.std())
+    torch.testing.assert_close(custom.val[0]["image"], (scaled - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
 
 
 def test_a_missing_cityscapes_or_voc_mask_says_how_to_make_it(tmp_path):

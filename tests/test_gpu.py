@@ -80,27 +80,32 @@ def test_step_captures_in_a_cuda_graph_and_replays_on_new_inputs(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_ops_launch_on_the_current_stream(backend):
-    """Called under ``torch.cuda.stream(s)`` the kernels run on ``s``: results read after ``s`` finished are the
-    default-stream results, also while the default stream is busy with other work."""
+    """Called under ``torch.cuda.stream(s)`` the kernels run on ``s``: while the default stream is still busy (a
+    sleep kernel queued before the step), the step's results, copied to the host on ``s``, are the results of the same
+    step run alone. A kernel launched on the default stream instead would run only after the sleep: the copies made
+    on ``s`` would read its outputs before they are written."""
     device = require_backend("pcos_weights", backend)
     require_backend("weighted_cross_entropy", backend)
+    require_backend("trusted_mask", backend)
     logits, ignore, images = _inputs(2, device, batch=3, height=64, width=80)
     eager_logits = logits.clone().requires_grad_()
-    expected = _selection_step(eager_logits, ignore, images, backend)
+    expected = _selection_step(eager_logits, ignore, images, backend)  # also compiles the kernels for this shape
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    stream_logits = logits.clone().requires_grad_()
-    busy = torch.randn(4096, 4096, device=device)
+    torch.cuda._sleep(4_000_000_000)  # the default stream is busy for about two seconds (cycles at ~2 GHz)
     with torch.cuda.stream(side):
+        # The leaf is made on side too: autograd makes the caller's stream wait for the leaves' streams.
+        stream_logits = logits.clone().requires_grad_()
         got = _selection_step(stream_logits, ignore, images, backend)
-    for _ in range(4):  # keep the default stream busy meanwhile
-        busy = busy @ busy / 64
-    side.synchronize()
-    torch.testing.assert_close(got[0], expected[0])
-    assert torch.equal(got[1], expected[1])
-    torch.testing.assert_close(got[5], expected[5])
-    torch.testing.assert_close(stream_logits.grad, eager_logits.grad)
+        on_host = [t.detach().cpu() for t in (got[0], got[1], got[5], stream_logits.grad)]  # waits for side only
+    default_still_busy = not torch.cuda.default_stream().query()
+    torch.cuda.synchronize()
+    assert default_still_busy, ("the default stream finished its sleep before the step's results were read on the "
+                                "side stream (a device-wide synchronisation in the step?): the test shows nothing")
+    torch.testing.assert_close(on_host[0], expected[0].cpu())
+    assert torch.equal(on_host[1], expected[1].cpu())
+    torch.testing.assert_close(on_host[2], expected[5].cpu())
+    torch.testing.assert_close(on_host[3], eager_logits.grad.cpu())
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -69,18 +69,22 @@ def test_nothing_selected_or_nothing_valid():
     assert all(math.isnan(m[k].item()) for k in ("overall_sampling_rate", "overall_accuracy", "overall_recall"))
 
 
-@pytest.mark.parametrize(("label", "reliable", "target", "num_classes", "error"), [
-    (LABEL[:, :1], RELIABLE, TARGET, 4, ValueError),
-    (LABEL, RELIABLE, TARGET[..., :2], 4, ValueError),
-    (LABEL, RELIABLE.long(), TARGET, 4, TypeError),
-    (LABEL, RELIABLE, TARGET, 0, ValueError),
-    (LABEL.float() + 0.7, RELIABLE, TARGET, 4, TypeError),  # was binned as its integer part, never "correct"
-    (LABEL, RELIABLE, TARGET.float(), 4, TypeError),
-    (None, RELIABLE, TARGET, 4, TypeError),
+@pytest.mark.parametrize(("label", "reliable", "target", "num_classes", "error", "match"), [
+    (LABEL[:, :1], RELIABLE, TARGET, 4, ValueError, r"must have the same shape, got \(1, 1, 4\)"),
+    (LABEL, RELIABLE, TARGET[..., :2], 4, ValueError, r"must have the same shape, got .*\(1, 2, 2\)"),
+    (LABEL, RELIABLE.long(), TARGET, 4, TypeError, "reliable must be a bool tensor"),
+    (LABEL, RELIABLE, TARGET, 0, ValueError, "num_classes must be a positive int, got 0"),
+    # was binned as its integer part, never "correct"
+    (LABEL.float() + 0.7, RELIABLE, TARGET, 4, TypeError, "label must be an integer tensor, got torch.float32"),
+    (LABEL, RELIABLE, TARGET.float(), 4, TypeError, "target must be an integer tensor"),
+    (None, RELIABLE, TARGET, 4, TypeError, "label must be an integer tensor, got NoneType"),
 ])
-def test_bad_input(label, reliable, target, num_classes, error):
-    with pytest.raises(error):
+def test_bad_input(label, reliable, target, num_classes, error, match):
+    with pytest.raises(error, match=match):
         pseudo_label_counts(label, reliable, target, num_classes)
+
+
+def test_ignore_index_must_be_an_int():
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         pseudo_label_counts(LABEL, RELIABLE, TARGET, 4, ignore_index=254.5)
 

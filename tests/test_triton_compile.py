@@ -159,7 +159,7 @@ def test_ptxas_counts_spills_that_the_stack_size_cannot_tell(tmp_path):
     import sys
 
     if not _nvidia_backend_available():
-        pytest.skip("triton has no NVIDIA backend here")
+        skip_or_fail("triton", "triton has no NVIDIA backend here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     script = tmp_path / "spill.py"  # @triton.jit needs its source in a file
     script.write_text(_SPILL_SCRIPT)
