@@ -30,7 +30,7 @@ from .report import (
     train_table,
     write_json,
 )
-from .runner import run_op
+from .runner import exit_status, run_op
 from .settings import add_common_args, settings_dict, settings_from_args
 from .timing import copy_bandwidth_gbps
 
@@ -113,4 +113,4 @@ def merge(paths: list[Path], out: Path | None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_status(main(sys.argv[1:])))

@@ -13,7 +13,7 @@ from csl_kernels.pcos_weights import pcos_weights_reference as reference
 
 from .inputs import make_ignore, make_logits
 from .official import official_pcos
-from .runner import OpSpec, compile_provider, fused_provider
+from .runner import OpSpec, compile_provider, exit_status, fused_provider
 from .settings import FUSED, Settings, Shape
 
 ALPHA = 8.0
@@ -63,4 +63,4 @@ SPEC = OpSpec("pcos_weights", make_inputs, floor_bytes, providers, compare,
 
 
 if __name__ == "__main__":
-    SPEC.main()
+    raise SystemExit(exit_status(SPEC.main()))

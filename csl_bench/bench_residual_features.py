@@ -13,7 +13,7 @@ from csl_kernels.residual_features import residual_features_reference as referen
 
 from .inputs import make_ignore, make_logits
 from .official import official_features
-from .runner import OpSpec, compile_provider, fused_provider
+from .runner import OpSpec, compile_provider, exit_status, fused_provider
 from .settings import FUSED, Settings, Shape
 
 
@@ -62,4 +62,4 @@ SPEC = OpSpec("residual_features", make_inputs, floor_bytes, providers, compare,
 
 
 if __name__ == "__main__":
-    SPEC.main()
+    raise SystemExit(exit_status(SPEC.main()))

@@ -16,7 +16,7 @@ from csl_kernels.trusted_mask import trusted_mask_reference as reference
 
 from .inputs import make_logits
 from .official import official_trusted_mask
-from .runner import OpSpec, compile_provider, fused_provider
+from .runner import OpSpec, compile_provider, exit_status, fused_provider
 from .settings import FUSED, Settings, Shape
 
 BLOCK, RATE, SEED = 32, 0.7, 0
@@ -84,4 +84,4 @@ SPEC = OpSpec("trusted_mask", make_inputs, floor_bytes, providers, compare,
 
 
 if __name__ == "__main__":
-    SPEC.main()
+    raise SystemExit(exit_status(SPEC.main()))

@@ -17,7 +17,7 @@ from csl_kernels.weighted_cross_entropy import weighted_cross_entropy_reference 
 
 from .inputs import make_ignore, make_logits
 from .official import unimatch_weighted_cross_entropy
-from .runner import OpSpec, compile_provider, fused_provider
+from .runner import OpSpec, compile_provider, exit_status, fused_provider
 from .settings import FUSED, Settings, Shape
 
 
@@ -77,4 +77,4 @@ SPEC = OpSpec("weighted_cross_entropy", make_inputs, floor_bytes, providers, com
 
 
 if __name__ == "__main__":
-    SPEC.main()
+    raise SystemExit(exit_status(SPEC.main()))

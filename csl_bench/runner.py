@@ -84,6 +84,18 @@ def error_reason(exc: BaseException) -> str:
     return last[:500]
 
 
+def exit_status(payload: dict) -> int:
+    """The exit status of a benchmark command: 1 where a provider failed (its record says ``status: error``; the
+    tables keep the row with the reason, and stderr names each), else 0. A provider that cannot run here
+    (``unavailable``) is not a failure."""
+    import sys
+
+    failed = [r for r in payload.get("records", []) if r.get("status") == "error"]
+    for r in failed:
+        print(f"error: {r['op']} {r['shape']} {r['dtype']} {r['provider']}: {r.get('reason')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run_op(spec: OpSpec, settings: Settings, log: Callable[[str], None] = print) -> list[dict]:
     records = []
     for shape in settings.shapes:

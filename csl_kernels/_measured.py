@@ -7,10 +7,10 @@ Measured on an H200 (``docs/results/gpu-check/2026-11-30-h200``): at B16 C21 321
 (coco513) Triton's PCOS is the faster one. A fixed order would pick the slower one for one of them.
 
 The choice is logged (INFO: with both timings when measured; a cached one at its first use in a process and in each
-run's log) and kept in ``$XDG_CACHE_HOME/csl/auto-backend.json`` (``CSL_AUTO_CACHE`` elsewhere), beside the Triton
-launch tuning. No timing happens while a CUDA graph is captured (a cached choice is used, else the static order of
-``_backends.AUTO_ORDER``) or while ``torch.compile`` traces (the static order, not the cached choice: the cache is a
-file, which a trace does not read).
+run's log) and kept, per GPU model, torch and Triton version, in ``$XDG_CACHE_HOME/csl/auto-backend.json``
+(``CSL_AUTO_CACHE`` elsewhere), beside the Triton launch tuning. No timing happens while a CUDA graph is captured
+(a cached choice is used, else the static order of ``_backends.AUTO_ORDER``) or while ``torch.compile`` traces (the
+static order, not the cached choice: the cache is a file, which a trace does not read).
 A backend named with ``backend=`` (or ``kernels.backend`` in the trainer) is used as it is.
 """
 
@@ -82,7 +82,15 @@ def _store(key: str, name: str) -> None:
 
 @functools.cache
 def _device_name(index: int | None) -> str:
-    return torch.cuda.get_device_name(index)
+    """The GPU model and the torch and Triton versions: a choice measured with other kernels' compilers or another
+    PyTorch is measured again."""
+    try:
+        from importlib.metadata import version
+
+        triton_version = version("triton")
+    except Exception:  # noqa: BLE001 - not installed (no Triton backend), or no metadata
+        triton_version = "none"
+    return f"{torch.cuda.get_device_name(index)}, torch {torch.__version__}, triton {triton_version}"
 
 
 def shape_class(t: torch.Tensor) -> str:
@@ -92,21 +100,38 @@ def shape_class(t: torch.Tensor) -> str:
 
 
 def time_ms(run: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds of ``run()`` on ``device``'s current stream (2 warm-up calls, then up to 25 timed ones
-    or about 30 ms)."""
+    """Milliseconds per call of ``run()`` on ``device``'s current stream with the calls queued back to back, as a
+    training loop makes them: the device's time, or the host's where it issues a call slower than the device runs
+    it (a call timed alone on an idle stream would also count the host's work before its first launch, every
+    time). 2 warm-up calls, one call to size the rounds, then the median of 3-5 rounds of up to 25 calls (about
+    30 ms in all)."""
     for _ in range(2):
         run()
-    times = []
     with torch.cuda.device(device):
-        while len(times) < 25 and sum(times) < 30.0:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        one = max(start.elapsed_time(end), 1e-3)
+        calls = max(1, min(25, int(6.0 / one)))
+        times = []
+        for _ in range(max(3, min(5, int(30.0 / (one * calls))))):
             start.record()
-            run()
+            for _ in range(calls):
+                run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls)
     times.sort()
     return times[len(times) // 2]
+
+
+def last_choice(op: str, device: torch.device, key_tensor: torch.Tensor, variant: str = "") -> str | None:
+    """The backend that ``backend="auto"`` took for the last call of ``op`` on ``device`` with ``key_tensor``'s shape
+    and dtype (the arguments of :func:`resolve`), without timing anything; None where no such call was resolved by
+    measurement (a CPU device, a named backend, fewer than two fused backends)."""
+    return _by_shape.get((op, device, key_tensor.dtype, key_tensor.shape, variant))
 
 
 def _capturing_on(device: torch.device) -> bool:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One command that checks a GPU machine end to end and leaves the evidence in one folder:
-#   bash scripts/gpu_check.sh [--out DIR] [--cpu-dry-run]
+#   bash scripts/gpu_check.sh [--out DIR] [--pack DIR] [--cpu-dry-run]
+# Through the device tool, which brings back at most 8 files of its $OUT: `bash scripts/gpu_check.sh --pack $OUT`
+# (or no option at all: an $OUT in the environment is packed into). --pack DIR writes DIR/evidence.tgz (the whole
+# evidence folder, DIR's name inside) and DIR/summary.md after every stage, so a killed run brings back what it had.
 # Stages, in this order (the evidence a short GPU loan exists for first), each under its own time limit and all
 # under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare), each writing into DIR as
 # it goes; summary.md is rewritten after every stage, so a run killed from outside still leaves one:
@@ -27,10 +30,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DRY=0
+DEVICE_OUT=${OUT:-}  # the device tool's result folder, where it sets one
 OUT=""
+PACK=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
+    --pack) PACK=$2; shift 2 ;;
     --cpu-dry-run) DRY=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -62,9 +68,17 @@ if [ $DRY = 0 ] && [ "$GPU" = cpu ]; then
     "$(tail -n 3 "$ENV_ERR")" >&2
   exit 2
 fi
+[ -z "$OUT" ] && [ -z "$PACK" ] && [ -n "$DEVICE_OUT" ] && PACK=$DEVICE_OUT
 OUT=${OUT:-gpu-check/$(date +%Y-%m-%d)-$GPU}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$PACK" ]; then
+  mkdir -p "$PACK"
+  PACK=$(cd "$PACK" && pwd)
+  case "$PACK/" in
+    "$OUT/"*) echo "gpu_check: --pack $PACK lies inside the evidence folder $OUT; pack it elsewhere" >&2; exit 2 ;;
+  esac
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -144,11 +158,20 @@ write_summary() {
       done
     fi
     section "Build" "$OUT/build.log" . 2 tail
-    section "Benchmark (bench-pcos.log, bench-ce.log)" "$OUT/bench.log" '^\|' 60
+    section "Benchmark (bench-pcos.log, bench-ce.log)" "$OUT/bench.log" '^\|' 100
     section "backend='auto' (auto.log)" "$OUT/auto.log" "backend='auto'|->" 30
     section "Host-side cost per call (host.log)" "$OUT/host.log" '^\||not measured' 20
     section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12 tail
   } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
+  pack
+}
+
+pack() {  # --pack DIR: the evidence folder as one archive and the summary beside it (files still being written
+  # make tar say "file changed as we read it", exit 1, with a usable archive)
+  [ -n "$PACK" ] || return 0
+  tar czf "$PACK/evidence.tgz.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null
+  [ $? -le 1 ] && mv "$PACK/evidence.tgz.tmp" "$PACK/evidence.tgz"
+  cp "$OUT/summary.md" "$PACK/summary.md"
 }
 
 on_signal() {  # stopped from outside: stop the stage, keep the summary
@@ -265,12 +288,15 @@ TIMEOUT_ARGS=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120 --timeout-method thread)
 # One CPU thread per test process: 14 workers with a thread per core each would oversubscribe the cores 14-fold and
 # push the CPU-bound tests (small trainings) past the per-test limit.
-export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1
+# The tests' backend='auto' choices (timed by 14 workers sharing the GPU) go to a file of their own, not to the
+# cache the training stage reads.
+export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1 \
+  CSL_AUTO_CACHE="$WORK/tests-auto-backend.json"
 # The tests get what the budget leaves after a minute for the training steps.
 TEST_LIMIT=$((DEADLINE - $(date +%s) - 70))
 stage tests "$TEST_LIMIT" "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:randomly "${WORKERS[@]}" "${TIMEOUT_ARGS[@]}" \
   "${DESELECT[@]}" --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
-unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS
+unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS CSL_AUTO_CACHE
 
 # 7. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, kernels.backend=auto
 if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKEND=cpu; LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKEND=auto; LIMIT=60; fi

@@ -442,6 +442,9 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, f
     (record,) = [r for r in caplog.records if "measured" in r.getMessage()]
     assert "uses 'triton', measured triton 0.200 ms, cuda 0.500 ms" in record.getMessage()
     assert json.loads((tmp_path / "auto.json").read_text()) == {"toy_op | Fake GPU | float32 C21 px2^7": "triton"}
+    # What was taken, read back without timing (csl_bench.bench_auto_choice reports it so).
+    assert _measured.last_choice("toy_op", CUDA, z) == "triton" and len(timed) == 2
+    assert _measured.last_choice("toy_op", CUDA, torch.zeros(2, 21, 8, 9)) is None
     # Same shape class: cached, not timed again (also in a new process, from the file).
     monkeypatch.setattr(_measured, "_choices", None)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 21, 7, 9), lambda impl: impl(), timer=timer)[0] \
@@ -462,6 +465,7 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, f
     # The first shape class with another variant (an option that changes the cost): timed and cached apart.
     assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer, variant="class-groups")[0] \
         == "cuda" and len(timed) == 6
+    assert _measured.last_choice("toy_op", CUDA, z, "class-groups") == "cuda"
     assert json.loads((tmp_path / "auto.json").read_text())["toy_op | Fake GPU | float32 C21 px2^7 class-groups"] \
         == "cuda"
     assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"

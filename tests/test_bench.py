@@ -229,3 +229,16 @@ def test_bench_host_overhead_empty_launch_row():
     row = empty_launch_row("cpu", calls=5, repeats=2)
     assert row["provider"] == "triton (interpreter)" and row["launches_per_call"] == 1
     assert 0 < row["us_min"] <= row["us_median"]
+
+
+def test_a_failed_provider_fails_the_command(capsys):
+    """A provider that raised keeps its row (status error, with the reason) and makes the command exit 1, so that
+    scripts/gpu_check.sh's stage says it; a provider that cannot run here does not."""
+    from csl_bench.runner import exit_status
+
+    row = {"op": "pcos_weights", "shape": "voc321", "dtype": "bf16"}
+    unavailable = dict(row, provider="cuda", status="unavailable", reason="no CUDA device")
+    assert exit_status({"records": [dict(row, provider="cpu", status="ok"), unavailable]}) == 0
+    failed = dict(row, provider="triton", status="error", reason="RuntimeError: illegal memory access")
+    assert exit_status({"records": [unavailable, failed]}) == 1
+    assert "error: pcos_weights voc321 bf16 triton: RuntimeError: illegal memory access" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +18,9 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
            "GPU_CHECK_TRAIN_OVERRIDES": "data.crop_size=40 model.backbone=resnet18 data.synthetic.num_labeled=4 "
                                         "data.synthetic.num_unlabeled=8 data.synthetic.size=48 train.batch_size=2 "
                                         "data.num_workers=0"}
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    packed = tmp_path / "device-out"  # what the device tool brings back: at most 8 files
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out), "--pack", str(packed)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     for stage in ("build", "bench_pcos", "bench_ce", "auto", "host", "tests", "train_cpu"):
@@ -38,6 +40,19 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     assert "done: 6 iterations" in (out / "train.log").read_text()
     # Evidence only: the build folder and the training runs stay outside, no empty hang files are left.
     assert not list(out.rglob("*.so")) and not list(out.rglob("*.pt")) and not list(out.glob("progress.txt.hang-*"))
+    # --pack: two files, the final summary and every evidence file in one archive under the folder's name.
+    assert sorted(p.name for p in packed.iterdir()) == ["evidence.tgz", "summary.md"]
+    assert (packed / "summary.md").read_text() == summary
+    with tarfile.open(packed / "evidence.tgz") as tar:
+        names = set(tar.getnames())
+    assert {f"check/{p.name}" for p in out.iterdir()} <= names, sorted(names)
+
+
+def test_pack_inside_the_evidence_folder_is_refused(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path),
+                           "--pack", str(tmp_path / "packed")], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "lies inside the evidence folder" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_cpp_exception_probe_past_its_limit_says_not_known():
