@@ -21,7 +21,7 @@ from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 # (seed of the 1/8 split, folder under docs/results/camvid) of each oracle run.
-RUNS = [(0, "seed0_oracle"), (1, "seed1_oracle")]
+RUNS = [(0, "seed0_oracle"), (1, "seed1_oracle"), (2, "seed2_oracle")]
 METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.
@@ -85,7 +85,7 @@ def picture(runs: dict[int, dict[str, dict]], out_path: str) -> str:
             if run["recalibrated"] is not None:
                 ax.plot(run["iters"][-1] + 40, run["recalibrated"], "*", ms=12, color=colours[method])
         ax.set_title(f"CamVid 1/8, seed {seed}")
-        ax.set_xlabel("iteration of the continuation (star: final model, BatchNorm re-estimated)")
+        ax.set_xlabel("iteration (star: final model, BatchNorm re-estimated)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val mIoU (%)")
     fullest = max(zip(axes[0], runs.values(), strict=True), key=lambda pair: len(pair[1]))[0]

@@ -37,7 +37,9 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     table = oracle.table(runs)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
         assert table in f.read()
-    assert set(runs) == {0, 1} and {"supervised", "oracle", "threshold"} <= set(runs[0]) <= set(runs[1])
+    assert set(runs) == {0, 1, 2} and {"supervised", "oracle", "threshold"} <= set(runs[0]) <= set(runs[1])
+    assert set(runs[2]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
+    assert abs(runs[2]["oracle"]["miou"][-1] - runs[2]["threshold"]["miou"][-1] - 2.27) < 0.01
     # The BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(runs[0]["oracle"]["recalibrated"] - 50.75) < 0.01
     # Seed 0's warm-up kept no records: its one evaluation stands in for them.
