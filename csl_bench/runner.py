@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -88,8 +89,6 @@ def exit_status(payload: dict) -> int:
     """The exit status of a benchmark command: 1 where a provider failed (its record says ``status: error``; the
     tables keep the row with the reason, and stderr names each), else 0. A provider that cannot run here
     (``unavailable``) is not a failure."""
-    import sys
-
     failed = [r for r in payload.get("records", []) if r.get("status") == "error"]
     for r in failed:
         print(f"error: {r['op']} {r['shape']} {r['dtype']} {r['provider']}: {r.get('reason')}", file=sys.stderr)
