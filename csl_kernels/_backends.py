@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections.abc import Callable
 
 import torch
 
+from ._env import EnvEquals
+
 log = logging.getLogger("csl_kernels")
+_triton_interpret = EnvEquals("TRITON_INTERPRET", "1")
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 # Fastest first, per device type. On CUDA, pcos_weights and weighted_cross_entropy time both fused backends once
@@ -90,7 +92,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device | str) -> str
         return None
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}"
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type == "cpu" and not _triton_interpret():
         return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if backend == "cuda" and device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got tensors on {device}"
@@ -143,8 +145,7 @@ def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
 
 def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
     if backend != "auto":
-        key = (op, backend, device,
-               os.environ.get("TRITON_INTERPRET") if backend == "triton" and device.type == "cpu" else None)
+        key = (op, backend, device, backend == "triton" and device.type == "cpu" and _triton_interpret())
         impl = _NAMED.get(key)
         if impl is None:
             reason = unavailable_reason(op, backend, device)

@@ -56,9 +56,10 @@ def check_pixel_map(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape B x H x W, got {type(t).__name__}")
     check_dense(t, name)
-    expected = (ref.shape[0], ref.shape[2], ref.shape[3])
-    if tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(t.shape)}")
+    shape, ref_shape = t.shape, ref.shape  # compared element by element: no tuples built on the per-call path
+    if len(shape) != 3 or shape[0] != ref_shape[0] or shape[1] != ref_shape[2] or shape[2] != ref_shape[3]:
+        expected = (ref_shape[0], ref_shape[2], ref_shape[3])
+        raise ValueError(f"{name} must have shape B x H x W = {expected}, got {tuple(shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} are on {ref.device}")
 

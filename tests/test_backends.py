@@ -189,6 +189,25 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         assert problem is None
 
 
+def test_the_per_call_environment_read_follows_os_environ(monkeypatch):
+    # EnvEquals reads the dict behind os.environ: every way of changing the variable must show at the next call.
+    from csl_kernels._env import EnvEquals
+
+    name = "CSL_TEST_ENV_EQUALS"
+    monkeypatch.delenv(name, raising=False)
+    on_by_default, off_by_default = EnvEquals(name, "1", default="1"), EnvEquals(name, "1")
+    assert on_by_default() and not off_by_default()
+    for value in ("1", "0", "", " 1", "yes", "1"):
+        monkeypatch.setenv(name, value)
+        assert on_by_default() == off_by_default() == (os.environ.get(name) == "1")
+    os.environ[name] = "0"
+    assert not on_by_default()
+    os.environ.update({name: "1"})
+    assert on_by_default()
+    del os.environ[name]
+    assert on_by_default() and not off_by_default()
+
+
 def test_auto_on_cpu_never_picks_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # even when the interpreter could run it: it is far too slow
     name, _ = _backends.resolve("weighted_cross_entropy", "auto", CPU)

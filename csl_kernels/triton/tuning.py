@@ -44,12 +44,14 @@ from typing import TypeVar
 import torch
 import triton
 
+from .._env import EnvEquals
 from .._paths import cache_dir
 from ._common import next_pow2
 
 log = logging.getLogger("csl_kernels")
 
 ENV_MODE = "CSL_TRITON_AUTOTUNE"
+_autotune_on = EnvEquals(ENV_MODE, "1", default="1")  # the per-call test; autotune_enabled() checks the value
 ENV_CACHE = "CSL_TUNING_CACHE"
 CACHE_FORMAT = 1
 # Time budgets per candidate (milliseconds): a few runs of a kernel of 0.1-5 ms.
@@ -250,7 +252,7 @@ def tuned(tunable: Tunable, inputs: torch.Tensor, launch: Callable[[Config], T],
     fast_key = (tunable.name, inputs.shape, inputs.stride(), inputs.dtype, inputs.device, extra)
     # The common call: nothing forced, autotuning on as by default, a shape seen before (one environment read and
     # one dict lookup; what is forced or the mode can change between calls, so neither is remembered).
-    if not _FORCED and os.environ.get(ENV_MODE, "1") == "1":
+    if not _FORCED and _autotune_on():
         config = _PICKED.get(fast_key)
         if config is not None:
             return launch(config)
