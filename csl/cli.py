@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                    help="first re-estimate the BatchNorm statistics on N clean training images (the split's "
                         "unlabeled list; default 0 = keep the checkpoint's)")
+    e.add_argument("--bn-views", choices=("frames", "crops"), default="frames",
+                   help="what --bn-recalibrate runs the model on: whole frames, two per batch (default), or the "
+                        "crops training takes (random scale, data.crop_size crop, flip; no colour augmentation), "
+                        "train.batch_size per batch, seeded by the config's seed")
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
     pr = command("predict", "write colour PNG predictions for images")
@@ -253,11 +257,16 @@ def cmd_eval(args) -> int:
             check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
             model, num_classes = model_from_checkpoint(cfg, ckpt, args.checkpoint, env.device)
             if args.bn_recalibrate:
-                from .bn import CleanImages, recalibrate_batchnorm
+                from .bn import CleanImages, TrainingCrops, recalibrate_batchnorm
 
-                used = recalibrate_batchnorm(model, CleanImages(cfg), env.device, args.bn_recalibrate,
-                                             progress=env.is_main)
-                log.info("BatchNorm statistics re-estimated on %d clean training images", used)
+                if args.bn_views == "crops":
+                    images, batch = TrainingCrops(cfg, seed=cfg["seed"]), max(2, int(cfg["train"]["batch_size"]))
+                else:
+                    images, batch = CleanImages(cfg), 2
+                used = recalibrate_batchnorm(model, images, env.device, args.bn_recalibrate, progress=env.is_main,
+                                             batch_size=batch)
+                log.info("BatchNorm statistics re-estimated on %d clean training %s, %d per batch", used,
+                         "frames" if args.bn_views == "frames" else f"crops of {images.weak.size}", batch)
             loader = make_eval_loader(val_dataset(cfg), batch_size=cfg["eval"]["batch_size"],
                                       num_workers=min(cfg["data"]["num_workers"], 2))
             mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])

@@ -70,6 +70,19 @@ def test_eval_matches_training_eval(trained, capsys):
     assert "mIoU" in out and "class   0" in out
 
 
+@pytest.mark.parametrize(("views", "said"), [("frames", "clean training frames, 2 per batch"),
+                                             ("crops", "clean training crops of 40, 2 per batch")])
+def test_eval_re_estimates_batchnorm_on_frames_or_crops(trained, capsys, caplog, views, said):
+    caplog.set_level("INFO", logger="csl")
+    args = ["eval", "--checkpoint", str(trained / "best.pt"), "device=cpu"]
+    assert main(args) == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args[:3], "--bn-recalibrate", "4", "--bn-views", views, *args[3:]]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert f"BatchNorm statistics re-estimated on 4 {said}" in caplog.text
+    assert again["miou"] != kept["miou"] or again["pixel_acc"] != kept["pixel_acc"]  # other statistics, other output
+
+
 def test_a_gpu_runs_checkpoint_is_evaluated_here(trained, tmp_path, capsys):
     """The device and kernels' backend a run trained with are not part of its model: eval and analyze use this
     machine's (here a checkpoint whose config names cuda for both, read on a CPU-only machine)."""
