@@ -1,7 +1,8 @@
 """The table and picture of "Perfect pseudo-labels" in docs/results/camvid.md, from the committed records of the
 oracle runs (true masks as pseudo-labels, ``selection.mode=oracle``) and of the runs trained beside them: each
 continuation's evaluations (``metrics_<run>.jsonl``) and its final model evaluated with BatchNorm statistics
-re-estimated on clean frames (``bn_<run>.txt``, the output of ``csl eval --bn-recalibrate 320``).
+re-estimated on 320 clean training frames (``bn_<run>.txt``, the output of ``csl eval --bn-recalibrate 320``) and on
+320 training-size crops (``bn_crops_<run>.txt``, ``csl eval --bn-recalibrate 320 --bn-views crops``).
 
     .venv/bin/python scripts/camvid_oracle.py   # prints the Markdown table, writes camvid/miou_oracle.png
 """
@@ -20,12 +21,16 @@ from csl.plots import _pyplot, _save_figure  # noqa: E402
 from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
-# (seed of the 1/8 split, folder under docs/results/camvid) of each oracle run.
-RUNS = [(0, "seed0_oracle"), (1, "seed1_oracle"), (2, "seed2_oracle")]
+# (split, seed, folder under docs/results/camvid) of each oracle run; a folder not there yet is left out.
+RUNS = [("1/8", 0, "seed0_oracle"), ("1/8", 1, "seed1_oracle"), ("1/8", 2, "seed2_oracle"),
+        ("1/4", 0, "1_4_seed0_oracle")]
 METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.
-WARMUP_MIOU = {0: 49.25}
+WARMUP_MIOU = {("1/8", 0): 49.25}
+# How a final model's BatchNorm statistics were re-estimated: the record's file prefix, the table's column.
+RECALIBRATIONS = {"frames": ("bn_", "BatchNorm re-estimated on frames"),
+                  "crops": ("bn_crops_", "on training crops")}
 
 
 def recalibrated_miou(path: str) -> float | None:
@@ -37,27 +42,32 @@ def recalibrated_miou(path: str) -> float | None:
     return 100 * json.loads(lines[-1])["miou"] if lines else None
 
 
-def load() -> dict[int, dict[str, dict]]:
-    """{seed: {method: {"iters": [...], "miou": [...] (%), "recalibrated": % or None}}} of the methods on record."""
+def load() -> dict[tuple[str, int], dict[str, dict]]:
+    """{(split, seed): {method: {"iters": [...], "miou": [...] (%), "frames": % or None, "crops": % or None}}} of the
+    methods on record ("frames" / "crops": the final model with its BatchNorm statistics re-estimated so)."""
     runs = {}
-    for seed, folder in RUNS:
+    for split, seed, folder in RUNS:
+        if not os.path.isdir(os.path.join(RECORDS, folder)):
+            continue
         row = {}
         for method in METHODS:
             path = os.path.join(RECORDS, folder, f"metrics_{method}.jsonl")
             evals = read_metrics(path, "eval") if os.path.isfile(path) else []
-            if not evals and method == "warmup" and seed in WARMUP_MIOU:
-                evals = [{"iter": 0, "miou": WARMUP_MIOU[seed] / 100}]
+            if not evals and method == "warmup" and (split, seed) in WARMUP_MIOU:
+                evals = [{"iter": 0, "miou": WARMUP_MIOU[split, seed] / 100}]
             if evals:
-                row[method] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals],
-                               "recalibrated": recalibrated_miou(os.path.join(RECORDS, folder, f"bn_{method}.txt"))}
-        runs[seed] = row
+                row[method] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals]}
+                for kind, (prefix, _) in RECALIBRATIONS.items():
+                    row[method][kind] = recalibrated_miou(os.path.join(RECORDS, folder, f"{prefix}{method}.txt"))
+        runs[split, seed] = row
     return runs
 
 
-def table(runs: dict[int, dict[str, dict]]) -> str:
-    lines = ["| 1/8 split | run | mIoU after each 100 iterations | final (best) | minus threshold, each evaluation | "
-             "BatchNorm statistics re-estimated |", "| --- | --- | --- | ---: | --- | ---: |"]
-    for seed, row in runs.items():
+def table(runs: dict[tuple[str, int], dict[str, dict]]) -> str:
+    lines = ["| split, seed | run | mIoU after each 100 iterations | final (best) | minus threshold, each evaluation | "
+             + " | ".join(column for _, column in RECALIBRATIONS.values()) + " |",
+             "| --- | --- | --- | ---: | --- |" + " ---: |" * len(RECALIBRATIONS)]
+    for (split, seed), row in runs.items():
         base = row.get("threshold")
         for method, run in row.items():
             curve = ", ".join(f"{v:.1f}" for v in run["miou"])
@@ -65,27 +75,30 @@ def table(runs: dict[int, dict[str, dict]]) -> str:
             diffs = ""
             if base is not None and method not in ("warmup", "threshold") and len(run["miou"]) == len(base["miou"]):
                 diffs = ", ".join(f"{a - b:+.1f}" for a, b in zip(run["miou"], base["miou"], strict=True))
-            recal = "-" if run["recalibrated"] is None else f"{run['recalibrated']:.2f}"
-            lines.append(f"| seed {seed} | {LABELS[method]} | {curve} | {final} | {diffs} | {recal} |")
+            recal = " | ".join("-" if run[kind] is None else f"{run[kind]:.2f}" for kind in RECALIBRATIONS)
+            lines.append(f"| {split}, seed {seed} | {LABELS[method]} | {curve} | {final} | {diffs} | {recal} |")
     return "\n".join(lines)
 
 
-def picture(runs: dict[int, dict[str, dict]], out_path: str) -> str:
-    """One panel per seed: each continuation's val mIoU per evaluation, its BatchNorm-re-estimated final model as a
-    star to the right of its last evaluation, the warm-up as a dashed line."""
+def picture(runs: dict[tuple[str, int], dict[str, dict]], out_path: str) -> str:
+    """One panel per split and seed: each continuation's val mIoU per evaluation, its final model with BatchNorm
+    re-estimated to the right of its last evaluation (star: on frames, diamond: on training crops), the warm-up as a
+    dashed line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
     colours = dict(zip(METHODS[1:], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, (seed, row) in zip(axes[0], runs.items(), strict=True):
+    for ax, ((split, seed), row) in zip(axes[0], runs.items(), strict=True):
         for method, run in row.items():
             if method == "warmup":
                 ax.axhline(run["miou"][-1], color="grey", ls="--", lw=1, label="warm-up (start of each)")
                 continue
             ax.plot(run["iters"], run["miou"], "o-", color=colours[method], label=LABELS[method])
-            if run["recalibrated"] is not None:
-                ax.plot(run["iters"][-1] + 40, run["recalibrated"], "*", ms=12, color=colours[method])
-        ax.set_title(f"CamVid 1/8, seed {seed}")
-        ax.set_xlabel("iteration (star: final model, BatchNorm re-estimated)")
+            for kind, marker, dx in (("frames", "*", 40), ("crops", "D", 80)):
+                if run[kind] is not None:
+                    ax.plot(run["iters"][-1] + dx, run[kind], marker, ms=12 if marker == "*" else 7,
+                            color=colours[method])
+        ax.set_title(f"CamVid {split}, seed {seed}")
+        ax.set_xlabel("iteration (final model, BatchNorm re-estimated: * frames, \u25c6 crops)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val mIoU (%)")
     fullest = max(zip(axes[0], runs.values(), strict=True), key=lambda pair: len(pair[1]))[0]

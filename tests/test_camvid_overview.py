@@ -37,12 +37,14 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     table = oracle.table(runs)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
         assert table in f.read()
-    assert set(runs) == {0, 1, 2} and {"supervised", "oracle", "threshold"} <= set(runs[0]) <= set(runs[1])
-    assert set(runs[2]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
-    assert abs(runs[2]["oracle"]["miou"][-1] - runs[2]["threshold"]["miou"][-1] - 2.27) < 0.01
-    # The BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
-    assert abs(runs[0]["oracle"]["recalibrated"] - 50.75) < 0.01
+    seed0, seed1, seed2 = runs["1/8", 0], runs["1/8", 1], runs["1/8", 2]
+    assert {("1/8", 0), ("1/8", 1), ("1/8", 2)} <= set(runs)
+    assert {"supervised", "oracle", "threshold"} <= set(seed0) <= set(seed1)
+    assert set(seed2) == {"warmup", "supervised", "oracle", "threshold", "csl"}
+    assert abs(seed2["oracle"]["miou"][-1] - seed2["threshold"]["miou"][-1] - 2.27) < 0.01
+    # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
+    assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
     # Seed 0's warm-up kept no records: its one evaluation stands in for them.
-    assert runs[0]["warmup"]["miou"] == [oracle.WARMUP_MIOU[0]]
+    assert seed0["warmup"]["miou"] == [oracle.WARMUP_MIOU["1/8", 0]]
     path = oracle.picture(runs, str(tmp_path / "oracle.png"))
     assert os.path.getsize(path) > 10_000
