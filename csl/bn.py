@@ -4,8 +4,9 @@ A semi-supervised step's last forward pass in training mode is the strong / mask
 statistics that evaluation uses follow strongly augmented (colour-jittered, blurred, TMP-masked) images. Replacing
 them by the plain average over clean images tells how much of an evaluation gap is those statistics rather than the
 weights. Two kinds of clean images: whole frames (:class:`CleanImages`, two per batch), or the crops training takes
-before its colour augmentation (:class:`TrainingCrops`, at the training batch size): the image-pooling branch and the
-statistics of a crop differ from a whole frame's, so only the crops leave a model trained on clean crops as it was.
+before its colour augmentation (:class:`TrainingCrops`, at the training batch size), whose statistics (the
+image-pooling branch's above all) are those training normalised with. Neither leaves every model as it was:
+docs/results/camvid.md ("Perfect pseudo-labels") measures how far each moves models trained on labeled crops alone.
 """
 
 from __future__ import annotations
