@@ -84,9 +84,7 @@ class TrainingCrops(CleanImages):
 
     def __init__(self, cfg: dict, seed: int = 0):
         super().__init__(cfg)
-        from .data.transforms import WeakAugment
-
-        self.weak = WeakAugment(self.view.weak.size, 0, self.view.weak.scale_range)  # training's crop and scales
+        self.weak = self.view.weak  # training's own crop, scales and flip (the labels it also crops are dropped)
         self.seed = int(seed)
 
     def __getitem__(self, index: int) -> dict:
