@@ -221,13 +221,7 @@ def _worker_baseline(calls: int, repeats: int) -> list[dict]:
 def empty_launch_row(device: str, calls: int, repeats: int) -> dict:
     """Microseconds of one launch of a kernel that does nothing, with 8 tensor, 10 integer and 2 constexpr
     arguments (PCOS's feature kernel has 8, 10 and 11)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def empty_kernel(p0, p1, p2, p3, p4, p5, p6, p7, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9,
-                     FLAG: tl.constexpr, BLOCK: tl.constexpr):
-        pass
+    from csl_bench._empty_kernel import empty_kernel
 
     tensors = [torch.zeros(16, device=device) for _ in range(8)]
     ints = [103041, 321, 21, 2163861, 103041, 321, 1, 1, 101, 32]

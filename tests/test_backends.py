@@ -298,14 +298,15 @@ def test_fused_backends_refuse_a_forward_mode_tangent(fused_backend, op):
     weight = torch.rand(1, 5, 6, generator=g).to(device)
     reliable = torch.ones(1, 5, 6, dtype=torch.bool, device=device)
 
-    def call(logits, backend):
+    def call(logits, backend):  # the other inputs follow the logits (the reference runs on CPU copies)
         if op == "pcos_weights":
             return csl_kernels.pcos_weights(logits, backend=backend).weight
         if op == "residual_features":
             return csl_kernels.residual_features(logits, backend=backend)[0]
         if op == "trusted_mask":
-            return csl_kernels.trusted_mask(logits, reliable, block=2, backend=backend).images
-        return csl_kernels.weighted_cross_entropy(logits, label, weight, backend=backend)
+            return csl_kernels.trusted_mask(logits, reliable.to(logits.device), block=2, backend=backend).images
+        return csl_kernels.weighted_cross_entropy(logits, label.to(logits.device), weight.to(logits.device),
+                                                  backend=backend)
 
     with fwad.dual_level():
         dual = fwad.make_dual(z, torch.ones_like(z))

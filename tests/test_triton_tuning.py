@@ -1,10 +1,11 @@
 """Launch-configuration tuning of the Triton kernels (csl_kernels/triton/tuning.py).
 
-Every candidate of every tunable launcher gives the default's outputs (bitwise for the per-pixel kernels, to the last
-bits for the reductions); the tuner times each candidate once, keeps the fastest, writes it to the cache file and
-reads it back in a fresh process state without timing again; bad cache files, failing candidates, an unwritable
-cache, ``CSL_TRITON_AUTOTUNE=0`` and float64 inputs are handled as documented. On CPU the timer is replaced by a
-table (the interpreter's timings mean nothing); the CUDA test times for real.
+Every candidate of every tunable launcher gives the default's outputs (per-pixel outputs bitwise under the interpreter,
+within 16 units of the last place on a GPU; the reductions to the last bits); the tuner times each candidate once,
+keeps the fastest, writes it to the cache file and reads it back in a fresh process state without timing again; bad
+cache files, failing candidates, an unwritable cache, ``CSL_TRITON_AUTOTUNE=0`` and float64 inputs are handled as
+documented. On CPU the timer is replaced by a table (the interpreter's timings mean nothing); the CUDA test times for
+real.
 """
 
 from __future__ import annotations
@@ -59,6 +60,26 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def assert_same(got: torch.Tensor, expected: torch.Tensor, what) -> None:
+    """A per-pixel output of another launch configuration: bitwise equal under the interpreter, which reduces over
+    the classes in one order whatever the tile. Compiled for a GPU, a class reduction's order follows the class tile,
+    so a float output may differ in its last bits there: within 16 units of the last place (relative, and absolute
+    for values under 1). Seen on an H200 (fp32, C = 21 and 150): at most 6.9e-7 relative, 2.9e-6 absolute on values
+    near 5, about a quarter of this. Integer and bool outputs stay exact everywhere."""
+    if got.is_floating_point() and got.device.type == "cuda":
+        ulps = 16 * torch.finfo(got.dtype).eps
+        torch.testing.assert_close(got, expected, rtol=ulps, atol=ulps, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(bits(got), bits(expected)), what
+
+
+def close_tolerances(device: torch.device) -> dict:
+    """The reductions (float64 PCOS sums, the loss) of another configuration: to the last bits under the
+    interpreter; on a GPU their inputs may already differ in the last bits (``assert_same``), which a Gaussian weight
+    in the tail amplifies about tenfold."""
+    return {"rtol": 2e-5, "atol": 1e-6} if device.type == "cuda" else {"rtol": 1e-6, "atol": 1e-7}
+
+
 def run_all_ops(logits, ignore, class_groups: bool):
     """Outputs of every tuned launcher on one input: ``(exact, close)`` dicts of tensors."""
     f0, v, label = ck.residual_features(logits, ignore, backend="triton")
@@ -82,10 +103,11 @@ def run_all_ops(logits, ignore, class_groups: bool):
 @pytest.mark.parametrize(("dtype", "classes"), [(torch.float32, 2), (torch.float32, 21), (torch.float32, 150),
                                                (torch.bfloat16, 21)])
 def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes, dtype):
-    """Per-pixel outputs bitwise equal for every candidate; reductions (float64 PCOS sums, the loss) to the last
-    bits. The default is held to the float64 reference by the per-op tests. PCOS chunks are shrunk to 128 pixels (a
-    multiple of every candidate's tile, as MIN_CHUNK is) so that the interpreter sees three chunks per image; class
-    groups only up to C = 21 (C = 150 adds class tiles, which the feature and loss kernels cover, at 7x the cost)."""
+    """Per-pixel outputs equal for every candidate (``assert_same``); reductions (float64 PCOS sums, the loss)
+    within ``close_tolerances``. The default is held to the float64 reference by the per-op tests. PCOS chunks are
+    shrunk to 128 pixels (a multiple of every candidate's tile, as MIN_CHUNK is) so that the interpreter sees three
+    chunks per image; class groups only up to C = 21 (C = 150 adds class tiles, which the feature and loss kernels
+    cover, at 7x the cost)."""
     module, device = tuning
     from csl_kernels.triton import pcos_weights
 
@@ -100,9 +122,9 @@ def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes,
         with module.forced(index):
             exact, close = run_all_ops(logits, ignore, class_groups)
         for name, ref in exact0.items():
-            assert torch.equal(bits(exact[name]), bits(ref)), (index, name)
+            assert_same(exact[name], ref, (index, name))
         for name, ref in close0.items():
-            torch.testing.assert_close(close[name], ref, rtol=1e-6, atol=1e-7, msg=lambda m, i=index, n=name:
+            torch.testing.assert_close(close[name], ref, **close_tolerances(device), msg=lambda m, i=index, n=name:
                                        f"candidate {i}, {n}: {m}")
 
 
@@ -125,9 +147,9 @@ def test_tuned_launches_give_the_default_outputs(tuning, monkeypatch):
     assert len(timer.calls) == sum(len(t.candidates) for t in module.TUNABLES.values()) + len(
         module.TUNABLES["pcos_weights"].candidates)  # image and class groups are two keys
     for name, ref in exact0.items():
-        assert torch.equal(bits(exact[name]), bits(ref)), name
+        assert_same(exact[name], ref, name)
     for name, ref in close0.items():
-        torch.testing.assert_close(close[name], ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(close[name], ref, **close_tolerances(device))
 
 
 def test_tunables_are_registered_with_spill_free_defaults_first(tuning):
@@ -150,8 +172,8 @@ def test_tuning_picks_the_fastest_and_caches_it(tuning, monkeypatch, caplog):
         expected = ck.residual_features(logits, ignore, backend="triton")
     with caplog.at_level(logging.INFO, logger="csl_kernels"):
         got = ck.residual_features(logits, ignore, backend="triton")
-    for a, b in zip(got, expected, strict=True):
-        assert torch.equal(bits(a), bits(b))
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_same(a, b, i)
     assert timer.calls == list(tunable.candidates)
     assert "tuned residual_features" in caplog.text and fastest.name in caplog.text
     assert "tuning residual_features for float32,C=21,nchw" in caplog.text and str(module.cache_path()) in caplog.text
@@ -319,8 +341,8 @@ def test_tuning_on_cuda_times_every_candidate_and_caches(tuning, monkeypatch, ca
         expected = ck.residual_features(logits, ignore, backend="triton")
     with caplog.at_level(logging.INFO, logger="csl_kernels"):
         got = ck.residual_features(logits, ignore, backend="triton")
-    for a, b in zip(got, expected, strict=True):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_same(a, b, i)
     assert "tuned residual_features" in caplog.text
     entries = json.loads(module.cache_path().read_text())["sections"][module.device_section(device)]
     (entry,) = entries.values()
