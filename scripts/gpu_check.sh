@@ -9,9 +9,10 @@
 # it goes; summary.md is rewritten after every stage, so a run killed from outside still leaves one:
 #   env.txt       GPU, driver, Python, torch, triton, nvcc
 #   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16), with its time
-#   cpp_exceptions.txt  whether a TORCH_CHECK failure in a minimal extension reaches Python here (on the H200 of
-#                 2026-11-30 it crashed the process: torch 2.11 + GCC 13.3); where it crashes, the three tests of
-#                 C++ error paths are deselected (each crash costs a worker restart) and the summary says so
+#   cpp_exceptions.txt  whether a TORCH_CHECK failure in a minimal extension reaches Python here; where it
+#                 crashes (the machine), the three tests of C++ error paths are deselected (each crash costs a worker
+#                 restart) and the summary says so. On a GPU, variants that tell the machine from csl: on the H200
+#                 of 2026-12-04 (torch 2.11 + GCC 13.3) the minimal one raised and csl's extension crashed
 #   bench-pcos.log / bench-ce.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the
 #                 weighted CE, every provider, Triton launch tuning on (one command per op, merged)
 #   auto.log / auto.json     backend='auto' choices with the timings they were made on (voc321, coco513)
@@ -140,7 +141,8 @@ write_summary() {
     echo "Total $(( $(date +%s) - START )) s of a ${BUDGET} s budget. Exit 124 / 137 = the stage hit its time limit."
     for note in "${NOTES[@]}"; do echo; echo "$note"; done
     [ -f "$OUT/cpp_exceptions.txt" ] && { echo; echo "C++ exceptions from an extension on this machine" \
-      "(scripts/cpp_exception_probe.py): $(tail -n 1 "$OUT/cpp_exceptions.txt")"; }
+      "(scripts/cpp_exception_probe.py; variants: a minimal op built with csl's flags, thrown inside at::parallel_for," \
+      "raised beside csl's loaded library, csl's own error path):"; echo '```'; cat "$OUT/cpp_exceptions.txt"; echo '```'; }
     if [ -f "$OUT/progress.txt" ]; then
       echo
       echo "## Tests"
@@ -203,7 +205,8 @@ write_summary
 
 # 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
 # (in the background: its build overlaps the extension's; on a loaded 2-core machine it has taken over 240 s)
-"$PY" scripts/cpp_exception_probe.py --limit $((BUDGET < 420 ? BUDGET : 420)) > "$OUT/cpp_exceptions.txt" 2>&1 &
+if [ $DRY = 1 ]; then PROBE=(); else PROBE=(--variants); fi  # the variants: three more builds, parallel on a GPU host
+"$PY" scripts/cpp_exception_probe.py "${PROBE[@]}" --limit $((BUDGET < 420 ? BUDGET : 420)) > "$OUT/cpp_exceptions.txt" 2>&1 &
 PROBE_PID=$!
 if [ $DRY = 1 ]; then BUILD_DEV=cpu; else BUILD_DEV=cuda; fi
 CSL_BUILD_VERBOSE=1 stage build 300 "$PY" -c "

@@ -69,3 +69,18 @@ def test_help_prints_the_header_comment_only():
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and lines[0].startswith("One command that checks a GPU machine end to end")
     assert "--cpu-dry-run" in proc.stdout and not any(line.startswith(("set ", "cd ", "#")) for line in lines)
+
+
+def test_cpp_exception_probe_variants_tell_csl_from_the_machine():
+    """The variants a GPU check runs (three more builds): on this machine every case raises, csl's own error path
+    included, each on its own line after the minimal probe's."""
+    proc = subprocess.run([sys.executable, "scripts/cpp_exception_probe.py", "--variants"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lines[0] == "cpp-exceptions: ok (raised: probe: expected failure)"
+    names = ["csl-flags", "parallel-for", "csl-loaded", "csl-error-path"]
+    assert [line.split(":")[0] for line in lines[1:]] == [f"variant {name}" for name in names], lines
+    assert "expected failure in a parallel region" in lines[2]
+    assert "csl::weighted_cross_entropy: label 7 of a used pixel is outside [0, 3)" in lines[4]
+    assert all(": ok (raised: " in line for line in lines[1:]), lines
