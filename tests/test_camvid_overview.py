@@ -42,7 +42,8 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     assert {"supervised", "oracle", "threshold"} <= set(seed0) <= set(seed1)
     assert set(seed2) == {"warmup", "supervised", "oracle", "threshold", "csl"}
     assert abs(seed2["oracle"]["miou"][-1] - seed2["threshold"]["miou"][-1] - 2.27) < 0.01
-    assert set(runs["1/4", 0]) == {"warmup", "supervised", "oracle", "threshold"}  # its CSL stage did not run
+    assert set(runs["1/4", 0]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
+    assert abs(runs["1/4", 0]["csl"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1]) < 0.01  # level
     assert abs(runs["1/4", 0]["oracle"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1] - 1.82) < 0.01
     # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
