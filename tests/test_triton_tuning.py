@@ -75,9 +75,10 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, what) -> None:
 
 def close_tolerances(device: torch.device) -> dict:
     """The reductions (float64 PCOS sums, the loss) of another configuration: to the last bits under the
-    interpreter; on a GPU their inputs may already differ in the last bits (``assert_same``), which a Gaussian weight
-    in the tail amplifies about tenfold."""
-    return {"rtol": 2e-5, "atol": 1e-6} if device.type == "cuda" else {"rtol": 1e-6, "atol": 1e-7}
+    interpreter. On a GPU their inputs may already differ in the last bits (``assert_same``); a Gaussian weight in the
+    tail amplifies that about tenfold, and the smaller eigenvalue of a group's 2 x 2 covariance by its condition
+    number: 1e-4 relative there, still far below what a configuration that drops or repeats pixels changes."""
+    return {"rtol": 1e-4, "atol": 1e-6} if device.type == "cuda" else {"rtol": 1e-6, "atol": 1e-7}
 
 
 def run_all_ops(logits, ignore, class_groups: bool):
