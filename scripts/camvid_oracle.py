@@ -23,7 +23,7 @@ from csl.report import LABELS  # noqa: E402
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 # (split, seed, folder under docs/results/camvid) of each oracle run; a folder not there yet is left out.
 RUNS = [("1/8", 0, "seed0_oracle"), ("1/8", 1, "seed1_oracle"), ("1/8", 2, "seed2_oracle"),
-        ("1/4", 0, "1_4_seed0_oracle")]
+        ("1/4", 0, "1_4_seed0_oracle"), ("1/4", 1, "1_4_seed1_oracle")]
 METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.

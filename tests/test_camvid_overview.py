@@ -44,6 +44,9 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     assert abs(seed2["oracle"]["miou"][-1] - seed2["threshold"]["miou"][-1] - 2.27) < 0.01
     assert set(runs["1/4", 0]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
     assert abs(runs["1/4", 0]["csl"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1]) < 0.01  # level
+    seed1 = runs["1/4", 1]  # its CSL stage stopped for time
+    assert set(seed1) == {"warmup", "supervised", "oracle", "threshold"}
+    assert abs(seed1["oracle"]["miou"][-1] - seed1["threshold"]["miou"][-1] - 4.19) < 0.01
     assert abs(runs["1/4", 0]["oracle"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1] - 1.82) < 0.01
     # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
