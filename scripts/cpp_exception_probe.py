@@ -59,6 +59,17 @@ TORCH_LIBRARY(csl_cpp_exception_probe, m) {
 }
 """
 
+# The end of every child: the call must raise a RuntimeError (exit 0, its first line printed); no exception: exit 3.
+RAISES = """
+try:
+    {call}
+except RuntimeError as exc:
+    print("raised:", str(exc).splitlines()[0])
+    sys.exit(0)
+print("no exception")
+sys.exit(3)
+"""
+
 # argv: source, build folder, extra cflags (JSON), extra ldflags (JSON), library to load first ("" for none)
 CHILD = """
 import json, os, sys, torch
@@ -68,28 +79,14 @@ if sys.argv[5]:
     torch.ops.load_library(sys.argv[5])
 load_inline("csl_cpp_exception_probe", [sys.argv[1]], is_python_module=False, build_directory=sys.argv[2],
             extra_cflags=json.loads(sys.argv[3]), extra_ldflags=json.loads(sys.argv[4]))
-try:
-    torch.ops.csl_cpp_exception_probe.probe(torch.zeros(1))
-except RuntimeError as exc:
-    print("raised:", str(exc).splitlines()[0])
-    sys.exit(0)
-print("no exception")
-sys.exit(3)
-"""
+""" + RAISES.format(call="torch.ops.csl_cpp_exception_probe.probe(torch.zeros(1))")
 
 CSL_CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import csl_kernels
 logits, label, weight = torch.randn(1, 3, 4, 5), torch.full((1, 4, 5), 7), torch.ones(1, 4, 5)
-try:
-    csl_kernels.weighted_cross_entropy(logits, label, weight, backend="cpu")
-except RuntimeError as exc:
-    print("raised:", str(exc).splitlines()[0])
-    sys.exit(0)
-print("no exception")
-sys.exit(3)
-"""
+""" + RAISES.format(call='csl_kernels.weighted_cross_entropy(logits, label, weight, backend="cpu")')
 
 LIBRARY_OF_CSL = """
 import sys
