@@ -142,7 +142,8 @@ write_summary() {
     for note in "${NOTES[@]}"; do echo; echo "$note"; done
     [ -f "$OUT/cpp_exceptions.txt" ] && { echo; echo "C++ exceptions from an extension on this machine" \
       "(scripts/cpp_exception_probe.py; variants: a minimal op built with csl's flags, thrown inside at::parallel_for," \
-      "raised beside csl's loaded library, csl's own error path):"; echo '```'; cat "$OUT/cpp_exceptions.txt"; echo '```'; }
+      "with a message of several arguments, raised beside csl's loaded library, csl's own error path with and" \
+      "without its CUDA part; a crash comes with its native stack):"; echo '```'; cat "$OUT/cpp_exceptions.txt"; echo '```'; }
     if [ -f "$OUT/progress.txt" ]; then
       echo
       echo "## Tests"
@@ -205,7 +206,7 @@ write_summary
 
 # 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
 # (in the background: its build overlaps the extension's; on a loaded 2-core machine it has taken over 240 s)
-if [ $DRY = 1 ]; then PROBE=(); else PROBE=(--variants); fi  # the variants: three more builds, parallel on a GPU host
+if [ $DRY = 1 ]; then PROBE=(); else PROBE=(--variants); fi  # the variants: four more builds, parallel on a GPU host
 "$PY" scripts/cpp_exception_probe.py "${PROBE[@]}" --limit $((BUDGET < 420 ? BUDGET : 420)) > "$OUT/cpp_exceptions.txt" 2>&1 &
 PROBE_PID=$!
 if [ $DRY = 1 ]; then BUILD_DEV=cpu; else BUILD_DEV=cuda; fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,15 +73,49 @@ def test_help_prints_the_header_comment_only():
 
 
 def test_cpp_exception_probe_variants_tell_csl_from_the_machine():
-    """The variants a GPU check runs (three more builds): on this machine every case raises, csl's own error path
-    included, each on its own line after the minimal probe's."""
+    """The variants a GPU check runs (more builds, a CPU-only build of csl among them): on this machine every case
+    raises, csl's own error path included, each on its own line after the minimal probe's."""
     proc = subprocess.run([sys.executable, "scripts/cpp_exception_probe.py", "--variants"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1200)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[0] == "cpp-exceptions: ok (raised: probe: expected failure)"
-    names = ["csl-flags", "parallel-for", "csl-loaded", "csl-error-path"]
+    names = ["csl-flags", "parallel-for", "message-args", "csl-loaded", "csl-error-path", "csl-cpu-only"]
     assert [line.split(":")[0] for line in lines[1:]] == [f"variant {name}" for name in names], lines
     assert "expected failure in a parallel region" in lines[2]
-    assert "csl::weighted_cross_entropy: label 7 of a used pixel is outside [0, 3)" in lines[4]
+    assert "expected failure with arguments, got [1] of Float on cpu" in lines[3]
+    for line in lines[5:7]:
+        assert "csl::weighted_cross_entropy: label 7 of a used pixel is outside [0, 3)" in line
     assert all(": ok (raised: " in line for line in lines[1:]), lines
+
+
+def _probe_module():
+    spec = importlib.util.spec_from_file_location("cpp_exception_probe", ROOT / "scripts" / "cpp_exception_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpp_exception_probe_reports_a_crash_with_its_native_stack(tmp_path):
+    """A child that dies of SIGSEGV: its outcome names the faulting address and the native stack down to the faulting
+    function (symbolized where addr2line runs), then faulthandler's Python stack."""
+    probe = _probe_module()
+    reporter, why_not = probe.build_reporter(str(tmp_path))
+    assert reporter, why_not
+    crash = "import faulthandler; faulthandler.enable()\n" + probe.PRELUDE + "import ctypes\nctypes.string_at(0)\n"
+    child = probe.start(crash, [], cuda_hidden=True, env={"CSL_PROBE_REPORTER": reporter})
+    what, status = probe.outcome(child, 120)
+    assert status == 1 and what.startswith("CRASH (SIGSEGV) at address (nil); native stack:\n"), what
+    frames = [line.strip() for line in what.splitlines()[1:] if line.startswith("    #")]
+    assert frames[0].startswith("#0 crash_reporter.so +0x") and " report" in frames[0], frames
+    assert any(frame.split()[1].startswith("_ctypes") for frame in frames), frames  # string_at's own library
+    assert "Fatal Python error: Segmentation fault" in what and "in string_at" in what, what
+
+
+def test_cpp_exception_probe_without_the_reporter_keeps_faulthandlers_report():
+    probe = _probe_module()
+    child = probe.start("import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)", [],
+                        cuda_hidden=True, env={"CSL_PROBE_REPORTER": ""})
+    what, status = probe.outcome(child, 120)
+    assert status == 1 and what.startswith("CRASH (SIGSEGV):\n    Fatal Python error: Segmentation fault"), what
+    assert "Extension modules" not in what and "in <module>" in what
