@@ -21,13 +21,15 @@ from csl.plots import _pyplot, _save_figure  # noqa: E402
 from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
-# (split, seed, folder under docs/results/camvid) of each oracle run; a folder not there yet is left out.
-RUNS = [("1/8", 0, "seed0_oracle"), ("1/8", 1, "seed1_oracle"), ("1/8", 2, "seed2_oracle"),
-        ("1/4", 0, "1_4_seed0_oracle"), ("1/4", 1, "1_4_seed1_oracle")]
+# (split, seed, note, folder under docs/results/camvid) of each oracle run; a folder not there yet is left out. The
+# note tells apart two runs of one split and seed (the same command again on another machine).
+RUNS = [("1/8", 0, "", "seed0_oracle"), ("1/8", 1, "", "seed1_oracle"), ("1/8", 2, "", "seed2_oracle"),
+        ("1/4", 0, "", "1_4_seed0_oracle"), ("1/4", 1, "", "1_4_seed1_oracle"),
+        ("1/4", 1, "again, AMD EPYC", "1_4_seed1_rerun")]
 METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.
-WARMUP_MIOU = {("1/8", 0): 49.25}
+WARMUP_MIOU = {"seed0_oracle": 49.25}
 # How a final model's BatchNorm statistics were re-estimated: the record's file prefix, the table's column.
 RECALIBRATIONS = {"frames": ("bn_", "BatchNorm re-estimated on frames"),
                   "crops": ("bn_crops_", "on training crops")}
@@ -42,32 +44,38 @@ def recalibrated_miou(path: str) -> float | None:
     return 100 * json.loads(lines[-1])["miou"] if lines else None
 
 
-def load() -> dict[tuple[str, int], dict[str, dict]]:
-    """{(split, seed): {method: {"iters": [...], "miou": [...] (%), "frames": % or None, "crops": % or None}}} of the
-    methods on record ("frames" / "crops": the final model with its BatchNorm statistics re-estimated so)."""
+def name(key: tuple[str, int, str]) -> str:
+    """``1/4, seed 1`` (with the run's note in brackets where it has one)."""
+    split, seed, note = key
+    return f"{split}, seed {seed}" + (f" ({note})" if note else "")
+
+
+def load() -> dict[tuple[str, int, str], dict[str, dict]]:
+    """{(split, seed, note): {method: {"iters": [...], "miou": [...] (%), "frames": % or None, "crops": % or None}}}
+    of the methods on record ("frames" / "crops": the final model with its BatchNorm statistics re-estimated so)."""
     runs = {}
-    for split, seed, folder in RUNS:
+    for split, seed, note, folder in RUNS:
         if not os.path.isdir(os.path.join(RECORDS, folder)):
             continue
         row = {}
         for method in METHODS:
             path = os.path.join(RECORDS, folder, f"metrics_{method}.jsonl")
             evals = read_metrics(path, "eval") if os.path.isfile(path) else []
-            if not evals and method == "warmup" and (split, seed) in WARMUP_MIOU:
-                evals = [{"iter": 0, "miou": WARMUP_MIOU[split, seed] / 100}]
+            if not evals and method == "warmup" and folder in WARMUP_MIOU:
+                evals = [{"iter": 0, "miou": WARMUP_MIOU[folder] / 100}]
             if evals:
                 row[method] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals]}
                 for kind, (prefix, _) in RECALIBRATIONS.items():
                     row[method][kind] = recalibrated_miou(os.path.join(RECORDS, folder, f"{prefix}{method}.txt"))
-        runs[split, seed] = row
+        runs[split, seed, note] = row
     return runs
 
 
-def table(runs: dict[tuple[str, int], dict[str, dict]]) -> str:
+def table(runs: dict[tuple[str, int, str], dict[str, dict]]) -> str:
     lines = ["| split, seed | run | mIoU after each 100 iterations | final (best) | minus threshold, each evaluation | "
              + " | ".join(column for _, column in RECALIBRATIONS.values()) + " |",
              "| --- | --- | --- | ---: | --- |" + " ---: |" * len(RECALIBRATIONS)]
-    for (split, seed), row in runs.items():
+    for key, row in runs.items():
         base = row.get("threshold")
         for method, run in row.items():
             curve = ", ".join(f"{v:.1f}" for v in run["miou"])
@@ -76,18 +84,18 @@ def table(runs: dict[tuple[str, int], dict[str, dict]]) -> str:
             if base is not None and method not in ("warmup", "threshold") and len(run["miou"]) == len(base["miou"]):
                 diffs = ", ".join(f"{a - b:+.1f}" for a, b in zip(run["miou"], base["miou"], strict=True))
             recal = " | ".join("-" if run[kind] is None else f"{run[kind]:.2f}" for kind in RECALIBRATIONS)
-            lines.append(f"| {split}, seed {seed} | {LABELS[method]} | {curve} | {final} | {diffs} | {recal} |")
+            lines.append(f"| {name(key)} | {LABELS[method]} | {curve} | {final} | {diffs} | {recal} |")
     return "\n".join(lines)
 
 
-def picture(runs: dict[tuple[str, int], dict[str, dict]], out_path: str) -> str:
+def picture(runs: dict[tuple[str, int, str], dict[str, dict]], out_path: str) -> str:
     """One panel per split and seed: each continuation's val mIoU per evaluation, its final model with BatchNorm
     re-estimated to the right of its last evaluation (star: on frames, diamond: on training crops), the warm-up as a
     dashed line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
     colours = dict(zip(METHODS[1:], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, ((split, seed), row) in zip(axes[0], runs.items(), strict=True):
+    for ax, (key, row) in zip(axes[0], runs.items(), strict=True):
         for method, run in row.items():
             if method == "warmup":
                 ax.axhline(run["miou"][-1], color="grey", ls="--", lw=1, label="warm-up (start of each)")
@@ -97,7 +105,7 @@ def picture(runs: dict[tuple[str, int], dict[str, dict]], out_path: str) -> str:
                 if run[kind] is not None:
                     ax.plot(run["iters"][-1] + dx, run[kind], marker, ms=12 if marker == "*" else 7,
                             color=colours[method])
-        ax.set_title(f"CamVid {split}, seed {seed}")
+        ax.set_title(f"CamVid {name(key)}")
         ax.set_xlabel("iteration (final model, BatchNorm re-estimated: * frames, \u25c6 crops)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val mIoU (%)")

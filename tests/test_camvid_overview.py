@@ -37,20 +37,20 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     table = oracle.table(runs)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
         assert table in f.read()
-    seed0, seed1, seed2 = runs["1/8", 0], runs["1/8", 1], runs["1/8", 2]
-    assert {("1/8", 0), ("1/8", 1), ("1/8", 2)} <= set(runs)
+    seed0, seed1, seed2 = runs["1/8", 0, ""], runs["1/8", 1, ""], runs["1/8", 2, ""]
+    assert {("1/8", 0, ""), ("1/8", 1, ""), ("1/8", 2, "")} <= set(runs)
     assert {"supervised", "oracle", "threshold"} <= set(seed0) <= set(seed1)
     assert set(seed2) == {"warmup", "supervised", "oracle", "threshold", "csl"}
     assert abs(seed2["oracle"]["miou"][-1] - seed2["threshold"]["miou"][-1] - 2.27) < 0.01
-    assert set(runs["1/4", 0]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
-    assert abs(runs["1/4", 0]["csl"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1]) < 0.01  # level
-    seed1 = runs["1/4", 1]  # its CSL stage stopped for time
+    assert set(runs["1/4", 0, ""]) == {"warmup", "supervised", "oracle", "threshold", "csl"}
+    assert abs(runs["1/4", 0, ""]["csl"]["miou"][-1] - runs["1/4", 0, ""]["threshold"]["miou"][-1]) < 0.01  # level
+    seed1 = runs["1/4", 1, ""]  # its CSL stage stopped for time
     assert set(seed1) == {"warmup", "supervised", "oracle", "threshold"}
     assert abs(seed1["oracle"]["miou"][-1] - seed1["threshold"]["miou"][-1] - 4.19) < 0.01
-    assert abs(runs["1/4", 0]["oracle"]["miou"][-1] - runs["1/4", 0]["threshold"]["miou"][-1] - 1.82) < 0.01
+    assert abs(runs["1/4", 0, ""]["oracle"]["miou"][-1] - runs["1/4", 0, ""]["threshold"]["miou"][-1] - 1.82) < 0.01
     # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
     # Seed 0's warm-up kept no records: its one evaluation stands in for them.
-    assert seed0["warmup"]["miou"] == [oracle.WARMUP_MIOU["1/8", 0]]
+    assert seed0["warmup"]["miou"] == [oracle.WARMUP_MIOU["seed0_oracle"]]
     path = oracle.picture(runs, str(tmp_path / "oracle.png"))
     assert os.path.getsize(path) > 10_000
