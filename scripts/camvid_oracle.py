@@ -21,11 +21,14 @@ from csl.plots import _pyplot, _save_figure  # noqa: E402
 from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
-# (split, seed, note, folder under docs/results/camvid) of each oracle run; a folder not there yet is left out. The
-# note tells apart two runs of one split and seed (the same command again on another machine).
-RUNS = [("1/8", 0, "", "seed0_oracle"), ("1/8", 1, "", "seed1_oracle"), ("1/8", 2, "", "seed2_oracle"),
-        ("1/4", 0, "", "1_4_seed0_oracle"), ("1/4", 1, "", "1_4_seed1_oracle"),
-        ("1/4", 1, "again, AMD EPYC", "1_4_seed1_rerun")]
+# (split, seed, note, folder under docs/results/camvid, {method: folder} of runs recorded elsewhere) of each oracle
+# run; a folder not there yet is left out. The note tells apart two runs of one split and seed (the same command on
+# another kind of machine). An oracle run may continue the warm-up of an earlier run, which the same machine kind
+# repeats bit for bit: that run's continuations are read from its own folder.
+EARLIER_1_4_SEED1 = {"supervised": "1_4_seed1", "threshold": "1_4_seed1", "csl": "1_4_seed1"}
+RUNS = [("1/8", 0, "", "seed0_oracle", {}), ("1/8", 1, "", "seed1_oracle", {}), ("1/8", 2, "", "seed2_oracle", {}),
+        ("1/4", 0, "", "1_4_seed0_oracle", {}), ("1/4", 1, "", "1_4_seed1_oracle", {}),
+        ("1/4", 1, "AMD EPYC", "1_4_seed1_amd_oracle", EARLIER_1_4_SEED1)]
 METHODS = ["warmup", "supervised", "oracle", "threshold", "csl"]
 # Seed 0's warm-up kept no records of its own (docs/results/camvid.md says why); its one evaluation, from the
 # experiment.log committed beside the others.
@@ -54,11 +57,12 @@ def load() -> dict[tuple[str, int, str], dict[str, dict]]:
     """{(split, seed, note): {method: {"iters": [...], "miou": [...] (%), "frames": % or None, "crops": % or None}}}
     of the methods on record ("frames" / "crops": the final model with its BatchNorm statistics re-estimated so)."""
     runs = {}
-    for split, seed, note, folder in RUNS:
-        if not os.path.isdir(os.path.join(RECORDS, folder)):
+    for split, seed, note, own_folder, elsewhere in RUNS:
+        if not os.path.isdir(os.path.join(RECORDS, own_folder)):
             continue
         row = {}
         for method in METHODS:
+            folder = elsewhere.get(method, own_folder)
             path = os.path.join(RECORDS, folder, f"metrics_{method}.jsonl")
             evals = read_metrics(path, "eval") if os.path.isfile(path) else []
             if not evals and method == "warmup" and folder in WARMUP_MIOU:
@@ -89,13 +93,18 @@ def table(runs: dict[tuple[str, int, str], dict[str, dict]]) -> str:
 
 
 def picture(runs: dict[tuple[str, int, str], dict[str, dict]], out_path: str) -> str:
-    """One panel per split and seed: each continuation's val mIoU per evaluation, its final model with BatchNorm
-    re-estimated to the right of its last evaluation (star: on frames, diamond: on training crops), the warm-up as a
-    dashed line."""
+    """One panel per oracle run (split, seed, machine), three to a row: each continuation's val mIoU per evaluation,
+    its final model with BatchNorm re-estimated to the right of its last evaluation (star: on frames, diamond: on
+    training crops), the warm-up as a dashed line."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
+    cols = min(3, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), sharey=True, squeeze=False)
+    panels = axes.flatten()
+    for ax in panels[len(runs):]:
+        ax.set_visible(False)
     colours = dict(zip(METHODS[1:], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, (key, row) in zip(axes[0], runs.items(), strict=True):
+    for ax, (key, row) in zip(panels, runs.items(), strict=False):
         for method, run in row.items():
             if method == "warmup":
                 ax.axhline(run["miou"][-1], color="grey", ls="--", lw=1, label="warm-up (start of each)")
@@ -108,8 +117,9 @@ def picture(runs: dict[tuple[str, int, str], dict[str, dict]], out_path: str) ->
         ax.set_title(f"CamVid {name(key)}")
         ax.set_xlabel("iteration (final model, BatchNorm re-estimated: * frames, \u25c6 crops)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val mIoU (%)")
-    fullest = max(zip(axes[0], runs.values(), strict=True), key=lambda pair: len(pair[1]))[0]
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val mIoU (%)")
+    fullest = max(zip(panels, runs.values(), strict=False), key=lambda pair: len(pair[1]))[0]
     fullest.legend(fontsize=8, loc="lower right")
     fig.suptitle("Perfect pseudo-labels (true masks) in the same recipe as the threshold and CSL")
     return _save_figure(fig, out_path)
