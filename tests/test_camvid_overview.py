@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from csl.logging_utils import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,6 +50,14 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     assert set(seed1) == {"warmup", "supervised", "oracle", "threshold"}
     assert abs(seed1["oracle"]["miou"][-1] - seed1["threshold"]["miou"][-1] - 4.19) < 0.01
     assert abs(runs["1/4", 0, ""]["oracle"]["miou"][-1] - runs["1/4", 0, ""]["threshold"]["miou"][-1] - 1.82) < 0.01
+    # Beside the committed 1/4 seed 1 runs (their warm-up, repeated bit for bit): continuations read from their folder.
+    amd = runs["1/4", 1, "AMD EPYC"]
+    assert {"warmup", "supervised", "oracle", "threshold", "csl"} <= set(amd)
+    assert amd["threshold"]["miou"] == [100 * r["miou"] for r in read_metrics(
+        os.path.join(ROOT, "docs", "results", "camvid", "1_4_seed1", "metrics_threshold.jsonl"), "eval")]
+    assert abs(amd["oracle"]["miou"][-1] - amd["threshold"]["miou"][-1] - 3.74) < 0.01
+    assert abs(amd["oracle"]["miou"][-1] - amd["csl"]["miou"][-1] - 3.47) < 0.01
+    assert abs(amd["oracle"]["crops"] - 51.83) < 0.01 and amd["threshold"]["crops"] is None
     # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
     # Seed 0's warm-up kept no records: its one evaluation stands in for them.
