@@ -192,8 +192,11 @@ def build_reporter(work: str) -> tuple[str | None, str]:
         return None, "no C compiler found"
     source, library = Path(work) / "crash_reporter.c", Path(work) / "crash_reporter.so"
     source.write_text(REPORTER_SOURCE)
-    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-g", str(source), "-o", str(library), "-ldl"],
-                          capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-g", str(source), "-o", str(library), "-ldl"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{compiler} did not run: {exc}"
     if proc.returncode != 0:
         return None, f"{compiler} failed: {proc.stderr.strip()[-300:]}"
     return str(library), ""

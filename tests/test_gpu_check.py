@@ -119,3 +119,9 @@ def test_cpp_exception_probe_without_the_reporter_keeps_faulthandlers_report():
     what, status = probe.outcome(child, 120)
     assert status == 1 and what.startswith("CRASH (SIGSEGV):\n    Fatal Python error: Segmentation fault"), what
     assert "Extension modules" not in what and "in <module>" in what
+
+
+def test_cpp_exception_probe_says_why_it_has_no_crash_reporter(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    reporter, why_not = _probe_module().build_reporter(str(tmp_path))
+    assert reporter is None and "no-such-compiler did not run" in why_not
