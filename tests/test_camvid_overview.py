@@ -58,6 +58,9 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     assert abs(amd["oracle"]["miou"][-1] - amd["threshold"]["miou"][-1] - 3.74) < 0.01
     assert abs(amd["oracle"]["miou"][-1] - amd["csl"]["miou"][-1] - 3.47) < 0.01
     assert abs(amd["oracle"]["crops"] - 51.83) < 0.01 and amd["threshold"]["crops"] is None
+    amd2 = runs["1/4", 2, "AMD EPYC"]
+    assert abs(amd2["oracle"]["miou"][-1] - amd2["threshold"]["miou"][-1] - 3.04) < 0.01
+    assert abs(amd2["csl"]["miou"][-1] - amd2["threshold"]["miou"][-1] - (-1.05)) < 0.01
     # A BatchNorm-re-estimated mIoU is the last JSON line of `csl eval --bn-recalibrate 320`'s output.
     assert abs(seed0["oracle"]["frames"] - 50.75) < 0.01
     # Seed 0's warm-up kept no records: its one evaluation stands in for them.
