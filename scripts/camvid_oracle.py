@@ -21,14 +21,15 @@ from csl.plots import _pyplot, _save_figure  # noqa: E402
 from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
+def _earlier(folder: str) -> dict[str, str]:
+    """The continuations of an earlier run (its folder) that an oracle run from the same warm-up sits beside."""
+    return {"supervised": folder, "threshold": folder, "csl": folder}
+
+
 # (split, seed, note, folder under docs/results/camvid, {method: folder} of runs recorded elsewhere) of each oracle
 # run; a folder not there yet is left out. The note tells apart two runs of one split and seed (the same command on
 # another kind of machine). An oracle run may continue the warm-up of an earlier run, which the same machine kind
 # repeats bit for bit: that run's continuations are read from its own folder.
-def _earlier(folder: str) -> dict[str, str]:
-    return {"supervised": folder, "threshold": folder, "csl": folder}
-
-
 RUNS = [("1/8", 0, "", "seed0_oracle", {}), ("1/8", 1, "", "seed1_oracle", {}), ("1/8", 2, "", "seed2_oracle", {}),
         ("1/4", 0, "", "1_4_seed0_oracle", {}), ("1/4", 1, "", "1_4_seed1_oracle", {}),
         ("1/4", 1, "AMD EPYC", "1_4_seed1_amd_oracle", _earlier("1_4_seed1")),

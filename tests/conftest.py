@@ -6,6 +6,7 @@ A backend that cannot run here is skipped with its reason, unless it is named in
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -249,3 +250,12 @@ def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> Non
                 process.terminate()
         for process in context.processes:
             process.join(10)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

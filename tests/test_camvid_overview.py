@@ -3,24 +3,17 @@ records give."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+
+from conftest import load_script
 
 from csl.logging_utils import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script(name: str):
-    """scripts/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_documented_table_is_the_records_table(tmp_path):
-    overview = _script("camvid_overview")
+    overview = load_script("camvid_overview")
     finals = overview.load()
     table = overview.table(finals)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
@@ -34,7 +27,7 @@ def test_the_documented_table_is_the_records_table(tmp_path):
 
 def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     """The table of "Perfect pseudo-labels" is scripts/camvid_oracle.py's output over the committed records."""
-    oracle = _script("camvid_oracle")
+    oracle = load_script("camvid_oracle")
     runs = oracle.load()
     table = oracle.table(runs)
     with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,17 +90,10 @@ def test_cpp_exception_probe_variants_tell_csl_from_the_machine():
     assert all(": ok (raised: " in line for line in lines[1:]), lines
 
 
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("cpp_exception_probe", ROOT / "scripts" / "cpp_exception_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cpp_exception_probe_reports_a_crash_with_its_native_stack(tmp_path):
     """A child that dies of SIGSEGV: its outcome names the faulting address and the native stack down to the faulting
     function (symbolized where addr2line runs), then faulthandler's Python stack."""
-    probe = _probe_module()
+    probe = load_script("cpp_exception_probe")
     reporter, why_not = probe.build_reporter(str(tmp_path))
     assert reporter, why_not
     crash = "import faulthandler; faulthandler.enable()\n" + probe.PRELUDE + "import ctypes\nctypes.string_at(0)\n"
@@ -113,7 +107,7 @@ def test_cpp_exception_probe_reports_a_crash_with_its_native_stack(tmp_path):
 
 
 def test_cpp_exception_probe_without_the_reporter_keeps_faulthandlers_report():
-    probe = _probe_module()
+    probe = load_script("cpp_exception_probe")
     child = probe.start("import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)", [],
                         cuda_hidden=True, env={"CSL_PROBE_REPORTER": ""})
     what, status = probe.outcome(child, 120)
@@ -123,5 +117,5 @@ def test_cpp_exception_probe_without_the_reporter_keeps_faulthandlers_report():
 
 def test_cpp_exception_probe_says_why_it_has_no_crash_reporter(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    reporter, why_not = _probe_module().build_reporter(str(tmp_path))
+    reporter, why_not = load_script("cpp_exception_probe").build_reporter(str(tmp_path))
     assert reporter is None and "no-such-compiler did not run" in why_not
