@@ -7,7 +7,7 @@ import torch
 from ._backends import resolve
 from ._checks import check_choice, check_fraction, check_logits, compute_dtype, pixel_validity, valid_mask
 from .pcos_weights import PCOSResult
-from .residual_features import features_with_validity
+from .residual_features import class_sum, features_with_validity
 
 SCORES = ("confidence", "entropy", "residual_entropy", "margin", "dispersion")
 
@@ -62,9 +62,9 @@ def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *
     elif score == "dispersion":
         out = v
     elif score == "entropy":
-        out = -plogp.sum(dim=1)
+        out = -class_sum(plogp)
     elif score == "residual_entropy":
-        out = -(plogp.sum(dim=1) - plogp.gather(1, label.unsqueeze(1)).squeeze(1))
+        out = -(class_sum(plogp) - plogp.gather(1, label.unsqueeze(1)).squeeze(1))
     else:
         top2 = p.topk(2, dim=1).values
         out = top2[:, 0] - top2[:, 1]

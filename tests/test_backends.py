@@ -304,7 +304,9 @@ def test_fused_backends_refuse_a_forward_mode_tangent(fused_backend, op):
         if op == "residual_features":
             return csl_kernels.residual_features(logits, backend=backend)[0]
         if op == "trusted_mask":
-            return csl_kernels.trusted_mask(logits, reliable.to(logits.device), block=2, backend=backend).images
+            gen = torch.Generator(logits.device).manual_seed(0)
+            return csl_kernels.trusted_mask(logits, reliable.to(logits.device), block=2, generator=gen,
+                                            backend=backend).images
         return csl_kernels.weighted_cross_entropy(logits, label.to(logits.device), weight.to(logits.device),
                                                   backend=backend)
 
@@ -313,7 +315,9 @@ def test_fused_backends_refuse_a_forward_mode_tangent(fused_backend, op):
         with pytest.raises(RuntimeError, match="no forward-mode derivative.*use backend='reference'"):
             call(dual, fused_backend)
         assert fwad.unpack_dual(call(dual.cpu(), "reference")).tangent is not None
-        assert fwad.unpack_dual(call(z, fused_backend)).tangent is None
+        plain = call(z, fused_backend)  # a tensor without a tangent inside the dual level: the ordinary call
+        assert fwad.unpack_dual(plain).tangent is None
+    assert torch.equal(plain, call(z, fused_backend))
     if op == "weighted_cross_entropy":  # a dual weight too
         with fwad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
             call_weight = fwad.make_dual(weight, torch.ones_like(weight))
@@ -541,25 +545,63 @@ def test_auto_on_cuda_skips_a_backend_that_cannot_take_the_call(registry, fake_g
         _measured.resolve("toy_op", "auto", CUDA, torch.zeros(3, 21, 8, 8), lambda impl: impl(), timer=timer)
 
 
+def test_triton_batch_slices_stay_within_the_grid_limit():
+    """CUDA allows 65535 program rows in grid y, where Triton's kernels put the images: larger batches are launched
+    in slices of at most that many images."""
+    from csl_kernels.triton import _common
+
+    assert _common.MAX_GRID_Y == 65535
+    assert _common.batch_slices(65535) is None
+    assert _common.batch_slices(65536) == [slice(0, 65535), slice(65535, 65536)]
+    assert _common.batch_slices(2 * 65535 + 1) == [slice(0, 65535), slice(65535, 131070), slice(131070, 131071)]
+
+
 @pytest.mark.parametrize("op", ["pcos_weights", "residual_features", "weighted_cross_entropy", "trusted_mask"])
-def test_triton_refuses_batches_past_the_grid_limit(op):
-    """Triton's kernels take one image per row of the launch grid (CUDA allows 65535): a larger batch gets a clear
-    error before any launch (the interpreter has no such limit, the check is the same there)."""
+def test_triton_batch_past_the_grid_limit_runs_in_slices(op, monkeypatch):
+    """A batch above the images one launch takes (the limit lowered to 2 here) gives what one launch gives: per-image
+    outputs and statistics equal, the CE's loss to float rounding (its slices' sums are added in float64) and its
+    gradient equal (every slice divides by the whole batch's count)."""
     device = require_backend(op, "triton")
-    n = 65536
-    z = torch.zeros(n, 2, 1, 1, device=device)
-    calls = {
-        "pcos_weights": lambda: csl_kernels.pcos_weights(z, backend="triton"),
-        "residual_features": lambda: csl_kernels.residual_features(z, backend="triton"),
-        "weighted_cross_entropy": lambda: csl_kernels.weighted_cross_entropy(
-            z, torch.zeros(n, 1, 1, dtype=torch.long, device=device), torch.ones(n, 1, 1, device=device),
-            backend="triton"),
-        "trusted_mask": lambda: csl_kernels.trusted_mask(torch.zeros(n, 3, 1, 1, device=device),
-                                                         torch.ones(n, 1, 1, dtype=torch.bool, device=device),
-                                                         backend="triton"),
-    }
-    with pytest.raises(ValueError, match=f"csl_kernels.{op}: the triton backend takes at most 65535 images per call"):
-        calls[op]()
+    from csl_kernels.triton import _common
+
+    gen = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(5, 4, 3, 7, generator=gen)).to(device)
+    ignore = torch.randint(0, 2, (5, 3, 7), generator=gen).to(device) * 255
+    ignore[2] = 255  # an image without a valid pixel: its slice's count is 0
+    if op == "pcos_weights":
+        def call():
+            out = csl_kernels.pcos_weights(z, ignore, groups="class", backend="triton", return_stats=True)
+            return [*out[:3], *out.stats]
+    elif op == "residual_features":
+        def call():
+            return list(csl_kernels.residual_features(z, ignore, backend="triton"))
+    elif op == "weighted_cross_entropy":
+        label = torch.randint(0, 4, (5, 3, 7), generator=gen).to(device)
+        weight = torch.rand(5, 3, 7, generator=gen).to(device)
+
+        def call():
+            logits = z.clone().requires_grad_(True)
+            loss = csl_kernels.weighted_cross_entropy(logits, label, weight, ignore, backend="triton")
+            loss.backward()
+            return [loss.detach(), logits.grad]
+    else:
+        images = torch.randn(5, 3, 12, 14, generator=gen).to(device)
+        reliable = torch.rand(5, 12, 14, generator=gen).to(device) > 0.3
+
+        def call():
+            return list(csl_kernels.trusted_mask(images, reliable, block=4, rate=0.7,
+                                                 generator=torch.Generator(device=device).manual_seed(3),
+                                                 backend="triton"))
+    whole = call()
+    monkeypatch.setattr(_common, "MAX_GRID_Y", 2)
+    sliced = call()
+    assert len(whole) == len(sliced) and all(a.shape == b.shape for a, b in zip(whole, sliced, strict=True))
+    if op == "weighted_cross_entropy":
+        assert whole[0] > 0
+        torch.testing.assert_close(sliced[0], whole[0], rtol=1e-6, atol=0)
+        whole, sliced = whole[1:], sliced[1:]
+    for a, b in zip(whole, sliced, strict=True):
+        assert torch.equal(a, b)
 
 
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import FUSED_BACKENDS, require_backend
 
 import csl_kernels
 from csl_kernels.confusion_matrix import confusion_matrix_reference, iou_from_confusion
@@ -50,30 +50,32 @@ def test_random_cases_match_reference(fused_backend, seed):
     assert torch.equal(got.cpu(), expected)
 
 
-def test_hand_computed(fused_backend):
-    device = require_backend(OP, fused_backend)
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_hand_computed(backend):
+    device = require_backend(OP, backend)
     target = torch.tensor([[[0, 0, 1], [2, 255, 1]], [[2, 2, 0], [1, 3, 255]]], device=device)
     pred = torch.tensor([[[0, 1, 1], [2, 0, 1]], [[0, 2, 0], [1, 1, -1]]], device=device)
     # Kept (target, pred): (0,0) (0,1) (1,1) (2,2) (1,1) | (2,0) (2,2) (0,0) (1,1); target 3 is out of range.
     expected = torch.tensor([[2, 1, 0], [0, 3, 0], [1, 0, 2]])
-    got = csl_kernels.confusion_matrix(pred, target, 3, backend=fused_backend)
+    got = csl_kernels.confusion_matrix(pred, target, 3, backend=backend)
     assert torch.equal(got.cpu(), expected)
     iou = iou_from_confusion(got.cpu())
     torch.testing.assert_close(iou, torch.tensor([2 / 4, 3 / 4, 2 / 3], dtype=torch.float64))
 
 
-def test_large_c_last_bins_and_heavy_diagonal(fused_backend):
-    device = require_backend(OP, fused_backend)
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_large_c_last_bins_and_heavy_diagonal(backend):
+    device = require_backend(OP, backend)
     n = 9000
     target = torch.full((n,), 999)
     pred = torch.full((n,), 999)
     pred[:10] = 998
     target[-3:] = 0
-    got = csl_kernels.confusion_matrix(pred.to(device), target.to(device), 1000, backend=fused_backend).cpu()
+    got = csl_kernels.confusion_matrix(pred.to(device), target.to(device), 1000, backend=backend).cpu()
     assert got[999, 999] == n - 13 and got[999, 998] == 10 and got[0, 999] == 3 and got.sum() == n
     # Small C (per-program histograms): every pixel on one bin.
     ones = torch.ones(3, 70, 70, dtype=torch.int64, device=device)
-    got = csl_kernels.confusion_matrix(ones, ones, 21, backend=fused_backend).cpu()
+    got = csl_kernels.confusion_matrix(ones, ones, 21, backend=backend).cpu()
     assert got[1, 1] == ones.numel() and got.sum() == ones.numel()
 
 
@@ -87,13 +89,14 @@ def test_ignore_index_inside_the_class_range(fused_backend, num_classes, ignore_
     assert torch.equal(got.cpu(), confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index))
 
 
-def test_empty_and_all_ignored(fused_backend):
-    device = require_backend(OP, fused_backend)
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_empty_and_all_ignored(backend):
+    device = require_backend(OP, backend)
     empty = torch.zeros(2, 0, 5, dtype=torch.long, device=device)
-    assert torch.equal(csl_kernels.confusion_matrix(empty, empty, 4, backend=fused_backend).cpu(),
+    assert torch.equal(csl_kernels.confusion_matrix(empty, empty, 4, backend=backend).cpu(),
                        torch.zeros(4, 4, dtype=torch.long))
     target = torch.full((2, 3, 3), 255, device=device)
-    assert not csl_kernels.confusion_matrix(target.clone(), target, 4, backend=fused_backend).any()
+    assert not csl_kernels.confusion_matrix(target.clone(), target, 4, backend=backend).any()
 
 
 def test_counts_add_over_batches_and_repeat_exactly(fused_backend):

@@ -434,7 +434,8 @@ def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(b
 def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
     _require_cuda_part(build.load())
     z = _logits(2, 21, 33, 47, seed=6)
-    valid = torch.rand(2, 33, 47) > 0.2
+    gen = torch.Generator().manual_seed(6)  # fixed inputs: a failure repeats
+    valid = torch.rand(2, 33, 47, generator=gen) > 0.2
     for class_groups in (False, True):
         cpu = torch.ops.csl.pcos_weights(z, valid, 8.0, False, class_groups)
         run1 = torch.ops.csl.pcos_weights(z.cuda(), valid.cuda(), 8.0, False, class_groups)
@@ -445,8 +446,8 @@ def test_cuda_kernels_match_cpu_and_are_reproducible(ext):
                 torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
             else:
                 assert torch.equal(b.cpu(), a)
-    label = torch.randint(0, 21, (2, 33, 47))
-    weight = torch.rand(2, 33, 47)
+    label = torch.randint(0, 21, (2, 33, 47), generator=gen)
+    weight = torch.rand(2, 33, 47, generator=gen)
     zc = z.cuda().requires_grad_()
     zz = z.clone().requires_grad_()
     loss_c = torch.ops.csl.weighted_cross_entropy(zc, label.cuda(), weight.cuda(), valid.cuda())[0]

@@ -419,6 +419,25 @@ def test_rank_one_features(fused_backend, confidence, dtype):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_identical_pixels_identical_features_one_cluster(backend, dtype):
+    """Constant images in the low-precision dtypes, widths off the vector widths: every pixel gets the same features
+    bit for bit, whatever its position (a reduction whose order depends on it gives features a last bit apart, which
+    leaves the features rank two and splits identical pixels into two clusters), so all are in cluster 0."""
+    device = require_backend(OP, backend)
+    for classes, width in ((3, 6), (21, 7), (150, 17)):
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            z = (3 * torch.randn(1, classes, 1, 1, generator=gen)).to(dtype).expand(2, classes, 3, width)
+            z = z.contiguous().to(device)
+            feats = csl_kernels.residual_features(z, backend=backend)
+            assert feats.f0.unique().numel() == 1 and feats.v.unique().numel() == 1, (classes, width, seed)
+            out = csl_kernels.pcos_weights(z, backend=backend, return_stats=True)
+            assert (out.stats.count[:, 1] == 0).all() and (out.stats.count[:, 0] == 3 * width).all()
+            assert out.reliable.all(), (classes, width, seed)  # phi == mu: weight 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
 @pytest.mark.parametrize("groups", ["image", "class"])
 def test_closed_form_assignment_equals_svd(backend, groups):
     """On well-conditioned inputs the closed-form 2 x 2 eigen-decomposition assigns every pixel exactly as the SVD
@@ -453,9 +472,10 @@ def test_closed_form_assignment_equals_svd(backend, groups):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(6))
 def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
-    """Weight error (vs the float64 reference) <= 2x that of PCOS on PyTorch's own features in that dtype, both the
-    mean over the pixels and the largest one; image and class groups, with and without ignored pixels. (C = 150 with
-    class groups is left out: 42 pixels in 150 groups are one-pixel groups, weight 1 in every dtype.)"""
+    """Weight error (vs the float64 reference) <= 2x that of PCOS on PyTorch's own features in that dtype: the mean
+    over the pixels, the largest one and the 99th percentile; image and class groups, with and without ignored
+    pixels. (C = 150 with class groups is left out: 42 pixels in 150 groups are one-pixel groups, weight 1 in every
+    dtype.)"""
     device = require_backend(OP, fused_backend)
     classes, groups, p_ignore = ((2, "image", 0.0), (21, "class", 0.0), (150, "image", 0.0), (21, "image", 0.3),
                                  (2, "class", 0.3), (21, "class", 0.3))[seed]
@@ -474,6 +494,8 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
     assert torch_err.max() > 0  # the yardstick measures something
     assert err.mean() <= 2 * torch_err.mean(), (err.mean(), torch_err.mean())
     assert err.max() <= 2 * torch_err.max(), (err.max(), torch_err.max())
+    # and the tail below the largest error, which one pixel of PyTorch's alone can make large (bf16, C = 150: 0.47)
+    assert err.quantile(0.99) <= 2 * torch_err.quantile(0.99), (err.quantile(0.99), torch_err.quantile(0.99))
 
 
 @pytest.mark.parametrize(("shape", "groups"), [((2, 21, 33, 65), "image"), ((2, 21, 17, 65), "class"),

@@ -263,6 +263,23 @@ def test_near_even_residual(fused_backend, noise, classes):
     assert_features_match(csl_kernels.residual_features(z, backend=fused_backend), reference64(z, None), z)
 
 
+@pytest.mark.parametrize("classes", [2, 21, 150])
+def test_one_class_wins_by_a_moderate_gap(fused_backend, classes):
+    """One class leads every pixel by 0.5-3.5 (R small but not 0: v is not trivially 0 where C > 2), in float32 and
+    float64."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(classes)
+    z = torch.randn(2, classes, 5, 6, generator=g, dtype=torch.float64)
+    k = classes // 2
+    z[:, k] = z.amax(dim=1) + 0.5 + 3 * torch.rand(2, 5, 6, generator=g, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        zd = z.to(dtype).to(device)
+        out = csl_kernels.residual_features(zd, backend=fused_backend)
+        assert_features_match(out, reference64(zd, None), zd)
+        assert (out.label.cpu() == k).all()
+        assert (out.v.cpu() < 0).all() if classes > 2 else (out.v.cpu() == 0).all()  # one residual: no spread
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extreme_logits(fused_backend, dtype):
     """Huge logits and gaps (exp underflows, R = 0): f0 = 1 (log: 0) exactly; one class wins every pixel of image 0."""
@@ -341,6 +358,9 @@ def test_reference_matches_direct_float64_formulas():
     torch.testing.assert_close(f0[keep], pmax[keep], rtol=1e-12, atol=0)
     torch.testing.assert_close(v[keep], v_direct[keep], rtol=1e-9, atol=1e-15)
     assert torch.equal(label[keep], lab[keep])
+    f0_log, v_log, _ = csl_kernels.residual_features(z, **masks(ign), confidence="log", backend="reference")
+    torch.testing.assert_close(f0_log[keep], torch.log_softmax(z, dim=1).amax(dim=1)[keep], rtol=1e-12, atol=0)
+    assert torch.equal(v_log, v)  # the confidence feature does not change the dispersion
     # Supplementary Sec. E.1: [0.5, 0.5, 0, ...] must rank below [0.5, 0.01, ..., 0.01] in v.
     probs = torch.tensor([[0.5, 0.5] + [1e-12] * 49, [0.5] + [0.01] * 50], dtype=torch.float64)
     _, v_pair, _ = csl_kernels.residual_features(probs.log().view(2, 51, 1, 1), backend="reference")

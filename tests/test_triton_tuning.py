@@ -48,9 +48,19 @@ class FakeTimer:
         return self.times.get(config, 10.0)
 
 
-def features_call(device, dtype=torch.float32, classes=21, shape=(2, 13, 21)):
+def features_call(device, dtype=torch.float32, classes=21, shape=(2, 13, 21), adversarial=False):
+    """Logits and an ignore map (image 1's last 4 columns ignored); ``adversarial``: NaN / +-inf logits on 3 % of
+    image 0's pixels and the logits read through swapped H / W strides."""
     g = torch.Generator().manual_seed(3)
-    logits = (3 * torch.randn(shape[0], classes, *shape[1:], generator=g)).to(dtype).to(device)
+    logits = 3 * torch.randn(shape[0], classes, *shape[1:], generator=g)
+    if adversarial:
+        bad = torch.rand(shape[1:], generator=g) < 0.03
+        logits[0, 0][bad] = float("nan")
+        logits[0, 1][bad.roll(1, 0)] = float("inf")
+        logits[0, 1][bad.roll(1, 1)] = -float("inf")
+    logits = logits.to(dtype).to(device)
+    if adversarial:
+        logits = logits.transpose(-1, -2).contiguous().transpose(-1, -2)
     ignore = torch.zeros(shape, dtype=torch.long)
     ignore[1, :, shape[2] - 4:] = ck.IGNORE_INDEX
     return logits, ignore.to(device)
@@ -108,12 +118,13 @@ def test_every_candidate_gives_the_default_outputs(tuning, monkeypatch, classes,
     within ``close_tolerances``. The default is held to the float64 reference by the per-op tests. PCOS chunks are
     shrunk to 128 pixels (a multiple of every candidate's tile, as MIN_CHUNK is) so that the interpreter sees three
     chunks per image; class groups only up to C = 21 (C = 150 adds class tiles, which the feature and loss kernels
-    cover, at 7x the cost)."""
+    cover, at 7x the cost). The input has non-finite pixels and strided rows (``features_call(adversarial=True)``).
+    """
     module, device = tuning
     from csl_kernels.triton import pcos_weights
 
     monkeypatch.setattr(pcos_weights, "MIN_CHUNK", 128)
-    logits, ignore = features_call(device, dtype, classes)
+    logits, ignore = features_call(device, dtype, classes, adversarial=True)
     class_groups = classes <= 21
     with module.forced(0):
         exact0, close0 = run_all_ops(logits, ignore, class_groups)

@@ -29,6 +29,10 @@ def impl(backend: str, device: torch.device):
     return _backends.resolve(OP, backend, device)[1]
 
 
+# every layout of conftest.layout (class_slice: every other channel of a larger tensor)
+LAYOUTS = ("contiguous", "channels_last", "transposed", "strided", "class_slice", "batch_slice")
+
+
 def make_images(seed: int, shape, dtype, kind: str, device, p_reliable: float = 0.6, nan: bool = True):
     g = torch.Generator().manual_seed(seed)
     b, k, h, w = shape
@@ -59,9 +63,9 @@ def check_against_spec(images, reliable, cells, masked, cover, fill):
 def test_random_cases_match_reference_and_spec(fused_backend, seed):
     device = require_backend(OP, fused_backend)
     rng = random.Random(seed)
-    shape = (rng.randint(1, 2), rng.choice((1, 3, 4)), rng.randint(1, 20), rng.randint(1, 20))
+    shape = (rng.randint(1, 2), rng.choice((1, 3, 4, 150)), rng.randint(1, 20), rng.randint(1, 20))
     dtype = rng.choice((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    kind = rng.choice(("contiguous", "channels_last", "strided"))
+    kind = rng.choice(LAYOUTS)
     block, rate = rng.choice((1, 3, 4, 8, 32)), rng.choice((0.0, 0.3, 0.7, 1.0))
     fill = rng.choice((0.0, -1.5, 0.1))
     images, reliable = make_images(seed, shape, dtype, kind, device)
@@ -80,7 +84,7 @@ def test_random_cases_match_reference_and_spec(fused_backend, seed):
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (7, 13), (65, 129)])
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_odd_sizes_and_layouts(fused_backend, hw, kind):
     device = require_backend(OP, fused_backend)
     h, w = hw

@@ -83,12 +83,17 @@ def wide(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
 MAX_GRID_Y = 65535
 
 
-def check_batch(bsz: int, op: str) -> None:
-    """Every kernel takes one image per program row (grid y): a batch above CUDA's limit is refused with the reason,
-    not left to a launch error."""
-    if bsz > MAX_GRID_Y:
-        raise ValueError(f"csl_kernels.{op}: the triton backend takes at most {MAX_GRID_Y} images per call (one per "
-                         f"program row of the launch grid), got {bsz}; split the batch or use backend='cuda'")
+def batch_slices(bsz: int) -> list[slice] | None:
+    """Every kernel takes one image per program row (grid y, at most ``MAX_GRID_Y`` rows): ``None`` when one launch
+    takes the batch, else the slices of at most ``MAX_GRID_Y`` images that a launcher launches one after another."""
+    if bsz <= MAX_GRID_Y:
+        return None
+    return [slice(start, min(start + MAX_GRID_Y, bsz)) for start in range(0, bsz, MAX_GRID_Y)]
+
+
+def rows(t: torch.Tensor | None, images: slice) -> torch.Tensor | None:
+    """The images ``images`` of a per-image tensor (dim 0), or ``None``."""
+    return None if t is None else t[images]
 
 
 def validity_flags(valid: torch.Tensor | None) -> tuple[bool, bool]:

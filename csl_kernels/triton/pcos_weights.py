@@ -33,13 +33,14 @@ from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
     NO_FP_FUSION,
     USE_LIBDEVICE,
+    batch_slices,
     cdiv,
     chan_merge,
-    check_batch,
     device_guard,
     next_pow2,
     pixel_offsets,
     pixel_strides,
+    rows,
     tl_dtype,
     valid_at,
     valid_pointer,
@@ -446,7 +447,11 @@ def pcos_weights_launch(
 ) -> PCOSOutputs:
     """The PCOS passes on ``logits``; ``packed``: statistics as views of shared buffers (eager calls only)."""
     bsz, ncls, h, w = logits.shape
-    check_batch(bsz, "pcos_weights")
+    slices = batch_slices(bsz)
+    if slices is not None:  # statistics are per image (image groups) or per image and class, image-major
+        parts = [pcos_weights_launch(logits[s], rows(valid, s), alpha, log_confidence, class_groups, released)
+                 for s in slices]
+        return PCOSOutputs(*(torch.cat(outs) for outs in zip(*parts, strict=True)))
     hw = h * w
     gpi = ncls if class_groups else 1
     n_groups = bsz * gpi

@@ -20,12 +20,13 @@ from .._eager import op_or_launch
 from ..residual_features import ResidualFeatures, residual_features_outputs_like
 from ._common import (
     USE_LIBDEVICE,
+    batch_slices,
     cdiv,
-    check_batch,
     device_guard,
     next_pow2,
     pixel_offsets,
     pixel_strides,
+    rows,
     tl_dtype,
     valid_at,
     valid_pointer,
@@ -166,7 +167,10 @@ def _residual_features_kernel(z_ptr, valid_ptr, f0_ptr, v_ptr, label_ptr, HW, W,
 def residual_features_launch(logits: torch.Tensor, valid: torch.Tensor | None, log_confidence: bool,
                              released: bool = False) -> ResidualFeatures:
     bsz, ncls, h, w = logits.shape
-    check_batch(bsz, "residual_features")
+    slices = batch_slices(bsz)
+    if slices is not None:
+        parts = [residual_features_launch(logits[s], rows(valid, s), log_confidence, released) for s in slices]
+        return ResidualFeatures(*(torch.cat(outs) for outs in zip(*parts, strict=True)))
     out = residual_features_outputs_like(logits)
     hw = h * w
     if bsz == 0 or hw == 0:

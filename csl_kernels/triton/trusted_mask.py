@@ -15,7 +15,7 @@ from .._backends import register
 from .._checks import register_not_differentiable
 from .._eager import op_or_launch
 from ..trusted_mask import TrustedMask, trusted_mask_outputs_like
-from ._common import cdiv, check_batch, device_guard, pixel_strides, wide
+from ._common import batch_slices, cdiv, device_guard, pixel_strides, rows, wide
 from .tuning import Config, Tunable, tuned
 
 # Pixels per program (one row of an image may span several programs) and warps; the candidates are timed on the
@@ -67,7 +67,10 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def trusted_mask_launch(images: torch.Tensor, cells: torch.Tensor, reliable: torch.Tensor, fill: float
                         ) -> TrustedMask:
     bsz, channels, height, width = images.shape
-    check_batch(bsz, "trusted_mask")
+    slices = batch_slices(bsz)
+    if slices is not None:
+        parts = [trusted_mask_launch(images[s], rows(cells, s), reliable[s], fill) for s in slices]
+        return TrustedMask(*(torch.cat(outs) for outs in zip(*parts, strict=True)))
     masked, cover = trusted_mask_outputs_like(images)
     if bsz == 0 or height * width == 0:
         return TrustedMask(masked, cover)

@@ -30,12 +30,13 @@ from .._checks import compute_dtype, register_not_differentiable
 from .._eager import fused_cross_entropy, under_torch_func
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
+    batch_slices,
     cdiv,
-    check_batch,
     device_guard,
     next_pow2,
     pixel_offsets,
     pixel_strides,
+    rows,
     tl_dtype,
     valid_at,
     validity_flags,
@@ -233,7 +234,9 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
     and the valid-pixel count (0-dim int64) that the backward pass divides by. ``label``, ``weight`` and ``valid``
     are contiguous (:func:`_contiguous_maps`)."""
     bsz, num_classes, height, width = logits.shape
-    check_batch(bsz, "weighted_cross_entropy")
+    slices = batch_slices(bsz)
+    if slices is not None:
+        return _forward_in_slices(logits, label, weight, valid, slices)
     dev = logits.device
     loss, lse = weighted_cross_entropy_outputs_like(logits)
     count = torch.empty((), dtype=torch.int64, device=dev)
@@ -253,6 +256,18 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
         else:
             launch(DEFAULT_CONFIG)
     return loss, lse, count
+
+
+def _forward_in_slices(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
+                       slices: list[slice]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass of a batch above one launch's images, slice by slice: each slice's loss is its weighted sum
+    over its own count, so the sums are recovered (in float64) and divided by the batch's count."""
+    parts = [weighted_cross_entropy_launch(logits[s], label[s], weight[s], rows(valid, s)) for s in slices]
+    counts = torch.stack([count for _, _, count in parts])
+    sums = torch.stack([loss.double() * count.clamp_min(1) for loss, _, count in parts])
+    count = counts.sum()
+    loss = (sums.sum() / count.clamp_min(1)).to(parts[0][0].dtype)
+    return loss, torch.cat([lse for _, lse, _ in parts]), count
 
 
 def _contiguous_maps(label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None):
@@ -278,7 +293,11 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torc
     """grad_logits = grad_loss * w * (softmax - onehot) / max(count, 1) on used pixels, exactly 0 elsewhere (the
     forward inputs, then the forward's saved outputs: the arguments of the autograd.Function's backward). The maps
     and ``lse`` are contiguous, as the forward pass took and gave them."""
-    _, num_classes, height, width = logits.shape
+    bsz, num_classes, height, width = logits.shape
+    slices = batch_slices(bsz)
+    if slices is not None:  # every slice divides by the whole batch's count
+        return torch.cat([weighted_cross_entropy_backward_launch(grad_loss, logits[s], label[s], weight[s],
+                                                                 rows(valid, s), lse[s], count) for s in slices])
     grad = torch.empty_like(logits)
     if grad.numel() == 0:
         return grad
