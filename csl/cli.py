@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 300)")
     d.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default 0.01)")
     d.add_argument("--fresh", action="store_true",
-                   help="start every run anew (default: reuse runs finished in --out under the same config and "
-                        "continue stopped ones)")
+                   help="start every run anew (default: reuse runs finished in --out under the same config, "
+                        "continue stopped ones, and refuse a folder holding a run of another config)")
     d.add_argument("--methods", default="supervised,threshold,csl",
                    help=f"comma-separated subset of {','.join(METHODS)} (default supervised,threshold,csl)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")

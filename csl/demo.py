@@ -55,17 +55,26 @@ def _same_run(cfg: dict) -> bool:
     """Whether ``cfg``'s run folder was written by this very configuration (``train.resume`` and
     ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them, and the run folder and
     ``train.init_from`` as the folders they name: an absolute and a relative ``--out`` are the same run)."""
+    return _differences(cfg) == []
+
+
+def _differences(cfg: dict) -> list[str] | None:
+    """The settings in which ``cfg`` differs from the configuration stored in its run folder (``key: stored ->
+    cfg``, compared as :func:`_same_run` says), or None when the folder holds no readable stored configuration."""
     import yaml
 
     from .trainer import resolve_data_paths, stored_config
 
     path = os.path.join(cfg["output_dir"], "config.yaml")
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        stored = yaml.safe_load(f)
+        try:
+            stored = yaml.safe_load(f)
+        except yaml.YAMLError:
+            return None
     if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict) or "data" not in stored:
-        return False
+        return None
 
     def comparable(c: dict) -> dict:  # the run folder and the warm-up it starts from, however the path is spelled
         c = stored_config(resolve_data_paths(c))
@@ -73,7 +82,18 @@ def _same_run(cfg: dict) -> bool:
         return {**c, "output_dir": os.path.realpath(c["output_dir"]),
                 "train": {**c["train"], "init_from": os.path.realpath(init) if init else init}}
 
-    return comparable(stored) == comparable(cfg)
+    def flat(c: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in c.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    then, now = flat(comparable(stored)), flat(comparable(cfg))
+    return [f"{key}: {then.get(key, '(unset)')} -> {now.get(key, '(unset)')}" for key in sorted({*then, *now})
+            if then.get(key, object()) != now.get(key, object())]
 
 
 def _logged_seconds(cfg: dict, until: int) -> float:
@@ -87,18 +107,28 @@ def _logged_seconds(cfg: dict, until: int) -> float:
     return total
 
 
+class DemoFolderError(ValueError):
+    """A demo stage's folder holds a run that the asked configuration would replace."""
+
+
 def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
     """Train ``cfg``'s run; return its seconds and whether a finished run was reused. Nothing done is lost when a
     comparison is stopped and started again: a run folder finished under the same config is reused as it is, one
-    with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly), anything else starts
-    afresh."""
+    with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly), one with the
+    checkpoints of another config is refused (:class:`DemoFolderError`) unless ``fresh``; a folder without a
+    checkpoint starts afresh."""
     from .checkpoint import BEST, LATEST, checkpoint_iteration
 
     out = cfg["output_dir"]
     done, latest = os.path.join(out, "done.json"), os.path.join(out, LATEST)
     saved = [path for path in (latest, os.path.join(out, BEST)) if os.path.isfile(path)]
     before = 0.0
-    same = not fresh and _same_run(cfg)
+    differences = None if fresh else _differences(cfg)
+    same = differences == []
+    if differences and (saved or os.path.isfile(done)):  # a run of another protocol: never replaced unasked
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise DemoFolderError(f"{out} holds a run of another configuration ({shown}); pass --fresh to train every "
+                              f"stage of the demo again in {os.path.dirname(out) or '.'}, or choose another --out")
     seconds = _done_seconds(done) if same else None
     if seconds is None and same and any(_slimmed(path) for path in saved):
         # Training finished (only a finished stage's checkpoints are slimmed) but the mark was lost: write it again.

@@ -199,6 +199,27 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
             raise FileNotFoundError(f"{key}: file not found: {path}")
 
 
+def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
+    """``(keys, why)`` for the keys set away from their defaults that this training does not read: the unlabeled
+    losses, selection and TMP in supervised training, TMP's settings with TMP off, the OHEM settings with the plain
+    CE criterion."""
+    t, s, m = cfg["train"], cfg["selection"], cfg["tmp"]
+
+    def changed(section: str, keys) -> list[str]:
+        return [f"{section}.{k}={cfg[section][k]}" for k in keys if cfg[section][k] != DEFAULTS[section][k]]
+
+    found = []
+    if t["mode"] == "supervised":
+        keys = changed("train", ("lambda_s", "lambda_m", "lambda_fp", "cutmix_p")) + changed("selection", [
+            k for k in s if k in DEFAULTS["selection"]]) + changed("tmp", [k for k in m if k in DEFAULTS["tmp"]])
+        found.append((keys, "not used by train.mode=supervised (no unlabeled data)"))
+    elif not m["enabled"]:
+        found.append((changed("tmp", ("block", "rate", "fraction", "other_view")), "not used with tmp.enabled=false"))
+    if t["criterion"] == "ce":
+        found.append((changed("train", ("ohem_thresh", "ohem_min_kept")), "not used by train.criterion=ce"))
+    return [(", ".join(keys), why) for keys, why in found if keys]
+
+
 def unused_eval_settings(eval_cfg: dict, mode: str) -> list[str]:
     """``eval`` keys set to a value the evaluation ``mode`` ignores: the crop outside center_crop / sliding_window,
     the stride outside sliding_window."""
@@ -280,7 +301,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         data_cfg = {k: v for k, v in cfg["data"].items() if v is not None}
-        bundle = build_datasets(data_cfg)
+        bundle = build_datasets(data_cfg, need_unlabeled=self.semi)
         if self.semi and bundle.unlabeled is None:
             raise ValueError("train.mode=semi needs unlabeled data: set data.split_dir (with unlabeled.txt) or "
                              "data.unlabeled_list, or use train.mode=supervised")
@@ -347,6 +368,7 @@ class Trainer:
                                           classes_from="the training data's class count")
             load_weights(model, state, path)
             log.info("model initialised from %s", path)
+        self._log_model(model)
         self.model, self.bare_model = prepare_model(model, self.env)
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
         self.eval_amp = resolve_amp(cfg["eval"]["amp"], self.device)
@@ -357,6 +379,28 @@ class Trainer:
         self.selector = build_selector(cfg["selection"], cfg["kernels"]["backend"])
         self.step_cfg = StepConfig.from_config(cfg, self.amp_dtype,
                                                self.num_classes if self.has_unlabeled_gt else 0)
+
+    def _log_model(self, model: torch.nn.Module) -> None:
+        """The network and where its start weights come from; a semi-supervised run from random weights is warned
+        about (self-training on a random network's pseudo-labels falls far behind)."""
+        m, t = self.cfg["model"], self.cfg["train"]
+        params = sum(p.numel() for p in model.parameters())
+        if self.resume_from is not None:
+            start = f"the weights of {self.resume_from}"
+        elif t["init_from"]:
+            start = f"the weights of {t['init_from']}"
+        elif m["pretrained"]:
+            start = f"backbone weights {m['pretrained']}, decoder at random"
+        else:
+            start = "random weights"
+        stem = f"{m['stem']} stem, " if m["backbone"].startswith("resnet") else ""
+        log.info("model: DeepLabV3+ on %s (%soutput stride %d, ASPP rates %s), %.1f M parameters, from %s",
+                 m["backbone"], stem, m["output_stride"], "/".join(str(d) for d in m["dilations"]), params / 1e6,
+                 start)
+        if self.semi and start == "random weights":
+            log.warning("train.mode=semi from random weights (no model.pretrained, train.init_from or resume): the "
+                        "pseudo-labels of an untrained network are noise; set model.pretrained (e.g. imagenet) or "
+                        "train.init_from a supervised run")
 
     def _log_setup(self) -> None:
         env, t = self.env, self.cfg["train"]
@@ -372,6 +416,8 @@ class Trainer:
         unused = unused_selection_settings(self.cfg["selection"]) if self.semi else []
         if unused:
             log.warning("%s: not used by selection.mode=%s", ", ".join(unused), self.selector.mode)
+        for keys, why in unused_training_settings(self.cfg):
+            log.warning("%s: %s", keys, why)
         unused_eval = unused_eval_settings(self.cfg["eval"], self.eval_mode)
         if unused_eval:
             log.warning("%s: not used by eval.mode=%s", ", ".join(unused_eval), self.eval_mode)
@@ -436,7 +482,13 @@ class Trainer:
                     except ValueError:
                         other = f"{found[1]} is not readable either"
                     raise ValueError(f"{e}; {other}") from None
-                if checkpoint_iteration(found[1]) > latest:
+                try:
+                    best = checkpoint_iteration(found[1])
+                except ValueError as e:  # a damaged best.pt: latest.pt holds the run
+                    log.warning("train.resume=auto: %s; resuming from %s (iteration %d), which is readable (best.pt "
+                                "is written again at the next improvement)", e, found[0], latest)
+                    return found[0]
+                if best > latest:
                     return found[1]
             return found[0] if found else None
         return resume
@@ -463,6 +515,11 @@ class Trainer:
                               f"{self.num_classes}: it cannot be resumed here (train.init_from cannot change the "
                               f"class count either; start a new output_dir)")
         self._adopt_resumed_settings(path, ckpt.get("config") or {})
+        saved_seed = (ckpt.get("config") or {}).get("seed")
+        if saved_seed is not None and saved_seed != self.cfg["seed"]:
+            log.warning("resuming %s: seed was %s, now %s; the samplers' order and augmentations follow the seed, so "
+                        "the run will not continue exactly (seed=%s continues it)", path, saved_seed,
+                        self.cfg["seed"], saved_seed)
         for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters),
                           ("world_size", self.env.world_size), ("batch_size", self.batch_size)):
             if ckpt.get(key) != mine:
@@ -504,9 +561,10 @@ class Trainer:
             restore_rng(rng[self.env.rank], {"step": self.generator})
 
     def _check_labels(self) -> None:
-        """Read every labeled-training and validation mask once now (cached by file stamps), and look for every
-        unlabeled image file, so a bad label value or a missing file stops the run before training, not when a
-        loader worker first draws it or at the first evaluation after an epoch of work."""
+        """Read every labeled-training and validation image and mask once now (cached by file stamps), and look for
+        every unlabeled image file and check that it ends as its format ends, so a bad label value or a missing or
+        damaged file stops the run before training, not when a loader worker first draws it or at the first
+        evaluation after an epoch of work."""
         sources = [getattr(ds, "source", None) for ds in (self.labeled, self.val)]
         sources = [s for s in sources if s is not None and hasattr(s, "check_cached")]
         unlabeled = getattr(self.unlabeled, "source", None)
@@ -515,6 +573,12 @@ class Trainer:
             if missing:
                 raise FileNotFoundError(f"{len(missing)} of the {len(unlabeled)} unlabeled image files not found, "
                                         f"e.g. {', '.join(missing[:3])} (listed in {unlabeled.list_path})")
+            damaged = unlabeled.damaged_images() if hasattr(unlabeled, "damaged_images") else []
+            if damaged:
+                raise ValueError(f"{len(damaged)} of the {len(unlabeled)} unlabeled image files cannot be read to "
+                                 f"their end (cut short?): {'; '.join(damaged[:3])}; replace them or remove their "
+                                 f"lines from {unlabeled.list_path}")
+            self._warn_val_images_in_training()
             for source in sources:
                 ran, counts = source.check_cached(progress=self.cfg["train"]["progress"])
                 if ran:
@@ -528,6 +592,23 @@ class Trainer:
                                 "dataset's count", self.num_classes, present[-1], self.num_classes - present[-1] - 1)
         if sources:
             barrier()
+
+    def _warn_val_images_in_training(self) -> None:
+        """A validation image that a training list also names makes the mIoU an evaluation on training data: said
+        with a WARNING (a split written by hand from the wrong lists), not refused."""
+        val = getattr(self.val, "source", None)
+        if not hasattr(val, "image_path"):
+            return
+        val_paths = {os.path.abspath(val.image_path(i)) for i in range(len(val))}
+        for name, dataset in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            source = getattr(dataset, "source", None)
+            if not hasattr(source, "image_path"):
+                continue
+            shared = [p for i in range(len(source)) if (p := os.path.abspath(source.image_path(i))) in val_paths]
+            if shared:
+                log.warning("%d of the %d validation images are also in the %s training list %s (e.g. %s): the "
+                            "mIoU is then measured partly on training images", len(shared), len(val_paths), name,
+                            source.list_path, shared[0])
 
     def _adopt_resumed_settings(self, path: str, saved: dict) -> None:
         """A resume continues the checkpoint's optimizer, schedule and scaler: the keys set otherwise here take the

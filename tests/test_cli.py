@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from csl.cli import expand_images, main
+from csl.data import read_split
 from csl.logging_utils import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +199,56 @@ def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "latest.pt")]) == 0
 
 
+def test_cut_short_images_stop_the_run_at_its_start(tmp_path, capsys):
+    """A labeled or unlabeled image file cut short (an interrupted copy) stops ``csl train`` before its first step,
+    naming the file and its list; a JPEG with bytes after its end marker that decodes is not refused."""
+    from csl.data.synthetic import write_synthetic_folder
+
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="coco", num_labeled=2, num_unlabeled=3,
+                                  num_val=1, size=40)
+    args = ["train", "--config", "demo", *TINY, "train.iters=1", "train.iters_per_epoch=1", "data.dataset=folder",
+            f"data.root={info['root']}", f"data.split_dir={info['split_dir']}", "data.num_classes=5"]
+    unlabeled = [os.path.join(info["root"], img) for img, _ in read_split(info["unlabeled_list"])]
+    with open(unlabeled[0], "ab") as f:  # sound, with bytes after the end marker (as some cameras write)
+        f.write(b"camera trailer")
+    assert main([*args, f"output_dir={tmp_path / 'ok'}"]) == 0
+    with open(unlabeled[1], "rb") as f:
+        whole = f.read()
+    with open(unlabeled[1], "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main([*args, f"output_dir={tmp_path / 'cut_unlabeled'}"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 3 unlabeled image files cannot be read to their end" in err
+    assert unlabeled[1] in err and f"item 1 of {info['unlabeled_list']}" in err and "truncated" in err
+    with open(unlabeled[1], "wb") as f:
+        f.write(whole)
+    labeled_img = os.path.join(info["root"], read_split(info["labeled_list"])[0][0])
+    with open(labeled_img, "rb") as f:
+        whole = f.read()
+    with open(labeled_img, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    assert main([*args, f"output_dir={tmp_path / 'cut_labeled'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"item 0 of {info['labeled_list']}" in err and "truncated" in err
+    assert not os.path.exists(tmp_path / "cut_labeled" / "latest.pt")
+
+
+def test_supervised_training_needs_no_unlabeled_list(tmp_path, capsys):
+    """A split folder with labeled.txt and val.txt only: supervised training runs; semi-supervised names the file."""
+    from csl.data.synthetic import write_synthetic_folder
+
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
+                                  size=40)
+    os.remove(info["unlabeled_list"])
+    args = ["train", "--config", "demo", *TINY, "train.iters=1", "train.iters_per_epoch=1", "data.dataset=folder",
+            f"data.root={info['root']}", f"data.split_dir={info['split_dir']}", "data.num_classes=5"]
+    assert main([*args, "train.mode=supervised", f"output_dir={tmp_path / 'sup'}"]) == 0
+    capsys.readouterr()
+    assert main([*args, f"output_dir={tmp_path / 'semi'}"]) == 2
+    assert f"unlabelled split file not found: {info['unlabeled_list']}" in capsys.readouterr().err
+
+
 def test_a_moved_dataset_keeps_its_split_or_is_refused(tmp_path, capsys):
     """The dataset moved after training: ``data.root=NEW`` reads the stored split folder under NEW (and says so);
     a stored split folder that is gone is an error naming it, never the dataset's standard val list instead."""
@@ -268,8 +319,15 @@ def test_demo_prints_table(tmp_path, capsys):
     assert capsys.readouterr().out.count("already done") == 4
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again["training_seconds"] == pytest.approx(first) and f"Training {first:.0f} s in all" in again["note"]
-    # Another warm-up is trained again, and so is every method that had started from the old one.
+    # Another protocol in the same folder: refused, naming what differs; nothing is replaced unasked.
+    warmup = (tmp_path / "warmup" / "latest.pt").read_bytes()
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "3", *TINY,
+                 "train.iters_per_epoch=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'warmup'} holds a run of another configuration (train.iters: 2 -> 3; " in err
+    assert "pass --fresh" in err and (tmp_path / "warmup" / "latest.pt").read_bytes() == warmup
+    # With --fresh another warm-up is trained, and so is every method that had started from the old one.
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "3", "--fresh", *TINY,
                  "train.iters_per_epoch=2"]) == 0
     assert "already done" not in capsys.readouterr().out
     assert json.loads((tmp_path / "summary.json").read_text())["warmup"]["iters"] == 3
@@ -557,3 +615,36 @@ def test_eval_settings_the_eval_mode_ignores_are_named():
         "eval.crop_size=16", "eval.stride_ratio=0.5"]
     assert unused_eval_settings({"crop_size": 16, "stride_ratio": 0.5}, "center_crop") == ["eval.stride_ratio=0.5"]
     assert unused_eval_settings({"crop_size": 16, "stride_ratio": 0.5}, "sliding_window") == []
+
+
+def test_training_settings_the_run_ignores_are_named():
+    from csl.config import build_config
+    from csl.trainer import unused_training_settings
+
+    assert unused_training_settings(build_config({}, {})) == []
+    cfg = build_config({}, {"tmp.enabled": False, "tmp.rate": 0.3, "tmp.block": 8, "train.ohem_thresh": 0.5})
+    assert unused_training_settings(cfg) == [("tmp.block=8, tmp.rate=0.3", "not used with tmp.enabled=false"),
+                                             ("train.ohem_thresh=0.5", "not used by train.criterion=ce")]
+    cfg = build_config({}, {"train.mode": "supervised", "selection.mode": "threshold", "train.lambda_s": 1.0,
+                            "tmp.rate": 0.1})
+    assert unused_training_settings(cfg) == [("train.lambda_s=1.0, selection.mode=threshold, tmp.rate=0.1",
+                                              "not used by train.mode=supervised (no unlabeled data)")]
+    assert unused_training_settings(build_config({}, {"train.criterion": "ohem", "train.ohem_thresh": 0.5})) == []
+
+
+def test_validation_images_in_a_training_list_are_warned_about(tmp_path):
+    from csl.data.synthetic import write_synthetic_folder
+
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=2,
+                                  size=40)
+    with open(info["val_list"]) as f:
+        val_lines = f.read()
+    with open(info["unlabeled_list"], "a") as f:
+        f.write(val_lines)
+    assert main(["train", "--config", "demo", *TINY, "train.iters=1", "train.iters_per_epoch=1", "data.dataset=folder",
+                 f"data.root={info['root']}", f"data.split_dir={info['split_dir']}", "data.num_classes=5",
+                 f"output_dir={tmp_path / 'run'}"]) == 0
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert (f"2 of the 2 validation images are also in the unlabeled training list {info['unlabeled_list']}"
+            in log_text)
+    assert "also in the labeled training list" not in log_text

@@ -118,6 +118,10 @@ def test_pretrained_weights_from_local_file(tmp_path, caplog):
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="no parameter"):
         build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "other.pth")}, 5)
+    whole = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model.pretrained: checkpoint .*cut.pth is not a readable PyTorch"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "cut.pth")}, 5)
 
 
 @pytest.mark.parametrize("output_stride", [32, 16, 8])

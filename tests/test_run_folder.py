@@ -176,6 +176,30 @@ def test_resume_auto_with_a_damaged_latest_names_the_readable_best(tmp_path):
         Trainer(config(tmp_path, **{"train.resume": "auto"}))
 
 
+def test_a_run_without_a_checkpoint_is_not_offered_a_resume(tmp_path):
+    """A folder with the metrics of a run that saved no checkpoint: the refusal does not suggest --resume auto (which
+    finds nothing to continue and replaces the run), only --overwrite."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(RunFolderError, match=r"saved no checkpoint \(metrics.jsonl\), so it cannot be continued; "
+                                             r"replace it with --overwrite") as err:
+        Trainer(config(tmp_path))
+    assert "--resume" not in str(err.value)
+
+
+def test_resume_auto_with_a_damaged_best_continues_from_the_latest(tmp_path):
+    """Only best.pt damaged: the run continues from latest.pt with a WARNING naming the damage; a changed seed on
+    resume is warned about (the samplers follow it)."""
+    train(config(tmp_path), stop_at=2)
+    with open(tmp_path / "best.pt", "r+b") as f:
+        f.truncate(1000)
+    trainer = Trainer(config(tmp_path, **{"train.resume": "auto", "seed": 7}))
+    assert trainer.iteration == 2
+    trainer.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "best.pt is not a readable PyTorch checkpoint" in text and "resuming from" in text
+    assert "seed was 0, now 7" in text and "seed=0 continues it" in text
+
+
 def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(tmp_path):
     train(config(tmp_path), stop_at=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at iteration 3 had logged

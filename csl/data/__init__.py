@@ -158,8 +158,11 @@ def coco_unlabeled_items(root: str, labeled: SplitItems) -> SplitItems:
     return items
 
 
-def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | None, SplitItems | None]:
-    """``(labeled list, unlabeled list or None, unlabeled items or None)``; the items when they are derived."""
+def _resolve_lists(data_cfg: dict, kind: str, root: str, need_unlabeled: bool = True
+                   ) -> tuple[str, str | None, SplitItems | None]:
+    """``(labeled list, unlabeled list or None, unlabeled items or None)``; the items when they are derived.
+    ``need_unlabeled=False``: a split folder without ``unlabeled.txt`` gives no unlabeled list (supervised
+    training reads none), not an error."""
     split_dir = data_cfg.get("split_dir")
     if data_cfg.get("split") is not None:
         if split_dir is not None:
@@ -178,6 +181,8 @@ def _resolve_lists(data_cfg: dict, kind: str, root: str) -> tuple[str, str | Non
     if unlabeled is None and split_dir is not None:
         unlabeled = os.path.join(split_dir, "unlabeled.txt")
         if not os.path.isfile(unlabeled):
+            if not need_unlabeled:
+                return labeled, None, None
             if kind == "coco":
                 return labeled, None, coco_unlabeled_items(root, read_split(labeled))
             raise FileNotFoundError(f"unlabelled split file not found: {os.path.abspath(unlabeled)} "
@@ -279,14 +284,15 @@ def class_names(data_cfg: dict, num_classes: int) -> list[str]:
     return [f"class {k}" for k in range(num_classes)]
 
 
-def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
+def build_datasets(data_cfg: dict, *, need_val: bool = True, need_unlabeled: bool = True) -> DatasetBundle:
     """Build ``(labeled, unlabeled, val)`` from the config's ``data`` section.
 
     ``dataset``: ``synthetic`` (default; generated in memory) | ``pascal`` | ``cityscapes`` | ``coco`` | ``folder``.
     File datasets read ``labeled_list`` / ``unlabeled_list`` (default ``<split_dir>/{labeled,unlabeled}.txt``) and
     ``val_list`` (default ``<split_dir>/val.txt``, ``<split_dir>/../val.txt``, then the dataset's standard val
-    images). ``unlabeled`` is None only when neither ``split_dir`` nor ``unlabeled_list`` is set; ``val`` is None
-    when ``need_val`` is False.
+    images). ``unlabeled`` is None when neither ``split_dir`` nor ``unlabeled_list`` is set, or when
+    ``need_unlabeled`` is False and the split folder has no ``unlabeled.txt``; ``val`` is None when ``need_val`` is
+    False.
     """
     if not isinstance(data_cfg, dict):
         raise TypeError(f"data_cfg must be a dict (the config's data section), got {type(data_cfg).__name__}")
@@ -308,7 +314,7 @@ def build_datasets(data_cfg: dict, *, need_val: bool = True) -> DatasetBundle:
 
     kind_cls, root, num_classes = _file_kind(data_cfg)
     opts = _source_options(data_cfg)
-    labeled_list, unlabeled_list, unlabeled_items = _resolve_lists(data_cfg, kind, root)
+    labeled_list, unlabeled_list, unlabeled_items = _resolve_lists(data_cfg, kind, root, need_unlabeled)
     labeled = LabeledDataset(kind_cls(root, labeled_list, num_classes, ignore_index, **opts), **views)
     unlabeled = None
     if unlabeled_items is not None:

@@ -149,6 +149,28 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+# What :meth:`ListSource.validate` checks; raised when it checks more (2: images decoded whole).
+VALIDATION_VERSION = 2
+
+# The last bytes of a whole file: PNG's IEND chunk (with its CRC), JPEG's end-of-image marker.
+_END_MARKERS = {(".png",): b"IEND\xaeB`\x82", (".jpg", ".jpeg"): b"\xff\xd9"}
+
+
+def _ends_early(path: str) -> bool:
+    """Whether a PNG or JPEG file lacks its format's end marker (other formats: False). Some cameras write data
+    after a JPEG's marker: such a file is a suspect, which :meth:`ListSource.damaged_images` then decodes."""
+    lower = path.lower()
+    for suffixes, marker in _END_MARKERS.items():
+        if lower.endswith(suffixes):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(os.path.getsize(path) - len(marker), 0))
+                    return f.read() != marker
+            except OSError:
+                return True
+    return False
+
+
 def load_mask(path: str) -> np.ndarray:
     """Class-index mask: a palette ('P') or grayscale PNG whose pixel values are the class ids."""
     if not os.path.isfile(path):
@@ -262,8 +284,8 @@ class ListSource:
         img_path, mask_path = self.image_path(index), self.mask_path(index)
         try:
             image = load_image(img_path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e} ({self._where(index)})") from None
+        except (FileNotFoundError, ValueError) as e:  # missing, truncated, not an image: named with its list item
+            raise type(e)(f"{e} ({self._where(index)})") from None
         mask = None
         if mask_path is not None:
             try:
@@ -316,6 +338,22 @@ class ListSource:
                                f"fields by whitespace; rename the file)")
         return missing
 
+    def damaged_images(self) -> list[str]:
+        """The listed PNG and JPEG files that end early (a copy or download cut short), each with the reader's
+        error: only a file whose last bytes are not its format's end marker is decoded, so a folder of sound files
+        costs one small read per file."""
+        damaged = []
+        for i in range(len(self)):
+            path = self.image_path(i)
+            if not _ends_early(path):
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, ValueError, SyntaxError) as e:
+                damaged.append(f"{path} ({self._where(i)}: {e})")
+        return damaged
+
     def check_cached(self, progress: bool = True) -> tuple[bool, list[int]]:
         """:meth:`validate`, skipped when the same files (paths, sizes, modification times) were found valid under
         the same label settings before (a stamp in ``$XDG_CACHE_HOME/csl/validated/``). Returns whether it ran and
@@ -323,8 +361,10 @@ class ListSource:
         import hashlib
         import json
 
-        digest = hashlib.sha256(json.dumps([type(self).__name__, self.num_classes, self.file_ignore_index,
-                                            list(self.ignore_labels), self.reduce_zero_label, self.scale]).encode())
+        # VALIDATION_VERSION: a stamp vouches only for the checks of the version that wrote it
+        digest = hashlib.sha256(json.dumps([VALIDATION_VERSION, type(self).__name__, self.num_classes,
+                                            self.file_ignore_index, list(self.ignore_labels), self.reduce_zero_label,
+                                            self.scale]).encode())
         for i in range(len(self)):
             for path in (self.image_path(i), self.mask_path(i)):
                 if path is not None:
@@ -369,6 +409,7 @@ class ListSource:
                 except FileNotFoundError as e:
                     raise FileNotFoundError(f"{e}{self.missing_mask_hint}") from None
                 with Image.open(img_path) as img:
+                    img.load()  # the whole file: a truncated one is found now, not when a loader first draws it
                     if img.size != (mask.shape[1], mask.shape[0]):
                         raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
                                          f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)")

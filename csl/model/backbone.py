@@ -231,7 +231,12 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
                 f"pretrained weights not found: {path!r} (model.pretrained is a local file, or 'imagenet' to use "
                 f"torchvision's download: {IMAGENET_WEIGHTS.get(backbone.name, '?')})")
         prefix = verify_file_hash(path)
-        sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        from ..checkpoint import load_checkpoint
+
+        try:
+            sd = _unwrap_state_dict(load_checkpoint(path))
+        except ValueError as e:  # cut short, another kind of file: said as one line naming the config key
+            raise ValueError(f"model.pretrained: {e}") from None
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(backbone.head_prefixes))}
     own = backbone.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
