@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                                                  "the folder all images share (a photo with an EXIF orientation "
                                                  "upright, as viewers show it)")
     pr.add_argument("--overwrite", action="store_true", help="replace predictions that exist in --out")
+    pr.add_argument("--skip-existing", action="store_true",
+                    help="keep predictions that exist in --out and predict the other images (continues an "
+                         "interrupted run: each PNG is written whole or not at all)")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
 
     a = command("analyze", "pseudo-label selection quality of a checkpoint on images with masks "
@@ -396,7 +399,8 @@ def cmd_predict(args) -> int:
                              device=device, stride_ratio=cfg["eval"]["stride_ratio"],
                              amp_dtype=resolve_amp(cfg["eval"]["amp"], device),
                              dataset=d["dataset"] if d["dataset"] != "synthetic" else None,
-                             image_scale=d["image_scale"], overwrite=args.overwrite, skipped=skipped)
+                             image_scale=d["image_scale"], overwrite=args.overwrite,
+                             skip_existing=args.skip_existing, skipped=skipped)
     print(f"wrote {len(written)} prediction(s) to {args.out}")
     if skipped:
         print(f"csl predict: {len(skipped)} image(s) could not be read and were skipped, e.g. {skipped[0][0]}: "

@@ -243,14 +243,18 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
                    mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                    mode: str = "original", crop_size: int | None = None, device=None, stride_ratio: float = 2 / 3,
                    amp_dtype: torch.dtype | None = None, dataset: str | None = None, progress: bool = True,
-                   image_scale: float = 1.0, overwrite: bool = False, skipped: list | None = None) -> list[str]:
+                   image_scale: float = 1.0, overwrite: bool = False, skip_existing: bool = False,
+                   skipped: list | None = None) -> list[str]:
     """Predict each image file and write a palette PNG whose pixel values are the class ids and whose colours are
     :func:`csl.data.palette` (RGB for more than 256 classes). Returns the written paths.
 
     Each PNG's path under ``out_dir`` is its image's path relative to the folder all images share
     (:func:`prediction_names`: ``seq1/0001.jpg`` and ``seq2/0001.jpg`` stay apart). A PNG that exists already is an
-    error before any work unless ``overwrite``; a PNG that would replace an input image always is. An image that
-    cannot be read is skipped with a warning and, when ``skipped`` is a list, appended to it as ``(path, reason)``.
+    error before any work unless ``overwrite`` (predicted again) or ``skip_existing`` (kept: the PNGs are written
+    whole or not at all, so an interrupted run continues where it stopped); a PNG that would replace an input image
+    always is. An image that cannot be read is skipped with a warning and, when ``skipped`` is a list, appended to it
+    as ``(path, reason)``. Without a terminal for the progress bar, a log line says how far it got every tenth of
+    the images.
 
     ``image_scale`` is the run's ``data.image_scale``: the model sees each image at the scale it was trained and
     evaluated at, and its class scores are resized back, so every PNG has the size of its image. A photo with an
@@ -274,17 +278,30 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     if replaced:
         raise ValueError(f"--out {out_dir} would write predictions over {len(replaced)} input image(s), e.g. "
                          f"{replaced[0]}; choose another output folder")
+    if overwrite and skip_existing:
+        raise ValueError("--overwrite and --skip-existing contradict each other; pass one")
     existing = [t for t in targets if os.path.exists(t)]
-    if existing and not overwrite:
+    if existing and not (overwrite or skip_existing):
         raise FileExistsError(f"{len(existing)} of the {len(targets)} predictions exist already in {out_dir}, e.g. "
-                              f"{existing[0]}; pass --overwrite to replace them, or choose another --out")
+                              f"{existing[0]}; pass --skip-existing to predict only the others (an interrupted run), "
+                              f"--overwrite to replace them, or choose another --out")
+    if existing and skip_existing:
+        kept = set(existing)
+        log.info("csl predict: %d of the %d predictions exist already in %s and are kept (--skip-existing)",
+                 len(existing), len(targets), out_dir)
+        todo = [i for i, target in enumerate(targets) if target not in kept]
+        paths, targets = [paths[i] for i in todo], [targets[i] for i in todo]
     device = _device_of(model, device)
     colours = palette(num_classes, dataset)
     was_training = model.training
     model.eval()
     written = []
+    bar = tqdm(paths, desc="predict", disable=bar_disabled(progress))
+    tenth = max(len(paths) // 10, 1) if progress and bar.disable else 0  # log lines where no bar is drawn
     try:
-        for path, out in zip(tqdm(paths, desc="predict", disable=bar_disabled(progress)), targets, strict=True):
+        for done, (path, out) in enumerate(zip(bar, targets, strict=True), start=1):
+            if tenth and (done % tenth == 0 or done == len(paths)):
+                log.info("csl predict: %d of %d images", done, len(paths))
             try:
                 original = load_image(path, upright=True)
             except (OSError, ValueError) as e:

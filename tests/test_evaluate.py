@@ -287,6 +287,14 @@ def test_predictions_keep_the_folder_layout_and_never_replace_what_exists(tmp_pa
         predict_images(model, paths, str(out_dir), num_classes=5, progress=False)
     assert (out_dir / "seq1" / "0001.png").read_bytes() == before
     assert len(predict_images(model, paths[:3], str(out_dir), num_classes=5, progress=False, overwrite=True)) == 3
+    # An interrupted run continued: the PNGs there are kept, the others predicted (the broken image skipped again).
+    os.remove(out_dir / "seq2" / "0001_png.png")
+    with pytest.raises(ValueError, match="contradict"):
+        predict_images(model, paths, str(out_dir), num_classes=5, overwrite=True, skip_existing=True)
+    mtime = os.stat(out_dir / "seq1" / "0001.png").st_mtime_ns
+    written = predict_images(model, paths, str(out_dir), num_classes=5, progress=False, skip_existing=True)
+    assert [os.path.relpath(p, out_dir) for p in written] == ["seq2/0001_png.png"]
+    assert os.stat(out_dir / "seq1" / "0001.png").st_mtime_ns == mtime
     with pytest.raises(ValueError, match="over 1 input image"):  # --out = the input folder, overwrite or not
         predict_images(model, [paths[2]], str(tmp_path / "imgs" / "seq2"), num_classes=5, overwrite=True)
 
