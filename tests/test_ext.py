@@ -481,7 +481,17 @@ loss = ck.weighted_cross_entropy(zz, label, weight, valid=~ignore, backend="cpu"
 loss.backward()
 out["ce"] = (loss.detach(), zz.grad)
 torch.save(out, sys.argv[1])
+print(torch.ops.csl.cpu_isa())
 """
+
+
+def _cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (x86 Linux; elsewhere False)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
@@ -491,15 +501,19 @@ def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
     import subprocess
     import sys
 
-    results = {}
+    results, ran = {}, {}
     for isa in ("default", "baseline", "avx2"):
         env = dict(os.environ)
         if isa != "default":
             env["CSL_CPU_ISA"] = isa
         path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True, capture_output=True,
-                       timeout=600)
+        done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True,
+                              capture_output=True, text=True, timeout=600)
+        ran[isa] = done.stdout.strip().splitlines()[-1]
         results[isa] = torch.load(path, weights_only=True)
+    # Each run used the copy asked for (CSL_CPU_ISA took effect), and the default is the widest this CPU runs.
+    assert ran["baseline"] == "baseline" and ran["avx2"] == ("avx2" if _cpu_has("avx2") else "baseline")
+    assert ran["default"] == ("avx512" if _cpu_has("avx512f") else "avx2" if _cpu_has("avx2") else "baseline")
     for isa in ("baseline", "avx2"):
         for key, tensors in results["default"].items():
             for ref, got in zip(tensors, results[isa][key], strict=True):
