@@ -60,3 +60,27 @@ def test_the_documented_oracle_table_is_the_records_table(tmp_path):
     assert seed0["warmup"]["miou"] == [oracle.WARMUP_MIOU["seed0_oracle"]]
     path = oracle.picture(runs, str(tmp_path / "oracle.png"))
     assert os.path.getsize(path) > 10_000
+
+
+def test_the_documented_confidence_table_is_the_records_table(tmp_path):
+    """"When does the confidence fail?": the table is scripts/camvid_confidence.py's over the committed records, and
+    its figures are the analyses' own numbers."""
+    import json
+
+    script = load_script("camvid_confidence")
+    rows, short, curve = script.load()
+    table = script.table(rows, short)
+    with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
+        assert table in f.read()
+    assert [r["iter"] for r in rows] == [0, 400, 1000, 2000, 3000, 4000] and short["iter"] == 600
+    folder = os.path.join(ROOT, "docs", "results", "camvid", "1_4_seed2_long_supervised")
+    assert curve[-1][0] == 4000 and abs(curve[-1][1] - 59.43) < 0.01
+    with open(os.path.join(folder, "analysis_iter4000.json")) as f:
+        last = json.load(f)
+    assert last["checkpoint_iteration"] == 4000
+    gap = last["csl"]["weighted"]["accuracy"] - last["confidence_per_image_at_csl_share"]["accuracy"]
+    assert abs(rows[-1]["csl_minus_conf"] - 100 * gap) < 1e-9 and -0.3 < 100 * gap < -0.1
+    # the confidently wrong pixels: the 0.95 threshold keeps 6.3 % of the warm-up model's errors, 9.7 % at the end
+    assert round(rows[0]["wrong_kept"], 1) == 6.3 and round(rows[-1]["wrong_kept"], 1) == 9.7
+    path = script.picture(rows, curve, str(tmp_path / "confidence.png"))
+    assert os.path.getsize(path) > 10_000
