@@ -333,7 +333,8 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
         warm = _result(cfg, seconds)
         init_from = os.path.join(cfg["output_dir"], "latest.pt")
         # The methods' configs name the warm-up checkpoint by its path only: runs left from before a warm-up that
-        # was trained now (e.g. with another --warmup) started from another model, so they are trained again.
+        # was trained now (with --fresh, or one that had stopped and was finished now) started from another model,
+        # so they are trained again.
         fresh = fresh or not reused
     results: dict[str, dict] = {}
     for method in methods:
