@@ -111,24 +111,31 @@ class DemoFolderError(ValueError):
     """A demo stage's folder holds a run that the asked configuration would replace."""
 
 
-def run_stage(cfg: dict, train_fn, fresh: bool = False) -> tuple[float, bool]:
+def run_stage(cfg: dict, train_fn, fresh: bool = False, new_start: bool = False) -> tuple[float, bool]:
     """Train ``cfg``'s run; return its seconds and whether a finished run was reused. Nothing done is lost when a
     comparison is stopped and started again: a run folder finished under the same config is reused as it is, one
-    with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly), one with the
-    checkpoints of another config is refused (:class:`DemoFolderError`) unless ``fresh``; a folder without a
-    checkpoint starts afresh."""
+    with a ``latest.pt`` from the same config continues from it (the trainer resumes exactly); unless ``fresh``, a
+    folder with the checkpoints of another config, of a config that cannot be read, or (``new_start``: the model the
+    stage starts from was trained in this call) of a run from an earlier start is refused (:class:`DemoFolderError`);
+    a folder without a checkpoint starts afresh."""
     from .checkpoint import BEST, LATEST, checkpoint_iteration
 
     out = cfg["output_dir"]
     done, latest = os.path.join(out, "done.json"), os.path.join(out, LATEST)
     saved = [path for path in (latest, os.path.join(out, BEST)) if os.path.isfile(path)]
     before = 0.0
-    differences = None if fresh else _differences(cfg)
+    differences = None if fresh or new_start else _differences(cfg)
     same = differences == []
-    if differences and (saved or os.path.isfile(done)):  # a run of another protocol: never replaced unasked
-        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
-        raise DemoFolderError(f"{out} holds a run of another configuration ({shown}); pass --fresh to train every "
-                              f"stage of the demo again in {os.path.dirname(out) or '.'}, or choose another --out")
+    if not fresh and not same and (saved or os.path.isfile(done)):  # a run that this call would replace: never unasked
+        if new_start:
+            what = "that started from an earlier warm-up than the one trained now"
+        elif differences is None:
+            what = "whose config.yaml is missing or unreadable, so it cannot be compared with this configuration"
+        else:
+            what = "of another configuration (" + "; ".join(differences[:5]) + (
+                f"; and {len(differences) - 5} more" if len(differences) > 5 else "") + ")"
+        raise DemoFolderError(f"{out} holds a run {what}; pass --fresh to train every stage of the demo again in "
+                              f"{os.path.dirname(out) or '.'}, or choose another --out")
     seconds = _done_seconds(done) if same else None
     if seconds is None and same and any(_slimmed(path) for path in saved):
         # Training finished (only a finished stage's checkpoints are slimmed) but the mark was lost: write it again.
@@ -325,7 +332,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
                              f"{DEMO_SETS[key]}")
     base = load_config(config, overrides)
     start = time.perf_counter()
-    init_from, warm = None, None
+    init_from, warm, new_warmup = None, None, False
     if warmup:
         cfg = warmup_config(base, out_dir, warmup, warmup_lr)
         print(f"\n== supervised warm-up: {warmup} iterations -> {cfg['output_dir']}", flush=True)
@@ -333,14 +340,13 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
         warm = _result(cfg, seconds)
         init_from = os.path.join(cfg["output_dir"], "latest.pt")
         # The methods' configs name the warm-up checkpoint by its path only: runs left from before a warm-up that
-        # was trained now (with --fresh, or one that had stopped and was finished now) started from another model,
-        # so they are trained again.
-        fresh = fresh or not reused
+        # was trained now started from another model (refused unless --fresh, which trains them again).
+        new_warmup = not reused
     results: dict[str, dict] = {}
     for method in methods:
         cfg = method_config(base, method, out_dir, iters, init_from)
         print(f"\n== {LABELS[method]}: {cfg['train']['iters']} iterations -> {cfg['output_dir']}", flush=True)
-        results[method] = _result(cfg, run_stage(cfg, train, fresh)[0])
+        results[method] = _result(cfg, run_stage(cfg, train, fresh, new_start=new_warmup)[0])
     total = time.perf_counter() - start
     # Every stage's training time, also of the stages reused from earlier calls (their seconds are on record).
     training = (warm["seconds"] if warm else 0.0) + sum(r["seconds"] for r in results.values())

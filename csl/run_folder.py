@@ -176,8 +176,8 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
         lock.release()
         if not any(name.endswith(".pt") for name in found):  # nothing to continue: --resume auto would replace it
             raise RunFolderError(
-                f"{folder} holds the files of a run that saved no checkpoint ({', '.join(found)}), so it cannot be "
-                f"continued; replace it with --overwrite (train.overwrite=true) or choose another output_dir")
+                f"{folder} holds the files of a run but no checkpoint ({', '.join(found)}), so there is nothing to "
+                f"continue; replace it with --overwrite (train.overwrite=true) or choose another output_dir")
         raise RunFolderError(
             f"{folder} already holds a run ({', '.join(found)}); continue it with --resume auto "
             f"(train.resume=auto), replace it with --overwrite (train.overwrite=true), or choose another output_dir")

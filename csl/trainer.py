@@ -214,7 +214,8 @@ def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
             k for k in s if k in DEFAULTS["selection"]]) + changed("tmp", [k for k in m if k in DEFAULTS["tmp"]])
         found.append((keys, "not used by train.mode=supervised (no unlabeled data)"))
     elif not m["enabled"]:
-        found.append((changed("tmp", ("block", "rate", "fraction", "other_view")), "not used with tmp.enabled=false"))
+        # (tmp.other_view is used either way: it also decides whether the second strong view is CutMix-ed)
+        found.append((changed("tmp", ("block", "rate", "fraction")), "not used with tmp.enabled=false"))
     if t["criterion"] == "ce":
         found.append((changed("train", ("ohem_thresh", "ohem_min_kept")), "not used by train.criterion=ce"))
     return [(", ".join(keys), why) for keys, why in found if keys]
@@ -250,6 +251,7 @@ class Trainer:
         self.output_dir = cfg["output_dir"]
         held: list[logging.LogRecord] = []  # what is said before train.log exists, written into it once it does
         with held_records(held):
+            self.damaged_best: str | None = None  # a best.pt that resume=auto found unreadable
             self.resume_from = self._resume_path()  # read once: resume=auto compares the checkpoints' iterations
             check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
             self.run_lock = None
@@ -485,8 +487,9 @@ class Trainer:
                 try:
                     best = checkpoint_iteration(found[1])
                 except ValueError as e:  # a damaged best.pt: latest.pt holds the run
-                    log.warning("train.resume=auto: %s; resuming from %s (iteration %d), which is readable (best.pt "
-                                "is written again at the next improvement)", e, found[0], latest)
+                    log.warning("train.resume=auto: %s; resuming from %s (iteration %d), which is readable", e,
+                                found[0], latest)
+                    self.damaged_best = found[1]
                     return found[0]
                 if best > latest:
                     return found[1]
@@ -623,8 +626,12 @@ class Trainer:
 
     def _restore_best(self, path: str, ckpt: dict) -> None:
         """``best.pt`` missing while the checkpoint records a best mIoU (deleted, or a checkpoint written before
-        its ``best.pt``): rewrite it when the resumed state is that best one, else say that it is lost."""
+        its ``best.pt``) or unreadable (moved aside to ``best.pt.damaged`` first): rewrite it when the resumed state
+        is that best one, else say that it is lost."""
         best = os.path.join(self.output_dir, BEST)
+        if self.damaged_best is not None and self.env.is_main and os.path.isfile(best):
+            os.replace(best, best + ".damaged")  # kept for a look, out of the way of the next reader of best.pt
+            log.warning("%s is unreadable: moved to %s.damaged", best, best)
         if self.best_miou is None or os.path.isfile(best) or not self.env.is_main:
             return
         last = self.last_eval or {}

@@ -326,6 +326,17 @@ def test_demo_prints_table(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'warmup'} holds a run of another configuration (train.iters: 2 -> 3; " in err
     assert "pass --fresh" in err and (tmp_path / "warmup" / "latest.pt").read_bytes() == warmup
+    # A warm-up trained now (its folder removed) while the methods' runs are there: they started from the old one.
+    os.rename(tmp_path / "warmup", tmp_path / "warmup_old")
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
+                 "train.iters_per_epoch=2"]) == 2
+    assert "supervised holds a run that started from an earlier warm-up than the one trained now" in \
+        capsys.readouterr().err
+    # A stage whose config.yaml is gone cannot be compared: refused too.
+    os.remove(tmp_path / "supervised" / "config.yaml")
+    assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
+                 "train.iters_per_epoch=2"]) == 2
+    assert "supervised holds a run whose config.yaml is missing or unreadable" in capsys.readouterr().err
     # With --fresh another warm-up is trained, and so is every method that had started from the old one.
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "3", "--fresh", *TINY,
                  "train.iters_per_epoch=2"]) == 0

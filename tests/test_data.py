@@ -543,3 +543,28 @@ def test_a_missing_cityscapes_or_voc_mask_says_how_to_make_it(tmp_path):
         src_voc.load(0)
     with pytest.raises(ValueError, match=r"createTrainIdLabelImgs"):
         src.validate(progress=False)
+
+
+def test_an_image_zeroed_after_its_start_is_a_listed_error(tmp_path):
+    """A PNG whose end was zeroed (a copy cut short onto a pre-allocated file): PIL raises SyntaxError ("broken PNG
+    file"), which the start check lists as a bad item and the loader says as a ValueError naming the item."""
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=64)
+    img_rel = read_split(info["labeled_list"])[1][0]
+    path = os.path.join(info["root"], img_rel)
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)  # incompressible: several IDAT chunks
+    data = bytearray(open(path, "rb").read())
+    at = data.index(b"IDAT") - 4
+    end_of_first = at + 12 + int.from_bytes(data[at:at + 4], "big")  # length, type, data, CRC
+    data[end_of_first:] = bytes(len(data) - end_of_first)
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(SyntaxError, match="broken PNG file"):  # what PIL raises for it
+        Image.open(path).load()
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\).*item 1 of .*broken PNG file"):
+        src.validate(progress=False)
+    with pytest.raises(ValueError, match=rf"cannot read image .*{img_rel}.*\(item 1 of "):
+        src.load(1)
+    assert src.damaged_images() and img_rel in src.damaged_images()[0]

@@ -180,8 +180,8 @@ def test_a_run_without_a_checkpoint_is_not_offered_a_resume(tmp_path):
     """A folder with the metrics of a run that saved no checkpoint: the refusal does not suggest --resume auto (which
     finds nothing to continue and replaces the run), only --overwrite."""
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 1, "loss": 1.0}) + "\n")
-    with pytest.raises(RunFolderError, match=r"saved no checkpoint \(metrics.jsonl\), so it cannot be continued; "
-                                             r"replace it with --overwrite") as err:
+    with pytest.raises(RunFolderError, match=r"holds the files of a run but no checkpoint \(metrics.jsonl\), so "
+                                             r"there is nothing to continue; replace it with --overwrite") as err:
         Trainer(config(tmp_path))
     assert "--resume" not in str(err.value)
 
@@ -198,6 +198,9 @@ def test_resume_auto_with_a_damaged_best_continues_from_the_latest(tmp_path):
     text = (tmp_path / "train.log").read_text()
     assert "best.pt is not a readable PyTorch checkpoint" in text and "resuming from" in text
     assert "seed was 0, now 7" in text and "seed=0 continues it" in text
+    # The damaged file is moved aside and, the resumed state being the best one, best.pt is written again from it.
+    assert (tmp_path / "best.pt.damaged").stat().st_size == 1000 and "moved to" in text
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["iteration"] == 2
 
 
 def test_resume_drops_records_logged_after_the_checkpoint_and_orphan_temp_files(tmp_path):

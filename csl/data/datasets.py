@@ -145,7 +145,7 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
                 _warn_once("alpha", "image %s has transparent pixels: the alpha channel is dropped and they are "
                            "read with their stored colour (said once, for the first such image)", path)
             return np.array(img.convert("RGB"))
-    except OSError as e:  # PIL: "image file is truncated", "cannot identify image file", ...
+    except (OSError, SyntaxError) as e:  # PIL: "image file is truncated", "broken PNG file", "cannot identify ..."
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
@@ -284,8 +284,10 @@ class ListSource:
         img_path, mask_path = self.image_path(index), self.mask_path(index)
         try:
             image = load_image(img_path)
-        except (FileNotFoundError, ValueError) as e:  # missing, truncated, not an image: named with its list item
-            raise type(e)(f"{e} ({self._where(index)})") from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} ({self._where(index)})") from None
+        except ValueError as e:  # truncated, not an image: named with its list item
+            raise ValueError(f"{e} ({self._where(index)})") from None
         mask = None
         if mask_path is not None:
             try:
@@ -416,7 +418,7 @@ class ListSource:
                 mask = self.prepare_mask(mask, mask_path)
                 valid = mask[mask != self.ignore_index].astype(np.int64)
                 counts += np.bincount(valid.reshape(-1), minlength=self.num_classes)[: self.num_classes]
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file"
                 errors.append(f"{self._where(i)}: {e}")
         if errors:
             more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
