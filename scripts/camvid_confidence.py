@@ -110,10 +110,48 @@ def picture(rows: list[dict], curve: list[tuple[int, float]], out_path: str) -> 
     return _save_figure(fig, out_path)
 
 
+# The comparison's three continuations again, 600 iterations each, from the long run's iteration-4000 model.
+CONTINUATIONS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)"}
+
+
+def load_continuations() -> dict[str, dict]:
+    """``{method: {"miou": [per evaluation], "pl": last pseudo_labels record or None}}`` of the records there are
+    (``metrics_from4000_<method>.jsonl``)."""
+    found = {}
+    for method in CONTINUATIONS:
+        path = os.path.join(LONG, f"metrics_from4000_{method}.jsonl")
+        if os.path.isfile(path) and (evals := read_metrics(path, "eval")):
+            pl = read_metrics(path, "pseudo_labels")
+            found[method] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals],
+                             "pl": pl[-1] if pl else None}
+    return found
+
+
+def continuation_table(runs: dict[str, dict], start_miou: float) -> str:
+    lines = [f"| continuation from the iteration-4000 model (mIoU {start_miou:.1f}) | mIoU after each 100 iterations "
+             "(%) | last (best) | minus threshold 0.95, last | pseudo-labels, last epoch: weighted share / accuracy / "
+             "recall (%) |", "| --- | --- | ---: | ---: | --- |"]
+    base = runs.get("threshold")
+    for method, label in CONTINUATIONS.items():
+        if method not in runs:
+            continue
+        r = runs[method]
+        diff = f"{r['miou'][-1] - base['miou'][-1]:+.1f}" if base and method != "threshold" else ""
+        pl = r["pl"]
+        quality = "-" if pl is None else (f"{100 * pl['weighted_share']:.1f} / {100 * pl['weighted_accuracy']:.1f} / "
+                                          f"{100 * pl['weighted_recall']:.1f}")
+        lines.append(f"| {label} | {', '.join(f'{m:.1f}' for m in r['miou'])} | {r['miou'][-1]:.1f} "
+                     f"({max(r['miou']):.1f}) | {diff} | {quality} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     rows, short, curve = load()
     print(table(rows, short))
     print(picture(rows, curve, os.path.join(RECORDS, "confidence_long.png")))
+    runs = load_continuations()
+    if runs:
+        print(continuation_table(runs, rows[-1]["miou"]))
 
 
 if __name__ == "__main__":

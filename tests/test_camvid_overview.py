@@ -84,3 +84,8 @@ def test_the_documented_confidence_table_is_the_records_table(tmp_path):
     assert round(rows[0]["wrong_kept"], 1) == 6.3 and round(rows[-1]["wrong_kept"], 1) == 9.7
     path = script.picture(rows, curve, str(tmp_path / "confidence.png"))
     assert os.path.getsize(path) > 10_000
+    # The comparison again from the iteration-4000 model: its table too is the records'.
+    runs = script.load_continuations()
+    assert {"threshold", "csl"} <= set(runs) and runs["csl"]["iters"] == runs["threshold"]["iters"]
+    with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
+        assert script.continuation_table(runs, rows[-1]["miou"]) in f.read()
