@@ -51,16 +51,12 @@ LABELS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatc
           "confidence_share": "CSL's share by confidence", "oracle": "true masks (oracle)"}
 
 
-def _same_run(cfg: dict) -> bool:
-    """Whether ``cfg``'s run folder was written by this very configuration (``train.resume`` and
-    ``train.overwrite`` aside; data paths compared resolved, as the trainer stores them, and the run folder and
-    ``train.init_from`` as the folders they name: an absolute and a relative ``--out`` are the same run)."""
-    return _differences(cfg) == []
-
-
 def _differences(cfg: dict) -> list[str] | None:
     """The settings in which ``cfg`` differs from the configuration stored in its run folder (``key: stored ->
-    cfg``, compared as :func:`_same_run` says), or None when the folder holds no readable stored configuration."""
+    cfg``; ``[]``: the folder was written by this very configuration), or None when the folder holds no readable
+    stored configuration. ``train.resume`` and ``train.overwrite`` aside; data paths compared resolved, as the
+    trainer stores them, and the run folder and ``train.init_from`` as the folders they name: an absolute and a
+    relative ``--out`` are the same run."""
     import yaml
 
     from .trainer import resolve_data_paths, stored_config

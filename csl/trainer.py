@@ -387,10 +387,9 @@ class Trainer:
         about (self-training on a random network's pseudo-labels falls far behind)."""
         m, t = self.cfg["model"], self.cfg["train"]
         params = sum(p.numel() for p in model.parameters())
-        if self.resume_from is not None:
-            start = f"the weights of {self.resume_from}"
-        elif t["init_from"]:
-            start = f"the weights of {t['init_from']}"
+        random_start = self.resume_from is None and not t["init_from"] and not m["pretrained"]
+        if self.resume_from is not None or t["init_from"]:
+            start = f"the weights of {self.resume_from or t['init_from']}"
         elif m["pretrained"]:
             start = f"backbone weights {m['pretrained']}, decoder at random"
         else:
@@ -399,7 +398,7 @@ class Trainer:
         log.info("model: DeepLabV3+ on %s (%soutput stride %d, ASPP rates %s), %.1f M parameters, from %s",
                  m["backbone"], stem, m["output_stride"], "/".join(str(d) for d in m["dilations"]), params / 1e6,
                  start)
-        if self.semi and start == "random weights":
+        if self.semi and random_start:
             log.warning("train.mode=semi from random weights (no model.pretrained, train.init_from or resume): the "
                         "pseudo-labels of an untrained network are noise; set model.pretrained (e.g. imagenet) or "
                         "train.init_from a supervised run")

@@ -350,10 +350,9 @@ class ListSource:
             if not _ends_early(path):
                 continue
             try:
-                with Image.open(path) as img:
-                    img.load()
-            except (OSError, ValueError, SyntaxError) as e:
-                damaged.append(f"{path} ({self._where(i)}: {e})")
+                load_image(path)
+            except (FileNotFoundError, ValueError) as e:  # load_image's errors name the file
+                damaged.append(f"{e} ({self._where(i)})")
         return damaged
 
     def check_cached(self, progress: bool = True) -> tuple[bool, list[int]]:
