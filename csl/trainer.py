@@ -210,8 +210,10 @@ def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
 
     found = []
     if t["mode"] == "supervised":
+        # tmp.enabled=false agrees with a run that has no unlabeled data: not named
+        tmp_keys = [k for k in m if k in DEFAULTS["tmp"] and not (k == "enabled" and not m[k])]
         keys = changed("train", ("lambda_s", "lambda_m", "lambda_fp", "cutmix_p")) + changed("selection", [
-            k for k in s if k in DEFAULTS["selection"]]) + changed("tmp", [k for k in m if k in DEFAULTS["tmp"]])
+            k for k in s if k in DEFAULTS["selection"]]) + changed("tmp", tmp_keys)
         found.append((keys, "not used by train.mode=supervised (no unlabeled data)"))
     elif not m["enabled"]:
         # (tmp.other_view is used either way: it also decides whether the second strong view is CutMix-ed)

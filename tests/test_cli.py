@@ -641,6 +641,11 @@ def test_training_settings_the_run_ignores_are_named():
     assert unused_training_settings(cfg) == [("train.lambda_s=1.0, selection.mode=threshold, tmp.rate=0.1",
                                               "not used by train.mode=supervised (no unlabeled data)")]
     assert unused_training_settings(build_config({}, {"train.criterion": "ohem", "train.ohem_thresh": 0.5})) == []
+    # switching TMP off agrees with supervised training (not named); tuning it does not
+    assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False})) == []
+    assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False,
+                                                      "tmp.rate": 0.1})) == [
+        ("tmp.rate=0.1", "not used by train.mode=supervised (no unlabeled data)")]
 
 
 def test_validation_images_in_a_training_list_are_warned_about(tmp_path):
