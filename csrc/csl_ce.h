@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "csl_common.h"
+#include "csl_math.h"
 
 namespace csl {
 
@@ -23,21 +24,22 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& label, c
   check_valid(valid, logits, op);
 }
 
-// log-sum-exp of one pixel's C logits at z[0], z[stride], ... (max-shifted, in acc_t). A logit equal to the max
-// contributes exactly 1, so an infinite max gives +inf (or -inf when every logit is -inf), as torch.logsumexp does,
-// instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline acc_t pixel_logsumexp(const scalar_t* z, int64_t stride, int64_t num_classes) {
-  acc_t z_max = static_cast<acc_t>(z[0]);
-  for (int64_t k = 1; k < num_classes; ++k) {
-    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+// log-sum-exp of one pixel's C logits (PixelLogits of csl_math.h; max-shifted, in its acc_t). A logit equal to the
+// max contributes exactly 1, so an infinite max gives +inf (or -inf when every logit is -inf), as torch.logsumexp
+// does, instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.
+template <typename Logits, typename acc_t = typename Logits::value_type>
+C10_HOST_DEVICE inline acc_t pixel_logsumexp(const Logits& z, int64_t num_classes) {
+  constexpr int N = Logits::kCached;
+  acc_t z_max = z[0];
+  for_each_class<N>(1, num_classes, [&](int64_t k) {
+    const acc_t zk = z[k];
     z_max = zk > z_max ? zk : z_max;
-  }
+  });
   acc_t sum = 0;
-  for (int64_t k = 0; k < num_classes; ++k) {
-    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+  for_each_class<N>(0, num_classes, [&](int64_t k) {
+    const acc_t zk = z[k];
     sum += zk == z_max ? acc_t(1) : std::exp(zk - z_max);
-  }
+  });
   return z_max + std::log(sum);
 }
 

@@ -49,46 +49,115 @@ C10_HOST_DEVICE inline bool is_finite(acc_t x) {
   return x - x == acc_t(0);  // false for NaN and +-inf (no fast-math in these builds)
 }
 
+// Full unrolling of a loop with a compile-time trip count in device code; nothing on the host.
+#ifdef __CUDACC__
+#define CSL_UNROLL _Pragma("unroll")
+#else
+#define CSL_UNROLL
+#endif
+
+// Classes at most that a CUDA thread keeps in registers (PixelLogits): VOC (21), Cityscapes (19), CamVid (11).
+constexpr int kRegisterClasses = 32;
+
+// Calls body(k) for the classes k = from, ..., num_classes - 1, in order. N > 0 (num_classes <= N): the loop runs
+// over the constant bound N, unrolled in device code, so k is a constant in each copy of the body and an array
+// indexed by it stays in registers. N = 0: the plain loop.
+template <int N, typename Body>
+C10_HOST_DEVICE inline void for_each_class(int64_t from, int64_t num_classes, Body&& body) {
+  if constexpr (N > 0) {
+    CSL_UNROLL
+    for (int k = 0; k < N; ++k) {
+      if (k >= from && k < num_classes) {
+        body(static_cast<int64_t>(k));
+      }
+    }
+  } else {
+    for (int64_t k = from; k < num_classes; ++k) {
+      body(k);
+    }
+  }
+}
+
+// One pixel's C logits at z[0], z[stride], ..., as acc_t. N > 0 (C <= N): all C are loaded when it is made, together,
+// into registers, so a CUDA thread has its pixel's C loads in flight at once instead of one after another (a thread
+// per pixel reading one class at a time leaves the memory system mostly idle). N = 0: each use reads memory.
+// Index it only with the k of for_each_class<N> (a run-time index would move the registers to local memory).
+template <typename scalar_t, typename acc_t, int N>
+struct PixelLogits {
+  using value_type = acc_t;
+  static constexpr int kCached = N;
+  const scalar_t* z;
+  int64_t stride;
+  acc_t cached[N > 0 ? N : 1];
+
+  C10_HOST_DEVICE PixelLogits(const scalar_t* z_, int64_t stride_, int64_t num_classes) : z(z_), stride(stride_) {
+    if constexpr (N > 0) {
+      CSL_UNROLL
+      for (int k = 0; k < N; ++k) {
+        cached[k] = k < num_classes ? static_cast<acc_t>(z[k * stride]) : acc_t(0);
+      }
+    }
+  }
+
+  C10_HOST_DEVICE acc_t operator[](int64_t k) const {
+    if constexpr (N > 0) {
+      return cached[k];
+    } else {
+      return static_cast<acc_t>(z[k * stride]);
+    }
+  }
+
+  // Class k's logit for a run-time k in [0, num_classes) (a select over the registers where N > 0).
+  C10_HOST_DEVICE acc_t at(int64_t k, int64_t num_classes) const {
+    if constexpr (N > 0) {
+      acc_t out = 0;
+      for_each_class<N>(0, num_classes, [&](int64_t c) { out = c == k ? cached[c] : out; });
+      return out;
+    } else {
+      return static_cast<acc_t>(z[k * stride]);
+    }
+  }
+};
+
 // f0 (pmax or log pmax), residual dispersion v and pseudo-label of one pixel whose C logits lie at
-// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false). (The CPU kernels compute the same per
-// pixel on tiles of pixels: cpu/tile_kernels.h.)
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* z, int64_t stride, int64_t num_classes,
+// z[0], z[stride], ...; non-finite logits give (0, 0, 0, finite = false). N: see PixelLogits (the same arithmetic in
+// the same order for every N). (The CPU kernels compute the same per pixel on tiles of pixels: cpu/tile_kernels.h.)
+template <typename scalar_t, typename acc_t, int N = 0>
+C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* logits, int64_t stride, int64_t num_classes,
                                                            bool log_confidence, bool released) {
-  acc_t z_max = static_cast<acc_t>(z[0]);
+  const PixelLogits<scalar_t, acc_t, N> z(logits, stride, num_classes);
+  acc_t z_max = z[0];
   int64_t label = 0;
   bool finite = is_finite(z_max);
-  for (int64_t k = 1; k < num_classes; ++k) {
-    const acc_t zk = static_cast<acc_t>(z[k * stride]);
+  for_each_class<N>(1, num_classes, [&](int64_t k) {
+    const acc_t zk = z[k];
     finite = finite && is_finite(zk);
     if (zk > z_max) {  // strict: ties keep the lowest index
       z_max = zk;
       label = k;
     }
-  }
+  });
   if (!finite) {
     return {acc_t(0), acc_t(0), 0, false};
   }
   // R = sum of exp(z_k - z_max) over the non-max classes; r = R / (1 + R) never cancels (1 - pmax would).
   acc_t big_r = 0;
-  for (int64_t k = 0; k < num_classes; ++k) {
-    big_r += k != label ? std::exp(static_cast<acc_t>(z[k * stride]) - z_max) : acc_t(0);
-  }
+  for_each_class<N>(0, num_classes, [&](int64_t k) { big_r += k != label ? std::exp(z[k] - z_max) : acc_t(0); });
   const acc_t inv = acc_t(1) / (acc_t(1) + big_r);
   const acc_t r = mul_rn(big_r, inv);
   const acc_t others = static_cast<acc_t>(num_classes - 1);
   const acc_t m = r / others;
   // Second pass: population variance of the residual probabilities around their mean.
   acc_t sum_sq = 0;
-  for (int64_t k = 0; k < num_classes; ++k) {
+  for_each_class<N>(0, num_classes, [&](int64_t k) {
     if (k != label) {
-      const acc_t e = std::exp(static_cast<acc_t>(z[k * stride]) - z_max);
+      const acc_t e = std::exp(z[k] - z_max);
       const acc_t d = mul_rn(e, inv) - m;
       sum_sq += d * d;
     } else if (released) {  // the released rule counts the max slot as a 0: + (0 - m)^2
       sum_sq += m * m;
     }
-  }
+  });
   const acc_t var = sum_sq / others;
   const acc_t g = others * others / (acc_t(2) * (r + static_cast<acc_t>(kEps)));
   const acc_t f0 = log_confidence ? -std::log1p(big_r) : inv;

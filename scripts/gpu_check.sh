@@ -14,7 +14,8 @@
 #                 restart) and the summary says so. On a GPU, variants that tell the machine from csl: on the H200
 #                 of 2026-12-04 (torch 2.11 + GCC 13.3) the minimal one raised and csl's extension crashed
 #   bench-pcos.log / bench-ce.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the
-#                 weighted CE, every provider, Triton launch tuning on (one command per op, merged)
+#                 weighted CE, every provider, Triton launch tuning on (one command per op, merged);
+#                 bench-cuda-plain.*: the extension again with CSL_CUDA_REGISTER_CLASSES=0 (classes read one by one)
 #   auto.log / auto.json     backend='auto' choices with the timings they were made on (voc321, coco513)
 #   host.log / host.json     host-side microseconds per call of the fused ops on the GPU (tiny input, real launches)
 #   pytest.log    the suite with CSL_REQUIRE_BACKENDS=triton,cuda (GPU tests first), the rest of the budget, a time
@@ -161,7 +162,7 @@ write_summary() {
       done
     fi
     section "Build" "$OUT/build.log" . 2 tail
-    section "Benchmark (bench-pcos.log, bench-ce.log)" "$OUT/bench.log" '^\|' 100
+    section "Benchmark (bench-pcos.log, bench-ce.log, bench-cuda-plain.log)" "$OUT/bench.log" '^\||^CSL_CUDA' 120
     section "backend='auto' (auto.log)" "$OUT/auto.log" "backend='auto'|->" 30
     section "Host-side cost per call (host.log)" "$OUT/host.log" '^\||not measured' 20
     section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12 tail
@@ -249,6 +250,14 @@ for op in pcos_weights weighted_cross_entropy; do
   [ -f "$OUT/bench-$short.json" ] && MERGE+=("$OUT/bench-$short.json")
 done
 [ ${#MERGE[@]} -gt 0 ] && "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" > /dev/null 2>&1
+# The extension's kernels again with each pixel's classes read one by one (CSL_CUDA_REGISTER_CLASSES=0; the default
+# loads C <= 32 together into registers): which of the two is faster here
+if [ $DRY = 0 ]; then
+  CSL_CUDA_REGISTER_CLASSES=0 stage bench_cuda_plain 90 "$PY" -m csl_bench "${BENCH[@]}" --providers cuda \
+    --ops pcos_weights weighted_cross_entropy --out "$OUT/bench-cuda-plain.json" > "$OUT/bench-cuda-plain.log" 2>&1
+  { echo "CSL_CUDA_REGISTER_CLASSES=0 (classes read one by one), cuda only:"; cat "$OUT/bench-cuda-plain.log"; } \
+    >> "$OUT/bench.log"
+fi
 write_summary
 
 # 4. What backend='auto' chooses on the benchmark shapes, with the timings it chose on

@@ -155,3 +155,54 @@ def test_csl_train_bf16_autocast_steps(tmp_path, backend):
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "loss_x", "loss_s", "loss_m", "loss_fp")), r
         assert 0 < r["mask_ratio"] <= 1, r
     assert (out / "latest.pt").exists()
+
+
+_REGISTER_CLASSES_CHILD = r"""
+import sys, torch, csl_kernels
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for classes in (2, 11, 21, 32, 33):
+        g = torch.Generator().manual_seed(classes)
+        z = (torch.randn(2, classes, 19, 23, generator=g) * 4).to(dtype).cuda()
+        z = z.contiguous(memory_format=torch.channels_last)
+        z[0, classes // 2, 3, 4] = float("nan")  # one non-finite pixel
+        z[1, :, 5, 6] = 1.5  # one pixel of ties
+        ignore = torch.where(torch.rand(2, 19, 23, generator=g) < 0.2, 255, 0).to(torch.uint8).cuda()
+        key = f"{dtype}-{classes}"
+        out[key + "-features"] = tuple(csl_kernels.residual_features(z, ignore, backend="cuda"))
+        sel = csl_kernels.pcos_weights(z, ignore, backend="cuda")
+        out[key + "-pcos"] = (sel.weight, sel.label, sel.reliable)
+        finite = torch.nan_to_num(z.detach(), nan=0.0).requires_grad_()
+        loss = csl_kernels.weighted_cross_entropy(finite, sel.label, sel.weight, ignore, backend="cuda")
+        loss.backward()
+        out[key + "-ce"] = (loss.detach(), finite.grad)
+torch.save({k: tuple(t.cpu() for t in v) for k, v in out.items()}, sys.argv[1])
+"""
+
+
+def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
+    """The CUDA kernels load a pixel's C <= 32 logits together into registers (PixelLogits, csl_math.h); with
+    ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do the same arithmetic in the same order, so
+    features, PCOS weights and the CE with its gradient are bitwise equal (C = 2 to 33, fp32 / bf16 / fp64,
+    channels_last, a NaN pixel, tied logits); an unknown value of the variable is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    require_backend("pcos_weights", "cuda")
+    results = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}
+        path = tmp_path / f"out{setting}.pt"
+        done = subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[setting] = torch.load(path)
+    assert results["1"].keys() == results["0"].keys() and len(results["1"]) == 45
+    for key, tensors in results["1"].items():
+        for got, plain in zip(tensors, results["0"][key], strict=True):
+            assert torch.equal(got, plain), key
+    env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": "yes"}
+    done = subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(tmp_path / "bad.pt")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "CSL_CUDA_REGISTER_CLASSES must be 0 or 1, got 'yes'" in done.stderr, done.stderr

@@ -6,11 +6,29 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "../csl_math.h"
 
 namespace csl {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+
+// Whether the kernels of ``num_classes`` classes load a pixel's logits together into registers (PixelLogits of
+// csl_math.h) instead of class by class: C <= kRegisterClasses, unless CSL_CUDA_REGISTER_CLASSES=0 (read once per
+// process; both give bitwise the same outputs, and the plain loop stays so that a GPU can time one against the other).
+inline bool classes_in_registers(int64_t num_classes) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("CSL_CUDA_REGISTER_CLASSES");
+    const std::string value = env != nullptr ? env : "";
+    TORCH_CHECK(value.empty() || value == "0" || value == "1", "CSL_CUDA_REGISTER_CLASSES must be 0 or 1, got '",
+                value, "'");
+    return value != "0";
+  }();
+  return enabled && num_classes <= kRegisterClasses;
+}
 
 inline unsigned int grid_for(int64_t n, int64_t per_block = kThreads, int64_t max_blocks = int64_t(1) << 20) {
   const int64_t blocks = (n + per_block - 1) / per_block;

@@ -1,7 +1,8 @@
 // CUDA kernels of csl::pcos_weights.
 //
 // The five stages of PCOS (named as in the CPU and Triton kernels), one launch each on the current stream, no host
-// synchronisation and no float atomics: A) features + per-chunk Gram sums (pcos_features_kernel); B) group
+// synchronisation and no float atomics: A) features + per-chunk Gram sums (pcos_features_kernel; where C <=
+// kRegisterClasses a pixel's C logits are loaded together into registers: PixelLogits in csl_math.h); B) group
 // parameters: per-group eigen-decomposition, chunk partials reduced in chunk order (pcos_group_params_kernel);
 // C) cluster assignment + per-chunk shifted cluster sums (pcos_cluster_kernel); D) cluster statistics per group
 // (pcos_cluster_stats_kernel); E) weights (pcos_weight_kernel).
@@ -31,7 +32,7 @@ struct ChunkLayout {
   int64_t hw, width, chunk, chunks_per_image, groups_per_image;
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int N>
 __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, PixelValidity is_valid,
                                      acc_t* __restrict__ fx, acc_t* __restrict__ fy, uint8_t* __restrict__ keep,
                                      int64_t* __restrict__ label, double* __restrict__ gram_partial,
@@ -55,7 +56,7 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, PixelValidi
       int32_t lab = -1;
       if (p < p_end) {
         const int64_t i = b * layout.hw + p, y = p / layout.width, x = p - y * layout.width;
-        const auto feat = pixel_features<scalar_t, acc_t>(z + b * sb + y * sh + x * sw, sc, num_classes,
+        const auto feat = pixel_features<scalar_t, acc_t, N>(z + b * sb + y * sh + x * sw, sc, num_classes,
                                                           log_confidence, released);
         const bool kp = feat.finite && is_valid(i);
         const acc_t xv = kp ? feat.f0 : acc_t(0), yv = kp ? feat.v : acc_t(0);
@@ -306,7 +307,10 @@ PcosOutputs pcos_weights_cuda(const at::Tensor& logits, const c10::optional<at::
     for (int64_t first = 0; first < batch; first += kMaxGridY) {
       const dim3 chunk_grid(static_cast<unsigned int>(chunks_per_image),
                             static_cast<unsigned int>(std::min(kMaxGridY, batch - first)));
-      pcos_features_kernel<scalar_t, acc_t><<<chunk_grid, kThreads, 0, stream>>>(
+      auto features_kernel = classes_in_registers(num_classes)
+                                 ? pcos_features_kernel<scalar_t, acc_t, kRegisterClasses>
+                                 : pcos_features_kernel<scalar_t, acc_t, 0>;
+      features_kernel<<<chunk_grid, kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), validity.view, fx.data_ptr<acc_t>(), fy.data_ptr<acc_t>(),
           keep.data_ptr<uint8_t>(), outputs.label.data_ptr<int64_t>(), gram_partial.data_ptr<double>(),
           reinterpret_cast<unsigned long long*>(outputs.n_nonfinite.data_ptr<int64_t>()), layout, num_classes,

@@ -1,6 +1,7 @@
 // CUDA kernels of csl::weighted_cross_entropy. Forward: one thread per pixel (log-sum-exp over the classes, kept for
 // the backward pass), per-block float64 partial sums reduced in a fixed order by a second one-block launch; no
-// B x C x H x W intermediate. Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid.
+// B x C x H x W intermediate. Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid. Where
+// C <= kRegisterClasses both load a pixel's C logits together into registers (PixelLogits in csl_math.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +20,7 @@ namespace {
 constexpr int kPixelsPerThread = 4;
 constexpr int kChunk = kThreads * kPixelsPerThread;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int N>
 __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                            const acc_t* __restrict__ weight, PixelValidity is_valid,
                                            acc_t* __restrict__ lse, double* __restrict__ partial, int64_t total,
@@ -49,10 +50,10 @@ __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const
       continue;
     }
     const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
-    const scalar_t* zp = z + b * sb + row * sh + col * sw;
-    const acc_t l = pixel_logsumexp<scalar_t, acc_t>(zp, sc, num_classes);
+    const PixelLogits<scalar_t, acc_t, N> zl(z + b * sb + row * sh + col * sw, sc, num_classes);
+    const acc_t l = pixel_logsumexp(zl, num_classes);
     lse[i] = l;
-    sums[0] += static_cast<double>(w * (l - static_cast<acc_t>(zp[y * sc])));
+    sums[0] += static_cast<double>(w * (l - zl.at(y, num_classes)));
   }
   block_reduce_sum<2>(sums, scratch);
   if (threadIdx.x == 0) {
@@ -79,7 +80,7 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int N>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                             const acc_t* __restrict__ weight, PixelValidity is_valid,
                                             const acc_t* __restrict__ lse, const double* __restrict__ scale,
@@ -106,10 +107,11 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
       continue;
     }
     const acc_t s = static_cast<acc_t>(*scale) * w, l = lse[i];
-    for (int64_t k = 0; k < num_classes; ++k) {
-      const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
+    const PixelLogits<scalar_t, acc_t, N> zl(zp, sc, num_classes);
+    for_each_class<N>(0, num_classes, [&](int64_t k) {
+      const acc_t soft = std::exp(zl[k] - l);
       gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
-    }
+    });
   }
 }
 
@@ -150,7 +152,9 @@ template <typename scalar_t, typename acc_t>
 void launch_forward(const at::Tensor& logits, const SideInputs& side, at::Tensor& lse, at::Tensor& partial,
                     int64_t num_blocks, cudaStream_t stream) {
   const int64_t hw = logits.size(2) * logits.size(3);
-  weighted_ce_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+  auto kernel = classes_in_registers(logits.size(1)) ? weighted_ce_forward_kernel<scalar_t, acc_t, kRegisterClasses>
+                                                     : weighted_ce_forward_kernel<scalar_t, acc_t, 0>;
+  kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
       side.validity.view, lse.data_ptr<acc_t>(),
       partial.data_ptr<double>(), lse.numel(), hw, logits.size(3), logits.size(1), logits.stride(0),
@@ -221,7 +225,10 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
     weighted_ce_scale_kernel<<<1, 1, 0, stream>>>(grad_loss_d.const_data_ptr<double>(),
                                                   scratch.const_data_ptr<double>() + 1, scratch.data_ptr<double>() + 2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
+    auto backward_kernel = classes_in_registers(logits.size(1))
+                               ? weighted_ce_backward_kernel<scalar_t, acc_t, kRegisterClasses>
+                               : weighted_ce_backward_kernel<scalar_t, acc_t, 0>;
+    backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
         side.validity.view, lse_c.const_data_ptr<acc_t>(),
         scratch.const_data_ptr<double>() + 2, grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
