@@ -125,25 +125,26 @@ def is_available(op: str, backend: str, device: torch.device | str) -> bool:
     return unavailable_reason(op, backend, device) is None
 
 
-def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    """Return ``(backend_name, impl)`` for ``op`` on ``device``.
+def resolve(op: str, backend: str, device: torch.device, caller: str | None = None) -> tuple[str, Callable]:
+    """Return ``(backend_name, impl)`` for ``op`` on ``device``. ``caller``: the public op that runs ``op``'s kernels,
+    named in the ``auto`` log line (``threshold_weights`` runs those of ``residual_features``).
 
     While ``torch.compile`` traces, the choice is made eagerly at trace time and becomes a constant of the graph
     (its checks import modules and take locks, which Dynamo cannot trace): a compiled function calling the public
     ops compiles with ``fullgraph=True`` also as the first call in a fresh process.
     """
     if torch.compiler.is_compiling():
-        name = _backend_for_compile(op, backend, device.type)
+        name = _backend_for_compile(op, backend, device.type, caller)
         return name, _IMPLS[op][name]
-    return _resolve(op, backend, device)
+    return _resolve(op, backend, device, caller)
 
 
 @torch.compiler.assume_constant_result
-def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
-    return _resolve(op, backend, torch.device(device_type))[0]
+def _backend_for_compile(op: str, backend: str, device_type: str, caller: str | None) -> str:
+    return _resolve(op, backend, torch.device(device_type), caller)[0]
 
 
-def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+def _resolve(op: str, backend: str, device: torch.device, caller: str | None = None) -> tuple[str, Callable]:
     if backend != "auto":
         key = (op, backend, device, backend == "triton" and device.type == "cpu" and _triton_interpret())
         impl = _NAMED.get(key)
@@ -157,12 +158,13 @@ def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         reason = unavailable_reason(op, candidate, device)
         if reason is None:
-            key = (op, device.type)
+            key = (caller or op, device.type)
             if key not in _AUTO_LOGGED:
                 _AUTO_LOGGED.add(key)
                 note = "".join(f"; skipped {name}: {why}" for name, why in skipped)
                 level = logging.WARNING if skipped else logging.INFO
-                log.log(level, "csl_kernels.%s on %s: backend='auto' uses %r%s", op, device.type, candidate, note)
+                name = op if caller is None else f"{caller} (the {op} kernels)"
+                log.log(level, "csl_kernels.%s on %s: backend='auto' uses %r%s", name, device.type, candidate, note)
             return candidate, _IMPLS[op][candidate]
         skipped.append((candidate, reason))
     raise RuntimeError(f"csl_kernels.{op}: no backend available on {device}: {skipped}")

@@ -31,7 +31,7 @@ def threshold_weights(
     check_fraction(tau, "tau")
     mask = pixel_validity(logits, ignore, valid)
     try:
-        _, impl = resolve("residual_features", backend, logits.device)
+        _, impl = resolve("residual_features", backend, logits.device, caller="threshold_weights")
     except RuntimeError as err:
         raise RuntimeError(f"csl_kernels.threshold_weights runs the residual_features kernels: {err}") from None
     f0, _, label = impl(logits, mask, False)

@@ -149,6 +149,22 @@ def test_real_op_auto_logs_once(monkeypatch, caplog):
     assert len(records) == 1 and "backend='auto' uses" in records[0].getMessage()
 
 
+def test_auto_log_names_the_public_op_that_runs_another_ops_kernels(monkeypatch, caplog):
+    """threshold_weights runs the residual_features kernels: its auto line names it (and the kernels), once, apart
+    from residual_features' own line."""
+    monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    caplog.set_level(logging.INFO, logger="csl_kernels")
+    logits = torch.randn(1, 3, 4, 5)
+    for _ in range(2):
+        csl_kernels.threshold_weights(logits)
+    (record,) = auto_records(caplog, "threshold_weights")
+    assert record.getMessage().startswith("csl_kernels.threshold_weights (the residual_features kernels) on cpu: "
+                                          "backend='auto' uses "), record.getMessage()
+    assert auto_records(caplog, "residual_features") == []
+    csl_kernels.residual_features(logits)
+    assert len(auto_records(caplog, "residual_features")) == 1
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     # Import the triton package (if it imports at all) before touching the environment: Triton reads
     # TRITON_INTERPRET when a kernel is defined, and later tests must get the kernels this process was started for.
