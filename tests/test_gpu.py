@@ -6,6 +6,10 @@ Every test here is marked ``gpu`` (skipped with "needs a CUDA device" elsewhere,
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import require_backend
@@ -180,29 +184,30 @@ torch.save({k: tuple(t.cpu() for t in v) for k, v in out.items()}, sys.argv[1])
 """
 
 
+def _register_classes_child(setting: str, path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}  # read once per process: a child each
+    return subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
     """The CUDA kernels load a pixel's C <= 32 logits together into registers (PixelLogits, csl_math.h); with
     ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do the same arithmetic in the same order, so
     features, PCOS weights and the CE with its gradient are bitwise equal (C = 2 to 33, fp32 / bf16 / fp64,
-    channels_last, a NaN pixel, tied logits); an unknown value of the variable is refused by name."""
-    import os
-    import subprocess
-    import sys
-
+    channels_last, a NaN pixel, tied logits)."""
     require_backend("pcos_weights", "cuda")
     results = {}
     for setting in ("1", "0"):
-        env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}
-        path = tmp_path / f"out{setting}.pt"
-        done = subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(path)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = _register_classes_child(setting, tmp_path / f"out{setting}.pt")
         assert done.returncode == 0, done.stderr[-3000:]
-        results[setting] = torch.load(path)
+        results[setting] = torch.load(tmp_path / f"out{setting}.pt")
     assert results["1"].keys() == results["0"].keys() and len(results["1"]) == 45
     for key, tensors in results["1"].items():
         for got, plain in zip(tensors, results["0"][key], strict=True):
             assert torch.equal(got, plain), key
-    env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": "yes"}
-    done = subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(tmp_path / "bad.pt")], env=env,
-                          capture_output=True, text=True, timeout=300)
+
+
+def test_register_classes_setting_refuses_an_unknown_value(tmp_path):
+    require_backend("pcos_weights", "cuda")
+    done = _register_classes_child("yes", tmp_path / "out.pt")
     assert done.returncode != 0 and "CSL_CUDA_REGISTER_CLASSES must be 0 or 1, got 'yes'" in done.stderr, done.stderr
