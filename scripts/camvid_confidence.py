@@ -2,7 +2,8 @@
 the 1/4 split of CamVid (seed 2): does the confidence become less trustworthy as the model grows more confident,
 and does CSL's separation then choose better pixels than the confidence at the same share?
 
-    .venv/bin/python scripts/camvid_confidence.py   # prints the Markdown table, writes camvid/confidence_long.png
+    .venv/bin/python scripts/camvid_confidence.py   # prints the Markdown tables, writes camvid/confidence_long.png
+                                                    # and camvid/from4000.png
 
 Records (docs/results/camvid/): the long run's ``metrics_long_supervised.jsonl`` and ``analysis_iter<N>.json``
 (``csl analyze`` on the unlabeled frames) in ``1_4_seed2_long_supervised/``; its start, the warm-up, is the committed
@@ -110,39 +111,61 @@ def picture(rows: list[dict], curve: list[tuple[int, float]], out_path: str) -> 
     return _save_figure(fig, out_path)
 
 
-# The comparison's three continuations again, 600 iterations each, from the long run's iteration-4000 model.
+# The comparison's three continuations again, 600 iterations each, from the long run's iteration-4000 model: with
+# the long run's seed (2; records ``metrics_from4000_<method>.jsonl``) and with seed 3 (``..._<method>_seed3.jsonl``).
 CONTINUATIONS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)"}
+CONTINUATION_SEEDS = {2: "", 3: "_seed3"}
 
 
-def load_continuations() -> dict[str, dict]:
-    """``{method: {"miou": [per evaluation], "pl": last pseudo_labels record or None}}`` of the records there are
-    (``metrics_from4000_<method>.jsonl``)."""
+def load_continuations() -> dict[tuple[str, int], dict]:
+    """``{(method, seed): {"iters", "miou": [per evaluation], "pl": last pseudo_labels record or None}}`` of the
+    records there are."""
     found = {}
-    for method in CONTINUATIONS:
-        path = os.path.join(LONG, f"metrics_from4000_{method}.jsonl")
-        if os.path.isfile(path) and (evals := read_metrics(path, "eval")):
-            pl = read_metrics(path, "pseudo_labels")
-            found[method] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals],
-                             "pl": pl[-1] if pl else None}
+    for seed, suffix in CONTINUATION_SEEDS.items():
+        for method in CONTINUATIONS:
+            path = os.path.join(LONG, f"metrics_from4000_{method}{suffix}.jsonl")
+            if os.path.isfile(path) and (evals := read_metrics(path, "eval")):
+                pl = read_metrics(path, "pseudo_labels")
+                found[method, seed] = {"iters": [r["iter"] for r in evals], "miou": [100 * r["miou"] for r in evals],
+                                       "pl": pl[-1] if pl else None}
     return found
 
 
-def continuation_table(runs: dict[str, dict], start_miou: float) -> str:
-    lines = [f"| continuation from the iteration-4000 model (mIoU {start_miou:.1f}) | mIoU after each 100 iterations "
-             "(%) | last (best) | minus threshold 0.95, last | pseudo-labels, last epoch: weighted share / accuracy / "
-             "recall (%) |", "| --- | --- | ---: | ---: | --- |"]
-    base = runs.get("threshold")
+def continuation_table(runs: dict[tuple[str, int], dict], start_miou: float) -> str:
+    lines = [f"| continuation from the iteration-4000 model (mIoU {start_miou:.1f}) | seed | mIoU after each 100 "
+             "iterations (%) | last (best) | minus threshold 0.95, last | pseudo-labels, last epoch: weighted share / "
+             "accuracy / recall (%) |", "| --- | ---: | --- | ---: | ---: | --- |"]
     for method, label in CONTINUATIONS.items():
-        if method not in runs:
-            continue
-        r = runs[method]
-        diff = f"{r['miou'][-1] - base['miou'][-1]:+.1f}" if base and method != "threshold" else ""
-        pl = r["pl"]
-        quality = "-" if pl is None else (f"{100 * pl['weighted_share']:.1f} / {100 * pl['weighted_accuracy']:.1f} / "
-                                          f"{100 * pl['weighted_recall']:.1f}")
-        lines.append(f"| {label} | {', '.join(f'{m:.1f}' for m in r['miou'])} | {r['miou'][-1]:.1f} "
-                     f"({max(r['miou']):.1f}) | {diff} | {quality} |")
+        for seed in CONTINUATION_SEEDS:
+            if (method, seed) not in runs:
+                continue
+            r, base = runs[method, seed], runs.get(("threshold", seed))
+            diff = f"{r['miou'][-1] - base['miou'][-1]:+.1f}" if base and method != "threshold" else ""
+            pl = r["pl"]
+            quality = "-" if pl is None else (f"{100 * pl['weighted_share']:.1f} / {100 * pl['weighted_accuracy']:.1f}"
+                                              f" / {100 * pl['weighted_recall']:.1f}")
+            lines.append(f"| {label} | {seed} | {', '.join(f'{m:.1f}' for m in r['miou'])} | {r['miou'][-1]:.1f} "
+                         f"({max(r['miou']):.1f}) | {diff} | {quality} |")
     return "\n".join(lines)
+
+
+def continuation_picture(runs: dict[tuple[str, int], dict], start_miou: float, out_path: str) -> str:
+    """val mIoU of every continuation against its iterations, one colour per method, one line style per seed, the
+    start model's mIoU as a dotted line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for colour, (method, label) in zip(("C0", "C1", "C2"), CONTINUATIONS.items(), strict=True):
+        for style, seed in zip(("-", "--"), CONTINUATION_SEEDS, strict=True):
+            if (method, seed) in runs:
+                r = runs[method, seed]
+                ax.plot([0] + r["iters"], [start_miou] + r["miou"], style, color=colour, marker=".",
+                        label=f"{label}, seed {seed}")
+    ax.axhline(start_miou, color="grey", linestyle=":", linewidth=1)
+    ax.set(title=f"From the iteration-4000 supervised model ({start_miou:.1f} mIoU), 600 more iterations",
+           xlabel="iteration", ylabel="val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, out_path)
 
 
 def main() -> None:
@@ -152,6 +175,7 @@ def main() -> None:
     runs = load_continuations()
     if runs:
         print(continuation_table(runs, rows[-1]["miou"]))
+        print(continuation_picture(runs, rows[-1]["miou"], os.path.join(RECORDS, "from4000.png")))
 
 
 if __name__ == "__main__":
