@@ -69,8 +69,9 @@ def environment(device: torch.device) -> dict:
         "cpu_name": cpu_name(),
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        # the extension's CUDA kernels: "0" reads each pixel's classes one by one (csrc/cuda/cuda_utils.cuh)
-        "cuda_register_classes": os.environ.get("CSL_CUDA_REGISTER_CLASSES", "1"),
+        # the extension's CUDA kernels hold a pixel's C <= 32 logits in registers unless this is "0"
+        # (csrc/cuda/cuda_utils.cuh; C > 32 always reads them class by class)
+        "cuda_register_classes": "0" if os.environ.get("CSL_CUDA_REGISTER_CLASSES") == "0" else "1",
     }
 
 

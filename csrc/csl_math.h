@@ -78,10 +78,12 @@ C10_HOST_DEVICE inline void for_each_class(int64_t from, int64_t num_classes, Bo
   }
 }
 
-// One pixel's C logits at z[0], z[stride], ..., as acc_t. N > 0 (C <= N): all C are loaded when it is made, together,
-// into registers, so a CUDA thread has its pixel's C loads in flight at once instead of one after another (a thread
-// per pixel reading one class at a time leaves the memory system mostly idle). N = 0: each use reads memory.
-// Index it only with the k of for_each_class<N> (a run-time index would move the registers to local memory).
+// One pixel's C logits at z[0], z[stride], ..., as acc_t. N > 0 (C <= N): all are loaded when it is made, into
+// registers, by N unconditional loads (slots k >= C load class 0 again and are never read): a conditional load is
+// moved next to its first use by nvcc, one at a time, while unconditional ones are issued together, so a CUDA thread
+// has its pixel's loads in flight at once (a thread per pixel reading one class at a time leaves the memory system
+// mostly idle). N = 0: each use reads memory. Index it only with the k of for_each_class<N> (a run-time index would
+// move the registers to local memory).
 template <typename scalar_t, typename acc_t, int N>
 struct PixelLogits {
   using value_type = acc_t;
@@ -94,7 +96,7 @@ struct PixelLogits {
     if constexpr (N > 0) {
       CSL_UNROLL
       for (int k = 0; k < N; ++k) {
-        cached[k] = k < num_classes ? static_cast<acc_t>(z[k * stride]) : acc_t(0);
+        cached[k] = static_cast<acc_t>(z[(k < num_classes ? k : 0) * stride]);
       }
     }
   }

@@ -163,24 +163,35 @@ def test_csl_train_bf16_autocast_steps(tmp_path, backend):
 
 _REGISTER_CLASSES_CHILD = r"""
 import sys, torch, csl_kernels
-out = {}
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    for classes in (2, 11, 21, 32, 33):
-        g = torch.Generator().manual_seed(classes)
-        z = (torch.randn(2, classes, 19, 23, generator=g) * 4).to(dtype).cuda()
-        z = z.contiguous(memory_format=torch.channels_last)
-        z[0, classes // 2, 3, 4] = float("nan")  # one non-finite pixel
-        z[1, :, 5, 6] = 1.5  # one pixel of ties
-        ignore = torch.where(torch.rand(2, 19, 23, generator=g) < 0.2, 255, 0).to(torch.uint8).cuda()
-        key = f"{dtype}-{classes}"
-        out[key + "-features"] = tuple(csl_kernels.residual_features(z, ignore, backend="cuda"))
-        sel = csl_kernels.pcos_weights(z, ignore, backend="cuda")
-        out[key + "-pcos"] = (sel.weight, sel.label, sel.reliable)
-        finite = torch.nan_to_num(z.detach(), nan=0.0).requires_grad_()
-        loss = csl_kernels.weighted_cross_entropy(finite, sel.label, sel.weight, ignore, backend="cuda")
-        loss.backward()
-        out[key + "-ce"] = (loss.detach(), finite.grad)
-torch.save({k: tuple(t.cpu() for t in v) for k, v in out.items()}, sys.argv[1])
+from torch.profiler import ProfilerActivity, profile
+out, kernels = {}, set()
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for classes in (2, 11, 21, 32, 33):
+            for layout in ("channels_last", "contiguous"):
+                g = torch.Generator().manual_seed(classes)
+                z = (torch.randn(2, classes, 19, 23, generator=g) * 4).to(dtype).cuda()
+                if layout == "channels_last":
+                    z = z.contiguous(memory_format=torch.channels_last)
+                z[0, classes // 2, 3, 4] = float("nan")
+                z[0, 0, 7, 8] = float("inf")
+                z[1, classes - 1, 2, 2] = float("-inf")
+                z[1, :, 5, 6] = 1.5  # tied logits
+                ignore = torch.where(torch.rand(2, 19, 23, generator=g) < 0.2, 255, 0).to(torch.uint8).cuda()
+                key = f"{dtype}-{classes}-{layout}"
+                out[key + "-features"] = tuple(csl_kernels.residual_features(z, ignore, backend="cuda"))
+                out[key + "-log-features"] = tuple(csl_kernels.residual_features(z, ignore, confidence="log",
+                                                                                 rule="released", backend="cuda"))
+                for rule in ("paper", "released"):
+                    sel = csl_kernels.pcos_weights(z, ignore, rule=rule, backend="cuda")
+                    out[f"{key}-pcos-{rule}"] = (sel.weight, sel.label, sel.reliable)
+                logits = z.detach().clone().requires_grad_()  # the NaN and inf pixels too
+                loss = csl_kernels.weighted_cross_entropy(logits, sel.label, sel.weight, ignore, backend="cuda")
+                loss.backward()
+                out[key + "-ce"] = (loss.detach(), logits.grad)
+    torch.cuda.synchronize()
+kernels = sorted({e.name for e in prof.events() if "features_kernel" in e.name or "weighted_ce_" in e.name})
+torch.save({"outputs": {k: tuple(t.cpu() for t in v) for k, v in out.items()}, "kernels": kernels}, sys.argv[1])
 """
 
 
@@ -190,21 +201,35 @@ def _register_classes_child(setting: str, path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (torch.equal is False for any NaN)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
 def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
-    """The CUDA kernels load a pixel's C <= 32 logits together into registers (PixelLogits, csl_math.h); with
-    ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do the same arithmetic in the same order, so
-    features, PCOS weights and the CE with its gradient are bitwise equal (C = 2 to 33, fp32 / bf16 / fp64,
-    channels_last, a NaN pixel, tied logits)."""
+    """The CUDA kernels of the features, PCOS features and CE forward load a pixel's C <= 32 logits together into
+    registers (PixelLogits, csl_math.h); with ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do
+    the same arithmetic in the same order, so features (both confidences), PCOS weights (both rules) and the CE with
+    its gradient are equal, NaN for NaN (C = 2 to 33; fp32 / bf16 / fp16 / fp64; channels_last and contiguous; NaN,
+    +-inf and tied logits). The kernels that ran (profiler) show that each setting took effect."""
     require_backend("pcos_weights", "cuda")
     results = {}
     for setting in ("1", "0"):
         done = _register_classes_child(setting, tmp_path / f"out{setting}.pt")
         assert done.returncode == 0, done.stderr[-3000:]
         results[setting] = torch.load(tmp_path / f"out{setting}.pt")
-    assert results["1"].keys() == results["0"].keys() and len(results["1"]) == 45
-    for key, tensors in results["1"].items():
-        for got, plain in zip(tensors, results["0"][key], strict=True):
-            assert torch.equal(got, plain), key
+    held, plain = results["1"]["kernels"], results["0"]["kernels"]
+    for name in ("residual_features_kernel", "pcos_features_kernel", "weighted_ce_forward_kernel"):
+        assert any(name in k and ", 32>" in k for k in held), (name, held)
+        assert not any(name in k and ", 32>" in k for k in plain), (name, plain)
+        assert any(name in k and ", 0>" in k for k in plain), (name, plain)
+    outputs = results["1"]["outputs"]
+    assert outputs.keys() == results["0"]["outputs"].keys() and len(outputs) == 4 * 5 * 2 * 5
+    for key, tensors in outputs.items():
+        for got, other in zip(tensors, results["0"]["outputs"][key], strict=True):
+            assert _same_values(got, other), key
 
 
 def test_register_classes_setting_refuses_an_unknown_value(tmp_path):

@@ -1,7 +1,8 @@
 // CUDA kernels of csl::weighted_cross_entropy. Forward: one thread per pixel (log-sum-exp over the classes, kept for
 // the backward pass), per-block float64 partial sums reduced in a fixed order by a second one-block launch; no
-// B x C x H x W intermediate. Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid. Where
-// C <= kRegisterClasses both load a pixel's C logits together into registers (PixelLogits in csl_math.h).
+// B x C x H x W intermediate; where C <= kRegisterClasses a pixel's C logits are loaded together into registers
+// (PixelLogits in csl_math.h). Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid, class by
+// class (holding the logits in registers there took 160-218 registers per thread on sm_90: a quarter of the threads).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -80,7 +81,7 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
   }
 }
 
-template <typename scalar_t, typename acc_t, int N>
+template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                             const acc_t* __restrict__ weight, PixelValidity is_valid,
                                             const acc_t* __restrict__ lse, const double* __restrict__ scale,
@@ -107,11 +108,10 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
       continue;
     }
     const acc_t s = static_cast<acc_t>(*scale) * w, l = lse[i];
-    const PixelLogits<scalar_t, acc_t, N> zl(zp, sc, num_classes);
-    for_each_class<N>(0, num_classes, [&](int64_t k) {
-      const acc_t soft = std::exp(zl[k] - l);
+    for (int64_t k = 0; k < num_classes; ++k) {
+      const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
       gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
-    });
+    }
   }
 }
 
@@ -225,10 +225,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
     weighted_ce_scale_kernel<<<1, 1, 0, stream>>>(grad_loss_d.const_data_ptr<double>(),
                                                   scratch.const_data_ptr<double>() + 1, scratch.data_ptr<double>() + 2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto backward_kernel = classes_in_registers(logits.size(1))
-                               ? weighted_ce_backward_kernel<scalar_t, acc_t, kRegisterClasses>
-                               : weighted_ce_backward_kernel<scalar_t, acc_t, 0>;
-    backward_kernel<<<grid_for(total), kThreads, 0, stream>>>(
+    weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
         side.validity.view, lse_c.const_data_ptr<acc_t>(),
         scratch.const_data_ptr<double>() + 2, grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
