@@ -76,7 +76,7 @@ def _load_backend_module(backend: str) -> str | None:
     return None
 
 
-# Public ops whose backend runs another op's kernels: their availability is that op's.
+# Public ops whose backend runs another op's kernels: their availability and implementations are that op's.
 _RUNS_KERNELS_OF = {"threshold_weights": "residual_features"}
 
 
@@ -125,46 +125,49 @@ def is_available(op: str, backend: str, device: torch.device | str) -> bool:
     return unavailable_reason(op, backend, device) is None
 
 
-def resolve(op: str, backend: str, device: torch.device, caller: str | None = None) -> tuple[str, Callable]:
-    """Return ``(backend_name, impl)`` for ``op`` on ``device``. ``caller``: the public op that runs ``op``'s kernels,
-    named in the ``auto`` log line (``threshold_weights`` runs those of ``residual_features``).
+def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    """Return ``(backend_name, impl)`` for ``op`` on ``device``. For a public op that runs another op's kernels
+    (``_RUNS_KERNELS_OF``: ``threshold_weights`` runs those of ``residual_features``) that op's implementation, with
+    the public op named in the ``auto`` log line and in the error.
 
     While ``torch.compile`` traces, the choice is made eagerly at trace time and becomes a constant of the graph
     (its checks import modules and take locks, which Dynamo cannot trace): a compiled function calling the public
     ops compiles with ``fullgraph=True`` also as the first call in a fresh process.
     """
     if torch.compiler.is_compiling():
-        name = _backend_for_compile(op, backend, device.type, caller)
-        return name, _IMPLS[op][name]
-    return _resolve(op, backend, device, caller)
+        name = _backend_for_compile(op, backend, device.type)
+        return name, _IMPLS[_RUNS_KERNELS_OF.get(op, op)][name]
+    return _resolve(op, backend, device)
 
 
 @torch.compiler.assume_constant_result
-def _backend_for_compile(op: str, backend: str, device_type: str, caller: str | None) -> str:
-    return _resolve(op, backend, torch.device(device_type), caller)[0]
+def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
+    return _resolve(op, backend, torch.device(device_type))[0]
 
 
-def _resolve(op: str, backend: str, device: torch.device, caller: str | None = None) -> tuple[str, Callable]:
+def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    kernels = _RUNS_KERNELS_OF.get(op, op)
     if backend != "auto":
         key = (op, backend, device, backend == "triton" and device.type == "cpu" and _triton_interpret())
         impl = _NAMED.get(key)
         if impl is None:
             reason = unavailable_reason(op, backend, device)
             if reason is not None:
-                raise RuntimeError(f"csl_kernels.{op}: backend {backend!r} is unavailable: {reason}")
-            impl = _NAMED[key] = _IMPLS[op][backend]
+                runs = "" if kernels == op else f" runs the {kernels} kernels"
+                raise RuntimeError(f"csl_kernels.{op}{runs}: backend {backend!r} is unavailable: {reason}")
+            impl = _NAMED[key] = _IMPLS[kernels][backend]
         return backend, impl
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         reason = unavailable_reason(op, candidate, device)
         if reason is None:
-            key = (caller or op, device.type)
+            key = (op, device.type)
             if key not in _AUTO_LOGGED:
                 _AUTO_LOGGED.add(key)
                 note = "".join(f"; skipped {name}: {why}" for name, why in skipped)
                 level = logging.WARNING if skipped else logging.INFO
-                name = op if caller is None else f"{caller} (the {op} kernels)"
+                name = op if kernels == op else f"{op} (the {kernels} kernels)"
                 log.log(level, "csl_kernels.%s on %s: backend='auto' uses %r%s", name, device.type, candidate, note)
-            return candidate, _IMPLS[op][candidate]
+            return candidate, _IMPLS[kernels][candidate]
         skipped.append((candidate, reason))
     raise RuntimeError(f"csl_kernels.{op}: no backend available on {device}: {skipped}")

@@ -30,10 +30,7 @@ def threshold_weights(
     check_logits(logits)
     check_fraction(tau, "tau")
     mask = pixel_validity(logits, ignore, valid)
-    try:
-        _, impl = resolve("residual_features", backend, logits.device, caller="threshold_weights")
-    except RuntimeError as err:
-        raise RuntimeError(f"csl_kernels.threshold_weights runs the residual_features kernels: {err}") from None
+    _, impl = resolve("threshold_weights", backend, logits.device)  # the residual_features kernels
     f0, _, label = impl(logits, mask, False)
     reliable = (f0 >= tau) & (f0 > 0)  # a valid pixel with finite logits has f0 = pmax >= 1 / C; the others 0
     return PCOSResult(reliable.to(torch.float32), label, reliable, None)
