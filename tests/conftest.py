@@ -75,6 +75,15 @@ def masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     return {"ignore": mask}
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (``torch.equal`` is False wherever both hold a NaN); +-inf must
+    match as well."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     """The same values as ``t`` (B x C x H x W, or B x H x W) in another memory layout: ``contiguous``,
     ``channels_last``, ``transposed``, ``strided``, ``class_slice``, ``batch_slice``."""

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import require_backend, same_values
 
 import csl_kernels
 from csl_kernels.confusion_matrix import confusion_matrix_reference
@@ -201,13 +201,6 @@ def _register_classes_child(setting: str, path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN where the other has NaN (torch.equal is False for any NaN)."""
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-
-
 def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
     """The CUDA kernels of the features, PCOS features and CE forward load a pixel's C <= 32 logits together into
     registers (PixelLogits, csl_math.h); with ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do
@@ -229,7 +222,7 @@ def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
     assert outputs.keys() == results["0"]["outputs"].keys() and len(outputs) == 4 * 5 * 2 * 5
     for key, tensors in outputs.items():
         for got, other in zip(tensors, results["0"]["outputs"][key], strict=True):
-            assert _same_values(got, other), key
+            assert same_values(got, other), key
 
 
 def test_register_classes_setting_refuses_an_unknown_value(tmp_path):
