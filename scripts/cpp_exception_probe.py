@@ -12,7 +12,8 @@ that is the machine's toolchain / torch build, not the code under test.
 
 ``--variants`` (GPU checks; a build each, in parallel) then prints one ``variant <name>: <outcome>`` line per case
 that separates csl's extension from the machine. On the H200 of 2026-12-04 (GCC 13.3, torch 2.11) the minimal
-extension raised while csl's extension crashed on its own error path (docs/results/gpu-check/2026-12-04-h200):
+extension raised while csl's extension crashed on its own error path (docs/results/gpu-check/2026-12-04-h200;
+that toolchain rebuilt in a chroot on a CPU machine without an NVIDIA driver raised on every variant):
   csl-flags         the same op built with csl's compiler and linker flags (sources.CXX_FLAGS / LD_FLAGS)
   parallel-for      the check thrown inside an ``at::parallel_for`` region (csl's flags), as csl's kernels do
   message-args      the check's message built from several arguments (sizes, dtype, device), as csl's checks are
