@@ -12,18 +12,20 @@ from ._checks import as_valid, check_label, check_logits, check_weight, compute_
 
 
 class CrossEntropyOutputs(NamedTuple):
-    """The forward outputs of the fused ops (``csl::weighted_cross_entropy``; ``csl_triton::weighted_cross_entropy``
-    adds the valid-pixel count). The backends return only ``loss``; ``lse`` is kept for the backward pass."""
+    """The forward outputs of the fused ops (``csl::weighted_cross_entropy``, ``csl_triton::weighted_cross_entropy``).
+    The backends return only ``loss``; ``lse`` and ``count`` are kept for the backward pass."""
 
     loss: torch.Tensor  # 0-dim compute_dtype(logits)
     lse: torch.Tensor  # B x H x W compute_dtype(logits): log-sum-exp of the logits of every used pixel (0 elsewhere)
+    count: torch.Tensor  # 0-dim int64: N_valid, the number of valid pixels (the loss's divisor is max(N_valid, 1))
 
 
 def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOutputs:
     """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels)."""
     bsz, _, height, width = logits.shape
     dt = compute_dtype(logits)
-    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width), dtype=dt))
+    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width), dtype=dt),
+                               logits.new_empty((), dtype=torch.int64))
 
 
 @register("weighted_cross_entropy", "reference")

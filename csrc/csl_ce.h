@@ -24,6 +24,19 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& label, c
   check_valid(valid, logits, op);
 }
 
+// The backward pass's own inputs: the forward's lse (B x H x W) and count (one int64 value), and grad_loss (one
+// value), all on the logits' device.
+inline void check_ce_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                                     const at::Tensor& count, const char* op) {
+  check_pixel_map(lse, "lse", logits, op);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == logits.device(), op,
+              ": grad_loss must hold one value on ", logits.device(), ", got shape ", grad_loss.sizes(), " on ",
+              grad_loss.device());
+  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong && count.device() == logits.device(), op,
+              ": count (the forward's number of valid pixels) must hold one int64 value on ", logits.device(),
+              ", got ", count.scalar_type(), " of shape ", count.sizes(), " on ", count.device());
+}
+
 // log-sum-exp of one pixel's C logits (PixelLogits of csl_math.h; max-shifted, in its acc_t). A logit equal to the
 // max contributes exactly 1, so an infinite max gives +inf (or -inf when every logit is -inf), as torch.logsumexp
 // does, instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.

@@ -102,16 +102,17 @@ def test_opcheck_every_op(ext):
     torch.library.opcheck(ops.trusted_mask.default, (images, cells, valid, 0.0))
     torch.library.opcheck(ops.weighted_cross_entropy.default, (z.clone().requires_grad_(), label, weight, valid))
     torch.library.opcheck(ops.weighted_cross_entropy.default, (z.double().requires_grad_(), label, weight, None))
-    lse = ops.weighted_cross_entropy(z, label, weight, valid)[1]
+    _, lse, count = ops.weighted_cross_entropy(z, label, weight, valid)
+    assert count.dtype == torch.int64 and int(count) == int(valid.sum())
     torch.library.opcheck(ops.weighted_cross_entropy_backward.default,
-                          (torch.tensor(1.0), z, label, weight, valid, lse))
+                          (torch.tensor(1.0), z, label, weight, valid, lse, count))
     torch.library.opcheck(ops.confusion_matrix.default, (label, label.flip(0), 5, 255))
     ignore = torch.where(valid, label, 255).to(torch.uint8)  # an integer ignore map as valid: compared in the kernels
     torch.library.opcheck(ops.residual_features.default, (z, ignore.short(), False))
     torch.library.opcheck(ops.pcos_weights.default, (z, ignore, 8.0, False, True))
     torch.library.opcheck(ops.weighted_cross_entropy.default, (z.clone().requires_grad_(), label, weight, ignore))
     torch.library.opcheck(ops.weighted_cross_entropy_backward.default,
-                          (torch.tensor(1.0), z, label, weight, ignore.long(), lse))
+                          (torch.tensor(1.0), z, label, weight, ignore.long(), lse, count))
 
 
 def test_weighted_cross_entropy_float64_gradcheck(ext):
@@ -236,6 +237,12 @@ def test_clear_errors_from_the_cpp_checks(ext):
     with pytest.raises(TypeError, match="got Float"):
         ops.weighted_cross_entropy(z, torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2),
                                    torch.zeros(1, 2, 2))
+    label, weight = torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2)
+    _, lse, count = ops.weighted_cross_entropy(z, label, weight, None)
+    with pytest.raises(RuntimeError, match=r"count \(the forward's number of valid pixels\) must hold one int64 value"):
+        ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, label, weight, None, lse, count.double())
+    with pytest.raises(RuntimeError, match="grad_loss must hold one value on cpu, got shape \\[2\\]"):
+        ops.weighted_cross_entropy_backward(torch.ones(2), z, label, weight, None, lse, count)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -268,12 +275,13 @@ def test_the_ops_read_an_ignore_map_as_its_mask(ext, device):
         for a, b in zip(ops.pcos_weights(z, ignore_map, 8.0, False, True), ops.pcos_weights(z, mask, 8.0, False, True),
                         strict=True):
             assert torch.equal(a, b)
-        loss, lse = ops.weighted_cross_entropy(z, label, weight, ignore_map)
-        loss_mask, lse_mask = ops.weighted_cross_entropy(z, label, weight, mask)
+        loss, lse, count = ops.weighted_cross_entropy(z, label, weight, ignore_map)
+        loss_mask, lse_mask, count_mask = ops.weighted_cross_entropy(z, label, weight, mask)
         assert torch.equal(loss, loss_mask) and torch.equal(lse, lse_mask) and loss > 0
+        assert int(count) == int(count_mask) == int(mask.sum())
         one = torch.ones((), dtype=loss.dtype, device=device)
-        grad = ops.weighted_cross_entropy_backward(one, z, label, weight, ignore_map, lse)
-        assert torch.equal(grad, ops.weighted_cross_entropy_backward(one, z, label, weight, mask, lse))
+        grad = ops.weighted_cross_entropy_backward(one, z, label, weight, ignore_map, lse, count)
+        assert torch.equal(grad, ops.weighted_cross_entropy_backward(one, z, label, weight, mask, lse, count))
         assert torch.all(grad.permute(0, 2, 3, 1)[~mask] == 0) and torch.any(grad != 0)
 
 

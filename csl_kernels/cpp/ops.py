@@ -48,7 +48,7 @@ def register_python_parts() -> None:
             return tuple(weighted_cross_entropy_outputs_like(logits))
 
         @torch.library.register_fake("csl::weighted_cross_entropy_backward")
-        def _(grad_loss, logits, label, weight, valid, lse):
+        def _(grad_loss, logits, label, weight, valid, lse, count):
             return torch.empty_like(logits)
 
         @torch.library.register_fake("csl::confusion_matrix")
@@ -57,14 +57,17 @@ def register_python_parts() -> None:
 
         def setup_context(ctx, inputs, output):
             logits, label, weight, valid = inputs
-            ctx.save_for_backward(logits, label, weight, valid, output[1])
+            _, lse, count = output
+            ctx.save_for_backward(logits, label, weight, valid, lse, count)
 
-        def backward(ctx, grad_loss, grad_lse):
-            # lse is an auxiliary output for this backward pass; gradients flowing into it are not propagated.
-            logits, label, weight, valid, lse = ctx.saved_tensors
+        def backward(ctx, grad_loss, grad_lse, grad_count):
+            # lse and count are auxiliary outputs for this backward pass; gradients flowing into them are not
+            # propagated.
+            logits, label, weight, valid, lse, count = ctx.saved_tensors
             grad = None
             if ctx.needs_input_grad[0] and grad_loss is not None:
-                grad = torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse)
+                grad = torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse,
+                                                                     count)
             return grad, None, None, None
 
         torch.library.register_autograd("csl::weighted_cross_entropy", backward, setup_context=setup_context)
@@ -116,13 +119,13 @@ def _cross_entropy_forward(logits, label, weight, valid):
     return below_autograd_call(torch.ops.csl.weighted_cross_entropy, logits, label, weight, valid)
 
 
-def _cross_entropy_backward(grad_loss, logits, label, weight, valid, lse):
+def _cross_entropy_backward(grad_loss, logits, label, weight, valid, lse, count):
     return below_autograd_call(torch.ops.csl.weighted_cross_entropy_backward, grad_loss, logits, label, weight, valid,
-                               lse)
+                               lse, count)
 
 
-def _cross_entropy_backward_op(grad_loss, logits, label, weight, valid, lse):
-    return torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse)
+def _cross_entropy_backward_op(grad_loss, logits, label, weight, valid, lse, count):
+    return torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse, count)
 
 
 # The op is looked up at the call: the library loads (and may be built) at the backend's first use, after import.

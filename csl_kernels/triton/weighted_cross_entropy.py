@@ -231,15 +231,14 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
 def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
                                   valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass: ``(loss, lse, count)``, :class:`~csl_kernels.weighted_cross_entropy.CrossEntropyOutputs`
-    and the valid-pixel count (0-dim int64) that the backward pass divides by. ``label``, ``weight`` and ``valid``
-    are contiguous (:func:`_contiguous_maps`)."""
+    (``count``: the valid pixels, what the backward pass divides by). ``label``, ``weight`` and ``valid`` are
+    contiguous (:func:`_contiguous_maps`)."""
     bsz, num_classes, height, width = logits.shape
     slices = batch_slices(bsz)
     if slices is not None:
         return _forward_in_slices(logits, label, weight, valid, slices)
     dev = logits.device
-    loss, lse = weighted_cross_entropy_outputs_like(logits)
-    count = torch.empty((), dtype=torch.int64, device=dev)
+    loss, lse, count = weighted_cross_entropy_outputs_like(logits)
     hw = height * width
 
     def launch(config: Config) -> None:
@@ -284,7 +283,7 @@ def _wce_forward(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
 
 @_wce_forward.register_fake
 def _(logits, label, weight, valid):
-    return (*weighted_cross_entropy_outputs_like(logits), logits.new_empty((), dtype=torch.int64))
+    return tuple(weighted_cross_entropy_outputs_like(logits))
 
 
 def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
@@ -316,14 +315,14 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torc
 
 
 @torch.library.custom_op("csl_triton::weighted_cross_entropy_backward", mutates_args=())
-def _wce_backward(grad_loss: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, label: torch.Tensor,
-                  weight: torch.Tensor, valid: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor:
+def _wce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+                  valid: torch.Tensor | None, lse: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return weighted_cross_entropy_backward_launch(grad_loss, logits, *_contiguous_maps(label, weight, valid),
                                                   lse.contiguous(), count)
 
 
 @_wce_backward.register_fake
-def _(grad_loss, count, logits, label, weight, valid, lse):
+def _(grad_loss, logits, label, weight, valid, lse, count):
     return torch.empty_like(logits)
 
 
@@ -338,7 +337,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_count):
     logits, label, weight, valid, lse, count = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
-        grad = _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
+        grad = _wce_backward(grad_loss, logits, label, weight, valid, lse, count)
     return grad, None, None, None
 
 
@@ -355,10 +354,6 @@ def weighted_cross_entropy_triton(
     return _cross_entropy(logits, *_contiguous_maps(label, weight, valid))  # what the Function saves, contiguous
 
 
-def _backward_op(grad_loss, logits, label, weight, valid, lse, count):
-    return _wce_backward(grad_loss, count, logits, label, weight, valid, lse)
-
-
 _cross_entropy = fused_cross_entropy("triton", weighted_cross_entropy_launch, weighted_cross_entropy_backward_launch,
-                                     _backward_op)
+                                     _wce_backward)
 register_not_differentiable(_wce_backward, "weighted_cross_entropy_backward")

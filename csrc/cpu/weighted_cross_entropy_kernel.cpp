@@ -1,4 +1,5 @@
-// CPU kernels of csl::weighted_cross_entropy (forward: loss and per-pixel log-sum-exp; backward: the gradient).
+// CPU kernels of csl::weighted_cross_entropy (forward: loss, per-pixel log-sum-exp and the valid-pixel count;
+// backward: the gradient).
 // No B x C x H x W intermediate is materialised; the loss is summed per fixed chunk in float64, chunks in order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -56,9 +57,10 @@ int64_t count_valid(const PixelValidity& validity, int64_t total) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& label,
-                                                              const at::Tensor& weight,
-                                                              const c10::optional<at::Tensor>& valid) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& logits,
+                                                                          const at::Tensor& label,
+                                                                          const at::Tensor& weight,
+                                                                          const c10::optional<at::Tensor>& valid) {
   constexpr const char* op = "csl::weighted_cross_entropy";
   check_ce_inputs(logits, label, weight, valid, false, op);
   const int64_t batch = logits.size(0), num_classes = logits.size(1), height = logits.size(2),
@@ -129,16 +131,18 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const at::Tensor& 
   } else {
     *loss_t.data_ptr<float>() = static_cast<float>(loss);
   }
-  return {loss_t, lse};
+  at::Tensor count = at::empty({}, logits.options().dtype(at::kLong));
+  *count.data_ptr<int64_t>() = n_valid;
+  return {loss_t, lse, count};
 }
 
 at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                                const at::Tensor& label, const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& valid, const at::Tensor& lse) {
+                                               const c10::optional<at::Tensor>& valid, const at::Tensor& lse,
+                                               const at::Tensor& count) {
   constexpr const char* op = "csl::weighted_cross_entropy_backward";
   check_ce_inputs(logits, label, weight, valid, false, op);
-  check_pixel_map(lse, "lse", logits, op);
-  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value, got shape ", grad_loss.sizes());
+  check_ce_backward_inputs(grad_loss, logits, lse, count, op);
   const int64_t batch = logits.size(0), num_classes = logits.size(1), height = logits.size(2),
                 width = logits.size(3);
   const int64_t hw = height * width, total = batch * hw;
@@ -154,8 +158,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   const ValidityInput validity(valid, op);
   const PixelValidity is_valid = validity.view;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
-  const double scale =
-      grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count_valid(is_valid, total), 1));
+  const double scale = grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count.item<int64_t>(), 1));
   const int64_t sb = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
   const int64_t gb = grad.stride(0), gc = grad.stride(1), gh = grad.stride(2), gw = grad.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cpu", [&] {

@@ -1,8 +1,10 @@
 // CUDA kernels of csl::weighted_cross_entropy. Forward: one thread per pixel (log-sum-exp over the classes, kept for
-// the backward pass), per-block float64 partial sums reduced in a fixed order by a second one-block launch; no
-// B x C x H x W intermediate; where C <= kRegisterClasses a pixel's C logits are loaded together into registers
-// (PixelLogits in csl_math.h). Backward: one thread per pixel writes w * (softmax - onehot) * grad / N_valid, class by
-// class (holding the logits in registers there took 160-218 registers per thread on sm_90: a quarter of the threads).
+// the backward pass), per-block float64 partial sums of the loss and of the valid pixels reduced in a fixed order by
+// a second one-block launch, which writes the loss and the count N_valid; no B x C x H x W intermediate; where
+// C <= kRegisterClasses a pixel's C logits are loaded together into registers (PixelLogits in csl_math.h). Backward:
+// one launch, one thread per pixel writes w * (softmax - onehot) * grad / max(N_valid, 1) from the forward's lse and
+// count, class by class (holding the logits in registers there took 160-218 registers per thread on sm_90: a quarter
+// of the threads).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -65,7 +67,7 @@ __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const
 
 template <typename acc_t>
 __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, int64_t num_blocks,
-                                          acc_t* __restrict__ loss, double* __restrict__ n_valid) {
+                                          acc_t* __restrict__ loss, int64_t* __restrict__ count) {
   __shared__ double scratch[2 * kWarps];
   double sums[2] = {0.0, 0.0};
   for (int64_t k = threadIdx.x; k < num_blocks; k += kThreads) {  // fixed assignment and order
@@ -75,19 +77,20 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
   block_reduce_sum<2>(sums, scratch);
   if (threadIdx.x == 0) {
     *loss = static_cast<acc_t>(sums[0] / (sums[1] > 1.0 ? sums[1] : 1.0));
-    if (n_valid != nullptr) {
-      *n_valid = sums[1];
-    }
+    *count = static_cast<int64_t>(sums[1]);  // a sum of ones in float64: exact below 2^53 pixels
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                             const acc_t* __restrict__ weight, PixelValidity is_valid,
-                                            const acc_t* __restrict__ lse, const double* __restrict__ scale,
-                                            scalar_t* __restrict__ grad, int64_t total, int64_t hw, int64_t width,
+                                            const acc_t* __restrict__ lse, const acc_t* __restrict__ grad_loss,
+                                            const int64_t* __restrict__ count, scalar_t* __restrict__ grad,
+                                            int64_t total, int64_t hw, int64_t width,
                                             int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
                                             int64_t gb, int64_t gc, int64_t gh, int64_t gw) {
+  // grad_loss / max(N_valid, 1) in float64, as the CPU kernel computes it
+  const double scale = static_cast<double>(*grad_loss) / static_cast<double>(*count > 1 ? *count : int64_t(1));
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
     const scalar_t* zp = z + b * sb + row * sh + col * sw;
@@ -107,34 +110,12 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
       }
       continue;
     }
-    const acc_t s = static_cast<acc_t>(*scale) * w, l = lse[i];
+    const acc_t s = static_cast<acc_t>(scale) * w, l = lse[i];
     for (int64_t k = 0; k < num_classes; ++k) {
       const acc_t soft = std::exp(static_cast<acc_t>(zp[k * sc]) - l);
       gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
     }
   }
-}
-
-// Per-block counts of valid pixels (laid out like the forward partial sums, with a zero loss sum).
-__global__ void count_valid_kernel(PixelValidity is_valid, int64_t total, double* __restrict__ partial) {
-  __shared__ double scratch[2 * kWarps];
-  double sums[2] = {0.0, 0.0};
-  const int64_t base = blockIdx.x * int64_t(kChunk);
-  for (int j = 0; j < kPixelsPerThread; ++j) {
-    const int64_t i = base + j * kThreads + threadIdx.x;
-    sums[1] += (i < total && is_valid(i)) ? 1.0 : 0.0;
-  }
-  block_reduce_sum<2>(sums, scratch);
-  if (threadIdx.x == 0) {
-    partial[2 * blockIdx.x] = 0.0;
-    partial[2 * blockIdx.x + 1] = sums[1];
-  }
-}
-
-// grad_loss / max(N_valid, 1), computed on the device (no synchronisation).
-__global__ void weighted_ce_scale_kernel(const double* __restrict__ grad_loss, const double* __restrict__ n_valid,
-                                         double* __restrict__ scale) {
-  *scale = *grad_loss / (*n_valid > 1.0 ? *n_valid : 1.0);
 }
 
 struct SideInputs {
@@ -162,9 +143,10 @@ void launch_forward(const at::Tensor& logits, const SideInputs& side, at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor& logits, const at::Tensor& label,
-                                                               const at::Tensor& weight,
-                                                               const c10::optional<at::Tensor>& valid) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor& logits,
+                                                                           const at::Tensor& label,
+                                                                           const at::Tensor& weight,
+                                                                           const c10::optional<at::Tensor>& valid) {
   constexpr const char* op = "csl::weighted_cross_entropy";
   check_ce_inputs(logits, label, weight, valid, true, op);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -172,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor&
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(acc_dtype));
   at::Tensor loss = at::empty({}, logits.options().dtype(acc_dtype));
+  at::Tensor count = at::empty({}, logits.options().dtype(at::kLong));
   const int64_t total = lse.numel();
   const int64_t num_blocks = std::max<int64_t>(1, ceil_div(total, kChunk));
   TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
@@ -183,21 +166,19 @@ std::tuple<at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const at::Tensor&
     // An empty input still runs one block: it writes zero partial sums, so the loss is 0.
     launch_forward<scalar_t, acc_t>(logits, side, lse, partial, num_blocks, stream);
     weighted_ce_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), num_blocks,
-                                                                 loss.data_ptr<acc_t>(), nullptr);
+                                                                 loss.data_ptr<acc_t>(), count.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse};
+  return {loss, lse, count};
 }
 
 at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                                                 const at::Tensor& label, const at::Tensor& weight,
-                                                const c10::optional<at::Tensor>& valid, const at::Tensor& lse) {
+                                                const c10::optional<at::Tensor>& valid, const at::Tensor& lse,
+                                                const at::Tensor& count) {
   constexpr const char* op = "csl::weighted_cross_entropy_backward";
   check_ce_inputs(logits, label, weight, valid, true, op);
-  check_pixel_map(lse, "lse", logits, op);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == logits.device(), op,
-              ": grad_loss must hold one value on ", logits.device(), ", got shape ", grad_loss.sizes(), " on ",
-              grad_loss.device());
+  check_ce_backward_inputs(grad_loss, logits, lse, count, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
   const int64_t total = lse.numel();
@@ -206,29 +187,17 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   }
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const SideInputs side = side_inputs(label, weight, valid, acc_dtype, op);
+  // No copies where autograd hands them over as the forward made them: lse in acc_t, grad_loss a 0-dim acc_t.
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
-  const at::Tensor grad_loss_d = grad_loss.to(at::kDouble).contiguous();
-  const int64_t num_blocks = ceil_div(total, kChunk);
-  TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
-  at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
-  at::Tensor scratch = at::empty({3}, logits.options().dtype(at::kDouble));  // (zero sum), N_valid, scale
+  const at::Tensor grad_loss_c = grad_loss.to(acc_dtype);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t hw = logits.size(2) * logits.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    count_valid_kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
-        side.validity.view, total, partial.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    weighted_ce_finish_kernel<double><<<1, kThreads, 0, stream>>>(
-        partial.const_data_ptr<double>(), num_blocks, scratch.data_ptr<double>(), scratch.data_ptr<double>() + 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    weighted_ce_scale_kernel<<<1, 1, 0, stream>>>(grad_loss_d.const_data_ptr<double>(),
-                                                  scratch.const_data_ptr<double>() + 1, scratch.data_ptr<double>() + 2);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-        side.validity.view, lse_c.const_data_ptr<acc_t>(),
-        scratch.const_data_ptr<double>() + 2, grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
+        side.validity.view, lse_c.const_data_ptr<acc_t>(), grad_loss_c.const_data_ptr<acc_t>(),
+        count.const_data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), grad.stride(0), grad.stride(1),
         grad.stride(2), grad.stride(3));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
