@@ -166,6 +166,38 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* logit
   return {f0, -g * var, label, true};
 }
 
+// sums[q] += records[k * stride + q] for k = 0, ..., n - 1 in this order and q < Q: a group's chunk records summed
+// by one CUDA thread. The records are read kBatch at a time, all loads of a batch before its first addition, so a
+// thread has kBatch * Q loads in flight (one record at a time, as written plainly, the loop waits on memory for
+// every few records); the additions are the plain loop's in the same order, so the sums are the same bit for bit.
+template <int Q, int kBatch>
+C10_HOST_DEVICE inline void sum_records_in_order(const double* records, int64_t stride, int64_t n, double* sums) {
+  int64_t k = 0;
+  for (; k + kBatch <= n; k += kBatch) {
+    double batch[kBatch][Q];
+    CSL_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      CSL_UNROLL
+      for (int q = 0; q < Q; ++q) {
+        batch[u][q] = records[(k + u) * stride + q];
+      }
+    }
+    CSL_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      CSL_UNROLL
+      for (int q = 0; q < Q; ++q) {
+        sums[q] += batch[u][q];
+      }
+    }
+  }
+  for (; k < n; ++k) {
+    CSL_UNROLL
+    for (int q = 0; q < Q; ++q) {
+      sums[q] += records[k * stride + q];
+    }
+  }
+}
+
 // Closed-form eigen-decomposition of the Gram matrix [[a, b], [b, c]] (mirrors closed_form_eigen of the reference)
 // and the per-group parameters of the cluster assignment. out: kGroupParams values; eigen: lambda_1, lambda_2.
 C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* out, double* eigen) {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,27 @@ def test_cuda_kernels_do_not_spill(ext):
         assert kernel in names, (kernel, sorted(usage))
     spilling = {name: u for name, u in usage.items() if spills(u)}
     assert not spilling, spilling
+
+
+def test_cuda_per_group_kernels_load_a_batch_of_records_before_adding(ext):
+    """In the sm_90 code of PCOS's per-group kernels (one thread per group sums the group's chunk records), every
+    load of a batch (sum_records_in_order: 16 records of 6 doubles, 8 of 10) is issued before its first addition, so
+    a thread waits on memory once per batch, not once per few records (without __launch_bounds__(kThreads, 1) ptxas
+    interleaved them after 12 loads). Counted in ``cuobjdump -sass`` of the built library."""
+    import subprocess
+
+    info = build.load()
+    _require_cuda_part(info)
+    from csl_kernels.triton.compile_check import cuobjdump_path
+
+    sass = subprocess.run([cuobjdump_path(), "-sass", info.library], capture_output=True, text=True, check=True).stdout
+    functions = re.split(r"\n\s*Function : ", sass)
+    for kernel, batch_loads in (("pcos_group_params_kernel", 16 * 6), ("pcos_cluster_stats_kernel", 8 * 10)):
+        bodies = [f for f in functions if f.split("\n", 1)[0].find(kernel) >= 0]
+        assert len(bodies) == 1, (kernel, len(bodies))
+        ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", bodies[0], flags=re.M)
+        first_add = ops.index("DADD")
+        assert ops[:first_add].count("LDG") >= batch_loads, (kernel, ops[:first_add].count("LDG"))
 
 
 def test_opcheck_every_op(ext):
@@ -601,6 +623,34 @@ void compare(std::mt19937& gen, long& cases, long& mismatches) {
   }
 }
 
+// sum_records_in_order against the plain loop over the records: n = 0-60 records (full batches and a tail), strides
+// from Q up, values of mixed magnitudes (so another order of the additions would round differently), +-inf, NaN, -0.
+template <int Q, int kBatch>
+void compare_record_sums(std::mt19937& gen, long& cases, long& mismatches) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const double specials[] = {std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity(),
+                             std::numeric_limits<double>::quiet_NaN(), -0.0};
+  for (int n = 0; n <= 60; ++n) {
+    for (int t = 0; t < 12; ++t) {
+      const int stride = Q + (t % 3) * (t % 2 == 0 ? 1 : Q + 3);
+      // exactly the records' elements, on the heap: a read past them is an AddressSanitizer error
+      std::vector<double> records(n > 0 ? (n - 1) * stride + Q : 0);
+      for (auto& value : records) value = normal(gen) * std::pow(10.0, static_cast<int>(gen() % 33) - 16);
+      if (t % 4 == 3 && !records.empty()) records[gen() % records.size()] = specials[(t / 4 + n) % 4];
+      double plain[Q], batched[Q];
+      for (int q = 0; q < Q; ++q) plain[q] = batched[q] = t % 2 == 0 ? 0.0 : normal(gen);
+      for (int k = 0; k < n; ++k) {
+        for (int q = 0; q < Q; ++q) plain[q] += records[k * stride + q];
+      }
+      sum_records_in_order<Q, kBatch>(records.data(), stride, n, batched);
+      for (int q = 0; q < Q; ++q) {
+        ++cases;
+        mismatches += !(same(plain[q], batched[q]) || (std::isnan(plain[q]) && std::isnan(batched[q])));
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 gen(0);
   long cases = 0, mismatches = 0;
@@ -608,18 +658,24 @@ int main() {
   compare<double, double>(gen, cases, mismatches);
   compare<c10::BFloat16, float>(gen, cases, mismatches);
   compare<c10::Half, float>(gen, cases, mismatches);
+  compare_record_sums<kGramStats, 16>(gen, cases, mismatches);
+  compare_record_sums<2 * kClusterStats, 8>(gen, cases, mismatches);
+  compare_record_sums<kGramStats, 3>(gen, cases, mismatches);
   std::printf("cases %ld mismatches %ld\n", cases, mismatches);
   return 0;
 }
 """
 
 
-def test_register_class_loops_match_the_plain_loops_on_the_host(tmp_path):
-    """The per-pixel math of the CUDA kernels with a pixel's classes held in registers (``N = kRegisterClasses``:
-    loops over the constant bound, unrolled on the device) and with the plain class loop (``N = 0``), compiled for
-    the host: features, log-sum-exp and the logit at a run-time class are bitwise equal for C = 2-32 (fp32, fp64,
-    bf16, fp16; strides 1-3, +-inf and NaN logits, ties, tiny logits), and neither reads past a pixel's logits
-    (AddressSanitizer, where the compiler has it). On a GPU tests/test_gpu.py compares the two kernels."""
+def test_register_loops_match_the_plain_loops_on_the_host(tmp_path):
+    """The CUDA kernels' loops that load ahead into registers, compiled for the host against the plain loops. The
+    per-pixel math with a pixel's classes held in registers (``N = kRegisterClasses``: loops over the constant bound,
+    unrolled on the device) and with the plain class loop (``N = 0``): features, log-sum-exp and the logit at a
+    run-time class are bitwise equal for C = 2-32 (fp32, fp64, bf16, fp16; strides 1-3, +-inf and NaN logits, ties,
+    tiny logits). The per-group sums of chunk records read in batches (``sum_records_in_order``, the batch sizes of
+    the PCOS kernels and another) equal the plain loop's bit for bit (0-60 records, mixed magnitudes, +-inf, NaN, -0).
+    None reads past its input (AddressSanitizer, where the compiler has it). On a GPU tests/test_gpu.py compares the
+    two per-pixel kernels."""
     import shutil
     import subprocess
 
