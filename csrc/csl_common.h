@@ -79,8 +79,9 @@ inline void check_confusion_matrix_args(const at::Tensor& pred, const at::Tensor
   TORCH_CHECK(num_classes >= 1, op, ": num_classes must be positive, got ", num_classes);
 }
 
-// csl::pcos_weights outputs, in the order, shapes and dtypes of PCOSOutputs (csl_kernels/pcos_weights.py); the
-// statistics zero-filled (they stay zero for empty groups).
+// csl::pcos_weights outputs, in the order, shapes and dtypes of PCOSOutputs (csl_kernels/pcos_weights.py). The
+// kernels write every group's statistics (zeros for a group without pixels: cluster_stats, group_params_from_gram)
+// and add to n_nonfinite, which starts at zero; an input without pixels runs no kernel: empty_input() zeroes them.
 using PcosOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor>;
 
@@ -93,12 +94,20 @@ struct PcosOutputTensors {
     weight = at::empty({batch, height, width}, options.dtype(at::kFloat));
     label = at::empty({batch, height, width}, options.dtype(at::kLong));
     reliable = at::empty({batch, height, width}, options.dtype(at::kBool));
-    mu = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-    var = at::zeros({num_groups, 2, 2}, options.dtype(at::kDouble));
-    count = at::zeros({num_groups, 2}, options.dtype(at::kLong));
-    eigenvalues = at::zeros({num_groups, 2}, options.dtype(at::kDouble));
-    chosen = at::zeros({num_groups}, options.dtype(at::kLong));
+    mu = at::empty({num_groups, 2, 2}, options.dtype(at::kDouble));
+    var = at::empty({num_groups, 2, 2}, options.dtype(at::kDouble));
+    count = at::empty({num_groups, 2}, options.dtype(at::kLong));
+    eigenvalues = at::empty({num_groups, 2}, options.dtype(at::kDouble));
+    chosen = at::empty({num_groups}, options.dtype(at::kLong));
     n_nonfinite = at::zeros({batch}, options.dtype(at::kLong));
+  }
+
+  // The outputs of an input without pixels (B = 0 or H x W = 0), where no kernel runs: the statistics are zeros.
+  PcosOutputs empty_input() {
+    for (at::Tensor* t : {&mu, &var, &count, &eigenvalues, &chosen}) {
+      t->zero_();
+    }
+    return tuple();
   }
 
   PcosOutputs tuple() const { return {weight, label, reliable, mu, var, count, eigenvalues, chosen, n_nonfinite}; }

@@ -546,10 +546,13 @@ def test_stats_optional_and_empty_input(fused_backend):
     device = require_backend(OP, fused_backend)
     z, _ = make_logits(2, batch=2, classes=3, height=4, width=4, device=device)
     assert csl_kernels.pcos_weights(z, backend=fused_backend).stats is None
-    out = csl_kernels.pcos_weights(torch.randn(2, 3, 0, 4, device=device), groups="class", backend=fused_backend,
-                                   return_stats=True)
-    assert out.weight.shape == (2, 0, 4) and out.stats.mu.shape == (2, 3, 2, 2)
-    assert not out.stats.count.any() and not out.stats.n_nonfinite.any()
+    for shape, groups, group_shape in (((2, 3, 0, 4), "class", (2, 3)), ((2, 3, 5, 0), "image", (2,))):
+        out = csl_kernels.pcos_weights(torch.randn(*shape, device=device), groups=groups, backend=fused_backend,
+                                       return_stats=True)
+        assert out.weight.shape == (2, *shape[2:]) and out.stats.mu.shape == (*group_shape, 2, 2)
+        # no pixel: every statistic is 0 (the fused kernels allocate them empty and zero them for such an input)
+        for name, value in out.stats._asdict().items():
+            assert value.numel() > 0 and not value.any(), (groups, name, value)
 
 
 def test_triton_custom_op_registration_and_compile():

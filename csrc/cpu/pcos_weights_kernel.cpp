@@ -41,7 +41,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   const int64_t num_groups = batch * groups_per_image;
   PcosOutputTensors outputs(logits, num_groups);
   if (batch == 0 || hw == 0) {
-    return outputs.tuple();
+    return outputs.empty_input();
   }
   constexpr int64_t kRecordBytes = 2 * kClusterStats * sizeof(double);
   const int64_t chunk = chunk_pixels(batch, hw, groups_per_image, kRecordBytes, 4096);
