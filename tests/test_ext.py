@@ -89,10 +89,11 @@ def test_cuda_kernels_do_not_spill(ext):
 
 
 def test_cuda_per_group_kernels_load_a_batch_of_records_before_adding(ext):
-    """In the sm_90 code of PCOS's per-group kernels (one thread per group sums the group's chunk records), every
-    load of a batch (sum_records_in_order: 16 records of 6 doubles, 8 of 10) is issued before its first addition, so
-    a thread waits on memory once per batch, not once per few records (without __launch_bounds__(kThreads, 1) ptxas
-    interleaved them after 12 loads). Counted in ``cuobjdump -sass`` of the built library."""
+    """In the code of PCOS's per-group kernels (one thread per group sums the group's chunk records), every load of
+    a batch (sum_records_in_order: 16 records of 6 doubles, 8 of 10) is issued before its first addition, so a
+    thread waits on memory once per batch, not once per few records (without __launch_bounds__(kThreads, 1), ptxas of
+    CUDA 13.0 interleaved them after 12-13 loads for sm_90). Counted in ``cuobjdump -sass`` of the built library,
+    in the code of every architecture it holds (CI: sm_90)."""
     import subprocess
 
     info = build.load()
@@ -103,10 +104,11 @@ def test_cuda_per_group_kernels_load_a_batch_of_records_before_adding(ext):
     functions = re.split(r"\n\s*Function : ", sass)
     for kernel, batch_loads in (("pcos_group_params_kernel", 16 * 6), ("pcos_cluster_stats_kernel", 8 * 10)):
         bodies = [f for f in functions if f.split("\n", 1)[0].find(kernel) >= 0]
-        assert len(bodies) == 1, (kernel, len(bodies))
-        ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", bodies[0], flags=re.M)
-        first_add = ops.index("DADD")
-        assert ops[:first_add].count("LDG") >= batch_loads, (kernel, ops[:first_add].count("LDG"))
+        assert bodies, (kernel, "not in the library")
+        for body in bodies:
+            ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body, flags=re.M)
+            first_add = ops.index("DADD")
+            assert ops[:first_add].count("LDG") >= batch_loads, (kernel, ops[:first_add].count("LDG"))
 
 
 def test_opcheck_every_op(ext):

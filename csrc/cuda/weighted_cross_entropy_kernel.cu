@@ -84,13 +84,17 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                             const acc_t* __restrict__ weight, PixelValidity is_valid,
-                                            const acc_t* __restrict__ lse, const acc_t* __restrict__ grad_loss,
+                                            const acc_t* __restrict__ lse, const void* __restrict__ grad_loss,
+                                            bool grad_loss_double,
                                             const int64_t* __restrict__ count, scalar_t* __restrict__ grad,
                                             int64_t total, int64_t hw, int64_t width,
                                             int64_t num_classes, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
                                             int64_t gb, int64_t gc, int64_t gh, int64_t gw) {
-  // grad_loss / max(N_valid, 1) in float64, as the CPU kernel computes it
-  const double scale = static_cast<double>(*grad_loss) / static_cast<double>(*count > 1 ? *count : int64_t(1));
+  // grad_loss / max(N_valid, 1) in float64 from grad_loss's own value (a float64 one, or one exactly widened to
+  // acc_t), as the CPU kernel computes it
+  const double g = grad_loss_double ? *static_cast<const double*>(grad_loss)
+                                    : static_cast<double>(*static_cast<const acc_t*>(grad_loss));
+  const double scale = g / static_cast<double>(*count > 1 ? *count : int64_t(1));
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
     const scalar_t* zp = z + b * sb + row * sh + col * sw;
@@ -188,15 +192,17 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const SideInputs side = side_inputs(label, weight, valid, acc_dtype, op);
   // No copies where autograd hands them over as the forward made them: lse in acc_t, grad_loss a 0-dim acc_t.
+  // grad_loss is read in float64 where it is float64, else as acc_t (float16 / bfloat16 widen exactly).
   const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
-  const at::Tensor grad_loss_c = grad_loss.to(acc_dtype);
+  const bool grad_loss_double = grad_loss.scalar_type() == at::kDouble;
+  const at::Tensor grad_loss_c = grad_loss_double ? grad_loss : grad_loss.to(acc_dtype);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t hw = logits.size(2) * logits.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "weighted_ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-        side.validity.view, lse_c.const_data_ptr<acc_t>(), grad_loss_c.const_data_ptr<acc_t>(),
+        side.validity.view, lse_c.const_data_ptr<acc_t>(), grad_loss_c.const_data_ptr(), grad_loss_double,
         count.const_data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), grad.stride(0), grad.stride(1),
         grad.stride(2), grad.stride(3));
