@@ -166,10 +166,11 @@ C10_HOST_DEVICE inline PixelFeatures<acc_t> pixel_features(const scalar_t* logit
   return {f0, -g * var, label, true};
 }
 
-// sums[q] += records[k * stride + q] for k = 0, ..., n - 1 in this order and q < Q: a group's chunk records summed
-// by one CUDA thread. The records are read kBatch at a time, all loads of a batch before its first addition, so a
-// thread has kBatch * Q loads in flight (one record at a time, as written plainly, the loop waits on memory for
-// every few records); the additions are the plain loop's in the same order, so the sums are the same bit for bit.
+// sums[q] += records[k * stride + q] for k = 0, ..., n - 1 in this order and q < Q: a group's chunk records summed (by
+// one CUDA thread per group; by the CPU kernel with kBatch = 1). The records are read kBatch at a time, all loads of a
+// batch before its first addition, so a thread has kBatch * Q loads in flight (one record at a time, as written
+// plainly, the loop waits on memory for every few records); the additions are the plain loop's in the same order, so
+// the sums are the same bit for bit.
 template <int Q, int kBatch>
 C10_HOST_DEVICE inline void sum_records_in_order(const double* records, int64_t stride, int64_t n, double* sums) {
   int64_t k = 0;

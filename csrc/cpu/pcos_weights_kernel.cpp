@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -26,6 +27,18 @@
 
 namespace csl {
 namespace {
+
+// The per-chunk records (Q doubles each) of group g summed in chunk order, fixed and thread-independent: chunk k of
+// image b holds the records of its groups_per_image groups one after the other. The same reduction as the CUDA
+// per-group kernels' (sum_records_in_order; batches of one record here).
+template <int Q>
+void reduce_chunks(const std::vector<double>& partial, int64_t g, int64_t groups_per_image, int64_t chunks_per_image,
+                   double* out) {
+  const int64_t b = g / groups_per_image, cls = g % groups_per_image;
+  std::fill(out, out + Q, 0.0);
+  sum_records_in_order<Q, 1>(partial.data() + (b * chunks_per_image * groups_per_image + cls) * Q,
+                             groups_per_image * Q, chunks_per_image, out);
+}
 
 PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& valid, double alpha,
                              bool log_confidence, bool class_groups, bool released) {
@@ -57,20 +70,6 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
   std::vector<double> params(num_groups * kGroupParams);
   std::vector<double> weight_params(num_groups * kWeightParams);
   int64_t* label_ptr = outputs.label.data_ptr<int64_t>();
-
-  // Sum the per-chunk records of every group in chunk order (fixed, thread-independent).
-  auto reduce_chunks = [&](const std::vector<double>& partial, int64_t record, int64_t g, double* out) {
-    const int64_t b = g / groups_per_image, cls = g % groups_per_image;
-    for (int64_t j = 0; j < record; ++j) {
-      out[j] = 0.0;
-    }
-    for (int64_t k = 0; k < chunks_per_image; ++k) {
-      const double* src = partial.data() + ((b * chunks_per_image + k) * groups_per_image + cls) * record;
-      for (int64_t j = 0; j < record; ++j) {
-        out[j] += src[j];
-      }
-    }
-  };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pcos_weights_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -123,7 +122,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
     at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
       double sums[kGramStats];
       for (int64_t g = begin; g < end; ++g) {
-        reduce_chunks(gram_partial, kGramStats, g, sums);
+        reduce_chunks<kGramStats>(gram_partial, g, groups_per_image, chunks_per_image, sums);
         group_params_from_gram(sums, params.data() + g * kGroupParams, eigen_ptr + g * 2);
       }
     });
@@ -163,7 +162,7 @@ PcosOutputs pcos_weights_cpu(const at::Tensor& logits, const c10::optional<at::T
     at::parallel_for(0, num_groups, 64, [&](int64_t begin, int64_t end) {
       double sums[2 * kClusterStats];
       for (int64_t g = begin; g < end; ++g) {
-        reduce_chunks(cluster_partial, 2 * kClusterStats, g, sums);
+        reduce_chunks<2 * kClusterStats>(cluster_partial, g, groups_per_image, chunks_per_image, sums);
         cluster_stats(sums, params.data() + g * kGroupParams, mu_ptr + g * 4, var_ptr + g * 4, count_ptr + g * 2,
                       chosen_ptr + g, weight_params.data() + g * kWeightParams, released);
       }
