@@ -153,6 +153,28 @@ def test_weighted_cross_entropy_float64_gradcheck(ext):
     assert torch.autograd.gradcheck(loss, (z,))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weighted_cross_entropy_backward_reads_a_float64_grad_loss_in_full(ext, device):
+    """A float64 ``grad_loss`` (a direct op call can pass one) scales float64 gradients without being rounded to
+    float32 first: 1 + 2**-40 is 1 in float32."""
+    if device == "cuda":
+        _require_cuda_part(build.load())
+    z = _logits(2, 5, 3, 4, torch.float64).to(device)
+    g = torch.Generator().manual_seed(4)
+    label = torch.randint(0, 5, (2, 3, 4), generator=g).to(device)
+    weight = torch.rand(2, 3, 4, generator=g, dtype=torch.float64).to(device)
+    valid = (torch.rand(2, 3, 4, generator=g) > 0.25).to(device)
+    ops = torch.ops.csl
+    _, lse, count = ops.weighted_cross_entropy(z, label, weight, valid)
+    scale = 1 + 2.0**-40
+    unit = ops.weighted_cross_entropy_backward(torch.tensor(1.0, dtype=torch.float64, device=device), z, label,
+                                               weight, valid, lse, count)
+    scaled = ops.weighted_cross_entropy_backward(torch.tensor(scale, dtype=torch.float64, device=device), z, label,
+                                                 weight, valid, lse, count)
+    assert unit.abs().max() > 0 and not torch.equal(scaled, unit)
+    torch.testing.assert_close(scaled, unit * scale, rtol=1e-15, atol=0)
+
+
 def test_weighted_cross_entropy_unused_pixels_are_exact_zeros(ext):
     z = _logits(1, 3, 2, 3)
     z[0, :, 0, 0] = float("nan")  # ignored pixel
