@@ -238,6 +238,15 @@ def spy_constexpr(monkeypatch, module, kernel: str, name: str) -> list:
     return seen
 
 
+def _run_spawned(index: int, fn, args: tuple) -> None:
+    """A spawned process: Python's fault handler on (a crash — SIGSEGV, SIGABRT from C++ — prints every thread's
+    Python stack to the captured stderr, so the failure shows where the process was), then ``fn(index, *args)``."""
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
+    fn(index, *args)
+
+
 def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> None:
     """``torch.multiprocessing.spawn`` (the spawn start method: no fork after CUDA initialisation) with a time limit:
     processes still running after ``timeout_s`` (a rank waiting for a peer that died, gloo's own limit is 30
@@ -247,7 +256,7 @@ def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> Non
 
     import torch.multiprocessing as mp
 
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    context = mp.spawn(_run_spawned, args=(fn, args), nprocs=nprocs, join=False)
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=1.0):  # raises when a process failed

@@ -470,6 +470,8 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         trainer.train()
     except NonFiniteTrainingError as e:
         result["error"] = str(e)
+    finally:  # no reference cycle (trainer -> diverging_step -> trainer) keeps the DDP model past the process group
+        del trainer._step
     result["iteration"] = trainer.iteration
     trainer.close()
     cleanup_distributed()
