@@ -113,11 +113,21 @@ def prepare_model(model: nn.Module, env: DistEnv) -> tuple[nn.Module, nn.Module]
     if not env.distributed:
         return model, model
     # No buffer broadcast at each forward: a step runs the model several times before its backward, and a broadcast
-    # rewrites the BatchNorm statistics that an earlier forward saved for the backward (as in UniMatch).
+    # rewrites the BatchNorm statistics that an earlier forward saved for the backward (as in UniMatch). Rank 0's
+    # buffers are still copied to every rank once, at the wrap (all ranks start from the same model anyway).
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        broadcast_buffers=False, find_unused_parameters=False)
+        find_unused_parameters=False, **_no_buffer_sync_per_forward())
     return ddp, model
+
+
+def _no_buffer_sync_per_forward() -> dict[str, bool]:
+    """DDP's keyword for "no buffer broadcast at each forward": ``forward_sync_buffers`` where this torch has it
+    (``broadcast_buffers`` is deprecated there, with a FutureWarning per wrap), ``broadcast_buffers`` before."""
+    import inspect
+
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
 
 def broadcast_buffers(model: nn.Module) -> None:

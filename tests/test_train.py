@@ -409,6 +409,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     cfg = build_config({}, {**TINY, "output_dir": out_dir, "train.iters": 2, "train.iters_per_epoch": 2})
     trainer = Trainer(cfg)
     assert trainer.env.world_size == world_size and trainer.env.backend == "gloo"
+    assert not trainer.model.will_sync_module_buffers()  # no broadcast per forward: it rewrites saved BN statistics
     first_batch = next(iter(trainer._batches(0, 0)))[1]["image_w"]
     summary = trainer.train()
     grads = torch.cat([p.grad.flatten() for p in trainer.bare_model.parameters() if p.grad is not None])
