@@ -239,11 +239,15 @@ def spy_constexpr(monkeypatch, module, kernel: str, name: str) -> list:
 
 
 def _run_spawned(index: int, fn, args: tuple) -> None:
-    """A spawned process: Python's fault handler on (a crash — SIGSEGV, SIGABRT from C++ — prints every thread's
-    Python stack to the captured stderr, so the failure shows where the process was), then ``fn(index, *args)``."""
+    """A spawned process: a crash (SIGSEGV, SIGABRT from C++) prints every thread's Python stack (faulthandler) and
+    native stack (torch's fatal-signal handler) to the captured stderr, so the failure shows where each thread was;
+    then ``fn(index, *args)``."""
     import faulthandler
 
+    import torch
+
     faulthandler.enable(all_threads=True)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     fn(index, *args)
 
 
