@@ -112,9 +112,10 @@ def picture(rows: list[dict], curve: list[tuple[int, float]], out_path: str) -> 
 
 
 # The comparison's three continuations again, 600 iterations each, from the long run's iteration-4000 model: with
-# the long run's seed (2; records ``metrics_from4000_<method>.jsonl``) and with seed 3 (``..._<method>_seed3.jsonl``).
+# the long run's seed (2; records ``metrics_from4000_<method>.jsonl``) and with seeds 3 and 4
+# (``..._<method>_seed<N>.jsonl``).
 CONTINUATIONS = {"supervised": "supervised only", "threshold": "threshold 0.95 (UniMatch)", "csl": "CSL (PCOS + TMP)"}
-CONTINUATION_SEEDS = {2: "", 3: "_seed3"}
+CONTINUATION_SEEDS = {2: "", 3: "_seed3", 4: "_seed4"}
 
 
 def load_continuations() -> dict[tuple[str, int], dict]:
@@ -155,7 +156,7 @@ def continuation_picture(runs: dict[tuple[str, int], dict], start_miou: float, o
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for colour, (method, label) in zip(("C0", "C1", "C2"), CONTINUATIONS.items(), strict=True):
-        for style, seed in zip(("-", "--"), CONTINUATION_SEEDS, strict=True):
+        for style, seed in zip(("-", "--", "-."), CONTINUATION_SEEDS, strict=True):
             if (method, seed) in runs:
                 r = runs[method, seed]
                 ax.plot([0] + r["iters"], [start_miou] + r["miou"], style, color=colour, marker=".",
