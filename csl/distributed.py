@@ -113,8 +113,9 @@ def prepare_model(model: nn.Module, env: DistEnv) -> tuple[nn.Module, nn.Module]
     if not env.distributed:
         return model, model
     # No buffer broadcast at each forward: a step runs the model several times before its backward, and a broadcast
-    # rewrites the BatchNorm statistics that an earlier forward saved for the backward (as in UniMatch). Rank 0's
-    # buffers are still copied to every rank once, at the wrap (all ranks start from the same model anyway).
+    # rewrites the BatchNorm statistics that an earlier forward saved for the backward (as in UniMatch). With
+    # forward_sync_buffers=False DDP copies rank 0's buffers once at the wrap, with broadcast_buffers=False it does
+    # not: the same either way, as every rank builds the same model (initial or loaded buffers).
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
         find_unused_parameters=False, **_no_buffer_sync_per_forward())
