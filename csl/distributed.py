@@ -8,6 +8,7 @@ GPU (PyTorch's SyncBatchNorm has no CPU kernel; CPU runs keep per-process BatchN
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -94,7 +95,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def cleanup_distributed() -> None:
+    """Destroy the process group, after a garbage collection: a DDP wrapper no longer referenced (it holds itself in
+    a reference cycle) is freed first, while its process group is alive, not at some later collection or at the
+    interpreter's exit, when the group's threads and buffers would be freed in no set order."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

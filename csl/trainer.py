@@ -894,9 +894,13 @@ class Trainer:
                         progress=self.env.is_main and self.cfg["train"]["progress"])
 
     def close(self) -> None:
+        """End the run: close the metric files, release the run folder and drop the DDP wrapper (``model`` is the
+        bare model from here on). DDP holds itself in a reference cycle; dropped here, the garbage collection of
+        :func:`csl.distributed.cleanup_distributed` frees it while its process group is still alive."""
         self.metrics.close()
         if self.run_lock is not None:
             self.run_lock.release()
+        self.model = self.bare_model
 
 
 def train(cfg: dict, stop_at: int | None = None) -> dict:

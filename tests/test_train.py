@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import weakref
 
 import numpy as np
 import pytest
@@ -474,8 +475,10 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
     finally:  # no reference cycle (trainer -> diverging_step -> trainer) keeps the DDP model past the process group
         del trainer._step
     result["iteration"] = trainer.iteration
+    ddp = weakref.ref(trainer.model)
     trainer.close()
     cleanup_distributed()
+    result["ddp_freed_before_the_group"] = ddp() is None  # freed by cleanup_distributed's collection
     with open(os.path.join(out_dir, f"nan_rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -487,7 +490,7 @@ def test_ddp_a_nan_on_one_rank_stops_every_rank(tmp_path):
     results = [json.loads((tmp_path / f"nan_rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["error"] is not None and "(loss) became NaN / inf within iterations 3-4" in r["error"], r
-        assert r["iteration"] == 4, r
+        assert r["iteration"] == 4 and r["ddp_freed_before_the_group"], r
     assert not (tmp_path / "latest.pt").exists()  # no state after the divergence was saved
 
 
