@@ -7,6 +7,7 @@ calls it in a child process and prints one line: ``cpp-exceptions: ok`` (a Runti
 ``cpp-exceptions: CRASH (<signal>)`` (exit 1), ``cpp-exceptions: probe failed`` (exit 2) or, when the build and call
 take longer than ``--limit`` (default 420 s; a loaded 2-core machine has needed over 240 s),
 ``cpp-exceptions: not known (the probe ran past its N s limit)`` (exit 3, the child and its compilers killed).
+``--limit`` bounds the whole probe, the variants included; SIGTERM stops it with every child's build.
 On a machine where it crashes, every test of an extension's error path (csl's included) crashes its process too:
 that is the machine's toolchain / torch build, not the code under test.
 
@@ -37,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,13 +179,28 @@ print(load().library)
 """
 
 
+STARTED: list[subprocess.Popen] = []  # every child, for stop_children()
+
+
 def start(code: str, args: list[str], cuda_hidden: bool, env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, **(env or {})}
     if cuda_hidden:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # Its own process group, so that a time-out also stops the compilers the build started.
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    STARTED.append(child)
+    return child
+
+
+def stop_children() -> None:
+    """Kill every child still running, with its process group (its build's compilers)."""
+    for child in STARTED:
+        if child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended between the poll and the kill
+                pass
 
 
 def build_reporter(work: str) -> tuple[str | None, str]:
@@ -259,11 +276,13 @@ def crash_details(stderr: str, max_frames: int = 40) -> str:
     return text
 
 
-def outcome(child: subprocess.Popen, limit: float) -> tuple[str, int]:
-    """``(what happened, exit status of the probe)``; a child past ``limit`` is killed with its group. A crash's
-    outcome goes on with its native stack (or faulthandler's report) on indented lines."""
+def outcome(child: subprocess.Popen, limit: float, deadline: float | None = None) -> tuple[str, int]:
+    """``(what happened, exit status of the probe)``; a child still running ``limit`` seconds from now, or at
+    ``deadline`` (``time.monotonic()``) where one is given, is killed with its group. A crash's outcome goes on with
+    its native stack (or faulthandler's report) on indented lines."""
+    wait = limit if deadline is None else max(deadline - time.monotonic(), 0.1)
     try:
-        stdout, stderr = child.communicate(timeout=limit)
+        stdout, stderr = child.communicate(timeout=wait)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
@@ -287,7 +306,9 @@ def csl_library(limit: float) -> str:
 VARIANTS = ["csl-flags", "parallel-for", "message-args", "csl-loaded", "csl-error-path", "csl-cpu-only"]
 
 
-def variants(limit: float, work: str) -> list[str]:
+def variants(limit: float, deadline: float, work: str) -> list[str]:
+    """One line per variant; every child is done or killed by ``deadline`` (``time.monotonic()``), the end of the
+    probe's ``limit``."""
     sys.path.insert(0, str(ROOT))
     from csl_kernels.cpp.sources import CXX_FLAGS, LD_FLAGS
 
@@ -301,7 +322,7 @@ def variants(limit: float, work: str) -> list[str]:
                               env={"CSL_EXT_CUDA": "0", "TORCH_EXTENSIONS_DIR": f"{work}/csl_cpu_only"}),
     }
     try:
-        library = csl_library(limit)
+        library = csl_library(max(deadline - time.monotonic(), 0.1))
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         lines = [f"variant csl-loaded: not run ({exc})", f"variant csl-error-path: not run ({exc})"]
     else:
@@ -309,15 +330,22 @@ def variants(limit: float, work: str) -> list[str]:
         children["csl-error-path"] = start(CSL_CHILD, [str(ROOT)], cuda_hidden=False)
         lines = []
     for name, child in children.items():
-        lines.append(f"variant {name}: {outcome(child, limit)[0]}")
+        lines.append(f"variant {name}: {outcome(child, limit, deadline)[0]}")
     return sorted(lines, key=lambda line: VARIANTS.index(line.split()[1].rstrip(":")))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=float, default=420.0, help="seconds for the build and the call (420)")
+    parser.add_argument("--limit", type=float, default=420.0, help="seconds for the whole probe (420)")
     parser.add_argument("--variants", action="store_true", help="also the cases that separate csl from the machine")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.limit
+
+    def stop(signum, frame):  # stopped from outside: every child's group (builds, compilers) goes too
+        stop_children()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory() as work:
         reporter, why_not = build_reporter(work)
         if reporter:
@@ -327,19 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
         # The minimal probe builds for the CPU alone: it needs no nvcc.
         child = start(CHILD, [SOURCE, f"{work}/minimal", "[]", "[]", ""], cuda_hidden=True)
-
-        def stop(signum, frame):  # stopped from outside: the child's group (build, compilers) goes too
-            os.killpg(child.pid, signal.SIGKILL)
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, stop)
-        what, status = outcome(child, args.limit)
+        what, status = outcome(child, args.limit, deadline)
         if status == 1:
             what += (": a TORCH_CHECK failure in a minimal extension kills the process; tests of C++ error paths "
                      "will crash here")
         print(f"cpp-exceptions: {what}", flush=True)
         if args.variants:
-            for line in variants(args.limit, work):
+            for line in variants(args.limit, deadline, work):
                 print(line, flush=True)
     return status
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -195,10 +196,30 @@ torch.save({"outputs": {k: tuple(t.cpu() for t in v) for k, v in out.items()}, "
 """
 
 
-def _register_classes_child(setting: str, path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}  # read once per process: a child each
-    return subprocess.run([sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(path)], env=env, capture_output=True,
-                          text=True, timeout=300)
+# Under the GPU check's limit of 120 s per test (pytest-timeout ends the whole worker past it, leaving a child
+# behind): the children run side by side and are killed CHILD_LIMIT_S after their start.
+CHILD_LIMIT_S = 100
+
+
+def _run_register_classes_children(settings: dict[str, str], tmp_path) -> dict[str, subprocess.CompletedProcess]:
+    """One child per ``CSL_CUDA_REGISTER_CLASSES`` value (read once per process), all at once; name -> finished run,
+    its output saved to ``tmp_path / f"out{name}.pt"``."""
+    children = {}
+    for name, setting in settings.items():
+        env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}
+        command = [sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(tmp_path / f"out{name}.pt")]
+        children[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done, deadline = {}, time.monotonic() + CHILD_LIMIT_S
+    try:
+        for name, child in children.items():
+            stdout, stderr = child.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            done[name] = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return done
 
 
 def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
@@ -209,8 +230,7 @@ def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
     +-inf and tied logits). The kernels that ran (profiler) show that each setting took effect."""
     require_backend("pcos_weights", "cuda")
     results = {}
-    for setting in ("1", "0"):
-        done = _register_classes_child(setting, tmp_path / f"out{setting}.pt")
+    for setting, done in _run_register_classes_children({"1": "1", "0": "0"}, tmp_path).items():
         assert done.returncode == 0, done.stderr[-3000:]
         results[setting] = torch.load(tmp_path / f"out{setting}.pt")
     held, plain = results["1"]["kernels"], results["0"]["kernels"]
@@ -227,5 +247,5 @@ def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
 
 def test_register_classes_setting_refuses_an_unknown_value(tmp_path):
     require_backend("pcos_weights", "cuda")
-    done = _register_classes_child("yes", tmp_path / "out.pt")
+    done = _run_register_classes_children({"": "yes"}, tmp_path)[""]
     assert done.returncode != 0 and "CSL_CUDA_REGISTER_CLASSES must be 0 or 1, got 'yes'" in done.stderr, done.stderr

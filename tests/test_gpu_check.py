@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 from conftest import load_script
@@ -25,7 +27,7 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    for stage in ("build", "bench_pcos", "bench_ce", "auto", "host", "tests", "train_cpu"):
+    for stage in ("build", "bench_pcos", "bench_ce", "bench_cuda_plain", "auto", "host", "tests", "train_cpu"):
         assert f"| {stage} | 0 |" in summary, summary
     outcomes = (out / "progress.txt").read_text().splitlines()
     assert outcomes and all(line.startswith(("PASSED", "SKIPPED")) for line in outcomes)
@@ -33,6 +35,8 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     assert (out / "junit.xml").is_file() and (out / "bench.json").is_file()
     ops = {r["op"] for r in json.loads((out / "bench.json").read_text())["records"]}
     assert ops == {"pcos_weights", "weighted_cross_entropy"}, ops  # the two runs merged
+    # the extension again with CSL_CUDA_REGISTER_CLASSES=0: without a GPU its rows say why it did not run
+    assert "cuda | unavailable: the cuda backend needs CUDA tensors" in (out / "bench-cuda-plain.log").read_text()
     auto = json.loads((out / "auto.json").read_text())["choices"]
     assert {(c["op"], c["backend"]) for c in auto} == {("pcos_weights", "cpu"), ("weighted_cross_entropy", "cpu")}
     host = json.loads((out / "host.json").read_text())["rows"]
@@ -119,3 +123,41 @@ def test_cpp_exception_probe_says_why_it_has_no_crash_reporter(tmp_path, monkeyp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     reporter, why_not = load_script("cpp_exception_probe").build_reporter(str(tmp_path))
     assert reporter is None and "no-such-compiler did not run" in why_not
+
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_cpp_exception_probe_children_share_one_deadline_and_stop_together(tmp_path):
+    """``--limit`` bounds the whole probe: a child is waited for only until the probe's deadline; on SIGTERM every
+    child still running goes with its process group (a variant's build and its compilers)."""
+    probe = load_script("cpp_exception_probe")
+    # A child that starts a grandchild (as a build starts its compilers) and writes the grandchild's pid.
+    sleeper = ("import subprocess, sys, time\n"
+               "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+               "open(sys.argv[1], 'w').write(str(g.pid)); time.sleep(120)\n")
+    late = probe.start(sleeper, [str(tmp_path / "late")], cuda_hidden=True)
+    t0 = time.monotonic()
+    what, status = probe.outcome(late, 100, deadline=t0 + 1)
+    assert (what, status) == ("not known (the probe ran past its 100 s limit)", 3) and time.monotonic() - t0 < 30
+    children = [probe.start(sleeper, [str(tmp_path / str(i))], cuda_hidden=True) for i in range(2)]
+    for i in range(2):
+        for _ in range(600):
+            if (tmp_path / str(i)).exists() and (tmp_path / str(i)).read_text():
+                break
+            time.sleep(0.1)
+    probe.stop_children()
+    for i, child in enumerate(children):
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        grandchild = int((tmp_path / str(i)).read_text())
+        for _ in range(300):
+            if _gone_or_zombie(grandchild):
+                break
+            time.sleep(0.1)
+        assert _gone_or_zombie(grandchild), f"the child's own child {grandchild} still runs"
+    probe.stop_children()  # nothing left running: no error

@@ -187,7 +187,8 @@ def test_used_pixel_with_out_of_range_label(fused_backend):
                 "loss.backward()\n"
                 "torch.cuda.synchronize()\n"
                 "print('finished', bool(loss.isnan()), bool(z.grad[0, :, 1, 1].isnan().all()))\n")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        # under the GPU check's limit of 120 s per test (past it the whole worker is ended, the child left behind)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
         if proc.returncode == 0:  # a build with device asserts compiled out: NaN, as the Triton kernels give
             assert "finished True True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
         else:  # the device assert's text is printed by the device (stdout) and named in the error (stderr); an
