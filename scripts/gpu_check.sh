@@ -298,15 +298,15 @@ else
          test_residual_features test_threshold_weights test_confusion_matrix test_ext test_train)
   TESTS=("${FIRST[@]/#/tests/}"); TESTS=("${TESTS[@]/%/.py}")
   # Not on a GPU machine: the sm_90 compile check, which runs the kernels under Triton's interpreter first (CI runs
-  # it), and the dry run of this script (CI's; run here it would start a second check).
+  # it); the dry run of this script (CI's; run here it would start a second check); the probe's variants as a test
+  # (stage 2 ran them; as a test they would repeat its builds beside the suite).
   for f in tests/test_*.py; do
     case " ${TESTS[*]} tests/test_triton_compile.py " in *" $f "*) ;; *) TESTS+=("$f") ;; esac
   done
-  # and the probe's variants as a test (stage 2 ran them; as a test they repeat its builds beside the suite)
   DESELECT=(--deselect tests/test_gpu_check.py::test_cpu_dry_run_leaves_summary_and_evidence
             --deselect tests/test_gpu_check.py::test_cpp_exception_probe_variants_tell_csl_from_the_machine)
-  # A crash of the minimal probe's error or of csl's own (the H200 of 2026-12-04: the minimal one raised, csl's
-  # crashed)
+  # Where the minimal probe's error or csl's own crashes the process (on the H200 of 2026-12-04 the minimal one
+  # raised and csl's crashed):
   if grep -qE "^(cpp-exceptions|variant csl-error-path): CRASH" "$OUT/cpp_exceptions.txt" 2>/dev/null; then
     DESELECT+=(--deselect tests/test_ext.py::test_confusion_matrix_edge_cases
                --deselect tests/test_ext.py::test_clear_errors_from_the_cpp_checks
