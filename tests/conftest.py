@@ -17,6 +17,10 @@ import torch
 from csl_kernels import unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
+# How long a test may wait for a child process that uses the GPU: scripts/gpu_check.sh stops every test at 120 s
+# (pytest-timeout, which ends the whole worker and leaves the child running, holding the GPU), so such a child is
+# killed before that.
+GPU_CHILD_LIMIT_S = 100
 
 # On a GPU every new shape would otherwise be timed under each launch-configuration candidate (and written to the
 # user's cache); the suite tests the defaults and every candidate explicitly (tests/test_triton_tuning.py).

@@ -125,7 +125,6 @@ def test_cpp_exception_probe_says_why_it_has_no_crash_reporter(tmp_path, monkeyp
     assert reporter is None and "no-such-compiler did not run" in why_not
 
 
-
 def _gone_or_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSED_BACKENDS, layout, masks, require_backend, skip_or_fail, spy_constexpr
+from conftest import FUSED_BACKENDS, GPU_CHILD_LIMIT_S, layout, masks, require_backend, skip_or_fail, spy_constexpr
 
 import csl_kernels
 from csl_kernels._checks import valid_mask
@@ -187,8 +187,7 @@ def test_used_pixel_with_out_of_range_label(fused_backend):
                 "loss.backward()\n"
                 "torch.cuda.synchronize()\n"
                 "print('finished', bool(loss.isnan()), bool(z.grad[0, :, 1, 1].isnan().all()))\n")
-        # under the GPU check's limit of 120 s per test (past it the whole worker is ended, the child left behind)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=GPU_CHILD_LIMIT_S)
         if proc.returncode == 0:  # a build with device asserts compiled out: NaN, as the Triton kernels give
             assert "finished True True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
         else:  # the device assert's text is printed by the device (stdout) and named in the error (stderr); an
