@@ -193,14 +193,24 @@ def start(code: str, args: list[str], cuda_hidden: bool, env: dict[str, str] | N
     return child
 
 
+def kill_group(child: subprocess.Popen) -> None:
+    """Kill ``child`` with its process group (its build's compilers)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has ended already
+        pass
+
+
 def stop_children() -> None:
-    """Kill every child still running, with its process group (its build's compilers)."""
+    """Kill every child still running, with its process group."""
     for child in STARTED:
         if child.poll() is None:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:  # ended between the poll and the kill
-                pass
+            kill_group(child)
+
+
+def seconds_left(deadline: float) -> float:
+    """What is left until ``deadline`` (``time.monotonic()``), at least 0.1 s (a wait of 0 would not poll)."""
+    return max(deadline - time.monotonic(), 0.1)
 
 
 def build_reporter(work: str) -> tuple[str | None, str]:
@@ -280,11 +290,10 @@ def outcome(child: subprocess.Popen, limit: float, deadline: float | None = None
     """``(what happened, exit status of the probe)``; a child still running ``limit`` seconds from now, or at
     ``deadline`` (``time.monotonic()``) where one is given, is killed with its group. A crash's outcome goes on with
     its native stack (or faulthandler's report) on indented lines."""
-    wait = limit if deadline is None else max(deadline - time.monotonic(), 0.1)
     try:
-        stdout, stderr = child.communicate(timeout=wait)
+        stdout, stderr = child.communicate(timeout=limit if deadline is None else seconds_left(deadline))
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
+        kill_group(child)
         child.communicate()
         return f"not known (the probe ran past its {limit:g} s limit)", 3
     if child.returncode == 0:
@@ -294,13 +303,19 @@ def outcome(child: subprocess.Popen, limit: float, deadline: float | None = None
     return f"probe failed (exit {child.returncode}): {stderr.strip()[-800:]}", 2
 
 
-def csl_library(limit: float) -> str:
-    """The path of csl's extension library (built here when not cached), or raises with the reason."""
-    proc = subprocess.run([sys.executable, "-c", LIBRARY_OF_CSL, str(ROOT)], capture_output=True, text=True,
-                          timeout=limit)
-    if proc.returncode != 0:
-        raise RuntimeError(f"csl's extension did not build or load: {proc.stderr.strip()[-400:]}")
-    return proc.stdout.strip().splitlines()[-1]
+def csl_library(deadline: float) -> str:
+    """The path of csl's extension library (built here when not cached), or raises with the reason; a build still
+    running at ``deadline`` (``time.monotonic()``) is stopped with its compilers."""
+    child = start(LIBRARY_OF_CSL, [str(ROOT)], cuda_hidden=False)
+    try:
+        stdout, stderr = child.communicate(timeout=seconds_left(deadline))
+    except subprocess.TimeoutExpired:
+        kill_group(child)
+        child.communicate()
+        raise RuntimeError("csl's extension did not build or load within the probe's limit") from None
+    if child.returncode != 0:
+        raise RuntimeError(f"csl's extension did not build or load: {stderr.strip()[-400:]}")
+    return stdout.strip().splitlines()[-1]
 
 
 VARIANTS = ["csl-flags", "parallel-for", "message-args", "csl-loaded", "csl-error-path", "csl-cpu-only"]
@@ -322,8 +337,8 @@ def variants(limit: float, deadline: float, work: str) -> list[str]:
                               env={"CSL_EXT_CUDA": "0", "TORCH_EXTENSIONS_DIR": f"{work}/csl_cpu_only"}),
     }
     try:
-        library = csl_library(max(deadline - time.monotonic(), 0.1))
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        library = csl_library(deadline)
+    except RuntimeError as exc:
         lines = [f"variant csl-loaded: not run ({exc})", f"variant csl-error-path: not run ({exc})"]
     else:
         children["csl-loaded"] = start(CHILD, [SOURCE, f"{work}/loaded", "[]", "[]", library], cuda_hidden=False)

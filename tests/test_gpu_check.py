@@ -11,6 +11,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,8 @@ def test_cpp_exception_probe_children_share_one_deadline_and_stop_together(tmp_p
     t0 = time.monotonic()
     what, status = probe.outcome(late, 100, deadline=t0 + 1)
     assert (what, status) == ("not known (the probe ran past its 100 s limit)", 3) and time.monotonic() - t0 < 30
+    with pytest.raises(RuntimeError, match="did not build or load within the probe's limit"):
+        probe.csl_library(time.monotonic() + 0.2)  # starting Python and torch alone takes longer
     children = [probe.start(sleeper, [str(tmp_path / str(i))], cuda_hidden=True) for i in range(2)]
     for i in range(2):
         for _ in range(600):
