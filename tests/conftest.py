@@ -17,10 +17,8 @@ import torch
 from csl_kernels import unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
-# How long a test may wait for a child process that uses the GPU: scripts/gpu_check.sh stops every test at 120 s
-# (pytest-timeout, which ends the whole worker and leaves the child running, holding the GPU), so such a child is
-# killed before that.
-GPU_CHILD_LIMIT_S = 100
+# pytest-timeout's --timeout (scripts/gpu_check.sh gives every test 120 s), read in pytest_configure; None without it.
+_PER_TEST_LIMIT_S: float | None = None
 
 # On a GPU every new shape would otherwise be timed under each launch-configuration candidate (and written to the
 # user's cache); the suite tests the defaults and every candidate explicitly (tests/test_triton_tuning.py).
@@ -39,9 +37,21 @@ def required_backends() -> set[str]:
     return {b.strip() for b in os.environ.get("CSL_REQUIRE_BACKENDS", "").split(",") if b.strip()}
 
 
+def child_limit(seconds: float) -> float:
+    """How long a test waits for a child process: ``seconds``, but under a per-test time limit (pytest-timeout's
+    ``--timeout``) at most that limit less 20 s, so the test kills its child itself: pytest-timeout ends the whole
+    test process and leaves the child running, holding the GPU or the cores, beside the tests that follow."""
+    if _PER_TEST_LIMIT_S:
+        return max(1.0, min(seconds, _PER_TEST_LIMIT_S - 20))
+    return seconds
+
+
 def pytest_configure(config):
     """``CSL_REQUIRE_BACKENDS`` is checked before any test runs: a misspelt name would require nothing, and ``cuda``
     required where no CUDA device is visible would leave the ``gpu``-marked tests skipped, not failed."""
+    global _PER_TEST_LIMIT_S
+    limit = config.getoption("timeout", default=None)  # None where pytest-timeout is not installed
+    _PER_TEST_LIMIT_S = float(limit) if limit else None
     unknown = sorted(required_backends() - set(FUSED_BACKENDS))
     if unknown:
         raise pytest.UsageError(f"CSL_REQUIRE_BACKENDS names {unknown}, which are not backends; the fused backends "

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import require_backend, skip_or_fail
+from conftest import child_limit, require_backend, skip_or_fail
 
 import csl_kernels
 from csl_kernels import _backends
@@ -384,7 +384,8 @@ def test_the_triton_interpreter_check_ignores_the_first_callers_context():
              ".float(), atol=1e-6))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                          timeout=child_limit(600))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refused: csl_kernels.weighted_cross_entropy: the fused backends" in proc.stdout, proc.stdout
     assert "plain call matches: True" in proc.stdout, proc.stdout
@@ -442,7 +443,7 @@ def test_first_use_is_safe_under_compile_and_threads(case, backend):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, case, backend], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=child_limit(600))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == ("(2, 6, 7)" if case == "compile" else "ok"), proc.stdout
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import child_limit
 from PIL import Image
 
 from csl.cli import expand_images, main
@@ -357,7 +358,7 @@ def test_bad_override_exits_with_message(capsys):
 
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "csl", "train", "--config", "no_such_config"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=child_limit(120))
     assert proc.returncode == 2
     assert "config file not found" in proc.stderr and "demo" in proc.stderr
 

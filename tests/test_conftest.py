@@ -105,3 +105,19 @@ def test_skip_or_fail_fails_where_the_backend_is_required(monkeypatch, required,
     expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
     with pytest.raises(expected, match="no interpreter here"):
         conftest.skip_or_fail("triton", "no interpreter here", interpreter_only=interpreter_only)
+
+
+def test_child_limit_stays_under_the_per_test_time_limit(monkeypatch):
+    """Under pytest-timeout's --timeout a test's child is given at most that limit less 20 s (the test kills it,
+    rather than being ended with the child still running); without a per-test limit, what the test asks for."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    monkeypatch.setattr(conftest, "_PER_TEST_LIMIT_S", conftest._PER_TEST_LIMIT_S)  # restored after the test
+    options = {"timeout": 120.0}
+    conftest.pytest_configure(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
+    assert conftest.child_limit(600) == 100 and conftest.child_limit(30) == 30
+    options.clear()  # pytest-timeout not installed (the option does not exist) or no --timeout given
+    conftest.pytest_configure(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
+    assert conftest.child_limit(600) == 600

@@ -62,6 +62,90 @@ def test_pack_inside_the_evidence_folder_is_refused(tmp_path):
     assert proc.returncode == 2 and "lies inside the evidence folder" in proc.stderr, proc.stdout + proc.stderr
 
 
+def _session_processes(sid: int) -> list[int]:
+    """The pids of every process in session ``sid`` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # after the state: ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_run_killed_with_sigkill_leaves_a_pack_written_within_its_stage(tmp_path):
+    """The device tool may end the check with SIGKILL (no trap runs): the pack is rewritten every
+    GPU_CHECK_PACK_EVERY_S seconds within a stage, so what comes back is at most that old."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux /proc to end every process of the check")
+    out, packed = tmp_path / "check", tmp_path / "device-out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_PACK_EVERY_S": "2", "TMPDIR": str(tmp_path),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}  # a fresh build: a stage that runs long enough
+    proc = subprocess.Popen(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out), "--pack",
+                             str(packed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+    def packed_total() -> int | None:  # the "Total N s" of the packed summary while the build stage runs
+        try:
+            text = (packed / "summary.md").read_text()
+        except FileNotFoundError:
+            return None
+        if "| build | running |" not in text:
+            return None
+        return int(text.split("Total ", 1)[1].split(" s", 1)[0])
+
+    try:
+        first = total = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            total = packed_total()
+            if total is not None and first is None:
+                first = total
+            if first is not None and total is not None and total >= first + 4:
+                break  # two rewrites within the stage
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the check ended before the test could kill it: {proc.stderr.read()[-2000:]}"
+        assert first is not None and total is not None and total >= first + 4, (
+            f"the pack was not rewritten within the build stage (Total {first} s, then {total} s)")
+    finally:
+        for _ in range(50):  # SIGKILL to the script and everything it started (the probe's compilers too)
+            left = _session_processes(proc.pid)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not _session_processes(proc.pid)
+    # What the device tool would bring back: a whole archive and the summary of a stage still running.
+    assert sorted(p.name for p in packed.iterdir()) == ["evidence.tgz", "summary.md"]
+    with tarfile.open(packed / "evidence.tgz") as tar:
+        names = set(tar.getnames())
+        summary = tar.extractfile("check/summary.md").read().decode()
+    assert {"check/env.txt", "check/build.log", "check/summary.md"} <= names, sorted(names)
+    assert "| build | running |" in summary and int(summary.split("Total ", 1)[1].split(" s", 1)[0]) >= first + 2
+
+
+def test_the_cpp_error_path_marker_names_the_tests_gpu_check_leaves_out_after_a_crash():
+    """Where a TORCH_CHECK failure crashes the process, scripts/gpu_check.sh deselects ``-m "not cpp_error_path"``:
+    the marker is on the tests that make csl's extension raise, and on the cpu case alone of a test over backends."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly",
+                           "-m", "cpp_error_path", "tests/test_ext.py", "tests/test_weighted_cross_entropy.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    marked = {line for line in proc.stdout.splitlines() if "::" in line}
+    assert marked == {"tests/test_ext.py::test_confusion_matrix_edge_cases",
+                      "tests/test_ext.py::test_clear_errors_from_the_cpp_checks",
+                      "tests/test_weighted_cross_entropy.py::test_used_pixel_with_out_of_range_label[cpu]"}, marked
+    assert '-m "not cpp_error_path"' in (ROOT / "scripts" / "gpu_check.sh").read_text()
+
+
 def test_cpp_exception_probe_past_its_limit_says_not_known():
     # Starting the child's Python alone takes longer than 0.2 s: the time-out path, without a build.
     proc = subprocess.run([sys.executable, "scripts/cpp_exception_probe.py", "--limit", "0.2"], cwd=ROOT,

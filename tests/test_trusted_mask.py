@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import layout, require_backend, skip_or_fail, spy_constexpr
+from conftest import child_limit, layout, require_backend, skip_or_fail, spy_constexpr
 
 import csl_kernels
 from csl_kernels import _backends
@@ -252,7 +252,7 @@ def test_channel_offsets_past_int32(fused_backend):
 
     device = require_backend(OP, fused_backend)
     proc = subprocess.run([sys.executable, "-c", _HUGE_CHANNEL_STRIDE, fused_backend, str(device)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=child_limit(300))
     if proc.returncode == 0 and proc.stdout.startswith("skip:"):
         skip_or_fail(fused_backend, proc.stdout.strip())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
