@@ -304,12 +304,13 @@ else
          test_residual_features test_threshold_weights test_confusion_matrix test_ext test_train)
   TESTS=("${FIRST[@]/#/tests/}"); TESTS=("${TESTS[@]/%/.py}")
   # Not on a GPU machine: the sm_90 compile check, which runs the kernels under Triton's interpreter first (CI runs
-  # it); the dry run of this script (CI's; run here it would start a second check); the probe's variants as a test
-  # (stage 2 ran them; as a test they would repeat its builds beside the suite).
+  # it); the dry runs of this script (CI's; run here each would start a second check with its own builds); the
+  # probe's variants as a test (stage 2 ran them; as a test they would repeat its builds beside the suite).
   for f in tests/test_*.py; do
     case " ${TESTS[*]} tests/test_triton_compile.py " in *" $f "*) ;; *) TESTS+=("$f") ;; esac
   done
   DESELECT=(--deselect tests/test_gpu_check.py::test_cpu_dry_run_leaves_summary_and_evidence
+            --deselect tests/test_gpu_check.py::test_a_run_killed_with_sigkill_leaves_a_pack_written_within_its_stage
             --deselect tests/test_gpu_check.py::test_cpp_exception_probe_variants_tell_csl_from_the_machine)
   # Where the minimal probe's error or csl's own crashes the process (on the H200 of 2026-12-04 the minimal one
   # raised and csl's crashed):

@@ -146,6 +146,20 @@ def test_the_cpp_error_path_marker_names_the_tests_gpu_check_leaves_out_after_a_
     assert '-m "not cpp_error_path"' in (ROOT / "scripts" / "gpu_check.sh").read_text()
 
 
+def test_every_test_gpu_check_deselects_exists():
+    """pytest ignores a --deselect that names no test: a renamed test would run on the GPU machine unnoticed."""
+    import re
+
+    named = re.findall(r"--deselect\s+\"?(tests/[^\s\")]+)", (ROOT / "scripts" / "gpu_check.sh").read_text())
+    assert named, "gpu_check.sh deselects no test by name"
+    files = sorted({n.split("::")[0] for n in named})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *files],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    collected = set(proc.stdout.split())
+    assert not [n for n in named if n not in collected], (named, sorted(collected))
+
+
 def test_cpp_exception_probe_past_its_limit_says_not_known():
     # Starting the child's Python alone takes longer than 0.2 s: the time-out path, without a build.
     proc = subprocess.run([sys.executable, "scripts/cpp_exception_probe.py", "--limit", "0.2"], cwd=ROOT,
