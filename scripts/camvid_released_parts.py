@@ -10,7 +10,7 @@ ground truth (void ignored).
 
 The paper's rule is (prob, paper, above), the released code's (log, released, below); those two combinations are
 checked against the package's own ``pcos_weights`` (reference backend) on the first image (the script stops if they
-differ). About 2-3 s per image on 2 CPU cores (the float64 reference, 8 times).
+differ). 321 CamVid frames at 240 x 180 took 69-76 s on an idle 2-core CPU.
 """
 
 from __future__ import annotations

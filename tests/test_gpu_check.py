@@ -75,6 +75,11 @@ def _session_processes(sid: int) -> list[int]:
     return pids
 
 
+def _total_seconds(summary: str) -> int:
+    """The "Total N s" of a gpu_check summary."""
+    return int(summary.split("Total ", 1)[1].split(" s", 1)[0])
+
+
 def test_a_run_killed_with_sigkill_leaves_a_pack_written_within_its_stage(tmp_path):
     """The device tool may end the check with SIGKILL (no trap runs): the pack is rewritten every
     GPU_CHECK_PACK_EVERY_S seconds within a stage, so what comes back is at most that old."""
@@ -94,7 +99,7 @@ def test_a_run_killed_with_sigkill_leaves_a_pack_written_within_its_stage(tmp_pa
             return None
         if "| build | running |" not in text:
             return None
-        return int(text.split("Total ", 1)[1].split(" s", 1)[0])
+        return _total_seconds(text)
 
     try:
         first = total = None
@@ -129,7 +134,7 @@ def test_a_run_killed_with_sigkill_leaves_a_pack_written_within_its_stage(tmp_pa
         names = set(tar.getnames())
         summary = tar.extractfile("check/summary.md").read().decode()
     assert {"check/env.txt", "check/build.log", "check/summary.md"} <= names, sorted(names)
-    assert "| build | running |" in summary and int(summary.split("Total ", 1)[1].split(" s", 1)[0]) >= first + 2
+    assert "| build | running |" in summary and _total_seconds(summary) >= first + 2
 
 
 def test_the_cpp_error_path_marker_names_the_tests_gpu_check_leaves_out_after_a_crash():
