@@ -10,6 +10,8 @@ import importlib.util
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,6 +46,13 @@ def child_limit(seconds: float) -> float:
     if _PER_TEST_LIMIT_S:
         return max(1.0, min(seconds, _PER_TEST_LIMIT_S - 20))
     return seconds
+
+
+def child_deadline(seconds: float) -> Callable[[], float]:
+    """One deadline, :func:`child_limit` (``seconds``) from now, for all the children of a test: the returned function
+    gives the seconds left for the next wait (at least 1, so a child started late still gets a moment)."""
+    end = time.monotonic() + child_limit(seconds)
+    return lambda: max(end - time.monotonic(), 1.0)
 
 
 def pytest_configure(config):

@@ -118,6 +118,10 @@ def test_child_limit_stays_under_the_per_test_time_limit(monkeypatch):
     options = {"timeout": 120.0}
     conftest.pytest_configure(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
     assert conftest.child_limit(600) == 100 and conftest.child_limit(30) == 30
+    # The children of one test share one such limit: each wait gets what is left of it, at least 1 s.
+    time_left = conftest.child_deadline(600)
+    assert 99 < time_left() <= 100
     options.clear()  # pytest-timeout not installed (the option does not exist) or no --timeout given
     conftest.pytest_configure(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
     assert conftest.child_limit(600) == 600
+    assert conftest.child_deadline(0.01)() == 1

@@ -10,12 +10,11 @@ import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_limit
+from conftest import child_deadline
 
 import csl_kernels
 from csl_kernels import _backends
@@ -561,14 +560,14 @@ def test_cpu_isa_copies_give_bitwise_equal_results(ext, tmp_path):
 
     from conftest import same_values
 
-    results, ran, deadline = {}, {}, time.monotonic() + child_limit(600)
+    results, ran, time_left = {}, {}, child_deadline(600)
     for isa in ("default", "baseline", "avx2"):
         env = dict(os.environ)
         if isa != "default":
             env["CSL_CPU_ISA"] = isa
         path = tmp_path / f"{isa}.pt"
         done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True,
-                              capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
+                              capture_output=True, text=True, timeout=time_left())
         ran[isa] = done.stdout.strip().splitlines()[-1]
         results[isa] = torch.load(path, weights_only=True)
     # Each run used the copy asked for (CSL_CPU_ISA took effect), and the default is the widest this CPU runs.
@@ -721,14 +720,12 @@ def test_register_loops_match_the_plain_loops_on_the_host(tmp_path):
     cmd = [compiler, "-std=c++20", *[f for f in CXX_FLAGS if f != "-fopenmp"], *[f"-I{p}" for p in include_paths()],
            f"-I{sources.csrc_dir()}", str(source), "-o", str(tmp_path / "check"), f"-L{torch_lib}", "-lc10",
            f"-Wl,-rpath,{torch_lib}"]
-    deadline = time.monotonic() + child_limit(600)
-    done = subprocess.run([*cmd, "-fsanitize=address"], capture_output=True, text=True,
-                          timeout=max(deadline - time.monotonic(), 1))
+    time_left = child_deadline(600)
+    done = subprocess.run([*cmd, "-fsanitize=address"], capture_output=True, text=True, timeout=time_left())
     if done.returncode != 0:  # a compiler without AddressSanitizer: the comparison alone
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(deadline - time.monotonic(), 1))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=time_left())
     assert done.returncode == 0, done.stderr[-3000:]
-    out = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True,
-                         timeout=max(deadline - time.monotonic(), 1))
+    out = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=time_left())
     assert out.returncode == 0, out.stderr
     cases, mismatches = (int(x) for x in out.stdout.split()[1::2])
     assert cases > 100_000 and mismatches == 0, out.stdout

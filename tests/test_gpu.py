@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import child_limit, require_backend, same_values
+from conftest import child_deadline, require_backend, same_values
 
 import csl_kernels
 from csl_kernels.confusion_matrix import confusion_matrix_reference
@@ -198,17 +197,17 @@ torch.save({"outputs": {k: tuple(t.cpu() for t in v) for k, v in out.items()}, "
 
 def _run_register_classes_children(settings: dict[str, str], tmp_path) -> dict[str, subprocess.CompletedProcess]:
     """One child per ``CSL_CUDA_REGISTER_CLASSES`` value (read once per process), all at once, killed
-    ``child_limit(300)`` after their start; name -> finished run, its output saved to
+    ``child_deadline(300)`` after their start; name -> finished run, its output saved to
     ``tmp_path / f"out{name}.pt"``."""
     children = {}
     for name, setting in settings.items():
         env = {**os.environ, "CSL_CUDA_REGISTER_CLASSES": setting}
         command = [sys.executable, "-c", _REGISTER_CLASSES_CHILD, str(tmp_path / f"out{name}.pt")]
         children[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done, deadline = {}, time.monotonic() + child_limit(300)
+    done, time_left = {}, child_deadline(300)
     try:
         for name, child in children.items():
-            stdout, stderr = child.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            stdout, stderr = child.communicate(timeout=time_left())
             done[name] = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     finally:
         for child in children.values():

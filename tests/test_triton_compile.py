@@ -44,6 +44,15 @@ def test_every_kernel_compiles_for_sm90(compiled):
         dtypes = {r["signature"]["z_ptr"] for r in compiled if r["kernel"] == kernel}  # the logits
         assert dtypes == {"*fp32", "*bf16", "*fp16", "*fp64"}, (kernel, dtypes)
     assert {r["constexprs"]["WIDE"] for r in compiled if r["kernel"] == "_ce_forward_kernel"} == {"False", "True"}
+    # Every class-tile width the kernels choose (powers of two up to their largest tile): the registers depend on it.
+    from csl_kernels.triton import residual_features, weighted_cross_entropy
+
+    for kernel, widest in (("_residual_features_kernel", residual_features.MAX_BLOCK_C),
+                           ("_pcos_features_kernel", residual_features.MAX_BLOCK_C),
+                           ("_ce_forward_kernel", weighted_cross_entropy.MAX_BLOCK_C),
+                           ("_ce_backward_kernel", weighted_cross_entropy.MAX_BLOCK_C)):
+        widths = {int(r["constexprs"]["BLOCK_C"]) for r in compiled if r["kernel"] == kernel}
+        assert widths == {2 ** k for k in range(1, widest.bit_length())}, (kernel, widths)
     # PCOS's per-group reductions at the tiles only large inputs reach (many chunks, many groups).
     for kernel in ("_pcos_group_params_kernel", "_pcos_cluster_stats_kernel"):
         tiles = {(int(r["constexprs"]["BLOCK_GRP"]), int(r["constexprs"]["BLOCK_K"])) for r in compiled

@@ -5,11 +5,11 @@ them, so a kernel that is right there can still fail to compile for a GPU (an op
 the interpreter accepts, a block that needs too much shared memory). This check closes that gap:
 
 1. *capture* (a subprocess under the interpreter): representative calls of every op — float32 / bfloat16 / float16 /
-   float64 logits, C = 2, 21, 150, without validity, with a uint8 ignore map (compared in the kernels) and with a bool
-   mask, image and class groups, non-contiguous and channels_last inputs — with every kernel launch recorded:
-   argument types, constexpr values, ``num_warps``; then
-   the tuned kernels again (with an int64 ignore map, as UniMatch gives it) under every candidate launch
-   configuration (block sizes, warps) they may be tuned to;
+   float64 logits, every class-tile width (:data:`CLASS_COUNTS`), without validity, with a uint8 ignore map (compared
+   in the kernels) and with a bool mask, image and class groups, non-contiguous and channels_last inputs — with every
+   kernel launch recorded: argument types, constexpr values, ``num_warps``; then the tuned kernels again (with an
+   int64 ignore map, as UniMatch gives it) under every candidate launch configuration (block sizes, warps) they may be
+   tuned to;
 2. *compile* (a subprocess without the interpreter, so ``USE_LIBDEVICE`` and every other GPU-only path is on): each
    distinct launch goes through Triton's own compiler for ``cuda:<arch>`` (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin
    with Triton's bundled ``ptxas``); the int64-offset variants (``WIDE``) that only giant tensors reach are compiled
@@ -38,6 +38,9 @@ import time
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 # Constexpr flags that only huge inputs switch on: compiled in both states whatever the captured calls gave.
 BOTH_STATES = ("WIDE",)
+# Class counts of the captured calls: one per class-tile width the kernels choose (the next power of two up to their
+# largest tile: 2, 4, 8, 16, 32, and 64 for the cross-entropy), since the registers a tile takes depend on it.
+CLASS_COUNTS = (2, 3, 5, 9, 21, 150)
 TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
                    "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -67,7 +70,7 @@ def representative_calls() -> None:
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for classes in (2, 21, 150):
+        for classes in CLASS_COUNTS:
             logits = (3 * torch.randn(2, classes, 7, 9, generator=g)).to(dtype)
             ignore = torch.zeros(2, 7, 9, dtype=torch.uint8)  # the trainer's maps (candidate_calls: UniMatch's int64)
             ignore[1, :, 6:] = ck.IGNORE_INDEX
@@ -110,14 +113,14 @@ def representative_calls() -> None:
 
 def candidate_calls() -> None:
     """Calls that reach every tuned kernel with the heaviest constexpr choices (validity mask, float32, bfloat16 and
-    float16 logits, C = 2, 21, 150); :func:`capture` runs them once per launch-configuration candidate."""
+    float16 logits, :data:`CLASS_COUNTS`); :func:`capture` runs them once per launch-configuration candidate."""
     import torch
 
     import csl_kernels as ck
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # float64 is never tuned
-        for classes in (2, 21, 150):
+        for classes in CLASS_COUNTS:
             logits = (3 * torch.randn(2, classes, 5, 7, generator=g)).to(dtype)
             ignore = torch.zeros(2, 5, 7, dtype=torch.int64)
             ignore[1, :, 6:] = ck.IGNORE_INDEX
@@ -240,10 +243,10 @@ def resource_usage(path: str) -> dict[str, dict[str, int]]:
 # can be a call frame, more means registers spilled to memory. Triton kernels are judged by ptxas's spill count.
 MAX_STACK_BYTES = 16
 # Bytes of spill stores per thread a Triton kernel may have (ptxas's count): up to four 4-byte values. With Triton 3.8
-# (ptxas 12.9) about 1 % of the ~990 variants spill that much and no more: the class-group PCOS feature kernel at 8
-# warps (4 B), its class-group cluster kernel at 8 warps (8-16 B) and the CE backward kernel at tile 1024 / 8 warps
-# (4 B), where ptxas caps the registers at 64 / 128 for occupancy. More than this is a tile that does not fit its
-# registers (the image-group cluster kernel at 1024 pixels spilled 36 B with int64 lanes; it keeps them int32).
+# (ptxas 12.9) 34 of the 2133 variants spill that much and no more: the class-group PCOS feature and cluster kernels
+# at 8 warps (4-16 B) and the CE kernels at 8 warps (4-8 B), where ptxas caps the registers at 64 / 128 for occupancy.
+# More than this is a tile that does not fit its registers (the image-group cluster kernel at 1024 pixels spilled 36 B
+# with int64 lanes, and keeps them int32; the candidates that spilled 20-24 B at a 16-class tile were dropped).
 MAX_SPILL_BYTES = 16
 
 

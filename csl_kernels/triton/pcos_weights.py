@@ -46,7 +46,7 @@ from ._common import (
     valid_pointer,
     wide,
 )
-from .residual_features import CANDIDATES, DEFAULT_CONFIG, _pixel_features, feature_blocks
+from .residual_features import DEFAULT_CONFIG, _pixel_features, feature_blocks
 from .tuning import Config, Tunable, tuned
 
 GRAM_STATS = 3  # sum xx, xy, yy
@@ -62,9 +62,14 @@ MIN_GROUP_PROGRAMS = 256  # programs of the per-group reductions while there are
 BLOCK_W = 1024  # pixels per program of the weight kernel
 CLUSTER_BLOCK = 1024  # pixels per tile of the image-group cluster pass at most
 CLUSTER_WARPS = 8  # its warps: 4 pixels per thread at the largest tile
-# Tile and warps of the two pixel passes (features + Gram sums, cluster records). Chunks do not depend on the choice
-# (chunk_pixels), so neither do the per-chunk records nor the order they are merged in.
-TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES)
+# Tile and warps of the two pixel passes (features + Gram sums, cluster records): the feature pass's default and
+# candidates but 512 values at 8 warps, where the class-group feature kernel spills 20 B per thread at a 16-class tile.
+# Chunks do not depend on the choice (chunk_pixels), so neither do the per-chunk records nor the order they are merged
+# in. Float64 logits take half the default tile at 4 warps: at the default (8 warps, where ptxas caps the registers at
+# 128) the class-group feature kernel spills 24 B per thread with Triton 3.6's ptxas 12.8, at 512 x 8 warps 20-36 B
+# (Triton 3.6 and 3.8); at 512 x 4 warps at most 16 B (Triton 3.6) and nothing with Triton 3.8.
+CANDIDATES = (DEFAULT_CONFIG, Config(512, 4), Config(1024, 4), Config(2048, 8))
+TUNABLE = Tunable("pcos_weights", DEFAULT_CONFIG, CANDIDATES, float64=Config(512, 4))
 
 
 @triton.jit

@@ -21,11 +21,11 @@ cross-entropy partial losses follows the tile, so the loss and the PCOS statisti
 between candidates (tests/test_triton_tuning.py bounds it). Set ``CSL_TRITON_AUTOTUNE=0`` for results that are
 bitwise the same on every machine.
 
-Float64 inputs always get the default. No timing happens while a CUDA graph is being captured (the cached choice or
-the default is launched), on CPU tensors (the interpreter's timings mean nothing) or for a candidate that fails to
-compile (it is skipped and logged). Every candidate is compiled for sm_90 by
-``python -m csl_kernels.triton.compile_check`` and held to at most ``MAX_SPILL_BYTES`` (16 B) of spill stores per
-thread by tests/test_triton_compile.py.
+Float64 inputs always get one fixed configuration (``Tunable.float64``: the default unless a launcher names a smaller
+tile). No timing happens while a CUDA graph is being captured (the cached choice or the default is launched), on CPU
+tensors (the interpreter's timings mean nothing) or for a candidate that fails to compile (it is skipped and logged).
+Every candidate is compiled for sm_90 by ``python -m csl_kernels.triton.compile_check`` and held to at most
+``MAX_SPILL_BYTES`` (16 B) of spill stores per thread by tests/test_triton_compile.py.
 """
 
 from __future__ import annotations
@@ -79,25 +79,26 @@ class Config:
 class Tunable:
     """The candidate launch configurations of one launcher; :meth:`pick` chooses one for a call."""
 
-    def __init__(self, name: str, default: Config, candidates: Sequence[Config],
-                 default_only: tuple[torch.dtype, ...] = (torch.float64,)):
-        if default not in candidates:
-            raise ValueError(f"{name}: the default {default.name} is not among the candidates")
+    def __init__(self, name: str, default: Config, candidates: Sequence[Config], float64: Config | None = None):
+        """``float64``: the configuration of float64 inputs (the accuracy path, never timed; its 8-byte values take
+        twice the registers), ``default`` unless given."""
+        float64 = default if float64 is None else float64
+        for role, config in (("default", default), ("float64 configuration", float64)):
+            if config not in candidates:
+                raise ValueError(f"{name}: the {role} {config.name} is not among the candidates")
         if len(set(candidates)) != len(candidates):
             raise ValueError(f"{name}: repeated candidates")
         self.name = name
         self.default = default
+        self.float64 = float64
         self.candidates = tuple(candidates)
-        # Inputs of these dtypes always get the default (float64 is the accuracy path; its wider registers make the
-        # larger tiles spill).
-        self.default_only = default_only
         TUNABLES[name] = self
 
     def untimed(self, inputs: torch.Tensor) -> Config | None:
-        """The configuration of a call that neither the cache nor a timing decides (inputs of a default-only dtype,
-        a forced configuration, autotuning off), else None."""
-        if inputs.dtype in self.default_only:
-            return self.default
+        """The configuration of a call that neither the cache nor a timing decides (float64 inputs, a forced
+        configuration, autotuning off), else None."""
+        if inputs.dtype == torch.float64:
+            return self.float64
         forced = _FORCED.get(self.name)
         if forced is not None:
             return forced
