@@ -163,6 +163,9 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     f64 = torch.float64
     # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
     tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
+    # float32 exp underflows where float64 does not: features (and so means) below 1e-37 may come out as 0 (the
+    # absolute floor of feature_tolerance).
+    mu_floor = 1e-300 if z.dtype == f64 else 1e-37
     ign64 = None if ign is None else ign.cpu()
     f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign64), confidence=confidence,
                                                  rule=rule, backend="reference")
@@ -227,7 +230,7 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     mu, emu = mu_out[checked], expected["mu"][checked]
     var, evar = st.var.cpu().reshape(-1, 2, 2)[checked], expected["var"][checked]
     scale = torch.stack((scale_x, scale_y), dim=-1)[checked].unsqueeze(1)  # G x 1 x 2
-    assert ((mu - emu).abs() <= tol * scale).all(), ((mu - emu).abs() / scale.clamp_min(1e-300)).max()
+    assert ((mu - emu).abs() <= tol * scale + mu_floor).all(), ((mu - emu).abs() / scale.clamp_min(1e-300)).max()
     # A variance moves by ~2 sd * (feature error) + (feature error)^2 when the features are rounded.
     var_tol = tol * (evar + scale * evar.sqrt() + 1e-4 * scale * scale) + 1e-300
     assert ((var - evar).abs() <= var_tol).all(), ((var - evar).abs() / var_tol).max()
@@ -272,7 +275,7 @@ RANDOM_SEEDS = range(110)
 
 def random_case(seed: int, device):
     rng = random.Random(seed)
-    classes = rng.choice((2, 3, 8, 21, 21, 40, 150))
+    classes = rng.choice((2, 3, 8, 11, 21, 21, 40, 150))  # class tiles of 2-32; 11: CamVid
     side = 5 if classes == 150 else 12
     dtype = rng.choice((torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16))
     scale = rng.choice((0.3, 1.0, 3.0, 10.0))

@@ -128,7 +128,7 @@ RANDOM_SEEDS = range(100)
 def test_random_cases_match_float64_reference(fused_backend, seed):
     device = require_backend(OP, fused_backend)
     rng = random.Random(seed)
-    classes = rng.choice((2, 3, 8, 21, 21, 40, 150))
+    classes = rng.choice((2, 3, 8, 11, 21, 21, 40, 150))  # class tiles of 2-32; 11: CamVid
     side = 6 if classes == 150 else 14
     case = dict(batch=rng.randint(1, 2), classes=classes, height=rng.randint(1, side), width=rng.randint(1, side),
                 dtype=rng.choice((torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16)),
