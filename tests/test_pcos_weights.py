@@ -27,6 +27,7 @@ from test_residual_features import (
     make_logits,
     residual_mass64,
     torch_low_precision,
+    underflow_floor,
 )
 
 import csl_kernels
@@ -163,9 +164,6 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     f64 = torch.float64
     # Statistics: relative to the features' scale; float64 features agree to ~1e-16, float32 ones to ~1e-7.
     tol, ratio_min, rel_min, w_floor = (1e-11, 1e-5, 1e-8, 1e-12) if z.dtype == f64 else (5e-5, 1e-3, 1e-4, 1e-6)
-    # float32 exp underflows where float64 does not: features (and so means) below 1e-37 may come out as 0 (the
-    # absolute floor of feature_tolerance).
-    mu_floor = 1e-300 if z.dtype == f64 else 1e-37
     ign64 = None if ign is None else ign.cpu()
     f0, v, label = csl_kernels.residual_features(z.detach().cpu().double(), **masks(ign64), confidence=confidence,
                                                  rule=rule, backend="reference")
@@ -230,7 +228,8 @@ def assert_pcos_match(out, ref, z: torch.Tensor, ign, *, alpha: float, confidenc
     mu, emu = mu_out[checked], expected["mu"][checked]
     var, evar = st.var.cpu().reshape(-1, 2, 2)[checked], expected["var"][checked]
     scale = torch.stack((scale_x, scale_y), dim=-1)[checked].unsqueeze(1)  # G x 1 x 2
-    assert ((mu - emu).abs() <= tol * scale + mu_floor).all(), ((mu - emu).abs() / scale.clamp_min(1e-300)).max()
+    mu_err = (mu - emu).abs()
+    assert (mu_err <= tol * scale + underflow_floor(z.dtype)).all(), (mu_err / scale.clamp_min(1e-300)).max()
     # A variance moves by ~2 sd * (feature error) + (feature error)^2 when the features are rounded.
     var_tol = tol * (evar + scale * evar.sqrt() + 1e-4 * scale * scale) + 1e-300
     assert ((var - evar).abs() <= var_tol).all(), ((var - evar).abs() / var_tol).max()

@@ -37,7 +37,7 @@ from .tuning import Config, Tunable, tuned
 MAX_BLOCK_C = 32  # classes per tile; larger C is walked with the online softmax
 # Pixels x classes per program tile and warps per program. The default keeps 4 values per thread, which on sm_90 takes
 # 64-120 registers and does not spill (`python -m csl_kernels.triton.compile_check` reports the resource usage; 4096
-# values at 4 warps would take 255 registers and spill ~1 KB per thread). The other candidates (2-4 values per thread,
+# values at 4 warps would take 255 registers and spill ~1 KB per thread). The other candidates (2-8 values per thread,
 # none spills: tests/test_triton_compile.py; 16 warps or 2048 values at 4 warps would, and 2048 at 8 warps does by
 # 20-24 B at a 16-class tile in the int64-offset variant) are timed on the user's GPU (csl_kernels/triton/tuning.py).
 DEFAULT_CONFIG = Config(tile=1024, num_warps=8)
