@@ -3,7 +3,7 @@ with clear errors naming the argument and what was expected, and the one rule fo
 
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 
@@ -195,8 +195,8 @@ def _not_a_number_hint(value) -> str:
 
 def check_positive(value: float, name: str) -> None:
     """A finite number > 0 (compared, not ``math.isfinite``: a symbolic float under ``torch.compile(dynamic=True)``
-    traces through comparisons)."""
-    if not (_is_number(value) and 0 < value < math.inf):
+    traces through comparisons; an int beyond the largest float is refused here, not by ``float()`` later)."""
+    if not (_is_number(value) and 0 < value <= sys.float_info.max):
         raise ValueError(f"{name} must be a positive finite number, got {_described(value)}{_not_a_number_hint(value)}")
 
 

@@ -24,11 +24,14 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     check_same_shape(label=label, reliable=reliable, target=target)
     check_positive_int(num_classes, "num_classes")
     check_int(ignore_index, "ignore_index")
+    # compared in int64, as confusion_matrix does: in a narrow dtype 255 or num_classes would wrap (an int8 255 is -1)
+    # and torch does not compare uint16 / uint32 / uint64 tensors
+    label, target = label.long(), target.long()
     valid = (target != ignore_index) & (label >= 0) & (label < num_classes)
     selected = valid & reliable
     correct = valid & (label == target)
     rows = torch.stack([valid, selected, correct, selected & correct]).reshape(4, -1)
-    index = torch.where(rows, label.reshape(1, -1).long(), num_classes)  # bin num_classes collects the rest
+    index = torch.where(rows, label.reshape(1, -1), num_classes)  # bin num_classes collects the rest
     counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device)
     counts.scatter_add_(1, index, torch.ones_like(index))
     return counts[:, :num_classes]

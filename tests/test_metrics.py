@@ -112,3 +112,22 @@ def test_counts_match_boolean_indexing_and_honour_ignore_index():
 def test_metrics_from_counts_needs_the_four_count_rows(counts, error):
     with pytest.raises(error, match="counts must be"):
         metrics_from_counts(counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                                   torch.uint64])
+def test_counts_are_the_same_in_every_integer_dtype(dtype):
+    """Label and target are compared in int64: in their own dtype the ignore value 255 or num_classes would wrap
+    (an int8 255 is -1, a uint8 256 is 0), and torch does not compare the wide unsigned dtypes at all."""
+    label = torch.tensor([[[0, 1, 2, 1], [0, 2, 1, 0]]])
+    target = torch.tensor([[[0, 1, 1, 100], [2, 2, 1, 0]]])
+    reliable = torch.tensor([[[True, False, True, True], [True, True, False, True]]])
+    for num_classes, ignore_index in ((3, 255), (3, 100), (256, 255), (3, 2**40)):
+        expected = pseudo_label_counts(label, reliable, target, num_classes, ignore_index=ignore_index)
+        for lab, tgt in ((label.to(dtype), target), (label, target.to(dtype)), (label.to(dtype), target.to(dtype))):
+            assert torch.equal(pseudo_label_counts(lab, reliable, tgt, num_classes, ignore_index=ignore_index),
+                               expected), (num_classes, ignore_index, lab.dtype, tgt.dtype)
+    # an int8 target of -1 is a wrong answer, not the ignore value 255
+    target_minus_one = torch.tensor([[[-1, 1]]], dtype=torch.int8)
+    counts = pseudo_label_counts(torch.tensor([[[0, 1]]]), torch.ones(1, 1, 2, dtype=torch.bool), target_minus_one, 2)
+    assert counts[0].tolist() == [1, 1] and counts[2].tolist() == [0, 1]

@@ -587,6 +587,7 @@ def test_triton_custom_op_registration_and_compile():
         (lambda z: (z, None, {"alpha": "8"}), ValueError, "alpha"),
         (lambda z: (z, None, {"alpha": True}), ValueError, r"alpha must be a positive finite number, got True"),
         (lambda z: (z, None, {"alpha": float("inf")}), ValueError, "alpha must be a positive finite number"),
+        (lambda z: (z, None, {"alpha": 10**400}), ValueError, "alpha must be a positive finite number, got 1000"),
         (lambda z: (z, None, {"alpha": torch.tensor(8.0)}), ValueError,
          r"alpha must be a positive finite number, got tensor\(8\.\) \(torch.Tensor\): a Python float is needed"),
         (lambda z: (z, None, {"alpha": np.float32(8)}), ValueError, r"numpy.float32\): a Python int or float is"),
