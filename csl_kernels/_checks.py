@@ -226,6 +226,37 @@ NOT_DIFFERENTIABLE = {
 }
 
 
+WEIGHT_IS_CONSTANT = ("weighted_cross_entropy: weight requires grad, but the loss treats the weights as constants (no "
+                      "backend returns their gradient): pass weight.detach(), or select from logits.detach() as "
+                      "pcos_weights(pred.detach(), ...) does")
+
+
+def register_cross_entropy_autograd(op, backward_op) -> None:
+    """The autograd formula of a fused backend's weighted cross-entropy op (``op``: the custom op or its qualified
+    name; outputs loss, lse, count): the logits' gradient by ``backward_op(grad_loss, logits, label, weight, valid,
+    lse, count)``. A weight that requires grad raises :data:`WEIGHT_IS_CONSTANT` (the public call refuses it before
+    the op; a direct caller of the op gets the same error, not a silent None gradient)."""
+
+    def setup_context(ctx, inputs, output):
+        logits, label, weight, valid = inputs
+        _, lse, count = output
+        ctx.save_for_backward(logits, label, weight, valid, lse, count)
+
+    def backward(ctx, grad_loss, grad_lse, grad_count):
+        # lse and count are auxiliary outputs for the backward pass; gradients flowing into them are not propagated
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError(WEIGHT_IS_CONSTANT)
+        grad = None
+        if ctx.needs_input_grad[0] and grad_loss is not None:
+            grad = backward_op(grad_loss, *ctx.saved_tensors)
+        return grad, None, None, None
+
+    if isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+    else:
+        op.register_autograd(backward, setup_context=setup_context)
+
+
 def register_not_differentiable(op, name: str) -> None:
     """Register an autograd formula for a fused op (``op``: a custom op or a qualified name) whose backward raises
     a clear error, as the reference cannot and a silent None / zero gradient must not."""

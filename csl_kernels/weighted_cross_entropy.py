@@ -8,7 +8,15 @@ import torch
 
 from . import _measured
 from ._backends import register
-from ._checks import as_valid, check_label, check_logits, check_weight, compute_dtype, pixel_validity
+from ._checks import (
+    WEIGHT_IS_CONSTANT,
+    as_valid,
+    check_label,
+    check_logits,
+    check_weight,
+    compute_dtype,
+    pixel_validity,
+)
 
 
 class CrossEntropyOutputs(NamedTuple):
@@ -92,9 +100,7 @@ def weighted_cross_entropy(
     check_label(label, logits)
     check_weight(weight, logits)
     if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("weighted_cross_entropy: weight requires grad, but the loss treats the weights as "
-                           "constants (no backend returns their gradient): pass weight.detach(), or select from "
-                           "logits.detach() as pcos_weights(pred.detach(), ...) does")
+        raise RuntimeError(WEIGHT_IS_CONSTANT)
     mask = pixel_validity(logits, ignore, valid)
 
     def forward_backward(fn):  # what a training step runs: the loss and its gradient, also from a no-grad call

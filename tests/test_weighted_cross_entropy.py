@@ -337,6 +337,22 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
     assert not grad.cpu().movedim(1, -1)[~used.cpu()].any()  # NaN would count as non-zero
 
 
+def test_custom_op_refuses_a_weight_gradient(fused_backend):
+    """Called as a custom op (as torch.compile records it), a weight that requires grad raises in backward with the
+    public call's message: the op has no gradient for it, and a None there would pass for one."""
+    device = require_backend(OP, fused_backend)
+    namespace = torch.ops.csl_triton if fused_backend == "triton" else torch.ops.csl
+    op = namespace.weighted_cross_entropy
+    z, label, weight, _ = make_case(13, batch=1, classes=5, height=3, width=4, dtype=torch.float32, poison=False,
+                                    device=device)
+    z = z.detach().requires_grad_()
+    loss = op(z, label, weight.clone().requires_grad_(), None)[0]
+    with pytest.raises(RuntimeError, match=r"weight requires grad.*weight\.detach\(\)"):
+        torch.autograd.grad(loss, z)
+    (grad,) = torch.autograd.grad(op(z, label, weight, None)[0], z)
+    assert grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("shape", [(2, 21, 33, 65), (1, 150, 9, 11)])
 def test_bitwise_deterministic(fused_backend, shape):
     device = require_backend(OP, fused_backend)

@@ -12,7 +12,7 @@ import threading
 import torch
 
 from .._backends import register
-from .._checks import NOT_DIFFERENTIABLE, register_not_differentiable
+from .._checks import NOT_DIFFERENTIABLE, register_cross_entropy_autograd, register_not_differentiable
 from .._eager import below_autograd_call, fused_cross_entropy, op_or_launch
 from ..confusion_matrix import confusion_matrix_outputs_like
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
@@ -55,22 +55,7 @@ def register_python_parts() -> None:
         def _(pred, target, num_classes, ignore_index):
             return confusion_matrix_outputs_like(pred, num_classes)
 
-        def setup_context(ctx, inputs, output):
-            logits, label, weight, valid = inputs
-            _, lse, count = output
-            ctx.save_for_backward(logits, label, weight, valid, lse, count)
-
-        def backward(ctx, grad_loss, grad_lse, grad_count):
-            # lse and count are auxiliary outputs for this backward pass; gradients flowing into them are not
-            # propagated.
-            logits, label, weight, valid, lse, count = ctx.saved_tensors
-            grad = None
-            if ctx.needs_input_grad[0] and grad_loss is not None:
-                grad = torch.ops.csl.weighted_cross_entropy_backward(grad_loss, logits, label, weight, valid, lse,
-                                                                     count)
-            return grad, None, None, None
-
-        torch.library.register_autograd("csl::weighted_cross_entropy", backward, setup_context=setup_context)
+        register_cross_entropy_autograd("csl::weighted_cross_entropy", torch.ops.csl.weighted_cross_entropy_backward)
         for name in NOT_DIFFERENTIABLE:
             register_not_differentiable(f"csl::{name}", name)
         _registered = True

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._backends import register
-from .._checks import compute_dtype, register_not_differentiable
+from .._checks import compute_dtype, register_cross_entropy_autograd, register_not_differentiable
 from .._eager import fused_cross_entropy, under_torch_func
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
@@ -326,22 +326,7 @@ def _(grad_loss, logits, label, weight, valid, lse, count):
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, label, weight, valid = inputs
-    _, lse, count = output
-    ctx.save_for_backward(logits, label, weight, valid, lse, count)
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_count):
-    # lse and count are auxiliary outputs for the backward pass; gradients flowing into them are not propagated.
-    logits, label, weight, valid, lse, count = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0] and grad_loss is not None:
-        grad = _wce_backward(grad_loss, logits, label, weight, valid, lse, count)
-    return grad, None, None, None
-
-
-_wce_forward.register_autograd(_backward, setup_context=_setup_context)
+register_cross_entropy_autograd(_wce_forward, _wce_backward)
 
 
 @register("weighted_cross_entropy", "triton")
