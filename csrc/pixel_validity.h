@@ -25,7 +25,7 @@ struct PixelValidity {
   C10_HOST_DEVICE bool operator()(int64_t i) const {
     switch (kind) {
       case kMask:
-        return static_cast<const bool*>(data)[i];
+        return static_cast<const uint8_t*>(data)[i] != 0;  // any nonzero byte is True, as in PyTorch's own ops
       case kUInt8:
         return static_cast<const uint8_t*>(data)[i] != kIgnoreIndex;
       case kInt16:

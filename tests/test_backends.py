@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import child_limit, require_backend, skip_or_fail
+from conftest import FUSED_BACKENDS, child_limit, require_backend, skip_or_fail
 
 import csl_kernels
 from csl_kernels import _backends
@@ -399,6 +399,48 @@ def test_an_int8_ignore_map_cannot_hold_255():
     with pytest.raises(TypeError, match="int8, which cannot hold the ignore value 255"):
         valid_mask(z, ignore)
     assert valid_mask(z, ignore.to(torch.int16)).all()  # -1 is a valid pixel's value, not the ignore value
+
+
+@pytest.mark.parametrize("op", ["residual_features", "pcos_weights", "weighted_cross_entropy", "trusted_mask"])
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+def test_a_bool_mask_is_true_wherever_its_byte_is_nonzero(backend, op):
+    """A bool mask viewed from bytes other than 0 / 1 (``uint8_map.view(torch.bool)``, zero-copy from a 0 / 255 PNG
+    mask) means what PyTorch's own ops take it to mean: every nonzero byte True. Outputs are the canonical mask's,
+    and the bool outputs hold 0 / 1 (the C++ kernels once added the bytes up as the valid count, and used them as
+    the masked images' bit mask)."""
+    device = require_backend(op, backend)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 5, 7, 9, generator=g).to(device)
+    byte_choices = torch.tensor([0, 1, 2, 255], dtype=torch.uint8)
+    raw = byte_choices[torch.randint(0, 4, (2, 7, 9), generator=g)].to(device)
+    odd, canonical = raw.view(torch.bool), raw != 0
+    assert odd.view(torch.uint8).max() == 255 and canonical.view(torch.uint8).max() == 1
+
+    def call(mask):
+        if op == "trusted_mask":
+            images = torch.rand(2, 3, 7, 9, generator=g).to(device)
+            gen = torch.Generator(device=device).manual_seed(9)
+            return csl_kernels.trusted_mask(images, mask, block=2, rate=0.7, generator=gen, backend=backend)
+        if op == "weighted_cross_entropy":
+            label = z.argmax(dim=1)
+            weight = torch.rand(2, 7, 9, generator=g).to(device)
+            leaf = z.clone().requires_grad_()
+            loss = csl_kernels.weighted_cross_entropy(leaf, label, weight, valid=mask, backend=backend)
+            loss.backward()
+            return loss.detach(), leaf.grad
+        return getattr(csl_kernels, op)(z, valid=mask, backend=backend)
+
+    state = g.get_state()
+    expected = call(canonical)
+    g.set_state(state)
+    got = call(odd)
+    for name, a, b in zip(range(len(expected)), got, expected, strict=True):
+        if a is None:  # pcos_weights' stats, not asked for
+            assert b is None
+            continue
+        if a.dtype == torch.bool:
+            assert a.view(torch.uint8).max() <= 1, name
+        assert torch.equal(a, b), name
 
 
 _FRESH_PROCESS = """

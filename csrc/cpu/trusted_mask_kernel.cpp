@@ -30,7 +30,7 @@ struct BitsOf<8> {
   using type = uint64_t;
 };
 
-// dst[x] = cover[x] ? fill : src[x] for a contiguous row, as a bit select (no branch, vectorised; bf16 / half
+// dst[x] = cover[x] ? fill : src[x] for a contiguous row (cover 0 / 1), as a bit select (no branch, vectorised; bf16 / half
 // included, whose conversions are not needed to copy them).
 template <typename scalar_t>
 void masked_row(const scalar_t* __restrict src, const uint8_t* __restrict cover, int64_t n, scalar_t fill,
@@ -58,9 +58,11 @@ std::tuple<at::Tensor, at::Tensor> trusted_mask_cpu(const at::Tensor& images, co
     return {masked, cover};
   }
   const at::Tensor cells_c = cells.contiguous(), reliable_c = reliable.contiguous();  // small B x H x W maps
-  const bool* cells_ptr = cells_c.data_ptr<bool>();
-  const bool* reliable_ptr = reliable_c.data_ptr<bool>();
-  bool* cover_ptr = cover.data_ptr<bool>();
+  // The boolean maps are read as bytes, any nonzero byte True (as in PyTorch's own ops: a mask viewed from a 0 / 255
+  // uint8 map holds 255); cover is written 0 / 1.
+  const uint8_t* cells_ptr = reinterpret_cast<const uint8_t*>(cells_c.const_data_ptr<bool>());
+  const uint8_t* reliable_ptr = reinterpret_cast<const uint8_t*>(reliable_c.const_data_ptr<bool>());
+  uint8_t* cover_ptr = reinterpret_cast<uint8_t*>(cover.data_ptr<bool>());
   // Nearest upsampling: pixel column x lies in cell column floor(x * gw / W); cell column c spans the pixel columns
   // [col_begin[c], col_begin[c + 1]) (empty when gw > W).
   std::vector<int64_t> col_begin(gw + 1, width);
@@ -81,25 +83,27 @@ std::tuple<at::Tensor, at::Tensor> trusted_mask_cpu(const at::Tensor& images, co
     at::parallel_for(0, batch * height, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / height, y = row % height;
-        const bool* cell_row = cells_ptr + (b * gh + y * gh / height) * gw;
-        const bool* reliable_row = reliable_ptr + row * width;
-        bool* cover_row = cover_ptr + row * width;
+        const uint8_t* cell_row = cells_ptr + (b * gh + y * gh / height) * gw;
+        const uint8_t* reliable_row = reliable_ptr + row * width;
+        uint8_t* cover_row = cover_ptr + row * width;
         for (int64_t c = 0; c < gw; ++c) {
-          const int64_t x0 = col_begin[c], n = col_begin[c + 1] - x0;
-          if (cell_row[c]) {
-            std::memcpy(cover_row + x0, reliable_row + x0, n * sizeof(bool));
+          const int64_t x0 = col_begin[c], x1 = col_begin[c + 1];
+          if (cell_row[c] != 0) {
+            for (int64_t x = x0; x < x1; ++x) {
+              cover_row[x] = reliable_row[x] != 0;
+            }
           } else {
-            std::memset(cover_row + x0, 0, n * sizeof(bool));
+            std::memset(cover_row + x0, 0, x1 - x0);
           }
         }
         for (int64_t k = 0; k < channels; ++k) {
           const scalar_t* src = in + b * is0 + k * is1 + y * is2;
           scalar_t* dst = out + b * os0 + k * os1 + y * os2;
           if (is3 == 1 && os3 == 1) {
-            masked_row(src, reinterpret_cast<const uint8_t*>(cover_row), width, fill_value, dst);
+            masked_row(src, cover_row, width, fill_value, dst);
           } else {
             for (int64_t x = 0; x < width; ++x) {
-              dst[x * os3] = cover_row[x] ? fill_value : src[x * is3];
+              dst[x * os3] = cover_row[x] != 0 ? fill_value : src[x * is3];
             }
           }
         }

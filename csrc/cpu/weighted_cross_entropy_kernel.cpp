@@ -36,7 +36,7 @@ int64_t count_valid(const PixelValidity& validity, int64_t total) {
   const auto not_ignored = [](auto value) { return static_cast<int64_t>(value) != kIgnoreIndex; };
   switch (validity.kind) {
     case PixelValidity::kMask:
-      return count_kept<bool>(validity.data, total, [](bool value) { return value; });
+      return count_kept<uint8_t>(validity.data, total, [](uint8_t value) { return value != 0; });
     case PixelValidity::kUInt8:
       return count_kept<uint8_t>(validity.data, total, not_ignored);
     case PixelValidity::kInt16:

@@ -18,13 +18,14 @@ struct ImageStrides {
 
 template <typename scalar_t>
 __global__ void trusted_mask_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
-                                    const bool* __restrict__ cells, const bool* __restrict__ reliable,
+                                    const uint8_t* __restrict__ cells, const uint8_t* __restrict__ reliable,
                                     bool* __restrict__ cover, int64_t total, int64_t channels, int64_t height,
                                     int64_t width, int64_t gh, int64_t gw, ImageStrides si, ImageStrides so,
                                     scalar_t fill) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / (height * width), p = i - b * height * width, y = p / width, x = p - y * width;
-    const bool c = cells[(b * gh + y * gh / height) * gw + x * gw / width] && reliable[i];
+    // the boolean maps read as bytes, any nonzero byte True (as in PyTorch's own ops); cover is written 0 / 1
+    const bool c = cells[(b * gh + y * gh / height) * gw + x * gw / width] != 0 && reliable[i] != 0;
     cover[i] = c;
     const scalar_t* src = in + b * si.b + y * si.h + x * si.w;
     scalar_t* dst = out + b * so.b + y * so.h + x * so.w;
@@ -51,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor> trusted_mask_cuda(const at::Tensor& images, c
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "trusted_mask_cuda", [&] {
     trusted_mask_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-        images.const_data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(), cells_c.const_data_ptr<bool>(),
-        reliable_c.const_data_ptr<bool>(), cover.data_ptr<bool>(), total, channels, height, width, cells.size(1),
+        images.const_data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(),
+        reinterpret_cast<const uint8_t*>(cells_c.const_data_ptr<bool>()),
+        reinterpret_cast<const uint8_t*>(reliable_c.const_data_ptr<bool>()), cover.data_ptr<bool>(), total, channels, height, width, cells.size(1),
         cells.size(2), si, so, static_cast<scalar_t>(fill));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
