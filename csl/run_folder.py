@@ -7,7 +7,8 @@ start has built its data and model: a start that fails puts them back (also the 
 succeeds deletes them. Only files this package writes are replaced: a ``config.yaml`` it did not write (a user's
 ``--config`` file in ``output_dir``) is refused, and in ``tb/`` only TensorBoard event files are moved. While a run
 trains, ``.csl.lock`` names its process, host and start time; a second trainer on the same folder stops with that name.
-A lock left by a process that no longer runs (on this host) is taken over with a warning.
+A lock left by a process that no longer runs (on this host: its process id is free, or taken by a process started
+later, as a container's restarted trainer is PID 1 again) is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -70,6 +71,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc/<pid>/stat, field 22); None where
+    unknown. With the boot id it tells a process from a later one given the same id: after a crash in a container
+    the restarted trainer is often PID 1 again, as the crashed one was."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        return int(fields[19])  # field 22; the list starts at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 class RunLock:
     """``.csl.lock`` in a run folder, held from :func:`claim_run_folder` until :meth:`release` (or exit); it knows
     whether a replaced run waits in :data:`REPLACED_DIR` (:meth:`discard_replaced` / :meth:`restore_replaced`)."""
@@ -92,7 +113,9 @@ class RunLock:
             self.replaced = None
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        pid = os.getpid()
+        me = {"pid": pid, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "boot": _boot_id(), "process_start": _process_start(pid)}
         for _ in range(2):
             try:
                 self._create(json.dumps(me))
@@ -145,7 +168,16 @@ class RunLock:
 
     @staticmethod
     def _stale(holder: dict) -> bool:
-        return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
+        """The holder ran on this host and is gone: its process id is free, or taken by another process (one started
+        at another time, or since a reboot). A lock of another host is never stale here."""
+        if holder.get("host") != socket.gethostname():
+            return False
+        pid = int(holder.get("pid", -1))
+        if not _process_alive(pid):
+            return True
+        if holder.get("boot") is not None and holder["boot"] != _boot_id():
+            return True
+        return holder.get("process_start") is not None and holder["process_start"] != _process_start(pid)
 
     def release(self) -> None:
         if self.held:

@@ -85,6 +85,31 @@ def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_a_lock_whose_process_id_was_taken_again_is_stale(tmp_path):
+    """After a crash in a container the restarted trainer is often PID 1 again, and the crashed one's lock names a
+    live process (itself, or the host's init): the lock's process start time and boot id tell the two apart."""
+    from csl.run_folder import RunLock, _boot_id, _process_start
+
+    if _process_start(os.getpid()) is None or _boot_id() is None:
+        pytest.skip("no /proc/<pid>/stat or boot id on this system: a live process id is taken as the holder")
+    me = {"pid": os.getpid(), "host": os.uname().nodename, "started": "earlier"}
+    lock_file = tmp_path / LOCK_NAME
+    for holder, stale in (({**me, "boot": _boot_id(), "process_start": _process_start(os.getpid())}, False),
+                          ({**me, "boot": _boot_id(), "process_start": _process_start(os.getpid()) - 1}, True),
+                          ({**me, "boot": "another boot", "process_start": _process_start(os.getpid())}, True),
+                          (me, False),  # a lock of an earlier version: a live process id holds it
+                          ({**me, "host": "another-host", "process_start": 0}, False)):
+        lock_file.write_text(json.dumps(holder))
+        lock = RunLock(str(tmp_path))
+        if stale:
+            lock.acquire()
+            assert json.loads(lock_file.read_text())["process_start"] == _process_start(os.getpid())
+            lock.release()
+        else:
+            with pytest.raises(RunFolderError, match="in use by process"):
+                lock.acquire()
+
+
 def test_best_is_written_before_latest(tmp_path, monkeypatch):
     """A kill after the first checkpoint write of an improving epoch leaves best.pt, not only latest.pt."""
     trainer = Trainer(config(tmp_path))
