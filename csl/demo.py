@@ -313,10 +313,14 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     configuration are reused (or continued), see :func:`run_stage`; ``fresh=True`` starts every run anew."""
     from .trainer import train
 
-    methods = methods or ["supervised", "threshold", "csl"]
+    methods = ["supervised", "threshold", "csl"] if methods is None else list(methods)
+    if not methods:
+        raise ValueError(f"no demo method named; choose from {sorted(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown demo method {m!r}; choose from {sorted(METHODS)}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"demo methods named more than once: {','.join(methods)} (each trains one stage folder)")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 iterations, got {warmup}")
     if iters is not None and iters < 1:  # said before the warm-up, not after it

@@ -287,6 +287,15 @@ def test_demo_refuses_zero_iterations_before_the_warm_up(tmp_path, capsys):
     assert not (tmp_path / "d" / "warmup").exists()
 
 
+@pytest.mark.parametrize(("methods", "said"), [(",", "no demo method named"),
+                                               ("csl,threshold,csl", "demo methods named more than once"),
+                                               ("csl,fixmatch", "unknown demo method 'fixmatch'")])
+def test_demo_refuses_a_method_list_it_cannot_train_before_the_warm_up(tmp_path, capsys, methods, said):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--methods", methods, *TINY]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "d" / "warmup").exists()
+
+
 def test_demo_prints_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--iters", "2", "--warmup", "2", *TINY,
                  "train.iters_per_epoch=2"]) == 0
