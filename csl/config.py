@@ -221,6 +221,8 @@ def resolve_config_path(path_or_name: str) -> str:
     bundled = os.path.join(CONFIG_DIR, os.path.basename(name))
     if os.path.dirname(path_or_name) in ("", ".") and os.path.isfile(bundled):
         return bundled
+    if os.path.isdir(path_or_name):
+        raise ConfigError(f"config {path_or_name!r} is a folder; give a YAML file (a run folder's is config.yaml)")
     available = sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
     raise ConfigError(f"config file not found: {path_or_name!r} (bundled configs: {', '.join(available)})")
 
@@ -390,6 +392,9 @@ def validate(cfg: dict) -> dict:
         for key, low in least.items():
             _require(syn[key] >= low, f"data.synthetic.{key} must be >= {low}"
                      f"{' with train.mode=semi' if key == 'num_unlabeled' else ''}, got {syn[key]}")
+    _require(cfg["output_dir"].strip() != "", "output_dir must name a folder, got an empty string")
+    # seed + a stream number seeds torch generators, which take at most 2**64 - 1
+    _require(0 <= cfg["seed"] < 2**63, f"seed must be in [0, 2**63), got {cfg['seed']}")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")
@@ -404,9 +409,9 @@ def validate(cfg: dict) -> dict:
              f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {d['scale_range']}")
     for key in ("mean", "std"):
         if d[key] is not None:
-            _require(len(d[key]) == 3 and all(isinstance(x, (int, float)) for x in d[key]),
+            _require(len(d[key]) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d[key]),
                      f"data.{key} must be 3 numbers, got {d[key]}")
-    _require(len(cfg["model"]["dilations"]) == 3 and all(isinstance(x, int) and x > 0
+    _require(len(cfg["model"]["dilations"]) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
                                                          for x in cfg["model"]["dilations"]),
              f"model.dilations must be three positive integers, got {cfg['model']['dilations']}")
     _require(cfg["model"]["stem"] == "torchvision" or cfg["model"]["backbone"] in ("resnet50", "resnet101"),
@@ -478,6 +483,8 @@ def load_yaml(path: str) -> dict:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {_yaml_error(e)}") from None
+    except UnicodeDecodeError:  # a checkpoint or an image given as --config
+        raise ConfigError(f"{path} is not a YAML config (not UTF-8 text); a checkpoint goes to --checkpoint") from None
     if raw is None:  # an empty file, or comments only: not a config of defaults, which would train ResNet-101
         raise ConfigError(f"{path} holds no settings (empty, or comments only); give a config with at least "
                           f"data.dataset, or --config demo / camvid / voc_321 / ... for a bundled one")

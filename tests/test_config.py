@@ -94,6 +94,11 @@ def test_yaml_file_and_overrides(tmp_path):
     ("data.synthetic.num_val=0", "data.synthetic.num_val must be >= 1, got 0"),
     ("data.synthetic.size=10", "data.synthetic.size must be >= 16, got 10"),
     ("data.synthetic.seed=-1", "data.synthetic.seed must be >= 0, got -1"),
+    ("output_dir=''", "output_dir must name a folder, got an empty string"),
+    ("seed=-1", "seed must be in [0, 2**63), got -1"),
+    ("seed=18446744073709551615", "seed must be in [0, 2**63), got 18446744073709551615"),
+    ("model.dilations=[true,12,18]", "model.dilations must be three positive integers"),
+    ("data.mean=[true,0,0]", "data.mean must be 3 numbers"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError, match=_escape(message)):
@@ -109,6 +114,12 @@ def _escape(text: str) -> str:
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="is a folder; give a YAML file"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "best.pt"
+    binary.write_bytes(b"PK\x03\x04\x80\xff" * 20)
+    with pytest.raises(ConfigError, match=r"best\.pt is not a YAML config \(not UTF-8 text\)"):
+        load_config(str(binary))
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
