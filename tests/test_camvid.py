@@ -137,6 +137,8 @@ def test_split_writer_refuses_what_would_leak_or_replace_a_split(tmp_path):
         write_splits(str(listing), str(tmp_path / "dup"), ["1/4"])
     assert not (tmp_path / "dup").exists()
     listing.write_text("".join(f"{a} {b}\n" for a, b in items))
+    with pytest.raises(ValueError, match=r"the split seed \(--seed\) must be an int >= 0, got -1"):
+        write_splits(str(listing), str(tmp_path / "seed"), ["1/4"], seed=-1)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):  # a bad later fraction: nothing written
         write_splits(str(listing), str(tmp_path / "partial"), ["1/4", "1"])
     assert not (tmp_path / "partial").exists()

@@ -221,7 +221,7 @@ def test_cut_short_images_stop_the_run_at_its_start(tmp_path, capsys):
     assert main([*args, f"output_dir={tmp_path / 'cut_unlabeled'}"]) == 2
     err = capsys.readouterr().err
     assert "1 of the 3 unlabeled image files cannot be read to their end" in err
-    assert unlabeled[1] in err and f"item 1 of {info['unlabeled_list']}" in err and "truncated" in err
+    assert unlabeled[1] in err and f"{info['unlabeled_list']}:2" in err and "truncated" in err
     with open(unlabeled[1], "wb") as f:
         f.write(whole)
     labeled_img = os.path.join(info["root"], read_split(info["labeled_list"])[0][0])
@@ -231,7 +231,7 @@ def test_cut_short_images_stop_the_run_at_its_start(tmp_path, capsys):
         f.write(whole[: len(whole) // 2])
     assert main([*args, f"output_dir={tmp_path / 'cut_labeled'}"]) == 2
     err = capsys.readouterr().err
-    assert f"item 0 of {info['labeled_list']}" in err and "truncated" in err
+    assert f"{info['labeled_list']}:1: " in err and "truncated" in err
     assert not os.path.exists(tmp_path / "cut_labeled" / "latest.pt")
 
 

@@ -23,7 +23,7 @@ from csl.data import (
     seed_worker,
     write_synthetic_folder,
 )
-from csl.data.datasets import LabeledDataset, ListSource
+from csl.data.datasets import LabeledDataset, ListSource, split_line_numbers
 from csl.data.transforms import WeakAugment, image_to_tensor, image_to_uint8, labels_to_tensor, to_float
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -183,8 +183,14 @@ def test_missing_files_and_roots_are_named(tmp_path):
 
     img_rel, mask_rel = read_split(info["labeled_list"])[2]
     os.remove(os.path.join(info["root"], mask_rel))
+    # errors point at the list's line, counted as an editor counts it (a comment and a blank line before the items)
+    with open(info["labeled_list"]) as f:
+        listed = f.read()
+    with open(info["labeled_list"], "w") as f:
+        f.write("# labeled images\n\n" + listed)
     src = ListSource(info["root"], info["labeled_list"], 5, 255)
-    with pytest.raises(FileNotFoundError, match=rf"{mask_rel}.*item 2 of"):
+    assert split_line_numbers(info["labeled_list"])[2] == 5
+    with pytest.raises(FileNotFoundError, match=rf"{mask_rel} \({info['labeled_list']}:5\)"):
         src.load(2)
     with pytest.raises(ValueError, match=mask_rel):
         src.validate(progress=False)
@@ -532,13 +538,13 @@ def test_a_missing_cityscapes_or_voc_mask_says_how_to_make_it(tmp_path):
     os.remove(os.path.join(info["root"], read_split(info["labeled_list"])[1][1]))
     src = build_datasets({"dataset": "cityscapes", "root": info["root"], "split_dir": info["split_dir"]}
                          ).labeled.source
-    with pytest.raises(FileNotFoundError, match=r"labelTrainIds.*item 1 of.*createTrainIdLabelImgs"):
+    with pytest.raises(FileNotFoundError, match=r"labelTrainIds.*labeled.txt:2\).*createTrainIdLabelImgs"):
         src.load(1)
     voc = write_synthetic_folder(str(tmp_path / "v"), layout="pascal", num_labeled=2, num_unlabeled=1, num_val=1,
                                  size=24)
     os.remove(os.path.join(voc["root"], read_split(voc["labeled_list"])[0][1]))
     src_voc = build_datasets({"dataset": "pascal", "root": voc["root"], "split_dir": voc["split_dir"]}).labeled.source
-    with pytest.raises(FileNotFoundError, match=r"SegmentationClass.*item 0 of.*SBD-augmented masks "
+    with pytest.raises(FileNotFoundError, match=r"SegmentationClass.*labeled.txt:1\).*SBD-augmented masks "
                                                 r"\(SegmentationClassAug\) under the name SegmentationClass"):
         src_voc.load(0)
     with pytest.raises(ValueError, match=r"createTrainIdLabelImgs"):
@@ -563,8 +569,8 @@ def test_an_image_zeroed_after_its_start_is_a_listed_error(tmp_path):
     with pytest.raises(SyntaxError, match="broken PNG file"):  # what PIL raises for it
         Image.open(path).load()
     src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
-    with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\).*item 1 of .*broken PNG file"):
+    with pytest.raises(ValueError, match=r"(?s)1 bad item\(s\).*labeled.txt:2: .*broken PNG file"):
         src.validate(progress=False)
-    with pytest.raises(ValueError, match=rf"cannot read image .*{img_rel}.*\(item 1 of "):
+    with pytest.raises(ValueError, match=rf"cannot read image .*{img_rel}.*\(.*labeled.txt:2\)"):
         src.load(1)
     assert src.damaged_images() and img_rel in src.damaged_images()[0]

@@ -12,6 +12,7 @@ holds generated scenes. The views wrap a source:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -50,9 +51,21 @@ def read_split(path: str) -> SplitItems:
     Blank lines and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is read past. Paths cannot hold
     whitespace (UniMatch's format splits on it). Returns ``[(img_path, mask_path or None), ...]``.
     """
+    return [item for _, item in _read_split_lines(path)]
+
+
+def split_line_numbers(path: str) -> list[int]:
+    """The line number (from 1) of each item :func:`read_split` returns, for messages that point into the file."""
+    return [lineno for lineno, _ in _read_split_lines(path)]
+
+
+def _read_split_lines(path: str) -> list[tuple[int, tuple[str, str | None]]]:
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"split file {os.path.abspath(path)} is a folder; give its list file (e.g. "
+                                    f"labeled.txt)")
         raise FileNotFoundError(f"split file not found: {os.path.abspath(path)}")
-    items: SplitItems = []
+    lines = []
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -62,10 +75,10 @@ def read_split(path: str) -> SplitItems:
             if len(parts) > 2 or (len(parts) == 2 and parts[1].lower().endswith(_LOSSY_IMAGE_SUFFIXES)):
                 raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]' (paths without whitespace), got "
                                  f"{len(parts)} fields{' (a JPEG is no mask)' if len(parts) == 2 else ''}: {line!r}")
-            items.append((parts[0], parts[1] if len(parts) == 2 else None))
-    if not items:
+            lines.append((lineno, (parts[0], parts[1] if len(parts) == 2 else None)))
+    if not lines:
         raise ValueError(f"split file {path} lists no images")
-    return items
+    return lines
 
 
 def split_text(items: SplitItems) -> str:
@@ -248,6 +261,7 @@ class ListSource:
             raise ValueError(f"scale must be in (0, 4], got {scale}")
         self.root, self.list_path = root, list_path
         self.items = read_split(list_path) if items is None else items
+        self._read_from_list = items is None  # errors name the list's line; else the item's number
         # ignore_index: the value of the files; every mask this source returns has IGNORE_INDEX there instead.
         self.num_classes, self.file_ignore_index, self.ignore_index = num_classes, ignore_index, IGNORE_INDEX
         self.ignore_labels = tuple(self.void_labels if ignore_labels is None else (int(v) for v in ignore_labels))
@@ -268,7 +282,12 @@ class ListSource:
         return len(self.items)
 
     def _where(self, index: int) -> str:
-        return f"item {index} of {self.list_path}"
+        """Where item ``index`` comes from: ``<list>:<line>`` as the split file's own errors say it (an error path
+        only, so the file is read again), or ``item <n> of <source>`` (from 1) for items not read from a file."""
+        if self._read_from_list:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                return f"{self.list_path}:{split_line_numbers(self.list_path)[index]}"
+        return f"item {index + 1} of {self.list_path}"
 
     def image_path(self, index: int) -> str:
         return os.path.join(self.root, self.items[index][0])

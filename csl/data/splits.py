@@ -56,6 +56,8 @@ def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0, overwri
     could land in both parts). A split file that exists with other content (another seed or list) is an error
     unless ``overwrite``: a run trained on it would otherwise be analysed on other images. Each file is replaced
     atomically."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the split seed (--seed) must be an int >= 0, got {seed!r}")
     items = read_split(list_path)
     if not all(mask is not None for _, mask in items):
         raise ValueError(f"{list_path}: every line needs a mask path to make a labeled split")
