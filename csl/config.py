@@ -300,6 +300,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         allowed = _OPTIONAL_TYPES.get(key, (str, int, float, bool, list))
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if int in allowed and float not in allowed and isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e4 (YAML reads it as a float), as the keys whose default is an int take it
         if isinstance(value, tuple) and list in allowed:
             value = list(value)
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):

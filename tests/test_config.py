@@ -59,6 +59,10 @@ def test_overrides_are_typed_and_applied():
     assert cfg["seed"] == 7
     assert cfg["train"]["lambda_m"] == 1.0 and isinstance(cfg["train"]["lambda_m"], float)
     assert build_config({}, {"train.batch_size": 4})["train"]["batch_size"] == 4
+    # a whole number written as a float (YAML reads 1e4 as one) is an int, with a default or without
+    cfg = build_config({}, ["train.iters=1e4", "train.epochs=1e2", "data.num_classes=4.0"])
+    assert (cfg["train"]["iters"], cfg["train"]["epochs"], cfg["data"]["num_classes"]) == (10000, 100, 4)
+    assert all(isinstance(v, int) for v in (cfg["train"]["iters"], cfg["data"]["num_classes"]))
 
 
 def test_yaml_file_and_overrides(tmp_path):
