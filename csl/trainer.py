@@ -457,11 +457,21 @@ class Trainer:
             "config": self.cfg,
         }
 
+    def _rank_state(self) -> dict:
+        """What differs between ranks besides the random streams: the BatchNorm running statistics where each
+        process keeps its own (CPU, between evaluations), and the sums of the log window and of the epoch's
+        pseudo-labels. ``model`` / ``window`` / ``epoch_acc`` of a checkpoint are rank 0's."""
+        return {"buffers": {k: v.detach().cpu() for k, v in self.bare_model.named_buffers()},
+                "window": self.window.state_dict(), "epoch_acc": self.epoch_acc.state_dict()}
+
     def save(self, names: tuple[str, ...] = (LATEST,)) -> None:
         rng = all_gather_objects(capture_rng({"step": self.generator}))  # every rank takes part
+        ranks = all_gather_objects(self._rank_state()) if self.env.world_size > 1 else None
         if self.env.is_main:
             payload = self.state_dict()
             payload["rng"] = rng
+            if ranks is not None:
+                payload["ranks"] = ranks
             for name in names:
                 atomic_save(payload, os.path.join(self.output_dir, name))
         barrier()
@@ -524,8 +534,15 @@ class Trainer:
             log.warning("resuming %s: seed was %s, now %s; the samplers' order and augmentations follow the seed, so "
                         "the run will not continue exactly (seed=%s continues it)", path, saved_seed,
                         self.cfg["seed"], saved_seed)
-        for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters),
-                          ("world_size", self.env.world_size), ("batch_size", self.batch_size)):
+        for key, mine in (("world_size", self.env.world_size), ("batch_size", self.batch_size)):
+            if ckpt.get(key, mine) != mine:  # the samplers' positions are counted per process and batch
+                raise ConfigError(
+                    f"{path} was trained with {key} {ckpt[key]}, this run has {mine}: its sampler positions, epochs "
+                    f"and per-process statistics do not carry over to another {key}. Resume with "
+                    + (f"{ckpt[key]} processes (torchrun --nproc_per_node / --nnodes)" if key == "world_size" else
+                       f"train.batch_size={ckpt[key]}")
+                    + f", or start a new output_dir with train.init_from={path} (its weights, a fresh optimizer)")
+        for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters)):
             if ckpt.get(key) != mine:
                 log.warning("resuming %s: %s was %s, now %s; the run will not continue exactly", path, key,
                             ckpt.get(key), mine)
@@ -545,6 +562,14 @@ class Trainer:
         self.pending_eval = ckpt.get("pending_eval")
         self.window.load_state_dict(ckpt["window"], self.device)
         self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
+        ranks = ckpt.get("ranks")
+        if ranks is not None and len(ranks) == self.env.world_size:
+            mine = ranks[self.env.rank]
+            with torch.no_grad():
+                for name, buffer in self.bare_model.named_buffers():
+                    buffer.copy_(mine["buffers"][name])
+            self.window.load_state_dict(mine["window"], self.device)
+            self.epoch_acc.load_state_dict(mine["epoch_acc"], self.device)
         # A checkpoint from before the soft weights' sums were kept: this epoch's weighted metrics would cover only
         # the iterations after the resume, so they are left out of its record.
         self.weighted_partial = "pl_counts" in self.epoch_acc.sums and "pl_weighted" not in self.epoch_acc.sums
@@ -728,10 +753,11 @@ class Trainer:
         keys = [k for k in LOSS_KEYS if k in self.window.sums]
         ratio_keys = ["weight_sum", "valid"] if "valid" in self.window.sums else []
         stacked = torch.stack([self.window.sums[k] for k in keys + ratio_keys])  # float64 sums
-        # Which losses are non-finite on any rank: every rank stops at the same iteration (one rank stopping alone
-        # would leave the others waiting in the next step's collectives).
-        non_finite = all_reduce_sum((~torch.isfinite(stacked[: len(keys)])).to(stacked.dtype))
-        host = torch.cat([stacked, non_finite]).cpu().tolist()  # the only sync per interval
+        # Summed over ranks in one collective: the losses (their mean over ranks is the global batch's), the mask
+        # ratio's sums, and which losses are non-finite on any rank: every rank stops at the same iteration (one
+        # rank stopping alone would leave the others waiting in the next step's collectives).
+        non_finite = (~torch.isfinite(stacked[: len(keys)])).to(stacked.dtype)
+        host = all_reduce_sum(torch.cat([stacked, non_finite])).cpu().tolist()  # the only sync per interval
         values, ratio, non_finite = host[: len(keys)], host[len(keys): -len(keys)], host[-len(keys):]
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"]}
@@ -741,7 +767,7 @@ class Trainer:
                 f"the training loss ({', '.join(bad)}) became NaN / inf within iterations "
                 f"{self.iteration - n + 1}-{self.iteration}; stopped without saving this state ({self._last_good()}). "
                 f"Lower train.lr, use train.amp=fp32, or check the input data")
-        record.update({k: v / n for k, v in zip(keys, values, strict=True)})
+        record.update({k: v / (n * self.env.world_size) for k, v in zip(keys, values, strict=True)})
         if ratio:
             w, v = ratio
             record["mask_ratio"] = w / v if v else float("nan")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import require_backend, spawn_and_join
 
 import csl_kernels
-from csl.config import build_config
+from csl.config import ConfigError, build_config
 from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
@@ -93,7 +93,6 @@ def test_one_step_per_selection_mode(tmp_path, mode):
 
 
 def test_oracle_needs_every_unlabeled_mask(tmp_path):
-    from csl.config import ConfigError
     from csl.data import write_synthetic_folder
 
     info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
@@ -445,6 +444,51 @@ def test_ddp_two_processes_gloo(tmp_path):
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per rank
+
+
+def _ddp_resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Two gloo processes: 6 iterations in one go, and 3 + a restart + 3 in another folder (mid-epoch, inside a log
+    window, no evaluation before the checkpoint: each rank's own BatchNorm statistics, log window and pseudo-label
+    sums must come back, not rank 0's)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    from csl.distributed import cleanup_distributed
+
+    over = {"train.iters": 6, "train.iters_per_epoch": 4, "train.ckpt_every": 3, "train.log_every": 2}
+    full = Trainer(build_config({}, {**TINY, **over, "output_dir": os.path.join(out_dir, "full")}))
+    full.train()
+    full.close()
+    split_dir = os.path.join(out_dir, "split")
+    first = Trainer(build_config({}, {**TINY, **over, "output_dir": split_dir}))
+    first.train(stop_at=3)
+    first.close()
+    torch.manual_seed(12345 + rank)
+    second = Trainer(build_config({}, {**TINY, **over, "output_dir": split_dir, "train.resume": "auto"}))
+    second.train()
+    second.close()
+    a, b = full.bare_model.state_dict(), second.bare_model.state_dict()
+    result = {"differing": [k for k in a if not torch.equal(a[k], b[k])]}
+    cleanup_distributed()
+    with open(os.path.join(out_dir, f"resume_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_ddp_two_processes_resume_exactly(tmp_path):
+    spawn_and_join(_ddp_resume_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        assert json.loads((tmp_path / f"resume_rank{r}.json").read_text())["differing"] == [], r
+    records = [read_metrics(str(tmp_path / d / "metrics.jsonl"), kind) for d in ("full", "split")
+               for kind in ("train", "pseudo_labels")]
+    strip = [[{k: v for k, v in r.items() if k != "sec_per_iter"} for r in rs] for rs in records]
+    assert strip[0] == strip[2] and strip[1] == strip[3] and strip[1]  # losses, mask ratios, pseudo-label metrics
+    ckpt = torch.load(tmp_path / "split" / "latest.pt", weights_only=True)
+    assert len(ckpt["ranks"]) == 2 and set(ckpt["ranks"][0]) == {"buffers", "window", "epoch_acc"}
+    # one process cannot continue a two-process run's sampler positions: refused with what to do instead
+    with pytest.raises(ConfigError, match=r"was trained with world_size 2, this run has 1.*Resume with 2 processes.*"
+                                          r"train\.init_from="):
+        Trainer(build_config({}, {**TINY, "train.iters": 6, "train.iters_per_epoch": 4,
+                                  "output_dir": str(tmp_path / "split"), "train.resume": "auto"}))
 
 
 def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
