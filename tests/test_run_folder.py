@@ -347,6 +347,13 @@ def test_a_bad_labeled_or_validation_mask_stops_the_run_before_training(tmp_path
     trainer.close()
     stamps = list((tmp_path / "cache" / "csl" / "validated").iterdir())
     assert len(stamps) == 2  # the labeled list and the validation list
+    # A stamp of another shape (damaged, or from another version) is checked again and rewritten, never trusted.
+    good = {p: p.read_text() for p in stamps}
+    for damaged in ("[]", "null", '{"class_pixels": null}', '{"class_pixels": [1, 2]}', "\x00\x00"):
+        for stamp in stamps:
+            stamp.write_text(damaged)
+        Trainer(config(tmp_path / "run1", **data, **{"train.overwrite": True})).close()
+        assert {p: p.read_text() for p in stamps} == good, damaged
     # Too many classes for these masks (a config's num_classes left over): said in the log.
     Trainer(config(tmp_path / "run0", **{**data, "data.num_classes": 8})).close()
     assert "data.num_classes is 8 but the validation masks hold classes 0..4 only" in (

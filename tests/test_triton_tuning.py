@@ -277,6 +277,17 @@ def test_corrupt_or_stale_cache_is_reported_and_replaced(tuning, monkeypatch, ca
     stored = json.loads(path.read_text())["sections"][module.device_section(device)]
     assert list(stored) == ["residual_features|k"]
     assert {k: stored["residual_features|k"][k] for k in ("tile", "num_warps")} == tunable.candidates[1].as_dict()
+    # Bytes that are not text, and an entry whose tile is no int (Infinity, 1e400: valid JSON), are replaced too.
+    section = module.device_section(device)
+    for damaged in (b"\xff\xfe\x00garbage", f'{{"format": {module.CACHE_FORMAT}, "sections": {{"{section}": '
+                    f'{{"residual_features|k": {{"tile": Infinity, "num_warps": 1e400}}}}}}}}'.encode()):
+        path.write_bytes(damaged)
+        module.forget()
+        monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[1]: 1.0}))
+        assert tunable.pick("k", logits, lambda c: None) == tunable.candidates[1]
+        assert module.timer.calls == list(tunable.candidates)
+        assert json.loads(path.read_text())["sections"][section]["residual_features|k"]["tile"] == \
+            tunable.candidates[1].tile
     # A stored configuration that is no longer a candidate (another version's list) is timed again; entries of other
     # devices are kept.
     stale = {"format": module.CACHE_FORMAT, "sections": {

@@ -395,8 +395,11 @@ class ListSource:
         stamp = str(cache_dir() / "validated" / digest.hexdigest()[:32])
         try:
             with open(stamp) as f:
-                return False, json.load(f)["class_pixels"]
-        except (OSError, ValueError, KeyError):
+                counts = json.load(f)["class_pixels"]
+            if isinstance(counts, list) and len(counts) == self.num_classes and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+                return False, counts
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, another shape: checked again
             pass
         counts = self.validate(progress=progress)["class_pixels"]  # raises ValueError listing the bad items
         try:

@@ -336,12 +336,15 @@ def _read_file(path: Path) -> dict:
     except OSError as exc:
         _warn_once(f"cannot read the tuning cache {path} ({exc}); tuning again")
         return {}
+    except UnicodeDecodeError as exc:  # not text: replaced as any invalid file
+        _warn_once(f"the tuning cache {path} is not valid ({exc}); it will be replaced")
+        return {}
     try:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data["sections"], dict):
             raise ValueError(f"expected {{'format': {CACHE_FORMAT}, 'sections': {{...}}}}")
         return data["sections"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         _warn_once(f"the tuning cache {path} is not valid ({exc}); it will be replaced")
         return {}
 
@@ -350,7 +353,7 @@ def _decode(tunable: Tunable, entry: object) -> Config | None:
     """The stored configuration if it is still one of the candidates (candidate lists change between versions)."""
     try:
         config = Config(int(entry["tile"]), int(entry["num_warps"]))
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):  # OverflowError: a tile of Infinity or 1e400
         return None
     return config if config in tunable.candidates else None
 
