@@ -460,17 +460,36 @@ def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(b
     name = build.build_name(root, src_hash, False, None)
     cache = broken_build / "build" / name
     cache.mkdir(parents=True)
-    (cache / f"{name}.so").write_bytes(b"")
-    (cache / f"{name}.ok").write_text("built\n")
+    library = cache / f"{name}.so"
+    library.write_bytes(b"\x7fELF a complete library")
+    (cache / f"{name}.ok").write_text(build._library_stamp(library))
     loaded = []
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
     info = build._build_in_cache(root, src_hash, False, None, "test")
-    assert loaded == [str(cache / f"{name}.so")] and not info.built
+    assert loaded == [str(library)] and not info.built
+
+    # A library cut short under its stamp (a crash before it reached the disk) is never passed to dlopen (which can
+    # die of SIGBUS on it): its outputs go and it is built again, and the new stamp vouches for the new library.
+    from torch.utils import cpp_extension
+
+    library.write_bytes(b"\x7fELF a compl")
+    (cache / "residual_features.o").write_bytes(b"object")
+    built = []
+
+    def rebuild(**kwargs):
+        assert not library.exists() and not (cache / "residual_features.o").exists()  # nothing left to trust
+        built.append(kwargs["name"])
+        library.write_bytes(b"\x7fELF rebuilt")
+        return str(library)
+
+    monkeypatch.setattr(cpp_extension, "load", rebuild)
+    loaded.clear()
+    info = build._build_in_cache(root, src_hash, False, None, "test")
+    assert built == [name] and loaded == [] and info.built
+    assert build._stamp_matches(library, cache / f"{name}.ok")
 
     def failing_load(**kwargs):
         raise RuntimeError("Error building extension: csl forced build failure")
-
-    from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     (cache / f"{name}.ok").unlink()

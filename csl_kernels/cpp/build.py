@@ -18,13 +18,14 @@ raised by :func:`load` as :class:`ExtensionBuildError` (with the compiler's last
 check reports it, so ``backend="auto"`` falls back to the reference while a backend asked for by name raises. When
 the CUDA part fails to build (a toolkit that does not fit the host compiler or torch), the CPU part is built alone:
 the ``cpu`` backend works and ``cuda`` is unavailable with the compiler's message. A completed build leaves a stamp
-beside the library, and a stamped library is loaded directly (the builder needs a writable lock file even for a
-cached build: a read-only cache still loads). An ahead-of-time build (``CSL_BUILD_EXT=1 pip install``) is used only
+beside the library (its size and checksum), and a library that matches its stamp is loaded directly (the builder
+needs a writable lock file even for a cached build: a read-only cache still loads); one that does not is built again. An ahead-of-time build (``CSL_BUILD_EXT=1 pip install``) is used only
 when it matches the sources, flags, torch, Python and the visible GPUs' architectures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -229,23 +230,52 @@ def _build() -> BuildInfo:
     return _build_in_cache(root, src_hash, False, None, why)
 
 
+def _library_stamp(library: Path) -> str:
+    """What a completed build's stamp holds: the library's size and SHA-256 (8 ms for 10 MB), so a library cut short
+    or zero-filled (a crash before the file reached the disk, a partial copy of the cache) is rebuilt rather than
+    passed to ``dlopen``, which can die of SIGBUS on such a file."""
+    return json.dumps({"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()})
+
+
+def _stamp_matches(library: Path, stamp: Path) -> bool:
+    try:
+        return json.loads(stamp.read_text()) == json.loads(_library_stamp(library))
+    except (OSError, ValueError):
+        return False
+
+
+def _discard_build_outputs(build_dir: Path) -> None:
+    """Remove a damaged build's library, objects and stamp, so the builder compiles and links anew (ninja would take
+    a damaged file newer than its sources for up to date)."""
+    for pattern in ("*.so", "*.o", "*.ok"):
+        for path in build_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None, why: str) -> BuildInfo:
     """Build (or load the cached build of) the library in the extensions cache. A build that completed leaves a
-    ``<name>.ok`` stamp: with it the library is loaded directly (no ninja run, no lock file: a read-only cache
-    works)."""
+    ``<name>.ok`` stamp (:func:`_library_stamp`): a library that matches it is loaded directly (no ninja run, no lock
+    file: a read-only cache works); one that does not, or does not load, is built again."""
     name = build_name(root, src_hash, with_cuda, arch)
     build_dir = _build_root() / name
     library = build_dir / f"{name}.so"
     stamp = build_dir / f"{name}.ok"
     what = f"CPU + CUDA for arch {arch}" if with_cuda else f"CPU only ({why})"
     if library.is_file() and stamp.is_file():
-        print(f"csl_kernels: loading the C++ extension ({what}) from {build_dir}", file=sys.stderr, flush=True)
-        try:
-            torch.ops.load_library(str(library))
-        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: rebuilt below
-            print(f"csl_kernels: {library} does not load ({exc}); rebuilding", file=sys.stderr, flush=True)
+        damage = None
+        if not _stamp_matches(library, stamp):
+            damage = "its size or checksum is not the completed build's"
         else:
-            return BuildInfo(str(library), with_cuda, arch if with_cuda else None, built=False)
+            print(f"csl_kernels: loading the C++ extension ({what}) from {build_dir}", file=sys.stderr, flush=True)
+            try:
+                torch.ops.load_library(str(library))
+            except Exception as exc:  # noqa: BLE001 - a damaged cache entry: rebuilt below
+                damage = f"it does not load ({exc})"
+            else:
+                return BuildInfo(str(library), with_cuda, arch if with_cuda else None, built=False)
+        print(f"csl_kernels: {library}: {damage}; building it again", file=sys.stderr, flush=True)
+        _discard_build_outputs(build_dir)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -293,7 +323,10 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
     try:
-        stamp.write_text("built\n")
+        built = Path(path or library)
+        tmp = stamp.with_suffix(f".ok.{os.getpid()}.tmp")
+        tmp.write_text(_library_stamp(built))
+        os.replace(tmp, stamp)
     except OSError:  # a read-only cache: loaded through the builder next time too
         pass
     return BuildInfo(str(path or library), with_cuda, arch if with_cuda else None, built=not cached)
