@@ -88,8 +88,11 @@ def main(argv=None) -> dict:
                 chosen = _measured.last_choice(op, logits.device, logits, variant)
                 if chosen is None:
                     chosen = _measured.resolve(op, "auto", logits.device, logits, _not_timed, variant=variant)[0]
+                measured = _measured.last_measurement(op, logits.device, logits, variant) or {}
                 rows.append({"op": op, "shape": name, "dtype": dt, "backend": chosen,
-                             "first_call_s": round(time.perf_counter() - start, 3)})
+                             "first_call_s": round(time.perf_counter() - start, 3),
+                             "shape_class": measured.get("shape_class"), "median_ms": measured.get("median_ms"),
+                             "rounds_ms": measured.get("rounds_ms"), "failed": measured.get("failed")})
                 print(f"{op:24s} {name:8s} {dt:5s} -> {chosen} (first call {rows[-1]['first_call_s']:.2f} s)",
                       flush=True)
     payload = {"device": str(device), "cache": os.environ["CSL_AUTO_CACHE"], "choices": rows, "log": lines.lines}

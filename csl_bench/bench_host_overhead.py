@@ -314,7 +314,11 @@ def main(argv=None) -> dict:
         if "unavailable" in r:
             print(f"\n{r['provider']}: not measured ({r['unavailable']})")
     payload = {"benchmark": "host_overhead", "shape": list(SHAPE), "calls": args.calls, "repeats": args.repeats,
-               "environment": environment(torch.device("cpu")), "rows": rows}
+               "environment": environment(torch.device("cpu")),  # the host whose cost is measured
+               # the GPU the real launches of the gpu rows went to
+               "gpu_environment": environment(torch.device("cuda")) if "gpu" in args.workers and
+               torch.cuda.is_available() else None,
+               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -43,6 +43,8 @@ _choices: dict[str, str] | None = None
 # {(op, device, dtype, shape, variant): backend} of the calls resolved since the choices were loaded: a repeated
 # call's lookup (its cache key is a string built from the GPU name, the shape class and the variant).
 _by_shape: dict[tuple, str] = {}
+# The same keys: what was timed for a choice made in this process (read by csl_bench.bench_auto_choice).
+_measurements: dict[tuple, dict] = {}
 # Cache keys whose choice this process has logged (a choice read from the cache file is logged at its first use).
 _logged: set[str] = set()
 
@@ -132,6 +134,13 @@ def time_ms(run: Callable[[], object], device: torch.device) -> float:
     return times[len(times) // 2]
 
 
+def last_measurement(op: str, device: torch.device, key_tensor: torch.Tensor, variant: str = "") -> dict | None:
+    """What this process measured for the last timed choice of ``op`` with ``key_tensor``'s shape and dtype (the
+    arguments of :func:`resolve`): ``{"shape_class", "median_ms": {backend: ms}, "rounds_ms", "failed", "chosen"}``;
+    None where nothing was timed (a cached choice, a CPU device, a named backend)."""
+    return _measurements.get((op, device, key_tensor.dtype, key_tensor.shape, variant))
+
+
 def last_choice(op: str, device: torch.device, key_tensor: torch.Tensor, variant: str = "") -> str | None:
     """The backend that ``backend="auto"`` took for the last call of ``op`` on ``device`` with ``key_tensor``'s shape
     and dtype (the arguments of :func:`resolve`), without timing anything; None where no such call was resolved by
@@ -187,6 +196,10 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
                 raise RuntimeError(f"csl_kernels.{op}: backend='auto' found no backend that runs this call: "
                                    + "; ".join(f"{b}: {why}" for b, why in failed.items()))
             name = min(timings, key=timings.get)
+            if len(_measurements) >= 4096:
+                _measurements.clear()
+            _measurements[fast_key] = {"shape_class": calls, "median_ms": timings, "rounds_ms": rounds,
+                                       "failed": failed, "chosen": name}
             measured = ", ".join(f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda kv: kv[1]))
             where = key.split(" | ")[1] + f" ({calls})"
             if failed:  # not cached: other calls of this shape class may run on every backend

@@ -185,6 +185,17 @@ write_summary() {
     section "Host-side cost per call (host.log)" "$OUT/host.log" '^\||not measured' 20
     section "Training steps (train.log)" "$OUT/train.log" 'iter [0-9]+/|done:|error' 12 tail
   } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
+  {  # the stage table for scripts: exit is a number, "running" or "skipped (budget)"
+    printf '{"gpu": "%s", "dry_run": %s, "budget_s": %s, "elapsed_s": %s, "stages": [' "$GPU" \
+      "$([ $DRY = 1 ] && echo true || echo false)" "$BUDGET" "$(( $(date +%s) - START ))"
+    local sep="" name
+    for name in "${STAGES[@]}"; do
+      printf '%s\n {"stage": "%s", "exit": "%s", "seconds": %s}' "$sep" "$name" "${STATUS[$name]:-running}" \
+        "${SECONDS_USED[$name]:-null}"
+      sep=","
+    done
+    printf ']}\n'
+  } > "$OUT/stages.json.tmp" && mv "$OUT/stages.json.tmp" "$OUT/stages.json"
   pack
 }
 
@@ -226,8 +237,9 @@ write_summary
 # 2. The extension build (first use); beside it, whether a C++ exception from any extension reaches Python here
 # (in the background: its build overlaps the extension's; on a loaded 2-core machine it has taken over 240 s)
 if [ $DRY = 1 ]; then PROBE=(); else PROBE=(--variants); fi  # the variants: four more builds, parallel on a GPU host
-# At a lower priority and 4 compile jobs: its builds overlap the benchmarks, whose CPU-side timings (eager, official,
-# Triton's launch tuning) must not share busy cores. --limit bounds the whole probe, variants included.
+# At a lower priority (its builds overlap the extension's build and the first benchmarks, whose CPU-side timings --
+# eager, official, Triton's launch tuning -- should not share busy cores): MAX_JOBS=4 for csl's own build, beside three
+# one-file builds, so up to 7 compiler processes at nice 10 on the 16 cores. --limit bounds the whole probe.
 MAX_JOBS=4 nice -n 10 "$PY" scripts/cpp_exception_probe.py "${PROBE[@]}" --limit $((BUDGET < 420 ? BUDGET : 420)) \
   > "$OUT/cpp_exceptions.txt" 2>&1 &
 PROBE_PID=$!
@@ -348,8 +360,8 @@ for _ in $(seq 30); do
   sleep 1
 done
 kill "$PROBE_PID" 2>/dev/null  # the probe stops its children's builds on SIGTERM
-write_summary
 find "$OUT" -name 'progress.txt.hang-*' -empty -delete
+write_summary
 rm -rf "$WORK"
 cat "$OUT/summary.md"
 FAILED=0

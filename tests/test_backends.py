@@ -500,6 +500,7 @@ def fake_gpu_auto(caplog, monkeypatch, tmp_path):
     monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
     monkeypatch.setattr(_measured, "_choices", None)
     monkeypatch.setattr(_measured, "_logged", set())
+    monkeypatch.setattr(_measured, "_measurements", {})
     monkeypatch.setattr(_measured, "_device_name", lambda index: "Fake GPU")
     monkeypatch.setattr(_measured, "_capturing_on", lambda device: False)
     return _measured
@@ -529,6 +530,9 @@ def test_auto_on_cuda_times_both_fused_backends_once_per_shape_class(registry, f
     # What was taken, read back without timing (csl_bench.bench_auto_choice reports it so).
     assert _measured.last_choice("toy_op", CUDA, z) == "triton" and len(timed) == 6
     assert _measured.last_choice("toy_op", CUDA, torch.zeros(2, 21, 8, 9)) is None
+    assert _measured.last_measurement("toy_op", CUDA, z) == {
+        "shape_class": "float32 C21 px2^7", "median_ms": {"cuda": 0.5, "triton": 0.2},
+        "rounds_ms": {"cuda": [0.5] * 3, "triton": [0.2] * 3}, "failed": {}, "chosen": "triton"}
     # Same shape class: cached, not timed again (also in a new process, from the file).
     monkeypatch.setattr(_measured, "_choices", None)
     assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 21, 7, 9), lambda impl: impl(), timer=timer)[0] \

@@ -30,6 +30,10 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     for stage in ("build", "bench_pcos", "bench_ce", "bench_cuda_plain", "auto", "host", "tests", "train_cpu"):
         assert f"| {stage} | 0 |" in summary, summary
+    stages = json.loads((out / "stages.json").read_text())  # the same table for scripts
+    assert stages["dry_run"] is True and stages["gpu"] == "cpu" and 0 < stages["elapsed_s"] <= stages["budget_s"]
+    assert [s["stage"] for s in stages["stages"]][-1] == "train_cpu"
+    assert all(s["exit"] == "0" and s["seconds"] >= 0 for s in stages["stages"]), stages
     outcomes = (out / "progress.txt").read_text().splitlines()
     assert outcomes and all(line.startswith(("PASSED", "SKIPPED")) for line in outcomes)
     assert any(line.startswith("PASSED tests/test_metrics.py::") for line in outcomes)
@@ -40,7 +44,10 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     assert "cuda | unavailable: the cuda backend needs CUDA tensors" in (out / "bench-cuda-plain.log").read_text()
     auto = json.loads((out / "auto.json").read_text())["choices"]
     assert {(c["op"], c["backend"]) for c in auto} == {("pcos_weights", "cpu"), ("weighted_cross_entropy", "cpu")}
-    host = json.loads((out / "host.json").read_text())["rows"]
+    assert all(c["median_ms"] is None for c in auto)  # nothing is timed on CPU; on a GPU both backends' medians
+    host_json = json.loads((out / "host.json").read_text())
+    assert host_json["environment"]["device"] == "cpu" and host_json["gpu_environment"] is None
+    host = host_json["rows"]
     assert any(r["op"] == "pcos_weights" and r["provider"] == "cpu" and r["us_min"] > 0 for r in host)
     assert "| pcos_weights | cpu |" in summary and "on cuda: not measured (no CUDA device)" in summary
     assert (out / "cpp_exceptions.txt").read_text().strip().endswith(")") and "cpp-exceptions: ok" in summary
@@ -53,6 +60,7 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
     with tarfile.open(packed / "evidence.tgz") as tar:
         names = set(tar.getnames())
     assert {f"check/{p.name}" for p in out.iterdir()} <= names, sorted(names)
+    assert not [n for n in names if "progress.txt.hang-" in n], sorted(names)  # the empty ones go before the pack
 
 
 def test_pack_inside_the_evidence_folder_is_refused(tmp_path):
