@@ -19,8 +19,9 @@ check reports it, so ``backend="auto"`` falls back to the reference while a back
 the CUDA part fails to build (a toolkit that does not fit the host compiler or torch), the CPU part is built alone:
 the ``cpu`` backend works and ``cuda`` is unavailable with the compiler's message. A completed build leaves a stamp
 beside the library (its size and checksum), and a library that matches its stamp is loaded directly (the builder
-needs a writable lock file even for a cached build: a read-only cache still loads); one that does not is built again. An ahead-of-time build (``CSL_BUILD_EXT=1 pip install``) is used only
-when it matches the sources, flags, torch, Python and the visible GPUs' architectures.
+needs a writable lock file even for a cached build: a read-only cache still loads); one that does not is built
+again. An ahead-of-time build (``CSL_BUILD_EXT=1 pip install``) is used only when it matches the sources, flags,
+torch, Python and the visible GPUs' architectures.
 """
 
 from __future__ import annotations
