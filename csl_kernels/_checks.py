@@ -231,6 +231,14 @@ WEIGHT_IS_CONSTANT = ("weighted_cross_entropy: weight requires grad, but the los
                       "pcos_weights(pred.detach(), ...) does")
 
 
+def _register_autograd(op, backward, setup_context) -> None:
+    """``op``: a custom op (``torch.library.custom_op``) or the qualified name of one defined in C++."""
+    if isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+    else:
+        op.register_autograd(backward, setup_context=setup_context)
+
+
 def register_cross_entropy_autograd(op, backward_op) -> None:
     """The autograd formula of a fused backend's weighted cross-entropy op (``op``: the custom op or its qualified
     name; outputs loss, lse, count): the logits' gradient by ``backward_op(grad_loss, logits, label, weight, valid,
@@ -251,10 +259,7 @@ def register_cross_entropy_autograd(op, backward_op) -> None:
             grad = backward_op(grad_loss, *ctx.saved_tensors)
         return grad, None, None, None
 
-    if isinstance(op, str):
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
-    else:
-        op.register_autograd(backward, setup_context=setup_context)
+    _register_autograd(op, backward, setup_context)
 
 
 def register_not_differentiable(op, name: str) -> None:
@@ -269,7 +274,4 @@ def register_not_differentiable(op, name: str) -> None:
                            f"detached inputs (x.detach()) or under torch.no_grad() (backend 'reference' computes "
                            f"plain PyTorch gradients where a formula exists)")
 
-    if isinstance(op, str):
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
-    else:
-        op.register_autograd(backward, setup_context=setup_context)
+    _register_autograd(op, backward, setup_context)
