@@ -462,7 +462,7 @@ def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(b
     cache.mkdir(parents=True)
     library = cache / f"{name}.so"
     library.write_bytes(b"\x7fELF a complete library")
-    (cache / f"{name}.ok").write_text(build._library_stamp(library))
+    (cache / f"{name}.ok").write_text(json.dumps(build._library_stamp(library)))
     loaded = []
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
     info = build._build_in_cache(root, src_hash, False, None, "test")

@@ -231,16 +231,16 @@ def _build() -> BuildInfo:
     return _build_in_cache(root, src_hash, False, None, why)
 
 
-def _library_stamp(library: Path) -> str:
-    """What a completed build's stamp holds: the library's size and SHA-256 (8 ms for 10 MB), so a library cut short
-    or zero-filled (a crash before the file reached the disk, a partial copy of the cache) is rebuilt rather than
-    passed to ``dlopen``, which can die of SIGBUS on such a file."""
-    return json.dumps({"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()})
+def _library_stamp(library: Path) -> dict:
+    """What a completed build's stamp holds (as JSON): the library's size and SHA-256 (8 ms for 10 MB), so a library
+    cut short or zero-filled (a crash before the file reached the disk, a partial copy of the cache) is rebuilt
+    rather than passed to ``dlopen``, which can die of SIGBUS on such a file."""
+    return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
 
 
 def _stamp_matches(library: Path, stamp: Path) -> bool:
     try:
-        return json.loads(stamp.read_text()) == json.loads(_library_stamp(library))
+        return json.loads(stamp.read_text()) == _library_stamp(library)
     except (OSError, ValueError):
         return False
 
@@ -326,7 +326,7 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
     try:
         built = Path(path or library)
         tmp = stamp.with_suffix(f".ok.{os.getpid()}.tmp")
-        tmp.write_text(_library_stamp(built))
+        tmp.write_text(json.dumps(_library_stamp(built)))
         os.replace(tmp, stamp)
     except OSError:  # a read-only cache: loaded through the builder next time too
         pass
