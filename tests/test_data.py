@@ -23,7 +23,7 @@ from csl.data import (
     seed_worker,
     write_synthetic_folder,
 )
-from csl.data.datasets import LabeledDataset, ListSource, split_line_numbers
+from csl.data.datasets import LabeledDataset, ListSource, read_split_lines
 from csl.data.transforms import WeakAugment, image_to_tensor, image_to_uint8, labels_to_tensor, to_float
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -189,7 +189,7 @@ def test_missing_files_and_roots_are_named(tmp_path):
     with open(info["labeled_list"], "w") as f:
         f.write("# labeled images\n\n" + listed)
     src = ListSource(info["root"], info["labeled_list"], 5, 255)
-    assert split_line_numbers(info["labeled_list"])[2] == 5
+    assert read_split_lines(info["labeled_list"])[2][0] == 5
     with pytest.raises(FileNotFoundError, match=rf"{mask_rel} \({info['labeled_list']}:5\)"):
         src.load(2)
     with pytest.raises(ValueError, match=mask_rel):

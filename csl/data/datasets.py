@@ -12,7 +12,6 @@ holds generated scenes. The views wrap a source:
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -51,15 +50,11 @@ def read_split(path: str) -> SplitItems:
     Blank lines and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is read past. Paths cannot hold
     whitespace (UniMatch's format splits on it). Returns ``[(img_path, mask_path or None), ...]``.
     """
-    return [item for _, item in _read_split_lines(path)]
+    return [item for _, item in read_split_lines(path)]
 
 
-def split_line_numbers(path: str) -> list[int]:
-    """The line number (from 1) of each item :func:`read_split` returns, for messages that point into the file."""
-    return [lineno for lineno, _ in _read_split_lines(path)]
-
-
-def _read_split_lines(path: str) -> list[tuple[int, tuple[str, str | None]]]:
+def read_split_lines(path: str) -> list[tuple[int, tuple[str, str | None]]]:
+    """:func:`read_split`'s items, each with its line number in the file (from 1), for messages that point there."""
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise FileNotFoundError(f"split file {os.path.abspath(path)} is a folder; give its list file (e.g. "
@@ -260,8 +255,10 @@ class ListSource:
         if not 0 < scale <= 4:
             raise ValueError(f"scale must be in (0, 4], got {scale}")
         self.root, self.list_path = root, list_path
-        self.items = read_split(list_path) if items is None else items
-        self._read_from_list = items is None  # errors name the list's line; else the item's number
+        # Errors name an item by the list's line where it was read from one, else by its number.
+        lines = read_split_lines(list_path) if items is None else None
+        self.items = items if lines is None else [item for _, item in lines]
+        self._line_numbers = None if lines is None else [lineno for lineno, _ in lines]
         # ignore_index: the value of the files; every mask this source returns has IGNORE_INDEX there instead.
         self.num_classes, self.file_ignore_index, self.ignore_index = num_classes, ignore_index, IGNORE_INDEX
         self.ignore_labels = tuple(self.void_labels if ignore_labels is None else (int(v) for v in ignore_labels))
@@ -282,11 +279,10 @@ class ListSource:
         return len(self.items)
 
     def _where(self, index: int) -> str:
-        """Where item ``index`` comes from: ``<list>:<line>`` as the split file's own errors say it (an error path
-        only, so the file is read again), or ``item <n> of <source>`` (from 1) for items not read from a file."""
-        if self._read_from_list:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                return f"{self.list_path}:{split_line_numbers(self.list_path)[index]}"
+        """Where item ``index`` comes from: ``<list>:<line>`` as the split file's own errors say it, or ``item <n> of
+        <source>`` (from 1) for items not read from a file."""
+        if self._line_numbers is not None:
+            return f"{self.list_path}:{self._line_numbers[index]}"
         return f"item {index + 1} of {self.list_path}"
 
     def image_path(self, index: int) -> str:
