@@ -560,16 +560,15 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.best_miou, self.last_eval = ckpt.get("best_miou"), ckpt.get("last_eval")
         self.pending_eval = ckpt.get("pending_eval")
-        self.window.load_state_dict(ckpt["window"], self.device)
-        self.epoch_acc.load_state_dict(ckpt["epoch_acc"], self.device)
-        ranks = ckpt.get("ranks")
-        if ranks is not None and len(ranks) == self.env.world_size:
-            mine = ranks[self.env.rank]
+        # This rank's own state where the checkpoint holds every rank's (a multi-process run; the world size is
+        # the same, checked above), else the checkpoint's, which is rank 0's.
+        mine = ckpt["ranks"][self.env.rank] if "ranks" in ckpt else ckpt
+        if "buffers" in mine:
             with torch.no_grad():
                 for name, buffer in self.bare_model.named_buffers():
                     buffer.copy_(mine["buffers"][name])
-            self.window.load_state_dict(mine["window"], self.device)
-            self.epoch_acc.load_state_dict(mine["epoch_acc"], self.device)
+        self.window.load_state_dict(mine["window"], self.device)
+        self.epoch_acc.load_state_dict(mine["epoch_acc"], self.device)
         # A checkpoint from before the soft weights' sums were kept: this epoch's weighted metrics would cover only
         # the iterations after the resume, so they are left out of its record.
         self.weighted_partial = "pl_counts" in self.epoch_acc.sums and "pl_weighted" not in self.epoch_acc.sums
