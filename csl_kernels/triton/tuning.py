@@ -330,14 +330,11 @@ def _warn_once(message: str) -> None:
 def _read_file(path: Path) -> dict:
     """The file's sections as plain JSON (``{}`` when missing; reported and ignored when unreadable)."""
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # bytes that are not UTF-8 fail in json.loads (a ValueError), as any invalid file
     except FileNotFoundError:
         return {}
     except OSError as exc:
         _warn_once(f"cannot read the tuning cache {path} ({exc}); tuning again")
-        return {}
-    except UnicodeDecodeError as exc:  # not text: replaced as any invalid file
-        _warn_once(f"the tuning cache {path} is not valid ({exc}); it will be replaced")
         return {}
     try:
         data = json.loads(text)
