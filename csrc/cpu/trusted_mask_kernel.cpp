@@ -30,8 +30,8 @@ struct BitsOf<8> {
   using type = uint64_t;
 };
 
-// dst[x] = cover[x] ? fill : src[x] for a contiguous row (cover 0 / 1), as a bit select (no branch, vectorised; bf16 / half
-// included, whose conversions are not needed to copy them).
+// dst[x] = cover[x] ? fill : src[x] for a contiguous row (cover 0 / 1), as a bit select (no branch, vectorised;
+// bf16 / half included, whose conversions are not needed to copy them).
 template <typename scalar_t>
 void masked_row(const scalar_t* __restrict src, const uint8_t* __restrict cover, int64_t n, scalar_t fill,
                 scalar_t* __restrict dst) {

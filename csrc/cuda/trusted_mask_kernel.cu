@@ -54,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor> trusted_mask_cuda(const at::Tensor& images, c
     trusted_mask_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
         images.const_data_ptr<scalar_t>(), masked.data_ptr<scalar_t>(),
         reinterpret_cast<const uint8_t*>(cells_c.const_data_ptr<bool>()),
-        reinterpret_cast<const uint8_t*>(reliable_c.const_data_ptr<bool>()), cover.data_ptr<bool>(), total, channels, height, width, cells.size(1),
-        cells.size(2), si, so, static_cast<scalar_t>(fill));
+        reinterpret_cast<const uint8_t*>(reliable_c.const_data_ptr<bool>()), cover.data_ptr<bool>(), total, channels,
+        height, width, cells.size(1), cells.size(2), si, so, static_cast<scalar_t>(fill));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {masked, cover};
