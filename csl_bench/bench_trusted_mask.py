@@ -1,4 +1,4 @@
-"""Trusted Mask Perturbation: the eager interpolate-and-multiply version vs the reference and fused backends.
+"""Trusted Mask Perturbation: the eager index-and-multiply version vs the reference and fused backends.
 
     python -m csl_bench.bench_trusted_mask [--device cpu|cuda] [--shapes voc321 ...] [--smoke]
 

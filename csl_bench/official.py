@@ -5,7 +5,9 @@ Sec. 2b) in the style of UniMatch-family trainers: batched softmax features, the
 batch with boolean indexing of the valid pixels and ``torch.linalg.svd`` of the 2 x N feature matrix, the cluster
 statistics with ``Tensor.mean`` / ``Tensor.var`` and the Gaussian weights with the preservation rule. It computes the
 same math as ``csl_kernels.pcos_weights`` (``docs/selection.md`` Sec. 1-2, ``confidence="prob"``, ``groups="image"``) so
-the outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite).
+the outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite). It is leaner
+than the released code's layout (NaN written into the invalid pixels, an int64 one-hot of the logits' size, a second
+argmax), so speed-ups over it understate the gain over the authors' code.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def official_pcos(logits: torch.Tensor, ignore: torch.Tensor | None = None, alph
         if feats.shape[1] == 0:
             continue
         _, sing, vh = torch.linalg.svd(feats, full_matrices=False)
-        if sing[1] <= RANK_ONE_RTOL * sing[0]:
+        if sing.numel() < 2 or sing[1] <= RANK_ONE_RTOL * sing[0]:  # one valid pixel has one singular value
             cluster = torch.zeros(feats.shape[1], dtype=torch.long, device=feats.device)
         else:
             cluster = vh.abs().argmax(dim=0)
@@ -67,13 +69,18 @@ def official_pcos(logits: torch.Tensor, ignore: torch.Tensor | None = None, alph
 
 def official_trusted_mask(images: torch.Tensor, reliable: torch.Tensor, *, block: int = 32, rate: float = 0.7,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TMP the eager way: a random cell grid, ``F.interpolate(mode="nearest")``, and a multiplication."""
+    """TMP the eager way: a random cell grid, indexed with each pixel's cell, and a multiplication.
+
+    Pixel (y, x) lies in cell ``(y * gh // H, x * gw // W)`` in integers (spec Sec. 4.2); ``F.interpolate(mode=
+    "nearest")`` computes the cell in float32 and is a row or column off at some sizes (H = 122 with 32-pixel blocks).
+    """
     bsz, _, height, width = images.shape
     gh, gw = max(1, int(height / block + 0.5)), max(1, int(width / block + 0.5))
     draw_device = generator.device if generator is not None else images.device
     cells = (torch.rand(bsz, gh, gw, generator=generator, device=draw_device) < rate).to(images.device)
-    grid = F.interpolate(cells.unsqueeze(1).float(), size=(height, width), mode="nearest").squeeze(1)
-    cover = (grid > 0) & reliable
+    rows = torch.arange(height, device=images.device) * gh // height
+    cols = torch.arange(width, device=images.device) * gw // width
+    cover = cells[:, rows][:, :, cols] & reliable
     return images * (~cover).unsqueeze(1).to(images.dtype), cover
 
 

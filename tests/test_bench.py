@@ -49,6 +49,32 @@ def test_official_matches_reference(with_ignore):
         assert weight[~valid].abs().max() == 0
 
 
+def test_official_takes_an_image_with_one_valid_pixel():
+    """One valid pixel gives a 2 x 1 feature matrix with a single singular value: rank one, cluster 0 (spec Sec. 2)."""
+    logits = separated_logits(batch=2, classes=5, size=9)
+    ignore = torch.full((2, 9, 9), csl_kernels.IGNORE_INDEX, dtype=torch.int64)
+    ignore[0, 4, 5] = 0
+    ignore[1, :, :4] = 0
+    weight, label, reliable = official_pcos(logits, ignore)
+    ref = csl_kernels.pcos_weights(logits, ignore, backend="reference")
+    assert weight[0, 4, 5] == 1 and reliable[0].sum() == 1
+    torch.testing.assert_close(weight, ref.weight, atol=2e-5, rtol=0)
+    assert torch.equal(reliable, ref.reliable)
+
+
+@pytest.mark.parametrize("size", [(122, 64), (37, 305)])
+def test_official_mask_cells_are_the_specs_at_sizes_where_float_nearest_is_off(size):
+    """At H = 122 with 32-pixel blocks, F.interpolate's float32 nearest puts row 61 in cell 1 where y * gh // H = 0."""
+    images = torch.randn(2, 3, *size)
+    reliable = torch.ones(2, *size, dtype=torch.bool)
+    masked, cover = official_trusted_mask(images, reliable, block=32, rate=0.5,
+                                          generator=torch.Generator().manual_seed(5))
+    ref_masked, ref_cover = csl_kernels.trusted_mask(images, reliable, block=32, rate=0.5,
+                                                     generator=torch.Generator().manual_seed(5), backend="reference")
+    assert cover.any() and not cover.all()
+    assert torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+
+
 def test_official_mask_and_loss_match_reference():
     logits = separated_logits(batch=2, classes=5, size=37)
     images = torch.randn(2, 3, 37, 37)
