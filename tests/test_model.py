@@ -124,6 +124,36 @@ def test_pretrained_weights_from_local_file(tmp_path, caplog):
         build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "cut.pth")}, 5)
 
 
+def test_a_deeper_resnets_file_is_refused_and_old_files_without_num_batches_tracked_load(tmp_path):
+    torch.manual_seed(2)
+    # resnet34's keys include all of resnet18's with the same shapes: only its extra blocks tell them apart.
+    torch.save(models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ValueError, match=r"another architecture; blocks per layer: file \[3, 4, 6, 3\], resnet18 "
+                                         r"\[2, 2, 2, 2\]"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "resnet34.pth")}, 5)
+    # A file saved before PyTorch 0.4.1 has no num_batches_tracked: loaded whole, as torch's strict loader does.
+    ref = models.resnet18(weights=None)
+    old = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "resnet18_old.pth")
+    model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "resnet18_old.pth")}, 5)
+    assert model.pretrained_report["loaded"] == len(old) - 2
+    assert torch.equal(model.backbone.layer3[1].bn1.running_mean, ref.layer3[1].bn1.running_mean)
+
+
+def test_only_torchvision_file_names_are_read_as_a_hash(tmp_path):
+    from csl.model import verify_file_hash
+
+    ref = models.mobilenet_v2(weights=None)
+    for name in ("mnv2_finetuned-20240115.pth", "resnet101-backbone.pth", "my_resnet50-0676ba61.pth"):
+        torch.save(ref.state_dict(), tmp_path / name)
+        assert verify_file_hash(str(tmp_path / name)) is None, name
+    model = build_model({"backbone": "mobilenet_v2", "pretrained": str(tmp_path / "mnv2_finetuned-20240115.pth")}, 3)
+    assert model.pretrained_report["sha256_prefix"] is None and model.pretrained_report["loaded"] > 0
+    torch.save(ref.state_dict(), tmp_path / "resnet50-0676ba61.pth")
+    with pytest.raises(ValueError, match="does not start with 0676ba61 as its torchvision file name says"):
+        verify_file_hash(str(tmp_path / "resnet50-0676ba61.pth"))
+
+
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_mobilenet_v2_backbone_strides_and_torchvision_keys(tmp_path, output_stride):
     torch.manual_seed(0)

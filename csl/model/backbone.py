@@ -175,14 +175,16 @@ def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return sd
 
 
-# torchvision names its weight files <arch>-<first hex digits of the file's sha256>.pth
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+# torchvision names its weight files <arch>-<first hex digits of the file's sha256>.pth; only those names are read as
+# a hash (a file of one's own named <anything>-20240115.pth is not)
+_HASH_IN_NAME = re.compile(rf"^(?:{'|'.join(IMAGENET_WEIGHTS)})-([0-9a-f]{{8,64}})\.pth?$")
 
 
 def verify_file_hash(path: str) -> str | None:
-    """When ``path`` has a torchvision-style name (``mobilenet_v2-b0353104.pth``), check that the file's sha256
-    starts with the hex digits in the name; raise ValueError on a mismatch (a truncated or different file).
-    Returns the prefix checked, or None for other names."""
+    """When ``path`` has torchvision's name for a backbone's weights (``mobilenet_v2-b0353104.pth``: an architecture
+    of :data:`IMAGENET_WEIGHTS`, ``-``, hex digits), check that the file's sha256 starts with the hex digits in the
+    name; raise ValueError on a mismatch (a truncated or different file). Returns the prefix checked, or None for
+    other names."""
     match = _HASH_IN_NAME.search(os.path.basename(path))
     if match is None:
         return None
@@ -192,7 +194,8 @@ def verify_file_hash(path: str) -> str | None:
             digest.update(chunk)
     if not digest.hexdigest().startswith(match.group(1)):
         raise ValueError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with {match.group(1)} as its "
-                         f"file name says (a partial download or another file under this name); fetch it again")
+                         f"torchvision file name says (a partial download or another file under this name); fetch "
+                         f"it again, or rename a file of your own")
     return match.group(1)
 
 
@@ -211,6 +214,20 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
                       f"and set model.pretrained to that file)") from e
 
 
+def _block_counts_hint(sd: dict, own: dict, name: str) -> str:
+    """``"; blocks per layer: file [3, 4, 23, 3], resnet50 [3, 4, 6, 3]"`` for ResNet state dicts, else ``""``."""
+    def counts(keys) -> list[int]:
+        blocks: dict[str, set[str]] = {}
+        for k in keys:
+            parts = k.split(".")
+            if len(parts) > 2 and re.fullmatch(r"layer\d", parts[0]) and parts[1].isdigit():
+                blocks.setdefault(parts[0], set()).add(parts[1])
+        return [len(blocks[layer]) for layer in sorted(blocks)]
+
+    theirs, ours = counts(sd), counts(own)
+    return f"; blocks per layer: file {theirs}, {name} {ours}" if theirs and theirs != ours else ""
+
+
 def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     """Load ImageNet weights into ``backbone``: ``path`` is a local torchvision state dict saved with
     ``torch.save`` (a torchvision-style file name's sha256 prefix is verified) or ``"imagenet"`` (torchvision's
@@ -218,7 +235,9 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
 
     The classifier keys (``backbone.head_prefixes``) are dropped; every backbone key must be in the file with its
     shape (FileNotFoundError for a missing file; ValueError on shape mismatches, missing keys, or a file of another
-    architecture). Unexpected extra keys are logged and ignored.
+    architecture, also one whose extra tensors lie in the backbone's modules: a deeper ResNet's). BatchNorm's
+    ``num_batches_tracked`` may be absent (files saved before PyTorch 0.4.1). Other extra keys are logged and
+    ignored.
 
     Returns ``{"path", "loaded", "missing", "unexpected", "sha256_prefix"}``.
     """
@@ -255,10 +274,17 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     if not matched:
         raise ValueError(f"{path} has no parameter of backbone {backbone.name} (keys look like "
                          f"{list(sd)[:3]}); is it torchvision's {backbone.name} state dict?")
-    missing = [k for k in own if k not in sd]
+    # BatchNorm's num_batches_tracked is not in files saved before PyTorch 0.4.1 (torch's own loader fills it in)
+    missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the {len(own)} tensors of backbone {backbone.name} "
                          f"(e.g. {missing[:5]}); is it torchvision's {backbone.name} ImageNet state dict?")
+    modules = {k.split(".")[0] for k in own}
+    foreign = [k for k in sd if k not in own and k.split(".")[0] in modules]
+    if foreign:  # a deeper network's file fits a shallower one key for key (resnet34 -> resnet18, 101 -> 50)
+        raise ValueError(f"{path} has {len(foreign)} tensors in backbone {backbone.name}'s modules that it does not "
+                         f"have (e.g. {foreign[:3]}): a file of another architecture"
+                         + _block_counts_hint(sd, own, backbone.name))
     result = backbone.load_state_dict(sd, strict=False)
     report = {"path": path, "loaded": len(matched), "missing": [], "unexpected": list(result.unexpected_keys),
               "sha256_prefix": prefix}
