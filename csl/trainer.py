@@ -316,6 +316,8 @@ class Trainer:
             raise ConfigError("selection.mode=oracle trains on the unlabeled frames' true masks, and the unlabeled "
                               "list has frames without one: give every unlabeled frame its mask, or choose another "
                               "selection.mode")
+        if self.semi and cfg["selection"]["mode"] == "oracle":
+            self.unlabeled.masks_required = True  # a missing mask would be trained on at weight 0, without a word
         self.eval_mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
         self.eval_crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
 
@@ -589,11 +591,14 @@ class Trainer:
             restore_rng(rng[self.env.rank], {"step": self.generator})
 
     def _check_labels(self) -> None:
-        """Read every labeled-training and validation image and mask once now (cached by file stamps), and look for
+        """Read every labeled-training and validation image and mask once now (cached by file stamps; the unlabeled
+        ones too where the run trains on their masks, ``selection.mode=oracle``), and look for
         every unlabeled image file and check that it ends as its format ends, so a bad label value or a missing or
         damaged file stops the run before training, not when a loader worker first draws it or at the first
         evaluation after an epoch of work."""
-        sources = [getattr(ds, "source", None) for ds in (self.labeled, self.val)]
+        datasets = (self.labeled, self.val) + ((self.unlabeled,) if getattr(self.unlabeled, "masks_required", False)
+                                               else ())
+        sources = [getattr(ds, "source", None) for ds in datasets]
         sources = [s for s in sources if s is not None and hasattr(s, "check_cached")]
         unlabeled = getattr(self.unlabeled, "source", None)
         if self.env.is_main:

@@ -105,6 +105,31 @@ def test_oracle_needs_every_unlabeled_mask(tmp_path):
                                                             "train.mode": "supervised"})).close()
 
 
+def test_oracle_refuses_a_missing_unlabeled_mask_at_the_start_and_at_load(tmp_path):
+    from csl.data import write_synthetic_folder
+
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=1,
+                                  size=48, unlabeled_masks=True)
+    os.remove(os.path.join(info["root"], "masks", "unlabeled_00001.png"))
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 5, "selection.mode": "oracle"}
+    with pytest.raises(ValueError, match=r"(?s)1 bad item.*unlabeled\.txt.*unlabeled_00001\.png"):
+        Trainer(tiny_config(tmp_path / "checked", **data))
+    trainer = Trainer(tiny_config(tmp_path / "unchecked", **data, **{"data.check_labels": False}))
+    try:
+        trainer.unlabeled[0]
+        with pytest.raises(FileNotFoundError, match=r"unlabeled_00001\.png"):  # not a mask of 255s, trained at weight 0
+            trainer.unlabeled[1]
+    finally:
+        trainer.close()
+    # Other selection modes only score pseudo-labels with these masks: the run starts, the frame has no ground truth.
+    trainer = Trainer(tiny_config(tmp_path / "csl", **{**data, "selection.mode": "csl"}))
+    try:
+        assert (trainer.unlabeled[1]["mask"] == 255).all()
+    finally:
+        trainer.close()
+
+
 def test_a_batch_larger_than_the_labeled_set_is_said(tmp_path):
     Trainer(tiny_config(tmp_path / "a", **{"train.batch_size": 6})).close()  # 4 labeled, 8 unlabeled images
     log = (tmp_path / "a" / "train.log").read_text()

@@ -584,17 +584,19 @@ class LabeledDataset(_View):
 class UnlabeledDataset(_View):
     """Four views of one weak geometric transform: weak, two strong ones with independent colour augmentations
     (UniMatch's two strong streams ``img_s1`` / ``img_s2``) and mild (TMP's masking view), the padding map ``ignore``
-    (ignore_index where padded, else 0) and the ground truth ``mask`` (all ignore_index when the list has no mask;
-    for pseudo-label metrics only)."""
+    (ignore_index where padded, else 0) and the ground truth ``mask`` (all ignore_index when the list has no mask, or
+    its mask is missing or unusable: for pseudo-label metrics only). ``masks_required``: such a mask is an error
+    instead (``selection.mode=oracle`` trains on the masks)."""
 
     def __init__(self, source, *, crop_size: int, mean, std, ignore_index: int,
                  scale_range: Sequence[float] = (0.5, 2.0)):
         super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
         self.weak = WeakAugment(crop_size, ignore_index, scale_range)
         self.strong, self.mild = ColorAugment.strong(), ColorAugment.mild()
+        self.masks_required = False
 
     def __getitem__(self, index: int) -> dict:
-        image, mask = self.source.load(index, optional_mask=True)
+        image, mask = self.source.load(index, optional_mask=not self.masks_required)
         h, w = image.shape[:2]
         gt = np.full((h, w), self.ignore_index, dtype=np.int64) if mask is None else mask
         img, labels = self.weak(image_to_uint8(image), labels_to_tensor(gt, np.zeros((h, w), dtype=gt.dtype)))
