@@ -574,3 +574,19 @@ def test_an_image_zeroed_after_its_start_is_a_listed_error(tmp_path):
     with pytest.raises(ValueError, match=rf"cannot read image .*{img_rel}.*\(.*labeled.txt:2\)"):
         src.load(1)
     assert src.damaged_images() and img_rel in src.damaged_images()[0]
+
+
+@pytest.mark.parametrize("side", [1, 2, 6, 7])
+def test_the_blur_takes_crops_smaller_than_its_kernel(side):
+    """sigma 2 asks for a 13-tap kernel; reflect padding needs half of it below the side: cut to fit, still a blur."""
+    import torchvision.transforms.functional as TF
+
+    from csl.data.transforms import gaussian_blur
+
+    image = torch.rand(3, side, side + 3)
+    out = gaussian_blur(image, 2.0)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    if side > 1:
+        assert not torch.equal(out, image)
+    big = torch.rand(3, 40, 40)  # where the kernel fits, it is the full 2 ceil(3 sigma) + 1 taps
+    torch.testing.assert_close(gaussian_blur(big, 2.0), TF.gaussian_blur(big, [13, 13], [2.0, 2.0]), rtol=0, atol=0)

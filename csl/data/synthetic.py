@@ -15,7 +15,7 @@ Each scene is a shaded background of muted colours with clutter (thin lines and 
 ====  ==========  ====================
 
 Colours are drawn from one distribution for every class (colour alone tells nothing); an object wears its
-class's preferred texture three times out of four (a strong but imperfect local cue); sizes, aspect ratios and
+class's preferred texture four times out of five (a strong but imperfect local cue); sizes, aspect ratios and
 rotations vary; the whole image gets a random brightness / contrast change and pixel noise. Telling a disk from a
 ring or a rectangle from a cross when the texture misleads, or under occlusion, needs context beyond a few pixels,
 which a few labelled images teach poorly and unlabelled images help with.
@@ -133,6 +133,7 @@ def generate_scene(rng: np.random.Generator, size: int = 128, num_classes: int =
         region = _shape_mask(rng, SHAPES[cls - 1], yy, xx, size)
         if not region.any():
             continue
+        # 0.75 + 0.25 / 5: the other draws pick any texture, the preferred one included
         kind = TEXTURES[cls - 1] if rng.random() < PREFERRED_TEXTURE_P else str(rng.choice(TEXTURES))
         colour = rng.uniform(0.05, 0.95, 3).astype(np.float32)
         pattern = rng.uniform(0.15, 0.35) * _texture(rng, kind, yy, xx)

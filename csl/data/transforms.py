@@ -115,7 +115,8 @@ class WeakAugment:
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    kernel = 2 * math.ceil(3.0 * sigma) + 1
+    """A ``2 ceil(3 sigma) + 1`` kernel, cut to what reflect padding allows on a small image (half width < side)."""
+    kernel = min(2 * math.ceil(3.0 * sigma) + 1, 2 * min(image.shape[-2:]) - 1)
     return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
 
 
