@@ -23,7 +23,8 @@ import torch
 
 import csl_kernels
 from csl_kernels import PCOSResult
-from csl_kernels._checks import valid_mask
+from csl_kernels._checks import check_fraction, check_positive, valid_mask
+from csl_kernels.residual_features import rule_confidence
 
 from .config import CHOICES, DEFAULTS
 
@@ -40,8 +41,13 @@ class Selector:
     backend: str = "auto"
 
     def __post_init__(self):
+        """Every setting is checked here, also those the mode does not read: a typo fails at once, not at the first
+        step (or never)."""
         if self.mode not in SELECTION_MODES:
             raise ValueError(f"selection mode must be one of {SELECTION_MODES}, got {self.mode!r}")
+        check_positive(self.alpha, "alpha")
+        check_fraction(self.tau, "tau")
+        rule_confidence(self.rule, self.confidence)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, ignore: torch.Tensor | None,

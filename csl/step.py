@@ -16,7 +16,9 @@ from torch import nn
 
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
+from csl_kernels._checks import check_choice, check_fraction, check_positive_int
 
+from .config import CHOICES
 from .selection import Selector
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -39,6 +41,12 @@ class StepConfig:
     backend: str = "auto"
     num_classes: int = 0  # > 0: also count pseudo-label quality against the unlabeled ground truth
     ignore_index: int = IGNORE_INDEX  # the datasets map every file convention to it
+
+    def __post_init__(self):
+        check_choice(self.tmp_other_view, "tmp_other_view", CHOICES["tmp.other_view"])
+        for name in ("cutmix_p", "tmp_rate", "tmp_fraction"):
+            check_fraction(getattr(self, name), name)
+        check_positive_int(self.tmp_block, "tmp_block")
 
     @classmethod
     def from_config(cls, cfg: dict, amp_dtype: torch.dtype | None, num_classes: int = 0) -> StepConfig:

@@ -96,6 +96,32 @@ def test_every_configurable_selection_mode_selects():
         Selector(mode="top_k")
 
 
+@pytest.mark.parametrize("mode", ["csl", "threshold", "oracle"])
+@pytest.mark.parametrize(("setting", "message"), [({"alpha": 0.0}, "alpha must be a positive"),
+                                                  ({"tau": 1.5}, r"tau must be in \[0, 1\]"),
+                                                  ({"rule": "Paper"}, "rule must be one of"),
+                                                  ({"confidence": "logit"}, "confidence must be one of")])
+def test_selector_checks_every_setting_when_built(mode, setting, message):
+    """Also the settings a mode does not read, and before any step (they were checked at the first call, or never)."""
+    with pytest.raises(ValueError, match=message):
+        Selector(mode=mode, **setting)
+
+
+@pytest.mark.parametrize(("setting", "message"), [({"tmp_other_view": "Strong"}, "tmp_other_view must be one of"),
+                                                  ({"tmp_rate": 1.5}, "tmp_rate must be in"),
+                                                  ({"tmp_fraction": -0.1}, "tmp_fraction must be in"),
+                                                  ({"cutmix_p": float("nan")}, "cutmix_p must be in"),
+                                                  ({"tmp_block": 0}, "tmp_block must be a positive int")])
+def test_step_config_checks_its_settings(setting, message):
+    """A StepConfig built in code (benchmarks, other trainers) is checked as the config file's keys are: an unknown
+    tmp_other_view took the strong_cutmix branch without a word."""
+    from csl.step import StepConfig
+
+    with pytest.raises(ValueError, match=message):
+        StepConfig(**setting)
+    StepConfig(tmp_other_view="strong", tmp_rate=1.0, tmp_fraction=0.0, cutmix_p=1.0, tmp_block=1)
+
+
 def test_oracle_takes_the_true_masks():
     """``oracle``: label = the true class at weight 1 where the truth holds one; void, padding and values outside
     [0, C) at weight 0 (label 0), whatever the logits say."""
