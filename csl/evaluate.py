@@ -139,6 +139,12 @@ def _check_mode(mode: str, crop_size, stride_ratio: float) -> None:
         raise ValueError(f"stride_ratio must be in (0, 1], got {stride_ratio!r}")
 
 
+def _is_sub_batches(item) -> bool:
+    """A list of batches (:func:`collate_by_size`), not one batch of ``(image, mask, ...)`` samples, which the
+    default collate also gives as a list: ``[images, masks, ...]``, a tensor first."""
+    return isinstance(item, list) and bool(item) and not isinstance(item[0], torch.Tensor)
+
+
 def _device_of(model: nn.Module, device) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -177,7 +183,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
-            batches = (sub for item in loader for sub in (item if isinstance(item, list) else [item]))
+            batches = (sub for item in loader for sub in (item if _is_sub_batches(item) else [item]))
             for batch in tqdm(batches, desc=f"eval ({mode})", disable=bar_disabled(progress and rank == 0), leave=False,
                               total=len(loader) if hasattr(loader, "__len__") else None):
                 image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
@@ -314,6 +320,8 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
                                                  enabled=amp_dtype is not None):
                 scores = predict_scores(model, image, mode=mode, crop_size=crop_size, stride_ratio=stride_ratio)
+            if mode == "sliding_window":  # sums over 1 to several windows: averaged before a resize mixes them
+                scores = scores / scores.sum(dim=1, keepdim=True)
             if scaled.shape[:2] != original.shape[:2]:  # back to the image's scale (a centre crop: its own size)
                 size = original.shape[:2] if tuple(scores.shape[-2:]) == scaled.shape[:2] else \
                     tuple(max(round(n / image_scale), 1) for n in scores.shape[-2:])

@@ -353,3 +353,65 @@ def test_predict_sees_images_at_the_runs_image_scale_and_writes_them_full_size(t
     assert model.seen[-1] == (10, 10)
     with Image.open(written[0]) as p:
         assert p.size == (20, 20)
+
+
+class TupleSamples(Dataset):
+    """UniMatch's val dataset: ``(image, mask, id)`` samples, which the default collate gives as a list."""
+
+    def __init__(self, data: EncodedLabels):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple:
+        item = self.data[i]
+        return item["image"], item["mask"], item["name"]
+
+
+def test_a_plain_loader_of_tuple_samples_is_one_batch_not_a_list_of_them():
+    data = _perfect_data(4, [(12, 20)] * 4)
+    loader = DataLoader(TupleSamples(data), batch_size=2)
+    assert isinstance(next(iter(loader)), list)
+    result = evaluate(ReadChannel(4), loader, 4, progress=False)
+    assert result["miou"] == 1.0
+    assert result["confusion"].sum() == sum(int((m != 255).sum()) for m in data.masks)
+
+
+class WindowContext(nn.Module):
+    """Logits that depend on the window's content and position, as a network's do: overlapping windows disagree."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sign = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+        ramp = torch.linspace(-1, 1, x.shape[-1]).view(1, 1, 1, -1)
+        return self.conv(x) + 3 * x.mean(dim=(1, 2, 3), keepdim=True) * sign + 2 * ramp * sign
+
+
+def test_predict_resizes_the_windows_average_not_their_sum(tmp_path):
+    """Resized back from image_scale 0.5, a pixel where one window ends and two overlap mixed a sum of 1 with a sum
+    of 2: the class of a column beside a window start followed the count of windows, not the probabilities."""
+    from csl.data.datasets import load_image, resize_pair
+    from csl.data.transforms import image_to_tensor, normalize
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((96, 160, 3)) * 255).astype(np.uint8)
+    pixels[:, 80:] //= 3
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    model = WindowContext().eval()
+    out = predict_images(model, [str(tmp_path / "a.png")], str(tmp_path / "out"), num_classes=2,
+                         mode="sliding_window", crop_size=32, image_scale=0.5, progress=False)
+    got = np.array(Image.open(out[0]))
+    scaled, _ = resize_pair(load_image(str(tmp_path / "a.png"), upright=True), None, 0.5)
+    image = normalize(image_to_tensor(scaled), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[None]
+    with torch.no_grad():
+        total = sliding_window_scores(model, image, 32)
+    average = F.interpolate(total / total.sum(1, keepdim=True), size=pixels.shape[:2], mode="bilinear",
+                            align_corners=False).argmax(1)[0].numpy()
+    summed = F.interpolate(total, size=pixels.shape[:2], mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+    assert (summed != average).any()  # the case the test is about occurs
+    assert np.array_equal(got, average)
