@@ -215,15 +215,16 @@ class _Tally:
                for name in ("csl", "csl_class", "csl_released")},
             "all_pixels": q["all"],
             "ranked_pixels": {"kept": int(len(pred)), "of": int(self.pixels), "rate": self.rate},
+            # counted on every pixel, not on the ranked sample
+            "confidence_per_image_at_csl_share": q["confidence_per_image_at_csl"],
         }
-        if len(pred) == 0:
-            return {**out, "sweeps": {}, "at_csl_share": {}}
+        if len(pred) == 0:  # no pixel, or a sample halved down to none (a tiny --max-ranked-pixels)
+            return {**out, "sweeps": {}, "at_csl_share": {}, "confidence_at_released_share": None}
         csl_share, released_share = self.w_csl_sum / self.pixels, self.w_released_sum / self.pixels
         out["sweeps"] = {name: [{"share": float(s), **cut_quality(score, s, hib)} for s in shares]
                          for name, (score, hib) in scores.items() if name != "confidence"}
         out["at_csl_share"] = {name: {"share_target": csl_share, **cut_quality(score, csl_share, hib)}
                                for name, (score, hib) in scores.items()}
-        out["confidence_per_image_at_csl_share"] = q["confidence_per_image_at_csl"]
         # the confidence ranking at the released rule's weighted share
         out["confidence_at_released_share"] = {"share_target": released_share,
                                                **cut_quality(ranked["conf"], released_share, True)}
@@ -286,16 +287,15 @@ PICTURES = ("accuracy_recall.png", "feature_plane.png", "per_class.png", "panels
 
 
 def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    """Refuse a folder that holds an analysis unless ``overwrite`` (then its pictures go first, so that none of the
-    old analysis is left beside the new JSON)."""
+    """Refuse a folder that holds an analysis unless ``overwrite``. The pictures of an earlier analysis go first, also
+    those of one stopped before its JSON (written last), so that none is left beside the new JSON."""
     existing = os.path.join(out_dir, "analysis.json")
-    if os.path.exists(existing):
-        if not overwrite:
-            raise ValueError(f"{out_dir} already holds an analysis ({existing}); pass --overwrite to replace it, or "
-                             f"--out another folder")
-        for name in ("analysis.json", *PICTURES):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+    if os.path.exists(existing) and not overwrite:
+        raise ValueError(f"{out_dir} already holds an analysis ({existing}); pass --overwrite to replace it, or "
+                         f"--out another folder")
+    for name in ("analysis.json", *PICTURES):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
 
 

@@ -24,7 +24,7 @@ import time
 
 from .config import build_config, load_config, parse_override
 from .files import atomic_write_text
-from .logging_utils import read_metrics
+from .logging_utils import best_miou, read_metrics
 
 DEFAULT_WARMUP = 300
 DEFAULT_WARMUP_LR = 0.01  # from random initialisation; the methods then continue at the config's train.lr
@@ -251,7 +251,7 @@ def _result(cfg: dict, seconds: float) -> dict:
     last_pl = pls[-1] if pls else {}
     return {
         "miou": evals[-1]["miou"] if evals else None,
-        "best_miou": max(e["miou"] for e in evals) if evals else None,
+        "best_miou": best_miou(evals),
         "iou": evals[-1]["iou"] if evals else None,
         "pl_mask_ratio": last_pl.get("mask_ratio"),
         "pl_sampling_rate": last_pl.get("sampling_rate"),

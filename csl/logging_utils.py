@@ -227,6 +227,12 @@ def read_metrics(path: str, kind: str | None = None) -> list[dict]:
     return [r for r in _parsed(path, lines) if r is not None and (kind is None or r.get("kind") == kind)]
 
 
+def best_miou(evals: list[dict]) -> float | None:
+    """The highest ``miou`` of a run's eval records; None where none is defined (no record, or every one ``null``:
+    a validation set without a labelled pixel)."""
+    return max((e["miou"] for e in evals if e.get("miou") is not None), default=None)
+
+
 def bar_disabled(enabled: bool) -> bool | None:
     """tqdm's ``disable`` for a progress bar: off when not ``enabled``; else drawn only where stderr is a terminal
     (tqdm's ``None``), so a log file under nohup or a scheduler gets the log lines, not thousands of bar frames."""

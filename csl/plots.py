@@ -9,6 +9,7 @@ import numpy as np
 from csl_kernels import IGNORE_INDEX
 
 from .analyze import baseline_row
+from .files import atomic_open
 
 
 def _pyplot():
@@ -21,10 +22,13 @@ def _pyplot():
 
 
 def _save_figure(fig, path: str) -> str:
-    """Write ``fig`` as a PNG at ``path`` (its folder created), close it, return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    """Write ``fig`` as a PNG at ``path`` (its folder created) whole or not at all: a kill while it is written
+    leaves the earlier picture or none, never a cut-short PNG. Close it, return the path."""
+    try:
+        with atomic_open(path, binary=True) as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -37,7 +41,7 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def _num(value: float | None) -> float:
-    """A ratio of ``analysis.json`` for plotting: None (no pixel to take it over) is a gap."""
+    """A ratio or an mIoU for plotting: None (no pixel to take it over) is a gap."""
     return float("nan") if value is None else value
 
 
@@ -50,7 +54,7 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     ax.plot([_num(r["recall"]) for r in th], [_num(r["accuracy"]) for r in th], "o-", color="tab:blue",
             label="confidence threshold sweep")
     for r in th:
-        if r["accuracy"] is not None:  # None: nothing selected at this tau
+        if r["accuracy"] is not None and r["recall"] is not None:  # None: nothing selected / nothing correct
             ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color="tab:blue")
     base = baseline_row(result, tau)
@@ -299,7 +303,7 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for method, records in curves.items():
             colour = colours.setdefault(method, cycle[len(colours) % len(cycle)])
-            ax.plot([r["iter"] for r in records], [100 * r["miou"] for r in records], "o-", ms=3, color=colour,
+            ax.plot([r["iter"] for r in records], [100 * _num(r["miou"]) for r in records], "o-", ms=3, color=colour,
                     label=method)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
@@ -317,10 +321,10 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     seeds = list(dict.fromkeys(seed for per_seed in finals.values() for seed in per_seed))
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(methods), 3.8))
     for seed in seeds:
-        ys = [100 * finals[m][seed] if seed in finals[m] else np.nan for m in methods]
+        ys = [100 * _num(finals[m].get(seed)) for m in methods]
         ax.plot(range(len(methods)), ys, "o-", ms=5, label=f"seed {seed}")
     # The mean only over every seed: a method run on fewer seeds would be compared on other levels.
-    means = [100 * np.mean([finals[m][seed] for seed in seeds]) if len(finals[m]) == len(seeds) else np.nan
+    means = [100 * np.mean([_num(finals[m][seed]) for seed in seeds]) if len(finals[m]) == len(seeds) else np.nan
              for m in methods]
     ax.plot(range(len(methods)), means, "_", ms=28, mew=2.5, color="black", label="mean of the seeds")
     ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)

@@ -23,7 +23,7 @@ from .analyze import BASELINE_TAU, baseline_row
 from .demo import LABELS as METHOD_LABELS
 from .demo import percent_cells
 from .files import atomic_write_text
-from .logging_utils import read_metrics
+from .logging_utils import best_miou, read_metrics
 from .run_folder import check_output_folder
 
 # Run names beyond the demo's methods: the CSL stage with the released code's rule (docs/results/camvid.md).
@@ -79,7 +79,7 @@ def load_run(folder: str) -> dict:
         elif not known or (total is not None and evals[-1]["iter"] < total):
             unfinished[m] = (evals[-1]["iter"], total)
         elif evals:
-            results[m] = {"miou": evals[-1]["miou"], "best_miou": max(e["miou"] for e in evals), "seconds": None}
+            results[m] = {"miou": evals[-1]["miou"], "best_miou": best_miou(evals), "seconds": None}
             methods.append(m)
     analyses = {}
     # The demo's runs first, then any other analysed run of the folder (e.g. a CSL stage trained beside the demo).
@@ -235,8 +235,9 @@ def selection_table(analysis: dict) -> str:
     if "csl_released" in analysis:
         row("CSL, released code's rule, reliable", analysis["csl_released"]["hard"])
         row("CSL, released code's rule, weighted", analysis["csl_released"]["weighted"])
-        row("confidence, best pixels at the released rule's weighted share",
-            analysis["confidence_at_released_share"])
+        if analysis.get("confidence_at_released_share"):  # None: no ranked pixel to cut
+            row("confidence, best pixels at the released rule's weighted share",
+                analysis["confidence_at_released_share"])
     for name, q in analysis["at_csl_share"].items():
         row(f"{name}, best pixels at CSL's weighted share (all images pooled)", q)
     if "confidence_per_image_at_csl_share" in analysis:

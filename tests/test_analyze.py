@@ -268,3 +268,62 @@ def test_a_backend_that_cannot_run_here_is_a_config_error(checkpoint, tmp_path, 
     assert main([command, "--checkpoint", str(checkpoint), *extra, "device=cpu", "kernels.backend=cuda"]) == 2
     err = capsys.readouterr().err
     assert "kernels.backend=cuda cannot run on cpu" in err and "Traceback" not in err
+
+
+def test_a_ranked_sample_halved_to_nothing_keeps_the_exact_counts_and_reports_the_rest_as_absent():
+    """--max-ranked-pixels 1 may halve the sample to no pixel (it does for these 1000; the tally's generator is
+    seeded): the per-image confidence cut is counted on every pixel and stays; the cuts of the sample are absent, and
+    the report of it is still written."""
+    from csl.report import selection_table
+
+    arrays = _random_pixels(1000, 3)
+    exact = summarize(arrays, 3, taus=(0.5,), shares=(0.5,))
+    r = summarize(arrays, 3, taus=(0.5,), shares=(0.5,), max_ranked=1)
+    assert r["ranked_pixels"]["kept"] == 0
+    assert r["confidence_per_image_at_csl_share"] == exact["confidence_per_image_at_csl_share"]
+    assert r["confidence_at_released_share"] is None and r["at_csl_share"] == {} and r["sweeps"] == {}
+    json.dumps(r, allow_nan=False)
+    assert "each image at its CSL amount" in selection_table(r)
+
+
+def test_a_model_that_gets_every_pixel_wrong_is_plotted(tmp_path):
+    """Accuracy 0 with recall undefined (no correct pixel at all) at every tau: a gap, not a crash when saving."""
+    from csl.plots import plot_accuracy_recall
+
+    arrays = _random_pixels(2000, 4)
+    arrays["pred"] = (arrays["target"] + 1) % 3
+    r = summarize(arrays, 3, taus=(0.5, 0.95), shares=(0.5,))
+    assert r["threshold"][0]["accuracy"] == 0 and r["threshold"][0]["recall"] is None
+    path = plot_accuracy_recall(r, str(tmp_path))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pictures_of_an_analysis_stopped_before_its_json_are_removed(tmp_path):
+    from csl.analyze import PICTURES, prepare_out_dir
+
+    for name in PICTURES:
+        (tmp_path / name).write_bytes(b"old")
+    prepare_out_dir(str(tmp_path), overwrite=False)
+    assert not any((tmp_path / name).exists() for name in PICTURES)
+    (tmp_path / "analysis.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds an analysis"):
+        prepare_out_dir(str(tmp_path), overwrite=False)
+
+
+def test_a_picture_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from csl.plots import _pyplot, _save_figure
+
+    path = tmp_path / "accuracy_recall.png"
+    path.write_bytes(b"the earlier picture")
+    fig = _pyplot().figure()
+
+    def killed_midway(self, f, **kwargs):
+        f.write(b"\x89PNG\r\n\x1a\n part")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _save_figure(fig, str(path))
+    assert path.read_bytes() == b"the earlier picture" and os.listdir(tmp_path) == ["accuracy_recall.png"]

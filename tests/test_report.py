@@ -236,3 +236,25 @@ def test_a_report_written_again_leaves_no_picture_of_the_earlier_one(tmp_path):
     (out / "notes.txt").write_text("mine")
     assert report.main([folders[0], "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["miou_seed0.png", "notes.txt", "pseudo_labels_seed0.png", "report.md"]
+
+
+def test_an_evaluation_without_a_defined_miou_is_a_gap(tmp_path):
+    """A validation set without a labelled pixel gives ``miou: null`` records (the trainer writes them so): the
+    best mIoU is over the defined ones, and the curves and the seed picture draw a gap."""
+    from csl.plots import plot_miou_by_seed, plot_miou_panels
+
+    folder = run_folder(tmp_path, 0)
+    method = report.load_run(folder)["methods"][0]
+    path = os.path.join(folder, method, "metrics.jsonl")
+    records = [json.loads(line) for line in open(path)]
+    first_eval = next(r for r in records if r.get("kind") == "eval")
+    records.insert(records.index(first_eval), {**first_eval, "iter": first_eval["iter"] - 1, "miou": None})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    run = report.load_run(folder)
+    evals = run["metrics"][method]["eval"]
+    assert evals[0]["miou"] is None
+    assert run["results"][method]["best_miou"] == max(e["miou"] for e in evals[1:])
+    curves = plot_miou_panels({"seed 0": {method: evals}}, str(tmp_path / "curves.png"))
+    seeds = plot_miou_by_seed({"a": {0: None, 1: 0.4}, "b": {0: 0.3, 1: 0.5}}, str(tmp_path / "seeds.png"))
+    assert os.path.getsize(curves) > 1000 and os.path.getsize(seeds) > 1000
