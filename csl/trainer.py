@@ -763,8 +763,10 @@ class Trainer:
         non_finite = (~torch.isfinite(stacked[: len(keys)])).to(stacked.dtype)
         host = all_reduce_sum(torch.cat([stacked, non_finite])).cpu().tolist()  # the only sync per interval
         values, ratio, non_finite = host[: len(keys)], host[len(keys): -len(keys)], host[-len(keys):]
+        # the rate iteration `iter` trained with (the optimizer holds the next one: the scheduler steps after it)
+        lr = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.iteration - 1)
         record = {"kind": "train", "iter": self.iteration, "epoch": (self.iteration - 1) // self.iters_per_epoch,
-                  "lr": self.optimizer.param_groups[0]["lr"]}
+                  "lr": lr}
         if any(non_finite):
             bad = [k for k, flag in zip(keys, non_finite, strict=True) if flag]
             raise NonFiniteTrainingError(

@@ -218,6 +218,9 @@ def test_supervised_mode_trains(tmp_path):
     assert [r["iter"] for r in train_records] == [1, 2] and all("loss_s" not in r for r in train_records)
     assert [r["kind"] for r in records].count("eval") == 1
     assert not all(torch.equal(before[k], v) for k, v in _params(trainer.bare_model).items())
+    # Each record's lr is the one its iteration trained with: the base rate first (the optimizer already holds the
+    # next iteration's, 0 after the last), then the poly schedule's (1 - i / total) ** 0.9 of iteration i + 1.
+    assert [r["lr"] for r in train_records] == [0.01, pytest.approx(0.01 * 0.5 ** 0.9)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
