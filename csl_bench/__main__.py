@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,15 +23,17 @@ from . import (
 )
 from .environment import environment, show_kernel_log, triton_tuning
 from .report import (
+    check_output_path,
     default_output_path,
     evaluate_goals,
     goals_table,
     markdown_table,
+    suite_payload,
     summary_table,
     train_table,
     write_json,
 )
-from .runner import exit_status, run_op
+from .runner import add_speedups, exit_status, run_op
 from .settings import add_common_args, settings_dict, settings_from_args
 from .timing import copy_bandwidth_gbps
 
@@ -42,16 +45,18 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m csl_bench", description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--ops", nargs="+", choices=[s.name for s in SPECS], default=None)
-    parser.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
-    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmark")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
+    which.add_argument("--train-only", action="store_true", help="only the training-step benchmark")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per selection")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSON of runs made in pieces (same device) instead of running")
     args = parser.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.overwrite)
     show_kernel_log()
     settings = settings_from_args(args)
+    path = check_output_path(args.out or default_output_path(settings.device), args.overwrite)
     copy = copy_bandwidth_gbps(settings.device)
     settings.copy_gbps = copy["gbps"]
     env = environment(settings.device)
@@ -62,19 +67,9 @@ def main(argv=None) -> dict:
         if not args.train_only and (args.ops is None or spec.name in args.ops):
             records += run_op(spec, settings)
     train = [] if args.skip_train else bench_train_step.run(settings.device, settings.suite, args.steps)
-    goals = evaluate_goals(records, train, settings.device)
-    payload = {
-        "environment": env,
-        "settings": settings_dict(settings),
-        "copy_bandwidth": copy,
-        "records": records,
-        "train_step": train,
-        "goals": goals,
-        "triton_tuning": triton_tuning(),
-        "goals_note": ("the goals are set for an H100; on another device the same ratios are reported for "
-                       "information" if "H100" not in env["device_name"] else "measured on an H100"),
-    }
-    path = write_json(payload, args.out or default_output_path(settings.device))
+    payload = suite_payload(env, settings_dict(settings), copy, records, train,
+                            evaluate_goals(records, train, settings.device), triton_tuning())
+    write_json(payload, path)
     print()
     print_tables(payload, path)
     return payload
@@ -94,20 +89,49 @@ def print_tables(payload: dict, path: Path) -> None:
     print(f"\nwrote {path}")
 
 
-def merge(paths: list[Path], out: Path | None) -> dict:
-    """One JSON (and tables) from several runs on the same device, e.g. ops run one per command."""
+def _read_run(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--merge: cannot read {path}: {e}") from None
+
+
+_RANK = {"unavailable": 1, "error": 2, "ok": 3}  # which of two runs' rows of one provider a merge keeps
+
+
+def merge(paths: list[Path], out: Path | None, overwrite: bool = False) -> dict:
+    """One JSON (and tables) from several runs on the same device, e.g. ops or providers run one per command.
+
+    A provider measured in one run replaces its "not selected" / unavailable or failed row of another; one measured
+    in two runs is refused (which one would be the result?). The speed-ups are computed again across the runs."""
     import torch
 
-    parts = [json.loads(p.read_text()) for p in paths]
+    parts = [_read_run(p) for p in paths]
     names = {p["environment"]["device_name"] for p in parts}
     if len(names) != 1:
         raise SystemExit(f"--merge: the runs come from different devices: {sorted(names)}")
     device = torch.device(parts[0]["environment"]["device"])
-    records = [r for p in parts for r in p["records"]]
+    slug = re.sub(r"[^a-z0-9]+", "-", names.pop().lower()).strip("-") if device.type == "cuda" else "cpu"
+    path = check_output_path(out or default_output_path(device, slug=slug), overwrite)
+    records: dict[tuple, dict] = {}
+    source: dict[tuple, Path] = {}
+    for run_path, part in zip(paths, parts, strict=True):
+        for r in part["records"]:
+            key = (r["op"], r["shape"], r["dtype"], r["provider"])
+            if key in records and records[key].get("status") == "ok" and r.get("status") == "ok":
+                raise SystemExit(f"--merge: {' '.join(key)} was measured in both {source[key]} and {run_path}; "
+                                 f"merge runs that measured different things")
+            if key not in records or _RANK.get(r.get("status"), 0) > _RANK.get(records[key].get("status"), 0):
+                records[key], source[key] = {k: v for k, v in r.items() if not k.startswith("x_")}, run_path
+    merged = list(records.values())
+    add_speedups(merged)
     train = [r for p in parts for r in p.get("train_step", [])]
-    payload = dict(parts[0], records=records, train_step=train, goals=evaluate_goals(records, train, device),
-                   merged_from=[str(p) for p in paths])
-    path = write_json(payload, out or default_output_path(device))
+    first = parts[0]
+    payload = suite_payload(first["environment"], first["settings"],
+                            first.get("copy_bandwidth", {"gbps": first.get("copy_bandwidth_gbps")}), merged, train,
+                            evaluate_goals(merged, train, device), first.get("triton_tuning", {}))
+    payload["merged_from"] = [str(p) for p in paths]
+    write_json(payload, path)
     print_tables(payload, path)
     return payload
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .inputs import make_ignore, make_logits
-from .settings import DTYPES, SHAPES
+from .settings import DTYPES, SHAPES, resolve_device
 
 
 class _Lines(logging.Handler):
@@ -45,13 +45,13 @@ def _not_timed(impl):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_auto_choice", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="shape names of csl_bench/settings.py (default: voc321 coco513 on cuda, smoke on cpu)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     known = {s.name: s for suite in SHAPES.values() for s in suite}
     names = args.shapes or (["voc321", "coco513"] if device.type == "cuda" else ["smoke"])
     unknown = [n for n in names if n not in known]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -104,9 +105,8 @@ BEYOND_EMPTY = "weighted_cross_entropy fwd+bwd beyond an empty autograd.Function
 
 
 def _row(op: str, provider: str, times: list[float], launches: float | None = None) -> dict:
-    times = sorted(times)
-    return {"op": op, "provider": provider, "us_min": round(times[0], 2), "us_median": round(times[len(times) // 2], 2),
-            "launches_per_call": launches}
+    return {"op": op, "provider": provider, "us_min": round(min(times), 2),
+            "us_median": round(statistics.median(times), 2), "launches_per_call": launches}
 
 
 def _inputs(device: str = "cpu"):

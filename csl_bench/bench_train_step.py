@@ -37,8 +37,8 @@ from csl.trainer import build_scheduler
 from csl_kernels import IGNORE_INDEX, PCOSResult, unavailable_reason
 
 from .official import official_pcos, official_trusted_mask, unimatch_weighted_cross_entropy
-from .runner import error_reason
-from .settings import FUSED
+from .runner import error_reason, exit_status
+from .settings import FUSED, resolve_device
 from .timing import quantiles, synchronize
 
 CSL_OPS = ("pcos_weights", "trusted_mask", "weighted_cross_entropy")
@@ -322,7 +322,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     suite = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
     records = run(device, suite, args.steps)
     print()
@@ -331,4 +331,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_status({"train_step": main(sys.argv[1:])}))

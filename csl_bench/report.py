@@ -134,9 +134,34 @@ def goals_table(goals: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def default_output_path(device: torch.device, suffix: str = "") -> Path:
+def default_output_path(device: torch.device, suffix: str = "", slug: str | None = None) -> Path:
+    """``csl_bench/results/<date>-<device>.json``; ``slug`` names the device (a merge: the recorded one's)."""
     date = _dt.date.today().isoformat()
-    return RESULTS_DIR / f"{date}-{device_slug(device)}{suffix}.json"
+    return RESULTS_DIR / f"{date}-{slug or device_slug(device)}{suffix}.json"
+
+
+def check_output_path(path: Path, overwrite: bool) -> Path:
+    """``path`` where the JSON may be written: an existing file only with ``overwrite`` (said before any work, so a
+    second run of the day does not replace the first one's results)."""
+    if path.exists() and not overwrite:
+        raise SystemExit(f"{path} exists; pass --overwrite to replace it, or --out another file")
+    return path
+
+
+def suite_payload(environment: dict, settings: dict, copy_bandwidth: dict, records: list[dict],
+                  train: list[dict], goals: list[dict], triton_tuning: dict) -> dict:
+    """The JSON of a benchmark run, the same for the suite, an op's script and a merge."""
+    return {
+        "environment": environment,
+        "settings": settings,
+        "copy_bandwidth": copy_bandwidth,
+        "records": records,
+        "train_step": train,
+        "goals": goals,
+        "triton_tuning": triton_tuning,
+        "goals_note": ("the goals are set for an H100; on another device the same ratios are reported for "
+                       "information" if "H100" not in environment["device_name"] else "measured on an H100"),
+    }
 
 
 def write_json(payload: dict, path: Path) -> Path:
@@ -145,5 +170,5 @@ def write_json(payload: dict, path: Path) -> Path:
     return path
 
 
-__all__ = ["RESULTS_DIR", "default_output_path", "evaluate_goals", "goal", "goals_table", "markdown_table",
-           "summary_table", "train_table", "write_json"]
+__all__ = ["RESULTS_DIR", "check_output_path", "default_output_path", "evaluate_goals", "goal", "goals_table",
+           "markdown_table", "suite_payload", "summary_table", "train_table", "write_json"]

@@ -18,7 +18,7 @@ from csl_kernels import unavailable_reason
 
 from .environment import environment, show_kernel_log, triton_tuning
 from .inputs import rotating_buffers
-from .report import evaluate_goals, markdown_table, write_json
+from .report import check_output_path, evaluate_goals, markdown_table, suite_payload, write_json
 from .settings import DTYPES, PROVIDERS, Settings, Shape, add_common_args, settings_dict, settings_from_args
 from .timing import bench_fn, bench_interleaved, copy_bandwidth_gbps, peak_memory, synchronize
 
@@ -48,11 +48,13 @@ class OpSpec:
         args = parser.parse_args(argv)
         show_kernel_log()
         settings = settings_from_args(args)
-        settings.copy_gbps = copy_bandwidth_gbps(settings.device)["gbps"]
+        if args.out is not None:
+            check_output_path(args.out, args.overwrite)
+        copy = copy_bandwidth_gbps(settings.device)
+        settings.copy_gbps = copy["gbps"]
         records = run_op(self, settings)
-        payload = {"environment": environment(settings.device), "settings": settings_dict(settings),
-                   "copy_bandwidth_gbps": settings.copy_gbps, "records": records,
-                   "goals": evaluate_goals(records, [], settings.device), "triton_tuning": triton_tuning()}
+        payload = suite_payload(environment(settings.device), settings_dict(settings), copy, records, [],
+                                evaluate_goals(records, [], settings.device), triton_tuning())
         print()
         print(markdown_table(records))
         if args.out is not None:
@@ -86,13 +88,16 @@ def error_reason(exc: BaseException) -> str:
 
 
 def exit_status(payload: dict) -> int:
-    """The exit status of a benchmark command: 1 where a provider failed (its record says ``status: error``; the
-    tables keep the row with the reason, and stderr names each), else 0. A provider that cannot run here
-    (``unavailable``) is not a failure."""
+    """The exit status of a benchmark command: 1 where a provider or a training-step selection failed (its record
+    says ``status: error``; the tables keep the row with the reason, and stderr names each), else 0. One that cannot
+    run here (``unavailable``) is not a failure."""
     failed = [r for r in payload.get("records", []) if r.get("status") == "error"]
     for r in failed:
         print(f"error: {r['op']} {r['shape']} {r['dtype']} {r['provider']}: {r.get('reason')}", file=sys.stderr)
-    return 1 if failed else 0
+    failed_steps = [r for r in payload.get("train_step", []) if r.get("status") == "error"]
+    for r in failed_steps:
+        print(f"error: training step {r['config']} {r['selection']}: {r.get('reason')}", file=sys.stderr)
+    return 1 if failed or failed_steps else 0
 
 
 def run_op(spec: OpSpec, settings: Settings, log: Callable[[str], None] = print) -> list[dict]:

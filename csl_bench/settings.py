@@ -77,6 +77,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="list the compile provider as skipped")
     parser.add_argument("--rep-s", type=float, default=None, help="timing budget per provider in seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace the JSON file where it exists")
 
 
 def parse_shape(text: str) -> Shape:
@@ -92,10 +93,16 @@ def parse_shape(text: str) -> Shape:
     return Shape(text, b, c, h, w)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: ``cpu``, ``cuda`` (an error where no CUDA device is available) or None (CUDA when available)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    device = resolve_device(args.device)
     suite = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
     shapes = tuple(parse_shape(s) for s in args.shapes) if args.shapes else SHAPES[suite]
     dtypes = tuple(args.dtypes) if args.dtypes else SUITE_DTYPES[suite]

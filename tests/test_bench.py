@@ -270,3 +270,77 @@ def test_a_failed_provider_fails_the_command(capsys):
     failed = dict(row, provider="triton", status="error", reason="RuntimeError: illegal memory access")
     assert exit_status({"records": [unavailable, failed]}) == 1
     assert "error: pcos_weights voc321 bf16 triton: RuntimeError: illegal memory access" in capsys.readouterr().err
+
+
+def _record(op, provider, median, status="ok"):
+    r = {"op": op, "shape": "voc321", "dtype": "bf16", "provider": provider, "status": status}
+    if status == "ok":
+        r["time_ms"] = {"median": median, "q20": median, "q80": median, "reps": 3}
+        r["memory"] = {}
+    else:
+        r["reason"] = "not selected (--providers)"
+    return r
+
+
+def _run_file(path, providers_measured, device_name="NVIDIA H200"):
+    records = [_record("pcos_weights", p, t) if p in providers_measured else _record("pcos_weights", p, None,
+                                                                                      "unavailable")
+               for p, t in (("official", 22.0), ("cuda", 0.25), ("triton", 0.5))]
+    payload = {"environment": {"device": "cuda", "device_name": device_name}, "settings": {},
+               "copy_bandwidth": {"gbps": 3000.0}, "records": records, "train_step": [], "goals": [],
+               "triton_tuning": {}}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_merge_takes_each_providers_measured_row_and_computes_the_speedups_across_runs(tmp_path, monkeypatch):
+    """Providers run one per command: each run lists the others as not selected; the merge keeps the measured rows,
+    x_official across the runs, and names its file after the recorded GPU (none is needed here)."""
+    from csl_bench import __main__ as bench_cli
+    from csl_bench import report
+
+    a = _run_file(tmp_path / "a.json", {"official"})
+    b = _run_file(tmp_path / "b.json", {"cuda", "triton"})
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "results")
+    payload = bench_cli.merge([a, b], None)
+    by = {r["provider"]: r for r in payload["records"]}
+    assert {p: r["status"] for p, r in by.items()} == {"official": "ok", "cuda": "ok", "triton": "ok"}
+    assert by["cuda"]["x_official"] == pytest.approx(88.0) and by["triton"]["x_official"] == pytest.approx(44.0)
+    assert any(g["goal"] == "PCOS >= 100x official" and g["met"] is False for g in payload["goals"])
+    written = list((tmp_path / "results").iterdir())
+    assert len(written) == 1 and written[0].name.endswith("-nvidia-h200.json")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        bench_cli.merge([a, b], written[0])
+    with pytest.raises(SystemExit, match="pcos_weights voc321 bf16 cuda was measured in both"):
+        bench_cli.merge([b, _run_file(tmp_path / "c.json", {"cuda"})], tmp_path / "d.json")
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench_cli.merge([tmp_path / "missing.json"], tmp_path / "e.json")
+
+
+def test_a_failed_training_step_fails_the_command(capsys):
+    from csl_bench.runner import exit_status
+
+    ok = {"config": "smoke", "selection": "official", "status": "ok"}
+    failed = {"config": "smoke", "selection": "cpu", "status": "error", "reason": "RuntimeError: boom"}
+    assert exit_status({"records": [], "train_step": [ok]}) == 0
+    assert exit_status({"records": [], "train_step": [ok, failed]}) == 1
+    assert "training step smoke cpu: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    from csl_bench import __main__ as bench_cli
+
+    out = tmp_path / "x.json"
+    out.write_text("{}")
+    monkeypatch.setattr(bench_cli, "run_op", lambda *a, **k: pytest.fail("ran before refusing the output file"))
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        bench_main(["--smoke", "--device", "cpu", "--out", str(out)])
+    with pytest.raises(SystemExit):  # argparse: the two flags exclude each other
+        bench_main(["--skip-train", "--train-only"])
+
+
+def test_host_overhead_median_of_an_even_count():
+    from csl_bench.bench_host_overhead import _row
+
+    assert _row("op", "p", [10.0, 20.0])["us_median"] == 15.0
+    assert _row("op", "p", [1.0, 100.0, 2.0, 3.0])["us_median"] == 2.5
