@@ -39,8 +39,10 @@ OUT=""
 PACK=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT=$2; shift 2 ;;
-    --pack) PACK=$2; shift 2 ;;
+    --out|--pack)
+      [ $# -ge 2 ] || { echo "gpu_check: $1 needs a folder" >&2; exit 2; }
+      if [ "$1" = --out ]; then OUT=$2; else PACK=$2; fi
+      shift 2 ;;
     --cpu-dry-run) DRY=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -269,9 +271,9 @@ fi
 # 3. Benchmark: voc321, bf16 + fp32, pcos_weights and the weighted CE, every provider; one command per op (a stage
 # killed at its limit loses one op), Triton's launch tuning on, as users run it (the suite turns it off)
 if [ $DRY = 1 ]; then
-  BENCH=(--device cpu --smoke --skip-train)
+  BENCH=(--device cpu --smoke --skip-train --overwrite)
 else
-  BENCH=(--device cuda --shapes voc321 --dtypes bf16 fp32 --skip-train --rep-s 0.3)
+  BENCH=(--device cuda --shapes voc321 --dtypes bf16 fp32 --skip-train --rep-s 0.3 --overwrite)
 fi
 : > "$OUT/bench.log"
 MERGE=()
@@ -282,7 +284,7 @@ for op in pcos_weights weighted_cross_entropy; do
   cat "$OUT/bench-$short.log" >> "$OUT/bench.log"
   [ -f "$OUT/bench-$short.json" ] && MERGE+=("$OUT/bench-$short.json")
 done
-[ ${#MERGE[@]} -gt 0 ] && "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" > /dev/null 2>&1
+[ ${#MERGE[@]} -gt 0 ] && "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" --overwrite > /dev/null 2>&1
 # The extension's kernels again with each pixel's classes read one by one (CSL_CUDA_REGISTER_CLASSES=0; the default
 # loads C <= 32 together into registers): which of the two is faster here (the dry run: rows saying unavailable)
 CSL_CUDA_REGISTER_CLASSES=0 stage bench_cuda_plain 90 "$PY" -m csl_bench "${BENCH[@]}" --providers cuda \

@@ -70,6 +70,13 @@ def test_pack_inside_the_evidence_folder_is_refused(tmp_path):
     assert proc.returncode == 2 and "lies inside the evidence folder" in proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--out", "--pack"])
+def test_a_folder_flag_without_its_folder_is_a_usage_error(flag):
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", flag], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check: {flag} needs a folder", proc.stderr
+
+
 def _session_processes(sid: int) -> list[int]:
     """The pids of every process in session ``sid`` (Linux /proc)."""
     pids = []
