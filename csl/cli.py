@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from typing import NamedTuple
 
@@ -525,27 +526,23 @@ def _run(args) -> int:
     from .run_folder import RunFolderError
     from .trainer import NonFiniteTrainingError
 
-    debug = os.environ.get("CSL_DEBUG") == "1"  # a traceback instead of the one-line message
+    def failed(message: str, status: int) -> int:
+        if os.environ.get("CSL_DEBUG") == "1":  # the traceback too, above the line; the same exit status
+            traceback.print_exc()
+        print(f"csl {args.command}: error: {message}", file=sys.stderr)
+        return status
+
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
             RunFolderError) as e:  # the user's input
-        if debug:
-            raise
-        print(f"csl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return failed(one_line(e), 2)
     except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:  # torch < 2.5: only the latter
-        if debug:
-            raise
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's advice on the allocator follows it
-        print(f"csl {args.command}: error: out of memory: {first_line} (lower train.batch_size, "
-              f"data.crop_size or eval.batch_size; eval.mode=sliding_window for large images)", file=sys.stderr)
-        return 1
+        return failed(f"out of memory: {first_line} (lower train.batch_size, data.crop_size or eval.batch_size; "
+                      f"eval.mode=sliding_window for large images)", 1)
     except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
-        if debug:
-            raise
-        print(f"csl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return failed(one_line(e), 1)
     except stop.Terminated:
         print(f"csl {args.command}: stopped by SIGTERM", file=sys.stderr)
         return 143

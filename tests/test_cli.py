@@ -365,6 +365,21 @@ def test_bad_override_exits_with_message(capsys):
     assert main(["eval", "--checkpoint", "/nonexistent/ckpt.pt"]) == 2
 
 
+def test_csl_debug_prints_the_traceback_and_keeps_the_exit_status(capsys, monkeypatch):
+    monkeypatch.setenv("CSL_DEBUG", "1")
+    assert main(["train", "--config", "demo", "train.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "ConfigError" in err
+    assert err.strip().splitlines()[-1].startswith("csl train: error: ") and "did you mean 'train.lr'" in err
+    assert main(["eval", "--checkpoint", "/nonexistent/ckpt.pt"]) == 2
+
+
+def test_demo_names_its_own_warmup_lr_flag(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--warmup-lr", "-1", *TINY]) == 2
+    assert "warmup_lr (--warmup-lr) must be a positive number, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "warmup").exists()
+
+
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "csl", "train", "--config", "no_such_config"], cwd=ROOT,
                           capture_output=True, text=True, timeout=child_limit(120))
