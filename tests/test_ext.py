@@ -748,3 +748,12 @@ def test_register_loops_match_the_plain_loops_on_the_host(tmp_path):
     assert out.returncode == 0, out.stderr
     cases, mismatches = (int(x) for x in out.stdout.split()[1::2])
     assert cases > 100_000 and mismatches == 0, out.stdout
+
+
+def test_an_unknown_csl_ext_cuda_value_is_refused(monkeypatch):
+    """``yes`` is not ``1``: taken as unset, it built without the CUDA part on a machine without a GPU, unsaid."""
+    monkeypatch.setenv("CSL_EXT_CUDA", "yes")
+    with pytest.raises(ValueError, match="CSL_EXT_CUDA must be 0, 1 or unset, got 'yes'"):
+        build.cuda_build_plan()
+    monkeypatch.setenv("CSL_EXT_CUDA", "0")
+    assert build.cuda_build_plan() == (False, None, "CSL_EXT_CUDA=0")

@@ -89,6 +89,8 @@ def visible_capabilities() -> list[tuple[int, int]]:
 def cuda_build_plan() -> tuple[bool, str | None, str]:
     """``(with_cuda, arch_list, why)``: whether the CUDA part is built, for which archs, and a one-line reason."""
     wanted = os.environ.get("CSL_EXT_CUDA", "")
+    if wanted not in ("", "0", "1"):  # a "yes" taken as unset would build without the CUDA part, without a word
+        raise ValueError(f"CSL_EXT_CUDA must be 0, 1 or unset, got {wanted!r}")
     if wanted == "0":
         return False, None, "CSL_EXT_CUDA=0"
     if wanted != "1" and not torch.cuda.is_available():
