@@ -3,7 +3,9 @@
 ``csl train`` / ``csl demo`` install :func:`handle_signal` for SIGINT and SIGTERM. Inside :func:`deferred` (the
 trainer's step loop) the first signal only records the request: the trainer finishes the iteration, saves
 ``latest.pt`` and then raises (:func:`raise_requested`), so at most one iteration is lost. Anywhere else (set-up, an
-evaluation, whose own stop path saves the epoch), and for a second signal, it raises at once.
+evaluation, whose own stop path saves the epoch), and for a second signal, it raises at once. A stop raised at once
+that never leaves its block (Python drops an exception raised in an at-fork callback, e.g. while a DataLoader starts
+its workers: "Exception ignored ...") is raised again when the block ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Terminated(KeyboardInterrupt):
 
 _requested: int | None = None  # the signal that asked for the stop
 _deferring = False
+_raised: int | None = None  # a signal raised at once whose exception has not yet been seen leaving a block
 
 
 def _exception(signum: int) -> KeyboardInterrupt:
@@ -28,9 +31,10 @@ def _exception(signum: int) -> KeyboardInterrupt:
 
 
 def handle_signal(signum: int, frame) -> None:
-    global _requested
+    global _requested, _raised
     if not _deferring or _requested is not None:
         _requested = None  # raised now: nothing is left pending for a later run in this process
+        _raised = signum
         raise _exception(signum)
     _requested = signum
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
@@ -44,7 +48,7 @@ def handle_signal(signum: int, frame) -> None:
 def deferred(enabled: bool = True) -> Iterator[None]:
     """While inside (and ``enabled``), a first signal waits for :func:`requested` to be checked. A request still
     pending when the block ends normally is raised then; the outermost block starts with none pending."""
-    global _deferring, _requested
+    global _deferring, _requested, _raised
     previous = _deferring
     if not previous:
         _requested = None
@@ -52,11 +56,17 @@ def deferred(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     except BaseException:
+        _raised = None  # the stop (if it is one) left the block
         if not previous:
             _requested = None  # the block ends in an exception: the request ends with it
         raise
     finally:
         _deferring = previous
+    if _raised is not None:  # raised at once inside the block and dropped there: raised again
+        signum, _raised = _raised, None
+        if not previous:
+            _requested = None
+        raise _exception(signum)
     if not previous:
         raise_requested()
 
@@ -72,8 +82,8 @@ def immediate() -> Iterator[None]:
 
 def clear() -> None:
     """Forget a pending request (the CLI, when it hands the signals back)."""
-    global _requested
-    _requested = None
+    global _requested, _raised
+    _requested = _raised = None
 
 
 def requested() -> bool:

@@ -1,0 +1,46 @@
+"""csl.stop: a Ctrl-C / SIGTERM is never lost, also where Python drops the exception it raised."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from csl import stop
+
+
+def _dropped(signum: int) -> None:
+    """A signal whose exception Python drops: raised inside an at-fork callback while a DataLoader starts its workers,
+    it is printed as "Exception ignored" and the code goes on."""
+    try:
+        stop.handle_signal(signum, None)
+    except KeyboardInterrupt:
+        pass
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, stop.Terminated)])
+def test_a_stop_dropped_during_an_evaluation_is_raised_when_it_ends(signum, raised):
+    reached = []
+    with pytest.raises(raised), stop.deferred():
+        with stop.immediate():  # the evaluation: a signal raises at once
+            _dropped(signum)
+            reached.append("the evaluation went on")
+        reached.append("training went on")
+    assert reached == ["the evaluation went on"]
+    assert not stop.requested()
+    with stop.deferred():  # nothing is left over for the next block
+        pass
+
+
+def test_a_stop_that_leaves_its_block_is_not_raised_twice():
+    with pytest.raises(KeyboardInterrupt), stop.deferred(), stop.immediate():
+        stop.handle_signal(signal.SIGINT, None)
+    with stop.deferred(), stop.immediate():
+        pass
+
+
+def test_a_dropped_stop_outside_any_block_is_forgotten_by_clear():
+    _dropped(signal.SIGINT)
+    stop.clear()
+    with stop.deferred():
+        pass
