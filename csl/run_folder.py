@@ -33,6 +33,7 @@ SIDE_FILES = ("config.yaml", "train.log")
 TENSORBOARD_DIR = "tb"  # scalars of a run (csl.logging_utils.MetricsWriter), replaced with it
 TENSORBOARD_EVENTS = "events.out.tfevents."  # the prefix of the files SummaryWriter writes there
 REPLACED_DIR = ".csl-replaced"  # a replaced run's files while the new start sets up
+DISCARDED_SUFFIX = ".discarded"  # REPLACED_DIR renamed once the new start has succeeded, while it is deleted
 RUN_CONFIG_HEADER = "# csl train: the configuration of this run\n"  # the first line of the config.yaml a run writes
 LOCK_NAME = ".csl.lock"
 
@@ -101,9 +102,12 @@ class RunLock:
         self.replaced: str | None = None
 
     def discard_replaced(self) -> None:
-        """The new start has succeeded: the replaced run's files go."""
+        """The new start has succeeded: the replaced run's files go (renamed first, so a kill while they are deleted
+        leaves no part of them for the next start to put back)."""
         if self.replaced is not None:
-            shutil.rmtree(self.replaced, ignore_errors=True)
+            discarded = self.replaced + DISCARDED_SUFFIX
+            os.replace(self.replaced, discarded)
+            shutil.rmtree(discarded, ignore_errors=True)
             self.replaced = None
 
     def restore_replaced(self) -> None:
@@ -199,10 +203,7 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
     os.makedirs(folder, exist_ok=True)
     lock = RunLock(folder)
     lock.acquire()
-    if os.path.isdir(os.path.join(folder, REPLACED_DIR)):  # a replacing start was killed before it trained
-        log.warning("%s: putting back the run a replacing start set aside in %s (it stopped before training)",
-                    folder, REPLACED_DIR)
-        _restore(folder)
+    _put_back(folder)
     found = existing_run_files(folder)
     if found and not resuming and not (overwrite or resume_auto):
         lock.release()
@@ -236,6 +237,30 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
         lock.replaced = _set_aside(folder)
     _remove_orphans(folder)
     return lock
+
+
+def put_back_replaced_run(folder: str) -> None:
+    """Before a start looks for checkpoints to resume: the run a replacing start set aside and was killed before it
+    trained comes back (under the folder's lock; refused while a live run holds it), so ``--resume auto`` continues
+    it instead of taking the folder for one without a checkpoint and replacing it again."""
+    if any(os.path.isdir(os.path.join(folder, REPLACED_DIR + end)) for end in ("", DISCARDED_SUFFIX)):
+        lock = RunLock(folder)
+        lock.acquire()
+        try:
+            _put_back(folder)
+        finally:
+            lock.release()
+
+
+def _put_back(folder: str) -> None:
+    """What a killed start left of a replaced run: the run set aside comes back, one being deleted goes."""
+    discarded = os.path.join(folder, REPLACED_DIR + DISCARDED_SUFFIX)
+    if os.path.isdir(discarded):  # a start that succeeded was killed while it deleted the replaced run
+        shutil.rmtree(discarded, ignore_errors=True)
+    if os.path.isdir(os.path.join(folder, REPLACED_DIR)):  # a replacing start was killed before it trained
+        log.warning("%s: putting back the run a replacing start set aside in %s (it stopped before training)",
+                    folder, REPLACED_DIR)
+        _restore(folder)
 
 
 def _written_by_a_run(config: str) -> bool:

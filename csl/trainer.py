@@ -56,7 +56,7 @@ from .logging_utils import (
     setup_logging,
 )
 from .losses import build_labeled_criterion
-from .run_folder import RUN_CONFIG_HEADER, claim_run_folder
+from .run_folder import RUN_CONFIG_HEADER, claim_run_folder, put_back_replaced_run
 from .selection import build_selector, unused_selection_settings
 from .step import StepConfig, resolve_amp, supervised_step, train_step
 
@@ -254,6 +254,9 @@ class Trainer:
         held: list[logging.LogRecord] = []  # what is said before train.log exists, written into it once it does
         with held_records(held):
             self.damaged_best: str | None = None  # a best.pt that resume=auto found unreadable
+            if self.env.is_main and os.path.isdir(self.output_dir):
+                put_back_replaced_run(self.output_dir)  # a killed replacing start's run: there to be resumed
+            barrier()
             self.resume_from = self._resume_path()  # read once: resume=auto compares the checkpoints' iterations
             check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
             self.run_lock = None

@@ -589,3 +589,44 @@ def test_a_log_file_that_cannot_be_written_is_said_once(tmp_path, capsys):
     assert err.count(f"could not write {tmp_path / 'train.log'}: [Errno 28] No space left on device") == 1
     assert "Traceback" not in err and "--- Logging error ---" not in err
     setup_logging(None)
+
+
+def _killed_while_replacing(folder) -> None:
+    """A replacing start killed after setting the run aside: the lock is left behind, its process gone."""
+    from csl.run_folder import claim_run_folder
+
+    lock = claim_run_folder(str(folder), resuming=False, resume_auto=False, overwrite=True)
+    lock.held = False
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+                                                "started": "earlier"}))
+
+
+def test_resume_auto_after_a_killed_replacing_start_continues_the_run(tmp_path):
+    """The run set aside comes back before the start looks for a checkpoint: --resume auto continues it (it found
+    none, took the folder for a run without one and replaced the run it had just put back)."""
+    from csl.run_folder import REPLACED_DIR
+
+    train(config(tmp_path, **{"train.iters": 2}))
+    before = _files(tmp_path)
+    _killed_while_replacing(tmp_path)
+    trainer = Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    try:
+        assert trainer.resume_from is not None and trainer.iteration == 2
+        assert not (tmp_path / REPLACED_DIR).exists()
+    finally:
+        trainer.close()
+    assert set(before) <= set(_files(tmp_path))
+
+
+def test_a_start_killed_while_it_deletes_the_replaced_run_leaves_none_of_it_to_put_back(tmp_path):
+    from csl.run_folder import DISCARDED_SUFFIX, REPLACED_DIR
+
+    train(config(tmp_path, **{"train.iters": 2}))
+    (tmp_path / (REPLACED_DIR + DISCARDED_SUFFIX)).mkdir()  # what a kill inside the deletion leaves
+    (tmp_path / (REPLACED_DIR + DISCARDED_SUFFIX) / "latest.pt").write_bytes(b"part of the old run")
+    trainer = Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    try:
+        assert trainer.iteration == 2 and torch.load(tmp_path / "latest.pt", weights_only=True)["iteration"] == 2
+        assert not (tmp_path / (REPLACED_DIR + DISCARDED_SUFFIX)).exists()
+    finally:
+        trainer.close()
