@@ -60,6 +60,8 @@ def atomic_save(payload: dict, path: str) -> None:
             raise interrupt from None
         # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        if isinstance(exc, OSError) and isinstance(exc.__cause__, OSError):  # atomic_open's, naming the file
+            exc = exc.__cause__
         raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({free:.0f} MiB free on its "
                       f"file system; the previous file, if any, is unchanged)") from exc
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
-from .files import atomic_open, write_error
+from .files import atomic_open
 from .logging_utils import bar_disabled
 
 log = logging.getLogger("csl")
@@ -333,11 +333,9 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
                 img.putpalette(np.pad(colours, ((0, 256 - num_classes), (0, 0))).reshape(-1).tolist())
             else:
                 img = Image.fromarray(colours[pred])
-            try:  # whole or not at all: a full disk leaves no empty PNG that a rerun would take for done
-                with atomic_open(out, binary=True) as f:
-                    img.save(f, format="PNG")
-            except OSError as e:
-                raise write_error(out, e) from None
+            # whole or not at all: a full disk leaves no empty PNG that a rerun would take for done (and names it)
+            with atomic_open(out, binary=True) as f:
+                img.save(f, format="PNG")
             written.append(out)
     finally:
         model.train(was_training)

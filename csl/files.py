@@ -12,7 +12,8 @@ from typing import IO
 @contextlib.contextmanager
 def atomic_open(path: str, binary: bool = False, *, permissions: int = 0o666, durable: bool = False) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; when the block ends without an exception, rename it over
-    ``path``. A kill, a full disk or an exception leaves the previous file (if any) and no temporary one.
+    ``path``. A kill, a full disk or an exception leaves the previous file (if any) and no temporary one; a failed
+    write (a full disk) is an OSError that names ``path`` (:func:`write_error`).
 
     ``permissions`` are the new file's before the umask (0o666: what ``open()`` gives; 0o600: private).
     ``durable`` fsyncs the file before the rename and the folder after it, so the rename survives a power loss."""
@@ -28,9 +29,11 @@ def atomic_open(path: str, binary: bool = False, *, permissions: int = 0o666, du
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and path not in str(e):
+            raise write_error(path, e) from e
         raise
     if durable:
         with contextlib.suppress(OSError):

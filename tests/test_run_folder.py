@@ -630,3 +630,45 @@ def test_a_start_killed_while_it_deletes_the_replaced_run_leaves_none_of_it_to_p
         assert not (tmp_path / (REPLACED_DIR + DISCARDED_SUFFIX)).exists()
     finally:
         trainer.close()
+
+
+def test_a_full_disk_while_a_file_is_written_whole_names_it(tmp_path, monkeypatch):
+    """config.yaml, a pruned metrics.jsonl, summaries: every atomic write's error names its file (it said only
+    "[Errno 28] No space left on device"), and the previous file stays."""
+    import errno
+
+    from csl.files import atomic_write_text
+
+    path = tmp_path / "config.yaml"
+    path.write_text("before")
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    import csl.files as files_mod
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files_mod.os, "fdopen", lambda fd, mode: _Closing(FullDisk(real_fdopen(fd, mode))))
+    with pytest.raises(OSError, match=f"could not write {path}: No space left on device") as raised:
+        atomic_write_text(str(path), "after")
+    assert raised.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert path.read_text() == "before" and os.listdir(tmp_path) == ["config.yaml"]
+
+
+class _Closing:
+    """A file object as a context manager that closes the real file it wraps."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __enter__(self):
+        return self.wrapped
+
+    def __exit__(self, *exc):
+        self.wrapped.f.close()
+        return False
