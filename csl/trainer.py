@@ -551,6 +551,12 @@ class Trainer:
             if ckpt.get(key) != mine:
                 log.warning("resuming %s: %s was %s, now %s; the run will not continue exactly", path, key,
                             ckpt.get(key), mine)
+        saved_model = (ckpt.get("config") or {}).get("model") or {}
+        for key in ("output_stride", "dilations"):  # the same weights, another network: load_weights cannot tell
+            if key in saved_model and saved_model[key] != self.cfg["model"][key]:
+                log.warning("resuming %s: model.%s was %s, now %s; the weights load, but the network computes "
+                            "differently from the one trained so far (model.%s=%s continues it)", path, key,
+                            saved_model[key], self.cfg["model"][key], key, saved_model[key])
         load_weights(self.bare_model, ckpt["model"], path)
         # The schedule again with the checkpoint's poly_power, before the optimizer's state: building a scheduler
         # sets the learning rates, which the optimizer's load then replaces with the checkpoint's.

@@ -672,3 +672,15 @@ class _Closing:
     def __exit__(self, *exc):
         self.wrapped.f.close()
         return False
+
+
+def test_a_resume_with_another_output_stride_or_aspp_rates_is_warned_about(tmp_path):
+    """Neither changes a weight's shape, so the weights load; the network computes differently from then on."""
+    train(config(tmp_path), stop_at=2)
+    trainer = Trainer(config(tmp_path, **{"train.resume": "auto", "model.output_stride": 8,
+                                          "model.dilations": [12, 24, 36]}))
+    assert trainer.iteration == 2
+    trainer.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "model.output_stride was 16, now 8" in text and "model.output_stride=16 continues it" in text
+    assert "model.dilations was [6, 12, 18], now [12, 24, 36]" in text
