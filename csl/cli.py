@@ -485,7 +485,7 @@ def _negative_fractions(words: list[str]) -> list[str]:
     they are (a fraction outside (0, 1)) instead of a puzzling "expected at least one argument"."""
     if words[:1] != ["split"]:
         return []
-    return [w for w in words if re.fullmatch(r"-\d+/\d+", w)]
+    return [w for w in words if re.fullmatch(r"-\d+[/_]\d+", w)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -607,10 +607,22 @@ def test_a_checkpoint_of_another_model_is_summarised(trained, capsys):
 def test_negative_split_fractions_are_refused_as_fractions(tmp_path, capsys):
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"img/{i}.png mask/{i}.png\n" for i in range(8)))
-    for fractions in (["-1/8"], ["1/8", "-1/4"], ["-0.5"]):
+    for fractions in (["-1/8"], ["1/8", "-1/4"], ["-0.5"], ["-1_8"]):
         assert main(["split", "--list", str(listing), "--fractions", *fractions, "--out", str(tmp_path / "s")]) == 2
         assert "a split fraction must lie strictly between 0 and 1, got '-" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_path, capsys):
+    """1/1000 of 6 items rounded up to 1 (a folder 1_1000 holding 1/6, the same as 1_8's); 0.99 down to 5 of 6."""
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"img/{i}.png mask/{i}.png\n" for i in range(6)))
+    for fraction, said in (("1/1000", "rounds to 0 labeled: no labeled item"), ("0.99", "no unlabeled item")):
+        assert main(["split", "--list", str(listing), "--fractions", fraction, "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "this list allows 1/6 to 5/6" in err, err
+    assert not (tmp_path / "s").exists()
+    assert main(["split", "--list", str(listing), "--fractions", "1/6", "5/6", "--out", str(tmp_path / "s")]) == 0
 
 
 def test_a_path_through_a_file_is_the_users_input(monkeypatch, capsys):

@@ -287,7 +287,8 @@ def class_names(data_cfg: dict, num_classes: int) -> list[str]:
 def build_datasets(data_cfg: dict, *, need_val: bool = True, need_unlabeled: bool = True) -> DatasetBundle:
     """Build ``(labeled, unlabeled, val)`` from the config's ``data`` section.
 
-    ``dataset``: ``synthetic`` (default; generated in memory) | ``pascal`` | ``cityscapes`` | ``coco`` | ``folder``.
+    ``dataset``: ``synthetic`` (default; generated in memory) | ``pascal`` | ``cityscapes`` | ``coco`` | ``camvid`` |
+    ``folder``.
     File datasets read ``labeled_list`` / ``unlabeled_list`` (default ``<split_dir>/{labeled,unlabeled}.txt``) and
     ``val_list`` (default ``<split_dir>/val.txt``, ``<split_dir>/../val.txt``, then the dataset's standard val
     images). ``unlabeled`` is None when neither ``split_dir`` nor ``unlabeled_list`` is set, or when

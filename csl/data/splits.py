@@ -35,13 +35,18 @@ def fraction_name(value: Fraction) -> str:
 
 
 def split_items(items: SplitItems, fraction: Fraction | str, seed: int = 0) -> tuple[SplitItems, SplitItems]:
-    """``(labeled, unlabeled)``: ``round(len(items) * fraction)`` items (at least 1, at most all but one) chosen by a
-    permutation seeded with ``seed``, in list order; the rest unlabeled, in list order."""
+    """``(labeled, unlabeled)``: ``round(len(items) * fraction)`` items chosen by a permutation seeded with ``seed``, in
+    list order; the rest unlabeled, in list order. A fraction that rounds to no labeled or no unlabeled item is an
+    error (a folder named after it would hold another fraction)."""
     fraction = parse_fraction(fraction) if not isinstance(fraction, Fraction) else fraction
     if len(items) < 2:
         raise ValueError(f"a split needs at least 2 items, got {len(items)}")
     order = np.random.default_rng(seed).permutation(len(items))
-    count = min(max(round(len(items) * fraction), 1), len(items) - 1)
+    count = round(len(items) * fraction)
+    if not 1 <= count <= len(items) - 1:
+        raise ValueError(f"fraction {fraction} of {len(items)} items rounds to {count} labeled: no "
+                         f"{'labeled' if count < 1 else 'unlabeled'} item would be left; this list allows "
+                         f"1/{len(items)} to {len(items) - 1}/{len(items)}")
     chosen = set(order[:count].tolist())
     labeled = [it for i, it in enumerate(items) if i in chosen]
     unlabeled = [it for i, it in enumerate(items) if i not in chosen]
