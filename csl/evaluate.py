@@ -183,9 +183,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
-            batches = (sub for item in loader for sub in (item if _is_sub_batches(item) else [item]))
-            for batch in tqdm(batches, desc=f"eval ({mode})", disable=bar_disabled(progress and rank == 0), leave=False,
-                              total=len(loader) if hasattr(loader, "__len__") else None):
+            bar = tqdm(loader, desc=f"eval ({mode})", disable=bar_disabled(progress and rank == 0), leave=False,
+                       total=len(loader) if hasattr(loader, "__len__") else None)  # one step per loader batch
+            for batch in (sub for item in bar for sub in (item if _is_sub_batches(item) else [item])):
                 image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
                 image = image.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)
