@@ -17,6 +17,7 @@ from torch import nn
 import csl_kernels
 from csl_kernels import IGNORE_INDEX
 from csl_kernels._checks import check_choice, check_fraction, check_positive_int
+from csl_kernels.metrics import scored_pixels
 
 from .config import CHOICES
 from .selection import Selector
@@ -228,7 +229,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
                                                            cfg.ignore_index)
         # The soft weights against the ground truth (what the weighted losses train on): their sum and the sum on
         # correct pseudo-labels, over the pixels the counts above cover.
-        scored = (target != cfg.ignore_index) & (sel.label >= 0) & (sel.label < cfg.num_classes)
+        scored = scored_pixels(sel.label, target, cfg.num_classes, cfg.ignore_index)
         w = torch.where(scored, sel.weight.double(), 0.0)
         out["pl_weighted"] = torch.stack([w.sum(), torch.where(sel.label == target, w, 0.0).sum()])
     return {k: v.detach() for k, v in out.items()}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from csl_kernels import metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
+from csl_kernels import confusion_matrix, metrics_from_counts, pseudo_label_counts, pseudo_label_metrics
 from csl_kernels.metrics import COUNT_KEYS
 
 # One image, 2 x 4 pixels, C = 4 (class 3 is never predicted).
@@ -96,7 +96,7 @@ def test_counts_match_boolean_indexing_and_honour_ignore_index():
     target[0, :3] = 254
     reliable = torch.rand(2, 9, 11, generator=g) < 0.5
     counts = pseudo_label_counts(label, reliable, target, 5, ignore_index=254)
-    valid = (target != 254) & (label < 5)
+    valid = (target != 254) & (target < 5) & (label < 5)  # a target of 5 is no class id: not scored
     lab, sel, cor = label[valid], reliable[valid], (label == target)[valid]
     expected = torch.stack([torch.bincount(x, minlength=5) for x in (lab, lab[sel], lab[cor], lab[sel & cor])])
     assert torch.equal(counts, expected)
@@ -125,9 +125,28 @@ def test_counts_are_the_same_in_every_integer_dtype(dtype):
     for num_classes, ignore_index in ((3, 255), (3, 100), (256, 255), (3, 2**40)):
         expected = pseudo_label_counts(label, reliable, target, num_classes, ignore_index=ignore_index)
         for lab, tgt in ((label.to(dtype), target), (label, target.to(dtype)), (label.to(dtype), target.to(dtype))):
+            if tgt.dtype == torch.int8 and not -128 <= ignore_index <= 127:  # an int8 map cannot hold it
+                with pytest.raises(TypeError, match=f"target is int8, which cannot hold ignore_index={ignore_index}"):
+                    pseudo_label_counts(lab, reliable, tgt, num_classes, ignore_index=ignore_index)
+                continue
             assert torch.equal(pseudo_label_counts(lab, reliable, tgt, num_classes, ignore_index=ignore_index),
                                expected), (num_classes, ignore_index, lab.dtype, tgt.dtype)
-    # an int8 target of -1 is a wrong answer, not the ignore value 255
-    target_minus_one = torch.tensor([[[-1, 1]]], dtype=torch.int8)
-    counts = pseudo_label_counts(torch.tensor([[[0, 1]]]), torch.ones(1, 1, 2, dtype=torch.bool), target_minus_one, 2)
-    assert counts[0].tolist() == [1, 1] and counts[2].tolist() == [0, 1]
+
+
+def test_a_target_that_is_not_a_class_id_is_not_scored():
+    """-1 or C + k is neither the ignore value nor a class: left out as confusion_matrix leaves it out (it was counted
+    predicted and wrong); pseudo_label_metrics passes its ignore_index on (a -1 convention is scored right)."""
+    label = torch.tensor([[[0, 1, 1, 0]]])
+    reliable = torch.ones(1, 1, 4, dtype=torch.bool)
+    target = torch.tensor([[[0, 1, -1, 7]]])
+    counts = pseudo_label_counts(label, reliable, target, 2)
+    assert counts[0].tolist() == [1, 1] and counts[3].tolist() == [1, 1]
+    assert counts.sum() == 4 * confusion_matrix(label, target, 2).sum()
+    metrics = pseudo_label_metrics(label, reliable, torch.tensor([[[0, 0, -1, 0]]]), 2, ignore_index=-1)
+    assert metrics["predicted"].tolist() == [2, 1] and metrics["overall_accuracy"] == 2 / 3
+
+
+@pytest.mark.parametrize("counts", [torch.ones(4, 3), torch.ones(4, 3, dtype=torch.bool)])
+def test_metrics_from_counts_refuses_counts_that_are_not_integers(counts):
+    with pytest.raises(TypeError, match="counts must be an integer tensor"):
+        metrics_from_counts(counts)
