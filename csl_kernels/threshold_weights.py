@@ -58,10 +58,15 @@ def selection_scores(logits: torch.Tensor, ignore: torch.Tensor | None = None, *
         out = f0
     elif score == "dispersion":
         out = v
-    elif score == "entropy":
-        out = -class_sum(plogp)
-    elif score == "residual_entropy":
+    elif score in ("entropy", "residual_entropy"):
         out = -(class_sum(plogp) - plogp.gather(1, label.unsqueeze(1)).squeeze(1))
+        if score == "entropy":
+            # + the top class's -pmax log pmax = log1p(R) / (1 + R), R = sum_{k != k'} exp(z_k - z_k') (Sec. 1): from
+            # the softmax it is 0 wherever pmax rounds to 1, some percent of H for a confident pixel
+            top = label.unsqueeze(1)
+            rest = torch.exp(z - z.gather(1, top)).scatter(1, top, 0.0)
+            r = class_sum(rest)
+            out = out + torch.log1p(r) / (1 + r)
     else:
         top2 = p.topk(2, dim=1).values
         out = top2[:, 0] - top2[:, 1]
