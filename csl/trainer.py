@@ -258,6 +258,7 @@ class Trainer:
                 put_back_replaced_run(self.output_dir)  # a killed replacing start's run: there to be resumed
             barrier()
             self.resume_from = self._resume_path()  # read once: resume=auto compares the checkpoints' iterations
+            self._check_ranks_resume_alike()
             check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
             self.run_lock = None
             if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
@@ -480,6 +481,18 @@ class Trainer:
             for name in names:
                 atomic_save(payload, os.path.join(self.output_dir, name))
         barrier()
+
+    def _check_ranks_resume_alike(self) -> None:
+        """Each process looks for the checkpoint itself: one that sees another folder (a run folder local to each
+        node, a stale network mount) would start anew beside the others resuming, pair its collectives with theirs
+        and fail only after rank 0 had written a run's files. Every rank raises the same error instead."""
+        if self.env.world_size == 1:
+            return
+        found = all_gather_objects(self.resume_from)
+        if len(set(found)) > 1:
+            views = "; ".join(f"rank {rank}: {path or 'no checkpoint'}" for rank, path in enumerate(found))
+            raise ConfigError(f"the processes do not see the same checkpoint to resume in {self.output_dir} ({views}); "
+                              f"output_dir must be on storage every node sees alike")
 
     def _resume_path(self) -> str | None:
         resume = self.cfg["train"]["resume"]

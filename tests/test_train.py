@@ -23,7 +23,7 @@ from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
 from csl.step import cutmix_boxes, train_step
-from csl.trainer import Trainer, to_device
+from csl.trainer import Trainer, to_device, train
 
 TINY = {
     "device": "cpu",
@@ -564,6 +564,40 @@ def test_ddp_a_nan_on_one_rank_stops_every_rank(tmp_path):
         assert r["error"] is not None and "(loss) became NaN / inf within iterations 3-4" in r["error"], r
         assert r["iteration"] == 4 and r["ddp_freed_before_the_group"], r
     assert not (tmp_path / "latest.pt").exists()  # no state after the divergence was saved
+
+
+def _ddp_unseen_checkpoint_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 1 does not see the run folder's checkpoint (a folder local to its node, a stale mount)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    from csl.distributed import cleanup_distributed
+
+    if rank == 1:
+        Trainer._resume_path = lambda self: None
+    error = None
+    try:
+        Trainer(build_config({}, {**TINY, "output_dir": out_dir, "train.iters": 4, "train.resume": "auto"})).close()
+    except ConfigError as e:
+        error = str(e)
+    finally:
+        cleanup_distributed()
+    with open(os.path.join(os.path.dirname(out_dir), f"unseen_rank{rank}.json"), "w") as f:
+        json.dump({"error": error}, f)
+
+
+def test_ddp_processes_that_see_different_checkpoints_all_refuse_to_start(tmp_path):
+    """Each process looks for the checkpoint itself; one that saw none started a new run beside the others resuming,
+    and the run failed only after rank 0 had trained on and written its files."""
+    run = tmp_path / "run"
+    train(build_config({}, {**TINY, "output_dir": str(run), "train.iters": 2}))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    spawn_and_join(_ddp_unseen_checkpoint_worker, (2, _free_port(), str(run)), nprocs=2)
+    for rank in range(2):
+        error = json.loads((tmp_path / f"unseen_rank{rank}.json").read_text())["error"]
+        assert error and "do not see the same checkpoint" in error, (rank, error)
+        assert f"rank 0: {run / 'latest.pt'}; rank 1: no checkpoint" in error, error
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_released_rule_and_the_uncutmixed_other_view(tmp_path, monkeypatch):
