@@ -23,7 +23,8 @@ class Terminated(KeyboardInterrupt):
 
 _requested: int | None = None  # the signal that asked for the stop
 _deferring = False
-_raised: int | None = None  # a signal raised at once whose exception has not yet been seen leaving a block
+_depth = 0  # how many blocks (deferred / immediate) are open
+_raised: int | None = None  # a signal raised at once inside a block whose exception has not yet been seen leaving it
 
 
 def _exception(signum: int) -> KeyboardInterrupt:
@@ -34,7 +35,7 @@ def handle_signal(signum: int, frame) -> None:
     global _requested, _raised
     if not _deferring or _requested is not None:
         _requested = None  # raised now: nothing is left pending for a later run in this process
-        _raised = signum
+        _raised = signum if _depth else None
         raise _exception(signum)
     _requested = signum
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
@@ -48,26 +49,29 @@ def handle_signal(signum: int, frame) -> None:
 def deferred(enabled: bool = True) -> Iterator[None]:
     """While inside (and ``enabled``), a first signal waits for :func:`requested` to be checked. A request still
     pending when the block ends normally is raised then; the outermost block starts with none pending."""
-    global _deferring, _requested, _raised
+    global _deferring, _requested, _raised, _depth
+    outermost = _depth == 0
+    if outermost:
+        _requested = _raised = None
     previous = _deferring
-    if not previous:
-        _requested = None
     _deferring = enabled
+    _depth += 1
     try:
         yield
     except BaseException:
         _raised = None  # the stop (if it is one) left the block
-        if not previous:
+        if outermost:
             _requested = None  # the block ends in an exception: the request ends with it
         raise
     finally:
         _deferring = previous
+        _depth -= 1
     if _raised is not None:  # raised at once inside the block and dropped there: raised again
         signum, _raised = _raised, None
-        if not previous:
+        if outermost:
             _requested = None
         raise _exception(signum)
-    if not previous:
+    if outermost:
         raise_requested()
 
 
@@ -87,7 +91,8 @@ def clear() -> None:
 
 
 def requested() -> bool:
-    return _requested is not None
+    """A stop was asked for and not yet raised (or raised at once and dropped, see the module's doc)."""
+    return _requested is not None or _raised is not None
 
 
 def raise_requested() -> None:

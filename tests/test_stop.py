@@ -44,3 +44,20 @@ def test_a_dropped_stop_outside_any_block_is_forgotten_by_clear():
     stop.clear()
     with stop.deferred():
         pass
+
+
+def test_a_stop_raised_outside_any_block_is_not_raised_again_in_a_later_block():
+    """A stop during set-up propagates as it should; a later run in the same process (a notebook, without the CLI's
+    clear()) must not get it again at the end of its training."""
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle_signal(signal.SIGINT, None)
+    with stop.deferred(), stop.immediate():
+        pass
+
+
+def test_a_dropped_second_signal_is_still_a_request_the_loop_sees():
+    with pytest.raises(KeyboardInterrupt), stop.deferred():
+        stop.handle_signal(signal.SIGINT, None)  # the first: waits for the iteration's end
+        assert stop.requested()
+        _dropped(signal.SIGINT)  # the second: raised at once, dropped
+        assert stop.requested()  # the loop's check still stops the run
