@@ -32,7 +32,7 @@ def atomic_open(path: str, binary: bool = False, *, permissions: int = 0o666, du
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and path not in str(e):
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a write's error names no file
             raise write_error(path, e) from e
         raise
     if durable:

@@ -106,7 +106,11 @@ class RunLock:
         leaves no part of them for the next start to put back)."""
         if self.replaced is not None:
             discarded = self.replaced + DISCARDED_SUFFIX
-            os.replace(self.replaced, discarded)
+            shutil.rmtree(discarded, ignore_errors=True)  # what an earlier deletion could not remove
+            try:
+                os.replace(self.replaced, discarded)
+            except OSError:  # the start has succeeded: the replaced run is deleted where it lies
+                discarded = self.replaced
             shutil.rmtree(discarded, ignore_errors=True)
             self.replaced = None
 

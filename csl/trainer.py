@@ -488,9 +488,12 @@ class Trainer:
         and fail only after rank 0 had written a run's files. Every rank raises the same error instead."""
         if self.env.world_size == 1:
             return
-        found = all_gather_objects(self.resume_from)
+        path = self.resume_from
+        stat = os.stat(path) if path is not None and os.path.isfile(path) else None
+        found = all_gather_objects((path, stat and (stat.st_size, stat.st_mtime_ns)))  # the file, not its name
         if len(set(found)) > 1:
-            views = "; ".join(f"rank {rank}: {path or 'no checkpoint'}" for rank, path in enumerate(found))
+            views = "; ".join(f"rank {rank}: " + ("no checkpoint" if p is None else p if s else f"{p} (not found)")
+                              + (f" ({s[0]} bytes)" if s else "") for rank, (p, s) in enumerate(found))
             raise ConfigError(f"the processes do not see the same checkpoint to resume in {self.output_dir} ({views}); "
                               f"output_dir must be on storage every node sees alike")
 

@@ -33,12 +33,12 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     check_integer_tensor(label, "label")
     check_bool(reliable, "reliable")
     check_integer_tensor(target, "target")
-    if target.dtype == torch.int8 and not -128 <= ignore_index <= 127:  # every such value would wrap into a class
-        raise TypeError(f"target is int8, which cannot hold ignore_index={ignore_index}; use uint8 / int16 / int32 / "
-                        f"int64")
     check_same_shape(label=label, reliable=reliable, target=target)
     check_positive_int(num_classes, "num_classes")
     check_int(ignore_index, "ignore_index")
+    if target.dtype == torch.int8 and not -128 <= ignore_index <= 127:  # every such value would wrap into a class
+        raise TypeError(f"target is int8, which cannot hold ignore_index={ignore_index}; use uint8 / int16 / int32 / "
+                        f"int64")
     valid = scored_pixels(label, target, num_classes, ignore_index)
     label, target = label.long(), target.long()
     selected = valid & reliable

@@ -150,3 +150,10 @@ def test_a_target_that_is_not_a_class_id_is_not_scored():
 def test_metrics_from_counts_refuses_counts_that_are_not_integers(counts):
     with pytest.raises(TypeError, match="counts must be an integer tensor"):
         metrics_from_counts(counts)
+
+
+def test_a_bad_ignore_index_is_named_before_the_int8_check():
+    target = torch.zeros(1, 2, 2, dtype=torch.int8)
+    with pytest.raises((TypeError, ValueError), match="ignore_index must be an int"):
+        pseudo_label_counts(torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.bool), target, 2,
+                            ignore_index=None)
