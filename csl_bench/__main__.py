@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from . import (
     bench_trusted_mask,
     bench_weighted_cross_entropy,
 )
-from .environment import environment, show_kernel_log, triton_tuning
+from .environment import environment, name_slug, show_kernel_log, triton_tuning
 from .report import (
     check_output_path,
     default_output_path,
@@ -99,6 +98,22 @@ def _read_run(path: Path) -> dict:
 _RANK = {"unavailable": 1, "error": 2, "ok": 3}  # which of two runs' rows of one provider a merge keeps
 
 
+def _merged_rows(paths: list[Path], parts: list[dict], field: str, key_fields: tuple[str, ...]) -> list[dict]:
+    """One row per key across the runs: a measured row over a failed or not selected one; measured twice: refused.
+    Ratios to other rows (``x_*``) are left for the caller to compute again."""
+    rows: dict[tuple, dict] = {}
+    source: dict[tuple, Path] = {}
+    for run_path, part in zip(paths, parts, strict=True):
+        for r in part.get(field, []):
+            key = tuple(str(r[k]) for k in key_fields)
+            if key in rows and rows[key].get("status") == "ok" and r.get("status") == "ok":
+                raise SystemExit(f"--merge: {' '.join(key)} was measured in both {source[key]} and {run_path}; "
+                                 f"merge runs that measured different things")
+            if key not in rows or _RANK.get(r.get("status"), 0) > _RANK.get(rows[key].get("status"), 0):
+                rows[key], source[key] = {k: v for k, v in r.items() if not k.startswith("x_")}, run_path
+    return list(rows.values())
+
+
 def merge(paths: list[Path], out: Path | None, overwrite: bool = False) -> dict:
     """One JSON (and tables) from several runs on the same device, e.g. ops or providers run one per command.
 
@@ -111,21 +126,12 @@ def merge(paths: list[Path], out: Path | None, overwrite: bool = False) -> dict:
     if len(names) != 1:
         raise SystemExit(f"--merge: the runs come from different devices: {sorted(names)}")
     device = torch.device(parts[0]["environment"]["device"])
-    slug = re.sub(r"[^a-z0-9]+", "-", names.pop().lower()).strip("-") if device.type == "cuda" else "cpu"
+    slug = name_slug(names.pop()) if device.type == "cuda" else "cpu"
     path = check_output_path(out or default_output_path(device, slug=slug), overwrite)
-    records: dict[tuple, dict] = {}
-    source: dict[tuple, Path] = {}
-    for run_path, part in zip(paths, parts, strict=True):
-        for r in part["records"]:
-            key = (r["op"], r["shape"], r["dtype"], r["provider"])
-            if key in records and records[key].get("status") == "ok" and r.get("status") == "ok":
-                raise SystemExit(f"--merge: {' '.join(key)} was measured in both {source[key]} and {run_path}; "
-                                 f"merge runs that measured different things")
-            if key not in records or _RANK.get(r.get("status"), 0) > _RANK.get(records[key].get("status"), 0):
-                records[key], source[key] = {k: v for k, v in r.items() if not k.startswith("x_")}, run_path
-    merged = list(records.values())
+    merged = _merged_rows(paths, parts, "records", ("op", "shape", "dtype", "provider"))
     add_speedups(merged)
-    train = [r for p in parts for r in p.get("train_step", [])]
+    train = _merged_rows(paths, parts, "train_step", ("config", "selection"))
+    bench_train_step.add_step_speedups(train)
     first = parts[0]
     payload = suite_payload(first["environment"], first["settings"],
                             first.get("copy_bandwidth", {"gbps": first.get("copy_bandwidth_gbps")}), merged, train,

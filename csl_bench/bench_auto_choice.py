@@ -45,7 +45,7 @@ def _not_timed(impl):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_auto_choice", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="shape names of csl_bench/settings.py (default: voc321 coco513 on cuda, smoke on cpu)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])

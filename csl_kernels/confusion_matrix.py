@@ -6,6 +6,7 @@ import torch
 
 from ._backends import register, resolve
 from ._checks import IGNORE_INDEX, check_int, check_integer_tensor, check_positive_int, check_same_shape
+from .metrics import scored_pixels
 
 
 def confusion_matrix_outputs_like(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -23,7 +24,7 @@ def confusion_matrix_reference(pred: torch.Tensor, target: torch.Tensor, num_cla
     """
     t = target.reshape(-1).long()
     p = pred.reshape(-1).long()
-    keep = (t != ignore_index) & (t >= 0) & (t < num_classes) & (p >= 0) & (p < num_classes)
+    keep = scored_pixels(p, t, num_classes, ignore_index)
     cells = num_classes * num_classes
     flat = torch.where(keep, t * num_classes + p, cells)  # skipped pixels count in one extra cell, then dropped
     counts = torch.zeros(cells + 1, dtype=torch.int64, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))

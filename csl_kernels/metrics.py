@@ -11,8 +11,8 @@ COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
 
 def scored_pixels(label: torch.Tensor, target: torch.Tensor, num_classes: int,
                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The pixels the pseudo-label metrics score: ``target`` a class id in ``[0, num_classes)`` other than
-    ``ignore_index`` (as :func:`~csl_kernels.confusion_matrix` counts them) and ``label`` one too. Compared in int64: in
+    """The pixels the pseudo-label metrics and :func:`~csl_kernels.confusion_matrix` count: ``target`` a class id in
+    ``[0, num_classes)`` other than ``ignore_index``, and ``label`` (the prediction) one too. Compared in int64: in
     a narrow dtype 255 or num_classes would wrap (an int8 255 is -1), and torch does not compare uint16 / uint32 /
     uint64 tensors."""
     label, target = label.long(), target.long()

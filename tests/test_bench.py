@@ -332,7 +332,8 @@ def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
 
     out = tmp_path / "x.json"
     out.write_text("{}")
-    monkeypatch.setattr(bench_cli, "run_op", lambda *a, **k: pytest.fail("ran before refusing the output file"))
+    for work in ("run_op", "copy_bandwidth_gbps", "environment"):
+        monkeypatch.setattr(bench_cli, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         bench_main(["--smoke", "--device", "cpu", "--out", str(out)])
     with pytest.raises(SystemExit):  # argparse: the two flags exclude each other

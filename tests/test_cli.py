@@ -620,7 +620,7 @@ def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_p
     for fraction, said in (("1/1000", "rounds to 0 labeled: no labeled item"), ("0.99", "no unlabeled item")):
         assert main(["split", "--list", str(listing), "--fractions", fraction, "--out", str(tmp_path / "s")]) == 2
         err = capsys.readouterr().err
-        assert said in err and "this list allows 1/6 to 5/6" in err, err
+        assert said in err and "rounds to 1 to 5 of its 6 items (e.g. 1/6 to 5/6)" in err, err
     assert not (tmp_path / "s").exists()
     assert main(["split", "--list", str(listing), "--fractions", "1/6", "5/6", "--out", str(tmp_path / "s")]) == 0
 

@@ -45,8 +45,9 @@ def split_items(items: SplitItems, fraction: Fraction | str, seed: int = 0) -> t
     count = round(len(items) * fraction)
     if not 1 <= count <= len(items) - 1:
         raise ValueError(f"fraction {fraction} of {len(items)} items rounds to {count} labeled: no "
-                         f"{'labeled' if count < 1 else 'unlabeled'} item would be left; this list allows "
-                         f"1/{len(items)} to {len(items) - 1}/{len(items)}")
+                         f"{'labeled' if count < 1 else 'unlabeled'} item would be left; this list needs a fraction "
+                         f"that rounds to 1 to {len(items) - 1} of its {len(items)} items (e.g. 1/{len(items)} to "
+                         f"{len(items) - 1}/{len(items)})")
     chosen = set(order[:count].tolist())
     labeled = [it for i, it in enumerate(items) if i in chosen]
     unlabeled = [it for i, it in enumerate(items) if i not in chosen]
