@@ -614,7 +614,8 @@ def test_negative_split_fractions_are_refused_as_fractions(tmp_path, capsys):
 
 
 def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_path, capsys):
-    """1/1000 of 6 items rounded up to 1 (a folder 1_1000 holding 1/6, the same as 1_8's); 0.99 down to 5 of 6."""
+    """1/1000 of 6 items would be 0 labeled, 0.99 would leave none unlabeled: refused, not rounded to another
+    fraction under this one's folder name."""
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"img/{i}.png mask/{i}.png\n" for i in range(6)))
     for fraction, said in (("1/1000", "rounds to 0 labeled: no labeled item"), ("0.99", "no unlabeled item")):

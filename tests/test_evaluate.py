@@ -393,8 +393,8 @@ class WindowContext(nn.Module):
 
 
 def test_predict_resizes_the_windows_average_not_their_sum(tmp_path):
-    """Resized back from image_scale 0.5, a pixel where one window ends and two overlap mixed a sum of 1 with a sum
-    of 2: the class of a column beside a window start followed the count of windows, not the probabilities."""
+    """Resized back from image_scale 0.5, the windows' average is interpolated: a sum would mix 1 window's
+    probabilities with 2 windows' beside a window start, and the class there would follow the count of windows."""
     from csl.data.datasets import load_image, resize_pair
     from csl.data.transforms import image_to_tensor, normalize
 

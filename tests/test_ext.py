@@ -751,7 +751,7 @@ def test_register_loops_match_the_plain_loops_on_the_host(tmp_path):
 
 
 def test_an_unknown_csl_ext_cuda_value_is_refused(monkeypatch):
-    """``yes`` is not ``1``: taken as unset, it built without the CUDA part on a machine without a GPU, unsaid."""
+    """``yes`` is not ``1``, and not unset either (which builds without the CUDA part where no GPU is visible)."""
     monkeypatch.setenv("CSL_EXT_CUDA", "yes")
     with pytest.raises(ValueError, match="CSL_EXT_CUDA must be 0, 1 or unset, got 'yes'"):
         build.cuda_build_plan()

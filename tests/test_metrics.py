@@ -134,8 +134,8 @@ def test_counts_are_the_same_in_every_integer_dtype(dtype):
 
 
 def test_a_target_that_is_not_a_class_id_is_not_scored():
-    """-1 or C + k is neither the ignore value nor a class: left out as confusion_matrix leaves it out (it was counted
-    predicted and wrong); pseudo_label_metrics passes its ignore_index on (a -1 convention is scored right)."""
+    """-1 or C + k is neither the ignore value nor a class: not scored, as confusion_matrix does not count it;
+    pseudo_label_metrics passes its ignore_index on (a -1 convention is scored right)."""
     label = torch.tensor([[[0, 1, 1, 0]]])
     reliable = torch.ones(1, 1, 4, dtype=torch.bool)
     target = torch.tensor([[[0, 1, -1, 7]]])

@@ -602,8 +602,8 @@ def _killed_while_replacing(folder) -> None:
 
 
 def test_resume_auto_after_a_killed_replacing_start_continues_the_run(tmp_path):
-    """The run set aside comes back before the start looks for a checkpoint: --resume auto continues it (it found
-    none, took the folder for a run without one and replaced the run it had just put back)."""
+    """The run set aside comes back before the start looks for a checkpoint, so --resume auto finds it and continues
+    it (a search before the put-back finds none and would replace the run)."""
     from csl.run_folder import REPLACED_DIR
 
     train(config(tmp_path, **{"train.iters": 2}))
@@ -633,8 +633,8 @@ def test_a_start_killed_while_it_deletes_the_replaced_run_leaves_none_of_it_to_p
 
 
 def test_a_full_disk_while_a_file_is_written_whole_names_it(tmp_path, monkeypatch):
-    """config.yaml, a pruned metrics.jsonl, summaries: every atomic write's error names its file (it said only
-    "[Errno 28] No space left on device"), and the previous file stays."""
+    """config.yaml, a pruned metrics.jsonl, summaries: every atomic write's error names its file, and the previous
+    file stays."""
     import errno
 
     from csl.files import atomic_write_text

@@ -102,7 +102,7 @@ def test_every_configurable_selection_mode_selects():
                                                   ({"rule": "Paper"}, "rule must be one of"),
                                                   ({"confidence": "logit"}, "confidence must be one of")])
 def test_selector_checks_every_setting_when_built(mode, setting, message):
-    """Also the settings a mode does not read, and before any step (they were checked at the first call, or never)."""
+    """Also the settings a mode does not read, and when the selector is built, before any step."""
     with pytest.raises(ValueError, match=message):
         Selector(mode=mode, **setting)
 
@@ -114,7 +114,7 @@ def test_selector_checks_every_setting_when_built(mode, setting, message):
                                                   ({"tmp_block": 0}, "tmp_block must be a positive int")])
 def test_step_config_checks_its_settings(setting, message):
     """A StepConfig built in code (benchmarks, other trainers) is checked as the config file's keys are: an unknown
-    tmp_other_view took the strong_cutmix branch without a word."""
+    tmp_other_view is an error, not the strong_cutmix branch."""
     from csl.step import StepConfig
 
     with pytest.raises(ValueError, match=message):

@@ -588,8 +588,9 @@ def _ddp_unseen_checkpoint_worker(rank: int, world_size: int, port: int, out_dir
 
 
 def test_ddp_processes_that_see_different_checkpoints_all_refuse_to_start(tmp_path):
-    """Each process looks for the checkpoint itself; one that saw none started a new run beside the others resuming,
-    and the run failed only after rank 0 had trained on and written its files."""
+    """Each process looks for the checkpoint itself: where one sees none, every process refuses to start and the
+    run folder is left as it was (a process starting anew beside the others resuming would pair its collectives with
+    theirs)."""
     run = tmp_path / "run"
     train(build_config({}, {**TINY, "output_dir": str(run), "train.iters": 2}))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
