@@ -62,29 +62,27 @@ def test_official_takes_an_image_with_one_valid_pixel():
     assert torch.equal(reliable, ref.reliable)
 
 
+def assert_official_mask_is_the_references(images, reliable, block: int, seed: int) -> None:
+    """The official-style TMP and the reference backend, drawing from generators seeded alike: the same cover (some
+    pixels, not all) and the same masked images."""
+    masked, cover = official_trusted_mask(images, reliable, block=block, rate=0.5,
+                                          generator=torch.Generator().manual_seed(seed))
+    ref_masked, ref_cover = csl_kernels.trusted_mask(images, reliable, block=block, rate=0.5,
+                                                     generator=torch.Generator().manual_seed(seed), backend="reference")
+    assert cover.any() and not cover.all()
+    assert torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+
+
 @pytest.mark.parametrize("size", [(122, 64), (37, 305)])
 def test_official_mask_cells_are_the_specs_at_sizes_where_float_nearest_is_off(size):
     """At H = 122 with 32-pixel blocks, F.interpolate's float32 nearest puts row 61 in cell 1 where y * gh // H = 0."""
-    images = torch.randn(2, 3, *size)
-    reliable = torch.ones(2, *size, dtype=torch.bool)
-    masked, cover = official_trusted_mask(images, reliable, block=32, rate=0.5,
-                                          generator=torch.Generator().manual_seed(5))
-    ref_masked, ref_cover = csl_kernels.trusted_mask(images, reliable, block=32, rate=0.5,
-                                                     generator=torch.Generator().manual_seed(5), backend="reference")
-    assert cover.any() and not cover.all()
-    assert torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+    assert_official_mask_is_the_references(torch.randn(2, 3, *size), torch.ones(2, *size, dtype=torch.bool), 32, 5)
 
 
 def test_official_mask_and_loss_match_reference():
     logits = separated_logits(batch=2, classes=5, size=37)
     images = torch.randn(2, 3, 37, 37)
-    reliable = torch.softmax(logits, 1).amax(1) > 0.9
-    masked, cover = official_trusted_mask(images, reliable, block=8, rate=0.5,
-                                          generator=torch.Generator().manual_seed(3))
-    ref_masked, ref_cover = csl_kernels.trusted_mask(images, reliable, block=8, rate=0.5,
-                                                     generator=torch.Generator().manual_seed(3), backend="reference")
-    assert cover.any() and not cover.all()
-    assert torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+    assert_official_mask_is_the_references(images, torch.softmax(logits, 1).amax(1) > 0.9, 8, 3)
 
     label = logits.argmax(1)
     weight = torch.rand(2, 37, 37, generator=torch.Generator().manual_seed(4))
