@@ -22,6 +22,8 @@ import json
 import os
 import time
 
+from csl_kernels._checks import check_positive
+
 from .config import build_config, load_config, parse_override
 from .files import atomic_write_text
 from .logging_utils import best_miou, read_metrics
@@ -323,9 +325,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
         raise ValueError(f"demo methods named more than once: {','.join(methods)} (each trains one stage folder)")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 iterations, got {warmup}")
-    # said as its own flag, not as the train.lr it becomes
-    if isinstance(warmup_lr, bool) or not (isinstance(warmup_lr, int | float) and 0 < warmup_lr < float("inf")):
-        raise ValueError(f"warmup_lr (--warmup-lr) must be a positive number, got {warmup_lr!r}")
+    check_positive(warmup_lr, "warmup_lr (--warmup-lr)")  # said as its own flag, not as the train.lr it becomes
     if iters is not None and iters < 1:  # said before the warm-up, not after it
         raise ValueError(f"iters (--iters) must be >= 1, got {iters}")
     for item in overrides or []:

@@ -376,7 +376,7 @@ def test_csl_debug_prints_the_traceback_and_keeps_the_exit_status(capsys, monkey
 
 def test_demo_names_its_own_warmup_lr_flag(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--warmup-lr", "-1", *TINY]) == 2
-    assert "warmup_lr (--warmup-lr) must be a positive number, got -1.0" in capsys.readouterr().err
+    assert "warmup_lr (--warmup-lr) must be a positive finite number, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "d" / "warmup").exists()
 
 
