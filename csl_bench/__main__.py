@@ -20,7 +20,7 @@ from . import (
     bench_trusted_mask,
     bench_weighted_cross_entropy,
 )
-from .environment import environment, name_slug, show_kernel_log, triton_tuning
+from .environment import environment, show_kernel_log, triton_tuning
 from .report import (
     check_output_path,
     default_output_path,
@@ -126,8 +126,7 @@ def merge(paths: list[Path], out: Path | None, overwrite: bool = False) -> dict:
     if len(names) != 1:
         raise SystemExit(f"--merge: the runs come from different devices: {sorted(names)}")
     device = torch.device(parts[0]["environment"]["device"])
-    slug = name_slug(names.pop()) if device.type == "cuda" else "cpu"
-    path = check_output_path(out or default_output_path(device, slug=slug), overwrite)
+    path = check_output_path(out or default_output_path(device, device_name=names.pop()), overwrite)
     merged = _merged_rows(paths, parts, "records", ("op", "shape", "dtype", "provider"))
     add_speedups(merged)
     train = _merged_rows(paths, parts, "train_step", ("config", "selection"))

@@ -46,13 +46,12 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
-def name_slug(name: str) -> str:
-    """A device name as a file name part: ``NVIDIA H200`` -> ``nvidia-h200``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def device_slug(device: torch.device) -> str:
-    return "cpu" if device.type != "cuda" else name_slug(device_name(device))
+def device_slug(device: torch.device, name: str | None = None) -> str:
+    """``cpu``, or the GPU's name (``name`` where it was recorded elsewhere, e.g. in a merged run) as a file name
+    part: ``NVIDIA H200`` -> ``nvidia-h200``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", (name or device_name(device)).lower()).strip("-")
 
 
 def environment(device: torch.device) -> dict:

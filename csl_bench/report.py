@@ -134,10 +134,10 @@ def goals_table(goals: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def default_output_path(device: torch.device, suffix: str = "", slug: str | None = None) -> Path:
-    """``csl_bench/results/<date>-<device>.json``; ``slug`` names the device (a merge: the recorded one's)."""
+def default_output_path(device: torch.device, suffix: str = "", device_name: str | None = None) -> Path:
+    """``csl_bench/results/<date>-<device>.json`` (:func:`~csl_bench.environment.device_slug`)."""
     date = _dt.date.today().isoformat()
-    return RESULTS_DIR / f"{date}-{slug or device_slug(device)}{suffix}.json"
+    return RESULTS_DIR / f"{date}-{device_slug(device, device_name)}{suffix}.json"
 
 
 def check_output_path(path: Path, overwrite: bool) -> Path:
