@@ -96,10 +96,15 @@ def pixel_validity(logits: torch.Tensor, ignore: torch.Tensor | None = None, val
     if not _is_integer(ignore):
         raise TypeError(f"ignore must be an integer tensor (255 = ignored), got {ignore.dtype}; pass a bool mask "
                         f"(True = valid) as valid=")
-    if ignore.dtype == torch.int8:  # 255 does not fit: the comparison would wrap it to -1
-        raise TypeError("ignore is int8, which cannot hold the ignore value 255; use uint8 / int16 / int32 / int64 "
-                        "(255 = ignored), or pass a bool mask (True = valid) as valid=")
+    check_int8_holds(ignore, IGNORE_INDEX, "ignore", "the ignore value 255",
+                     " (255 = ignored), or pass a bool mask (True = valid) as valid=")
     return ignore
+
+
+def check_int8_holds(t: torch.Tensor, value: int, name: str, what: str, hint: str = "") -> None:
+    """An int8 map cannot hold ``value`` (255 would wrap to -1 in a comparison): refused, naming ``what`` it is."""
+    if t.dtype == torch.int8 and not -128 <= value <= 127:
+        raise TypeError(f"{name} is int8, which cannot hold {what}; use uint8 / int16 / int32 / int64{hint}")
 
 
 def as_valid(pixels: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import IGNORE_INDEX, check_bool, check_int, check_integer_tensor, check_positive_int, check_same_shape
+from ._checks import (
+    IGNORE_INDEX,
+    check_bool,
+    check_int,
+    check_int8_holds,
+    check_integer_tensor,
+    check_positive_int,
+    check_same_shape,
+)
 
 COUNT_KEYS = ("predicted", "selected", "correct", "selected_correct")
 
@@ -36,9 +44,7 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     check_same_shape(label=label, reliable=reliable, target=target)
     check_positive_int(num_classes, "num_classes")
     check_int(ignore_index, "ignore_index")
-    if target.dtype == torch.int8 and not -128 <= ignore_index <= 127:  # every such value would wrap into a class
-        raise TypeError(f"target is int8, which cannot hold ignore_index={ignore_index}; use uint8 / int16 / int32 / "
-                        f"int64")
+    check_int8_holds(target, ignore_index, "target", f"ignore_index={ignore_index}")
     valid = scored_pixels(label, target, num_classes, ignore_index)
     label, target = label.long(), target.long()
     selected = valid & reliable
