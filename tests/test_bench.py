@@ -315,6 +315,33 @@ def test_merge_takes_each_providers_measured_row_and_computes_the_speedups_acros
         bench_cli.merge([tmp_path / "missing.json"], tmp_path / "e.json")
 
 
+def _step_row(selection, median, status="ok"):
+    row = {"config": "r101 crop321", "selection": selection, "status": status}
+    if status == "ok":
+        row.update(step_ms={"median": median, "q20": median, "q80": median}, csl_ms={"median": 1.0},
+                   csl_share_pct=100.0 / median)
+    return row
+
+
+def test_merge_keys_training_step_rows_and_computes_their_speedup_again(tmp_path):
+    """A training-step run per selection: the measured rows over the unavailable ones, x_official across the runs;
+    one selection measured in two runs is refused as an op's provider is."""
+    from csl_bench import __main__ as bench_cli
+
+    def run(path, rows):
+        payload = json.loads(_run_file(path, set()).read_text())
+        path.write_text(json.dumps({**payload, "train_step": rows}))
+        return path
+
+    a = run(tmp_path / "a.json", [_step_row("official", 150.0), _step_row("cuda", None, "unavailable")])
+    b = run(tmp_path / "b.json", [_step_row("official", None, "unavailable"), _step_row("cuda", 120.0)])
+    train = {r["selection"]: r for r in bench_cli.merge([a, b], tmp_path / "m.json")["train_step"]}
+    assert {s: r["status"] for s, r in train.items()} == {"official": "ok", "cuda": "ok"}
+    assert train["cuda"]["x_official"] == pytest.approx(1.25)
+    with pytest.raises(SystemExit, match="r101 crop321 official was measured in both"):
+        bench_cli.merge([a, run(tmp_path / "c.json", [_step_row("official", 140.0)])], tmp_path / "n.json")
+
+
 def test_a_failed_training_step_fails_the_command(capsys):
     from csl_bench.runner import exit_status
 
