@@ -254,7 +254,7 @@ def cmd_eval(args) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
-    env = init_distributed(cfg["device"])
+    env = init_distributed(cfg["device"], cfg["dist_timeout_min"])
     setup_logging(None, env.is_main)
     try:
         with stored_data_paths(args.checkpoint, args.config, args.overrides):

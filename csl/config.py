@@ -28,6 +28,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda
+    # Minutes a process waits for the others at a collective under torchrun (the process group's timeout): rank 0
+    # checks the label files once before training while the others wait (the first check of COCO reads 120k files).
+    "dist_timeout_min": 60,
     "output_dir": "runs/default",
     "data": {
         "dataset": "synthetic",  # synthetic | camvid | pascal | cityscapes | coco | folder
@@ -397,6 +400,7 @@ def validate(cfg: dict) -> dict:
     _require(cfg["output_dir"].strip() != "", "output_dir must name a folder, got an empty string")
     # seed + a stream number seeds torch generators, which take at most 2**64 - 1
     _require(0 <= cfg["seed"] < 2**63, f"seed must be in [0, 2**63), got {cfg['seed']}")
+    _require(cfg["dist_timeout_min"] >= 1, f"dist_timeout_min must be >= 1, got {cfg['dist_timeout_min']}")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")

@@ -8,6 +8,7 @@ GPU (PyTorch's SyncBatchNorm has no CPU kernel; CPU runs keep per-process BatchN
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import logging
 import os
@@ -66,9 +67,10 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", timeout_min: float = 60) -> DistEnv:
     """Read ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` and start the process group when ``WORLD_SIZE > 1`` (or reuse
-    one that is already initialised)."""
+    one that is already initialised). ``timeout_min``: how long a collective waits for the other processes (the
+    defaults, 10 minutes for NCCL and 30 for gloo, end a run whose rank 0 checks a large dataset's labels)."""
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", rank)
@@ -90,7 +92,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
             raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
     return DistEnv(rank, local_rank, world_size, dev, backend)
 
 

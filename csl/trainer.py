@@ -240,7 +240,7 @@ class Trainer:
     def __init__(self, cfg: dict, env: DistEnv | None = None):
         cfg = resolve_data_paths(cfg)  # stored resolved: the checkpoint's config then works from any directory
         self.cfg = cfg
-        self.env = env or init_distributed(cfg["device"])
+        self.env = env or init_distributed(cfg["device"], cfg["dist_timeout_min"])
         self.device = self.env.device
         check_kernels_backend(cfg["kernels"]["backend"], self.device)  # before the run folder is touched
         t = cfg["train"]

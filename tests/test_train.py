@@ -463,6 +463,41 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         json.dump(result, f)
 
 
+def test_the_process_group_waits_dist_timeout_min(tmp_path, monkeypatch):
+    """Rank 0 checks the label files while the others wait at a barrier: the group's timeout is the config's, not
+    NCCL's 10 minutes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import csl.trainer
+    from csl.distributed import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = init_distributed("cpu", 7)
+    assert env.world_size == 2 and env.rank == 1 and env.backend == "gloo"
+    assert seen["timeout"] == datetime.timedelta(minutes=7) and seen["backend"] == "gloo"
+
+    class Stop(Exception):
+        pass
+
+    def record(device, timeout_min):
+        seen["trainer"] = (device, timeout_min)
+        raise Stop
+
+    monkeypatch.setattr(csl.trainer, "init_distributed", record)
+    with pytest.raises(Stop):
+        Trainer(build_config({}, {**TINY, "output_dir": str(tmp_path / "run"), "dist_timeout_min": 90}))
+    assert seen["trainer"] == ("cpu", 90)
+    with pytest.raises(ConfigError, match="dist_timeout_min must be >= 1"):
+        build_config({}, {**TINY, "dist_timeout_min": 0})
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     spawn_and_join(_ddp_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
