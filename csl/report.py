@@ -199,6 +199,12 @@ def final_record(run: dict, method: str) -> dict | None:
     return evals[-1] if evals else None
 
 
+def analysed_run(folder_name: str, analysis: dict) -> str:
+    """The run an analysis folder is of: ``csl analyze --split val`` writes ``<run>_val`` beside ``<run>``."""
+    suffix = f"_{analysis.get('split', 'unlabeled')}"
+    return folder_name[:-len(suffix)] if suffix != "_unlabeled" and folder_name.endswith(suffix) else folder_name
+
+
 def per_class_table(run: dict) -> str:
     """Final val IoU per class of each method of one run."""
     evals = {m: final_record(run, m) for m in ["warmup", *run["methods"]]}
@@ -265,7 +271,9 @@ def selection_summary_table(runs: list[dict]) -> str:
 
             conf = a["at_csl_share"].get("confidence")
             per_image = a.get("confidence_per_image_at_csl_share")  # None in analyses written before it existed
-            lines.append(f"| {seed} | {LABELS.get(m, m)} | {_pct(a['model_accuracy'])} | "
+            model = LABELS.get(analysed_run(m, a), analysed_run(m, a))
+            images = "" if a.get("split", "unlabeled") == "unlabeled" else f", {a['split']} images"
+            lines.append(f"| {seed} | {model}{images} | {_pct(a['model_accuracy'])} | "
                          f"{three(b) if b else '-'} | {three(a['csl']['hard'])} | {three(a['csl']['weighted'])} | "
                          f"{two(conf)} | {two(per_image)} |")
     return "\n".join(lines)
@@ -318,7 +326,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
                 parts.append(f"Seed {_seed(r)}: `{m}/metrics.jsonl` ends at the evaluation of iteration "
                              f"{evals[-1]['iter']}; the final model's (iteration {final['iter']}) is summary.json's.\n")
         for m, a in r["analyses"].items():  # an analysis of another checkpoint than the run's final model
-            final = final_record(r, m)
+            final = final_record(r, analysed_run(m, a))
             at = a.get("checkpoint_iteration")
             if final and at is not None and at != final["iter"]:
                 parts.append(f"Seed {_seed(r)}: the analysis of `{m}` is of `{os.path.basename(a['checkpoint'])}` "
@@ -354,7 +362,8 @@ def write_report(folders: list[str], out_dir: str) -> str:
             plot_miou_curves(ev, os.path.join(out_dir, name))
             parts += [f"![val mIoU per evaluation]({name})\n"]
         for m, a in r["analyses"].items():
-            parts += [f"### Selection on the {a['images']} {a['split']} images, model: {LABELS.get(m, m)}\n",
+            model = LABELS.get(analysed_run(m, a), analysed_run(m, a))
+            parts += [f"### Selection on the {a['images']} {a['split']} images, model: {model}\n",
                       f"Model pixel accuracy {_pct(a['model_accuracy'])} %, {a['valid_pixels']} valid pixels, "
                       f"alpha {a['alpha']:g}. Pictures: `{os.path.join(r['folder'], 'analysis', m)}/`.\n",
                       selection_table(a), ""]

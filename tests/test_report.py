@@ -258,3 +258,24 @@ def test_an_evaluation_without_a_defined_miou_is_a_gap(tmp_path):
     curves = plot_miou_panels({"seed 0": {method: evals}}, str(tmp_path / "curves.png"))
     seeds = plot_miou_by_seed({"a": {0: None, 1: 0.4}, "b": {0: 0.3, 1: 0.5}}, str(tmp_path / "seeds.png"))
     assert os.path.getsize(curves) > 1000 and os.path.getsize(seeds) > 1000
+
+
+def test_an_analysis_of_the_validation_images_is_labelled_with_its_run(tmp_path):
+    """`csl analyze --split val` writes analysis/<run>_val: its rows name the run's method and the images, and its
+    checkpoint is compared with that run's final model."""
+    folder = run_folder(tmp_path, 0)
+    with open(os.path.join(folder, "analysis", "threshold", "analysis.json")) as f:
+        a = json.load(f)
+    a.update(split="val", checkpoint="/runs/seed0/threshold/best.pt", checkpoint_iteration=400)
+    os.makedirs(os.path.join(folder, "analysis", "threshold_val"))
+    with open(os.path.join(folder, "analysis", "threshold_val", "analysis.json"), "w") as f:
+        json.dump(a, f)
+    out = tmp_path / "report"
+    report.write_report([folder], str(out))
+    text = (out / "report.md").read_text()
+    label = report.LABELS["threshold"]
+    assert table_row(text, "0")  # the summary table has rows of seed 0
+    rows = [line for line in text.splitlines() if line.startswith(f"| 0 | {label}")]
+    assert [row.split("|")[2].strip() for row in rows] == [label, f"{label}, val images"], rows
+    assert f"val images, model: {label}\n" in text and "| threshold_val |" not in text
+    assert "the analysis of `threshold_val` is of `best.pt` at iteration 400, not of the final model" in text
