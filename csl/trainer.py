@@ -865,7 +865,7 @@ class Trainer:
         last = self.iteration >= self.total_iters
         if self.val_loader is not None and ((epoch + 1) % self.cfg["eval"]["every_epochs"] == 0 or last):
             if not evaluate:
-                return self._save_pending_eval(epoch, pl, self._eval_rng())
+                return self._save_pending_eval(epoch, pl, self._eval_rng(), started=False)
             self._evaluate_and_save(epoch, pl)
         else:
             self.save()
@@ -907,11 +907,13 @@ class Trainer:
     def _eval_rng(self) -> dict | None:
         return capture_rng({"step": self.generator}) if self.env.world_size == 1 else None
 
-    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None) -> bool:
-        """``latest.pt`` with the epoch's evaluation marked pending; returns whether it was written."""
+    def _save_pending_eval(self, epoch: int, pl: dict, rng: dict | None, started: bool = True) -> bool:
+        """``latest.pt`` with the epoch's evaluation marked pending (``started``: it began and did not finish, else
+        a stop came before it); returns whether it was written."""
+        what = "did not finish" if started else "was not run (stopped before it)"
         if self.env.world_size > 1:  # the other ranks may not reach the collective of a save
-            log.warning("the evaluation at iteration %d did not finish; with %d processes the epoch is not saved",
-                        self.iteration, self.env.world_size)
+            log.warning("the evaluation at iteration %d %s; with %d processes the epoch is not saved",
+                        self.iteration, what, self.env.world_size)
             return False
         try:
             payload = self.state_dict()
@@ -919,11 +921,11 @@ class Trainer:
             payload["pending_eval"] = {"epoch": epoch, "pseudo_labels": pl}
             atomic_save(payload, os.path.join(self.output_dir, LATEST))
         except Exception as e:  # noqa: BLE001 - the evaluation's own error is the one raised
-            log.error("the evaluation at iteration %d did not finish, and saving the epoch failed too: %s",
-                      self.iteration, e)
+            log.error("the evaluation at iteration %d %s, and saving the epoch failed too: %s",
+                      self.iteration, what, e)
             return False
-        log.warning("the evaluation at iteration %d did not finish; the epoch's training is saved in %s, and "
-                    "--resume auto evaluates it first", self.iteration, LATEST)
+        log.warning("the evaluation at iteration %d %s; the epoch's training is saved in %s, and "
+                    "--resume auto evaluates it first", self.iteration, what, LATEST)
         return True
 
     def _last_good(self) -> str:

@@ -450,7 +450,10 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd
     assert signal.getsignal(signal.SIGINT) is before and not stop.requested()
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["iteration"] == saved_at and (ckpt.get("pending_eval") or {}).get("epoch") == pending
-    assert f"stopped at iteration {saved_at} of 6 as asked" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert f"stopped at iteration {saved_at} of 6 as asked" in log
+    assert ("the evaluation at iteration 3 was not run (stopped before it)" in log) == (pending is not None)
+    assert "did not finish" not in log  # no evaluation had started
     monkeypatch.setattr(Trainer, "_step", real_step)
     assert main([*args, "--resume", "auto"]) == 0
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [3, 6]

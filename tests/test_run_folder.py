@@ -154,6 +154,8 @@ def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert ckpt["iteration"] == 2 and ckpt["pending_eval"]["epoch"] == 0 and not (tmp_path / "best.pt").exists()
     assert torch.equal(ckpt["rng"][0]["torch"], before["torch"])  # the resumed evaluation draws what this one drew
+    assert "the evaluation at iteration 2 did not finish; the epoch's training is saved" in (
+        tmp_path / "train.log").read_text()
     monkeypatch.setattr(Trainer, "evaluate", real)
     summary = train(config(tmp_path, **{"train.resume": "auto"}))
     assert summary["iterations"] == 4
