@@ -512,6 +512,25 @@ def test_bitwise_deterministic(fused_backend, shape, groups):
         assert torch.equal(a, b_)
 
 
+def test_triton_feature_pass_goes_wide_where_its_last_chunk_passes_int32():
+    """The feature pass's pixel index runs to the end of the last chunk, up to a chunk past the image: class groups
+    of class-broadcast logits with 46340^2 pixels (below the int32 limit, spanning little) reach 2^31 there, and an
+    int32 index would wrap to a negative pixel that passes ``p < HW``. Proved on the plan (an input that large is not
+    run here)."""
+    pytest.importorskip("triton")
+    from csl_kernels.triton import _common
+    from csl_kernels.triton import pcos_weights as tp
+
+    side, classes = 46340, 150
+    logits = torch.empty(1, 1, 1, 1).expand(1, classes, side, side)  # no memory: every stride 0
+    hw = side * side
+    plan = tp.launch_plan(1, classes, hw, True, tp.DEFAULT_CONFIG)
+    assert not _common.wide(logits, extra=(hw,)) and plan.chunks * plan.tiles * plan.block_p > 2**31 - 1
+    assert tp.features_wide(logits, hw, plan)
+    image_plan = tp.launch_plan(1, classes, hw, False, tp.DEFAULT_CONFIG)  # small records: chunks end near hw
+    assert not tp.features_wide(logits, hw, image_plan)
+
+
 def test_triton_group_tiles(monkeypatch):
     """The per-group reductions run one group per program until there are enough programs, within the tile that
     compiles without spills; packing more groups into a program gives the same results (bitwise under the
