@@ -267,6 +267,13 @@ def register_cross_entropy_autograd(op, backward_op) -> None:
     _register_autograd(op, backward, setup_context)
 
 
+def not_differentiable_error(name: str) -> RuntimeError:
+    """The error of a gradient asked of the fused op ``name`` (a key of :data:`NOT_DIFFERENTIABLE`)."""
+    return RuntimeError(f"csl_kernels.{name} is not differentiable: {NOT_DIFFERENTIABLE[name]}; call it on detached "
+                        f"inputs (x.detach()) or under torch.no_grad() (backend 'reference' computes plain PyTorch "
+                        f"gradients where a formula exists)")
+
+
 def register_not_differentiable(op, name: str) -> None:
     """Register an autograd formula for a fused op (``op``: a custom op or a qualified name) whose backward raises
     a clear error, as the reference cannot and a silent None / zero gradient must not."""
@@ -275,8 +282,6 @@ def register_not_differentiable(op, name: str) -> None:
         pass
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"csl_kernels.{name} is not differentiable: {NOT_DIFFERENTIABLE[name]}; call it on "
-                           f"detached inputs (x.detach()) or under torch.no_grad() (backend 'reference' computes "
-                           f"plain PyTorch gradients where a formula exists)")
+        raise not_differentiable_error(name)
 
     _register_autograd(op, backward, setup_context)

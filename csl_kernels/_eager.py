@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch.autograd import forward_ad
 
+from ._checks import not_differentiable_error
+
 # Where the extension's ops are called below autograd: their autograd kernels (Python) are skipped, the C++ kernel
 # runs. The same guard torch.library's own autograd layer uses to reach the kernel.
 below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -48,11 +50,21 @@ def refuse_dual(*tensors: torch.Tensor | None) -> None:
                            "differentiates through PyTorch")
 
 
-def op_or_launch(op: Callable, launch: Callable, *args):
+def op_or_launch(op: torch._ops.OpOverloadPacket, launch: Callable, *args):
     """``op(*args)`` where the call must go through the custom op (:func:`goes_through_op` on the first argument,
-    the op's main tensor), else ``launch(*args)``; a dual first argument is refused (:func:`refuse_dual`)."""
+    the op's main tensor), else ``launch(*args)``. A dual first argument is refused (:func:`refuse_dual`), and so is
+    a call that a ``torch.func`` gradient transform differentiates: PyTorch cannot record the op's autograd formula
+    there, and its own error asks for an autograd.Function's ``setup_context``; the op's "not differentiable" error
+    is raised instead."""
     refuse_dual(args[0])
-    return op(*args) if goes_through_op(args[0]) else launch(*args)
+    if not goes_through_op(args[0]):
+        return launch(*args)
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        if under_torch_func() and "setup_context" in str(e):
+            raise not_differentiable_error(op._qualified_op_name.split("::")[-1]) from e
+        raise
 
 
 def below_autograd_call(op, *args):

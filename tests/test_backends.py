@@ -361,6 +361,21 @@ def test_fused_backends_under_torch_func(fused_backend):
         torch.testing.assert_close(batched.cpu().to(expected.dtype), expected, msg=name)
     with pytest.raises(RuntimeError, match="no torch.func gradient.*use torch.autograd, or backend='reference'"):
         torch.func.grad(lambda t: csl_kernels.weighted_cross_entropy(t, label, weight, backend=fused_backend))(z)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative.*use backend='reference'"):  # not a 0
+        torch.func.jvp(lambda t: csl_kernels.weighted_cross_entropy(t, label, weight, backend=fused_backend), (z,),
+                       (torch.ones_like(z),))
+    reliable = torch.ones(2, 5, 6, dtype=torch.bool, device=device)
+    not_differentiable = {  # the op's own error, not PyTorch's request for an autograd.Function's setup_context
+        "pcos_weights": lambda t: csl_kernels.pcos_weights(t, backend=fused_backend).weight.sum(),
+        "residual_features": lambda t: csl_kernels.residual_features(t, backend=fused_backend)[0].sum(),
+        "trusted_mask": lambda t: csl_kernels.trusted_mask(t, reliable, block=2, backend=fused_backend).images.sum(),
+    }
+    for name, op in not_differentiable.items():
+        with pytest.raises(RuntimeError, match=f"csl_kernels.{name} is not differentiable"):
+            torch.func.grad(op)(z)
+        if name != "trusted_mask":  # its reliable map is not batched
+            with pytest.raises(RuntimeError, match=f"csl_kernels.{name} is not differentiable"):
+                torch.func.grad(lambda t, op=op: torch.func.vmap(op)(t[:, None]).sum())(z)
 
 
 def test_the_triton_interpreter_check_ignores_the_first_callers_context():

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backends import register
 from .._checks import compute_dtype, register_cross_entropy_autograd, register_not_differentiable
-from .._eager import fused_cross_entropy, under_torch_func
+from .._eager import fused_cross_entropy, refuse_dual, under_torch_func
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
     batch_slices,
@@ -335,6 +335,7 @@ def weighted_cross_entropy_triton(
 ) -> torch.Tensor:
     """0-dim loss (float32; float64 for float64 logits), differentiable w.r.t. ``logits`` (weights are constants)."""
     if torch.compiler.is_compiling() or (under_torch_func() and not logits.requires_grad):  # traced, or vmap
+        refuse_dual(logits, weight)  # torch.func.jvp: the op would drop the tangent
         return _wce_forward(logits, label, weight, valid)[0]
     return _cross_entropy(logits, *_contiguous_maps(label, weight, valid))  # what the Function saves, contiguous
 
