@@ -27,7 +27,7 @@ def confusion_matrix_reference(pred: torch.Tensor, target: torch.Tensor, num_cla
     keep = scored_pixels(p, t, num_classes, ignore_index)
     cells = num_classes * num_classes
     flat = torch.where(keep, t * num_classes + p, cells)  # skipped pixels count in one extra cell, then dropped
-    counts = torch.zeros(cells + 1, dtype=torch.int64, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=t.device).scatter_add(0, flat, torch.ones_like(flat))
     return counts[:cells].view(num_classes, num_classes)
 
 

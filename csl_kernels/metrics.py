@@ -51,8 +51,8 @@ def pseudo_label_counts(label: torch.Tensor, reliable: torch.Tensor, target: tor
     correct = valid & (label == target)
     rows = torch.stack([valid, selected, correct, selected & correct]).reshape(4, -1)
     index = torch.where(rows, label.reshape(1, -1), num_classes)  # bin num_classes collects the rest
-    counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device)
-    counts.scatter_add_(1, index, torch.ones_like(index))
+    counts = torch.zeros(4, num_classes + 1, dtype=torch.int64, device=label.device).scatter_add(
+        1, index, torch.ones_like(index))  # out of place: torch.func.vmap batches it
     return counts[:, :num_classes]
 
 

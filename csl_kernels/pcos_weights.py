@@ -131,7 +131,7 @@ def pcos_weights_reference(
     fdt = torch.float64
 
     def group_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-        return torch.zeros(size, dtype=fdt, device=values.device).index_add_(0, index, values)
+        return torch.zeros(size, dtype=fdt, device=values.device).index_add(0, index, values)
 
     gram_a = group_sum(x * x, group, n_groups)
     gram_b = group_sum(x * y, group, n_groups)
@@ -146,7 +146,7 @@ def pcos_weights_reference(
 
     slot = group * 2 + cluster
     n_slots = n_groups * 2
-    count = torch.zeros(n_slots, dtype=torch.long, device=x.device).index_add_(0, slot, keep_f.long())
+    count = torch.zeros(n_slots, dtype=torch.long, device=x.device).index_add(0, slot, keep_f.long())
     denom = count.clamp_min(1).to(fdt)
     mu_x = group_sum(x, slot, n_slots) / denom
     mu_y = group_sum(y, slot, n_slots) / denom

@@ -378,6 +378,27 @@ def test_fused_backends_under_torch_func(fused_backend):
                 torch.func.grad(lambda t, op=op: torch.func.vmap(op)(t[:, None]).sum())(z)
 
 
+def test_the_reference_backend_under_vmap():
+    """torch.func.vmap batches the reference ops too (their group sums and histograms are out of place): what
+    ``auto`` falls back to keeps working under vmap, with each sample's own answer."""
+    from csl_kernels.metrics import pseudo_label_counts
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 4, (3, 5, 6), generator=g)
+    reliable = torch.rand(3, 5, 6, generator=g) > 0.5
+    ops = {
+        "pcos_weights": lambda t, lab, rel: csl_kernels.pcos_weights(t[None], backend="reference").weight[0],
+        "pcos_weights class groups": lambda t, lab, rel: csl_kernels.pcos_weights(
+            t[None], groups="class", backend="reference").weight[0],
+        "confusion_matrix": lambda t, lab, rel: csl_kernels.confusion_matrix(t.argmax(0), lab, 4, backend="reference"),
+        "pseudo_label_counts": lambda t, lab, rel: pseudo_label_counts(t.argmax(0), rel, lab, 4),
+    }
+    for name, op in ops.items():
+        batched = torch.func.vmap(op)(z, label, reliable)
+        assert torch.equal(batched, torch.stack([op(z[i], label[i], reliable[i]) for i in range(3)])), name
+
+
 def test_the_triton_interpreter_check_ignores_the_first_callers_context():
     """The interpreter's one-time check runs outside the torch.func transform / fake mode of the call that first
     asks: a first call under torch.func.grad does not disable the triton backend for the process."""
