@@ -10,6 +10,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -23,8 +24,16 @@ except ImportError as exc:  # pragma: no cover - triton ships with Linux torch w
 OP_MODULES = ("residual_features", "pcos_weights", "trusted_mask", "weighted_cross_entropy", "confusion_matrix")
 
 
-@functools.cache
+_PROBE_LOCK = threading.Lock()  # Triton's interpreter is not thread-safe: threads that ask at once probe once
+
+
 def _interpreter_problem() -> str | None:
+    with _PROBE_LOCK:
+        return _probe_interpreter()
+
+
+@functools.cache
+def _probe_interpreter() -> str | None:
     """Why this Triton's interpreter cannot run the kernels, or None: a one-line kernel with a loop over a runtime
     bound (as every kernel here has: ``range(0, C, BLOCK_C)``) is run once. Some Triton versions' interpreters turn
     such a bound into an int with ``int(array)`` on a 1-element array, which newer NumPy versions refuse ("only
