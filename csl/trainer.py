@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from csl_kernels import IGNORE_INDEX, metrics_from_counts, unavailable_reason
+from csl_kernels._backends import requested
 
 from . import stop
 from .checkpoint import (
@@ -158,13 +159,15 @@ def check_kernels_backend(backend: str, device: torch.device, ops: tuple[str, ..
     """A backend named in ``kernels.backend`` must run every kernel of the command (``ops``) on ``device``: a
     ConfigError with the reason at the start, not a failure at the first step (``auto`` chooses per op and says so
     in the log)."""
-    if backend == "auto":
+    named = requested(backend)  # kernels.backend=auto: the one CSL_BACKEND names, if any
+    if named == "auto":
         return
+    setting = f"kernels.backend={backend}" if backend != "auto" else f"CSL_BACKEND={named}"
     for op in ops:
-        reason = unavailable_reason(op, backend, device)
+        reason = unavailable_reason(op, named, device)
         if reason is not None:
-            raise ConfigError(f"kernels.backend={backend} cannot run on {device}: {reason} (kernels.backend=auto "
-                              f"chooses a backend that can)")
+            raise ConfigError(f"{setting} cannot run on {device}: {reason} (kernels.backend=auto, with CSL_BACKEND "
+                              f"unset, chooses a backend that can)")
 
 
 def stored_config(cfg: dict) -> dict:

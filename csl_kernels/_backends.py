@@ -8,7 +8,8 @@ Each op has implementations registered per backend name:
 
 ``backend="auto"`` picks the fastest available backend for the tensors' device, logs its choice once per
 (op, device type) and says why a faster backend was skipped. A backend asked for by name raises
-``RuntimeError`` with the reason when it cannot run.
+``RuntimeError`` with the reason when it cannot run. The environment variable ``CSL_BACKEND`` names the backend
+that calls with ``backend="auto"`` use instead (as if named; unset, empty or ``auto``: the choice above).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from collections.abc import Callable
 
 import torch
 
-from ._env import EnvEquals
+from ._env import EnvEquals, EnvValue
 
 log = logging.getLogger("csl_kernels")
 _triton_interpret = EnvEquals("TRITON_INTERPRET", "1")
+_csl_backend = EnvValue("CSL_BACKEND")
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 # Fastest first, per device type. On CUDA, pcos_weights and weighted_cross_entropy time both fused backends once
@@ -35,6 +37,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABILITY: dict[str, Callable[[torch.device], str | None]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _AUTO_LOGGED: set[tuple[str, str]] = set()
+_FORCED_LOGGED: set[tuple[str, str]] = set()  # (op, backend) that CSL_BACKEND named and was said
 # Backend modules whose import finished (their implementations are all registered).
 _IMPORTED: set[str] = set()
 # {(op, backend, device, TRITON_INTERPRET for triton on cpu): impl} of the named backends found available: a backend
@@ -120,6 +123,19 @@ def log_choices_again() -> None:
     _measured.log_choices_again()
 
 
+def requested(backend: str) -> str:
+    """The backend a call asks for: ``backend``, or for ``"auto"`` the one ``CSL_BACKEND`` names (a ValueError for a
+    name that is not a backend)."""
+    if backend != "auto":
+        return backend
+    forced = _csl_backend()
+    if not forced or forced == "auto":
+        return "auto"
+    if forced not in BACKENDS:
+        raise ValueError(f"CSL_BACKEND must be unset, 'auto' or one of {list(BACKENDS)}, got {forced!r}")
+    return forced
+
+
 def is_available(op: str, backend: str, device: torch.device | str) -> bool:
     """Whether ``backend`` can run ``op`` on ``device`` (:func:`unavailable_reason` says why not)."""
     return unavailable_reason(op, backend, device) is None
@@ -146,6 +162,9 @@ def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
 
 
 def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
+    forced = backend == "auto" and _csl_backend() is not None and requested(backend) != "auto"
+    if forced:
+        backend = requested(backend)
     kernels = _RUNS_KERNELS_OF.get(op, op)
     if backend != "auto":
         key = (op, backend, device, backend == "triton" and device.type == "cpu" and _triton_interpret())
@@ -154,8 +173,12 @@ def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable
             reason = unavailable_reason(op, backend, device)
             if reason is not None:
                 runs = "" if kernels == op else f" runs the {kernels} kernels"
-                raise RuntimeError(f"csl_kernels.{op}{runs}: backend {backend!r} is unavailable: {reason}")
+                named = " (named by CSL_BACKEND)" if forced else ""
+                raise RuntimeError(f"csl_kernels.{op}{runs}: backend {backend!r}{named} is unavailable: {reason}")
             impl = _NAMED[key] = _IMPLS[kernels][backend]
+        if forced and (op, backend) not in _FORCED_LOGGED:
+            _FORCED_LOGGED.add((op, backend))
+            log.info("csl_kernels.%s on %s: backend='auto' uses %r, as CSL_BACKEND names", op, device.type, backend)
         return backend, impl
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):

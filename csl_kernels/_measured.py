@@ -163,7 +163,8 @@ def resolve(op: str, backend: str, device: torch.device, key_tensor: torch.Tenso
     dropped). ``variant`` names options that change the op's cost (PCOS's image or class groups): calls that differ
     in it are timed and cached apart. A backend that raises on the call is skipped (WARNING, with its error) and the
     choice is then not cached."""
-    if backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling():
+    if (backend != "auto" or device.type != "cuda" or torch.compiler.is_compiling()
+            or _backends.requested(backend) != "auto"):  # a named backend, or one that CSL_BACKEND names
         return _backends.resolve(op, backend, device)
     fast_key = (op, device, key_tensor.dtype, key_tensor.shape, variant)
     if _choices is not None:

@@ -38,6 +38,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(_backends, "_IMPORT_ERRORS", {})
     monkeypatch.setattr(_backends, "_NAMED", {})
     monkeypatch.setattr(_backends, "_AUTO_LOGGED", set())
+    monkeypatch.setattr(_backends, "_FORCED_LOGGED", set())
     for backend in _backends.BACKENDS:
         _backends.register("toy_op", backend)(impl_named(backend))
     return impls
@@ -66,6 +67,38 @@ def test_auto_logs_its_choice_once(registry, caplog):
     assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
     assert _backends.resolve("toy_op", "auto", CUDA)[0] == "cuda"
     assert len(auto_records(caplog, "toy_op")) == 2
+
+
+def test_csl_backend_names_the_backend_of_auto_calls(registry, fake_gpu_auto, caplog, monkeypatch):
+    """CSL_BACKEND=<name>: calls with backend='auto' use that backend as if named (said once per op; an unavailable
+    one raises naming CSL_BACKEND, nothing timed on a GPU); a backend named in the call wins; a name that is no
+    backend is a ValueError; unset, empty or auto: auto's own choice."""
+    from csl.config import ConfigError
+    from csl.trainer import check_kernels_backend
+
+    timed = []
+    monkeypatch.setenv("CSL_BACKEND", "reference")
+    assert _backends.resolve("toy_op", "auto", CPU)[0] == "reference"
+    assert _backends.resolve("toy_op", "auto", CPU)[0] == "reference"
+    assert _backends.resolve("toy_op", "cpu", CPU)[0] == "cpu"
+    z = torch.zeros(2, 21, 8, 8)
+    assert fake_gpu_auto.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(),
+                                 timer=lambda run, device: timed.append(run()) or 1.0)[0] == "reference"
+    assert timed == []
+    said = [r.getMessage() for r in auto_records(caplog, "toy_op")]
+    assert said == ["csl_kernels.toy_op on cpu: backend='auto' uses 'reference', as CSL_BACKEND names"]
+    monkeypatch.setenv("CSL_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(named by CSL_BACKEND\) is unavailable: the cuda backend"):
+        _backends.resolve("toy_op", "auto", CPU)
+    with pytest.raises(ConfigError, match="CSL_BACKEND=cuda cannot run on cpu: the cuda backend"):
+        check_kernels_backend("auto", CPU, ops=("toy_op",))
+    monkeypatch.setenv("CSL_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="CSL_BACKEND must be unset, 'auto' or one of"):
+        _backends.resolve("toy_op", "auto", CPU)
+    for value in ("", "auto"):
+        monkeypatch.setenv("CSL_BACKEND", value)
+        assert _backends.resolve("toy_op", "auto", CPU)[0] == "cpu"
+        check_kernels_backend("auto", CPU, ops=("toy_op",))
 
 
 def test_auto_falls_back_with_a_warning_that_gives_the_reason(registry, caplog, monkeypatch):
