@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import logging
 import os
 import re
@@ -220,8 +221,8 @@ def cmd_train(args) -> int:
                                                                            "train.overwrite")):
         if value and any(parse_override(o)[0] == key for o in overrides):
             raise ConfigError(f"{flag} and {key}= are both given; pass one")
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
+    if args.resume:  # a path, not YAML: quoted (as JSON, which YAML reads), so that ' #' or ': ' stay in it
+        overrides.append(f"train.resume={json.dumps(args.resume)}")
     if args.overwrite:
         overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)

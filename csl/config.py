@@ -179,8 +179,13 @@ def _walk_keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _walk_keys(DEFAULTS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    """The error of an unknown key, with the key of that name in another section (``train.tau``: ``selection.tau``)
+    as the hint, else the closest spelling."""
+    known = _walk_keys(DEFAULTS)
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in known if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, known, n=1,
+                                                                                              cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
@@ -236,6 +241,9 @@ def parse_value(text: str) -> Any:
         value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+    if "#" in text and "#" not in repr(value):  # YAML read " #..." as a comment: the value would be cut there
+        raise ConfigError(f"value {text!r} holds ' #', which YAML reads as the start of a comment; quote the value "
+                          f"(key='{text}') to keep the '#'")
     return value
 
 
@@ -397,6 +405,11 @@ def validate(cfg: dict) -> dict:
         for key, low in least.items():
             _require(syn[key] >= low, f"data.synthetic.{key} must be >= {low}"
                      f"{' with train.mode=semi' if key == 'num_unlabeled' else ''}, got {syn[key]}")
+    else:  # the generated scenes' settings with a dataset read from files: training would ignore them
+        unused = [f"data.synthetic.{key}={value}" for key, value in d["synthetic"].items()
+                  if value != DEFAULTS["data"]["synthetic"][key]]
+        _require(not unused, f"{', '.join(unused)} set but data.dataset is {d['dataset']}: data.synthetic applies to "
+                             f"the generated scenes of data.dataset=synthetic only")
     _require(cfg["output_dir"].strip() != "", "output_dir must name a folder, got an empty string")
     # seed + a stream number seeds torch generators, which take at most 2**64 - 1
     _require(0 <= cfg["seed"] < 2**63, f"seed must be in [0, 2**63), got {cfg['seed']}")
@@ -417,6 +430,14 @@ def validate(cfg: dict) -> dict:
         if d[key] is not None:
             _require(len(d[key]) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d[key]),
                      f"data.{key} must be 3 numbers, got {d[key]}")
+    from .data import check_synthetic_classes, normalization  # the data's own checks, before the run starts
+
+    try:
+        normalization(d["mean"], d["std"])
+        if d["dataset"] == "synthetic" and d["num_classes"] is not None:
+            check_synthetic_classes(d["num_classes"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(len(cfg["model"]["dilations"]) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
                                                          for x in cfg["model"]["dilations"]),
              f"model.dilations must be three positive integers, got {cfg['model']['dilations']}")
@@ -504,12 +525,14 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
     cfg = _merge(DEFAULTS, migrate_renamed(raw or {}), "")
     # Unknown keys in ``raw`` are reported by validate(); overrides are checked as they are set.
     pairs = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    given: dict[str, Any] = {}
+    given: dict[str, tuple[str, Any]] = {}  # by the key's current name: an old and a new name set one key
     for key, value in pairs:
-        if key in given and given[key] != value:  # the last one counts, as on most command lines: said
-            warnings.warn(f"{key} is given twice ({given[key]!r}, then {value!r}); the last one is used",
-                          UserWarning, stacklevel=2)
-        given[key] = value
+        current = RENAMED.get(key, key)
+        if current in given and given[current][1] != value:  # the last one counts, as on most command lines: said
+            first, before = given[current]
+            twice = f"{key} is given twice" if first == key else f"{first} and {key} set one key"
+            warnings.warn(f"{twice} ({before!r}, then {value!r}); the last one is used", UserWarning, stacklevel=2)
+        given[current] = (key, value)
         set_dotted(cfg, key, value)
     return validate(cfg)
 
@@ -530,7 +553,8 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
                 warnings.simplefilter("ignore", FutureWarning)  # said once already, by the merged build
                 build_config(raw)
         except ConfigError as e:
-            raise ConfigError(f"{e} (in {path_or_name})") from None
+            if str(e) == str(merged):  # else the file is a base that the overrides complete, and theirs is the error
+                raise ConfigError(f"{e} (in {path_or_name})") from None
         raise merged from None
 
 

@@ -205,7 +205,7 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
 def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
     """``(keys, why)`` for the keys set away from their defaults that this training does not read: the unlabeled
     losses, selection and TMP in supervised training, TMP's settings with TMP off, the OHEM settings with the plain
-    CE criterion."""
+    CE criterion, ``train.epochs`` with ``train.iters`` set."""
     t, s, m = cfg["train"], cfg["selection"], cfg["tmp"]
 
     def changed(section: str, keys) -> list[str]:
@@ -223,6 +223,8 @@ def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
         found.append((changed("tmp", ("block", "rate", "fraction")), "not used with tmp.enabled=false"))
     if t["criterion"] == "ce":
         found.append((changed("train", ("ohem_thresh", "ohem_min_kept")), "not used by train.criterion=ce"))
+    if t["iters"] is not None:
+        found.append((changed("train", ("epochs",)), f"not used: train.iters={t['iters']} sets the length"))
     return [(", ".join(keys), why) for keys, why in found if keys]
 
 

@@ -518,6 +518,11 @@ def test_print_config_and_version(tmp_path, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["seed"] == 3 and cfg["data"]["dataset"] == "camvid" and cfg["data"]["split"] == "1_8"
     assert not (tmp_path / "never").exists()  # nothing trained or written
+    # --resume takes a path as it is (not YAML, where ' #' starts a comment and ': ' a mapping)
+    path = str(tmp_path / "my runs #2" / "a: b" / "latest.pt")
+    assert main(["train", "--config", "demo", "--resume", path, f"output_dir={tmp_path / 'never'}",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["resume"] == path
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("csl ")
@@ -682,6 +687,9 @@ def test_training_settings_the_run_ignores_are_named():
     assert unused_training_settings(cfg) == [("train.lambda_s=1.0, selection.mode=threshold, tmp.rate=0.1",
                                               "not used by train.mode=supervised (no unlabeled data)")]
     assert unused_training_settings(build_config({}, {"train.criterion": "ohem", "train.ohem_thresh": 0.5})) == []
+    assert unused_training_settings(build_config({}, {"train.iters": 600, "train.epochs": 20})) == [
+        ("train.epochs=20", "not used: train.iters=600 sets the length")]
+    assert unused_training_settings(build_config({}, {"train.epochs": 20})) == []
     # switching TMP off agrees with supervised training (not named); tuning it does not
     assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False})) == []
     assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False,

@@ -103,6 +103,16 @@ def test_yaml_file_and_overrides(tmp_path):
     ("seed=18446744073709551615", "seed must be in [0, 2**63), got 18446744073709551615"),
     ("model.dilations=[true,12,18]", "model.dilations must be three positive integers"),
     ("data.mean=[true,0,0]", "data.mean must be 3 numbers"),
+    # the data's own checks, before the run folder is touched
+    ("data.std=[0,0,0]", "data.mean and data.std must be 3 values (std > 0)"),
+    ("data.mean=[123.7,116.3,103.5]", "data.mean and data.std are for images scaled to [0, 1]"),
+    ("data.num_classes=8", "synthetic data has 2 to 6 classes, got data.num_classes=8"),
+    # a key in another section than its own: that key is the hint
+    ("train.tau=0.9", "unknown config key 'train.tau'; did you mean 'selection.tau'?"),
+    ("selection.block=16", "did you mean 'tmp.block'?"),
+    ("train.seed=1", "did you mean 'seed' or 'data.synthetic.seed'?"),
+    # YAML's comment would cut the value
+    ("output_dir=runs/exp #3", "value 'runs/exp #3' holds ' #', which YAML reads as the start of a comment"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError, match=_escape(message)):
@@ -207,6 +217,9 @@ def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
     (["data.ignore_labels=[11]"], r"data.ignore_labels=\[11\] set but data.dataset is synthetic"),
     (["train.resume=auto", "train.overwrite=true"], "train.resume=auto and train.overwrite=true exclude each other"),
     (["data.scale_range=[a,b]"], "data.scale_range must be"),
+    # the generated scenes' settings with a dataset read from files
+    (["data.dataset=camvid", "data.synthetic.num_labeled=4"],
+     "data.synthetic.num_labeled=4 set but data.dataset is camvid: data.synthetic applies to the generated scenes"),
 ])
 def test_contradictory_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -244,6 +257,16 @@ def test_a_key_given_twice_and_where_an_error_comes_from(tmp_path):
     path.write_text("train:\n  lr: abc\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml"):
         load_config(str(path), ["train.iters=5"])
+    # A base file that the overrides complete: their mistake is the error, not what the file alone lacks.
+    path.write_text("data:\n  root: /data\n  split_dir: /data/splits\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), ["data.dataset=folder", "data.num_classes=3", "train.epochs=abc"])
+    assert "train.epochs must be an integer" in str(err.value) and "mine.yaml" not in str(err.value)
+    # An old and a new name of one key on the command line: said as two settings of one key, the last one used.
+    with pytest.warns(UserWarning, match=r"kernels.backend and selection.backend set one key \('reference', then "
+                                         r"'cpu'\)"), pytest.warns(FutureWarning):
+        assert build_config({}, ["kernels.backend=reference", "selection.backend=cpu"])["kernels"]["backend"] == "cpu"
+    assert build_config({}, ["output_dir='runs/exp #3'"])["output_dir"] == "runs/exp #3"  # quoted: kept
 
 
 def test_demo_refuses_overrides_it_would_replace(tmp_path):

@@ -489,15 +489,22 @@ def _files(folder) -> dict:
     return files
 
 
-def test_a_replacing_start_that_fails_keeps_the_run(tmp_path):
-    """--overwrite with a set-up that fails (here the synthetic data refuses the class count): the run is put
-    back as it was; a kill during the set-up leaves it aside, and the next start puts it back."""
+def test_a_replacing_start_that_fails_keeps_the_run(tmp_path, monkeypatch):
+    """--overwrite with a set-up that fails (here the data cannot be read): the run is put back as it was; a kill
+    during the set-up leaves it aside, and the next start puts it back."""
+    import csl.data
     from csl.run_folder import REPLACED_DIR, claim_run_folder
 
     train(config(tmp_path))
     before = _files(tmp_path)
-    with pytest.raises(ValueError, match="synthetic data has 2 to 6 classes"):
-        Trainer(config(tmp_path, **{"train.overwrite": True, "data.num_classes": 200}))
+
+    def unreadable(*args, **kwargs):
+        raise OSError("the data disk is gone")
+
+    with monkeypatch.context() as m:
+        m.setattr(csl.data, "build_datasets", unreadable)
+        with pytest.raises(OSError, match="the data disk is gone"):
+            Trainer(config(tmp_path, **{"train.overwrite": True}))
     assert _files(tmp_path) == before
     # A start killed after setting the run aside (the lock is left behind, its process gone).
     lock = claim_run_folder(str(tmp_path), resuming=False, resume_auto=False, overwrite=True)

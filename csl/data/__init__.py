@@ -55,6 +55,7 @@ __all__ = [
     "ValDataset",
     "SPLITS_DIR",
     "build_datasets",
+    "check_synthetic_classes",
     "coco_unlabeled_items",
     "build_val_dataset",
     "class_names",
@@ -62,6 +63,7 @@ __all__ = [
     "generate_scenes",
     "map_labels",
     "named_split_dir",
+    "normalization",
     "palette",
     "read_split",
     "scan_folder",
@@ -243,8 +245,14 @@ def _file_kind(data_cfg: dict) -> tuple[type[ListSource], str, int]:
 
 
 def _norm(data_cfg: dict) -> tuple[tuple, tuple]:
-    mean = tuple(data_cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(data_cfg.get("std") or IMAGENET_STD)
+    return normalization(data_cfg.get("mean"), data_cfg.get("std"))
+
+
+def normalization(mean, std) -> tuple[tuple, tuple]:
+    """``(mean, std)`` of the input normalisation (None: ImageNet's), checked: 3 values each on the [0, 1] scale of
+    the loaded images, std > 0 (a ValueError otherwise; the config checks a run's with it before the start)."""
+    mean = tuple(mean or IMAGENET_MEAN)
+    std = tuple(std or IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"data.mean and data.std must be 3 values (std > 0), got {mean} and {std}")
     if max(mean) > 1 or max(std) > 1:
@@ -253,11 +261,16 @@ def _norm(data_cfg: dict) -> tuple[tuple, tuple]:
     return mean, std
 
 
-def _synthetic(data_cfg: dict) -> tuple[dict, dict]:
-    syn = {**SYNTHETIC_DEFAULTS, **(data_cfg.get("synthetic") or {})}
-    num_classes = int(data_cfg.get("num_classes") or 5)
+def check_synthetic_classes(num_classes: int) -> int:
+    """``num_classes`` when the generated scenes have that many classes, else a ValueError."""
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"synthetic data has 2 to {MAX_CLASSES} classes, got data.num_classes={num_classes}")
+    return num_classes
+
+
+def _synthetic(data_cfg: dict) -> tuple[dict, dict]:
+    syn = {**SYNTHETIC_DEFAULTS, **(data_cfg.get("synthetic") or {})}
+    num_classes = check_synthetic_classes(int(data_cfg.get("num_classes") or 5))
     return syn, {"size": int(syn["size"]), "seed": int(syn["seed"]), "num_classes": num_classes}
 
 
