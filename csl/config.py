@@ -405,11 +405,6 @@ def validate(cfg: dict) -> dict:
         for key, low in least.items():
             _require(syn[key] >= low, f"data.synthetic.{key} must be >= {low}"
                      f"{' with train.mode=semi' if key == 'num_unlabeled' else ''}, got {syn[key]}")
-    else:  # the generated scenes' settings with a dataset read from files: training would ignore them
-        unused = [f"data.synthetic.{key}={value}" for key, value in d["synthetic"].items()
-                  if value != DEFAULTS["data"]["synthetic"][key]]
-        _require(not unused, f"{', '.join(unused)} set but data.dataset is {d['dataset']}: data.synthetic applies to "
-                             f"the generated scenes of data.dataset=synthetic only")
     _require(cfg["output_dir"].strip() != "", "output_dir must name a folder, got an empty string")
     # seed + a stream number seeds torch generators, which take at most 2**64 - 1
     _require(0 <= cfg["seed"] < 2**63, f"seed must be in [0, 2**63), got {cfg['seed']}")

@@ -205,7 +205,7 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
 def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
     """``(keys, why)`` for the keys set away from their defaults that this training does not read: the unlabeled
     losses, selection and TMP in supervised training, TMP's settings with TMP off, the OHEM settings with the plain
-    CE criterion, ``train.epochs`` with ``train.iters`` set."""
+    CE criterion, ``train.epochs`` with ``train.iters`` set, the generated scenes' settings with a dataset of files."""
     t, s, m = cfg["train"], cfg["selection"], cfg["tmp"]
 
     def changed(section: str, keys) -> list[str]:
@@ -225,6 +225,10 @@ def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
         found.append((changed("train", ("ohem_thresh", "ohem_min_kept")), "not used by train.criterion=ce"))
     if t["iters"] is not None:
         found.append((changed("train", ("epochs",)), f"not used: train.iters={t['iters']} sets the length"))
+    dataset = cfg["data"]["dataset"]
+    if dataset != "synthetic":  # (a stored config evaluated on other data keeps its own: said, not refused)
+        found.append(([f"data.synthetic.{k}={v}" for k, v in cfg["data"]["synthetic"].items()
+                       if v != DEFAULTS["data"]["synthetic"][k]], f"not used by data.dataset={dataset}"))
     return [(", ".join(keys), why) for keys, why in found if keys]
 
 

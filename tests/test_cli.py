@@ -690,6 +690,8 @@ def test_training_settings_the_run_ignores_are_named():
     assert unused_training_settings(build_config({}, {"train.iters": 600, "train.epochs": 20})) == [
         ("train.epochs=20", "not used: train.iters=600 sets the length")]
     assert unused_training_settings(build_config({}, {"train.epochs": 20})) == []
+    assert unused_training_settings(build_config({}, {"data.dataset": "camvid", "data.synthetic.size": 64})) == [
+        ("data.synthetic.size=64", "not used by data.dataset=camvid")]
     # switching TMP off agrees with supervised training (not named); tuning it does not
     assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False})) == []
     assert unused_training_settings(build_config({}, {"train.mode": "supervised", "tmp.enabled": False,

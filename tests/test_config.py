@@ -217,9 +217,6 @@ def test_kernels_backend_and_the_old_selection_backend_key(tmp_path):
     (["data.ignore_labels=[11]"], r"data.ignore_labels=\[11\] set but data.dataset is synthetic"),
     (["train.resume=auto", "train.overwrite=true"], "train.resume=auto and train.overwrite=true exclude each other"),
     (["data.scale_range=[a,b]"], "data.scale_range must be"),
-    # the generated scenes' settings with a dataset read from files
-    (["data.dataset=camvid", "data.synthetic.num_labeled=4"],
-     "data.synthetic.num_labeled=4 set but data.dataset is camvid: data.synthetic applies to the generated scenes"),
 ])
 def test_contradictory_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
