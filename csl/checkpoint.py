@@ -86,8 +86,23 @@ def _load_error(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _numpy_scalar_globals() -> list:
+    """What a pickled NumPy number needs (``numpy._core.multiarray.scalar`` with its dtype): UniMatch's and CSL's
+    checkpoints hold ``previous_best = max(np.mean(iou), previous_best)``, a numpy.float64. Numeric and bool dtypes
+    only: an object scalar stays refused."""
+    core = getattr(np, "_core", None) or np.core  # NumPy 2, NumPy 1
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [core.multiarray.scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+
+
+def _load_weights_only(path: str, **kwargs) -> Any:
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        return torch.load(path, weights_only=True, **kwargs)
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True``. Raises FileNotFoundError / ValueError with the path on failure; a file that
+    """Load with ``weights_only=True`` (NumPy numbers allowed). Raises FileNotFoundError / ValueError with the path on failure; a file that
     is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {os.path.abspath(path)} is a folder; give the checkpoint file in it (latest.pt "
@@ -97,7 +112,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): a copy or a save that did not finish?")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = _load_weights_only(path, map_location=map_location)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
             with open(path, "rb") as f:
@@ -114,7 +129,7 @@ def checkpoint_iteration(path: str) -> int:
     """The training iteration a trainer checkpoint holds (-1 when it has none), read without loading its tensors
     into memory."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _load_weights_only(path, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001 - e.g. a file in torch's legacy (non-zip) format, which mmap cannot read
         obj = load_checkpoint(path)
     return int(obj.get("iteration", -1)) if isinstance(obj, dict) else -1

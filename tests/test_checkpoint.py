@@ -172,6 +172,22 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
         ck.load_checkpoint(str(tmp_path / "list.pt"))
 
 
+def test_a_unimatch_checkpoint_with_numpy_numbers_loads(tmp_path):
+    """UniMatch's unimatch.py saves previous_best = max(np.mean(iou_class), previous_best), a numpy.float64 (also at
+    0: max keeps its first argument on a tie): weights_only loading takes NumPy numbers, and still refuses a NumPy
+    object array."""
+    path = str(tmp_path / "best.pth")
+    iou = np.mean(np.array([0.5, 0.75]))
+    torch.save({"model": {"module.w": torch.ones(2)}, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
+                "previous_best": max(iou, 0.0), "counts": np.int64(7), "flag": np.bool_(True)}, path)
+    ckpt = ck.load_checkpoint(path)
+    assert ckpt["previous_best"] == 0.625 and ckpt["counts"] == 7 and ckpt["flag"]
+    assert torch.equal(ck.model_state(ckpt)["w"], torch.ones(2)) and ck.checkpoint_iteration(path) == -1
+    torch.save({"model": {"w": torch.ones(2)}, "ids": np.array(["a", None], dtype=object)}, path)
+    with pytest.raises(ValueError, match="weights_only=True: UnpicklingError"):
+        ck.load_checkpoint(path)
+
+
 def test_rng_capture_restore_every_stream(tmp_path):
     gen = torch.Generator().manual_seed(7)
     state = ck.capture_rng({"step": gen})
