@@ -102,8 +102,8 @@ def _load_weights_only(path: str, **kwargs) -> Any:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True`` (NumPy numbers allowed). Raises FileNotFoundError / ValueError with the path on failure; a file that
-    is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
+    """Load with ``weights_only=True`` (NumPy numbers allowed). Raises FileNotFoundError / ValueError with the path
+    on failure; a file that is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {os.path.abspath(path)} is a folder; give the checkpoint file in it (latest.pt "
                          f"or best.pt)")
