@@ -8,7 +8,9 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -46,13 +48,27 @@ inline void check_device(const at::Tensor& t, const char* name, bool cuda, const
               (cuda ? "a CUDA device" : "the CPU"), ", got ", t.device());
 }
 
-// The checks of csl::trusted_mask, the same for both launchers (``cuda`` = which device the kernel needs).
+// The largest finite value of the floating dtypes the kernels take (0 for any other dtype).
+inline double largest_finite(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return 65504.0;
+    case at::kBFloat16: return 3.3895313892515355e38;
+    case at::kFloat: return std::numeric_limits<float>::max();
+    case at::kDouble: return std::numeric_limits<double>::max();
+    default: return 0.0;
+  }
+}
+
+// The checks of csl::trusted_mask, the same for both launchers (``cuda`` = which device the kernel needs). A finite
+// ``fill`` must fit the images' dtype (the kernels write it as that dtype: inf otherwise); NaN and inf are written.
 inline void check_trusted_mask_args(const at::Tensor& images, const at::Tensor& cells, const at::Tensor& reliable,
-                                    bool cuda) {
+                                    double fill, bool cuda) {
   constexpr const char* op = "csl::trusted_mask";
-  TORCH_CHECK(images.dim() == 4 && at::isFloatingType(images.scalar_type()), op,
-              ": images must be a floating B x K x H x W tensor, got ", images.scalar_type(), " of shape ",
-              images.sizes());
+  const double largest = largest_finite(images.scalar_type());
+  TORCH_CHECK(images.dim() == 4 && largest > 0, op, ": images must be a float16, bfloat16, float32 or float64 ",
+              "B x K x H x W tensor, got ", images.scalar_type(), " of shape ", images.sizes());
+  TORCH_CHECK(!std::isfinite(fill) || std::abs(fill) <= largest, op, ": fill=", fill, " does not fit the images' ",
+              "dtype ", images.scalar_type(), " (largest finite value ", largest, ")");
   check_device(images, "images", cuda, op);
   check_pixel_map(reliable, "reliable", images, op);
   TORCH_CHECK(reliable.scalar_type() == at::kBool, op, ": reliable must be bool, got ", reliable.scalar_type());

@@ -292,6 +292,15 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, label, weight, None, lse, count.double())
     with pytest.raises(RuntimeError, match="grad_loss must hold one value on cpu, got shape \\[2\\]"):
         ops.weighted_cross_entropy_backward(torch.ones(2), z, label, weight, None, lse, count)
+    # trusted_mask called directly: a fill its dtype cannot hold (written as inf), a dtype it has no kernel for
+    cells, reliable = torch.ones(1, 1, 1, dtype=torch.bool), torch.ones(1, 2, 2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"fill=1e\+06 does not fit the images' dtype Half \(largest finite value "
+                                           r"65504\)"):
+        ops.trusted_mask(z.half(), cells, reliable, 1e6)
+    assert torch.isnan(ops.trusted_mask(z.half(), cells, reliable, float("nan"))[0]).all()  # NaN is written as such
+    with pytest.raises(RuntimeError, match="images must be a float16, bfloat16, float32 or float64 B x K x H x W "
+                                           "tensor, got Float8_e4m3fn"):
+        ops.trusted_mask(z.to(torch.float8_e4m3fn), cells, reliable, 0.0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

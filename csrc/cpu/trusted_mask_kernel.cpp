@@ -49,7 +49,7 @@ void masked_row(const scalar_t* __restrict src, const uint8_t* __restrict cover,
 
 std::tuple<at::Tensor, at::Tensor> trusted_mask_cpu(const at::Tensor& images, const at::Tensor& cells,
                                                     const at::Tensor& reliable, double fill) {
-  check_trusted_mask_args(images, cells, reliable, /*cuda=*/false);
+  check_trusted_mask_args(images, cells, reliable, fill, /*cuda=*/false);
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
   const int64_t gh = cells.size(1), gw = cells.size(2);
   at::Tensor masked = at::empty_like(images);  // keeps NCHW / channels_last

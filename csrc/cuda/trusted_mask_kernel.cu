@@ -37,7 +37,7 @@ __global__ void trusted_mask_kernel(const scalar_t* __restrict__ in, scalar_t* _
 
 std::tuple<at::Tensor, at::Tensor> trusted_mask_cuda(const at::Tensor& images, const at::Tensor& cells,
                                                      const at::Tensor& reliable, double fill) {
-  check_trusted_mask_args(images, cells, reliable, /*cuda=*/true);
+  check_trusted_mask_args(images, cells, reliable, fill, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
   at::Tensor masked = at::empty_like(images);
