@@ -87,17 +87,22 @@ def _load_error(error: Exception) -> str:
 
 
 def _numpy_scalar_globals() -> list:
-    """What a pickled NumPy number needs (``numpy._core.multiarray.scalar`` with its dtype): UniMatch's and CSL's
-    checkpoints hold ``previous_best = max(np.mean(iou), previous_best)``, a numpy.float64. Numeric and bool dtypes
-    only: an object scalar stays refused."""
+    """What a pickled NumPy number needs (its ``multiarray.scalar`` with its dtype): UniMatch's and CSL's
+    checkpoints hold ``previous_best = max(np.mean(iou), previous_best)``, a numpy.float64. Files written under
+    NumPy 1 name ``numpy.core.multiarray.scalar``, under NumPy 2 ``numpy._core.multiarray.scalar``: both allowed.
+    Numeric and bool dtypes only: an object scalar stays refused."""
     core = getattr(np, "_core", None) or np.core  # NumPy 2, NumPy 1
     kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
              np.float16, np.float32, np.float64)
-    return [core.multiarray.scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+    scalar = core.multiarray.scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *{type(np.dtype(kind)) for kind in kinds}]
 
 
 def _load_weights_only(path: str, **kwargs) -> Any:
-    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+    # Only what the caller's own allowlist lacks: the context removes what it added when it ends.
+    present = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([g for g in _numpy_scalar_globals() if g not in present]):
         return torch.load(path, weights_only=True, **kwargs)
 
 

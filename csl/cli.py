@@ -172,7 +172,7 @@ def _moved_with_the_root(stored: dict, overrides: list[str] | None) -> list[str]
             new = os.path.join(new_root, os.path.relpath(os.path.abspath(path), os.path.abspath(old_root)))
             print(f"csl: the checkpoint's data.{key} {path} is not there; read under data.root: {new}",
                   file=sys.stderr)
-            moved.append(f"data.{key}={new}")
+            moved.append(f"data.{key}={json.dumps(new)}")  # a path, quoted: ' #' stays in it
     return moved
 
 

@@ -241,9 +241,9 @@ def parse_value(text: str) -> Any:
         value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
-    if "#" in text and "#" not in repr(value):  # YAML read " #..." as a comment: the value would be cut there
-        raise ConfigError(f"value {text!r} holds ' #', which YAML reads as the start of a comment; quote the value "
-                          f"(key='{text}') to keep the '#'")
+    if text.count("#") > repr(value).count("#"):  # YAML read " #..." as a comment: the value would be cut there
+        raise ConfigError(f"value {text!r} holds ' #', which YAML reads as the start of a comment: quote the value "
+                          f"('{text}') to keep the '#', or remove the comment")
     return value
 
 

@@ -118,6 +118,7 @@ def log_choices_again() -> None:
     """Log each ``backend="auto"`` choice again at its next call (a new log file starts: every run's ``train.log``
     names the backends it used, also when one process trains several runs, as ``csl demo`` does)."""
     _AUTO_LOGGED.clear()
+    _FORCED_LOGGED.clear()
     from . import _measured  # imports this module: imported here, not at the top
 
     _measured.log_choices_again()

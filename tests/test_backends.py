@@ -87,6 +87,9 @@ def test_csl_backend_names_the_backend_of_auto_calls(registry, fake_gpu_auto, ca
     assert timed == []
     said = [r.getMessage() for r in auto_records(caplog, "toy_op")]
     assert said == ["csl_kernels.toy_op on cpu: backend='auto' uses 'reference', as CSL_BACKEND names"]
+    _backends.log_choices_again()  # a new run's log names it again
+    _backends.resolve("toy_op", "auto", CPU)
+    assert len(auto_records(caplog, "toy_op")) == 2
     monkeypatch.setenv("CSL_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"backend 'cuda' \(named by CSL_BACKEND\) is unavailable: the cuda backend"):
         _backends.resolve("toy_op", "auto", CPU)

@@ -183,6 +183,27 @@ def test_a_unimatch_checkpoint_with_numpy_numbers_loads(tmp_path):
     ckpt = ck.load_checkpoint(path)
     assert ckpt["previous_best"] == 0.625 and ckpt["counts"] == 7 and ckpt["flag"]
     assert torch.equal(ck.model_state(ckpt)["w"], torch.ones(2)) and ck.checkpoint_iteration(path) == -1
+    # As NumPy 1 wrote it (UniMatch's released runs): the scalar's module is numpy.core.multiarray.
+    import zipfile
+
+    numpy1 = str(tmp_path / "numpy1.pth")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(numpy1, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    assert ck.load_checkpoint(numpy1)["previous_best"] == 0.625
+    # The caller's own allowlist is kept.
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([np.dtype])
+    try:
+        ck.load_checkpoint(path)
+        assert np.dtype in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
     torch.save({"model": {"w": torch.ones(2)}, "ids": np.array(["a", None], dtype=object)}, path)
     with pytest.raises(ValueError, match="weights_only=True: UnpicklingError"):
         ck.load_checkpoint(path)

@@ -262,13 +262,14 @@ def test_a_moved_dataset_keeps_its_split_or_is_refused(tmp_path, capsys):
                  "data.num_classes=5", f"output_dir={tmp_path / 'run'}"]) == 0
     checkpoint = str(tmp_path / "run" / "latest.pt")
     capsys.readouterr()
-    (tmp_path / "data").rename(tmp_path / "moved")
-    assert main(["eval", "--checkpoint", checkpoint, f"data.root={tmp_path / 'moved'}"]) == 0
+    moved = tmp_path / "moved #2"  # ' #' would start a YAML comment: the override quotes it, and so does csl
+    (tmp_path / "data").rename(moved)
+    assert main(["eval", "--checkpoint", checkpoint, f"data.root='{moved}'"]) == 0
     captured = capsys.readouterr()
     assert (f"the checkpoint's data.split_dir {tmp_path / 'data' / 'splits'} is not there; read under data.root: "
-            f"{tmp_path / 'moved' / 'splits'}") in captured.err and "(original, 1 images)" in captured.out
-    (tmp_path / "moved" / "splits").rename(tmp_path / "splits_elsewhere")
-    (tmp_path / "moved").rename(tmp_path / "data")  # the root back in place, its split folder gone
+            f"{moved / 'splits'}") in captured.err and "(original, 1 images)" in captured.out
+    (moved / "splits").rename(tmp_path / "splits_elsewhere")
+    moved.rename(tmp_path / "data")  # the root back in place, its split folder gone
     assert main(["eval", "--checkpoint", checkpoint]) == 2
     err = capsys.readouterr().err
     assert (f"data.split_dir not found (or not a folder): {tmp_path / 'data' / 'splits'}: the path stored in "

@@ -264,6 +264,8 @@ def test_a_key_given_twice_and_where_an_error_comes_from(tmp_path):
                                          r"'cpu'\)"), pytest.warns(FutureWarning):
         assert build_config({}, ["kernels.backend=reference", "selection.backend=cpu"])["kernels"]["backend"] == "cpu"
     assert build_config({}, ["output_dir='runs/exp #3'"])["output_dir"] == "runs/exp #3"  # quoted: kept
+    with pytest.raises(ConfigError, match="holds ' #'"):  # a '#' kept before the comment hides nothing
+        build_config({}, ["output_dir=runs/a#1 #2"])
 
 
 def test_demo_refuses_overrides_it_would_replace(tmp_path):
