@@ -38,7 +38,7 @@ import csl_kernels
 from csl_kernels import IGNORE_INDEX
 
 from .files import atomic_write_text
-from .logging_utils import bar_disabled
+from .logging_utils import with_progress
 
 log = logging.getLogger("csl")
 
@@ -319,7 +319,6 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
 
     Unlabeled images whose mask is missing or unusable are skipped (one warning; listed in ``skipped_images``), as
     training treats them; a validation mask must be there."""
-    from tqdm import tqdm
 
     from .checkpoint import load_checkpoint
     from .cli import config_for_checkpoint, model_from_checkpoint, stored_data_paths
@@ -359,7 +358,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     tally, examples, skipped = _Tally(num_classes, taus, max_ranked_pixels), [], []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for i in tqdm(range(n_images), desc="analyze", disable=bar_disabled(progress)):
+        for i in with_progress(range(n_images), desc="analyze", enabled=progress):
             item = dataset[i]
             if item["mask"] is None:
                 skipped.append(item["name"])

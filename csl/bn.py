@@ -16,7 +16,7 @@ import random
 import torch
 from torch import nn
 
-from .logging_utils import bar_disabled
+from .logging_utils import with_progress
 
 
 @torch.no_grad()
@@ -27,7 +27,6 @@ def recalibrate_batchnorm(model: nn.Module, images, device, num_images: int, pro
     time (cropped to their common size; the image-pooling branch needs more than one value per channel, so at least
     two) with the model in training mode; a last incomplete batch is left out. Returns the number of images used; the
     model is left in eval mode."""
-    from tqdm import tqdm
 
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not layers:
@@ -44,7 +43,7 @@ def recalibrate_batchnorm(model: nn.Module, images, device, num_images: int, pro
         m.momentum = None  # cumulative moving average: the plain mean over the batches seen
     model.train()
     try:
-        for i in tqdm(range(0, n, batch_size), desc="BatchNorm statistics", disable=bar_disabled(progress)):
+        for i in with_progress(range(0, n, batch_size), desc="BatchNorm statistics", enabled=progress):
             batch = [images[j]["image"] for j in range(i, i + batch_size)]
             h, w = min(t.shape[-2] for t in batch), min(t.shape[-1] for t in batch)
             model(torch.stack([t[:, :h, :w] for t in batch]).to(device))

@@ -373,8 +373,10 @@ def cmd_predict(args) -> int:
     from .data import IMAGENET_MEAN, IMAGENET_STD, default_eval_mode
     from .distributed import pick_device
     from .evaluate import predict_images
+    from .logging_utils import setup_logging
     from .step import resolve_amp
 
+    setup_logging(None, True)  # the progress lines, the --skip-existing summary and the skipped images are log lines
     # --images takes every word after it: key=value words that are no file are the overrides that followed
     images = [w for w in args.images if "=" not in w or os.path.exists(w)]
     args.overrides = [w for w in args.images if w not in images] + list(args.overrides)
@@ -477,7 +479,8 @@ def cmd_report(args) -> int:
         path = write_report(args.runs, args.out)
     except KeyError as e:  # a summary.json or metrics record without a field the report reads
         raise ValueError(f"a run record lacks the field {e} (is every folder a finished `csl demo` output?)") from e
-    print(f"wrote {path}")
+    pictures = sorted(name for name in os.listdir(os.path.dirname(path)) if name.endswith(".png"))
+    print(f"wrote {path} and {len(pictures)} picture(s) beside it" + (f": {', '.join(pictures)}" if pictures else ""))
     return 0
 
 

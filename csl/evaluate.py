@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from csl_kernels import IGNORE_INDEX, confusion_matrix, iou_from_confusion
 
 from .files import atomic_open
-from .logging_utils import bar_disabled
+from .logging_utils import with_progress
 
 log = logging.getLogger("csl")
 
@@ -168,7 +168,6 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     "confusion": int64 C x C tensor (rows = target), "pixel_acc": float}``; ``miou`` is the mean over the classes
     whose IoU is defined.
     """
-    from tqdm import tqdm
 
     _check_mode(mode, crop_size, stride_ratio)
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -183,8 +182,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, mode: str = "origina
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
-            bar = tqdm(loader, desc=f"eval ({mode})", disable=bar_disabled(progress and rank == 0), leave=False,
-                       total=len(loader) if hasattr(loader, "__len__") else None)  # one step per loader batch
+            bar = with_progress(loader, desc=f"eval ({mode})", enabled=progress and rank == 0)  # per loader batch
             for batch in (sub for item in bar for sub in (item if _is_sub_batches(item) else [item])):
                 image, mask = (batch["image"], batch["mask"]) if isinstance(batch, dict) else batch[:2]
                 image = image.to(device, non_blocking=True)
@@ -259,14 +257,13 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     error before any work unless ``overwrite`` (predicted again) or ``skip_existing`` (kept: the PNGs are written
     whole or not at all, so an interrupted run continues where it stopped); a PNG that would replace an input image
     always is. An image that cannot be read is skipped with a warning and, when ``skipped`` is a list, appended to it
-    as ``(path, reason)``. Without a terminal for the progress bar, a log line says how far it got every tenth of
-    the images.
+    as ``(path, reason)``. Without a terminal for the progress bar, a log line says how far it got every
+    ``HEARTBEAT_S`` seconds (:func:`csl.logging_utils.with_progress`).
 
     ``image_scale`` is the run's ``data.image_scale``: the model sees each image at the scale it was trained and
     evaluated at, and its class scores are resized back, so every PNG has the size of its image. A photo with an
     EXIF orientation is read upright, as viewers show it, and so is its PNG."""
     from PIL import Image
-    from tqdm import tqdm
 
     from .data.colors import palette
     from .data.datasets import load_image, resize_pair
@@ -302,12 +299,9 @@ def predict_images(model: nn.Module, paths: Sequence[str], out_dir: str, *, num_
     was_training = model.training
     model.eval()
     written = []
-    bar = tqdm(paths, desc="predict", disable=bar_disabled(progress))
-    tenth = max(len(paths) // 10, 1) if progress and bar.disable else 0  # log lines where no bar is drawn
+    bar = with_progress(paths, desc="csl predict: images", enabled=progress)
     try:
-        for done, (path, out) in enumerate(zip(bar, targets, strict=True), start=1):
-            if tenth and (done % tenth == 0 or done == len(paths)):
-                log.info("csl predict: %d of %d images", done, len(paths))
+        for path, out in zip(bar, targets, strict=True):
             try:
                 original = load_image(path, upright=True)
             except (OSError, ValueError) as e:

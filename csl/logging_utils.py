@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 from csl_kernels import log_backend_choices_again
 
@@ -239,6 +240,68 @@ def bar_disabled(enabled: bool) -> bool | None:
     return None if enabled else True
 
 
+HEARTBEAT_S = 20.0  # where no bar is drawn: a line after this many seconds of work, then at this interval
+
+
+class _LoggedProgress:
+    """What :func:`with_progress` gives where stderr is no terminal (nohup, a scheduler, a pipe): an INFO line
+    ``<desc>: k of n (t s)`` once the work has run ``HEARTBEAT_S`` seconds and then at that interval, and a last
+    line at the end where one was said; short work stays quiet. Iterable like a tqdm bar, with its ``update`` and
+    ``close``."""
+
+    def __init__(self, iterable, total: int | None, desc: str, initial: int = 0):
+        self.iterable, self.total, self.desc, self.n = iterable, total, desc, initial
+        self.start = self.last = time.monotonic()
+        self.said, self.said_n = False, initial
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def _line(self) -> None:
+        of = f" of {self.total}" if self.total is not None else ""
+        log.info("%s: %d%s (%.0f s)", self.desc, self.n, of, time.monotonic() - self.start)
+        self.said_n = self.n
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= HEARTBEAT_S:
+            self._line()
+            self.last, self.said = time.monotonic(), True
+
+    def close(self) -> None:
+        if self.said and self.said_n != self.n:  # where the work was long enough to be said, its end is said too
+            self._line()
+        self.said = False
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def with_progress(iterable=None, *, total: int | None = None, desc: str, enabled: bool = True, initial: int = 0):
+    """Progress of long work: a tqdm bar where stderr is a terminal, else log lines every ``HEARTBEAT_S`` seconds
+    (:class:`_LoggedProgress`), nothing when not ``enabled``."""
+    from tqdm import tqdm
+
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if enabled and not _stderr_is_a_terminal():
+        return _LoggedProgress(iterable, total, desc, initial)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                leave=False, file=sys.stderr)
+
+
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     from tqdm import tqdm
 
@@ -247,4 +310,4 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
 
 
 __all__ = ["MetricsWriter", "bar_disabled", "held_records", "log_to_files", "one_line", "progress_bar",
-           "read_metrics", "setup_logging"]
+           "read_metrics", "setup_logging", "with_progress"]

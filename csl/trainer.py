@@ -275,9 +275,12 @@ class Trainer:
                                                  resume_auto=t["resume"] == "auto", overwrite=t["overwrite"],
                                                  resume_path=self.resume_from)
         barrier()
+        self.logging_set_up = False
         try:
             self._set_up(cfg, held)
-        except BaseException:
+        except BaseException as e:
+            if self.logging_set_up and isinstance(e, Exception):  # this run's train.log ends with why, not empty
+                log_to_files(f"the run could not start: {type(e).__name__}: {one_line(e)}")
             if self.run_lock is not None:
                 self.run_lock.restore_replaced()  # a replaced run is only gone once this start has succeeded
                 self.run_lock.release()
@@ -287,6 +290,7 @@ class Trainer:
 
     def _set_up(self, cfg: dict, held: list[logging.LogRecord] = ()) -> None:
         setup_logging(self.output_dir, self.env.is_main, held=held)
+        self.logging_set_up = True
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -717,7 +721,7 @@ class Trainer:
         """Train to ``total_iters`` (or stop after iteration ``stop_at``, as if interrupted). Returns a summary."""
         end = self.total_iters if stop_at is None else min(stop_at, self.total_iters)
         bar = progress_bar(self.total_iters, self.iteration, enabled=self.env.is_main and self.cfg["train"]["progress"])
-        start_time = time.perf_counter()
+        start_time, start_iteration = time.perf_counter(), self.iteration
         self.window_start = time.perf_counter()
         if self.pending_eval is not None:
             log.info("resumed before the evaluation at iteration %d: evaluating first", self.iteration)
@@ -735,7 +739,9 @@ class Trainer:
         summary = {"iterations": self.iteration, "best_miou": self.best_miou, "last_eval": self.last_eval,
                    "seconds": elapsed}
         if self.iteration >= self.total_iters:
-            log.info("done: %d iterations in %.1f s; best mIoU %s", self.iteration, elapsed,
+            resumed = "" if not start_iteration else " (none in this start)" if start_iteration == self.iteration \
+                else f" (iterations {start_iteration + 1}-{self.iteration} in this start)"
+            log.info("done: %d iterations%s in %.1f s; best mIoU %s", self.iteration, resumed, elapsed,
                      "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f}")
         return summary
 

@@ -133,6 +133,32 @@ def test_predict_writes_palette_pngs(trained, tmp_path, capsys):
                  str(tmp_path / "pred3")]) == 0
     assert sorted(os.listdir(tmp_path / "pred3")) == ["im0.png", "im1.png"]
     assert f"{img_dir / 'link.png'} as {img_dir / 'im0.png'}" in capsys.readouterr().err
+    # What predict logs reaches the console: the kept predictions of --skip-existing, the progress lines.
+    os.remove(tmp_path / "pred3" / "im1.png")
+    assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--images", str(img_dir), "--out",
+                 str(tmp_path / "pred3"), "--skip-existing"]) == 0
+    assert "1 of the 2 predictions exist already" in capsys.readouterr().err
+
+
+def test_long_work_without_a_terminal_says_how_far_it_got(monkeypatch, caplog):
+    """Where stderr is no terminal (nohup, a scheduler, a pipe) no bar is drawn: evaluation, prediction, analysis,
+    BatchNorm statistics and label checks log "<what>: k of n (t s)" every HEARTBEAT_S seconds and at the end;
+    short work says nothing; disabled progress says nothing."""
+    import logging
+
+    from csl import logging_utils
+
+    caplog.set_level(logging.INFO, logger="csl")
+    monkeypatch.setattr(logging_utils, "_stderr_is_a_terminal", lambda: False)
+    assert list(logging_utils.with_progress(range(3), desc="quick")) == [0, 1, 2]
+    assert not [r for r in caplog.records if "quick" in r.getMessage()]
+    monkeypatch.setattr(logging_utils, "HEARTBEAT_S", 0.0)
+    assert list(logging_utils.with_progress(range(3), desc="eval (original)")) == [0, 1, 2]
+    said = [r.getMessage().rsplit(" (", 1)[0] for r in caplog.records if r.getMessage().startswith("eval")]
+    assert said == ["eval (original): 1 of 3", "eval (original): 2 of 3", "eval (original): 3 of 3"]
+    caplog.clear()
+    assert list(logging_utils.with_progress(range(3), desc="off", enabled=False)) == [0, 1, 2]
+    assert not caplog.records
 
 
 
@@ -458,6 +484,7 @@ def test_ctrl_c_during_a_step_finishes_it_and_saves(tmp_path, monkeypatch, capfd
     monkeypatch.setattr(Trainer, "_step", real_step)
     assert main([*args, "--resume", "auto"]) == 0
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [3, 6]
+    assert f"done: 6 iterations (iterations {saved_at + 1}-6 in this start)" in (tmp_path / "train.log").read_text()
 
     with pytest.raises(KeyboardInterrupt), stop.deferred():  # the second signal raises where it lands
         stop.handle_signal(signal.SIGINT, None)

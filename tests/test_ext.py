@@ -461,7 +461,7 @@ def test_failed_cuda_part_keeps_the_cpu_kernels(broken_build, monkeypatch):
     assert "unsupported GNU version" in _check_cuda(torch.device("cuda"))
 
 
-def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(broken_build, monkeypatch):
+def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(broken_build, monkeypatch, capfd):
     """A build with its stamp is loaded without the builder (which needs a writable lock file); a build that fails
     where no log can be written still reports the compiler's message."""
     root = build.csrc_dir()
@@ -496,6 +496,9 @@ def test_complete_build_loads_from_a_read_only_cache_and_a_failed_one_says_why(b
     info = build._build_in_cache(root, src_hash, False, None, "test")
     assert built == [name] and loaded == [] and info.built
     assert build._stamp_matches(library, cache / f"{name}.ok")
+    said = capfd.readouterr().err  # a build is said with how long it may take, and how long it took
+    assert "building the C++ extension (CPU only (test))" in said and "a minute or more" in said
+    assert re.search(r"csl_kernels: built the C\+\+ extension in \d+ s", said)
 
     def failing_load(**kwargs):
         raise RuntimeError("Error building extension: csl forced build failure")

@@ -489,6 +489,18 @@ def _files(folder) -> dict:
     return files
 
 
+def test_a_start_that_fails_after_its_log_exists_ends_the_log_with_why(tmp_path, monkeypatch):
+    import csl.data
+
+    def unreadable(*args, **kwargs):
+        raise OSError("the data disk is gone")
+
+    monkeypatch.setattr(csl.data, "build_datasets", unreadable)
+    with pytest.raises(OSError, match="the data disk is gone"):
+        Trainer(config(tmp_path))
+    assert "ERROR the run could not start: OSError: the data disk is gone" in (tmp_path / "train.log").read_text()
+
+
 def test_a_replacing_start_that_fails_keeps_the_run(tmp_path, monkeypatch):
     """--overwrite with a set-up that fails (here the data cannot be read): the run is put back as it was; a kill
     during the set-up leaves it aside, and the next start puts it back."""

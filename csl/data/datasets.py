@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from csl_kernels import IGNORE_INDEX
 
-from ..logging_utils import bar_disabled
+from ..logging_utils import with_progress
 from .transforms import (
     ColorAugment,
     WeakAugment,
@@ -412,11 +412,10 @@ class ListSource:
         Returns ``{"num_items", "class_pixels", "errors"}``; raises ValueError listing the problems (up to 20)
         when any item is bad.
         """
-        from tqdm import tqdm
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         errors: list[str] = []
-        for i in tqdm(range(len(self)), desc=f"validating {self.list_path}", disable=bar_disabled(progress)):
+        for i in with_progress(range(len(self)), desc=f"validating {self.list_path}", enabled=progress):
             img_path, mask_path = self.image_path(i), self.mask_path(i)
             try:
                 if not os.path.isfile(img_path):

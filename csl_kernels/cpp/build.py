@@ -35,6 +35,7 @@ import re
 import sys
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,7 @@ def _build() -> BuildInfo:
             try:
                 torch.ops.load_library(aot)
             except Exception as exc:  # noqa: BLE001 - a broken install: build on the fly instead
-                print(f"csl_kernels: the installed extension {aot} does not load ({exc}); building it instead",
-                      file=sys.stderr, flush=True)
+                _say(f"csl_kernels: the installed extension {aot} does not load ({exc}); building it instead")
             else:
                 meta = json.loads((Path(aot).parent / "_C_build.json").read_text())
                 return BuildInfo(aot, bool(meta.get("with_cuda")), meta.get("cuda_arch_list"), built=False)
@@ -225,11 +225,11 @@ def _build() -> BuildInfo:
         try:
             return _build_in_cache(root, src_hash, True, arch, why)
         except ExtensionBuildError as exc:  # a broken toolkit must not take the CPU kernels with it
-            print(f"csl_kernels: {exc}\ncsl_kernels: building the CPU part alone", file=sys.stderr, flush=True)
+            _say(f"csl_kernels: {exc}\ncsl_kernels: building the CPU part alone")
             info = _build_in_cache(root, src_hash, False, None, "its CUDA part failed to build")
             return BuildInfo(info.library, False, None, info.built, cuda_error=str(exc))
     if os.environ.get("CSL_EXT_CUDA") == "1":
-        print(f"csl_kernels: CSL_EXT_CUDA=1 but the CUDA part is not built: {why}", file=sys.stderr, flush=True)
+        _say(f"csl_kernels: CSL_EXT_CUDA=1 but the CUDA part is not built: {why}")
     return _build_in_cache(root, src_hash, False, None, why)
 
 
@@ -256,6 +256,18 @@ def _discard_build_outputs(build_dir: Path) -> None:
                 path.unlink()
 
 
+def _say(message: str) -> None:
+    """A line on stderr about the build, through tqdm where it is installed: the first call of an op, inside a
+    training loop, must not glue it onto a progress bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of csl, not of the kernels alone
+        print(message, file=sys.stderr, flush=True)
+    else:
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+
+
 def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None, why: str) -> BuildInfo:
     """Build (or load the cached build of) the library in the extensions cache. A build that completed leaves a
     ``<name>.ok`` stamp (:func:`_library_stamp`): a library that matches it is loaded directly (no ninja run, no lock
@@ -270,14 +282,14 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
         if not _stamp_matches(library, stamp):
             damage = "its size or checksum is not the completed build's"
         else:
-            print(f"csl_kernels: loading the C++ extension ({what}) from {build_dir}", file=sys.stderr, flush=True)
+            _say(f"csl_kernels: loading the C++ extension ({what}) from {build_dir}")
             try:
                 torch.ops.load_library(str(library))
             except Exception as exc:  # noqa: BLE001 - a damaged cache entry: rebuilt below
                 damage = f"it does not load ({exc})"
             else:
                 return BuildInfo(str(library), with_cuda, arch if with_cuda else None, built=False)
-        print(f"csl_kernels: {library}: {damage}; building it again", file=sys.stderr, flush=True)
+        _say(f"csl_kernels: {library}: {damage}; building it again")
         _discard_build_outputs(build_dir)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -285,8 +297,9 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
         raise ExtensionBuildError(f"cannot create the build folder of the csl C++ extension ({exc}); set "
                                   f"TORCH_EXTENSIONS_DIR to a writable folder") from exc
     cached = library.is_file()
-    print(f"csl_kernels: {'loading' if cached else 'building'} the C++ extension ({what}) in {build_dir}",
-          file=sys.stderr, flush=True)
+    _say(f"csl_kernels: {'loading' if cached else 'building'} the C++ extension ({what}) in {build_dir}"
+         + ("" if cached else " (once per source and torch version; a minute or more, longer with CUDA)"))
+    started = time.monotonic()
     verbose = os.environ.get("CSL_BUILD_VERBOSE") == "1"
     includes = [str(root)] + (_nvidia_wheel_includes() if with_cuda else [])
     from torch.utils import cpp_extension
@@ -332,6 +345,8 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
         os.replace(tmp, stamp)
     except OSError:  # a read-only cache: loaded through the builder next time too
         pass
+    if not cached:
+        _say(f"csl_kernels: built the C++ extension in {time.monotonic() - started:.0f} s")
     return BuildInfo(str(path or library), with_cuda, arch if with_cuda else None, built=not cached)
 
 
