@@ -263,6 +263,30 @@ def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: fl
 # ---------------------------------------------------------------------------------------------------------------
 # Experiment reports
 
+# One colour per method in every picture (Okabe-Ito, safe for colour-blind readers: threshold orange, CSL blue),
+# keyed by the method's run name; methods without one take the other colours in turn.
+METHOD_COLOURS = {"threshold": "#E69F00", "csl": "#0072B2", "supervised": "#999999", "csl_no_tmp": "#56B4E9",
+                  "csl_class": "#009E73", "confidence_share": "#CC79A7", "csl_released": "#D55E00",
+                  "oracle": "#000000", "warmup": "#8C564B"}
+_OTHER_COLOURS = ("#F0E442", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#E377C2")
+
+
+def method_colours(labels) -> dict[str, str]:
+    """``{label: colour}`` for the methods' labels (``csl.report.LABELS``' values or the run names themselves)."""
+    from .report import LABELS
+
+    by_label = {LABELS.get(name, name): colour for name, colour in METHOD_COLOURS.items()}
+    by_label.update(METHOD_COLOURS)
+    colours, others = {}, iter(_OTHER_COLOURS * (1 + len(labels) // len(_OTHER_COLOURS)))
+    for label in labels:
+        colours[label] = by_label.get(label) or next(others)
+    return colours
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, where it covers no line (the saved figure grows to hold it)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
 
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
     """Per-epoch mask ratio, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
@@ -271,20 +295,25 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
     panels = [("mask ratio (mean weight)", "mask_ratio", None), ("accuracy", "accuracy", "weighted_accuracy"),
               ("recall of the correct pseudo-labels", "recall", "weighted_recall")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9)
-    for i, (method, records) in enumerate(curves.items()):
+    colours = method_colours(list(curves))
+    dashed = False
+    for method, records in curves.items():
         its = [r["iter"] for r in records]
-        colour = f"C{i % 10}"
         for ax, (_, key, weighted_key) in zip(axes, panels, strict=True):
             for k, style, label in ((key, "o-", method), (weighted_key, "s--", None)):
                 vals = [r.get(k) for r in records] if k else []
                 if any(v is not None for v in vals):
-                    ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colour, label=label)
+                    ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colours[method],
+                            label=label)
+                    dashed = dashed or style == "s--"
+    if dashed:
+        fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9, y=1.03)
     for ax, (title, _, _) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("fraction of the unlabeled pixels" if not dashed else "fraction")
+    _legend_outside(axes[-1])
     return _save_figure(fig, out_path)
 
 
@@ -298,18 +327,18 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
     method has the same colour in every panel."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), sharey=True, squeeze=False)
-    colours: dict[str, str] = {}
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = method_colours(list(dict.fromkeys(m for curves in panels.values() for m in curves)))
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for method, records in curves.items():
-            colour = colours.setdefault(method, cycle[len(colours) % len(cycle)])
-            ax.plot([r["iter"] for r in records], [100 * _num(r["miou"]) for r in records], "o-", ms=3, color=colour,
-                    label=method)
+            ax.plot([r["iter"] for r in records], [100 * _num(r["miou"]) for r in records], "o-", ms=3,
+                    color=colours[method], label=method)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     axes[0][0].set_ylabel("val mIoU (%)")
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0)  # one legend for every panel, right of them
     return _save_figure(fig, out_path)
 
 
@@ -330,10 +359,10 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)
     ax.set_ylabel("final val mIoU (%)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax, markerscale=0.5, handlelength=2.5)  # the mean's wide bar, shrunk to fit beside its label
     return _save_figure(fig, out_path)
 
 
-__all__ = ["colourize", "ignored_colour", "pcos_clusters", "plot_accuracy_recall", "plot_analysis",
-           "plot_feature_plane", "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels", "plot_panels",
-           "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]
+__all__ = ["METHOD_COLOURS", "colourize", "ignored_colour", "method_colours", "pcos_clusters", "plot_accuracy_recall",
+           "plot_analysis", "plot_feature_plane", "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels",
+           "plot_panels", "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]

@@ -167,6 +167,34 @@ def test_miou_panels_one_per_schedule(tmp_path):
     assert os.path.getsize(out) > 10_000
 
 
+def test_a_method_has_one_colour_in_every_picture(tmp_path, monkeypatch):
+    """Colours follow the method, not the order a picture draws it in: threshold orange, CSL blue (Okabe-Ito, safe
+    for colour-blind readers) in the mIoU curves and the pseudo-label curves alike, whatever else is drawn."""
+    from matplotlib.colors import to_hex
+
+    from csl import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    run = report.load_run(run_folder(tmp_path, 0))
+    evals = {report.LABELS[m]: run["metrics"][m]["eval"] for m in run["methods"]}
+    pseudo = {report.LABELS[m]: run["metrics"][m]["pseudo_labels"] for m in run["methods"]
+              if run["metrics"][m]["pseudo_labels"]}
+    plots.plot_miou_curves(dict(reversed(list(evals.items()))), "miou.png")  # drawn in the other order
+    plots.plot_pseudo_label_curves(pseudo, "pseudo.png")
+    plots.plot_miou_panels({"a": {report.LABELS["csl"]: evals[report.LABELS["csl"]]}, "b": evals}, "panels.png")
+    expected = {report.LABELS["threshold"]: "#e69f00", report.LABELS["csl"]: "#0072b2"}
+    seen = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if line.get_label() in expected:
+                    seen.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+    assert seen == {label: {colour} for label, colour in expected.items()}
+    assert len(set(plots.method_colours(list(evals)).values())) == len(evals)  # no two methods share one
+    plots._pyplot().close("all")
+
+
 def test_unevaluated_beside_runs_and_analyses_of_other_checkpoints_are_named(tmp_path):
     folder = run_folder(tmp_path, 0)
     os.makedirs(os.path.join(folder, "csl_alpha64"))
