@@ -90,7 +90,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.serialization.safe_globals with (object, name) pairs (csl/checkpoint.py)
         "torchvision",
         "triton; platform_system == 'Linux'",
         "numpy",

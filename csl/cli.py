@@ -479,7 +479,8 @@ def cmd_report(args) -> int:
         path = write_report(args.runs, args.out)
     except KeyError as e:  # a summary.json or metrics record without a field the report reads
         raise ValueError(f"a run record lacks the field {e} (is every folder a finished `csl demo` output?)") from e
-    pictures = sorted(name for name in os.listdir(os.path.dirname(path)) if name.endswith(".png"))
+    with open(path, encoding="utf-8") as f:  # the pictures the report shows, not whatever else --out holds
+        pictures = list(dict.fromkeys(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", f.read())))
     print(f"wrote {path} and {len(pictures)} picture(s) beside it" + (f": {', '.join(pictures)}" if pictures else ""))
     return 0
 

@@ -145,6 +145,7 @@ def test_long_work_without_a_terminal_says_how_far_it_got(monkeypatch, caplog):
     BatchNorm statistics and label checks log "<what>: k of n (t s)" every HEARTBEAT_S seconds and at the end;
     short work says nothing; disabled progress says nothing."""
     import logging
+    import types
 
     from csl import logging_utils
 
@@ -159,6 +160,12 @@ def test_long_work_without_a_terminal_says_how_far_it_got(monkeypatch, caplog):
     caplog.clear()
     assert list(logging_utils.with_progress(range(3), desc="off", enabled=False)) == [0, 1, 2]
     assert not caplog.records
+    # On a clock that moves 12 s a reading: the line after 20 s of work (2 of 3), then the end (3 of 3), once each.
+    monkeypatch.setattr(logging_utils, "HEARTBEAT_S", 20.0)
+    readings = iter(range(0, 1200, 12))
+    monkeypatch.setattr(logging_utils, "time", types.SimpleNamespace(monotonic=lambda: next(readings)))
+    assert list(logging_utils.with_progress(range(3), desc="analyze")) == [0, 1, 2]
+    assert [r.getMessage() for r in caplog.records] == ["analyze: 2 of 3 (36 s)", "analyze: 3 of 3 (72 s)"]
 
 
 

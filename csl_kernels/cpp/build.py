@@ -259,13 +259,16 @@ def _discard_build_outputs(build_dir: Path) -> None:
 def _say(message: str) -> None:
     """A line on stderr about the build, through tqdm where it is installed: the first call of an op, inside a
     training loop, must not glue it onto a progress bar."""
+    stream = sys.stderr
+    if stream is None:  # pythonw, some daemons: nowhere to say it
+        return
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency of csl, not of the kernels alone
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=stream, flush=True)
     else:
-        tqdm.write(message, file=sys.stderr)
-        sys.stderr.flush()
+        tqdm.write(message, file=stream)
+        stream.flush()
 
 
 def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None, why: str) -> BuildInfo:
