@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from csl.logging_utils import read_metrics  # noqa: E402
-from csl.plots import _pyplot, _save_figure  # noqa: E402
+from csl.plots import METHOD_COLOURS, _pyplot, _save_figure  # noqa: E402
 from csl.report import LABELS  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
@@ -108,7 +108,7 @@ def picture(runs: dict[tuple[str, int, str], dict[str, dict]], out_path: str) ->
     panels = axes.flatten()
     for ax in panels[len(runs):]:
         ax.set_visible(False)
-    colours = dict(zip(METHODS[1:], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    colours = METHOD_COLOURS  # as in every report picture
     for ax, (key, row) in zip(panels, runs.items(), strict=False):
         for method, run in row.items():
             if method == "warmup":
