@@ -288,7 +288,11 @@ def run(device: torch.device, suite: str, steps: int | None = None, warmup: int 
     # Warm-up of every selection, then the timed steps interleaved (one step of each selection per round), so a
     # change of load on a shared machine hits them all alike.
     for phase, count in (("warmup", warmup), ("timed", steps)):
-        for _ in range(count):
+        said = time.perf_counter()
+        for round_ in range(count):
+            if time.perf_counter() - said > 10:  # long rounds (a CPU, a large config): how far, every 10 s
+                log(f"train_step {phase} round {round_ + 1} of {count} ({len(ready)} selections)")
+                said = time.perf_counter()
             for name in list(ready):
                 try:
                     one_step(name, timed=phase == "timed")

@@ -370,3 +370,21 @@ def test_host_overhead_median_of_an_even_count():
 
     assert _row("op", "p", [10.0, 20.0])["us_median"] == 15.0
     assert _row("op", "p", [1.0, 100.0, 2.0, 3.0])["us_median"] == 2.5
+
+
+def test_long_training_step_rounds_say_how_far_they_got(monkeypatch):
+    """The training-step benchmark says which round it is in once 10 s have passed since its last line (it was
+    silent until its table): on a clock that moves 11 s a reading every round is said, on one that moves 1 ms none."""
+    import itertools
+    import types
+
+    from csl_bench import bench_train_step as bts
+
+    for step_s, expected in ((11, ["warmup round 1 of 1", "timed round 1 of 2", "timed round 2 of 2"]), (1e-3, [])):
+        clock = itertools.count(0, step_s)
+        monkeypatch.setattr(bts, "time", types.SimpleNamespace(perf_counter=lambda clock=clock: float(next(clock))))
+        lines = []
+        records = bts.run(torch.device("cpu"), "smoke", steps=2, warmup=1, log=lines.append)
+        ok = sum(r["status"] == "ok" for r in records)
+        assert ok >= 1
+        assert [line for line in lines if " round " in line] == [f"train_step {e} ({ok} selections)" for e in expected]
