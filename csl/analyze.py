@@ -299,11 +299,16 @@ def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     os.makedirs(out_dir, exist_ok=True)
 
 
+def split_suffix(split: str) -> str:
+    """What an analysis folder's name adds for ``split``: nothing for the unlabeled images, ``_val`` for ``val``."""
+    return "" if split == "unlabeled" else f"_{split}"
+
+
 def default_out_dir(checkpoint: str, split: str = "unlabeled") -> str:
     """``<demo folder>/analysis/<run>`` for a run of a ``csl demo`` folder (where ``csl.report`` reads it), else
-    ``<checkpoint folder>/analysis``; ``_val`` appended for ``split="val"``."""
+    ``<checkpoint folder>/analysis``; :func:`split_suffix` appended."""
     run_dir = os.path.dirname(os.path.abspath(checkpoint))
-    suffix = "" if split == "unlabeled" else f"_{split}"
+    suffix = split_suffix(split)
     parent = os.path.dirname(run_dir)
     if os.path.isfile(os.path.join(parent, "summary.json")):
         return os.path.join(parent, "analysis", os.path.basename(run_dir) + suffix)

@@ -246,13 +246,12 @@ HEARTBEAT_S = 20.0  # where no bar is drawn: a line after this many seconds of w
 class _LoggedProgress:
     """What :func:`with_progress` gives where stderr is no terminal (nohup, a scheduler, a pipe): an INFO line
     ``<desc>: k of n (t s)`` once the work has run ``HEARTBEAT_S`` seconds and then at that interval, and a last
-    line at the end where one was said; short work stays quiet. Iterable like a tqdm bar, with its ``update`` and
-    ``close``."""
+    line at the end where one was said; short work stays quiet. Iterable like a tqdm bar."""
 
-    def __init__(self, iterable, total: int | None, desc: str, initial: int = 0):
-        self.iterable, self.total, self.desc, self.n = iterable, total, desc, initial
+    def __init__(self, iterable, total: int | None, desc: str):
+        self.iterable, self.total, self.desc, self.n = iterable, total, desc, 0
         self.start = self.last = time.monotonic()
-        self.said, self.said_n = False, initial
+        self.said_n: int | None = None  # the count of the last line said
 
     def __iter__(self):
         try:
@@ -271,15 +270,11 @@ class _LoggedProgress:
         self.n += n
         if time.monotonic() - self.last >= HEARTBEAT_S:
             self._line()
-            self.last, self.said = time.monotonic(), True
+            self.last = time.monotonic()
 
     def close(self) -> None:
-        if self.said and self.said_n != self.n:  # where the work was long enough to be said, its end is said too
+        if self.said_n is not None and self.said_n != self.n:  # work long enough to be said: its end is said too
             self._line()
-        self.said = False
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
 
 
 def _stderr_is_a_terminal() -> bool:
@@ -289,17 +284,16 @@ def _stderr_is_a_terminal() -> bool:
         return False
 
 
-def with_progress(iterable=None, *, total: int | None = None, desc: str, enabled: bool = True, initial: int = 0):
-    """Progress of long work: a tqdm bar where stderr is a terminal, else log lines every ``HEARTBEAT_S`` seconds
-    (:class:`_LoggedProgress`), nothing when not ``enabled``."""
+def with_progress(iterable, *, desc: str, enabled: bool = True):
+    """Progress of long work over ``iterable``: a tqdm bar where stderr is a terminal, else log lines every
+    ``HEARTBEAT_S`` seconds (:class:`_LoggedProgress`), nothing when not ``enabled``."""
     from tqdm import tqdm
 
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)
+    total = len(iterable) if hasattr(iterable, "__len__") else None
     if enabled and not _stderr_is_a_terminal():
-        return _LoggedProgress(iterable, total, desc, initial)
-    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                leave=False, file=sys.stderr)
+        return _LoggedProgress(iterable, total, desc)
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False,
+                file=sys.stderr)
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):

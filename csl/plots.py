@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -277,15 +278,15 @@ def method_colours(labels) -> dict[str, str]:
 
     by_label = {LABELS.get(name, name): colour for name, colour in METHOD_COLOURS.items()}
     by_label.update(METHOD_COLOURS)
-    colours, others = {}, iter(_OTHER_COLOURS * (1 + len(labels) // len(_OTHER_COLOURS)))
-    for label in labels:
-        colours[label] = by_label.get(label) or next(others)
-    return colours
+    others = itertools.cycle(_OTHER_COLOURS)
+    return {label: by_label.get(label) or next(others) for label in labels}
 
 
-def _legend_outside(ax, **kwargs) -> None:
-    """The legend right of the axes, where it covers no line (the saved figure grows to hold it)."""
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+def _legend_outside(ax, *handles_and_labels, **kwargs) -> None:
+    """The legend right of the axes, where it covers no line (the saved figure grows to hold it); ``ax.legend``'s
+    arguments."""
+    ax.legend(*handles_and_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              **kwargs)
 
 
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
@@ -337,8 +338,7 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val mIoU (%)")
     handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
-    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                       borderaxespad=0.0)  # one legend for every panel, right of them
+    _legend_outside(axes[0][-1], handles.values(), handles.keys())  # one legend for every panel, right of them
     return _save_figure(fig, out_path)
 
 

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from .analyze import BASELINE_TAU, baseline_row
+from .analyze import BASELINE_TAU, baseline_row, split_suffix
 from .demo import LABELS as METHOD_LABELS
 from .demo import percent_cells
 from .files import atomic_write_text
@@ -200,9 +200,16 @@ def final_record(run: dict, method: str) -> dict | None:
 
 
 def analysed_run(folder_name: str, analysis: dict) -> str:
-    """The run an analysis folder is of: ``csl analyze --split val`` writes ``<run>_val`` beside ``<run>``."""
-    suffix = f"_{analysis.get('split', 'unlabeled')}"
-    return folder_name[:-len(suffix)] if suffix != "_unlabeled" and folder_name.endswith(suffix) else folder_name
+    """The run an analysis folder is of: ``csl analyze --split val`` writes ``<run>_val`` beside ``<run>``
+    (:func:`csl.analyze.split_suffix`)."""
+    suffix = split_suffix(analysis.get("split", "unlabeled"))
+    return folder_name[:-len(suffix)] if suffix and folder_name.endswith(suffix) else folder_name
+
+
+def analysed_label(folder_name: str, analysis: dict) -> str:
+    """The method label of the run an analysis folder is of."""
+    run = analysed_run(folder_name, analysis)
+    return LABELS.get(run, run)
 
 
 def per_class_table(run: dict) -> str:
@@ -271,7 +278,7 @@ def selection_summary_table(runs: list[dict]) -> str:
 
             conf = a["at_csl_share"].get("confidence")
             per_image = a.get("confidence_per_image_at_csl_share")  # None in analyses written before it existed
-            model = LABELS.get(analysed_run(m, a), analysed_run(m, a))
+            model = analysed_label(m, a)
             images = "" if a.get("split", "unlabeled") == "unlabeled" else f", {a['split']} images"
             lines.append(f"| {seed} | {model}{images} | {_pct(a['model_accuracy'])} | "
                          f"{three(b) if b else '-'} | {three(a['csl']['hard'])} | {three(a['csl']['weighted'])} | "
@@ -362,7 +369,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
             plot_miou_curves(ev, os.path.join(out_dir, name))
             parts += [f"![val mIoU per evaluation]({name})\n"]
         for m, a in r["analyses"].items():
-            model = LABELS.get(analysed_run(m, a), analysed_run(m, a))
+            model = analysed_label(m, a)
             parts += [f"### Selection on the {a['images']} {a['split']} images, model: {model}\n",
                       f"Model pixel accuracy {_pct(a['model_accuracy'])} %, {a['valid_pixels']} valid pixels, "
                       f"alpha {a['alpha']:g}. Pictures: `{os.path.join(r['folder'], 'analysis', m)}/`.\n",

@@ -163,9 +163,8 @@ def _backend_for_compile(op: str, backend: str, device_type: str) -> str:
 
 
 def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
-    forced = backend == "auto" and _csl_backend() is not None and requested(backend) != "auto"
-    if forced:
-        backend = requested(backend)
+    named = requested(backend)  # CSL_BACKEND names the backend of an auto call
+    forced, backend = named != backend, named
     kernels = _RUNS_KERNELS_OF.get(op, op)
     if backend != "auto":
         key = (op, backend, device, backend == "triton" and device.type == "cpu" and _triton_interpret())

@@ -525,10 +525,11 @@ def test_triton_feature_pass_goes_wide_where_its_last_chunk_passes_int32():
     logits = torch.empty(1, 1, 1, 1).expand(1, classes, side, side)  # no memory: every stride 0
     hw = side * side
     plan = tp.launch_plan(1, classes, hw, True, tp.DEFAULT_CONFIG)
-    assert not _common.wide(logits, extra=(hw,)) and plan.chunks * plan.tiles * plan.block_p > 2**31 - 1
-    assert tp.features_wide(logits, hw, plan)
+    use_int64 = _common.wide(logits, extra=(hw,))
+    assert not use_int64 and plan.chunks * plan.tiles * plan.block_p > 2**31 - 1
+    assert tp.features_wide(use_int64, plan)
     image_plan = tp.launch_plan(1, classes, hw, False, tp.DEFAULT_CONFIG)  # small records: chunks end near hw
-    assert not tp.features_wide(logits, hw, image_plan)
+    assert not tp.features_wide(use_int64, image_plan)
 
 
 def test_triton_group_tiles(monkeypatch):

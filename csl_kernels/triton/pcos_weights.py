@@ -31,6 +31,7 @@ from .._checks import compute_dtype, register_not_differentiable
 from .._eager import op_or_launch
 from ..pcos_weights import PCOSOutputs, pcos_outputs_like
 from ._common import (
+    INT32_LIMIT,
     NO_FP_FUSION,
     USE_LIBDEVICE,
     batch_slices,
@@ -376,11 +377,12 @@ def group_tile(n_groups: int, block_k: int) -> int:
     return max(1, min(next_pow2(cdiv(n_groups, MIN_GROUP_PROGRAMS)), GROUP_TILE // block_k))
 
 
-def features_wide(logits: torch.Tensor, hw: int, plan: LaunchPlan) -> bool:
-    """Whether the feature pass computes its pixel indices in int64: an image's offsets do not fit in int32, or its
-    pixel index does, which runs to the end of the last chunk's last tile (``chunks * tiles * block_p``, up to a chunk
-    past ``hw``: class groups of broadcast logits reach 2^31 there with ``hw`` below it)."""
-    return wide(logits, extra=(hw, plan.chunks * plan.tiles * plan.block_p))
+def features_wide(use_int64: bool, plan: LaunchPlan) -> bool:
+    """Whether the feature pass computes its pixel indices in int64: the call's offsets do (``use_int64``, from
+    :func:`wide`), or its pixel index does not fit in int32, which runs to the end of the last chunk's last tile
+    (``chunks * tiles * block_p``, up to a chunk past ``hw``: class groups of broadcast logits reach 2^31 there with
+    ``hw`` below it)."""
+    return use_int64 or plan.chunks * plan.tiles * plan.block_p >= INT32_LIMIT
 
 
 def chunk_pixels(batch: int, hw: int, groups_per_image: int) -> int:
@@ -497,7 +499,7 @@ def pcos_weights_launch(
             LOG_CONFIDENCE=bool(log_confidence),
             CLASS_GROUPS=bool(class_groups), ACC=tl_dtype(dt), FLAT_HW=flat, BLOCK_P=plan.block_p,
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, USE_LIBDEVICE=USE_LIBDEVICE, RELEASED=bool(released),
-            WIDE=features_wide(logits, hw, plan), num_warps=config.num_warps,
+            WIDE=features_wide(use_int64, plan), num_warps=config.num_warps,
         )
         # Unfused products (as the reference and the C++ build): det = a c - b^2 of a one-pixel group is then exactly
         # 0 (rank one), where a fused multiply-add would leave the rounding of b^2 and let it decide the cluster.
