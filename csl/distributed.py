@@ -181,6 +181,17 @@ def sample_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def seed_global_generators(seed: int) -> None:
+    """Seeds ``random``, ``numpy.random`` and torch's CPU generator from ``seed``, each from its own mix of it.
+
+    NumPy's and torch's generators are both MT19937 seeded the same way: from one number they would draw the same
+    32-bit words (torch's ``randint`` would return NumPy's every other one), which ties e.g. the colour jitter of
+    a view to its blur. ``torch.manual_seed`` is not used: it would reseed every CUDA device too."""
+    random.seed(seed)
+    np.random.seed(sample_seed(seed, 1) % 2**32)
+    torch.default_generator.manual_seed(sample_seed(seed, 2))
+
+
 class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     """A ``DistributedSampler`` that can start in the middle of an epoch and seeds every sample.
 
@@ -227,7 +238,8 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
 
 class SeededDataset(Dataset):
     """Wraps a dataset indexed by ``(index, seed)``: ``random``, ``numpy.random`` and torch's CPU generator are
-    seeded with ``seed`` for the item and restored afterwards (the caller's random streams are left untouched)."""
+    seeded from ``seed`` (:func:`seed_global_generators`) for the item and restored afterwards (the caller's random
+    streams are left untouched)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -239,9 +251,7 @@ class SeededDataset(Dataset):
         index, seed = item
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed every CUDA device too
+            seed_global_generators(seed)
             try:
                 return self.dataset[index]
             finally:
@@ -261,4 +271,4 @@ def main_process_first(env: DistEnv):
 
 __all__ = ["DistEnv", "ResumableDistributedSampler", "SeededDataset", "all_gather_objects", "all_reduce_sum",
            "barrier", "cleanup_distributed", "init_distributed", "main_process_first", "pick_device",
-           "prepare_model", "sample_seed"]
+           "prepare_model", "sample_seed", "seed_global_generators"]

@@ -310,6 +310,38 @@ def test_samples_do_not_depend_on_workers_or_start():
     assert torch.equal(state, torch.get_rng_state())  # the caller's stream is untouched (main-process loading)
 
 
+def test_an_items_numpy_and_torch_draws_are_independent_streams():
+    """NumPy's and torch's generators are both MT19937: seeded with one number they draw the same words (torch's
+    randint returns NumPy's every other one). Each item's three generators, in the main process and in a worker,
+    must draw unrelated numbers."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from csl.data import seed_worker
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            import random
+
+            import numpy as np
+
+            numbers = [random.getrandbits(31) for _ in range(16)] + np.random.randint(0, 2**31, 16).tolist()
+            return torch.tensor(numbers + torch.randint(0, 2**31, (16,)).tolist())
+
+    def distinct(draws: torch.Tensor) -> None:
+        for row in draws.view(-1, 3, 16):
+            python, numpy, torch_ = (set(r.tolist()) for r in row)
+            assert not python & numpy and not python & torch_ and not numpy & torch_
+
+    sampler = ResumableDistributedSampler(4, 4, seed=3, stream=1)
+    distinct(torch.cat(list(DataLoader(SeededDataset(Draws()), batch_size=2, sampler=sampler))))
+    worker_loader = DataLoader(Draws(), batch_size=2, num_workers=1, worker_init_fn=seed_worker,
+                               generator=torch.Generator().manual_seed(0))
+    distinct(torch.cat(list(worker_loader)))
+
+
 def test_sampler_shards_ranks():
     samplers = [ResumableDistributedSampler(10, 4, seed=0, stream=0, rank=r, world_size=2) for r in range(2)]
     items = [list(s) for s in samplers]

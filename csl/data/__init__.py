@@ -8,16 +8,15 @@ synthetic scenes.
 from __future__ import annotations
 
 import os
-import random
 import signal
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from csl_kernels import IGNORE_INDEX
 
+from ..distributed import seed_global_generators
 from .colors import palette
 from .datasets import (
     COCO,
@@ -100,11 +99,10 @@ class DatasetBundle(NamedTuple):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed ``random`` and ``numpy`` from the worker's torch seed (which the
-    DataLoader derives from its generator), so augmentation is reproducible for a given loader seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+    """DataLoader ``worker_init_fn``: seed ``random``, ``numpy`` and torch from the worker's torch seed (which the
+    DataLoader derives from its generator) with :func:`csl.distributed.seed_global_generators`, so augmentation is
+    reproducible for a given loader seed."""
+    seed_global_generators(torch.initial_seed())
     # Ctrl-C reaches every process of the terminal's group: the main process decides (csl.stop finishes the
     # iteration and saves) and ends its workers; a worker that died of it first would take the batch with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
