@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "mode": "semi",  # semi | supervised
         "epochs": 80,
         "iters": None,  # total iterations; overrides epochs
-        "iters_per_epoch": None,  # default: len(unlabeled) // global batch (supervised: len(labeled) // ...)
+        "iters_per_epoch": None,  # default UniMatch's: ceil(len(unlabeled) / processes) // batch_size (or labeled)
         "batch_size": 2,  # per process, for each of the labeled, unlabeled and mix batches
         "lr": 0.001,
         "head_lr_mult": 10.0,

@@ -86,6 +86,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def epoch_length(num_images: int, batch_size: int, world_size: int) -> int:
+    """Iterations in an epoch as UniMatch counts them (``len(trainloader_u)``): each process's
+    ``DistributedSampler`` takes ``ceil(num_images / world_size)`` images (repeating some to fill the last share)
+    and its loader drops the last incomplete batch of ``batch_size``; at least 1."""
+    return max(-(-num_images // world_size) // batch_size, 1)
+
+
 def make_train_loader(dataset, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,
                       device: torch.device, seed: int) -> DataLoader:
     from .data import seed_worker
@@ -346,7 +353,7 @@ class Trainer:
                 log.warning("a batch of %d is larger than the %d %s image(s): every batch repeats images (lower "
                             "train.batch_size)", global_batch, len(dataset), name)
         base = len(self.unlabeled) if self.semi else len(self.labeled)
-        self.iters_per_epoch = t["iters_per_epoch"] or max(base // global_batch, 1)
+        self.iters_per_epoch = t["iters_per_epoch"] or epoch_length(base, self.batch_size, env.world_size)
         self.total_iters = t["iters"] or t["epochs"] * self.iters_per_epoch
         self.num_epochs = math.ceil(self.total_iters / self.iters_per_epoch)
 
@@ -989,5 +996,5 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         trainer.close()
 
 
-__all__ = ["Accumulator", "Trainer", "build_optimizer", "build_scheduler", "make_train_loader", "seed_everything",
-           "to_device", "train"]
+__all__ = ["Accumulator", "Trainer", "build_optimizer", "build_scheduler", "epoch_length", "make_train_loader",
+           "seed_everything", "to_device", "train"]

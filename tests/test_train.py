@@ -24,7 +24,7 @@ from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
 from csl.step import cutmix_boxes, train_step
-from csl.trainer import Trainer, to_device, train
+from csl.trainer import Trainer, epoch_length, to_device, train
 
 TINY = {
     "device": "cpu",
@@ -340,6 +340,16 @@ def test_an_items_numpy_and_torch_draws_are_independent_streams():
     worker_loader = DataLoader(Draws(), batch_size=2, num_workers=1, worker_init_fn=seed_worker,
                                generator=torch.Generator().manual_seed(0))
     distinct(torch.cat(list(worker_loader)))
+
+
+def test_an_epoch_is_as_long_as_unimatchs():
+    """UniMatch's epoch is len(trainloader_u): each process's DistributedSampler pads its share to ceil(N / W), its
+    loader drops the last incomplete batch. Pascal 1464 (9118 unlabeled) on 4 GPUs x 2 images: 1140 iterations,
+    not 9118 // 8 = 1139."""
+    assert epoch_length(9118, 2, 4) == 1140
+    assert epoch_length(9118, 2, 1) == 4559
+    assert epoch_length(2975 - 372, 2, 4) == 325  # Cityscapes 1/8
+    assert epoch_length(3, 4, 1) == 1  # fewer images than a batch: one iteration of repeated images
 
 
 def test_sampler_shards_ranks():
