@@ -4,7 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
@@ -48,11 +50,11 @@ inline void check_device(const at::Tensor& t, const char* name, bool cuda, const
               (cuda ? "a CUDA device" : "the CPU"), ", got ", t.device());
 }
 
-// The largest finite value of the floating dtypes the kernels take (0 for any other dtype).
+// The largest finite value of the floating dtypes the kernels take, torch.finfo(dtype).max (0 for any other dtype).
 inline double largest_finite(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kHalf: return 65504.0;
-    case at::kBFloat16: return 3.3895313892515355e38;
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
     case at::kFloat: return std::numeric_limits<float>::max();
     case at::kDouble: return std::numeric_limits<double>::max();
     default: return 0.0;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -298,6 +299,10 @@ def test_clear_errors_from_the_cpp_checks(ext):
                                            r"65504\)"):
         ops.trusted_mask(z.half(), cells, reliable, 1e6)
     assert torch.isnan(ops.trusted_mask(z.half(), cells, reliable, float("nan"))[0]).all()  # NaN is written as such
+    largest = torch.finfo(torch.bfloat16).max  # fits exactly; the next representable double above it does not
+    assert (ops.trusted_mask(z.bfloat16(), cells, reliable, largest)[0] == largest).all()
+    with pytest.raises(RuntimeError, match="does not fit the images' dtype BFloat16"):
+        ops.trusted_mask(z.bfloat16(), cells, reliable, math.nextafter(largest, math.inf))
     with pytest.raises(RuntimeError, match="images must be a float16, bfloat16, float32 or float64 B x K x H x W "
                                            "tensor, got Float8_e4m3fn"):
         ops.trusted_mask(z.to(torch.float8_e4m3fn), cells, reliable, 0.0)
