@@ -96,6 +96,30 @@ def test_every_configurable_selection_mode_selects():
         Selector(mode="top_k")
 
 
+def test_each_mode_is_its_kernel_with_the_papers_settings():
+    """csl: PCOS per image (alpha 8, the paper's rule); csl_class: PCOS per predicted class; threshold: tau 0.95.
+    The logits are drawn so that each pair of settings compared here selects differently."""
+    logits = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(3)) * 3
+    ignore = torch.zeros(2, 9, 11, dtype=torch.uint8)
+    ignore[:, :2] = IGNORE_INDEX
+
+    def weight(mode: str) -> torch.Tensor:
+        return Selector(mode=mode, backend="reference")(logits, ignore).weight
+
+    def pcos(**settings) -> torch.Tensor:
+        return csl_kernels.pcos_weights(logits, ignore, backend="reference", **settings).weight
+
+    def threshold(tau: float) -> torch.Tensor:
+        return csl_kernels.threshold_weights(logits, ignore, tau=tau, backend="reference").weight
+
+    assert torch.equal(weight("csl"), pcos(alpha=8.0, groups="image", rule="paper"))
+    assert torch.equal(weight("csl_class"), pcos(alpha=8.0, groups="class", rule="paper"))
+    assert torch.equal(weight("threshold"), threshold(0.95))
+    assert not torch.equal(pcos(groups="image"), pcos(groups="class"))
+    assert not torch.equal(pcos(alpha=8.0), pcos(alpha=4.0)) and not torch.equal(pcos(), pcos(rule="released"))
+    assert not torch.equal(threshold(0.95), threshold(0.9))
+
+
 @pytest.mark.parametrize("mode", ["csl", "threshold", "oracle"])
 @pytest.mark.parametrize(("setting", "message"), [({"alpha": 0.0}, "alpha must be a positive"),
                                                   ({"tau": 1.5}, r"tau must be in \[0, 1\]"),

@@ -182,3 +182,13 @@ def test_selection_scores_bad_input(kwargs, error, match):
 def test_unknown_backend_names_threshold_weights():
     with pytest.raises(RuntimeError, match=r"threshold_weights runs the residual_features kernels: .*'bogus'"):
         csl_kernels.threshold_weights(torch.randn(1, 3, 2, 2), backend="bogus")
+
+
+def test_the_default_threshold_is_0_95():
+    """FixMatch / UniMatch's tau = 0.95 when none is given (spec Sec. 3)."""
+    confidence = torch.tensor([0.5, 0.9, 0.92, 0.949, 0.951, 0.97, 0.999])
+    probs = torch.stack([confidence, 1 - confidence])  # 2 classes, max = confidence
+    logits = probs.log().view(1, 2, 1, -1)
+    default = csl_kernels.threshold_weights(logits, backend="reference").weight
+    assert default.flatten().tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert torch.equal(default, csl_kernels.threshold_weights(logits, tau=0.95, backend="reference").weight)

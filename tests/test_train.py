@@ -23,7 +23,8 @@ from csl.config import ConfigError, build_config
 from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
-from csl.step import cutmix_boxes, train_step
+from csl.selection import Selector
+from csl.step import KernelOps, StepConfig, cutmix_boxes, train_step
 from csl.trainer import Trainer, epoch_length, to_device, train
 
 TINY = {
@@ -158,6 +159,84 @@ def test_unlabeled_losses_use_selection_weights(tmp_path):
     assert float(out["loss_s"]) == 0 and float(out["loss_m"]) == 0 and float(out["loss_fp"]) == 0
     assert float(out["loss_x"]) > 0
     trainer.close()
+
+
+class _RecordingModel(torch.nn.Module):
+    """Logits from the first channel of its input (one learnable scale), keeping the images of every forward."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.classes = torch.arange(num_classes, dtype=torch.float32).view(1, -1, 1, 1)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x, need_fp=False):
+        self.inputs.append(x.detach().clone())
+        logits = self.scale * x[:, :1] * self.classes
+        return (logits, logits) if need_fp else logits
+
+
+class _RecordingOps(KernelOps):
+    """The reference kernels, keeping the (label, weight, ignore) of every weighted loss: L_s, L_m, L_fp."""
+
+    def __init__(self):
+        super().__init__("reference")
+        self.losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def loss(self, logits, label, weight, ignore):
+        self.losses.append((label.clone(), weight.clone(), ignore.clone()))
+        return super().loss(logits, label, weight, ignore)
+
+
+def _cutmix_step(**step_cfg):
+    """One train_step on constant batches, CutMix always on: the unlabeled views are 0 with no padding, the CutMix
+    source's views are 1 and all padding (255), so a pasted pixel is 1 in the image and 255 in the ignore map.
+    Returns the strong and masking images the model saw and the recorded losses."""
+    n_u, size = 8, 32
+    model, ops = _RecordingModel(), _RecordingOps()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+    def views(value: float, ignore: int) -> dict:
+        image = torch.full((n_u, 3, size, size), value)
+        return {"image_w": image, "image_s": image.clone(), "image_s2": image.clone(), "image_m": image.clone(),
+                "ignore": torch.full((n_u, size, size), ignore, dtype=torch.uint8),
+                "mask": torch.zeros(n_u, size, size, dtype=torch.long)}
+
+    batch_x = {"image": torch.zeros(2, 3, size, size), "mask": torch.zeros(2, size, size, dtype=torch.long)}
+    train_step(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), batch_x, views(0.0, 0),
+               views(1.0, 255), selector=Selector("threshold", tau=0.0, backend="reference"), criterion=CrossEntropy(),
+               cfg=StepConfig(cutmix_p=1.0, tmp_block=8, backend="reference", **step_cfg),
+               generator=torch.Generator().manual_seed(0), ops=ops)
+    img_s, img_m = model.inputs[2].chunk(2)
+    return img_s[:, 0], img_m[:, 0], ops.losses
+
+
+def test_a_cutmix_box_brings_the_sources_padding_into_the_loss():
+    """UniMatch's ``ignore_mask_mixed[cutmix_box == 1] = ignore_mask_mix[cutmix_box == 1]``: inside the box, the
+    CutMix source's padding is what the strong streams' losses skip."""
+    img_s, img_m, losses = _cutmix_step(tmp_enabled=False)
+    (_, _, ignore_s), (_, _, ignore_m) = losses[:2]
+    for image, ignore in ((img_s, ignore_s), (img_m, ignore_m)):
+        pasted = image == 1
+        assert pasted.flatten(1).any(1).all()  # every sample got a box
+        assert torch.equal(ignore == 255, pasted)
+
+
+def test_without_tmp_every_sample_of_the_second_stream_is_cutmixed():
+    """tmp.enabled=false: the second strong stream is UniMatch's, each sample with its own CutMix box (no sample is
+    held back for a masking view that is not made)."""
+    _, img_m, _ = _cutmix_step(tmp_enabled=False, tmp_fraction=0.5)
+    assert (img_m == 1).flatten(1).any(1).all()
+
+
+def test_a_masking_view_gets_no_cutmix_box():
+    """The samples that take Trusted Mask Perturbation (all of them at tmp.fraction=1) are the mild view with
+    reliable pixels hidden, never CutMix-ed: no source pixel, the weak view's own labels and padding."""
+    _, img_m, losses = _cutmix_step(tmp_enabled=True, tmp_fraction=1.0)
+    (_, _, ignore_s), (label_m, weight_m, ignore_m), (label_fp, weight_fp, ignore_fp) = losses
+    assert not (img_m == 1).any() and (ignore_s == 255).any()
+    assert torch.equal(label_m, label_fp) and torch.equal(weight_m, weight_fp) and torch.equal(ignore_m, ignore_fp)
 
 
 def autocast_logits_dtype(device: torch.device) -> torch.dtype:

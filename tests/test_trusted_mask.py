@@ -270,3 +270,18 @@ def test_triton_int64_offsets_path(monkeypatch):
     masked, cover = impl("triton", device)(images, cells, reliable, 0.25)
     check_against_spec(images, reliable, cells, masked, cover, 0.25)
     assert launched and all(launched)  # (a GPU that tunes launches once per candidate)
+
+
+def test_the_defaults_are_the_papers_block_32_and_rate_0_7():
+    """Spec Sec. 4: 32-pixel blocks, each hidden with probability 0.7, filled with 0."""
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    reliable = torch.ones(4, 96, 96, dtype=torch.bool)
+
+    def masked(**settings) -> torch.Tensor:
+        return csl_kernels.trusted_mask(images, reliable, generator=torch.Generator().manual_seed(1),
+                                        backend="reference", **settings).images
+
+    default = masked()
+    assert torch.equal(default, masked(block=32, rate=0.7, fill=0.0))
+    for other in ({"block": 16}, {"rate": 0.5}, {"fill": 1.0}):  # each setting changes this draw
+        assert not torch.equal(default, masked(**other)), other
