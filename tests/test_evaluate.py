@@ -415,3 +415,25 @@ def test_predict_resizes_the_windows_average_not_their_sum(tmp_path):
     summed = F.interpolate(total, size=pixels.shape[:2], mode="bilinear", align_corners=False).argmax(1)[0].numpy()
     assert (summed != average).any()  # the case the test is about occurs
     assert np.array_equal(got, average)
+
+
+def test_center_crop_starts_at_half_the_margin_rounded_down():
+    """UniMatch's center_crop evaluation: start = (H - crop) // 2."""
+    from csl.evaluate import center_crop
+
+    t = torch.arange(5 * 6).view(5, 6)
+    assert torch.equal(center_crop(t, 2), t[1:3, 2:4])
+    assert torch.equal(center_crop(t, 3), t[1:4, 1:4])
+
+
+def test_sliding_window_stride_is_truncated():
+    """Windows start at 0, int(crop * stride_ratio), ... and one flush with the border (UniMatch: int(crop * 2/3)):
+    crop 25 gives stride 16, not 17."""
+    from csl.evaluate import sliding_window_scores
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        cover = sliding_window_scores(model, torch.randn(1, 3, 25, 50), 25, 2 / 3).sum(1)[0, 0]
+    starts = [0, 16, 25]
+    expected = torch.tensor([sum(s <= x < s + 25 for s in starts) for x in range(50)], dtype=cover.dtype)
+    torch.testing.assert_close(cover, expected)

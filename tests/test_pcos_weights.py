@@ -15,6 +15,7 @@ sensitivity to the feature errors (measured: <= 3.3e-5, on a cluster with sd = 1
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -469,6 +470,64 @@ def test_closed_form_assignment_equals_svd(backend, groups):
     s = torch.linalg.svdvals(torch.stack((f0.reshape(2, -1), v.reshape(2, -1)), dim=1))  # image groups only
     if groups == "image":
         torch.testing.assert_close(st.eigenvalues.cpu(), s * s, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+def test_pcos_rank_one_cut_is_1e_12_of_s1(backend):
+    """Spec Sec. 2.3: every pixel goes to cluster 0 only when s2 <= 1e-12 * s1. Pixels whose logits (a, d, 0) have a
+    tiny residual imbalance d lie close to a line through the origin (s2 / s1 ~ 6e-8) but are not rank one: the
+    argmax |V| rule (torch.linalg.svd of the 2 x N float64 feature matrix) splits them, with a clear margin."""
+    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    z = torch.zeros(1, 3, 1, n, dtype=torch.float64)
+    z[0, 0, 0] = 0.5 + 3 * torch.rand(n, generator=g, dtype=torch.float64)
+    z[0, 1, 0] = 2e-3 * torch.rand(n, generator=g, dtype=torch.float64)
+    f0, v, _ = csl_kernels.residual_features(z, backend="reference")
+    _, s, vh = torch.linalg.svd(torch.stack((f0.reshape(-1), v.reshape(-1))), full_matrices=False)
+    assert 1e-12 < s[1] / s[0] < 1e-6  # between the spec's cut and a looser one
+    cluster = (vh[1].abs() > vh[0].abs()).long()
+    expected = [int((cluster == 0).sum()), int((cluster == 1).sum())]
+    assert expected[1] > 0
+    out = csl_kernels.pcos_weights(z.to(device), backend=backend, return_stats=True)
+    assert out.stats.count.cpu().tolist() == [expected]
+
+
+def _tied_confidence_logits() -> torch.Tensor:
+    """C = 3 float64 logits (0, a, b) with exp(a) + exp(b) == 1 exactly: pmax = 1 / (1 + 1) = 0.5 exactly at every
+    pixel, while the residual dispersion differs from pixel to pixel."""
+    pairs, e = [], 0.02
+    while len(pairs) < 12:
+        a = math.log(e)
+        b = math.log1p(-math.exp(a))
+        if math.exp(a) + math.exp(b) == 1.0:
+            pairs.append((a, b))
+        e += 0.0371
+    z = torch.zeros(1, 3, 1, len(pairs), dtype=torch.float64)
+    z[0, 1, 0] = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    z[0, 2, 0] = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    return z
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+def test_pcos_tied_cluster_means_choose_cluster_0_and_a_pixel_at_the_mean_is_not_preserved(backend):
+    """Spec Sec. 2.5: c* = argmax_c mu_c[0], ties: 0. Sec. 2.6: weight 1 only if phi[0] > mu[0] (strictly) or
+    phi[1] > mu[1]; a pixel exactly at the mean confidence gets the Gaussian weight."""
+    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    z = _tied_confidence_logits()
+    out = csl_kernels.pcos_weights(z.to(device), backend=backend, return_stats=True)
+    st = out.stats
+    count, mu, var = st.count.cpu()[0], st.mu.cpu()[0], st.var.cpu()[0]
+    assert (count > 0).all() and mu[0, 0] == mu[1, 0] == 0.5  # two clusters, the same mean confidence
+    assert st.chosen.cpu().tolist() == [0]
+    f0, v, _ = csl_kernels.residual_features(z, backend="reference")
+    x, y = f0.reshape(-1), v.reshape(-1)
+    assert (x == 0.5).all()
+    z0 = (x - mu[0, 0]) / torch.sqrt(var[0, 0] + 1e-8)
+    z1 = (y - mu[0, 1]) / torch.sqrt(var[0, 1] + 1e-8)
+    expected = torch.where((x > mu[0, 0]) | (y > mu[0, 1]), 1.0, torch.exp(-(z0 * z0 + z1 * z1) / 8.0))
+    assert (expected < 1).sum() >= 3
+    torch.testing.assert_close(out.weight.cpu().reshape(-1).double(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -179,3 +179,24 @@ def test_settings_the_selection_mode_does_not_read_are_named(tmp_path):
         "selection.alpha=4.0", "selection.tau=0.9"]
     Trainer(tiny_config(tmp_path, **{"selection.mode": "threshold", "selection.alpha": 4.0})).close()
     assert "selection.alpha=4.0: not used by selection.mode=threshold" in (tmp_path / "train.log").read_text()
+
+
+def test_build_selector_defaults_follow_the_spec():
+    from csl.selection import build_selector
+
+    sel = build_selector({"mode": "threshold"})
+    assert (sel.tau, sel.alpha, sel.rule) == (0.95, 8.0, "paper")
+
+
+def test_confidence_share_breaks_ties_by_position_in_a_large_image():
+    """Ties: the earlier pixel in row-major order, also where torch's unstable sort would reorder them (>= 1000
+    pixels on the CPU)."""
+    from csl.selection import most_confident_at_share
+
+    logits = torch.zeros(1, 3, 40, 40)
+    logits[:, 1] = 2.0  # every pixel has the same confidence
+    weight = torch.zeros(1, 40, 40)
+    weight.view(-1)[:100] = 1.0
+    csl = csl_kernels.PCOSResult(weight, logits.argmax(1), weight == 1)
+    out = most_confident_at_share(logits, None, csl)
+    assert out.reliable.view(-1)[:100].all() and not out.reliable.view(-1)[100:].any()

@@ -791,3 +791,17 @@ def test_released_rule_and_the_uncutmixed_other_view(tmp_path, monkeypatch):
     trainer.close()
     with pytest.raises(Exception, match="tmp.other_view must be one of"):
         tiny_config(tmp_path / "x", **{"tmp.other_view": "weak"})
+
+
+def test_ohem_keeps_the_min_kept_th_pixel_when_it_is_above_thresh():
+    """ProbOhemCrossEntropy2d keeps probabilities <= max(thresh, p_k) (``mask_prob.le``): with confident predictions
+    p_k > thresh and the min_kept-th pixel itself is kept."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (2, 8, 9), generator=g)
+    pred = torch.randn(2, 5, 8, 9, generator=g, dtype=torch.float64) + 6 * torch.nn.functional.one_hot(
+        target, 5).permute(0, 3, 1, 2)
+    assert (pred.softmax(1).gather(1, target[:, None]) > 0.7).all()
+    for min_kept in (1, 10, 50):
+        got = OhemCrossEntropy(0.7, min_kept)(pred, target)
+        torch.testing.assert_close(got.double(), _ohem_reference(pred.float(), target, 0.7, min_kept).double(),
+                                   rtol=1e-5, atol=1e-6)
