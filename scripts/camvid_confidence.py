@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from csl.logging_utils import read_metrics  # noqa: E402
-from csl.plots import METHOD_COLOURS, _pyplot, _save_figure  # noqa: E402
+from csl.plots import METHOD_COLOURS, _legend_outside, _pyplot, _save_figure  # noqa: E402
 
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 LONG = os.path.join(RECORDS, "1_4_seed2_long_supervised")
@@ -166,7 +166,7 @@ def continuation_picture(runs: dict[tuple[str, int], dict], start_miou: float, o
     ax.set(title=f"From the iteration-4000 supervised model ({start_miou:.1f} mIoU), 600 more iterations",
            xlabel="iteration", ylabel="val mIoU (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the lines
+    _legend_outside(ax)  # beside the lines
     return _save_figure(fig, out_path)
 
 

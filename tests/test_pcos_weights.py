@@ -445,7 +445,7 @@ def test_identical_pixels_identical_features_one_cluster(backend, dtype):
 def test_closed_form_assignment_equals_svd(backend, groups):
     """On well-conditioned inputs the closed-form 2 x 2 eigen-decomposition assigns every pixel exactly as the SVD
     of the 2 x N feature matrix does (supplementary C.1): same clusters, hence equal counts and means."""
-    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    device = require_backend(OP, backend)
     g = torch.Generator().manual_seed(21)
     z = torch.randn(2, 5, 9, 10, generator=g, dtype=torch.float64) * 2.0
     z[:, 1] += 1.5  # a dominant class: a confident and an uncertain population
@@ -477,7 +477,7 @@ def test_pcos_rank_one_cut_is_1e_12_of_s1(backend):
     """Spec Sec. 2.3: every pixel goes to cluster 0 only when s2 <= 1e-12 * s1. Pixels whose logits (a, d, 0) have a
     tiny residual imbalance d lie close to a line through the origin (s2 / s1 ~ 6e-8) but are not rank one: the
     argmax |V| rule (torch.linalg.svd of the 2 x N float64 feature matrix) splits them, with a clear margin."""
-    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    device = require_backend(OP, backend)
     g = torch.Generator().manual_seed(0)
     n = 64
     z = torch.zeros(1, 3, 1, n, dtype=torch.float64)
@@ -513,7 +513,7 @@ def _tied_confidence_logits() -> torch.Tensor:
 def test_pcos_tied_cluster_means_choose_cluster_0_and_a_pixel_at_the_mean_is_not_preserved(backend):
     """Spec Sec. 2.5: c* = argmax_c mu_c[0], ties: 0. Sec. 2.6: weight 1 only if phi[0] > mu[0] (strictly) or
     phi[1] > mu[1]; a pixel exactly at the mean confidence gets the Gaussian weight."""
-    device = require_backend(OP, backend) if backend != "reference" else torch.device("cpu")
+    device = require_backend(OP, backend)
     z = _tied_confidence_logits()
     out = csl_kernels.pcos_weights(z.to(device), backend=backend, return_stats=True)
     st = out.stats
