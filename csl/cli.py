@@ -473,14 +473,12 @@ def cmd_split(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .report import write_report_and_pictures
 
     try:
-        path = write_report(args.runs, args.out)
+        path, pictures = write_report_and_pictures(args.runs, args.out)
     except KeyError as e:  # a summary.json or metrics record without a field the report reads
         raise ValueError(f"a run record lacks the field {e} (is every folder a finished `csl demo` output?)") from e
-    with open(path, encoding="utf-8") as f:  # the pictures the report shows, not whatever else --out holds
-        pictures = list(dict.fromkeys(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", f.read())))
     print(f"wrote {path} and {len(pictures)} picture(s) beside it" + (f": {', '.join(pictures)}" if pictures else ""))
     return 0
 

@@ -302,6 +302,11 @@ def training_pl_table(run: dict) -> str:
 
 def write_report(folders: list[str], out_dir: str) -> str:
     """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
+    return write_report_and_pictures(folders, out_dir)[0]
+
+
+def write_report_and_pictures(folders: list[str], out_dir: str) -> tuple[str, list[str]]:
+    """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path and the pictures' file names."""
     from .plots import plot_miou_by_seed, plot_miou_curves, plot_pseudo_label_curves
 
     check_output_folder(out_dir)
@@ -317,6 +322,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
         for name in os.listdir(out_dir):
             if re.fullmatch(r"(miou_by_seed|miou_seed-?\d+|pseudo_labels_seed-?\d+)\.png", name):
                 os.remove(os.path.join(out_dir, name))
+    pictures = []
     parts = ["# Method comparison\n", "Run folders: " + ", ".join(f"`{r['folder']}`" for r in runs) + "\n"]
     for r in runs:
         note = r["summary"].get("note")
@@ -347,6 +353,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
         for m in all_methods(runs):
             finals[LABELS.get(m, m)] = {_seed(r): r["results"][m]["miou"] for r in runs if m in r["results"]}
         plot_miou_by_seed(finals, os.path.join(out_dir, "miou_by_seed.png"))
+        pictures.append("miou_by_seed.png")
         parts += ["![final val mIoU of each method, one line per seed](miou_by_seed.png)\n"]
     if any(r["analyses"] for r in runs):
         splits = sorted({a.get("split", "unlabeled") for r in runs for a in r["analyses"].values()})
@@ -361,12 +368,14 @@ def write_report(folders: list[str], out_dir: str) -> str:
         if pl:
             name = f"pseudo_labels_{tag}.png"
             plot_pseudo_label_curves(pl, os.path.join(out_dir, name))
+            pictures.append(name)
             parts += ["### Pseudo-labels during training\n", f"![pseudo-label quality per epoch]({name})\n",
                       training_pl_table(r), ""]
         ev = {LABELS.get(m, m): r["metrics"][m]["eval"] for m in r["methods"] if r["metrics"].get(m, {}).get("eval")}
         if ev:
             name = f"miou_{tag}.png"
             plot_miou_curves(ev, os.path.join(out_dir, name))
+            pictures.append(name)
             parts += [f"![val mIoU per evaluation]({name})\n"]
         for m, a in r["analyses"].items():
             model = analysed_label(m, a)
@@ -376,7 +385,7 @@ def write_report(folders: list[str], out_dir: str) -> str:
                       selection_table(a), ""]
     path = os.path.join(out_dir, "report.md")
     atomic_write_text(path, "\n".join(parts) + "\n")
-    return path
+    return path, pictures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,11 @@ def test_report_of_two_seeds_gives_the_documented_numbers(tmp_path, capsys):
     folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
     out = tmp_path / "report"
     assert report.main([*folders, "--out", str(out)]) == 0
-    pictures = [p.name for p in sorted(out.glob("*.png"), key=lambda p: (out / "report.md").read_text().index(p.name))]
+    text = (out / "report.md").read_text()
+    pictures = sorted((p.name for p in out.glob("*.png")), key=text.index)  # in the order the report shows them
     assert "miou_by_seed.png" in pictures and "miou_seed0.png" in pictures
     assert f"wrote {out / 'report.md'} and {len(pictures)} picture(s) beside it: {', '.join(pictures)}" in (
         capsys.readouterr().out)
-    text = (out / "report.md").read_text()
     # Final mIoU per seed and the mean of the two, as in docs/results/camvid.md ("A second seed").
     assert table_row(text, "warm-up (start of every method)")[:2] == ["49.2", "50.1"]
     supervised = table_row(text, report.LABELS["supervised"])
