@@ -48,11 +48,12 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 
 
 def atomic_save(payload: dict, path: str) -> None:
-    """``torch.save`` to ``path`` whole or not at all (:func:`csl.files.atomic_open`: a private temporary file beside
-    it, fsync, rename). A failed write raises OSError naming the file and the free space on its file system."""
+    """``torch.save`` to ``path`` whole or not at all (:func:`csl.files.atomic_open`: a temporary file beside it,
+    fsync, rename), with the umask's permissions as ``torch.save`` gives. A failed write raises OSError naming the file
+    and the free space on its file system."""
     check_plain(payload)
     try:
-        with atomic_open(path, binary=True, permissions=0o600, durable=True) as f:
+        with atomic_open(path, binary=True, durable=True) as f:
             torch.save(payload, f)
     except Exception as exc:  # KeyboardInterrupt, SystemExit: as they are
         interrupt = _interrupt_behind(exc)

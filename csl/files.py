@@ -10,18 +10,18 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, binary: bool = False, *, permissions: int = 0o666, durable: bool = False) -> Iterator[IO]:
+def atomic_open(path: str, binary: bool = False, *, durable: bool = False) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; when the block ends without an exception, rename it over
     ``path``. A kill, a full disk or an exception leaves the previous file (if any) and no temporary one; a failed
     write (a full disk) is an OSError that names ``path`` (:func:`write_error`).
 
-    ``permissions`` are the new file's before the umask (0o666: what ``open()`` gives; 0o600: private).
+    The file gets the umask's permissions, as ``open()`` gives.
     ``durable`` fsyncs the file before the rename and the folder after it, so the rename survives a power loss."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # A name no other process or thread uses; the run folder's clean-up removes ".<name>.*.tmp" a kill left behind.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             yield f
