@@ -43,14 +43,21 @@ class RunFolderError(RuntimeError):
 
 
 def check_output_folder(path: str, flag: str = "--out") -> None:
-    """``path`` is a folder or can be made one: a ValueError naming ``flag`` when it, or the nearest of its parents
-    that exists, is a file (said before any work, not by the first write after it)."""
+    """``path`` is a folder this process can write in, or can be made one: a ValueError naming ``flag`` when it, or
+    the nearest of its parents that exists, is a file or cannot be written in (a read-only file system, no
+    permission), said before any work, not by the first write after it. Nothing is left behind by the check."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         where = "is a file" if probe == os.path.abspath(path) else f"is inside {probe}, which is a file"
         raise ValueError(f"{flag} {path} {where}; give a folder")
+    try:  # the write the command's first file would make: a folder made and removed again
+        os.rmdir(tempfile.mkdtemp(prefix=".csl-write-check-", dir=probe))
+    except OSError as e:
+        where = "" if probe == os.path.abspath(path) else f" (in {probe}, the nearest folder of it that exists)"
+        raise ValueError(f"{flag} {path}: cannot write there{where}: {e.strerror or e}; give a folder you can "
+                         f"write in") from None
 
 
 def existing_run_files(folder: str) -> list[str]:

@@ -259,6 +259,10 @@ def test_bad_out_and_panels_are_said_before_any_work(tmp_path, capsys):
         run_analysis(never, str(tmp_path / "out"), panels=-1)
     assert main(["analyze", "--checkpoint", never, "--out", str(afile)]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):  # Linux: a folder in which nothing can be made, even by root
+        assert main(["analyze", "--checkpoint", never, "--out", "/proc/csl-out/sub"]) == 2
+        assert ("--out /proc/csl-out/sub: cannot write there (in /proc, the nearest folder of it that exists): No such "
+                "file or directory; give a folder you can write in") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["eval", "analyze"])

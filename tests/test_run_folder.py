@@ -11,6 +11,7 @@ import torch
 from test_train import TINY
 
 from csl import checkpoint as checkpoint_mod
+from csl import run_folder
 from csl.cli import main
 from csl.config import ConfigError, build_config
 from csl.logging_utils import read_metrics
@@ -705,3 +706,19 @@ def test_a_resume_with_another_output_stride_or_aspp_rates_is_warned_about(tmp_p
     text = (tmp_path / "train.log").read_text()
     assert "model.output_stride was 16, now 8" in text and "model.output_stride=16 continues it" in text
     assert "model.dilations was [6, 12, 18], now [12, 24, 36]" in text
+
+
+def test_an_output_folder_that_cannot_be_written_in_is_refused_and_the_check_leaves_nothing(tmp_path, monkeypatch):
+    run_folder.check_output_folder(str(tmp_path / "new" / "deeper"))
+    run_folder.check_output_folder(str(tmp_path))
+    assert os.listdir(tmp_path) == []  # neither the folders asked for nor the check's own
+
+    def denied(**kwargs):  # what a folder without write permission, or on a read-only file system, answers
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "mkdtemp", denied)
+    with pytest.raises(ValueError, match=r"^output_dir .+: cannot write there: Permission denied; give a folder you "
+                                         r"can write in$"):
+        run_folder.check_output_folder(str(tmp_path), "output_dir")
+    with pytest.raises(ValueError, match=r"cannot write there \(in .+, the nearest folder of it that exists\)"):
+        run_folder.check_output_folder(str(tmp_path / "new"))
