@@ -44,14 +44,30 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
     Returns:
         ``C x C`` int64 counts, rows = target class, columns = predicted class.
+
+    Pixels whose target is ``ignore_index`` or outside ``[0, C)`` are skipped. A prediction outside ``[0, C)`` where
+    the target is a class is a ValueError: skipped, it would drop a miss and raise that class's IoU (the check
+    synchronises with the GPU once per call).
     """
     check_integer_tensor(pred, "pred")
     check_integer_tensor(target, "target")
     check_same_shape(pred=pred, target=target)
     check_positive_int(num_classes, "num_classes")
     check_int(ignore_index, "ignore_index")
+    _refuse_stray_predictions(pred, target, num_classes, ignore_index)
     _, impl = resolve("confusion_matrix", backend, pred.device)
     return impl(pred, target, num_classes, ignore_index)
+
+
+def _refuse_stray_predictions(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if pred.device.type == "meta":  # shapes without data: nothing to check
+        return
+    p, t = pred.long(), target.long()  # int64: an int8 255 would wrap, uint16 / uint32 / uint64 do not compare
+    stray = (t != ignore_index) & (t >= 0) & (t < num_classes) & ((p < 0) | (p >= num_classes))
+    if bool(stray.any()):
+        raise ValueError(f"pred holds {int(stray.sum())} class id(s) outside [0, {num_classes}) where the target is a "
+                         f"class (e.g. {int(p[stray][0])}); a confusion matrix cannot count them as misses, so map "
+                         f"them to a class or mark those pixels ignore_index ({ignore_index}) in the target")
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:

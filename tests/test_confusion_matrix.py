@@ -15,7 +15,8 @@ OP = "confusion_matrix"
 
 
 def make_case(seed: int, shape, num_classes: int, dtype: torch.dtype, ignore_index: int, device):
-    """Targets with ignored pixels; predictions mostly right, some wrong, some outside [0, C)."""
+    """Targets with ignored pixels and some outside [0, C); predictions mostly right, some wrong, and outside [0, C)
+    where the target is not scored (where it is, the call is refused: test_a_stray_prediction_is_refused)."""
     g = torch.Generator().manual_seed(seed)
     target = torch.randint(0, num_classes, shape, generator=g)
     pred = torch.where(torch.rand(shape, generator=g) < 0.6, target, torch.randint(0, num_classes, shape, generator=g))
@@ -23,8 +24,9 @@ def make_case(seed: int, shape, num_classes: int, dtype: torch.dtype, ignore_ind
     lo = 0 if dtype == torch.uint8 else -2
     hi = min(num_classes + 2, torch.iinfo(dtype).max)
     stray = torch.rand(shape, generator=g) < 0.05
-    pred = torch.where(stray, torch.randint(lo, hi + 1, shape, generator=g), pred)
     target = torch.where(torch.rand(shape, generator=g) < 0.03, torch.randint(lo, hi + 1, shape, generator=g), target)
+    unscored = (target == ignore_index) | (target < 0) | (target >= num_classes)
+    pred = torch.where(stray & unscored, torch.randint(lo, hi + 1, shape, generator=g), pred)
     return pred.to(dtype).to(device), target.to(dtype).to(device)
 
 
@@ -37,13 +39,14 @@ def test_random_cases_match_reference(fused_backend, seed):
     ignore_index = 255 if dtype == torch.uint8 else rng.choice((255, -1))
     shape = rng.choice(((rng.randint(1, 3), rng.randint(1, 40), rng.randint(1, 40)), (rng.randint(1, 5000),)))
     kind = rng.choice(("contiguous", "contiguous", "transposed", "strided"))
-    if kind == "strided":
-        shape = (*shape[:-1], 2 * shape[-1])
     pred, target = make_case(seed, shape, num_classes, dtype, ignore_index, device)
     if kind == "transposed":
         pred, target = pred.transpose(0, -1), target.transpose(0, -1)
     elif kind == "strided":  # every other element, at different offsets: a 1-D view stays strided when flattened
-        pred, target = pred[..., ::2], target[..., 1::2]
+        pred_buffer, target_buffer = (torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=dtype, device=device)
+                                      for _ in range(2))
+        pred_buffer[..., ::2], target_buffer[..., 1::2] = pred, target
+        pred, target = pred_buffer[..., ::2], target_buffer[..., 1::2]
     got = csl_kernels.confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, backend=fused_backend)
     expected = confusion_matrix_reference(pred.cpu(), target.cpu(), num_classes, ignore_index)
     assert got.dtype == torch.int64 and got.shape == (num_classes, num_classes)
@@ -61,6 +64,26 @@ def test_hand_computed(backend):
     assert torch.equal(got.cpu(), expected)
     iou = iou_from_confusion(got.cpu())
     torch.testing.assert_close(iou, torch.tensor([2 / 4, 3 / 4, 2 / 3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_a_stray_prediction_is_refused(backend):
+    """A prediction outside [0, C) where the target is a class would be a miss the matrix cannot hold: skipping it
+    gave class 0 an IoU of 1.0 with one pixel of 16 right. Where the target is ignored or not a class, it is skipped."""
+    device = require_backend(OP, backend)
+    target = torch.zeros(1, 4, 4, dtype=torch.int64, device=device)
+    pred = torch.full_like(target, 5)
+    pred[0, 0, 0] = 0
+    with pytest.raises(ValueError, match=r"pred holds 15 class id\(s\) outside \[0, 3\) where the target is a class "
+                                         r"\(e\.g\. 5\).*mark those pixels ignore_index \(255\)"):
+        csl_kernels.confusion_matrix(pred, target, 3, backend=backend)
+    with pytest.raises(ValueError, match=r"pred holds 1 class id"):
+        csl_kernels.confusion_matrix(torch.tensor([0, -1, 2], device=device), torch.tensor([0, 1, 255], device=device),
+                                     3, backend=backend)
+    target[pred == 5] = 255
+    target[0, 1, 0] = 7  # not a class: skipped with its prediction
+    got = csl_kernels.confusion_matrix(pred.to(torch.uint8), target.to(torch.uint8), 3, backend=backend).cpu()
+    assert got[0, 0] == 1 and got.sum() == 1
 
 
 @pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))

@@ -201,15 +201,19 @@ def test_weighted_cross_entropy_unused_pixels_are_exact_zeros(ext):
 def test_confusion_matrix_matches_reference(ext, num_classes):
     g = torch.Generator().manual_seed(num_classes)
     shape = (3, 37, 53)
-    pred = torch.randint(-1, num_classes + 1, shape, generator=g)  # includes out-of-range predictions
+    # Out-of-range predictions included: the op skips them (the public call refuses those at scored pixels).
+    pred = torch.randint(-1, num_classes + 1, shape, generator=g)
     target = torch.randint(0, num_classes, shape, generator=g)
     target[torch.rand(shape, generator=g) < 0.2] = 255
     expected = confusion_matrix_reference(pred, target, num_classes, 255)
-    got = csl_kernels.confusion_matrix(pred, target, num_classes, backend="cpu")
+    got = torch.ops.csl.confusion_matrix(pred, target, num_classes, 255)
     assert got.dtype == torch.int64 and torch.equal(got, expected)
     # Narrow integer dtypes and non-contiguous views.
-    got = csl_kernels.confusion_matrix(pred.int().transpose(1, 2), target.transpose(1, 2), num_classes, backend="cpu")
+    got = torch.ops.csl.confusion_matrix(pred.int().transpose(1, 2), target.transpose(1, 2), num_classes, 255)
     assert torch.equal(got, expected)
+    in_range = pred.clamp(0, num_classes - 1)
+    got = csl_kernels.confusion_matrix(in_range, target, num_classes, backend="cpu")
+    assert torch.equal(got, confusion_matrix_reference(in_range, target, num_classes, 255))
 
 
 @pytest.mark.cpp_error_path
