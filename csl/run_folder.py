@@ -246,6 +246,8 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
             # A warning: run from another working directory, a relative output_dir names another folder.
             log.warning("train.resume=auto: no checkpoint in %s, starting a new run", os.path.abspath(folder))
         lock.replaced = _set_aside(folder)
+        if not found:  # what a failed start left (its train.log, config.yaml): replaced now, not put back if this fails
+            lock.discard_replaced()
     _remove_orphans(folder)
     return lock
 

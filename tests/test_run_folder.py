@@ -502,6 +502,28 @@ def test_a_start_that_fails_after_its_log_exists_ends_the_log_with_why(tmp_path,
     assert "ERROR the run could not start: OSError: the data disk is gone" in (tmp_path / "train.log").read_text()
 
 
+def test_a_second_failed_start_leaves_its_own_reason_in_the_log(tmp_path, monkeypatch):
+    """The files a failed start leaves (train.log, no run) are the next start's to replace, not a run to put back:
+    a second failed start's log said the first one's reason."""
+    import csl.data
+
+    def unreadable(why):
+        def build(*args, **kwargs):
+            raise OSError(why)
+        return build
+
+    monkeypatch.setattr(csl.data, "build_datasets", unreadable("the data disk is gone"))
+    with pytest.raises(OSError):
+        Trainer(config(tmp_path))
+    monkeypatch.setattr(csl.data, "build_datasets", unreadable("the second disk is gone too"))
+    with pytest.raises(OSError):
+        Trainer(config(tmp_path))
+    text = (tmp_path / "train.log").read_text()
+    assert "ERROR the run could not start: OSError: the second disk is gone too" in text
+    assert "the data disk is gone" not in text
+    assert sorted(os.listdir(tmp_path)) == ["train.log"]
+
+
 def test_a_replacing_start_that_fails_keeps_the_run(tmp_path, monkeypatch):
     """--overwrite with a set-up that fails (here the data cannot be read): the run is put back as it was; a kill
     during the set-up leaves it aside, and the next start puts it back."""
