@@ -34,7 +34,7 @@ from .config import CONFIG_DIR, ConfigError, build_config, load_config, migrate_
 from .demo import METHODS
 
 log = logging.getLogger("csl")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -302,12 +302,14 @@ def _within(path: str, folder: str) -> bool:
 
 class ExpandedImages(NamedTuple):
     """What ``--images`` named: ``paths`` to predict (each file once), ``skipped`` (earlier predictions found inside
-    the output folder) and ``repeats``: ``(path, kept)`` for each path that is another name of a file already listed
-    as ``kept`` (a link, or another spelling of its path), predicted once under the name ``kept``."""
+    the output folder), ``repeats``: ``(path, kept)`` for each path that is another name of a file already listed
+    as ``kept`` (a link, or another spelling of its path), predicted once under the name ``kept``, and ``others``:
+    the files a folder or pattern found that are not images by their extension (left out)."""
 
     paths: list[str]
     skipped: list[str]
     repeats: list[tuple[str, str]]
+    others: list[str] = []
 
 
 def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedImages:
@@ -320,6 +322,7 @@ def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedIm
     out = os.path.realpath(skip_under) if skip_under else None
     paths: list[str] = []
     skipped: list[str] = []
+    others: list[str] = []
 
     def is_image(path: str) -> bool:
         return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
@@ -332,7 +335,9 @@ def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedIm
         return len(images)
 
     def walk(folder: str, searched: str) -> int:
-        return found(sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs if is_image(f)), searched)
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs)
+        others.extend(f for f in files if not is_image(f))
+        return found([f for f in files if is_image(f)], searched)
 
     for item in items:
         if os.path.isdir(item):
@@ -356,6 +361,8 @@ def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedIm
                     count += walk(match, searched)
                 elif is_image(match):
                     count += found([match], searched)
+                else:
+                    others.append(match)
             if not count:
                 raise FileNotFoundError(f"the pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)}): "
                                         f"{', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}")
@@ -365,7 +372,7 @@ def expand_images(items: list[str], skip_under: str | None = None) -> ExpandedIm
         kept = unique.setdefault(os.path.realpath(p), p)
         if kept != p:
             repeats.append((p, kept))
-    return ExpandedImages(list(unique.values()), skipped, repeats)
+    return ExpandedImages(list(unique.values()), skipped, repeats, others)
 
 
 def cmd_predict(args) -> int:
@@ -385,7 +392,12 @@ def cmd_predict(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     device = pick_device(cfg["device"])
-    paths, earlier, repeats = expand_images(images, skip_under=args.out)
+    paths, earlier, repeats, others = expand_images(images, skip_under=args.out)
+    if others:
+        kinds = sorted({os.path.splitext(f)[1].lower() or "no extension" for f in others})
+        print(f"csl predict: {len(others)} file(s) found are not images by their extension ({', '.join(kinds[:5])}"
+              f"{', ...' if len(kinds) > 5 else ''}) and are left out, e.g. {others[0]}; images are "
+              f"{', '.join(IMAGE_EXTENSIONS)}", file=sys.stderr)
     if repeats:
         print(f"csl predict: {len(repeats)} path(s) name an image already listed under another name (a link?) and "
               f"are predicted once, e.g. {repeats[0][0]} as {repeats[0][1]}", file=sys.stderr)

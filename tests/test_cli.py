@@ -109,15 +109,23 @@ def test_predict_writes_palette_pngs(trained, tmp_path, capsys):
     img_dir.mkdir()
     for i, img in enumerate(images):
         Image.fromarray(img).save(img_dir / f"im{i}.png")
+    Image.fromarray(images[0]).save(img_dir / "im2.webp")
+    (img_dir / "labels.txt").write_text("not an image")
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(trained / "latest.pt"), "--images", str(img_dir), "--out",
                  str(out)]) == 0
     files = sorted(os.listdir(out))
-    assert files == ["im0.png", "im1.png"]
+    assert files == ["im0.png", "im1.png", "im2.png"]
+    assert (f"csl predict: 1 file(s) found are not images by their extension (.txt) and are left out, e.g. "
+            f"{img_dir / 'labels.txt'}; images are .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp") in (
+        capsys.readouterr().err)
+    (img_dir / "im2.webp").unlink()
+    (img_dir / "labels.txt").unlink()
     with Image.open(out / "im0.png") as p:
         assert p.mode == "P" and p.size == (40, 40)
         assert np.array(p).max() < 6
-    assert expand_images([str(img_dir / "*.png")]) == ([str(img_dir / "im0.png"), str(img_dir / "im1.png")], [], [])
+    assert expand_images([str(img_dir / "*.png")]) == ([str(img_dir / "im0.png"), str(img_dir / "im1.png")], [], [],
+                                                       [])
     with pytest.raises(FileNotFoundError, match="no such image"):
         expand_images([str(tmp_path / "nothing*.jpg")])
     # An override written after --images is an override, not an image path.
@@ -197,11 +205,12 @@ def test_expanded_images_skip_earlier_predictions_only(tmp_path):
     (photos / "preds" / "a.png").write_bytes(b"x")
     a, b, earlier, preds = str(photos / "a.jpg"), str(photos / "seq" / "b.png"), str(photos / "preds" / "a.png"), \
         str(photos / "preds")
-    assert expand_images([str(photos)], skip_under=preds) == ([a, b], [earlier], [])
+    notes = str(photos / "notes.txt")
+    assert expand_images([str(photos)], skip_under=preds) == ([a, b], [earlier], [], [notes])
     # --out above --images (csl predict --images data/photos --out data): every photo is predicted.
-    assert expand_images([str(photos)], skip_under=str(tmp_path / "data")) == ([a, earlier, b], [], [])
-    assert expand_images([str(photos / "*")], skip_under=preds) == ([a, b], [earlier], [])
-    assert expand_images([earlier], skip_under=preds) == ([earlier], [], [])  # named as a file: kept
+    assert expand_images([str(photos)], skip_under=str(tmp_path / "data")) == ([a, earlier, b], [], [], [notes])
+    assert expand_images([str(photos / "*")], skip_under=preds) == ([a, b], [earlier], [], [notes])
+    assert expand_images([earlier], skip_under=preds) == ([earlier], [], [], [])  # named as a file: kept
     with pytest.raises(FileNotFoundError, match=r"the pattern .*\*.txt matches no image"):
         expand_images([str(photos / "*.txt")])
 
@@ -214,9 +223,9 @@ def test_expanded_images_name_a_linked_file_once_and_say_so(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "a.png")
     os.symlink(photos / "a.png", photos / "b.png")
     a, b = str(photos / "a.png"), str(photos / "b.png")
-    assert expand_images([str(photos)]) == ([a], [], [(b, a)])
-    assert expand_images([str(photos), str(photos / "a*")]) == ([a], [], [(b, a)])
-    assert expand_images([a, a]) == ([a], [], [])
+    assert expand_images([str(photos)]) == ([a], [], [(b, a)], [])
+    assert expand_images([str(photos), str(photos / "a*")]) == ([a], [], [(b, a)], [])
+    assert expand_images([a, a]) == ([a], [], [], [])
 
 
 def test_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
