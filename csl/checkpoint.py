@@ -60,11 +60,21 @@ def atomic_save(payload: dict, path: str) -> None:
         if interrupt is not None:  # a Ctrl-C inside torch.save surfaces as the zip writer's error on closing
             raise interrupt from None
         # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
         if isinstance(exc, OSError) and isinstance(exc.__cause__, OSError):  # atomic_open's, naming the file
             exc = exc.__cause__
-        raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({free:.0f} MiB free on its "
-                      f"file system; the previous file, if any, is unchanged)") from exc
+        raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({_free_space(path)}; the "
+                      f"previous file, if any, is unchanged)") from exc
+
+
+def _free_space(path: str) -> str:
+    """The free space on the file system of ``path``'s nearest folder that exists (its own may be what failed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its file system"
+    except OSError:
+        return "free space unknown"
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:

@@ -276,3 +276,81 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_one(tmp_path):
         assert "\n" not in str(e.value), str(e.value)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ck.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_a_checkpoint_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """A power loss right after a save leaves the new latest.pt or the old one, never a renamed empty file: the data
+    reaches the disk before the rename, the folder's new entry after it."""
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ck.atomic_save(_payload(1.0), str(tmp_path / "latest.pt"))
+    assert events == [("fsync", "file"), ("rename", "latest.pt"), ("fsync", "folder")]
+
+
+def test_a_custom_object_inside_a_list_is_refused_before_saving(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\]\[1\]\[0\] is a _Custom"):
+        ck.atomic_save({"extra": [1, (_Custom(),)]}, str(tmp_path / "x.pt"))
+    assert not os.listdir(tmp_path)
+
+
+def test_rng_restore_keeps_numpys_cached_gaussian(tmp_path):
+    """NumPy's legacy generator draws normals in pairs and keeps the second in its state: a checkpoint taken between
+    the two continues with that number, not a fresh pair."""
+    np.random.seed(3)
+    np.random.randn()
+    state = ck.capture_rng()
+    assert state["numpy"]["has_gauss"] == 1
+    path = str(tmp_path / "rng.pt")
+    ck.atomic_save({"rng": state}, path)
+    expected = np.random.randn(3)
+    np.random.seed(99)
+    ck.restore_rng(ck.load_checkpoint(path)["rng"])
+    np.testing.assert_array_equal(np.random.randn(3), expected)
+
+
+def test_model_state_strips_the_ddp_prefix_only_when_every_key_has_it():
+    sd = {"module.a": torch.zeros(1), "backbone.b": torch.ones(2)}
+    assert set(ck.model_state({"model": sd})) == {"module.a", "backbone.b"}
+
+
+def test_weights_of_another_shape_are_a_config_error_that_names_them():
+    from csl.config import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+    state = {"0.weight": torch.zeros(5, 3, 1, 1), "0.bias": torch.zeros(5)}  # another class count: same names
+    with pytest.raises(ConfigError, match=r"other.pt does not fit the model of this config .*2 weights of another "
+                                          r"shape \(e\.g\. 0\.weight \(5, 3, 1, 1\) in the checkpoint, \(4, 3, 1, 1\) "
+                                          r"in the model"):
+        ck.load_weights(model, state, "other.pt")
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_the_error_said(tmp_path, monkeypatch):
+    """The message names the checkpoint and the real cause, not an error of measuring the free space of a folder
+    that does not exist."""
+    import csl.files
+
+    def denied(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(csl.files.os, "makedirs", denied)
+    path = tmp_path / "newdir" / "latest.pt"
+    with pytest.raises(OSError, match=rf"could not write checkpoint {path}: PermissionError: .*Permission denied.* "
+                                      rf"\(\d+ MiB free on its file system; the previous file, if any, is unchanged\)"):
+        ck.atomic_save(_payload(1.0), str(path))
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match=r"could not write checkpoint .*afile/run/latest.pt: .*\(\d+ MiB free"):
+        ck.atomic_save(_payload(1.0), str(tmp_path / "afile" / "run" / "latest.pt"))
