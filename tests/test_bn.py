@@ -77,3 +77,22 @@ def test_training_crops_are_training_sized_reproducible_and_leave_random_alone()
     std = torch.tensor(crops.std).view(3, 1, 1)
     pixels = first * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_each_training_crop_has_its_own_draw():
+    """Item i's scale, crop and flip come from its own seeded draw: items differ from one another, an item is the
+    same on every read."""
+    cfg = load_config("demo", TINY)
+    crops = TrainingCrops(cfg, seed=1)
+    drawn = []
+
+    def weak(pixels, labels):
+        drawn.append(random.random())
+        return pixels, labels
+
+    crops.weak = weak
+    for i in range(4):
+        crops[i]
+    assert len(set(drawn)) == 4
+    crops[2]
+    assert drawn[-1] == drawn[2]

@@ -206,3 +206,19 @@ def test_demo_summary_names_the_bundled_split():
     assert d["split_dir"] is None and d["split"] == "1_8"
     assert describe_data(d) == "camvid split 1_8, image scale 0.5"
     assert describe_data({**d, "split_dir": "/data/splits/1_4"}).startswith("camvid /data/splits/1_4,")
+
+
+def test_map_labels_maps_another_ignore_value_without_a_class_count():
+    """The files' ignore value (here 254, or -1 in a 16-bit mask) is 255 inside csl, also where no class count is
+    given to check the values against."""
+    mask = np.array([[0, 254], [3, 1]], dtype=np.uint8)
+    np.testing.assert_array_equal(map_labels(mask, 254), [[0, 255], [3, 1]])
+    np.testing.assert_array_equal(map_labels(np.array([[-1, 2]], dtype=np.int16), -1), [[255, 2]])
+
+
+def test_a_split_seed_that_is_a_bool_is_refused(tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"img/{i}.jpg ann/{i}.png\n" for i in range(8)))
+    with pytest.raises(ValueError, match=r"the split seed \(--seed\) must be an int >= 0, got True"):
+        write_splits(str(listing), str(tmp_path / "s"), ["1/4"], seed=True)
+    assert not (tmp_path / "s").exists()

@@ -590,3 +590,88 @@ def test_the_blur_takes_crops_smaller_than_its_kernel(side):
         assert not torch.equal(out, image)
     big = torch.rand(3, 40, 40)  # where the kernel fits, it is the full 2 ceil(3 sigma) + 1 taps
     torch.testing.assert_close(gaussian_blur(big, 2.0), TF.gaussian_blur(big, [13, 13], [2.0, 2.0]), rtol=0, atol=0)
+
+
+def test_strong_and_mild_views_use_unimatchs_and_tmps_settings():
+    """UniMatch's strong view: jitter 0.5/0.5/0.5/0.25 with p 0.8, grayscale 0.2, blur 0.5; TMP's masking view:
+    jitter 0.25/0.25/0.25/0.05 with p 0.8, no grayscale, blur 0.5."""
+    from csl.data.transforms import ColorAugment
+
+    strong = (ColorAugment.strong(), ((0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.25, 0.25)), (0.8, 0.2, 0.5))
+    mild = (ColorAugment.mild(), ((0.75, 1.25), (0.75, 1.25), (0.75, 1.25), (-0.05, 0.05)), (0.8, 0.0, 0.5))
+    for view, jitter, p in (strong, mild):
+        j = view.jitter
+        assert (tuple(j.brightness), tuple(j.contrast), tuple(j.saturation), tuple(j.hue)) == jitter
+        assert (view.p_jitter, view.p_gray, view.p_blur) == p
+
+
+def test_each_unlabeled_view_gets_its_own_colour_augmentation():
+    """image_s and image_s2 are the strong view (two draws), image_m the mild one, image_w none."""
+    from csl.data.transforms import ColorAugment
+
+    src = SyntheticSource(2, size=40, seed=2, split="unlabeled")
+    ds = UnlabeledDataset(src, crop_size=32, mean=MEAN, std=STD, ignore_index=255)
+    assert isinstance(ds.strong, ColorAugment) and ds.strong.p_gray == 0.2 and ds.mild.p_gray == 0.0
+    ds.strong = lambda x: torch.full_like(x, 0.25)
+    ds.mild = lambda x: torch.full_like(x, 0.75)
+    out = ds[0]
+    for key, value in (("image_s", 0.25), ("image_s2", 0.25), ("image_m", 0.75)):
+        torch.testing.assert_close(_denorm(out[key]), torch.full_like(out[key], value))
+    assert not torch.allclose(_denorm(out["image_w"]), torch.full_like(out["image_w"], 0.25))
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_with_both_names(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    img_rel, mask_rel = read_split(info["labeled_list"])[0]
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8)).save(os.path.join(info["root"], mask_rel))
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    with pytest.raises(ValueError, match=rf"mask .*{mask_rel} is 24x20 but image .*{img_rel} is 24x24 \(W x H\)"):
+        src.load(0)
+    with pytest.raises(ValueError, match=rf"(?s)1 bad item.*labeled.txt:1: mask .*{mask_rel} is 24x20 but image"):
+        src.validate(progress=False)
+
+
+def test_the_short_side_is_rounded_as_in_unimatchs_resize():
+    """UniMatch: ow = int(w * long_side / h + 0.5): the long side 4 scaled to 2 makes the short side 3 into 2, not 1."""
+    from csl.data.transforms import random_scaled_size
+
+    assert random_scaled_size(3, 4, (0.5, 0.5)) == (2, 2)
+    assert random_scaled_size(4, 3, (0.5, 0.5)) == (2, 2)
+    assert random_scaled_size(37, 53, (1.0, 1.0)) == (37, 53)
+
+
+def test_a_float_image_stays_in_the_unit_range_when_resized():
+    """The antialiasing filter's weights sum to one only up to rounding: a white image would come out above 1."""
+    from csl.data.transforms import resize_image
+
+    out = resize_image(torch.ones(3, 37, 53), (19, 26))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_a_scaled_item_has_its_sides_rounded_to_the_nearest_pixel():
+    """data.image_scale 0.3 of a 12 x 16 frame: 3.6 x 4.8 rounds to 4 x 5 (image and mask alike)."""
+    from csl.data.datasets import resize_pair
+
+    image, mask = resize_pair(np.zeros((12, 16, 3), dtype=np.uint8), np.zeros((12, 16), dtype=np.uint8), 0.3)
+    assert image.shape == (4, 5, 3) and mask.shape == (4, 5)
+
+
+def test_a_mask_rewritten_in_place_is_checked_again(tmp_path, monkeypatch):
+    """The remembered check vouches for files of the same path, size and modification time: a mask rewritten with
+    a bad value (and, stored uncompressed, the same size) is checked again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    path = os.path.join(info["root"], read_split(info["labeled_list"])[0][1])
+    mask = np.array(Image.open(path))
+    Image.fromarray(mask).save(path, compress_level=0)
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    assert src.check_cached(progress=False)[0] and not src.check_cached(progress=False)[0]  # checked, then remembered
+    size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+    mask[0, 0] = 9
+    Image.fromarray(mask).save(path, compress_level=0)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert os.path.getsize(path) == size
+    with pytest.raises(ValueError, match=r"label values outside \[0, 5\).*: 9"):
+        src.check_cached(progress=False)

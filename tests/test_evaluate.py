@@ -437,3 +437,34 @@ def test_sliding_window_stride_is_truncated():
     starts = [0, 16, 25]
     expected = torch.tensor([sum(s <= x < s + 25 for s in starts) for x in range(50)], dtype=cover.dtype)
     torch.testing.assert_close(cover, expected)
+
+
+def test_eval_sub_batches_group_images_of_one_whole_size():
+    """Images of one height but different widths are separate sub-batches (in order of their first image)."""
+    from csl.evaluate import collate_by_size
+
+    samples = [{"image": torch.zeros(3, 20, w), "mask": torch.zeros(20, w, dtype=torch.long), "name": f"img{i}"}
+               for i, w in enumerate((24, 31, 24))]
+    batches = collate_by_size(samples)
+    assert [tuple(b["image"].shape) for b in batches] == [(2, 3, 20, 24), (1, 3, 20, 31)]
+    assert [b["name"] for b in batches] == [["img0", "img2"], ["img1"]]
+
+
+def test_a_centre_crop_at_an_image_scale_comes_back_at_its_rounded_size(tmp_path):
+    """image_scale 0.3 and crop 20: the crop covers 20 / 0.3 = 66.7 pixels of the image, written as 67."""
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8)).save(image)
+    written = predict_images(ReadChannel(2), [str(image)], str(tmp_path / "crop"), num_classes=2, image_scale=0.3,
+                             mode="center_crop", crop_size=20, progress=False)
+    with Image.open(written[0]) as p:
+        assert p.size == (67, 67)
+
+
+def test_predict_leaves_the_model_in_its_mode(tmp_path):
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8)).save(image)
+    model = ReadChannel(2)
+    for training in (True, False):
+        model.train(training)
+        predict_images(model, [str(image)], str(tmp_path / f"out{training}"), num_classes=2, progress=False)
+        assert model.training == training

@@ -744,3 +744,125 @@ def test_an_output_folder_that_cannot_be_written_in_is_refused_and_the_check_lea
         run_folder.check_output_folder(str(tmp_path), "output_dir")
     with pytest.raises(ValueError, match=r"cannot write there \(in .+, the nearest folder of it that exists\)"):
         run_folder.check_output_folder(str(tmp_path / "new"))
+
+
+def test_the_temporary_files_of_whole_writes_are_the_ones_a_start_removes(tmp_path):
+    """A kill while latest.pt or config.yaml is written leaves the writer's temporary file beside it: the next start
+    removes it by its name, and keeps a user's own *.tmp file."""
+    from csl.files import atomic_open
+    from csl.run_folder import _remove_orphans
+
+    left = []
+    for name in ("latest.pt", "config.yaml"):
+        with atomic_open(str(tmp_path / name), binary=True) as f:
+            left += [n for n in os.listdir(tmp_path) if n not in ("latest.pt", "config.yaml")]
+            f.write(b"x")
+    assert len(left) == 2
+    for name in left:
+        (tmp_path / name).write_bytes(b"what a kill left")
+    (tmp_path / "notes.tmp").write_text("mine")
+    _remove_orphans(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "latest.pt", "notes.tmp"]
+
+
+def test_an_empty_metrics_log_is_no_run(tmp_path):
+    """A start that failed after opening metrics.jsonl leaves it empty: the folder holds no run, a plain start
+    takes it."""
+    from csl.run_folder import RUN_CONFIG_HEADER, claim_run_folder
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "config.yaml").write_text(RUN_CONFIG_HEADER + "seed: 0\n")
+    lock = claim_run_folder(str(tmp_path), resuming=False, resume_auto=False, overwrite=False)
+    lock.discard_replaced()
+    lock.release()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_auto_replaces_a_run_that_saved_no_checkpoint(tmp_path):
+    """--resume auto where a run left metrics but no checkpoint: nothing to continue, so it starts anew and replaces
+    those files, with a warning that says why."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 1, "loss": 1.0}) + "\n")
+    Trainer(config(tmp_path, **{"train.resume": "auto"})).close()
+    assert "train.resume=auto found no checkpoint to continue" in (tmp_path / "train.log").read_text()
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []
+
+
+def test_a_kill_while_the_replaced_run_is_deleted_leaves_nothing_to_put_back(tmp_path, monkeypatch):
+    """The replaced run is renamed before it is deleted: a kill half-way through the deletion leaves a folder the next
+    start deletes, never part of the old run under the name it puts back."""
+    import shutil as shutil_mod
+
+    from csl.run_folder import DISCARDED_SUFFIX, REPLACED_DIR, claim_run_folder
+
+    (tmp_path / "latest.pt").write_bytes(b"the old run")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 1}) + "\n")
+    lock = claim_run_folder(str(tmp_path), resuming=False, resume_auto=False, overwrite=True)
+    real_rmtree = shutil_mod.rmtree
+
+    def killed_half_way(path, ignore_errors=False):
+        if os.path.isdir(path):
+            os.remove(os.path.join(path, "latest.pt"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil_mod, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        lock.discard_replaced()
+    monkeypatch.setattr(shutil_mod, "rmtree", real_rmtree)
+    lock.release()
+    assert not (tmp_path / REPLACED_DIR).exists() and (tmp_path / (REPLACED_DIR + DISCARDED_SUFFIX)).is_dir()
+
+
+def test_non_finite_values_are_written_as_null_and_never_the_best(tmp_path):
+    """metrics.jsonl is JSON for any reader: NaN and inf are written as null (Python's json would write NaN), and the
+    best mIoU is over the defined ones."""
+    from csl.logging_utils import MetricsWriter, best_miou
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    writer.write({"kind": "eval", "iter": 2, "miou": float("nan"), "iou": [0.5, float("inf")]})
+    writer.write({"kind": "eval", "iter": 4, "miou": 0.25, "iou": [0.5, 0.0]})
+    writer.close()
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    assert records[0] == {"kind": "eval", "iter": 2, "miou": None, "iou": [0.5, None]}
+    assert best_miou(records) == 0.25 and best_miou(records[:1]) is None and best_miou([]) is None
+
+
+def test_other_ranks_log_warnings_only():
+    import logging
+
+    from csl.logging_utils import LOGGERS, setup_logging
+
+    try:
+        setup_logging(None, is_main=False)
+        assert [logging.getLogger(name).level for name in LOGGERS] == [logging.WARNING] * len(LOGGERS)
+        setup_logging(None)
+        assert [logging.getLogger(name).level for name in LOGGERS] == [logging.INFO] * len(LOGGERS)
+    finally:
+        setup_logging(None)
+
+
+def test_a_metrics_record_is_in_the_file_once_written(tmp_path):
+    """A run killed without a chance to close its files (SIGKILL, the out-of-memory killer) keeps every record it
+    wrote: each is flushed at once."""
+    from csl.logging_utils import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    writer.write({"kind": "train", "iter": 1, "loss": 0.5})
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == [{"kind": "train", "iter": 1, "loss": 0.5}]
+    writer.close()
+
+
+def test_a_final_error_goes_into_the_log_file_not_again_to_the_console(tmp_path, capsys):
+    from csl.logging_utils import log_to_files, setup_logging
+
+    try:
+        setup_logging(str(tmp_path))
+        log_to_files("the run stopped on an error: boom")
+        assert "ERROR the run stopped on an error: boom" in (tmp_path / "train.log").read_text()
+        assert "boom" not in capsys.readouterr().err
+    finally:
+        setup_logging(None)

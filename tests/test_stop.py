@@ -61,3 +61,31 @@ def test_a_dropped_second_signal_is_still_a_request_the_loop_sees():
         assert stop.requested()
         _dropped(signal.SIGINT)  # the second: raised at once, dropped
         assert stop.requested()  # the loop's check still stops the run
+
+
+def test_a_second_signal_raises_where_it_lands():
+    """Ctrl-C twice: the first waits for the iteration's end, the second stops at once (the rest of the iteration
+    does not run)."""
+    reached = []
+    with pytest.raises(KeyboardInterrupt), stop.deferred():
+        stop.handle_signal(signal.SIGINT, None)
+        reached.append("the iteration goes on")
+        stop.handle_signal(signal.SIGINT, None)
+        reached.append("the iteration went on after the second signal")
+    assert reached == ["the iteration goes on"]
+    assert not stop.requested()
+
+
+def test_a_stop_that_left_an_evaluation_is_not_raised_again_when_training_ends():
+    """A stop raised at once inside an evaluation that leaves it (and is handled outside it) is done with: the training
+    block around it ends without raising it a second time, and nothing is left pending."""
+    with stop.deferred():
+        with pytest.raises(KeyboardInterrupt), stop.immediate():
+            stop.handle_signal(signal.SIGINT, None)
+        assert not stop.requested()
+
+
+def test_a_stop_raised_outside_any_block_leaves_nothing_pending():
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle_signal(signal.SIGINT, None)
+    assert not stop.requested()

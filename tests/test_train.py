@@ -805,3 +805,45 @@ def test_ohem_keeps_the_min_kept_th_pixel_when_it_is_above_thresh():
         got = OhemCrossEntropy(0.7, min_kept)(pred, target)
         torch.testing.assert_close(got.double(), _ohem_reference(pred.float(), target, 0.7, min_kept).double(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_an_item_leaves_the_callers_random_streams_as_they_were():
+    """SeededDataset seeds random, numpy.random and torch for each item and gives the caller's three streams back."""
+    import random
+
+    from torch.utils.data import Dataset
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    before = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    SeededDataset(Draws())[(1, 123)]
+    after = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    assert after[0] == before[0] and torch.equal(after[2], before[2])
+    assert np.array_equal(after[1][1], before[1][1]) and after[1][2:] == before[1][2:]
+
+
+def test_a_rank_outside_the_world_is_refused_before_the_process_group_starts(monkeypatch):
+    from csl.distributed import init_distributed
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for rank, world_size in ((2, 2), (-1, 2), (0, 0)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        with pytest.raises(ValueError, match=rf"need 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world_size}"):
+            init_distributed("cpu")
+
+
+def test_the_streams_of_one_seed_draw_their_own_orders():
+    """The labeled stream and each unlabeled stream permute their lists independently, also for lists of one
+    length."""
+    orders = [ResumableDistributedSampler(50, 50, seed=0, stream=s).global_order(0) for s in range(3)]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
