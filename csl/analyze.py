@@ -359,7 +359,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     trained_released = sel_cfg["rule"] == "released"
     confidence = (None if trained_released else sel_cfg["confidence"]) or "prob"
     released_confidence = sel_cfg["confidence"] if trained_released else None
-    shown = set(_pick(n_images, panels))
+    shown = set(_pick(n_images, max(panels, 1)))  # the first is also feature_plane.png's image
     tally, examples, skipped = _Tally(num_classes, taus, max_ranked_pixels), [], []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -419,7 +419,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
     from .plots import plot_analysis
 
     result["pictures"] = plot_analysis(result, examples, out_dir, alpha=alpha, tau=BASELINE_TAU,
-                                       dataset=cfg["data"]["dataset"])
+                                       dataset=cfg["data"]["dataset"], panels=panels > 0)
     atomic_write_text(os.path.join(out_dir, "analysis.json"), json.dumps(result, indent=1, allow_nan=False))
     return result
 

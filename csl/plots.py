@@ -250,13 +250,15 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
 
 
 def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: float, tau: float = 0.95,
-                  dataset: str | None = None) -> list[str]:
-    """Every picture of ``csl analyze``; returns their paths."""
+                  dataset: str | None = None, panels: bool = True) -> list[str]:
+    """Every picture of ``csl analyze``; returns their paths. ``examples[0]`` is drawn in the feature plane, and
+    ``panels`` draws every example in ``panels.png``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [plot_accuracy_recall(result, out_dir, tau), plot_per_class(result, out_dir, tau)]
     if examples:
         paths.append(plot_feature_plane(examples[0], out_dir, alpha, tau, confidence=result.get("confidence",
                                                                                                    "prob")))
+    if examples and panels:
         paths.append(plot_panels(examples, out_dir, result["num_classes"], dataset, tau, result.get("class_names")))
     return paths
 

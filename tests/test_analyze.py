@@ -91,7 +91,12 @@ def test_analyze_command_writes_json_and_pictures(checkpoint, tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "val"), "--split", "val",
                  "--panels", "0"]) == 0
     with open(tmp_path / "val" / "analysis.json") as f:
-        assert json.load(f)["images"] == 2
+        r = json.load(f)
+    assert r["images"] == 2
+    # --panels 0: no panels.png; the feature plane (one image) is still drawn
+    assert {os.path.basename(p) for p in r["pictures"]} == {"accuracy_recall.png", "per_class.png",
+                                                            "feature_plane.png"}
+    assert not (tmp_path / "val" / "panels.png").exists()
 
 
 def test_eval_refuses_a_class_count_mismatch(checkpoint, capsys):
