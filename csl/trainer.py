@@ -206,7 +206,8 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
             files.append(("model.pretrained", cfg["model"]["pretrained"]))
     for key, path in files:
         if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: file not found: {path}")
+            where = "" if os.path.isabs(path) else f" (read from the current folder: {os.path.abspath(path)})"
+            raise FileNotFoundError(f"{key}: file not found: {path}{where}")
 
 
 def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:

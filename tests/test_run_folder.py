@@ -456,13 +456,18 @@ def test_a_checkpoint_of_another_folder_resumes_only_into_a_folder_without_a_run
     assert train(config(tmp_path / "a", **{"train.resume": other}))["iterations"] == 4  # its own folder
 
 
-def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path):
+def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path, monkeypatch):
     gone = str(tmp_path / "gone.pt")
     for key in ("train.resume", "train.init_from", "model.pretrained"):
         out = tmp_path / key
-        with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}"):
+        with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}$"):
             Trainer(config(out, **{key: gone}))
         assert not out.exists()
+    # A relative path (the camvid config's ../shared/weights/...) is read from the current folder, which is said.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"model.pretrained: file not found: \.\./w/gone\.pt \(read from the "
+                                                rf"current folder: {tmp_path.parent}/w/gone\.pt\)$"):
+        Trainer(config(tmp_path / "rel", **{"model.pretrained": "../w/gone.pt"}))
 
 
 def test_a_periodic_checkpoint_never_holds_non_finite_weights(tmp_path):
