@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"csl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,analyze,demo,split,report}")
     add = sub.add_parser
+    p.commands = sub.choices  # each subcommand's parser, by name
 
     def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
         """A subcommand whose --help starts with what it does (argparse shows ``help`` only in the list)."""
@@ -514,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     # unparsed, and they join the overrides; anything else unrecognised is an error as usual.
     args, extra = parser.parse_known_args(argv)
     stray = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # said by the subcommand's parser: "csl train: error: ..."
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     previous = {}

@@ -408,6 +408,15 @@ def test_bad_override_exits_with_message(capsys):
     assert main(["eval", "--checkpoint", "/nonexistent/ckpt.pt"]) == 2
 
 
+def test_an_unknown_option_is_said_by_its_subcommand(capsys):
+    """``csl train: error: ...`` as for every other usage error of a subcommand, with that subcommand's usage."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--config", "demo", "--overwite"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("usage: csl train ")
+    assert err.strip().splitlines()[-1] == "csl train: error: unrecognized arguments: --overwite"
+
+
 def test_csl_debug_prints_the_traceback_and_keeps_the_exit_status(capsys, monkeypatch):
     monkeypatch.setenv("CSL_DEBUG", "1")
     assert main(["train", "--config", "demo", "train.lrr=0.1"]) == 2
