@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     r = command("report", "write the Markdown + PNG report of csl demo run folders (one per seed) and their analyses")
     r.add_argument("runs", nargs="+", help="run folders of `csl demo --config ...` (one per seed)")
     r.add_argument("--out", required=True, help="folder for report.md and its pictures")
+    r.add_argument("--overwrite", action="store_true", help="replace a report already in --out (and its pictures)")
     return p
 
 
@@ -489,7 +490,7 @@ def cmd_report(args) -> int:
     from .report import write_report_and_pictures
 
     try:
-        path, pictures = write_report_and_pictures(args.runs, args.out)
+        path, pictures = write_report_and_pictures(args.runs, args.out, args.overwrite)
     except KeyError as e:  # a summary.json or metrics record without a field the report reads
         raise ValueError(f"a run record lacks the field {e} (is every folder a finished `csl demo` output?)") from e
     print(f"wrote {path} and {len(pictures)} picture(s) beside it" + (f": {', '.join(pictures)}" if pictures else ""))

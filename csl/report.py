@@ -300,16 +300,20 @@ def training_pl_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folders: list[str], out_dir: str) -> str:
+def write_report(folders: list[str], out_dir: str, overwrite: bool = False) -> str:
     """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
-    return write_report_and_pictures(folders, out_dir)[0]
+    return write_report_and_pictures(folders, out_dir, overwrite)[0]
 
 
-def write_report_and_pictures(folders: list[str], out_dir: str) -> tuple[str, list[str]]:
-    """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path and the pictures' file names."""
+def write_report_and_pictures(folders: list[str], out_dir: str, overwrite: bool = False) -> tuple[str, list[str]]:
+    """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path and the pictures' file names. A
+    folder that holds a report is refused unless ``overwrite`` (then its pictures go with it)."""
     from .plots import plot_miou_by_seed, plot_miou_curves, plot_pseudo_label_curves
 
     check_output_folder(out_dir)
+    if not overwrite and os.path.isfile(os.path.join(out_dir, "report.md")):
+        raise FileExistsError(f"--out {out_dir} already holds a report (report.md); replace it with --overwrite, or "
+                              f"choose another --out")
     runs = [load_run(f) for f in folders]
     seeds = [_seed(r) for r in runs]
     for seed in sorted(set(seeds)):

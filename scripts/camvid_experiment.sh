@@ -42,5 +42,5 @@ for run in warmup ${METHODS//,/ }; do
   fi
   $PY -m csl analyze --checkpoint "$OUT/$run/latest.pt" --out "$OUT/analysis/$run" --overwrite "${DATA[@]}"
 done
-$PY -m csl report "$OUT" --out "$OUT/report"
+$PY -m csl report "$OUT" --out "$OUT/report" --overwrite
 echo "camvid_experiment: done in $(( $(date +%s) - start )) s -> $OUT"

@@ -252,20 +252,22 @@ def test_records_cut_by_a_crash_are_named_and_the_final_model_stays_the_summarys
                              ('{"results": {}}', f"{summary} has no 'results' and 'config' objects")):
         with open(summary, "w") as f:
             f.write(content)
-        assert report.main([folder, "--out", str(out)]) == 2
+        assert report.main([folder, "--out", str(out), "--overwrite"]) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "a_file").write_text("x")
     assert report.main([folder, "--out", str(tmp_path / "a_file")]) == 2
     assert "--out " + str(tmp_path / "a_file") + " is a file; give a folder" in capsys.readouterr().err
 
 
-def test_a_report_written_again_leaves_no_picture_of_the_earlier_one(tmp_path):
+def test_a_report_written_again_leaves_no_picture_of_the_earlier_one(tmp_path, capsys):
     folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
     out = tmp_path / "report"
     assert report.main([*folders, "--out", str(out)]) == 0
     assert {"miou_by_seed.png", "miou_seed0.png", "miou_seed1.png"} <= set(os.listdir(out))
     (out / "notes.txt").write_text("mine")
-    assert report.main([folders[0], "--out", str(out)]) == 0
+    assert report.main([folders[0], "--out", str(out)]) == 2
+    assert f"--out {out} already holds a report (report.md); replace it with --overwrite" in capsys.readouterr().err
+    assert report.main([folders[0], "--out", str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["miou_seed0.png", "notes.txt", "pseudo_labels_seed0.png", "report.md"]
 
 
