@@ -245,6 +245,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
+    if args.bn_recalibrate < 0:
+        raise ValueError(f"--bn-recalibrate must be >= 0 (0 keeps the checkpoint's statistics), got "
+                         f"{args.bn_recalibrate}")
+
     from csl_kernels import IGNORE_INDEX
 
     from .checkpoint import load_checkpoint

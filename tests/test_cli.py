@@ -83,6 +83,8 @@ def test_eval_re_estimates_batchnorm_on_frames_or_crops(trained, capsys, caplog,
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert f"BatchNorm statistics re-estimated on 4 {said}" in caplog.text
     assert again["miou"] != kept["miou"] or again["pixel_acc"] != kept["pixel_acc"]  # other statistics, other output
+    assert main([*args[:3], "--bn-recalibrate", "-3", "--bn-views", views, *args[3:]]) == 2
+    assert "--bn-recalibrate must be >= 0 (0 keeps the checkpoint's statistics), got -3" in capsys.readouterr().err
 
 
 def test_a_gpu_runs_checkpoint_is_evaluated_here(trained, tmp_path, capsys):
@@ -685,6 +687,13 @@ def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_p
         assert said in err and "rounds to 1 to 5 of its 6 items (e.g. 1/6 to 5/6)" in err, err
     assert not (tmp_path / "s").exists()
     assert main(["split", "--list", str(listing), "--fractions", "1/6", "5/6", "--out", str(tmp_path / "s")]) == 0
+    listing.write_text("img/0.png mask/0.png\nimg/1.png mask/1.png\n")  # two items: one fraction only, 1/2
+    assert main(["split", "--list", str(listing), "--fractions", "1/8", "--out", str(tmp_path / "s2")]) == 2
+    assert "this list needs a fraction that rounds to 1 of its 2 items (e.g. 1/2)\n" in capsys.readouterr().err
+    listing.write_text("img/0.png mask/0.png\nimg/1.png\nimg/2.png\n")
+    assert main(["split", "--list", str(listing), "--fractions", "1/2", "--out", str(tmp_path / "s2")]) == 2
+    assert "every line needs a mask path to make a labeled split; 2 of 3 name only an image, e.g. img/1.png" in (
+        capsys.readouterr().err)
 
 
 def test_a_path_through_a_file_is_the_users_input(monkeypatch, capsys):

@@ -44,10 +44,11 @@ def split_items(items: SplitItems, fraction: Fraction | str, seed: int = 0) -> t
     order = np.random.default_rng(seed).permutation(len(items))
     count = round(len(items) * fraction)
     if not 1 <= count <= len(items) - 1:
-        raise ValueError(f"fraction {fraction} of {len(items)} items rounds to {count} labeled: no "
+        n = len(items)
+        counts, examples = ("1", "1/2") if n == 2 else (f"1 to {n - 1}", f"1/{n} to {n - 1}/{n}")
+        raise ValueError(f"fraction {fraction} of {n} items rounds to {count} labeled: no "
                          f"{'labeled' if count < 1 else 'unlabeled'} item would be left; this list needs a fraction "
-                         f"that rounds to 1 to {len(items) - 1} of its {len(items)} items (e.g. 1/{len(items)} to "
-                         f"{len(items) - 1}/{len(items)})")
+                         f"that rounds to {counts} of its {n} items (e.g. {examples})")
     chosen = set(order[:count].tolist())
     labeled = [it for i, it in enumerate(items) if i in chosen]
     unlabeled = [it for i, it in enumerate(items) if i not in chosen]
@@ -65,8 +66,10 @@ def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0, overwri
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"the split seed (--seed) must be an int >= 0, got {seed!r}")
     items = read_split(list_path)
-    if not all(mask is not None for _, mask in items):
-        raise ValueError(f"{list_path}: every line needs a mask path to make a labeled split")
+    without = [img for img, mask in items if mask is None]
+    if without:
+        raise ValueError(f"{list_path}: every line needs a mask path to make a labeled split; {len(without)} of "
+                         f"{len(items)} name only an image, e.g. {without[0]}")
     first: dict[str, int] = {}
     for i, (img, _) in enumerate(items):
         if img in first:
