@@ -60,7 +60,7 @@ def test_camvid_void_is_ignored_and_other_values_are_errors(tmp_path):
     _, mask = src.load(0)
     assert set(np.unique(mask).tolist()) == {0, 3, 255}  # void 11 -> ignored
     # data.ignore_labels=[] turns the default off: 11 is then outside the 11 classes, an error naming file and value
-    with pytest.raises(ValueError, match=r"f0\.png.*: 11"):
+    with pytest.raises(ValueError, match=r"f0\.png.*: 11 .*; values that mean \"unlabelled\" go in data\.ignore_"):
         CamVid(str(root), str(root / "train.txt"), 11, 255, ignore_labels=()).load(0)
     bad = _tiny_camvid(tmp_path / "bad", values=(0, 12))
     with pytest.raises(ValueError, match=r"trainannot/f0\.png has label values .*: 12 \(values \[11\] ignored"):

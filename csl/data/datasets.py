@@ -336,7 +336,8 @@ class ListSource:
             return map_labels(mask, self.file_ignore_index, self.ignore_labels, self.reduce_zero_label,
                               self.num_classes)
         except ValueError as e:
-            raise ValueError(f"mask {path} has {e}" + (f" ({hint})" if hint else "")) from None
+            raise ValueError(f"mask {path} has {e}" + (f" ({hint})" if hint else "") + "; values that mean "
+                             "\"unlabelled\" go in data.ignore_labels (e.g. data.ignore_labels=[11])") from None
 
     def name(self, index: int) -> str:
         return os.path.splitext(self.items[index][0])[0]
