@@ -133,8 +133,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
             with open(path, "rb") as f:
                 start = f.read(24)
-            raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint (cut short, corrupt, or another "
-                             f"kind of file; {os.path.getsize(path)} bytes, starting {start!r})") from e
+            size = os.path.getsize(path)
+            what = (f"a zip archive cut short: {size} bytes, a copy or a save that did not finish?"
+                    if start.startswith(b"PK\x03\x04") else
+                    f"cut short, corrupt, or another kind of file; {size} bytes, starting {start!r}")
+            raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint ({what})") from e
         raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(e)}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
