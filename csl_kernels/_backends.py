@@ -174,7 +174,9 @@ def _resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable
             if reason is not None:
                 runs = "" if kernels == op else f" runs the {kernels} kernels"
                 named = " (named by CSL_BACKEND)" if forced else ""
-                raise RuntimeError(f"csl_kernels.{op}{runs}: backend {backend!r}{named} is unavailable: {reason}")
+                # a name that is no backend is the caller's mistake; a backend this machine cannot run is not
+                error = ValueError if backend not in BACKENDS else RuntimeError
+                raise error(f"csl_kernels.{op}{runs}: backend {backend!r}{named} is unavailable: {reason}")
             impl = _NAMED[key] = _IMPLS[kernels][backend]
         if forced and (op, backend) not in _FORCED_LOGGED:
             _FORCED_LOGGED.add((op, backend))

@@ -6,6 +6,7 @@ import torch
 
 from ._backends import register, resolve
 from ._checks import IGNORE_INDEX, check_int, check_integer_tensor, check_positive_int, check_same_shape
+from ._eager import under_torch_func
 from .metrics import scored_pixels
 
 
@@ -47,7 +48,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
     Pixels whose target is ``ignore_index`` or outside ``[0, C)`` are skipped. A prediction outside ``[0, C)`` where
     the target is a class is a ValueError: skipped, it would drop a miss and raise that class's IoU (the check
-    synchronises with the GPU once per call).
+    synchronises with the GPU once per call; under ``torch.compile`` and ``torch.func`` transforms it is not made and
+    such pixels are skipped).
     """
     check_integer_tensor(pred, "pred")
     check_integer_tensor(target, "target")
@@ -60,7 +62,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def _refuse_stray_predictions(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    if pred.device.type == "meta":  # shapes without data: nothing to check
+    # Shapes without data, a graph being traced, vmap's batched tensors: no value to look at (the ops skip them).
+    if pred.device.type == "meta" or torch.compiler.is_compiling() or under_torch_func():
         return
     p, t = pred.long(), target.long()  # int64: an int8 255 would wrap, uint16 / uint32 / uint64 do not compare
     stray = (t != ignore_index) & (t >= 0) & (t < num_classes) & ((p < 0) | (p >= num_classes))

@@ -152,7 +152,7 @@ def test_no_backend_at_all_raises(registry):
 
 def test_unknown_backend_name_raises():
     z = torch.randn(1, 3, 2, 2)
-    with pytest.raises(RuntimeError, match="unknown backend 'fastest'"):
+    with pytest.raises(ValueError, match="unknown backend 'fastest'; expected 'auto' or one of"):
         csl_kernels.residual_features(z, backend="fastest")
     assert csl_kernels.unavailable_reason("residual_features", "fastest", CPU).startswith("unknown backend")
     assert not csl_kernels.is_available("residual_features", "fastest", "cpu")
