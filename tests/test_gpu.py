@@ -244,3 +244,84 @@ def test_register_classes_setting_refuses_an_unknown_value(tmp_path):
     require_backend("pcos_weights", "cuda")
     done = _run_register_classes_children({"": "yes"}, tmp_path)[""]
     assert done.returncode != 0 and "CSL_CUDA_REGISTER_CLASSES must be 0 or 1, got 'yes'" in done.stderr, done.stderr
+
+
+# Launch paths no small input reaches (a read-through of the CUDA sources, checked there by running the kernels'
+# source rewritten for the host): the grid-y split of PCOS's chunk passes (B > 65535), chunks of several tiles (class
+# groups at C = 150 beyond 5.7 M pixels), the CE finish kernel over many partial sums, the confusion matrix's
+# grid-stride loop.
+
+def _stats(out):
+    return (*out[:3], *out.stats)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_pcos_images_past_the_first_grid_y_launch(groups):
+    """B = 65535 + 300: the chunk passes run two launches (grid y <= 65535). Every image here is one chunk of 1024
+    pixels whatever B, so the last 300 images must give bitwise what they give alone."""
+    device = require_backend("pcos_weights", "cuda")
+    g = torch.Generator().manual_seed(0)
+    b = 65535 + 300
+    z = (torch.randn(b, 3, 2, 3, generator=g) * 3).to(device)
+    ignore = torch.where(torch.rand(b, 2, 3, generator=g) < 0.2, 255, 0).to(device=device, dtype=torch.uint8)
+    z[-1, 1, 0, 0] = float("nan")
+    whole = csl_kernels.pcos_weights(z, ignore, groups=groups, backend="cuda", return_stats=True)
+    tail = csl_kernels.pcos_weights(z[-300:], ignore[-300:], groups=groups, backend="cuda", return_stats=True)
+    for a, t in zip(_stats(whole), _stats(tail), strict=True):
+        assert torch.equal(a[-300:], t)
+    assert int(whole.stats.n_nonfinite[-1]) == 1 and int(whole.stats.n_nonfinite[:-1].sum()) == 0
+
+
+@pytest.mark.slow
+def test_pcos_class_groups_over_chunks_of_several_tiles():
+    """C = 150 class groups on 2400 x 2400 pixels: the chunk is 2048 pixels (two tiles; records would pass 64 MiB with
+    1024), so the class sums accumulate tile after tile. The logits repeat one row (stride 0 along H): every
+    statistic is H times the row's (counts exactly), and every row gets the row's labels and weights."""
+    device = require_backend("pcos_weights", "cuda")
+    g = torch.Generator().manual_seed(1)
+    h = w = 2400
+    row = (torch.randn(1, 150, 1, w, generator=g) * 3).to(device)
+    row[:, 7] += 4.0  # a dominant class: populated groups with two clusters
+    z = row.expand(1, 150, h, w)
+    whole = csl_kernels.pcos_weights(z, groups="class", backend="cuda", return_stats=True)
+    one = csl_kernels.pcos_weights(row, groups="class", backend="cuda", return_stats=True)
+    assert torch.equal(whole.label, one.label.expand(1, h, w))
+    assert torch.equal(whole.stats.count, one.stats.count * h)
+    assert int(whole.stats.count.sum()) == h * w
+    torch.testing.assert_close(whole.stats.mu, one.stats.mu, rtol=1e-9, atol=1e-12)
+    n_row = one.stats.count.double()
+    expected_var = one.stats.var * ((n_row - 1) * h / (n_row * h - 1)).clamp_min(0).unsqueeze(-1)
+    torch.testing.assert_close(whole.stats.var, expected_var, rtol=1e-6, atol=1e-12)
+    assert (whole.weight == whole.weight[:, :1]).all()  # identical rows, identical weights
+
+
+def test_ce_over_many_blocks_matches_cpu():
+    """2 x 21 x 513 x 513: 515 forward blocks, so the one-block finish kernel adds several partial sums per thread."""
+    device = require_backend("weighted_cross_entropy", "cuda")
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 21, 513, 513, generator=g) * 3
+    label = torch.randint(0, 21, (2, 513, 513), generator=g)
+    weight = torch.rand(2, 513, 513, generator=g)
+    ignore = torch.where(torch.rand(2, 513, 513, generator=g) < 0.1, 255, 0).to(torch.uint8)
+    losses, grads = [], []
+    for dev, backend in ((torch.device("cpu"), "cpu"), (device, "cuda")):
+        zz = z.to(dev).requires_grad_()
+        loss = csl_kernels.weighted_cross_entropy(zz, label.to(dev), weight.to(dev), ignore.to(dev), backend=backend)
+        loss.backward()
+        losses.append(loss.detach().cpu())
+        grads.append(zz.grad.cpu())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_classes", [21, 64, 65, 150])
+def test_confusion_matrix_grid_stride(num_classes):
+    """10^7 pixels: 1024 blocks, each thread loops over ~38 pixels (shared histogram up to 64 classes, global above)."""
+    device = require_backend("confusion_matrix", "cuda")
+    g = torch.Generator().manual_seed(num_classes)
+    pred = torch.randint(-1, num_classes + 1, (10_000_000,), generator=g)
+    target = torch.randint(-1, num_classes + 1, (10_000_000,), generator=g)
+    target[torch.rand(10_000_000, generator=g) < 0.1] = 255
+    # The op itself: it skips the out-of-range predictions the public call refuses where the target is a class.
+    got = torch.ops.csl.confusion_matrix(pred.to(device), target.to(device), num_classes, 255)
+    assert torch.equal(got.cpu(), confusion_matrix_reference(pred, target, num_classes, 255))

@@ -37,8 +37,10 @@ inline unsigned int grid_for(int64_t n, int64_t per_block = kThreads, int64_t ma
 
 // Sums N values over a block of kThreads threads in a fixed order (warp shuffles, then one warp over the warp sums),
 // so the result is bitwise reproducible. ``scratch`` holds N * kWarps doubles. The result is valid in thread 0.
+// Every launch that calls it uses blocks of kThreads threads (whole warps; the full shuffle mask assumes them).
 template <int N>
 __device__ inline void block_reduce_sum(double (&v)[N], double* scratch) {
+  static_assert(kThreads % 32 == 0 && kWarps <= 32, "block_reduce_sum: whole warps, and one warp of warp sums");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
