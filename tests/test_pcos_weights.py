@@ -678,7 +678,7 @@ def test_triton_custom_op_registration_and_compile():
         (lambda z: (z[:, :1], None, {}), ValueError, "at least 2 classes"),
         (lambda z: (z, torch.zeros(2, 5, 4, dtype=torch.long), {}), ValueError, "ignore"),
         (lambda z: (z, torch.zeros(2, 4, 5, dtype=torch.float32), {}), TypeError, "ignore"),
-        (lambda z: (z, None, {"backend": "tpu"}), RuntimeError, "backend"),
+        (lambda z: (z, None, {"backend": "tpu"}), ValueError, "unknown backend .tpu."),
     ],
 )
 def test_bad_input_errors(make, error, match):

@@ -398,7 +398,7 @@ def test_triton_custom_op_registration_and_compile():
         (lambda z: (z, torch.zeros(2, 4, 5), {}), TypeError, "ignore"),
         (lambda z: (z, [[0]], {}), TypeError, "ignore"),
         (lambda z: (z, None, {"confidence": "logit"}), ValueError, "confidence"),
-        (lambda z: (z, None, {"backend": "gpu"}), RuntimeError, "backend"),
+        (lambda z: (z, None, {"backend": "gpu"}), ValueError, "unknown backend .gpu."),
     ],
 )
 def test_bad_input_errors(make, error, match):

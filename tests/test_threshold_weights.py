@@ -180,7 +180,7 @@ def test_selection_scores_bad_input(kwargs, error, match):
 
 
 def test_unknown_backend_names_threshold_weights():
-    with pytest.raises(RuntimeError, match=r"threshold_weights runs the residual_features kernels: .*'bogus'"):
+    with pytest.raises(ValueError, match=r"threshold_weights runs the residual_features kernels: .*'bogus'"):
         csl_kernels.threshold_weights(torch.randn(1, 3, 2, 2), backend="bogus")
 
 
