@@ -65,11 +65,12 @@ def _refuse_stray_predictions(pred: torch.Tensor, target: torch.Tensor, num_clas
     # Shapes without data, a graph being traced, vmap's batched tensors: no value to look at (the ops skip them).
     if pred.device.type == "meta" or torch.compiler.is_compiling() or under_torch_func():
         return
-    p, t = pred.long(), target.long()  # int64: an int8 255 would wrap, uint16 / uint32 / uint64 do not compare
-    stray = (t != ignore_index) & (t >= 0) & (t < num_classes) & ((p < 0) | (p >= num_classes))
+    # The pixels scored_pixels takes by their target (its label the target itself) but not by the prediction.
+    stray = scored_pixels(target, target, num_classes, ignore_index) & ~scored_pixels(pred, target, num_classes,
+                                                                                      ignore_index)
     if bool(stray.any()):
         raise ValueError(f"pred holds {int(stray.sum())} class id(s) outside [0, {num_classes}) where the target is a "
-                         f"class (e.g. {int(p[stray][0])}); a confusion matrix cannot count them as misses, so map "
+                         f"class (e.g. {int(pred[stray][0])}); a confusion matrix cannot count them as misses, so map "
                          f"them to a class or mark those pixels ignore_index ({ignore_index}) in the target")
 
 
