@@ -252,7 +252,7 @@ def cmd_eval(args) -> int:
     from csl_kernels import IGNORE_INDEX
 
     from .checkpoint import load_checkpoint
-    from .data import default_eval_mode
+    from .data import class_names, default_eval_mode
     from .distributed import cleanup_distributed, init_distributed
     from .evaluate import evaluate, make_eval_loader
     from .logging_utils import setup_logging
@@ -294,10 +294,14 @@ def cmd_eval(args) -> int:
     if env.is_main:
         print(f"mIoU {100 * result['miou']:.2f}  pixel accuracy {100 * result['pixel_acc']:.2f}  ({mode}, "
               f"{len(loader.dataset)} images)")
-        for k, iou in enumerate(result["iou"]):
-            print(f"  class {k:3d}: IoU " + ("  n/a" if iou != iou else f"{100 * iou:5.2f}"))
+        names = class_names(cfg["data"], num_classes)
+        width = max(len(name) for name in names)
+        for k, (name, iou) in enumerate(zip(names, result["iou"], strict=True)):
+            print(f"  {k:3d} {name:<{width}}  IoU " + ("  n/a" if iou != iou else f"{100 * iou:5.2f}"))
+        # The machine-readable line: fractions in [0, 1] (the lines above are percentages), None for a class
+        # without pixels in the labels or the predictions.
         print(json.dumps({"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": [
-            None if v != v else v for v in result["iou"]], "mode": mode}))
+            None if v != v else v for v in result["iou"]], "class_names": names, "mode": mode}))
     return 0
 
 

@@ -69,7 +69,11 @@ def test_eval_matches_training_eval(trained, capsys):
     result = json.loads(out.strip().splitlines()[-1])
     train_eval = read_metrics(str(trained / "metrics.jsonl"), "eval")[-1]
     assert result["miou"] == pytest.approx(train_eval["miou"], abs=1e-12)
-    assert "mIoU" in out and "class   0" in out
+    assert "mIoU" in out
+    names = result["class_names"]
+    assert names[:2] == ["background", "disk"] and len(names) == len(result["iou"])  # the synthetic scenes' classes
+    width = max(map(len, names))
+    assert "\n    0 " + "background".ljust(width) + "  IoU " in out  # each class's line names it
 
 
 @pytest.mark.parametrize(("views", "said"), [("frames", "clean training frames, 2 per batch"),

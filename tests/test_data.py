@@ -14,9 +14,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from csl.data import (
+    DATASET_KINDS,
     SyntheticSource,
     UnlabeledDataset,
     build_datasets,
+    class_names,
     generate_scenes,
     palette,
     read_split,
@@ -34,6 +36,22 @@ def _denorm(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- split files
+
+
+@pytest.mark.parametrize(("dataset", "first", "last"), [
+    ("pascal", "background", "tv/monitor"), ("cityscapes", "road", "bicycle"), ("coco", "background", "toothbrush"),
+    ("camvid", "sky", "bicyclist"), ("synthetic", "background", "cross")])
+def test_class_names_of_each_dataset_at_its_class_count(dataset, first, last):
+    """The names evaluation, analysis and reports print: one per class of the dataset's own count, in the order of
+    its label ids; another count (or a folder dataset) falls back to numbers rather than misname a class."""
+    count = DATASET_KINDS[dataset].num_classes_default if dataset != "synthetic" else 6
+    names = class_names({"dataset": dataset}, count)
+    assert (len(names), names[0], names[-1]) == (count, first, last) and len(set(names)) == count
+    if dataset == "synthetic":
+        assert class_names({"dataset": dataset}, 4) == ["background", "disk", "rectangle", "triangle"]
+    else:
+        assert class_names({"dataset": dataset}, count - 1) == [f"class {k}" for k in range(count - 1)]
+    assert class_names({"dataset": "folder"}, 3) == ["class 0", "class 1", "class 2"]
 
 
 def test_read_split_formats_and_errors(tmp_path):

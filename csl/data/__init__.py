@@ -35,6 +35,7 @@ from .datasets import (
     scan_folder,
     write_split,
 )
+from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .synthetic import MAX_CLASSES, SyntheticSource, generate_scenes, write_synthetic_folder
 
 __all__ = [
@@ -287,9 +288,13 @@ def build_val_dataset(data_cfg: dict) -> ValDataset:
 
 
 def class_names(data_cfg: dict, num_classes: int) -> list[str]:
-    """The dataset's class names when it has them (CamVid), else ``class 0``, ``class 1``, ..."""
-    kind_cls = DATASET_KINDS.get(data_cfg.get("dataset", "synthetic"))
-    names = getattr(kind_cls, "class_names", None)
+    """The dataset's class names when it has them (the synthetic scenes, CamVid, Pascal VOC, Cityscapes, COCO, each at
+    its own class count; UniMatch's names), else ``class 0``, ``class 1``, ..."""
+    dataset = data_cfg.get("dataset", "synthetic")
+    if dataset == "synthetic":
+        names = SYNTHETIC_CLASS_NAMES[:num_classes]
+    else:
+        names = getattr(DATASET_KINDS.get(dataset), "class_names", None)
     if names and len(names) == num_classes:
         return list(names)
     return [f"class {k}" for k in range(num_classes)]

@@ -451,6 +451,9 @@ class PascalVOC(ListSource):
     """Pascal VOC 2012 (+ SBD-augmented masks in SegmentationClass, as UniMatch): 21 classes, 255 = boundary."""
 
     num_classes_default = 21
+    class_names = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                   "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+                   "tv/monitor")
     mask_hint = "VOC masks are palette PNGs of class indices 0-20 with 255 on boundaries"
     missing_mask_hint = ("; UniMatch's VOC splits use the SBD-augmented masks (SegmentationClassAug) under the name "
                          "SegmentationClass: put those files there, or link SegmentationClass to that folder")
@@ -469,6 +472,9 @@ class Cityscapes(ListSource):
     """Cityscapes fine annotations as train ids (``*_gtFine_labelTrainIds.png``): 19 classes, 255 = ignore."""
 
     num_classes_default = 19
+    class_names = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                   "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                   "bicycle")
     mask_hint = ("Cityscapes masks must be *_gtFine_labelTrainIds.png (0-18, 255); create them from the labelIds "
                  "with cityscapesscripts' createTrainIdLabelImgs")
     missing_mask_hint = ("; the *_gtFine_labelTrainIds.png files are not in the Cityscapes download: create them "
@@ -493,6 +499,15 @@ class COCO(ListSource):
     folder for both (81 classes: background + 80 things)."""
 
     num_classes_default = 81
+    class_names = ("background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+                   "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+                   "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
+                   "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+                   "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+                   "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+                   "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
+                   "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+                   "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
     mask_hint = "COCO masks are PNGs of class indices 0-80 (0 = background), 255 = ignore"
 
     @staticmethod
