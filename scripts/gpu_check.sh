@@ -6,7 +6,8 @@
 # evidence folder, DIR's name inside) and DIR/summary.md after every stage and every 30 s within one, so a killed
 # run brings back what it had.
 # Stages, in this order (the evidence a short GPU loan exists for first), each under its own time limit and all
-# under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare), each writing into DIR as
+# under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare; the stages before the
+# tests leave GPU_CHECK_TEST_RESERVE_S, default 200 s, of it to the tests and the training), each writing into DIR as
 # it goes; summary.md is rewritten the same way, so a run killed from outside still leaves one:
 #   env.txt       GPU, driver, Python, torch, triton, nvcc
 #   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16), with its time
@@ -52,6 +53,14 @@ START=$(date +%s)
 if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET_S:-3000}; else BUDGET=${GPU_CHECK_BUDGET_S:-540}; fi
 DEADLINE=$((START + BUDGET))
 PACK_EVERY_S=${GPU_CHECK_PACK_EVERY_S:-30}
+# The seconds the stages before the tests leave for the tests and the training (GPU_CHECK_TEST_RESERVE_S, default
+# 200): a slow build or benchmark is cut at its limit instead of leaving the suite, the evidence most GPU checks are
+# run for, a few seconds. 0 from the tests stage on.
+RESERVE_S=${GPU_CHECK_TEST_RESERVE_S:-200}
+case $RESERVE_S in
+  ''|*[!0-9]*) echo "gpu_check: GPU_CHECK_TEST_RESERVE_S must be a whole number of seconds, got '$RESERVE_S'" >&2
+               exit 2 ;;
+esac
 case $PACK_EVERY_S in
   ''|*[!0-9]*|0) echo "gpu_check: GPU_CHECK_PACK_EVERY_S must be a whole number of seconds > 0, got '$PACK_EVERY_S'" >&2
                  exit 2 ;;
@@ -110,7 +119,7 @@ NOTES=()
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what the budget leaves), record status and time
   local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - $(date +%s) - 10))
+  local left=$((DEADLINE - $(date +%s) - 10 - RESERVE_S))
   STAGES+=("$name")
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 15 ]; then
@@ -300,7 +309,10 @@ CSL_TRITON_AUTOTUNE=1 CSL_AUTO_CACHE="$WORK/auto-backend.json" stage auto 90 "$P
 # 5. Host-side cost per call (csl_bench/bench_host_overhead.py): real launches on a tiny input on the GPU (its
 # kernels compile first: the tiny input needs other specialisations than the benchmark's; on the H200 a cold worker
 # ran past 40 s); the probe's compiler must not share the cores with it (at most 60 s more here)
-for _ in $(seq 60); do kill -0 "$PROBE_PID" 2>/dev/null || break; sleep 1; done
+for _ in $(seq 60); do
+  kill -0 "$PROBE_PID" 2>/dev/null && [ $((DEADLINE - $(date +%s) - RESERVE_S)) -gt 140 ] || break
+  sleep 1
+done
 if [ $DRY = 1 ]; then HOST=(cpu baseline gpu); else HOST=(gpu baseline); fi
 stage host 130 "$PY" -m csl_bench.bench_host_overhead --calls 1000 --repeats 5 --workers "${HOST[@]}" --worker-timeout 55 \
   --out "$OUT/host.json" > "$OUT/host.log" 2>&1
@@ -343,6 +355,7 @@ TIMEOUT_ARGS=()
 export CSL_REQUIRE_BACKENDS=$REQUIRE CSL_TEST_PROGRESS="$OUT/progress.txt" OMP_NUM_THREADS=1 \
   CSL_AUTO_CACHE="$WORK/tests-auto-backend.json"
 # The tests get what the budget leaves after a minute for the training steps.
+RESERVE_S=0
 TEST_LIMIT=$((DEADLINE - $(date +%s) - 70))
 stage tests "$TEST_LIMIT" "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:randomly "${WORKERS[@]}" "${TIMEOUT_ARGS[@]}" \
   "${DESELECT[@]}" --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
