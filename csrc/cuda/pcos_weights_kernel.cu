@@ -65,8 +65,11 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, PixelValidi
         keep[i] = kp;
         label[i] = kp ? feat.label : 0;
         sums[kGramStats] += feat.finite ? 0.0 : 1.0;
-        if (kp) {
-          lab = static_cast<int32_t>(feat.label);
+        if (class_groups) {  // each class's thread sums its pixels of the tile below
+          lab = kp ? static_cast<int32_t>(feat.label) : -1;
+          tile_x[slot] = xv;
+          tile_y[slot] = yv;
+        } else if (kp) {
           const double xd = xv, yd = yv;
           sums[0] += 1.0;
           sums[1] += xd;
@@ -75,10 +78,10 @@ __global__ void pcos_features_kernel(const scalar_t* __restrict__ z, PixelValidi
           sums[4] += xd * yd;
           sums[5] += yd * yd;
         }
-        tile_x[slot] = xv;
-        tile_y[slot] = yv;
       }
-      tile_label[slot] = lab;
+      if (class_groups) {
+        tile_label[slot] = lab;
+      }
     }
     if (class_groups) {
       __syncthreads();
