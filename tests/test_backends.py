@@ -847,3 +847,66 @@ def test_an_eager_triton_call_launches_without_the_custom_op(op, monkeypatch):
     (grad_op,) = torch.autograd.grad(loss_op, leaf_op)
     assert torch.equal(loss.detach(), loss_op.detach())
     assert torch.equal(grad, grad_op) and grad.abs().sum() > 0
+
+
+# Append to tests/test_backends.py: uses its `registry` and `fake_gpu_auto` fixtures.
+
+
+
+
+
+def test_a_named_triton_call_on_cpu_that_ran_is_refused_once_the_interpreter_is_unset(monkeypatch):
+    """The named-backend lookup (_backends._NAMED) remembers a backend that could run; for triton on CPU tensors the
+    remembered entry must depend on TRITON_INTERPRET, so that a call after the variable is removed is refused as
+    test_triton_on_cpu_needs_the_interpreter expects of a first call, not launched through the stale entry."""
+    require_backend("confusion_matrix", "triton")
+    pred = torch.zeros(4, dtype=torch.long)
+    if torch.cuda.is_available():
+        pytest.skip("triton runs on CUDA tensors here: no interpreter lookup to go stale")
+    assert csl_kernels.confusion_matrix(pred, pred, 2, backend="triton").sum() == 4  # remembered as available
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _backends.unavailable_reason("confusion_matrix", "triton", "cpu") is not None
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        csl_kernels.confusion_matrix(pred, pred, 2, backend="triton")
+
+
+def test_auto_on_cuda_measures_again_where_the_cache_file_names_no_fused_backend(registry, fake_gpu_auto, tmp_path):
+    """The choice cache is a file a user or another version may have written: an entry that names no candidate of
+    the measured choice ('reference', a misspelt name) is ignored and the call is timed, not run on that backend
+    (or failing with a KeyError for a name without implementations)."""
+    _measured = fake_gpu_auto
+    z = torch.zeros(2, 21, 8, 8)
+    (tmp_path / "auto.json").write_text(json.dumps({"toy_op | Fake GPU | float32 C21 px2^7": "reference",
+                                                    "toy_op | Fake GPU | float32 C81 px2^7": "fastest"}))
+    speed = {"cuda": 0.5, "triton": 0.2}
+    timed = []
+
+    def timer(run, device):
+        timed.append(run())
+        return speed[timed[-1]]
+
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert _measured.resolve("toy_op", "auto", CUDA, torch.zeros(2, 81, 8, 8), lambda impl: impl(),
+                             timer=timer)[0] == "triton"
+    assert len(timed) == 2 * 2 * _measured.TIMING_ROUNDS
+    assert json.loads((tmp_path / "auto.json").read_text())["toy_op | Fake GPU | float32 C21 px2^7"] == "triton"
+
+
+def test_a_new_runs_log_names_the_measured_choice_of_a_shape_already_called(registry, fake_gpu_auto, caplog):
+    """log_backend_choices_again (a new run's log) must reach the next call of a shape resolved before in this
+    process too, not only of a shape first read from the file: the per-shape fast lookup is dropped with the logged
+    keys, or the second run's train.log never names the backend its calls use."""
+    _measured = fake_gpu_auto
+    z = torch.zeros(2, 21, 8, 8)
+
+    def timer(run, device):
+        return {"cuda": 0.5, "triton": 0.2}[run()]
+
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    caplog.clear()
+    csl_kernels.log_backend_choices_again()
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=lambda run, device: 1 / 0)[0] \
+        == "triton"
+    said = [r.getMessage() for r in caplog.records if "toy_op" in r.getMessage()]
+    assert len(said) == 1 and "uses 'triton' (measured earlier" in said[0]

@@ -204,3 +204,14 @@ def test_the_reference_runs_on_meta_tensors():
     pred = torch.zeros(2, 4, dtype=torch.long, device="meta")
     out = csl_kernels.confusion_matrix(pred, pred, 3, backend="reference")
     assert out.shape == (3, 3) and out.dtype == torch.int64 and out.device.type == "meta"
+
+
+def test_pred_and_target_on_different_devices_are_refused_by_name():
+    """check_same_shape's device check (confusion_matrix, pseudo_label_counts): tensors on two devices are a
+    ValueError that says so, not whatever the backend does with a foreign pointer."""
+    pred = torch.zeros(6, dtype=torch.long)
+    target = torch.zeros(6, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="must be on the same device"):
+        csl_kernels.confusion_matrix(pred, target, 3, backend="reference")
+    with pytest.raises(ValueError, match="must be on the same device"):
+        csl_kernels.pseudo_label_counts(pred, torch.zeros(6, dtype=torch.bool), target, 3)

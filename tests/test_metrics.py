@@ -157,3 +157,23 @@ def test_a_bad_ignore_index_is_named_before_the_int8_check():
     with pytest.raises((TypeError, ValueError), match="ignore_index must be an int"):
         pseudo_label_counts(torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.bool), target, 2,
                             ignore_index=None)
+
+
+def test_a_pixel_whose_target_is_the_ignore_index_is_never_counted_correct():
+    """An ignore_index inside [0, C) takes that class out (docstring): a pixel whose pseudo-label equals such an
+    ignored target is neither predicted nor correct, so recall's denominator (all correct) does not count it."""
+    label = torch.tensor([2, 2, 1, 0])
+    target = torch.tensor([2, 2, 1, 1])  # the first two are ignored (ignore_index=2), though label == target there
+    reliable = torch.tensor([True, True, True, False])
+    counts = pseudo_label_counts(label, reliable, target, 4, ignore_index=2)
+    assert counts.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]]
+
+
+def test_a_pseudo_label_outside_the_class_range_is_skipped_not_an_error():
+    """scored_pixels: the prediction must be a class id too; a negative or too large pseudo-label is not scored
+    (and never indexes a neighbouring class's bin)."""
+    label = torch.tensor([-1, 3, 5, 1])
+    target = torch.tensor([0, 0, 1, 1])
+    reliable = torch.ones(4, dtype=torch.bool)
+    counts = pseudo_label_counts(label, reliable, target, 4)
+    assert counts.tolist() == [[0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0, 0], [0, 1, 0, 0]]  # label 3 is a class

@@ -810,3 +810,34 @@ def test_released_rule_adversarial(fused_backend, case):
     if case == "one_class":  # one label, and weights that are not all 1: the case checks the Gaussian part too
         assert (out.label.cpu() == 3).all()
         assert ((out.weight.cpu() > 0) & (out.weight.cpu() < 0.99)).sum() >= 10  # 17 of 180 in the reference
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+@pytest.mark.parametrize(("spread", "expected"), [(2e-5, [[55, 9]]), (5e-6, [[64, 0]])])
+def test_pcos_rank_one_cut_sits_at_1e_12_of_s1(backend, spread, expected):
+    """Spec Sec. 2.3 pins the rank-one cut at s2 <= 1e-12 * s1. The existing test's pixels have s2 / s1 ~ 6e-8, so
+    any cut up to ~6e-8 passes it; here s2 / s1 ~ 6.4e-12 (split as torch.linalg.svd splits them) and ~4e-13 (every
+    pixel in cluster 0), a factor of ~6 either side of the spec's cut."""
+    device = require_backend(OP, backend)
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    z = torch.zeros(1, 3, 1, n, dtype=torch.float64)
+    z[0, 0, 0] = 0.5 + 3 * torch.rand(n, generator=g, dtype=torch.float64)
+    z[0, 1, 0] = spread * torch.rand(n, generator=g, dtype=torch.float64)
+    f0, v, _ = csl_kernels.residual_features(z, backend="reference")
+    s = torch.linalg.svdvals(torch.stack((f0.reshape(-1), v.reshape(-1))))
+    ratio = float(s[1] / s[0])
+    assert (1e-12 < ratio < 1e-11) if expected[0][1] else (1e-13 < ratio < 1e-12)
+    out = csl_kernels.pcos_weights(z.to(device), backend=backend, return_stats=True)
+    assert out.stats.count.cpu().tolist() == expected
+
+
+@pytest.mark.parametrize("rule", ["release", "Released", "algorithm1", None])
+def test_an_unknown_rule_is_refused_not_run_as_the_papers(rule):
+    """rule= must be "paper" or "released": a misspelt rule (the trainer's selection.rule passed through) is a
+    ValueError naming it, on every op that takes it, not a silent run of the paper's rule."""
+    z = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        csl_kernels.pcos_weights(z, rule=rule, backend="reference")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        csl_kernels.residual_features(z, rule=rule, confidence="prob", backend="reference")

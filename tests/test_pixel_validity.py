@@ -121,3 +121,18 @@ def test_public_ops_pass_the_ignore_map_itself(op, monkeypatch):
     else:
         getattr(csl_kernels, op)(logits, ignore, backend="reference")
     assert len(received) == 1 and received[0] is ignore
+
+
+@pytest.mark.parametrize("name", ["ignore", "valid"])
+def test_a_pixel_map_on_another_device_than_the_logits_is_refused_by_name(name):
+    """check_pixel_map's device check: a map on another device (meta here, a CPU map beside CUDA logits in
+    practice, which a fused kernel would read as a device pointer) is a ValueError naming the map, before any
+    backend runs."""
+    z = torch.randn(2, 3, 4, 5)
+    dtype = torch.long if name == "ignore" else torch.bool
+    pixel_map = torch.zeros(2, 4, 5, dtype=dtype, device="meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but logits are on cpu"):
+        csl_kernels.residual_features(z, **{name: pixel_map}, backend="reference")
+    with pytest.raises(ValueError, match="label is on meta but logits are on cpu"):
+        csl_kernels.weighted_cross_entropy(z, torch.zeros(2, 4, 5, dtype=torch.long, device="meta"),
+                                           torch.ones(2, 4, 5), backend="reference")

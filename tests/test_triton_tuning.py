@@ -411,3 +411,77 @@ def test_pretune_command_line_errors(tuning, capsys, monkeypatch):
     monkeypatch.setenv(module.ENV_MODE, "0")
     assert main(["--shape", "8,21,321,321", "--device", "cuda"]) == 2
     assert "CSL_TRITON_AUTOTUNE=0 launches the defaults; nothing to tune" in capsys.readouterr().err
+
+
+def test_autotune_off_or_a_forced_config_wins_over_a_shape_tuned_before(tuning, monkeypatch):
+    """CSL_TRITON_AUTOTUNE=0 "always launches the defaults", also for a shape this process tuned and remembers in its
+    per-shape fast lookup; a forced configuration wins there too (tuned(): what is forced or the mode can change
+    between calls, so neither is remembered)."""
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    fastest = tunable.candidates[3]
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({fastest: 1.0, tunable.default: 2.0}))
+    logits, _ = features_call(device)
+    launched = []
+    module.tuned(tunable, logits, launched.append)
+    assert launched[-1] == fastest
+    module.tuned(tunable, logits, launched.append)  # the fast lookup
+    assert launched[-1] == fastest
+    with module.forced({OP: tunable.candidates[1]}):
+        module.tuned(tunable, logits, launched.append)
+    assert launched[-1] == tunable.candidates[1]
+    monkeypatch.setenv(module.ENV_MODE, "0")
+    module.tuned(tunable, logits, launched.append)
+    assert launched[-1] == tunable.default
+
+
+def test_forget_drops_the_per_shape_choices_too(tuning, monkeypatch, tmp_path):
+    """forget(): "the next call reads the cache file again" -- also for a shape this process already launched, which
+    the per-shape fast lookup of tuned() would otherwise answer with the forgotten choice. With a new (empty) cache
+    file the shape is timed afresh."""
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[3]: 1.0}))
+    logits, _ = features_call(device)
+    launched = []
+    module.tuned(tunable, logits, launched.append)
+    assert launched[-1] == tunable.candidates[3]
+    module.forget()
+    monkeypatch.setenv(module.ENV_CACHE, str(tmp_path / "another" / "tuning.json"))
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[2]: 1.0}))
+    module.tuned(tunable, logits, launched.append)
+    assert module.timer.calls == list(tunable.candidates) and launched[-1] == tunable.candidates[2]
+
+
+def test_the_tuning_key_names_the_memory_layout(tuning):
+    """call_key: contiguous NCHW, channels_last and other strides are tuned apart (the kernels read them in place,
+    at different speeds), and the key says which."""
+    module, _ = tuning
+    z = torch.zeros(2, 21, 4, 5)
+    assert ",nchw," in module.call_key(z)
+    assert ",nhwc," in module.call_key(z.contiguous(memory_format=torch.channels_last))
+    assert ",strided," in module.call_key(z.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("data", [{"format": 1, "sections": []}, {"format": 2, "sections": "stale"},
+                                  {"sections": {}}, {"format": 99, "sections": {}}])
+def test_a_cache_file_of_another_format_is_reported_and_tuned_over(tuning, monkeypatch, caplog, data):
+    """_read_file: a cache whose format is not CACHE_FORMAT or whose sections are no mapping is "reported and
+    replaced" -- never read as entries (a list of sections would fail every later lookup)."""
+    module, device = tuning
+    tunable = module.TUNABLES[OP]
+    monkeypatch.setattr(module, "tunes_on", lambda d: True)
+    monkeypatch.setattr(module, "timer", FakeTimer({tunable.candidates[1]: 1.0}))
+    logits, _ = features_call(device)
+    path = module.cache_path()
+    path.parent.mkdir(parents=True)
+    key = module.call_key(logits)
+    if data.get("format") == 99:  # a well-formed file of a future format, naming another choice
+        data["sections"] = {module.device_section(device): {f"{OP}|{key}": tunable.candidates[3].as_dict()}}
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="csl_kernels"):
+        assert tunable.pick(key, logits, lambda c: None) == tunable.candidates[1]
+    assert "is not valid" in caplog.text
+    assert json.loads(path.read_text())["format"] == module.CACHE_FORMAT

@@ -285,3 +285,31 @@ def test_the_defaults_are_the_papers_block_32_and_rate_0_7():
     assert torch.equal(default, masked(block=32, rate=0.7, fill=0.0))
     for other in ({"block": 16}, {"rate": 0.5}, {"fill": 1.0}):  # each setting changes this draw
         assert not torch.equal(default, masked(**other)), other
+
+
+def test_a_grid_drawn_by_a_generator_on_another_device_moves_to_the_images_device():
+    """A CPU generator with images elsewhere (a CUDA run seeding a CPU torch.Generator; meta stands in for the GPU
+    here): the grid is drawn on the generator's device and then moved to the images' device, where the backends
+    read it."""
+    g = torch.Generator().manual_seed(0)
+    cells = draw_cells(2, 8, 8, block=4, rate=0.5, generator=g, device=torch.device("meta"))
+    assert cells.device.type == "meta" and cells.shape == (2, 2, 2) and cells.dtype == torch.bool
+    out = csl_kernels.trusted_mask(torch.zeros(2, 3, 8, 8, device="meta"),
+                                   torch.ones(2, 8, 8, dtype=torch.bool, device="meta"), block=4,
+                                   generator=torch.Generator().manual_seed(0), backend="reference")
+    assert out.images.device.type == "meta" and out.cover.device.type == "meta"
+    assert out.cover.shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(46342, 1), (1, 46342)])
+def test_triton_cell_products_past_int32_use_int64(shape):
+    """With block=1 an image 46342 pixels tall (or wide) has as many cells, and y * gh (x * gw) of its last pixel
+    passes 2^31 although the image has only 46342 pixels: the kernel must take its int64 path for these products
+    (wide()'s extra terms), or the pixel lands in a wrapped cell."""
+    device = require_backend("trusted_mask", "triton")
+    images = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    reliable = torch.ones(1, *shape, dtype=torch.bool, device=device)
+    outs = [csl_kernels.trusted_mask(images, reliable, block=1, rate=0.5, generator=torch.Generator().manual_seed(3),
+                                     backend=b) for b in ("reference", "triton")]
+    assert torch.equal(outs[0].cover.cpu(), outs[1].cover.cpu())
+    assert torch.equal(outs[0].images.cpu(), outs[1].images.cpu())

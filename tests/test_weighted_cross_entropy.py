@@ -516,3 +516,40 @@ def test_auto_timing_runs_forward_and_backward_from_a_no_grad_call(monkeypatch, 
         loss = csl_kernels.weighted_cross_entropy(*args)
     assert seen == [True]
     assert torch.equal(loss, weighted_cross_entropy_reference(logits, label, weight, None))
+
+
+@pytest.mark.parametrize("mask", ["ignore", "valid"])
+def test_reference_gives_an_exact_zero_loss_and_gradient_when_no_pixel_is_valid(mask):
+    """Spec Sec. 5 / docstring: 0 when no pixel is valid (the divisor is max(N_valid, 1)); the fused backends are
+    held to it by test_all_ignored_or_zero_weight_gives_exact_zeros, the reference was not (0 / 0 would be NaN)."""
+    z = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    label = torch.randint(0, 4, (2, 3, 5))
+    weight = torch.rand(2, 3, 5, dtype=torch.float64)
+    kwargs = ({"ignore": torch.full((2, 3, 5), 255, dtype=torch.uint8)} if mask == "ignore"
+              else {"valid": torch.zeros(2, 3, 5, dtype=torch.bool)})
+    loss = csl_kernels.weighted_cross_entropy(z, label, weight, **kwargs, backend="reference")
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_reference_ignores_the_labels_and_logits_of_unused_pixels():
+    """Spec Sec. 5: an invalid or zero-weight pixel contributes exactly 0 whatever its logits or label, on the
+    reference as on the fused backends (an out-of-range label there is no error, a NaN logit no NaN loss)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 3, (1, 4, 4), generator=g)
+    weight = torch.rand(1, 4, 4, generator=g, dtype=torch.float64) + 0.1
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, 0, :2] = False  # ignored pixels
+    weight[0, 1, :2] = 0  # zero-weight pixels
+    unused = ~valid | (weight == 0)
+    clean = csl_kernels.weighted_cross_entropy(z, label, weight, valid=valid, backend="reference")
+    poisoned_z = torch.where(unused.unsqueeze(1), torch.tensor(float("nan"), dtype=torch.float64), z)
+    poisoned_label = torch.where(unused, torch.tensor(255), label)
+    loss = csl_kernels.weighted_cross_entropy(poisoned_z.requires_grad_(), poisoned_label, weight, valid=valid,
+                                              backend="reference")
+    loss.backward()
+    assert torch.equal(loss.detach(), clean)
+    assert torch.equal(poisoned_z.grad[unused.unsqueeze(1).expand_as(z)], torch.zeros(int(unused.sum()) * 3,
+                                                                                       dtype=torch.float64))
