@@ -336,3 +336,28 @@ def test_a_picture_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _save_figure(fig, str(path))
     assert path.read_bytes() == b"the earlier picture" and os.listdir(tmp_path) == ["accuracy_recall.png"]
+
+
+def test_confidence_per_image_takes_csls_soft_amount():
+    """The per-image confidence cut selects round(sum of the CSL weights) pixels, the soft weights counted, not
+    only the pixels at weight 1."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    conf = rng.uniform(0.3, 1, n).astype(np.float32)
+    target = rng.integers(0, 3, n)
+    pred = np.where(rng.uniform(size=n) < conf, target, (target + 1) % 3)
+    w_csl = np.where(conf > 0.8, 1.0, 0.5)  # ~29 % at weight 1, a weighted share of ~64 %
+    arrays = {"conf": conf, "dispersion": -rng.uniform(size=n), "entropy": 1 - conf, "margin": conf,
+              "w_csl": w_csl, "w_class": w_csl, "w_released": w_csl, "pred": pred, "target": target}
+    r = summarize(arrays, 3, taus=(0.5,), shares=(0.5,))
+    assert r["confidence_per_image_at_csl_share"]["share"] == pytest.approx(w_csl.sum() / n, abs=1 / n)
+
+
+def test_a_threshold_keeps_a_confidence_equal_to_tau():
+    """docs/selection.md Sec. 3: w = [pmax >= tau]; a two-class tie (confidence exactly 0.5) is kept at tau 0.5."""
+    conf = np.array([0.5, 0.5, 0.75, 0.25], dtype=np.float32)
+    pred, target = np.array([0, 1, 1, 0]), np.array([0, 1, 1, 1])
+    arrays = {"conf": conf, "dispersion": np.zeros(4), "entropy": 1 - conf, "margin": conf, "w_csl": np.ones(4),
+              "w_class": np.ones(4), "w_released": np.ones(4), "pred": pred, "target": target}
+    r = summarize(arrays, 2, taus=(0.5,), shares=(0.5,))
+    assert r["threshold"][0]["share"] == pytest.approx(3 / 4)

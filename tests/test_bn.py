@@ -96,3 +96,17 @@ def test_each_training_crop_has_its_own_draw():
     assert len(set(drawn)) == 4
     crops[2]
     assert drawn[-1] == drawn[2]
+
+
+def test_statistics_of_a_trained_model_are_replaced_not_blended():
+    """A trained layer has seen batches (num_batches_tracked > 0): its old statistics must not weigh in."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 5, 7, generator=g) + i for i in range(4)]
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    model[0].running_mean.fill_(5.0)
+    model[0].running_var.fill_(9.0)
+    model[0].num_batches_tracked.fill_(1000)
+    recalibrate_batchnorm(model, _Items(images), "cpu", num_images=4, progress=False, batch_size=2)
+    batches = [torch.stack(images[i:i + 2]) for i in (0, 2)]
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(model[0].running_mean, mean)

@@ -302,3 +302,26 @@ def test_an_empty_config_file_is_refused(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"{path} holds no settings"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lambda_s=-0.25", "train.lambda_s must be >= 0"),
+    ("train.lambda_m=-1", "train.lambda_m must be >= 0"),
+    ("train.lambda_fp=-0.5", "train.lambda_fp must be >= 0"),
+    ("train.poly_power=0", "train.poly_power must be > 0"),
+    ("train.poly_power=-0.9", "train.poly_power must be > 0"),
+    ("train.head_lr_mult=0", "train.head_lr_mult must be > 0"),
+    ("train.cutmix_p=1.5", "train.cutmix_p must be in [0, 1]"),
+    ("selection.tau=1.5", "selection.tau must be in [0, 1]"),
+    ("selection.alpha=0", "selection.alpha must be > 0"),
+    ("tmp.fraction=2", "tmp.fraction must be in [0, 1]"),
+    ("tmp.block=0", "tmp.block must be >= 1"),
+    ("eval.crop_size=4", "eval.crop_size must be >= 8"),
+    ("eval.stride_ratio=1.5", "eval.stride_ratio must be in (0, 1]"),
+    ("train.weight_decay=-1e-4", "train.weight_decay must be >= 0"),
+])
+def test_training_numbers_out_of_range_are_refused(override, message):
+    """The loss weights, the schedule and the selection / TMP / evaluation numbers are checked when the config is
+    read: a negative lambda or poly power would train (ascend the unlabeled loss, grow the rate) without an error."""
+    with pytest.raises(ConfigError, match=_escape(message)):
+        build_config({}, [override])

@@ -299,3 +299,28 @@ def test_unimatch_checkpoint_evaluates_under_our_names(tmp_path, caplog):
         "dilations [6, 12, 18] (every UniMatch config), but this config builds stride 8 with dilations [12, 24, 36]; "
         "the weights load, the predictions differ. To run them as trained, add model.output_stride=16 "
         "'model.dilations=[6,12,18]'"]
+
+
+def test_feature_perturbation_drops_channels_of_both_feature_maps(monkeypatch):
+    """UniMatch's fp pass: Dropout2d(0.5) on the low-level (c1) and the high-level (c4) features alike."""
+    import torch.nn.functional as F
+
+    seen, real = [], F.dropout2d
+
+    def recording(x, p=0.5, training=True, inplace=False):
+        seen.append((x.shape[1], p, training))
+        return real(x, p, training, inplace)
+
+    monkeypatch.setattr(F, "dropout2d", recording)
+    model = DeepLabV3Plus(4, backbone="resnet18", output_stride=16).train()
+    model(torch.randn(2, 3, 48, 48), need_fp=True)
+    assert sorted(seen) == [(64, 0.5, True), (512, 0.5, True)]
+
+
+def test_the_aspp_uses_its_image_pooling_branch():
+    model = DeepLabV3Plus(4, backbone="resnet18", output_stride=16).eval()
+    x = torch.randn(1, 512, 6, 6)
+    with torch.no_grad():
+        before = model.head(x)
+        model.head.branches[-1].conv[0].weight.mul_(-3)
+        assert not torch.allclose(before, model.head(x))

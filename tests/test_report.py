@@ -312,3 +312,25 @@ def test_an_analysis_of_the_validation_images_is_labelled_with_its_run(tmp_path)
     assert [row.split("|")[2].strip() for row in rows] == [label, f"{label}, val images"], rows
     assert f"val images, model: {label}\n" in text and "| threshold_val |" not in text
     assert "the analysis of `threshold_val` is of `best.pt` at iteration 400, not of the final model" in text
+
+
+def _synthetic_run() -> dict:
+    """A run dict as load_run returns it, with numbers that tell every column apart."""
+    final = {"iter": 10, "miou": 0.5, "iou": [0.11, 0.22, 0.33]}
+    pl = {"kind": "pseudo_labels", "iter": 10, "mask_ratio": 0.9, "sampling_rate": 0.41, "accuracy": 0.82,
+          "recall": 0.63, "weighted_share": 0.54, "weighted_accuracy": 0.75, "weighted_recall": 0.36}
+    return {"summary": {"results": {"csl": {"miou": 0.5, "iou": final["iou"], "iters": 10}},
+                        "config": {"seed": 0}},
+            "methods": ["csl"], "results": {"csl": {"miou": 0.5}}, "analyses": {},
+            "metrics": {"csl": {"eval": [final], "pseudo_labels": [pl]}}}
+
+
+def test_per_class_table_gives_each_class_its_own_iou():
+    table = report.per_class_table(_synthetic_run())
+    assert [table_row(table, f"class {k}")[0] for k in range(3)] == ["11.0", "22.0", "33.0"]
+
+
+def test_training_pseudo_label_table_columns_are_share_accuracy_recall():
+    table = report.training_pl_table(_synthetic_run())
+    row = table_row(table, report.LABELS["csl"])
+    assert row == ["10", "90.0", "41.0 / 82.0 / 63.0", "54.0 / 75.0 / 36.0"]

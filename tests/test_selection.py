@@ -200,3 +200,25 @@ def test_confidence_share_breaks_ties_by_position_in_a_large_image():
     csl = csl_kernels.PCOSResult(weight, logits.argmax(1), weight == 1)
     out = most_confident_at_share(logits, None, csl)
     assert out.reliable.view(-1)[:100].all() and not out.reliable.view(-1)[100:].any()
+
+
+def test_the_configured_settings_reach_the_kernels():
+    """build_selector's alpha, tau, rule and confidence are the ones the kernels get (not the defaults)."""
+    from csl.selection import build_selector
+
+    logits = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(3)) * 3
+    ignore = torch.zeros(2, 9, 11, dtype=torch.uint8)
+    ignore[:, :2] = IGNORE_INDEX
+
+    def weight(**cfg) -> torch.Tensor:
+        return build_selector(cfg, backend="reference")(logits, ignore).weight
+
+    expected = csl_kernels.pcos_weights(logits, ignore, alpha=2.0, rule="released", confidence="prob",
+                                        backend="reference").weight
+    assert torch.equal(weight(mode="csl", alpha=2.0, rule="released", confidence="prob"), expected)
+    assert not torch.equal(expected, csl_kernels.pcos_weights(logits, ignore, backend="reference").weight)
+    assert not torch.equal(expected, csl_kernels.pcos_weights(logits, ignore, alpha=2.0, rule="released",
+                                                              backend="reference").weight)
+    expected = csl_kernels.threshold_weights(logits, ignore, tau=0.6, backend="reference").weight
+    assert torch.equal(weight(mode="threshold", tau=0.6), expected)
+    assert not torch.equal(expected, csl_kernels.threshold_weights(logits, ignore, backend="reference").weight)

@@ -25,7 +25,8 @@ from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
 from csl.selection import Selector
 from csl.step import KernelOps, StepConfig, cutmix_boxes, train_step
-from csl.trainer import Trainer, epoch_length, to_device, train
+from csl.trainer import Trainer, build_optimizer, epoch_length, to_device, train
+from csl_kernels import PCOSResult
 
 TINY = {
     "device": "cpu",
@@ -847,3 +848,235 @@ def test_the_streams_of_one_seed_draw_their_own_orders():
     length."""
     orders = [ResumableDistributedSampler(50, 50, seed=0, stream=s).global_order(0) for s in range(3)]
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+
+
+class _ModeRecordingModel(_RecordingModel):
+    """_RecordingModel that also keeps whether it was in training mode at each forward; its feature-perturbed
+    logits have the class order reversed, so that they give other labels than the plain ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, x, need_fp=False):
+        self.modes.append(self.training)
+        logits = super().forward(x)
+        return (logits, logits.flip(1)) if need_fp else logits
+
+
+class _LogitRecordingOps(_RecordingOps):
+    """_RecordingOps that also keeps the logits of every weighted loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits: list[torch.Tensor] = []
+
+    def loss(self, logits, label, weight, ignore):
+        self.logits.append(logits.detach().clone())
+        return super().loss(logits, label, weight, ignore)
+
+
+def _half_reliable_selector(logits, ignore, truth=None):
+    """Soft weight 0.25 on every valid pixel, reliable on the even columns only, label = argmax."""
+    valid = ignore != 255
+    reliable = valid.clone()
+    reliable[..., 1::2] = False
+    return PCOSResult(torch.where(valid, 0.25, 0.0), torch.where(valid, logits.argmax(1), 0), reliable)
+
+
+def _views_step(selector=_half_reliable_selector, lr=0.0, **step_cfg):
+    """One train_step where every view has its own constant value, so the model's inputs tell which view went
+    where: labeled -1, unlabeled weak / strong / strong2 / mild 1 / 2 / 3 / 4, CutMix source -1 / -2 / -3 / -4
+    (its padding 255 everywhere). The recording model's logits are value * (0, 1, 2): positive images are labeled
+    2, negative ones 0. Returns the model, the ops and the step's outputs."""
+    n_u, size = 8, 32
+    model, ops = _ModeRecordingModel(), _LogitRecordingOps()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+    def views(sign: float, ignore: int, truth: int) -> dict:
+        out = {k: torch.full((n_u, 3, size, size), sign * v)
+               for k, v in (("image_w", 1.0), ("image_s", 2.0), ("image_s2", 3.0), ("image_m", 4.0))}
+        out.update(ignore=torch.full((n_u, size, size), ignore, dtype=torch.uint8),
+                   mask=torch.full((n_u, size, size), truth, dtype=torch.long))
+        return out
+
+    batch_x = {"image": torch.full((2, 3, size, size), -1.0), "mask": torch.full((2, size, size), 2)}
+    cfg = {"cutmix_p": 1.0, "tmp_block": 8, "backend": "reference", "num_classes": 3, **step_cfg}
+    out = train_step(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), batch_x,
+                     views(1.0, 0, 2), views(-1.0, 255, 0), selector=selector, criterion=CrossEntropy(),
+                     cfg=StepConfig(**cfg), generator=torch.Generator().manual_seed(0), ops=ops)
+    return model, ops, out
+
+
+def test_each_forward_pass_gets_its_views_in_its_mode():
+    """UniMatch's order: the CutMix source's weak view in eval mode (no gradient), then labeled + weak unlabeled
+    in train mode, then the two strong streams (image_s and image_s2, pasted with the source's image_s / image_s2)
+    in train mode."""
+    model, _, _ = _views_step(tmp_enabled=False)
+    assert model.modes == [False, True, True]
+    mix, first, strong = model.inputs
+    assert (mix == -1).all()
+    assert (first[:2] == -1).all() and (first[2:] == 1).all()
+    img_s, img_m = strong[:, 0].chunk(2)
+    assert set(img_s.unique().tolist()) == {2.0, -2.0} and set(img_m.unique().tolist()) == {3.0, -3.0}
+    # the two streams draw their own CutMix boxes
+    assert not torch.equal(img_s < 0, img_m < 0)
+
+
+def test_the_masking_view_is_the_mild_view_with_reliable_pixels_hidden_at_the_rate():
+    """TMP masks image_m (not the weak or strong view) where the weak view's selection is reliable, under a grid
+    that covers about tmp.rate of the cells."""
+    model, _, _ = _views_step(tmp_enabled=True, tmp_fraction=1.0, tmp_rate=0.7)
+    img_m = model.inputs[2][8:, 0]
+    assert set(img_m.unique().tolist()) <= {0.0, 4.0}
+    hidden = img_m == 0
+    assert not hidden[..., 1::2].any()  # the unreliable (odd) columns stay visible
+    share = hidden[..., 0::2].double().mean()
+    assert 0.55 < float(share) < 0.85, share
+
+
+def test_unlabeled_losses_take_the_weak_views_labels_and_the_pasted_ones():
+    """L_fp: the feature-perturbed logits of the unlabeled images (not the labeled ones) against the weak view's
+    own labels and weights (selected from the plain logits, not the perturbed ones); L_s / L_m: labels, weights and
+    padding pasted from the CutMix source inside each stream's own box."""
+    model, ops, _ = _views_step(tmp_enabled=False)
+    (lg_s, lab_s, w_s, ig_s), (lg_m, lab_m, w_m, ig_m), (lg_fp, lab_fp, w_fp, ig_fp) = (
+        (lg, *rec) for lg, rec in zip(ops.logits, ops.losses, strict=True))
+    assert (lab_fp == 2).all() and (w_fp == 0.25).all() and (ig_fp == 0).all()
+    assert (lg_fp[:, 0] == 2).all()  # the fp logits of the unlabeled view (value 1), not of the labeled -1
+    img_s, img_m = model.inputs[2][:, 0].chunk(2)
+    for img, lg, lab, w, ig in ((img_s, lg_s, lab_s, w_s, ig_s), (img_m, lg_m, lab_m, w_m, ig_m)):
+        assert torch.equal(lg[:, 2], 2 * img)  # each stream's loss gets that stream's predictions
+        pasted = img < 0
+        assert pasted.flatten(1).any(1).all() and not pasted.all()
+        assert torch.equal(lab, torch.where(pasted, 0, 2))
+        assert torch.equal(w, torch.where(pasted, 0.0, 0.25))
+        assert torch.equal(ig == 255, pasted)
+
+
+def test_the_released_other_view_is_the_strong_view_without_cutmix():
+    """tmp.other_view=strong: the second stream is image_s2 with the weak view's own labels, never pasted."""
+    model, ops, _ = _views_step(tmp_enabled=False, tmp_other_view="strong")
+    img_m = model.inputs[2][8:, 0]
+    assert (img_m == 3).all()
+    lab_m, w_m, ig_m = ops.losses[1]
+    assert (lab_m == 2).all() and (w_m == 0.25).all() and (ig_m == 0).all()
+
+
+def test_the_step_reports_the_soft_weights_mask_ratio_and_counts_reliable_pixels():
+    """weight_sum / valid (the logged mask ratio) is the mean soft weight over the unlabeled batch's non-padded
+    pixels; pl_counts' selected row counts the reliable pixels; pl_weighted scores the unlabeled batch's own
+    pseudo-labels against its own masks."""
+    _, _, out = _views_step(tmp_enabled=False)
+    n = 8 * 32 * 32
+    assert float(out["valid"]) == n and float(out["weight_sum"]) == 0.25 * n
+    counts = out["pl_counts"]
+    assert int(counts[0].sum()) == n and int(counts[1].sum()) == n // 2 and int(counts[3].sum()) == n // 2
+    assert out["pl_weighted"].tolist() == [0.25 * n, 0.25 * n]
+
+
+def test_the_labeled_loss_trains_the_model():
+    """With every pseudo-label weight 0, the labeled CE alone moves the weights."""
+
+    def zero(logits, ignore, truth=None):
+        sel = _half_reliable_selector(logits, ignore)
+        return sel._replace(weight=torch.zeros_like(sel.weight))
+
+    model, _, out = _views_step(selector=zero, lr=1.0, tmp_enabled=False)
+    assert float(out["loss_s"]) == float(out["loss_m"]) == float(out["loss_fp"]) == 0 < float(out["loss_x"])
+    assert float(model.scale.detach()) != 1.0
+
+
+def test_the_loss_weights_each_term_by_its_own_lambda():
+    _, _, out = _views_step(selector=Selector("threshold", tau=0.0, backend="reference"), tmp_enabled=False,
+                            lambda_s=0.1, lambda_m=0.3, lambda_fp=0.7)
+    assert len({float(out[k]) for k in ("loss_s", "loss_m", "loss_fp")}) == 3
+    expected = (out["loss_x"] + 0.1 * out["loss_s"] + 0.3 * out["loss_m"] + 0.7 * out["loss_fp"]) / 2
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_step_config_takes_every_setting_from_the_config(tmp_path):
+    cfg = build_config({}, {"output_dir": str(tmp_path), "train.lambda_s": 0.1, "train.lambda_m": 0.2,
+                            "train.lambda_fp": 0.3, "train.cutmix_p": 0.4, "tmp.enabled": False, "tmp.block": 7,
+                            "tmp.rate": 0.6, "tmp.fraction": 0.35, "tmp.other_view": "strong",
+                            "kernels.backend": "reference"})
+    sc = StepConfig.from_config(cfg, None, num_classes=5)
+    assert (sc.lambda_s, sc.lambda_m, sc.lambda_fp, sc.cutmix_p) == (0.1, 0.2, 0.3, 0.4)
+    assert (sc.tmp_enabled, sc.tmp_block, sc.tmp_rate, sc.tmp_fraction, sc.tmp_other_view) == (
+        False, 7, 0.6, 0.35, "strong")
+    assert (sc.backend, sc.num_classes, sc.amp_dtype) == ("reference", 5, None)
+
+
+def test_the_optimizer_takes_momentum_weight_decay_and_the_head_rate_from_the_config():
+    class TwoGroups(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def param_groups(self, lr, head_lr_mult):
+            return [{"params": list(self.a.parameters()), "lr": lr},
+                    {"params": list(self.b.parameters()), "lr": lr * head_lr_mult}]
+
+    opt = build_optimizer(TwoGroups(), {"lr": 0.02, "head_lr_mult": 5.0, "momentum": 0.8, "weight_decay": 3e-4})
+    assert [g["lr"] for g in opt.param_groups] == [0.02, pytest.approx(0.1)]
+    assert all(g["momentum"] == 0.8 and g["weight_decay"] == 3e-4 for g in opt.param_groups)
+
+
+def test_pseudo_label_metrics_are_rate_accuracy_and_recall_of_the_epochs_counts():
+    """docs/selection.md Sec. 6 from the epoch's sums: sampling rate = selected / predicted, accuracy = selected
+    correct / selected, recall = selected correct / correct; the weighted ones from the soft weights' sums."""
+    from types import SimpleNamespace
+
+    from csl.trainer import Accumulator
+
+    acc = Accumulator()
+    # rows: predicted, selected, correct, selected-and-correct; two classes
+    acc.add({"weight_sum": torch.tensor(30.0), "valid": torch.tensor(120.0),
+             "pl_counts": torch.tensor([[60, 40], [20, 20], [30, 30], [10, 15]]),
+             "pl_weighted": torch.tensor([50.0, 20.0], dtype=torch.float64)})
+    from csl.trainer import Trainer as T
+
+    pl = T.pseudo_label_metrics(SimpleNamespace(epoch_acc=acc, weighted_partial=False))
+    assert pl["mask_ratio"] == pytest.approx(0.25)
+    assert pl["sampling_rate"] == pytest.approx(40 / 100)
+    assert pl["accuracy"] == pytest.approx(25 / 40)
+    assert pl["recall"] == pytest.approx(25 / 60)
+    assert pl["weighted_share"] == pytest.approx(50 / 100)
+    assert pl["weighted_accuracy"] == pytest.approx(20 / 50)
+    assert pl["weighted_recall"] == pytest.approx(20 / 60)
+
+
+def test_the_records_of_a_short_run_epoch_by_epoch(tmp_path):
+    """Three one-iteration epochs, evaluated every second epoch and at the end: each epoch's pseudo-label record
+    has every metric, the train record of its iteration the same mask ratio and the epoch's number."""
+    train(tiny_config(tmp_path, **{"train.iters": 3, "train.iters_per_epoch": 1, "eval.every_epochs": 2}))
+    path = str(tmp_path / "metrics.jsonl")
+    pls, trains = read_metrics(path, "pseudo_labels"), read_metrics(path, "train")
+    assert [r["epoch"] for r in pls] == [r["epoch"] for r in trains] == [0, 1, 2]
+    for pl, tr in zip(pls, trains, strict=True):
+        for key in ("mask_ratio", "sampling_rate", "accuracy", "recall", "weighted_share", "weighted_accuracy",
+                    "weighted_recall"):
+            assert key in pl and 0 <= pl[key] <= 1, key
+        assert tr["mask_ratio"] == pytest.approx(pl["mask_ratio"])
+    assert [r["iter"] for r in read_metrics(path, "eval")] == [2, 3]
+
+
+def test_the_schedule_and_the_trainer_use_the_configured_poly_power(tmp_path):
+    from csl.trainer import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)
+    sched = build_scheduler(opt, 10, power=2.0)
+    assert sched.lr_lambdas[0](5) == pytest.approx(0.25)
+    trainer = Trainer(tiny_config(tmp_path, **{"train.iters": 4, "train.poly_power": 2.0}))
+    try:
+        assert trainer.scheduler.lr_lambdas[0](1) == pytest.approx((1 - 1 / 4) ** 2)
+    finally:
+        trainer.close()
+
+
+def test_the_ohem_criterion_takes_its_settings_from_the_config():
+    from csl.losses import build_labeled_criterion
+
+    crit = build_labeled_criterion({"criterion": "ohem", "ohem_thresh": 0.5, "ohem_min_kept": 123})
+    assert isinstance(crit, OhemCrossEntropy) and (crit.thresh, crit.min_kept) == (0.5, 123)
