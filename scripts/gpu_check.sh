@@ -57,14 +57,17 @@ PACK_EVERY_S=${GPU_CHECK_PACK_EVERY_S:-30}
 # 200): a slow build or benchmark is cut at its limit instead of leaving the suite, the evidence most GPU checks are
 # run for, a few seconds. 0 from the tests stage on.
 RESERVE_S=${GPU_CHECK_TEST_RESERVE_S:-200}
-case $RESERVE_S in
-  ''|*[!0-9]*) echo "gpu_check: GPU_CHECK_TEST_RESERVE_S must be a whole number of seconds, got '$RESERVE_S'" >&2
-               exit 2 ;;
-esac
-case $PACK_EVERY_S in
-  ''|*[!0-9]*|0) echo "gpu_check: GPU_CHECK_PACK_EVERY_S must be a whole number of seconds > 0, got '$PACK_EVERY_S'" >&2
-                 exit 2 ;;
-esac
+require_seconds() {  # require_seconds NAME VALUE [positive]: exit 2 unless VALUE is a whole number (> 0 if positive)
+  case $2 in
+    ''|*[!0-9]*) ;;
+    0) [ "${3:-}" != positive ] && return 0 ;;
+    *) return 0 ;;
+  esac
+  echo "gpu_check: $1 must be a whole number of seconds${3:+ > 0}, got '$2'" >&2
+  exit 2
+}
+require_seconds GPU_CHECK_TEST_RESERVE_S "$RESERVE_S"
+require_seconds GPU_CHECK_PACK_EVERY_S "$PACK_EVERY_S" positive
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1  # progress lines reach the logs as they happen, also from a stage that is killed
