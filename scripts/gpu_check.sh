@@ -51,7 +51,6 @@ while [ $# -gt 0 ]; do
 done
 START=$(date +%s)
 if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET_S:-3000}; else BUDGET=${GPU_CHECK_BUDGET_S:-540}; fi
-DEADLINE=$((START + BUDGET))
 PACK_EVERY_S=${GPU_CHECK_PACK_EVERY_S:-30}
 # The seconds the stages before the tests leave for the tests and the training (GPU_CHECK_TEST_RESERVE_S, default
 # 200): a slow build or benchmark is cut at its limit instead of leaving the suite, the evidence most GPU checks are
@@ -66,8 +65,10 @@ require_seconds() {  # require_seconds NAME VALUE [positive]: exit 2 unless VALU
   echo "gpu_check: $1 must be a whole number of seconds${3:+ > 0}, got '$2'" >&2
   exit 2
 }
+require_seconds GPU_CHECK_BUDGET_S "$BUDGET" positive
 require_seconds GPU_CHECK_TEST_RESERVE_S "$RESERVE_S"
 require_seconds GPU_CHECK_PACK_EVERY_S "$PACK_EVERY_S" positive
+DEADLINE=$((START + BUDGET))
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1  # progress lines reach the logs as they happen, also from a stage that is killed

@@ -77,7 +77,8 @@ def test_a_folder_flag_without_its_folder_is_a_usage_error(flag):
     assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check: {flag} needs a folder", proc.stderr
 
 
-@pytest.mark.parametrize(("name", "value"), [("GPU_CHECK_TEST_RESERVE_S", "2m"), ("GPU_CHECK_PACK_EVERY_S", "0")])
+@pytest.mark.parametrize(("name", "value"), [("GPU_CHECK_TEST_RESERVE_S", "2m"), ("GPU_CHECK_PACK_EVERY_S", "0"),
+                                             ("GPU_CHECK_BUDGET_S", "0"), ("GPU_CHECK_BUDGET_S", "9m")])
 def test_a_setting_that_is_not_a_number_of_seconds_is_refused_before_any_stage(tmp_path, name, value):
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path / "check")], cwd=ROOT,
                           env={**os.environ, "PYTHON": sys.executable, name: value}, capture_output=True, text=True,
