@@ -183,8 +183,12 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 out[key + "-log-features"] = tuple(csl_kernels.residual_features(z, ignore, confidence="log",
                                                                                  rule="released", backend="cuda"))
                 for rule in ("paper", "released"):
-                    sel = csl_kernels.pcos_weights(z, ignore, rule=rule, backend="cuda")
-                    out[f"{key}-pcos-{rule}"] = (sel.weight, sel.label, sel.reliable)
+                    for groups in ("image", "class"):  # class groups: the features kernel's tile path
+                        got = csl_kernels.pcos_weights(z, ignore, rule=rule, groups=groups, backend="cuda",
+                                                       return_stats=True)
+                        out[f"{key}-pcos-{rule}-{groups}"] = (got.weight, got.label, got.reliable, *got.stats)
+                        if groups == "image":
+                            sel = got
                 logits = z.detach().clone().requires_grad_()  # the NaN and inf pixels too
                 loss = csl_kernels.weighted_cross_entropy(logits, sel.label, sel.weight, ignore, backend="cuda")
                 loss.backward()
@@ -220,9 +224,10 @@ def _run_register_classes_children(settings: dict[str, str], tmp_path) -> dict[s
 def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
     """The CUDA kernels of the features, PCOS features and CE forward load a pixel's C <= 32 logits together into
     registers (PixelLogits, csl_math.h); with ``CSL_CUDA_REGISTER_CLASSES=0`` they read them class by class. Both do
-    the same arithmetic in the same order, so features (both confidences), PCOS weights (both rules) and the CE with
-    its gradient are equal, NaN for NaN (C = 2 to 33; fp32 / bf16 / fp16 / fp64; channels_last and contiguous; NaN,
-    +-inf and tied logits). The kernels that ran (profiler) show that each setting took effect."""
+    the same arithmetic in the same order, so features (both confidences), PCOS weights and statistics (both rules;
+    image groups, and class groups, whose Gram sums take the features kernel's tile path) and the CE with its
+    gradient are equal, NaN for NaN (C = 2 to 33; fp32 / bf16 / fp16 / fp64; channels_last and contiguous; NaN, +-inf
+    and tied logits). The kernels that ran (profiler) show that each setting took effect."""
     require_backend("pcos_weights", "cuda")
     results = {}
     for setting, done in _run_register_classes_children({"1": "1", "0": "0"}, tmp_path).items():
@@ -234,7 +239,7 @@ def test_register_classes_give_the_plain_loops_outputs_bitwise(tmp_path):
         assert not any(name in k and ", 32>" in k for k in plain), (name, plain)
         assert any(name in k and ", 0>" in k for k in plain), (name, plain)
     outputs = results["1"]["outputs"]
-    assert outputs.keys() == results["0"]["outputs"].keys() and len(outputs) == 4 * 5 * 2 * 5
+    assert outputs.keys() == results["0"]["outputs"].keys() and len(outputs) == 4 * 5 * 2 * 7
     for key, tensors in outputs.items():
         for got, other in zip(tensors, results["0"]["outputs"][key], strict=True):
             assert same_values(got, other), key
