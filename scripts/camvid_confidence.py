@@ -13,6 +13,7 @@ supervised continuation (``1_4_seed2/analysis_supervised.json``, its own shorter
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -181,4 +182,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # No options: --help (or any argument) says what the script does instead of rewriting its pictures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

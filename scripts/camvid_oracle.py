@@ -9,6 +9,7 @@ re-estimated on 320 clean training frames (``bn_<run>.txt``, the output of ``csl
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -139,4 +140,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # No options: --help (or any argument) says what the script does instead of rewriting its pictures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -9,6 +9,7 @@ paired difference: the seeds move the levels by several points, the differences 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -89,4 +90,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # No options: --help (or any argument) says what the script does instead of rewriting its pictures.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

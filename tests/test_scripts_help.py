@@ -1,0 +1,27 @@
+"""The record scripts of scripts/ that take no options answer --help with their description and write nothing
+(without a parser, --help ran them and rewrote their pictures under docs/results/camvid/)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script", ["camvid_confidence.py", "camvid_oracle.py", "camvid_overview.py"])
+def test_record_script_help_writes_nothing(script, tmp_path):
+    pictures = os.path.join(ROOT, "docs", "results", "camvid")
+    before = {name: os.stat(os.path.join(pictures, name)).st_mtime_ns for name in os.listdir(pictures)
+              if name.endswith(".png")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "|" not in result.stdout.splitlines()[0]
+    after = {name: os.stat(os.path.join(pictures, name)).st_mtime_ns for name in os.listdir(pictures)
+             if name.endswith(".png")}
+    assert after == before
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--bogus"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2
