@@ -90,6 +90,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # No options: --help (or any argument) says what the script does instead of rewriting its pictures.
+    # No options: --help prints the description (and writes nothing), an unknown argument is a usage error.
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

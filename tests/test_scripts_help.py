@@ -1,5 +1,5 @@
-"""The record scripts of scripts/ that take no options answer --help with their description and write nothing
-(without a parser, --help ran them and rewrote their pictures under docs/results/camvid/)."""
+"""The record scripts of scripts/ that take no options answer --help with their description and write nothing (run,
+they rewrite their pictures under docs/results/camvid/); an unknown option is a usage error."""
 
 import os
 import subprocess
