@@ -361,3 +361,69 @@ def test_a_threshold_keeps_a_confidence_equal_to_tau():
               "w_class": np.ones(4), "w_released": np.ones(4), "pred": pred, "target": target}
     r = summarize(arrays, 2, taus=(0.5,), shares=(0.5,))
     assert r["threshold"][0]["share"] == pytest.approx(3 / 4)
+
+
+def _q(share: float, accuracy: float, recall: float) -> dict:
+    return {"share": share, "accuracy": accuracy, "recall": recall}
+
+
+def _printed_analysis(rule: str) -> dict:
+    """What run_analysis returns, with numbers that tell every rule and column apart."""
+    return {"images": 7, "split": "unlabeled", "skipped_images": [], "valid_pixels": 1234, "model_accuracy": 0.9,
+            "rule": rule, "pictures": ["a.png", "b.png"],
+            "threshold": [{"tau": 0.9, **_q(0.71, 0.72, 0.73)}, {"tau": 0.95, **_q(0.61, 0.62, 0.63)}],
+            "csl": {"hard": _q(0.51, 0.52, 0.53), "weighted": _q(0.41, 0.42, 0.43)},
+            "csl_released": {"hard": _q(0.11, 0.12, 0.13), "weighted": _q(0.14, 0.15, 0.16)},
+            "csl_class": {"hard": _q(0.31, 0.32, 0.33), "weighted": _q(0.21, 0.22, 0.23)},
+            "at_csl_share": {"confidence": _q(0.41, 0.81, 0.82), "entropy": _q(0.41, 0.83, 0.84)},
+            "confidence_per_image_at_csl_share": _q(0.41, 0.85, 0.86)}
+
+
+@pytest.mark.parametrize("rule", ["paper", "released"])
+def test_analyze_prints_each_rules_share_accuracy_recall_the_trained_rule_first(tmp_path, monkeypatch, capsys,
+                                                                                  rule):
+    """The command's table: the 0.95 threshold, then both CSL rules (the one the checkpoint's config trains with
+    first), the per-class rule, the cuts at CSL's share; share / accuracy / recall in percent. --max-ranked-pixels
+    reaches the analysis (its default otherwise)."""
+    import csl.analyze
+
+    calls = []
+    monkeypatch.setattr(csl.analyze, "run_analysis", lambda *a, **k: calls.append(k) or _printed_analysis(rule))
+    assert main(["analyze", "--checkpoint", "never-read.pt", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "7 images (unlabeled), 1234 valid pixels, model pixel accuracy 90.0%"
+    assert lines[1].split() == ["rule", "share", "accuracy", "recall"]
+    rows = [(line[:30].strip(), line[30:].split()) for line in lines[2:-1]]
+    paper = [("CSL paper rule, w = 1", ["51.0%", "52.0%", "53.0%"]), ("CSL paper rule, weighted",
+                                                                      ["41.0%", "42.0%", "43.0%"])]
+    released = [("CSL released rule, w = 1", ["11.0%", "12.0%", "13.0%"]),
+                 ("CSL released rule, weighted", ["14.0%", "15.0%", "16.0%"])]
+    assert rows == [("threshold 0.95", ["61.0%", "62.0%", "63.0%"]),
+                    *(paper + released if rule == "paper" else released + paper),
+                    ("CSL per class, w = 1", ["31.0%", "32.0%", "33.0%"]),
+                    ("CSL per class, weighted", ["21.0%", "22.0%", "23.0%"]),
+                    ("confidence at CSL's share", ["41.0%", "81.0%", "82.0%"]),
+                    ("entropy at CSL's share", ["41.0%", "83.0%", "84.0%"]),
+                    ("confidence, CSL's per image", ["41.0%", "85.0%", "86.0%"])]
+    assert lines[-1] == f"wrote {tmp_path / 'analysis.json'} and 2 pictures"
+    assert calls[0]["max_ranked_pixels"] == csl.analyze.DEFAULT_MAX_RANKED_PIXELS
+    assert main(["analyze", "--checkpoint", "never-read.pt", "--out", str(tmp_path), "--max-ranked-pixels", "99"]) == 0
+    assert calls[1]["max_ranked_pixels"] == 99
+
+
+def test_baseline_row_is_the_sweeps_entry_at_tau():
+    from csl.analyze import baseline_row
+
+    result = {"threshold": [{"tau": 0.9, "share": 0.7}, {"tau": 0.95, "share": 0.6}]}
+    assert baseline_row(result) == {"tau": 0.95, "share": 0.6} and baseline_row(result, 0.9)["share"] == 0.7
+    assert baseline_row(result, 0.99) is None
+
+
+def test_cut_at_share_rounds_the_pixel_count_to_the_nearest():
+    """round(share * n) pixels, as the per-image CSL amount round(sum of its weights): 2.7 of 10 is 3, not 2."""
+    from csl.analyze import _cut_at_share
+
+    score = np.linspace(0.0, 1.0, 10)
+    assert _cut_at_share(score, 0.27, True).tolist() == [False] * 7 + [True] * 3
+    assert _cut_at_share(score, 0.27, False).tolist() == [True] * 3 + [False] * 7
+    assert _cut_at_share(score, 0.24, True).sum() == 2

@@ -781,3 +781,127 @@ def test_validation_images_in_a_training_list_are_warned_about(tmp_path):
     assert (f"2 of the 2 validation images are also in the unlabeled training list {info['unlabeled_list']}"
             in log_text)
     assert "also in the labeled training list" not in log_text
+
+
+def test_demo_table_columns_are_the_reliable_and_the_weighted_pixels():
+    """The demo's table: mIoU, the reliable pixels' share / accuracy / recall, the soft weights' share / accuracy /
+    recall (in percent; "-" for a value not recorded, e.g. supervised runs) and whole seconds."""
+    from csl.demo import LABELS, format_table
+
+    results = {"csl": {"miou": 0.456, "pl_sampling_rate": 0.41, "pl_accuracy": 0.82, "pl_recall": 0.63,
+                       "pl_weighted_share": 0.54, "pl_weighted_accuracy": 0.75, "pl_weighted_recall": 0.36,
+                       "seconds": 12.6},
+               "supervised": {"miou": 0.5, "pl_sampling_rate": None, "pl_accuracy": 0.9, "pl_recall": None,
+                              "seconds": 3.2}}
+    lines = format_table(results).splitlines()
+    assert lines[2] == f"| {LABELS['csl']} | 45.6 | 41.0 / 82.0 / 63.0 | 54.0 / 75.0 / 36.0 | 13 |"
+    assert lines[3] == f"| {LABELS['supervised']} | 50.0 | - / 90.0 / - | - | 3 |"
+
+
+def test_a_demo_stage_result_is_its_last_evaluation_and_epoch(tmp_path):
+    """summary.json's entry of a stage: the final (last) evaluation's mIoU and per-class IoU, the best mIoU of all,
+    the last epoch's pseudo-label quality, the configured iterations."""
+    from csl.demo import _result
+
+    records = [{"kind": "eval", "iter": 2, "miou": 0.6, "iou": [0.5, 0.7]},
+               {"kind": "pseudo_labels", "iter": 2, "mask_ratio": 0.5, "sampling_rate": 0.4, "accuracy": 0.7,
+                "recall": 0.6},
+               {"kind": "eval", "iter": 4, "miou": 0.5, "iou": [0.4, 0.6]},
+               {"kind": "pseudo_labels", "iter": 4, "mask_ratio": 0.8, "sampling_rate": 0.7, "accuracy": 0.9,
+                "recall": 0.8, "weighted_share": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = _result({"output_dir": str(tmp_path), "train": {"iters": 4, "iters_per_epoch": 2}}, 7.0)
+    assert (r["miou"], r["best_miou"], r["iou"], r["iters"], r["seconds"]) == (0.5, 0.6, [0.4, 0.6], 4, 7.0)
+    assert (r["pl_mask_ratio"], r["pl_sampling_rate"], r["pl_accuracy"], r["pl_recall"]) == (0.8, 0.7, 0.9, 0.8)
+    assert r["pl_weighted_share"] == 0.75 and r["pl_weighted_accuracy"] is None
+
+
+def test_a_demo_stages_logged_seconds_count_every_iteration_up_to_the_one_asked(tmp_path):
+    """The seconds of a stopped stage's iterations <= ``until``: each train record's seconds per iteration times the
+    iterations since the previous record."""
+    from csl.demo import _logged_seconds
+
+    records = [{"kind": "train", "iter": it, "sec_per_iter": s} for it, s in ((2, 1.0), (4, 2.0), (6, 3.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = {"output_dir": str(tmp_path)}
+    assert _logged_seconds(cfg, 4) == pytest.approx(1.0 * 2 + 2.0 * 2)
+    assert _logged_seconds(cfg, 6) == pytest.approx(12.0) and _logged_seconds(cfg, 1) == 0.0
+
+
+def test_demo_stage_configs_set_the_method_its_folder_and_the_warmups_schedule(tmp_path):
+    """Each method's stage: the method's settings, its own folder, the warm-up checkpoint to start from, and
+    ``iters`` iterations in epochs no longer than the config's; the warm-up: supervised at its own lr from scratch."""
+    from csl.config import load_config
+    from csl.demo import method_config, warmup_config
+
+    base = load_config("demo", [])
+    cfg = method_config(base, "csl_no_tmp", str(tmp_path), iters=500, init_from="w/latest.pt")
+    assert (cfg["train"]["mode"], cfg["selection"]["mode"], cfg["tmp"]["enabled"]) == ("semi", "csl", False)
+    assert cfg["output_dir"] == str(tmp_path / "csl_no_tmp") and cfg["train"]["init_from"] == "w/latest.pt"
+    assert cfg["train"]["iters"] == 500 and cfg["train"]["iters_per_epoch"] == base["train"]["iters_per_epoch"] < 500
+    assert method_config(base, "threshold", str(tmp_path), iters=4)["train"]["iters_per_epoch"] == 4
+    warm = warmup_config(base, str(tmp_path), 30, lr=0.02)
+    assert (warm["train"]["mode"], warm["train"]["iters"], warm["train"]["iters_per_epoch"]) == ("supervised", 30, 30)
+    assert warm["train"]["lr"] == 0.02 and warm["train"]["init_from"] is None
+    assert warm["output_dir"] == str(tmp_path / "warmup")
+
+
+def test_demo_refuses_a_negative_warmup_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--warmup", "-1", *TINY]) == 2
+    assert "warmup must be >= 0 iterations, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_unknown_option_with_a_value_is_no_override(capsys):
+    """``--name=value`` after the options is a mistyped option, said as such, not a config key ``--name``."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--config", "demo", "--overwite=true"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("csl train: error: unrecognized arguments: "
+                                                               "--overwite=true")
+
+
+def test_eval_refuses_a_negative_bn_recalibrate_first(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "never-read.pt"), "--bn-recalibrate", "-1"]) == 2
+    assert "--bn-recalibrate must be >= 0 (0 keeps the checkpoint's statistics), got -1" in capsys.readouterr().err
+
+
+def test_expanded_images_take_upper_case_extensions_and_skip_only_inside_the_output_folder(tmp_path):
+    """A.JPG is an image; ``preds2`` beside the output folder ``preds`` is not inside it (a path prefix is no
+    folder); a pattern searches the folder before its first wildcard, so the output folder there is skipped even
+    where later parts of the pattern name other folders."""
+    photos = tmp_path / "photos"
+    for name in ("A.JPG", "preds/x.png", "preds2/y.png", "seq/z/b.png", "preds/z/b.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"x")
+    preds = str(photos / "preds")
+    found = expand_images([str(photos)], skip_under=preds)
+    assert found.paths == [str(photos / name) for name in ("A.JPG", "preds2/y.png", "seq/z/b.png")]
+    assert found.skipped == [str(photos / "preds" / "x.png"), str(photos / "preds" / "z" / "b.png")]
+    found = expand_images([str(photos / "*" / "z" / "*.png")], skip_under=preds)
+    assert found.paths == [str(photos / "seq" / "z" / "b.png")] and found.skipped == [str(photos / "preds/z/b.png")]
+
+
+def test_split_prints_the_labeled_and_unlabeled_counts(tmp_path, capsys):
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"img/{i}.png mask/{i}.png\n" for i in range(8)))
+    assert main(["split", "--list", str(listing), "--fractions", "1/4", "--out", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.startswith("1_4: 2 labeled, 6 unlabeled -> ")
+    assert len(read_split(str(tmp_path / "s" / "1_4" / "labeled.txt"))) == 2
+
+
+def test_predict_refuses_images_that_all_lie_inside_out(tmp_path, monkeypatch, capsys):
+    """--images naming only the output folder (every file an earlier prediction): an error, not "wrote 0"."""
+    import csl.checkpoint
+    import csl.cli as cli
+    from csl.config import load_config
+
+    monkeypatch.setattr(csl.checkpoint, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(cli, "config_for_checkpoint", lambda *args: load_config("demo", ["device=cpu"]))
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"x")
+    assert main(["predict", "--checkpoint", "never-read.pt", "--images", str(out), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"csl predict: error: --images names no image outside --out {out}" in err
+    assert "1 image(s) inside --out" in err

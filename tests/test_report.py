@@ -334,3 +334,155 @@ def test_training_pseudo_label_table_columns_are_share_accuracy_recall():
     table = report.training_pl_table(_synthetic_run())
     row = table_row(table, report.LABELS["csl"])
     assert row == ["10", "90.0", "41.0 / 82.0 / 63.0", "54.0 / 75.0 / 36.0"]
+
+
+def _run_of_seed(seed: int, results: dict, warmup: dict | None = None) -> dict:
+    """A run dict as load_run returns it, for the tables that read only its seed and results."""
+    return {"summary": {"config": {"seed": seed}, "results": results, "warmup": warmup}, "methods": list(results),
+            "results": results, "analyses": {}, "metrics": {}, "unfinished": {}}
+
+
+def test_gaps_table_leaves_out_the_reference_and_subtracts_it_seed_by_seed():
+    """Each other method's final mIoU minus the threshold's of the same seed, in points; no row for the threshold
+    itself (its difference to itself says nothing)."""
+    runs = [_run_of_seed(0, {"threshold": {"miou": 0.40}, "csl": {"miou": 0.43}}),
+            _run_of_seed(1, {"threshold": {"miou": 0.50}, "csl": {"miou": 0.49}})]
+    table = report.gaps_table(runs)
+    assert table_row(table, report.LABELS["csl"]) == ["+3.0", "-1.0", "+1.0 ± 2.0"]
+    assert f"| {report.LABELS['threshold']} |" not in table
+    assert len(table.splitlines()) == 2 + 1
+
+
+def test_results_table_gives_each_methods_best_miou_and_time():
+    """After the final mIoU of each seed: the best evaluation's mIoU and the training seconds of each seed."""
+    runs = [_run_of_seed(0, {"csl": {"miou": 0.50, "best_miou": 0.55, "seconds": 120.4}}),
+            _run_of_seed(1, {"csl": {"miou": 0.52, "best_miou": 0.61, "seconds": 99.6}})]
+    row = table_row(report.results_table(runs), report.LABELS["csl"])
+    assert row == ["50.0", "52.0", "51.0 ± 1.0", "55.0 / 61.0", "120 / 100"]
+
+
+def test_per_class_table_of_a_run_beside_the_demo_is_its_last_evaluation():
+    """A run trained beside the demo's methods has no summary.json result: its final model is its last evaluation
+    record, not its first."""
+    run = _synthetic_run()
+    run["methods"].append("csl_no_tmp")
+    run["metrics"]["csl_no_tmp"] = {"eval": [{"iter": 5, "miou": 0.2, "iou": [0.1, 0.2, 0.3]},
+                                             {"iter": 10, "miou": 0.4, "iou": [0.3, 0.4, 0.5]}], "pseudo_labels": []}
+    table = report.per_class_table(run)
+    assert table_row(table, "class 0") == ["11.0", "30.0"] and table_row(table, "**mIoU**") == ["**50.0**", "**40.0**"]
+
+
+def _q(share: float, accuracy: float, recall: float) -> dict:
+    return {"share": share, "accuracy": accuracy, "recall": recall}
+
+
+def _synthetic_analysis() -> dict:
+    """An analysis.json content whose every rule has its own numbers (share / accuracy / recall)."""
+    return {"threshold": [{"tau": 0.9, **_q(0.71, 0.72, 0.73)}, {"tau": 0.95, **_q(0.61, 0.62, 0.63)}],
+            "csl": {"hard": _q(0.51, 0.52, 0.53), "weighted": _q(0.41, 0.42, 0.43)},
+            "csl_class": {"hard": _q(0.31, 0.32, 0.33), "weighted": _q(0.21, 0.22, 0.23)},
+            "csl_released": {"hard": _q(0.11, 0.12, 0.13), "weighted": _q(0.14, 0.15, 0.16)},
+            "confidence_at_released_share": _q(0.17, 0.18, 0.19),
+            "at_csl_share": {"confidence": _q(0.41, 0.81, 0.82), "entropy": _q(0.41, 0.83, 0.84)},
+            "confidence_per_image_at_csl_share": _q(0.41, 0.85, 0.86),
+            "all_pixels": _q(1.0, 0.9, 1.0), "model_accuracy": 0.9, "split": "unlabeled"}
+
+
+def test_selection_table_rows_give_each_rules_share_accuracy_recall():
+    """Every rule of an analysis in its own row, its share, accuracy and recall in that column order."""
+    table = report.selection_table(_synthetic_analysis())
+    assert table.splitlines()[0] == "| rule | share (%) | accuracy (%) | recall (%) |"
+    assert table_row(table, "confidence >= 0.9") == ["71.0", "72.0", "73.0"]
+    assert table_row(table, "**confidence >= 0.95**") == ["**61.0**", "**62.0**", "**63.0**"]  # the baseline
+    assert table_row(table, "**CSL per image, reliable (w = 1)**") == ["**51.0**", "**52.0**", "**53.0**"]
+    assert table_row(table, "**CSL per image, weighted**") == ["**41.0**", "**42.0**", "**43.0**"]
+    assert table_row(table, "CSL per class, reliable") == ["31.0", "32.0", "33.0"]
+    assert table_row(table, "CSL per class, weighted") == ["21.0", "22.0", "23.0"]
+    assert table_row(table, "CSL, released code's rule, reliable") == ["11.0", "12.0", "13.0"]
+    assert table_row(table, "CSL, released code's rule, weighted") == ["14.0", "15.0", "16.0"]
+    assert table_row(table, "confidence, best pixels at the released rule's weighted share") == ["17.0", "18.0",
+                                                                                                  "19.0"]
+    assert table_row(table, "entropy, best pixels at CSL's weighted share (all images pooled)") == ["41.0", "83.0",
+                                                                                                     "84.0"]
+    assert table_row(table, "confidence, best pixels of each image at its CSL amount") == ["41.0", "85.0", "86.0"]
+    assert table_row(table, "all pixels") == ["100.0", "90.0", "100.0"]
+
+
+def test_selection_summary_row_gives_threshold_csl_and_the_confidence_cuts_in_order():
+    """One line per analysed model: pixel accuracy, the 0.95 threshold, CSL reliable, CSL weighted (share /
+    accuracy / recall), then the confidence cut at CSL's share pooled and per image (accuracy / recall)."""
+    run = _run_of_seed(3, {})
+    run["analyses"] = {"csl": _synthetic_analysis()}
+    table = report.selection_summary_table([run])
+    row = table_row(table, "3")
+    assert row == [report.LABELS["csl"], "90.0", "61.0 / 62.0 / 63.0", "51.0 / 52.0 / 53.0", "41.0 / 42.0 / 43.0",
+                   "81.0 / 82.0", "85.0 / 86.0"]
+
+
+def test_whole_records_and_an_analysis_of_the_final_model_get_no_note(tmp_path, monkeypatch):
+    """The notes on records cut short and on analyses of another checkpoint appear only when that is so: not for
+    metrics that reach the final model, nor for an analysis whose checkpoint is of the final iteration. The note
+    summary.json keeps (what was trained, how) is given under its seed."""
+    from csl import plots
+
+    for name in ("plot_miou_by_seed", "plot_miou_curves", "plot_pseudo_label_curves"):
+        monkeypatch.setattr(plots, name, lambda data, path: path)
+    folder = run_folder(tmp_path, 0)
+    analysis = os.path.join(folder, "analysis", "csl", "analysis.json")
+    with open(analysis) as f:
+        a = json.load(f)
+    a.update(checkpoint="/runs/seed0/csl/latest.pt", checkpoint_iteration=600)  # the final model (iteration 600)
+    with open(analysis, "w") as f:
+        json.dump(a, f)
+    report.write_report([folder], str(tmp_path / "report"))
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "metrics.jsonl` ends at the evaluation" not in text and "not of the final model" not in text
+    with open(os.path.join(folder, "summary.json")) as f:
+        assert f"Seed 0: {json.load(f)['note']}\n" in text
+
+
+def test_the_differences_to_the_threshold_are_given_when_one_seed_lacks_it(tmp_path, monkeypatch):
+    """A seed without a threshold run still gets the table of differences: "-" for that seed, the other seed's
+    difference given."""
+    from csl import plots
+
+    for name in ("plot_miou_by_seed", "plot_miou_curves", "plot_pseudo_label_curves"):
+        monkeypatch.setattr(plots, name, lambda data, path: path)
+    folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
+    summary = os.path.join(folders[1], "summary.json")
+    with open(summary) as f:
+        s = json.load(f)
+    del s["results"]["threshold"]
+    with open(summary, "w") as f:
+        json.dump(s, f)
+    shutil.rmtree(os.path.join(folders[1], "threshold"))
+    report.write_report(folders, str(tmp_path / "report"))
+    text = (tmp_path / "report" / "report.md").read_text()
+    gaps = text[text.index("### Difference to the threshold"):]
+    assert table_row(gaps, report.LABELS["csl"])[:2] == ["-1.1", "-"]
+
+
+def test_the_seed_picture_draws_each_methods_final_miou_and_the_warmup(tmp_path, monkeypatch):
+    """miou_by_seed.png is given every seed's final mIoU (not the best evaluation) per method, the warm-up first."""
+    from csl import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_miou_by_seed", lambda finals, path: drawn.update(finals) or path)
+    folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
+    report.write_report(folders, str(tmp_path / "report"))
+    runs = [report.load_run(f) for f in folders]
+    assert list(drawn)[0] == "warm-up"
+    assert drawn["warm-up"] == {r["summary"]["config"]["seed"]: r["summary"]["warmup"]["miou"] for r in runs}
+    for m in ("supervised", "threshold", "csl"):  # seed 0's supervised and CSL runs ended below their best
+        assert drawn[report.LABELS[m]] == {r["summary"]["config"]["seed"]: r["results"][m]["miou"] for r in runs}
+
+
+def test_a_run_record_without_a_field_the_report_reads_is_named(tmp_path, capsys):
+    """A summary.json without a field the report reads (here the config's seed): exit 2 naming the field, no
+    traceback."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"results": {}, "config": {}}))
+    assert report.main([str(folder), "--out", str(tmp_path / "report")]) == 2
+    assert "csl report: error: a run record lacks the field 'seed' (is every folder a finished `csl demo` output?)" \
+        in capsys.readouterr().err
