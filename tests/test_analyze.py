@@ -427,3 +427,18 @@ def test_cut_at_share_rounds_the_pixel_count_to_the_nearest():
     assert _cut_at_share(score, 0.27, True).tolist() == [False] * 7 + [True] * 3
     assert _cut_at_share(score, 0.27, False).tolist() == [True] * 3 + [False] * 7
     assert _cut_at_share(score, 0.24, True).sum() == 2
+
+
+@pytest.mark.parametrize(("rule", "confidence", "paper_confidence", "released_confidence"),
+                         [("paper", "log", "log", "log"), ("paper", "prob", "prob", "log"),
+                          ("released", "log", "prob", "log"), ("released", "prob", "prob", "prob")])
+def test_an_explicit_confidence_applies_to_the_trained_rule_only(checkpoint, tmp_path, rule, confidence,
+                                                                 paper_confidence, released_confidence):
+    """``selection.confidence`` is the confidence of the rule the config trains; the other rule is analysed with
+    its own default (paper: prob, released: log)."""
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--max-images", "1", "--panels", "0",
+                 f"selection.rule={rule}", f"selection.confidence={confidence}"]) == 0
+    with open(out / "analysis.json") as f:
+        r = json.load(f)
+    assert (r["rule"], r["confidence"], r["released_confidence"]) == (rule, paper_confidence, released_confidence)
