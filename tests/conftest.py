@@ -304,3 +304,31 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def kept_figures(monkeypatch) -> list:
+    """The figures csl.plots draws, kept instead of written as PNG (closed after the test)."""
+    from csl import plots
+
+    kept = []
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: kept.append(fig) or path)
+    yield kept
+    plots._pyplot().close("all")
+
+
+def quality(share: float, accuracy: float, recall: float) -> dict:
+    """One rule's entry of an analysis: share, accuracy, recall."""
+    return {"share": share, "accuracy": accuracy, "recall": recall}
+
+
+def synthetic_analysis() -> dict:
+    """An analysis.json content (what ``csl.analyze.run_analysis`` returns) whose every rule has its own numbers."""
+    return {"threshold": [{"tau": 0.9, **quality(0.71, 0.72, 0.73)}, {"tau": 0.95, **quality(0.61, 0.62, 0.63)}],
+            "csl": {"hard": quality(0.51, 0.52, 0.53), "weighted": quality(0.41, 0.42, 0.43)},
+            "csl_class": {"hard": quality(0.31, 0.32, 0.33), "weighted": quality(0.21, 0.22, 0.23)},
+            "csl_released": {"hard": quality(0.11, 0.12, 0.13), "weighted": quality(0.14, 0.15, 0.16)},
+            "confidence_at_released_share": quality(0.17, 0.18, 0.19),
+            "at_csl_share": {"confidence": quality(0.41, 0.81, 0.82), "entropy": quality(0.41, 0.83, 0.84)},
+            "confidence_per_image_at_csl_share": quality(0.41, 0.85, 0.86),
+            "all_pixels": quality(1.0, 0.9, 1.0), "model_accuracy": 0.9, "split": "unlabeled"}

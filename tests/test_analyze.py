@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import synthetic_analysis
 
 from csl.analyze import selection_quality, summarize
 from csl.cli import main
@@ -363,20 +364,10 @@ def test_a_threshold_keeps_a_confidence_equal_to_tau():
     assert r["threshold"][0]["share"] == pytest.approx(3 / 4)
 
 
-def _q(share: float, accuracy: float, recall: float) -> dict:
-    return {"share": share, "accuracy": accuracy, "recall": recall}
-
-
 def _printed_analysis(rule: str) -> dict:
     """What run_analysis returns, with numbers that tell every rule and column apart."""
-    return {"images": 7, "split": "unlabeled", "skipped_images": [], "valid_pixels": 1234, "model_accuracy": 0.9,
-            "rule": rule, "pictures": ["a.png", "b.png"],
-            "threshold": [{"tau": 0.9, **_q(0.71, 0.72, 0.73)}, {"tau": 0.95, **_q(0.61, 0.62, 0.63)}],
-            "csl": {"hard": _q(0.51, 0.52, 0.53), "weighted": _q(0.41, 0.42, 0.43)},
-            "csl_released": {"hard": _q(0.11, 0.12, 0.13), "weighted": _q(0.14, 0.15, 0.16)},
-            "csl_class": {"hard": _q(0.31, 0.32, 0.33), "weighted": _q(0.21, 0.22, 0.23)},
-            "at_csl_share": {"confidence": _q(0.41, 0.81, 0.82), "entropy": _q(0.41, 0.83, 0.84)},
-            "confidence_per_image_at_csl_share": _q(0.41, 0.85, 0.86)}
+    return {**synthetic_analysis(), "images": 7, "skipped_images": [], "valid_pixels": 1234, "rule": rule,
+            "pictures": ["a.png", "b.png"]}
 
 
 @pytest.mark.parametrize("rule", ["paper", "released"])

@@ -23,15 +23,6 @@ def test_ignored_pixels_get_a_colour_no_class_has():
     assert (colourize(np.array([[7, -1]]), taken) == (128, 128, 128)).all()  # out of range: drawn as ignored
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures csl.plots draws, kept instead of written as PNG."""
-    kept = []
-    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: kept.append(fig) or path)
-    yield kept
-    plots._pyplot().close("all")
-
-
 def test_the_ignore_value_is_ignored_also_with_a_palette_that_long():
     """255 is the ignore value even where the palette has a 256th colour; a label one past the palette's end is drawn
     as ignored too (not an index error)."""
@@ -74,44 +65,45 @@ def test_method_colours_also_key_the_run_names():
         "csl": "#0072B2", "threshold": "#E69F00", "warmup": "#8C564B", "mine": plots._OTHER_COLOURS[0]}
 
 
-def test_panels_show_the_threshold_mask_at_tau_and_the_classes_in_view(figures, tmp_path):
+def test_panels_show_the_threshold_mask_at_tau_and_the_classes_in_view(kept_figures, tmp_path):
     """The threshold column selects confidence >= tau (a pixel at exactly tau included); the legend names the
     classes of the masks and predictions shown, then the ignored colour."""
     ex = {"name": "a/b.png", "image": np.zeros((2, 2, 3), dtype=np.uint8), "target": np.array([[0, 1], [255, 1]]),
           "pred": np.array([[0, 2], [1, 1]]), "weight": np.full((2, 2), 0.5), "cover": np.zeros((2, 2), dtype=bool),
           "conf": np.array([[0.95, 0.94], [0.96, 1.0]], dtype=np.float32)}
     plots.plot_panels([ex], str(tmp_path), 4, None, tau=0.95, class_names=["road", "car", "sky", "tree"])
-    (fig,) = figures
+    (fig,) = kept_figures
     assert fig.axes[4].get_title() == "threshold 0.95"
     assert np.asarray(fig.axes[4].images[0].get_array()).tolist() == [[1, 0], [1, 1]]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["road", "car", "sky", "ignored (void / padding)"]
 
 
-def test_miou_curves_and_the_seed_picture_draw_percent_per_iteration_and_seed(figures):
+def test_miou_curves_and_the_seed_picture_draw_percent_per_iteration_and_seed(kept_figures):
     """The curves: mIoU in percent at each evaluation's iteration (None a gap). The seed picture: one line per seed
     over the methods, and the mean of the seeds only for a method run on every seed."""
     plots.plot_miou_curves({"csl": [{"iter": 10, "miou": 0.4}, {"iter": 20, "miou": None}, {"iter": 30,
                                                                                            "miou": 0.45}]}, "c.png")
-    (line,) = figures[0].axes[0].get_lines()
+    (line,) = kept_figures[0].axes[0].get_lines()
     assert line.get_xdata().tolist() == [10, 20, 30]
     assert line.get_ydata()[[0, 2]].tolist() == pytest.approx([40, 45]) and np.isnan(line.get_ydata()[1])
     plots.plot_miou_by_seed({"a": {0: 0.3, 1: 0.5}, "b": {0: 0.4, 1: 0.6}, "c": {1: 0.2}}, "s.png")
-    lines = {ln.get_label(): ln.get_ydata() for ln in figures[1].axes[0].get_lines()}
+    lines = {ln.get_label(): ln.get_ydata() for ln in kept_figures[1].axes[0].get_lines()}
     assert lines["seed 0"][:2].tolist() == pytest.approx([30, 40]) and np.isnan(lines["seed 0"][2])
     assert lines["seed 1"].tolist() == pytest.approx([50, 60, 20])
     means = lines["mean of the seeds"]
     assert means[:2].tolist() == pytest.approx([40, 50]) and np.isnan(means[2])
 
 
-def test_pseudo_label_curves_draw_each_panels_quantity_solid_and_weighted_dashed(figures):
+def test_pseudo_label_curves_draw_each_panels_quantity_solid_and_weighted_dashed(kept_figures):
     records = [{"iter": 10, "mask_ratio": 0.9, "accuracy": 0.8, "recall": 0.7, "weighted_accuracy": 0.6,
                 "weighted_recall": 0.5}]
     plots.plot_pseudo_label_curves({"CSL": records}, "p.png")
-    drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()] for ax in figures[0].axes[:3]]
+    drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()]
+             for ax in kept_figures[0].axes[:3]]
     assert drawn == [[("-", [0.9])], [("-", [0.8]), ("--", [0.6])], [("-", [0.7]), ("--", [0.5])]]
 
 
-def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(figures, tmp_path):
+def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(kept_figures, tmp_path):
     """Per class, one bar per rule (threshold 0.95, CSL reliable, CSL weighted) of its accuracy (top) and recall
     (bottom); an undefined ratio is no bar but "n/a"."""
     def rule(acc, rec):
@@ -120,7 +112,7 @@ def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(figures, tm
     result = {"class_names": ["road", "car"], "threshold": [{"tau": 0.95, **rule([0.9, None], [0.3, 0.4])}],
               "csl": {"hard": rule([0.8, 0.7], [0.5, 0.6]), "weighted": rule([0.6, 0.5], [0.7, 0.8])}}
     plots.plot_per_class(result, str(tmp_path))
-    top, bottom = figures[0].axes[:2]
+    top, bottom = kept_figures[0].axes[:2]
     heights = {c.get_label(): [p.get_height() for p in c] for c in top.containers}
     assert list(heights) == ["threshold 0.95", "CSL reliable", "CSL weighted"]
     assert heights["threshold 0.95"][0] == 0.9 and np.isnan(heights["threshold 0.95"][1])
@@ -129,7 +121,7 @@ def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(figures, tm
     assert [t.get_text() for t in top.texts] == ["n/a"] and not bottom.texts
 
 
-def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_the_truth(figures, tmp_path):
+def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_the_truth(kept_figures, tmp_path):
     """Left: the pixels of the reliable cluster c* and the others; right: correct and wrong pseudo-labels among the
     pixels with a mask (ignored ones left out)."""
     rng = np.random.default_rng(0)
@@ -140,7 +132,7 @@ def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_t
     example = {"name": "x", "f0": f0, "dispersion": f1, "pred": pred, "target": target, "chosen": 1,
                "mu": np.array([[0.9, 0.05], [0.1, 0.7]]), "var": np.array([[0.01, 0.01], [0.01, 0.01]])}
     plots.plot_feature_plane(example, str(tmp_path), alpha=8.0)
-    left, right = figures[0].axes[:2]
+    left, right = kept_figures[0].axes[:2]
     count = {c.get_label(): len(c.get_offsets()) for ax in (left, right) for c in ax.collections
              if not c.get_label().startswith("_")}
     cluster = plots.pcos_clusters(f0, f1)

@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+from conftest import synthetic_analysis
 
 from csl import report
 
@@ -167,15 +168,13 @@ def test_miou_panels_one_per_schedule(tmp_path):
     assert os.path.getsize(out) > 10_000
 
 
-def test_a_method_has_one_colour_in_every_picture(tmp_path, monkeypatch):
+def test_a_method_has_one_colour_in_every_picture(tmp_path, kept_figures):
     """Colours follow the method, not the order a picture draws it in: threshold orange, CSL blue (Okabe-Ito, safe
     for colour-blind readers) in the mIoU curves and the pseudo-label curves alike, whatever else is drawn."""
     from matplotlib.colors import to_hex
 
     from csl import plots
 
-    figures = []
-    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig) or path)
     run = report.load_run(run_folder(tmp_path, 0))
     evals = {report.LABELS[m]: run["metrics"][m]["eval"] for m in run["methods"]}
     pseudo = {report.LABELS[m]: run["metrics"][m]["pseudo_labels"] for m in run["methods"]
@@ -185,14 +184,13 @@ def test_a_method_has_one_colour_in_every_picture(tmp_path, monkeypatch):
     plots.plot_miou_panels({"a": {report.LABELS["csl"]: evals[report.LABELS["csl"]]}, "b": evals}, "panels.png")
     expected = {report.LABELS["threshold"]: "#e69f00", report.LABELS["csl"]: "#0072b2"}
     seen = {}
-    for fig in figures:
+    for fig in kept_figures:
         for ax in fig.axes:
             for line in ax.get_lines():
                 if line.get_label() in expected:
                     seen.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
     assert seen == {label: {colour} for label, colour in expected.items()}
     assert len(set(plots.method_colours(list(evals)).values())) == len(evals)  # no two methods share one
-    plots._pyplot().close("all")
 
 
 def test_unevaluated_beside_runs_and_analyses_of_other_checkpoints_are_named(tmp_path):
@@ -372,25 +370,9 @@ def test_per_class_table_of_a_run_beside_the_demo_is_its_last_evaluation():
     assert table_row(table, "class 0") == ["11.0", "30.0"] and table_row(table, "**mIoU**") == ["**50.0**", "**40.0**"]
 
 
-def _q(share: float, accuracy: float, recall: float) -> dict:
-    return {"share": share, "accuracy": accuracy, "recall": recall}
-
-
-def _synthetic_analysis() -> dict:
-    """An analysis.json content whose every rule has its own numbers (share / accuracy / recall)."""
-    return {"threshold": [{"tau": 0.9, **_q(0.71, 0.72, 0.73)}, {"tau": 0.95, **_q(0.61, 0.62, 0.63)}],
-            "csl": {"hard": _q(0.51, 0.52, 0.53), "weighted": _q(0.41, 0.42, 0.43)},
-            "csl_class": {"hard": _q(0.31, 0.32, 0.33), "weighted": _q(0.21, 0.22, 0.23)},
-            "csl_released": {"hard": _q(0.11, 0.12, 0.13), "weighted": _q(0.14, 0.15, 0.16)},
-            "confidence_at_released_share": _q(0.17, 0.18, 0.19),
-            "at_csl_share": {"confidence": _q(0.41, 0.81, 0.82), "entropy": _q(0.41, 0.83, 0.84)},
-            "confidence_per_image_at_csl_share": _q(0.41, 0.85, 0.86),
-            "all_pixels": _q(1.0, 0.9, 1.0), "model_accuracy": 0.9, "split": "unlabeled"}
-
-
 def test_selection_table_rows_give_each_rules_share_accuracy_recall():
     """Every rule of an analysis in its own row, its share, accuracy and recall in that column order."""
-    table = report.selection_table(_synthetic_analysis())
+    table = report.selection_table(synthetic_analysis())
     assert table.splitlines()[0] == "| rule | share (%) | accuracy (%) | recall (%) |"
     assert table_row(table, "confidence >= 0.9") == ["71.0", "72.0", "73.0"]
     assert table_row(table, "**confidence >= 0.95**") == ["**61.0**", "**62.0**", "**63.0**"]  # the baseline
@@ -412,21 +394,26 @@ def test_selection_summary_row_gives_threshold_csl_and_the_confidence_cuts_in_or
     """One line per analysed model: pixel accuracy, the 0.95 threshold, CSL reliable, CSL weighted (share /
     accuracy / recall), then the confidence cut at CSL's share pooled and per image (accuracy / recall)."""
     run = _run_of_seed(3, {})
-    run["analyses"] = {"csl": _synthetic_analysis()}
+    run["analyses"] = {"csl": synthetic_analysis()}
     table = report.selection_summary_table([run])
     row = table_row(table, "3")
     assert row == [report.LABELS["csl"], "90.0", "61.0 / 62.0 / 63.0", "51.0 / 52.0 / 53.0", "41.0 / 42.0 / 43.0",
                    "81.0 / 82.0", "85.0 / 86.0"]
 
 
-def test_whole_records_and_an_analysis_of_the_final_model_get_no_note(tmp_path, monkeypatch):
-    """The notes on records cut short and on analyses of another checkpoint appear only when that is so: not for
-    metrics that reach the final model, nor for an analysis whose checkpoint is of the final iteration. The note
-    summary.json keeps (what was trained, how) is given under its seed."""
+def _draw_no_seed_or_curve_pictures(monkeypatch) -> None:
+    """The report's seed and curve pictures not drawn (tests of its text)."""
     from csl import plots
 
     for name in ("plot_miou_by_seed", "plot_miou_curves", "plot_pseudo_label_curves"):
         monkeypatch.setattr(plots, name, lambda data, path: path)
+
+
+def test_whole_records_and_an_analysis_of_the_final_model_get_no_note(tmp_path, monkeypatch):
+    """The notes on records cut short and on analyses of another checkpoint appear only when that is so: not for
+    metrics that reach the final model, nor for an analysis whose checkpoint is of the final iteration. The note
+    summary.json keeps (what was trained, how) is given under its seed."""
+    _draw_no_seed_or_curve_pictures(monkeypatch)
     folder = run_folder(tmp_path, 0)
     analysis = os.path.join(folder, "analysis", "csl", "analysis.json")
     with open(analysis) as f:
@@ -444,10 +431,7 @@ def test_whole_records_and_an_analysis_of_the_final_model_get_no_note(tmp_path, 
 def test_the_differences_to_the_threshold_are_given_when_one_seed_lacks_it(tmp_path, monkeypatch):
     """A seed without a threshold run still gets the table of differences: "-" for that seed, the other seed's
     difference given."""
-    from csl import plots
-
-    for name in ("plot_miou_by_seed", "plot_miou_curves", "plot_pseudo_label_curves"):
-        monkeypatch.setattr(plots, name, lambda data, path: path)
+    _draw_no_seed_or_curve_pictures(monkeypatch)
     folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
     summary = os.path.join(folders[1], "summary.json")
     with open(summary) as f:
