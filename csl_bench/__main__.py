@@ -110,7 +110,9 @@ def _merged_rows(paths: list[Path], parts: list[dict], field: str, key_fields: t
                 raise SystemExit(f"--merge: {' '.join(key)} was measured in both {source[key]} and {run_path}; "
                                  f"merge runs that measured different things")
             if key not in rows or _RANK.get(r.get("status"), 0) > _RANK.get(rows[key].get("status"), 0):
-                rows[key], source[key] = {k: v for k, v in r.items() if not k.startswith("x_")}, run_path
+                # x_floor is the row's own (time over its floor); the other x_* are ratios to other rows
+                kept = {k: v for k, v in r.items() if not k.startswith("x_") or k == "x_floor"}
+                rows[key], source[key] = kept, run_path
     return list(rows.values())
 
 

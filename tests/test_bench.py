@@ -388,3 +388,22 @@ def test_long_training_step_rounds_say_how_far_they_got(monkeypatch):
         ok = sum(r["status"] == "ok" for r in records)
         assert ok >= 1
         assert [line for line in lines if " round " in line] == [f"train_step {e} ({ok} selections)" for e in expected]
+
+
+def test_merge_keeps_each_rows_floor_ratio(tmp_path):
+    """x_floor is a row's own time over its floor, not a ratio to another row: a merge keeps it (the x_* speed-ups it
+    computes again across the runs), and the floor goal is evaluated on it."""
+    from csl_bench import __main__ as bench_cli
+
+    a = _run_file(tmp_path / "a.json", {"official"})
+    b = _run_file(tmp_path / "b.json", {"cuda"})
+    data = json.loads(b.read_text())
+    for r in data["records"]:
+        if r["status"] == "ok":
+            r["x_floor"] = 11.0
+    b.write_text(json.dumps(data))
+    payload = bench_cli.merge([a, b], tmp_path / "m.json")
+    assert {r["provider"]: r.get("x_floor") for r in payload["records"]} == {"official": None, "cuda": 11.0,
+                                                                              "triton": None}
+    floor = [g for g in payload["goals"] if g["goal"] == "PCOS within 1.5x of the copy-bandwidth floor"]
+    assert [(g["where"], g["measured"], g["met"]) for g in floor] == [("voc321 bf16 cuda", 11.0, False)]
