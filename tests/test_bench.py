@@ -390,6 +390,423 @@ def test_long_training_step_rounds_say_how_far_they_got(monkeypatch):
         assert [line for line in lines if " round " in line] == [f"train_step {e} ({ok} selections)" for e in expected]
 
 
+# --- The harness's arithmetic, inputs and bookkeeping on synthetic data (no timing is measured) -----------------
+
+
+def test_quantiles_are_the_20_50_80_percent_points_and_an_even_count_has_the_mean_median():
+    from csl_bench.timing import quantiles
+
+    q = quantiles([float(v) for v in (9, 1, 5, 3, 7, 2, 10, 4, 8, 6, 11)])
+    assert (q["q20"], q["median"], q["q80"], q["min"], q["mean"], q["reps"]) == (3.0, 6.0, 9.0, 1.0, 6.0, 11)
+    assert quantiles([4.0, 1.0, 3.0, 2.0])["median"] == 2.5
+
+
+def test_repetitions_and_warmup_come_from_the_budget_over_one_timed_call(monkeypatch):
+    """One call that takes 10 ms on the clock: 0.5 s of budget is 50 repetitions, 0.1 s of warm-up 10 calls; the
+    repetitions are held within [min_reps, max_reps] and warm-up to 50 calls."""
+    import itertools
+    import types
+
+    from csl_bench import timing
+    from csl_bench.settings import Settings
+
+    def plan(**kw):
+        clock = itertools.count(0.0, 0.01)
+        monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+        settings = Settings(device=torch.device("cpu"), suite="cpu", shapes=(), dtypes=(), **kw)
+        return timing.plan_reps(lambda: None, [()], settings)
+
+    assert plan(warmup_s=0.1, rep_s=0.5, min_reps=3, max_reps=200) == (10, 50)
+    assert plan(warmup_s=0.0, rep_s=0.5, min_reps=3, max_reps=20) == (0, 20)
+    assert plan(warmup_s=5.0, rep_s=0.01, min_reps=3, max_reps=200) == (50, 3)
+
+
+def test_interleaved_timing_takes_turns_round_by_round_and_rotates_the_buffers(monkeypatch):
+    """7 repetitions each over 5 rounds are 2, 2, 1, 1, 1 per round, the providers taking turns; each provider's calls
+    go through the input copies in order across the rounds."""
+    from csl_bench import timing
+    from csl_bench.settings import Settings
+
+    monkeypatch.setattr(timing, "plan_reps", lambda fn, buffers, settings: (0, 7))
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b")}
+    buffers = [(0,), (1,), (2,)]
+    settings = Settings(device=torch.device("cpu"), suite="cpu", shapes=(), dtypes=())
+    out = timing.bench_interleaved(fns, buffers, settings)
+    assert [name for name, _ in calls] == list("aabbaabbababab")
+    for name in "ab":
+        assert [i for n, i in calls if n == name] == [0, 1, 2, 0, 1, 2, 0]
+        assert out[name]["reps"] == 7
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    from csl_bench import timing
+
+    monkeypatch.setattr(timing, "bench_fn", lambda fn, buffers, settings: {"median": 1e-3})
+    bw = timing.copy_bandwidth_gbps(torch.device("cpu"), nbytes=1000)
+    assert bw["bytes"] == 1000 and bw["gbps"] == pytest.approx(2.0)  # 2 x 1000 B in 1 us
+
+
+def test_each_ops_floor_counts_every_byte_an_ideal_kernel_moves():
+    from csl_bench import bench_pcos_weights, bench_residual_features, bench_trusted_mask
+    from csl_bench import bench_weighted_cross_entropy as bench_ce
+    from csl_bench.settings import Shape
+
+    shape = Shape("t", 2, 5, 3, 4)  # 24 pixels, 120 logits
+    # logits read; ignore int64 read; weight f32 + label int64 + reliable bool written
+    assert bench_pcos_weights.floor_bytes(shape, torch.float32) == 120 * 4 + 24 * (8 + 4 + 8 + 1)
+    assert bench_pcos_weights.floor_bytes(shape, torch.bfloat16) == 120 * 2 + 24 * 21
+    # logits read; ignore read; f0, v f32 and label int64 written
+    assert bench_residual_features.floor_bytes(shape, torch.float32) == 120 * 4 + 24 * (8 + 4 + 4 + 8)
+    # logits read and their gradient written; label int64, weight f32, ignore int64 read
+    assert bench_ce.floor_bytes(shape, torch.bfloat16) == 2 * 120 * 2 + 24 * (8 + 4 + 8)
+    # 3-channel f32 images read and written; reliable read and cover written (bool)
+    assert bench_trusted_mask.floor_bytes(shape, torch.float32) == 24 * (3 * 4 * 2 + 1 + 1)
+
+
+def test_benchmark_inputs_are_deterministic_with_the_ignore_border_on_odd_images():
+    from csl_bench.inputs import make_ignore, make_logits
+    from csl_bench.settings import Shape
+
+    shape, cpu = Shape("t", 3, 4, 20, 16), torch.device("cpu")
+    logits = make_logits(shape, torch.float32, cpu)
+    assert torch.equal(logits, make_logits(shape, torch.float32, cpu))
+    assert not torch.equal(logits, make_logits(shape, torch.float32, cpu, seed=1))
+    ignore = make_ignore(shape, cpu)
+    assert ignore.dtype == torch.int64 and ignore.shape == (3, 20, 16)
+    assert not ignore[0].any() and not ignore[2].any()
+    border = torch.zeros(20, 16, dtype=torch.bool)
+    border[:, 14:] = True  # W // 8 = 2 right columns
+    border[18:, :] = True  # H // 10 = 2 bottom rows
+    assert torch.equal(ignore[1] == csl_kernels.IGNORE_INDEX, border) and torch.equal(ignore[1] == 0, ~border)
+
+
+def test_l2_copies_reach_four_times_the_l2_within_the_memory_share_and_keep_requires_grad(monkeypatch):
+    import types
+
+    from csl_bench.inputs import rotating_buffers
+
+    free = [10**9]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(L2_cache_size=1000))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[0], 10**9))
+    logits = torch.zeros(100, requires_grad=True)  # 400 bytes: ceil(4 x 1000 / 400) = 10 copies
+    inputs = (logits, torch.zeros(0, dtype=torch.int64), 8.0)
+    buffers = rotating_buffers(inputs, torch.device("cuda"))
+    assert len(buffers) == 10 and buffers[0] is inputs
+    for copy in buffers[1:]:
+        assert copy[0] is not logits and copy[0].requires_grad and copy[0].is_leaf and copy[2] == 8.0
+    free[0] = 4000  # 30 % of the free memory holds 3 copies
+    assert len(rotating_buffers(inputs, torch.device("cuda"))) == 3
+    assert rotating_buffers(inputs, torch.device("cpu")) == [inputs]
+
+
+def test_run_op_records_ratios_deviation_and_failures_of_each_provider():
+    """A fake op on CPU: GB/s and x_floor from the floor bytes and the median, vs_eager from the provider's own output,
+    a raising provider as an error (exit 1), and --providers leaving the others not selected."""
+    from csl_bench.runner import OpSpec, exit_status, run_op
+    from csl_bench.settings import Settings, Shape
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    spec = OpSpec("fake", lambda shape, dtype, device: (torch.ones(3),), lambda shape, dtype: 10**6,
+                  lambda settings, shape: {"official": lambda x: (2 * x,), "eager": lambda x: (x,),
+                                           "triton": lambda x: (x,), "cpu": boom},
+                  lambda out, ref, inputs: {"dev": float((out[0] - ref[0]).abs().max())})
+    settings = Settings(device=torch.device("cpu"), suite="smoke", shapes=(Shape("s", 1, 1, 1, 3),),
+                        dtypes=("fp32",), providers=("official", "eager", "cpu"), warmup_s=0.0, rep_s=0.0,
+                        min_reps=1, max_reps=1, copy_gbps=100.0)
+    by = {r["provider"]: r for r in run_op(spec, settings, log=lambda line: None)}
+    for name in ("official", "eager"):
+        r = by[name]
+        seconds = r["time_ms"]["median"] * 1e-3
+        assert r["status"] == "ok" and r["gbps"] == pytest.approx(1e-3 / seconds)
+        assert r["x_floor"] == pytest.approx(seconds / (10**6 / 100e9))
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 100.0)
+    assert by["official"]["vs_eager"] == {"dev": 1.0} and by["eager"]["vs_eager"] == {"dev": 0.0}
+    assert by["cpu"]["status"] == "error" and by["cpu"]["reason"] == "RuntimeError: boom"
+    assert by["triton"]["status"] == "unavailable" and by["triton"]["reason"] == "not selected (--providers)"
+    assert by["compile"]["status"] == "unavailable"
+    assert exit_status({"records": list(by.values())}) == 1
+
+
+def test_each_ops_vs_eager_compares_the_providers_output_with_the_references():
+    from csl_bench import bench_pcos_weights, bench_residual_features, bench_trusted_mask
+    from csl_bench import bench_weighted_cross_entropy as bench_ce
+
+    ignore = torch.tensor([[0, 255, 0, 0]])
+    ref = (torch.tensor([[0.5, 0.0, 1.0, 1.0]]), torch.tensor([[1, 0, 2, 3]]),
+           torch.tensor([[False, False, True, True]]))
+    out = (torch.tensor([[0.25, 0.0, 1.0, 1.0]]), torch.tensor([[1, 4, 2, 0]]),
+           torch.tensor([[False, True, True, True]]))
+    # the label differs on one of 3 valid pixels (the ignored one is not compared)
+    assert bench_pcos_weights.compare(out, ref, (None, ignore)) == {
+        "max_abs_weight": 0.25, "label_mismatch": pytest.approx(1 / 3), "reliable_mismatch": 0.25}
+    # the ignored pixel (9.0) is neither compared nor in the scale of v
+    feats = (torch.tensor([[0.5, 9.0, 0.5, 0.5]]), torch.tensor([[-2.0, 9.0, -1.0, -4.0]]),
+             torch.tensor([[1, 9, 2, 3]]))
+    got = (feats[0] + 0.125, feats[1] * 1.5, feats[2])
+    assert bench_residual_features.compare(got, feats, (None, ignore)) == {
+        "max_abs_f0": 0.125, "max_rel_v": 0.5, "label_mismatch": 0.0}
+    grad = torch.tensor([[0.5, -2.0]])
+    assert bench_ce.compare((torch.tensor(3.0), grad * 1.25), (torch.tensor(2.0), grad), ()) == {
+        "rel_loss": 0.5, "max_rel_grad": 0.25}
+    images = torch.zeros(1, 1, 1, 4)
+    cover = torch.tensor([[[True, False, False, False]]])
+    assert bench_trusted_mask.compare((images + 0.5, ~cover), (images, cover), ()) == {
+        "max_abs_image": 0.5, "cover_mismatch": 1.0}
+
+
+def test_official_providers_agree_with_eager_on_the_benchmark_inputs():
+    """The official TMP draws its grid from the generator seeded like the others', the official loss counts only the
+    valid pixels: on the smoke inputs both give the eager provider's outputs."""
+    from csl_bench import bench_trusted_mask
+    from csl_bench import bench_weighted_cross_entropy as bench_ce
+    from csl_bench.settings import SHAPES, Settings
+
+    shape = SHAPES["smoke"][0]
+    settings = Settings(device=torch.device("cpu"), suite="smoke", shapes=(shape,), dtypes=("fp32",),
+                        use_compile=False)
+    inputs = bench_trusted_mask.make_inputs(shape, torch.float32, settings.device)
+    fns = bench_trusted_mask.providers(settings, shape)
+    torch.manual_seed(1)  # not the providers' seed: a grid drawn from the global generator would differ
+    (masked, cover), (ref_masked, ref_cover) = fns["official"](*inputs), fns["eager"](*inputs)
+    assert cover.any() and not cover.all() and torch.equal(cover, ref_cover) and torch.equal(masked, ref_masked)
+    inputs = bench_ce.make_inputs(shape, torch.float32, settings.device)
+    assert (inputs[3] == csl_kernels.IGNORE_INDEX).any()
+    fns = bench_ce.providers(settings, shape)
+    (loss, grad), (ref_loss, ref_grad) = fns["official"](*inputs), fns["eager"](*inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-8)
+
+
+def _goal_records():
+    def rec(op, provider, median, extra=None, **kw):
+        return {"op": op, "shape": "voc321", "dtype": "bf16", "provider": provider, "status": "ok",
+                "time_ms": {"median": median}, "memory": {"extra_bytes": extra}, **kw}
+
+    return [rec("pcos_weights", "cuda", 0.2, x_official=120.0, x_compile=4.0, x_floor=1.2),
+            rec("pcos_weights", "triton", 0.4, x_official=60.0, x_compile=2.0, x_floor=2.4),
+            rec("weighted_cross_entropy", "official", 1.0, extra=400),
+            rec("weighted_cross_entropy", "cuda", 0.25, extra=80, x_official=4.0)]
+
+
+def test_goals_use_the_right_ratio_and_direction():
+    from csl_bench.report import evaluate_goals
+
+    goals = {(g["goal"], g["where"]): g for g in evaluate_goals(_goal_records(), [], torch.device("cuda"))}
+    floor = "PCOS within 1.5x of the copy-bandwidth floor"
+    assert goals[(floor, "voc321 bf16 cuda")]["met"] is True and goals[(floor, "voc321 bf16 triton")]["met"] is False
+    triton = goals[("Triton PCOS within 1.5x of the extension (issue 14)", "voc321 bf16 triton")]
+    assert triton["measured"] == pytest.approx(2.0) and triton["met"] is False
+    memory = goals[("weighted CE peak memory <= 1/4 of eager F.cross_entropy (official; issue 14)",
+                    "voc321 bf16 cuda")]
+    assert memory["measured"] == pytest.approx(0.2) and memory["met"] is True
+    assert {g["where"].split()[-1] for g in goals.values()} == {"cuda", "triton"}  # no cpu goals on a GPU run
+
+
+def test_merge_refuses_runs_of_different_devices(tmp_path):
+    from csl_bench import __main__ as bench_cli
+
+    a = _run_file(tmp_path / "a.json", {"official"})
+    b = _run_file(tmp_path / "b.json", {"cuda"}, device_name="NVIDIA H100 80GB HBM3")
+    with pytest.raises(SystemExit, match="different devices"):
+        bench_cli.merge([a, b], tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_custom_shape_is_batch_classes_height_width():
+    from csl_bench.settings import parse_shape
+
+    shape = parse_shape("4x21x33x35")
+    assert (shape.batch, shape.classes, shape.height, shape.width) == (4, 21, 33, 35) and shape.name == "4x21x33x35"
+
+
+def test_host_overhead_rounds_take_turns_after_every_warmup():
+    from csl_bench.bench_host_overhead import _rounds, _warmup_calls
+
+    calls = []
+    out = _rounds({n: (lambda n=n: calls.append(n)) for n in "ab"}, calls=2, repeats=2)
+    warm = _warmup_calls(2)
+    assert warm == 50 and calls == ["a"] * warm + ["b"] * warm + list("aabbaabb")
+    assert set(out) == {"a", "b"} and all(len(t) == 2 for t in out.values())
+
+
+def test_host_overhead_beyond_empty_row_is_the_loss_less_the_empty_function_round_by_round(monkeypatch):
+    from csl_bench import bench_host_overhead as bho
+
+    times = {"pcos_weights": [5.0, 6.0], "weighted_cross_entropy fwd+bwd": [30.0, 20.0],
+             "weighted_cross_entropy fwd (no grad)": [9.0, 8.0], bho.EMPTY_FUNCTION: [12.0, 4.0]}
+    monkeypatch.setattr(bho, "_rounds", lambda fns, calls, repeats, sync=None: {k: times[k] for k in fns})
+    rows = {r["op"]: r for r in bho._op_rows("cpu", calls=1, repeats=2)}
+    assert rows[bho.BEYOND_EMPTY]["us_min"] == 16.0 and rows[bho.BEYOND_EMPTY]["us_median"] == 17.0
+    assert rows["weighted_cross_entropy fwd+bwd"]["us_min"] == 20.0
+
+
+def test_host_overhead_command_exits_1_when_a_worker_fails(tmp_path, monkeypatch):
+    """The script's own exit status (its __main__ block): a worker with no result is a row with the error, and 1."""
+    import runpy
+    import subprocess
+    import sys
+    import warnings
+
+    def no_result(cmd, **kwargs):  # the worker's process (and git) time out
+        raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+
+    monkeypatch.setattr(subprocess, "run", no_result)
+    out = tmp_path / "h.json"
+    monkeypatch.setattr(sys, "argv", ["bench_host_overhead", "--workers", "baseline", "--worker-timeout", "5",
+                                      "--out", str(out)])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
+        runpy.run_module("csl_bench.bench_host_overhead", run_name="__main__")
+    assert exit_.value.code == 1
+    assert json.loads(out.read_text())["rows"] == [{"op": "-", "provider": "baseline", "error": "no result within 5 s"}]
+
+
+def test_training_step_selections_take_turns_step_by_step(monkeypatch):
+    """Warm-up round then timed rounds, one step of every selection each; x_official and the CSL share from the
+    medians (a stub step whose region takes 1, 1, 4 clock units and the whole step 2 more)."""
+    import itertools
+    import types
+
+    from csl_bench import bench_train_step as bts
+
+    class Tiny(torch.nn.Linear):
+        def param_groups(self, lr, head_factor):
+            return [{"params": list(self.parameters())}]
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(bts, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(bts, "build_model", lambda cfg, classes: Tiny(1, 1))
+    order, count = [], {}
+
+    def fake_step(*args, selector, region, **kwargs):
+        name = "official" if isinstance(selector, bts.OfficialSelector) else selector.backend
+        order.append(name)
+        count[name] = count.get(name, 0) + 1
+        for _ in range({2: 1, 3: 1, 4: 4}.get(count[name], 1)):  # timed steps 1-3 (the first call is the warm-up)
+            with region("select"):
+                pass
+
+    monkeypatch.setattr(bts, "train_step", fake_step)
+    records = {r["selection"]: r for r in bts.run(torch.device("cpu"), "smoke", steps=3, warmup=1,
+                                                     log=lambda line: None)}
+    ran = [name for name, r in records.items() if r["status"] == "ok"]
+    ran = ["reference" if name == "eager" else name for name in ran]
+    assert len(ran) >= 2 and order == ran * 4
+    for r in records.values():
+        if r["status"] == "ok":
+            # step: t0, region begin / end per region, t1 -> 3, 3, 9 units; CSL 1, 1, 4: medians 3000 and 1000 ms
+            assert r["step_ms"]["median"] == 3000.0 and r["csl_ms"]["median"] == 1000.0
+            assert r["csl_share_pct"] == pytest.approx(100 / 3) and r["x_official"] == pytest.approx(1.0)
+
+
+def test_auto_choice_measures_in_a_cache_of_its_own(monkeypatch):
+    import logging
+
+    from csl_bench.bench_auto_choice import main as auto_main
+
+    monkeypatch.setenv("CSL_AUTO_CACHE", "unset")  # so that the variable the script sets is undone afterwards
+    monkeypatch.delenv("CSL_AUTO_CACHE")
+    logger = logging.getLogger("csl_kernels")
+    saved = list(logger.handlers), logger.level, logger.propagate  # the script attaches its log handler
+    try:
+        payload = auto_main(["--device", "cpu", "--shapes", "smoke", "--dtypes", "fp32"])
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+    assert "csl-auto-" in payload["cache"] and payload["cache"].endswith("auto-backend.json")
+    assert [(r["op"], r["shape"], r["dtype"]) for r in payload["choices"]] == [
+        ("pcos_weights", "smoke", "fp32"), ("weighted_cross_entropy", "smoke", "fp32")]
+
+
+def test_official_two_class_features_are_rank_one_and_one_cluster():
+    """With two classes the residual dispersion is 0 at every pixel: the 2 x N feature matrix has rank one and every
+    pixel is in cluster 0 (spec Sec. 2), not split by the arbitrary second singular vector."""
+    logits = torch.randn(2, 2, 5, 6, generator=torch.Generator().manual_seed(0)) * 3
+    weight, label, reliable = official_pcos(logits)
+    ref = csl_kernels.pcos_weights(logits, None, backend="reference")
+    assert ((ref.weight > 0.01) & (ref.weight < 0.99)).sum() > 10
+    torch.testing.assert_close(weight, ref.weight, atol=2e-5, rtol=0)
+    assert torch.equal(reliable, ref.reliable) and torch.equal(label, ref.label)
+
+
+def test_a_provider_that_fails_only_when_timed_is_an_error():
+    """Interleaved timing raises, so each provider is timed alone: the one that raises is an error (exit 1), the
+    others are measured."""
+    from csl_bench.runner import OpSpec, exit_status, run_op
+    from csl_bench.settings import Settings, Shape
+
+    calls = [0]
+
+    def once(x):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("illegal memory access")
+        return (x,)
+
+    spec = OpSpec("fake", lambda shape, dtype, device: (torch.ones(3),), lambda shape, dtype: 12,
+                  lambda settings, shape: {"eager": lambda x: (x,), "triton": once},
+                  lambda out, ref, inputs: {})
+    settings = Settings(device=torch.device("cpu"), suite="smoke", shapes=(Shape("s", 1, 1, 1, 3),),
+                        dtypes=("fp32",), warmup_s=0.0, rep_s=0.0, min_reps=1, max_reps=1)
+    records = run_op(spec, settings, log=lambda line: None)
+    by = {r["provider"]: r for r in records}
+    assert by["eager"]["status"] == "ok" and by["eager"]["time_ms"]["reps"] == 1
+    assert by["triton"]["status"] == "error" and by["triton"]["reason"] == "RuntimeError: illegal memory access"
+    assert exit_status({"records": records}) == 1
+
+
+def test_merge_keeps_a_failed_row_over_a_not_selected_one(tmp_path):
+    """A provider that failed in one run and was not selected in another stays failed, so the merge exits 1."""
+    from csl_bench import __main__ as bench_cli
+    from csl_bench.runner import exit_status
+
+    a = _run_file(tmp_path / "a.json", {"official"})
+    data = json.loads(a.read_text())
+    for r in data["records"]:
+        if r["provider"] == "cuda":
+            r.update(status="error", reason="RuntimeError: boom")
+    a.write_text(json.dumps(data))
+    b = _run_file(tmp_path / "b.json", {"triton"})
+    payload = bench_cli.merge([b, a], tmp_path / "m.json")
+    assert {r["provider"]: r["status"] for r in payload["records"]} == {"official": "ok", "cuda": "error",
+                                                                        "triton": "ok"}
+    assert exit_status(payload) == 1
+
+
+def test_step_speedup_needs_a_measured_official_step():
+    from csl_bench.bench_train_step import add_step_speedups
+
+    rows = [{"config": "c", "selection": "official", "status": "error", "reason": "RuntimeError: boom"},
+            _step_row("cuda", 120.0) | {"config": "c"}]
+    add_step_speedups(rows)
+    assert all("x_official" not in r for r in rows)
+
+
+def test_official_loss_upcasts_low_precision_logits_as_autocast_does():
+    logits = separated_logits(batch=2, classes=5, size=9).to(torch.bfloat16)
+    label, weight = logits.argmax(1), torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(0))
+    ignore = torch.zeros(2, 9, 9, dtype=torch.int64)
+    loss = unimatch_weighted_cross_entropy(logits, label, weight, ignore)
+    assert loss.dtype == torch.float32
+    assert loss == unimatch_weighted_cross_entropy(logits.float(), label, weight, ignore)
+
+
+def test_an_ops_script_refuses_an_existing_output_before_any_work(tmp_path, monkeypatch):
+    from csl_bench import bench_pcos_weights, runner
+
+    out = tmp_path / "x.json"
+    out.write_text("{}")
+    for work in ("run_op", "copy_bandwidth_gbps", "environment"):
+        monkeypatch.setattr(runner, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        bench_pcos_weights.SPEC.main(["--smoke", "--device", "cpu", "--out", str(out)])
+    assert out.read_text() == "{}"
+
+
 def test_merge_keeps_each_rows_floor_ratio(tmp_path):
     """x_floor is a row's own time over its floor, not a ratio to another row: a merge keeps it (the x_* speed-ups it
     computes again across the runs), and the floor goal is evaluated on it."""
