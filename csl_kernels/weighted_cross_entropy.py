@@ -40,7 +40,8 @@ def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOut
 def weighted_cross_entropy_reference(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd, in ``compute_dtype(logits)``.
+    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd, each pixel's term in ``compute_dtype(logits)``, their
+    sum in float64 (docs/selection.md Sec. 5).
 
     Pixels that are invalid or have weight 0 contribute exactly 0 (and a zero gradient), even when their
     logits are non-finite or their label is out of range.
@@ -61,9 +62,9 @@ def weighted_cross_entropy_reference(
         raise RuntimeError(f"weighted_cross_entropy: label {int(bad[0])} of a used pixel is outside "
                            f"[0, {z.shape[1]})") from None
     ce = torch.logsumexp(z, dim=1) - picked
-    total = torch.where(used, w * ce, torch.zeros((), dtype=dt, device=z.device)).sum()
+    total = torch.where(used, w * ce, torch.zeros((), dtype=dt, device=z.device)).sum(dtype=torch.float64)
     n_valid = label.numel() if valid is None else valid.sum()
-    return total / torch.as_tensor(n_valid, device=z.device).clamp_min(1).to(dt)
+    return (total / torch.as_tensor(n_valid, device=z.device).clamp_min(1)).to(dt)
 
 
 def weighted_cross_entropy(

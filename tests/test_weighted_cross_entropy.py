@@ -251,6 +251,27 @@ def test_one_class_everywhere(fused_backend):
     assert_matches(loss, grad, ref_loss, ref_grad, z, weight, None)
 
 
+@pytest.mark.parametrize("layout", ["one image", "three images"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+def test_pixel_terms_are_added_in_float64(backend, layout):
+    """The pixels' loss terms are added in float64, within a block of pixels as across blocks and images: pixels 0
+    and 2 (the same logits and label, weights 1e8 and -1e8) cancel exactly and leave pixel 1's term, which a float32
+    running sum loses (1e8 * CE + CE_1 rounds to 1e8 * CE in float32) and gives 0."""
+    device = require_backend(OP, backend)
+    z = torch.tensor([[0.3, -0.4], [1.1, 0.2], [0.3, -0.4]], dtype=torch.float32)
+    label = torch.tensor([1, 0, 1])
+    weight = torch.tensor([1e8, 1.0, -1e8], dtype=torch.float32)
+    if layout == "one image":  # one 1 x 3 image: one program of every backend
+        z, label, weight = z.t().reshape(1, 2, 1, 3), label.view(1, 1, 3), weight.view(1, 1, 3)
+    else:
+        z, label, weight = z.view(3, 2, 1, 1), label.view(3, 1, 1), weight.view(3, 1, 1)
+    z, label, weight = z.to(device), label.to(device), weight.to(device)
+    loss, grad = run(backend, z, label, weight, None)
+    ref_loss, ref_grad = reference64(z, label, weight, None)
+    assert ref_loss > 0.1
+    assert_matches(loss, grad, ref_loss, ref_grad, z, weight, None)
+
+
 def test_grad_output_scaling(fused_backend):
     device = require_backend(OP, fused_backend)
     z, label, weight, ign = make_case(11, batch=2, classes=21, height=6, width=5, dtype=torch.float32, device=device)

@@ -129,9 +129,11 @@ def _ce_forward_kernel(
     ce = tl.where(bad, float("nan"), w * (lse - z_y))
     tl.store(lse_ptr + i, tl.where(used, lse, 0.0), mask=pm)
 
+    # Each pixel's term in ACC, their sum in float64 (as the C++ kernels add them): large weights of both signs that
+    # cancel leave the other pixels' terms intact.
     part = pid_p + b * tl.num_programs(0)
-    tl.store(part_ptr + part, tl.sum(tl.where(used, ce, 0.0), axis=0))
-    tl.store(part_ptr + NPARTS + part, tl.sum(valid.to(tl.int32), axis=0).to(ACC))  # <= BLOCK_P: exact
+    tl.store(part_ptr + part, tl.sum(tl.where(used, ce, 0.0).to(tl.float64), axis=0))
+    tl.store(part_ptr + NPARTS + part, tl.sum(valid.to(tl.int32), axis=0).to(tl.float64))  # <= BLOCK_P: exact
 
 
 @triton.jit
@@ -141,7 +143,7 @@ def _ce_reduce_kernel(part_ptr, loss_ptr, count_ptr, n, BLOCK: tl.constexpr):
     cnt = tl.zeros((BLOCK,), tl.int64)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(part_ptr + offs, mask=offs < n, other=0).to(tl.float64)
+        acc += tl.load(part_ptr + offs, mask=offs < n, other=0)
         cnt += tl.load(part_ptr + n + offs, mask=offs < n, other=0).to(tl.int64)
     total = tl.sum(acc, axis=0)
     count = tl.sum(cnt, axis=0)
@@ -243,7 +245,7 @@ def weighted_cross_entropy_launch(logits: torch.Tensor, label: torch.Tensor, wei
 
     def launch(config: Config) -> None:
         plan = _plan("forward", config, logits, valid)
-        parts = torch.empty(max(2 * plan.n_parts, 1), dtype=lse.dtype, device=dev)  # loss sums, then counts
+        parts = torch.empty(max(2 * plan.n_parts, 1), dtype=torch.float64, device=dev)  # loss sums, then counts
         if plan.n_parts > 0:
             _ce_forward_kernel[plan.grid](logits, label, weight, valid, lse, parts, plan.n_parts, num_classes, hw,
                                           width, *plan.strides, **plan.constexprs)
