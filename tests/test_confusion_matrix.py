@@ -132,6 +132,20 @@ def test_counts_add_over_batches_and_repeat_exactly(fused_backend):
     assert torch.equal(whole, csl_kernels.confusion_matrix(pred, target, 21, backend=fused_backend))
 
 
+def test_large_inputs_summed_over_per_thread_histograms(fused_backend):
+    """From 65536 pixels on (and 4 per cell), the CPU kernel counts into one histogram per thread and adds them up;
+    with two threads and more than 2 x 65536 pixels each thread has pixels of its own: every one is counted once."""
+    device = require_backend(OP, fused_backend)
+    pred, target = make_case(17, (3, 256, 256), 21, torch.int64, 255, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = csl_kernels.confusion_matrix(pred, target, 21, backend=fused_backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got.cpu(), confusion_matrix_reference(pred.cpu(), target.cpu(), 21, 255))
+
+
 def test_triton_custom_op():
     device = require_backend(OP, "triton")
     from csl_kernels.triton.confusion_matrix import confusion_matrix_triton

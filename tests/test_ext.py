@@ -216,6 +216,21 @@ def test_confusion_matrix_matches_reference(ext, num_classes):
     assert torch.equal(got, confusion_matrix_reference(in_range, target, num_classes, 255))
 
 
+def test_the_ops_default_to_the_papers_rule(ext):
+    """released=False is the schema default of csl::pcos_weights and csl::residual_features: a call without it is the
+    paper's rule, bit for bit, and not the released code's."""
+    z = _logits(c=7)
+    ops = torch.ops.csl
+    for paper, released, default in (
+            (ops.pcos_weights(z, None, 8.0, False, False, False), ops.pcos_weights(z, None, 8.0, False, False, True),
+             ops.pcos_weights(z, None, 8.0, False, False)),
+            (ops.residual_features(z, None, False, False), ops.residual_features(z, None, False, True),
+             ops.residual_features(z, None, False))):
+        assert not all(torch.equal(a, b) for a, b in zip(paper, released, strict=True))
+        for a, b in zip(default, paper, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.cpp_error_path
 def test_confusion_matrix_edge_cases(ext):
     empty = torch.empty(0, 5, dtype=torch.long)
@@ -297,6 +312,11 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, label, weight, None, lse, count.double())
     with pytest.raises(RuntimeError, match="grad_loss must hold one value on cpu, got shape \\[2\\]"):
         ops.weighted_cross_entropy_backward(torch.ones(2), z, label, weight, None, lse, count)
+    # a label equal to C on a used pixel (the first one out of range), in the forward and in a direct backward call
+    with pytest.raises(RuntimeError, match=r"label 3 of a used pixel is outside \[0, 3\)"):
+        ops.weighted_cross_entropy(z, torch.full((1, 2, 2), 3), weight, None)
+    with pytest.raises(RuntimeError, match=r"label 3 of a used pixel is outside \[0, 3\)"):
+        ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, torch.full((1, 2, 2), 3), weight, None, lse, count)
     # trusted_mask called directly: a fill its dtype cannot hold (written as inf), a dtype it has no kernel for
     cells, reliable = torch.ones(1, 1, 1, dtype=torch.bool), torch.ones(1, 2, 2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"fill=1e\+06 does not fit the images' dtype Half \(largest finite value "

@@ -394,6 +394,19 @@ def test_non_finite_logits_never_poison_the_image(fused_backend, classes, groups
         assert torch.equal(a, b)
 
 
+def test_non_finite_pixels_are_counted_per_image_in_multi_chunk_images(fused_backend):
+    """Images of more than one 4096-pixel chunk (65 x 65): n_nonfinite counts each image's own non-finite pixels,
+    those past its first chunk included."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 2, 65, 65, generator=g)
+    z[0, 1, 64, 60:] = float("nan")  # image 0, past its first 4096 pixels
+    z[1, 0, 0, :2] = float("inf")
+    for groups in ("image", "class"):
+        out = csl_kernels.pcos_weights(z.to(device), groups=groups, backend=fused_backend, return_stats=True)
+        assert out.stats.n_nonfinite.cpu().tolist() == [5, 2]
+
+
 @pytest.mark.parametrize("confidence", ["prob", "log"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rank_one_features(fused_backend, confidence, dtype):
@@ -420,6 +433,29 @@ def test_rank_one_features(fused_backend, confidence, dtype):
     assert (st.mu[:, 1] == 0).all()
     if confidence == "log":
         assert (st.mu[:, 0, 0] < 0).all()
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_saturated_pixel_at_the_feature_origin_is_in_cluster_0(fused_backend, dtype, groups):
+    """Log confidence: a pixel whose winning logit is 1000 above the others has p_max = 1 exactly, so phi = (0, 0) and
+    |V[n, 0]| = |V[n, 1]| = 0, a tie that goes to cluster 0 (spec: argmax, ties 0) in a group that is not rank one.
+    The harness of assert_pcos_match lets an ambiguous pixel go either way, so the counts are compared exactly here."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(2, 3, 5, 6, generator=g) * 2).to(dtype)
+    z[:, 0, 0, :4] = 1000.0  # class 0 saturated (exp(-1000) = 0 in float64 too): f0 = -log1p(0) = 0, v = 0
+    z[:, 1, 4, 2:] = 1000.0  # class 1 saturated
+    options = dict(alpha=8.0, confidence="log", groups=groups)
+    out = csl_kernels.pcos_weights(z.to(device), backend=fused_backend, return_stats=True, **options)
+    ref = reference64(z, None, **options)
+    f0, v, _ = csl_kernels.residual_features(z.double(), confidence="log", backend="reference")
+    assert ((f0 == 0) & (v == 0)).sum() == 2 * 8
+    eig, n = ref.stats.eigenvalues.reshape(-1, 2), ref.stats.count.reshape(-1, 2).sum(dim=1)
+    assert (eig[n > 3, 1] > 1e-6 * eig[n > 3, 0]).all()  # the groups with pixels are not rank one
+    assert torch.equal(out.stats.count.cpu(), ref.stats.count)
+    assert torch.equal(out.stats.chosen.cpu(), ref.stats.chosen)
+    torch.testing.assert_close(out.stats.mu.cpu(), ref.stats.mu, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
@@ -471,6 +507,27 @@ def test_closed_form_assignment_equals_svd(backend, groups):
     s = torch.linalg.svdvals(torch.stack((f0.reshape(2, -1), v.reshape(2, -1)), dim=1))  # image groups only
     if groups == "image":
         torch.testing.assert_close(st.eigenvalues.cpu(), s * s, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+def test_statistics_of_float32_features_are_float64(backend):
+    """All statistics are float64, also for float32 logits, whose features are float32: the cluster means and
+    variances equal the float64 SVD oracle's on the backend's own features to float64 rounding, far below the
+    rounding of float32 sums."""
+    device = require_backend(OP, backend)
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(2, 5, 9, 10, generator=g, dtype=torch.float64) * 2.0
+    z[:, 1] += 1.5  # a dominant class: a confident and an uncertain population
+    z = z.float().to(device)
+    f0, v, label = (t.cpu() for t in csl_kernels.residual_features(z, backend=backend))
+    assert f0.dtype == torch.float32
+    keep = torch.ones_like(label, dtype=torch.bool)
+    oracle = svd_pcos(f0.double(), v.double(), keep, pixel_groups(label, 5, "image"), 2, 8.0)
+    assert (oracle["count"] > 1).all()
+    st = csl_kernels.pcos_weights(z, backend=backend, return_stats=True).stats
+    assert torch.equal(st.count.cpu(), oracle["count"])
+    torch.testing.assert_close(st.mu.cpu(), oracle["mu"], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(st.var.cpu(), oracle["var"], rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
@@ -645,6 +702,27 @@ def test_triton_group_tiles(monkeypatch):
             torch.testing.assert_close(one.weight, packed.weight, rtol=0, atol=1e-6)
             torch.testing.assert_close(one.stats.mu, packed.stats.mu, rtol=1e-12, atol=1e-15)
             assert torch.equal(one.stats.count, packed.stats.count)
+
+
+@pytest.mark.parametrize("groups", ["image", "class"])
+def test_triton_chunk_records_are_reduced_block_by_block(monkeypatch, groups):
+    """The per-group reductions (Gram sums, cluster records) walk an image's chunk records MAX_BLOCK_K (128) at a
+    time: an image needs more than 128 chunks to reach a second step, too many for the interpreter. With chunks of
+    128 pixels and steps of 2 records, the 5 chunks of a 20 x 30 image take three steps, the last one partial
+    (with non-finite pixels, whose per-chunk counts are summed the same way)."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import pcos_weights as tp
+
+    monkeypatch.setattr(tp, "MIN_CHUNK", 128)
+    monkeypatch.setattr(tp, "MAX_BLOCK_K", 2)
+    plan = tp.launch_plan(2, 5, 20 * 30, groups == "class", tp.DEFAULT_CONFIG)
+    assert (plan.chunks, plan.block_k) == (5, 2)
+    z, ign = make_logits(11, batch=2, classes=5, height=20, width=30, ignore="int64", p_nonfinite=0.02,
+                         device=device)
+    options = dict(alpha=8.0, confidence="prob", groups=groups)
+    out = csl_kernels.pcos_weights(z, **masks(ign), backend="triton", return_stats=True, **options)
+    assert (out.stats.n_nonfinite > 0).all()  # also summed over the three steps, with the statistics
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
 
 
 def test_stats_optional_and_empty_input(fused_backend):

@@ -81,6 +81,52 @@ def test_an_ignore_map_and_its_mask_give_the_same_results(backend, map_dtype, st
     assert torch.all(grads[0].permute(0, 2, 3, 1)[~mask] == 0)  # ignored pixels: exactly no gradient
 
 
+@pytest.mark.parametrize("map_dtype", [torch.uint16, torch.uint32, torch.uint64],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_the_cpu_kernels_read_an_unsigned_wide_ignore_map_as_its_mask(map_dtype):
+    """uint16 / uint32 / uint64 maps (which the extension compares in place, pixel_validity.h) give bitwise the
+    results of their mask, the cross-entropy's valid-pixel count (its mean's denominator) included."""
+    device = _device("cpu")
+    logits, ignore = _inputs(device, torch.int64, False)
+    mask = ignore != IGNORE_INDEX
+    ignore = ignore.to(map_dtype)
+    features = _impl("residual_features", "cpu", device)
+    for a, b in zip(features(logits, ignore, False), features(logits, mask, False), strict=True):
+        assert torch.equal(a, b)
+    pcos = _impl("pcos_weights", "cpu", device)
+    for a, b in zip(pcos(logits, ignore, 8.0, False, True), pcos(logits, mask, 8.0, False, True), strict=True):
+        assert torch.equal(a, b)
+    sel = pcos(logits, mask, 8.0, False, False)
+    ce = _impl("weighted_cross_entropy", "cpu", device)
+    losses, grads = [], []
+    for validity in (ignore, mask):
+        leaf = logits.clone().requires_grad_(True)
+        loss = ce(leaf, sel.label, sel.weight, validity)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(leaf.grad)
+    assert torch.isfinite(losses[0]) and losses[0] > 0
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_the_cpu_kernels_read_any_nonzero_byte_of_a_bool_mask_as_valid():
+    """A bool mask viewed from a 0 / 255 uint8 map holds the byte 255 for True: valid, as in PyTorch's own ops."""
+    device = _device("cpu")
+    logits, ignore = _inputs(device, torch.int64, False)
+    mask = ignore != IGNORE_INDEX
+    wide = (mask.to(torch.uint8) * 255).view(torch.bool)
+    features = _impl("residual_features", "cpu", device)
+    for a, b in zip(features(logits, wide, False), features(logits, mask, False), strict=True):
+        assert torch.equal(a, b)
+    pcos = _impl("pcos_weights", "cpu", device)
+    for a, b in zip(pcos(logits, wide, 8.0, False, False), pcos(logits, mask, 8.0, False, False), strict=True):
+        assert torch.equal(a, b)
+    sel = pcos(logits, mask, 8.0, False, False)
+    ce = _impl("weighted_cross_entropy", "cpu", device)
+    losses = [ce(logits, sel.label, sel.weight, validity) for validity in (wide, mask)]
+    assert losses[0] > 0 and torch.equal(losses[0], losses[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_public_ops_give_the_same_results_for_ignore_and_valid(backend):
     """What a user sees: ``ignore=`` and ``valid=`` of the same pixels agree through the public entry points."""

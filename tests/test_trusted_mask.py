@@ -95,6 +95,18 @@ def test_odd_sizes_and_layouts(fused_backend, hw, kind):
     check_against_spec(images, reliable, cells, masked, cover, 0.0)
 
 
+def test_a_grid_finer_than_the_image(fused_backend):
+    """gh > H and gw > W (the op takes any grid): pixel (y, x) still reads cell (y * gh // H, x * gw // W), and the
+    cells no pixel falls in (some of them before cells that have pixels) are skipped."""
+    device = require_backend(OP, fused_backend)
+    images, reliable = make_images(5, (2, 3, 3, 4), torch.float32, "contiguous", device)
+    g = torch.Generator().manual_seed(5)
+    cells = (torch.rand(2, 7, 11, generator=g) < 0.5).to(device)
+    assert not cells[:, :, 1].all()  # column 1 has no pixel (0 * 11 // 4 = 0, 1 * 11 // 4 = 2)
+    masked, cover = impl(fused_backend, device)(images, cells, reliable, 0.0)
+    check_against_spec(images, reliable, cells, masked, cover, 0.0)
+
+
 def test_hand_made_grid(fused_backend):
     """H = W = 4, block 2: a 2 x 2 grid; cover and masked images written out by hand."""
     device = require_backend(OP, fused_backend)
@@ -144,6 +156,22 @@ def test_rate_zero_and_one(fused_backend):
     masked, cover = csl_kernels.trusted_mask(images, reliable, block=2, rate=1.0, backend=fused_backend)
     assert torch.equal(cover, reliable)
     assert (masked[cover.unsqueeze(1).expand_as(masked)] == 0).all()
+
+
+def test_bool_maps_whose_true_bytes_are_255_read_as_true(fused_backend):
+    """A bool mask viewed from a 0 / 255 uint8 map holds the byte 255 for True: every nonzero byte of reliable and of
+    cells is True (as in PyTorch's own ops), and cover is written as 0 / 1 bytes."""
+    device = require_backend(OP, fused_backend)
+    images, reliable = make_images(9, (2, 3, 9, 10), torch.float32, "contiguous", device)
+    g = torch.Generator().manual_seed(9)
+    cells = (torch.rand(2, 3, 4, generator=g) < 0.6).to(device)
+    wide = [(m.to(torch.uint8) * 255).view(torch.bool) for m in (reliable, cells)]
+    assert (wide[0].view(torch.uint8) == 255).any()
+    masked, cover = impl(fused_backend, device)(images, wide[1], wide[0], -1.0)
+    expected, expected_cover = impl(fused_backend, device)(images, cells, reliable, -1.0)
+    assert expected_cover.any()
+    assert torch.equal(cover.view(torch.uint8), expected_cover.view(torch.uint8))
+    assert torch.equal(bits(masked), bits(expected))
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])

@@ -208,6 +208,18 @@ def test_used_pixel_with_out_of_range_label(fused_backend):
             run(fused_backend, z, label, weight, None)
 
 
+def test_triton_negative_label_on_a_used_pixel_is_nan():
+    """A used pixel's label below 0 is out of range as one >= C is: the loss and the pixel's gradient row are NaN,
+    not a loss without the label term (-1 matches no class, so the gathered logit would silently be 0)."""
+    device = require_backend(OP, "triton")
+    z = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(0)).to(device)
+    label = torch.tensor([[[0, 1], [2, -1]]], device=device)
+    weight = torch.ones(1, 2, 2, device=device)
+    loss, grad = run("triton", z, label, weight, None)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad[0, :, 1, 1]).all() and torch.isfinite(grad[0, :, :1]).all()
+
+
 def test_reference_names_an_out_of_range_label_as_the_cpu_backend_does():
     z = torch.randn(1, 3, 2, 2)
     label = torch.tensor([[[0, 1], [2, 7]]])
@@ -270,6 +282,20 @@ def test_pixel_terms_are_added_in_float64(backend, layout):
     ref_loss, ref_grad = reference64(z, label, weight, None)
     assert ref_loss > 0.1
     assert_matches(loss, grad, ref_loss, ref_grad, z, weight, None)
+
+
+def test_triton_partial_sums_are_reduced_block_by_block(monkeypatch):
+    """The loss adds the forward programs' partial sums and counts REDUCE_BLOCK at a time (1024: a batch needs more
+    programs than that to reach a second block, too slow for the interpreter): with blocks of 4, the 6 programs of
+    3 images fill a block and part of the next, whose sums and counts count too."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import weighted_cross_entropy as module
+
+    monkeypatch.setattr(module, "REDUCE_BLOCK", 4)
+    z, label, weight, ign = make_case(8, batch=3, classes=21, height=7, width=13, dtype=torch.float32, device=device)
+    assert module._plan("forward", module.DEFAULT_CONFIG, z, ign).n_parts == 6
+    loss, grad = run("triton", z, label, weight, ign)
+    assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
 
 
 def test_grad_output_scaling(fused_backend):
@@ -358,6 +384,21 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
     assert not grad.cpu().movedim(1, -1)[~used.cpu()].any()  # NaN would count as non-zero
 
 
+def test_bfloat16_gradient_is_rounded_to_nearest_not_truncated(fused_backend):
+    """A bfloat16 gradient is the float32 one rounded to nearest (ties to even), as torch rounds, not truncated (as
+    the Triton interpreter's own float32 -> bfloat16 cast does): nearly every element equals the float64 reference
+    gradient rounded to bfloat16, where truncation leaves about half of them one unit in the last place towards 0."""
+    device = require_backend(OP, fused_backend)
+    z, label, weight, ign = make_case(4, batch=2, classes=21, height=9, width=11, dtype=torch.bfloat16,
+                                      ignore="bool", device=device)
+    _, ref_grad = reference64(z, label, weight, ign)
+    _, grad = run(fused_backend, z, label, weight, ign)
+    assert grad.dtype == torch.bfloat16
+    used = ~unused_mask(z, weight, ign).cpu()
+    same = grad.cpu()[used] == ref_grad.cpu().to(torch.bfloat16)[used]
+    assert used.sum() > 2000 and same.double().mean() >= 0.99, same.double().mean()
+
+
 def test_custom_op_refuses_a_weight_gradient(fused_backend):
     """Called as a custom op (as torch.compile records it), a weight that requires grad raises in backward with the
     public call's message: the op has no gradient for it, and a None there would pass for one."""
@@ -441,6 +482,21 @@ def test_triton_int64_offsets_path(monkeypatch):
         loss, grad = run("triton", z, label, weight, ign)
         assert_matches(loss, grad, *reference64(z, label, weight, ign), z, weight, ign)
     assert len(forward) >= len(kinds) and len(backward) >= len(kinds) and all(forward + backward)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])  # Triton: the test above (this size takes 10 s interpreted)
+def test_bfloat16_gradient_is_the_float32_gradient_rounded_to_nearest_even(backend):
+    """A bfloat16 input is computed in float32 (as its float32 copy is) and the gradient stored with
+    round-to-nearest-even, as ``Tensor.to(torch.bfloat16)`` rounds: bit for bit, ties included (the case has some)."""
+    device = require_backend(OP, backend)
+    g = torch.Generator().manual_seed(21)
+    z = (torch.randn(2, 21, 96, 96, generator=g) * 3).bfloat16().to(device)
+    label = torch.randint(0, 21, (2, 96, 96), generator=g).to(device)
+    weight = torch.rand(2, 96, 96, generator=g).to(device)
+    grads = [run(backend, logits, label, weight, None)[1] for logits in (z, z.float())]
+    bits = grads[1].view(torch.int32)
+    assert ((bits & 0x1FFFF) == 0x8000).sum() >= 2  # exact ties whose bfloat16 rounds down to the even neighbour
+    assert torch.equal(grads[0].view(torch.int16), grads[1].bfloat16().view(torch.int16))
 
 
 def test_one_pixel_wide_slice(fused_backend):
