@@ -6,8 +6,9 @@ On a GPU the first call of each shape class times the extension and Triton on it
     python -m csl_bench.bench_auto_choice [--device cuda] [--shapes voc321 coco513] [--dtypes bf16 fp32] [--out x.json]
 
 Each (shape, dtype) gets one ``pcos_weights(logits, ignore)`` call and one weighted cross-entropy forward +
-``backward()``, both with ``backend="auto"``. The choices are measured afresh: the cache is a file of this run
-(``CSL_AUTO_CACHE``, set here unless the caller set it), not the user's. Prints the kernels' log lines (each choice
+``backward()``, both with ``backend="auto"``. The choices are measured afresh: the cache is a file of this run in a
+temporary folder removed at the end (``CSL_AUTO_CACHE``, unless the caller set it), not the user's. Prints the
+kernels' log lines (each choice
 with its timings) and a table; ``--out`` writes the choices and the log lines as JSON. On a CPU device nothing is
 timed (``auto`` takes the fixed order there) and the table shows what it took.
 """
@@ -15,6 +16,7 @@ timed (``auto`` takes the fixed order there) and the table shows what it took.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from csl_kernels._measured import ENV_CACHE
 
 from .inputs import make_ignore, make_logits
 from .settings import DTYPES, SHAPES, resolve_device
@@ -57,21 +61,43 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; known: {sorted(known)}")
-    os.environ.setdefault("CSL_AUTO_CACHE", os.path.join(tempfile.mkdtemp(prefix="csl-auto-"), "auto-backend.json"))
+    own_cache = ENV_CACHE not in os.environ
+    with contextlib.ExitStack() as undo:
+        if own_cache:
+            folder = undo.enter_context(tempfile.TemporaryDirectory(prefix="csl-auto-"))
+            os.environ[ENV_CACHE] = os.path.join(folder, "auto-backend.json")
+            undo.callback(os.environ.pop, ENV_CACHE, None)
+        lines = _Lines()
+        logger = logging.getLogger("csl_kernels")
+        undo.callback(_restore_logger, logger, logger.level, logger.propagate)
+        undo.callback(logger.removeHandler, lines)
+        logger.addHandler(lines)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        rows = _choices(names, known, args.dtypes, device)
+    payload = {"device": str(device), "cache": "temporary (removed)" if own_cache else os.environ[ENV_CACHE],
+               "choices": rows, "log": lines.lines}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return payload
 
+
+def _restore_logger(logger: logging.Logger, level: int, propagate: bool) -> None:
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _choices(names: list[str], known: dict, dtypes: list[str], device: torch.device) -> list[dict]:
     import csl_kernels as ck
     from csl_kernels import _measured
     from csl_kernels.pcos_weights import auto_variant
 
-    lines = _Lines()
-    logger = logging.getLogger("csl_kernels")
-    logger.addHandler(lines)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     rows = []
     for name in names:
         shape = known[name]
-        for dt in args.dtypes:
+        for dt in dtypes:
             logits = make_logits(shape, DTYPES[dt], device)
             ignore = make_ignore(shape, device)
             for op in ("pcos_weights", "weighted_cross_entropy"):
@@ -95,12 +121,7 @@ def main(argv=None) -> dict:
                              "rounds_ms": measured.get("rounds_ms"), "failed": measured.get("failed")})
                 print(f"{op:24s} {name:8s} {dt:5s} -> {chosen} (first call {rows[-1]['first_call_s']:.2f} s)",
                       flush=True)
-    payload = {"device": str(device), "cache": os.environ["CSL_AUTO_CACHE"], "choices": rows, "log": lines.lines}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return payload
+    return rows
 
 
 if __name__ == "__main__":

@@ -702,24 +702,28 @@ def test_training_step_selections_take_turns_step_by_step(monkeypatch):
             assert r["csl_share_pct"] == pytest.approx(100 / 3) and r["x_official"] == pytest.approx(1.0)
 
 
-def test_auto_choice_measures_in_a_cache_of_its_own(monkeypatch):
+def test_auto_choice_measures_in_a_cache_of_its_own_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Without CSL_AUTO_CACHE the script measures in a temporary cache folder that it removes; the variable and the
+    csl_kernels logger are as they were afterwards. A cache the caller names is used and kept."""
     import logging
+    import tempfile
 
     from csl_bench.bench_auto_choice import main as auto_main
 
-    monkeypatch.setenv("CSL_AUTO_CACHE", "unset")  # so that the variable the script sets is undone afterwards
-    monkeypatch.delenv("CSL_AUTO_CACHE")
+    monkeypatch.delenv("CSL_AUTO_CACHE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     logger = logging.getLogger("csl_kernels")
-    saved = list(logger.handlers), logger.level, logger.propagate  # the script attaches its log handler
-    try:
-        payload = auto_main(["--device", "cpu", "--shapes", "smoke", "--dtypes", "fp32"])
-    finally:
-        logger.handlers[:] = saved[0]
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
-    assert "csl-auto-" in payload["cache"] and payload["cache"].endswith("auto-backend.json")
+    before = list(logger.handlers), logger.level, logger.propagate
+    payload = auto_main(["--device", "cpu", "--shapes", "smoke", "--dtypes", "fp32"])
+    assert payload["cache"] == "temporary (removed)" and list(tmp_path.iterdir()) == []
+    assert "CSL_AUTO_CACHE" not in os.environ
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
     assert [(r["op"], r["shape"], r["dtype"]) for r in payload["choices"]] == [
         ("pcos_weights", "smoke", "fp32"), ("weighted_cross_entropy", "smoke", "fp32")]
+    named = tmp_path / "mine" / "auto.json"
+    monkeypatch.setenv("CSL_AUTO_CACHE", str(named))
+    assert auto_main(["--device", "cpu", "--shapes", "smoke", "--dtypes", "fp32"])["cache"] == str(named)
+    assert os.environ["CSL_AUTO_CACHE"] == str(named)
 
 
 def test_official_two_class_features_are_rank_one_and_one_cluster():
