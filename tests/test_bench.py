@@ -352,16 +352,23 @@ def test_a_failed_training_step_fails_the_command(capsys):
     assert "training step smoke cpu: RuntimeError: boom" in capsys.readouterr().err
 
 
-def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["csl_bench", "bench_pcos_weights"])
+def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch, command):
     from csl_bench import __main__ as bench_cli
+    from csl_bench import bench_pcos_weights, runner
 
+    works, main = (bench_cli, bench_main) if command == "csl_bench" else (runner, bench_pcos_weights.SPEC.main)
     out = tmp_path / "x.json"
     out.write_text("{}")
     for work in ("run_op", "copy_bandwidth_gbps", "environment"):
-        monkeypatch.setattr(bench_cli, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
+        monkeypatch.setattr(works, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
-        bench_main(["--smoke", "--device", "cpu", "--out", str(out)])
-    with pytest.raises(SystemExit):  # argparse: the two flags exclude each other
+        main(["--smoke", "--device", "cpu", "--out", str(out)])
+    assert out.read_text() == "{}"
+
+
+def test_skip_train_and_train_only_exclude_each_other():
+    with pytest.raises(SystemExit):  # argparse
         bench_main(["--skip-train", "--train-only"])
 
 
@@ -797,18 +804,6 @@ def test_official_loss_upcasts_low_precision_logits_as_autocast_does():
     loss = unimatch_weighted_cross_entropy(logits, label, weight, ignore)
     assert loss.dtype == torch.float32
     assert loss == unimatch_weighted_cross_entropy(logits.float(), label, weight, ignore)
-
-
-def test_an_ops_script_refuses_an_existing_output_before_any_work(tmp_path, monkeypatch):
-    from csl_bench import bench_pcos_weights, runner
-
-    out = tmp_path / "x.json"
-    out.write_text("{}")
-    for work in ("run_op", "copy_bandwidth_gbps", "environment"):
-        monkeypatch.setattr(runner, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
-        bench_pcos_weights.SPEC.main(["--smoke", "--device", "cpu", "--out", str(out)])
-    assert out.read_text() == "{}"
 
 
 def test_merge_keeps_each_rows_floor_ratio(tmp_path):

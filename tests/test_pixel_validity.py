@@ -45,6 +45,31 @@ def _impl(op: str, backend: str, device: torch.device):
     return _backends.resolve(op, backend, device)[1]
 
 
+def _assert_same_results(backend: str, device: torch.device, logits, validity, mask) -> tuple:
+    """The features, PCOS (image and class groups) and the CE forward + backward of ``validity`` equal, bit for bit,
+    those of its bool ``mask``; returns the selection of the mask and the CE gradient."""
+    features = _impl("residual_features", backend, device)
+    for a, b in zip(features(logits, validity, False), features(logits, mask, False), strict=True):
+        assert torch.equal(a, b)
+    pcos = _impl("pcos_weights", backend, device)
+    for class_groups in (False, True):
+        for a, b in zip(pcos(logits, validity, 8.0, False, class_groups), pcos(logits, mask, 8.0, False, class_groups),
+                        strict=True):
+            assert torch.equal(a, b)
+    sel = pcos(logits, mask, 8.0, False, False)
+    ce = _impl("weighted_cross_entropy", backend, device)
+    losses, grads = [], []
+    for v in (validity, mask):
+        leaf = logits.clone().requires_grad_(True)
+        loss = ce(leaf, sel.label, sel.weight, v)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(leaf.grad)
+    assert torch.isfinite(losses[0]) and losses[0] > 0
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    return sel, grads[0]
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("map_dtype", MAP_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,28 +82,9 @@ def test_an_ignore_map_and_its_mask_give_the_same_results(backend, map_dtype, st
     assert pixel_validity(logits, ignore=ignore) is ignore  # passed on as it is, not compared
     assert torch.equal(as_valid(ignore), mask) and as_valid(mask) is mask and as_valid(None) is None
 
-    features = _impl("residual_features", backend, device)
-    for a, b in zip(features(logits, ignore, False), features(logits, mask, False), strict=True):
-        assert torch.equal(a, b)
-    pcos = _impl("pcos_weights", backend, device)
-    for class_groups in (False, True):
-        for a, b in zip(pcos(logits, ignore, 8.0, False, class_groups), pcos(logits, mask, 8.0, False, class_groups),
-                        strict=True):
-            assert torch.equal(a, b)
-
-    sel = pcos(logits, mask, 8.0, False, False)
+    sel, grad = _assert_same_results(backend, device, logits, ignore, mask)
     assert 0 < int(sel.reliable.sum()) < int(mask.sum())  # a separation with pixels on both sides
-    ce = _impl("weighted_cross_entropy", backend, device)
-    losses, grads = [], []
-    for validity in (ignore, mask):
-        leaf = logits.clone().requires_grad_(True)
-        loss = ce(leaf, sel.label, sel.weight, validity)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(leaf.grad)
-    assert torch.isfinite(losses[0]) and losses[0] > 0
-    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
-    assert torch.all(grads[0].permute(0, 2, 3, 1)[~mask] == 0)  # ignored pixels: exactly no gradient
+    assert torch.all(grad.permute(0, 2, 3, 1)[~mask] == 0)  # ignored pixels: exactly no gradient
 
 
 @pytest.mark.parametrize("map_dtype", [torch.uint16, torch.uint32, torch.uint64],
@@ -89,24 +95,7 @@ def test_the_cpu_kernels_read_an_unsigned_wide_ignore_map_as_its_mask(map_dtype)
     device = _device("cpu")
     logits, ignore = _inputs(device, torch.int64, False)
     mask = ignore != IGNORE_INDEX
-    ignore = ignore.to(map_dtype)
-    features = _impl("residual_features", "cpu", device)
-    for a, b in zip(features(logits, ignore, False), features(logits, mask, False), strict=True):
-        assert torch.equal(a, b)
-    pcos = _impl("pcos_weights", "cpu", device)
-    for a, b in zip(pcos(logits, ignore, 8.0, False, True), pcos(logits, mask, 8.0, False, True), strict=True):
-        assert torch.equal(a, b)
-    sel = pcos(logits, mask, 8.0, False, False)
-    ce = _impl("weighted_cross_entropy", "cpu", device)
-    losses, grads = [], []
-    for validity in (ignore, mask):
-        leaf = logits.clone().requires_grad_(True)
-        loss = ce(leaf, sel.label, sel.weight, validity)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(leaf.grad)
-    assert torch.isfinite(losses[0]) and losses[0] > 0
-    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    _assert_same_results("cpu", device, logits, ignore.to(map_dtype), mask)
 
 
 def test_the_cpu_kernels_read_any_nonzero_byte_of_a_bool_mask_as_valid():
@@ -114,17 +103,7 @@ def test_the_cpu_kernels_read_any_nonzero_byte_of_a_bool_mask_as_valid():
     device = _device("cpu")
     logits, ignore = _inputs(device, torch.int64, False)
     mask = ignore != IGNORE_INDEX
-    wide = (mask.to(torch.uint8) * 255).view(torch.bool)
-    features = _impl("residual_features", "cpu", device)
-    for a, b in zip(features(logits, wide, False), features(logits, mask, False), strict=True):
-        assert torch.equal(a, b)
-    pcos = _impl("pcos_weights", "cpu", device)
-    for a, b in zip(pcos(logits, wide, 8.0, False, False), pcos(logits, mask, 8.0, False, False), strict=True):
-        assert torch.equal(a, b)
-    sel = pcos(logits, mask, 8.0, False, False)
-    ce = _impl("weighted_cross_entropy", "cpu", device)
-    losses = [ce(logits, sel.label, sel.weight, validity) for validity in (wide, mask)]
-    assert losses[0] > 0 and torch.equal(losses[0], losses[1])
+    _assert_same_results("cpu", device, logits, (mask.to(torch.uint8) * 255).view(torch.bool), mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
