@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from csl_kernels import _measured
 from csl_kernels._measured import ENV_CACHE
 
 from .inputs import make_ignore, make_logits
@@ -67,6 +68,9 @@ def main(argv=None) -> dict:
             folder = undo.enter_context(tempfile.TemporaryDirectory(prefix="csl-auto-"))
             os.environ[ENV_CACHE] = os.path.join(folder, "auto-backend.json")
             undo.callback(os.environ.pop, ENV_CACHE, None)
+        # Choices this process read from another cache file are not this run's; afterwards it reads its own again.
+        _measured.forget_choices()
+        undo.callback(_measured.forget_choices)
         lines = _Lines()
         logger = logging.getLogger("csl_kernels")
         undo.callback(_restore_logger, logger, logger.level, logger.propagate)
@@ -91,7 +95,6 @@ def _restore_logger(logger: logging.Logger, level: int, propagate: bool) -> None
 
 def _choices(names: list[str], known: dict, dtypes: list[str], device: torch.device) -> list[dict]:
     import csl_kernels as ck
-    from csl_kernels import _measured
     from csl_kernels.pcos_weights import auto_variant
 
     rows = []

@@ -56,6 +56,17 @@ def log_choices_again() -> None:
         _by_shape.clear()  # the next call of each shape goes past the fast lookup, to the log
 
 
+def forget_choices() -> None:
+    """Drops the choices read from the cache file and the calls resolved with them: the next ``auto`` call reads
+    :func:`cache_path` again (for a process that points ``CSL_AUTO_CACHE`` at another file, as
+    ``csl_bench.bench_auto_choice`` does; the file is read once per process otherwise)."""
+    global _choices
+    with _lock:
+        _choices = None
+        _by_shape.clear()
+        _logged.clear()
+
+
 def cache_path() -> Path:
     explicit = os.environ.get(ENV_CACHE)
     if explicit:

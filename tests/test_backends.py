@@ -706,6 +706,41 @@ def test_auto_on_cuda_skips_a_backend_that_cannot_take_the_call(registry, fake_g
         _measured.resolve("toy_op", "auto", CUDA, torch.zeros(3, 21, 8, 8), lambda impl: impl(), timer=timer)
 
 
+def test_forget_choices_reads_another_cache_file(registry, fake_gpu_auto, caplog, monkeypatch, tmp_path):
+    """The cache file is read once per process; after forget_choices() the next call reads CSL_AUTO_CACHE again:
+    a choice of another file is not used (the call is timed and stored in the new file), and back on the first file
+    its choice is used untimed."""
+    _measured = fake_gpu_auto
+    monkeypatch.setattr(_measured, "_by_shape", {})
+    speed = {"cuda": 0.5, "triton": 0.2}
+    timed = []
+
+    def timer(run, device):
+        timed.append(run())
+        return speed[timed[-1]]
+
+    z = torch.zeros(2, 21, 8, 8)
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert len(timed) == 2 * _measured.TIMING_ROUNDS
+    other = tmp_path / "other.json"
+    monkeypatch.setenv("CSL_AUTO_CACHE", str(other))
+    speed.update(cuda=0.1)
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert len(timed) == 2 * _measured.TIMING_ROUNDS and not other.exists()  # the first file's choice, remembered
+    _measured.forget_choices()
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "cuda"
+    assert len(timed) == 4 * _measured.TIMING_ROUNDS
+    assert json.loads(other.read_text()) == {"toy_op | Fake GPU | float32 C21 px2^7": "cuda"}
+    monkeypatch.setenv("CSL_AUTO_CACHE", str(tmp_path / "auto.json"))
+    _measured.forget_choices()
+    caplog.clear()
+    assert _measured.resolve("toy_op", "auto", CUDA, z, lambda impl: impl(), timer=timer)[0] == "triton"
+    assert len(timed) == 4 * _measured.TIMING_ROUNDS
+    assert [r.getMessage() for r in caplog.records] == [
+        "csl_kernels.toy_op on Fake GPU (float32 C21 px2^7): backend='auto' uses 'triton' (measured earlier, cached in "
+        f"{tmp_path / 'auto.json'})"]
+
+
 def test_triton_batch_slices_stay_within_the_grid_limit():
     """CUDA allows 65535 program rows in grid y, where Triton's kernels put the images: larger batches are launched
     in slices of at most that many images."""

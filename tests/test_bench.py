@@ -733,6 +733,29 @@ def test_auto_choice_measures_in_a_cache_of_its_own_and_leaves_nothing_behind(tm
     assert os.environ["CSL_AUTO_CACHE"] == str(named)
 
 
+def test_auto_choice_does_not_use_choices_the_process_read_from_another_cache(tmp_path, monkeypatch):
+    """Choices a process already read from the user's cache are not the script's: it starts from its own file, and
+    afterwards the process reads its cache file again."""
+    from csl_bench import bench_auto_choice
+    from csl_kernels import _measured
+
+    monkeypatch.delenv("CSL_AUTO_CACHE", raising=False)
+    monkeypatch.setattr(_measured, "_choices", {"pcos_weights | GPU | float32 C21 px2^20": "cuda"})
+    monkeypatch.setattr(_measured, "_by_shape", {("pcos_weights", "cuda", "float32", (1, 21), ""): "cuda"})
+    monkeypatch.setattr(_measured, "_logged", {"pcos_weights | GPU | float32 C21 px2^20"})
+    seen = []
+
+    def record(*args):
+        seen.append((_measured._choices, dict(_measured._by_shape), set(_measured._logged),
+                     _measured.cache_path().parent.name.startswith("csl-auto-")))
+        return []
+
+    monkeypatch.setattr(bench_auto_choice, "_choices", record)
+    bench_auto_choice.main(["--device", "cpu", "--shapes", "smoke", "--dtypes", "fp32"])
+    assert seen == [(None, {}, set(), True)]
+    assert (_measured._choices, _measured._by_shape, _measured._logged) == (None, {}, set())
+
+
 def test_official_two_class_features_are_rank_one_and_one_cluster():
     """With two classes the residual dispersion is 0 at every pixel: the 2 x N feature matrix has rank one and every
     pixel is in cluster 0 (spec Sec. 2), not split by the arbitrary second singular vector."""
