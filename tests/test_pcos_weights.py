@@ -611,6 +611,55 @@ def test_pcos_tied_cluster_means_choose_cluster_0_and_a_pixel_at_the_mean_is_not
     torch.testing.assert_close(out.weight.cpu().reshape(-1).double(), expected, rtol=1e-6, atol=1e-7)
 
 
+def _dispersion_tie_images(rule: str, n_images: int = 60) -> torch.Tensor:
+    """C = 3 images of 18 pixels: 8 copies of pixel A, 8 of pixel B, 2 of a low-confidence pixel D. A and B have the
+    same float32 residual dispersion under ``rule`` on the reference backend and different confidences (pairs found
+    among 200000 random logits). A and B make one cluster, D the other. A backend whose own arithmetic rounds A's and
+    B's dispersions apart breaks the tie in some images; the test reads from each backend's statistics which kept it."""
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    candidates = torch.zeros(1, 3, 1, n)
+    candidates[0, 1, 0] = -2.0 - 0.5 * torch.rand(n, generator=g)
+    candidates[0, 2, 0] = -2.5 - 3.0 * torch.rand(n, generator=g)
+    f0, v, _ = csl_kernels.residual_features(candidates, rule=rule, backend="reference")
+    x, y = f0.reshape(-1), v.reshape(-1)
+    order = torch.argsort(y, stable=True)
+    tied = torch.nonzero((y[order][1:] == y[order][:-1]) & (x[order][1:] != x[order][:-1])).reshape(-1)[:n_images]
+    assert len(tied) == n_images
+    z = torch.zeros(n_images, 3, 1, 18)
+    z[:, :, 0, :8] = candidates[0, :, 0, order[tied]].T.unsqueeze(-1)
+    z[:, :, 0, 8:16] = candidates[0, :, 0, order[tied + 1]].T.unsqueeze(-1)
+    z[:, :, 0, 16:] = torch.tensor([0.0, -0.2, -0.3]).view(1, 3, 1)
+    return z
+
+
+@pytest.mark.parametrize("rule", ["paper", "released"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+def test_a_pixel_at_the_mean_dispersion_is_not_preserved(backend, rule):
+    """Spec Sec. 2.6 / 2b: the dispersion preserves a pixel only strictly above (paper) or below (released) the
+    reliable cluster's mean. In a cluster whose pixels all have the same dispersion (its variance exactly 0) the half
+    below the mean confidence gets the Gaussian weight exp(-z_0^2 / 8), with z_1 = 0, not 1."""
+    device = require_backend(OP, backend)
+    z = _dispersion_tie_images(rule)
+    out = csl_kernels.pcos_weights(z.to(device), rule=rule, backend=backend, return_stats=True)
+    st = out.stats
+    images = torch.arange(z.shape[0])
+    chosen = st.chosen.cpu()
+    count, var = st.count.cpu()[images, chosen], st.var.cpu()[images, chosen]
+    assert (count == 16).all()  # A and B are the reliable cluster, D the other
+    tie = (var[:, 1] == 0) & (var[:, 0] > 0)
+    assert tie.sum() >= 3, f"{int(tie.sum())} of {z.shape[0]} images kept the tie on {backend}"
+    weight = out.weight.cpu()[tie, 0, :16]
+    a, b = weight[:, 0], weight[:, 8]
+    assert (weight[:, :8] == a[:, None]).all() and (weight[:, 8:] == b[:, None]).all()
+    # One of A and B lies above the mean confidence (weight 1), the other as far below it: with 8 + 8 pixels,
+    # (x - mu_0)^2 = 15 / 16 of the unbiased variance.
+    assert ((a == 1) != (b == 1)).all()
+    z0_squared = 15 / 16 * var[tie, 0] / (var[tie, 0] + 1e-8)
+    torch.testing.assert_close(torch.minimum(a, b).double(), torch.exp(-z0_squared / 8), rtol=1e-6, atol=0)
+    assert (torch.minimum(a, b) < 1).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(6))
 def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
