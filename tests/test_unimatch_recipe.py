@@ -3,6 +3,10 @@ and with the threshold it is UniMatch's own loss."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,63 +25,103 @@ def _batch(seed: int, b: int = 2, c: int = 21, h: int = 24, w: int = 20):
     return logits, ignore, box
 
 
-def test_recipe_matches_the_trainer_step_pieces():
-    pred_u_w_mix, ignore_mask_mix, _ = _batch(0)
-    pred_u_w, ignore_mask, cutmix_box1 = _batch(1)
-    pred_u_s1 = _batch(2)[0].requires_grad_(True)
+ROOT = Path(__file__).resolve().parents[1]
 
-    # docs/unimatch.md, sections 1-3
-    sel_mix = ck.pcos_weights(pred_u_w_mix.detach(), ignore_mask_mix, alpha=8.0)
-    sel = ck.pcos_weights(pred_u_w.detach(), ignore_mask, alpha=8.0)
-    mask_u_w_mix, weight_u_w_mix = sel_mix.label, sel_mix.weight
-    mask_u_w, weight_u_w = sel.label, sel.weight
-    mask_u_w_cutmixed1, weight_u_w_cutmixed1, ignore_mask_cutmixed1 = mask_u_w.clone(), weight_u_w.clone(), \
-        ignore_mask.clone()
-    mask_u_w_cutmixed1[cutmix_box1 == 1] = mask_u_w_mix[cutmix_box1 == 1]
-    weight_u_w_cutmixed1[cutmix_box1 == 1] = weight_u_w_mix[cutmix_box1 == 1]
-    ignore_mask_cutmixed1[cutmix_box1 == 1] = ignore_mask_mix[cutmix_box1 == 1]
-    loss_recipe = ck.weighted_cross_entropy(pred_u_s1, mask_u_w_cutmixed1, weight_u_w_cutmixed1,
-                                            ignore_mask_cutmixed1)
+
+def python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a Markdown file, in order."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def recipe_blocks() -> list[str]:
+    """docs/unimatch.md's code for the trainer: every python block but the UniMatch lines it replaces (those read
+    ``conf_u_w``) and the dataset change of section 4 (UniMatch's ``SemiDataset``, not runnable here)."""
+    blocks = [b for b in python_blocks(ROOT / "docs" / "unimatch.md")
+              if "conf_u_w" not in b and "self.mild_view" not in b]
+    assert len(blocks) == 6 and blocks[0].startswith("import csl_kernels as ck")
+    return blocks
+
+
+def test_the_documented_recipe_matches_the_trainer_step_pieces():
+    """docs/unimatch.md's blocks, executed in order on UniMatch-shaped tensors: the selection, the pasted weights,
+    the three losses, the mask ratio and the masking view agree with the csl trainer's step pieces and with UniMatch's
+    own loss lines (the threshold mask replaced by the weights)."""
+    pred_u_w_mix, ignore_mask_mix, _ = _batch(0, h=64, w=48)
+    pred_u_w, ignore_mask, cutmix_box1 = _batch(1, h=64, w=48)
+    cutmix_box2 = torch.zeros_like(cutmix_box1)
+    cutmix_box2[:, 10:40, 5:30] = 1
+    torch.manual_seed(2)
+    ns = {"torch": torch, "pred_u_w_mix": pred_u_w_mix, "ignore_mask_mix": ignore_mask_mix, "pred_u_w": pred_u_w,
+          "ignore_mask": ignore_mask, "cutmix_box1": cutmix_box1, "cutmix_box2": cutmix_box2,
+          "pred_u_s1": _batch(2, h=64, w=48)[0].requires_grad_(True),
+          "pred_u_s2": _batch(3, h=64, w=48)[0].requires_grad_(True),
+          "pred_u_w_fp": _batch(4, h=64, w=48)[0].requires_grad_(True), "total_mask_ratio": 0.0, "num_ulb": 2,
+          "img_u_w": torch.randn(2, 3, 64, 48), "img_u_m": torch.randn(2, 3, 64, 48),
+          "img_u_s2": torch.randn(2, 3, 64, 48)}
+    img_u_s2 = ns["img_u_s2"]
+    for block in recipe_blocks():
+        exec(compile(block, "docs/unimatch.md", "exec"), ns)
+    pred_u_s1, pred_u_w_fp = ns["pred_u_s1"], ns["pred_u_w_fp"]
 
     # the trainer's pieces (csl/step.py: selector, paste, KernelOps.loss)
-    selector = build_selector({"mode": "csl", "alpha": 8.0})
+    selector = build_selector({"mode": "csl", "alpha": ns["ALPHA"]})
     t_mix, t_sel = selector(pred_u_w_mix, ignore_mask_mix), selector(pred_u_w, ignore_mask)
     box = cutmix_box1 == 1
     loss_trainer = KernelOps().loss(pred_u_s1, paste(box, t_mix.label, t_sel.label),
                                     paste(box, t_mix.weight, t_sel.weight), paste(box, ignore_mask_mix, ignore_mask))
-    torch.testing.assert_close(loss_recipe, loss_trainer, rtol=0, atol=0)
-    assert 0 < weight_u_w_cutmixed1[ignore_mask_cutmixed1 != 255].mean() < 1  # soft weights, not a 0/1 mask
+    torch.testing.assert_close(ns["loss_u_s1"], loss_trainer, rtol=0, atol=0)
+    box2_full = cutmix_box2 == 1  # section 2's second stream, pasted before section 4 narrows the box
+    torch.testing.assert_close(ns["loss_u_s2"], KernelOps().loss(
+        ns["pred_u_s2"], paste(box2_full, t_mix.label, t_sel.label), paste(box2_full, t_mix.weight, t_sel.weight),
+        paste(box2_full, ignore_mask_mix, ignore_mask)), rtol=0, atol=0)
+    torch.testing.assert_close(ns["loss_u_w_fp"], KernelOps().loss(pred_u_w_fp, t_sel.label, t_sel.weight,
+                                                                   ignore_mask), rtol=0, atol=0)
+    weight1, mask1, ignore1 = ns["weight_u_w_cutmixed1"], ns["mask_u_w_cutmixed1"], ns["ignore_mask_cutmixed1"]
+    assert 0 < weight1[ignore1 != 255].mean() < 1  # soft weights, not a 0/1 mask
+    valid_w = ignore_mask != 255
+    assert ns["total_mask_ratio"] == pytest.approx(float(t_sel.weight[valid_w].sum() / valid_w.sum()), rel=1e-6)
 
     # UniMatch's own loss lines with the threshold mask replaced by the pasted weights, in float64
-    valid = ignore_mask_cutmixed1 != 255
-    unimatch_style = (F.cross_entropy(pred_u_s1.double(), mask_u_w_cutmixed1, reduction="none")
-                      * weight_u_w_cutmixed1.double() * valid).sum() / valid.sum()
-    torch.testing.assert_close(loss_recipe.double(), unimatch_style, rtol=1e-6, atol=1e-7)
-    loss_recipe.backward()
+    valid = ignore1 != 255
+    unimatch_style = (F.cross_entropy(pred_u_s1.double(), mask1, reduction="none") * weight1.double() * valid).sum() \
+        / valid.sum()
+    torch.testing.assert_close(ns["loss_u_s1"].double(), unimatch_style, rtol=1e-6, atol=1e-7)
+    ns["loss_u_s1"].backward()
     grad_recipe = pred_u_s1.grad.clone()
     pred_u_s1.grad = None
     unimatch_style.backward()
     torch.testing.assert_close(grad_recipe, pred_u_s1.grad, rtol=1e-5, atol=1e-7)
 
-    # section 4: the trusted mask hides reliable pixels only, and only where the grid covers
-    img_u_m = torch.randn(2, 3, 24, 20)
-    masked, cover = ck.trusted_mask(img_u_m, sel.reliable, block=8, rate=0.7,
-                                    generator=torch.Generator().manual_seed(0))
-    assert not (cover & ~sel.reliable).any() and cover.any()
-    torch.testing.assert_close(masked, torch.where(cover[:, None], torch.zeros(()), img_u_m))
+    # section 4: the trusted mask hides reliable pixels only; the masked samples take the masked view and no CutMix
+    # box, the others keep theirs
+    masked, cover, use_tmp, box2 = ns["masked"], ns["cover"], ns["use_tmp"], ns["box2"]
+    reliable = ns["sel"].reliable
+    assert torch.equal(reliable, t_sel.reliable) and not (cover & ~reliable).any() and cover.any()
+    torch.testing.assert_close(masked, torch.where(cover[:, None], torch.zeros(()), ns["img_u_m"]))
+    assert use_tmp.tolist() == [True, False]  # this seed draws one of each
+    assert torch.equal(ns["img_u_s2"][0], masked[0]) and torch.equal(ns["img_u_s2"][1], img_u_s2[1])
+    assert not box2[0].any() and box2[1].any() and torch.equal(box2[1], cutmix_box2[1] == 1)
+    mask_u_w_cutmixed2 = ns["mask_u_w"].clone()  # the block's last comment: section 2's paste with box2
+    mask_u_w_cutmixed2[box2] = ns["mask_u_w_mix"][box2]
+    assert torch.equal(mask_u_w_cutmixed2, paste(box2, t_mix.label, t_sel.label))
+    assert torch.equal(mask_u_w_cutmixed2[0], t_sel.label[0])  # the masked sample trains on its own pseudo-labels
 
-    # section 4's second stream: masked samples take the masked view and no CutMix box, the others stay as they were
-    img_u_s2 = torch.randn(2, 3, 24, 20)
-    cutmix_box2 = torch.ones(2, 24, 20)
-    use_tmp = torch.tensor([True, False])
-    stream2 = torch.where(use_tmp[:, None, None, None], masked, img_u_s2)
-    box2 = (cutmix_box2 == 1) & ~use_tmp[:, None, None]
-    assert torch.equal(stream2[0], masked[0]) and torch.equal(stream2[1], img_u_s2[1])
-    assert not box2[0].any() and box2[1].all()
-    mask_u_w_cutmixed2 = mask_u_w.clone()
-    mask_u_w_cutmixed2[box2] = mask_u_w_mix[box2]
-    assert torch.equal(mask_u_w_cutmixed2, paste(box2, mask_u_w_mix, mask_u_w))
-    assert torch.equal(mask_u_w_cutmixed2[0], mask_u_w[0])  # the masked sample trains on its own pseudo-labels
+
+def test_the_readme_kernel_example_runs():
+    """The README's three calls, on a small batch: weights in [0, 1], a scalar loss with a gradient, the masked view
+    zero exactly where reliable pixels are covered."""
+    (block,) = [b for b in python_blocks(ROOT / "README.md") if "ck.pcos_weights" in b]
+    logits_weak, ignore, _ = _batch(5, h=64, w=48)
+    ns = {"logits_weak": logits_weak, "ignore": ignore, "logits_strong": _batch(6, h=64, w=48)[0].requires_grad_(),
+          "images_mild": torch.randn(2, 3, 64, 48), "gen": torch.Generator().manual_seed(0)}
+    exec(compile(block, "README.md", "exec"), ns)
+    sel, loss_u, masked, cover = ns["sel"], ns["loss_u"], ns["masked"], ns["cover"]
+    assert ((sel.weight >= 0) & (sel.weight <= 1)).all() and (sel.weight[ignore == 255] == 0).all()
+    assert loss_u.ndim == 0 and torch.isfinite(loss_u)
+    loss_u.backward()
+    assert ns["logits_strong"].grad.abs().sum() > 0
+    assert cover.any() and not (cover & ~sel.reliable).any()
+    assert torch.equal(masked, torch.where(cover[:, None], torch.zeros(()), ns["images_mild"]))
 
 
 def test_with_the_threshold_the_recipe_is_unimatch_loss():
