@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -30,6 +29,7 @@ from csl_kernels import _measured
 from csl_kernels._measured import ENV_CACHE
 
 from .inputs import make_ignore, make_logits
+from .report import check_output_path, write_json
 from .settings import DTYPES, SHAPES, resolve_device
 
 
@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
                         help="shape names of csl_bench/settings.py (default: voc321 coco513 on cuda, smoke on cpu)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     known = {s.name: s for suite in SHAPES.values() for s in suite}
@@ -62,6 +63,8 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; known: {sorted(known)}")
+    if args.out is not None:
+        check_output_path(args.out, args.overwrite)
     own_cache = ENV_CACHE not in os.environ
     with contextlib.ExitStack() as undo:
         if own_cache:
@@ -81,10 +84,8 @@ def main(argv=None) -> dict:
         rows = _choices(names, known, args.dtypes, device)
     payload = {"device": str(device), "cache": "temporary (removed)" if own_cache else os.environ[ENV_CACHE],
                "choices": rows, "log": lines.lines}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    if args.out is not None:
+        print(f"wrote {write_json(payload, args.out)}")
     return payload
 
 

@@ -280,6 +280,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=2000, help="calls per round")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per row")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: print only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="which rows: triton (interpreter, launches stubbed), cpu, baseline, gpu (real launches)")
     parser.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S,
@@ -290,7 +291,10 @@ def main(argv=None) -> dict:
         print(json.dumps(run_worker(args.worker, args.calls, args.repeats)))
         return {}
     from .environment import environment
+    from .report import check_output_path, write_json
 
+    if args.out is not None:
+        check_output_path(args.out, args.overwrite)
     rows = []
     for name in args.workers:  # one process each: TRITON_INTERPRET is read at import, and the launch stub stays inside
         env = dict(os.environ, TRITON_INTERPRET="1" if name == "triton" else "0")
@@ -319,10 +323,8 @@ def main(argv=None) -> dict:
                "gpu_environment": environment(torch.device("cuda")) if "gpu" in args.workers and
                torch.cuda.is_available() else None,
                "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+    if args.out is not None:
+        print(f"\nwrote {write_json(payload, args.out)}")
     return payload
 
 

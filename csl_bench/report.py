@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -135,16 +136,27 @@ def goals_table(goals: list[dict]) -> str:
 
 
 def default_output_path(device: torch.device, suffix: str = "", device_name: str | None = None) -> Path:
-    """``csl_bench/results/<date>-<device>.json`` (:func:`~csl_bench.environment.device_slug`)."""
+    """``<date>-<device>.json`` (:func:`~csl_bench.environment.device_slug`) in ``csl_bench/results/`` of a checkout
+    of the repository, else (an installed package, which ships no results) in ``./csl_bench_results/``."""
     date = _dt.date.today().isoformat()
-    return RESULTS_DIR / f"{date}-{device_slug(device, device_name)}{suffix}.json"
+    folder = RESULTS_DIR if RESULTS_DIR.is_dir() else Path.cwd() / "csl_bench_results"
+    return folder / f"{date}-{device_slug(device, device_name)}{suffix}.json"
 
 
 def check_output_path(path: Path, overwrite: bool) -> Path:
-    """``path`` where the JSON may be written: an existing file only with ``overwrite`` (said before any work, so a
-    second run of the day does not replace the first one's results)."""
+    """``path`` where the JSON may be written, checked before any work: an existing file only with ``overwrite`` (a
+    second run of the day does not replace the first one's results), never a folder, and its folder created and
+    writable (a run of minutes does not end unable to write what it measured)."""
+    if path.is_dir():
+        raise SystemExit(f"{path} is a folder; --out takes a file name")
     if path.exists() and not overwrite:
         raise SystemExit(f"{path} exists; pass --overwrite to replace it, or --out another file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".csl-bench-write-check-"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"cannot write {path}: {exc}; pass --out a file in a writable folder") from None
     return path
 
 

@@ -367,6 +367,44 @@ def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch, co
     assert out.read_text() == "{}"
 
 
+def test_the_default_output_is_the_checkouts_results_folder_else_one_in_the_working_folder(tmp_path, monkeypatch):
+    """A checkout writes beside the committed results; an installed package (no results folder: a wheel ships none)
+    writes into ./csl_bench_results, not into site-packages."""
+    from csl_bench import report
+
+    cpu = torch.device("cpu")
+    assert report.default_output_path(cpu).parent == report.RESULTS_DIR and report.RESULTS_DIR.is_dir()
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "site-packages" / "csl_bench" / "results")
+    monkeypatch.chdir(tmp_path)
+    path = report.default_output_path(cpu, suffix="-x")
+    assert path.parent == tmp_path / "csl_bench_results" and path.name.endswith("-x.json")
+
+
+@pytest.mark.parametrize("command", ["csl_bench", "bench_auto_choice", "bench_host_overhead"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, command):
+    """A folder given as --out, or a file under a path that cannot be a folder, is refused before anything is
+    measured; an existing file is refused without --overwrite by every script that writes JSON."""
+    from csl_bench import __main__ as bench_cli
+    from csl_bench import bench_auto_choice, bench_host_overhead
+
+    main = {"csl_bench": bench_main, "bench_auto_choice": bench_auto_choice.main,
+            "bench_host_overhead": bench_host_overhead.main}[command]
+    for module, work in ((bench_cli, "run_op"), (bench_cli, "copy_bandwidth_gbps"), (bench_auto_choice, "_choices"),
+                         (bench_host_overhead.subprocess, "run")):
+        monkeypatch.setattr(module, work, lambda *a, **k: pytest.fail("worked before refusing the output file"))
+    args = {"csl_bench": ["--smoke", "--device", "cpu"], "bench_auto_choice": ["--device", "cpu"],
+            "bench_host_overhead": ["--workers", "cpu"]}[command]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write .*a-file/x.json"):
+        main([*args, "--out", str(blocker / "x.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main([*args, "--out", str(tmp_path), "--overwrite"])
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main([*args, "--out", str(blocker)])
+    assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_skip_train_and_train_only_exclude_each_other():
     with pytest.raises(SystemExit):  # argparse
         bench_main(["--skip-train", "--train-only"])
