@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import csl_kernels
 from csl_kernels import unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
@@ -332,3 +333,55 @@ def synthetic_analysis() -> dict:
             "at_csl_share": {"confidence": quality(0.41, 0.81, 0.82), "entropy": quality(0.41, 0.83, 0.84)},
             "confidence_per_image_at_csl_share": quality(0.41, 0.85, 0.86),
             "all_pixels": quality(1.0, 0.9, 1.0), "model_accuracy": 0.9, "split": "unlabeled"}
+
+
+def repeated_row_inputs(device, classes, height, width, dtype):
+    """Logits that repeat one row ``height`` times (stride 0 along H), the row's labels and weights for the CE."""
+    g = torch.Generator().manual_seed(7)
+    row = (torch.randn(1, classes, 1, width, generator=g) * 3).to(device=device, dtype=dtype)
+    row[:, 0, :, : width // 3] += 5.0  # confident pixels beside uncertain ones: two clusters
+    label = torch.randint(0, classes, (1, 1, width), generator=g).to(device)
+    weight = torch.rand(1, 1, width, generator=g).to(device)
+    return row, row.expand(1, classes, height, width), label, weight
+
+
+def check_outputs_of_repeated_rows(backend, device, classes, height, width, dtype):
+    """Every op on ``height`` copies of one row against the row alone: features and labels bitwise, PCOS statistics
+    ``height`` times the row's counts with the row's means, weights within float64-sum rounding, the CE the row's
+    loss with ``1 / height`` of its gradient in every row."""
+    row, z, label, weight = repeated_row_inputs(device, classes, height, width, dtype)
+    one, whole = (csl_kernels.residual_features(t, backend=backend) for t in (row, z))
+    for a, b in zip(whole, one, strict=True):
+        assert torch.equal(a[:, -1:], b) and torch.equal(a[:, :1], b)
+    del whole
+    one = csl_kernels.pcos_weights(row, backend=backend, return_stats=True)
+    whole = csl_kernels.pcos_weights(z, backend=backend, return_stats=True)
+    assert int(one.stats.count.min()) > 0  # two populated clusters
+    assert torch.equal(whole.stats.count, one.stats.count * height)
+    assert torch.equal(whole.stats.chosen, one.stats.chosen)
+    torch.testing.assert_close(whole.stats.mu, one.stats.mu, rtol=1e-9, atol=1e-12)
+    assert torch.equal(whole.label[:, -1:], one.label) and torch.equal(whole.reliable[:, -1:], one.reliable)
+    n_row = one.stats.count.double()
+    expected_var = one.stats.var * ((n_row - 1) * height / (n_row * height - 1)).unsqueeze(-1)
+    torch.testing.assert_close(whole.stats.var, expected_var, rtol=1e-6, atol=1e-12)
+    # The weights of the row's pixels under the whole image's statistics (spec Sec. 2.6), in float64.
+    x, y, _ = (f.double() for f in csl_kernels.residual_features(row, backend=backend))
+    c = int(whole.stats.chosen)
+    mu, var = whole.stats.mu[0, c].double(), whole.stats.var[0, c].double()
+    gauss = torch.exp(-(((x - mu[0]) ** 2 / (var[0] + 1e-8)) + (y - mu[1]) ** 2 / (var[1] + 1e-8)) / 8.0)
+    expected = torch.where((x > mu[0]) | (y > mu[1]), 1.0, gauss)
+    assert ((expected > 0.01) & (expected < 0.99)).any()
+    for rows in (whole.weight[:, -1:], whole.weight[:, :1]):
+        torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+    del whole
+    row_leaf = row.detach().requires_grad_()
+    loss_row = csl_kernels.weighted_cross_entropy(row_leaf, label, weight, None, backend=backend)
+    loss_row.backward()
+    leaf = z.detach().requires_grad_()
+    loss = csl_kernels.weighted_cross_entropy(leaf, label.expand(1, height, width), weight.expand(1, height, width),
+                                              None, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_row, rtol=1e-5, atol=0)
+    for rows in (leaf.grad[:, :, -1:], leaf.grad[:, :, :1]):
+        torch.testing.assert_close(rows.float() * height, row_leaf.grad.float(), rtol=2e-2 if dtype != torch.float32
+                                   else 1e-5, atol=1e-6)

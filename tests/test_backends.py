@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, child_limit, require_backend, skip_or_fail
+from conftest import FUSED_BACKENDS, check_outputs_of_repeated_rows, child_limit, require_backend, skip_or_fail
 
 import csl_kernels
 from csl_kernels import _backends
@@ -739,6 +739,15 @@ def test_forget_choices_reads_another_cache_file(registry, fake_gpu_auto, caplog
     assert [r.getMessage() for r in caplog.records] == [
         "csl_kernels.toy_op on Fake GPU (float32 C21 px2^7): backend='auto' uses 'triton' (measured earlier, cached in "
         f"{tmp_path / 'auto.json'})"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_repeated_rows_give_the_rows_outputs(fused_backend, dtype):
+    """Logits that repeat one row (stride 0 along H) give the row's features, labels and weights in every row, PCOS
+    statistics that scale with the row count, and the row's loss with its gradient spread over the rows (on a GPU
+    test_gpu.py runs the same check past 2^31 logit elements)."""
+    device = require_backend("pcos_weights", fused_backend)
+    check_outputs_of_repeated_rows(fused_backend, device, 3, 16, 129, dtype)
 
 
 def test_triton_batch_slices_stay_within_the_grid_limit():

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import child_deadline, require_backend, same_values
+from conftest import check_outputs_of_repeated_rows, child_deadline, require_backend, same_values
 
 import csl_kernels
 from csl_kernels.confusion_matrix import confusion_matrix_reference
@@ -300,6 +300,20 @@ def test_pcos_class_groups_over_chunks_of_several_tiles():
     expected_var = one.stats.var * ((n_row - 1) * h / (n_row * h - 1)).clamp_min(0).unsqueeze(-1)
     torch.testing.assert_close(whole.stats.var, expected_var, rtol=1e-6, atol=1e-12)
     assert (whole.weight == whole.weight[:, :1]).all()  # identical rows, identical weights
+
+
+@pytest.mark.slow
+def test_ops_past_2_to_the_31_logit_elements():
+    """C = 3 bf16 logits of 24000 x 30000 pixels: 2.16e9 elements, so the offsets of the second and third class pass
+    2^31 (the pixel indices stay below it). The rows repeat one row (stride 0 along H), so the first and the last row
+    must give the row's features, labels, weights and gradient. The backends run one after the other (about 25 GB of
+    GPU memory each)."""
+    height, width = 24000, 30000
+    assert 3 * height * width > 2**31 > height * width
+    for backend in GPU_BACKENDS:
+        device = require_backend("pcos_weights", backend)
+        check_outputs_of_repeated_rows(backend, device, 3, height, width, torch.bfloat16)
+        torch.cuda.empty_cache()
 
 
 def test_ce_over_many_blocks_matches_cpu():
