@@ -300,6 +300,7 @@ def test_merge_takes_each_providers_measured_row_and_computes_the_speedups_acros
     a = _run_file(tmp_path / "a.json", {"official"})
     b = _run_file(tmp_path / "b.json", {"cuda", "triton"})
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "results")
+    (tmp_path / "results").mkdir()  # as in a checkout
     payload = bench_cli.merge([a, b], None)
     by = {r["provider"]: r for r in payload["records"]}
     assert {p: r["status"] for p, r in by.items()} == {"official": "ok", "cuda": "ok", "triton": "ok"}
