@@ -16,6 +16,7 @@ sensitivity to the feature errors (measured: <= 3.3e-5, on a cluster with sd = 1
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import random
 
@@ -611,6 +612,7 @@ def test_pcos_tied_cluster_means_choose_cluster_0_and_a_pixel_at_the_mean_is_not
     torch.testing.assert_close(out.weight.cpu().reshape(-1).double(), expected, rtol=1e-6, atol=1e-7)
 
 
+@functools.cache
 def _dispersion_tie_images(rule: str, n_images: int = 60) -> torch.Tensor:
     """C = 3 images of 18 pixels: 8 copies of pixel A, 8 of pixel B, 2 of a low-confidence pixel D. A and B have the
     same float32 residual dispersion under ``rule`` on the reference backend and different confidences (pairs found
