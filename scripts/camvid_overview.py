@@ -48,10 +48,12 @@ def load() -> dict[tuple[str, int], dict[str, float]]:
 
 def table(finals: dict[tuple[str, int], dict[str, float]]) -> str:
     cells = lambda row, m: f"{row[m]:.1f}" if m in row else "-"  # noqa: E731
+    # CSL minus threshold of one run; None where either is not on record (a stage stopped for time)
+    paired = lambda row: row["csl"] - row[BASELINE] if "csl" in row and BASELINE in row else None  # noqa: E731
     lines = ["| split, seed | " + " | ".join(LABELS[m] for m in METHODS) + " | CSL minus threshold |",
              "| --- |" + " ---: |" * (len(METHODS) + 1)]
     for (split, seed), row in finals.items():
-        diff = f"{row['csl'] - row[BASELINE]:+.1f}"
+        diff = "-" if paired(row) is None else f"{paired(row):+.1f}"
         lines.append(f"| {split}, seed {seed} | " + " | ".join(cells(row, m) for m in METHODS) + f" | {diff} |")
     for split in dict.fromkeys(s for s, _ in finals):
         rows = [row for (s, _), row in finals.items() if s == split]
@@ -60,8 +62,9 @@ def table(finals: dict[tuple[str, int], dict[str, float]]) -> str:
             # A mean over fewer seeds than the others' would compare other levels: only over every seed.
             values = [row[m] for row in rows if m in row]
             means.append(f"{sum(values) / len(values):.1f}" if len(values) == len(rows) else "-")
-        diffs = [row["csl"] - row[BASELINE] for row in rows]
-        lines.append(f"| {split}, mean | " + " | ".join(means) + f" | {sum(diffs) / len(diffs):+.1f} |")
+        diffs = [paired(row) for row in rows]
+        mean_diff = "-" if None in diffs else f"{sum(diffs) / len(diffs):+.1f}"  # as the means: every seed or none
+        lines.append(f"| {split}, mean | " + " | ".join(means) + f" | {mean_diff} |")
     return "\n".join(lines)
 
 
@@ -71,6 +74,8 @@ def picture(finals: dict[tuple[str, int], dict[str, float]], out_path: str) -> s
     fig, ax = plt.subplots(figsize=(8, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (split, seed), row in finals.items():
+        if BASELINE not in row:  # nothing to draw a difference to
+            continue
         marker, shift = ("o", -0.12) if split == "1/8" else ("s", 0.12)
         xs = [i + shift for i, m in enumerate(methods) if m in row]
         ys = [row[m] - row[BASELINE] for m in methods if m in row]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
 import torch
 from conftest import load_script
 
@@ -22,3 +28,80 @@ def test_the_pure_combinations_are_the_two_rules_and_the_mixed_ones_differ():
     assert parts.pcos_module.features_with_validity is parts._FEATURES
     assert torch.equal(csl_kernels.pcos_weights(z, None, alpha=8.0, rule="released", backend="reference").weight,
                        released)
+
+
+def _fake_run(parts, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """main()'s checkpoint, config, data and model replaced: three images of 4 classes, the second without a mask,
+    void (255) pixels in the others; the "model" returns fixed logits per image."""
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(1, 4, 6, 7, generator=gen) * 3 for _ in range(3)]
+    masks = [torch.randint(0, 4, (6, 7), generator=gen) for _ in range(3)]
+    masks[0][0, :] = 255
+    masks[2][:, :2] = 255
+    masks[1] = None
+    items = [{"image": torch.full((3, 6, 7), float(i)), "mask": masks[i]} for i in range(3)]
+    cfg = {"eval": {"mode": "original", "crop_size": None, "stride_ratio": 0.5},
+           "data": {"dataset": "camvid", "crop_size": 8}, "selection": {"alpha": 8.0}}
+    monkeypatch.setattr(parts, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(parts, "config_for_checkpoint", lambda *args: cfg)
+    monkeypatch.setattr(parts, "model_from_checkpoint", lambda *args: (None, None))
+    monkeypatch.setattr(parts, "stored_data_paths", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(parts, "analysis_dataset", lambda cfg, part: items)
+    monkeypatch.setattr(parts, "predict_logits", lambda model, image, **kw: logits[int(image[0, 0, 0, 0])])
+    return logits, masks
+
+
+def test_the_parts_figures_are_taken_over_the_valid_pixels(tmp_path, monkeypatch):
+    """main() on made-up predictions: each combination's share, accuracy and recall, at weight 1 and weighted, over
+    the valid pixels of the images with a mask (void and the maskless image left out); recall is of the correct
+    pixels. A pure combination that differs from pcos_weights stops the script."""
+    parts = load_script("camvid_released_parts")
+    logits, masks = _fake_run(parts, monkeypatch)
+    out = tmp_path / "parts.json"
+    assert parts.main(["--checkpoint", "ckpt.pt", "--out", str(out)]) == 0
+    with open(out) as f:
+        got = json.load(f)
+    valid = [m != 255 for m in masks if m is not None]
+    correct = [(z.argmax(1)[0] == m)[v].double() for z, m, v in zip(logits[::2], masks[::2], valid, strict=True)]
+    assert got["valid_pixels"] == 6 * 7 - 7 + 6 * 7 - 12
+    n_correct = sum(float(c.sum()) for c in correct)
+    assert abs(got["all_pixels_accuracy"] - n_correct / got["valid_pixels"]) < 1e-12
+    assert len(got["rows"]) == 8
+    for row in got["rows"]:
+        combo = (row["confidence"], row["variance"], row["side"])
+        ws = [parts.weights(z, 8.0, *combo)[0][v].double() for z, v in zip(logits[::2], valid, strict=True)]
+        for kind, sel in (("hard", [(w >= 1).double() for w in ws]), ("weighted", ws)):
+            chosen = sum(float(s.sum()) for s in sel)
+            chosen_correct = sum(float((s * c).sum()) for s, c in zip(sel, correct, strict=True))
+            expected = {"share": chosen / got["valid_pixels"], "accuracy": chosen_correct / chosen,
+                        "recall": chosen_correct / n_correct}
+            for figure, value in expected.items():
+                assert abs(row[kind][figure] - value) < 1e-9, (combo, kind, figure)
+    assert 0 < got["rows"][0]["hard"]["share"] < 1  # weight 1 on some pixels, not all
+    real = csl_kernels.pcos_weights
+    monkeypatch.setattr(csl_kernels, "pcos_weights",
+                        lambda *args, **kwargs: SimpleNamespace(weight=0.99 * real(*args, **kwargs).weight))
+    with pytest.raises(SystemExit, match=r"differs from pcos_weights\(rule='paper'\)"):
+        parts.main(["--checkpoint", "ckpt.pt"])
+
+
+def test_the_documented_parts_table_is_the_records():
+    """The table of "The three differences one at a time" in docs/results/camvid.md: each combination's row holds the
+    committed ``released_parts_<model>.json`` figures (warm-up then supervised; weight 1 then weighted), and the
+    last row every pixel's accuracy."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    records = {}
+    for model in ("warmup", "supervised"):
+        with open(os.path.join(root, "docs", "results", "camvid", "seed0_rules", f"released_parts_{model}.json")) as f:
+            records[model] = json.load(f)
+    with open(os.path.join(root, "docs", "results", "camvid.md")) as f:
+        doc = f.read().splitlines()
+    cells = lambda q: " / ".join(f"{100 * q[k]:.1f}" for k in ("share", "accuracy", "recall"))  # noqa: E731
+    for warmup, supervised in zip(records["warmup"]["rows"], records["supervised"]["rows"], strict=True):
+        combo = (warmup["confidence"], warmup["variance"], warmup["side"])
+        assert combo == (supervised["confidence"], supervised["variance"], supervised["side"])
+        start = "| {} | {} | {} the mean".format(*combo)
+        (line,) = [line for line in doc if line.startswith(start)]
+        assert line.endswith(" | ".join(cells(r[k]) for r in (warmup, supervised) for k in ("hard", "weighted")) + " |")
+    every = [f"100 / {100 * records[m]['all_pixels_accuracy']:.1f} / 100" for m in ("warmup", "supervised")]
+    assert f"| (every pixel) | | | {every[0]} | | {every[1]} | |" in doc

@@ -348,6 +348,114 @@ def test_synthetic_colour_alone_does_not_give_the_class():
     assert (pred == cls[half:]).mean() < 0.45
 
 
+def _has_hole(region: np.ndarray) -> bool:
+    """Whether some pixel outside ``region`` cannot reach the frame's border without crossing it (4-neighbours)."""
+    outside = ~region
+    reach = np.zeros_like(region)
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1]
+    while True:
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= outside
+        if np.array_equal(grown, reach):
+            return bool((outside & ~reach).any())
+        reach = grown
+
+
+def _recorded_scenes(monkeypatch, num: int, num_classes: int, size: int = 40) -> list[tuple[np.ndarray, list]]:
+    """Scenes with the objects each was painted from: ``[(mask, [(shape, region, texture kind), ...]), ...]``."""
+    from csl.data import synthetic
+
+    events = []
+    shape_mask, texture = synthetic._shape_mask, synthetic._texture
+
+    def recorded_shape(rng, shape, yy, xx, size):
+        region = shape_mask(rng, shape, yy, xx, size)
+        events.append([shape, region, None])
+        return region
+
+    def recorded_texture(rng, kind, yy, xx):
+        if events and events[-1][2] is None:  # the object just drawn (a background texture comes before any)
+            events[-1][2] = kind
+        return texture(rng, kind, yy, xx)
+
+    monkeypatch.setattr(synthetic, "_shape_mask", recorded_shape)
+    monkeypatch.setattr(synthetic, "_texture", recorded_texture)
+    scenes = []
+    for i in range(num):
+        events.clear()
+        _, masks = generate_scenes(1, size=size, seed=i, split="unlabeled", num_classes=num_classes)
+        scenes.append((masks[0], [tuple(e) for e in events]))
+    return scenes
+
+
+def test_synthetic_objects_follow_the_class_table(monkeypatch):
+    """The module's table: class k is shape k (1 disk ... 5 cross) and wears texture k four times out of five
+    (0.75 + 0.25 / 5); 2-5 objects a scene; only the shapes of the classes asked for; a ring has a hole, no other
+    shape has; the last object painted is labelled its class wherever it lies."""
+    from csl.data.synthetic import SHAPES, TEXTURES
+
+    scenes = _recorded_scenes(monkeypatch, 60, num_classes=6)
+    assert {len(objects) for _, objects in scenes} == {2, 3, 4, 5}
+    objects = [obj for _, objs in scenes for obj in objs if obj[1].any()]
+    assert {shape for shape, _, _ in objects} == set(SHAPES)
+    preferred = np.mean([kind == TEXTURES[SHAPES.index(shape)] for shape, _, kind in objects])
+    assert 0.7 < preferred < 0.9, preferred
+    for mask, objs in scenes:
+        shape, region, _ = objs[-1]
+        assert (mask[region] == 1 + SHAPES.index(shape)).all(), shape
+    rings = [_has_hole(region) for shape, region, _ in objects if shape == "ring"]
+    assert np.mean(rings) > 0.8  # a ring cut by the frame can lose its hole
+    assert not any(_has_hole(region) for shape, region, _ in objects if shape != "ring")
+    few = _recorded_scenes(monkeypatch, 20, num_classes=3)
+    assert {shape for _, objs in few for shape, _, _ in objs} == {"disk", "rectangle"}
+
+
+def test_synthetic_splits_and_scenes_are_distinct_and_arguments_checked():
+    """The three splits are three streams (no val scene among the unlabeled ones, no labeled scene twice), no two
+    scenes of a split alike; an empty list is an empty array, a too small size or a single class an error."""
+    scenes = {split: generate_scenes(4, size=24, seed=3, split=split)[0] for split in ("labeled", "unlabeled", "val")}
+    flat = [img.tobytes() for imgs in scenes.values() for img in imgs]
+    assert len(set(flat)) == len(flat) == 12
+    assert SyntheticSource(1, size=16, split="val").name(0) == "synthetic_val_00000"  # the name tells the split
+    images, masks = generate_scenes(0, size=24)
+    assert images.shape == (0, 24, 24, 3) and masks.shape == (0, 24, 24)
+    with pytest.raises(ValueError, match="size must be >= 16, got 15"):
+        generate_scenes(1, size=15)
+    with pytest.raises(ValueError, match="2 to 6 classes, got num_classes=1"):
+        generate_scenes(1, num_classes=1)
+
+
+def test_synthetic_objects_stand_out_from_the_muted_background():
+    """The background is greyish (its channels within a few hundredths of each other before noise), an object's
+    colour is drawn per channel over [0.05, 0.95]: the objects' pixels are far more colourful."""
+    images, masks = generate_scenes(20, size=48, seed=5)
+    spread = images.max(axis=-1).astype(np.float64) - images.min(axis=-1)
+    assert spread[masks > 0].mean() > 2 * spread[masks == 0].mean()
+
+
+@pytest.mark.parametrize("layout", ["pascal", "cityscapes", "coco", "folder"])
+def test_synthetic_folder_gives_every_scene_its_own_files(tmp_path, layout):
+    """Scene i of each split has its own image and mask file in every layout (index 0 of the labeled, unlabeled
+    and val lists must not share a name), and the validation counts a class absent from the scenes as 0 pixels."""
+    info = write_synthetic_folder(str(tmp_path / layout), layout=layout, num_labeled=2, num_unlabeled=3, num_val=2,
+                                  size=24, seed=1)
+    paths = [p for name in ("labeled_list", "unlabeled_list", "val_list") for line in open(info[name])
+             for p in line.split()]
+    assert len(paths) == len(set(paths)) == 2 * 7
+    for split, n in (("labeled", 2), ("unlabeled", 3), ("val", 2)):
+        _, masks = generate_scenes(n, size=24, seed=1, split=split)
+        for i, line in enumerate(open(info[f"{split}_list"])):
+            stored = np.array(Image.open(os.path.join(info["root"], line.split()[1])))
+            assert np.array_equal(stored, masks[i]), (split, i)
+    src = SyntheticSource(1, size=16, num_classes=6)
+    src.masks[:] = 0
+    assert src.validate(progress=False)["class_pixels"] == [256, 0, 0, 0, 0, 0]
+
+
 def test_build_synthetic_bundle_and_worker_seeding():
     cfg = {"dataset": "synthetic", "num_classes": 5, "crop_size": 32,
            "synthetic": {"num_labeled": 4, "num_unlabeled": 6, "num_val": 2, "size": 40, "seed": 1}}
