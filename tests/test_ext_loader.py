@@ -423,14 +423,6 @@ def setup_copy(tmp_path):
     return copy, run
 
 
-def test_setup_ships_the_sources_in_the_package(setup_copy, tmp_path):
-    copy, run = setup_copy
-    run("build_py", "--build-lib", str(tmp_path / "lib"), CSL_BUILD_EXT="0")
-    shipped = tmp_path / "lib" / "csl_kernels" / "csrc"
-    assert (shipped / "csl_math.h").is_file() and sources.extension_sources(shipped, True)
-    assert sources.source_hash(shipped) == sources.source_hash(REPO / "csrc")  # every source and header
-
-
 def test_setup_records_an_ahead_of_time_build_the_loader_accepts(setup_copy):
     """The record of ``CSL_BUILD_EXT=1 pip install`` (``_C_build.json``, the compile faked) is what _aot_library
     checks: the sources' and flags' hashes, torch, the extension suffix, the parts built."""
