@@ -59,8 +59,8 @@ if os.environ.get("CSL_BUILD_EXT") == "1":
         "csl_kernels._C",
         sources,
         include_dirs=[str(csrc)],
-        extra_compile_args={"cxx": sources_module.CXX_FLAGS, "nvcc": sources_module.NVCC_FLAGS},
-        extra_link_args=sources_module.LD_FLAGS,
+        extra_compile_args={"cxx": list(sources_module.CXX_FLAGS), "nvcc": list(sources_module.NVCC_FLAGS)},
+        extra_link_args=list(sources_module.LD_FLAGS),
     ))
 
     class BuildExtWithMeta(cpp_extension.BuildExtension):

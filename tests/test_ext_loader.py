@@ -210,6 +210,28 @@ def test_the_cache_rebuilds_a_library_that_does_not_load_and_hands_one_without_s
     assert len(calls) == 2 and not (library.parent / "kernels.o").exists() and info.built
 
 
+def test_a_build_leaves_the_flags_that_name_the_next_one_as_they_were(cache_entry, monkeypatch):
+    """torch's builder appends its link libraries to the extra_ldflags list it is given (and may add compile flags):
+    a build must hand it copies, or the flags hash changes inside the process, and with it the name of the next
+    build (the CPU-only build after a failed CUDA part) and the check of an ahead-of-time build's record."""
+    _, _, calls = cache_entry
+    root = sources.csrc_dir()
+    flags, name = sources.flags_hash(), build.build_name(root, "abc", False, None)
+
+    def appending_load(**kwargs):
+        for key in ("extra_cflags", "extra_ldflags", "extra_cuda_cflags"):
+            kwargs[key].append("-ltorch_appended")  # what torch's _prepare_ldflags does to extra_ldflags
+        built = Path(kwargs["build_directory"]) / f"{kwargs['name']}.so"
+        built.write_bytes(b"\x7fELF built")
+        calls.append(kwargs)
+        return str(built)
+
+    monkeypatch.setattr(cpp_extension, "load", appending_load)
+    build._build_in_cache(root, "abc", False, None, "test")
+    assert len(calls) == 1 and calls[0]["extra_ldflags"][-1] == "-ltorch_appended"
+    assert sources.flags_hash() == flags and build.build_name(root, "abc", False, None) == name
+
+
 def test_a_build_whose_stamp_cannot_be_written_still_loads(cache_entry, monkeypatch):
     library, stamp, calls = cache_entry
     real_write = Path.write_text
@@ -243,7 +265,7 @@ def test_the_builder_gets_the_sources_flags_and_cuda_settings_and_the_environmen
         assert call["arch_env"] == arch and call["home"] == "/fake/cuda"  # what the build itself saw
         assert call["sources"] == sources.extension_sources(root, True)
         assert (call["extra_cflags"], call["extra_ldflags"], call["extra_cuda_cflags"]) == (
-            sources.CXX_FLAGS, sources.LD_FLAGS, sources.NVCC_FLAGS)
+            list(sources.CXX_FLAGS), list(sources.LD_FLAGS), list(sources.NVCC_FLAGS))
         assert call["extra_include_paths"][0] == str(root) and call["with_cuda"] is True
         assert call["is_python_module"] is False and call["verbose"] is False
         assert call["build_directory"] == str(build._build_root() / build.build_name(root, "abc", True, arch))

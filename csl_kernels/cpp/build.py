@@ -316,9 +316,9 @@ def _build_in_cache(root: Path, src_hash: str, with_cuda: bool, arch: str | None
         path = cpp_extension.load(
             name=name,
             sources=extension_sources(root, with_cuda),
-            extra_cflags=CXX_FLAGS,
-            extra_ldflags=LD_FLAGS,
-            extra_cuda_cflags=NVCC_FLAGS,
+            extra_cflags=list(CXX_FLAGS),
+            extra_ldflags=list(LD_FLAGS),
+            extra_cuda_cflags=list(NVCC_FLAGS),
             extra_include_paths=includes,
             build_directory=str(build_dir),
             verbose=verbose,

@@ -16,9 +16,11 @@ _SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 # -fopenmp: at::parallel_for is inlined into the extension and runs serially without it; -ffp-contract=off (C++) and
 # --fmad=false (CUDA device code, where nvcc fuses a * b + c by default): the math of csl_math.h and the kernels'
 # sums stay unfused, as in the reference (an even residual gives exactly v = 0), the same on CPU and GPU.
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
-LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--fmad=false"]
+# Tuples: torch's builder appends its own flags to the lists it is given (its link libraries to extra_ldflags), so
+# every build gets copies, and the flags that name a build and its record stay these.
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+LD_FLAGS = ("-fopenmp",)
+NVCC_FLAGS = ("-O3", "--fmad=false")
 
 
 def csrc_dir() -> Path | None:
