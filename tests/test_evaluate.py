@@ -468,3 +468,99 @@ def test_predict_leaves_the_model_in_its_mode(tmp_path):
         model.train(training)
         predict_images(model, [str(image)], str(tmp_path / f"out{training}"), num_classes=2, progress=False)
         assert model.training == training
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit: what the model sees and how the windows are counted; evaluate's mode, amp and ignore_index.
+
+
+class Recorder(nn.Module):
+    """A per-pixel 1x1 conv that keeps the inputs it is given, its output dtype and whether autocast was on."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.inputs: list[torch.Tensor] = []
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        out = self.conv(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+def test_a_small_image_is_padded_with_zeros_at_the_bottom_right():
+    """Zero is the dataset mean after normalisation: the window holds the image at its top-left and zeros around."""
+    model = Recorder()
+    image = torch.randn(1, 3, 20, 24) + 5
+    with torch.no_grad():
+        scores = sliding_window_scores(model, image, 32)
+    (window,) = model.inputs
+    assert window.shape == (1, 3, 32, 32)
+    assert torch.equal(window[..., :20, :24], image)
+    assert window[..., 20:, :].abs().sum() == 0 and window[..., :, 24:].abs().sum() == 0
+    assert scores.shape == (1, 3, 20, 24)
+
+
+def test_sliding_window_sums_are_float32_under_bfloat16_autocast():
+    """Probabilities are summed in float32 (as documented): bfloat16 sums of overlapping windows would be off by
+    about 1 %."""
+    model = nn.Conv2d(3, 4, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = sliding_window_scores(model, torch.randn(1, 3, 40, 56), 16, 0.5)
+    assert scores.dtype == torch.float32
+    starts_h, starts_w = (0, 8, 16, 24), (0, 8, 16, 24, 32, 40)
+    count = torch.tensor([[sum(s <= y < s + 16 for s in starts_h) * sum(s <= x < s + 16 for s in starts_w)
+                           for x in range(56)] for y in range(40)], dtype=torch.float32)
+    torch.testing.assert_close(scores.sum(1)[0], count, atol=1e-4, rtol=1e-5)
+
+
+def test_evaluate_runs_the_model_in_eval_mode_under_the_asked_amp_dtype():
+    """BatchNorm's running statistics are used and left alone; the mode is restored either way; ``amp_dtype``
+    reaches autocast (float16 as asked, no autocast without it)."""
+    data = _perfect_data(3, [(8, 10)] * 2)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    model.train()
+    evaluate(model, DataLoader(data), 3, progress=False)
+    assert model.training and model[1].num_batches_tracked == 0
+    assert torch.equal(model[1].running_mean, torch.full((3,), 0.5))
+    model.eval()
+    evaluate(model, DataLoader(data), 3, progress=False)
+    assert not model.training
+    for amp_dtype, expected in ((None, torch.float32), (torch.float16, torch.float16),
+                                (torch.bfloat16, torch.bfloat16)):
+        rec = Recorder(3)
+        evaluate(rec, DataLoader(data), 3, amp_dtype=amp_dtype, progress=False)
+        assert rec.dtypes == [expected] * 2, amp_dtype
+
+
+def test_evaluate_skips_the_given_ignore_index():
+    target = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1], [2, 2, 0]])
+    image = torch.zeros(3, 2, 3)
+    image[0] = pred.float()
+    result = evaluate(ReadChannel(3), DataLoader(EncodedLabels([image], [target])), 3, ignore_index=2,
+                      progress=False)
+    assert result["confusion"].tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
+
+
+def test_evaluate_passes_its_stride_ratio_to_the_windows():
+    """A model whose logits depend on the window: stride_ratio 0.25 and 1.0 give different predictions, and
+    evaluate scores the ones of the ratio it is given."""
+    from csl_kernels import confusion_matrix
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 3, 40, 72, generator=g)
+    mask = torch.randint(0, 2, (1, 40, 72), generator=g)
+    model = WindowContext().eval()
+    with torch.no_grad():
+        preds = {r: sliding_window_scores(model, image, 24, r).argmax(1) for r in (0.25, 1.0)}
+    assert not torch.equal(preds[0.25], preds[1.0])
+    for r, pred in preds.items():
+        result = evaluate(model, DataLoader(EncodedLabels(list(image), list(mask))), 2, mode="sliding_window",
+                          crop_size=24, stride_ratio=r, progress=False)
+        assert torch.equal(result["confusion"], confusion_matrix(pred, mask, 2)), r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -324,3 +325,198 @@ def test_the_aspp_uses_its_image_pooling_branch():
         before = model.head(x)
         model.head.branches[-1].conv[0].weight.mul_(-3)
         assert not torch.allclose(before, model.head(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit: forward paths against torchvision, MobileNetV2 dilations, the decoder as UniMatch builds it, and
+# weight files loaded tensor for tensor.
+
+
+@pytest.mark.parametrize("name,output_stride,flags", [("resnet18", 32, None), ("resnet50", 16, [False, False, True]),
+                                                      ("resnet50", 8, [False, True, True])])
+def test_resnet_backbone_computes_torchvisions_features(name, output_stride, flags):
+    """c1 / c4 are torchvision's layer1 / layer4 outputs (with replace_stride_with_dilation for stride 16 / 8) under
+    the same weights: stem, ReLU, max pool and the dilated stages as torchvision runs them."""
+    torch.manual_seed(0)
+    ref = getattr(models, name)(weights=None, replace_stride_with_dilation=flags).eval()
+    ours = ResNetBackbone(name, output_stride).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        c1, c4 = ours(x)
+        stem = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        ref_c1 = ref.layer1(stem)
+        ref_c4 = ref.layer4(ref.layer3(ref.layer2(ref_c1)))
+    torch.testing.assert_close(c1, ref_c1)
+    torch.testing.assert_close(c4, ref_c4)
+
+
+def _depthwise_dilations(backbone) -> list[int]:
+    """The dilation of each block's (last) 3x3 conv in features[0:18]."""
+    out = []
+    for block in backbone.features:
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert all(m.padding == m.dilation for m in convs)
+        out.append(convs[-1].dilation[0])
+    return out
+
+
+def test_mobilenet_v2_dilations_and_low_level_features():
+    """As in the DeepLabV3+-MobileNet code (VainF's ``_nostride_dilate``): the block that would stride keeps the
+    previous dilation, the blocks after it take the doubled one. Low-level features: torchvision's features[:4]."""
+    from csl.model import MobileNetV2Backbone
+
+    assert _depthwise_dilations(MobileNetV2Backbone(32)) == [1] * 18
+    assert _depthwise_dilations(MobileNetV2Backbone(16)) == [1] * 15 + [2] * 3
+    assert _depthwise_dilations(MobileNetV2Backbone(8)) == [1] * 8 + [2] * 7 + [4] * 3
+    torch.manual_seed(0)
+    ref = models.mobilenet_v2(weights=None).eval()
+    ours = MobileNetV2Backbone(16).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith("features.")
+                          and not k.startswith("features.18.")})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref.features[:4](x))
+
+
+def test_aspp_has_the_configured_dilations_and_five_branches():
+    model = build_model({"backbone": "resnet18", "dilations": [12, 24, 36]}, 3)
+    branches = model.head.branches
+    assert len(branches) == 5  # 1x1, three dilated 3x3, image pooling
+    assert [(b[0].kernel_size, b[0].dilation, b[0].padding) for b in branches[:4]] == [
+        ((1, 1), (1, 1), (0, 0)), ((3, 3), (12, 12), (12, 12)), ((3, 3), (24, 24), (24, 24)),
+        ((3, 3), (36, 36), (36, 36))]
+    assert model.head.project[0].in_channels == 5 * 256
+    default = build_model({"backbone": "resnet18"}, 3)
+    assert [b[0].dilation[0] for b in default.head.branches[:4]] == [1, 6, 12, 18]
+    assert default.backbone.output_stride == 16
+
+
+def _lerp_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """Bilinear resizing with align_corners=True along one axis: output i samples input i * (n_in - 1) / (n_out - 1)."""
+    pos = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / max(n_out - 1, 1)
+    low = pos.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = pos - low
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    a[torch.arange(n_out), low] += 1 - frac
+    a[torch.arange(n_out), high] += frac
+    return a.float()
+
+
+def test_decoder_as_unimatch_builds_it():
+    """UniMatch's decoder: ``cat([reduce(c1), upsample(aspp(c4))])`` (reduced low-level features first, the order its
+    checkpoints' fuse weights expect), bilinear resizes with align_corners=True, each conv block ending in BN + ReLU
+    with PyTorch's BatchNorm defaults."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(3, backbone="resnet18").eval()
+    seen = {}
+    for name in ("head", "reduce", "fuse", "classifier"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o)}))
+    for name, block in [("branch", model.head.branches[1]), ("project", model.head.project), ("fuse0", model.fuse[0])]:
+        block.register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o)}))
+    x = torch.randn(1, 3, 61, 45)
+    with torch.no_grad():
+        out = model(x)
+    reduced, aspp = seen["reduce"][1], seen["head"][1]
+    fuse_in = seen["fuse"][0]
+    assert fuse_in.shape[1] == 48 + 256
+    torch.testing.assert_close(fuse_in[:, :48], reduced)
+    h, w = reduced.shape[-2:]
+    expected_up = _lerp_matrix(h, aspp.shape[-2]) @ aspp @ _lerp_matrix(w, aspp.shape[-1]).T
+    torch.testing.assert_close(fuse_in[:, 48:], expected_up, atol=1e-5, rtol=1e-4)
+    logits = seen["classifier"][1]
+    torch.testing.assert_close(out, _lerp_matrix(61, h) @ logits @ _lerp_matrix(45, w).T, atol=1e-4, rtol=1e-4)
+    for name in ("branch", "project", "fuse0", "reduce", "fuse"):
+        assert (seen[name][1] >= 0).all() and (seen[name][1] == 0).any(), name  # ReLU at the end
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert (m.momentum, m.eps) == (0.1, 1e-5)
+
+
+def test_unimatch_names_are_mapped_key_by_key():
+    """Every UniMatch / CSL decoder name onto ours, written out by hand (BN layers of one shape cannot tell a
+    swapped pair apart by shape)."""
+    from csl.model import from_unimatch_state_dict
+
+    expected = {
+        "backbone.layer1.0.conv1.weight": "backbone.layer1.0.conv1.weight",
+        "backbone.conv1.1.weight": "backbone.conv1.1.weight",
+        "head.b0.0.weight": "head.branches.0.0.weight", "head.b0.1.running_var": "head.branches.0.1.running_var",
+        "head.b1.0.weight": "head.branches.1.0.weight", "head.b2.1.bias": "head.branches.2.1.bias",
+        "head.b3.0.weight": "head.branches.3.0.weight", "head.b3.1.running_mean": "head.branches.3.1.running_mean",
+        "head.b4.gap.1.weight": "head.branches.4.conv.0.weight",
+        "head.b4.gap.2.num_batches_tracked": "head.branches.4.conv.1.num_batches_tracked",
+        "head.project.0.weight": "head.project.0.weight", "head.project.1.weight": "head.project.1.weight",
+        "reduce.0.weight": "reduce.0.weight", "reduce.1.running_mean": "reduce.1.running_mean",
+        "fuse.0.weight": "fuse.0.0.weight", "fuse.1.weight": "fuse.0.1.weight",
+        "fuse.1.running_var": "fuse.0.1.running_var", "fuse.3.weight": "fuse.1.0.weight",
+        "fuse.4.weight": "fuse.1.1.weight", "fuse.4.running_mean": "fuse.1.1.running_mean",
+        "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias",
+    }
+    sd = {k: torch.full((1,), float(i)) for i, k in enumerate(expected)}
+    out = from_unimatch_state_dict(sd)
+    assert set(out) == set(expected.values())
+    for old, new in expected.items():
+        assert torch.equal(out[new], sd[old]), old
+    assert set(DeepLabV3Plus(3).state_dict()) >= {v for v in expected.values() if not v.startswith("backbone.")}
+
+
+def test_every_backbone_tensor_is_loaded_from_the_file(tmp_path):
+    """Each tensor of the backbone after loading is the file's (none left at random init); a file without a BN
+    layer's running statistics is refused like one without a weight; a plain file with one extra ``module.`` key
+    keeps its names."""
+    torch.manual_seed(3)
+    ref = models.resnet18(weights=None)
+    with torch.no_grad():  # running statistics that differ from a fresh BN's
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(11)
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "r18.pth")
+    model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "r18.pth")}, 3)
+    theirs = ref.state_dict()
+    ours = model.backbone.state_dict()
+    assert model.pretrained_report["loaded"] == len(ours) == len(theirs) - 2
+    for k, v in ours.items():
+        assert torch.equal(v, theirs[k]), k
+    sd = dict(theirs)
+    del sd["layer2.1.bn1.running_var"]
+    torch.save(sd, tmp_path / "no_stats.pth")
+    with pytest.raises(ValueError, match=r"lacks 1 of .*layer2\.1\.bn1\.running_var"):
+        build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "no_stats.pth")}, 3)
+    sd = dict(theirs, **{"module.note": torch.zeros(1)})
+    torch.save(sd, tmp_path / "extra.pth")
+    model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / "extra.pth")}, 3)
+    assert model.pretrained_report["loaded"] == len(theirs) - 2
+    assert model.pretrained_report["unexpected"] == ["module.note"]
+
+
+SHARED_MNV2 = os.path.join(os.environ.get("CSL_SHARED", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "shared")), "weights", "mobilenet_v2-b0353104.pth")
+
+
+@pytest.mark.skipif(not os.path.isfile(SHARED_MNV2), reason=f"{SHARED_MNV2} not found (set CSL_SHARED)")
+def test_torchvisions_mobilenet_v2_imagenet_file_loads_whole():
+    """The shared ImageNet file (its name's sha256 prefix checked): every backbone tensor is the file's."""
+    model = build_model({"backbone": "mobilenet_v2", "output_stride": 8, "pretrained": SHARED_MNV2}, 3)
+    assert model.pretrained_report["sha256_prefix"] == "b0353104"
+    sd = torch.load(SHARED_MNV2, weights_only=True)
+    ours = model.backbone.state_dict()
+    assert model.pretrained_report["loaded"] == len(ours)
+    for k, v in ours.items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_deep_stem_is_unimatchs_and_keeps_the_strides():
+    """UniMatch's deep stem: conv 3x3 stride 2 -> BN -> ReLU -> conv 3x3 -> BN -> ReLU -> conv 3x3 (then bn1, ReLU,
+    max pool): c1 at stride 4 and c4 at stride 16, as with torchvision's stem."""
+    backbone = ResNetBackbone("resnet50", 16, stem="deep").eval()
+    stem = backbone.conv1
+    assert [type(m) for m in stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [nn.Conv2d]
+    assert [(m.stride, m.padding) for m in stem if isinstance(m, nn.Conv2d)] == [((2, 2), (1, 1))] + [
+        ((1, 1), (1, 1))] * 2
+    with torch.no_grad():
+        c1, c4 = backbone(torch.randn(1, 3, 32, 64))
+    assert c1.shape == (1, 256, 8, 16) and c4.shape == (1, 2048, 2, 4)
