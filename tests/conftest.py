@@ -335,6 +335,26 @@ def synthetic_analysis() -> dict:
             "all_pixels": quality(1.0, 0.9, 1.0), "model_accuracy": 0.9, "split": "unlabeled"}
 
 
+def spec_weight(x: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, alpha: float = 8.0,
+                rule: str = "paper") -> torch.Tensor:
+    """Spec Sec. 2.6 (Sec. 2b for ``rule="released"``), written out: the weight of pixels with features (x, y) under
+    the reliable cluster's mean ``mu`` and unbiased variance ``var`` (last dimension: confidence, dispersion;
+    broadcast against x). 1 strictly above the mean confidence or strictly on the preserved side of the mean
+    dispersion (paper: above, released: below), else exp(-(z0^2 + z1^2) / alpha), z = (phi - mu) / sqrt(var + 1e-8)."""
+    z0 = (x - mu[..., 0]) / torch.sqrt(var[..., 0] + 1e-8)
+    z1 = (y - mu[..., 1]) / torch.sqrt(var[..., 1] + 1e-8)
+    preserved_side = (y < mu[..., 1]) if rule == "released" else (y > mu[..., 1])
+    return torch.where((x > mu[..., 0]) | preserved_side, 1.0, torch.exp(-(z0 * z0 + z1 * z1) / alpha))
+
+
+def variance_of_copies(var: torch.Tensor, count: torch.Tensor, copies: int) -> torch.Tensor:
+    """The unbiased variances (``var``: ... x 2) of groups of ``count`` pixels when every pixel is repeated ``copies``
+    times (copies > 1): the squared deviations sum ``copies`` times over, divided by count * copies - 1 instead of
+    count - 1 (0 for one-pixel and empty groups, as their variance)."""
+    n = count.double()
+    return var * ((n - 1) * copies / (n * copies - 1)).clamp_min(0).unsqueeze(-1)
+
+
 def repeated_row_inputs(device, classes, height, width, dtype):
     """Logits that repeat one row ``height`` times (stride 0 along H), the row's labels and weights for the CE."""
     g = torch.Generator().manual_seed(7)
@@ -361,15 +381,12 @@ def check_outputs_of_repeated_rows(backend, device, classes, height, width, dtyp
     assert torch.equal(whole.stats.chosen, one.stats.chosen)
     torch.testing.assert_close(whole.stats.mu, one.stats.mu, rtol=1e-9, atol=1e-12)
     assert torch.equal(whole.label[:, -1:], one.label) and torch.equal(whole.reliable[:, -1:], one.reliable)
-    n_row = one.stats.count.double()
-    expected_var = one.stats.var * ((n_row - 1) * height / (n_row * height - 1)).unsqueeze(-1)
-    torch.testing.assert_close(whole.stats.var, expected_var, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(whole.stats.var, variance_of_copies(one.stats.var, one.stats.count, height), rtol=1e-6,
+                               atol=1e-12)
     # The weights of the row's pixels under the whole image's statistics (spec Sec. 2.6), in float64.
     x, y, _ = (f.double() for f in csl_kernels.residual_features(row, backend=backend))
     c = int(whole.stats.chosen)
-    mu, var = whole.stats.mu[0, c].double(), whole.stats.var[0, c].double()
-    gauss = torch.exp(-(((x - mu[0]) ** 2 / (var[0] + 1e-8)) + (y - mu[1]) ** 2 / (var[1] + 1e-8)) / 8.0)
-    expected = torch.where((x > mu[0]) | (y > mu[1]), 1.0, gauss)
+    expected = spec_weight(x, y, whole.stats.mu[0, c].double(), whole.stats.var[0, c].double())
     assert ((expected > 0.01) & (expected < 0.99)).any()
     for rows in (whole.weight[:, -1:], whole.weight[:, :1]):
         torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import check_outputs_of_repeated_rows, child_deadline, require_backend, same_values
+from conftest import check_outputs_of_repeated_rows, child_deadline, require_backend, same_values, variance_of_copies
 
 import csl_kernels
 from csl_kernels.confusion_matrix import confusion_matrix_reference
@@ -296,9 +296,8 @@ def test_pcos_class_groups_over_chunks_of_several_tiles():
     assert torch.equal(whole.stats.count, one.stats.count * h)
     assert int(whole.stats.count.sum()) == h * w
     torch.testing.assert_close(whole.stats.mu, one.stats.mu, rtol=1e-9, atol=1e-12)
-    n_row = one.stats.count.double()
-    expected_var = one.stats.var * ((n_row - 1) * h / (n_row * h - 1)).clamp_min(0).unsqueeze(-1)
-    torch.testing.assert_close(whole.stats.var, expected_var, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(whole.stats.var, variance_of_copies(one.stats.var, one.stats.count, h), rtol=1e-6,
+                               atol=1e-12)
     assert (whole.weight == whole.weight[:, :1]).all()  # identical rows, identical weights
 
 

@@ -23,7 +23,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import layout, masks, require_backend, spy_constexpr
+from conftest import layout, masks, require_backend, spec_weight, spy_constexpr
 from test_residual_features import (
     LAYOUTS,
     feature_tolerance,
@@ -82,9 +82,7 @@ def cluster_stats(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, group: t
     chosen = ((count[:, 1] > 0) & ((count[:, 0] == 0) | (mu[:, 1, 0] > mu[:, 0, 0]))).long()
     rows = torch.arange(n_groups)
     m, v = mu[rows, chosen][group], var[rows, chosen][group]
-    z0, z1 = (x - m[:, 0]) / torch.sqrt(v[:, 0] + EPS), (y - m[:, 1]) / torch.sqrt(v[:, 1] + EPS)
-    side = (y < m[:, 1]) if rule == "released" else (y > m[:, 1])
-    weight = torch.where((x > m[:, 0]) | side, 1.0, torch.exp(-(z0 * z0 + z1 * z1) / alpha))
+    weight = spec_weight(x, y, m, v, alpha, rule)
     return dict(count=count, mu=mu, var=var, chosen=chosen, weight=torch.where(keep, weight, 0.0))
 
 
@@ -605,9 +603,7 @@ def test_pcos_tied_cluster_means_choose_cluster_0_and_a_pixel_at_the_mean_is_not
     f0, v, _ = csl_kernels.residual_features(z, backend="reference")
     x, y = f0.reshape(-1), v.reshape(-1)
     assert (x == 0.5).all()
-    z0 = (x - mu[0, 0]) / torch.sqrt(var[0, 0] + 1e-8)
-    z1 = (y - mu[0, 1]) / torch.sqrt(var[0, 1] + 1e-8)
-    expected = torch.where((x > mu[0, 0]) | (y > mu[0, 1]), 1.0, torch.exp(-(z0 * z0 + z1 * z1) / 8.0))
+    expected = spec_weight(x, y, mu[0], var[0])
     assert (expected < 1).sum() >= 3
     torch.testing.assert_close(out.weight.cpu().reshape(-1).double(), expected, rtol=1e-6, atol=1e-7)
 
