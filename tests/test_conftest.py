@@ -125,3 +125,30 @@ def test_child_limit_stays_under_the_per_test_time_limit(monkeypatch):
     conftest.pytest_configure(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
     assert conftest.child_limit(600) == 600
     assert conftest.child_deadline(0.01)() == 1
+
+
+def test_variance_of_copies_is_the_variance_of_the_repeated_pixels():
+    from conftest import variance_of_copies
+
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (0, 1, 2, 7)]
+    var = torch.stack([p.var(dim=0) if len(p) > 1 else torch.zeros(2, dtype=torch.float64) for p in groups])
+    count = torch.tensor([len(p) for p in groups])
+    expected = torch.stack([p.repeat(5, 1).var(dim=0) if len(p) > 1 else torch.zeros(2, dtype=torch.float64)
+                            for p in groups])
+    torch.testing.assert_close(variance_of_copies(var, count, 5), expected, rtol=1e-12, atol=0)
+
+
+def test_spec_weight_is_the_reference_backends_weight():
+    from conftest import spec_weight
+
+    import csl_kernels
+
+    z = torch.randn(1, 5, 9, 13, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    for rule in ("paper", "released"):
+        out = csl_kernels.pcos_weights(z, rule=rule, backend="reference", return_stats=True)
+        x, y, _ = csl_kernels.residual_features(z, rule=rule, backend="reference")
+        c = int(out.stats.chosen)
+        expected = spec_weight(x, y, out.stats.mu[0, c], out.stats.var[0, c], rule=rule)
+        assert ((expected > 0) & (expected < 1)).any() and (expected == 1).any()
+        torch.testing.assert_close(out.weight.double(), expected, rtol=1e-6, atol=1e-7)
