@@ -3,7 +3,8 @@ every pixel: its confidence feature (log), its residual variance (+ m^2 / (C - 1
 below the reliable cluster's mean dispersion instead of above). All 8 combinations, through the float64 reference
 (image groups, no mask, as in training), on a checkpoint's predictions of its split's unlabeled frames (made as
 ``csl analyze`` makes them); share / accuracy / recall of the pixels at weight 1 and of the soft weights, against the
-ground truth (void ignored).
+ground truth (void ignored). The record's ``images`` counts the images scored; ``images_without_mask`` those read
+but left out for want of a mask.
 
     .venv/bin/python scripts/camvid_released_parts.py --checkpoint runs/camvid/seed0/warmup/latest.pt \\
         --out parts.json data.root=../shared/data/camvid model.pretrained=../shared/weights/mobilenet_v2-b0353104.pth
@@ -73,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     sums = {c: {"hard": [0.0, 0.0], "weighted": [0.0, 0.0]} for c in COMBOS}  # selected, selected and correct
     total = all_correct = 0.0
     n_images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
-    worst, checked = 0.0, False
+    worst, checked, without_mask = 0.0, False, 0
     with torch.no_grad():
         for i in tqdm(range(n_images), desc="images"):
             item = dataset[i]
             if item["mask"] is None:
+                without_mask += 1
                 continue
             image, target = item["image"].unsqueeze(0), item["mask"]
             logits = predict_logits(model, image, mode=mode, crop_size=crop,
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             total += float(valid.sum())
             all_correct += float(correct.sum())
             for combo in COMBOS:
-                w = weights(logits, alpha, *combo).reshape(-1)[valid].double()
+                every = weights(logits, alpha, *combo).reshape(-1).double()  # every pixel: void ones too
+                w = every[valid]
                 for kind, sel in (("hard", (w >= 1.0).double()), ("weighted", w)):
                     sums[combo][kind][0] += float(sel.sum())
                     sums[combo][kind][1] += float((sel * correct).sum())
@@ -98,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                     rule = "paper" if combo[1] == "paper" else "released"
                     package = csl_kernels.pcos_weights(logits, None, alpha=alpha, confidence=combo[0], rule=rule,
                                                        groups="image", backend="reference").weight
-                    worst = max(worst, float((package.reshape(-1)[valid].double() - w).abs().max()))
+                    worst = max(worst, float((package.reshape(-1).double() - every).abs().max()))
                     if worst > 1e-5:
                         raise SystemExit(f"combination {combo} differs from pcos_weights(rule={rule!r}) by {worst}")
             checked = True
+    scored = n_images - without_mask
+    if total == 0:
+        raise SystemExit(f"no valid (non-void) pixel in the {scored} image(s) with a mask of the {n_images} read "
+                         f"({without_mask} without a mask): nothing to score the weights against")
     rows = []
     for combo in COMBOS:
         row = {"confidence": combo[0], "variance": combo[1], "side": combo[2]}
@@ -116,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         cells = [" / ".join(f"{100 * r[k][m]:.1f}" for m in ("share", "accuracy", "recall"))
                  for k in ("hard", "weighted")]
         print(f"| {r['confidence']} | {r['variance']} | {r['side']} the mean | {cells[0]} | {cells[1]} |")
-    print(f"all pixels: accuracy {100 * all_correct / total:.1f} %, {int(total)} valid pixels of {n_images} images; "
-          f"the two rules match pcos_weights within {worst:.1e} (first image); {time.perf_counter() - start:.0f} s")
+    print(f"all pixels: accuracy {100 * all_correct / total:.1f} %, {int(total)} valid pixels of {scored} images"
+          + (f" ({without_mask} more without a mask, not scored)" if without_mask else "")
+          + f"; the two rules match pcos_weights within {worst:.1e} (first image); {time.perf_counter() - start:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "images": n_images, "valid_pixels": total,
-                       "all_pixels_accuracy": all_correct / total, "alpha": alpha, "rows": rows,
+            json.dump({"checkpoint": args.checkpoint, "images": scored, "images_without_mask": without_mask,
+                       "valid_pixels": total, "all_pixels_accuracy": all_correct / total, "alpha": alpha, "rows": rows,
                        "max_dev_from_pcos_weights": worst}, f, indent=1)
     return 0
 
