@@ -437,6 +437,75 @@ def test_synthetic_objects_stand_out_from_the_muted_background():
     assert spread[masks > 0].mean() > 2 * spread[masks == 0].mean()
 
 
+class _RecordingRng:
+    """A numpy Generator whose draws are recorded as ``(method, args, result)``; ``replace`` maps a draw's index to
+    the value returned in its place (the draw is still made, so the stream stays the same)."""
+
+    def __init__(self, seed, replace: dict | None = None):
+        self._gen, self.replace, self.draws = np.random.default_rng(seed), replace or {}, []
+
+    def __getattr__(self, name):
+        def draw(*args, **kwargs):
+            result = getattr(self._gen, name)(*args, **kwargs)
+            result = self.replace.get(len(self.draws), result)
+            self.draws.append((name, args, result))
+            return result
+
+        return draw
+
+
+class _ClipRecorder:
+    """numpy, with each ``clip`` call's input kept: the scene's last one is its float image before quantisation."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def clip(self, a, *args, **kwargs):
+        self.inputs.append(np.array(a, copy=True))
+        return np.clip(a, *args, **kwargs)
+
+
+def test_synthetic_global_brightness_and_contrast(monkeypatch):
+    """The scene's last three draws are its global photometric change: a contrast factor c in [0.8, 1.2] about
+    mid-grey, a brightness shift b ~ N(0, 0.05), both one number for the whole image (every pixel and channel), drawn
+    anew for each scene, then pixel noise ~ N(0, 0.03). Each scene drawn again with c = 1, b = 0 and no noise gives
+    the image before the change: the image is (before - 0.5) * c + 0.5 + b + noise, clipped to [0, 1] and rounded to
+    uint8 (some pixels leave [0, 1] and are clipped); the mask does not change."""
+    from csl.data import synthetic
+
+    clips = _ClipRecorder()
+    monkeypatch.setattr(synthetic, "np", clips)
+    contrast, brightness, noise, clipped = [], [], [], 0
+    for i in range(40):
+        rng = _RecordingRng([7, 1, i])
+        image, mask = synthetic.generate_scene(rng, size=24, num_classes=6)
+        after = clips.inputs[-1]
+        (c_draw, _, c), (b_draw, _, b), (n_draw, _, n) = rng.draws[-3:]
+        assert (c_draw, b_draw, n_draw) == ("uniform", "normal", "normal")
+        assert np.ndim(c) == np.ndim(b) == 0 and np.shape(n) == (24, 24, 3)
+        k = len(rng.draws)
+        plain = _RecordingRng([7, 1, i], replace={k - 3: 1.0, k - 2: 0.0, k - 1: np.zeros((24, 24, 3))})
+        _, plain_mask = synthetic.generate_scene(plain, size=24, num_classes=6)
+        before = clips.inputs[-1]
+        assert len(plain.draws) == k and np.array_equal(plain_mask, mask)
+        np.testing.assert_allclose(after, (before - 0.5) * c + 0.5 + b + n, atol=1e-5)
+        assert np.array_equal(image, (np.clip(after, 0, 1) * 255 + 0.5).astype(np.uint8))
+        contrast.append(c)
+        brightness.append(b)
+        noise.append(n)
+        clipped += int(((after < 0) | (after > 1)).sum())
+    assert 0.8 <= min(contrast) < 0.85 and 1.15 < max(contrast) <= 1.2 and len(set(contrast)) == 40
+    assert abs(np.mean(brightness)) < 0.03 and 0.03 < np.std(brightness) < 0.07 and len(set(brightness)) == 40
+    assert abs(np.mean(noise)) < 0.002 and 0.028 < np.std(noise) < 0.032
+    assert clipped > 0
+    rng = np.random.default_rng([7, 1, 3])
+    assert np.array_equal(generate_scenes(4, size=24, seed=7, split="unlabeled", num_classes=6)[0][3],
+                          synthetic.generate_scene(rng, size=24, num_classes=6)[0])  # each scene its own draws
+
+
 @pytest.mark.parametrize("layout", ["pascal", "cityscapes", "coco", "folder"])
 def test_synthetic_folder_gives_every_scene_its_own_files(tmp_path, layout):
     """Scene i of each split has its own image and mask file in every layout (index 0 of the labeled, unlabeled
