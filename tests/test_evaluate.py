@@ -564,3 +564,96 @@ def test_evaluate_passes_its_stride_ratio_to_the_windows():
         result = evaluate(model, DataLoader(EncodedLabels(list(image), list(mask))), 2, mode="sliding_window",
                           crop_size=24, stride_ratio=r, progress=False)
         assert torch.equal(result["confusion"], confusion_matrix(pred, mask, 2)), r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit (second pass): a crop larger than the image, the smallest stride, finite window logits, argument
+# checks, every pixel ignored, more than 256 classes in a PNG.
+
+
+def test_center_crop_keeps_a_dimension_smaller_than_the_crop_whole():
+    """A crop larger than the image along a dimension keeps that dimension whole (Pascal VOC frames narrower than the
+    crop), and evaluate scores the mask's pixels inside the crop: all rows, the central columns."""
+    from csl.evaluate import center_crop
+
+    t = torch.arange(5 * 8).view(5, 8)
+    assert torch.equal(center_crop(t, 6), t[:, 1:7])
+    assert torch.equal(center_crop(t, 9), t)
+    data = _perfect_data(4, [(16, 30)])
+    result = evaluate(ReadChannel(4), DataLoader(data), 4, mode="center_crop", crop_size=24, progress=False)
+    assert result["miou"] == 1.0
+    assert int(result["confusion"].sum()) == int((data.masks[0][:, 3:27] != 255).sum())
+
+
+def test_the_window_stride_is_at_least_one_pixel():
+    """crop 3 at stride_ratio 0.2 is int(0.6) = 0 pixels: the windows step by one pixel."""
+    model = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        cover = sliding_window_scores(model, torch.randn(1, 3, 3, 6), 3, 0.2).sum(1)[0]
+    torch.testing.assert_close(cover, torch.tensor([[1.0, 2, 3, 3, 2, 1]] * 3))
+
+
+def test_window_logits_stay_finite_for_a_confident_model():
+    """Probabilities that underflow to 0 in every window give the smallest float's log, not -inf: csl analyze takes
+    confidence, entropy and margin from these logits, and -inf makes them NaN."""
+    from csl_kernels import selection_scores
+
+    class Sure(nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :1] * 0 + 200, x[:, :2] * 0], dim=1)  # class 0 by 200 over the two others
+
+    with torch.no_grad():
+        logits = predict_logits(Sure(), torch.randn(1, 3, 10, 12), mode="sliding_window", crop_size=8)
+    assert torch.isfinite(logits).all() and (logits.argmax(1) == 0).all()
+    for score in ("confidence", "entropy", "margin"):
+        assert not torch.isnan(selection_scores(logits, None, score=score)).any(), score
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mode": "center_crop", "crop_size": 0}, "crop_size, a positive int; got 0"),
+    ({"mode": "sliding_window", "crop_size": 8.0}, "crop_size, a positive int; got 8.0"),
+    ({"stride_ratio": 0.0}, r"stride_ratio must be in \(0, 1\], got 0.0"),
+    ({"stride_ratio": 1.5}, r"stride_ratio must be in \(0, 1\], got 1.5"),
+    ({"num_classes": 0}, "num_classes must be a positive int, got 0"),
+    ({"num_classes": 3.0}, "num_classes must be a positive int, got 3.0"),
+])
+def test_evaluate_refuses_bad_arguments(kwargs, match):
+    """Checked before any image: a zero crop or stride would score nothing or step by a pixel for hours."""
+    kwargs = {"num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        evaluate(ReadChannel(3), DataLoader(_perfect_data(3, [(8, 8)])), progress=False, **kwargs)
+
+
+def test_every_pixel_ignored_gives_undefined_scores():
+    data = _perfect_data(3, [(6, 7)])
+    data.masks[0].fill_(255)
+    result = evaluate(ReadChannel(3), DataLoader(data), 3, progress=False)
+    assert int(result["confusion"].sum()) == 0
+    assert np.isnan(result["miou"]) and np.isnan(result["pixel_acc"]) and all(np.isnan(result["iou"]))
+
+
+def test_predictions_of_more_than_256_classes_are_rgb_pngs(tmp_path):
+    """Up to 256 classes a PNG's pixel values are the class ids (palette mode); beyond, they do not fit a byte and the
+    PNG holds each class's colour."""
+    from csl.data import palette
+
+    class Columns(nn.Module):  # class 254 + (column % 3): 254, 255 and 256
+        def __init__(self, num_classes):
+            super().__init__()
+            self.num_classes = num_classes
+
+        def forward(self, x):
+            ids = (254 + torch.arange(x.shape[-1]) % 3).clamp(max=self.num_classes - 1).expand(x.shape[0], *x.shape[2:])
+            return F.one_hot(ids, self.num_classes).permute(0, 3, 1, 2).float()
+
+    Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for n in (256, 300):
+        (out,) = predict_images(Columns(n), [str(tmp_path / "a.png")], str(tmp_path / str(n)), num_classes=n,
+                                progress=False)
+        ids = (254 + np.arange(6) % 3).clip(max=n - 1)[None].repeat(4, 0)
+        with Image.open(out) as png:
+            if n == 256:
+                assert png.mode == "P" and np.array_equal(np.array(png), ids)
+            else:
+                assert png.mode == "RGB" and np.array_equal(np.array(png), palette(n)[ids])
+                assert len({tuple(c) for c in palette(n)[[254, 255, 256]]}) == 3
