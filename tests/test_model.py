@@ -186,6 +186,10 @@ def test_pretrained_file_hash_and_imagenet_download_errors(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="does not start with 00000000"):
         build_model({"backbone": "mobilenet_v2", "pretrained": str(path)}, 3)
     digest = bb.hashlib.sha256(path.read_bytes()).hexdigest()
+    first_off = "0123456789abcdef"[("0123456789abcdef".index(digest[0]) + 1) % 16] + digest[1:8]
+    path = path.rename(tmp_path / f"mobilenet_v2-{first_off}.pth")  # the prefix checked from its first digit
+    with pytest.raises(ValueError, match=f"does not start with {first_off}"):
+        build_model({"backbone": "mobilenet_v2", "pretrained": str(path)}, 3)
     good = tmp_path / f"mobilenet_v2-{digest[:8]}.pth"
     path.rename(good)
     assert build_model({"backbone": "mobilenet_v2", "pretrained": str(good)}, 3).pretrained_report[
@@ -520,3 +524,47 @@ def test_deep_stem_is_unimatchs_and_keeps_the_strides():
     with torch.no_grad():
         c1, c4 = backbone(torch.randn(1, 3, 32, 64))
     assert c1.shape == (1, 256, 8, 16) and c4.shape == (1, 2048, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mutation audit (second pass): weight-file wrappers and prefixes, our own checkpoints not taken for UniMatch's,
+# the model's argument checks.
+
+
+def test_weight_files_under_wrapper_keys_and_prefixes_load(tmp_path):
+    """A backbone state dict under ``model`` or ``model_state`` (training scripts' checkpoints) or ``state_dict``, and
+    key prefixes ``module.`` (DDP) then ``backbone.`` or ``encoder.``, one after the other: every tensor loaded."""
+    torch.manual_seed(4)
+    ref = models.resnet18(weights=None)
+    sd = ref.state_dict()
+    files = {"model": {"model": sd}, "model_state": {"model_state": sd, "epoch": 3},
+             "ddp_backbone": {"state_dict": {f"module.backbone.{k}": v for k, v in sd.items()}},
+             "encoder": {f"encoder.{k}": v for k, v in sd.items()}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        model = build_model({"backbone": "resnet18", "pretrained": str(tmp_path / f"{name}.pth")}, 3)
+        assert model.pretrained_report["loaded"] == len(sd) - 2 and model.pretrained_report["unexpected"] == [], name
+        assert torch.equal(model.backbone.layer3[0].downsample[1].running_var, sd["layer3.0.downsample.1.running_var"])
+
+
+def test_our_own_checkpoints_are_not_taken_for_unimatchs(tmp_path):
+    """Only UniMatch's names (``head.b0`` and a classifier) are renamed: our model's state dict, which has a
+    classifier too, keeps its names (renamed, ``fuse.0.0`` would become ``fuse.0.0.0``)."""
+    from csl.checkpoint import checkpoint_weights
+    from csl.model import is_unimatch_state_dict
+
+    state = DeepLabV3Plus(3, backbone="resnet18").state_dict()
+    assert not is_unimatch_state_dict(state)
+    assert is_unimatch_state_dict({"head.b0.0.weight": torch.zeros(1), "classifier.weight": torch.zeros(1)})
+    assert not is_unimatch_state_dict({"head.b0.0.weight": torch.zeros(1)})
+    weights, num_classes = checkpoint_weights({"backbone": "resnet18", "stem": "torchvision"}, {"model": state},
+                                              "ours.pt")
+    assert num_classes == 3 and set(weights) == set(state)
+
+
+def test_model_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"dilations must be three positive ints .*got \(0, 12, 18\)"):
+        build_model({"backbone": "resnet18", "dilations": [0, 12, 18]}, 3)
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match=f"num_classes must be a positive int, got {bad}"):
+            DeepLabV3Plus(bad, backbone="resnet18")
