@@ -161,8 +161,9 @@ def build_backbone(name: str, output_stride: int = 16, stem: str = "torchvision"
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+    """The tensors of a loaded weights file (``load_checkpoint`` reads tensors and containers only, never a pickled
+    module): under a ``state_dict`` / ``model`` / ``model_state`` key or at the top, without a ``module.`` /
+    ``backbone.`` / ``encoder.`` prefix that every key has."""
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
