@@ -30,7 +30,7 @@ import warnings
 from typing import NamedTuple
 
 from . import stop
-from .config import CONFIG_DIR, ConfigError, build_config, load_config, migrate_renamed, parse_override
+from .config import CONFIG_DIR, ConfigError, build_config, config_yaml, load_config, migrate_renamed, parse_override
 from .demo import METHODS
 
 log = logging.getLogger("csl")
@@ -229,9 +229,7 @@ def cmd_train(args) -> int:
         overrides.append("train.overwrite=true")
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         return 0
     try:
         summary = train(cfg)

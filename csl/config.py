@@ -485,9 +485,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 # YAML 1.1 reads 1e-3 and .5e3 (an exponent without a dot or a sign) as strings; a config means the number.
-_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                       re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                       list("-+0123456789."))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML's safe dumper that quotes the strings :class:`_UniqueKeyLoader` reads as numbers (``'1e3'``), so a
+    written config reads back as it was."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def _yaml_error(error: yaml.YAMLError) -> str:
@@ -553,11 +560,16 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
         raise merged from None
 
 
+def config_yaml(cfg: dict) -> str:
+    """``cfg`` as YAML text, in its keys' order, that :func:`load_config` reads back as ``cfg``."""
+    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)
+
+
 def dump_config(cfg: dict, path: str, header: str = "") -> None:
     """``cfg`` as YAML in ``path``, after ``header`` (comment lines)."""
-    atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(path, header + config_yaml(cfg))
 
 
-__all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "dump_config", "get_dotted",
-           "load_config", "migrate_renamed", "parse_override", "parse_value", "resolve_config_path", "set_dotted",
-           "validate"]
+__all__ = ["CONFIG_DIR", "DEFAULTS", "RENAMED", "ConfigError", "build_config", "config_yaml", "dump_config",
+           "get_dotted", "load_config", "migrate_renamed", "parse_override", "parse_value", "resolve_config_path",
+           "set_dotted", "validate"]

@@ -589,6 +589,16 @@ def test_print_config_and_version(tmp_path, capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("csl ")
 
 
+def test_a_printed_config_loads_as_the_config(tmp_path, capsys):
+    """--print-config's text saved as a file is the same config: '1e3' (a number to csl's loader) stays a string."""
+    from csl.config import load_config
+
+    args = ["data.dataset=camvid", "data.split=1e2", "output_dir='1e3'"]
+    assert main(["train", "--config", "demo", *args, "--print-config"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(str(tmp_path / "printed.yaml")) == load_config("demo", args)
+
+
 def test_a_data_loader_workers_error_is_one_line():
     """A missing file met in a DataLoader worker: the worker's traceback is cut to its last line."""
     from csl.logging_utils import one_line as _one_line

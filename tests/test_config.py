@@ -325,3 +325,24 @@ def test_training_numbers_out_of_range_are_refused(override, message):
     read: a negative lambda or poly power would train (ascend the unlabeled loss, grow the rate) without an error."""
     with pytest.raises(ConfigError, match=_escape(message)):
         build_config({}, [override])
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["output_dir='1e3'"],  # strings that this loader (not PyYAML's own) reads as numbers
+    ["data.dataset=camvid", "data.split=1e2", "data.root='5e-1'", "model.pretrained='-2E3'"],
+    ["data.dataset=camvid", "data.split=1_8", "output_dir='runs/a #1'", "train.lr=2e-3", "eval.stride_ratio=0.5"],
+])
+def test_a_written_config_reads_back_as_it_was(tmp_path, overrides):
+    """A run folder's config.yaml (dump_config) and ``--print-config``'s text (config_yaml) load as the config they
+    hold: a string the loader would read as a number is quoted, and the keys keep their order."""
+    from csl.config import config_yaml, dump_config
+
+    cfg = build_config({}, overrides)
+    path = tmp_path / "config.yaml"
+    dump_config(cfg, str(path), header="# a run's config\n")
+    text = path.read_text()
+    assert text == "# a run's config\n" + config_yaml(cfg)
+    assert load_config(str(path)) == cfg
+    assert [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()] == list(DEFAULTS)
+
