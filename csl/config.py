@@ -9,10 +9,12 @@ wrong types raise :class:`ConfigError` naming the key (with a suggestion for a m
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Hashable
 from typing import Any
@@ -163,6 +165,9 @@ RENAMED: dict[str, str] = {
     "selection.backend": "kernels.backend",  # it drives TMP, the losses and evaluation too, not only the selection
     "data.check_val_labels": "data.check_labels",  # it checks the labeled training list too
 }
+
+
+_MAX_TIMEOUT_MIN = datetime.timedelta.max // datetime.timedelta(minutes=1)
 
 
 class ConfigError(ValueError):
@@ -326,6 +331,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+        if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() would raise OverflowError
+            raise ConfigError(f"{key} must be a finite number, got an integer of {len(str(abs(value)))} digits")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
@@ -408,7 +415,9 @@ def validate(cfg: dict) -> dict:
     _require(cfg["output_dir"].strip() != "", "output_dir must name a folder, got an empty string")
     # seed + a stream number seeds torch generators, which take at most 2**64 - 1
     _require(0 <= cfg["seed"] < 2**63, f"seed must be in [0, 2**63), got {cfg['seed']}")
-    _require(cfg["dist_timeout_min"] >= 1, f"dist_timeout_min must be >= 1, got {cfg['dist_timeout_min']}")
+    # the process group takes the timeout as a datetime.timedelta, which holds up to 999999999 days
+    _require(1 <= cfg["dist_timeout_min"] <= _MAX_TIMEOUT_MIN,
+             f"dist_timeout_min must be in [1, {_MAX_TIMEOUT_MIN}] (minutes), got {cfg['dist_timeout_min']}")
     _require(d["crop_size"] >= 8, f"data.crop_size must be >= 8, got {d['crop_size']}")
     _require(d["num_classes"] is None or 2 <= d["num_classes"] <= 255, f"data.num_classes must be in [2, 255] "
              f"(class ids 0..254; 255 marks ignored pixels inside csl), got {d['num_classes']}")

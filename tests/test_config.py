@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from csl.config import (
@@ -346,3 +348,17 @@ def test_a_written_config_reads_back_as_it_was(tmp_path, overrides):
     assert load_config(str(path)) == cfg
     assert [line.split(":")[0] for line in text.splitlines() if line[:1].isalpha()] == list(DEFAULTS)
 
+
+def test_out_of_range_numbers_are_config_errors():
+    """Numbers that the run would fail on later (float() of a 400-digit integer, a process-group timeout that
+    datetime.timedelta cannot hold) are refused when the config is read."""
+    with pytest.raises(ConfigError, match="train.lr must be a finite number, got an integer of 400 digits"):
+        build_config({}, ["train.lr=" + "9" * 400])
+    assert build_config({}, ["train.weight_decay=" + "1" + "0" * 300])["train"]["weight_decay"] == 1e300
+    longest = build_config({}, ["dist_timeout_min=1439999999999"])["dist_timeout_min"]
+    assert datetime.timedelta(minutes=longest) == datetime.timedelta.max - datetime.timedelta(seconds=59.999999)
+    with pytest.raises(OverflowError):
+        datetime.timedelta(minutes=longest + 1)
+    for value in ("1440000000000", "1e20", "0"):
+        with pytest.raises(ConfigError, match=r"dist_timeout_min must be in \[1, 1439999999999\] \(minutes\)"):
+            build_config({}, [f"dist_timeout_min={value}"])
