@@ -7,9 +7,11 @@ import datetime
 import pytest
 
 from csl.config import (
+    CHOICES,
     DEFAULTS,
     ConfigError,
     build_config,
+    get_dotted,
     load_config,
     load_yaml,
     parse_override,
@@ -362,3 +364,244 @@ def test_out_of_range_numbers_are_config_errors():
     for value in ("1440000000000", "1e20", "0"):
         with pytest.raises(ConfigError, match=r"dist_timeout_min must be in \[1, 1439999999999\] \(minutes\)"):
             build_config({}, [f"dist_timeout_min={value}"])
+
+
+def _readme() -> str:
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")) as f:
+        return f.read()
+
+
+def test_the_readme_defaults_are_the_code_defaults():
+    """README's key / default table, and the numbers its rows and the training-step paragraph give in words, are
+    :data:`DEFAULTS`; a default shown as depending on something ("dataset's", "the rule's", "per dataset", blank) is
+    None in the code."""
+    import re
+
+    text = _readme()
+    table = text[text.index("| key | default | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        keys_cell, default_cell, meaning = (cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1])
+        keys = re.findall(r"`([^`]+)`", keys_cell)
+        values = [v.strip().strip("`") for v in default_cell.split(",")] if default_cell else [""] * len(keys)
+        assert len(values) == len(keys), row
+        documented.update(zip(keys, values, strict=True))
+        section = keys[0].split(".")[0]
+        for key, value in re.findall(r"`([\w.]+)` \(?([0-9][0-9.e-]*)", meaning):  # "(`selection.tau` 0.95)"
+            documented[key if "." in key else f"{section}.{key}"] = value
+    words = re.search(r"SGD \(momentum (\S+), wd (\S+)\), poly (\S+);", text)
+    documented.update(zip(("train.momentum", "train.weight_decay", "train.poly_power"), words.groups(), strict=True))
+    documented["tmp.fraction"] = re.search(r"`tmp\.fraction` \(([^)]+)\)", text).group(1)
+    documented["eval.stride_ratio"] = re.search(r"window = crop, stride (\d+)/(\d+)\)", text).groups()
+    assert len(documented) >= 30
+    for key, value in documented.items():
+        if key == "eval.stride_ratio":
+            expected = int(value[0]) / int(value[1])
+        elif value in ("", "dataset's", "the rule's", "per dataset"):
+            expected = None
+        else:
+            expected = parse_value(value)
+        assert get_dotted(DEFAULTS, key) == expected, key
+
+
+def test_the_defaults_are_those_of_the_code_that_reads_them():
+    """Where the code that a key drives has a default of its own (the kernels' API, the OHEM loss, the synthetic
+    scenes' generator, the process group), the config's default is that one: a config and a direct call compute the
+    same."""
+    import inspect
+
+    import csl_kernels
+    from csl.data import SYNTHETIC_DEFAULTS
+    from csl.distributed import init_distributed
+    from csl.losses import OhemCrossEntropy
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    sel, tmp, train = DEFAULTS["selection"], DEFAULTS["tmp"], DEFAULTS["train"]
+    assert (sel["alpha"], sel["rule"]) == (default(csl_kernels.pcos_weights, "alpha"),
+                                           default(csl_kernels.pcos_weights, "rule"))
+    assert sel["tau"] == default(csl_kernels.threshold_weights, "tau")
+    assert (tmp["block"], tmp["rate"]) == (default(csl_kernels.trusted_mask, "block"),
+                                           default(csl_kernels.trusted_mask, "rate"))
+    assert (train["ohem_thresh"], train["ohem_min_kept"]) == (default(OhemCrossEntropy, "thresh"),
+                                                              default(OhemCrossEntropy, "min_kept"))
+    assert DEFAULTS["data"]["ignore_index"] == csl_kernels.IGNORE_INDEX
+    assert DEFAULTS["data"]["synthetic"] == SYNTHETIC_DEFAULTS
+    assert DEFAULTS["dist_timeout_min"] == default(init_distributed, "timeout_min")
+
+
+def test_the_defaults_not_in_the_voc_config_are_unimatchs():
+    """voc_321 ("UniMatch's protocol") leaves these keys to the defaults, which must be UniMatch's recipe
+    (configs/pascal.yaml and unimatch.py): scale jitter 0.5-2.0, CutMix with p 0.5, SGD momentum 0.9 and weight
+    decay 1e-4, poly 0.9, one evaluation per epoch in float32 (sliding windows at a stride of 2/3 of the crop); the
+    model and schedule defaults are its DeepLabV3+ ResNet-101 at output stride 16 (ASPP 6, 12, 18), crop 321, 80
+    epochs."""
+    cfg = load_config("voc_321")
+    d, t, e = cfg["data"], cfg["train"], cfg["eval"]
+    assert d["scale_range"] == [0.5, 2.0] and t["cutmix_p"] == 0.5
+    assert (t["momentum"], t["weight_decay"], t["poly_power"]) == (0.9, 1e-4, 0.9)
+    assert (e["every_epochs"], e["amp"], e["stride_ratio"]) == (1, "fp32", 2 / 3)
+    defaults = build_config({})
+    assert (defaults["model"]["backbone"], defaults["model"]["output_stride"]) == ("resnet101", 16)
+    assert defaults["model"]["dilations"] == [6, 12, 18]
+    assert (defaults["data"]["crop_size"], defaults["train"]["epochs"]) == (321, 80)
+    # what a plain run does: reads every mask first, shows progress, seed 0, the mode of the paper
+    assert defaults["data"]["check_labels"] is True and defaults["train"]["progress"] is True
+    assert defaults["seed"] == 0 and defaults["train"]["mode"] == "semi" and defaults["selection"]["mode"] == "csl"
+
+
+FILES = ["data.dataset=camvid"]  # what applies to files read from disk (refused with the synthetic scenes)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.crop_size=7"], "data.crop_size must be >= 8, got 7"),
+    ([*FILES, "data.num_classes=1"], "data.num_classes must be in [2, 255]"),
+    ([*FILES, "data.num_classes=256"], "data.num_classes must be in [2, 255]"),
+    ([*FILES, "data.image_scale=0"], "data.image_scale must be in (0, 4], got 0.0"),
+    ([*FILES, "data.image_scale=4.5"], "data.image_scale must be in (0, 4], got 4.5"),
+    ([*FILES, "data.ignore_labels=[11,-1]"], "data.ignore_labels must be a list of label values >= 0"),
+    ([*FILES, "data.ignore_labels=[true]"], "data.ignore_labels must be a list of label values >= 0"),
+    (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
+    (["data.scale_range=[0.5,1,2]"], "data.scale_range must be [lo, hi] with 0 < lo <= hi"),
+    (["data.scale_range=[0,1]"], "data.scale_range must be [lo, hi] with 0 < lo <= hi"),
+    (["data.scale_range=[2,1]"], "data.scale_range must be [lo, hi] with 0 < lo <= hi"),
+    (["data.scale_range=[0.5,.inf]"], "data.scale_range[1] must be a finite number, got inf"),
+    (["train.lr=.nan"], "train.lr must be a finite number, got nan"),
+    ([*FILES, "data.mean=[0.5,0.5,0.5,0.5]"], "data.mean must be 3 numbers"),
+    (["model.dilations=[0,12,18]"], "model.dilations must be three positive integers"),
+    (["model.stem=deep", "model.backbone=resnet18"], "model.stem=deep (UniMatch's ResNet) exists for resnet50 / "
+                                                      "resnet101, not resnet18"),
+    (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    (["train.iters=0"], "train.iters must be >= 1 or null, got 0"),
+    (["train.iters_per_epoch=0"], "train.iters_per_epoch must be >= 1 or null, got 0"),
+    (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["train.ohem_min_kept=-1"], "train.ohem_min_kept must be >= 0, got -1"),
+    (["train.ohem_thresh=1.5"], "train.ohem_thresh must be in [0, 1], got 1.5"),
+    (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
+    (["train.ckpt_every=-1"], "train.ckpt_every must be >= 0, got -1"),
+    (["train.resume=runs/x/latest.pt", "train.overwrite=true"], "train.resume=runs/x/latest.pt and "
+                                                                "train.overwrite=true exclude each other"),
+    (["selection.tau=-0.1"], "selection.tau must be in [0, 1], got -0.1"),
+    (["tmp.rate=-0.1"], "tmp.rate must be in [0, 1], got -0.1"),
+    (["eval.stride_ratio=0"], "eval.stride_ratio must be in (0, 1], got 0.0"),
+    (["eval.every_epochs=0"], "eval.every_epochs must be >= 1, got 0"),
+    (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
+    (["seed=9223372036854775808"], "seed must be in [0, 2**63), got 9223372036854775808"),
+    (["output_dir=' '"], "output_dir must name a folder, got an empty string"),
+    (["data.ignore_index=0"], "data.ignore_index=0 set but data.dataset is synthetic"),
+    # types: a bool is not a number, nor a number a string or a list
+    (["train.lr=true"], "train.lr must be a number, got True (bool)"),
+    (["train.epochs=true"], "train.epochs must be an integer, got True (bool)"),
+    (["output_dir=3"], "output_dir must be a string, got 3 (int)"),
+    (["model.dilations=5"], "model.dilations must be a list, got 5 (int)"),
+    # keys
+    (["train..lr=1"], "override 'train..lr=1' has an empty key"),
+])
+def test_each_range_and_type_check(overrides, message):
+    with pytest.raises(ConfigError, match=_escape(message)):
+        build_config({}, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.crop_size=8"], ["data.num_workers=0"], ["data.scale_range=[1,1]"], ["train.ckpt_every=0"],
+    [*FILES, "data.num_classes=255"], [*FILES, "data.num_classes=2"], [*FILES, "data.image_scale=4"],
+    [*FILES, "data.ignore_labels=[0]"], ["model.stem=deep", "model.backbone=resnet50"],
+    ["train.ohem_min_kept=0"], ["train.ohem_thresh=1"], ["train.cutmix_p=0"], ["selection.tau=0"],
+    ["selection.tau=1"], ["tmp.rate=0"], ["tmp.fraction=1"], ["eval.stride_ratio=1"], ["eval.crop_size=8"],
+    ["seed=9223372036854775807"], ["dist_timeout_min=1"], ["train.resume=auto", "train.overwrite=false"],
+    ["train.weight_decay=0", "train.lambda_s=0", "train.lambda_m=0", "train.lambda_fp=0"],
+])
+def test_the_ends_of_each_range_are_accepted(overrides):
+    cfg = build_config({}, overrides)
+    for key, value in (parse_override(o) for o in overrides):
+        assert get_dotted(cfg, key) == value
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_key_refuses_a_value_outside_its_choices(key):
+    bogus = 12 if isinstance(CHOICES[key][0], int) else "bogus"
+    with pytest.raises(ConfigError, match=_escape(f"{key} must be one of {list(CHOICES[key])}, got {bogus!r}")):
+        build_config({}, {key: bogus})
+
+
+def test_every_optional_key_names_its_types():
+    """A key whose default is None takes the types listed for it; without an entry it would take any scalar."""
+    from csl.config import _OPTIONAL_TYPES
+
+    optional = {k for k in _walk(DEFAULTS) if get_dotted(DEFAULTS, k) is None}
+    assert optional == set(_OPTIONAL_TYPES)
+
+
+def _walk(tree: dict, prefix: str = "") -> list[str]:
+    return [key for k, v in tree.items() for key in (_walk(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                                      else [prefix + k])]
+
+
+def test_python_values_and_sections_as_overrides(tmp_path):
+    """Overrides given as a dict (the Python API) take tuples for lists and return lists; a section given as a
+    mapping changes only the keys it names; what build_config returns shares no list with DEFAULTS or its input."""
+    cfg = build_config({}, {"model.dilations": (12, 24, 36), "data.dataset": "camvid", "data.mean": (0.5, 0.4, 0.3)})
+    assert cfg["model"]["dilations"] == [12, 24, 36] and isinstance(cfg["model"]["dilations"], list)
+    assert cfg["data"]["mean"] == [0.5, 0.4, 0.3] and isinstance(cfg["data"]["mean"], list)
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synthetic: {size: 64, num_val: 4}\n")
+    cfg = load_config(str(path), ["data.synthetic={num_labeled: 4}"])
+    assert cfg["data"]["synthetic"] == {**DEFAULTS["data"]["synthetic"], "size": 64, "num_val": 4, "num_labeled": 4}
+    filled = validate({})
+    filled["model"]["dilations"].append(1)
+    filled["data"]["scale_range"][0] = 0.1
+    assert DEFAULTS["model"]["dilations"] == [6, 12, 18] and DEFAULTS["data"]["scale_range"] == [0.5, 2.0]
+    raw = {"model": {"dilations": [12, 24, 36]}}
+    build_config(raw)["model"]["dilations"].append(1)
+    assert raw == {"model": {"dilations": [12, 24, 36]}}
+
+
+def test_file_structure_errors_are_config_errors(tmp_path):
+    """Keys that are not strings, a mapping where a value belongs, a key YAML cannot hash, a top level that is not
+    a mapping: each a ConfigError that names the place."""
+    path = tmp_path / "c.yaml"
+    for text, message in (("train:\n  1: 2\n", "config keys must be strings, got 1 in train"),
+                          ("train:\n  lr: {a: 1}\n", "train.lr must be a value, not a section"),
+                          ("train:\n  ? [1, 2]\n  : 3\n", "cannot parse")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=_escape(message)):
+            load_config(str(path))
+    with pytest.raises(ConfigError, match="a config must be a mapping at the top level, got list"):
+        validate([])
+
+
+def test_override_spelling_the_command_line_allows():
+    """Spaces around the key are dropped; a key given twice with the same value, or under its old and new names
+    with one value, is no contradiction (no UserWarning, no error)."""
+    import warnings
+
+    assert build_config({}, [" train.lr = 0.1"])["train"]["lr"] == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert build_config({}, ["train.lr=0.1", "train.lr=0.1"])["train"]["lr"] == 0.1
+        with pytest.warns(FutureWarning):
+            cfg = build_config({"selection": {"backend": "cpu"}, "kernels": {"backend": "cpu"}})
+    assert cfg["kernels"]["backend"] == "cpu"
+
+
+def test_old_key_names_warn_at_the_callers_line():
+    """data.check_val_labels is read as data.check_labels; the FutureWarning of an old key points at the line that
+    called build_config (the user's script), not into csl."""
+    with pytest.warns(FutureWarning, match="'data.check_val_labels' is deprecated") as caught:
+        assert build_config({}, ["data.check_val_labels=false"])["data"]["check_labels"] is False
+    assert caught[0].filename == __file__
+    with pytest.warns(FutureWarning) as caught:
+        build_config({"selection": {"backend": "cpu"}})
+    assert caught[0].filename == __file__
+
+
+def test_a_bundled_name_with_a_dot_folder(tmp_path, monkeypatch):
+    """``./demo`` is the bundled demo when the current folder has no file of that name, and the file when it has."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("./demo") == load_config("demo")
+    (tmp_path / "demo").write_text("train:\n  iters: 3\n  lr: 0.5\n")
+    assert load_config("./demo")["train"]["lr"] == 0.5
