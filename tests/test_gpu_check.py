@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,3 +292,271 @@ def test_cpp_exception_probe_children_share_one_deadline_and_stop_together(tmp_p
             time.sleep(0.1)
         assert _gone_or_zombie(grandchild), f"the child's own child {grandchild} still runs"
     probe.stop_children()  # nothing left running: no error
+
+
+FAKE_PYTHON = r'''
+"""Stands in for the interpreter gpu_check.sh runs: names the stage from its arguments, records the call in
+$FAKE_LOG (one JSON line: stage, argv, the environment the script sets) and does what FAKE_<STAGE> says:
+"" ok (its --out / --junitxml file written), "exit N" that status, "hang" / "hang-ignoring-term" sleep."""
+import json, os, signal, sys, time
+
+args = sys.argv[1:]
+code = args[1] if args[:1] == ["-c"] else ""
+module = args[1] if args[:1] == ["-m"] else ""
+if "import re, sys, torch, triton" in code:
+    stage = "env"
+elif code.startswith("import ") and len(code.split()) == 2:
+    stage = "import"
+elif "unavailable_reason" in code:
+    stage = "build"
+elif args[:1] == ["scripts/cpp_exception_probe.py"]:
+    stage = "probe"
+elif module == "csl_bench":
+    stage = ("merge" if "--merge" in args else "bench_cuda_plain" if "--providers" in args
+             else "bench_pcos" if "pcos_weights" in args else "bench_ce")
+else:
+    stage = {"csl_bench.bench_auto_choice": "auto", "csl_bench.bench_host_overhead": "host", "pytest": "tests",
+             "csl": "train"}.get(module, "unknown")
+keys = ("CSL_EXT_CUDA", "CSL_REQUIRE_BACKENDS", "CSL_TEST_PROGRESS", "CSL_TRITON_AUTOTUNE", "TRITON_INTERPRET",
+        "CSL_CUDA_REGISTER_CLASSES", "MAX_JOBS", "CSL_BUILD_VERBOSE")
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({"stage": stage, "argv": args, "env": {k: os.environ.get(k) for k in keys}}) + "\n")
+what = os.environ.get("FAKE_" + stage.upper(), "")
+if stage == "env":
+    if what.startswith("exit"):
+        print("ModuleNotFoundError: No module named 'torch'", file=sys.stderr)
+        sys.exit(int(what.split()[1]))
+    print("GPU=" + (what or "cpu"))
+    print("python 3.12.0\ntorch 2.11.0 cuda 13.0\ntriton 3.6.0")
+    sys.exit(0)
+if stage == "import":  # pytest-xdist, pytest-timeout: there with FAKE_IMPORT=ok
+    sys.exit(0 if what == "ok" else 1)
+print(os.environ.get("FAKE_" + stage.upper() + "_TEXT", stage + " ran"), flush=True)
+if stage == "build" and os.environ.get("FAKE_BUILD_LOG"):
+    folder = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "csl_fake")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "build.log"), "w") as f:
+        f.write(os.environ["FAKE_BUILD_LOG"])
+    open(os.path.join(folder, "lock"), "w").close()
+if stage == "tests":
+    with open(os.environ["CSL_TEST_PROGRESS"], "a") as f:
+        f.write("PASSED tests/test_fake.py::test_one 0.01s\n")
+for flag in ("--out", "--junitxml"):
+    if flag in args and stage != "train" and not what:  # a stage that fails or hangs writes no results
+        with open(args[args.index(flag) + 1], "w") as f:
+            json.dump({"stage": stage, "records": [{"op": stage}]}, f)
+if what.startswith("hang"):
+    if what == "hang-ignoring-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+sys.exit(int(what.split()[1]) if what.startswith("exit") else 0)
+'''
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A git checkout with scripts/gpu_check.sh and a few test files, and the environment of a run whose interpreter
+    is FAKE_PYTHON: the script's whole flow in seconds, without torch, as on a GPU machine where FAKE_ENV names one."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_check.sh", repo / "scripts")
+    (repo / "tests").mkdir()
+    for name in ("test_zoo.py", "test_gpu.py", "test_triton_compile.py", "test_metrics.py"):
+        (repo / "tests" / name).write_text("")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(repo)]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "checked"]):
+        subprocess.run([*git, *command], check=True, capture_output=True)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_PYTHON}")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FAKE_", "GPU_CHECK_", "CSL_", "TRITON_", "TORCH_EXTENSIONS_DIR")) and k != "OUT"}
+    env.update(PYTHON=str(fake), FAKE_LOG=str(tmp_path / "calls.jsonl"), TMPDIR=str(tmp_path))
+    return repo, env
+
+
+def _fake_calls(tmp_path: Path) -> dict[str, list[dict]]:
+    """FAKE_PYTHON's calls by stage."""
+    calls: dict[str, list[dict]] = {}
+    for line in (tmp_path / "calls.jsonl").read_text().splitlines():
+        call = json.loads(line)
+        calls.setdefault(call["stage"], []).append(call)
+    return calls
+
+
+def _stage_exits(out: Path) -> dict[str, str]:
+    return {s["stage"]: s["exit"] for s in json.loads((out / "stages.json").read_text())["stages"]}
+
+
+def _limit(log: Path) -> int:
+    """The time limit a stage ran under, from its log's "== NAME (limit Ns)" line."""
+    return int(log.read_text().split("(limit ", 1)[1].split("s)", 1)[0])
+
+
+GPU_STAGES = ["build", "bench_pcos", "bench_ce", "bench_cuda_plain", "auto", "host", "tests", "train_auto"]
+
+
+def test_an_unknown_argument_is_a_usage_error():
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--outt", "x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "gpu_check: unknown argument --outt\n", proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(("fake_env", "args", "message"), [
+    ("", [], "gpu_check: no CUDA device visible to "),
+    ("exit 1", ["--cpu-dry-run"], "cannot import torch / triton (exit 1): ModuleNotFoundError: No module named 'tor"),
+])
+def test_without_a_gpu_or_torch_no_stage_runs(tmp_path, fake_env, args, message):
+    repo, env = _fake_checkout(tmp_path)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", *args, "--out", str(tmp_path / "check")], cwd=repo,
+                          env={**env, "FAKE_ENV": fake_env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert list(_fake_calls(tmp_path)) == ["env"] and not (tmp_path / "check").exists()
+
+
+def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
+    """On a GPU (FAKE_ENV names one) with $OUT set by the device tool and no option: every stage in order, each given
+    what the GPU run needs, the evidence in gpu-check/<date>-<GPU> and packed into $OUT, exit 0."""
+    repo, env = _fake_checkout(tmp_path)
+    device_out = tmp_path / "device-out"
+    env.update(FAKE_ENV="NVIDIA-H100", FAKE_IMPORT="ok", OUT=str(device_out), GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    [out] = (repo / "gpu-check").iterdir()
+    assert out.name.endswith("-NVIDIA-H100")
+    assert list(_stage_exits(out).items()) == [(stage, "0") for stage in GPU_STAGES]
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check (NVIDIA-H100), ") and proc.stdout.endswith(summary)
+    assert sorted(p.name for p in device_out.iterdir()) == ["evidence.tgz", "summary.md"]
+    assert (device_out / "summary.md").read_text() == summary
+    with tarfile.open(device_out / "evidence.tgz") as tar:
+        assert {f"{out.name}/{p.name}" for p in out.iterdir()} <= set(tar.getnames())
+    # The stages before the tests leave GPU_CHECK_TEST_RESERVE_S (200 s) of the 300 s; the tests get the rest but 70 s.
+    assert 60 <= _limit(out / "build.log") <= 90 and 200 <= _limit(out / "pytest.log") <= 230
+    calls = _fake_calls(tmp_path)
+    [probe] = calls["probe"]
+    assert probe["argv"][1:] == ["--variants", "--limit", "300"] and probe["env"]["MAX_JOBS"] == "4"
+    assert calls["build"][0]["env"]["CSL_BUILD_VERBOSE"] == "1" and "'cuda'" in calls["build"][0]["argv"][1]
+    assert all(call["env"]["CSL_EXT_CUDA"] is None for stage in GPU_STAGES[1:] for call in calls.get(stage, []))
+    assert calls["merge"][0]["argv"][2:] == ["--merge", f"{out}/bench-pcos.json", f"{out}/bench-ce.json", "--out",
+                                            f"{out}/bench.json", "--overwrite"]
+    assert calls["bench_cuda_plain"][0]["env"]["CSL_CUDA_REGISTER_CLASSES"] == "0"
+    assert {calls[s][0]["env"]["CSL_TRITON_AUTOTUNE"] for s in ("bench_pcos", "bench_ce", "auto")} == {"1"}
+    [tests] = calls["tests"]
+    assert tests["env"]["CSL_REQUIRE_BACKENDS"] == "triton,cuda" and tests["env"]["TRITON_INTERPRET"] is None
+    assert tests["env"]["CSL_TEST_PROGRESS"] == f"{out}/progress.txt"
+    argv = tests["argv"]
+    assert argv[argv.index("-n") + 1] == "14" and "-m" not in argv[2:]
+    assert argv[argv.index("--timeout") + 1:argv.index("--timeout") + 4] == ["120", "--timeout-method", "thread"]
+    # GPU tests first, the sm_90 compile check left out, the dry-run tests deselected by name
+    files = [a for a in argv if a.startswith("tests/test_") and a.endswith(".py")]
+    assert files[0] == "tests/test_gpu.py" and files[-2:] == ["tests/test_metrics.py", "tests/test_zoo.py"], files
+    assert len(set(files)) == len(files) and "tests/test_triton_compile.py" not in files
+    assert sum(a == "--deselect" for a in argv) == 3
+    assert "Outcomes:       1 PASSED" in summary and (out / "junit.xml").is_file()
+    [train] = calls["train"]
+    assert {"device=cuda", "train.amp=bf16", "kernels.backend=auto"} <= set(train["argv"])
+    assert train["env"]["CSL_REQUIRE_BACKENDS"] is None and "train ran" in (out / "train.log").read_text()
+
+
+def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(tmp_path):
+    """A CUDA part that did not build (its log kept, the later stages on CSL_EXT_CUDA=0), a failed benchmark (the
+    other op's results merged alone), a crash of csl's error path (its tests deselected): the check goes on to the
+    end, names each in the summary and exits 1."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(FAKE_ENV="NVIDIA-H200", FAKE_BUILD="exit 1", FAKE_BENCH_CE="exit 1", FAKE_BUILD_LOG="nvcc: error X",
+               FAKE_BUILD_TEXT="extension: the CUDA part failed, building the CPU part alone",
+               FAKE_PROBE_TEXT="cpp-exceptions: ok\nvariant csl-error-path: CRASH (SIGSEGV)", GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    exits = _stage_exits(out)
+    assert list(exits) == GPU_STAGES and {s for s, e in exits.items() if e != "0"} == {"build", "bench_ce"}, exits
+    summary = (out / "summary.md").read_text()
+    assert "| build | 1 |" in summary and "| bench_ce | 1 |" in summary
+    assert (out / "build-csl_fake.log").read_text() == "nvcc: error X"
+    assert "CUDA part did not build" in summary and "Deselected: the tests marked cpp_error_path" in summary
+    calls = _fake_calls(tmp_path)
+    assert {call["env"]["CSL_EXT_CUDA"] for stage in GPU_STAGES[1:] for call in calls[stage.split("_auto")[0]]} == {"0"}
+    assert calls["merge"][0]["argv"][3:4] == [f"{out}/bench-pcos.json"] and len(calls["merge"][0]["argv"]) == 7
+    argv = calls["tests"][0]["argv"]
+    assert argv[argv.index("-m", 2) + 1] == "not cpp_error_path"
+    bench_log = (out / "bench.log").read_text()
+    assert "bench_ce ran" in bench_log and "bench_cuda_plain ran" in bench_log
+
+
+def _run_in_session(command: list[str], cwd: Path, env: dict[str, str], timeout: float, while_running=None):
+    """Run ``command`` in a session of its own (``while_running(proc)`` meanwhile); afterwards wait up to 10 s for
+    every process of that session to end, then kill what is left. ``(process, stdout, stderr, left)``: ``left``
+    the pids that had not ended by themselves."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        if while_running is not None:
+            while_running(proc)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        for _ in range(100):
+            left = _session_processes(proc.pid)
+            if not left:
+                break
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
+    return proc, stdout, stderr, left
+
+
+def test_a_stage_past_its_limit_is_killed_and_the_evidence_before_it_is_kept(tmp_path):
+    """A benchmark that hangs and ignores SIGTERM: killed 10 s after its limit (exit 137, a failure), its output so
+    far and the earlier stages' evidence kept and packed, the stages the budget no longer covers skipped, a probe still
+    running at the end stopped; exit 1, nothing of the check left running."""
+    repo, env = _fake_checkout(tmp_path)
+    out, packed = tmp_path / "check", tmp_path / "packed"
+    env.update(FAKE_ENV="NVIDIA-H100", FAKE_BENCH_PCOS="hang-ignoring-term", FAKE_PROBE="hang",
+               GPU_CHECK_BUDGET_S="34", GPU_CHECK_TEST_RESERVE_S="0")
+    proc, stdout, stderr, left = _run_in_session(
+        ["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], repo, env, timeout=120)
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-2000:]
+    exits = _stage_exits(out)
+    assert exits == {"build": "0", "bench_pcos": "137", **{s: "skipped (budget)" for s in GPU_STAGES[2:]}}, exits
+    seconds = {s["stage"]: s["seconds"] for s in json.loads((out / "stages.json").read_text())["stages"]}
+    assert _limit(out / "bench-pcos.log") + 10 <= seconds["bench_pcos"] <= _limit(out / "bench-pcos.log") + 14
+    assert "bench_pcos ran" in (out / "bench-pcos.log").read_text()
+    assert "bench_pcos ran" in (out / "bench.log").read_text()
+    assert "build ran" in (out / "build.log").read_text() and "python 3.12.0" in (out / "env.txt").read_text()
+    assert "| bench_pcos | 137 |" in (packed / "summary.md").read_text()
+    with tarfile.open(packed / "evidence.tgz") as tar:
+        assert "bench_pcos ran" in tar.extractfile("check/bench-pcos.log").read().decode()
+        assert tar.extractfile("check/summary.md").read().decode() == (out / "summary.md").read_text()
+    assert not left, f"processes of the check still running after it ended: {left}"
+
+
+def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp_path):
+    repo, env = _fake_checkout(tmp_path)
+    out, packed = tmp_path / "check", tmp_path / "packed"
+    env.update(FAKE_ENV="NVIDIA-H100", FAKE_AUTO="hang", FAKE_PROBE="hang", GPU_CHECK_BUDGET_S="300")
+
+    def stop_during_auto(proc):
+        for _ in range(600):
+            if (out / "auto.log").is_file() and "auto ran" in (out / "auto.log").read_text():
+                break
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+
+    proc, stdout, stderr, left = _run_in_session(
+        ["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], repo, env, timeout=60,
+        while_running=stop_during_auto)
+    assert proc.returncode == 143, stdout[-3000:] + stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "| auto | running |" in summary and "Stopped by a signal during the stage marked running." in summary
+    assert list(_stage_exits(out).items()) == [*((s, "0") for s in GPU_STAGES[:4]), ("auto", "running")]
+    assert (packed / "summary.md").read_text() == summary
+    assert not left, f"the stage or the probe still ran after the check ended: {left}"
+    assert not list(tmp_path.glob("csl-gpu-check.*")), "the work folder is left behind"
