@@ -374,6 +374,10 @@ def _fake_checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def _fake_calls(tmp_path: Path) -> dict[str, list[dict]]:
     """FAKE_PYTHON's calls by stage."""
     calls: dict[str, list[dict]] = {}
@@ -428,6 +432,12 @@ def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
     assert list(_stage_exits(out).items()) == [(stage, "0") for stage in GPU_STAGES]
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check (NVIDIA-H100), ") and proc.stdout.endswith(summary)
+    # Which code was measured: the commit, a tree without changes (the check's own gpu-check/ folder is not one)
+    head = _git(repo, "rev-parse", "HEAD")
+    assert f"\nMeasured: commit {head[:12]}, tree clean; code hash " in summary, summary
+    assert f"\ncommit {head}\ntree clean\ncode hash " in (out / "env.txt").read_text()
+    stages = json.loads((out / "stages.json").read_text())
+    assert (stages["commit"], stages["tree_clean"]) == (head, True)
     assert sorted(p.name for p in device_out.iterdir()) == ["evidence.tgz", "summary.md"]
     assert (device_out / "summary.md").read_text() == summary
     with tarfile.open(device_out / "evidence.tgz") as tar:
@@ -466,6 +476,9 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
     end, names each in the summary and exits 1."""
     repo, env = _fake_checkout(tmp_path)
     out = tmp_path / "check"
+    (repo / "tests" / "test_zoo.py").write_text("# changed\n")
+    (repo / "notes.txt").write_text("not committed\n")
+    env.update(GPU_CHECK_TESTS="tests/test_zoo.py tests/test_metrics.py")  # a short list on a GPU too
     env.update(FAKE_ENV="NVIDIA-H200", FAKE_BUILD="exit 1", FAKE_BENCH_CE="exit 1", FAKE_BUILD_LOG="nvcc: error X",
                FAKE_BUILD_TEXT="extension: the CUDA part failed, building the CPU part alone",
                FAKE_PROBE_TEXT="cpp-exceptions: ok\nvariant csl-error-path: CRASH (SIGSEGV)", GPU_CHECK_BUDGET_S="300")
@@ -483,6 +496,13 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
     assert calls["merge"][0]["argv"][3:4] == [f"{out}/bench-pcos.json"] and len(calls["merge"][0]["argv"]) == 7
     argv = calls["tests"][0]["argv"]
     assert argv[argv.index("-m", 2) + 1] == "not cpp_error_path"
+    assert [a for a in argv if a.startswith("tests/test_") and a.endswith(".py")] == [
+        "tests/test_zoo.py", "tests/test_metrics.py"]
+    head = _git(repo, "rev-parse", "HEAD")
+    assert f"\nMeasured: commit {head[:12]}, tree dirty (2 paths differ, listed in env.txt); code hash " in summary
+    assert f"\ncommit {head}\ntree dirty:\n M tests/test_zoo.py\n?? notes.txt\ncode hash " in (
+        out / "env.txt").read_text()
+    assert json.loads((out / "stages.json").read_text())["tree_clean"] is False
     bench_log = (out / "bench.log").read_text()
     assert "bench_ce ran" in bench_log and "bench_cuda_plain ran" in bench_log
 
@@ -532,6 +552,10 @@ def test_a_stage_past_its_limit_is_killed_and_the_evidence_before_it_is_kept(tmp
     assert "bench_pcos ran" in (out / "bench.log").read_text()
     assert "build ran" in (out / "build.log").read_text() and "python 3.12.0" in (out / "env.txt").read_text()
     assert "| bench_pcos | 137 |" in (packed / "summary.md").read_text()
+    probe_lines = (out / "cpp_exceptions.txt").read_text().splitlines()
+    assert probe_lines == ["probe ran", "cpp_exception_probe: still running at the end of the check, stopped"]
+    assert "probe ran\ncpp_exception_probe: still running at the end of the check, stopped\n```" in (
+        out / "summary.md").read_text()
     with tarfile.open(packed / "evidence.tgz") as tar:
         assert "bench_pcos ran" in tar.extractfile("check/bench-pcos.log").read().decode()
         assert tar.extractfile("check/summary.md").read().decode() == (out / "summary.md").read_text()
@@ -542,6 +566,7 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
     repo, env = _fake_checkout(tmp_path)
     out, packed = tmp_path / "check", tmp_path / "packed"
     env.update(FAKE_ENV="NVIDIA-H100", FAKE_AUTO="hang", FAKE_PROBE="hang", GPU_CHECK_BUDGET_S="300")
+    shutil.rmtree(repo / ".git")  # a copy of the tree without its history: the code hash alone says what ran
 
     def stop_during_auto(proc):
         for _ in range(600):
@@ -556,6 +581,8 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
     assert proc.returncode == 143, stdout[-3000:] + stderr[-2000:]
     summary = (out / "summary.md").read_text()
     assert "| auto | running |" in summary and "Stopped by a signal during the stage marked running." in summary
+    assert "\nMeasured: commit unknown (not a git checkout); code hash " in summary, summary
+    assert json.loads((out / "stages.json").read_text())["commit"] is None
     assert list(_stage_exits(out).items()) == [*((s, "0") for s in GPU_STAGES[:4]), ("auto", "running")]
     assert (packed / "summary.md").read_text() == summary
     assert not left, f"the stage or the probe still ran after the check ended: {left}"
