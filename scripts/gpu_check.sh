@@ -32,6 +32,7 @@
 # only (no pip install, no network). --cpu-dry-run runs every stage that can run without a GPU (tests of the CPU
 # backends, the benchmark's smoke suite, the CPU training steps) so the script itself is tested on CPU machines.
 set -uo pipefail
+CALLER=$(pwd)  # --out / --pack name folders relative to where the check is started
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DRY=0
@@ -42,7 +43,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out|--pack)
       [ $# -ge 2 ] || { echo "gpu_check: $1 needs a folder" >&2; exit 2; }
-      if [ "$1" = --out ]; then OUT=$2; else PACK=$2; fi
+      folder=$2
+      case $folder in /*|'') ;; *) folder=$CALLER/$folder ;; esac
+      if [ "$1" = --out ]; then OUT=$folder; else PACK=$folder; fi
       shift 2 ;;
     --cpu-dry-run) DRY=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;

@@ -482,8 +482,9 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
     env.update(FAKE_ENV="NVIDIA-H200", FAKE_BUILD="exit 1", FAKE_BENCH_CE="exit 1", FAKE_BUILD_LOG="nvcc: error X",
                FAKE_BUILD_TEXT="extension: the CUDA part failed, building the CPU part alone",
                FAKE_PROBE_TEXT="cpp-exceptions: ok\nvariant csl-error-path: CRASH (SIGSEGV)", GPU_CHECK_BUDGET_S="300")
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
-                          capture_output=True, text=True)
+    # --out relative to the folder the check is started from
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--out", "check"], cwd=tmp_path, env=env,
+                          timeout=300, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     exits = _stage_exits(out)
     assert list(exits) == GPU_STAGES and {s for s, e in exits.items() if e != "0"} == {"build", "bench_ce"}, exits
@@ -541,8 +542,9 @@ def test_a_stage_past_its_limit_is_killed_and_the_evidence_before_it_is_kept(tmp
     out, packed = tmp_path / "check", tmp_path / "packed"
     env.update(FAKE_ENV="NVIDIA-H100", FAKE_BENCH_PCOS="hang-ignoring-term", FAKE_PROBE="hang",
                GPU_CHECK_BUDGET_S="34", GPU_CHECK_TEST_RESERVE_S="0")
-    proc, stdout, stderr, left = _run_in_session(
-        ["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], repo, env, timeout=120)
+    proc, stdout, stderr, left = _run_in_session(  # --pack relative to the folder the check is started from
+        ["bash", str(repo / "scripts" / "gpu_check.sh"), "--out", str(out), "--pack", "packed"], tmp_path, env,
+        timeout=120)
     assert proc.returncode == 1, stdout[-3000:] + stderr[-2000:]
     exits = _stage_exits(out)
     assert exits == {"build": "0", "bench_pcos": "137", **{s: "skipped (budget)" for s in GPU_STAGES[2:]}}, exits
