@@ -142,14 +142,15 @@ TORCH_LIBRARY(csl_cpp_exception_probe, m) {
 }
 """
 
-# The end of every child: the call must raise a RuntimeError (exit 0, its first line printed); no exception: exit 3.
+# The end of every child: the call must raise a RuntimeError (exit 0, its first line printed); no exception: exit 3,
+# said on stderr, where outcome() reads why a child failed.
 RAISES = """
 try:
     {call}
 except RuntimeError as exc:
     print("raised:", str(exc).splitlines()[0])
     sys.exit(0)
-print("no exception")
+print("no exception: the call returned", file=sys.stderr)
 sys.exit(3)
 """
 

@@ -589,3 +589,131 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
     assert (packed / "summary.md").read_text() == summary
     assert not left, f"the stage or the probe still ran after the check ended: {left}"
     assert not list(tmp_path.glob("csl-gpu-check.*")), "the work folder is left behind"
+
+
+def test_cpp_exception_probe_outcomes_of_a_child_that_raises_returns_or_fails():
+    probe = load_script("cpp_exception_probe")
+    raises = "import sys\n" + probe.RAISES
+    cases = [
+        (raises.format(call="raise RuntimeError('probe: expected failure\\nC++ stack')"),
+         ("ok (raised: probe: expected failure)", 0)),
+        (raises.format(call="pass"), ("probe failed (exit 3): no exception: the call returned", 2)),
+        (raises.format(call="raise ValueError('not a RuntimeError')"), None),
+        ("import sys; print('build output'); sys.exit('ninja: build stopped')", ("probe failed (exit 1): ninja: build "
+                                                                               "stopped", 2)),
+    ]
+    for code, expected in cases:
+        what, status = probe.outcome(probe.start(code, [], cuda_hidden=True), 60)
+        if expected is None:  # another exception: its traceback's end
+            assert status == 2 and what.startswith("probe failed (exit 1): Traceback") and what.endswith(
+                "ValueError: not a RuntimeError"), what
+        else:
+            assert (what, status) == expected
+
+
+def test_cpp_exception_probe_main_prints_the_minimal_outcome_first_and_exits_with_it(tmp_path, monkeypatch, capsys):
+    """The minimal probe's child gets its build folder, no CUDA device and the crash reporter; its outcome is the
+    first line and the exit status (a crash says what it means for the tests), the variants' lines follow."""
+    probe = load_script("cpp_exception_probe")
+    seen = tmp_path / "seen.json"
+    monkeypatch.setattr(probe, "CHILD", probe.PRELUDE + f"""
+import json, os, sys
+json.dump({{"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "reporter": os.environ.get("CSL_PROBE_REPORTER")}}, open({str(seen)!r}, "w"))
+""" + probe.RAISES.format(call="raise RuntimeError('probe: expected failure')"))
+    calls = []
+    monkeypatch.setattr(probe, "variants", lambda limit, deadline, work: calls.append((limit, work)) or ["variant x"])
+    assert probe.main(["--limit", "60"]) == 0
+    assert capsys.readouterr().out == "cpp-exceptions: ok (raised: probe: expected failure)\n" and not calls
+    child = json.loads(seen.read_text())
+    assert child["argv"][0] == probe.SOURCE and child["argv"][1].endswith("/minimal") and child["argv"][2:] == [
+        "[]", "[]", ""]
+    assert child["cuda"] == "" and child["reporter"].endswith("crash_reporter.so")
+    assert probe.main(["--variants"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["cpp-exceptions: ok (raised: probe: expected failure)",
+                                                    "variant x"]
+    minimal = json.loads(seen.read_text())["argv"][1]
+    assert calls == [(420.0, minimal.removesuffix("/minimal"))]  # the whole probe's limit, the same work folder
+    monkeypatch.setattr(probe, "CHILD", probe.PRELUDE + "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert probe.main([]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("cpp-exceptions: CRASH (SIGSEGV) at address ") and out.rstrip().endswith(
+        ": a TORCH_CHECK failure in a minimal extension kills the process; tests of C++ error paths will crash here")
+
+
+def test_cpp_exception_probe_variants_each_get_their_case_and_come_out_in_order(tmp_path, monkeypatch):
+    """What each variant's child is given (source, flags, library, CUDA hidden or not, environment), their lines in
+    the documented order; where csl's library does not build, the two cases that need it say why they did not run."""
+    probe = load_script("cpp_exception_probe")
+    from csl_kernels.cpp.sources import CXX_FLAGS, LD_FLAGS
+
+    started = []
+    real_start = probe.start
+
+    def start(code, args, cuda_hidden, env=None):
+        started.append((code, args, cuda_hidden, env))  # the child says which start it was
+        return real_start(f"print('raised: start {len(started) - 1}')", [], cuda_hidden)
+
+    monkeypatch.setattr(probe, "start", start)
+    monkeypatch.setattr(probe, "csl_library", lambda deadline: "/csl/_C.so")
+    work = str(tmp_path)
+    lines = probe.variants(60, time.monotonic() + 60, work)
+    assert [line.split(": ")[0] for line in lines] == [f"variant {name}" for name in probe.VARIANTS]
+    given = {line.split(": ")[0].split()[1]: started[int(line.rsplit(" ", 1)[1].rstrip(")"))] for line in lines}
+    flags = [json.dumps(CXX_FLAGS), json.dumps(LD_FLAGS)]
+    assert given["csl-flags"] == (probe.CHILD, [probe.SOURCE, f"{work}/flags", *flags, ""], True, None)
+    assert given["parallel-for"] == (probe.CHILD, [probe.PARALLEL_SOURCE, f"{work}/parallel", *flags, ""], True, None)
+    assert given["message-args"] == (probe.CHILD, [probe.MESSAGE_SOURCE, f"{work}/message", "[]", "[]", ""], True, None)
+    assert given["csl-loaded"] == (probe.CHILD, [probe.SOURCE, f"{work}/loaded", "[]", "[]", "/csl/_C.so"], False, None)
+    assert given["csl-error-path"] == (probe.CSL_CHILD, [str(ROOT)], False, None)
+    assert given["csl-cpu-only"] == (probe.CSL_CHILD, [str(ROOT)], True, {
+        "CSL_EXT_CUDA": "0", "TORCH_EXTENSIONS_DIR": f"{work}/csl_cpu_only"})
+
+    def no_library(deadline):
+        raise RuntimeError("csl's extension did not build or load: nvcc broke")
+
+    monkeypatch.setattr(probe, "csl_library", no_library)
+    lines = probe.variants(60, time.monotonic() + 60, work)
+    assert [line.split(": ")[0] for line in lines] == [f"variant {name}" for name in probe.VARIANTS]
+    assert lines[3:5] == [f"variant {name}: not run (csl's extension did not build or load: nvcc broke)"
+                          for name in ("csl-loaded", "csl-error-path")]
+    assert all(": ok (raised: start " in line for line in lines[:3] + lines[5:]), lines
+
+
+def test_cpp_exception_probe_csl_library_is_the_last_line_its_child_prints(monkeypatch):
+    probe = load_script("cpp_exception_probe")
+    monkeypatch.setattr(probe, "LIBRARY_OF_CSL", "print('building csl'); print('/cache/csl/_C.so')")
+    assert probe.csl_library(time.monotonic() + 60) == "/cache/csl/_C.so"
+    monkeypatch.setattr(probe, "LIBRARY_OF_CSL", "import sys; print('/cache/csl/_C.so'); sys.exit('ninja failed')")
+    with pytest.raises(RuntimeError, match="^csl's extension did not build or load: ninja failed$"):
+        probe.csl_library(time.monotonic() + 60)
+
+
+def test_cpp_exception_probe_stopped_with_sigterm_stops_its_child_and_exits_143(tmp_path):
+    """gpu_check.sh ends a probe still running with SIGTERM: the child (a build, with its compilers) goes too."""
+    pid_file = tmp_path / "child"
+    script, child_code = ROOT / "scripts" / "cpp_exception_probe.py", (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    code = ("import importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('probe', {str(script)!r})\n"
+            "probe = importlib.util.module_from_spec(spec); spec.loader.exec_module(probe)\n"
+            f"probe.CHILD = {child_code!r}\n"
+            "raise SystemExit(probe.main([]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and stdout == "", stdout + stderr
+    for _ in range(300):
+        if _gone_or_zombie(child):
+            break
+        time.sleep(0.1)
+    assert _gone_or_zombie(child), f"the probe's child {child} still runs"
