@@ -253,6 +253,12 @@ def test_cpp_exception_probe_says_why_it_has_no_crash_reporter(tmp_path, monkeyp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     reporter, why_not = load_script("cpp_exception_probe").build_reporter(str(tmp_path))
     assert reporter is None and "no-such-compiler did not run" in why_not
+    failing = tmp_path / "failing-cc"  # a compiler that runs and fails
+    failing.write_text("#!/bin/sh\necho 'crash_reporter.c: error: no backtrace here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    reporter, why_not = load_script("cpp_exception_probe").build_reporter(str(tmp_path))
+    assert (reporter, why_not) == (None, f"{failing} failed: crash_reporter.c: error: no backtrace here")
 
 
 def _gone_or_zombie(pid: int) -> bool:
@@ -468,6 +474,36 @@ def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
     [train] = calls["train"]
     assert {"device=cuda", "train.amp=bf16", "kernels.backend=auto"} <= set(train["argv"])
     assert train["env"]["CSL_REQUIRE_BACKENDS"] is None and "train ran" in (out / "train.log").read_text()
+    assert not list(tmp_path.glob("csl-gpu-check.*")), "the work folder (build, training runs) is left behind"
+
+
+def test_a_cpu_dry_run_runs_each_stage_on_the_cpu(tmp_path):
+    """--cpu-dry-run: the CPU part of the extension alone (also where the caller asks for CUDA), the probe without its
+    variants, the benchmark's CPU smoke suite, the tests of the CPU backends under Triton's interpreter on one process,
+    CPU training steps; the default budget 3000 s."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(CSL_EXT_CUDA="1", FAKE_IMPORT="ok")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=repo, env=env,
+                          timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert list(_stage_exits(out)) == [*GPU_STAGES[:-1], "train_cpu"]
+    assert json.loads((out / "stages.json").read_text())["budget_s"] == 3000
+    assert (out / "summary.md").read_text().startswith("# GPU check (cpu), ") and ", CPU dry run\n" in proc.stdout
+    calls = _fake_calls(tmp_path)
+    stages = ("build", "probe", *GPU_STAGES[1:-1], "train")
+    assert {call["env"]["CSL_EXT_CUDA"] for stage in stages for call in calls[stage]} == {"0"}
+    assert calls["probe"][0]["argv"][1:] == ["--limit", "420"] and "'cpu'" in calls["build"][0]["argv"][1]
+    assert all(c["argv"][2:6] == ["--device", "cpu", "--smoke", "--skip-train"] for c in calls["bench_pcos"])
+    argv = calls["host"][0]["argv"]
+    assert argv[argv.index("--workers") + 1:argv.index("--worker-timeout")] == ["cpu", "baseline", "gpu"]
+    [tests] = calls["tests"]
+    assert tests["env"]["CSL_REQUIRE_BACKENDS"] == "cpu,triton" and tests["env"]["TRITON_INTERPRET"] == "1"
+    assert tests["argv"][-2:] == ["tests/test_pcos_weights.py", "tests/test_metrics.py"]
+    assert "-n" not in tests["argv"] and "--deselect" not in tests["argv"] and "--timeout" in tests["argv"]
+    [train] = calls["train"]
+    assert {"device=cpu", "train.amp=fp32", "kernels.backend=cpu"} <= set(train["argv"])
+    assert train["env"]["TRITON_INTERPRET"] is None
 
 
 def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(tmp_path):
@@ -678,6 +714,14 @@ def test_cpp_exception_probe_variants_each_get_their_case_and_come_out_in_order(
     assert lines[3:5] == [f"variant {name}: not run (csl's extension did not build or load: nvcc broke)"
                           for name in ("csl-loaded", "csl-error-path")]
     assert all(": ok (raised: start " in line for line in lines[:3] + lines[5:]), lines
+    # --limit bounds the whole probe: children still running at its deadline are not waited for one limit each
+    monkeypatch.setattr(probe, "start", lambda code, args, cuda_hidden, env=None: real_start(
+        "import time; time.sleep(60)", [], cuda_hidden))
+    monkeypatch.setattr(probe, "csl_library", lambda deadline: "/csl/_C.so")
+    t0 = time.monotonic()
+    lines = probe.variants(100, t0 + 1, work)
+    assert lines == [f"variant {name}: not known (the probe ran past its 100 s limit)" for name in probe.VARIANTS]
+    assert time.monotonic() - t0 < 20
 
 
 def test_cpp_exception_probe_csl_library_is_the_last_line_its_child_prints(monkeypatch):
