@@ -100,6 +100,12 @@ if [ -z "$OUT" ]; then  # a second check on the same day gets a folder of its ow
   OUT=gpu-check/$(date +%Y-%m-%d)-$GPU
   [ -e "$OUT" ] && OUT=$OUT-$(date +%H%M%S)
 fi
+# An earlier check's results in the same folder (a benchmark's JSON, junit.xml, a hang file) would be merged, packed
+# and summarised as this one's wherever its own stage failed or was skipped.
+if [ -e "$OUT/summary.md" ] || [ -e "$OUT/stages.json" ]; then
+  echo "gpu_check: $OUT holds an earlier check's evidence (summary.md); name a new folder" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -n "$PACK" ]; then

@@ -65,10 +65,28 @@ def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):
 
 
 def test_pack_inside_the_evidence_folder_is_refused(tmp_path):
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path),
-                           "--pack", str(tmp_path / "packed")], cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=300)
+    repo, env = _fake_checkout(tmp_path)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path / "check"),
+                           "--pack", str(tmp_path / "check" / "packed")], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2 and "lies inside the evidence folder" in proc.stderr, proc.stdout + proc.stderr
+    assert list(_fake_calls(tmp_path)) == ["env"]
+
+
+def test_an_earlier_checks_evidence_folder_is_refused(tmp_path):
+    """Results left by an earlier check in the same --out (a benchmark's JSON, junit.xml, a hang file) would be
+    merged, packed and summarised as this check's where its own stage failed or was skipped."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    out.mkdir()
+    (out / "summary.md").write_text("# GPU check (an earlier one)\n")
+    (out / "bench-ce.json").write_text("{}")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == f"gpu_check: {out} holds an earlier check's evidence (summary.md); name a new folder\n"
+    assert list(_fake_calls(tmp_path)) == ["env"] and sorted(p.name for p in out.iterdir()) == [
+        "bench-ce.json", "summary.md"]
 
 
 @pytest.mark.parametrize("flag", ["--out", "--pack"])
@@ -329,7 +347,8 @@ with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps({"stage": stage, "argv": args, "env": {k: os.environ.get(k) for k in keys}}) + "\n")
 what = os.environ.get("FAKE_" + stage.upper(), "")
 if stage == "env":
-    if what.startswith("exit"):
+    if what.startswith("exit"):  # its line printed, then a failure (at exit, say)
+        print("GPU=cpu")
         print("ModuleNotFoundError: No module named 'torch'", file=sys.stderr)
         sys.exit(int(what.split()[1]))
     print("GPU=" + (what or "cpu"))
@@ -344,16 +363,25 @@ if stage == "build" and os.environ.get("FAKE_BUILD_LOG"):
     with open(os.path.join(folder, "build.log"), "w") as f:
         f.write(os.environ["FAKE_BUILD_LOG"])
     open(os.path.join(folder, "lock"), "w").close()
-if stage == "tests":
-    with open(os.environ["CSL_TEST_PROGRESS"], "a") as f:
+if stage == "tests":  # as conftest.py writes them: outcomes, an empty hang file per process that exited
+    progress = os.environ["CSL_TEST_PROGRESS"]
+    with open(progress, "a") as f:
         f.write("PASSED tests/test_fake.py::test_one 0.01s\n")
+    open(progress + ".hang-main", "w").close()
+    if os.environ.get("FAKE_TESTS_HANG"):
+        with open(progress + ".hang-gw0", "w") as f:
+            f.write(os.environ["FAKE_TESTS_HANG"])
 for flag in ("--out", "--junitxml"):
     if flag in args and stage != "train" and not what:  # a stage that fails or hangs writes no results
         with open(args[args.index(flag) + 1], "w") as f:
             json.dump({"stage": stage, "records": [{"op": stage}]}, f)
+def stopped(signum, frame):
+    print(stage, "stopped by SIGTERM", flush=True)
+    sys.exit(143)
+
+
 if what.startswith("hang"):
-    if what == "hang-ignoring-term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if what == "hang-ignoring-term" else stopped)
     time.sleep(600)
 sys.exit(int(what.split()[1]) if what.startswith("exit") else 0)
 '''
@@ -475,6 +503,7 @@ def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
     assert {"device=cuda", "train.amp=bf16", "kernels.backend=auto"} <= set(train["argv"])
     assert train["env"]["CSL_REQUIRE_BACKENDS"] is None and "train ran" in (out / "train.log").read_text()
     assert not list(tmp_path.glob("csl-gpu-check.*")), "the work folder (build, training runs) is left behind"
+    assert not list(out.glob("progress.txt.hang-*")), "empty hang files are left"
 
 
 def test_a_cpu_dry_run_runs_each_stage_on_the_cpu(tmp_path):
@@ -484,9 +513,12 @@ def test_a_cpu_dry_run_runs_each_stage_on_the_cpu(tmp_path):
     repo, env = _fake_checkout(tmp_path)
     out = tmp_path / "check"
     env.update(CSL_EXT_CUDA="1", FAKE_IMPORT="ok")
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=repo, env=env,
-                          timeout=300, capture_output=True, text=True)
+    (repo / "packs").mkdir()
+    (repo / "packs" / "earlier.tgz").write_text("")  # the pack folder's content is no change to the tree
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(out), "--pack", "packs"],
+                          cwd=repo, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert json.loads((out / "stages.json").read_text())["tree_clean"] is True
     assert list(_stage_exits(out)) == [*GPU_STAGES[:-1], "train_cpu"]
     assert json.loads((out / "stages.json").read_text())["budget_s"] == 3000
     assert (out / "summary.md").read_text().startswith("# GPU check (cpu), ") and ", CPU dry run\n" in proc.stdout
@@ -515,6 +547,7 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
     (repo / "tests" / "test_zoo.py").write_text("# changed\n")
     (repo / "notes.txt").write_text("not committed\n")
     env.update(GPU_CHECK_TESTS="tests/test_zoo.py tests/test_metrics.py")  # a short list on a GPU too
+    env.update(FAKE_TESTS_HANG="Thread 0x7f (most recent call first):")  # a worker that did not exit
     env.update(FAKE_ENV="NVIDIA-H200", FAKE_BUILD="exit 1", FAKE_BENCH_CE="exit 1", FAKE_BUILD_LOG="nvcc: error X",
                FAKE_BUILD_TEXT="extension: the CUDA part failed, building the CPU part alone",
                FAKE_PROBE_TEXT="cpp-exceptions: ok\nvariant csl-error-path: CRASH (SIGSEGV)", GPU_CHECK_BUDGET_S="300")
@@ -540,6 +573,8 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
     assert f"\ncommit {head}\ntree dirty:\n M tests/test_zoo.py\n?? notes.txt\ncode hash " in (
         out / "env.txt").read_text()
     assert json.loads((out / "stages.json").read_text())["tree_clean"] is False
+    assert "A test process did not exit (stacks in progress.txt.hang-gw0):\n```\nThread 0x7f (most" in summary
+    assert sorted(p.name for p in out.glob("progress.txt.hang-*")) == ["progress.txt.hang-gw0"]
     bench_log = (out / "bench.log").read_text()
     assert "bench_ce ran" in bench_log and "bench_cuda_plain ran" in bench_log
 
@@ -590,9 +625,10 @@ def test_a_stage_past_its_limit_is_killed_and_the_evidence_before_it_is_kept(tmp
     assert "bench_pcos ran" in (out / "bench.log").read_text()
     assert "build ran" in (out / "build.log").read_text() and "python 3.12.0" in (out / "env.txt").read_text()
     assert "| bench_pcos | 137 |" in (packed / "summary.md").read_text()
-    probe_lines = (out / "cpp_exceptions.txt").read_text().splitlines()
-    assert probe_lines == ["probe ran", "cpp_exception_probe: still running at the end of the check, stopped"]
-    assert "probe ran\ncpp_exception_probe: still running at the end of the check, stopped\n```" in (
+    probe_lines = (out / "cpp_exceptions.txt").read_text().splitlines()  # stopped with SIGTERM (its builds go too)
+    assert probe_lines == ["probe ran", "probe stopped by SIGTERM",
+                           "cpp_exception_probe: still running at the end of the check, stopped"]
+    assert "SIGTERM\ncpp_exception_probe: still running at the end of the check, stopped\n```" in (
         out / "summary.md").read_text()
     with tarfile.open(packed / "evidence.tgz") as tar:
         assert "bench_pcos ran" in tar.extractfile("check/bench-pcos.log").read().decode()
@@ -620,6 +656,8 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
     summary = (out / "summary.md").read_text()
     assert "| auto | running |" in summary and "Stopped by a signal during the stage marked running." in summary
     assert "\nMeasured: commit unknown (not a git checkout); code hash " in summary, summary
+    assert "auto stopped by SIGTERM" in (out / "auto.log").read_text()
+    assert "probe stopped by SIGTERM" in (out / "cpp_exceptions.txt").read_text()
     assert json.loads((out / "stages.json").read_text())["commit"] is None
     assert list(_stage_exits(out).items()) == [*((s, "0") for s in GPU_STAGES[:4]), ("auto", "running")]
     assert (packed / "summary.md").read_text() == summary
