@@ -44,8 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # The crash reporter every child loads first (ctypes): on SIGSEGV / SIGBUS / SIGILL / SIGFPE / SIGABRT it writes the
-# faulting address and the native stack to stderr ("native frame <i>: <file> +0x<offset> <symbol>"), then hands the
-# signal on to the handler it replaced (Python's faulthandler where enabled, else the default action).
+# faulting address and the native stack to stderr ("native frame <i>: <file> +0x<offset> <symbol>", or
+# "? +0x<address> ?" for a frame in no loaded file), then hands the signal on to the handler it replaced (Python's
+# faulthandler where enabled, else the default action).
 REPORTER_SOURCE = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -74,7 +75,7 @@ static void report(int sig, siginfo_t* info, void* context) {
       snprintf(line, sizeof line, "native frame %d: %s +0x%lx %s\n", i, where.dli_fname,
                (unsigned long)((char*)frames[i] - (char*)where.dli_fbase), where.dli_sname ? where.dli_sname : "?");
     } else {
-      snprintf(line, sizeof line, "native frame %d: ? %p ?\n", i, frames[i]);
+      snprintf(line, sizeof line, "native frame %d: ? +0x%lx ?\n", i, (unsigned long)frames[i]); /* the address */
     }
     put(line);
   }

@@ -675,6 +675,8 @@ def test_cpp_exception_probe_outcomes_of_a_child_that_raises_returns_or_fails():
         (raises.format(call="raise ValueError('not a RuntimeError')"), None),
         ("import sys; print('build output'); sys.exit('ninja: build stopped')", ("probe failed (exit 1): ninja: build "
                                                                                "stopped", 2)),
+        ("import sys; sys.stderr.write('c++ ' * 600); sys.exit('ninja: build stopped')",  # its last 800 characters
+         ("probe failed (exit 1): " + ("c++ " * 600 + "ninja: build stopped")[-800:], 2)),
     ]
     for code, expected in cases:
         what, status = probe.outcome(probe.start(code, [], cuda_hidden=True), 60)
@@ -799,3 +801,39 @@ def test_cpp_exception_probe_stopped_with_sigterm_stops_its_child_and_exits_143(
             break
         time.sleep(0.1)
     assert _gone_or_zombie(child), f"the probe's child {child} still runs"
+
+
+def test_a_budget_that_covers_no_stage_skips_each_and_exits_1(tmp_path):
+    """A check that ran nothing (each stage skipped for the budget) is not a passed check."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="20", GPU_CHECK_TEST_RESERVE_S="0")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert _stage_exits(out) == {stage: "skipped (budget)" for stage in GPU_STAGES}
+    assert set(_fake_calls(tmp_path)) == {"env", "probe", "import"}  # nothing but the environment and the probe
+
+
+def test_cpp_exception_probe_crash_details_keep_every_frame_the_reporter_writes_up_to_the_cap():
+    """The reporter's two frame formats (a frame in a library, a frame dladdr does not place) both parse; the native
+    stack stops at max_frames; faulthandler's report follows without its module list."""
+    import re
+
+    probe = load_script("cpp_exception_probe")
+    formats = re.findall(r'snprintf\(line, sizeof line, "(native frame [^"]*)\\n"', probe.REPORTER_SOURCE)
+    assert len(formats) == 2, formats
+    in_library, unplaced = (f.replace("%lx", "%x").replace("%p", "0x%x") for f in formats)
+    lines = ["native crash: signal 11 at address 0x10", in_library % (0, "/nowhere/libcsl.so", 0x2a, "csl_op"),
+             unplaced % (1, 0x7F0000001000)]
+    lines += [in_library % (i, "/nowhere/libtorch.so", i, "?") for i in range(2, 50)]
+    lines += ["Fatal Python error: Segmentation fault", "", "Current thread 0x1 (most recent call first):",
+              '  File "<string>", line 3 in <module>', "", "Extension modules: torch._C (total: 1)"]
+    text = probe.crash_details("\n".join(lines), max_frames=40)
+    head, *rest = text.splitlines()
+    assert head == " at address 0x10; native stack:"
+    assert rest[:3] == ["    #0 libcsl.so +0x2a csl_op", "    #1 ? +0x7f0000001000", "    #2 libtorch.so +0x2"]
+    assert rest[39] == "    #39 libtorch.so +0x27" and not rest[40].startswith("    #")
+    python_stack = ["    Fatal Python error: Segmentation fault", "    Current thread 0x1 (most recent call first):",
+                    '      File "<string>", line 3 in <module>']
+    assert rest[40:] == python_stack
