@@ -4,7 +4,8 @@
 # Through the device tool, which brings back at most 8 files of its $OUT: `bash scripts/gpu_check.sh --pack $OUT`
 # (or no option at all: an $OUT in the environment is packed into). --pack DIR writes DIR/evidence.tgz (the whole
 # evidence folder, DIR's name inside) and DIR/summary.md after every stage and every 30 s within one, so a killed
-# run brings back what it had.
+# run brings back what it had. A relative DIR is taken from the folder the command is run in; an --out DIR that holds
+# an earlier check's summary.md is refused (its results would be read as this check's).
 # Stages, in this order (the evidence a short GPU loan exists for first), each under its own time limit and all
 # under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare; the stages before the
 # tests leave GPU_CHECK_TEST_RESERVE_S, default 200 s, of it to the tests and the training), each writing into DIR as
