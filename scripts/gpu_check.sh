@@ -29,6 +29,8 @@
 #   train.log     csl train on the demo config for 6 iterations, bf16 autocast, kernels.backend=auto (when >= 60 s
 #                 of the budget are left; tests/test_gpu.py runs the named backends)
 #   summary.md    what passed, what failed, the times
+# Exit status: 0 when every stage passed and the benchmarks' results merged into bench.json, 1 otherwise, 2 for a
+# wrong argument or a machine it cannot check (no GPU, no torch), 130 / 143 when stopped by Ctrl-C / SIGTERM.
 # Works with the packages a GPU machine has (torch >= 2.11, triton >= 3.6, Python 3.12) and the project on PYTHONPATH
 # only (no pip install, no network). --cpu-dry-run runs every stage that can run without a GPU (tests of the CPU
 # backends, the benchmark's smoke suite, the CPU training steps) so the script itself is tested on CPU machines.
@@ -258,19 +260,26 @@ pack() {  # --pack DIR: the evidence folder as one archive and the summary besid
   # make tar say "file changed as we read it", exit 1, with a usable archive)
   [ -n "$PACK" ] || return 0
   tar czf "$PACK/evidence.tgz.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null
-  [ $? -le 1 ] && mv "$PACK/evidence.tgz.tmp" "$PACK/evidence.tgz"
+  local status=$?
+  if [ $status -le 1 ]; then
+    mv "$PACK/evidence.tgz.tmp" "$PACK/evidence.tgz"
+  else  # no half-written archive left beside the last good one (the device tool brings back a few files only)
+    rm -f "$PACK/evidence.tgz.tmp"
+    echo "gpu_check: packing the evidence into $PACK/evidence.tgz failed (tar exit $status)" >&2
+  fi
   cp "$OUT/summary.md" "$PACK/summary.md"
 }
 
-on_signal() {  # stopped from outside: stop the stage, keep the summary
+on_signal() {  # stopped from outside: stop the stage, keep the summary; exit 128 + the signal's number ($1)
   [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null
   [ -n "${PROBE_PID:-}" ] && kill -TERM "$PROBE_PID" 2>/dev/null
   NOTES+=("Stopped by a signal during the stage marked running.")
   write_summary
   rm -rf "$WORK"
-  exit 143
+  exit "$1"
 }
-trap on_signal TERM INT
+trap 'on_signal 143' TERM
+trap 'on_signal 130' INT
 
 # 1. Environment
 {
@@ -335,7 +344,12 @@ for op in pcos_weights weighted_cross_entropy; do
   cat "$OUT/bench-$short.log" >> "$OUT/bench.log"
   [ -f "$OUT/bench-$short.json" ] && MERGE+=("$OUT/bench-$short.json")
 done
-[ ${#MERGE[@]} -gt 0 ] && "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" --overwrite > /dev/null 2>&1
+if [ ${#MERGE[@]} -gt 0 ] && ! "$PY" -m csl_bench --merge "${MERGE[@]}" --out "$OUT/bench.json" --overwrite \
+    > "$WORK/merge.log" 2>&1; then
+  { echo "The merge of ${MERGE[*]##*/} into bench.json failed:"; cat "$WORK/merge.log"; } >> "$OUT/bench.log"
+  NOTES+=("The benchmark results were not merged into bench.json (the merge's error at the end of bench.log); each op's are in its bench-<op>.json.")
+  MERGE_FAILED=1
+fi
 # The extension's kernels again with each pixel's classes read one by one (CSL_CUDA_REGISTER_CLASSES=0; the default
 # loads C <= 32 together into registers): which of the two is faster here (the dry run: rows saying unavailable)
 CSL_CUDA_REGISTER_CLASSES=0 stage bench_cuda_plain 90 "$PY" -m csl_bench "${BENCH[@]}" --providers cuda \
@@ -430,4 +444,5 @@ rm -rf "$WORK"
 cat "$OUT/summary.md"
 FAILED=0
 for name in "${!STATUS[@]}"; do [ "${STATUS[$name]}" != 0 ] && FAILED=1; done
+[ "${MERGE_FAILED:-0}" = 1 ] && FAILED=1
 exit $FAILED

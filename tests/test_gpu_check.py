@@ -636,7 +636,10 @@ def test_a_stage_past_its_limit_is_killed_and_the_evidence_before_it_is_kept(tmp
     assert not left, f"processes of the check still running after it ended: {left}"
 
 
-def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp_path):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp_path, signum, status):
+    """SIGTERM (the device tool's limit, ``timeout``) or SIGINT (Ctrl-C): the stage and the probe stopped, the summary
+    and the pack kept, exit 128 + the signal's number."""
     repo, env = _fake_checkout(tmp_path)
     out, packed = tmp_path / "check", tmp_path / "packed"
     env.update(FAKE_ENV="NVIDIA-H100", FAKE_AUTO="hang", FAKE_PROBE="hang", GPU_CHECK_BUDGET_S="300")
@@ -647,12 +650,12 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
             if (out / "auto.log").is_file() and "auto ran" in (out / "auto.log").read_text():
                 break
             time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signum)
 
     proc, stdout, stderr, left = _run_in_session(
         ["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], repo, env, timeout=60,
         while_running=stop_during_auto)
-    assert proc.returncode == 143, stdout[-3000:] + stderr[-2000:]
+    assert proc.returncode == status, stdout[-3000:] + stderr[-2000:]
     summary = (out / "summary.md").read_text()
     assert "| auto | running |" in summary and "Stopped by a signal during the stage marked running." in summary
     assert "\nMeasured: commit unknown (not a git checkout); code hash " in summary, summary
@@ -663,6 +666,42 @@ def test_sigterm_stops_the_running_stage_and_the_probe_and_keeps_the_summary(tmp
     assert (packed / "summary.md").read_text() == summary
     assert not left, f"the stage or the probe still ran after the check ended: {left}"
     assert not list(tmp_path.glob("csl-gpu-check.*")), "the work folder is left behind"
+
+
+def test_a_failed_merge_of_the_benchmarks_is_said_and_fails_the_check(tmp_path):
+    """Both benchmarks ran but their results could not be merged into bench.json: the merge's error is in bench.log,
+    the summary says where each op's results are, and the check exits 1 (every stage passed)."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(FAKE_ENV="NVIDIA-H100", FAKE_MERGE="exit 1", FAKE_MERGE_TEXT="merge: records of another format",
+               GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert set(_stage_exits(out).values()) == {"0"}
+    assert not (out / "bench.json").exists()
+    assert {p.name for p in out.glob("bench-*.json")} >= {"bench-pcos.json", "bench-ce.json"}
+    assert ("The merge of bench-pcos.json bench-ce.json into bench.json failed:\nmerge: records of another format\n"
+            in (out / "bench.log").read_text())
+    assert "were not merged into bench.json (the merge's error at the end of bench.log)" in (
+        out / "summary.md").read_text()
+
+
+def test_a_failed_pack_leaves_no_partial_archive_and_says_so(tmp_path):
+    """tar failing (a full disk, say) after writing part of the archive: no evidence.tgz.tmp is left in the pack
+    folder (the device tool brings back a few files only), the summary is still there, stderr says why."""
+    repo, env = _fake_checkout(tmp_path)
+    out, packed = tmp_path / "check", tmp_path / "packed"
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "tar").write_text('#!/bin/sh\necho partial > "$2"\necho "tar: write error" >&2\nexit 2\n')
+    (tools / "tar").chmod(0o755)
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300", PATH=f"{tools}:{env['PATH']}")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], cwd=repo,
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in packed.iterdir()) == ["summary.md"]
+    assert f"gpu_check: packing the evidence into {packed}/evidence.tgz failed (tar exit 2)" in proc.stderr
 
 
 def test_cpp_exception_probe_outcomes_of_a_child_that_raises_returns_or_fails():
