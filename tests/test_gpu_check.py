@@ -582,9 +582,11 @@ def test_a_failed_stage_is_reported_the_later_stages_run_and_the_check_exits_1(t
 def _run_in_session(command: list[str], cwd: Path, env: dict[str, str], timeout: float, while_running=None):
     """Run ``command`` in a session of its own (``while_running(proc)`` meanwhile); afterwards wait up to 10 s for
     every process of that session to end, then kill what is left. ``(process, stdout, stderr, left)``: ``left``
-    the pids that had not ended by themselves."""
+    the pids that had not ended by themselves. SIGINT has its default action in the command, as in a terminal's
+    foreground command: a suite started in the background (``nohup ... &``) ignores it, and a shell cannot trap a
+    signal that was ignored when it started."""
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         if while_running is not None:
             while_running(proc)
