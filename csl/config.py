@@ -528,7 +528,21 @@ def load_yaml(path: str) -> dict:
                           f"data.dataset, or --config demo / camvid / voc_321 / ... for a bundled one")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, got {type(raw).__name__}")
-    return raw
+    return _empty_sections_as_mappings(raw, DEFAULTS)
+
+
+def _empty_sections_as_mappings(tree: dict, schema: dict) -> dict:
+    """A section written with no keys (``train:`` with every line under it commented out) is YAML's null: read it
+    as the empty section it looks like, whose keys keep their defaults."""
+    out = dict(tree)
+    for key, value in tree.items():
+        default = schema.get(key) if isinstance(key, str) else None
+        if isinstance(default, dict):
+            if value is None:
+                out[key] = {}
+            elif isinstance(value, dict):
+                out[key] = _empty_sections_as_mappings(value, default)
+    return out
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> dict:

@@ -308,6 +308,19 @@ def test_an_empty_config_file_is_refused(tmp_path, text):
         load_config(str(path))
 
 
+def test_a_section_with_every_key_commented_out_keeps_its_defaults(tmp_path):
+    """``train:`` with each line under it commented out is YAML's null; it reads as the empty section it looks
+    like, at the top level and inside a section; a section given a value is still refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: synthetic\n  synthetic:\n    # size: 64\ntrain:\n  # lr: 0.1\n"
+                    "model:\neval:\n")
+    cfg = load_config(str(path))
+    assert cfg == build_config({"data": {"dataset": "synthetic"}})
+    path.write_text("data:\n  dataset: synthetic\nmodel: 3\n")
+    with pytest.raises(ConfigError, match="model must be a section"):
+        load_config(str(path))
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lambda_s=-0.25", "train.lambda_s must be >= 0"),
     ("train.lambda_m=-1", "train.lambda_m must be >= 0"),
