@@ -109,9 +109,11 @@ def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: torch
 
     With probability ``p`` a sample gets one box of area ``U(0.02, 0.4) * H * W``; its aspect ratio ``U(0.3, 1/0.3)``
     and top-left corner (uniform over the crop) are drawn again until the box fits inside the crop, as UniMatch does.
+    The draws are float32, so the boxes depend on the generator's state and the sizes only (not on
+    ``torch.get_default_dtype()``).
     """
     dev, k = generator.device, CUTMIX_CANDIDATES
-    u = torch.rand(2 + 3 * k, batch, generator=generator, device=dev)
+    u = torch.rand(2 + 3 * k, batch, generator=generator, dtype=torch.float32, device=dev)
     apply = u[0] < p
     area = (0.02 + 0.38 * u[1]) * height * width
     ratio = 0.3 + (1 / 0.3 - 0.3) * u[2:2 + k]  # k x B
@@ -193,7 +195,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sc
     #    block grid; the others get the second strong view with its own CutMix box (tmp.other_view=strong_cutmix) or,
     #    as the authors' released code does, the strong view without CutMix and the weak view's own labels (strong).
     fraction = cfg.tmp_fraction if cfg.tmp_enabled else 0.0
-    use_tmp = torch.rand(n_u, generator=generator, device=generator.device) < fraction
+    use_tmp = torch.rand(n_u, generator=generator, dtype=torch.float32, device=generator.device) < fraction
     box2 = cutmix_boxes(n_u, h, w, cfg.cutmix_p, generator) & ~use_tmp[:, None, None]
     if cfg.tmp_other_view == "strong":
         box2 = torch.zeros_like(box2)

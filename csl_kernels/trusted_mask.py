@@ -32,12 +32,13 @@ def grid_size(height: int, width: int, block: int) -> tuple[int, int]:
 
 def draw_cells(batch: int, height: int, width: int, *, block: int, rate: float,
                generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """The random ``B x gh x gw`` bool block grid; each cell is covered with probability ``rate``."""
+    """The random ``B x gh x gw`` bool block grid; each cell is covered with probability ``rate``. Drawn as float32,
+    so the grid depends on the generator's state and the sizes only, not on ``torch.get_default_dtype()``."""
     gh, gw = grid_size(height, width, block)
     if generator is None:  # no generator= at all: Dynamo traces torch.rand(..., generator=None) only for fixed shapes
-        cells = torch.rand(batch, gh, gw, device=device) < rate
+        cells = torch.rand(batch, gh, gw, dtype=torch.float32, device=device) < rate
     else:
-        cells = torch.rand(batch, gh, gw, generator=generator, device=generator.device) < rate
+        cells = torch.rand(batch, gh, gw, generator=generator, dtype=torch.float32, device=generator.device) < rate
     # Asynchronous only towards a GPU (stream-ordered); a GPU -> CPU copy is read at once by the CPU backends.
     return cells.to(device, non_blocking=device.type == "cuda")
 

@@ -6,6 +6,7 @@ A backend that cannot run here is skipped with its reason, unless it is named in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -305,6 +306,17 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """``torch.set_default_dtype(dtype)`` inside the block, the caller's default restored after it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @pytest.fixture

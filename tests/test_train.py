@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_backend, spawn_and_join
+from conftest import default_dtype, require_backend, spawn_and_join
 
 import csl_kernels
 from csl.config import ConfigError, build_config
@@ -222,6 +222,19 @@ def test_a_cutmix_box_brings_the_sources_padding_into_the_loss():
         pasted = image == 1
         assert pasted.flatten(1).any(1).all()  # every sample got a box
         assert torch.equal(ignore == 255, pasted)
+
+
+def test_the_steps_draws_do_not_depend_on_the_default_dtype():
+    """The CutMix boxes and the choice of the masking view's samples are one draw for one seed, whatever
+    ``torch.get_default_dtype()`` is: the views the model sees under a float64 default are those of float32."""
+    seen = _cutmix_step(tmp_enabled=True, tmp_fraction=0.5)[:2]
+    boxes = cutmix_boxes(16, 24, 20, 0.5, torch.Generator().manual_seed(3))
+    with default_dtype(torch.float64):
+        again = _cutmix_step(tmp_enabled=True, tmp_fraction=0.5)[:2]
+        boxes_again = cutmix_boxes(16, 24, 20, 0.5, torch.Generator().manual_seed(3))
+    assert again[0].dtype == torch.float64  # the default took effect
+    assert all(torch.equal(a, b.float()) for a, b in zip(seen, again, strict=True))
+    assert torch.equal(boxes, boxes_again)
 
 
 def test_without_tmp_every_sample_of_the_second_stream_is_cutmixed():

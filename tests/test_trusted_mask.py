@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import child_limit, layout, require_backend, skip_or_fail, spy_constexpr
+from conftest import child_limit, default_dtype, layout, require_backend, skip_or_fail, spy_constexpr
 
 import csl_kernels
 from csl_kernels import _backends
@@ -313,6 +313,22 @@ def test_the_defaults_are_the_papers_block_32_and_rate_0_7():
     assert torch.equal(default, masked(block=32, rate=0.7, fill=0.0))
     for other in ({"block": 16}, {"rate": 0.5}, {"fill": 1.0}):  # each setting changes this draw
         assert not torch.equal(default, masked(**other)), other
+
+
+def test_the_grid_does_not_depend_on_the_default_dtype():
+    """One seed draws one block grid, with or without a generator, whatever ``torch.get_default_dtype()`` is (a
+    float64 default would draw other numbers from the same generator state)."""
+    def grids():
+        torch.manual_seed(0)
+        unseeded = draw_cells(3, 40, 40, block=4, rate=0.5, generator=None, device=torch.device("cpu"))
+        seeded = draw_cells(3, 40, 40, block=4, rate=0.5, generator=torch.Generator().manual_seed(0),
+                            device=torch.device("cpu"))
+        return unseeded, seeded
+
+    expected = grids()
+    with default_dtype(torch.float64):
+        drawn = grids()
+    assert all(torch.equal(a, b) for a, b in zip(expected, drawn, strict=True))
 
 
 def test_a_grid_drawn_by_a_generator_on_another_device_moves_to_the_images_device():
