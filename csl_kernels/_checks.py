@@ -218,6 +218,12 @@ def check_fraction(value: float, name: str, *, zero_allowed: bool = True) -> Non
                          f"{_not_a_number_hint(value)}")
 
 
+def check_flag(value: bool, name: str) -> None:
+    """``True`` or ``False`` (a string such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_described(value)}")
+
+
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

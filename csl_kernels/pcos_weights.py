@@ -8,7 +8,7 @@ import torch
 
 from . import _measured
 from ._backends import register
-from ._checks import check_choice, check_logits, check_positive, pixel_validity
+from ._checks import check_choice, check_flag, check_logits, check_positive, pixel_validity
 from .residual_features import EPS, features_with_validity, rule_confidence
 
 GROUP_MODES = ("image", "class")
@@ -220,6 +220,7 @@ def pcos_weights(
     check_positive(alpha, "alpha")
     confidence = rule_confidence(rule, confidence)
     check_choice(groups, "groups", GROUP_MODES)
+    check_flag(return_stats, "return_stats")
     mask = pixel_validity(logits, ignore, valid)
     args = (logits, mask, float(alpha), confidence == "log", groups == "class", rule == "released")
     _, impl = _measured.resolve("pcos_weights", backend, logits.device, logits, lambda fn: fn(*args),

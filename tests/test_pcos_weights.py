@@ -822,6 +822,8 @@ def test_triton_custom_op_registration_and_compile():
         (lambda z: (z.to_sparse(), None, {}), TypeError, "logits must be a dense"),
         (lambda z: (z, None, {"confidence": "logit"}), ValueError, "confidence"),
         (lambda z: (z, None, {"groups": "pixel"}), ValueError, "groups"),
+        (lambda z: (z, None, {"return_stats": "no"}), TypeError, "return_stats must be True or False, got 'no'"),
+        (lambda z: (z, None, {"return_stats": 1}), TypeError, "return_stats must be True or False, got 1"),
         (lambda z: (z[0], None, {}), ValueError, "logits"),
         (lambda z: (z.int(), None, {}), TypeError, "logits"),
         (lambda z: (z[:, :1], None, {}), ValueError, "at least 2 classes"),
