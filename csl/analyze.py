@@ -339,6 +339,8 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
         raise ValueError(f"max_ranked_pixels (--max-ranked-pixels) must be >= 1, got {max_ranked_pixels}")
     if panels < 0:
         raise ValueError(f"panels (--panels) must be >= 0, got {panels}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images (--max-images) must be >= 1, got {max_images}")
     if not overwrite and os.path.exists(os.path.join(out_dir, "analysis.json")):
         prepare_out_dir(out_dir, overwrite)  # refused before hours of prediction
     ckpt = load_checkpoint(checkpoint)
@@ -350,7 +352,7 @@ def run_analysis(checkpoint: str, out_dir: str, *, overrides: list[str] | None =
         dataset = analysis_dataset(cfg, split)
     n_images = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if n_images < 1:
-        raise ValueError(f"no image to analyse (max_images={max_images})")
+        raise ValueError(f"no image to analyse: the {split} set is empty")
     mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
     crop = cfg["eval"]["crop_size"] or cfg["data"]["crop_size"]
     sel_cfg, ignore_index = cfg["selection"], IGNORE_INDEX  # the datasets map the files' ignore value to it

@@ -190,6 +190,16 @@ def test_max_ranked_pixels_below_one_is_an_error_not_the_default(tmp_path, capsy
     assert "must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_images_below_one_is_an_error_before_the_checkpoint_is_read(tmp_path, capsys, value):
+    from csl.analyze import run_analysis
+
+    with pytest.raises(ValueError, match=rf"max_images \(--max-images\) must be >= 1, got {value}"):
+        run_analysis(str(tmp_path / "never-read.pt"), str(tmp_path / "out"), max_images=value)
+    assert main(["analyze", "--checkpoint", str(tmp_path / "never-read.pt"), "--max-images", str(value)]) == 2
+    assert f"max_images (--max-images) must be >= 1, got {value}" in capsys.readouterr().err
+
+
 def test_analyze_refuses_to_overwrite_and_writes_beside_a_demo_run(checkpoint, tmp_path, capsys):
     import shutil
 
