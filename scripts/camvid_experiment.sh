@@ -8,7 +8,16 @@
 #   SPLIT=1_4 bash scripts/camvid_experiment.sh  # 1/4 labeled -> runs/camvid/1_4_seed0
 #   METHODS=supervised,threshold,csl,csl_no_tmp,confidence_share bash scripts/camvid_experiment.sh  # with the controls
 # Started again, it reuses what is done: finished stages, a stopped one from its latest.pt, up-to-date analyses.
+# Settings are environment variables: SHARED (default ../shared), SEED (0), SPLIT (1_8; e.g. 1_4), OUT (above),
+# WARMUP (800 iterations, lr 0.002), ITERS (600 per method), METHODS (supervised,threshold,csl; any of csl demo's).
+# It takes no arguments; -h / --help prints this header.
 set -euo pipefail
+case "${1:-}" in
+  '') ;;
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+  *) echo "camvid_experiment: unknown argument $1 (settings are environment variables, e.g. SEED=1; see --help)" >&2
+     exit 2 ;;
+esac
 # SHARED / OUT given relative are taken from the caller's folder; the defaults are relative to the checkout.
 abs() { case "$1" in /*) echo "$1" ;; *) echo "$(pwd)/$1" ;; esac; }
 [ -n "${SHARED:-}" ] && SHARED=$(abs "$SHARED")
