@@ -511,6 +511,25 @@ def _negative_fractions(words: list[str]) -> list[str]:
     return [w for w in words if re.fullmatch(r"-\d+[/_]\d+", w)]
 
 
+@contextlib.contextmanager
+def _own_warnings_as_lines(command: str):
+    """A warning attributed to csl's code (the config's: a key renamed or given twice) is said in one line, ``csl
+    <command>: warning: ...``, as the errors are, instead of Python's form with csl's source file and line; warnings
+    attributed elsewhere keep that form."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if os.path.abspath(filename).startswith(package):
+                print(f"csl {command}: warning: {message}", file=sys.stderr if file is None else file)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     negative = _negative_fractions(sys.argv[1:] if argv is None else list(argv))
@@ -533,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         signals = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
         previous = {s: signal.signal(s, stop.handle_signal) for s in signals}
     try:
-        return _run(args)
+        with _own_warnings_as_lines(args.command):
+            return _run(args)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -13,7 +13,7 @@ import torch
 from conftest import child_limit
 from PIL import Image
 
-from csl.cli import expand_images, main
+from csl.cli import _own_warnings_as_lines, expand_images, main
 from csl.data import read_split
 from csl.logging_utils import read_metrics
 
@@ -423,6 +423,28 @@ def test_an_unknown_option_is_said_by_its_subcommand(capsys, option):
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith("usage: csl train ")
     assert err.strip().splitlines()[-1] == f"csl train: error: unrecognized arguments: {option}"
+
+
+def test_config_warnings_are_one_line_each_and_others_keep_their_form(tmp_path, capsys):
+    """A config key renamed or given twice is said as ``csl <command>: warning: ...``, without the csl source line
+    that warned; a warning from elsewhere is shown by Python as usual, and the form is the usual one after main."""
+    import warnings
+
+    old = tmp_path / "old.yaml"
+    old.write_text("selection:\n  backend: cpu\n")
+    assert main(["train", "--config", str(old), "train.lr=0.1", "train.lr=0.2", "--print-config"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["csl train: warning: config key 'selection.backend' is deprecated; it is read as 'kernels.backend'",
+                   "csl train: warning: train.lr is given twice (0.1, then 0.2); the last one is used"]
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, *rest: shown.append((str(message), filename))
+        with _own_warnings_as_lines("train"):
+            warnings.warn("not csl's", UserWarning, stacklevel=1)
+        warnings.warn("after", UserWarning, stacklevel=1)
+    assert shown == [("not csl's", __file__), ("after", __file__)]
+    assert capsys.readouterr().err == ""
 
 
 def test_csl_debug_prints_the_traceback_and_keeps_the_exit_status(capsys, monkeypatch):
