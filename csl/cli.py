@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "or, with --config, on another dataset")
     d.add_argument("--config", default="demo", help="base config (default demo; camvid = the CamVid experiment)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
-    d.add_argument("--iters", type=int, help="iterations per method after the warm-up (default: the demo config's)")
+    d.add_argument("--iters", type=int,
+                   help="iterations per method after the warm-up (default: the --config's train.iters)")
     d.add_argument("--warmup", type=int, default=None, help="shared supervised warm-up iterations (default 300)")
     d.add_argument("--warmup-lr", type=float, default=None, help="learning rate of the warm-up (default 0.01)")
     d.add_argument("--fresh", action="store_true",
