@@ -198,7 +198,8 @@ def saved_device_type(ckpt: dict) -> str | None:
 
 
 def check_start_files(cfg: dict, resume_from: str | None) -> None:
-    """The files a start reads besides the data: a missing one is an error now, not after the data is built."""
+    """The files a start reads besides the data, and the data's root folder: a missing one is an error now, not after
+    the data is built. ``cfg`` as given: a relative path is said as written and as read from the current folder."""
     files = [("--resume / train.resume", resume_from)]
     if resume_from is None:  # a resume takes every weight from its checkpoint
         files.append(("train.init_from", cfg["train"]["init_from"]))
@@ -208,6 +209,11 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
         if path and not os.path.isfile(path):
             where = "" if os.path.isabs(path) else f" (read from the current folder: {os.path.abspath(path)})"
             raise FileNotFoundError(f"{key}: file not found: {path}{where}")
+    root = cfg["data"].get("root")
+    if cfg["data"].get("dataset", "synthetic") != "synthetic" and root and not os.path.isdir(root):
+        from .data import DataRootNotFound, as_given
+
+        raise DataRootNotFound(f"data.root not found (or not a folder): {as_given(root)}")
 
 
 def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:
@@ -255,7 +261,8 @@ class Trainer:
     """Builds everything from a validated config (see :mod:`csl.config`) and runs ``train()``."""
 
     def __init__(self, cfg: dict, env: DistEnv | None = None):
-        cfg = resolve_data_paths(cfg)  # stored resolved: the checkpoint's config then works from any directory
+        # Stored resolved: the checkpoint's config then works from any directory.
+        given, cfg = cfg, resolve_data_paths(cfg)
         self.cfg = cfg
         self.env = env or init_distributed(cfg["device"], cfg["dist_timeout_min"])
         self.device = self.env.device
@@ -276,7 +283,7 @@ class Trainer:
             barrier()
             self.resume_from = self._resume_path()  # read once: resume=auto compares the checkpoints' iterations
             self._check_ranks_resume_alike()
-            check_start_files(cfg, self.resume_from)  # a missing file is said before the folder is touched
+            check_start_files(given, self.resume_from)  # a missing file is said before the folder is touched
             self.run_lock = None
             if self.env.is_main:  # before anything is written: refuse another run's folder, lock this one
                 self.run_lock = claim_run_folder(self.output_dir, resuming=self.resume_from is not None,

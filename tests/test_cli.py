@@ -693,6 +693,19 @@ def test_a_moved_data_root_from_the_checkpoint_says_where_it_came_from(trained, 
     assert f"data.root not found (or not a folder): {tmp_path / 'nope'}\n" in err and "stored in" not in err
 
 
+def test_a_relative_data_root_that_is_not_there_is_said_as_written(trained, tmp_path, monkeypatch, capsys):
+    """A relative data.root (a bundled config's ../shared/data/camvid, run from another folder) is named as written
+    and as read from the current folder; csl train says so before the run folder is made."""
+    monkeypatch.chdir(tmp_path)
+    said = (f"data.root not found (or not a folder): ../no-data (read from the current folder: "
+            f"{tmp_path.parent / 'no-data'})")
+    folder = ["data.dataset=folder", "data.root=../no-data", "data.num_classes=4"]
+    assert main(["train", "--config", "demo", *TINY, *folder, "output_dir=run"]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["eval", "--checkpoint", str(trained / "best.pt"), "--config", "demo", *folder]) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_another_model_is_summarised(trained, capsys):
     """ResNet-18 weights read into a ResNet-34: the count and first names of what differs, not the whole state dict."""
     import re

@@ -205,6 +205,12 @@ def _source_options(data_cfg: dict) -> dict:
             "scale": float(data_cfg.get("image_scale", 1.0))}
 
 
+def as_given(path: str) -> str:
+    """A path as the config has it; a relative one also as read from the current folder (a config's paths are read
+    from where csl runs, not from the config file's folder)."""
+    return path if os.path.isabs(path) else f"{path} (read from the current folder: {os.path.abspath(path)})"
+
+
 def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_index: int) -> ListSource:
     opts = _source_options(data_cfg)
     val_list = data_cfg.get("val_list")
@@ -212,8 +218,7 @@ def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_in
         return kind_cls(root, val_list, num_classes, ignore_index, **opts)
     split_dir = data_cfg.get("split_dir")
     if split_dir is not None and not os.path.isdir(split_dir):  # never another val set in its place
-        raise DataPathNotFound(f"data.split_dir not found (or not a folder): {os.path.abspath(split_dir)}",
-                               "data.split_dir")
+        raise DataPathNotFound(f"data.split_dir not found (or not a folder): {as_given(split_dir)}", "data.split_dir")
     if split_dir is None and data_cfg.get("split") is not None:
         split_dir = os.path.join(SPLITS_DIR, data_cfg.get("dataset", ""), split_folder_name(data_cfg["split"]))
     if split_dir is not None:
@@ -236,7 +241,7 @@ def _file_kind(data_cfg: dict) -> tuple[type[ListSource], str, int]:
     if not root:
         raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
     if not os.path.isdir(root):
-        raise DataRootNotFound(f"data.root not found (or not a folder): {os.path.abspath(root)}")
+        raise DataRootNotFound(f"data.root not found (or not a folder): {as_given(root)}")
     num_classes = data_cfg.get("num_classes") or kind_cls.num_classes_default
     if num_classes is None:
         raise ValueError(f"data.num_classes is required for dataset {kind!r}")
