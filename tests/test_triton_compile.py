@@ -179,3 +179,17 @@ def test_ptxas_counts_spills_that_the_stack_size_cannot_tell(tmp_path):
     assert usage["0"]["spill_stores"] == 0 and not compile_check.spills(usage["0"])
     assert usage["32"]["spill_stores"] > compile_check.MAX_SPILL_BYTES and usage["32"]["reg"] <= 32
     assert compile_check.spills(usage["32"])
+
+
+def test_a_phase_says_how_far_it_got_and_a_failed_one_keeps_its_errors(capfd):
+    """The phases run minutes: their progress lines reach stderr as they come; the rest of a phase's stderr is the
+    error of a failed phase, without the progress lines."""
+    import sys
+
+    child = ("import sys; p = sys.stderr; p.write('compile_check: one\\n'); p.write('a warning\\n'); "
+             "p.write('compile_check: two\\n'); p.write('Traceback: boom\\n'); sys.exit({code})")
+    compile_check.run_child([sys.executable, "-c", child.format(code=0)], {}, "the test phase")
+    assert capfd.readouterr().err == "compile_check: one\ncompile_check: two\n"
+    with pytest.raises(RuntimeError, match=r"the test phase failed \(exit 3\):\na warning\nTraceback: boom\n$"):
+        compile_check.run_child([sys.executable, "-c", child.format(code=3)], {}, "the test phase")
+    assert capfd.readouterr().err == "compile_check: one\ncompile_check: two\n"

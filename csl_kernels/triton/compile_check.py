@@ -17,13 +17,15 @@ the interpreter accepts, a block that needs too much shared memory). This check 
    memory and shared memory come from the cubin (``cuobjdump -res-usage``), spill stores from ``ptxas -v``
    (:func:`ptxas_spills`; at most :data:`MAX_SPILL_BYTES` pass).
 
-Prints a table, writes JSON with ``--out``; exits non-zero when a kernel fails to compile or spills more than
+Says how far it got on stderr (each phase, and the compile's count every 20 s); prints a table, writes JSON with
+``--out``; exits non-zero when a kernel fails to compile or spills more than
 :data:`MAX_SPILL_BYTES` (the variants are listed under the table).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import inspect
 import json
@@ -34,6 +36,10 @@ import sys
 import tempfile
 import time
 
+# Lines a phase's subprocess writes to stderr that start with this are progress, passed on to the user's stderr as they
+# come (the rest of the stream is kept for the error message of a failed phase).
+PROGRESS = "compile_check: "
+PROGRESS_EVERY_S = 20.0
 # Launch options of ``kernel[grid](...)`` that are not kernel arguments.
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 # Constexpr flags that only huge inputs switch on: compiled in both states whatever the captured calls gave.
@@ -97,6 +103,7 @@ def representative_calls() -> None:
             sel = ck.pcos_weights(strided.detach(), None, backend="reference")
             ck.pcos_weights(strided.detach(), None, backend="triton")
             ck.weighted_cross_entropy(strided, sel.label, sel.weight, None, backend="triton").backward()
+        _say(f"ran the calls with {str(dtype).removeprefix('torch.')} logits")
     for dtype in (torch.float32, torch.float64):  # an image of a whole chunk: the cluster pass's widest tile
         ck.pcos_weights(torch.randn(1, 3, 32, 40, generator=g).to(dtype), None, backend="triton")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -158,11 +165,14 @@ def capture() -> list[dict]:
     from . import tuning
 
     InterpretedFunction.run = recording_run
+    rounds = max(len(t.candidates) for t in tuning.TUNABLES.values())
     try:
         representative_calls()
-        for index in range(1, max(len(t.candidates) for t in tuning.TUNABLES.values())):
+        _say(f"captured the representative calls ({len(launches)} launches)")
+        for index in range(1, rounds):
             with tuning.forced(index):
                 candidate_calls()
+            _say(f"captured the tuned kernels under launch configuration {index} of {rounds - 1}")
     finally:
         InterpretedFunction.run = original
     return list(launches.values())
@@ -318,37 +328,56 @@ def compile_all(records: list[dict], arch: int) -> list[dict]:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    results, seen = [], set()
-    for base in records:
-        for record in _variants(base):
-            key = json.dumps(record, sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
-            jit_fn = getattr(importlib.import_module(record["module"]), record["kernel"])
-            result = {"kernel": record["kernel"], "module": record["module"], "options": record["options"]}
-            t0 = time.perf_counter()
-            try:
-                signature, constexprs = _signature(jit_fn, record["args"])
-                result["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
-                result["constexprs"] = {k: str(v) for k, v in constexprs.items()}
-                compiled = triton.compile(ASTSource(jit_fn, signature, constexprs), target=target,
-                                          options=dict(record["options"]))
-                usage = _resource_usage(compiled.asm["cubin"])
-                # A stack frame may hold spilled registers: ptxas says how many bytes (none without a frame).
-                spilled = ptxas_spills(compiled.asm["ptx"]) if usage.get("stack", 0) > 0 else {
-                    "spill_stores": 0, "spill_loads": 0}
-                result.update(status="ok", shared_bytes=int(compiled.metadata.shared), **usage, **spilled)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported with its kernel and constexprs
-                message = str(exc).strip().splitlines()
-                result.update(status="error", error=f"{type(exc).__name__}: {' | '.join(message[-6:])}")
-            result["compile_s"] = round(time.perf_counter() - t0, 3)
-            results.append(result)
+    variants = list({json.dumps(r, sort_keys=True): r for base in records for r in _variants(base)}.values())
+    results, start = [], time.monotonic()
+    said = start
+    for done, record in enumerate(variants):
+        if time.monotonic() - said >= PROGRESS_EVERY_S:
+            said = time.monotonic()
+            _say(f"compiled {done} of {len(variants)} kernel variants ({said - start:.0f} s)")
+        jit_fn = getattr(importlib.import_module(record["module"]), record["kernel"])
+        result = {"kernel": record["kernel"], "module": record["module"], "options": record["options"]}
+        t0 = time.perf_counter()
+        try:
+            signature, constexprs = _signature(jit_fn, record["args"])
+            result["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
+            result["constexprs"] = {k: str(v) for k, v in constexprs.items()}
+            compiled = triton.compile(ASTSource(jit_fn, signature, constexprs), target=target,
+                                      options=dict(record["options"]))
+            usage = _resource_usage(compiled.asm["cubin"])
+            # A stack frame may hold spilled registers: ptxas says how many bytes (none without a frame).
+            spilled = ptxas_spills(compiled.asm["ptx"]) if usage.get("stack", 0) > 0 else {
+                "spill_stores": 0, "spill_loads": 0}
+            result.update(status="ok", shared_bytes=int(compiled.metadata.shared), **usage, **spilled)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported with its kernel and constexprs
+            message = str(exc).strip().splitlines()
+            result.update(status="error", error=f"{type(exc).__name__}: {' | '.join(message[-6:])}")
+        result["compile_s"] = round(time.perf_counter() - t0, 3)
+        results.append(result)
     return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver.
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr, which the driver passes on as it comes (:func:`run_child`)."""
+    print(PROGRESS + message, file=sys.stderr, flush=True)
+
+
+def run_child(cmd: list[str], env: dict, what: str) -> None:
+    """Run ``cmd``; its progress lines (:data:`PROGRESS`) go to stderr as they come, the rest of its stderr is kept and
+    ends the error of a failed run."""
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        kept = collections.deque(maxlen=200)
+        for line in proc.stderr:
+            if line.startswith(PROGRESS):
+                print(line, end="", file=sys.stderr, flush=True)
+            else:
+                kept.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{''.join(kept)[-4000:]}")
 
 
 def _run_phase(phase: str, arch: int, payload_path: str, interpret: bool) -> None:
@@ -358,9 +387,7 @@ def _run_phase(phase: str, arch: int, payload_path: str, interpret: bool) -> Non
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "csl_kernels.triton.compile_check", "--phase", phase, "--arch", str(arch),
            "--payload", payload_path]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {phase} phase failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    run_child(cmd, env, f"the {phase} phase")
 
 
 def interpreter_problem() -> str | None:
@@ -382,9 +409,13 @@ def check(arch: int = 90) -> list[dict]:
                            f"{problem}")
     with tempfile.TemporaryDirectory() as tmp:
         launches, compiled = os.path.join(tmp, "launches.json"), os.path.join(tmp, "compiled.json")
+        start = time.monotonic()
+        _say("capturing every op's kernel launches under Triton's interpreter")
         _run_phase("capture", arch, launches, interpret=True)
+        _say(f"captured the launches in {time.monotonic() - start:.0f} s; compiling each for cuda:{arch}")
         os.replace(launches, compiled + ".in")
         _run_phase("compile", arch, compiled, interpret=False)
+        _say(f"done in {time.monotonic() - start:.0f} s")
         with open(compiled) as f:
             return json.load(f)
 
