@@ -238,7 +238,7 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=len(rules))
+    _legend_outside(axes[0])  # right of the bars: a class near 1 under it would be hidden
     axes[1].set_xticks(x)
     predicted = result["csl"]["weighted"]["per_class"].get("pixels_predicted")  # absent in older analyses
     if predicted:  # how many pixels a class's accuracy stands on: a ratio of a handful is told apart

@@ -140,3 +140,23 @@ def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_t
     assert count["reliable cluster (c*)"] == (cluster == 1).sum() and count["other cluster"] == (cluster != 1).sum()
     assert count["correct pseudo-label"] == ((pred == target) & valid).sum()
     assert count["wrong pseudo-label"] == ((pred != target) & valid).sum()
+
+
+def _extent(artist):
+    """``artist``'s box in display pixels of its drawn figure."""
+    return artist.get_window_extent(artist.figure.canvas.get_renderer())
+
+
+def test_per_class_legend_covers_no_bar(kept_figures, tmp_path):
+    """Bars up to 1 in every class (a well-predicted class anywhere, the last included): the legend lies clear of
+    each of them."""
+    full = {"per_class": {"accuracy": [0.99, 0.98, 0.97], "recall": [0.9, 0.9, 0.9]}}
+    result = {"class_names": ["road", "car", "sky"], "threshold": [{"tau": 0.95, **full}],
+              "csl": {"hard": full, "weighted": full}}
+    plots.plot_per_class(result, str(tmp_path))
+    fig = kept_figures[0]
+    fig.canvas.draw()
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + fig.legends
+    box = _extent(legend)
+    bars = [p for ax in fig.axes for c in ax.containers for p in c]
+    assert len(bars) == 18 and not [p for p in bars if box.overlaps(_extent(p))]
