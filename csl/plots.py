@@ -127,11 +127,16 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     g0 = np.linspace(f0.min() - pad0, f0.max() + pad0, 300)
     g1 = np.linspace(f1.min() - pad1, f1.max() + pad1, 300)
     G0, G1 = np.meshgrid(g0, g1)
-    W = weight_surface(G0, G1, mu, var, alpha)
+    # The weight is 1 wherever either feature exceeds the mean: contoured there, every level would run along that
+    # region's edge with its label stacked on the others'. The Gaussian's levels are drawn below both means, the
+    # edge once as its own line.
+    W = np.ma.masked_where((G0 > mu[0]) | (G1 > mu[1]), weight_surface(G0, G1, mu, var, alpha))
     thr = np.log(tau) if confidence == "log" else tau
     for ax in axes:
-        cs = ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9, 0.999], colors="black", linewidths=0.8)
-        ax.clabel(cs, fmt=lambda v: f"w={v:.2g}" if v < 0.99 else "w=1", fontsize=7)
+        cs = ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9], colors="black", linewidths=0.8)
+        ax.clabel(cs, fmt=lambda v: f"w={v:.2g}", fontsize=7)
+        ax.plot([g0[0], mu[0], mu[0]], [mu[1], mu[1], g1[0]], color="black", lw=1.8,
+                label="w = 1 above or right of this edge")
         ax.axvline(thr, color="tab:blue", ls="--", lw=1.2, label=f"threshold {tau:g}")
         ax.plot(mu[0], mu[1], "kx", ms=6, mew=2, label="reliable cluster mean")
         ax.set_xlabel("max confidence" + (" (log)" if confidence == "log" else ""))

@@ -160,3 +160,25 @@ def test_per_class_legend_covers_no_bar(kept_figures, tmp_path):
     box = _extent(legend)
     bars = [p for ax in fig.axes for c in ax.containers for p in c]
     assert len(bars) == 18 and not [p for p in bars if box.overlaps(_extent(p))]
+
+
+def test_feature_plane_labels_the_gaussian_levels_inside_below_the_mean_apart_from_each_other(kept_figures, tmp_path):
+    """The weight is 1 wherever either feature exceeds the reliable cluster's mean, so that region's edge is one line
+    of the legend; each contour label of the Gaussian sits below both means (not stacked on that edge), clear of the
+    other labels."""
+    rng = np.random.default_rng(0)
+    f0, f1 = rng.uniform(0.0, 1.0, 2000), rng.uniform(0.0, 1.0, 2000)
+    mu = np.array([[0.6, 0.5], [0.2, 0.2]])
+    example = {"name": "x", "f0": f0, "dispersion": f1, "pred": np.zeros(2000, dtype=np.int64),
+               "target": np.zeros(2000, dtype=np.int64), "chosen": 0, "mu": mu, "var": np.full((2, 2), 0.04)}
+    plots.plot_feature_plane(example, str(tmp_path), alpha=8.0)
+    fig = kept_figures[0]
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        labels = [t for t in ax.texts if t.get_text().startswith("w=")]
+        assert labels and {t.get_text() for t in labels} <= {"w=0.1", "w=0.5", "w=0.9"}
+        assert all(x < 0.6 - 0.02 and y < 0.5 - 0.02 for x, y in (t.get_position() for t in labels))
+        boxes = [_extent(t) for t in labels]
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+        (edge,) = [ln for ln in ax.get_lines() if ln.get_label() == "w = 1 above or right of this edge"]
+        assert edge.get_xydata()[1:].tolist() == [[0.6, 0.5], [0.6, edge.get_ydata()[2]]]
