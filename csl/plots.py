@@ -37,6 +37,16 @@ def _save(fig, out_dir: str, name: str) -> str:
     return _save_figure(fig, os.path.join(out_dir, name))
 
 
+# One colour per method in every picture (Okabe-Ito, safe for colour-blind readers: threshold orange, CSL blue),
+# keyed by the method's run name; methods without one take the other colours in turn.
+METHOD_COLOURS = {"threshold": "#E69F00", "csl": "#0072B2", "supervised": "#999999", "csl_no_tmp": "#56B4E9",
+                  "csl_class": "#009E73", "confidence_share": "#CC79A7", "csl_released": "#D55E00",
+                  "oracle": "#000000", "warmup": "#8C564B"}
+_OTHER_COLOURS = ("#F0E442", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#E377C2")
+# CSL's soft weights in a lighter blue beside its reliable pixels' METHOD_COLOURS["csl"].
+CSL_WEIGHTED_COLOUR = "#56B4E9"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # csl analyze
 
@@ -52,32 +62,33 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     th = result["threshold"]
-    ax.plot([_num(r["recall"]) for r in th], [_num(r["accuracy"]) for r in th], "o-", color="tab:blue",
+    mc = METHOD_COLOURS  # the methods' colours of the report pictures: threshold orange, CSL blue
+    ax.plot([_num(r["recall"]) for r in th], [_num(r["accuracy"]) for r in th], "o-", color=mc["threshold"],
             label="confidence threshold sweep")
     for r in th:
         if r["accuracy"] is not None and r["recall"] is not None:  # None: nothing selected / nothing correct
             ax.annotate(f"{r['tau']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, color="tab:blue")
+                        fontsize=7, color=mc["threshold"])
     base = baseline_row(result, tau)
     if base:
-        ax.plot(_num(base["recall"]), _num(base["accuracy"]), "s", ms=10, mfc="none", mec="tab:blue", mew=2,
+        ax.plot(_num(base["recall"]), _num(base["accuracy"]), "s", ms=10, mfc="none", mec=mc["threshold"], mew=2,
                 label=f"threshold {tau:g} (UniMatch)")
-    styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:olive")}
+    styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:purple")}
     for name, sweep in result["sweeps"].items():
         marker, colour = styles.get(name, (".--", "black"))
         ax.plot([_num(r["recall"]) for r in sweep], [_num(r["accuracy"]) for r in sweep], marker, color=colour, ms=4,
                 label=f"{name} (share sweep)")
-    points = [("csl", "hard", "*", "tab:red", "CSL per image: reliable (w = 1)"),
-              ("csl", "weighted", "P", "tab:red", "CSL per image: weighted"),
-              ("csl_class", "hard", "*", "tab:purple", "CSL per class: reliable"),
-              ("csl_class", "weighted", "P", "tab:purple", "CSL per class: weighted"),
-              ("csl_released", "hard", "*", "tab:green", "CSL, released code's rule: reliable"),
-              ("csl_released", "weighted", "P", "tab:green", "CSL, released code's rule: weighted")]
-    for rule, kind, marker, colour, label in points:
+    points = [("csl", "hard", "*", "CSL per image: reliable (w = 1)"),
+              ("csl", "weighted", "P", "CSL per image: weighted"),
+              ("csl_class", "hard", "*", "CSL per class: reliable"),
+              ("csl_class", "weighted", "P", "CSL per class: weighted"),
+              ("csl_released", "hard", "*", "CSL, released code's rule: reliable"),
+              ("csl_released", "weighted", "P", "CSL, released code's rule: weighted")]
+    for rule, kind, marker, label in points:
         if rule not in result:  # analyses written before the released rule was analysed
             continue
         r = result[rule][kind]
-        ax.plot(_num(r["recall"]), _num(r["accuracy"]), marker, ms=13 if marker == "*" else 10, color=colour,
+        ax.plot(_num(r["recall"]), _num(r["accuracy"]), marker, ms=13 if marker == "*" else 10, color=mc[rule],
                 label=label, mec="black", mew=0.5)
     ax.set_xlabel("recall of the correct pseudo-labels")
     ax.set_ylabel("accuracy of the selected pseudo-labels")
@@ -227,16 +238,18 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
     plt = _pyplot()
     names = result["class_names"]
     base = baseline_row(result, tau)
-    rules = ([(f"threshold {tau:g}", base)] if base else []) + [("CSL reliable", result["csl"]["hard"]),
-                                                                   ("CSL weighted", result["csl"]["weighted"])]
+    # The report pictures' colours: threshold orange, CSL blue (its weights a lighter blue).
+    rules = ([(f"threshold {tau:g}", base, METHOD_COLOURS["threshold"])] if base else []) + [
+        ("CSL reliable", result["csl"]["hard"], METHOD_COLOURS["csl"]),
+        ("CSL weighted", result["csl"]["weighted"], CSL_WEIGHTED_COLOUR)]
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(names) + 2), 6), sharex=True)
     x = np.arange(len(names))
     width = 0.8 / len(rules)
     for ax, metric in zip(axes, ("accuracy", "recall"), strict=True):
-        for j, (label, r) in enumerate(rules):
+        for j, (label, r, colour) in enumerate(rules):
             vals = [np.nan if v is None else v for v in r["per_class"][metric]]
             offset = x + (j - (len(rules) - 1) / 2) * width
-            ax.bar(offset, vals, width, label=label)
+            ax.bar(offset, vals, width, label=label, color=colour)
             for xi, v in zip(offset, vals, strict=True):  # undefined (no pixel) told apart from a bar of height 0
                 if v != v:
                     ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
@@ -270,14 +283,6 @@ def plot_analysis(result: dict, examples: list[dict], out_dir: str, *, alpha: fl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Experiment reports
-
-# One colour per method in every picture (Okabe-Ito, safe for colour-blind readers: threshold orange, CSL blue),
-# keyed by the method's run name; methods without one take the other colours in turn.
-METHOD_COLOURS = {"threshold": "#E69F00", "csl": "#0072B2", "supervised": "#999999", "csl_no_tmp": "#56B4E9",
-                  "csl_class": "#009E73", "confidence_share": "#CC79A7", "csl_released": "#D55E00",
-                  "oracle": "#000000", "warmup": "#8C564B"}
-_OTHER_COLOURS = ("#F0E442", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#E377C2")
-
 
 def method_colours(labels) -> dict[str, str]:
     """``{label: colour}`` for the methods' labels (``csl.report.LABELS``' values or the run names themselves)."""

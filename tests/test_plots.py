@@ -182,3 +182,25 @@ def test_feature_plane_labels_the_gaussian_levels_inside_below_the_mean_apart_fr
         assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
         (edge,) = [ln for ln in ax.get_lines() if ln.get_label() == "w = 1 above or right of this edge"]
         assert edge.get_xydata()[1:].tolist() == [[0.6, 0.5], [0.6, edge.get_ydata()[2]]]
+
+
+def test_analysis_pictures_give_threshold_and_csl_the_report_pictures_colours(kept_figures, tmp_path):
+    """Threshold orange, CSL blue as in every report picture (not the other way round): the sweep, its 0.95 square
+    and the CSL points of accuracy_recall.png, the bars of per_class.png."""
+    from matplotlib.colors import same_color
+
+    def rule(value):
+        return {"accuracy": value, "recall": value, "per_class": {"accuracy": [value], "recall": [value]}}
+
+    result = {"class_names": ["road"], "threshold": [{"tau": 0.95, **rule(0.9)}], "sweeps": {},
+              "csl": {"hard": rule(0.8), "weighted": rule(0.7)}}
+    plots.plot_accuracy_recall(result, str(tmp_path))
+    plots.plot_per_class(result, str(tmp_path))
+    lines = {ln.get_label(): ln for ln in kept_figures[0].axes[0].get_lines()}
+    assert same_color(lines["confidence threshold sweep"].get_color(), plots.METHOD_COLOURS["threshold"])
+    assert same_color(lines["threshold 0.95 (UniMatch)"].get_markeredgecolor(), plots.METHOD_COLOURS["threshold"])
+    assert same_color(lines["CSL per image: weighted"].get_color(), plots.METHOD_COLOURS["csl"])
+    bars = {c.get_label(): c.patches[0].get_facecolor() for c in kept_figures[1].axes[0].containers}
+    assert same_color(bars["threshold 0.95"], plots.METHOD_COLOURS["threshold"])
+    assert same_color(bars["CSL reliable"], plots.METHOD_COLOURS["csl"])
+    assert not same_color(bars["CSL weighted"], plots.METHOD_COLOURS["threshold"])
