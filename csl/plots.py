@@ -262,8 +262,8 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
     if predicted:  # how many pixels a class's accuracy stands on: a ratio of a handful is told apart
         names = [f"{n} ({_count(c)})" for n, c in zip(names, predicted, strict=True)]
     axes[1].set_xticklabels(names, rotation=40, ha="right", fontsize=8)
-    axes[0].set_title("per class: accuracy by pseudo-label class, recall by true class (pixels predicted as the "
-                      "class in brackets)", fontsize=9)
+    axes[0].set_title("per class: accuracy by pseudo-label class, recall by true class"
+                      + (" (pixels predicted as the class in brackets)" if predicted else ""), fontsize=9)
     return _save(fig, out_dir, "per_class.png")
 
 

@@ -119,6 +119,13 @@ def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(kept_figure
     assert heights["CSL reliable"] == [0.8, 0.7] and heights["CSL weighted"] == [0.6, 0.5]
     assert [p.get_height() for c in bottom.containers for p in c] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert [t.get_text() for t in top.texts] == ["n/a"] and not bottom.texts
+    # No pixel counts in this analysis (written before they were recorded): neither in the labels nor the title.
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["road", "car"] and "brackets" not in top.get_title()
+    result["csl"]["weighted"]["per_class"]["pixels_predicted"] = [1200, 5]
+    plots.plot_per_class(result, str(tmp_path))
+    top, bottom = kept_figures[1].axes[:2]
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["road (1.2k)", "car (5)"]
+    assert top.get_title().endswith("(pixels predicted as the class in brackets)")
 
 
 def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_the_truth(kept_figures, tmp_path):
