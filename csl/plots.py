@@ -162,8 +162,9 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     axes[1].scatter(f0[ok], f1[ok], s=3, c="tab:gray", alpha=0.4, label="correct pseudo-label")
     axes[1].scatter(f0[bad], f1[bad], s=4, c="tab:red", alpha=0.6, label="wrong pseudo-label")
     axes[1].set_title("correct vs wrong pseudo-labels (ground truth)", fontsize=9)
-    for ax in axes:
-        ax.legend(fontsize=7, loc="lower left", markerscale=1.5)
+    for ax in axes:  # below the axes: the pixels fill any corner of the plane, a legend inside would hide some
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, markerscale=1.5,
+                  frameon=False)
     fig.suptitle(f"{example['name']}: {len(f0)} pixels ({min(max_points, len(f0))} shown)", fontsize=9)
     return _save(fig, out_dir, "feature_plane.png")
 

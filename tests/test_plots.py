@@ -172,7 +172,7 @@ def test_per_class_legend_covers_no_bar(kept_figures, tmp_path):
 def test_feature_plane_labels_the_gaussian_levels_inside_below_the_mean_apart_from_each_other(kept_figures, tmp_path):
     """The weight is 1 wherever either feature exceeds the reliable cluster's mean, so that region's edge is one line
     of the legend; each contour label of the Gaussian sits below both means (not stacked on that edge), clear of the
-    other labels."""
+    other labels; the legend is outside the plane the pixels fill."""
     rng = np.random.default_rng(0)
     f0, f1 = rng.uniform(0.0, 1.0, 2000), rng.uniform(0.0, 1.0, 2000)
     mu = np.array([[0.6, 0.5], [0.2, 0.2]])
@@ -189,6 +189,9 @@ def test_feature_plane_labels_the_gaussian_levels_inside_below_the_mean_apart_fr
         assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
         (edge,) = [ln for ln in ax.get_lines() if ln.get_label() == "w = 1 above or right of this edge"]
         assert edge.get_xydata()[1:].tolist() == [[0.6, 0.5], [0.6, edge.get_ydata()[2]]]
+        # The pixels can fill every corner of the plane: the legend lies outside it, below the axis label.
+        assert not _extent(ax.get_legend()).overlaps(ax.get_window_extent())
+    assert not _extent(fig.axes[0].get_legend()).overlaps(_extent(fig.axes[1].get_legend()))
 
 
 def test_analysis_pictures_give_threshold_and_csl_the_report_pictures_colours(kept_figures, tmp_path):
