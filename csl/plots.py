@@ -93,7 +93,7 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     ax.set_xlabel("recall of the correct pseudo-labels")
     ax.set_ylabel("accuracy of the selected pseudo-labels")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    _legend_outside(ax)  # a weak model's points reach the lower left, where a legend inside would sit
     ax.set_title(title or f"selection on {result.get('images', '?')} images ({result.get('split', '')})", fontsize=9)
     return _save(fig, out_dir, "accuracy_recall.png")
 

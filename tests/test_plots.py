@@ -214,3 +214,17 @@ def test_analysis_pictures_give_threshold_and_csl_the_report_pictures_colours(ke
     assert same_color(bars["threshold 0.95"], plots.METHOD_COLOURS["threshold"])
     assert same_color(bars["CSL reliable"], plots.METHOD_COLOURS["csl"])
     assert not same_color(bars["CSL weighted"], plots.METHOD_COLOURS["threshold"])
+
+
+def test_accuracy_recall_legend_lies_beside_the_axes(kept_figures, tmp_path):
+    """A weak model's points reach every corner of the accuracy-recall plane (recall 0.1 at accuracy 0.5 here, in the
+    lower left): the legend is outside the axes."""
+    def rule(acc, rec):
+        return {"accuracy": acc, "recall": rec}
+
+    result = {"threshold": [{"tau": 0.5, **rule(0.5, 0.1)}, {"tau": 0.95, **rule(0.9, 0.05)}], "sweeps": {},
+              "csl": {"hard": rule(0.6, 0.9), "weighted": rule(0.55, 0.95)}}
+    plots.plot_accuracy_recall(result, str(tmp_path))
+    ax = kept_figures[0].axes[0]
+    ax.figure.canvas.draw()
+    assert not _extent(ax.get_legend()).overlaps(ax.get_window_extent())
