@@ -42,7 +42,8 @@ def _save(fig, out_dir: str, name: str) -> str:
 METHOD_COLOURS = {"threshold": "#E69F00", "csl": "#0072B2", "supervised": "#999999", "csl_no_tmp": "#56B4E9",
                   "csl_class": "#009E73", "confidence_share": "#CC79A7", "csl_released": "#D55E00",
                   "oracle": "#000000", "warmup": "#8C564B"}
-_OTHER_COLOURS = ("#F0E442", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#E377C2")
+# Okabe-Ito's yellow (#F0E442) is left out: a line in it hardly shows on the white background.
+_OTHER_COLOURS = ("#882255", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#E377C2")
 # CSL's soft weights in a lighter blue beside its reliable pixels' METHOD_COLOURS["csl"].
 CSL_WEIGHTED_COLOUR = "#56B4E9"
 

@@ -65,6 +65,22 @@ def test_method_colours_also_key_the_run_names():
         "csl": "#0072B2", "threshold": "#E69F00", "warmup": "#8C564B", "mine": plots._OTHER_COLOURS[0]}
 
 
+def test_every_method_colour_shows_as_a_line_on_white():
+    """Each method's colour, named or taken in turn, stands off the white background: a contrast ratio (WCAG,
+    relative luminance) of at least 1.5 against white, as the light grey of "supervised only" (2.8) and the sky blue
+    of "CSL without TMP" (2.3) do; a pale yellow (1.3) is a faint line."""
+    from matplotlib.colors import to_rgb
+
+    def contrast_to_white(colour):
+        c = np.array(to_rgb(colour))
+        lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 1.05 / (lin @ [0.2126, 0.7152, 0.0722] + 0.05)
+
+    colours = [*plots.METHOD_COLOURS.values(), *plots._OTHER_COLOURS]
+    assert min(contrast_to_white(c) for c in colours) >= 1.5
+    assert contrast_to_white("#999999") == pytest.approx(2.85, abs=0.01)  # the scale: "supervised only"'s grey
+
+
 def test_panels_show_the_threshold_mask_at_tau_and_the_classes_in_view(kept_figures, tmp_path):
     """The threshold column selects confidence >= tau (a pixel at exactly tau included); the legend names the
     classes of the masks and predictions shown, then the ignored colour."""
