@@ -315,8 +315,14 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
     for method, records in curves.items():
         its = [r["iter"] for r in records]
         for ax, (_, key, weighted_key) in zip(axes, panels, strict=True):
+            solid = [r.get(key) for r in records]
             for k, style, label in ((key, "o-", method), (weighted_key, "s--", None)):
                 vals = [r.get(k) for r in records] if k else []
+                # Weights of 0 and 1 only (the threshold's): the soft curve is the solid one, not drawn again
+                # (hidden under it, a dashed line the title names would not be seen).
+                if style == "s--" and k and np.allclose(np.array(vals, dtype=float), np.array(solid, dtype=float),
+                                                        equal_nan=True):
+                    continue
                 if any(v is not None for v in vals):
                     ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colours[method],
                             label=label)

@@ -119,6 +119,19 @@ def test_pseudo_label_curves_draw_each_panels_quantity_solid_and_weighted_dashed
     assert drawn == [[("-", [0.9])], [("-", [0.8]), ("--", [0.6])], [("-", [0.7]), ("--", [0.5])]]
 
 
+
+def test_pseudo_label_curves_leave_out_soft_curves_equal_to_the_reliable_ones(kept_figures):
+    """The threshold's weights are 0 or 1: its weighted accuracy and recall are the reliable pixels' own, a dashed
+    line hidden under the solid one; not drawn, and no title about dashed lines none of which would show."""
+    records = [{"iter": 10, "mask_ratio": 0.6, "accuracy": 0.98, "recall": 0.7, "weighted_accuracy": 0.98,
+                "weighted_recall": 0.7}, {"iter": 20, "mask_ratio": 0.6, "accuracy": None, "recall": 0.72,
+                                          "weighted_accuracy": None, "weighted_recall": 0.72}]
+    plots.plot_pseudo_label_curves({"threshold": records}, "p.png")
+    fig = kept_figures[0]
+    assert [[ln.get_linestyle() for ln in ax.get_lines()] for ax in fig.axes[:3]] == [["-"], ["-"], ["-"]]
+    assert fig._suptitle is None and fig.axes[0].get_ylabel() == "fraction of the unlabeled pixels"
+
+
 def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(kept_figures, tmp_path):
     """Per class, one bar per rule (threshold 0.95, CSL reliable, CSL weighted) of its accuracy (top) and recall
     (bottom); an undefined ratio is no bar but "n/a"."""
