@@ -536,7 +536,7 @@ def _empty_sections_as_mappings(tree: dict, schema: dict) -> dict:
     as the empty section it looks like, whose keys keep their defaults."""
     out = dict(tree)
     for key, value in tree.items():
-        default = schema.get(key) if isinstance(key, str) else None
+        default = schema.get(key)
         if isinstance(default, dict):
             if value is None:
                 out[key] = {}

@@ -200,6 +200,8 @@ def saved_device_type(ckpt: dict) -> str | None:
 def check_start_files(cfg: dict, resume_from: str | None) -> None:
     """The files a start reads besides the data, and the data's root folder: a missing one is an error now, not after
     the data is built. ``cfg`` as given: a relative path is said as written and as read from the current folder."""
+    from .data import as_given, check_data_root
+
     files = [("--resume / train.resume", resume_from)]
     if resume_from is None:  # a resume takes every weight from its checkpoint
         files.append(("train.init_from", cfg["train"]["init_from"]))
@@ -207,13 +209,9 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
             files.append(("model.pretrained", cfg["model"]["pretrained"]))
     for key, path in files:
         if path and not os.path.isfile(path):
-            where = "" if os.path.isabs(path) else f" (read from the current folder: {os.path.abspath(path)})"
-            raise FileNotFoundError(f"{key}: file not found: {path}{where}")
-    root = cfg["data"].get("root")
-    if cfg["data"].get("dataset", "synthetic") != "synthetic" and root and not os.path.isdir(root):
-        from .data import DataRootNotFound, as_given
-
-        raise DataRootNotFound(f"data.root not found (or not a folder): {as_given(root)}")
+            raise FileNotFoundError(f"{key}: file not found: {as_given(path)}")
+    if cfg["data"].get("dataset", "synthetic") != "synthetic" and cfg["data"].get("root"):
+        check_data_root(cfg["data"]["root"])
 
 
 def unused_training_settings(cfg: dict) -> list[tuple[str, str]]:

@@ -211,6 +211,12 @@ def as_given(path: str) -> str:
     return path if os.path.isabs(path) else f"{path} (read from the current folder: {os.path.abspath(path)})"
 
 
+def check_data_root(root: str) -> None:
+    """``data.root`` is a folder (:class:`DataRootNotFound` naming it as the config has it)."""
+    if not os.path.isdir(root):
+        raise DataRootNotFound(f"data.root not found (or not a folder): {as_given(root)}")
+
+
 def _val_source(data_cfg: dict, kind_cls, root: str, num_classes: int, ignore_index: int) -> ListSource:
     opts = _source_options(data_cfg)
     val_list = data_cfg.get("val_list")
@@ -240,8 +246,7 @@ def _file_kind(data_cfg: dict) -> tuple[type[ListSource], str, int]:
     root = data_cfg.get("root")
     if not root:
         raise ValueError(f"data.root (the dataset folder) is required for dataset {kind!r}")
-    if not os.path.isdir(root):
-        raise DataRootNotFound(f"data.root not found (or not a folder): {as_given(root)}")
+    check_data_root(root)
     num_classes = data_cfg.get("num_classes") or kind_cls.num_classes_default
     if num_classes is None:
         raise ValueError(f"data.num_classes is required for dataset {kind!r}")
