@@ -4,7 +4,8 @@ the corrected recipe (each run's last evaluation in ``docs/results/camvid/<folde
     .venv/bin/python scripts/camvid_overview.py   # prints the Markdown table, writes camvid/overview.png
 
 The picture draws each method's final mIoU minus the threshold baseline's final mIoU of the same split and seed (the
-paired difference: the seeds move the levels by several points, the differences much less), one marker per run.
+paired difference: the seeds move the levels by several points, the differences much less), one marker per run, each
+run at its own place beside the method's (1/8 split left, 1/4 right, seeds in order).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ RUNS = [("1/8", 0, "seed0_corrected"), ("1/8", 1, "seed1_corrected"), ("1/8", 2,
         ("1/4", 0, "1_4_seed0_corrected"), ("1/4", 1, "1_4_seed1"), ("1/4", 2, "1_4_seed2")]
 METHODS = ["warmup", "supervised", "threshold", "csl", "csl_no_tmp", "confidence_share"]
 BASELINE = "threshold"
+# The picture's places of the runs beside each method's tick (x units, one per method): the middle of a split's runs,
+# and the step between two seeds of one split (wider than a marker at the picture's width).
+SPLIT_SHIFT, SEED_STEP = 0.2, 0.08
 
 
 def final_miou(path: str) -> float | None:
@@ -73,11 +77,18 @@ def picture(finals: dict[tuple[str, int], dict[str, float]], out_path: str) -> s
     methods = [m for m in METHODS if m not in ("warmup", BASELINE)]
     fig, ax = plt.subplots(figsize=(8, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Each run at its own place beside the method's: the 1/8 split left of it, the 1/4 split right, a split's seeds
+    # SEED_STEP apart in the order of their numbers, so that no two runs' markers cover each other.
+    dodge = {}
+    for split in dict.fromkeys(s for s, _ in finals):
+        seeds = sorted(seed for s, seed in finals if s == split)
+        centre = -SPLIT_SHIFT if split == "1/8" else SPLIT_SHIFT
+        dodge.update({(split, seed): centre + (k - (len(seeds) - 1) / 2) * SEED_STEP for k, seed in enumerate(seeds)})
     for (split, seed), row in finals.items():
         if BASELINE not in row:  # nothing to draw a difference to
             continue
-        marker, shift = ("o", -0.12) if split == "1/8" else ("s", 0.12)
-        xs = [i + shift for i, m in enumerate(methods) if m in row]
+        marker = "o" if split == "1/8" else "s"
+        xs = [i + dodge[split, seed] for i, m in enumerate(methods) if m in row]
         ys = [row[m] - row[BASELINE] for m in methods if m in row]
         ax.plot(xs, ys, marker, ms=6, color=colours[seed], alpha=0.85, label=f"{split} split, seed {seed}")
     ax.axhline(0, color="black", lw=0.8, label=f"{LABELS[BASELINE]} (0 by definition)")

@@ -3,6 +3,7 @@ records give."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -131,11 +132,55 @@ def test_the_overview_means_only_over_every_seed_and_draws_paired_differences(ke
     overview.picture(finals, str(tmp_path / "overview.png"))
     (fig,) = kept_figures
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    # places 0-3: supervised, CSL, CSL without TMP, confidence at CSL's share; the 1/8 runs left of each place
-    np.testing.assert_allclose(lines["1/8 split, seed 1"].get_xdata(), [-0.12, 0.88, 2.88])
+    # places 0-3: supervised, CSL, CSL without TMP, confidence at CSL's share; the 1/8 runs left of each place (its
+    # two seeds 0.08 apart around -0.2), the 1/4 run right
+    np.testing.assert_allclose(lines["1/8 split, seed 0"].get_xdata(), [-0.24, 0.76, 1.76, 2.76])
+    np.testing.assert_allclose(lines["1/8 split, seed 1"].get_xdata(), [-0.16, 0.84, 2.84])
     np.testing.assert_allclose(lines["1/8 split, seed 1"].get_ydata(), [-1.0, -3.0, 3.0])
-    np.testing.assert_allclose(lines["1/4 split, seed 0"].get_xdata(), [0.12, 1.12, 2.12, 3.12])
+    np.testing.assert_allclose(lines["1/4 split, seed 0"].get_xdata(), [0.2, 1.2, 2.2, 3.2])
     np.testing.assert_allclose(lines["1/4 split, seed 0"].get_ydata(), [-1.0, 1.0, 2.0, 3.0])
+
+
+def _covering_markers(ax, *, unconnected_only: bool = False) -> list[tuple[str, str]]:
+    """The pairs of marker labels (``label@index``) in ``ax`` whose markers, as drawn, overlap: centres closer in
+    display pixels than half their two sizes together; only the markers without a connecting line if
+    ``unconnected_only``."""
+    ax.figure.canvas.draw()  # the axes' limits and place as written
+    marks = []
+    for line in ax.get_lines():
+        if line.get_marker() in ("None", "", None) or (unconnected_only and line.get_linestyle() != "None"):
+            continue
+        radius = line.get_markersize() * ax.figure.dpi / 72 / 2
+        xy = ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+        marks += [(f"{line.get_label()}@{i}", p, radius) for i, p in enumerate(xy)]
+    return [(a, b) for (a, pa, ra), (b, pb, rb) in itertools.combinations(marks, 2) if np.hypot(*(pa - pb)) < ra + rb]
+
+
+def test_every_run_of_the_overview_has_its_own_place(kept_figures, tmp_path):
+    """Three seeds of each split with the same differences to the threshold: every run's marker still shows whole
+    beside the others' (the seeds of a split drawn at one place covered each other)."""
+    overview = load_script("camvid_overview")
+    row = {"supervised": 43.0, "threshold": 42.0, "csl": 42.5, "csl_no_tmp": 42.5, "confidence_share": 42.0}
+    finals = {(split, seed): dict(row) for split in ("1/8", "1/4") for seed in (0, 1, 2)}
+    overview.picture(finals, str(tmp_path / "overview.png"))
+    (fig,) = kept_figures
+    assert len([line for line in fig.axes[0].get_lines() if line.get_marker() in ("o", "s")]) == 6
+    assert _covering_markers(fig.axes[0]) == []
+
+
+def test_every_recalibrated_final_model_of_the_oracle_picture_has_its_own_place(kept_figures, tmp_path):
+    """Four continuations whose final models re-estimate to the same mIoU: their stars and diamonds all show whole
+    (drawn at one place beside the last evaluation they covered each other)."""
+    oracle = load_script("camvid_oracle")
+    run = {"iters": [100, 200, 300, 400, 500, 600], "miou": [40.0, 41.0, 42.0, 43.0, 44.0, 45.0], "frames": 46.0,
+           "crops": 46.0}
+    runs = {("1/4", 0, ""): {m: dict(run) for m in ("supervised", "oracle", "threshold", "csl")}}
+    oracle.picture(runs, str(tmp_path / "oracle.png"))
+    (fig,) = kept_figures
+    ax = fig.axes[0]
+    assert sorted(line.get_marker() for line in ax.get_lines() if line.get_linestyle() == "None") == ["*"] * 4 + [
+        "D"] * 4
+    assert _covering_markers(ax, unconnected_only=True) == []
 
 
 def test_the_oracle_table_and_picture_of_made_up_runs(kept_figures, tmp_path):
@@ -156,7 +201,9 @@ def test_the_oracle_table_and_picture_of_made_up_runs(kept_figures, tmp_path):
     oracle.picture(runs, str(tmp_path / "oracle.png"))
     (fig,) = kept_figures
     points = {(line.get_marker(), tuple(line.get_xdata()), tuple(line.get_ydata())) for line in fig.axes[0].get_lines()}
-    assert {("None", (0, 1), (41.0, 41.0)), ("*", (240,), (46.123,)), ("D", (280,), (47.0,))} <= points
+    # evaluations from 100 to 200: a step of 6.25 right of 200, the stars from the second step (supervised first of the
+    # four continuations), the diamonds after the stars' four places and one step between (threshold third)
+    assert {("None", (0, 1), (41.0, 41.0)), ("*", (212.5,), (46.123,)), ("D", (256.25,), (47.0,))} <= points
 
 
 def test_a_recalibrated_miou_is_the_last_json_line(tmp_path):
