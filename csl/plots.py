@@ -170,14 +170,38 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     return _save(fig, out_dir, "feature_plane.png")
 
 
+def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """CIE76 colour difference (Euclidean distance in CIELAB, D65 white) of sRGB colours ``a`` and ``b`` (``... x 3``
+    uint8, broadcast against each other): about 2 is just noticeable side by side, 100 is black to white."""
+
+    def lab(rgb: np.ndarray) -> np.ndarray:
+        c = np.asarray(rgb, dtype=np.float64) / 255
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)  # sRGB to linear
+        xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+        t = xyz / np.array([0.95047, 1.0, 1.08883])
+        f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+        return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+    return np.linalg.norm(lab(a) - lab(b), axis=-1)
+
+
+# Ignored pixels are white, blank paper, where white is at least this far (CIE76) from every class colour: two colours
+# 21 apart, such as CamVid's pole (192, 192, 128) and VOC's border colour (224, 224, 192), read as one in a panel.
+# White lies 37-46 from every colour of the Cityscapes, CamVid and Pascal VOC palettes and 22.3 from COCO's 81 VOC
+# colours (class 63's light grey (192, 192, 192)); no colour lies much farther from all 81 (about 32 at most, a
+# saturated blue that would read as a class).
+IGNORED_MIN_DISTANCE = 22.0
+_IGNORED_CANDIDATES = ((255, 255, 255), (255, 0, 255), (0, 0, 0), (128, 128, 128))
+
+
 def ignored_colour(colours: np.ndarray) -> np.ndarray:
-    """The colour of ignored pixels beside the class ``colours``: VOC's border colour (224, 224, 192), or the first
-    of white, mid grey, magenta no class uses (VOC's class 0 is black, so black would hide the ignored pixels)."""
-    used = {tuple(int(v) for v in c) for c in colours}
-    for candidate in ((224, 224, 192), (255, 255, 255), (128, 128, 128), (255, 0, 255)):
-        if candidate not in used:
-            return np.array(candidate, dtype=np.uint8)
-    return np.array((224, 224, 192), dtype=np.uint8)
+    """The colour of ignored pixels beside the class ``colours``: white where it is at least
+    :data:`IGNORED_MIN_DISTANCE` from every class colour, else the first of magenta, black, mid grey that is; where none
+    is (a palette that crowded: the 256 VOC colours), the one of them farthest from its nearest class colour."""
+    candidates = np.array(_IGNORED_CANDIDATES, dtype=np.uint8)
+    nearest = colour_distance(candidates[:, None], np.asarray(colours, dtype=np.uint8)[None]).min(axis=1)
+    clear = np.flatnonzero(nearest >= IGNORED_MIN_DISTANCE)
+    return candidates[clear[0] if len(clear) else int(np.argmax(nearest))].copy()
 
 
 def colourize(labels: np.ndarray, colours: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -383,6 +407,6 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     return _save_figure(fig, out_path)
 
 
-__all__ = ["METHOD_COLOURS", "colourize", "ignored_colour", "method_colours", "pcos_clusters", "plot_accuracy_recall",
-           "plot_analysis", "plot_feature_plane", "plot_miou_by_seed", "plot_miou_curves", "plot_miou_panels",
-           "plot_panels", "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]
+__all__ = ["METHOD_COLOURS", "colour_distance", "colourize", "ignored_colour", "method_colours", "pcos_clusters",
+           "plot_accuracy_recall", "plot_analysis", "plot_feature_plane", "plot_miou_by_seed", "plot_miou_curves",
+           "plot_miou_panels", "plot_panels", "plot_per_class", "plot_pseudo_label_curves", "weight_surface"]

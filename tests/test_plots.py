@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,13 +16,13 @@ def test_ignored_pixels_get_a_colour_no_class_has():
     labels = np.array([[0, 1, 255], [2, 255, 0]])
     voc = palette(21)  # VOC: class 0 (background) is black
     rgb = colourize(labels, voc)
-    assert (rgb[0, 0] == 0).all() and (rgb[0, 2] == (224, 224, 192)).all() and (rgb[1, 1] == rgb[0, 2]).all()
+    assert (rgb[0, 0] == 0).all() and (rgb[0, 2] == (255, 255, 255)).all() and (rgb[1, 1] == rgb[0, 2]).all()
     assert (rgb[0, 1] == voc[1]).all() and (rgb[1, 2] == voc[0]).all()
     for colours in (palette(11, "camvid"), palette(19, "cityscapes"), palette(256), palette(300)):
         assert not (colours == ignored_colour(colours)).all(axis=1).any()
-    taken = np.array([[224, 224, 192], [255, 255, 255]], dtype=np.uint8)  # the first choices taken by classes
-    assert tuple(ignored_colour(taken)) == (128, 128, 128)
-    assert (colourize(np.array([[7, -1]]), taken) == (128, 128, 128)).all()  # out of range: drawn as ignored
+    taken = np.array([[255, 255, 255], [255, 0, 255]], dtype=np.uint8)  # the first choices taken by classes
+    assert tuple(ignored_colour(taken)) == (0, 0, 0)
+    assert (colourize(np.array([[7, -1]]), taken) == (0, 0, 0)).all()  # out of range: drawn as ignored
 
 
 def test_the_ignore_value_is_ignored_also_with_a_palette_that_long():
@@ -32,11 +34,57 @@ def test_the_ignore_value_is_ignored_also_with_a_palette_that_long():
     assert (rgb[0, 0] == ignored).all() and (rgb[0, 1] == colours[3]).all() and (rgb[0, 2] == ignored).all()
 
 
-def test_the_ignored_colour_is_the_first_free_of_voc_border_white_grey_magenta():
-    taken = [(224, 224, 192)]
-    for expected in ((255, 255, 255), (128, 128, 128), (255, 0, 255), (224, 224, 192)):  # all taken: VOC's border
-        assert tuple(ignored_colour(np.array(taken, dtype=np.uint8))) == expected
-        taken.append(expected)
+def test_the_ignored_colour_is_the_first_clear_of_white_magenta_black_grey_else_the_farthest():
+    """A candidate near a class colour (5 apart: not told apart in a panel) is passed over like one equal to it."""
+    near = {(255, 255, 255): (245, 245, 245), (255, 0, 255): (250, 10, 250), (0, 0, 0): (8, 8, 8),
+            (128, 128, 128): (133, 128, 128)}
+    taken = [(60, 40, 222)]
+    for candidate, neighbour in near.items():
+        assert tuple(ignored_colour(np.array(taken, dtype=np.uint8))) == candidate
+        assert plots.colour_distance(np.array(candidate), np.array(neighbour)) < 6
+        taken.append(neighbour)
+    # none clear: the farthest from its nearest class colour: white (3.5 from its neighbour; magenta 2.6, black 2.2,
+    # grey 2.0), magenta once white's neighbour is nearer (1.2)
+    assert tuple(ignored_colour(np.array(taken, dtype=np.uint8))) == (255, 255, 255)
+    taken[1] = (252, 252, 252)
+    assert plots.colour_distance(np.array(taken[1]), np.array([255, 255, 255])) < 1.5
+    assert tuple(ignored_colour(np.array(taken, dtype=np.uint8))) == (255, 0, 255)
+    # the 256 VOC colours: white is 20 from class 255 (224, 224, 192), magenta 27 from (192, 0, 192)
+    assert tuple(ignored_colour(palette(256))) == (255, 0, 255)
+
+
+def test_colour_distance_is_cie76_in_lab():
+    """Pure red is L*a*b* (53.24, 80.09, 67.20), black (0, 0, 0), white (100, 0, 0); CamVid's pole and VOC's border
+    colour 21 apart."""
+    red, black, white = np.array([255, 0, 0]), np.array([0, 0, 0]), np.array([255, 255, 255])
+    assert plots.colour_distance(red, black) == pytest.approx(np.hypot(53.24, np.hypot(80.09, 67.20)), abs=0.05)
+    assert plots.colour_distance(white, black) == pytest.approx(100, abs=0.01)
+    pole, border = np.array([192, 192, 128]), np.array([224, 224, 192])
+    assert plots.colour_distance(pole, border) == pytest.approx(21.0, abs=0.05) == plots.colour_distance(border, pole)
+    np.testing.assert_allclose(plots.colour_distance(np.stack([red, white]), black), [117.32, 100], atol=0.05)
+
+
+def test_the_ignored_colour_is_clear_of_every_class_colour_of_every_shipped_palette():
+    """Every palette a shipped config draws with (csl/configs: CamVid, Cityscapes, Pascal VOC, COCO, the synthetic
+    demo), the synthetic scenes' largest and the 256 VOC colours: the ignored colour lies at least 22 (CIE76) from
+    each class colour, above the 21.0 at which CamVid's pole and VOC's border colour read as one."""
+    import glob
+
+    import yaml
+
+    from csl.data.synthetic import MAX_CLASSES
+
+    shipped = {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(plots.__file__), "configs", "*.yaml"))):
+        with open(path) as f:
+            data = yaml.safe_load(f)["data"]
+        shipped[os.path.basename(path)] = palette(data["num_classes"], data["dataset"])
+    assert {"camvid.yaml", "cityscapes_801.yaml", "coco.yaml", "demo.yaml", "voc_321.yaml"} <= set(shipped)
+    shipped |= {"synthetic": palette(MAX_CLASSES, "synthetic"), "256 VOC colours": palette(256)}
+    for name, colours in shipped.items():
+        nearest = plots.colour_distance(ignored_colour(colours)[None], colours).min()
+        assert nearest >= 22, (name, tuple(ignored_colour(colours)), nearest)
+    assert tuple(ignored_colour(shipped["camvid.yaml"])) == (255, 255, 255)  # blank, as on every <= 81-class palette
 
 
 def test_weight_surface_is_the_gaussian_below_the_mean_and_one_above_either_feature():
