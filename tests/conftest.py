@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,10 @@ import csl_kernels
 from csl_kernels import unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
+# The repository's root folder (this file is tests/conftest.py); os.path.join, open and subprocess's cwd take it as is.
+ROOT = Path(__file__).resolve().parent.parent
+# The shared data folder (CamVid, ImageNet weights): CSL_SHARED, by default ../shared beside the repository.
+SHARED = Path(os.environ.get("CSL_SHARED", ROOT.parent / "shared"))
 # pytest-timeout's --timeout (scripts/gpu_check.sh gives every test 120 s), read in pytest_configure; None without it.
 _PER_TEST_LIMIT_S: float | None = None
 
@@ -301,8 +306,7 @@ def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> Non
 
 def load_script(name: str):
     """scripts/<name>.py as a module (the scripts are not a package)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

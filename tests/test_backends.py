@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, check_outputs_of_repeated_rows, child_limit, require_backend, skip_or_fail
+from conftest import FUSED_BACKENDS, ROOT, check_outputs_of_repeated_rows, child_limit, require_backend, skip_or_fail
 
 import csl_kernels
 from csl_kernels import _backends
@@ -480,8 +480,7 @@ def test_the_triton_interpreter_check_ignores_the_first_callers_context():
              "got = csl_kernels.residual_features(z, backend='triton')[0]\n"
              "print('plain call matches:', torch.allclose(got, csl_kernels.residual_features(z, backend='reference')[0]"
              ".float(), atol=1e-6))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
                           timeout=child_limit(600))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -580,8 +579,7 @@ def test_first_use_is_safe_under_compile_and_threads(case, backend):
 
     if backend == "cpu":
         require_backend("pcos_weights", "cpu")  # built here, so the child only loads it
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, case, backend], env=env, capture_output=True,
                           text=True, timeout=child_limit(600))
     assert proc.returncode == 0, proc.stderr[-3000:]

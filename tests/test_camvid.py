@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHARED
 from PIL import Image
 
 from csl.config import load_config
 from csl.data import CamVid, build_datasets, build_val_dataset, map_labels, palette, read_split
 from csl.data.splits import parse_fraction, split_items, write_splits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("CSL_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 CAMVID = os.path.join(SHARED, "data", "camvid")
 WEIGHTS = os.path.join(SHARED, "weights", "mobilenet_v2-b0353104.pth")
 VAL4 = os.path.join(ROOT, "tests", "data", "camvid_val4.txt")  # 4 val frames, paths relative to the CamVid root

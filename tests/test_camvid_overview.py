@@ -10,11 +10,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import ROOT, load_script
 
 from csl.logging_utils import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_documented_table_is_the_records_table(tmp_path):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 import csl_kernels
 
@@ -145,12 +145,11 @@ def test_the_documented_parts_table_is_the_records():
     """The table of "The three differences one at a time" in docs/results/camvid.md: each combination's row holds the
     committed ``released_parts_<model>.json`` figures (warm-up then supervised; weight 1 then weighted), and the
     last row every pixel's accuracy."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     records = {}
     for model in ("warmup", "supervised"):
-        with open(os.path.join(root, "docs", "results", "camvid", "seed0_rules", f"released_parts_{model}.json")) as f:
+        with open(os.path.join(ROOT, "docs", "results", "camvid", "seed0_rules", f"released_parts_{model}.json")) as f:
             records[model] = json.load(f)
-    with open(os.path.join(root, "docs", "results", "camvid.md")) as f:
+    with open(os.path.join(ROOT, "docs", "results", "camvid.md")) as f:
         doc = f.read().splitlines()
     cells = lambda q: " / ".join(f"{100 * q[k]:.1f}" for k in ("share", "accuracy", "recall"))  # noqa: E731
     for warmup, supervised in zip(records["warmup"]["rows"], records["supervised"]["rows"], strict=True):

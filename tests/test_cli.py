@@ -10,14 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import child_limit
+from conftest import ROOT, child_limit
 from PIL import Image
 
 from csl.cli import _own_warnings_as_lines, expand_images, main
 from csl.data import read_split
 from csl.logging_utils import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.crop_size=40", "data.num_workers=0", "data.synthetic.num_labeled=4", "data.synthetic.num_unlabeled=8",
         "data.synthetic.num_val=2", "data.synthetic.size=48", "train.batch_size=2", "train.progress=false",
         "tmp.block=16", "train.log_every=1"]

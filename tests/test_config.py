@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from conftest import ROOT
 
 from csl.config import (
     CHOICES,
@@ -380,10 +381,7 @@ def test_out_of_range_numbers_are_config_errors():
 
 
 def _readme() -> str:
-    import os
-
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")) as f:
-        return f.read()
+    return (ROOT / "README.md").read_text()
 
 
 def test_the_readme_defaults_are_the_code_defaults():

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import ROOT
 
 
 def test_failures_are_written_as_they_happen(tmp_path, monkeypatch):
@@ -51,10 +52,9 @@ def test_a_process_held_after_the_run_dumps_its_stacks_and_exits(tmp_path):
               "conftest.pytest_unconfigure(None); time.sleep(2); "  # armed only when the main thread ends
               "threading.Thread(target=lambda: time.sleep(600), name='stuck').start()")
     path = tmp_path / "progress.txt"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "CSL_TEST_PROGRESS": str(path), "CSL_TEST_EXIT_GRACE": "1",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CSL_TEST_PROGRESS": str(path), "CSL_TEST_EXIT_GRACE": "1",
            "PYTEST_XDIST_WORKER": "gw7"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
                           timeout=60, capture_output=True, text=True)
     assert proc.returncode != 0
     dump = (tmp_path / "progress.txt.hang-gw7").read_text()

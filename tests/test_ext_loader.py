@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from torch.utils import cpp_extension
 
 import csl_kernels.cpp
 from csl_kernels.cpp import build, sources
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -432,9 +431,9 @@ def setup_copy(tmp_path):
 
     copy = tmp_path / "repo"
     copy.mkdir()
-    shutil.copy(REPO / "setup.py", copy)
-    shutil.copytree(REPO / "csrc", copy / "csrc")
-    shutil.copytree(REPO / "csl_kernels", copy / "csl_kernels", ignore=shutil.ignore_patterns("__pycache__", "_C*"))
+    shutil.copy(ROOT / "setup.py", copy)
+    shutil.copytree(ROOT / "csrc", copy / "csrc")
+    shutil.copytree(ROOT / "csl_kernels", copy / "csl_kernels", ignore=shutil.ignore_patterns("__pycache__", "_C*"))
 
     def run(*args, environ=None, **env):
         done = subprocess.run([sys.executable, "-c", _SETUP_RUNNER, *args], cwd=copy, capture_output=True, text=True,

@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_script
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, load_script
 
 
 def test_cpu_dry_run_leaves_summary_and_evidence(tmp_path):

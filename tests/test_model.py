@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import SHARED
 from torch import nn
 from torchvision import models
 
@@ -497,8 +498,7 @@ def test_every_backbone_tensor_is_loaded_from_the_file(tmp_path):
     assert model.pretrained_report["unexpected"] == ["module.note"]
 
 
-SHARED_MNV2 = os.path.join(os.environ.get("CSL_SHARED", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), "shared")), "weights", "mobilenet_v2-b0353104.pth")
+SHARED_MNV2 = os.path.join(SHARED, "weights", "mobilenet_v2-b0353104.pth")
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_MNV2), reason=f"{SHARED_MNV2} not found (set CSL_SHARED)")

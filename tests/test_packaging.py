@@ -11,10 +11,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from csl_kernels.cpp.sources import source_hash
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("csl", "csl_kernels", "csl_bench")
 # Tracked files that stay in the repository: the benchmark records and the benchmark's README.
 NOT_SHIPPED = ("csl_bench/results/", "csl_bench/README.md")

@@ -10,11 +10,10 @@ import re
 import shutil
 
 import pytest
-from conftest import synthetic_analysis
+from conftest import ROOT, synthetic_analysis
 
 from csl import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "docs", "results", "camvid")
 
 

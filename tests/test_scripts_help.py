@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from conftest import ROOT
 
 PICTURES = os.path.join(ROOT, "docs", "results", "camvid")
 

@@ -12,7 +12,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import skip_or_fail
+from conftest import ROOT, skip_or_fail
 
 from csl_kernels.triton import compile_check
 
@@ -173,7 +173,7 @@ def test_ptxas_counts_spills_that_the_stack_size_cannot_tell(tmp_path):
     script = tmp_path / "spill.py"  # @triton.jit needs its source in a file
     script.write_text(_SPILL_SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                          check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
     assert usage["0"]["spill_stores"] == 0 and not compile_check.spills(usage["0"])

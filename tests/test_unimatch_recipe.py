@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 
 import csl_kernels as ck
 from csl.selection import build_selector
@@ -25,7 +26,6 @@ def _batch(seed: int, b: int = 2, c: int = 21, h: int = 24, w: int = 20):
     return logits, ignore, box
 
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def python_blocks(path: Path) -> list[str]:
