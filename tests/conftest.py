@@ -312,6 +312,12 @@ def load_script(name: str):
     return module
 
 
+def written(path: Path, text: str) -> str:
+    """Write ``text`` to ``path`` and return the path as a string, as the loaders under test take it."""
+    path.write_text(text)
+    return str(path)
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     """``torch.set_default_dtype(dtype)`` inside the block, the caller's default restored after it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, written
 
 from csl.config import (
     CHOICES,
@@ -139,37 +139,26 @@ def test_file_errors(tmp_path):
     binary.write_bytes(b"PK\x03\x04\x80\xff" * 20)
     with pytest.raises(ConfigError, match=r"best\.pt is not a YAML config \(not UTF-8 text\)"):
         load_config(str(binary))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
-        load_config(str(bad))
-    listy = tmp_path / "list.yaml"
-    listy.write_text("- 1\n- 2\n")
+        load_config(written(tmp_path / "bad.yaml", "train: [1, 2\n"))
     with pytest.raises(ConfigError, match="mapping at the top level"):
-        load_config(str(listy))
-    unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("train:\n  epoch: 3\n")
+        load_config(written(tmp_path / "list.yaml", "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'; did you mean 'train.epochs'.*unknown"):
-        load_config(str(unknown))
-    section = tmp_path / "section.yaml"
-    section.write_text("model: resnet50\n")
+        load_config(written(tmp_path / "unknown.yaml", "train:\n  epoch: 3\n"))
     with pytest.raises(ConfigError, match="model must be a section"):
-        load_config(str(section))
+        load_config(written(tmp_path / "section.yaml", "model: resnet50\n"))
     # A second section of the same name would silently drop every key of the first.
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("train:\n  iters: 5\n  lr: 0.01\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.002\n")
+    twice = written(tmp_path / "twice.yaml",
+                    "train:\n  iters: 5\n  lr: 0.01\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.002\n")
     with pytest.raises(ConfigError, match=r"while constructing a mapping; found the key 'train' twice "
                        r"\(line 6, column 1\)") as e:
-        load_config(str(twice))
+        load_config(twice)
     assert "\n" not in str(e.value)  # PyYAML's own text spans four lines
-    nested = tmp_path / "nested.yaml"
-    nested.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match="found the key 'lr' twice"):
-        load_config(str(nested))
+        load_config(written(tmp_path / "nested.yaml", "train:\n  lr: 0.01\n  lr: 0.02\n"))
     # A merge key is not a duplicate, and the keys written beside it override the merged ones.
-    merged = tmp_path / "merged.yaml"
-    merged.write_text("base: &base\n  lr: 0.01\n  iters: 7\ntrain:\n  <<: *base\n  lr: 0.02\n")
-    raw = load_yaml(str(merged))
+    raw = load_yaml(written(tmp_path / "merged.yaml",
+                            "base: &base\n  lr: 0.01\n  iters: 7\ntrain:\n  <<: *base\n  lr: 0.02\n"))
     assert raw["train"] == {"lr": 0.02, "iters": 7}
 
 

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import written
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -63,18 +64,13 @@ def test_read_split_formats_and_errors(tmp_path):
     bom.write_text("# list\nJPEGImages/a.jpg SegmentationClass/a.png\n", encoding="utf-8-sig")
     assert read_split(str(bom)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png")]
 
-    bad = tmp_path / "bad.txt"
-    bad.write_text("a.jpg a.png\na.jpg a.png extra\n")
     with pytest.raises(ValueError, match=r"bad\.txt:2: .*paths without whitespace"):
-        read_split(str(bad))
-    spaced = tmp_path / "spaced.txt"  # an unlabeled line whose image path holds a space
-    spaced.write_text("images/a.jpg\nimages/my photo.jpg\n")
+        read_split(written(tmp_path / "bad.txt", "a.jpg a.png\na.jpg a.png extra\n"))
+    # an unlabeled line whose image path holds a space
     with pytest.raises(ValueError, match=r"spaced\.txt:2: .*whitespace.*a JPEG is no mask"):
-        read_split(str(spaced))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
+        read_split(written(tmp_path / "spaced.txt", "images/a.jpg\nimages/my photo.jpg\n"))
     with pytest.raises(ValueError, match="no images"):
-        read_split(str(empty))
+        read_split(written(tmp_path / "empty.txt", "\n"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_split(str(tmp_path / "missing.txt"))
 
