@@ -83,6 +83,17 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, what) -> None:
         assert torch.equal(bits(got), bits(expected)), what
 
 
+def assert_tuned_features_are_the_defaults(module, logits, ignore, caplog) -> None:
+    """residual_features on Triton through the tuning path (its INFO records captured by ``caplog``) returns what the
+    default launch configuration (``module.forced(0)``) returns."""
+    with module.forced(0):
+        expected = ck.residual_features(logits, ignore, backend="triton")
+    with caplog.at_level(logging.INFO, logger="csl_kernels"):
+        got = ck.residual_features(logits, ignore, backend="triton")
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_same(a, b, i)
+
+
 def close_tolerances(device: torch.device) -> dict:
     """The reductions (float64 PCOS sums, the loss) of another configuration: to the last bits under the
     interpreter. On a GPU their inputs may already differ in the last bits (``assert_same``); a Gaussian weight in the
@@ -180,12 +191,7 @@ def test_tuning_picks_the_fastest_and_caches_it(tuning, monkeypatch, caplog):
     monkeypatch.setattr(module, "tunes_on", lambda d: True)
     monkeypatch.setattr(module, "timer", timer)
     logits, ignore = features_call(device)
-    with module.forced(0):
-        expected = ck.residual_features(logits, ignore, backend="triton")
-    with caplog.at_level(logging.INFO, logger="csl_kernels"):
-        got = ck.residual_features(logits, ignore, backend="triton")
-    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert_same(a, b, i)
+    assert_tuned_features_are_the_defaults(module, logits, ignore, caplog)
     assert timer.calls == list(tunable.candidates)
     assert "tuned residual_features" in caplog.text and fastest.name in caplog.text
     assert "tuning residual_features for float32,C=21,nchw" in caplog.text and str(module.cache_path()) in caplog.text
@@ -365,12 +371,7 @@ def test_tuning_on_cuda_times_every_candidate_and_caches(tuning, monkeypatch, ca
     if device.type != "cuda":
         pytest.skip("needs a CUDA device")
     logits, ignore = features_call(device, classes=21, shape=(4, 129, 131))
-    with module.forced(0):
-        expected = ck.residual_features(logits, ignore, backend="triton")
-    with caplog.at_level(logging.INFO, logger="csl_kernels"):
-        got = ck.residual_features(logits, ignore, backend="triton")
-    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert_same(a, b, i)
+    assert_tuned_features_are_the_defaults(module, logits, ignore, caplog)
     assert "tuned residual_features" in caplog.text
     entries = json.loads(module.cache_path().read_text())["sections"][module.device_section(device)]
     (entry,) = entries.values()
