@@ -68,23 +68,19 @@ def test_the_ignored_colour_is_clear_of_every_class_colour_of_every_shipped_pale
     """Every palette a shipped config draws with (csl/configs: CamVid, Cityscapes, Pascal VOC, COCO, the synthetic
     demo), the synthetic scenes' largest and the 256 VOC colours: the ignored colour lies at least 22 (CIE76) from
     each class colour, above the 21.0 at which CamVid's pole and VOC's border colour read as one."""
-    import glob
-
-    import yaml
-
+    from csl.config import CONFIG_DIR, load_config
     from csl.data.synthetic import MAX_CLASSES
 
     shipped = {}
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(plots.__file__), "configs", "*.yaml"))):
-        with open(path) as f:
-            data = yaml.safe_load(f)["data"]
-        shipped[os.path.basename(path)] = palette(data["num_classes"], data["dataset"])
-    assert {"camvid.yaml", "cityscapes_801.yaml", "coco.yaml", "demo.yaml", "voc_321.yaml"} <= set(shipped)
+    for name in sorted(n[: -len(".yaml")] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")):
+        data = load_config(name)["data"]
+        shipped[name] = palette(data["num_classes"], data["dataset"])
+    assert {"camvid", "cityscapes_801", "coco", "demo", "voc_321"} <= set(shipped)
     shipped |= {"synthetic": palette(MAX_CLASSES, "synthetic"), "256 VOC colours": palette(256)}
     for name, colours in shipped.items():
         nearest = plots.colour_distance(ignored_colour(colours)[None], colours).min()
         assert nearest >= 22, (name, tuple(ignored_colour(colours)), nearest)
-    assert tuple(ignored_colour(shipped["camvid.yaml"])) == (255, 255, 255)  # blank, as on every <= 81-class palette
+    assert tuple(ignored_colour(shipped["camvid"])) == (255, 255, 255)  # blank, as on every <= 81-class palette
 
 
 def test_weight_surface_is_the_gaussian_below_the_mean_and_one_above_either_feature():
