@@ -116,7 +116,8 @@ def picture(runs: dict[tuple[str, int, str], dict[str, dict]], out_path: str) ->
     slots = [m for m in METHODS if m != "warmup"]
     for ax, (key, row) in zip(panels, runs.items(), strict=False):
         iters = [i for method, run in row.items() if method != "warmup" for i in run["iters"]]
-        last, step = (max(iters), (max(iters) - min(iters)) / 16 or 20) if iters else (0, 20)
+        last = max(iters, default=0)
+        step = (last - min(iters, default=0)) / 16 or 20  # 20 iterations where the panel has one evaluation
         for method, run in row.items():
             if method == "warmup":
                 ax.axhline(run["miou"][-1], color="grey", ls="--", lw=1, label="warm-up (start of each)")
