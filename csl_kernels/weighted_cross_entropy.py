@@ -87,6 +87,8 @@ def weighted_cross_entropy(
             CPU tensors under the interpreter alike.
         weight: ``B x H x W`` floating per-pixel weights, constants of the loss on every backend: a weight that
             requires grad (under grad mode) is refused, since no backend would return its gradient the same way.
+            A non-finite weight on a valid pixel gives a non-finite loss and a non-finite gradient at that pixel
+            (inf or NaN entries, by backend; docs/selection.md Sec. 5); on an invalid pixel it contributes 0.
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 

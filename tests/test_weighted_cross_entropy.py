@@ -547,6 +547,38 @@ def test_non_finite_logits_agree_with_the_reference(fused_backend, case, classes
                                equal_nan=True, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_weight_poisons_its_pixel_only(fused_backend, value):
+    """A non-finite weight on a valid pixel: the loss is the reference's (inf, -inf or NaN), every gradient entry of
+    that pixel is non-finite (never a finite value that training would take as real), the other pixels' gradients are
+    the reference's; the same weight on an ignored pixel contributes exactly 0."""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 4, 3, 5, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 4, (1, 3, 5), generator=g)
+    weight = torch.rand(1, 3, 5, generator=g, dtype=torch.float64) + 0.5
+    weight[0, 1, 2] = value
+    ref_loss, ref_grad = run("reference", z, label, weight, None)
+    loss, grad = run(fused_backend, z.float().to(device), label.to(device), weight.float().to(device), None)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, equal_nan=True)
+    assert not torch.isfinite(loss)
+    assert (~torch.isfinite(grad[0, :, 1, 2])).all()
+    others = torch.ones(3, 5, dtype=torch.bool)
+    others[1, 2] = False
+    torch.testing.assert_close(grad.double().cpu()[0][:, others], ref_grad[0][:, others], rtol=1e-5, atol=1e-7)
+
+    valid = torch.ones(1, 3, 5, dtype=torch.bool)
+    valid[0, 1, 2] = False
+    clean = weight.clone()
+    clean[0, 1, 2] = 0.0
+    ref_loss, ref_grad = run("reference", z, label, clean, valid)
+    for backend, dtype, dev in (("reference", torch.float64, "cpu"), (fused_backend, torch.float32, device)):
+        loss, grad = run(backend, z.to(dtype).to(dev), label.to(dev), weight.to(dtype).to(dev), valid.to(dev))
+        torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+        assert torch.equal(grad[0, :, 1, 2].cpu(), torch.zeros(4, dtype=dtype))
+
+
 def test_wide_decides_from_the_span_within_an_image():
     """``wide`` (int64 offsets in every Triton kernel) on meta tensors: shapes and strides without storage."""
     if importlib.util.find_spec("triton") is None:
