@@ -1,0 +1,70 @@
+"""The Markdown documents point at what exists: every relative link (and its #anchor) resolves."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT
+
+FENCE = re.compile(r"^(```|~~~)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def markdown_files() -> list[Path]:
+    """The tracked Markdown files of the repository."""
+    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / name for name in listed.stdout.split()]
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file (lower case, punctuation but '-' and '_' dropped,
+    spaces as '-', '-1', '-2', ... for repeated headings)."""
+    found, seen, in_code = set(), {}, False
+    for line in path.read_text().splitlines():
+        if FENCE.match(line):
+            in_code = not in_code
+            continue
+        heading = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            repeat = seen.get(slug, 0)
+            seen[slug] = repeat + 1
+            found.add(slug if repeat == 0 else f"{slug}-{repeat}")
+    return found
+
+
+def prose(path: Path) -> str:
+    """A Markdown file without its fenced code blocks."""
+    kept, in_code = [], False
+    for line in path.read_text().splitlines():
+        if FENCE.match(line):
+            in_code = not in_code
+        elif not in_code:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def test_anchors_follow_githubs_rules(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Real images: CamVid\n## `csl analyze` (selection)\n## Notes\n## Notes\n"
+                    "```\n# not a heading\n```\n")
+    assert anchors(page) == {"real-images-camvid", "csl-analyze-selection", "notes", "notes-1"}
+
+
+def test_relative_links_and_anchors_resolve():
+    broken = []
+    for path in markdown_files():
+        for target in LINK.findall(prose(path)):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            where = f"{path.relative_to(ROOT)}: {target}"
+            if not linked.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{where} (no such heading)")
+    assert not broken, "\n".join(broken)
+
