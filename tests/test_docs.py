@@ -1,4 +1,5 @@
-"""The Markdown documents point at what exists: every relative link (and its #anchor) resolves."""
+"""The Markdown documents point at what exists: every relative link (and its #anchor) resolves, and the record files
+docs/results/camvid.md names for its record folders are in them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
+RESULTS = ROOT / "docs" / "results"
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -68,3 +70,22 @@ def test_relative_links_and_anchors_resolve():
                 broken.append(f"{where} (no such heading)")
     assert not broken, "\n".join(broken)
 
+
+def test_the_camvid_record_files_named_are_in_their_folders():
+    """After a link to a record folder (``[`camvid/seed0/`](camvid/seed0/) (`summary.json`, every run's
+    `metrics_<run>.jsonl` ...)``), each file named in the same paragraph up to the next folder link is in that folder
+    (``<run>`` and ``*`` stand for any part of a name); a name with a folder (``camvid/seed1/metrics_csl.jsonl``) is
+    read from docs/results/."""
+    text = prose(RESULTS / "camvid.md")
+    pieces = re.split(r"\[`?(camvid/[^`\]]+/)`?\]\(camvid/[^)]+\)", text)
+    missing, checked = [], 0
+    for folder, following in zip(pieces[1::2], pieces[2::2], strict=True):
+        for name in re.findall(r"`([^`\s]+\.(?:json|jsonl|txt|md|log|png))`", following.split("\n\n")[0]):
+            if "/" in name and not name.startswith("camvid/"):
+                continue
+            pattern = re.sub(r"<[^>]+>|\*", "*", name)
+            checked += 1
+            if not (list(RESULTS.glob(pattern)) if "/" in name else list((RESULTS / folder).glob(pattern))):
+                missing.append(f"{folder}: {name}")
+    assert checked >= 50
+    assert not missing, "\n".join(missing)
