@@ -3,21 +3,26 @@ docs/results/camvid.md names for its record folders are in them."""
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 from pathlib import Path
 
 from conftest import ROOT
 
 RESULTS = ROOT / "docs" / "results"
+SKIPPED = {"runs", "build", "dist"}
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def markdown_files() -> list[Path]:
-    """The tracked Markdown files of the repository."""
-    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [ROOT / name for name in listed.stdout.split()]
+    """The repository's Markdown files (not those of hidden folders such as .venv, run folders or build outputs)."""
+    found = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [name for name in subfolders
+                         if not name.startswith(".") and name not in SKIPPED and not name.endswith(".egg-info")]
+        found += [Path(folder) / name for name in files if name.endswith(".md")]
+    return sorted(found)
 
 
 def anchors(path: Path) -> set[str]:
