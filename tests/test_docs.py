@@ -94,3 +94,101 @@ def test_the_camvid_record_files_named_are_in_their_folders():
                 missing.append(f"{folder}: {name}")
     assert checked >= 50
     assert not missing, "\n".join(missing)
+
+
+DOCUMENTS = ("README.md", "docs/unimatch.md", "docs/selection.md", "docs/results/camvid.md", "csl_bench/README.md",
+             "csl/splits/README.md")
+CSL_COMMAND = re.compile(r"(?:^|\s)(?:csl|-m csl)\s+(train|eval|predict|analyze|demo|split|report)\b(.*)", re.S)
+MODULE_COMMAND = re.compile(r"(?:^|\s)-m\s+((?:csl_bench|csl_kernels)[\w.]*)(.*)", re.S)
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        super().__init__()
+        self.parser = parser
+
+
+def option_strings(main, monkeypatch) -> set[str]:
+    """The options of the parser that ``main`` builds (stopped at its ``parse_args``, before it does anything)."""
+    import argparse
+
+    def stop(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", stop)
+        try:
+            main([])
+        except _Parsed as parsed:
+            return {option for action in parsed.parser._actions for option in action.option_strings}
+    raise AssertionError(f"{main} parsed no arguments")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(document, command text) for every code line and inline code span of the documents, comments cut off."""
+    found = []
+    for name in DOCUMENTS:
+        text = (ROOT / name).read_text()
+        blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+        lines = [line for block in blocks for line in block.splitlines()]
+        spans = re.findall(r"`([^`]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+        found += [(name, re.sub(r"\s#.*", "", command)) for command in lines + spans]
+    return found
+
+
+def test_the_documented_command_line_options_exist(monkeypatch):
+    """Every ``--option`` written after ``csl <command>`` or ``python -m <csl_bench / csl_kernels module>`` in the
+    documents is an option of that command's parser."""
+    import argparse
+    import importlib
+
+    from csl.cli import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    csl_options = {name: {option for action in sub._actions for option in action.option_strings}
+                   for name, sub in subparsers.choices.items()}
+    module_options: dict[str, set[str]] = {}
+    unknown, checked = [], 0
+    for document, command in documented_commands():
+        for match in CSL_COMMAND.finditer(command):
+            for flag in FLAG.findall(match.group(2)):
+                checked += 1
+                if flag not in csl_options[match.group(1)]:
+                    unknown.append(f"{document}: csl {match.group(1)} {flag}")
+        for match in MODULE_COMMAND.finditer(command):
+            module = match.group(1)
+            if module not in module_options:
+                loaded = importlib.import_module(module if module != "csl_bench" else "csl_bench.__main__")
+                main = loaded.SPEC.main if hasattr(loaded, "SPEC") else loaded.main
+                module_options[module] = option_strings(main, monkeypatch)
+            for flag in FLAG.findall(match.group(2).split(" | ")[0]):
+                checked += 1
+                if flag not in module_options[module]:
+                    unknown.append(f"{document}: python -m {module} {flag}")
+    assert checked >= 100 and len(module_options) >= 8
+    assert not unknown, "\n".join(unknown)
+
+
+def test_the_documented_environment_variables_are_read():
+    """Every ``CSL_*`` / ``GPU_CHECK_*`` variable the documents name, and every setting given to a script as
+    ``NAME=value bash scripts/<script>.sh``, is read by the code or by that script."""
+    sources = [ROOT / "setup.py"] + [path for folder in ("csl", "csl_kernels", "csl_bench", "csrc", "scripts")
+                                     for path in (ROOT / folder).rglob("*")
+                                     if path.suffix in (".py", ".sh", ".h", ".cpp", ".cu", ".cuh")]
+    code = "\n".join(path.read_text(errors="replace") for path in sources)
+    missing, checked = [], 0
+    for name in DOCUMENTS:
+        text = (ROOT / name).read_text()
+        for variable in sorted(set(re.findall(r"\b((?:CSL|GPU_CHECK)_[A-Z0-9_]*[A-Z0-9])\b", text))):
+            checked += 1
+            if not re.search(rf"\b{variable}\b", code):
+                missing.append(f"{name}: {variable}")
+        for settings, script in re.findall(r"((?:\b[A-Z][A-Z0-9_]*=\S+\s+)+)bash (scripts/\w+\.sh)", text):
+            source = (ROOT / script).read_text()
+            for variable in re.findall(r"\b([A-Z][A-Z0-9_]*)=", settings):
+                checked += 1
+                if "${" + variable not in source and f"${variable}" not in source:
+                    missing.append(f"{name}: {variable} for {script}")
+    assert checked >= 30
+    assert not missing, "\n".join(missing)
