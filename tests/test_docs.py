@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 RESULTS = ROOT / "docs" / "results"
@@ -192,3 +193,65 @@ def test_the_documented_environment_variables_are_read():
                     missing.append(f"{name}: {variable} for {script}")
     assert checked >= 30
     assert not missing, "\n".join(missing)
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_the_readme_op_table_is_the_api():
+    """README's table of ops: each is exported by csl_kernels, its arguments are the function's parameters in that
+    order, and every ``name=default`` (the first choice where it lists several) is the function's default; the ops it
+    calls reference-only take no ``backend=``, the others do, with ``"auto"`` as the default."""
+    import ast
+    import inspect
+
+    import csl_kernels
+
+    text = _readme()
+    rows = re.findall(r"^\| `(\w+)\((.*?)\)` \|", text, flags=re.M)
+    assert len(rows) == 8
+    reference_only = re.search(r"Every op but `(\w+)` and `(\w+)` \(reference only\) takes `backend=`", text).groups()
+    for op, arguments in rows:
+        parameters = inspect.signature(getattr(csl_kernels, op)).parameters
+        names = list(parameters)
+        position = -1
+        for argument in arguments.replace("\\|", "|").split(", "):
+            name, _, default = argument.partition("=")
+            assert name in parameters, f"{op}: {name}"
+            assert names.index(name) > position, f"{op}: {name} out of order"
+            position = names.index(name)
+            default = default.split(" | ")[0]
+            if default and default != "...":
+                assert parameters[name].default == ast.literal_eval(default), f"{op}: {argument}"
+        if op in reference_only:
+            assert "backend" not in parameters, op
+        else:
+            assert parameters["backend"].default == "auto", op
+
+
+def test_the_readme_python_example_runs():
+    """README's code block for your own trainer, run on small UniMatch-shaped tensors (reference backend, as
+    CSL_BACKEND names it for every auto call): the selection's outputs, a loss with its gradient, the masked images."""
+    import torch
+
+    block = re.search(r"^```python\n(.*?)^```", _readme(), flags=re.S | re.M).group(1)
+    assert "ck.pcos_weights(" in block and "ck.trusted_mask(" in block
+    generator = torch.Generator().manual_seed(0)
+    ignore = torch.zeros(2, 12, 10, dtype=torch.long)
+    ignore[1, -3:] = 255
+    names = {"logits_weak": torch.randn(2, 5, 12, 10, generator=generator) * 3,
+             "logits_strong": torch.randn(2, 5, 12, 10, generator=generator).requires_grad_(),
+             "ignore": ignore, "images_mild": torch.randn(2, 3, 12, 10, generator=generator),
+             "gen": torch.Generator().manual_seed(1)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CSL_BACKEND", "reference")
+        exec(compile(block, "README.md", "exec"), names)
+    sel, loss_u, masked, cover = names["sel"], names["loss_u"], names["masked"], names["cover"]
+    assert sel.weight.dtype == torch.float32 and sel.label.dtype == torch.int64 and sel.reliable.dtype == torch.bool
+    assert (sel.weight[ignore == 255] == 0).all() and sel.reliable.any()
+    loss_u.backward()
+    assert loss_u.ndim == 0 and names["logits_strong"].grad.abs().sum() > 0
+    hidden = cover.unsqueeze(1).expand_as(masked)
+    assert cover.any() and not (cover & ~sel.reliable).any()
+    assert (masked[hidden] == 0).all() and torch.equal(masked[~hidden], names["images_mild"][~hidden])
