@@ -255,3 +255,26 @@ def test_the_readme_python_example_runs():
     hidden = cover.unsqueeze(1).expand_as(masked)
     assert cover.any() and not (cover & ~sel.reliable).any()
     assert (masked[hidden] == 0).all() and torch.equal(masked[~hidden], names["images_mild"][~hidden])
+
+
+def test_the_readme_camvid_table_is_the_records_means():
+    """README's CamVid table is the mean rows of scripts/camvid_overview.py's table over the committed records (the
+    same columns, without the paired difference), and the run-by-run range of CSL minus threshold it gives in words is
+    the records' (rounded as the table rounds)."""
+    from conftest import load_script
+
+    overview = load_script("camvid_overview")
+    finals = overview.load()
+    means = [line for line in overview.table(finals).splitlines() if ", mean |" in line]
+    text = _readme()
+    documented = text[text.index("| split | warm-up | supervised only |"):]
+    documented = documented[:documented.index("\n\n")].splitlines()[2:]
+    assert len(documented) == len(means) == 2
+    for row, mean in zip(documented, means, strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        expected = [cell.strip() for cell in mean.strip("|").split("|")][:-1]  # without "CSL minus threshold"
+        assert [cells[0] + ", mean"] + cells[1:] == expected
+    paired = sorted(run["csl"] - run["threshold"] for run in finals.values())
+    low, high = re.search(r"CSL minus threshold \S+ and \S+ points on average, (\S+) to (\S+) run by\s+run",
+                          text).groups()
+    assert (float(low), float(high)) == (round(paired[0], 1), round(paired[-1], 1))
