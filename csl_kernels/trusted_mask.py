@@ -67,7 +67,9 @@ def trusted_mask_reference(images: torch.Tensor, cells: torch.Tensor, reliable: 
                            ) -> TrustedMask:
     """Apply a drawn block grid: ``cover = up(cells) & reliable``; ``images[cover] = fill`` on every channel."""
     cover = upsample_cells(cells, images.shape[-2], images.shape[-1]) & reliable
-    masked = images.masked_fill(cover.unsqueeze(1), fill)
+    # Out of place (vmap batches it) and in the images' channels_last format where they have it, as the fused
+    # backends' outputs (empty_like) are: images.masked_fill would return NCHW
+    masked = torch.where(cover.unsqueeze(1), torch.full((), fill, dtype=images.dtype, device=images.device), images)
     return TrustedMask(masked, cover)
 
 

@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import child_limit, default_dtype, layout, require_backend, skip_or_fail, spy_constexpr
+from conftest import child_limit, default_dtype, layout, require_backend, same_values, skip_or_fail, spy_constexpr
 
 import csl_kernels
 from csl_kernels import _backends
@@ -357,3 +357,17 @@ def test_triton_cell_products_past_int32_use_int64(shape):
                                      backend=b) for b in ("reference", "triton")]
     assert torch.equal(outs[0].cover.cpu(), outs[1].cover.cpu())
     assert torch.equal(outs[0].images.cpu(), outs[1].images.cpu())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu", "cuda"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided", "class_slice"])
+def test_the_masked_images_keep_the_memory_format_of_the_input(backend, kind):
+    """Every backend returns the masked images in the layout ``torch.empty_like(images)`` has: channels_last stays
+    channels_last, so a channels_last model gets channels_last inputs whichever backend ``auto`` picked (the
+    reference's masked_fill returned NCHW), and a view that is not dense comes back contiguous."""
+    device = require_backend(OP, backend)
+    images, reliable = make_images(0, (2, 3, 6, 7), torch.float32, kind, device)
+    out = csl_kernels.trusted_mask(images, reliable, block=2, generator=torch.Generator().manual_seed(0),
+                                   backend=backend)
+    assert out.images.stride() == torch.empty_like(images).stride()
+    assert same_values(out.images, torch.where(out.cover.unsqueeze(1), 0.0, images))
