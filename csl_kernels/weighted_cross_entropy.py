@@ -92,8 +92,10 @@ def weighted_cross_entropy(
         ignore: optional ``B x H x W`` integer map, 255 = ignored pixel.
         valid: optional ``B x H x W`` bool mask, True = valid pixel (instead of ``ignore``).
 
-    ``label``, ``weight`` and the ``ignore`` / ``valid`` map are kept for the backward pass as they are: changing one
-    in place before ``backward()`` raises autograd's "modified by an inplace operation" error there.
+    The fused backends keep ``label``, ``weight`` and the ``ignore`` / ``valid`` map for the backward pass as they
+    are: changing one in place before ``backward()`` raises autograd's "modified by an inplace operation" error there.
+    The reference keeps ``weight`` so (the same error) and works on its own copies of the label and the map: changing
+    those in place does not change its gradient, which stays the forward's.
 
     Returns:
         0-dim float32 loss (float64 for float64 logits) ``sum_n w_n CE_n / N_valid``;

@@ -579,6 +579,32 @@ def test_a_non_finite_weight_poisons_its_pixel_only(fused_backend, value):
         assert torch.equal(grad[0, :, 1, 2].cpu(), torch.zeros(4, dtype=dtype))
 
 
+@pytest.mark.parametrize("changed", ["label", "weight", "ignore", "valid"])
+@pytest.mark.parametrize("backend", ("reference", *FUSED_BACKENDS))
+def test_an_input_changed_in_place_before_backward(backend, changed):
+    """As the docstring says: the fused backends refuse a backward pass after any side input changed in place; the
+    reference refuses it after a changed weight and otherwise returns the forward's gradient (its own copies)."""
+    device = require_backend(OP, backend)
+    z, label, weight, ign = make_case(3, batch=2, classes=4, height=3, width=5, dtype=torch.float32,
+                                      ignore="bool" if changed == "valid" else "int64", poison=False, device=device)
+    expected = run(backend, z, label, weight, ign)[1]
+    logits = z.detach().clone().requires_grad_()
+    loss = csl_kernels.weighted_cross_entropy(logits, label, weight, **masks(ign), backend=backend)
+    with torch.no_grad():
+        if changed == "label":
+            label.add_(1).remainder_(4)
+        elif changed == "weight":
+            weight.mul_(2)
+        else:
+            ign.fill_(False if changed == "valid" else 255)
+    if backend != "reference" or changed == "weight":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    else:
+        loss.backward()
+        torch.testing.assert_close(logits.grad, expected, rtol=0, atol=0)
+
+
 def test_wide_decides_from_the_span_within_an_image():
     """``wide`` (int64 offsets in every Triton kernel) on meta tensors: shapes and strides without storage."""
     if importlib.util.find_spec("triton") is None:
