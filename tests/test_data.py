@@ -73,6 +73,11 @@ def test_read_split_formats_and_errors(tmp_path):
         read_split(written(tmp_path / "empty.txt", "\n"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_split(str(tmp_path / "missing.txt"))
+    # an image given as the list: named, not Python's bare "'utf-8' codec can't decode byte 0xff"
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+    with pytest.raises(ValueError, match=r"split file .*frame\.jpg is not a text list \(not UTF-8"):
+        read_split(str(image))
 
 
 # ----------------------------------------------------------------------------------------------- file layouts

@@ -60,17 +60,22 @@ def read_split_lines(path: str) -> list[tuple[int, tuple[str, str | None]]]:
             raise FileNotFoundError(f"split file {os.path.abspath(path)} is a folder; give its list file (e.g. "
                                     f"labeled.txt)")
         raise FileNotFoundError(f"split file not found: {os.path.abspath(path)}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:  # an image or a checkpoint given as the list
+        raise ValueError(f"split file {path} is not a text list (not UTF-8 text: an image or another binary file?); "
+                         f"give a file of 'img_path [mask_path]' lines") from None
     lines = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) > 2 or (len(parts) == 2 and parts[1].lower().endswith(_LOSSY_IMAGE_SUFFIXES)):
-                raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]' (paths without whitespace), got "
-                                 f"{len(parts)} fields{' (a JPEG is no mask)' if len(parts) == 2 else ''}: {line!r}")
-            lines.append((lineno, (parts[0], parts[1] if len(parts) == 2 else None)))
+    for lineno, line in enumerate(text.split("\n"), 1):  # (text mode reads \r\n and \r as \n)
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) > 2 or (len(parts) == 2 and parts[1].lower().endswith(_LOSSY_IMAGE_SUFFIXES)):
+            raise ValueError(f"{path}:{lineno}: expected 'img_path [mask_path]' (paths without whitespace), got "
+                             f"{len(parts)} fields{' (a JPEG is no mask)' if len(parts) == 2 else ''}: {line!r}")
+        lines.append((lineno, (parts[0], parts[1] if len(parts) == 2 else None)))
     if not lines:
         raise ValueError(f"split file {path} lists no images")
     return lines
