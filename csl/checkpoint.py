@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -117,6 +118,18 @@ def _load_weights_only(path: str, **kwargs) -> Any:
         return torch.load(path, weights_only=True, **kwargs)
 
 
+# How a file in torch's legacy (non-zip) format starts: its magic number, pickled with torch.save's default protocol.
+_LEGACY_START = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # without the pickle's STOP
+
+
+def _legacy_refused(path: str, error: Exception) -> bool:
+    """Whether ``error`` is weights_only's refusal of what a whole file in torch's legacy format holds (e.g. a NumPy
+    array), not a sign of a file cut short or of another kind."""
+    with open(path, "rb") as f:
+        start = f.read(len(_LEGACY_START))
+    return start == _LEGACY_START and "WeightsUnpickler error: Unsupported global" in str(error)
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Load with ``weights_only=True`` (NumPy numbers allowed). Raises FileNotFoundError / ValueError with the path
     on failure; a file that is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
@@ -130,7 +143,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         obj = _load_weights_only(path, map_location=map_location)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-short one has no directory
+        # torch.save writes a zip archive (a cut-short one has no directory), older torch its legacy format
+        if not zipfile.is_zipfile(path) and not _legacy_refused(path, e):
             with open(path, "rb") as f:
                 start = f.read(24)
             size = os.path.getsize(path)
