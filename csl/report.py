@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from .analyze import BASELINE_TAU, baseline_row, split_suffix
+from .data import class_names
 from .demo import LABELS as METHOD_LABELS
 from .demo import percent_cells
 from .files import atomic_write_text
@@ -213,14 +214,16 @@ def analysed_label(folder_name: str, analysis: dict) -> str:
 
 
 def per_class_table(run: dict) -> str:
-    """Final val IoU per class of each method of one run."""
+    """Final val IoU per class of each method of one run; the classes named as ``csl eval`` and ``csl analyze`` name
+    them (the dataset's names, :func:`csl.data.class_names`)."""
     evals = {m: final_record(run, m) for m in ["warmup", *run["methods"]]}
     evals = {m: e for m, e in evals.items() if e}
     if not evals:
         return "(no evaluation records)"
-    first = next(iter(evals.values()))
-    names = (run["analyses"].get("warmup") or next(iter(run["analyses"].values()), {})).get("class_names") or [
-        f"class {k}" for k in range(len(first["iou"]))]
+    count = len(next(iter(evals.values()))["iou"])
+    data = run["summary"]["config"].get("data") or {}
+    names = (run["analyses"].get("warmup") or next(iter(run["analyses"].values()), {})).get("class_names") or (
+        class_names(data, count) if data.get("dataset") else [f"class {k}" for k in range(count)])
     lines = ["| class | " + " | ".join(LABELS.get(m, m) for m in evals) + " |",
              "| --- |" + " ---: |" * len(evals)]
     for k, name in enumerate(names):

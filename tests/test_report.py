@@ -327,6 +327,17 @@ def test_per_class_table_gives_each_class_its_own_iou():
     assert [table_row(table, f"class {k}")[0] for k in range(3)] == ["11.0", "22.0", "33.0"]
 
 
+def test_per_class_table_names_the_datasets_classes_without_an_analysis():
+    """As csl eval names them: the demo's summary.json stores the run's config, whose dataset has class names (the
+    synthetic scenes' shapes); they were "class 0", "class 1", ... unless an analysis was there to take them from."""
+    run = _synthetic_run()
+    run["summary"]["config"]["data"] = {"dataset": "synthetic", "num_classes": 3}
+    table = report.per_class_table(run)
+    assert [table_row(table, name)[0] for name in ("background", "disk", "rectangle")] == ["11.0", "22.0", "33.0"]
+    run["summary"]["config"]["data"] = {"dataset": "folder", "num_classes": 3}  # a dataset without names
+    assert table_row(report.per_class_table(run), "class 2")[0] == "33.0"
+
+
 def test_training_pseudo_label_table_columns_are_share_accuracy_recall():
     table = report.training_pl_table(_synthetic_run())
     row = table_row(table, report.LABELS["csl"])
