@@ -345,6 +345,11 @@ def write_report_and_pictures(folders: list[str], out_dir: str, overwrite: bool 
             if evals and final and evals[-1]["iter"] < final["iter"]:
                 parts.append(f"Seed {_seed(r)}: `{m}/metrics.jsonl` ends at the evaluation of iteration "
                              f"{evals[-1]['iter']}; the final model's (iteration {final['iter']}) is summary.json's.\n")
+            elif not evals and m in r["summary"]["results"]:  # deleted, or never copied with the folder
+                what = "is missing: its curves are" if m not in r["metrics"] else \
+                    "holds no evaluation record: its mIoU curve is"
+                parts.append(f"Seed {_seed(r)}: `{m}/metrics.jsonl` {what} not drawn; its figures in the tables are "
+                             f"summary.json's.\n")
         for m, a in r["analyses"].items():  # an analysis of another checkpoint than the run's final model
             final = final_record(r, analysed_run(m, a))
             at = a.get("checkpoint_iteration")

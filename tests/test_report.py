@@ -241,6 +241,17 @@ def test_records_cut_by_a_crash_are_named_and_the_final_model_stays_the_summarys
     assert "`csl/metrics.jsonl` ends at the evaluation of iteration 500; the final model's (iteration 600)" in md
     assert table_row(report.per_class_table(report.load_run(folder)), "**mIoU**")[3] == "**46.3**"  # csl, final
     assert "not of the final model" not in md  # its analysis is of iteration 600, the final model
+    # A method's records gone (deleted, or not copied with the folder): said, not silently left out of the pictures
+    os.remove(metrics)
+    assert report.main([folder, "--out", str(out), "--overwrite"]) == 0
+    md = (out / "report.md").read_text()
+    assert "`csl/metrics.jsonl` is missing: its curves are not drawn; its figures in the tables are summary.json's" \
+        in md
+    with open(metrics, "w"):  # emptied
+        pass
+    assert report.main([folder, "--out", str(out), "--overwrite"]) == 0
+    md = (out / "report.md").read_text()
+    assert "`csl/metrics.jsonl` holds no evaluation record: its mIoU curve is not drawn" in md
     summary = os.path.join(folder, "summary.json")
     with open(summary) as f:
         text = f.read()
