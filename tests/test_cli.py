@@ -746,6 +746,15 @@ def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_p
         capsys.readouterr().err)
 
 
+def test_split_into_a_file_names_out(tmp_path, capsys):
+    """As predict, analyze and report say it; it was the write's "[Errno 20] Not a directory: '<out>/1_2'"."""
+    listing = tmp_path / "train.txt"
+    listing.write_text("img/0.png mask/0.png\nimg/1.png mask/1.png\n")
+    assert main(["split", "--list", str(listing), "--fractions", "1/2", "--out", str(listing)]) == 2
+    assert capsys.readouterr().err == f"csl split: error: --out {listing} is a file; give a folder\n"
+    assert listing.read_text() == "img/0.png mask/0.png\nimg/1.png mask/1.png\n"
+
+
 def test_a_path_through_a_file_is_the_users_input(monkeypatch, capsys):
     """NotADirectoryError / IsADirectoryError come from a path the user gave: exit 2 like a missing file."""
     import csl.cli as cli

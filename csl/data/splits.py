@@ -63,8 +63,11 @@ def write_splits(list_path: str, out_dir: str, fractions, seed: int = 0, overwri
     could land in both parts). A split file that exists with other content (another seed or list) is an error
     unless ``overwrite``: a run trained on it would otherwise be analysed on other images. Each file is replaced
     atomically."""
+    from ..run_folder import check_output_folder
+
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"the split seed (--seed) must be an int >= 0, got {seed!r}")
+    check_output_folder(out_dir)  # a file, or a folder that cannot be written in: said as --out's
     items = read_split(list_path)
     without = [img for img, mask in items if mask is None]
     if without:
