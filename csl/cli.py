@@ -30,7 +30,16 @@ import warnings
 from typing import NamedTuple
 
 from . import stop
-from .config import CONFIG_DIR, ConfigError, build_config, config_yaml, load_config, migrate_renamed, parse_override
+from .config import (
+    CONFIG_DIR,
+    RENAMED,
+    ConfigError,
+    build_config,
+    config_yaml,
+    load_config,
+    migrate_renamed,
+    parse_override,
+)
 from .demo import METHODS
 
 log = logging.getLogger("csl")
@@ -152,7 +161,7 @@ def config_for_checkpoint(path: str, ckpt: dict, config: str | None = None, over
     with warnings.catch_warnings():  # a key renamed since the run was trained is the checkpoint's, not the user's
         warnings.simplefilter("ignore", FutureWarning)
         stored = migrate_renamed(stored)
-    given = {parse_override(o)[0] for o in overrides or []}
+    given = {RENAMED.get(key, key) for key, _ in map(parse_override, overrides or [])}  # selection.backend too
     defaults = [o for o in WHERE_IT_RAN if parse_override(o)[0] not in given]
     return build_config(stored, [*defaults, *(overrides or []), *_moved_with_the_root(stored, overrides)])
 

@@ -746,6 +746,25 @@ def test_a_fraction_the_list_cannot_hold_is_refused_not_rounded_to_another(tmp_p
         capsys.readouterr().err)
 
 
+def test_a_checkpoints_backend_given_under_its_old_name_is_not_said_to_be_given_twice():
+    """eval / predict / analyze choose this machine's kernels.backend (auto) for a stored config unless an override
+    names it: under its old name selection.backend too. It was said as 'kernels.backend and selection.backend set one
+    key ('auto', then 'reference')', of a kernels.backend the user never gave."""
+    import warnings
+
+    from csl.cli import config_for_checkpoint
+    from csl.config import load_config
+
+    stored = load_config("demo", ["kernels.backend=cpu"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = config_for_checkpoint("best.pt", {"config": stored}, None, ["selection.backend=reference"])
+    assert cfg["kernels"]["backend"] == "reference"
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (FutureWarning, "config key 'selection.backend' is deprecated; it is read as 'kernels.backend'")]
+    assert config_for_checkpoint("best.pt", {"config": stored})["kernels"]["backend"] == "auto"
+
+
 def test_split_into_a_file_names_out(tmp_path, capsys):
     """As predict, analyze and report say it; it was the write's "[Errno 20] Not a directory: '<out>/1_2'"."""
     listing = tmp_path / "train.txt"
