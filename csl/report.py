@@ -303,6 +303,16 @@ def training_pl_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def _written_before_its_checkpoint(folder: str, name: str, analysis: dict) -> bool:
+    """Whether the analysis ``name`` of the run folder is older than the checkpoint it names, where that file is
+    there: the run was trained again after the analysis (a retrained stage keeps the ``analysis/`` folder)."""
+    checkpoint = analysis.get("checkpoint")
+    written = os.path.join(folder, "analysis", name, "analysis.json")
+    if not checkpoint or not os.path.isfile(checkpoint) or not os.path.isfile(written):
+        return False
+    return os.path.getmtime(checkpoint) > os.path.getmtime(written)
+
+
 def write_report(folders: list[str], out_dir: str, overwrite: bool = False) -> str:
     """Write ``<out_dir>/report.md`` and its pictures; returns the Markdown path."""
     return write_report_and_pictures(folders, out_dir, overwrite)[0]
@@ -356,6 +366,10 @@ def write_report_and_pictures(folders: list[str], out_dir: str, overwrite: bool 
             if final and at is not None and at != final["iter"]:
                 parts.append(f"Seed {_seed(r)}: the analysis of `{m}` is of `{os.path.basename(a['checkpoint'])}` "
                              f"at iteration {at}, not of the final model (iteration {final['iter']}).\n")
+            elif _written_before_its_checkpoint(r["folder"], m, a):
+                parts.append(f"Seed {_seed(r)}: the analysis of `{m}` was written before its checkpoint "
+                             f"`{a['checkpoint']}`, which was trained again since (csl demo --fresh, csl train "
+                             f"--overwrite): it describes an earlier model; run csl analyze --overwrite again.\n")
     parts += ["## Validation mIoU (final model; best of the evaluations in the next column)\n", results_table(runs),
               ""]
     if any("threshold" in r["results"] for r in runs):

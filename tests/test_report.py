@@ -267,6 +267,29 @@ def test_records_cut_by_a_crash_are_named_and_the_final_model_stays_the_summarys
     assert "--out " + str(tmp_path / "a_file") + " is a file; give a folder" in capsys.readouterr().err
 
 
+def test_an_analysis_older_than_its_checkpoint_is_named(tmp_path):
+    """A stage trained again after its analysis (csl demo --fresh, csl train --overwrite keep analysis/): the
+    analysis describes the replaced model, and at the same iteration nothing else in the report tells it apart."""
+    folder = run_folder(tmp_path, 0)
+    checkpoint = tmp_path / "csl_latest.pt"
+    checkpoint.write_bytes(b"the retrained model")
+    analysis = os.path.join(folder, "analysis", "csl", "analysis.json")
+    with open(analysis) as f:
+        a = json.load(f)
+    a.update(checkpoint=str(checkpoint), checkpoint_iteration=600)  # the final model's iteration
+    with open(analysis, "w") as f:
+        json.dump(a, f)
+    os.utime(analysis, (1_000_000, 1_000_000))
+    os.utime(checkpoint, (2_000_000, 2_000_000))  # trained after the analysis was written
+    out = tmp_path / "report"
+    report.write_report([folder], str(out))
+    said = f"the analysis of `csl` was written before its checkpoint `{checkpoint}`, which was trained again since"
+    assert said in (out / "report.md").read_text()
+    os.utime(checkpoint, (500_000, 500_000))  # analysed after its training: no note
+    report.write_report([folder], str(out), overwrite=True)
+    assert "was written before its checkpoint" not in (out / "report.md").read_text()
+
+
 def test_a_report_written_again_leaves_no_picture_of_the_earlier_one(tmp_path, capsys):
     folders = [run_folder(tmp_path, 0), run_folder(tmp_path, 1)]
     out = tmp_path / "report"
