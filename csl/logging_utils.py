@@ -186,17 +186,19 @@ class MetricsWriter:
             self._tb = None
 
 
-def prune_metrics(path: str, iteration: int) -> int:
+def prune_metrics(path: str, iteration: int, eval_pending: bool = False) -> int:
     """Drop the records of iterations after ``iteration`` from ``metrics.jsonl`` (what a killed run logged after its
-    last checkpoint, which the resumed run logs again); returns how many were dropped. The file is replaced
-    atomically."""
+    last checkpoint, which the resumed run logs again), and with ``eval_pending`` (the checkpoint's evaluation at
+    ``iteration`` is still to run) an evaluation record of ``iteration`` (logged by an evaluation whose save did not
+    land); returns how many were dropped. The file is replaced atomically."""
     if not os.path.isfile(path):
         return 0
     with open(path, encoding="utf-8", errors="replace") as f:  # a line with other bytes is not a record: dropped
         lines = [line for line in f if line.strip()]
     records = _parsed(path, lines)
     keep = [line if line.endswith("\n") else line + "\n" for line, record in zip(lines, records, strict=True)
-            if record is not None and record.get("iter", 0) <= iteration]
+            if record is not None and record.get("iter", 0) <= iteration
+            and not (eval_pending and record.get("kind") == "eval" and record.get("iter") == iteration)]
     if len(keep) == len(lines):
         return 0
     atomic_write_text(path, "".join(keep))

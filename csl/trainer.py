@@ -627,7 +627,8 @@ class Trainer:
         self.weighted_partial = "pl_counts" in self.epoch_acc.sums and "pl_weighted" not in self.epoch_acc.sums
         self._restore_best(path, ckpt)
         if self.env.is_main:
-            prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration)
+            prune_metrics(os.path.join(self.output_dir, "metrics.jsonl"), self.iteration,
+                          eval_pending=self.pending_eval is not None)
         rng = ckpt.get("rng") or []
         saved_type = saved_device_type(ckpt) or self.device.type
         if len(rng) != self.env.world_size:

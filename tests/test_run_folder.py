@@ -166,6 +166,32 @@ def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
     assert "pending_eval" not in torch.load(tmp_path / "latest.pt", weights_only=True)
 
 
+def test_a_pending_evaluation_killed_before_its_save_is_recorded_once(tmp_path, monkeypatch):
+    """The resumed pending evaluation logs its record, then saves; a kill in between leaves latest.pt pending at the
+    same iteration, so the next resume evaluates again: the first record goes (as the records after a checkpoint do),
+    not two evaluations of one model at one iteration."""
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    trainer = Trainer(config(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    monkeypatch.undo()
+
+    def killed(self, names=("latest.pt",)):
+        raise KeyboardInterrupt  # as a kill -9 before the checkpoint lands
+
+    monkeypatch.setattr(Trainer, "save", killed)
+    trainer = Trainer(config(tmp_path, **{"train.resume": "auto"}))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    monkeypatch.undo()
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2]
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["pending_eval"]["epoch"] == 0
+    train(config(tmp_path, **{"train.resume": "auto"}))
+    assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2, 4]
+
+
 def test_resume_auto_takes_the_newer_of_latest_and_best(tmp_path):
     """An improving epoch after the first killed between its two writes leaves best.pt one epoch ahead of latest.pt:
     --resume auto continues from best.pt (latest.pt's older state would also reset the best mIoU)."""
