@@ -208,6 +208,9 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
         if cfg["model"]["pretrained"] != "imagenet":
             files.append(("model.pretrained", cfg["model"]["pretrained"]))
     for key, path in files:
+        if path and os.path.isdir(path):  # a run folder given for its checkpoint: there, but not a file
+            which = "the weights file in it" if key == "model.pretrained" else "its latest.pt or best.pt"
+            raise IsADirectoryError(f"{key}: {as_given(path)} is a folder; give {which}")
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{key}: file not found: {as_given(path)}")
     if cfg["data"].get("dataset", "synthetic") != "synthetic" and cfg["data"].get("root"):

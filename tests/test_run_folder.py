@@ -489,6 +489,13 @@ def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path, mon
         with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}$"):
             Trainer(config(out, **{key: gone}))
         assert not out.exists()
+    # A folder (a run folder given for its checkpoint) is there: said to be a folder, not a file not found.
+    for key, which in (("train.resume", "its latest.pt or best.pt"), ("train.init_from", "its latest.pt or best.pt"),
+                       ("model.pretrained", "the weights file in it")):
+        out = tmp_path / f"{key}_folder"
+        with pytest.raises(IsADirectoryError, match=f"{key}: {tmp_path} is a folder; give {which}$"):
+            Trainer(config(out, **{key: str(tmp_path)}))
+        assert not out.exists()
     # A relative path (the camvid config's ../shared/weights/...) is read from the current folder, which is said.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"model.pretrained: file not found: \.\./w/gone\.pt \(read from the "
