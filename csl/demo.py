@@ -313,6 +313,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
     ``config``: the base config (bundled name or YAML path; ``demo`` = the synthetic demo, ``camvid`` = the CamVid
     experiment), ``overrides`` applied to it. Runs finished (or stopped) earlier in ``out_dir`` under the same
     configuration are reused (or continued), see :func:`run_stage`; ``fresh=True`` starts every run anew."""
+    from .run_folder import check_output_folder
     from .trainer import train
 
     methods = ["supervised", "threshold", "csl"] if methods is None else list(methods)
@@ -334,6 +335,7 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), methods: list[str] | N
             raise ValueError(f"csl demo sets {key} itself for each stage, so {item!r} would do nothing: "
                              f"{DEMO_SETS[key]}")
     base = load_config(config, overrides)
+    check_output_folder(out_dir, "--out")  # a file: said as the flag the user gave, before the first stage's header
     start = time.perf_counter()
     init_from, warm, new_warmup = None, None, False
     if warmup:

@@ -926,6 +926,15 @@ def test_demo_refuses_a_negative_warmup_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_into_a_file_names_out_before_any_stage(tmp_path, capsys):
+    """It printed the warm-up's header, then 'output_dir <file>/warmup is inside <file>, which is a file'."""
+    (tmp_path / "a_file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "a_file"), *TINY]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"csl demo: error: --out {tmp_path / 'a_file'} is a file; give a folder\n"
+    assert "warm-up" not in captured.out
+
+
 def test_eval_refuses_a_negative_bn_recalibrate_first(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "never-read.pt"), "--bn-recalibrate", "-1"]) == 2
     assert "--bn-recalibrate must be >= 0 (0 keeps the checkpoint's statistics), got -1" in capsys.readouterr().err
