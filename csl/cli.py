@@ -291,7 +291,7 @@ def cmd_eval(args) -> int:
             mode = cfg["eval"]["mode"] or default_eval_mode(cfg["data"]["dataset"])
             result = evaluate(model, loader, num_classes, mode=mode, crop_size=cfg["eval"]["crop_size"] or
                               cfg["data"]["crop_size"], stride_ratio=cfg["eval"]["stride_ratio"], device=env.device,
-                              amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device),
+                              amp_dtype=resolve_amp(cfg["eval"]["amp"], env.device, "eval.amp"),
                               ignore_index=IGNORE_INDEX, backend=cfg["kernels"]["backend"],
                               progress=env.is_main)
     finally:
@@ -431,7 +431,7 @@ def cmd_predict(args) -> int:
                              std=tuple(d["std"] or IMAGENET_STD), mode=cfg["eval"]["mode"] or
                              default_eval_mode(d["dataset"]), crop_size=cfg["eval"]["crop_size"] or d["crop_size"],
                              device=device, stride_ratio=cfg["eval"]["stride_ratio"],
-                             amp_dtype=resolve_amp(cfg["eval"]["amp"], device),
+                             amp_dtype=resolve_amp(cfg["eval"]["amp"], device, "eval.amp"),
                              dataset=d["dataset"] if d["dataset"] != "synthetic" else None,
                              image_scale=d["image_scale"], overwrite=args.overwrite,
                              skip_existing=args.skip_existing, skipped=skipped)

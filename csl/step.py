@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from .config import CHOICES
 from .selection import Selector
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+log = logging.getLogger("csl")
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
+    """``auto``: bf16 autocast on GPU, fp32 on CPU. ``fp16`` on a CPU is allowed and said in a warning naming the
+    config ``key``: float16 autocast there runs the convolutions far slower than fp32."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {['auto', *AMP_DTYPES]}, got {amp!r}")
+    if amp == "fp16" and device.type == "cpu":
+        log.warning("%s=fp16 on a CPU: float16 autocast runs the convolutions there far slower than fp32 (most CPUs "
+                    "have no fast float16 kernels); %s=fp32 or bf16 is the usual choice on a CPU", key, key)
     return AMP_DTYPES[amp]
 
 

@@ -410,7 +410,7 @@ class Trainer:
         self._log_model(model)
         self.model, self.bare_model = prepare_model(model, self.env)
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
-        self.eval_amp = resolve_amp(cfg["eval"]["amp"], self.device)
+        self.eval_amp = resolve_amp(cfg["eval"]["amp"], self.device, "eval.amp")
         self.optimizer = build_optimizer(self.bare_model, cfg["train"])
         self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg["train"]["poly_power"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -6,6 +6,7 @@ CPU only and tiny: ResNet-18, 40-pixel crops, batch 2, a handful of synthetic sc
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from csl.distributed import ResumableDistributedSampler, SeededDataset
 from csl.logging_utils import read_metrics
 from csl.losses import CrossEntropy, OhemCrossEntropy
 from csl.selection import Selector
-from csl.step import KernelOps, StepConfig, cutmix_boxes, train_step
+from csl.step import KernelOps, StepConfig, cutmix_boxes, resolve_amp, train_step
 from csl.trainer import Trainer, build_optimizer, epoch_length, to_device, train
 from csl_kernels import PCOSResult
 
@@ -1093,3 +1094,19 @@ def test_the_ohem_criterion_takes_its_settings_from_the_config():
 
     crit = build_labeled_criterion({"criterion": "ohem", "ohem_thresh": 0.5, "ohem_min_kept": 123})
     assert isinstance(crit, OhemCrossEntropy) and (crit.thresh, crit.min_kept) == (0.5, 123)
+
+
+def test_fp16_autocast_on_a_cpu_is_said_in_a_warning_naming_its_key(caplog):
+    """train.amp / eval.amp = fp16 on a CPU runs (it is allowed) but is slow there: the warning names the key; the
+    other choices, and fp16 on a GPU, say nothing."""
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="csl"):
+        assert resolve_amp("fp16", cpu, "eval.amp") is torch.float16
+        assert "eval.amp=fp16 on a CPU" in caplog.text and "slower than fp32" in caplog.text
+        caplog.clear()
+        assert resolve_amp("fp16", cpu) is torch.float16
+        assert "train.amp=fp16 on a CPU" in caplog.text
+        caplog.clear()
+        assert [resolve_amp(amp, cpu) for amp in ("auto", "bf16", "fp32")] == [None, torch.bfloat16, None]
+        assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
+        assert caplog.text == ""
