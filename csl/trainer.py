@@ -144,6 +144,15 @@ RESUMED_FROM_CHECKPOINT = ("lr", "head_lr_mult", "momentum", "weight_decay", "po
 
 DATA_PATH_KEYS = ("root", "split_dir", "labeled_list", "unlabeled_list", "val_list")
 
+# What the resumed steps train on and how, taken from the config given now (README): a value that differs from the
+# checkpoint's is named in a warning. Whole sections but the keys that change no step (loader workers, the label check).
+TRAINING_SETTINGS = {
+    "data": None, "selection": None, "tmp": None,
+    "train": ("mode", "criterion", "ohem_thresh", "ohem_min_kept", "lambda_s", "lambda_m", "lambda_fp", "cutmix_p",
+              "amp"),
+}
+NOT_TRAINING_SETTINGS = {"data": ("num_workers", "check_labels")}
+
 
 def resolve_data_paths(cfg: dict) -> dict:
     """A copy of ``cfg`` with its data paths absolute (what a run stores in its config.yaml and checkpoints)."""
@@ -579,6 +588,7 @@ class Trainer:
                               f"{self.num_classes}: it cannot be resumed here (train.init_from cannot change the "
                               f"class count either; start a new output_dir)")
         self._adopt_resumed_settings(path, ckpt.get("config") or {})
+        self._name_changed_training_settings(path, ckpt.get("config") or {})
         saved_seed = (ckpt.get("config") or {}).get("seed")
         if saved_seed is not None and saved_seed != self.cfg["seed"]:
             log.warning("resuming %s: seed was %s, now %s; the samplers' order and augmentations follow the seed, so "
@@ -708,6 +718,26 @@ class Trainer:
                             "checkpoint's optimizer and schedule, so %s is what the run uses", path, key, now[key],
                             then[key], then[key])
                 now[key] = then[key]
+
+    def _name_changed_training_settings(self, path: str, saved: dict) -> None:
+        """The data, selection, TMP and loss settings of a resume are the config's (README), e.g. to continue on
+        another split on purpose; a value that differs from the checkpoint's is said in one warning, since the run's
+        records then mix two settings."""
+        now = resolve_data_paths(self.cfg)
+        changed = []
+        for section, keys in TRAINING_SETTINGS.items():
+            then_section, now_section = saved.get(section), now.get(section, {})
+            if not isinstance(then_section, dict):
+                continue
+            for key in keys or sorted(set(then_section) | set(now_section)):
+                if key in NOT_TRAINING_SETTINGS.get(section, ()) or key not in then_section:
+                    continue
+                if then_section[key] != now_section.get(key):
+                    changed.append(f"{section}.{key} {then_section[key]!r} -> {now_section.get(key)!r}")
+        if changed:
+            log.warning("resuming %s with training settings that differ from the checkpoint's: %s; the steps from "
+                        "here use the values given now (config.yaml records them), those before used the "
+                        "checkpoint's", path, ", ".join(changed))
 
     def _restore_best(self, path: str, ckpt: dict) -> None:
         """``best.pt`` missing while the checkpoint records a best mIoU (deleted, or a checkpoint written before

@@ -904,3 +904,22 @@ def test_a_final_error_goes_into_the_log_file_not_again_to_the_console(tmp_path,
         assert "boom" not in capsys.readouterr().err
     finally:
         setup_logging(None)
+
+
+def test_a_resume_names_the_training_settings_that_differ_from_the_checkpoints(tmp_path):
+    """The data, selection, TMP and loss settings of a resume are the config's (README); one that differs from the
+    checkpoint's is named in a warning (a 1/8 run resumed on another split said nothing). The same config resumed, and
+    the keys that change no step (loader workers), say nothing."""
+    semi = {**TINY, "train.iters": 4, "train.iters_per_epoch": 2}
+    train(build_config({}, {**semi, "output_dir": str(tmp_path)}), stop_at=2)
+    log_file = tmp_path / "train.log"
+    Trainer(build_config({}, {**semi, "output_dir": str(tmp_path), "train.resume": "auto",
+                              "data.num_workers": 1})).close()
+    assert "differ from the checkpoint's" not in log_file.read_text()
+    Trainer(build_config({}, {**semi, "output_dir": str(tmp_path), "train.resume": "auto", "selection.tau": 0.9,
+                              "tmp.rate": 0.5, "train.lambda_fp": 0.0, "data.crop_size": 48})).close()
+    line = next(x for x in log_file.read_text().splitlines() if "differ from the checkpoint's" in x)
+    for said in ("data.crop_size 40 -> 48", "selection.tau 0.95 -> 0.9", "tmp.rate 0.7 -> 0.5",
+                 "train.lambda_fp 0.5 -> 0.0"):
+        assert said in line, (said, line)
+    assert "num_workers" not in line and "use the values given now" in line
