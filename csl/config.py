@@ -183,6 +183,18 @@ def _walk_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def dotted_leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf of a nested config (a mapping is walked into, anything else is a
+    leaf): two configs compared key by key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _unknown_key(key: str) -> ConfigError:
     """The error of an unknown key, with the key of that name in another section (``train.tau``: ``selection.tau``)
     as the hint, else the closest spelling."""

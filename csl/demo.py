@@ -24,7 +24,7 @@ import time
 
 from csl_kernels._checks import check_positive
 
-from .config import build_config, load_config, parse_override
+from .config import build_config, dotted_leaves, load_config, parse_override
 from .files import atomic_write_text
 from .logging_utils import best_miou, read_metrics
 
@@ -80,16 +80,7 @@ def _differences(cfg: dict) -> list[str] | None:
         return {**c, "output_dir": os.path.realpath(c["output_dir"]),
                 "train": {**c["train"], "init_from": os.path.realpath(init) if init else init}}
 
-    def flat(c: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in c.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    then, now = flat(comparable(stored)), flat(comparable(cfg))
+    then, now = dotted_leaves(comparable(stored)), dotted_leaves(comparable(cfg))
     return [f"{key}: {then.get(key, '(unset)')} -> {now.get(key, '(unset)')}" for key in sorted({*then, *now})
             if then.get(key, object()) != now.get(key, object())]
 

@@ -34,7 +34,7 @@ from .checkpoint import (
     load_weights,
     restore_rng,
 )
-from .config import DEFAULTS, ConfigError, dump_config
+from .config import DEFAULTS, ConfigError, dotted_leaves, dump_config
 from .distributed import (
     DistEnv,
     ResumableDistributedSampler,
@@ -145,13 +145,12 @@ RESUMED_FROM_CHECKPOINT = ("lr", "head_lr_mult", "momentum", "weight_decay", "po
 DATA_PATH_KEYS = ("root", "split_dir", "labeled_list", "unlabeled_list", "val_list")
 
 # What the resumed steps train on and how, taken from the config given now (README): a value that differs from the
-# checkpoint's is named in a warning. Whole sections but the keys that change no step (loader workers, the label check).
-TRAINING_SETTINGS = {
-    "data": None, "selection": None, "tmp": None,
-    "train": ("mode", "criterion", "ohem_thresh", "ohem_min_kept", "lambda_s", "lambda_m", "lambda_fp", "cutmix_p",
-              "amp"),
-}
-NOT_TRAINING_SETTINGS = {"data": ("num_workers", "check_labels")}
+# checkpoint's is named in a warning. Whole sections (dotted prefixes) and train's loss keys; the keys that change no
+# step (loader workers, the label check) aside.
+TRAINING_SECTIONS = ("data.", "selection.", "tmp.")
+TRAINING_TRAIN_KEYS = tuple(f"train.{k}" for k in ("mode", "criterion", "ohem_thresh", "ohem_min_kept", "lambda_s",
+                                                   "lambda_m", "lambda_fp", "cutmix_p", "amp"))
+NOT_TRAINING_SETTINGS = ("data.num_workers", "data.check_labels")
 
 
 def resolve_data_paths(cfg: dict) -> dict:
@@ -723,17 +722,10 @@ class Trainer:
         """The data, selection, TMP and loss settings of a resume are the config's (README), e.g. to continue on
         another split on purpose; a value that differs from the checkpoint's is said in one warning, since the run's
         records then mix two settings."""
-        now = resolve_data_paths(self.cfg)
-        changed = []
-        for section, keys in TRAINING_SETTINGS.items():
-            then_section, now_section = saved.get(section), now.get(section, {})
-            if not isinstance(then_section, dict):
-                continue
-            for key in keys or sorted(set(then_section) | set(now_section)):
-                if key in NOT_TRAINING_SETTINGS.get(section, ()) or key not in then_section:
-                    continue
-                if then_section[key] != now_section.get(key):
-                    changed.append(f"{section}.{key} {then_section[key]!r} -> {now_section.get(key)!r}")
+        then, now = dotted_leaves(saved), dotted_leaves(resolve_data_paths(self.cfg))
+        changed = [f"{key} {then[key]!r} -> {now.get(key)!r}" for key in sorted(then)  # keys an older run lacks aside
+                   if (key.startswith(TRAINING_SECTIONS) or key in TRAINING_TRAIN_KEYS)
+                   and key not in NOT_TRAINING_SETTINGS and then[key] != now.get(key)]
         if changed:
             log.warning("resuming %s with training settings that differ from the checkpoint's: %s; the steps from "
                         "here use the values given now (config.yaml records them), those before used the "
