@@ -5,9 +5,10 @@ Sec. 2b) in the style of UniMatch-family trainers: batched softmax features, the
 batch with boolean indexing of the valid pixels and ``torch.linalg.svd`` of the 2 x N feature matrix, the cluster
 statistics with ``Tensor.mean`` / ``Tensor.var`` and the Gaussian weights with the preservation rule. It computes the
 same math as ``csl_kernels.pcos_weights`` (``docs/selection.md`` Sec. 1-2, ``confidence="prob"``, ``groups="image"``) so
-the outputs can be compared; it does not guard against non-finite logits (the benchmark inputs are finite). It is leaner
-than the released code's layout (NaN written into the invalid pixels, an int64 one-hot of the logits' size, a second
-argmax), so speed-ups over it understate the gain over the authors' code.
+the outputs can be compared, but for the spec's second rank-one cut (feature columns collinear to float32 resolution,
+Sec. 2.3: the paper's SVD splits such a group by rounding); it does not guard against non-finite logits (the benchmark
+inputs are finite). It is leaner than the released code's layout (NaN written into the invalid pixels, an int64
+one-hot of the logits' size, a second argmax), so speed-ups over it understate the gain over the authors' code.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ from .residual_features import EPS, features_with_validity, rule_confidence
 
 GROUP_MODES = ("image", "class")
 RANK_ONE_RTOL = 1e-12
+# A group whose feature columns are this close to collinear, a c - b^2 <= COLLINEAR_RTOL * a c (the sine of their
+# angle under 1e-4), is rank one too: that is below what float32 features resolve (pixels whose logits agree to the
+# last bits reach ~1e-10), where the backends' last-bit differences would pick the split (spec Sec. 2.3).
+COLLINEAR_RTOL = 1e-8
 
 
 class PCOSStats(NamedTuple):
@@ -138,7 +142,8 @@ def pcos_weights_reference(
     gram_c = group_sum(y * y, group, n_groups)
     lam1, lam2, u1, u2 = closed_form_eigen(gram_a, gram_b, gram_c)
     s1, s2 = lam1.sqrt(), lam2.sqrt()
-    rank_one = s2 <= RANK_ONE_RTOL * s1
+    gram_ac = gram_a * gram_c
+    rank_one = (s2 <= RANK_ONE_RTOL * s1) | (gram_ac - gram_b * gram_b <= COLLINEAR_RTOL * gram_ac)
     proj0 = (u1[group, 0] * x + u1[group, 1] * y).abs()
     proj1 = (u2[group, 0] * x + u2[group, 1] * y).abs()
     # |V[n, 1]| > |V[n, 0]|  <=>  |u_2 . phi| * s_1 > |u_1 . phi| * s_2  (no division by a zero s_2).

@@ -10,6 +10,7 @@ namespace csl {
 
 constexpr double kEps = 1e-8;
 constexpr double kRankOneRtol = 1e-12;
+constexpr double kCollinearRtol = 1e-8;  // a c - b^2 <= kCollinearRtol * a c: rank one too (spec Sec. 2.3)
 constexpr double kTiny = 2.2250738585072014e-308;  // smallest normal double (torch.finfo(float64).tiny)
 
 // Statistics accumulated per group and chunk (phase A of PCOS): valid count and the raw sums of the features.
@@ -212,9 +213,13 @@ C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* o
   // stay unfused on the device too (nvcc fuses by default, the host build has -ffp-contract=off): a one-pixel group's
   // det is then exactly 0 (rank one), where a fused multiply-add would leave the rounding of b^2 to pick its cluster.
 #ifdef __CUDA_ARCH__
-  const double det = __dsub_rn(__dmul_rn(a, c), __dmul_rn(b, b));
+  const double ac = __dmul_rn(a, c);
+  const double det = __dsub_rn(ac, __dmul_rn(b, b));
+  const bool collinear = det <= __dmul_rn(kCollinearRtol, ac);
 #else
-  const double det = a * c - b * b;
+  const double ac = a * c;
+  const double det = ac - b * b;
+  const bool collinear = det <= kCollinearRtol * ac;
 #endif
   double lam2 = 0.0;
   if (lam1 > 0.0) {
@@ -244,7 +249,7 @@ C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* o
   out[5] = u1x;
   out[6] = s1;
   out[7] = s2;
-  out[8] = s2 <= kRankOneRtol * s1 ? 1.0 : 0.0;
+  out[8] = s2 <= kRankOneRtol * s1 || collinear ? 1.0 : 0.0;
   eigen[0] = lam1;
   eigen[1] = lam2;
 }

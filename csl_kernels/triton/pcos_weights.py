@@ -163,7 +163,8 @@ def _pcos_group_params_kernel(scratch_ptr, bad_ptr, eigen_ptr, nonfinite_ptr, PA
     half_diff = 0.5 * (a - c)
     lam1 = half_trace + tl.sqrt(half_diff * half_diff + b * b)
     # lambda_2 = det / lambda_1 avoids the cancellation of half_trace - radius when lambda_2 << lambda_1.
-    det = a * c - b * b
+    ac = a * c
+    det = ac - b * b
     lam2 = tl.where(lam1 > 0, tl.maximum(det / tl.maximum(lam1, 2.2250738585072014e-308), 0.0), 0.0)
     lam1 = tl.maximum(lam1, 0.0)
     ax = b
@@ -187,7 +188,8 @@ def _pcos_group_params_kernel(scratch_ptr, bad_ptr, eigen_ptr, nonfinite_ptr, PA
     tl.store(out + 1, u1y, mask=gm)
     tl.store(out + 2, s1, mask=gm)
     tl.store(out + 3, s2, mask=gm)
-    tl.store(out + 4, tl.where(s2 <= 1e-12 * s1, 1.0, 0.0), mask=gm)
+    rank_one = (s2 <= 1e-12 * s1) | (det <= 1e-8 * ac)  # RANK_ONE_RTOL, COLLINEAR_RTOL of the reference
+    tl.store(out + 4, tl.where(rank_one, 1.0, 0.0), mask=gm)
     tl.store(eigen_ptr + g * 2, lam1, mask=gm)
     tl.store(eigen_ptr + g * 2 + 1, lam2, mask=gm)
     # The first group of every image also reduces the image's non-finite counts.
