@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
+from torch import nn
 
 import csl_kernels as ck
 from csl.selection import build_selector
@@ -39,6 +40,14 @@ def recipe_blocks() -> list[str]:
     blocks = [b for b in python_blocks(ROOT / "docs" / "unimatch.md")
               if "conf_u_w" not in b and "self.mild_view" not in b]
     assert len(blocks) == 6 and blocks[0].startswith("import csl_kernels as ck")
+    return blocks
+
+
+def unimatch_blocks() -> list[str]:
+    """The UniMatch lines docs/unimatch.md quotes as what its blocks replace (section 1's selection, section 3's
+    loss), in order."""
+    blocks = [b for b in python_blocks(ROOT / "docs" / "unimatch.md") if "conf_u_w" in b]
+    assert len(blocks) == 2 and "argmax" in blocks[0] and "criterion_u" in blocks[1]
     return blocks
 
 
@@ -124,18 +133,30 @@ def test_the_readme_kernel_example_runs():
     assert torch.equal(masked, torch.where(cover[:, None], torch.zeros(()), ns["images_mild"]))
 
 
-def test_with_the_threshold_the_recipe_is_unimatch_loss():
-    pred_u_w, ignore_mask, _ = _batch(3)
-    pred_u_s = _batch(4)[0]
-    conf_u_w = pred_u_w.softmax(dim=1).max(dim=1)[0]
-    mask_u_w = pred_u_w.argmax(dim=1)
-    # UniMatch's lines (criterion_u = CrossEntropyLoss(reduction='none'))
-    loss_u = F.cross_entropy(pred_u_s, mask_u_w, reduction="none")
-    loss_u = loss_u * ((conf_u_w >= 0.95) & (ignore_mask != 255))
-    unimatch = torch.sum(loss_u) / torch.sum(ignore_mask != 255).item()
-    # the drop-in: threshold weights through the fused loss
-    sel = ck.threshold_weights(pred_u_w, ignore_mask, tau=0.95)
+@pytest.mark.parametrize("conf_thresh", [0.95, 0.0])  # Pascal's and Cityscapes' conf_thresh
+def test_with_the_threshold_the_recipe_is_unimatch_loss(conf_thresh):
+    """The UniMatch lines the document quotes (sections 1 and 3), run as UniMatch runs them, give the loss of its
+    baseline drop-in: ck.threshold_weights(pred_u_w, ignore_mask, tau=cfg['conf_thresh']) through section 3's call."""
+    pred_u_w_mix, ignore_mask_mix, _ = _batch(2)
+    pred_u_w, ignore_mask, cutmix_box1 = _batch(3)
+    ns = {"torch": torch, "cfg": {"conf_thresh": conf_thresh}, "pred_u_w_mix": pred_u_w_mix, "pred_u_w": pred_u_w,
+          "pred_u_s1": _batch(4)[0], "criterion_u": nn.CrossEntropyLoss(reduction="none")}
+    selection, loss = unimatch_blocks()
+    exec(compile(selection, "docs/unimatch.md", "exec"), ns)
+    # UniMatch's paste of the CutMix source's pseudo-labels, confidences and padding into the box (not quoted)
+    box = cutmix_box1 == 1
+    ns["mask_u_w_cutmixed1"] = torch.where(box, ns["mask_u_w_mix"], ns["mask_u_w"])
+    ns["conf_u_w_cutmixed1"] = torch.where(box, ns["conf_u_w_mix"], ns["conf_u_w"])
+    ns["ignore_mask_cutmixed1"] = torch.where(box, ignore_mask_mix, ignore_mask)
+    exec(compile(loss, "docs/unimatch.md", "exec"), ns)
+    unimatch = ns["loss_u_s1"]
+    # the drop-in: threshold weights pasted as section 2 pastes them, through section 3's fused call
+    sel_mix = ck.threshold_weights(pred_u_w_mix, ignore_mask_mix, tau=conf_thresh)
+    sel = ck.threshold_weights(pred_u_w, ignore_mask, tau=conf_thresh)
     valid = ignore_mask != 255
-    assert torch.equal(sel.label[valid], mask_u_w[valid])  # padded pixels carry label 0 and weight 0
-    fused = ck.weighted_cross_entropy(pred_u_s, sel.label, sel.weight, ignore_mask)
+    assert torch.equal(sel.label[valid], ns["mask_u_w"][valid])  # padded pixels carry label 0 and weight 0
+    if conf_thresh == 0:
+        assert torch.equal(sel.weight, valid.float())  # tau = 0 keeps every valid pixel
+    fused = ck.weighted_cross_entropy(ns["pred_u_s1"], paste(box, sel_mix.label, sel.label),
+                                      paste(box, sel_mix.weight, sel.weight), ns["ignore_mask_cutmixed1"])
     torch.testing.assert_close(fused, unimatch, rtol=1e-5, atol=1e-6)
