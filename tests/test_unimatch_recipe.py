@@ -1,5 +1,5 @@
 """docs/unimatch.md's recipe, run on UniMatch-shaped tensors: it computes what the csl trainer's step pieces compute,
-and with the threshold it is UniMatch's own loss."""
+placed in UniMatch's loop it is the trainer's train_step, and with the threshold it is UniMatch's own loss."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import ROOT
 from torch import nn
 
+import csl.step as step_mod
 import csl_kernels as ck
 from csl.selection import build_selector
-from csl.step import KernelOps, paste
+from csl.step import KernelOps, StepConfig, paste, train_step
 
 
 def _batch(seed: int, b: int = 2, c: int = 21, h: int = 24, w: int = 20):
@@ -160,3 +161,108 @@ def test_with_the_threshold_the_recipe_is_unimatch_loss(conf_thresh):
     fused = ck.weighted_cross_entropy(ns["pred_u_s1"], paste(box, sel_mix.label, sel.label),
                                       paste(box, sel_mix.weight, sel.weight), ns["ignore_mask_cutmixed1"])
     torch.testing.assert_close(fused, unimatch, rtol=1e-5, atol=1e-6)
+
+
+class _TinyUniMatchModel(nn.Module):
+    """UniMatch's ``forward(x, need_fp)``: ``need_fp`` decodes the features twice, the second time through
+    ``Dropout2d(0.5)``, and returns both predictions. BatchNorm makes train and eval mode differ, as in DeepLabV3+."""
+
+    def __init__(self, classes: int = 6):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.classifier = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x, need_fp=False):
+        feats = self.encoder(x)
+        if need_fp:
+            return self.classifier(torch.cat((feats, nn.Dropout2d(0.5)(feats)))).chunk(2)
+        return self.classifier(feats)
+
+
+def test_the_recipe_in_unimatchs_loop_is_the_trainers_step(monkeypatch):
+    """The document's blocks placed in UniMatch's loop as section 4 orders it (the selection after the weak forward,
+    the masked view before the strong one, the second stream's pastes with box2) and one SGD step: the same losses
+    and the same updated weights as csl/step.py's train_step on the same batch, boxes and random state, as the
+    document says ("this recipe with the TMP half drawn on the device")."""
+    b, h, w = 4, 48, 40
+    g = torch.Generator().manual_seed(7)
+    def images():
+        return torch.randn(b, 3, h, w, generator=g)
+    img_x, img_u_w, img_u_s1, img_u_s2, img_u_m = images(), images(), images(), images(), images()
+    img_u_w_mix, img_u_s1_mix, img_u_s2_mix = images(), images(), images()
+    mask_x = torch.randint(0, 6, (b, h, w), generator=g)
+    mask_x[:, :4] = 255
+    ignore_mask, ignore_mask_mix = torch.zeros(b, h, w, dtype=torch.long), torch.zeros(b, h, w, dtype=torch.long)
+    ignore_mask[:, -6:] = 255  # padded crops, as UniMatch's loader pads them
+    ignore_mask_mix[:, :, -5:] = 255
+    cutmix_box1, cutmix_box2 = torch.zeros(b, h, w), torch.zeros(b, h, w)  # float32, as obtain_cutmix_box
+    cutmix_box1[0, 5:30, 4:20] = cutmix_box1[2, 10:40, 10:35] = 1
+    cutmix_box2[:, 8:36, 6:30] = 1  # every sample: the masked ones must drop theirs
+
+    torch.manual_seed(0)
+    model = _TinyUniMatchModel()
+    trainer_model = _TinyUniMatchModel()
+    trainer_model.load_state_dict(model.state_dict())
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    criterion_l = nn.CrossEntropyLoss(ignore_index=255)
+    blocks = dict(zip(("constants", "select", "paste", "loss", "mask_ratio", "tmp"), recipe_blocks(), strict=True))
+    rng_state = torch.get_rng_state()
+
+    # UniMatch's loop body (unimatch.py), the document's blocks where it puts them
+    optimizer = sgd(model)
+    ns = {"torch": torch, "total_mask_ratio": 0.0}
+    exec(compile(blocks["constants"], "docs/unimatch.md", "exec"), ns)
+    with torch.no_grad():
+        model.eval()
+        pred_u_w_mix = model(img_u_w_mix).detach()
+    box1_img = cutmix_box1.unsqueeze(1).expand(img_u_s1.shape)
+    box2_img = cutmix_box2.unsqueeze(1).expand(img_u_s2.shape)
+    s1, s2 = img_u_s1.clone(), img_u_s2.clone()
+    s1[box1_img == 1] = img_u_s1_mix[box1_img == 1]
+    s2[box2_img == 1] = img_u_s2_mix[box2_img == 1]
+    model.train()
+    num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
+    preds, preds_fp = model(torch.cat((img_x, img_u_w)), True)
+    pred_x, pred_u_w = preds.split([num_lb, num_ulb])
+    ns.update(pred_u_w_mix=pred_u_w_mix, ignore_mask_mix=ignore_mask_mix, pred_u_w=pred_u_w, ignore_mask=ignore_mask,
+              img_u_w=img_u_w, img_u_m=img_u_m, img_u_s2=s2, num_ulb=num_ulb, cutmix_box1=cutmix_box1,
+              cutmix_box2=cutmix_box2, pred_u_w_fp=preds_fp[num_lb:])
+    exec(compile(blocks["select"], "docs/unimatch.md", "exec"), ns)
+    exec(compile(blocks["tmp"], "docs/unimatch.md", "exec"), ns)
+    use_tmp = ns["use_tmp"]
+    assert use_tmp.any() and not use_tmp.all()  # this seed draws both kinds of sample
+    ns["pred_u_s1"], ns["pred_u_s2"] = model(torch.cat((s1, ns["img_u_s2"]))).chunk(2)
+    ns["cutmix_box2"] = ns["box2"]  # the block's last comment: section 2's pastes with box2
+    exec(compile(blocks["paste"], "docs/unimatch.md", "exec"), ns)
+    exec(compile(blocks["loss"], "docs/unimatch.md", "exec"), ns)
+    exec(compile(blocks["mask_ratio"], "docs/unimatch.md", "exec"), ns)
+    loss_x = criterion_l(pred_x, mask_x)
+    loss = (loss_x + ns["loss_u_s1"] * 0.25 + ns["loss_u_s2"] * 0.25 + ns["loss_u_w_fp"] * 0.5) / 2.0
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+    # csl/step.py's train_step from the same random state, given UniMatch's boxes
+    boxes = [cutmix_box1 == 1, cutmix_box2 == 1]
+    monkeypatch.setattr(step_mod, "cutmix_boxes", lambda *args, **kwargs: boxes.pop(0))
+    torch.set_rng_state(rng_state)
+    trainer_optimizer = sgd(trainer_model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer_optimizer, lambda i: 1.0)
+    truth = torch.zeros(b, h, w, dtype=torch.long)
+    out = train_step(trainer_model, trainer_optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                     {"image": img_x, "mask": mask_x},
+                     {"image_w": img_u_w, "image_s": img_u_s1, "image_s2": img_u_s2, "image_m": img_u_m,
+                      "ignore": ignore_mask, "mask": truth},
+                     {"image_w": img_u_w_mix, "image_s": img_u_s1_mix, "image_s2": img_u_s2_mix,
+                      "image_m": img_u_m, "ignore": ignore_mask_mix, "mask": truth},
+                     selector=build_selector({"mode": "csl", "alpha": ns["ALPHA"]}), criterion=criterion_l,
+                     cfg=StepConfig(tmp_block=ns["TMP_BLOCK"], tmp_rate=ns["TMP_RATE"]),
+                     generator=torch.default_generator)
+    assert not boxes  # both of UniMatch's boxes were used
+    for name, recipe in (("loss_x", loss_x), ("loss_s", ns["loss_u_s1"]), ("loss_m", ns["loss_u_s2"]),
+                         ("loss_fp", ns["loss_u_w_fp"]), ("loss", loss)):
+        torch.testing.assert_close(out[name], recipe.detach(), rtol=0, atol=0, msg=name)
+    assert ns["total_mask_ratio"] == pytest.approx(float(out["weight_sum"] / out["valid"]), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), trainer_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
