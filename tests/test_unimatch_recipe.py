@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import nn
 import csl.step as step_mod
 import csl_kernels as ck
 from csl.selection import build_selector
-from csl.step import KernelOps, StepConfig, paste, train_step
+from csl.step import CUTMIX_CANDIDATES, KernelOps, StepConfig, paste, train_step
 
 
 def _batch(seed: int, b: int = 2, c: int = 21, h: int = 24, w: int = 20):
@@ -266,3 +267,18 @@ def test_the_recipe_in_unimatchs_loop_is_the_trainers_step(monkeypatch):
     assert ns["total_mask_ratio"] == pytest.approx(float(out["weight_sum"] / out["valid"]), rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), trainer_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_the_documented_share_of_clamped_cutmix_boxes_is_the_exact_one():
+    """docs/unimatch.md's share of CutMix boxes that none of csl/step.py's candidates fits (then clamped), at crop
+    321: the probability that all CUTMIX_CANDIDATES draws of ratio and corner miss, integrated over the box area
+    U(0.02, 0.4) and the ratio U(0.3, 1/0.3) (width floor(sqrt(area / ratio)), height floor(sqrt(area * ratio)),
+    corner uniform over the crop's integer positions, as cutmix_boxes draws them)."""
+    size = 321
+    (documented,) = re.findall(r"([0-9.]+) % of boxes at crop 321", (ROOT / "docs" / "unimatch.md").read_text())
+    area = (0.02 + 0.38 * (np.arange(2000) + 0.5) / 2000)[:, None] * size * size
+    ratio = 0.3 + (1 / 0.3 - 0.3) * (np.arange(1000) + 0.5) / 1000
+    box_w, box_h = np.floor(np.sqrt(area / ratio)), np.floor(np.sqrt(area * ratio))
+    fits = (np.clip(size - box_w + 1, 0, size) / size * np.clip(size - box_h + 1, 0, size) / size).mean(1)
+    clamped = 100 * ((1 - fits) ** CUTMIX_CANDIDATES).mean()
+    assert float(documented) == pytest.approx(clamped, abs=0.005), clamped
