@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="shape names of csl_bench/settings.py (default: voc321 coco513 on cuda, smoke on cpu)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the choices and log lines as JSON here (missing folders are created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

@@ -279,7 +279,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_host_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per round")
     parser.add_argument("--repeats", type=int, default=7, help="rounds per row")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: print only)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default: print only; missing folders are created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--workers", nargs="+", choices=WORKERS, default=list(WORKERS),
                         help="which rows: triton (interpreter, launches stubbed), cpu, baseline, gpu (real launches)")

@@ -76,7 +76,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, short timing (CI)")
     parser.add_argument("--no-compile", action="store_true", help="list the compile provider as skipped")
     parser.add_argument("--rep-s", type=float, default=None, help="timing budget per provider in seconds")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (missing folders are created)")
     parser.add_argument("--overwrite", action="store_true", help="replace the JSON file where it exists")
 
 

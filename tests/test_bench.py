@@ -406,6 +406,20 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
     assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_a_missing_output_folder_is_created_as_the_help_says(tmp_path, capsys):
+    """Every script's --help says that --out creates missing folders, and the check made before any work does."""
+    from csl_bench import bench_auto_choice, bench_host_overhead
+    from csl_bench.report import check_output_path
+
+    for main in (bench_main, bench_auto_choice.main, bench_host_overhead.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "missing folders are created" in " ".join(capsys.readouterr().out.split())
+    target = tmp_path / "new" / "sub" / "x.json"
+    assert check_output_path(target, overwrite=False) == target
+    assert target.parent.is_dir() and not target.exists()
+
+
 def test_skip_train_and_train_only_exclude_each_other():
     with pytest.raises(SystemExit):  # argparse
         bench_main(["--skip-train", "--train-only"])
