@@ -384,6 +384,38 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
     assert not grad.cpu().movedim(1, -1)[~used.cpu()].any()  # NaN would count as non-zero
 
 
+@pytest.mark.xfail(strict=True, reason="known defect: every backend forms CE = lse - z_y and exp(z - lse) from a "
+                   "float32 lse, whose rounding (an ulp of ~2e-6 at a logit of 20) is up to ~20x F.cross_entropy's "
+                   "error on confident pixels, where PyTorch's log-softmax computes (z - max) - log(sum) exactly at "
+                   "the max class. The fix keeps the max and log(sum) for the backward pass (closing note of "
+                   "2026-12-07); this test then passes and its mark goes", raises=AssertionError)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_confident_pseudo_labels_error_at_most_twice_pytorch(fused_backend, dtype):
+    """The low-precision rule on what pseudo-labels are: the label is the argmax, its logit 8-20 above the others
+    (a trained model's confident pixels), where the loss per pixel is 1e-4 to 1e-9. (bfloat16 passes here: its
+    own rounding of PyTorch's per-pixel loss is the larger error.)"""
+    device = require_backend(OP, fused_backend)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 5, 4, 6, generator=g)
+    gap = torch.linspace(8.0, 20.0, 24).view(1, 4, 6)
+    z[:, 0] = z[:, 1:].amax(dim=1) + gap
+    z = z.to(dtype).to(device)
+    label = torch.zeros(1, 4, 6, dtype=torch.long, device=device)
+    weight = torch.ones(1, 4, 6, device=device)
+    ign = torch.zeros(1, 4, 6, dtype=torch.long, device=device)  # every pixel valid
+    ref_loss, ref_grad = reference64(z, label, weight, ign)
+    loss, grad = run(fused_backend, z, label, weight, ign)
+    zt = z.detach().clone().requires_grad_()
+    torch_loss = torch_low_precision(zt, label, weight, ign)
+    torch_loss.backward()
+    loss_err = abs(loss.double().cpu() - ref_loss.cpu()).item()
+    torch_loss_err = abs(torch_loss.detach().double().cpu() - ref_loss.cpu()).item()
+    grad_err = (grad.double() - ref_grad).abs().max().item()
+    torch_grad_err = (zt.grad.double() - ref_grad).abs().max().item()
+    assert loss_err <= 2 * torch_loss_err, (loss_err, torch_loss_err)
+    assert grad_err <= 2 * torch_grad_err, (grad_err, torch_grad_err)
+
+
 def test_bfloat16_gradient_is_rounded_to_nearest_not_truncated(fused_backend):
     """A bfloat16 gradient is the float32 one rounded to nearest (ties to even), as torch rounds, not truncated (as
     the Triton interpreter's own float32 -> bfloat16 cast does): nearly every element equals the float64 reference
