@@ -149,6 +149,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = None
+        self._write_failed = False
         self._tb = None
         if not enabled:
             return
@@ -170,6 +171,7 @@ class MetricsWriter:
             self._file.write(json.dumps(_json_safe(record)) + "\n")
             self._file.flush()
         except OSError as e:  # a full disk: the file named (a torn last line is dropped by the next start)
+            self._write_failed = True
             raise write_error(self.path, e) from None
         if self._tb is not None and step is not None:
             kind = record.get("kind", "train")
@@ -178,9 +180,15 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
+        """Close the files. After a failed write the record's unwritten rest, still buffered, is dropped (the write
+        raised the error that names the file; closing would only fail again, without the name)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as e:
+                if not self._write_failed:
+                    raise write_error(self.path, e) from None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -645,6 +645,21 @@ def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path):
         writer.write({"kind": "train", "iter": 1})
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write: no space left)")
+def test_closing_the_metrics_after_a_write_failed_on_a_full_disk_raises_nothing_more(tmp_path):
+    """A full disk keeps the record's unwritten rest in the file's buffer; closing it (the trainer's close, in a
+    finally) raised the bare OSError again, without the file's name, in place of the error that named it."""
+    from csl.logging_utils import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    writer._file.close()
+    writer._file = open("/dev/full", "w")  # noqa: SIM115 - closed by the writer
+    with pytest.raises(OSError, match=f"could not write {tmp_path / 'metrics.jsonl'}: No space left on device"):
+        writer.write({"kind": "train", "iter": 1})
+    writer.close()
+    assert writer._file is None
+
+
 def test_a_log_file_that_cannot_be_written_is_said_once(tmp_path, capsys):
     import logging
 
