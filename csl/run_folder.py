@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -143,13 +144,37 @@ class RunLock:
                         f"folder. Choose another output_dir, or remove {self.path} if that process is gone.") from None
                 log.warning("taking over %s, left by process %s on %s that no longer runs", self.path,
                             (holder or {}).get("pid"), (holder or {}).get("host"))
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
+                self._remove_stale(holder)
                 continue
             self.held = True
             atexit.register(self.release)
             return
         raise RunFolderError(f"could not take the lock {self.path}")
+
+    def _remove_stale(self, holder: dict | None) -> None:
+        """Remove the lock found stale, if it is still that one: another trainer that found it stale too may have
+        taken it over since, and its lock is live. The lock is renamed to a name of this process first (one step,
+        so only one trainer gets it) and read again; a lock other than the stale one is put back."""
+        aside = f"{self.path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # cleared with the orphans after a kill
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # removed or renamed by another trainer taking it over
+            return
+        try:
+            with open(aside) as f:
+                moved = json.load(f)
+        except (OSError, ValueError):
+            moved = None
+        if moved != holder:  # another trainer's live lock: back under its name (unless a third one took that)
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links here
+                if not os.path.exists(self.path):
+                    os.replace(aside, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(aside)
 
     def _create(self, text: str) -> None:
         """Create the lock file with ``text`` in one step (FileExistsError when it exists): written to a temporary

@@ -86,6 +86,29 @@ def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_two_trainers_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path):
+    """Two starts after a kill (a scheduler's retry and a user's) both find the dead process's lock stale; the one
+    that removed it second removed the first one's new, live lock and both trained into the folder."""
+    from csl.run_folder import RunLock
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename,
+                                                  "started": "earlier"}))
+    first, second = RunLock(str(tmp_path)), RunLock(str(tmp_path))
+
+    def stale_and_meanwhile_taken_over(holder):
+        if not first.held:
+            first.acquire()  # between the second's look at the lock and its removal of it
+        return RunLock._stale(holder)
+
+    second._stale = stale_and_meanwhile_taken_over
+    with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"):
+        second.acquire()
+    assert first.held and not second.held
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+    first.release()
+
+
 def test_a_lock_whose_process_id_was_taken_again_is_stale(tmp_path):
     """After a crash in a container the restarted trainer is often PID 1 again, and the crashed one's lock names a
     live process (itself, or the host's init): the lock's process start time and boot id tell the two apart."""
