@@ -107,6 +107,7 @@ class RunLock:
     def __init__(self, folder: str):
         self.path = os.path.join(folder, LOCK_NAME)
         self.held = False
+        self.text: str | None = None  # what this process wrote into the lock
         self.replaced: str | None = None
 
     def discard_replaced(self) -> None:
@@ -132,9 +133,10 @@ class RunLock:
         pid = os.getpid()
         me = {"pid": pid, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "boot": _boot_id(), "process_start": _process_start(pid)}
+        self.text = json.dumps(me)
         for _ in range(2):
             try:
-                self._create(json.dumps(me))
+                self._create(self.text)
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and not self._stale(holder):
@@ -219,11 +221,32 @@ class RunLock:
             return True
         return holder.get("process_start") is not None and holder["process_start"] != _process_start(pid)
 
+    def _still_mine(self) -> bool:
+        try:
+            with open(self.path) as f:
+                return f.read() == self.text
+        except OSError:
+            return False
+
+    def check_held(self) -> None:
+        """Raise RunFolderError when the lock is no longer this process's: the run folder was removed or moved while
+        the run trained (a checkpoint written now would make a new folder holding none of the run's records), or its
+        lock was removed and another trainer may have taken the folder."""
+        if self.held and not self._still_mine():
+            folder = os.path.dirname(self.path)
+            holder = self._holder()
+            now = (f"process {holder.get('pid')} on {holder.get('host')} holds it now" if holder else
+                   "the folder is gone" if not os.path.isdir(folder) else "no lock is there now")
+            raise RunFolderError(f"{folder} no longer holds this run's lock {LOCK_NAME} ({now}): the run folder was "
+                                 f"removed, moved or taken by another trainer while this run trained; stopped "
+                                 f"without writing into it")
+
     def release(self) -> None:
         if self.held:
             self.held = False
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+            if self._still_mine():  # not another trainer's, which took the folder after this lock was removed
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
 
 
 def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrite: bool,

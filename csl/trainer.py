@@ -511,6 +511,8 @@ class Trainer:
         rng = all_gather_objects(capture_rng({"step": self.generator}))  # every rank takes part
         ranks = all_gather_objects(self._rank_state()) if self.env.world_size > 1 else None
         if self.env.is_main:
+            if self.run_lock is not None:
+                self.run_lock.check_held()  # a folder removed while the run trained is not made again
             payload = self.state_dict()
             payload["rng"] = rng
             if ranks is not None:
@@ -970,6 +972,8 @@ class Trainer:
                         self.iteration, what, self.env.world_size)
             return False
         try:
+            if self.run_lock is not None:
+                self.run_lock.check_held()
             payload = self.state_dict()
             payload["rng"] = [rng]
             payload["pending_eval"] = {"epoch": epoch, "pseudo_labels": pl}

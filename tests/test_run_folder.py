@@ -58,6 +58,32 @@ def test_two_trainers_on_one_folder(tmp_path):
     assert log.index("taking over") < log.index("INFO")  # first, as it happened
 
 
+def test_a_run_whose_folder_was_removed_while_it_trained_stops_without_making_it_again(tmp_path):
+    """The first checkpoint after the removal made the folder again, holding a checkpoint and none of the run's
+    records (its metrics and log went to the removed files), and the run went on; with its lock removed, another
+    trainer could take the folder and the two wrote one run."""
+    folder = tmp_path / "run"
+    trainer = Trainer(config(folder))
+    try:
+        shutil.rmtree(folder)
+        with pytest.raises(RunFolderError, match=f"{folder} no longer holds this run's lock .*the folder is gone"):
+            trainer.save()  # what an epoch's end or train.ckpt_every does
+    finally:
+        trainer.close()
+    assert not folder.exists()
+    # A lock removed by hand and taken by another trainer: the first stops at its next checkpoint, and its end
+    # leaves the other's lock in place.
+    trainer = Trainer(config(folder))
+    try:
+        (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-host", "started": "now"}))
+        with pytest.raises(RunFolderError, match="process 1 on another-host holds it now"):
+            trainer.save()
+    finally:
+        trainer.close()
+    assert json.loads((folder / LOCK_NAME).read_text())["host"] == "another-host"
+    assert not (folder / "latest.pt").exists()
+
+
 def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
     """The lock file is never seen empty (a second trainer would take an empty one for a stale lock and remove it):
     it appears under its name already written, also where the file system has no hard links."""
