@@ -245,8 +245,13 @@ class RunLock:
         if self.held:
             self.held = False
             if self._still_mine():  # not another trainer's, which took the folder after this lock was removed
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:  # a folder made read-only: the error that ends the run is the one raised
+                    log.warning("could not remove the run folder's lock %s: %s (the next start takes it over, as "
+                                "its process is gone)", self.path, e.strerror or e)
 
 
 def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrite: bool,

@@ -84,6 +84,30 @@ def test_a_run_whose_folder_was_removed_while_it_trained_stops_without_making_it
     assert not (folder / "latest.pt").exists()
 
 
+def test_a_run_folder_made_read_only_is_said_by_the_failed_checkpoint_not_by_the_lock(tmp_path, monkeypatch):
+    """A folder made read-only while the run trained: the checkpoint's write fails, then the lock's removal at the
+    run's end failed too, and its PermissionError replaced the checkpoint's error (csl train: error: [Errno 13]
+    Permission denied: '.../.csl.lock')."""
+    import errno
+
+    def read_only_save(payload, path):
+        raise OSError(f"could not write checkpoint {path}: PermissionError: [Errno 13] Permission denied")
+
+    real_remove = os.remove
+
+    def read_only_remove(path, *args, **kwargs):
+        if os.path.basename(path) == LOCK_NAME:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr("csl.trainer.atomic_save", read_only_save)
+    monkeypatch.setattr(os, "remove", read_only_remove)
+    with pytest.raises(OSError, match=f"could not write checkpoint {tmp_path / 'latest.pt'}"):
+        train(config(tmp_path, **{"train.iters": 2, "train.iters_per_epoch": 1, "eval.every_epochs": 2}))
+    monkeypatch.undo()
+    assert "could not remove the run folder's lock" in (tmp_path / "train.log").read_text()
+
+
 def test_the_lock_appears_with_its_holder_written(tmp_path, monkeypatch):
     """The lock file is never seen empty (a second trainer would take an empty one for a stale lock and remove it):
     it appears under its name already written, also where the file system has no hard links."""
