@@ -18,6 +18,7 @@ fixed seeds):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -214,6 +215,8 @@ def slim_checkpoints(folder: str) -> None:
                 atomic_save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, path)
     if latest in iterations and iterations.get(best) == iterations[latest]:
         tmp = best + ".link"
+        with contextlib.suppress(FileNotFoundError):  # left by a kill between the link and the rename
+            os.remove(tmp)
         os.link(latest, tmp)
         os.replace(tmp, best)
 

@@ -434,6 +434,21 @@ def test_a_failed_resume_leaves_config_yaml_and_says_why(tmp_path):
         Trainer(config(tmp_path, **{"train.resume": "auto"}))
 
 
+def test_slimming_a_stage_after_a_kill_between_the_link_and_its_rename(tmp_path):
+    """A kill after slim_checkpoints linked latest.pt to best.pt.link and before the rename left that name, and the
+    stage's next slimming (the demo again with --fresh) failed on it with FileExistsError after its training."""
+    from csl.demo import slim_checkpoints
+
+    state = {"model": {"w": torch.zeros(2)}, "iteration": 4, "optimizer": {"state": {}}}
+    torch.save(state, tmp_path / "latest.pt")
+    torch.save(state, tmp_path / "best.pt")
+    (tmp_path / "best.pt.link").write_bytes(b"the earlier run's latest.pt, linked")
+    slim_checkpoints(str(tmp_path))
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "latest.pt")
+    assert "optimizer" not in torch.load(tmp_path / "best.pt", weights_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "latest.pt"]
+
+
 def test_a_bad_labeled_or_validation_mask_stops_the_run_before_training(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
