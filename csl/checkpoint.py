@@ -53,18 +53,42 @@ def atomic_save(payload: dict, path: str) -> None:
     fsync, rename), with the umask's permissions as ``torch.save`` gives. A failed write raises OSError naming the file
     and the free space on its file system."""
     check_plain(payload)
+    writer = None
     try:
         with atomic_open(path, binary=True, durable=True) as f:
-            torch.save(payload, f)
+            writer = _WriteErrorKept(f)
+            torch.save(payload, writer)
     except Exception as exc:  # KeyboardInterrupt, SystemExit: as they are
         interrupt = _interrupt_behind(exc)
         if interrupt is not None:  # a Ctrl-C inside torch.save surfaces as the zip writer's error on closing
             raise interrupt from None
-        # torch.save reports a full disk as e.g. "RuntimeError: [enforce fail at inline_container.cc] unexpected pos".
+        # torch.save reports a failed write (a full disk, a quota, a file size limit) as e.g. "RuntimeError: [enforce
+        # fail at inline_container.cc] unexpected pos"; the write's own error says which.
+        if writer is not None and writer.error is not None and not isinstance(exc, OSError):
+            exc = writer.error
         if isinstance(exc, OSError) and isinstance(exc.__cause__, OSError):  # atomic_open's, naming the file
             exc = exc.__cause__
         raise OSError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc} ({_free_space(path)}; the "
                       f"previous file, if any, is unchanged)") from exc
+
+
+class _WriteErrorKept:
+    """A file for ``torch.save`` that keeps the OSError of a failed write, which torch's zip writer replaces with its
+    own message."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _free_space(path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -145,6 +146,26 @@ def test_failed_save_says_where_and_how_much_space_is_left(tmp_path, monkeypatch
                                       r"free on its file system; the previous file, if any, is unchanged"):
         ck.atomic_save(_payload(2.0), path)
     monkeypatch.undo()
+    assert ck.load_checkpoint(path)["iteration"] == 1 and os.listdir(tmp_path) == ["latest.pt"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs a file size limit (RLIMIT_FSIZE)")
+def test_failed_save_names_the_writes_own_error(tmp_path):
+    """torch.save replaces a failed write's error with "unexpected pos ..."; the write's own error is said instead
+    (here a file size limit, ulimit -f, beside plenty of free space; a quota or a full disk likewise)."""
+    import resource
+
+    path = str(tmp_path / "latest.pt")
+    ck.atomic_save(_payload(1.0), path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError, match=r"could not write checkpoint .*latest\.pt: OSError: \[Errno 27\] File too "
+                                          r"large \(.* MiB free on its file system; the previous file, if any, is "
+                                          r"unchanged\)"):
+            ck.atomic_save({"iteration": 2, "big": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert ck.load_checkpoint(path)["iteration"] == 1 and os.listdir(tmp_path) == ["latest.pt"]
 
 
