@@ -24,7 +24,10 @@ class CrossEntropyOutputs(NamedTuple):
     The backends return only ``loss``; ``lse`` and ``count`` are kept for the backward pass."""
 
     loss: torch.Tensor  # 0-dim compute_dtype(logits)
-    lse: torch.Tensor  # B x H x W compute_dtype(logits): log-sum-exp of the logits of every used pixel (0 elsewhere)
+    # B x H x W float64: log-sum-exp of the logits of every used pixel (0 elsewhere), as max + log1p(rest of the
+    # shifted sum); float64 so that a confident pixel's CE = lse - z_y and softmax exp(z - lse) are as exact as
+    # PyTorch's (z - max) - log(sum) (a float32 lse rounds them to an ulp of the max: csrc/csl_ce.h)
+    lse: torch.Tensor
     count: torch.Tensor  # 0-dim int64: N_valid, the number of valid pixels (the loss's divisor is max(N_valid, 1))
 
 
@@ -32,7 +35,8 @@ def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOut
     """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels)."""
     bsz, _, height, width = logits.shape
     dt = compute_dtype(logits)
-    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width), dtype=dt),
+    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width),
+                                                                               dtype=torch.float64),
                                logits.new_empty((), dtype=torch.int64))
 
 
@@ -40,8 +44,10 @@ def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOut
 def weighted_cross_entropy_reference(
     logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd, each pixel's term in ``compute_dtype(logits)``, their
-    sum in float64 (docs/selection.md Sec. 5).
+    """``sum_n w_n CE(z_n, y_n) / N_valid`` with plain autograd, each pixel's term in ``compute_dtype(logits)`` (CE as
+    ``logsumexp(z - z_y)``, which keeps a confident pixel's small CE exact where ``logsumexp(z) - z_y`` rounds it to an
+    ulp of the max, and gives +inf for a +inf logit of another class), their sum in float64 (docs/selection.md
+    Sec. 5).
 
     Pixels that are invalid or have weight 0 contribute exactly 0 (and a zero gradient), even when their
     logits are non-finite or their label is out of range.
@@ -54,14 +60,14 @@ def weighted_cross_entropy_reference(
     z = torch.where(used.unsqueeze(1), z, torch.zeros((), dtype=dt, device=z.device))
     y = torch.where(used, label.long(), 0)
     try:
-        picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+        picked = z.gather(1, y.unsqueeze(1))
     except RuntimeError as err:  # eager on the CPU: an index out of bounds, said as the cpu backend says it
         if "out of bounds" not in str(err):
             raise
         bad = y[(y < 0) | (y >= z.shape[1])].flatten()
         raise RuntimeError(f"weighted_cross_entropy: label {int(bad[0])} of a used pixel is outside "
                            f"[0, {z.shape[1]})") from None
-    ce = torch.logsumexp(z, dim=1) - picked
+    ce = torch.logsumexp(z - picked, dim=1)
     total = torch.where(used, w * ce, torch.zeros((), dtype=dt, device=z.device)).sum(dtype=torch.float64)
     n_valid = label.numel() if valid is None else valid.sum()
     return (total / torch.as_tensor(n_valid, device=z.device).clamp_min(1)).to(dt)

@@ -1,8 +1,10 @@
 """Triton weighted pseudo-label cross-entropy (spec Sec. 5): ``sum_n w_n CE(z_n, y_n) / N_valid``, fused fwd/bwd.
 
 Forward: one read of the logits. Each program takes ``BLOCK_P`` pixels of one image and walks the classes in
-``BLOCK_C`` tiles with an online log-sum-exp (running max and rescaled sum), so no ``B x C x H x W`` intermediate
-exists and C is unbounded. It writes the per-pixel log-sum-exp (``B x H x W``, for the backward pass), one partial
+``BLOCK_C`` tiles with an online log-sum-exp (running max and the rescaled rest of the sum, ``sum exp(z - max) - 1``,
+so that ``lse = max + log1p(rest)`` keeps a confident pixel's small CE exact), so no ``B x C x H x W`` intermediate
+exists and C is unbounded. It writes the per-pixel log-sum-exp (``B x H x W`` float64, for the backward pass: a
+float32 one would round a confident pixel's CE to an ulp of the max, csrc/csl_ce.h), one partial
 loss sum and one valid-pixel count per program; a one-program kernel adds the partials in a fixed order (float64
 accumulator), so the loss is bitwise reproducible without float atomics.
 
@@ -30,6 +32,7 @@ from .._checks import compute_dtype, register_cross_entropy_autograd, register_n
 from .._eager import fused_cross_entropy, refuse_dual, under_torch_func
 from ..weighted_cross_entropy import weighted_cross_entropy_outputs_like
 from ._common import (
+    USE_LIBDEVICE,
     batch_slices,
     cdiv,
     device_guard,
@@ -42,6 +45,7 @@ from ._common import (
     validity_flags,
     wide,
 )
+from .residual_features import _log1p
 from .tuning import Config, Tunable, tuned
 
 MAX_BLOCK_C = 64  # class tile; larger C loops over tiles with the online log-sum-exp
@@ -98,7 +102,7 @@ def _ce_forward_kernel(
     z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_ptr,
     NPARTS, C, HW, W, s_b, s_c, s_h, s_w,
     HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -112,7 +116,7 @@ def _ce_forward_kernel(
     base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
 
     m = tl.full((BLOCK_P,), float("-inf"), ACC)
-    s = tl.zeros((BLOCK_P,), ACC)
+    rest = tl.zeros((BLOCK_P,), ACC)  # sum exp(z - m) - 1 over the classes so far: the max's own 1 taken out once
     z_y = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -122,12 +126,17 @@ def _ce_forward_kernel(
         z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         shift = _finite_or_zero(m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        tie = z == m_new[:, None]  # a logit equal to the max counts 1, also an infinite one (not exp(inf - inf))
+        ties = tl.sum(tie.to(ACC), axis=1)
+        others = tl.sum(tl.where(tie, 0.0, tl.exp(z - shift[:, None])), axis=1)
+        # A new max rescales the terms so far (their 1 included) and brings its own 1, taken out: (rest+1) e - 1 + ties
+        rest = tl.where(m_new > m, (rest + 1.0) * tl.exp(m - shift) + (ties - 1.0), rest + ties) + others
         m = m_new
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    lse = _finite_or_zero(m) + tl.log(tl.where(used, s, 1.0))  # unused rows hold s = 0
-    ce = tl.where(bad, float("nan"), w * (lse - z_y))
-    tl.store(lse_ptr + i, tl.where(used, lse, 0.0), mask=pm)
+    # Unused rows (m = -inf) hold 0, also in the weighted term (0 * -inf would be NaN before the masked sum).
+    lse = tl.where(used, m.to(tl.float64) + _log1p(rest, USE_LIBDEVICE).to(tl.float64), 0.0)
+    ce = tl.where(bad, float("nan"), w * (lse - z_y.to(tl.float64)).to(ACC))
+    tl.store(lse_ptr + i, lse, mask=pm)
 
     # Each pixel's term in ACC, their sum in float64 (as the C++ kernels add them): large weights of both signs that
     # cancel leave the other pixels' terms intact.
@@ -169,7 +178,9 @@ def _ce_backward_kernel(
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, IGNORE_MAP, ACC)
     scale = tl.load(grad_loss_ptr).to(ACC) / tl.maximum(tl.load(count_ptr), 1).to(ACC)
     coef = tl.where(bad, float("nan"), scale * w)
-    lse = tl.load(lse_ptr + i, mask=used, other=0).to(ACC)
+    lse = tl.load(lse_ptr + i, mask=used, other=0)  # float64, split into hi + lo (csrc/csl_ce.h's split_lse)
+    lse_hi = lse.to(ACC)
+    lse_lo = tl.where(lse_hi - lse_hi == 0, (lse - lse_hi.to(tl.float64)).to(ACC), 0.0)  # inf: no remainder
     base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
     g_base = b * g_b + pixel_offsets(p, W, g_h, g_w, G_FLAT_HW)
     for c0 in range(0, C, BLOCK_C):
@@ -178,7 +189,7 @@ def _ce_backward_kernel(
             cols = cols.to(tl.int64)
         cm = (cols < C)[None, :]
         z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=used[:, None] & cm, other=0).to(ACC)
-        soft = tl.exp(z - lse[:, None])
+        soft = tl.exp((z - lse_hi[:, None]) - lse_lo[:, None])
         grad = coef[:, None] * tl.where(cols[None, :] == y[:, None], soft - 1.0, soft)
         grad = tl.where(used[:, None], grad, 0.0)
         if BF16_BITS:  # g_ptr is an int16 view of a bfloat16 gradient
@@ -216,7 +227,7 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps)
         strides = (sb, logits.stride(1), sh, sw)
         if grad is None:
-            constexprs["WIDE"] = wide(logits, extra=(hw,))
+            constexprs.update(WIDE=wide(logits, extra=(hw,)), USE_LIBDEVICE=USE_LIBDEVICE)
         else:
             g_sb, g_sh, g_sw, g_flat = pixel_strides(grad)
             strides += (g_sb, grad.stride(1), g_sh, g_sw)
@@ -302,8 +313,9 @@ def weighted_cross_entropy_backward_launch(grad_loss: torch.Tensor, logits: torc
     grad = torch.empty_like(logits)
     if grad.numel() == 0:
         return grad
-    if grad_loss.dim() != 0 or grad_loss.dtype != lse.dtype:  # autograd gives a 0-dim tensor of the loss's dtype
-        grad_loss = grad_loss.reshape(()).to(lse.dtype)
+    dt = compute_dtype(logits)
+    if grad_loss.dim() != 0 or grad_loss.dtype != dt:  # autograd gives a 0-dim tensor of the loss's dtype
+        grad_loss = grad_loss.reshape(()).to(dt)
     grad_out = grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad  # BF16_BITS: stored as int16 bits
 
     def launch(config: Config) -> None:

@@ -18,12 +18,14 @@ namespace {
                             bool released, float* e, float* f0, float* v, int32_t* label, int32_t* finite) {        \
     features_body<float>(z, zsc, n, num_classes, log_confidence, released, e, f0, v, label, finite);             \
   }                                                                                                                 \
-  ATTR void logsumexp_##NAME(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse) {           \
-    logsumexp_body<float>(z, zsc, n, num_classes, lse);                                                           \
+  ATTR void logsumexp_##NAME(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* z_max,           \
+                             float* rest) {                                                                         \
+    logsumexp_body<float>(z, zsc, n, num_classes, z_max, rest);                                                   \
   }                                                                                                                 \
   ATTR void ce_grad_##NAME(const float* z, int64_t zsc, float* g, int64_t gsc, int64_t n, int64_t num_classes,     \
-                           const float* lse, const float* scale, const int32_t* label, const int32_t* used) {       \
-    ce_grad_body<float>(z, zsc, g, gsc, n, num_classes, lse, scale, label, used);                                 \
+                           const float* lse_hi, const float* lse_lo, const float* scale, const int32_t* label,      \
+                           const int32_t* used) {                                                                   \
+    ce_grad_body<float>(z, zsc, g, gsc, n, num_classes, lse_hi, lse_lo, scale, label, used);                      \
   }                                                                                                                 \
   ATTR void gram_sums_##NAME(const float* fx, const float* fy, int64_t n, double* out) {                          \
     gram_sums_body<float>(fx, fy, n, out);                                                                        \

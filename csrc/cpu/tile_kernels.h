@@ -100,15 +100,17 @@ CSL_INLINE void features_body(const acc_t* z, int64_t zsc, int64_t n, int64_t nu
   }
 }
 
-// Max-shifted log-sum-exp of every pixel of the tile (as pixel_logsumexp of csl_ce.h).
+// Max-shifted log-sum-exp of every pixel of the tile, in parts (as pixel_logsumexp of csl_ce.h): the max logit and
+// the rest of the shifted sum, t = sum exp(z - max) - 1; lse_from_rest of csl_ce.h makes the float64 lse of them.
 template <typename acc_t>
 CSL_INLINE void logsumexp_body(const acc_t* __restrict z, int64_t zsc, int64_t n, int64_t num_classes,
-                               acc_t* __restrict lse) {
-  alignas(64) acc_t z_max[kTile], sum[kTile];
+                               acc_t* __restrict z_max, acc_t* __restrict rest) {
+  alignas(64) acc_t ties[kTile];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     z_max[j] = z[j];
-    sum[j] = acc_t(0);
+    rest[j] = acc_t(0);
+    ties[j] = acc_t(0);
   }
   for (int64_t k = 1; k < num_classes; ++k) {
     const acc_t* zk = z + k * zsc;
@@ -121,28 +123,32 @@ CSL_INLINE void logsumexp_body(const acc_t* __restrict z, int64_t zsc, int64_t n
     const acc_t* zk = z + k * zsc;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      sum[j] += select_lanes(zk[j] == z_max[j], acc_t(1), exp_lanes(zk[j] - z_max[j]));  // inf max: see csl_ce.h
+      const bool tie = zk[j] == z_max[j];  // an infinite max counts 1, not exp(inf - inf): see csl_ce.h
+      rest[j] += select_lanes(tie, acc_t(0), exp_lanes(zk[j] - z_max[j]));
+      ties[j] += select_lanes(tie, acc_t(1), acc_t(0));
     }
   }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    lse[j] = z_max[j] + log_lanes(sum[j]);
+    rest[j] += ties[j] - acc_t(1);
   }
 }
 
-// Cross-entropy gradient of the tile: g[k * gsc + j] = scale * (exp(z - lse) - onehot(label)) on used pixels and
-// exactly 0 on the others. g may be z itself (in place, same strides).
+// Cross-entropy gradient of the tile: g[k * gsc + j] = scale * (exp((z - lse_hi) - lse_lo) - onehot(label)) on used
+// pixels (lse_hi + lse_lo: the float64 lse, split_lse of csl_ce.h) and exactly 0 on the others. g may be z itself
+// (in place, same strides).
 template <typename acc_t>
 CSL_INLINE void ce_grad_body(const acc_t* z, int64_t zsc, acc_t* g, int64_t gsc, int64_t n, int64_t num_classes,
-                             const acc_t* __restrict lse, const acc_t* __restrict scale,
-                             const int32_t* __restrict label, const int32_t* __restrict used) {
+                             const acc_t* __restrict lse_hi, const acc_t* __restrict lse_lo,
+                             const acc_t* __restrict scale, const int32_t* __restrict label,
+                             const int32_t* __restrict used) {
   for (int64_t k = 0; k < num_classes; ++k) {
     const acc_t* zk = z + k * zsc;
     acc_t* gk = g + k * gsc;
     const int32_t kk = static_cast<int32_t>(k);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t soft = exp_lanes(zk[j] - lse[j]);
+      const acc_t soft = exp_lanes((zk[j] - lse_hi[j]) - lse_lo[j]);
       const acc_t grad = scale[j] * select_lanes(label[j] == kk, soft - acc_t(1), soft);
       gk[j] = select_lanes(used[j] != 0, grad, acc_t(0));
     }
@@ -153,9 +159,10 @@ struct FloatTileKernels {
   const char* isa;  // "avx512", "avx2" or "baseline"
   void (*features)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence, bool released,
                    float* e, float* f0, float* v, int32_t* label, int32_t* finite);
-  void (*logsumexp)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse);
+  void (*logsumexp)(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* z_max, float* rest);
   void (*ce_grad)(const float* z, int64_t zsc, float* g, int64_t gsc, int64_t n, int64_t num_classes,
-                  const float* lse, const float* scale, const int32_t* label, const int32_t* used);
+                  const float* lse_hi, const float* lse_lo, const float* scale, const int32_t* label,
+                  const int32_t* used);
   void (*gram_sums)(const float* fx, const float* fy, int64_t n, double* out);
   void (*cluster_sums)(const float* fx, const float* fy, int64_t n, const double* params, double* out);
   void (*weights)(const float* fx, const float* fy, const int64_t* label, int64_t n, const double* params,
@@ -174,19 +181,22 @@ inline void features_tile(const double* z, int64_t zsc, int64_t n, int64_t num_c
                           bool released, double* e, double* f0, double* v, int32_t* label, int32_t* finite) {
   features_body<double>(z, zsc, n, num_classes, log_confidence, released, e, f0, v, label, finite);
 }
-inline void logsumexp_tile(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* lse) {
-  float_tile_kernels().logsumexp(z, zsc, n, num_classes, lse);
+inline void logsumexp_tile(const float* z, int64_t zsc, int64_t n, int64_t num_classes, float* z_max, float* rest) {
+  float_tile_kernels().logsumexp(z, zsc, n, num_classes, z_max, rest);
 }
-inline void logsumexp_tile(const double* z, int64_t zsc, int64_t n, int64_t num_classes, double* lse) {
-  logsumexp_body<double>(z, zsc, n, num_classes, lse);
+inline void logsumexp_tile(const double* z, int64_t zsc, int64_t n, int64_t num_classes, double* z_max,
+                           double* rest) {
+  logsumexp_body<double>(z, zsc, n, num_classes, z_max, rest);
 }
 inline void ce_grad_tile(const float* z, int64_t zsc, float* g, int64_t gsc, int64_t n, int64_t num_classes,
-                         const float* lse, const float* scale, const int32_t* label, const int32_t* used) {
-  float_tile_kernels().ce_grad(z, zsc, g, gsc, n, num_classes, lse, scale, label, used);
+                         const float* lse_hi, const float* lse_lo, const float* scale, const int32_t* label,
+                         const int32_t* used) {
+  float_tile_kernels().ce_grad(z, zsc, g, gsc, n, num_classes, lse_hi, lse_lo, scale, label, used);
 }
 inline void ce_grad_tile(const double* z, int64_t zsc, double* g, int64_t gsc, int64_t n, int64_t num_classes,
-                         const double* lse, const double* scale, const int32_t* label, const int32_t* used) {
-  ce_grad_body<double>(z, zsc, g, gsc, n, num_classes, lse, scale, label, used);
+                         const double* lse_hi, const double* lse_lo, const double* scale, const int32_t* label,
+                         const int32_t* used) {
+  ce_grad_body<double>(z, zsc, g, gsc, n, num_classes, lse_hi, lse_lo, scale, label, used);
 }
 inline void gram_sums(const float* fx, const float* fy, int64_t n, double* out) {
   float_tile_kernels().gram_sums(fx, fy, n, out);

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
                 width = logits.size(3);
   const int64_t hw = height * width, total = batch * hw;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(acc_dtype));
+  at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(at::kDouble));  // csl_ce.h: float64
   // The B x H x W side inputs are C times smaller than the logits: contiguous copies are cheap.
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
@@ -81,11 +81,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
-    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    double* lse_ptr = lse.data_ptr<double>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<acc_t> tile;
       tile.resize(num_classes * cpu::kTile);
-      alignas(64) acc_t tile_lse[cpu::kTile];
+      alignas(64) acc_t tile_max[cpu::kTile], tile_rest[cpu::kTile];
       for (int64_t ci = begin; ci < end; ++ci) {
         double sum = 0.0;
         cpu::for_each_tile(ci * kChunk, std::min(total, (ci + 1) * kChunk), height, width,
@@ -99,20 +99,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
           } else {
             cpu::load_tile(zt, sc, sw, len, num_classes, tile.data());
           }
-          cpu::logsumexp_tile(src, src_sc, len, num_classes, tile_lse);
+          cpu::logsumexp_tile(src, src_sc, len, num_classes, tile_max, tile_rest);
           for (int64_t j = 0; j < len; ++j) {
             const int64_t i = i0 + j;
             const acc_t w = w_ptr[i];
             if (w == acc_t(0) || !is_valid(i)) {
-              lse_ptr[i] = acc_t(0);
+              lse_ptr[i] = 0.0;
               continue;  // contributes exactly 0, whatever its logits and label
             }
             const int64_t y = label_ptr[i];
             TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
                         num_classes, ")");
-            const acc_t l = tile_lse[j];
+            const double l = lse_from_rest(tile_max[j], tile_rest[j]);
             lse_ptr[i] = l;
-            sum += static_cast<double>(w * (l - src[y * src_sc + j]));
+            sum += static_cast<double>(w * static_cast<acc_t>(l - static_cast<double>(src[y * src_sc + j])));
           }
         });
         partial[ci] = sum;
@@ -154,7 +154,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   cpu::advise_huge_pages(grad.data_ptr(), grad.storage().nbytes());
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
-  const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
+  const at::Tensor lse_c = lse.to(at::kDouble).contiguous();
   const ValidityInput validity(valid, op);
   const PixelValidity is_valid = validity.view;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
@@ -165,14 +165,14 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
-    const acc_t* lse_ptr = lse_c.const_data_ptr<acc_t>();
+    const double* lse_ptr = lse_c.const_data_ptr<double>();
     scalar_t* g = grad.data_ptr<scalar_t>();
     const acc_t scale_acc = static_cast<acc_t>(scale);
     // Any split of the pixels gives the same gradient (no reduction), so the grain only balances the work.
     at::parallel_for(0, total, kChunk, [&](int64_t begin, int64_t end) {
       thread_local std::vector<acc_t> tile;
       tile.resize(num_classes * cpu::kTile);
-      alignas(64) acc_t tile_lse[cpu::kTile], tile_scale[cpu::kTile];
+      alignas(64) acc_t tile_hi[cpu::kTile], tile_lo[cpu::kTile], tile_scale[cpu::kTile];
       alignas(64) int32_t tile_label[cpu::kTile], tile_used[cpu::kTile];
       cpu::for_each_tile(begin, end, height, width, [&](int64_t b, int64_t yy, int64_t x0, int64_t len, int64_t i0) {
         for (int64_t j = 0; j < len; ++j) {
@@ -180,14 +180,15 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
           const bool used = w_ptr[i] != acc_t(0) && is_valid(i);
           tile_used[j] = used ? 1 : 0;
           tile_label[j] = 0;
-          tile_lse[j] = acc_t(0);
+          tile_hi[j] = acc_t(0);
+          tile_lo[j] = acc_t(0);
           tile_scale[j] = acc_t(0);
           if (used) {
             const int64_t y = label_ptr[i];
             TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
                         num_classes, ")");
             tile_label[j] = static_cast<int32_t>(y);
-            tile_lse[j] = lse_ptr[i];
+            split_lse(lse_ptr[i], tile_hi[j], tile_lo[j]);
             tile_scale[j] = scale_acc * w_ptr[i];
           }
         }
@@ -195,11 +196,11 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
         scalar_t* gt = g + b * gb + yy * gh + x0 * gw;
         if (cpu::in_place_rows<scalar_t, acc_t>(sw) && gw == 1) {  // straight from the logits into the gradient
           cpu::ce_grad_tile(reinterpret_cast<const acc_t*>(zt), sc, reinterpret_cast<acc_t*>(gt), gc, len,
-                            num_classes, tile_lse, tile_scale, tile_label, tile_used);
+                            num_classes, tile_hi, tile_lo, tile_scale, tile_label, tile_used);
         } else {
           cpu::load_tile(zt, sc, sw, len, num_classes, tile.data());
-          cpu::ce_grad_tile(tile.data(), cpu::kTile, tile.data(), cpu::kTile, len, num_classes, tile_lse, tile_scale,
-                            tile_label, tile_used);
+          cpu::ce_grad_tile(tile.data(), cpu::kTile, tile.data(), cpu::kTile, len, num_classes, tile_hi, tile_lo,
+                            tile_scale, tile_label, tile_used);
           cpu::store_tile(tile.data(), len, num_classes, gt, gc, gw);
         }
       });
