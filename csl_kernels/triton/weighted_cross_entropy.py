@@ -102,7 +102,7 @@ def _ce_forward_kernel(
     z_ptr, label_ptr, weight_ptr, valid_ptr, lse_ptr, part_ptr,
     NPARTS, C, HW, W, s_b, s_c, s_h, s_w,
     HAS_VALID: tl.constexpr, IGNORE_MAP: tl.constexpr, FLAT_HW: tl.constexpr, ACC: tl.constexpr,
-    WIDE: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    WIDE: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SPLIT_MAX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -116,7 +116,9 @@ def _ce_forward_kernel(
     base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
 
     m = tl.full((BLOCK_P,), float("-inf"), ACC)
-    rest = tl.zeros((BLOCK_P,), ACC)  # sum exp(z - m) - 1 over the classes so far: the max's own 1 taken out once
+    # SPLIT_MAX (float32): sum exp(z - m) - 1 over the classes so far, the max's own 1 taken out once. Float64 sums
+    # the whole sum exp(z - m) (its rest, s - 1, is exact to 1e-16 of 1) and keeps the registers of the split.
+    rest = tl.zeros((BLOCK_P,), ACC)
     z_y = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -126,13 +128,18 @@ def _ce_forward_kernel(
         z = tl.load(z_ptr + base[:, None] + cols[None, :] * s_c, mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         shift = _finite_or_zero(m_new)
-        tie = z == m_new[:, None]  # a logit equal to the max counts 1, also an infinite one (not exp(inf - inf))
-        ties = tl.sum(tie.to(ACC), axis=1)
-        others = tl.sum(tl.where(tie, 0.0, tl.exp(z - shift[:, None])), axis=1)
-        # A new max rescales the terms so far (their 1 included) and brings its own 1, taken out: (rest+1) e - 1 + ties
-        rest = tl.where(m_new > m, (rest + 1.0) * tl.exp(m - shift) + (ties - 1.0), rest + ties) + others
+        if SPLIT_MAX:
+            tie = z == m_new[:, None]  # a logit equal to the max counts 1, also an infinite one (not exp(inf - inf))
+            ties = tl.sum(tie.to(ACC), axis=1)
+            others = tl.sum(tl.where(tie, 0.0, tl.exp(z - shift[:, None])), axis=1)
+            # A new max rescales the terms so far (their 1 included), brings its own 1, taken out: (rest+1) e - 1 + ties
+            rest = tl.where(m_new > m, (rest + 1.0) * tl.exp(m - shift) + (ties - 1.0), rest + ties) + others
+        else:
+            rest = rest * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         m = m_new
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    if not SPLIT_MAX:
+        rest = tl.where(used, rest - 1.0, 0.0)  # unused rows hold s = 0
     # Unused rows (m = -inf) hold 0, also in the weighted term (0 * -inf would be NaN before the masked sum).
     lse = tl.where(used, m.to(tl.float64) + _log1p(rest, USE_LIBDEVICE).to(tl.float64), 0.0)
     ce = tl.where(bad, float("nan"), w * (lse - z_y.to(tl.float64)).to(ACC))
@@ -227,7 +234,8 @@ def _plan(kind: str, config: Config, logits: torch.Tensor, valid: torch.Tensor |
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=config.num_warps)
         strides = (sb, logits.stride(1), sh, sw)
         if grad is None:
-            constexprs.update(WIDE=wide(logits, extra=(hw,)), USE_LIBDEVICE=USE_LIBDEVICE)
+            constexprs.update(WIDE=wide(logits, extra=(hw,)), USE_LIBDEVICE=USE_LIBDEVICE,
+                              SPLIT_MAX=compute_dtype(logits) != torch.float64)
         else:
             g_sb, g_sh, g_sw, g_flat = pixel_strides(grad)
             strides += (g_sb, grad.stride(1), g_sh, g_sw)
