@@ -357,6 +357,23 @@ def torch_low_precision(z, label, weight, ign):
     return torch.where(used, weighted, 0.0).sum() / valid.sum().clamp_min(1)
 
 
+def assert_within_twice_pytorch(backend, z, label, weight, ign) -> torch.Tensor:
+    """The low-precision rule: the backend's loss and gradient error (vs float64) <= 2x PyTorch's own
+    (:func:`torch_low_precision`) in the logits' dtype. Returns the backend's gradient."""
+    ref_loss, ref_grad = reference64(z, label, weight, ign)
+    loss, grad = run(backend, z, label, weight, ign)
+    zt = z.detach().clone().requires_grad_()
+    torch_loss = torch_low_precision(zt, label, weight, ign)
+    torch_loss.backward()
+    loss_err = abs(loss.double().cpu() - ref_loss.cpu()).item()
+    torch_loss_err = abs(torch_loss.detach().double().cpu() - ref_loss.cpu()).item()
+    grad_err = (grad.double() - ref_grad).abs().max().item()
+    torch_grad_err = (zt.grad.double() - ref_grad).abs().max().item()
+    assert loss_err <= 2 * torch_loss_err, (loss_err, torch_loss_err)
+    assert grad_err <= 2 * torch_grad_err, (grad_err, torch_grad_err)
+    return grad
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(6))
 def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
@@ -368,17 +385,7 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
     kind = ("contiguous", "channels_last", "transposed", "strided", "class_slice", "batch_slice")[seed]
     z, label, weight, ign = make_case(seed, batch=2, classes=classes, height=h, width=w, dtype=dtype,
                                       ignore="int64", scale=4.0, poison=seed >= 3, kind=kind, device=device)
-    ref_loss, ref_grad = reference64(z, label, weight, ign)
-    loss, grad = run(fused_backend, z, label, weight, ign)
-    zt = z.detach().clone().requires_grad_()
-    torch_loss = torch_low_precision(zt, label, weight, ign)
-    torch_loss.backward()
-    loss_err = abs(loss.double().cpu() - ref_loss.cpu()).item()
-    torch_loss_err = abs(torch_loss.detach().double().cpu() - ref_loss.cpu()).item()
-    grad_err = (grad.double() - ref_grad).abs().max().item()
-    torch_grad_err = (zt.grad.double() - ref_grad).abs().max().item()
-    assert loss_err <= 2 * torch_loss_err, (loss_err, torch_loss_err)
-    assert grad_err <= 2 * torch_grad_err, (grad_err, torch_grad_err)
+    grad = assert_within_twice_pytorch(fused_backend, z, label, weight, ign)
     assert grad.dtype == dtype
     used = valid_mask(z, **masks(ign)) & (weight != 0)
     assert not grad.cpu().movedim(1, -1)[~used.cpu()].any()  # NaN would count as non-zero
@@ -399,17 +406,7 @@ def test_confident_pseudo_labels_error_at_most_twice_pytorch(fused_backend, dtyp
     label = torch.zeros(1, 4, 6, dtype=torch.long, device=device)
     weight = torch.ones(1, 4, 6, device=device)
     ign = torch.zeros(1, 4, 6, dtype=torch.long, device=device)  # every pixel valid
-    ref_loss, ref_grad = reference64(z, label, weight, ign)
-    loss, grad = run(fused_backend, z, label, weight, ign)
-    zt = z.detach().clone().requires_grad_()
-    torch_loss = torch_low_precision(zt, label, weight, ign)
-    torch_loss.backward()
-    loss_err = abs(loss.double().cpu() - ref_loss.cpu()).item()
-    torch_loss_err = abs(torch_loss.detach().double().cpu() - ref_loss.cpu()).item()
-    grad_err = (grad.double() - ref_grad).abs().max().item()
-    torch_grad_err = (zt.grad.double() - ref_grad).abs().max().item()
-    assert loss_err <= 2 * torch_loss_err, (loss_err, torch_loss_err)
-    assert grad_err <= 2 * torch_grad_err, (grad_err, torch_grad_err)
+    assert_within_twice_pytorch(fused_backend, z, label, weight, ign)
 
 
 def test_bfloat16_gradient_is_rounded_to_nearest_not_truncated(fused_backend):
