@@ -3,7 +3,9 @@
 A checkpoint holds only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None), so it loads
 with ``torch.load(..., weights_only=True)``: loading never runs code from the file. :func:`atomic_save` writes to a
 temporary file in the target folder, fsyncs it and renames it over the target, so a crash while saving leaves the
-previous file intact.
+previous file intact. :func:`load_checkpoint` compares every record of the archive with the CRC-32 ``torch.save``
+stored beside it before loading (``torch.load`` does not), so a bit changed on disk or in a copy is an error naming
+the record, never a silently different weight.
 """
 
 from __future__ import annotations
@@ -154,9 +156,56 @@ def _legacy_refused(path: str, error: Exception) -> bool:
     return start == _LEGACY_START and "WeightsUnpickler error: Unsupported global" in str(error)
 
 
+def _damaged_record(path: str) -> str | None:
+    """The first record of the zip archive ``path`` (what ``torch.save`` writes) whose bytes do not match the CRC-32
+    stored beside them, or None. ``torch.load`` does not compare them: a bit flipped on disk or in a copy would load
+    as a silently different weight. An archive written without checksums (torch's
+    ``serialization.config.save.compute_crc32 = False``: every CRC 0) cannot be checked and gives None; a file that
+    is no zip archive (torch's legacy format, a file cut short) is left to ``torch.load`` to judge."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if all(record.CRC == 0 for record in records):
+                return None
+            for record in records:
+                try:
+                    with archive.open(record) as f:
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:  # zipfile's "Bad CRC-32 for file ..."
+                    return record.filename
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return None
+
+
+def _record_meaning(record: str) -> str:
+    """What a record of a ``torch.save`` archive holds, for an error message."""
+    name = record.split("/", 1)[-1]
+    if name.startswith("data/"):
+        return "tensor data"
+    if name == "data.pkl":
+        return "the pickled structure (keys, shapes, plain values)"
+    return "archive metadata"
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True`` (NumPy numbers allowed). Raises FileNotFoundError / ValueError with the path
-    on failure; a file that is no PyTorch checkpoint (empty, cut short, another kind of file) is said to be that."""
+    """Load with ``weights_only=True`` (NumPy numbers allowed), after comparing every record of the archive with its
+    stored CRC-32. Raises FileNotFoundError / ValueError with the path on failure; a file that is no PyTorch
+    checkpoint (empty, cut short, another kind of file) is said to be that, a damaged one names its damaged record."""
+    _check_intact(path)
+    try:
+        obj = _load_weights_only(path, map_location=map_location)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise _unreadable(path, e) from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def _check_intact(path: str) -> None:
+    """Raise FileNotFoundError / ValueError naming ``path`` when it is a folder, missing, empty, or damaged (a record
+    whose CRC-32 does not match)."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {os.path.abspath(path)} is a folder; give the checkpoint file in it (latest.pt "
                          f"or best.pt)")
@@ -164,31 +213,38 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise FileNotFoundError(f"checkpoint not found: {os.path.abspath(path)}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): a copy or a save that did not finish?")
-    try:
-        obj = _load_weights_only(path, map_location=map_location)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        # torch.save writes a zip archive (a cut-short one has no directory), older torch its legacy format
-        if not zipfile.is_zipfile(path) and not _legacy_refused(path, e):
-            with open(path, "rb") as f:
-                start = f.read(24)
-            size = os.path.getsize(path)
-            what = (f"a zip archive cut short: {size} bytes, a copy or a save that did not finish?"
-                    if start.startswith(b"PK\x03\x04") else
-                    f"cut short, corrupt, or another kind of file; {size} bytes, starting {start!r}")
-            raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint ({what})") from e
-        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(e)}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
-    return obj
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise ValueError(f"checkpoint {path} is damaged: its record {damaged!r} ({_record_meaning(damaged)}) does not "
+                         f"match the CRC-32 stored with it (bits changed on disk or in a copy since it was written); "
+                         f"its values cannot be trusted")
+
+
+def _unreadable(path: str, error: Exception) -> ValueError:
+    """The ValueError for a ``torch.load`` failure of ``path``: a file that is no PyTorch checkpoint is said to be
+    that (torch.save writes a zip archive, a cut-short one has no directory; older torch its legacy format)."""
+    if not zipfile.is_zipfile(path) and not _legacy_refused(path, error):
+        with open(path, "rb") as f:
+            start = f.read(24)
+        size = os.path.getsize(path)
+        what = (f"a zip archive cut short: {size} bytes, a copy or a save that did not finish?"
+                if start.startswith(b"PK\x03\x04") else
+                f"cut short, corrupt, or another kind of file; {size} bytes, starting {start!r}")
+        return ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint ({what})")
+    return ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(error)}")
 
 
 def checkpoint_iteration(path: str) -> int:
     """The training iteration a trainer checkpoint holds (-1 when it has none), read without loading its tensors
-    into memory."""
+    into memory; a damaged checkpoint raises as in :func:`load_checkpoint`."""
+    _check_intact(path)
     try:
         obj = _load_weights_only(path, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001 - e.g. a file in torch's legacy (non-zip) format, which mmap cannot read
-        obj = load_checkpoint(path)
+        try:
+            obj = _load_weights_only(path, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise _unreadable(path, e) from e
     return int(obj.get("iteration", -1)) if isinstance(obj, dict) else -1
 
 

@@ -201,15 +201,13 @@ SLIM_KEYS = ("format", "model", "iteration", "iters_per_epoch", "total_iters", "
 def slim_checkpoints(folder: str) -> None:
     """Shrink a finished run's ``latest.pt`` / ``best.pt`` to :data:`SLIM_KEYS` (about half the size with SGD
     momentum); a ``best.pt`` of the same iteration as ``latest.pt`` becomes a hard link to it (no second copy)."""
-    import torch
-
-    from .checkpoint import BEST, LATEST, atomic_save
+    from .checkpoint import BEST, LATEST, atomic_save, load_checkpoint
 
     latest, best = os.path.join(folder, LATEST), os.path.join(folder, BEST)
     iterations = {}
     for path in (latest, best):
         if os.path.isfile(path):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint(path)  # checked first: a damaged file rewritten would carry valid checksums
             iterations[path] = ckpt.get("iteration")
             if set(ckpt) - set(SLIM_KEYS):
                 atomic_save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, path)

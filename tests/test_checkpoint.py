@@ -308,6 +308,62 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_one(tmp_path):
         ck.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
+def flip_a_bit_in_record(path, record_suffix: str, at: int = 100) -> str:
+    """Flip one bit of the record of the ``torch.save`` archive ``path`` whose name ends in ``record_suffix``, as a
+    bad disk sector or a damaged copy would; the record's name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith(record_suffix))
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(record.header_offset + 30 + name_length + extra_length + min(at, record.file_size - 1))
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    return record.filename
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_named_damaged_not_loaded(tmp_path):
+    """torch.load does not compare a record's bytes with the CRC-32 stored beside them: one flipped bit in a tensor
+    loads as a silently different weight. Every reader of checkpoints checks them first and names the record."""
+    from csl.demo import slim_checkpoints
+
+    weights = torch.linspace(-1, 1, 4096)
+    for suffix, meaning in (("data/0", "tensor data"), ("data.pkl", "the pickled structure")):
+        path = tmp_path / suffix.replace("/", "_") / "latest.pt"
+        path.parent.mkdir()
+        torch.save({"model": {"w": weights}, "iteration": 3}, path)
+        record = flip_a_bit_in_record(path, suffix)
+        if suffix == "data/0":  # what torch.load alone makes of it
+            assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)
+        for read in (ck.load_checkpoint, ck.checkpoint_iteration, slim_checkpoints):
+            with pytest.raises(ValueError, match=rf"checkpoint .*latest.pt is damaged: its record '{record}' "
+                                                 rf"\({meaning}.*does not match the CRC-32 stored with it"):
+                read(str(path) if read is not slim_checkpoints else str(path.parent))
+    intact = tmp_path / "intact.pt"
+    torch.save({"model": {"w": weights}, "iteration": 4}, intact)
+    assert torch.equal(ck.load_checkpoint(str(intact))["model"]["w"], weights)
+    assert ck.checkpoint_iteration(str(intact)) == 4
+
+
+def test_a_checkpoint_written_without_checksums_loads(tmp_path):
+    """torch.save with ``compute_crc32 = False`` stores every CRC as 0: nothing to compare, so it loads as torch.load
+    loads it."""
+    config = pytest.importorskip("torch.utils.serialization").config
+    if not hasattr(config.save, "compute_crc32"):
+        pytest.skip(f"torch {torch.__version__} always writes checksums")
+    path = tmp_path / "no_crc.pt"
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"model": {"w": torch.arange(5.0)}, "iteration": 2}, path)
+    finally:
+        config.save.compute_crc32 = True
+    assert torch.equal(ck.load_checkpoint(str(path))["model"]["w"], torch.arange(5.0))
+    assert ck.checkpoint_iteration(str(path)) == 2
+
+
 def test_a_checkpoint_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
     """A power loss right after a save leaves the new latest.pt or the old one, never a renamed empty file: the data
     reaches the disk before the rename, the folder's new entry after it."""

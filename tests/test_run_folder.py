@@ -303,6 +303,18 @@ def test_resume_auto_with_a_damaged_latest_names_the_readable_best(tmp_path):
         Trainer(config(tmp_path, **{"train.resume": "auto"}))
 
 
+def test_resume_auto_with_a_flipped_bit_in_the_latest_names_the_readable_best(tmp_path):
+    """A latest.pt whose tensor data no longer matches its checksums is damaged like a cut-short one: the start stops,
+    naming the best.pt to continue from, and never trains on the changed weights."""
+    from test_checkpoint import flip_a_bit_in_record
+
+    train(config(tmp_path), stop_at=2)
+    flip_a_bit_in_record(tmp_path / "latest.pt", "data/0")
+    with pytest.raises(ValueError, match=r"latest.pt is damaged: its record '.*data/0' \(tensor data\).*best.pt is "
+                                         r"readable \(iteration 2\): continue from it with --resume .*best.pt"):
+        Trainer(config(tmp_path, **{"train.resume": "auto"}))
+
+
 def test_a_run_without_a_checkpoint_is_not_offered_a_resume(tmp_path):
     """A folder with the metrics of a run that saved no checkpoint: the refusal does not suggest --resume auto (which
     finds nothing to continue and replaces the run), only --overwrite."""
