@@ -24,9 +24,10 @@ class CrossEntropyOutputs(NamedTuple):
     The backends return only ``loss``; ``lse`` and ``count`` are kept for the backward pass."""
 
     loss: torch.Tensor  # 0-dim compute_dtype(logits)
-    # B x H x W float64: log-sum-exp of the logits of every used pixel (0 elsewhere), as max + log1p(rest of the
-    # shifted sum); float64 so that a confident pixel's CE = lse - z_y and softmax exp(z - lse) are as exact as
-    # PyTorch's (z - max) - log(sum) (a float32 lse rounds them to an ulp of the max: csrc/csl_ce.h)
+    # B x H x W x 2 in compute_dtype(logits): the log-sum-exp of every used pixel's logits in two parts (0, 0
+    # elsewhere), its max logit and log1p of the rest of the max-shifted sum, kept apart as PyTorch's
+    # (z - max) - log(sum) keeps them, so that CE = (max - z_y) + log1p(rest) and the softmax
+    # exp((z - max) - log1p(rest)) are as exact as PyTorch's at every scale of the logits (csrc/csl_ce.h)
     lse: torch.Tensor
     count: torch.Tensor  # 0-dim int64: N_valid, the number of valid pixels (the loss's divisor is max(N_valid, 1))
 
@@ -35,8 +36,7 @@ def weighted_cross_entropy_outputs_like(logits: torch.Tensor) -> CrossEntropyOut
     """Empty outputs of the right shapes and dtypes (the fused backends' fake kernels)."""
     bsz, _, height, width = logits.shape
     dt = compute_dtype(logits)
-    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width),
-                                                                               dtype=torch.float64),
+    return CrossEntropyOutputs(logits.new_empty((), dtype=dt), logits.new_empty((bsz, height, width, 2), dtype=dt),
                                logits.new_empty((), dtype=torch.int64))
 
 

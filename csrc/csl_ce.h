@@ -24,11 +24,17 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& label, c
   check_valid(valid, logits, op);
 }
 
-// The backward pass's own inputs: the forward's lse (B x H x W) and count (one int64 value), and grad_loss (one
-// value), all on the logits' device.
+// The backward pass's own inputs: the forward's lse (B x H x W x 2, its log-sum-exp parts) and count (one int64
+// value), and grad_loss (one value), all on the logits' device.
 inline void check_ce_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
                                      const at::Tensor& count, const char* op) {
-  check_pixel_map(lse, "lse", logits, op);
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == logits.size(0) && lse.size(1) == logits.size(2) &&
+                  lse.size(2) == logits.size(3) && lse.size(3) == 2 && at::isFloatingType(lse.scalar_type()),
+              op, ": lse (the forward's log-sum-exp parts) must be a floating tensor of shape B x H x W x 2 = [",
+              logits.size(0), ", ", logits.size(2), ", ", logits.size(3), ", 2], got ", lse.scalar_type(), " of shape ",
+              lse.sizes());
+  TORCH_CHECK(lse.device() == logits.device(), op, ": lse is on ", lse.device(), " but the main input is on ",
+              logits.device());
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == logits.device(), op,
               ": grad_loss must hold one value on ", logits.device(), ", got shape ", grad_loss.sizes(), " on ",
               grad_loss.device());
@@ -37,31 +43,30 @@ inline void check_ce_backward_inputs(const at::Tensor& grad_loss, const at::Tens
               ", got ", count.scalar_type(), " of shape ", count.sizes(), " on ", count.device());
 }
 
-// The log-sum-exp of a pixel in float64 from its max logit and the rest of its max-shifted sum, t = sum exp(z - max)
-// - 1 (the other logits' terms and the max's ties, accumulated apart from the max's own 1): max + log1p(t). Kept in
-// float64, CE = lse - z_y and the softmax exp(z - lse) are as exact as PyTorch's (z - max) - log(sum); a float32 lse
-// rounds a confident pixel's CE (1e-4 at a logit gap of 10) to an ulp of the max (~2e-6 at a logit of 20).
+// A used pixel's log-sum-exp is kept in two parts, as PyTorch's log-softmax keeps (z - max) - log(sum): its max logit
+// and log1p(t), t = sum exp(z - max) - 1 (the other logits' terms and the max's ties, accumulated apart from the
+// max's own 1). CE = (max - z_y) + log1p(t) and the softmax exp((z - max) - log1p(t)) are then as exact as PyTorch's
+// at every scale of the logits. One float holding max + log1p(t) would keep log1p(t) only to an ulp of the max: a
+// float32 one rounds a confident pixel's CE (1e-4 at a logit gap of 10) to ~2e-6 at a logit of 20, a float64 one
+// loses a CE of 1e-14 at logits of 1e3 and all of log(C) at |logits| of 1e17.
 template <typename acc_t>
-C10_HOST_DEVICE inline double lse_from_rest(acc_t z_max, acc_t rest) {
-  return static_cast<double>(z_max) + static_cast<double>(std::log1p(rest));
+C10_HOST_DEVICE inline acc_t log_of_shifted_sum(acc_t rest) {
+  return std::log1p(rest);
 }
 
-// The float64 lse as two acc_t values, hi + lo = lse to ~2 ulp of acc_t: exp((z - hi) - lo) is the softmax as exactly
-// as exp(z - lse) in float64 would give it.
+// CE = (max - z_y) + log1p(t) of a used pixel from its log-sum-exp parts, in float64 (exact for float32 parts).
 template <typename acc_t>
-C10_HOST_DEVICE inline void split_lse(double lse, acc_t& hi, acc_t& lo) {
-  hi = static_cast<acc_t>(lse);
-  // An infinite lse (an infinite max, or every logit -inf) has no remainder: lse - hi would be inf - inf = NaN.
-  lo = is_finite(hi) ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0);
+C10_HOST_DEVICE inline double pixel_ce(acc_t z_max, acc_t log_sum, acc_t z_y) {
+  return (static_cast<double>(z_max) - static_cast<double>(z_y)) + static_cast<double>(log_sum);
 }
 
-// log-sum-exp of one pixel's C logits (PixelLogits of csl_math.h; max-shifted, in its acc_t, returned in float64 by
-// lse_from_rest). A logit equal to the max counts as exactly 1, so an infinite max gives +inf (or -inf when every
-// logit is -inf), as torch.logsumexp does, instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.
+// The log-sum-exp parts of one pixel's C logits (PixelLogits of csl_math.h; max-shifted, in its acc_t). A logit equal
+// to the max counts as exactly 1, so an infinite max gives +inf (or -inf when every logit is -inf) as
+// torch.logsumexp does, instead of exp(inf - inf) = NaN; a NaN logit still gives NaN.
 template <typename Logits, typename acc_t = typename Logits::value_type>
-C10_HOST_DEVICE inline double pixel_logsumexp(const Logits& z, int64_t num_classes) {
+C10_HOST_DEVICE inline void pixel_logsumexp(const Logits& z, int64_t num_classes, acc_t& z_max, acc_t& log_sum) {
   constexpr int N = Logits::kCached;
-  acc_t z_max = z[0];
+  z_max = z[0];
   for_each_class<N>(1, num_classes, [&](int64_t k) {
     const acc_t zk = z[k];
     z_max = zk > z_max ? zk : z_max;
@@ -75,7 +80,7 @@ C10_HOST_DEVICE inline double pixel_logsumexp(const Logits& z, int64_t num_class
       others += std::exp(zk - z_max);
     }
   });
-  return lse_from_rest(z_max, others + (ties - acc_t(1)));
+  log_sum = log_of_shifted_sum(others + (ties - acc_t(1)));
 }
 
 }  // namespace csl

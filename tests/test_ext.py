@@ -312,6 +312,11 @@ def test_clear_errors_from_the_cpp_checks(ext):
         ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, label, weight, None, lse, count.double())
     with pytest.raises(RuntimeError, match="grad_loss must hold one value on cpu, got shape \\[2\\]"):
         ops.weighted_cross_entropy_backward(torch.ones(2), z, label, weight, None, lse, count)
+    assert lse.shape == (1, 2, 2, 2) and lse.dtype == torch.float32  # max logit, log1p of the rest, per pixel
+    for wrong in (lse[..., 0], lse.long()):  # a float64 lse = max + log1p(rest) of an older build; integer parts
+        with pytest.raises(RuntimeError, match=r"lse \(the forward's log-sum-exp parts\) must be a floating tensor of "
+                                               r"shape B x H x W x 2 = \[1, 2, 2, 2\], got"):
+            ops.weighted_cross_entropy_backward(torch.tensor(1.0), z, label, weight, None, wrong, count)
     # a label equal to C on a used pixel (the first one out of range), in the forward and in a direct backward call
     with pytest.raises(RuntimeError, match=r"label 3 of a used pixel is outside \[0, 3\)"):
         ops.weighted_cross_entropy(z, torch.full((1, 2, 2), 3), weight, None)
@@ -667,6 +672,7 @@ _CLASS_LOOPS_CHECK = r"""
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "csl_ce.h"
@@ -698,9 +704,13 @@ void compare(std::mt19937& gen, long& cases, long& mismatches) {
       }
       const PixelLogits<scalar_t, acc_t, 0> plain(z.data(), stride, classes);
       const PixelLogits<scalar_t, acc_t, kRegisterClasses> held(z.data(), stride, classes);
-      const acc_t l0 = pixel_logsumexp(plain, classes), l1 = pixel_logsumexp(held, classes);
-      ++cases;
-      mismatches += !(same(l0, l1) || (std::isnan(l0) && std::isnan(l1)));
+      acc_t max0, log_sum0, max1, log_sum1;
+      pixel_logsumexp(plain, classes, max0, log_sum0);
+      pixel_logsumexp(held, classes, max1, log_sum1);
+      for (const auto& [x, y] : {std::pair{max0, max1}, std::pair{log_sum0, log_sum1}}) {
+        ++cases;
+        mismatches += !(same(x, y) || (std::isnan(x) && std::isnan(y)));
+      }
       for (int k = 0; k < classes; ++k) {
         const acc_t x = plain.at(k, classes), y = held.at(k, classes);
         ++cases;

@@ -87,7 +87,8 @@ def assert_matches(loss, grad, ref_loss, ref_grad, z, weight, ign):
     assert loss.shape == ()
     torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=rtol, atol=atol)
     assert grad.dtype == z.dtype and grad.shape == z.shape
-    # softmax(z) = exp(z - lse) carries an absolute error of a few ulp(|lse|), times the pixel's w / N_valid.
+    # softmax(z) = exp((z - max) - log1p(rest)) carries an absolute error of a few ulp(|z|), times the pixel's
+    # w / N_valid.
     unused = unused_mask(z, weight, ign)
     eps = torch.finfo(torch.float64 if z.dtype == torch.float64 else torch.float32).eps
     z_max = float(z.detach()[~unused].abs().max()) if (~unused).any() else 0.0
@@ -395,9 +396,10 @@ def test_low_precision_error_at_most_twice_pytorch(fused_backend, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_confident_pseudo_labels_error_at_most_twice_pytorch(fused_backend, dtype):
     """The low-precision rule on what pseudo-labels are: the label is the argmax, its logit 8-20 above the others
-    (a trained model's confident pixels), where the loss per pixel is 1e-4 to 1e-9. With a float32 lse, CE = lse - z_y
-    and exp(z - lse) were rounded to an ulp of the max (~2e-6 at 20): up to 24x PyTorch's error in float32 / float16;
-    the float64 lse (max + log1p of the rest, csrc/csl_ce.h) keeps them as exact as (z - max) - log(sum)."""
+    (a trained model's confident pixels), where the loss per pixel is 1e-4 to 1e-9. With a float32 lse = max +
+    log1p(rest), CE = lse - z_y and exp(z - lse) were rounded to an ulp of the max (~2e-6 at 20): up to 24x PyTorch's
+    error in float32 / float16; the log-sum-exp kept in its two parts (csrc/csl_ce.h) keeps them as exact as
+    (z - max) - log(sum)."""
     device = require_backend(OP, fused_backend)
     g = torch.Generator().manual_seed(2)
     z = torch.randn(1, 5, 4, 6, generator=g)
@@ -410,13 +412,12 @@ def test_confident_pseudo_labels_error_at_most_twice_pytorch(fused_backend, dtyp
     assert_within_twice_pytorch(fused_backend, z, label, weight, ign)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: the saved float64 lse = max + log1p(t) holds log1p(t) only to "
-                   "an ulp of the max logit in float64, so CE = lse - z_y and exp((z - hi) - lo) lose it once |max| is "
-                   "large against the CE (float64 logits of 1e3, float32 / bfloat16 logits of 1e11 and more)")
 @pytest.mark.parametrize(("dtype", "logits"), [
-    (torch.float64, [1031.0, 1000.0]),  # CE 3.4e-14: the fused loss is 0, the label's gradient 0
-    (torch.float32, [1e17, 1e17]),  # CE log 2: the fused loss is 0, the softmax 1 at every class
-    (torch.bfloat16, [-3e38, -3e38, -3e38]),  # CE log 3: the same
+    # One float holding max + log1p(rest) would lose these CEs: a loss of 0 and a label gradient of 0 (float64), the
+    # softmax 1 at every class (float32, bfloat16)
+    (torch.float64, [1031.0, 1000.0]),  # CE 3.4e-14
+    (torch.float32, [1e17, 1e17]),  # CE log 2
+    (torch.bfloat16, [-3e38, -3e38, -3e38]),  # CE log 3
 ])
 def test_cross_entropy_stays_exact_at_logits_far_larger_than_it(fused_backend, dtype, logits):
     """Spec Sec. 5's precision rule (as exact as PyTorch's F.cross_entropy, whose (z - max) - log(sum) keeps the max

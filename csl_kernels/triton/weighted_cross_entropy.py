@@ -1,22 +1,24 @@
 """Triton weighted pseudo-label cross-entropy (spec Sec. 5): ``sum_n w_n CE(z_n, y_n) / N_valid``, fused fwd/bwd.
 
-Forward: one read of the logits. Each program takes ``BLOCK_P`` pixels of one image and walks the classes in
-``BLOCK_C`` tiles with an online log-sum-exp (running max and the rescaled rest of the sum, ``sum exp(z - max) - 1``,
-so that ``lse = max + log1p(rest)`` keeps a confident pixel's small CE exact), so no ``B x C x H x W`` intermediate
-exists and C is unbounded. It writes the per-pixel log-sum-exp (``B x H x W`` float64, for the backward pass: a
-float32 one would round a confident pixel's CE to an ulp of the max, csrc/csl_ce.h), one partial
-loss sum and one valid-pixel count per program; a one-program kernel adds the partials in a fixed order (float64
-accumulator), so the loss is bitwise reproducible without float atomics.
+Forward: one read of the logits. Each program takes ``BLOCK_P`` pixels of one image and walks the classes in ``BLOCK_C``
+tiles with an online log-sum-exp (running max and the rescaled rest of the sum, ``sum exp(z - max) - 1``, so that
+``log1p(rest)`` keeps a confident pixel's small CE exact), so no ``B x C x H x W`` intermediate exists and C is
+unbounded. It writes the per-pixel log-sum-exp in two parts for the backward pass (``B x H x W x 2``: the max logit and
+``log1p(rest)``, kept apart as PyTorch's ``(z - max) - log(sum)`` keeps them: one float holding their sum would round
+the CE to an ulp of the max, csrc/csl_ce.h), one partial loss sum and one valid-pixel count per program; a one-program
+kernel adds the partials in a fixed order (float64 accumulator), so the loss is bitwise reproducible without float
+atomics.
 
-Backward: ``grad = grad_loss * w * (exp(z - lse) - onehot(y)) / N_valid``, recomputed from the saved log-sum-exp in
-one read of the logits and one write of the gradient. Computing the gradient during the forward pass instead would
-need a ``B x C x H x W`` buffer written in the forward and read + rewritten in the backward to apply ``grad_loss``
-(two more full passes); the buffer would be alive exactly as long as the saved logits are here, so recomputation
-costs no more memory and moves strictly fewer bytes, and the forward stays a pure read when no gradient is needed.
+Backward: ``grad = grad_loss * w * (exp((z - max) - log1p(rest)) - onehot(y)) / N_valid``, recomputed from the saved
+log-sum-exp parts in one read of the logits and one write of the gradient. Computing the gradient during the forward
+pass instead would need a ``B x C x H x W`` buffer written in the forward and read + rewritten in the backward to apply
+``grad_loss`` (two more full passes); the buffer would be alive exactly as long as the saved logits are here, so
+recomputation costs no more memory and moves strictly fewer bytes, and the forward stays a pure read when no gradient is
+needed.
 
 Pixels that are invalid or have weight 0 are never loaded: they contribute exactly 0 and get exactly 0 gradient,
-whatever their logits or labels. A used pixel whose label lies outside ``[0, C)`` makes the loss (and its gradient
-row) NaN; checking it on the host would cost a device synchronisation on every call.
+whatever their logits or labels. A used pixel whose label lies outside ``[0, C)`` makes the loss (and its gradient row)
+NaN; checking it on the host would cost a device synchronisation on every call.
 """
 
 from __future__ import annotations
@@ -140,10 +142,14 @@ def _ce_forward_kernel(
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
     if not SPLIT_MAX:
         rest = tl.where(used, rest - 1.0, 0.0)  # unused rows hold s = 0
+    # The log-sum-exp in its two parts (csrc/csl_ce.h): CE = (max - z_y) + log1p(rest), the difference in float64.
     # Unused rows (m = -inf) hold 0, also in the weighted term (0 * -inf would be NaN before the masked sum).
-    lse = tl.where(used, m.to(tl.float64) + _log1p(rest, USE_LIBDEVICE).to(tl.float64), 0.0)
-    ce = tl.where(bad, float("nan"), w * (lse - z_y.to(tl.float64)).to(ACC))
-    tl.store(lse_ptr + i, lse, mask=pm)
+    m = tl.where(used, m, 0.0)
+    log_sum = tl.where(used, _log1p(rest, USE_LIBDEVICE), 0.0)
+    ce_parts = (m.to(tl.float64) - z_y.to(tl.float64)) + log_sum.to(tl.float64)
+    ce = tl.where(bad, float("nan"), w * ce_parts.to(ACC))
+    tl.store(lse_ptr + 2 * i, m, mask=pm)
+    tl.store(lse_ptr + 2 * i + 1, log_sum, mask=pm)
 
     # Each pixel's term in ACC, their sum in float64 (as the C++ kernels add them): large weights of both signs that
     # cancel leave the other pixels' terms intact.
@@ -185,9 +191,8 @@ def _ce_backward_kernel(
     used, valid, w, y, bad = _used_pixels(label_ptr, weight_ptr, valid_ptr, i, pm, C, HAS_VALID, IGNORE_MAP, ACC)
     scale = tl.load(grad_loss_ptr).to(ACC) / tl.maximum(tl.load(count_ptr), 1).to(ACC)
     coef = tl.where(bad, float("nan"), scale * w)
-    lse = tl.load(lse_ptr + i, mask=used, other=0)  # float64, split into hi + lo (csrc/csl_ce.h's split_lse)
-    lse_hi = lse.to(ACC)
-    lse_lo = tl.where(lse_hi - lse_hi == 0, (lse - lse_hi.to(tl.float64)).to(ACC), 0.0)  # inf: no remainder
+    lse_hi = tl.load(lse_ptr + 2 * i, mask=used, other=0).to(ACC)  # the max logit and log1p(rest) (csrc/csl_ce.h)
+    lse_lo = tl.load(lse_ptr + 2 * i + 1, mask=used, other=0).to(ACC)
     base = b * s_b + pixel_offsets(p, W, s_h, s_w, FLAT_HW)
     g_base = b * g_b + pixel_offsets(p, W, g_h, g_w, G_FLAT_HW)
     for c0 in range(0, C, BLOCK_C):

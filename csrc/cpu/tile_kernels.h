@@ -101,7 +101,7 @@ CSL_INLINE void features_body(const acc_t* z, int64_t zsc, int64_t n, int64_t nu
 }
 
 // Max-shifted log-sum-exp of every pixel of the tile, in parts (as pixel_logsumexp of csl_ce.h): the max logit and
-// the rest of the shifted sum, t = sum exp(z - max) - 1; lse_from_rest of csl_ce.h makes the float64 lse of them.
+// the rest of the shifted sum, t = sum exp(z - max) - 1 (its log1p: log_of_shifted_sum of csl_ce.h).
 template <typename acc_t>
 CSL_INLINE void logsumexp_body(const acc_t* __restrict z, int64_t zsc, int64_t n, int64_t num_classes,
                                acc_t* __restrict z_max, acc_t* __restrict rest) {
@@ -135,8 +135,8 @@ CSL_INLINE void logsumexp_body(const acc_t* __restrict z, int64_t zsc, int64_t n
 }
 
 // Cross-entropy gradient of the tile: g[k * gsc + j] = scale * (exp((z - lse_hi) - lse_lo) - onehot(label)) on used
-// pixels (lse_hi + lse_lo: the float64 lse, split_lse of csl_ce.h) and exactly 0 on the others. g may be z itself
-// (in place, same strides).
+// pixels (lse_hi, lse_lo: the max logit and log1p(t), the log-sum-exp parts of csl_ce.h) and exactly 0 on the others.
+// g may be z itself (in place, same strides).
 template <typename acc_t>
 CSL_INLINE void ce_grad_body(const acc_t* z, int64_t zsc, acc_t* g, int64_t gsc, int64_t n, int64_t num_classes,
                              const acc_t* __restrict lse_hi, const acc_t* __restrict lse_lo,

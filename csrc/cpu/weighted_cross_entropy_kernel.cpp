@@ -1,4 +1,4 @@
-// CPU kernels of csl::weighted_cross_entropy (forward: loss, per-pixel log-sum-exp and the valid-pixel count;
+// CPU kernels of csl::weighted_cross_entropy (forward: loss, per-pixel log-sum-exp parts and the valid-pixel count;
 // backward: the gradient).
 // No B x C x H x W intermediate is materialised; the loss is summed per fixed chunk in float64, chunks in order.
 #include <ATen/Dispatch.h>
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
                 width = logits.size(3);
   const int64_t hw = height * width, total = batch * hw;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(at::kDouble));  // csl_ce.h: float64
+  at::Tensor lse = at::empty({batch, height, width, 2}, logits.options().dtype(acc_dtype));  // csl_ce.h: max, log1p(t)
   // The B x H x W side inputs are C times smaller than the logits: contiguous copies are cheap.
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
-    double* lse_ptr = lse.data_ptr<double>();
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<acc_t> tile;
       tile.resize(num_classes * cpu::kTile);
@@ -104,15 +104,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cpu(const 
             const int64_t i = i0 + j;
             const acc_t w = w_ptr[i];
             if (w == acc_t(0) || !is_valid(i)) {
-              lse_ptr[i] = 0.0;
+              lse_ptr[2 * i] = acc_t(0);
+              lse_ptr[2 * i + 1] = acc_t(0);
               continue;  // contributes exactly 0, whatever its logits and label
             }
             const int64_t y = label_ptr[i];
             TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
                         num_classes, ")");
-            const double l = lse_from_rest(tile_max[j], tile_rest[j]);
-            lse_ptr[i] = l;
-            sum += static_cast<double>(w * static_cast<acc_t>(l - static_cast<double>(src[y * src_sc + j])));
+            const acc_t log_sum = log_of_shifted_sum(tile_rest[j]);
+            lse_ptr[2 * i] = tile_max[j];
+            lse_ptr[2 * i + 1] = log_sum;
+            sum += static_cast<double>(w * static_cast<acc_t>(pixel_ce(tile_max[j], log_sum, src[y * src_sc + j])));
           }
         });
         partial[ci] = sum;
@@ -154,7 +156,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
   cpu::advise_huge_pages(grad.data_ptr(), grad.storage().nbytes());
   const at::Tensor label_c = label.to(at::kLong).contiguous();
   const at::Tensor weight_c = weight.to(acc_dtype).contiguous();
-  const at::Tensor lse_c = lse.to(at::kDouble).contiguous();
+  const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   const ValidityInput validity(valid, op);
   const PixelValidity is_valid = validity.view;
   const int64_t* label_ptr = label_c.const_data_ptr<int64_t>();
@@ -165,7 +167,7 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const acc_t* w_ptr = weight_c.const_data_ptr<acc_t>();
-    const double* lse_ptr = lse_c.const_data_ptr<double>();
+    const acc_t* lse_ptr = lse_c.const_data_ptr<acc_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
     const acc_t scale_acc = static_cast<acc_t>(scale);
     // Any split of the pixels gives the same gradient (no reduction), so the grain only balances the work.
@@ -188,7 +190,8 @@ at::Tensor weighted_cross_entropy_backward_cpu(const at::Tensor& grad_loss, cons
             TORCH_CHECK(y >= 0 && y < num_classes, op, ": label ", y, " of a used pixel is outside [0, ",
                         num_classes, ")");
             tile_label[j] = static_cast<int32_t>(y);
-            split_lse(lse_ptr[i], tile_hi[j], tile_lo[j]);
+            tile_hi[j] = lse_ptr[2 * i];
+            tile_lo[j] = lse_ptr[2 * i + 1];
             tile_scale[j] = scale_acc * w_ptr[i];
           }
         }

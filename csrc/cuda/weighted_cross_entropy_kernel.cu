@@ -3,7 +3,7 @@
 // a second one-block launch, which writes the loss and the count N_valid; no B x C x H x W intermediate; where
 // C <= kRegisterClasses a pixel's C logits are loaded together into registers (PixelLogits in csl_math.h). Backward:
 // one launch, one thread per pixel writes w * (softmax - onehot) * grad / max(N_valid, 1) from the forward's lse
-// (float64: csl_ce.h) and count, class by class (holding the logits in registers there took 160-218 registers per
+// parts (max logit, log1p of the rest: csl_ce.h) and count, class by class (holding the logits in registers there took 160-218 registers per
 // thread on sm_90: a quarter of the threads).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,7 +26,7 @@ constexpr int kChunk = kThreads * kPixelsPerThread;
 template <typename scalar_t, typename acc_t, int N>
 __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                            const acc_t* __restrict__ weight, PixelValidity is_valid,
-                                           double* __restrict__ lse, double* __restrict__ partial, int64_t total,
+                                           acc_t* __restrict__ lse, double* __restrict__ partial, int64_t total,
                                            int64_t hw, int64_t width, int64_t num_classes, int64_t sb, int64_t sc,
                                            int64_t sh, int64_t sw) {
   __shared__ double scratch[2 * kWarps];
@@ -42,21 +42,24 @@ __global__ void weighted_ce_forward_kernel(const scalar_t* __restrict__ z, const
     sums[1] += used ? 1.0 : 0.0;
     const acc_t w = weight[i];
     if (!used || w == acc_t(0)) {
-      lse[i] = 0.0;
+      lse[2 * i] = acc_t(0);
+      lse[2 * i + 1] = acc_t(0);
       continue;  // contributes exactly 0, whatever its logits and label
     }
     const int64_t y = label[i];
     CUDA_KERNEL_ASSERT(y >= 0 && y < num_classes && "csl::weighted_cross_entropy: label out of range");
     if (y < 0 || y >= num_classes) {  // reached only where device asserts are compiled out: NaN, never a stray read
-      lse[i] = std::numeric_limits<double>::quiet_NaN();
+      lse[2 * i] = lse[2 * i + 1] = std::numeric_limits<acc_t>::quiet_NaN();
       sums[0] += std::numeric_limits<double>::quiet_NaN();
       continue;
     }
     const int64_t b = i / hw, p = i - b * hw, row = p / width, col = p - row * width;
     const PixelLogits<scalar_t, acc_t, N> zl(z + b * sb + row * sh + col * sw, sc, num_classes);
-    const double l = pixel_logsumexp(zl, num_classes);
-    lse[i] = l;
-    sums[0] += static_cast<double>(w * static_cast<acc_t>(l - static_cast<double>(zl.at(y, num_classes))));
+    acc_t z_max, log_sum;
+    pixel_logsumexp(zl, num_classes, z_max, log_sum);
+    lse[2 * i] = z_max;
+    lse[2 * i + 1] = log_sum;
+    sums[0] += static_cast<double>(w * static_cast<acc_t>(pixel_ce(z_max, log_sum, zl.at(y, num_classes))));
   }
   block_reduce_sum<2>(sums, scratch);
   if (threadIdx.x == 0) {
@@ -84,7 +87,7 @@ __global__ void weighted_ce_finish_kernel(const double* __restrict__ partial, in
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ label,
                                             const acc_t* __restrict__ weight, PixelValidity is_valid,
-                                            const double* __restrict__ lse, const void* __restrict__ grad_loss,
+                                            const acc_t* __restrict__ lse, const void* __restrict__ grad_loss,
                                             bool grad_loss_double,
                                             const int64_t* __restrict__ count, scalar_t* __restrict__ grad,
                                             int64_t total, int64_t hw, int64_t width,
@@ -115,8 +118,7 @@ __global__ void weighted_ce_backward_kernel(const scalar_t* __restrict__ z, cons
       continue;
     }
     const acc_t s = static_cast<acc_t>(scale) * w;
-    acc_t hi, lo;
-    split_lse(lse[i], hi, lo);
+    const acc_t hi = lse[2 * i], lo = lse[2 * i + 1];
     for (int64_t k = 0; k < num_classes; ++k) {
       const acc_t soft = std::exp((static_cast<acc_t>(zp[k * sc]) - hi) - lo);
       gp[k * gc] = static_cast<scalar_t>(s * (k == y ? soft - acc_t(1) : soft));
@@ -143,8 +145,8 @@ void launch_forward(const at::Tensor& logits, const SideInputs& side, at::Tensor
                                                      : weighted_ce_forward_kernel<scalar_t, acc_t, 0>;
   kernel<<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
       logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-      side.validity.view, lse.data_ptr<double>(),
-      partial.data_ptr<double>(), lse.numel(), hw, logits.size(3), logits.size(1), logits.stride(0),
+      side.validity.view, lse.data_ptr<acc_t>(),
+      partial.data_ptr<double>(), logits.size(0) * hw, hw, logits.size(3), logits.size(1), logits.stride(0),
       logits.stride(1), logits.stride(2), logits.stride(3));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -158,10 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_cross_entropy_cuda(const
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t batch = logits.size(0), height = logits.size(2), width = logits.size(3);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = at::empty({batch, height, width}, logits.options().dtype(at::kDouble));  // csl_ce.h: float64
+  at::Tensor lse = at::empty({batch, height, width, 2}, logits.options().dtype(acc_dtype));  // csl_ce.h: max, log1p(t)
   at::Tensor loss = at::empty({}, logits.options().dtype(acc_dtype));
   at::Tensor count = at::empty({}, logits.options().dtype(at::kLong));
-  const int64_t total = lse.numel();
+  const int64_t total = batch * height * width;
   const int64_t num_blocks = std::max<int64_t>(1, ceil_div(total, kChunk));
   TORCH_CHECK(num_blocks < (int64_t(1) << 31), op, ": input too large");
   at::Tensor partial = at::empty({2 * num_blocks}, logits.options().dtype(at::kDouble));
@@ -187,15 +189,15 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
   check_ce_backward_inputs(grad_loss, logits, lse, count, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
-  const int64_t total = lse.numel();
+  const int64_t total = logits.size(0) * logits.size(2) * logits.size(3);
   if (grad.numel() == 0) {
     return grad;
   }
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const SideInputs side = side_inputs(label, weight, valid, acc_dtype, op);
-  // No copies where autograd hands them over as the forward made them: lse in float64, grad_loss a 0-dim acc_t.
+  // No copies where autograd hands them over as the forward made them: lse in acc_t, grad_loss a 0-dim acc_t.
   // grad_loss is read in float64 where it is float64, else as acc_t (float16 / bfloat16 widen exactly).
-  const at::Tensor lse_c = lse.to(at::kDouble).contiguous();
+  const at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   const bool grad_loss_double = grad_loss.scalar_type() == at::kDouble;
   const at::Tensor grad_loss_c = grad_loss_double ? grad_loss : grad_loss.to(acc_dtype);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -204,7 +206,7 @@ at::Tensor weighted_cross_entropy_backward_cuda(const at::Tensor& grad_loss, con
     using acc_t = at::opmath_type<scalar_t>;
     weighted_ce_backward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), side.label.const_data_ptr<int64_t>(), side.weight.const_data_ptr<acc_t>(),
-        side.validity.view, lse_c.const_data_ptr<double>(), grad_loss_c.const_data_ptr(), grad_loss_double,
+        side.validity.view, lse_c.const_data_ptr<acc_t>(), grad_loss_c.const_data_ptr(), grad_loss_double,
         count.const_data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), total, hw, logits.size(3), logits.size(1),
         logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3), grad.stride(0), grad.stride(1),
         grad.stride(2), grad.stride(3));
