@@ -156,10 +156,12 @@ def _legacy_refused(path: str, error: Exception) -> bool:
     return start == _LEGACY_START and "WeightsUnpickler error: Unsupported global" in str(error)
 
 
-def _damaged_record(path: str) -> str | None:
-    """The first record of the zip archive ``path`` (what ``torch.save`` writes) whose bytes do not match the CRC-32
-    stored beside them, or None. ``torch.load`` does not compare them: a bit flipped on disk or in a copy would load
-    as a silently different weight. An archive written without checksums (torch's
+def _damaged_record(path: str) -> tuple[str, str] | None:
+    """The first record of the zip archive ``path`` (what ``torch.save`` writes) that cannot be read back as written,
+    as (its name, what is wrong), or None. A record whose bytes do not match the CRC-32 stored beside them is one:
+    ``torch.load`` does not compare them, so a bit flipped on disk or in a copy would load as a silently different
+    weight. So is one whose headers no longer describe it (zipfile then raises EOFError, NotImplementedError for a
+    compression method, RuntimeError for encryption, ...). An archive written without checksums (torch's
     ``serialization.config.save.compute_crc32 = False``: every CRC 0) cannot be checked and gives None; a file that
     is no zip archive (torch's legacy format, a file cut short) is left to ``torch.load`` to judge."""
     try:
@@ -172,9 +174,11 @@ def _damaged_record(path: str) -> str | None:
                     with archive.open(record) as f:
                         while f.read(1 << 24):
                             pass
-                except zipfile.BadZipFile:  # zipfile's "Bad CRC-32 for file ..."
-                    return record.filename
-    except (zipfile.BadZipFile, OSError):
+                except Exception as e:  # noqa: BLE001 - any failure to read a record back is damage to name
+                    if isinstance(e, zipfile.BadZipFile) and str(e).startswith("Bad CRC-32"):
+                        return record.filename, "does not match the CRC-32 stored with it"
+                    return record.filename, f"cannot be read as the archive's headers describe it ({_load_error(e)})"
+    except (zipfile.BadZipFile, OSError, NotImplementedError):  # no directory zipfile reads ("zip file version 12.8")
         return None
     return None
 
@@ -215,15 +219,24 @@ def _check_intact(path: str) -> None:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): a copy or a save that did not finish?")
     damaged = _damaged_record(path)
     if damaged is not None:
-        raise ValueError(f"checkpoint {path} is damaged: its record {damaged!r} ({_record_meaning(damaged)}) does not "
-                         f"match the CRC-32 stored with it (bits changed on disk or in a copy since it was written); "
-                         f"its values cannot be trusted")
+        record, fault = damaged
+        raise ValueError(f"checkpoint {path} is damaged: its record {record!r} ({_record_meaning(record)}) {fault} "
+                         f"(bits changed on disk or in a copy since it was written); its values cannot be trusted")
+
+
+def _is_zip_archive(path: str) -> bool:
+    """zipfile.is_zipfile, False also where a damaged end record makes it raise (BadZipFile: "zipfiles that span
+    multiple disks are not supported")."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
 
 
 def _unreadable(path: str, error: Exception) -> ValueError:
     """The ValueError for a ``torch.load`` failure of ``path``: a file that is no PyTorch checkpoint is said to be
     that (torch.save writes a zip archive, a cut-short one has no directory; older torch its legacy format)."""
-    if not zipfile.is_zipfile(path) and not _legacy_refused(path, error):
+    if not _is_zip_archive(path) and not _legacy_refused(path, error):
         with open(path, "rb") as f:
             start = f.read(24)
         size = os.path.getsize(path)

@@ -348,6 +348,38 @@ def test_a_checkpoint_with_a_flipped_bit_is_named_damaged_not_loaded(tmp_path):
     assert ck.checkpoint_iteration(str(intact)) == 4
 
 
+def test_a_checkpoint_with_a_damaged_record_header_is_named_damaged(tmp_path):
+    """A bit flipped in a record's headers rather than its bytes makes zipfile raise something other than its CRC
+    error (EOFError, NotImplementedError for the compression method, RuntimeError for encryption; BadZipFile from
+    zipfile.is_zipfile for a damaged zip64 locator): still a ValueError naming the file, never a bare zipfile error."""
+    import zipfile
+
+    intact = tmp_path / "intact.pt"
+    torch.save({"model": {"w": torch.linspace(-1, 1, 512)}, "iteration": 3}, intact)
+    data = intact.read_bytes()
+    with zipfile.ZipFile(intact) as archive:
+        tensor = next(r for r in archive.infolist() if r.filename.endswith("data/0"))
+        last = archive.infolist()[-1]
+    directory = data.index(b"PK\x01\x02")  # the tensor's entry in the central directory
+    while not data[directory + 46:directory + 46 + len(tensor.filename)] == tensor.filename.encode():
+        directory = data.index(b"PK\x01\x02", directory + 1)
+    zip64_locator = data.rindex(b"PK\x06\x07")  # torch.save writes zip64 end records
+    cases = {  # offset of the byte, the bits flipped, what the message says
+        "extra field length of the last record": (last.header_offset + 29, 0xFF, "its record '.*' .*EOFError"),
+        "compression method": (directory + 10, 0x40, r"its record '.*data/0' \(tensor data\) .*NotImplementedError"),
+        "encryption flag": (directory + 8, 0x01, r"its record '.*data/0' \(tensor data\) .*RuntimeError"),
+        "number of disks in the zip64 locator": (zip64_locator + 16, 0x80, "not a readable PyTorch checkpoint"),
+    }
+    for offset, bits, match in cases.values():
+        damaged = bytearray(data)
+        damaged[offset] ^= bits
+        path = tmp_path / "latest.pt"
+        path.write_bytes(bytes(damaged))
+        for read in (ck.load_checkpoint, ck.checkpoint_iteration):
+            with pytest.raises(ValueError, match=rf"checkpoint .*latest.pt (is damaged: )?.*{match}"):
+                read(str(path))
+
+
 def test_a_checkpoint_written_without_checksums_loads(tmp_path):
     """torch.save with ``compute_crc32 = False`` stores every CRC as 0: nothing to compare, so it loads as torch.load
     loads it."""
