@@ -254,10 +254,7 @@ def checkpoint_iteration(path: str) -> int:
     try:
         obj = _load_weights_only(path, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001 - e.g. a file in torch's legacy (non-zip) format, which mmap cannot read
-        try:
-            obj = _load_weights_only(path, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise _unreadable(path, e) from e
+        obj = load_checkpoint(path)
     return int(obj.get("iteration", -1)) if isinstance(obj, dict) else -1
 
 

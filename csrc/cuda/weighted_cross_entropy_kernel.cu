@@ -3,8 +3,8 @@
 // a second one-block launch, which writes the loss and the count N_valid; no B x C x H x W intermediate; where
 // C <= kRegisterClasses a pixel's C logits are loaded together into registers (PixelLogits in csl_math.h). Backward:
 // one launch, one thread per pixel writes w * (softmax - onehot) * grad / max(N_valid, 1) from the forward's lse
-// parts (max logit, log1p of the rest: csl_ce.h) and count, class by class (holding the logits in registers there took 160-218 registers per
-// thread on sm_90: a quarter of the threads).
+// parts (max logit, log1p of the rest: csl_ce.h) and count, class by class (holding the logits in registers there
+// took 160-218 registers per thread on sm_90: a quarter of the threads).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
