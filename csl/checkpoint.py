@@ -274,6 +274,17 @@ def model_state(obj: dict, path: str = "checkpoint") -> dict[str, torch.Tensor]:
 UNIMATCH_GEOMETRY = (16, [6, 12, 18])
 
 
+def _unimatch_backbone(state: dict) -> str:
+    """The backbone of a UniMatch / CSL state dict: ``xception``, ``resnet50`` / ``resnet101`` (by ``layer3``'s block
+    count), ``resnet`` (another count), or ``unknown``."""
+    if "backbone.block1.skip.weight" in state:
+        return "xception"
+    blocks = {k.split(".")[2] for k in state if k.startswith("backbone.layer3.")}
+    if not blocks:
+        return "unknown"
+    return {6: "resnet50", 23: "resnet101"}.get(len(blocks), "resnet")
+
+
 def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int | None = None,
                        classes_from: str = "data.num_classes") -> tuple[dict[str, torch.Tensor], int]:
     """The model weights of a csl, UniMatch or CSL checkpoint under this package's module names, and the number of
@@ -285,9 +296,15 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
 
     state = model_state(ckpt, path)
     if is_unimatch_state_dict(state):
-        if model_cfg["stem"] != "deep" and str(model_cfg["backbone"]).startswith("resnet"):
-            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its ResNet has the deep stem; pass "
-                              f"model.stem=deep (the voc / cityscapes / coco configs set it)")
+        theirs = _unimatch_backbone(state)
+        if theirs == "xception" and model_cfg["backbone"] != "xception":
+            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint of an Xception-65; pass model.backbone=xception "
+                              f"(the coco config sets it)")
+        if theirs.startswith("resnet"):
+            depth = theirs if theirs != "resnet" else str(model_cfg["backbone"])
+            if model_cfg["stem"] != "deep" or model_cfg["backbone"] != depth:
+                raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its {depth} has the deep stem; pass "
+                                  f"model.backbone={depth} model.stem=deep (the voc / cityscapes configs set them)")
         state = from_unimatch_state_dict(state)
         log.info("%s: UniMatch / CSL module names mapped to this package's", path)
         built = (int(model_cfg.get("output_stride", 16)), [int(d) for d in model_cfg.get("dilations") or ()])

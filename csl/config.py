@@ -142,7 +142,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 CHOICES: dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.dataset": ("synthetic", "camvid", "pascal", "cityscapes", "coco", "folder"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "xception"),
     "model.stem": ("torchvision", "deep"),
     "model.output_stride": (8, 16, 32),
     "train.mode": ("semi", "supervised"),
@@ -459,6 +459,9 @@ def validate(cfg: dict) -> dict:
              f"model.dilations must be three positive integers, got {cfg['model']['dilations']}")
     _require(cfg["model"]["stem"] == "torchvision" or cfg["model"]["backbone"] in ("resnet50", "resnet101"),
              f"model.stem=deep (UniMatch's ResNet) exists for resnet50 / resnet101, not {cfg['model']['backbone']}")
+    _require(cfg["model"]["backbone"] != "xception" or cfg["model"]["output_stride"] in (8, 16),
+             f"model.backbone=xception has output_stride 16 or 8 (UniMatch's Xception-65), not "
+             f"{cfg['model']['output_stride']}")
     _require(t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']}")
     for key in ("iters", "iters_per_epoch"):
         _require(t[key] is None or t[key] >= 1, f"train.{key} must be >= 1 or null, got {t[key]}")

@@ -39,7 +39,10 @@ def test_bundled_config_specifics():
     assert city["data"]["crop_size"] == 801 and city["train"]["criterion"] == "ohem"
     assert city["train"]["ohem_thresh"] == 0.7 and city["train"]["ohem_min_kept"] == 200000
     assert city["eval"]["mode"] == "sliding_window"
-    assert load_config("coco")["data"]["num_classes"] == 81
+    coco = load_config("coco")
+    assert coco["data"]["num_classes"] == 81 and coco["data"]["crop_size"] == 513
+    assert coco["model"]["backbone"] == "xception" and coco["model"]["pretrained"] == "pretrained/xception.pth"
+    assert coco["train"]["lr"] == 0.004 and coco["train"]["batch_size"] == 2 and coco["train"]["epochs"] == 30
     demo = load_config("demo")
     assert demo["model"]["backbone"] == "resnet18" and demo["model"]["pretrained"] is None
     assert demo["data"]["dataset"] == "synthetic"
@@ -475,6 +478,10 @@ FILES = ["data.dataset=camvid"]  # what applies to files read from disk (refused
     (["model.dilations=[0,12,18]"], "model.dilations must be three positive integers"),
     (["model.stem=deep", "model.backbone=resnet18"], "model.stem=deep (UniMatch's ResNet) exists for resnet50 / "
                                                       "resnet101, not resnet18"),
+    (["model.stem=deep", "model.backbone=xception"], "model.stem=deep (UniMatch's ResNet) exists for resnet50 / "
+                                                      "resnet101, not xception"),
+    (["model.backbone=xception", "model.output_stride=32"], "model.backbone=xception has output_stride 16 or 8 "
+                                                            "(UniMatch's Xception-65), not 32"),
     (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
     (["train.iters=0"], "train.iters must be >= 1 or null, got 0"),
     (["train.iters_per_epoch=0"], "train.iters_per_epoch must be >= 1 or null, got 0"),

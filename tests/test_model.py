@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -568,3 +569,158 @@ def test_model_arguments_are_checked():
     for bad in (0, 2.0):
         with pytest.raises(ValueError, match=f"num_classes must be a positive int, got {bad}"):
             DeepLabV3Plus(bad, backbone="resnet18")
+
+
+# -- UniMatch's Xception-65 --------------------------------------------------------------------------------------------
+
+def test_xception_has_unimatchs_parameter_names_and_shapes():
+    """Counted on UniMatch's model/backbone/xception.py (commit 818609d, ``Xception(os=16)``): 792 state-dict entries
+    holding 38,052,512 numbers (the num_batches_tracked counters left out), so their pretrained/xception.pth loads key
+    for key."""
+    from csl.model import XceptionBackbone
+
+    sd = XceptionBackbone(16).state_dict()
+    assert len(sd) == 792
+    assert sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked")) == 38_052_512
+    shapes = {"conv1.weight": (32, 3, 3, 3), "bn2.running_var": (64,), "block1.skip.weight": (128, 64, 1, 1),
+              "block2.sepconv2.pointwise.weight": (256, 256, 1, 1), "block3.skipbn.bias": (728,),
+              "block4.sepconv1.depthwise.weight": (728, 1, 3, 3), "block19.sepconv3.bn2.weight": (728,),
+              "block20.sepconv1.pointwise.weight": (728, 728, 1, 1),
+              "block20.sepconv2.pointwise.weight": (1024, 728, 1, 1),
+              "conv3.depthwise.weight": (1024, 1, 3, 3), "conv5.pointwise.weight": (2048, 1536, 1, 1),
+              "conv5.bn2.running_mean": (2048,)}
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes
+    assert "block4.skip.weight" not in sd and "block20.skip.weight" in sd  # identity shortcuts in block4-19 only
+    bns = [m for m in XceptionBackbone(8).modules() if isinstance(m, nn.BatchNorm2d)]
+    # stem 2, three separable convs x two BNs in each of the 20 blocks, 4 shortcut BNs, conv3-conv5 two each
+    assert len(bns) == 2 + 20 * 3 * 2 + 4 + 3 * 2 and {m.momentum for m in bns} == {0.0003}
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_xception_output_shapes_and_dilations(output_stride):
+    from csl.model import XceptionBackbone
+
+    backbone = XceptionBackbone(output_stride).eval()
+    with torch.no_grad():
+        c1, c4 = backbone(torch.randn(1, 3, 65, 97))
+    strided = lambda n, s: n if s == 1 else strided((n - 1) // 2 + 1, s // 2)  # noqa: E731 - k3/p1 or k1 stride 2
+    assert c1.shape == (1, 256, strided(65, 4), strided(97, 4))
+    assert c4.shape == (1, 2048, strided(65, output_stride), strided(97, output_stride))
+    rate = 16 // output_stride
+    assert backbone.block3.sepconv1.depthwise.dilation == (1, 1)
+    assert backbone.block4.sepconv1.depthwise.dilation == (rate, rate) == backbone.conv5.depthwise.dilation
+    assert backbone.block3.sepconv3.depthwise.stride == ((2, 2) if output_stride == 16 else (1, 1))
+    with pytest.raises(ValueError, match=r"xception supports output_stride \[8, 16\]"):
+        XceptionBackbone(32)
+
+
+def _quiet_separable_convs(block):
+    """The block's three separable convs output zeros (their last BN's scale and shift 0), in eval mode."""
+    for conv in (block.sepconv1, block.sepconv2, block.sepconv3):
+        nn.init.zeros_(conv.bn2.weight)
+        nn.init.zeros_(conv.bn2.bias)
+    return block.eval()
+
+
+def test_xception_identity_blocks_add_the_relu_of_their_input():
+    """UniMatch's first separable conv applies its ReLU in place to the tensor its identity shortcut returns, so those
+    blocks add relu(x); a block with a 1x1 shortcut conv adds that conv of x itself, negative values included."""
+    from csl.model.xception import XceptionBlock
+
+    x = torch.randn(2, 8, 9, 11)
+    identity = _quiet_separable_convs(XceptionBlock(8, 8, 1, 2))
+    with torch.no_grad():
+        assert torch.equal(identity(x), torch.relu(x))
+    strided = _quiet_separable_convs(XceptionBlock(8, 8, 2))
+    with torch.no_grad():
+        strided.skip.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+        out = strided(x)
+    torch.testing.assert_close(out, x[:, :, ::2, ::2] / (1 + strided.skipbn.eps) ** 0.5)
+    assert out.min() < 0
+
+
+def test_xception_low_level_features_are_block2s_before_any_relu():
+    """c1 is block2's second separable conv's output as it came out (negative values kept): the third conv's ReLU
+    does not overwrite it."""
+    from csl.model import XceptionBackbone
+
+    backbone = XceptionBackbone(16).eval()
+    seen = []
+    backbone.block2.sepconv2.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        c1, _ = backbone(torch.randn(1, 3, 33, 41))
+    assert torch.equal(c1, seen[0]) and c1.min() < 0
+
+
+def test_xception_deeplab_trains_a_step_with_feature_perturbation():
+    model = DeepLabV3Plus(4, backbone="xception").train()
+    logits, logits_fp = model(torch.randn(2, 3, 33, 33), need_fp=True)
+    assert logits.shape == logits_fp.shape == (2, 4, 33, 33)
+    (logits.square().mean() + logits_fp.square().mean()).backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    assert model.backbone.block2.sepconv2.pointwise.weight.grad.abs().sum() > 0  # through the low-level features
+    groups = {g["name"]: g for g in model.param_groups(0.004)}
+    assert groups["backbone"]["params"] == list(model.backbone.parameters()) and groups["head"]["lr"] == 0.04
+
+
+def test_unimatchs_xception_file_loads_and_imagenet_names_it(tmp_path, caplog):
+    """UniMatch's loader drops keys holding 'itr' / 'tmp' / 'track'; so does this one (num_batches_tracked may be
+    absent in any file). torchvision has no Xception: ``imagenet`` and a missing file name UniMatch's file."""
+    from csl.model import XceptionBackbone
+    from csl.model.xception import UNIMATCH_XCEPTION_URL
+
+    gen = torch.Generator().manual_seed(3)
+    sd = {k: torch.randn(v.shape, generator=gen) for k, v in XceptionBackbone(16).state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    sd.update({"block1.sepconv1.tmp_hook": torch.zeros(3), "conv5.itr": torch.tensor(5)})
+    torch.save(sd, tmp_path / "xception.pth")
+    with caplog.at_level(logging.INFO, logger="csl"):
+        model = build_model({"backbone": "xception", "pretrained": str(tmp_path / "xception.pth")}, 81)
+    assert model.pretrained_report["loaded"] == len(sd) - 2 and model.pretrained_report["unexpected"] == []
+    assert torch.equal(model.backbone.block20.sepconv2.pointwise.weight, sd["block20.sepconv2.pointwise.weight"])
+    assert any("2 tensors whose names hold itr / tmp ignored" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="torchvision has no ImageNet xception; .*UniMatch's ImageNet xception.pth "
+                                         f"from {re.escape(UNIMATCH_XCEPTION_URL)}"):
+        build_model({"backbone": "xception", "pretrained": "imagenet"}, 81)
+    with pytest.raises(FileNotFoundError, match="missing.pth.*UniMatch's ImageNet xception.pth"):
+        build_model({"backbone": "xception", "pretrained": str(tmp_path / "missing.pth")}, 81)
+    del sd["block7.sepconv2.bn1.running_var"]
+    torch.save(sd, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"lacks 1 of the .*block7.sepconv2.bn1.running_var.*UniMatch's xception.pth"):
+        build_model({"backbone": "xception", "pretrained": str(tmp_path / "short.pth")}, 81)
+
+
+def _to_unimatch_names(sd: dict) -> dict:
+    """This package's DeepLabV3+ state dict under UniMatch's module names (the inverse of from_unimatch_state_dict)."""
+    renames = [(r"^head\.branches\.([0-3])\.", r"head.b\1."), (r"^head\.branches\.4\.conv\.0\.", "head.b4.gap.1."),
+               (r"^head\.branches\.4\.conv\.1\.", "head.b4.gap.2."), (r"^fuse\.0\.0\.", "fuse.0."),
+               (r"^fuse\.0\.1\.", "fuse.1."), (r"^fuse\.1\.0\.", "fuse.3."), (r"^fuse\.1\.1\.", "fuse.4.")]
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def test_a_unimatch_xception_checkpoint_evaluates_with_the_coco_config():
+    """UniMatch's COCO checkpoints are Xception-65 DeepLabV3+: they load into the coco config's model; a config
+    with another backbone is told which one the checkpoint has, and so is the coco config given a ResNet one."""
+    from csl.cli import model_from_checkpoint
+    from csl.config import ConfigError, load_config
+
+    trained = DeepLabV3Plus(81, backbone="xception").eval()
+    ckpt = {"model": {f"module.{k}": v for k, v in _to_unimatch_names(trained.state_dict()).items()}, "epoch": 29}
+    model, num_classes = model_from_checkpoint(load_config("coco", ["model.pretrained=null"]), ckpt, "best.pth",
+                                               torch.device("cpu"))
+    x = torch.randn(1, 3, 35, 37)
+    with torch.no_grad():
+        assert num_classes == 81 and torch.equal(model.eval()(x), trained(x))
+    with pytest.raises(ConfigError, match="checkpoint of an Xception-65; pass model.backbone=xception"):
+        model_from_checkpoint(load_config("voc_321", ["model.pretrained=null", "data.num_classes=81"]), ckpt,
+                              "best.pth", "cpu")
+    resnet = {f"module.{k}": v for k, v in _to_unimatch_names(
+        DeepLabV3Plus(81, backbone="resnet50", stem="deep").state_dict()).items()}
+    with pytest.raises(ConfigError, match="its resnet50 has the deep stem; pass model.backbone=resnet50 "
+                                          "model.stem=deep"):
+        model_from_checkpoint(load_config("coco", ["model.pretrained=null"]), {"model": resnet}, "best.pth", "cpu")

@@ -18,18 +18,19 @@ from .backbone import (
     verify_file_hash,
 )
 from .deeplabv3plus import ASPP, DeepLabV3Plus
+from .xception import XceptionBackbone
 
 __all__ = ["ASPP", "BACKBONES", "IMAGENET_WEIGHTS", "DeepLabV3Plus", "MobileNetV2Backbone", "ResNetBackbone",
-           "build_backbone", "build_model", "convert_sync_bn", "deep_stem", "dilate_layer",
+           "XceptionBackbone", "build_backbone", "build_model", "convert_sync_bn", "deep_stem", "dilate_layer",
            "from_unimatch_state_dict", "is_unimatch_state_dict", "load_backbone_weights", "verify_file_hash"]
 
 
 def build_model(model_cfg: dict, num_classes: int) -> DeepLabV3Plus:
     """DeepLabV3+ from the config's ``model`` section: ``backbone`` (resnet18 | resnet34 | resnet50 | resnet101 |
-    mobilenet_v2), ``stem`` (ResNets: ``torchvision`` or UniMatch's ``deep``), ``output_stride`` (16 or 8; 32 = no
-    dilation), ``dilations`` ([6, 12, 18] or [12, 24, 36]), ``pretrained`` (a local ImageNet state dict of the
-    backbone, ``imagenet`` for torchvision's download, or None for random init). The load report is kept in
-    ``model.pretrained_report``."""
+    mobilenet_v2 | xception: UniMatch's Xception-65), ``stem`` (ResNets: ``torchvision`` or UniMatch's ``deep``),
+    ``output_stride`` (16 or 8; 32 = no dilation, not for xception), ``dilations`` ([6, 12, 18] or [12, 24, 36]),
+    ``pretrained`` (a local ImageNet state dict of the backbone, ``imagenet`` for torchvision's download, or None for
+    random init). The load report is kept in ``model.pretrained_report``."""
     if not isinstance(model_cfg, dict):
         raise TypeError(f"model_cfg must be a dict (the config's model section), got {type(model_cfg).__name__}")
     model = DeepLabV3Plus(

@@ -1,5 +1,6 @@
-"""DeepLabV3+ backbones (torchvision ResNet-18/34/50/101 and MobileNetV2) with output stride 32 / 16 / 8, and
-their ImageNet weights from a local file or torchvision's weights API."""
+"""DeepLabV3+ backbones (torchvision ResNet-18/34/50/101 and MobileNetV2 with output stride 32 / 16 / 8; UniMatch's
+Xception-65 with 16 / 8, in :mod:`csl.model.xception`), and their ImageNet weights from a local file or torchvision's
+weights API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from .xception import UNIMATCH_XCEPTION_URL, XceptionBackbone
+
 log = logging.getLogger("csl")
 
 # name -> (constructor, layer1 channels, layer4 channels)
@@ -21,8 +24,8 @@ RESNETS = {
     "resnet50": (models.resnet50, 256, 2048),
     "resnet101": (models.resnet101, 256, 2048),
 }
-BACKBONES = (*RESNETS, "mobilenet_v2")
-# torchvision's ImageNet weights of each backbone (``pretrained: imagenet``).
+BACKBONES = (*RESNETS, "mobilenet_v2", "xception")
+# torchvision's ImageNet weights of each backbone (``pretrained: imagenet``); torchvision has no Xception.
 IMAGENET_WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
     "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
@@ -151,10 +154,11 @@ class MobileNetV2Backbone(nn.Module):
 def build_backbone(name: str, output_stride: int = 16, stem: str = "torchvision") -> nn.Module:
     """A backbone by name (see :data:`BACKBONES`); ``.low_channels`` / ``.high_channels`` give its two outputs'
     channels. ``stem`` applies to ResNets (``torchvision`` or ``deep``)."""
-    if name == "mobilenet_v2":
+    if name in ("mobilenet_v2", "xception"):
         if stem != "torchvision":
-            raise ValueError(f"model.stem={stem!r} applies to ResNets; mobilenet_v2 has torchvision's stem only")
-        return MobileNetV2Backbone(output_stride)
+            raise ValueError(f"model.stem={stem!r} applies to ResNets; {name} has one stem only (leave model.stem "
+                             f"at torchvision)")
+        return MobileNetV2Backbone(output_stride) if name == "mobilenet_v2" else XceptionBackbone(output_stride)
     if name not in RESNETS:
         raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {name!r}")
     return ResNetBackbone(name, output_stride, stem)
@@ -215,6 +219,19 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
                       f"and set model.pretrained to that file)") from e
 
 
+def weights_source(name: str) -> str:
+    """Where the ImageNet weights of backbone ``name`` come from, said for an error message."""
+    if name == "xception":
+        return (f"model.pretrained is a local file, for Xception-65 UniMatch's ImageNet xception.pth from "
+                f"{UNIMATCH_XCEPTION_URL} (their README's link)")
+    return (f"model.pretrained is a local file, or 'imagenet' to use torchvision's download: "
+            f"{IMAGENET_WEIGHTS.get(name, '?')}")
+
+
+def _expected_file(name: str) -> str:
+    return "UniMatch's xception.pth" if name == "xception" else f"torchvision's {name} ImageNet state dict"
+
+
 def _block_counts_hint(sd: dict, own: dict, name: str) -> str:
     """``"; blocks per layer: file [3, 4, 23, 3], resnet50 [3, 4, 6, 3]"`` for ResNet state dicts, else ``""``."""
     def counts(keys) -> list[int]:
@@ -243,13 +260,14 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     Returns ``{"path", "loaded", "missing", "unexpected", "sha256_prefix"}``.
     """
     prefix = None
+    if path == "imagenet" and backbone.name not in IMAGENET_WEIGHTS:
+        raise ValueError(f"model.pretrained=imagenet: torchvision has no ImageNet {backbone.name}; "
+                         f"{weights_source(backbone.name)}")
     if path == "imagenet":
         sd = imagenet_state_dict(backbone.name)
     else:
         if not path or not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"pretrained weights not found: {path!r} (model.pretrained is a local file, or 'imagenet' to use "
-                f"torchvision's download: {IMAGENET_WEIGHTS.get(backbone.name, '?')})")
+            raise FileNotFoundError(f"pretrained weights not found: {path!r} ({weights_source(backbone.name)})")
         prefix = verify_file_hash(path)
         from ..checkpoint import load_checkpoint
 
@@ -258,6 +276,12 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
         except ValueError as e:  # cut short, another kind of file: said as one line naming the config key
             raise ValueError(f"model.pretrained: {e}") from None
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(backbone.head_prefixes))}
+    fragments = getattr(backbone, "ignored_key_fragments", ())
+    ignored = [k for k in sd if any(f in k for f in fragments)]
+    if ignored:
+        log.info("pretrained %s: %d tensors whose names hold %s ignored, as UniMatch's loader ignores them (e.g. %s)",
+                 path, len(ignored), " / ".join(fragments), ignored[:3])
+        sd = {k: v for k, v in sd.items() if k not in ignored}
     own = backbone.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if mismatched:
@@ -274,12 +298,12 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     matched = [k for k in sd if k in own]
     if not matched:
         raise ValueError(f"{path} has no parameter of backbone {backbone.name} (keys look like "
-                         f"{list(sd)[:3]}); is it torchvision's {backbone.name} state dict?")
+                         f"{list(sd)[:3]}); is it {_expected_file(backbone.name)}?")
     # BatchNorm's num_batches_tracked is not in files saved before PyTorch 0.4.1 (torch's own loader fills it in)
     missing = [k for k in own if k not in sd and not k.endswith(".num_batches_tracked")]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the {len(own)} tensors of backbone {backbone.name} "
-                         f"(e.g. {missing[:5]}); is it torchvision's {backbone.name} ImageNet state dict?")
+                         f"(e.g. {missing[:5]}); is it {_expected_file(backbone.name)}?")
     modules = {k.split(".")[0] for k in own}
     foreign = [k for k in sd if k not in own and k.split(".")[0] in modules]
     if foreign:  # a deeper network's file fits a shallower one key for key (resnet34 -> resnet18, 101 -> 50)

@@ -1,6 +1,6 @@
-"""DeepLabV3+ as UniMatch builds it: ResNet (or MobileNetV2) backbone, ASPP on its last features, 48-channel reduction
-of its stride-4 features, 2x3x3 fuse, 1x1 classifier; ``need_fp`` runs the decoder a second time on channel-dropped
-features (feature perturbation)."""
+"""DeepLabV3+ as UniMatch builds it: ResNet, Xception-65 (or MobileNetV2) backbone, ASPP on its last features,
+48-channel reduction of its stride-4 features, 2x3x3 fuse, 1x1 classifier; ``need_fp`` runs the decoder a second time
+on channel-dropped features (feature perturbation)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ on a torchvision ResNet or MobileNetV2.
+    """DeepLabV3+ on a torchvision ResNet or MobileNetV2, or UniMatch's Xception-65.
 
     ``model(x)`` -> logits ``B x C x H x W`` at the input resolution;
     ``model(x, need_fp=True)`` -> ``(logits, logits_fp)``, ``logits_fp`` being a second decoder pass on the same
