@@ -444,9 +444,10 @@ class Trainer:
                  m["backbone"], stem, m["output_stride"], "/".join(str(d) for d in m["dilations"]), params / 1e6,
                  start)
         if self.semi and random_start:
+            example = "UniMatch's xception.pth" if m["backbone"] == "xception" else "imagenet"
             log.warning("train.mode=semi from random weights (no model.pretrained, train.init_from or resume): the "
-                        "pseudo-labels of an untrained network are noise; set model.pretrained (e.g. imagenet) or "
-                        "train.init_from a supervised run")
+                        "pseudo-labels of an untrained network are noise; set model.pretrained (e.g. %s) or "
+                        "train.init_from a supervised run", example)
 
     def _log_setup(self) -> None:
         env, t = self.env, self.cfg["train"]
