@@ -143,9 +143,13 @@ class MetricsWriter:
     ``tensorboard`` package is installed, scalars under ``<output_dir>/tb``. Does nothing when not ``enabled``.
 
     ``resumed_at``: the iteration a resumed run continues from; TensorBoard hides the scalars a killed run logged
-    after it (as :func:`prune_metrics` drops its records), so the continued run's are not shown twice."""
+    after it (as :func:`prune_metrics` drops its records), so the continued run's are not shown twice. With
+    ``eval_pending`` (the checkpoint's evaluation at ``resumed_at`` runs again) it hides those of ``resumed_at`` too,
+    an evaluation logged there before the kill among them, and logs that iteration's kept records (training,
+    pseudo-labels) again from ``metrics.jsonl``."""
 
-    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True, resumed_at: int | None = None):
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True, resumed_at: int | None = None,
+                 eval_pending: bool = False):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = None
@@ -161,8 +165,12 @@ class MetricsWriter:
             except ImportError:
                 log.debug("tensorboard is not installed: no TensorBoard scalars")
             else:
-                purge = resumed_at + 1 if resumed_at else None
+                purge = (resumed_at if eval_pending else resumed_at + 1) if resumed_at else None
                 self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR), purge_step=purge)
+                if resumed_at and eval_pending:
+                    for record in read_metrics(self.path):
+                        if record.get("iter") == resumed_at and record.get("kind") != "eval":
+                            self._add_scalars(record, resumed_at)
 
     def write(self, record: dict, step: int | None = None) -> None:
         if not self.enabled:
@@ -174,10 +182,13 @@ class MetricsWriter:
             self._write_failed = True
             raise write_error(self.path, e) from None
         if self._tb is not None and step is not None:
-            kind = record.get("kind", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iter", "epoch"):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._add_scalars(record, step)
+
+    def _add_scalars(self, record: dict, step: int) -> None:
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iter", "epoch"):
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
         """Close the files. After a failed write the record's unwritten rest, still buffered, is dropped (the write

@@ -220,7 +220,12 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
             which = "the weights file in it" if key == "model.pretrained" else "its latest.pt or best.pt"
             raise IsADirectoryError(f"{key}: {as_given(path)} is a folder; give {which}")
         if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: file not found: {as_given(path)}")
+            source = ""
+            if key == "model.pretrained":
+                from .model.backbone import weights_source
+
+                source = f"; {weights_source(cfg['model']['backbone'], cfg['model']['stem'])}"
+            raise FileNotFoundError(f"{key}: file not found: {as_given(path)}{source}")
     if cfg["data"].get("dataset", "synthetic") != "synthetic" and cfg["data"].get("root"):
         check_data_root(cfg["data"]["root"])
 
@@ -336,7 +341,8 @@ class Trainer:
             dump_config(stored_config(self.cfg), os.path.join(self.output_dir, "config.yaml"),
                         header=RUN_CONFIG_HEADER)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.env.is_main,
-                                     resumed_at=self.iteration if self.resume_from is not None else None)
+                                     resumed_at=self.iteration if self.resume_from is not None else None,
+                                     eval_pending=self.pending_eval is not None)
         self._log_setup()
 
     # -- set-up ---------------------------------------------------------------------------------------------------

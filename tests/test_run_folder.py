@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -239,10 +241,38 @@ def test_a_stop_during_the_evaluation_keeps_the_epoch(tmp_path, monkeypatch):
     assert "pending_eval" not in torch.load(tmp_path / "latest.pt", weights_only=True)
 
 
+class FakeTensorBoard:
+    """A stand-in for ``torch.utils.tensorboard`` (not installed here) that keeps what TensorBoard would show: a
+    writer opened with ``purge_step`` hides the scalars logged before it at that step and later ones."""
+
+    def __init__(self):
+        self.scalars: list[tuple[str, int, float]] = []
+        board = self
+
+        class SummaryWriter:
+            def __init__(self, log_dir, purge_step=None):
+                if purge_step is not None:
+                    board.scalars = [s for s in board.scalars if s[1] < purge_step]
+
+            def add_scalar(self, tag, value, step):
+                board.scalars.append((tag, step, value))
+
+            def close(self):
+                pass
+
+        self.SummaryWriter = SummaryWriter
+
+    def steps(self, tag: str) -> list[int]:
+        return [step for t, step, _ in self.scalars if t == tag]
+
+
 def test_a_pending_evaluation_killed_before_its_save_is_recorded_once(tmp_path, monkeypatch):
     """The resumed pending evaluation logs its record, then saves; a kill in between leaves latest.pt pending at the
     same iteration, so the next resume evaluates again: the first record goes (as the records after a checkpoint do),
-    not two evaluations of one model at one iteration."""
+    not two evaluations of one model at one iteration; in metrics.jsonl and in TensorBoard, which still shows the
+    training scalars of that iteration once."""
+    board = FakeTensorBoard()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
     monkeypatch.setattr(Trainer, "evaluate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     trainer = Trainer(config(tmp_path))
     with pytest.raises(KeyboardInterrupt):
@@ -253,16 +283,23 @@ def test_a_pending_evaluation_killed_before_its_save_is_recorded_once(tmp_path, 
     def killed(self, names=("latest.pt",)):
         raise KeyboardInterrupt  # as a kill -9 before the checkpoint lands
 
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
     monkeypatch.setattr(Trainer, "save", killed)
     trainer = Trainer(config(tmp_path, **{"train.resume": "auto"}))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     trainer.close()
+    assert board.steps("eval/miou") == [2]
     monkeypatch.undo()
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2]
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["pending_eval"]["epoch"] == 0
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
     train(config(tmp_path, **{"train.resume": "auto"}))
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "eval")] == [2, 4]
+    assert board.steps("eval/miou") == [2, 4]
+    assert sorted(board.steps("train/loss")) == [1, 2, 3, 4]
+    assert sorted(board.steps("pseudo_labels/mask_ratio")) == sorted(
+        r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "pseudo_labels"))
 
 
 def test_resume_auto_takes_the_newer_of_latest_and_best(tmp_path):
@@ -584,9 +621,11 @@ def test_a_checkpoint_of_another_folder_resumes_only_into_a_folder_without_a_run
 
 def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path, monkeypatch):
     gone = str(tmp_path / "gone.pt")
+    source = "; model.pretrained is a local file, or 'imagenet' to use torchvision's download: ResNet18_Weights"
     for key in ("train.resume", "train.init_from", "model.pretrained"):
         out = tmp_path / key
-        with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}$"):
+        end = re.escape(source) if key == "model.pretrained" else "$"
+        with pytest.raises(FileNotFoundError, match=f"{key}: file not found: {gone}{end}"):
             Trainer(config(out, **{key: gone}))
         assert not out.exists()
     # A folder (a run folder given for its checkpoint) is there: said to be a folder, not a file not found.
@@ -599,8 +638,24 @@ def test_missing_start_files_are_said_before_the_folder_is_touched(tmp_path, mon
     # A relative path (the camvid config's ../shared/weights/...) is read from the current folder, which is said.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"model.pretrained: file not found: \.\./w/gone\.pt \(read from the "
-                                                rf"current folder: {tmp_path.parent}/w/gone\.pt\)$"):
+                                                rf"current folder: {tmp_path.parent}/w/gone\.pt\); "):
         Trainer(config(tmp_path / "rel", **{"model.pretrained": "../w/gone.pt"}))
+
+
+def test_a_missing_unimatch_weights_file_is_said_with_where_to_get_it(tmp_path, monkeypatch):
+    """The VOC / Cityscapes / COCO configs read UniMatch's ImageNet files from pretrained/: a missing one is named
+    with the link of UniMatch's README that has it, before anything else is read."""
+    from csl.config import load_config
+    from csl.model.backbone import UNIMATCH_RESNET_URLS
+    from csl.model.xception import UNIMATCH_XCEPTION_URL
+    from csl.trainer import check_start_files
+
+    monkeypatch.chdir(tmp_path)
+    for name, file, url in (("coco", "xception.pth", UNIMATCH_XCEPTION_URL),
+                            ("voc_321", "resnet101.pth", UNIMATCH_RESNET_URLS["resnet101"])):
+        with pytest.raises(FileNotFoundError, match=rf"model.pretrained: file not found: pretrained/{file} .*"
+                                                    rf"UniMatch's ImageNet {file} from {re.escape(url)}"):
+            check_start_files(load_config(name), None)
 
 
 def test_a_periodic_checkpoint_never_holds_non_finite_weights(tmp_path):

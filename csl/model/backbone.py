@@ -219,11 +219,22 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
                       f"and set model.pretrained to that file)") from e
 
 
-def weights_source(name: str) -> str:
-    """Where the ImageNet weights of backbone ``name`` come from, said for an error message."""
+# Where UniMatch's README has its ImageNet ResNets (deep stem: model.stem=deep).
+UNIMATCH_RESNET_URLS = {
+    "resnet50": "https://drive.google.com/file/d/1mqUrqFvTQ0k5QEotk4oiOFyP6B9dVZXS/view?usp=sharing",
+    "resnet101": "https://drive.google.com/file/d/1Rx0legsMolCWENpfvE2jUScT3ogalMO8/view?usp=sharing",
+}
+
+
+def weights_source(name: str, stem: str = "torchvision") -> str:
+    """Where the ImageNet weights of backbone ``name`` (with ``stem``) come from, said for an error message."""
     if name == "xception":
         return (f"model.pretrained is a local file, for Xception-65 UniMatch's ImageNet xception.pth from "
                 f"{UNIMATCH_XCEPTION_URL} (their README's link)")
+    if stem == "deep" and name in UNIMATCH_RESNET_URLS:
+        return (f"model.pretrained is a local file, for model.stem=deep UniMatch's ImageNet {name}.pth from "
+                f"{UNIMATCH_RESNET_URLS[name]} (their README's link); model.stem=torchvision takes torchvision's "
+                f"files and model.pretrained=imagenet")
     return (f"model.pretrained is a local file, or 'imagenet' to use torchvision's download: "
             f"{IMAGENET_WEIGHTS.get(name, '?')}")
 
@@ -267,7 +278,8 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
         sd = imagenet_state_dict(backbone.name)
     else:
         if not path or not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights not found: {path!r} ({weights_source(backbone.name)})")
+            raise FileNotFoundError(f"pretrained weights not found: {path!r} "
+                                    f"({weights_source(backbone.name, getattr(backbone, 'stem', 'torchvision'))})")
         prefix = verify_file_hash(path)
         from ..checkpoint import load_checkpoint
 
