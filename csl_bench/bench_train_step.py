@@ -1,9 +1,10 @@
 """The trainer's CSL training step (``csl.step.train_step``) with the official selection vs csl_kernels.
 
-    python -m csl_bench.bench_train_step [--device cpu|cuda] [--smoke] [--steps N]
+    python -m csl_bench.bench_train_step [--device cpu|cuda] [--smoke | --suite coco] [--steps N]
 
 GPU: DeepLabV3+ ResNet-101, crop 321, 8 labeled + 8 unlabeled + 8 mix images, bf16 autocast, 21 classes.
 CPU: ResNet-18, crop 129, 2 + 2 + 2 images, float32. ``--smoke``: ResNet-18, crop 33, 1 + 1 + 1, 5 classes.
+``--suite coco``: UniMatch's COCO step per GPU, Xception-65, crop 513, 2 + 2 + 2 images, bf16 autocast, 81 classes.
 
 The step is the one ``csl train`` runs (mix batch predicted without gradients and selected; labeled + weak unlabeled
 images with the feature-perturbed decoder pass; selection; CutMix-ed strong view; TMP on the mild view; supervised
@@ -62,7 +63,9 @@ CONFIGS = {
     "gpu": BenchShape("resnet101", 321, 8, 21, torch.bfloat16),
     "cpu": BenchShape("resnet18", 129, 2, 21, None),
     "smoke": BenchShape("resnet18", 33, 1, 5, None),
+    "coco": BenchShape("xception", 513, 2, 81, torch.bfloat16),
 }
+STEPS = {"gpu": (10, 3), "cpu": (3, 1), "smoke": (1, 1), "coco": (10, 3)}  # suite -> (timed steps, warm-up steps)
 
 
 class OfficialSelector:
@@ -217,8 +220,8 @@ def selection_or_reason(name: str, device: torch.device):
 def run(device: torch.device, suite: str, steps: int | None = None, warmup: int | None = None,
         log: Callable[[str], None] = print) -> list[dict]:
     cfg = CONFIGS[suite]
-    steps = steps or {"gpu": 10, "cpu": 3, "smoke": 1}[suite]
-    warmup = warmup if warmup is not None else {"gpu": 3, "cpu": 1, "smoke": 1}[suite]
+    steps = steps or STEPS[suite][0]
+    warmup = warmup if warmup is not None else STEPS[suite][1]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -330,11 +333,15 @@ def main(argv=None) -> list[dict]:
 
     parser = argparse.ArgumentParser(prog="python -m csl_bench.bench_train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--smoke", action="store_true")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--smoke", action="store_true")
+    which.add_argument("--suite", choices=sorted(CONFIGS), default=None,
+                       help="the model and batch (default: gpu on cuda, cpu on cpu; coco: UniMatch's COCO step, "
+                            "Xception-65 crop 513, 2 + 2 + 2 images, 81 classes, bf16)")
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    suite = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
+    suite = args.suite or ("smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu"))
     records = run(device, suite, args.steps)
     print()
     print(train_table(records))

@@ -899,3 +899,19 @@ def test_merge_keeps_each_rows_floor_ratio(tmp_path):
                                                                               "triton": None}
     floor = [g for g in payload["goals"] if g["goal"] == "PCOS within 1.5x of the copy-bandwidth floor"]
     assert [(g["where"], g["measured"], g["met"]) for g in floor] == [("voc321 bf16 cuda", 11.0, False)]
+
+
+def test_train_step_suite_coco_runs_unimatchs_coco_step(monkeypatch):
+    """``--suite coco``: UniMatch's COCO model and classes (Xception-65, 81 classes, bf16 autocast) through every
+    selection; here at crop 33 and one image per view (the real crop 513 is a GPU's work)."""
+    from csl_bench import bench_train_step as bts
+
+    assert bts.CONFIGS["coco"] == bts.BenchShape("xception", 513, 2, 81, torch.bfloat16)
+    monkeypatch.setitem(bts.CONFIGS, "coco", bts.BenchShape("xception", 33, 1, 81, torch.bfloat16))
+    monkeypatch.setitem(bts.STEPS, "coco", (1, 0))
+    records = bts.main(["--suite", "coco", "--device", "cpu"])
+    assert {r["config"] for r in records} == {"deeplabv3plus-xception crop33 B1+1+1 bf16"}
+    assert {r["selection"] for r in records} >= {"official", "eager", "cpu"}
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    with pytest.raises(SystemExit):
+        bts.main(["--suite", "coco", "--smoke"])  # one or the other
