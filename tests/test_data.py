@@ -828,6 +828,22 @@ def test_a_mask_of_another_size_than_its_image_is_refused_with_both_names(tmp_pa
         src.validate(progress=False)
 
 
+def test_a_mask_stored_as_jpeg_under_a_png_name_is_refused(tmp_path):
+    """A JPEG's blurred edges hold values between the classes: with 150 classes they are all in range, so only the
+    file's format tells such a mask from a class-index PNG."""
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    _, mask_rel = read_split(info["labeled_list"])[0]
+    mask_path = os.path.join(info["root"], mask_rel)
+    stripes = np.repeat(np.arange(0, 120, 20, dtype=np.uint8), 4)[None, :].repeat(24, axis=0)
+    Image.fromarray(stripes).save(mask_path, format="JPEG", quality=90)  # a renamed .jpg
+    src = ListSource(info["root"], info["labeled_list"], num_classes=150, ignore_index=255)
+    with pytest.raises(ValueError, match=rf"mask .*{mask_rel} is a JPEG file.*store masks as PNG"):
+        src.load(0)
+    with pytest.raises(ValueError, match=rf"(?s)1 bad item.*labeled.txt:1: mask .*{mask_rel} is a JPEG file"):
+        src.validate(progress=False)
+
+
 def test_the_short_side_is_rounded_as_in_unimatchs_resize():
     """UniMatch: ow = int(w * long_side / h + 0.5): the long side 4 scaled to 2 makes the short side 3 into 2, not 1."""
     from csl.data.transforms import random_scaled_size

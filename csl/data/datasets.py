@@ -185,11 +185,15 @@ def _ends_early(path: str) -> bool:
 
 
 def load_mask(path: str) -> np.ndarray:
-    """Class-index mask: a palette ('P') or grayscale PNG whose pixel values are the class ids."""
+    """Class-index mask: a palette ('P') or grayscale PNG whose pixel values are the class ids. A JPEG file is
+    refused whatever its name: its lossy compression changes the values along region edges into other classes."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.format in ("JPEG", "MPO"):  # MPO: a camera's multi-picture JPEG
+                raise ValueError(f"mask {path} is a JPEG file: its lossy compression has changed the label values "
+                                 f"along region edges; store masks as PNG written from the class ids")
             if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
                 raise ValueError(f"mask {path} has mode {img.mode!r}; expected a single-channel class-index PNG "
                                  f"(palette or grayscale), not a colour rendering")
