@@ -844,6 +844,31 @@ def test_a_mask_stored_as_jpeg_under_a_png_name_is_refused(tmp_path):
         src.validate(progress=False)
 
 
+def test_images_with_an_exif_orientation_are_named_where_masks_may_be_drawn_turned(tmp_path, caplog):
+    """Training reads images as stored; annotation tools show them turned as their EXIF orientation says. A mask of
+    the turned size is refused saying so; one that fits the stored size (a half turn) is named in a warning."""
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    (img0, mask0), (img1, _) = read_split(info["labeled_list"])
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    half_turn = Image.Exif()
+    half_turn[0x0112] = 3
+    Image.open(os.path.join(info["root"], img1)).save(os.path.join(info["root"], img1), exif=half_turn)
+    with caplog.at_level(logging.WARNING, logger="csl"):
+        src.validate(progress=False)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and f"1 of the 2 images of {info['labeled_list']} have an EXIF orientation" in said[0]
+    assert f"{img1} (orientation 3)" in said[0]
+
+    quarter_turn = Image.Exif()
+    quarter_turn[0x0112] = 6
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(os.path.join(info["root"], img0), exif=quarter_turn)
+    Image.fromarray(np.zeros((24, 20), np.uint8)).save(os.path.join(info["root"], mask0))  # drawn on the turned view
+    with pytest.raises(ValueError, match=rf"(?s)1 bad item.*{mask0} is 20x24 but image .*{img0} is 24x20 \(W x H\); "
+                                         r"the image's EXIF orientation 6 turns it to the mask's size"):
+        src.validate(progress=False)
+
+
 def test_the_short_side_is_rounded_as_in_unimatchs_resize():
     """UniMatch: ow = int(w * long_side / h + 0.5): the long side 4 scaled to 2 makes the short side 3 into 2, not 1."""
     from csl.data.transforms import random_scaled_size

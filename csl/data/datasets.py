@@ -162,6 +162,8 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 stored upright, 2-8 turned and / or mirrored for display
+
 # What :meth:`ListSource.validate` checks; raised when it checks more (2: images decoded whole).
 VALIDATION_VERSION = 2
 
@@ -425,6 +427,7 @@ class ListSource:
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         errors: list[str] = []
+        turned: list[str] = []  # labelled images whose EXIF orientation turns or mirrors them in a viewer
         for i in with_progress(range(len(self)), desc=f"validating {self.list_path}", enabled=progress):
             img_path, mask_path = self.image_path(i), self.mask_path(i)
             try:
@@ -438,14 +441,28 @@ class ListSource:
                     raise FileNotFoundError(f"{e}{self.missing_mask_hint}") from None
                 with Image.open(img_path) as img:
                     img.load()  # the whole file: a truncated one is found now, not when a loader first draws it
+                    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
                     if img.size != (mask.shape[1], mask.shape[0]):
+                        upright = orientation in (5, 6, 7, 8) and img.size == (mask.shape[0], mask.shape[1])
                         raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                                         f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)")
+                                         f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)" + (
+                                             f"; the image's EXIF orientation {orientation} turns it to the mask's "
+                                             f"size in viewers, but training reads images as stored: store the "
+                                             f"images upright (e.g. with PIL.ImageOps.exif_transpose)" if upright
+                                             else ""))
+                    if orientation in range(2, 9):
+                        turned.append(f"{img_path} (orientation {orientation})")
                 mask = self.prepare_mask(mask, mask_path)
                 valid = mask[mask != self.ignore_index].astype(np.int64)
                 counts += np.bincount(valid.reshape(-1), minlength=self.num_classes)[: self.num_classes]
             except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file"
                 errors.append(f"{self._where(i)}: {e}")
+        if turned:
+            log.warning("%d of the %d images of %s have an EXIF orientation that viewers and annotation tools show "
+                        "turned or mirrored, e.g. %s: training and evaluation read the stored pixels, so their masks "
+                        "must be drawn on those: masks drawn on the turned view (of a 180-degree or square image "
+                        "they fit in size and train misaligned) need the images stored upright "
+                        "(PIL.ImageOps.exif_transpose)", len(turned), len(self), self.list_path, turned[0])
         if errors:
             more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
             raise ValueError(f"{len(errors)} bad item(s) in {self.list_path}:\n" + "\n".join(errors[:20]) + more)
