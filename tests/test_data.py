@@ -912,3 +912,22 @@ def test_a_mask_rewritten_in_place_is_checked_again(tmp_path, monkeypatch):
     assert os.path.getsize(path) == size
     with pytest.raises(ValueError, match=r"label values outside \[0, 5\).*: 9"):
         src.check_cached(progress=False)
+
+
+def test_a_jpeg_mask_that_an_older_check_passed_is_checked_again(tmp_path, monkeypatch):
+    """A stamp of the checks before JPEG masks were refused (VALIDATION_VERSION 2, load_mask reading any
+    single-channel file) does not vouch for the files now."""
+    from csl.data import datasets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    mask_path = os.path.join(info["root"], read_split(info["labeled_list"])[0][1])
+    Image.open(mask_path).save(mask_path, format="JPEG", quality=90)  # a renamed .jpg
+    src = ListSource(info["root"], info["labeled_list"], num_classes=150, ignore_index=255)
+    with monkeypatch.context() as before:
+        before.setattr(datasets, "VALIDATION_VERSION", 2)
+        before.setattr(datasets, "load_mask", lambda path: np.array(Image.open(path)))
+        assert src.check_cached(progress=False)[0]  # passed and stamped
+    with pytest.raises(ValueError, match="is a JPEG file"):
+        src.check_cached(progress=False)

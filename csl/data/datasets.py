@@ -164,8 +164,9 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 stored upright, 2-8 turned and / or mirrored for display
 
-# What :meth:`ListSource.validate` checks; raised when it checks more (2: images decoded whole).
-VALIDATION_VERSION = 2
+# What :meth:`ListSource.validate` checks; raised when it checks more (2: images decoded whole; 3: JPEG masks
+# refused, EXIF orientations named).
+VALIDATION_VERSION = 3
 
 # The last bytes of a whole file: PNG's IEND chunk (with its CRC), JPEG's end-of-image marker.
 _END_MARKERS = {(".png",): b"IEND\xaeB`\x82", (".jpg", ".jpeg"): b"\xff\xd9"}
