@@ -128,6 +128,20 @@ def test_standard_val_list_from_layout(tmp_path, layout):
     assert got == sorted(m.astype(np.int64).tobytes() for m in masks)
 
 
+def test_a_voc_val_list_saved_with_a_byte_order_mark_and_crlf_is_read(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "voc"), layout="pascal", num_labeled=1, num_unlabeled=1, num_val=2,
+                                  size=24)
+    os.remove(info["val_list"])
+    voc_list = os.path.join(info["root"], "ImageSets", "Segmentation", "val.txt")
+    ids = open(voc_list).read().split()
+    with open(voc_list, "w", encoding="utf-8-sig", newline="\r\n") as f:  # as a Windows editor saves it
+        f.write("".join(f"{i}\n" for i in ids))
+    val = build_datasets({"dataset": "pascal", "root": info["root"], "split_dir": info["split_dir"],
+                          "num_classes": 5, "crop_size": 16}).val
+    assert [val.source.name(i) for i in range(len(val))] == [f"JPEGImages/{i}" for i in ids]
+    val.validate(progress=False)
+
+
 def test_folder_without_val_list_is_a_clear_error(tmp_path):
     info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=1, num_unlabeled=1, num_val=1,
                                   size=24)

@@ -490,7 +490,7 @@ class PascalVOC(ListSource):
         path = os.path.join(root, "ImageSets", "Segmentation", "val.txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no val list given and the VOC val list {path} does not exist; set data.val_list")
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # read past a byte-order mark, as read_split does
             ids = [line.strip() for line in f if line.strip()]
         return path, [(f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png") for i in ids]
 
