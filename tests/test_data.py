@@ -63,6 +63,9 @@ def test_read_split_formats_and_errors(tmp_path):
     bom = tmp_path / "bom.txt"  # written by an editor that starts UTF-8 files with a byte-order mark
     bom.write_text("# list\nJPEGImages/a.jpg SegmentationClass/a.png\n", encoding="utf-8-sig")
     assert read_split(str(bom)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png")]
+    utf16 = tmp_path / "utf16.txt"  # Windows PowerShell's "> utf16.txt": UTF-16 with a byte-order mark, CRLF
+    utf16.write_text("JPEGImages/a.jpg SegmentationClass/a.png\nJPEGImages/b.jpg\n", encoding="utf-16", newline="\r\n")
+    assert read_split(str(utf16)) == [("JPEGImages/a.jpg", "SegmentationClass/a.png"), ("JPEGImages/b.jpg", None)]
 
     with pytest.raises(ValueError, match=r"bad\.txt:2: .*paths without whitespace"):
         read_split(written(tmp_path / "bad.txt", "a.jpg a.png\na.jpg a.png extra\n"))

@@ -47,8 +47,9 @@ _LOSSY_IMAGE_SUFFIXES = (".jpg", ".jpeg")  # an image format no label map is sto
 def read_split(path: str) -> SplitItems:
     """Read a UniMatch-format split file: one ``img_path [mask_path]`` per line, paths relative to the dataset root.
 
-    Blank lines and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is read past. Paths cannot hold
-    whitespace (UniMatch's format splits on it). Returns ``[(img_path, mask_path or None), ...]``.
+    Blank lines and lines starting with ``#`` are skipped; a UTF-8 byte-order mark is read past, and a file that
+    starts with a UTF-16 one is read as UTF-16. Paths cannot hold whitespace (UniMatch's format splits on it).
+    Returns ``[(img_path, mask_path or None), ...]``.
     """
     return [item for _, item in read_split_lines(path)]
 
@@ -60,8 +61,10 @@ def read_split_lines(path: str) -> list[tuple[int, tuple[str, str | None]]]:
             raise FileNotFoundError(f"split file {os.path.abspath(path)} is a folder; give its list file (e.g. "
                                     f"labeled.txt)")
         raise FileNotFoundError(f"split file not found: {os.path.abspath(path)}")
+    with open(path, "rb") as f:  # UTF-16 with its byte-order mark: what Windows PowerShell's "> list.txt" writes
+        encoding = "utf-16" if f.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding=encoding) as f:
             text = f.read()
     except UnicodeDecodeError:  # an image or a checkpoint given as the list
         raise ValueError(f"split file {path} is not a text list (not UTF-8 text: an image or another binary file?); "
