@@ -689,6 +689,12 @@ class Trainer:
                 ran, counts = source.check_cached(progress=self.cfg["train"]["progress"])
                 if ran:
                     log.info("labels checked: %s", source.description)
+                if not any(counts):  # the supervised loss would be 0 throughout, or the mIoU never defined
+                    raise ValueError(f"every mask pixel of {source.description} is ignored: no pixel holds one of "
+                                     f"the {self.num_classes} classes (data.ignore_index "
+                                     f"{source.file_ignore_index}, data.ignore_labels {list(source.ignore_labels)}, "
+                                     f"data.reduce_zero_label {source.reduce_zero_label}); check these against "
+                                     f"the values the masks store")
                 if source is not getattr(self.val, "source", None):
                     continue
                 present = [k for k, n in enumerate(counts) if n > 0]

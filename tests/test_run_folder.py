@@ -541,6 +541,22 @@ def test_a_bad_labeled_or_validation_mask_stops_the_run_before_training(tmp_path
         Trainer(config(tmp_path / "run4", **data))
 
 
+def test_labeled_masks_whose_every_pixel_is_ignored_stop_the_run_before_training(tmp_path, monkeypatch):
+    """Masks whose values are all ignore values (a wrong data.ignore_labels / reduce_zero_label) would train with a
+    labeled loss of 0 throughout: refused at the start, naming the list and the settings."""
+    from csl.data.synthetic import write_synthetic_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=2,
+                                  size=32)
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 5, "data.ignore_labels": [0, 1, 2, 3, 4]}
+    with pytest.raises(ValueError, match=r"every mask pixel of .*labeled.txt \(2 items\) is ignored: .*"
+                                         r"data.ignore_labels \[0, 1, 2, 3, 4\]"):
+        Trainer(config(tmp_path / "run", **data))
+    assert not (tmp_path / "run" / "latest.pt").exists()
+
+
 def test_a_missing_unlabeled_image_stops_the_run_before_training(tmp_path, monkeypatch):
     """The unlabeled images are looked for at the start (their masks are optional), not when a loader first draws
     the missing one, maybe hours in."""
