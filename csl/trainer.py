@@ -699,9 +699,13 @@ class Trainer:
                     continue
                 present = [k for k, n in enumerate(counts) if n > 0]
                 if present and present[-1] + 1 < self.num_classes:
+                    stored_255 = ("; a class the files store as 255 (a binary mask of 0 / 255) is read as ignored "
+                                  "(data.ignore_index 255): store it as its class id" if
+                                  source.file_ignore_index == 255 else "")
                     log.warning("data.num_classes is %d but the validation masks hold classes 0..%d only: the "
                                 "model gets %d class(es) no label ever shows; set data.num_classes to the "
-                                "dataset's count", self.num_classes, present[-1], self.num_classes - present[-1] - 1)
+                                "dataset's count%s", self.num_classes, present[-1], self.num_classes - present[-1] - 1,
+                                stored_255)
         if sources:
             barrier()
 

@@ -557,6 +557,28 @@ def test_labeled_masks_whose_every_pixel_is_ignored_stop_the_run_before_training
     assert not (tmp_path / "run" / "latest.pt").exists()
 
 
+def test_binary_masks_of_0_and_255_are_said_to_lose_their_foreground(tmp_path, monkeypatch):
+    """A binary mask's foreground stored as 255 is read as ignored: the validation masks then hold class 0 alone, and
+    the warning says why instead of only asking for another class count."""
+    import numpy as np
+    from PIL import Image
+
+    from csl.data.synthetic import write_synthetic_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    info = write_synthetic_folder(str(tmp_path / "data"), layout="folder", num_labeled=2, num_unlabeled=2, num_val=2,
+                                  size=32)
+    for name in os.listdir(os.path.join(info["root"], "masks")):
+        mask = os.path.join(info["root"], "masks", name)
+        Image.fromarray(np.where(np.array(Image.open(mask)) > 0, 255, 0).astype(np.uint8)).save(mask)
+    data = {"data.dataset": "folder", "data.root": info["root"], "data.split_dir": info["split_dir"],
+            "data.num_classes": 2}
+    Trainer(config(tmp_path / "run", **data)).close()
+    assert ("the validation masks hold classes 0..0 only: the model gets 1 class(es) no label ever shows; set "
+            "data.num_classes to the dataset's count; a class the files store as 255 (a binary mask of 0 / 255) is "
+            "read as ignored") in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_a_missing_unlabeled_image_stops_the_run_before_training(tmp_path, monkeypatch):
     """The unlabeled images are looked for at the start (their masks are optional), not when a loader first draws
     the missing one, maybe hours in."""
