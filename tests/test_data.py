@@ -884,6 +884,8 @@ def test_images_with_an_exif_orientation_are_named_where_masks_may_be_drawn_turn
     with pytest.raises(ValueError, match=rf"(?s)1 bad item.*{mask0} is 20x24 but image .*{img0} is 24x20 \(W x H\); "
                                          r"the image's EXIF orientation 6 turns it to the mask's size"):
         src.validate(progress=False)
+    with pytest.raises(ValueError, match=r"is 20x24 but image .* is 24x20 \(W x H\); the image's EXIF orientation 6"):
+        src.load(0)  # as csl eval and a run with data.check_labels=false read it
 
 
 def test_the_short_side_is_rounded_as_in_unimatchs_resize():

@@ -167,6 +167,17 @@ def load_image(path: str, upright: bool = False) -> np.ndarray:
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 stored upright, 2-8 turned and / or mirrored for display
 
+
+def _size_mismatch(mask_path: str, mask_hw: tuple, img_path: str, img_hw: tuple, orientation: int) -> str:
+    """The error of a mask whose size is not its image's; where the image's EXIF orientation turns it to the mask's
+    size, that too (the mask was drawn on the view that viewers and annotation tools show)."""
+    upright = orientation in (5, 6, 7, 8) and tuple(mask_hw) == tuple(img_hw)[::-1]
+    return (f"mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} but image {img_path} is {img_hw[1]}x{img_hw[0]} (W x H)"
+            + (f"; the image's EXIF orientation {orientation} turns it to the mask's size in viewers, but training "
+               f"reads images as stored: store the images upright (e.g. with PIL.ImageOps.exif_transpose)"
+               if upright else ""))
+
+
 # What :meth:`ListSource.validate` checks; raised when it checks more (2: images decoded whole; 3: JPEG masks
 # refused, EXIF orientations named).
 VALIDATION_VERSION = 3
@@ -335,8 +346,13 @@ class ListSource:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} ({self._where(index)}){self.missing_mask_hint}") from None
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                             f"{self.image_path(index)} is {image.shape[1]}x{image.shape[0]} (W x H)")
+            img_path = self.image_path(index)
+            try:
+                with Image.open(img_path) as img:
+                    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            except OSError:
+                orientation = 1
+            raise ValueError(_size_mismatch(mask_path, mask.shape, img_path, image.shape[:2], orientation))
         return self.prepare_mask(mask, mask_path)
 
     def prepare_mask(self, mask: np.ndarray, path: str) -> np.ndarray:
@@ -447,13 +463,8 @@ class ListSource:
                     img.load()  # the whole file: a truncated one is found now, not when a loader first draws it
                     orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
                     if img.size != (mask.shape[1], mask.shape[0]):
-                        upright = orientation in (5, 6, 7, 8) and img.size == (mask.shape[0], mask.shape[1])
-                        raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                                         f"{img_path} is {img.size[0]}x{img.size[1]} (W x H)" + (
-                                             f"; the image's EXIF orientation {orientation} turns it to the mask's "
-                                             f"size in viewers, but training reads images as stored: store the "
-                                             f"images upright (e.g. with PIL.ImageOps.exif_transpose)" if upright
-                                             else ""))
+                        raise ValueError(_size_mismatch(mask_path, mask.shape, img_path, img.size[::-1],
+                                                        orientation))
                     if orientation in range(2, 9):
                         turned.append(f"{img_path} (orientation {orientation})")
                 mask = self.prepare_mask(mask, mask_path)
