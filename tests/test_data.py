@@ -192,6 +192,15 @@ def test_label_value_error_names_the_file(tmp_path):
         src.load(1)
 
 
+def test_a_split_file_written_with_windows_separators_is_named_so(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
+                                  size=24)
+    windows = written(tmp_path / "windows.txt", open(info["labeled_list"]).read().replace("/", "\\"))
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*images\\labeled_00000.png \(first entry of "
+                                                r".*windows.txt; the split file separates folders with '\\'"):
+        ListSource(info["root"], windows, num_classes=5, ignore_index=255)
+
+
 def test_validate_counts_classes(tmp_path):
     info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=3, num_unlabeled=1, num_val=1,
                                   size=24, seed=5)

@@ -298,6 +298,8 @@ class ListSource:
             if os.path.isabs(first):  # e.g. SegNet's CamVid lists: /SegNet/CamVid/train/x.png
                 why = (f"the split file lists absolute paths, which are used as they are, without data.root; write "
                        f"them relative to data.root ({root})")
+            elif "\\" in first and os.sep == "/":  # a list written on Windows
+                why = "the split file separates folders with '\\' (a list written on Windows): write '/'"
             raise FileNotFoundError(f"image file not found: {os.path.join(root, first)} (first entry of "
                                     f"{list_path}; {why})")
 
