@@ -26,7 +26,7 @@ from csl.data import (
     seed_worker,
     write_synthetic_folder,
 )
-from csl.data.datasets import LabeledDataset, ListSource, read_split_lines
+from csl.data.datasets import LabeledDataset, ListSource, ValDataset, read_split_lines
 from csl.data.transforms import WeakAugment, image_to_tensor, image_to_uint8, labels_to_tensor, to_float
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -199,6 +199,20 @@ def test_a_split_file_written_with_windows_separators_is_named_so(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"image file not found: .*images\\labeled_00000.png \(first entry of "
                                                 r".*windows.txt; the split file separates folders with '\\'"):
         ListSource(info["root"], windows, num_classes=5, ignore_index=255)
+
+
+def test_a_labelled_or_val_line_without_a_mask_is_named(tmp_path):
+    info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=3, num_unlabeled=1, num_val=1,
+                                  size=24)
+    lines = open(info["labeled_list"]).read().splitlines()
+    lines[1] = lines[1].split()[0]  # the image alone
+    written(tmp_path / "f" / "splits" / "labeled.txt", "\n".join(lines) + "\n")
+    src = ListSource(info["root"], info["labeled_list"], num_classes=5, ignore_index=255)
+    with pytest.raises(ValueError, match=rf"the labelled list .* has 1 line\(s\) without a mask path, e.g. "
+                                         rf".*labeled.txt:2: '{lines[1]}'; each needs 'img_path mask_path'"):
+        LabeledDataset(src, crop_size=16, mean=MEAN, std=STD, ignore_index=255)
+    with pytest.raises(ValueError, match=r"the val list .* has 1 line\(s\) without a mask path, e.g. .*labeled.txt:2"):
+        ValDataset(src, mean=MEAN, std=STD, ignore_index=255)
 
 
 def test_validate_counts_classes(tmp_path):

@@ -608,6 +608,13 @@ DATASET_KINDS: dict[str, type[ListSource]] = {
 # Views.
 
 
+def _lines_without_masks(source: ListSource) -> str:
+    """How many of a list's lines name no mask, and where the first one is."""
+    missing = [i for i, (_, mask) in enumerate(source.items) if mask is None]
+    return (f"{len(missing)} line(s) without a mask path, e.g. {source._where(missing[0])}: "
+            f"{source.items[missing[0]][0]!r}; each needs 'img_path mask_path'")
+
+
 class _View(Dataset):
     def __init__(self, source, *, mean: Sequence[float], std: Sequence[float], ignore_index: int):
         self.source, self.mean, self.std, self.ignore_index = source, tuple(mean), tuple(std), ignore_index
@@ -630,7 +637,7 @@ class LabeledDataset(_View):
                  scale_range: Sequence[float] = (0.5, 2.0)):
         super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
         if not source.has_masks:
-            raise ValueError(f"the labelled list {source.description} has lines without a mask path")
+            raise ValueError(f"the labelled list {source.description} has {_lines_without_masks(source)}")
         self.weak = WeakAugment(crop_size, ignore_index, scale_range)
 
     def __getitem__(self, index: int) -> dict:
@@ -678,7 +685,7 @@ class ValDataset(_View):
     def __init__(self, source, *, mean, std, ignore_index: int, optional_masks: bool = False):
         super().__init__(source, mean=mean, std=std, ignore_index=ignore_index)
         if not source.has_masks:
-            raise ValueError(f"the val list {source.description} has lines without a mask path")
+            raise ValueError(f"the val list {source.description} has {_lines_without_masks(source)}")
         self.optional_masks = optional_masks
 
     def __getitem__(self, index: int) -> dict:
