@@ -215,6 +215,19 @@ def test_map_labels_maps_another_ignore_value_without_a_class_count():
     np.testing.assert_array_equal(map_labels(np.array([[-1, 2]], dtype=np.int16), -1), [[255, 2]])
 
 
+def test_classes_stored_from_1_with_0_ignored_point_to_reduce_zero_label():
+    """0 ignored (data.ignore_index=0 or ignore_labels [0]) and the C classes stored as 1..C: the value C is named
+    with the setting that reads the files' k as k - 1, not only as a value outside the classes."""
+    mask = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    for settings in ({"ignore_index": 0}, {"ignore_index": 255, "ignore_labels": (0,)}):
+        with pytest.raises(ValueError, match=r"outside \[0, 3\) .*: 3 \(classes stored as 1..3 with 0 unlabelled: "
+                                             r"set data.reduce_zero_label=true"):
+            map_labels(mask, num_classes=3, **settings)
+    np.testing.assert_array_equal(map_labels(mask, 255, reduce_zero_label=True, num_classes=3), [[255, 0], [1, 2]])
+    with pytest.raises(ValueError, match=r": 3$"):  # 0 is a class here: no such reading
+        map_labels(mask, 255, num_classes=3)
+
+
 def test_a_split_seed_that_is_a_bool_is_refused(tmp_path):
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"img/{i}.jpg ann/{i}.png\n" for i in range(8)))

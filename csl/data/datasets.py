@@ -243,8 +243,13 @@ def map_labels(mask: np.ndarray, ignore_index: int, ignore_labels: Sequence[int]
         if bad.any():
             values = np.unique(raw[bad])
             shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+            # 0 ignored and the classes stored as 1..C: the zero-label convention, not a class more
+            shifted = (not reduce_zero_label and bool(void[raw == 0].any() or ignore_index == 0)
+                       and values.tolist() == [num_classes])
             raise ValueError(f"label values outside [0, {num_classes}) that are not ignored "
-                             f"(data.ignore_index {ignore_index}): {shown}")
+                             f"(data.ignore_index {ignore_index}): {shown}" + (
+                                 f" (classes stored as 1..{num_classes} with 0 unlabelled: set "
+                                 f"data.reduce_zero_label=true, which reads k as k - 1)" if shifted else ""))
     out = out.copy() if out is mask else out
     out[void] = IGNORE_INDEX
     return out
