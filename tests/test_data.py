@@ -187,8 +187,13 @@ def test_label_value_error_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"(?s)1 bad item.*{mask_rel}"):
         ds.validate(progress=False)
     # A colour rendering instead of class indices is refused with the file name.
+    Image.fromarray(palette(5)[np.minimum(mask, 4)]).save(bad_path)
+    with pytest.raises(ValueError, match=rf"{mask_rel} has mode 'RGB'.*not a colour rendering"):
+        src.load(1)
+    # The class ids in three equal channels are said to be just that, with what to do.
     Image.fromarray(np.stack([mask] * 3, -1)).save(bad_path)
-    with pytest.raises(ValueError, match=rf"{mask_rel}.*mode 'RGB'"):
+    with pytest.raises(ValueError, match=rf"{mask_rel} is stored as RGB with three equal channels .*save its first "
+                                         r"channel alone"):
         src.load(1)
 
 

@@ -212,6 +212,11 @@ def load_mask(path: str) -> np.ndarray:
                 raise ValueError(f"mask {path} is a JPEG file: its lossy compression has changed the label values "
                                  f"along region edges; store masks as PNG written from the class ids")
             if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+                if img.mode == "RGB" and len(set(img.getextrema())) == 1 and np.ptp(
+                        np.asarray(img, dtype=np.int16), axis=2).max() == 0:  # gray: the class ids thrice
+                    raise ValueError(f"mask {path} is stored as RGB with three equal channels (class ids saved as "
+                                     f"a colour image, e.g. by cv2.imwrite of a 3-channel array); expected a "
+                                     f"single-channel class-index PNG: save its first channel alone")
                 raise ValueError(f"mask {path} has mode {img.mode!r}; expected a single-channel class-index PNG "
                                  f"(palette or grayscale), not a colour rendering")
             return np.array(img)
