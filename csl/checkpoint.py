@@ -298,8 +298,9 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
     if is_unimatch_state_dict(state):
         theirs = _unimatch_backbone(state)
         if theirs == "xception" and model_cfg["backbone"] != "xception":
-            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint of an Xception-65; pass model.backbone=xception "
-                              f"(the coco config sets it)")
+            stem = " model.stem=torchvision" if model_cfg["stem"] != "torchvision" else ""  # the deep stem is ResNets'
+            raise ConfigError(f"{path} is a UniMatch / CSL checkpoint of an Xception-65; pass model.backbone=xception"
+                              f"{stem} (the coco config sets it)")
         if theirs.startswith("resnet"):
             depth = theirs if theirs != "resnet" else str(model_cfg["backbone"])
             if model_cfg["stem"] != "deep" or model_cfg["backbone"] != depth:

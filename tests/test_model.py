@@ -716,9 +716,18 @@ def test_a_unimatch_xception_checkpoint_evaluates_with_the_coco_config():
     x = torch.randn(1, 3, 35, 37)
     with torch.no_grad():
         assert num_classes == 81 and torch.equal(model.eval()(x), trained(x))
-    with pytest.raises(ConfigError, match="checkpoint of an Xception-65; pass model.backbone=xception"):
+    # voc_321 sets the deep stem, which the Xception-65 does not have: the advice names both keys, and works
+    with pytest.raises(ConfigError, match="checkpoint of an Xception-65; pass model.backbone=xception "
+                                          "model.stem=torchvision "):
         model_from_checkpoint(load_config("voc_321", ["model.pretrained=null", "data.num_classes=81"]), ckpt,
                               "best.pth", "cpu")
+    with pytest.raises(ConfigError, match="checkpoint of an Xception-65; pass model.backbone=xception "
+                                          r"\(the coco config"):
+        model_from_checkpoint(load_config("demo", ["data.num_classes=4"]), ckpt, "best.pth", "cpu")
+    advised = load_config("voc_321", ["model.pretrained=null", "data.num_classes=81", "model.backbone=xception",
+                                      "model.stem=torchvision"])
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(advised, ckpt, "best.pth", "cpu")[0](x), trained(x))
     resnet = {f"module.{k}": v for k, v in _to_unimatch_names(
         DeepLabV3Plus(81, backbone="resnet50", stem="deep").state_dict()).items()}
     with pytest.raises(ConfigError, match="its resnet50 has the deep stem; pass model.backbone=resnet50 "
