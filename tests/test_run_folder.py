@@ -696,6 +696,18 @@ def test_a_missing_unimatch_weights_file_is_said_with_where_to_get_it(tmp_path, 
             check_start_files(load_config(name), None)
 
 
+def test_imagenet_weights_of_a_backbone_torchvision_lacks_are_refused_before_the_folder_is_touched(tmp_path):
+    """torchvision has no ImageNet Xception: model.pretrained=imagenet is refused at the start check, with where
+    UniMatch's file is, not once the data and the model are built (after the run folder was claimed)."""
+    from csl.model.xception import UNIMATCH_XCEPTION_URL
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="model.pretrained=imagenet: torchvision has no ImageNet xception; .*"
+                                         f"UniMatch's ImageNet xception.pth from {re.escape(UNIMATCH_XCEPTION_URL)}"):
+        Trainer(config(out, **{"model.backbone": "xception", "model.pretrained": "imagenet"}))
+    assert not out.exists()
+
+
 def test_a_periodic_checkpoint_never_holds_non_finite_weights(tmp_path):
     """train.ckpt_every saves between the loss checks of train.log_every: the weights are checked first."""
     with pytest.raises(NonFiniteTrainingError, match="weights became NaN / inf"):

@@ -239,6 +239,13 @@ def weights_source(name: str, stem: str = "torchvision") -> str:
             f"{IMAGENET_WEIGHTS.get(name, '?')}")
 
 
+def check_imagenet_available(name: str) -> None:
+    """A ValueError saying where the weights come from when torchvision has no ImageNet weights of backbone ``name``
+    (``model.pretrained=imagenet`` with xception)."""
+    if name not in IMAGENET_WEIGHTS:
+        raise ValueError(f"model.pretrained=imagenet: torchvision has no ImageNet {name}; {weights_source(name)}")
+
+
 def _expected_file(name: str) -> str:
     return "UniMatch's xception.pth" if name == "xception" else f"torchvision's {name} ImageNet state dict"
 
@@ -271,10 +278,8 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     Returns ``{"path", "loaded", "missing", "unexpected", "sha256_prefix"}``.
     """
     prefix = None
-    if path == "imagenet" and backbone.name not in IMAGENET_WEIGHTS:
-        raise ValueError(f"model.pretrained=imagenet: torchvision has no ImageNet {backbone.name}; "
-                         f"{weights_source(backbone.name)}")
     if path == "imagenet":
+        check_imagenet_available(backbone.name)
         sd = imagenet_state_dict(backbone.name)
     else:
         if not path or not os.path.isfile(path):
