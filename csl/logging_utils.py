@@ -170,7 +170,9 @@ class MetricsWriter:
                 if resumed_at and eval_pending:
                     for record in read_metrics(self.path):
                         if record.get("iter") == resumed_at and record.get("kind") != "eval":
-                            self._add_scalars(record, resumed_at)
+                            # a value written as null was a NaN / inf scalar (see _json_safe): logged as NaN again
+                            self._add_scalars({k: math.nan if v is None else v for k, v in record.items()},
+                                              resumed_at)
 
     def write(self, record: dict, step: int | None = None) -> None:
         if not self.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -300,6 +301,26 @@ def test_a_pending_evaluation_killed_before_its_save_is_recorded_once(tmp_path, 
     assert sorted(board.steps("train/loss")) == [1, 2, 3, 4]
     assert sorted(board.steps("pseudo_labels/mask_ratio")) == sorted(
         r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "pseudo_labels"))
+
+
+def test_a_pending_evaluation_resume_logs_the_iterations_kept_scalars_again_nan_included(tmp_path, monkeypatch):
+    """With the evaluation at the resumed iteration pending, TensorBoard hides that iteration's scalars and they are
+    logged again from metrics.jsonl: a NaN one (written there as null) among them, not left out."""
+    from csl.logging_utils import MetricsWriter
+
+    board = FakeTensorBoard()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    writer = MetricsWriter(str(tmp_path))
+    writer.write({"kind": "train", "iter": 2, "loss": 0.5, "mask_ratio": float("nan")}, step=2)
+    writer.write({"kind": "pseudo_labels", "iter": 2, "epoch": 0, "weighted_accuracy": float("inf")}, step=2)
+    writer.write({"kind": "eval", "iter": 2, "miou": 0.25}, step=2)
+    writer.close()
+    MetricsWriter(str(tmp_path), resumed_at=2, eval_pending=True).close()
+    assert sorted((tag, step) for tag, step, _ in board.scalars) == [
+        ("pseudo_labels/weighted_accuracy", 2), ("train/loss", 2), ("train/mask_ratio", 2)]
+    values = {tag: value for tag, _, value in board.scalars}
+    assert values["train/loss"] == 0.5 and math.isnan(values["train/mask_ratio"])
+    assert math.isnan(values["pseudo_labels/weighted_accuracy"])  # inf is kept as null, so NaN: its point is shown
 
 
 def test_resume_auto_takes_the_newer_of_latest_and_best(tmp_path):
