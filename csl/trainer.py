@@ -215,10 +215,10 @@ def check_start_files(cfg: dict, resume_from: str | None) -> None:
         files.append(("train.init_from", cfg["train"]["init_from"]))
         if cfg["model"]["pretrained"] != "imagenet":
             files.append(("model.pretrained", cfg["model"]["pretrained"]))
-        else:  # a backbone torchvision has no weights of: said now, not once the data is built
+        else:  # a backbone (or stem) torchvision has no weights of: said now, not once the data is built
             from .model.backbone import check_imagenet_available
 
-            check_imagenet_available(cfg["model"]["backbone"])
+            check_imagenet_available(cfg["model"]["backbone"], cfg["model"]["stem"])
     for key, path in files:
         if path and os.path.isdir(path):  # a run folder given for its checkpoint: there, but not a file
             which = "the weights file in it" if key == "model.pretrained" else "its latest.pt or best.pt"

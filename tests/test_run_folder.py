@@ -727,6 +727,11 @@ def test_imagenet_weights_of_a_backbone_torchvision_lacks_are_refused_before_the
                                          f"UniMatch's ImageNet xception.pth from {re.escape(UNIMATCH_XCEPTION_URL)}"):
         Trainer(config(out, **{"model.backbone": "xception", "model.pretrained": "imagenet"}))
     assert not out.exists()
+    # nor has it the deep stem's: refused before a download of weights that cannot load
+    with pytest.raises(ValueError, match="model.pretrained=imagenet: torchvision's ImageNet resnet50 has "
+                                         "torchvision's stem, not model.stem=deep; .*UniMatch's ImageNet resnet50.pth"):
+        Trainer(config(out, **{"model.backbone": "resnet50", "model.stem": "deep", "model.pretrained": "imagenet"}))
+    assert not out.exists()
 
 
 def test_a_periodic_checkpoint_never_holds_non_finite_weights(tmp_path):

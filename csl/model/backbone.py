@@ -239,11 +239,14 @@ def weights_source(name: str, stem: str = "torchvision") -> str:
             f"{IMAGENET_WEIGHTS.get(name, '?')}")
 
 
-def check_imagenet_available(name: str) -> None:
+def check_imagenet_available(name: str, stem: str = "torchvision") -> None:
     """A ValueError saying where the weights come from when torchvision has no ImageNet weights of backbone ``name``
-    (``model.pretrained=imagenet`` with xception)."""
+    with ``stem`` (``model.pretrained=imagenet`` with xception, or with UniMatch's deep-stem ResNet)."""
     if name not in IMAGENET_WEIGHTS:
         raise ValueError(f"model.pretrained=imagenet: torchvision has no ImageNet {name}; {weights_source(name)}")
+    if stem != "torchvision":
+        raise ValueError(f"model.pretrained=imagenet: torchvision's ImageNet {name} has torchvision's stem, not "
+                         f"model.stem={stem}; {weights_source(name, stem)}")
 
 
 def _expected_file(name: str) -> str:
@@ -279,7 +282,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> dict:
     """
     prefix = None
     if path == "imagenet":
-        check_imagenet_available(backbone.name)
+        check_imagenet_available(backbone.name, getattr(backbone, "stem", "torchvision"))
         sd = imagenet_state_dict(backbone.name)
     else:
         if not path or not os.path.isfile(path):
