@@ -302,9 +302,12 @@ def checkpoint_weights(model_cfg: dict, ckpt: dict, path: str, num_classes: int 
             raise ConfigError(f"{path} is a UniMatch / CSL checkpoint of an Xception-65; pass model.backbone=xception"
                               f"{stem} (the coco config sets it)")
         if theirs.startswith("resnet"):
+            # another block count than resnet50's / resnet101's: the config's ResNet is taken at its word
             depth = theirs if theirs != "resnet" else str(model_cfg["backbone"])
+            if not depth.startswith("resnet"):
+                depth = "resnet50 / resnet101 (its depth)"
             if model_cfg["stem"] != "deep" or model_cfg["backbone"] != depth:
-                raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its {depth} has the deep stem; pass "
+                raise ConfigError(f"{path} is a UniMatch / CSL checkpoint: its ResNet has the deep stem; pass "
                                   f"model.backbone={depth} model.stem=deep (the voc / cityscapes configs set them)")
         state = from_unimatch_state_dict(state)
         log.info("%s: UniMatch / CSL module names mapped to this package's", path)

@@ -730,6 +730,14 @@ def test_a_unimatch_xception_checkpoint_evaluates_with_the_coco_config():
         assert torch.equal(model_from_checkpoint(advised, ckpt, "best.pth", "cpu")[0](x), trained(x))
     resnet = {f"module.{k}": v for k, v in _to_unimatch_names(
         DeepLabV3Plus(81, backbone="resnet50", stem="deep").state_dict()).items()}
-    with pytest.raises(ConfigError, match="its resnet50 has the deep stem; pass model.backbone=resnet50 "
+    with pytest.raises(ConfigError, match="its ResNet has the deep stem; pass model.backbone=resnet50 "
                                           "model.stem=deep"):
         model_from_checkpoint(load_config("coco", ["model.pretrained=null"]), {"model": resnet}, "best.pth", "cpu")
+    # A ResNet of another depth (layer3 of 3 blocks): the advice names no Xception as its ResNet.
+    from csl.checkpoint import checkpoint_weights
+
+    dropped = tuple(f"module.backbone.layer3.{i}." for i in range(3, 6))
+    odd = {k: v for k, v in resnet.items() if not k.startswith(dropped)}
+    with pytest.raises(ConfigError, match=r"its ResNet has the deep stem; pass model.backbone=resnet50 / resnet101 "
+                                          r"\(its depth\) model.stem=deep"):
+        checkpoint_weights(load_config("coco")["model"], {"model": odd}, "best.pth")
