@@ -454,7 +454,8 @@ class Trainer:
                  m["backbone"], stem, m["output_stride"], "/".join(str(d) for d in m["dilations"]), params / 1e6,
                  start)
         if self.semi and random_start:
-            example = "UniMatch's xception.pth" if m["backbone"] == "xception" else "imagenet"
+            example = ("UniMatch's xception.pth" if m["backbone"] == "xception" else
+                       f"UniMatch's {m['backbone']}.pth" if m["stem"] == "deep" else "imagenet")
             log.warning("train.mode=semi from random weights (no model.pretrained, train.init_from or resume): the "
                         "pseudo-labels of an untrained network are noise; set model.pretrained (e.g. %s) or "
                         "train.init_from a supervised run", example)
