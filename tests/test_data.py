@@ -889,9 +889,10 @@ def test_a_mask_stored_as_jpeg_under_a_png_name_is_refused(tmp_path):
         src.validate(progress=False)
 
 
-def test_images_with_an_exif_orientation_are_named_where_masks_may_be_drawn_turned(tmp_path, caplog):
+def test_images_with_an_exif_orientation_are_named_where_masks_may_be_drawn_turned(tmp_path, caplog, monkeypatch):
     """Training reads images as stored; annotation tools show them turned as their EXIF orientation says. A mask of
-    the turned size is refused saying so; one that fits the stored size (a half turn) is named in a warning."""
+    the turned size is refused saying so; one that fits the stored size (a half turn) is named in a warning, on
+    every start (also where the cached label check is not run again)."""
     info = write_synthetic_folder(str(tmp_path / "f"), layout="folder", num_labeled=2, num_unlabeled=1, num_val=1,
                                   size=24)
     (img0, mask0), (img1, _) = read_split(info["labeled_list"])
@@ -904,6 +905,13 @@ def test_images_with_an_exif_orientation_are_named_where_masks_may_be_drawn_turn
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and f"1 of the 2 images of {info['labeled_list']} have an EXIF orientation" in said[0]
     assert f"{img1} (orientation 3)" in said[0]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for expected_ran in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="csl"):
+            ran, _ = src.check_cached(progress=False)
+        assert ran is expected_ran
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == said
 
     quarter_turn = Image.Exif()
     quarter_turn[0x0112] = 6

@@ -435,20 +435,25 @@ class ListSource:
         stamp = str(cache_dir() / "validated" / digest.hexdigest()[:32])
         try:
             with open(stamp) as f:
-                counts = json.load(f)["class_pixels"]
+                stored = json.load(f)
+            counts, turned = stored["class_pixels"], stored.get("turned")
             if isinstance(counts, list) and len(counts) == self.num_classes and all(
                     isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+                if isinstance(turned, dict) and isinstance(turned.get("count"), int) and isinstance(
+                        turned.get("first"), str):  # what the check warned about, said again on every start
+                    self._warn_turned(turned["count"], turned["first"])
                 return False, counts
         except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, another shape: checked again
             pass
-        counts = self.validate(progress=progress)["class_pixels"]  # raises ValueError listing the bad items
+        result = self.validate(progress=progress)  # raises ValueError listing the bad items
         try:
             os.makedirs(os.path.dirname(stamp), exist_ok=True)
             with open(stamp, "w") as f:
-                json.dump({"list": self.description, "class_pixels": counts}, f)
+                json.dump({"list": self.description, "class_pixels": result["class_pixels"],
+                           "turned": result["turned"]}, f)
         except OSError:
             pass  # no cache: checked again next time
-        return True, counts
+        return True, result["class_pixels"]
 
     def validate(self, progress: bool = True) -> dict:
         """Scan every item: files exist, image and mask sizes agree, label values are valid.
@@ -485,15 +490,19 @@ class ListSource:
             except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's "broken PNG file"
                 errors.append(f"{self._where(i)}: {e}")
         if turned:
-            log.warning("%d of the %d images of %s have an EXIF orientation that viewers and annotation tools show "
-                        "turned or mirrored, e.g. %s: training and evaluation read the stored pixels, so their masks "
-                        "must be drawn on those: masks drawn on the turned view (of a 180-degree or square image "
-                        "they fit in size and train misaligned) need the images stored upright "
-                        "(PIL.ImageOps.exif_transpose)", len(turned), len(self), self.list_path, turned[0])
+            self._warn_turned(len(turned), turned[0])
         if errors:
             more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
             raise ValueError(f"{len(errors)} bad item(s) in {self.list_path}:\n" + "\n".join(errors[:20]) + more)
-        return {"num_items": len(self), "class_pixels": counts.tolist(), "errors": errors}
+        return {"num_items": len(self), "class_pixels": counts.tolist(), "errors": errors,
+                "turned": {"count": len(turned), "first": turned[0]} if turned else None}
+
+    def _warn_turned(self, count: int, first: str) -> None:
+        log.warning("%d of the %d images of %s have an EXIF orientation that viewers and annotation tools show "
+                    "turned or mirrored, e.g. %s: training and evaluation read the stored pixels, so their masks "
+                    "must be drawn on those: masks drawn on the turned view (of a 180-degree or square image "
+                    "they fit in size and train misaligned) need the images stored upright "
+                    "(PIL.ImageOps.exif_transpose)", count, len(self), self.list_path, first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
