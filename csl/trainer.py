@@ -785,11 +785,11 @@ class Trainer:
         end = self.total_iters if stop_at is None else min(stop_at, self.total_iters)
         bar = progress_bar(self.total_iters, self.iteration, enabled=self.env.is_main and self.cfg["train"]["progress"])
         start_time, start_iteration = time.perf_counter(), self.iteration
-        self.window_start = time.perf_counter()
         if self.pending_eval is not None:
             log.info("resumed before the evaluation at iteration %d: evaluating first", self.iteration)
             pending, self.pending_eval = self.pending_eval, None
             self._evaluate_and_save(pending["epoch"], pending["pseudo_labels"])
+        self.window_start = time.perf_counter()  # sec_per_iter counts the steps: evaluations and saves are left out
         try:
             # A Ctrl-C / SIGTERM (with csl's handler installed) ends the current iteration, saves, then stops; with
             # several processes it stops at once, as the ranks could not agree on the iteration without a collective.
@@ -838,11 +838,13 @@ class Trainer:
             epoch_done = self.iteration % ipe == 0 or self.iteration == self.total_iters
             if stop.requested():
                 self._stop_as_requested(epoch_done, epoch)
+            paused = time.perf_counter()
             if epoch_done:
                 self._end_epoch(epoch)
             elif self.cfg["train"]["ckpt_every"] and self.iteration % self.cfg["train"]["ckpt_every"] == 0:
                 self._check_weights_finite()
                 self.save()
+            self.window_start += time.perf_counter() - paused  # the evaluation and the saves are not step time
             if self.iteration >= end or epoch_done:
                 return
 

@@ -1110,3 +1110,58 @@ def test_fp16_autocast_on_a_cpu_is_said_in_a_warning_naming_its_key(caplog):
         assert [resolve_amp(amp, cpu) for amp in ("auto", "bf16", "fp32")] == [None, torch.bfloat16, None]
         assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
         assert caplog.text == ""
+
+
+def _clock_of_steps_only(monkeypatch) -> list[float]:
+    """A clock for csl.trainer that stands still during the steps (the test moves it): the steps' seconds per
+    iteration are then 0, and a window that counted an evaluation or a save that moved it shows hundreds."""
+    import types
+
+    import csl.trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_sec_per_iter_leaves_out_the_evaluations_and_checkpoint_saves(tmp_path, monkeypatch):
+    now = _clock_of_steps_only(monkeypatch)
+    evaluate, save = Trainer.evaluate, Trainer.save
+
+    def slow_evaluate(self):
+        now[0] += 1000.0
+        return evaluate(self)
+
+    def slow_save(self, *args, **kwargs):
+        now[0] += 1000.0
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(Trainer, "save", slow_save)
+    cfg = tiny_config(tmp_path, **{"train.iters": 6, "train.iters_per_epoch": 3, "train.ckpt_every": 2,
+                                   "train.log_every": 2})
+    train(cfg)
+    records = read_metrics(str(tmp_path / "metrics.jsonl"), "train")
+    assert [r["iter"] for r in records] == [2, 4, 6]  # windows 3-4 and 5-6 follow the evaluation and saves of 2, 3
+    assert [r["sec_per_iter"] for r in records] == [0.0, 0.0, 0.0]
+
+
+def test_sec_per_iter_of_a_resumed_run_leaves_out_its_pending_evaluation(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, **{"train.iters": 4, "train.iters_per_epoch": 2, "train.log_every": 2})
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    trainer = Trainer(cfg)
+    with pytest.raises(KeyboardInterrupt):  # stopped in the evaluation of iteration 2: pending in latest.pt
+        trainer.train()
+    trainer.close()
+    now = _clock_of_steps_only(monkeypatch)
+
+    def slow_evaluate(self):
+        now[0] += 1000.0
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    train(tiny_config(tmp_path, **{"train.iters": 4, "train.iters_per_epoch": 2, "train.log_every": 2,
+                                   "train.resume": "auto"}))
+    records = read_metrics(str(tmp_path / "metrics.jsonl"), "train")
+    assert [(r["iter"], r["sec_per_iter"]) for r in records[1:]] == [(4, 0.0)]  # the pending evaluation ran first
