@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
+import subprocess
+import time
 
 import pytest
+import torch
 
 from csl import stop
 
@@ -89,3 +94,46 @@ def test_a_stop_raised_outside_any_block_leaves_nothing_pending():
     with pytest.raises(KeyboardInterrupt):
         stop.handle_signal(signal.SIGINT, None)
     assert not stop.requested()
+
+
+def _loader_worker(worker_init_fn, ready) -> None:
+    worker_init_fn(0)  # as a DataLoader worker starts
+    ready.set()
+    time.sleep(60)
+
+
+def _train_loader():
+    from csl.distributed import ResumableDistributedSampler
+    from csl.trainer import make_train_loader
+
+    return make_train_loader([0, 1], ResumableDistributedSampler(2, 2), 1, 1, torch.device("cpu"), 0)
+
+
+def _eval_loader():
+    from csl.evaluate import make_eval_loader
+
+    return make_eval_loader([0, 1], num_workers=1)
+
+
+@pytest.mark.parametrize("make_loader", [_train_loader, _eval_loader])
+def test_a_sigterm_sent_to_the_whole_job_leaves_the_loader_workers_to_the_main_process(make_loader):
+    """A scheduler's stop signals every process of the job: a DataLoader worker that died of it would make torch
+    raise in the middle of the main process's step or evaluation (which then cannot finish and save). The worker
+    outlives a SIGTERM of another sender; one of the main process (the loader's terminate(), multiprocessing's at
+    exit) ends it."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_loader_worker, args=(make_loader().worker_init_fn, ready), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another sender: as the scheduler's
+        worker.join(1.0)
+        assert worker.is_alive()
+        os.kill(worker.pid, signal.SIGTERM)  # this process started it: as the loader's terminate()
+        worker.join(10.0)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

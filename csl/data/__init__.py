@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,7 @@ __all__ = [
     "class_names",
     "default_eval_mode",
     "generate_scenes",
+    "leave_stops_to_the_main_process",
     "map_labels",
     "named_split_dir",
     "normalization",
@@ -102,11 +104,35 @@ class DatasetBundle(NamedTuple):
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed ``random``, ``numpy`` and torch from the worker's torch seed (which the
     DataLoader derives from its generator) with :func:`csl.distributed.seed_global_generators`, so augmentation is
-    reproducible for a given loader seed."""
+    reproducible for a given loader seed; stops are left to the main process
+    (:func:`leave_stops_to_the_main_process`)."""
     seed_global_generators(torch.initial_seed())
-    # Ctrl-C reaches every process of the terminal's group: the main process decides (csl.stop finishes the
-    # iteration and saves) and ends its workers; a worker that died of it first would take the batch with it.
+    leave_stops_to_the_main_process(worker_id)
+
+
+def leave_stops_to_the_main_process(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` (part of :func:`seed_worker`): a Ctrl-C or a SIGTERM that reaches every process
+    of the group leaves the worker to the main process, which decides (csl.stop finishes the iteration and saves, an
+    evaluation saves its epoch as pending) and ends its workers."""
+    # Ctrl-C reaches every process of the terminal's group; a worker that died of it first would take the batch with
+    # it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # So does a SIGTERM sent to the whole job (a scheduler's stop or time limit, timeout): a worker killed by it
+    # makes torch raise "DataLoader worker ... is killed by signal: Terminated" in the middle of the main process's
+    # step, which then cannot save. SIGTERM is blocked here and taken by a thread that ends the worker only when
+    # the main process sent it (the loader's terminate(), multiprocessing's at exit).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_a_sigterm_of, args=(os.getppid(),), daemon=True,
+                     name="csl-sigterm-of-the-main-process").start()
+
+
+def _end_on_a_sigterm_of(main_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        pass  # another sender's (the whole job's): the main process ends this worker
+    # Ended as asked, with exit status 0: torch's SIGCHLD handler in the main process raises "killed by signal"
+    # for a worker that died of the signal, also where the main process itself ended it.
+    os._exit(0)
 
 
 def default_eval_mode(dataset: str) -> str:
