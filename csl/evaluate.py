@@ -70,11 +70,11 @@ def make_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int 
     """A validation DataLoader; under torch.distributed it uses :class:`DistributedEvalSampler`. Each batch is a
     list of same-size sub-batches (:func:`collate_by_size`). Its workers leave a Ctrl-C or a SIGTERM of the whole
     group to the main process (:func:`csl.data.leave_stops_to_the_main_process`)."""
-    from .data import leave_stops_to_the_main_process
+    from .data import leave_stops_to_the_main_process, worker_init
 
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=DistributedEvalSampler(dataset),
                       num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_by_size,
-                      worker_init_fn=leave_stops_to_the_main_process)
+                      worker_init_fn=worker_init(leave_stops_to_the_main_process))
 
 
 def sliding_window_scores(model: nn.Module, image: torch.Tensor, crop_size: int, stride_ratio: float = 2 / 3

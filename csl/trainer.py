@@ -95,13 +95,13 @@ def epoch_length(num_images: int, batch_size: int, world_size: int) -> int:
 
 def make_train_loader(dataset, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,
                       device: torch.device, seed: int) -> DataLoader:
-    from .data import seed_worker
+    from .data import seed_worker, worker_init
 
     # Its own generator: creating an iterator never draws from torch's global generator (that would shift dropout
     # and make a resumed run diverge).
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=True, persistent_workers=num_workers > 0,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed))
+                      worker_init_fn=worker_init(seed_worker), generator=torch.Generator().manual_seed(seed))
 
 
 def seed_everything(seed: int) -> None:

@@ -115,18 +115,25 @@ def _eval_loader():
     return make_eval_loader([0, 1], num_workers=1)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 @pytest.mark.parametrize("make_loader", [_train_loader, _eval_loader])
-def test_a_sigterm_sent_to_the_whole_job_leaves_the_loader_workers_to_the_main_process(make_loader):
+def test_a_sigterm_sent_to_the_whole_job_leaves_the_loader_workers_to_the_main_process(make_loader, start_method):
     """A scheduler's stop signals every process of the job: a DataLoader worker that died of it would make torch
     raise in the middle of the main process's step or evaluation (which then cannot finish and save). The worker
     outlives a SIGTERM of another sender; one of the main process (the loader's terminate(), multiprocessing's at
-    exit) ends it."""
-    context = multiprocessing.get_context("fork")
+    exit) ends it. A worker of a fork server (Python 3.14's default start method on Linux) runs torch's threads
+    before its init, which could take the signal: there a SIGTERM ends it as before, whoever sends it."""
+    context = multiprocessing.get_context(start_method)
     ready = context.Event()
     worker = context.Process(target=_loader_worker, args=(make_loader().worker_init_fn, ready), daemon=True)
     worker.start()
     try:
         assert ready.wait(30)
+        if start_method == "forkserver":
+            subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+            worker.join(10.0)
+            assert worker.exitcode == -signal.SIGTERM
+            return
         subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another sender: as the scheduler's
         worker.join(1.0)
         assert worker.is_alive()

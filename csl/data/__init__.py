@@ -7,6 +7,7 @@ synthetic scenes.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -70,6 +71,7 @@ __all__ = [
     "read_split",
     "scan_folder",
     "seed_worker",
+    "worker_init",
     "write_split",
     "write_synthetic_folder",
 ]
@@ -101,19 +103,29 @@ class DatasetBundle(NamedTuple):
     val: Dataset | None
 
 
-def seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int, main_pid: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: seed ``random``, ``numpy`` and torch from the worker's torch seed (which the
     DataLoader derives from its generator) with :func:`csl.distributed.seed_global_generators`, so augmentation is
     reproducible for a given loader seed; stops are left to the main process
     (:func:`leave_stops_to_the_main_process`)."""
     seed_global_generators(torch.initial_seed())
-    leave_stops_to_the_main_process(worker_id)
+    leave_stops_to_the_main_process(worker_id, main_pid)
 
 
-def leave_stops_to_the_main_process(worker_id: int = 0) -> None:
+def worker_init(init):
+    """``init`` (:func:`seed_worker` or :func:`leave_stops_to_the_main_process`) as a loader's ``worker_init_fn``,
+    told this process's id: a worker's parent is another process under the forkserver start method."""
+    return functools.partial(init, main_pid=os.getpid())
+
+
+def leave_stops_to_the_main_process(worker_id: int = 0, main_pid: int | None = None) -> None:
     """DataLoader ``worker_init_fn`` (part of :func:`seed_worker`): a Ctrl-C or a SIGTERM that reaches every process
-    of the group leaves the worker to the main process, which decides (csl.stop finishes the iteration and saves, an
-    evaluation saves its epoch as pending) and ends its workers."""
+    of the group leaves the worker to the main process (``main_pid``, default the worker's parent), which decides
+    (csl.stop finishes the iteration and saves, an evaluation saves its epoch as pending) and ends its workers.
+    A SIGTERM is held back only in a worker forked from the main process (Linux's start method before Python 3.14):
+    where other threads run already (torch's, in a worker started by spawn or a fork server) one of them could take
+    it and end the worker all the same, and where the platform cannot wait for a signal's sender (macOS, Windows), a
+    SIGTERM ends the worker as it always did."""
     # Ctrl-C reaches every process of the terminal's group; a worker that died of it first would take the batch with
     # it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -121,9 +133,16 @@ def leave_stops_to_the_main_process(worker_id: int = 0) -> None:
     # makes torch raise "DataLoader worker ... is killed by signal: Terminated" in the middle of the main process's
     # step, which then cannot save. SIGTERM is blocked here and taken by a thread that ends the worker only when
     # the main process sent it (the loader's terminate(), multiprocessing's at exit).
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):
+        return
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:  # another thread would take a SIGTERM blocked here alone
+            return
+    except OSError:
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_end_on_a_sigterm_of, args=(os.getppid(),), daemon=True,
+    threading.Thread(target=_end_on_a_sigterm_of, args=(main_pid or os.getppid(),), daemon=True,
                      name="csl-sigterm-of-the-main-process").start()
 
 
