@@ -44,6 +44,9 @@ from .demo import METHODS
 
 log = logging.getLogger("csl")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# UniMatch's unimatch.py arguments that `csl train` takes, and the config key each sets.
+TRAIN_FLAG_KEYS = {"--labeled-id-path": "data.labeled_list", "--unlabeled-id-path": "data.unlabeled_list",
+                   "--save-path": "output_dir"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,13 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     keys_help = (f"bundled configs: {bundled} (csl/configs/). Every key, its default and meaning: the README's "
                  f"configuration table and csl/config.py (DEFAULTS); override any with key=value.")
     t = command("train", "train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
-    t.add_argument("--config", required=True, help="YAML file or bundled config name")
+    t.add_argument("--config", required=True, help="YAML file or bundled config name, or UniMatch's "
+                                                    "configs/<dataset>.yaml (read as the csl config of its recipe)")
     t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (the newer of output_dir's latest.pt and "
                                     "best.pt, latest.pt on a tie; neither: a new run)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in output_dir (without it, or --resume, such a folder is refused)")
     t.add_argument("--print-config", action="store_true",
                    help="print the merged, validated config as YAML and exit (nothing is trained or written)")
+    unimatch = t.add_argument_group("UniMatch's flags", "unimatch.py's arguments, so that its scripts run csl as "
+                                    "they are; each sets a config key")
+    for flag, key in TRAIN_FLAG_KEYS.items():
+        unimatch.add_argument(flag, metavar="PATH", help=f"sets {key}")
+    unimatch.add_argument("--port", type=int, help="the processes' MASTER_PORT where the launcher set none (as "
+                                                   "UniMatch under SLURM); the launcher's port otherwise")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
 
     e = command("eval", "evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
@@ -229,14 +239,18 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     overrides = list(args.overrides)
-    for flag, value, key in (("--resume", args.resume, "train.resume"), ("--overwrite", args.overwrite,
-                                                                           "train.overwrite")):
+    paths = {"--resume": (args.resume, "train.resume")}
+    paths.update({flag: (getattr(args, flag[2:].replace("-", "_")), key) for flag, key in TRAIN_FLAG_KEYS.items()})
+    for flag, (value, key) in {**paths, "--overwrite": (args.overwrite, "train.overwrite")}.items():
         if value and any(parse_override(o)[0] == key for o in overrides):
             raise ConfigError(f"{flag} and {key}= are both given; pass one")
-    if args.resume:  # a path, not YAML: quoted (as JSON, which YAML reads), so that ' #' or ': ' stay in it
-        overrides.append(f"train.resume={json.dumps(args.resume)}")
+    for value, key in paths.values():
+        if value:  # a path, not YAML: quoted (as JSON, which YAML reads), so that ' #' or ': ' stay in it
+            overrides.append(f"{key}={json.dumps(value)}")
     if args.overwrite:
         overrides.append("train.overwrite=true")
+    if args.port is not None:
+        use_port(args.port)
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(config_yaml(cfg), end="")
@@ -540,9 +554,56 @@ def _own_warnings_as_lines(command: str):
         yield
 
 
+def use_port(port: int) -> None:
+    """UniMatch's ``--port``: the processes meet there where the launcher set no ``MASTER_PORT``; a launcher's port
+    stays (said when it differs), as in UniMatch outside SLURM."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in [1, 65535], got {port}")
+    launcher = os.environ.get("MASTER_PORT")
+    if launcher is None:
+        os.environ["MASTER_PORT"] = str(port)
+    elif launcher != str(port):
+        warnings.warn(f"--port {port} is not used: the launcher's MASTER_PORT {launcher} is", UserWarning,
+                      stacklevel=2)
+
+
+_LOCAL_RANK_FLAG = re.compile(r"--local[-_]rank(?:=(.*))?")
+
+
+def take_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local-rank=N`` that ``python -m torch.distributed.launch`` puts before the command
+    (UniMatch's scripts launch that way): the process reads ``LOCAL_RANK``, which that launcher sets too; a flag that
+    disagrees with it is an error, one without it sets it."""
+    out, i = [], 0
+    while i < len(argv):
+        match = _LOCAL_RANK_FLAG.fullmatch(argv[i])
+        if not match:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = match.group(1)
+        if value is None:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            i += 1
+        i += 1
+        if not value.isdigit():
+            raise ConfigError(f"{match.group(0).split('=')[0]} takes a process's local rank (an integer >= 0), got "
+                              f"{value!r}")
+        given = os.environ.get("LOCAL_RANK")
+        if given is not None and given != value:
+            raise ConfigError(f"--local-rank {value} disagrees with the environment's LOCAL_RANK {given}")
+        os.environ["LOCAL_RANK"] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    negative = _negative_fractions(sys.argv[1:] if argv is None else list(argv))
+    try:
+        argv = take_local_rank(sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        print(f"csl: error: {e}", file=sys.stderr)
+        return 2
+    negative = _negative_fractions(argv)
     if negative:
         print(f"csl split: error: a split fraction must lie strictly between 0 and 1, got {negative[0]!r}",
               file=sys.stderr)

@@ -578,11 +578,17 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
 
 
 def load_config(path_or_name: str | None = None, overrides: list[str] | dict | None = None) -> dict:
-    """Load a YAML config (a path or a bundled name), apply ``key=value`` overrides, validate.
+    """Load a YAML config (a path or a bundled name; a UniMatch config is read as the csl config of its recipe, see
+    :mod:`csl.unimatch_config`), apply ``key=value`` overrides, validate.
 
     Relative data / checkpoint paths are kept as written (relative to the working directory).
     """
     raw = load_yaml(resolve_config_path(path_or_name)) if path_or_name else {}
+    from .unimatch_config import from_unimatch, is_unimatch_config
+
+    if is_unimatch_config(raw):
+        raw, account = from_unimatch(raw, path_or_name)
+        warnings.warn(account, UserWarning, stacklevel=2)
     try:
         return build_config(raw, overrides)
     except ConfigError as merged:
