@@ -50,16 +50,26 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
     raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors and plain Python values")
 
 
-def atomic_save(payload: dict, path: str) -> None:
+def atomic_save(payload: dict, path: str, *copies: str) -> None:
     """``torch.save`` to ``path`` whole or not at all (:func:`csl.files.atomic_open`: a temporary file beside it,
-    fsync, rename), with the umask's permissions as ``torch.save`` gives. A failed write raises OSError naming the file
-    and the free space on its file system."""
+    fsync, rename), with the umask's permissions as ``torch.save`` gives, then the file's bytes to each of ``copies``
+    the same way (one serialisation for ``best.pt`` and ``latest.pt``). A failed write raises OSError naming the file
+    and the free space on its file system; the files written before it stay."""
     check_plain(payload)
+    _write_whole(path, lambda f: torch.save(payload, f))
+    for copy in copies:
+        with open(path, "rb") as source:
+            _write_whole(copy, lambda f, source=source: shutil.copyfileobj(source, f, 1 << 24))
+
+
+def _write_whole(path: str, write) -> None:
+    """``write(file)`` into a temporary file renamed over ``path`` when it succeeds; its errors as :func:`atomic_save`
+    says."""
     writer = None
     try:
         with atomic_open(path, binary=True, durable=True) as f:
             writer = _WriteErrorKept(f)
-            torch.save(payload, writer)
+            write(writer)
     except Exception as exc:  # KeyboardInterrupt, SystemExit: as they are
         interrupt = _interrupt_behind(exc)
         if interrupt is not None:  # a Ctrl-C inside torch.save surfaces as the zip writer's error on closing

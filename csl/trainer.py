@@ -529,8 +529,7 @@ class Trainer:
             payload["rng"] = rng
             if ranks is not None:
                 payload["ranks"] = ranks
-            for name in names:
-                atomic_save(payload, os.path.join(self.output_dir, name))
+            atomic_save(payload, *(os.path.join(self.output_dir, name) for name in names))
         barrier()
 
     def _check_ranks_resume_alike(self) -> None:

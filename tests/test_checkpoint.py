@@ -169,6 +169,32 @@ def test_failed_save_names_the_writes_own_error(tmp_path):
     assert ck.load_checkpoint(path)["iteration"] == 1 and os.listdir(tmp_path) == ["latest.pt"]
 
 
+def test_one_serialisation_gives_every_copy_and_a_failed_copy_keeps_the_rest(tmp_path, monkeypatch):
+    """best.pt and latest.pt of an improving epoch: torch.save runs once and the second file gets its bytes; a copy
+    that fails (a full disk) names its file, leaves its previous version and no temporary file, and the first stays."""
+    best, latest = str(tmp_path / "best.pt"), str(tmp_path / "latest.pt")
+    ck.atomic_save(_payload(1.0), latest)
+    saves = []
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (saves.append(1), save(obj, f, *a, **k))[1])
+    ck.atomic_save(_payload(2.0), best, latest)
+    assert len(saves) == 1 and open(best, "rb").read() == open(latest, "rb").read()
+    assert ck.load_checkpoint(latest)["iteration"] == 2
+    assert os.stat(latest).st_mode & 0o777 == 0o666 & ~_umask()
+
+    def full_disk(source, target, length=0):
+        target.write(source.read(10))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.shutil, "copyfileobj", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*latest\.pt: OSError: \[Errno 28\] No space left "
+                                      r"on device \(.* MiB free on its file system; the previous file, if any, is "
+                                      r"unchanged\)"):
+        ck.atomic_save(_payload(3.0), best, latest)
+    assert ck.load_checkpoint(best)["iteration"] == 3 and ck.load_checkpoint(latest)["iteration"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "latest.pt"]
+
+
 class _Custom:
     pass
 

@@ -93,7 +93,7 @@ def test_a_run_folder_made_read_only_is_said_by_the_failed_checkpoint_not_by_the
     Permission denied: '.../.csl.lock')."""
     import errno
 
-    def read_only_save(payload, path):
+    def read_only_save(payload, path, *copies):
         raise OSError(f"could not write checkpoint {path}: PermissionError: [Errno 13] Permission denied")
 
     real_remove = os.remove
@@ -191,20 +191,20 @@ def test_best_is_written_before_latest(tmp_path, monkeypatch):
     """A kill after the first checkpoint write of an improving epoch leaves best.pt, not only latest.pt."""
     trainer = Trainer(config(tmp_path))
     written = []
-    real = checkpoint_mod.atomic_save
+    real = checkpoint_mod._write_whole
 
-    def dying_save(payload, path):
-        real(payload, path)
+    def dying_write(path, write):
+        real(path, write)
         written.append(os.path.basename(path))
         raise KeyboardInterrupt  # killed right after the first file
 
-    monkeypatch.setattr("csl.trainer.atomic_save", dying_save)
+    monkeypatch.setattr(checkpoint_mod, "_write_whole", dying_write)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     trainer.close()
     assert written == ["best.pt"]
     # --resume auto continues from best.pt (the state latest.pt would have held), it does not replace the run.
-    monkeypatch.setattr("csl.trainer.atomic_save", real)
+    monkeypatch.setattr(checkpoint_mod, "_write_whole", real)
     summary = train(config(tmp_path, **{"train.resume": "auto"}))
     assert summary["iterations"] == 4
     assert [r["iter"] for r in read_metrics(str(tmp_path / "metrics.jsonl"), "train")] == [1, 2, 3, 4]

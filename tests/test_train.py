@@ -371,6 +371,18 @@ def test_resume_continues_exactly(tmp_path):
     assert (full_dir / "best.pt").is_file() and (split_dir / "best.pt").is_file()
 
 
+def test_an_improving_epoch_serialises_its_checkpoint_once(tmp_path, monkeypatch):
+    """best.pt and latest.pt hold the same state at an improving epoch: one torch.save, the second file a copy."""
+    import csl.checkpoint as ck
+
+    calls = []
+    save = ck.atomic_save
+    monkeypatch.setattr("csl.trainer.atomic_save", lambda payload, *paths: (calls.append(paths), save(payload, *paths)))
+    train(tiny_config(tmp_path, **{"train.iters": 2, "train.iters_per_epoch": 2}))
+    assert [tuple(map(os.path.basename, c)) for c in calls] == [("best.pt", "latest.pt")]
+    assert open(tmp_path / "best.pt", "rb").read() == open(tmp_path / "latest.pt", "rb").read()
+
+
 def test_samples_do_not_depend_on_workers_or_start():
     """SeededDataset + ResumableDistributedSampler: the same items whether loaded by 0 or 2 workers, and starting
     at position k gives the tail of the full epoch."""
