@@ -93,3 +93,12 @@ def test_the_installed_packages_find_their_configs_splits_and_sources_from_anoth
                                      for p in (ROOT / "csl" / "splits").rglob("*") if p.is_file())
     assert Path(found["csrc"]) == site / "csl_kernels" / "csrc"
     assert found["csrc_hash"] == source_hash(ROOT / "csrc")
+
+
+def test_the_extension_sources_keep_ruffs_line_length():
+    """The C++ / CUDA sources keep the 120 columns that ruff holds the Python to (pyproject.toml)."""
+    sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh")]
+    assert sources
+    long = [f"{p.relative_to(ROOT)}:{n}" for p in sources
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []

@@ -26,8 +26,8 @@ namespace cpu {
 // kTile). Pixels with a non-finite logit get f0 = v = 0, label 0, finite 0.
 template <typename acc_t>
 CSL_INLINE void features_body(const acc_t* z, int64_t zsc, int64_t n, int64_t num_classes, bool log_confidence,
-                              bool released, acc_t* e, acc_t* __restrict f0, acc_t* __restrict v, int32_t* __restrict label,
-                              int32_t* __restrict finite) {
+                              bool released, acc_t* e, acc_t* __restrict f0, acc_t* __restrict v,
+                              int32_t* __restrict label, int32_t* __restrict finite) {
   alignas(64) acc_t z_max[kTile], big_r[kTile], inv[kTile], r[kTile], m[kTile], sum_sq[kTile];
   const acc_t others = static_cast<acc_t>(num_classes - 1);
 #pragma omp simd
