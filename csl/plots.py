@@ -244,10 +244,12 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
     handles = [Patch(facecolor=colours[c] / 255.0, edgecolor="black", linewidth=0.3, label=names[c]) for c in shown]
     handles.append(Patch(facecolor=ignored_colour(colours) / 255.0, edgecolor="black", linewidth=0.3,
                          label="ignored (void / padding)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
-               title="classes (ground truth, prediction); weight and masks: yellow = 1 / selected / hidden, "
-                     "dark = 0", title_fontsize=7)
-    fig.subplots_adjust(bottom=0.05 + 0.12 / len(examples) * (1 + len(handles) // 8))
+    # Below the figure's bottom edge (the saved picture grows to hold it): the images keep their size whatever the
+    # number of classes in view.
+    fig.subplots_adjust(bottom=0.1 / len(examples))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8), fontsize=7,
+               frameon=False, title="classes (ground truth, prediction); weight and masks: yellow = 1 / selected / "
+                                    "hidden, dark = 0", title_fontsize=7)
     return _save(fig, out_dir, "panels.png")
 
 

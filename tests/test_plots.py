@@ -301,3 +301,30 @@ def test_accuracy_recall_legend_lies_beside_the_axes(kept_figures, tmp_path):
     ax = kept_figures[0].axes[0]
     ax.figure.canvas.draw()
     assert not _extent(ax.get_legend()).overlaps(ax.get_window_extent())
+
+
+def _panel_example(classes: int, height: int = 30, width: int = 40, seed: int = 0) -> dict:
+    """One row of panels.png whose ground truth and prediction hold every one of ``classes`` classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(height * width) % classes).reshape(height, width)
+    return {"name": "a.png", "image": np.zeros((height, width, 3), dtype=np.uint8), "target": labels,
+            "pred": labels[::-1], "weight": np.full((height, width), 0.5), "cover": np.zeros((height, width), bool),
+            "conf": np.full((height, width), 0.9, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("classes", [40, 60, 150])
+def test_panels_keep_their_size_below_a_legend_of_many_classes(kept_figures, tmp_path, classes):
+    """A weak model on COCO or ADE20K puts dozens of classes in one image: with one row of panels (--panels 1), the
+    legend of 60 classes raised the axes' bottom past their top (ValueError: bottom cannot be >= top, after the whole
+    analysis ran), and one of 40 shrank the images to a strip. The images keep the size they have with a few classes;
+    the legend lies below them, clear of every image and its column title."""
+    plots.plot_panels([_panel_example(3)], str(tmp_path), classes, None)
+    plots.plot_panels([_panel_example(classes)], str(tmp_path), classes, None)
+    few, many = kept_figures
+    for fig in (few, many):
+        fig.canvas.draw()
+    assert len(many.legends[0].get_texts()) == classes + 1
+    for small, big in zip(few.axes, many.axes, strict=True):
+        assert _extent(big).height == pytest.approx(_extent(small).height, rel=0.01)
+    legend = _extent(many.legends[0])
+    assert not [ax for ax in many.axes if legend.overlaps(_extent(ax)) or legend.overlaps(_extent(ax.title))]
