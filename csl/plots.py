@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import textwrap
 
 import numpy as np
 
@@ -388,6 +389,12 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
     return _save_figure(fig, out_path)
 
 
+def _wrap(label: str, width: int = 16) -> str:
+    """``label`` in lines of at most ``width`` characters (a word longer than that cut), its bracket on a line of its
+    own: a tick label as wide as the space of one method on the seed picture."""
+    return "\n".join(textwrap.fill(part, width) for part in label.replace(" (", "\n(").split("\n"))
+
+
 def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     """Final val mIoU of each method (``finals[method][seed]``, 0-1), one line per seed across the methods: the
     levels move with the seed, the paired differences between methods are the lines' shape."""
@@ -395,14 +402,16 @@ def plot_miou_by_seed(finals: dict[str, dict], out_path: str) -> str:
     methods = list(finals)
     seeds = list(dict.fromkeys(seed for per_seed in finals.values() for seed in per_seed))
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(methods), 3.8))
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         ys = [100 * _num(finals[m].get(seed)) for m in methods]
-        ax.plot(range(len(methods)), ys, "o-", ms=5, label=f"seed {seed}")
+        # The colour cycle's ten colours, then again with another line style: no two seeds drawn alike.
+        ax.plot(range(len(methods)), ys, marker="os^D"[i // 10 % 4], ls=("-", "--", ":", "-.")[i // 10 % 4], ms=5,
+                label=f"seed {seed}")
     # The mean only over every seed: a method run on fewer seeds would be compared on other levels.
     means = [100 * np.mean([_num(finals[m][seed]) for seed in seeds]) if len(finals[m]) == len(seeds) else np.nan
              for m in methods]
     ax.plot(range(len(methods)), means, "_", ms=28, mew=2.5, color="black", label="mean of the seeds")
-    ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_xticks(range(len(methods)), [_wrap(m) for m in methods], fontsize=8)
     ax.set_ylabel("final val mIoU (%)")
     ax.grid(axis="y", alpha=0.3)
     _legend_outside(ax, markerscale=0.5, handlelength=2.5)  # the mean's wide bar, shrunk to fit beside its label
