@@ -331,19 +331,25 @@ def _legend_outside(ax, *handles_and_labels, **kwargs) -> None:
 
 
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
-    """Per-epoch mask ratio, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
-    metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded."""
+    """Per-epoch share, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
+    metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded (their share is
+    the mean weight, the mask ratio); a method recorded without the unlabeled ground truth has its mask ratio alone,
+    drawn solid."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
-    panels = [("mask ratio (mean weight)", "mask_ratio", None), ("accuracy", "accuracy", "weighted_accuracy"),
+    panels = [("share selected (soft weights: the mean weight)", "sampling_rate", "weighted_share"),
+              ("accuracy", "accuracy", "weighted_accuracy"),
               ("recall of the correct pseudo-labels", "recall", "weighted_recall")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     colours = method_colours(list(curves))
     dashed = False
     for method, records in curves.items():
         its = [r["iter"] for r in records]
-        for ax, (_, key, weighted_key) in zip(axes, panels, strict=True):
+        shares = panels[0][1:] if any(r.get("sampling_rate") is not None for r in records) else ("mask_ratio", None)
+        for ax, (_, key, weighted_key) in zip(axes, [(panels[0][0], *shares), *panels[1:]], strict=True):
             solid = [r.get(key) for r in records]
-            for k, style, label in ((key, "o-", method), (weighted_key, "s--", None)):
+            for k, style in ((key, "o-"), (weighted_key, "s--")):
                 vals = [r.get(k) for r in records] if k else []
                 # Weights of 0 and 1 only (the threshold's): the soft curve is the solid one, not drawn again
                 # (hidden under it, a dashed line the title names would not be seen).
@@ -352,7 +358,7 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
                     continue
                 if any(v is not None for v in vals):
                     ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colours[method],
-                            label=label)
+                            label=method if style == "o-" else None)
                     dashed = dashed or style == "s--"
     if dashed:
         fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9, y=1.03)
@@ -361,7 +367,8 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of the unlabeled pixels" if not dashed else "fraction")
-    _legend_outside(axes[-1])
+    # One entry per method, whichever panels it has lines in.
+    _legend_outside(axes[-1], [Line2D([], [], marker="o", ms=3, color=colours[m]) for m in curves], list(curves))
     return _save_figure(fig, out_path)
 
 

@@ -156,21 +156,40 @@ def test_miou_curves_and_the_seed_picture_draw_percent_per_iteration_and_seed(ke
 
 
 def test_pseudo_label_curves_draw_each_panels_quantity_solid_and_weighted_dashed(kept_figures):
-    records = [{"iter": 10, "mask_ratio": 0.9, "accuracy": 0.8, "recall": 0.7, "weighted_accuracy": 0.6,
-                "weighted_recall": 0.5}]
+    """Each panel: the reliable pixels' (w = 1) share, accuracy, recall solid, the soft weights' dashed, as the
+    suptitle says (the first panel drew CSL's mask ratio, its mean weight, solid: read as the share of its reliable
+    pixels, 0.9 where they were 0.45)."""
+    records = [{"iter": 10, "mask_ratio": 0.9, "sampling_rate": 0.45, "accuracy": 0.8, "recall": 0.7,
+                "weighted_share": 0.88, "weighted_accuracy": 0.6, "weighted_recall": 0.5}]
     plots.plot_pseudo_label_curves({"CSL": records}, "p.png")
-    drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()]
-             for ax in kept_figures[0].axes[:3]]
-    assert drawn == [[("-", [0.9])], [("-", [0.8]), ("--", [0.6])], [("-", [0.7]), ("--", [0.5])]]
+    fig = kept_figures[0]
+    drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()] for ax in fig.axes[:3]]
+    assert drawn == [[("-", [0.45]), ("--", [0.88])], [("-", [0.8]), ("--", [0.6])], [("-", [0.7]), ("--", [0.5])]]
+    assert fig._suptitle.get_text() == "solid: the reliable pixels (w = 1); dashed: the soft weights"
+
+
+def test_pseudo_label_curves_without_ground_truth_draw_the_mask_ratio_and_name_every_method(kept_figures):
+    """Records without the unlabeled ground truth hold the mask ratio alone: drawn solid in the first panel, and the
+    method named in the legend though it has no line in the last panel."""
+    plots.plot_pseudo_label_curves({"CSL": [{"iter": 10, "mask_ratio": 0.9}],
+                                    "threshold": [{"iter": 10, "mask_ratio": 0.5, "sampling_rate": 0.5,
+                                                   "accuracy": 0.9, "recall": 0.6, "weighted_share": 0.5,
+                                                   "weighted_accuracy": 0.9, "weighted_recall": 0.6}]}, "p.png")
+    fig = kept_figures[0]
+    assert [(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in fig.axes[0].get_lines()] == [
+        ("-", [0.9]), ("-", [0.5])]
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["CSL", "threshold"]
+    assert fig._suptitle is None
 
 
 
 def test_pseudo_label_curves_leave_out_soft_curves_equal_to_the_reliable_ones(kept_figures):
     """The threshold's weights are 0 or 1: its weighted accuracy and recall are the reliable pixels' own, a dashed
     line hidden under the solid one; not drawn, and no title about dashed lines none of which would show."""
-    records = [{"iter": 10, "mask_ratio": 0.6, "accuracy": 0.98, "recall": 0.7, "weighted_accuracy": 0.98,
-                "weighted_recall": 0.7}, {"iter": 20, "mask_ratio": 0.6, "accuracy": None, "recall": 0.72,
-                                          "weighted_accuracy": None, "weighted_recall": 0.72}]
+    records = [{"iter": 10, "mask_ratio": 0.6, "sampling_rate": 0.6, "accuracy": 0.98, "recall": 0.7,
+                "weighted_share": 0.6, "weighted_accuracy": 0.98, "weighted_recall": 0.7},
+               {"iter": 20, "mask_ratio": 0.6, "sampling_rate": 0.6, "accuracy": None, "recall": 0.72,
+                "weighted_share": 0.6, "weighted_accuracy": None, "weighted_recall": 0.72}]
     plots.plot_pseudo_label_curves({"threshold": records}, "p.png")
     fig = kept_figures[0]
     assert [[ln.get_linestyle() for ln in ax.get_lines()] for ax in fig.axes[:3]] == [["-"], ["-"], ["-"]]
