@@ -330,6 +330,14 @@ def _legend_outside(ax, *handles_and_labels, **kwargs) -> None:
               **kwargs)
 
 
+def _iteration_axis(ax) -> None:
+    """The x axis of iterations, ticked at whole ones only (two evaluations 20 apart were ticked 22.5, 27.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
     """Per-epoch share, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
     metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded (their share is
@@ -364,7 +372,7 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
         fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9, y=1.03)
     for ax, (title, _, _) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("iteration")
+        _iteration_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fraction of the unlabeled pixels" if not dashed else "fraction")
     # One entry per method, whichever panels it has lines in.
@@ -388,7 +396,7 @@ def plot_miou_panels(panels: dict[str, dict[str, list[dict]]], out_path: str) ->
             ax.plot([r["iter"] for r in records], [100 * _num(r["miou"]) for r in records], "o-", ms=3,
                     color=colours[method], label=method)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
+        _iteration_axis(ax)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val mIoU (%)")
     handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}

@@ -367,3 +367,16 @@ def test_seed_picture_names_each_method_apart_and_tells_each_seed_apart(kept_fig
     looks = [(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in ax.get_lines()
              if ln.get_label().startswith("seed ")]
     assert len(looks) == 12 == len(set(looks))
+
+
+def test_curves_mark_whole_iterations_only(kept_figures):
+    """Two evaluations, at iterations 20 and 40 (a short run): the iteration axis of the mIoU and pseudo-label
+    curves was ticked 22.5, 27.5, ..., iterations that do not exist; it holds whole numbers only."""
+    records = [{"iter": it, "miou": 0.3, "sampling_rate": 0.5, "accuracy": 0.9, "recall": 0.6} for it in (20, 40)]
+    plots.plot_miou_curves({"csl": records}, "c.png")
+    plots.plot_pseudo_label_curves({"csl": records}, "p.png")
+    for fig in kept_figures:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
