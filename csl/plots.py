@@ -58,6 +58,15 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+def _point_label(label: str, quality: dict) -> str:
+    """The legend entry of one rule's point, saying why it is not in the plane where its accuracy or recall is None."""
+    if quality["accuracy"] is None:
+        return f"{label}: not drawn, nothing selected"
+    if quality["recall"] is None:
+        return f"{label}: not drawn, no correct pseudo-label"
+    return label
+
+
 def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: str | None = None) -> str:
     """Accuracy against recall of the selected pseudo-labels: the threshold sweep, the entropy and margin sweeps,
     and the CSL points (hard and weighted, per image and per class)."""
@@ -74,7 +83,7 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
     base = baseline_row(result, tau)
     if base:
         ax.plot(_num(base["recall"]), _num(base["accuracy"]), "s", ms=10, mfc="none", mec=mc["threshold"], mew=2,
-                label=f"threshold {tau:g} (UniMatch)")
+                label=_point_label(f"threshold {tau:g} (UniMatch)", base))
     styles = {"entropy": ("v--", "tab:gray"), "margin": ("^--", "tab:purple")}
     for name, sweep in result["sweeps"].items():
         marker, colour = styles.get(name, (".--", "black"))
@@ -91,7 +100,7 @@ def plot_accuracy_recall(result: dict, out_dir: str, tau: float = 0.95, title: s
             continue
         r = result[rule][kind]
         ax.plot(_num(r["recall"]), _num(r["accuracy"]), marker, ms=13 if marker == "*" else 10, color=mc[rule],
-                label=label, mec="black", mew=0.5)
+                label=_point_label(label, r), mec="black", mew=0.5)
     ax.set_xlabel("recall of the correct pseudo-labels")
     ax.set_ylabel("accuracy of the selected pseudo-labels")
     ax.grid(alpha=0.3)

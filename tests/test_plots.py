@@ -380,3 +380,17 @@ def test_curves_mark_whole_iterations_only(kept_figures):
         for ax in fig.axes:
             ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
             assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_accuracy_recall_legend_says_which_point_is_not_drawn(kept_figures, tmp_path):
+    """A weak model selects no pixel at 0.95 (accuracy undefined): the UniMatch square has no place in the plane, and
+    its legend entry said so nowhere (a reader looked for it); one CSL point without a correct pixel likewise."""
+    def rule(acc, rec):
+        return {"accuracy": acc, "recall": rec}
+
+    result = {"threshold": [{"tau": 0.9, **rule(0.95, 0.1)}, {"tau": 0.95, **rule(None, 0.0)}], "sweeps": {},
+              "csl": {"hard": rule(0.0, None), "weighted": rule(0.6, 0.8)}}
+    plots.plot_accuracy_recall(result, str(tmp_path))
+    texts = [t.get_text() for t in kept_figures[0].axes[0].get_legend().get_texts()]
+    assert texts == ["confidence threshold sweep", "threshold 0.95 (UniMatch): not drawn, nothing selected",
+                     "CSL per image: reliable (w = 1): not drawn, no correct pseudo-label", "CSL per image: weighted"]
