@@ -16,14 +16,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import ConfigError
+from .config import DEFAULTS, ConfigError
 
 # Keys of UniMatch's configs; the first four exist in no csl config and mark a file as UniMatch's.
 MARKER_KEYS = ("nclass", "data_root", "conf_thresh", "lr_multi")
 REQUIRED_KEYS = ("dataset", "nclass", "crop_size", "data_root", "epochs", "batch_size", "lr", "lr_multi", "criterion",
                  "conf_thresh", "backbone", "dilations")
 OPTIONAL_KEYS = ("model", "replace_stride_with_dilation")
-CSL_SECTIONS = ("data", "train", "selection", "kernels", "tmp", "eval")
+# The csl key each UniMatch key becomes (said when a csl config holds a UniMatch key by mistake).
+CSL_KEY_OF = {"dataset": "data.dataset", "nclass": "data.num_classes", "crop_size": "data.crop_size",
+              "data_root": "data.root", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+              "lr_multi": "train.head_lr_mult", "criterion": "train.criterion", "conf_thresh": "selection.tau",
+              "backbone": "model.backbone", "replace_stride_with_dilation": "model.output_stride",
+              "dilations": "model.dilations"}
 DATASETS = ("pascal", "cityscapes", "coco")
 BACKBONES = ("resnet50", "resnet101", "xception")
 # UniMatch's criteria and the keyword arguments csl's losses have: nn.CrossEntropyLoss and ProbOhemCrossEntropy2d
@@ -53,10 +58,13 @@ def from_unimatch(raw: dict, path: str) -> tuple[dict, str]:
         return UniMatchConfigError(f"{path} (a UniMatch config: {', '.join(k for k in MARKER_KEYS if k in raw)}): "
                                    f"{message}")
 
-    csl_keys = [k for k in raw if k in CSL_SECTIONS or k == "model" and isinstance(raw[k], dict)]
-    if csl_keys:
-        raise fail(f"it also holds csl's {', '.join(csl_keys)}: write a file of one kind (csl's settings can follow "
-                   f"a UniMatch config as key=value overrides, e.g. selection.mode=threshold)")
+    csl_keys = [k for k in raw if k in DEFAULTS and (k != "model" or isinstance(raw[k], dict))]
+    if csl_keys:  # a csl config with a UniMatch key in it, or a UniMatch config with csl's keys added
+        found = [k for k in raw if k in CSL_KEY_OF and k != "model"]
+        raise UniMatchConfigError(
+            f"{path} holds csl's {', '.join(csl_keys)} and UniMatch's {', '.join(found)}: a config is one or the "
+            f"other. In a csl config write {', '.join(f'{CSL_KEY_OF[k]} for {k}' for k in found)}; a UniMatch "
+            f"config takes csl's settings as key=value overrides (e.g. selection.mode=threshold)")
     unknown = [k for k in raw if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
     if unknown:
         raise fail(f"unknown key(s) {', '.join(map(repr, unknown))}; UniMatch's keys are "

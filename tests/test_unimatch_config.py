@@ -142,7 +142,6 @@ def test_the_validation_list_is_unimatchs_when_its_splits_folder_is_here(tmp_pat
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t + "train:\n  lr: 0.1\n", r"it also holds csl's train: write a file of one kind"),
     (lambda t: t + "warmup: 3\n", r"unknown key\(s\) 'warmup'; UniMatch's keys are dataset, nclass"),
     (lambda t: t.replace("lr_multi: 10.0\n", ""), r"missing lr_multi \(UniMatch's unimatch.py reads every one\)"),
     (lambda t: t.replace("dataset: pascal", "dataset: ade20k"), r"dataset 'ade20k': csl reads UniMatch's pascal, "
@@ -165,6 +164,23 @@ def test_what_csl_cannot_train_as_unimatch_would_is_refused_by_name(tmp_path, mo
                                           r"conf_thresh\)") as e:
         load_config(unimatch_config(tmp_path, edit(PASCAL)))
     assert e.match(message)
+
+
+@pytest.mark.parametrize("text, message", [
+    # a csl config whose class count was written as UniMatch's key: csl's key is named, not UniMatch's others
+    ("output_dir: runs/x\nnclass: 21\n", r"typo\.yaml holds csl's output_dir and UniMatch's nclass: a config is "
+                                          r"one or the other\. In a csl config write data\.num_classes for nclass;"),
+    ("data:\n  dataset: pascal\nnclass: 21\ntrain:\n  iters: 2\n", r"holds csl's data, train and UniMatch's "
+                                                                   r"nclass: .*write data\.num_classes for nclass"),
+    # UniMatch's file with a csl section added: csl's settings go as overrides
+    (PASCAL + "train:\n  lr: 0.1\n", r"holds csl's train and UniMatch's dataset, nclass, crop_size, data_root, .*"
+                                      r"a UniMatch config takes csl's settings as key=value overrides"),
+])
+def test_a_file_holding_keys_of_both_kinds_names_the_csl_key_of_the_unimatch_one(tmp_path, monkeypatch, text,
+                                                                                 message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_config(written(tmp_path / "typo.yaml", text))
 
 
 def test_an_ohem_using_cityscapes_class_weights_is_refused(tmp_path, monkeypatch):
