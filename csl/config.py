@@ -588,7 +588,8 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
 
     if is_unimatch_config(raw):
         raw, account = from_unimatch(raw, path_or_name)
-        warnings.warn(account, UserWarning, stacklevel=2)
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun: every process reads the file alike
+            warnings.warn(account, UserWarning, stacklevel=2)
     try:
         return build_config(raw, overrides)
     except ConfigError as merged:

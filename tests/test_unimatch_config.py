@@ -113,6 +113,21 @@ def test_unimatchs_configs_train_the_recipe_of_the_bundled_ones(tmp_path, monkey
     assert got["selection.mode"] == "csl" and got["data.val_list"] is None  # no splits/<dataset>/val.txt here
 
 
+def test_the_account_of_the_reading_is_said_once_under_torchrun(tmp_path, monkeypatch):
+    """Every process of a launched job reads the file; the line is said by rank 0 (or a process without a launcher),
+    not once per GPU."""
+    monkeypatch.chdir(tmp_path)
+    config = unimatch_config(tmp_path, PASCAL)
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert load_config(config)["data"]["num_classes"] == 21
+    assert [str(w.message) for w in seen] == []
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(UserWarning, match="as a UniMatch config"):
+        load_config(config)
+
+
 def test_conf_thresh_is_the_threshold_of_unimatchs_own_selection(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = quietly(unimatch_config(tmp_path, CITYSCAPES), ["selection.mode=threshold", "tmp.enabled=false"])
