@@ -135,8 +135,8 @@ def from_unimatch(raw: dict, path: str) -> tuple[dict, str]:
                f"batch_size, lr, lr_multi (train.head_lr_mult), criterion {name} -> train.*; {'; '.join(said)}; "
                f"eval.mode={tree['eval']['mode']} (UniMatch's for {dataset}); conf_thresh {raw['conf_thresh']} -> "
                f"selection.tau, the threshold of selection.mode=threshold (UniMatch's selection; with "
-               f"tmp.enabled=false UniMatch's recipe), while this run selects with CSL (selection.mode=csl); "
-               f"--print-config shows every setting")
+               f"tmp.enabled=false UniMatch's recipe); selection.mode=csl, CSL's selection, unless overridden; "
+               f"csl train --config {path} --print-config shows every setting")
     return tree, account
 
 

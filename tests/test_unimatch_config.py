@@ -128,6 +128,24 @@ def test_the_account_of_the_reading_is_said_once_under_torchrun(tmp_path, monkey
         load_config(config)
 
 
+def test_the_account_says_what_every_command_reading_the_file_does(tmp_path, monkeypatch):
+    """The account is written before the overrides and said by eval / predict / analyze too: it claims no selection
+    that an override replaces, and names the command that prints the config (only `csl train` has --print-config);
+    the data error of those commands names the flag as `csl train`'s (they have no --labeled-id-path)."""
+    monkeypatch.chdir(tmp_path)
+    config = unimatch_config(tmp_path, PASCAL)
+    with pytest.warns(UserWarning) as seen:
+        cfg = load_config(config, ["selection.mode=threshold", "tmp.enabled=false"])
+    account = str(seen[0].message)
+    assert cfg["selection"]["mode"] == "threshold" and "this run selects with CSL" not in account
+    assert account.endswith(f"selection.mode=csl, CSL's selection, unless overridden; csl train --config {config} "
+                            f"--print-config shows every setting")
+    from csl.data import _resolve_lists
+
+    with pytest.raises(ValueError, match=r"data\.labeled_list \(csl train's --labeled-id-path\) is required"):
+        _resolve_lists({}, "pascal", str(tmp_path))
+
+
 def test_conf_thresh_is_the_threshold_of_unimatchs_own_selection(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = quietly(unimatch_config(tmp_path, CITYSCAPES), ["selection.mode=threshold", "tmp.enabled=false"])

@@ -220,7 +220,7 @@ def _resolve_lists(data_cfg: dict, kind: str, root: str, need_unlabeled: bool = 
     if labeled is None:
         if split_dir is None:
             raise ValueError(f"data.split (e.g. {_example_split(kind)}), data.split_dir (a folder with labeled.txt / "
-                             f"unlabeled.txt) or data.labeled_list (UniMatch's --labeled-id-path) is required for "
+                             f"unlabeled.txt) or data.labeled_list (csl train's --labeled-id-path) is required for "
                              f"dataset {kind!r}")
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"data.split_dir not found: {os.path.abspath(split_dir)}")
