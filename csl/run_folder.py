@@ -37,6 +37,8 @@ REPLACED_DIR = ".csl-replaced"  # a replaced run's files while the new start set
 DISCARDED_SUFFIX = ".discarded"  # REPLACED_DIR renamed once the new start has succeeded, while it is deleted
 RUN_CONFIG_HEADER = "# csl train: the configuration of this run\n"  # the first line of the config.yaml a run writes
 LOCK_NAME = ".csl.lock"
+# The checkpoints UniMatch's scripts save into their --save-path (another trainer's run: csl cannot continue it).
+UNIMATCH_CHECKPOINTS = ("latest.pth", "best.pth")
 
 
 class RunFolderError(RuntimeError):
@@ -296,6 +298,14 @@ def claim_run_folder(folder: str, *, resuming: bool, resume_auto: bool, overwrit
             log.warning("%s: replacing the run in %s (%s; its files are deleted once this start has built its "
                         "data and model)", why, folder, ", ".join(found))
         elif resume_auto:
+            theirs = [n for n in UNIMATCH_CHECKPOINTS if os.path.isfile(os.path.join(folder, n))]
+            if theirs:  # UniMatch resumes from its latest.pth: asked to continue, csl says it cannot
+                lock.release()
+                raise RunFolderError(
+                    f"{folder} holds UniMatch's {', '.join(theirs)}, not a csl run (latest.pt / best.pt): --resume "
+                    f"auto (train.resume=auto) continues csl's runs only. Start from its weights in another folder "
+                    f"with train.init_from={os.path.join(folder, theirs[0])}, or choose another output_dir "
+                    f"(--save-path)")
             # A warning: run from another working directory, a relative output_dir names another folder.
             log.warning("train.resume=auto: no checkpoint in %s, starting a new run", os.path.abspath(folder))
         lock.replaced = _set_aside(folder)

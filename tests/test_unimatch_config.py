@@ -253,6 +253,21 @@ def test_unimatchs_command_line_runs_csl_as_it_is(tmp_path, monkeypatch, capsys)
     assert evaluations and (run / "latest.pt").is_file()
 
 
+def test_resume_auto_into_a_unimatch_run_folder_is_refused_not_started_afresh(tmp_path):
+    """UniMatch continues from the latest.pth in its --save-path; csl cannot continue that run, so --resume auto into
+    such a folder is an error naming the file and train.init_from, not a new run from ImageNet weights beside it."""
+    from csl.run_folder import RunFolderError, claim_run_folder
+
+    folder = tmp_path / "exp" / "pascal" / "unimatch" / "r101" / "732"
+    folder.mkdir(parents=True)
+    written(folder / "latest.pth", "UniMatch's checkpoint")
+    with pytest.raises(RunFolderError, match=r"holds UniMatch's latest\.pth, not a csl run .*train\.init_from="
+                                             + str(folder / "latest.pth").replace(".", r"\.")):
+        claim_run_folder(str(folder), resuming=False, resume_auto=True, overwrite=False)
+    assert sorted(os.listdir(folder)) == ["latest.pth"]  # the lock released, nothing written
+    claim_run_folder(str(tmp_path / "empty"), resuming=False, resume_auto=True, overwrite=False).release()
+
+
 def test_a_flag_and_the_key_it_sets_are_not_both_given(tmp_path, capsys):
     assert main(["train", "--config", "demo", "--save-path", str(tmp_path / "a"), f"output_dir={tmp_path / 'b'}",
                  "--print-config"]) == 2
