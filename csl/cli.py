@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "they are; each sets a config key")
     for flag, key in TRAIN_FLAG_KEYS.items():
         unimatch.add_argument(flag, metavar="PATH", help=f"sets {key}")
-    unimatch.add_argument("--port", type=int, help="the processes' MASTER_PORT where the launcher set none (as "
-                                                   "UniMatch under SLURM); the launcher's port otherwise")
+    unimatch.add_argument("--port", type=int, help="the processes' MASTER_PORT where the launcher set none; the "
+                                                   "launcher's port otherwise (csl reads torchrun's variables, not "
+                                                   "SLURM's: launch with torchrun, also under srun)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
 
     e = command("eval", "evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
@@ -562,7 +563,7 @@ def use_port(port: int) -> None:
     launcher = os.environ.get("MASTER_PORT")
     if launcher is None:
         os.environ["MASTER_PORT"] = str(port)
-    elif launcher != str(port):
+    elif launcher != str(port) and os.environ.get("RANK", "0") == "0":  # said once, not by every process
         warnings.warn(f"--port {port} is not used: the launcher's MASTER_PORT {launcher} is", UserWarning,
                       stacklevel=2)
 

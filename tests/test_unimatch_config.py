@@ -297,5 +297,10 @@ def test_port_is_used_where_the_launcher_set_none(monkeypatch):
     with pytest.warns(UserWarning, match="--port 29500 is not used: the launcher's MASTER_PORT 1234 is"):
         use_port(29500)
     assert os.environ["MASTER_PORT"] == "1234"
+    monkeypatch.setenv("RANK", "1")  # the job's other processes do not repeat it
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        use_port(29500)
+    assert [str(w.message) for w in seen] == [] and os.environ["MASTER_PORT"] == "1234"
     with pytest.raises(ConfigError, match=r"--port must be in \[1, 65535\], got 70000"):
         use_port(70000)
