@@ -116,14 +116,20 @@ def spread_name(n: int) -> str:
     return "half-range" if n <= 2 else "sd"
 
 
+def _points(value: float, signed: bool = False) -> str:
+    """``value`` in percent points to one decimal; a value that rounds to zero is ``0.0`` whatever its sign (a gap
+    of -0.0004 is no loss)."""
+    text = f"{100 * value:{'+' if signed else ''}.1f}"
+    return "0.0" if text.lstrip("+-") == "0.0" else text
+
+
 def _mean_spread(values: list, signed: bool = False) -> str:
     """Mean ± :func:`spread_name`, in percent (points), of the values that exist; says over how many when some do
     not."""
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "-"
-    sign = "+" if signed else ""
-    text = f"{100 * np.mean(vals):{sign}.1f}"
+    text = _points(float(np.mean(vals)), signed)
     if len(vals) > 1:  # the spread the header names for this many seeds
         spread = (max(vals) - min(vals)) / 2 if spread_name(len(values)) == "half-range" else np.std(vals, ddof=1)
         text += f" ± {100 * spread:.1f}"
@@ -158,7 +164,7 @@ def gaps_table(runs: list[dict], reference: str = "threshold") -> str:
         for r in runs:
             a, b = r["results"].get(m, {}).get("miou"), r["results"].get(reference, {}).get("miou")
             gaps.append(None if a is None or b is None else a - b)
-        cells = ["-" if g is None else f"{100 * g:+.1f}" for g in gaps]
+        cells = ["-" if g is None else _points(g, signed=True) for g in gaps]
         if len(runs) > 1:
             cells.append(_mean_spread(gaps, signed=True))
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")

@@ -393,6 +393,10 @@ def test_gaps_table_leaves_out_the_reference_and_subtracts_it_seed_by_seed():
     assert table_row(table, report.LABELS["csl"]) == ["+3.0", "-1.0", "+1.0 ± 2.0"]
     assert f"| {report.LABELS['threshold']} |" not in table
     assert len(table.splitlines()) == 2 + 1
+    # a gap that rounds to zero is no loss: "0.0", never "-0.0"
+    even = [_run_of_seed(0, {"threshold": {"miou": 0.4004}, "csl": {"miou": 0.4}}),
+            _run_of_seed(1, {"threshold": {"miou": 0.5}, "csl": {"miou": 0.4998}})]
+    assert table_row(report.gaps_table(even), report.LABELS["csl"]) == ["0.0", "0.0", "0.0 ± 0.0"]
 
 
 def test_results_table_gives_each_methods_best_miou_and_time():
