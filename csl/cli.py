@@ -587,12 +587,12 @@ def take_local_rank(argv: list[str]) -> list[str]:
             value = argv[i + 1] if i + 1 < len(argv) else ""
             i += 1
         i += 1
+        flag = match.group(0).split("=")[0]
         if not value.isdigit():
-            raise ConfigError(f"{match.group(0).split('=')[0]} takes a process's local rank (an integer >= 0), got "
-                              f"{value!r}")
+            raise ConfigError(f"{flag} takes a process's local rank (an integer >= 0), got {value!r}")
         given = os.environ.get("LOCAL_RANK")
         if given is not None and given != value:
-            raise ConfigError(f"--local-rank {value} disagrees with the environment's LOCAL_RANK {given}")
+            raise ConfigError(f"{flag} {value} disagrees with the environment's LOCAL_RANK {given}")
         os.environ["LOCAL_RANK"] = value
     return out
 

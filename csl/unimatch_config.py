@@ -119,9 +119,11 @@ def from_unimatch(raw: dict, path: str) -> tuple[dict, str]:
         train["ohem_min_kept"] = kwargs.get("min_kept", OHEM_DEFAULTS["min_kept"])
     data: dict[str, Any] = {"dataset": dataset, "root": raw["data_root"], "num_classes": raw["nclass"],
                             "crop_size": raw["crop_size"]}
-    if kwargs.get("ignore_index", 255) != 255:  # the loss ignores that value of the label files
-        data["ignore_index"] = kwargs["ignore_index"]
-        said.append(f"criterion ignore_index {kwargs['ignore_index']} -> data.ignore_index")
+    if kwargs.get("ignore_index", 255) != 255:
+        raise fail(f"criterion {name} ignore_index {kwargs['ignore_index']!r}: UniMatch's data marks padding and "
+                   f"boundaries with 255, which such a loss trains as a class (and its CELoss fails on); label files "
+                   f"whose ignored value is another are read with ignore_index: 255 and the override "
+                   f"data.ignore_index=<their value>")
     val_list = os.path.join("splits", str(dataset), "val.txt")
     if os.path.isfile(val_list):  # UniMatch's SemiDataset reads it from the current folder
         data["val_list"] = val_list

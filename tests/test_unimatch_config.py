@@ -157,8 +157,10 @@ def test_conf_thresh_is_the_threshold_of_unimatchs_own_selection(tmp_path, monke
     cfg = quietly(unimatch_config(tmp_path, bare, "bare.yaml"))
     assert (cfg["train"]["ohem_thresh"], cfg["train"]["ohem_min_kept"]) == (0.7, 256)
     # a loss that ignores another label value: the files' ignored value
-    other = quietly(unimatch_config(tmp_path, PASCAL.replace("ignore_index: 255", "ignore_index: 0"), "z.yaml"))
-    assert other["data"]["ignore_index"] == 0
+    with pytest.raises(ConfigError, match=r"criterion CELoss ignore_index 0: UniMatch's data marks padding and "
+                                          r"boundaries with 255, .* data\.ignore_index=<their value>"):
+        quietly(unimatch_config(tmp_path, PASCAL.replace("ignore_index: 255", "ignore_index: 0"), "z.yaml"))
+    assert quietly(unimatch_config(tmp_path, PASCAL, "z.yaml"), ["data.ignore_index=0"])["data"]["ignore_index"] == 0
     deeper = quietly(unimatch_config(tmp_path, PASCAL.replace("[False, False, True]", "[False, True, True]"),
                                          "os8.yaml"))
     assert deeper["model"]["output_stride"] == 8
@@ -282,6 +284,8 @@ def test_the_launchers_local_rank_is_taken_off_and_checked(monkeypatch, capsys):
     assert take_local_rank(["train", "--local_rank", "1", "--config", "demo"]) == ["train", "--config", "demo"]
     with pytest.raises(ConfigError, match="--local-rank 0 disagrees with the environment's LOCAL_RANK 1"):
         take_local_rank(["--local-rank=0", "train"])
+    with pytest.raises(ConfigError, match="--local_rank 2 disagrees with the environment's LOCAL_RANK 1"):
+        take_local_rank(["--local_rank", "2", "train"])
     assert main(["--local_rank=x", "train", "--config", "demo"]) == 2
     assert "--local_rank takes a process's local rank (an integer >= 0), got 'x'" in capsys.readouterr().err
     monkeypatch.delenv("LOCAL_RANK")
