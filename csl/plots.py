@@ -176,7 +176,8 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     for ax in axes:  # below the axes: the pixels fill any corner of the plane, a legend inside would hide some
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, markerscale=1.5,
                   frameon=False)
-    fig.suptitle(f"{example['name']}: {len(f0)} pixels ({min(max_points, len(f0))} shown)", fontsize=9)
+    fig.suptitle(f"{example['name']}: {len(f0)} pixels, {int(valid.sum())} with ground truth ({len(idx)} shown "
+                 f"left, {len(ok) + len(bad)} of them with ground truth right)", fontsize=9)
     return _save(fig, out_dir, "feature_plane.png")
 
 
@@ -238,11 +239,14 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
     for r, (row, ex) in enumerate(zip(axes, examples, strict=True)):
         pics = [ex["image"], colourize(ex["target"], colours), colourize(ex["pred"], colours), ex["weight"],
                 (ex["conf"] >= tau).astype(np.float32), ex["cover"].astype(np.float32)]
-        for ax, pic, col in zip(row, pics, cols, strict=True):
+        for c, (ax, pic, col) in enumerate(zip(row, pics, cols, strict=True)):
+            # Class maps and masks drawn pixel for pixel: a smoothing filter, shrinking them, mixes two classes'
+            # colours at every edge into a colour of no class.
+            shown = "nearest" if c in (1, 2, 4, 5) else "antialiased"
             if pic.ndim == 2:
-                ax.imshow(pic, cmap="viridis", vmin=0, vmax=1)
+                ax.imshow(pic, cmap="viridis", vmin=0, vmax=1, interpolation=shown)
             else:
-                ax.imshow(pic)
+                ax.imshow(pic, interpolation=shown)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -296,6 +300,7 @@ def plot_per_class(result: dict, out_dir: str, tau: float = 0.95) -> str:
         ax.grid(axis="y", alpha=0.3)
     _legend_outside(axes[0])  # right of the bars: a class near 1 under it would be hidden
     axes[1].set_xticks(x)
+    axes[1].set_xlim(-0.6, len(names) - 0.4)  # the bars to the edges: a 5 % margin is inches with 150 classes
     predicted = result["csl"]["weighted"]["per_class"].get("pixels_predicted")  # absent in older analyses
     if predicted:  # how many pixels a class's accuracy stands on: a ratio of a handful is told apart
         names = [f"{n} ({_count(c)})" for n, c in zip(names, predicted, strict=True)]

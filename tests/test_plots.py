@@ -137,6 +137,9 @@ def test_panels_show_the_threshold_mask_at_tau_and_the_classes_in_view(kept_figu
     assert fig.axes[4].get_title() == "threshold 0.95"
     assert np.asarray(fig.axes[4].images[0].get_array()).tolist() == [[1, 0], [1, 1]]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["road", "car", "sky", "ignored (void / padding)"]
+    # class maps and masks pixel for pixel (shrunk with a smoothing filter, two classes' edge is a third colour)
+    assert [ax.images[0].get_interpolation() for ax in fig.axes[:6]] == [
+        "antialiased", "nearest", "nearest", "antialiased", "nearest", "nearest"]
 
 
 def test_miou_curves_and_the_seed_picture_draw_percent_per_iteration_and_seed(kept_figures):
@@ -214,6 +217,7 @@ def test_per_class_bars_give_each_rules_value_and_mark_the_undefined(kept_figure
     assert [t.get_text() for t in top.texts] == ["n/a"] and not bottom.texts
     # No pixel counts in this analysis (written before they were recorded): neither in the labels nor the title.
     assert [t.get_text() for t in bottom.get_xticklabels()] == ["road", "car"] and "brackets" not in top.get_title()
+    assert bottom.get_xlim() == (-0.6, 1.6)  # the bars to the edges, no 5 % margin (inches with 150 classes)
     result["csl"]["weighted"]["per_class"]["pixels_predicted"] = [1200, 5]
     plots.plot_per_class(result, str(tmp_path))
     top, bottom = kept_figures[1].axes[:2]
@@ -240,6 +244,9 @@ def test_feature_plane_splits_pixels_by_cluster_and_leaves_ignored_ones_out_of_t
     assert count["reliable cluster (c*)"] == (cluster == 1).sum() and count["other cluster"] == (cluster != 1).sum()
     assert count["correct pseudo-label"] == ((pred == target) & valid).sum()
     assert count["wrong pseudo-label"] == ((pred != target) & valid).sum()
+    # the title counts what each side shows: the right leaves the ignored pixels out
+    assert kept_figures[0]._suptitle.get_text() == (f"x: 40 pixels, {valid.sum()} with ground truth (40 shown left, "
+                                                    f"{valid.sum()} of them with ground truth right)")
 
 
 def _extent(artist):
