@@ -1,7 +1,7 @@
 """Command line: ``csl train | eval | predict | analyze | demo | split | report`` (also ``python -m csl ...``).
 
     csl train --config voc_321 data.root=/data/VOC2012 data.split=1464 [key=value ...]
-    torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...
+    torchrun --nproc_per_node 4 -m csl train --config cityscapes_801 ...    (or srun -n 4 python -m csl train ...)
     csl eval --checkpoint runs/voc/best.pt [--config cfg.yaml] [key=value ...]
     csl predict --checkpoint runs/voc/best.pt --images img1.jpg dir/ 'glob/*.png' --out preds/
     csl analyze --checkpoint runs/camvid/csl/latest.pt [--split unlabeled|val] [--out DIR]
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     bundled = ", ".join(sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
     keys_help = (f"bundled configs: {bundled} (csl/configs/). Every key, its default and meaning: the README's "
                  f"configuration table and csl/config.py (DEFAULTS); override any with key=value.")
-    t = command("train", "train a model (CPU, one GPU, or under torchrun)", epilog=keys_help)
+    t = command("train", "train a model (CPU, one GPU, or under torchrun or srun)", epilog=keys_help)
     t.add_argument("--config", required=True, help="YAML file or bundled config name, or UniMatch's "
                                                     "configs/<dataset>.yaml (read as the csl config of its recipe)")
     t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (the newer of output_dir's latest.pt and "
@@ -78,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "they are; each sets a config key")
     for flag, key in TRAIN_FLAG_KEYS.items():
         unimatch.add_argument(flag, metavar="PATH", help=f"sets {key}")
-    unimatch.add_argument("--port", type=int, help="the processes' MASTER_PORT where the launcher set none; the "
-                                                   "launcher's port otherwise (csl reads torchrun's variables, not "
-                                                   "SLURM's: launch with torchrun, also under srun)")
+    unimatch.add_argument("--port", type=int, help="the processes' MASTER_PORT: under srun -n N (as UniMatch's "
+                                                   "scripts/slurm_train.sh) this port; under torchrun where it set "
+                                                   "none, its port otherwise")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.002")
 
     e = command("eval", "evaluate a checkpoint on the validation set (mIoU, per-class IoU)")
@@ -236,9 +236,10 @@ def val_dataset(cfg: dict):
 
 
 def cmd_train(args) -> int:
-    from .distributed import cleanup_distributed
+    from .distributed import adopt_srun_launch, cleanup_distributed
     from .trainer import train
 
+    adopt_srun_launch(args.port)  # before anything reads RANK; srun -n N: the tasks meet at --port
     overrides = list(args.overrides)
     paths = {"--resume": (args.resume, "train.resume")}
     paths.update({flag: (getattr(args, flag[2:].replace("-", "_")), key) for flag, key in TRAIN_FLAG_KEYS.items()})
@@ -250,7 +251,7 @@ def cmd_train(args) -> int:
             overrides.append(f"{key}={json.dumps(value)}")
     if args.overwrite:
         overrides.append("train.overwrite=true")
-    if args.port is not None:
+    if args.port is not None:  # the range checked; under srun MASTER_PORT is --port already
         use_port(args.port)
     cfg = load_config(args.config, overrides)
     if args.print_config:
@@ -276,16 +277,19 @@ def cmd_eval(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .data import class_names, default_eval_mode
-    from .distributed import cleanup_distributed, init_distributed
+    from .distributed import adopt_srun_launch, cleanup_distributed, init_distributed
     from .evaluate import evaluate, make_eval_loader
     from .logging_utils import setup_logging
     from .step import resolve_amp
     from .trainer import check_kernels_backend
 
+    srun = adopt_srun_launch()  # before anything reads RANK
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(args.checkpoint, ckpt, args.config, args.overrides)
     env = init_distributed(cfg["device"], cfg["dist_timeout_min"])
     setup_logging(None, env.is_main)
+    if srun is not None:
+        log.info("%s", srun.description)
     try:
         with stored_data_paths(args.checkpoint, args.config, args.overrides):
             check_kernels_backend(cfg["kernels"]["backend"], env.device, ops=("confusion_matrix",))
@@ -637,6 +641,7 @@ def _run(args) -> int:
                 "analyze": cmd_analyze, "report": cmd_report}
     import torch
 
+    from .distributed import srun_step_tasks
     from .logging_utils import one_line
     from .run_folder import RunFolderError
     from .trainer import NonFiniteTrainingError
@@ -648,6 +653,9 @@ def _run(args) -> int:
         return status
 
     try:
+        if args.command not in ("train", "eval") and srun_step_tasks(os.environ) > 1:  # not N copies of one run
+            raise ConfigError(f"srun started {srun_step_tasks(os.environ)} tasks of csl {args.command}, which runs as "
+                              f"one process (train and eval run as the tasks of one job): srun -n 1, or no srun")
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
             RunFolderError) as e:  # the user's input

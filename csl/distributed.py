@@ -1,6 +1,7 @@
-"""torchrun / single-process set-up, model wrapping and the resumable distributed training sampler.
+"""torchrun / srun / single-process set-up, model wrapping and the resumable distributed training sampler.
 
-Under ``torchrun --nproc_per_node N`` the environment holds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; the process
+Under ``torchrun --nproc_per_node N`` the environment holds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; under
+``srun -n N`` (N > 1, without torchrun) :func:`adopt_srun_launch` sets them from SLURM's variables. The process
 group uses NCCL on GPUs and gloo on CPU. SyncBatchNorm is used only when the world size is > 1 and the model is on a
 GPU (PyTorch's SyncBatchNorm has no CPU kernel; CPU runs keep per-process BatchNorm with rank 0's buffers broadcast).
 """
@@ -13,7 +14,8 @@ import gc
 import logging
 import os
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +97,144 @@ def init_distributed(device: str = "auto", timeout_min: float = 60) -> DistEnv:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
     return DistEnv(rank, local_rank, world_size, dev, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# srun: the tasks of a job step, given torchrun's variables.
+
+SRUN_DEFAULT_PORT = 29500  # torchrun's default MASTER_PORT
+
+
+@dataclass(frozen=True)
+class SrunLaunch:
+    tasks: int
+    variables: dict[str, str]  # torchrun's: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    description: str  # "launched by srun: ...", what rank 0 logs
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's hostlist syntax as host names: ``gpu[01-03,07],cpu3`` -> gpu01, gpu02, gpu03, gpu07, cpu3 (numbers
+    zero-padded as the first number of their range is written; several bracket groups in one name multiply), read
+    here so that no ``scontrol show hostnames`` is needed."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"cannot read the SLURM hostlist {hostlist!r}: {why}")
+
+    def expand(name: str) -> list[str]:
+        head, bracket, rest = name.partition("[")
+        if not bracket:
+            return [name]
+        ranges, _, tail = rest.partition("]")
+        ends, out = expand(tail), []
+        for part in ranges.split(","):
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", part, re.ASCII)
+            if not match:
+                raise bad(f"{part!r} in [{ranges}] is neither a number nor a range a-b")
+            first, last = match.group(1), match.group(2) or match.group(1)
+            if int(last) < int(first):
+                raise bad(f"the range {part!r} runs backwards")
+            out += [f"{head}{k:0{len(first)}d}{end}" for k in range(int(first), int(last) + 1) for end in ends]
+        return out
+
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(hostlist + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if not 0 <= depth <= 1:
+            raise bad("brackets do not pair up")
+        if char == "," and depth == 0:
+            if i == start:
+                raise bad("an empty host name")
+            names += expand(hostlist[start:i])
+            start = i + 1
+    if depth:
+        raise bad("brackets do not pair up")
+    return names
+
+
+def _slurm_int(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name)
+    if value is None or not value.isascii() or not value.isdigit():
+        raise ValueError(f"{name} is {'not set' if value is None else repr(value)} in a task of an srun job step "
+                         f"(SLURM_STEP_NUM_TASKS={environ.get('SLURM_STEP_NUM_TASKS')}): srun sets it to an integer "
+                         f">= 0")
+    return int(value)
+
+
+def srun_step_tasks(environ: Mapping[str, str]) -> int:
+    """How many tasks the srun job step of this process has: ``SLURM_STEP_NUM_TASKS``; 1 under torchrun
+    (``WORLD_SIZE`` set) and outside a step of srun (a batch script, a login shell)."""
+    if environ.get("WORLD_SIZE", "") != "" or environ.get("SLURM_STEP_NUM_TASKS") is None:
+        return 1
+    return _slurm_int(environ, "SLURM_STEP_NUM_TASKS")
+
+
+def srun_launch(environ: Mapping[str, str], port: int | None = None, cuda_devices: int = 0) -> SrunLaunch | None:
+    """torchrun's variables for a task of an ``srun`` job step of several tasks, from SLURM's; None for any other
+    process (torchrun's, also torchrun started by srun; a batch script's; a step of one task).
+
+    ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` = ``SLURM_STEP_NUM_TASKS``, ``LOCAL_RANK`` = ``SLURM_LOCALID`` (0
+    where the task sees ``cuda_devices`` = 1 GPU: srun bound one to it, e.g. ``--gpus-per-task=1``), ``MASTER_ADDR``
+    = the first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``; an environment's ``MASTER_ADDR``
+    stays, as in UniMatch), ``MASTER_PORT`` = ``port`` (UniMatch's ``--port``), else the environment's, else
+    :data:`SRUN_DEFAULT_PORT`. A ``RANK`` or ``LOCAL_RANK`` set otherwise is an error (ValueError)."""
+    # What tells an srun task from the batch script's one process: srun(1), OUTPUT ENVIRONMENT VARIABLES, sets
+    # SLURM_STEP_NUM_TASKS ("Number of processes in the job step") in each task's environment (Slurm's
+    # src/common/env.c, env_array_for_step, called where a step's tasks are launched); sbatch(1)'s OUTPUT
+    # ENVIRONMENT VARIABLES for the batch script do not include it, while SLURM_NTASKS, SLURM_PROCID (0) and
+    # SLURM_LOCALID (0) are set there too. So SLURM_NTASKS and SLURM_PROCID alone, as UniMatch reads them, would
+    # take a batch script's single `python -m csl train` (or its torchrun) for rank 0 of several.
+    tasks = srun_step_tasks(environ)
+    if tasks <= 1:
+        return None
+    rank, local_rank = _slurm_int(environ, "SLURM_PROCID"), _slurm_int(environ, "SLURM_LOCALID")
+    if rank >= tasks:
+        raise ValueError(f"SLURM_PROCID {rank} is not below SLURM_STEP_NUM_TASKS {tasks}")
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        given = environ.get(name, "")
+        if given not in ("", str(value)):
+            raise ValueError(f"{name}={given} is set without WORLD_SIZE in a task of srun, whose "
+                             f"{'SLURM_PROCID' if name == 'RANK' else 'SLURM_LOCALID'} is {value}: unset {name} (csl "
+                             f"sets torchrun's variables from SLURM's) or launch with torchrun")
+    device_note = ""
+    if cuda_devices == 1 and local_rank > 0:
+        local_rank, device_note = 0, " (each task sees one GPU: LOCAL_RANK 0)"
+    if environ.get("MASTER_ADDR"):
+        addr, addr_from = environ["MASTER_ADDR"], "the environment's"
+    else:
+        nodelist_name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST") if environ.get(n)), None)
+        if nodelist_name is None:
+            raise ValueError("srun started this process as a task of several but neither SLURM_STEP_NODELIST nor "
+                             "SLURM_JOB_NODELIST is set: set MASTER_ADDR to the host of the task SLURM_PROCID=0")
+        addr, addr_from = expand_hostlist(environ[nodelist_name])[0], f"first host of {nodelist_name}"
+    if port is not None:
+        master_port, port_from = str(port), "--port"
+    elif environ.get("MASTER_PORT"):
+        master_port, port_from = environ["MASTER_PORT"], "the environment's"
+    else:
+        master_port, port_from = str(SRUN_DEFAULT_PORT), "the default; --port or MASTER_PORT choose another"
+    variables = {"RANK": str(rank), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(local_rank), "MASTER_ADDR": addr,
+                 "MASTER_PORT": master_port}
+    description = (f"launched by srun: {tasks} tasks (RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID{device_note}); "
+                   f"MASTER_ADDR {addr} ({addr_from}), MASTER_PORT {master_port} ({port_from})")
+    return SrunLaunch(tasks, variables, description)
+
+
+_adopted: SrunLaunch | None = None  # what adopt_srun_launch set in this process
+
+
+def adopt_srun_launch(port: int | None = None) -> SrunLaunch | None:
+    """In a task of ``srun -n N`` (N > 1, no torchrun): torchrun's variables from SLURM's (:func:`srun_launch`) set
+    in this process's environment, before anything reads ``RANK``; returns them, None elsewhere."""
+    global _adopted
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _adopted = srun_launch(os.environ, port, cuda_devices)
+    if _adopted is not None:
+        os.environ.update(_adopted.variables)
+    return _adopted
+
+
+def adopted_srun_launch() -> SrunLaunch | None:
+    """The srun launch :func:`adopt_srun_launch` set up in this process (its description is logged by rank 0)."""
+    return _adopted
 
 
 def cleanup_distributed() -> None:
@@ -269,6 +409,7 @@ def main_process_first(env: DistEnv):
         barrier()
 
 
-__all__ = ["DistEnv", "ResumableDistributedSampler", "SeededDataset", "all_gather_objects", "all_reduce_sum",
-           "barrier", "cleanup_distributed", "init_distributed", "main_process_first", "pick_device",
-           "prepare_model", "sample_seed", "seed_global_generators"]
+__all__ = ["DistEnv", "ResumableDistributedSampler", "SeededDataset", "SrunLaunch", "adopt_srun_launch",
+           "adopted_srun_launch", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup_distributed",
+           "expand_hostlist", "init_distributed", "main_process_first", "pick_device", "prepare_model", "sample_seed",
+           "seed_global_generators", "srun_launch", "srun_step_tasks"]

@@ -39,6 +39,7 @@ from .distributed import (
     DistEnv,
     ResumableDistributedSampler,
     SeededDataset,
+    adopted_srun_launch,
     all_gather_objects,
     all_reduce_sum,
     barrier,
@@ -462,6 +463,9 @@ class Trainer:
 
     def _log_setup(self) -> None:
         env, t = self.env, self.cfg["train"]
+        srun = adopted_srun_launch()
+        if srun is not None:
+            log.info("%s", srun.description)
         g = self.batch_size * env.world_size
         batches = f"{g} labeled + {g} unlabeled + {g} mix" if self.semi else f"{g} labeled"
         groups = ", ".join(f"{pg.get('name', i)} {pg['initial_lr']:.3g}" for i, pg in
