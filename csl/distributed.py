@@ -181,7 +181,8 @@ def srun_launch(environ: Mapping[str, str], port: int | None = None, cuda_device
     # src/common/env.c, env_array_for_step, called where a step's tasks are launched); sbatch(1)'s OUTPUT
     # ENVIRONMENT VARIABLES for the batch script do not include it, while SLURM_NTASKS, SLURM_PROCID (0) and
     # SLURM_LOCALID (0) are set there too. So SLURM_NTASKS and SLURM_PROCID alone, as UniMatch reads them, would
-    # take a batch script's single `python -m csl train` (or its torchrun) for rank 0 of several.
+    # take a batch script's single `python -m csl train` (or its torchrun) for rank 0 of several. SLURM_STEP_ID is
+    # not relied on: slurmstepd's setup_env (env.c) sets it for any step with an id, the batch step's included.
     tasks = srun_step_tasks(environ)
     if tasks <= 1:
         return None
@@ -194,9 +195,9 @@ def srun_launch(environ: Mapping[str, str], port: int | None = None, cuda_device
             raise ValueError(f"{name}={given} is set without WORLD_SIZE in a task of srun, whose "
                              f"{'SLURM_PROCID' if name == 'RANK' else 'SLURM_LOCALID'} is {value}: unset {name} (csl "
                              f"sets torchrun's variables from SLURM's) or launch with torchrun")
-    device_note = ""
+    local_from = "SLURM_LOCALID"
     if cuda_devices == 1 and local_rank > 0:
-        local_rank, device_note = 0, " (each task sees one GPU: LOCAL_RANK 0)"
+        local_rank, local_from = 0, "0, as each task sees one GPU"
     if environ.get("MASTER_ADDR"):
         addr, addr_from = environ["MASTER_ADDR"], "the environment's"
     else:
@@ -213,7 +214,7 @@ def srun_launch(environ: Mapping[str, str], port: int | None = None, cuda_device
         master_port, port_from = str(SRUN_DEFAULT_PORT), "the default; --port or MASTER_PORT choose another"
     variables = {"RANK": str(rank), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(local_rank), "MASTER_ADDR": addr,
                  "MASTER_PORT": master_port}
-    description = (f"launched by srun: {tasks} tasks (RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID{device_note}); "
+    description = (f"launched by srun: {tasks} tasks (RANK = SLURM_PROCID, LOCAL_RANK = {local_from}); "
                    f"MASTER_ADDR {addr} ({addr_from}), MASTER_PORT {master_port} ({port_from})")
     return SrunLaunch(tasks, variables, description)
 

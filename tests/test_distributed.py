@@ -65,7 +65,9 @@ def test_srun_tasks_get_torchruns_variables():
     job_list = {k: v for k, v in srun_task(0, 0).items() if k != "SLURM_STEP_NODELIST"}
     assert srun_launch(job_list).variables["MASTER_ADDR"] == "gpu01"
     # a task that sees one GPU (srun --gpus-per-task=1) uses it, whatever its SLURM_LOCALID
-    assert srun_launch(srun_task(3, 1), cuda_devices=1).variables["LOCAL_RANK"] == "0"
+    one_gpu = srun_launch(srun_task(3, 1), cuda_devices=1)
+    assert one_gpu.variables["LOCAL_RANK"] == "0"
+    assert "LOCAL_RANK = 0, as each task sees one GPU)" in one_gpu.description
     assert srun_launch(srun_task(3, 1), cuda_devices=4).variables["LOCAL_RANK"] == "1"
 
 
