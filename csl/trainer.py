@@ -615,8 +615,8 @@ class Trainer:
                 raise ConfigError(
                     f"{path} was trained with {key} {ckpt[key]}, this run has {mine}: its sampler positions, epochs "
                     f"and per-process statistics do not carry over to another {key}. Resume with "
-                    + (f"{ckpt[key]} processes (torchrun --nproc_per_node / --nnodes)" if key == "world_size" else
-                       f"train.batch_size={ckpt[key]}")
+                    + (f"{ckpt[key]} processes (torchrun --nproc_per_node / --nnodes, or srun -n)"
+                       if key == "world_size" else f"train.batch_size={ckpt[key]}")
                     + f", or start a new output_dir with train.init_from={path} (its weights, a fresh optimizer)")
         for key, mine in (("iters_per_epoch", self.iters_per_epoch), ("total_iters", self.total_iters)):
             if ckpt.get(key) != mine:
