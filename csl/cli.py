@@ -236,7 +236,7 @@ def val_dataset(cfg: dict):
 
 
 def cmd_train(args) -> int:
-    from .distributed import adopt_srun_launch, cleanup_distributed
+    from .distributed import adopt_srun_launch, cleanup_distributed, first_process_by_environment
     from .trainer import train
 
     adopt_srun_launch(args.port)  # before anything reads RANK; srun -n N: the tasks meet at --port
@@ -261,7 +261,7 @@ def cmd_train(args) -> int:
         summary = train(cfg)
     finally:
         cleanup_distributed()
-    if summary.get("best_miou") is not None and int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+    if summary.get("best_miou") is not None and first_process_by_environment():  # once under torchrun
         print(f"best mIoU {100 * summary['best_miou']:.2f}  ({cfg['output_dir']})")
     return 0
 
@@ -564,10 +564,12 @@ def use_port(port: int) -> None:
     stays (said when it differs), as in UniMatch outside SLURM."""
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in [1, 65535], got {port}")
+    from .distributed import first_process_by_environment
+
     launcher = os.environ.get("MASTER_PORT")
     if launcher is None:
         os.environ["MASTER_PORT"] = str(port)
-    elif launcher != str(port) and os.environ.get("RANK", "0") == "0":  # said once, not by every process
+    elif launcher != str(port) and first_process_by_environment():  # said once, not by every process
         warnings.warn(f"--port {port} is not used: the launcher's MASTER_PORT {launcher} is", UserWarning,
                       stacklevel=2)
 
@@ -653,9 +655,10 @@ def _run(args) -> int:
         return status
 
     try:
-        if args.command not in ("train", "eval") and srun_step_tasks(os.environ) > 1:  # not N copies of one run
-            raise ConfigError(f"srun started {srun_step_tasks(os.environ)} tasks of csl {args.command}, which runs as "
-                              f"one process (train and eval run as the tasks of one job): srun -n 1, or no srun")
+        tasks = srun_step_tasks(os.environ)
+        if args.command not in ("train", "eval") and tasks > 1:  # not N copies of one run
+            raise ConfigError(f"srun started {tasks} tasks of csl {args.command}, which runs as one process (train "
+                              f"and eval run as the tasks of one job): srun -n 1, or no srun")
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
             RunFolderError) as e:  # the user's input

@@ -587,8 +587,10 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | dict | N
     from .unimatch_config import from_unimatch, is_unimatch_config
 
     if is_unimatch_config(raw):
+        from .distributed import first_process_by_environment
+
         raw, account = from_unimatch(raw, path_or_name)
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun: every process reads the file alike
+        if first_process_by_environment():  # once under torchrun: every process reads the file alike
             warnings.warn(account, UserWarning, stacklevel=2)
     try:
         return build_config(raw, overrides)

@@ -54,6 +54,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def first_process_by_environment() -> bool:
+    """Whether this process is rank 0 as its launcher's ``RANK`` says (or one without a launcher): what every process
+    would print alike is printed there only, also before the process group starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: ``cuda:<LOCAL_RANK>`` when a GPU is visible, else CPU; ``cuda`` without a GPU is an error (ValueError:
     the user's setting)."""
@@ -412,5 +418,5 @@ def main_process_first(env: DistEnv):
 
 __all__ = ["DistEnv", "ResumableDistributedSampler", "SeededDataset", "SrunLaunch", "adopt_srun_launch",
            "adopted_srun_launch", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup_distributed",
-           "expand_hostlist", "init_distributed", "main_process_first", "pick_device", "prepare_model", "sample_seed",
-           "seed_global_generators", "srun_launch", "srun_step_tasks"]
+           "expand_hostlist", "first_process_by_environment", "init_distributed", "main_process_first", "pick_device",
+           "prepare_model", "sample_seed", "seed_global_generators", "srun_launch", "srun_step_tasks"]

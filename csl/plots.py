@@ -242,11 +242,11 @@ def plot_panels(examples: list[dict], out_dir: str, num_classes: int, dataset: s
         for c, (ax, pic, col) in enumerate(zip(row, pics, cols, strict=True)):
             # Class maps and masks drawn pixel for pixel: a smoothing filter, shrinking them, mixes two classes'
             # colours at every edge into a colour of no class.
-            shown = "nearest" if c in (1, 2, 4, 5) else "antialiased"
+            interpolation = "nearest" if c in (1, 2, 4, 5) else "antialiased"
             if pic.ndim == 2:
-                ax.imshow(pic, cmap="viridis", vmin=0, vmax=1, interpolation=shown)
+                ax.imshow(pic, cmap="viridis", vmin=0, vmax=1, interpolation=interpolation)
             else:
-                ax.imshow(pic, interpolation=shown)
+                ax.imshow(pic, interpolation=interpolation)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
