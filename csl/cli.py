@@ -643,7 +643,7 @@ def _run(args) -> int:
                 "analyze": cmd_analyze, "report": cmd_report}
     import torch
 
-    from .distributed import srun_step_tasks
+    from .distributed import ProcessGroupError, srun_step_tasks
     from .logging_utils import one_line
     from .run_folder import RunFolderError
     from .trainer import NonFiniteTrainingError
@@ -667,7 +667,7 @@ def _run(args) -> int:
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's advice on the allocator follows it
         return failed(f"out of memory: {first_line} (lower train.batch_size, data.crop_size or eval.batch_size; "
                       f"eval.mode=sliding_window for large images)", 1)
-    except (NonFiniteTrainingError, OSError) as e:  # the run failed: diverged, disk full, ...
+    except (NonFiniteTrainingError, ProcessGroupError, OSError) as e:  # the run failed: diverged, disk full, ...
         return failed(one_line(e), 1)
     except stop.Terminated:
         print(f"csl {args.command}: stopped by SIGTERM", file=sys.stderr)

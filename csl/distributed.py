@@ -15,6 +15,8 @@ import logging
 import os
 import random
 import re
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Sampler
+
+from .logging_utils import one_line
 
 log = logging.getLogger("csl")
 
@@ -100,9 +104,63 @@ def init_distributed(device: str = "auto", timeout_min: float = 60) -> DistEnv:
             raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        where = f"rank {rank} of {world_size}, master {master}"
+        start = time.monotonic()
+        try:
+            with _said_while_joining(where, timeout_min):
+                dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                        timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
+        except dist.DistError as e:
+            waited = time.monotonic() - start
+            raise ProcessGroupError(f"the job's process group did not start ({where}; after {waited:.0f} s, "
+                                    f"dist_timeout_min = {timeout_min:g} min): {one_line(e)}") from e
     return DistEnv(rank, local_rank, world_size, dev, backend)
+
+
+class ProcessGroupError(RuntimeError):
+    """The process group of a job of several processes did not start: one of them never joined within
+    ``dist_timeout_min``, or the master's address cannot be reached or its port not taken."""
+
+
+# When a process still waits for the others at the start of the process group: after these many seconds, then every
+# JOIN_NOTICE_EVERY_S. The processes of one job start together (torchrun's agents met before starting them, srun's
+# tasks start at once), so a wait of this length means one of them is missing or cannot reach the master.
+JOIN_NOTICES_S = (30.0, 120.0, 300.0)
+JOIN_NOTICE_EVERY_S = 300.0
+
+
+def _join_notice_times() -> Iterator[float]:
+    yield from JOIN_NOTICES_S
+    at = JOIN_NOTICES_S[-1]
+    while True:
+        at += JOIN_NOTICE_EVERY_S
+        yield at
+
+
+@contextlib.contextmanager
+def _said_while_joining(where: str, timeout_min: float):
+    """Say on the ``csl`` logger, from a thread, while the block still waits for the job's other processes (at
+    :func:`_join_notice_times`): a missing srun task or torchrun node otherwise holds every process silently for
+    ``dist_timeout_min``. Every waiting process says it, so the ranks that do not are the missing ones."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def notices() -> None:
+        for at in _join_notice_times():
+            if done.wait(max(0.0, at - (time.monotonic() - start))):
+                return
+            log.warning("%s: waiting %.0f s for the job's other processes to join; one that did not start (a failed "
+                        "srun task, a node whose torchrun did not start) or cannot reach the master keeps the others "
+                        "here for up to dist_timeout_min = %g min", where, time.monotonic() - start, timeout_min)
+
+    thread = threading.Thread(target=notices, name="csl-join-notices", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +474,8 @@ def main_process_first(env: DistEnv):
         barrier()
 
 
-__all__ = ["DistEnv", "ResumableDistributedSampler", "SeededDataset", "SrunLaunch", "adopt_srun_launch",
-           "adopted_srun_launch", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup_distributed",
-           "expand_hostlist", "first_process_by_environment", "init_distributed", "main_process_first", "pick_device",
-           "prepare_model", "sample_seed", "seed_global_generators", "srun_launch", "srun_step_tasks"]
+__all__ = ["DistEnv", "ProcessGroupError", "ResumableDistributedSampler", "SeededDataset", "SrunLaunch",
+           "adopt_srun_launch", "adopted_srun_launch", "all_gather_objects", "all_reduce_sum", "barrier",
+           "cleanup_distributed", "expand_hostlist", "first_process_by_environment", "init_distributed",
+           "main_process_first", "pick_device", "prepare_model", "sample_seed", "seed_global_generators",
+           "srun_launch", "srun_step_tasks"]

@@ -139,3 +139,86 @@ def test_srun_tasks_train_as_one_job(tmp_path):
     assert log.count("launched by srun: 2 tasks") == 1
     assert f"MASTER_ADDR localhost (first host of SLURM_STEP_NODELIST), MASTER_PORT {port} (--port)" in log
     assert "world size 2 on cpu (gloo); global batch 4 labeled" in log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_waiting_for_a_missing_one_says_so_then_stops_with_the_reason(monkeypatch, caplog):
+    """Rank 0 of a job of 2 whose rank 1 never starts (a failed srun task): it says that it waits, at the notice
+    times, and when dist_timeout_min runs out it stops with csl's error naming its rank, the master and torch's
+    reason, not torch's traceback."""
+    import torch.distributed as dist
+
+    import csl.distributed
+
+    monkeypatch.setattr(csl.distributed, "JOIN_NOTICES_S", (0.3, 0.6))
+    monkeypatch.setattr(csl.distributed, "JOIN_NOTICE_EVERY_S", 0.5)
+    port = _free_port()
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("WARNING", logger="csl"), \
+            pytest.raises(csl.distributed.ProcessGroupError) as error:
+        csl.distributed.init_distributed("cpu", timeout_min=2.5 / 60)
+    assert not dist.is_initialized()
+    where = f"rank 0 of 2, master 127.0.0.1:{port}"
+    assert str(error.value).startswith(f"the job's process group did not start ({where}; after ")
+    assert "1/2 clients joined" in str(error.value) and isinstance(error.value.__cause__, dist.DistError)
+    waits = [r.getMessage() for r in caplog.records if "for the job's other processes to join" in r.getMessage()]
+    assert len(waits) >= 3, waits  # at 0.3, 0.6 and 1.1 s, then every 0.5 s until 2.5 s
+    assert all(w.startswith(f"{where}: waiting ") and "dist_timeout_min = 0.0416667 min" in w for w in waits)
+    assert "csl-join-notices" not in [t.name for t in __import__("threading").enumerate()]
+
+
+def test_a_process_group_that_starts_in_time_says_nothing(monkeypatch, caplog):
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    import csl.distributed
+
+    monkeypatch.setattr(csl.distributed, "JOIN_NOTICES_S", (0.2,))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: started.append(kwargs))
+    with caplog.at_level("WARNING", logger="csl"):
+        env = csl.distributed.init_distributed("cpu", timeout_min=5)
+        time.sleep(0.4)  # past the first notice time: the notices ended with the start
+    assert started and env.rank == 1 and env.world_size == 2
+    assert not [r for r in caplog.records if "other processes to join" in r.getMessage()]
+    assert "csl-join-notices" not in [t.name for t in threading.enumerate()]
+
+
+def test_csl_train_says_a_process_group_that_did_not_start_in_one_line(monkeypatch, tmp_path, capsys):
+    import torch.distributed as dist
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node7",
+                        "MASTER_PORT": "29533"}.items():
+        monkeypatch.setenv(name, value)
+
+    def unreachable(**kwargs):
+        raise dist.DistNetworkError("The client socket has timed out after 3600000ms while trying to connect to "
+                                    "(node7, 29533).")
+
+    monkeypatch.setattr(dist, "init_process_group", unreachable)
+    assert main(["train", "--config", "demo", *TINY, f"output_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert ("csl train: error: the job's process group did not start (rank 1 of 2, master node7:29533; after 0 s, "
+            "dist_timeout_min = 60 min): The client socket has timed out after 3600000ms while trying to connect to "
+            "(node7, 29533).") in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_the_readme_gives_the_join_notice_times():
+    import csl.distributed
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    assert (csl.distributed.JOIN_NOTICES_S, csl.distributed.JOIN_NOTICE_EVERY_S) == ((30.0, 120.0, 300.0), 300.0)
+    assert ("a process still waiting after 30 s says so (its rank, the master's address and port), again\nafter 2 "
+            "and 5 minutes and then every 5") in readme
