@@ -281,6 +281,15 @@ def _run_spawned(index: int, fn, args: tuple) -> None:
     fn(index, *args)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now, for a test's process group (MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn_and_join(fn, args: tuple, nprocs: int, timeout_s: float = 90.0) -> None:
     """``torch.multiprocessing.spawn`` (the spawn start method: no fork after CUDA initialisation) with a time limit:
     processes still running after ``timeout_s`` (a rank waiting for a peer that died, gloo's own limit is 30

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-from conftest import spawn_and_join
+from conftest import free_port, spawn_and_join
 
 from csl.cli import main
 from csl.distributed import SRUN_DEFAULT_PORT, expand_hostlist, srun_launch, srun_step_tasks
@@ -126,9 +125,7 @@ def _srun_task_worker(rank: int, tasks: int, port: int, out_dir: str) -> None:
 
 
 def test_srun_tasks_train_as_one_job(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn_and_join(_srun_task_worker, (2, port, str(tmp_path)), nprocs=2, timeout_s=300)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -141,12 +138,6 @@ def test_srun_tasks_train_as_one_job(tmp_path):
     assert "world size 2 on cpu (gloo); global batch 4 labeled" in log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_process_waiting_for_a_missing_one_says_so_then_stops_with_the_reason(monkeypatch, caplog):
     """Rank 0 of a job of 2 whose rank 1 never starts (a failed srun task): it says that it waits, at the notice
     times, and when dist_timeout_min runs out it stops with csl's error naming its rank, the master and torch's
@@ -157,7 +148,7 @@ def test_a_process_waiting_for_a_missing_one_says_so_then_stops_with_the_reason(
 
     monkeypatch.setattr(csl.distributed, "JOIN_NOTICES_S", (0.3, 0.6))
     monkeypatch.setattr(csl.distributed, "JOIN_NOTICE_EVERY_S", 0.5)
-    port = _free_port()
+    port = free_port()
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)

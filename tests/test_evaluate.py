@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import spawn_and_join
+from conftest import free_port, spawn_and_join
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -162,12 +161,6 @@ def test_distributed_eval_sampler_covers_each_sample_once(world_size):
         DistributedEvalSampler(5, num_replicas=2, rank=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -198,7 +191,7 @@ def test_distributed_evaluate_all_reduces_without_duplicates(tmp_path):
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 1)
     single = evaluate(model, DataLoader(_dist_data()), 4, progress=False)
-    spawn_and_join(_dist_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(_dist_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     outs = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert sorted(outs[0]["seen"] + outs[1]["seen"]) == list(range(5))
     for out in outs:

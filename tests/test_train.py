@@ -10,14 +10,13 @@ import logging
 import math
 import os
 import re
-import socket
 import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import default_dtype, require_backend, spawn_and_join
+from conftest import default_dtype, free_port, require_backend, spawn_and_join
 
 import csl_kernels
 from csl.config import ConfigError, build_config
@@ -569,12 +568,6 @@ def test_losses_with_everything_ignored_are_zero():
 # Two processes, gloo.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
@@ -647,7 +640,7 @@ def test_the_process_group_waits_dist_timeout_min(tmp_path, monkeypatch):
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    spawn_and_join(_ddp_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(_ddp_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["grads_equal"] and r["grads_nonzero"] and r["params_equal"], r
@@ -687,7 +680,7 @@ def _ddp_resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
 
 
 def test_ddp_two_processes_resume_exactly(tmp_path):
-    spawn_and_join(_ddp_resume_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(_ddp_resume_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     for r in range(2):
         assert json.loads((tmp_path / f"resume_rank{r}.json").read_text())["differing"] == [], r
     records = [read_metrics(str(tmp_path / d / "metrics.jsonl"), kind) for d in ("full", "split")
@@ -742,7 +735,7 @@ def _ddp_nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
 def test_ddp_a_nan_on_one_rank_stops_every_rank(tmp_path):
     """Without the flags summed over ranks, rank 0 would go on into the next step's gradient all-reduce and wait
     there for rank 1, which had stopped (spawn_and_join fails the test after its time limit)."""
-    spawn_and_join(_ddp_nan_worker, (2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_and_join(_ddp_nan_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"nan_rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["error"] is not None and "(loss) became NaN / inf within iterations 3-4" in r["error"], r
@@ -777,7 +770,7 @@ def test_ddp_processes_that_see_different_checkpoints_all_refuse_to_start(tmp_pa
     run = tmp_path / "run"
     train(build_config({}, {**TINY, "output_dir": str(run), "train.iters": 2}))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    spawn_and_join(_ddp_unseen_checkpoint_worker, (2, _free_port(), str(run)), nprocs=2)
+    spawn_and_join(_ddp_unseen_checkpoint_worker, (2, free_port(), str(run)), nprocs=2)
     for rank in range(2):
         error = json.loads((tmp_path / f"unseen_rank{rank}.json").read_text())["error"]
         assert error and "do not see the same checkpoint" in error, (rank, error)
