@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "lambda_m": 0.25,
         "lambda_fp": 0.5,
         "cutmix_p": 0.5,
-        "amp": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+        "amp": "auto",  # auto (bf16 on a GPU with native bf16, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
         "init_from": None,  # checkpoint whose model weights start the run (fresh optimizer and schedule)
         "resume": None,  # checkpoint path, or "auto" = the newer of <output_dir>/latest.pt and best.pt, when one exists
         "overwrite": False,  # replace a run already in output_dir (else such a folder is refused; see run_folder.py)

@@ -91,13 +91,29 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether the GPU computes bfloat16 natively: NVIDIA from compute capability 8.0 (A100, H100, RTX 30xx on), and
+    ROCm's. Older ones (V100, T4, RTX 20xx) emulate its convolutions and matrix products, far slower than float16."""
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
-    """``auto``: bf16 autocast on GPU, fp32 on CPU. ``fp16`` on a CPU is allowed and said in a warning naming the
-    config ``key``: float16 autocast there runs the convolutions far slower than fp32."""
+    """``auto``: bf16 autocast on a GPU with native bfloat16, fp16 (the trainer scales its loss) on an older GPU, fp32
+    on CPU; the fp16 choice is said at INFO. ``bf16`` on an older GPU and ``fp16`` on a CPU are allowed and said in a
+    warning naming the config ``key``: both run far slower there."""
+    if amp not in ("auto", *AMP_DTYPES):
+        raise ValueError(f"amp must be one of {['auto', *AMP_DTYPES]}, got {amp!r}")
+    if device.type == "cuda" and amp in ("auto", "bf16") and not native_bfloat16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        if amp == "auto":
+            log.info("%s=auto: float16 autocast on %s, which has no native bfloat16", key, gpu)
+            return torch.float16
+        log.warning("%s=bf16 on %s: this GPU has no native bfloat16, its bf16 convolutions and matrix products run "
+                    "emulated, far slower; %s=auto or fp16 uses float16 (with loss scaling in training)", key, gpu,
+                    key)
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {['auto', *AMP_DTYPES]}, got {amp!r}")
     if amp == "fp16" and device.type == "cpu":
         log.warning("%s=fp16 on a CPU: float16 autocast runs the convolutions there far slower than fp32 (most CPUs "
                     "have no fast float16 kernels); %s=fp32 or bf16 is the usual choice on a CPU", key, key)

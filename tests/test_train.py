@@ -253,11 +253,11 @@ def test_a_masking_view_gets_no_cutmix_box():
     assert torch.equal(label_m, label_fp) and torch.equal(weight_m, weight_fp) and torch.equal(ignore_m, ignore_fp)
 
 
-def autocast_logits_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the model's logits under bf16 autocast: its last ops are a convolution and a bilinear upsampling,
-    which CPU autocast leaves in bf16 and CUDA autocast runs in fp32 (seen on an H200 with torch 2.11)."""
+def autocast_logits_dtype(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The dtype of the model's logits under ``dtype`` autocast: its last ops are a convolution and a bilinear
+    upsampling, which CPU autocast leaves in bf16 and CUDA autocast runs in fp32 (seen on an H200 with torch 2.11)."""
     conv = torch.nn.Conv2d(2, 3, 1).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=dtype):
         out = F.interpolate(conv(torch.zeros(1, 2, 3, 3, device=device)), size=(5, 5), mode="bilinear",
                             align_corners=True)
     return out.dtype
@@ -272,10 +272,21 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
     """The GPU default (bf16 autocast) run on each backend's device: the selection and the weighted loss get the
     autocast logits (bf16 on the CPU, where every backend sees bf16 input), and the step's losses stay within bf16
     rounding of the same step in fp32."""
+    _autocast_step_matches_fp32(tmp_path, backend, "bf16")
+
+
+def test_fp16_autocast_step_with_loss_scaling_matches_fp32(tmp_path):
+    """The default on a GPU without native bfloat16 (fp16 autocast, the loss scaled): as the bf16 test, on one
+    backend (float16 convolutions are slow on a CPU: 24-41 s a backend; the kernels' float16 inputs are tested op by
+    op)."""
+    _autocast_step_matches_fp32(tmp_path, "triton", "fp16")
+
+
+def _autocast_step_matches_fp32(tmp_path, backend: str, low: str) -> None:
     for op in ("pcos_weights", "weighted_cross_entropy", "trusted_mask"):
         device = require_backend(op, backend)  # triton: CUDA where a GPU is present, else the interpreter
     outs, seen = {}, {}
-    for amp in ("fp32", "bf16"):
+    for amp in ("fp32", low):
         trainer = Trainer(tiny_config(tmp_path / amp, **{"train.iters": 1, "train.amp": amp,
                                                            "kernels.backend": backend, "device": device.type}))
         selector = trainer.selector
@@ -289,13 +300,15 @@ def test_bf16_autocast_step_matches_fp32(tmp_path, backend):
                                selector=recording, criterion=trainer.criterion, cfg=trainer.step_cfg,
                                generator=trainer.generator)
         trainer.close()
-    assert seen == {"fp32": torch.float32, "bf16": autocast_logits_dtype(device)}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[low]
+    assert seen == {"fp32": torch.float32, low: autocast_logits_dtype(device, dtype)}
+    assert trainer.scaler.is_enabled() == (low == "fp16")
     # The masked view's input is not a rounding of the fp32 one: TMP hides the *reliable* pixels, and bf16 logits flip
     # a few of them at the cluster boundary, so other pixels are hidden (measured: loss_m 3.8 % apart on one draw of
     # the tiny config, the other losses < 1 %).
     tolerance = {"loss_m": 0.06}
     for key in ("loss", "loss_x", "loss_s", "loss_m", "loss_fp"):
-        a, b = float(outs["fp32"][key]), float(outs["bf16"][key])
+        a, b = float(outs["fp32"][key]), float(outs[low][key])
         assert math.isfinite(b), key
         assert abs(a - b) <= tolerance.get(key, 0.02) * abs(a) + 1e-3, (key, a, b)
 
@@ -1115,6 +1128,35 @@ def test_fp16_autocast_on_a_cpu_is_said_in_a_warning_naming_its_key(caplog):
         assert [resolve_amp(amp, cpu) for amp in ("auto", "bf16", "fp32")] == [None, torch.bfloat16, None]
         assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
         assert caplog.text == ""
+
+
+@pytest.mark.parametrize("capability, name, native", [((7, 0), "Tesla V100-SXM2-32GB", False),
+                                                       ((7, 5), "Tesla T4", False),
+                                                       ((8, 0), "NVIDIA A100-SXM4-80GB", True),
+                                                       ((9, 0), "NVIDIA H100 80GB HBM3", True)])
+def test_auto_precision_is_float16_on_a_gpu_without_native_bfloat16(monkeypatch, caplog, capability, name, native):
+    """train.amp=auto takes bf16 where the GPU computes it natively, fp16 (with the trainer's loss scaling) on an older
+    GPU, where bf16 convolutions run emulated; bf16 asked for there runs with a warning."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    gpu = torch.device("cuda", 0)
+    with caplog.at_level(logging.INFO, logger="csl"):
+        assert resolve_amp("auto", gpu) is (torch.bfloat16 if native else torch.float16)
+        assert resolve_amp("auto", gpu, "eval.amp") is (torch.bfloat16 if native else torch.float16)
+        assert [resolve_amp(amp, gpu) for amp in ("fp16", "fp32")] == [torch.float16, None]
+        said = [(r.levelname, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        assert resolve_amp("bf16", gpu) is torch.bfloat16
+        warned = [(r.levelname, r.getMessage()) for r in caplog.records]
+    where = f"{name} (compute capability {capability[0]}.{capability[1]})"
+    assert said == ([] if native else [
+        ("INFO", f"train.amp=auto: float16 autocast on {where}, which has no native bfloat16"),
+        ("INFO", f"eval.amp=auto: float16 autocast on {where}, which has no native bfloat16")])
+    assert warned == ([] if native else [
+        ("WARNING", f"train.amp=bf16 on {where}: this GPU has no native bfloat16, its bf16 convolutions and matrix "
+                    f"products run emulated, far slower; train.amp=auto or fp16 uses float16 (with loss scaling in "
+                    f"training)")])
 
 
 def _clock_of_steps_only(monkeypatch) -> list[float]:
