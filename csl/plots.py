@@ -355,8 +355,8 @@ def _iteration_axis(ax) -> None:
 def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> str:
     """Per-epoch share, accuracy and recall of each method's pseudo-labels (``pseudo_labels`` records of
     metrics.jsonl): solid for the reliable pixels (w = 1), dashed for the soft weights where recorded (their share is
-    the mean weight, the mask ratio); a method recorded without the unlabeled ground truth has its mask ratio alone,
-    drawn solid."""
+    the mean weight; records written before the soft weights' figures give it as the mask ratio, over every
+    non-padded pixel); a method recorded without the unlabeled ground truth has its mask ratio alone, drawn solid."""
     from matplotlib.lines import Line2D
 
     plt = _pyplot()
@@ -368,7 +368,12 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
     dashed = False
     for method, records in curves.items():
         its = [r["iter"] for r in records]
-        shares = panels[0][1:] if any(r.get("sampling_rate") is not None for r in records) else ("mask_ratio", None)
+        if not any(r.get("sampling_rate") is not None for r in records):  # no unlabeled ground truth
+            shares = ("mask_ratio", None)
+        elif any(r.get("weighted_share") is not None for r in records):
+            shares = panels[0][1:]
+        else:  # recorded before the soft weights' figures: their mean weight is the mask ratio
+            shares = ("sampling_rate", "mask_ratio")
         for ax, (_, key, weighted_key) in zip(axes, [(panels[0][0], *shares), *panels[1:]], strict=True):
             solid = [r.get(key) for r in records]
             for k, style in ((key, "o-"), (weighted_key, "s--")):

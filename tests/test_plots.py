@@ -186,6 +186,18 @@ def test_pseudo_label_curves_without_ground_truth_draw_the_mask_ratio_and_name_e
 
 
 
+def test_pseudo_label_curves_of_records_before_the_weighted_figures_draw_the_mask_ratio_dashed(kept_figures):
+    """Records written before the soft weights' figures (docs/results/camvid's first runs) hold the reliable share
+    and the mask ratio, the mean weight: both drawn in the first panel, solid and dashed (the mask ratio was left
+    out, and with it CSL's 77 % mean weight that the document's tables give beside the picture)."""
+    records = [{"iter": 10, "mask_ratio": 0.77, "sampling_rate": 0.66, "accuracy": 0.97, "recall": 0.73}]
+    plots.plot_pseudo_label_curves({"CSL": records}, "p.png")
+    fig = kept_figures[0]
+    drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()] for ax in fig.axes[:3]]
+    assert drawn == [[("-", [0.66]), ("--", [0.77])], [("-", [0.97])], [("-", [0.73])]]
+    assert fig._suptitle.get_text() == "solid: the reliable pixels (w = 1); dashed: the soft weights"
+
+
 def test_pseudo_label_curves_leave_out_soft_curves_equal_to_the_reliable_ones(kept_figures):
     """The threshold's weights are 0 or 1: its weighted accuracy and recall are the reliable pixels' own, a dashed
     line hidden under the solid one; not drawn, and no title about dashed lines none of which would show."""
