@@ -196,6 +196,20 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curves(run: dict, kind: str) -> dict[str, list[dict]]:
+    """``{method label: records}`` of ``kind`` (``"eval"``, ``"pseudo_labels"``) of each method of ``run`` that has
+    such records, in the run's order: what its ``miou_<tag>.png`` / ``pseudo_labels_<tag>.png`` draw."""
+    return {LABELS.get(m, m): run["metrics"][m][kind] for m in run["methods"] if run["metrics"].get(m, {}).get(kind)}
+
+
+def seed_finals(runs: list[dict]) -> dict[str, dict]:
+    """``{method label: {seed: final mIoU}}``, the warm-up first: what ``miou_by_seed.png`` draws."""
+    finals = {"warm-up": {_seed(r): _warmup(r, "miou") for r in runs if _warmup(r, "miou") is not None}}
+    for m in all_methods(runs):
+        finals[LABELS.get(m, m)] = {_seed(r): r["results"][m]["miou"] for r in runs if m in r["results"]}
+    return finals
+
+
 def final_record(run: dict, method: str) -> dict | None:
     """The final model's evaluation of ``method`` (``iter``, ``miou``, ``iou``): a demo method's from summary.json
     (its metrics.jsonl may end before it, cut by a crash), any other run's last evaluation record."""
@@ -381,10 +395,7 @@ def write_report_and_pictures(folders: list[str], out_dir: str, overwrite: bool 
     if any("threshold" in r["results"] for r in runs):
         parts += ["### Difference to the threshold 0.95, seed by seed (final mIoU)\n", gaps_table(runs), ""]
     if len(runs) > 1:
-        finals = {"warm-up": {_seed(r): _warmup(r, "miou") for r in runs if _warmup(r, "miou") is not None}}
-        for m in all_methods(runs):
-            finals[LABELS.get(m, m)] = {_seed(r): r["results"][m]["miou"] for r in runs if m in r["results"]}
-        plot_miou_by_seed(finals, os.path.join(out_dir, "miou_by_seed.png"))
+        plot_miou_by_seed(seed_finals(runs), os.path.join(out_dir, "miou_by_seed.png"))
         pictures.append("miou_by_seed.png")
         parts += ["![final val mIoU of each method, one line per seed](miou_by_seed.png)\n"]
     if any(r["analyses"] for r in runs):
@@ -395,15 +406,14 @@ def write_report_and_pictures(folders: list[str], out_dir: str, overwrite: bool 
         seed = _seed(r)
         tag = f"seed{seed}"
         parts += [f"## Seed {seed}\n", "### Per-class IoU (val, final models)\n", per_class_table(r), ""]
-        pl = {LABELS.get(m, m): r["metrics"][m]["pseudo_labels"] for m in r["methods"]
-              if r["metrics"].get(m, {}).get("pseudo_labels")}
+        pl = curves(r, "pseudo_labels")
         if pl:
             name = f"pseudo_labels_{tag}.png"
             plot_pseudo_label_curves(pl, os.path.join(out_dir, name))
             pictures.append(name)
             parts += ["### Pseudo-labels during training\n", f"![pseudo-label quality per epoch]({name})\n",
                       training_pl_table(r), ""]
-        ev = {LABELS.get(m, m): r["metrics"][m]["eval"] for m in r["methods"] if r["metrics"].get(m, {}).get("eval")}
+        ev = curves(r, "eval")
         if ev:
             name = f"miou_{tag}.png"
             plot_miou_curves(ev, os.path.join(out_dir, name))
