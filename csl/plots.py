@@ -154,9 +154,9 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     # edge once as its own line.
     W = np.ma.masked_where((G0 > mu[0]) | (G1 > mu[1]), weight_surface(G0, G1, mu, var, alpha))
     thr = np.log(tau) if confidence == "log" else tau
+    contours = []
     for ax in axes:
-        cs = ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9], colors="black", linewidths=0.8)
-        ax.clabel(cs, fmt=lambda v: f"w={v:.2g}", fontsize=7)
+        contours.append(ax.contour(G0, G1, W, levels=[0.1, 0.5, 0.9], colors="black", linewidths=0.8))
         ax.plot([g0[0], mu[0], mu[0]], [mu[1], mu[1], g1[0]], color="black", lw=1.8,
                 label="w = 1 above or right of this edge")
         ax.axvline(thr, color="tab:blue", ls="--", lw=1.2, label=f"threshold {tau:g}")
@@ -176,9 +176,45 @@ def plot_feature_plane(example: dict, out_dir: str, alpha: float, tau: float = 0
     for ax in axes:  # below the axes: the pixels fill any corner of the plane, a legend inside would hide some
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, markerscale=1.5,
                   frameon=False)
+    for ax, cs in zip(axes, contours, strict=True):  # the axes' limits are final: every artist is drawn
+        _label_contours_below_the_mean(ax, cs, mu)
     fig.suptitle(f"{example['name']}: {len(f0)} pixels, {int(valid.sum())} with ground truth ({len(idx)} shown "
                  f"left, {len(ok) + len(bad)} of them with ground truth right)", fontsize=9)
     return _save(fig, out_dir, "feature_plane.png")
+
+
+def _label_contours_below_the_mean(ax, cs, mu: np.ndarray, fontsize: float = 7) -> None:
+    """Label each Gaussian level of ``cs`` at the point of its drawn contour farthest inside the region below both
+    means (from the w = 1 edge through ``mu``, and from the axes' left and bottom), clear of the labels placed
+    before it. A label may turn with its contour: it is kept a circle of its box's half diagonal clear. A level
+    whose contour has no such point (too short, or hugging the edge) is left unlabelled; matplotlib's own placement
+    put such a label across the edge."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    edge = to_px(np.asarray(mu[:2], dtype=np.float64).reshape(1, 2))[0]
+    box = ax.get_window_extent(renderer)
+    placed, positions, levels = [], [], []
+    for level, segments in zip(cs.levels, cs.allsegs, strict=True):
+        points = np.concatenate([seg for seg in segments if len(seg)] or [np.zeros((0, 2))])
+        if not len(points):
+            continue
+        probe = ax.text(0, 0, f"w={level:.2g}", fontsize=fontsize)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        radius = np.hypot(extent.width, extent.height) / 2 + 1  # a pixel of paper around the text
+        px = to_px(points)
+        clearance = np.min([edge[0] - px[:, 0], edge[1] - px[:, 1], px[:, 0] - box.x0, px[:, 1] - box.y0], axis=0)
+        for i in np.argsort(-clearance):
+            if clearance[i] < radius:
+                break
+            if all(np.hypot(*(px[i] - q)) >= radius + r for q, r in placed):
+                placed.append((px[i], radius))
+                positions.append(tuple(points[i]))
+                levels.append(level)
+                break
+    if levels:
+        ax.clabel(cs, levels=levels, manual=positions, fmt=lambda v: f"w={v:.2g}", fontsize=fontsize)
 
 
 def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -306,6 +306,31 @@ def test_feature_plane_labels_the_gaussian_levels_inside_below_the_mean_apart_fr
     assert not _extent(fig.axes[0].get_legend()).overlaps(_extent(fig.axes[1].get_legend()))
 
 
+@pytest.mark.parametrize("mu, var", [((0.86, 0.1), (0.02, 0.01)), ((0.6, 0.5), (0.04, 0.04)),
+                                     ((0.5, 0.5), (0.01, 0.01)), ((0.9, 0.3), (0.05, 0.02))])
+def test_feature_plane_labels_sit_clear_of_the_w_1_edge(kept_figures, tmp_path, mu, var):
+    """Each Gaussian level's label, as drawn (turned with its contour), lies wholly below and left of the w = 1 edge
+    through the reliable cluster's mean and inside the axes, on a contour drawn there: matplotlib's own placement put
+    "w=0.9" (and "w=0.1") across the edge of a mean near the bottom right (the first case)."""
+    rng = np.random.default_rng(0)
+    f0, f1 = rng.uniform(0.0, 1.0, 2000), rng.uniform(0.0, 1.0, 2000)
+    example = {"name": "x", "f0": f0, "dispersion": f1, "pred": np.zeros(2000, dtype=np.int64),
+               "target": np.zeros(2000, dtype=np.int64), "chosen": 0, "mu": np.array([mu, (0.2, 0.2)]),
+               "var": np.array([var, (0.04, 0.04)])}
+    plots.plot_feature_plane(example, str(tmp_path), alpha=8.0)
+    fig = kept_figures[0]
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        labels = [t for t in ax.texts if t.get_text().startswith("w=")]
+        assert len(labels) >= 2
+        edge_x, edge_y = ax.transData.transform([mu])[0]
+        frame = _extent(ax)
+        for box in map(_extent, labels):
+            assert box.x1 < edge_x and box.y1 < edge_y and box.x0 > frame.x0 and box.y0 > frame.y0
+        boxes = [_extent(t) for t in labels]
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
 def test_analysis_pictures_give_threshold_and_csl_the_report_pictures_colours(kept_figures, tmp_path):
     """Threshold orange, CSL blue as in every report picture (not the other way round): the sweep, its 0.95 square
     and the CSL points of accuracy_recall.png, the bars of per_class.png."""
