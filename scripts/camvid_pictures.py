@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from csl.analyze import BASELINE_TAU  # noqa: E402
+from csl.files import atomic_open  # noqa: E402
 from csl.plots import (  # noqa: E402
     plot_accuracy_recall,
     plot_miou_by_seed,
@@ -143,8 +144,8 @@ def draw(name: str, kind: str, source, records: str, out_dir: str, work: str) ->
         drawn_in = tempfile.mkdtemp(dir=work)  # csl analyze's fixed file name, then the picture's own
         written = (plot_accuracy_recall if kind == "accuracy_recall" else plot_per_class)(analysis, drawn_in,
                                                                                           BASELINE_TAU)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        shutil.move(written, path)
+        with open(written, "rb") as drawn, atomic_open(path, binary=True) as f:  # whole or not at all, as the rest
+            f.write(drawn.read())
         return path
     raise ValueError(f"{name}: unknown kind of picture {kind!r}")
 
