@@ -401,7 +401,7 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
               ("recall of the correct pseudo-labels", "recall", "weighted_recall")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     colours = method_colours(list(curves))
-    dashed = False
+    dashed = set()  # what the dashed lines drawn are: the soft weights' figures, or older records' mask ratio
     for method, records in curves.items():
         its = [r["iter"] for r in records]
         if not any(r.get("sampling_rate") is not None for r in records):  # no unlabeled ground truth
@@ -422,9 +422,14 @@ def plot_pseudo_label_curves(curves: dict[str, list[dict]], out_path: str) -> st
                 if any(v is not None for v in vals):
                     ax.plot(its, [np.nan if v is None else v for v in vals], style, ms=3, color=colours[method],
                             label=method if style == "o-" else None)
-                    dashed = dashed or style == "s--"
+                    if style == "s--":
+                        dashed.add("mask ratio" if k == "mask_ratio" else "soft weights")
+    mask_ratio = "the mask ratio (the mean weight over every non-padded pixel, void included)"
+    said = {frozenset({"soft weights"}): "the soft weights", frozenset({"mask ratio"}): mask_ratio,
+            frozenset({"soft weights", "mask ratio"}): f"the soft weights; for runs recorded before their figures, "
+                                                       f"{mask_ratio}"}
     if dashed:
-        fig.suptitle("solid: the reliable pixels (w = 1); dashed: the soft weights", fontsize=9, y=1.03)
+        fig.suptitle(f"solid: the reliable pixels (w = 1); dashed: {said[frozenset(dashed)]}", fontsize=9, y=1.03)
     for ax, (title, _, _) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=9)
         _iteration_axis(ax)

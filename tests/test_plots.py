@@ -195,7 +195,8 @@ def test_pseudo_label_curves_of_records_before_the_weighted_figures_draw_the_mas
     fig = kept_figures[0]
     drawn = [[(ln.get_linestyle(), ln.get_ydata().tolist()) for ln in ax.get_lines()] for ax in fig.axes[:3]]
     assert drawn == [[("-", [0.66]), ("--", [0.77])], [("-", [0.97])], [("-", [0.73])]]
-    assert fig._suptitle.get_text() == "solid: the reliable pixels (w = 1); dashed: the soft weights"
+    assert fig._suptitle.get_text() == ("solid: the reliable pixels (w = 1); dashed: the mask ratio (the mean weight "
+                                        "over every non-padded pixel, void included)")
 
 
 def test_pseudo_label_curves_leave_out_soft_curves_equal_to_the_reliable_ones(kept_figures):
