@@ -64,7 +64,7 @@ def oracle_pixel_features(z_n, rule="paper", confidence=None):
     penalty = (num_classes - 1) ** 2 / (2.0 * (residual_mass + EPS))
     dispersion = -penalty * variance
     confidence = confidence or default_confidence(rule)
-    f0 = -math.log1p(residual_ratio) if confidence == "log" else pmax  # log(pmax), exact: log(1 / (1 + R))
+    f0 = -math.log1p(residual_ratio) if confidence == "log" else pmax  # log(pmax) = -log1p(R)
     return f0, dispersion, top
 
 
