@@ -16,8 +16,9 @@ constexpr double kTiny = 2.2250738585072014e-308;  // smallest normal double (to
 // Statistics accumulated per group and chunk (phase A of PCOS): valid count and the raw sums of the features.
 constexpr int kGramStats = 6;  // n, sum x, sum y, sum xx, sum xy, sum yy
 // Statistics accumulated per group, cluster and chunk (phase B): count and sums of the shifted features.
-constexpr int kClusterStats = 5;  // n, sum dx, sum dy, sum dx^2, sum dy^2 (d = feature - group mean)
+constexpr int kClusterStats = 5;  // n, sum dx, sum dy, sum dx^2, sum dy^2 (d = feature - shift, the group mean)
 constexpr int kGroupParams = 9;  // shift x, shift y, u1 (2), u2 (2), s1, s2, rank_one
+constexpr double kShiftGrid = 1048576.0;  // 2^20: the shift's grid (group_params_from_gram)
 constexpr int kWeightParams = 4;  // mu x, mu y, sd x, sd y of the reliable cluster
 
 template <typename acc_t>
@@ -241,8 +242,13 @@ C10_HOST_DEVICE inline void group_params_from_gram(const double* sums, double* o
     u1y = a >= c ? 0.0 : 1.0;
   }
   const double s1 = std::sqrt(lam1), s2 = std::sqrt(lam2);
-  out[0] = n > 0 ? sums[1] / n : 0.0;  // shift: the group mean, so cluster sums are of small deviations
-  out[1] = n > 0 ? sums[2] / n : 0.0;
+  // The shift of the cluster sums: the group mean, so they are sums of small deviations, rounded to a multiple of
+  // 1 / kShiftGrid. A cluster whose feature is the same 0 or 1 at every pixel (an even residual, v = 0; a saturated
+  // confidence) then gets exactly that mean, as the reference's plain mean: its deviations, their sums and
+  // shift + sum / n are exact, where the unrounded mean's were not (a mean of -3e-18 for dispersions all 0 put them
+  // above it, at weight 1 by the preservation rule).
+  out[0] = n > 0 ? std::nearbyint(sums[1] / n * kShiftGrid) / kShiftGrid : 0.0;
+  out[1] = n > 0 ? std::nearbyint(sums[2] / n * kShiftGrid) / kShiftGrid : 0.0;
   out[2] = u1x;
   out[3] = u1y;
   out[4] = -u1y;

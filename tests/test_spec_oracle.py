@@ -767,19 +767,22 @@ def test_cpu_backend_cross_entropy_and_threshold_match_oracle():
     np.testing.assert_array_equal(to_numpy(result.label), label)
 
 
-@pytest.mark.xfail(strict=True, reason="the extension's cluster means are the group mean plus the mean deviation "
-                   "from it (csrc/csl_math.h cluster_stats): a cluster whose dispersions are all 0 gets mu[1] ~ "
-                   "-3e-18, and the preservation rule keeps its pixels at weight 1 (0 > -3e-18)")
 def test_cpu_backend_preservation_at_a_cluster_of_equal_dispersions():
     """float32, C = 3, paper rule: six pixels with an even residual (v = 0 exactly) and varied p_max form the
     reliable cluster, one uneven pixel the other: mu[1] = 0 exactly, so v = 0 is not above it and the pixels below
-    the mean confidence get their Gaussian weight (the reference and Triton agree)."""
+    the mean confidence get their Gaussian weight (the reference and Triton agree). The extension's cluster means are
+    its shift plus the mean deviation from it: with the unrounded group mean as the shift, mu[1] was -3e-18 and the
+    preservation rule kept those pixels at weight 1 (0 > -3e-18)."""
     logits = _pixels([[0.78, 0.0, 0.0], [2.52, 0.0, 0.0], [0.62, 0.0, 0.0], [1.64, 0.0, 0.0], [0.58, 0.0, 0.0],
                       [2.13, 0.0, 0.0], [1.0, 1.0, -1.47]]).float()
     features = ck.residual_features(logits, None, backend="reference")
     expected = oracle_pcos(logits.double().numpy(), features=(to_numpy(features.f0), to_numpy(features.v)))
     reference = ck.pcos_weights(logits, None, return_stats=True, backend="reference")
     assert_pcos_matches(reference, expected, stats_rtol=1e-9, weight_atol=1e-6)
+    assert expected[3]["mu"][0, 0, 1] == 0.0 and expected[0].min() < 0.9
+    # The extension computes float32 logits' features in float32: the oracle on those features.
+    features = ck.residual_features(logits, None, backend="cpu")
+    expected = oracle_pcos(logits.double().numpy(), features=(to_numpy(features.f0), to_numpy(features.v)))
     assert expected[3]["mu"][0, 0, 1] == 0.0 and expected[0].min() < 0.9
     result = ck.pcos_weights(logits, None, return_stats=True, backend="cpu")
     assert_pcos_matches(result, expected, stats_rtol=1e-9, weight_atol=1e-6, var_atol=1e-15)
