@@ -26,7 +26,8 @@
 #                 limit per test (thread method: a test stuck in C code is stopped too), -rfE summary;
 #   progress.txt  one line per test outcome as it happens (whole texts in progress.txt.details, the stacks of a test
 #                 process that does not exit in progress.txt.hang-<worker>); junit.xml when pytest ends
-#   train.log     csl train on the demo config for 6 iterations, bf16 autocast, kernels.backend=auto (when >= 60 s
+#   train.log     csl train on the demo config for 6 iterations, train.amp=auto (bf16 autocast where the GPU has
+#                 native bf16, else fp16), kernels.backend=auto (when >= 60 s
 #                 of the budget are left; tests/test_gpu.py runs the named backends)
 #   summary.md    what passed, what failed, the times
 # Exit status: 0 when every stage passed and the benchmarks' results merged into bench.json, 1 otherwise, 2 for a
@@ -418,8 +419,9 @@ stage tests "$TEST_LIMIT" "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:rand
   "${DESELECT[@]}" --junitxml "$OUT/junit.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
 unset CSL_REQUIRE_BACKENDS CSL_TEST_PROGRESS TRITON_INTERPRET OMP_NUM_THREADS CSL_AUTO_CACHE
 
-# 7. Training steps: csl train on the demo config, 6 iterations, bf16 autocast on the GPU, kernels.backend=auto
-if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKEND=cpu; LIMIT=300; else DEVICE=cuda; AMP=bf16; BACKEND=auto; LIMIT=60; fi
+# 7. Training steps: csl train on the demo config, 6 iterations, train.amp=auto on the GPU (bf16 where it is native,
+# else fp16 with loss scaling), kernels.backend=auto
+if [ $DRY = 1 ]; then DEVICE=cpu; AMP=fp32; BACKEND=cpu; LIMIT=300; else DEVICE=cuda; AMP=auto; BACKEND=auto; LIMIT=60; fi
 : > "$OUT/train.log"
 stage "train_$BACKEND" $LIMIT "$PY" -m csl train --config demo device=$DEVICE train.amp=$AMP \
   train.iters=6 train.iters_per_epoch=6 train.log_every=2 train.progress=false "kernels.backend=$BACKEND" \
