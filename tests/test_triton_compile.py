@@ -193,3 +193,46 @@ def test_a_phase_says_how_far_it_got_and_a_failed_one_keeps_its_errors(capfd):
     with pytest.raises(RuntimeError, match=r"the test phase failed \(exit 3\):\na warning\nTraceback: boom\n$"):
         compile_check.run_child([sys.executable, "-c", child.format(code=3)], {}, "the test phase")
     assert capfd.readouterr().err == "compile_check: one\ncompile_check: two\n"
+
+
+_TWO_ARCH_RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z6kernelPf:
+  REG:255 STACK:96 SHARED:0 LOCAL:0 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z6kernelPf:
+  REG:40 STACK:0 SHARED:17408 LOCAL:0 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_resource_usage_keeps_each_architectures_copy_of_a_kernel(tmp_path, monkeypatch):
+    """A library built for several architectures (TORCH_CUDA_ARCH_LIST="8.0;9.0") holds each kernel once per
+    architecture under the same name: the sm_80 copy that spills is reported, not hidden by the sm_90 one after it
+    (``cuobjdump -res-usage``'s output as it prints it, from a stand-in for the tool)."""
+    fake = tmp_path / "cuobjdump"
+    fake.write_text(f"#!/bin/sh\ncat <<'END'\n{_TWO_ARCH_RES_USAGE}END\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(compile_check, "cuobjdump_path", lambda: str(fake))
+    usage = compile_check.resource_usage("library.so")
+    assert usage == {"sm_80 _Z6kernelPf": {"reg": 255, "stack": 96, "shared": 0, "local": 0},
+                     "sm_90 _Z6kernelPf": {"reg": 40, "stack": 0, "shared": 17408, "local": 0}}
+    assert [name for name, u in usage.items() if compile_check.spills(u)] == ["sm_80 _Z6kernelPf"]

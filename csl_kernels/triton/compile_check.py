@@ -235,16 +235,28 @@ def cuobjdump_path() -> str:
 
 
 def resource_usage(path: str) -> dict[str, dict[str, int]]:
-    """Per kernel of a cubin or of a library's embedded fatbin: registers, stack (spills), shared and local memory
-    in bytes, from ``cuobjdump -res-usage``."""
+    """Per kernel and architecture of a cubin or of a library's embedded fatbin: registers, stack (spills), shared
+    and local memory in bytes, from ``cuobjdump -res-usage`` (:func:`parse_resource_usage`)."""
     out = subprocess.run([cuobjdump_path(), "-res-usage", path], capture_output=True, text=True, check=False)
-    usage, function = {}, None
-    for line in out.stdout.splitlines():
+    return parse_resource_usage(out.stdout)
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """``{"sm_XX function": {"reg": .., "stack": .., "shared": .., "local": ..}}`` from ``cuobjdump -res-usage``'s
+    output. A library built for several architectures holds each kernel once per architecture (``arch = sm_XX``
+    heads each cubin's section), so the key names both: keyed by the function alone, the last architecture's figures
+    would hide every other's."""
+    usage, function, arch = {}, None, "sm_?"
+    for line in text.splitlines():
+        arch_line = re.match(r"\s*arch = (\S+)", line)
         named = re.match(r"\s*Function (\S+):", line)
-        if named:
+        if arch_line:
+            arch = arch_line.group(1)
+        elif named:
             function = named.group(1)
         elif function is not None and "REG:" in line:
-            usage[function] = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            usage[f"{arch} {function}"] = {k.lower(): int(v)
+                                            for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
             function = None
     return usage
 
