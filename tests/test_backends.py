@@ -241,6 +241,31 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         assert problem is None
 
 
+def test_triton_is_unavailable_on_a_gpu_its_kernels_do_not_compile_for(monkeypatch):
+    """Below compute capability 7.0 (Pascal: P100, GTX 10xx) ptxas refuses the confusion matrix kernel's atomics:
+    the triton backend is unavailable there with a reason that names the GPU (a named backend raises it, auto skips
+    with it), instead of a PTXASError at the first launch. sm_70 and newer GPUs keep it."""
+    if _backends._load_backend_module("triton") is not None:
+        skip_or_fail("triton", _backends._load_backend_module("triton"))
+    import csl_kernels.triton as triton_pkg
+    from csl_kernels.triton._common import INTERPRET
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if INTERPRET else "0")
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    gpu = torch.device("cuda", 0)
+    capability["now"] = (6, 0)
+    reason = _backends.unavailable_reason("confusion_matrix", "triton", gpu)
+    assert reason is not None and "compute capability 7.0 or newer" in reason
+    assert "Tesla P100-PCIE-16GB (sm_60)" in reason
+    assert triton_pkg._check(gpu) == reason
+    for supported in ((7, 0), (7, 5), (8, 6), (12, 0)):
+        capability["now"] = supported
+        assert _backends.unavailable_reason("confusion_matrix", "triton", gpu) is None, supported
+
+
 def test_threads_that_first_ask_for_the_interpreter_at_once_probe_it_once():
     """Triton's interpreter is not thread-safe: threads whose first triton calls come together must not run the
     probe side by side, where it fails and its false "cannot run a loop" is cached for the process."""

@@ -61,6 +61,24 @@ def _probe_interpreter() -> str | None:
     return None if int(out) == 3 else f"Triton {triton.__version__}'s interpreter computed a loop wrongly"
 
 
+# The oldest GPUs the kernels compile for: below compute capability 7.0 ptxas refuses the confusion matrix kernel's
+# relaxed atomics ("Feature '.relaxed' requires .target sm_70 or higher", Triton 3.8), a crash at the first launch.
+# python -m csl_kernels.triton.compile_check --arch 75 / 80 / 86 / 89 / 90 / 100 / 120 compiles every variant.
+MIN_CAPABILITY = (7, 0)
+
+
+def _gpu_problem(device: torch.device) -> str | None:
+    """Why the kernels cannot run on the GPU ``device`` (its compute capability), or None."""
+    if not torch.cuda.is_available():  # no GPU to ask; CUDA tensors cannot exist here either
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= MIN_CAPABILITY:
+        return None
+    return (f"the Triton kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(the confusion matrix kernel's atomics do not compile for older ones), got "
+            f"{torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]})")
+
+
 def _check(device: torch.device) -> str | None:
     from ._common import INTERPRET  # what the kernels were defined under
 
@@ -70,7 +88,7 @@ def _check(device: torch.device) -> str | None:
                 f"imported, and Triton fixes it when the kernels are defined: set it before the first import of "
                 f"csl_kernels' Triton kernels (or restart the process)")
     if device.type == "cuda":
-        return None
+        return _gpu_problem(device)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return _interpreter_problem()
     return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
