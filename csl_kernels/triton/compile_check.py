@@ -281,11 +281,17 @@ def spills(usage: dict[str, int]) -> bool:
     return usage.get("stack", 0) > MAX_STACK_BYTES or usage.get("local", 0) > 0
 
 
-def ptxas_path() -> str:
-    """The ``ptxas`` that ships with Triton's NVIDIA backend (the one that compiled the cubins)."""
-    from triton.backends.nvidia import __file__ as nvidia_init
+def ptxas_path(arch: int = 90) -> str:
+    """The ``ptxas`` that ships with Triton's NVIDIA backend and compiled the cubins for ``cuda:<arch>``: Triton 3.8
+    compiles sm_100 and newer with a second, newer one (``ptxas-blackwell``, whose PTX the first refuses:
+    "Unsupported .version")."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # a Triton with one ptxas
+        from triton.backends.nvidia import __file__ as nvidia_init
 
-    return os.path.join(os.path.dirname(nvidia_init), "bin", "ptxas")
+        return os.path.join(os.path.dirname(nvidia_init), "bin", "ptxas")
+    return get_ptxas(arch).path
 
 
 def ptxas_spills(ptx: str) -> dict[str, int]:
@@ -298,7 +304,8 @@ def ptxas_spills(ptx: str) -> dict[str, int]:
         src = os.path.join(folder, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([ptxas_path(), f"-arch={target.group(1)}", "-v", src, "-o",
+        arch = int(re.match(r"sm_(\d+)", target.group(1)).group(1))
+        proc = subprocess.run([ptxas_path(arch), f"-arch={target.group(1)}", "-v", src, "-o",
                                os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=False)
     found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
     if proc.returncode != 0 or found is None:
