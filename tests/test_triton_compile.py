@@ -172,6 +172,8 @@ def test_ptxas_counts_spills_that_the_stack_size_cannot_tell(tmp_path, arch):
     if not _nvidia_backend_available():
         skip_or_fail("triton", "triton has no NVIDIA backend here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    # The checkout under test, not whichever csl_kernels the interpreter would find from the script's folder.
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     script = tmp_path / "spill.py"  # @triton.jit needs its source in a file
     script.write_text(_SPILL_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True,
