@@ -243,16 +243,36 @@ def _is_zip_archive(path: str) -> bool:
         return False
 
 
+# A zip archive ends with its end of central directory record (22 bytes and a comment of up to 64 KiB).
+_END_RECORD = b"PK\x05\x06"
+_END_RECORD_SPAN = 22 + (1 << 16)
+
+
+def _has_end_record(path: str) -> bool:
+    """Whether the last bytes of ``path`` hold a whole zip end record (its signature and 18 bytes more): a save that
+    finished wrote one, a file cut short before its end has none."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _END_RECORD_SPAN))
+        tail = f.read()
+    return 0 <= tail.rfind(_END_RECORD) <= len(tail) - 22
+
+
 def _unreadable(path: str, error: Exception) -> ValueError:
     """The ValueError for a ``torch.load`` failure of ``path``: a file that is no PyTorch checkpoint is said to be
-    that (torch.save writes a zip archive, a cut-short one has no directory; older torch its legacy format)."""
+    that (torch.save writes a zip archive, a cut-short one has no directory, a damaged one an end record that does
+    not lead to it; older torch its legacy format)."""
     if not _is_zip_archive(path) and not _legacy_refused(path, error):
         with open(path, "rb") as f:
             start = f.read(24)
         size = os.path.getsize(path)
-        what = (f"a zip archive cut short: {size} bytes, a copy or a save that did not finish?"
-                if start.startswith(b"PK\x03\x04") else
-                f"cut short, corrupt, or another kind of file; {size} bytes, starting {start!r}")
+        if not start.startswith(b"PK\x03\x04"):
+            what = f"cut short, corrupt, or another kind of file; {size} bytes, starting {start!r}"
+        elif _has_end_record(path):
+            what = (f"a zip archive whose end records do not lead to its directory: {size} bytes, ended as a save "
+                    f"ends, then changed on disk or in a copy?")
+        else:
+            what = f"a zip archive cut short: {size} bytes, a copy or a save that did not finish?"
         return ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint ({what})")
     return ValueError(f"cannot load checkpoint {path} with weights_only=True: {_load_error(error)}")
 

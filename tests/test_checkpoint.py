@@ -316,14 +316,17 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_one(tmp_path):
     assert ck.load_checkpoint(str(good))["iteration"] == 3
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cut_in_end_record = tmp_path / "cut_in_end_record.pt"  # its signature written, not the record's last bytes
+    cut_in_end_record.write_bytes(good.read_bytes()[:-5])
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint\n")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     folder = tmp_path / "latest.pt"
     folder.mkdir()
-    for path, match in ((cut, r"not a readable PyTorch checkpoint \(a zip archive cut short: \d+ bytes, a copy or a "
-                              r"save that did not finish\?\)$"),
+    cut_short = r"not a readable PyTorch checkpoint \(a zip archive cut short: \d+ bytes, a copy or a save that did " \
+                r"not finish\?\)$"
+    for path, match in ((cut, cut_short), (cut_in_end_record, cut_short),
                         (text, r"not a readable PyTorch checkpoint .*17 bytes, starting b'not a checkpoint\\n'\)$"),
                         (empty, r"is empty \(0 bytes\)"),
                         (folder, "is a folder; give the checkpoint file in it")):
@@ -394,7 +397,9 @@ def test_a_checkpoint_with_a_damaged_record_header_is_named_damaged(tmp_path):
         "extra field length of the last record": (last.header_offset + 29, 0xFF, "its record '.*' .*EOFError"),
         "compression method": (directory + 10, 0x40, r"its record '.*data/0' \(tensor data\) .*NotImplementedError"),
         "encryption flag": (directory + 8, 0x01, r"its record '.*data/0' \(tensor data\) .*RuntimeError"),
-        "number of disks in the zip64 locator": (zip64_locator + 16, 0x80, "not a readable PyTorch checkpoint"),
+        "number of disks in the zip64 locator": (zip64_locator + 16, 0x80, r"not a readable PyTorch checkpoint \(a "
+                                                 r"zip archive whose end records do not lead to its directory: \d+ "
+                                                 r"bytes, ended as a save ends, then changed on disk or in a copy\?\)"),
     }
     for offset, bits, match in cases.values():
         damaged = bytearray(data)
