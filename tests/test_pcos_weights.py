@@ -816,6 +816,32 @@ def test_triton_group_tiles(monkeypatch):
             assert torch.equal(one.stats.count, packed.stats.count)
 
 
+def test_triton_class_group_cluster_tiles_stay_within_the_spill_free_width(monkeypatch):
+    """The class-group cluster pass keeps the feature pass's tile up to CLASS_CLUSTER_BLOCK pixels: at C = 2 the
+    candidate Config(2048, 8) makes 1024-pixel feature tiles, whose cluster kernel spilled 20 B per thread for sm_80;
+    it runs two 512-pixel tiles per feature tile, covering the same pixels, and matches the float64 reference."""
+    device = require_backend(OP, "triton")
+    from csl_kernels.triton import pcos_weights as tp
+    from csl_kernels.triton import tuning
+
+    wide = tuning.Config(2048, 8)
+    assert wide in tp.TUNABLE.candidates
+    for classes in (2, 3, 21, 150):
+        for config in tp.TUNABLE.candidates:
+            plan = tp.launch_plan(1, classes, 40 * 60, True, config)
+            assert plan.cluster_p <= tp.CLASS_CLUSTER_BLOCK
+            assert plan.cluster_p * plan.cluster_tiles == plan.block_p * plan.tiles, (classes, config)
+    assert tp.launch_plan(1, 2, 40 * 60, True, wide)[:2] == (1024, 2)
+    assert tp.launch_plan(1, 2, 40 * 60, True, wide).cluster_p == 512
+    seen = spy_constexpr(monkeypatch, tp, "_pcos_cluster_kernel", "BLOCK_P")
+    z, ign = make_logits(3, batch=1, classes=2, height=40, width=60, ignore="int64", p_nonfinite=0.01, device=device)
+    options = dict(alpha=8.0, confidence="prob", groups="class")
+    with tuning.forced({tp.TUNABLE.name: wide}):
+        out = csl_kernels.pcos_weights(z, **masks(ign), backend="triton", return_stats=True, **options)
+    assert seen == [512]
+    assert_pcos_match(out, reference64(z, ign, **options), z, ign, **options)
+
+
 @pytest.mark.parametrize("groups", ["image", "class"])
 def test_triton_chunk_records_are_reduced_block_by_block(monkeypatch, groups):
     """The per-group reductions (Gram sums, cluster records) walk an image's chunk records MAX_BLOCK_K (128) at a

@@ -63,6 +63,9 @@ MIN_GROUP_PROGRAMS = 256  # programs of the per-group reductions while there are
 BLOCK_W = 1024  # pixels per program of the weight kernel
 CLUSTER_BLOCK = 1024  # pixels per tile of the image-group cluster pass at most
 CLUSTER_WARPS = 8  # its warps: 4 pixels per thread at the largest tile
+# Pixels per tile of the class-group cluster pass at most: at C = 2 the candidate Config(2048, 8) gave it 1024-pixel
+# tiles, where it spilled 20 B per thread for sm_80 (ptxas 12.9); every other class count and candidate stays within.
+CLASS_CLUSTER_BLOCK = 512
 # Tile and warps of the two pixel passes (features + Gram sums, cluster records): the feature pass's default and
 # candidates but 512 values at 8 warps, where the class-group feature kernel spills 20 B per thread at a 16-class tile.
 # Chunks do not depend on the choice (chunk_pixels), so neither do the per-chunk records nor the order they are merged
@@ -427,7 +430,7 @@ def launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Config
     """The plan of a call on ``bsz x ncls x (hw pixels)`` logits with ``config``, remembered per shape. The module's
     limits are part of the key: a plan is never reused after one of them changed."""
     limits = (MIN_CHUNK, PARTIAL_BUDGET, MIN_GROUP_PROGRAMS, GROUP_TILE, MAX_BLOCK_K, MAX_BLOCK_G, CLUSTER_BLOCK,
-              CLUSTER_WARPS, BLOCK_W)
+              CLUSTER_WARPS, CLASS_CLUSTER_BLOCK, BLOCK_W)
     return _launch_plan(bsz, ncls, hw, class_groups, config, limits)
 
 
@@ -443,8 +446,8 @@ def _launch_plan(bsz: int, ncls: int, hw: int, class_groups: bool, config: Confi
     block_grp = group_tile(n_groups, block_k)
     # The cluster pass reads three values per pixel, not C: image groups take the largest tile that divides the
     # chunk (up to CLUSTER_BLOCK pixels), so a chunk is one or a few tiles and few merges. Class groups keep the
-    # feature pass's tile: their one-hot tiles are BLOCK_G groups wide.
-    cluster_p = block_p if class_groups else cluster_block(tiles * block_p)
+    # feature pass's tile up to CLASS_CLUSTER_BLOCK pixels: their one-hot tiles are BLOCK_G groups wide.
+    cluster_p = min(block_p, CLASS_CLUSTER_BLOCK) if class_groups else cluster_block(tiles * block_p)
     # Each part of the scratch buffer starts on a 128-byte boundary, as a buffer of its own would.
     parts = tuple(cdiv(n, 16) * 16 for n in (n_groups * GRAM_STATS * nch, n_groups * 2 * CLUSTER_STATS * nch,
                                              n_groups * GROUP_PARAMS, n_groups * WEIGHT_PARAMS))
