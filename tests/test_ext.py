@@ -94,12 +94,85 @@ def test_cuda_kernels_do_not_spill(ext):
     assert not spilling, spilling
 
 
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", flags=re.M)
+# Instructions that end a basic block of SASS; those with an address operand also start one there.
+_SASS_CONTROL_FLOW = {"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BREAK", "BSSY", "BSYNC", "SSY", "SYNC", "PBK",
+                      "PCNT", "CONT", "WARPSYNC", "BPT", "KILL"}
+
+
+def _sass_functions(sass: str) -> list[tuple[str, str, str]]:
+    """``(arch, function name, body)`` for every function of ``cuobjdump -sass``'s output, where ``arch = sm_XX``
+    heads each cubin's functions."""
+    prelude, *parts = re.split(r"\n\s*Function : ", sass)
+    arch = (re.findall(r"^arch = (sm_\w+)", prelude, flags=re.M) or ["sm_?"])[-1]
+    functions = []
+    for part in parts:
+        functions.append((arch, part.split("\n", 1)[0].strip(), part))
+        arch = (re.findall(r"^arch = (sm_\w+)", part, flags=re.M) or [arch])[-1]  # the next cubin's header
+    return functions
+
+
+def _loads_before_first_add_per_block(body: str) -> list[int]:
+    """For each basic block of a function's SASS that adds doubles (DADD), the global loads (LDG) it issues before
+    its first addition, in code order. The blocks, not the function's first DADD: ptxas of CUDA 13.0 lays out the
+    loop of the records left over after the last whole batch (one record at a time, unrolled 4 times: 24 / 40 loads)
+    ahead of the batch loop for sm_100 and sm_120, and behind it for sm_75 to sm_90."""
+    instructions = [(int(addr, 16), op, operands) for addr, op, operands in _SASS_INSTRUCTION.findall(body)]
+    block_starts = {int(target, 16) for _, op, operands in instructions if op in _SASS_CONTROL_FLOW
+                    for target in re.findall(r"0x([0-9a-f]+)", operands)}
+    counts, loads, added = [], 0, False
+    for addr, op, _ in instructions:
+        if addr in block_starts:
+            loads, added = 0, False
+        if op == "LDG" and not added:
+            loads += 1
+        elif op == "DADD" and not added:
+            counts.append(loads)
+            added = True
+        if op in _SASS_CONTROL_FLOW:
+            loads, added = 0, False
+    return counts
+
+
+def test_sass_load_count_is_per_basic_block_in_every_layout():
+    """The count of :func:`_loads_before_first_add_per_block` on stand-ins for ``cuobjdump -sass``: a batch loop laid
+    out behind a loop of single records (sm_100 / sm_120) still shows its 96 loads; a batch loop that adds after a
+    few loads shows those few, and so does one whose loads a branch target cuts off from its additions."""
+
+    def sass(*blocks):
+        lines, addr = [], 0
+        for block in blocks:
+            for text in block:
+                lines.append(f"        /*{addr:04x}*/                   {text} ;            /* 0x000fe2000000000a */")
+                addr += 0x10
+        return "\n".join(lines)
+
+    def loads(n, base="R70"):
+        return [f"LDG.E.64.CONSTANT R{2 * k + 2}, desc[UR14][{base}.64+{8 * k:#x}]" for k in range(n)]
+
+    adds = [f"DADD R{2 * q + 10}, R{2 * q + 10}, R{2 * q + 2}" for q in range(6)]
+    records = 0x10 + 0x10 * (24 + 6 + 1)  # where the batch loop starts below
+    blackwell = sass(["BRA.U UP0, " + hex(records)], loads(24) + adds + ["@P0 BRA 0x10"],
+                     loads(96) + adds + ["BRA.U UP0, " + hex(records)], ["EXIT"])
+    assert _loads_before_first_add_per_block(blackwell) == [24, 96]
+    interleaved = sass(loads(24) + adds + loads(72) + adds + ["@P0 BRA 0x0"], ["EXIT"])
+    assert _loads_before_first_add_per_block(interleaved) == [24]
+    cut = sass(loads(96) + ["@!P1 BRA " + hex(0x10 * 97)], adds + ["EXIT"])
+    assert _loads_before_first_add_per_block(cut) == [0]
+    library = ("\nFatbin elf code:\n================\narch = sm_100\n\n\tcode for sm_100\n\t\tFunction : k1\n"
+               + blackwell + "\n\t\t..........\n\nFatbin elf code:\n================\narch = sm_120\n\n"
+               "\tcode for sm_120\n\t\tFunction : k1\n" + interleaved + "\n\t\tFunction : k2\n" + cut)
+    assert [(arch, name) for arch, name, _ in _sass_functions(library)] == [
+        ("sm_100", "k1"), ("sm_120", "k1"), ("sm_120", "k2")]
+
+
 def test_cuda_per_group_kernels_load_a_batch_of_records_before_adding(ext):
     """In the code of PCOS's per-group kernels (one thread per group sums the group's chunk records), every load of
     a batch (sum_records_in_order: 16 records of 6 doubles, 8 of 10) is issued before its first addition, so a
     thread waits on memory once per batch, not once per few records (without __launch_bounds__(kThreads, 1), ptxas of
-    CUDA 13.0 interleaved them after 12-13 loads for sm_90). Counted in ``cuobjdump -sass`` of the built library,
-    in the code of every architecture it holds (CI: sm_90)."""
+    CUDA 13.0 adds after 13-16 loads for sm_90, 11-15 for sm_100 / sm_120). Counted in ``cuobjdump -sass`` of the
+    built library, per basic block (:func:`_loads_before_first_add_per_block`), in the code of every architecture it
+    holds (CI: sm_90)."""
     import subprocess
 
     info = build.load()
@@ -107,14 +180,15 @@ def test_cuda_per_group_kernels_load_a_batch_of_records_before_adding(ext):
     from csl_kernels.triton.compile_check import cuobjdump_path
 
     sass = subprocess.run([cuobjdump_path(), "-sass", info.library], capture_output=True, text=True, check=True).stdout
-    functions = re.split(r"\n\s*Function : ", sass)
+    functions = _sass_functions(sass)
+    wanted = {"sm_" + entry.removesuffix("+PTX").replace(".", "") for entry in build._arch_entries(info.cuda_arch_list)}
     for kernel, batch_loads in (("pcos_group_params_kernel", 16 * 6), ("pcos_cluster_stats_kernel", 8 * 10)):
-        bodies = [f for f in functions if f.split("\n", 1)[0].find(kernel) >= 0]
-        assert bodies, (kernel, "not in the library")
-        for body in bodies:
-            ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body, flags=re.M)
-            first_add = ops.index("DADD")
-            assert ops[:first_add].count("LDG") >= batch_loads, (kernel, ops[:first_add].count("LDG"))
+        found = {arch for arch, name, _ in functions if kernel in name}
+        assert found == wanted, (kernel, sorted(found), sorted(wanted))
+        for arch, name, body in functions:
+            if kernel in name:
+                counts = _loads_before_first_add_per_block(body)
+                assert max(counts, default=0) >= batch_loads, (arch, kernel, counts)
 
 
 def test_opcheck_every_op(ext):
