@@ -10,8 +10,11 @@
 # under one budget (GPU_CHECK_BUDGET_S, default 540 s: a 600 s command with room to spare; the stages before the
 # tests leave GPU_CHECK_TEST_RESERVE_S, default 200 s, of it to the tests and the training), each writing into DIR as
 # it goes; summary.md is rewritten the same way, so a run killed from outside still leaves one:
-#   env.txt       GPU, driver, Python, torch, triton, nvcc
-#   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16), with its time
+#   env.txt       GPU (how many visible, capability and memory of the one checked), driver, Python, torch, triton,
+#                 nvcc (nvidia-smi, nvcc and the Python start that finds the GPU each stopped after
+#                 GPU_CHECK_PROBE_LIMIT_S, default 60 s: a hung driver ends the check, exit 2, before any stage)
+#   build.log     the C++/CUDA extension build on first use (MAX_JOBS=16; for the visible GPU's architecture unless
+#                 TORCH_CUDA_ARCH_LIST says otherwise), with its time
 #   cpp_exceptions.txt  whether a TORCH_CHECK failure in a minimal extension reaches Python here; where it
 #                 crashes (the machine), the tests of C++ error paths (marked cpp_error_path) are deselected (each
 #                 crash costs a worker restart) and the summary says so. On a GPU, variants that tell the machine
@@ -75,21 +78,33 @@ require_seconds() {  # require_seconds NAME VALUE [positive]: exit 2 unless VALU
 require_seconds GPU_CHECK_BUDGET_S "$BUDGET" positive
 require_seconds GPU_CHECK_TEST_RESERVE_S "$RESERVE_S"
 require_seconds GPU_CHECK_PACK_EVERY_S "$PACK_EVERY_S" positive
+# The limit of each look at the machine before the stages (the Python start that finds the GPU, nvidia-smi, nvcc): a
+# driver that hangs them would otherwise take the whole loan and leave no summary.
+PROBE_LIMIT_S=${GPU_CHECK_PROBE_LIMIT_S:-60}
+require_seconds GPU_CHECK_PROBE_LIMIT_S "$PROBE_LIMIT_S" positive
 DEADLINE=$((START + BUDGET))
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1  # progress lines reach the logs as they happen, also from a stage that is killed
 # One Python start for the device check and the environment (a cold start of torch takes seconds).
 ENV_ERR=$(mktemp)
-ENV_TEXT=$("$PY" -c "
+ENV_TEXT=$(timeout -k 5 "$PROBE_LIMIT_S" "$PY" -c "
 import re, sys, torch, triton
 cuda = torch.cuda.is_available()
 print('GPU=' + (re.sub(r'[^A-Za-z0-9._-]+', '-', torch.cuda.get_device_name(0)) if cuda else 'cpu'))
 print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print('triton', triton.__version__)
+if cuda:
+    print('GPUs visible', torch.cuda.device_count(), '- GPU 0 (the one checked): compute capability %d.%d,'
+          % torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).total_memory >> 20, 'MiB')
 " 2>"$ENV_ERR")
 ENV_RC=$?
 GPU=$(sed -n 's/^GPU=//p' <<< "$ENV_TEXT")
+if [ $ENV_RC = 124 ] || [ $ENV_RC = 137 ]; then
+  echo "gpu_check: $PY did not import torch and find the GPU within ${PROBE_LIMIT_S}s (GPU_CHECK_PROBE_LIMIT_S):" \
+    "stopped; a hung driver? $(tail -n 5 "$ENV_ERR")" >&2
+  exit 2
+fi
 if [ $ENV_RC != 0 ] || [ -z "$GPU" ]; then
   echo "gpu_check: $PY cannot import torch / triton (exit $ENV_RC): $(tail -n 5 "$ENV_ERR")" >&2
   exit 2
@@ -101,7 +116,7 @@ if [ $DRY = 0 ] && [ "$GPU" = cpu ]; then
 fi
 [ -z "$OUT" ] && [ -z "$PACK" ] && [ -n "$DEVICE_OUT" ] && PACK=$DEVICE_OUT
 if [ -z "$OUT" ]; then  # a second check on the same day gets a folder of its own (no earlier stage's files in it)
-  OUT=gpu-check/$(date +%Y-%m-%d)-$GPU
+  OUT=gpu-check/$(date +%Y-%m-%d)-${GPU:0:64}  # a name a file system takes whatever the GPU's name
   [ -e "$OUT" ] && OUT=$OUT-$(date +%H%M%S)
 fi
 # An earlier check's results in the same folder (a benchmark's JSON, junit.xml, a hang file) would be merged, packed
@@ -110,10 +125,18 @@ if [ -e "$OUT/summary.md" ] || [ -e "$OUT/stages.json" ]; then
   echo "gpu_check: $OUT holds an earlier check's evidence (summary.md); name a new folder" >&2
   exit 2
 fi
-mkdir -p "$OUT"
+writable_folder() {  # writable_folder WHAT DIR: DIR made if need be and written to once, else exit 2 before any stage
+  local error
+  local probe=$2/.gpu_check-write-test
+  if ! error=$(mkdir -p -- "$2" 2>&1 && : 2>&1 > "$probe" && rm -f -- "$probe"); then
+    echo "gpu_check: the $1 folder $2 cannot be written: ${error:-?}" >&2
+    exit 2
+  fi
+}
+writable_folder evidence "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -n "$PACK" ]; then
-  mkdir -p "$PACK"
+  writable_folder --pack "$PACK"
   PACK=$(cd "$PACK" && pwd)
   case "$PACK/" in
     "$OUT/"*) echo "gpu_check: --pack $PACK lies inside the evidence folder $OUT; pack it elsewhere" >&2; exit 2 ;;
@@ -148,7 +171,9 @@ else
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# TORCH_CUDA_ARCH_LIST is left to the caller: unset, the extension is built for the visible GPUs' architectures
+# (csl_kernels/cpp/build.py), sm_90 on an H100 / H200; a fixed 9.0 left the cuda backend without a kernel image on
+# any other GPU.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/csl-gpu-check.XXXXXX")  # build folder and training runs: large, not evidence
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 export CSL_TRITON_AUTOTUNE=0
@@ -268,7 +293,13 @@ pack() {  # --pack DIR: the evidence folder as one archive and the summary besid
     rm -f "$PACK/evidence.tgz.tmp"
     echo "gpu_check: packing the evidence into $PACK/evidence.tgz failed (tar exit $status)" >&2
   fi
-  cp "$OUT/summary.md" "$PACK/summary.md"
+  # Through a temporary file as the archive: a copy cut by a kill or a full disk leaves the last whole summary.md
+  if cp "$OUT/summary.md" "$PACK/summary.md.tmp" 2>/dev/null; then
+    mv "$PACK/summary.md.tmp" "$PACK/summary.md"
+  else
+    rm -f "$PACK/summary.md.tmp"
+    echo "gpu_check: copying summary.md into $PACK failed" >&2
+  fi
 }
 
 on_signal() {  # stopped from outside: stop the stage, keep the summary; exit 128 + the signal's number ($1)
@@ -282,13 +313,19 @@ on_signal() {  # stopped from outside: stop the stage, keep the summary; exit 12
 trap 'on_signal 143' TERM
 trap 'on_signal 130' INT
 
-# 1. Environment
+# 1. Environment (a summary first: a check killed while nvidia-smi or nvcc hangs still leaves one)
+write_summary
 {
   date -u
-  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  if ! command -v nvidia-smi >/dev/null; then echo "nvidia-smi: not on PATH"
+  else timeout -k 5 "$PROBE_LIMIT_S" nvidia-smi 2>&1 ||
+    echo "nvidia-smi: failed (exit $?; 124 = stopped after ${PROBE_LIMIT_S}s)"
+  fi
   grep -v '^GPU=' <<< "$ENV_TEXT"
   cat "$ENV_ERR"
-  (command -v nvcc >/dev/null && nvcc --version) || echo "nvcc: not on PATH"
+  if ! command -v nvcc >/dev/null; then echo "nvcc: not on PATH"
+  else timeout -k 5 "$PROBE_LIMIT_S" nvcc --version || echo "nvcc --version: failed (exit $?)"
+  fi
   if [ -z "$COMMIT" ]; then echo "$MEASURED"; else echo "commit $COMMIT"; fi
   if [ -n "$CHANGES" ]; then echo "tree dirty:"; head -n 40 <<< "$CHANGES"
   elif [ -n "$COMMIT" ]; then echo "tree clean"; fi
@@ -403,9 +440,21 @@ else
 fi
 # A list of its own (the script's own tests: a short one), on a GPU too.
 [ -n "${GPU_CHECK_TESTS:-}" ] && read -r -a TESTS <<< "$GPU_CHECK_TESTS"
-"$PY" -c "import xdist" 2>/dev/null || WORKERS=()
+if [ ${#WORKERS[@]} -gt 0 ] && ! "$PY" -c "import xdist" 2>/dev/null; then
+  WORKERS=()
+  NOTES+=("pytest-xdist is not installed: the suite ran in one process, which the budget may cut before its end"\
+" (progress.txt says how far it got).")
+fi
 TIMEOUT_ARGS=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 120 --timeout-method thread)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  # thread: a test stuck in C code is stopped too, by ending its process; an xdist worker is replaced, but in a suite
+  # of one process that would end the suite, so there a test past its limit is failed by a signal (Python code only).
+  if [ ${#WORKERS[@]} -gt 0 ]; then TIMEOUT_METHOD=thread; else TIMEOUT_METHOD=signal; fi
+  TIMEOUT_ARGS=(--timeout 120 --timeout-method $TIMEOUT_METHOD)
+else
+  NOTES+=("pytest-timeout is not installed: no time limit per test; a test that hangs holds the suite until the"\
+" stage's limit.")
+fi
 # One CPU thread per test process: 14 workers with a thread per core each would oversubscribe the cores 14-fold and
 # push the CPU-bound tests (small trainings) past the per-test limit.
 # The tests' backend='auto' choices (timed by 14 workers sharing the GPU) go to a file of their own, not to the

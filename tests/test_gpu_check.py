@@ -95,7 +95,8 @@ def test_a_folder_flag_without_its_folder_is_a_usage_error(flag):
 
 
 @pytest.mark.parametrize(("name", "value"), [("GPU_CHECK_TEST_RESERVE_S", "2m"), ("GPU_CHECK_PACK_EVERY_S", "0"),
-                                             ("GPU_CHECK_BUDGET_S", "0"), ("GPU_CHECK_BUDGET_S", "9m")])
+                                             ("GPU_CHECK_BUDGET_S", "0"), ("GPU_CHECK_BUDGET_S", "9m"),
+                                             ("GPU_CHECK_PROBE_LIMIT_S", "0")])
 def test_a_setting_that_is_not_a_number_of_seconds_is_refused_before_any_stage(tmp_path, name, value):
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path / "check")], cwd=ROOT,
                           env={**os.environ, "PYTHON": sys.executable, name: value}, capture_output=True, text=True,
@@ -319,7 +320,8 @@ def test_cpp_exception_probe_children_share_one_deadline_and_stop_together(tmp_p
 FAKE_PYTHON = r'''
 """Stands in for the interpreter gpu_check.sh runs: names the stage from its arguments, records the call in
 $FAKE_LOG (one JSON line: stage, argv, the environment the script sets) and does what FAKE_<STAGE> says:
-"" ok (its --out / --junitxml file written), "exit N" that status, "hang" / "hang-ignoring-term" sleep."""
+"" ok (its --out / --junitxml file written), "exit N" that status, "hang" / "hang-ignoring-term" sleep.
+FAKE_IMPORT: "ok" every module the script looks for is there, else the names of those that are (space-separated)."""
 import json, os, signal, sys, time
 
 args = sys.argv[1:]
@@ -340,11 +342,13 @@ else:
     stage = {"csl_bench.bench_auto_choice": "auto", "csl_bench.bench_host_overhead": "host", "pytest": "tests",
              "csl": "train"}.get(module, "unknown")
 keys = ("CSL_EXT_CUDA", "CSL_REQUIRE_BACKENDS", "CSL_TEST_PROGRESS", "CSL_TRITON_AUTOTUNE", "TRITON_INTERPRET",
-        "CSL_CUDA_REGISTER_CLASSES", "MAX_JOBS", "CSL_BUILD_VERBOSE")
+        "CSL_CUDA_REGISTER_CLASSES", "MAX_JOBS", "CSL_BUILD_VERBOSE", "TORCH_CUDA_ARCH_LIST")
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps({"stage": stage, "argv": args, "env": {k: os.environ.get(k) for k in keys}}) + "\n")
 what = os.environ.get("FAKE_" + stage.upper(), "")
 if stage == "env":
+    if what == "hang":  # a driver that does not answer
+        time.sleep(600)
     if what.startswith("exit"):  # its line printed, then a failure (at exit, say)
         print("GPU=cpu")
         print("ModuleNotFoundError: No module named 'torch'", file=sys.stderr)
@@ -352,8 +356,8 @@ if stage == "env":
     print("GPU=" + (what or "cpu"))
     print("python 3.12.0\ntorch 2.11.0 cuda 13.0\ntriton 3.6.0")
     sys.exit(0)
-if stage == "import":  # pytest-xdist, pytest-timeout: there with FAKE_IMPORT=ok
-    sys.exit(0 if what == "ok" else 1)
+if stage == "import":  # pytest-xdist, pytest-timeout: there with FAKE_IMPORT=ok or naming them
+    sys.exit(0 if what == "ok" or code.split()[1] in what.split() else 1)
 print(os.environ.get("FAKE_" + stage.upper() + "_TEXT", stage + " ran"), flush=True)
 if stage == "build" and os.environ.get("FAKE_BUILD_LOG"):
     folder = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "csl_fake")
@@ -480,6 +484,8 @@ def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
     [probe] = calls["probe"]
     assert probe["argv"][1:] == ["--variants", "--limit", "300"] and probe["env"]["MAX_JOBS"] == "4"
     assert calls["build"][0]["env"]["CSL_BUILD_VERBOSE"] == "1" and "'cuda'" in calls["build"][0]["argv"][1]
+    # built for the GPU it runs on (csl_kernels' choice when the caller names no architectures), not a fixed sm_90
+    assert {call["env"]["TORCH_CUDA_ARCH_LIST"] for calls_of in calls.values() for call in calls_of} == {None}
     assert all(call["env"]["CSL_EXT_CUDA"] is None for stage in GPU_STAGES[1:] for call in calls.get(stage, []))
     assert calls["merge"][0]["argv"][2:] == ["--merge", f"{out}/bench-pcos.json", f"{out}/bench-ce.json", "--out",
                                             f"{out}/bench.json", "--overwrite"]
@@ -876,3 +882,142 @@ def test_cpp_exception_probe_crash_details_keep_every_frame_the_reporter_writes_
     python_stack = ["    Fatal Python error: Segmentation fault", "    Current thread 0x1 (most recent call first):",
                     '      File "<string>", line 3 in <module>']
     assert rest[40:] == python_stack
+
+
+@pytest.mark.parametrize(("present", "workers", "method", "notes"), [
+    ("", False, None, ["pytest-xdist is not installed", "pytest-timeout is not installed: no time limit per test"]),
+    ("pytest_timeout", False, "signal", ["pytest-xdist is not installed: the suite ran in one process"]),
+    ("xdist", True, None, ["pytest-timeout is not installed: no time limit per test"]),
+])
+def test_a_machine_without_pytest_xdist_or_pytest_timeout_runs_the_suite_and_says_so(tmp_path, present, workers,
+                                                                                      method, notes):
+    """Without pytest-xdist the suite runs in one process, where a test past its limit is failed by a signal (the
+    thread method would end the one process, and the suite with it); a missing plugin is said in the summary."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(FAKE_ENV="NVIDIA-H100", FAKE_IMPORT=present, GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    argv = _fake_calls(tmp_path)["tests"][0]["argv"]
+    assert ("-n" in argv) == workers
+    if method is None:
+        assert "--timeout" not in argv
+    else:
+        assert argv[argv.index("--timeout") + 1:argv.index("--timeout") + 4] == ["120", "--timeout-method", method]
+    summary = (out / "summary.md").read_text()
+    for note in notes:
+        assert note in summary, summary
+    assert ("pytest-xdist" in summary) != workers
+
+
+def _tool(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\n" + script)
+    (folder / name).chmod(0o755)
+
+
+def test_a_hanging_nvidia_smi_or_nvcc_is_stopped_and_said_in_env_txt(tmp_path):
+    """A driver or toolkit that hangs nvidia-smi / nvcc: each stopped after GPU_CHECK_PROBE_LIMIT_S, said in env.txt,
+    and the stages run (they hung the check before any summary was written)."""
+    repo, env = _fake_checkout(tmp_path)
+    out, tools = tmp_path / "check", tmp_path / "tools"
+    _tool(tools, "nvidia-smi", "exec sleep 600\n")
+    _tool(tools, "nvcc", "exec sleep 600\n")
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300", GPU_CHECK_PROBE_LIMIT_S="2",
+               PATH=f"{tools}:{env['PATH']}")
+    summary_while_hanging = []
+
+    def look_while_nvidia_smi_hangs(proc):  # a kill now (the loan's end) must still leave a summary
+        for _ in range(300):
+            if (out / "env.txt").is_file():
+                break
+            time.sleep(0.05)
+        summary_while_hanging.append((out / "summary.md").is_file())
+
+    proc, stdout, stderr, left = _run_in_session(["bash", "scripts/gpu_check.sh", "--out", str(out)], repo, env,
+                                                 timeout=90, while_running=look_while_nvidia_smi_hangs)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-2000:]
+    assert summary_while_hanging == [True]
+    env_txt = (out / "env.txt").read_text()
+    assert "nvidia-smi: failed (exit 124; 124 = stopped after 2s)" in env_txt and "nvcc --version: failed (exit 124)" \
+        in env_txt, env_txt
+    assert list(_stage_exits(out).values()) == ["0"] * len(GPU_STAGES)
+    assert not left, f"processes of the check still running after it ended: {left}"
+
+
+def test_a_missing_nvidia_smi_and_nvcc_are_said_in_env_txt(tmp_path):
+    repo, env = _fake_checkout(tmp_path)
+    out, tools = tmp_path / "check", tmp_path / "tools"
+    tools.mkdir()
+    for name in ("bash", "git", "find", "sort", "xargs", "sha256sum", "cut", "date", "mkdir", "rm", "mv", "cat",
+                 "grep", "sed", "head", "tail", "wc", "tr", "uniq", "sleep", "timeout", "nice", "mktemp", "dirname",
+                 "basename", "seq", "tar", "gzip", "cp", "awk"):
+        (tools / name).symlink_to(shutil.which(name))
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300", PATH=str(tools))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    env_txt = (out / "env.txt").read_text()
+    assert "nvidia-smi: not on PATH\n" in env_txt and "nvcc: not on PATH\n" in env_txt, env_txt
+
+
+def test_python_that_hangs_finding_the_gpu_is_stopped_before_any_stage(tmp_path):
+    """torch's CUDA start hanging (a driver that does not answer): stopped after GPU_CHECK_PROBE_LIMIT_S, exit 2 with
+    the reason, no stage started (the whole loan went to it before)."""
+    repo, env = _fake_checkout(tmp_path)
+    env.update(FAKE_ENV="hang", GPU_CHECK_PROBE_LIMIT_S="2")
+    proc, stdout, stderr, left = _run_in_session(["bash", "scripts/gpu_check.sh", "--out", str(tmp_path / "check")],
+                                                 repo, env, timeout=60)
+    assert proc.returncode == 2 and "did not import torch and find the GPU within 2s" in stderr, stderr
+    assert list(_fake_calls(tmp_path)) == ["env"] and not (tmp_path / "check").exists()
+    assert not left, f"processes of the check still running after it ended: {left}"
+
+
+@pytest.mark.parametrize("flag", ["--out", "--pack"])
+def test_a_folder_that_cannot_be_written_is_refused_before_any_stage(tmp_path, flag):
+    """An evidence or pack folder that cannot be made (a read-only or full disk; here a file in its path): exit 2
+    with the reason. Before, the folder's name became empty: the evidence went to / and nothing was packed."""
+    repo, env = _fake_checkout(tmp_path)
+    (tmp_path / "file").write_text("")
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300")
+    folders = {"--out": str(tmp_path / "check"), "--pack": str(tmp_path / "packed"), flag: str(tmp_path / "file/x")}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", *(a for f in folders.items() for a in f)], cwd=repo,
+                          env=env, timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"folder {tmp_path}/file/x cannot be written: mkdir: " in proc.stderr, proc.stderr
+    assert list(_fake_calls(tmp_path)) == ["env"]
+
+
+def test_a_long_gpu_name_gives_a_folder_name_a_file_system_takes(tmp_path):
+    repo, env = _fake_checkout(tmp_path)
+    name = "NVIDIA-" + "H" * 300
+    env.update(FAKE_ENV=name, GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=repo, env=env, timeout=300, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    [out] = (repo / "gpu-check").iterdir()
+    assert out.name.endswith("-" + name[:64])
+    assert (out / "summary.md").read_text().startswith(f"# GPU check ({name}), ")
+
+
+def test_a_copy_of_the_summary_cut_short_leaves_the_last_whole_one_in_the_pack(tmp_path):
+    """cp failing part-way into the pack folder (a full disk; a kill is the same cut): the summary.md brought back
+    is the last whole one, not a piece, and no temporary file is left beside it."""
+    repo, env = _fake_checkout(tmp_path)
+    out, packed, tools = tmp_path / "check", tmp_path / "packed", tmp_path / "tools"
+    real_cp = shutil.which("cp")
+    _tool(tools, "cp", f'''case "$2" in
+  *summary.md*) n=$(cat "{tmp_path}/cp-count" 2>/dev/null || echo 0); echo $((n + 1)) > "{tmp_path}/cp-count"
+    if [ "$n" -ge 3 ]; then echo partial > "$2"; echo "cp: No space left on device" >&2; exit 1; fi ;;
+esac
+exec {real_cp} "$@"
+''')
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300", PATH=f"{tools}:{env['PATH']}")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out), "--pack", str(packed)], cwd=repo,
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in packed.iterdir()) == ["evidence.tgz", "summary.md"]
+    kept = (packed / "summary.md").read_text()
+    assert kept.startswith("# GPU check (NVIDIA-H100), ") and "| stage | exit | seconds |" in kept, kept
+    assert f"gpu_check: copying summary.md into {packed} failed" in proc.stderr
