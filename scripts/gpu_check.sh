@@ -363,6 +363,12 @@ if [ "${STATUS[build]}" != 0 ]; then
   if grep -q "building the CPU part alone" "$OUT/build.log"; then
     export CSL_EXT_CUDA=0
     NOTES+=("The extension's CUDA part did not build (build.log): the later stages ran with CSL_EXT_CUDA=0, so the cuda backend's tests fail with that reason.")
+  else  # no nvcc, say: no CUDA build was tried (build.log's "extension unavailable: ... in N s" line says why)
+    NO_CUDA_PART=$(sed -n 's/.*\(built without its CUDA part.*\) in [0-9.]* s$/\1/p' "$OUT/build.log" | head -n 1)
+  fi
+  if [ -n "${NO_CUDA_PART:-}" ]; then
+    NOTES+=("The extension was $NO_CUDA_PART: the cuda backend's benchmark rows say unavailable and its tests fail"\
+" with that reason; the Triton and CPU stages ran.")
   fi
 fi
 

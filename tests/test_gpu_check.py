@@ -1021,3 +1021,21 @@ exec {real_cp} "$@"
     kept = (packed / "summary.md").read_text()
     assert kept.startswith("# GPU check (NVIDIA-H100), ") and "| stage | exit | seconds |" in kept, kept
     assert f"gpu_check: copying summary.md into {packed} failed" in proc.stderr
+
+
+def test_an_extension_without_its_cuda_part_is_said_and_the_other_stages_run(tmp_path):
+    """No nvcc (or a torch that is no CUDA build): the extension is built without its CUDA part, no build of it is
+    tried, so no "building the CPU part alone"; the summary says why and that the Triton stages ran."""
+    repo, env = _fake_checkout(tmp_path)
+    out = tmp_path / "check"
+    env.update(FAKE_ENV="NVIDIA-H100", GPU_CHECK_BUDGET_S="300", FAKE_BUILD="exit 1",
+               FAKE_BUILD_TEXT="extension unavailable: the C++ extension was built without its CUDA part (nvcc not "
+                               "found (set CUDA_HOME)) in 30.1 s")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(out)], cwd=repo, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert {s for s, e in _stage_exits(out).items() if e != "0"} == {"build"}
+    summary = (out / "summary.md").read_text()
+    assert ("The extension was built without its CUDA part (nvcc not found (set CUDA_HOME)): the cuda "
+            "backend's benchmark rows say unavailable and its tests fail with that reason; the Triton and CPU stages "
+            "ran.") in summary, summary
