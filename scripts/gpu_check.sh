@@ -20,8 +20,9 @@
 #                 crash costs a worker restart) and the summary says so. On a GPU, variants that tell the machine
 #                 from csl: on the H200 of 2026-12-04 (torch 2.11 + GCC 13.3) the minimal one raised and csl's
 #                 extension crashed
-#   bench-pcos.log / bench-ce.log / bench.json   python -m csl_bench on voc321 bf16 + fp32, pcos_weights and the
-#                 weighted CE, every provider, Triton launch tuning on (one command per op, merged);
+#   bench-pcos.log / bench-ce.log / bench.json   python -m csl_bench on voc321 bf16 + fp32 (fp16 + fp32 below
+#                 compute capability 8.0), pcos_weights and the weighted CE, every provider, Triton launch tuning on
+#                 (one command per op, merged);
 #                 bench-cuda-plain.*: the extension again with CSL_CUDA_REGISTER_CLASSES=0 (classes read one by one)
 #   auto.log / auto.json     backend='auto' choices with the timings they were made on (voc321, coco513)
 #   host.log / host.json     host-side microseconds per call of the fused ops on the GPU (tiny input, real launches)
@@ -97,9 +98,14 @@ print('triton', triton.__version__)
 if cuda:
     print('GPUs visible', torch.cuda.device_count(), '- GPU 0 (the one checked): compute capability %d.%d,'
           % torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).total_memory >> 20, 'MiB')
+    print('HALF=' + ('bf16' if torch.version.hip or torch.cuda.get_device_capability(0)[0] >= 8 else 'fp16'))
 " 2>"$ENV_ERR")
 ENV_RC=$?
 GPU=$(sed -n 's/^GPU=//p' <<< "$ENV_TEXT")
+# The half precision the benchmark times: bf16, or fp16 on a GPU without native bfloat16 (compute capability < 8.0,
+# where train.amp=auto trains in fp16 too)
+HALF=$(sed -n 's/^HALF=//p' <<< "$ENV_TEXT")
+HALF=${HALF:-bf16}
 if [ $ENV_RC = 124 ] || [ $ENV_RC = 137 ]; then
   echo "gpu_check: $PY did not import torch and find the GPU within ${PROBE_LIMIT_S}s (GPU_CHECK_PROBE_LIMIT_S):" \
     "stopped; a hung driver? $(tail -n 5 "$ENV_ERR")" >&2
@@ -321,7 +327,7 @@ write_summary
   else timeout -k 5 "$PROBE_LIMIT_S" nvidia-smi 2>&1 ||
     echo "nvidia-smi: failed (exit $?; 124 = stopped after ${PROBE_LIMIT_S}s)"
   fi
-  grep -v '^GPU=' <<< "$ENV_TEXT"
+  grep -v -e "^GPU=" -e "^HALF=" <<< "$ENV_TEXT"
   cat "$ENV_ERR"
   if ! command -v nvcc >/dev/null; then echo "nvcc: not on PATH"
   else timeout -k 5 "$PROBE_LIMIT_S" nvcc --version || echo "nvcc --version: failed (exit $?)"
@@ -372,12 +378,14 @@ if [ "${STATUS[build]}" != 0 ]; then
   fi
 fi
 
-# 3. Benchmark: voc321, bf16 + fp32, pcos_weights and the weighted CE, every provider; one command per op (a stage
-# killed at its limit loses one op), Triton's launch tuning on, as users run it (the suite turns it off)
+# 3. Benchmark: voc321, bf16 (fp16 without native bfloat16) + fp32, pcos_weights and the weighted CE, every provider;
+# one command per op (a stage killed at its limit loses one op), Triton's launch tuning on, as users run it (the suite
+# turns it off)
 if [ $DRY = 1 ]; then
   BENCH=(--device cpu --smoke --skip-train --overwrite)
 else
-  BENCH=(--device cuda --shapes voc321 --dtypes bf16 fp32 --skip-train --rep-s 0.3 --overwrite)
+  BENCH=(--device cuda --shapes voc321 --dtypes "$HALF" fp32 --skip-train --rep-s 0.3 --overwrite)
+  [ "$HALF" = fp16 ] && NOTES+=("GPU 0 has no native bfloat16 (compute capability below 8.0): the benchmark timed fp16 and fp32.")
 fi
 : > "$OUT/bench.log"
 MERGE=()

@@ -355,6 +355,8 @@ if stage == "env":
         sys.exit(int(what.split()[1]))
     print("GPU=" + (what or "cpu"))
     print("python 3.12.0\ntorch 2.11.0 cuda 13.0\ntriton 3.6.0")
+    if what:
+        print("HALF=" + os.environ.get("FAKE_HALF", "bf16"))
     sys.exit(0)
 if stage == "import":  # pytest-xdist, pytest-timeout: there with FAKE_IMPORT=ok or naming them
     sys.exit(0 if what == "ok" or code.split()[1] in what.split() else 1)
@@ -490,6 +492,10 @@ def test_a_gpu_run_packs_every_stage_into_the_device_tools_folder(tmp_path):
     assert calls["merge"][0]["argv"][2:] == ["--merge", f"{out}/bench-pcos.json", f"{out}/bench-ce.json", "--out",
                                             f"{out}/bench.json", "--overwrite"]
     assert calls["bench_cuda_plain"][0]["env"]["CSL_CUDA_REGISTER_CLASSES"] == "0"
+    for stage in ("bench_pcos", "bench_ce", "bench_cuda_plain"):
+        bench_argv = calls[stage][0]["argv"]
+        assert bench_argv[bench_argv.index("--dtypes"):][:3] == ["--dtypes", "bf16", "fp32"], bench_argv
+    assert "HALF=" not in (out / "env.txt").read_text() and "native bfloat16" not in summary
     assert {calls[s][0]["env"]["CSL_TRITON_AUTOTUNE"] for s in ("bench_pcos", "bench_ce", "auto")} == {"1"}
     [tests] = calls["tests"]
     assert tests["env"]["CSL_REQUIRE_BACKENDS"] == "triton,cuda" and tests["env"]["TRITON_INTERPRET"] is None
@@ -1039,3 +1045,19 @@ def test_an_extension_without_its_cuda_part_is_said_and_the_other_stages_run(tmp
     assert ("The extension was built without its CUDA part (nvcc not found (set CUDA_HOME)): the cuda "
             "backend's benchmark rows say unavailable and its tests fail with that reason; the Triton and CPU stages "
             "ran.") in summary, summary
+
+
+def test_a_gpu_without_native_bfloat16_is_benchmarked_in_float16(tmp_path):
+    """A GPU of compute capability below 8.0 (V100, T4) has no native bfloat16 (train.amp=auto trains it in fp16):
+    the benchmark times fp16 and fp32 there, and the summary says why."""
+    repo, env = _fake_checkout(tmp_path)
+    env.update(FAKE_ENV="Tesla-T4", FAKE_HALF="fp16", FAKE_IMPORT="ok", GPU_CHECK_BUDGET_S="300")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    calls = _fake_calls(tmp_path)
+    for stage in ("bench_pcos", "bench_ce", "bench_cuda_plain"):
+        argv = calls[stage][0]["argv"]
+        assert argv[argv.index("--dtypes"):][:3] == ["--dtypes", "fp16", "fp32"], argv
+    assert "GPU 0 has no native bfloat16 (compute capability below 8.0): the benchmark timed fp16 and fp32." in (
+        tmp_path / "out" / "summary.md").read_text()
