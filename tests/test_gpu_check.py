@@ -406,8 +406,9 @@ def _fake_checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     fake = tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\n{FAKE_PYTHON}")
     fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FAKE_", "GPU_CHECK_", "CSL_", "TRITON_", "TORCH_EXTENSIONS_DIR")) and k != "OUT"}
+    # The caller's settings are not the GPU machine's (.ci/run exports TORCH_CUDA_ARCH_LIST=9.0, for one)
+    settings = ("FAKE_", "GPU_CHECK_", "CSL_", "TRITON_", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(settings) and k != "OUT"}
     env.update(PYTHON=str(fake), FAKE_LOG=str(tmp_path / "calls.jsonl"), TMPDIR=str(tmp_path))
     return repo, env
 
