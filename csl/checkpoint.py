@@ -245,17 +245,18 @@ def _is_zip_archive(path: str) -> bool:
 
 # A zip archive ends with its end of central directory record (22 bytes and a comment of up to 64 KiB).
 _END_RECORD = b"PK\x05\x06"
-_END_RECORD_SPAN = 22 + (1 << 16)
+_END_RECORD_BYTES = 22
+_END_RECORD_SPAN = _END_RECORD_BYTES + (1 << 16)
 
 
 def _has_end_record(path: str) -> bool:
-    """Whether the last bytes of ``path`` hold a whole zip end record (its signature and 18 bytes more): a save that
-    finished wrote one, a file cut short before its end has none."""
+    """Whether the last bytes of ``path`` hold a whole zip end record (its signature and the record's other bytes): a
+    save that finished wrote one, a file cut short before its end has none."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         f.seek(max(0, size - _END_RECORD_SPAN))
         tail = f.read()
-    return 0 <= tail.rfind(_END_RECORD) <= len(tail) - 22
+    return 0 <= tail.rfind(_END_RECORD) <= len(tail) - _END_RECORD_BYTES
 
 
 def _unreadable(path: str, error: Exception) -> ValueError:
